@@ -1,0 +1,134 @@
+//! The audit event: one per request, sent by the sidecar to the collector. It carries no
+//! personal data values: users are ids and attributes chosen by the policy, records are keyed
+//! hashes, masked fields are counts.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Mode;
+
+/// Version of the audit event format.
+pub const AUDIT_SCHEMA_VERSION: u32 = 1;
+
+/// The outcome of a decision.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Decision {
+    /// The request was let through.
+    Allow,
+    /// The request was refused.
+    Deny,
+    /// Audit mode: the request would have been refused and was let through.
+    WouldDeny,
+}
+
+impl Decision {
+    /// The name used in events, metrics and CLI output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "Allow",
+            Decision::Deny => "Deny",
+            Decision::WouldDeny => "WouldDeny",
+        }
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The calling workload as the sidecar identified it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CallerWorkload {
+    /// Namespace of the caller.
+    pub namespace: String,
+    /// Service account of the caller.
+    pub service_account: String,
+}
+
+/// The end user as identified from a verified token.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditUser {
+    /// The user id claim.
+    pub id: String,
+    /// The attributes the policy maps from claims (e.g. branch, role).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// One audit event.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEvent {
+    /// Format version, [`AUDIT_SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// Unique event id (ULID); the collector ingests each id once.
+    pub id: String,
+    /// When the request arrived, RFC 3339 UTC.
+    pub time: String,
+    /// Cluster name, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Namespace of the protected workload.
+    pub namespace: String,
+    /// The policy that decided, if any selected the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The rule that decided; none when the default action applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The policy's mode when it decided.
+    pub mode: Mode,
+    /// Name of the protected pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The calling workload, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<CallerWorkload>,
+    /// The end user, when a token was verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<AuditUser>,
+    /// The key quotas and detectors count by: `user:<id>`, `workload:<ns>/<sa>` or `peer:<ip>`.
+    pub principal: String,
+    /// HTTP method.
+    pub method: String,
+    /// Normalised request path, without the query string.
+    pub path: String,
+    /// Allow, Deny or WouldDeny.
+    pub decision: Decision,
+    /// Why, in words a machine can group by (e.g. `rule no-bulk-export denies`).
+    pub reason: String,
+    /// HTTP status returned to the caller.
+    pub status: u16,
+    /// Records in the response after filtering and capping.
+    #[serde(default)]
+    pub records_returned: u64,
+    /// Records removed by the row filter (out of the caller's scope).
+    #[serde(default)]
+    pub records_filtered: u64,
+    /// Records removed by the per-response cap.
+    #[serde(default)]
+    pub records_truncated: u64,
+    /// Masked field count by data class (would-mask counts in Audit mode).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub masked: BTreeMap<String, u64>,
+    /// Response body bytes sent to the caller.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Time spent in the sidecar and the app, in microseconds.
+    #[serde(default)]
+    pub latency_us: u64,
+    /// W3C trace id, when the request carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// Keyed hashes (HMAC-SHA256, hex) of the ids of the records returned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub record_hashes: Vec<String>,
+    /// Hash of the previous event in the store's chain; set by the collector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_hash: Option<String>,
+}

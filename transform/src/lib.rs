@@ -1,0 +1,2 @@
+//! Custos response transform.
+#![forbid(unsafe_code)]
