@@ -21,3 +21,19 @@ pub fn crd_yaml() -> String {
     out.push_str(&serde_saphyr::to_string(&crd).expect("a CRD always serialises"));
     out
 }
+
+/// The OpenAPI schema of `DataAccessPolicy.spec`, as the CRD publishes it. Used to report
+/// unknown fields and type errors with their field paths before the typed parse.
+pub fn spec_schema() -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps {
+    use kube::CustomResourceExt;
+    DataAccessPolicy::crd()
+        .spec
+        .versions
+        .into_iter()
+        .next()
+        .and_then(|v| v.schema)
+        .and_then(|s| s.open_api_v3_schema)
+        .and_then(|s| s.properties)
+        .and_then(|mut p| p.remove("spec"))
+        .unwrap_or_default()
+}

@@ -30,8 +30,8 @@ pub const DEFAULT_PROXY_PORT: u16 = 15080;
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.workload.proxyPort) || self.workload.proxyPort != self.workload.appPort").message("workload.proxyPort must differ from workload.appPort"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("(has(self.workload.proxyPort) ? self.workload.proxyPort : 15080) != self.workload.appPort").message("workload.proxyPort (default 15080) must differ from workload.appPort"))]
 pub struct DataAccessPolicySpec {
     /// The pods this policy protects and the ports of their app and of the Custos sidecar.
     pub workload: WorkloadSpec,
@@ -85,7 +85,7 @@ fn is_false(b: &bool) -> bool {
 
 /// The protected pods and their ports.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSpec {
     /// Label selector of the protected pods in the policy's namespace.
     pub selector: LabelSelector,
@@ -132,7 +132,7 @@ pub enum Action {
 
 /// How callers are identified.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IdentitySpec {
     /// End users, from a verified JWT in the Authorization header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,7 +141,7 @@ pub struct IdentitySpec {
 
 /// End-user identity from JWT bearer tokens.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UserIdentity {
     /// How tokens are verified.
     pub jwt: JwtSpec,
@@ -158,7 +158,7 @@ pub struct UserIdentity {
 
 /// JWT verification settings.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = Rule::new("has(self.jwksSecretRef) != has(self.jwksUri)").message("set exactly one of jwksSecretRef or jwksUri"))]
 pub struct JwtSpec {
     /// Expected `iss` claim.
@@ -184,7 +184,7 @@ pub struct JwtSpec {
 
 /// A reference to one key of a Secret in the policy's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretKeyRef {
     /// Secret name.
     pub name: String,
@@ -195,7 +195,7 @@ pub struct SecretKeyRef {
 
 /// A named class of personal data and the JSON locations where it appears.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DataClass {
     /// Class name used by `rules[].mask`, e.g. `phone`.
     pub name: String,
@@ -205,7 +205,7 @@ pub struct DataClass {
 
 /// One access rule.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = Rule::new("self.action == 'Allow' || (!has(self.rowFilter) && !has(self.mask) && !has(self.limits) && !has(self.records))").message("rowFilter, mask, limits and records apply only to Allow rules"))]
 pub struct AccessRule {
     /// Unique name within the policy; recorded in audit events.
@@ -248,7 +248,7 @@ pub struct AccessRule {
 
 /// The callers a rule applies to. All given parts must match.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     /// Calling workloads; the caller must match one. Omitted: any workload (or none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -266,7 +266,7 @@ pub struct Source {
 
 /// A calling workload, identified by the operator from its pod IP.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadRef {
     /// Namespace of the caller. Omitted: the policy's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -281,7 +281,7 @@ pub struct WorkloadRef {
 
 /// The requests a rule applies to.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Target {
     /// HTTP methods (case-insensitive). Omitted: any method.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -294,7 +294,9 @@ pub struct Target {
 }
 
 /// How a masked value is rewritten.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema,
+)]
 pub enum MaskStrategy {
     /// Replaced by the string `[REDACTED]`.
     Redact,
@@ -313,19 +315,23 @@ pub enum MaskStrategy {
 /// Per-principal limits of a rule. A principal is the user id, else the calling workload,
 /// else the peer address.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Limits {
     /// Requests per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub requests_per_minute: Option<u32>,
     /// Records returned per rolling hour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub records_per_hour: Option<u64>,
     /// Records returned per rolling day.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub records_per_day: Option<u64>,
     /// Maximum records in one response.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_records_per_response: Option<u64>,
     /// What happens when a response holds more than maxRecordsPerResponse records:
     /// Truncate (default) or Deny.
@@ -345,7 +351,7 @@ pub enum ExceedAction {
 
 /// The NetworkPolicy derived from this policy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkPolicySpec {
     /// Whether the operator manages a NetworkPolicy for this workload (default true).
     #[serde(default = "default_true")]
@@ -380,9 +386,10 @@ pub enum EgressMode {
 }
 
 /// An allowed egress destination.
+// `namespace` is a reserved word in CEL: the apiserver escapes it as `__namespace__`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.cidr) != (has(self.namespace) || has(self.podLabels))").message("set either cidr, or namespace and/or podLabels"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("has(self.cidr) != (has(self.__namespace__) || has(self.podLabels))").message("set either cidr, or namespace and/or podLabels"))]
 pub struct EgressPeer {
     /// An IP block, e.g. `10.0.0.0/16`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -395,12 +402,13 @@ pub struct EgressPeer {
     pub pod_labels: BTreeMap<String, String>,
     /// Destination TCP ports. Omitted: all ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(range(min = 1)))]
     pub ports: Vec<u16>,
 }
 
 /// Audit settings.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuditSpec {
     /// JSONPath, relative to one record, of its id (e.g. `$.id`). Keyed hashes of the ids
     /// returned go into audit events so that `custos audit subject` can answer who accessed a

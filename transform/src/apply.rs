@@ -1,0 +1,416 @@
+//! Applying a [`Plan`] to a response body.
+
+use std::collections::BTreeMap;
+
+use custos_api::policy::{ExceedAction, MaskStrategy};
+use serde_json::Value;
+use serde_json_path::JsonPath;
+
+use crate::expr::{RecordFilter, Vars, Verdict};
+use crate::hash::HashKey;
+use crate::mask::{Masker, json_text};
+use crate::numbers;
+use crate::path::{self, Elem, Step};
+use crate::plan::Plan;
+
+/// What a transform did, for the audit event and metrics. Never holds values, only counts
+/// and keyed hashes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TransformStats {
+    /// Records left in the response.
+    pub records_returned: u64,
+    /// Records the row filter removed (including those it failed to evaluate).
+    pub records_filtered: u64,
+    /// Records removed by the record cap (`Truncate`).
+    pub records_truncated: u64,
+    /// Records removed because the row filter failed to evaluate for them (also counted in
+    /// `records_filtered`).
+    pub filter_errors: u64,
+    /// Masked locations by data class (every class of the plan, zero included).
+    pub masked: BTreeMap<String, u64>,
+    /// Keyed hashes ([`HashKey::hash_hex`]) of the ids of the records returned, in document
+    /// order. A record whose id path selects nothing, or something other than a string or a
+    /// number, contributes none.
+    pub record_hashes: Vec<String>,
+}
+
+/// The transformed response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The new body: compact JSON.
+    Body(Vec<u8>),
+    /// The single root record was filtered out (or cut by the record cap): there is nothing
+    /// the caller may see.
+    RootFiltered,
+}
+
+/// The result of [`apply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transformed {
+    /// The body, or that nothing is left of it.
+    pub outcome: Outcome,
+    /// What was done.
+    pub stats: TransformStats,
+}
+
+/// Why a body could not be transformed. Messages hold positions and counts, never content.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TransformError {
+    /// The body is empty or only whitespace.
+    #[error("response body is empty")]
+    EmptyBody,
+    /// The body is not JSON.
+    #[error("response body is not valid JSON (line {line}, column {column})")]
+    NotJson {
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column of the error.
+        column: usize,
+    },
+    /// The body ends in the middle of a JSON value.
+    #[error("response body is truncated JSON (ends at line {line}, column {column})")]
+    Truncated {
+        /// 1-based line where the body ends.
+        line: usize,
+        /// Column where the body ends.
+        column: usize,
+    },
+    /// More records than the cap, with `on_exceed: Deny`.
+    #[error("response holds {records} records, more than the {max} allowed per response")]
+    RecordCapExceeded {
+        /// Records in the response after the row filter.
+        records: u64,
+        /// The cap.
+        max: u64,
+    },
+    /// Serialising the transformed document failed.
+    #[error("failed to serialise the transformed body")]
+    Serialize,
+}
+
+/// Applies `plan` to a JSON response body.
+///
+/// Order: parse, select the records, drop those the row filter rejects (or fails on), apply
+/// the record cap, hash the ids of the records returned, mask each class over the remaining
+/// document, serialise (compact). Numbers are kept as written even where `f64` cannot hold
+/// them (see the crate documentation); object members keep serde_json's order.
+pub fn apply(body: &[u8], plan: &Plan, vars: &Vars, key: &HashKey) -> Result<Transformed, TransformError> {
+    let prepared = numbers::prepare(body);
+    let sentinels = prepared.sentinels;
+    let mut doc = parse(body, &prepared)?;
+    let mut stats = TransformStats::default();
+
+    let records = match (&plan.records, &plan.row_filter) {
+        (Some(records), _) => Some(Records::of(records)),
+        (None, Some(_)) => Some(Records::Simple(Vec::new())),
+        (None, None) => None,
+    };
+    if let Some(records) = records {
+        let mut pass = RecordPass {
+            plan,
+            filter: plan.row_filter.as_ref().map(|f| RecordFilter::new(f, vars, sentinels)),
+            key,
+            sentinels,
+            id_path: plan.record_id.as_ref().map(IdPath::of),
+            passed: 0,
+            stats: &mut stats,
+        };
+        let root_kept = match records {
+            Records::Simple(steps) => pass.simple(&mut doc, &steps),
+            Records::General(path) => pass.general(&mut doc, path),
+        };
+        if plan.on_exceed == ExceedAction::Deny
+            && let Some(max) = plan.max_records
+            && pass.passed > max
+        {
+            return Err(TransformError::RecordCapExceeded { records: pass.passed, max });
+        }
+        if !root_kept {
+            return Ok(Transformed { outcome: Outcome::RootFiltered, stats });
+        }
+    }
+
+    for class in &plan.masks {
+        let masker = Masker { strategy: class.strategy, key, sentinels };
+        let mut count = 0;
+        for path in &class.paths {
+            count += mask_path(&mut doc, path, &masker);
+        }
+        *stats.masked.entry(class.class.clone()).or_default() += count;
+    }
+
+    let mut out = Vec::with_capacity(body.len());
+    serde_json::to_writer(&mut out, &doc).map_err(|_| TransformError::Serialize)?;
+    if prepared.wrapped > 0 {
+        out = numbers::unwrap(out);
+    }
+    Ok(Transformed { outcome: Outcome::Body(out), stats })
+}
+
+fn parse(body: &[u8], prepared: &numbers::Prepared<'_>) -> Result<Value, TransformError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(TransformError::EmptyBody);
+    }
+    match serde_json::from_slice::<Value>(&prepared.body) {
+        Ok(doc) if prepared.wrapped == 0 || !has_sentinel_key(&doc) => Ok(doc),
+        // A number rewritten where only a string is valid (an object key) made an invalid
+        // body parse: the original tells what is wrong with it.
+        Ok(_) => serde_json::from_slice::<Value>(body).map_err(not_json),
+        // Wrapping moves columns: report them as in the original body.
+        Err(e) => {
+            let column = prepared.original_column(e.line(), e.column());
+            Err(not_json_at(&e, e.line(), column))
+        }
+    }
+}
+
+fn not_json(e: serde_json::Error) -> TransformError {
+    not_json_at(&e, e.line(), e.column())
+}
+
+fn not_json_at(e: &serde_json::Error, line: usize, column: usize) -> TransformError {
+    if e.is_eof() {
+        TransformError::Truncated { line, column }
+    } else {
+        TransformError::NotJson { line, column }
+    }
+}
+
+fn has_sentinel_key(v: &Value) -> bool {
+    match v {
+        Value::Object(map) => {
+            map.iter().any(|(k, v)| k.starts_with(numbers::SENTINEL) || has_sentinel_key(v))
+        }
+        Value::Array(items) => items.iter().any(has_sentinel_key),
+        _ => false,
+    }
+}
+
+/// How records are found.
+enum Records<'a> {
+    Simple(Vec<Step>),
+    General(&'a JsonPath),
+}
+
+impl<'a> Records<'a> {
+    fn of(path: &'a JsonPath) -> Self {
+        match path::simple(path) {
+            Some(steps) => Records::Simple(steps),
+            None => Records::General(path),
+        }
+    }
+}
+
+/// The record id path, relative to a record.
+enum IdPath<'a> {
+    Simple(Vec<Step>),
+    General(&'a JsonPath),
+}
+
+impl<'a> IdPath<'a> {
+    fn of(path: &'a JsonPath) -> Self {
+        match path::simple(path) {
+            Some(steps) => IdPath::Simple(steps),
+            None => IdPath::General(path),
+        }
+    }
+
+    fn find<'v>(&self, record: &'v Value) -> Option<&'v Value> {
+        match self {
+            IdPath::Simple(steps) => path::first(record, steps),
+            IdPath::General(path) => path.query(record).first(),
+        }
+    }
+}
+
+/// Decides record by record: row filter, cap, id hash.
+struct RecordPass<'a> {
+    plan: &'a Plan,
+    filter: Option<RecordFilter<'a>>,
+    key: &'a HashKey,
+    sentinels: bool,
+    id_path: Option<IdPath<'a>>,
+    /// Records the row filter accepted so far.
+    passed: u64,
+    stats: &'a mut TransformStats,
+}
+
+impl RecordPass<'_> {
+    /// Whether `record` stays in the response.
+    fn keep(&mut self, record: &Value) -> bool {
+        if let Some(filter) = &mut self.filter {
+            match filter.verdict(record) {
+                Verdict::Keep => {}
+                Verdict::Drop => {
+                    self.stats.records_filtered += 1;
+                    return false;
+                }
+                Verdict::Error => {
+                    self.stats.records_filtered += 1;
+                    self.stats.filter_errors += 1;
+                    return false;
+                }
+            }
+        }
+        self.passed += 1;
+        if let Some(max) = self.plan.max_records
+            && self.passed > max
+        {
+            // with Deny the whole response is refused once all records are counted
+            if self.plan.on_exceed == ExceedAction::Truncate {
+                self.stats.records_truncated += 1;
+            }
+            return false;
+        }
+        self.stats.records_returned += 1;
+        if let Some(id_path) = &self.id_path
+            && let Some(id) = id_path.find(record)
+        {
+            let hash = match id {
+                Value::String(s) => {
+                    let text = numbers::number_text(s, self.sentinels).unwrap_or(s);
+                    Some(self.key.hash_hex(text.as_bytes()))
+                }
+                Value::Number(_) => Some(self.key.hash_hex(&json_text(id, self.sentinels))),
+                _ => None,
+            };
+            self.stats.record_hashes.extend(hash);
+        }
+        true
+    }
+
+    /// Records of a simple path: removed from their parent as they are decided. Returns
+    /// whether the root is still there.
+    fn simple(&mut self, doc: &mut Value, steps: &[Step]) -> bool {
+        let Some((last, parent)) = steps.split_last() else {
+            return self.keep(doc);
+        };
+        path::for_each_mut(doc, parent, &mut |container| match (last, container) {
+            (Step::Wildcard, Value::Array(items)) => items.retain(|r| self.keep(r)),
+            (Step::Wildcard, Value::Object(map)) => map.retain(|_, r| self.keep(r)),
+            (Step::Name(name), Value::Object(map)) => {
+                if let Some(record) = map.get(name.as_str())
+                    && !self.keep(record)
+                {
+                    path::remove_member(map, name);
+                }
+            }
+            (Step::Index(index), Value::Array(items)) => {
+                if let Some(i) = path::resolve_index(*index, items.len())
+                    && !self.keep(&items[i])
+                {
+                    items.remove(i);
+                }
+            }
+            _ => {}
+        });
+        true
+    }
+
+    /// Records of any other path: decided in document order, then removed from the last to
+    /// the first so that removals do not shift the positions of those still to remove.
+    fn general(&mut self, doc: &mut Value, records: &JsonPath) -> bool {
+        let mut removed: Vec<Vec<Elem>> = Vec::new();
+        for location in path::locations(records, doc) {
+            let keep = match path::get_mut(doc, &location) {
+                Some(record) => self.keep(record),
+                None => true,
+            };
+            if !keep {
+                if location.is_empty() {
+                    return false;
+                }
+                removed.push(location);
+            }
+        }
+        for location in removed.iter().rev() {
+            path::remove_at(doc, location);
+        }
+        true
+    }
+}
+
+/// Masks what `path` selects; returns how many locations were masked.
+fn mask_path(doc: &mut Value, path: &JsonPath, masker: &Masker<'_>) -> u64 {
+    let remove = masker.strategy == MaskStrategy::Remove;
+    if let Some(steps) = path::simple(path) {
+        let Some((last, parent)) = steps.split_last() else {
+            mask_root(doc, masker);
+            return 1;
+        };
+        let mut count = 0;
+        path::for_each_mut(doc, parent, &mut |container| {
+            count += mask_child(container, last, masker, remove);
+        });
+        return count;
+    }
+    let mut count = 0;
+    // Last to first: removals do not shift what is still to come, and a subtree is masked
+    // after what it contains.
+    for location in path::locations(path, doc).iter().rev() {
+        if location.is_empty() {
+            mask_root(doc, masker);
+            count += 1;
+        } else if remove {
+            count += u64::from(path::remove_at(doc, location));
+        } else if let Some(value) = path::get_mut(doc, location) {
+            masker.apply(value);
+            count += 1;
+        }
+    }
+    count
+}
+
+/// The whole document is masked; `Remove` leaves `null`.
+fn mask_root(doc: &mut Value, masker: &Masker<'_>) {
+    masker.apply(doc);
+}
+
+fn mask_child(container: &mut Value, step: &Step, masker: &Masker<'_>, remove: bool) -> u64 {
+    match (step, container) {
+        (Step::Name(name), Value::Object(map)) => {
+            if remove {
+                u64::from(path::remove_member(map, name))
+            } else if let Some(value) = map.get_mut(name.as_str()) {
+                masker.apply(value);
+                1
+            } else {
+                0
+            }
+        }
+        (Step::Index(index), Value::Array(items)) => {
+            let Some(i) = path::resolve_index(*index, items.len()) else {
+                return 0;
+            };
+            if remove {
+                items.remove(i);
+            } else {
+                masker.apply(&mut items[i]);
+            }
+            1
+        }
+        (Step::Wildcard, Value::Array(items)) => {
+            let n = items.len() as u64;
+            if remove {
+                items.clear();
+            } else {
+                for value in items.iter_mut() {
+                    masker.apply(value);
+                }
+            }
+            n
+        }
+        (Step::Wildcard, Value::Object(map)) => {
+            let n = map.len() as u64;
+            if remove {
+                map.clear();
+            } else {
+                for value in map.values_mut() {
+                    masker.apply(value);
+                }
+            }
+            n
+        }
+        _ => 0,
+    }
+}

@@ -1,0 +1,210 @@
+//! Masking one JSON value by strategy.
+
+use std::borrow::Cow;
+
+use custos_api::policy::MaskStrategy;
+use serde_json::Value;
+
+use crate::hash::{HashKey, push_hex};
+use crate::numbers;
+
+/// The string a `Redact` mask writes.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// Rewrites values with one strategy.
+pub(crate) struct Masker<'a> {
+    pub strategy: MaskStrategy,
+    pub key: &'a HashKey,
+    pub sentinels: bool,
+}
+
+impl Masker<'_> {
+    /// Masks `value` in place (reusing a string's buffer where it can); not used for
+    /// `Remove`, which deletes instead.
+    pub fn apply(&self, value: &mut Value) {
+        if let Value::String(s) = value
+            && numbers::number_text(s, self.sentinels).is_none()
+        {
+            match self.strategy {
+                MaskStrategy::Redact => {
+                    s.clear();
+                    s.push_str(REDACTED);
+                }
+                MaskStrategy::Hash => {
+                    let mac = self.key.mac(s.as_bytes());
+                    s.clear();
+                    push_hash(s, &mac);
+                }
+                MaskStrategy::ShowLast4 => show_last(s, 4),
+                MaskStrategy::ShowFirst1 => show_first(s, 1),
+                MaskStrategy::Null | MaskStrategy::Remove => *value = Value::Null,
+            }
+            return;
+        }
+        *value = self.masked(value);
+    }
+
+    /// The masked replacement of `value`.
+    pub fn masked(&self, value: &Value) -> Value {
+        match self.strategy {
+            MaskStrategy::Redact => Value::String(REDACTED.to_owned()),
+            MaskStrategy::Null | MaskStrategy::Remove => Value::Null,
+            MaskStrategy::Hash => {
+                let mac = match value {
+                    Value::String(s) => {
+                        let text = numbers::number_text(s, self.sentinels).unwrap_or(s);
+                        self.key.mac(text.as_bytes())
+                    }
+                    other => self.key.mac(&json_text(other, self.sentinels)),
+                };
+                let mut out = String::with_capacity(34);
+                push_hash(&mut out, &mac);
+                Value::String(out)
+            }
+            MaskStrategy::ShowLast4 => {
+                let mut text = self.text(value).into_owned();
+                show_last(&mut text, 4);
+                Value::String(text)
+            }
+            MaskStrategy::ShowFirst1 => {
+                let mut text = self.text(value).into_owned();
+                show_first(&mut text, 1);
+                Value::String(text)
+            }
+        }
+    }
+
+    /// A value as text: strings as they are, everything else as its JSON.
+    fn text<'v>(&self, value: &'v Value) -> Cow<'v, str> {
+        match value {
+            Value::String(s) => Cow::Borrowed(numbers::number_text(s, self.sentinels).unwrap_or(s)),
+            other => Cow::Owned(String::from_utf8_lossy(&json_text(other, self.sentinels)).into_owned()),
+        }
+    }
+}
+
+/// Appends `h:` and the first 32 hex digits of `mac`.
+fn push_hash(out: &mut String, mac: &[u8; 32]) {
+    out.push_str("h:");
+    push_hex(out, &mac[..16]);
+}
+
+/// Compact JSON of a value, numbers kept as written.
+pub(crate) fn json_text(value: &Value, sentinels: bool) -> Vec<u8> {
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    if sentinels { numbers::unwrap(json) } else { json }
+}
+
+const STARS: &str = "****************************************************************";
+
+/// `n` stars.
+fn stars(n: usize) -> Cow<'static, str> {
+    match STARS.get(..n) {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned("*".repeat(n)),
+    }
+}
+
+/// All characters but the last `keep` replaced by `*`; `keep` or fewer: all starred.
+fn show_last(text: &mut String, keep: usize) {
+    let n = text.chars().count();
+    if n <= keep {
+        text.replace_range(.., &stars(n));
+        return;
+    }
+    let split = text.char_indices().nth(n - keep).map_or(text.len(), |(i, _)| i);
+    text.replace_range(..split, &stars(n - keep));
+}
+
+/// The first `keep` characters kept, the rest `*`; `keep` or fewer: all starred.
+fn show_first(text: &mut String, keep: usize) {
+    let n = text.chars().count();
+    if n <= keep {
+        text.replace_range(.., &stars(n));
+        return;
+    }
+    let split = text.char_indices().nth(keep).map_or(text.len(), |(i, _)| i);
+    text.replace_range(split.., &stars(n - keep));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn last4(s: &str) -> String {
+        let mut s = s.to_owned();
+        show_last(&mut s, 4);
+        s
+    }
+
+    fn first1(s: &str) -> String {
+        let mut s = s.to_owned();
+        show_first(&mut s, 1);
+        s
+    }
+
+    #[test]
+    fn show_last_and_first_count_chars() {
+        assert_eq!(last4("13812345678"), "*******5678");
+        assert_eq!(last4("1234"), "****");
+        assert_eq!(last4(""), "");
+        assert_eq!(last4("电话号码是一二三四"), "*****一二三四");
+        assert_eq!(last4("a😀b😀c"), "*😀b😀c");
+        assert_eq!(last4(&"x".repeat(100)), format!("{}xxxx", "*".repeat(96)));
+        assert_eq!(first1("张三丰"), "张**");
+        assert_eq!(first1("😀"), "*");
+        assert_eq!(first1("😀😀"), "😀*");
+        assert_eq!(first1(""), "");
+        // combining characters count as characters
+        assert_eq!(first1("e\u{301}cole"), "e*****");
+    }
+
+    #[test]
+    fn in_place_equals_replacement() {
+        let key = HashKey::new("k");
+        for strategy in [
+            MaskStrategy::Redact,
+            MaskStrategy::Hash,
+            MaskStrategy::ShowLast4,
+            MaskStrategy::ShowFirst1,
+            MaskStrategy::Null,
+        ] {
+            let m = Masker { strategy, key: &key, sentinels: true };
+            for v in [
+                json!("13812345678"),
+                json!("张三"),
+                json!(""),
+                json!(42),
+                json!([1, "a"]),
+                json!("\u{FDD0}1e400"),
+            ] {
+                let mut w = v.clone();
+                m.apply(&mut w);
+                assert_eq!(w, m.masked(&v), "{strategy:?} {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn strategies() {
+        let key = HashKey::new("k");
+        let m = |strategy| Masker { strategy, key: &key, sentinels: true };
+        assert_eq!(m(MaskStrategy::Redact).masked(&json!({"a": 1})), json!("[REDACTED]"));
+        assert_eq!(m(MaskStrategy::Null).masked(&json!("x")), Value::Null);
+        assert_eq!(m(MaskStrategy::ShowLast4).masked(&json!(1234567)), json!("***4567"));
+        assert_eq!(m(MaskStrategy::ShowFirst1).masked(&json!(true)), json!("t***"));
+        assert_eq!(m(MaskStrategy::ShowLast4).masked(&json!({"a": 1})), json!("***\":1}"));
+        let h = m(MaskStrategy::Hash).masked(&json!("x"));
+        let hs = h.as_str().unwrap_or_default();
+        assert_eq!(hs.len(), 34);
+        assert!(hs.starts_with("h:"));
+        assert_eq!(&hs[2..], &key.hash_hex(b"x")[..32]);
+        // numbers hash by their JSON text, a number sentinel by the number it stands for
+        assert_eq!(m(MaskStrategy::Hash).masked(&json!(12)), m(MaskStrategy::Hash).masked(&json!("12")));
+        assert_eq!(
+            m(MaskStrategy::Hash).masked(&json!("\u{FDD0}123456789012345678901234")),
+            m(MaskStrategy::Hash).masked(&json!("123456789012345678901234"))
+        );
+    }
+}

@@ -1,0 +1,292 @@
+//! Walking JSONPaths over a document.
+//!
+//! Most paths of a policy are simple: names, indices and wildcards, one selector per
+//! segment, no descendant segments, slices or filters (`$.items[*].phone`). Those are walked
+//! directly over the mutable document, without building normalized paths. Everything else
+//! goes through `serde_json_path`'s located query.
+
+use serde_json::{Map, Value};
+use serde_json_path::{JsonPath, PathElement};
+
+/// One segment of a simple path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// A member name (`.name` or `['name']`).
+    Name(String),
+    /// An array index, negative from the end (`[2]`, `[-1]`).
+    Index(i64),
+    /// Every member or element (`.*` or `[*]`).
+    Wildcard,
+}
+
+/// The steps of `path` if it is simple, else `None`.
+///
+/// `JsonPath` does not expose its segments, so this reads its canonical display. That display
+/// prints bracketed names unescaped, so a name containing `'` could read as several segments:
+/// whenever the display contains a quote, the reading is checked by rendering it back,
+/// escaped, and comparing the parsed result with `path`.
+pub(crate) fn simple(path: &JsonPath) -> Option<Vec<Step>> {
+    let text = path.to_string();
+    let steps = read(&text)?;
+    if text.contains('\'') {
+        let rendered = render(&text, &steps)?;
+        if JsonPath::parse(&rendered).ok()? != *path {
+            return None;
+        }
+    }
+    Some(steps)
+}
+
+/// Reads the display form of a path.
+fn read(text: &str) -> Option<Vec<Step>> {
+    let mut rest = text.strip_prefix('$')?;
+    let mut steps = Vec::new();
+    while !rest.is_empty() {
+        if rest.starts_with("..") {
+            return None;
+        }
+        if let Some(after) = rest.strip_prefix(".*") {
+            steps.push(Step::Wildcard);
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix('.') {
+            let end = after.find(['.', '[']).unwrap_or(after.len());
+            if end == 0 {
+                return None;
+            }
+            steps.push(Step::Name(after[..end].to_owned()));
+            rest = &after[end..];
+        } else if let Some(after) = rest.strip_prefix("[*]") {
+            steps.push(Step::Wildcard);
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix("['") {
+            let end = after.find('\'')?;
+            let (name, after) = after.split_at(end);
+            rest = after.strip_prefix("']")?;
+            steps.push(Step::Name(name.to_owned()));
+        } else if let Some(after) = rest.strip_prefix('[') {
+            let end = after.find(']')?;
+            let index = &after[..end];
+            let digits = index.strip_prefix('-').unwrap_or(index);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            steps.push(Step::Index(index.parse().ok()?));
+            rest = &after[end + 1..];
+        } else {
+            return None;
+        }
+    }
+    Some(steps)
+}
+
+/// Renders `steps` in the notation `text` uses for each, with names escaped.
+fn render(text: &str, steps: &[Step]) -> Option<String> {
+    let mut out = String::from("$");
+    let mut rest = text.strip_prefix('$')?;
+    for step in steps {
+        match step {
+            Step::Wildcard => {
+                let notation = if rest.starts_with(".*") { ".*" } else { "[*]" };
+                out.push_str(notation);
+                rest = rest.get(notation.len()..)?;
+            }
+            Step::Index(i) => {
+                let notation = format!("[{i}]");
+                out.push_str(&notation);
+                rest = rest.get(notation.len()..)?;
+            }
+            Step::Name(name) if rest.starts_with("['") => {
+                out.push_str("['");
+                for c in name.chars() {
+                    match c {
+                        '\'' => out.push_str("\\'"),
+                        '\\' => out.push_str("\\\\"),
+                        c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                        c => out.push(c),
+                    }
+                }
+                out.push_str("']");
+                rest = rest.get(name.len() + 4..)?;
+            }
+            Step::Name(name) => {
+                out.push('.');
+                out.push_str(name);
+                rest = rest.get(name.len() + 1..)?;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The position an index designates in an array of `len` elements.
+pub(crate) fn resolve_index(index: i64, len: usize) -> Option<usize> {
+    if index >= 0 {
+        let i = usize::try_from(index).ok()?;
+        (i < len).then_some(i)
+    } else {
+        len.checked_sub(usize::try_from(index.unsigned_abs()).ok()?)
+    }
+}
+
+/// Calls `f` with every node the steps select, in document order.
+pub(crate) fn for_each_mut(value: &mut Value, steps: &[Step], f: &mut dyn FnMut(&mut Value)) {
+    let Some((step, rest)) = steps.split_first() else {
+        f(value);
+        return;
+    };
+    match (step, value) {
+        (Step::Name(name), Value::Object(map)) => {
+            if let Some(child) = map.get_mut(name.as_str()) {
+                for_each_mut(child, rest, f);
+            }
+        }
+        (Step::Index(index), Value::Array(items)) => {
+            if let Some(i) = resolve_index(*index, items.len()) {
+                for_each_mut(&mut items[i], rest, f);
+            }
+        }
+        (Step::Wildcard, Value::Array(items)) => {
+            for child in items {
+                for_each_mut(child, rest, f);
+            }
+        }
+        (Step::Wildcard, Value::Object(map)) => {
+            for child in map.values_mut() {
+                for_each_mut(child, rest, f);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The first node the steps select, in document order.
+pub(crate) fn first<'a>(value: &'a Value, steps: &[Step]) -> Option<&'a Value> {
+    let Some((step, rest)) = steps.split_first() else {
+        return Some(value);
+    };
+    match (step, value) {
+        (Step::Name(name), Value::Object(map)) => first(map.get(name.as_str())?, rest),
+        (Step::Index(index), Value::Array(items)) => first(&items[resolve_index(*index, items.len())?], rest),
+        (Step::Wildcard, Value::Array(items)) => items.iter().find_map(|c| first(c, rest)),
+        (Step::Wildcard, Value::Object(map)) => map.values().find_map(|c| first(c, rest)),
+        _ => None,
+    }
+}
+
+/// An owned element of a normalized path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Elem {
+    Name(String),
+    Index(usize),
+}
+
+/// The distinct locations `path` selects, in document order, as owned paths.
+pub(crate) fn locations(path: &JsonPath, doc: &Value) -> Vec<Vec<Elem>> {
+    path.query_located(doc)
+        .dedup()
+        .iter()
+        .map(|node| {
+            node.location()
+                .iter()
+                .map(|e| match e {
+                    PathElement::Name(n) => Elem::Name((*n).to_owned()),
+                    PathElement::Index(i) => Elem::Index(*i),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The node at an owned path.
+pub(crate) fn get_mut<'a>(value: &'a mut Value, path: &[Elem]) -> Option<&'a mut Value> {
+    path.iter().try_fold(value, |v, e| match (e, v) {
+        (Elem::Name(n), Value::Object(map)) => map.get_mut(n.as_str()),
+        (Elem::Index(i), Value::Array(items)) => items.get_mut(*i),
+        _ => None,
+    })
+}
+
+/// Removes `name` from `map`, keeping the order of the other members (also with serde_json's
+/// `preserve_order`).
+pub(crate) fn remove_member(map: &mut Map<String, Value>, name: &str) -> bool {
+    if !map.contains_key(name) {
+        return false;
+    }
+    map.retain(|k, _| k != name);
+    true
+}
+
+/// Removes the node at a non-empty owned path from its parent; whether it was there.
+pub(crate) fn remove_at(doc: &mut Value, path: &[Elem]) -> bool {
+    let Some((last, parent)) = path.split_last() else {
+        return false;
+    };
+    match (last, get_mut(doc, parent)) {
+        (Elem::Name(n), Some(Value::Object(map))) => remove_member(map, n),
+        (Elem::Index(i), Some(Value::Array(items))) if *i < items.len() => {
+            items.remove(*i);
+            true
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use serde_json::json;
+
+    fn steps(p: &str) -> Option<Vec<Step>> {
+        simple(&JsonPath::parse(p).unwrap())
+    }
+
+    fn name(n: &str) -> Step {
+        Step::Name(n.to_owned())
+    }
+
+    #[test]
+    fn simple_paths() {
+        assert_eq!(steps("$"), Some(vec![]));
+        assert_eq!(steps("$.items[*].phone"), Some(vec![name("items"), Step::Wildcard, name("phone")]));
+        assert_eq!(
+            steps("$['items'].*[0][-1]"),
+            Some(vec![name("items"), Step::Wildcard, Step::Index(0), Step::Index(-1)])
+        );
+        assert_eq!(steps("$['a b']['c.d']"), Some(vec![name("a b"), name("c.d")]));
+        assert_eq!(steps("$.名前"), Some(vec![name("名前")]));
+        // quotes in names: not simple (the located query handles them)
+        assert_eq!(steps(r"$['it\'s']"), None);
+        assert_eq!(steps(r#"$["x"]"#), Some(vec![name("x")]));
+        // a name that reads like two segments
+        assert_eq!(steps(r"$['a\'][\'b']"), None);
+        for p in ["$..phone", "$.items[0,1]", "$.items[1:3]", "$.items[?@.x == 1]", "$[?@.a]"] {
+            assert_eq!(steps(p), None, "{p}");
+        }
+    }
+
+    /// Simple walking selects what serde_json_path selects.
+    #[test]
+    fn walking_matches_queries() {
+        let doc = json!({"items": [{"a": 1, "b": [1, 2, 3]}, {"a": 2, "b": []}, 3], "x": {"a": 5}});
+        for p in [
+            "$.items[*].a",
+            "$.items[*].b[-1]",
+            "$.items[1]",
+            "$.*.a",
+            "$.items[*].b[*]",
+            "$.nope[*]",
+            "$.items[-4]",
+        ] {
+            let path = JsonPath::parse(p).unwrap();
+            let st = simple(&path).unwrap();
+            let expected: Vec<Value> = path.query(&doc).all().into_iter().cloned().collect();
+            let mut got = Vec::new();
+            let mut copy = doc.clone();
+            for_each_mut(&mut copy, &st, &mut |v| got.push(v.clone()));
+            assert_eq!(got, expected, "{p}");
+            assert_eq!(first(&doc, &st), expected.first(), "{p}");
+        }
+    }
+}
