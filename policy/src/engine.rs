@@ -1,0 +1,292 @@
+//! The decision engine: pure and synchronous. Given the compiled policies of a pod and a
+//! normalised request, it decides Allow, Deny or WouldDeny, names the rule and the reason,
+//! and hands out the response plan.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use custos_api::Decision;
+use custos_api::config::WorkloadIdentity;
+use custos_api::policy::{Action, Limits, Mode};
+use custos_transform::Plan;
+use custos_transform::expr::{RequestVars, UserVars, Vars, WorkloadVars};
+
+use crate::compile::{CompiledPolicy, CompiledRule};
+use crate::normalize::NormalizedPath;
+
+/// A verified end user.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct User {
+    /// The user id claim.
+    pub id: String,
+    /// Attributes mapped from claims.
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// One request, as the engine sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// HTTP method as received (compared case-insensitively).
+    pub method: &'a str,
+    /// The normalised path.
+    pub path: &'a NormalizedPath,
+    /// The calling workload, when the peer is in the identity table.
+    pub caller: Option<&'a WorkloadIdentity>,
+    /// The verified end user, when a token was presented and verified.
+    pub user: Option<&'a User>,
+    /// Request time, seconds since the Unix epoch (UTC).
+    pub time: i64,
+}
+
+/// Why the engine decided as it did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// No policy selects this pod: traffic passes untouched.
+    NoPolicy,
+    /// A Deny rule matched.
+    DenyRule,
+    /// An Allow rule matched.
+    AllowRule,
+    /// No Allow rule matched and the default action is Deny.
+    DefaultDeny,
+    /// No Allow rule matched and the default action is Allow.
+    DefaultAllow,
+}
+
+impl Reason {
+    /// A stable snake_case code for metrics and audit grouping.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::NoPolicy => "no_policy",
+            Reason::DenyRule => "deny_rule",
+            Reason::AllowRule => "allow_rule",
+            Reason::DefaultDeny => "default_deny",
+            Reason::DefaultAllow => "default_allow",
+        }
+    }
+}
+
+/// The engine's answer for one request.
+#[derive(Clone, Debug)]
+pub struct Verdict<'e> {
+    /// Allow, Deny, or WouldDeny (Audit mode).
+    pub decision: Decision,
+    /// The mode of the deciding policy; in Audit mode the sidecar must leave traffic
+    /// untouched and only record what it would have done.
+    pub mode: Mode,
+    /// The deciding policy.
+    pub policy: Option<&'e CompiledPolicy>,
+    /// The deciding rule; none when a default action or no policy decided.
+    pub rule: Option<&'e CompiledRule>,
+    /// Why.
+    pub reason: Reason,
+    /// What an allowed response goes through (to apply in Enforce mode, to dry-run in Audit).
+    pub plan: Option<&'e Arc<Plan>>,
+    /// Per-principal limits of the rule.
+    pub limits: Option<&'e Limits>,
+    /// Path segments captured by the rule's `{name}` globs.
+    pub params: Vec<(String, String)>,
+}
+
+impl Verdict<'_> {
+    /// The reason as a sentence with no personal data: names of rules and policies only.
+    pub fn explanation(&self) -> String {
+        let policy = self.policy.map(|p| p.name.as_str()).unwrap_or("-");
+        let rule = self.rule.map(|r| r.name.as_str()).unwrap_or("-");
+        let audit = if self.mode == Mode::Audit { " (Audit mode: not enforced)" } else { "" };
+        match self.reason {
+            Reason::NoPolicy => "no policy selects this pod".to_string(),
+            Reason::DenyRule => format!("denied by rule '{rule}' of policy '{policy}'{audit}"),
+            Reason::AllowRule => format!("allowed by rule '{rule}' of policy '{policy}'"),
+            Reason::DefaultDeny => {
+                format!("no allow rule of policy '{policy}' matched; default action Deny{audit}")
+            }
+            Reason::DefaultAllow => {
+                format!("no allow rule of policy '{policy}' matched; default action Allow")
+            }
+        }
+    }
+
+    /// True when the request must not reach the app.
+    pub fn blocks(&self) -> bool {
+        self.decision == Decision::Deny
+    }
+}
+
+/// The policies that apply to one pod, ready for decisions.
+#[derive(Clone, Debug, Default)]
+pub struct Engine {
+    policies: Vec<CompiledPolicy>,
+}
+
+impl Engine {
+    /// An engine over `policies` (Disabled ones are dropped).
+    pub fn new(policies: Vec<CompiledPolicy>) -> Self {
+        let mut policies: Vec<_> = policies.into_iter().filter(|p| p.mode != Mode::Disabled).collect();
+        // Enforcing policies first, so their verdicts take precedence over dry runs.
+        policies.sort_by_key(|p| (p.mode != Mode::Enforce, p.name.clone()));
+        Engine { policies }
+    }
+
+    /// The engine restricted to the policies whose workload selector matches `labels`.
+    pub fn for_pod(&self, labels: &BTreeMap<String, String>) -> Engine {
+        Engine { policies: self.policies.iter().filter(|p| p.selector.matches(labels)).cloned().collect() }
+    }
+
+    /// The policies this engine applies.
+    pub fn policies(&self) -> &[CompiledPolicy] {
+        &self.policies
+    }
+
+    /// Decides one request. Within a policy, Deny rules beat Allow rules and the first
+    /// matching Allow rule gives the plan; no Allow means the default action. Across
+    /// policies that select the same pod, an enforced Deny wins, then an enforced Allow,
+    /// then Audit-mode verdicts.
+    pub fn decide<'e>(&'e self, req: &Request<'_>) -> Verdict<'e> {
+        let mut vars: Option<CachedVars> = None;
+        let mut best: Option<Verdict<'e>> = None;
+        for policy in &self.policies {
+            let v = decide_policy(policy, req, &mut vars);
+            let rank = |v: &Verdict<'_>| match (v.mode, v.decision) {
+                (Mode::Enforce, Decision::Deny) => 0,
+                (Mode::Enforce, _) => 1,
+                (_, Decision::WouldDeny) => 2,
+                _ => 3,
+            };
+            if best.as_ref().is_none_or(|b| rank(&v) < rank(b)) {
+                let stop = rank(&v) == 0;
+                best = Some(v);
+                if stop {
+                    break;
+                }
+            }
+        }
+        best.unwrap_or(Verdict {
+            decision: Decision::Allow,
+            mode: Mode::Disabled,
+            policy: None,
+            rule: None,
+            reason: Reason::NoPolicy,
+            plan: None,
+            limits: None,
+            params: Vec::new(),
+        })
+    }
+}
+
+fn decide_policy<'e>(
+    policy: &'e CompiledPolicy,
+    req: &Request<'_>,
+    vars: &mut Option<CachedVars>,
+) -> Verdict<'e> {
+    let denied = if policy.mode == Mode::Audit { Decision::WouldDeny } else { Decision::Deny };
+    let verdict = |decision, rule: Option<&'e CompiledRule>, reason, params| Verdict {
+        decision,
+        mode: policy.mode,
+        policy: Some(policy),
+        rule,
+        reason,
+        plan: rule.filter(|r| r.action == Action::Allow).map(|r| &r.plan),
+        limits: rule.and_then(|r| r.limits.as_ref()),
+        params,
+    };
+    for rule in &policy.deny_rules {
+        if let Some(params) = rule_matches(rule, req, vars) {
+            return verdict(denied, Some(rule), Reason::DenyRule, params);
+        }
+    }
+    for rule in &policy.allow_rules {
+        if let Some(params) = rule_matches(rule, req, vars) {
+            return verdict(Decision::Allow, Some(rule), Reason::AllowRule, params);
+        }
+    }
+    match policy.default_action {
+        Action::Deny => verdict(denied, None, Reason::DefaultDeny, Vec::new()),
+        Action::Allow => {
+            let mut v = verdict(Decision::Allow, None, Reason::DefaultAllow, Vec::new());
+            v.plan = Some(&policy.default_plan);
+            v
+        }
+    }
+}
+
+/// Returns the captured path parameters when `rule` matches `req`.
+fn rule_matches(
+    rule: &CompiledRule,
+    req: &Request<'_>,
+    vars: &mut Option<CachedVars>,
+) -> Option<Vec<(String, String)>> {
+    if !rule.methods.is_empty() && !rule.methods.iter().any(|m| m.eq_ignore_ascii_case(req.method)) {
+        return None;
+    }
+    let glob =
+        if rule.paths.is_empty() { None } else { Some(rule.paths.iter().find(|g| g.matches(req.path))?) };
+    match rule.authenticated {
+        Some(true) if req.user.is_none() => return None,
+        Some(false) if req.user.is_some() => return None,
+        _ => {}
+    }
+    if !rule.users.is_empty() {
+        let user = req.user?;
+        for (attr, values) in &rule.users {
+            let have = if attr == "id" { Some(&user.id) } else { user.attributes.get(attr) };
+            if !have.is_some_and(|v| values.contains(v)) {
+                return None;
+            }
+        }
+    }
+    if !rule.workloads.is_empty() {
+        let caller = req.caller?;
+        let ok = rule.workloads.iter().any(|w| {
+            w.namespace == caller.namespace
+                && w.service_account.as_ref().is_none_or(|sa| *sa == caller.service_account)
+                && w.labels.matches(&caller.labels)
+        });
+        if !ok {
+            return None;
+        }
+    }
+    let params = glob.and_then(|g| g.captures(req.path)).unwrap_or_default();
+    if let Some(when) = &rule.when {
+        // Variables are built once per request, and again only for rules capturing other params.
+        if vars.as_ref().is_none_or(|(p, _)| *p != params) {
+            *vars = Some((params.clone(), request_vars(req, &params)));
+        }
+        let (_, vars) = vars.as_ref()?;
+        // A `when` that fails to evaluate does not match: for a Deny rule that would let the
+        // request through, so failures of Deny conditions count as matches (fail closed).
+        match when.eval_bool(vars) {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(_) if rule.action == Action::Deny => {}
+            Err(_) => return None,
+        }
+    }
+    Some(params)
+}
+
+/// CEL variables of a request, with the path parameters they were built with.
+type CachedVars = (Vec<(String, String)>, Vars);
+
+fn request_vars(req: &Request<'_>, params: &[(String, String)]) -> Vars {
+    let request = RequestVars {
+        method: req.method.to_ascii_uppercase(),
+        path: req.path.as_str().to_string(),
+        params: params.iter().cloned().collect(),
+        time: req.time,
+    };
+    let user = req.user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() });
+    let workload = req.caller.map(|w| WorkloadVars {
+        namespace: w.namespace.clone(),
+        service_account: w.service_account.clone(),
+        labels: w.labels.clone(),
+    });
+    Vars::new(&request, user.as_ref(), workload.as_ref())
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}

@@ -1,0 +1,259 @@
+//! The decision table: deny beats allow, default actions, Audit mode, method and path globs,
+//! user attributes, workload identity and `when`.
+
+mod support;
+
+use custos_api::Decision;
+use custos_api::policy::{AccessRule, Action, Mode, Source, WorkloadRef};
+use custos_policy::{Engine, Reason, Request, User, normalize};
+use support::*;
+
+struct Case {
+    name: &'static str,
+    method: &'static str,
+    path: &'static str,
+    user: Option<&'static [(&'static str, &'static str)]>,
+    caller: Option<(&'static str, &'static str)>,
+    /// Hour of day (UTC) of the request.
+    hour: i64,
+    want: Decision,
+    rule: Option<&'static str>,
+}
+
+const fn case(
+    name: &'static str,
+    method: &'static str,
+    path: &'static str,
+    want: Decision,
+    rule: Option<&'static str>,
+) -> Case {
+    Case { name, method, path, user: None, caller: None, hour: 12, want, rule }
+}
+
+fn engine(mode: Mode, default_action: Action) -> Engine {
+    let mut spec = mk_spec(vec![
+        mk_deny("no-bulk-export", &[], &["/customers/export", "/customers/export/**"]),
+        AccessRule {
+            from: Some(Source {
+                workloads: vec![WorkloadRef {
+                    namespace: None,
+                    service_account: Some("ops-portal".into()),
+                    ..Default::default()
+                }],
+                users: [("role".to_string(), vec!["clerk".to_string()])].into(),
+                authenticated: None,
+            }),
+            ..mk_allow("clerks-read", &["get"], &["/customers/{id}", "/parcels/**"])
+        },
+        AccessRule {
+            from: Some(Source { authenticated: Some(true), ..Default::default() }),
+            ..mk_allow("search", &["GET", "HEAD"], &["/search"])
+        },
+        AccessRule {
+            when: Some("request.hour < 7 || request.hour >= 20".into()),
+            ..mk_deny("off-hours-writes", &["POST", "PUT"], &["/**"])
+        },
+        mk_allow("health", &["GET"], &["/healthz"]),
+        mk_allow("scans", &["POST"], &["/parcels/*/scans"]),
+    ]);
+    spec.mode = mode;
+    spec.default_action = default_action;
+    mk_engine(&spec)
+}
+
+fn run(engine: &Engine, c: &Case) -> (Decision, Option<String>, Reason) {
+    let path = normalize(c.path).expect("test paths are valid");
+    let user = c.user.map(|attrs| User { id: "u-1".into(), attributes: mk_labels(attrs) });
+    let caller = c.caller.map(|(ns, sa)| mk_caller(ns, sa, &[("app", "ops-portal")]));
+    let req = Request {
+        method: c.method,
+        path: &path,
+        caller: caller.as_ref(),
+        user: user.as_ref(),
+        time: c.hour * 3600,
+    };
+    let v = engine.decide(&req);
+    (v.decision, v.rule.map(|r| r.name.clone()), v.reason)
+}
+
+const CLERK: &[(&str, &str)] = &[("role", "clerk"), ("branch", "HB")];
+const DRIVER: &[(&str, &str)] = &[("role", "driver"), ("branch", "HB")];
+
+#[test]
+fn decision_table_enforce() {
+    use Decision::*;
+    let clerk = |c: Case| Case { user: Some(CLERK), caller: Some(("logistics", "ops-portal")), ..c };
+    let cases = [
+        clerk(case("clerk reads a customer", "GET", "/customers/42", Allow, Some("clerks-read"))),
+        clerk(case("method match is case-insensitive", "get", "/customers/42", Allow, Some("clerks-read"))),
+        clerk(case("** matches any depth", "GET", "/parcels/7/events/3", Allow, Some("clerks-read"))),
+        clerk(case("** matches zero segments", "GET", "/parcels", Allow, Some("clerks-read"))),
+        clerk(case("{id} matches one segment only", "GET", "/customers/42/orders", Deny, None)),
+        clerk(case("deny beats allow", "GET", "/customers/export", Deny, Some("no-bulk-export"))),
+        clerk(case("deny under export/**", "GET", "/customers/export/all.csv", Deny, Some("no-bulk-export"))),
+        clerk(case("wrong method, default deny", "DELETE", "/customers/42", Deny, None)),
+        case("no user, no caller: default deny", "GET", "/customers/42", Deny, None),
+        Case {
+            user: Some(DRIVER),
+            caller: Some(("logistics", "ops-portal")),
+            ..case("wrong role", "GET", "/customers/42", Deny, None)
+        },
+        Case {
+            user: Some(CLERK),
+            caller: Some(("logistics", "billing")),
+            ..case("wrong service account", "GET", "/customers/42", Deny, None)
+        },
+        Case {
+            user: Some(CLERK),
+            caller: Some(("storefront", "ops-portal")),
+            ..case("wrong namespace", "GET", "/customers/42", Deny, None)
+        },
+        Case { user: Some(CLERK), caller: None, ..case("unknown peer", "GET", "/customers/42", Deny, None) },
+        Case { user: Some(DRIVER), ..case("authenticated search", "GET", "/search", Allow, Some("search")) },
+        case("anonymous search", "GET", "/search", Deny, None),
+        case("health needs no identity", "GET", "/healthz", Allow, Some("health")),
+        case("* is one segment", "POST", "/parcels/9/scans", Allow, Some("scans")),
+        case("* is not two segments", "POST", "/parcels/9/8/scans", Deny, None),
+        Case {
+            hour: 22,
+            ..case("when: off-hours write denied", "POST", "/parcels/9/scans", Deny, Some("off-hours-writes"))
+        },
+        Case {
+            hour: 6,
+            ..case("when: early write denied", "POST", "/parcels/9/scans", Deny, Some("off-hours-writes"))
+        },
+        Case {
+            hour: 7,
+            ..case("when: office hours write allowed", "POST", "/parcels/9/scans", Allow, Some("scans"))
+        },
+        case("unknown path", "GET", "/admin", Deny, None),
+    ];
+    let e = engine(Mode::Enforce, Action::Deny);
+    for c in &cases {
+        let (d, rule, _) = run(&e, c);
+        assert_eq!((d, rule.as_deref()), (c.want, c.rule), "case {:?}", c.name);
+    }
+}
+
+#[test]
+fn default_allow_lets_unmatched_requests_through_but_deny_still_wins() {
+    let e = engine(Mode::Enforce, Action::Allow);
+    let (d, rule, reason) = run(&e, &case("", "GET", "/admin", Decision::Allow, None));
+    assert_eq!((d, rule, reason), (Decision::Allow, None, Reason::DefaultAllow));
+    let (d, rule, _) = run(&e, &case("", "GET", "/customers/export", Decision::Deny, None));
+    assert_eq!((d, rule.as_deref()), (Decision::Deny, Some("no-bulk-export")));
+}
+
+#[test]
+fn audit_mode_turns_denials_into_would_deny() {
+    let e = engine(Mode::Audit, Action::Deny);
+    let (d, rule, reason) = run(&e, &case("", "GET", "/customers/export", Decision::WouldDeny, None));
+    assert_eq!((d, rule.as_deref(), reason), (Decision::WouldDeny, Some("no-bulk-export"), Reason::DenyRule));
+    let (d, _, reason) = run(&e, &case("", "GET", "/admin", Decision::WouldDeny, None));
+    assert_eq!((d, reason), (Decision::WouldDeny, Reason::DefaultDeny));
+    let v = run(&e, &Case { user: Some(DRIVER), ..case("", "GET", "/search", Decision::Allow, None) });
+    assert_eq!(v.0, Decision::Allow);
+}
+
+#[test]
+fn disabled_policies_do_not_apply() {
+    let e = engine(Mode::Disabled, Action::Deny);
+    let (d, _, reason) = run(&e, &case("", "GET", "/customers/export", Decision::Allow, None));
+    assert_eq!((d, reason), (Decision::Allow, Reason::NoPolicy));
+}
+
+#[test]
+fn only_policies_selecting_the_pod_apply() {
+    let e = engine(Mode::Enforce, Action::Deny);
+    let other = e.for_pod(&mk_labels(&[("app", "billing")]));
+    assert!(other.policies().is_empty());
+    let (d, _, reason) = run(&other, &case("", "GET", "/customers/export", Decision::Allow, None));
+    assert_eq!((d, reason), (Decision::Allow, Reason::NoPolicy));
+    let same = e.for_pod(&mk_labels(&[("app", "customer-api"), ("pod-template-hash", "x")]));
+    assert_eq!(same.policies().len(), 1);
+}
+
+#[test]
+fn enforced_deny_wins_over_an_audit_policy_and_enforced_allow_over_audit_deny() {
+    let mut enforce =
+        mk_spec(vec![mk_allow("all-get", &["GET"], &["/**"]), mk_deny("no-export", &[], &["/export"])]);
+    let mut audit = mk_spec(vec![mk_deny("audit-no-customers", &[], &["/customers/**"])]);
+    audit.mode = Mode::Audit;
+    enforce.mode = Mode::Enforce;
+    let e = Engine::new(vec![mk_policy("b-audit", &audit), mk_policy("a-enforce", &enforce)]);
+    let (d, rule, _) = run(&e, &case("", "GET", "/export", Decision::Deny, None));
+    assert_eq!((d, rule.as_deref()), (Decision::Deny, Some("no-export")));
+    let (d, rule, _) = run(&e, &case("", "GET", "/customers/1", Decision::Allow, None));
+    assert_eq!((d, rule.as_deref()), (Decision::Allow, Some("all-get")));
+}
+
+#[test]
+fn captured_params_reach_when_and_the_verdict() {
+    let spec = mk_spec(vec![AccessRule {
+        when: Some("request.params.id != '0'".into()),
+        ..mk_allow("by-id", &["GET"], &["/customers/{id}"])
+    }]);
+    let e = mk_engine(&spec);
+    let path = normalize("/customers/42").expect("valid");
+    let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+    assert_eq!(v.decision, Decision::Allow);
+    assert_eq!(v.params, vec![("id".to_string(), "42".to_string())]);
+    let path = normalize("/customers/0").expect("valid");
+    let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+    assert_eq!(v.decision, Decision::Deny);
+}
+
+#[test]
+fn user_attributes_in_when() {
+    let spec = mk_spec(vec![AccessRule {
+        when: Some("user.branch == 'HB' && user.role in ['clerk', 'supervisor']".into()),
+        ..mk_allow("hb-staff", &["GET"], &["/**"])
+    }]);
+    let e = mk_engine(&spec);
+    let path = normalize("/x").expect("valid");
+    let decide = |attrs: Option<&[(&str, &str)]>| {
+        let user = attrs.map(|a| User { id: "u".into(), attributes: mk_labels(a) });
+        e.decide(&Request { method: "GET", path: &path, caller: None, user: user.as_ref(), time: 0 }).decision
+    };
+    assert_eq!(decide(Some(CLERK)), Decision::Allow);
+    assert_eq!(decide(Some(&[("role", "supervisor"), ("branch", "HB")])), Decision::Allow);
+    assert_eq!(decide(Some(&[("role", "clerk"), ("branch", "SH")])), Decision::Deny);
+    assert_eq!(decide(Some(&[("role", "clerk")])), Decision::Deny, "a missing attribute does not match");
+    assert_eq!(decide(None), Decision::Deny);
+}
+
+#[test]
+fn deny_rule_whose_when_fails_to_evaluate_still_denies() {
+    let spec = mk_spec(vec![
+        mk_allow("all", &[], &["/**"]),
+        AccessRule { when: Some("user.branch == 'SH'".into()), ..mk_deny("no-sh", &[], &["/**"]) },
+    ]);
+    let e = mk_engine(&spec);
+    let path = normalize("/x").expect("valid");
+    // No user: `user.branch` is missing, the condition errors, and the Deny rule fails closed.
+    let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+    assert_eq!((v.decision, v.rule.map(|r| r.name.as_str())), (Decision::Deny, Some("no-sh")));
+}
+
+#[test]
+fn workload_labels_must_match() {
+    let spec = mk_spec(vec![AccessRule {
+        from: Some(Source {
+            workloads: vec![WorkloadRef {
+                namespace: Some("logistics".into()),
+                service_account: None,
+                labels: mk_labels(&[("app", "ops-portal")]),
+            }],
+            ..Default::default()
+        }),
+        ..mk_allow("portal", &[], &["/**"])
+    }]);
+    let e = mk_engine(&spec);
+    let path = normalize("/x").expect("valid");
+    let portal = mk_caller("logistics", "any", &[("app", "ops-portal"), ("tier", "web")]);
+    let other = mk_caller("logistics", "any", &[("app", "crawler")]);
+    let d =
+        |c| e.decide(&Request { method: "GET", path: &path, caller: Some(c), user: None, time: 0 }).decision;
+    assert_eq!(d(&portal), Decision::Allow);
+    assert_eq!(d(&other), Decision::Deny);
+}
