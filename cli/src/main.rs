@@ -1,1 +1,21 @@
-fn main() {}
+//! `custos`: the Custos binary. Each subcommand lives in its own module under `cmd/`.
+#![forbid(unsafe_code)]
+
+mod cmd;
+mod input;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cmd::Cli::parse();
+    match cmd::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,49 @@
+# Custos — developer entry points. `make demo` and `make test` are the two commands of the README.
+CARGO ?= cargo
+CUSTOS := target/debug/custos
+CRD := crds/dataaccesspolicies.custos.dev.yaml
+
+.PHONY: all build test unit lint fmt fmt-check crds crds-check check-examples bench demo clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --locked
+
+## test: formatting, clippy -D warnings, every test, the CRD drift check and the examples.
+test: fmt-check lint unit crds-check check-examples
+
+unit:
+	$(CARGO) test --workspace --locked
+
+lint:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+## crds: regenerate the committed CRD from the Rust types.
+crds:
+	$(CARGO) run -q --locked -p custos -- crd -o $(CRD)
+
+crds-check: build
+	@$(CUSTOS) crd | diff -u $(CRD) - >/dev/null || { echo "$(CRD) is stale: run 'make crds'"; $(CUSTOS) crd | diff -u $(CRD) -; exit 1; }
+	@echo "crds: $(CRD) matches the Rust types"
+
+check-examples: build
+	$(CUSTOS) check examples/*.yaml
+
+## bench: criterion benchmarks; each prints its in-run baseline and the ratio.
+bench:
+	$(CARGO) bench --locked -p custos-policy --bench decision
+	$(CARGO) bench --locked -p custos-transform --bench transform
+
+## demo: until the full demo lands, explain real decisions of the example policies.
+demo: build
+	@bash scripts/demo.sh
+
+clean:
+	$(CARGO) clean

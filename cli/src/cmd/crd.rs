@@ -1,0 +1,23 @@
+//! `custos crd`: prints the CRD.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+/// Arguments of `custos crd`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Write to this file instead of standard output.
+    #[arg(short = 'o', long = "output-file")]
+    output_file: Option<PathBuf>,
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let yaml = custos_api::crd_yaml();
+    match args.output_file {
+        Some(p) => std::fs::write(&p, yaml).with_context(|| format!("cannot write {}", p.display()))?,
+        None => print!("{yaml}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,347 @@
+//! `custos explain`: the decision for one request, and what the response plan would do.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use custos_api::WorkloadIdentity;
+use custos_api::policy::Mode;
+use custos_policy::{Engine, Request, User, Verdict, compile_policy, normalize};
+use custos_transform::expr::{RequestVars, UserVars, Vars, WorkloadVars};
+use custos_transform::{HashKey, Outcome, Plan, apply};
+use serde_json::{Value, json};
+
+use crate::input::{parse_pairs, problems, read_files};
+use crate::output::{OutputFormat, print_json};
+
+/// Arguments of `custos explain`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Policy files.
+    #[arg(long = "policy", short = 'p', required = true, num_args = 1..)]
+    policies: Vec<PathBuf>,
+    /// The request: `METHOD /path?query`.
+    #[arg(long, short = 'r')]
+    request: String,
+    /// User attributes, `k=v,k2=v2`. Giving any user option makes the request authenticated.
+    #[arg(long)]
+    user: Option<String>,
+    /// User id (default `explain-user` when --user is given).
+    #[arg(long)]
+    user_id: Option<String>,
+    /// Calling workload, `NAMESPACE/SERVICEACCOUNT`.
+    #[arg(long)]
+    from: Option<String>,
+    /// Labels of the calling pod, `k=v,...`.
+    #[arg(long)]
+    caller_labels: Option<String>,
+    /// Labels of the protected pod, `k=v,...`: only policies selecting it apply. Omitted: all
+    /// policies given apply.
+    #[arg(long)]
+    labels: Option<String>,
+    /// Namespace of policies without metadata.namespace.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// Request time, RFC 3339 or seconds since the epoch (default now). Matters for `when`.
+    #[arg(long)]
+    time: Option<String>,
+    /// A sample JSON response body: show what the plan does to it.
+    #[arg(long)]
+    body: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t)]
+    output: OutputFormat,
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let files = read_files(&args.policies)?;
+    let mut compiled = Vec::new();
+    let mut bad = Vec::new();
+    for f in &files {
+        for e in &f.loaded.errors {
+            bad.extend(problems(
+                &f.path,
+                e.document,
+                e.qualified_name(&args.namespace).as_deref(),
+                &e.errors,
+            ));
+        }
+        for p in &f.loaded.policies {
+            let ns = p.namespace.clone().unwrap_or_else(|| args.namespace.clone());
+            match compile_policy(&ns, &p.input.name, &p.input.spec) {
+                Ok(c) => compiled.push(c),
+                Err(e) => bad.extend(problems(&f.path, p.document, Some(&p.input.name), &e)),
+            }
+        }
+    }
+    if !bad.is_empty() {
+        for p in &bad {
+            eprintln!("{p}");
+        }
+        eprintln!(
+            "the policies have {} error(s); fix them first (custos check shows the same list)",
+            bad.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let mut engine = Engine::new(compiled);
+    if let Some(l) = &args.labels {
+        engine = engine.for_pod(&parse_pairs(l)?.into_iter().collect());
+    }
+
+    let (method, target) = args
+        .request
+        .trim()
+        .split_once(' ')
+        .with_context(|| format!("--request must be 'METHOD /path', got '{}'", args.request))?;
+    let target = target.trim();
+    let user = (args.user.is_some() || args.user_id.is_some()).then(|| -> anyhow::Result<User> {
+        Ok(User {
+            id: args.user_id.clone().unwrap_or_else(|| "explain-user".into()),
+            attributes: args
+                .user
+                .as_deref()
+                .map(parse_pairs)
+                .transpose()?
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+        })
+    });
+    let user = user.transpose()?;
+    let caller = match &args.from {
+        Some(f) => {
+            let (ns, sa) = f
+                .split_once('/')
+                .with_context(|| format!("--from must be NAMESPACE/SERVICEACCOUNT, got '{f}'"))?;
+            Some(WorkloadIdentity {
+                ip: String::new(),
+                namespace: ns.into(),
+                service_account: sa.into(),
+                labels: args
+                    .caller_labels
+                    .as_deref()
+                    .map(parse_pairs)
+                    .transpose()?
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
+            })
+        }
+        None => None,
+    };
+    let time = parse_time(args.time.as_deref())?;
+
+    let path = match normalize(target) {
+        Ok(p) => p,
+        Err(rejection) => {
+            let report = json!({
+                "decision": "Deny",
+                "status": 400,
+                "reason": format!("request path rejected: {rejection} ({})", rejection.code()),
+            });
+            match args.output {
+                OutputFormat::Json => print_json(&report)?,
+                OutputFormat::Text => {
+                    println!("decision:  Deny (400 Bad Request; the app is not called)");
+                    println!("reason:    request path rejected: {rejection}");
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let req = Request { method, path: &path, caller: caller.as_ref(), user: user.as_ref(), time };
+    let verdict = engine.decide(&req);
+
+    let body_result = match (&args.body, verdict.plan) {
+        (Some(b), Some(plan)) if !verdict.blocks() => {
+            let body = std::fs::read(b).with_context(|| format!("cannot read {}", b.display()))?;
+            let vars = Vars::new(
+                &RequestVars {
+                    method: method.to_ascii_uppercase(),
+                    path: path.as_str().into(),
+                    params: verdict.params.iter().cloned().collect(),
+                    time,
+                },
+                user.as_ref()
+                    .map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() })
+                    .as_ref(),
+                caller
+                    .as_ref()
+                    .map(|w| WorkloadVars {
+                        namespace: w.namespace.clone(),
+                        service_account: w.service_account.clone(),
+                        labels: w.labels.clone(),
+                    })
+                    .as_ref(),
+            );
+            let key = HashKey::new(format!("custos-explain-{}", std::process::id()).into_bytes());
+            Some(match apply(&body, plan, &vars, &key) {
+                Ok(t) => {
+                    let body = match t.outcome {
+                        Outcome::Body(b) => serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
+                        Outcome::RootFiltered => json!("(the record is out of scope: 403)"),
+                    };
+                    json!({"stats": {
+                        "recordsReturned": t.stats.records_returned,
+                        "recordsFiltered": t.stats.records_filtered,
+                        "recordsTruncated": t.stats.records_truncated,
+                        "filterErrors": t.stats.filter_errors,
+                        "masked": t.stats.masked,
+                    }, "body": body})
+                }
+                Err(e) => json!({"error": e.to_string()}),
+            })
+        }
+        _ => None,
+    };
+
+    let report = report_json(&verdict, path.as_str(), body_result);
+    match args.output {
+        OutputFormat::Json => print_json(&report)?,
+        OutputFormat::Text => print_text(&verdict, path.as_str(), &report),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_time(s: Option<&str>) -> anyhow::Result<i64> {
+    match s {
+        None => Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)),
+        Some(s) => {
+            if let Ok(n) = s.parse::<i64>() {
+                return Ok(n);
+            }
+            let t = chrono::DateTime::parse_from_rfc3339(s)
+                .with_context(|| format!("--time must be RFC 3339 or epoch seconds, got '{s}'"))?;
+            Ok(t.timestamp())
+        }
+    }
+}
+
+/// The plan as JSON, with JSONPaths as the policy wrote them.
+fn plan_json(v: &Verdict<'_>, plan: &Plan) -> Value {
+    let policy = v.policy;
+    let masks: BTreeMap<&str, Value> = plan
+        .masks
+        .iter()
+        .map(|m| {
+            let paths = policy.and_then(|p| p.data_classes.get(&m.class)).cloned().unwrap_or_default();
+            (m.class.as_str(), json!({"strategy": format!("{:?}", m.strategy), "paths": paths}))
+        })
+        .collect();
+    json!({
+        "records": v.rule.and_then(|r| r.records_source.clone()),
+        "rowFilter": plan.row_filter.as_ref().map(|e| e.source().to_string()),
+        "mask": masks,
+        "maxRecordsPerResponse": plan.max_records,
+        "onExceed": format!("{:?}", plan.on_exceed),
+        "recordId": plan.record_id.as_ref().and(policy.and_then(|p| p.record_id_source.clone())),
+    })
+}
+
+fn report_json(v: &Verdict<'_>, path: &str, body: Option<Value>) -> Value {
+    let limits = v.limits.map(|l| serde_json::to_value(l).unwrap_or(Value::Null));
+    json!({
+        "decision": v.decision.as_str(),
+        "status": if v.blocks() { 403 } else { 200 },
+        "mode": format!("{:?}", v.mode),
+        "policy": v.policy.map(|p| format!("{}/{}", p.namespace, p.name)),
+        "rule": v.rule.map(|r| r.name.clone()),
+        "reason": v.explanation(),
+        "reasonCode": v.reason.code(),
+        "path": path,
+        "params": v.params.iter().cloned().collect::<BTreeMap<_, _>>(),
+        "plan": v.plan.filter(|_| !v.blocks()).map(|p| plan_json(v, p)),
+        "limits": limits,
+        "response": body,
+    })
+}
+
+fn print_text(v: &Verdict<'_>, path: &str, report: &Value) {
+    let status = if v.blocks() {
+        " (403; the app is not called)"
+    } else if v.mode == Mode::Audit {
+        " (Audit mode: traffic untouched)"
+    } else {
+        ""
+    };
+    println!("decision:  {}{status}", v.decision);
+    if let Some(p) = v.policy {
+        println!("policy:    {}/{} ({:?})", p.namespace, p.name, p.mode);
+    }
+    println!("rule:      {}", v.rule.map(|r| r.name.as_str()).unwrap_or("(none: default action)"));
+    println!("reason:    {}", v.explanation());
+    println!("path:      {path}");
+    if !v.params.is_empty() {
+        let params: Vec<String> = v.params.iter().map(|(k, x)| format!("{k}={x}")).collect();
+        println!("params:    {}", params.join(", "));
+    }
+    if let Some(plan) = v.plan.filter(|_| !v.blocks()) {
+        println!("response plan:");
+        if !plan.needs_body() {
+            println!("  (none: the response passes unchanged)");
+        }
+        if let Some(r) = v.rule.and_then(|r| r.records_source.as_deref()) {
+            println!("  records:   {r}");
+        }
+        if let Some(f) = &plan.row_filter {
+            println!("  rowFilter: {} (records where it is not true are removed)", f.source());
+        }
+        for m in &plan.masks {
+            println!("  mask:      {} -> {:?}", m.class, m.strategy);
+        }
+        if let Some(n) = plan.max_records {
+            println!("  cap:       {n} records per response ({:?} beyond)", plan.on_exceed);
+        }
+    }
+    if let Some(l) = v.limits {
+        let mut parts = Vec::new();
+        if let Some(n) = l.requests_per_minute {
+            parts.push(format!("{n} requests/min"));
+        }
+        if let Some(n) = l.records_per_hour {
+            parts.push(format!("{n} records/hour"));
+        }
+        if let Some(n) = l.records_per_day {
+            parts.push(format!("{n} records/day"));
+        }
+        if !parts.is_empty() {
+            println!("limits:    {} per principal", parts.join(", "));
+        }
+    }
+    if let Some(resp) = report.get("response").filter(|r| !r.is_null()) {
+        print_response(resp);
+    }
+}
+
+/// Lines of the transformed body shown in text output; `-o json` shows all of it.
+const BODY_PREVIEW_LINES: usize = 24;
+
+fn print_response(resp: &Value) {
+    if let Some(err) = resp.get("error").and_then(Value::as_str) {
+        println!("response:  refused (502 in Enforce mode): {err}");
+        return;
+    }
+    let stats = &resp["stats"];
+    println!(
+        "response:  {} records returned, {} filtered out of scope, {} cut by the cap, {} filter errors",
+        stats["recordsReturned"], stats["recordsFiltered"], stats["recordsTruncated"], stats["filterErrors"]
+    );
+    if let Some(masked) = stats["masked"].as_object().filter(|m| !m.is_empty()) {
+        let parts: Vec<String> = masked.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+        println!("masked:    {}", parts.join(", "));
+    }
+    let body = serde_json::to_string_pretty(&resp["body"]).unwrap_or_default();
+    let lines: Vec<&str> = body.lines().collect();
+    println!("body:");
+    for l in lines.iter().take(BODY_PREVIEW_LINES) {
+        println!("  {l}");
+    }
+    if lines.len() > BODY_PREVIEW_LINES {
+        println!("  ... ({} more lines; -o json shows the whole body)", lines.len() - BODY_PREVIEW_LINES);
+    }
+}

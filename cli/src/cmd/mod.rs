@@ -1,0 +1,40 @@
+//! Subcommands of `custos`.
+
+mod check;
+mod compile;
+mod crd;
+mod explain;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Custos: data-access policies for services that hold personal data.
+#[derive(Parser, Debug)]
+#[command(name = "custos", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate DataAccessPolicy files offline; exits 1 listing every error with its field path.
+    Check(check::Args),
+    /// Compile the policies of one namespace into the sidecar config (and NetworkPolicies).
+    Compile(compile::Args),
+    /// Explain the decision for one request: decision, rule, reason and the response plan.
+    Explain(explain::Args),
+    /// Print the DataAccessPolicy CustomResourceDefinition (YAML).
+    Crd(crd::Args),
+}
+
+/// Runs the parsed command line.
+pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check(a) => check::run(a),
+        Command::Compile(a) => compile::run(a),
+        Command::Explain(a) => explain::run(a),
+        Command::Crd(a) => crd::run(a),
+    }
+}
