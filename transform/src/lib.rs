@@ -18,8 +18,8 @@
 //!   unify across the workspace, and it breaks numbers deserialised through
 //!   `#[serde(flatten)]` and untagged or internally tagged enums, which kube relies on. See
 //!   [`numbers`](crate#numbers) below for how.
-//! - Object members come back in serde_json's order (sorted by key, as the workspace does not
-//!   enable `preserve_order`); duplicate keys keep the last value.
+//! - Object members keep their order (the workspace enables serde_json's `preserve_order`);
+//!   a duplicate key keeps the position of its first occurrence and the last value.
 //!
 //! # Numbers
 //!

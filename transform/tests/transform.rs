@@ -582,7 +582,14 @@ fn numbers_change_spelling_not_value() {
 }
 
 #[test]
-fn output_is_compact_json() {
+fn output_is_compact_json_in_the_original_member_order() {
     let (text, _) = run_text("{ \"b\" : [ 1 , 2 ] ,\n \"a\" : { } }", &Plan::default());
-    assert_eq!(text, r#"{"a":{},"b":[1,2]}"#);
+    assert_eq!(text, r#"{"b":[1,2],"a":{}}"#);
+}
+
+#[test]
+fn removing_a_member_keeps_the_order_of_the_others() {
+    let plan = masks(vec![mask("phone", &["$.phone"], MaskStrategy::Remove)]);
+    let (text, _) = run_text(r#"{"z":1,"phone":"+86 138 0013 8000","a":2,"m":3}"#, &plan);
+    assert_eq!(text, r#"{"z":1,"a":2,"m":3}"#);
 }
