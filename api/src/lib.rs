@@ -1,10 +1,12 @@
 //! Custos API types, free of Kubernetes I/O:
 //! - [`policy`]: the `DataAccessPolicy` custom resource;
 //! - [`config`]: the compiled sidecar config the operator writes and the sidecar reads;
-//! - [`audit`]: the audit event the sidecar sends to the collector.
+//! - [`audit`]: the audit event the sidecar sends to the collector;
+//! - [`collector`]: the HTTP contract between sidecars and the collector.
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod collector;
 pub mod config;
 pub mod policy;
 

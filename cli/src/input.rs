@@ -70,6 +70,22 @@ pub(crate) fn problems(
         .collect()
 }
 
+/// The problems of the documents of `file` that could not be read as policies.
+pub(crate) fn document_problems(file: &PolicyFile, default_namespace: &str) -> Vec<Problem> {
+    file.loaded
+        .errors
+        .iter()
+        .flat_map(|e| {
+            problems(&file.path, e.document, e.qualified_name(default_namespace).as_deref(), &e.errors)
+        })
+        .collect()
+}
+
+/// Parses an optional `k=v,k2=v2` flag into a map (empty when absent).
+pub(crate) fn parse_map(s: Option<&str>) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    Ok(s.map(parse_pairs).transpose()?.unwrap_or_default().into_iter().collect())
+}
+
 /// Parses `k=v,k2=v2` into pairs.
 pub(crate) fn parse_pairs(s: &str) -> anyhow::Result<Vec<(String, String)>> {
     s.split(',')

@@ -39,6 +39,26 @@ pub struct Request<'a> {
     pub time: i64,
 }
 
+impl Request<'_> {
+    /// The CEL variables of this request (`request`, `user`, `workload`), with the path
+    /// parameters a rule captured. Row filters and `when` conditions evaluate against them.
+    pub fn vars(&self, params: &[(String, String)]) -> Vars {
+        let request = RequestVars {
+            method: self.method.to_ascii_uppercase(),
+            path: self.path.as_str().to_string(),
+            params: params.iter().cloned().collect(),
+            time: self.time,
+        };
+        let user = self.user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() });
+        let workload = self.caller.map(|w| WorkloadVars {
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+            labels: w.labels.clone(),
+        });
+        Vars::new(&request, user.as_ref(), workload.as_ref())
+    }
+}
+
 /// Why the engine decided as it did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
@@ -251,7 +271,7 @@ fn rule_matches(
     if let Some(when) = &rule.when {
         // Variables are built once per request, and again only for rules capturing other params.
         if vars.as_ref().is_none_or(|(p, _)| *p != params) {
-            *vars = Some((params.clone(), request_vars(req, &params)));
+            *vars = Some((params.clone(), req.vars(&params)));
         }
         let (_, vars) = vars.as_ref()?;
         // A `when` that fails to evaluate does not match: for a Deny rule that would let the
@@ -268,22 +288,6 @@ fn rule_matches(
 
 /// CEL variables of a request, with the path parameters they were built with.
 type CachedVars = (Vec<(String, String)>, Vars);
-
-fn request_vars(req: &Request<'_>, params: &[(String, String)]) -> Vars {
-    let request = RequestVars {
-        method: req.method.to_ascii_uppercase(),
-        path: req.path.as_str().to_string(),
-        params: params.iter().cloned().collect(),
-        time: req.time,
-    };
-    let user = req.user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() });
-    let workload = req.caller.map(|w| WorkloadVars {
-        namespace: w.namespace.clone(),
-        service_account: w.service_account.clone(),
-        labels: w.labels.clone(),
-    });
-    Vars::new(&request, user.as_ref(), workload.as_ref())
-}
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use custos_policy::compile_policy;
 
-use crate::input::{Problem, problems, read_files};
+use crate::input::{Problem, document_problems, problems, read_files};
 use crate::output::{OutputFormat, print_json};
 
 /// Arguments of `custos check`.
@@ -37,15 +37,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Two policies of one name in one namespace would overwrite each other.
     let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
     for f in &files {
-        for e in &f.loaded.errors {
-            report.policies += 1;
-            report.problems.extend(problems(
-                &f.path,
-                e.document,
-                e.qualified_name(&args.namespace).as_deref(),
-                &e.errors,
-            ));
-        }
+        report.policies += f.loaded.errors.len();
+        report.problems.extend(document_problems(f, &args.namespace));
         for p in &f.loaded.policies {
             report.policies += 1;
             let ns = p.namespace.clone().unwrap_or_else(|| args.namespace.clone());

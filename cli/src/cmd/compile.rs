@@ -7,7 +7,7 @@ use anyhow::Context;
 use custos_api::WorkloadIdentity;
 use custos_policy::{PolicyInput, compile_namespace};
 
-use crate::input::{Problem, problems, read_files};
+use crate::input::{Problem, document_problems, problems, read_files};
 
 /// Arguments of `custos compile`.
 #[derive(clap::Args, Debug)]
@@ -36,14 +36,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut all_problems: Vec<Problem> = Vec::new();
     let mut origin = std::collections::BTreeMap::new();
     for f in &files {
-        for e in &f.loaded.errors {
-            all_problems.extend(problems(
-                &f.path,
-                e.document,
-                e.qualified_name(&args.namespace).as_deref(),
-                &e.errors,
-            ));
-        }
+        all_problems.extend(document_problems(f, &args.namespace));
         for p in &f.loaded.policies {
             if p.namespace.as_deref().is_some_and(|ns| ns != args.namespace) {
                 continue;

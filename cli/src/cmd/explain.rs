@@ -8,11 +8,10 @@ use anyhow::Context;
 use custos_api::WorkloadIdentity;
 use custos_api::policy::Mode;
 use custos_policy::{Engine, Request, User, Verdict, compile_policy, normalize};
-use custos_transform::expr::{RequestVars, UserVars, Vars, WorkloadVars};
 use custos_transform::{HashKey, Outcome, Plan, apply};
 use serde_json::{Value, json};
 
-use crate::input::{parse_pairs, problems, read_files};
+use crate::input::{document_problems, parse_map, problems, read_files};
 use crate::output::{OutputFormat, print_json};
 
 /// Arguments of `custos explain`.
@@ -59,14 +58,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut compiled = Vec::new();
     let mut bad = Vec::new();
     for f in &files {
-        for e in &f.loaded.errors {
-            bad.extend(problems(
-                &f.path,
-                e.document,
-                e.qualified_name(&args.namespace).as_deref(),
-                &e.errors,
-            ));
-        }
+        bad.extend(document_problems(f, &args.namespace));
         for p in &f.loaded.policies {
             let ns = p.namespace.clone().unwrap_or_else(|| args.namespace.clone());
             match compile_policy(&ns, &p.input.name, &p.input.spec) {
@@ -87,7 +79,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let mut engine = Engine::new(compiled);
     if let Some(l) = &args.labels {
-        engine = engine.for_pod(&parse_pairs(l)?.into_iter().collect());
+        engine = engine.for_pod(&parse_map(Some(l))?);
     }
 
     let (method, target) = args
@@ -99,14 +91,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     let user = (args.user.is_some() || args.user_id.is_some()).then(|| -> anyhow::Result<User> {
         Ok(User {
             id: args.user_id.clone().unwrap_or_else(|| "explain-user".into()),
-            attributes: args
-                .user
-                .as_deref()
-                .map(parse_pairs)
-                .transpose()?
-                .unwrap_or_default()
-                .into_iter()
-                .collect(),
+            attributes: parse_map(args.user.as_deref())?,
         })
     });
     let user = user.transpose()?;
@@ -119,14 +104,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
                 ip: String::new(),
                 namespace: ns.into(),
                 service_account: sa.into(),
-                labels: args
-                    .caller_labels
-                    .as_deref()
-                    .map(parse_pairs)
-                    .transpose()?
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect(),
+                labels: parse_map(args.caller_labels.as_deref())?,
             })
         }
         None => None,
@@ -157,25 +135,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     let body_result = match (&args.body, verdict.plan) {
         (Some(b), Some(plan)) if !verdict.blocks() => {
             let body = std::fs::read(b).with_context(|| format!("cannot read {}", b.display()))?;
-            let vars = Vars::new(
-                &RequestVars {
-                    method: method.to_ascii_uppercase(),
-                    path: path.as_str().into(),
-                    params: verdict.params.iter().cloned().collect(),
-                    time,
-                },
-                user.as_ref()
-                    .map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() })
-                    .as_ref(),
-                caller
-                    .as_ref()
-                    .map(|w| WorkloadVars {
-                        namespace: w.namespace.clone(),
-                        service_account: w.service_account.clone(),
-                        labels: w.labels.clone(),
-                    })
-                    .as_ref(),
-            );
+            let vars = req.vars(&verdict.params);
             let key = HashKey::new(format!("custos-explain-{}", std::process::id()).into_bytes());
             Some(match apply(&body, plan, &vars, &key) {
                 Ok(t) => {
