@@ -3,7 +3,7 @@ CARGO ?= cargo
 CUSTOS := target/debug/custos
 CRD := crds/dataaccesspolicies.custos.dev.yaml
 
-.PHONY: all build test unit lint fmt fmt-check crds crds-check check-examples bench demo clean
+.PHONY: all build test unit lint fmt fmt-check crds crds-check check-examples bench bench-engine bench-sidecar bench-deps demo clean
 
 all: build
 
@@ -36,10 +36,23 @@ crds-check: build
 check-examples: build
 	$(CUSTOS) check examples/*.yaml
 
-## bench: criterion benchmarks; each prints its in-run baseline and the ratio.
-bench:
+## bench: every benchmark; each prints its in-run baseline and the ratio (BENCHMARKS.md).
+bench: bench-engine bench-sidecar
+
+bench-engine:
 	$(CARGO) bench --locked -p custos-policy --bench decision
 	$(CARGO) bench --locked -p custos-transform --bench transform
+
+## bench-sidecar: direct vs. custos sidecar vs. nginx, wrk peak + fixed 2,000 req/s.
+bench-sidecar: bench-deps
+	$(CARGO) build --release --locked -p custos -p custos-sidecar-bench
+	target/release/sidecar-bench --custos target/release/custos
+
+## bench-deps: wrk and nginx from Debian's packages, when missing.
+bench-deps:
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || { \
+	  echo "installing wrk and nginx-light (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light; }
 
 ## demo: until the full demo lands, explain real decisions of the example policies.
 demo: build

@@ -97,7 +97,7 @@ fn policy_50() -> DataAccessPolicySpec {
             users: Some(UserIdentity {
                 jwt: JwtSpec {
                     issuer: "https://sso".into(),
-                    audiences: vec![],
+                    audiences: vec!["customer-api".into()],
                     jwks_secret_ref: Some(SecretKeyRef { name: "jwks".into(), key: None }),
                     jwks_uri: None,
                     leeway_seconds: None,

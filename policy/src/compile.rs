@@ -422,6 +422,12 @@ fn check_identity(users: &UserIdentity, up: &Path, errors: &mut FieldErrors) {
     if users.jwt.issuer.trim().is_empty() {
         errors.push(jp.field("issuer").as_str(), "must not be empty");
     }
+    if users.jwt.audiences.iter().all(|a| a.trim().is_empty()) {
+        errors.push(
+            jp.field("audiences").as_str(),
+            "must list at least one audience: tokens are accepted only when they carry one of them",
+        );
+    }
     match (&users.jwt.jwks_secret_ref, &users.jwt.jwks_uri) {
         (Some(_), Some(_)) | (None, None) => {
             errors.push(jp.as_str(), "set exactly one of jwksSecretRef or jwksUri")

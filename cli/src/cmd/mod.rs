@@ -4,6 +4,7 @@ mod check;
 mod compile;
 mod crd;
 mod explain;
+mod sidecar;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,8 @@ enum Command {
     Explain(explain::Args),
     /// Print the DataAccessPolicy CustomResourceDefinition (YAML).
     Crd(crd::Args),
+    /// Run the enforcing proxy in front of a protected app (one per pod).
+    Sidecar(Box<sidecar::Args>),
 }
 
 /// Runs the parsed command line.
@@ -36,5 +39,6 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Compile(a) => compile::run(a),
         Command::Explain(a) => explain::run(a),
         Command::Crd(a) => crd::run(a),
+        Command::Sidecar(a) => sidecar::run(*a),
     }
 }

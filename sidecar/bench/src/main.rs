@@ -1,0 +1,304 @@
+//! `sidecar-bench`: the sidecar benchmark of `make bench`.
+//!
+//! Same run, loopback, same cores: an upstream app serving 2 KB JSON responses is measured
+//! (a) directly, (b) behind `custos sidecar` with a 20-rule policy masking two data classes,
+//! and (c) behind nginx as a plain reverse proxy. Peak throughput and latency percentiles
+//! come from `wrk`; latency at a fixed 2,000 req/s comes from an open-loop load generator
+//! (latency measured from each request's scheduled send time, so queueing is not hidden).
+//! The sidecar's peak RSS is read from /proc after the load.
+#![forbid(unsafe_code)]
+
+mod loadgen;
+mod upstream;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+/// Command line of the harness.
+#[derive(Parser, Debug)]
+struct Args {
+    /// The custos binary to benchmark (a release build).
+    #[arg(long, default_value = "target/release/custos")]
+    custos: PathBuf,
+    /// Seconds of load per wrk measurement and per fixed-rate measurement.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Request rate of the fixed-rate measurement.
+    #[arg(long, default_value_t = 2000)]
+    rate: u32,
+    /// wrk connections.
+    #[arg(long, default_value_t = 64)]
+    connections: u32,
+    /// Also write the result table (markdown) here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// The 20-rule policy of the benchmark: 19 rules that do not match the benchmarked path,
+/// then the allow rule that does, masking two classes.
+fn policy_yaml() -> String {
+    let mut rules = String::new();
+    for i in 0..10 {
+        let _ = write!(
+            rules,
+            "    - name: deny-export-{i}\n      action: Deny\n      to: {{paths: [\"/area{i}/export\", \"/area{i}/export/**\"]}}\n"
+        );
+        if i < 9 {
+            let _ = write!(
+                rules,
+                "    - name: read-area-{i}\n      action: Allow\n      to: {{methods: [GET], paths: [\"/area{i}/{{id}}\", \"/area{i}/*/history/**\"]}}\n      records: \"$.items[*]\"\n      mask: {{phone: ShowLast4, name: ShowFirst1}}\n"
+            );
+        }
+    }
+    rules.push_str(
+        "    - name: read-customers\n      action: Allow\n      to: {methods: [GET], paths: [\"/customers/{id}\"]}\n      records: \"$.items[*]\"\n      mask: {phone: ShowLast4, name: ShowFirst1}\n",
+    );
+    format!(
+        "apiVersion: custos.dev/v1alpha1\nkind: DataAccessPolicy\nmetadata: {{name: bench, namespace: bench}}\nspec:\n  workload: {{selector: {{matchLabels: {{app: customer-api}}}}, appPort: 8080}}\n  defaultAction: Deny\n  dataClasses:\n    - {{name: phone, paths: [\"$.items[*].phone\"]}}\n    - {{name: name, paths: [\"$.items[*].name\"]}}\n  rules:\n{rules}"
+    )
+}
+
+struct Guard(Vec<Child>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_for(addr: SocketAddr, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} did not start listening on {addr}")
+}
+
+/// One wrk measurement.
+struct WrkResult {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: String,
+}
+
+fn wrk(url: &str, duration: u64, connections: u32) -> Result<WrkResult> {
+    let out = Command::new("wrk")
+        .args(["-t2", &format!("-c{connections}"), &format!("-d{duration}s"), "--latency", url])
+        .output()
+        .context("wrk is not installed (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("unexpected wrk output:\n{text}"))?;
+    let pct = |p: &str| -> Result<f64> {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(p))
+            .map(str::trim)
+            .and_then(parse_wrk_duration)
+            .with_context(|| format!("no {p} in wrk output"))
+    };
+    let errors = text
+        .lines()
+        .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
+    Ok(WrkResult { rps, p50_ms: pct("50%")?, p99_ms: pct("99%")?, errors })
+}
+
+fn parse_wrk_duration(s: &str) -> Option<f64> {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => return None,
+    })
+}
+
+fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn nginx_conf(dir: &Path, listen: u16, upstream: SocketAddr) -> String {
+    format!(
+        "worker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir}/nginx-body;\n  proxy_temp_path {dir}/nginx-proxy;\n  fastcgi_temp_path {dir}/nginx-fastcgi;\n  uwsgi_temp_path {dir}/nginx-uwsgi;\n  scgi_temp_path {dir}/nginx-scgi;\n  upstream app {{ server {upstream}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{listen};\n    location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        dir = dir.display()
+    )
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.custos.exists(),
+        "{} not found: build it with `cargo build --release -p custos`",
+        args.custos.display()
+    );
+    let dir = std::env::temp_dir().join(format!("custos-sidecar-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+
+    // (a) the upstream app, in this process on its own runtime.
+    let upstream = upstream::start()?;
+    println!("upstream app on {upstream} ({} byte JSON responses)", upstream::body().len());
+
+    // (b) the sidecar, a separate process.
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, policy_yaml())?;
+    let config = dir.join("config.json");
+    let status = Command::new(&args.custos)
+        .args(["compile", "-n", "bench"])
+        .arg(&policy)
+        .arg("-o")
+        .arg(&config)
+        .status()?;
+    anyhow::ensure!(status.success(), "custos compile failed");
+    std::fs::write(dir.join("hash.key"), b"benchmark-hash-key-0123456789abcdef")?;
+    let sidecar_port = free_port()?;
+    let admin_port = free_port()?;
+    let mut guard = Guard(Vec::new());
+    let sidecar = Command::new(&args.custos)
+        .arg("sidecar")
+        .arg("--config")
+        .arg(&config)
+        .args(["--namespace", "bench", "--pod-labels", "app=customer-api"])
+        .args(["--listen", &format!("127.0.0.1:{sidecar_port}")])
+        .args(["--upstream", &upstream.to_string()])
+        .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+        .arg("--spool-dir")
+        .arg(dir.join("spool"))
+        .arg("--hash-key-file")
+        .arg(dir.join("hash.key"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(dir.join("sidecar.log"))?))
+        .spawn()
+        .context("cannot start custos sidecar")?;
+    let sidecar_pid = sidecar.id();
+    guard.0.push(sidecar);
+    let sidecar_addr: SocketAddr = ([127, 0, 0, 1], sidecar_port).into();
+    wait_for(sidecar_addr, "custos sidecar")?;
+
+    // (c) nginx as a plain reverse proxy.
+    let nginx_port = free_port()?;
+    std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir, nginx_port, upstream))?;
+    let nginx = Command::new("nginx")
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("nginx is not installed (apt-get install nginx-light)")?;
+    guard.0.push(nginx);
+    let nginx_addr: SocketAddr = ([127, 0, 0, 1], nginx_port).into();
+    wait_for(nginx_addr, "nginx")?;
+
+    let path = "/customers/42";
+    let targets = [("direct", upstream), ("custos sidecar", sidecar_addr), ("nginx proxy", nginx_addr)];
+
+    // Sanity: the sidecar really masks.
+    let body = loadgen::get_once(sidecar_addr, path)?;
+    anyhow::ensure!(!body.contains("+86 138") && body.contains("*"), "the sidecar did not mask the response");
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let mut wrk_results = Vec::new();
+    for (name, addr) in targets {
+        let r = wrk(&format!("http://{addr}{path}"), args.duration, args.connections)?;
+        println!(
+            "wrk {name:<15} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms {}",
+            r.rps, r.p50_ms, r.p99_ms, r.errors
+        );
+        wrk_results.push((name, r));
+    }
+    let mut fixed = Vec::new();
+    for (name, addr) in targets {
+        let l =
+            rt.block_on(loadgen::fixed_rate(addr, path, args.rate, Duration::from_secs(args.duration), 32))?;
+        println!(
+            "fixed {} req/s {name:<15} p50 {:>7.3} ms  p99 {:>7.3} ms  ({} ok, {} errors)",
+            args.rate, l.p50_ms, l.p99_ms, l.ok, l.errors
+        );
+        fixed.push((name, l));
+    }
+    let hwm = rss_kib(sidecar_pid, "VmHWM:").unwrap_or(0);
+    let rss = rss_kib(sidecar_pid, "VmRSS:").unwrap_or(0);
+
+    let mut table = String::new();
+    let direct = &wrk_results[0].1;
+    let nginx = &wrk_results[2].1;
+    let sidecar = &wrk_results[1].1;
+    let _ = writeln!(
+        table,
+        "| target | peak req/s (wrk -t2 -c{}) | p50 | p99 | vs direct | vs nginx |",
+        args.connections
+    );
+    let _ = writeln!(table, "|---|---|---|---|---|---|");
+    for (name, r) in &wrk_results {
+        let _ = writeln!(
+            table,
+            "| {name} | {:.0} | {:.3} ms | {:.3} ms | {:.2}x | {:.2}x |",
+            r.rps,
+            r.p50_ms,
+            r.p99_ms,
+            r.rps / direct.rps,
+            r.rps / nginx.rps
+        );
+    }
+    let _ = writeln!(
+        table,
+        "\n| target | p50 at {} req/s | p99 at {} req/s | added p50 | added p99 |",
+        args.rate, args.rate
+    );
+    let _ = writeln!(table, "|---|---|---|---|---|");
+    let d = &fixed[0].1;
+    for (name, l) in &fixed {
+        let _ = writeln!(
+            table,
+            "| {name} | {:.3} ms | {:.3} ms | {:+.0} µs | {:+.0} µs |",
+            l.p50_ms,
+            l.p99_ms,
+            (l.p50_ms - d.p50_ms) * 1000.0,
+            (l.p99_ms - d.p99_ms) * 1000.0
+        );
+    }
+    let _ = writeln!(
+        table,
+        "\nsidecar peak throughput / nginx: {:.2}x; sidecar RSS after load: {} KiB (peak {} KiB)",
+        sidecar.rps / nginx.rps,
+        rss,
+        hwm
+    );
+    println!("\n{table}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &table)?;
+    }
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! Claim validation (exp, nbf, iss, aud) and the mapping of claims to a policy user.
+
+use std::collections::BTreeMap;
+
+use custos_policy::User;
+use serde_json::{Map, Value};
+
+use crate::{JwtError, VerifierSettings};
+
+/// Validates the claims of a token whose signature has been verified, and maps them to a
+/// user. `now` is seconds since the Unix epoch.
+pub(crate) fn validate(payload: &[u8], settings: &VerifierSettings, now: f64) -> Result<User, JwtError> {
+    let claims: Map<String, Value> =
+        serde_json::from_slice(payload).map_err(|_| JwtError::Malformed("payload is not a JSON object"))?;
+    let leeway = settings.leeway.as_secs_f64();
+
+    let exp = match claims.get("exp") {
+        None => return Err(JwtError::MissingExpiry),
+        Some(exp) => exp.as_f64().ok_or(JwtError::InvalidClaim("exp"))?,
+    };
+    if now >= exp + leeway {
+        return Err(JwtError::Expired);
+    }
+    if let Some(nbf) = claims.get("nbf") {
+        let nbf = nbf.as_f64().ok_or(JwtError::InvalidClaim("nbf"))?;
+        if now + leeway < nbf {
+            return Err(JwtError::NotYetValid);
+        }
+    }
+    match claims.get("iss") {
+        Some(Value::String(iss)) if *iss == settings.issuer => {}
+        _ => return Err(JwtError::InvalidIssuer),
+    }
+    let accepted = |aud: &str| settings.audiences.iter().any(|a| a == aud);
+    let audience_ok = match claims.get("aud") {
+        Some(Value::String(aud)) => accepted(aud),
+        Some(Value::Array(auds)) => auds.iter().filter_map(Value::as_str).any(accepted),
+        _ => false,
+    };
+    if !audience_ok {
+        return Err(JwtError::InvalidAudience);
+    }
+
+    let id = match claims.get(&settings.id_claim) {
+        Some(Value::String(id)) if !id.is_empty() => id.clone(),
+        _ => return Err(JwtError::MissingIdClaim { claim: settings.id_claim.clone() }),
+    };
+    let attributes: BTreeMap<String, String> = settings
+        .attributes
+        .iter()
+        .filter_map(|(attribute, claim)| Some((attribute.clone(), attribute_value(claims.get(claim)?)?)))
+        .collect();
+    Ok(User { id, attributes })
+}
+
+/// A claim as an attribute value: strings as they are, numbers and booleans as their JSON
+/// text; anything else (null, arrays, objects) leaves the attribute absent.
+fn attribute_value(claim: &Value) -> Option<String> {
+    match claim {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Null | Value::Array(_) | Value::Object(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn settings() -> VerifierSettings {
+        VerifierSettings {
+            issuer: "https://sso.example".into(),
+            audiences: vec!["api".into(), "other".into()],
+            leeway: Duration::from_secs(30),
+            id_claim: "sub".into(),
+            attributes: [
+                ("branch".to_owned(), "branch_id".to_owned()),
+                ("role".to_owned(), "role".to_owned()),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    fn check(claims: Value, now: f64) -> Result<User, JwtError> {
+        validate(claims.to_string().as_bytes(), &settings(), now)
+    }
+
+    fn base() -> Value {
+        json!({"iss": "https://sso.example", "aud": "api", "sub": "u1", "exp": 1000})
+    }
+
+    fn with(key: &str, value: Value) -> Value {
+        let mut claims = base();
+        claims[key] = value;
+        claims
+    }
+
+    #[test]
+    fn time_boundaries_with_leeway() {
+        assert!(check(base(), 1029.0).is_ok());
+        assert_eq!(check(base(), 1030.0).unwrap_err(), JwtError::Expired);
+        assert!(check(with("nbf", json!(900)), 870.0).is_ok());
+        assert_eq!(check(with("nbf", json!(900)), 869.0).unwrap_err(), JwtError::NotYetValid);
+        assert!(check(with("exp", json!(1000.5)), 1030.0).is_ok());
+        assert_eq!(check(with("exp", json!("1000")), 0.0).unwrap_err(), JwtError::InvalidClaim("exp"));
+        assert_eq!(check(with("nbf", json!(null)), 0.0).unwrap_err(), JwtError::InvalidClaim("nbf"));
+        let mut no_exp = base();
+        no_exp.as_object_mut().unwrap().remove("exp");
+        assert_eq!(check(no_exp, 0.0).unwrap_err(), JwtError::MissingExpiry);
+    }
+
+    #[test]
+    fn issuer_and_audience() {
+        assert_eq!(check(with("iss", json!("https://evil")), 0.0).unwrap_err(), JwtError::InvalidIssuer);
+        assert_eq!(
+            check(with("iss", json!(["https://sso.example"])), 0.0).unwrap_err(),
+            JwtError::InvalidIssuer
+        );
+        assert_eq!(check(with("aud", json!("nope")), 0.0).unwrap_err(), JwtError::InvalidAudience);
+        assert_eq!(check(with("aud", json!([])), 0.0).unwrap_err(), JwtError::InvalidAudience);
+        assert_eq!(check(with("aud", json!(7)), 0.0).unwrap_err(), JwtError::InvalidAudience);
+        assert!(check(with("aud", json!(["x", 3, "other"])), 0.0).is_ok());
+        let mut no_aud = base();
+        no_aud.as_object_mut().unwrap().remove("aud");
+        assert_eq!(check(no_aud, 0.0).unwrap_err(), JwtError::InvalidAudience);
+    }
+
+    #[test]
+    fn id_and_attribute_mapping() {
+        for sub in [json!(""), json!(5), json!(null)] {
+            assert_eq!(check(with("sub", sub), 0.0).unwrap_err().code(), "missing_id_claim");
+        }
+        let user = check(with("branch_id", json!(42)), 0.0).unwrap();
+        assert_eq!(user.id, "u1");
+        assert_eq!(user.attributes.get("branch").map(String::as_str), Some("42"));
+        assert!(!user.attributes.contains_key("role"));
+        for (value, expected) in [
+            (json!("clerk"), Some("clerk")),
+            (json!(true), Some("true")),
+            (json!(1.5), Some("1.5")),
+            (json!(["clerk"]), None),
+            (json!({"a": 1}), None),
+            (json!(null), None),
+        ] {
+            let user = check(with("role", value), 0.0).unwrap();
+            assert_eq!(user.attributes.get("role").map(String::as_str), expected);
+        }
+        assert_eq!(validate(b"[1]", &settings(), 0.0).unwrap_err().code(), "malformed_token");
+    }
+}

@@ -1,0 +1,294 @@
+//! The `custos sidecar` command line.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::settings::{CollectorSettings, ProxyLimits, SidecarSettings};
+
+/// Flags of `custos sidecar`. Every flag can also be set through the environment variable
+/// named in its help.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SidecarArgs {
+    /// Compiled sidecar config (JSON, from `custos compile` or the operator's ConfigMap).
+    /// Watched: a new valid config applies within 2 s; an invalid one is rejected and the
+    /// last good one stays.
+    #[arg(long, env = "CUSTOS_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
+
+    /// Proxy listen address [default: 0.0.0.0:<proxyPort of the selected policy>, or
+    /// 0.0.0.0:15080].
+    #[arg(long, env = "CUSTOS_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// The app [default: 127.0.0.1:<appPort of the selected policy>].
+    #[arg(long, env = "CUSTOS_UPSTREAM", value_name = "ADDR")]
+    pub upstream: Option<SocketAddr>,
+
+    /// Labels of this pod, `key=value,...`; they select the policies that apply.
+    #[arg(long, env = "CUSTOS_POD_LABELS", value_name = "LABELS", conflicts_with = "pod_labels_file")]
+    pub pod_labels: Option<String>,
+
+    /// Labels of this pod as a downward API file (`key="value"` lines).
+    #[arg(long, env = "CUSTOS_POD_LABELS_FILE", value_name = "FILE")]
+    pub pod_labels_file: Option<PathBuf>,
+
+    /// Name of this pod, recorded in audit events.
+    #[arg(long, env = "CUSTOS_POD_NAME", value_name = "NAME")]
+    pub pod_name: Option<String>,
+
+    /// Namespace of this pod; the sidecar refuses a config of another namespace
+    /// [default: the config's].
+    #[arg(long, env = "CUSTOS_NAMESPACE", value_name = "NS")]
+    pub namespace: Option<String>,
+
+    /// Admin address: /healthz, /ready, /metrics.
+    #[arg(long, env = "CUSTOS_ADMIN", value_name = "ADDR", default_value = "0.0.0.0:15090")]
+    pub admin: SocketAddr,
+
+    /// Collector base URL for audit events and cluster-wide usage; without it audit events
+    /// are counted and discarded.
+    #[arg(long, env = "CUSTOS_COLLECTOR", value_name = "URL")]
+    pub collector: Option<String>,
+
+    /// File holding the collector's bearer token.
+    #[arg(long, env = "CUSTOS_COLLECTOR_TOKEN_FILE", value_name = "FILE")]
+    pub collector_token_file: Option<PathBuf>,
+
+    /// Disk spool for audit events while the collector is unreachable.
+    #[arg(long, env = "CUSTOS_SPOOL_DIR", value_name = "DIR", default_value = "/var/run/custos/spool")]
+    pub spool_dir: PathBuf,
+
+    /// Maximum spool size in bytes; events beyond it are dropped and counted.
+    #[arg(long, env = "CUSTOS_SPOOL_MAX_BYTES", value_name = "BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub spool_max_bytes: u64,
+
+    /// How often the cluster-wide usage of active principals is fetched from the collector.
+    #[arg(long, env = "CUSTOS_USAGE_SYNC_INTERVAL", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub usage_sync_interval: Duration,
+
+    /// Key for `Hash` masks and record-id hashes (the same Secret on every pod, so hashes
+    /// join). Without it a random per-process key is used.
+    #[arg(long, env = "CUSTOS_HASH_KEY_FILE", value_name = "FILE")]
+    pub hash_key_file: Option<PathBuf>,
+
+    /// Where the operator mounts JWKS Secrets: `<dir>/<secretName>/<key or jwks.json>`.
+    #[arg(long, env = "CUSTOS_JWKS_DIR", value_name = "DIR", default_value = "/etc/custos/jwks")]
+    pub jwks_dir: PathBuf,
+
+    /// Maximum request line plus headers, in bytes (431 above).
+    #[arg(long, env = "CUSTOS_MAX_HEADER_BYTES", value_name = "BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Maximum request body, in bytes (413 above).
+    #[arg(long, env = "CUSTOS_MAX_REQUEST_BODY_BYTES", value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_request_body_bytes: u64,
+
+    /// Maximum response body the sidecar buffers to transform, in bytes (502 above unless
+    /// failOpen).
+    #[arg(long, env = "CUSTOS_MAX_RESPONSE_BODY_BYTES", value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_response_body_bytes: u64,
+
+    /// Time-out for connecting to the app (502).
+    #[arg(long, env = "CUSTOS_UPSTREAM_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+
+    /// Time-out for the app's response (504).
+    #[arg(long, env = "CUSTOS_UPSTREAM_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Maximum concurrent client connections (503 above).
+    #[arg(long, env = "CUSTOS_MAX_CONNECTIONS", value_name = "N", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// How long in-flight requests may take to finish on SIGTERM.
+    #[arg(long, env = "CUSTOS_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Cluster name, recorded in audit events.
+    #[arg(long, env = "CUSTOS_CLUSTER", value_name = "NAME")]
+    pub cluster: Option<String>,
+}
+
+impl SidecarArgs {
+    /// Resolves the flags into settings: reads the pod labels file and the hash key.
+    pub fn into_settings(self) -> Result<SidecarSettings, Error> {
+        let pod_labels = match (&self.pod_labels, &self.pod_labels_file) {
+            (Some(list), _) => parse_label_list(list)?,
+            (None, Some(file)) => {
+                let text = read_file(file, "pod labels file")?;
+                parse_downward_labels(&text)?
+            }
+            (None, None) => BTreeMap::new(),
+        };
+        let hash_key = match &self.hash_key_file {
+            Some(file) => {
+                let bytes = std::fs::read(file).map_err(|e| Error::File {
+                    what: "hash key file",
+                    path: file.clone(),
+                    source: e,
+                })?;
+                let trimmed = trim_ascii_end(&bytes);
+                if trimmed.len() < 16 {
+                    return Err(Error::Invalid(format!(
+                        "hash key file {} holds {} bytes; at least 16 are required",
+                        file.display(),
+                        trimmed.len()
+                    )));
+                }
+                Some(trimmed.to_vec())
+            }
+            None => None,
+        };
+        let collector = self.collector.map(|url| CollectorSettings {
+            token_file: self.collector_token_file.clone(),
+            spool_max_bytes: self.spool_max_bytes,
+            usage_sync_interval: Some(self.usage_sync_interval).filter(|d| !d.is_zero()),
+            ..CollectorSettings::new(url, self.spool_dir.clone())
+        });
+        Ok(SidecarSettings {
+            listen: self.listen,
+            upstream: self.upstream,
+            pod_labels,
+            pod_name: self.pod_name,
+            namespace: self.namespace,
+            admin: self.admin,
+            collector,
+            hash_key,
+            jwks_dir: self.jwks_dir,
+            limits: ProxyLimits {
+                max_header_bytes: self.max_header_bytes,
+                max_request_body_bytes: self.max_request_body_bytes,
+                max_response_body_bytes: self.max_response_body_bytes,
+                upstream_connect_timeout: self.upstream_connect_timeout,
+                upstream_timeout: self.upstream_timeout,
+                max_connections: self.max_connections.max(1),
+            },
+            cluster: self.cluster,
+            drain_timeout: self.drain_timeout,
+            ..SidecarSettings::new(self.config)
+        })
+    }
+}
+
+fn read_file(path: &Path, what: &'static str) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|e| Error::File { what, path: path.to_path_buf(), source: e })
+}
+
+fn trim_ascii_end(bytes: &[u8]) -> &[u8] {
+    let end = bytes.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
+    &bytes[..end]
+}
+
+/// Parses a duration such as `500ms`, `2s`, `1m` or `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("invalid duration '{s}' (e.g. 500ms, 2s, 1m)"))?;
+    let factor = match unit {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("invalid duration unit in '{s}' (use ms, s, m or h)")),
+    };
+    let secs = value * factor;
+    if !secs.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&secs) {
+        return Err(format!("duration '{s}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `key=value,key2=value2` (whitespace around items is ignored).
+pub fn parse_label_list(list: &str) -> Result<BTreeMap<String, String>, Error> {
+    let mut labels = BTreeMap::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| Error::Invalid(format!("pod label '{item}' is not key=value")))?;
+        if k.trim().is_empty() {
+            return Err(Error::Invalid("pod label with an empty key".into()));
+        }
+        labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(labels)
+}
+
+/// Parses a downward API labels file: one `key="value"` per line, values quoted as Go's `%q`.
+pub fn parse_downward_labels(text: &str) -> Result<BTreeMap<String, String>, Error> {
+    let mut labels = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = || Error::Invalid(format!("pod labels file line {}: expected key=\"value\"", n + 1));
+        let (k, v) = line.split_once('=').ok_or_else(bad)?;
+        let value = unquote(v.trim()).ok_or_else(bad)?;
+        if k.trim().is_empty() {
+            return Err(bad());
+        }
+        labels.insert(k.trim().to_string(), value);
+    }
+    Ok(labels)
+}
+
+/// Undoes Go's `%q` quoting (the escapes label values can need).
+fn unquote(s: &str) -> Option<String> {
+    let inner = s.strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next()? {
+            '"' => out.push('"'),
+            '\\' => out.push('\\'),
+            'n' => out.push('\n'),
+            't' => out.push('\t'),
+            'r' => out.push('\r'),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("2 weeks").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn label_lists() {
+        let l = parse_label_list("app=customer-api, tier = backend,").unwrap();
+        assert_eq!(l.get("app").map(String::as_str), Some("customer-api"));
+        assert_eq!(l.get("tier").map(String::as_str), Some("backend"));
+        assert!(parse_label_list("app").is_err());
+    }
+
+    #[test]
+    fn downward_api_file() {
+        let text = "app=\"customer-api\"\npod-template-hash=\"7d9f\"\nnote=\"a \\\"b\\\"\"\n";
+        let l = parse_downward_labels(text).unwrap();
+        assert_eq!(l["app"], "customer-api");
+        assert_eq!(l["pod-template-hash"], "7d9f");
+        assert_eq!(l["note"], "a \"b\"");
+        assert!(parse_downward_labels("app=customer-api").is_err());
+    }
+}

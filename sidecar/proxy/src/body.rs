@@ -1,0 +1,352 @@
+//! Body types of the proxy: the response body (which emits the request's audit event once it
+//! has been sent or dropped), the size-limited request body, and buffering and decoding of
+//! responses that must be transformed.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::audit::PendingEvent;
+
+/// The body of every response the proxy sends.
+pub(crate) struct ProxyBody {
+    inner: Inner,
+    /// The audit event of the request, emitted when the body ends or is dropped.
+    pending: Option<PendingEvent>,
+}
+
+enum Inner {
+    /// A body held in memory (generated or transformed).
+    Full(Option<Bytes>),
+    /// The app's body, streamed through.
+    Stream(Incoming),
+    /// Bytes already read from the app, then the rest of its body.
+    Chain { prefix: VecDeque<Bytes>, rest: Option<Incoming> },
+}
+
+impl ProxyBody {
+    /// A body held in memory.
+    pub(crate) fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        ProxyBody { inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())), pending: None }
+    }
+
+    /// An empty body.
+    pub(crate) fn empty() -> Self {
+        ProxyBody { inner: Inner::Full(None), pending: None }
+    }
+
+    /// The app's body, untouched.
+    pub(crate) fn stream(body: Incoming) -> Self {
+        ProxyBody { inner: Inner::Stream(body), pending: None }
+    }
+
+    /// Buffered chunks of the app's body followed by the rest of it.
+    pub(crate) fn chain(prefix: VecDeque<Bytes>, rest: Option<Incoming>) -> Self {
+        ProxyBody { inner: Inner::Chain { prefix, rest }, pending: None }
+    }
+
+    /// Attaches the audit event, emitted (with the bytes sent) when the body ends.
+    pub(crate) fn with_event(mut self, pending: PendingEvent) -> Self {
+        self.pending = Some(pending);
+        self
+    }
+
+    fn finish(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.emit();
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
+            Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Stream(body) => Pin::new(body).poll_frame(cx),
+            Inner::Chain { prefix, rest } => match prefix.pop_front() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => match rest {
+                    Some(body) => Pin::new(body).poll_frame(cx),
+                    None => Poll::Ready(None),
+                },
+            },
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(p)) = (frame.data_ref(), this.pending.as_mut()) {
+                    p.add_bytes(data.len() as u64);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(p) = this.pending.as_mut() {
+                    p.mark_incomplete();
+                }
+                this.finish();
+            }
+            Poll::Ready(None) => this.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(b) => b.is_none(),
+            Inner::Stream(body) => body.is_end_stream(),
+            Inner::Chain { prefix, rest } => {
+                prefix.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Stream(body) => body.size_hint(),
+            Inner::Chain { prefix, rest } => {
+                let buffered: u64 = prefix.iter().map(|b| b.len() as u64).sum();
+                match rest {
+                    None => SizeHint::with_exact(buffered),
+                    Some(body) => {
+                        let h = body.size_hint();
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(h.lower().saturating_add(buffered));
+                        if let Some(upper) = h.upper() {
+                            hint.set_upper(upper.saturating_add(buffered));
+                        }
+                        hint
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if !self.is_end_stream()
+            && let Some(p) = self.pending.as_mut()
+        {
+            p.mark_incomplete();
+        }
+        self.finish();
+    }
+}
+
+/// The request body forwarded to the app, cut off at the request body limit.
+pub(crate) struct RequestBody {
+    inner: Option<Incoming>,
+    remaining: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+/// The request body was larger than the limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body is larger than the limit")]
+pub(crate) struct RequestBodyTooLarge;
+
+impl RequestBody {
+    /// Wraps `body`; `exceeded` is set when more than `limit` bytes arrive.
+    pub(crate) fn new(body: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
+        RequestBody { inner: Some(body), remaining: limit, exceeded }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let Some(body) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        this.exceeded.store(true, Ordering::Relaxed);
+                        this.inner = None;
+                        return Poll::Ready(Some(Err(Box::new(RequestBodyTooLarge))));
+                    }
+                    this.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+/// A response body read into memory, or the part read before it went over the limit.
+pub(crate) enum Collected {
+    /// The whole body.
+    Complete(Bytes),
+    /// More than the limit: what was read, and the rest of the body (for pass-through).
+    TooLarge { prefix: VecDeque<Bytes>, rest: Option<Incoming> },
+}
+
+/// Reads `body` up to `limit` bytes.
+pub(crate) async fn collect_limited(mut body: Incoming, limit: u64) -> Result<Collected, hyper::Error> {
+    let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        let Ok(data) = frame.into_data() else {
+            // Trailers of a body that is rewritten are dropped.
+            continue;
+        };
+        total = total.saturating_add(data.len() as u64);
+        chunks.push_back(data);
+        if total > limit {
+            let rest = if body.is_end_stream() { None } else { Some(body) };
+            return Ok(Collected::TooLarge { prefix: chunks, rest });
+        }
+    }
+    Ok(Collected::Complete(concat(chunks, total)))
+}
+
+fn concat(mut chunks: VecDeque<Bytes>, total: u64) -> Bytes {
+    if chunks.len() <= 1 {
+        return chunks.pop_front().unwrap_or_default();
+    }
+    let mut buf = BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
+    for c in chunks {
+        buf.extend_from_slice(&c);
+    }
+    buf.freeze()
+}
+
+/// A `Content-Encoding` the sidecar can decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    /// No encoding.
+    Identity,
+    /// gzip (RFC 1952), also `x-gzip`.
+    Gzip,
+    /// deflate: zlib (RFC 1950), or raw deflate as some servers send.
+    Deflate,
+}
+
+impl Encoding {
+    /// Parses a `Content-Encoding` value; `None` for codings the sidecar cannot decode
+    /// (br, zstd, several layered codings).
+    pub(crate) fn parse(value: Option<&[u8]>) -> Option<Encoding> {
+        let Some(value) = value else {
+            return Some(Encoding::Identity);
+        };
+        let v = std::str::from_utf8(value).ok()?.trim();
+        if v.is_empty() || v.eq_ignore_ascii_case("identity") {
+            Some(Encoding::Identity)
+        } else if v.eq_ignore_ascii_case("gzip") || v.eq_ignore_ascii_case("x-gzip") {
+            Some(Encoding::Gzip)
+        } else if v.eq_ignore_ascii_case("deflate") {
+            Some(Encoding::Deflate)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why a body could not be decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum DecodeError {
+    /// The decoded body is larger than the limit.
+    TooLarge,
+    /// The body is not valid for its encoding.
+    Corrupt,
+}
+
+/// Decodes `body` to at most `limit` bytes.
+pub(crate) fn decode(body: Bytes, encoding: Encoding, limit: u64) -> Result<Bytes, DecodeError> {
+    fn read_all(reader: impl Read, limit: u64) -> Result<Bytes, DecodeError> {
+        let mut out = Vec::new();
+        reader.take(limit.saturating_add(1)).read_to_end(&mut out).map_err(|_| DecodeError::Corrupt)?;
+        if out.len() as u64 > limit {
+            return Err(DecodeError::TooLarge);
+        }
+        Ok(Bytes::from(out))
+    }
+    match encoding {
+        Encoding::Identity => Ok(body),
+        Encoding::Gzip => read_all(flate2::read::MultiGzDecoder::new(&body[..]), limit),
+        Encoding::Deflate => match read_all(flate2::read::ZlibDecoder::new(&body[..]), limit) {
+            Err(DecodeError::Corrupt) => read_all(flate2::read::DeflateDecoder::new(&body[..]), limit),
+            other => other,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::io::Write;
+
+    use super::*;
+
+    fn gzip(data: &[u8]) -> Bytes {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        Bytes::from(e.finish().unwrap())
+    }
+
+    #[test]
+    fn encodings() {
+        assert_eq!(Encoding::parse(None), Some(Encoding::Identity));
+        assert_eq!(Encoding::parse(Some(b"GZIP")), Some(Encoding::Gzip));
+        assert_eq!(Encoding::parse(Some(b"x-gzip")), Some(Encoding::Gzip));
+        assert_eq!(Encoding::parse(Some(b"deflate")), Some(Encoding::Deflate));
+        assert_eq!(Encoding::parse(Some(b"br")), None);
+        assert_eq!(Encoding::parse(Some(b"gzip, br")), None);
+    }
+
+    #[test]
+    fn decodes_gzip_and_both_deflates() {
+        let data = b"{\"items\":[1,2,3]}".repeat(10);
+        assert_eq!(decode(gzip(&data), Encoding::Gzip, 1 << 20).unwrap(), data);
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(&data).unwrap();
+        assert_eq!(decode(Bytes::from(z.finish().unwrap()), Encoding::Deflate, 1 << 20).unwrap(), data);
+        let mut d = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        d.write_all(&data).unwrap();
+        assert_eq!(decode(Bytes::from(d.finish().unwrap()), Encoding::Deflate, 1 << 20).unwrap(), data);
+        assert_eq!(decode(Bytes::from_static(b"not gzip"), Encoding::Gzip, 100), Err(DecodeError::Corrupt));
+    }
+
+    #[test]
+    fn decoding_is_bounded() {
+        let bomb = gzip(&vec![b'a'; 1 << 20]);
+        assert!(bomb.len() < 10_000);
+        assert_eq!(decode(bomb, Encoding::Gzip, 1000), Err(DecodeError::TooLarge));
+    }
+}

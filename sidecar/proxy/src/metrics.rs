@@ -1,0 +1,156 @@
+//! Prometheus metrics of the sidecar. Label values are codes, policy and rule names and data
+//! class names only: never paths, principals or user values.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of `custos_sidecar_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    /// Allow, Deny or WouldDeny.
+    pub decision: &'static str,
+    /// Deciding policy ("" when none).
+    pub policy: String,
+    /// Deciding rule ("" when none).
+    pub rule: String,
+    /// A reason code (e.g. `deny_rule`, `path_rejected`, `invalid_token`).
+    pub reason: &'static str,
+}
+
+/// Labels naming a policy and rule.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RuleLabels {
+    /// Policy name.
+    pub policy: String,
+    /// Rule name ("" for a default action).
+    pub rule: String,
+}
+
+/// Labels with a single `class`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ClassLabels {
+    /// Data class name.
+    pub class: String,
+}
+
+/// Labels with a single `limit`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LimitLabels {
+    /// Which limit.
+    pub limit: &'static str,
+}
+
+/// Labels with a single `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabels {
+    /// A reason code.
+    pub reason: &'static str,
+}
+
+/// Labels with a single `result`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResultLabels {
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
+/// Every metric the proxy updates.
+pub(crate) struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Histogram,
+    pub records_served: Family<RuleLabels, Counter>,
+    pub records_filtered: Family<RuleLabels, Counter>,
+    pub records_truncated: Family<RuleLabels, Counter>,
+    pub masked_fields: Family<ClassLabels, Counter>,
+    pub quota_rejections: Family<LimitLabels, Counter>,
+    pub limit_rejections: Family<LimitLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub transform_failures: Family<ReasonLabels, Counter>,
+    pub connections: Gauge,
+    pub usage_sync_failures: Counter,
+}
+
+/// Buckets of the request latency histogram, in seconds.
+const LATENCY_BUCKETS: [f64; 17] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
+];
+
+impl Metrics {
+    /// Creates the metrics and registers them under `custos_sidecar_` in `registry`.
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Histogram::new(LATENCY_BUCKETS),
+            records_served: Family::default(),
+            records_filtered: Family::default(),
+            records_truncated: Family::default(),
+            masked_fields: Family::default(),
+            quota_rejections: Family::default(),
+            limit_rejections: Family::default(),
+            config_reloads: Family::default(),
+            transform_failures: Family::default(),
+            connections: Gauge::default(),
+            usage_sync_failures: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("custos_sidecar");
+        r.register("requests", "Requests by decision, policy, rule and reason code", m.requests.clone());
+        r.register(
+            "request_duration_seconds",
+            "Time from the request to the response head, sidecar and app",
+            m.request_duration.clone(),
+        );
+        r.register("records_served", "Records returned to callers", m.records_served.clone());
+        r.register(
+            "records_filtered",
+            "Records removed by row filters (out of the caller's scope)",
+            m.records_filtered.clone(),
+        );
+        r.register(
+            "records_truncated",
+            "Records removed by per-response caps and record quotas",
+            m.records_truncated.clone(),
+        );
+        r.register("masked_fields", "Masked fields by data class", m.masked_fields.clone());
+        r.register("quota_rejections", "Requests refused with 429, by limit", m.quota_rejections.clone());
+        r.register(
+            "limit_rejections",
+            "Requests refused by a proxy limit (header_bytes, request_body_bytes, response_body_bytes, upstream_connect, upstream_timeout, connections)",
+            m.limit_rejections.clone(),
+        );
+        r.register("config_reloads", "Config reloads by result", m.config_reloads.clone());
+        r.register(
+            "transform_failures",
+            "Responses that had to be transformed and could not be, by reason",
+            m.transform_failures.clone(),
+        );
+        r.register("connections", "Open client connections", m.connections.clone());
+        r.register(
+            "usage_sync_failures",
+            "Failed fetches of cluster-wide usage from the collector",
+            m.usage_sync_failures.clone(),
+        );
+        m
+    }
+
+    /// Counts one request.
+    pub fn request(&self, decision: &'static str, policy: &str, rule: &str, reason: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                decision,
+                policy: policy.to_string(),
+                rule: rule.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts a limit rejection.
+    pub fn limit(&self, limit: &'static str) {
+        self.limit_rejections.get_or_create(&LimitLabels { limit }).inc();
+    }
+}

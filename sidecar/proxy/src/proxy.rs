@@ -1,0 +1,960 @@
+//! The request path: a tower [`Service`] that enforces the policy state current at the time
+//! of each request (read from an `ArcSwap`, so reloads never block requests) and forwards to
+//! the app.
+//!
+//! Per request: hygiene (inbound `x-custos-*` headers stripped; method-override headers,
+//! CONNECT and absolute-form targets refused; header and body limits), path normalisation,
+//! identity (peer workload, JWT user), decision, quotas, forwarding with the normalised path,
+//! response transform, record accounting, and one audit event.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use custos_api::audit::{AUDIT_SCHEMA_VERSION, AuditUser, CallerWorkload};
+use custos_api::config::WorkloadIdentity;
+use custos_api::policy::{ExceedAction, Mode};
+use custos_api::{AuditEvent, Decision};
+use custos_policy::{NormalizedPath, Reason, Request as EngineRequest, User, Verdict, normalize};
+use custos_quota::{QuotaKey, Quotas, Timestamp};
+use custos_transform::expr::{RequestVars, UserVars, Vars, WorkloadVars};
+use custos_transform::{HashKey, Outcome, Plan, TransformError, TransformStats};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::json;
+
+use crate::audit::PendingEvent;
+use crate::body::{Collected, DecodeError, Encoding, ProxyBody, RequestBody, collect_limited, decode};
+use crate::metrics::{ClassLabels, LimitLabels, Metrics, ReasonLabels, RuleLabels};
+use crate::settings::ProxyLimits;
+use crate::state::{ConfigCell, PolicyState};
+
+/// Headers that ask a server to treat a request as another method. Refused with 400: a
+/// backend honouring them would run e.g. a DELETE that the policy decided as a POST.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] =
+    ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// Hop-by-hop headers, never forwarded in either direction.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+];
+
+/// State shared by every request.
+pub(crate) struct Shared {
+    pub config: Arc<ConfigCell>,
+    pub metrics: Arc<Metrics>,
+    pub quotas: Arc<Quotas>,
+    pub shipper: custos_shipper::Shipper,
+    pub client: Client<HttpConnector, RequestBody>,
+    pub hash_key: HashKey,
+    pub limits: ProxyLimits,
+    pub pod_name: Option<String>,
+    pub cluster: Option<String>,
+}
+
+/// The enforcing service of one client connection.
+#[derive(Clone)]
+pub(crate) struct Enforcer {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+}
+
+impl Enforcer {
+    pub(crate) fn new(shared: Arc<Shared>, peer: SocketAddr) -> Self {
+        Enforcer { shared, peer }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Enforcer {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        let peer = self.peer;
+        Box::pin(async move { Ok(handle(shared, peer, req).await) })
+    }
+}
+
+/// What is known about a request as it goes through the pipeline.
+struct Ctx {
+    event: AuditEvent,
+    /// Reason code for the metric label (bounded set).
+    reason: &'static str,
+    /// Set when Audit mode lets through what Enforce would refuse.
+    would_deny: Option<&'static str>,
+    started: Instant,
+}
+
+impl Ctx {
+    fn set_reason(&mut self, code: &'static str) {
+        self.reason = code;
+        self.event.reason = code.to_string();
+    }
+
+    /// A refusal by the sidecar itself.
+    fn deny(&mut self, code: &'static str) {
+        self.event.decision = Decision::Deny;
+        self.set_reason(code);
+    }
+
+    /// Audit mode: what Enforce would have refused.
+    fn would_deny(&mut self, code: &'static str) {
+        if self.would_deny.is_none() {
+            self.would_deny = Some(code);
+        }
+    }
+}
+
+async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let wall = SystemTime::now();
+    let now = chrono::DateTime::<chrono::Utc>::from(wall);
+    let mut ctx = Ctx {
+        event: AuditEvent {
+            schema_version: AUDIT_SCHEMA_VERSION,
+            id: ulid::Ulid::from_datetime(wall).to_string(),
+            time: now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            cluster: shared.cluster.clone(),
+            namespace: String::new(),
+            policy: None,
+            rule: None,
+            mode: Mode::Disabled,
+            pod: shared.pod_name.clone(),
+            caller: None,
+            user: None,
+            principal: format!("peer:{}", peer.ip().to_canonical()),
+            method: req.method().as_str().to_string(),
+            path: "-".to_string(),
+            decision: Decision::Allow,
+            reason: String::new(),
+            status: 0,
+            records_returned: 0,
+            records_filtered: 0,
+            records_truncated: 0,
+            masked: Default::default(),
+            bytes: 0,
+            latency_us: 0,
+            trace_id: trace_id(req.headers()),
+            record_hashes: Vec::new(),
+            prev_hash: None,
+        },
+        reason: "",
+        would_deny: None,
+        started,
+    };
+    let response = process(&shared, &mut ctx, peer, req, wall).await;
+    finish(&shared, ctx, response)
+}
+
+/// Completes the audit event and metrics, and attaches the event to the body.
+fn finish(shared: &Shared, mut ctx: Ctx, response: Response<ProxyBody>) -> Response<ProxyBody> {
+    let elapsed = ctx.started.elapsed();
+    // Audit mode: what Enforce would have refused first. A refusal recorded before the
+    // decision (a bad token) takes precedence over the engine's own WouldDeny, as Enforce
+    // would have answered 401 before deciding; later ones only happen to allowed requests.
+    if let Some(code) = ctx.would_deny
+        && ctx.event.decision != Decision::Deny
+    {
+        ctx.event.decision = Decision::WouldDeny;
+        ctx.reason = code;
+        ctx.event.reason = format!("{code} (audit mode: not enforced)");
+    }
+    ctx.event.status = response.status().as_u16();
+    ctx.event.latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    shared.metrics.request(
+        ctx.event.decision.as_str(),
+        ctx.event.policy.as_deref().unwrap_or(""),
+        ctx.event.rule.as_deref().unwrap_or(""),
+        ctx.reason,
+    );
+    shared.metrics.request_duration.observe(elapsed.as_secs_f64());
+    let pending = PendingEvent::new(ctx.event, shared.shipper.clone());
+    response.map(|b| b.with_event(pending))
+}
+
+async fn process(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    wall: SystemTime,
+) -> Response<ProxyBody> {
+    let Some(state) = shared.config.current.load_full() else {
+        ctx.deny("no_config");
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "no valid config loaded", "reason": "no_config"}),
+        );
+    };
+    ctx.event.namespace.clone_from(&state.namespace);
+    let limits = &shared.limits;
+
+    // 1. Request hygiene.
+    if header_bytes(&req) > limits.max_header_bytes {
+        shared.metrics.limit("header_bytes");
+        ctx.deny("header_too_large");
+        return error_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            json!({"error": "request headers too large", "reason": "header_too_large", "limit": limits.max_header_bytes}),
+        );
+    }
+    if req.method() == Method::CONNECT {
+        ctx.deny("connect_refused");
+        return bad_request("CONNECT is not supported", "connect_refused");
+    }
+    if req.version() <= Version::HTTP_11 && (req.uri().scheme().is_some() || req.uri().authority().is_some())
+    {
+        ctx.deny("absolute_form");
+        return bad_request("absolute-form request targets are not accepted", "absolute_form");
+    }
+    if METHOD_OVERRIDE_HEADERS.iter().any(|h| req.headers().contains_key(*h)) {
+        ctx.deny("method_override");
+        return bad_request("method override headers are refused", "method_override");
+    }
+    if let Some(len) = content_length(req.headers())
+        && len > limits.max_request_body_bytes
+    {
+        shared.metrics.limit("request_body_bytes");
+        ctx.deny("request_body_too_large");
+        return body_too_large(limits.max_request_body_bytes);
+    }
+
+    // 2. Normalise.
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let path = match normalize(target) {
+        Ok(p) => p,
+        Err(rejection) => {
+            ctx.deny("path_rejected");
+            ctx.event.reason = format!("path_rejected:{}", rejection.code());
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                json!({"error": rejection.to_string(), "reason": rejection.code()}),
+            );
+        }
+    };
+    ctx.event.path = path.as_str().to_string();
+
+    // 3. Identity.
+    let ip = peer.ip().to_canonical();
+    let caller = state.workloads.get(&ip);
+    if let Some(w) = caller {
+        ctx.event.caller = Some(CallerWorkload {
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+        });
+    }
+    let has_bearer = bearer(req.headers()).is_some();
+    let user = match bearer(req.headers()) {
+        Some(value) if !state.verifiers.is_empty() => match state.verify(value).await {
+            Ok(user) => user,
+            Err(e) if !state.enforcing => {
+                ctx.would_deny(if e.is_client_error() { "invalid_token" } else { "identity_unavailable" });
+                None
+            }
+            Err(e) if e.is_client_error() => {
+                ctx.deny("invalid_token");
+                ctx.event.reason = format!("invalid_token:{}", e.code());
+                let mut resp = error_response(
+                    StatusCode::UNAUTHORIZED,
+                    json!({"error": "invalid token", "detail": e.to_string(), "reason": e.code()}),
+                );
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+                return resp;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot verify tokens: identity provider unavailable");
+                ctx.deny("identity_unavailable");
+                ctx.event.reason = format!("identity_unavailable:{}", e.code());
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": "identity provider unavailable", "reason": e.code()}),
+                );
+            }
+        },
+        _ => None,
+    };
+    ctx.event.principal = principal(user.as_ref(), caller, ip);
+    if let Some(u) = &user {
+        ctx.event.user = Some(AuditUser { id: u.id.clone(), attributes: u.attributes.clone() });
+    }
+
+    // 4. Decide.
+    let time =
+        i64::try_from(wall.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())).unwrap_or(0);
+    let verdict = state.engine.decide(&EngineRequest {
+        method: req.method().as_str(),
+        path: &path,
+        caller,
+        user: user.as_ref(),
+        time,
+    });
+    ctx.event.policy = verdict.policy.map(|p| p.name.clone());
+    ctx.event.rule = verdict.rule.map(|r| r.name.clone());
+    ctx.event.mode = verdict.mode;
+    ctx.event.decision = verdict.decision;
+    ctx.set_reason(verdict.reason.code());
+    if verdict.blocks() {
+        if missing_token(&verdict, has_bearer) {
+            ctx.deny("missing_token");
+            return unauthenticated(&verdict);
+        }
+        return forbidden(&verdict);
+    }
+
+    // 5. Quotas.
+    let quota_now = Timestamp::from(wall);
+    let mut records_remaining = None;
+    let mut quota_key = None;
+    if verdict.decision == Decision::Allow
+        && let (Some(limits), Some(policy), Some(rule)) = (verdict.limits, verdict.policy, verdict.rule)
+    {
+        let key = QuotaKey {
+            policy: policy.name.clone(),
+            rule: rule.name.clone(),
+            principal: ctx.event.principal.clone(),
+        };
+        match shared.quotas.admit(&key, limits, quota_now) {
+            Ok(admission) => records_remaining = admission.records_remaining,
+            Err(exceeded) if verdict.mode == Mode::Enforce => {
+                let limit = exceeded.limit.as_str();
+                let retry = exceeded.retry_after_secs().max(1);
+                shared.metrics.quota_rejections.get_or_create(&LimitLabels { limit }).inc();
+                ctx.deny("quota_exceeded");
+                ctx.event.reason = format!("quota_exceeded:{limit}");
+                let mut resp = error_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    json!({
+                        "error": "quota exceeded",
+                        "policy": policy.name,
+                        "rule": rule.name,
+                        "reason": "quota_exceeded",
+                        "limit": limit,
+                        "retryAfterSeconds": retry,
+                    }),
+                );
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry));
+                return resp;
+            }
+            Err(_) => ctx.would_deny("quota_exceeded"),
+        }
+        quota_key = Some(key);
+    }
+
+    // 6. Forward.
+    let transform = match verdict.plan {
+        Some(plan) if verdict.decision == Decision::Allow && plan.needs_body() => Some(TransformJob {
+            plan: plan.clone(),
+            mode: verdict.mode,
+            fail_open: verdict.policy.is_some_and(|p| p.fail_open),
+            policy: verdict.policy.map(|p| p.name.clone()).unwrap_or_default(),
+            rule: verdict.rule.map(|r| r.name.clone()).unwrap_or_default(),
+            request: RequestVars {
+                method: req.method().as_str().to_ascii_uppercase(),
+                path: path.as_str().to_string(),
+                params: verdict.params.iter().cloned().collect(),
+                time,
+            },
+            user: user.as_ref().map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
+            workload: caller.map(|w| WorkloadVars {
+                namespace: w.namespace.clone(),
+                service_account: w.service_account.clone(),
+                labels: w.labels.clone(),
+            }),
+            records_remaining,
+            limits: verdict.limits.cloned().unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    drop(verdict);
+    let is_head = req.method() == Method::HEAD;
+    let exceeded = Arc::new(AtomicBool::new(false));
+    let upstream_req =
+        match upstream_request(&state, req, &path, ip, exceeded.clone(), limits, transform.as_ref()) {
+            Ok(r) => r,
+            Err(()) => {
+                ctx.deny("bad_request");
+                return bad_request("request cannot be forwarded", "bad_request");
+            }
+        };
+    let deadline = tokio::time::Instant::now() + limits.upstream_timeout;
+    let response = match tokio::time::timeout_at(deadline, shared.client.request(upstream_req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            if exceeded.load(Ordering::Relaxed) {
+                shared.metrics.limit("request_body_bytes");
+                ctx.deny("request_body_too_large");
+                return body_too_large(limits.max_request_body_bytes);
+            }
+            let code = if e.is_connect() { "upstream_unavailable" } else { "upstream_error" };
+            if e.is_connect() {
+                shared.metrics.limit("upstream_connect");
+            }
+            tracing::warn!(error = %e, "upstream request failed");
+            ctx.set_reason(code);
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                json!({"error": "upstream unavailable", "reason": code}),
+            );
+        }
+        Err(_) => {
+            shared.metrics.limit("upstream_timeout");
+            ctx.set_reason("upstream_timeout");
+            return error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                json!({"error": "upstream timed out", "reason": "upstream_timeout"}),
+            );
+        }
+    };
+
+    // 7. Response.
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let has_body = !(is_head
+        || parts.status.is_informational()
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED);
+    let Some(job) = transform.filter(|_| has_body) else {
+        return Response::from_parts(parts, ProxyBody::stream(body));
+    };
+    transform_response(shared, ctx, job, parts, body, deadline, quota_key.as_ref(), quota_now).await
+}
+
+/// What the response transform needs, taken from the verdict before the request is sent.
+struct TransformJob {
+    plan: Arc<Plan>,
+    mode: Mode,
+    fail_open: bool,
+    policy: String,
+    rule: String,
+    request: RequestVars,
+    user: Option<UserVars>,
+    workload: Option<WorkloadVars>,
+    records_remaining: Option<u64>,
+    limits: custos_api::policy::Limits,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn transform_response(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    job: TransformJob,
+    mut parts: http::response::Parts,
+    body: Incoming,
+    deadline: tokio::time::Instant,
+    quota_key: Option<&QuotaKey>,
+    quota_now: Timestamp,
+) -> Response<ProxyBody> {
+    let limit = shared.limits.max_response_body_bytes;
+    let collected = match tokio::time::timeout_at(deadline, collect_limited(body, limit)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "upstream response body failed");
+            ctx.set_reason("upstream_error");
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                json!({"error": "upstream response failed", "reason": "upstream_error"}),
+            );
+        }
+        Err(_) => {
+            shared.metrics.limit("upstream_timeout");
+            ctx.set_reason("upstream_timeout");
+            return error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                json!({"error": "upstream timed out", "reason": "upstream_timeout"}),
+            );
+        }
+    };
+    let raw = match collected {
+        Collected::Complete(raw) => raw,
+        Collected::TooLarge { prefix, rest } => {
+            shared.metrics.limit("response_body_bytes");
+            return untransformable(
+                shared,
+                ctx,
+                &job,
+                parts,
+                "response_too_large",
+                ProxyBody::chain(prefix, rest),
+            );
+        }
+    };
+    if raw.is_empty() {
+        // Nothing to leak, nothing to count.
+        return Response::from_parts(parts, ProxyBody::empty());
+    }
+    let Some(encoding) =
+        Encoding::parse(parts.headers.get(header::CONTENT_ENCODING).map(HeaderValue::as_bytes))
+    else {
+        return untransformable(
+            shared,
+            ctx,
+            &job,
+            parts,
+            "unsupported_content_encoding",
+            ProxyBody::full(raw),
+        );
+    };
+    let decoded = match decode(raw.clone(), encoding, limit) {
+        Ok(d) => d,
+        Err(DecodeError::TooLarge) => {
+            shared.metrics.limit("response_body_bytes");
+            return untransformable(shared, ctx, &job, parts, "response_too_large", ProxyBody::full(raw));
+        }
+        Err(DecodeError::Corrupt) => {
+            return untransformable(shared, ctx, &job, parts, "bad_content_encoding", ProxyBody::full(raw));
+        }
+    };
+
+    // The per-response cap, lowered to what the principal has left of its record quotas.
+    // The cut is always a truncation; `onExceed: Deny` is judged on the records that passed
+    // the row filter, against the policy's own cap.
+    let plan = &*job.plan;
+    let quota_cap = job.records_remaining.filter(|r| plan.max_records.is_none_or(|m| *r < m));
+    let adjusted;
+    let effective: &Plan = match quota_cap {
+        Some(cap) => {
+            adjusted = Plan { max_records: Some(cap), on_exceed: ExceedAction::Truncate, ..plan.clone() };
+            &adjusted
+        }
+        None => plan,
+    };
+    let result = {
+        let vars = Vars::new(&job.request, job.user.as_ref(), job.workload.as_ref());
+        custos_transform::apply(&decoded, effective, &vars, &shared.hash_key)
+    };
+    let transformed = match result {
+        Ok(t) => t,
+        Err(TransformError::RecordCapExceeded { .. }) => {
+            return cap_denied(ctx, &job, parts, raw);
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "response could not be transformed");
+            return untransformable(shared, ctx, &job, parts, "response_not_json", ProxyBody::full(raw));
+        }
+    };
+    let stats = &transformed.stats;
+    let passed = stats.records_returned + stats.records_truncated;
+    if quota_cap.is_some()
+        && plan.on_exceed == ExceedAction::Deny
+        && plan.max_records.is_some_and(|m| passed > m)
+    {
+        return cap_denied(ctx, &job, parts, raw);
+    }
+    record_stats(shared, ctx, &job, stats);
+    if let Some(key) = quota_key {
+        shared.quotas.record(key, &job.limits, stats.records_returned, quota_now);
+    }
+    let body = match transformed.outcome {
+        Outcome::RootFiltered => {
+            if job.mode == Mode::Enforce {
+                ctx.deny("out_of_scope");
+                return error_response(
+                    StatusCode::FORBIDDEN,
+                    json!({"error": "forbidden", "policy": job.policy, "rule": job.rule, "reason": "out_of_scope"}),
+                );
+            }
+            ctx.would_deny("out_of_scope");
+            return Response::from_parts(parts, ProxyBody::full(raw));
+        }
+        Outcome::Body(body) => body,
+    };
+    if job.mode != Mode::Enforce {
+        // Audit: the caller gets the app's bytes; the event holds what would have been done.
+        return Response::from_parts(parts, ProxyBody::full(raw));
+    }
+    for h in [
+        header::CONTENT_ENCODING,
+        header::CONTENT_LENGTH,
+        header::ETAG,
+        HeaderName::from_static("content-md5"),
+    ] {
+        parts.headers.remove(h);
+    }
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if !parts.headers.contains_key(header::CONTENT_TYPE) {
+        parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    Response::from_parts(parts, ProxyBody::full(Bytes::from(body)))
+}
+
+/// Counts what a transform did into the event and the metrics (Enforce only for metrics:
+/// Audit-mode numbers are would-be values and live in the events).
+fn record_stats(shared: &Shared, ctx: &mut Ctx, job: &TransformJob, stats: &TransformStats) {
+    ctx.event.records_returned = stats.records_returned;
+    ctx.event.records_filtered = stats.records_filtered;
+    ctx.event.records_truncated = stats.records_truncated;
+    ctx.event.masked = stats.masked.clone();
+    ctx.event.record_hashes = stats.record_hashes.clone();
+    if job.mode != Mode::Enforce {
+        return;
+    }
+    let labels = RuleLabels { policy: job.policy.clone(), rule: job.rule.clone() };
+    let m = &shared.metrics;
+    if stats.records_returned > 0 {
+        m.records_served.get_or_create(&labels).inc_by(stats.records_returned);
+    }
+    if stats.records_filtered > 0 {
+        m.records_filtered.get_or_create(&labels).inc_by(stats.records_filtered);
+    }
+    if stats.records_truncated > 0 {
+        m.records_truncated.get_or_create(&labels).inc_by(stats.records_truncated);
+    }
+    for (class, n) in &stats.masked {
+        if *n > 0 {
+            m.masked_fields.get_or_create(&ClassLabels { class: class.clone() }).inc_by(*n);
+        }
+    }
+}
+
+/// More records than `maxRecordsPerResponse` with `onExceed: Deny`: 403 in Enforce mode,
+/// the app's response untouched in Audit mode.
+fn cap_denied(
+    ctx: &mut Ctx,
+    job: &TransformJob,
+    parts: http::response::Parts,
+    raw: Bytes,
+) -> Response<ProxyBody> {
+    if job.mode != Mode::Enforce {
+        ctx.would_deny("record_cap_exceeded");
+        return Response::from_parts(parts, ProxyBody::full(raw));
+    }
+    ctx.deny("record_cap_exceeded");
+    error_response(
+        StatusCode::FORBIDDEN,
+        json!({"error": "forbidden", "policy": job.policy, "rule": job.rule, "reason": "record_cap_exceeded"}),
+    )
+}
+
+/// A response that had to be transformed and cannot be: 502 in Enforce, passed through with
+/// failOpen or in Audit mode (the event says so).
+fn untransformable(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    job: &TransformJob,
+    parts: http::response::Parts,
+    code: &'static str,
+    original: ProxyBody,
+) -> Response<ProxyBody> {
+    shared.metrics.transform_failures.get_or_create(&ReasonLabels { reason: code }).inc();
+    match (job.mode, job.fail_open) {
+        (Mode::Enforce, false) => {
+            ctx.deny(code);
+            error_response(
+                StatusCode::BAD_GATEWAY,
+                json!({"error": "response cannot be checked", "policy": job.policy, "rule": job.rule, "reason": code}),
+            )
+        }
+        (Mode::Enforce, true) => {
+            ctx.event.reason = format!("{},fail_open:{code}", ctx.event.reason);
+            ctx.reason = "fail_open";
+            Response::from_parts(parts, original)
+        }
+        _ => {
+            ctx.would_deny(code);
+            Response::from_parts(parts, original)
+        }
+    }
+}
+
+/// Builds the request to the app: normalised path and original query, original method and
+/// headers minus hop-by-hop ones, `x-forwarded-for` appended.
+fn upstream_request(
+    state: &PolicyState,
+    req: Request<Incoming>,
+    path: &NormalizedPath,
+    ip: IpAddr,
+    exceeded: Arc<AtomicBool>,
+    limits: &ProxyLimits,
+    transform: Option<&TransformJob>,
+) -> Result<Request<RequestBody>, ()> {
+    let (parts, body) = req.into_parts();
+    let mut target = encode_path(path.as_str());
+    if let Some(q) = path.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(state.upstream_authority.clone())
+        .path_and_query(target)
+        .build()
+        .map_err(|_| ())?;
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    if !headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, v);
+    }
+    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    if transform.is_some_and(|t| t.mode == Mode::Enforce) {
+        // The body will be rewritten: ask for it uncompressed (gzip/deflate are decoded anyway).
+        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
+    let mut out = Request::new(RequestBody::new(body, limits.max_request_body_bytes, exceeded));
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = uri;
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = headers;
+    Ok(out)
+}
+
+/// Percent-encodes a normalised path back into a request-target path: bytes outside
+/// RFC 3986 `pchar` and `/` are encoded; `%` only ever appears as the `%25` the normaliser
+/// kept, so it is copied.
+pub(crate) fn encode_path(path: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(path.len());
+    for &b in path.as_bytes() {
+        let keep = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'/' | b'-'
+                    | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b'='
+                    | b':'
+                    | b'@'
+                    | b'%'
+            );
+        if keep {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0x0f)]));
+        }
+    }
+    out
+}
+
+/// Removes hop-by-hop headers, those named by `Connection`, and `x-custos-*`.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    strip_custos(headers);
+}
+
+/// Removes inbound `x-custos-*` headers.
+fn strip_custos(headers: &mut HeaderMap) {
+    let custos: Vec<HeaderName> =
+        headers.keys().filter(|k| k.as_str().starts_with("x-custos-")).cloned().collect();
+    for name in custos {
+        headers.remove(name);
+    }
+}
+
+/// Size of the request line and headers, as received (approximately: names, values and
+/// separators).
+fn header_bytes<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    req.headers().iter().fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// The `Authorization` value when it uses the Bearer scheme (other schemes are the app's).
+fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
+    let v = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let scheme = v.get(..6)?;
+    (scheme.eq_ignore_ascii_case(b"bearer") && v.get(6).is_none_or(|b| *b == b' ')).then_some(v)
+}
+
+fn principal(user: Option<&User>, caller: Option<&WorkloadIdentity>, ip: IpAddr) -> String {
+    match (user, caller) {
+        (Some(u), _) => format!("user:{}", u.id),
+        (None, Some(w)) => format!("workload:{}/{}", w.namespace, w.service_account),
+        (None, None) => format!("peer:{ip}"),
+    }
+}
+
+/// The trace id of a W3C `traceparent` header.
+fn trace_id(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = v.trim().split('-');
+    let _version = parts.next()?;
+    let id = parts.next()?;
+    (id.len() == 32
+        && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && id.bytes().any(|b| b != b'0'))
+    .then(|| id.to_string())
+}
+
+/// Whether an enforced refusal is really "who are you?": no allow rule matched
+/// (`DefaultDeny`, not an explicit Deny rule), the deciding policy verifies users, and the
+/// request carried no Bearer token. Such a request gets 401 instead of 403, so that a client
+/// that forgot its token is told so.
+fn missing_token(verdict: &Verdict<'_>, has_bearer: bool) -> bool {
+    verdict.blocks()
+        && verdict.mode == Mode::Enforce
+        && verdict.reason == Reason::DefaultDeny
+        && !has_bearer
+        && verdict.policy.is_some_and(|p| p.identity.is_some())
+}
+
+/// 401 `missing_token`, with `WWW-Authenticate: Bearer`.
+fn unauthenticated(verdict: &Verdict<'_>) -> Response<ProxyBody> {
+    let mut resp = error_response(
+        StatusCode::UNAUTHORIZED,
+        json!({
+            "error": "unauthenticated",
+            "policy": verdict.policy.map(|p| p.name.as_str()),
+            "reason": "missing_token",
+            "detail": "no allow rule matched and the request carries no bearer token",
+        }),
+    );
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+fn forbidden(verdict: &Verdict<'_>) -> Response<ProxyBody> {
+    error_response(
+        StatusCode::FORBIDDEN,
+        json!({
+            "error": "forbidden",
+            "policy": verdict.policy.map(|p| p.name.as_str()),
+            "rule": verdict.rule.map(|r| r.name.as_str()),
+            "reason": verdict.reason.code(),
+            "detail": verdict.explanation(),
+        }),
+    )
+}
+
+fn bad_request(message: &str, code: &str) -> Response<ProxyBody> {
+    error_response(StatusCode::BAD_REQUEST, json!({"error": message, "reason": code}))
+}
+
+fn body_too_large(limit: u64) -> Response<ProxyBody> {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        json!({"error": "request body too large", "reason": "request_body_too_large", "limit": limit}),
+    )
+}
+
+/// A short JSON error document.
+pub(crate) fn error_response(status: StatusCode, body: serde_json::Value) -> Response<ProxyBody> {
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let mut resp = Response::new(ProxyBody::full(bytes));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn encoded_paths_normalise_to_themselves() {
+        for p in ["/café/😀", "/customers/export ", "/discount/50%25-off", "/a\"b/{x}", "/customers/+49"] {
+            let n = normalize(p).unwrap();
+            let encoded = encode_path(n.as_str());
+            assert!(encoded.is_ascii());
+            assert_eq!(normalize(&encoded).unwrap().as_str(), n.as_str(), "{p}");
+            assert!(encoded.parse::<Uri>().is_ok(), "{encoded}");
+        }
+    }
+
+    #[test]
+    fn traceparent() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        assert_eq!(trace_id(&h).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+        );
+        assert_eq!(trace_id(&h), None);
+        h.insert("traceparent", HeaderValue::from_static("garbage"));
+        assert_eq!(trace_id(&h), None);
+    }
+
+    #[test]
+    fn bearer_scheme() {
+        let mut h = HeaderMap::new();
+        assert!(bearer(&h).is_none());
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert!(bearer(&h).is_none());
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer abc"));
+        assert!(bearer(&h).is_some());
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer"));
+        assert!(bearer(&h).is_some());
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearerx"));
+        assert!(bearer(&h).is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_and_custos_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-custos-user", HeaderValue::from_static("admin"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::ACCEPT));
+    }
+}

@@ -1,0 +1,175 @@
+//! Listeners: the proxy (HTTP/1.1 and h2c, connection limit, graceful drain) and the admin
+//! server (`/healthz`, `/ready`, `/metrics`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::registry::Registry;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tower::Service;
+
+use crate::proxy::{Enforcer, Shared};
+use crate::state::ConfigCell;
+
+/// Time a client has to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts proxy connections until `shutdown` turns true, then drains in-flight requests for
+/// at most `drain_timeout`.
+pub(crate) async fn serve_proxy(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) {
+    let limits = shared.limits.clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(16 * 1024));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let metrics = shared.metrics.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics.limit("connections");
+            tokio::spawn(refuse_connection(stream));
+            continue;
+        };
+        let enforcer = Enforcer::new(shared.clone(), peer);
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let mut enforcer = enforcer.clone();
+            enforcer.call(req)
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = graceful.watch(conn);
+        let metrics = metrics.clone();
+        metrics.connections.inc();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+            metrics.connections.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("in-flight requests drained"),
+        _ = tokio::time::sleep(drain_timeout) => tracing::warn!("drain time-out: closing the remaining connections"),
+    }
+}
+
+/// Over the connection limit: a 503 and close, without reading the request.
+async fn refuse_connection(mut stream: TcpStream) {
+    const BODY: &str = r#"{"error":"too many connections","reason":"connection_limit"}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// What the admin server reads.
+pub(crate) struct Admin {
+    pub registry: Registry,
+    pub config: Arc<ConfigCell>,
+}
+
+/// Serves the admin endpoints until `shutdown` turns true.
+pub(crate) async fn serve_admin(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let builder = hyper::server::conn::http1::Builder::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(admin_route(&admin, &req)) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+fn admin_route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, content_type: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+        r
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".into());
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/ready" => {
+            let report = admin.config.report();
+            let status = if report.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let body = serde_json::to_string(&report).unwrap_or_default();
+            text(status, "application/json", body)
+        }
+        "/metrics" => {
+            let mut out = String::new();
+            match prometheus_client::encoding::text::encode(&mut out, &admin.registry) {
+                Ok(()) => {
+                    text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", out)
+                }
+                Err(_) => {
+                    text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "cannot encode metrics\n".into())
+                }
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}

@@ -1,0 +1,159 @@
+//! Resolved sidecar settings: what [`start`](crate::start) runs with. The command line
+//! ([`SidecarArgs`](crate::SidecarArgs)) is turned into these; tests build them directly.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default admin address (`/healthz`, `/ready`, `/metrics`).
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15090";
+
+/// Size, time and connection limits of the proxy. Each limit, when hit, gives its own status
+/// code and increments `custos_sidecar_limit_rejections_total{limit=...}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyLimits {
+    /// Maximum size of the request line plus headers, in bytes (431 above).
+    pub max_header_bytes: usize,
+    /// Maximum request body forwarded to the app, in bytes (413 above).
+    pub max_request_body_bytes: u64,
+    /// Maximum response body the sidecar buffers to transform, in bytes, both as received and
+    /// after gzip/deflate decoding (502 above, unless failOpen or Audit mode).
+    pub max_response_body_bytes: u64,
+    /// Time-out for connecting to the app (502 when exceeded).
+    pub upstream_connect_timeout: Duration,
+    /// Time-out for the app's response head, and for its body when it must be transformed
+    /// (504 when exceeded).
+    pub upstream_timeout: Duration,
+    /// Maximum concurrent client connections (503 and close above).
+    pub max_connections: usize,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        ProxyLimits {
+            max_header_bytes: 16 * 1024,
+            max_request_body_bytes: 16 * 1024 * 1024,
+            max_response_body_bytes: 16 * 1024 * 1024,
+            upstream_connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Where and how audit events are shipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CollectorSettings {
+    /// Base URL of the collector, e.g. `http://custos-collector.custos-system:8080`.
+    pub url: String,
+    /// File holding the bearer token for the collector (re-read by the shipper).
+    pub token_file: Option<PathBuf>,
+    /// Directory of the disk spool used while the collector is unreachable.
+    pub spool_dir: PathBuf,
+    /// Maximum size of the spool; events beyond it are dropped and counted.
+    pub spool_max_bytes: u64,
+    /// Maximum events per batch.
+    pub batch_max_events: usize,
+    /// How often a partial batch is sent.
+    pub flush_interval: Duration,
+    /// In-memory queue between the request path and the shipper.
+    pub queue_capacity: usize,
+    /// Time-out of one collector request.
+    pub request_timeout: Duration,
+    /// How often the usage of active principals is fetched from the collector (cluster-wide
+    /// quotas); `None` disables the sync.
+    pub usage_sync_interval: Option<Duration>,
+    /// First wait before retrying the collector after a failed delivery; doubled after each
+    /// further failure up to [`retry_max_backoff`](Self::retry_max_backoff), reset by a
+    /// success.
+    pub retry_initial_backoff: Duration,
+    /// Longest wait between two delivery attempts while the collector is unreachable.
+    pub retry_max_backoff: Duration,
+}
+
+impl CollectorSettings {
+    /// Settings for `url` with the defaults of the command line.
+    pub fn new(url: impl Into<String>, spool_dir: impl Into<PathBuf>) -> Self {
+        CollectorSettings {
+            url: url.into(),
+            token_file: None,
+            spool_dir: spool_dir.into(),
+            spool_max_bytes: 256 * 1024 * 1024,
+            batch_max_events: 500,
+            flush_interval: Duration::from_secs(1),
+            queue_capacity: 10_000,
+            request_timeout: Duration::from_secs(5),
+            usage_sync_interval: Some(Duration::from_secs(5)),
+            retry_initial_backoff: Duration::from_millis(500),
+            retry_max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything the sidecar needs to run.
+#[derive(Clone, Debug)]
+pub struct SidecarSettings {
+    /// The compiled config file (JSON), watched for changes.
+    pub config_path: PathBuf,
+    /// Proxy listen address; `None`: `0.0.0.0:<proxyPort>` of the selected policies (15080
+    /// when none selects the pod).
+    pub listen: Option<SocketAddr>,
+    /// The app; `None`: `127.0.0.1:<appPort>` of the selected policies.
+    pub upstream: Option<SocketAddr>,
+    /// Labels of this pod (which policies apply).
+    pub pod_labels: BTreeMap<String, String>,
+    /// Name of this pod, recorded in audit events.
+    pub pod_name: Option<String>,
+    /// Namespace of this pod; the config must be of the same namespace. `None`: take the
+    /// config's.
+    pub namespace: Option<String>,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Audit event shipping; `None`: events are counted and discarded.
+    pub collector: Option<CollectorSettings>,
+    /// Key of `Hash` masks and record-id hashes; `None`: a random per-process key (hashes
+    /// then do not join across pods or restarts).
+    pub hash_key: Option<Vec<u8>>,
+    /// Where the operator mounts JWKS Secrets: `<dir>/<secretName>/<key>`.
+    pub jwks_dir: PathBuf,
+    /// Refresh period of JWKS fetched from a `jwksUri`.
+    pub jwks_refresh: Duration,
+    /// Time-out of one JWKS fetch.
+    pub jwks_timeout: Duration,
+    /// Size, time and connection limits.
+    pub limits: ProxyLimits,
+    /// Cluster name, recorded in audit events.
+    pub cluster: Option<String>,
+    /// How often the config file is checked for changes.
+    pub reload_interval: Duration,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub drain_timeout: Duration,
+    /// How long pending audit events may take to be flushed or spooled on shutdown.
+    pub shipper_shutdown_timeout: Duration,
+}
+
+impl SidecarSettings {
+    /// Settings with the command line defaults, for `config_path`.
+    pub fn new(config_path: impl Into<PathBuf>) -> Self {
+        SidecarSettings {
+            config_path: config_path.into(),
+            listen: None,
+            upstream: None,
+            pod_labels: BTreeMap::new(),
+            pod_name: None,
+            namespace: None,
+            admin: SocketAddr::from(([0, 0, 0, 0], 15090)),
+            collector: None,
+            hash_key: None,
+            jwks_dir: PathBuf::from("/etc/custos/jwks"),
+            jwks_refresh: Duration::from_secs(300),
+            jwks_timeout: Duration::from_secs(5),
+            limits: ProxyLimits::default(),
+            cluster: None,
+            reload_interval: Duration::from_millis(500),
+            drain_timeout: Duration::from_secs(20),
+            shipper_shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}

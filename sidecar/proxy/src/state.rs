@@ -1,0 +1,326 @@
+//! The policy state of the proxy: the compiled config of this pod, swapped atomically on
+//! reload, and the watcher that reloads it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use custos_api::config::WorkloadIdentity;
+use custos_api::policy::{Mode, UserIdentity};
+use custos_jwt::{JwksSource, JwtError, Verifier, VerifierSettings};
+use custos_policy::{Engine, User, load_config};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::metrics::{Metrics, ResultLabels};
+
+/// Everything a request needs from the config, immutable once built.
+pub(crate) struct PolicyState {
+    /// The policies that select this pod.
+    pub engine: Engine,
+    /// `sha256:...` of the config.
+    pub hash: String,
+    /// Namespace of the config.
+    pub namespace: String,
+    /// Pod IP -> calling workload.
+    pub workloads: HashMap<IpAddr, WorkloadIdentity>,
+    /// Token verifiers of the selected policies, in decision order, without duplicates.
+    pub verifiers: Vec<Arc<Verifier>>,
+    /// The app.
+    pub upstream: SocketAddr,
+    /// `http://<upstream>` authority, for request URIs.
+    pub upstream_authority: http::uri::Authority,
+    /// Whether any selected policy is enforced (otherwise request-side refusals of identity
+    /// are only recorded).
+    pub enforcing: bool,
+}
+
+impl PolicyState {
+    /// Verifies the `Authorization` header value with the policies' identity settings.
+    /// `Ok(None)` when no selected policy verifies users.
+    pub(crate) async fn verify(&self, authorization: &[u8]) -> Result<Option<User>, JwtError> {
+        let mut first_error = None;
+        for v in &self.verifiers {
+            match v.verify(authorization).await {
+                Ok(user) => return Ok(Some(user)),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
+    }
+}
+
+/// What the config needs from the settings.
+#[derive(Clone, Debug)]
+pub(crate) struct StateInputs {
+    pub config_path: PathBuf,
+    pub namespace: Option<String>,
+    pub pod_labels: BTreeMap<String, String>,
+    pub upstream: Option<SocketAddr>,
+    pub jwks_dir: PathBuf,
+    pub jwks_refresh: Duration,
+    pub jwks_timeout: Duration,
+}
+
+/// Verifiers kept across reloads, so that a reload does not drop cached JWKS.
+#[derive(Default)]
+pub(crate) struct VerifierCache {
+    verifiers: HashMap<String, Arc<Verifier>>,
+}
+
+impl VerifierCache {
+    fn get(&mut self, identity: &UserIdentity, inputs: &StateInputs) -> Result<Arc<Verifier>, String> {
+        let key = serde_json::to_string(identity).map_err(|e| e.to_string())?;
+        if let Some(v) = self.verifiers.get(&key) {
+            return Ok(v.clone());
+        }
+        let jwt = &identity.jwt;
+        let source = match (&jwt.jwks_secret_ref, &jwt.jwks_uri) {
+            (Some(secret), _) => JwksSource::File(
+                inputs.jwks_dir.join(&secret.name).join(secret.key.as_deref().unwrap_or("jwks.json")),
+            ),
+            (None, Some(url)) => JwksSource::Url {
+                url: url.clone(),
+                refresh: inputs.jwks_refresh,
+                timeout: inputs.jwks_timeout,
+            },
+            (None, None) => return Err("identity.users.jwt has neither jwksSecretRef nor jwksUri".into()),
+        };
+        let verifier = Verifier::new(VerifierSettings::from_identity(identity), source)
+            .map_err(|e| format!("JWT verifier: {e}"))?;
+        // URL sources: fetch now and keep refreshing in the background.
+        let _ = verifier.start();
+        let verifier = Arc::new(verifier);
+        self.verifiers.insert(key, verifier.clone());
+        Ok(verifier)
+    }
+
+    /// Drops verifiers no longer used by `state`.
+    fn retain_used(&mut self, state: &PolicyState) {
+        self.verifiers.retain(|_, v| state.verifiers.iter().any(|u| Arc::ptr_eq(u, v)));
+    }
+}
+
+/// Builds the state from config bytes. The error is a message for logs and `/ready` (it
+/// names fields and policies, never request data).
+pub(crate) fn build_state(
+    bytes: &[u8],
+    inputs: &StateInputs,
+    cache: &mut VerifierCache,
+    previous_upstream: Option<SocketAddr>,
+) -> Result<PolicyState, String> {
+    let (config, policies) = load_config(bytes).map_err(|e| e.to_string())?;
+    if let Some(ns) = &inputs.namespace
+        && *ns != config.namespace
+    {
+        return Err(format!(
+            "config is for namespace '{}' but this pod is in namespace '{ns}'",
+            config.namespace
+        ));
+    }
+    let engine = Engine::new(policies).for_pod(&inputs.pod_labels);
+
+    let mut app_ports: Vec<u16> = engine.policies().iter().map(|p| p.app_port).collect();
+    app_ports.sort_unstable();
+    app_ports.dedup();
+    let upstream = match (inputs.upstream, app_ports.as_slice()) {
+        (Some(u), _) => u,
+        (None, [port]) => SocketAddr::from(([127, 0, 0, 1], *port)),
+        (None, []) => previous_upstream.ok_or_else(|| {
+            "no policy of the config selects this pod's labels and --upstream is not set".to_string()
+        })?,
+        (None, ports) => {
+            return Err(format!(
+                "the policies selecting this pod name different appPorts ({ports:?}); set --upstream"
+            ));
+        }
+    };
+    let upstream_authority = http::uri::Authority::try_from(upstream.to_string().as_str())
+        .map_err(|e| format!("upstream address: {e}"))?;
+
+    let mut workloads = HashMap::with_capacity(config.workloads.len());
+    for w in &config.workloads {
+        match w.ip.parse::<IpAddr>() {
+            Ok(ip) => {
+                workloads.insert(ip.to_canonical(), w.clone());
+            }
+            Err(_) => {
+                tracing::warn!(namespace = %w.namespace, service_account = %w.service_account, "workload identity with an invalid IP ignored")
+            }
+        }
+    }
+
+    let mut verifiers: Vec<Arc<Verifier>> = Vec::new();
+    for policy in engine.policies() {
+        if let Some(identity) = &policy.identity {
+            let v = cache.get(identity, inputs).map_err(|e| format!("policy {}: {e}", policy.name))?;
+            if !verifiers.iter().any(|u| Arc::ptr_eq(u, &v)) {
+                verifiers.push(v);
+            }
+        }
+    }
+    let enforcing = engine.policies().iter().any(|p| p.mode == Mode::Enforce);
+    let state = PolicyState {
+        engine,
+        hash: config.hash,
+        namespace: config.namespace,
+        workloads,
+        verifiers,
+        upstream,
+        upstream_authority,
+        enforcing,
+    };
+    cache.retain_used(&state);
+    Ok(state)
+}
+
+/// What `/ready` reports.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ReadyReport {
+    /// Whether a valid config is loaded and the proxy is not shutting down.
+    pub ready: bool,
+    /// Hash of the config in force.
+    pub config_hash: Option<String>,
+    /// Namespace of the config in force.
+    pub namespace: Option<String>,
+    /// Policies of the config that select this pod.
+    pub policies: Vec<String>,
+    /// Why the last config read was rejected; `None` once a valid config applies.
+    pub last_reload_error: Option<String>,
+    /// When the config in force was loaded (RFC 3339).
+    pub loaded_at: Option<String>,
+    /// True while draining on shutdown.
+    pub shutting_down: bool,
+}
+
+/// The policy state plus what the admin server reports about it.
+pub(crate) struct ConfigCell {
+    pub current: ArcSwapOption<PolicyState>,
+    pub report: Mutex<ReadyReport>,
+}
+
+impl ConfigCell {
+    pub(crate) fn new() -> Self {
+        ConfigCell { current: ArcSwapOption::empty(), report: Mutex::new(ReadyReport::default()) }
+    }
+
+    /// Installs a new state.
+    pub(crate) fn install(&self, state: PolicyState) {
+        if let Ok(mut r) = self.report.lock() {
+            r.config_hash = Some(state.hash.clone());
+            r.namespace = Some(state.namespace.clone());
+            r.policies = state.engine.policies().iter().map(|p| p.name.clone()).collect();
+            r.last_reload_error = None;
+            r.loaded_at = Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            r.ready = !r.shutting_down;
+        }
+        self.current.store(Some(Arc::new(state)));
+    }
+
+    /// Records a rejected config.
+    pub(crate) fn reject(&self, message: String) {
+        if let Ok(mut r) = self.report.lock() {
+            r.last_reload_error = Some(message);
+        }
+    }
+
+    /// Marks the proxy as shutting down (not ready).
+    pub(crate) fn shutting_down(&self) {
+        if let Ok(mut r) = self.report.lock() {
+            r.shutting_down = true;
+            r.ready = false;
+        }
+    }
+
+    /// A copy of the report.
+    pub(crate) fn report(&self) -> ReadyReport {
+        self.report.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+/// A content hash for change detection.
+pub(crate) fn content_hash(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// Ticks after which an unchanged rejected config is tried again.
+const RETRY_FAILED_AFTER_TICKS: u32 = 20;
+
+/// Polls the config file and applies changes until `shutdown` turns true.
+pub(crate) async fn watch_config(
+    cell: Arc<ConfigCell>,
+    metrics: Arc<Metrics>,
+    inputs: StateInputs,
+    mut cache: VerifierCache,
+    mut last_hash: u64,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_read_error: Option<String> = None;
+    // A rejected config is retried now and then even if unchanged: what it refers to (a JWKS
+    // Secret) may appear later.
+    let mut failed_ticks: Option<u32> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = ticker.tick() => {}
+        }
+        // A ConfigMap volume swaps a symlink: read the path itself each time.
+        let bytes = match tokio::fs::read(&inputs.config_path).await {
+            Ok(b) => {
+                last_read_error = None;
+                b
+            }
+            Err(e) => {
+                let msg = format!("cannot read config file {}: {e}", inputs.config_path.display());
+                if last_read_error.as_ref() != Some(&msg) {
+                    tracing::warn!(error = %msg, "config file unreadable; keeping the config in force");
+                    last_read_error = Some(msg);
+                }
+                continue;
+            }
+        };
+        let hash = content_hash(&bytes);
+        if hash == last_hash {
+            match &mut failed_ticks {
+                Some(n) if *n >= RETRY_FAILED_AFTER_TICKS => *n = 0,
+                Some(n) => {
+                    *n += 1;
+                    continue;
+                }
+                None => continue,
+            }
+        }
+        last_hash = hash;
+        let previous_upstream = cell.current.load().as_ref().map(|s| s.upstream);
+        match build_state(&bytes, &inputs, &mut cache, previous_upstream) {
+            Ok(state) => {
+                tracing::info!(config_hash = %state.hash, policies = state.engine.policies().len(), "config reloaded");
+                metrics.config_reloads.get_or_create(&ResultLabels { result: "success" }).inc();
+                cell.install(state);
+                failed_ticks = None;
+            }
+            Err(message) => {
+                tracing::error!(error = %message, "config rejected; keeping the last good config");
+                metrics.config_reloads.get_or_create(&ResultLabels { result: "failure" }).inc();
+                cell.reject(message);
+                failed_ticks = Some(0);
+            }
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! Test fixtures: an upstream app, a collector, config files, the sidecar, HTTP clients.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use custos_api::collector::{IngestResponse, RuleUsage, UsageResponse};
+use custos_api::config::WorkloadIdentity;
+use custos_api::policy::DataAccessPolicySpec;
+use custos_policy::{PolicyInput, compile_namespace};
+use custos_sidecar::{RunningSidecar, SidecarSettings};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const NAMESPACE: &str = "shop";
+
+/// The upstream's customer list. Names and phones are the "personal data" the tests look for.
+pub fn customers() -> Value {
+    json!({"items": [
+        {"id": 1, "name": "Alice Example", "phone": "+8613800001111", "branch": "north"},
+        {"id": 2, "name": "Bob Example", "phone": "+8613800002222", "branch": "south"},
+        {"id": 3, "name": "Carol Example", "phone": "+8613800003333", "branch": "north"},
+        {"id": 4, "name": "Dan Example", "phone": "+8613800004444", "branch": "north"}
+    ]})
+}
+
+pub const PERSONAL: [&str; 8] = [
+    "Alice Example",
+    "Bob Example",
+    "Carol Example",
+    "Dan Example",
+    "+8613800001111",
+    "+8613800002222",
+    "+8613800003333",
+    "+8613800004444",
+];
+
+/// A request the upstream saw.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    pub headers: HeaderMap,
+}
+
+/// The app behind the sidecar.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let log = log.clone();
+                        async move { Ok::<_, Infallible>(app(req, log).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, seen }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn targets(&self) -> Vec<String> {
+        self.seen().into_iter().map(|s| s.target).collect()
+    }
+}
+
+type AppBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<AppBody> {
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    log.lock().unwrap().push(Seen {
+        method: req.method().to_string(),
+        target: target.clone(),
+        headers: req.headers().clone(),
+    });
+    let path = req.uri().path().to_string();
+    let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let json_body = serde_json::to_vec(&customers()).unwrap();
+    let full = |status: u16, ct: &str, bytes: Vec<u8>| {
+        Response::builder()
+            .status(status)
+            .header("content-type", ct)
+            .header("x-custos-internal", "leak")
+            .body(Full::new(Bytes::from(bytes)).boxed())
+            .unwrap()
+    };
+    if path.starts_with("/chunked/") {
+        let chunks = json_body.chunks(17).map(Bytes::copy_from_slice).collect();
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(Chunks(chunks).boxed())
+            .unwrap();
+    }
+    if path.starts_with("/gzip/") {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&json_body).unwrap();
+        let mut r = full(200, "application/json", e.finish().unwrap());
+        r.headers_mut().insert("content-encoding", "gzip".parse().unwrap());
+        return r;
+    }
+    if path.starts_with("/html/") {
+        return full(200, "text/html", b"<html>Alice Example +8613800001111</html>".to_vec());
+    }
+    if path.starts_with("/single/") {
+        let record = customers()["items"][1].clone();
+        return full(200, "application/json", serde_json::to_vec(&record).unwrap());
+    }
+    if path.starts_with("/delay/") {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    if path.starts_with("/slow/") {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    if path.starts_with("/big/") {
+        let items: Vec<Value> = (0..2000).map(|i| json!({"id": i, "phone": "+8613800001111"})).collect();
+        return full(200, "application/json", serde_json::to_vec(&json!({"items": items})).unwrap());
+    }
+    if path.starts_with("/echo/") {
+        return full(200, "application/json", serde_json::to_vec(&json!({"received": body.len()})).unwrap());
+    }
+    full(200, "application/json", json_body)
+}
+
+/// A body sent in several chunks with no length: hyper uses chunked encoding.
+struct Chunks(std::collections::VecDeque<Bytes>);
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// Usage the test collector reports for one (policy, principal): the other replicas' figures
+/// per rule, to which it adds what this sidecar sent it (as a real collector would).
+type UsageBase = BTreeMap<(String, String), BTreeMap<String, RuleUsage>>;
+
+/// What the test collector holds.
+#[derive(Default)]
+struct CollectorState {
+    /// Every event line received, in order, resends included.
+    events: Mutex<Vec<Value>>,
+    /// Usage reported by `GET /v1/usage`, by (policy, principal).
+    usage: Mutex<UsageBase>,
+    /// `GET /v1/usage` requests, by (policy, principal).
+    usage_hits: Mutex<BTreeMap<(String, String), usize>>,
+}
+
+/// The audit collector: stores every NDJSON line it receives and answers `/v1/usage`.
+pub struct Collector {
+    pub addr: SocketAddr,
+    state: Arc<CollectorState>,
+}
+
+impl Collector {
+    pub async fn start() -> Collector {
+        Collector::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A collector on `addr` (e.g. a port reserved with [`reserve_port`]).
+    pub async fn start_on(addr: SocketAddr) -> Collector {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(CollectorState::default());
+        let shared = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(collector(req, &shared).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Collector { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every event line received so far, resends included.
+    pub fn events(&self) -> Vec<Value> {
+        self.state.events.lock().unwrap().clone()
+    }
+
+    /// How many times each event id was received.
+    pub fn receipts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for e in self.events() {
+            *counts.entry(e["id"].as_str().unwrap().to_string()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Waits (bounded) until at least `n` events arrived.
+    pub async fn wait_for(&self, n: usize) -> Vec<Value> {
+        for _ in 0..200 {
+            let events = self.events();
+            if events.len() >= n {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("collector got {} events, expected {n}", self.events().len());
+    }
+
+    /// Waits (bounded) until events of at least `n` distinct ids arrived.
+    pub async fn wait_for_distinct(&self, n: usize) -> BTreeMap<String, usize> {
+        for _ in 0..400 {
+            let receipts = self.receipts();
+            if receipts.len() >= n {
+                return receipts;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("collector got {} distinct events, expected {n}", self.receipts().len());
+    }
+
+    /// Reports, for `principal` under `policy`, that other replicas used `usage` under `rule`.
+    pub fn set_other_replicas_usage(&self, policy: &str, principal: &str, rule: &str, usage: RuleUsage) {
+        self.state
+            .usage
+            .lock()
+            .unwrap()
+            .entry((policy.to_string(), principal.to_string()))
+            .or_default()
+            .insert(rule.to_string(), usage);
+    }
+
+    /// How many `GET /v1/usage` asked about `principal` under `policy`.
+    pub fn usage_hits(&self, policy: &str, principal: &str) -> usize {
+        let hits = self.state.usage_hits.lock().unwrap();
+        hits.get(&(policy.to_string(), principal.to_string())).copied().unwrap_or(0)
+    }
+}
+
+/// A free port on 127.0.0.1: bound, then released, so that nothing listens there until a
+/// test starts something on it.
+pub fn reserve_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+async fn collector(req: Request<Incoming>, state: &CollectorState) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let gzip = req.headers().get("content-encoding").is_some_and(|v| v == "gzip");
+    let query = req.uri().query().unwrap_or("").to_string();
+    let raw = req.into_body().collect().await.unwrap().to_bytes();
+    if path == "/v1/usage" {
+        let params: BTreeMap<String, String> = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), percent_decode(v)))
+            .collect();
+        let policy = params.get("policy").cloned().unwrap_or_default();
+        let principal = params.get("principal").cloned().unwrap_or_default();
+        let pair = (policy.clone(), principal.clone());
+        *state.usage_hits.lock().unwrap().entry(pair.clone()).or_insert(0) += 1;
+        let base = state.usage.lock().unwrap().get(&pair).cloned().unwrap_or_default();
+        // The cluster figures: the other replicas' plus what this sidecar reported, counted
+        // once per event id (admitted requests, records returned), as of now.
+        let as_of = chrono::Utc::now();
+        let mut rules = base;
+        let mut seen = std::collections::BTreeSet::new();
+        for e in state.events.lock().unwrap().iter() {
+            let Some(rule) = e["rule"].as_str() else { continue };
+            if e["policy"] != policy.as_str()
+                || e["principal"] != principal.as_str()
+                || e["decision"] == "Deny"
+                || !rules.contains_key(rule)
+                || !seen.insert(e["id"].as_str().unwrap_or("").to_string())
+            {
+                continue;
+            }
+            let u = rules.get_mut(rule).unwrap();
+            let records = e["recordsReturned"].as_u64().unwrap_or(0);
+            u.requests_last_minute += 1;
+            u.records_last_hour += records;
+            u.records_last_day += records;
+        }
+        let body = UsageResponse {
+            policy,
+            principal,
+            as_of: as_of.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            rules,
+        };
+        return Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap())));
+    }
+    let text = if gzip {
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(&raw[..]).read_to_string(&mut s).unwrap();
+        s
+    } else {
+        String::from_utf8(raw.to_vec()).unwrap()
+    };
+    let mut events = state.events.lock().unwrap();
+    let (mut accepted, mut duplicates) = (0, 0);
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let event: Value = serde_json::from_str(line).unwrap();
+        if events.iter().any(|e| e["id"] == event["id"]) {
+            duplicates += 1;
+        } else {
+            accepted += 1;
+        }
+        events.push(event);
+    }
+    let body = IngestResponse { accepted, duplicates };
+    Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap())))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Compiles policies (name, spec JSON) of [`NAMESPACE`] into a config file.
+pub fn write_config(path: &Path, policies: &[(&str, Value)], workloads: Vec<WorkloadIdentity>) {
+    let inputs: Vec<PolicyInput> = policies
+        .iter()
+        .map(|(name, spec)| PolicyInput {
+            name: name.to_string(),
+            generation: Some(1),
+            spec: serde_json::from_value::<DataAccessPolicySpec>(spec.clone()).unwrap(),
+        })
+        .collect();
+    let compiled = compile_namespace(NAMESPACE, &inputs, workloads);
+    assert!(compiled.is_clean(), "{:?}", compiled.errors);
+    // Write-then-rename, as a ConfigMap volume swaps its content atomically.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&compiled.config).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A running sidecar with its upstream and temp dir.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub upstream: Upstream,
+    pub sidecar: Option<RunningSidecar>,
+    pub config: PathBuf,
+}
+
+impl Fixture {
+    pub fn proxy(&self) -> SocketAddr {
+        self.sidecar.as_ref().unwrap().proxy_addr()
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.sidecar.as_ref().unwrap().admin_addr()
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.sidecar.take() {
+            s.shutdown().await.unwrap();
+        }
+    }
+}
+
+/// Base settings for a test sidecar on ephemeral ports.
+pub fn settings(config: &Path, dir: &Path) -> SidecarSettings {
+    let mut s = SidecarSettings::new(config);
+    s.listen = Some("127.0.0.1:0".parse().unwrap());
+    s.admin = "127.0.0.1:0".parse().unwrap();
+    s.namespace = Some(NAMESPACE.to_string());
+    s.pod_labels = BTreeMap::from([("app".to_string(), "customer-api".to_string())]);
+    s.pod_name = Some("customer-api-0".to_string());
+    s.hash_key = Some(b"test-hash-key-0123456789abcdef".to_vec());
+    s.jwks_dir = dir.join("jwks");
+    s.reload_interval = Duration::from_millis(50);
+    s.drain_timeout = Duration::from_secs(2);
+    s.shipper_shutdown_timeout = Duration::from_secs(2);
+    s
+}
+
+/// Starts an upstream and a sidecar over `policies`; `tweak` adjusts the settings.
+pub async fn fixture(
+    policies: &[(&str, Value)],
+    workloads: Vec<WorkloadIdentity>,
+    tweak: impl FnOnce(&mut SidecarSettings),
+) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let config = dir.path().join("config.json");
+    let policies: Vec<(&str, Value)> = policies
+        .iter()
+        .map(|(n, spec)| {
+            let mut spec = spec.clone();
+            spec["workload"]["appPort"] = json!(upstream.addr.port());
+            (*n, spec)
+        })
+        .collect();
+    write_config(&config, &policies, workloads);
+    let mut s = settings(&config, dir.path());
+    tweak(&mut s);
+    let sidecar = custos_sidecar::start(s).await.unwrap();
+    Fixture { dir, upstream, sidecar: Some(sidecar), config }
+}
+
+/// A response as the tests see it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request on a new connection.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply { status: parts.status, headers: parts.headers, body }
+}
+
+/// GET `path` with extra headers.
+pub async fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut b = Request::get(path).header("host", "customer-api");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(addr, b.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Reply {
+    get_with(addr, path, &[]).await
+}
+
+/// Writes `raw` on a new connection and returns the status code of the answer (`None` when
+/// the connection closed without one) and the whole answer.
+pub async fn raw(addr: SocketAddr, raw: &[u8]) -> (Option<u16>, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await.expect("answer");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|s| s.parse().ok());
+    (status, text)
+}
+
+/// Polls `url` on the admin server.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> Reply {
+    get(addr, path).await
+}

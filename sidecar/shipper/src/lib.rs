@@ -1,0 +1,377 @@
+//! Custos sidecar: audit event batching to the collector, with a checksummed disk spool while it
+//! is unreachable.
+//!
+//! The request path calls [`Shipper::emit`], which never blocks: it puts the event in a bounded
+//! in-memory queue (`try_send`). A background task batches events (up to
+//! [`ShipperConfig::batch_max_events`], or whatever arrived within
+//! [`ShipperConfig::flush_interval`]) and posts each batch as NDJSON to the collector's
+//! `POST /v1/events` with `Authorization: Bearer <token>`.
+//!
+//! # Delivery guarantee
+//!
+//! Every emitted event is either stored exactly once by the collector, or counted in
+//! `custos_audit_events_dropped_total{reason}` (see [`ShipperMetrics`] and [`DropReason`]).
+//! Exactly-once is at-least-once delivery plus the collector's idempotency by event id: a batch
+//! is forgotten only after a 200 carrying a valid [`IngestResponse`](custos_api::collector::IngestResponse)
+//! (sent by the collector after a durable commit); any doubt (connection reset, time-out, 5xx,
+//! 429, 401, malformed answer) means the batch is kept and resent, and a batch the collector had
+//! committed before its answer was lost comes back as duplicates, which it does not store again
+//! (counted in `custos_audit_events_duplicate_total`).
+//!
+//! A batch that could not be delivered is written to the disk spool and delivered from there in
+//! FIFO order, with capped exponential back-off and jitter between failed attempts. At most one
+//! request is in flight; a batch completed meanwhile, or while the spool is not empty, is spooled
+//! too, so nothing overtakes the backlog (ordering is best-effort: a failed direct batch is
+//! spooled behind those completed during its attempt). The spool
+//! survives restarts; records torn by a crash or failing their checksum are counted as dropped
+//! (`corrupt`), every fully written record is delivered. Place the spool directory on a volume
+//! that outlives the container (an `emptyDir` outlives container restarts, not the pod): events
+//! still spooled when the pod is deleted are reported by [`Shipper::shutdown`] and logged.
+//!
+//! # The spool
+//!
+//! A directory of segment files (`segment-<id>.log`, a new one every
+//! [`ShipperConfig::spool_segment_bytes`] and at every start) holding records
+//! `[magic "\xC5CS"][version u8][payload length u32][event count u32][CRC-32 u32][NDJSON payload]`
+//! (little-endian; the CRC covers length, count and payload), each written and fsync'd before the
+//! batch counts as spooled, plus an `ack` file with the position of the oldest unacknowledged
+//! record. Records are removed only after the collector's 200 (or a 4xx rejection); segments are
+//! deleted once every record in them is. On start, every pending record is verified: damaged ones
+//! are skipped (resynchronising on the next valid record) and a torn last record is truncated;
+//! both are counted as dropped (`corrupt`). Spool depth gauges are restored from disk.
+//!
+//! # Losses, all counted
+//!
+//! - `queue_full`: the in-memory queue was full. The request path never waits and never writes to
+//!   disk itself; size [`ShipperConfig::queue_capacity`] for the burst rate times the time a spool
+//!   write takes.
+//! - `spool_full`: a batch could not be delivered and the spool had reached
+//!   [`ShipperConfig::spool_max_bytes`]; `spool_error`: writing it failed.
+//! - `rejected`: the collector answered 4xx (other than 401, 408, 413, 429): the batch is
+//!   malformed for it and resending cannot help. 401 is retried: the token file may be rotated.
+//!   413 splits the batch in two and queues both halves (a single event refused as too large is
+//!   `rejected`).
+//! - `corrupt`: damaged spool records. `shutdown`: emitted after [`Shipper::shutdown`].
+//!
+//! # Without a collector
+//!
+//! When [`ShipperConfig::collector`] is `None` (log-only mode), events are counted in
+//! `custos_audit_events_emitted_total`, logged at debug level (target `custos_audit`) and
+//! discarded: nothing is queued, spooled or counted as dropped, since there is nowhere to deliver
+//! to by configuration.
+//!
+//! # TLS
+//!
+//! Plain `http://` needs no TLS. For `https://`, the rustls ring provider is installed as the
+//! process default (unless another one is) and the collector's certificate is verified against
+//! the platform's trust store.
+#![forbid(unsafe_code)]
+
+mod metrics;
+mod spool;
+mod transport;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use custos_api::AuditEvent;
+use tokio::sync::{mpsc, oneshot};
+
+pub use metrics::{BatchResult, DropReason, ShipperMetrics};
+pub use transport::UsageClient;
+
+/// Errors of the shipper and the usage client. They never contain token contents or response
+/// bodies.
+#[derive(Debug, thiserror::Error)]
+pub enum ShipperError {
+    /// The collector URL cannot be used.
+    #[error("invalid collector URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as configured.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid shipper configuration: {0}")]
+    Config(String),
+    /// The spool directory cannot be opened or recovered.
+    #[error("cannot open the audit spool in {path}: {source}")]
+    Spool {
+        /// The spool directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token file cannot be read.
+    #[error("cannot read the collector token file {path}: {source}")]
+    TokenFile {
+        /// The token file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token file's content cannot be used as a bearer token.
+    #[error("the collector token file {path} {reason}")]
+    InvalidToken {
+        /// The token file.
+        path: PathBuf,
+        /// What is wrong (never the content).
+        reason: &'static str,
+    },
+    /// The HTTP client cannot be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+    /// [`Shipper::start`] was called outside a Tokio runtime.
+    #[error("the audit shipper must be started within a Tokio runtime")]
+    NoRuntime,
+    /// The collector did not answer within the time-out.
+    #[error("the collector did not answer in time")]
+    Timeout,
+    /// The request failed below HTTP (connection refused or reset, DNS, TLS).
+    #[error("request to the collector failed: {0}")]
+    Transport(#[source] reqwest::Error),
+    /// The collector refused the token (401).
+    #[error("the collector refused the token (HTTP 401)")]
+    Unauthorized,
+    /// The collector answered another unexpected status.
+    #[error("the collector answered HTTP {0}")]
+    Status(u16),
+    /// The collector's 200 answer is not what the contract says.
+    #[error("the collector's answer is malformed: {0}")]
+    MalformedResponse(String),
+}
+
+/// Configuration of the [`Shipper`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShipperConfig {
+    /// Base URL of the collector, e.g. `http://custos-collector.custos-system:8080`. `None`:
+    /// log-only mode (events counted and discarded, see the crate docs).
+    pub collector: Option<String>,
+    /// File holding the bearer token (e.g. a projected service account token); re-read whenever
+    /// it changes and after a 401. `None`: no `Authorization` header.
+    pub token_file: Option<PathBuf>,
+    /// Directory of the disk spool; created if missing.
+    pub spool_dir: PathBuf,
+    /// Bound on the disk used by the spool (default 64 MiB).
+    pub spool_max_bytes: u64,
+    /// Size at which a spool segment file is closed and a new one started (default 8 MiB).
+    /// Acknowledged records are reclaimed a segment at a time, so keep it well below
+    /// `spool_max_bytes`.
+    pub spool_segment_bytes: u64,
+    /// Most events in one batch (default 1000).
+    pub batch_max_events: usize,
+    /// A batch that is not full is sent this long after the previous flush (default 1 s).
+    pub flush_interval: Duration,
+    /// Capacity of the in-memory queue between [`Shipper::emit`] and the shipper (default 10 000).
+    pub queue_capacity: usize,
+    /// Time-out of one request to the collector, connection included (default 5 s).
+    pub request_timeout: Duration,
+    /// First wait before retrying after a failed delivery (default 500 ms); doubled after each
+    /// further failure up to `retry_max_backoff`, reset by a success.
+    pub retry_initial_backoff: Duration,
+    /// Longest wait between retries (default 30 s).
+    pub retry_max_backoff: Duration,
+    /// Fraction (0 to 1) of each back-off that is randomly taken off, so that sidecars do not
+    /// retry in lockstep (default 0.2). 0 makes back-off deterministic.
+    pub retry_jitter: f64,
+    /// Compress request bodies with gzip (default true).
+    pub gzip: bool,
+}
+
+impl Default for ShipperConfig {
+    fn default() -> Self {
+        ShipperConfig {
+            collector: None,
+            token_file: None,
+            spool_dir: PathBuf::from("/var/lib/custos/spool"),
+            spool_max_bytes: 64 << 20,
+            spool_segment_bytes: 8 << 20,
+            batch_max_events: 1000,
+            flush_interval: Duration::from_secs(1),
+            queue_capacity: 10_000,
+            request_timeout: Duration::from_secs(5),
+            retry_initial_backoff: Duration::from_millis(500),
+            retry_max_backoff: Duration::from_secs(30),
+            retry_jitter: 0.2,
+            gzip: true,
+        }
+    }
+}
+
+impl ShipperConfig {
+    /// The defaults, with the given collector and spool directory.
+    pub fn new(collector: Option<String>, spool_dir: PathBuf) -> Self {
+        ShipperConfig { collector, spool_dir, ..ShipperConfig::default() }
+    }
+
+    /// Checks that every value is usable.
+    pub fn validate(&self) -> Result<(), ShipperError> {
+        let fail = |what: &str| Err(ShipperError::Config(what.to_string()));
+        if self.batch_max_events == 0 || self.batch_max_events > u32::MAX as usize {
+            return fail("batch_max_events must be between 1 and 2^32-1");
+        }
+        if self.queue_capacity == 0 {
+            return fail("queue_capacity must be at least 1");
+        }
+        if self.flush_interval.is_zero() || self.request_timeout.is_zero() {
+            return fail("flush_interval and request_timeout must be positive");
+        }
+        if self.retry_initial_backoff.is_zero() || self.retry_initial_backoff > self.retry_max_backoff {
+            return fail("retry_initial_backoff must be positive and at most retry_max_backoff");
+        }
+        if !(0.0..=1.0).contains(&self.retry_jitter) {
+            return fail("retry_jitter must be between 0 and 1");
+        }
+        if self.spool_max_bytes == 0 || self.spool_segment_bytes == 0 {
+            return fail("spool_max_bytes and spool_segment_bytes must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// What [`Shipper::shutdown`] achieved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Events acknowledged by the collector during shutdown.
+    pub delivered: u64,
+    /// Events dropped during shutdown (e.g. the spool was full).
+    pub dropped: u64,
+    /// Events left in the spool (delivered by the next start on the same spool directory).
+    pub spooled_events: u64,
+    /// Records left in the spool.
+    pub spooled_records: u64,
+    /// The collector did not answer within the deadline; what could not be sent was spooled.
+    pub deadline_exceeded: bool,
+}
+
+pub(crate) struct ShutdownRequest {
+    pub(crate) deadline: Duration,
+    pub(crate) reply: oneshot::Sender<ShutdownReport>,
+}
+
+struct Inner {
+    /// `None` in log-only mode.
+    tx: Option<mpsc::Sender<AuditEvent>>,
+    shutdown: Mutex<Option<oneshot::Sender<ShutdownRequest>>>,
+    metrics: ShipperMetrics,
+}
+
+/// Handle to the audit shipper; cheap to clone. The background task stops at
+/// [`Shipper::shutdown`], or when every handle is dropped (then flushing within the request
+/// time-out).
+#[derive(Clone)]
+pub struct Shipper {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Shipper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shipper").field("log_only", &self.inner.tx.is_none()).finish_non_exhaustive()
+    }
+}
+
+impl Shipper {
+    /// Opens and recovers the spool, then starts the background task (which immediately begins
+    /// delivering what the spool holds). Must be called within a Tokio runtime. The returned
+    /// task ends after [`Shipper::shutdown`].
+    pub fn start(
+        config: ShipperConfig,
+        metrics: ShipperMetrics,
+    ) -> Result<(Shipper, tokio::task::JoinHandle<()>), ShipperError> {
+        config.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ShipperError::NoRuntime)?;
+        let Some(collector) = config.collector.clone() else {
+            tracing::warn!("no collector configured: audit events are counted and discarded");
+            let inner = Inner { tx: None, shutdown: Mutex::new(None), metrics };
+            return Ok((Shipper { inner: Arc::new(inner) }, runtime.spawn(async {})));
+        };
+        let transport = transport::Transport::new(
+            &collector,
+            config.token_file.clone(),
+            config.request_timeout,
+            config.gzip,
+        )?;
+        let (spool, recovery) = spool::Spool::open(
+            &config.spool_dir,
+            config.spool_max_bytes,
+            config.spool_segment_bytes,
+            metrics.clone(),
+        )
+        .map_err(|source| ShipperError::Spool { path: config.spool_dir.clone(), source })?;
+        if recovery.records > 0 || recovery.corrupt_records > 0 {
+            tracing::info!(
+                records = recovery.records,
+                events = recovery.events,
+                corrupt_records = recovery.corrupt_records,
+                corrupt_events = recovery.corrupt_events,
+                "audit spool recovered"
+            );
+        }
+        let (tx, rx) = mpsc::channel(config.queue_capacity);
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let worker = worker::Worker::new(&config, rx, shutdown_rx, transport, spool, metrics.clone());
+        let handle = runtime.spawn(worker.run());
+        let inner = Inner { tx: Some(tx), shutdown: Mutex::new(Some(shutdown_tx)), metrics };
+        Ok((Shipper { inner: Arc::new(inner) }, handle))
+    }
+
+    /// Hands one event to the shipper. Never blocks and never awaits: O(1), a counter increment
+    /// and a `try_send`. When the queue is full the event is dropped and counted
+    /// (`queue_full`); after shutdown it is counted as `shutdown`.
+    pub fn emit(&self, event: AuditEvent) {
+        let metrics = &self.inner.metrics;
+        metrics.emitted();
+        let Some(tx) = &self.inner.tx else {
+            if tracing::enabled!(target: "custos_audit", tracing::Level::DEBUG)
+                && let Ok(line) = serde_json::to_string(&event)
+            {
+                tracing::debug!(target: "custos_audit", event = %line, "audit event (no collector configured)");
+            }
+            return;
+        };
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let total = metrics.dropped(DropReason::QueueFull, 1);
+                if total.is_power_of_two() {
+                    tracing::warn!(dropped_total = total, "audit queue full: event dropped");
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                let total = metrics.dropped(DropReason::Shutdown, 1);
+                if total.is_power_of_two() {
+                    tracing::warn!(dropped_total = total, "audit shipper stopped: event dropped");
+                }
+            }
+        }
+    }
+
+    /// Stops the shipper: the queued events are sent to the collector or, failing that, written
+    /// to the spool, and the spool is drained while the collector answers, all within `deadline`
+    /// (in-flight requests are abandoned at the deadline; their batches were spooled first or are
+    /// spooled then). Events emitted afterwards through other handles are counted as dropped
+    /// (`shutdown`). A second call returns an empty report.
+    pub async fn shutdown(self, deadline: Duration) -> ShutdownReport {
+        let sender = self.inner.shutdown.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(sender) = sender else { return ShutdownReport::default() };
+        let (reply, answer) = oneshot::channel();
+        if sender.send(ShutdownRequest { deadline, reply }).is_err() {
+            return ShutdownReport::default();
+        }
+        match tokio::time::timeout(deadline, answer).await {
+            Ok(Ok(report)) => report,
+            Ok(Err(_)) => ShutdownReport::default(),
+            Err(_) => ShutdownReport { deadline_exceeded: true, ..ShutdownReport::default() },
+        }
+    }
+
+    /// The metrics this shipper updates.
+    pub fn metrics(&self) -> &ShipperMetrics {
+        &self.inner.metrics
+    }
+}

@@ -1,0 +1,555 @@
+//! The background task: batches events, sends them, spools what could not be sent and drains
+//! the spool.
+//!
+//! At most one request is in flight, so deliveries happen in order. Spool I/O runs on the
+//! blocking pool. State machine, re-checked after every step ([`Worker::pump`]): when nothing is
+//! in flight, no retry is pending and the spool holds records, the oldest one is sent.
+
+use std::collections::VecDeque;
+use std::collections::hash_map::RandomState;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use custos_api::AuditEvent;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::metrics::{BatchResult, DropReason, ShipperMetrics};
+use crate::spool::{AppendError, RecordRef, Spool};
+use crate::transport::{Outcome, Transport};
+use crate::{ShipperConfig, ShutdownReport, ShutdownRequest};
+
+type SendFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// An encoded batch: NDJSON, one event per line.
+#[derive(Clone)]
+struct Batch {
+    payload: Arc<Vec<u8>>,
+    count: u32,
+}
+
+#[derive(Default)]
+struct BatchBuilder {
+    buf: Vec<u8>,
+    count: u32,
+}
+
+impl BatchBuilder {
+    fn push(&mut self, event: &AuditEvent, metrics: &ShipperMetrics) {
+        let start = self.buf.len();
+        match serde_json::to_writer(&mut self.buf, event) {
+            Ok(()) => {
+                self.buf.push(b'\n');
+                self.count += 1;
+            }
+            Err(error) => {
+                self.buf.truncate(start);
+                metrics.dropped(DropReason::Encode, 1);
+                tracing::error!(error = %error, "audit event cannot be encoded: dropped");
+            }
+        }
+    }
+
+    fn take(&mut self) -> Option<Batch> {
+        if self.count == 0 {
+            return None;
+        }
+        let count = std::mem::take(&mut self.count);
+        Some(Batch { payload: Arc::new(std::mem::take(&mut self.buf)), count })
+    }
+}
+
+enum Source {
+    /// A fresh batch, not in the spool.
+    Direct(Batch),
+    /// The spool's oldest record, and its payload.
+    Spooled(RecordRef, Arc<Vec<u8>>),
+}
+
+impl Source {
+    fn count(&self) -> u32 {
+        match self {
+            Source::Direct(batch) => batch.count,
+            Source::Spooled(record, _) => record.count,
+        }
+    }
+}
+
+struct InFlight {
+    source: Source,
+    send: SendFuture,
+}
+
+/// Capped exponential back-off with jitter.
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    jitter: f64,
+    current: Duration,
+    rng: u64,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration, jitter: f64) -> Self {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u64(0x5eed);
+        Backoff { initial, max, jitter, current: initial, rng: hasher.finish() }
+    }
+
+    /// The next wait, and doubles the following one.
+    fn next_delay(&mut self) -> Duration {
+        let base = self.current;
+        self.current = (self.current * 2).min(self.max);
+        if self.jitter <= 0.0 {
+            return base;
+        }
+        // splitmix64
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
+        base.mul_f64(1.0 - self.jitter * unit)
+    }
+
+    fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}
+
+/// What woke the loop.
+enum Wake {
+    Shutdown(ShutdownRequest),
+    ShutdownHandleGone,
+    Sent(Outcome),
+    Events,
+    QueueClosed,
+    Tick,
+    RetryDue,
+}
+
+pub(crate) struct Worker {
+    rx: mpsc::Receiver<AuditEvent>,
+    shutdown_rx: oneshot::Receiver<ShutdownRequest>,
+    transport: Arc<Transport>,
+    spool: Arc<Mutex<Spool>>,
+    metrics: ShipperMetrics,
+    batch_max: usize,
+    flush_interval: Duration,
+    default_deadline: Duration,
+    current: BatchBuilder,
+    inflight: Option<InFlight>,
+    /// While set, the collector is considered unreachable until then.
+    retry_at: Option<Instant>,
+    backoff: Backoff,
+}
+
+async fn wait_inflight(inflight: &mut Option<InFlight>) -> Outcome {
+    match inflight {
+        Some(inflight) => (&mut inflight.send).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Worker {
+    pub(crate) fn new(
+        config: &ShipperConfig,
+        rx: mpsc::Receiver<AuditEvent>,
+        shutdown_rx: oneshot::Receiver<ShutdownRequest>,
+        transport: Transport,
+        spool: Spool,
+        metrics: ShipperMetrics,
+    ) -> Self {
+        Worker {
+            rx,
+            shutdown_rx,
+            transport: Arc::new(transport),
+            spool: Arc::new(Mutex::new(spool)),
+            metrics,
+            batch_max: config.batch_max_events,
+            flush_interval: config.flush_interval,
+            default_deadline: config.request_timeout,
+            current: BatchBuilder::default(),
+            inflight: None,
+            retry_at: None,
+            backoff: Backoff::new(
+                config.retry_initial_backoff,
+                config.retry_max_backoff,
+                config.retry_jitter,
+            ),
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut tick = tokio::time::interval_at(Instant::now() + self.flush_interval, self.flush_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut events = Vec::with_capacity(self.batch_max.min(1024));
+        let mut shutdown_open = true;
+        loop {
+            self.pump().await;
+            let room = self.batch_max.saturating_sub(self.current.count as usize).max(1);
+            let wake = tokio::select! {
+                biased;
+                request = &mut self.shutdown_rx, if shutdown_open => match request {
+                    Ok(request) => Wake::Shutdown(request),
+                    Err(_) => Wake::ShutdownHandleGone,
+                },
+                outcome = wait_inflight(&mut self.inflight) => Wake::Sent(outcome),
+                received = self.rx.recv_many(&mut events, room) => {
+                    if received == 0 { Wake::QueueClosed } else { Wake::Events }
+                }
+                _ = tick.tick() => Wake::Tick,
+                () = wait_until(self.retry_at) => Wake::RetryDue,
+            };
+            match wake {
+                Wake::Shutdown(request) => {
+                    let report = self.shutdown(request.deadline).await;
+                    let _ = request.reply.send(report);
+                    return;
+                }
+                Wake::ShutdownHandleGone => shutdown_open = false,
+                Wake::QueueClosed => {
+                    // Every handle was dropped without a shutdown call.
+                    self.shutdown(self.default_deadline).await;
+                    return;
+                }
+                Wake::Sent(outcome) => {
+                    if let Some(inflight) = self.inflight.take() {
+                        self.settle(inflight.source, outcome).await;
+                    }
+                }
+                Wake::Events => {
+                    for event in events.drain(..) {
+                        self.current.push(&event, &self.metrics);
+                    }
+                    if self.current.count as usize >= self.batch_max {
+                        self.flush().await;
+                    }
+                }
+                Wake::Tick => self.flush().await,
+                Wake::RetryDue => self.retry_at = None,
+            }
+        }
+    }
+
+    fn spool_guard(&self) -> std::sync::MutexGuard<'_, Spool> {
+        self.spool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn spool_is_empty(&self) -> bool {
+        self.spool_guard().is_empty()
+    }
+
+    /// Runs `op` on the spool on the blocking pool (spool operations do file I/O and fsync).
+    /// (A `&self` borrow would make the task's future require `Worker: Sync`.)
+    fn with_spool<T, F>(&self, op: F) -> impl Future<Output = Option<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Spool) -> T + Send + 'static,
+    {
+        let spool = Arc::clone(&self.spool);
+        async move {
+            let task = tokio::task::spawn_blocking(move || {
+                op(&mut spool.lock().unwrap_or_else(PoisonError::into_inner))
+            });
+            match task.await {
+                Ok(value) => Some(value),
+                Err(error) => {
+                    tracing::error!(error = %error, "audit spool operation failed");
+                    None
+                }
+            }
+        }
+    }
+
+    fn send(&self, payload: Arc<Vec<u8>>) -> SendFuture {
+        let transport = Arc::clone(&self.transport);
+        Box::pin(async move { transport.post_events(payload).await })
+    }
+
+    /// Starts sending the spool's oldest record when the collector is believed reachable and
+    /// nothing is in flight.
+    async fn pump(&mut self) {
+        if self.inflight.is_some() || self.retry_at.is_some() || self.spool_is_empty() {
+            return;
+        }
+        match self.with_spool(Spool::head).await {
+            Some(Some((record, payload))) => {
+                let payload = Arc::new(payload);
+                let send = self.send(Arc::clone(&payload));
+                self.inflight = Some(InFlight { source: Source::Spooled(record, payload), send });
+            }
+            Some(None) => {}
+            None => self.retry_at = Some(Instant::now() + self.backoff.next_delay()),
+        }
+    }
+
+    /// Closes the batch being built: sends it when the way is clear, otherwise spools it behind
+    /// the backlog.
+    async fn flush(&mut self) {
+        let Some(batch) = self.current.take() else { return };
+        if self.inflight.is_none() && self.retry_at.is_none() && self.spool_is_empty() {
+            let send = self.send(Arc::clone(&batch.payload));
+            self.inflight = Some(InFlight { source: Source::Direct(batch), send });
+        } else {
+            self.spool_batch(batch).await;
+        }
+    }
+
+    /// Writes `batch` to the spool, or counts it as dropped.
+    async fn spool_batch(&mut self, batch: Batch) -> bool {
+        let Batch { payload, count } = batch;
+        let result = self.with_spool(move |spool| spool.append(&payload, count)).await;
+        let events = u64::from(count);
+        match result {
+            Some(Ok(())) => true,
+            Some(Err(AppendError::Full)) => {
+                let total = self.metrics.dropped(DropReason::SpoolFull, events);
+                tracing::error!(
+                    events,
+                    dropped_total = total,
+                    "audit spool full: undeliverable batch dropped"
+                );
+                false
+            }
+            Some(Err(AppendError::Io(error))) => {
+                self.metrics.dropped(DropReason::SpoolError, events);
+                tracing::error!(events, error = %error, "audit spool write failed: undeliverable batch dropped");
+                false
+            }
+            None => {
+                self.metrics.dropped(DropReason::SpoolError, events);
+                false
+            }
+        }
+    }
+
+    /// Applies the outcome of a delivery attempt.
+    async fn settle(&mut self, source: Source, outcome: Outcome) {
+        let events = u64::from(source.count());
+        match outcome {
+            Outcome::Delivered { response, elapsed } => {
+                // Forget the record before counting it delivered, so that the metrics never show
+                // an event both delivered and still spooled.
+                if let Source::Spooled(record, _) = source {
+                    self.with_spool(move |spool| spool.ack(record)).await;
+                }
+                self.metrics.batch(BatchResult::Ok);
+                self.metrics.delivered(events, response.duplicates, elapsed.as_secs_f64());
+                if response.accepted + response.duplicates != events {
+                    tracing::warn!(
+                        events,
+                        accepted = response.accepted,
+                        duplicates = response.duplicates,
+                        "the collector acknowledged a batch with other counts than were sent"
+                    );
+                }
+                self.backoff.reset();
+            }
+            Outcome::Retry { result, detail } => {
+                self.metrics.batch(result);
+                let delay = self.backoff.next_delay();
+                self.retry_at = Some(Instant::now() + delay);
+                if result == BatchResult::Unauthorized {
+                    tracing::error!(
+                        events,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "the collector refused the token (401): events stay spooled; check the token file \
+                         and the collector's authorisation"
+                    );
+                } else {
+                    tracing::warn!(
+                        events,
+                        result = result.as_str(),
+                        error = %detail,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "audit batch not delivered, kept for retry"
+                    );
+                }
+                if let Source::Direct(batch) = source {
+                    self.spool_batch(batch).await;
+                }
+            }
+            Outcome::TooLarge if events > 1 => {
+                self.metrics.batch(BatchResult::TooLarge);
+                let (payload, record) = match source {
+                    Source::Direct(batch) => (batch.payload, None),
+                    Source::Spooled(record, payload) => (payload, Some(record)),
+                };
+                tracing::warn!(
+                    events,
+                    "the collector refused an audit batch as too large (413): split in two"
+                );
+                let (first, second) = split(&payload);
+                // The halves go behind the backlog; the original is forgotten only then.
+                self.spool_batch(first).await;
+                self.spool_batch(second).await;
+                if let Some(record) = record {
+                    self.with_spool(move |spool| spool.ack(record)).await;
+                }
+            }
+            Outcome::TooLarge => self.reject(source, 413, BatchResult::TooLarge).await,
+            Outcome::Rejected { status } => self.reject(source, status, BatchResult::Rejected).await,
+        }
+    }
+
+    /// Drops a batch the collector refused.
+    async fn reject(&mut self, source: Source, status: u16, result: BatchResult) {
+        let events = u64::from(source.count());
+        if let Source::Spooled(record, _) = source {
+            self.with_spool(move |spool| spool.ack(record)).await;
+        }
+        self.metrics.batch(result);
+        let total = self.metrics.dropped(DropReason::Rejected, events);
+        tracing::error!(
+            events,
+            status,
+            dropped_total = total,
+            "the collector rejected an audit batch: dropped"
+        );
+    }
+
+    /// Flushes everything within `deadline`: queued events go to the collector or the spool, then
+    /// the spool is drained while the collector answers.
+    async fn shutdown(&mut self, deadline: Duration) -> ShutdownReport {
+        let start = Instant::now();
+        // Memory is made safe (sent or spooled) by `soft`; `hard` leaves a margin to report.
+        let soft = start + deadline / 2;
+        let hard = start + deadline.saturating_sub((deadline / 10).min(Duration::from_millis(250)));
+        let delivered_before = self.metrics.events_delivered();
+        let dropped_before = self.metrics.events_dropped_total();
+        let mut report = ShutdownReport::default();
+
+        self.rx.close();
+        let mut batches = VecDeque::new();
+        while let Ok(event) = self.rx.try_recv() {
+            self.current.push(&event, &self.metrics);
+            if self.current.count as usize >= self.batch_max {
+                batches.extend(self.current.take());
+            }
+        }
+        batches.extend(self.current.take());
+        // One more chance for the collector, whatever the back-off said.
+        self.retry_at = None;
+
+        if let Some(mut inflight) = self.inflight.take() {
+            match tokio::time::timeout_at(soft, &mut inflight.send).await {
+                Ok(outcome) => self.settle(inflight.source, outcome).await,
+                Err(_) => {
+                    report.deadline_exceeded = true;
+                    self.retry_at = Some(hard);
+                    if let Source::Direct(batch) = inflight.source {
+                        batches.push_front(batch);
+                    }
+                }
+            }
+        }
+
+        while let Some(batch) = batches.pop_front() {
+            let clear = self.retry_at.is_none() && self.spool_is_empty() && Instant::now() < soft;
+            if !clear {
+                self.spool_batch(batch).await;
+                continue;
+            }
+            match tokio::time::timeout_at(soft, self.send(Arc::clone(&batch.payload))).await {
+                Ok(outcome) => self.settle(Source::Direct(batch), outcome).await,
+                Err(_) => {
+                    report.deadline_exceeded = true;
+                    self.retry_at = Some(hard);
+                    self.spool_batch(batch).await;
+                }
+            }
+        }
+
+        while self.retry_at.is_none() && Instant::now() < hard && !self.spool_is_empty() {
+            let Some(Some((record, payload))) = self.with_spool(Spool::head).await else { break };
+            let payload = Arc::new(payload);
+            match tokio::time::timeout_at(hard, self.send(Arc::clone(&payload))).await {
+                Ok(outcome) => self.settle(Source::Spooled(record, payload), outcome).await,
+                Err(_) => {
+                    report.deadline_exceeded = true;
+                    break;
+                }
+            }
+        }
+
+        {
+            let spool = self.spool_guard();
+            report.spooled_events = spool.pending_events();
+            report.spooled_records = spool.pending_records();
+        }
+        report.delivered = self.metrics.events_delivered().saturating_sub(delivered_before);
+        report.dropped = self.metrics.events_dropped_total().saturating_sub(dropped_before);
+        if report.spooled_events > 0 {
+            tracing::warn!(
+                delivered = report.delivered,
+                dropped = report.dropped,
+                spooled_events = report.spooled_events,
+                "audit shipper stopped with events left in the spool; they are delivered by the next start on \
+                 the same spool directory"
+            );
+        } else {
+            tracing::info!(delivered = report.delivered, dropped = report.dropped, "audit shipper stopped");
+        }
+        report
+    }
+}
+
+/// Splits an NDJSON payload into two batches of about half the lines each.
+fn split(payload: &[u8]) -> (Batch, Batch) {
+    let lines = payload.iter().filter(|&&b| b == b'\n').count();
+    let half = lines / 2;
+    let cut = payload
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(half.saturating_sub(1))
+        .map_or(payload.len(), |(i, _)| i + 1);
+    let (first, second) = payload.split_at(cut);
+    let batch = |part: &[u8]| Batch {
+        payload: Arc::new(part.to_vec()),
+        count: u32::try_from(part.iter().filter(|&&b| b == b'\n').count()).unwrap_or(u32::MAX),
+    };
+    (batch(first), batch(second))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_cuts_on_a_line_boundary() {
+        let (a, b) = split(b"1\n2\n3\n4\n5\n");
+        assert_eq!((a.payload.as_slice(), a.count), (&b"1\n2\n"[..], 2));
+        assert_eq!((b.payload.as_slice(), b.count), (&b"3\n4\n5\n"[..], 3));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(350), 0.0);
+        let delays: Vec<u128> = (0..4).map(|_| backoff.next_delay().as_millis()).collect();
+        assert_eq!(delays, vec![100, 200, 350, 350]);
+        backoff.reset();
+        assert_eq!(backoff.next_delay(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn jitter_only_shortens_and_stays_within_the_fraction() {
+        let mut backoff = Backoff::new(Duration::from_millis(1000), Duration::from_millis(1000), 0.5);
+        for _ in 0..100 {
+            let delay = backoff.next_delay();
+            assert!(delay <= Duration::from_millis(1000) && delay >= Duration::from_millis(500));
+        }
+    }
+}
