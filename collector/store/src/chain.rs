@@ -1,0 +1,465 @@
+//! The hash chain: how a stored event is serialised and hashed, the columns derived from it,
+//! and the verification walk that finds the first broken link.
+//!
+//! # Construction
+//!
+//! Every stored event gets a sequence number `seq` (1, 2, 3, ... in ingest order, one chain per
+//! store) and the hash of its predecessor (`prev_hash`; the genesis predecessor is
+//! [`GENESIS_HASH`], 64 zeros, or the retention anchor after a prune). The event is stored as
+//! its canonical JSON `body`: `serde_json` serialisation of the [`AuditEvent`] with
+//! `prev_hash` set (struct field order, maps sorted by key, no whitespace). Then
+//!
+//! ```text
+//! hash = hex(SHA-256(prev_hash as 64 ASCII hex characters || body as UTF-8))
+//! ```
+//!
+//! Verification only ever hashes the stored `body` bytes, so it does not depend on how a later
+//! version of this crate would serialise the same event. The indexed columns (principal, time,
+//! policy, ...) and the record-hash index are derived from the body and checked against it.
+//!
+//! # Verification (first broken link)
+//!
+//! The walk reads rows in `(seq, id)` order, starting from the anchor (genesis or the last
+//! pruned event) and ending at the chain head recorded by the last ingest. For each row `r`,
+//! with `p` the previous row (or the anchor), `pp` the one before it and `n` the next row:
+//!
+//! 1. `r.seq <= p.seq` (a second row with an existing seq) or `r.seq > head.seq`: **Inserted**
+//!    at `r.seq`.
+//! 2. `SHA-256(r.prev_hash || r.body) != r.hash`, the body does not parse, or its id,
+//!    `prevHash` or any indexed column differs from the row's columns: **Edited** at `r.seq`.
+//! 3. `r.prev_hash == p.hash`: linked. If `r.seq != p.seq + 1` the seq itself was rewritten:
+//!    **Edited** at `r.seq`.
+//! 4. Otherwise the link is broken:
+//!    - `n.prev_hash == p.hash` (the next row links past `r`): if also `r.prev_hash == n.hash`,
+//!      `r` and `n` were swapped: **Reordered** at `r.seq`; else `r` is an extra row:
+//!      **Inserted** at `r.seq`.
+//!    - `r.seq > p.seq + 1` (a gap): **Deleted**, reported at `p.seq + 1`, the first missing seq.
+//!    - `r.prev_hash == pp.hash` (`r` links past `p`): `p` was inserted (with a valid hash, rows
+//!      renumbered): **Inserted** at `p.seq`.
+//!    - else `p` was rewritten with a recomputed hash (or rows were deleted and the rest
+//!      renumbered): **Edited** at `p.seq` (at `r.seq` when `p` is the anchor).
+//! 5. The record-hash index rows of `r` differ from its body's `recordHashes`: **Edited** at
+//!    `r.seq` (someone hid or planted a subject access).
+//!
+//! After the last row: fewer rows than the head's seq means the tail was deleted (**Deleted**
+//! at the first missing seq); a last row whose hash differs from the head's hash was rewritten
+//! (**Edited**); a row above the head (read in the same snapshot as the head) was appended
+//! without going through ingest (**Inserted**).
+//!
+//! What it cannot catch: an attacker with write access who rewrites the whole chain from some
+//! point and the head row consistently. Record [`ChainHead`](crate::ChainHead)s elsewhere
+//! (`AnyStore::head`) to detect that.
+
+use std::collections::BTreeMap;
+
+use custos_api::AuditEvent;
+use sha2::{Digest, Sha256};
+
+use crate::{BreakKind, BrokenLink, Error};
+
+/// The `prev_hash` of the first event of a fresh store: 64 zeros.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Microseconds in a day.
+pub(crate) const DAY_US: i64 = 86_400_000_000;
+
+/// `hex(SHA-256(prev_hash || body))`.
+pub fn chain_hash(prev_hash: &str, body: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(body.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Parses an RFC 3339 time into microseconds since the Unix epoch.
+pub(crate) fn parse_time_us(time: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(time).ok().map(|t| t.timestamp_micros())
+}
+
+/// Formats microseconds since the epoch as RFC 3339 UTC.
+pub(crate) fn format_time_us(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .unwrap_or_default()
+}
+
+/// The indexed columns of an event, derived from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Columns {
+    pub id: String,
+    pub time_us: i64,
+    pub namespace: String,
+    pub policy: Option<String>,
+    pub rule: Option<String>,
+    pub principal: String,
+    pub user_id: Option<String>,
+    pub decision: String,
+    pub path: String,
+    pub records_returned: i64,
+}
+
+impl Columns {
+    /// Derives the columns; `None` with a reason when the event cannot be stored.
+    pub(crate) fn of(e: &AuditEvent) -> Result<Columns, &'static str> {
+        if e.id.is_empty() {
+            return Err("id is empty");
+        }
+        let time_us = parse_time_us(&e.time).ok_or("time is not RFC 3339")?;
+        let records_returned =
+            i64::try_from(e.records_returned).map_err(|_| "recordsReturned is out of range")?;
+        Ok(Columns {
+            id: e.id.clone(),
+            time_us,
+            namespace: e.namespace.clone(),
+            policy: e.policy.clone(),
+            rule: e.rule.clone(),
+            principal: e.principal.clone(),
+            user_id: e.user.as_ref().map(|u| u.id.clone()),
+            decision: e.decision.as_str().to_owned(),
+            path: e.path.clone(),
+            records_returned,
+        })
+    }
+}
+
+/// One event ready to be written: its place in the chain and everything stored.
+#[derive(Clone, Debug)]
+pub(crate) struct Prepared {
+    pub seq: i64,
+    pub cols: Columns,
+    pub prev_hash: String,
+    pub hash: String,
+    pub body: String,
+    /// Distinct record hashes, sorted.
+    pub records: Vec<String>,
+}
+
+/// Validates a batch up front (so that a bad event rejects the batch before anything is
+/// written) and returns the columns of each event.
+pub(crate) fn validate(events: &[AuditEvent]) -> Result<Vec<Columns>, Error> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(index, e)| {
+            Columns::of(e).map_err(|reason| Error::InvalidEvent { index, reason: reason.to_owned() })
+        })
+        .collect()
+}
+
+/// Serialises `event` as stored after `prev_hash` and links it.
+pub(crate) fn link(event: &AuditEvent, cols: Columns, seq: i64, prev_hash: &str) -> Result<Prepared, Error> {
+    let mut stored = event.clone();
+    stored.prev_hash = Some(prev_hash.to_owned());
+    let body = serde_json::to_string(&stored)
+        .map_err(|_| Error::Corrupt("an event could not be serialised".into()))?;
+    let hash = chain_hash(prev_hash, &body);
+    let mut records = event.record_hashes.clone();
+    records.sort();
+    records.dedup();
+    Ok(Prepared { seq, cols, prev_hash: prev_hash.to_owned(), hash, body, records })
+}
+
+/// Parses a stored body.
+pub(crate) fn parse_body(body: &str) -> Result<AuditEvent, Error> {
+    serde_json::from_str(body).map_err(|_| Error::Corrupt("a stored event body does not parse".into()))
+}
+
+/// A row of the chain as read back for verification.
+#[derive(Clone, Debug)]
+pub(crate) struct ChainRow {
+    pub seq: i64,
+    pub cols: Columns,
+    pub prev_hash: String,
+    pub hash: String,
+    pub body: String,
+}
+
+/// A point of the chain: a seq and the hash there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Link {
+    pub seq: i64,
+    pub hash: String,
+}
+
+fn broken(seq: i64, event_id: Option<&str>, kind: BreakKind, detail: String) -> BrokenLink {
+    BrokenLink { seq: u64::try_from(seq).unwrap_or(0), event_id: event_id.map(str::to_owned), kind, detail }
+}
+
+/// The stateful verification walk (see the module documentation for the rules).
+pub(crate) struct Walker {
+    /// The previous row (or the anchor).
+    prev: Link,
+    prev_id: Option<String>,
+    /// The row before `prev`, when there is one.
+    prev_prev: Option<Link>,
+    /// Highest seq the walk may see (the head, or the prune target).
+    bound: i64,
+    /// Rows checked.
+    pub checked: u64,
+}
+
+impl Walker {
+    pub(crate) fn new(start: Link, bound: i64) -> Walker {
+        Walker { prev: start, prev_id: None, prev_prev: None, bound, checked: 0 }
+    }
+
+    /// The last accepted link.
+    pub(crate) fn last(&self) -> &Link {
+        &self.prev
+    }
+
+    /// Checks row `r` given its successor `next` and the record-hash index rows of `r`.
+    pub(crate) fn step(
+        &mut self,
+        r: &ChainRow,
+        next: Option<&ChainRow>,
+        indexed_records: &[String],
+    ) -> Option<BrokenLink> {
+        let p = &self.prev;
+        let id = Some(r.cols.id.as_str());
+        // 1. Extra rows.
+        if r.seq <= p.seq {
+            return Some(broken(
+                r.seq,
+                id,
+                BreakKind::Inserted,
+                format!("a second row with seq {} (or out of order)", r.seq),
+            ));
+        }
+        if r.seq > self.bound {
+            return Some(broken(
+                r.seq,
+                id,
+                BreakKind::Inserted,
+                format!("row above the chain head (seq {})", self.bound),
+            ));
+        }
+        // 2. The row against its own content.
+        if chain_hash(&r.prev_hash, &r.body) != r.hash {
+            return Some(broken(
+                r.seq,
+                id,
+                BreakKind::Edited,
+                "the row's content does not match its hash".into(),
+            ));
+        }
+        let event = match serde_json::from_str::<AuditEvent>(&r.body) {
+            Ok(e) => e,
+            Err(_) => {
+                return Some(broken(r.seq, id, BreakKind::Edited, "the stored body does not parse".into()));
+            }
+        };
+        if event.prev_hash.as_deref() != Some(r.prev_hash.as_str()) {
+            return Some(broken(
+                r.seq,
+                id,
+                BreakKind::Edited,
+                "the prev_hash column differs from the stored body".into(),
+            ));
+        }
+        match Columns::of(&event) {
+            Ok(c) if c == r.cols => {}
+            _ => {
+                return Some(broken(
+                    r.seq,
+                    id,
+                    BreakKind::Edited,
+                    "an indexed column differs from the stored body".into(),
+                ));
+            }
+        }
+        // 3./4. The link to the predecessor.
+        if r.prev_hash == p.hash {
+            if r.seq != p.seq + 1 {
+                return Some(broken(
+                    r.seq,
+                    id,
+                    BreakKind::Edited,
+                    format!("seq rewritten: the row links to seq {}", p.seq),
+                ));
+            }
+        } else if let Some(n) = next.filter(|n| n.prev_hash == p.hash) {
+            if r.prev_hash == n.hash {
+                return Some(broken(
+                    r.seq,
+                    id,
+                    BreakKind::Reordered,
+                    format!("rows {} and {} are swapped", r.seq, n.seq),
+                ));
+            }
+            return Some(broken(r.seq, id, BreakKind::Inserted, "the next row links past this one".into()));
+        } else if r.seq > p.seq + 1 {
+            return Some(broken(
+                p.seq + 1,
+                None,
+                BreakKind::Deleted,
+                format!("rows {}..={} are missing", p.seq + 1, r.seq - 1),
+            ));
+        } else if self.prev_prev.as_ref().is_some_and(|pp| pp.hash == r.prev_hash) {
+            return Some(broken(
+                p.seq,
+                self.prev_id.as_deref(),
+                BreakKind::Inserted,
+                format!("row {} links past row {}", r.seq, p.seq),
+            ));
+        } else if let Some(prev_id) = self.prev_id.as_deref() {
+            return Some(broken(
+                p.seq,
+                Some(prev_id),
+                BreakKind::Edited,
+                format!(
+                    "the row's hash differs from the prev_hash recorded by row {} (rewritten, \
+                     or rows after it deleted and renumbered)",
+                    r.seq
+                ),
+            ));
+        } else {
+            return Some(broken(
+                r.seq,
+                id,
+                BreakKind::Edited,
+                "the row does not link to the chain's anchor".into(),
+            ));
+        }
+        // 5. The record-hash index.
+        let mut expected = event.record_hashes;
+        expected.sort();
+        expected.dedup();
+        if expected.as_slice() != indexed_records {
+            return Some(broken(
+                r.seq,
+                id,
+                BreakKind::Edited,
+                "the record-hash index differs from the event's record hashes".into(),
+            ));
+        }
+        self.prev_prev = Some(std::mem::replace(&mut self.prev, Link { seq: r.seq, hash: r.hash.clone() }));
+        self.prev_id = Some(r.cols.id.clone());
+        self.checked += 1;
+        None
+    }
+}
+
+/// Groups `(seq, record_hash)` rows into sorted, distinct lists per seq.
+pub(crate) fn group_records(rows: Vec<(i64, String)>) -> BTreeMap<i64, Vec<String>> {
+    let mut map: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for (seq, h) in rows {
+        map.entry(seq).or_default().push(h);
+    }
+    for v in map.values_mut() {
+        v.sort();
+        v.dedup();
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use custos_api::policy::Mode;
+    use custos_api::{AuditEvent, Decision};
+
+    use super::*;
+
+    fn event(id: &str) -> AuditEvent {
+        AuditEvent {
+            schema_version: 1,
+            id: id.into(),
+            time: "2025-06-01T12:00:00Z".into(),
+            cluster: None,
+            namespace: "shop".into(),
+            policy: None,
+            rule: None,
+            mode: Mode::Enforce,
+            pod: None,
+            caller: None,
+            user: None,
+            principal: "user:a".into(),
+            method: "GET".into(),
+            path: "/x".into(),
+            decision: Decision::Allow,
+            reason: "ok".into(),
+            status: 200,
+            records_returned: 0,
+            records_filtered: 0,
+            records_truncated: 0,
+            masked: Default::default(),
+            bytes: 0,
+            latency_us: 0,
+            trace_id: None,
+            record_hashes: vec![],
+            prev_hash: None,
+        }
+    }
+
+    fn chain(n: i64) -> Vec<ChainRow> {
+        let mut prev = GENESIS_HASH.to_owned();
+        (1..=n)
+            .map(|seq| {
+                let e = event(&format!("e{seq}"));
+                let p = link(&e, Columns::of(&e).unwrap(), seq, &prev).unwrap();
+                prev = p.hash.clone();
+                ChainRow { seq, cols: p.cols, prev_hash: p.prev_hash, hash: p.hash, body: p.body }
+            })
+            .collect()
+    }
+
+    fn walk(rows: &[ChainRow]) -> Option<BrokenLink> {
+        let mut w = Walker::new(Link { seq: 0, hash: GENESIS_HASH.into() }, rows.len() as i64);
+        (0..rows.len()).find_map(|i| w.step(&rows[i], rows.get(i + 1), &[]))
+    }
+
+    /// Re-serialises row `i` with `f` applied and a recomputed (valid) hash.
+    fn rehash(rows: &mut [ChainRow], i: usize, f: impl FnOnce(&mut AuditEvent)) {
+        let mut e: AuditEvent = serde_json::from_str(&rows[i].body).unwrap();
+        f(&mut e);
+        let prev = rows[i].prev_hash.clone();
+        let p = link(&e, Columns::of(&e).unwrap(), rows[i].seq, &prev).unwrap();
+        rows[i].cols = p.cols;
+        rows[i].hash = p.hash;
+        rows[i].body = p.body;
+    }
+
+    #[test]
+    fn clean_chain_verifies() {
+        assert_eq!(walk(&chain(5)), None);
+    }
+
+    #[test]
+    fn a_rewritten_row_with_a_recomputed_hash_is_an_edit_of_that_row() {
+        let mut rows = chain(5);
+        rehash(&mut rows, 2, |e| e.principal = "user:mallory".into());
+        let b = walk(&rows).unwrap();
+        assert_eq!((b.kind, b.seq), (BreakKind::Edited, 3));
+        assert_eq!(b.event_id.as_deref(), Some("e3"));
+    }
+
+    #[test]
+    fn a_rewritten_first_row_is_found() {
+        // Row 2 no longer links to row 1, which itself links to the anchor.
+        let mut rows = chain(3);
+        rehash(&mut rows, 0, |e| e.status = 500);
+        let b = walk(&rows).unwrap();
+        assert_eq!((b.kind, b.seq), (BreakKind::Edited, 1));
+    }
+
+    #[test]
+    fn a_duplicate_seq_is_an_insert() {
+        let mut rows = chain(4);
+        let mut extra = rows[1].clone();
+        extra.cols.id = "zz".into();
+        rows.insert(2, extra);
+        let b = walk(&rows).unwrap();
+        assert_eq!((b.kind, b.seq), (BreakKind::Inserted, 2));
+    }
+
+    #[test]
+    fn hash_is_sha256_of_prev_hash_and_body() {
+        // echo -n "0000...0000{}" | sha256sum
+        let h = chain_hash(GENESIS_HASH, "{}");
+        let mut d = Sha256::new();
+        d.update(format!("{GENESIS_HASH}{{}}"));
+        assert_eq!(h, hex::encode(d.finalize()));
+    }
+}

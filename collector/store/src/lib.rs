@@ -1,0 +1,589 @@
+//! Custos collector: the tamper-evident audit store.
+//!
+//! One API, [`AnyStore`], over two backends: SQLite (embedded, one file, WAL; the default) and
+//! PostgreSQL (tables partitioned by day, pooled connections; for production and for several
+//! collector processes). [`open`] picks the backend from a URL and runs the schema migrations.
+//!
+//! - [`AnyStore::ingest`] stores a batch idempotently by event id, durably, hash-chained (see
+//!   [`chain`] for the exact construction and how [`AnyStore::verify`] classifies breaks).
+//! - [`AnyStore::query`], [`AnyStore::subject`], [`AnyStore::top`], [`AnyStore::usage`] answer
+//!   the investigator's and the sidecars' questions through indexes.
+//! - [`AnyStore::prune`] applies retention and leaves an anchor so the rest still verifies.
+//! - [`AnyStore::insert_alerts`] / [`AnyStore::alerts`] keep the detectors' alerts.
+//!
+//! Nothing here logs or returns personal data values: errors name the event by its index in
+//! the batch and say what is wrong, never the value.
+#![forbid(unsafe_code)]
+
+pub mod chain;
+mod postgres;
+mod query;
+mod sqlite;
+
+use chrono::{DateTime, Utc};
+use custos_api::collector::UsageResponse;
+use custos_api::{AuditEvent, Decision};
+use serde::{Deserialize, Serialize};
+
+pub use chain::{GENESIS_HASH, chain_hash};
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+use chain::{ChainRow, Link, Walker};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store URL is neither `sqlite:PATH` nor `postgres://...`.
+    #[error("unsupported store URL: expected sqlite:PATH, sqlite::memory: or postgres://...")]
+    BadUrl,
+    /// An event of the batch cannot be stored; nothing of the batch was stored.
+    #[error("event {index} of the batch is invalid: {reason}")]
+    InvalidEvent {
+        /// Index of the event in the batch.
+        index: usize,
+        /// What is wrong (never the value).
+        reason: String,
+    },
+    /// An alert cannot be stored; nothing of the call was stored.
+    #[error("alert {index} is invalid: {reason}")]
+    InvalidAlert {
+        /// Index of the alert in the call.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A pagination cursor that this store did not issue.
+    #[error("invalid cursor")]
+    BadCursor,
+    /// The database was migrated by a newer Custos.
+    #[error("store schema version {found} is newer than this binary supports ({supported})")]
+    SchemaTooNew {
+        /// Version found in the database.
+        found: i64,
+        /// Latest version this binary knows.
+        supported: i64,
+    },
+    /// Pruning refused: the part of the chain to be pruned does not verify, and pruning it
+    /// would destroy the evidence.
+    #[error("the chain is broken at seq {} ({:?}); refusing to prune over it", .0.seq, .0.kind)]
+    ChainBroken(BrokenLink),
+    /// Stored data is not what this store wrote.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// SQLite failed.
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed.
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No PostgreSQL connection could be had from the pool.
+    #[error("PostgreSQL pool: {0}")]
+    Pool(String),
+    /// A blocking database task failed.
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The outcome of [`AnyStore::ingest`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestOutcome {
+    /// Events stored by this call.
+    pub accepted: u64,
+    /// Events not stored because an event with the same id is already stored (or appears
+    /// earlier in the same batch).
+    pub duplicates: u64,
+}
+
+/// A point of the chain: the seq of an event and its hash (seq 0 and [`GENESIS_HASH`] before
+/// the first event).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChainHead {
+    /// Sequence number.
+    pub seq: u64,
+    /// Hash of the event at `seq`.
+    pub hash: String,
+}
+
+/// How a link of the chain is broken.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakKind {
+    /// A row's content (or its index rows) changed after it was chained.
+    Edited,
+    /// Rows are missing.
+    Deleted,
+    /// A row was added that ingest did not chain.
+    Inserted,
+    /// Rows were swapped.
+    Reordered,
+}
+
+/// The first broken link found by [`AnyStore::verify`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokenLink {
+    /// Seq at which the chain breaks (for `Deleted`, the first missing seq).
+    pub seq: u64,
+    /// Id of the offending row, when there is a row (not for `Deleted`).
+    pub event_id: Option<String>,
+    /// What happened.
+    pub kind: BreakKind,
+    /// How it was detected, in words.
+    pub detail: String,
+}
+
+/// The result of [`AnyStore::verify`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyReport {
+    /// Rows verified as correctly linked before the walk stopped.
+    pub checked: u64,
+    /// Where the walk started: the anchor (genesis or the last pruned event) or the row
+    /// before `from`.
+    pub start: ChainHead,
+    /// The chain head recorded by the last ingest.
+    pub head: ChainHead,
+    /// The first broken link, if any.
+    pub first_broken: Option<BrokenLink>,
+}
+
+impl VerifyReport {
+    /// Whether the chain verified.
+    pub fn is_ok(&self) -> bool {
+        self.first_broken.is_none()
+    }
+}
+
+/// Filters for [`AnyStore::query`]. Results are newest first (event time, then seq).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventQuery {
+    /// Namespace of the protected workload.
+    pub namespace: Option<String>,
+    /// Policy name.
+    pub policy: Option<String>,
+    /// Principal key (`user:<id>`, `workload:<ns>/<sa>`, `peer:<ip>`).
+    pub principal: Option<String>,
+    /// Decision.
+    pub decision: Option<Decision>,
+    /// Events at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Events strictly before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// Page size: 0 means [`DEFAULT_LIMIT`]; capped at [`MAX_LIMIT`].
+    pub limit: u32,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// Page size when none is given.
+pub const DEFAULT_LIMIT: u32 = 100;
+/// Largest page size.
+pub const MAX_LIMIT: u32 = 10_000;
+
+pub(crate) fn effective_limit(limit: u32) -> i64 {
+    i64::from(if limit == 0 { DEFAULT_LIMIT } else { limit.min(MAX_LIMIT) })
+}
+
+/// One page of [`AnyStore::query`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Page {
+    /// The events as stored (with `prev_hash`), newest first.
+    pub events: Vec<AuditEvent>,
+    /// Cursor of the next page; none on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One access to a data subject, from [`AnyStore::subject`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SubjectAccess {
+    /// The event.
+    pub event_id: String,
+    /// When, RFC 3339 UTC.
+    pub time: String,
+    /// Namespace of the protected workload.
+    pub namespace: String,
+    /// Principal key.
+    pub principal: String,
+    /// The end user's id, when a token was verified.
+    pub user_id: Option<String>,
+    /// The policy that decided.
+    pub policy: Option<String>,
+    /// The rule that decided.
+    pub rule: Option<String>,
+    /// The decision.
+    pub decision: Decision,
+    /// The normalised request path.
+    pub path: String,
+}
+
+/// What [`AnyStore::top`] ranks principals by.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum TopBy {
+    /// Records returned.
+    Records,
+    /// Denied requests.
+    Denials,
+}
+
+/// One principal in [`AnyStore::top`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TopEntry {
+    /// Principal key.
+    pub principal: String,
+    /// Records returned or denials.
+    pub count: u64,
+}
+
+/// The result of [`AnyStore::prune`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PruneReport {
+    /// Events deleted by this call.
+    pub deleted: u64,
+    /// The anchor the remaining chain verifies from.
+    pub anchor: ChainHead,
+}
+
+/// Severity of an alert.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// Worth a look.
+    Info,
+    /// Likely misuse.
+    Warning,
+    /// Act now.
+    Critical,
+}
+
+/// An alert raised by a detector.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Alert {
+    /// Unique id; storing the same id twice stores it once.
+    pub id: String,
+    /// When it was raised, RFC 3339 UTC.
+    pub time: String,
+    /// The detector's name.
+    pub detector: String,
+    /// Namespace concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Policy concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Principal concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+    /// Severity.
+    pub severity: Severity,
+    /// One line for humans.
+    pub message: String,
+    /// Detector-specific figures.
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+/// A store: SQLite or PostgreSQL, behind one API.
+#[derive(Clone, Debug)]
+pub enum AnyStore {
+    /// Embedded SQLite.
+    Sqlite(SqliteStore),
+    /// PostgreSQL.
+    Postgres(PostgresStore),
+}
+
+/// Opens a store and migrates its schema: `sqlite:PATH` (a file, created if missing),
+/// `sqlite::memory:` (tests) or `postgres://USER@HOST:PORT/DB[?options=-csearch_path%3DSCHEMA]`.
+pub async fn open(url: &str) -> Result<AnyStore> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(AnyStore::Postgres(PostgresStore::open(url).await?))
+    } else if let Some(path) = url.strip_prefix("sqlite:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            return Err(Error::BadUrl);
+        }
+        Ok(AnyStore::Sqlite(SqliteStore::open(path).await?))
+    } else {
+        Err(Error::BadUrl)
+    }
+}
+
+/// Rows fetched per round trip by the verification walk.
+const VERIFY_PAGE: i64 = 2_000;
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnyStore::Sqlite($s) => $e,
+            AnyStore::Postgres($s) => $e,
+        }
+    };
+}
+
+impl AnyStore {
+    /// `"sqlite"` or `"postgres"`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            AnyStore::Sqlite(_) => "sqlite",
+            AnyStore::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Stores a batch: each event not already stored (by id) gets the next seq and is chained,
+    /// all in one transaction, durable when this returns. A resent batch stores nothing twice.
+    /// An invalid event rejects the whole batch ([`Error::InvalidEvent`]) before anything is
+    /// written. The events' own `prev_hash` is ignored and replaced.
+    pub async fn ingest(&self, events: &[AuditEvent]) -> Result<IngestOutcome> {
+        if events.is_empty() {
+            return Ok(IngestOutcome::default());
+        }
+        let cols = chain::validate(events)?;
+        dispatch!(self, s => s.ingest(events, cols).await)
+    }
+
+    /// The chain head: the seq and hash of the last ingested event.
+    pub async fn head(&self) -> Result<ChainHead> {
+        let (head, _) = dispatch!(self, s => s.head_and_anchor().await)?;
+        Ok(to_head(&head))
+    }
+
+    /// The retention anchor: the seq and hash of the last pruned event (genesis before any).
+    pub async fn anchor(&self) -> Result<ChainHead> {
+        let (_, anchor) = dispatch!(self, s => s.head_and_anchor().await)?;
+        Ok(to_head(&anchor))
+    }
+
+    /// Walks the chain in seq order from the anchor (or from seq `from`, trusting the row
+    /// before it) to the head, recomputing every hash, and reports the first broken link.
+    /// See [`chain`] for the exact rules.
+    pub async fn verify(&self, from: Option<u64>) -> Result<VerifyReport> {
+        let (head, anchor) = dispatch!(self, s => s.head_and_anchor().await)?;
+        let start = match from.map(|f| i64::try_from(f).unwrap_or(i64::MAX)) {
+            Some(f) if f - 1 > anchor.seq => {
+                let rows = self.chain_page((f - 2, None), f - 1, 1).await?.0;
+                match rows.into_iter().next() {
+                    Some(r) if r.seq == f - 1 => Link { seq: r.seq, hash: r.hash },
+                    _ => {
+                        return Ok(VerifyReport {
+                            checked: 0,
+                            start: to_head(&anchor),
+                            head: to_head(&head),
+                            first_broken: Some(BrokenLink {
+                                seq: u64::try_from(f - 1).unwrap_or(0),
+                                event_id: None,
+                                kind: BreakKind::Deleted,
+                                detail: "the row before the starting seq is missing".into(),
+                            }),
+                        });
+                    }
+                }
+            }
+            _ => anchor.clone(),
+        };
+        let (checked, first_broken, last) = self.walk(start.clone(), head.seq).await?;
+        let mut first_broken = first_broken;
+        if first_broken.is_none() {
+            if last.seq < head.seq {
+                first_broken = Some(BrokenLink {
+                    seq: u64::try_from(last.seq + 1).unwrap_or(0),
+                    event_id: None,
+                    kind: BreakKind::Deleted,
+                    detail: format!("rows {}..={} are missing", last.seq + 1, head.seq),
+                });
+            } else if last.hash != head.hash {
+                first_broken = Some(BrokenLink {
+                    seq: u64::try_from(last.seq).unwrap_or(0),
+                    event_id: None,
+                    kind: BreakKind::Edited,
+                    detail: "the last row's hash differs from the recorded chain head".into(),
+                });
+            } else if let Some((seq, id)) = dispatch!(self, s => s.first_above_head().await)? {
+                first_broken = Some(BrokenLink {
+                    seq: u64::try_from(seq).unwrap_or(0),
+                    event_id: Some(id),
+                    kind: BreakKind::Inserted,
+                    detail: "row above the chain head".into(),
+                });
+            }
+        }
+        Ok(VerifyReport { checked, start: to_head(&start), head: to_head(&head), first_broken })
+    }
+
+    /// Walks from `start` up to seq `bound`; returns rows checked, the first break and the
+    /// last good link.
+    async fn walk(&self, start: Link, bound: i64) -> Result<(u64, Option<BrokenLink>, Link)> {
+        let mut walker = Walker::new(start.clone(), bound);
+        let mut after: (i64, Option<String>) = (start.seq, None);
+        let mut buf: Vec<ChainRow> = Vec::new();
+        let mut records = std::collections::BTreeMap::new();
+        let mut exhausted = false;
+        let mut i = 0;
+        loop {
+            // Keep at least one row of look-ahead in the buffer.
+            if i + 1 >= buf.len() && !exhausted {
+                let (rows, recs) = self.chain_page(after.clone(), bound, VERIFY_PAGE).await?;
+                if (rows.len() as i64) < VERIFY_PAGE {
+                    exhausted = true;
+                }
+                if let Some(last) = rows.last() {
+                    after = (last.seq, Some(last.cols.id.clone()));
+                }
+                buf.drain(..i);
+                i = 0;
+                buf.extend(rows);
+                records.extend(recs);
+            }
+            let Some(r) = buf.get(i) else { break };
+            let empty = Vec::new();
+            let indexed = records.get(&r.seq).unwrap_or(&empty);
+            if let Some(b) = walker.step(r, buf.get(i + 1), indexed) {
+                return Ok((walker.checked, Some(b), walker.last().clone()));
+            }
+            records.remove(&r.seq);
+            i += 1;
+        }
+        Ok((walker.checked, None, walker.last().clone()))
+    }
+
+    /// Rows after `after` in `(seq, id)` order (a `None` id: after every row of that seq) and `seq <= bound`, in order, and their record-hash
+    /// index rows grouped by seq.
+    async fn chain_page(
+        &self,
+        after: (i64, Option<String>),
+        bound: i64,
+        limit: i64,
+    ) -> Result<(Vec<ChainRow>, std::collections::BTreeMap<i64, Vec<String>>)> {
+        dispatch!(self, s => s.chain_page(after, bound, limit).await)
+    }
+
+    /// One page of events matching the filters, newest first.
+    pub async fn query(&self, q: &EventQuery) -> Result<Page> {
+        let limit = effective_limit(q.limit);
+        let cursor = q.cursor.as_deref().map(query::parse_cursor).transpose()?;
+        let mut rows: Vec<(i64, i64, String)> = dispatch!(self, s => s.query(q, cursor, limit + 1).await)?;
+        let next_cursor = if rows.len() as i64 > limit {
+            rows.truncate(usize::try_from(limit).unwrap_or(0));
+            rows.last().map(|(t, seq, _)| query::make_cursor(*t, *seq))
+        } else {
+            None
+        };
+        let events = rows.iter().map(|(_, _, body)| chain::parse_body(body)).collect::<Result<Vec<_>>>()?;
+        Ok(Page { events, next_cursor })
+    }
+
+    /// Who accessed the data subject whose keyed record hash is `record_hash`, newest first,
+    /// in `[since, until)`, at most `limit` (0: [`DEFAULT_LIMIT`]).
+    pub async fn subject(
+        &self,
+        record_hash: &str,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> Result<Vec<SubjectAccess>> {
+        let range = query::TimeRange::new(since, until);
+        let limit = effective_limit(limit);
+        dispatch!(self, s => s.subject(record_hash, range, limit).await)
+    }
+
+    /// Principals ranked by records returned or by denials since `since` (all time if none),
+    /// at most `limit` (0: [`DEFAULT_LIMIT`]).
+    pub async fn top(&self, by: TopBy, since: Option<DateTime<Utc>>, limit: u32) -> Result<Vec<TopEntry>> {
+        let since = since.map_or(i64::MIN, |t| t.timestamp_micros());
+        let limit = effective_limit(limit);
+        dispatch!(self, s => s.top(by, since, limit).await)
+    }
+
+    /// A principal's usage under a policy, per rule, over windows ending at `now`: admitted
+    /// requests (Allow or WouldDeny) in `(now - 60 s, now]`, records returned in the last hour
+    /// and the last 24 hours. Events without a rule (the default action) are not counted.
+    pub async fn usage(
+        &self,
+        namespace: Option<&str>,
+        policy: &str,
+        principal: &str,
+        now: DateTime<Utc>,
+    ) -> Result<UsageResponse> {
+        let now_us = now.timestamp_micros();
+        let rows = dispatch!(self, s => s.usage(namespace, policy, principal, now_us).await)?;
+        Ok(UsageResponse {
+            policy: policy.to_owned(),
+            principal: principal.to_owned(),
+            as_of: chain::format_time_us(now_us),
+            rules: rows.into_iter().collect(),
+        })
+    }
+
+    /// Retention: deletes the events older than `older_than` while keeping the rest
+    /// verifiable. Only a prefix of the chain is deleted: the events up to the last seq
+    /// before the first event at or after `older_than` (an old event ingested late stays
+    /// until everything chained before it is old too). The pruned part is verified first
+    /// ([`Error::ChainBroken`] if it does not verify: pruning would destroy the evidence);
+    /// then its last link becomes the anchor that [`AnyStore::verify`] starts from.
+    pub async fn prune(&self, older_than: DateTime<Utc>) -> Result<PruneReport> {
+        let cutoff = older_than.timestamp_micros();
+        let (head, anchor) = dispatch!(self, s => s.head_and_anchor().await)?;
+        let target = dispatch!(self, s => s.prune_target(cutoff).await)?.unwrap_or(head.seq);
+        if target <= anchor.seq {
+            return Ok(PruneReport { deleted: 0, anchor: to_head(&anchor) });
+        }
+        let (_, broken, last) = self.walk(anchor.clone(), target).await?;
+        if let Some(b) = broken {
+            return Err(Error::ChainBroken(b));
+        }
+        if last.seq != target {
+            return Err(Error::ChainBroken(BrokenLink {
+                seq: u64::try_from(last.seq + 1).unwrap_or(0),
+                event_id: None,
+                kind: BreakKind::Deleted,
+                detail: format!("rows {}..={} are missing", last.seq + 1, target),
+            }));
+        }
+        let deleted = dispatch!(self, s => s.prune_to(&anchor, &last, cutoff).await)?;
+        Ok(PruneReport { deleted, anchor: to_head(&last) })
+    }
+
+    /// Stores alerts, idempotently by id; returns how many were new.
+    pub async fn insert_alerts(&self, alerts: &[Alert]) -> Result<u64> {
+        let mut rows = Vec::with_capacity(alerts.len());
+        for (index, a) in alerts.iter().enumerate() {
+            let invalid = |reason: &str| Error::InvalidAlert { index, reason: reason.to_owned() };
+            if a.id.is_empty() {
+                return Err(invalid("id is empty"));
+            }
+            let time_us = chain::parse_time_us(&a.time).ok_or_else(|| invalid("time is not RFC 3339"))?;
+            let body = serde_json::to_string(a).map_err(|_| invalid("not serialisable"))?;
+            rows.push((a.id.clone(), time_us, body));
+        }
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        dispatch!(self, s => s.insert_alerts(rows).await)
+    }
+
+    /// Alerts raised at or after `since`, newest first, at most `limit` (0:
+    /// [`DEFAULT_LIMIT`]).
+    pub async fn alerts(&self, since: Option<DateTime<Utc>>, limit: u32) -> Result<Vec<Alert>> {
+        let since = since.map_or(i64::MIN, |t| t.timestamp_micros());
+        let limit = effective_limit(limit);
+        let bodies = dispatch!(self, s => s.alerts(since, limit).await)?;
+        bodies
+            .iter()
+            .map(|b| {
+                serde_json::from_str(b).map_err(|_| Error::Corrupt("a stored alert does not parse".into()))
+            })
+            .collect()
+    }
+}
+
+fn to_head(l: &Link) -> ChainHead {
+    ChainHead { seq: u64::try_from(l.seq).unwrap_or(0), hash: l.hash.clone() }
+}

@@ -1,0 +1,679 @@
+//! The PostgreSQL backend: `events` and `event_records` partitioned by day on the event time
+//! (declarative range partitions, created on demand for the days of each batch and for today
+//! and tomorrow at open), a non-partitioned `event_ids` table for idempotency by id, pooled
+//! connections (deadpool), one round trip per statement with arrays (`unnest`), never per row.
+//!
+//! Writers serialise on the `chain_head` row (`SELECT ... FOR UPDATE` inside the ingest
+//! transaction), so any number of collector processes share one consistent chain; the
+//! duplicate check runs under that lock too, so it is race-free. Durable on commit.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+
+use custos_api::AuditEvent;
+use custos_api::collector::RuleUsage;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, NoTls, Row};
+
+use crate::chain::{self, ChainRow, Columns, DAY_US, GENESIS_HASH, Link};
+use crate::query::{self, Param, TimeRange};
+use crate::{Error, EventQuery, IngestOutcome, Result, SubjectAccess, TopBy, TopEntry};
+
+/// Connections in the pool.
+const POOL_SIZE: usize = 8;
+
+const V1: &str = "
+CREATE TABLE events (
+    seq bigint NOT NULL,
+    id text NOT NULL,
+    time_us bigint NOT NULL,
+    namespace text NOT NULL,
+    policy text,
+    rule text,
+    principal text NOT NULL,
+    user_id text,
+    decision text NOT NULL,
+    path text NOT NULL,
+    records_returned bigint NOT NULL,
+    prev_hash text NOT NULL,
+    hash text NOT NULL,
+    body text NOT NULL
+) PARTITION BY RANGE (time_us);
+CREATE INDEX events_seq ON events (seq, id);
+CREATE INDEX events_time ON events (time_us, seq);
+CREATE INDEX events_principal_time ON events (principal, time_us, seq);
+CREATE INDEX events_policy_time ON events (policy, time_us, seq);
+CREATE INDEX events_decision_time ON events (decision, time_us, seq);
+CREATE TABLE event_records (
+    record_hash text NOT NULL,
+    time_us bigint NOT NULL,
+    seq bigint NOT NULL,
+    PRIMARY KEY (record_hash, time_us, seq)
+) PARTITION BY RANGE (time_us);
+CREATE INDEX event_records_seq ON event_records (seq);
+CREATE TABLE event_ids (
+    id text PRIMARY KEY,
+    seq bigint NOT NULL
+);
+CREATE INDEX event_ids_seq ON event_ids USING brin (seq);
+CREATE TABLE chain_head (
+    id int PRIMARY KEY CHECK (id = 1),
+    seq bigint NOT NULL,
+    hash text NOT NULL
+);
+CREATE TABLE chain_anchor (
+    id int PRIMARY KEY CHECK (id = 1),
+    seq bigint NOT NULL,
+    hash text NOT NULL,
+    pruned_before_us bigint
+);
+CREATE TABLE alerts (
+    id text PRIMARY KEY,
+    time_us bigint NOT NULL,
+    body text NOT NULL
+);
+CREATE INDEX alerts_time ON alerts (time_us);
+";
+
+/// Schema migrations, in order. Never edit a released one: add the next.
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
+
+const CHAIN_COLUMNS: &str = "seq, id, time_us, namespace, policy, rule, principal, user_id, \
+                             decision, path, records_returned, prev_hash, hash, body";
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    /// Days (since the epoch) whose partitions are known to exist.
+    partitions: Arc<Mutex<HashSet<i64>>>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").finish_non_exhaustive()
+    }
+}
+
+fn link_at(r: &Row, i: usize) -> Result<Link> {
+    Ok(Link { seq: r.try_get(i)?, hash: r.try_get(i + 1)? })
+}
+
+fn chain_row(r: &Row) -> Result<ChainRow> {
+    Ok(ChainRow {
+        seq: r.try_get(0)?,
+        cols: Columns {
+            id: r.try_get(1)?,
+            time_us: r.try_get(2)?,
+            namespace: r.try_get(3)?,
+            policy: r.try_get(4)?,
+            rule: r.try_get(5)?,
+            principal: r.try_get(6)?,
+            user_id: r.try_get(7)?,
+            decision: r.try_get(8)?,
+            path: r.try_get(9)?,
+            records_returned: r.try_get(10)?,
+        },
+        prev_hash: r.try_get(11)?,
+        hash: r.try_get(12)?,
+        body: r.try_get(13)?,
+    })
+}
+
+/// Partition suffix of a day: `dYYYYMMDD` (`n<days>` before 1970).
+fn day_suffix(day: i64) -> String {
+    match chrono::DateTime::from_timestamp(day * 86_400, 0) {
+        Some(t) if day >= 0 => format!("d{}", t.format("%Y%m%d")),
+        _ => format!("n{}", day.unsigned_abs()),
+    }
+}
+
+/// The day of an `events_dYYYYMMDD` partition.
+fn day_of_partition(name: &str) -> Option<i64> {
+    let ymd = name.strip_prefix("events_d")?;
+    let date = chrono::NaiveDate::parse_from_str(ymd, "%Y%m%d").ok()?;
+    Some(date.and_hms_opt(0, 0, 0)?.and_utc().timestamp().div_euclid(86_400))
+}
+
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn is_missing_partition(e: &Error) -> bool {
+    matches!(e, Error::Postgres(pe) if pe.code() == Some(&SqlState::CHECK_VIOLATION))
+}
+
+/// Column arrays of a batch, bound as `unnest` parameters.
+#[derive(Default)]
+struct Arrays {
+    seq: Vec<i64>,
+    id: Vec<String>,
+    time_us: Vec<i64>,
+    namespace: Vec<String>,
+    policy: Vec<Option<String>>,
+    rule: Vec<Option<String>>,
+    principal: Vec<String>,
+    user_id: Vec<Option<String>>,
+    decision: Vec<String>,
+    path: Vec<String>,
+    records_returned: Vec<i64>,
+    prev_hash: Vec<String>,
+    hash: Vec<String>,
+    body: Vec<String>,
+    rec_hash: Vec<String>,
+    rec_time: Vec<i64>,
+    rec_seq: Vec<i64>,
+}
+
+impl PostgresStore {
+    /// Connects (pooled), migrates the schema and creates today's and tomorrow's partitions.
+    pub async fn open(url: &str) -> Result<PostgresStore> {
+        let config: tokio_postgres::Config = url.parse().map_err(|_| Error::BadUrl)?;
+        let manager =
+            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool =
+            Pool::builder(manager).max_size(POOL_SIZE).build().map_err(|e| Error::Pool(e.to_string()))?;
+        let store = PostgresStore { pool, partitions: Arc::new(Mutex::new(HashSet::new())) };
+        store.migrate().await?;
+        let today = chrono::Utc::now().timestamp_micros().div_euclid(DAY_US);
+        store.ensure_partitions(&BTreeSet::from([today, today + 1])).await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client> {
+        self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))
+    }
+
+    fn known_partitions(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        self.partitions.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // One migrator at a time per schema (several collectors may start together).
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.custos_migrate'))", &[])
+            .await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS custos_schema (
+                 version bigint PRIMARY KEY,
+                 applied_at_us bigint NOT NULL
+             )",
+        )
+        .await?;
+        let current: i64 =
+            tx.query_one("SELECT COALESCE(MAX(version), 0) FROM custos_schema", &[]).await?.try_get(0)?;
+        let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+        if current > latest {
+            return Err(Error::SchemaTooNew { found: current, supported: latest });
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            tx.batch_execute(sql).await?;
+            if *version == 1 {
+                tx.execute("INSERT INTO chain_head (id, seq, hash) VALUES (1, 0, $1)", &[&GENESIS_HASH])
+                    .await?;
+                tx.execute("INSERT INTO chain_anchor (id, seq, hash) VALUES (1, 0, $1)", &[&GENESIS_HASH])
+                    .await?;
+            }
+            tx.execute(
+                "INSERT INTO custos_schema (version, applied_at_us) VALUES ($1, $2)",
+                &[version, &chrono::Utc::now().timestamp_micros()],
+            )
+            .await?;
+            tracing::info!(version, "migrated the PostgreSQL audit store");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Creates the day partitions of `days` that this process has not seen yet.
+    async fn ensure_partitions(&self, days: &BTreeSet<i64>) -> Result<()> {
+        let missing: Vec<i64> = {
+            let known = self.known_partitions();
+            days.iter().copied().filter(|d| !known.contains(d)).collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.custos_partitions'))", &[])
+            .await?;
+        for &day in &missing {
+            let suffix = day_suffix(day);
+            let (lo, hi) = (day * DAY_US, (day + 1) * DAY_US);
+            tx.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS events_{suffix} PARTITION OF events \
+                     FOR VALUES FROM ({lo}) TO ({hi});
+                 CREATE TABLE IF NOT EXISTS event_records_{suffix} PARTITION OF event_records \
+                     FOR VALUES FROM ({lo}) TO ({hi});"
+            ))
+            .await?;
+        }
+        tx.commit().await?;
+        self.known_partitions().extend(missing);
+        Ok(())
+    }
+
+    pub(crate) async fn ingest(&self, events: &[AuditEvent], cols: Vec<Columns>) -> Result<IngestOutcome> {
+        let days: BTreeSet<i64> = cols.iter().map(|c| c.time_us.div_euclid(DAY_US)).collect();
+        self.ensure_partitions(&days).await?;
+        match self.ingest_tx(events, cols.clone()).await {
+            // A partition this process believed in was dropped (by a prune elsewhere).
+            Err(e) if is_missing_partition(&e) => {
+                self.known_partitions().clear();
+                self.ensure_partitions(&days).await?;
+                self.ingest_tx(events, cols).await
+            }
+            other => other,
+        }
+    }
+
+    async fn ingest_tx(&self, events: &[AuditEvent], cols: Vec<Columns>) -> Result<IngestOutcome> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let head_st = tx.prepare_cached("SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE").await?;
+        let head = link_at(&tx.query_one(&head_st, &[]).await?, 0)?;
+        let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+        let dup_st = tx.prepare_cached("SELECT id FROM event_ids WHERE id = ANY($1)").await?;
+        let mut seen: HashSet<String> =
+            tx.query(&dup_st, &[&ids]).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+        let mut out = IngestOutcome::default();
+        let mut a = Arrays::default();
+        let (mut seq, mut hash) = (head.seq, head.hash);
+        for (e, c) in events.iter().zip(cols) {
+            if !seen.insert(e.id.clone()) {
+                out.duplicates += 1;
+                continue;
+            }
+            let p = chain::link(e, c, seq + 1, &hash)?;
+            for r in p.records {
+                a.rec_hash.push(r);
+                a.rec_time.push(p.cols.time_us);
+                a.rec_seq.push(p.seq);
+            }
+            let c = p.cols;
+            a.seq.push(p.seq);
+            a.id.push(c.id);
+            a.time_us.push(c.time_us);
+            a.namespace.push(c.namespace);
+            a.policy.push(c.policy);
+            a.rule.push(c.rule);
+            a.principal.push(c.principal);
+            a.user_id.push(c.user_id);
+            a.decision.push(c.decision);
+            a.path.push(c.path);
+            a.records_returned.push(c.records_returned);
+            a.prev_hash.push(p.prev_hash);
+            a.hash.push(p.hash.clone());
+            a.body.push(p.body);
+            seq = p.seq;
+            hash = p.hash;
+            out.accepted += 1;
+        }
+        if out.accepted > 0 {
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO event_ids (id, seq) SELECT * FROM unnest($1::text[], $2::bigint[])",
+                )
+                .await?;
+            tx.execute(&st, &[&a.id, &a.seq]).await?;
+            let st = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO events ({CHAIN_COLUMNS}) SELECT * FROM unnest(\
+                     $1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
+                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
+                     $11::bigint[], $12::text[], $13::text[], $14::text[])"
+                ))
+                .await?;
+            tx.execute(
+                &st,
+                &[
+                    &a.seq,
+                    &a.id,
+                    &a.time_us,
+                    &a.namespace,
+                    &a.policy,
+                    &a.rule,
+                    &a.principal,
+                    &a.user_id,
+                    &a.decision,
+                    &a.path,
+                    &a.records_returned,
+                    &a.prev_hash,
+                    &a.hash,
+                    &a.body,
+                ],
+            )
+            .await?;
+            if !a.rec_hash.is_empty() {
+                let st = tx
+                    .prepare_cached(
+                        "INSERT INTO event_records (record_hash, time_us, seq) \
+                         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])",
+                    )
+                    .await?;
+                tx.execute(&st, &[&a.rec_hash, &a.rec_time, &a.rec_seq]).await?;
+            }
+            let st = tx.prepare_cached("UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1").await?;
+            tx.execute(&st, &[&seq, &hash]).await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub(crate) async fn head_and_anchor(&self) -> Result<(Link, Link)> {
+        let client = self.client().await?;
+        let st = client
+            .prepare_cached(
+                "SELECT h.seq, h.hash, a.seq, a.hash FROM chain_head h, chain_anchor a \
+                 WHERE h.id = 1 AND a.id = 1",
+            )
+            .await?;
+        let row = client.query_one(&st, &[]).await?;
+        Ok((link_at(&row, 0)?, link_at(&row, 2)?))
+    }
+
+    pub(crate) async fn first_above_head(&self) -> Result<Option<(i64, String)>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT e.seq, e.id FROM events e, chain_head h \
+                 WHERE h.id = 1 AND e.seq > h.seq ORDER BY e.seq LIMIT 1",
+                &[],
+            )
+            .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    }
+
+    pub(crate) async fn chain_page(
+        &self,
+        after: (i64, Option<String>),
+        bound: i64,
+        limit: i64,
+    ) -> Result<(Vec<ChainRow>, BTreeMap<i64, Vec<String>>)> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .read_only(true)
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .start()
+            .await?;
+        let rows = match &after.1 {
+            None => {
+                let st = tx
+                    .prepare_cached(&format!(
+                        "SELECT {CHAIN_COLUMNS} FROM events WHERE seq > $1 AND seq <= $2 \
+                         ORDER BY seq, id LIMIT $3"
+                    ))
+                    .await?;
+                tx.query(&st, &[&after.0, &bound, &limit]).await?
+            }
+            Some(id) => {
+                let st = tx
+                    .prepare_cached(&format!(
+                        "SELECT {CHAIN_COLUMNS} FROM events \
+                         WHERE (seq > $1 OR (seq = $1 AND id > $4)) AND seq <= $2 \
+                         ORDER BY seq, id LIMIT $3"
+                    ))
+                    .await?;
+                tx.query(&st, &[&after.0, &bound, &limit, id]).await?
+            }
+        };
+        let rows = rows.iter().map(chain_row).collect::<Result<Vec<_>>>()?;
+        let records = match (rows.first(), rows.last()) {
+            (Some(first), Some(last)) => {
+                let st = tx
+                    .prepare_cached("SELECT seq, record_hash FROM event_records WHERE seq BETWEEN $1 AND $2")
+                    .await?;
+                tx.query(&st, &[&first.seq, &last.seq])
+                    .await?
+                    .iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            _ => Vec::new(),
+        };
+        tx.commit().await?;
+        Ok((rows, chain::group_records(records)))
+    }
+
+    pub(crate) async fn query(
+        &self,
+        q: &EventQuery,
+        cursor: Option<(i64, i64)>,
+        limit: i64,
+    ) -> Result<Vec<(i64, i64, String)>> {
+        let (sql, params) = query::events_sql(q, cursor, limit, |i| format!("${i}"));
+        let params: Vec<Box<dyn ToSql + Sync + Send>> = params
+            .into_iter()
+            .map(|p| -> Box<dyn ToSql + Sync + Send> {
+                match p {
+                    Param::Text(s) => Box::new(s),
+                    Param::Int(i) => Box::new(i),
+                }
+            })
+            .collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+        let client = self.client().await?;
+        let st = client.prepare_cached(&sql).await?;
+        client
+            .query(&st, &refs)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+    }
+
+    pub(crate) async fn subject(
+        &self,
+        record_hash: &str,
+        range: TimeRange,
+        limit: i64,
+    ) -> Result<Vec<SubjectAccess>> {
+        let client = self.client().await?;
+        // The index (record_hash, time_us, seq) yields the newest accesses first; only those
+        // are joined to their events.
+        let st = client
+            .prepare_cached(
+                "SELECT e.id, e.time_us, e.namespace, e.principal, e.user_id, e.policy, e.rule, \
+                 e.decision, e.path \
+                 FROM (SELECT seq, time_us FROM event_records \
+                       WHERE record_hash = $1 AND time_us >= $2 AND time_us < $3 \
+                       ORDER BY time_us DESC, seq DESC LIMIT $4) r \
+                 JOIN events e ON e.seq = r.seq AND e.time_us = r.time_us \
+                 ORDER BY r.time_us DESC, r.seq DESC",
+            )
+            .await?;
+        client
+            .query(&st, &[&record_hash, &range.since, &range.until, &limit])
+            .await?
+            .iter()
+            .map(|r| {
+                crate::sqlite::subject_access((
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    r.try_get(2)?,
+                    r.try_get(3)?,
+                    r.try_get(4)?,
+                    r.try_get(5)?,
+                    r.try_get(6)?,
+                    r.try_get(7)?,
+                    r.try_get(8)?,
+                ))
+            })
+            .collect()
+    }
+
+    pub(crate) async fn top(&self, by: TopBy, since: i64, limit: i64) -> Result<Vec<TopEntry>> {
+        let sql = match by {
+            TopBy::Records => {
+                "SELECT principal, SUM(records_returned)::bigint AS c FROM events \
+                 WHERE time_us >= $1 GROUP BY principal HAVING SUM(records_returned) > 0 \
+                 ORDER BY c DESC, principal LIMIT $2"
+            }
+            TopBy::Denials => {
+                "SELECT principal, COUNT(*) AS c FROM events \
+                 WHERE decision = 'Deny' AND time_us >= $1 GROUP BY principal \
+                 ORDER BY c DESC, principal LIMIT $2"
+            }
+        };
+        let client = self.client().await?;
+        let st = client.prepare_cached(sql).await?;
+        client
+            .query(&st, &[&since, &limit])
+            .await?
+            .iter()
+            .map(|r| Ok(TopEntry { principal: r.try_get(0)?, count: count(r.try_get(1)?) }))
+            .collect()
+    }
+
+    pub(crate) async fn usage(
+        &self,
+        namespace: Option<&str>,
+        policy: &str,
+        principal: &str,
+        now_us: i64,
+    ) -> Result<Vec<(String, RuleUsage)>> {
+        let client = self.client().await?;
+        let st = client
+            .prepare_cached(
+                "SELECT rule, \
+                 SUM(CASE WHEN time_us > $4 AND decision <> 'Deny' THEN 1 ELSE 0 END)::bigint, \
+                 SUM(CASE WHEN time_us > $5 THEN records_returned ELSE 0 END)::bigint, \
+                 SUM(records_returned)::bigint \
+                 FROM events \
+                 WHERE principal = $1 AND policy = $2 AND time_us > $6 AND time_us <= $3 \
+                 AND rule IS NOT NULL AND ($7::text IS NULL OR namespace = $7) \
+                 GROUP BY rule",
+            )
+            .await?;
+        client
+            .query(
+                &st,
+                &[
+                    &principal,
+                    &policy,
+                    &now_us,
+                    &(now_us - 60_000_000),
+                    &(now_us - 3_600_000_000),
+                    &(now_us - DAY_US),
+                    &namespace,
+                ],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0)?,
+                    RuleUsage {
+                        requests_last_minute: count(r.try_get(1)?),
+                        records_last_hour: count(r.try_get(2)?),
+                        records_last_day: count(r.try_get(3)?),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    pub(crate) async fn prune_target(&self, cutoff: i64) -> Result<Option<i64>> {
+        let client = self.client().await?;
+        let min: Option<i64> = client
+            .query_one("SELECT MIN(seq) FROM events WHERE time_us >= $1", &[&cutoff])
+            .await?
+            .try_get(0)?;
+        Ok(min.map(|m| m - 1))
+    }
+
+    pub(crate) async fn prune_to(&self, anchor: &Link, last: &Link, cutoff: i64) -> Result<u64> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let current = link_at(
+            &tx.query_one("SELECT seq, hash FROM chain_anchor WHERE id = 1 FOR UPDATE", &[]).await?,
+            0,
+        )?;
+        if &current != anchor {
+            return Err(Error::Corrupt("the anchor moved during prune (concurrent prune?)".into()));
+        }
+        let mut deleted = 0u64;
+        // Whole days before the cutoff whose events are all pruned: drop the partitions.
+        let parts = tx
+            .query(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                 WHERE i.inhparent = 'events'::regclass",
+                &[],
+            )
+            .await?;
+        let mut dropped = Vec::new();
+        for row in &parts {
+            let name: String = row.try_get(0)?;
+            let Some(day) = day_of_partition(&name) else {
+                continue;
+            };
+            if (day + 1) * DAY_US > cutoff {
+                continue;
+            }
+            let stats = tx.query_one(&format!("SELECT COUNT(*), MAX(seq) FROM {name}"), &[]).await?;
+            let (n, max): (i64, Option<i64>) = (stats.try_get(0)?, stats.try_get(1)?);
+            if max.is_none_or(|m| m <= last.seq) {
+                let suffix = day_suffix(day);
+                tx.batch_execute(&format!(
+                    "DROP TABLE events_{suffix}; DROP TABLE IF EXISTS event_records_{suffix};"
+                ))
+                .await?;
+                deleted += count(n);
+                dropped.push(day);
+            }
+        }
+        tx.execute("DELETE FROM event_records WHERE seq <= $1 AND time_us < $2", &[&last.seq, &cutoff])
+            .await?;
+        deleted +=
+            tx.execute("DELETE FROM events WHERE seq <= $1 AND time_us < $2", &[&last.seq, &cutoff]).await?;
+        tx.execute("DELETE FROM event_ids WHERE seq <= $1", &[&last.seq]).await?;
+        tx.execute(
+            "UPDATE chain_anchor SET seq = $1, hash = $2, pruned_before_us = $3 WHERE id = 1",
+            &[&last.seq, &last.hash, &cutoff],
+        )
+        .await?;
+        tx.commit().await?;
+        let mut known = self.known_partitions();
+        for d in dropped {
+            known.remove(&d);
+        }
+        Ok(deleted)
+    }
+
+    pub(crate) async fn insert_alerts(&self, rows: Vec<(String, i64, String)>) -> Result<u64> {
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut times = Vec::with_capacity(rows.len());
+        let mut bodies = Vec::with_capacity(rows.len());
+        for (id, t, b) in rows {
+            ids.push(id);
+            times.push(t);
+            bodies.push(b);
+        }
+        let client = self.client().await?;
+        let st = client
+            .prepare_cached(
+                "INSERT INTO alerts (id, time_us, body) \
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[]) \
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .await?;
+        Ok(client.execute(&st, &[&ids, &times, &bodies]).await?)
+    }
+
+    pub(crate) async fn alerts(&self, since: i64, limit: i64) -> Result<Vec<String>> {
+        let client = self.client().await?;
+        let st = client
+            .prepare_cached(
+                "SELECT body FROM alerts WHERE time_us >= $1 \
+                 ORDER BY time_us DESC, id DESC LIMIT $2",
+            )
+            .await?;
+        client.query(&st, &[&since, &limit]).await?.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+}

@@ -1,0 +1,580 @@
+//! The SQLite backend: one file, WAL, one writer connection and a few readers, each used
+//! from a blocking task.
+//!
+//! Durability: `journal_mode=WAL` with `synchronous=FULL`, so the WAL is fsynced at every
+//! commit and an acknowledged batch survives a power loss (NORMAL would only fsync at
+//! checkpoints: a crash of the machine could lose the last acknowledged batches). With one
+//! transaction per batch this is one fsync per batch.
+//!
+//! Writers are serialised by `BEGIN IMMEDIATE` (SQLite's single write lock), so two
+//! processes sharing the file also keep one consistent chain.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use custos_api::AuditEvent;
+use custos_api::collector::RuleUsage;
+use rusqlite::types::Value;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use crate::chain::{self, ChainRow, Columns, GENESIS_HASH, Link};
+use crate::query::{self, Param, TimeRange};
+use crate::{Error, EventQuery, IngestOutcome, Result, SubjectAccess, TopBy, TopEntry};
+
+/// Reader connections of a file store (WAL lets them read while the writer writes).
+const READERS: usize = 2;
+
+const V1: &str = "
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    time_us INTEGER NOT NULL,
+    namespace TEXT NOT NULL,
+    policy TEXT,
+    rule TEXT,
+    principal TEXT NOT NULL,
+    user_id TEXT,
+    decision TEXT NOT NULL,
+    path TEXT NOT NULL,
+    records_returned INTEGER NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX events_time ON events (time_us);
+CREATE INDEX events_principal_time ON events (principal, time_us);
+CREATE INDEX events_policy_time ON events (policy, time_us);
+CREATE INDEX events_decision_time ON events (decision, time_us);
+CREATE TABLE event_records (
+    record_hash TEXT NOT NULL,
+    time_us INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (record_hash, time_us, seq)
+) WITHOUT ROWID;
+CREATE INDEX event_records_seq ON event_records (seq);
+CREATE TABLE chain_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE chain_anchor (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    pruned_before_us INTEGER
+);
+CREATE TABLE alerts (
+    id TEXT PRIMARY KEY,
+    time_us INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX alerts_time ON alerts (time_us);
+";
+
+/// Schema migrations, in order. Never edit a released one: add the next.
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
+
+const CHAIN_COLUMNS: &str = "seq, id, time_us, namespace, policy, rule, principal, user_id, \
+                             decision, path, records_returned, prev_hash, hash, body";
+
+/// The SQLite store.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("readers", &self.inner.readers.len()).finish_non_exhaustive()
+    }
+}
+
+fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    // A panic in a task leaves no half-done transaction behind (rusqlite rolls back on drop).
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn task_error(e: tokio::task::JoinError) -> Error {
+    Error::Task(e.to_string())
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS custos_schema (
+             version INTEGER PRIMARY KEY,
+             applied_at_us INTEGER NOT NULL
+         )",
+    )?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let current: i64 =
+        tx.query_row("SELECT COALESCE(MAX(version), 0) FROM custos_schema", [], |r| r.get(0))?;
+    let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    if current > latest {
+        return Err(Error::SchemaTooNew { found: current, supported: latest });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.execute_batch(sql)?;
+        if *version == 1 {
+            tx.execute("INSERT INTO chain_head (id, seq, hash) VALUES (1, 0, ?1)", [GENESIS_HASH])?;
+            tx.execute("INSERT INTO chain_anchor (id, seq, hash) VALUES (1, 0, ?1)", [GENESIS_HASH])?;
+        }
+        tx.execute(
+            "INSERT INTO custos_schema (version, applied_at_us) VALUES (?1, ?2)",
+            params![version, chrono::Utc::now().timestamp_micros()],
+        )?;
+        tracing::info!(version, "migrated the SQLite audit store");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn chain_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChainRow> {
+    Ok(ChainRow {
+        seq: r.get(0)?,
+        cols: Columns {
+            id: r.get(1)?,
+            time_us: r.get(2)?,
+            namespace: r.get(3)?,
+            policy: r.get(4)?,
+            rule: r.get(5)?,
+            principal: r.get(6)?,
+            user_id: r.get(7)?,
+            decision: r.get(8)?,
+            path: r.get(9)?,
+            records_returned: r.get(10)?,
+        },
+        prev_hash: r.get(11)?,
+        hash: r.get(12)?,
+        body: r.get(13)?,
+    })
+}
+
+fn link_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Link> {
+    Ok(Link { seq: r.get(0)?, hash: r.get(1)? })
+}
+
+fn values(params: Vec<Param>) -> Vec<Value> {
+    params
+        .into_iter()
+        .map(|p| match p {
+            Param::Text(s) => Value::Text(s),
+            Param::Int(i) => Value::Integer(i),
+        })
+        .collect()
+}
+
+fn decision(s: &str) -> Result<custos_api::Decision> {
+    match s {
+        "Allow" => Ok(custos_api::Decision::Allow),
+        "Deny" => Ok(custos_api::Decision::Deny),
+        "WouldDeny" => Ok(custos_api::Decision::WouldDeny),
+        _ => Err(Error::Corrupt("unknown decision in a stored row".into())),
+    }
+}
+
+/// `SELECT id, time_us, namespace, principal, user_id, policy, rule, decision, path`.
+pub(crate) type SubjectRow =
+    (String, i64, String, String, Option<String>, Option<String>, Option<String>, String, String);
+
+/// Maps a [`SubjectRow`].
+pub(crate) fn subject_access(
+    (event_id, time_us, namespace, principal, user_id, policy, rule, dec, path): SubjectRow,
+) -> Result<SubjectAccess> {
+    Ok(SubjectAccess {
+        event_id,
+        time: chain::format_time_us(time_us),
+        namespace,
+        principal,
+        user_id,
+        policy,
+        rule,
+        decision: decision(&dec)?,
+        path,
+    })
+}
+
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` (`:memory:` for a private in-memory
+    /// database) and migrates it.
+    pub async fn open(path: &str) -> Result<SqliteStore> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&path)).await.map_err(task_error)?
+    }
+
+    fn open_blocking(path: &str) -> Result<SqliteStore> {
+        let memory = path == ":memory:";
+        let mut writer = Connection::open(Path::new(path))?;
+        writer.busy_timeout(Duration::from_secs(10))?;
+        if !memory {
+            let mode: String = writer.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(Error::Corrupt(format!("could not enable WAL (journal mode {mode})")));
+            }
+        }
+        writer.pragma_update(None, "synchronous", "FULL")?;
+        migrate(&mut writer)?;
+        let mut readers = Vec::new();
+        if !memory {
+            for _ in 0..READERS {
+                let r = Connection::open_with_flags(
+                    Path::new(path),
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                r.busy_timeout(Duration::from_secs(10))?;
+                readers.push(Mutex::new(r));
+            }
+        }
+        Ok(SqliteStore {
+            inner: Arc::new(Inner { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0) }),
+        })
+    }
+
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&mut lock(&inner.writer))).await.map_err(task_error)?
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            if inner.readers.is_empty() {
+                return f(&mut lock(&inner.writer));
+            }
+            let i = inner.next_reader.fetch_add(1, Ordering::Relaxed) % inner.readers.len();
+            f(&mut lock(&inner.readers[i]))
+        })
+        .await
+        .map_err(task_error)?
+    }
+
+    pub(crate) async fn ingest(&self, events: &[AuditEvent], cols: Vec<Columns>) -> Result<IngestOutcome> {
+        let events = events.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Link { seq: mut head_seq, hash: mut head_hash } =
+                tx.query_row("SELECT seq, hash FROM chain_head WHERE id = 1", [], link_row)?;
+            let mut out = IngestOutcome::default();
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO events (seq, id, time_us, namespace, policy, rule, principal, \
+                     user_id, decision, path, records_returned, prev_hash, hash, body) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+                     ON CONFLICT (id) DO NOTHING",
+                )?;
+                let mut record = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO event_records (record_hash, time_us, seq) \
+                     VALUES (?1, ?2, ?3)",
+                )?;
+                for (e, c) in events.iter().zip(cols) {
+                    let p = chain::link(e, c, head_seq + 1, &head_hash)?;
+                    let c = &p.cols;
+                    let n = insert.execute(params![
+                        p.seq,
+                        c.id,
+                        c.time_us,
+                        c.namespace,
+                        c.policy,
+                        c.rule,
+                        c.principal,
+                        c.user_id,
+                        c.decision,
+                        c.path,
+                        c.records_returned,
+                        p.prev_hash,
+                        p.hash,
+                        p.body
+                    ])?;
+                    if n == 0 {
+                        out.duplicates += 1;
+                        continue;
+                    }
+                    for r in &p.records {
+                        record.execute(params![r, c.time_us, p.seq])?;
+                    }
+                    head_seq = p.seq;
+                    head_hash = p.hash;
+                    out.accepted += 1;
+                }
+            }
+            if out.accepted > 0 {
+                tx.execute(
+                    "UPDATE chain_head SET seq = ?1, hash = ?2 WHERE id = 1",
+                    params![head_seq, head_hash],
+                )?;
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    pub(crate) async fn head_and_anchor(&self) -> Result<(Link, Link)> {
+        self.read(|conn| {
+            let tx = conn.transaction()?;
+            let head = tx.query_row("SELECT seq, hash FROM chain_head WHERE id = 1", [], link_row)?;
+            let anchor = tx.query_row("SELECT seq, hash FROM chain_anchor WHERE id = 1", [], link_row)?;
+            Ok((head, anchor))
+        })
+        .await
+    }
+
+    pub(crate) async fn first_above_head(&self) -> Result<Option<(i64, String)>> {
+        self.read(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT e.seq, e.id FROM events e, chain_head h \
+                     WHERE h.id = 1 AND e.seq > h.seq ORDER BY e.seq LIMIT 1",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    pub(crate) async fn chain_page(
+        &self,
+        after: (i64, Option<String>),
+        bound: i64,
+        limit: i64,
+    ) -> Result<(Vec<ChainRow>, BTreeMap<i64, Vec<String>>)> {
+        self.read(move |conn| {
+            let tx = conn.transaction()?;
+            let rows = match &after.1 {
+                None => {
+                    let mut st = tx.prepare_cached(&format!(
+                        "SELECT {CHAIN_COLUMNS} FROM events WHERE seq > ?1 AND seq <= ?2 \
+                         ORDER BY seq, id LIMIT ?3"
+                    ))?;
+                    st.query_map(params![after.0, bound, limit], chain_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()?
+                }
+                Some(id) => {
+                    let mut st = tx.prepare_cached(&format!(
+                        "SELECT {CHAIN_COLUMNS} FROM events \
+                         WHERE (seq > ?1 OR (seq = ?1 AND id > ?4)) AND seq <= ?2 \
+                         ORDER BY seq, id LIMIT ?3"
+                    ))?;
+                    st.query_map(params![after.0, bound, limit, id], chain_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()?
+                }
+            };
+            let records = match (rows.first(), rows.last()) {
+                (Some(first), Some(last)) => {
+                    let mut st = tx.prepare_cached(
+                        "SELECT seq, record_hash FROM event_records WHERE seq BETWEEN ?1 AND ?2",
+                    )?;
+                    st.query_map(params![first.seq, last.seq], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<rusqlite::Result<Vec<_>>>()?
+                }
+                _ => Vec::new(),
+            };
+            Ok((rows, chain::group_records(records)))
+        })
+        .await
+    }
+
+    pub(crate) async fn query(
+        &self,
+        q: &EventQuery,
+        cursor: Option<(i64, i64)>,
+        limit: i64,
+    ) -> Result<Vec<(i64, i64, String)>> {
+        let (sql, params) = query::events_sql(q, cursor, limit, |i| format!("?{i}"));
+        self.read(move |conn| {
+            let mut st = conn.prepare_cached(&sql)?;
+            Ok(st
+                .query_map(rusqlite::params_from_iter(values(params)), |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    pub(crate) async fn subject(
+        &self,
+        record_hash: &str,
+        range: TimeRange,
+        limit: i64,
+    ) -> Result<Vec<SubjectAccess>> {
+        let record_hash = record_hash.to_owned();
+        self.read(move |conn| {
+            let mut st = conn.prepare_cached(
+                "SELECT e.id, e.time_us, e.namespace, e.principal, e.user_id, e.policy, e.rule, \
+                 e.decision, e.path \
+                 FROM event_records r JOIN events e ON e.seq = r.seq \
+                 WHERE r.record_hash = ?1 AND r.time_us >= ?2 AND r.time_us < ?3 \
+                 ORDER BY r.time_us DESC, r.seq DESC LIMIT ?4",
+            )?;
+            let rows = st
+                .query_map(params![record_hash, range.since, range.until, limit], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter().map(subject_access).collect()
+        })
+        .await
+    }
+
+    pub(crate) async fn top(&self, by: TopBy, since: i64, limit: i64) -> Result<Vec<TopEntry>> {
+        self.read(move |conn| {
+            let sql = match by {
+                TopBy::Records => {
+                    "SELECT principal, SUM(records_returned) AS c FROM events \
+                     WHERE time_us >= ?1 GROUP BY principal HAVING c > 0 \
+                     ORDER BY c DESC, principal LIMIT ?2"
+                }
+                TopBy::Denials => {
+                    "SELECT principal, COUNT(*) AS c FROM events \
+                     WHERE decision = 'Deny' AND time_us >= ?1 GROUP BY principal \
+                     ORDER BY c DESC, principal LIMIT ?2"
+                }
+            };
+            let mut st = conn.prepare_cached(sql)?;
+            Ok(st
+                .query_map(params![since, limit], |r| {
+                    Ok(TopEntry { principal: r.get(0)?, count: count(r.get(1)?) })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    pub(crate) async fn usage(
+        &self,
+        namespace: Option<&str>,
+        policy: &str,
+        principal: &str,
+        now_us: i64,
+    ) -> Result<Vec<(String, RuleUsage)>> {
+        let (namespace, policy, principal) =
+            (namespace.map(str::to_owned), policy.to_owned(), principal.to_owned());
+        self.read(move |conn| {
+            let mut st = conn.prepare_cached(
+                "SELECT rule, \
+                 SUM(CASE WHEN time_us > ?4 AND decision <> 'Deny' THEN 1 ELSE 0 END), \
+                 SUM(CASE WHEN time_us > ?5 THEN records_returned ELSE 0 END), \
+                 SUM(records_returned) \
+                 FROM events \
+                 WHERE principal = ?1 AND policy = ?2 AND time_us > ?6 AND time_us <= ?3 \
+                 AND rule IS NOT NULL AND (?7 IS NULL OR namespace = ?7) \
+                 GROUP BY rule",
+            )?;
+            Ok(st
+                .query_map(
+                    params![
+                        principal,
+                        policy,
+                        now_us,
+                        now_us - 60_000_000,
+                        now_us - 3_600_000_000,
+                        now_us - chain::DAY_US,
+                        namespace
+                    ],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            RuleUsage {
+                                requests_last_minute: count(r.get(1)?),
+                                records_last_hour: count(r.get(2)?),
+                                records_last_day: count(r.get(3)?),
+                            },
+                        ))
+                    },
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    pub(crate) async fn prune_target(&self, cutoff: i64) -> Result<Option<i64>> {
+        self.read(move |conn| {
+            let min: Option<i64> =
+                conn.query_row("SELECT MIN(seq) FROM events WHERE time_us >= ?1", [cutoff], |r| r.get(0))?;
+            Ok(min.map(|m| m - 1))
+        })
+        .await
+    }
+
+    pub(crate) async fn prune_to(&self, anchor: &Link, last: &Link, cutoff: i64) -> Result<u64> {
+        let (anchor, last) = (anchor.clone(), last.clone());
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let current = tx.query_row("SELECT seq, hash FROM chain_anchor WHERE id = 1", [], link_row)?;
+            if current != anchor {
+                return Err(Error::Corrupt("the anchor moved during prune (concurrent prune?)".into()));
+            }
+            tx.execute("DELETE FROM event_records WHERE seq <= ?1", [last.seq])?;
+            let deleted = tx.execute("DELETE FROM events WHERE seq <= ?1", [last.seq])?;
+            tx.execute(
+                "UPDATE chain_anchor SET seq = ?1, hash = ?2, pruned_before_us = ?3 WHERE id = 1",
+                params![last.seq, last.hash, cutoff],
+            )?;
+            tx.commit()?;
+            Ok(deleted as u64)
+        })
+        .await
+    }
+
+    pub(crate) async fn insert_alerts(&self, rows: Vec<(String, i64, String)>) -> Result<u64> {
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut n = 0u64;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO alerts (id, time_us, body) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (id) DO NOTHING",
+                )?;
+                for (id, time_us, body) in &rows {
+                    n += st.execute(params![id, time_us, body])? as u64;
+                }
+            }
+            tx.commit()?;
+            Ok(n)
+        })
+        .await
+    }
+
+    pub(crate) async fn alerts(&self, since: i64, limit: i64) -> Result<Vec<String>> {
+        self.read(move |conn| {
+            let mut st = conn.prepare_cached(
+                "SELECT body FROM alerts WHERE time_us >= ?1 \
+                 ORDER BY time_us DESC, id DESC LIMIT ?2",
+            )?;
+            Ok(st.query_map(params![since, limit], |r| r.get(0))?.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+}

@@ -1,0 +1,162 @@
+//! Test environments: a SQLite file in a temporary directory, or a fresh schema in the
+//! PostgreSQL database named by `CUSTOS_TEST_POSTGRES_URL` (dropped afterwards).
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use chrono::{DateTime, TimeZone, Utc};
+use custos_api::audit::{AUDIT_SCHEMA_VERSION, AuditUser};
+use custos_api::policy::Mode;
+use custos_api::{AuditEvent, Decision};
+use custos_store::AnyStore;
+
+pub const POSTGRES_ENV: &str = "CUSTOS_TEST_POSTGRES_URL";
+
+pub enum Env {
+    Sqlite { _dir: tempfile::TempDir, path: PathBuf },
+    Postgres { base: String, schema: String },
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+static NOTICE: AtomicBool = AtomicBool::new(false);
+
+fn with_options(base: &str, schema: &str) -> String {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}options=-csearch_path%3D{schema}")
+}
+
+async fn pg_connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+impl Env {
+    pub fn sqlite() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        Env::Sqlite { _dir: dir, path }
+    }
+
+    /// `None` (with a notice) when no PostgreSQL is configured.
+    pub async fn postgres() -> Option<Env> {
+        let Ok(base) = std::env::var(POSTGRES_ENV) else {
+            // Once, and past libtest's output capture, so that a skipped suite is visible.
+            if !NOTICE.swap(true, Ordering::Relaxed) {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "NOTICE: {POSTGRES_ENV} is not set: the PostgreSQL store suite is skipped"
+                );
+            }
+            return None;
+        };
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let schema = format!(
+            "custos_test_{}_{}_{}",
+            std::process::id(),
+            nanos,
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        pg_connect(&base).await.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
+        Some(Env::Postgres { base, schema })
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Env::Sqlite { path, .. } => format!("sqlite:{}", path.display()),
+            Env::Postgres { base, schema } => with_options(base, schema),
+        }
+    }
+
+    pub async fn open(&self) -> AnyStore {
+        custos_store::open(&self.url()).await.unwrap()
+    }
+
+    /// Runs SQL through a second connection, as an attacker with database access would.
+    pub async fn raw(&self, sql: &str) {
+        match self {
+            Env::Sqlite { path, .. } => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+                conn.execute_batch(sql).unwrap();
+            }
+            Env::Postgres { .. } => {
+                pg_connect(&self.url()).await.batch_execute(sql).await.unwrap();
+            }
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Env::Postgres { base, schema } = self {
+            let (base, schema) = (base.clone(), schema.clone());
+            // A separate thread and runtime: this may run inside (or after) the test's runtime.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    pg_connect(&base)
+                        .await
+                        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                        .await
+                        .unwrap();
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// 2025-06-01T12:00:00Z.
+pub fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 0).unwrap()
+}
+
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+/// An event with defaults: Allow by `user:alice` under policy `customers`, rule `read`.
+pub fn event(id: &str, time: DateTime<Utc>) -> AuditEvent {
+    AuditEvent {
+        schema_version: AUDIT_SCHEMA_VERSION,
+        id: id.to_owned(),
+        time: rfc3339(time),
+        cluster: None,
+        namespace: "shop".into(),
+        policy: Some("customers".into()),
+        rule: Some("read".into()),
+        mode: Mode::Enforce,
+        pod: Some("customers-0".into()),
+        caller: None,
+        user: Some(AuditUser {
+            id: "alice".into(),
+            attributes: [("branch".to_owned(), "north".to_owned())].into(),
+        }),
+        principal: "user:alice".into(),
+        method: "GET".into(),
+        path: "/customers/{id}".into(),
+        decision: Decision::Allow,
+        reason: "rule read allows".into(),
+        status: 200,
+        records_returned: 1,
+        records_filtered: 0,
+        records_truncated: 0,
+        masked: [("email".to_owned(), 1)].into(),
+        bytes: 120,
+        latency_us: 900,
+        trace_id: None,
+        record_hashes: vec![],
+        prev_hash: None,
+    }
+}
+
+/// `n` events `e000..`, one second apart from `t0`.
+pub fn events(prefix: &str, n: usize) -> Vec<AuditEvent> {
+    (0..n).map(|i| event(&format!("{prefix}{i:03}"), t0() + chrono::Duration::seconds(i as i64))).collect()
+}

@@ -1,0 +1,558 @@
+//! The backend suite: every test runs against SQLite (a temporary file) and, when
+//! `CUSTOS_TEST_POSTGRES_URL` is set, against PostgreSQL (a fresh schema per test).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+
+use chrono::Duration;
+use common::{Env, event, events, rfc3339, t0};
+use custos_api::Decision;
+use custos_store::{
+    Alert, AnyStore, BreakKind, Error, EventQuery, GENESIS_HASH, Severity, TopBy, TopEntry, chain_hash,
+};
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let env = super::Env::sqlite();
+                    super::$name(&env).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(env) = super::Env::postgres().await else { return };
+                    super::$name(&env).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    ingest_is_idempotent,
+    partial_overlap_and_in_batch_duplicates,
+    invalid_event_rejects_the_batch,
+    durable_across_reopen,
+    verify_clean_chain,
+    verify_catches_edited_rows,
+    verify_catches_deleted_row,
+    verify_catches_deleted_tail,
+    verify_catches_inserted_row,
+    verify_catches_appended_row,
+    verify_catches_swapped_rows,
+    verify_catches_record_index_tamper,
+    query_filters_and_pagination,
+    subject_lookup,
+    top_by_records_and_denials,
+    usage_windows,
+    prune_keeps_chain_verifiable,
+    prune_refuses_a_broken_chain,
+    alerts_are_idempotent,
+    concurrent_ingest_keeps_chain_valid,
+);
+
+async fn all_ids(store: &AnyStore) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.query(&EventQuery { limit: 1000, cursor, ..EventQuery::default() }).await.unwrap();
+        ids.extend(page.events.into_iter().map(|e| e.id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return ids,
+        }
+    }
+}
+
+async fn assert_verifies(store: &AnyStore, checked: u64) {
+    let report = store.verify(None).await.unwrap();
+    assert_eq!(report.first_broken, None, "{report:?}");
+    assert_eq!(report.checked, checked);
+}
+
+async fn ingest_is_idempotent(env: &Env) {
+    let store = env.open().await;
+    let batch = events("e", 10);
+    let first = store.ingest(&batch).await.unwrap();
+    assert_eq!((first.accepted, first.duplicates), (10, 0));
+    let again = store.ingest(&batch).await.unwrap();
+    assert_eq!((again.accepted, again.duplicates), (0, 10));
+    assert_eq!(all_ids(&store).await.len(), 10);
+    assert_eq!(store.head().await.unwrap().seq, 10);
+    assert_verifies(&store, 10).await;
+    // An empty batch is fine.
+    assert_eq!(store.ingest(&[]).await.unwrap().accepted, 0);
+}
+
+async fn partial_overlap_and_in_batch_duplicates(env: &Env) {
+    let store = env.open().await;
+    let all = events("e", 15);
+    store.ingest(&all[..10]).await.unwrap();
+    let out = store.ingest(&all[5..]).await.unwrap();
+    assert_eq!((out.accepted, out.duplicates), (5, 5));
+    let twice = vec![event("x", t0()), event("x", t0())];
+    let out = store.ingest(&twice).await.unwrap();
+    assert_eq!((out.accepted, out.duplicates), (1, 1));
+    let ids = all_ids(&store).await;
+    assert_eq!(ids.len(), 16);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 16);
+    assert_verifies(&store, 16).await;
+}
+
+async fn invalid_event_rejects_the_batch(env: &Env) {
+    let store = env.open().await;
+    let mut batch = events("e", 3);
+    batch[1].time = "yesterday".into();
+    match store.ingest(&batch).await {
+        Err(Error::InvalidEvent { index: 1, .. }) => {}
+        other => panic!("expected InvalidEvent at 1, got {other:?}"),
+    }
+    batch[1].time = rfc3339(t0());
+    batch[2].id.clear();
+    assert!(matches!(store.ingest(&batch).await, Err(Error::InvalidEvent { index: 2, .. })));
+    assert!(all_ids(&store).await.is_empty());
+    assert!(matches!(custos_store::open("mysql://x").await, Err(Error::BadUrl)));
+}
+
+async fn durable_across_reopen(env: &Env) {
+    let batch = events("e", 20);
+    let head = {
+        let store = env.open().await;
+        store.ingest(&batch[..10]).await.unwrap();
+        store.head().await.unwrap()
+    };
+    // Reopening runs the migrations again: a no-op.
+    let store = env.open().await;
+    assert_eq!(store.head().await.unwrap(), head);
+    assert_eq!(all_ids(&store).await.len(), 10);
+    // A sender that did not see the answer resends; the chain continues after the head.
+    let out = store.ingest(&batch).await.unwrap();
+    assert_eq!((out.accepted, out.duplicates), (10, 10));
+    assert_verifies(&store, 20).await;
+    let stored = store.query(&EventQuery { limit: 1, ..EventQuery::default() }).await.unwrap();
+    assert_eq!(stored.events[0].id, "e019");
+}
+
+async fn verify_clean_chain(env: &Env) {
+    let store = env.open().await;
+    let report = store.verify(None).await.unwrap();
+    assert!(report.is_ok());
+    assert_eq!(report.head.hash, GENESIS_HASH);
+    // Across several days (several PostgreSQL partitions), with record hashes.
+    let mut batch = events("e", 30);
+    for (i, e) in batch.iter_mut().enumerate() {
+        e.time = rfc3339(t0() + Duration::hours(7 * i as i64));
+        e.record_hashes = vec![format!("{:064x}", i % 4), format!("{:064x}", 100 + i)];
+    }
+    store.ingest(&batch[..17]).await.unwrap();
+    store.ingest(&batch[17..]).await.unwrap();
+    assert_verifies(&store, 30).await;
+    let from = store.verify(Some(11)).await.unwrap();
+    assert!(from.is_ok());
+    assert_eq!((from.checked, from.start.seq), (20, 10));
+    // The stored events carry their chain link.
+    let page = store.query(&EventQuery::default()).await.unwrap();
+    let newest = &page.events[0];
+    assert_eq!(newest.id, "e029");
+    let head = store.head().await.unwrap();
+    let body = serde_json::to_string(newest).unwrap();
+    assert_eq!(chain_hash(newest.prev_hash.as_deref().unwrap(), &body), head.hash);
+}
+
+async fn tampered(env: &Env, sql: &str) -> custos_store::BrokenLink {
+    let store = env.open().await;
+    let mut batch = events("e", 10);
+    for (i, e) in batch.iter_mut().enumerate() {
+        e.record_hashes = vec![format!("{i:064x}")];
+    }
+    store.ingest(&batch).await.unwrap();
+    assert_verifies(&store, 10).await;
+    env.raw(sql).await;
+    let report = store.verify(None).await.unwrap();
+    report.first_broken.expect("tampering goes unnoticed")
+}
+
+async fn verify_catches_edited_rows(env: &Env) {
+    // A column edited at 5, a body edited at 4: the first (4) is reported.
+    let b = tampered(
+        env,
+        "UPDATE events SET principal = 'user:mallory' WHERE seq = 5;
+         UPDATE events SET body = replace(body, '\"status\":200', '\"status\":201') WHERE seq = 4;",
+    )
+    .await;
+    assert_eq!((b.kind, b.seq), (BreakKind::Edited, 4), "{b:?}");
+    assert_eq!(b.event_id.as_deref(), Some("e003"));
+}
+
+async fn verify_catches_deleted_row(env: &Env) {
+    let b = tampered(env, "DELETE FROM events WHERE seq = 5;").await;
+    assert_eq!((b.kind, b.seq, b.event_id.as_deref()), (BreakKind::Deleted, 5, None), "{b:?}");
+}
+
+async fn verify_catches_deleted_tail(env: &Env) {
+    let b = tampered(env, "DELETE FROM events WHERE seq >= 9;").await;
+    assert_eq!((b.kind, b.seq), (BreakKind::Deleted, 9), "{b:?}");
+}
+
+async fn verify_catches_inserted_row(env: &Env) {
+    // A forged row with a valid hash linked to seq 5, the rows after it renumbered.
+    let store = env.open().await;
+    store.ingest(&events("e", 10)).await.unwrap();
+    let page = store.query(&EventQuery::default()).await.unwrap();
+    let h5 = page.events.iter().find(|e| e.id == "e005").unwrap().prev_hash.clone().unwrap();
+    let mut forged = event("forged", t0() + Duration::milliseconds(5500));
+    forged.prev_hash = Some(h5.clone());
+    let body = serde_json::to_string(&forged).unwrap();
+    let hash = chain_hash(&h5, &body);
+    let time_us = (t0() + Duration::milliseconds(5500)).timestamp_micros();
+    env.raw(&format!(
+        "UPDATE events SET seq = -seq WHERE seq > 5;
+         UPDATE events SET seq = -seq + 1 WHERE seq < 0;
+         UPDATE event_records SET seq = seq + 1 WHERE seq > 5;
+         INSERT INTO events (seq, id, time_us, namespace, policy, rule, principal, user_id,
+             decision, path, records_returned, prev_hash, hash, body)
+         VALUES (6, 'forged', {time_us}, 'shop', 'customers', 'read', 'user:alice', 'alice',
+             'Allow', '/customers/{{id}}', 1, '{h5}', '{hash}', '{body}');"
+    ))
+    .await;
+    let b = store.verify(None).await.unwrap().first_broken.unwrap();
+    assert_eq!((b.kind, b.seq), (BreakKind::Inserted, 6), "{b:?}");
+    assert_eq!(b.event_id.as_deref(), Some("forged"));
+}
+
+async fn verify_catches_appended_row(env: &Env) {
+    // A copy of the last row as seq 11, the chain head untouched.
+    let b = tampered(
+        env,
+        "INSERT INTO events (seq, id, time_us, namespace, policy, rule, principal, user_id,
+             decision, path, records_returned, prev_hash, hash, body)
+         SELECT 11, 'appended', time_us, namespace, policy, rule, principal, user_id,
+             decision, path, records_returned, hash, hash, body FROM events WHERE seq = 10;",
+    )
+    .await;
+    assert_eq!((b.kind, b.seq), (BreakKind::Inserted, 11), "{b:?}");
+}
+
+async fn verify_catches_swapped_rows(env: &Env) {
+    let b = tampered(
+        env,
+        "UPDATE events SET seq = -1 WHERE seq = 5;
+         UPDATE events SET seq = 5 WHERE seq = 6;
+         UPDATE events SET seq = 6 WHERE seq = -1;",
+    )
+    .await;
+    assert_eq!((b.kind, b.seq), (BreakKind::Reordered, 5), "{b:?}");
+}
+
+async fn verify_catches_record_index_tamper(env: &Env) {
+    // Hiding an access to a data subject: the index row goes, the event stays.
+    let b = tampered(env, "DELETE FROM event_records WHERE seq = 3;").await;
+    assert_eq!((b.kind, b.seq), (BreakKind::Edited, 3), "{b:?}");
+}
+
+async fn query_filters_and_pagination(env: &Env) {
+    let store = env.open().await;
+    let principals = ["user:a", "user:b", "user:c"];
+    let mut batch = Vec::new();
+    for i in 0..60usize {
+        // Pairs of events share a timestamp, to exercise the seq tie-break.
+        let mut e = event(&format!("q{i:03}"), t0() + Duration::seconds((i / 2) as i64));
+        e.principal = principals[i % 3].into();
+        e.decision = [Decision::Allow, Decision::Deny, Decision::WouldDeny, Decision::Allow][i % 4];
+        e.policy = Some(if i % 5 == 0 { "orders" } else { "customers" }.into());
+        e.namespace = if i % 2 == 0 { "shop" } else { "bank" }.into();
+        batch.push(e);
+    }
+    store.ingest(&batch[..25]).await.unwrap();
+    store.ingest(&batch[25..]).await.unwrap();
+
+    let expect = |f: &dyn Fn(usize) -> bool| -> Vec<String> {
+        let mut v: Vec<usize> = (0..60).filter(|i| f(*i)).collect();
+        v.reverse(); // newest first: time desc, then seq desc
+        v.into_iter().map(|i| format!("q{i:03}")).collect()
+    };
+    let paged = |q: EventQuery| {
+        let store = store.clone();
+        async move {
+            let mut out = Vec::new();
+            let mut q = q;
+            loop {
+                let page = store.query(&q).await.unwrap();
+                assert!(page.events.len() <= q.limit as usize);
+                out.extend(page.events.into_iter().map(|e| e.id));
+                match page.next_cursor {
+                    Some(c) => q.cursor = Some(c),
+                    None => return out,
+                }
+            }
+        }
+    };
+    let base = EventQuery { limit: 7, ..EventQuery::default() };
+    assert_eq!(paged(base.clone()).await, expect(&|_| true));
+    assert_eq!(
+        paged(EventQuery { principal: Some("user:b".into()), ..base.clone() }).await,
+        expect(&|i| i % 3 == 1)
+    );
+    assert_eq!(
+        paged(EventQuery { decision: Some(Decision::Deny), ..base.clone() }).await,
+        expect(&|i| i % 4 == 1)
+    );
+    assert_eq!(
+        paged(EventQuery { policy: Some("orders".into()), namespace: Some("shop".into()), ..base.clone() })
+            .await,
+        expect(&|i| i % 5 == 0 && i % 2 == 0)
+    );
+    assert_eq!(
+        paged(EventQuery {
+            since: Some(t0() + Duration::seconds(10)),
+            until: Some(t0() + Duration::seconds(20)),
+            principal: Some("user:a".into()),
+            ..base.clone()
+        })
+        .await,
+        expect(&|i| (20..40).contains(&i) && i % 3 == 0)
+    );
+    // Default limit, exact-size last page, bad cursor.
+    let page = store.query(&EventQuery::default()).await.unwrap();
+    assert_eq!((page.events.len(), page.next_cursor), (60, None));
+    let bad = store.query(&EventQuery { cursor: Some("not-a-cursor".into()), ..EventQuery::default() }).await;
+    assert!(matches!(bad, Err(Error::BadCursor)));
+}
+
+async fn subject_lookup(env: &Env) {
+    let store = env.open().await;
+    let subject = format!("{:064x}", 42);
+    let other = format!("{:064x}", 7);
+    let mut batch = events("s", 12);
+    for (i, e) in batch.iter_mut().enumerate() {
+        e.record_hashes = if i % 3 == 0 {
+            vec![other.clone(), subject.clone(), subject.clone()]
+        } else {
+            vec![other.clone()]
+        };
+        e.principal = format!("user:u{i}");
+        e.user = Some(custos_api::audit::AuditUser { id: format!("u{i}"), attributes: Default::default() });
+    }
+    batch[9].decision = Decision::WouldDeny;
+    store.ingest(&batch).await.unwrap();
+    let hits = store.subject(&subject, None, None, 0).await.unwrap();
+    let ids: Vec<&str> = hits.iter().map(|h| h.event_id.as_str()).collect();
+    assert_eq!(ids, ["s009", "s006", "s003", "s000"]);
+    let h = &hits[0];
+    assert_eq!(h.principal, "user:u9");
+    assert_eq!(h.user_id.as_deref(), Some("u9"));
+    assert_eq!(h.decision, Decision::WouldDeny);
+    assert_eq!((h.policy.as_deref(), h.rule.as_deref()), (Some("customers"), Some("read")));
+    assert_eq!(h.path, "/customers/{id}");
+    assert_eq!(h.time, rfc3339(t0() + Duration::seconds(9)));
+    let since = store
+        .subject(&subject, Some(t0() + Duration::seconds(3)), Some(t0() + Duration::seconds(9)), 0)
+        .await
+        .unwrap();
+    assert_eq!(since.iter().map(|h| h.event_id.as_str()).collect::<Vec<_>>(), ["s006", "s003"]);
+    assert_eq!(store.subject(&subject, None, None, 1).await.unwrap().len(), 1);
+    assert!(store.subject(&"f".repeat(64), None, None, 0).await.unwrap().is_empty());
+    assert_eq!(store.subject(&other, None, None, 0).await.unwrap().len(), 12);
+}
+
+async fn top_by_records_and_denials(env: &Env) {
+    let store = env.open().await;
+    let mut batch = Vec::new();
+    let spec = [
+        ("user:a", Decision::Allow, 50u64, 0i64),
+        ("user:a", Decision::Allow, 30, 10),
+        ("user:b", Decision::Allow, 100, 20),
+        ("user:b", Decision::Deny, 0, 30),
+        ("user:c", Decision::Deny, 0, 40),
+        ("user:c", Decision::Deny, 0, 50),
+        ("user:c", Decision::Deny, 0, 60),
+        ("user:d", Decision::Allow, 0, 70),
+        ("user:a", Decision::Allow, 500, -3600), // before `since`
+    ];
+    for (i, (p, d, r, dt)) in spec.iter().enumerate() {
+        let mut e = event(&format!("t{i}"), t0() + Duration::seconds(*dt));
+        e.principal = (*p).into();
+        e.decision = *d;
+        e.records_returned = *r;
+        batch.push(e);
+    }
+    store.ingest(&batch).await.unwrap();
+    let entry = |p: &str, count| TopEntry { principal: p.into(), count };
+    assert_eq!(
+        store.top(TopBy::Records, Some(t0()), 0).await.unwrap(),
+        [entry("user:b", 100), entry("user:a", 80)]
+    );
+    assert_eq!(store.top(TopBy::Records, None, 1).await.unwrap(), [entry("user:a", 580)]);
+    assert_eq!(
+        store.top(TopBy::Denials, Some(t0()), 10).await.unwrap(),
+        [entry("user:c", 3), entry("user:b", 1)]
+    );
+}
+
+async fn usage_windows(env: &Env) {
+    let store = env.open().await;
+    let now = t0();
+    let mk = |id: &str, dt: i64, d: Decision, records: u64| {
+        let mut e = event(id, now + Duration::seconds(dt));
+        e.decision = d;
+        e.records_returned = records;
+        e
+    };
+    let mut batch = vec![
+        mk("u1", -10, Decision::Allow, 5),
+        mk("u2", -20, Decision::Deny, 0),
+        mk("u3", -30, Decision::WouldDeny, 2),
+        mk("u4", -90, Decision::Allow, 7),
+        mk("u5", -7200, Decision::Allow, 11),
+        mk("u6", -25 * 3600, Decision::Allow, 100), // outside the day
+        mk("u7", 10, Decision::Allow, 1000),        // after `now`
+        mk("u8", -60, Decision::Allow, 3),          // exactly a minute ago: outside
+    ];
+    let mut other_rule = mk("u9", -5, Decision::Allow, 4);
+    other_rule.rule = Some("export".into());
+    let mut no_rule = mk("u10", -5, Decision::Allow, 4);
+    no_rule.rule = None;
+    let mut other_principal = mk("u11", -5, Decision::Allow, 4);
+    other_principal.principal = "user:bob".into();
+    let mut other_policy = mk("u12", -5, Decision::Allow, 4);
+    other_policy.policy = Some("orders".into());
+    let mut other_ns = mk("u13", -5, Decision::Allow, 4);
+    other_ns.namespace = "bank".into();
+    batch.extend([other_rule, no_rule, other_principal, other_policy, other_ns]);
+    store.ingest(&batch).await.unwrap();
+
+    let u = store.usage(Some("shop"), "customers", "user:alice", now).await.unwrap();
+    assert_eq!(u.policy, "customers");
+    assert_eq!(u.principal, "user:alice");
+    assert_eq!(u.as_of, rfc3339(now));
+    assert_eq!(u.rules.len(), 2);
+    let read = u.rules["read"];
+    assert_eq!(read.requests_last_minute, 2); // u1 + u3; u2 was denied
+    assert_eq!(read.records_last_hour, 5 + 2 + 7 + 3);
+    assert_eq!(read.records_last_day, 5 + 2 + 7 + 3 + 11);
+    assert_eq!(u.rules["export"].requests_last_minute, 1);
+    // Without a namespace: every namespace counts.
+    let all = store.usage(None, "customers", "user:alice", now).await.unwrap();
+    assert_eq!(all.rules["read"].requests_last_minute, 3);
+    let none = store.usage(None, "customers", "user:nobody", now).await.unwrap();
+    assert!(none.rules.is_empty());
+}
+
+async fn prune_keeps_chain_verifiable(env: &Env) {
+    let store = env.open().await;
+    let day = |d: i64, i: i64| t0() + Duration::days(d) + Duration::seconds(i);
+    let mk = |id: &str, t| {
+        let mut e = event(id, t);
+        e.record_hashes = vec![format!("{:064x}", 1)];
+        e
+    };
+    let mut batch: Vec<_> = (0..5).map(|i| mk(&format!("a{i}"), day(0, i))).collect();
+    batch.extend((0..3).map(|i| mk(&format!("b{i}"), day(1, i))));
+    batch.push(mk("late", day(0, 100))); // an old event ingested late: seq 9
+    batch.extend((3..5).map(|i| mk(&format!("b{i}"), day(1, i))));
+    batch.extend((0..5).map(|i| mk(&format!("c{i}"), day(2, i))));
+    store.ingest(&batch[..7]).await.unwrap();
+    store.ingest(&batch[7..]).await.unwrap();
+    let start_of = |d: i64| {
+        use chrono::Timelike;
+        let t = t0() + Duration::days(d);
+        t.with_hour(0).unwrap()
+    };
+
+    // Everything before day 1 is old, but `late` (seq 9) is chained after day-1 events.
+    let report = store.prune(start_of(1)).await.unwrap();
+    assert_eq!((report.deleted, report.anchor.seq), (5, 5));
+    assert_eq!(store.anchor().await.unwrap(), report.anchor);
+    let v = store.verify(None).await.unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!((v.checked, v.start.seq), (11, 5));
+    assert!(all_ids(&store).await.contains(&"late".to_owned()));
+
+    let report = store.prune(start_of(2)).await.unwrap();
+    assert_eq!((report.deleted, report.anchor.seq), (6, 11));
+    assert_verifies(&store, 5).await;
+    assert_eq!(store.subject(&format!("{:064x}", 1), None, None, 0).await.unwrap().len(), 5);
+    // Nothing more to prune; ingest continues the chain from the head.
+    assert_eq!(store.prune(start_of(2)).await.unwrap().deleted, 0);
+    let out = store.ingest(&[mk("d0", day(3, 0)), mk("old", day(0, 7))]).await.unwrap();
+    assert_eq!(out.accepted, 2);
+    assert_verifies(&store, 7).await;
+    // Tampering after a prune is still caught.
+    env.raw("DELETE FROM events WHERE seq = 13;").await;
+    let b = store.verify(None).await.unwrap().first_broken.unwrap();
+    assert_eq!((b.kind, b.seq), (BreakKind::Deleted, 13));
+}
+
+async fn prune_refuses_a_broken_chain(env: &Env) {
+    let store = env.open().await;
+    store.ingest(&events("e", 10)).await.unwrap();
+    env.raw("UPDATE events SET principal = 'user:mallory' WHERE seq = 2;").await;
+    match store.prune(t0() + Duration::days(1)).await {
+        Err(Error::ChainBroken(b)) => assert_eq!((b.kind, b.seq), (BreakKind::Edited, 2)),
+        other => panic!("expected ChainBroken, got {other:?}"),
+    }
+    assert_eq!(all_ids(&store).await.len(), 10);
+}
+
+async fn alerts_are_idempotent(env: &Env) {
+    let store = env.open().await;
+    let alert = |id: &str, dt: i64| Alert {
+        id: id.into(),
+        time: rfc3339(t0() + Duration::seconds(dt)),
+        detector: "volume".into(),
+        namespace: Some("shop".into()),
+        policy: Some("customers".into()),
+        principal: Some("user:alice".into()),
+        severity: Severity::Warning,
+        message: "record volume 12x the baseline".into(),
+        details: serde_json::json!({"factor": 12.5, "baseline": 40}),
+    };
+    assert_eq!(store.insert_alerts(&[alert("a1", 0), alert("a2", 10)]).await.unwrap(), 2);
+    assert_eq!(store.insert_alerts(&[alert("a2", 10), alert("a3", 20), alert("a3", 20)]).await.unwrap(), 1);
+    let all = store.alerts(None, 0).await.unwrap();
+    assert_eq!(all.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["a3", "a2", "a1"]);
+    assert_eq!(all[2], alert("a1", 0));
+    let recent = store.alerts(Some(t0() + Duration::seconds(10)), 1).await.unwrap();
+    assert_eq!(recent.len(), 1);
+    assert_eq!(recent[0].id, "a3");
+    let mut bad = alert("a4", 0);
+    bad.time = "noon".into();
+    assert!(matches!(store.insert_alerts(&[bad]).await, Err(Error::InvalidAlert { index: 0, .. })));
+}
+
+async fn concurrent_ingest_keeps_chain_valid(env: &Env) {
+    // Two stores on the same database (two pools / two SQLite writers), two tasks each,
+    // overlapping ids between them.
+    let a = env.open().await;
+    let b = env.open().await;
+    let all = events("c", 400);
+    let mut tasks = Vec::new();
+    for (k, store) in [a.clone(), a.clone(), b.clone(), b.clone()].into_iter().enumerate() {
+        let all = all.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut accepted = 0;
+            // Task k sends ids [k*80, k*80 + 160): each overlaps its neighbour by 80.
+            let mine = &all[k * 80..(k * 80 + 160).min(all.len())];
+            for chunk in mine.chunks(20) {
+                accepted += store.ingest(chunk).await.unwrap().accepted;
+            }
+            accepted
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        accepted += t.await.unwrap();
+    }
+    assert_eq!(accepted, 400);
+    assert_eq!(all_ids(&a).await.len(), 400);
+    assert_eq!(a.head().await.unwrap().seq, 400);
+    assert_verifies(&b, 400).await;
+}
