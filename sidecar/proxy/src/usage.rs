@@ -33,8 +33,10 @@ pub(crate) async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
+        // `wait_for`, not `changed`: a shutdown seen (and marked seen) by `sync_round` must
+        // still end the loop.
         tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait_for(|stop| *stop) => return,
             _ = ticker.tick() => {}
         }
         let now = Timestamp::from(SystemTime::now());
@@ -91,7 +93,7 @@ async fn sync_round(
             });
         }
         let joined = tokio::select! {
-            _ = shutdown.changed() => {
+            _ = shutdown.wait_for(|stop| *stop) => {
                 tasks.abort_all();
                 return failures;
             }

@@ -496,6 +496,30 @@ async fn cluster_usage_makes_replicas_refuse_together() {
     f.stop().await;
 }
 
+/// Regression: a shutdown that arrived while a usage fetch was in flight was marked seen by
+/// the fetch loop and the sync task then never stopped, so `shutdown` hung.
+#[tokio::test]
+async fn shutdown_during_a_usage_fetch_completes() {
+    let collector = Collector::start().await;
+    collector.set_usage_delay(Duration::from_millis(500));
+    let url = collector.url();
+    let mut f = start(spec("Enforce"), |s| {
+        let mut c = collector_settings(url, s.jwks_dir.with_file_name("spool"));
+        c.usage_sync_interval = Some(Duration::from_millis(20));
+        s.collector = Some(c);
+    })
+    .await;
+    assert_eq!(get(f.proxy(), "/crawl/x").await.status, 200);
+    for _ in 0..400 {
+        if collector.usage_hits(POLICY, "peer:127.0.0.1") > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(collector.usage_hits(POLICY, "peer:127.0.0.1"), 1, "no usage fetch in flight");
+    tokio::time::timeout(Duration::from_secs(5), f.stop()).await.expect("shutdown hung");
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. Audit mode.
 

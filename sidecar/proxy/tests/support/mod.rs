@@ -182,6 +182,8 @@ struct CollectorState {
     usage: Mutex<UsageBase>,
     /// `GET /v1/usage` requests, by (policy, principal).
     usage_hits: Mutex<BTreeMap<(String, String), usize>>,
+    /// How long `GET /v1/usage` takes to answer.
+    usage_delay: Mutex<Duration>,
 }
 
 /// The audit collector: stores every NDJSON line it receives and answers `/v1/usage`.
@@ -272,6 +274,11 @@ impl Collector {
             .insert(rule.to_string(), usage);
     }
 
+    /// Makes `GET /v1/usage` answer after `delay` (counted as a hit on arrival).
+    pub fn set_usage_delay(&self, delay: Duration) {
+        *self.state.usage_delay.lock().unwrap() = delay;
+    }
+
     /// How many `GET /v1/usage` asked about `principal` under `policy`.
     pub fn usage_hits(&self, policy: &str, principal: &str) -> usize {
         let hits = self.state.usage_hits.lock().unwrap();
@@ -301,6 +308,10 @@ async fn collector(req: Request<Incoming>, state: &CollectorState) -> Response<F
         let principal = params.get("principal").cloned().unwrap_or_default();
         let pair = (policy.clone(), principal.clone());
         *state.usage_hits.lock().unwrap().entry(pair.clone()).or_insert(0) += 1;
+        let delay = *state.usage_delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let base = state.usage.lock().unwrap().get(&pair).cloned().unwrap_or_default();
         // The cluster figures: the other replicas' plus what this sidecar reported, counted
         // once per event id (admitted requests, records returned), as of now.
