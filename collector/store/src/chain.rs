@@ -63,6 +63,9 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 /// Microseconds in a day.
 pub(crate) const DAY_US: i64 = 86_400_000_000;
 
+/// The columns of `events` that `verify` reads, in the order both backends select them.
+pub(crate) const CHAIN_COLUMNS: &str = "seq, id, time_us, namespace, policy, rule, principal, user_id, decision, path, records_returned, prev_hash, hash, body";
+
 /// `hex(SHA-256(prev_hash || body))`.
 pub fn chain_hash(prev_hash: &str, body: &str) -> String {
     let mut h = Sha256::new();

@@ -17,7 +17,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
-use crate::chain::{self, ChainRow, Columns, DAY_US, GENESIS_HASH, Link};
+use crate::chain::{self, CHAIN_COLUMNS, ChainRow, Columns, DAY_US, GENESIS_HASH, Link};
 use crate::query::{self, Param, TimeRange};
 use crate::{Error, EventQuery, IngestOutcome, Result, SubjectAccess, TopBy, TopEntry};
 
@@ -79,9 +79,6 @@ CREATE INDEX alerts_time ON alerts (time_us);
 
 /// Schema migrations, in order. Never edit a released one: add the next.
 const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
-
-const CHAIN_COLUMNS: &str = "seq, id, time_us, namespace, policy, rule, principal, user_id, \
-                             decision, path, records_returned, prev_hash, hash, body";
 
 /// The PostgreSQL store.
 #[derive(Clone)]

@@ -20,7 +20,7 @@ use custos_api::collector::RuleUsage;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use crate::chain::{self, ChainRow, Columns, GENESIS_HASH, Link};
+use crate::chain::{self, CHAIN_COLUMNS, ChainRow, Columns, GENESIS_HASH, Link};
 use crate::query::{self, Param, TimeRange};
 use crate::{Error, EventQuery, IngestOutcome, Result, SubjectAccess, TopBy, TopEntry};
 
@@ -76,9 +76,6 @@ CREATE INDEX alerts_time ON alerts (time_us);
 
 /// Schema migrations, in order. Never edit a released one: add the next.
 const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
-
-const CHAIN_COLUMNS: &str = "seq, id, time_us, namespace, policy, rule, principal, user_id, \
-                             decision, path, records_returned, prev_hash, hash, body";
 
 /// The SQLite store.
 #[derive(Clone)]
