@@ -10,8 +10,13 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("custos-sidecar").build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // With proxy threads (the default) requests are served on their own runtimes; this one
+    // only runs the config watcher, the admin server, the usage sync and the audit shipper.
+    if args.sidecar.proxy_threads != Some(0) {
+        builder.worker_threads(1);
+    }
+    let runtime = builder.enable_all().thread_name("custos-sidecar").build()?;
     runtime.block_on(custos_sidecar::run(args.sidecar))?;
     Ok(ExitCode::SUCCESS)
 }

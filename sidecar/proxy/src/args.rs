@@ -44,6 +44,12 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_NAMESPACE", value_name = "NS")]
     pub namespace: Option<String>,
 
+    /// Proxy threads: each serves its share of the connections on its own single-threaded
+    /// runtime and upstream pool (`SO_REUSEPORT`). 0 serves on the process's shared runtime
+    /// [default: the number of CPUs available to the process].
+    #[arg(long, env = "CUSTOS_PROXY_THREADS", value_name = "N")]
+    pub proxy_threads: Option<usize>,
+
     /// Admin address: /healthz, /ready, /metrics.
     #[arg(long, env = "CUSTOS_ADMIN", value_name = "ADDR", default_value = "0.0.0.0:15090")]
     pub admin: SocketAddr,
@@ -168,6 +174,7 @@ impl SidecarArgs {
             },
             cluster: self.cluster,
             drain_timeout: self.drain_timeout,
+            proxy_threads: self.proxy_threads.unwrap_or_else(crate::settings::default_proxy_threads),
             ..SidecarSettings::new(self.config)
         })
     }

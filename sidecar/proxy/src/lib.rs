@@ -49,6 +49,7 @@ mod proxy;
 mod server;
 mod settings;
 mod state;
+mod threads;
 mod usage;
 
 use std::net::SocketAddr;
@@ -58,9 +59,6 @@ use std::time::{Duration, SystemTime};
 use custos_quota::{QuotaSettings, Quotas};
 use custos_shipper::{Shipper, ShipperConfig, ShipperMetrics, UsageClient};
 use custos_transform::HashKey;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -69,7 +67,9 @@ use tokio::task::JoinHandle;
 pub use args::{SidecarArgs, parse_downward_labels, parse_duration, parse_label_list};
 pub use error::Error;
 pub use proxy::METHOD_OVERRIDE_HEADERS;
-pub use settings::{CollectorSettings, DEFAULT_ADMIN_ADDR, ProxyLimits, SidecarSettings};
+pub use settings::{
+    CollectorSettings, DEFAULT_ADMIN_ADDR, ProxyLimits, SidecarSettings, default_proxy_threads,
+};
 
 use crate::metrics::Metrics;
 use crate::proxy::Shared;
@@ -196,33 +196,34 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
     let usage_interval =
         settings.collector.as_ref().and_then(|c| c.usage_sync_interval).unwrap_or(Duration::from_secs(60));
 
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(settings.limits.upstream_connect_timeout));
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(1024)
-        .build(connector);
-
     let quotas = Arc::new(Quotas::new(QuotaSettings::default()));
     let shared = Arc::new(Shared {
         config: config.clone(),
         metrics: metrics.clone(),
         quotas: quotas.clone(),
         shipper: shipper.clone(),
-        client,
+        client: proxy::upstream_client(&settings.limits),
         hash_key,
         limits: settings.limits.clone(),
         pod_name: settings.pod_name.clone(),
         cluster: settings.cluster.clone(),
+        connection_slots: Arc::new(tokio::sync::Semaphore::new(settings.limits.max_connections)),
     });
 
     let listen = settings
         .listen
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], proxy_port.unwrap_or(DEFAULT_PROXY_PORT))));
-    let listener = TcpListener::bind(listen).await.map_err(|e| Error::Bind { addr: listen, source: e })?;
-    let proxy_addr = listener.local_addr().map_err(|e| Error::Bind { addr: listen, source: e })?;
+    let (listener, listeners) = if settings.proxy_threads == 0 {
+        (Some(TcpListener::bind(listen).await.map_err(|e| Error::Bind { addr: listen, source: e })?), vec![])
+    } else {
+        (None, threads::bind(listen, settings.proxy_threads)?)
+    };
+    let proxy_addr = match (&listener, listeners.first()) {
+        (Some(l), _) => l.local_addr(),
+        (None, Some(l)) => l.local_addr(),
+        (None, None) => Err(std::io::Error::other("no proxy listener")),
+    }
+    .map_err(|e| Error::Bind { addr: listen, source: e })?;
     let admin_listener = TcpListener::bind(settings.admin)
         .await
         .map_err(|e| Error::Bind { addr: settings.admin, source: e })?;
@@ -230,12 +231,15 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         admin_listener.local_addr().map_err(|e| Error::Bind { addr: settings.admin, source: e })?;
 
     let (trigger, trigger_rx) = watch::channel(false);
-    let proxy_task = tokio::spawn(server::serve_proxy(
-        listener,
-        shared.clone(),
-        trigger_rx.clone(),
-        settings.drain_timeout,
-    ));
+    let proxy_task = match listener {
+        Some(listener) => threads::ProxyTask::Local(tokio::spawn(server::serve_proxy(
+            listener,
+            shared.clone(),
+            trigger_rx.clone(),
+            settings.drain_timeout,
+        ))),
+        None => threads::spawn(listeners, &shared, &trigger_rx, settings.drain_timeout)?,
+    };
     let reload_task = tokio::spawn(state::watch_config(
         config.clone(),
         metrics.clone(),
@@ -265,7 +269,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         let _ = stop.wait_for(|s| *s).await;
         tracing::info!("shutting down: draining in-flight requests");
         config.shutting_down();
-        let _ = proxy_task.await;
+        proxy_task.wait().await;
         let _ = reload_task.await;
         let _ = usage_task.await;
         drop(shared);

@@ -55,7 +55,9 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authenticate",
 ];
 
-/// State shared by every request.
+/// State shared by every request (cloned per proxy thread: the `Arc`s are shared, the
+/// upstream client is per thread, see [`Shared::with_fresh_client`]).
+#[derive(Clone)]
 pub(crate) struct Shared {
     pub config: Arc<ConfigCell>,
     pub metrics: Arc<Metrics>,
@@ -66,6 +68,28 @@ pub(crate) struct Shared {
     pub limits: ProxyLimits,
     pub pod_name: Option<String>,
     pub cluster: Option<String>,
+    /// Open client connections allowed, across all proxy threads.
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Shared {
+    /// A copy with its own upstream connection pool (whose connections are then driven by
+    /// the runtime that uses it).
+    pub(crate) fn with_fresh_client(&self) -> Shared {
+        Shared { client: upstream_client(&self.limits), ..self.clone() }
+    }
+}
+
+/// The pooled keep-alive HTTP/1.1 client to the app.
+pub(crate) fn upstream_client(limits: &ProxyLimits) -> Client<HttpConnector, RequestBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .pool_max_idle_per_host(1024)
+        .build(connector)
 }
 
 /// The enforcing service of one client connection.

@@ -15,7 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tower::Service;
 
 use crate::proxy::{Enforcer, Shared};
@@ -45,7 +45,7 @@ pub(crate) async fn serve_proxy(
         .max_header_list_size(u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = shared.connection_slots.clone();
     let metrics = shared.metrics.clone();
     loop {
         let (stream, peer) = tokio::select! {

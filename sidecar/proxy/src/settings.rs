@@ -131,6 +131,15 @@ pub struct SidecarSettings {
     pub drain_timeout: Duration,
     /// How long pending audit events may take to be flushed or spooled on shutdown.
     pub shipper_shutdown_timeout: Duration,
+    /// Proxy threads, each with its own single-threaded runtime, its own listening socket
+    /// (`SO_REUSEPORT`, the kernel spreads connections) and its own upstream connection pool,
+    /// so that a request never crosses threads. `0`: serve on the caller's runtime instead.
+    pub proxy_threads: usize,
+}
+
+/// One proxy thread per CPU the process may use (at least 1).
+pub fn default_proxy_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 impl SidecarSettings {
@@ -154,6 +163,7 @@ impl SidecarSettings {
             reload_interval: Duration::from_millis(500),
             drain_timeout: Duration::from_secs(20),
             shipper_shutdown_timeout: Duration::from_secs(5),
+            proxy_threads: default_proxy_threads(),
         }
     }
 }

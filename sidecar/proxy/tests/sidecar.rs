@@ -141,6 +141,27 @@ async fn masks_content_length_chunked_and_gzip_responses() {
     f.stop().await;
 }
 
+/// The default serves on per-CPU proxy threads (SO_REUSEPORT); `proxy_threads: 0` serves on
+/// the caller's runtime; 3 threads spread many connections over 3 listening sockets. Every
+/// mode enforces the same.
+#[tokio::test]
+async fn every_threading_mode_enforces() {
+    for threads in [0, 1, 3] {
+        let mut f = start(policy(main_rules()), |s| s.proxy_threads = threads).await;
+        let mut clients = Vec::new();
+        for _ in 0..12 {
+            let addr = f.proxy();
+            clients.push(tokio::spawn(async move { get(addr, "/customers").await }));
+        }
+        for c in clients {
+            assert_masked_list(&c.await.unwrap(), 4);
+        }
+        assert_eq!(get(f.proxy(), "/customers/export").await.status, 403, "threads={threads}");
+        assert_eq!(f.upstream.seen().len(), 12, "threads={threads}");
+        f.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn h2c_clients_are_served() {
     let mut f = start(policy(main_rules()), |_| {}).await;
