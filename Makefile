@@ -3,7 +3,7 @@ CARGO ?= cargo
 CUSTOS := target/debug/custos
 CRD := crds/dataaccesspolicies.custos.dev.yaml
 
-.PHONY: all build test unit lint fmt fmt-check crds crds-check check-examples bench bench-engine bench-sidecar bench-deps demo clean
+.PHONY: all build test unit lint fmt fmt-check crds crds-check check-examples bench bench-engine bench-sidecar bench-store bench-deps demo clean
 
 all: build
 
@@ -37,11 +37,17 @@ check-examples: build
 	$(CUSTOS) check examples/*.yaml
 
 ## bench: every benchmark; each prints its in-run baseline and the ratio (BENCHMARKS.md).
-bench: bench-engine bench-sidecar
+bench: bench-engine bench-sidecar bench-store
 
 bench-engine:
 	$(CARGO) bench --locked -p custos-policy --bench decision
 	$(CARGO) bench --locked -p custos-transform --bench transform
+
+## bench-store: collector ingest (SQLite, PostgreSQL) vs plain batched inserts; subject query at 10 M events.
+## PostgreSQL: CUSTOS_BENCH_POSTGRES_URL, else this machine's (skipped when unreachable).
+bench-store:
+	CUSTOS_BENCH_POSTGRES_URL="$${CUSTOS_BENCH_POSTGRES_URL:-$${CUSTOS_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}}" \
+	  $(CARGO) bench --locked -p custos-store --bench ingest
 
 ## bench-sidecar: direct vs. custos sidecar vs. nginx, wrk peak + fixed 2,000 req/s.
 bench-sidecar: bench-deps

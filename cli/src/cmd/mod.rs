@@ -1,6 +1,8 @@
 //! Subcommands of `custos`.
 
+mod audit;
 mod check;
+mod collector;
 mod compile;
 mod crd;
 mod explain;
@@ -30,6 +32,10 @@ enum Command {
     Crd(crd::Args),
     /// Run the enforcing proxy in front of a protected app (one per pod).
     Sidecar(Box<sidecar::Args>),
+    /// Run the audit collector: batch ingest from sidecars, the audit store, queries, retention.
+    Collector(Box<collector::Args>),
+    /// Query and verify the audit trail (events, data subjects, top principals, alerts, chain).
+    Audit(Box<audit::Args>),
 }
 
 /// Runs the parsed command line.
@@ -40,5 +46,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Explain(a) => explain::run(a),
         Command::Crd(a) => crd::run(a),
         Command::Sidecar(a) => sidecar::run(*a),
+        Command::Collector(a) => collector::run(*a),
+        Command::Audit(a) => audit::run(*a),
     }
 }

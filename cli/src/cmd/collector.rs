@@ -1,0 +1,18 @@
+//! `custos collector`: the central audit collector.
+
+use std::process::ExitCode;
+
+/// Arguments of `custos collector` (every flag also reads a `CUSTOS_COLLECTOR_*` environment
+/// variable).
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    #[command(flatten)]
+    collector: custos_collector::CollectorArgs,
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("custos-collector").build()?;
+    runtime.block_on(custos_collector::run(args.collector))?;
+    Ok(ExitCode::SUCCESS)
+}

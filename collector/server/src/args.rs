@@ -1,0 +1,247 @@
+//! The `custos collector` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::{Auth, CollectorConfig};
+use crate::duration::parse_duration;
+use crate::ingest::IngestLimits;
+
+/// Flags of `custos collector`. Every flag can also be set through the `CUSTOS_COLLECTOR_*`
+/// environment variable named in its help.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CollectorArgs {
+    /// Address to listen on (HTTP/1.1 and h2c).
+    #[arg(long, env = "CUSTOS_COLLECTOR_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// The audit store: `sqlite:PATH` (one file, WAL; created if missing) or
+    /// `postgres://USER@HOST:PORT/DB` (tables partitioned by day).
+    #[arg(
+        long,
+        env = "CUSTOS_COLLECTOR_STORE",
+        value_name = "URL",
+        default_value = "sqlite:custos-audit.db"
+    )]
+    pub store: String,
+
+    /// File holding the bearer token that sidecars and `custos audit` present; re-read when it
+    /// changes. Required unless --allow-unauthenticated.
+    #[arg(
+        long,
+        env = "CUSTOS_COLLECTOR_TOKEN_FILE",
+        value_name = "FILE",
+        required_unless_present = "allow_unauthenticated",
+        conflicts_with = "allow_unauthenticated"
+    )]
+    pub token_file: Option<PathBuf>,
+
+    /// Serve /v1/* without authentication (development only: anyone who reaches the port can
+    /// write and read the audit trail).
+    #[arg(long, env = "CUSTOS_COLLECTOR_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+
+    /// Largest batch body, as sent and after gzip decompression (e.g. 16MiB, 512KiB, 1000000).
+    #[arg(long, env = "CUSTOS_COLLECTOR_MAX_BATCH_BYTES", value_name = "BYTES", default_value = "16MiB", value_parser = parse_bytes)]
+    pub max_batch_bytes: usize,
+
+    /// Most events in one batch.
+    #[arg(long, env = "CUSTOS_COLLECTOR_MAX_BATCH_EVENTS", value_name = "N", default_value_t = 10_000)]
+    pub max_batch_events: usize,
+
+    /// Batches read, decoded and stored at the same time (bounds memory: each may take a few
+    /// times --max-batch-bytes); further ones wait.
+    #[arg(long, env = "CUSTOS_COLLECTOR_MAX_CONCURRENT_BATCHES", value_name = "N", default_value_t = 4)]
+    pub max_concurrent_batches: usize,
+
+    /// Delete events older than this (e.g. 30d, 12w); `none` keeps them forever. The chain
+    /// stays verifiable from an anchor.
+    #[arg(long, env = "CUSTOS_COLLECTOR_RETENTION", value_name = "DURATION", default_value = "none", value_parser = parse_retention)]
+    pub retention: Retention,
+
+    /// How often retention runs (the first run is at start).
+    #[arg(long, env = "CUSTOS_COLLECTOR_PRUNE_INTERVAL", value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub prune_interval: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may take before their connections are
+    /// closed.
+    #[arg(long, env = "CUSTOS_COLLECTOR_SHUTDOWN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Turn the leak detectors off (they run by default; see the --detect-* flags).
+    #[arg(long, env = "CUSTOS_COLLECTOR_NO_DETECT")]
+    pub no_detect: bool,
+
+    /// Leak detectors.
+    #[command(flatten)]
+    pub detect: custos_detect::DetectArgs,
+
+    /// Alert delivery.
+    #[command(flatten)]
+    pub alerts: custos_detect::SinkArgs,
+
+    /// Forward every newly stored event to this OTLP/HTTP logs endpoint (a base URL such as
+    /// http://otel-collector:4318, or the full /v1/logs URL): the path to Kafka, ClickHouse or
+    /// any OpenTelemetry pipeline.
+    #[arg(long, env = "CUSTOS_COLLECTOR_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Extra header of the OTLP export requests, `name=value` (repeatable; values are never
+    /// logged), e.g. an API key.
+    #[arg(
+        long = "otlp-header",
+        env = "CUSTOS_COLLECTOR_OTLP_HEADERS",
+        value_name = "NAME=VALUE",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub otlp_headers: Vec<String>,
+
+    /// Compress OTLP export requests with gzip.
+    #[arg(long, env = "CUSTOS_COLLECTOR_OTLP_GZIP")]
+    pub otlp_gzip: bool,
+}
+
+/// The `--retention` value: a duration, or `none` (keep forever).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention(pub Option<Duration>);
+
+/// Parses `--retention`: `none` (also `off`, `forever`) or a positive duration.
+pub fn parse_retention(text: &str) -> Result<Retention, String> {
+    if matches!(text.trim().to_ascii_lowercase().as_str(), "none" | "off" | "forever") {
+        return Ok(Retention(None));
+    }
+    let d = parse_duration(text)?;
+    if d.is_zero() {
+        return Err("retention must be positive, or `none`".into());
+    }
+    Ok(Retention(Some(d)))
+}
+
+/// Parses a size: a number of bytes with an optional unit `B`, `KiB`, `MiB`, `GiB` (also
+/// `K`/`KB`, `M`/`MB`, `G`/`GB`, taken as powers of 1024).
+pub fn parse_bytes(text: &str) -> Result<usize, String> {
+    let s = text.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: u64 =
+        number.parse().map_err(|_| "a size is a number with an optional unit, e.g. 16MiB".to_owned())?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err("unknown size unit (use B, KiB, MiB or GiB)".into()),
+    };
+    let bytes = value.checked_mul(factor).ok_or_else(|| "size out of range".to_owned())?;
+    if bytes == 0 {
+        return Err("size must be positive".into());
+    }
+    usize::try_from(bytes).map_err(|_| "size out of range".to_owned())
+}
+
+impl CollectorArgs {
+    /// The configuration these flags describe.
+    pub fn into_config(self) -> Result<CollectorConfig, String> {
+        let auth = match (self.token_file, self.allow_unauthenticated) {
+            (Some(path), false) => Auth::TokenFile(path),
+            (None, true) => Auth::Unauthenticated,
+            (Some(_), true) => {
+                return Err("--token-file and --allow-unauthenticated exclude each other".into());
+            }
+            (None, false) => return Err("--token-file is required (or --allow-unauthenticated)".into()),
+        };
+        let mut config = CollectorConfig::new(self.store, auth);
+        config.listen = self.listen;
+        config.limits =
+            IngestLimits { max_batch_bytes: self.max_batch_bytes, max_batch_events: self.max_batch_events };
+        config.max_concurrent_batches = self.max_concurrent_batches;
+        config.retention = self.retention.0;
+        config.prune_interval = self.prune_interval;
+        config.shutdown_timeout = self.shutdown_timeout;
+        if !self.no_detect {
+            config.detect = Some(self.detect.into_config().map_err(|e| e.to_string())?);
+        }
+        config.alerts = self.alerts.into_config();
+        if let Some(endpoint) = self.otlp_endpoint {
+            let mut export = custos_otlp::ExporterConfig::new(endpoint);
+            for header in self.otlp_headers {
+                let (name, value) =
+                    header.split_once('=').ok_or_else(|| "--otlp-header must be NAME=VALUE".to_owned())?;
+                export.headers.push((name.trim().to_owned(), value.trim().to_owned()));
+            }
+            export.gzip = self.otlp_gzip;
+            config.otlp_export = Some(export);
+        } else if !self.otlp_headers.is_empty() || self.otlp_gzip {
+            return Err("--otlp-header and --otlp-gzip need --otlp-endpoint".into());
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        args: CollectorArgs,
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let cli = Cli::try_parse_from(["c", "--token-file", "/t"]).unwrap();
+        let config = cli.args.into_config().unwrap();
+        assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(config.store_url, "sqlite:custos-audit.db");
+        assert_eq!(config.auth, Auth::TokenFile("/t".into()));
+        assert_eq!(config.limits, IngestLimits { max_batch_bytes: 16 << 20, max_batch_events: 10_000 });
+        assert_eq!(config.retention, None);
+        assert_eq!(config.prune_interval, Duration::from_secs(3600));
+
+        let cli = Cli::try_parse_from([
+            "c",
+            "--allow-unauthenticated",
+            "--retention",
+            "30d",
+            "--prune-interval",
+            "10m",
+            "--max-batch-bytes",
+            "512KiB",
+            "--shutdown-timeout",
+            "5s",
+        ])
+        .unwrap();
+        let config = cli.args.into_config().unwrap();
+        assert_eq!(config.auth, Auth::Unauthenticated);
+        assert_eq!(config.retention, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(config.limits.max_batch_bytes, 512 << 10);
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn token_or_explicit_opt_out_is_required() {
+        assert!(Cli::try_parse_from(["c"]).is_err());
+        assert!(Cli::try_parse_from(["c", "--token-file", "/t", "--allow-unauthenticated"]).is_err());
+        assert!(Cli::try_parse_from(["c", "--token-file", "/t", "--retention", "0d"]).is_err());
+        assert!(Cli::try_parse_from(["c", "--token-file", "/t", "--max-batch-bytes", "0"]).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("1000").unwrap(), 1000);
+        assert_eq!(parse_bytes("16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_bytes("2g").unwrap(), 2 << 30);
+        assert!(parse_bytes("1.5MiB").is_err());
+        assert!(parse_bytes("12XB").is_err());
+        assert_eq!(parse_retention("none").unwrap(), Retention(None));
+        assert_eq!(parse_retention("7d").unwrap(), Retention(Some(Duration::from_secs(7 * 86_400))));
+    }
+}

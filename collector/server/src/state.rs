@@ -1,0 +1,171 @@
+//! What every handler shares: the store, the metrics, authentication, limits and the
+//! post-commit hook.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use custos_store::{AnyStore, IngestOutcome};
+use http::{HeaderMap, StatusCode};
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
+
+use crate::auth::TokenAuth;
+use crate::error::{ApiError, reason};
+use crate::ingest::{Batch, IngestLimits};
+use crate::metrics::CollectorMetrics;
+use crate::observer::StoredBatch;
+
+struct Inner {
+    store: AnyStore,
+    metrics: CollectorMetrics,
+    auth: Option<TokenAuth>,
+    limits: IngestLimits,
+    batch_slots: Semaphore,
+    observer: Option<mpsc::Sender<StoredBatch>>,
+    shutting_down: AtomicBool,
+}
+
+/// The collector's shared state, given to every handler (axum `State`); cheap to clone.
+///
+/// Extra routes (see [`CollectorConfig::extra_routes`](crate::CollectorConfig::extra_routes))
+/// use it to ingest through the same path as `POST /v1/events`: [`CollectorState::commit`].
+#[derive(Clone)]
+pub struct CollectorState {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CollectorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CollectorState")
+            .field("backend", &self.inner.store.backend())
+            .field("authenticated", &self.inner.auth.is_some())
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CollectorState {
+    pub(crate) fn new(
+        store: AnyStore,
+        metrics: CollectorMetrics,
+        auth: Option<TokenAuth>,
+        limits: IngestLimits,
+        max_concurrent_batches: usize,
+        observer: Option<mpsc::Sender<StoredBatch>>,
+    ) -> Self {
+        CollectorState {
+            inner: Arc::new(Inner {
+                store,
+                metrics,
+                auth,
+                limits,
+                batch_slots: Semaphore::new(max_concurrent_batches.max(1)),
+                observer,
+                shutting_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The audit store.
+    pub fn store(&self) -> &AnyStore {
+        &self.inner.store
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &CollectorMetrics {
+        &self.inner.metrics
+    }
+
+    /// The batch size limits.
+    pub fn limits(&self) -> IngestLimits {
+        self.inner.limits
+    }
+
+    /// Checks the bearer token of a request (always Ok when the collector runs
+    /// unauthenticated). The `/v1/*` routes, extra routes included, are checked before their
+    /// handler runs.
+    pub async fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        match &self.inner.auth {
+            Some(auth) => auth.check(headers).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for one of the `--max-concurrent-batches` slots: hold it while a batch body is
+    /// read, decoded and committed, which bounds the memory batches take.
+    pub async fn batch_slot(&self) -> Result<SemaphorePermit<'_>, ApiError> {
+        self.inner.batch_slots.acquire().await.map_err(|_| ApiError::internal("batch slots closed"))
+    }
+
+    /// Stores a parsed batch (idempotent by event id, durable when this returns Ok), counts it
+    /// and offers it to the post-commit observer without waiting. A store refusal of one event
+    /// is a 400 `bad_event` pointing at that event; any other store failure is a 503
+    /// `store_unavailable` (the sender retries).
+    pub async fn commit(&self, batch: Batch) -> Result<IngestOutcome, ApiError> {
+        let started = Instant::now();
+        let result = self.inner.store.ingest(batch.events()).await;
+        self.metrics().store_op("ingest", started.elapsed());
+        match result {
+            Ok(outcome) => {
+                self.metrics().ingested(outcome.accepted, outcome.duplicates);
+                if outcome.accepted > 0 {
+                    self.notify(batch, outcome);
+                }
+                Ok(outcome)
+            }
+            Err(custos_store::Error::InvalidEvent { index, reason: what }) => {
+                let position = batch.position(index);
+                let message = format!("the event at {} is invalid: {what}", position.describe());
+                Err(position.annotate(ApiError::new(StatusCode::BAD_REQUEST, reason::BAD_EVENT, message)))
+            }
+            Err(error) => {
+                tracing::error!(%error, events = batch.len(), "storing a batch failed; the sender will retry");
+                Err(ApiError::store_unavailable())
+            }
+        }
+    }
+
+    fn notify(&self, batch: Batch, outcome: IngestOutcome) {
+        let Some(observer) = &self.inner.observer else { return };
+        let stored = StoredBatch {
+            events: batch.into_events(),
+            accepted: outcome.accepted,
+            duplicates: outcome.duplicates,
+        };
+        let lost = match observer.try_send(stored) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b)) => b.events.len(),
+        };
+        let total = self.metrics().observer_dropped(lost as u64);
+        let before = total - lost as u64;
+        // Logged when the total crosses a power of two: visible without flooding.
+        if before == 0 || before.ilog2() != total.ilog2() {
+            tracing::warn!(
+                dropped_events_total = total,
+                "the stored-events observer is not keeping up: batch not handed over"
+            );
+        }
+    }
+
+    /// Runs a store operation, timing it in `custos_collector_store_seconds{op}`.
+    pub(crate) async fn timed<T>(
+        &self,
+        op: &'static str,
+        future: impl Future<Output = custos_store::Result<T>>,
+    ) -> Result<T, ApiError> {
+        let started = Instant::now();
+        let result = future.await;
+        self.metrics().store_op(op, started.elapsed());
+        result.map_err(|e| ApiError::from_store(op, &e))
+    }
+
+    pub(crate) fn set_shutting_down(&self) {
+        self.inner.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether shutdown has begun (`/ready` answers 503 from then on).
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Relaxed)
+    }
+}
