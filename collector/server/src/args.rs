@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::config::{Auth, CollectorConfig};
 use crate::duration::parse_duration;
 use crate::ingest::IngestLimits;
+use crate::kube_events::KubeEvents;
 
 /// Flags of `custos collector`. Every flag can also be set through the `CUSTOS_COLLECTOR_*`
 /// environment variable named in its help.
@@ -80,6 +81,19 @@ pub struct CollectorArgs {
     /// Alert delivery.
     #[command(flatten)]
     pub alerts: custos_detect::SinkArgs,
+
+    /// Record each alert as a Kubernetes Event on the DataAccessPolicy it concerns: `auto` in a
+    /// cluster (KUBERNETES_SERVICE_HOST set), `on` (fail to start without a Kubernetes
+    /// client), `off`. Needs RBAC: get dataaccesspolicies.custos.dev, create/patch
+    /// events.k8s.io events.
+    #[arg(
+        long,
+        env = "CUSTOS_COLLECTOR_KUBE_EVENTS",
+        value_name = "MODE",
+        value_enum,
+        default_value_t = KubeEvents::Auto
+    )]
+    pub kube_events: KubeEvents,
 
     /// Forward every newly stored event to this OTLP/HTTP logs endpoint (a base URL such as
     /// http://otel-collector:4318, or the full /v1/logs URL): the path to Kafka, ClickHouse or
@@ -164,6 +178,7 @@ impl CollectorArgs {
             config.detect = Some(self.detect.into_config().map_err(|e| e.to_string())?);
         }
         config.alerts = self.alerts.into_config();
+        config.kube_events = self.kube_events;
         if let Some(endpoint) = self.otlp_endpoint {
             let mut export = custos_otlp::ExporterConfig::new(endpoint);
             for header in self.otlp_headers {
@@ -205,6 +220,7 @@ mod tests {
         assert_eq!(config.limits, IngestLimits { max_batch_bytes: 16 << 20, max_batch_events: 10_000 });
         assert_eq!(config.retention, None);
         assert_eq!(config.prune_interval, Duration::from_secs(3600));
+        assert_eq!(config.kube_events, KubeEvents::Auto);
 
         let cli = Cli::try_parse_from([
             "c",
@@ -224,6 +240,12 @@ mod tests {
         assert_eq!(config.retention, Some(Duration::from_secs(30 * 86_400)));
         assert_eq!(config.limits.max_batch_bytes, 512 << 10);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(5));
+
+        for (value, mode) in [("auto", KubeEvents::Auto), ("on", KubeEvents::On), ("off", KubeEvents::Off)] {
+            let cli = Cli::try_parse_from(["c", "--token-file", "/t", "--kube-events", value]).unwrap();
+            assert_eq!(cli.args.into_config().unwrap().kube_events, mode);
+        }
+        assert!(Cli::try_parse_from(["c", "--token-file", "/t", "--kube-events", "maybe"]).is_err());
     }
 
     #[test]

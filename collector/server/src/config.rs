@@ -9,6 +9,7 @@ use axum::Router;
 use tokio::sync::mpsc;
 
 use crate::ingest::IngestLimits;
+use crate::kube_events::KubeEvents;
 use crate::metrics::CollectorMetrics;
 use crate::observer::StoredBatch;
 use crate::state::CollectorState;
@@ -60,6 +61,9 @@ pub struct CollectorConfig {
     pub alerts: custos_detect::SinkConfig,
     /// Forward newly stored events to an OTLP/HTTP logs endpoint; `None`: off.
     pub otlp_export: Option<custos_otlp::ExporterConfig>,
+    /// Record alerts as Kubernetes Events on their DataAccessPolicy
+    /// ([`kube_events`](crate::kube_events)).
+    pub kube_events: KubeEvents,
 }
 
 impl std::fmt::Debug for CollectorConfig {
@@ -77,14 +81,16 @@ impl std::fmt::Debug for CollectorConfig {
             .field("extra_routes", &self.extra_routes.is_some())
             .field("detect", &self.detect.is_some())
             .field("otlp_export", &self.otlp_export.is_some())
+            .field("kube_events", &self.kube_events)
             .finish_non_exhaustive()
     }
 }
 
 impl CollectorConfig {
     /// The defaults (listen on 0.0.0.0:8080, 16 MiB / 10 000 events per batch, no retention,
-    /// prune every hour, 30 s shutdown, no detectors, no webhook, no OTLP export) for
-    /// `store_url` and `auth`. `custos collector` turns the detectors on by default.
+    /// prune every hour, 30 s shutdown, no detectors, no webhook, no OTLP export, no Kubernetes
+    /// Events) for `store_url` and `auth`. `custos collector` turns the detectors on by default
+    /// and Kubernetes Events to `auto`.
     pub fn new(store_url: impl Into<String>, auth: Auth) -> Self {
         CollectorConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
@@ -101,6 +107,7 @@ impl CollectorConfig {
             detect: None,
             alerts: custos_detect::SinkConfig::default(),
             otlp_export: None,
+            kube_events: KubeEvents::Off,
         }
     }
 

@@ -11,6 +11,8 @@
 //! - Leak detectors over newly stored events (custos-detect), their alerts stored, counted and
 //!   posted to a webhook, and optional forwarding of stored events to an OTLP/HTTP endpoint,
 //!   fed through a post-commit hook ([`observer`]) that never delays the acknowledgement.
+//! - Alerts recorded as Kubernetes Events on their DataAccessPolicy when in a cluster
+//!   ([`kube_events`]).
 //!
 //! [`run`] is the `custos collector` command; [`start`] starts a collector from a
 //! [`CollectorConfig`] and returns a [`RunningCollector`] (tests, the demo).
@@ -23,6 +25,7 @@ mod config;
 mod duration;
 mod error;
 pub mod ingest;
+pub mod kube_events;
 pub mod metrics;
 pub mod observer;
 pub mod otlp;
@@ -37,6 +40,7 @@ pub use auth::TokenError;
 pub use config::{Auth, CollectorConfig, redact_url};
 pub use duration::parse_duration;
 pub use error::{ApiError, reason};
+pub use kube_events::{KubeEventRecorder, KubeEvents};
 pub use metrics::CollectorMetrics;
 pub use observer::{RecentIds, StoredBatch};
 pub use server::{RunningCollector, ShutdownHandle, StartError, router, start};

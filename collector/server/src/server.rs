@@ -23,6 +23,7 @@ use tower::ServiceExt;
 use crate::auth::{TokenAuth, TokenError};
 use crate::config::{Auth, CollectorConfig, redact_url};
 use crate::error::{ApiError, reason};
+use crate::kube_events::{self, KubeEventRecorder, KubeEvents};
 use crate::metrics::CollectorMetrics;
 use crate::pipeline;
 use crate::state::CollectorState;
@@ -60,6 +61,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// `--kube-events on` and no Kubernetes client can be built.
+    #[error("--kube-events on: cannot build a Kubernetes client (in-cluster config or kubeconfig): {0}")]
+    KubeClient(#[source] kube::Error),
 }
 
 /// The router of the collector over `state`, with `extra` routes merged into the
@@ -217,6 +221,30 @@ impl RunningCollector {
     }
 }
 
+/// The Kubernetes Events recorder `mode` asks for: `auto` in a cluster (a warning and none
+/// if no client can be built there), `on` (an error if no client can be built), `off`.
+async fn kube_event_recorder(mode: KubeEvents) -> Result<Option<KubeEventRecorder>, StartError> {
+    let in_cluster = kube_events::in_cluster();
+    if !mode.wanted(in_cluster) {
+        return Ok(None);
+    }
+    match kube_events::default_client().await {
+        Ok(client) => {
+            tracing::info!(mode = ?mode, "alerts are recorded as Kubernetes Events on their DataAccessPolicy");
+            Ok(Some(KubeEventRecorder::new(client)))
+        }
+        Err(e) if mode == KubeEvents::Auto => {
+            tracing::warn!(
+                error = %e,
+                "--kube-events auto: in a cluster but no Kubernetes client can be built; alerts are not \
+                 recorded as Kubernetes Events"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(StartError::KubeClient(e)),
+    }
+}
+
 /// Opens the store (migrating its schema), loads the token, binds the listener and starts
 /// serving and retention in the background.
 pub async fn start(config: CollectorConfig) -> Result<RunningCollector, StartError> {
@@ -240,6 +268,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, StartErr
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
 
     // Detectors, alert delivery and OTLP export share the registry served at /metrics.
+    let kube_events = kube_event_recorder(config.kube_events).await?;
     let detectors = pipeline::detectors(config.detect.as_ref()).map_err(StartError::Config)?;
     let alert_metrics = custos_detect::AlertMetrics::new();
     let export_metrics = custos_otlp::ExporterMetrics::default();
@@ -248,14 +277,20 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, StartErr
         None => {
             let mut registry = prometheus_client::registry::Registry::default();
             alert_metrics.register(&mut registry);
+            if let Some(recorder) = &kube_events {
+                recorder.register(&mut registry);
+            }
             if config.otlp_export.is_some() {
                 export_metrics.register(&mut registry);
             }
             CollectorMetrics::new_in(registry)
         }
     };
-    let dispatcher = custos_detect::AlertDispatcher::start(config.alerts.clone(), alert_metrics)
-        .map_err(|e| StartError::Config(format!("alert delivery: {e}")))?;
+    let mut alerts = custos_detect::AlertDispatcher::builder(config.alerts.clone()).metrics(alert_metrics);
+    if let Some(recorder) = kube_events {
+        alerts = alerts.recorder(recorder);
+    }
+    let dispatcher = alerts.start().map_err(|e| StartError::Config(format!("alert delivery: {e}")))?;
     let exporter = match &config.otlp_export {
         Some(c) => Some(
             custos_otlp::OtlpExporter::start(c.clone(), export_metrics)
