@@ -399,6 +399,7 @@ fn compile_rule(
         max_records: limits.as_ref().and_then(|l| l.max_records_per_response),
         on_exceed: limits.as_ref().and_then(|l| l.on_exceed).unwrap_or(ExceedAction::Truncate),
         record_id: if rule.records.is_some() { ctx.record_id.cloned() } else { None },
+        cache: Default::default(),
     };
 
     CompiledRule {

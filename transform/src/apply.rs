@@ -11,7 +11,8 @@ use crate::hash::HashKey;
 use crate::mask::{Masker, json_text};
 use crate::numbers;
 use crate::path::{self, Elem, Step};
-use crate::plan::Plan;
+use crate::plan::{Compiled, Plan};
+use crate::stream;
 
 /// What a transform did, for the audit event and metrics. Never holds values, only counts
 /// and keyed hashes.
@@ -37,7 +38,8 @@ pub struct TransformStats {
 /// The transformed response.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// The new body: compact JSON.
+    /// The new body: compact JSON from the parsed-document path; from the streaming path,
+    /// the original text with the masked values rewritten and removed members cut.
     Body(Vec<u8>),
     /// The single root record was filtered out (or cut by the record cap): there is nothing
     /// the caller may see.
@@ -94,15 +96,79 @@ pub enum TransformError {
 /// the record cap, hash the ids of the records returned, mask each class over the remaining
 /// document, serialise (compact). Numbers are kept as written even where `f64` cannot hold
 /// them (see the crate documentation); object members keep serde_json's order.
+///
+/// Plans without a row filter whose paths are all simple go through a single streaming pass
+/// over the body (see the crate documentation); everything else, and whatever that pass
+/// meets that it does not handle exactly like the parsed document, goes through the parsed
+/// document. Both give the same stats, outcome and error kinds, and bodies that parse to
+/// the same JSON value.
 pub fn apply(body: &[u8], plan: &Plan, vars: &Vars, key: &HashKey) -> Result<Transformed, TransformError> {
+    let fresh;
+    let compiled = match plan.cache.get(plan) {
+        Some(compiled) => compiled,
+        None => {
+            fresh = Compiled::new(plan);
+            &fresh
+        }
+    };
+    if plan.row_filter.is_none()
+        && let Some(stream) = &compiled.stream
+        && let Some(result) = stream::run(body, plan, stream, key)
+    {
+        return result;
+    }
+    dom(body, plan, compiled, vars, key)
+}
+
+/// [`apply`] through the parsed document only (for tests and benchmarks).
+#[doc(hidden)]
+pub fn apply_dom(
+    body: &[u8],
+    plan: &Plan,
+    vars: &Vars,
+    key: &HashKey,
+) -> Result<Transformed, TransformError> {
+    dom(body, plan, &Compiled::new(plan), vars, key)
+}
+
+/// [`apply`] through the streaming pass only (for tests and benchmarks): `None` when the plan
+/// is not eligible or the pass handed over to the parsed document.
+#[doc(hidden)]
+pub fn apply_streaming(
+    body: &[u8],
+    plan: &Plan,
+    key: &HashKey,
+) -> Option<Result<Transformed, TransformError>> {
+    if plan.row_filter.is_some() {
+        return None;
+    }
+    let stream = plan.cache.get(plan)?.stream.as_ref()?;
+    stream::run(body, plan, stream, key)
+}
+
+/// Whether the streaming pass can take `plan` at all (row filter, paths, strategies); it may
+/// still hand a given body over to the parsed document.
+#[doc(hidden)]
+pub fn streaming_eligible(plan: &Plan) -> bool {
+    plan.row_filter.is_none() && Compiled::new(plan).stream.is_some()
+}
+
+/// The parsed-document path.
+fn dom(
+    body: &[u8],
+    plan: &Plan,
+    compiled: &Compiled,
+    vars: &Vars,
+    key: &HashKey,
+) -> Result<Transformed, TransformError> {
     let prepared = numbers::prepare(body);
     let sentinels = prepared.sentinels;
     let mut doc = parse(body, &prepared)?;
     let mut stats = TransformStats::default();
 
     let records = match (&plan.records, &plan.row_filter) {
-        (Some(records), _) => Some(Records::of(records)),
-        (None, Some(_)) => Some(Records::Simple(Vec::new())),
+        (Some(records), _) => Some(Records::of(records, compiled.records.as_deref())),
+        (None, Some(_)) => Some(Records::Simple(&[])),
         (None, None) => None,
     };
     if let Some(records) = records {
@@ -111,12 +177,12 @@ pub fn apply(body: &[u8], plan: &Plan, vars: &Vars, key: &HashKey) -> Result<Tra
             filter: plan.row_filter.as_ref().map(|f| RecordFilter::new(f, vars, sentinels)),
             key,
             sentinels,
-            id_path: plan.record_id.as_ref().map(IdPath::of),
+            id_path: plan.record_id.as_ref().map(|p| IdPath::of(p, compiled.record_id.as_deref())),
             passed: 0,
             stats: &mut stats,
         };
         let root_kept = match records {
-            Records::Simple(steps) => pass.simple(&mut doc, &steps),
+            Records::Simple(steps) => pass.simple(&mut doc, steps),
             Records::General(path) => pass.general(&mut doc, path),
         };
         if plan.on_exceed == ExceedAction::Deny
@@ -130,11 +196,11 @@ pub fn apply(body: &[u8], plan: &Plan, vars: &Vars, key: &HashKey) -> Result<Tra
         }
     }
 
-    for class in &plan.masks {
+    for (class, steps) in plan.masks.iter().zip(&compiled.masks) {
         let masker = Masker { strategy: class.strategy, key, sentinels };
         let mut count = 0;
-        for path in &class.paths {
-            count += mask_path(&mut doc, path, &masker);
+        for (path, steps) in class.paths.iter().zip(steps) {
+            count += mask_path(&mut doc, path, steps.as_deref(), &masker);
         }
         *stats.masked.entry(class.class.clone()).or_default() += count;
     }
@@ -188,13 +254,14 @@ fn has_sentinel_key(v: &Value) -> bool {
 
 /// How records are found.
 enum Records<'a> {
-    Simple(Vec<Step>),
+    Simple(&'a [Step]),
     General(&'a JsonPath),
 }
 
 impl<'a> Records<'a> {
-    fn of(path: &'a JsonPath) -> Self {
-        match path::simple(path) {
+    /// `steps`: those of `path`, if it is simple.
+    fn of(path: &'a JsonPath, steps: Option<&'a [Step]>) -> Self {
+        match steps {
             Some(steps) => Records::Simple(steps),
             None => Records::General(path),
         }
@@ -203,13 +270,14 @@ impl<'a> Records<'a> {
 
 /// The record id path, relative to a record.
 enum IdPath<'a> {
-    Simple(Vec<Step>),
+    Simple(&'a [Step]),
     General(&'a JsonPath),
 }
 
 impl<'a> IdPath<'a> {
-    fn of(path: &'a JsonPath) -> Self {
-        match path::simple(path) {
+    /// `steps`: those of `path`, if it is simple.
+    fn of(path: &'a JsonPath, steps: Option<&'a [Step]>) -> Self {
+        match steps {
             Some(steps) => IdPath::Simple(steps),
             None => IdPath::General(path),
         }
@@ -266,15 +334,7 @@ impl RecordPass<'_> {
         if let Some(id_path) = &self.id_path
             && let Some(id) = id_path.find(record)
         {
-            let hash = match id {
-                Value::String(s) => {
-                    let text = numbers::number_text(s, self.sentinels).unwrap_or(s);
-                    Some(self.key.hash_hex(text.as_bytes()))
-                }
-                Value::Number(_) => Some(self.key.hash_hex(&json_text(id, self.sentinels))),
-                _ => None,
-            };
-            self.stats.record_hashes.extend(hash);
+            self.stats.record_hashes.extend(id_hash(id, self.key, self.sentinels));
         }
         true
     }
@@ -330,20 +390,26 @@ impl RecordPass<'_> {
     }
 }
 
-/// Masks what `path` selects; returns how many locations were masked.
-fn mask_path(doc: &mut Value, path: &JsonPath, masker: &Masker<'_>) -> u64 {
-    let remove = masker.strategy == MaskStrategy::Remove;
-    if let Some(steps) = path::simple(path) {
-        let Some((last, parent)) = steps.split_last() else {
-            mask_root(doc, masker);
-            return 1;
-        };
-        let mut count = 0;
-        path::for_each_mut(doc, parent, &mut |container| {
-            count += mask_child(container, last, masker, remove);
-        });
-        return count;
+/// The keyed hash of a record id: strings by their text, numbers by their JSON text (as
+/// written); anything else has none.
+pub(crate) fn id_hash(id: &Value, key: &HashKey, sentinels: bool) -> Option<String> {
+    match id {
+        Value::String(s) => {
+            let text = numbers::number_text(s, sentinels).unwrap_or(s);
+            Some(key.hash_hex(text.as_bytes()))
+        }
+        Value::Number(_) => Some(key.hash_hex(&json_text(id, sentinels))),
+        _ => None,
     }
+}
+
+/// Masks what `path` selects (`steps`: its steps, if it is simple); returns how many
+/// locations were masked.
+fn mask_path(doc: &mut Value, path: &JsonPath, steps: Option<&[Step]>, masker: &Masker<'_>) -> u64 {
+    if let Some(steps) = steps {
+        return mask_steps(doc, steps, masker);
+    }
+    let remove = masker.strategy == MaskStrategy::Remove;
     let mut count = 0;
     // Last to first: removals do not shift what is still to come, and a subtree is masked
     // after what it contains.
@@ -358,6 +424,20 @@ fn mask_path(doc: &mut Value, path: &JsonPath, masker: &Masker<'_>) -> u64 {
             count += 1;
         }
     }
+    count
+}
+
+/// Masks what a simple path selects; returns how many locations were masked.
+pub(crate) fn mask_steps(doc: &mut Value, steps: &[Step], masker: &Masker<'_>) -> u64 {
+    let Some((last, parent)) = steps.split_last() else {
+        mask_root(doc, masker);
+        return 1;
+    };
+    let remove = masker.strategy == MaskStrategy::Remove;
+    let mut count = 0;
+    path::for_each_mut(doc, parent, &mut |container| {
+        count += mask_child(container, last, masker, remove);
+    });
     count
 }
 

@@ -3,15 +3,33 @@
 //!
 //! The policy compiler turns each Allow rule into a [`Plan`]; the sidecar builds the
 //! request's [`Vars`](expr::Vars) once and calls [`apply`] on each JSON response the plan
-//! [needs](Plan::needs_body).
+//! [needs](Plan::needs_body). What a plan derives from its paths is computed once, on its
+//! first use ([`PlanCache`]).
+//!
+//! # Two paths
+//!
+//! [`apply`] takes one of two paths; both give the same [`TransformStats`], the same
+//! [`Outcome`] kind, errors of the same kind, and bodies that parse to the same JSON value:
+//!
+//! - **Streaming** (plans without a row filter whose paths are all simple: names,
+//!   non-negative indices, wildcards; any mask strategy; a record cap). One pass over the
+//!   body validates it as JSON, skips what no path reaches without decoding it, and copies
+//!   every byte it does not rewrite verbatim: formatting, escapes and number spellings stay
+//!   as the upstream wrote them. Only the values a mask selects are decoded and rewritten,
+//!   with the same masking code as the parsed document. It hands over to the parsed document
+//!   when a body needs what only that can do exactly: more records than the cap, a duplicate
+//!   key where a path looks, the U+FDD0 character, an escaped lone surrogate. Nesting deeper
+//!   than serde_json's recursion limit (127 containers) is refused on both paths.
+//! - **Parsed document** (everything else). The body is parsed into a `serde_json::Value`,
+//!   transformed and written back compactly, as described below.
 //!
 //! # Numbers, strings and member order
 //!
-//! The body is parsed into a `serde_json::Value` and written back compactly:
+//! On the parsed-document path, the body is written back compactly:
 //!
 //! - Strings are kept exactly (escapes are written in serde_json's canonical form, e.g.
 //!   `"\u00e9"` comes back as `"é"`). Strings with invalid UTF-8 or lone surrogate escapes
-//!   make the body [not JSON](TransformError::NotJson).
+//!   make the body [not JSON](TransformError::NotJson) (on both paths).
 //! - Numbers keep their value; those that `f64`/`i64`/`u64` cannot hold exactly (big
 //!   integers, decimals with more than 15 significant digits, exponents beyond `f64`) are
 //!   kept as written, byte for byte. serde_json's `arbitrary_precision` is not used: features
@@ -20,6 +38,9 @@
 //!   [`numbers`](crate#numbers) below for how.
 //! - Object members keep their order (the workspace enables serde_json's `preserve_order`);
 //!   a duplicate key keeps the position of its first occurrence and the last value.
+//!
+//! Masks read a masked number, object or array by its JSON text as the parsed document
+//! writes it, on both paths (`1.50` masks as `1.5`; big numbers as written).
 //!
 //! # Numbers
 //!
@@ -38,8 +59,11 @@ mod mask;
 mod numbers;
 mod path;
 mod plan;
+mod stream;
 
 pub use apply::{Outcome, TransformError, TransformStats, Transformed, apply};
+#[doc(hidden)]
+pub use apply::{apply_dom, apply_streaming, streaming_eligible};
 pub use hash::HashKey;
 pub use mask::REDACTED;
-pub use plan::{ClassMask, Plan};
+pub use plan::{ClassMask, Plan, PlanCache};

@@ -1,9 +1,14 @@
 //! The response plan of a rule: what [`apply`](crate::apply) does to a response body.
 
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
 use custos_api::policy::{ExceedAction, MaskStrategy};
 use serde_json_path::JsonPath;
 
 use crate::expr::Expr;
+use crate::path::{self, Step};
+use crate::stream::StreamPlan;
 
 /// The masking of one data class.
 #[derive(Clone, Debug, PartialEq)]
@@ -41,6 +46,84 @@ pub struct Plan {
     /// The path of a record's id, relative to one record (e.g. `$.id`); keyed hashes of the
     /// ids of the records returned go into the audit event.
     pub record_id: Option<JsonPath>,
+    /// What [`apply`](crate::apply) derives from the paths, computed on first use; leave it
+    /// `PlanCache::default()`.
+    pub cache: PlanCache,
+}
+
+/// What a [`Plan`] derives from its paths (their steps, whether the streaming path can apply
+/// it), computed once on the plan's first use instead of on every response.
+///
+/// Clones of a plan share the cache. It remembers the paths it was computed from: a plan
+/// whose `records`, `record_id` or `masks` differ from them (changed after first use, or a
+/// clone built with other paths) is still applied correctly, only without the cache.
+/// A cache never makes two plans unequal.
+#[derive(Clone, Default)]
+pub struct PlanCache(Arc<OnceLock<Compiled>>);
+
+impl PlanCache {
+    /// The derived data of `plan`, if this cache holds (or now computes) it for `plan`'s
+    /// paths.
+    pub(crate) fn get(&self, plan: &Plan) -> Option<&Compiled> {
+        let compiled = self.0.get_or_init(|| Compiled::new(plan));
+        compiled.matches(plan).then_some(compiled)
+    }
+}
+
+impl PartialEq for PlanCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for PlanCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.get().is_some() { "PlanCache(filled)" } else { "PlanCache(empty)" })
+    }
+}
+
+/// The steps of a plan's paths (`None` where a path is not simple) and its streaming plan.
+pub(crate) struct Compiled {
+    /// The paths this was computed from, to tell whether it still fits the plan.
+    records_path: Option<JsonPath>,
+    record_id_path: Option<JsonPath>,
+    mask_paths: Vec<(Vec<JsonPath>, MaskStrategy)>,
+    /// Steps of `records`.
+    pub records: Option<Vec<Step>>,
+    /// Steps of `record_id`.
+    pub record_id: Option<Vec<Step>>,
+    /// Steps of each mask path, by class then path.
+    pub masks: Vec<Vec<Option<Vec<Step>>>>,
+    /// How the streaming path applies the plan, if it can (row filters aside, which are
+    /// checked on each call).
+    pub stream: Option<StreamPlan>,
+}
+
+impl Compiled {
+    pub(crate) fn new(plan: &Plan) -> Self {
+        let mut compiled = Compiled {
+            records_path: plan.records.clone(),
+            record_id_path: plan.record_id.clone(),
+            mask_paths: plan.masks.iter().map(|m| (m.paths.clone(), m.strategy)).collect(),
+            records: plan.records.as_ref().and_then(path::simple),
+            record_id: plan.record_id.as_ref().and_then(path::simple),
+            masks: plan.masks.iter().map(|m| m.paths.iter().map(path::simple).collect()).collect(),
+            stream: None,
+        };
+        compiled.stream = StreamPlan::new(plan, &compiled);
+        compiled
+    }
+
+    fn matches(&self, plan: &Plan) -> bool {
+        self.records_path == plan.records
+            && self.record_id_path == plan.record_id
+            && self.mask_paths.len() == plan.masks.len()
+            && self
+                .mask_paths
+                .iter()
+                .zip(&plan.masks)
+                .all(|((paths, strategy), m)| *strategy == m.strategy && *paths == m.paths)
+    }
 }
 
 impl Plan {
@@ -70,5 +153,21 @@ mod tests {
         assert!(Plan { masks: vec![mask(vec![path])], ..Plan::default() }.needs_body());
         // a cap or a record id alone counts nothing without records
         assert!(!Plan { max_records: Some(1), ..Plan::default() }.needs_body());
+    }
+
+    #[test]
+    fn cache_follows_the_paths() {
+        let plan = Plan { records: Some(JsonPath::parse("$.items[*]").unwrap()), ..Plan::default() };
+        let compiled = plan.cache.get(&plan).unwrap();
+        assert_eq!(compiled.records, Some(vec![Step::Name("items".into()), Step::Wildcard]));
+        assert!(compiled.stream.is_some());
+        // a clone shares it; equal plans stay equal whether their caches are filled or not
+        let clone = plan.clone();
+        assert!(std::ptr::eq(clone.cache.get(&clone).unwrap(), compiled));
+        assert_eq!(plan, Plan { records: plan.records.clone(), ..Plan::default() });
+        // other paths: the cache does not apply
+        let other = Plan { records: Some(JsonPath::parse("$.rows[*]").unwrap()), ..plan.clone() };
+        assert!(other.cache.get(&other).is_none());
+        assert!(format!("{:?}", plan.cache).contains("filled"));
     }
 }

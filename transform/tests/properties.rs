@@ -95,6 +95,7 @@ fn plan(strategy: MaskStrategy, general: bool, filtered: bool) -> Plan {
         max_records: None,
         on_exceed: ExceedAction::Truncate,
         record_id: Some(JsonPath::parse("$.id").unwrap()),
+        cache: Default::default(),
     }
 }
 

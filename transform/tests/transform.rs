@@ -1,24 +1,23 @@
 //! End-to-end behaviour of `apply`: row filters, caps, record ids, masks, bad bodies,
 //! unicode and numbers.
+//!
+//! Every call also runs the parsed-document path and, where it takes the plan and body, the
+//! streaming path, and checks that both agree with `apply` (`common::checked`).
 #![allow(clippy::unwrap_used)]
+
+mod common;
 
 use std::collections::BTreeMap;
 
+use common::{checked, vars};
 use custos_api::policy::{ExceedAction, MaskStrategy};
-use custos_transform::expr::{Expr, RequestVars, Scope, UserVars, Vars};
+use custos_transform::expr::{Expr, Scope};
 use custos_transform::{
-    ClassMask, HashKey, Outcome, Plan, TransformError, TransformStats, Transformed, apply,
+    ClassMask, HashKey, Outcome, Plan, TransformError, TransformStats, Transformed, apply_dom,
+    apply_streaming,
 };
 use serde_json::{Value, json};
 use serde_json_path::JsonPath;
-
-fn vars() -> Vars {
-    let user = UserVars {
-        id: "clerk-1".into(),
-        attributes: BTreeMap::from([("branch".to_owned(), "b1".to_owned())]),
-    };
-    Vars::new(&RequestVars { method: "GET".into(), ..RequestVars::default() }, Some(&user), None)
-}
 
 fn key() -> HashKey {
     HashKey::new(b"test-key".to_vec())
@@ -41,7 +40,23 @@ fn masks(masks: Vec<ClassMask>) -> Plan {
 }
 
 fn transform(body: &str, plan: &Plan) -> Result<Transformed, TransformError> {
-    apply(body.as_bytes(), plan, &vars(), &key())
+    checked(body.as_bytes(), plan, &key())
+}
+
+/// The output of the parsed-document path alone.
+fn dom_text(body: &str, plan: &Plan) -> String {
+    match apply_dom(body.as_bytes(), plan, &vars(), &key()).unwrap().outcome {
+        Outcome::Body(b) => String::from_utf8(b).unwrap(),
+        Outcome::RootFiltered => panic!("root filtered"),
+    }
+}
+
+/// The output of the streaming path alone (which must take the plan and body).
+fn streamed_text(body: &str, plan: &Plan) -> String {
+    match apply_streaming(body.as_bytes(), plan, &key()).expect("streamed").unwrap().outcome {
+        Outcome::Body(b) => String::from_utf8(b).unwrap(),
+        Outcome::RootFiltered => panic!("root filtered"),
+    }
 }
 
 /// The output body as text and the stats.
@@ -124,7 +139,7 @@ fn hash_mask_is_keyed_stable_and_prefixed() {
     // stable across calls, different under another key
     let (again, _) = run(body, &plan);
     assert_eq!(again, doc);
-    let other = apply(body.as_bytes(), &plan, &vars(), &HashKey::new("other")).unwrap();
+    let other = checked(body.as_bytes(), &plan, &HashKey::new("other")).unwrap();
     let Outcome::Body(other) = other.outcome else { panic!() };
     assert_ne!(serde_json::from_slice::<Value>(&other).unwrap(), doc);
 }
@@ -326,6 +341,7 @@ fn empty_arrays_and_missing_records() {
         on_exceed: ExceedAction::Deny,
         record_id: Some(path("$.id")),
         masks: vec![mask("phone", &["$.items[*].phone"], MaskStrategy::Redact)],
+        ..Plan::default()
     };
     let (text, stats) = run_text(r#"{"items":[]}"#, &plan);
     assert_eq!(text, r#"{"items":[]}"#);
@@ -462,7 +478,7 @@ fn bad_bodies_are_errors() {
     assert!(matches!(transform("{'a':1}", &plan), Err(TransformError::NotJson { .. })));
     assert!(matches!(transform(&"[".repeat(200), &plan), Err(TransformError::NotJson { .. })));
     let invalid_utf8 = b"{\"phone\":\"\xff\xfe\"}";
-    assert!(matches!(apply(invalid_utf8, &plan, &vars(), &key()), Err(TransformError::NotJson { .. })));
+    assert!(matches!(checked(invalid_utf8, &plan, &key()), Err(TransformError::NotJson { .. })));
     // a body with inexact numbers reports errors at their place in the original
     assert_eq!(
         transform("[123456789012345678901234, 1e999, x]", &plan).unwrap_err(),
@@ -515,9 +531,12 @@ fn unicode_survives_in_masked_and_unmasked_fields() {
     assert_eq!(doc["first"], "Æ*********");
     assert_eq!(doc["emoji"].as_str().unwrap()[2..], key().hash_hex("👩‍👩‍👧‍👦 family 🎉".as_bytes())[..32]);
 
-    // escapes in the input come back as the characters they stand for
-    let (text, _) = run_text(r#"{"a":"\u00e9\ud83d\ude00\/"}"#, &Plan::default());
-    assert_eq!(text, "{\"a\":\"é😀/\"}");
+    // the parsed document writes escapes back as the characters they stand for; the
+    // streaming pass keeps what it does not rewrite as it is
+    let body = r#"{"a":"\u00e9\ud83d\ude00\/","b":"\u00e9"}"#;
+    assert_eq!(dom_text(body, &Plan::default()), "{\"a\":\"é😀/\",\"b\":\"é\"}");
+    let plan = masks(vec![mask("b", &["$.b"], MaskStrategy::ShowLast4)]);
+    assert_eq!(streamed_text(body, &plan), r#"{"a":"\u00e9\ud83d\ude00\/","b":"*"}"#);
 }
 
 #[test]
@@ -577,14 +596,24 @@ fn bodies_holding_the_sentinel_character_lose_precision_only() {
 
 #[test]
 fn numbers_change_spelling_not_value() {
-    let (text, _) = run_text(r#"[1.50,1e2,-0,0.000001,1E+3,2.0]"#, &Plan::default());
-    assert_eq!(text, "[1.5,100.0,-0.0,1e-6,1000.0,2.0]");
+    // the parsed document: serde_json's spelling
+    let body = "[1.50,1e2,-0,0.000001,1E+3,2.0]";
+    assert_eq!(dom_text(body, &Plan::default()), "[1.5,100.0,-0.0,1e-6,1000.0,2.0]");
+    // the streaming pass: as written, also where a mask reads them
+    let plan = masks(vec![mask("x", &["$[0]"], MaskStrategy::ShowLast4)]);
+    assert_eq!(streamed_text(body, &plan), r#"["***",1e2,-0,0.000001,1E+3,2.0]"#);
+    let (text, _) = run_text(body, &plan);
+    assert_eq!(text, r#"["***",1e2,-0,0.000001,1E+3,2.0]"#);
 }
 
 #[test]
-fn output_is_compact_json_in_the_original_member_order() {
-    let (text, _) = run_text("{ \"b\" : [ 1 , 2 ] ,\n \"a\" : { } }", &Plan::default());
-    assert_eq!(text, r#"{"b":[1,2],"a":{}}"#);
+fn output_keeps_the_member_order() {
+    let body = "{ \"b\" : [ 1 , 2 ] ,\n \"a\" : { } }";
+    // the parsed document: compact
+    assert_eq!(dom_text(body, &Plan::default()), r#"{"b":[1,2],"a":{}}"#);
+    // the streaming pass: formatting kept
+    let plan = masks(vec![mask("x", &["$.b[1]"], MaskStrategy::Redact)]);
+    assert_eq!(streamed_text(body, &plan), "{ \"b\" : [ 1 , \"[REDACTED]\" ] ,\n \"a\" : { } }");
 }
 
 #[test]

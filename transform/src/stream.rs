@@ -1,0 +1,1070 @@
+//! The streaming path of [`apply`](crate::apply): one pass over the body that validates it
+//! as JSON, copies every byte no path reaches verbatim and rewrites only the values masks
+//! select.
+//!
+//! # Eligible plans
+//!
+//! A plan is streamed when it has no row filter, every path (records, record id, masks) is
+//! simple (names, non-negative indices and wildcards, see [`path`](crate::path)), it has at
+//! most [`MAX_ENTRIES`] paths, and no `Remove` mask ending in an index is followed by a mask
+//! with an index at the same depth (removing an array element shifts the ones after it, which
+//! the parsed document sees and a single pass cannot). Anything else goes through the parsed
+//! document.
+//!
+//! # How
+//!
+//! Each value is visited with the set of paths that can still reach it or into it (a bit
+//! set over the plan's paths). Values no path reaches are skipped with a validating scan
+//! that decodes nothing. A value that some mask selects whole is decoded (just that value,
+//! numbers wrapped as the parsed document does) and every mask path that reaches it is
+//! applied to it in plan order with the very code the parsed document uses, so that the
+//! masked text, the counts and the interplay of masks (a later mask seeing an earlier one's
+//! result, a removal hiding a value from later masks) are identical. Records are counted
+//! where the records path selects them, and record ids are hashed from the original values
+//! (the first value the id path selects in each record, as the parsed document does).
+//! `Remove` deletes the member or element, with its comma.
+//!
+//! # Handing over
+//!
+//! The pass stops and lets the parsed document do the work ([`Stop::Fallback`]) when it
+//! meets what it would not handle exactly like it: more records than `max_records` (the cap
+//! truncates or refuses), a duplicate key where a path looks (the parsed document keeps the
+//! last value at the first position), the U+FDD0 character (it turns off number
+//! preservation), an escaped lone surrogate. Invalid JSON is reported with the same error
+//! kind as the parsed document reports ([`TransformError::NotJson`] or
+//! [`TransformError::Truncated`]), at the offending byte; nesting deeper than serde_json's
+//! recursion limit is refused as it refuses it.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+
+use custos_api::policy::MaskStrategy;
+use serde_json::Value;
+
+use crate::apply::{Outcome, TransformError, TransformStats, Transformed, id_hash, mask_steps};
+use crate::hash::HashKey;
+use crate::mask::Masker;
+use crate::numbers;
+use crate::path::{self, Step};
+use crate::plan::{Compiled, Plan};
+
+/// Containers open at once: serde_json refuses the 128th nested one (its recursion limit),
+/// and so does this pass.
+const MAX_OPEN: u32 = 128;
+
+/// At most this many paths (records, record id and mask paths together) are streamed.
+pub(crate) const MAX_ENTRIES: usize = 128;
+
+/// What one path of the plan is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// A mask path of `plan.masks[class]`.
+    Mask { class: usize, strategy: MaskStrategy },
+    /// The records path.
+    Records,
+    /// The record id path, relative to a record.
+    Id,
+}
+
+/// One path of the plan.
+#[derive(Debug)]
+struct Entry {
+    steps: Vec<Step>,
+    role: Role,
+}
+
+/// A plan as the streaming pass applies it; built once per plan.
+#[derive(Debug)]
+pub(crate) struct StreamPlan {
+    /// Mask paths in plan order (class, then path), then the records and id paths. Bit `i`
+    /// of the sets below stands for `entries[i]`.
+    entries: Vec<Entry>,
+    /// Paths walked from the root: masks and records.
+    root: u128,
+    /// Of those, the paths that select the root itself.
+    root_full: u128,
+    /// Mask paths.
+    masks: u128,
+    /// The records path (0 when none).
+    records: u128,
+    /// The record id path (0 when none).
+    id: u128,
+    /// Whether the id path is `$` (the record itself).
+    id_is_record: bool,
+}
+
+impl StreamPlan {
+    /// The streaming form of `plan`, or `None` if the plan is not eligible (row filters are
+    /// checked on each call instead).
+    pub(crate) fn new(plan: &Plan, compiled: &Compiled) -> Option<Self> {
+        let mut entries = Vec::new();
+        for (class, (mask, steps)) in plan.masks.iter().zip(&compiled.masks).enumerate() {
+            for steps in steps {
+                let steps = streamable(steps.as_ref()?)?;
+                entries.push(Entry { steps, role: Role::Mask { class, strategy: mask.strategy } });
+            }
+        }
+        for (i, entry) in entries.iter().enumerate() {
+            if let Role::Mask { strategy: MaskStrategy::Remove, .. } = entry.role
+                && let Some(Step::Index(_)) = entry.steps.last()
+            {
+                let at = entry.steps.len() - 1;
+                if entries[i + 1..].iter().any(|later| matches!(later.steps.get(at), Some(Step::Index(_)))) {
+                    return None;
+                }
+            }
+        }
+        if plan.records.is_some() {
+            entries.push(Entry { steps: streamable(compiled.records.as_ref()?)?, role: Role::Records });
+            if plan.record_id.is_some() {
+                entries.push(Entry { steps: streamable(compiled.record_id.as_ref()?)?, role: Role::Id });
+            }
+        }
+        if entries.len() > MAX_ENTRIES {
+            return None;
+        }
+        let bits = |f: &dyn Fn(&Entry) -> bool| {
+            entries.iter().enumerate().filter(|(_, e)| f(e)).fold(0u128, |acc, (i, _)| acc | 1 << i)
+        };
+        let root = bits(&|e| e.role != Role::Id);
+        let root_full = bits(&|e| e.role != Role::Id && e.steps.is_empty());
+        let masks = bits(&|e| matches!(e.role, Role::Mask { .. }));
+        let records = bits(&|e| e.role == Role::Records);
+        let id = bits(&|e| e.role == Role::Id);
+        let id_is_record = entries.iter().any(|e| e.role == Role::Id && e.steps.is_empty());
+        Some(StreamPlan { entries, root, root_full, masks, records, id, id_is_record })
+    }
+}
+
+/// `steps`, if they hold no negative index (which needs the array's length up front).
+fn streamable(steps: &[Step]) -> Option<Vec<Step>> {
+    steps.iter().all(|s| !matches!(s, Step::Index(i) if *i < 0)).then(|| steps.to_vec())
+}
+
+/// Why the pass stopped early.
+#[derive(Debug)]
+enum Stop {
+    /// The body is not valid JSON.
+    Invalid(TransformError),
+    /// Something the parsed document must decide.
+    Fallback,
+}
+
+type Res<T> = Result<T, Stop>;
+
+/// Runs the streaming pass: `None` when it handed over to the parsed document.
+pub(crate) fn run(
+    body: &[u8],
+    plan: &Plan,
+    stream: &StreamPlan,
+    key: &HashKey,
+) -> Option<Result<Transformed, TransformError>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Some(Err(TransformError::EmptyBody));
+    }
+    let mut walker = Walker {
+        buf: body,
+        pos: 0,
+        out: Vec::new(),
+        copied: 0,
+        plan: stream,
+        key,
+        max_records: plan.max_records,
+        records: 0,
+        masked: vec![0; plan.masks.len()],
+        hashes: Vec::new(),
+        record_depth: 0,
+        id_pending: false,
+        string_start: 0,
+    };
+    match walker.document() {
+        Ok(()) => {}
+        Err(Stop::Invalid(e)) => return Some(Err(e)),
+        Err(Stop::Fallback) => return None,
+    }
+    let mut masked = BTreeMap::new();
+    for (class, count) in plan.masks.iter().zip(&walker.masked) {
+        *masked.entry(class.class.clone()).or_default() += count;
+    }
+    let stats = TransformStats {
+        records_returned: walker.records,
+        masked,
+        record_hashes: walker.hashes,
+        ..TransformStats::default()
+    };
+    Some(Ok(Transformed { outcome: Outcome::Body(walker.out), stats }))
+}
+
+/// The members of one container as kept or removed, to cut removed ones with their commas.
+struct Cuts {
+    /// Where the first member starts.
+    first: usize,
+    /// Where the previous member ends.
+    prev_end: usize,
+    kept_any: bool,
+    removed_any: bool,
+}
+
+impl Cuts {
+    fn new(first: usize) -> Self {
+        Cuts { first, prev_end: first, kept_any: false, removed_any: false }
+    }
+}
+
+/// Keys of an object seen so far, for paths with a wildcard over it.
+#[derive(Default)]
+struct KeySet<'a> {
+    small: Vec<Cow<'a, [u8]>>,
+    large: Option<HashSet<Cow<'a, [u8]>>>,
+}
+
+impl<'a> KeySet<'a> {
+    /// Adds `key`; false if it was there already.
+    fn insert(&mut self, key: Cow<'a, [u8]>) -> bool {
+        const SMALL: usize = 16;
+        if self.small.len() < SMALL {
+            if self.small.contains(&key) {
+                return false;
+            }
+            self.small.push(key);
+            return true;
+        }
+        self.large.get_or_insert_with(|| self.small.iter().cloned().collect()).insert(key)
+    }
+}
+
+struct Walker<'a> {
+    buf: &'a [u8],
+    /// The next byte to read.
+    pos: usize,
+    out: Vec<u8>,
+    /// Bytes of `buf` before this are written to `out` or cut.
+    copied: usize,
+    plan: &'a StreamPlan,
+    key: &'a HashKey,
+    max_records: Option<u64>,
+    /// Records seen.
+    records: u64,
+    /// Masked locations by class index.
+    masked: Vec<u64>,
+    hashes: Vec<String>,
+    /// Depth of the record being walked.
+    record_depth: u32,
+    /// Inside a record whose id has not been found yet.
+    id_pending: bool,
+    /// Where the content of the string last scanned starts.
+    string_start: usize,
+}
+
+impl<'a> Walker<'a> {
+    fn document(&mut self) -> Res<()> {
+        self.out.reserve(self.buf.len() + 64);
+        self.ws();
+        let (alive, full) = (self.plan.root, self.plan.root_full);
+        if full & self.plan.masks != 0 {
+            let start = self.pos;
+            if let Some(value) = self.masked_value(alive, 0, true)? {
+                self.replace(start, self.pos, &value)?;
+            }
+        } else {
+            self.walk(alive, full, 0)?;
+        }
+        self.ws();
+        if self.pos < self.buf.len() {
+            return Err(self.fail());
+        }
+        self.out.extend_from_slice(&self.buf[self.copied..]);
+        Ok(())
+    }
+
+    // ---- output ----------------------------------------------------------------------------
+
+    /// Drops `buf[from..to]` from the output (what is before it and not yet copied is
+    /// copied).
+    fn cut(&mut self, from: usize, to: usize) {
+        if from > self.copied {
+            self.out.extend_from_slice(&self.buf[self.copied..from]);
+        }
+        self.copied = self.copied.max(to);
+    }
+
+    /// Writes `value` in place of `buf[from..to]`.
+    fn replace(&mut self, from: usize, to: usize, value: &Value) -> Res<()> {
+        self.cut(from, from);
+        serde_json::to_writer(&mut self.out, value).map_err(|_| Stop::Fallback)?;
+        self.copied = to;
+        Ok(())
+    }
+
+    /// A member starting at `start` stays: if only removed members came before it, the
+    /// comma they left goes.
+    fn keep(&mut self, cuts: &mut Cuts, start: usize) {
+        if cuts.removed_any && !cuts.kept_any {
+            self.cut(cuts.prev_end, start);
+        }
+        cuts.kept_any = true;
+    }
+
+    /// The member `start..end` goes, with the comma before it (or, if it is the first kept,
+    /// with everything before it; the comma after it goes with the next kept member).
+    fn remove(&mut self, cuts: &mut Cuts, start: usize, end: usize) {
+        if cuts.kept_any {
+            self.cut(cuts.prev_end, end);
+        } else {
+            self.cut(cuts.first.min(start), end);
+        }
+        cuts.removed_any = true;
+    }
+
+    // ---- walking ---------------------------------------------------------------------------
+
+    /// Which step of entry `bit`'s path leads from a node at `depth` to its children.
+    fn step_index(&self, bit: u128, depth: u32) -> usize {
+        let depth = if bit == self.plan.id { depth - self.record_depth } else { depth };
+        depth as usize
+    }
+
+    /// The entries of `alive` (at a node of `depth`) that reach the child with `key` (object
+    /// member) or at `index` (array element), and those of them that select it. A name
+    /// matched a second time in the object is a duplicate key: handed over.
+    fn child_bits(
+        &self,
+        alive: u128,
+        depth: u32,
+        key: Option<&[u8]>,
+        index: usize,
+        seen: &mut u128,
+    ) -> Res<(u128, u128)> {
+        let (mut child, mut full) = (0, 0);
+        let mut bits = alive;
+        while bits != 0 {
+            let bit = bits & bits.wrapping_neg();
+            bits &= bits - 1;
+            // A record id already found is looked for no further, but a later duplicate of a
+            // key on its way would still change which value the parsed document reads.
+            let found_id = bit == self.plan.id && !self.id_pending;
+            let entry = &self.plan.entries[bit.trailing_zeros() as usize];
+            let k = self.step_index(bit, depth);
+            let hit = match (entry.steps.get(k), key) {
+                (Some(Step::Wildcard), _) => true,
+                (Some(Step::Name(name)), Some(key)) if name.as_bytes() == key => {
+                    if *seen & bit != 0 {
+                        return Err(Stop::Fallback);
+                    }
+                    *seen |= bit;
+                    true
+                }
+                (Some(Step::Index(i)), None) => usize::try_from(*i).is_ok_and(|i| i == index),
+                _ => false,
+            };
+            if hit && !found_id {
+                child |= bit;
+                if entry.steps.len() == k + 1 {
+                    full |= bit;
+                }
+            }
+        }
+        Ok((child, full))
+    }
+
+    /// Whether a path of `alive` (at a node of `depth`) has a wildcard into its children.
+    fn has_wildcard(&self, alive: u128, depth: u32) -> bool {
+        let mut bits = alive;
+        while bits != 0 {
+            let bit = bits & bits.wrapping_neg();
+            bits &= bits - 1;
+            let entry = &self.plan.entries[bit.trailing_zeros() as usize];
+            if matches!(entry.steps.get(self.step_index(bit, depth)), Some(Step::Wildcard)) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The value at `pos`, reached by the paths of `alive`, selected whole by those of `full`
+    /// (none of them a mask).
+    fn walk(&mut self, mut alive: u128, mut full: u128, depth: u32) -> Res<()> {
+        let record = full & self.plan.records != 0;
+        if record {
+            self.count_records(1)?;
+            if self.plan.id != 0 {
+                self.record_depth = depth;
+                self.id_pending = true;
+                alive |= self.plan.id;
+                if self.plan.id_is_record {
+                    full |= self.plan.id;
+                }
+            }
+        }
+        let rest = alive & !full;
+        let result = if full & self.plan.id != 0 && self.id_pending {
+            self.id_pending = false;
+            self.record_id(rest, depth)
+        } else {
+            self.descend(rest, depth)
+        };
+        if record {
+            self.id_pending = false;
+        }
+        result
+    }
+
+    /// Into the value at `pos` for the paths of `rest`, or over it if none reaches further.
+    fn descend(&mut self, rest: u128, depth: u32) -> Res<()> {
+        match self.peek() {
+            Some(b'{') if rest != 0 => self.object(rest, depth),
+            Some(b'[') if rest != 0 => self.array(rest, depth),
+            _ => self.skip_value(depth),
+        }
+    }
+
+    /// The value at `pos` is the id of the current record: strings and numbers are hashed.
+    fn record_id(&mut self, rest: u128, depth: u32) -> Res<()> {
+        let start = self.pos;
+        match self.peek() {
+            Some(b'"') => {
+                // as a `Value::String` holds it (no sentinel: U+FDD0 hands over)
+                let text = self.string_text()?;
+                self.hashes.push(self.key.hash_hex(text.as_bytes()));
+                Ok(())
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                self.number()?;
+                let token = &self.buf[start..self.pos];
+                let hash = if is_plain_integer(token) {
+                    // serde_json writes such an integer back exactly as written
+                    Some(self.key.hash_hex(token))
+                } else {
+                    id_hash(&number_value(token)?, self.key, true)
+                };
+                self.hashes.extend(hash);
+                Ok(())
+            }
+            _ => self.descend(rest, depth),
+        }
+    }
+
+    /// Counts records; more than the cap: handed over (the parsed document truncates or
+    /// refuses).
+    fn count_records(&mut self, n: u64) -> Res<()> {
+        self.records += n;
+        match self.max_records {
+            Some(max) if self.records > max => Err(Stop::Fallback),
+            _ => Ok(()),
+        }
+    }
+
+    fn object(&mut self, alive: u128, depth: u32) -> Res<()> {
+        self.open(depth)?;
+        self.pos += 1;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            return Ok(());
+        }
+        let buf = self.buf;
+        let wildcard = self.has_wildcard(alive, depth);
+        let mut keys = KeySet::default();
+        let mut seen = 0;
+        let mut cuts = Cuts::new(self.pos);
+        loop {
+            if self.peek() != Some(b'"') {
+                return Err(self.fail());
+            }
+            let start = self.pos;
+            let escaped = self.string()?;
+            let key: Cow<'a, [u8]> = if escaped {
+                let key: String =
+                    serde_json::from_slice(&buf[start..self.pos]).map_err(|_| Stop::Fallback)?;
+                Cow::Owned(key.into_bytes())
+            } else {
+                Cow::Borrowed(&buf[start + 1..self.pos - 1])
+            };
+            self.ws();
+            if self.peek() != Some(b':') {
+                return Err(self.fail());
+            }
+            self.pos += 1;
+            self.ws();
+            let (child, full) = self.child_bits(alive, depth, Some(&key), 0, &mut seen)?;
+            if wildcard && !keys.insert(key) {
+                return Err(Stop::Fallback);
+            }
+            self.member(child, full, depth + 1, start, &mut cuts)?;
+            self.ws();
+            match self.peek() {
+                Some(b',') => {
+                    self.pos += 1;
+                    self.ws();
+                }
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.fail()),
+            }
+        }
+    }
+
+    fn array(&mut self, alive: u128, depth: u32) -> Res<()> {
+        self.open(depth)?;
+        self.pos += 1;
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            return Ok(());
+        }
+        let mut cuts = Cuts::new(self.pos);
+        let mut seen = 0;
+        let mut index = 0;
+        loop {
+            let start = self.pos;
+            let (child, full) = self.child_bits(alive, depth, None, index, &mut seen)?;
+            self.member(child, full, depth + 1, start, &mut cuts)?;
+            index += 1;
+            self.ws();
+            match self.peek() {
+                Some(b',') => {
+                    self.pos += 1;
+                    self.ws();
+                    if self.peek() == Some(b']') {
+                        return Err(self.fail());
+                    }
+                }
+                Some(b']') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.fail()),
+            }
+        }
+    }
+
+    /// One member (starting at `start`, its value at `pos`) of a container: skipped, walked,
+    /// masked or removed.
+    fn member(&mut self, alive: u128, full: u128, depth: u32, start: usize, cuts: &mut Cuts) -> Res<()> {
+        if alive == 0 {
+            self.keep(cuts, start);
+            self.skip_value(depth)?;
+        } else if full & self.plan.masks != 0 {
+            let value_start = self.pos;
+            match self.masked_value(alive, depth, false)? {
+                Some(value) => {
+                    self.keep(cuts, start);
+                    self.replace(value_start, self.pos, &value)?;
+                }
+                None => self.remove(cuts, start, self.pos),
+            }
+        } else {
+            self.keep(cuts, start);
+            self.walk(alive, full, depth)?;
+        }
+        cuts.prev_end = self.pos;
+        Ok(())
+    }
+
+    /// The value at `pos`, which a mask selects whole: decoded, records and ids taken from
+    /// it, then every mask path that reaches it applied in plan order. `None`: removed.
+    fn masked_value(&mut self, alive: u128, depth: u32, root: bool) -> Res<Option<Value>> {
+        let plan = self.plan;
+        let mut value = if self.peek() == Some(b'"') {
+            Value::String(self.string_text()?.into_owned())
+        } else {
+            let start = self.pos;
+            self.skip_value(depth)?;
+            decode(&self.buf[start..self.pos]).ok_or(Stop::Fallback)?
+        };
+        let depth = depth as usize;
+
+        // records and their ids, from the original value
+        let id_steps = plan.entries.iter().find(|e| e.role == Role::Id).map(|e| e.steps.as_slice());
+        if alive & plan.records != 0 {
+            let entry = &plan.entries[plan.records.trailing_zeros() as usize];
+            let (mut count, mut hashes) = (0, Vec::new());
+            let key = self.key;
+            path::for_each_mut(&mut value, &entry.steps[depth..], &mut |record| {
+                count += 1;
+                if let Some(id) = id_steps.and_then(|steps| path::first(record, steps)) {
+                    hashes.extend(id_hash(id, key, true));
+                }
+            });
+            self.count_records(count)?;
+            self.hashes.extend(hashes);
+        }
+        if self.id_pending
+            && alive & plan.id != 0
+            && let Some(steps) = id_steps
+            && let Some(id) = path::first(&value, &steps[depth - self.record_depth as usize..])
+        {
+            self.hashes.extend(id_hash(id, self.key, true));
+            self.id_pending = false;
+        }
+
+        // masks, in plan order
+        let mut removed = false;
+        let mut bits = alive & plan.masks;
+        while bits != 0 && !removed {
+            let bit = bits & bits.wrapping_neg();
+            bits &= bits - 1;
+            let entry = &plan.entries[bit.trailing_zeros() as usize];
+            let Role::Mask { class, strategy } = entry.role else { continue };
+            let masker = Masker { strategy, key: self.key, sentinels: true };
+            let rest = &entry.steps[depth..];
+            self.masked[class] += if rest.is_empty() {
+                if strategy == MaskStrategy::Remove && !root {
+                    removed = true;
+                } else {
+                    masker.apply(&mut value);
+                }
+                1
+            } else {
+                mask_steps(&mut value, rest, &masker)
+            };
+        }
+        Ok((!removed).then_some(value))
+    }
+
+    // ---- validation ------------------------------------------------------------------------
+
+    fn peek(&self) -> Option<u8> {
+        self.buf.get(self.pos).copied()
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    /// The byte at `pos` is wrong, or missing.
+    fn fail(&self) -> Stop {
+        Stop::Invalid(error_at(self.buf, self.pos))
+    }
+
+    /// A container at `depth` opens at `pos`: refused where serde_json's recursion limit
+    /// refuses it.
+    fn open(&self, depth: u32) -> Res<()> {
+        if depth + 1 >= MAX_OPEN { Err(self.fail()) } else { Ok(()) }
+    }
+
+    /// Validates and skips the value at `pos` (a node at `depth`), without decoding it.
+    fn skip_value(&mut self, depth: u32) -> Res<()> {
+        match self.peek() {
+            Some(b'{' | b'[') => self.skip_container(depth),
+            _ => self.scalar(),
+        }
+    }
+
+    fn scalar(&mut self) -> Res<()> {
+        match self.peek() {
+            Some(b'"') => self.string().map(drop),
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            _ => Err(self.fail()),
+        }
+    }
+
+    /// Skips a container and everything in it, iteratively (bit `i` of `objects`: the
+    /// container `i` levels in is an object).
+    fn skip_container(&mut self, depth: u32) -> Res<()> {
+        let mut objects: u128 = 0;
+        let mut level: u32 = 0;
+        loop {
+            // at a value
+            match self.peek() {
+                Some(open @ (b'{' | b'[')) => {
+                    self.open(depth + level)?;
+                    let object = open == b'{';
+                    if object {
+                        objects |= 1 << level;
+                    } else {
+                        objects &= !(1 << level);
+                    }
+                    level += 1;
+                    self.pos += 1;
+                    self.ws();
+                    if self.peek() == Some(if object { b'}' } else { b']' }) {
+                        self.pos += 1;
+                        level -= 1;
+                    } else {
+                        if object {
+                            self.key_and_colon()?;
+                        }
+                        continue;
+                    }
+                }
+                _ => self.scalar()?,
+            }
+            // after a value
+            loop {
+                if level == 0 {
+                    return Ok(());
+                }
+                self.ws();
+                let object = objects & (1 << (level - 1)) != 0;
+                match self.peek() {
+                    Some(b',') => {
+                        self.pos += 1;
+                        self.ws();
+                        if object {
+                            self.key_and_colon()?;
+                        } else if self.peek() == Some(b']') {
+                            return Err(self.fail());
+                        }
+                        break;
+                    }
+                    Some(b'}') if object => {
+                        self.pos += 1;
+                        level -= 1;
+                    }
+                    Some(b']') if !object => {
+                        self.pos += 1;
+                        level -= 1;
+                    }
+                    _ => return Err(self.fail()),
+                }
+            }
+        }
+    }
+
+    /// An object key and its colon, leaving `pos` at the value.
+    fn key_and_colon(&mut self) -> Res<()> {
+        if self.peek() != Some(b'"') {
+            return Err(self.fail());
+        }
+        self.string()?;
+        self.ws();
+        if self.peek() != Some(b':') {
+            return Err(self.fail());
+        }
+        self.pos += 1;
+        self.ws();
+        Ok(())
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Res<()> {
+        for &b in word {
+            if self.peek() != Some(b) {
+                return Err(self.fail());
+            }
+            self.pos += 1;
+        }
+        Ok(())
+    }
+
+    /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
+    fn number(&mut self) -> Res<()> {
+        if self.peek() == Some(b'-') {
+            self.pos += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.pos += 1,
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(self.fail()),
+        }
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.fail());
+            }
+            self.digits();
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.pos += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.pos += 1;
+            }
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.fail());
+            }
+            self.digits();
+        }
+        Ok(())
+    }
+
+    fn digits(&mut self) {
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    /// Validates the string whose opening quote is at `pos` (escapes, control characters,
+    /// UTF-8) and moves past it; returns whether it holds escapes.
+    fn string(&mut self) -> Res<bool> {
+        let (escaped, ascii) = self.scan_string()?;
+        if !ascii && std::str::from_utf8(&self.buf[self.string_start..self.pos - 1]).is_err() {
+            // serde_json reports it at the closing quote
+            return Err(Stop::Invalid(error_at(self.buf, self.pos - 1)));
+        }
+        Ok(escaped)
+    }
+
+    /// The string whose opening quote is at `pos`, validated: its content (without quotes).
+    fn string_text(&mut self) -> Res<Cow<'a, str>> {
+        let buf = self.buf;
+        let (escaped, ascii) = self.scan_string()?;
+        let (start, end) = (self.string_start, self.pos - 1);
+        if escaped {
+            // serde_json decodes escapes (and checks UTF-8) as the parsed document does
+            return match serde_json::from_slice::<String>(&buf[start - 1..=end]) {
+                Ok(text) => Ok(Cow::Owned(text)),
+                Err(_) if !ascii && std::str::from_utf8(&buf[start..end]).is_err() => {
+                    Err(Stop::Invalid(error_at(buf, end)))
+                }
+                Err(_) => Err(Stop::Fallback),
+            };
+        }
+        match std::str::from_utf8(&buf[start..end]) {
+            Ok(text) => Ok(Cow::Borrowed(text)),
+            Err(_) => Err(Stop::Invalid(error_at(buf, end))),
+        }
+    }
+
+    /// Scans the string whose opening quote is at `pos` and moves past it, checking all but
+    /// UTF-8; its content starts at `string_start`. Returns whether it holds escapes and
+    /// whether its raw bytes are all ASCII.
+    fn scan_string(&mut self) -> Res<(bool, bool)> {
+        let start = self.pos + 1;
+        self.string_start = start;
+        let mut i = start;
+        let mut escaped = false;
+        let mut ascii = true;
+        loop {
+            let (stop, plain_ascii) = skip_plain(self.buf, i);
+            ascii &= plain_ascii;
+            i = stop;
+            match self.buf.get(i) {
+                None => {
+                    self.pos = i;
+                    return Err(self.fail());
+                }
+                Some(b'"') => {
+                    self.pos = i + 1;
+                    return Ok((escaped, ascii));
+                }
+                Some(b'\\') => {
+                    escaped = true;
+                    i = self.escape(i + 1)?;
+                }
+                Some(0xEF) => {
+                    if self.buf.get(i + 1..i + 3) == Some(&SENTINEL_TAIL[..]) {
+                        return Err(Stop::Fallback);
+                    }
+                    ascii = false;
+                    i += 1;
+                }
+                Some(_) => return Err(Stop::Invalid(error_at(self.buf, i))),
+            }
+        }
+    }
+
+    /// The escape whose backslash is just before `i`; returns where the string goes on.
+    fn escape(&mut self, i: usize) -> Res<usize> {
+        match self.buf.get(i) {
+            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(i + 1),
+            Some(b'u') => match self.hex4(i + 1)? {
+                // the sentinel turns off number preservation; lone trailing surrogate
+                0xFDD0 | 0xDC00..=0xDFFF => Err(Stop::Fallback),
+                0xD800..=0xDBFF => {
+                    // only a trailing surrogate escape may follow; anything else is the parsed
+                    // document's to report
+                    if self.buf.get(i + 5..i + 7) == Some(&b"\\u"[..])
+                        && matches!(self.hex4(i + 7), Ok(0xDC00..=0xDFFF))
+                    {
+                        Ok(i + 11)
+                    } else {
+                        Err(Stop::Fallback)
+                    }
+                }
+                _ => Ok(i + 5),
+            },
+            None => {
+                self.pos = i;
+                Err(self.fail())
+            }
+            Some(_) => Err(Stop::Invalid(error_at(self.buf, i))),
+        }
+    }
+
+    /// Four hex digits at `at`.
+    fn hex4(&self, at: usize) -> Res<u32> {
+        let Some(digits) = self.buf.get(at..at + 4) else {
+            return Err(Stop::Invalid(error_at(self.buf, self.buf.len())));
+        };
+        digits.iter().try_fold(0, |n, &d| match char::from(d).to_digit(16) {
+            Some(d) => Ok(n << 4 | d),
+            None => Err(Stop::Invalid(error_at(self.buf, at + 3))),
+        })
+    }
+}
+
+/// U+FDD0 in UTF-8 is `EF B7 90`.
+const SENTINEL_TAIL: [u8; 2] = [0xB7, 0x90];
+
+/// The error for the byte at `at` (`NotJson`), or for the end of the body (`Truncated`),
+/// positioned as serde_json positions it: line and column (in bytes) of that byte, or of the
+/// last byte at the end.
+fn error_at(buf: &[u8], at: usize) -> TransformError {
+    let end = (at + 1).min(buf.len());
+    let line_start = buf[..end].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let line = 1 + buf[..line_start].iter().filter(|&&b| b == b'\n').count();
+    let column = end - line_start;
+    if at >= buf.len() {
+        TransformError::Truncated { line, column }
+    } else {
+        TransformError::NotJson { line, column }
+    }
+}
+
+/// The position of the first `"`, `\`, control character or `0xEF` byte (the first byte of
+/// U+FDD0) at or after `i`, or the length of `buf`, and whether the bytes before it are all
+/// ASCII: eight bytes at a time, then byte by byte.
+fn skip_plain(buf: &[u8], mut i: usize) -> (usize, bool) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // per byte, the high bit is set at the first byte equal to zero (or below 0x20) and
+    // possibly at later ones, never at earlier ones
+    let zero = |w: u64| w.wrapping_sub(ONES) & !w;
+    let mut high = 0;
+    while let Some(chunk) = buf.get(i..i + 8) {
+        let Ok(bytes) = <[u8; 8]>::try_from(chunk) else {
+            break;
+        };
+        let w = u64::from_le_bytes(bytes);
+        let hits = (w.wrapping_sub(ONES * 0x20) & !w
+            | zero(w ^ (ONES * u64::from(b'"')))
+            | zero(w ^ (ONES * u64::from(b'\\')))
+            | zero(w ^ (ONES * 0xEF)))
+            & HIGHS;
+        if hits != 0 {
+            let at = hits.trailing_zeros() / 8;
+            // the bytes before the stop
+            let before = if at == 0 { 0 } else { w & (u64::MAX >> (64 - 8 * at)) };
+            return (i + at as usize, (high | before) & HIGHS == 0);
+        }
+        high |= w;
+        i += 8;
+    }
+    while i < buf.len() && !matches!(buf[i], b'"' | b'\\' | 0x00..=0x1F | 0xEF) {
+        high |= u64::from(buf[i] & 0x80);
+        i += 1;
+    }
+    (i, high & HIGHS == 0)
+}
+
+/// Whether a valid number token is an integer that serde_json writes back as written: no
+/// fraction or exponent, not `-0` (which becomes `-0.0`), and within `i64`/`u64`.
+fn is_plain_integer(token: &[u8]) -> bool {
+    token.iter().all(|b| b.is_ascii_digit() || *b == b'-') && token != b"-0" && numbers::is_exact(token)
+}
+
+/// A number token as the parsed document holds it: a `Value` number, or a sentinel string
+/// where `Value` cannot hold it exactly.
+fn number_value(token: &[u8]) -> Res<Value> {
+    if numbers::is_exact(token) {
+        serde_json::from_slice(token).map_err(|_| Stop::Fallback)
+    } else {
+        let text = std::str::from_utf8(token).map_err(|_| Stop::Fallback)?;
+        Ok(Value::String(format!("{}{text}", numbers::SENTINEL)))
+    }
+}
+
+/// A validated value as the parsed document holds it (numbers wrapped where needed).
+fn decode(raw: &[u8]) -> Option<Value> {
+    match raw.first()? {
+        b'-' | b'0'..=b'9' => number_value(raw).ok(),
+        b'{' | b'[' => {
+            let prepared = numbers::prepare(raw);
+            if !prepared.sentinels {
+                return None;
+            }
+            serde_json::from_slice(&prepared.body).ok()
+        }
+        _ => serde_json::from_slice(raw).ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn skip_plain_finds_every_stop() {
+        for stop in [b'"', b'\\', 0xEF, 0x00, 0x1F, b'\n'] {
+            for at in 0..24 {
+                let mut buf = vec![b'a'; 24];
+                buf[at] = stop;
+                for from in 0..=at {
+                    assert_eq!(skip_plain(&buf, from), (at, true), "{stop:#x} at {at} from {from}");
+                }
+                assert_eq!(skip_plain(&buf, at + 1), (24, true));
+            }
+        }
+        // bytes that are not stops: 0x20, high bytes other than 0xEF
+        let buf = [0x20, 0x7F, 0x80, 0xE4, 0xBD, 0xA0, 0xEE, 0xF0, 0xFF, 0x21];
+        assert_eq!(skip_plain(&buf, 0), (buf.len(), false));
+        // a high byte before the stop, at every place, in words and in the tail
+        for len in [8, 16, 21] {
+            for high in 0..len {
+                for stop in high + 1..=len {
+                    let mut buf = vec![b'a'; len];
+                    buf[high] = 0xC3;
+                    if stop < len {
+                        buf[stop] = b'"';
+                    }
+                    assert_eq!(skip_plain(&buf, 0), (stop, false), "{len} {high} {stop}");
+                    // a high byte after the stop does not count
+                    if stop + 1 < len {
+                        assert_eq!(skip_plain(&buf, 0).0, stop);
+                        let mut after = vec![b'a'; len];
+                        after[stop] = b'"';
+                        after[stop + 1] = 0xC3;
+                        assert_eq!(skip_plain(&after, 0), (stop, true), "{len} {stop}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn errors_are_positioned_like_serde_json() {
+        for (body, at) in [("{\"a\":1,\n \"b\": 1x}", 15), ("[1,\n\n  2 3]", 9), ("x", 0)] {
+            let expected = serde_json::from_str::<Value>(body).unwrap_err();
+            let TransformError::NotJson { line, column } = error_at(body.as_bytes(), at) else { panic!() };
+            assert_eq!((line, column), (expected.line(), expected.column()), "{body}");
+        }
+        let body = "{\"a\":\n [1,";
+        let expected = serde_json::from_str::<Value>(body).unwrap_err();
+        let TransformError::Truncated { line, column } = error_at(body.as_bytes(), body.len()) else {
+            panic!()
+        };
+        assert_eq!((line, column), (expected.line(), expected.column()));
+    }
+
+    #[test]
+    fn plain_integers() {
+        for t in ["0", "7", "-5", "18446744073709551615", "-9223372036854775808"] {
+            assert!(is_plain_integer(t.as_bytes()), "{t}");
+            let v: Value = serde_json::from_str(t).unwrap();
+            assert_eq!(serde_json::to_string(&v).unwrap(), t);
+        }
+        for t in ["-0", "1.0", "1e2", "18446744073709551616", "-9223372036854775809"] {
+            assert!(!is_plain_integer(t.as_bytes()), "{t}");
+        }
+    }
+
+    #[test]
+    fn key_set_switches_to_hashing() {
+        let mut keys = KeySet::default();
+        for i in 0..100u32 {
+            assert!(keys.insert(Cow::Owned(i.to_string().into_bytes())));
+        }
+        for i in [0u32, 15, 16, 99] {
+            assert!(!keys.insert(Cow::Owned(i.to_string().into_bytes())), "{i}");
+        }
+    }
+}
