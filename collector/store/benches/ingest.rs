@@ -131,12 +131,15 @@ fn row(e: &AuditEvent) -> Row {
 const FAKE_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Plain batched inserts into a SQLite file with the store's schema (made by opening it as a
-/// store), same pragmas (WAL, synchronous=FULL).
+/// store), same pragmas (WAL, synchronous=FULL, page cache).
 fn sqlite_baseline(path: &std::path::Path, run: &str, count: u64) -> Duration {
     let mut conn = rusqlite::Connection::open(path).unwrap();
     conn.busy_timeout(Duration::from_secs(30)).unwrap();
     let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).unwrap();
     conn.pragma_update(None, "synchronous", "FULL").unwrap();
+    // The store's writer cache (see collector/store/src/sqlite.rs).
+    conn.pragma_update(None, "cache_size", -262_144).unwrap();
+    conn.pragma_update(None, "wal_autocheckpoint", 16_384).unwrap();
     let mut seq: i64 = 1_000_000_000;
     let started = Instant::now();
     for batch in batches(run, 0, count) {
