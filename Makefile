@@ -60,7 +60,7 @@ bench-deps:
 	  echo "installing wrk and nginx-light (Debian packages)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light; }
 
-## demo: until the full demo lands, explain real decisions of the example policies.
+## demo: the four incidents through `custos explain`, then a live sidecar, app and collector (local processes).
 demo: build
 	@bash scripts/demo.sh
 
