@@ -14,8 +14,8 @@
 //! - Alerts recorded as Kubernetes Events on their DataAccessPolicy when in a cluster
 //!   ([`kube_events`]).
 //!
-//! [`run`] is the `custos collector` command; [`start`] starts a collector from a
-//! [`CollectorConfig`] and returns a [`RunningCollector`] (tests, the demo).
+//! [`start`] starts a collector from a [`CollectorConfig`] (built from [`CollectorArgs`] by
+//! `custos collector`, or by hand in tests) and returns a [`RunningCollector`].
 //! The wire contract is `docs/collector.md` and [`custos_api::collector`].
 #![forbid(unsafe_code)]
 
@@ -45,50 +45,3 @@ pub use metrics::CollectorMetrics;
 pub use observer::{RecentIds, StoredBatch};
 pub use server::{RunningCollector, ShutdownHandle, StartError, router, start};
 pub use state::CollectorState;
-
-/// `custos collector`: JSON logs to stderr (`RUST_LOG`, default `info`), starts the collector
-/// and serves until SIGTERM or SIGINT, then shuts down gracefully within
-/// `--shutdown-timeout`.
-pub async fn run(args: CollectorArgs) -> anyhow::Result<()> {
-    init_logging();
-    let config = args.into_config().map_err(|e| anyhow::anyhow!(e))?;
-    let running = start(config).await?;
-    wait_for_signal().await;
-    running.shutdown().await;
-    Ok(())
-}
-
-/// JSON logs to stderr, filtered by `RUST_LOG`. Does nothing if a subscriber is already set.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_current_span(false)
-        .try_init();
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; waiting for SIGINT only");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}

@@ -288,52 +288,6 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
     Ok(RunningSidecar { proxy_addr, admin_addr, trigger, supervisor })
 }
 
-/// `custos sidecar`: sets up JSON logging (`RUST_LOG`, default `info`), starts the sidecar
-/// and runs it until SIGTERM or SIGINT, then shuts it down gracefully.
-pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
-    init_logging();
-    let settings = args.into_settings()?;
-    let running = start(settings).await?;
-    wait_for_signal().await;
-    running.shutdown().await?;
-    Ok(())
-}
-
-/// JSON logs to stderr, filtered by `RUST_LOG`. Does nothing if a subscriber is already set.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_current_span(false)
-        .try_init();
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; waiting for SIGINT only");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 /// 40 random bytes (four ULIDs' 80 random bits each, from the OS-seeded generator of the
 /// `ulid` crate) mixed with the time.
 fn random_key() -> Vec<u8> {
