@@ -13,13 +13,16 @@ pub(crate) struct Args {
 pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("custos-collector").build()?;
-    runtime.block_on(async {
-        crate::serve::init_logging();
+    let telemetry = crate::serve::init_telemetry("custos-collector");
+    let result = runtime.block_on(async {
         let config = args.collector.into_config().map_err(anyhow::Error::msg)?;
         let running = custos_collector::start(config).await?;
         crate::serve::wait_for_signal().await;
         running.shutdown().await;
         anyhow::Ok(())
-    })?;
+    });
+    drop(runtime);
+    telemetry.shutdown();
+    result?;
     Ok(ExitCode::SUCCESS)
 }

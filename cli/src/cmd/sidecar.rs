@@ -17,12 +17,15 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
         builder.worker_threads(1);
     }
     let runtime = builder.enable_all().thread_name("custos-sidecar").build()?;
-    runtime.block_on(async {
-        crate::serve::init_logging();
+    let telemetry = crate::serve::init_telemetry("custos-sidecar");
+    let result = runtime.block_on(async {
         let running = custos_sidecar::start(args.sidecar.into_settings()?).await?;
         crate::serve::wait_for_signal().await;
         running.shutdown().await?;
         anyhow::Ok(())
-    })?;
+    });
+    drop(runtime);
+    telemetry.shutdown();
+    result?;
     Ok(ExitCode::SUCCESS)
 }

@@ -589,6 +589,12 @@ pub(crate) async fn post_events(
     }
 }
 
+/// One span per batch (exported when OpenTelemetry tracing is on): size, then the outcome.
+#[tracing::instrument(
+    name = "ingest_batch",
+    skip_all,
+    fields(events = tracing::field::Empty, accepted = tracing::field::Empty, duplicates = tracing::field::Empty)
+)]
 async fn ingest(
     state: &CollectorState,
     headers: &HeaderMap,
@@ -605,7 +611,12 @@ async fn ingest(
     })
     .await
     .map_err(|e| ApiError::internal(format!("batch decoding task failed: {e}")))??;
-    state.commit(batch).await
+    let span = tracing::Span::current();
+    span.record("events", batch.len());
+    let outcome = state.commit(batch).await?;
+    span.record("accepted", outcome.accepted);
+    span.record("duplicates", outcome.duplicates);
+    Ok(outcome)
 }
 
 #[cfg(test)]
