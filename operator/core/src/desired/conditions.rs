@@ -1,0 +1,312 @@
+//! The status conditions of a DataAccessPolicy, how they are derived, and the Events their
+//! changes call for.
+//!
+//! | type | status | reason |
+//! |---|---|---|
+//! | `Compiled` | True | `Compiled` |
+//! | | False | `CompileError` (message: the compiler's field paths and reasons) |
+//! | `NetworkPolicyApplied` | True | `Applied`, or `NotRequested` (`networkPolicy.enabled: false`, or mode Audit/Disabled) |
+//! | | False | `CompileError`, or `ApplyFailed` (the apply was refused) |
+//! | `Ready` | True | `Ready` |
+//! | | False | the failing reason: `CompileError` or `ApplyFailed` |
+//! | `SidecarBypass` | True | `NetworkPolicyAdmitsAppPort` (message: the NetworkPolicies) |
+//! | | False | `NoBypass`, or `PolicyDisabled` (mode Disabled: not checked) |
+//!
+//! `SidecarBypass` is always present (False when nothing bypasses), so `kubectl get -o yaml`
+//! shows that the check ran; it is a warning and does not make `Ready` False.
+//! `lastTransitionTime` changes only when a condition's status changes.
+
+use custos_api::DataAccessPolicyStatus;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use super::{DesiredEvent, EventType};
+use crate::names::CONFIG_MAP_NAME;
+
+/// Condition type: the policy is compiled and its NetworkPolicy (when it wants one) applied.
+pub const READY: &str = "Ready";
+/// Condition type: the policy compiled into the namespace's sidecar config.
+pub const COMPILED: &str = "Compiled";
+/// Condition type: the policy's NetworkPolicy is applied (or not requested).
+pub const NETWORK_POLICY_APPLIED: &str = "NetworkPolicyApplied";
+/// Condition type: another NetworkPolicy admits traffic to the app port, around the sidecar.
+pub const SIDECAR_BYPASS: &str = "SidecarBypass";
+
+/// Reason of `Ready` True.
+pub const REASON_READY: &str = "Ready";
+/// Reason of `Compiled` True, and of the Normal Event when the policy's config hash changes.
+pub const REASON_COMPILED: &str = "Compiled";
+/// Reason of `Compiled` False (and of `NetworkPolicyApplied`/`Ready` False because of it),
+/// and of the Warning Event.
+pub const REASON_COMPILE_ERROR: &str = "CompileError";
+/// Reason of `NetworkPolicyApplied` True.
+pub const REASON_APPLIED: &str = "Applied";
+/// Reason of `NetworkPolicyApplied` True when the policy wants no NetworkPolicy.
+pub const REASON_NOT_REQUESTED: &str = "NotRequested";
+/// Reason of `NetworkPolicyApplied` (and `Ready`) False when the apply was refused.
+pub const REASON_APPLY_FAILED: &str = "ApplyFailed";
+/// Reason of the Warning Event when a NetworkPolicy apply fails.
+pub const REASON_NETWORK_POLICY_FAILED: &str = "NetworkPolicyApplyFailed";
+/// Reason of `SidecarBypass` True.
+pub const REASON_BYPASS: &str = "NetworkPolicyAdmitsAppPort";
+/// Reason of `SidecarBypass` False.
+pub const REASON_NO_BYPASS: &str = "NoBypass";
+/// Reason of `SidecarBypass` False for a Disabled policy (not checked).
+pub const REASON_POLICY_DISABLED: &str = "PolicyDisabled";
+/// Reason of the Warning Event when `SidecarBypass` turns True (or names other policies).
+pub const REASON_SIDECAR_BYPASS_EVENT: &str = "SidecarBypass";
+
+/// Event notes are limited to 1 kB by the Events API.
+const MAX_NOTE_BYTES: usize = 1024;
+
+/// Where the policy's NetworkPolicy stands before the apply.
+pub(crate) enum NetworkPolicyState {
+    /// Wanted: the named NetworkPolicy is applied.
+    Wanted(String),
+    /// Not wanted, for the reason given.
+    NotRequested(&'static str),
+    /// The policy does not compile.
+    CompileError,
+}
+
+/// Whether another NetworkPolicy bypasses the sidecar.
+pub(crate) enum BypassState {
+    /// The policy is Disabled: not checked.
+    Disabled,
+    /// The names of the bypassing NetworkPolicies (none: no bypass).
+    Checked { app_port: u16, bypassing: Vec<String> },
+}
+
+/// What the status of one policy is derived from.
+pub(crate) struct PolicyFacts<'a> {
+    pub(crate) generation: Option<i64>,
+    pub(crate) rule_count: usize,
+    pub(crate) selected_pods: usize,
+    pub(crate) config_hash: Option<&'a str>,
+    /// The compiler's messages, `path: reason`, when the policy does not compile.
+    pub(crate) compile_errors: Option<Vec<String>>,
+    pub(crate) network_policy: NetworkPolicyState,
+    pub(crate) bypass: BypassState,
+}
+
+/// The new status of a policy; conditions whose status does not change keep their
+/// `lastTransitionTime` from `old`.
+pub(crate) fn status(
+    old: Option<&DataAccessPolicyStatus>,
+    facts: &PolicyFacts<'_>,
+    now: &Time,
+) -> DataAccessPolicyStatus {
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
+        condition(old, type_, ok, reason, message, facts.generation, now)
+    };
+    let compiled = match &facts.compile_errors {
+        None => cond(COMPILED, true, REASON_COMPILED, format!("compiled into ConfigMap {CONFIG_MAP_NAME}")),
+        Some(errors) => cond(COMPILED, false, REASON_COMPILE_ERROR, errors.join("; ")),
+    };
+    let network_policy = match &facts.network_policy {
+        NetworkPolicyState::Wanted(name) => {
+            cond(NETWORK_POLICY_APPLIED, true, REASON_APPLIED, format!("NetworkPolicy {name} applied"))
+        }
+        NetworkPolicyState::NotRequested(why) => {
+            cond(NETWORK_POLICY_APPLIED, true, REASON_NOT_REQUESTED, (*why).to_string())
+        }
+        NetworkPolicyState::CompileError => cond(
+            NETWORK_POLICY_APPLIED,
+            false,
+            REASON_COMPILE_ERROR,
+            "not applied: the policy does not compile (a NetworkPolicy applied before is kept)".into(),
+        ),
+    };
+    let bypass = match &facts.bypass {
+        BypassState::Disabled => {
+            cond(SIDECAR_BYPASS, false, REASON_POLICY_DISABLED, "mode is Disabled: not checked".into())
+        }
+        BypassState::Checked { app_port, bypassing } if bypassing.is_empty() => cond(
+            SIDECAR_BYPASS,
+            false,
+            REASON_NO_BYPASS,
+            format!("no other NetworkPolicy admits ingress to app port {app_port}"),
+        ),
+        BypassState::Checked { app_port, bypassing } => {
+            let (noun, verb) =
+                if bypassing.len() == 1 { ("NetworkPolicy", "admits") } else { ("NetworkPolicies", "admit") };
+            cond(
+                SIDECAR_BYPASS,
+                true,
+                REASON_BYPASS,
+                format!(
+                    "{noun} {} {verb} ingress to app port {app_port} of the protected pods, around the sidecar",
+                    bypassing.join(", ")
+                ),
+            )
+        }
+    };
+    let mut status = DataAccessPolicyStatus {
+        observed_generation: facts.generation,
+        conditions: vec![compiled, network_policy, bypass],
+        rule_count: Some(i32::try_from(facts.rule_count).unwrap_or(i32::MAX)),
+        selected_pods: Some(i32::try_from(facts.selected_pods).unwrap_or(i32::MAX)),
+        config_hash: facts.config_hash.map(str::to_string),
+    };
+    set_ready(old, &mut status, now);
+    status
+}
+
+/// Marks the policy's NetworkPolicy as refused by the apiserver (`message` says why) and
+/// derives `Ready` again.
+pub(crate) fn network_policy_failed(
+    old: Option<&DataAccessPolicyStatus>,
+    status: &mut DataAccessPolicyStatus,
+    message: String,
+    now: &Time,
+) {
+    let failed = condition(
+        old,
+        NETWORK_POLICY_APPLIED,
+        false,
+        REASON_APPLY_FAILED,
+        message,
+        status.observed_generation,
+        now,
+    );
+    match status.conditions.iter_mut().find(|c| c.type_ == NETWORK_POLICY_APPLIED) {
+        Some(c) => *c = failed,
+        None => status.conditions.push(failed),
+    }
+    set_ready(old, status, now);
+}
+
+/// (Re)computes `Ready` from the other conditions and puts it first.
+fn set_ready(old: Option<&DataAccessPolicyStatus>, status: &mut DataAccessPolicyStatus, now: &Time) {
+    status.conditions.retain(|c| c.type_ != READY);
+    let failing = [COMPILED, NETWORK_POLICY_APPLIED]
+        .iter()
+        .filter_map(|t| status.conditions.iter().find(|c| c.type_ == *t))
+        .find(|c| c.status != "True");
+    let ready = match failing {
+        None => condition(
+            old,
+            READY,
+            true,
+            REASON_READY,
+            format!("compiled into ConfigMap {CONFIG_MAP_NAME}; NetworkPolicy in place or not requested"),
+            status.observed_generation,
+            now,
+        ),
+        Some(c) => condition(
+            old,
+            READY,
+            false,
+            &c.reason,
+            format!("see the {} condition", c.type_),
+            status.observed_generation,
+            now,
+        ),
+    };
+    status.conditions.insert(0, ready);
+}
+
+fn condition(
+    old: Option<&DataAccessPolicyStatus>,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last_transition_time = find(old, type_)
+        .filter(|c| c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        last_transition_time,
+        message,
+        observed_generation: generation,
+        reason: reason.to_string(),
+        status: status.to_string(),
+        type_: type_.to_string(),
+    }
+}
+
+fn find<'a>(status: Option<&'a DataAccessPolicyStatus>, type_: &str) -> Option<&'a Condition> {
+    status?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// The Events the change from `old` to `new` calls for: Warning `CompileError` when
+/// `Compiled` turns False or its message changes; Normal `Compiled` when the policy compiles
+/// into a config hash it was not part of before; Warning `NetworkPolicyApplyFailed` when the
+/// apply is refused (anew or for another reason); Warning `SidecarBypass` when `SidecarBypass`
+/// turns True or names other NetworkPolicies. Nothing when nothing changed.
+pub(crate) fn events(
+    policy: &str,
+    old: Option<&DataAccessPolicyStatus>,
+    new: &DataAccessPolicyStatus,
+) -> Vec<DesiredEvent> {
+    let mut events = Vec::new();
+    let mut push = |type_: EventType, reason: &str, note: &str| {
+        events.push(DesiredEvent {
+            policy: policy.to_string(),
+            type_,
+            reason: reason.to_string(),
+            note: truncate(note),
+        });
+    };
+    let same = |a: Option<&Condition>, b: &Condition| {
+        a.is_some_and(|a| a.status == b.status && a.reason == b.reason && a.message == b.message)
+    };
+    if let Some(c) = find(Some(new), COMPILED) {
+        if c.status == "False" && !same(find(old, COMPILED), c) {
+            push(EventType::Warning, REASON_COMPILE_ERROR, &c.message);
+        }
+        let was_compiled = find(old, COMPILED).is_some_and(|o| o.status == "True");
+        let hash_changed = old.and_then(|o| o.config_hash.as_deref()) != new.config_hash.as_deref();
+        if c.status == "True"
+            && (!was_compiled || hash_changed)
+            && let Some(hash) = new.config_hash.as_deref()
+        {
+            push(
+                EventType::Normal,
+                REASON_COMPILED,
+                &format!("compiled into ConfigMap {CONFIG_MAP_NAME}, config hash {hash}"),
+            );
+        }
+    }
+    if let Some(c) = find(Some(new), NETWORK_POLICY_APPLIED)
+        && c.reason == REASON_APPLY_FAILED
+        && !same(find(old, NETWORK_POLICY_APPLIED), c)
+    {
+        push(EventType::Warning, REASON_NETWORK_POLICY_FAILED, &c.message);
+    }
+    if let Some(c) = find(Some(new), SIDECAR_BYPASS)
+        && c.status == "True"
+        && !same(find(old, SIDECAR_BYPASS), c)
+    {
+        push(EventType::Warning, REASON_SIDECAR_BYPASS_EVENT, &c.message);
+    }
+    events
+}
+
+fn truncate(note: &str) -> String {
+    if note.len() <= MAX_NOTE_BYTES {
+        return note.to_string();
+    }
+    let mut end = MAX_NOTE_BYTES - '…'.len_utf8();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &note[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_notes_are_cut_at_a_char_boundary_within_one_kilobyte() {
+        let note = "é".repeat(800);
+        let cut = truncate(&note);
+        assert!(cut.len() <= MAX_NOTE_BYTES, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert_eq!(truncate("short"), "short");
+    }
+}

@@ -1,0 +1,122 @@
+//! What the operator reads from pods: whether a pod counts (running, not terminating), its
+//! IPs, service account and named ports; the workload identity table; selected pod counts.
+
+use std::collections::BTreeMap;
+
+use custos_api::config::{PolicyConfig, WorkloadIdentity};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use crate::selector::selector_matches;
+
+/// The labels of a pod (empty when it has none).
+pub(crate) fn labels(pod: &Pod) -> &BTreeMap<String, String> {
+    static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+    pod.metadata.labels.as_ref().unwrap_or(&EMPTY)
+}
+
+/// The namespace of a pod (empty when unset).
+pub(crate) fn namespace(pod: &Pod) -> &str {
+    pod.metadata.namespace.as_deref().unwrap_or_default()
+}
+
+/// A pod that is Running and not being deleted.
+pub(crate) fn is_running(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+}
+
+/// The service account a pod runs as (`default` when the spec names none).
+fn service_account(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref().or(s.service_account.as_deref()))
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or("default")
+}
+
+/// The IPs of a pod: `status.podIPs`, else `status.podIP`. Host-network pods have none of
+/// their own (their IP is the node's, shared with every other host-network process), so they
+/// get none here.
+fn ips(pod: &Pod) -> Vec<&str> {
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        return Vec::new();
+    }
+    let Some(status) = pod.status.as_ref() else { return Vec::new() };
+    let mut ips: Vec<&str> =
+        status.pod_ips.iter().flatten().map(|p| p.ip.as_str()).filter(|ip| !ip.is_empty()).collect();
+    if ips.is_empty()
+        && let Some(ip) = status.pod_ip.as_deref().filter(|ip| !ip.is_empty())
+    {
+        ips.push(ip);
+    }
+    ips
+}
+
+/// The container port a named port resolves to in `pod` (app and native-sidecar init
+/// containers), if the pod declares it.
+pub(crate) fn named_port(pod: &Pod, name: &str) -> Option<i32> {
+    let spec = pod.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(name))
+        .map(|p| p.container_port)
+}
+
+/// The running pods of `in_namespace` that `selector` selects.
+pub(crate) fn selected<'a>(pods: &'a [Pod], in_namespace: &str, selector: &LabelSelector) -> Vec<&'a Pod> {
+    pods.iter()
+        .filter(|p| namespace(p) == in_namespace && is_running(p) && selector_matches(selector, labels(p)))
+        .collect()
+}
+
+/// The workload identity table of a namespace's config: one entry per IP of every running pod
+/// that a `rules[].from.workloads[]` entry of an enabled policy selects (namespace — the
+/// policy's own when omitted —, service account when given, labels). Sorted by IP. An IP that
+/// two different identities claim (a reused IP seen twice in the cache) is left out: a
+/// caller that cannot be told apart is not trusted as either.
+pub(crate) fn identities(
+    policy_namespace: &str,
+    policies: &[PolicyConfig],
+    pods: &[Pod],
+) -> Vec<WorkloadIdentity> {
+    let sources: Vec<_> = policies
+        .iter()
+        .filter(|p| p.spec.mode != custos_api::policy::Mode::Disabled)
+        .flat_map(|p| p.spec.rules.iter())
+        .filter_map(|r| r.from.as_ref())
+        .flat_map(|f| f.workloads.iter())
+        .collect();
+    if sources.is_empty() {
+        return Vec::new();
+    }
+    let mut by_ip: BTreeMap<&str, Vec<WorkloadIdentity>> = BTreeMap::new();
+    for pod in pods.iter().filter(|p| is_running(p)) {
+        let ns = namespace(pod);
+        let sa = service_account(pod);
+        let pod_labels = labels(pod);
+        let selected = sources.iter().any(|w| {
+            w.namespace.as_deref().unwrap_or(policy_namespace) == ns
+                && w.service_account.as_deref().is_none_or(|want| want == sa)
+                && w.labels.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+        });
+        if !selected {
+            continue;
+        }
+        for ip in ips(pod) {
+            let identity = WorkloadIdentity {
+                ip: ip.to_string(),
+                namespace: ns.to_string(),
+                service_account: sa.to_string(),
+                labels: pod_labels.clone(),
+            };
+            let entries = by_ip.entry(ip).or_default();
+            if !entries.contains(&identity) {
+                entries.push(identity);
+            }
+        }
+    }
+    by_ip.into_values().filter(|ids| ids.len() == 1).flatten().collect()
+}

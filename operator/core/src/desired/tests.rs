@@ -1,0 +1,598 @@
+//! Tests of the pure step, with `mk_*` builders for policies, pods and NetworkPolicies.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+
+use custos_api::DataAccessPolicy;
+use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec as K8sNetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta, Time,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::json;
+
+use super::conditions::*;
+use super::*;
+
+const NS: &str = "shop";
+
+fn t(second: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + second).unwrap()
+}
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()
+}
+
+/// A stored policy protecting `app=<name>` on port 8080, with one Allow rule whose source is
+/// service account `portal` of the namespace, and a NetworkPolicy.
+fn mk_policy(name: &str) -> DataAccessPolicy {
+    mk_policy_spec(
+        name,
+        json!({
+            "workload": { "selector": { "matchLabels": { "app": name } }, "appPort": 8080 },
+            "rules": [
+                { "name": "portal-read", "action": "Allow", "from": { "workloads": [ { "serviceAccount": "portal" } ] } }
+            ]
+        }),
+    )
+}
+
+fn mk_policy_spec(name: &str, spec: serde_json::Value) -> DataAccessPolicy {
+    let mut p: DataAccessPolicy = serde_json::from_value(json!({
+        "apiVersion": "custos.dev/v1alpha1",
+        "kind": "DataAccessPolicy",
+        "metadata": { "name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1 },
+        "spec": spec,
+    }))
+    .expect("a valid DataAccessPolicy");
+    p.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
+    p
+}
+
+/// A policy whose rowFilter is not valid CEL.
+fn mk_invalid_policy(name: &str) -> DataAccessPolicy {
+    mk_policy_spec(
+        name,
+        json!({
+            "workload": { "selector": { "matchLabels": { "app": name } }, "appPort": 8080 },
+            "rules": [
+                { "name": "broken", "action": "Allow", "records": "$.items[*]", "rowFilter": "record.branch ==" }
+            ]
+        }),
+    )
+}
+
+/// A Running pod with an IP.
+fn mk_pod(ns: &str, name: &str, labels: &[(&str, &str)], service_account: &str, ip: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            labels: Some(map(labels)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            service_account_name: Some(service_account.into()),
+            containers: vec![Container {
+                name: "app".into(),
+                ports: Some(vec![ContainerPort {
+                    container_port: 8080,
+                    name: Some("http".into()),
+                    ..ContainerPort::default()
+                }]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.into()),
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            ..PodStatus::default()
+        }),
+    }
+}
+
+fn mk_port(port: Option<IntOrString>) -> NetworkPolicyPort {
+    NetworkPolicyPort { port, protocol: Some("TCP".into()), end_port: None }
+}
+
+/// A NetworkPolicy of `ns` selecting `selector` with one ingress rule on `ports` (`None`: all).
+fn mk_netpol(
+    ns: &str,
+    name: &str,
+    selector: &[(&str, &str)],
+    ports: Option<Vec<NetworkPolicyPort>>,
+) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some(ns.into()), ..ObjectMeta::default() },
+        spec: Some(K8sNetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: (!selector.is_empty()).then(|| map(selector)),
+                match_expressions: None,
+            }),
+            ingress: Some(vec![NetworkPolicyIngressRule { from: None, ports }]),
+            policy_types: Some(vec!["Ingress".into()]),
+            egress: None,
+        }),
+    }
+}
+
+fn snapshot(
+    policies: Vec<DataAccessPolicy>,
+    pods: Vec<Pod>,
+    network_policies: Vec<NetworkPolicy>,
+) -> NamespaceSnapshot {
+    NamespaceSnapshot { namespace: NS.into(), policies, pods, network_policies }
+}
+
+fn status_of<'a>(d: &'a Desired, policy: &str) -> &'a DataAccessPolicyStatus {
+    &d.statuses.iter().find(|(n, _)| n == policy).unwrap_or_else(|| panic!("no status for {policy}")).1
+}
+
+fn cond<'a>(
+    s: &'a DataAccessPolicyStatus,
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    s.conditions.iter().find(|c| c.type_ == type_).unwrap_or_else(|| panic!("no {type_} condition in {s:#?}"))
+}
+
+fn config(d: &Desired) -> custos_api::SidecarConfig {
+    let cm = d.config_map.as_ref().expect("a ConfigMap");
+    let json = cm.data.as_ref().unwrap().get(CONFIG_KEY).unwrap();
+    // The sidecar's own loader: schema version and hash are checked.
+    let (config, _) = custos_policy::load_config(json.as_bytes()).expect("the sidecar loads the config");
+    config
+}
+
+/// Feeds the computed statuses back into the policies, as the apply step would.
+fn with_statuses(mut policies: Vec<DataAccessPolicy>, d: &Desired) -> Vec<DataAccessPolicy> {
+    for p in &mut policies {
+        if let Some((_, s)) = d.statuses.iter().find(|(n, _)| Some(n) == p.metadata.name.as_ref()) {
+            p.status = Some(s.clone());
+        }
+    }
+    policies
+}
+
+fn pods_fixture() -> Vec<Pod> {
+    vec![
+        mk_pod(NS, "orders-1", &[("app", "orders")], "orders", "10.0.0.1"),
+        mk_pod(NS, "orders-2", &[("app", "orders")], "orders", "10.0.0.2"),
+        mk_pod(NS, "portal-1", &[("app", "portal")], "portal", "10.0.1.1"),
+        mk_pod(NS, "portal-2", &[("app", "portal")], "portal", "10.0.1.2"),
+        mk_pod("other", "portal-x", &[("app", "portal")], "portal", "10.9.0.1"),
+    ]
+}
+
+#[test]
+fn config_map_holds_the_compiled_config_owned_by_every_live_policy() {
+    let d = compute(&snapshot(vec![mk_policy("orders"), mk_policy("billing")], pods_fixture(), vec![]), t(0))
+        .unwrap();
+    let cm = d.config_map.as_ref().unwrap();
+    assert_eq!(cm.metadata.name.as_deref(), Some(CONFIG_MAP_NAME));
+    assert_eq!(cm.metadata.namespace.as_deref(), Some(NS));
+    assert_eq!(
+        cm.metadata.labels.as_ref().unwrap().get(MANAGED_BY_LABEL).map(String::as_str),
+        Some(MANAGED_BY)
+    );
+    let config = config(&d);
+    assert_eq!(cm.metadata.annotations.as_ref().unwrap().get(CONFIG_HASH_ANNOTATION), Some(&config.hash));
+    assert_eq!(d.config_hash.as_ref(), Some(&config.hash));
+    let names: Vec<_> = config.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["billing", "orders"]);
+
+    let owners = cm.metadata.owner_references.as_ref().unwrap();
+    assert_eq!(owners.len(), 2);
+    for (owner, name) in owners.iter().zip(["billing", "orders"]) {
+        assert_eq!(owner.name, name);
+        assert_eq!(owner.uid, format!("uid-{name}"));
+        assert_eq!(owner.api_version, "custos.dev/v1alpha1");
+        assert_eq!(owner.kind, "DataAccessPolicy");
+        assert_eq!(owner.controller, Some(false));
+    }
+}
+
+#[test]
+fn each_valid_policy_gets_a_network_policy_it_controls() {
+    let d =
+        compute(&snapshot(vec![mk_policy("orders"), mk_policy("billing")], vec![], vec![]), t(0)).unwrap();
+    let names: Vec<_> = d.network_policies.iter().map(|np| np.metadata.name.clone().unwrap()).collect();
+    assert_eq!(names, ["custos-billing", "custos-orders"]);
+    let owner = &d.network_policies[1].metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.name.as_str(), owner.uid.as_str()), ("orders", "uid-orders"));
+    assert_eq!(owner.controller, Some(true));
+    assert_eq!(owner.block_owner_deletion, Some(true));
+}
+
+#[test]
+fn identity_table_lists_the_running_pods_rule_sources_select_across_namespaces() {
+    let mut spec = serde_json::to_value(mk_policy("orders").spec).unwrap();
+    spec["rules"][0]["from"]["workloads"] = json!([
+        { "serviceAccount": "portal" },
+        { "namespace": "other", "labels": { "app": "portal" } }
+    ]);
+    let mut terminating = mk_pod(NS, "portal-old", &[("app", "portal")], "portal", "10.0.1.9");
+    terminating.metadata.deletion_timestamp = Some(Time(t(0)));
+    let mut pending = mk_pod(NS, "portal-new", &[("app", "portal")], "portal", "10.0.1.8");
+    pending.status.as_mut().unwrap().phase = Some("Pending".into());
+    let mut no_ip = mk_pod(NS, "portal-noip", &[("app", "portal")], "portal", "");
+    no_ip.status.as_mut().unwrap().pod_ips = None;
+    let mut host = mk_pod(NS, "portal-host", &[("app", "portal")], "portal", "192.168.0.10");
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    let mut pods = pods_fixture();
+    pods.extend([terminating, pending, no_ip, host]);
+
+    let d = compute(&snapshot(vec![mk_policy_spec("orders", spec)], pods, vec![]), t(0)).unwrap();
+    let ips: Vec<_> = config(&d).workloads.iter().map(|w| (w.ip.clone(), w.namespace.clone())).collect();
+    assert_eq!(
+        ips,
+        [
+            ("10.0.1.1".to_string(), NS.to_string()),
+            ("10.0.1.2".to_string(), NS.to_string()),
+            ("10.9.0.1".to_string(), "other".to_string()),
+        ]
+    );
+    let w = &config(&d).workloads[0];
+    assert_eq!(w.service_account, "portal");
+    assert_eq!(w.labels, map(&[("app", "portal")]));
+}
+
+#[test]
+fn an_ip_claimed_by_two_identities_is_left_out() {
+    let pods = vec![
+        mk_pod(NS, "portal-1", &[("app", "portal")], "portal", "10.0.1.1"),
+        mk_pod(NS, "portal-2", &[("app", "portal"), ("v", "2")], "portal", "10.0.1.1"),
+        mk_pod(NS, "portal-3", &[("app", "portal")], "portal", "10.0.1.3"),
+    ];
+    let d = compute(&snapshot(vec![mk_policy("orders")], pods, vec![]), t(0)).unwrap();
+    let ips: Vec<_> = config(&d).workloads.iter().map(|w| w.ip.clone()).collect();
+    assert_eq!(ips, ["10.0.1.3"]);
+}
+
+#[test]
+fn output_does_not_depend_on_the_order_of_pods_policies_or_network_policies() {
+    let policies = vec![mk_policy("orders"), mk_policy("billing"), mk_invalid_policy("broken")];
+    let netpols = vec![
+        mk_netpol(NS, "allow-all", &[], None),
+        mk_netpol(NS, "metrics", &[("app", "orders")], Some(vec![mk_port(Some(IntOrString::Int(9090)))])),
+    ];
+    let a = compute(&snapshot(policies.clone(), pods_fixture(), netpols.clone()), t(0)).unwrap();
+    let mut pods = pods_fixture();
+    pods.reverse();
+    pods.rotate_left(2);
+    let mut policies = policies;
+    policies.reverse();
+    let mut netpols = netpols;
+    netpols.reverse();
+    let b = compute(&snapshot(policies, pods, netpols), t(0)).unwrap();
+
+    assert_eq!(a.config_hash, b.config_hash);
+    assert_eq!(a.config_map, b.config_map);
+    assert_eq!(a.network_policies, b.network_policies);
+    assert_eq!(a.statuses, b.statuses);
+    assert_eq!(a.events, b.events);
+    assert_eq!(a.stale_network_policies, b.stale_network_policies);
+}
+
+#[test]
+fn the_hash_follows_the_identity_table() {
+    let base = compute(&snapshot(vec![mk_policy("orders")], pods_fixture(), vec![]), t(0)).unwrap();
+    let mut more = pods_fixture();
+    more.push(mk_pod(NS, "portal-3", &[("app", "portal")], "portal", "10.0.1.3"));
+    let grown = compute(&snapshot(vec![mk_policy("orders")], more, vec![]), t(0)).unwrap();
+    assert_ne!(base.config_hash, grown.config_hash);
+    // A pod no rule source names changes nothing.
+    let mut unrelated = pods_fixture();
+    unrelated.push(mk_pod(NS, "batch-1", &[("app", "batch")], "batch", "10.0.2.1"));
+    let same = compute(&snapshot(vec![mk_policy("orders")], unrelated, vec![]), t(0)).unwrap();
+    assert_eq!(base.config_hash, same.config_hash);
+}
+
+#[test]
+fn an_invalid_policy_is_left_out_while_the_other_stays() {
+    let policies = vec![mk_policy("orders"), mk_invalid_policy("broken")];
+    let d = compute(&snapshot(policies, pods_fixture(), vec![]), t(0)).unwrap();
+    let config = config(&d);
+    assert_eq!(config.policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["orders"]);
+    assert_eq!(d.network_policies.len(), 1);
+
+    let broken = status_of(&d, "broken");
+    let compiled = cond(broken, COMPILED);
+    assert_eq!((compiled.status.as_str(), compiled.reason.as_str()), ("False", REASON_COMPILE_ERROR));
+    assert!(compiled.message.contains("spec.rules[0].rowFilter"), "{}", compiled.message);
+    let np = cond(broken, NETWORK_POLICY_APPLIED);
+    assert_eq!((np.status.as_str(), np.reason.as_str()), ("False", REASON_COMPILE_ERROR));
+    let ready = cond(broken, READY);
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", REASON_COMPILE_ERROR));
+    assert_eq!(broken.config_hash, None);
+    assert_eq!(broken.rule_count, Some(1));
+
+    let orders = status_of(&d, "orders");
+    assert_eq!(cond(orders, READY).status, "True");
+    assert_eq!(cond(orders, COMPILED).status, "True");
+    assert_eq!(orders.config_hash.as_ref(), Some(&config.hash));
+
+    let warnings: Vec<_> = d.events.iter().filter(|e| e.type_ == EventType::Warning).collect();
+    assert_eq!(warnings.len(), 1, "{:#?}", d.events);
+    assert_eq!((warnings[0].policy.as_str(), warnings[0].reason.as_str()), ("broken", REASON_COMPILE_ERROR));
+    assert!(warnings[0].note.contains("spec.rules[0].rowFilter"));
+}
+
+#[test]
+fn a_network_policy_is_deleted_when_no_longer_wanted_but_kept_for_a_policy_that_stopped_compiling() {
+    let ours = |name: &str, policy: &str| {
+        let mut np = mk_netpol(NS, name, &[("app", policy)], None);
+        np.metadata.labels = Some(map(&[(MANAGED_BY_LABEL, MANAGED_BY), (POLICY_LABEL, policy)]));
+        np
+    };
+    let mut audit = mk_policy("audited");
+    audit.spec.mode = custos_api::policy::Mode::Audit;
+    let netpols = vec![
+        ours("custos-orders", "orders"),
+        ours("custos-gone", "gone"),
+        ours("custos-broken", "broken"),
+        ours("custos-audited", "audited"),
+        mk_netpol(NS, "foreign", &[("app", "x")], None),
+    ];
+    let d = compute(
+        &snapshot(vec![mk_policy("orders"), mk_invalid_policy("broken"), audit], vec![], netpols),
+        t(0),
+    )
+    .unwrap();
+    assert_eq!(d.stale_network_policies, ["custos-audited", "custos-gone"]);
+    let np = cond(status_of(&d, "audited"), NETWORK_POLICY_APPLIED);
+    assert_eq!((np.status.as_str(), np.reason.as_str()), ("True", REASON_NOT_REQUESTED));
+}
+
+#[test]
+fn without_live_policies_the_config_map_goes_and_finalizers_are_released() {
+    let mut gone = mk_policy("orders");
+    gone.metadata.deletion_timestamp = Some(Time(t(0)));
+    let mut ours = mk_netpol(NS, "custos-orders", &[("app", "orders")], None);
+    ours.metadata.labels = Some(map(&[(MANAGED_BY_LABEL, MANAGED_BY), (POLICY_LABEL, "orders")]));
+    let d = compute(&snapshot(vec![gone], pods_fixture(), vec![ours]), t(0)).unwrap();
+    assert!(d.config_map.is_none());
+    assert!(d.config_hash.is_none());
+    assert!(d.statuses.is_empty() && d.events.is_empty() && d.network_policies.is_empty());
+    assert_eq!(d.stale_network_policies, ["custos-orders"]);
+    assert_eq!(d.release_finalizers, ["orders"]);
+}
+
+#[test]
+fn a_policy_being_deleted_leaves_the_config_while_the_others_stay() {
+    let mut gone = mk_policy("billing");
+    gone.metadata.deletion_timestamp = Some(Time(t(0)));
+    let mut no_finalizer = mk_policy("legacy");
+    no_finalizer.metadata.deletion_timestamp = Some(Time(t(0)));
+    no_finalizer.metadata.finalizers = Some(vec!["other.dev/keep".into()]);
+    let d = compute(&snapshot(vec![mk_policy("orders"), gone, no_finalizer], vec![], vec![]), t(0)).unwrap();
+    assert_eq!(config(&d).policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["orders"]);
+    let owners: Vec<_> =
+        d.config_map.unwrap().metadata.owner_references.unwrap().into_iter().map(|o| o.name).collect();
+    assert_eq!(owners, ["orders"]);
+    assert_eq!(d.statuses.len(), 1);
+    assert_eq!(d.release_finalizers, ["billing"]);
+}
+
+#[test]
+fn selected_pods_honour_match_expressions() {
+    let mut p = mk_policy("orders");
+    p.spec.workload.selector = LabelSelector {
+        match_labels: Some(map(&[("app", "orders")])),
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "track".into(),
+            operator: "NotIn".into(),
+            values: Some(vec!["canary".into()]),
+        }]),
+    };
+    let canary = mk_pod(NS, "orders-c", &[("app", "orders"), ("track", "canary")], "orders", "10.0.0.3");
+    let other_ns = mk_pod("other", "orders-x", &[("app", "orders")], "orders", "10.9.0.3");
+    let mut pods = pods_fixture();
+    pods.extend([canary, other_ns]);
+    let d = compute(&snapshot(vec![p], pods, vec![]), t(0)).unwrap();
+    assert_eq!(status_of(&d, "orders").selected_pods, Some(2));
+}
+
+#[test]
+fn status_reports_generation_rules_and_ready() {
+    let mut p = mk_policy("orders");
+    p.metadata.generation = Some(7);
+    let d = compute(&snapshot(vec![p], pods_fixture(), vec![]), t(0)).unwrap();
+    let s = status_of(&d, "orders");
+    assert_eq!(s.observed_generation, Some(7));
+    assert_eq!(s.rule_count, Some(1));
+    assert_eq!(s.selected_pods, Some(2));
+    let types: Vec<_> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(types, [READY, COMPILED, NETWORK_POLICY_APPLIED, SIDECAR_BYPASS]);
+    assert!(s.conditions.iter().all(|c| c.observed_generation == Some(7)));
+    assert_eq!(cond(s, NETWORK_POLICY_APPLIED).reason, REASON_APPLIED);
+    let bypass = cond(s, SIDECAR_BYPASS);
+    assert_eq!((bypass.status.as_str(), bypass.reason.as_str()), ("False", REASON_NO_BYPASS));
+}
+
+fn bypass_of(netpols: Vec<NetworkPolicy>, pods: Vec<Pod>) -> (String, String) {
+    let d = compute(&snapshot(vec![mk_policy("orders")], pods, netpols), t(0)).unwrap();
+    let c = cond(status_of(&d, "orders"), SIDECAR_BYPASS);
+    (c.status.clone(), c.message.clone())
+}
+
+#[test]
+fn an_empty_pod_selector_without_ports_bypasses_the_sidecar() {
+    let (status, message) = bypass_of(vec![mk_netpol(NS, "allow-all", &[], None)], pods_fixture());
+    assert_eq!(status, "True");
+    assert!(message.contains("allow-all") && message.contains("8080"), "{message}");
+}
+
+#[test]
+fn ports_decide_whether_the_app_port_is_admitted() {
+    let np = |ports| vec![mk_netpol(NS, "np", &[("app", "orders")], Some(ports))];
+    let int = |p| mk_port(Some(IntOrString::Int(p)));
+    assert_eq!(bypass_of(np(vec![int(8080)]), pods_fixture()).0, "True");
+    assert_eq!(bypass_of(np(vec![int(9090), int(15080)]), pods_fixture()).0, "False");
+    let range = NetworkPolicyPort { end_port: Some(9000), ..int(8000) };
+    assert_eq!(bypass_of(np(vec![range]), pods_fixture()).0, "True");
+    let udp = NetworkPolicyPort { protocol: Some("UDP".into()), ..int(8080) };
+    assert_eq!(bypass_of(np(vec![udp]), pods_fixture()).0, "False");
+    let any_port = mk_port(None);
+    assert_eq!(bypass_of(np(vec![any_port]), pods_fixture()).0, "True");
+    // Named ports resolve on the protected pods: `http` is 8080 there, `metrics` is not declared.
+    let named = |n: &str| mk_port(Some(IntOrString::String(n.into())));
+    assert_eq!(bypass_of(np(vec![named("http")]), pods_fixture()).0, "True");
+    assert_eq!(bypass_of(np(vec![named("metrics")]), pods_fixture()).0, "False");
+    // Without pods to resolve on, a named port counts as the app port.
+    assert_eq!(bypass_of(np(vec![named("metrics")]), vec![]).0, "True");
+}
+
+#[test]
+fn a_network_policy_must_select_a_protected_pod_to_bypass() {
+    assert_eq!(bypass_of(vec![mk_netpol(NS, "np", &[("app", "portal")], None)], pods_fixture()).0, "False");
+    assert_eq!(bypass_of(vec![mk_netpol(NS, "np", &[("app", "orders")], None)], pods_fixture()).0, "True");
+    // Without running pods, the selector's matchLabels stand for them.
+    assert_eq!(bypass_of(vec![mk_netpol(NS, "np", &[("app", "orders")], None)], vec![]).0, "True");
+    assert_eq!(bypass_of(vec![mk_netpol(NS, "np", &[("app", "portal")], None)], vec![]).0, "False");
+}
+
+#[test]
+fn other_namespaces_our_own_and_egress_only_network_policies_do_not_bypass() {
+    let elsewhere = mk_netpol("other", "allow-all", &[], None);
+    let mut ours = mk_netpol(NS, "custos-orders", &[("app", "orders")], None);
+    ours.metadata.labels = Some(map(&[(MANAGED_BY_LABEL, MANAGED_BY), (POLICY_LABEL, "orders")]));
+    let mut egress_only = mk_netpol(NS, "egress", &[], None);
+    egress_only.spec.as_mut().unwrap().policy_types = Some(vec!["Egress".into()]);
+    let mut deny_all = mk_netpol(NS, "deny-all", &[], None);
+    deny_all.spec.as_mut().unwrap().ingress = Some(vec![]);
+    let (status, message) = bypass_of(vec![elsewhere, ours, egress_only, deny_all], pods_fixture());
+    assert_eq!(status, "False", "{message}");
+}
+
+#[test]
+fn several_bypassing_network_policies_are_named_in_order() {
+    let (_, message) =
+        bypass_of(vec![mk_netpol(NS, "zeta", &[], None), mk_netpol(NS, "alpha", &[], None)], pods_fixture());
+    assert!(message.starts_with("NetworkPolicies alpha, zeta admit"), "{message}");
+}
+
+#[test]
+fn last_transition_time_is_kept_while_the_status_holds() {
+    let first = compute(&snapshot(vec![mk_policy("orders")], pods_fixture(), vec![]), t(0)).unwrap();
+    assert_eq!(cond(status_of(&first, "orders"), READY).last_transition_time, Time(t(0)));
+
+    // Later, with the status written back: same conditions, same times, even with a new
+    // pod count.
+    let policies = with_statuses(vec![mk_policy("orders")], &first);
+    let mut pods = pods_fixture();
+    pods.push(mk_pod(NS, "orders-3", &[("app", "orders")], "orders", "10.0.0.3"));
+    let second = compute(&snapshot(policies.clone(), pods, vec![]), t(60)).unwrap();
+    let s = status_of(&second, "orders");
+    assert_eq!(s.selected_pods, Some(3));
+    assert!(s.conditions.iter().all(|c| c.last_transition_time == Time(t(0))), "{s:#?}");
+
+    // A bypass appears: SidecarBypass flips (new time), the others keep theirs.
+    let third =
+        compute(&snapshot(policies, pods_fixture(), vec![mk_netpol(NS, "open", &[], None)]), t(120)).unwrap();
+    let s = status_of(&third, "orders");
+    assert_eq!(cond(s, SIDECAR_BYPASS).last_transition_time, Time(t(120)));
+    assert_eq!(cond(s, READY).last_transition_time, Time(t(0)));
+    assert_eq!(cond(s, COMPILED).last_transition_time, Time(t(0)));
+}
+
+#[test]
+fn condition_times_are_whole_seconds() {
+    let now = t(0).checked_add(k8s_openapi::jiff::SignedDuration::from_millis(750)).unwrap();
+    let d = compute(&snapshot(vec![mk_policy("orders")], vec![], vec![]), now).unwrap();
+    assert_eq!(cond(status_of(&d, "orders"), READY).last_transition_time, Time(t(0)));
+}
+
+#[test]
+fn events_follow_changes_and_a_resync_is_silent() {
+    let netpols = vec![mk_netpol(NS, "open", &[], None)];
+    let first = compute(&snapshot(vec![mk_policy("orders")], pods_fixture(), netpols.clone()), t(0)).unwrap();
+    let reasons: Vec<_> = first.events.iter().map(|e| (e.type_, e.reason.as_str())).collect();
+    assert_eq!(
+        reasons,
+        [(EventType::Normal, REASON_COMPILED), (EventType::Warning, REASON_SIDECAR_BYPASS_EVENT)]
+    );
+
+    // Resync: nothing changed, nothing to say, same status.
+    let policies = with_statuses(vec![mk_policy("orders")], &first);
+    let again = compute(&snapshot(policies.clone(), pods_fixture(), netpols.clone()), t(30)).unwrap();
+    assert!(again.events.is_empty(), "{:#?}", again.events);
+    assert_eq!(again.statuses, first.statuses);
+
+    // A new caller pod changes the config hash: Compiled again; the bypass is old news.
+    let mut pods = pods_fixture();
+    pods.push(mk_pod(NS, "portal-3", &[("app", "portal")], "portal", "10.0.1.3"));
+    let grown = compute(&snapshot(policies, pods, netpols), t(60)).unwrap();
+    let reasons: Vec<_> = grown.events.iter().map(|e| e.reason.as_str()).collect();
+    assert_eq!(reasons, [REASON_COMPILED]);
+    assert!(grown.events[0].note.contains(grown.config_hash.as_deref().unwrap()));
+}
+
+#[test]
+fn a_compile_error_is_reported_again_only_when_its_message_changes() {
+    let first = compute(&snapshot(vec![mk_invalid_policy("broken")], vec![], vec![]), t(0)).unwrap();
+    assert_eq!(first.events.len(), 1);
+    let policies = with_statuses(vec![mk_invalid_policy("broken")], &first);
+    let same = compute(&snapshot(policies.clone(), vec![], vec![]), t(10)).unwrap();
+    assert!(same.events.is_empty(), "{:#?}", same.events);
+
+    let mut other = policies[0].clone();
+    other.spec.rules[0].row_filter = Some("record.branch == usr.branch".into());
+    let changed = compute(&snapshot(vec![other], vec![], vec![]), t(20)).unwrap();
+    assert_eq!(changed.events.len(), 1);
+    assert_eq!(changed.events[0].reason, REASON_COMPILE_ERROR);
+    // Still False: the transition time stays.
+    assert_eq!(cond(status_of(&changed, "broken"), COMPILED).last_transition_time, Time(t(0)));
+}
+
+#[test]
+fn a_refused_network_policy_turns_its_conditions_false_once() {
+    let snap = snapshot(vec![mk_policy("orders"), mk_policy("billing")], pods_fixture(), vec![]);
+    let mut d = compute(&snap, t(0)).unwrap();
+    d.network_policy_failed(&snap, "orders", "admission webhook denied the request", t(0));
+    let s = status_of(&d, "orders");
+    let np = cond(s, NETWORK_POLICY_APPLIED);
+    assert_eq!((np.status.as_str(), np.reason.as_str()), ("False", REASON_APPLY_FAILED));
+    assert!(np.message.contains("custos-orders") && np.message.contains("webhook denied"), "{}", np.message);
+    let ready = cond(s, READY);
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", REASON_APPLY_FAILED));
+    assert_eq!(cond(status_of(&d, "billing"), READY).status, "True");
+    let reasons: Vec<_> = d.events.iter().map(|e| (e.policy.as_str(), e.reason.as_str())).collect();
+    assert_eq!(
+        reasons,
+        [("billing", REASON_COMPILED), ("orders", REASON_COMPILED), ("orders", REASON_NETWORK_POLICY_FAILED)]
+    );
+
+    // The same failure on the next reconcile: no new Event, same status.
+    let snap2 = NamespaceSnapshot { policies: with_statuses(snap.policies.clone(), &d), ..snap };
+    let mut d2 = compute(&snap2, t(30)).unwrap();
+    d2.network_policy_failed(&snap2, "orders", "admission webhook denied the request", t(30));
+    assert!(d2.events.is_empty(), "{:#?}", d2.events);
+    assert_eq!(d2.statuses, d.statuses);
+}
+
+#[test]
+fn pod_namespaces_are_the_namespace_and_those_rule_sources_name() {
+    let mut spec = serde_json::to_value(mk_policy("orders").spec).unwrap();
+    spec["rules"][0]["from"]["workloads"] = json!([{ "namespace": "portal" }, { "serviceAccount": "x" }]);
+    let mut disabled = mk_policy_spec("off", spec.clone());
+    disabled.spec.mode = custos_api::policy::Mode::Disabled;
+    disabled.spec.rules[0].from.as_mut().unwrap().workloads[0].namespace = Some("ignored".into());
+    let got = pod_namespaces(NS, &[mk_policy_spec("orders", spec), disabled]);
+    assert_eq!(got.into_iter().collect::<Vec<_>>(), ["portal", NS]);
+}
+
+#[test]
+fn finalizer_helpers() {
+    let mut p = mk_policy("orders");
+    assert!(has_finalizer(&p) && !is_deleting(&p));
+    p.metadata.finalizers = None;
+    p.metadata.deletion_timestamp = Some(Time(t(0)));
+    assert!(!has_finalizer(&p) && is_deleting(&p));
+}

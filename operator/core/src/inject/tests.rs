@@ -1,0 +1,546 @@
+use std::collections::BTreeMap;
+
+use custos_api::DataAccessPolicySpec;
+use custos_api::policy::{IdentitySpec, JwtSpec, Mode, SecretKeyRef, UserIdentity, WorkloadSpec};
+use k8s_openapi::api::core::v1::{Container, ContainerPort, EnvVar, PodOS, PodSpec, Volume};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use proptest::prelude::*;
+
+use super::*;
+use crate::names::{INJECTED_ANNOTATION, SIDECAR_ADMIN_PORT};
+
+const NS: &str = "logistics";
+const NO_POLICIES: &[DataAccessPolicy] = &[];
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn mk_container(name: &str, ports: &[i32]) -> Container {
+    Container {
+        name: name.to_string(),
+        image: Some("registry.example/customer-api:1.4".to_string()),
+        ports: (!ports.is_empty()).then(|| {
+            ports
+                .iter()
+                .map(|p| ContainerPort {
+                    container_port: *p,
+                    protocol: Some("TCP".to_string()),
+                    ..ContainerPort::default()
+                })
+                .collect()
+        }),
+        ..Container::default()
+    }
+}
+
+fn mk_pod(pod_labels: &[(&str, &str)]) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some("customer-api-7d9f-x2x4p".to_string()),
+            namespace: Some(NS.to_string()),
+            labels: Some(labels(pod_labels)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec { containers: vec![mk_container("app", &[8080])], ..PodSpec::default() }),
+        status: None,
+    }
+}
+
+fn mk_selector(pairs: &[(&str, &str)]) -> LabelSelector {
+    LabelSelector { match_labels: Some(labels(pairs)), match_expressions: None }
+}
+
+fn mk_policy(name: &str, selector: LabelSelector) -> DataAccessPolicy {
+    let spec = DataAccessPolicySpec {
+        workload: WorkloadSpec { selector, app_port: 8080, proxy_port: None },
+        mode: Mode::Enforce,
+        default_action: custos_api::policy::Action::Deny,
+        fail_open: false,
+        identity: None,
+        data_classes: Vec::new(),
+        rules: Vec::new(),
+        network_policy: None,
+        audit: None,
+    };
+    let mut policy = DataAccessPolicy::new(name, spec);
+    policy.metadata.namespace = Some(NS.to_string());
+    policy
+}
+
+fn mk_jwks_policy(name: &str, selector: LabelSelector, secret: &str) -> DataAccessPolicy {
+    let mut policy = mk_policy(name, selector);
+    policy.spec.identity = Some(IdentitySpec {
+        users: Some(UserIdentity {
+            jwt: JwtSpec {
+                issuer: "https://sso.example".to_string(),
+                audiences: vec!["customer-api".to_string()],
+                jwks_secret_ref: Some(SecretKeyRef { name: secret.to_string(), key: None }),
+                jwks_uri: None,
+                leeway_seconds: None,
+            },
+            attributes: BTreeMap::new(),
+            id_claim: None,
+        }),
+    });
+    policy
+}
+
+fn app_selected() -> (Pod, Vec<DataAccessPolicy>) {
+    (
+        mk_pod(&[("app", "customer-api")]),
+        vec![mk_policy("customer-api", mk_selector(&[("app", "customer-api")]))],
+    )
+}
+
+fn run(pod: &Pod, policies: &[DataAccessPolicy]) -> Injection {
+    inject(pod, NS, &BTreeMap::new(), policies, &InjectSettings::default())
+}
+
+fn injected(outcome: Injection) -> (Pod, Vec<String>) {
+    match outcome {
+        Injection::Inject { pod, policies } => (*pod, policies),
+        Injection::Skip(reason) => panic!("expected an injection, got Skip({reason:?})"),
+    }
+}
+
+fn skipped(outcome: Injection) -> SkipReason {
+    match outcome {
+        Injection::Skip(reason) => reason,
+        Injection::Inject { policies, .. } => panic!("expected a skip, got an injection for {policies:?}"),
+    }
+}
+
+fn sidecar(pod: &Pod) -> &Container {
+    let spec = pod.spec.as_ref().expect("pod spec");
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == SIDECAR_CONTAINER)
+        .expect("sidecar container")
+}
+
+fn env_of<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
+    c.env.iter().flatten().find(|e| e.name == name)
+}
+
+fn env_value(c: &Container, name: &str) -> Option<String> {
+    env_of(c, name).and_then(|e| e.value.clone())
+}
+
+fn volume<'a>(pod: &'a Pod, name: &str) -> Option<&'a Volume> {
+    pod.spec.as_ref()?.volumes.iter().flatten().find(|v| v.name == name)
+}
+
+fn mount_path(c: &Container, volume: &str) -> Option<String> {
+    c.volume_mounts.iter().flatten().find(|m| m.name == volume).map(|m| m.mount_path.clone())
+}
+
+#[test]
+fn a_selected_pod_gets_the_sidecar() {
+    let (pod, policies) = app_selected();
+    let (out, names) = injected(run(&pod, &policies));
+    assert_eq!(names, vec!["customer-api".to_string()]);
+    assert_eq!(out.metadata.annotations.as_ref().unwrap()[INJECTED_ANNOTATION], "customer-api");
+
+    let spec = out.spec.as_ref().unwrap();
+    assert_eq!(spec.containers.len(), 2);
+    assert_eq!(
+        spec.containers[0],
+        pod.spec.as_ref().unwrap().containers[0],
+        "the app container is untouched"
+    );
+    let c = sidecar(&out);
+    let settings = InjectSettings::default();
+    assert_eq!(c.image.as_deref(), Some(settings.image.as_str()));
+    assert_eq!(c.image_pull_policy.as_deref(), Some("IfNotPresent"));
+    assert_eq!(c.resources.as_ref(), Some(&settings.resources));
+    assert_eq!(c.args.as_deref(), Some(&["sidecar".to_string()][..]));
+    assert_eq!(c.restart_policy, None);
+
+    let ports: Vec<(Option<&str>, i32)> =
+        c.ports.iter().flatten().map(|p| (p.name.as_deref(), p.container_port)).collect();
+    assert_eq!(ports, vec![(Some(PROXY_PORT_NAME), 15080), (Some(ADMIN_PORT_NAME), 15090)]);
+
+    let ready = c.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap();
+    assert_eq!(ready.path.as_deref(), Some("/ready"));
+    assert_eq!(ready.port, IntOrString::Int(i32::from(SIDECAR_ADMIN_PORT)));
+    let live = c.liveness_probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap();
+    assert_eq!(live.path.as_deref(), Some("/healthz"));
+    assert_eq!(live.port, IntOrString::Int(i32::from(SIDECAR_ADMIN_PORT)));
+
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.run_as_user, Some(65532));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_string()]));
+    assert_eq!(sc.seccomp_profile.as_ref().map(|s| s.type_.as_str()), Some("RuntimeDefault"));
+
+    assert_eq!(env_value(c, "CUSTOS_CONFIG").as_deref(), Some("/etc/custos/config/config.json"));
+    assert_eq!(env_value(c, "CUSTOS_POD_LABELS_FILE").as_deref(), Some("/etc/custos/pod/labels"));
+    assert_eq!(env_value(c, "CUSTOS_LISTEN").as_deref(), Some("0.0.0.0:15080"));
+    assert_eq!(env_value(c, "CUSTOS_ADMIN").as_deref(), Some("0.0.0.0:15090"));
+    assert_eq!(env_value(c, "CUSTOS_SPOOL_DIR").as_deref(), Some(SPOOL_DIR));
+    assert_eq!(env_value(c, "CUSTOS_JWKS_DIR").as_deref(), Some(JWKS_DIR));
+    assert_eq!(env_of(c, "CUSTOS_UPSTREAM"), None, "the policy names the app port");
+    assert_eq!(env_of(c, "CUSTOS_COLLECTOR"), None);
+    for (name, field) in [("CUSTOS_POD_NAME", "metadata.name"), ("CUSTOS_NAMESPACE", "metadata.namespace")] {
+        let from = env_of(c, name).and_then(|e| e.value_from.as_ref()).and_then(|v| v.field_ref.as_ref());
+        assert_eq!(from.map(|f| f.field_path.as_str()), Some(field), "{name}");
+    }
+
+    let config = volume(&out, "custos-config").and_then(|v| v.config_map.as_ref()).unwrap();
+    assert_eq!(config.name, "custos-config");
+    assert_eq!(config.optional, None);
+    let downward = volume(&out, "custos-pod-info").and_then(|v| v.downward_api.as_ref()).unwrap();
+    let files = downward.items.as_ref().unwrap();
+    assert_eq!(files[0].path, "labels");
+    assert_eq!(files[0].field_ref.as_ref().map(|f| f.field_path.as_str()), Some("metadata.labels"));
+    assert!(volume(&out, "custos-spool").and_then(|v| v.empty_dir.as_ref()).is_some());
+    assert_eq!(mount_path(c, "custos-config").as_deref(), Some(CONFIG_DIR));
+    assert_eq!(mount_path(c, "custos-pod-info").as_deref(), Some(POD_INFO_DIR));
+    assert_eq!(mount_path(c, "custos-spool").as_deref(), Some(SPOOL_DIR));
+    for m in c.volume_mounts.iter().flatten() {
+        assert_eq!(m.read_only, Some(m.name != "custos-spool"), "{}", m.name);
+    }
+}
+
+#[test]
+fn injecting_twice_changes_nothing() {
+    let (pod, policies) = app_selected();
+    let (out, _) = injected(run(&pod, &policies));
+    assert_eq!(skipped(run(&out, &policies)), SkipReason::AlreadyInjected);
+    assert_eq!(SkipReason::AlreadyInjected.warning(), None);
+
+    let native = InjectSettings { native_sidecar: true, ..InjectSettings::default() };
+    let Injection::Inject { pod: out, .. } = inject(&pod, NS, &BTreeMap::new(), &policies, &native) else {
+        panic!("expected an injection")
+    };
+    assert_eq!(skipped(run(&out, &policies)), SkipReason::AlreadyInjected);
+}
+
+#[test]
+fn the_annotation_opts_a_pod_out() {
+    let (mut pod, policies) = app_selected();
+    pod.metadata.annotations = Some(labels(&[(INJECT_ANNOTATION, "False")]));
+    let reason = skipped(run(&pod, &policies));
+    assert_eq!(reason, SkipReason::OptedOut { selected_by: vec!["customer-api".to_string()] });
+    let warning = reason.warning().unwrap();
+    assert!(warning.contains("customer-api") && warning.contains("custos.dev/inject=false"), "{warning}");
+
+    let reason = skipped(run(&pod, &[]));
+    assert_eq!(reason, SkipReason::OptedOut { selected_by: Vec::new() });
+    assert_eq!(reason.warning(), None);
+
+    pod.metadata.annotations = Some(labels(&[(INJECT_ANNOTATION, "true")]));
+    injected(run(&pod, &policies));
+}
+
+#[test]
+fn a_pod_no_policy_selects_is_left_alone() {
+    let (pod, _) = app_selected();
+    let other = mk_policy("waybill-api", mk_selector(&[("app", "waybill-api")]));
+    assert_eq!(skipped(run(&pod, &[other])), SkipReason::NotSelected);
+    assert_eq!(skipped(run(&pod, &[])), SkipReason::NotSelected);
+    let labelled_otherwise = labels(&[(NAMESPACE_INJECTION_LABEL, "yes")]);
+    let outcome = inject(&pod, NS, &labelled_otherwise, NO_POLICIES, &InjectSettings::default());
+    assert_eq!(skipped(outcome), SkipReason::NotSelected);
+}
+
+#[test]
+fn a_namespace_labelled_disabled_opts_all_its_pods_out() {
+    let (pod, policies) = app_selected();
+    let disabled = labels(&[(NAMESPACE_INJECTION_LABEL, NAMESPACE_INJECTION_DISABLED)]);
+    let reason = skipped(inject(&pod, NS, &disabled, &policies, &InjectSettings::default()));
+    assert_eq!(reason, SkipReason::NamespaceDisabled { selected_by: vec!["customer-api".to_string()] });
+    let warning = reason.warning().unwrap();
+    assert!(
+        warning.contains("custos.dev/injection=disabled") && warning.contains("customer-api"),
+        "{warning}"
+    );
+
+    let reason = skipped(inject(&pod, NS, &disabled, NO_POLICIES, &InjectSettings::default()));
+    assert_eq!(reason, SkipReason::NamespaceDisabled { selected_by: Vec::new() });
+    assert_eq!(reason.warning(), None);
+}
+
+#[test]
+fn disabled_deleted_and_foreign_policies_do_not_select() {
+    let (pod, _) = app_selected();
+    let selector = mk_selector(&[("app", "customer-api")]);
+
+    let mut disabled = mk_policy("disabled", selector.clone());
+    disabled.spec.mode = Mode::Disabled;
+    let mut deleting = mk_policy("deleting", selector.clone());
+    deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+    let mut foreign = mk_policy("foreign", selector.clone());
+    foreign.metadata.namespace = Some("billing".to_string());
+    assert_eq!(skipped(run(&pod, &[disabled, deleting, foreign])), SkipReason::NotSelected);
+
+    let mut audit = mk_policy("audit", selector);
+    audit.spec.mode = Mode::Audit;
+    assert_eq!(injected(run(&pod, &[audit])).1, vec!["audit".to_string()]);
+}
+
+/// A policy of the namespace that selects other pods: the namespace has a `custos-config`.
+fn other_policy() -> DataAccessPolicy {
+    mk_policy("billing", mk_selector(&[("app", "billing")]))
+}
+
+#[test]
+fn a_labelled_namespace_injects_without_a_selecting_policy() {
+    let pod = mk_pod(&[("app", "legacy")]);
+    let ns_labels = labels(&[(NAMESPACE_INJECTION_LABEL, NAMESPACE_INJECTION_ENABLED)]);
+    let others = [other_policy()];
+    let (out, names) = injected(inject(&pod, NS, &ns_labels, &others, &InjectSettings::default()));
+    assert!(names.is_empty());
+    assert_eq!(out.metadata.annotations.as_ref().unwrap()[INJECTED_ANNOTATION], "");
+    let c = sidecar(&out);
+    assert_eq!(env_value(c, "CUSTOS_UPSTREAM").as_deref(), Some("127.0.0.1:8080"));
+    assert_eq!(env_value(c, "CUSTOS_LISTEN").as_deref(), Some("0.0.0.0:15080"));
+
+    let mut portless = pod.clone();
+    portless.spec.as_mut().unwrap().containers[0].ports = None;
+    let reason = skipped(inject(&portless, NS, &ns_labels, &others, &InjectSettings::default()));
+    assert_eq!(reason, SkipReason::NoAppPort);
+    assert!(reason.warning().is_some());
+
+    // A selecting policy still decides the ports in a labelled namespace.
+    let policy = mk_policy("legacy", mk_selector(&[("app", "legacy")]));
+    let (out, names) = injected(inject(&pod, NS, &ns_labels, &[policy], &InjectSettings::default()));
+    assert_eq!(names, vec!["legacy".to_string()]);
+    assert_eq!(env_of(sidecar(&out), "CUSTOS_UPSTREAM"), None);
+}
+
+#[test]
+fn a_labelled_namespace_without_any_policy_has_no_config_to_mount() {
+    let pod = mk_pod(&[("app", "legacy")]);
+    let ns_labels = labels(&[(NAMESPACE_INJECTION_LABEL, NAMESPACE_INJECTION_ENABLED)]);
+    let reason = skipped(inject(&pod, NS, &ns_labels, NO_POLICIES, &InjectSettings::default()));
+    assert_eq!(reason, SkipReason::NoConfigInNamespace);
+    assert!(reason.warning().unwrap().contains("custos-config"));
+    // A policy being deleted does not count: its config is about to go.
+    let mut leaving = other_policy();
+    leaving.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+    let reason = skipped(inject(&pod, NS, &ns_labels, &[leaving], &InjectSettings::default()));
+    assert_eq!(reason, SkipReason::NoConfigInNamespace);
+}
+
+#[test]
+fn the_first_tcp_port_is_the_upstream() {
+    let mut pod = mk_pod(&[("app", "legacy")]);
+    let spec = pod.spec.as_mut().unwrap();
+    spec.containers[0].ports = Some(vec![
+        ContainerPort { container_port: 53, protocol: Some("UDP".to_string()), ..ContainerPort::default() },
+        ContainerPort { container_port: 9000, protocol: None, ..ContainerPort::default() },
+    ]);
+    let ns_labels = labels(&[(NAMESPACE_INJECTION_LABEL, NAMESPACE_INJECTION_ENABLED)]);
+    let (out, _) = injected(inject(&pod, NS, &ns_labels, &[other_policy()], &InjectSettings::default()));
+    assert_eq!(env_value(sidecar(&out), "CUSTOS_UPSTREAM").as_deref(), Some("127.0.0.1:9000"));
+}
+
+#[test]
+fn host_network_and_windows_pods_are_skipped() {
+    let (mut pod, policies) = app_selected();
+    pod.spec.as_mut().unwrap().host_network = Some(true);
+    let reason = skipped(run(&pod, &policies));
+    assert_eq!(reason, SkipReason::HostNetwork { selected_by: vec!["customer-api".to_string()] });
+    assert!(reason.warning().unwrap().contains("hostNetwork"));
+
+    let (mut pod, policies) = app_selected();
+    pod.spec.as_mut().unwrap().os = Some(PodOS { name: "windows".to_string() });
+    assert_eq!(skipped(run(&pod, &policies)).label(), "windows");
+}
+
+#[test]
+fn policies_that_disagree_on_ports_are_reported() {
+    let (pod, _) = app_selected();
+    let selector = mk_selector(&[("app", "customer-api")]);
+    let a = mk_policy("a", selector.clone());
+    let mut b = mk_policy("b", selector.clone());
+    b.spec.workload.proxy_port = Some(15081);
+    let reason = skipped(run(&pod, &[b.clone(), a.clone()]));
+    assert_eq!(
+        reason,
+        SkipReason::ConflictingPolicies {
+            policies: vec!["a".to_string(), "b".to_string()],
+            field: "proxyPort",
+            ports: vec![15080, 15081],
+        }
+    );
+    assert!(reason.warning().unwrap().contains("spec.workload.proxyPort"));
+
+    let mut c = mk_policy("c", selector);
+    c.spec.workload.app_port = 9090;
+    let reason = skipped(run(&pod, &[a, c]));
+    assert!(matches!(reason, SkipReason::ConflictingPolicies { field: "appPort", .. }), "{reason:?}");
+}
+
+#[test]
+fn ports_and_volumes_the_sidecar_needs_must_be_free() {
+    let (mut pod, policies) = app_selected();
+    pod.spec.as_mut().unwrap().containers.push(mk_container("metrics", &[15090]));
+    assert_eq!(
+        skipped(run(&pod, &policies)),
+        SkipReason::PortInUse { port: 15090, container: "metrics".to_string() }
+    );
+
+    let (mut pod, mut policies) = app_selected();
+    policies[0].spec.workload.proxy_port = Some(8443);
+    pod.spec.as_mut().unwrap().containers[0].ports.as_mut().unwrap()[0].container_port = 8443;
+    assert_eq!(
+        skipped(run(&pod, &policies)),
+        SkipReason::PortInUse { port: 8443, container: "app".to_string() }
+    );
+
+    let (mut pod, policies) = app_selected();
+    pod.spec.as_mut().unwrap().volumes =
+        Some(vec![Volume { name: "custos-spool".to_string(), ..Volume::default() }]);
+    assert_eq!(
+        skipped(run(&pod, &policies)),
+        SkipReason::VolumeNameInUse { name: "custos-spool".to_string() }
+    );
+}
+
+#[test]
+fn jwks_secrets_of_the_selecting_policies_are_mounted() {
+    let pod = mk_pod(&[("app", "customer-api"), ("tier", "backend")]);
+    let policies = vec![
+        mk_jwks_policy("by-app", mk_selector(&[("app", "customer-api")]), "sso-jwks"),
+        mk_jwks_policy("by-tier", mk_selector(&[("tier", "backend")]), "sso-jwks"),
+        mk_jwks_policy("also", mk_selector(&[("app", "customer-api")]), "partner-jwks"),
+        mk_jwks_policy("elsewhere", mk_selector(&[("app", "waybill-api")]), "other-jwks"),
+    ];
+    let (out, names) = injected(run(&pod, &policies));
+    assert_eq!(names, vec!["also".to_string(), "by-app".to_string(), "by-tier".to_string()]);
+    assert_eq!(out.metadata.annotations.as_ref().unwrap()[INJECTED_ANNOTATION], "also,by-app,by-tier");
+    let c = sidecar(&out);
+    let secret =
+        |v: &str| volume(&out, v).and_then(|v| v.secret.as_ref()).and_then(|s| s.secret_name.clone());
+    assert_eq!(secret("custos-jwks-0").as_deref(), Some("partner-jwks"));
+    assert_eq!(secret("custos-jwks-1").as_deref(), Some("sso-jwks"));
+    assert_eq!(volume(&out, "custos-jwks-2"), None, "each Secret is mounted once");
+    assert_eq!(mount_path(c, "custos-jwks-0").as_deref(), Some("/etc/custos/jwks/partner-jwks"));
+    assert_eq!(mount_path(c, "custos-jwks-1").as_deref(), Some("/etc/custos/jwks/sso-jwks"));
+}
+
+#[test]
+fn collector_and_hash_key_settings_reach_the_sidecar() {
+    let (pod, policies) = app_selected();
+    let settings = InjectSettings {
+        image: "registry.example/custos:dev".to_string(),
+        collector_url: Some("http://custos-collector.custos-system:8080".to_string()),
+        collector_token_secret: Some("custos-collector-token".to_string()),
+        hash_key_secret: Some("custos-hash-key".to_string()),
+        run_as_user: 10001,
+        extra_args: vec!["--max-connections=2000".to_string()],
+        ..InjectSettings::default()
+    };
+    let (out, _) = injected(inject(&pod, NS, &BTreeMap::new(), &policies, &settings));
+    let c = sidecar(&out);
+    assert_eq!(c.image.as_deref(), Some("registry.example/custos:dev"));
+    assert_eq!(c.args, Some(vec!["sidecar".to_string(), "--max-connections=2000".to_string()]));
+    assert_eq!(c.security_context.as_ref().and_then(|s| s.run_as_user), Some(10001));
+    assert_eq!(
+        env_value(c, "CUSTOS_COLLECTOR").as_deref(),
+        Some("http://custos-collector.custos-system:8080")
+    );
+    assert_eq!(
+        env_value(c, "CUSTOS_COLLECTOR_TOKEN_FILE").as_deref(),
+        Some("/var/run/secrets/custos/collector/token")
+    );
+    assert_eq!(env_value(c, "CUSTOS_HASH_KEY_FILE").as_deref(), Some("/var/run/secrets/custos/hash-key/key"));
+    let token = volume(&out, "custos-collector-token").and_then(|v| v.secret.as_ref()).unwrap();
+    assert_eq!(token.secret_name.as_deref(), Some("custos-collector-token"));
+    assert_eq!(token.items.as_ref().unwrap()[0].key, COLLECTOR_TOKEN_KEY);
+    let hash = volume(&out, "custos-hash-key").and_then(|v| v.secret.as_ref()).unwrap();
+    assert_eq!(hash.items.as_ref().unwrap()[0].key, HASH_KEY_KEY);
+    assert_eq!(mount_path(c, "custos-collector-token").as_deref(), Some(COLLECTOR_TOKEN_DIR));
+    assert_eq!(mount_path(c, "custos-hash-key").as_deref(), Some(HASH_KEY_DIR));
+}
+
+#[test]
+fn a_native_sidecar_is_an_always_restarting_init_container() {
+    let (pod, policies) = app_selected();
+    let settings = InjectSettings { native_sidecar: true, ..InjectSettings::default() };
+    let (out, _) = injected(inject(&pod, NS, &BTreeMap::new(), &policies, &settings));
+    let spec = out.spec.as_ref().unwrap();
+    assert_eq!(spec.containers.len(), 1);
+    let init = spec.init_containers.as_ref().unwrap();
+    assert_eq!(init.len(), 1);
+    assert_eq!(init[0].name, SIDECAR_CONTAINER);
+    assert_eq!(init[0].restart_policy.as_deref(), Some("Always"));
+}
+
+#[test]
+fn a_pod_with_generate_name_and_no_name_is_injected() {
+    let (mut pod, policies) = app_selected();
+    pod.metadata.name = None;
+    pod.metadata.generate_name = Some("customer-api-7d9f-".to_string());
+    let (out, _) = injected(run(&pod, &policies));
+    assert_eq!(out.metadata.name, None);
+    assert_eq!(out.metadata.generate_name.as_deref(), Some("customer-api-7d9f-"));
+    let name = env_of(sidecar(&out), "CUSTOS_POD_NAME").and_then(|e| e.value_from.as_ref());
+    assert!(name.is_some(), "the name comes from the downward API at run time");
+}
+
+fn arb_labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+    prop::collection::btree_map("(app|tier|zone|team)", "(a|b|c)", 0..4)
+}
+
+proptest! {
+    #[test]
+    fn injection_is_idempotent_and_keeps_the_app(
+        pod_labels in arb_labels(),
+        selectors in prop::collection::vec(arb_labels(), 0..4),
+        labelled in any::<bool>(),
+    ) {
+        let mut pod = mk_pod(&[]);
+        pod.metadata.labels = Some(pod_labels.clone());
+        let policies: Vec<DataAccessPolicy> = selectors
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let selector = LabelSelector { match_labels: Some(s.clone()), match_expressions: None };
+                mk_policy(&format!("p{i}"), selector)
+            })
+            .collect();
+        let ns_labels = if labelled {
+            labels(&[(NAMESPACE_INJECTION_LABEL, NAMESPACE_INJECTION_ENABLED)])
+        } else {
+            BTreeMap::new()
+        };
+        let settings = InjectSettings::default();
+        let expected: Vec<String> = selectors
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.iter().all(|(k, v)| pod_labels.get(k) == Some(v)))
+            .map(|(i, _)| format!("p{i}"))
+            .collect();
+        match inject(&pod, NS, &ns_labels, &policies, &settings) {
+            Injection::Inject { pod: out, policies: names } => {
+                prop_assert_eq!(&names, &expected);
+                let app = &out.spec.as_ref().unwrap().containers[0];
+                prop_assert_eq!(app, &pod.spec.as_ref().unwrap().containers[0]);
+                prop_assert_eq!(out.metadata.labels.as_ref(), Some(&pod_labels));
+                prop_assert_eq!(
+                    inject(&out, NS, &ns_labels, &policies, &settings),
+                    Injection::Skip(SkipReason::AlreadyInjected)
+                );
+            }
+            Injection::Skip(reason) => {
+                prop_assert!(expected.is_empty());
+                if labelled {
+                    // Labelled for injection, but no policy at all: no config to mount.
+                    prop_assert!(policies.is_empty());
+                    prop_assert_eq!(reason, SkipReason::NoConfigInNamespace);
+                } else {
+                    prop_assert_eq!(reason, SkipReason::NotSelected);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! Names shared by the operator, the webhooks, the chart and the sidecar: object names, label
+//! and annotation keys, the field manager.
+
+pub use custos_policy::netpol::{MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL, network_policy_name};
+
+/// Name of the ConfigMap holding a namespace's compiled sidecar config.
+pub const CONFIG_MAP_NAME: &str = "custos-config";
+/// Key of the compiled config (JSON) inside [`CONFIG_MAP_NAME`].
+pub const CONFIG_KEY: &str = "config.json";
+/// Field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "custos";
+/// Finalizer the operator puts on DataAccessPolicies so that deleting one recompiles its
+/// namespace before it disappears.
+pub const FINALIZER: &str = "custos.dev/cleanup";
+/// Pod annotation: `"false"` opts a pod out of injection.
+pub const INJECT_ANNOTATION: &str = "custos.dev/inject";
+/// Namespace label: `enabled` injects the sidecar into every pod of the namespace (unless the
+/// pod opts out), `disabled` into none.
+pub const NAMESPACE_INJECTION_LABEL: &str = "custos.dev/injection";
+/// Pod annotation the injector sets, naming the policies that selected the pod.
+pub const INJECTED_ANNOTATION: &str = "custos.dev/injected";
+/// Name of the injected sidecar container.
+pub const SIDECAR_CONTAINER: &str = "custos-sidecar";
+/// Port of the sidecar's admin server (/healthz, /ready, /metrics).
+pub const SIDECAR_ADMIN_PORT: u16 = 15090;
+/// Reporting controller name of the Events the operator records.
+pub const REPORTING_CONTROLLER: &str = "custos-operator";
+/// Name of the Lease the operator replicas elect a leader on.
+pub const LEASE_NAME: &str = "custos-operator";

@@ -1,0 +1,407 @@
+//! Flags of `custos operator` (each also read from the `CUSTOS_OPERATOR_*` environment
+//! variable named in its help) and their checks.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use custos_operator_core::inject::InjectSettings;
+use custos_operator_core::names;
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use crate::leader::LeaderSettings;
+
+/// Flags of `custos operator`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OperatorArgs {
+    /// Namespaces to reconcile, comma-separated [default: all namespaces].
+    #[arg(long, env = "CUSTOS_OPERATOR_NAMESPACES", value_name = "NS,...", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+
+    /// Admin address: /healthz, /readyz, /metrics (plain HTTP).
+    #[arg(long, env = "CUSTOS_OPERATOR_ADMIN", value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    pub admin: SocketAddr,
+
+    /// Webhook address (HTTPS): /mutate-pods and /validate-policies.
+    #[arg(long, env = "CUSTOS_OPERATOR_WEBHOOK_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_listen: SocketAddr,
+
+    /// Do not serve the webhooks (no injection, no admission validation): for running the
+    /// controller alone, e.g. out of cluster.
+    #[arg(long, env = "CUSTOS_OPERATOR_DISABLE_WEBHOOKS")]
+    pub disable_webhooks: bool,
+
+    /// Webhook serving certificate (PEM), e.g. from cert-manager; re-read when it changes.
+    /// Without it (and --tls-key-file) a CA and certificate are generated on start and the CA
+    /// is patched into the webhook configurations.
+    #[arg(long, env = "CUSTOS_OPERATOR_TLS_CERT_FILE", value_name = "FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// Private key of --tls-cert-file (PEM).
+    #[arg(long, env = "CUSTOS_OPERATOR_TLS_KEY_FILE", value_name = "FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Service in front of the webhooks (names of the generated certificate).
+    #[arg(
+        long,
+        env = "CUSTOS_OPERATOR_WEBHOOK_SERVICE",
+        value_name = "NAME",
+        default_value = "custos-operator-webhook"
+    )]
+    pub webhook_service: String,
+
+    /// The operator's own namespace (webhook Service, Lease).
+    #[arg(long, env = "POD_NAMESPACE", value_name = "NS", default_value = "custos-system")]
+    pub operator_namespace: String,
+
+    /// MutatingWebhookConfiguration to patch the generated CA into.
+    #[arg(
+        long,
+        env = "CUSTOS_OPERATOR_MUTATING_WEBHOOK",
+        value_name = "NAME",
+        default_value = "custos-sidecar-injector"
+    )]
+    pub mutating_webhook_configuration: String,
+
+    /// ValidatingWebhookConfiguration to patch the generated CA into.
+    #[arg(
+        long,
+        env = "CUSTOS_OPERATOR_VALIDATING_WEBHOOK",
+        value_name = "NAME",
+        default_value = "custos-policy-validator"
+    )]
+    pub validating_webhook_configuration: String,
+
+    /// Elect a leader on a Lease; only the leader reconciles. Turn off only with one replica.
+    #[arg(long, env = "CUSTOS_OPERATOR_LEADER_ELECTION", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Name of the leader Lease (in the operator's namespace).
+    #[arg(long, env = "CUSTOS_OPERATOR_LEASE_NAME", value_name = "NAME", default_value = names::LEASE_NAME)]
+    pub lease_name: String,
+
+    /// How long a leader's Lease lasts without renewal.
+    #[arg(long, env = "CUSTOS_OPERATOR_LEASE_DURATION", value_name = "DURATION", default_value = "15s", value_parser = parse_seconds)]
+    pub lease_duration: Duration,
+
+    /// How long before expiry the leader renews its Lease.
+    #[arg(long, env = "CUSTOS_OPERATOR_LEASE_GRACE", value_name = "DURATION", default_value = "5s", value_parser = parse_seconds)]
+    pub lease_grace: Duration,
+
+    /// This replica's identity (Lease holder, Event reporter) [default: the host name].
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    pub instance: Option<String>,
+
+    /// Image of the injected sidecar.
+    #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_IMAGE", value_name = "IMAGE", default_value = concat!("ghcr.io/custos-dev/custos:", env!("CARGO_PKG_VERSION")))]
+    pub sidecar_image: String,
+
+    /// imagePullPolicy of the injected sidecar.
+    #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_IMAGE_PULL_POLICY", value_name = "POLICY", default_value = "IfNotPresent", value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub sidecar_image_pull_policy: String,
+
+    /// CPU request of the sidecar.
+    #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_CPU_REQUEST", value_name = "QUANTITY", default_value = "50m")]
+    pub sidecar_cpu_request: String,
+
+    /// Memory request of the sidecar.
+    #[arg(
+        long,
+        env = "CUSTOS_OPERATOR_SIDECAR_MEMORY_REQUEST",
+        value_name = "QUANTITY",
+        default_value = "32Mi"
+    )]
+    pub sidecar_memory_request: String,
+
+    /// CPU limit of the sidecar [default: none].
+    #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_CPU_LIMIT", value_name = "QUANTITY")]
+    pub sidecar_cpu_limit: Option<String>,
+
+    /// Memory limit of the sidecar.
+    #[arg(
+        long,
+        env = "CUSTOS_OPERATOR_SIDECAR_MEMORY_LIMIT",
+        value_name = "QUANTITY",
+        default_value = "128Mi"
+    )]
+    pub sidecar_memory_limit: String,
+
+    /// Collector URL the sidecars send audit events to.
+    #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_COLLECTOR", value_name = "URL")]
+    pub sidecar_collector: Option<String>,
+
+    /// Secret (in each protected pod's namespace) holding the collector token, key `token`.
+    #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_COLLECTOR_TOKEN_SECRET", value_name = "NAME")]
+    pub sidecar_collector_token_secret: Option<String>,
+
+    /// Secret (in each protected pod's namespace) holding the hash key, key `key`.
+    #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_HASH_KEY_SECRET", value_name = "NAME")]
+    pub sidecar_hash_key_secret: Option<String>,
+}
+
+/// The operator's validated settings.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Namespaces to reconcile; `None` = all.
+    pub namespaces: Option<BTreeSet<String>>,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Webhook address; `None` = webhooks disabled.
+    pub webhook_listen: Option<SocketAddr>,
+    /// Where the webhook certificate comes from.
+    pub tls: TlsSource,
+    /// Leader election.
+    pub leader: LeaderSettings,
+    /// This replica's identity.
+    pub instance: String,
+    /// What the injector puts into pods.
+    pub inject: InjectSettings,
+}
+
+/// Where the webhook serving certificate comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsSource {
+    /// PEM files, re-read when they change.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+    /// Generated on start; the CA is patched into the named webhook configurations.
+    Generate {
+        /// Service name.
+        service: String,
+        /// Service namespace.
+        namespace: String,
+        /// MutatingWebhookConfiguration name.
+        mutating: String,
+        /// ValidatingWebhookConfiguration name.
+        validating: String,
+    },
+}
+
+/// A flag value that does not make sense.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {message}")]
+pub struct ArgsError {
+    /// The flag.
+    pub flag: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn quantity(flag: &'static str, value: &str) -> Result<Quantity, ArgsError> {
+    let ok = !value.is_empty()
+        && value.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+        && value
+            .trim_start_matches(|c: char| c.is_ascii_digit() || c == '.')
+            .chars()
+            .all(|c| c.is_ascii_alphabetic())
+        && matches!(
+            value.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.'),
+            "" | "m" | "k" | "M" | "G" | "T" | "Ki" | "Mi" | "Gi" | "Ti"
+        );
+    if ok {
+        Ok(Quantity(value.to_string()))
+    } else {
+        Err(ArgsError {
+            flag,
+            message: format!("{value:?} is not a resource quantity such as 50m, 128Mi or 1"),
+        })
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+impl OperatorArgs {
+    /// Checks the flags and builds the config.
+    pub fn into_config(self) -> Result<OperatorConfig, ArgsError> {
+        let namespaces: BTreeSet<String> =
+            self.namespaces.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+        if let Some(bad) = namespaces.iter().find(|n| !is_dns_label(n)) {
+            return Err(ArgsError {
+                flag: "namespaces",
+                message: format!("{bad:?} is not a namespace name"),
+            });
+        }
+        for (flag, value) in
+            [("operator-namespace", &self.operator_namespace), ("webhook-service", &self.webhook_service)]
+        {
+            if !is_dns_label(value) {
+                return Err(ArgsError { flag, message: format!("{value:?} is not a DNS label") });
+            }
+        }
+        if self.lease_grace < Duration::from_secs(1) || self.lease_duration <= self.lease_grace {
+            return Err(ArgsError {
+                flag: "lease-duration",
+                message: format!(
+                    "must be longer than --lease-grace ({}s), and the grace at least 1s",
+                    self.lease_grace.as_secs()
+                ),
+            });
+        }
+        let instance = match self.instance.filter(|i| !i.is_empty()) {
+            Some(instance) => instance,
+            None => hostname(),
+        };
+        let mut requests = std::collections::BTreeMap::new();
+        requests.insert("cpu".to_string(), quantity("sidecar-cpu-request", &self.sidecar_cpu_request)?);
+        requests
+            .insert("memory".to_string(), quantity("sidecar-memory-request", &self.sidecar_memory_request)?);
+        let mut limits = std::collections::BTreeMap::new();
+        limits.insert("memory".to_string(), quantity("sidecar-memory-limit", &self.sidecar_memory_limit)?);
+        if let Some(cpu) = &self.sidecar_cpu_limit {
+            limits.insert("cpu".to_string(), quantity("sidecar-cpu-limit", cpu)?);
+        }
+        if let Some(url) = &self.sidecar_collector
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ArgsError {
+                flag: "sidecar-collector",
+                message: format!("{url:?} is not an http(s) URL"),
+            });
+        }
+        let inject = InjectSettings {
+            image: self.sidecar_image,
+            image_pull_policy: self.sidecar_image_pull_policy,
+            resources: ResourceRequirements {
+                requests: Some(requests),
+                limits: Some(limits),
+                ..ResourceRequirements::default()
+            },
+            collector_url: self.sidecar_collector,
+            collector_token_secret: self.sidecar_collector_token_secret,
+            hash_key_secret: self.sidecar_hash_key_secret,
+            ..InjectSettings::default()
+        };
+        let tls = match (self.tls_cert_file, self.tls_key_file) {
+            (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+            _ => TlsSource::Generate {
+                service: self.webhook_service,
+                namespace: self.operator_namespace.clone(),
+                mutating: self.mutating_webhook_configuration,
+                validating: self.validating_webhook_configuration,
+            },
+        };
+        Ok(OperatorConfig {
+            namespaces: if namespaces.is_empty() { None } else { Some(namespaces) },
+            admin: self.admin,
+            webhook_listen: (!self.disable_webhooks).then_some(self.webhook_listen),
+            tls,
+            leader: LeaderSettings {
+                enabled: self.leader_election,
+                lease_name: self.lease_name,
+                lease_namespace: self.operator_namespace,
+                identity: instance.clone(),
+                duration: self.lease_duration,
+                grace: self.lease_grace,
+            },
+            instance,
+            inject,
+        })
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "custos-operator".to_string())
+}
+
+/// Parses `15s`, `2m`, `1h` or a bare number of seconds, whole seconds only.
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = number.parse().map_err(|_| format!("{s:?} is not a duration such as 15s, 2m or 1h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        args: OperatorArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<OperatorConfig, String> {
+        let mut all = vec!["custos-operator"];
+        all.extend_from_slice(argv);
+        let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
+        cli.args.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--instance", "op-0"]).unwrap();
+        assert_eq!(c.namespaces, None);
+        assert_eq!(c.webhook_listen, Some("0.0.0.0:9443".parse().unwrap()));
+        assert!(c.leader.enabled);
+        assert_eq!(c.leader.identity, "op-0");
+        assert_eq!(c.leader.duration, Duration::from_secs(15));
+        assert!(matches!(c.tls, TlsSource::Generate { .. }));
+        assert_eq!(c.inject.image_pull_policy, "IfNotPresent");
+        let requests = c.inject.resources.requests.unwrap();
+        assert_eq!(requests["cpu"], Quantity("50m".into()));
+    }
+
+    #[test]
+    fn namespaces_files_and_switches() {
+        let c = parse(&[
+            "--namespaces",
+            "shop, logistics",
+            "--tls-cert-file",
+            "/tls/tls.crt",
+            "--tls-key-file",
+            "/tls/tls.key",
+            "--leader-election",
+            "false",
+            "--disable-webhooks",
+        ])
+        .unwrap();
+        assert_eq!(c.namespaces.unwrap().into_iter().collect::<Vec<_>>(), ["logistics", "shop"]);
+        assert_eq!(c.tls, TlsSource::Files { cert: "/tls/tls.crt".into(), key: "/tls/tls.key".into() });
+        assert!(!c.leader.enabled);
+        assert_eq!(c.webhook_listen, None);
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        for (argv, flag) in [
+            (vec!["--namespaces", "Shop_1"], "--namespaces"),
+            (vec!["--sidecar-memory-limit", "lots"], "--sidecar-memory-limit"),
+            (vec!["--lease-duration", "5s", "--lease-grace", "5s"], "--lease-duration"),
+            (vec!["--lease-duration", "5d"], "unit"),
+            (vec!["--sidecar-collector", "collector:8080"], "--sidecar-collector"),
+            (vec!["--tls-cert-file", "/x"], "--tls-key-file"),
+            (vec!["--sidecar-image-pull-policy", "Sometimes"], "Sometimes"),
+        ] {
+            let error = parse(&argv).expect_err(&format!("{argv:?} must fail"));
+            assert!(error.contains(flag), "{argv:?}: {error}");
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! One namespace reconcile, compute-then-apply: read the namespace (policies, NetworkPolicies,
+//! the pods its policies care about), compute the desired state with
+//! [`custos_operator_core::desired::compute`], then apply it.
+//!
+//! Reads are plain lists (consistent reads, no cache to warm up), so the very same code runs
+//! against the in-memory API of the tests and benchmark and against a cluster. Pods are listed
+//! only in the namespace itself and in the namespaces its rule sources name (and only those
+//! the operator watches), restricted to `status.phase=Running` by the apiserver.
+//!
+//! The apply, in order:
+//! 1. the `custos.dev/cleanup` finalizer is added to live policies lacking it (first, so the
+//!    status written below describes the policy as it then is);
+//! 2. the `custos-config` ConfigMap is server-side applied (field manager `custos`, forced),
+//!    or deleted once no live policy is left; a failure stops the reconcile here;
+//! 3. each NetworkPolicy is server-side applied — a refusal turns that policy's
+//!    `NetworkPolicyApplied` False with the apiserver's reason and fails the reconcile at the
+//!    end, after the other steps —, stale ones are deleted;
+//! 4. statuses are patched (status subresource) only where they changed;
+//! 5. the Events are recorded (best effort: a refused Event is logged, not retried);
+//! 6. when everything above succeeded, the finalizer of the policies being deleted is
+//!    removed, letting them go.
+
+use custos_api::{DataAccessPolicy, DataAccessPolicyStatus};
+use custos_operator_core::desired::{
+    self, Desired, DesiredEvent, EventType, NamespaceSnapshot, has_finalizer, is_deleting, pod_namespaces,
+};
+use custos_operator_core::names::{CONFIG_MAP_NAME, FIELD_MANAGER, FINALIZER, POLICY_LABEL};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType as KubeEventType};
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::context::Context;
+use crate::error::Error;
+
+/// What a namespace reconcile did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileOutcome {
+    /// Hash of the applied `custos-config`; `None` when there is no config (deleted).
+    pub config_hash: Option<String>,
+    /// Live (not deleting) policies in the namespace.
+    pub policies: usize,
+    /// NetworkPolicies applied.
+    pub network_policies_applied: usize,
+    /// Stale NetworkPolicies deleted.
+    pub network_policies_deleted: usize,
+    /// Whether the ConfigMap was deleted (no live policy left).
+    pub config_map_deleted: bool,
+    /// Policy statuses written (only those that changed).
+    pub statuses_written: usize,
+    /// Events recorded.
+    pub events_recorded: usize,
+    /// Finalizers added to live policies.
+    pub finalizers_added: usize,
+    /// Finalizers removed from policies being deleted.
+    pub finalizers_removed: usize,
+}
+
+/// Reconciles `namespace`: reads it, computes the desired state, applies it (see the module
+/// documentation for the order). Returns the first failure after doing all it could.
+#[tracing::instrument(name = "reconcile", skip(ctx))]
+pub async fn reconcile_namespace(ctx: &Context, namespace: &str) -> Result<ReconcileOutcome, Error> {
+    let mut outcome = ReconcileOutcome::default();
+    let policies_api: Api<DataAccessPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+
+    let mut policies = list(&policies_api, ListParams::default(), "DataAccessPolicy", namespace).await?;
+    for policy in policies.iter_mut().filter(|p| !is_deleting(p) && !has_finalizer(p)) {
+        let mut finalizers = policy.finalizers().to_vec();
+        finalizers.push(FINALIZER.to_string());
+        if let Some(updated) = set_finalizers(&policies_api, policy, finalizers).await? {
+            *policy = updated;
+            outcome.finalizers_added += 1;
+        }
+    }
+    let np_api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+    let network_policies = list(&np_api, ListParams::default(), "NetworkPolicy", namespace).await?;
+    let mut pods = Vec::new();
+    for pods_namespace in pod_namespaces(namespace, &policies) {
+        if ctx.settings.watches(&pods_namespace) {
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pods_namespace);
+            let running = ListParams::default().fields("status.phase=Running");
+            pods.extend(list(&api, running, "Pod", &pods_namespace).await?);
+        }
+    }
+
+    let snapshot = NamespaceSnapshot { namespace: namespace.to_string(), policies, pods, network_policies };
+    let now = Timestamp::now();
+    let mut desired = desired::compute(&snapshot, now)?;
+    outcome.policies = desired.statuses.len();
+    outcome.config_hash.clone_from(&desired.config_hash);
+
+    apply_config_map(ctx, namespace, &desired, &mut outcome).await?;
+    let mut failures = apply_network_policies(ctx, &snapshot, &mut desired, now, &mut outcome).await;
+    failures.extend(delete_stale(&np_api, namespace, &desired, &mut outcome).await);
+    failures.extend(write_statuses(&policies_api, &snapshot, &desired, &mut outcome).await);
+    record_events(ctx, &snapshot, &desired.events, &mut outcome).await;
+
+    if failures.is_empty() {
+        for name in &desired.release_finalizers {
+            let Some(policy) = snapshot.policies.iter().find(|p| p.metadata.name.as_ref() == Some(name))
+            else {
+                continue;
+            };
+            let finalizers = policy.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+            if set_finalizers(&policies_api, policy, finalizers).await?.is_some() {
+                outcome.finalizers_removed += 1;
+            }
+        }
+    }
+    tracing::debug!(
+        namespace,
+        config_hash = outcome.config_hash.as_deref().unwrap_or("-"),
+        policies = outcome.policies,
+        network_policies = outcome.network_policies_applied,
+        statuses = outcome.statuses_written,
+        events = outcome.events_recorded,
+        "namespace reconciled"
+    );
+    match failures.into_iter().next() {
+        Some(error) => Err(error),
+        None => Ok(outcome),
+    }
+}
+
+async fn list<K>(
+    api: &Api<K>,
+    params: ListParams,
+    kind: &'static str,
+    namespace: &str,
+) -> Result<Vec<K>, Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.list(&params).await {
+        Ok(list) => Ok(list.items),
+        Err(source) => Err(Error::List { kind, namespace: namespace.to_string(), source }),
+    }
+}
+
+/// Sets the finalizers of `policy` (merge patch, conditional on its resourceVersion). `None`
+/// when the policy is gone already.
+async fn set_finalizers(
+    api: &Api<DataAccessPolicy>,
+    policy: &DataAccessPolicy,
+    finalizers: Vec<String>,
+) -> Result<Option<DataAccessPolicy>, Error> {
+    let name = policy.name_any();
+    let patch = json!({
+        "metadata": { "finalizers": finalizers, "resourceVersion": policy.resource_version() }
+    });
+    match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(updated) => Ok(Some(updated)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(source) => {
+            Err(Error::Finalizer { namespace: policy.namespace().unwrap_or_default(), name, source })
+        }
+    }
+}
+
+fn is_not_found(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.is_not_found())
+}
+
+/// The apiserver's own words for a refusal (its message carries no object contents beyond
+/// field paths), else the client error.
+fn reason(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) if !status.message.is_empty() => status.message.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+async fn apply_config_map(
+    ctx: &Context,
+    namespace: &str,
+    desired: &Desired,
+    outcome: &mut ReconcileOutcome,
+) -> Result<(), Error> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let err = |source| Error::Apply {
+        kind: "ConfigMap",
+        namespace: namespace.to_string(),
+        name: CONFIG_MAP_NAME.to_string(),
+        source,
+    };
+    match &desired.config_map {
+        Some(cm) => {
+            api.patch(CONFIG_MAP_NAME, &apply_params(), &Patch::Apply(cm)).await.map_err(err)?;
+        }
+        None => match api.delete(CONFIG_MAP_NAME, &DeleteParams::default()).await {
+            Ok(_) => outcome.config_map_deleted = true,
+            Err(e) if is_not_found(&e) => {}
+            Err(source) => {
+                return Err(Error::Delete {
+                    kind: "ConfigMap",
+                    namespace: namespace.to_string(),
+                    name: CONFIG_MAP_NAME.to_string(),
+                    source,
+                });
+            }
+        },
+    }
+    Ok(())
+}
+
+/// Applies every desired NetworkPolicy; a refused one marks its policy's status and is
+/// returned as a failure.
+async fn apply_network_policies(
+    ctx: &Context,
+    snapshot: &NamespaceSnapshot,
+    desired: &mut Desired,
+    now: Timestamp,
+    outcome: &mut ReconcileOutcome,
+) -> Vec<Error> {
+    let namespace = snapshot.namespace.as_str();
+    let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut failures = Vec::new();
+    let mut refused = Vec::new();
+    for np in &desired.network_policies {
+        let name = np.name_any();
+        match api.patch(&name, &apply_params(), &Patch::Apply(np)).await {
+            Ok(_) => outcome.network_policies_applied += 1,
+            Err(source) => {
+                let policy = np.labels().get(POLICY_LABEL).cloned().unwrap_or_default();
+                tracing::warn!(namespace, network_policy = %name, error = %source, "NetworkPolicy refused");
+                refused.push((policy, reason(&source)));
+                failures.push(Error::Apply {
+                    kind: "NetworkPolicy",
+                    namespace: namespace.to_string(),
+                    name,
+                    source,
+                });
+            }
+        }
+    }
+    for (policy, why) in refused {
+        desired.network_policy_failed(snapshot, &policy, &why, now);
+    }
+    failures
+}
+
+async fn delete_stale(
+    api: &Api<NetworkPolicy>,
+    namespace: &str,
+    desired: &Desired,
+    outcome: &mut ReconcileOutcome,
+) -> Vec<Error> {
+    let mut failures = Vec::new();
+    for name in &desired.stale_network_policies {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => outcome.network_policies_deleted += 1,
+            Err(e) if is_not_found(&e) => {}
+            Err(source) => failures.push(Error::Delete {
+                kind: "NetworkPolicy",
+                namespace: namespace.to_string(),
+                name: name.clone(),
+                source,
+            }),
+        }
+    }
+    failures
+}
+
+/// Patches the status of each policy whose status changed.
+async fn write_statuses(
+    api: &Api<DataAccessPolicy>,
+    snapshot: &NamespaceSnapshot,
+    desired: &Desired,
+    outcome: &mut ReconcileOutcome,
+) -> Vec<Error> {
+    let mut failures = Vec::new();
+    for (name, status) in &desired.statuses {
+        let old = snapshot
+            .policies
+            .iter()
+            .find(|p| p.metadata.name.as_ref() == Some(name) && !is_deleting(p))
+            .and_then(|p| p.status.as_ref());
+        if old == Some(status) {
+            continue;
+        }
+        let patch = match status_patch(old, status) {
+            Ok(patch) => patch,
+            Err(source) => {
+                failures.push(Error::Serialize {
+                    what: format!("the status of DataAccessPolicy {name}"),
+                    source,
+                });
+                continue;
+            }
+        };
+        match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => outcome.statuses_written += 1,
+            Err(e) if is_not_found(&e) => {}
+            Err(source) => failures.push(Error::Status {
+                namespace: snapshot.namespace.clone(),
+                name: name.clone(),
+                source,
+            }),
+        }
+    }
+    failures
+}
+
+/// A JSON merge patch from `old` to `new`: the new status, with `null` for the fields the old
+/// one had and the new one has not (so they are removed).
+fn status_patch(
+    old: Option<&DataAccessPolicyStatus>,
+    new: &DataAccessPolicyStatus,
+) -> serde_json::Result<Value> {
+    let mut status = serde_json::to_value(new)?;
+    if let (Some(old), Some(fields)) = (old, status.as_object_mut())
+        && let Value::Object(old_fields) = serde_json::to_value(old)?
+    {
+        for key in old_fields.keys() {
+            fields.entry(key.clone()).or_insert(Value::Null);
+        }
+    }
+    Ok(json!({ "status": status }))
+}
+
+async fn record_events(
+    ctx: &Context,
+    snapshot: &NamespaceSnapshot,
+    events: &[DesiredEvent],
+    outcome: &mut ReconcileOutcome,
+) {
+    for event in events {
+        let Some(policy) = snapshot.policies.iter().find(|p| p.metadata.name.as_ref() == Some(&event.policy))
+        else {
+            continue;
+        };
+        // The reference names the policy (uid, no resourceVersion): repeats fold into a series.
+        let regarding = policy.object_ref(&());
+        let kube_event = Event {
+            type_: match event.type_ {
+                EventType::Normal => KubeEventType::Normal,
+                EventType::Warning => KubeEventType::Warning,
+            },
+            reason: event.reason.clone(),
+            note: Some(event.note.clone()),
+            action: "Reconcile".to_string(),
+            secondary: None,
+        };
+        match ctx.recorder.publish(&kube_event, &regarding).await {
+            Ok(()) => outcome.events_recorded += 1,
+            Err(error) => tracing::warn!(
+                namespace = %snapshot.namespace,
+                policy = %event.policy,
+                reason = %event.reason,
+                %error,
+                "cannot record Event"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_patch_nulls_the_fields_that_went_away() {
+        let old = DataAccessPolicyStatus {
+            observed_generation: Some(1),
+            config_hash: Some("sha256:aa".into()),
+            selected_pods: Some(2),
+            ..Default::default()
+        };
+        let new = DataAccessPolicyStatus {
+            observed_generation: Some(2),
+            selected_pods: Some(2),
+            ..Default::default()
+        };
+        let patch = status_patch(Some(&old), &new).unwrap();
+        assert_eq!(
+            patch,
+            json!({ "status": { "observedGeneration": 2, "selectedPods": 2, "configHash": null } })
+        );
+        let first = status_patch(None, &new).unwrap();
+        assert_eq!(first, json!({ "status": { "observedGeneration": 2, "selectedPods": 2 } }));
+    }
+}

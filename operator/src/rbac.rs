@@ -1,0 +1,120 @@
+//! The exact RBAC the operator needs, as data: the rules of its ClusterRole and of its Role in
+//! its own namespace. `docs/operator.md` documents them, `e2e/manifests/rbac.yaml` (and the
+//! chart) grant them; a test keeps the manifest equal to these rules.
+
+use k8s_openapi::api::rbac::v1::PolicyRule;
+
+/// One rule: API group, resources, verbs and why.
+#[derive(Clone, Copy, Debug)]
+pub struct Rule {
+    /// API group (`""` = core).
+    pub api_group: &'static str,
+    /// Resources (with subresources as `resource/sub`).
+    pub resources: &'static [&'static str],
+    /// Verbs.
+    pub verbs: &'static [&'static str],
+    /// What the operator does with it.
+    pub why: &'static str,
+}
+
+/// Cluster-wide rules (a ClusterRole bound to the operator's ServiceAccount).
+pub const CLUSTER_RULES: &[Rule] = &[
+    Rule {
+        api_group: "custos.dev",
+        resources: &["dataaccesspolicies"],
+        verbs: &["get", "list", "watch", "patch", "update"],
+        why: "watch policies; add and remove the custos.dev/cleanup finalizer",
+    },
+    Rule {
+        api_group: "custos.dev",
+        resources: &["dataaccesspolicies/status"],
+        verbs: &["get", "patch", "update"],
+        why: "write status: observedGeneration, conditions, selectedPods, configHash",
+    },
+    Rule {
+        api_group: "custos.dev",
+        resources: &["dataaccesspolicies/finalizers"],
+        verbs: &["update"],
+        why: "set blockOwnerDeletion on owner references to policies",
+    },
+    Rule {
+        api_group: "",
+        resources: &["configmaps"],
+        verbs: &["get", "list", "watch", "create", "patch", "update", "delete"],
+        why: "the custos-config ConfigMap of each namespace (server-side apply)",
+    },
+    Rule {
+        api_group: "networking.k8s.io",
+        resources: &["networkpolicies"],
+        verbs: &["get", "list", "watch", "create", "patch", "update", "delete"],
+        why: "one NetworkPolicy per policy; read the others to detect sidecar bypasses",
+    },
+    Rule {
+        api_group: "",
+        resources: &["pods"],
+        verbs: &["get", "list", "watch"],
+        why: "selected pod counts and the workload identity table (pod IP -> identity)",
+    },
+    Rule {
+        api_group: "",
+        resources: &["namespaces"],
+        verbs: &["get", "list", "watch"],
+        why: "namespaces labelled custos.dev/injection=enabled (injection webhook)",
+    },
+    Rule {
+        api_group: "events.k8s.io",
+        resources: &["events"],
+        verbs: &["create", "patch"],
+        why: "Events on policies (compile errors, bypasses, config changes)",
+    },
+    Rule {
+        api_group: "admissionregistration.k8s.io",
+        resources: &["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
+        verbs: &["get", "patch"],
+        why: "patch the generated CA into the webhook configurations (only without cert-manager)",
+    },
+];
+
+/// Rules in the operator's own namespace (a Role).
+pub const NAMESPACE_RULES: &[Rule] = &[
+    Rule {
+        api_group: "coordination.k8s.io",
+        resources: &["leases"],
+        verbs: &["get", "list", "watch", "create", "patch", "update"],
+        why: "leader election on the custos-operator Lease",
+    },
+    Rule {
+        api_group: "",
+        resources: &["secrets"],
+        verbs: &["get", "create", "update"],
+        why: "the generated webhook CA and certificate, shared by the replicas (only without cert-manager)",
+    },
+];
+
+/// The rules as k8s-openapi PolicyRules.
+pub fn policy_rules(rules: &[Rule]) -> Vec<PolicyRule> {
+    rules
+        .iter()
+        .map(|r| PolicyRule {
+            api_groups: Some(vec![r.api_group.to_string()]),
+            resources: Some(r.resources.iter().map(|s| s.to_string()).collect()),
+            verbs: r.verbs.iter().map(|s| s.to_string()).collect(),
+            ..PolicyRule::default()
+        })
+        .collect()
+}
+
+/// The rules as a Markdown table (for docs/operator.md).
+pub fn markdown_table(rules: &[Rule]) -> String {
+    let mut out = String::from("| API group | resources | verbs | why |\n|---|---|---|---|\n");
+    for r in rules {
+        let group = if r.api_group.is_empty() { "\"\" (core)" } else { r.api_group };
+        out.push_str(&format!(
+            "| {group} | {} | {} | {} |\n",
+            r.resources.join(", "),
+            r.verbs.join(", "),
+            r.why
+        ));
+    }
+    out
+}
