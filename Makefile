@@ -3,7 +3,7 @@ CARGO ?= cargo
 CUSTOS := target/debug/custos
 CRD := crds/dataaccesspolicies.custos.dev.yaml
 
-.PHONY: all build test unit lint fmt fmt-check crds crds-check check-examples bench bench-engine bench-sidecar bench-store bench-deps demo clean
+.PHONY: all build test unit lint fmt fmt-check crds crds-check check-examples bench bench-engine bench-sidecar bench-store bench-deps demo clean e2e e2e-kind image bench-operator
 
 all: build
 
@@ -37,7 +37,7 @@ check-examples: build
 	$(CUSTOS) check examples/*.yaml
 
 ## bench: every benchmark; each prints its in-run baseline and the ratio (BENCHMARKS.md).
-bench: bench-engine bench-sidecar bench-store
+bench: bench-engine bench-sidecar bench-store bench-operator
 
 bench-engine:
 	$(CARGO) bench --locked -p custos-policy --bench decision
@@ -66,3 +66,21 @@ demo: build
 
 clean:
 	$(CARGO) clean
+
+## e2e: the operator's scenarios against the cluster of KUBECONFIG (Custos installed there).
+e2e:
+	@test -n "$$KUBECONFIG" || test -f "$$HOME/.kube/config" || { echo "make e2e needs KUBECONFIG (a cluster with Custos installed; or make e2e-kind)"; exit 2; }
+	$(CARGO) test --locked -p custos-e2e -- --ignored --test-threads=2
+
+## e2e-kind: a throw-away kind cluster with the image and manifests, then make e2e.
+e2e-kind:
+	bash e2e/kind.sh
+
+## image: the container image (static binary, non-root, distroless).
+IMAGE ?= custos:dev
+image:
+	docker build -t $(IMAGE) .
+
+## bench-operator: reconcile 1,000 policies / 100 namespaces / 10,000 pods through the fake API.
+bench-operator:
+	$(CARGO) bench --locked -p custos-operator --bench reconcile

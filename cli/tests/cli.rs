@@ -229,3 +229,19 @@ fn explain_with_a_broken_policy_exits_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("spec.rules[0].rowFilter"));
 }
+
+#[test]
+fn operator_refuses_bad_flags_and_a_missing_cluster_with_exit_2() {
+    let out = custos(&["operator", "--sidecar-memory-limit", "lots"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--sidecar-memory-limit"), "{}", text(&out.stderr));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_custos"))
+        .args(["operator", "--disable-webhooks", "--leader-election", "false", "--admin", "127.0.0.1:0"])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("custos runs");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("cannot build a Kubernetes client"), "{}", text(&out.stderr));
+}

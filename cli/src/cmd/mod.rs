@@ -6,6 +6,7 @@ mod collector;
 mod compile;
 mod crd;
 mod explain;
+mod operator;
 mod sidecar;
 
 use std::process::ExitCode;
@@ -30,6 +31,8 @@ enum Command {
     Explain(explain::Args),
     /// Print the DataAccessPolicy CustomResourceDefinition (YAML).
     Crd(crd::Args),
+    /// Run the operator: reconcile DataAccessPolicies, inject the sidecar, validate policies.
+    Operator(Box<operator::Args>),
     /// Run the enforcing proxy in front of a protected app (one per pod).
     Sidecar(Box<sidecar::Args>),
     /// Run the audit collector: batch ingest from sidecars, the audit store, queries, retention.
@@ -45,6 +48,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Compile(a) => compile::run(a),
         Command::Explain(a) => explain::run(a),
         Command::Crd(a) => crd::run(a),
+        Command::Operator(a) => operator::run(*a),
         Command::Sidecar(a) => sidecar::run(*a),
         Command::Collector(a) => collector::run(*a),
         Command::Audit(a) => audit::run(*a),
