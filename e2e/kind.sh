@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make e2e-kind: a kind cluster `custos-e2e` with the Custos image and manifests, then make e2e.
+# make e2e-kind: a kind cluster `custos-e2e` with the Custos image and chart, then make e2e.
 # Needs docker, kind and kubectl on PATH. Keeps the cluster (delete: kind delete cluster --name custos-e2e).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +17,10 @@ kubectl config use-context "kind-$CLUSTER" >/dev/null
 echo "==> building and loading $IMAGE"
 make image IMAGE="$IMAGE"
 kind load docker-image "$IMAGE" --name "$CLUSTER"
-echo "==> installing the CRD and the operator"
-kubectl apply -f crds/
-kubectl apply -f e2e/manifests/operator.yaml -f e2e/manifests/rbac.yaml
-kubectl -n custos-system rollout restart deployment/custos-operator
+echo "==> installing the chart"
+bash scripts/install-helm.sh
+target/tools/helm upgrade --install custos charts/custos -n custos-system --create-namespace \
+  --set image.repository=custos --set image.tag=e2e --set image.pullPolicy=Never --wait --timeout 5m
 kubectl -n custos-system rollout status deployment/custos-operator --timeout=180s
 echo "==> scenarios"
 make e2e

