@@ -1,6 +1,8 @@
 //! The exact RBAC the operator needs, as data: the rules of its ClusterRole and of its Role in
-//! its own namespace. `docs/operator.md` documents them, `e2e/manifests/rbac.yaml` (and the
-//! chart) grant them; a test keeps the manifest equal to these rules.
+//! its own namespace, and the extra rules it needs only when it generates its webhook
+//! certificate itself (no `--tls-cert-file`). `docs/operator.md` documents them; the chart
+//! (which always hands the operator certificate files) grants the base rules,
+//! `e2e/manifests/rbac.yaml` (generated certificates) both; tests keep them equal.
 
 use k8s_openapi::api::rbac::v1::PolicyRule;
 
@@ -67,29 +69,31 @@ pub const CLUSTER_RULES: &[Rule] = &[
         verbs: &["create", "patch"],
         why: "Events on policies (compile errors, bypasses, config changes)",
     },
-    Rule {
-        api_group: "admissionregistration.k8s.io",
-        resources: &["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
-        verbs: &["get", "patch"],
-        why: "patch the generated CA into the webhook configurations (only without cert-manager)",
-    },
 ];
 
+/// Cluster-wide rules needed only with a generated webhook certificate.
+pub const GENERATED_CERT_CLUSTER_RULES: &[Rule] = &[Rule {
+    api_group: "admissionregistration.k8s.io",
+    resources: &["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
+    verbs: &["get", "patch"],
+    why: "patch the generated CA into the webhook configurations",
+}];
+
 /// Rules in the operator's own namespace (a Role).
-pub const NAMESPACE_RULES: &[Rule] = &[
-    Rule {
-        api_group: "coordination.k8s.io",
-        resources: &["leases"],
-        verbs: &["get", "list", "watch", "create", "patch", "update"],
-        why: "leader election on the custos-operator Lease",
-    },
-    Rule {
-        api_group: "",
-        resources: &["secrets"],
-        verbs: &["get", "create", "update"],
-        why: "the generated webhook CA and certificate, shared by the replicas (only without cert-manager)",
-    },
-];
+pub const NAMESPACE_RULES: &[Rule] = &[Rule {
+    api_group: "coordination.k8s.io",
+    resources: &["leases"],
+    verbs: &["get", "list", "watch", "create", "patch", "update"],
+    why: "leader election on the custos-operator Lease",
+}];
+
+/// Rules in the operator's namespace needed only with a generated webhook certificate.
+pub const GENERATED_CERT_NAMESPACE_RULES: &[Rule] = &[Rule {
+    api_group: "",
+    resources: &["secrets"],
+    verbs: &["get", "create", "update"],
+    why: "the generated webhook CA and certificate, shared by the replicas (Secret custos-operator-webhook-tls)",
+}];
 
 /// The rules as k8s-openapi PolicyRules.
 pub fn policy_rules(rules: &[Rule]) -> Vec<PolicyRule> {

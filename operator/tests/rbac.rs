@@ -1,8 +1,12 @@
-//! The committed RBAC manifest (`e2e/manifests/rbac.yaml`, which the chart mirrors) grants
-//! exactly the rules of `custos_operator::rbac`, and docs/operator.md shows them.
+//! The committed RBAC manifest (`e2e/manifests/rbac.yaml`: an operator generating its webhook
+//! certificate) grants exactly the rules of `custos_operator::rbac` (base and generated-cert),
+//! and docs/operator.md shows them. (The chart's copy is checked by e2e/tests/chart.rs.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use custos_operator::rbac::{CLUSTER_RULES, NAMESPACE_RULES, markdown_table, policy_rules};
+use custos_operator::rbac::{
+    CLUSTER_RULES, GENERATED_CERT_CLUSTER_RULES, GENERATED_CERT_NAMESPACE_RULES, NAMESPACE_RULES, markdown_table,
+    policy_rules,
+};
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use serde_json::Value;
 
@@ -24,18 +28,25 @@ fn rules_of(kind: &str) -> Vec<PolicyRule> {
 
 #[test]
 fn cluster_role_matches_the_code() {
-    assert_eq!(rules_of("ClusterRole"), policy_rules(CLUSTER_RULES));
+    let all: Vec<_> = CLUSTER_RULES.iter().chain(GENERATED_CERT_CLUSTER_RULES).copied().collect();
+    assert_eq!(rules_of("ClusterRole"), policy_rules(&all));
 }
 
 #[test]
 fn role_matches_the_code() {
-    assert_eq!(rules_of("Role"), policy_rules(NAMESPACE_RULES));
+    let all: Vec<_> = NAMESPACE_RULES.iter().chain(GENERATED_CERT_NAMESPACE_RULES).copied().collect();
+    assert_eq!(rules_of("Role"), policy_rules(&all));
 }
 
 #[test]
 fn docs_show_the_same_tables() {
     let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operator.md")).unwrap();
-    for table in [markdown_table(CLUSTER_RULES), markdown_table(NAMESPACE_RULES)] {
+    for table in [
+        markdown_table(CLUSTER_RULES),
+        markdown_table(NAMESPACE_RULES),
+        markdown_table(GENERATED_CERT_CLUSTER_RULES),
+        markdown_table(GENERATED_CERT_NAMESPACE_RULES),
+    ] {
         assert!(docs.contains(&table), "docs/operator.md must contain:\n{table}");
     }
 }
