@@ -71,9 +71,10 @@ bench-deps:
 	  echo "installing wrk and nginx-light (Debian packages)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light; }
 
-## demo: the four incidents through `custos explain`, then a live sidecar, app and collector (local processes).
+## demo: the four incidents of DESIGN.md replayed through live sidecars in front of synthetic services,
+## with the collector on SQLite, in one process (`custos demo`; docs/demo.md), then the report.
 demo: build
-	@bash scripts/demo.sh
+	@$(CUSTOS) demo
 
 clean:
 	$(CARGO) clean

@@ -5,6 +5,7 @@ mod check;
 mod collector;
 mod compile;
 mod crd;
+mod demo;
 mod explain;
 mod operator;
 mod sidecar;
@@ -39,6 +40,9 @@ enum Command {
     Collector(Box<collector::Args>),
     /// Query and verify the audit trail (events, data subjects, top principals, alerts, chain).
     Audit(Box<audit::Args>),
+    /// Replay the four incidents against the example policies in one process: synthetic
+    /// services, sidecars and a collector; prints what was blocked, masked, throttled and alerted.
+    Demo(demo::Args),
 }
 
 /// Runs the parsed command line.
@@ -52,5 +56,6 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sidecar(a) => sidecar::run(*a),
         Command::Collector(a) => collector::run(*a),
         Command::Audit(a) => audit::run(*a),
+        Command::Demo(a) => demo::run(a),
     }
 }
