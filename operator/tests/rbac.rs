@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use custos_operator::rbac::{
-    CLUSTER_RULES, GENERATED_CERT_CLUSTER_RULES, GENERATED_CERT_NAMESPACE_RULES, NAMESPACE_RULES, markdown_table,
-    policy_rules,
+    CLUSTER_RULES, GENERATED_CERT_CLUSTER_RULES, GENERATED_CERT_NAMESPACE_RULES, NAMESPACE_RULES,
+    markdown_table, policy_rules,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use serde_json::Value;
