@@ -38,8 +38,15 @@
 //!      renumbered): **Inserted** at `p.seq`.
 //!    - else `p` was rewritten with a recomputed hash (or rows were deleted and the rest
 //!      renumbered): **Edited** at `p.seq` (at `r.seq` when `p` is the anchor).
-//! 5. The record-hash index rows of `r` differ from its body's `recordHashes`: **Edited** at
-//!    `r.seq` (someone hid or planted a subject access).
+//! 5. The record-hash index rows of `r` differ from the [`record_key`]s of its body's
+//!    `recordHashes`: **Edited** at `r.seq` (someone hid or planted a subject access).
+//!
+//! # The record-hash index
+//!
+//! "Who accessed data subject X" is answered through an index of [`record_key`]s: the first
+//! 16 bytes of `SHA-256(record hash)`, whatever the record hash's format. Keys are short (the
+//! index stays small) and uniformly spread; two record hashes may share a key, so every hit is
+//! checked against the event body, which holds the full record hashes.
 //!
 //! After the last row: fewer rows than the head's seq means the tail was deleted (**Deleted**
 //! at the first missing seq); a last row whose hash differs from the head's hash was rewritten
@@ -59,6 +66,27 @@ use crate::{BreakKind, BrokenLink, Error};
 
 /// The `prev_hash` of the first event of a fresh store: 64 zeros.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A key of the record-hash index: see [`record_key`]. A byte vector rather than an array
+/// so that a tampered key of another length reads back (and fails verification).
+pub(crate) type RecordKey = Vec<u8>;
+
+/// Bytes of a [`record_key`].
+pub(crate) const RECORD_KEY_LEN: usize = 16;
+
+/// The key under which the record-hash index stores `record_hash`: the first 16 bytes of
+/// `SHA-256(record_hash)`.
+pub(crate) fn record_key(record_hash: &str) -> RecordKey {
+    Sha256::digest(record_hash.as_bytes())[..RECORD_KEY_LEN].to_vec()
+}
+
+/// The distinct keys of `record_hashes`, sorted.
+pub(crate) fn record_keys(record_hashes: &[String]) -> Vec<RecordKey> {
+    let mut keys: Vec<RecordKey> = record_hashes.iter().map(|h| record_key(h)).collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
 
 /// Microseconds in a day.
 pub(crate) const DAY_US: i64 = 86_400_000_000;
@@ -133,8 +161,8 @@ pub(crate) struct Prepared {
     pub prev_hash: String,
     pub hash: String,
     pub body: String,
-    /// Distinct record hashes, sorted.
-    pub records: Vec<String>,
+    /// Distinct [`record_key`]s of the event's record hashes, sorted.
+    pub records: Vec<RecordKey>,
 }
 
 /// Validates a batch up front (so that a bad event rejects the batch before anything is
@@ -149,22 +177,88 @@ pub(crate) fn validate(events: &[AuditEvent]) -> Result<Vec<Columns>, Error> {
         .collect()
 }
 
+/// An event serialised for storage, everything but its place in the chain: prepared before
+/// the write lock is taken.
+#[derive(Clone, Debug)]
+pub(crate) struct Unlinked {
+    pub cols: Columns,
+    /// The canonical body without `prevHash` and without its closing brace.
+    open_body: String,
+    /// Distinct [`record_key`]s of the event's record hashes, sorted.
+    pub records: Vec<RecordKey>,
+}
+
+impl Unlinked {
+    /// Serialises `event` (its own `prev_hash` ignored).
+    pub(crate) fn of(event: &AuditEvent, cols: Columns) -> Result<Unlinked, Error> {
+        let unserialisable = || Error::Corrupt("an event could not be serialised".into());
+        let json = if event.prev_hash.is_some() {
+            let mut e = event.clone();
+            e.prev_hash = None;
+            serde_json::to_string(&e)
+        } else {
+            serde_json::to_string(event)
+        }
+        .map_err(|_| unserialisable())?;
+        let mut open_body = json;
+        if open_body.pop() != Some('}') {
+            return Err(unserialisable());
+        }
+        Ok(Unlinked { cols, open_body, records: record_keys(&event.record_hashes) })
+    }
+
+    /// Links the event after `prev_hash`. `prevHash` is the last field of [`AuditEvent`], so
+    /// appending it to the body serialised without it gives exactly the serialisation of the
+    /// event with `prev_hash` set.
+    pub(crate) fn link(self, seq: i64, prev_hash: &str) -> Result<Prepared, Error> {
+        let quoted = serde_json::to_string(prev_hash)
+            .map_err(|_| Error::Corrupt("a chain hash could not be serialised".into()))?;
+        let mut body = self.open_body;
+        body.reserve(quoted.len() + 13);
+        body.push_str(",\"prevHash\":");
+        body.push_str(&quoted);
+        body.push('}');
+        let hash = chain_hash(prev_hash, &body);
+        Ok(Prepared {
+            seq,
+            cols: self.cols,
+            prev_hash: prev_hash.to_owned(),
+            hash,
+            body,
+            records: self.records,
+        })
+    }
+}
+
+/// Serialises every event of a validated batch.
+pub(crate) fn unlinked(events: &[AuditEvent], cols: Vec<Columns>) -> Result<Vec<Unlinked>, Error> {
+    events.iter().zip(cols).map(|(e, c)| Unlinked::of(e, c)).collect()
+}
+
 /// Serialises `event` as stored after `prev_hash` and links it.
+#[cfg(test)]
 pub(crate) fn link(event: &AuditEvent, cols: Columns, seq: i64, prev_hash: &str) -> Result<Prepared, Error> {
-    let mut stored = event.clone();
-    stored.prev_hash = Some(prev_hash.to_owned());
-    let body = serde_json::to_string(&stored)
-        .map_err(|_| Error::Corrupt("an event could not be serialised".into()))?;
-    let hash = chain_hash(prev_hash, &body);
-    let mut records = event.record_hashes.clone();
-    records.sort();
-    records.dedup();
-    Ok(Prepared { seq, cols, prev_hash: prev_hash.to_owned(), hash, body, records })
+    Unlinked::of(event, cols)?.link(seq, prev_hash)
 }
 
 /// Parses a stored body.
 pub(crate) fn parse_body(body: &str) -> Result<AuditEvent, Error> {
     serde_json::from_str(body).map_err(|_| Error::Corrupt("a stored event body does not parse".into()))
+}
+
+/// The record hashes of a stored body, read without the rest of the event.
+#[derive(serde::Deserialize)]
+struct BodyRecords {
+    #[serde(default, rename = "recordHashes")]
+    record_hashes: Vec<String>,
+}
+
+/// Whether the stored `body` lists `record_hash` among its record hashes (the check behind
+/// every record-hash index hit, since keys may collide).
+pub(crate) fn names_record(body: &str, record_hash: &str) -> Result<bool, Error> {
+    let b: BodyRecords = serde_json::from_str(body)
+        .map_err(|_| Error::Corrupt("a stored event body does not parse".into()))?;
+    Ok(b.record_hashes.iter().any(|h| h == record_hash))
 }
 
 /// A row of the chain as read back for verification.
@@ -216,7 +310,7 @@ impl Walker {
         &mut self,
         r: &ChainRow,
         next: Option<&ChainRow>,
-        indexed_records: &[String],
+        indexed_records: &[RecordKey],
     ) -> Option<BrokenLink> {
         let p = &self.prev;
         let id = Some(r.cols.id.as_str());
@@ -325,10 +419,7 @@ impl Walker {
             ));
         }
         // 5. The record-hash index.
-        let mut expected = event.record_hashes;
-        expected.sort();
-        expected.dedup();
-        if expected.as_slice() != indexed_records {
+        if record_keys(&event.record_hashes).as_slice() != indexed_records {
             return Some(broken(
                 r.seq,
                 id,
@@ -343,9 +434,12 @@ impl Walker {
     }
 }
 
-/// Groups `(seq, record_hash)` rows into sorted, distinct lists per seq.
-pub(crate) fn group_records(rows: Vec<(i64, String)>) -> BTreeMap<i64, Vec<String>> {
-    let mut map: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+/// Record-hash index rows grouped by seq: the sorted, distinct keys of each.
+pub(crate) type RecordsBySeq = BTreeMap<i64, Vec<RecordKey>>;
+
+/// Groups `(seq, record_key)` rows into sorted, distinct lists per seq.
+pub(crate) fn group_records(rows: Vec<(i64, RecordKey)>) -> RecordsBySeq {
+    let mut map: BTreeMap<i64, Vec<RecordKey>> = BTreeMap::new();
     for (seq, h) in rows {
         map.entry(seq).or_default().push(h);
     }
@@ -455,6 +549,21 @@ mod tests {
         rows.insert(2, extra);
         let b = walk(&rows).unwrap();
         assert_eq!((b.kind, b.seq), (BreakKind::Inserted, 2));
+    }
+
+    #[test]
+    fn the_linked_body_is_the_serialisation_of_the_event_with_its_prev_hash() {
+        let mut e = event("e1");
+        e.record_hashes = vec!["b".repeat(64), "a".repeat(64)];
+        e.masked.insert("phone".into(), 2);
+        e.trace_id = Some("t\"1".into());
+        e.prev_hash = Some("ignored".into());
+        let p = link(&e, Columns::of(&e).unwrap(), 7, GENESIS_HASH).unwrap();
+        e.prev_hash = Some(GENESIS_HASH.into());
+        assert_eq!(p.body, serde_json::to_string(&e).unwrap());
+        assert_eq!(p.hash, chain_hash(GENESIS_HASH, &p.body));
+        assert_eq!(p.records, record_keys(&e.record_hashes));
+        assert_eq!(parse_body(&p.body).unwrap(), e);
     }
 
     #[test]

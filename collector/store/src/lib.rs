@@ -346,8 +346,11 @@ impl AnyStore {
         if events.is_empty() {
             return Ok(IngestOutcome::default());
         }
-        let cols = chain::validate(events)?;
-        dispatch!(self, s => s.ingest(events, cols).await)
+        let batch = chain::unlinked(events, chain::validate(events)?)?;
+        match self {
+            AnyStore::Sqlite(s) => s.ingest(batch).await,
+            AnyStore::Postgres(s) => s.ingest(events, batch).await,
+        }
     }
 
     /// The chain head: the seq and hash of the last ingested event.
@@ -369,7 +372,7 @@ impl AnyStore {
         let (head, anchor) = dispatch!(self, s => s.head_and_anchor().await)?;
         let start = match from.map(|f| i64::try_from(f).unwrap_or(i64::MAX)) {
             Some(f) if f - 1 > anchor.seq => {
-                let rows = self.chain_page((f - 2, None), f - 1, 1).await?.0;
+                let rows = self.chain_page((f - 2, None), f - 1, 1, f - 1).await?.0;
                 match rows.into_iter().next() {
                     Some(r) if r.seq == f - 1 => Link { seq: r.seq, hash: r.hash },
                     _ => {
@@ -425,12 +428,15 @@ impl AnyStore {
         let mut after: (i64, Option<String>) = (start.seq, None);
         let mut buf: Vec<ChainRow> = Vec::new();
         let mut records = std::collections::BTreeMap::new();
+        // The record-hash index rows of every seq up to here are in `records`.
+        let mut records_to = start.seq;
         let mut exhausted = false;
         let mut i = 0;
         loop {
             // Keep at least one row of look-ahead in the buffer.
             if i + 1 >= buf.len() && !exhausted {
-                let (rows, recs) = self.chain_page(after.clone(), bound, VERIFY_PAGE).await?;
+                let (rows, recs, to) = self.chain_page(after.clone(), bound, VERIFY_PAGE, records_to).await?;
+                records_to = records_to.max(to);
                 if (rows.len() as i64) < VERIFY_PAGE {
                     exhausted = true;
                 }
@@ -454,15 +460,17 @@ impl AnyStore {
         Ok((walker.checked, None, walker.last().clone()))
     }
 
-    /// Rows after `after` in `(seq, id)` order (a `None` id: after every row of that seq) and `seq <= bound`, in order, and their record-hash
-    /// index rows grouped by seq.
+    /// Rows after `after` in `(seq, id)` order (a `None` id: after every row of that seq) and
+    /// `seq <= bound`, in order; the record-hash index rows of the seqs above `records_after`
+    /// up to at least the last row's, grouped by seq; and the seq up to which they were read.
     async fn chain_page(
         &self,
         after: (i64, Option<String>),
         bound: i64,
         limit: i64,
-    ) -> Result<(Vec<ChainRow>, std::collections::BTreeMap<i64, Vec<String>>)> {
-        dispatch!(self, s => s.chain_page(after, bound, limit).await)
+        records_after: i64,
+    ) -> Result<(Vec<ChainRow>, chain::RecordsBySeq, i64)> {
+        dispatch!(self, s => s.chain_page(after, bound, limit, records_after).await)
     }
 
     /// One page of events matching the filters, newest first.
@@ -481,7 +489,8 @@ impl AnyStore {
     }
 
     /// Who accessed the data subject whose keyed record hash is `record_hash`, newest first,
-    /// in `[since, until)`, at most `limit` (0: [`DEFAULT_LIMIT`]).
+    /// in `[since, until)`, at most `limit` (0: [`DEFAULT_LIMIT`]). Found through the
+    /// record-hash index (see [`chain`]) and checked against each event's body.
     pub async fn subject(
         &self,
         record_hash: &str,

@@ -1,23 +1,28 @@
 //! The PostgreSQL backend: `events` and `event_records` partitioned by day on the event time
 //! (declarative range partitions, created on demand for the days of each batch and for today
 //! and tomorrow at open), a non-partitioned `event_ids` table for idempotency by id, pooled
-//! connections (deadpool), one round trip per statement with arrays (`unnest`), never per row.
+//! connections (deadpool); a batch is written with one `COPY ... FROM STDIN BINARY` per table,
+//! never a statement per row.
 //!
 //! Writers serialise on the `chain_head` row (`SELECT ... FOR UPDATE` inside the ingest
 //! transaction), so any number of collector processes share one consistent chain; the
 //! duplicate check runs under that lock too, so it is race-free. Durable on commit.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
+use std::pin::pin;
 use std::sync::{Arc, Mutex};
 
 use custos_api::AuditEvent;
 use custos_api::collector::RuleUsage;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
-use crate::chain::{self, CHAIN_COLUMNS, ChainRow, Columns, DAY_US, GENESIS_HASH, Link};
+use crate::chain::{
+    self, CHAIN_COLUMNS, ChainRow, Columns, DAY_US, GENESIS_HASH, Link, RecordsBySeq, Unlinked,
+};
 use crate::query::{self, Param, TimeRange};
 use crate::{Error, EventQuery, IngestOutcome, Result, SubjectAccess, TopBy, TopEntry};
 
@@ -77,8 +82,16 @@ CREATE TABLE alerts (
 CREATE INDEX alerts_time ON alerts (time_us);
 ";
 
+/// V2: the decision index keeps only the events that are not `Allow` (a partial index, one
+/// index insert saved per ordinary event); an `Allow` filter reads the time index and finds
+/// matches at once. [`crate::query`] spells out the index condition in the queries.
+const V2: &str = "
+DROP INDEX events_decision_time;
+CREATE INDEX events_flagged_time ON events (decision, time_us, seq) WHERE decision <> 'Allow';
+";
+
 /// Schema migrations, in order. Never edit a released one: add the next.
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
 
 /// The PostgreSQL store.
 #[derive(Clone)]
@@ -142,27 +155,23 @@ fn is_missing_partition(e: &Error) -> bool {
     matches!(e, Error::Postgres(pe) if pe.code() == Some(&SqlState::CHECK_VIOLATION))
 }
 
-/// Column arrays of a batch, bound as `unnest` parameters.
-#[derive(Default)]
-struct Arrays {
-    seq: Vec<i64>,
-    id: Vec<String>,
-    time_us: Vec<i64>,
-    namespace: Vec<String>,
-    policy: Vec<Option<String>>,
-    rule: Vec<Option<String>>,
-    principal: Vec<String>,
-    user_id: Vec<Option<String>>,
-    decision: Vec<String>,
-    path: Vec<String>,
-    records_returned: Vec<i64>,
-    prev_hash: Vec<String>,
-    hash: Vec<String>,
-    body: Vec<String>,
-    rec_hash: Vec<String>,
-    rec_time: Vec<i64>,
-    rec_seq: Vec<i64>,
-}
+/// The column types of `events`, in [`CHAIN_COLUMNS`] order.
+const EVENT_TYPES: [Type; 14] = [
+    Type::INT8,
+    Type::TEXT,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+];
 
 impl PostgresStore {
     /// Connects (pooled), migrates the schema and creates today's and tomorrow's partitions.
@@ -254,21 +263,21 @@ impl PostgresStore {
         Ok(())
     }
 
-    pub(crate) async fn ingest(&self, events: &[AuditEvent], cols: Vec<Columns>) -> Result<IngestOutcome> {
-        let days: BTreeSet<i64> = cols.iter().map(|c| c.time_us.div_euclid(DAY_US)).collect();
+    pub(crate) async fn ingest(&self, events: &[AuditEvent], batch: Vec<Unlinked>) -> Result<IngestOutcome> {
+        let days: BTreeSet<i64> = batch.iter().map(|u| u.cols.time_us.div_euclid(DAY_US)).collect();
         self.ensure_partitions(&days).await?;
-        match self.ingest_tx(events, cols.clone()).await {
+        match self.ingest_tx(events, batch.clone()).await {
             // A partition this process believed in was dropped (by a prune elsewhere).
             Err(e) if is_missing_partition(&e) => {
                 self.known_partitions().clear();
                 self.ensure_partitions(&days).await?;
-                self.ingest_tx(events, cols).await
+                self.ingest_tx(events, batch).await
             }
             other => other,
         }
     }
 
-    async fn ingest_tx(&self, events: &[AuditEvent], cols: Vec<Columns>) -> Result<IngestOutcome> {
+    async fn ingest_tx(&self, events: &[AuditEvent], batch: Vec<Unlinked>) -> Result<IngestOutcome> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let head_st = tx.prepare_cached("SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE").await?;
@@ -278,81 +287,69 @@ impl PostgresStore {
         let mut seen: HashSet<String> =
             tx.query(&dup_st, &[&ids]).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
         let mut out = IngestOutcome::default();
-        let mut a = Arrays::default();
+        let mut linked = Vec::with_capacity(events.len());
+        // (record hash, time_us, seq) rows of the record-hash index.
+        let mut records: Vec<(&str, i64, i64)> = Vec::new();
         let (mut seq, mut hash) = (head.seq, head.hash);
-        for (e, c) in events.iter().zip(cols) {
+        for (e, u) in events.iter().zip(batch) {
             if !seen.insert(e.id.clone()) {
                 out.duplicates += 1;
                 continue;
             }
-            let p = chain::link(e, c, seq + 1, &hash)?;
-            for r in p.records {
-                a.rec_hash.push(r);
-                a.rec_time.push(p.cols.time_us);
-                a.rec_seq.push(p.seq);
-            }
-            let c = p.cols;
-            a.seq.push(p.seq);
-            a.id.push(c.id);
-            a.time_us.push(c.time_us);
-            a.namespace.push(c.namespace);
-            a.policy.push(c.policy);
-            a.rule.push(c.rule);
-            a.principal.push(c.principal);
-            a.user_id.push(c.user_id);
-            a.decision.push(c.decision);
-            a.path.push(c.path);
-            a.records_returned.push(c.records_returned);
-            a.prev_hash.push(p.prev_hash);
-            a.hash.push(p.hash.clone());
-            a.body.push(p.body);
+            let p = u.link(seq + 1, &hash)?;
+            let mut hashes: Vec<&str> = e.record_hashes.iter().map(String::as_str).collect();
+            hashes.sort_unstable();
+            hashes.dedup();
+            records.extend(hashes.into_iter().map(|h| (h, p.cols.time_us, p.seq)));
             seq = p.seq;
-            hash = p.hash;
+            hash.clone_from(&p.hash);
+            linked.push(p);
             out.accepted += 1;
         }
         if out.accepted > 0 {
-            let st = tx
-                .prepare_cached(
-                    "INSERT INTO event_ids (id, seq) SELECT * FROM unnest($1::text[], $2::bigint[])",
-                )
-                .await?;
-            tx.execute(&st, &[&a.id, &a.seq]).await?;
-            let st = tx
-                .prepare_cached(&format!(
-                    "INSERT INTO events ({CHAIN_COLUMNS}) SELECT * FROM unnest(\
-                     $1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
-                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
-                     $11::bigint[], $12::text[], $13::text[], $14::text[])"
-                ))
-                .await?;
-            tx.execute(
-                &st,
-                &[
-                    &a.seq,
-                    &a.id,
-                    &a.time_us,
-                    &a.namespace,
-                    &a.policy,
-                    &a.rule,
-                    &a.principal,
-                    &a.user_id,
-                    &a.decision,
-                    &a.path,
-                    &a.records_returned,
-                    &a.prev_hash,
-                    &a.hash,
-                    &a.body,
-                ],
-            )
-            .await?;
-            if !a.rec_hash.is_empty() {
-                let st = tx
-                    .prepare_cached(
-                        "INSERT INTO event_records (record_hash, time_us, seq) \
-                         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])",
-                    )
+            // COPY ... BINARY: the rows stream in the binary wire format, no SQL to parse.
+            let st = tx.prepare_cached("COPY event_ids (id, seq) FROM STDIN BINARY").await?;
+            let mut w = pin!(BinaryCopyInWriter::new(tx.copy_in(&st).await?, &[Type::TEXT, Type::INT8]));
+            for p in &linked {
+                w.as_mut().write(&[&p.cols.id, &p.seq]).await?;
+            }
+            w.as_mut().finish().await?;
+            let st = tx.prepare_cached(&format!("COPY events ({CHAIN_COLUMNS}) FROM STDIN BINARY")).await?;
+            let mut w = pin!(BinaryCopyInWriter::new(tx.copy_in(&st).await?, &EVENT_TYPES));
+            for p in &linked {
+                let c = &p.cols;
+                w.as_mut()
+                    .write(&[
+                        &p.seq,
+                        &c.id,
+                        &c.time_us,
+                        &c.namespace,
+                        &c.policy,
+                        &c.rule,
+                        &c.principal,
+                        &c.user_id,
+                        &c.decision,
+                        &c.path,
+                        &c.records_returned,
+                        &p.prev_hash,
+                        &p.hash,
+                        &p.body,
+                    ])
                     .await?;
-                tx.execute(&st, &[&a.rec_hash, &a.rec_time, &a.rec_seq]).await?;
+            }
+            w.as_mut().finish().await?;
+            if !records.is_empty() {
+                let st = tx
+                    .prepare_cached("COPY event_records (record_hash, time_us, seq) FROM STDIN BINARY")
+                    .await?;
+                let mut w = pin!(BinaryCopyInWriter::new(
+                    tx.copy_in(&st).await?,
+                    &[Type::TEXT, Type::INT8, Type::INT8]
+                ));
+                for (h, t, s) in &records {
+                    w.as_mut().write(&[h, t, s]).await?;
+                }
+                w.as_mut().finish().await?;
             }
             let st = tx.prepare_cached("UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1").await?;
             tx.execute(&st, &[&seq, &hash]).await?;
@@ -390,7 +387,8 @@ impl PostgresStore {
         after: (i64, Option<String>),
         bound: i64,
         limit: i64,
-    ) -> Result<(Vec<ChainRow>, BTreeMap<i64, Vec<String>>)> {
+        records_after: i64,
+    ) -> Result<(Vec<ChainRow>, RecordsBySeq, i64)> {
         let mut client = self.client().await?;
         let tx = client
             .build_transaction()
@@ -420,21 +418,24 @@ impl PostgresStore {
             }
         };
         let rows = rows.iter().map(chain_row).collect::<Result<Vec<_>>>()?;
-        let records = match (rows.first(), rows.last()) {
-            (Some(first), Some(last)) => {
+        let (records, records_to) = match (rows.first(), rows.last()) {
+            (Some(first), Some(last)) if last.seq > records_after => {
                 let st = tx
                     .prepare_cached("SELECT seq, record_hash FROM event_records WHERE seq BETWEEN $1 AND $2")
                     .await?;
-                tx.query(&st, &[&first.seq, &last.seq])
+                let from = first.seq.max(records_after + 1);
+                let records = tx
+                    .query(&st, &[&from, &last.seq])
                     .await?
                     .iter()
-                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                    .collect::<Result<Vec<_>>>()?
+                    .map(|r| Ok((r.try_get(0)?, chain::record_key(r.try_get(1)?))))
+                    .collect::<Result<Vec<_>>>()?;
+                (records, last.seq)
             }
-            _ => Vec::new(),
+            _ => (Vec::new(), records_after),
         };
         tx.commit().await?;
-        Ok((rows, chain::group_records(records)))
+        Ok((rows, chain::group_records(records), records_to))
     }
 
     pub(crate) async fn query(
@@ -514,7 +515,7 @@ impl PostgresStore {
             }
             TopBy::Denials => {
                 "SELECT principal, COUNT(*) AS c FROM events \
-                 WHERE decision = 'Deny' AND time_us >= $1 GROUP BY principal \
+                 WHERE decision = 'Deny' AND decision <> 'Allow' AND time_us >= $1 GROUP BY principal \
                  ORDER BY c DESC, principal LIMIT $2"
             }
         };

@@ -4,6 +4,9 @@ use chrono::{DateTime, Utc};
 
 use crate::{Error, EventQuery, Result};
 
+/// The condition of the partial index of the events that are not `Allow` (both backends).
+pub(crate) const NOT_ALLOW: &str = "decision <> 'Allow'";
+
 /// A bound parameter of a dynamically built statement.
 #[derive(Clone, Debug)]
 pub(crate) enum Param {
@@ -62,6 +65,11 @@ pub(crate) fn events_sql(
     }
     if let Some(v) = q.decision {
         push(&mut conds, "decision", "=", Param::Text(v.as_str().to_owned()));
+        if v != custos_api::Decision::Allow {
+            // Implied, but spelled out so that the index of the non-Allow events (a partial
+            // index) is usable with a bound parameter.
+            conds.push(NOT_ALLOW.to_owned());
+        }
     }
     if let Some(t) = q.since {
         push(&mut conds, "time_us", ">=", Param::Int(t.timestamp_micros()));

@@ -9,18 +9,18 @@
 //! Writers are serialised by `BEGIN IMMEDIATE` (SQLite's single write lock), so two
 //! processes sharing the file also keep one consistent chain.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use custos_api::AuditEvent;
 use custos_api::collector::RuleUsage;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use crate::chain::{self, CHAIN_COLUMNS, ChainRow, Columns, GENESIS_HASH, Link};
+use crate::chain::{
+    self, CHAIN_COLUMNS, ChainRow, Columns, GENESIS_HASH, Link, RecordKey, RecordsBySeq, Unlinked,
+};
 use crate::query::{self, Param, TimeRange};
 use crate::{Error, EventQuery, IngestOutcome, Result, SubjectAccess, TopBy, TopEntry};
 
@@ -74,8 +74,59 @@ CREATE TABLE alerts (
 CREATE INDEX alerts_time ON alerts (time_us);
 ";
 
+/// V2: the record-hash index clustered by ingest order. V1 kept `event_records` ordered by
+/// record hash, so the rows of every batch landed on random pages of an ever larger index and
+/// each commit wrote nearly one page per record hash to the WAL (the ingest ceiling). V2 keys
+/// it by `(bucket, record_key, seq)` with `bucket = seq >> BUCKET_SHIFT`: a batch writes into
+/// the pages of the current bucket only, and a lookup seeks each bucket once. Record hashes are
+/// stored as 16-byte [`chain::record_key`]s instead of 64 hex characters. The rows of V1 are
+/// converted by [`convert_records_v2`] between `V2` and `V2_FINISH`.
+const V2: &str = "
+ALTER TABLE event_records RENAME TO event_records_v1;
+CREATE TABLE event_records (
+    bucket INTEGER NOT NULL,
+    record_key BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    time_us INTEGER NOT NULL,
+    PRIMARY KEY (bucket, record_key, seq)
+) WITHOUT ROWID;
+";
+
+/// The end of V2, after the V1 rows are converted. The record-hash index has no seq index:
+/// verification and retention read it bucket by bucket. The decision index keeps only the
+/// events that are not `Allow` (the rare ones worth an index; an `Allow` filter reads the time
+/// index and finds matches at once): [`crate::query`] adds its condition to the queries.
+const V2_FINISH: &str = "
+DROP TABLE event_records_v1;
+DROP INDEX events_decision_time;
+CREATE INDEX events_flagged_time ON events (decision, time_us) WHERE decision <> 'Allow';
+";
+
 /// Schema migrations, in order. Never edit a released one: add the next.
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
+
+/// Events per bucket of the record-hash index: `2^BUCKET_SHIFT`. Smaller buckets make ingest
+/// cheaper (fewer pages dirtied per batch) and lookups dearer (one seek per bucket).
+const BUCKET_SHIFT: u32 = 14;
+
+/// The record-hash index bucket of the event at `seq`.
+fn bucket(seq: i64) -> i64 {
+    seq >> BUCKET_SHIFT
+}
+
+/// Copies the V1 record-hash rows into the V2 index.
+fn convert_records_v2(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+    let mut read = tx.prepare("SELECT record_hash, time_us, seq FROM event_records_v1 ORDER BY seq")?;
+    let mut write = tx.prepare(
+        "INSERT OR IGNORE INTO event_records (bucket, record_key, seq, time_us) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut rows = read.query([])?;
+    while let Some(r) = rows.next()? {
+        let (hash, time_us, seq): (String, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        write.execute(params![bucket(seq), chain::record_key(&hash), seq, time_us])?;
+    }
+    Ok(())
+}
 
 /// The SQLite store.
 #[derive(Clone)]
@@ -124,6 +175,10 @@ fn migrate(conn: &mut Connection) -> Result<()> {
             tx.execute("INSERT INTO chain_head (id, seq, hash) VALUES (1, 0, ?1)", [GENESIS_HASH])?;
             tx.execute("INSERT INTO chain_anchor (id, seq, hash) VALUES (1, 0, ?1)", [GENESIS_HASH])?;
         }
+        if *version == 2 {
+            convert_records_v2(&tx)?;
+            tx.execute_batch(V2_FINISH)?;
+        }
         tx.execute(
             "INSERT INTO custos_schema (version, applied_at_us) VALUES (?1, ?2)",
             params![version, chrono::Utc::now().timestamp_micros()],
@@ -153,6 +208,15 @@ fn chain_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChainRow> {
         hash: r.get(12)?,
         body: r.get(13)?,
     })
+}
+
+/// A stored record key as bytes, whatever its storage class (a key rewritten as text or a
+/// number then fails verification instead of failing the read).
+fn key_bytes(v: rusqlite::types::ValueRef<'_>) -> RecordKey {
+    match v {
+        rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => b.to_vec(),
+        _ => Vec::new(),
+    }
 }
 
 fn link_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Link> {
@@ -206,8 +270,10 @@ fn count(v: i64) -> u64 {
 /// Page cache of the writer connection: 256 MiB (negative: KiB), an upper bound, filled only
 /// as the database grows.
 const WRITER_CACHE_KIB: i64 = -262_144;
-/// WAL pages between automatic checkpoints (64 MiB of 4 KiB pages).
-const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
+/// WAL size between automatic checkpoints: 64 MiB.
+const WAL_AUTOCHECKPOINT_BYTES: i64 = 64 << 20;
+/// Page size of a new database file.
+const PAGE_SIZE: i64 = 8192;
 /// Page cache of each reader connection: 32 MiB.
 const READER_CACHE_KIB: i64 = -32_768;
 
@@ -224,6 +290,13 @@ impl SqliteStore {
         let mut writer = Connection::open(Path::new(path))?;
         writer.busy_timeout(Duration::from_secs(10))?;
         if !memory {
+            // A new file gets 8 KiB pages (SQLite's default is 4 KiB): the ~1 KiB event rows
+            // pack better and the trees are shallower. Must precede WAL mode, which writes the
+            // header; an existing file keeps its page size.
+            let pages: i64 = writer.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            if pages == 0 {
+                writer.pragma_update(None, "page_size", PAGE_SIZE)?;
+            }
             let mode: String = writer.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
             if !mode.eq_ignore_ascii_case("wal") {
                 return Err(Error::Corrupt(format!("could not enable WAL (journal mode {mode})")));
@@ -236,7 +309,8 @@ impl SqliteStore {
         writer.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
         // Checkpoint the WAL every 64 MiB instead of every 4 MiB: index pages dirtied by many
         // batches are copied into the database once instead of once per checkpoint.
-        writer.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
+        let page_size: i64 = writer.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        writer.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_BYTES / page_size.max(512))?;
         migrate(&mut writer)?;
         let mut readers = Vec::new();
         if !memory {
@@ -281,8 +355,7 @@ impl SqliteStore {
         .map_err(task_error)?
     }
 
-    pub(crate) async fn ingest(&self, events: &[AuditEvent], cols: Vec<Columns>) -> Result<IngestOutcome> {
-        let events = events.to_vec();
+    pub(crate) async fn ingest(&self, batch: Vec<Unlinked>) -> Result<IngestOutcome> {
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let Link { seq: mut head_seq, hash: mut head_hash } =
@@ -296,11 +369,11 @@ impl SqliteStore {
                      ON CONFLICT (id) DO NOTHING",
                 )?;
                 let mut record = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO event_records (record_hash, time_us, seq) \
-                     VALUES (?1, ?2, ?3)",
+                    "INSERT OR IGNORE INTO event_records (bucket, record_key, seq, time_us) \
+                     VALUES (?1, ?2, ?3, ?4)",
                 )?;
-                for (e, c) in events.iter().zip(cols) {
-                    let p = chain::link(e, c, head_seq + 1, &head_hash)?;
+                for u in batch {
+                    let p = u.link(head_seq + 1, &head_hash)?;
                     let c = &p.cols;
                     let n = insert.execute(params![
                         p.seq,
@@ -322,8 +395,8 @@ impl SqliteStore {
                         out.duplicates += 1;
                         continue;
                     }
-                    for r in &p.records {
-                        record.execute(params![r, c.time_us, p.seq])?;
+                    for key in &p.records {
+                        record.execute(params![bucket(p.seq), key, p.seq, c.time_us])?;
                     }
                     head_seq = p.seq;
                     head_hash = p.hash;
@@ -371,7 +444,8 @@ impl SqliteStore {
         after: (i64, Option<String>),
         bound: i64,
         limit: i64,
-    ) -> Result<(Vec<ChainRow>, BTreeMap<i64, Vec<String>>)> {
+        records_after: i64,
+    ) -> Result<(Vec<ChainRow>, RecordsBySeq, i64)> {
         self.read(move |conn| {
             let tx = conn.transaction()?;
             let rows = match &after.1 {
@@ -393,17 +467,27 @@ impl SqliteStore {
                         .collect::<rusqlite::Result<Vec<_>>>()?
                 }
             };
-            let records = match (rows.first(), rows.last()) {
-                (Some(first), Some(last)) => {
+            // Whole buckets (the index has no seq order of its own): up to the end of the last
+            // row's bucket, so the next page starts with its records already read.
+            let (records, records_to) = match (rows.first(), rows.last()) {
+                (Some(first), Some(last)) if last.seq > records_after => {
+                    let from = first.seq.max(records_after + 1);
+                    let to =
+                        (bucket(last.seq) + 1).checked_mul(1 << BUCKET_SHIFT).map_or(i64::MAX, |t| t - 1);
                     let mut st = tx.prepare_cached(
-                        "SELECT seq, record_hash FROM event_records WHERE seq BETWEEN ?1 AND ?2",
+                        "SELECT seq, record_key FROM event_records \
+                         WHERE bucket BETWEEN ?1 AND ?2 AND seq BETWEEN ?3 AND ?4",
                     )?;
-                    st.query_map(params![first.seq, last.seq], |r| Ok((r.get(0)?, r.get(1)?)))?
-                        .collect::<rusqlite::Result<Vec<_>>>()?
+                    let records = st
+                        .query_map(params![bucket(from), bucket(to), from, to], |r| {
+                            Ok((r.get(0)?, key_bytes(r.get_ref(1)?)))
+                        })?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    (records, to)
                 }
-                _ => Vec::new(),
+                _ => (Vec::new(), records_after),
             };
-            Ok((rows, chain::group_records(records)))
+            Ok((rows, chain::group_records(records), records_to))
         })
         .await
     }
@@ -434,29 +518,71 @@ impl SqliteStore {
     ) -> Result<Vec<SubjectAccess>> {
         let record_hash = record_hash.to_owned();
         self.read(move |conn| {
-            let mut st = conn.prepare_cached(
-                "SELECT e.id, e.time_us, e.namespace, e.principal, e.user_id, e.policy, e.rule, \
-                 e.decision, e.path \
-                 FROM event_records r JOIN events e ON e.seq = r.seq \
-                 WHERE r.record_hash = ?1 AND r.time_us >= ?2 AND r.time_us < ?3 \
-                 ORDER BY r.time_us DESC, r.seq DESC LIMIT ?4",
+            let tx = conn.transaction()?;
+            let key = chain::record_key(&record_hash);
+            // One seek per bucket; the hits are few, sorted here, newest first. The buckets
+            // are those of the chain (after the anchor, up to the head) that hold rows.
+            let (lo, hi): (Option<i64>, Option<i64>) = tx.query_row(
+                // Separate subqueries: SQLite reads a lone MIN or MAX off the index, not a pair.
+                "SELECT MAX((SELECT MIN(bucket) FROM event_records), \
+                            ((SELECT seq FROM chain_anchor WHERE id = 1) + 1) >> ?1), \
+                        MIN((SELECT MAX(bucket) FROM event_records), \
+                            (SELECT seq FROM chain_head WHERE id = 1) >> ?1)",
+                [BUCKET_SHIFT],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            let rows = st
-                .query_map(params![record_hash, range.since, range.until, limit], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                        r.get(8)?,
-                    ))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            rows.into_iter().map(subject_access).collect()
+            let mut hits: Vec<(i64, i64)> = Vec::new();
+            if let (Some(lo), Some(hi)) = (lo, hi) {
+                let mut st = tx.prepare_cached(
+                    "SELECT time_us, seq FROM event_records \
+                     WHERE bucket = ?1 AND record_key = ?2 AND time_us >= ?3 AND time_us < ?4",
+                )?;
+                for b in lo..=hi {
+                    let rows = st.query_map(params![b, key, range.since, range.until], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?;
+                    for row in rows {
+                        hits.push(row?);
+                    }
+                }
+            }
+            hits.sort_unstable_by(|a, b| b.cmp(a));
+            let mut event = tx.prepare_cached(
+                "SELECT id, time_us, namespace, principal, user_id, policy, rule, decision, path, body \
+                 FROM events WHERE seq = ?1",
+            )?;
+            let mut out = Vec::new();
+            for (_, seq) in hits {
+                if out.len() as i64 >= limit {
+                    break;
+                }
+                let found = event
+                    .query_row([seq], |r| {
+                        Ok((
+                            (
+                                r.get(0)?,
+                                r.get(1)?,
+                                r.get(2)?,
+                                r.get(3)?,
+                                r.get(4)?,
+                                r.get(5)?,
+                                r.get(6)?,
+                                r.get(7)?,
+                                r.get(8)?,
+                            ),
+                            r.get::<_, String>(9)?,
+                        ))
+                    })
+                    .optional()?;
+                // The key may be shared with another record hash: keep the events whose body
+                // names this one.
+                if let Some((row, body)) = found
+                    && chain::names_record(&body, &record_hash)?
+                {
+                    out.push(subject_access(row)?);
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -471,7 +597,7 @@ impl SqliteStore {
                 }
                 TopBy::Denials => {
                     "SELECT principal, COUNT(*) AS c FROM events \
-                     WHERE decision = 'Deny' AND time_us >= ?1 GROUP BY principal \
+                     WHERE decision = 'Deny' AND decision <> 'Allow' AND time_us >= ?1 GROUP BY principal \
                      ORDER BY c DESC, principal LIMIT ?2"
                 }
             };
@@ -549,7 +675,10 @@ impl SqliteStore {
             if current != anchor {
                 return Err(Error::Corrupt("the anchor moved during prune (concurrent prune?)".into()));
             }
-            tx.execute("DELETE FROM event_records WHERE seq <= ?1", [last.seq])?;
+            tx.execute(
+                "DELETE FROM event_records WHERE bucket <= ?1 AND seq <= ?2",
+                params![bucket(last.seq), last.seq],
+            )?;
             let deleted = tx.execute("DELETE FROM events WHERE seq <= ?1", [last.seq])?;
             tx.execute(
                 "UPDATE chain_anchor SET seq = ?1, hash = ?2, pruned_before_us = ?3 WHERE id = 1",

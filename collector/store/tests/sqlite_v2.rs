@@ -1,0 +1,257 @@
+//! SQLite schema V2 (the record-hash index kept in ingest order, 16-byte keys): a V1 store
+//! with events converts and still verifies and answers queries; index hits are checked
+//! against the event bodies.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use chrono::Duration;
+use common::{Env, event, t0};
+use custos_api::AuditEvent;
+use custos_store::{BreakKind, EventQuery, GENESIS_HASH, chain_hash};
+use sha2::Digest;
+
+/// The V1 schema as released (a fixture: the store's own copy must never change either).
+const V1: &str = "
+CREATE TABLE custos_schema (version INTEGER PRIMARY KEY, applied_at_us INTEGER NOT NULL);
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    time_us INTEGER NOT NULL,
+    namespace TEXT NOT NULL,
+    policy TEXT,
+    rule TEXT,
+    principal TEXT NOT NULL,
+    user_id TEXT,
+    decision TEXT NOT NULL,
+    path TEXT NOT NULL,
+    records_returned INTEGER NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX events_time ON events (time_us);
+CREATE INDEX events_principal_time ON events (principal, time_us);
+CREATE INDEX events_policy_time ON events (policy, time_us);
+CREATE INDEX events_decision_time ON events (decision, time_us);
+CREATE TABLE event_records (
+    record_hash TEXT NOT NULL,
+    time_us INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (record_hash, time_us, seq)
+) WITHOUT ROWID;
+CREATE INDEX event_records_seq ON event_records (seq);
+CREATE TABLE chain_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE chain_anchor (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    pruned_before_us INTEGER
+);
+CREATE TABLE alerts (id TEXT PRIMARY KEY, time_us INTEGER NOT NULL, body TEXT NOT NULL);
+CREATE INDEX alerts_time ON alerts (time_us);
+INSERT INTO custos_schema VALUES (1, 0);
+";
+
+/// Writes `events` into a fresh V1 store at `path` as V1 ingest did (chain, columns, one
+/// record-hash row per distinct record hash); returns the head hash.
+fn write_v1_store(path: &std::path::Path, events: &[AuditEvent]) -> String {
+    let mut conn = rusqlite::Connection::open(path).unwrap();
+    let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).unwrap();
+    conn.execute_batch(V1).unwrap();
+    let tx = conn.transaction().unwrap();
+    let mut prev = GENESIS_HASH.to_owned();
+    for (i, e) in events.iter().enumerate() {
+        let seq = i as i64 + 1;
+        let mut stored = e.clone();
+        stored.prev_hash = Some(prev.clone());
+        let body = serde_json::to_string(&stored).unwrap();
+        let hash = chain_hash(&prev, &body);
+        let time_us = chrono::DateTime::parse_from_rfc3339(&e.time).unwrap().timestamp_micros();
+        tx.execute(
+            "INSERT INTO events VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            rusqlite::params![
+                seq,
+                e.id,
+                time_us,
+                e.namespace,
+                e.policy,
+                e.rule,
+                e.principal,
+                e.user.as_ref().map(|u| u.id.clone()),
+                e.decision.as_str(),
+                e.path,
+                e.records_returned as i64,
+                prev,
+                hash,
+                body
+            ],
+        )
+        .unwrap();
+        let mut hashes = e.record_hashes.clone();
+        hashes.sort();
+        hashes.dedup();
+        for h in hashes {
+            tx.execute("INSERT INTO event_records VALUES (?1, ?2, ?3)", rusqlite::params![h, time_us, seq])
+                .unwrap();
+        }
+        prev = hash;
+    }
+    tx.execute("INSERT INTO chain_head VALUES (1, ?1, ?2)", rusqlite::params![events.len() as i64, prev])
+        .unwrap();
+    tx.execute("INSERT INTO chain_anchor VALUES (1, 0, ?1, NULL)", [GENESIS_HASH]).unwrap();
+    tx.commit().unwrap();
+    prev
+}
+
+fn subject_hash(n: u64) -> String {
+    format!("{n:064x}")
+}
+
+/// 30 events a minute apart; every third touches subject 42, all touch subject 7, event 5
+/// carries a record hash that is not hex.
+fn v1_events() -> Vec<AuditEvent> {
+    (0..30)
+        .map(|i| {
+            let mut e = event(&format!("v{i:03}"), t0() + Duration::minutes(i));
+            e.principal = format!("user:u{}", i % 3);
+            e.record_hashes = vec![subject_hash(7)];
+            if i % 3 == 0 {
+                e.record_hashes.extend([subject_hash(42), subject_hash(42)]);
+            }
+            if i == 5 {
+                e.record_hashes.push("h".into());
+            }
+            e
+        })
+        .collect()
+}
+
+async fn ids(store: &custos_store::AnyStore, q: EventQuery) -> Vec<String> {
+    store.query(&q).await.unwrap().events.into_iter().map(|e| e.id).collect()
+}
+
+#[tokio::test]
+async fn a_v1_store_with_events_migrates_verifies_and_answers_queries() {
+    let env = Env::sqlite();
+    let Env::Sqlite { path, .. } = &env else { unreachable!() };
+    let head_hash = write_v1_store(path, &v1_events());
+
+    let store = env.open().await;
+    let head = store.head().await.unwrap();
+    assert_eq!((head.seq, head.hash.as_str()), (30, head_hash.as_str()));
+    let report = store.verify(None).await.unwrap();
+    assert_eq!((report.first_broken, report.checked), (None, 30));
+    // The schema is V2 and the V1 table is gone.
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let version: i64 = conn.query_row("SELECT MAX(version) FROM custos_schema", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, 2);
+    let old: i64 = conn
+        .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'event_records_v1'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(old, 0);
+    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM event_records", [], |r| r.get(0)).unwrap();
+    assert_eq!(rows, 30 + 10 + 1);
+
+    // Subject lookups through the converted index, newest first, with time bounds.
+    let hits = store.subject(&subject_hash(42), None, None, 0).await.unwrap();
+    let expected: Vec<String> = (0..30).rev().filter(|i| i % 3 == 0).map(|i| format!("v{i:03}")).collect();
+    assert_eq!(hits.iter().map(|h| h.event_id.clone()).collect::<Vec<_>>(), expected);
+    let bounded = store
+        .subject(&subject_hash(42), Some(t0() + Duration::minutes(3)), Some(t0() + Duration::minutes(9)), 0)
+        .await
+        .unwrap();
+    assert_eq!(bounded.iter().map(|h| h.event_id.as_str()).collect::<Vec<_>>(), ["v006", "v003"]);
+    assert_eq!(store.subject(&subject_hash(7), None, None, 0).await.unwrap().len(), 30);
+    assert_eq!(store.subject(&subject_hash(7), None, None, 4).await.unwrap().len(), 4);
+    let h = store.subject("h", None, None, 0).await.unwrap();
+    assert_eq!(h.iter().map(|h| h.event_id.as_str()).collect::<Vec<_>>(), ["v005"]);
+    assert!(store.subject(&subject_hash(8), None, None, 0).await.unwrap().is_empty());
+    // Event queries.
+    let by_principal =
+        ids(&store, EventQuery { principal: Some("user:u1".into()), ..EventQuery::default() }).await;
+    let expected: Vec<String> = (0..30).rev().filter(|i| i % 3 == 1).map(|i| format!("v{i:03}")).collect();
+    assert_eq!(by_principal, expected);
+
+    // The chain continues; tampering with the converted index is caught.
+    let mut more = common::events("w", 5);
+    for (i, e) in more.iter_mut().enumerate() {
+        e.time = common::rfc3339(t0() + Duration::hours(1) + Duration::seconds(i as i64));
+        e.record_hashes = vec![subject_hash(42)];
+    }
+    assert_eq!(store.ingest(&more).await.unwrap().accepted, 5);
+    assert_eq!(store.verify(None).await.unwrap().checked, 35);
+    assert_eq!(store.subject(&subject_hash(42), None, None, 1).await.unwrap()[0].event_id, "w004");
+    env.raw("DELETE FROM event_records WHERE seq = 4;").await;
+    let b = store.verify(None).await.unwrap().first_broken.unwrap();
+    assert_eq!((b.kind, b.seq), (BreakKind::Edited, 4), "{b:?}");
+}
+
+#[tokio::test]
+async fn a_planted_index_row_is_not_an_access_and_fails_verification() {
+    let env = Env::sqlite();
+    let store = env.open().await;
+    let mut a = event("a", t0());
+    a.record_hashes = vec![subject_hash(1)];
+    let mut b = event("b", t0() + Duration::seconds(1));
+    b.record_hashes = vec![subject_hash(2)];
+    store.ingest(&[a, b]).await.unwrap();
+    // An index row claiming that `b` (seq 2) returned subject 1: the key matches, the body
+    // does not name the record hash, as with two record hashes sharing a key.
+    let key = hex::encode(&sha2::Sha256::digest(subject_hash(1).as_bytes())[..16]);
+    env.raw(&format!("INSERT INTO event_records (bucket, record_key, seq, time_us) SELECT 0, x'{key}', 2, time_us FROM events WHERE seq = 2;"))
+        .await;
+    let hits = store.subject(&subject_hash(1), None, None, 0).await.unwrap();
+    assert_eq!(hits.iter().map(|h| h.event_id.as_str()).collect::<Vec<_>>(), ["a"]);
+    let broken = store.verify(None).await.unwrap().first_broken.unwrap();
+    assert_eq!((broken.kind, broken.seq), (BreakKind::Edited, 2), "{broken:?}");
+}
+
+#[tokio::test]
+async fn verification_subject_lookup_and_retention_span_index_buckets() {
+    // 2^14 events per bucket: 20,000 events fill bucket 0 and part of bucket 1.
+    let env = Env::sqlite();
+    let store = env.open().await;
+    let n: usize = 20_000;
+    let all: Vec<AuditEvent> = (0..n)
+        .map(|i| {
+            let mut e = event(&format!("b{i:05}"), t0() + Duration::seconds(i as i64));
+            e.record_hashes = vec![subject_hash((i % 1000) as u64)];
+            if i % 7 == 0 {
+                e.record_hashes.push(subject_hash(5000));
+            }
+            e
+        })
+        .collect();
+    for chunk in all.chunks(1000) {
+        assert_eq!(store.ingest(chunk).await.unwrap().accepted, 1000);
+    }
+    let report = store.verify(None).await.unwrap();
+    assert_eq!((report.first_broken, report.checked), (None, n as u64));
+    let from = store.verify(Some(16_000)).await.unwrap();
+    assert_eq!((from.first_broken, from.checked, from.start.seq), (None, 4001, 15_999));
+
+    let sevens: Vec<usize> = (0..n).rev().filter(|i| i % 7 == 0).collect();
+    let hits = store.subject(&subject_hash(5000), None, None, 0).await.unwrap();
+    let expected: Vec<String> = sevens.iter().take(100).map(|i| format!("b{i:05}")).collect();
+    assert_eq!(hits.iter().map(|h| h.event_id.clone()).collect::<Vec<_>>(), expected);
+    assert_eq!(store.subject(&subject_hash(5000), None, None, 10_000).await.unwrap().len(), sevens.len());
+    assert_eq!(store.subject(&subject_hash(3), None, None, 0).await.unwrap().len(), 20);
+
+    // Retention into bucket 1: seqs 1..=17,000 go, the rest still verifies.
+    let pruned = store.prune(t0() + Duration::seconds(17_000)).await.unwrap();
+    assert_eq!((pruned.deleted, pruned.anchor.seq), (17_000, 17_000));
+    let report = store.verify(None).await.unwrap();
+    assert_eq!((report.first_broken, report.checked), (None, 3_000));
+    assert_eq!(store.subject(&subject_hash(3), None, None, 0).await.unwrap().len(), 3);
+    let Env::Sqlite { path, .. } = &env else { unreachable!() };
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let left: i64 =
+        conn.query_row("SELECT COUNT(*) FROM event_records WHERE seq <= 17000", [], |r| r.get(0)).unwrap();
+    assert_eq!(left, 0);
+
+    // A hidden access in bucket 1 is caught.
+    env.raw("DELETE FROM event_records WHERE seq = 18000;").await;
+    let b = store.verify(None).await.unwrap().first_broken.unwrap();
+    assert_eq!((b.kind, b.seq), (BreakKind::Edited, 18_000), "{b:?}");
+}
