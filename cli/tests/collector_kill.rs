@@ -3,81 +3,22 @@
 //! is stored whole or not at all, and the chain verifies. Finally SIGTERM stops it cleanly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use custos_api::audit::AUDIT_SCHEMA_VERSION;
-use custos_api::policy::Mode;
-use custos_api::{AuditEvent, Decision};
+use common::{sample_event, spawn_collector};
 use serde_json::Value;
 
 const TOKEN: &str = "kill-test-token";
 const EVENTS_PER_BATCH: usize = 20;
 const CLIENTS: usize = 2;
-
-/// A `custos collector` child process; killed when dropped.
-struct Collector {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_collector(dir: &Path) -> Collector {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_custos"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("CUSTOS_") {
-            command.env_remove(key);
-        }
-    }
-    let mut child = command
-        .arg("collector")
-        .args(["--listen", "127.0.0.1:0"])
-        .arg("--store")
-        .arg(format!("sqlite:{}", dir.join("audit.db").display()))
-        .arg("--token-file")
-        .arg(dir.join("token"))
-        .args(["--shutdown-timeout", "5s"])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn custos collector");
-    // The log says where it listens (port 0 = any free port); keep draining it afterwards.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["fields"]["message"] == "custos collector listening"
-                && let Some(addr) = v["fields"]["addr"].as_str()
-            {
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
-    let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(addr) => addr.parse().unwrap(),
-        Err(_) => {
-            let _ = child.kill();
-            panic!("the collector did not report its address: {:?}", child.wait());
-        }
-    };
-    Collector { child, addr }
-}
 
 /// One HTTP/1.1 request on a fresh connection; `Err` when the connection fails or the answer
 /// is incomplete.
@@ -141,34 +82,11 @@ fn event_id(batch: usize, i: usize) -> String {
 fn batch_body(batch: usize) -> Vec<u8> {
     let mut out = Vec::new();
     for i in 0..EVENTS_PER_BATCH {
-        let event = AuditEvent {
-            schema_version: AUDIT_SCHEMA_VERSION,
-            id: event_id(batch, i),
-            time: format!("2025-06-01T12:{:02}:{:02}Z", (batch / 60) % 60, batch % 60),
-            cluster: None,
-            namespace: "shop".into(),
-            policy: Some("customers".into()),
-            rule: Some("read".into()),
-            mode: Mode::Enforce,
-            pod: None,
-            caller: None,
-            user: None,
-            principal: format!("workload:shop/client-{}", batch % CLIENTS),
-            method: "GET".into(),
-            path: "/customers/{id}".into(),
-            decision: Decision::Allow,
-            reason: "rule read allows".into(),
-            status: 200,
-            records_returned: 1,
-            records_filtered: 0,
-            records_truncated: 0,
-            masked: BTreeMap::new(),
-            bytes: 10,
-            latency_us: 100,
-            trace_id: None,
-            record_hashes: vec![],
-            prev_hash: None,
-        };
+        let event = sample_event(
+            event_id(batch, i),
+            format!("2025-06-01T12:{:02}:{:02}Z", (batch / 60) % 60, batch % 60),
+            format!("workload:shop/client-{}", batch % CLIENTS),
+        );
         serde_json::to_writer(&mut out, &event).unwrap();
         out.push(b'\n');
     }
@@ -197,7 +115,7 @@ fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
 fn sigkill_mid_stream_loses_no_acknowledged_event_and_duplicates_none() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
-    let mut collector = spawn_collector(dir.path());
+    let mut collector = spawn_collector(dir.path(), &["--shutdown-timeout", "5s"], &[]);
     let addr = collector.addr;
 
     // Clients stream numbered batches until a request fails (the collector is gone).
@@ -241,7 +159,7 @@ fn sigkill_mid_stream_loses_no_acknowledged_event_and_duplicates_none() {
     assert!(!unacked.is_empty(), "each client's last attempt failed");
 
     // Restart on the same store; resend what was not acknowledged, and some that was.
-    let collector = spawn_collector(dir.path());
+    let collector = spawn_collector(dir.path(), &["--shutdown-timeout", "5s"], &[]);
     let addr = collector.addr;
     for &batch in &unacked {
         let (status, accepted, duplicates) = ingest(addr, batch).unwrap();

@@ -3,17 +3,12 @@
 //! (service name from `OTEL_SERVICE_NAME`), flushed on SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
-
-use custos_api::audit::AUDIT_SCHEMA_VERSION;
-use custos_api::policy::Mode;
-use custos_api::{AuditEvent, Decision};
-use serde_json::Value;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
 
 /// One request the mock OTLP receiver got.
 #[derive(Debug, Clone)]
@@ -83,70 +78,18 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 fn run_collector(otel_endpoint: String) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), "otlp-test-token\n").unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_custos"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("CUSTOS_") || key.starts_with("OTEL_") {
-            command.env_remove(key);
-        }
-    }
-    command.env("OTEL_EXPORTER_OTLP_ENDPOINT", otel_endpoint).env("OTEL_SERVICE_NAME", "custos-otlp-test");
-    let mut child = command
-        .arg("collector")
-        .args(["--listen", "127.0.0.1:0", "--no-detect"])
-        .arg("--store")
-        .arg(format!("sqlite:{}", dir.path().join("audit.db").display()))
-        .arg("--token-file")
-        .arg(dir.path().join("token"))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["fields"]["message"] == "custos collector listening"
-                && let Some(addr) = v["fields"]["addr"].as_str()
-            {
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
-    let addr: SocketAddr =
-        rx.recv_timeout(Duration::from_secs(60)).expect("collector address").parse().unwrap();
+    let mut collector = common::spawn_collector(
+        dir.path(),
+        &["--no-detect"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", otel_endpoint.as_str()), ("OTEL_SERVICE_NAME", "custos-otlp-test")],
+    );
+    let addr = collector.addr;
 
-    let event = AuditEvent {
-        schema_version: AUDIT_SCHEMA_VERSION,
-        id: "01JOTLPTRACE0000000000000A".into(),
-        time: "2026-01-01T00:00:00Z".into(),
-        cluster: None,
-        namespace: "shop".into(),
-        policy: Some("customers".into()),
-        rule: Some("read".into()),
-        mode: Mode::Enforce,
-        pod: None,
-        caller: None,
-        user: None,
-        principal: "workload:shop/client".into(),
-        method: "GET".into(),
-        path: "/customers/{id}".into(),
-        decision: Decision::Allow,
-        reason: "rule read allows".into(),
-        status: 200,
-        records_returned: 1,
-        records_filtered: 0,
-        records_truncated: 0,
-        masked: BTreeMap::new(),
-        bytes: 10,
-        latency_us: 100,
-        trace_id: None,
-        record_hashes: vec![],
-        prev_hash: None,
-    };
+    let event = common::sample_event(
+        "01JOTLPTRACE0000000000000A".into(),
+        "2026-01-01T00:00:00Z".into(),
+        "workload:shop/client".into(),
+    );
     let body = serde_json::to_string(&event).unwrap();
     let mut stream = TcpStream::connect(addr).unwrap();
     write!(
@@ -159,9 +102,9 @@ fn run_collector(otel_endpoint: String) {
     stream.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args(["-TERM", &collector.child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    let exit = child.wait().unwrap();
+    let exit = collector.child.wait().unwrap();
     assert!(exit.success(), "collector exit: {exit:?}");
 }
 

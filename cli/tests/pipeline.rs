@@ -5,6 +5,8 @@
 //! every request the sidecar answered is stored exactly once (counted by event id).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -41,12 +43,7 @@ fn free_port() -> u16 {
 }
 
 fn custos() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_custos"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("CUSTOS_") || key.starts_with("OTEL_") {
-            command.env_remove(key);
-        }
-    }
+    let mut command = common::custos_command();
     command.env("RUST_LOG", "warn");
     command
 }

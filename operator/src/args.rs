@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use custos_operator_core::inject::InjectSettings;
 use custos_operator_core::names;
+use custos_policy::selector::is_dns_label;
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
@@ -212,14 +213,6 @@ fn quantity(flag: &'static str, value: &str) -> Result<Quantity, ArgsError> {
             message: format!("{value:?} is not a resource quantity such as 50m, 128Mi or 1"),
         })
     }
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 impl OperatorArgs {

@@ -323,7 +323,7 @@ impl std::fmt::Debug for GeneratedCert {
 /// live as long as the process: every start generates new ones).
 pub fn generate_self_signed(service: &str, namespace: &str) -> Result<GeneratedCert, TlsError> {
     for name in [service, namespace] {
-        if !is_dns_label(name) {
+        if !custos_policy::selector::is_dns_label(name) {
             return Err(TlsError::InvalidName { name: name.to_string() });
         }
     }
@@ -368,15 +368,6 @@ pub fn generate_self_signed(service: &str, namespace: &str) -> Result<GeneratedC
 /// A month or day number (1..=31) as rcgen takes it.
 fn small(value: u32) -> u8 {
     u8::try_from(value).unwrap_or(1)
-}
-
-fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 /// Annotation of the shared certificate Secret naming the DNS name it was generated for.

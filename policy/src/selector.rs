@@ -126,8 +126,8 @@ fn is_label_name(s: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
-/// True for an RFC 1123 DNS label.
-pub(crate) fn is_dns_label(s: &str) -> bool {
+/// True for an RFC 1123 DNS label (namespace names, Service names).
+pub fn is_dns_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
