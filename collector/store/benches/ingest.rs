@@ -138,8 +138,9 @@ fn record_key(record_hash: &str) -> Vec<u8> {
     sha2::Sha256::digest(record_hash.as_bytes())[..16].to_vec()
 }
 
-/// Events per bucket of the SQLite record-hash index: `2^14` (`collector/store/src/sqlite.rs`).
-const SQLITE_BUCKET_SHIFT: u32 = 14;
+/// Events per bucket of the record-hash index of both backends: `2^14`
+/// (`collector/store/src/chain.rs`).
+const BUCKET_SHIFT: u32 = 14;
 
 /// Plain batched inserts into a SQLite file with the store's schema (made by opening it as a
 /// store), same pragmas (WAL, synchronous=FULL, page cache).
@@ -195,7 +196,7 @@ fn sqlite_baseline(path: &std::path::Path, run: &str, count: u64) -> Duration {
                 keys.sort();
                 keys.dedup();
                 for k in &keys {
-                    record.execute(rusqlite::params![seq >> SQLITE_BUCKET_SHIFT, k, seq, r.time_us]).unwrap();
+                    record.execute(rusqlite::params![seq >> BUCKET_SHIFT, k, seq, r.time_us]).unwrap();
                 }
             }
         }
@@ -277,15 +278,19 @@ async fn postgres_baseline(url: &str, run: &str, count: u64) -> Duration {
             w.as_mut().write(&values).await.unwrap();
         }
         w.as_mut().finish().await.unwrap();
-        let sink =
-            tx.copy_in("COPY event_records (record_hash, time_us, seq) FROM STDIN BINARY").await.unwrap();
-        let mut w = std::pin::pin!(BinaryCopyInWriter::new(sink, &[t.clone(), i.clone(), i.clone()]));
+        let sink = tx
+            .copy_in("COPY event_records (bucket, record_key, seq, time_us) FROM STDIN BINARY")
+            .await
+            .unwrap();
+        let mut w =
+            std::pin::pin!(BinaryCopyInWriter::new(sink, &[i.clone(), Type::BYTEA, i.clone(), i.clone()]));
         for (s, r) in &rows {
-            let mut hashes: Vec<&String> = r.records.iter().collect();
-            hashes.sort();
-            hashes.dedup();
-            for h in hashes {
-                w.as_mut().write(&[h, &r.time_us, s]).await.unwrap();
+            let mut keys: Vec<Vec<u8>> = r.records.iter().map(|h| record_key(h)).collect();
+            keys.sort();
+            keys.dedup();
+            let bucket = s >> BUCKET_SHIFT;
+            for k in keys {
+                w.as_mut().write(&[&bucket, &k, s, &r.time_us]).await.unwrap();
             }
         }
         w.as_mut().finish().await.unwrap();

@@ -80,6 +80,22 @@ pub(crate) fn record_key(record_hash: &str) -> RecordKey {
     Sha256::digest(record_hash.as_bytes())[..RECORD_KEY_LEN].to_vec()
 }
 
+/// Events per bucket of the record-hash index of both backends: `2^BUCKET_SHIFT`. The index
+/// is keyed by `(bucket, record_key, seq)`, so a batch writes into the pages of the current
+/// bucket only. Smaller buckets make ingest cheaper (fewer pages dirtied per batch) and
+/// lookups dearer (one seek per bucket).
+pub(crate) const BUCKET_SHIFT: u32 = 14;
+
+/// The record-hash index bucket of the event at `seq`.
+pub(crate) fn bucket(seq: i64) -> i64 {
+    seq >> BUCKET_SHIFT
+}
+
+/// The last seq of the bucket of `seq`.
+pub(crate) fn bucket_end(seq: i64) -> i64 {
+    (bucket(seq) + 1).checked_mul(1 << BUCKET_SHIFT).map_or(i64::MAX, |t| t - 1)
+}
+
 /// The distinct keys of `record_hashes`, sorted.
 pub(crate) fn record_keys(record_hashes: &[String]) -> Vec<RecordKey> {
     let mut keys: Vec<RecordKey> = record_hashes.iter().map(|h| record_key(h)).collect();

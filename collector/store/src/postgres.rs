@@ -1,6 +1,7 @@
 //! The PostgreSQL backend: `events` and `event_records` partitioned by day on the event time
 //! (declarative range partitions, created on demand for the days of each batch and for today
-//! and tomorrow at open), a non-partitioned `event_ids` table for idempotency by id, pooled
+//! and tomorrow at open; `event_records` keyed by seq bucket and 16-byte record key, schema V3),
+//! a non-partitioned `event_ids` table for idempotency by id, pooled
 //! connections (deadpool); a batch is written with one `COPY ... FROM STDIN BINARY` per table,
 //! never a statement per row.
 //!
@@ -21,7 +22,8 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
 use crate::chain::{
-    self, CHAIN_COLUMNS, ChainRow, Columns, DAY_US, GENESIS_HASH, Link, RecordsBySeq, Unlinked,
+    self, BUCKET_SHIFT, CHAIN_COLUMNS, ChainRow, Columns, DAY_US, GENESIS_HASH, Link, RecordsBySeq, Unlinked,
+    bucket, bucket_end,
 };
 use crate::query::{self, Param, TimeRange};
 use crate::{Error, EventQuery, IngestOutcome, Result, SubjectAccess, TopBy, TopEntry};
@@ -90,8 +92,76 @@ DROP INDEX events_decision_time;
 CREATE INDEX events_flagged_time ON events (decision, time_us, seq) WHERE decision <> 'Allow';
 ";
 
+/// V3: the record-hash index clustered by ingest order, as SQLite's V2. V1 keyed
+/// `event_records` by the 64-character record hash, so each batch's rows landed on random
+/// pages of the day's index (one dirtied page, and after a checkpoint one full-page WAL image,
+/// per record hash) and a second index on `seq` was written for verification and retention.
+/// V3 keys it by `(bucket, record_key, seq, time_us)` with `bucket = seq >> BUCKET_SHIFT` and
+/// 16-byte [`chain::record_key`]s: a batch writes into the current bucket's pages only; a
+/// lookup seeks each bucket; verification and retention read bucket ranges. The V2 table and
+/// its partitions are renamed `event_records_v2*` by [`rename_records_v2`] before this runs,
+/// and converted by [`convert_records_v3`] after.
+const V3: &str = "
+CREATE TABLE event_records (
+    bucket bigint NOT NULL,
+    record_key bytea NOT NULL,
+    seq bigint NOT NULL,
+    time_us bigint NOT NULL,
+    PRIMARY KEY (bucket, record_key, seq, time_us)
+) PARTITION BY RANGE (time_us);
+";
+
 /// Schema migrations, in order. Never edit a released one: add the next.
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3)];
+
+/// The day partitions of a partitioned table: (suffix after `{parent}_`, bound expression).
+async fn partitions_of(tx: &tokio_postgres::Transaction<'_>, parent: &str) -> Result<Vec<(String, String)>> {
+    tx.query(
+        "SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i \
+         JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = $1::text::regclass",
+        &[&parent],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        let name: String = r.try_get(0)?;
+        let suffix = name.strip_prefix(parent).and_then(|n| n.strip_prefix('_')).unwrap_or(&name).to_owned();
+        Ok((suffix, r.try_get(1)?))
+    })
+    .collect()
+}
+
+/// Before V3: the V2 record-hash table and its day partitions move aside
+/// (`event_records_v2`, `event_records_v2_dYYYYMMDD`) so that V3 can take their names.
+async fn rename_records_v2(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
+    for (suffix, _) in partitions_of(tx, "event_records").await? {
+        tx.batch_execute(&format!("ALTER TABLE event_records_{suffix} RENAME TO event_records_v2_{suffix}"))
+            .await?;
+    }
+    tx.batch_execute("ALTER TABLE event_records RENAME TO event_records_v2").await?;
+    Ok(())
+}
+
+/// After V3: a partition per V2 partition (same bounds), the V2 rows converted (the key is
+/// computed by the server: the first 16 bytes of SHA-256 of the hex record hash, exactly
+/// [`chain::record_key`]), the V2 table dropped.
+async fn convert_records_v3(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
+    for (suffix, bound) in partitions_of(tx, "event_records_v2").await? {
+        tx.batch_execute(&format!("CREATE TABLE event_records_{suffix} PARTITION OF event_records {bound}"))
+            .await?;
+    }
+    let converted = tx
+        .execute(
+            "INSERT INTO event_records (bucket, record_key, seq, time_us) \
+             SELECT seq >> $1, substring(sha256(convert_to(record_hash, 'UTF8')) FROM 1 FOR $2), seq, time_us \
+             FROM event_records_v2 ON CONFLICT DO NOTHING",
+            &[&i32::try_from(BUCKET_SHIFT).unwrap_or(14), &i32::try_from(chain::RECORD_KEY_LEN).unwrap_or(16)],
+        )
+        .await?;
+    tx.batch_execute("DROP TABLE event_records_v2").await?;
+    tracing::info!(converted, "record-hash index converted to the bucketed V3 layout");
+    Ok(())
+}
 
 /// The PostgreSQL store.
 #[derive(Clone)]
@@ -216,7 +286,13 @@ impl PostgresStore {
             return Err(Error::SchemaTooNew { found: current, supported: latest });
         }
         for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            if *version == 3 {
+                rename_records_v2(&tx).await?;
+            }
             tx.batch_execute(sql).await?;
+            if *version == 3 {
+                convert_records_v3(&tx).await?;
+            }
             if *version == 1 {
                 tx.execute("INSERT INTO chain_head (id, seq, hash) VALUES (1, 0, $1)", &[&GENESIS_HASH])
                     .await?;
@@ -288,8 +364,6 @@ impl PostgresStore {
             tx.query(&dup_st, &[&ids]).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
         let mut out = IngestOutcome::default();
         let mut linked = Vec::with_capacity(events.len());
-        // (record hash, time_us, seq) rows of the record-hash index.
-        let mut records: Vec<(&str, i64, i64)> = Vec::new();
         let (mut seq, mut hash) = (head.seq, head.hash);
         for (e, u) in events.iter().zip(batch) {
             if !seen.insert(e.id.clone()) {
@@ -297,10 +371,6 @@ impl PostgresStore {
                 continue;
             }
             let p = u.link(seq + 1, &hash)?;
-            let mut hashes: Vec<&str> = e.record_hashes.iter().map(String::as_str).collect();
-            hashes.sort_unstable();
-            hashes.dedup();
-            records.extend(hashes.into_iter().map(|h| (h, p.cols.time_us, p.seq)));
             seq = p.seq;
             hash.clone_from(&p.hash);
             linked.push(p);
@@ -338,16 +408,19 @@ impl PostgresStore {
                     .await?;
             }
             w.as_mut().finish().await?;
-            if !records.is_empty() {
+            if linked.iter().any(|p| !p.records.is_empty()) {
                 let st = tx
-                    .prepare_cached("COPY event_records (record_hash, time_us, seq) FROM STDIN BINARY")
+                    .prepare_cached("COPY event_records (bucket, record_key, seq, time_us) FROM STDIN BINARY")
                     .await?;
                 let mut w = pin!(BinaryCopyInWriter::new(
                     tx.copy_in(&st).await?,
-                    &[Type::TEXT, Type::INT8, Type::INT8]
+                    &[Type::INT8, Type::BYTEA, Type::INT8, Type::INT8]
                 ));
-                for (h, t, s) in &records {
-                    w.as_mut().write(&[h, t, s]).await?;
+                for p in &linked {
+                    let b = bucket(p.seq);
+                    for key in &p.records {
+                        w.as_mut().write(&[&b, key, &p.seq, &p.cols.time_us]).await?;
+                    }
                 }
                 w.as_mut().finish().await?;
             }
@@ -419,18 +492,24 @@ impl PostgresStore {
         };
         let rows = rows.iter().map(chain_row).collect::<Result<Vec<_>>>()?;
         let (records, records_to) = match (rows.first(), rows.last()) {
+            // Whole buckets (the index has no seq order of its own): up to the end of the last
+            // row's bucket, so the next page starts with its records already read.
             (Some(first), Some(last)) if last.seq > records_after => {
                 let st = tx
-                    .prepare_cached("SELECT seq, record_hash FROM event_records WHERE seq BETWEEN $1 AND $2")
+                    .prepare_cached(
+                        "SELECT seq, record_key FROM event_records \
+                         WHERE bucket BETWEEN $1 AND $2 AND seq BETWEEN $3 AND $4",
+                    )
                     .await?;
                 let from = first.seq.max(records_after + 1);
+                let to = bucket_end(last.seq);
                 let records = tx
-                    .query(&st, &[&from, &last.seq])
+                    .query(&st, &[&bucket(from), &bucket(to), &from, &to])
                     .await?
                     .iter()
-                    .map(|r| Ok((r.try_get(0)?, chain::record_key(r.try_get(1)?))))
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
                     .collect::<Result<Vec<_>>>()?;
-                (records, last.seq)
+                (records, to)
             }
             _ => (Vec::new(), records_after),
         };
@@ -473,37 +552,55 @@ impl PostgresStore {
         limit: i64,
     ) -> Result<Vec<SubjectAccess>> {
         let client = self.client().await?;
-        // The index (record_hash, time_us, seq) yields the newest accesses first; only those
-        // are joined to their events.
+        // The buckets of the chain (after the anchor, up to the head); `bucket = ANY(...)` makes
+        // one index descent per bucket (a range on the leading column would read every key of
+        // every bucket). Partitions outside the time range are pruned.
+        let (anchor, head) = {
+            let row = client
+                .query_one(
+                    "SELECT a.seq, h.seq FROM chain_anchor a, chain_head h WHERE a.id = 1 AND h.id = 1",
+                    &[],
+                )
+                .await?;
+            (row.try_get::<_, i64>(0)?, row.try_get::<_, i64>(1)?)
+        };
+        if head <= anchor {
+            return Ok(Vec::new());
+        }
+        let buckets: Vec<i64> = (bucket(anchor + 1)..=bucket(head)).collect();
+        let key = chain::record_key(record_hash);
         let st = client
             .prepare_cached(
                 "SELECT e.id, e.time_us, e.namespace, e.principal, e.user_id, e.policy, e.rule, \
-                 e.decision, e.path \
+                 e.decision, e.path, e.body \
                  FROM (SELECT seq, time_us FROM event_records \
-                       WHERE record_hash = $1 AND time_us >= $2 AND time_us < $3 \
-                       ORDER BY time_us DESC, seq DESC LIMIT $4) r \
+                       WHERE bucket = ANY($1) AND record_key = $2 AND time_us >= $3 AND time_us < $4 \
+                       ORDER BY time_us DESC, seq DESC LIMIT $5) r \
                  JOIN events e ON e.seq = r.seq AND e.time_us = r.time_us \
                  ORDER BY r.time_us DESC, r.seq DESC",
             )
             .await?;
-        client
-            .query(&st, &[&record_hash, &range.since, &range.until, &limit])
-            .await?
-            .iter()
-            .map(|r| {
-                crate::sqlite::subject_access((
-                    r.try_get(0)?,
-                    r.try_get(1)?,
-                    r.try_get(2)?,
-                    r.try_get(3)?,
-                    r.try_get(4)?,
-                    r.try_get(5)?,
-                    r.try_get(6)?,
-                    r.try_get(7)?,
-                    r.try_get(8)?,
-                ))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for r in client.query(&st, &[&buckets, &key, &range.since, &range.until, &limit]).await? {
+            // The 16-byte key could be shared with another record hash (a 2^-128 chance): keep
+            // the events whose body names this one.
+            let body: String = r.try_get(9)?;
+            if !chain::names_record(&body, record_hash)? {
+                continue;
+            }
+            out.push(crate::sqlite::subject_access((
+                r.try_get(0)?,
+                r.try_get(1)?,
+                r.try_get(2)?,
+                r.try_get(3)?,
+                r.try_get(4)?,
+                r.try_get(5)?,
+                r.try_get(6)?,
+                r.try_get(7)?,
+                r.try_get(8)?,
+            ))?);
+        }
+        Ok(out)
     }
 
     pub(crate) async fn top(&self, by: TopBy, since: i64, limit: i64) -> Result<Vec<TopEntry>> {
@@ -626,8 +723,11 @@ impl PostgresStore {
                 dropped.push(day);
             }
         }
-        tx.execute("DELETE FROM event_records WHERE seq <= $1 AND time_us < $2", &[&last.seq, &cutoff])
-            .await?;
+        tx.execute(
+            "DELETE FROM event_records WHERE bucket <= $3 AND seq <= $1 AND time_us < $2",
+            &[&last.seq, &cutoff, &bucket(last.seq)],
+        )
+        .await?;
         deleted +=
             tx.execute("DELETE FROM events WHERE seq <= $1 AND time_us < $2", &[&last.seq, &cutoff]).await?;
         tx.execute("DELETE FROM event_ids WHERE seq <= $1", &[&last.seq]).await?;

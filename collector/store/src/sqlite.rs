@@ -19,7 +19,8 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::chain::{
-    self, CHAIN_COLUMNS, ChainRow, Columns, GENESIS_HASH, Link, RecordKey, RecordsBySeq, Unlinked,
+    self, BUCKET_SHIFT, CHAIN_COLUMNS, ChainRow, Columns, GENESIS_HASH, Link, RecordKey, RecordsBySeq,
+    Unlinked, bucket, bucket_end,
 };
 use crate::query::{self, Param, TimeRange};
 use crate::{Error, EventQuery, IngestOutcome, Result, SubjectAccess, TopBy, TopEntry};
@@ -104,15 +105,6 @@ CREATE INDEX events_flagged_time ON events (decision, time_us) WHERE decision <>
 
 /// Schema migrations, in order. Never edit a released one: add the next.
 const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
-
-/// Events per bucket of the record-hash index: `2^BUCKET_SHIFT`. Smaller buckets make ingest
-/// cheaper (fewer pages dirtied per batch) and lookups dearer (one seek per bucket).
-const BUCKET_SHIFT: u32 = 14;
-
-/// The record-hash index bucket of the event at `seq`.
-fn bucket(seq: i64) -> i64 {
-    seq >> BUCKET_SHIFT
-}
 
 /// Copies the V1 record-hash rows into the V2 index.
 fn convert_records_v2(tx: &rusqlite::Transaction<'_>) -> Result<()> {
@@ -472,8 +464,7 @@ impl SqliteStore {
             let (records, records_to) = match (rows.first(), rows.last()) {
                 (Some(first), Some(last)) if last.seq > records_after => {
                     let from = first.seq.max(records_after + 1);
-                    let to =
-                        (bucket(last.seq) + 1).checked_mul(1 << BUCKET_SHIFT).map_or(i64::MAX, |t| t - 1);
+                    let to = bucket_end(last.seq);
                     let mut st = tx.prepare_cached(
                         "SELECT seq, record_key FROM event_records \
                          WHERE bucket BETWEEN ?1 AND ?2 AND seq BETWEEN ?3 AND ?4",

@@ -26,7 +26,8 @@ async fn a_v1_store_with_events_migrates_verifies_and_answers_queries() {
         let store = env.open().await;
         store.ingest(&batch).await.unwrap();
     }
-    // Back to V1: V2 only replaced the decision index.
+    // Back to V1: V3 replaced the record-hash index, V2 only the decision index.
+    env.raw(common::POSTGRES_RECORDS_BACK_TO_V2).await;
     env.raw(
         "DROP INDEX events_flagged_time;
          CREATE INDEX events_decision_time ON events (decision, time_us, seq);
@@ -38,7 +39,7 @@ async fn a_v1_store_with_events_migrates_verifies_and_answers_queries() {
     let (client, conn) = tokio_postgres::connect(&env.url(), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     let version: i64 = client.query_one("SELECT MAX(version) FROM custos_schema", &[]).await.unwrap().get(0);
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let indexes: Vec<String> = client
         .query("SELECT indexname::text FROM pg_indexes WHERE tablename = 'events' ORDER BY 1", &[])
         .await

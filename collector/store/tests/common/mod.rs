@@ -92,6 +92,57 @@ impl Env {
     }
 }
 
+/// Turns a PostgreSQL store's record-hash index back into the V2 layout (64-character hex
+/// `record_hash` keys, a `seq` index, the same day partitions), rebuilt from the event
+/// bodies, and forgets V3: the next open migrates it again.
+pub const POSTGRES_RECORDS_BACK_TO_V2: &str = "
+DO $$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT c.relname::text AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+           WHERE i.inhparent = 'event_records'::regclass LOOP
+    EXECUTE format('ALTER TABLE %I RENAME TO %I', r.name, 'old_' || r.name);
+  END LOOP;
+  ALTER TABLE event_records RENAME TO old_event_records;
+  CREATE TABLE event_records (
+      record_hash text NOT NULL,
+      time_us bigint NOT NULL,
+      seq bigint NOT NULL,
+      PRIMARY KEY (record_hash, time_us, seq)
+  ) PARTITION BY RANGE (time_us);
+  CREATE INDEX event_records_seq ON event_records (seq);
+  FOR r IN SELECT c.relname::text AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
+           FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+           WHERE i.inhparent = 'old_event_records'::regclass LOOP
+    EXECUTE format('CREATE TABLE %I PARTITION OF event_records %s', substr(r.name, 5), r.bound);
+  END LOOP;
+  DROP TABLE old_event_records;
+  INSERT INTO event_records
+    SELECT DISTINCT h, time_us, seq FROM events, jsonb_array_elements_text(body::jsonb -> 'recordHashes') AS h;
+  DELETE FROM custos_schema WHERE version = 3;
+END $$;
+";
+
+impl Env {
+    /// The first column of the first row of `sql` (a count), read through a second connection.
+    pub async fn count(&self, sql: &str) -> i64 {
+        match self {
+            Env::Sqlite { path, .. } => {
+                rusqlite::Connection::open(path).unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+            }
+            Env::Postgres { .. } => pg_connect(&self.url()).await.query_one(sql, &[]).await.unwrap().get(0),
+        }
+    }
+
+    /// A blob literal of the backend's SQL.
+    pub fn blob_literal(&self, bytes: &[u8]) -> String {
+        match self {
+            Env::Sqlite { .. } => format!("x'{}'", hex::encode(bytes)),
+            Env::Postgres { .. } => format!("'\\x{}'::bytea", hex::encode(bytes)),
+        }
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         if let Env::Postgres { base, schema } = self {

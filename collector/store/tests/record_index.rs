@@ -1,0 +1,103 @@
+//! The record-hash index of both backends (schema V2 on SQLite, V3 on PostgreSQL): keyed by
+//! (seq bucket, 16-byte key, seq), so that a batch writes into one bucket's pages. Hits are
+//! checked against the event bodies; verification, subject lookups and retention cross bucket
+//! boundaries. The PostgreSQL cases are skipped without `CUSTOS_TEST_POSTGRES_URL`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use chrono::Duration;
+use common::{Env, event, t0};
+use custos_api::AuditEvent;
+use custos_store::BreakKind;
+use sha2::Digest;
+
+fn subject_hash(n: u64) -> String {
+    format!("{n:064x}")
+}
+
+#[tokio::test]
+async fn sqlite_a_planted_index_row_is_not_an_access_and_fails_verification() {
+    a_planted_index_row_is_not_an_access_and_fails_verification(Env::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_planted_index_row_is_not_an_access_and_fails_verification() {
+    let Some(env) = Env::postgres().await else { return };
+    a_planted_index_row_is_not_an_access_and_fails_verification(env).await;
+}
+
+#[tokio::test]
+async fn sqlite_verification_subject_lookup_and_retention_span_index_buckets() {
+    verification_subject_lookup_and_retention_span_index_buckets(Env::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_verification_subject_lookup_and_retention_span_index_buckets() {
+    let Some(env) = Env::postgres().await else { return };
+    verification_subject_lookup_and_retention_span_index_buckets(env).await;
+}
+
+async fn a_planted_index_row_is_not_an_access_and_fails_verification(env: Env) {
+    let store = env.open().await;
+    let mut a = event("a", t0());
+    a.record_hashes = vec![subject_hash(1)];
+    let mut b = event("b", t0() + Duration::seconds(1));
+    b.record_hashes = vec![subject_hash(2)];
+    store.ingest(&[a, b]).await.unwrap();
+    // An index row claiming that `b` (seq 2) returned subject 1: the key matches, the body
+    // does not name the record hash, as with two record hashes sharing a key.
+    let key = env.blob_literal(&sha2::Sha256::digest(subject_hash(1).as_bytes())[..16]);
+    env.raw(&format!(
+        "INSERT INTO event_records (bucket, record_key, seq, time_us) \
+         SELECT 0, {key}, 2, time_us FROM events WHERE seq = 2;"
+    ))
+    .await;
+    let hits = store.subject(&subject_hash(1), None, None, 0).await.unwrap();
+    assert_eq!(hits.iter().map(|h| h.event_id.as_str()).collect::<Vec<_>>(), ["a"]);
+    let broken = store.verify(None).await.unwrap().first_broken.unwrap();
+    assert_eq!((broken.kind, broken.seq), (BreakKind::Edited, 2), "{broken:?}");
+}
+
+async fn verification_subject_lookup_and_retention_span_index_buckets(env: Env) {
+    // 2^14 events per bucket: 20,000 events fill bucket 0 and part of bucket 1.
+    let store = env.open().await;
+    let n: usize = 20_000;
+    let all: Vec<AuditEvent> = (0..n)
+        .map(|i| {
+            let mut e = event(&format!("b{i:05}"), t0() + Duration::seconds(i as i64));
+            e.record_hashes = vec![subject_hash((i % 1000) as u64)];
+            if i % 7 == 0 {
+                e.record_hashes.push(subject_hash(5000));
+            }
+            e
+        })
+        .collect();
+    for chunk in all.chunks(1000) {
+        assert_eq!(store.ingest(chunk).await.unwrap().accepted, 1000);
+    }
+    let report = store.verify(None).await.unwrap();
+    assert_eq!((report.first_broken, report.checked), (None, n as u64));
+    let from = store.verify(Some(16_000)).await.unwrap();
+    assert_eq!((from.first_broken, from.checked, from.start.seq), (None, 4001, 15_999));
+
+    let sevens: Vec<usize> = (0..n).rev().filter(|i| i % 7 == 0).collect();
+    let hits = store.subject(&subject_hash(5000), None, None, 0).await.unwrap();
+    let expected: Vec<String> = sevens.iter().take(100).map(|i| format!("b{i:05}")).collect();
+    assert_eq!(hits.iter().map(|h| h.event_id.clone()).collect::<Vec<_>>(), expected);
+    assert_eq!(store.subject(&subject_hash(5000), None, None, 10_000).await.unwrap().len(), sevens.len());
+    assert_eq!(store.subject(&subject_hash(3), None, None, 0).await.unwrap().len(), 20);
+
+    // Retention into bucket 1: seqs 1..=17,000 go, the rest still verifies.
+    let pruned = store.prune(t0() + Duration::seconds(17_000)).await.unwrap();
+    assert_eq!((pruned.deleted, pruned.anchor.seq), (17_000, 17_000));
+    let report = store.verify(None).await.unwrap();
+    assert_eq!((report.first_broken, report.checked), (None, 3_000));
+    assert_eq!(store.subject(&subject_hash(3), None, None, 0).await.unwrap().len(), 3);
+    assert_eq!(env.count("SELECT COUNT(*) FROM event_records WHERE seq <= 17000").await, 0);
+
+    // A hidden access in bucket 1 is caught.
+    env.raw("DELETE FROM event_records WHERE seq = 18000;").await;
+    let b = store.verify(None).await.unwrap().first_broken.unwrap();
+    assert_eq!((b.kind, b.seq), (BreakKind::Edited, 18_000), "{b:?}");
+}
