@@ -24,6 +24,10 @@ use custos_api::policy::Mode;
 use custos_api::{AuditEvent, Decision};
 use custos_store::AnyStore;
 
+/// The allocator of the `custos` binary, in which the collector runs the store.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const BATCH: usize = 1000;
 /// Data subjects in the synthetic traffic: each event touches up to 6 of them.
 const SUBJECTS: u64 = 2_000_000;
