@@ -232,6 +232,9 @@ fn main() -> Result<()> {
         .arg("--hash-key-file")
         .arg(dir.join("hash.key"))
         .env("RUST_LOG", "warn")
+        // The allocator setting of the deployed sidecar: the image (Dockerfile) and the
+        // injected container (operator/core/src/inject/sidecar.rs, ALLOCATOR_ENV) set it.
+        .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::from(std::fs::File::create(dir.join("sidecar.log"))?))
         .spawn()

@@ -153,6 +153,11 @@ fn http_probe(path: &str, period_seconds: i32) -> Probe {
     }
 }
 
+/// Environment of the sidecar container for its allocator (mimalloc): arenas committed on
+/// demand instead of eagerly. Measured with `make bench-sidecar`: peak RSS under load 33 MB
+/// with eager commit, 24 MB without, throughput unchanged. The image sets the same (Dockerfile).
+pub const ALLOCATOR_ENV: [(&str, &str); 1] = [("MIMALLOC_ARENA_EAGER_COMMIT", "0")];
+
 /// The sidecar container.
 pub(super) fn container(plan: &SidecarPlan<'_>, settings: &InjectSettings) -> Container {
     let mut env = vec![
@@ -165,6 +170,7 @@ pub(super) fn container(plan: &SidecarPlan<'_>, settings: &InjectSettings) -> Co
         env_value("CUSTOS_SPOOL_DIR", SPOOL_DIR.to_string()),
         env_value("CUSTOS_JWKS_DIR", JWKS_DIR.to_string()),
     ];
+    env.extend(ALLOCATOR_ENV.iter().map(|(name, value)| env_value(name, (*value).to_string())));
     if let Some(port) = plan.upstream_port {
         env.push(env_value("CUSTOS_UPSTREAM", format!("127.0.0.1:{port}")));
     }

@@ -182,6 +182,7 @@ fn a_selected_pod_gets_the_sidecar() {
     assert_eq!(env_value(c, "CUSTOS_POD_LABELS_FILE").as_deref(), Some("/etc/custos/pod/labels"));
     assert_eq!(env_value(c, "CUSTOS_LISTEN").as_deref(), Some("0.0.0.0:15080"));
     assert_eq!(env_value(c, "CUSTOS_ADMIN").as_deref(), Some("0.0.0.0:15090"));
+    assert_eq!(env_value(c, "MIMALLOC_ARENA_EAGER_COMMIT").as_deref(), Some("0"));
     assert_eq!(env_value(c, "CUSTOS_SPOOL_DIR").as_deref(), Some(SPOOL_DIR));
     assert_eq!(env_value(c, "CUSTOS_JWKS_DIR").as_deref(), Some(JWKS_DIR));
     assert_eq!(env_of(c, "CUSTOS_UPSTREAM"), None, "the policy names the app port");
