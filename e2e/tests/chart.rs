@@ -27,7 +27,7 @@ use std::sync::Arc;
 use clap::Parser;
 use custos_collector::{Auth, CollectorArgs, CollectorConfig};
 use custos_operator::args::{OperatorArgs, OperatorConfig, TlsSource};
-use custos_operator::rbac::{CLUSTER_RULES, NAMESPACE_RULES, policy_rules};
+use custos_operator::rbac::{CLUSTER_RULES, NAMESPACE_RULES, SECRET_SYNC_CLUSTER_RULES, policy_rules};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ServiceReference, ValidatingWebhookConfiguration,
 };
@@ -657,14 +657,23 @@ fn check_hardening(m: &Manifests) {
     }
 }
 
-/// The operator's ServiceAccount, ClusterRole and Role: exactly `custos_operator::rbac`.
+/// The operator's ServiceAccount, ClusterRole and Role: exactly `custos_operator::rbac` (with
+/// the Secret-copy rules exactly when the operator is told to copy the sidecar Secrets).
 fn check_operator_rbac(m: &Manifests) {
     let cluster_role = m
         .cluster_roles
         .iter()
         .find(|r| name_of(*r) == "custos-operator")
         .expect("ClusterRole custos-operator");
-    assert_eq!(cluster_role.rules.clone().unwrap_or_default(), policy_rules(CLUSTER_RULES));
+    let config = operator_config(container(
+        &m.deployment("custos-operator").spec.as_ref().unwrap().template,
+        "operator",
+    ));
+    let mut expected: Vec<_> = CLUSTER_RULES.to_vec();
+    if config.secret_sync.is_some() {
+        expected.extend_from_slice(SECRET_SYNC_CLUSTER_RULES);
+    }
+    assert_eq!(cluster_role.rules.clone().unwrap_or_default(), policy_rules(&expected));
     let role = m.roles.iter().find(|r| name_of(*r) == "custos-operator").expect("Role custos-operator");
     assert_eq!(role.rules.clone().unwrap_or_default(), policy_rules(NAMESPACE_RULES));
     let bound = |role_kind: &str, role_name: &str| -> Vec<String> {
@@ -1018,6 +1027,10 @@ fn default_values_render_a_complete_installation() {
     assert!(operator.leader.enabled);
     assert_eq!(operator.namespaces, None, "all namespaces");
     assert_eq!(operator.inject.image, IMAGE);
+    // The collector token Secret is copied into the namespaces with policies.
+    let sync = operator.secret_sync.clone().expect("--sync-sidecar-secrets by default");
+    assert_eq!(sync.source_namespace, NAMESPACE);
+    assert_eq!(sync.names, ["custos-collector-token"]);
     assert_eq!(
         operator.inject.collector_url.as_deref(),
         Some("http://custos-collector.custos-system.svc:8080")
@@ -1142,6 +1155,21 @@ fn production_values_render_cert_manager_postgres_and_monitoring() {
 }
 
 #[test]
+fn secret_sync_off_leaves_secrets_to_the_user_and_grants_no_secret_access() {
+    let m = Variant::defaults().with("operator.sidecar.syncSecrets=false").render();
+    check_operator_rbac(&m);
+    let operator = check_operator(&m, 2, WebhookCert::HelmGenerated);
+    assert!(operator.secret_sync.is_none());
+    let cluster_role = m.cluster_roles.iter().find(|r| name_of(*r) == "custos-operator").unwrap();
+    let secrets = |r: &PolicyRule| r.resources.as_ref().is_some_and(|res| res.iter().any(|x| x == "secrets"));
+    assert!(!cluster_role.rules.clone().unwrap_or_default().iter().any(secrets));
+    let notes = render_notes(&Variant::defaults().with("operator.sidecar.syncSecrets=false"));
+    assert!(notes.contains("create it in every namespace whose pods get the sidecar"), "{notes}");
+    let notes = render_notes(&Variant::production());
+    assert!(notes.contains("the operator copies them from"), "{notes}");
+}
+
+#[test]
 fn minimal_variant_renders_the_operator_alone() {
     let m = Variant::minimal().render();
     check_objects(&m);
@@ -1153,6 +1181,7 @@ fn minimal_variant_renders_the_operator_alone() {
     assert_eq!(operator.namespaces.clone().unwrap().into_iter().collect::<Vec<_>>(), ["logistics", "shop"]);
     assert_eq!(operator.inject.collector_url.as_deref(), Some("https://audit.example.com"));
     assert_eq!(operator.inject.collector_token_secret.as_deref(), Some("audit-token"));
+    assert_eq!(operator.secret_sync.clone().map(|s| s.names), Some(vec!["audit-token".to_string()]));
     assert!(m.stateful_sets.is_empty() && m.secret("custos-collector-token").is_none());
     assert!(m.network_policies.is_empty() && m.pdbs.is_empty());
     // Injection limited to the reconciled namespaces; webhooks fail open as asked.

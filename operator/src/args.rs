@@ -12,6 +12,7 @@ use custos_policy::selector::is_dns_label;
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
+use crate::context::SecretSync;
 use crate::leader::LeaderSettings;
 
 /// Flags of `custos operator`.
@@ -140,6 +141,13 @@ pub struct OperatorArgs {
     /// Secret (in each protected pod's namespace) holding the hash key, key `key`.
     #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_HASH_KEY_SECRET", value_name = "NAME")]
     pub sidecar_hash_key_secret: Option<String>,
+
+    /// Copy the sidecar Secrets (--sidecar-collector-token-secret, --sidecar-hash-key-secret)
+    /// from --operator-namespace into every namespace with policies, and delete the copies
+    /// when its last policy goes. A Secret of that name that the operator did not create is
+    /// left alone. Needs the cluster-wide Secret rules of docs/operator.md.
+    #[arg(long, env = "CUSTOS_OPERATOR_SYNC_SIDECAR_SECRETS")]
+    pub sync_sidecar_secrets: bool,
 }
 
 /// The operator's validated settings.
@@ -159,6 +167,8 @@ pub struct OperatorConfig {
     pub instance: String,
     /// What the injector puts into pods.
     pub inject: InjectSettings,
+    /// Sidecar Secrets the controller copies into namespaces (`--sync-sidecar-secrets`).
+    pub secret_sync: Option<SecretSync>,
 }
 
 /// Where the webhook serving certificate comes from.
@@ -263,6 +273,20 @@ impl OperatorArgs {
                 message: format!("{url:?} is not an http(s) URL"),
             });
         }
+        let secret_sync = self.sync_sidecar_secrets.then(|| SecretSync {
+            source_namespace: self.operator_namespace.clone(),
+            names: [&self.sidecar_collector_token_secret, &self.sidecar_hash_key_secret]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect(),
+        });
+        if secret_sync.as_ref().is_some_and(|s| s.names.is_empty()) {
+            return Err(ArgsError {
+                flag: "sync-sidecar-secrets",
+                message: "needs --sidecar-collector-token-secret or --sidecar-hash-key-secret".into(),
+            });
+        }
         let inject = InjectSettings {
             image: self.sidecar_image,
             image_pull_policy: self.sidecar_image_pull_policy,
@@ -300,6 +324,7 @@ impl OperatorArgs {
             },
             instance,
             inject,
+            secret_sync,
         })
     }
 }
@@ -383,6 +408,25 @@ mod tests {
     }
 
     #[test]
+    fn secret_sync_copies_the_configured_sidecar_secrets_from_the_operator_namespace() {
+        let c =
+            parse(&["--sidecar-collector-token-secret", "tok", "--sidecar-hash-key-secret", "hk"]).unwrap();
+        assert_eq!(c.secret_sync, None);
+        let c = parse(&[
+            "--sync-sidecar-secrets",
+            "--operator-namespace",
+            "custos",
+            "--sidecar-collector-token-secret",
+            "tok",
+            "--sidecar-hash-key-secret",
+            "hk",
+        ])
+        .unwrap();
+        let sync = c.secret_sync.unwrap();
+        assert_eq!((sync.source_namespace.as_str(), sync.names), ("custos", vec!["tok".into(), "hk".into()]));
+    }
+
+    #[test]
     fn bad_values_name_their_flag() {
         for (argv, flag) in [
             (vec!["--namespaces", "Shop_1"], "--namespaces"),
@@ -392,6 +436,7 @@ mod tests {
             (vec!["--sidecar-collector", "collector:8080"], "--sidecar-collector"),
             (vec!["--tls-cert-file", "/x"], "--tls-key-file"),
             (vec!["--sidecar-image-pull-policy", "Sometimes"], "Sometimes"),
+            (vec!["--sync-sidecar-secrets"], "--sync-sidecar-secrets"),
         ] {
             let error = parse(&argv).expect_err(&format!("{argv:?} must fail"));
             assert!(error.contains(flag), "{argv:?}: {error}");

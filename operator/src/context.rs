@@ -10,14 +10,26 @@ use kube::runtime::events::{Recorder, Reporter};
 
 use crate::metrics::OperatorMetrics;
 
+/// The Secrets the sidecars mount (collector token, hash key), copied by the operator from
+/// its own namespace into every namespace that has live policies (`--sync-sidecar-secrets`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SecretSync {
+    /// Where the originals are: the operator's namespace.
+    pub source_namespace: String,
+    /// Their names (the same in every namespace).
+    pub names: Vec<String>,
+}
+
 /// What the controller is told to do.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Settings {
     /// This replica's identity: the `reportingInstance` of its Events.
     pub instance: String,
     /// The namespaces to reconcile; `None`: all. Pods outside them are not read either, so a
     /// rule source naming another namespace matches no pod there.
     pub namespaces: Option<BTreeSet<String>>,
+    /// Secrets to copy into the namespaces with policies; `None`: the user provides them.
+    pub secret_sync: Option<SecretSync>,
 }
 
 impl Settings {
@@ -64,10 +76,13 @@ mod tests {
 
     #[test]
     fn settings_watch_all_namespaces_or_the_listed_ones() {
-        let all = Settings { instance: "op-0".into(), namespaces: None };
+        let all = Settings { instance: "op-0".into(), ..Settings::default() };
         assert!(all.watches("anything"));
-        let some =
-            Settings { instance: "op-0".into(), namespaces: Some(BTreeSet::from(["shop".to_string()])) };
+        let some = Settings {
+            instance: "op-0".into(),
+            namespaces: Some(BTreeSet::from(["shop".to_string()])),
+            ..Settings::default()
+        };
         assert!(some.watches("shop"));
         assert!(!some.watches("billing"));
     }

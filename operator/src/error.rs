@@ -66,6 +66,17 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// A sidecar Secret to copy (`--sync-sidecar-secrets`) is missing from the operator's
+    /// namespace.
+    #[error(
+        "Secret {namespace}/{name} to copy into namespaces with policies (--sync-sidecar-secrets) does not exist"
+    )]
+    MissingSecret {
+        /// The operator's namespace.
+        namespace: String,
+        /// The Secret.
+        name: String,
+    },
     /// Something the operator builds does not serialise.
     #[error("cannot serialise {what}: {source}")]
     Serialize {
@@ -79,7 +90,7 @@ pub enum Error {
 
 impl Error {
     /// The `reason` label of `custos_operator_reconcile_errors_total`: `list`, `apply`,
-    /// `delete`, `status`, `finalizer` or `serialize`.
+    /// `delete`, `status`, `finalizer`, `missing_secret` or `serialize`.
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::List { .. } => "list",
@@ -87,6 +98,7 @@ impl Error {
             Error::Delete { .. } => "delete",
             Error::Status { .. } => "status",
             Error::Finalizer { .. } => "finalizer",
+            Error::MissingSecret { .. } => "missing_secret",
             Error::Serialize { .. } => "serialize",
         }
     }

@@ -79,6 +79,16 @@ pub const GENERATED_CERT_CLUSTER_RULES: &[Rule] = &[Rule {
     why: "patch the generated CA into the webhook configurations",
 }];
 
+/// Cluster-wide rules needed only with `--sync-sidecar-secrets`: the originals are read in the
+/// operator's namespace and the copies written in the namespaces with policies, which can be
+/// any namespace.
+pub const SECRET_SYNC_CLUSTER_RULES: &[Rule] = &[Rule {
+    api_group: "",
+    resources: &["secrets"],
+    verbs: &["get", "create", "patch", "delete"],
+    why: "copy the sidecar Secrets (collector token, hash key) into namespaces with policies (--sync-sidecar-secrets)",
+}];
+
 /// Rules in the operator's own namespace (a Role).
 pub const NAMESPACE_RULES: &[Rule] = &[Rule {
     api_group: "coordination.k8s.io",

@@ -181,7 +181,11 @@ pub async fn start_with_client(
     let ctx = Arc::new(Context::new(
         client,
         metrics.clone(),
-        Settings { instance: config.instance.clone(), namespaces: config.namespaces.clone() },
+        Settings {
+            instance: config.instance.clone(),
+            namespaces: config.namespaces.clone(),
+            secret_sync: config.secret_sync.clone(),
+        },
     ));
     tasks.spawn(lead(leadership, ctx, metrics.clone(), stop_rx));
 

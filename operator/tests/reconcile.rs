@@ -371,7 +371,11 @@ async fn pods_of_namespaces_the_operator_does_not_watch_are_not_read() {
     let ips: Vec<_> = sidecar_config(&client, NS).await.workloads.into_iter().map(|w| w.ip).collect();
     assert_eq!(ips, ["10.5.0.1"], "all namespaces watched: the partner pod is in the table");
 
-    let only_shop = Settings { instance: "op-0".into(), namespaces: Some(BTreeSet::from([NS.to_string()])) };
+    let only_shop = Settings {
+        instance: "op-0".into(),
+        namespaces: Some(BTreeSet::from([NS.to_string()])),
+        ..Settings::default()
+    };
     let ctx = Context::new(client.clone(), OperatorMetrics::new(), only_shop);
     reconcile_namespace(&ctx, NS).await.unwrap();
     assert!(sidecar_config(&client, NS).await.workloads.is_empty());

@@ -123,6 +123,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* "true" when the operator copies the sidecar Secrets into namespaces (syncSecrets and at
+least one Secret configured), else empty. */}}
+{{- define "custos.operator.syncSecrets" -}}
+{{- if and .Values.operator.sidecar.syncSecrets (or (include "custos.sidecar.collectorTokenSecret" .) .Values.operator.sidecar.hashKeySecret) -}}
+true
+{{- end }}
+{{- end }}
+
 {{/* The collector token Secret the sidecars mount: the value, else the in-chart collector's. */}}
 {{- define "custos.sidecar.collectorTokenSecret" -}}
 {{- if .Values.operator.sidecar.collectorTokenSecret }}

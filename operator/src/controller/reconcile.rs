@@ -12,21 +12,28 @@
 //!    status written below describes the policy as it then is);
 //! 2. the `custos-config` ConfigMap is server-side applied (field manager `custos`, forced),
 //!    or deleted once no live policy is left; a failure stops the reconcile here;
-//! 3. each NetworkPolicy is server-side applied — a refusal turns that policy's
+//! 3. with `--sync-sidecar-secrets`, the sidecar Secrets are copied from the operator's
+//!    namespace (or their copies deleted with the ConfigMap); a failure is reported at the end;
+//! 4. each NetworkPolicy is server-side applied — a refusal turns that policy's
 //!    `NetworkPolicyApplied` False with the apiserver's reason and fails the reconcile at the
 //!    end, after the other steps —, stale ones are deleted;
-//! 4. statuses are patched (status subresource) only where they changed;
-//! 5. the Events are recorded (best effort: a refused Event is logged, not retried);
-//! 6. when everything above succeeded, the finalizer of the policies being deleted is
+//! 5. statuses are patched (status subresource) only where they changed;
+//! 6. the Events are recorded (best effort: a refused Event is logged, not retried);
+//! 7. when everything above succeeded, the finalizer of the policies being deleted is
 //!    removed, letting them go.
+
+use std::collections::BTreeMap;
 
 use custos_api::{DataAccessPolicy, DataAccessPolicyStatus};
 use custos_operator_core::desired::{
     self, Desired, DesiredEvent, EventType, NamespaceSnapshot, has_finalizer, is_deleting, pod_namespaces,
 };
-use custos_operator_core::names::{CONFIG_MAP_NAME, FIELD_MANAGER, FINALIZER, POLICY_LABEL};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use custos_operator_core::names::{
+    CONFIG_MAP_NAME, FIELD_MANAGER, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType as KubeEventType};
@@ -57,6 +64,10 @@ pub struct ReconcileOutcome {
     pub finalizers_added: usize,
     /// Finalizers removed from policies being deleted.
     pub finalizers_removed: usize,
+    /// Sidecar Secrets copied (applied) into the namespace.
+    pub secrets_copied: usize,
+    /// Copies of sidecar Secrets deleted (no live policy left).
+    pub secrets_deleted: usize,
 }
 
 /// Reconciles `namespace`: reads it, computes the desired state, applies it (see the module
@@ -93,7 +104,8 @@ pub async fn reconcile_namespace(ctx: &Context, namespace: &str) -> Result<Recon
     outcome.config_hash.clone_from(&desired.config_hash);
 
     apply_config_map(ctx, namespace, &desired, &mut outcome).await?;
-    let mut failures = apply_network_policies(ctx, &snapshot, &mut desired, now, &mut outcome).await;
+    let mut failures = sync_secrets(ctx, namespace, &desired, &mut outcome).await;
+    failures.extend(apply_network_policies(ctx, &snapshot, &mut desired, now, &mut outcome).await);
     failures.extend(delete_stale(&np_api, namespace, &desired, &mut outcome).await);
     failures.extend(write_statuses(&policies_api, &snapshot, &desired, &mut outcome).await);
     record_events(ctx, &snapshot, &desired.events, &mut outcome).await;
@@ -208,6 +220,95 @@ async fn apply_config_map(
         },
     }
     Ok(())
+}
+
+/// `--sync-sidecar-secrets`: while the namespace has a config, each sidecar Secret of the
+/// operator's namespace is server-side applied here (same type and data, labelled
+/// `app.kubernetes.io/managed-by: custos`, owned by the policies like the ConfigMap); once it
+/// has none, the copies are deleted. A Secret of that name without the label is the user's
+/// and is left alone.
+async fn sync_secrets(
+    ctx: &Context,
+    namespace: &str,
+    desired: &Desired,
+    outcome: &mut ReconcileOutcome,
+) -> Vec<Error> {
+    let Some(sync) = ctx.settings.secret_sync.as_ref().filter(|s| s.source_namespace != namespace) else {
+        return Vec::new();
+    };
+    let source: Api<Secret> = Api::namespaced(ctx.client.clone(), &sync.source_namespace);
+    let target: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut failures = Vec::new();
+    for name in &sync.names {
+        let ours = |s: &Secret| s.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY);
+        let existing = match target.get_opt(name).await {
+            Ok(existing) => existing,
+            Err(source) => {
+                failures.push(Error::List { kind: "Secret", namespace: namespace.to_string(), source });
+                continue;
+            }
+        };
+        if existing.as_ref().is_some_and(|s| !ours(s)) {
+            tracing::debug!(namespace, secret = %name, "sidecar Secret provided by the user: not copied");
+            continue;
+        }
+        let Some(config_map) = &desired.config_map else {
+            if existing.is_some() {
+                match target.delete(name, &DeleteParams::default()).await {
+                    Ok(_) => outcome.secrets_deleted += 1,
+                    Err(e) if is_not_found(&e) => {}
+                    Err(source) => failures.push(Error::Delete {
+                        kind: "Secret",
+                        namespace: namespace.to_string(),
+                        name: name.clone(),
+                        source,
+                    }),
+                }
+            }
+            continue;
+        };
+        let original = match source.get_opt(name).await {
+            Ok(Some(original)) => original,
+            Ok(None) => {
+                tracing::warn!(namespace = %sync.source_namespace, secret = %name, "sidecar Secret to copy is missing");
+                failures.push(Error::MissingSecret {
+                    namespace: sync.source_namespace.clone(),
+                    name: name.clone(),
+                });
+                continue;
+            }
+            Err(source) => {
+                failures.push(Error::List {
+                    kind: "Secret",
+                    namespace: sync.source_namespace.clone(),
+                    source,
+                });
+                continue;
+            }
+        };
+        let copy = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.to_string()),
+                labels: Some(BTreeMap::from([(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string())])),
+                owner_references: config_map.metadata.owner_references.clone(),
+                ..ObjectMeta::default()
+            },
+            type_: original.type_,
+            data: original.data,
+            ..Secret::default()
+        };
+        match target.patch(name, &apply_params(), &Patch::Apply(&copy)).await {
+            Ok(_) => outcome.secrets_copied += 1,
+            Err(source) => failures.push(Error::Apply {
+                kind: "Secret",
+                namespace: namespace.to_string(),
+                name: name.clone(),
+                source,
+            }),
+        }
+    }
+    failures
 }
 
 /// Applies every desired NetworkPolicy; a refused one marks its policy's status and is

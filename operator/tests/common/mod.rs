@@ -163,7 +163,7 @@ pub fn context(client: &kube::Client) -> Context {
     Context::new(
         client.clone(),
         OperatorMetrics::new(),
-        Settings { instance: "custos-operator-0".into(), namespaces: None },
+        Settings { instance: "custos-operator-0".into(), ..Settings::default() },
     )
 }
 
