@@ -1160,6 +1160,7 @@ fn secret_sync_off_leaves_secrets_to_the_user_and_grants_no_secret_access() {
     check_operator_rbac(&m);
     let operator = check_operator(&m, 2, WebhookCert::HelmGenerated);
     assert!(operator.secret_sync.is_none());
+
     let cluster_role = m.cluster_roles.iter().find(|r| name_of(*r) == "custos-operator").unwrap();
     let secrets = |r: &PolicyRule| r.resources.as_ref().is_some_and(|res| res.iter().any(|x| x == "secrets"));
     assert!(!cluster_role.rules.clone().unwrap_or_default().iter().any(secrets));
@@ -1167,6 +1168,14 @@ fn secret_sync_off_leaves_secrets_to_the_user_and_grants_no_secret_access() {
     assert!(notes.contains("create it in every namespace whose pods get the sidecar"), "{notes}");
     let notes = render_notes(&Variant::production());
     assert!(notes.contains("the operator copies them from"), "{notes}");
+}
+
+#[test]
+fn native_sidecars_are_a_value_away() {
+    let default = check_operator(&Variant::defaults().render(), 2, WebhookCert::HelmGenerated);
+    assert!(!default.inject.native_sidecar);
+    let m = Variant::defaults().with("operator.sidecar.native=true").render();
+    assert!(check_operator(&m, 2, WebhookCert::HelmGenerated).inject.native_sidecar);
 }
 
 #[test]

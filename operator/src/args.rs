@@ -142,6 +142,11 @@ pub struct OperatorArgs {
     #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_HASH_KEY_SECRET", value_name = "NAME")]
     pub sidecar_hash_key_secret: Option<String>,
 
+    /// Inject the sidecar as a native sidecar (an init container with `restartPolicy: Always`,
+    /// Kubernetes 1.29+): it starts before the app and stops after it, and Jobs complete.
+    #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_NATIVE")]
+    pub sidecar_native: bool,
+
     /// Copy the sidecar Secrets (--sidecar-collector-token-secret, --sidecar-hash-key-secret)
     /// from --operator-namespace into every namespace with policies, and delete the copies
     /// when its last policy goes. A Secret of that name that the operator did not create is
@@ -298,6 +303,7 @@ impl OperatorArgs {
             collector_url: self.sidecar_collector,
             collector_token_secret: self.sidecar_collector_token_secret,
             hash_key_secret: self.sidecar_hash_key_secret,
+            native_sidecar: self.sidecar_native,
             ..InjectSettings::default()
         };
         let tls = match (self.tls_cert_file, self.tls_key_file) {
@@ -423,6 +429,8 @@ mod tests {
         ])
         .unwrap();
         let sync = c.secret_sync.unwrap();
+        assert!(!c.inject.native_sidecar);
+        assert!(parse(&["--sidecar-native"]).unwrap().inject.native_sidecar);
         assert_eq!((sync.source_namespace.as_str(), sync.names), ("custos", vec!["tok".into(), "hk".into()]));
     }
 
