@@ -161,6 +161,7 @@ async fn reconcile_all(ctx: &Context, namespaces: &[String]) -> ReconcileOutcome
         total.finalizers_added += o.finalizers_added;
         total.finalizers_removed += o.finalizers_removed;
         total.network_policies_deleted += o.network_policies_deleted;
+        total.applies_skipped += o.applies_skipped;
     }
     total
 }
@@ -254,9 +255,9 @@ async fn run(shape: &Shape) {
     let peak = peak_mb();
     assert_eq!(first.policies, policies);
     assert_eq!(
-        (resync.statuses_written, resync.events_recorded),
-        (0, 0),
-        "a resync writes no status, no Event"
+        (resync.statuses_written, resync.events_recorded, resync.network_policies_applied),
+        (0, 0, 0),
+        "a resync writes no status, no Event, no NetworkPolicy"
     );
     let reconcile_writes = writes(&first, namespaces.len());
     drop(ctx);
@@ -289,8 +290,9 @@ async fn run(shape: &Shape) {
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(f64::EPSILON);
     println!("  first reconcile, all namespaces : {}  ({reconcile_writes} API writes)", seconds(total));
     println!(
-        "  resync, nothing changed         : {}  (reads, compute, server-side applies)",
-        seconds(resync_time)
+        "  resync, nothing changed         : {}  (reads and compute; {} applies skipped as already current)",
+        seconds(resync_time),
+        resync.applies_skipped
     );
     println!(
         "  baseline: plain writes          : {}  ({baseline_writes} API writes of precomputed objects)  reconcile/baseline = {:.2}",

@@ -131,13 +131,26 @@ async fn a_second_reconcile_with_nothing_changed_writes_no_status_and_records_no
     let versions = [policy(&client, NS, "orders").await, policy(&client, NS, "broken").await]
         .map(|p| p.resource_version());
 
+    let config_version = config_map(&client, NS).await.unwrap().resource_version();
     let outcome = reconcile_namespace(&ctx, NS).await.unwrap();
     assert_eq!((outcome.statuses_written, outcome.events_recorded, outcome.finalizers_added), (0, 0, 0));
+    // The ConfigMap and the one NetworkPolicy (of `orders`) are already as desired: not written.
+    assert_eq!((outcome.network_policies_applied, outcome.applies_skipped), (0, 2));
+    assert_eq!(config_map(&client, NS).await.unwrap().resource_version(), config_version);
     assert_eq!(status_writes.load(Ordering::SeqCst), 2, "no status written");
     assert_eq!(events(&client, NS).await.len(), events_before, "no Event recorded");
     let after = [policy(&client, NS, "orders").await, policy(&client, NS, "broken").await]
         .map(|p| p.resource_version());
     assert_eq!(after, versions, "the policies were not written at all");
+
+    // Someone edits the NetworkPolicy: the next reconcile applies it again.
+    let nps = Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(client.clone(), NS);
+    let edit = json!({"spec": {"ingress": []}});
+    nps.patch("custos-orders", &PatchParams::default(), &Patch::Merge(&edit)).await.unwrap();
+    let outcome = reconcile_namespace(&ctx, NS).await.unwrap();
+    assert_eq!((outcome.network_policies_applied, outcome.applies_skipped), (1, 1));
+    let restored = nps.get("custos-orders").await.unwrap();
+    assert!(!restored.spec.unwrap().ingress.unwrap_or_default().is_empty(), "the ingress rules are back");
 }
 
 #[tokio::test]

@@ -11,10 +11,12 @@
 //! 1. the `custos.dev/cleanup` finalizer is added to live policies lacking it (first, so the
 //!    status written below describes the policy as it then is);
 //! 2. the `custos-config` ConfigMap is server-side applied (field manager `custos`, forced),
-//!    or deleted once no live policy is left; a failure stops the reconcile here;
+//!    unless it already holds exactly the desired data, labels, annotations and owners, or
+//!    deleted once no live policy is left; a failure stops the reconcile here;
 //! 3. with `--sync-sidecar-secrets`, the sidecar Secrets are copied from the operator's
 //!    namespace (or their copies deleted with the ConfigMap); a failure is reported at the end;
-//! 4. each NetworkPolicy is server-side applied — a refusal turns that policy's
+//! 4. each NetworkPolicy is server-side applied (skipped, like the ConfigMap, when the listed
+//!    one is already exactly the desired one) — a refusal turns that policy's
 //!    `NetworkPolicyApplied` False with the apiserver's reason and fails the reconcile at the
 //!    end, after the other steps —, stale ones are deleted;
 //! 5. statuses are patched (status subresource) only where they changed;
@@ -52,6 +54,9 @@ pub struct ReconcileOutcome {
     pub policies: usize,
     /// NetworkPolicies applied.
     pub network_policies_applied: usize,
+    /// Applies skipped because the object already held exactly the desired state (the
+    /// ConfigMap, NetworkPolicies): a resync with nothing changed writes nothing.
+    pub applies_skipped: usize,
     /// Stale NetworkPolicies deleted.
     pub network_policies_deleted: usize,
     /// Whether the ConfigMap was deleted (no live policy left).
@@ -204,7 +209,16 @@ async fn apply_config_map(
     };
     match &desired.config_map {
         Some(cm) => {
-            api.patch(CONFIG_MAP_NAME, &apply_params(), &Patch::Apply(cm)).await.map_err(err)?;
+            let existing = api.get_opt(CONFIG_MAP_NAME).await.map_err(|source| Error::List {
+                kind: "ConfigMap",
+                namespace: namespace.to_string(),
+                source,
+            })?;
+            if existing.as_ref().is_some_and(|e| config_map_current(e, cm)) {
+                outcome.applies_skipped += 1;
+            } else {
+                api.patch(CONFIG_MAP_NAME, &apply_params(), &Patch::Apply(cm)).await.map_err(err)?;
+            }
         }
         None => match api.delete(CONFIG_MAP_NAME, &DeleteParams::default()).await {
             Ok(_) => outcome.config_map_deleted = true,
@@ -220,6 +234,26 @@ async fn apply_config_map(
         },
     }
     Ok(())
+}
+
+/// True when `existing` holds exactly what `desired` sets (data, labels, annotations, owner
+/// references): applying it would change nothing, so the resync skips the write. Anything
+/// else (an edit by someone, a field the apiserver added) is not "current" and is applied, as
+/// before.
+fn config_map_current(existing: &ConfigMap, desired: &ConfigMap) -> bool {
+    existing.data == desired.data
+        && existing.binary_data == desired.binary_data
+        && existing.metadata.labels == desired.metadata.labels
+        && existing.metadata.annotations == desired.metadata.annotations
+        && existing.metadata.owner_references == desired.metadata.owner_references
+}
+
+/// [`config_map_current`] for a NetworkPolicy: the same spec, labels, annotations and owners.
+fn network_policy_current(existing: &NetworkPolicy, desired: &NetworkPolicy) -> bool {
+    existing.spec == desired.spec
+        && existing.metadata.labels == desired.metadata.labels
+        && existing.metadata.annotations == desired.metadata.annotations
+        && existing.metadata.owner_references == desired.metadata.owner_references
 }
 
 /// `--sync-sidecar-secrets`: while the namespace has a config, each sidecar Secret of the
@@ -326,6 +360,11 @@ async fn apply_network_policies(
     let mut refused = Vec::new();
     for np in &desired.network_policies {
         let name = np.name_any();
+        let existing = snapshot.network_policies.iter().find(|e| e.metadata.name.as_ref() == Some(&name));
+        if existing.is_some_and(|e| network_policy_current(e, np)) {
+            outcome.applies_skipped += 1;
+            continue;
+        }
         match api.patch(&name, &apply_params(), &Patch::Apply(np)).await {
             Ok(_) => outcome.network_policies_applied += 1,
             Err(source) => {
