@@ -7,14 +7,10 @@
 mod common;
 
 use chrono::Duration;
-use common::{Env, event, t0};
+use common::{Env, event, subject_hash, t0};
 use custos_api::AuditEvent;
 use custos_store::BreakKind;
 use sha2::Digest;
-
-fn subject_hash(n: u64) -> String {
-    format!("{n:064x}")
-}
 
 #[tokio::test]
 async fn sqlite_a_planted_index_row_is_not_an_access_and_fails_verification() {

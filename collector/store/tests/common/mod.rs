@@ -211,3 +211,65 @@ pub fn event(id: &str, time: DateTime<Utc>) -> AuditEvent {
 pub fn events(prefix: &str, n: usize) -> Vec<AuditEvent> {
     (0..n).map(|i| event(&format!("{prefix}{i:03}"), t0() + chrono::Duration::seconds(i as i64))).collect()
 }
+
+/// The record hash of data subject `n` (64 hex characters, as the sidecars send).
+pub fn subject_hash(n: u64) -> String {
+    format!("{n:064x}")
+}
+
+/// The events of the record-hash index conversion tests: 30 events `spacing` apart (ids
+/// `v000`..`v029`, principals `user:u0..2` in turn); every third touches subject 42 (listed
+/// twice), all touch subject 7, event 5 also carries a record hash that is not hex.
+pub fn conversion_events(spacing: chrono::Duration) -> Vec<AuditEvent> {
+    (0..30)
+        .map(|i| {
+            let mut e = event(&format!("v{i:03}"), t0() + spacing * i);
+            e.principal = format!("user:u{}", i % 3);
+            e.record_hashes = vec![subject_hash(7)];
+            if i % 3 == 0 {
+                e.record_hashes.extend([subject_hash(42), subject_hash(42)]);
+            }
+            if i == 5 {
+                e.record_hashes.push("h".into());
+            }
+            e
+        })
+        .collect()
+}
+
+/// What a store holding [`conversion_events`] (`spacing` apart) must answer after its
+/// record-hash index was converted: subject lookups newest first, with time bounds and limits,
+/// the non-hex hash, an unknown subject; then the chain continues with 5 events `after` t0 and
+/// a deleted index row is caught as an edit of its event.
+pub async fn assert_converted_index(
+    env: &Env,
+    store: &AnyStore,
+    spacing: chrono::Duration,
+    after: chrono::Duration,
+) {
+    let hits = store.subject(&subject_hash(42), None, None, 0).await.unwrap();
+    let expected: Vec<String> = (0..30).rev().filter(|i| i % 3 == 0).map(|i| format!("v{i:03}")).collect();
+    assert_eq!(hits.iter().map(|h| h.event_id.clone()).collect::<Vec<_>>(), expected);
+    let bounded = store
+        .subject(&subject_hash(42), Some(t0() + spacing * 3), Some(t0() + spacing * 9), 0)
+        .await
+        .unwrap();
+    assert_eq!(bounded.iter().map(|h| h.event_id.as_str()).collect::<Vec<_>>(), ["v006", "v003"]);
+    assert_eq!(store.subject(&subject_hash(7), None, None, 0).await.unwrap().len(), 30);
+    assert_eq!(store.subject(&subject_hash(7), None, None, 4).await.unwrap().len(), 4);
+    let h = store.subject("h", None, None, 0).await.unwrap();
+    assert_eq!(h.iter().map(|h| h.event_id.as_str()).collect::<Vec<_>>(), ["v005"]);
+    assert!(store.subject(&subject_hash(8), None, None, 0).await.unwrap().is_empty());
+
+    let mut more = events("w", 5);
+    for (i, e) in more.iter_mut().enumerate() {
+        e.time = rfc3339(t0() + after + chrono::Duration::seconds(i as i64));
+        e.record_hashes = vec![subject_hash(42)];
+    }
+    assert_eq!(store.ingest(&more).await.unwrap().accepted, 5);
+    assert_eq!(store.verify(None).await.unwrap().checked, 35);
+    assert_eq!(store.subject(&subject_hash(42), None, None, 1).await.unwrap()[0].event_id, "w004");
+    env.raw("DELETE FROM event_records WHERE seq = 4;").await;
+    let b = store.verify(None).await.unwrap().first_broken.unwrap();
+    assert_eq!((b.kind, b.seq), (custos_store::BreakKind::Edited, 4), "{b:?}");
+}
