@@ -12,7 +12,9 @@
 //! Environment: `CUSTOS_BENCH_EVENTS` (events measured for ingest, default 200,000),
 //! `CUSTOS_BENCH_SUBJECT_EVENTS` (store size for the subject query, default 10,000,000; 0 skips
 //! it), `CUSTOS_BENCH_POSTGRES_URL` (or `CUSTOS_TEST_POSTGRES_URL`; PostgreSQL is skipped
-//! without either).
+//! without either), `CUSTOS_BENCH_POSTGRES_SUBJECT_EVENTS` (the same subject query on
+//! PostgreSQL, its store filled to that many events; default 0: skipped, the fill takes
+//! minutes and the schema is dropped at the end).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -142,9 +144,10 @@ fn record_key(record_hash: &str) -> Vec<u8> {
     sha2::Sha256::digest(record_hash.as_bytes())[..16].to_vec()
 }
 
-/// Events per bucket of the record-hash index of both backends: `2^14`
+/// Events per bucket of the record-hash index: `2^14` on SQLite, `2^16` on PostgreSQL
 /// (`collector/store/src/chain.rs`).
-const BUCKET_SHIFT: u32 = 14;
+const SQLITE_BUCKET_SHIFT: u32 = 14;
+const POSTGRES_BUCKET_SHIFT: u32 = 16;
 
 /// Plain batched inserts into a SQLite file with the store's schema (made by opening it as a
 /// store), same pragmas (WAL, synchronous=FULL, page cache).
@@ -200,7 +203,7 @@ fn sqlite_baseline(path: &std::path::Path, run: &str, count: u64) -> Duration {
                 keys.sort();
                 keys.dedup();
                 for k in &keys {
-                    record.execute(rusqlite::params![seq >> BUCKET_SHIFT, k, seq, r.time_us]).unwrap();
+                    record.execute(rusqlite::params![seq >> SQLITE_BUCKET_SHIFT, k, seq, r.time_us]).unwrap();
                 }
             }
         }
@@ -292,7 +295,7 @@ async fn postgres_baseline(url: &str, run: &str, count: u64) -> Duration {
             let mut keys: Vec<Vec<u8>> = r.records.iter().map(|h| record_key(h)).collect();
             keys.sort();
             keys.dedup();
-            let bucket = s >> BUCKET_SHIFT;
+            let bucket = s >> POSTGRES_BUCKET_SHIFT;
             for k in keys {
                 w.as_mut().write(&[&bucket, &k, s, &r.time_us]).await.unwrap();
             }
@@ -372,6 +375,7 @@ async fn subject_latency(backend: &str, store: &AnyStore, total: u64) {
 async fn main() {
     let count = env_u64("CUSTOS_BENCH_EVENTS", 200_000);
     let subject_total = env_u64("CUSTOS_BENCH_SUBJECT_EVENTS", 10_000_000);
+    let pg_subject_total = env_u64("CUSTOS_BENCH_POSTGRES_SUBJECT_EVENTS", 0);
     let dir = tempfile::tempdir().unwrap();
 
     // SQLite: the store and the baseline on separate files, alternating twice.
@@ -439,6 +443,9 @@ async fn main() {
         subject_latency("sqlite", &store, subject_total).await;
     }
     if let Some((admin, store, store_schema, base_schema)) = pg_schemas {
+        if pg_subject_total > 0 {
+            subject_latency("postgres", &store, pg_subject_total).await;
+        }
         drop(store);
         for s in [store_schema, base_schema] {
             admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE")).await.unwrap();

@@ -22,8 +22,8 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
 use crate::chain::{
-    self, BUCKET_SHIFT, CHAIN_COLUMNS, ChainRow, Columns, DAY_US, GENESIS_HASH, Link, RecordsBySeq, Unlinked,
-    bucket, bucket_end,
+    self, CHAIN_COLUMNS, ChainRow, Columns, DAY_US, GENESIS_HASH, Link, POSTGRES_BUCKET_SHIFT, RecordsBySeq,
+    Unlinked,
 };
 use crate::query::{self, Param, TimeRange};
 use crate::{Error, EventQuery, IngestOutcome, Result, SubjectAccess, TopBy, TopEntry};
@@ -96,7 +96,8 @@ CREATE INDEX events_flagged_time ON events (decision, time_us, seq) WHERE decisi
 /// `event_records` by the 64-character record hash, so each batch's rows landed on random
 /// pages of the day's index (one dirtied page, and after a checkpoint one full-page WAL image,
 /// per record hash) and a second index on `seq` was written for verification and retention.
-/// V3 keys it by `(bucket, record_key, seq, time_us)` with `bucket = seq >> BUCKET_SHIFT` and
+/// V3 keys it by `(bucket, record_key, seq, time_us)` with `bucket = seq >> 16` (2^16 events a
+/// bucket, [`POSTGRES_BUCKET_SHIFT`]: fewer probes per lookup than SQLite's 2^14) and
 /// 16-byte [`chain::record_key`]s: a batch writes into the current bucket's pages only; a
 /// lookup seeks each bucket; verification and retention read bucket ranges. The V2 table and
 /// its partitions are renamed `event_records_v2*` by [`rename_records_v2`] before this runs,
@@ -110,6 +111,19 @@ CREATE TABLE event_records (
     PRIMARY KEY (bucket, record_key, seq, time_us)
 ) PARTITION BY RANGE (time_us);
 ";
+
+/// Events per bucket of the record-hash index: `2^BUCKET_SHIFT`.
+const BUCKET_SHIFT: u32 = POSTGRES_BUCKET_SHIFT;
+
+/// The record-hash index bucket of the event at `seq`.
+fn bucket(seq: i64) -> i64 {
+    chain::bucket_of(seq, BUCKET_SHIFT)
+}
+
+/// The last seq of the bucket of `seq`.
+fn bucket_end(seq: i64) -> i64 {
+    chain::bucket_end_of(seq, BUCKET_SHIFT)
+}
 
 /// Schema migrations, in order. Never edit a released one: add the next.
 const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3)];
@@ -155,7 +169,7 @@ async fn convert_records_v3(tx: &tokio_postgres::Transaction<'_>) -> Result<()> 
             "INSERT INTO event_records (bucket, record_key, seq, time_us) \
              SELECT seq >> $1, substring(sha256(convert_to(record_hash, 'UTF8')) FROM 1 FOR $2), seq, time_us \
              FROM event_records_v2 ON CONFLICT DO NOTHING",
-            &[&i32::try_from(BUCKET_SHIFT).unwrap_or(14), &i32::try_from(chain::RECORD_KEY_LEN).unwrap_or(16)],
+            &[&i32::try_from(BUCKET_SHIFT).unwrap_or(16), &i32::try_from(chain::RECORD_KEY_LEN).unwrap_or(16)],
         )
         .await?;
     tx.batch_execute("DROP TABLE event_records_v2").await?;

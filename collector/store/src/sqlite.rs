@@ -19,8 +19,8 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::chain::{
-    self, BUCKET_SHIFT, CHAIN_COLUMNS, ChainRow, Columns, GENESIS_HASH, Link, RecordKey, RecordsBySeq,
-    Unlinked, bucket, bucket_end,
+    self, CHAIN_COLUMNS, ChainRow, Columns, GENESIS_HASH, Link, RecordKey, RecordsBySeq, SQLITE_BUCKET_SHIFT,
+    Unlinked,
 };
 use crate::query::{self, Param, TimeRange};
 use crate::{Error, EventQuery, IngestOutcome, Result, SubjectAccess, TopBy, TopEntry};
@@ -102,6 +102,19 @@ DROP TABLE event_records_v1;
 DROP INDEX events_decision_time;
 CREATE INDEX events_flagged_time ON events (decision, time_us) WHERE decision <> 'Allow';
 ";
+
+/// Events per bucket of the record-hash index: `2^BUCKET_SHIFT`.
+const BUCKET_SHIFT: u32 = SQLITE_BUCKET_SHIFT;
+
+/// The record-hash index bucket of the event at `seq`.
+fn bucket(seq: i64) -> i64 {
+    chain::bucket_of(seq, BUCKET_SHIFT)
+}
+
+/// The last seq of the bucket of `seq`.
+fn bucket_end(seq: i64) -> i64 {
+    chain::bucket_end_of(seq, BUCKET_SHIFT)
+}
 
 /// Schema migrations, in order. Never edit a released one: add the next.
 const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];

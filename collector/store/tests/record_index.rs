@@ -25,13 +25,15 @@ async fn postgres_a_planted_index_row_is_not_an_access_and_fails_verification() 
 
 #[tokio::test]
 async fn sqlite_verification_subject_lookup_and_retention_span_index_buckets() {
-    verification_subject_lookup_and_retention_span_index_buckets(Env::sqlite()).await;
+    // SQLite: 2^14 events a bucket.
+    verification_subject_lookup_and_retention_span_index_buckets(Env::sqlite(), 1 << 14).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_verification_subject_lookup_and_retention_span_index_buckets() {
     let Some(env) = Env::postgres().await else { return };
-    verification_subject_lookup_and_retention_span_index_buckets(env).await;
+    // PostgreSQL: 2^16 events a bucket.
+    verification_subject_lookup_and_retention_span_index_buckets(env, 1 << 16).await;
 }
 
 async fn a_planted_index_row_is_not_an_access_and_fails_verification(env: Env) {
@@ -55,13 +57,13 @@ async fn a_planted_index_row_is_not_an_access_and_fails_verification(env: Env) {
     assert_eq!((broken.kind, broken.seq), (BreakKind::Edited, 2), "{broken:?}");
 }
 
-async fn verification_subject_lookup_and_retention_span_index_buckets(env: Env) {
-    // 2^14 events per bucket: 20,000 events fill bucket 0 and part of bucket 1.
+async fn verification_subject_lookup_and_retention_span_index_buckets(env: Env, bucket: usize) {
+    // `bucket` events per index bucket: bucket + 3,616 events fill bucket 0 and part of 1.
     let store = env.open().await;
-    let n: usize = 20_000;
+    let n = bucket + 3_616;
     let all: Vec<AuditEvent> = (0..n)
         .map(|i| {
-            let mut e = event(&format!("b{i:05}"), t0() + Duration::seconds(i as i64));
+            let mut e = event(&format!("b{i:06}"), t0() + Duration::seconds(i as i64));
             e.record_hashes = vec![subject_hash((i % 1000) as u64)];
             if i % 7 == 0 {
                 e.record_hashes.push(subject_hash(5000));
@@ -70,30 +72,38 @@ async fn verification_subject_lookup_and_retention_span_index_buckets(env: Env) 
         })
         .collect();
     for chunk in all.chunks(1000) {
-        assert_eq!(store.ingest(chunk).await.unwrap().accepted, 1000);
+        assert_eq!(store.ingest(chunk).await.unwrap().accepted, chunk.len() as u64);
     }
     let report = store.verify(None).await.unwrap();
     assert_eq!((report.first_broken, report.checked), (None, n as u64));
-    let from = store.verify(Some(16_000)).await.unwrap();
-    assert_eq!((from.first_broken, from.checked, from.start.seq), (None, 4001, 15_999));
+    // From just before the bucket boundary.
+    let from = (bucket - 384) as u64;
+    let partial = store.verify(Some(from)).await.unwrap();
+    assert_eq!(
+        (partial.first_broken, partial.checked, partial.start.seq),
+        (None, n as u64 - from + 1, from - 1)
+    );
 
     let sevens: Vec<usize> = (0..n).rev().filter(|i| i % 7 == 0).collect();
     let hits = store.subject(&subject_hash(5000), None, None, 0).await.unwrap();
-    let expected: Vec<String> = sevens.iter().take(100).map(|i| format!("b{i:05}")).collect();
+    let expected: Vec<String> = sevens.iter().take(100).map(|i| format!("b{i:06}")).collect();
     assert_eq!(hits.iter().map(|h| h.event_id.clone()).collect::<Vec<_>>(), expected);
-    assert_eq!(store.subject(&subject_hash(5000), None, None, 10_000).await.unwrap().len(), sevens.len());
-    assert_eq!(store.subject(&subject_hash(3), None, None, 0).await.unwrap().len(), 20);
+    assert_eq!(store.subject(&subject_hash(5000), None, None, 100_000).await.unwrap().len(), sevens.len());
+    let threes = |from: usize| (from..n).filter(|i| i % 1000 == 3).count();
+    assert_eq!(store.subject(&subject_hash(3), None, None, 0).await.unwrap().len(), threes(0));
 
-    // Retention into bucket 1: seqs 1..=17,000 go, the rest still verifies.
-    let pruned = store.prune(t0() + Duration::seconds(17_000)).await.unwrap();
-    assert_eq!((pruned.deleted, pruned.anchor.seq), (17_000, 17_000));
+    // Retention into bucket 1: the events before `cut` go, the rest still verifies.
+    let cut = bucket + 616;
+    let pruned = store.prune(t0() + Duration::seconds(cut as i64)).await.unwrap();
+    assert_eq!((pruned.deleted, pruned.anchor.seq), (cut as u64, cut as u64));
     let report = store.verify(None).await.unwrap();
-    assert_eq!((report.first_broken, report.checked), (None, 3_000));
-    assert_eq!(store.subject(&subject_hash(3), None, None, 0).await.unwrap().len(), 3);
-    assert_eq!(env.count("SELECT COUNT(*) FROM event_records WHERE seq <= 17000").await, 0);
+    assert_eq!((report.first_broken, report.checked), (None, (n - cut) as u64));
+    assert_eq!(store.subject(&subject_hash(3), None, None, 0).await.unwrap().len(), threes(cut));
+    assert_eq!(env.count(&format!("SELECT COUNT(*) FROM event_records WHERE seq <= {cut}")).await, 0);
 
     // A hidden access in bucket 1 is caught.
-    env.raw("DELETE FROM event_records WHERE seq = 18000;").await;
+    let hidden = bucket + 1_616;
+    env.raw(&format!("DELETE FROM event_records WHERE seq = {hidden};")).await;
     let b = store.verify(None).await.unwrap().first_broken.unwrap();
-    assert_eq!((b.kind, b.seq), (BreakKind::Edited, 18_000), "{b:?}");
+    assert_eq!((b.kind, b.seq), (BreakKind::Edited, hidden as u64), "{b:?}");
 }
