@@ -76,6 +76,12 @@ async fn sidecar_secrets_follow_the_policies_of_a_namespace() {
     // Nothing is copied into the operator's own namespace or a namespace without policies.
     assert!(secrets("billing").get_opt(TOKEN).await.unwrap().is_none());
 
+    // Nothing changed: the copy is not written again.
+    let version = secrets(NS).get(TOKEN).await.unwrap().resource_version();
+    let outcome = reconcile_namespace(&ctx, NS).await.unwrap();
+    assert_eq!(outcome.secrets_copied, 0);
+    assert_eq!(secrets(NS).get(TOKEN).await.unwrap().resource_version(), version);
+
     // A rotated original reaches the copy at the next reconcile.
     secrets(OPERATOR_NS).delete(TOKEN, &DeleteParams::default()).await.unwrap();
     secrets(OPERATOR_NS).create(&post, &mk_secret(OPERATOR_NS, TOKEN, "token", "t0k3n-2")).await.unwrap();

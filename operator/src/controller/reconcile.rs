@@ -55,7 +55,7 @@ pub struct ReconcileOutcome {
     /// NetworkPolicies applied.
     pub network_policies_applied: usize,
     /// Applies skipped because the object already held exactly the desired state (the
-    /// ConfigMap, NetworkPolicies): a resync with nothing changed writes nothing.
+    /// ConfigMap, NetworkPolicies, Secret copies): a resync with nothing changed writes nothing.
     pub applies_skipped: usize,
     /// Stale NetworkPolicies deleted.
     pub network_policies_deleted: usize,
@@ -220,20 +220,24 @@ async fn apply_config_map(
                 api.patch(CONFIG_MAP_NAME, &apply_params(), &Patch::Apply(cm)).await.map_err(err)?;
             }
         }
-        None => match api.delete(CONFIG_MAP_NAME, &DeleteParams::default()).await {
-            Ok(_) => outcome.config_map_deleted = true,
-            Err(e) if is_not_found(&e) => {}
-            Err(source) => {
-                return Err(Error::Delete {
-                    kind: "ConfigMap",
-                    namespace: namespace.to_string(),
-                    name: CONFIG_MAP_NAME.to_string(),
-                    source,
-                });
-            }
-        },
+        None => outcome.config_map_deleted = delete(&api, "ConfigMap", namespace, CONFIG_MAP_NAME).await?,
     }
     Ok(())
+}
+
+/// Deletes `name` of `kind`: `Ok(true)` when it was deleted, `Ok(false)` when it was gone
+/// already.
+async fn delete<K>(api: &Api<K>, kind: &'static str, namespace: &str, name: &str) -> Result<bool, Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(source) => {
+            Err(Error::Delete { kind, namespace: namespace.to_string(), name: name.to_string(), source })
+        }
+    }
 }
 
 /// True when `existing` holds exactly what `desired` sets (data, labels, annotations, owner
@@ -243,17 +247,26 @@ async fn apply_config_map(
 fn config_map_current(existing: &ConfigMap, desired: &ConfigMap) -> bool {
     existing.data == desired.data
         && existing.binary_data == desired.binary_data
-        && existing.metadata.labels == desired.metadata.labels
-        && existing.metadata.annotations == desired.metadata.annotations
-        && existing.metadata.owner_references == desired.metadata.owner_references
+        && same_metadata(&existing.metadata, &desired.metadata)
 }
 
 /// [`config_map_current`] for a NetworkPolicy: the same spec, labels, annotations and owners.
 fn network_policy_current(existing: &NetworkPolicy, desired: &NetworkPolicy) -> bool {
-    existing.spec == desired.spec
-        && existing.metadata.labels == desired.metadata.labels
-        && existing.metadata.annotations == desired.metadata.annotations
-        && existing.metadata.owner_references == desired.metadata.owner_references
+    existing.spec == desired.spec && same_metadata(&existing.metadata, &desired.metadata)
+}
+
+/// [`config_map_current`] for a Secret copy: the same type, data, labels, annotations and owners.
+fn secret_current(existing: &Secret, desired: &Secret) -> bool {
+    existing.type_ == desired.type_
+        && existing.data == desired.data
+        && same_metadata(&existing.metadata, &desired.metadata)
+}
+
+/// The metadata the operator sets: labels, annotations, owner references.
+fn same_metadata(existing: &ObjectMeta, desired: &ObjectMeta) -> bool {
+    existing.labels == desired.labels
+        && existing.annotations == desired.annotations
+        && existing.owner_references == desired.owner_references
 }
 
 /// `--sync-sidecar-secrets`: while the namespace has a config, each sidecar Secret of the
@@ -273,8 +286,8 @@ async fn sync_secrets(
     let source: Api<Secret> = Api::namespaced(ctx.client.clone(), &sync.source_namespace);
     let target: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let mut failures = Vec::new();
+    let ours = |s: &Secret| s.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY);
     for name in &sync.names {
-        let ours = |s: &Secret| s.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY);
         let existing = match target.get_opt(name).await {
             Ok(existing) => existing,
             Err(source) => {
@@ -288,15 +301,9 @@ async fn sync_secrets(
         }
         let Some(config_map) = &desired.config_map else {
             if existing.is_some() {
-                match target.delete(name, &DeleteParams::default()).await {
-                    Ok(_) => outcome.secrets_deleted += 1,
-                    Err(e) if is_not_found(&e) => {}
-                    Err(source) => failures.push(Error::Delete {
-                        kind: "Secret",
-                        namespace: namespace.to_string(),
-                        name: name.clone(),
-                        source,
-                    }),
+                match delete(&target, "Secret", namespace, name).await {
+                    Ok(deleted) => outcome.secrets_deleted += usize::from(deleted),
+                    Err(e) => failures.push(e),
                 }
             }
             continue;
@@ -332,6 +339,10 @@ async fn sync_secrets(
             data: original.data,
             ..Secret::default()
         };
+        if existing.as_ref().is_some_and(|e| secret_current(e, &copy)) {
+            outcome.applies_skipped += 1;
+            continue;
+        }
         match target.patch(name, &apply_params(), &Patch::Apply(&copy)).await {
             Ok(_) => outcome.secrets_copied += 1,
             Err(source) => failures.push(Error::Apply {
@@ -394,15 +405,9 @@ async fn delete_stale(
 ) -> Vec<Error> {
     let mut failures = Vec::new();
     for name in &desired.stale_network_policies {
-        match api.delete(name, &DeleteParams::default()).await {
-            Ok(_) => outcome.network_policies_deleted += 1,
-            Err(e) if is_not_found(&e) => {}
-            Err(source) => failures.push(Error::Delete {
-                kind: "NetworkPolicy",
-                namespace: namespace.to_string(),
-                name: name.clone(),
-                source,
-            }),
+        match delete(api, "NetworkPolicy", namespace, name).await {
+            Ok(deleted) => outcome.network_policies_deleted += usize::from(deleted),
+            Err(e) => failures.push(e),
         }
     }
     failures
