@@ -297,8 +297,8 @@ fn main() -> Result<()> {
         let l =
             rt.block_on(loadgen::fixed_rate(addr, path, args.rate, Duration::from_secs(args.duration), 32))?;
         println!(
-            "fixed {} req/s {name:<15} p50 {:>7.3} ms  p99 {:>7.3} ms  ({} ok, {} errors)",
-            args.rate, l.p50_ms, l.p99_ms, l.ok, l.errors
+            "fixed {} req/s {name:<15} p50 {:>7.3} ms  p99 {:>7.3} ms  ({} ok, {} errors; sent late by ≤ {:.0} µs at p99)",
+            args.rate, l.p50_ms, l.p99_ms, l.ok, l.errors, l.send_lateness_p99_us
         );
         fixed.push((name, l));
     }
