@@ -1,4 +1,7 @@
-//! The operator's scenarios against a real cluster with Custos installed (`make e2e`). Each
+//! The operator's scenarios against a real cluster with Custos installed (`make e2e`): the
+//! reconcile and webhook scenarios of `operator/tests/` (create, update, two policies in a
+//! namespace, pods coming and going, delete, injection and re-admission, namespace-label
+//! injection, admission denial, bypass warning) on a real API server. Each
 //! test creates its own namespace and deletes it at the end. They wait for the cluster to
 //! converge (bounded polling, 60 s) rather than for fixed times.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -7,7 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use custos_api::DataAccessPolicy;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use custos_api::config::SidecarConfig;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -101,10 +105,17 @@ async fn ready_policy(s: &Scenario, name: &str) -> DataAccessPolicy {
     .await
 }
 
-async fn config_hash(s: &Scenario) -> Option<String> {
+async fn sidecar_config(s: &Scenario) -> Option<SidecarConfig> {
     let cm = s.api::<ConfigMap>().get("custos-config").await.ok()?;
-    let config: Value = serde_json::from_str(cm.data?.get("config.json")?).ok()?;
-    config["hash"].as_str().map(str::to_string)
+    serde_json::from_str(cm.data?.get("config.json")?).ok()
+}
+
+async fn config_hash(s: &Scenario) -> Option<String> {
+    sidecar_config(s).await.map(|c| c.hash)
+}
+
+fn policy_names(config: &SidecarConfig) -> Vec<&str> {
+    config.policies.iter().map(|p| p.name.as_str()).collect()
 }
 
 #[tokio::test]
@@ -159,6 +170,142 @@ async fn delete_removes_owned_objects() {
         let np = s.api::<NetworkPolicy>().get_opt("custos-customers").await.ok()?;
         let cm = s.api::<ConfigMap>().get_opt("custos-config").await.ok()?;
         (np.is_none() && cm.is_none()).then_some(())
+    })
+    .await;
+    s.finish().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster with Custos installed: make e2e"]
+async fn two_policies_share_one_config_and_each_keeps_its_network_policy() {
+    let s = Scenario::new("two").await;
+    s.apply_policy("customers", spec("customer-api")).await.unwrap();
+    s.apply_policy("parcels", spec("parcel-api")).await.unwrap();
+    ready_policy(&s, "customers").await;
+    ready_policy(&s, "parcels").await;
+    let config = eventually("both policies in custos-config", || async {
+        sidecar_config(&s).await.filter(|c| policy_names(c) == ["customers", "parcels"])
+    })
+    .await;
+    let cm = s.api::<ConfigMap>().get("custos-config").await.unwrap();
+    let mut owners: Vec<_> =
+        cm.metadata.owner_references.unwrap_or_default().into_iter().map(|o| o.name).collect();
+    owners.sort();
+    assert_eq!(owners, ["customers", "parcels"]);
+    for name in ["custos-customers", "custos-parcels"] {
+        s.api::<NetworkPolicy>().get(name).await.unwrap_or_else(|e| panic!("NetworkPolicy {name}: {e}"));
+    }
+
+    // One goes: the other stays enforced, alone in the config.
+    s.api::<DataAccessPolicy>().delete("parcels", &DeleteParams::default()).await.unwrap();
+    eventually("parcels gone from custos-config and its NetworkPolicy deleted", || async {
+        let config = sidecar_config(&s).await?;
+        let np = s.api::<NetworkPolicy>().get_opt("custos-parcels").await.ok()?;
+        (policy_names(&config) == ["customers"] && np.is_none()).then_some(())
+    })
+    .await;
+    assert_ne!(config_hash(&s).await, Some(config.hash));
+    s.finish().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster with Custos installed: make e2e"]
+async fn pods_coming_and_going_update_the_identity_table() {
+    let s = Scenario::new("identity").await;
+    // The rule source of `spec`: workloads running as the `reader` service account.
+    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "reader"}})).unwrap();
+    s.api::<ServiceAccount>().create(&PostParams::default(), &account).await.unwrap();
+    s.apply_policy("customers", spec("customer-api")).await.unwrap();
+    ready_policy(&s, "customers").await;
+
+    let mut client_pod = pod("reader-1", "reader", json!({}));
+    client_pod.spec.as_mut().unwrap().service_account_name = Some("reader".into());
+    s.api::<Pod>().create(&PostParams::default(), &client_pod).await.unwrap();
+    let ip = eventually("reader-1 gets a pod IP", || async {
+        s.api::<Pod>().get("reader-1").await.ok()?.status?.pod_ip
+    })
+    .await;
+    eventually("reader-1 in the identity table", || async {
+        let config = sidecar_config(&s).await?;
+        config
+            .workloads
+            .iter()
+            .any(|w| w.ip == ip && w.service_account == "reader" && w.namespace == s.ns)
+            .then_some(())
+    })
+    .await;
+
+    s.api::<Pod>().delete("reader-1", &DeleteParams::default().grace_period(0)).await.unwrap();
+    eventually("reader-1 gone from the identity table", || async {
+        let config = sidecar_config(&s).await?;
+        config.workloads.iter().all(|w| w.ip != ip).then_some(())
+    })
+    .await;
+    s.finish().await;
+}
+
+fn container_names(pod: &Pod) -> Vec<String> {
+    pod.spec.as_ref().map(|s| s.containers.iter().map(|c| c.name.clone()).collect()).unwrap_or_default()
+}
+
+fn custos_volumes(pod: &Pod) -> Vec<String> {
+    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+    volumes.into_iter().flatten().map(|v| v.name.clone()).filter(|n| n.starts_with("custos")).collect()
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster with Custos installed: make e2e"]
+async fn an_injected_pod_admitted_again_is_unchanged() {
+    let s = Scenario::new("readmit").await;
+    s.apply_policy("customers", spec("customer-api")).await.unwrap();
+    ready_policy(&s, "customers").await;
+    let pods = s.api::<Pod>();
+    let injected =
+        pods.create(&PostParams::default(), &pod("first", "customer-api", json!({}))).await.unwrap();
+    assert!(container_names(&injected).contains(&"custos-sidecar".to_string()));
+
+    // The injected pod, as the API server returned it, admitted again (dry run, new name).
+    let mut again = injected.clone();
+    again.metadata = kube::api::ObjectMeta {
+        name: Some("again".into()),
+        labels: injected.metadata.labels.clone(),
+        annotations: injected.metadata.annotations.clone(),
+        ..Default::default()
+    };
+    again.status = None;
+    let readmitted = pods.create(&PostParams { dry_run: true, field_manager: None }, &again).await.unwrap();
+    assert_eq!(container_names(&readmitted), container_names(&injected));
+    assert_eq!(custos_volumes(&readmitted), custos_volumes(&injected));
+    let sidecar = |p: &Pod| {
+        p.spec.as_ref().unwrap().containers.iter().find(|c| c.name == "custos-sidecar").cloned().unwrap()
+    };
+    assert_eq!(sidecar(&readmitted), sidecar(&injected));
+    s.finish().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster with Custos installed: make e2e"]
+async fn a_namespace_labelled_for_injection_gets_sidecars_in_unselected_pods() {
+    let s = Scenario::new("nslabel").await;
+    // Its sidecars need the namespace's compiled config: one policy, for another app.
+    s.apply_policy("customers", spec("customer-api")).await.unwrap();
+    ready_policy(&s, "customers").await;
+    let pods = s.api::<Pod>();
+    let before = pods.create(&PostParams::default(), &pod("before", "legacy", json!({}))).await.unwrap();
+    assert_eq!(container_names(&before), ["app"], "not selected, namespace not labelled");
+
+    let label = json!({"metadata": {"labels": {"custos.dev/injection": "enabled"}}});
+    Api::<Namespace>::all(s.client.clone())
+        .patch(&s.ns, &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap();
+    // The webhook sees the label once its namespace cache has it: retried dry runs.
+    eventually("a legacy pod injected in the labelled namespace", || async {
+        let created = pods
+            .create(&PostParams { dry_run: true, field_manager: None }, &pod("after", "legacy", json!({})))
+            .await
+            .ok()?;
+        container_names(&created).contains(&"custos-sidecar".to_string()).then_some(())
     })
     .await;
     s.finish().await;

@@ -100,6 +100,12 @@ impl Leadership {
         Ok(Self { receiver, _always: None, task: Some(task) })
     }
 
+    /// Leadership decided by `receiver` (tests of what runs while leading).
+    #[cfg(test)]
+    pub(crate) fn from_channel(receiver: watch::Receiver<bool>) -> Self {
+        Self { receiver, _always: None, task: None }
+    }
+
     /// True while this replica holds the Lease.
     pub fn is_leader(&self) -> bool {
         *self.receiver.borrow()

@@ -187,19 +187,23 @@ pub async fn start_with_client(
             secret_sync: config.secret_sync.clone(),
         },
     ));
-    tasks.spawn(lead(leadership, ctx, metrics.clone(), stop_rx));
+    let controller = move || crate::controller::run(ctx.clone());
+    tasks.spawn(lead(leadership, controller, metrics.clone(), stop_rx));
 
     Ok(RunningOperator { stop, failed, tasks, background, admin_addr, webhook_addr, metrics })
 }
 
-/// Runs the controller while this replica leads; stops it when the Lease is lost; releases
-/// the Lease on shutdown.
-async fn lead(
+/// Runs the controller (started by `controller`, the only writer) while this replica leads;
+/// stops it when the Lease is lost; releases the Lease on shutdown.
+async fn lead<F, Fut>(
     mut leadership: Leadership,
-    ctx: Arc<Context>,
+    controller: F,
     metrics: OperatorMetrics,
     stop: watch::Receiver<bool>,
-) {
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let acquired = tokio::select! {
             acquired = leadership.acquired() => acquired,
@@ -211,7 +215,7 @@ async fn lead(
         }
         tracing::info!("leading: starting the controller");
         metrics.set_leader(true);
-        let controller = tokio::spawn(crate::controller::run(ctx.clone()));
+        let running = tokio::spawn(controller());
         let stopping = tokio::select! {
             () = leadership.lost() => {
                 tracing::warn!("leader Lease lost: stopping the controller");
@@ -219,8 +223,8 @@ async fn lead(
             }
             () = stopped(stop.clone()) => true,
         };
-        controller.abort();
-        let _ = controller.await;
+        running.abort();
+        let _ = running.await;
         metrics.set_leader(false);
         if stopping {
             break;
@@ -277,5 +281,112 @@ impl RunningOperator {
         self.background.abort_all();
         while self.background.join_next().await.is_some() {}
         tracing::info!("operator stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Counts running controllers; a controller is "running" from its start until it is
+    /// aborted (dropped).
+    #[derive(Clone, Default)]
+    struct Running(Arc<AtomicUsize>);
+
+    struct Guard(Arc<AtomicUsize>);
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Running {
+        fn start(&self) -> impl std::future::Future<Output = ()> + Send + use<> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let guard = Guard(self.0.clone());
+            async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+            }
+        }
+
+        fn count(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    fn leader_gauge(metrics: &OperatorMetrics) -> bool {
+        metrics.encode().lines().any(|line| line == "custos_operator_leader 1")
+    }
+
+    #[tokio::test]
+    async fn only_the_leader_runs_the_controller() {
+        let (lease, leadership) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
+        let metrics = OperatorMetrics::new();
+        let running = Running::default();
+        let starter = running.clone();
+        let task = tokio::spawn(lead(
+            Leadership::from_channel(leadership),
+            move || starter.start(),
+            metrics.clone(),
+            stop_rx,
+        ));
+
+        // A follower: no controller, so nothing is written.
+        settle().await;
+        assert_eq!(running.count(), 0, "a follower must not run the controller");
+        assert!(!leader_gauge(&metrics));
+
+        // Elected: exactly one controller.
+        lease.send_replace(true);
+        settle().await;
+        assert_eq!(running.count(), 1);
+        assert!(leader_gauge(&metrics));
+
+        // Lease lost (another replica took it): the controller is stopped.
+        lease.send_replace(false);
+        settle().await;
+        assert_eq!(running.count(), 0, "a replica that lost the Lease must stop writing");
+        assert!(!leader_gauge(&metrics));
+
+        // Elected again, then shut down: stopped, and `lead` returns.
+        lease.send_replace(true);
+        settle().await;
+        assert_eq!(running.count(), 1);
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+        assert_eq!(running.count(), 0);
+        assert!(!leader_gauge(&metrics));
+    }
+
+    #[tokio::test]
+    async fn a_stopped_election_stops_leading() {
+        let (lease, leadership) = watch::channel(false);
+        let (_stop, stop_rx) = watch::channel(false);
+        let running = Running::default();
+        let starter = running.clone();
+        let task = tokio::spawn(lead(
+            Leadership::from_channel(leadership),
+            move || starter.start(),
+            OperatorMetrics::new(),
+            stop_rx,
+        ));
+        drop(lease);
+        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+        assert_eq!(running.count(), 0);
     }
 }
