@@ -1,5 +1,6 @@
 //! Applying a [`Plan`] to a response body.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use custos_api::policy::{ExceedAction, MaskStrategy};
@@ -103,6 +104,17 @@ pub enum TransformError {
 /// document. Both give the same stats, outcome and error kinds, and bodies that parse to
 /// the same JSON value.
 pub fn apply(body: &[u8], plan: &Plan, vars: &Vars, key: &HashKey) -> Result<Transformed, TransformError> {
+    apply_lazy(body, plan, || vars, key)
+}
+
+/// [`apply`] with the request's CEL variables built by `vars` only when the plan evaluates
+/// an expression (a row filter): the request path saves building them for masking-only plans.
+pub fn apply_lazy<V: Borrow<Vars>>(
+    body: &[u8],
+    plan: &Plan,
+    vars: impl FnOnce() -> V,
+    key: &HashKey,
+) -> Result<Transformed, TransformError> {
     let fresh;
     let compiled = match plan.cache.get(plan) {
         Some(compiled) => compiled,
@@ -128,7 +140,7 @@ pub fn apply_dom(
     vars: &Vars,
     key: &HashKey,
 ) -> Result<Transformed, TransformError> {
-    dom(body, plan, &Compiled::new(plan), vars, key)
+    dom(body, plan, &Compiled::new(plan), || vars, key)
 }
 
 /// [`apply`] through the streaming pass only (for tests and benchmarks): `None` when the plan
@@ -153,12 +165,12 @@ pub fn streaming_eligible(plan: &Plan) -> bool {
     plan.row_filter.is_none() && Compiled::new(plan).stream.is_some()
 }
 
-/// The parsed-document path.
-fn dom(
+/// The parsed-document path (`vars` is called only for a row filter).
+fn dom<V: Borrow<Vars>>(
     body: &[u8],
     plan: &Plan,
     compiled: &Compiled,
-    vars: &Vars,
+    vars: impl FnOnce() -> V,
     key: &HashKey,
 ) -> Result<Transformed, TransformError> {
     let prepared = numbers::prepare(body);
@@ -171,10 +183,15 @@ fn dom(
         (None, Some(_)) => Some(Records::Simple(&[])),
         (None, None) => None,
     };
+    let vars = plan.row_filter.as_ref().map(|_| vars());
     if let Some(records) = records {
         let mut pass = RecordPass {
             plan,
-            filter: plan.row_filter.as_ref().map(|f| RecordFilter::new(f, vars, sentinels)),
+            filter: plan
+                .row_filter
+                .as_ref()
+                .zip(vars.as_ref())
+                .map(|(f, v)| RecordFilter::new(f, v.borrow(), sentinels)),
             key,
             sentinels,
             id_path: plan.record_id.as_ref().map(|p| IdPath::of(p, compiled.record_id.as_deref())),

@@ -61,7 +61,7 @@ mod path;
 mod plan;
 mod stream;
 
-pub use apply::{Outcome, TransformError, TransformStats, Transformed, apply};
+pub use apply::{Outcome, TransformError, TransformStats, Transformed, apply, apply_lazy};
 #[doc(hidden)]
 pub use apply::{apply_dom, apply_streaming, streaming_eligible};
 pub use hash::HashKey;

@@ -105,6 +105,34 @@ fn stars(n: usize) -> Cow<'static, str> {
     }
 }
 
+/// Whether `strategy` keeps part of a string ([`write_partial`] writes it).
+pub(crate) fn keeps_part(strategy: MaskStrategy) -> bool {
+    matches!(strategy, MaskStrategy::ShowLast4 | MaskStrategy::ShowFirst1)
+}
+
+/// Appends `text` masked by a [`keeps_part`] strategy as a JSON string literal, exactly what
+/// [`Masker::apply`] then serialising gives; `text` must need no escaping (it is the content
+/// of a JSON string that had no escapes). Other strategies write nothing.
+pub(crate) fn write_partial(out: &mut Vec<u8>, text: &str, strategy: MaskStrategy) {
+    let stars = |out: &mut Vec<u8>, n: usize| out.resize(out.len() + n, b'*');
+    let n = text.chars().count();
+    out.push(b'"');
+    match strategy {
+        MaskStrategy::ShowLast4 if n > 4 => {
+            let split = text.char_indices().nth(n - 4).map_or(text.len(), |(i, _)| i);
+            stars(out, n - 4);
+            out.extend_from_slice(&text.as_bytes()[split..]);
+        }
+        MaskStrategy::ShowFirst1 if n > 1 => {
+            let split = text.char_indices().nth(1).map_or(text.len(), |(i, _)| i);
+            out.extend_from_slice(&text.as_bytes()[..split]);
+            stars(out, n - 1);
+        }
+        _ => stars(out, n),
+    }
+    out.push(b'"');
+}
+
 /// All characters but the last `keep` replaced by `*`; `keep` or fewer: all starred.
 fn show_last(text: &mut String, keep: usize) {
     let n = text.chars().count();
@@ -129,6 +157,8 @@ fn show_first(text: &mut String, keep: usize) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use serde_json::json;
 
@@ -142,6 +172,23 @@ mod tests {
         let mut s = s.to_owned();
         show_first(&mut s, 1);
         s
+    }
+
+    #[test]
+    fn partial_masks_written_directly_equal_the_serialised_masks() {
+        let key = HashKey::new("k");
+        for strategy in [MaskStrategy::ShowLast4, MaskStrategy::ShowFirst1] {
+            let masker = Masker { strategy, key: &key, sentinels: true };
+            for text in
+                ["", "a", "ab", "1234", "12345", "13812345678", "张三丰", "😀", "a😀b😀c", "e\u{301}cole"]
+            {
+                let mut value = json!(text);
+                masker.apply(&mut value);
+                let mut out = Vec::new();
+                write_partial(&mut out, text, strategy);
+                assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&value).unwrap(), "{text}");
+            }
+        }
     }
 
     #[test]

@@ -43,7 +43,7 @@ use serde_json::Value;
 
 use crate::apply::{Outcome, TransformError, TransformStats, Transformed, id_hash, mask_steps};
 use crate::hash::HashKey;
-use crate::mask::Masker;
+use crate::mask::{self, Masker};
 use crate::numbers;
 use crate::path::{self, Step};
 use crate::plan::{Compiled, Plan};
@@ -548,6 +548,10 @@ impl<'a> Walker<'a> {
             self.skip_value(depth)?;
         } else if full & self.plan.masks != 0 {
             let value_start = self.pos;
+            if self.masked_plain_string(alive, depth, cuts, start)? {
+                cuts.prev_end = self.pos;
+                return Ok(());
+            }
             match self.masked_value(alive, depth, false)? {
                 Some(value) => {
                     self.keep(cuts, start);
@@ -561,6 +565,40 @@ impl<'a> Walker<'a> {
         }
         cuts.prev_end = self.pos;
         Ok(())
+    }
+
+    /// The common case of [`Self::masked_value`], written straight to the output without a
+    /// decoded value or the serialiser: a string without escapes, selected whole by exactly
+    /// one mask that keeps part of it (`ShowLast4`, `ShowFirst1`), at a node where no record
+    /// or id is taken. `false`: not that case, nothing consumed.
+    fn masked_plain_string(&mut self, alive: u128, depth: u32, cuts: &mut Cuts, start: usize) -> Res<bool> {
+        let plan = self.plan;
+        let bits = alive & plan.masks;
+        if self.peek() != Some(b'"') || alive & (plan.records | plan.id) != 0 || bits.count_ones() != 1 {
+            return Ok(false);
+        }
+        let entry = &plan.entries[bits.trailing_zeros() as usize];
+        let Role::Mask { class, strategy } = entry.role else { return Ok(false) };
+        if entry.steps.len() != depth as usize || !mask::keeps_part(strategy) {
+            return Ok(false);
+        }
+        let value_start = self.pos;
+        let (escaped, _) = self.scan_string()?;
+        if escaped {
+            self.pos = value_start;
+            return Ok(false);
+        }
+        let buf = self.buf;
+        let end = self.pos - 1;
+        let Ok(text) = std::str::from_utf8(&buf[self.string_start..end]) else {
+            return Err(Stop::Invalid(error_at(buf, end)));
+        };
+        self.keep(cuts, start);
+        self.cut(value_start, value_start);
+        mask::write_partial(&mut self.out, text, strategy);
+        self.copied = self.pos;
+        self.masked[class] += 1;
+        Ok(true)
     }
 
     /// The value at `pos`, which a mask selects whole: decoded, records and ids taken from

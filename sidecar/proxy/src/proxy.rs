@@ -43,17 +43,28 @@ use crate::state::{ConfigCell, PolicyState};
 pub const METHOD_OVERRIDE_HEADERS: [&str; 3] =
     ["x-http-method-override", "x-http-method", "x-method-override"];
 
-/// Hop-by-hop headers, never forwarded in either direction.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
+/// Hop-by-hop headers, never forwarded in either direction (as header names: removing by
+/// name skips parsing a string on every request).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
 ];
+
+/// [`METHOD_OVERRIDE_HEADERS`] as header names.
+const METHOD_OVERRIDE_NAMES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// State shared by every request (cloned per proxy thread: the `Arc`s are shared, the
 /// upstream client is per thread, see [`Shared::with_fresh_client`]).
@@ -253,7 +264,7 @@ async fn process(
         ctx.deny("absolute_form");
         return bad_request("absolute-form request targets are not accepted", "absolute_form");
     }
-    if METHOD_OVERRIDE_HEADERS.iter().any(|h| req.headers().contains_key(*h)) {
+    if METHOD_OVERRIDE_NAMES.iter().any(|h| req.headers().contains_key(h)) {
         ctx.deny("method_override");
         return bad_request("method override headers are refused", "method_override");
     }
@@ -567,10 +578,8 @@ async fn transform_response(
         }
         None => plan,
     };
-    let result = {
-        let vars = Vars::new(&job.request, job.user.as_ref(), job.workload.as_ref());
-        custos_transform::apply(&decoded, effective, &vars, &shared.hash_key)
-    };
+    let vars = || Vars::new(&job.request, job.user.as_ref(), job.workload.as_ref());
+    let result = custos_transform::apply_lazy(&decoded, effective, vars, &shared.hash_key);
     let transformed = match result {
         Ok(t) => t,
         Err(TransformError::RecordCapExceeded { .. }) => {
@@ -736,12 +745,12 @@ fn upstream_request(
     {
         headers.insert(header::HOST, v);
     }
-    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let forwarded = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {ip}"),
         None => ip.to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
     if transform.is_some_and(|t| t.mode == Mode::Enforce) {
         // The body will be rewritten: ask for it uncompressed (gzip/deflate are decoded anyway).
@@ -806,7 +815,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     strip_custos(headers);
@@ -849,7 +858,7 @@ fn principal(user: Option<&User>, caller: Option<&WorkloadIdentity>, ip: IpAddr)
 
 /// The trace id of a W3C `traceparent` header.
 fn trace_id(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get("traceparent")?.to_str().ok()?;
+    let v = headers.get(&TRACEPARENT)?.to_str().ok()?;
     let mut parts = v.trim().split('-');
     let _version = parts.next()?;
     let id = parts.next()?;
@@ -936,6 +945,12 @@ mod tests {
             assert_eq!(normalize(&encoded).unwrap().as_str(), n.as_str(), "{p}");
             assert!(encoded.parse::<Uri>().is_ok(), "{encoded}");
         }
+    }
+
+    #[test]
+    fn method_override_names_are_the_documented_headers() {
+        let names: Vec<String> = METHOD_OVERRIDE_NAMES.iter().map(|h| h.as_str().to_owned()).collect();
+        assert_eq!(names, METHOD_OVERRIDE_HEADERS);
     }
 
     #[test]
