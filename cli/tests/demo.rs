@@ -1,7 +1,8 @@
 //! `custos demo --quiet`: the whole story in one process exits 0 and its report names each
 //! incident, the alerts that fired, the sample customer's accessors and the chain
-//! verification; `--output json` gives the same story as one document; `--keep DIR` leaves a
-//! store that `custos audit` reads.
+//! verification; `--output json` gives the same story as one document, with timestamped
+//! progress lines on standard error while it runs; `--keep DIR` leaves a store that
+//! `custos audit` reads.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Output, Stdio};
@@ -74,8 +75,22 @@ fn the_demo_tells_the_whole_story_and_exits_0() {
 fn the_json_report_and_the_kept_store_hold_the_same_story() {
     let dir = tempfile::tempdir().unwrap();
     let keep = dir.path().join("demo");
-    let out = custos(&["demo", "--quiet", "--output", "json", "--keep", keep.to_str().unwrap()]);
+    // Without --quiet: progress on standard error while it runs, the report alone on stdout.
+    let out = custos(&["demo", "--output", "json", "--keep", keep.to_str().unwrap()]);
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let progress = text(&out.stderr);
+    let mut last = 0.0;
+    for phase in ["normal traffic", "incident 1: courier insider", "incident 4: infected scanner"] {
+        let line = progress
+            .lines()
+            .find(|l| l.contains(&format!("{phase}: running")))
+            .unwrap_or_else(|| panic!("no progress line for {phase}:\n{progress}"));
+        let seconds: f64 = line.trim_start_matches('[').split('s').next().unwrap().trim().parse().unwrap();
+        assert!(seconds >= last, "progress out of order:\n{progress}");
+        last = seconds;
+        let finished = format!("{phase}: ");
+        assert!(progress.lines().any(|l| l.contains(&finished) && l.contains(" requests: ")), "{progress}");
+    }
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["failures"], serde_json::json!([]));
     assert_eq!(report["chainIntact"], true);
