@@ -26,7 +26,14 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> anyhow::Result<Phase> {
     for i in 0..200 {
         t.get(&mut gateway, &format!("/parcels/{}", parcel_id(i)), 1).await;
     }
-    for path in ["/parcels", "/customers", "/parcels/SP20240001/history", "/customers/M100004/parcels"] {
+    // `/parcels/search` is the app's parcel search: a list, not a waybill look-up.
+    for path in [
+        "/parcels",
+        "/parcels/search",
+        "/customers",
+        "/parcels/SP20240001/history",
+        "/customers/M100004/parcels",
+    ] {
         t.get(&mut gateway, path, 4).await;
     }
     Ok(phase)
