@@ -27,7 +27,9 @@ use std::sync::Arc;
 use clap::Parser;
 use custos_collector::{Auth, CollectorArgs, CollectorConfig};
 use custos_operator::args::{OperatorArgs, OperatorConfig, TlsSource};
-use custos_operator::rbac::{CLUSTER_RULES, NAMESPACE_RULES, SECRET_SYNC_CLUSTER_RULES, policy_rules};
+use custos_operator::rbac::{
+    CLUSTER_RULES, NAMESPACE_RULES, SECRET_SYNC_CLUSTER_RULES, SECRET_SYNC_NAMESPACE_RULES, policy_rules,
+};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ServiceReference, ValidatingWebhookConfiguration,
 };
@@ -658,7 +660,8 @@ fn check_hardening(m: &Manifests) {
 }
 
 /// The operator's ServiceAccount, ClusterRole and Role: exactly `custos_operator::rbac` (with
-/// the Secret-copy rules exactly when the operator is told to copy the sidecar Secrets).
+/// the Secret-copy rules, cluster-wide and in its namespace, exactly when the operator is told
+/// to copy the sidecar Secrets).
 fn check_operator_rbac(m: &Manifests) {
     let cluster_role = m
         .cluster_roles
@@ -675,7 +678,11 @@ fn check_operator_rbac(m: &Manifests) {
     }
     assert_eq!(cluster_role.rules.clone().unwrap_or_default(), policy_rules(&expected));
     let role = m.roles.iter().find(|r| name_of(*r) == "custos-operator").expect("Role custos-operator");
-    assert_eq!(role.rules.clone().unwrap_or_default(), policy_rules(NAMESPACE_RULES));
+    let mut expected: Vec<_> = NAMESPACE_RULES.to_vec();
+    if config.secret_sync.is_some() {
+        expected.extend_from_slice(SECRET_SYNC_NAMESPACE_RULES);
+    }
+    assert_eq!(role.rules.clone().unwrap_or_default(), policy_rules(&expected));
     let bound = |role_kind: &str, role_name: &str| -> Vec<String> {
         m.cluster_role_bindings
             .iter()

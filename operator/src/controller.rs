@@ -14,6 +14,8 @@
 //!   others, for the bypass check); the `custos-config` ConfigMaps; pods, mapped to their
 //!   namespace and to the namespaces whose rule sources name theirs (module `triggers`; in the
 //!   per-namespace mode a pod concerning another scope wakes that scope's controller);
+//! - with `--sync-sidecar-secrets`, a metadata watch on the operator's namespace's Secrets:
+//!   a change of an original wakes every scope, so rotations reach the copies at once;
 //! - every reconcile is counted and timed in [`crate::OperatorMetrics`]; a failed one is
 //!   retried with a per-namespace back-off (module `backoff`, 2 s doubling to 5 min); a successful
 //!   one is repeated after [`RESYNC`] to catch anything a watch missed.
@@ -32,12 +34,13 @@ use std::time::Duration;
 use custos_api::DataAccessPolicy;
 use custos_operator_core::names::{CONFIG_MAP_NAME, MANAGED_BY, MANAGED_BY_LABEL};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 
@@ -139,6 +142,7 @@ pub async fn run(ctx: Arc<Context>) {
         scopes,
     });
     tracing::info!(scopes = scope_namespaces.len(), "policy controller started");
+    let rotations = watch_originals(Arc::clone(&ctx), Arc::clone(&shared));
 
     let runs = controllers.into_iter().zip(wakes).zip(scope_namespaces).enumerate().map(
         |(i, ((controller, woken), namespace))| {
@@ -175,7 +179,32 @@ pub async fn run(ctx: Arc<Context>) {
                 })
         },
     );
-    futures::future::join_all(runs).await;
+    futures::future::join(futures::future::join_all(runs), rotations).await;
+}
+
+/// With `--sync-sidecar-secrets`: watches the metadata of the Secrets in the operator's
+/// namespace and wakes every scope when an original changes (see
+/// [`triggers::secret_event_wakes`]), so that a rotated collector token or hash key reaches
+/// the copies at once rather than at the next resync. Returns at once without Secret copies.
+async fn watch_originals(ctx: Arc<Context>, shared: Arc<Shared>) {
+    let Some(sync) = ctx.settings.secret_sync.clone() else { return };
+    // Metadata only: the operator never holds the originals' data outside a reconcile.
+    let secrets: Api<PartialObjectMeta<Secret>> = Api::namespaced(ctx.client.clone(), &sync.source_namespace);
+    let events = watcher::watcher(secrets, watcher::Config::default()).default_backoff();
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) if triggers::secret_event_wakes(&event, &sync.names) => {
+                tracing::debug!(namespace = %sync.source_namespace, "sidecar Secrets changed: reconciling every namespace");
+                for scope in &shared.scopes {
+                    // Full: a wake-up is pending already, which is all that is needed.
+                    let _ = scope.wake.try_send(());
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "watch on the sidecar Secrets failed; retrying"),
+        }
+    }
 }
 
 async fn reconcile(policy: Arc<DataAccessPolicy>, shared: Arc<Shared>) -> Result<Action, Error> {

@@ -89,6 +89,15 @@ pub const SECRET_SYNC_CLUSTER_RULES: &[Rule] = &[Rule {
     why: "copy the sidecar Secrets (collector token, hash key) into namespaces with policies (--sync-sidecar-secrets)",
 }];
 
+/// Rules in the operator's own namespace needed only when copying the sidecar Secrets: a
+/// metadata watch on the originals, so that rotations reach the copies at once.
+pub const SECRET_SYNC_NAMESPACE_RULES: &[Rule] = &[Rule {
+    api_group: "",
+    resources: &["secrets"],
+    verbs: &["list", "watch"],
+    why: "notice rotations of the original sidecar Secrets at once (metadata watch, --sync-sidecar-secrets)",
+}];
+
 /// Rules in the operator's own namespace (a Role).
 pub const NAMESPACE_RULES: &[Rule] = &[Rule {
     api_group: "coordination.k8s.io",

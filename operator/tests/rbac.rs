@@ -5,7 +5,7 @@
 
 use custos_operator::rbac::{
     CLUSTER_RULES, GENERATED_CERT_CLUSTER_RULES, GENERATED_CERT_NAMESPACE_RULES, NAMESPACE_RULES,
-    SECRET_SYNC_CLUSTER_RULES, markdown_table, policy_rules,
+    SECRET_SYNC_CLUSTER_RULES, SECRET_SYNC_NAMESPACE_RULES, markdown_table, policy_rules,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use serde_json::Value;
@@ -47,6 +47,7 @@ fn docs_show_the_same_tables() {
         markdown_table(GENERATED_CERT_CLUSTER_RULES),
         markdown_table(GENERATED_CERT_NAMESPACE_RULES),
         markdown_table(SECRET_SYNC_CLUSTER_RULES),
+        markdown_table(SECRET_SYNC_NAMESPACE_RULES),
     ] {
         assert!(docs.contains(&table), "docs/operator.md must contain:\n{table}");
     }

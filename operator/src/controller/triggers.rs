@@ -8,6 +8,8 @@ use std::collections::BTreeSet;
 
 use custos_api::DataAccessPolicy;
 use custos_api::policy::Mode;
+use kube::ResourceExt;
+use kube::runtime::watcher::Event;
 
 /// The namespaces of `policies` that a change of a pod in `pod_namespace` concerns.
 pub(crate) fn namespaces_for_pod<'a>(
@@ -33,6 +35,18 @@ pub(crate) fn namespaces_for_pod<'a>(
         }
     }
     namespaces
+}
+
+/// Whether an event of the metadata watch on the operator's namespace's Secrets means the
+/// copies may be stale, so every namespace must be reconciled: one of the `originals` was
+/// created, changed or deleted, or the watch listed again (it may have missed a change).
+/// The initial listing's objects do not count: the controllers reconcile everything on start.
+pub(crate) fn secret_event_wakes<K: ResourceExt>(event: &Event<K>, originals: &[String]) -> bool {
+    match event {
+        Event::Apply(object) | Event::Delete(object) => originals.iter().any(|n| *n == object.name_any()),
+        Event::InitDone => true,
+        Event::Init | Event::InitApply(_) => false,
+    }
 }
 
 #[cfg(test)]
@@ -74,5 +88,24 @@ mod tests {
         let mut p = policy("billing", "invoices", json!([{ "namespace": "shop" }]));
         p.spec.mode = Mode::Disabled;
         assert!(namespaces_for_pod("shop", &[p]).is_empty());
+    }
+
+    #[test]
+    fn only_events_of_the_originals_wake_the_controllers() {
+        use k8s_openapi::api::core::v1::Secret;
+        use kube::runtime::watcher::Event;
+
+        let originals = vec!["custos-collector-token".to_string(), "custos-hash-key".to_string()];
+        let secret = |name: &str| Secret {
+            metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+            ..Default::default()
+        };
+        assert!(secret_event_wakes(&Event::Apply(secret("custos-hash-key")), &originals), "rotated");
+        assert!(secret_event_wakes(&Event::Delete(secret("custos-collector-token")), &originals), "deleted");
+        assert!(!secret_event_wakes(&Event::Apply(secret("custos-operator-webhook-tls")), &originals));
+        assert!(!secret_event_wakes(&Event::Delete(secret("other")), &originals));
+        assert!(!secret_event_wakes(&Event::InitApply(secret("custos-hash-key")), &originals), "listing");
+        assert!(!secret_event_wakes(&Event::<Secret>::Init, &originals));
+        assert!(secret_event_wakes(&Event::<Secret>::InitDone, &originals), "a re-list may hide a change");
     }
 }
