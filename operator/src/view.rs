@@ -88,10 +88,10 @@ where
 
 impl ClusterView for StoreView {
     fn policies(&self, namespace: &str) -> Vec<Arc<DataAccessPolicy>> {
+        // Only the namespace's policies are cloned (an `Arc` each), not the whole cache.
         self.policies
             .iter()
-            .flat_map(|store| store.state())
-            .filter(|p| p.namespace().as_deref() == Some(namespace))
+            .flat_map(|store| store.state_filter(|p| p.metadata.namespace.as_deref() == Some(namespace)))
             .collect()
     }
 
