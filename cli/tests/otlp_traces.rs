@@ -1,6 +1,6 @@
 //! OpenTelemetry trace export of the long-running commands: with `OTEL_EXPORTER_OTLP_ENDPOINT`
-//! set, `custos collector` posts its spans as OTLP/HTTP protobuf to `<endpoint>/v1/traces`
-//! (service name from `OTEL_SERVICE_NAME`), flushed on SIGTERM.
+//! set, `custos collector` and `custos operator` post their spans as OTLP/HTTP protobuf to
+//! `<endpoint>/v1/traces` (service name from `OTEL_SERVICE_NAME`), flushed on SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -119,4 +119,89 @@ fn spans_are_exported_as_otlp_protobuf_and_flushed_on_sigterm() {
     let all: Vec<u8> = traces.iter().flat_map(|r| r.body.clone()).collect();
     assert!(contains(&all, b"custos-otlp-test"), "the service name is in the resource");
     assert!(contains(&all, b"ingest_batch"), "the ingest span is exported");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `custos operator` with no reachable Kubernetes API (its watches retry in the background):
+/// its webhook still answers, and the admission span reaches the OTLP endpoint.
+#[test]
+fn the_operator_exports_its_admission_spans() {
+    let (otlp, received) = mock_otlp();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    std::fs::write(dir.path().join("tls.crt"), &cert_pem).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &key_pem).unwrap();
+    // An API server address nothing listens on.
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: none, cluster: {{server: \"http://127.0.0.1:{}\"}}}}]\n\
+         users: [{{name: none, user: {{token: test}}}}]\n\
+         contexts: [{{name: none, context: {{cluster: none, user: none}}}}]\ncurrent-context: none\n",
+        free_port()
+    );
+    std::fs::write(dir.path().join("kubeconfig"), kubeconfig).unwrap();
+    let webhook_port = free_port();
+    let mut operator = common::custos_command()
+        .arg("operator")
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .args(["--webhook-listen", &format!("127.0.0.1:{webhook_port}")])
+        .arg("--tls-cert-file")
+        .arg(dir.path().join("tls.crt"))
+        .arg("--tls-key-file")
+        .arg(dir.path().join("tls.key"))
+        .args(["--leader-election", "false"])
+        .env("KUBECONFIG", dir.path().join("kubeconfig"))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+        .env("OTEL_SERVICE_NAME", "custos-operator-otlp-test")
+        // The filter applies to exported spans too: `admission` is an info span.
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let review: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../operator/testdata/pod-selected.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let answer: serde_json::Value = runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap()])
+            .resolve("localhost", SocketAddr::from(([127, 0, 0, 1], webhook_port)))
+            .build()
+            .unwrap();
+        let url = format!("https://localhost:{webhook_port}/mutate-pods");
+        for _ in 0..200 {
+            if let Ok(response) = client.post(&url).json(&review).send().await {
+                return response.json().await.unwrap();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the operator's webhook did not answer");
+    });
+    assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+
+    let status = Command::new("kill").args(["-TERM", &operator.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = operator.wait().unwrap();
+    assert!(exit.success(), "operator exit: {exit:?}");
+    let received = received.lock().unwrap().clone();
+    let traces: Vec<u8> =
+        received.iter().filter(|r| r.path == "/v1/traces").flat_map(|r| r.body.clone()).collect();
+    assert!(
+        contains(&traces, b"custos-operator-otlp-test"),
+        "the service name is in the resource: {received:?}"
+    );
+    assert!(contains(&traces, b"admission"), "the admission span is exported");
 }
