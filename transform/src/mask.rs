@@ -114,6 +114,9 @@ pub(crate) fn keeps_part(strategy: MaskStrategy) -> bool {
 /// [`Masker::apply`] then serialising gives; `text` must need no escaping (it is the content
 /// of a JSON string that had no escapes). Other strategies write nothing.
 pub(crate) fn write_partial(out: &mut Vec<u8>, text: &str, strategy: MaskStrategy) {
+    if text.is_ascii() {
+        return write_partial_ascii(out, text.as_bytes(), strategy);
+    }
     let stars = |out: &mut Vec<u8>, n: usize| out.resize(out.len() + n, b'*');
     let n = text.chars().count();
     out.push(b'"');
@@ -130,6 +133,22 @@ pub(crate) fn write_partial(out: &mut Vec<u8>, text: &str, strategy: MaskStrateg
         }
         _ => stars(out, n),
     }
+    out.push(b'"');
+}
+
+/// [`write_partial`] of ASCII text (one byte a character: no counting, no UTF-8 check).
+pub(crate) fn write_partial_ascii(out: &mut Vec<u8>, text: &[u8], strategy: MaskStrategy) {
+    let n = text.len();
+    let (keep_front, keep_back) = match strategy {
+        MaskStrategy::ShowLast4 if n > 4 => (0, 4),
+        MaskStrategy::ShowFirst1 if n > 1 => (1, 0),
+        _ => (0, 0),
+    };
+    out.reserve(n + 2);
+    out.push(b'"');
+    out.extend_from_slice(&text[..keep_front]);
+    out.resize(out.len() + (n - keep_front - keep_back), b'*');
+    out.extend_from_slice(&text[n - keep_back..]);
     out.push(b'"');
 }
 
@@ -184,9 +203,15 @@ mod tests {
             {
                 let mut value = json!(text);
                 masker.apply(&mut value);
+                let expected = serde_json::to_string(&value).unwrap();
                 let mut out = Vec::new();
                 write_partial(&mut out, text, strategy);
-                assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&value).unwrap(), "{text}");
+                assert_eq!(String::from_utf8(out).unwrap(), expected, "{text}");
+                if text.is_ascii() {
+                    let mut out = Vec::new();
+                    write_partial_ascii(&mut out, text.as_bytes(), strategy);
+                    assert_eq!(String::from_utf8(out).unwrap(), expected, "{text}");
+                }
             }
         }
     }

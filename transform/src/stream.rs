@@ -176,6 +176,7 @@ pub(crate) fn run(
         record_depth: 0,
         id_pending: false,
         string_start: 0,
+        name_steps: Vec::new(),
     };
     match walker.document() {
         Ok(()) => {}
@@ -254,6 +255,17 @@ struct Walker<'a> {
     id_pending: bool,
     /// Where the content of the string last scanned starts.
     string_start: usize,
+    /// The name steps of the objects being walked, innermost last (see [`Walker::object`]).
+    name_steps: Vec<NameStep<'a>>,
+}
+
+/// A path of the plan that reaches an object's member by name.
+#[derive(Clone, Copy)]
+struct NameStep<'a> {
+    name: &'a [u8],
+    bit: u128,
+    /// The path ends at that member.
+    last: bool,
 }
 
 impl<'a> Walker<'a> {
@@ -467,6 +479,35 @@ impl<'a> Walker<'a> {
         let mut keys = KeySet::default();
         let mut seen = 0;
         let mut cuts = Cuts::new(self.pos);
+        // The steps into this object's members, sorted out once rather than for each member:
+        // wildcards reach every member, names are compared with each key, and the record id
+        // (whose step depends on where its record started) goes through `child_bits`.
+        let plan = self.plan;
+        let frame = self.name_steps.len();
+        let (mut wild_child, mut wild_full, mut by_id) = (0, 0, 0);
+        let mut bits = alive;
+        while bits != 0 {
+            let bit = bits & bits.wrapping_neg();
+            bits &= bits - 1;
+            if bit == plan.id {
+                by_id = bit;
+                continue;
+            }
+            let entry = &plan.entries[bit.trailing_zeros() as usize];
+            let k = depth as usize;
+            let last = entry.steps.len() == k + 1;
+            match entry.steps.get(k) {
+                Some(Step::Wildcard) => {
+                    wild_child |= bit;
+                    if last {
+                        wild_full |= bit;
+                    }
+                }
+                Some(Step::Name(name)) => self.name_steps.push(NameStep { name: name.as_bytes(), bit, last }),
+                _ => {}
+            }
+        }
+        let names = frame..self.name_steps.len();
         loop {
             if self.peek() != Some(b'"') {
                 return Err(self.fail());
@@ -486,7 +527,24 @@ impl<'a> Walker<'a> {
             }
             self.pos += 1;
             self.ws();
-            let (child, full) = self.child_bits(alive, depth, Some(&key), 0, &mut seen)?;
+            let (mut child, mut full) = (wild_child, wild_full);
+            for step in &self.name_steps[names.clone()] {
+                if step.name == &*key {
+                    if seen & step.bit != 0 {
+                        return Err(Stop::Fallback);
+                    }
+                    seen |= step.bit;
+                    child |= step.bit;
+                    if step.last {
+                        full |= step.bit;
+                    }
+                }
+            }
+            if by_id != 0 {
+                let (c, f) = self.child_bits(by_id, depth, Some(&key), 0, &mut seen)?;
+                child |= c;
+                full |= f;
+            }
             if wildcard && !keys.insert(key) {
                 return Err(Stop::Fallback);
             }
@@ -499,6 +557,7 @@ impl<'a> Walker<'a> {
                 }
                 Some(b'}') => {
                     self.pos += 1;
+                    self.name_steps.truncate(frame);
                     return Ok(());
                 }
                 _ => return Err(self.fail()),
@@ -583,19 +642,26 @@ impl<'a> Walker<'a> {
             return Ok(false);
         }
         let value_start = self.pos;
-        let (escaped, _) = self.scan_string()?;
+        let (escaped, ascii) = self.scan_string()?;
         if escaped {
             self.pos = value_start;
             return Ok(false);
         }
         let buf = self.buf;
-        let end = self.pos - 1;
-        let Ok(text) = std::str::from_utf8(&buf[self.string_start..end]) else {
-            return Err(Stop::Invalid(error_at(buf, end)));
-        };
-        self.keep(cuts, start);
-        self.cut(value_start, value_start);
-        mask::write_partial(&mut self.out, text, strategy);
+        let (text_start, end) = (self.string_start, self.pos - 1);
+        let text = &buf[text_start..end];
+        if ascii {
+            self.keep(cuts, start);
+            self.cut(value_start, value_start);
+            mask::write_partial_ascii(&mut self.out, text, strategy);
+        } else {
+            let Ok(text) = std::str::from_utf8(text) else {
+                return Err(Stop::Invalid(error_at(buf, end)));
+            };
+            self.keep(cuts, start);
+            self.cut(value_start, value_start);
+            mask::write_partial(&mut self.out, text, strategy);
+        }
         self.copied = self.pos;
         self.masked[class] += 1;
         Ok(true)

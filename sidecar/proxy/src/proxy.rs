@@ -9,7 +9,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -140,6 +140,8 @@ struct Ctx {
     /// Set when Audit mode lets through what Enforce would refuse.
     would_deny: Option<&'static str>,
     started: Instant,
+    /// The peer's address as text (formatted once: principal and `x-forwarded-for`).
+    peer_ip: String,
 }
 
 impl Ctx {
@@ -166,6 +168,7 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -
     let started = Instant::now();
     let wall = SystemTime::now();
     let now = chrono::DateTime::<chrono::Utc>::from(wall);
+    let peer_ip = peer.ip().to_canonical().to_string();
     let mut ctx = Ctx {
         event: AuditEvent {
             schema_version: AUDIT_SCHEMA_VERSION,
@@ -179,7 +182,8 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -
             pod: shared.pod_name.clone(),
             caller: None,
             user: None,
-            principal: format!("peer:{}", peer.ip().to_canonical()),
+            // Replaced once the caller is known (`principal`); the peer's address until then.
+            principal: format!("peer:{peer_ip}"),
             method: req.method().as_str().to_string(),
             path: "-".to_string(),
             decision: Decision::Allow,
@@ -198,6 +202,7 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -
         reason: "",
         would_deny: None,
         started,
+        peer_ip,
     };
     let response = process(&shared, &mut ctx, peer, req, wall).await;
     finish(&shared, ctx, response)
@@ -333,7 +338,9 @@ async fn process(
         },
         _ => None,
     };
-    ctx.event.principal = principal(user.as_ref(), caller, ip);
+    if let Some(known) = principal(user.as_ref(), caller) {
+        ctx.event.principal = known;
+    }
     if let Some(u) = &user {
         ctx.event.user = Some(AuditUser { id: u.id.clone(), attributes: u.attributes.clone() });
     }
@@ -428,14 +435,21 @@ async fn process(
     drop(verdict);
     let is_head = req.method() == Method::HEAD;
     let exceeded = Arc::new(AtomicBool::new(false));
-    let upstream_req =
-        match upstream_request(&state, req, &path, ip, exceeded.clone(), limits, transform.as_ref()) {
-            Ok(r) => r,
-            Err(()) => {
-                ctx.deny("bad_request");
-                return bad_request("request cannot be forwarded", "bad_request");
-            }
-        };
+    let upstream_req = match upstream_request(
+        &state,
+        req,
+        &path,
+        &ctx.peer_ip,
+        exceeded.clone(),
+        limits,
+        transform.as_ref(),
+    ) {
+        Ok(r) => r,
+        Err(()) => {
+            ctx.deny("bad_request");
+            return bad_request("request cannot be forwarded", "bad_request");
+        }
+    };
     let deadline = tokio::time::Instant::now() + limits.upstream_timeout;
     let response = match tokio::time::timeout_at(deadline, shared.client.request(upstream_req)).await {
         Ok(Ok(r)) => r,
@@ -720,7 +734,7 @@ fn upstream_request(
     state: &PolicyState,
     req: Request<Incoming>,
     path: &NormalizedPath,
-    ip: IpAddr,
+    ip: &str,
     exceeded: Arc<AtomicBool>,
     limits: &ProxyLimits,
     transform: Option<&TransformJob>,
@@ -747,7 +761,7 @@ fn upstream_request(
     }
     let forwarded = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {ip}"),
-        None => ip.to_string(),
+        None => ip.to_owned(),
     };
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         headers.insert(X_FORWARDED_FOR, v);
@@ -848,11 +862,13 @@ fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
     (scheme.eq_ignore_ascii_case(b"bearer") && v.get(6).is_none_or(|b| *b == b' ')).then_some(v)
 }
 
-fn principal(user: Option<&User>, caller: Option<&WorkloadIdentity>, ip: IpAddr) -> String {
+/// The principal of a known user or workload; `None`: an anonymous peer, whose principal
+/// (`peer:<ip>`) the event holds from the start.
+fn principal(user: Option<&User>, caller: Option<&WorkloadIdentity>) -> Option<String> {
     match (user, caller) {
-        (Some(u), _) => format!("user:{}", u.id),
-        (None, Some(w)) => format!("workload:{}/{}", w.namespace, w.service_account),
-        (None, None) => format!("peer:{ip}"),
+        (Some(u), _) => Some(format!("user:{}", u.id)),
+        (None, Some(w)) => Some(format!("workload:{}/{}", w.namespace, w.service_account)),
+        (None, None) => None,
     }
 }
 
