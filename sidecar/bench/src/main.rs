@@ -67,11 +67,21 @@ fn policy_yaml() -> String {
     )
 }
 
+/// The processes the harness started, stopped when it ends.
 struct Guard(Vec<Child>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        // SIGTERM first, so that nginx's master stops its workers (a SIGKILLed master
+        // leaves them running) and the sidecar drains; SIGKILL what is still there after 5 s.
+        for c in &self.0 {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
         for c in &mut self.0 {
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -290,6 +300,8 @@ fn main() -> Result<()> {
         wrk_results.push((name, r));
     }
     if args.peak_only {
+        drop(guard);
+        let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
     }
     let mut fixed = Vec::new();
