@@ -121,10 +121,6 @@ fn spans_are_exported_as_otlp_protobuf_and_flushed_on_sigterm() {
     assert!(contains(&all, b"ingest_batch"), "the ingest span is exported");
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// `custos operator` with no reachable Kubernetes API (its watches retry in the background):
 /// its webhook still answers, and the admission span reaches the OTLP endpoint.
 #[test]
@@ -140,13 +136,13 @@ fn the_operator_exports_its_admission_spans() {
         "apiVersion: v1\nkind: Config\nclusters: [{{name: none, cluster: {{server: \"http://127.0.0.1:{}\"}}}}]\n\
          users: [{{name: none, user: {{token: test}}}}]\n\
          contexts: [{{name: none, context: {{cluster: none, user: none}}}}]\ncurrent-context: none\n",
-        free_port()
+        common::free_port()
     );
     std::fs::write(dir.path().join("kubeconfig"), kubeconfig).unwrap();
-    let webhook_port = free_port();
+    let webhook_port = common::free_port();
     let mut operator = common::custos_command()
         .arg("operator")
-        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("127.0.0.1:{}", common::free_port())])
         .args(["--webhook-listen", &format!("127.0.0.1:{webhook_port}")])
         .arg("--tls-cert-file")
         .arg(dir.path().join("tls.crt"))

@@ -38,10 +38,6 @@ impl Proc {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn custos() -> Command {
     let mut command = common::custos_command();
     command.env("RUST_LOG", "warn");
@@ -183,9 +179,9 @@ impl Stack {
         let stack = Self {
             dir,
             app,
-            proxy: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            collector_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            proxy: SocketAddr::from(([127, 0, 0, 1], common::free_port())),
+            admin: SocketAddr::from(([127, 0, 0, 1], common::free_port())),
+            collector_addr: SocketAddr::from(([127, 0, 0, 1], common::free_port())),
             token,
         };
         stack.compile("Allow");

@@ -62,6 +62,14 @@ struct Scope {
     wake: mpsc::Sender<()>,
 }
 
+impl Scope {
+    /// Makes the scope's controller reconcile all its policies.
+    fn wake(&self) {
+        // Full: a wake-up is pending already, which is all that is needed.
+        let _ = self.wake.try_send(());
+    }
+}
+
 /// What the reconciles of every scope share.
 struct Shared {
     ctx: Arc<Context>,
@@ -94,8 +102,7 @@ impl Shared {
                 .iter()
                 .filter(|s| s.store.find(|p| p.metadata.namespace.as_ref() == Some(&namespace)).is_some())
             {
-                // Full: a wake-up is pending already, which is all that is needed.
-                let _ = other.wake.try_send(());
+                other.wake();
             }
         }
         refs
@@ -196,10 +203,7 @@ async fn watch_originals(ctx: Arc<Context>, shared: Arc<Shared>) {
         match event {
             Ok(event) if triggers::secret_event_wakes(&event, &sync.names) => {
                 tracing::debug!(namespace = %sync.source_namespace, "sidecar Secrets changed: reconciling every namespace");
-                for scope in &shared.scopes {
-                    // Full: a wake-up is pending already, which is all that is needed.
-                    let _ = scope.wake.try_send(());
-                }
+                shared.scopes.iter().for_each(Scope::wake);
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "watch on the sidecar Secrets failed; retrying"),

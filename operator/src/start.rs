@@ -328,23 +328,32 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    fn leader_gauge(metrics: &OperatorMetrics) -> bool {
-        metrics.encode().lines().any(|line| line == "custos_operator_leader 1")
-    }
-
-    #[tokio::test]
-    async fn only_the_leader_runs_the_controller() {
+    /// `lead` on a Lease decided by the returned sender, counting the controllers it runs.
+    fn spawn_lead(
+        metrics: &OperatorMetrics,
+        stop: watch::Receiver<bool>,
+    ) -> (watch::Sender<bool>, Running, tokio::task::JoinHandle<()>) {
         let (lease, leadership) = watch::channel(false);
-        let (stop, stop_rx) = watch::channel(false);
-        let metrics = OperatorMetrics::new();
         let running = Running::default();
         let starter = running.clone();
         let task = tokio::spawn(lead(
             Leadership::from_channel(leadership),
             move || starter.start(),
             metrics.clone(),
-            stop_rx,
+            stop,
         ));
+        (lease, running, task)
+    }
+
+    fn leader_gauge(metrics: &OperatorMetrics) -> bool {
+        metrics.encode().lines().any(|line| line == "custos_operator_leader 1")
+    }
+
+    #[tokio::test]
+    async fn only_the_leader_runs_the_controller() {
+        let (stop, stop_rx) = watch::channel(false);
+        let metrics = OperatorMetrics::new();
+        let (lease, running, task) = spawn_lead(&metrics, stop_rx);
 
         // A follower: no controller, so nothing is written.
         settle().await;
@@ -375,16 +384,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_stopped_election_stops_leading() {
-        let (lease, leadership) = watch::channel(false);
         let (_stop, stop_rx) = watch::channel(false);
-        let running = Running::default();
-        let starter = running.clone();
-        let task = tokio::spawn(lead(
-            Leadership::from_channel(leadership),
-            move || starter.start(),
-            OperatorMetrics::new(),
-            stop_rx,
-        ));
+        let (lease, running, task) = spawn_lead(&OperatorMetrics::new(), stop_rx);
         drop(lease);
         tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
         assert_eq!(running.count(), 0);

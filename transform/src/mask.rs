@@ -35,8 +35,7 @@ impl Masker<'_> {
                     s.clear();
                     push_hash(s, &mac);
                 }
-                MaskStrategy::ShowLast4 => show_last(s, 4),
-                MaskStrategy::ShowFirst1 => show_first(s, 1),
+                MaskStrategy::ShowLast4 | MaskStrategy::ShowFirst1 => show_part(s, self.strategy),
                 MaskStrategy::Null | MaskStrategy::Remove => *value = Value::Null,
             }
             return;
@@ -61,14 +60,9 @@ impl Masker<'_> {
                 push_hash(&mut out, &mac);
                 Value::String(out)
             }
-            MaskStrategy::ShowLast4 => {
+            MaskStrategy::ShowLast4 | MaskStrategy::ShowFirst1 => {
                 let mut text = self.text(value).into_owned();
-                show_last(&mut text, 4);
-                Value::String(text)
-            }
-            MaskStrategy::ShowFirst1 => {
-                let mut text = self.text(value).into_owned();
-                show_first(&mut text, 1);
+                show_part(&mut text, self.strategy);
                 Value::String(text)
             }
         }
@@ -105,73 +99,48 @@ fn stars(n: usize) -> Cow<'static, str> {
     }
 }
 
-/// Whether `strategy` keeps part of a string ([`write_partial`] writes it).
+/// Whether `strategy` keeps part of a string ([`show_part`], [`write_partial`]).
 pub(crate) fn keeps_part(strategy: MaskStrategy) -> bool {
     matches!(strategy, MaskStrategy::ShowLast4 | MaskStrategy::ShowFirst1)
 }
 
-/// Appends `text` masked by a [`keeps_part`] strategy as a JSON string literal, exactly what
-/// [`Masker::apply`] then serialising gives; `text` must need no escaping (it is the content
-/// of a JSON string that had no escapes). Other strategies write nothing.
-pub(crate) fn write_partial(out: &mut Vec<u8>, text: &str, strategy: MaskStrategy) {
-    if text.is_ascii() {
-        return write_partial_ascii(out, text.as_bytes(), strategy);
-    }
-    let stars = |out: &mut Vec<u8>, n: usize| out.resize(out.len() + n, b'*');
-    let n = text.chars().count();
-    out.push(b'"');
-    match strategy {
-        MaskStrategy::ShowLast4 if n > 4 => {
-            let split = text.char_indices().nth(n - 4).map_or(text.len(), |(i, _)| i);
-            stars(out, n - 4);
-            out.extend_from_slice(&text.as_bytes()[split..]);
-        }
-        MaskStrategy::ShowFirst1 if n > 1 => {
-            let split = text.char_indices().nth(1).map_or(text.len(), |(i, _)| i);
-            out.extend_from_slice(&text.as_bytes()[..split]);
-            stars(out, n - 1);
-        }
-        _ => stars(out, n),
-    }
-    out.push(b'"');
-}
-
-/// [`write_partial`] of ASCII text (one byte a character: no counting, no UTF-8 check).
-pub(crate) fn write_partial_ascii(out: &mut Vec<u8>, text: &[u8], strategy: MaskStrategy) {
-    let n = text.len();
+/// Where a [`keeps_part`] strategy cuts the UTF-8 `text`: the kept prefix `text[..front]`,
+/// then `stars` stars in place of `text[front..back]`, then the kept suffix `text[back..]`.
+/// Characters are counted (the last 4, the first 1); `ascii` says there is one byte to each.
+/// Other strategies star everything.
+fn partial_cut(text: &[u8], ascii: bool, strategy: MaskStrategy) -> (usize, usize, usize) {
+    let is_start = |b: &u8| *b & 0xC0 != 0x80;
+    let n = if ascii { text.len() } else { text.iter().filter(|b| is_start(b)).count() };
     let (keep_front, keep_back) = match strategy {
         MaskStrategy::ShowLast4 if n > 4 => (0, 4),
         MaskStrategy::ShowFirst1 if n > 1 => (1, 0),
         _ => (0, 0),
     };
-    out.reserve(n + 2);
-    out.push(b'"');
-    out.extend_from_slice(&text[..keep_front]);
-    out.resize(out.len() + (n - keep_front - keep_back), b'*');
-    out.extend_from_slice(&text[n - keep_back..]);
-    out.push(b'"');
+    // the byte offset of character `k`
+    let offset = |k: usize| match ascii {
+        true => k,
+        false => text.iter().enumerate().filter(|(_, b)| is_start(b)).nth(k).map_or(text.len(), |(i, _)| i),
+    };
+    (offset(keep_front), offset(n - keep_back), n - keep_front - keep_back)
 }
 
-/// All characters but the last `keep` replaced by `*`; `keep` or fewer: all starred.
-fn show_last(text: &mut String, keep: usize) {
-    let n = text.chars().count();
-    if n <= keep {
-        text.replace_range(.., &stars(n));
-        return;
-    }
-    let split = text.char_indices().nth(n - keep).map_or(text.len(), |(i, _)| i);
-    text.replace_range(..split, &stars(n - keep));
+/// Masks `text` in place by a [`keeps_part`] strategy.
+fn show_part(text: &mut String, strategy: MaskStrategy) {
+    let (front, back, count) = partial_cut(text.as_bytes(), text.is_ascii(), strategy);
+    text.replace_range(front..back, &stars(count));
 }
 
-/// The first `keep` characters kept, the rest `*`; `keep` or fewer: all starred.
-fn show_first(text: &mut String, keep: usize) {
-    let n = text.chars().count();
-    if n <= keep {
-        text.replace_range(.., &stars(n));
-        return;
-    }
-    let split = text.char_indices().nth(keep).map_or(text.len(), |(i, _)| i);
-    text.replace_range(split.., &stars(n - keep));
+/// Appends the UTF-8 `text` masked by a [`keeps_part`] strategy as a JSON string literal,
+/// exactly what [`Masker::apply`] then serialising gives; `text` must need no escaping (it is
+/// the content of a JSON string that had no escapes); `ascii`: it is all ASCII.
+pub(crate) fn write_partial(out: &mut Vec<u8>, text: &[u8], ascii: bool, strategy: MaskStrategy) {
+    let (front, back, count) = partial_cut(text, ascii, strategy);
+    out.reserve(front + count + (text.len() - back) + 2);
+    out.push(b'"');
+    out.extend_from_slice(&text[..front]);
+    out.resize(out.len() + count, b'*');
+    out.extend_from_slice(&text[back..]);
+    out.push(b'"');
 }
 
 #[cfg(test)]
@@ -183,13 +152,13 @@ mod tests {
 
     fn last4(s: &str) -> String {
         let mut s = s.to_owned();
-        show_last(&mut s, 4);
+        show_part(&mut s, MaskStrategy::ShowLast4);
         s
     }
 
     fn first1(s: &str) -> String {
         let mut s = s.to_owned();
-        show_first(&mut s, 1);
+        show_part(&mut s, MaskStrategy::ShowFirst1);
         s
     }
 
@@ -205,11 +174,11 @@ mod tests {
                 masker.apply(&mut value);
                 let expected = serde_json::to_string(&value).unwrap();
                 let mut out = Vec::new();
-                write_partial(&mut out, text, strategy);
+                write_partial(&mut out, text.as_bytes(), false, strategy);
                 assert_eq!(String::from_utf8(out).unwrap(), expected, "{text}");
                 if text.is_ascii() {
                     let mut out = Vec::new();
-                    write_partial_ascii(&mut out, text.as_bytes(), strategy);
+                    write_partial(&mut out, text.as_bytes(), true, strategy);
                     assert_eq!(String::from_utf8(out).unwrap(), expected, "{text}");
                 }
             }

@@ -475,7 +475,6 @@ impl<'a> Walker<'a> {
             return Ok(());
         }
         let buf = self.buf;
-        let wildcard = self.has_wildcard(alive, depth);
         let mut keys = KeySet::default();
         let mut seen = 0;
         let mut cuts = Cuts::new(self.pos);
@@ -508,6 +507,8 @@ impl<'a> Walker<'a> {
             }
         }
         let names = frame..self.name_steps.len();
+        // Duplicate keys matter (handed over) when a wildcard reaches every member.
+        let wildcard = wild_child != 0 || (by_id != 0 && self.has_wildcard(by_id, depth));
         loop {
             if self.peek() != Some(b'"') {
                 return Err(self.fail());
@@ -650,18 +651,12 @@ impl<'a> Walker<'a> {
         let buf = self.buf;
         let (text_start, end) = (self.string_start, self.pos - 1);
         let text = &buf[text_start..end];
-        if ascii {
-            self.keep(cuts, start);
-            self.cut(value_start, value_start);
-            mask::write_partial_ascii(&mut self.out, text, strategy);
-        } else {
-            let Ok(text) = std::str::from_utf8(text) else {
-                return Err(Stop::Invalid(error_at(buf, end)));
-            };
-            self.keep(cuts, start);
-            self.cut(value_start, value_start);
-            mask::write_partial(&mut self.out, text, strategy);
+        if !ascii && std::str::from_utf8(text).is_err() {
+            return Err(Stop::Invalid(error_at(buf, end)));
         }
+        self.keep(cuts, start);
+        self.cut(value_start, value_start);
+        mask::write_partial(&mut self.out, text, ascii, strategy);
         self.copied = self.pos;
         self.masked[class] += 1;
         Ok(true)

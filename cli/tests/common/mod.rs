@@ -1,5 +1,5 @@
 //! Shared by the process-level tests of `custos`: a command with a clean environment, a
-//! collector child process that reports its address, and a sample audit event.
+//! collector child process that reports its address, a free port, and a sample audit event.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -14,6 +14,11 @@ use custos_api::audit::AUDIT_SCHEMA_VERSION;
 use custos_api::policy::Mode;
 use custos_api::{AuditEvent, Decision};
 use serde_json::Value;
+
+/// A port nothing listens on right now (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
 
 /// `custos` without any `CUSTOS_*` or `OTEL_*` variable of the test's environment.
 pub fn custos_command() -> Command {
