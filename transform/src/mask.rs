@@ -135,6 +135,16 @@ fn show_part(text: &mut String, strategy: MaskStrategy) {
 /// the content of a JSON string that had no escapes); `ascii`: it is all ASCII.
 pub(crate) fn write_partial(out: &mut Vec<u8>, text: &[u8], ascii: bool, strategy: MaskStrategy) {
     let (front, back, count) = partial_cut(text, ascii, strategy);
+    // short ASCII text (most masked values): composed on the stack, written once
+    let mut short = [b'"'; 64];
+    if ascii && text.len() + 2 <= short.len() {
+        let literal = &mut short[..text.len() + 2];
+        literal[1..=text.len()].copy_from_slice(text);
+        literal[1 + front..1 + back].fill(b'*');
+        literal[text.len() + 1] = b'"';
+        out.extend_from_slice(literal);
+        return;
+    }
     out.reserve(front + count + (text.len() - back) + 2);
     out.push(b'"');
     out.extend_from_slice(&text[..front]);
@@ -167,9 +177,11 @@ mod tests {
         let key = HashKey::new("k");
         for strategy in [MaskStrategy::ShowLast4, MaskStrategy::ShowFirst1] {
             let masker = Masker { strategy, key: &key, sentinels: true };
-            for text in
-                ["", "a", "ab", "1234", "12345", "13812345678", "张三丰", "😀", "a😀b😀c", "e\u{301}cole"]
-            {
+            let long: Vec<String> = (60..=64).map(|n| "x".repeat(n)).collect();
+            let short =
+                ["", "a", "ab", "1234", "12345", "13812345678", "张三丰", "😀", "a😀b😀c", "e\u{301}cole"];
+            // the ASCII ones up to 62 bytes are composed on the stack, longer ones are not
+            for text in short.into_iter().chain(long.iter().map(String::as_str)) {
                 let mut value = json!(text);
                 masker.apply(&mut value);
                 let expected = serde_json::to_string(&value).unwrap();

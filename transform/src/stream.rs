@@ -293,6 +293,7 @@ impl<'a> Walker<'a> {
 
     /// Drops `buf[from..to]` from the output (what is before it and not yet copied is
     /// copied).
+    #[inline]
     fn cut(&mut self, from: usize, to: usize) {
         if from > self.copied {
             self.out.extend_from_slice(&self.buf[self.copied..from]);
@@ -310,6 +311,7 @@ impl<'a> Walker<'a> {
 
     /// A member starting at `start` stays: if only removed members came before it, the
     /// comma they left goes.
+    #[inline]
     fn keep(&mut self, cuts: &mut Cuts, start: usize) {
         if cuts.removed_any && !cuts.kept_any {
             self.cut(cuts.prev_end, start);
@@ -577,9 +579,35 @@ impl<'a> Walker<'a> {
         let mut cuts = Cuts::new(self.pos);
         let mut seen = 0;
         let mut index = 0;
+        // As in `object`: the wildcard steps reach every element and are sorted out once;
+        // indices and the record id go through `child_bits` for each element.
+        let plan = self.plan;
+        let (mut wild_child, mut wild_full, mut by_element) = (0, 0, 0);
+        let mut bits = alive;
+        while bits != 0 {
+            let bit = bits & bits.wrapping_neg();
+            bits &= bits - 1;
+            let steps = &plan.entries[bit.trailing_zeros() as usize].steps;
+            match steps.get(depth as usize) {
+                _ if bit == plan.id => by_element |= bit,
+                Some(Step::Wildcard) => {
+                    wild_child |= bit;
+                    if steps.len() == depth as usize + 1 {
+                        wild_full |= bit;
+                    }
+                }
+                Some(Step::Index(_)) => by_element |= bit,
+                _ => {}
+            }
+        }
         loop {
             let start = self.pos;
-            let (child, full) = self.child_bits(alive, depth, None, index, &mut seen)?;
+            let (mut child, mut full) = (wild_child, wild_full);
+            if by_element != 0 {
+                let (c, f) = self.child_bits(by_element, depth, None, index, &mut seen)?;
+                child |= c;
+                full |= f;
+            }
             self.member(child, full, depth + 1, start, &mut cuts)?;
             index += 1;
             self.ws();
@@ -664,6 +692,8 @@ impl<'a> Walker<'a> {
 
     /// The value at `pos`, which a mask selects whole: decoded, records and ids taken from
     /// it, then every mask path that reaches it applied in plan order. `None`: removed.
+    /// (Not inlined: its frame would weigh on every member.)
+    #[inline(never)]
     fn masked_value(&mut self, alive: u128, depth: u32, root: bool) -> Res<Option<Value>> {
         let plan = self.plan;
         let mut value = if self.peek() == Some(b'"') {
@@ -747,6 +777,7 @@ impl<'a> Walker<'a> {
     }
 
     /// Validates and skips the value at `pos` (a node at `depth`), without decoding it.
+    #[inline]
     fn skip_value(&mut self, depth: u32) -> Res<()> {
         match self.peek() {
             Some(b'{' | b'[') => self.skip_container(depth),
@@ -754,6 +785,7 @@ impl<'a> Walker<'a> {
         }
     }
 
+    #[inline]
     fn scalar(&mut self) -> Res<()> {
         match self.peek() {
             Some(b'"') => self.string().map(drop),
@@ -891,6 +923,7 @@ impl<'a> Walker<'a> {
 
     /// Validates the string whose opening quote is at `pos` (escapes, control characters,
     /// UTF-8) and moves past it; returns whether it holds escapes.
+    #[inline(always)]
     fn string(&mut self) -> Res<bool> {
         let (escaped, ascii) = self.scan_string()?;
         if !ascii && std::str::from_utf8(&self.buf[self.string_start..self.pos - 1]).is_err() {
@@ -924,10 +957,31 @@ impl<'a> Walker<'a> {
     /// Scans the string whose opening quote is at `pos` and moves past it, checking all but
     /// UTF-8; its content starts at `string_start`. Returns whether it holds escapes and
     /// whether its raw bytes are all ASCII.
+    ///
+    /// Most strings of a response are short keys and values of printable ASCII: their first
+    /// 16 bytes are looked at one by one here, anything else is left to
+    /// [`Self::scan_string_rest`] (eight bytes at a time, escapes, non-ASCII, errors).
+    #[inline]
     fn scan_string(&mut self) -> Res<(bool, bool)> {
+        const SHORT: usize = 16;
         let start = self.pos + 1;
         self.string_start = start;
+        let buf = self.buf;
+        let short_end = buf.len().min(start + SHORT);
         let mut i = start;
+        while i < short_end && PLAIN_ASCII[usize::from(buf[i])] {
+            i += 1;
+        }
+        if buf.get(i) == Some(&b'"') {
+            self.pos = i + 1;
+            return Ok((false, true));
+        }
+        self.scan_string_rest(i)
+    }
+
+    /// The rest of [`Self::scan_string`] from `i`, all bytes before which are plain ASCII.
+    #[inline(never)]
+    fn scan_string_rest(&mut self, mut i: usize) -> Res<(bool, bool)> {
         let mut escaped = false;
         let mut ascii = true;
         loop {
@@ -1001,6 +1055,18 @@ impl<'a> Walker<'a> {
 
 /// U+FDD0 in UTF-8 is `EF B7 90`.
 const SENTINEL_TAIL: [u8; 2] = [0xB7, 0x90];
+
+/// The bytes a JSON string holds as they are and [`skip_plain`] passes over that are ASCII:
+/// `0x20..=0x7F` but `"` and `\`.
+static PLAIN_ASCII: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0x20;
+    while b < 0x80 {
+        table[b] = b != b'"' as usize && b != b'\\' as usize;
+        b += 1;
+    }
+    table
+};
 
 /// The error for the byte at `at` (`NotJson`), or for the end of the body (`Truncated`),
 /// positioned as serde_json positions it: line and column (in bytes) of that byte, or of the

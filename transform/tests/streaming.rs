@@ -464,6 +464,57 @@ fn invalid_utf8_anywhere() {
     }
 }
 
+/// Strings are scanned byte by byte for their first 16 bytes, then 8 bytes at a time: an
+/// escape, a quote, a control character, non-ASCII, invalid UTF-8 or U+FDD0 at every offset
+/// on either side of that boundary, in keys, masked values and skipped values, is judged as
+/// the parsed document judges it.
+#[test]
+fn strings_are_judged_alike_at_every_offset() {
+    let plan = Plan {
+        records: Some(path("$.items[*]")),
+        masks: vec![
+            mask("phone", &["$.items[*].phone"], MaskStrategy::ShowLast4),
+            mask("name", &["$.items[*].name"], MaskStrategy::ShowFirst1),
+        ],
+        ..Plan::default()
+    };
+    let specials: [(&[u8], bool); 7] = [
+        // (bytes, streamed: false where the parsed document must decide)
+        (b"\\n", true),
+        (b"\\u00e9", true),
+        (b"\"", true),
+        (b"\x01", true),
+        ("é".as_bytes(), true),
+        (b"\xff", true),
+        ("\u{fdd0}".as_bytes(), false),
+    ];
+    for len in 0..=40 {
+        for at in 0..=len {
+            for &(special, takes) in &specials {
+                let mut text = vec![b'a'; len];
+                text.splice(at..at, special.iter().copied());
+                for place in 0..3 {
+                    let mut body =
+                        b"{\"items\":[{\"phone\":\"0123456789\",\"name\":\"Ann\",\"x\":\"y\"}]}".to_vec();
+                    let (before, value) = match place {
+                        0 => (&b"\"phone\":\""[..], &b"0123456789"[..]),
+                        1 => (&b"\"name\":\""[..], &b"Ann"[..]),
+                        _ => (&b"{\""[..], &b"x"[..]),
+                    };
+                    let from = body.windows(before.len()).position(|w| w == before).unwrap() + before.len();
+                    body.splice(from..from + value.len(), text.iter().copied());
+                    let label = String::from_utf8_lossy(&body).into_owned();
+                    let dom = apply_dom(&body, &plan, &vars(), &key());
+                    match apply_streaming(&body, &plan, &key()) {
+                        Some(streamed) => assert_agree(&dom, &streamed, &label),
+                        None => assert!(!takes, "handed over: {label}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
 // ---- random documents and plans ----------------------------------------------------------
 
 /// Member names, as written (some escaped) and as they read.
