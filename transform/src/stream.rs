@@ -477,7 +477,7 @@ impl<'a> Walker<'a> {
             return Ok(());
         }
         let buf = self.buf;
-        let mut keys = KeySet::default();
+        let mut keys: Option<KeySet<'a>> = None;
         let mut seen = 0;
         let mut cuts = Cuts::new(self.pos);
         // The steps into this object's members, sorted out once rather than for each member:
@@ -548,7 +548,7 @@ impl<'a> Walker<'a> {
                 child |= c;
                 full |= f;
             }
-            if wildcard && !keys.insert(key) {
+            if wildcard && !keys.get_or_insert_with(KeySet::default).insert(key) {
                 return Err(Stop::Fallback);
             }
             self.member(child, full, depth + 1, start, &mut cuts)?;
@@ -958,19 +958,30 @@ impl<'a> Walker<'a> {
     /// UTF-8; its content starts at `string_start`. Returns whether it holds escapes and
     /// whether its raw bytes are all ASCII.
     ///
-    /// Most strings of a response are short keys and values of printable ASCII: their first
-    /// 16 bytes are looked at one by one here, anything else is left to
-    /// [`Self::scan_string_rest`] (eight bytes at a time, escapes, non-ASCII, errors).
+    /// Most strings of a response are keys and values of printable ASCII: they are scanned
+    /// here, eight bytes at a time, without the bookkeeping for escapes and non-ASCII text,
+    /// which [`Self::scan_string_rest`] takes over from the first byte that is not plain.
     #[inline]
     fn scan_string(&mut self) -> Res<(bool, bool)> {
-        const SHORT: usize = 16;
         let start = self.pos + 1;
         self.string_start = start;
         let buf = self.buf;
-        let short_end = buf.len().min(start + SHORT);
         let mut i = start;
-        while i < short_end && PLAIN_ASCII[usize::from(buf[i])] {
-            i += 1;
+        loop {
+            let Some(word) = buf.get(i..i + 8) else {
+                while i < buf.len() && PLAIN_ASCII[usize::from(buf[i])] {
+                    i += 1;
+                }
+                break;
+            };
+            let mut bytes = [0; 8];
+            bytes.copy_from_slice(word);
+            let stops = ascii_stops(u64::from_le_bytes(bytes));
+            if stops != 0 {
+                i += (stops.trailing_zeros() / 8) as usize;
+                break;
+            }
+            i += 8;
         }
         if buf.get(i) == Some(&b'"') {
             self.pos = i + 1;
@@ -1068,6 +1079,20 @@ static PLAIN_ASCII: [bool; 256] = {
     table
 };
 
+/// The bytes of the little-endian word `w` that are not [`PLAIN_ASCII`]: the high bit set at
+/// the first such byte, and possibly at later ones, never at earlier ones.
+fn ascii_stops(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let zero = |w: u64| w.wrapping_sub(ONES) & !w;
+    // below 0x20 | a quote | a backslash | 0x80 and above
+    (w.wrapping_sub(ONES * 0x20) & !w
+        | zero(w ^ (ONES * u64::from(b'"')))
+        | zero(w ^ (ONES * u64::from(b'\\')))
+        | w)
+        & HIGHS
+}
+
 /// The error for the byte at `at` (`NotJson`), or for the end of the body (`Truncated`),
 /// positioned as serde_json positions it: line and column (in bytes) of that byte, or of the
 /// last byte at the end.
@@ -1156,6 +1181,29 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn ascii_stops_finds_the_first_byte_that_is_not_plain() {
+        for b in 0..=255u8 {
+            let w = u64::from_le_bytes([b; 8]);
+            assert_eq!(ascii_stops(w) != 0, !PLAIN_ASCII[usize::from(b)], "{b:#x}");
+            for at in 0..8 {
+                let mut bytes = [b'a'; 8];
+                bytes[at] = b;
+                let stops = ascii_stops(u64::from_le_bytes(bytes));
+                if PLAIN_ASCII[usize::from(b)] {
+                    assert_eq!(stops, 0, "{b:#x} at {at}");
+                } else {
+                    assert_eq!(stops.trailing_zeros() / 8, at as u32, "{b:#x} at {at}");
+                }
+                // a stop before it wins, whatever follows
+                bytes[..at].fill(b'"');
+                if at > 0 {
+                    assert_eq!(ascii_stops(u64::from_le_bytes(bytes)).trailing_zeros() / 8, 0);
+                }
+            }
+        }
+    }
 
     #[test]
     fn skip_plain_finds_every_stop() {
