@@ -43,17 +43,16 @@ use crate::state::{ConfigCell, PolicyState};
 pub const METHOD_OVERRIDE_HEADERS: [&str; 3] =
     ["x-http-method-override", "x-http-method", "x-method-override"];
 
-/// Hop-by-hop headers, never forwarded in either direction (as header names: removing by
-/// name skips parsing a string on every request).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
+/// Hop-by-hop headers, never forwarded in either direction.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
 ];
 
 /// [`METHOD_OVERRIDE_HEADERS`] as header names.
@@ -818,30 +817,33 @@ pub(crate) fn encode_path(path: &str) -> String {
 }
 
 /// Removes hop-by-hop headers, those named by `Connection`, and `x-custos-*`.
+///
+/// One pass over the names present finds what goes (most messages carry none of them), and
+/// only that is looked up and removed, rather than a lookup for every hop-by-hop name.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    let mut doomed: Vec<HeaderName> =
+        headers.keys().filter(|name| is_hop_by_hop(name) || is_custos(name)).cloned().collect();
+    if doomed.contains(&header::CONNECTION) {
+        let named = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
+        doomed.extend(named);
+    }
+    for name in doomed {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    strip_custos(headers);
 }
 
-/// Removes inbound `x-custos-*` headers.
-fn strip_custos(headers: &mut HeaderMap) {
-    let custos: Vec<HeaderName> =
-        headers.keys().filter(|k| k.as_str().starts_with("x-custos-")).cloned().collect();
-    for name in custos {
-        headers.remove(name);
-    }
+/// Whether `name` is one of [`HOP_BY_HOP`] (names compare as strings, mostly by length).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+fn is_custos(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-custos-")
 }
 
 /// Size of the request line and headers, as received (approximately: names, values and
@@ -1011,5 +1013,28 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::ACCEPT));
+
+        // every hop-by-hop name, several Connection headers, several x-custos-* headers
+        let mut h = HeaderMap::new();
+        for name in HOP_BY_HOP {
+            h.append(name, HeaderValue::from_static("1"));
+        }
+        h.append(header::CONNECTION, HeaderValue::from_static("x-a"));
+        h.append(header::CONNECTION, HeaderValue::from_static(" X-B ,,"));
+        for name in ["x-a", "x-b", "x-custos-user", "x-custos-attrs", "x-c", "content-type"] {
+            h.append(name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-c"]);
+
+        // nothing to strip: nothing changes
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 }
