@@ -2,12 +2,17 @@
 //!
 //! Same run, loopback, same cores: an upstream app serving 2 KB JSON responses is measured
 //! (a) directly, (b) behind `custos sidecar` with a 20-rule policy masking two data classes,
-//! and (c) behind nginx as a plain reverse proxy. Peak throughput and latency percentiles
+//! (c) behind nginx as a plain reverse proxy, and (d) behind a second sidecar with the same
+//! rules but no masks or records (same identity, decision and audit work, no response
+//! transform), which splits the sidecar's cost into the proxy's and the transform's, and (e)
+//! behind a bare reverse proxy on the sidecar's own stack (hyper, hyper-util's pool, a Tokio
+//! runtime per CPU: [`bare`]), the floor of that stack. Peak throughput and latency percentiles
 //! come from `wrk`; latency at a fixed 2,000 req/s comes from an open-loop load generator
 //! (latency measured from each request's scheduled send time, so queueing is not hidden).
 //! The sidecar's peak RSS is read from /proc after the load.
 #![forbid(unsafe_code)]
 
+mod bare;
 mod loadgen;
 mod upstream;
 
@@ -41,11 +46,19 @@ struct Args {
     /// Skip the fixed-rate measurements (quick peak-only runs while tuning).
     #[arg(long)]
     peak_only: bool,
+    /// Internal: run as the bare proxy (e) on this address, then `--upstream-addr`.
+    #[arg(long, hide = true, requires = "upstream_addr")]
+    bare_proxy: Option<SocketAddr>,
+    /// Internal: the bare proxy's upstream.
+    #[arg(long, hide = true)]
+    upstream_addr: Option<SocketAddr>,
 }
 
 /// The 20-rule policy of the benchmark: 19 rules that do not match the benchmarked path,
-/// then the allow rule that does, masking two classes.
-fn policy_yaml() -> String {
+/// then the allow rule that does, masking two classes; without `masking`, the same rules with
+/// no records path and no masks (no response transform).
+fn policy_yaml(masking: bool) -> String {
+    let plan = |text: &str| if masking { text.to_owned() } else { String::new() };
     let mut rules = String::new();
     for i in 0..10 {
         let _ = write!(
@@ -55,13 +68,14 @@ fn policy_yaml() -> String {
         if i < 9 {
             let _ = write!(
                 rules,
-                "    - name: read-area-{i}\n      action: Allow\n      to: {{methods: [GET], paths: [\"/area{i}/{{id}}\", \"/area{i}/*/history/**\"]}}\n      records: \"$.items[*]\"\n      mask: {{phone: ShowLast4, name: ShowFirst1}}\n"
+                "    - name: read-area-{i}\n      action: Allow\n      to: {{methods: [GET], paths: [\"/area{i}/{{id}}\", \"/area{i}/*/history/**\"]}}\n{}",
+                plan("      records: \"$.items[*]\"\n      mask: {phone: ShowLast4, name: ShowFirst1}\n")
             );
         }
     }
-    rules.push_str(
-        "    - name: read-customers\n      action: Allow\n      to: {methods: [GET], paths: [\"/customers/{id}\"]}\n      records: \"$.items[*]\"\n      mask: {phone: ShowLast4, name: ShowFirst1}\n",
-    );
+    rules.push_str("    - name: read-customers\n      action: Allow\n      to: {methods: [GET], paths: [\"/customers/{id}\"]}\n");
+    rules
+        .push_str(&plan("      records: \"$.items[*]\"\n      mask: {phone: ShowLast4, name: ShowFirst1}\n"));
     format!(
         "apiVersion: custos.dev/v1alpha1\nkind: DataAccessPolicy\nmetadata: {{name: bench, namespace: bench}}\nspec:\n  workload: {{selector: {{matchLabels: {{app: customer-api}}}}, appPort: 8080}}\n  defaultAction: Deny\n  dataClasses:\n    - {{name: phone, paths: [\"$.items[*].phone\"]}}\n    - {{name: name, paths: [\"$.items[*].name\"]}}\n  rules:\n{rules}"
     )
@@ -200,8 +214,59 @@ fn nginx_conf(dir: &Path, listen: u16, upstream: SocketAddr) -> String {
     )
 }
 
+/// Compiles the benchmark policy (`masking` or not) into `dir/<name>` and starts a sidecar on
+/// it in front of `upstream`, hashing ids with `hash_key`: its address and pid.
+fn start_sidecar(
+    custos: &Path,
+    dir: &Path,
+    hash_key: &Path,
+    name: &str,
+    masking: bool,
+    upstream: SocketAddr,
+    guard: &mut Guard,
+) -> Result<(SocketAddr, u32)> {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir)?;
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, policy_yaml(masking))?;
+    let config = dir.join("config.json");
+    let status =
+        Command::new(custos).args(["compile", "-n", "bench"]).arg(&policy).arg("-o").arg(&config).status()?;
+    anyhow::ensure!(status.success(), "custos compile failed");
+    let port = free_port()?;
+    let admin_port = free_port()?;
+    let sidecar = Command::new(custos)
+        .arg("sidecar")
+        .arg("--config")
+        .arg(&config)
+        .args(["--namespace", "bench", "--pod-labels", "app=customer-api"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--upstream", &upstream.to_string()])
+        .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+        .arg("--spool-dir")
+        .arg(dir.join("spool"))
+        .arg("--hash-key-file")
+        .arg(hash_key)
+        .env("RUST_LOG", "warn")
+        // The allocator setting of the deployed sidecar: the image (Dockerfile) and the
+        // injected container (operator/core/src/inject/sidecar.rs, ALLOCATOR_ENV) set it.
+        .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(dir.join("sidecar.log"))?))
+        .spawn()
+        .context("cannot start custos sidecar")?;
+    let pid = sidecar.id();
+    guard.0.push(sidecar);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_for(addr, "custos sidecar")?;
+    Ok((addr, pid))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let (Some(listen), Some(upstream)) = (args.bare_proxy, args.upstream_addr) {
+        return bare::run(listen, upstream);
+    }
     anyhow::ensure!(
         args.custos.exists(),
         "{} not found: build it with `cargo build --release -p custos`",
@@ -214,45 +279,14 @@ fn main() -> Result<()> {
     let upstream = upstream::start()?;
     println!("upstream app on {upstream} ({} byte JSON responses)", upstream::body().len());
 
-    // (b) the sidecar, a separate process.
-    let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, policy_yaml())?;
-    let config = dir.join("config.json");
-    let status = Command::new(&args.custos)
-        .args(["compile", "-n", "bench"])
-        .arg(&policy)
-        .arg("-o")
-        .arg(&config)
-        .status()?;
-    anyhow::ensure!(status.success(), "custos compile failed");
-    std::fs::write(dir.join("hash.key"), b"benchmark-hash-key-0123456789abcdef")?;
-    let sidecar_port = free_port()?;
-    let admin_port = free_port()?;
+    // (b) the sidecar, a separate process; (d) the same without a response transform.
     let mut guard = Guard(Vec::new());
-    let sidecar = Command::new(&args.custos)
-        .arg("sidecar")
-        .arg("--config")
-        .arg(&config)
-        .args(["--namespace", "bench", "--pod-labels", "app=customer-api"])
-        .args(["--listen", &format!("127.0.0.1:{sidecar_port}")])
-        .args(["--upstream", &upstream.to_string()])
-        .args(["--admin", &format!("127.0.0.1:{admin_port}")])
-        .arg("--spool-dir")
-        .arg(dir.join("spool"))
-        .arg("--hash-key-file")
-        .arg(dir.join("hash.key"))
-        .env("RUST_LOG", "warn")
-        // The allocator setting of the deployed sidecar: the image (Dockerfile) and the
-        // injected container (operator/core/src/inject/sidecar.rs, ALLOCATOR_ENV) set it.
-        .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(dir.join("sidecar.log"))?))
-        .spawn()
-        .context("cannot start custos sidecar")?;
-    let sidecar_pid = sidecar.id();
-    guard.0.push(sidecar);
-    let sidecar_addr: SocketAddr = ([127, 0, 0, 1], sidecar_port).into();
-    wait_for(sidecar_addr, "custos sidecar")?;
+    let key = dir.join("hash.key");
+    std::fs::write(&key, b"benchmark-hash-key-0123456789abcdef")?;
+    let (sidecar_addr, sidecar_pid) =
+        start_sidecar(&args.custos, &dir, &key, "masking", true, upstream, &mut guard)?;
+    let (plain_addr, plain_pid) =
+        start_sidecar(&args.custos, &dir, &key, "plain", false, upstream, &mut guard)?;
 
     // (c) nginx as a plain reverse proxy.
     let nginx_port = free_port()?;
@@ -270,18 +304,40 @@ fn main() -> Result<()> {
     let nginx_addr: SocketAddr = ([127, 0, 0, 1], nginx_port).into();
     wait_for(nginx_addr, "nginx")?;
 
+    // (e) the bare proxy on the sidecar's stack, this program run again.
+    let bare_port = free_port()?;
+    let bare_addr: SocketAddr = ([127, 0, 0, 1], bare_port).into();
+    let bare = Command::new(std::env::current_exe()?)
+        .args(["--bare-proxy", &bare_addr.to_string(), "--upstream-addr", &upstream.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start the bare proxy")?;
+    let bare_pid = bare.id();
+    guard.0.push(bare);
+    wait_for(bare_addr, "bare proxy")?;
+
     let path = "/customers/42";
-    let targets = [("direct", upstream), ("custos sidecar", sidecar_addr), ("nginx proxy", nginx_addr)];
+    let targets = [
+        ("direct", upstream),
+        ("custos sidecar", sidecar_addr),
+        ("nginx proxy", nginx_addr),
+        ("sidecar, no masks", plain_addr),
+        ("bare hyper proxy", bare_addr),
+    ];
 
     // Sanity: the sidecar really masks.
     let body = loadgen::get_once(sidecar_addr, path)?;
     anyhow::ensure!(!body.contains("+86 138") && body.contains("*"), "the sidecar did not mask the response");
+    let body = loadgen::get_once(plain_addr, path)?;
+    anyhow::ensure!(body.contains("+86 138"), "the sidecar without masks changed the response");
+    let body = loadgen::get_once(bare_addr, path)?;
+    anyhow::ensure!(body == loadgen::get_once(upstream, path)?, "the bare proxy changed the response");
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     // CPU time per request of the proxy processes under peak load: a figure that does not
     // depend on how the two cores are shared with wrk and the upstream.
     let nginx_pids = with_children(nginx_pid);
-    let proxy_pids: [&[u32]; 3] = [&[], &[sidecar_pid], &nginx_pids];
+    let proxy_pids: [&[u32]; 5] = [&[], &[sidecar_pid], &nginx_pids, &[plain_pid], &[bare_pid]];
     let mut wrk_results = Vec::new();
     for ((name, addr), pids) in targets.into_iter().zip(proxy_pids) {
         let cpu_before = cpu_ns(pids);
@@ -290,7 +346,7 @@ fn main() -> Result<()> {
         let requests = r.rps * args.duration as f64;
         r.cpu_us = (!pids.is_empty() && requests > 0.0).then(|| cpu as f64 / 1000.0 / requests);
         println!(
-            "wrk {name:<15} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  proxy CPU {} {}",
+            "wrk {name:<18} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  proxy CPU {} {}",
             r.rps,
             r.p50_ms,
             r.p99_ms,
@@ -309,7 +365,7 @@ fn main() -> Result<()> {
         let l =
             rt.block_on(loadgen::fixed_rate(addr, path, args.rate, Duration::from_secs(args.duration), 32))?;
         println!(
-            "fixed {} req/s {name:<15} p50 {:>7.3} ms  p99 {:>7.3} ms  ({} ok, {} errors; sent late by ≤ {:.0} µs at p99)",
+            "fixed {} req/s {name:<18} p50 {:>7.3} ms  p99 {:>7.3} ms  ({} ok, {} errors; sent late by ≤ {:.0} µs at p99)",
             args.rate, l.p50_ms, l.p99_ms, l.ok, l.errors, l.send_lateness_p99_us
         );
         fixed.push((name, l));
@@ -358,8 +414,10 @@ fn main() -> Result<()> {
     }
     let _ = writeln!(
         table,
-        "\nsidecar peak throughput / nginx: {:.2}x; sidecar RSS after load: {} KiB (peak {} KiB)",
+        "\nsidecar peak throughput / nginx: {:.2}x (without masks: {:.2}x; bare hyper proxy: {:.2}x); sidecar RSS after load: {} KiB (peak {} KiB)",
         sidecar.rps / nginx.rps,
+        wrk_results[3].1.rps / nginx.rps,
+        wrk_results[4].1.rps / nginx.rps,
         rss,
         hwm
     );

@@ -1,0 +1,91 @@
+//! The floor of the sidecar's proxy stack: a reverse proxy with nothing but what the sidecar
+//! is built on (hyper's HTTP/1 and h2c server, hyper-util's pooled keep-alive client, one
+//! single-threaded Tokio runtime per CPU with its own `SO_REUSEPORT` listener, as
+//! `custos sidecar` runs) and none of its work: no identity, decision, transform, quotas,
+//! metrics or audit. Run by the harness as a child process (`sidecar-bench --bare-proxy
+//! LISTEN --upstream-addr UPSTREAM`), so that its CPU time is its own. It tells how much of
+//! the sidecar's cost against nginx is the stack's and how much is the sidecar's.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpSocket;
+
+type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Serves on `listen` until killed, forwarding every request to `upstream`.
+pub(crate) fn run(listen: SocketAddr, upstream: SocketAddr) -> Result<()> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    // Tokio binds within a runtime; each thread registers its socket with its own.
+    let binder = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    let _entered = binder.enter();
+    let mut handles = Vec::new();
+    for _ in 0..threads {
+        let socket = TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(listen).with_context(|| format!("cannot bind {listen}"))?;
+        let listener = socket.listen(1024)?.into_std()?;
+        handles.push(std::thread::spawn(move || serve(listener, upstream)));
+    }
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("a proxy thread panicked"))??;
+    }
+    Ok(())
+}
+
+fn serve(listener: std::net::TcpListener, upstream: SocketAddr) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client: Client<HttpConnector, Incoming> =
+            Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
+        let authority = upstream.to_string();
+        loop {
+            let (stream, _) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            let (client, authority) = (client.clone(), authority.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    forward(client.clone(), authority.clone(), req)
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+async fn forward(
+    client: Client<HttpConnector, Incoming>,
+    authority: String,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let (mut parts, body) = req.into_parts();
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    match Uri::builder().scheme("http").authority(authority).path_and_query(target).build() {
+        Ok(uri) => parts.uri = uri,
+        Err(_) => return Ok(status(StatusCode::BAD_REQUEST)),
+    }
+    match client.request(Request::from_parts(parts, body)).await {
+        Ok(response) => Ok(response.map(BodyExt::boxed_unsync)),
+        Err(_) => Ok(status(StatusCode::BAD_GATEWAY)),
+    }
+}
+
+fn status(code: StatusCode) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = code;
+    response
+}
