@@ -7,7 +7,8 @@
 //! transform), which splits the sidecar's cost into the proxy's and the transform's, and (e)
 //! behind a bare reverse proxy on the sidecar's own stack (hyper, hyper-util's pool, a Tokio
 //! runtime per CPU: [`bare`]), the floor of that stack. Peak throughput and latency percentiles
-//! come from `wrk`; latency at a fixed 2,000 req/s comes from an open-loop load generator
+//! come from `wrk`, target after target in several rounds (medians; ratios taken within a
+//! round, so that a shared machine's drifts hit all targets alike); latency at a fixed 2,000 req/s comes from an open-loop load generator
 //! (latency measured from each request's scheduled send time, so queueing is not hidden).
 //! The sidecar's peak RSS is read from /proc after the load.
 #![forbid(unsafe_code)]
@@ -40,6 +41,10 @@ struct Args {
     /// wrk connections.
     #[arg(long, default_value_t = 64)]
     connections: u32,
+    /// Peak measurements of every target, taken in turn (target after target, round after
+    /// round) so that all see the same drifts of a shared machine; medians are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Also write the result table (markdown) here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -262,6 +267,45 @@ fn start_sidecar(
     Ok((addr, pid))
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The peak table: for each target the medians over the rounds, and its ratios to the direct
+/// app (target 0) and to nginx (target 2) taken within each round, as median and range.
+fn peak_table(names: &[&str], rounds: &[Vec<WrkResult>], connections: u32) -> String {
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| target | peak req/s (wrk -t2 -c{connections}, median of {}) | p50 | p99 | vs direct | vs nginx (median, range over rounds) | proxy CPU per request |",
+        rounds.len()
+    );
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|");
+    for (t, name) in names.iter().enumerate() {
+        let of = |f: &dyn Fn(&WrkResult) -> f64| median(rounds.iter().map(|r| f(&r[t])).collect());
+        let ratios = |base: usize| -> Vec<f64> { rounds.iter().map(|r| r[t].rps / r[base].rps).collect() };
+        let vs_nginx = ratios(2);
+        let (lo, hi) = vs_nginx.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let cpu = of(&|r| r.cpu_us.unwrap_or(f64::NAN));
+        let _ = writeln!(
+            table,
+            "| {name} | {:.0} | {:.3} ms | {:.3} ms | {:.2}x | {:.2}x ({lo:.2}–{hi:.2}) | {} |",
+            of(&|r| r.rps),
+            of(&|r| r.p50_ms),
+            of(&|r| r.p99_ms),
+            median(ratios(0)),
+            median(vs_nginx),
+            if cpu.is_nan() { "—".to_string() } else { format!("{cpu:.1} µs") }
+        );
+    }
+    table
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if let (Some(listen), Some(upstream)) = (args.bare_proxy, args.upstream_addr) {
@@ -338,24 +382,32 @@ fn main() -> Result<()> {
     // depend on how the two cores are shared with wrk and the upstream.
     let nginx_pids = with_children(nginx_pid);
     let proxy_pids: [&[u32]; 5] = [&[], &[sidecar_pid], &nginx_pids, &[plain_pid], &[bare_pid]];
-    let mut wrk_results = Vec::new();
-    for ((name, addr), pids) in targets.into_iter().zip(proxy_pids) {
-        let cpu_before = cpu_ns(pids);
-        let mut r = wrk(&format!("http://{addr}{path}"), args.duration, args.connections)?;
-        let cpu = cpu_ns(pids) - cpu_before;
-        let requests = r.rps * args.duration as f64;
-        r.cpu_us = (!pids.is_empty() && requests > 0.0).then(|| cpu as f64 / 1000.0 / requests);
-        println!(
-            "wrk {name:<18} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  proxy CPU {} {}",
-            r.rps,
-            r.p50_ms,
-            r.p99_ms,
-            r.cpu_us.map_or("-".to_string(), |c| format!("{c:.1} µs/req")),
-            r.errors
-        );
-        wrk_results.push((name, r));
+    // rounds[r][t]: round r's measurement of target t
+    let mut rounds: Vec<Vec<WrkResult>> = Vec::new();
+    for round in 1..=args.rounds {
+        let mut results = Vec::new();
+        for ((name, addr), pids) in targets.into_iter().zip(proxy_pids) {
+            let cpu_before = cpu_ns(pids);
+            let mut r = wrk(&format!("http://{addr}{path}"), args.duration, args.connections)?;
+            let cpu = cpu_ns(pids) - cpu_before;
+            let requests = r.rps * args.duration as f64;
+            r.cpu_us = (!pids.is_empty() && requests > 0.0).then(|| cpu as f64 / 1000.0 / requests);
+            println!(
+                "wrk {round}/{} {name:<18} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  proxy CPU {} {}",
+                args.rounds,
+                r.rps,
+                r.p50_ms,
+                r.p99_ms,
+                r.cpu_us.map_or("-".to_string(), |c| format!("{c:.1} µs/req")),
+                r.errors
+            );
+            results.push(r);
+        }
+        rounds.push(results);
     }
+    let mut table = peak_table(&targets.map(|(name, _)| name), &rounds, args.connections);
     if args.peak_only {
+        println!("\n{table}");
         drop(guard);
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
@@ -373,28 +425,6 @@ fn main() -> Result<()> {
     let hwm = rss_kib(sidecar_pid, "VmHWM:").unwrap_or(0);
     let rss = rss_kib(sidecar_pid, "VmRSS:").unwrap_or(0);
 
-    let mut table = String::new();
-    let direct = &wrk_results[0].1;
-    let nginx = &wrk_results[2].1;
-    let sidecar = &wrk_results[1].1;
-    let _ = writeln!(
-        table,
-        "| target | peak req/s (wrk -t2 -c{}) | p50 | p99 | vs direct | vs nginx | proxy CPU per request |",
-        args.connections
-    );
-    let _ = writeln!(table, "|---|---|---|---|---|---|---|");
-    for (name, r) in &wrk_results {
-        let _ = writeln!(
-            table,
-            "| {name} | {:.0} | {:.3} ms | {:.3} ms | {:.2}x | {:.2}x | {} |",
-            r.rps,
-            r.p50_ms,
-            r.p99_ms,
-            r.rps / direct.rps,
-            r.rps / nginx.rps,
-            r.cpu_us.map_or("—".to_string(), |c| format!("{c:.1} µs"))
-        );
-    }
     let _ = writeln!(
         table,
         "\n| target | p50 at {} req/s | p99 at {} req/s | added p50 | added p99 |",
@@ -412,15 +442,7 @@ fn main() -> Result<()> {
             (l.p99_ms - d.p99_ms) * 1000.0
         );
     }
-    let _ = writeln!(
-        table,
-        "\nsidecar peak throughput / nginx: {:.2}x (without masks: {:.2}x; bare hyper proxy: {:.2}x); sidecar RSS after load: {} KiB (peak {} KiB)",
-        sidecar.rps / nginx.rps,
-        wrk_results[3].1.rps / nginx.rps,
-        wrk_results[4].1.rps / nginx.rps,
-        rss,
-        hwm
-    );
+    let _ = writeln!(table, "\nsidecar RSS after load: {rss} KiB (peak {hwm} KiB)");
     println!("\n{table}");
     if let Some(out) = &args.out {
         std::fs::write(out, &table)?;
@@ -428,4 +450,38 @@ fn main() -> Result<()> {
     drop(guard);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn result(rps: f64, cpu_us: Option<f64>) -> WrkResult {
+        WrkResult { rps, p50_ms: 1.0, p99_ms: 2.0, errors: String::new(), cpu_us }
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
+
+    #[test]
+    fn ratios_are_taken_within_each_round() {
+        // the machine halves its speed in round 2: every target slows down alike
+        let rounds = vec![
+            vec![result(100.0, None), result(40.0, Some(20.0)), result(50.0, Some(10.0))],
+            vec![result(50.0, None), result(20.0, Some(22.0)), result(25.0, Some(12.0))],
+            vec![result(90.0, None), result(45.0, Some(21.0)), result(50.0, Some(11.0))],
+        ];
+        let table = peak_table(&["direct", "sidecar", "nginx"], &rounds, 64);
+        let sidecar = table.lines().find(|l| l.starts_with("| sidecar")).unwrap();
+        // median req/s 40, vs nginx 0.8, 0.8, 0.9 per round: median 0.80, range 0.80–0.90
+        assert_eq!(sidecar, "| sidecar | 40 | 1.000 ms | 2.000 ms | 0.40x | 0.80x (0.80–0.90) | 21.0 µs |");
+        let direct = table.lines().find(|l| l.starts_with("| direct")).unwrap();
+        assert!(direct.ends_with("| — |"), "{direct}");
+    }
 }
