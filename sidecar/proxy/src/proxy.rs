@@ -9,7 +9,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -167,7 +167,7 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -
     let started = Instant::now();
     let wall = SystemTime::now();
     let now = chrono::DateTime::<chrono::Utc>::from(wall);
-    let peer_ip = peer.ip().to_canonical().to_string();
+    let peer_ip = ip_text(peer.ip());
     let mut ctx = Ctx {
         event: AuditEvent {
             schema_version: AUDIT_SCHEMA_VERSION,
@@ -182,7 +182,7 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -
             caller: None,
             user: None,
             // Replaced once the caller is known (`principal`); the peer's address until then.
-            principal: format!("peer:{peer_ip}"),
+            principal: ["peer:", &peer_ip].concat(),
             method: req.method().as_str().to_string(),
             path: "-".to_string(),
             decision: Decision::Allow,
@@ -205,6 +205,30 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -
     };
     let response = process(&shared, &mut ctx, peer, req, wall).await;
     finish(&shared, ctx, response)
+}
+
+/// The text of a peer's address, IPv4-mapped IPv6 as IPv4: what `Display` writes, without
+/// the formatter's machinery for IPv4 (it cost about 1,300 instructions on every request).
+fn ip_text(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let mut text = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push('.');
+                }
+                if octet >= 100 {
+                    text.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    text.push(char::from(b'0' + octet / 10 % 10));
+                }
+                text.push(char::from(b'0' + octet % 10));
+            }
+            text
+        }
+        v6 => v6.to_string(),
+    }
 }
 
 /// Completes the audit event and metrics, and attaches the event to the body.
@@ -1000,6 +1024,22 @@ mod tests {
         assert!(bearer(&h).is_some());
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearerx"));
         assert!(bearer(&h).is_none());
+    }
+
+    #[test]
+    fn peer_addresses_read_as_display_writes_them() {
+        for octet in 0..=255u8 {
+            for at in 0..4 {
+                let mut octets = [1, 22, 133, 4];
+                octets[at] = octet;
+                let ip = IpAddr::from(octets);
+                assert_eq!(ip_text(ip), ip.to_string());
+            }
+        }
+        let mapped: IpAddr = "::ffff:10.0.200.7".parse().unwrap();
+        assert_eq!(ip_text(mapped), "10.0.200.7");
+        let v6: IpAddr = "fd00::1:2".parse().unwrap();
+        assert_eq!(ip_text(v6), "fd00::1:2");
     }
 
     #[test]
