@@ -311,6 +311,13 @@ impl PathGlob {
 
     /// Whether `path` matches. Allocation-free; O(pattern × path) at worst.
     pub fn matches(&self, path: &NormalizedPath) -> bool {
+        // Most globs of a policy part from a request at its first segment: a leading literal
+        // is compared before the general matcher is set up (it can only ever match segment 0).
+        if let Some(Token::Literal(first)) = self.tokens.first()
+            && path.segment(0) != Some(&**first)
+        {
+            return false;
+        }
         self.match_with(path, |_, _| {})
     }
 
