@@ -7,8 +7,9 @@
 //! transform), which splits the sidecar's cost into the proxy's and the transform's, and (e)
 //! behind a bare reverse proxy on the sidecar's own stack (hyper, hyper-util's pool, a Tokio
 //! runtime per CPU: [`bare`]), the floor of that stack. Peak throughput and latency percentiles
-//! come from `wrk`, target after target in several rounds (medians; ratios taken within a
-//! round, so that a shared machine's drifts hit all targets alike); latency at a fixed 2,000 req/s comes from an open-loop load generator
+//! come from `wrk`, target after target in several rounds, each round starting one target
+//! later (medians; ratios taken within a round, so that a shared machine's drifts hit all
+//! targets alike); latency at a fixed 2,000 req/s comes from an open-loop load generator
 //! (latency measured from each request's scheduled send time, so queueing is not hidden).
 //! The sidecar's peak RSS is read from /proc after the load.
 #![forbid(unsafe_code)]
@@ -385,8 +386,11 @@ fn main() -> Result<()> {
     // rounds[r][t]: round r's measurement of target t
     let mut rounds: Vec<Vec<WrkResult>> = Vec::new();
     for round in 1..=args.rounds {
-        let mut results = Vec::new();
-        for ((name, addr), pids) in targets.into_iter().zip(proxy_pids) {
+        // each round starts one target later, so that no target always follows the same one
+        let mut results: Vec<Option<WrkResult>> = targets.iter().map(|_| None).collect();
+        let order = (0..targets.len()).map(|i| (i + round as usize - 1) % targets.len());
+        for t in order {
+            let ((name, addr), pids) = (targets[t], proxy_pids[t]);
             let cpu_before = cpu_ns(pids);
             let mut r = wrk(&format!("http://{addr}{path}"), args.duration, args.connections)?;
             let cpu = cpu_ns(pids) - cpu_before;
@@ -401,9 +405,9 @@ fn main() -> Result<()> {
                 r.cpu_us.map_or("-".to_string(), |c| format!("{c:.1} µs/req")),
                 r.errors
             );
-            results.push(r);
+            results[t] = Some(r);
         }
-        rounds.push(results);
+        rounds.push(results.into_iter().flatten().collect());
     }
     let mut table = peak_table(&targets.map(|(name, _)| name), &rounds, args.connections);
     if args.peak_only {
