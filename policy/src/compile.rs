@@ -70,6 +70,10 @@ pub struct CompiledRule {
     pub methods: Vec<String>,
     /// Path globs; empty means any.
     pub paths: Vec<PathGlob>,
+    /// When every glob of `paths` starts with a literal segment: those literals. A request
+    /// whose first segment is none of them cannot match the rule, which is then passed over
+    /// before anything else is compared.
+    pub first_segments: Option<Vec<Box<str>>>,
     /// Calling workloads; empty means any caller.
     pub workloads: Vec<WorkloadMatcher>,
     /// Required user attributes: attribute and accepted values.
@@ -402,11 +406,17 @@ fn compile_rule(
         cache: Default::default(),
     };
 
+    let first_segments = if paths.is_empty() {
+        None
+    } else {
+        paths.iter().map(|g| g.first_literal().map(Box::from)).collect()
+    };
     CompiledRule {
         name: rule.name.clone(),
         index,
         action: rule.action,
         methods,
+        first_segments,
         paths,
         workloads,
         users,

@@ -237,6 +237,12 @@ fn rule_matches(
     req: &Request<'_>,
     vars: &mut Option<CachedVars>,
 ) -> Option<Vec<(String, String)>> {
+    if let Some(firsts) = &rule.first_segments {
+        let first = req.path.segment(0);
+        if !firsts.iter().any(|f| Some(&**f) == first) {
+            return None;
+        }
+    }
     if !rule.methods.is_empty() && !rule.methods.iter().any(|m| m.eq_ignore_ascii_case(req.method)) {
         return None;
     }

@@ -313,8 +313,8 @@ impl PathGlob {
     pub fn matches(&self, path: &NormalizedPath) -> bool {
         // Most globs of a policy part from a request at its first segment: a leading literal
         // is compared before the general matcher is set up (it can only ever match segment 0).
-        if let Some(Token::Literal(first)) = self.tokens.first()
-            && path.segment(0) != Some(&**first)
+        if let Some(first) = self.first_literal()
+            && path.segment(0) != Some(first)
         {
             return false;
         }
@@ -339,6 +339,15 @@ impl PathGlob {
             .zip(bound)
             .map(|(name, segment)| Some((name.to_string(), path.segment(segment)?.to_owned())))
             .collect()
+    }
+
+    /// The first segment every path this glob matches starts with, when the pattern starts
+    /// with a literal segment.
+    pub fn first_literal(&self) -> Option<&str> {
+        match self.tokens.first()? {
+            Token::Literal(first) => Some(first),
+            _ => None,
+        }
     }
 
     /// The capture names, in pattern order.

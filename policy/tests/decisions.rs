@@ -257,3 +257,42 @@ fn workload_labels_must_match() {
     assert_eq!(d(&portal), Decision::Allow);
     assert_eq!(d(&other), Decision::Deny);
 }
+
+/// Rules whose globs all start with a literal are passed over when the request's first
+/// segment is none of those literals; a rule with any other glob is always compared.
+#[test]
+fn the_first_segment_shortcut_keeps_every_match() {
+    let spec = mk_spec(vec![
+        mk_allow("two-literals", &["GET"], &["/parcels/{id}", "/waybills/**"]),
+        mk_allow("mixed", &["GET"], &["/drivers/{id}", "/*/history"]),
+        mk_allow("capture-first", &["GET"], &["/{area}/stats"]),
+        mk_allow("deep-first", &["GET"], &["/**/export"]),
+        mk_allow("any-path", &["HEAD"], &[]),
+    ]);
+    let engine = mk_engine(&spec);
+    let cases = [
+        ("GET", "/parcels/SP1", Some("two-literals")),
+        ("GET", "/waybills", Some("two-literals")),
+        ("GET", "/waybills/a/b", Some("two-literals")),
+        ("GET", "/drivers/7", Some("mixed")),
+        ("GET", "/parcels/history", Some("two-literals")),
+        ("GET", "/routes/history", Some("mixed")),
+        ("GET", "/routes/stats", Some("capture-first")),
+        ("GET", "/a/b/export", Some("deep-first")),
+        ("GET", "/export", Some("deep-first")),
+        ("HEAD", "/", Some("any-path")),
+        ("GET", "/", None),
+        ("GET", "/parcel/SP1", None),
+        ("GET", "/routes", None),
+    ];
+    for (method, target, want) in cases {
+        let path = normalize(target).expect("test paths are valid");
+        let req = Request { method, path: &path, caller: None, user: None, time: 0 };
+        let v = engine.decide(&req);
+        assert_eq!(v.rule.map(|r| r.name.as_str()), want, "{method} {target}");
+    }
+    let rules = &mk_policy("p", &spec).allow_rules;
+    let firsts: Vec<_> = rules.iter().map(|r| r.first_segments.clone()).collect();
+    assert_eq!(firsts[0], Some(vec!["parcels".into(), "waybills".into()]));
+    assert!(firsts[1..].iter().all(Option::is_none), "{firsts:?}");
+}
