@@ -1079,18 +1079,27 @@ static PLAIN_ASCII: [bool; 256] = {
     table
 };
 
-/// The bytes of the little-endian word `w` that are not [`PLAIN_ASCII`]: the high bit set at
-/// the first such byte, and possibly at later ones, never at earlier ones.
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+// The word masks below work on eight bytes read little-endian: the high bit of a byte is set
+// at the first byte that qualifies, and possibly at later ones (borrows), never at earlier
+// ones; so the lowest set bit, of one mask or of several or-ed, is exact.
+
+/// The bytes of `w` equal to `b`.
+fn bytes_equal(w: u64, b: u8) -> u64 {
+    let x = w ^ (ONES * u64::from(b));
+    x.wrapping_sub(ONES) & !x & HIGHS
+}
+
+/// The bytes of `w` that end or interrupt every JSON string scan: below 0x20, `"`, `\`.
+fn string_stops(w: u64) -> u64 {
+    (w.wrapping_sub(ONES * 0x20) & !w & HIGHS) | bytes_equal(w, b'"') | bytes_equal(w, b'\\')
+}
+
+/// The bytes of `w` that are not [`PLAIN_ASCII`]: [`string_stops`] and 0x80 and above.
 fn ascii_stops(w: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let zero = |w: u64| w.wrapping_sub(ONES) & !w;
-    // below 0x20 | a quote | a backslash | 0x80 and above
-    (w.wrapping_sub(ONES * 0x20) & !w
-        | zero(w ^ (ONES * u64::from(b'"')))
-        | zero(w ^ (ONES * u64::from(b'\\')))
-        | w)
-        & HIGHS
+    string_stops(w) | (w & HIGHS)
 }
 
 /// The error for the byte at `at` (`NotJson`), or for the end of the body (`Truncated`),
@@ -1112,22 +1121,13 @@ fn error_at(buf: &[u8], at: usize) -> TransformError {
 /// U+FDD0) at or after `i`, or the length of `buf`, and whether the bytes before it are all
 /// ASCII: eight bytes at a time, then byte by byte.
 fn skip_plain(buf: &[u8], mut i: usize) -> (usize, bool) {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    // per byte, the high bit is set at the first byte equal to zero (or below 0x20) and
-    // possibly at later ones, never at earlier ones
-    let zero = |w: u64| w.wrapping_sub(ONES) & !w;
     let mut high = 0;
     while let Some(chunk) = buf.get(i..i + 8) {
         let Ok(bytes) = <[u8; 8]>::try_from(chunk) else {
             break;
         };
         let w = u64::from_le_bytes(bytes);
-        let hits = (w.wrapping_sub(ONES * 0x20) & !w
-            | zero(w ^ (ONES * u64::from(b'"')))
-            | zero(w ^ (ONES * u64::from(b'\\')))
-            | zero(w ^ (ONES * 0xEF)))
-            & HIGHS;
+        let hits = string_stops(w) | bytes_equal(w, 0xEF);
         if hits != 0 {
             let at = hits.trailing_zeros() / 8;
             // the bytes before the stop
