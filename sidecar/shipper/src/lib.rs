@@ -5,7 +5,9 @@
 //! in-memory queue (`try_send`). A background task batches events (up to
 //! [`ShipperConfig::batch_max_events`], or whatever arrived within
 //! [`ShipperConfig::flush_interval`]) and posts each batch as NDJSON to the collector's
-//! `POST /v1/events` with `Authorization: Bearer <token>`.
+//! `POST /v1/events` with `Authorization: Bearer <token>`. The task is woken once per batch's
+//! worth of queued events and on its flush tick, never per event: the request path pays no
+//! cross-thread wake-up.
 //!
 //! # Delivery guarantee
 //!
@@ -68,6 +70,7 @@
 #![forbid(unsafe_code)]
 
 mod metrics;
+mod queue;
 mod spool;
 mod transport;
 mod worker;
@@ -77,7 +80,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use custos_api::AuditEvent;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 pub use metrics::{BatchResult, DropReason, ShipperMetrics};
 pub use transport::UsageClient;
@@ -256,7 +259,7 @@ pub(crate) struct ShutdownRequest {
 
 struct Inner {
     /// `None` in log-only mode.
-    tx: Option<mpsc::Sender<AuditEvent>>,
+    tx: Option<queue::QueueSender>,
     shutdown: Mutex<Option<oneshot::Sender<ShutdownRequest>>>,
     metrics: ShipperMetrics,
 }
@@ -312,7 +315,8 @@ impl Shipper {
                 "audit spool recovered"
             );
         }
-        let (tx, rx) = mpsc::channel(config.queue_capacity);
+        let wake_at = queue::wake_threshold(config.batch_max_events, config.queue_capacity);
+        let (tx, rx) = queue::channel(config.queue_capacity, wake_at);
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let worker = worker::Worker::new(&config, rx, shutdown_rx, transport, spool, metrics.clone());
         let handle = runtime.spawn(worker.run());
@@ -320,8 +324,8 @@ impl Shipper {
         Ok((Shipper { inner: Arc::new(inner) }, handle))
     }
 
-    /// Hands one event to the shipper. Never blocks and never awaits: O(1), a counter increment
-    /// and a `try_send`. When the queue is full the event is dropped and counted
+    /// Hands one event to the shipper. Never blocks and never awaits: O(1), counter increments
+    /// and a `try_send` (waking the background task only when the event completes a batch). When the queue is full the event is dropped and counted
     /// (`queue_full`); after shutdown it is counted as `shutdown`.
     pub fn emit(&self, event: AuditEvent) {
         let metrics = &self.inner.metrics;
@@ -336,13 +340,13 @@ impl Shipper {
         };
         match tx.try_send(event) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(queue::Refused::Full) => {
                 let total = metrics.dropped(DropReason::QueueFull, 1);
                 if total.is_power_of_two() {
                     tracing::warn!(dropped_total = total, "audit queue full: event dropped");
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(queue::Refused::Closed) => {
                 let total = metrics.dropped(DropReason::Shutdown, 1);
                 if total.is_power_of_two() {
                     tracing::warn!(dropped_total = total, "audit shipper stopped: event dropped");

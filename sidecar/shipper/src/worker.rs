@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use custos_api::AuditEvent;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::metrics::{BatchResult, DropReason, ShipperMetrics};
+use crate::queue::{Drained, QueueReceiver};
 use crate::spool::{AppendError, RecordRef, Spool};
 use crate::transport::{Outcome, Transport};
 use crate::{ShipperConfig, ShutdownReport, ShutdownRequest};
@@ -127,13 +128,12 @@ enum Wake {
     ShutdownHandleGone,
     Sent(Outcome),
     Events,
-    QueueClosed,
     Tick,
     RetryDue,
 }
 
 pub(crate) struct Worker {
-    rx: mpsc::Receiver<AuditEvent>,
+    rx: QueueReceiver,
     shutdown_rx: oneshot::Receiver<ShutdownRequest>,
     transport: Arc<Transport>,
     spool: Arc<Mutex<Spool>>,
@@ -165,7 +165,7 @@ async fn wait_until(at: Option<Instant>) {
 impl Worker {
     pub(crate) fn new(
         config: &ShipperConfig,
-        rx: mpsc::Receiver<AuditEvent>,
+        rx: QueueReceiver,
         shutdown_rx: oneshot::Receiver<ShutdownRequest>,
         transport: Transport,
         spool: Spool,
@@ -194,11 +194,9 @@ impl Worker {
     pub(crate) async fn run(mut self) {
         let mut tick = tokio::time::interval_at(Instant::now() + self.flush_interval, self.flush_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut events = Vec::with_capacity(self.batch_max.min(1024));
         let mut shutdown_open = true;
         loop {
             self.pump().await;
-            let room = self.batch_max.saturating_sub(self.current.count as usize).max(1);
             let wake = tokio::select! {
                 biased;
                 request = &mut self.shutdown_rx, if shutdown_open => match request {
@@ -206,9 +204,7 @@ impl Worker {
                     Err(_) => Wake::ShutdownHandleGone,
                 },
                 outcome = wait_inflight(&mut self.inflight) => Wake::Sent(outcome),
-                received = self.rx.recv_many(&mut events, room) => {
-                    if received == 0 { Wake::QueueClosed } else { Wake::Events }
-                }
+                () = self.rx.ready() => Wake::Events,
                 _ = tick.tick() => Wake::Tick,
                 () = wait_until(self.retry_at) => Wake::RetryDue,
             };
@@ -219,26 +215,47 @@ impl Worker {
                     return;
                 }
                 Wake::ShutdownHandleGone => shutdown_open = false,
-                Wake::QueueClosed => {
-                    // Every handle was dropped without a shutdown call.
-                    self.shutdown(self.default_deadline).await;
-                    return;
-                }
                 Wake::Sent(outcome) => {
                     if let Some(inflight) = self.inflight.take() {
                         self.settle(inflight.source, outcome).await;
                     }
                 }
-                Wake::Events => {
-                    for event in events.drain(..) {
-                        self.current.push(&event, &self.metrics);
+                Wake::Events | Wake::Tick => {
+                    // A batch's worth (or a close) woke the loop: take one batch. The tick takes
+                    // everything queued and sends the partial batch too.
+                    let everything = matches!(wake, Wake::Tick);
+                    if self.take_queued(everything).await == Drained::Closed {
+                        // Every handle was dropped without a shutdown call.
+                        self.shutdown(self.default_deadline).await;
+                        return;
                     }
-                    if self.current.count as usize >= self.batch_max {
+                    if everything {
                         self.flush().await;
                     }
                 }
-                Wake::Tick => self.flush().await,
                 Wake::RetryDue => self.retry_at = None,
+            }
+        }
+    }
+
+    /// Moves queued events into the batch being built, flushing every full batch: until the
+    /// queue is empty when `everything`, else until one batch was flushed or the queue is empty.
+    async fn take_queued(&mut self, everything: bool) -> Drained {
+        let mut events = Vec::new();
+        loop {
+            let room = self.batch_max.saturating_sub(self.current.count as usize).max(1);
+            let drained = self.rx.drain(&mut events, room);
+            let taken = events.len();
+            for event in events.drain(..) {
+                self.current.push(&event, &self.metrics);
+            }
+            if self.current.count as usize >= self.batch_max {
+                self.flush().await;
+            }
+            // Fewer than `room` means the queue is empty; a batch's worth left over after one
+            // batch has already re-armed `ready`.
+            if drained == Drained::Closed || taken < room || !everything {
+                return drained;
             }
         }
     }
@@ -433,8 +450,16 @@ impl Worker {
 
         self.rx.close();
         let mut batches = VecDeque::new();
-        while let Ok(event) = self.rx.try_recv() {
-            self.current.push(&event, &self.metrics);
+        let mut events = Vec::new();
+        loop {
+            let room = self.batch_max.saturating_sub(self.current.count as usize).max(1);
+            self.rx.drain(&mut events, room);
+            if events.is_empty() {
+                break;
+            }
+            for event in events.drain(..) {
+                self.current.push(&event, &self.metrics);
+            }
             if self.current.count as usize >= self.batch_max {
                 batches.extend(self.current.take());
             }

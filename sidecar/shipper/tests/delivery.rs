@@ -556,6 +556,43 @@ async fn shutdown_flushes_queued_events_to_a_healthy_collector() {
 }
 
 #[tokio::test]
+async fn full_batches_leave_at_once_and_a_partial_one_waits_for_the_interval() {
+    let collector = Collector::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    // The worker is woken per batch's worth, not per event: 250 events with batches of 100
+    // are two full batches sent at once and 50 that wait for the (far) interval.
+    let cfg =
+        ShipperConfig { flush_interval: Duration::from_secs(60), ..config(&collector.url(), spool.path()) };
+    let (shipper, metrics) = start(cfg);
+    emit(&shipper, 0..250);
+    until("two full batches stored", || collector.stored() == 200).await;
+    until("two full batches acknowledged", || metrics.events_delivered() == 200).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(collector.stored(), 200, "the partial batch left before its interval");
+    let report = shipper.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(report.delivered, 50);
+    collector.assert_stored_once(&ids(0..250));
+}
+
+#[tokio::test]
+async fn dropping_every_handle_delivers_what_was_queued() {
+    let collector = Collector::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let metrics = ShipperMetrics::new();
+    let cfg =
+        ShipperConfig { flush_interval: Duration::from_secs(60), ..config(&collector.url(), spool.path()) };
+    let (shipper, task) = Shipper::start(cfg, metrics.clone()).unwrap();
+    let other = shipper.clone();
+    emit(&shipper, 0..30);
+    drop(shipper);
+    emit(&other, 30..42);
+    drop(other);
+    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+    collector.assert_stored_once(&ids(0..42));
+    assert_eq!(metrics.events_delivered(), 42);
+}
+
+#[tokio::test]
 async fn events_after_shutdown_are_counted_as_dropped() {
     let collector = Collector::start().await;
     let spool = tempfile::tempdir().unwrap();
