@@ -63,8 +63,8 @@ bench-store:
 	CUSTOS_BENCH_POSTGRES_URL="$${CUSTOS_BENCH_POSTGRES_URL:-$${CUSTOS_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}}" \
 	  $(CARGO) bench --locked -p custos-store --bench ingest
 
-## bench-sidecar: direct vs. custos sidecar vs. nginx (and the sidecar without masks, and a bare proxy on the
-## sidecar's stack), wrk peak in rounds + fixed 2,000 req/s.
+## bench-sidecar: direct vs. custos sidecar vs. nginx (and the sidecar without masks, a bare proxy on the
+## sidecar's stack, and the sidecar shipping its audit events to a collector), wrk peak in rounds + fixed 2,000 req/s.
 bench-sidecar: bench-deps
 	$(CARGO) build --release --locked -p custos -p custos-sidecar-bench
 	target/release/sidecar-bench --custos target/release/custos

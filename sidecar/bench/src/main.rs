@@ -6,7 +6,12 @@
 //! rules but no masks or records (same identity, decision and audit work, no response
 //! transform), which splits the sidecar's cost into the proxy's and the transform's, and (e)
 //! behind a bare reverse proxy on the sidecar's own stack (hyper, hyper-util's pool, a Tokio
-//! runtime per CPU: [`bare`]), the floor of that stack. Peak throughput and latency percentiles
+//! runtime per CPU: [`bare`]), the floor of that stack, and (f) behind a third sidecar with (b)'s
+//! policy that ships every audit event to a `custos collector` (SQLite) started by the harness,
+//! as a deployed sidecar does; (b) to (e) run without a collector, events are built and dropped.
+//! The collector shares the cores, so (f)'s throughput pays for it too; the table gives the
+//! sidecar's own CPU per request and, below it, the collector's, and whether every event of
+//! (f) was delivered. Peak throughput and latency percentiles
 //! come from `wrk`, target after target in several rounds, each round starting one target
 //! later (medians; ratios taken within a round, so that a shared machine's drifts hit all
 //! targets alike); latency at a fixed 2,000 req/s comes from an open-loop load generator
@@ -220,17 +225,58 @@ fn nginx_conf(dir: &Path, listen: u16, upstream: SocketAddr) -> String {
     )
 }
 
+/// A collector the benchmark ships (f)'s audit events to.
+struct Collector {
+    url: String,
+    token: PathBuf,
+    pid: u32,
+}
+
+/// Starts `custos collector` on SQLite in `dir`.
+fn start_collector(custos: &Path, dir: &Path, guard: &mut Guard) -> Result<Collector> {
+    let dir = dir.join("collector");
+    std::fs::create_dir_all(&dir)?;
+    let token = dir.join("token");
+    std::fs::write(&token, "sidecar-bench-token")?;
+    let port = free_port()?;
+    let child = Command::new(custos)
+        .arg("collector")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--store")
+        .arg(format!("sqlite:{}", dir.join("audit.db").display()))
+        .arg("--token-file")
+        .arg(&token)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(dir.join("collector.log"))?))
+        .spawn()
+        .context("cannot start custos collector")?;
+    let pid = child.id();
+    guard.0.push(child);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_for(addr, "custos collector")?;
+    Ok(Collector { url: format!("http://{addr}"), token, pid })
+}
+
+/// A sidecar the harness started.
+struct Sidecar {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    pid: u32,
+}
+
 /// Compiles the benchmark policy (`masking` or not) into `dir/<name>` and starts a sidecar on
-/// it in front of `upstream`, hashing ids with `hash_key`: its address and pid.
+/// it in front of `upstream`, hashing ids with `hash_key`, shipping its audit events to
+/// `collector` if given.
 fn start_sidecar(
     custos: &Path,
     dir: &Path,
     hash_key: &Path,
-    name: &str,
-    masking: bool,
+    (name, masking): (&str, bool),
     upstream: SocketAddr,
+    collector: Option<&Collector>,
     guard: &mut Guard,
-) -> Result<(SocketAddr, u32)> {
+) -> Result<Sidecar> {
     let dir = dir.join(name);
     std::fs::create_dir_all(&dir)?;
     let policy = dir.join("policy.yaml");
@@ -241,7 +287,8 @@ fn start_sidecar(
     anyhow::ensure!(status.success(), "custos compile failed");
     let port = free_port()?;
     let admin_port = free_port()?;
-    let sidecar = Command::new(custos)
+    let mut command = Command::new(custos);
+    command
         .arg("sidecar")
         .arg("--config")
         .arg(&config)
@@ -258,14 +305,46 @@ fn start_sidecar(
         // injected container (operator/core/src/inject/sidecar.rs, ALLOCATOR_ENV) set it.
         .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
         .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(dir.join("sidecar.log"))?))
-        .spawn()
-        .context("cannot start custos sidecar")?;
+        .stderr(Stdio::from(std::fs::File::create(dir.join("sidecar.log"))?));
+    if let Some(collector) = collector {
+        command.args(["--collector", &collector.url]).arg("--collector-token-file").arg(&collector.token);
+    }
+    let sidecar = command.spawn().context("cannot start custos sidecar")?;
     let pid = sidecar.id();
     guard.0.push(sidecar);
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     wait_for(addr, "custos sidecar")?;
-    Ok((addr, pid))
+    Ok(Sidecar { addr, admin: ([127, 0, 0, 1], admin_port).into(), pid })
+}
+
+/// A shipping sidecar's audit counts once every event it emitted is delivered or counted as
+/// dropped (within a flush interval or two; after 20 s, as they are).
+fn settled_audit_counts(admin: SocketAddr) -> Result<(u64, u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let counts = audit_counts(&loadgen::get_once(admin, "/metrics")?);
+        if counts.1 + counts.2 >= counts.0 || Instant::now() > deadline {
+            return Ok(counts);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The audit event counters of a sidecar's `/metrics`: emitted, delivered, dropped (all
+/// reasons).
+fn audit_counts(metrics: &str) -> (u64, u64, u64) {
+    let (mut emitted, mut delivered, mut dropped) = (0, 0, 0);
+    for line in metrics.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Ok(value) = value.parse::<u64>() else { continue };
+        match series.split('{').next() {
+            Some("custos_audit_events_emitted_total") => emitted += value,
+            Some("custos_audit_events_delivered_total") => delivered += value,
+            Some("custos_audit_events_dropped_total") => dropped += value,
+            _ => {}
+        }
+    }
+    (emitted, delivered, dropped)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -324,14 +403,18 @@ fn main() -> Result<()> {
     let upstream = upstream::start()?;
     println!("upstream app on {upstream} ({} byte JSON responses)", upstream::body().len());
 
-    // (b) the sidecar, a separate process; (d) the same without a response transform.
+    // (b) the sidecar, a separate process; (d) the same without a response transform; (f) (b)
+    // shipping its audit events to a collector.
     let mut guard = Guard(Vec::new());
     let key = dir.join("hash.key");
     std::fs::write(&key, b"benchmark-hash-key-0123456789abcdef")?;
-    let (sidecar_addr, sidecar_pid) =
-        start_sidecar(&args.custos, &dir, &key, "masking", true, upstream, &mut guard)?;
-    let (plain_addr, plain_pid) =
-        start_sidecar(&args.custos, &dir, &key, "plain", false, upstream, &mut guard)?;
+    let custos = &args.custos;
+    let sidecar = start_sidecar(custos, &dir, &key, ("masking", true), upstream, None, &mut guard)?;
+    let plain = start_sidecar(custos, &dir, &key, ("plain", false), upstream, None, &mut guard)?;
+    let collector = start_collector(custos, &dir, &mut guard)?;
+    let shipping =
+        start_sidecar(custos, &dir, &key, ("shipping", true), upstream, Some(&collector), &mut guard)?;
+    let (sidecar_addr, sidecar_pid, plain_addr) = (sidecar.addr, sidecar.pid, plain.addr);
 
     // (c) nginx as a plain reverse proxy.
     let nginx_port = free_port()?;
@@ -368,13 +451,17 @@ fn main() -> Result<()> {
         ("nginx proxy", nginx_addr),
         ("sidecar, no masks", plain_addr),
         ("bare hyper proxy", bare_addr),
+        ("sidecar → collector", shipping.addr),
     ];
+    const SHIPPING: usize = 5;
 
     // Sanity: the sidecar really masks.
     let body = loadgen::get_once(sidecar_addr, path)?;
     anyhow::ensure!(!body.contains("+86 138") && body.contains("*"), "the sidecar did not mask the response");
     let body = loadgen::get_once(plain_addr, path)?;
     anyhow::ensure!(body.contains("+86 138"), "the sidecar without masks changed the response");
+    let body = loadgen::get_once(shipping.addr, path)?;
+    anyhow::ensure!(!body.contains("+86 138") && body.contains("*"), "the shipping sidecar did not mask");
     let body = loadgen::get_once(bare_addr, path)?;
     anyhow::ensure!(body == loadgen::get_once(upstream, path)?, "the bare proxy changed the response");
 
@@ -382,7 +469,10 @@ fn main() -> Result<()> {
     // CPU time per request of the proxy processes under peak load: a figure that does not
     // depend on how the two cores are shared with wrk and the upstream.
     let nginx_pids = with_children(nginx_pid);
-    let proxy_pids: [&[u32]; 5] = [&[], &[sidecar_pid], &nginx_pids, &[plain_pid], &[bare_pid]];
+    let proxy_pids: [&[u32]; 6] =
+        [&[], &[sidecar_pid], &nginx_pids, &[plain.pid], &[bare_pid], &[shipping.pid]];
+    // The collector's CPU and the requests it was spent on, over (f)'s peak measurements.
+    let (mut collector_ns, mut shipped_requests) = (0u64, 0f64);
     // rounds[r][t]: round r's measurement of target t
     let mut rounds: Vec<Vec<WrkResult>> = Vec::new();
     for round in 1..=args.rounds {
@@ -392,9 +482,17 @@ fn main() -> Result<()> {
         for t in order {
             let ((name, addr), pids) = (targets[t], proxy_pids[t]);
             let cpu_before = cpu_ns(pids);
+            let collector_before = cpu_ns(&[collector.pid]);
             let mut r = wrk(&format!("http://{addr}{path}"), args.duration, args.connections)?;
             let cpu = cpu_ns(pids) - cpu_before;
             let requests = r.rps * args.duration as f64;
+            if t == SHIPPING {
+                // the collector's work on this run ends once the last batches are stored: wait
+                // for it, so that it is counted here and does not slow down the next target
+                settled_audit_counts(shipping.admin)?;
+                collector_ns += cpu_ns(&[collector.pid]) - collector_before;
+                shipped_requests += requests;
+            }
             r.cpu_us = (!pids.is_empty() && requests > 0.0).then(|| cpu as f64 / 1000.0 / requests);
             println!(
                 "wrk {round}/{} {name:<18} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  proxy CPU {} {}",
@@ -410,6 +508,16 @@ fn main() -> Result<()> {
         rounds.push(results.into_iter().flatten().collect());
     }
     let mut table = peak_table(&targets.map(|(name, _)| name), &rounds, args.connections);
+    let _ = writeln!(
+        table,
+        "\ncollector CPU per event during (f)'s peak runs: {:.1} µs (SQLite store, on the same cores)",
+        collector_ns as f64 / 1000.0 / shipped_requests.max(1.0)
+    );
+    let (emitted, delivered, dropped) = settled_audit_counts(shipping.admin)?;
+    let _ = writeln!(
+        table,
+        "audit events of (f) after the peak runs: {emitted} emitted, {delivered} delivered to the collector, {dropped} dropped"
+    );
     if args.peak_only {
         println!("\n{table}");
         drop(guard);
@@ -447,6 +555,7 @@ fn main() -> Result<()> {
         );
     }
     let _ = writeln!(table, "\nsidecar RSS after load: {rss} KiB (peak {hwm} KiB)");
+
     println!("\n{table}");
     if let Some(out) = &args.out {
         std::fs::write(out, &table)?;
@@ -464,6 +573,19 @@ mod tests {
 
     fn result(rps: f64, cpu_us: Option<f64>) -> WrkResult {
         WrkResult { rps, p50_ms: 1.0, p99_ms: 2.0, errors: String::new(), cpu_us }
+    }
+
+    #[test]
+    fn audit_counts_sum_every_drop_reason() {
+        let metrics = "# HELP custos_audit_events_emitted Audit events handed to the shipper.\n\
+            custos_audit_events_emitted_total 120\n\
+            custos_audit_events_delivered_total 100\n\
+            custos_audit_events_duplicate_total 3\n\
+            custos_audit_events_dropped_total{reason=\"queue_full\"} 15\n\
+            custos_audit_events_dropped_total{reason=\"spool_full\"} 5\n\
+            custos_audit_spool_events 7\n";
+        assert_eq!(audit_counts(metrics), (120, 100, 20));
+        assert_eq!(audit_counts(""), (0, 0, 0));
     }
 
     #[test]
