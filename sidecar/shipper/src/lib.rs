@@ -259,7 +259,7 @@ pub(crate) struct ShutdownRequest {
 
 struct Inner {
     /// `None` in log-only mode.
-    tx: Option<queue::QueueSender>,
+    tx: Option<queue::QueueSender<AuditEvent>>,
     shutdown: Mutex<Option<oneshot::Sender<ShutdownRequest>>>,
     metrics: ShipperMetrics,
 }

@@ -133,7 +133,7 @@ enum Wake {
 }
 
 pub(crate) struct Worker {
-    rx: QueueReceiver,
+    rx: QueueReceiver<AuditEvent>,
     shutdown_rx: oneshot::Receiver<ShutdownRequest>,
     transport: Arc<Transport>,
     spool: Arc<Mutex<Spool>>,
@@ -165,7 +165,7 @@ async fn wait_until(at: Option<Instant>) {
 impl Worker {
     pub(crate) fn new(
         config: &ShipperConfig,
-        rx: QueueReceiver,
+        rx: QueueReceiver<AuditEvent>,
         shutdown_rx: oneshot::Receiver<ShutdownRequest>,
         transport: Transport,
         spool: Spool,
