@@ -5,8 +5,8 @@
 //! in-memory queue (`try_send`). A background task batches events (up to
 //! [`ShipperConfig::batch_max_events`], or whatever arrived within
 //! [`ShipperConfig::flush_interval`]) and posts each batch as NDJSON to the collector's
-//! `POST /v1/events` with `Authorization: Bearer <token>`. The task is woken once per batch's
-//! worth of queued events and on its flush tick, never per event: the request path pays no
+//! `POST /v1/events` with `Authorization: Bearer <token>`. The task is woken every few dozen
+//! queued events and on its flush tick, never per event: the request path pays no
 //! cross-thread wake-up.
 //!
 //! # Delivery guarantee
@@ -325,7 +325,7 @@ impl Shipper {
     }
 
     /// Hands one event to the shipper. Never blocks and never awaits: O(1), counter increments
-    /// and a `try_send` (waking the background task only when the event completes a batch). When the queue is full the event is dropped and counted
+    /// and a `try_send` (waking the background task only every few dozen events). When the queue is full the event is dropped and counted
     /// (`queue_full`); after shutdown it is counted as `shutdown`.
     pub fn emit(&self, event: AuditEvent) {
         let metrics = &self.inner.metrics;

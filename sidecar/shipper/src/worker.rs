@@ -221,8 +221,8 @@ impl Worker {
                     }
                 }
                 Wake::Events | Wake::Tick => {
-                    // A batch's worth (or a close) woke the loop: take one batch. The tick takes
-                    // everything queued and sends the partial batch too.
+                    // The wake-up threshold (or a close) woke the loop: take what is queued, up to
+                    // one full batch. The tick takes everything and sends the partial batch too.
                     let everything = matches!(wake, Wake::Tick);
                     if self.take_queued(everything).await == Drained::Closed {
                         // Every handle was dropped without a shutdown call.
@@ -252,7 +252,7 @@ impl Worker {
             if self.current.count as usize >= self.batch_max {
                 self.flush().await;
             }
-            // Fewer than `room` means the queue is empty; a batch's worth left over after one
+            // Fewer than `room` means the queue is empty; a threshold's worth left over after one
             // batch has already re-armed `ready`.
             if drained == Drained::Closed || taken < room || !everything {
                 return drained;

@@ -559,8 +559,8 @@ async fn shutdown_flushes_queued_events_to_a_healthy_collector() {
 async fn full_batches_leave_at_once_and_a_partial_one_waits_for_the_interval() {
     let collector = Collector::start().await;
     let spool = tempfile::tempdir().unwrap();
-    // The worker is woken per batch's worth, not per event: 250 events with batches of 100
-    // are two full batches sent at once and 50 that wait for the (far) interval.
+    // The worker is woken every few dozen events, not per event: 250 events with batches of
+    // 100 are two full batches sent at once and 50 that wait for the (far) interval.
     let cfg =
         ShipperConfig { flush_interval: Duration::from_secs(60), ..config(&collector.url(), spool.path()) };
     let (shipper, metrics) = start(cfg);
