@@ -8,8 +8,9 @@
 //! when the count reaches [`wake_threshold`] ([`WAKE_EVERY`] events, fewer for small batches
 //! or queues); the worker also drains the queue on its flush tick, so a partial batch still
 //! leaves within the flush interval. Waking every few dozen events rather than once per
-//! batch keeps the worker's bursts of encoding short (a 1,000-event batch takes about a
-//! millisecond to encode, time taken from the proxy threads on a small pod).
+//! batch keeps the worker's bursts of encoding short (a batch of hundreds of events takes
+//! the better part of a millisecond to encode, time taken from the proxy threads on a small
+//! pod).
 //!
 //! The count is raised before an event is queued and lowered by the worker after it took
 //! events out, so it never falls below the number of queued events and never wraps.
