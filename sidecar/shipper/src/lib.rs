@@ -325,8 +325,9 @@ impl Shipper {
     }
 
     /// Hands one event to the shipper. Never blocks and never awaits: O(1), counter increments
-    /// and a `try_send` (waking the background task only every few dozen events). When the queue is full the event is dropped and counted
-    /// (`queue_full`); after shutdown it is counted as `shutdown`.
+    /// and a `try_send` (waking the background task only every few dozen events). When the
+    /// queue is full the event is dropped and counted (`queue_full`); after shutdown it is
+    /// counted as `shutdown`.
     pub fn emit(&self, event: AuditEvent) {
         let metrics = &self.inner.metrics;
         metrics.emitted();
