@@ -617,7 +617,7 @@ async fn transform_response(
     };
     let vars = || Vars::new(&job.request, job.user.as_ref(), job.workload.as_ref());
     let result = custos_transform::apply_lazy(&decoded, effective, vars, &shared.hash_key);
-    let transformed = match result {
+    let mut transformed = match result {
         Ok(t) => t,
         Err(TransformError::RecordCapExceeded { .. }) => {
             return cap_denied(ctx, &job, parts, raw);
@@ -627,17 +627,17 @@ async fn transform_response(
             return untransformable(shared, ctx, &job, parts, "response_not_json", ProxyBody::full(raw));
         }
     };
-    let stats = &transformed.stats;
-    let passed = stats.records_returned + stats.records_truncated;
+    let passed = transformed.stats.records_returned + transformed.stats.records_truncated;
     if quota_cap.is_some()
         && plan.on_exceed == ExceedAction::Deny
         && plan.max_records.is_some_and(|m| passed > m)
     {
         return cap_denied(ctx, &job, parts, raw);
     }
-    record_stats(shared, ctx, &job, stats);
+    let records_returned = transformed.stats.records_returned;
+    record_stats(shared, ctx, &job, std::mem::take(&mut transformed.stats));
     if let Some(key) = quota_key {
-        shared.quotas.record(key, &job.limits, stats.records_returned, quota_now);
+        shared.quotas.record(key, &job.limits, records_returned, quota_now);
     }
     let body = match transformed.outcome {
         Outcome::RootFiltered => {
@@ -674,13 +674,13 @@ async fn transform_response(
 
 /// Counts what a transform did into the event and the metrics (Enforce only for metrics:
 /// Audit-mode numbers are would-be values and live in the events).
-fn record_stats(shared: &Shared, ctx: &mut Ctx, job: &TransformJob, stats: &TransformStats) {
+fn record_stats(shared: &Shared, ctx: &mut Ctx, job: &TransformJob, stats: TransformStats) {
     ctx.event.records_returned = stats.records_returned;
     ctx.event.records_filtered = stats.records_filtered;
     ctx.event.records_truncated = stats.records_truncated;
-    ctx.event.masked = stats.masked.clone();
-    ctx.event.record_hashes = stats.record_hashes.clone();
+    ctx.event.record_hashes = stats.record_hashes;
     if job.mode != Mode::Enforce {
+        ctx.event.masked = stats.masked;
         return;
     }
     let labels = RuleLabels { policy: job.policy.clone(), rule: job.rule.clone() };
@@ -699,6 +699,7 @@ fn record_stats(shared: &Shared, ctx: &mut Ctx, job: &TransformJob, stats: &Tran
             m.masked_fields.get_or_create(&ClassLabels { class: class.clone() }).inc_by(*n);
         }
     }
+    ctx.event.masked = stats.masked;
 }
 
 /// More records than `maxRecordsPerResponse` with `onExceed: Deny`: 403 in Enforce mode,
@@ -842,28 +843,42 @@ pub(crate) fn encode_path(path: &str) -> String {
 
 /// Removes hop-by-hop headers, those named by `Connection`, and `x-custos-*`.
 ///
-/// One pass over the names present finds what goes (most messages carry none of them), and
-/// only that is looked up and removed, rather than a lookup for every hop-by-hop name.
+/// One pass over the names present finds what goes (most messages carry none of them, or
+/// only `Connection: keep-alive`), and only that is removed, by name, with no allocation
+/// unless an `x-custos-*` header or several `Connection` headers are present.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut doomed: Vec<HeaderName> =
-        headers.keys().filter(|name| is_hop_by_hop(name) || is_custos(name)).cloned().collect();
-    if doomed.contains(&header::CONNECTION) {
-        let named = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
-        doomed.extend(named);
+    // bit i: HOP_BY_HOP[i] is present
+    let mut present = 0u16;
+    let mut custos = Vec::new();
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name.as_str()) {
+            present |= 1 << i;
+        } else if is_custos(name) {
+            custos.push(name.clone());
+        }
     }
-    for name in doomed {
+    if present & 1 != 0 {
+        // HOP_BY_HOP[0], Connection: its values name more headers to remove.
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        let first = values.next().cloned();
+        let more: Vec<HeaderValue> = values.cloned().collect();
+        headers.remove(header::CONNECTION);
+        for value in first.iter().chain(&more) {
+            let Ok(text) = value.to_str() else { continue };
+            for token in text.split(',') {
+                // a name that is not a valid header name finds nothing
+                headers.remove(token.trim());
+            }
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
+    }
+    for name in custos {
         headers.remove(name);
     }
-}
-
-/// Whether `name` is one of [`HOP_BY_HOP`] (names compare as strings, mostly by length).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
 }
 
 fn is_custos(name: &HeaderName) -> bool {
@@ -1068,6 +1083,15 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-type", "x-c"]);
+
+        // tokens that are not header names are passed over; a name in any case is removed
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, bad name, , X-Y, x-\"q\""));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-y", HeaderValue::from_static("1"));
+        h.insert("x-z", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-z"]);
 
         // nothing to strip: nothing changes
         let mut h = HeaderMap::new();
