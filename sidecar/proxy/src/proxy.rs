@@ -679,24 +679,22 @@ fn record_stats(shared: &Shared, ctx: &mut Ctx, job: &TransformJob, stats: Trans
     ctx.event.records_filtered = stats.records_filtered;
     ctx.event.records_truncated = stats.records_truncated;
     ctx.event.record_hashes = stats.record_hashes;
-    if job.mode != Mode::Enforce {
-        ctx.event.masked = stats.masked;
-        return;
-    }
-    let labels = RuleLabels { policy: job.policy.clone(), rule: job.rule.clone() };
-    let m = &shared.metrics;
-    if stats.records_returned > 0 {
-        m.records_served.get_or_create(&labels).inc_by(stats.records_returned);
-    }
-    if stats.records_filtered > 0 {
-        m.records_filtered.get_or_create(&labels).inc_by(stats.records_filtered);
-    }
-    if stats.records_truncated > 0 {
-        m.records_truncated.get_or_create(&labels).inc_by(stats.records_truncated);
-    }
-    for (class, n) in &stats.masked {
-        if *n > 0 {
-            m.masked_fields.get_or_create(&ClassLabels { class: class.clone() }).inc_by(*n);
+    if job.mode == Mode::Enforce {
+        let labels = RuleLabels { policy: job.policy.clone(), rule: job.rule.clone() };
+        let m = &shared.metrics;
+        if stats.records_returned > 0 {
+            m.records_served.get_or_create(&labels).inc_by(stats.records_returned);
+        }
+        if stats.records_filtered > 0 {
+            m.records_filtered.get_or_create(&labels).inc_by(stats.records_filtered);
+        }
+        if stats.records_truncated > 0 {
+            m.records_truncated.get_or_create(&labels).inc_by(stats.records_truncated);
+        }
+        for (class, n) in &stats.masked {
+            if *n > 0 {
+                m.masked_fields.get_or_create(&ClassLabels { class: class.clone() }).inc_by(*n);
+            }
         }
     }
     ctx.event.masked = stats.masked;

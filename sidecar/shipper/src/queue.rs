@@ -113,15 +113,16 @@ impl<T> QueueReceiver<T> {
         self.signal.notify.notified().await;
     }
 
-    /// Moves up to `limit` queued events into `into`. When a threshold's worth is still queued
-    /// afterwards, the next [`ready`](Self::ready) completes at once.
-    pub(crate) fn drain(&mut self, into: &mut Vec<T>, limit: usize) -> Drained {
+    /// Hands up to `limit` queued events to `take`, oldest first: how many, and whether the
+    /// queue is closed. When a threshold's worth is still queued afterwards, the next
+    /// [`ready`](Self::ready) completes at once.
+    pub(crate) fn drain(&mut self, limit: usize, mut take: impl FnMut(T)) -> (usize, Drained) {
         let mut taken = 0;
         let mut state = Drained::Open;
         while taken < limit {
             match self.rx.try_recv() {
                 Ok(event) => {
-                    into.push(event);
+                    take(event);
                     taken += 1;
                 }
                 Err(TryRecvError::Empty) => break,
@@ -135,7 +136,7 @@ impl<T> QueueReceiver<T> {
         if left >= self.signal.wake_at {
             self.signal.notify.notify_one();
         }
-        state
+        (taken, state)
     }
 
     /// Refuses further events; those queued can still be drained.
@@ -185,7 +186,7 @@ mod tests {
         tx.try_send(event(9)).unwrap();
         assert!(woken(&rx), "not woken at the threshold");
         let mut got = Vec::new();
-        assert_eq!(rx.drain(&mut got, usize::MAX), Drained::Open);
+        assert_eq!(rx.drain(usize::MAX, |e| got.push(e)).1, Drained::Open);
         assert_eq!(got.len(), 10);
         assert_eq!(got, (0..10).collect::<Vec<u32>>());
         // the count starts again from zero
@@ -213,11 +214,11 @@ mod tests {
         }
         assert!(woken(&rx));
         let mut got = Vec::new();
-        rx.drain(&mut got, 4);
+        rx.drain(4, |e| got.push(e));
         assert!(woken(&rx), "6 left, threshold 4: woken again");
-        rx.drain(&mut got, 4);
+        rx.drain(4, |e| got.push(e));
         assert!(!woken(&rx), "2 left: wait for more or the tick");
-        rx.drain(&mut got, 4);
+        rx.drain(4, |e| got.push(e));
         assert_eq!(got.len(), 10);
     }
 
@@ -228,7 +229,7 @@ mod tests {
         tx.try_send(event(1)).unwrap();
         assert!(matches!(tx.try_send(event(2)), Err(Refused::Full)));
         let mut got = Vec::new();
-        rx.drain(&mut got, usize::MAX);
+        rx.drain(usize::MAX, |e| got.push(e));
         assert_eq!(rx.signal.pending.load(Ordering::Relaxed), 0);
         rx.close();
         assert!(matches!(tx.try_send(event(3)), Err(Refused::Closed)));
@@ -243,7 +244,7 @@ mod tests {
         drop(tx);
         assert!(woken(&rx), "not woken by the close");
         let mut got = Vec::new();
-        assert_eq!(rx.drain(&mut got, usize::MAX), Drained::Closed);
+        assert_eq!(rx.drain(usize::MAX, |e| got.push(e)).1, Drained::Closed);
         assert_eq!(got.len(), 1, "the queued event is still delivered");
     }
 
@@ -277,7 +278,7 @@ mod tests {
         runtime.block_on(async {
             while got.len() < 20_000 {
                 let _ = tokio::time::timeout(Duration::from_millis(1), rx.ready()).await;
-                rx.drain(&mut got, 16);
+                rx.drain(16, |e| got.push(e));
             }
         });
         let sent: u32 = senders.into_iter().map(|s| s.join().unwrap()).sum();

@@ -241,14 +241,8 @@ impl Worker {
     /// Moves queued events into the batch being built, flushing every full batch: until the
     /// queue is empty when `everything`, else until one batch was flushed or the queue is empty.
     async fn take_queued(&mut self, everything: bool) -> Drained {
-        let mut events = Vec::new();
         loop {
-            let room = self.batch_max.saturating_sub(self.current.count as usize).max(1);
-            let drained = self.rx.drain(&mut events, room);
-            let taken = events.len();
-            for event in events.drain(..) {
-                self.current.push(&event, &self.metrics);
-            }
+            let (taken, room, drained) = self.fill_current();
             if self.current.count as usize >= self.batch_max {
                 self.flush().await;
             }
@@ -258,6 +252,15 @@ impl Worker {
                 return drained;
             }
         }
+    }
+
+    /// Moves queued events into the batch being built, as many as it has room for: how many
+    /// it took, that room, and whether the queue is closed.
+    fn fill_current(&mut self) -> (usize, usize, Drained) {
+        let room = self.batch_max.saturating_sub(self.current.count as usize).max(1);
+        let (current, metrics) = (&mut self.current, &self.metrics);
+        let (taken, drained) = self.rx.drain(room, |event| current.push(&event, metrics));
+        (taken, room, drained)
     }
 
     fn spool_guard(&self) -> std::sync::MutexGuard<'_, Spool> {
@@ -450,16 +453,7 @@ impl Worker {
 
         self.rx.close();
         let mut batches = VecDeque::new();
-        let mut events = Vec::new();
-        loop {
-            let room = self.batch_max.saturating_sub(self.current.count as usize).max(1);
-            self.rx.drain(&mut events, room);
-            if events.is_empty() {
-                break;
-            }
-            for event in events.drain(..) {
-                self.current.push(&event, &self.metrics);
-            }
+        while self.fill_current().0 > 0 {
             if self.current.count as usize >= self.batch_max {
                 batches.extend(self.current.take());
             }
