@@ -45,7 +45,7 @@ pub struct SidecarArgs {
     pub namespace: Option<String>,
 
     /// Proxy threads: each serves its share of the connections on its own single-threaded
-    /// runtime and upstream pool (`SO_REUSEPORT`). 0 serves on the process's shared runtime
+    /// runtime and upstream connections (`SO_REUSEPORT`). 0 serves on the process's shared runtime
     /// [default: the number of CPUs available to the process].
     #[arg(long, env = "CUSTOS_PROXY_THREADS", value_name = "N")]
     pub proxy_threads: Option<usize>,

@@ -165,6 +165,12 @@ impl RequestBody {
     pub(crate) fn new(body: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
         RequestBody { inner: Some(body), remaining: limit, exceeded }
     }
+
+    /// No body.
+    #[cfg(test)]
+    pub(crate) fn empty() -> Self {
+        RequestBody { inner: None, remaining: 0, exceeded: Arc::default() }
+    }
 }
 
 impl Body for RequestBody {

@@ -50,6 +50,7 @@ mod server;
 mod settings;
 mod state;
 mod threads;
+mod upstream;
 mod usage;
 
 use std::net::SocketAddr;
@@ -202,7 +203,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         metrics: metrics.clone(),
         quotas: quotas.clone(),
         shipper: shipper.clone(),
-        client: proxy::upstream_client(&settings.limits),
+        upstream: proxy::upstream(&settings.limits, &metrics),
         hash_key,
         limits: settings.limits.clone(),
         pod_name: settings.pod_name.clone(),

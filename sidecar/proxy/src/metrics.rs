@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::upstream::UpstreamCounters;
+
 /// Labels of `custos_sidecar_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RequestLabels {
@@ -72,6 +74,8 @@ pub(crate) struct Metrics {
     pub transform_failures: Family<ReasonLabels, Counter>,
     pub connections: Gauge,
     pub usage_sync_failures: Counter,
+    /// Counted by every proxy thread's [`crate::upstream::Upstream`].
+    pub upstream: UpstreamCounters,
 }
 
 /// Buckets of the request latency histogram, in seconds.
@@ -96,6 +100,7 @@ impl Metrics {
             transform_failures: Family::default(),
             connections: Gauge::default(),
             usage_sync_failures: Counter::default(),
+            upstream: UpstreamCounters::default(),
         };
         let r = registry.sub_registry_with_prefix("custos_sidecar");
         r.register("requests", "Requests by decision, policy, rule and reason code", m.requests.clone());
@@ -133,6 +138,12 @@ impl Metrics {
             "usage_sync_failures",
             "Failed fetches of cluster-wide usage from the collector",
             m.usage_sync_failures.clone(),
+        );
+        r.register("upstream_connections", "Connections opened to the app", m.upstream.connections.clone());
+        r.register(
+            "upstream_retries",
+            "Requests sent again on a new connection because the app had closed the reused one before they were sent",
+            m.upstream.retries.clone(),
         );
         m
     }

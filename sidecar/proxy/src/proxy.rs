@@ -28,8 +28,6 @@ use custos_transform::{HashKey, Outcome, Plan, TransformError, TransformStats};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
 
 use crate::audit::PendingEvent;
@@ -37,6 +35,7 @@ use crate::body::{Collected, DecodeError, Encoding, ProxyBody, RequestBody, coll
 use crate::metrics::{ClassLabels, LimitLabels, Metrics, ReasonLabels, RuleLabels};
 use crate::settings::ProxyLimits;
 use crate::state::{ConfigCell, PolicyState};
+use crate::upstream::{Upstream, UpstreamSettings};
 
 /// Headers that ask a server to treat a request as another method. Refused with 400: a
 /// backend honouring them would run e.g. a DELETE that the policy decided as a POST.
@@ -66,14 +65,14 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// State shared by every request (cloned per proxy thread: the `Arc`s are shared, the
-/// upstream client is per thread, see [`Shared::with_fresh_client`]).
+/// upstream connections are per thread, see [`Shared::with_fresh_upstream`]).
 #[derive(Clone)]
 pub(crate) struct Shared {
     pub config: Arc<ConfigCell>,
     pub metrics: Arc<Metrics>,
     pub quotas: Arc<Quotas>,
     pub shipper: custos_shipper::Shipper,
-    pub client: Client<HttpConnector, RequestBody>,
+    pub upstream: Arc<Upstream>,
     pub hash_key: HashKey,
     pub limits: ProxyLimits,
     pub pod_name: Option<String>,
@@ -83,23 +82,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// A copy with its own upstream connection pool (whose connections are then driven by
-    /// the runtime that uses it).
-    pub(crate) fn with_fresh_client(&self) -> Shared {
-        Shared { client: upstream_client(&self.limits), ..self.clone() }
+    /// A copy with its own upstream connections (driven by the runtime that uses them).
+    pub(crate) fn with_fresh_upstream(&self) -> Shared {
+        Shared { upstream: upstream(&self.limits, &self.metrics), ..self.clone() }
     }
 }
 
-/// The pooled keep-alive HTTP/1.1 client to the app.
-pub(crate) fn upstream_client(limits: &ProxyLimits) -> Client<HttpConnector, RequestBody> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .pool_max_idle_per_host(1024)
-        .build(connector)
+/// The keep-alive HTTP/1.1 connections to the app of one proxy thread.
+pub(crate) fn upstream(limits: &ProxyLimits, metrics: &Metrics) -> Arc<Upstream> {
+    let settings =
+        UpstreamSettings { connect_timeout: limits.upstream_connect_timeout, ..UpstreamSettings::default() };
+    Arc::new(Upstream::new(settings, metrics.upstream.clone()))
 }
 
 /// The enforcing service of one client connection.
@@ -474,7 +467,8 @@ async fn process(
         }
     };
     let deadline = tokio::time::Instant::now() + limits.upstream_timeout;
-    let response = match tokio::time::timeout_at(deadline, shared.client.request(upstream_req)).await {
+    let sent = shared.upstream.send(state.upstream, upstream_req);
+    let response = match tokio::time::timeout_at(deadline, sent).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             if exceeded.load(Ordering::Relaxed) {
@@ -750,8 +744,9 @@ fn untransformable(
     }
 }
 
-/// Builds the request to the app: normalised path and original query, original method and
-/// headers minus hop-by-hop ones, `x-forwarded-for` appended.
+/// Builds the request to the app: normalised path and original query (origin-form), original
+/// method and headers minus hop-by-hop ones, `Host` (the client's, else the app's address),
+/// `x-forwarded-for` appended.
 fn upstream_request(
     state: &PolicyState,
     req: Request<Incoming>,
@@ -767,19 +762,13 @@ fn upstream_request(
         target.push('?');
         target.push_str(q);
     }
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(state.upstream_authority.clone())
-        .path_and_query(target)
-        .build()
-        .map_err(|_| ())?;
+    let uri = Uri::try_from(target).map_err(|_| ())?;
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    if !headers.contains_key(header::HOST)
-        && let Some(authority) = parts.uri.authority()
-        && let Ok(v) = HeaderValue::from_str(authority.as_str())
-    {
-        headers.insert(header::HOST, v);
+    if !headers.contains_key(header::HOST) {
+        // h2's `:authority`, else (HTTP/1.0 without `Host`) the app's own address.
+        let authority = parts.uri.authority().unwrap_or(&state.upstream_authority);
+        headers.insert(header::HOST, HeaderValue::from_str(authority.as_str()).map_err(|_| ())?);
     }
     let forwarded = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {ip}"),

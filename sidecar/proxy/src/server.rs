@@ -45,6 +45,7 @@ pub(crate) async fn serve_proxy(
         .max_header_list_size(u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
     let graceful = GracefulShutdown::new();
+    let idle_sweep = tokio::spawn(close_idle_upstreams(shared.clone()));
     let slots = shared.connection_slots.clone();
     let metrics = shared.metrics.clone();
     loop {
@@ -87,6 +88,20 @@ pub(crate) async fn serve_proxy(
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("in-flight requests drained"),
         _ = tokio::time::sleep(drain_timeout) => tracing::warn!("drain time-out: closing the remaining connections"),
+    }
+    idle_sweep.abort();
+}
+
+/// How often a proxy thread closes its app connections idle for longer than the idle
+/// time-out.
+const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(15);
+
+async fn close_idle_upstreams(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(IDLE_SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared.upstream.close_idle();
     }
 }
 

@@ -1,6 +1,6 @@
 //! Proxy threads: each runs a single-threaded Tokio runtime with its own listening socket
 //! (`SO_REUSEPORT`: the kernel spreads new connections over the sockets) and its own upstream
-//! connection pool, so a request, its upstream exchange and its response are handled on one
+//! connections, so a request, its upstream exchange and its response are handled on one
 //! thread without cross-thread wake-ups (the thread-per-core model of nginx and Envoy).
 //! Shared state (config, quotas, metrics, the audit shipper) is the same for all threads.
 
@@ -70,8 +70,8 @@ impl ProxyTask {
     }
 }
 
-/// Starts one proxy thread per listener. `shared` is cloned per thread with a fresh upstream
-/// client, built inside the thread's runtime so that its connections live there.
+/// Starts one proxy thread per listener. `shared` is cloned per thread with its own upstream
+/// connections, made inside the thread's runtime so that they are driven there.
 pub(crate) fn spawn(
     listeners: Vec<std::net::TcpListener>,
     shared: &Shared,
@@ -97,7 +97,7 @@ pub(crate) fn spawn(
                             return;
                         }
                     };
-                    let shared = Arc::new(shared.with_fresh_client());
+                    let shared = Arc::new(shared.with_fresh_upstream());
                     server::serve_proxy(listener, shared, shutdown, drain_timeout).await;
                 });
             })

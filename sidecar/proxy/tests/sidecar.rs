@@ -175,6 +175,8 @@ async fn h2c_clients_are_served() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_no_personal_data(&String::from_utf8_lossy(&body));
     assert_eq!(f.upstream.targets(), ["/customers"]);
+    // h2 has no `Host`: the app gets the `:authority` the client asked for.
+    assert_eq!(f.upstream.seen()[0].headers["host"], f.proxy().to_string());
     f.stop().await;
 }
 
@@ -213,6 +215,15 @@ async fn allow_forwards_the_normalised_path_and_query() {
     let reply = get(f.proxy(), "/open/./a//b/%7Ex/?q=1&r=%2F").await;
     assert_eq!(reply.status, 200);
     assert_eq!(f.upstream.targets(), ["/open/a/b/~x?q=1&r=%2F"]);
+    // The client's `Host` goes to the app as it came.
+    assert_eq!(f.upstream.seen()[0].headers["host"], "customer-api");
+    // HTTP/1.0 without `Host`: the app's own address, as a client of it would send.
+    let (_, answer) = raw(f.proxy(), b"GET /open/ten HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 200 "), "{answer}");
+    let seen = f.upstream.seen();
+    assert_eq!(seen[1].target, "/open/ten");
+    assert_eq!(seen[1].headers["host"], f.upstream.addr.to_string());
+    assert_eq!(seen[1].headers.get_all("host").iter().count(), 1);
     f.stop().await;
 }
 
@@ -685,9 +696,15 @@ async fn admin_endpoints_and_metrics() {
         "custos_sidecar_masked_fields_total{class=\"phone\"} 4",
         "custos_sidecar_request_duration_seconds_count 3",
         "custos_audit_events_emitted_total",
+        "custos_sidecar_upstream_retries_total 0",
     ] {
         assert!(metrics.contains(needle), "{needle} missing in\n{metrics}");
     }
+    // Two requests reached the app, one after the other, over keep-alive: one connection
+    // per proxy thread at most.
+    let opened = metric_value(&metrics, "custos_sidecar_upstream_connections_total");
+    let threads = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    assert!((1.0..=threads).contains(&opened), "{opened} upstream connections for 2 requests");
     assert!(!metrics.contains("/customers"), "paths must not be metric labels");
     assert!(!metrics.contains("127.0.0.1"), "principals must not be metric labels");
     f.stop().await;
@@ -769,4 +786,12 @@ async fn hostile_paths_replayed_through_the_proxy() {
     // Every rejection kind but `fragment` (cut by the HTTP parser, see above) was exercised.
     assert_eq!(kinds.len(), PathRejection::ALL.len() - 1, "{kinds:?}");
     f.stop().await;
+}
+
+/// The value of the unlabelled sample `name` in a metrics text.
+fn metric_value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in\n{metrics}"))
 }

@@ -1,0 +1,434 @@
+//! The connections of one proxy thread to the app: HTTP/1.1 keep-alive connections on
+//! hyper's connection API, kept in a short list per thread.
+//!
+//! It replaces hyper-util's general-purpose pool, whose per-request cost (a keyed hash map
+//! looked up three times, a waiter queue, and a task spawned per response to hand the
+//! connection back once it is idle) was about 8% of the sidecar's instructions per request.
+//! Here a connection goes back to the list as soon as the response head has arrived, and a
+//! request takes the most recently used connection that is idle again
+//! ([`SendRequest::is_ready`]): there is one upstream, so there is nothing to key by but its
+//! address, which only changes when a reloaded config names another `appPort`.
+//!
+//! The app may close an idle keep-alive connection at any time. A connection seen closed is
+//! dropped from the list; a request that a reused connection could not send because the app
+//! had just closed it is sent again, once, on a new connection (hyper hands an unsent
+//! request back, so this never repeats a request the app may have received). A request
+//! written in the instant the app closed fails with 502, as with hyper-util's pool, which
+//! retried on the same condition.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::RequestBody;
+
+/// Why a request did not get a response from the app.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamError {
+    /// The connection could not be made.
+    #[error("cannot connect to the app at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection was not made within the connect time-out.
+    #[error("connecting to the app at {addr} timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    /// HTTP/1.1 failed on the connection (handshake, request or response head).
+    #[error("upstream HTTP/1.1: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+impl UpstreamError {
+    /// No connection could be made (the app is down or not listening yet).
+    pub(crate) fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
+    }
+}
+
+/// Settings of an [`Upstream`].
+#[derive(Clone, Debug)]
+pub(crate) struct UpstreamSettings {
+    /// Time allowed to open a connection.
+    pub connect_timeout: Duration,
+    /// Idle connections older than this are closed by [`Upstream::close_idle`].
+    pub idle_timeout: Duration,
+    /// Connections kept in the list; beyond it the least recently used are closed.
+    pub max_idle: usize,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        UpstreamSettings {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 1024,
+        }
+    }
+}
+
+/// Counters of an [`Upstream`] (registered by [`crate::metrics::Metrics`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct UpstreamCounters {
+    /// Connections opened to the app.
+    pub connections: Counter,
+    /// Requests sent again on a new connection because the reused one had been closed.
+    pub retries: Counter,
+}
+
+/// A connection in the list.
+struct Pooled {
+    addr: SocketAddr,
+    sender: SendRequest<RequestBody>,
+    /// When it was last handed a request.
+    used: Instant,
+}
+
+/// The app connections of one proxy thread.
+pub(crate) struct Upstream {
+    /// Least recently used first. A connection whose response is still being read stays in
+    /// the list and is passed over until it is idle again.
+    pooled: Mutex<Vec<Pooled>>,
+    settings: UpstreamSettings,
+    counters: UpstreamCounters,
+}
+
+impl Upstream {
+    pub(crate) fn new(settings: UpstreamSettings, counters: UpstreamCounters) -> Self {
+        Upstream { pooled: Mutex::new(Vec::new()), settings, counters }
+    }
+
+    /// Sends `req` (origin-form target, `Host` set) to the app at `addr` and waits for the
+    /// response head.
+    pub(crate) async fn send(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if let Some(mut sender) = self.take_idle(addr) {
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    self.put_back(addr, sender);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not sent: the app closed the connection first. Once more, on a new one.
+                    Some(unsent) => {
+                        self.counters.retries.inc();
+                        req = unsent;
+                    }
+                    None => return Err(UpstreamError::Http(e.into_error())),
+                },
+            }
+        }
+        let mut sender = self.connect(addr).await?;
+        let response = sender.send_request(req).await?;
+        self.put_back(addr, sender);
+        Ok(response)
+    }
+
+    /// The most recently used connection to `addr` that is idle; drops closed connections
+    /// and those to another address on the way.
+    fn take_idle(&self, addr: SocketAddr) -> Option<SendRequest<RequestBody>> {
+        let mut pooled = self.lock();
+        let mut i = pooled.len();
+        while i > 0 {
+            i -= 1;
+            let p = &pooled[i];
+            if p.addr != addr || p.sender.is_closed() {
+                pooled.remove(i);
+            } else if p.sender.is_ready() {
+                return Some(pooled.remove(i).sender);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection to the list (its response may still be in flight).
+    fn put_back(&self, addr: SocketAddr, sender: SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut pooled = self.lock();
+        if pooled.len() >= self.settings.max_idle.max(1) {
+            pooled.remove(0);
+        }
+        pooled.push(Pooled { addr, sender, used: Instant::now() });
+    }
+
+    /// Closes the connections idle for longer than the idle time-out, and those closed by
+    /// the app. Run periodically by each proxy thread.
+    pub(crate) fn close_idle(&self) {
+        let now = Instant::now();
+        let timeout = self.settings.idle_timeout;
+        self.lock().retain(|p| {
+            let expired = p.sender.is_ready() && now.duration_since(p.used) >= timeout;
+            !(p.sender.is_closed() || expired)
+        });
+    }
+
+    /// Connections in the list (idle or busy).
+    #[cfg(test)]
+    pub(crate) fn pooled(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
+        // A panic while holding the lock leaves a valid list.
+        self.pooled.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Opens a connection and starts driving it on the current runtime.
+    async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<RequestBody>, UpstreamError> {
+        let timeout = self.settings.connect_timeout;
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+            Err(_) => return Err(UpstreamError::ConnectTimeout { addr, timeout }),
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
+        self.counters.connections.inc();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+
+    use super::*;
+
+    /// An app speaking raw HTTP/1.1: answers each request on a connection with `200 OK` and
+    /// the body `#<n>`, `n` the connection's request count, then closes the connection after
+    /// `per_connection` requests (`usize::MAX`: never). Each body's `#` is sent with the head
+    /// and the rest only once `gate` is open, so that until then the response is in flight.
+    /// Counts the connections it accepted.
+    async fn mk_gated_app(
+        per_connection: usize,
+        gate: watch::Receiver<bool>,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { return };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut gate = gate.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut served = 0;
+                    while served < per_connection {
+                        let mut chunk = [0u8; 1024];
+                        let Ok(n) = stream.read(&mut chunk).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            served += 1;
+                            let count = served.to_string();
+                            let head =
+                                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n#", count.len() + 1);
+                            if stream.write_all(head.as_bytes()).await.is_err()
+                                || gate.wait_for(|open| *open).await.is_err()
+                                || stream.write_all(count.as_bytes()).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                    // Closes without `Connection: close`, as an app's idle time-out does.
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// [`mk_gated_app`] with the gate open.
+    async fn mk_app(per_connection: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        let (open, gate) = watch::channel(true);
+        // The app's connections hold the receiver; the sender may go.
+        drop(open);
+        mk_gated_app(per_connection, gate).await
+    }
+
+    fn mk_request() -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::empty());
+        *req.uri_mut() = http::Uri::from_static("/x");
+        req.headers_mut().insert(http::header::HOST, http::HeaderValue::from_static("app"));
+        req
+    }
+
+    fn mk_upstream(settings: UpstreamSettings) -> (Upstream, UpstreamCounters) {
+        let counters = UpstreamCounters::default();
+        (Upstream::new(settings, counters.clone()), counters)
+    }
+
+    async fn body_of(response: Response<Incoming>) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_connection() {
+        let (addr, accepted) = mk_app(usize::MAX).await;
+        let (upstream, counters) = mk_upstream(UpstreamSettings::default());
+        for i in 1..=20 {
+            let response = upstream.send(addr, mk_request()).await.unwrap();
+            assert_eq!(body_of(response).await, format!("#{i}"), "request {i} on the same connection");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(counters.connections.get(), 1);
+        assert_eq!(upstream.pooled(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_busy_connection_is_passed_over() {
+        let (open, gate) = watch::channel(false);
+        let (addr, accepted) = mk_gated_app(usize::MAX, gate).await;
+        let (upstream, _) = mk_upstream(UpstreamSettings::default());
+        // The first response's body is still arriving: its connection is not idle.
+        let first = upstream.send(addr, mk_request()).await.unwrap();
+        let second = upstream.send(addr, mk_request()).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        open.send_replace(true);
+        assert_eq!((body_of(first).await, body_of(second).await), ("#1".into(), "#1".into()));
+        // Both idle now: the next two requests need no new connection.
+        let (a, b) = (
+            upstream.send(addr, mk_request()).await.unwrap(),
+            upstream.send(addr, mk_request()).await.unwrap(),
+        );
+        assert_eq!((body_of(a).await, body_of(b).await), ("#2".into(), "#2".into()));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn connections_the_app_closes_are_replaced_without_failing_a_request() {
+        // Every connection serves one request and is then closed by the app, with no
+        // `Connection: close`: the next request either sees it closed, or finds out when it
+        // cannot be sent and goes again on a new connection. None may fail.
+        let (addr, accepted) = mk_app(1).await;
+        let (upstream, counters) = mk_upstream(UpstreamSettings::default());
+        for i in 0..200 {
+            let response =
+                upstream.send(addr, mk_request()).await.unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(body_of(response).await, "#1");
+            if i % 2 == 0 {
+                // Half of them after the close has had time to arrive.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 200);
+        assert_eq!(counters.connections.get(), 200);
+    }
+
+    #[tokio::test]
+    async fn another_address_is_never_sent_a_request_meant_for_the_old_one() {
+        let (old, old_accepted) = mk_app(usize::MAX).await;
+        let (new, new_accepted) = mk_app(usize::MAX).await;
+        let (upstream, _) = mk_upstream(UpstreamSettings::default());
+        body_of(upstream.send(old, mk_request()).await.unwrap()).await;
+        assert_eq!(body_of(upstream.send(new, mk_request()).await.unwrap()).await, "#1");
+        // The old connection was dropped on the way: only the new one is kept.
+        assert_eq!(upstream.pooled(), 1);
+        assert_eq!((old_accepted.load(Ordering::SeqCst), new_accepted.load(Ordering::SeqCst)), (1, 1));
+        assert_eq!(body_of(upstream.send(new, mk_request()).await.unwrap()).await, "#2");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout_and_beyond_the_maximum() {
+        let (open, gate) = watch::channel(false);
+        let (addr, accepted) = mk_gated_app(usize::MAX, gate).await;
+        let settings = UpstreamSettings {
+            idle_timeout: Duration::from_millis(50),
+            max_idle: 2,
+            ..UpstreamSettings::default()
+        };
+        let (upstream, _) = mk_upstream(settings);
+        // Three in flight at once: three connections; the list keeps the last two, and the
+        // response on the one it lets go still arrives whole.
+        let responses = [
+            upstream.send(addr, mk_request()).await.unwrap(),
+            upstream.send(addr, mk_request()).await.unwrap(),
+            upstream.send(addr, mk_request()).await.unwrap(),
+        ];
+        assert_eq!((accepted.load(Ordering::SeqCst), upstream.pooled()), (3, 2));
+        open.send_replace(true);
+        for r in responses {
+            assert_eq!(body_of(r).await, "#1");
+        }
+        upstream.close_idle();
+        assert_eq!(upstream.pooled(), 2, "not idle for long enough yet");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        upstream.close_idle();
+        assert_eq!(upstream.pooled(), 0);
+        assert_eq!(body_of(upstream.send(addr, mk_request()).await.unwrap()).await, "#1");
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn connect_failures_say_so() {
+        // A port nothing listens on.
+        let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let (upstream, counters) = mk_upstream(UpstreamSettings::default());
+        let err = upstream.send(addr, mk_request()).await.unwrap_err();
+        assert!(err.is_connect(), "{err}");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        assert_eq!(counters.connections.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_the_app_received_is_not_sent_twice() {
+        // The app reads the second request and closes without answering: the request was
+        // sent, so it fails rather than going again (it may have had effects).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut chunk = [0u8; 1024];
+                    let _ = stream.read(&mut chunk).await;
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+                    let _ = stream.read(&mut chunk).await;
+                    seen.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        let (upstream, counters) = mk_upstream(UpstreamSettings::default());
+        body_of(upstream.send(addr, mk_request()).await.unwrap()).await;
+        let err = upstream.send(addr, mk_request()).await.unwrap_err();
+        assert!(!err.is_connect(), "{err}");
+        assert_eq!(requests.load(Ordering::SeqCst), 2);
+        assert_eq!(counters.retries.get(), 0);
+    }
+}
