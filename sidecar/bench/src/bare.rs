@@ -1,20 +1,20 @@
 //! The floor of the sidecar's proxy stack: a reverse proxy with nothing but what the sidecar
-//! is built on (hyper's HTTP/1 and h2c server, hyper-util's pooled keep-alive client, one
-//! single-threaded Tokio runtime per CPU with its own `SO_REUSEPORT` listener, as
-//! `custos sidecar` runs) and none of its work: no identity, decision, transform, quotas,
+//! is built on (hyper's HTTP/1 and h2c server, the sidecar's own keep-alive connections to
+//! the app, `custos_sidecar::upstream`, one single-threaded Tokio runtime per CPU with its
+//! own `SO_REUSEPORT` listener, as `custos sidecar` runs) and none of its work: no identity, decision, transform, quotas,
 //! metrics or audit. Run by the harness as a child process (`sidecar-bench --bare-proxy
 //! LISTEN --upstream-addr UPSTREAM`), so that its CPU time is its own. It tells how much of
 //! the sidecar's cost against nginx is the stack's and how much is the sidecar's.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use custos_sidecar::upstream::{Upstream, UpstreamCounters, UpstreamSettings};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpSocket;
@@ -46,18 +46,15 @@ fn serve(listener: std::net::TcpListener, upstream: SocketAddr) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client: Client<HttpConnector, Incoming> =
-            Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
-        let authority = upstream.to_string();
+        let connections =
+            Arc::new(Upstream::<Incoming>::new(UpstreamSettings::default(), UpstreamCounters::default()));
         loop {
             let (stream, _) = listener.accept().await?;
             stream.set_nodelay(true)?;
-            let (client, authority) = (client.clone(), authority.clone());
+            let connections = connections.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    forward(client.clone(), authority.clone(), req)
+                    forward(connections.clone(), upstream, req)
                 });
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
@@ -68,17 +65,18 @@ fn serve(listener: std::net::TcpListener, upstream: SocketAddr) -> Result<()> {
 }
 
 async fn forward(
-    client: Client<HttpConnector, Incoming>,
-    authority: String,
+    connections: Arc<Upstream<Incoming>>,
+    upstream: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let (mut parts, body) = req.into_parts();
+    // Origin-form, as the sidecar sends it (wrk's requests carry `Host`).
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    match Uri::builder().scheme("http").authority(authority).path_and_query(target).build() {
+    match Uri::try_from(target) {
         Ok(uri) => parts.uri = uri,
         Err(_) => return Ok(status(StatusCode::BAD_REQUEST)),
     }
-    match client.request(Request::from_parts(parts, body)).await {
+    match connections.send(upstream, Request::from_parts(parts, body)).await {
         Ok(response) => Ok(response.map(BodyExt::boxed_unsync)),
         Err(_) => Ok(status(StatusCode::BAD_GATEWAY)),
     }

@@ -5,7 +5,7 @@
 //! (c) behind nginx as a plain reverse proxy, and (d) behind a second sidecar with the same
 //! rules but no masks or records (same identity, decision and audit work, no response
 //! transform), which splits the sidecar's cost into the proxy's and the transform's, and (e)
-//! behind a bare reverse proxy on the sidecar's own stack (hyper, hyper-util's pool, a Tokio
+//! behind a bare reverse proxy on the sidecar's own stack (hyper, the sidecar's app connections, a Tokio
 //! runtime per CPU: [`bare`]), the floor of that stack, and (f) behind a third sidecar with (b)'s
 //! policy that ships every audit event to a `custos collector` (SQLite) started by the harness,
 //! as a deployed sidecar does; (b) to (e) run without a collector, events are built and dropped.

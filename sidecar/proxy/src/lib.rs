@@ -50,7 +50,7 @@ mod server;
 mod settings;
 mod state;
 mod threads;
-mod upstream;
+pub mod upstream;
 mod usage;
 
 use std::net::SocketAddr;

@@ -72,7 +72,7 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub quotas: Arc<Quotas>,
     pub shipper: custos_shipper::Shipper,
-    pub upstream: Arc<Upstream>,
+    pub upstream: Arc<Upstream<RequestBody>>,
     pub hash_key: HashKey,
     pub limits: ProxyLimits,
     pub pod_name: Option<String>,
@@ -89,7 +89,7 @@ impl Shared {
 }
 
 /// The keep-alive HTTP/1.1 connections to the app of one proxy thread.
-pub(crate) fn upstream(limits: &ProxyLimits, metrics: &Metrics) -> Arc<Upstream> {
+pub(crate) fn upstream(limits: &ProxyLimits, metrics: &Metrics) -> Arc<Upstream<RequestBody>> {
     let settings =
         UpstreamSettings { connect_timeout: limits.upstream_connect_timeout, ..UpstreamSettings::default() };
     Arc::new(Upstream::new(settings, metrics.upstream.clone()))

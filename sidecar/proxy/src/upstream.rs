@@ -21,28 +21,33 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::RequestBody;
-
 /// Why a request did not get a response from the app.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum UpstreamError {
+pub enum UpstreamError {
     /// The connection could not be made.
     #[error("cannot connect to the app at {addr}: {source}")]
     Connect {
+        /// The app's address.
         addr: SocketAddr,
+        /// What the connect call returned.
         #[source]
         source: std::io::Error,
     },
     /// The connection was not made within the connect time-out.
     #[error("connecting to the app at {addr} timed out after {timeout:?}")]
-    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    ConnectTimeout {
+        /// The app's address.
+        addr: SocketAddr,
+        /// The time-out.
+        timeout: Duration,
+    },
     /// HTTP/1.1 failed on the connection (handshake, request or response head).
     #[error("upstream HTTP/1.1: {0}")]
     Http(#[from] hyper::Error),
@@ -50,14 +55,14 @@ pub(crate) enum UpstreamError {
 
 impl UpstreamError {
     /// No connection could be made (the app is down or not listening yet).
-    pub(crate) fn is_connect(&self) -> bool {
+    pub fn is_connect(&self) -> bool {
         matches!(self, UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
     }
 }
 
 /// Settings of an [`Upstream`].
 #[derive(Clone, Debug)]
-pub(crate) struct UpstreamSettings {
+pub struct UpstreamSettings {
     /// Time allowed to open a connection.
     pub connect_timeout: Duration,
     /// Idle connections older than this are closed by [`Upstream::close_idle`].
@@ -76,9 +81,10 @@ impl Default for UpstreamSettings {
     }
 }
 
-/// Counters of an [`Upstream`] (registered by [`crate::metrics::Metrics`]).
+/// Counters of an [`Upstream`] (the sidecar registers them as
+/// `custos_sidecar_upstream_{connections,retries}_total`).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct UpstreamCounters {
+pub struct UpstreamCounters {
     /// Connections opened to the app.
     pub connections: Counter,
     /// Requests sent again on a new connection because the reused one had been closed.
@@ -86,33 +92,39 @@ pub(crate) struct UpstreamCounters {
 }
 
 /// A connection in the list.
-struct Pooled {
+struct Pooled<B> {
     addr: SocketAddr,
-    sender: SendRequest<RequestBody>,
+    sender: SendRequest<B>,
     /// When it was last handed a request.
     used: Instant,
 }
 
-/// The app connections of one proxy thread.
-pub(crate) struct Upstream {
+/// The app connections of one proxy thread, sending request bodies of type `B`.
+pub struct Upstream<B> {
     /// Least recently used first. A connection whose response is still being read stays in
     /// the list and is passed over until it is idle again.
-    pooled: Mutex<Vec<Pooled>>,
+    pooled: Mutex<Vec<Pooled<B>>>,
     settings: UpstreamSettings,
     counters: UpstreamCounters,
 }
 
-impl Upstream {
-    pub(crate) fn new(settings: UpstreamSettings, counters: UpstreamCounters) -> Self {
+impl<B> Upstream<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// No connections yet; they are opened as requests need them.
+    pub fn new(settings: UpstreamSettings, counters: UpstreamCounters) -> Self {
         Upstream { pooled: Mutex::new(Vec::new()), settings, counters }
     }
 
     /// Sends `req` (origin-form target, `Host` set) to the app at `addr` and waits for the
     /// response head.
-    pub(crate) async fn send(
+    pub async fn send(
         &self,
         addr: SocketAddr,
-        mut req: Request<RequestBody>,
+        mut req: Request<B>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         if let Some(mut sender) = self.take_idle(addr) {
             match sender.try_send_request(req).await {
@@ -138,7 +150,7 @@ impl Upstream {
 
     /// The most recently used connection to `addr` that is idle; drops closed connections
     /// and those to another address on the way.
-    fn take_idle(&self, addr: SocketAddr) -> Option<SendRequest<RequestBody>> {
+    fn take_idle(&self, addr: SocketAddr) -> Option<SendRequest<B>> {
         let mut pooled = self.lock();
         let mut i = pooled.len();
         while i > 0 {
@@ -154,7 +166,7 @@ impl Upstream {
     }
 
     /// Returns a connection to the list (its response may still be in flight).
-    fn put_back(&self, addr: SocketAddr, sender: SendRequest<RequestBody>) {
+    fn put_back(&self, addr: SocketAddr, sender: SendRequest<B>) {
         if sender.is_closed() {
             return;
         }
@@ -167,7 +179,7 @@ impl Upstream {
 
     /// Closes the connections idle for longer than the idle time-out, and those closed by
     /// the app. Run periodically by each proxy thread.
-    pub(crate) fn close_idle(&self) {
+    pub fn close_idle(&self) {
         let now = Instant::now();
         let timeout = self.settings.idle_timeout;
         self.lock().retain(|p| {
@@ -177,18 +189,17 @@ impl Upstream {
     }
 
     /// Connections in the list (idle or busy).
-    #[cfg(test)]
-    pub(crate) fn pooled(&self) -> usize {
+    pub fn pooled(&self) -> usize {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pooled<B>>> {
         // A panic while holding the lock leaves a valid list.
         self.pooled.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Opens a connection and starts driving it on the current runtime.
-    async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<RequestBody>, UpstreamError> {
+    async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<B>, UpstreamError> {
         let timeout = self.settings.connect_timeout;
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
@@ -220,6 +231,7 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
+    use crate::body::RequestBody;
 
     /// An app speaking raw HTTP/1.1: answers each request on a connection with `200 OK` and
     /// the body `#<n>`, `n` the connection's request count, then closes the connection after
@@ -285,7 +297,7 @@ mod tests {
         req
     }
 
-    fn mk_upstream(settings: UpstreamSettings) -> (Upstream, UpstreamCounters) {
+    fn mk_upstream(settings: UpstreamSettings) -> (Upstream<RequestBody>, UpstreamCounters) {
         let counters = UpstreamCounters::default();
         (Upstream::new(settings, counters.clone()), counters)
     }
