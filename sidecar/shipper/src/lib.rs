@@ -22,9 +22,12 @@
 //!
 //! A batch that could not be delivered is written to the disk spool and delivered from there in
 //! FIFO order, with capped exponential back-off and jitter between failed attempts. At most one
-//! request is in flight; a batch completed meanwhile, or while the spool is not empty, is spooled
-//! too, so nothing overtakes the backlog (ordering is best-effort: a failed direct batch is
-//! spooled behind those completed during its attempt). The spool
+//! request is in flight; batches completed meanwhile wait in memory (up to
+//! [`ShipperConfig::max_waiting_batches`]) and are sent next, in order. A batch completed while
+//! that room is full, while the spool is not empty or while the collector is failing is spooled,
+//! and when a delivery fails the batches waiting in memory are spooled behind it, so nothing
+//! overtakes the backlog (ordering is best-effort: a failed direct batch is spooled behind those
+//! spooled during its attempt). The spool
 //! survives restarts; records torn by a crash or failing their checksum are counted as dropped
 //! (`corrupt`), every fully written record is delivered. Place the spool directory on a volume
 //! that outlives the container (an `emptyDir` outlives container restarts, not the pod): events
@@ -184,6 +187,11 @@ pub struct ShipperConfig {
     pub retry_jitter: f64,
     /// Compress request bodies with gzip (default true).
     pub gzip: bool,
+    /// Full batches kept in memory while another is being delivered (default 4): at high
+    /// event rates batches complete faster than one delivery takes, and without this room each
+    /// of them would go through the spool (a write, an fsync and a read back) although the
+    /// collector is up. 0: every such batch is spooled.
+    pub max_waiting_batches: usize,
 }
 
 impl Default for ShipperConfig {
@@ -202,6 +210,7 @@ impl Default for ShipperConfig {
             retry_max_backoff: Duration::from_secs(30),
             retry_jitter: 0.2,
             gzip: true,
+            max_waiting_batches: 4,
         }
     }
 }

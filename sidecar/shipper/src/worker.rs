@@ -3,7 +3,9 @@
 //!
 //! At most one request is in flight, so deliveries happen in order. Spool I/O runs on the
 //! blocking pool. State machine, re-checked after every step ([`Worker::pump`]): when nothing is
-//! in flight, no retry is pending and the spool holds records, the oldest one is sent.
+//! in flight and no retry is pending, the oldest batch waiting in memory is sent, else the
+//! spool's oldest record. Batches wait in memory only while the spool is empty, so they are
+//! always older than what the spool holds.
 
 use std::collections::VecDeque;
 use std::collections::hash_map::RandomState;
@@ -142,6 +144,10 @@ pub(crate) struct Worker {
     flush_interval: Duration,
     default_deadline: Duration,
     current: BatchBuilder,
+    /// Full batches completed while another was in flight, oldest first (at most
+    /// `max_waiting`; only while the spool is empty and the collector answers).
+    waiting: VecDeque<Batch>,
+    max_waiting: usize,
     inflight: Option<InFlight>,
     /// While set, the collector is considered unreachable until then.
     retry_at: Option<Instant>,
@@ -181,6 +187,8 @@ impl Worker {
             flush_interval: config.flush_interval,
             default_deadline: config.request_timeout,
             current: BatchBuilder::default(),
+            waiting: VecDeque::new(),
+            max_waiting: config.max_waiting_batches,
             inflight: None,
             retry_at: None,
             backoff: Backoff::new(
@@ -298,10 +306,18 @@ impl Worker {
         Box::pin(async move { transport.post_events(payload).await })
     }
 
-    /// Starts sending the spool's oldest record when the collector is believed reachable and
-    /// nothing is in flight.
+    /// Starts sending the oldest waiting batch, else the spool's oldest record, when the
+    /// collector is believed reachable and nothing is in flight.
     async fn pump(&mut self) {
-        if self.inflight.is_some() || self.retry_at.is_some() || self.spool_is_empty() {
+        if self.inflight.is_some() || self.retry_at.is_some() {
+            return;
+        }
+        if let Some(batch) = self.waiting.pop_front() {
+            let send = self.send(Arc::clone(&batch.payload));
+            self.inflight = Some(InFlight { source: Source::Direct(batch), send });
+            return;
+        }
+        if self.spool_is_empty() {
             return;
         }
         match self.with_spool(Spool::head).await {
@@ -315,13 +331,18 @@ impl Worker {
         }
     }
 
-    /// Closes the batch being built: sends it when the way is clear, otherwise spools it behind
-    /// the backlog.
+    /// Closes the batch being built: sends it when the way is clear, keeps it in memory behind
+    /// the batch in flight when there is room and no backlog, otherwise spools it behind the
+    /// backlog.
     async fn flush(&mut self) {
         let Some(batch) = self.current.take() else { return };
-        if self.inflight.is_none() && self.retry_at.is_none() && self.spool_is_empty() {
+        if self.retry_at.is_some() || !self.spool_is_empty() {
+            self.spool_batch(batch).await;
+        } else if self.inflight.is_none() && self.waiting.is_empty() {
             let send = self.send(Arc::clone(&batch.payload));
             self.inflight = Some(InFlight { source: Source::Direct(batch), send });
+        } else if self.waiting.len() < self.max_waiting {
+            self.waiting.push_back(batch);
         } else {
             self.spool_batch(batch).await;
         }
@@ -400,6 +421,10 @@ impl Worker {
                 if let Source::Direct(batch) = source {
                     self.spool_batch(batch).await;
                 }
+                // The collector is failing: what waits in memory goes to the spool, behind it.
+                while let Some(batch) = self.waiting.pop_front() {
+                    self.spool_batch(batch).await;
+                }
             }
             Outcome::TooLarge if events > 1 => {
                 self.metrics.batch(BatchResult::TooLarge);
@@ -412,9 +437,13 @@ impl Worker {
                     "the collector refused an audit batch as too large (413): split in two"
                 );
                 let (first, second) = split(&payload);
-                // The halves go behind the backlog; the original is forgotten only then.
+                // The halves go behind the backlog, and what waits in memory behind them; the
+                // original is forgotten only then.
                 self.spool_batch(first).await;
                 self.spool_batch(second).await;
+                while let Some(batch) = self.waiting.pop_front() {
+                    self.spool_batch(batch).await;
+                }
                 if let Some(record) = record {
                     self.with_spool(move |spool| spool.ack(record)).await;
                 }
@@ -452,7 +481,8 @@ impl Worker {
         let mut report = ShutdownReport::default();
 
         self.rx.close();
-        let mut batches = VecDeque::new();
+        // The batches waiting in memory first: they are older than what is still queued.
+        let mut batches = std::mem::take(&mut self.waiting);
         while self.fill_current().0 > 0 {
             if self.current.count as usize >= self.batch_max {
                 batches.extend(self.current.take());

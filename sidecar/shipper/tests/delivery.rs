@@ -38,6 +38,8 @@ enum Behaviour {
     Status(u16),
     /// Never answer.
     Hang,
+    /// Wait this long, then as `Normal`.
+    Slow(Duration),
     /// Store the events, then close the connection without answering.
     CommitThenDrop,
     /// Answer 200 with a body that is not the contract's.
@@ -55,6 +57,8 @@ struct State {
     /// `Authorization` header of every request, in order.
     tokens: Vec<Option<String>>,
     event_requests: usize,
+    /// The first event id of every batch stored, in the order the batches arrived.
+    batch_heads: Vec<String>,
     usage_queries: Vec<String>,
     usage: Option<UsageResponse>,
 }
@@ -149,6 +153,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
             return Ok(answer(500, ""));
         }
         Behaviour::Status(status) => return Ok(answer(status, "no")),
+        Behaviour::Slow(delay) => tokio::time::sleep(delay).await,
         Behaviour::Malformed => return Ok(answer(200, "{\"accepted\": \"many\"")),
         Behaviour::Normal | Behaviour::CommitThenDrop => {}
     }
@@ -166,6 +171,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
             {
                 let mut s = state.lock().unwrap();
                 s.event_requests += 1;
+                if let Some(first) = text.lines().next() {
+                    let event: AuditEvent = serde_json::from_str(first).expect("each line is an AuditEvent");
+                    s.batch_heads.push(event.id);
+                }
                 for line in text.lines() {
                     let event: AuditEvent = serde_json::from_str(line).expect("each line is an AuditEvent");
                     let count = s.stored.entry(event.id).or_insert(0);
@@ -251,6 +260,7 @@ fn config(collector: &str, spool: &Path) -> ShipperConfig {
         retry_max_backoff: Duration::from_millis(50),
         retry_jitter: 0.0,
         gzip: true,
+        max_waiting_batches: 4,
     }
 }
 
@@ -275,6 +285,19 @@ fn emit(shipper: &Shipper, range: std::ops::Range<usize>) {
     for i in range {
         shipper.emit(event(i));
     }
+}
+
+/// The highest spool depth (records) seen, sampled every 2 ms until `done` holds.
+async fn max_spool_records_until(metrics: &ShipperMetrics, mut done: impl FnMut() -> bool) -> u64 {
+    let mut max = 0;
+    for _ in 0..5000 {
+        max = max.max(metrics.spool_records());
+        if done() {
+            return max;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("not done within 10 s");
 }
 
 fn segment_files(dir: &Path) -> Vec<PathBuf> {
@@ -572,6 +595,47 @@ async fn full_batches_leave_at_once_and_a_partial_one_waits_for_the_interval() {
     let report = shipper.shutdown(Duration::from_secs(2)).await;
     assert_eq!(report.delivered, 50);
     collector.assert_stored_once(&ids(0..250));
+}
+
+#[tokio::test]
+async fn batches_completed_during_a_slow_delivery_wait_in_memory_not_in_the_spool() {
+    // Each delivery takes 150 ms; five full batches arrive at once: one is sent, four wait
+    // in memory and follow in order. With no room in memory (0), the same four are spooled.
+    for (room, spooled) in [(4, false), (0, true)] {
+        let collector = Collector::start().await;
+        collector.set(Behaviour::Slow(Duration::from_millis(150)));
+        let spool = tempfile::tempdir().unwrap();
+        let cfg = ShipperConfig { max_waiting_batches: room, ..config(&collector.url(), spool.path()) };
+        let (shipper, metrics) = start(cfg);
+        emit(&shipper, 0..500);
+        let max_spooled = max_spool_records_until(&metrics, || metrics.events_delivered() == 500).await;
+        assert_eq!(max_spooled > 0, spooled, "room for {room}: spool depth reached {max_spooled}");
+        collector.assert_stored_once(&ids(0..500));
+        let heads = collector.state.lock().unwrap().batch_heads.clone();
+        let mut sorted = heads.clone();
+        sorted.sort();
+        assert_eq!(heads, sorted, "room for {room}: batches delivered out of order");
+        assert_eq!(metrics.events_dropped_total(), 0);
+        shipper.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failed_delivery_sends_the_batches_waiting_in_memory_to_the_spool_behind_it() {
+    // The first delivery hangs until its time-out while two more batches wait in memory. They
+    // must go to the spool behind the failed one, not be sent from memory before it.
+    let collector = Collector::start().await;
+    collector.then(Behaviour::Hang);
+    let spool = tempfile::tempdir().unwrap();
+    let (shipper, metrics) = start(config(&collector.url(), spool.path()));
+    emit(&shipper, 0..300);
+    let max_spooled = max_spool_records_until(&metrics, || metrics.events_delivered() == 300).await;
+    assert!(max_spooled >= 1, "nothing was spooled after the failure");
+    assert_eq!(metrics.batches_sent(BatchResult::Timeout), 1);
+    collector.assert_stored_once(&ids(0..300));
+    let heads = collector.state.lock().unwrap().batch_heads.clone();
+    assert_eq!(heads, ["01TESTEVENT00000000", "01TESTEVENT00000100", "01TESTEVENT00000200"]);
+    shipper.shutdown(Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
