@@ -187,7 +187,7 @@ pub struct ShipperConfig {
     pub retry_jitter: f64,
     /// Compress request bodies with gzip (default true).
     pub gzip: bool,
-    /// Full batches kept in memory while another is being delivered (default 4): at high
+    /// Full batches kept in memory while another is being delivered (default 8): at high
     /// event rates batches complete faster than one delivery takes, and without this room each
     /// of them would go through the spool (a write, an fsync and a read back) although the
     /// collector is up. 0: every such batch is spooled.
@@ -210,7 +210,7 @@ impl Default for ShipperConfig {
             retry_max_backoff: Duration::from_secs(30),
             retry_jitter: 0.2,
             gzip: true,
-            max_waiting_batches: 4,
+            max_waiting_batches: 8,
         }
     }
 }
