@@ -204,6 +204,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         quotas: quotas.clone(),
         shipper: shipper.clone(),
         upstream: proxy::upstream(&settings.limits, &metrics),
+        counters: Arc::default(),
         hash_key,
         limits: settings.limits.clone(),
         pod_name: settings.pod_name.clone(),

@@ -1,6 +1,8 @@
 //! Prometheus metrics of the sidecar. Label values are codes, policy and rule names and data
 //! class names only: never paths, principals or user values.
 
+use std::sync::{Mutex, PoisonError};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -148,20 +150,159 @@ impl Metrics {
         m
     }
 
-    /// Counts one request.
-    pub fn request(&self, decision: &'static str, policy: &str, rule: &str, reason: &'static str) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                decision,
-                policy: policy.to_string(),
-                rule: rule.to_string(),
-                reason,
-            })
-            .inc();
-    }
-
     /// Counts a limit rejection.
     pub fn limit(&self, limit: &'static str) {
         self.limit_rejections.get_or_create(&LimitLabels { limit }).inc();
+    }
+}
+
+/// Label sets remembered per cache: enough for the rules and classes a service's traffic
+/// actually hits; the least recently added one makes room.
+const CACHED_LABEL_SETS: usize = 32;
+
+/// The counters of the label sets one proxy thread used last, so that counting a request
+/// neither builds label values (two `String`s) nor hashes them and takes the family's lock,
+/// which both proxy threads share. A counter here is the family's own (a shared handle).
+pub(crate) struct CounterCache<L> {
+    recent: Mutex<Vec<(L, Counter)>>,
+}
+
+impl<L: Clone + std::hash::Hash + Eq> Default for CounterCache<L> {
+    fn default() -> Self {
+        CounterCache { recent: Mutex::new(Vec::with_capacity(CACHED_LABEL_SETS)) }
+    }
+}
+
+impl<L: Clone + std::hash::Hash + Eq> CounterCache<L> {
+    /// Adds `n` to the counter of `family` whose labels satisfy `is`; `labels` builds them
+    /// when this cache does not hold that counter yet.
+    pub(crate) fn inc_by(
+        &self,
+        family: &Family<L, Counter>,
+        is: impl Fn(&L) -> bool,
+        labels: impl FnOnce() -> L,
+        n: u64,
+    ) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, counter)) = recent.iter().find(|(l, _)| is(l)) {
+            counter.inc_by(n);
+            return;
+        }
+        let labels = labels();
+        let counter = family.get_or_create(&labels).clone();
+        counter.inc_by(n);
+        if recent.len() >= CACHED_LABEL_SETS {
+            recent.remove(0);
+        }
+        recent.push((labels, counter));
+    }
+}
+
+/// The counters one proxy thread updates on every request, through [`CounterCache`]s over
+/// the families of [`Metrics`].
+#[derive(Default)]
+pub(crate) struct ThreadCounters {
+    requests: CounterCache<RequestLabels>,
+    records_served: CounterCache<RuleLabels>,
+    masked_fields: CounterCache<ClassLabels>,
+}
+
+impl ThreadCounters {
+    /// Counts one request in `custos_sidecar_requests_total`.
+    pub(crate) fn request(
+        &self,
+        metrics: &Metrics,
+        decision: &'static str,
+        policy: &str,
+        rule: &str,
+        reason: &'static str,
+    ) {
+        self.requests.inc_by(
+            &metrics.requests,
+            |l| l.decision == decision && l.reason == reason && l.policy == policy && l.rule == rule,
+            || RequestLabels { decision, policy: policy.to_string(), rule: rule.to_string(), reason },
+            1,
+        );
+    }
+
+    /// Counts records served under `policy`/`rule`.
+    pub(crate) fn records_served(&self, metrics: &Metrics, policy: &str, rule: &str, n: u64) {
+        self.records_served.inc_by(
+            &metrics.records_served,
+            |l| l.policy == policy && l.rule == rule,
+            || RuleLabels { policy: policy.to_string(), rule: rule.to_string() },
+            n,
+        );
+    }
+
+    /// Counts masked fields of `class`.
+    pub(crate) fn masked_fields(&self, metrics: &Metrics, class: &str, n: u64) {
+        self.masked_fields.inc_by(
+            &metrics.masked_fields,
+            |l| l.class == class,
+            || ClassLabels { class: class.to_string() },
+            n,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn mk_metrics() -> (Registry, Metrics) {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        (registry, metrics)
+    }
+
+    fn text(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn cached_counters_are_the_families_own() {
+        let (registry, metrics) = mk_metrics();
+        let (a, b) = (ThreadCounters::default(), ThreadCounters::default());
+        for _ in 0..3 {
+            a.request(&metrics, "Allow", "shop", "list", "allow_rule");
+        }
+        b.request(&metrics, "Allow", "shop", "list", "allow_rule");
+        b.request(&metrics, "Deny", "shop", "list", "quota_exceeded");
+        a.records_served(&metrics, "shop", "list", 18);
+        b.records_served(&metrics, "shop", "list", 2);
+        a.masked_fields(&metrics, "phone", 5);
+        let out = text(&registry);
+        for line in [
+            "custos_sidecar_requests_total{decision=\"Allow\",policy=\"shop\",rule=\"list\",reason=\"allow_rule\"} 4",
+            "custos_sidecar_requests_total{decision=\"Deny\",policy=\"shop\",rule=\"list\",reason=\"quota_exceeded\"} 1",
+            "custos_sidecar_records_served_total{policy=\"shop\",rule=\"list\"} 20",
+            "custos_sidecar_masked_fields_total{class=\"phone\"} 5",
+        ] {
+            assert!(out.contains(line), "{line} missing in\n{out}");
+        }
+    }
+
+    #[test]
+    fn more_label_sets_than_the_cache_holds_still_count_exactly() {
+        let (registry, metrics) = mk_metrics();
+        let counters = ThreadCounters::default();
+        let rules: Vec<String> = (0..CACHED_LABEL_SETS * 3).map(|i| format!("rule-{i}")).collect();
+        // Round-robin over three times as many rules as the cache holds: every lookup misses.
+        for round in 0..4 {
+            for rule in &rules {
+                counters.records_served(&metrics, "shop", rule, round + 1);
+            }
+        }
+        let out = text(&registry);
+        for rule in &rules {
+            let line = format!("custos_sidecar_records_served_total{{policy=\"shop\",rule=\"{rule}\"}} 10");
+            assert!(out.contains(&line), "{line} missing");
+        }
+        assert_eq!(counters.records_served.recent.lock().unwrap().len(), CACHED_LABEL_SETS);
     }
 }

@@ -32,7 +32,7 @@ use serde_json::json;
 
 use crate::audit::PendingEvent;
 use crate::body::{Collected, DecodeError, Encoding, ProxyBody, RequestBody, collect_limited, decode};
-use crate::metrics::{ClassLabels, LimitLabels, Metrics, ReasonLabels, RuleLabels};
+use crate::metrics::{LimitLabels, Metrics, ReasonLabels, RuleLabels, ThreadCounters};
 use crate::settings::ProxyLimits;
 use crate::state::{ConfigCell, PolicyState};
 use crate::upstream::{Upstream, UpstreamSettings};
@@ -65,7 +65,7 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// State shared by every request (cloned per proxy thread: the `Arc`s are shared, the
-/// upstream connections are per thread, see [`Shared::with_fresh_upstream`]).
+/// upstream connections and counter handles are per thread, see [`Shared::for_thread`]).
 #[derive(Clone)]
 pub(crate) struct Shared {
     pub config: Arc<ConfigCell>,
@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     pub quotas: Arc<Quotas>,
     pub shipper: custos_shipper::Shipper,
     pub upstream: Arc<Upstream<RequestBody>>,
+    /// This thread's handles on the per-request counters.
+    pub counters: Arc<ThreadCounters>,
     pub hash_key: HashKey,
     pub limits: ProxyLimits,
     pub pod_name: Option<String>,
@@ -82,9 +84,10 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// A copy with its own upstream connections (driven by the runtime that uses them).
-    pub(crate) fn with_fresh_upstream(&self) -> Shared {
-        Shared { upstream: upstream(&self.limits, &self.metrics), ..self.clone() }
+    /// A copy for one proxy thread: its own upstream connections (driven by the runtime that
+    /// uses them) and its own counter handles.
+    pub(crate) fn for_thread(&self) -> Shared {
+        Shared { upstream: upstream(&self.limits, &self.metrics), counters: Arc::default(), ..self.clone() }
     }
 }
 
@@ -239,7 +242,8 @@ fn finish(shared: &Shared, mut ctx: Ctx, response: Response<ProxyBody>) -> Respo
     }
     ctx.event.status = response.status().as_u16();
     ctx.event.latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-    shared.metrics.request(
+    shared.counters.request(
+        &shared.metrics,
         ctx.event.decision.as_str(),
         ctx.event.policy.as_deref().unwrap_or(""),
         ctx.event.rule.as_deref().unwrap_or(""),
@@ -674,20 +678,21 @@ fn record_stats(shared: &Shared, ctx: &mut Ctx, job: &TransformJob, stats: Trans
     ctx.event.records_truncated = stats.records_truncated;
     ctx.event.record_hashes = stats.record_hashes;
     if job.mode == Mode::Enforce {
-        let labels = RuleLabels { policy: job.policy.clone(), rule: job.rule.clone() };
-        let m = &shared.metrics;
+        let (m, counters) = (&shared.metrics, &shared.counters);
         if stats.records_returned > 0 {
-            m.records_served.get_or_create(&labels).inc_by(stats.records_returned);
+            counters.records_served(m, &job.policy, &job.rule, stats.records_returned);
         }
+        // Rarer: straight to the families.
+        let labels = || RuleLabels { policy: job.policy.clone(), rule: job.rule.clone() };
         if stats.records_filtered > 0 {
-            m.records_filtered.get_or_create(&labels).inc_by(stats.records_filtered);
+            m.records_filtered.get_or_create(&labels()).inc_by(stats.records_filtered);
         }
         if stats.records_truncated > 0 {
-            m.records_truncated.get_or_create(&labels).inc_by(stats.records_truncated);
+            m.records_truncated.get_or_create(&labels()).inc_by(stats.records_truncated);
         }
         for (class, n) in &stats.masked {
             if *n > 0 {
-                m.masked_fields.get_or_create(&ClassLabels { class: class.clone() }).inc_by(*n);
+                counters.masked_fields(m, class, *n);
             }
         }
     }

@@ -71,7 +71,8 @@ impl ProxyTask {
 }
 
 /// Starts one proxy thread per listener. `shared` is cloned per thread with its own upstream
-/// connections, made inside the thread's runtime so that they are driven there.
+/// connections (made inside the thread's runtime so that they are driven there) and counter
+/// handles.
 pub(crate) fn spawn(
     listeners: Vec<std::net::TcpListener>,
     shared: &Shared,
@@ -97,7 +98,7 @@ pub(crate) fn spawn(
                             return;
                         }
                     };
-                    let shared = Arc::new(shared.with_fresh_upstream());
+                    let shared = Arc::new(shared.for_thread());
                     server::serve_proxy(listener, shared, shutdown, drain_timeout).await;
                 });
             })
