@@ -96,6 +96,19 @@ fn policy_yaml(masking: bool) -> String {
 /// The processes the harness started, stopped when it ends.
 struct Guard(Vec<Child>);
 
+impl Guard {
+    /// Starts `command` (`what` names it in errors), keeps it to be stopped with the others,
+    /// and waits until it listens on `port`; returns its pid and address.
+    fn start(&mut self, command: &mut Command, what: &str, port: u16) -> Result<(u32, SocketAddr)> {
+        let child = command.spawn().with_context(|| format!("cannot start {what}"))?;
+        let pid = child.id();
+        self.0.push(child);
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        wait_for(addr, what)?;
+        Ok((pid, addr))
+    }
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
         // SIGTERM first, so that nginx's master stops its workers (a SIGKILLed master
@@ -240,22 +253,20 @@ fn start_collector(custos: &Path, dir: &Path, guard: &mut Guard) -> Result<Colle
     let token = dir.join("token");
     std::fs::write(&token, "sidecar-bench-token")?;
     let port = free_port()?;
-    let child = Command::new(custos)
-        .arg("collector")
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--store")
-        .arg(format!("sqlite:{}", dir.join("audit.db").display()))
-        .arg("--token-file")
-        .arg(&token)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(dir.join("collector.log"))?))
-        .spawn()
-        .context("cannot start custos collector")?;
-    let pid = child.id();
-    guard.0.push(child);
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    wait_for(addr, "custos collector")?;
+    let (pid, addr) = guard.start(
+        Command::new(custos)
+            .arg("collector")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--store")
+            .arg(format!("sqlite:{}", dir.join("audit.db").display()))
+            .arg("--token-file")
+            .arg(&token)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(dir.join("collector.log"))?)),
+        "custos collector",
+        port,
+    )?;
     Ok(Collector { url: format!("http://{addr}"), token, pid })
 }
 
@@ -310,11 +321,7 @@ fn start_sidecar(
     if let Some(collector) = collector {
         command.args(["--collector", &collector.url]).arg("--collector-token-file").arg(&collector.token);
     }
-    let sidecar = command.spawn().context("cannot start custos sidecar")?;
-    let pid = sidecar.id();
-    guard.0.push(sidecar);
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    wait_for(addr, "custos sidecar")?;
+    let (pid, addr) = guard.start(&mut command, "custos sidecar", port)?;
     Ok(Sidecar { addr, admin: ([127, 0, 0, 1], admin_port).into(), pid })
 }
 
@@ -420,30 +427,31 @@ fn main() -> Result<()> {
     // (c) nginx as a plain reverse proxy.
     let nginx_port = free_port()?;
     std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir, nginx_port, upstream))?;
-    let nginx = Command::new("nginx")
-        .arg("-c")
-        .arg(dir.join("nginx.conf"))
-        .args(["-g", "daemon off;"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("nginx is not installed (apt-get install nginx-light)")?;
-    let nginx_pid = nginx.id();
-    guard.0.push(nginx);
-    let nginx_addr: SocketAddr = ([127, 0, 0, 1], nginx_port).into();
-    wait_for(nginx_addr, "nginx")?;
+    let (nginx_pid, nginx_addr) = guard.start(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "nginx (if it is not installed: apt-get install nginx-light)",
+        nginx_port,
+    )?;
 
     // (e) the bare proxy on the sidecar's stack, this program run again.
     let bare_port = free_port()?;
-    let bare_addr: SocketAddr = ([127, 0, 0, 1], bare_port).into();
-    let bare = Command::new(std::env::current_exe()?)
-        .args(["--bare-proxy", &bare_addr.to_string(), "--upstream-addr", &upstream.to_string()])
-        .stdout(Stdio::null())
-        .spawn()
-        .context("cannot start the bare proxy")?;
-    let bare_pid = bare.id();
-    guard.0.push(bare);
-    wait_for(bare_addr, "bare proxy")?;
+    let (bare_pid, bare_addr) = guard.start(
+        Command::new(std::env::current_exe()?)
+            .args([
+                "--bare-proxy",
+                &format!("127.0.0.1:{bare_port}"),
+                "--upstream-addr",
+                &upstream.to_string(),
+            ])
+            .stdout(Stdio::null()),
+        "the bare proxy",
+        bare_port,
+    )?;
 
     let path = "/customers/42";
     let targets = [
