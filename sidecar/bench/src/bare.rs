@@ -8,12 +8,14 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{Context, Result};
 use custos_sidecar::upstream::{Upstream, UpstreamCounters, UpstreamSettings};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -47,7 +49,7 @@ fn serve(listener: std::net::TcpListener, upstream: SocketAddr) -> Result<()> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let connections =
-            Arc::new(Upstream::<Incoming>::new(UpstreamSettings::default(), UpstreamCounters::default()));
+            Arc::new(Upstream::<Forwarded>::new(UpstreamSettings::default(), UpstreamCounters::default()));
         loop {
             let (stream, _) = listener.accept().await?;
             stream.set_nodelay(true)?;
@@ -65,7 +67,7 @@ fn serve(listener: std::net::TcpListener, upstream: SocketAddr) -> Result<()> {
 }
 
 async fn forward(
-    connections: Arc<Upstream<Incoming>>,
+    connections: Arc<Upstream<Forwarded>>,
     upstream: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -76,9 +78,37 @@ async fn forward(
         Ok(uri) => parts.uri = uri,
         Err(_) => return Ok(status(StatusCode::BAD_REQUEST)),
     }
-    match connections.send(upstream, Request::from_parts(parts, body)).await {
+    match connections.send(upstream, Request::from_parts(parts, Forwarded(Some(body)))).await {
         Ok(response) => Ok(response.map(BodyExt::boxed_unsync)),
         Err(_) => Ok(status(StatusCode::BAD_GATEWAY)),
+    }
+}
+
+/// The client's request body as forwarded; `Default` is no body, what a request sent again
+/// carries (the connections replay only requests without one).
+#[derive(Default)]
+struct Forwarded(Option<Incoming>);
+
+impl hyper::body::Body for Forwarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().0 {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(hyper::body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.as_ref().map_or_else(|| SizeHint::with_exact(0), hyper::body::Body::size_hint)
     }
 }
 

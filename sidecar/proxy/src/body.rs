@@ -165,10 +165,11 @@ impl RequestBody {
     pub(crate) fn new(body: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
         RequestBody { inner: Some(body), remaining: limit, exceeded }
     }
+}
 
-    /// No body.
-    #[cfg(test)]
-    pub(crate) fn empty() -> Self {
+/// No body (what a request the app may be sent again carries, see [`crate::upstream`]).
+impl Default for RequestBody {
+    fn default() -> Self {
         RequestBody { inner: None, remaining: 0, exceeded: Arc::default() }
     }
 }

@@ -10,17 +10,22 @@
 //! address, which only changes when a reloaded config names another `appPort`.
 //!
 //! The app may close an idle keep-alive connection at any time. A connection seen closed is
-//! dropped from the list; a request that a reused connection could not send because the app
-//! had just closed it is sent again, once, on a new connection (hyper hands an unsent
-//! request back, so this never repeats a request the app may have received). A request
-//! written in the instant the app closed fails with 502, as with hyper-util's pool, which
-//! retried on the same condition.
+//! dropped from the list, and a request that fails on a reused connection because the app
+//! closed it is sent again, once, on a new connection, when that is safe:
+//! - a request hyper hands back unsent (the close arrived first), whatever its method;
+//! - a request written in the instant the app closed (the connection ends, or is reset,
+//!   before any byte of a response), if its method is idempotent (`GET`, `HEAD`, `OPTIONS`,
+//!   `TRACE`, `PUT`, `DELETE`; RFC 9110 section 9.2.2) and it has no body. The app may have
+//!   received it, so it may see it twice, which an idempotent request allows; nginx retries
+//!   the same requests on its cached connections. Others fail with 502.
+//!
+//! A failure on a new connection is never retried: that is the app's answer.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -87,7 +92,7 @@ impl Default for UpstreamSettings {
 pub struct UpstreamCounters {
     /// Connections opened to the app.
     pub connections: Counter,
-    /// Requests sent again on a new connection because the reused one had been closed.
+    /// Requests sent again on a new connection because the app had closed the reused one.
     pub retries: Counter,
 }
 
@@ -110,7 +115,7 @@ pub struct Upstream<B> {
 
 impl<B> Upstream<B>
 where
-    B: Body + Send + 'static,
+    B: Body + Default + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -127,20 +132,21 @@ where
         mut req: Request<B>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         if let Some(mut sender) = self.take_idle(addr) {
+            let replay = replayable(&req);
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     self.put_back(addr, sender);
                     return Ok(response);
                 }
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), replay) {
                     // Not sent: the app closed the connection first. Once more, on a new one.
-                    Some(unsent) => {
-                        self.counters.retries.inc();
-                        req = unsent;
-                    }
-                    None => return Err(UpstreamError::Http(e.into_error())),
+                    (Some(unsent), _) => req = unsent,
+                    // Sent as the app closed: again if it may be.
+                    (None, Some(copy)) if closed_by_app(e.error()) => req = copy,
+                    (None, _) => return Err(UpstreamError::Http(e.into_error())),
                 },
             }
+            self.counters.retries.inc();
         }
         let mut sender = self.connect(addr).await?;
         let response = sender.send_request(req).await?;
@@ -218,6 +224,41 @@ where
     }
 }
 
+/// A copy of `req` to send again if the app closes the connection under it: only for an
+/// idempotent method without a body.
+fn replayable<B: Body + Default>(req: &Request<B>) -> Option<Request<B>> {
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(B::default());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Whether `e` says the app closed (or reset) the connection before a response began, as
+/// opposed to an answer hyper could not parse or a time-out.
+fn closed_by_app(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+            return matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof);
+        }
+        source = s.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -225,7 +266,8 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use http_body_util::BodyExt;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio::sync::watch;
@@ -291,7 +333,7 @@ mod tests {
     }
 
     fn mk_request() -> Request<RequestBody> {
-        let mut req = Request::new(RequestBody::empty());
+        let mut req = Request::new(RequestBody::default());
         *req.uri_mut() = http::Uri::from_static("/x");
         req.headers_mut().insert(http::header::HOST, http::HeaderValue::from_static("app"));
         req
@@ -415,10 +457,19 @@ mod tests {
         assert_eq!(counters.connections.get(), 0);
     }
 
-    #[tokio::test]
-    async fn a_request_the_app_received_is_not_sent_twice() {
-        // The app reads the second request and closes without answering: the request was
-        // sent, so it fails rather than going again (it may have had effects).
+    /// How the app of [`mk_closing_app`] ends a connection.
+    #[derive(Clone, Copy, Debug)]
+    enum Close {
+        /// A plain close (FIN): the client reads the end of the stream.
+        Fin,
+        /// A reset (RST, `SO_LINGER` 0): the client's read fails.
+        Reset,
+    }
+
+    /// An app that answers the first `answered` requests of each connection and closes it
+    /// after reading the next one, without answering, as an app whose keep-alive time-out
+    /// fires as a request arrives does. Counts the requests it read.
+    async fn mk_closing_app(answered: usize, close: Close) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
@@ -427,20 +478,119 @@ mod tests {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let seen = seen.clone();
                 tokio::spawn(async move {
-                    let mut chunk = [0u8; 1024];
-                    let _ = stream.read(&mut chunk).await;
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
-                    let _ = stream.read(&mut chunk).await;
-                    seen.fetch_add(1, Ordering::SeqCst);
+                    let mut buf = Vec::new();
+                    let mut read = 0;
+                    loop {
+                        let mut chunk = [0u8; 1024];
+                        let Ok(n) = stream.read(&mut chunk).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            seen.fetch_add(1, Ordering::SeqCst);
+                            read += 1;
+                            if read > answered {
+                                if let Close::Reset = close {
+                                    stream.set_zero_linger().unwrap();
+                                }
+                                return;
+                            }
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
                 });
             }
         });
-        let (upstream, counters) = mk_upstream(UpstreamSettings::default());
-        body_of(upstream.send(addr, mk_request()).await.unwrap()).await;
-        let err = upstream.send(addr, mk_request()).await.unwrap_err();
-        assert!(!err.is_connect(), "{err}");
-        assert_eq!(requests.load(Ordering::SeqCst), 2);
-        assert_eq!(counters.retries.get(), 0);
+        (addr, requests)
+    }
+
+    #[tokio::test]
+    async fn a_request_sent_as_the_app_closed_goes_again_only_if_idempotent_and_without_body() {
+        // (method, body, close, sent again)
+        let cases = [
+            (Method::GET, "", Close::Fin, true),
+            (Method::GET, "", Close::Reset, true),
+            (Method::HEAD, "", Close::Fin, true),
+            (Method::OPTIONS, "", Close::Reset, true),
+            (Method::TRACE, "", Close::Fin, true),
+            (Method::PUT, "", Close::Fin, true),
+            (Method::DELETE, "", Close::Reset, true),
+            (Method::POST, "", Close::Fin, false),
+            (Method::POST, "", Close::Reset, false),
+            (Method::PATCH, "", Close::Fin, false),
+            (Method::GET, "{}", Close::Fin, false),
+            (Method::PUT, "{\"a\":1}", Close::Reset, false),
+            (Method::DELETE, "x", Close::Fin, false),
+        ];
+        for (method, body, close, again) in cases {
+            let case = format!("{method} with {} body, {close:?}", body.len());
+            let (addr, requests) = mk_closing_app(1, close).await;
+            let counters = UpstreamCounters::default();
+            let upstream = Upstream::<Full<Bytes>>::new(UpstreamSettings::default(), counters.clone());
+            let mk = |method: &Method, body: &'static str| {
+                let mut req = Request::new(Full::new(Bytes::from_static(body.as_bytes())));
+                *req.method_mut() = method.clone();
+                *req.uri_mut() = http::Uri::from_static("/x");
+                req.headers_mut().insert(http::header::HOST, http::HeaderValue::from_static("app"));
+                if !body.is_empty() {
+                    req.headers_mut().insert(http::header::CONTENT_LENGTH, body.len().into());
+                }
+                req
+            };
+            // A first GET opens the connection; the second request reuses it and meets the close.
+            let first = upstream.send(addr, mk(&Method::GET, "")).await.unwrap();
+            assert_eq!(first.status(), 200, "{case}");
+            first.into_body().collect().await.unwrap();
+            let second = upstream.send(addr, mk(&method, body)).await;
+            if again {
+                let response = second.unwrap_or_else(|e| panic!("{case}: {e}"));
+                assert_eq!(response.status(), 200, "{case}");
+                // The first connection's two requests, then the one sent again.
+                assert_eq!(requests.load(Ordering::SeqCst), 3, "{case}");
+                assert_eq!((counters.retries.get(), counters.connections.get()), (1, 2), "{case}");
+            } else {
+                let err = second.expect_err(&case);
+                assert!(!err.is_connect(), "{case}: {err}");
+                assert_eq!(requests.load(Ordering::SeqCst), 2, "{case}");
+                assert_eq!((counters.retries.get(), counters.connections.get()), (0, 1), "{case}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_on_a_new_connection_is_not_retried() {
+        // The app reads every request and closes without answering: that is its answer to a
+        // request on a new connection, even an idempotent one.
+        for close in [Close::Fin, Close::Reset] {
+            let (addr, requests) = mk_closing_app(0, close).await;
+            let (upstream, counters) = mk_upstream(UpstreamSettings::default());
+            let err = upstream.send(addr, mk_request()).await.unwrap_err();
+            assert!(!err.is_connect(), "{close:?}: {err}");
+            assert_eq!(requests.load(Ordering::SeqCst), 1, "{close:?}");
+            assert_eq!(counters.retries.get(), 0, "{close:?}");
+        }
+    }
+
+    #[test]
+    fn a_copy_for_replay_keeps_the_head() {
+        let mut req = mk_request();
+        *req.method_mut() = Method::DELETE;
+        *req.uri_mut() = http::Uri::from_static("/customers/7?reason=gdpr");
+        *req.version_mut() = http::Version::HTTP_10;
+        req.headers_mut().append("x-trace", http::HeaderValue::from_static("a"));
+        req.headers_mut().append("x-trace", http::HeaderValue::from_static("b"));
+        let copy = replayable(&req).unwrap();
+        assert_eq!(copy.method(), Method::DELETE);
+        assert_eq!(copy.uri(), "/customers/7?reason=gdpr");
+        assert_eq!(copy.version(), http::Version::HTTP_10);
+        assert_eq!(copy.headers(), req.headers());
+        assert!(copy.body().is_end_stream());
+        *req.method_mut() = Method::POST;
+        assert!(replayable(&req).is_none());
     }
 }
