@@ -130,21 +130,21 @@ fn show_part(text: &mut String, strategy: MaskStrategy) {
     text.replace_range(front..back, &stars(count));
 }
 
+/// Masks the ASCII `text` in place by a [`keeps_part`] strategy: what [`write_partial`]
+/// writes between the quotes (one star for each character replaced).
+pub(crate) fn star_ascii(text: &mut [u8], strategy: MaskStrategy) {
+    let (front, back, _) = partial_cut(text, true, strategy);
+    for b in &mut text[front..back] {
+        *b = b'*';
+    }
+}
+
 /// Appends the UTF-8 `text` masked by a [`keeps_part`] strategy as a JSON string literal,
 /// exactly what [`Masker::apply`] then serialising gives; `text` must need no escaping (it is
-/// the content of a JSON string that had no escapes); `ascii`: it is all ASCII.
+/// the content of a JSON string that had no escapes); `ascii`: it is all ASCII (ASCII text
+/// is masked in place, [`star_ascii`], where it can be).
 pub(crate) fn write_partial(out: &mut Vec<u8>, text: &[u8], ascii: bool, strategy: MaskStrategy) {
     let (front, back, count) = partial_cut(text, ascii, strategy);
-    // short ASCII text (most masked values): composed on the stack, written once
-    let mut short = [b'"'; 64];
-    if ascii && text.len() + 2 <= short.len() {
-        let literal = &mut short[..text.len() + 2];
-        literal[1..=text.len()].copy_from_slice(text);
-        literal[1 + front..1 + back].fill(b'*');
-        literal[text.len() + 1] = b'"';
-        out.extend_from_slice(literal);
-        return;
-    }
     out.reserve(front + count + (text.len() - back) + 2);
     out.push(b'"');
     out.extend_from_slice(&text[..front]);
@@ -180,7 +180,6 @@ mod tests {
             let long: Vec<String> = (60..=64).map(|n| "x".repeat(n)).collect();
             let short =
                 ["", "a", "ab", "1234", "12345", "13812345678", "张三丰", "😀", "a😀b😀c", "e\u{301}cole"];
-            // the ASCII ones up to 62 bytes are composed on the stack, longer ones are not
             for text in short.into_iter().chain(long.iter().map(String::as_str)) {
                 let mut value = json!(text);
                 masker.apply(&mut value);
@@ -192,6 +191,11 @@ mod tests {
                     let mut out = Vec::new();
                     write_partial(&mut out, text.as_bytes(), true, strategy);
                     assert_eq!(String::from_utf8(out).unwrap(), expected, "{text}");
+                    // in place, between the quotes the original literal already has
+                    let mut literal = format!("\"{text}\"").into_bytes();
+                    let end = literal.len() - 1;
+                    star_ascii(&mut literal[1..end], strategy);
+                    assert_eq!(String::from_utf8(literal).unwrap(), expected, "{text}");
                 }
             }
         }

@@ -52,8 +52,12 @@ use crate::plan::{Compiled, Plan};
 /// and so does this pass.
 const MAX_OPEN: u32 = 128;
 
-/// At most this many paths (records, record id and mask paths together) are streamed.
-pub(crate) const MAX_ENTRIES: usize = 128;
+/// A set of the plan's paths, one bit each.
+type Bits = u64;
+
+/// At most this many paths (records, record id and mask paths together) are streamed: one
+/// bit each in a [`Bits`]. A plan with more goes through the parsed document.
+pub(crate) const MAX_ENTRIES: usize = Bits::BITS as usize;
 
 /// What one path of the plan is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,15 +84,15 @@ pub(crate) struct StreamPlan {
     /// of the sets below stands for `entries[i]`.
     entries: Vec<Entry>,
     /// Paths walked from the root: masks and records.
-    root: u128,
+    root: Bits,
     /// Of those, the paths that select the root itself.
-    root_full: u128,
+    root_full: Bits,
     /// Mask paths.
-    masks: u128,
+    masks: Bits,
     /// The records path (0 when none).
-    records: u128,
+    records: Bits,
     /// The record id path (0 when none).
-    id: u128,
+    id: Bits,
     /// Whether the id path is `$` (the record itself).
     id_is_record: bool,
 }
@@ -124,7 +128,7 @@ impl StreamPlan {
             return None;
         }
         let bits = |f: &dyn Fn(&Entry) -> bool| {
-            entries.iter().enumerate().filter(|(_, e)| f(e)).fold(0u128, |acc, (i, _)| acc | 1 << i)
+            entries.iter().enumerate().filter(|(_, e)| f(e)).fold(0 as Bits, |acc, (i, _)| acc | 1 << i)
         };
         let root = bits(&|e| e.role != Role::Id);
         let root_full = bits(&|e| e.role != Role::Id && e.steps.is_empty());
@@ -144,8 +148,10 @@ fn streamable(steps: &[Step]) -> Option<Vec<Step>> {
 /// Why the pass stopped early.
 #[derive(Debug)]
 enum Stop {
-    /// The body is not valid JSON.
-    Invalid(TransformError),
+    /// The body is not valid JSON: the offending byte (or the body's length, when it ends
+    /// too soon), turned into the error at the end of the pass (a small `Err` keeps every
+    /// step's result in registers).
+    Invalid(usize),
     /// Something the parsed document must decide.
     Fallback,
 }
@@ -177,10 +183,11 @@ pub(crate) fn run(
         id_pending: false,
         string_start: 0,
         name_steps: Vec::new(),
+        key_sets: Vec::new(),
     };
     match walker.document() {
         Ok(()) => {}
-        Err(Stop::Invalid(e)) => return Some(Err(e)),
+        Err(Stop::Invalid(at)) => return Some(Err(error_at(body, at))),
         Err(Stop::Fallback) => return None,
     }
     let mut masked = BTreeMap::new();
@@ -257,13 +264,17 @@ struct Walker<'a> {
     string_start: usize,
     /// The name steps of the objects being walked, innermost last (see [`Walker::object`]).
     name_steps: Vec<NameStep<'a>>,
+    /// The keys seen so far in each object being walked that a wildcard reaches, innermost
+    /// last (kept here rather than in `object`'s frame, which would drop one for every
+    /// object).
+    key_sets: Vec<KeySet<'a>>,
 }
 
 /// A path of the plan that reaches an object's member by name.
 #[derive(Clone, Copy)]
 struct NameStep<'a> {
     name: &'a [u8],
-    bit: u128,
+    bit: Bits,
     /// The path ends at that member.
     last: bool,
 }
@@ -333,7 +344,7 @@ impl<'a> Walker<'a> {
     // ---- walking ---------------------------------------------------------------------------
 
     /// Which step of entry `bit`'s path leads from a node at `depth` to its children.
-    fn step_index(&self, bit: u128, depth: u32) -> usize {
+    fn step_index(&self, bit: Bits, depth: u32) -> usize {
         let depth = if bit == self.plan.id { depth - self.record_depth } else { depth };
         depth as usize
     }
@@ -343,12 +354,12 @@ impl<'a> Walker<'a> {
     /// matched a second time in the object is a duplicate key: handed over.
     fn child_bits(
         &self,
-        alive: u128,
+        alive: Bits,
         depth: u32,
         key: Option<&[u8]>,
         index: usize,
-        seen: &mut u128,
-    ) -> Res<(u128, u128)> {
+        seen: &mut Bits,
+    ) -> Res<(Bits, Bits)> {
         let (mut child, mut full) = (0, 0);
         let mut bits = alive;
         while bits != 0 {
@@ -382,7 +393,7 @@ impl<'a> Walker<'a> {
     }
 
     /// Whether a path of `alive` (at a node of `depth`) has a wildcard into its children.
-    fn has_wildcard(&self, alive: u128, depth: u32) -> bool {
+    fn has_wildcard(&self, alive: Bits, depth: u32) -> bool {
         let mut bits = alive;
         while bits != 0 {
             let bit = bits & bits.wrapping_neg();
@@ -397,7 +408,7 @@ impl<'a> Walker<'a> {
 
     /// The value at `pos`, reached by the paths of `alive`, selected whole by those of `full`
     /// (none of them a mask).
-    fn walk(&mut self, mut alive: u128, mut full: u128, depth: u32) -> Res<()> {
+    fn walk(&mut self, mut alive: Bits, mut full: Bits, depth: u32) -> Res<()> {
         let record = full & self.plan.records != 0;
         if record {
             self.count_records(1)?;
@@ -424,7 +435,7 @@ impl<'a> Walker<'a> {
     }
 
     /// Into the value at `pos` for the paths of `rest`, or over it if none reaches further.
-    fn descend(&mut self, rest: u128, depth: u32) -> Res<()> {
+    fn descend(&mut self, rest: Bits, depth: u32) -> Res<()> {
         match self.peek() {
             Some(b'{') if rest != 0 => self.object(rest, depth),
             Some(b'[') if rest != 0 => self.array(rest, depth),
@@ -433,7 +444,7 @@ impl<'a> Walker<'a> {
     }
 
     /// The value at `pos` is the id of the current record: strings and numbers are hashed.
-    fn record_id(&mut self, rest: u128, depth: u32) -> Res<()> {
+    fn record_id(&mut self, rest: Bits, depth: u32) -> Res<()> {
         let start = self.pos;
         match self.peek() {
             Some(b'"') => {
@@ -468,7 +479,7 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn object(&mut self, alive: u128, depth: u32) -> Res<()> {
+    fn object(&mut self, alive: Bits, depth: u32) -> Res<()> {
         self.open(depth)?;
         self.pos += 1;
         self.ws();
@@ -477,7 +488,6 @@ impl<'a> Walker<'a> {
             return Ok(());
         }
         let buf = self.buf;
-        let mut keys: Option<KeySet<'a>> = None;
         let mut seen = 0;
         let mut cuts = Cuts::new(self.pos);
         // The steps into this object's members, sorted out once rather than for each member:
@@ -511,6 +521,9 @@ impl<'a> Walker<'a> {
         let names = frame..self.name_steps.len();
         // Duplicate keys matter (handed over) when a wildcard reaches every member.
         let wildcard = wild_child != 0 || (by_id != 0 && self.has_wildcard(by_id, depth));
+        if wildcard {
+            self.key_sets.push(KeySet::default());
+        }
         loop {
             if self.peek() != Some(b'"') {
                 return Err(self.fail());
@@ -548,10 +561,18 @@ impl<'a> Walker<'a> {
                 child |= c;
                 full |= f;
             }
-            if wildcard && !keys.get_or_insert_with(KeySet::default).insert(key) {
+            if wildcard && !self.key_sets.last_mut().is_some_and(|keys| keys.insert(key)) {
                 return Err(Stop::Fallback);
             }
-            self.member(child, full, depth + 1, start, &mut cuts)?;
+            if child == 0 {
+                // What `member` does for a value no path reaches, without the call: most
+                // members are such.
+                self.keep(&mut cuts, start);
+                self.skip_value(depth + 1)?;
+                cuts.prev_end = self.pos;
+            } else {
+                self.member(child, full, depth + 1, start, &mut cuts)?;
+            }
             self.ws();
             match self.peek() {
                 Some(b',') => {
@@ -561,6 +582,9 @@ impl<'a> Walker<'a> {
                 Some(b'}') => {
                     self.pos += 1;
                     self.name_steps.truncate(frame);
+                    if wildcard {
+                        self.key_sets.pop();
+                    }
                     return Ok(());
                 }
                 _ => return Err(self.fail()),
@@ -568,7 +592,7 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn array(&mut self, alive: u128, depth: u32) -> Res<()> {
+    fn array(&mut self, alive: Bits, depth: u32) -> Res<()> {
         self.open(depth)?;
         self.pos += 1;
         self.ws();
@@ -630,7 +654,7 @@ impl<'a> Walker<'a> {
 
     /// One member (starting at `start`, its value at `pos`) of a container: skipped, walked,
     /// masked or removed.
-    fn member(&mut self, alive: u128, full: u128, depth: u32, start: usize, cuts: &mut Cuts) -> Res<()> {
+    fn member(&mut self, alive: Bits, full: Bits, depth: u32, start: usize, cuts: &mut Cuts) -> Res<()> {
         if alive == 0 {
             self.keep(cuts, start);
             self.skip_value(depth)?;
@@ -659,7 +683,7 @@ impl<'a> Walker<'a> {
     /// decoded value or the serialiser: a string without escapes, selected whole by exactly
     /// one mask that keeps part of it (`ShowLast4`, `ShowFirst1`), at a node where no record
     /// or id is taken. `false`: not that case, nothing consumed.
-    fn masked_plain_string(&mut self, alive: u128, depth: u32, cuts: &mut Cuts, start: usize) -> Res<bool> {
+    fn masked_plain_string(&mut self, alive: Bits, depth: u32, cuts: &mut Cuts, start: usize) -> Res<bool> {
         let plan = self.plan;
         let bits = alive & plan.masks;
         if self.peek() != Some(b'"') || alive & (plan.records | plan.id) != 0 || bits.count_ones() != 1 {
@@ -680,12 +704,20 @@ impl<'a> Walker<'a> {
         let (text_start, end) = (self.string_start, self.pos - 1);
         let text = &buf[text_start..end];
         if !ascii && std::str::from_utf8(text).is_err() {
-            return Err(Stop::Invalid(error_at(buf, end)));
+            return Err(Stop::Invalid(end));
         }
         self.keep(cuts, start);
-        self.cut(value_start, value_start);
-        mask::write_partial(&mut self.out, text, ascii, strategy);
-        self.copied = self.pos;
+        if ascii {
+            // One star for each character: the masked literal is as long as the original, so
+            // the original is copied with what comes before it and the stars go over it.
+            self.cut(self.pos, self.pos);
+            let at = self.out.len() - (self.pos - text_start);
+            mask::star_ascii(&mut self.out[at..at + text.len()], strategy);
+        } else {
+            self.cut(value_start, value_start);
+            mask::write_partial(&mut self.out, text, ascii, strategy);
+            self.copied = self.pos;
+        }
         self.masked[class] += 1;
         Ok(true)
     }
@@ -694,7 +726,7 @@ impl<'a> Walker<'a> {
     /// it, then every mask path that reaches it applied in plan order. `None`: removed.
     /// (Not inlined: its frame would weigh on every member.)
     #[inline(never)]
-    fn masked_value(&mut self, alive: u128, depth: u32, root: bool) -> Res<Option<Value>> {
+    fn masked_value(&mut self, alive: Bits, depth: u32, root: bool) -> Res<Option<Value>> {
         let plan = self.plan;
         let mut value = if self.peek() == Some(b'"') {
             Value::String(self.string_text()?.into_owned())
@@ -767,7 +799,7 @@ impl<'a> Walker<'a> {
 
     /// The byte at `pos` is wrong, or missing.
     fn fail(&self) -> Stop {
-        Stop::Invalid(error_at(self.buf, self.pos))
+        Stop::Invalid(self.pos)
     }
 
     /// A container at `depth` opens at `pos`: refused where serde_json's recursion limit
@@ -928,7 +960,7 @@ impl<'a> Walker<'a> {
         let (escaped, ascii) = self.scan_string()?;
         if !ascii && std::str::from_utf8(&self.buf[self.string_start..self.pos - 1]).is_err() {
             // serde_json reports it at the closing quote
-            return Err(Stop::Invalid(error_at(self.buf, self.pos - 1)));
+            return Err(Stop::Invalid(self.pos - 1));
         }
         Ok(escaped)
     }
@@ -942,15 +974,13 @@ impl<'a> Walker<'a> {
             // serde_json decodes escapes (and checks UTF-8) as the parsed document does
             return match serde_json::from_slice::<String>(&buf[start - 1..=end]) {
                 Ok(text) => Ok(Cow::Owned(text)),
-                Err(_) if !ascii && std::str::from_utf8(&buf[start..end]).is_err() => {
-                    Err(Stop::Invalid(error_at(buf, end)))
-                }
+                Err(_) if !ascii && std::str::from_utf8(&buf[start..end]).is_err() => Err(Stop::Invalid(end)),
                 Err(_) => Err(Stop::Fallback),
             };
         }
         match std::str::from_utf8(&buf[start..end]) {
             Ok(text) => Ok(Cow::Borrowed(text)),
-            Err(_) => Err(Stop::Invalid(error_at(buf, end))),
+            Err(_) => Err(Stop::Invalid(end)),
         }
     }
 
@@ -1019,7 +1049,7 @@ impl<'a> Walker<'a> {
                     ascii = false;
                     i += 1;
                 }
-                Some(_) => return Err(Stop::Invalid(error_at(self.buf, i))),
+                Some(_) => return Err(Stop::Invalid(i)),
             }
         }
     }
@@ -1048,18 +1078,18 @@ impl<'a> Walker<'a> {
                 self.pos = i;
                 Err(self.fail())
             }
-            Some(_) => Err(Stop::Invalid(error_at(self.buf, i))),
+            Some(_) => Err(Stop::Invalid(i)),
         }
     }
 
     /// Four hex digits at `at`.
     fn hex4(&self, at: usize) -> Res<u32> {
         let Some(digits) = self.buf.get(at..at + 4) else {
-            return Err(Stop::Invalid(error_at(self.buf, self.buf.len())));
+            return Err(Stop::Invalid(self.buf.len()));
         };
         digits.iter().try_fold(0, |n, &d| match char::from(d).to_digit(16) {
             Some(d) => Ok(n << 4 | d),
-            None => Err(Stop::Invalid(error_at(self.buf, at + 3))),
+            None => Err(Stop::Invalid(at + 3)),
         })
     }
 }

@@ -297,6 +297,32 @@ fn what_the_streaming_path_hands_over() {
 }
 
 #[test]
+fn plans_of_up_to_64_paths_are_streamed_and_larger_ones_agree_through_the_parsed_document() {
+    // records + id + masks: 64 paths fit the streaming pass's path set, 65 do not
+    let body = format!(
+        r#"{{"items":[{{"id":1,{}}},{{"id":2,"f0":"x"}}]}}"#,
+        (0..70).map(|i| format!(r#""f{i}":"value {i}""#)).collect::<Vec<_>>().join(",")
+    );
+    for masked in [62u64, 63] {
+        let plan = Plan {
+            records: Some(path("$.items[*]")),
+            record_id: Some(path("$.id")),
+            masks: (0..masked)
+                .map(|i| mask(&format!("c{i}"), &[&format!("$.items[*].f{i}")], MaskStrategy::ShowLast4))
+                .collect(),
+            ..Plan::default()
+        };
+        assert_eq!(streaming_eligible(&plan), masked + 2 <= 64, "{} paths", masked + 2);
+        let t = checked(body.as_bytes(), &plan, &key()).unwrap();
+        assert_eq!(t.stats.records_returned, 2);
+        assert_eq!(t.stats.masked.values().sum::<u64>(), masked + 1);
+        if masked + 2 <= 64 {
+            streamed(&body, &plan);
+        }
+    }
+}
+
+#[test]
 fn invalid_bodies_are_rejected_alike() {
     let plan = Plan {
         records: Some(path("$.items[*]")),
