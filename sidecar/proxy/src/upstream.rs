@@ -15,9 +15,16 @@
 //! - a request hyper hands back unsent (the close arrived first), whatever its method;
 //! - a request written in the instant the app closed (the connection ends, or is reset,
 //!   before any byte of a response), if its method is idempotent (`GET`, `HEAD`, `OPTIONS`,
-//!   `TRACE`, `PUT`, `DELETE`; RFC 9110 section 9.2.2) and it has no body. The app may have
+//!   `TRACE`, `PUT`, `DELETE`; RFC 9110 section 9.2.2), it has no body, and the connection
+//!   had been idle for at least [`UpstreamSettings::replay_after_idle`]. The app may have
 //!   received it, so it may see it twice, which an idempotent request allows; nginx retries
 //!   the same requests on its cached connections. Others fail with 502.
+//!
+//!   The idle condition keeps the copy such a retry needs (the request head) off the busy
+//!   path: an app's keep-alive time-out closes only a connection that has been idle for that
+//!   long, and the sidecar, which stops counting when it sent the last request, has counted
+//!   at least as long. A connection reused within the threshold is closed under a request
+//!   only when the app stops or fails, when a new connection would fail too.
 //!
 //! A failure on a new connection is never retried: that is the app's answer.
 
@@ -74,6 +81,10 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
     /// Connections kept in the list; beyond it the least recently used are closed.
     pub max_idle: usize,
+    /// An idempotent request without a body is sent again when the app closes the reused
+    /// connection under it, if the connection had been idle for this long (see the module
+    /// documentation); well below any app's keep-alive time-out.
+    pub replay_after_idle: Duration,
 }
 
 impl Default for UpstreamSettings {
@@ -82,6 +93,7 @@ impl Default for UpstreamSettings {
             connect_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(60),
             max_idle: 1024,
+            replay_after_idle: Duration::from_millis(250),
         }
     }
 }
@@ -131,11 +143,16 @@ where
         addr: SocketAddr,
         mut req: Request<B>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        if let Some(mut sender) = self.take_idle(addr) {
-            let replay = replayable(&req);
+        let now = Instant::now();
+        if let Some((mut sender, used)) = self.take_idle(addr) {
+            let replay = if now.duration_since(used) >= self.settings.replay_after_idle {
+                replayable(&req)
+            } else {
+                None
+            };
             match sender.try_send_request(req).await {
                 Ok(response) => {
-                    self.put_back(addr, sender);
+                    self.put_back(addr, sender, now);
                     return Ok(response);
                 }
                 Err(mut e) => match (e.take_message(), replay) {
@@ -150,13 +167,13 @@ where
         }
         let mut sender = self.connect(addr).await?;
         let response = sender.send_request(req).await?;
-        self.put_back(addr, sender);
+        self.put_back(addr, sender, now);
         Ok(response)
     }
 
-    /// The most recently used connection to `addr` that is idle; drops closed connections
-    /// and those to another address on the way.
-    fn take_idle(&self, addr: SocketAddr) -> Option<SendRequest<B>> {
+    /// The most recently used connection to `addr` that is idle, and when it was last
+    /// handed a request; drops closed connections and those to another address on the way.
+    fn take_idle(&self, addr: SocketAddr) -> Option<(SendRequest<B>, Instant)> {
         let mut pooled = self.lock();
         let mut i = pooled.len();
         while i > 0 {
@@ -165,14 +182,16 @@ where
             if p.addr != addr || p.sender.is_closed() {
                 pooled.remove(i);
             } else if p.sender.is_ready() {
-                return Some(pooled.remove(i).sender);
+                let p = pooled.remove(i);
+                return Some((p.sender, p.used));
             }
         }
         None
     }
 
-    /// Returns a connection to the list (its response may still be in flight).
-    fn put_back(&self, addr: SocketAddr, sender: SendRequest<B>) {
+    /// Returns a connection to the list (its response may still be in flight), as handed a
+    /// request at `used`.
+    fn put_back(&self, addr: SocketAddr, sender: SendRequest<B>, used: Instant) {
         if sender.is_closed() {
             return;
         }
@@ -180,7 +199,7 @@ where
         if pooled.len() >= self.settings.max_idle.max(1) {
             pooled.remove(0);
         }
-        pooled.push(Pooled { addr, sender, used: Instant::now() });
+        pooled.push(Pooled { addr, sender, used });
     }
 
     /// Closes the connections idle for longer than the idle time-out, and those closed by
@@ -531,7 +550,9 @@ mod tests {
             let case = format!("{method} with {} body, {close:?}", body.len());
             let (addr, requests) = mk_closing_app(1, close).await;
             let counters = UpstreamCounters::default();
-            let upstream = Upstream::<Full<Bytes>>::new(UpstreamSettings::default(), counters.clone());
+            let settings =
+                UpstreamSettings { replay_after_idle: Duration::ZERO, ..UpstreamSettings::default() };
+            let upstream = Upstream::<Full<Bytes>>::new(settings, counters.clone());
             let mk = |method: &Method, body: &'static str| {
                 let mut req = Request::new(Full::new(Bytes::from_static(body.as_bytes())));
                 *req.method_mut() = method.clone();
@@ -559,6 +580,26 @@ mod tests {
                 assert_eq!(requests.load(Ordering::SeqCst), 2, "{case}");
                 assert_eq!((counters.retries.get(), counters.connections.get()), (0, 1), "{case}");
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_connection_idle_for_the_threshold_has_its_request_sent_again() {
+        // A connection reused at once is not closed by a keep-alive time-out: no copy is
+        // kept and the GET fails; the same after the threshold goes again.
+        for (pause, again) in [(Duration::ZERO, false), (Duration::from_millis(150), true)] {
+            let (addr, requests) = mk_closing_app(1, Close::Fin).await;
+            let settings = UpstreamSettings {
+                replay_after_idle: Duration::from_millis(100),
+                ..UpstreamSettings::default()
+            };
+            let (upstream, counters) = mk_upstream(settings);
+            body_of(upstream.send(addr, mk_request()).await.unwrap()).await;
+            tokio::time::sleep(pause).await;
+            let second = upstream.send(addr, mk_request()).await;
+            assert_eq!(second.is_ok(), again, "after {pause:?}");
+            assert_eq!(requests.load(Ordering::SeqCst), if again { 3 } else { 2 }, "after {pause:?}");
+            assert_eq!(counters.retries.get(), u64::from(again), "after {pause:?}");
         }
     }
 
