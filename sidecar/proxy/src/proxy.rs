@@ -42,16 +42,17 @@ use crate::upstream::{Upstream, UpstreamSettings};
 pub const METHOD_OVERRIDE_HEADERS: [&str; 3] =
     ["x-http-method-override", "x-http-method", "x-method-override"];
 
-/// Hop-by-hop headers, never forwarded in either direction.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
+/// Hop-by-hop headers, never forwarded in either direction (as names, so that finding and
+/// removing them parses nothing).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
 ];
 
 /// [`METHOD_OVERRIDE_HEADERS`] as header names.
@@ -843,7 +844,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = 0u16;
     let mut custos = Vec::new();
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name.as_str()) {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present |= 1 << i;
         } else if is_custos(name) {
             custos.push(name.clone());
@@ -857,15 +858,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(header::CONNECTION);
         for value in first.iter().chain(&more) {
             let Ok(text) = value.to_str() else { continue };
-            for token in text.split(',') {
-                // a name that is not a valid header name finds nothing
-                headers.remove(token.trim());
+            for token in text.split(',').map(str::trim) {
+                // the usual tokens without parsing them: `keep-alive` is removed below if
+                // present, `close` by its name; a name that is not a valid header name finds
+                // nothing
+                if token.eq_ignore_ascii_case("close") {
+                    headers.remove(HeaderName::from_static("close"));
+                } else if !token.eq_ignore_ascii_case("keep-alive") {
+                    headers.remove(token);
+                }
             }
         }
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
         if present & (1 << i) != 0 {
-            headers.remove(*name);
+            headers.remove(name);
         }
     }
     for name in custos {
@@ -1075,6 +1082,15 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-type", "x-c"]);
+
+        // `close` and `keep-alive` as options remove headers of those names too
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Close, KEEP-ALIVE"));
+        h.insert("close", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["accept"]);
 
         // tokens that are not header names are passed over; a name in any case is removed
         let mut h = HeaderMap::new();
