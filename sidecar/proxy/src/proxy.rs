@@ -42,17 +42,16 @@ use crate::upstream::{Upstream, UpstreamSettings};
 pub const METHOD_OVERRIDE_HEADERS: [&str; 3] =
     ["x-http-method-override", "x-http-method", "x-method-override"];
 
-/// Hop-by-hop headers, never forwarded in either direction (as names, so that finding and
-/// removing them parses nothing).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
+/// Hop-by-hop headers, never forwarded in either direction.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
 ];
 
 /// [`METHOD_OVERRIDE_HEADERS`] as header names.
@@ -844,7 +843,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = 0u16;
     let mut custos = Vec::new();
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name.as_str()) {
             present |= 1 << i;
         } else if is_custos(name) {
             custos.push(name.clone());
@@ -859,12 +858,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         for value in first.iter().chain(&more) {
             let Ok(text) = value.to_str() else { continue };
             for token in text.split(',').map(str::trim) {
-                // the usual tokens without parsing them: `keep-alive` is removed below if
-                // present, `close` by its name; a name that is not a valid header name finds
-                // nothing
-                if token.eq_ignore_ascii_case("close") {
-                    headers.remove(HeaderName::from_static("close"));
-                } else if !token.eq_ignore_ascii_case("keep-alive") {
+                // `keep-alive`, the usual token, is removed below if present; a name that is
+                // not a valid header name finds nothing
+                if !token.eq_ignore_ascii_case("keep-alive") {
                     headers.remove(token);
                 }
             }
@@ -872,7 +868,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
         if present & (1 << i) != 0 {
-            headers.remove(name);
+            headers.remove(*name);
         }
     }
     for name in custos {
