@@ -315,25 +315,15 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut served = 0;
-                    while served < per_connection {
-                        let mut chunk = [0u8; 1024];
-                        let Ok(n) = stream.read(&mut chunk).await else { return };
-                        if n == 0 {
+                    while served < per_connection && next_request_head(&mut stream, &mut buf).await {
+                        served += 1;
+                        let count = served.to_string();
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n#", count.len() + 1);
+                        if stream.write_all(head.as_bytes()).await.is_err()
+                            || gate.wait_for(|open| *open).await.is_err()
+                            || stream.write_all(count.as_bytes()).await.is_err()
+                        {
                             return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buf.drain(..end + 4);
-                            served += 1;
-                            let count = served.to_string();
-                            let head =
-                                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n#", count.len() + 1);
-                            if stream.write_all(head.as_bytes()).await.is_err()
-                                || gate.wait_for(|open| *open).await.is_err()
-                                || stream.write_all(count.as_bytes()).await.is_err()
-                            {
-                                return;
-                            }
                         }
                     }
                     // Closes without `Connection: close`, as an app's idle time-out does.
@@ -341,6 +331,22 @@ mod tests {
             }
         });
         (addr, accepted)
+    }
+
+    /// Reads from `stream` until `buf` holds a whole request head, and takes it out; false
+    /// when the connection ends or fails first (the test apps read heads only).
+    async fn next_request_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                buf.drain(..end + 4);
+                return true;
+            }
+            let mut chunk = [0u8; 1024];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
     }
 
     /// [`mk_gated_app`] with the gate open.
@@ -499,27 +505,18 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut read = 0;
-                    loop {
-                        let mut chunk = [0u8; 1024];
-                        let Ok(n) = stream.read(&mut chunk).await else { return };
-                        if n == 0 {
+                    while next_request_head(&mut stream, &mut buf).await {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        read += 1;
+                        if read > answered {
+                            if let Close::Reset = close {
+                                stream.set_zero_linger().unwrap();
+                            }
                             return;
                         }
-                        buf.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buf.drain(..end + 4);
-                            seen.fetch_add(1, Ordering::SeqCst);
-                            read += 1;
-                            if read > answered {
-                                if let Close::Reset = close {
-                                    stream.set_zero_linger().unwrap();
-                                }
-                                return;
-                            }
-                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if stream.write_all(ok).await.is_err() {
-                                return;
-                            }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
                         }
                     }
                 });
