@@ -211,13 +211,20 @@ fn decide_policy<'e>(
         limits: rule.and_then(|r| r.limits.as_ref()),
         params,
     };
+    // Rules whose paths all start with other literal segments are passed over here, without
+    // the call: most rules of a policy are about other paths.
+    let first = req.path.segment(0);
     for rule in &policy.deny_rules {
-        if let Some(params) = rule_matches(rule, req, vars) {
+        if may_match_first(rule, first)
+            && let Some(params) = rule_matches(rule, req, vars)
+        {
             return verdict(denied, Some(rule), Reason::DenyRule, params);
         }
     }
     for rule in &policy.allow_rules {
-        if let Some(params) = rule_matches(rule, req, vars) {
+        if may_match_first(rule, first)
+            && let Some(params) = rule_matches(rule, req, vars)
+        {
             return verdict(Decision::Allow, Some(rule), Reason::AllowRule, params);
         }
     }
@@ -231,18 +238,20 @@ fn decide_policy<'e>(
     }
 }
 
-/// Returns the captured path parameters when `rule` matches `req`.
+/// Whether a request whose path starts with the segment `first` may match `rule` (see
+/// [`CompiledRule::first_segments`]).
+#[inline]
+fn may_match_first(rule: &CompiledRule, first: Option<&str>) -> bool {
+    rule.first_segments.as_ref().is_none_or(|firsts| firsts.iter().any(|f| Some(&**f) == first))
+}
+
+/// Returns the captured path parameters when `rule` matches `req` (whose first path segment
+/// [`may_match_first`] the rule).
 fn rule_matches(
     rule: &CompiledRule,
     req: &Request<'_>,
     vars: &mut Option<CachedVars>,
 ) -> Option<Vec<(String, String)>> {
-    if let Some(firsts) = &rule.first_segments {
-        let first = req.path.segment(0);
-        if !firsts.iter().any(|f| Some(&**f) == first) {
-            return None;
-        }
-    }
     if !rule.methods.is_empty() && !rule.methods.iter().any(|m| m.eq_ignore_ascii_case(req.method)) {
         return None;
     }
