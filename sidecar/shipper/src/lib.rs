@@ -72,6 +72,7 @@
 //! the platform's trust store.
 #![forbid(unsafe_code)]
 
+mod encode;
 mod metrics;
 mod queue;
 mod spool;

@@ -31,20 +31,17 @@ pub enum DropReason {
     Corrupt = 4,
     /// The event was emitted after the shipper had shut down.
     Shutdown = 5,
-    /// The event could not be serialised (not expected to happen).
-    Encode = 6,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::QueueFull,
         DropReason::SpoolFull,
         DropReason::SpoolError,
         DropReason::Rejected,
         DropReason::Corrupt,
         DropReason::Shutdown,
-        DropReason::Encode,
     ];
 
     /// The label value.
@@ -56,7 +53,6 @@ impl DropReason {
             DropReason::Rejected => "rejected",
             DropReason::Corrupt => "corrupt",
             DropReason::Shutdown => "shutdown",
-            DropReason::Encode => "encode",
         }
     }
 }

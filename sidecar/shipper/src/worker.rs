@@ -19,6 +19,7 @@ use custos_api::AuditEvent;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::encode;
 use crate::metrics::{BatchResult, DropReason, ShipperMetrics};
 use crate::queue::{Drained, QueueReceiver};
 use crate::spool::{AppendError, RecordRef, Spool};
@@ -41,19 +42,10 @@ struct BatchBuilder {
 }
 
 impl BatchBuilder {
-    fn push(&mut self, event: &AuditEvent, metrics: &ShipperMetrics) {
-        let start = self.buf.len();
-        match serde_json::to_writer(&mut self.buf, event) {
-            Ok(()) => {
-                self.buf.push(b'\n');
-                self.count += 1;
-            }
-            Err(error) => {
-                self.buf.truncate(start);
-                metrics.dropped(DropReason::Encode, 1);
-                tracing::error!(error = %error, "audit event cannot be encoded: dropped");
-            }
-        }
+    fn push(&mut self, event: &AuditEvent) {
+        encode::write_event(&mut self.buf, event);
+        self.buf.push(b'\n');
+        self.count += 1;
     }
 
     fn take(&mut self) -> Option<Batch> {
@@ -266,8 +258,8 @@ impl Worker {
     /// it took, that room, and whether the queue is closed.
     fn fill_current(&mut self) -> (usize, usize, Drained) {
         let room = self.batch_max.saturating_sub(self.current.count as usize).max(1);
-        let (current, metrics) = (&mut self.current, &self.metrics);
-        let (taken, drained) = self.rx.drain(room, |event| current.push(&event, metrics));
+        let current = &mut self.current;
+        let (taken, drained) = self.rx.drain(room, |event| current.push(&event));
         (taken, room, drained)
     }
 
