@@ -22,7 +22,10 @@
 //! result, a removal hiding a value from later masks) are identical. Records are counted
 //! where the records path selects them, and record ids are hashed from the original values
 //! (the first value the id path selects in each record, as the parsed document does).
-//! `Remove` deletes the member or element, with its comma.
+//! `Remove` deletes the member or element, with its comma. While every edit keeps the length
+//! of what it rewrites (stars over ASCII text, the common case), the body is copied once and
+//! the edits are made in the copy; from the first edit of another length on, the output is
+//! built piecewise.
 //!
 //! # Handing over
 //!
@@ -173,6 +176,7 @@ pub(crate) fn run(
         pos: 0,
         out: Vec::new(),
         copied: 0,
+        in_place: true,
         plan: stream,
         key,
         max_records: plan.max_records,
@@ -246,8 +250,13 @@ struct Walker<'a> {
     /// The next byte to read.
     pos: usize,
     out: Vec<u8>,
-    /// Bytes of `buf` before this are written to `out` or cut.
+    /// Bytes of `buf` before this are written to `out` or cut (when not [`Self::in_place`]).
     copied: usize,
+    /// No edit so far has changed the length of what it rewrote: `out` is empty (no edit
+    /// yet) or a copy of all of `buf` with the edits made in it, at the same offsets. Most
+    /// masks keep the length (stars over ASCII text), so the body is copied once rather than
+    /// piecewise between the masked values; the first edit of another length leaves the mode.
+    in_place: bool,
     plan: &'a StreamPlan,
     key: &'a HashKey,
     max_records: Option<u64>,
@@ -296,7 +305,11 @@ impl<'a> Walker<'a> {
         if self.pos < self.buf.len() {
             return Err(self.fail());
         }
-        self.out.extend_from_slice(&self.buf[self.copied..]);
+        if !self.in_place {
+            self.out.extend_from_slice(&self.buf[self.copied..]);
+        } else if self.out.is_empty() {
+            self.out.extend_from_slice(self.buf);
+        }
         Ok(())
     }
 
@@ -306,10 +319,26 @@ impl<'a> Walker<'a> {
     /// copied).
     #[inline]
     fn cut(&mut self, from: usize, to: usize) {
+        if self.in_place {
+            self.leave_in_place(from);
+        }
         if from > self.copied {
             self.out.extend_from_slice(&self.buf[self.copied..from]);
         }
         self.copied = self.copied.max(to);
+    }
+
+    /// Leaves [`Self::in_place`] at `at`, which no edit made so far lies after: `out` holds
+    /// `buf[..at]` as edited, and `copied` is `at`.
+    #[cold]
+    fn leave_in_place(&mut self, at: usize) {
+        if self.out.is_empty() {
+            self.out.extend_from_slice(&self.buf[..at]);
+        } else {
+            self.out.truncate(at);
+        }
+        self.copied = at;
+        self.in_place = false;
     }
 
     /// Writes `value` in place of `buf[from..to]`.
@@ -709,9 +738,17 @@ impl<'a> Walker<'a> {
         self.keep(cuts, start);
         if ascii {
             // One star for each character: the masked literal is as long as the original, so
-            // the original is copied with what comes before it and the stars go over it.
-            self.cut(self.pos, self.pos);
-            let at = self.out.len() - (self.pos - text_start);
+            // the stars go over the original in the copy of the body, or over the original
+            // copied with what comes before it.
+            let at = if self.in_place {
+                if self.out.is_empty() {
+                    self.out.extend_from_slice(buf);
+                }
+                text_start
+            } else {
+                self.cut(self.pos, self.pos);
+                self.out.len() - (self.pos - text_start)
+            };
             mask::star_ascii(&mut self.out[at..at + text.len()], strategy);
         } else {
             self.cut(value_start, value_start);

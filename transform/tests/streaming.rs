@@ -135,6 +135,61 @@ fn removal_takes_the_right_commas() {
     assert_eq!(text, "null");
 }
 
+/// Stars over ASCII text keep the body's length and are written into one copy of it; the
+/// first edit of another length (a removal, a value of another length, a partial mask of
+/// non-ASCII text) leaves that mode, wherever it comes, and later stars still land right.
+#[test]
+fn length_keeping_and_length_changing_edits_mix() {
+    let body = r#"{"a":"abcdef","b":"xyz123","c":"王小明","d":"ghijkl","e":[1,"mnopqr"],"f":7}"#;
+    let cases: [(&[(&str, MaskStrategy)], &str); 7] = [
+        (
+            &[("$.a", MaskStrategy::ShowLast4), ("$.d", MaskStrategy::ShowFirst1)],
+            r#"{"a":"**cdef","b":"xyz123","c":"王小明","d":"g*****","e":[1,"mnopqr"],"f":7}"#,
+        ),
+        (
+            &[
+                ("$.a", MaskStrategy::ShowLast4),
+                ("$.b", MaskStrategy::Remove),
+                ("$.d", MaskStrategy::ShowLast4),
+            ],
+            r#"{"a":"**cdef","c":"王小明","d":"**ijkl","e":[1,"mnopqr"],"f":7}"#,
+        ),
+        (
+            &[("$.b", MaskStrategy::Remove), ("$.a", MaskStrategy::ShowLast4)],
+            r#"{"a":"**cdef","c":"王小明","d":"ghijkl","e":[1,"mnopqr"],"f":7}"#,
+        ),
+        (
+            &[("$.a", MaskStrategy::Remove), ("$.b", MaskStrategy::ShowLast4)],
+            r#"{"b":"**z123","c":"王小明","d":"ghijkl","e":[1,"mnopqr"],"f":7}"#,
+        ),
+        (
+            &[
+                ("$.a", MaskStrategy::ShowFirst1),
+                ("$.b", MaskStrategy::Redact),
+                ("$.e[1]", MaskStrategy::ShowLast4),
+            ],
+            r#"{"a":"a*****","b":"[REDACTED]","c":"王小明","d":"ghijkl","e":[1,"**opqr"],"f":7}"#,
+        ),
+        (
+            &[
+                ("$.a", MaskStrategy::ShowLast4),
+                ("$.c", MaskStrategy::ShowFirst1),
+                ("$.d", MaskStrategy::ShowLast4),
+            ],
+            r#"{"a":"**cdef","b":"xyz123","c":"王**","d":"**ijkl","e":[1,"mnopqr"],"f":7}"#,
+        ),
+        (
+            &[("$.d", MaskStrategy::ShowLast4), ("$.f", MaskStrategy::Remove)],
+            r#"{"a":"abcdef","b":"xyz123","c":"王小明","d":"**ijkl","e":[1,"mnopqr"]}"#,
+        ),
+    ];
+    for (masks, expected) in cases {
+        let masks = masks.iter().map(|(p, strategy)| mask(p, &[p], *strategy)).collect();
+        let (text, _) = streamed(body, &Plan { masks, ..Plan::default() });
+        assert_eq!(text, expected);
+    }
+}
+
 #[test]
 fn masks_compose_in_plan_order() {
     let body = r#"{"a":{"b":"secret-1","c":[1,2]},"d":"13812345678","e":[{"f":1},{"f":2}]}"#;
