@@ -44,6 +44,7 @@ mod args;
 mod audit;
 mod body;
 mod error;
+mod latency;
 mod metrics;
 mod proxy;
 mod server;
@@ -204,7 +205,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         quotas: quotas.clone(),
         shipper: shipper.clone(),
         upstream: proxy::upstream(&settings.limits, &metrics),
-        counters: Arc::default(),
+        counters: Arc::new(metrics::ThreadCounters::new(&metrics)),
         hash_key,
         limits: settings.limits.clone(),
         pod_name: settings.pod_name.clone(),

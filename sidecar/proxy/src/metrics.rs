@@ -1,15 +1,15 @@
 //! Prometheus metrics of the sidecar. Label values are codes, policy and rule names and data
 //! class names only: never paths, principals or user values.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::latency::{LatencyHistogram, LatencyShard};
 use crate::upstream::UpstreamCounters;
 
 /// Labels of `custos_sidecar_requests_total`.
@@ -65,7 +65,8 @@ pub(crate) struct ResultLabels {
 /// Every metric the proxy updates.
 pub(crate) struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Histogram,
+    /// Observed through each proxy thread's shard ([`ThreadCounters::latency`]).
+    pub request_duration: LatencyHistogram,
     pub records_served: Family<RuleLabels, Counter>,
     pub records_filtered: Family<RuleLabels, Counter>,
     pub records_truncated: Family<RuleLabels, Counter>,
@@ -80,18 +81,12 @@ pub(crate) struct Metrics {
     pub upstream: UpstreamCounters,
 }
 
-/// Buckets of the request latency histogram, in seconds.
-const LATENCY_BUCKETS: [f64; 17] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    30.0,
-];
-
 impl Metrics {
     /// Creates the metrics and registers them under `custos_sidecar_` in `registry`.
     pub fn register(registry: &mut Registry) -> Metrics {
         let m = Metrics {
             requests: Family::default(),
-            request_duration: Histogram::new(LATENCY_BUCKETS),
+            request_duration: LatencyHistogram::default(),
             records_served: Family::default(),
             records_filtered: Family::default(),
             records_truncated: Family::default(),
@@ -198,16 +193,28 @@ impl<L: Clone + std::hash::Hash + Eq> CounterCache<L> {
     }
 }
 
-/// The counters one proxy thread updates on every request, through [`CounterCache`]s over
-/// the families of [`Metrics`].
-#[derive(Default)]
+/// The metrics one proxy thread updates on every request: counters through
+/// [`CounterCache`]s over the families of [`Metrics`], and its shard of the latency
+/// histogram.
 pub(crate) struct ThreadCounters {
     requests: CounterCache<RequestLabels>,
     records_served: CounterCache<RuleLabels>,
     masked_fields: CounterCache<ClassLabels>,
+    /// This thread's shard of `metrics.request_duration`.
+    pub latency: Arc<LatencyShard>,
 }
 
 impl ThreadCounters {
+    /// New handles for one thread on `metrics`.
+    pub(crate) fn new(metrics: &Metrics) -> Self {
+        ThreadCounters {
+            requests: CounterCache::default(),
+            records_served: CounterCache::default(),
+            masked_fields: CounterCache::default(),
+            latency: metrics.request_duration.shard(),
+        }
+    }
+
     /// Counts one request in `custos_sidecar_requests_total`.
     pub(crate) fn request(
         &self,
@@ -265,12 +272,14 @@ mod tests {
     }
 
     #[test]
-    fn cached_counters_are_the_families_own() {
+    fn thread_handles_count_into_the_shared_series() {
         let (registry, metrics) = mk_metrics();
-        let (a, b) = (ThreadCounters::default(), ThreadCounters::default());
+        let (a, b) = (ThreadCounters::new(&metrics), ThreadCounters::new(&metrics));
         for _ in 0..3 {
             a.request(&metrics, "Allow", "shop", "list", "allow_rule");
+            a.latency.observe(std::time::Duration::from_micros(300));
         }
+        b.latency.observe(std::time::Duration::from_millis(2));
         b.request(&metrics, "Allow", "shop", "list", "allow_rule");
         b.request(&metrics, "Deny", "shop", "list", "quota_exceeded");
         a.records_served(&metrics, "shop", "list", 18);
@@ -282,6 +291,13 @@ mod tests {
             "custos_sidecar_requests_total{decision=\"Deny\",policy=\"shop\",rule=\"list\",reason=\"quota_exceeded\"} 1",
             "custos_sidecar_records_served_total{policy=\"shop\",rule=\"list\"} 20",
             "custos_sidecar_masked_fields_total{class=\"phone\"} 5",
+            "custos_sidecar_request_duration_seconds_bucket{le=\"0.00025\"} 0",
+            "custos_sidecar_request_duration_seconds_bucket{le=\"0.0005\"} 3",
+            "custos_sidecar_request_duration_seconds_bucket{le=\"0.001\"} 3",
+            "custos_sidecar_request_duration_seconds_bucket{le=\"0.0025\"} 4",
+            "custos_sidecar_request_duration_seconds_bucket{le=\"+Inf\"} 4",
+            "custos_sidecar_request_duration_seconds_count 4",
+            "custos_sidecar_request_duration_seconds_sum 0.0029",
         ] {
             assert!(out.contains(line), "{line} missing in\n{out}");
         }
@@ -290,7 +306,7 @@ mod tests {
     #[test]
     fn more_label_sets_than_the_cache_holds_still_count_exactly() {
         let (registry, metrics) = mk_metrics();
-        let counters = ThreadCounters::default();
+        let counters = ThreadCounters::new(&metrics);
         let rules: Vec<String> = (0..CACHED_LABEL_SETS * 3).map(|i| format!("rule-{i}")).collect();
         // Round-robin over three times as many rules as the cache holds: every lookup misses.
         for round in 0..4 {

@@ -87,7 +87,11 @@ impl Shared {
     /// A copy for one proxy thread: its own upstream connections (driven by the runtime that
     /// uses them) and its own counter handles.
     pub(crate) fn for_thread(&self) -> Shared {
-        Shared { upstream: upstream(&self.limits, &self.metrics), counters: Arc::default(), ..self.clone() }
+        Shared {
+            upstream: upstream(&self.limits, &self.metrics),
+            counters: Arc::new(ThreadCounters::new(&self.metrics)),
+            ..self.clone()
+        }
     }
 }
 
@@ -249,7 +253,7 @@ fn finish(shared: &Shared, mut ctx: Ctx, response: Response<ProxyBody>) -> Respo
         ctx.event.rule.as_deref().unwrap_or(""),
         ctx.reason,
     );
-    shared.metrics.request_duration.observe(elapsed.as_secs_f64());
+    shared.counters.latency.observe(elapsed);
     let pending = PendingEvent::new(ctx.event, shared.shipper.clone());
     response.map(|b| b.with_event(pending))
 }
