@@ -2,6 +2,8 @@
 //! personal data values: users are ids and attributes chosen by the policy, records are keyed
 //! hashes, masked fields are counts.
 
+pub mod json;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};

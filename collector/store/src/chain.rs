@@ -220,19 +220,11 @@ pub(crate) struct Unlinked {
 impl Unlinked {
     /// Serialises `event` (its own `prev_hash` ignored).
     pub(crate) fn of(event: &AuditEvent, cols: Columns) -> Result<Unlinked, Error> {
-        let unserialisable = || Error::Corrupt("an event could not be serialised".into());
-        let json = if event.prev_hash.is_some() {
-            let mut e = event.clone();
-            e.prev_hash = None;
-            serde_json::to_string(&e)
-        } else {
-            serde_json::to_string(event)
-        }
-        .map_err(|_| unserialisable())?;
-        let mut open_body = json;
-        if open_body.pop() != Some('}') {
-            return Err(unserialisable());
-        }
+        // serde_json's bytes, written by the sidecar's encoder (`custos_api::audit::json`)
+        let mut json = Vec::with_capacity(1024);
+        custos_api::audit::json::write_event_open(&mut json, event);
+        let open_body =
+            String::from_utf8(json).map_err(|_| Error::Corrupt("an event could not be serialised".into()))?;
         Ok(Unlinked { cols, open_body, records: record_keys(&event.record_hashes) })
     }
 

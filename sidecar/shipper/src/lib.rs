@@ -72,7 +72,6 @@
 //! the platform's trust store.
 #![forbid(unsafe_code)]
 
-mod encode;
 mod metrics;
 mod queue;
 mod spool;

@@ -19,7 +19,6 @@ use custos_api::AuditEvent;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::encode;
 use crate::metrics::{BatchResult, DropReason, ShipperMetrics};
 use crate::queue::{Drained, QueueReceiver};
 use crate::spool::{AppendError, RecordRef, Spool};
@@ -43,7 +42,7 @@ struct BatchBuilder {
 
 impl BatchBuilder {
     fn push(&mut self, event: &AuditEvent) {
-        encode::write_event(&mut self.buf, event);
+        custos_api::audit::json::write_event(&mut self.buf, event);
         self.buf.push(b'\n');
         self.count += 1;
     }

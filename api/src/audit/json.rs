@@ -1,8 +1,9 @@
-//! The JSON line of an audit event, written by hand: the same bytes as `serde_json::to_vec`
-//! of the event (the tests compare the two on every field and on random events), without
-//! serde_json's byte-by-byte string escaping, which was most of the shipper's encoding cost
-//! (callgrind: 4,800 of 6,100 instructions per event; strings are most of an event, field
-//! names included).
+//! The JSON of an audit event, written by hand: the same bytes as `serde_json::to_vec` of
+//! the event (the tests compare the two on every field and on random events), without
+//! serde_json's byte-by-byte string escaping, which was most of the cost of encoding an event
+//! (callgrind: 4,800 of 6,100 instructions per event in the sidecar's shipper; strings are
+//! most of an event, field names included). The sidecar ships events written here, and the
+//! collector stores them (the body its hash chain links) written here.
 //!
 //! Fields are written in the struct's order with its serde names, skipping what its serde
 //! attributes skip. A field added to [`AuditEvent`] breaks the tests' struct literal, and then
@@ -10,11 +11,22 @@
 
 use std::collections::BTreeMap;
 
-use custos_api::AuditEvent;
-use custos_api::policy::Mode;
+use crate::audit::AuditEvent;
+use crate::policy::Mode;
 
-/// Appends `event` as one line of JSON, without the newline.
-pub(crate) fn write_event(out: &mut Vec<u8>, e: &AuditEvent) {
+/// Appends `e` as one line of JSON, without the newline.
+pub fn write_event(out: &mut Vec<u8>, e: &AuditEvent) {
+    write_event_open(out, e);
+    if let Some(prev_hash) = &e.prev_hash {
+        out.extend_from_slice(b",\"prevHash\":");
+        write_str(out, prev_hash);
+    }
+    out.push(b'}');
+}
+
+/// Appends `e` without its `prevHash` (the last field) and without the closing brace: what
+/// the collector links into its hash chain by appending `prevHash` and the brace.
+pub fn write_event_open(out: &mut Vec<u8>, e: &AuditEvent) {
     out.extend_from_slice(b"{\"schemaVersion\":");
     write_u64(out, u64::from(e.schema_version));
     out.extend_from_slice(b",\"id\":");
@@ -97,11 +109,6 @@ pub(crate) fn write_event(out: &mut Vec<u8>, e: &AuditEvent) {
         }
         out.push(b']');
     }
-    if let Some(prev_hash) = &e.prev_hash {
-        out.extend_from_slice(b",\"prevHash\":");
-        write_str(out, prev_hash);
-    }
-    out.push(b'}');
 }
 
 /// The serde name of a mode (its variant name).
@@ -207,7 +214,7 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use custos_api::audit::{AuditUser, CallerWorkload, Decision};
+    use crate::audit::{AuditUser, CallerWorkload, Decision};
     use proptest::prelude::*;
 
     use super::*;
