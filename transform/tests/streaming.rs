@@ -190,6 +190,41 @@ fn length_keeping_and_length_changing_edits_mix() {
     }
 }
 
+/// A key matches a name of the plan only when it is that name: names and keys sharing
+/// prefixes around eight bytes (one word of the string scan), escaped, holding a NUL, empty,
+/// not ASCII, and keys too near the end of the body for a word to follow them.
+#[test]
+fn keys_match_names_exactly_around_eight_bytes() {
+    let body = r#"{"custom":1,"customer":2,"customers":3,"customerA":4,"customerB":5,"o":{"cust\u006fmer":6,"ab\u0000":8},"ab":7,"":9,"a":10,"名字":11,"名字x":12,"z":13}"#;
+    let cases: [(&str, &[&str]); 12] = [
+        ("$.custom", &["custom"]),
+        ("$.customer", &["customer"]),
+        ("$.o.customer", &["cust\\u006fmer"]),
+        ("$.o.ab", &[]),
+        ("$.customers", &["customers"]),
+        ("$.customerA", &["customerA"]),
+        ("$.customerB", &["customerB"]),
+        ("$.ab", &["ab"]),
+        ("$['']", &[""]),
+        ("$.a", &["a"]),
+        ("$['名字']", &["名字"]),
+        ("$.z", &["z"]),
+    ];
+    for (mask_path, keys) in cases {
+        let plan = Plan { masks: vec![mask("c", &[mask_path], MaskStrategy::Null)], ..Plan::default() };
+        let mut expected = body.to_owned();
+        for key in keys {
+            let member = format!("\"{key}\":");
+            let at = expected.find(&member).unwrap() + member.len();
+            let end = at + expected[at..].find([',', '}']).unwrap();
+            expected.replace_range(at..end, "null");
+        }
+        let (out, t) = streamed(body, &plan);
+        assert_eq!(out, expected, "{mask_path}");
+        assert_eq!(t.stats.masked.get("c").copied().unwrap_or(0), keys.len() as u64, "{mask_path}");
+    }
+}
+
 #[test]
 fn masks_compose_in_plan_order() {
     let body = r#"{"a":{"b":"secret-1","c":[1,2]},"d":"13812345678","e":[{"f":1},{"f":2}]}"#;
