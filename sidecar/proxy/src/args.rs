@@ -97,7 +97,8 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_MAX_RESPONSE_BODY_BYTES", value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_response_body_bytes: u64,
 
-    /// Time-out for connecting to the app (502).
+    /// Time-out for obtaining a connection to the app: waiting for a free one when all
+    /// `--upstream-max-connections` are busy (503), then connecting (502).
     #[arg(long, env = "CUSTOS_UPSTREAM_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     pub upstream_connect_timeout: Duration,
 
@@ -108,6 +109,11 @@ pub struct SidecarArgs {
     /// Maximum concurrent client connections (503 above).
     #[arg(long, env = "CUSTOS_MAX_CONNECTIONS", value_name = "N", default_value_t = 10_000)]
     pub max_connections: usize,
+
+    /// Maximum connections to the app (requests in flight to it), shared out among the proxy
+    /// threads; more requests wait for a free connection.
+    #[arg(long, env = "CUSTOS_UPSTREAM_MAX_CONNECTIONS", value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub upstream_max_connections: u32,
 
     /// How long in-flight requests may take to finish on SIGTERM.
     #[arg(long, env = "CUSTOS_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
@@ -171,6 +177,7 @@ impl SidecarArgs {
                 upstream_connect_timeout: self.upstream_connect_timeout,
                 upstream_timeout: self.upstream_timeout,
                 max_connections: self.max_connections.max(1),
+                upstream_max_connections: self.upstream_max_connections as usize,
             },
             cluster: self.cluster,
             drain_timeout: self.drain_timeout,

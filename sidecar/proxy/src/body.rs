@@ -14,6 +14,10 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::audit::PendingEvent;
+use crate::upstream::UpstreamBody;
+
+/// The app's response body (its connection goes back to the idle list when it ends).
+pub(crate) type AppBody = UpstreamBody<RequestBody>;
 
 /// The body of every response the proxy sends.
 pub(crate) struct ProxyBody {
@@ -26,9 +30,9 @@ enum Inner {
     /// A body held in memory (generated or transformed).
     Full(Option<Bytes>),
     /// The app's body, streamed through.
-    Stream(Incoming),
+    Stream(AppBody),
     /// Bytes already read from the app, then the rest of its body.
-    Chain { prefix: VecDeque<Bytes>, rest: Option<Incoming> },
+    Chain { prefix: VecDeque<Bytes>, rest: Option<AppBody> },
 }
 
 impl ProxyBody {
@@ -44,12 +48,12 @@ impl ProxyBody {
     }
 
     /// The app's body, untouched.
-    pub(crate) fn stream(body: Incoming) -> Self {
+    pub(crate) fn stream(body: AppBody) -> Self {
         ProxyBody { inner: Inner::Stream(body), pending: None }
     }
 
     /// Buffered chunks of the app's body followed by the rest of it.
-    pub(crate) fn chain(prefix: VecDeque<Bytes>, rest: Option<Incoming>) -> Self {
+    pub(crate) fn chain(prefix: VecDeque<Bytes>, rest: Option<AppBody>) -> Self {
         ProxyBody { inner: Inner::Chain { prefix, rest }, pending: None }
     }
 
@@ -219,11 +223,11 @@ pub(crate) enum Collected {
     /// The whole body.
     Complete(Bytes),
     /// More than the limit: what was read, and the rest of the body (for pass-through).
-    TooLarge { prefix: VecDeque<Bytes>, rest: Option<Incoming> },
+    TooLarge { prefix: VecDeque<Bytes>, rest: Option<AppBody> },
 }
 
 /// Reads `body` up to `limit` bytes.
-pub(crate) async fn collect_limited(mut body: Incoming, limit: u64) -> Result<Collected, hyper::Error> {
+pub(crate) async fn collect_limited(mut body: AppBody, limit: u64) -> Result<Collected, hyper::Error> {
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
     let mut total: u64 = 0;
     while let Some(frame) = body.frame().await {

@@ -204,7 +204,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         metrics: metrics.clone(),
         quotas: quotas.clone(),
         shipper: shipper.clone(),
-        upstream: proxy::upstream(&settings.limits, &metrics),
+        upstream: proxy::upstream(&settings.limits, 1, &metrics),
         counters: Arc::new(metrics::ThreadCounters::new(&metrics)),
         hash_key,
         limits: settings.limits.clone(),

@@ -121,7 +121,7 @@ impl Metrics {
         r.register("quota_rejections", "Requests refused with 429, by limit", m.quota_rejections.clone());
         r.register(
             "limit_rejections",
-            "Requests refused by a proxy limit (header_bytes, request_body_bytes, response_body_bytes, upstream_connect, upstream_timeout, connections)",
+            "Requests refused by a proxy limit (header_bytes, request_body_bytes, response_body_bytes, upstream_connect, upstream_connections, upstream_timeout, connections)",
             m.limit_rejections.clone(),
         );
         r.register("config_reloads", "Config reloads by result", m.config_reloads.clone());
@@ -141,6 +141,11 @@ impl Metrics {
             "upstream_retries",
             "Requests sent again on a new connection because the app had closed the reused one before they were sent",
             m.upstream.retries.clone(),
+        );
+        r.register(
+            "upstream_waits",
+            "Requests that found every allowed connection to the app busy and waited for one",
+            m.upstream.waits.clone(),
         );
         m
     }

@@ -31,7 +31,9 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::audit::PendingEvent;
-use crate::body::{Collected, DecodeError, Encoding, ProxyBody, RequestBody, collect_limited, decode};
+use crate::body::{
+    AppBody, Collected, DecodeError, Encoding, ProxyBody, RequestBody, collect_limited, decode,
+};
 use crate::metrics::{LimitLabels, Metrics, ReasonLabels, RuleLabels, ThreadCounters};
 use crate::settings::ProxyLimits;
 use crate::state::{ConfigCell, PolicyState};
@@ -84,21 +86,29 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// A copy for one proxy thread: its own upstream connections (driven by the runtime that
-    /// uses them) and its own counter handles.
-    pub(crate) fn for_thread(&self) -> Shared {
+    /// A copy for one of `threads` proxy threads: its own upstream connections (driven by
+    /// the runtime that uses them; its share of the maximum) and its own counter handles.
+    pub(crate) fn for_thread(&self, threads: usize) -> Shared {
         Shared {
-            upstream: upstream(&self.limits, &self.metrics),
+            upstream: upstream(&self.limits, threads, &self.metrics),
             counters: Arc::new(ThreadCounters::new(&self.metrics)),
             ..self.clone()
         }
     }
 }
 
-/// The keep-alive HTTP/1.1 connections to the app of one proxy thread.
-pub(crate) fn upstream(limits: &ProxyLimits, metrics: &Metrics) -> Arc<Upstream<RequestBody>> {
-    let settings =
-        UpstreamSettings { connect_timeout: limits.upstream_connect_timeout, ..UpstreamSettings::default() };
+/// The keep-alive HTTP/1.1 connections to the app of one of `threads` proxy threads (or of
+/// the process's shared runtime: 1), with its share of the maximum (rounded up).
+pub(crate) fn upstream(
+    limits: &ProxyLimits,
+    threads: usize,
+    metrics: &Metrics,
+) -> Arc<Upstream<RequestBody>> {
+    let settings = UpstreamSettings {
+        connect_timeout: limits.upstream_connect_timeout,
+        max_connections: limits.upstream_max_connections.div_ceil(threads.max(1)),
+        ..UpstreamSettings::default()
+    };
     Arc::new(Upstream::new(settings, metrics.upstream.clone()))
 }
 
@@ -475,7 +485,9 @@ async fn process(
         }
     };
     let deadline = tokio::time::Instant::now() + limits.upstream_timeout;
-    let sent = shared.upstream.send(state.upstream, upstream_req);
+    // Pinned where it is made: the time-out then wraps a pointer instead of moving the
+    // exchange's state (over a kilobyte) into itself.
+    let sent = std::pin::pin!(shared.upstream.send(state.upstream, upstream_req));
     let response = match tokio::time::timeout_at(deadline, sent).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -483,6 +495,17 @@ async fn process(
                 shared.metrics.limit("request_body_bytes");
                 ctx.deny("request_body_too_large");
                 return body_too_large(limits.max_request_body_bytes);
+            }
+            if e.is_saturated() {
+                shared.metrics.limit("upstream_connections");
+                tracing::warn!(error = %e, "no connection to the app was free");
+                ctx.set_reason("upstream_saturated");
+                let mut resp = error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": "upstream busy", "reason": "upstream_saturated"}),
+                );
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+                return resp;
             }
             let code = if e.is_connect() { "upstream_unavailable" } else { "upstream_error" };
             if e.is_connect() {
@@ -538,13 +561,14 @@ async fn transform_response(
     ctx: &mut Ctx,
     job: TransformJob,
     mut parts: http::response::Parts,
-    body: Incoming,
+    body: AppBody,
     deadline: tokio::time::Instant,
     quota_key: Option<&QuotaKey>,
     quota_now: Timestamp,
 ) -> Response<ProxyBody> {
     let limit = shared.limits.max_response_body_bytes;
-    let collected = match tokio::time::timeout_at(deadline, collect_limited(body, limit)).await {
+    let collecting = std::pin::pin!(collect_limited(body, limit));
+    let collected = match tokio::time::timeout_at(deadline, collecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "upstream response body failed");

@@ -20,13 +20,19 @@ pub struct ProxyLimits {
     /// Maximum response body the sidecar buffers to transform, in bytes, both as received and
     /// after gzip/deflate decoding (502 above, unless failOpen or Audit mode).
     pub max_response_body_bytes: u64,
-    /// Time-out for connecting to the app (502 when exceeded).
+    /// Time-out for obtaining a connection to the app: waiting for a free one when all
+    /// [`Self::upstream_max_connections`] are busy (503 when exceeded), then opening one (502
+    /// when exceeded).
     pub upstream_connect_timeout: Duration,
     /// Time-out for the app's response head, and for its body when it must be transformed
     /// (504 when exceeded).
     pub upstream_timeout: Duration,
     /// Maximum concurrent client connections (503 and close above).
     pub max_connections: usize,
+    /// Maximum connections to the app, shared out among the proxy threads; each carries one
+    /// request at a time, and a request waits for a free one (503 after the connect
+    /// time-out).
+    pub upstream_max_connections: usize,
 }
 
 impl Default for ProxyLimits {
@@ -38,6 +44,7 @@ impl Default for ProxyLimits {
             upstream_connect_timeout: Duration::from_secs(2),
             upstream_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            upstream_max_connections: 1024,
         }
     }
 }

@@ -79,7 +79,8 @@ pub(crate) fn spawn(
     shutdown: &watch::Receiver<bool>,
     drain_timeout: Duration,
 ) -> Result<ProxyTask, Error> {
-    let mut threads = Vec::with_capacity(listeners.len());
+    let count = listeners.len();
+    let mut threads = Vec::with_capacity(count);
     for (i, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
         let shutdown = shutdown.clone();
@@ -98,7 +99,7 @@ pub(crate) fn spawn(
                             return;
                         }
                     };
-                    let shared = Arc::new(shared.for_thread());
+                    let shared = Arc::new(shared.for_thread(count));
                     server::serve_proxy(listener, shared, shutdown, drain_timeout).await;
                 });
             })

@@ -1,13 +1,26 @@
 //! The connections of one proxy thread to the app: HTTP/1.1 keep-alive connections on
-//! hyper's connection API, kept in a short list per thread.
+//! hyper's connection API, at most [`UpstreamSettings::max_connections`] of them.
 //!
 //! It replaces hyper-util's general-purpose pool, whose per-request cost (a keyed hash map
 //! looked up three times, a waiter queue, and a task spawned per response to hand the
 //! connection back once it is idle) was about 8% of the sidecar's instructions per request.
-//! Here a connection goes back to the list as soon as the response head has arrived, and a
-//! request takes the most recently used connection that is idle again
-//! ([`SendRequest::is_ready`]): there is one upstream, so there is nothing to key by but its
-//! address, which only changes when a reloaded config names another `appPort`.
+//! Here a request holds its connection through [`UpstreamBody`], the app's response body,
+//! which puts the connection back in a short list of idle ones when it has been read to its
+//! end; a request takes the most recently used idle connection. There is one upstream, so
+//! there is nothing to key by but its address, which only changes when a reloaded config
+//! names another `appPort`.
+//!
+//! # At most so many connections
+//!
+//! A request in flight to the app holds one of `max_connections` slots until its response
+//! body ends (or is dropped). With every slot taken, a request waits for one to be free, for
+//! at most the connect time-out, and then fails with [`UpstreamError::Saturated`] (the
+//! sidecar answers 503). So a burst of thousands of concurrent requests (h2c multiplexes
+//! hundreds on one client connection) reaches the app over a bounded number of connections
+//! that are reused, rather than one new connection per request in flight, which exhausts an
+//! app's connection limit and leaves the host's ports in `TIME_WAIT`.
+//!
+//! # When the app closes a connection
 //!
 //! The app may close an idle keep-alive connection at any time. A connection seen closed is
 //! dropped from the list, and a request that fails on a reused connection because the app
@@ -28,16 +41,21 @@
 //!
 //! A failure on a new connection is never retried: that is the app's answer.
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Method, Request, Response};
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, TryAcquireError};
 use tokio::time::Instant;
 
 /// Why a request did not get a response from the app.
@@ -60,6 +78,15 @@ pub enum UpstreamError {
         /// The time-out.
         timeout: Duration,
     },
+    /// Every connection allowed was busy with another request for the whole connect
+    /// time-out.
+    #[error("all {max} connections to the app stayed busy for {timeout:?}")]
+    Saturated {
+        /// [`UpstreamSettings::max_connections`].
+        max: usize,
+        /// How long the request waited.
+        timeout: Duration,
+    },
     /// HTTP/1.1 failed on the connection (handshake, request or response head).
     #[error("upstream HTTP/1.1: {0}")]
     Http(#[from] hyper::Error),
@@ -70,17 +97,23 @@ impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         matches!(self, UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
     }
+
+    /// No connection was free within the connect time-out.
+    pub fn is_saturated(&self) -> bool {
+        matches!(self, UpstreamError::Saturated { .. })
+    }
 }
 
 /// Settings of an [`Upstream`].
 #[derive(Clone, Debug)]
 pub struct UpstreamSettings {
-    /// Time allowed to open a connection.
+    /// Time allowed to obtain a connection: to wait for a free one when all
+    /// [`Self::max_connections`] are busy, and then to open one.
     pub connect_timeout: Duration,
     /// Idle connections older than this are closed by [`Upstream::close_idle`].
     pub idle_timeout: Duration,
-    /// Connections kept in the list; beyond it the least recently used are closed.
-    pub max_idle: usize,
+    /// Connections to the app at most (each carries one request at a time).
+    pub max_connections: usize,
     /// An idempotent request without a body is sent again when the app closes the reused
     /// connection under it, if the connection had been idle for this long (see the module
     /// documentation); well below any app's keep-alive time-out.
@@ -92,23 +125,25 @@ impl Default for UpstreamSettings {
         UpstreamSettings {
             connect_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(60),
-            max_idle: 1024,
+            max_connections: 1024,
             replay_after_idle: Duration::from_millis(250),
         }
     }
 }
 
 /// Counters of an [`Upstream`] (the sidecar registers them as
-/// `custos_sidecar_upstream_{connections,retries}_total`).
+/// `custos_sidecar_upstream_{connections,retries,waits}_total`).
 #[derive(Clone, Debug, Default)]
 pub struct UpstreamCounters {
     /// Connections opened to the app.
     pub connections: Counter,
     /// Requests sent again on a new connection because the app had closed the reused one.
     pub retries: Counter,
+    /// Requests that found every allowed connection busy and waited for one.
+    pub waits: Counter,
 }
 
-/// A connection in the list.
+/// An idle connection in the list.
 struct Pooled<B> {
     addr: SocketAddr,
     sender: SendRequest<B>,
@@ -118,9 +153,10 @@ struct Pooled<B> {
 
 /// The app connections of one proxy thread, sending request bodies of type `B`.
 pub struct Upstream<B> {
-    /// Least recently used first. A connection whose response is still being read stays in
-    /// the list and is passed over until it is idle again.
-    pooled: Mutex<Vec<Pooled<B>>>,
+    /// Idle connections, least recently used first.
+    idle: Mutex<Vec<Pooled<B>>>,
+    /// One permit per connection allowed and not carrying a request.
+    slots: Semaphore,
     settings: UpstreamSettings,
     counters: UpstreamCounters,
 }
@@ -133,28 +169,41 @@ where
 {
     /// No connections yet; they are opened as requests need them.
     pub fn new(settings: UpstreamSettings, counters: UpstreamCounters) -> Self {
-        Upstream { pooled: Mutex::new(Vec::new()), settings, counters }
+        let max = settings.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        Upstream {
+            idle: Mutex::new(Vec::new()),
+            slots: Semaphore::new(max),
+            settings: UpstreamSettings { max_connections: max, ..settings },
+            counters,
+        }
     }
 
     /// Sends `req` (origin-form target, `Host` set) to the app at `addr` and waits for the
-    /// response head.
+    /// response head. The connection stays with the response body until it ends.
     pub async fn send(
-        &self,
+        self: &Arc<Self>,
         addr: SocketAddr,
         mut req: Request<B>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody<B>>, UpstreamError> {
+        if !self.try_slot() {
+            // Boxed: the wait's state stays out of every request's future.
+            Box::pin(self.wait_for_slot()).await?;
+        }
+        let slot = Slot(self);
         let now = Instant::now();
-        if let Some((mut sender, used)) = self.take_idle(addr) {
-            let replay = if now.duration_since(used) >= self.settings.replay_after_idle {
+        while let Some(mut idle) = self.pop_idle(addr) {
+            // A connection whose response body has just ended may not have taken up the next
+            // request yet (its connection task has not run since).
+            if !idle.sender.is_ready() && poll_fn(|cx| idle.sender.poll_ready(cx)).await.is_err() {
+                continue;
+            }
+            let replay = if now.duration_since(idle.used) >= self.settings.replay_after_idle {
                 replayable(&req)
             } else {
                 None
             };
-            match sender.try_send_request(req).await {
-                Ok(response) => {
-                    self.put_back(addr, sender, now);
-                    return Ok(response);
-                }
+            match idle.sender.try_send_request(req).await {
+                Ok(response) => return Ok(slot.lease(self, addr, idle.sender, now, response)),
                 Err(mut e) => match (e.take_message(), replay) {
                     // Not sent: the app closed the connection first. Once more, on a new one.
                     (Some(unsent), _) => req = unsent,
@@ -164,63 +213,47 @@ where
                 },
             }
             self.counters.retries.inc();
+            break;
         }
         let mut sender = self.connect(addr).await?;
         let response = sender.send_request(req).await?;
-        self.put_back(addr, sender, now);
-        Ok(response)
+        Ok(slot.lease(self, addr, sender, now, response))
     }
 
-    /// The most recently used connection to `addr` that is idle, and when it was last
-    /// handed a request; drops closed connections and those to another address on the way.
-    fn take_idle(&self, addr: SocketAddr) -> Option<(SendRequest<B>, Instant)> {
-        let mut pooled = self.lock();
-        let mut i = pooled.len();
-        while i > 0 {
-            i -= 1;
-            let p = &pooled[i];
-            if p.addr != addr || p.sender.is_closed() {
-                pooled.remove(i);
-            } else if p.sender.is_ready() {
-                let p = pooled.remove(i);
-                return Some((p.sender, p.used));
+    /// Takes one of the slots if one is free. The caller gives it back ([`Slot`]).
+    fn try_slot(&self) -> bool {
+        match self.slots.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => false,
+        }
+    }
+
+    /// Waits for a slot for at most the connect time-out.
+    async fn wait_for_slot(&self) -> Result<(), UpstreamError> {
+        self.counters.waits.inc();
+        let timeout = self.settings.connect_timeout;
+        match tokio::time::timeout(timeout, self.slots.acquire()).await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                Ok(())
+            }
+            _ => Err(UpstreamError::Saturated { max: self.settings.max_connections, timeout }),
+        }
+    }
+
+    /// The most recently used idle connection to `addr` that is still open; drops closed
+    /// connections and those to another address on the way.
+    fn pop_idle(&self, addr: SocketAddr) -> Option<Pooled<B>> {
+        let mut idle = self.lock();
+        loop {
+            let p = idle.pop()?;
+            if p.addr == addr && !p.sender.is_closed() {
+                return Some(p);
             }
         }
-        None
-    }
-
-    /// Returns a connection to the list (its response may still be in flight), as handed a
-    /// request at `used`.
-    fn put_back(&self, addr: SocketAddr, sender: SendRequest<B>, used: Instant) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut pooled = self.lock();
-        if pooled.len() >= self.settings.max_idle.max(1) {
-            pooled.remove(0);
-        }
-        pooled.push(Pooled { addr, sender, used });
-    }
-
-    /// Closes the connections idle for longer than the idle time-out, and those closed by
-    /// the app. Run periodically by each proxy thread.
-    pub fn close_idle(&self) {
-        let now = Instant::now();
-        let timeout = self.settings.idle_timeout;
-        self.lock().retain(|p| {
-            let expired = p.sender.is_ready() && now.duration_since(p.used) >= timeout;
-            !(p.sender.is_closed() || expired)
-        });
-    }
-
-    /// Connections in the list (idle or busy).
-    pub fn pooled(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pooled<B>>> {
-        // A panic while holding the lock leaves a valid list.
-        self.pooled.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Opens a connection and starts driving it on the current runtime.
@@ -240,6 +273,147 @@ where
             }
         });
         Ok(sender)
+    }
+}
+
+impl<B> Upstream<B> {
+    /// Returns a connection whose response has ended to the list.
+    fn put_idle(&self, p: Pooled<B>) {
+        if p.sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.len() >= self.settings.max_connections {
+            idle.remove(0);
+        }
+        idle.push(p);
+    }
+
+    /// Closes the connections idle for longer than the idle time-out, and those closed by
+    /// the app. Run periodically by each proxy thread.
+    pub fn close_idle(&self) {
+        let now = Instant::now();
+        let timeout = self.settings.idle_timeout;
+        self.lock().retain(|p| !p.sender.is_closed() && now.duration_since(p.used) < timeout);
+    }
+
+    /// Idle connections in the list.
+    pub fn idle(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Connections allowed at most.
+    pub fn max_connections(&self) -> usize {
+        self.settings.max_connections
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pooled<B>>> {
+        // A panic while holding the lock leaves a valid list.
+        self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A slot taken by a request that has no response yet: given back on drop (the request
+/// failed) or turned into the [`Lease`] its response body holds.
+struct Slot<'a, B>(&'a Upstream<B>);
+
+impl<B> Slot<'_, B> {
+    fn lease(
+        self,
+        upstream: &Arc<Upstream<B>>,
+        addr: SocketAddr,
+        sender: SendRequest<B>,
+        used: Instant,
+        response: Response<Incoming>,
+    ) -> Response<UpstreamBody<B>> {
+        std::mem::forget(self);
+        let lease = Lease { upstream: upstream.clone(), conn: Some(Pooled { addr, sender, used }) };
+        response.map(|body| UpstreamBody { body, lease: Some(lease) })
+    }
+}
+
+impl<B> Drop for Slot<'_, B> {
+    fn drop(&mut self) {
+        self.0.slots.add_permits(1);
+    }
+}
+
+/// The slot and connection of a request whose response body is being read; the connection
+/// is taken out when it goes back to the idle list, the slot is given back on drop.
+struct Lease<B> {
+    upstream: Arc<Upstream<B>>,
+    conn: Option<Pooled<B>>,
+}
+
+impl<B> Drop for Lease<B> {
+    fn drop(&mut self) {
+        self.upstream.slots.add_permits(1);
+    }
+}
+
+/// The app's response body. When it has been read to its end, its connection goes back to
+/// the idle list for the next request; dropped or failed before its end, the connection is
+/// closed (a response half read cannot be followed by another on it). Either way its slot is
+/// free again.
+pub struct UpstreamBody<B> {
+    body: Incoming,
+    lease: Option<Lease<B>>,
+}
+
+impl<B> std::fmt::Debug for UpstreamBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("body", &self.body)
+            .field("leased", &self.lease.is_some())
+            .finish()
+    }
+}
+
+impl<B> UpstreamBody<B> {
+    /// The body has ended: the connection is idle again.
+    fn release(&mut self) {
+        if let Some(mut lease) = self.lease.take()
+            && let Some(conn) = lease.conn.take()
+        {
+            lease.upstream.put_idle(conn);
+        }
+    }
+}
+
+impl<B> Body for UpstreamBody<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.lease = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B> Drop for UpstreamBody<B> {
+    fn drop(&mut self) {
+        // An empty body (a HEAD response, 204, 304) may be dropped unread.
+        if self.body.is_end_stream() {
+            self.release();
+        }
     }
 }
 
@@ -364,12 +538,12 @@ mod tests {
         req
     }
 
-    fn mk_upstream(settings: UpstreamSettings) -> (Upstream<RequestBody>, UpstreamCounters) {
+    fn mk_upstream(settings: UpstreamSettings) -> (Arc<Upstream<RequestBody>>, UpstreamCounters) {
         let counters = UpstreamCounters::default();
-        (Upstream::new(settings, counters.clone()), counters)
+        (Arc::new(Upstream::new(settings, counters.clone())), counters)
     }
 
-    async fn body_of(response: Response<Incoming>) -> String {
+    async fn body_of<B>(response: Response<UpstreamBody<B>>) -> String {
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(bytes.to_vec()).unwrap()
     }
@@ -384,7 +558,7 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(counters.connections.get(), 1);
-        assert_eq!(upstream.pooled(), 1);
+        assert_eq!(upstream.idle(), 1);
     }
 
     #[tokio::test]
@@ -435,40 +609,137 @@ mod tests {
         body_of(upstream.send(old, mk_request()).await.unwrap()).await;
         assert_eq!(body_of(upstream.send(new, mk_request()).await.unwrap()).await, "#1");
         // The old connection was dropped on the way: only the new one is kept.
-        assert_eq!(upstream.pooled(), 1);
+        assert_eq!(upstream.idle(), 1);
         assert_eq!((old_accepted.load(Ordering::SeqCst), new_accepted.load(Ordering::SeqCst)), (1, 1));
         assert_eq!(body_of(upstream.send(new, mk_request()).await.unwrap()).await, "#2");
     }
 
     #[tokio::test]
-    async fn idle_connections_are_closed_after_the_idle_timeout_and_beyond_the_maximum() {
-        let (open, gate) = watch::channel(false);
-        let (addr, accepted) = mk_gated_app(usize::MAX, gate).await;
-        let settings = UpstreamSettings {
-            idle_timeout: Duration::from_millis(50),
-            max_idle: 2,
-            ..UpstreamSettings::default()
-        };
+    async fn idle_connections_are_closed_after_the_idle_timeout() {
+        let (addr, accepted) = mk_app(usize::MAX).await;
+        let settings =
+            UpstreamSettings { idle_timeout: Duration::from_millis(50), ..UpstreamSettings::default() };
         let (upstream, _) = mk_upstream(settings);
-        // Three in flight at once: three connections; the list keeps the last two, and the
-        // response on the one it lets go still arrives whole.
-        let responses = [
+        let (a, b) = (
             upstream.send(addr, mk_request()).await.unwrap(),
             upstream.send(addr, mk_request()).await.unwrap(),
-            upstream.send(addr, mk_request()).await.unwrap(),
-        ];
-        assert_eq!((accepted.load(Ordering::SeqCst), upstream.pooled()), (3, 2));
-        open.send_replace(true);
-        for r in responses {
-            assert_eq!(body_of(r).await, "#1");
-        }
+        );
+        assert_eq!((body_of(a).await, body_of(b).await), ("#1".into(), "#1".into()));
         upstream.close_idle();
-        assert_eq!(upstream.pooled(), 2, "not idle for long enough yet");
+        assert_eq!(upstream.idle(), 2, "not idle for long enough yet");
         tokio::time::sleep(Duration::from_millis(80)).await;
         upstream.close_idle();
-        assert_eq!(upstream.pooled(), 0);
+        assert_eq!(upstream.idle(), 0);
         assert_eq!(body_of(upstream.send(addr, mk_request()).await.unwrap()).await, "#1");
-        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn no_more_than_the_maximum_connections_carry_requests_and_the_rest_wait() {
+        let (open, gate) = watch::channel(false);
+        let (addr, accepted) = mk_gated_app(usize::MAX, gate).await;
+        let settings = UpstreamSettings { max_connections: 2, ..UpstreamSettings::default() };
+        let (upstream, counters) = mk_upstream(settings);
+        // Six requests at once; the app holds every response body until the gate opens.
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                let upstream = upstream.clone();
+                tokio::spawn(async move { body_of(upstream.send(addr, mk_request()).await.unwrap()).await })
+            })
+            .collect();
+        // Two connections carry the first two; the other four wait.
+        let settled = async {
+            while counters.waits.get() < 4 || accepted.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), settled).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!((accepted.load(Ordering::SeqCst), counters.waits.get()), (2, 4));
+        open.send_replace(true);
+        let mut bodies = Vec::new();
+        for t in tasks {
+            bodies.push(t.await.unwrap());
+        }
+        bodies.sort();
+        // Each connection carried three requests, one after another.
+        assert_eq!(bodies, ["#1", "#1", "#2", "#2", "#3", "#3"]);
+        assert_eq!((accepted.load(Ordering::SeqCst), counters.connections.get()), (2, 2));
+        assert_eq!((counters.waits.get(), upstream.idle()), (4, 2));
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_for_a_free_connection_no_longer_than_the_connect_timeout() {
+        let (_open, gate) = watch::channel(false);
+        let (addr, accepted) = mk_gated_app(usize::MAX, gate).await;
+        let settings = UpstreamSettings {
+            max_connections: 1,
+            connect_timeout: Duration::from_millis(100),
+            ..UpstreamSettings::default()
+        };
+        let (upstream, counters) = mk_upstream(settings);
+        let in_flight = upstream.send(addr, mk_request()).await.unwrap();
+        let err = upstream.send(addr, mk_request()).await.unwrap_err();
+        assert!(err.is_saturated() && !err.is_connect(), "{err}");
+        assert_eq!(err.to_string(), "all 1 connections to the app stayed busy for 100ms");
+        assert_eq!((accepted.load(Ordering::SeqCst), counters.waits.get()), (1, 1));
+        drop(in_flight);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_frees_its_slot_and_its_connection_is_not_reused() {
+        let (open, gate) = watch::channel(false);
+        let (addr, accepted) = mk_gated_app(usize::MAX, gate).await;
+        let settings = UpstreamSettings { max_connections: 1, ..UpstreamSettings::default() };
+        let (upstream, counters) = mk_upstream(settings);
+        // Half read: the rest of its body would come before any next response.
+        drop(upstream.send(addr, mk_request()).await.unwrap());
+        assert_eq!(upstream.idle(), 0);
+        open.send_replace(true);
+        assert_eq!(body_of(upstream.send(addr, mk_request()).await.unwrap()).await, "#1");
+        assert_eq!((accepted.load(Ordering::SeqCst), counters.waits.get()), (2, 0));
+    }
+
+    /// An app answering every request with `response` (a whole HTTP/1.1 response), counting
+    /// its connections.
+    async fn mk_fixed_app(response: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while next_request_head(&mut stream, &mut buf).await {
+                        if stream.write_all(response).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_dropped_unread_gives_its_connection_back() {
+        // 204 and an empty content-length body: nothing to read, so a proxy may drop them
+        // unread (hyper does for a HEAD response).
+        for response in
+            [&b"HTTP/1.1 204 No Content\r\n\r\n"[..], b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]
+        {
+            let (addr, accepted) = mk_fixed_app(response).await;
+            let settings = UpstreamSettings { max_connections: 1, ..UpstreamSettings::default() };
+            let (upstream, counters) = mk_upstream(settings);
+            for _ in 0..10 {
+                let response = upstream.send(addr, mk_request()).await.unwrap();
+                assert!(response.body().is_end_stream());
+                drop(response);
+            }
+            assert_eq!((accepted.load(Ordering::SeqCst), counters.waits.get()), (1, 0));
+        }
     }
 
     #[tokio::test]
@@ -549,7 +820,7 @@ mod tests {
             let counters = UpstreamCounters::default();
             let settings =
                 UpstreamSettings { replay_after_idle: Duration::ZERO, ..UpstreamSettings::default() };
-            let upstream = Upstream::<Full<Bytes>>::new(settings, counters.clone());
+            let upstream = Arc::new(Upstream::<Full<Bytes>>::new(settings, counters.clone()));
             let mk = |method: &Method, body: &'static str| {
                 let mut req = Request::new(Full::new(Bytes::from_static(body.as_bytes())));
                 *req.method_mut() = method.clone();

@@ -499,6 +499,60 @@ async fn header_body_time_and_connection_limits() {
     f.stop().await;
 }
 
+#[tokio::test]
+async fn the_app_gets_no_more_connections_than_the_maximum() {
+    // Six requests at once, each answered after 300 ms, through two connections: the other
+    // four wait their turn (within the connect time-out) and none fails.
+    let mut f = start(policy(main_rules()), |s| {
+        s.proxy_threads = 1;
+        s.limits.upstream_max_connections = 2;
+    })
+    .await;
+    let proxy = f.proxy();
+    let tasks: Vec<_> = (0..6)
+        .map(|i| tokio::spawn(async move { get(proxy, &format!("/delay/{i}")).await.status }))
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(f.upstream.count(), 6);
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(metric_value(&metrics, "custos_sidecar_upstream_connections_total"), 2.0);
+    // (Four, unless the machine is so slow that some arrive after the first two are done.)
+    let waits = metric_value(&metrics, "custos_sidecar_upstream_waits_total");
+    assert!((1.0..=4.0).contains(&waits), "{waits} waits");
+    f.stop().await;
+
+    // One connection, busy with a slow request: the next waits out the connect time-out
+    // and gets 503, and the app never sees it.
+    let mut f = start(policy(main_rules()), |s| {
+        s.proxy_threads = 1;
+        s.limits.upstream_max_connections = 1;
+        s.limits.upstream_connect_timeout = Duration::from_millis(200);
+        s.limits.upstream_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let proxy = f.proxy();
+    let slow = tokio::spawn(async move { get(proxy, "/slow/x").await.status });
+    while f.upstream.count() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let reply = get(f.proxy(), "/open/x").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json(), json!({"error": "upstream busy", "reason": "upstream_saturated"}));
+    assert_eq!(reply.headers["retry-after"], "1");
+    assert_eq!(f.upstream.targets(), ["/slow/x"]);
+    assert_eq!(slow.await.unwrap(), 504);
+    // The slot is free again.
+    assert_eq!(get(f.proxy(), "/open/x").await.status, 200);
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert!(
+        metrics.contains("custos_sidecar_limit_rejections_total{limit=\"upstream_connections\"} 1"),
+        "{metrics}"
+    );
+    f.stop().await;
+}
+
 /// Waits (bounded) until the sidecar reports `n` open client connections.
 async fn wait_for_connections(f: &Fixture, n: usize) {
     let needle = format!("custos_sidecar_connections {n}\n");
