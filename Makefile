@@ -64,16 +64,17 @@ bench-store:
 	  $(CARGO) bench --locked -p custos-store --bench ingest
 
 ## bench-sidecar: direct vs. custos sidecar vs. nginx (and the sidecar without masks, a bare proxy on the
-## sidecar's stack, and the sidecar shipping its audit events to a collector), wrk peak in rounds + fixed 2,000 req/s.
+## sidecar's stack, and the sidecar shipping its audit events to a collector), wrk peak in rounds + fixed 2,000 req/s,
+## then an h2c burst (h2load, 8,192 streams in flight) against the sidecar and nginx.
 bench-sidecar: bench-deps
 	$(CARGO) build --release --locked -p custos -p custos-sidecar-bench
 	target/release/sidecar-bench --custos target/release/custos
 
-## bench-deps: wrk and nginx from Debian's packages, when missing.
+## bench-deps: wrk, nginx and h2load from Debian's packages, when missing.
 bench-deps:
-	@command -v wrk >/dev/null && command -v nginx >/dev/null || { \
-	  echo "installing wrk and nginx-light (Debian packages)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light; }
+	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v h2load >/dev/null || { \
+	  echo "installing wrk, nginx-light and nghttp2-client (h2load) (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light nghttp2-client; }
 
 ## demo: the four incidents of DESIGN.md replayed through live sidecars in front of synthetic services,
 ## with the collector on SQLite, in one process (`custos demo`; docs/demo.md), then the report.

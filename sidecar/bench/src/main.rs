@@ -18,6 +18,11 @@
 //! targets alike); latency at a fixed 2,000 req/s comes from an open-loop load generator
 //! (latency measured from each request's scheduled send time, so queueing is not hidden).
 //! The sidecar's peak RSS is read from /proc after the load.
+//!
+//! (g) A burst of h2c streams: `h2load` (nghttp2) opens 32 client connections with 256
+//! concurrent streams each (8,192 requests in flight) against (b) and against nginx (an h2c
+//! listener of (c)), and the app counts the connections each opens to it: a proxy that opens
+//! one per request in flight exhausts an app's connection limit and the host's ports.
 #![forbid(unsafe_code)]
 
 mod bare;
@@ -58,6 +63,9 @@ struct Args {
     /// Skip the fixed-rate measurements (quick peak-only runs while tuning).
     #[arg(long)]
     peak_only: bool,
+    /// Requests of each h2c burst measurement (g); 0 skips it.
+    #[arg(long, default_value_t = 200_000)]
+    burst_requests: u64,
     /// Internal: run as the bare proxy (e) on this address, then `--upstream-addr`.
     #[arg(long, hide = true, requires = "upstream_addr")]
     bare_proxy: Option<SocketAddr>,
@@ -232,9 +240,51 @@ fn rss_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-fn nginx_conf(dir: &Path, listen: u16, upstream: SocketAddr) -> String {
+/// One h2load measurement: 32 client connections, 256 concurrent streams each.
+struct BurstResult {
+    rps: f64,
+    succeeded: u64,
+    failed: u64,
+    non_2xx: u64,
+    /// Connections the app accepted during the measurement.
+    app_connections: u64,
+}
+
+/// Runs h2load (h2c, prior knowledge) against `url`.
+fn h2load(url: &str, requests: u64) -> Result<BurstResult> {
+    let before = upstream::accepted();
+    let out = Command::new("h2load")
+        .args(["-n", &requests.to_string(), "-c", "32", "-m", "256", url])
+        .output()
+        .context("h2load is not installed (apt-get install nghttp2-client)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut r = parse_h2load(&text).with_context(|| format!("unexpected h2load output:\n{text}"))?;
+    r.app_connections = upstream::accepted() - before;
+    Ok(r)
+}
+
+/// The figures of h2load's summary (`app_connections` left 0).
+fn parse_h2load(text: &str) -> Option<BurstResult> {
+    let rps = text.lines().find_map(|l| l.strip_prefix("finished in "))?.split(", ").nth(1)?;
+    let rps = rps.strip_suffix(" req/s").unwrap_or(rps).parse().ok()?;
+    let requests = text.lines().find_map(|l| l.strip_prefix("requests: "))?;
+    let count = |line: &str, what: &str| -> Option<u64> {
+        line.split(", ").find_map(|part| part.strip_suffix(what)).and_then(|n| n.trim().parse().ok())
+    };
+    let codes = text.lines().find_map(|l| l.strip_prefix("status codes: "))?;
+    let non_2xx = ["3xx", "4xx", "5xx"].iter().filter_map(|c| count(codes, &format!(" {c}"))).sum();
+    Some(BurstResult {
+        rps,
+        succeeded: count(requests, " succeeded")?,
+        failed: count(requests, " failed")?,
+        non_2xx,
+        app_connections: 0,
+    })
+}
+
+fn nginx_conf(dir: &Path, listen: u16, h2c_listen: u16, upstream: SocketAddr) -> String {
     format!(
-        "worker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir}/nginx-body;\n  proxy_temp_path {dir}/nginx-proxy;\n  fastcgi_temp_path {dir}/nginx-fastcgi;\n  uwsgi_temp_path {dir}/nginx-uwsgi;\n  scgi_temp_path {dir}/nginx-scgi;\n  upstream app {{ server {upstream}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{listen};\n    location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        "worker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir}/nginx-body;\n  proxy_temp_path {dir}/nginx-proxy;\n  fastcgi_temp_path {dir}/nginx-fastcgi;\n  uwsgi_temp_path {dir}/nginx-uwsgi;\n  scgi_temp_path {dir}/nginx-scgi;\n  upstream app {{ server {upstream}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{listen};\n    listen 127.0.0.1:{h2c_listen} http2;\n    http2_max_concurrent_streams 256;\n    location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
         dir = dir.display()
     )
 }
@@ -425,8 +475,8 @@ fn main() -> Result<()> {
     let (sidecar_addr, sidecar_pid, plain_addr) = (sidecar.addr, sidecar.pid, plain.addr);
 
     // (c) nginx as a plain reverse proxy.
-    let nginx_port = free_port()?;
-    std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir, nginx_port, upstream))?;
+    let (nginx_port, nginx_h2c_port) = (free_port()?, free_port()?);
+    std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir, nginx_port, nginx_h2c_port, upstream))?;
     let (nginx_pid, nginx_addr) = guard.start(
         Command::new("nginx")
             .arg("-c")
@@ -582,6 +632,38 @@ fn main() -> Result<()> {
     );
     let _ = writeln!(table, "sidecar RSS after load: {rss} KiB (peak {hwm} KiB)");
 
+    if args.burst_requests > 0 {
+        let n = args.burst_requests;
+        let nginx_h2c = SocketAddr::from(([127, 0, 0, 1], nginx_h2c_port));
+        let mut bursts = Vec::new();
+        for (name, addr) in [("custos sidecar", sidecar_addr), ("nginx proxy", nginx_h2c)] {
+            let r = h2load(&format!("http://{addr}{path}"), n)?;
+            println!(
+                "h2load {name:<18} {:>9.0} req/s  {} ok, {} failed, {} non-2xx, {} app connections",
+                r.rps, r.succeeded, r.failed, r.non_2xx, r.app_connections
+            );
+            bursts.push((name, r));
+        }
+        let _ = writeln!(
+            table,
+            "\n| h2c burst: h2load -c32 -m256 -n {n} (8,192 streams in flight) | req/s | vs nginx | succeeded | failed | non-2xx | connections opened to the app |"
+        );
+        let _ = writeln!(table, "|---|---|---|---|---|---|---|");
+        let nginx_rps = bursts[1].1.rps;
+        for (name, r) in &bursts {
+            let _ = writeln!(
+                table,
+                "| {name} | {:.0} | {:.2}x | {} | {} | {} | {} |",
+                r.rps,
+                r.rps / nginx_rps,
+                r.succeeded,
+                r.failed,
+                r.non_2xx,
+                r.app_connections
+            );
+        }
+    }
+
     println!("\n{table}");
     if let Some(out) = &args.out {
         std::fs::write(out, &table)?;
@@ -612,6 +694,17 @@ mod tests {
             custos_audit_spool_events 7\n";
         assert_eq!(audit_counts(metrics), (120, 100, 20));
         assert_eq!(audit_counts(""), (0, 0, 0));
+    }
+
+    #[test]
+    fn h2load_summaries() {
+        let text = "starting benchmark...\n\
+            finished in 6.51s, 30738.51 req/s, 62.15MB/s\n\
+            requests: 200000 total, 200000 started, 200000 done, 194242 succeeded, 5758 failed, 0 errored, 0 timeout\n\
+            status codes: 194000 2xx, 0 3xx, 12 4xx, 230 5xx\n";
+        let r = parse_h2load(text).unwrap();
+        assert_eq!((r.rps, r.succeeded, r.failed, r.non_2xx), (30738.51, 194242, 5758, 242));
+        assert!(parse_h2load("finished in 1s, 10 req/s\n").is_none());
     }
 
     #[test]

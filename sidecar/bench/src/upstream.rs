@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Result;
 use bytes::Bytes;
@@ -33,6 +34,13 @@ pub(crate) fn body() -> &'static Bytes {
     })
 }
 
+/// Connections the app has accepted so far.
+pub(crate) fn accepted() -> u64 {
+    ACCEPTED.load(Ordering::Relaxed)
+}
+
+static ACCEPTED: AtomicU64 = AtomicU64::new(0);
+
 /// Starts the app on an ephemeral port in a background thread.
 pub(crate) fn start() -> Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -44,6 +52,7 @@ pub(crate) fn start() -> Result<SocketAddr> {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                ACCEPTED.fetch_add(1, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
                     let svc = service_fn(|_req: Request<hyper::body::Incoming>| async {
