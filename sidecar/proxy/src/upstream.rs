@@ -661,9 +661,9 @@ mod tests {
         for t in tasks {
             bodies.push(t.await.unwrap());
         }
-        bodies.sort();
-        // Each connection carried three requests, one after another.
-        assert_eq!(bodies, ["#1", "#1", "#2", "#2", "#3", "#3"]);
+        // Every request was answered, on one of the two connections: each has a first.
+        assert_eq!(bodies.len(), 6);
+        assert_eq!(bodies.iter().filter(|b| *b == "#1").count(), 2, "{bodies:?}");
         assert_eq!((accepted.load(Ordering::SeqCst), counters.connections.get()), (2, 2));
         assert_eq!((counters.waits.get(), upstream.idle()), (4, 2));
     }
