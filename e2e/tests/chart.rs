@@ -1186,6 +1186,17 @@ fn native_sidecars_are_a_value_away() {
 }
 
 #[test]
+fn sidecar_flags_are_a_value_away() {
+    let default = check_operator(&Variant::defaults().render(), 2, WebhookCert::HelmGenerated);
+    assert!(default.inject.extra_args.is_empty());
+    let m = Variant::defaults()
+        .with("operator.sidecar.extraArgs={--upstream-max-connections=256,--upstream-timeout=10s}")
+        .render();
+    let config = check_operator(&m, 2, WebhookCert::HelmGenerated);
+    assert_eq!(config.inject.extra_args, ["--upstream-max-connections=256", "--upstream-timeout=10s"]);
+}
+
+#[test]
 fn minimal_variant_renders_the_operator_alone() {
     let m = Variant::minimal().render();
     check_objects(&m);
@@ -1271,6 +1282,10 @@ fn schema_refuses_typos_bad_enums_and_inconsistent_stores() {
         ("operator.leaderElection.enabled=false", "operator.replicas: Must be less than or equal to 1"),
         ("collector.alerts.webhook.tokenKey=token", "collector.alerts.webhook.existingSecret"),
         ("collector.otlp.gzip=true", "collector.otlp.endpoint"),
+        (
+            "operator.sidecar.extraArgs={upstream-max-connections=256}",
+            "operator.sidecar.extraArgs.0: Does not match",
+        ),
     ] {
         let variant = Variant::defaults().with(set);
         let err = variant.template(&chart_dir()).expect_err(set);

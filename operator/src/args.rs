@@ -147,12 +147,48 @@ pub struct OperatorArgs {
     #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_NATIVE")]
     pub sidecar_native: bool,
 
+    /// One more `custos sidecar` flag for the injected sidecars, e.g.
+    /// `--sidecar-arg=--upstream-max-connections=256` (repeatable; added after `sidecar`).
+    /// The flags the injection sets itself (config, listen and admin addresses, app, pod
+    /// identity, collector, spool, hash key and JWKS paths) are refused.
+    #[arg(long = "sidecar-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub sidecar_args: Vec<String>,
+
     /// Copy the sidecar Secrets (--sidecar-collector-token-secret, --sidecar-hash-key-secret)
     /// from --operator-namespace into every namespace with policies, and delete the copies
     /// when its last policy goes. A Secret of that name that the operator did not create is
     /// left alone. Needs the cluster-wide Secret rules of docs/operator.md.
     #[arg(long, env = "CUSTOS_OPERATOR_SYNC_SIDECAR_SECRETS")]
     pub sync_sidecar_secrets: bool,
+}
+
+/// `custos sidecar` flags the injection sets itself (as `CUSTOS_*` variables, which a flag
+/// would override).
+const MANAGED_SIDECAR_FLAGS: [&str; 12] = [
+    "--config",
+    "--pod-labels-file",
+    "--pod-name",
+    "--namespace",
+    "--listen",
+    "--admin",
+    "--spool-dir",
+    "--jwks-dir",
+    "--upstream",
+    "--collector",
+    "--collector-token-file",
+    "--hash-key-file",
+];
+
+/// Whether `arg` may be added to the injected sidecars' command line.
+fn check_sidecar_arg(arg: &str) -> Result<(), String> {
+    let name = arg.split_once('=').map_or(arg, |(name, _)| name);
+    if !name.starts_with("--") || name.len() < 3 {
+        return Err(format!("{arg:?} is not a `custos sidecar` flag (--name or --name=value)"));
+    }
+    if MANAGED_SIDECAR_FLAGS.contains(&name) {
+        return Err(format!("{arg:?}: {name} is set by the injection"));
+    }
+    Ok(())
 }
 
 /// The operator's validated settings.
@@ -278,6 +314,9 @@ impl OperatorArgs {
                 message: format!("{url:?} is not an http(s) URL"),
             });
         }
+        for arg in &self.sidecar_args {
+            check_sidecar_arg(arg).map_err(|message| ArgsError { flag: "sidecar-arg", message })?;
+        }
         let secret_sync = self.sync_sidecar_secrets.then(|| SecretSync {
             source_namespace: self.operator_namespace.clone(),
             names: [&self.sidecar_collector_token_secret, &self.sidecar_hash_key_secret]
@@ -304,6 +343,7 @@ impl OperatorArgs {
             collector_token_secret: self.sidecar_collector_token_secret,
             hash_key_secret: self.sidecar_hash_key_secret,
             native_sidecar: self.sidecar_native,
+            extra_args: self.sidecar_args,
             ..InjectSettings::default()
         };
         let tls = match (self.tls_cert_file, self.tls_key_file) {
@@ -432,6 +472,23 @@ mod tests {
         assert!(!c.inject.native_sidecar);
         assert!(parse(&["--sidecar-native"]).unwrap().inject.native_sidecar);
         assert_eq!((sync.source_namespace.as_str(), sync.names), ("custos", vec!["tok".into(), "hk".into()]));
+    }
+
+    #[test]
+    fn sidecar_args_are_passed_on_and_managed_flags_refused() {
+        let c = parse(&[
+            "--sidecar-arg=--upstream-max-connections=256",
+            "--sidecar-arg",
+            "--max-connections=2000",
+        ])
+        .unwrap();
+        assert_eq!(c.inject.extra_args, ["--upstream-max-connections=256", "--max-connections=2000"]);
+        for bad in
+            ["--config=/tmp/x", "--upstream", "--collector=http://elsewhere", "--hash-key-file=/k", "-v", "x"]
+        {
+            let error = parse(&["--sidecar-arg", bad]).expect_err(bad);
+            assert!(error.contains("--sidecar-arg") && error.contains(bad), "{bad}: {error}");
+        }
     }
 
     #[test]
