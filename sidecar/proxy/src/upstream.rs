@@ -302,11 +302,6 @@ impl<B> Upstream<B> {
         self.lock().len()
     }
 
-    /// Connections allowed at most.
-    pub fn max_connections(&self) -> usize {
-        self.settings.max_connections
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pooled<B>>> {
         // A panic while holding the lock leaves a valid list.
         self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
