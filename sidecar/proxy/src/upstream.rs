@@ -695,6 +695,108 @@ mod tests {
         assert_eq!((accepted.load(Ordering::SeqCst), counters.waits.get()), (2, 0));
     }
 
+    /// What a request of [`the_bound_holds_whatever_requests_do_with_their_bodies`] does
+    /// with its response body.
+    #[derive(Clone, Copy, Debug)]
+    enum Reader {
+        /// Reads it to its end.
+        Whole,
+        /// Drops it unread.
+        Drop,
+        /// Reads the first frame, then drops it.
+        FirstFrame,
+    }
+
+    fn reader() -> impl proptest::strategy::Strategy<Value = Reader> {
+        use proptest::prelude::*;
+        prop_oneof![3 => Just(Reader::Whole), 1 => Just(Reader::Drop), 1 => Just(Reader::FirstFrame)]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Any mix of requests at once, reading their bodies whole, partly or not at all:
+        /// every request is answered; connections are opened only for the bound or to replace
+        /// one closed under a body left unfinished; whole bodies arrive intact; and at the end
+        /// every slot is free again.
+        #[test]
+        fn the_bound_holds_whatever_requests_do_with_their_bodies(
+            max in 1usize..4,
+            readers in proptest::collection::vec(reader(), 1..12),
+            chunk in 1usize..3000,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let (addr, accepted) = mk_sized_app(chunk).await;
+                let settings = UpstreamSettings { max_connections: max, ..UpstreamSettings::default() };
+                let (upstream, counters) = mk_upstream(settings);
+                let tasks: Vec<_> = readers
+                    .iter()
+                    .map(|&reader| {
+                        let upstream = upstream.clone();
+                        tokio::spawn(async move {
+                            let response = upstream.send(addr, mk_request()).await.unwrap();
+                            match reader {
+                                Reader::Whole => {
+                                    let body = response.into_body().collect().await.unwrap().to_bytes();
+                                    assert_eq!(body.len(), 4 * chunk, "{reader:?}");
+                                    assert!(body.iter().all(|b| *b == b'x'), "{reader:?}");
+                                }
+                                Reader::Drop => drop(response),
+                                Reader::FirstFrame => {
+                                    let mut body = response.into_body();
+                                    body.frame().await.unwrap().unwrap();
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+                let unfinished = readers.iter().filter(|r| !matches!(r, Reader::Whole)).count();
+                let opened = counters.connections.get() as usize;
+                assert!(opened <= max + unfinished, "{opened} opened, max {max}, {unfinished} unfinished");
+                assert_eq!(accepted.load(Ordering::SeqCst), opened);
+                assert!(upstream.idle() <= max);
+                // Every slot is free: `max` requests at once need no wait.
+                let all: Vec<_> = (0..max).map(|_| upstream.try_slot()).collect();
+                assert!(all.iter().all(|taken| *taken), "slots left taken: {all:?}");
+            });
+        }
+    }
+
+    /// An app answering every request with 200 and a body of `4 * chunk` bytes `x`, written in
+    /// four pieces, counting its connections.
+    async fn mk_sized_app(chunk: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let piece = vec![b'x'; chunk];
+                    while next_request_head(&mut stream, &mut buf).await {
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 4 * chunk);
+                        if stream.write_all(head.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        for _ in 0..4 {
+                            if stream.write_all(&piece).await.is_err() {
+                                return;
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
     /// An app answering every request with `response` (a whole HTTP/1.1 response), counting
     /// its connections.
     async fn mk_fixed_app(response: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
