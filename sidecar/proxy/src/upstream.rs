@@ -472,34 +472,26 @@ mod tests {
         per_connection: usize,
         gate: watch::Receiver<bool>,
     ) -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else { return };
-                counter.fetch_add(1, Ordering::SeqCst);
-                let mut gate = gate.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut served = 0;
-                    while served < per_connection && next_request_head(&mut stream, &mut buf).await {
-                        served += 1;
-                        let count = served.to_string();
-                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n#", count.len() + 1);
-                        if stream.write_all(head.as_bytes()).await.is_err()
-                            || gate.wait_for(|open| *open).await.is_err()
-                            || stream.write_all(count.as_bytes()).await.is_err()
-                        {
-                            return;
-                        }
+        mk_counting_app(move |mut stream| {
+            let mut gate = gate.clone();
+            async move {
+                let mut buf = Vec::new();
+                let mut served = 0;
+                while served < per_connection && next_request_head(&mut stream, &mut buf).await {
+                    served += 1;
+                    let count = served.to_string();
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n#", count.len() + 1);
+                    if stream.write_all(head.as_bytes()).await.is_err()
+                        || gate.wait_for(|open| *open).await.is_err()
+                        || stream.write_all(count.as_bytes()).await.is_err()
+                    {
+                        return;
                     }
-                    // Closes without `Connection: close`, as an app's idle time-out does.
-                });
+                }
+                // Closes without `Connection: close`, as an app's idle time-out does.
             }
-        });
-        (addr, accepted)
+        })
+        .await
     }
 
     /// Reads from `stream` until `buf` holds a whole request head, and takes it out; false
@@ -766,58 +758,60 @@ mod tests {
         }
     }
 
-    /// An app answering every request with 200 and a body of `4 * chunk` bytes `x`, written in
-    /// four pieces, counting its connections.
-    async fn mk_sized_app(chunk: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// An app on 127.0.0.1 that counts the connections it accepts and serves each with
+    /// `serve`.
+    async fn mk_counting_app<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
         tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
+            while let Ok((stream, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let piece = vec![b'x'; chunk];
-                    while next_request_head(&mut stream, &mut buf).await {
-                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 4 * chunk);
-                        if stream.write_all(head.as_bytes()).await.is_err() {
-                            return;
-                        }
-                        for _ in 0..4 {
-                            if stream.write_all(&piece).await.is_err() {
-                                return;
-                            }
-                            tokio::task::yield_now().await;
-                        }
-                    }
-                });
+                tokio::spawn(serve(stream));
             }
         });
         (addr, accepted)
     }
 
+    /// An app answering every request with 200 and a body of `4 * chunk` bytes `x`, written in
+    /// four pieces, counting its connections.
+    async fn mk_sized_app(chunk: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        mk_counting_app(move |mut stream| async move {
+            let mut buf = Vec::new();
+            let piece = vec![b'x'; chunk];
+            while next_request_head(&mut stream, &mut buf).await {
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 4 * chunk);
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for _ in 0..4 {
+                    if stream.write_all(&piece).await.is_err() {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+        .await
+    }
+
     /// An app answering every request with `response` (a whole HTTP/1.1 response), counting
     /// its connections.
     async fn mk_fixed_app(response: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    while next_request_head(&mut stream, &mut buf).await {
-                        if stream.write_all(response).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+        mk_counting_app(move |mut stream| async move {
+            let mut buf = Vec::new();
+            while next_request_head(&mut stream, &mut buf).await {
+                if stream.write_all(response).await.is_err() {
+                    return;
+                }
             }
-        });
-        (addr, accepted)
+        })
+        .await
     }
 
     #[tokio::test]
