@@ -248,11 +248,15 @@ struct BurstResult {
     non_2xx: u64,
     /// Connections the app accepted during the measurement.
     app_connections: u64,
+    /// The most connections the app had open at once during the measurement, beyond those
+    /// open before it (the other targets' idle keep-alive connections).
+    app_peak_open: u64,
 }
 
 /// Runs h2load (h2c, prior knowledge) against `url`.
 fn h2load(url: &str, requests: u64) -> Result<BurstResult> {
     let before = upstream::accepted();
+    let (_, open_before) = upstream::take_peak_open();
     let out = Command::new("h2load")
         .args(["-n", &requests.to_string(), "-c", "32", "-m", "256", url])
         .output()
@@ -260,10 +264,11 @@ fn h2load(url: &str, requests: u64) -> Result<BurstResult> {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut r = parse_h2load(&text).with_context(|| format!("unexpected h2load output:\n{text}"))?;
     r.app_connections = upstream::accepted() - before;
+    r.app_peak_open = upstream::take_peak_open().0.saturating_sub(open_before);
     Ok(r)
 }
 
-/// The figures of h2load's summary (`app_connections` left 0).
+/// The figures of h2load's summary (the app's counts left 0).
 fn parse_h2load(text: &str) -> Option<BurstResult> {
     let rps = text.lines().find_map(|l| l.strip_prefix("finished in "))?.split(", ").nth(1)?;
     let rps = rps.strip_suffix(" req/s").unwrap_or(rps).parse().ok()?;
@@ -279,6 +284,7 @@ fn parse_h2load(text: &str) -> Option<BurstResult> {
         failed: count(requests, " failed")?,
         non_2xx,
         app_connections: 0,
+        app_peak_open: 0,
     })
 }
 
@@ -639,27 +645,28 @@ fn main() -> Result<()> {
         for (name, addr) in [("custos sidecar", sidecar_addr), ("nginx proxy", nginx_h2c)] {
             let r = h2load(&format!("http://{addr}{path}"), n)?;
             println!(
-                "h2load {name:<18} {:>9.0} req/s  {} ok, {} failed, {} non-2xx, {} app connections",
-                r.rps, r.succeeded, r.failed, r.non_2xx, r.app_connections
+                "h2load {name:<18} {:>9.0} req/s  {} ok, {} failed, {} non-2xx, {} app connections opened, at most {} more open at once",
+                r.rps, r.succeeded, r.failed, r.non_2xx, r.app_connections, r.app_peak_open
             );
             bursts.push((name, r));
         }
         let _ = writeln!(
             table,
-            "\n| h2c burst: h2load -c32 -m256 -n {n} (8,192 streams in flight) | req/s | vs nginx | succeeded | failed | non-2xx | connections opened to the app |"
+            "\n| h2c burst: h2load -c32 -m256 -n {n} (8,192 streams in flight) | req/s | vs nginx | succeeded | failed | non-2xx | connections opened to the app | most open at once (beyond those open before) |"
         );
-        let _ = writeln!(table, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(table, "|---|---|---|---|---|---|---|---|");
         let nginx_rps = bursts[1].1.rps;
         for (name, r) in &bursts {
             let _ = writeln!(
                 table,
-                "| {name} | {:.0} | {:.2}x | {} | {} | {} | {} |",
+                "| {name} | {:.0} | {:.2}x | {} | {} | {} | {} | {} |",
                 r.rps,
                 r.rps / nginx_rps,
                 r.succeeded,
                 r.failed,
                 r.non_2xx,
-                r.app_connections
+                r.app_connections,
+                r.app_peak_open
             );
         }
     }

@@ -41,6 +41,16 @@ pub(crate) fn accepted() -> u64 {
 
 static ACCEPTED: AtomicU64 = AtomicU64::new(0);
 
+/// The most connections the app has had open at once since the last call, which starts the
+/// next count from those open now; and those open now.
+pub(crate) fn take_peak_open() -> (u64, u64) {
+    let open = OPEN.load(Ordering::Relaxed);
+    (PEAK.swap(open, Ordering::Relaxed), open)
+}
+
+static OPEN: AtomicU64 = AtomicU64::new(0);
+static PEAK: AtomicU64 = AtomicU64::new(0);
+
 /// Starts the app on an ephemeral port in a background thread.
 pub(crate) fn start() -> Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -53,6 +63,8 @@ pub(crate) fn start() -> Result<SocketAddr> {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 ACCEPTED.fetch_add(1, Ordering::Relaxed);
+                let open = OPEN.fetch_add(1, Ordering::Relaxed) + 1;
+                PEAK.fetch_max(open, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
                     let svc = service_fn(|_req: Request<hyper::body::Incoming>| async {
@@ -64,6 +76,7 @@ pub(crate) fn start() -> Result<SocketAddr> {
                         )
                     });
                     let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    OPEN.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         });
