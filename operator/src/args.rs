@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use custos_operator_core::inject::InjectSettings;
+use custos_operator_core::inject::{self, InjectSettings};
 use custos_operator_core::names;
 use custos_policy::selector::is_dns_label;
 use k8s_openapi::api::core::v1::ResourceRequirements;
@@ -162,30 +162,13 @@ pub struct OperatorArgs {
     pub sync_sidecar_secrets: bool,
 }
 
-/// `custos sidecar` flags the injection sets itself (as `CUSTOS_*` variables, which a flag
-/// would override).
-const MANAGED_SIDECAR_FLAGS: [&str; 12] = [
-    "--config",
-    "--pod-labels-file",
-    "--pod-name",
-    "--namespace",
-    "--listen",
-    "--admin",
-    "--spool-dir",
-    "--jwks-dir",
-    "--upstream",
-    "--collector",
-    "--collector-token-file",
-    "--hash-key-file",
-];
-
 /// Whether `arg` may be added to the injected sidecars' command line.
 fn check_sidecar_arg(arg: &str) -> Result<(), String> {
     let name = arg.split_once('=').map_or(arg, |(name, _)| name);
     if !name.starts_with("--") || name.len() < 3 {
         return Err(format!("{arg:?} is not a `custos sidecar` flag (--name or --name=value)"));
     }
-    if MANAGED_SIDECAR_FLAGS.contains(&name) {
+    if inject::is_managed_flag(name) {
         return Err(format!("{arg:?}: {name} is set by the injection"));
     }
     Ok(())

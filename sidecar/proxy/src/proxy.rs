@@ -422,7 +422,7 @@ async fn process(
                 shared.metrics.quota_rejections.get_or_create(&LimitLabels { limit }).inc();
                 ctx.deny("quota_exceeded");
                 ctx.event.reason = format!("quota_exceeded:{limit}");
-                let mut resp = error_response(
+                return retry_later(
                     StatusCode::TOO_MANY_REQUESTS,
                     json!({
                         "error": "quota exceeded",
@@ -432,9 +432,8 @@ async fn process(
                         "limit": limit,
                         "retryAfterSeconds": retry,
                     }),
+                    retry,
                 );
-                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry));
-                return resp;
             }
             Err(_) => ctx.would_deny("quota_exceeded"),
         }
@@ -500,12 +499,11 @@ async fn process(
                 shared.metrics.limit("upstream_connections");
                 tracing::warn!(error = %e, "no connection to the app was free");
                 ctx.set_reason("upstream_saturated");
-                let mut resp = error_response(
+                return retry_later(
                     StatusCode::SERVICE_UNAVAILABLE,
                     json!({"error": "upstream busy", "reason": "upstream_saturated"}),
+                    1,
                 );
-                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
-                return resp;
             }
             let code = if e.is_connect() { "upstream_unavailable" } else { "upstream_error" };
             if e.is_connect() {
@@ -1007,6 +1005,13 @@ pub(crate) fn error_response(status: StatusCode, body: serde_json::Value) -> Res
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// [`error_response`] with `Retry-After: <secs>`.
+fn retry_later(status: StatusCode, body: serde_json::Value, secs: u64) -> Response<ProxyBody> {
+    let mut resp = error_response(status, body);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     resp
 }
 

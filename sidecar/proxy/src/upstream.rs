@@ -203,7 +203,7 @@ where
                 None
             };
             match idle.sender.try_send_request(req).await {
-                Ok(response) => return Ok(slot.lease(self, addr, idle.sender, now, response)),
+                Ok(response) => return Ok(slot.lease(addr, idle.sender, now, response)),
                 Err(mut e) => match (e.take_message(), replay) {
                     // Not sent: the app closed the connection first. Once more, on a new one.
                     (Some(unsent), _) => req = unsent,
@@ -217,7 +217,7 @@ where
         }
         let mut sender = self.connect(addr).await?;
         let response = sender.send_request(req).await?;
-        Ok(slot.lease(self, addr, sender, now, response))
+        Ok(slot.lease(addr, sender, now, response))
     }
 
     /// Takes one of the slots if one is free. The caller gives it back ([`Slot`]).
@@ -310,19 +310,19 @@ impl<B> Upstream<B> {
 
 /// A slot taken by a request that has no response yet: given back on drop (the request
 /// failed) or turned into the [`Lease`] its response body holds.
-struct Slot<'a, B>(&'a Upstream<B>);
+struct Slot<'a, B>(&'a Arc<Upstream<B>>);
 
 impl<B> Slot<'_, B> {
     fn lease(
         self,
-        upstream: &Arc<Upstream<B>>,
         addr: SocketAddr,
         sender: SendRequest<B>,
         used: Instant,
         response: Response<Incoming>,
     ) -> Response<UpstreamBody<B>> {
+        // The slot passes to the lease, which gives it back.
+        let lease = Lease { upstream: self.0.clone(), conn: Some(Pooled { addr, sender, used }) };
         std::mem::forget(self);
-        let lease = Lease { upstream: upstream.clone(), conn: Some(Pooled { addr, sender, used }) };
         response.map(|body| UpstreamBody { body, lease: Some(lease) })
     }
 }

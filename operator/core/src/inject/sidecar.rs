@@ -158,6 +158,37 @@ fn http_probe(path: &str, period_seconds: i32) -> Probe {
 /// with eager commit, 24 MB without, throughput unchanged. The image sets the same (Dockerfile).
 pub const ALLOCATOR_ENV: [(&str, &str); 1] = [("MIMALLOC_ARENA_EAGER_COMMIT", "0")];
 
+/// The `custos sidecar` settings the injection sets, as environment variables. The flag of
+/// the same name (`CUSTOS_HASH_KEY_FILE`: `--hash-key-file`) would override one, so extra
+/// arguments may not name them ([`is_managed_flag`]).
+pub const MANAGED_ENV: [&str; 12] = [
+    "CUSTOS_CONFIG",
+    "CUSTOS_POD_LABELS_FILE",
+    "CUSTOS_POD_NAME",
+    "CUSTOS_NAMESPACE",
+    "CUSTOS_LISTEN",
+    "CUSTOS_ADMIN",
+    "CUSTOS_SPOOL_DIR",
+    "CUSTOS_JWKS_DIR",
+    "CUSTOS_UPSTREAM",
+    "CUSTOS_COLLECTOR",
+    "CUSTOS_COLLECTOR_TOKEN_FILE",
+    "CUSTOS_HASH_KEY_FILE",
+];
+
+/// Whether the `custos sidecar` flag `name` (e.g. `--config`) sets one of [`MANAGED_ENV`].
+pub fn is_managed_flag(name: &str) -> bool {
+    let Some(flag) = name.strip_prefix("--") else { return false };
+    MANAGED_ENV.iter().any(|env| {
+        let setting = &env["CUSTOS_".len()..];
+        setting.len() == flag.len()
+            && setting
+                .bytes()
+                .zip(flag.bytes())
+                .all(|(e, f)| if e == b'_' { f == b'-' } else { e.to_ascii_lowercase() == f })
+    })
+}
+
 /// The sidecar container.
 pub(super) fn container(plan: &SidecarPlan<'_>, settings: &InjectSettings) -> Container {
     let mut env = vec![

@@ -461,6 +461,21 @@ fn collector_and_hash_key_settings_reach_the_sidecar() {
     assert_eq!(hash.items.as_ref().unwrap()[0].key, HASH_KEY_KEY);
     assert_eq!(mount_path(c, "custos-collector-token").as_deref(), Some(COLLECTOR_TOKEN_DIR));
     assert_eq!(mount_path(c, "custos-hash-key").as_deref(), Some(HASH_KEY_DIR));
+    // Every `custos sidecar` setting the injection makes is one extra arguments may not name.
+    let set: Vec<&str> =
+        c.env.iter().flatten().map(|e| e.name.as_str()).filter(|n| n.starts_with("CUSTOS_")).collect();
+    let managed: Vec<&str> = MANAGED_ENV.to_vec();
+    assert_eq!(set.iter().filter(|n| !managed.contains(n)).collect::<Vec<_>>(), Vec::<&&str>::new());
+    assert!(
+        is_managed_flag("--hash-key-file")
+            && is_managed_flag("--config")
+            && is_managed_flag("--pod-labels-file")
+    );
+    assert!(
+        !is_managed_flag("--upstream-max-connections")
+            && !is_managed_flag("config")
+            && !is_managed_flag("--hash_key_file")
+    );
 }
 
 #[test]
