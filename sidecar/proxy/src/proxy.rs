@@ -182,7 +182,7 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -
         event: AuditEvent {
             schema_version: AUDIT_SCHEMA_VERSION,
             id: ulid::Ulid::from_datetime(wall).to_string(),
-            time: now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            time: crate::audit::event_time(&now),
             cluster: shared.cluster.clone(),
             namespace: String::new(),
             policy: None,
