@@ -1197,6 +1197,26 @@ fn sidecar_flags_are_a_value_away() {
 }
 
 #[test]
+fn sidecar_proxy_threads_follow_the_value_or_the_cpu_limit() {
+    let threads = |variant: Variant| {
+        check_operator(&variant.render(), 2, WebhookCert::HelmGenerated).inject.proxy_threads
+    };
+    assert_eq!(threads(Variant::defaults()), 2, "no CPU limit by default");
+    assert_eq!(threads(Variant::defaults().with("operator.sidecar.resources.limits.cpu=1500m")), 2);
+    assert_eq!(threads(Variant::defaults().with("operator.sidecar.resources.limits.cpu=4")), 4);
+    assert_eq!(threads(Variant::defaults().with("operator.sidecar.proxyThreads=6")), 6);
+    assert_eq!(threads(Variant::defaults().with("operator.sidecar.proxyThreads=0")), 0);
+    assert_eq!(
+        threads(
+            Variant::defaults()
+                .with("operator.sidecar.resources.limits.cpu=4")
+                .with("operator.sidecar.proxyThreads=1")
+        ),
+        1
+    );
+}
+
+#[test]
 fn minimal_variant_renders_the_operator_alone() {
     let m = Variant::minimal().render();
     check_objects(&m);
@@ -1286,6 +1306,11 @@ fn schema_refuses_typos_bad_enums_and_inconsistent_stores() {
             "operator.sidecar.extraArgs={upstream-max-connections=256}",
             "operator.sidecar.extraArgs.0: Does not match",
         ),
+        (
+            "operator.sidecar.proxyThreads=65",
+            "operator.sidecar.proxyThreads: Must be less than or equal to 64",
+        ),
+        ("operator.sidecar.proxyThreads=many", "operator.sidecar.proxyThreads: Invalid type"),
     ] {
         let variant = Variant::defaults().with(set);
         let err = variant.template(&chart_dir()).expect_err(set);

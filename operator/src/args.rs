@@ -142,6 +142,17 @@ pub struct OperatorArgs {
     #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_HASH_KEY_SECRET", value_name = "NAME")]
     pub sidecar_hash_key_secret: Option<String>,
 
+    /// Proxy threads of the injected sidecars (0: one shared runtime) [default: the CPU limit
+    /// rounded up when --sidecar-cpu-limit is set, else 2]. Without it a sidecar would start
+    /// one thread per CPU of its node.
+    #[arg(
+        long,
+        env = "CUSTOS_OPERATOR_SIDECAR_PROXY_THREADS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u16).range(0..=i64::from(inject::MAX_PROXY_THREADS))
+    )]
+    pub sidecar_proxy_threads: Option<u16>,
+
     /// Inject the sidecar as a native sidecar (an init container with `restartPolicy: Always`,
     /// Kubernetes 1.29+): it starts before the app and stops after it, and Jobs complete.
     #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_NATIVE")]
@@ -167,6 +178,9 @@ fn check_sidecar_arg(arg: &str) -> Result<(), String> {
     let name = arg.split_once('=').map_or(arg, |(name, _)| name);
     if !name.starts_with("--") || name.len() < 3 {
         return Err(format!("{arg:?} is not a `custos sidecar` flag (--name or --name=value)"));
+    }
+    if name == "--proxy-threads" {
+        return Err(format!("{arg:?}: {name} is set by the injection; use --sidecar-proxy-threads"));
     }
     if inject::is_managed_flag(name) {
         return Err(format!("{arg:?}: {name} is set by the injection"));
@@ -289,6 +303,16 @@ impl OperatorArgs {
         if let Some(cpu) = &self.sidecar_cpu_limit {
             limits.insert("cpu".to_string(), quantity("sidecar-cpu-limit", cpu)?);
         }
+        let proxy_threads =
+            match self.sidecar_proxy_threads {
+                Some(threads) => threads,
+                None => inject::proxy_threads_for_cpu_limit(self.sidecar_cpu_limit.as_deref()).ok_or_else(
+                    || ArgsError {
+                        flag: "sidecar-cpu-limit",
+                        message: "is not a CPU quantity such as 500m or 2".into(),
+                    },
+                )?,
+            };
         if let Some(url) = &self.sidecar_collector
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -326,6 +350,7 @@ impl OperatorArgs {
             collector_token_secret: self.sidecar_collector_token_secret,
             hash_key_secret: self.sidecar_hash_key_secret,
             native_sidecar: self.sidecar_native,
+            proxy_threads,
             extra_args: self.sidecar_args,
             ..InjectSettings::default()
         };
@@ -471,6 +496,28 @@ mod tests {
         {
             let error = parse(&["--sidecar-arg", bad]).expect_err(bad);
             assert!(error.contains("--sidecar-arg") && error.contains(bad), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn sidecar_proxy_threads_come_from_the_flag_or_the_cpu_limit() {
+        let threads = |argv: &[&str]| parse(argv).map(|c| c.inject.proxy_threads);
+        assert_eq!(threads(&[]), Ok(2));
+        assert_eq!(threads(&["--sidecar-cpu-limit", "500m"]), Ok(1));
+        assert_eq!(threads(&["--sidecar-cpu-limit", "2500m"]), Ok(3));
+        assert_eq!(threads(&["--sidecar-cpu-limit", "4"]), Ok(4));
+        assert_eq!(threads(&["--sidecar-cpu-limit", "500"]), Ok(64));
+        assert_eq!(threads(&["--sidecar-cpu-limit", "4", "--sidecar-proxy-threads", "1"]), Ok(1));
+        assert_eq!(threads(&["--sidecar-proxy-threads", "0"]), Ok(0));
+        assert_eq!(threads(&["--sidecar-proxy-threads", "64"]), Ok(64));
+        for (argv, needle) in [
+            (&["--sidecar-proxy-threads", "65"][..], "--sidecar-proxy-threads"),
+            (&["--sidecar-proxy-threads", "-1"][..], "-1"),
+            (&["--sidecar-cpu-limit", "1Gi"][..], "--sidecar-cpu-limit"),
+            (&["--sidecar-arg=--proxy-threads=8"][..], "--sidecar-proxy-threads"),
+        ] {
+            let error = threads(argv).expect_err(&format!("{argv:?} must fail"));
+            assert!(error.contains(needle), "{argv:?}: {error}");
         }
     }
 

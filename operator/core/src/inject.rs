@@ -41,6 +41,7 @@
 //!   [`CONFIG_DIR`] (a directory mount, so ConfigMap updates reach it), its pod labels from a
 //!   downward API file, its pod name and namespace from `fieldRef` environment variables;
 //! - spools audit events on an `emptyDir` at [`SPOOL_DIR`];
+//! - runs [`InjectSettings::proxy_threads`] proxy threads (`CUSTOS_PROXY_THREADS`);
 //! - finds the JWKS Secret of each selecting policy mounted read-only at
 //!   `/etc/custos/jwks/<secret>`; the collector token and the hash key at fixed paths when
 //!   their Secrets are configured;
@@ -78,6 +79,54 @@ pub const NAMESPACE_INJECTION_ENABLED: &str = "enabled";
 /// every pod of the namespace, even the ones a policy selects.
 pub const NAMESPACE_INJECTION_DISABLED: &str = "disabled";
 
+/// Proxy threads of an injected sidecar without a CPU limit: two, as Istio gives its Envoy
+/// sidecars, so that one busy connection does not hold up the others.
+pub const DEFAULT_PROXY_THREADS: u16 = 2;
+
+/// Most proxy threads the injection gives a sidecar, whatever its CPU limit.
+pub const MAX_PROXY_THREADS: u16 = 64;
+
+/// Proxy threads for a sidecar whose CPU limit is `limit` (a Kubernetes quantity such as
+/// `500m`, `1`, `1.5`): the CPUs it may use, rounded up, from 1 to [`MAX_PROXY_THREADS`], so
+/// that its threads cannot together run past the limit and be throttled. Without a limit,
+/// [`DEFAULT_PROXY_THREADS`]. `None` when `limit` is not a CPU quantity.
+pub fn proxy_threads_for_cpu_limit(limit: Option<&str>) -> Option<u16> {
+    let Some(limit) = limit else { return Some(DEFAULT_PROXY_THREADS) };
+    let millicores = cpu_millicores(limit)?;
+    let threads = millicores.div_ceil(1000).clamp(1, u64::from(MAX_PROXY_THREADS));
+    u16::try_from(threads).ok()
+}
+
+/// A CPU quantity in millicores, rounded up: `250m` → 250, `1.5` → 1500, `2` → 2000,
+/// `0.0001` → 1; decimal suffixes (`k`, `M`, `G`, `T`) multiply. `None` for anything else
+/// (binary suffixes, exponents, signs, empty parts).
+fn cpu_millicores(quantity: &str) -> Option<u64> {
+    let digits_end = quantity.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(quantity.len());
+    let (number, suffix) = quantity.split_at(digits_end);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && fraction.is_empty()
+        || !whole.bytes().chain(fraction.bytes()).all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    // the number in thousandths, rounded up
+    let parse = |s: &str| if s.is_empty() { Some(0) } else { s.parse::<u64>().ok() };
+    let whole = parse(whole)?;
+    let (kept, rest) = fraction.split_at(fraction.len().min(3));
+    let thousandths = parse(&format!("{kept:0<3}"))? + u64::from(rest.bytes().any(|b| b != b'0'));
+    let scaled = whole.checked_mul(1000)?.checked_add(thousandths)?;
+    let millicores = match suffix {
+        "m" => scaled.div_ceil(1000),
+        "" => scaled,
+        "k" => scaled.checked_mul(1_000)?,
+        "M" => scaled.checked_mul(1_000_000)?,
+        "G" => scaled.checked_mul(1_000_000_000)?,
+        "T" => scaled.checked_mul(1_000_000_000_000)?,
+        _ => return None,
+    };
+    Some(millicores)
+}
+
 /// How the sidecar is built. Every field is public; [`Default`] gives the values documented
 /// on each field.
 #[derive(Clone, Debug, PartialEq)]
@@ -103,6 +152,12 @@ pub struct InjectSettings {
     pub hash_key_secret: Option<String>,
     /// UID the sidecar runs as (`runAsUser`, with `runAsNonRoot`). Default 65532.
     pub run_as_user: i64,
+    /// Proxy threads of the sidecar (`CUSTOS_PROXY_THREADS`; 0 serves on one shared runtime).
+    /// Default 2, or [`proxy_threads_for_cpu_limit`] of the operator's CPU limit when it sets
+    /// one. Left to itself, the sidecar would start one thread per CPU of the node, however
+    /// little CPU the container requests (64 on a 64-CPU node, each with its own share of the
+    /// connections to the app).
+    pub proxy_threads: u16,
     /// Extra arguments after `sidecar` (e.g. `--max-connections=2000`). Default none.
     pub extra_args: Vec<String>,
     /// Inject as a native sidecar (an init container with `restartPolicy: Always`, Kubernetes
@@ -130,6 +185,7 @@ impl Default for InjectSettings {
             collector_token_secret: None,
             hash_key_secret: None,
             run_as_user: 65532,
+            proxy_threads: DEFAULT_PROXY_THREADS,
             extra_args: Vec::new(),
             native_sidecar: false,
         }

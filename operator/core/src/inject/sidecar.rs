@@ -161,7 +161,7 @@ pub const ALLOCATOR_ENV: [(&str, &str); 1] = [("MIMALLOC_ARENA_EAGER_COMMIT", "0
 /// The `custos sidecar` settings the injection sets, as environment variables. The flag of
 /// the same name (`CUSTOS_HASH_KEY_FILE`: `--hash-key-file`) would override one, so extra
 /// arguments may not name them ([`is_managed_flag`]).
-pub const MANAGED_ENV: [&str; 12] = [
+pub const MANAGED_ENV: [&str; 13] = [
     "CUSTOS_CONFIG",
     "CUSTOS_POD_LABELS_FILE",
     "CUSTOS_POD_NAME",
@@ -174,6 +174,7 @@ pub const MANAGED_ENV: [&str; 12] = [
     "CUSTOS_COLLECTOR",
     "CUSTOS_COLLECTOR_TOKEN_FILE",
     "CUSTOS_HASH_KEY_FILE",
+    "CUSTOS_PROXY_THREADS",
 ];
 
 /// Whether the `custos sidecar` flag `name` (e.g. `--config`) sets one of [`MANAGED_ENV`].
@@ -200,6 +201,7 @@ pub(super) fn container(plan: &SidecarPlan<'_>, settings: &InjectSettings) -> Co
         env_value("CUSTOS_ADMIN", format!("0.0.0.0:{SIDECAR_ADMIN_PORT}")),
         env_value("CUSTOS_SPOOL_DIR", SPOOL_DIR.to_string()),
         env_value("CUSTOS_JWKS_DIR", JWKS_DIR.to_string()),
+        env_value("CUSTOS_PROXY_THREADS", settings.proxy_threads.to_string()),
     ];
     env.extend(ALLOCATOR_ENV.iter().map(|(name, value)| env_value(name, (*value).to_string())));
     if let Some(port) = plan.upstream_port {

@@ -185,6 +185,7 @@ fn a_selected_pod_gets_the_sidecar() {
     assert_eq!(env_value(c, "MIMALLOC_ARENA_EAGER_COMMIT").as_deref(), Some("0"));
     assert_eq!(env_value(c, "CUSTOS_SPOOL_DIR").as_deref(), Some(SPOOL_DIR));
     assert_eq!(env_value(c, "CUSTOS_JWKS_DIR").as_deref(), Some(JWKS_DIR));
+    assert_eq!(env_value(c, "CUSTOS_PROXY_THREADS").as_deref(), Some("2"));
     assert_eq!(env_of(c, "CUSTOS_UPSTREAM"), None, "the policy names the app port");
     assert_eq!(env_of(c, "CUSTOS_COLLECTOR"), None);
     for (name, field) in [("CUSTOS_POD_NAME", "metadata.name"), ("CUSTOS_NAMESPACE", "metadata.namespace")] {
@@ -437,6 +438,7 @@ fn collector_and_hash_key_settings_reach_the_sidecar() {
         collector_token_secret: Some("custos-collector-token".to_string()),
         hash_key_secret: Some("custos-hash-key".to_string()),
         run_as_user: 10001,
+        proxy_threads: 6,
         extra_args: vec!["--max-connections=2000".to_string()],
         ..InjectSettings::default()
     };
@@ -454,6 +456,7 @@ fn collector_and_hash_key_settings_reach_the_sidecar() {
         Some("/var/run/secrets/custos/collector/token")
     );
     assert_eq!(env_value(c, "CUSTOS_HASH_KEY_FILE").as_deref(), Some("/var/run/secrets/custos/hash-key/key"));
+    assert_eq!(env_value(c, "CUSTOS_PROXY_THREADS").as_deref(), Some("6"));
     let token = volume(&out, "custos-collector-token").and_then(|v| v.secret.as_ref()).unwrap();
     assert_eq!(token.secret_name.as_deref(), Some("custos-collector-token"));
     assert_eq!(token.items.as_ref().unwrap()[0].key, COLLECTOR_TOKEN_KEY);
@@ -468,6 +471,7 @@ fn collector_and_hash_key_settings_reach_the_sidecar() {
     assert_eq!(set.iter().filter(|n| !managed.contains(n)).collect::<Vec<_>>(), Vec::<&&str>::new());
     assert!(
         is_managed_flag("--hash-key-file")
+            && is_managed_flag("--proxy-threads")
             && is_managed_flag("--config")
             && is_managed_flag("--pod-labels-file")
     );
@@ -476,6 +480,59 @@ fn collector_and_hash_key_settings_reach_the_sidecar() {
             && !is_managed_flag("config")
             && !is_managed_flag("--hash_key_file")
     );
+}
+
+#[test]
+fn proxy_threads_follow_the_cpu_limit() {
+    for (limit, threads) in [
+        (None, Some(DEFAULT_PROXY_THREADS)),
+        (Some("1"), Some(1)),
+        (Some("2"), Some(2)),
+        (Some("100m"), Some(1)),
+        (Some("1000m"), Some(1)),
+        (Some("1001m"), Some(2)),
+        (Some("2500m"), Some(3)),
+        (Some("0.5"), Some(1)),
+        (Some("1.5"), Some(2)),
+        (Some("1.0001"), Some(2)),
+        (Some("3.000"), Some(3)),
+        (Some(".5"), Some(1)),
+        (Some("4."), Some(4)),
+        (Some("0"), Some(1)),
+        (Some("0.0001m"), Some(1)),
+        (Some("12"), Some(12)),
+        (Some("200"), Some(MAX_PROXY_THREADS)),
+        (Some("1k"), Some(MAX_PROXY_THREADS)),
+        (Some("99999999999999999999"), None),
+        (Some("9T"), Some(MAX_PROXY_THREADS)),
+        (Some(""), None),
+        (Some("."), None),
+        (Some("m"), None),
+        (Some("1Gi"), None),
+        (Some("1e3"), None),
+        (Some("-1"), None),
+        (Some("+1"), None),
+        (Some("1.2.3"), None),
+        (Some("2 "), None),
+        (Some("two"), None),
+    ] {
+        assert_eq!(proxy_threads_for_cpu_limit(limit), threads, "{limit:?}");
+    }
+}
+
+proptest! {
+    /// Any text is either refused or gives 1 to MAX_PROXY_THREADS threads, never fewer than
+    /// the whole CPUs it names.
+    #[test]
+    fn proxy_threads_stay_in_range(limit in "[0-9.]{0,8}(m|k|M|G|T|Ki|e3|)", cores in 1u16..200) {
+        if let Some(n) = proxy_threads_for_cpu_limit(Some(&limit)) {
+            prop_assert!((1..=MAX_PROXY_THREADS).contains(&n));
+        }
+        let whole = cores.to_string();
+        prop_assert_eq!(proxy_threads_for_cpu_limit(Some(&whole)), Some(cores.min(MAX_PROXY_THREADS)));
+        let milli = format!("{}m", u32::from(cores) * 1000 - 1);
+        prop_assert_eq!(proxy_threads_for_cpu_limit(Some(&milli)), Some(cores.min(MAX_PROXY_THREADS)));
+    }
 }
 
 #[test]
