@@ -174,16 +174,25 @@ pub struct OperatorArgs {
 }
 
 /// Whether `arg` may be added to the injected sidecars' command line.
+/// The operator flags behind the sidecar flags the injection sets that users choose.
+const OPERATOR_FLAG_OF: [(&str, &str); 4] = [
+    ("--proxy-threads", "--sidecar-proxy-threads"),
+    ("--collector", "--sidecar-collector"),
+    ("--collector-token-file", "--sidecar-collector-token-secret"),
+    ("--hash-key-file", "--sidecar-hash-key-secret"),
+];
+
 fn check_sidecar_arg(arg: &str) -> Result<(), String> {
     let name = arg.split_once('=').map_or(arg, |(name, _)| name);
     if !name.starts_with("--") || name.len() < 3 {
         return Err(format!("{arg:?} is not a `custos sidecar` flag (--name or --name=value)"));
     }
-    if name == "--proxy-threads" {
-        return Err(format!("{arg:?}: {name} is set by the injection; use --sidecar-proxy-threads"));
-    }
     if inject::is_managed_flag(name) {
-        return Err(format!("{arg:?}: {name} is set by the injection"));
+        let hint = OPERATOR_FLAG_OF
+            .iter()
+            .find(|(flag, _)| *flag == name)
+            .map_or(String::new(), |(_, operator_flag)| format!("; use {operator_flag}"));
+        return Err(format!("{arg:?}: {name} is set by the injection{hint}"));
     }
     Ok(())
 }
@@ -263,6 +272,17 @@ fn quantity(flag: &'static str, value: &str) -> Result<Quantity, ArgsError> {
     }
 }
 
+/// Proxy threads of the injected sidecars when `--sidecar-proxy-threads` is not given.
+fn default_proxy_threads(cpu_limit: Option<&str>) -> Result<u16, ArgsError> {
+    inject::proxy_threads_for_cpu_limit(cpu_limit).ok_or_else(|| ArgsError {
+        flag: "sidecar-cpu-limit",
+        message: format!(
+            "{:?} is not a CPU quantity such as 500m, 1.5 or 2 (for the sidecars' proxy threads)",
+            cpu_limit.unwrap_or_default()
+        ),
+    })
+}
+
 impl OperatorArgs {
     /// Checks the flags and builds the config.
     pub fn into_config(self) -> Result<OperatorConfig, ArgsError> {
@@ -303,16 +323,10 @@ impl OperatorArgs {
         if let Some(cpu) = &self.sidecar_cpu_limit {
             limits.insert("cpu".to_string(), quantity("sidecar-cpu-limit", cpu)?);
         }
-        let proxy_threads =
-            match self.sidecar_proxy_threads {
-                Some(threads) => threads,
-                None => inject::proxy_threads_for_cpu_limit(self.sidecar_cpu_limit.as_deref()).ok_or_else(
-                    || ArgsError {
-                        flag: "sidecar-cpu-limit",
-                        message: "is not a CPU quantity such as 500m or 2".into(),
-                    },
-                )?,
-            };
+        let proxy_threads = match self.sidecar_proxy_threads {
+            Some(threads) => threads,
+            None => default_proxy_threads(self.sidecar_cpu_limit.as_deref())?,
+        };
         if let Some(url) = &self.sidecar_collector
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -515,6 +529,8 @@ mod tests {
             (&["--sidecar-proxy-threads", "-1"][..], "-1"),
             (&["--sidecar-cpu-limit", "1Gi"][..], "--sidecar-cpu-limit"),
             (&["--sidecar-arg=--proxy-threads=8"][..], "--sidecar-proxy-threads"),
+            (&["--sidecar-arg=--hash-key-file=/k"][..], "use --sidecar-hash-key-secret"),
+            (&["--sidecar-cpu-limit", "2Mi"][..], "\"2Mi\" is not a CPU quantity"),
         ] {
             let error = threads(argv).expect_err(&format!("{argv:?} must fail"));
             assert!(error.contains(needle), "{argv:?}: {error}");

@@ -79,8 +79,9 @@ pub const NAMESPACE_INJECTION_ENABLED: &str = "enabled";
 /// every pod of the namespace, even the ones a policy selects.
 pub const NAMESPACE_INJECTION_DISABLED: &str = "disabled";
 
-/// Proxy threads of an injected sidecar without a CPU limit: two, as Istio gives its Envoy
-/// sidecars, so that one busy connection does not hold up the others.
+/// Proxy threads of an injected sidecar without a CPU limit: two, as Istio gave its Envoy
+/// sidecars before it took their number from the CPU limit (as [`proxy_threads_for_cpu_limit`]
+/// does when there is one), so that one busy connection does not hold up the others.
 pub const DEFAULT_PROXY_THREADS: u16 = 2;
 
 /// Most proxy threads the injection gives a sidecar, whatever its CPU limit.
