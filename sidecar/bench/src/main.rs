@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 mod bare;
+mod cgroups;
 mod loadgen;
 mod upstream;
 
@@ -37,6 +38,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+
+use crate::cgroups::Cgroups;
 
 /// Command line of the harness.
 #[derive(Parser, Debug)]
@@ -66,6 +69,12 @@ struct Args {
     /// Requests of each h2c burst measurement (g); 0 skips it.
     #[arg(long, default_value_t = 200_000)]
     burst_requests: u64,
+    /// Run as in a pod: the load generator (wrk, h2load), the app (this process), the proxies
+    /// and the collector each in a cgroup of its own with equal CPU weight, so that a
+    /// proxy's thread count does not decide its share of the CPUs (needs root and the cgroup
+    /// v1 cpu controller).
+    #[arg(long)]
+    cgroups: bool,
     /// Internal: run as the bare proxy (e) on this address, then `--upstream-addr`.
     #[arg(long, hide = true, requires = "upstream_addr")]
     bare_proxy: Option<SocketAddr>,
@@ -160,11 +169,33 @@ struct WrkResult {
     cpu_us: Option<f64>,
 }
 
-fn wrk(url: &str, duration: u64, connections: u32) -> Result<WrkResult> {
-    let out = Command::new("wrk")
-        .args(["-t2", &format!("-c{connections}"), &format!("-d{duration}s"), "--latency", url])
-        .output()
-        .context("wrk is not installed (apt-get install wrk)")?;
+/// Runs `command` to its end, in the cgroup `load` of `cgroups` when there are.
+fn load_output(command: &mut Command, cgroups: Option<&Cgroups>) -> std::io::Result<std::process::Output> {
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    if let Some(cgroups) = cgroups
+        && let Err(e) = cgroups.join("load", &[child.id()])
+    {
+        // a load generator outside its cgroup would measure something else
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(std::io::Error::other(format!("{e:#}")));
+    }
+    child.wait_with_output()
+}
+
+fn wrk(url: &str, duration: u64, connections: u32, cgroups: Option<&Cgroups>) -> Result<WrkResult> {
+    let out = load_output(
+        Command::new("wrk").args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{duration}s"),
+            "--latency",
+            url,
+        ]),
+        cgroups,
+    )
+    .context("cannot run wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let rps = text
         .lines()
@@ -254,13 +285,14 @@ struct BurstResult {
 }
 
 /// Runs h2load (h2c, prior knowledge) against `url`.
-fn h2load(url: &str, requests: u64) -> Result<BurstResult> {
+fn h2load(url: &str, requests: u64, cgroups: Option<&Cgroups>) -> Result<BurstResult> {
     let before = upstream::accepted();
     let (_, open_before) = upstream::take_peak_open();
-    let out = Command::new("h2load")
-        .args(["-n", &requests.to_string(), "-c", "32", "-m", "256", url])
-        .output()
-        .context("h2load is not installed (apt-get install nghttp2-client)")?;
+    let out = load_output(
+        Command::new("h2load").args(["-n", &requests.to_string(), "-c", "32", "-m", "256", url]),
+        cgroups,
+    )
+    .context("cannot run h2load (apt-get install nghttp2-client)")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut r = parse_h2load(&text).with_context(|| format!("unexpected h2load output:\n{text}"))?;
     r.app_connections = upstream::accepted() - before;
@@ -467,6 +499,10 @@ fn main() -> Result<()> {
     let upstream = upstream::start()?;
     println!("upstream app on {upstream} ({} byte JSON responses)", upstream::body().len());
 
+    // Before the processes' guard, so that it is dropped after they have stopped.
+    let cgroups =
+        args.cgroups.then(|| Cgroups::create(&["load", "app", "proxies", "collector"])).transpose()?;
+
     // (b) the sidecar, a separate process; (d) the same without a response transform; (f) (b)
     // shipping its audit events to a collector.
     let mut guard = Guard(Vec::new());
@@ -509,6 +545,13 @@ fn main() -> Result<()> {
         bare_port,
     )?;
 
+    if let Some(cgroups) = &cgroups {
+        cgroups.join("app", &[std::process::id()])?;
+        cgroups.join("proxies", &[sidecar_pid, plain.pid, shipping.pid, bare_pid])?;
+        cgroups.join("proxies", &with_children(nginx_pid))?;
+        cgroups.join("collector", &[collector.pid])?;
+    }
+
     let path = "/customers/42";
     let targets = [
         ("direct", upstream),
@@ -548,7 +591,8 @@ fn main() -> Result<()> {
             let ((name, addr), pids) = (targets[t], proxy_pids[t]);
             let cpu_before = cpu_ns(pids);
             let collector_before = cpu_ns(&[collector.pid]);
-            let mut r = wrk(&format!("http://{addr}{path}"), args.duration, args.connections)?;
+            let mut r =
+                wrk(&format!("http://{addr}{path}"), args.duration, args.connections, cgroups.as_ref())?;
             let cpu = cpu_ns(pids) - cpu_before;
             let requests = r.rps * args.duration as f64;
             if t == SHIPPING {
@@ -573,6 +617,12 @@ fn main() -> Result<()> {
         rounds.push(results.into_iter().flatten().collect());
     }
     let mut table = peak_table(&targets.map(|(name, _)| name), &rounds, args.connections);
+    if cgroups.is_some() {
+        let _ = writeln!(
+            table,
+            "\n--cgroups: load generator, app, proxies and collector each in a cgroup of its own (cpu.shares 1024 each), as containers in a pod"
+        );
+    }
     let _ = writeln!(
         table,
         "\ncollector CPU per event during (f)'s peak runs: {:.1} µs (SQLite store, on the same cores)",
@@ -643,7 +693,7 @@ fn main() -> Result<()> {
         let nginx_h2c = SocketAddr::from(([127, 0, 0, 1], nginx_h2c_port));
         let mut bursts = Vec::new();
         for (name, addr) in [("custos sidecar", sidecar_addr), ("nginx proxy", nginx_h2c)] {
-            let r = h2load(&format!("http://{addr}{path}"), n)?;
+            let r = h2load(&format!("http://{addr}{path}"), n, cgroups.as_ref())?;
             println!(
                 "h2load {name:<18} {:>9.0} req/s  {} ok, {} failed, {} non-2xx, {} app connections opened, at most {} more open at once",
                 r.rps, r.succeeded, r.failed, r.non_2xx, r.app_connections, r.app_peak_open
