@@ -161,7 +161,7 @@ pub struct OperatorArgs {
     /// One more `custos sidecar` flag for the injected sidecars, e.g.
     /// `--sidecar-arg=--upstream-max-connections=256` (repeatable; added after `sidecar`).
     /// The flags the injection sets itself (config, listen and admin addresses, app, pod
-    /// identity, collector, spool, hash key and JWKS paths) are refused.
+    /// identity, collector, spool, hash key and JWKS paths, proxy threads) are refused.
     #[arg(long = "sidecar-arg", value_name = "FLAG", allow_hyphen_values = true)]
     pub sidecar_args: Vec<String>,
 
@@ -173,7 +173,6 @@ pub struct OperatorArgs {
     pub sync_sidecar_secrets: bool,
 }
 
-/// Whether `arg` may be added to the injected sidecars' command line.
 /// The operator flags behind the sidecar flags the injection sets that users choose.
 const OPERATOR_FLAG_OF: [(&str, &str); 4] = [
     ("--proxy-threads", "--sidecar-proxy-threads"),
@@ -182,6 +181,7 @@ const OPERATOR_FLAG_OF: [(&str, &str); 4] = [
     ("--hash-key-file", "--sidecar-hash-key-secret"),
 ];
 
+/// Whether `arg` may be added to the injected sidecars' command line.
 fn check_sidecar_arg(arg: &str) -> Result<(), String> {
     let name = arg.split_once('=').map_or(arg, |(name, _)| name);
     if !name.starts_with("--") || name.len() < 3 {
