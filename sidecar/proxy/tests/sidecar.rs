@@ -409,6 +409,39 @@ async fn custos_headers_are_stripped_and_method_override_refused() {
     f.stop().await;
 }
 
+/// Protocol upgrades are not tunnelled: past a WebSocket or h2c upgrade the sidecar could
+/// neither decide per request nor mask what the app sends. `Upgrade` is hop-by-hop, so it is
+/// dropped and the request is answered as plain HTTP/1.1 (RFC 9110 §7.8 lets a server ignore
+/// it); h2c is served with prior knowledge only.
+#[tokio::test]
+async fn protocol_upgrades_are_answered_without_switching() {
+    let mut f = start(policy(main_rules()), |_| {}).await;
+    let requests: [&[u8]; 3] = [
+        b"GET /open/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        b"GET /open/h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+        // `Upgrade` that `Connection` does not name is dropped too.
+        b"GET /open/unlisted HTTP/1.1\r\nHost: x\r\nConnection: close\r\nUpgrade: websocket\r\n\r\n",
+    ];
+    for request in requests {
+        let (status, answer) = raw(f.proxy(), request).await;
+        assert_eq!(status, Some(200), "{answer}");
+        assert!(!answer.to_ascii_lowercase().contains("upgrade"), "{answer}");
+    }
+    let seen = f.upstream.seen();
+    assert_eq!(
+        seen.iter().map(|s| s.target.as_str()).collect::<Vec<_>>(),
+        ["/open/ws", "/open/h2c", "/open/unlisted"]
+    );
+    for s in &seen {
+        for name in ["upgrade", "connection", "http2-settings"] {
+            assert!(s.headers.get(name).is_none(), "{name} reached the app for {}", s.target);
+        }
+    }
+    f.stop().await;
+}
+
 #[tokio::test]
 async fn workload_identity_from_the_peer_ip() {
     let mut rules = main_rules();
