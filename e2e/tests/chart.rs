@@ -1197,6 +1197,27 @@ fn sidecar_flags_are_a_value_away() {
 }
 
 #[test]
+fn sidecar_metrics_sources_are_a_value_away() {
+    let sources = |variant: Variant| {
+        let config = check_operator(&variant.render(), 2, WebhookCert::HelmGenerated);
+        serde_json::to_value(config.sidecar_metrics_from).unwrap()
+    };
+    assert_eq!(sources(Variant::defaults()), serde_json::json!([]), "closed by default");
+    let monitoring = serde_json::json!([
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]);
+    let production = Variant::production().render();
+    let config = check_operator(&production, 3, WebhookCert::CertManager);
+    assert_eq!(serde_json::to_value(config.sidecar_metrics_from).unwrap(), monitoring);
+    assert_eq!(
+        sources(Variant::defaults().with(
+            "operator.sidecar.metricsFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring"
+        )),
+        monitoring
+    );
+}
+
+#[test]
 fn sidecar_proxy_threads_follow_the_value_or_the_cpu_limit() {
     let threads = |variant: Variant| {
         check_operator(&variant.render(), 2, WebhookCert::HelmGenerated).inject.proxy_threads
@@ -1311,6 +1332,7 @@ fn schema_refuses_typos_bad_enums_and_inconsistent_stores() {
             "operator.sidecar.proxyThreads: Must be less than or equal to 64",
         ),
         ("operator.sidecar.proxyThreads=many", "operator.sidecar.proxyThreads: Invalid type"),
+        ("operator.sidecar.metricsFrom=monitoring", "operator.sidecar.metricsFrom: Invalid type"),
     ] {
         let variant = Variant::defaults().with(set);
         let err = variant.template(&chart_dir()).expect_err(set);

@@ -10,6 +10,7 @@ use custos_operator_core::inject::{self, InjectSettings};
 use custos_operator_core::names;
 use custos_policy::selector::is_dns_label;
 use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::context::SecretSync;
@@ -165,6 +166,14 @@ pub struct OperatorArgs {
     #[arg(long = "sidecar-arg", value_name = "FLAG", allow_hyphen_values = true)]
     pub sidecar_args: Vec<String>,
 
+    /// Who may reach the injected sidecars' admin port 15090 (/metrics, /ready, /healthz)
+    /// through the NetworkPolicies derived from the policies: a JSON array of
+    /// NetworkPolicyPeers, e.g.
+    /// `[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]`
+    /// [default: nobody; the NetworkPolicies open the proxy port only].
+    #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_METRICS_FROM", value_name = "JSON")]
+    pub sidecar_metrics_from: Option<String>,
+
     /// Copy the sidecar Secrets (--sidecar-collector-token-secret, --sidecar-hash-key-secret)
     /// from --operator-namespace into every namespace with policies, and delete the copies
     /// when its last policy goes. A Secret of that name that the operator did not create is
@@ -216,6 +225,9 @@ pub struct OperatorConfig {
     pub inject: InjectSettings,
     /// Sidecar Secrets the controller copies into namespaces (`--sync-sidecar-secrets`).
     pub secret_sync: Option<SecretSync>,
+    /// Who may reach the sidecars' admin port through the policies' NetworkPolicies
+    /// (`--sidecar-metrics-from`); empty: nobody.
+    pub sidecar_metrics_from: Vec<NetworkPolicyPeer>,
 }
 
 /// Where the webhook serving certificate comes from.
@@ -338,6 +350,12 @@ impl OperatorArgs {
         for arg in &self.sidecar_args {
             check_sidecar_arg(arg).map_err(|message| ArgsError { flag: "sidecar-arg", message })?;
         }
+        let sidecar_metrics_from = match self.sidecar_metrics_from.as_deref() {
+            Some(json) => {
+                network_peers(json).map_err(|message| ArgsError { flag: "sidecar-metrics-from", message })?
+            }
+            None => Vec::new(),
+        };
         let secret_sync = self.sync_sidecar_secrets.then(|| SecretSync {
             source_namespace: self.operator_namespace.clone(),
             names: [&self.sidecar_collector_token_secret, &self.sidecar_hash_key_secret]
@@ -393,8 +411,34 @@ impl OperatorArgs {
             instance,
             inject,
             secret_sync,
+            sidecar_metrics_from,
         })
     }
+}
+
+/// Parses a JSON array of NetworkPolicyPeers. Each must name a source (a namespace selector,
+/// a pod selector or an IP block; the API refuses an empty peer) and nothing else: a misspelt
+/// field would otherwise be dropped and widen the rule.
+fn network_peers(json: &str) -> Result<Vec<NetworkPolicyPeer>, String> {
+    const FIELDS: [&str; 3] = ["namespaceSelector", "podSelector", "ipBlock"];
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
+    let Some(items) = value.as_array() else {
+        return Err("must be a JSON array of NetworkPolicyPeers".into());
+    };
+    for (i, item) in items.iter().enumerate() {
+        let Some(fields) = item.as_object() else {
+            return Err(format!("[{i}]: must be an object (a NetworkPolicyPeer)"));
+        };
+        if let Some(unknown) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+            return Err(format!(
+                "[{i}].{unknown}: unknown field; a peer has namespaceSelector, podSelector and ipBlock"
+            ));
+        }
+        if fields.is_empty() {
+            return Err(format!("[{i}]: a peer needs namespaceSelector, podSelector or ipBlock"));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| format!("not a JSON array of NetworkPolicyPeers: {e}"))
 }
 
 fn hostname() -> String {
@@ -510,6 +554,31 @@ mod tests {
         {
             let error = parse(&["--sidecar-arg", bad]).expect_err(bad);
             assert!(error.contains("--sidecar-arg") && error.contains(bad), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn sidecar_metrics_sources_are_network_policy_peers() {
+        let peers = |argv: &[&str]| parse(argv).map(|c| c.sidecar_metrics_from);
+        assert_eq!(peers(&[]), Ok(vec![]));
+        assert_eq!(peers(&["--sidecar-metrics-from", "[]"]), Ok(vec![]));
+        let monitoring = r#"[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}},
+            {"ipBlock":{"cidr":"10.0.0.0/8"}}]"#;
+        let parsed = peers(&["--sidecar-metrics-from", monitoring]).expect("valid peers");
+        assert_eq!(parsed.len(), 2);
+        let labels = parsed[0].namespace_selector.as_ref().and_then(|s| s.match_labels.clone());
+        assert_eq!(labels.unwrap()["kubernetes.io/metadata.name"], "monitoring");
+        assert_eq!(parsed[1].ip_block.as_ref().map(|b| b.cidr.as_str()), Some("10.0.0.0/8"));
+        for (value, needle) in [
+            ("monitoring", "--sidecar-metrics-from: not JSON"),
+            (r#"{"podSelector":{}}"#, "must be a JSON array"),
+            ("[\"monitoring\"]", "[0]: must be an object"),
+            ("[{}]", "[0]: a peer needs namespaceSelector, podSelector or ipBlock"),
+            (r#"[{"podSelector":{}},{"namespaceSelecter":{}}]"#, "[1].namespaceSelecter: unknown field"),
+            (r#"[{"ipBlock":{"cidr":7}}]"#, "not a JSON array of NetworkPolicyPeers"),
+        ] {
+            let error = peers(&["--sidecar-metrics-from", value]).expect_err(value);
+            assert!(error.contains(needle), "{value}: {error}");
         }
     }
 

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 
+use custos_operator_core::desired::Options;
 use custos_operator_core::names::REPORTING_CONTROLLER;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
@@ -30,6 +31,8 @@ pub struct Settings {
     pub namespaces: Option<BTreeSet<String>>,
     /// Secrets to copy into the namespaces with policies; `None`: the user provides them.
     pub secret_sync: Option<SecretSync>,
+    /// What shapes the objects of every namespace (who may scrape the sidecars).
+    pub options: Options,
 }
 
 impl Settings {

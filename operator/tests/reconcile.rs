@@ -7,7 +7,8 @@
 //! the API and through the finalizer, recompiles the namespace and lets the policy go; pods
 //! coming and going change the identity table and hash; a foreign NetworkPolicy opening the
 //! app port raises SidecarBypass and a Warning; a refused NetworkPolicy turns its condition
-//! False; a reconcile with nothing changed writes no status and records no Event.
+//! False; a reconcile with nothing changed writes no status and records no Event; the
+//! operator's metrics sources open the sidecars' admin port in the applied NetworkPolicies.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -21,10 +22,11 @@ use custos_api::{DataAccessPolicy, DataAccessPolicyStatus};
 use custos_operator::context::{Context, Settings};
 use custos_operator::controller::reconcile_namespace;
 use custos_operator::{Error, OperatorMetrics};
-use custos_operator_core::desired::CONFIG_HASH_ANNOTATION;
 use custos_operator_core::desired::conditions::*;
+use custos_operator_core::desired::{CONFIG_HASH_ANNOTATION, Options};
 use custos_operator_core::names::FINALIZER;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -392,6 +394,57 @@ async fn pods_of_namespaces_the_operator_does_not_watch_are_not_read() {
     let ctx = Context::new(client.clone(), OperatorMetrics::new(), only_shop);
     reconcile_namespace(&ctx, NS).await.unwrap();
     assert!(sidecar_config(&client, NS).await.workloads.is_empty());
+}
+
+/// The ports of the ingress rules of NetworkPolicy `name` as stored.
+async fn ingress_ports(client: &kube::Client, name: &str) -> Vec<Vec<i32>> {
+    let np = Api::<NetworkPolicy>::namespaced(client.clone(), NS).get(name).await.unwrap();
+    let rules = np.spec.unwrap().ingress.unwrap_or_default();
+    rules
+        .iter()
+        .map(|r| {
+            let ports = r.ports.clone().unwrap_or_default();
+            ports
+                .iter()
+                .filter_map(|p| match p.port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => Some(n),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_sources_open_the_sidecars_admin_port_on_the_next_reconcile() {
+    let client = fake_api(
+        Objects { policies: vec![mk_policy(NS, "orders")], pods: shop_pods(), ..Objects::default() },
+        None,
+    )
+    .await;
+    reconcile_namespace(&context(&client), NS).await.unwrap();
+    assert_eq!(ingress_ports(&client, "custos-orders").await, [vec![15080]]);
+
+    // The operator restarted with --sidecar-metrics-from: the stored NetworkPolicy is updated.
+    let monitoring: NetworkPolicyPeer = serde_json::from_value(
+        json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}),
+    )
+    .unwrap();
+    let settings = Settings {
+        instance: "op-0".into(),
+        options: Options { sidecar_metrics_from: vec![monitoring.clone()] },
+        ..Settings::default()
+    };
+    let ctx = Context::new(client.clone(), OperatorMetrics::new(), settings);
+    let outcome = reconcile_namespace(&ctx, NS).await.unwrap();
+    assert_eq!(outcome.network_policies_applied, 1);
+    assert_eq!(ingress_ports(&client, "custos-orders").await, [vec![15080], vec![15090]]);
+    let np = Api::<NetworkPolicy>::namespaced(client.clone(), NS).get("custos-orders").await.unwrap();
+    assert_eq!(np.spec.unwrap().ingress.unwrap()[1].from, Some(vec![monitoring]));
+
+    // And closed again without it.
+    reconcile_namespace(&context(&client), NS).await.unwrap();
+    assert_eq!(ingress_ports(&client, "custos-orders").await, [vec![15080]]);
 }
 
 #[tokio::test]

@@ -7,7 +7,8 @@
 //!   ([`custos_policy::compile_namespace`], unchanged) with the workload identity table, an
 //!   owner reference to each live policy, the config hash as an annotation; `None` once no
 //!   live policy is left (delete it);
-//! - one NetworkPolicy per valid policy that wants one, owned (controller) by its policy;
+//! - one NetworkPolicy per valid policy that wants one, owned (controller) by its policy,
+//!   opening the sidecars' admin port to the sources of [`Options::sidecar_metrics_from`];
 //! - the names of Custos's NetworkPolicies that are no longer wanted. The NetworkPolicy of a
 //!   policy that stopped compiling is kept, not deleted: an edit that breaks a policy must not
 //!   open its app port;
@@ -31,13 +32,17 @@ use custos_api::{DataAccessPolicy, DataAccessPolicyStatus};
 use custos_policy::namespace::config_hash;
 use custos_policy::{PolicyInput, compile_namespace};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
 use self::conditions::{BypassState, NetworkPolicyState, PolicyFacts};
 use crate::names::{
-    CONFIG_KEY, CONFIG_MAP_NAME, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL, network_policy_name,
+    CONFIG_KEY, CONFIG_MAP_NAME, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL, SIDECAR_ADMIN_PORT,
+    network_policy_name,
 };
 
 /// apiVersion of the DataAccessPolicy owner references.
@@ -60,6 +65,16 @@ pub struct NamespaceSnapshot {
     pub pods: Vec<Pod>,
     /// The NetworkPolicies of the namespace, Custos's own and the others.
     pub network_policies: Vec<NetworkPolicy>,
+}
+
+/// The operator's cluster-wide choices that shape every namespace's objects.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Options {
+    /// Who may reach the sidecars' admin port ([`SIDECAR_ADMIN_PORT`]: `/metrics`, `/ready`,
+    /// `/healthz`) through the NetworkPolicies derived from the policies, e.g. the monitoring
+    /// namespace's Prometheus. Empty: nobody; a policy's NetworkPolicy opens its proxy port
+    /// only, and a Prometheus outside the node cannot scrape the sidecars.
+    pub sidecar_metrics_from: Vec<NetworkPolicyPeer>,
 }
 
 /// The state the namespace should be brought to.
@@ -138,9 +153,19 @@ pub fn pod_namespaces(namespace: &str, policies: &[DataAccessPolicy]) -> BTreeSe
     namespaces
 }
 
-/// Computes the desired state of `snapshot.namespace`. `now` stamps the conditions whose status
-/// changes (to the second).
+/// Computes the desired state of `snapshot.namespace` with the default [`Options`]. `now`
+/// stamps the conditions whose status changes (to the second).
 pub fn compute(snapshot: &NamespaceSnapshot, now: Timestamp) -> Result<Desired, DesiredError> {
+    compute_with(snapshot, now, &Options::default())
+}
+
+/// Computes the desired state of `snapshot.namespace` with `options`. `now` stamps the
+/// conditions whose status changes (to the second).
+pub fn compute_with(
+    snapshot: &NamespaceSnapshot,
+    now: Timestamp,
+    options: &Options,
+) -> Result<Desired, DesiredError> {
     let now = Time(Timestamp::from_second(now.as_second()).unwrap_or(now));
     let namespace = snapshot.namespace.as_str();
     let mut policies: Vec<&DataAccessPolicy> = snapshot
@@ -198,6 +223,7 @@ pub fn compute(snapshot: &NamespaceSnapshot, now: Timestamp) -> Result<Desired, 
         if let Some(policy) = owner.and_then(|o| live.iter().find(|p| name(p) == o)) {
             np.metadata.owner_references = owner_reference(policy, true).map(|r| vec![r]);
         }
+        open_admin_port(np, &options.sidecar_metrics_from);
     }
     network_policies.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let wanted: BTreeSet<String> =
@@ -253,6 +279,23 @@ pub fn compute(snapshot: &NamespaceSnapshot, now: Timestamp) -> Result<Desired, 
         events,
         release_finalizers,
     })
+}
+
+/// Adds to `np` an ingress rule that opens the sidecars' admin port to `from` (none when
+/// `from` is empty). NetworkPolicies only ever allow: the proxy port's rule is unchanged.
+fn open_admin_port(np: &mut NetworkPolicy, from: &[NetworkPolicyPeer]) {
+    if from.is_empty() {
+        return;
+    }
+    let Some(spec) = np.spec.as_mut() else { return };
+    spec.ingress.get_or_insert_with(Vec::new).push(NetworkPolicyIngressRule {
+        from: Some(from.to_vec()),
+        ports: Some(vec![NetworkPolicyPort {
+            port: Some(IntOrString::Int(i32::from(SIDECAR_ADMIN_PORT))),
+            protocol: Some("TCP".into()),
+            ..NetworkPolicyPort::default()
+        }]),
+    });
 }
 
 impl Desired {

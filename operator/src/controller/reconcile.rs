@@ -104,7 +104,7 @@ pub async fn reconcile_namespace(ctx: &Context, namespace: &str) -> Result<Recon
 
     let snapshot = NamespaceSnapshot { namespace: namespace.to_string(), policies, pods, network_policies };
     let now = Timestamp::now();
-    let mut desired = desired::compute(&snapshot, now)?;
+    let mut desired = desired::compute_with(&snapshot, now, &ctx.settings.options)?;
     outcome.policies = desired.statuses.len();
     outcome.config_hash.clone_from(&desired.config_hash);
 

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use custos_api::DataAccessPolicy;
 use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus};
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec as K8sNetworkPolicySpec,
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec as K8sNetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta, Time,
@@ -208,6 +209,52 @@ fn each_valid_policy_gets_a_network_policy_it_controls() {
     assert_eq!((owner.name.as_str(), owner.uid.as_str()), ("orders", "uid-orders"));
     assert_eq!(owner.controller, Some(true));
     assert_eq!(owner.block_owner_deletion, Some(true));
+}
+
+/// The ingress rules of `np` as (ports, sources) in the API's JSON, for comparison.
+fn ingress_of(np: &NetworkPolicy) -> Vec<(serde_json::Value, serde_json::Value)> {
+    let rules = np.spec.as_ref().unwrap().ingress.clone().unwrap_or_default();
+    rules.iter().map(|r| (json!(r.ports), json!(r.from))).collect()
+}
+
+#[test]
+fn the_admin_port_opens_to_the_metrics_sources_and_only_then() {
+    let nobody_allowed = mk_policy_spec(
+        "vault",
+        json!({
+            "workload": { "selector": { "matchLabels": { "app": "vault" } }, "appPort": 8080 },
+            "rules": [ { "name": "no-export", "action": "Deny", "to": { "paths": ["/export"] } } ]
+        }),
+    );
+    let snap = snapshot(vec![mk_policy("orders"), nobody_allowed], vec![], vec![]);
+    let proxy_rule = (
+        json!([{ "port": 15080, "protocol": "TCP" }]),
+        json!([{
+            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": NS } },
+            "podSelector": {}
+        }]),
+    );
+
+    // Default: the proxy port only (and nothing at all for a policy that allows nothing).
+    let d = compute(&snap, t(0)).unwrap();
+    assert_eq!(d.network_policies.len(), 2);
+    assert_eq!(ingress_of(&d.network_policies[0]), std::slice::from_ref(&proxy_rule));
+    assert_eq!(ingress_of(&d.network_policies[1]), []);
+
+    let monitoring: NetworkPolicyPeer = serde_json::from_value(json!({
+        "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "monitoring" } },
+        "podSelector": { "matchLabels": { "app.kubernetes.io/name": "prometheus" } }
+    }))
+    .unwrap();
+    let options = Options { sidecar_metrics_from: vec![monitoring.clone()] };
+    let d = compute_with(&snap, t(0), &options).unwrap();
+    let admin_rule = (json!([{ "port": 15090, "protocol": "TCP" }]), json!([monitoring]));
+    assert_eq!(ingress_of(&d.network_policies[0]), [proxy_rule, admin_rule.clone()]);
+    assert_eq!(ingress_of(&d.network_policies[1]), [admin_rule]);
+    // The rest of the desired state does not depend on it.
+    let plain = compute(&snap, t(0)).unwrap();
+    assert_eq!(d.config_hash, plain.config_hash);
+    assert_eq!(d.statuses, plain.statuses);
 }
 
 #[test]
