@@ -311,11 +311,17 @@ proptest! {
 
     #[test]
     fn wildcard_segments_agree_with_reference(
-        parts in prop::collection::vec(prop::sample::select(&["", "a", "b", "ab"][..]), 2..5),
+        first in prop::sample::select(&["", "a", "b", "ab"][..]),
+        inner in prop::collection::vec(prop::sample::select(&["a", "b", "ab"][..]), 0..3),
+        last in prop::sample::select(&["", "a", "b", "ab"][..]),
         seg in "[ab]{1,8}",
     ) {
+        // Parts joined by `*`. Only the first and the last may be empty, so no `**` (a deep
+        // wildcard) appears: generated, not rejected (a quarter of the patterns would be, and
+        // proptest aborts past 1,024 rejects).
+        let parts: Vec<&str> = std::iter::once(first).chain(inner).chain(std::iter::once(last)).collect();
         let pattern_seg = parts.join("*");
-        prop_assume!(!pattern_seg.contains("**"));
+        prop_assert!(!pattern_seg.contains("**"));
         let g = PathGlob::parse(&format!("/{pattern_seg}")).expect("valid");
         let p = normalize(&format!("/{seg}")).expect("valid");
         prop_assert_eq!(g.matches(&p), naive_wildcard(pattern_seg.as_bytes(), seg.as_bytes()));
