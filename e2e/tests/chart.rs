@@ -300,6 +300,29 @@ mod custom {
         pub match_names: Vec<String>,
     }
 
+    /// `monitoring.coreos.com/v1` `PodMonitor`.
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct PodMonitor {
+        pub api_version: String,
+        pub kind: String,
+        pub metadata: ObjectMeta,
+        pub spec: PodMonitorSpec,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct PodMonitorSpec {
+        pub namespace_selector: AnyNamespace,
+        pub selector: LabelSelector,
+        pub pod_metrics_endpoints: Vec<Endpoint>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct AnyNamespace {
+        pub any: bool,
+    }
+
     #[derive(Debug, Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct Endpoint {
@@ -333,6 +356,7 @@ struct Manifests {
     issuers: Vec<custom::Issuer>,
     certificates: Vec<custom::Certificate>,
     service_monitors: Vec<custom::ServiceMonitor>,
+    pod_monitors: Vec<custom::PodMonitor>,
 }
 
 /// Pushes `doc` into `m.$field` and returns when its apiVersion and kind are those of `$ty`.
@@ -386,6 +410,7 @@ impl Manifests {
             ("cert-manager.io/v1", "Issuer") => m.issuers.push(strict(doc)?),
             ("cert-manager.io/v1", "Certificate") => m.certificates.push(strict(doc)?),
             ("monitoring.coreos.com/v1", "ServiceMonitor") => m.service_monitors.push(strict(doc)?),
+            ("monitoring.coreos.com/v1", "PodMonitor") => m.pod_monitors.push(strict(doc)?),
             _ => return Err("a kind this test does not know: add it to Manifests".to_string()),
         }
         Ok(())
@@ -1075,6 +1100,7 @@ fn default_values_render_a_complete_installation() {
     let operator_pods = labels_of(&m.deployment("custos-operator").spec.as_ref().unwrap().template);
     assert!(selects(&match_labels(pdb_spec.selector.as_ref().unwrap()), &operator_pods));
     assert!(m.service_monitors.is_empty() && m.certificates.is_empty() && m.issuers.is_empty());
+    assert!(m.pod_monitors.is_empty());
     let mutating = &m.mutating[0].webhooks.as_ref().unwrap()[0];
     assert_eq!(mutating.failure_policy.as_deref(), Some("Fail"));
 }
@@ -1157,8 +1183,41 @@ fn production_values_render_cert_manager_postgres_and_monitoring() {
         let labels = monitor.metadata.labels.clone().unwrap_or_default();
         assert_eq!(labels.get("release").map(String::as_str), Some("kube-prometheus-stack"));
     }
+    check_sidecar_pod_monitor(&m);
     check_network_policies(&m);
     assert_eq!(m.pdbs[0].spec.as_ref().unwrap().min_available, Some(IntOrString::Int(2)));
+}
+
+/// The PodMonitor scrapes `/metrics` on the port and the pod label the injection gives every
+/// sidecar, in every namespace.
+fn check_sidecar_pod_monitor(m: &Manifests) {
+    use custos_operator_core::inject::ADMIN_PORT_NAME;
+    use custos_operator_core::names::{SIDECAR_LABEL, SIDECAR_LABEL_VALUE};
+    let [monitor] = m.pod_monitors.as_slice() else { panic!("one PodMonitor, got {}", m.pod_monitors.len()) };
+    assert_eq!(
+        (monitor.api_version.as_str(), monitor.kind.as_str()),
+        ("monitoring.coreos.com/v1", "PodMonitor")
+    );
+    assert!(monitor.spec.namespace_selector.any, "the sidecars run in the protected namespaces");
+    let selector = match_labels(&monitor.spec.selector);
+    assert_eq!(selector, BTreeMap::from([(SIDECAR_LABEL.to_string(), SIDECAR_LABEL_VALUE.to_string())]));
+    let [endpoint] = monitor.spec.pod_metrics_endpoints.as_slice() else { panic!("one endpoint") };
+    assert_eq!((endpoint.port.as_str(), endpoint.path.as_deref()), (ADMIN_PORT_NAME, Some("/metrics")));
+    assert!(endpoint.interval.is_some() && endpoint.scrape_timeout.is_some());
+    let labels = monitor.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(labels.get("release").map(String::as_str), Some("kube-prometheus-stack"));
+}
+
+#[test]
+fn the_sidecar_pod_monitor_is_a_value_away() {
+    let m = Variant::production().with("serviceMonitor.sidecars=false").render();
+    assert_eq!(m.service_monitors.len(), 2);
+    assert!(m.pod_monitors.is_empty());
+    let m = Variant::defaults()
+        .with("serviceMonitor.enabled=true")
+        .with("serviceMonitor.labels.release=kube-prometheus-stack")
+        .render();
+    check_sidecar_pod_monitor(&m);
 }
 
 #[test]

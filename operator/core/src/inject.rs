@@ -51,7 +51,8 @@
 //!   capabilities dropped and the runtime's default seccomp profile.
 //!
 //! The app containers and their ports are not touched. The pod is annotated
-//! `custos.dev/injected=<selecting policies, comma-separated>`.
+//! `custos.dev/injected=<selecting policies, comma-separated>` and labelled
+//! `custos.dev/sidecar=injected`, which the chart's PodMonitor selects the sidecars by.
 
 mod selection;
 mod sidecar;
@@ -64,7 +65,10 @@ use custos_api::DataAccessPolicy;
 use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use crate::names::{INJECT_ANNOTATION, INJECTED_ANNOTATION, NAMESPACE_INJECTION_LABEL, SIDECAR_CONTAINER};
+use crate::names::{
+    INJECT_ANNOTATION, INJECTED_ANNOTATION, NAMESPACE_INJECTION_LABEL, SIDECAR_CONTAINER, SIDECAR_LABEL,
+    SIDECAR_LABEL_VALUE,
+};
 
 pub use crate::selector::selector_matches;
 pub use sidecar::{
@@ -452,6 +456,11 @@ pub fn inject<P: Borrow<DataAccessPolicy>>(
         .annotations
         .get_or_insert_with(BTreeMap::new)
         .insert(INJECTED_ANNOTATION.to_string(), names.join(","));
+    injected
+        .metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(SIDECAR_LABEL.to_string(), SIDECAR_LABEL_VALUE.to_string());
     let pod_spec = injected.spec.get_or_insert_with(Default::default);
     if settings.native_sidecar {
         pod_spec.init_containers.get_or_insert_with(Vec::new).push(container);

@@ -19,6 +19,11 @@ pub const INJECT_ANNOTATION: &str = "custos.dev/inject";
 pub const NAMESPACE_INJECTION_LABEL: &str = "custos.dev/injection";
 /// Pod annotation the injector sets, naming the policies that selected the pod.
 pub const INJECTED_ANNOTATION: &str = "custos.dev/injected";
+/// Pod label the injector sets, with the value [`SIDECAR_LABEL_VALUE`], on every pod it gives
+/// the sidecar: what a PodMonitor (the chart's) selects the sidecars to scrape by.
+pub const SIDECAR_LABEL: &str = "custos.dev/sidecar";
+/// Value of [`SIDECAR_LABEL`].
+pub const SIDECAR_LABEL_VALUE: &str = "injected";
 /// Name of the injected sidecar container.
 pub const SIDECAR_CONTAINER: &str = "custos-sidecar";
 /// Port of the sidecar's admin server (/healthz, /ready, /metrics).

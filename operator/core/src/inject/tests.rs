@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proptest::prelude::*;
 
 use super::*;
-use crate::names::{INJECTED_ANNOTATION, SIDECAR_ADMIN_PORT};
+use crate::names::{INJECTED_ANNOTATION, SIDECAR_ADMIN_PORT, SIDECAR_LABEL, SIDECAR_LABEL_VALUE};
 
 const NS: &str = "logistics";
 const NO_POLICIES: &[DataAccessPolicy] = &[];
@@ -143,6 +143,11 @@ fn a_selected_pod_gets_the_sidecar() {
     let (out, names) = injected(run(&pod, &policies));
     assert_eq!(names, vec!["customer-api".to_string()]);
     assert_eq!(out.metadata.annotations.as_ref().unwrap()[INJECTED_ANNOTATION], "customer-api");
+    let labels = out.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels.get(SIDECAR_LABEL).map(String::as_str), Some(SIDECAR_LABEL_VALUE));
+    for (key, value) in pod.metadata.labels.iter().flatten() {
+        assert_eq!(labels.get(key), Some(value), "the pod's own labels stay");
+    }
 
     let spec = out.spec.as_ref().unwrap();
     assert_eq!(spec.containers.len(), 2);
@@ -598,7 +603,10 @@ proptest! {
                 prop_assert_eq!(&names, &expected);
                 let app = &out.spec.as_ref().unwrap().containers[0];
                 prop_assert_eq!(app, &pod.spec.as_ref().unwrap().containers[0]);
-                prop_assert_eq!(out.metadata.labels.as_ref(), Some(&pod_labels));
+                // The pod's labels, and the sidecar label.
+                let mut want_labels = pod_labels.clone();
+                want_labels.insert(SIDECAR_LABEL.to_string(), SIDECAR_LABEL_VALUE.to_string());
+                prop_assert_eq!(out.metadata.labels.as_ref(), Some(&want_labels));
                 prop_assert_eq!(
                     inject(&out, NS, &ns_labels, &policies, &settings),
                     Injection::Skip(SkipReason::AlreadyInjected)
