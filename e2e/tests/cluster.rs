@@ -263,6 +263,12 @@ async fn an_injected_pod_admitted_again_is_unchanged() {
     let injected =
         pods.create(&PostParams::default(), &pod("first", "customer-api", json!({}))).await.unwrap();
     assert!(container_names(&injected).contains(&"custos-sidecar".to_string()));
+    let sidecar_label = injected.metadata.labels.as_ref().and_then(|l| l.get("custos.dev/sidecar"));
+    assert_eq!(
+        sidecar_label.map(String::as_str),
+        Some("injected"),
+        "the label the chart's PodMonitor selects"
+    );
 
     // The injected pod, as the API server returned it, admitted again (dry run, new name).
     let mut again = injected.clone();
