@@ -73,7 +73,8 @@ pub struct Options {
     /// Who may reach the sidecars' admin port ([`SIDECAR_ADMIN_PORT`]: `/metrics`, `/ready`,
     /// `/healthz`) through the NetworkPolicies derived from the policies, e.g. the monitoring
     /// namespace's Prometheus. Empty: nobody; a policy's NetworkPolicy opens its proxy port
-    /// only, and a Prometheus outside the node cannot scrape the sidecars.
+    /// only, and where the cluster enforces it a Prometheus in another pod cannot scrape the
+    /// sidecars (the kubelet's probes come from the node, which NetworkPolicies let through).
     pub sidecar_metrics_from: Vec<NetworkPolicyPeer>,
 }
 
