@@ -73,7 +73,7 @@ use crate::names::{
 pub use crate::selector::selector_matches;
 pub use sidecar::{
     ADMIN_PORT_NAME, COLLECTOR_TOKEN_DIR, COLLECTOR_TOKEN_KEY, CONFIG_DIR, HASH_KEY_DIR, HASH_KEY_KEY,
-    JWKS_DIR, MANAGED_ENV, POD_INFO_DIR, PROXY_PORT_NAME, SPOOL_DIR, is_managed_flag,
+    JWKS_DIR, MANAGED_ENV, POD_INFO_DIR, PROXY_PORT_NAME, SHUTDOWN_DELAY, SPOOL_DIR, is_managed_flag,
 };
 
 /// Value of the namespace label [`NAMESPACE_INJECTION_LABEL`] that turns injection on for

@@ -115,6 +115,13 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_UPSTREAM_MAX_CONNECTIONS", value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub upstream_max_connections: u32,
 
+    /// How long to keep accepting and serving after SIGTERM, with /ready answering 503, before
+    /// draining: the time the cluster takes to stop routing new connections to a terminating
+    /// pod (e.g. 5s for a sidecar that stops together with its app; 0 for a native sidecar,
+    /// which Kubernetes stops after the app).
+    #[arg(long, env = "CUSTOS_SHUTDOWN_DELAY", value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// How long in-flight requests may take to finish on SIGTERM.
     #[arg(long, env = "CUSTOS_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -180,6 +187,7 @@ impl SidecarArgs {
                 upstream_max_connections: self.upstream_max_connections as usize,
             },
             cluster: self.cluster,
+            shutdown_delay: self.shutdown_delay,
             drain_timeout: self.drain_timeout,
             proxy_threads: self.proxy_threads.unwrap_or_else(crate::settings::default_proxy_threads),
             ..SidecarSettings::new(self.config)

@@ -100,9 +100,9 @@ impl RunningSidecar {
         self.admin_addr
     }
 
-    /// Graceful shutdown: `/ready` turns 503, the proxy stops accepting, in-flight requests
-    /// finish (bounded by the drain time-out), pending audit events are delivered or spooled
-    /// (bounded), then the admin server stops.
+    /// Graceful shutdown: `/ready` turns 503, the proxy serves on for the shutdown delay, then
+    /// stops accepting, in-flight requests finish (bounded by the drain time-out), pending audit
+    /// events are delivered or spooled (bounded), then the admin server stops.
     pub async fn shutdown(self) -> Result<(), Error> {
         let _ = self.trigger.send(true);
         self.supervisor.await.map_err(|e| Error::Task(e.to_string()))
@@ -233,15 +233,18 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
     let admin_addr =
         admin_listener.local_addr().map_err(|e| Error::Bind { addr: settings.admin, source: e })?;
 
-    let (trigger, trigger_rx) = watch::channel(false);
+    // `trigger` asks for the shutdown; `stop` stops the proxy and the background tasks after
+    // the shutdown delay.
+    let (trigger, mut trigger_rx) = watch::channel(false);
+    let (stop, stop_rx) = watch::channel(false);
     let proxy_task = match listener {
         Some(listener) => threads::ProxyTask::Local(tokio::spawn(server::serve_proxy(
             listener,
             shared.clone(),
-            trigger_rx.clone(),
+            stop_rx.clone(),
             settings.drain_timeout,
         ))),
-        None => threads::spawn(listeners, &shared, &trigger_rx, settings.drain_timeout)?,
+        None => threads::spawn(listeners, &shared, &stop_rx, settings.drain_timeout)?,
     };
     let reload_task = tokio::spawn(state::watch_config(
         config.clone(),
@@ -250,7 +253,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         cache,
         content_hash(&bytes),
         settings.reload_interval,
-        trigger_rx.clone(),
+        stop_rx.clone(),
     ));
     let usage_task = tokio::spawn(usage::run(
         quotas,
@@ -258,7 +261,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         config.clone(),
         metrics.clone(),
         usage_interval,
-        trigger_rx.clone(),
+        stop_rx,
     ));
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let admin = Arc::new(server::Admin { registry, config: config.clone() });
@@ -266,12 +269,17 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
     tracing::info!(%proxy_addr, %admin_addr, "custos sidecar started");
 
     let shipper_deadline = settings.shipper_shutdown_timeout;
-    let mut stop = trigger_rx;
+    let shutdown_delay = settings.shutdown_delay;
     let supervisor = tokio::spawn(async move {
         // Stops when triggered, or when the handle is dropped.
-        let _ = stop.wait_for(|s| *s).await;
-        tracing::info!("shutting down: draining in-flight requests");
+        let _ = trigger_rx.wait_for(|s| *s).await;
         config.shutting_down();
+        if !shutdown_delay.is_zero() {
+            tracing::info!(delay = ?shutdown_delay, "shutting down: unready, still serving for the shutdown delay");
+            tokio::time::sleep(shutdown_delay).await;
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+        let _ = stop.send(true);
         proxy_task.wait().await;
         let _ = reload_task.await;
         let _ = usage_task.await;

@@ -134,6 +134,11 @@ pub struct SidecarSettings {
     pub cluster: Option<String>,
     /// How often the config file is checked for changes.
     pub reload_interval: Duration,
+    /// How long the proxy keeps accepting and serving after a shutdown is asked for, with
+    /// `/ready` answering 503, before it stops accepting and drains: the time Kubernetes takes
+    /// to take a terminating pod out of its Services' endpoints, during which new connections
+    /// still arrive. Zero: stop accepting at once.
+    pub shutdown_delay: Duration,
     /// How long in-flight requests may take to finish on shutdown.
     pub drain_timeout: Duration,
     /// How long pending audit events may take to be flushed or spooled on shutdown.
@@ -168,6 +173,7 @@ impl SidecarSettings {
             limits: ProxyLimits::default(),
             cluster: None,
             reload_interval: Duration::from_millis(500),
+            shutdown_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(20),
             shipper_shutdown_timeout: Duration::from_secs(5),
             proxy_threads: default_proxy_threads(),

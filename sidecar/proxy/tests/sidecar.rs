@@ -761,6 +761,34 @@ async fn shutdown_drains_in_flight_requests_and_flushes_events() {
     assert_eq!(events[0]["path"], "/delay/x");
 }
 
+/// With a shutdown delay the sidecar turns unready at once but keeps accepting and serving new
+/// connections until the delay is over (the cluster is still routing to the pod), then stops.
+#[tokio::test]
+async fn a_shutdown_delay_keeps_serving_while_unready() {
+    let mut f = start(policy(main_rules()), |s| s.shutdown_delay = Duration::from_secs(3)).await;
+    let (proxy, admin) = (f.proxy(), f.admin());
+    assert_eq!(admin_get(admin, "/ready").await.status, 200);
+    let sidecar = f.sidecar.take().unwrap();
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(sidecar.shutdown());
+    let mut ready = http::StatusCode::OK;
+    for _ in 0..200 {
+        ready = admin_get(admin, "/ready").await.status;
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(ready, 503, "/ready must turn 503 as soon as the shutdown is asked for");
+    // A new connection, made after the pod turned unready, is still served.
+    assert_eq!(get(proxy, "/open/late").await.status, 200);
+    assert!(!stopping.is_finished(), "stopped before the delay");
+    stopping.await.unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(3), "stopped after {:?}", started.elapsed());
+    assert!(tokio::net::TcpStream::connect(proxy).await.is_err(), "still accepting after the delay");
+    assert_eq!(f.upstream.targets(), ["/open/late"]);
+}
+
 #[tokio::test]
 async fn admin_endpoints_and_metrics() {
     let mut f = start(policy(main_rules()), |_| {}).await;

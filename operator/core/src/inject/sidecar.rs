@@ -158,6 +158,14 @@ fn http_probe(path: &str, period_seconds: i32) -> Probe {
 /// with eager commit, 24 MB without, throughput unchanged. The image sets the same (Dockerfile).
 pub const ALLOCATOR_ENV: [(&str, &str); 1] = [("MIMALLOC_ARENA_EAGER_COMMIT", "0")];
 
+/// Shutdown delay of a sidecar injected as a regular container (`CUSTOS_SHUTDOWN_DELAY`). It
+/// gets SIGTERM together with the app while the cluster still routes new connections to the
+/// pod for a few seconds (until the endpoints are updated everywhere), so it keeps serving,
+/// unready, this long before it stops accepting. A native sidecar is stopped after the app and
+/// gets none. `--shutdown-delay` among the extra arguments overrides it (a flag beats its
+/// environment variable), which is why it is not in [`MANAGED_ENV`].
+pub const SHUTDOWN_DELAY: &str = "5s";
+
 /// The `custos sidecar` settings the injection sets, as environment variables. The flag of
 /// the same name (`CUSTOS_HASH_KEY_FILE`: `--hash-key-file`) would override one, so extra
 /// arguments may not name them ([`is_managed_flag`]).
@@ -218,6 +226,9 @@ pub(super) fn container(plan: &SidecarPlan<'_>, settings: &InjectSettings) -> Co
     }
     if settings.hash_key_secret.is_some() {
         env.push(env_value("CUSTOS_HASH_KEY_FILE", format!("{HASH_KEY_DIR}/{HASH_KEY_KEY}")));
+    }
+    if !settings.native_sidecar {
+        env.push(env_value("CUSTOS_SHUTDOWN_DELAY", SHUTDOWN_DELAY.to_string()));
     }
 
     let mut mounts = vec![

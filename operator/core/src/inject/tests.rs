@@ -191,6 +191,7 @@ fn a_selected_pod_gets_the_sidecar() {
     assert_eq!(env_value(c, "CUSTOS_SPOOL_DIR").as_deref(), Some(SPOOL_DIR));
     assert_eq!(env_value(c, "CUSTOS_JWKS_DIR").as_deref(), Some(JWKS_DIR));
     assert_eq!(env_value(c, "CUSTOS_PROXY_THREADS").as_deref(), Some("2"));
+    assert_eq!(env_value(c, "CUSTOS_SHUTDOWN_DELAY").as_deref(), Some(SHUTDOWN_DELAY));
     assert_eq!(env_of(c, "CUSTOS_UPSTREAM"), None, "the policy names the app port");
     assert_eq!(env_of(c, "CUSTOS_COLLECTOR"), None);
     for (name, field) in [("CUSTOS_POD_NAME", "metadata.name"), ("CUSTOS_NAMESPACE", "metadata.namespace")] {
@@ -469,11 +470,13 @@ fn collector_and_hash_key_settings_reach_the_sidecar() {
     assert_eq!(hash.items.as_ref().unwrap()[0].key, HASH_KEY_KEY);
     assert_eq!(mount_path(c, "custos-collector-token").as_deref(), Some(COLLECTOR_TOKEN_DIR));
     assert_eq!(mount_path(c, "custos-hash-key").as_deref(), Some(HASH_KEY_DIR));
-    // Every `custos sidecar` setting the injection makes is one extra arguments may not name.
+    // Every `custos sidecar` setting the injection makes is one extra arguments may not name,
+    // but the shutdown delay: a default they may override.
     let set: Vec<&str> =
         c.env.iter().flatten().map(|e| e.name.as_str()).filter(|n| n.starts_with("CUSTOS_")).collect();
     let managed: Vec<&str> = MANAGED_ENV.to_vec();
-    assert_eq!(set.iter().filter(|n| !managed.contains(n)).collect::<Vec<_>>(), Vec::<&&str>::new());
+    assert_eq!(set.iter().filter(|n| !managed.contains(n)).collect::<Vec<_>>(), [&"CUSTOS_SHUTDOWN_DELAY"]);
+    assert!(!is_managed_flag("--shutdown-delay"));
     assert!(
         is_managed_flag("--hash-key-file")
             && is_managed_flag("--proxy-threads")
@@ -551,6 +554,7 @@ fn a_native_sidecar_is_an_always_restarting_init_container() {
     assert_eq!(init.len(), 1);
     assert_eq!(init[0].name, SIDECAR_CONTAINER);
     assert_eq!(init[0].restart_policy.as_deref(), Some("Always"));
+    assert_eq!(env_of(&init[0], "CUSTOS_SHUTDOWN_DELAY"), None, "stopped after the app: no delay");
 }
 
 #[test]
