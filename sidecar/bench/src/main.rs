@@ -72,7 +72,7 @@ struct Args {
     /// Run as in a pod: the load generator (wrk, h2load), the app (this process), the proxies
     /// and the collector each in a cgroup of its own with equal CPU weight, so that a
     /// proxy's thread count does not decide its share of the CPUs (needs root and the cgroup
-    /// v1 cpu controller). The fixed-rate load generator runs in this process, with the app:
+    /// v1 or v2 cpu controller). The fixed-rate load generator runs in this process, with the app:
     /// at 2,000 req/s the CPUs are not contended.
     #[arg(long)]
     cgroups: bool,
@@ -618,10 +618,11 @@ fn main() -> Result<()> {
         rounds.push(results.into_iter().flatten().collect());
     }
     let mut table = peak_table(&targets.map(|(name, _)| name), &rounds, args.connections);
-    if cgroups.is_some() {
+    if let Some(cgroups) = &cgroups {
         let _ = writeln!(
             table,
-            "\n--cgroups: load generator, app, proxies and collector each in a cgroup of its own (cpu.shares 1024 each), as containers in a pod"
+            "\n--cgroups: load generator, app, proxies and collector each in a cgroup of its own ({}), as containers in a pod",
+            cgroups.weights()
         );
     }
     let _ = writeln!(
