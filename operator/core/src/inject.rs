@@ -73,7 +73,8 @@ use crate::names::{
 pub use crate::selector::selector_matches;
 pub use sidecar::{
     ADMIN_PORT_NAME, COLLECTOR_TOKEN_DIR, COLLECTOR_TOKEN_KEY, CONFIG_DIR, HASH_KEY_DIR, HASH_KEY_KEY,
-    JWKS_DIR, MANAGED_ENV, POD_INFO_DIR, PROXY_PORT_NAME, SHUTDOWN_DELAY, SPOOL_DIR, is_managed_flag,
+    JWKS_DIR, MANAGED_ENV, POD_INFO_DIR, PROXY_PORT_NAME, SHUTDOWN_DELAY_SECONDS, SPOOL_DIR, is_managed_flag,
+    shutdown_delay_seconds,
 };
 
 /// Value of the namespace label [`NAMESPACE_INJECTION_LABEL`] that turns injection on for
@@ -447,7 +448,12 @@ pub fn inject<P: Borrow<DataAccessPolicy>>(
     }
 
     let container = sidecar::container(
-        &sidecar::SidecarPlan { proxy_port, upstream_port, jwks_secrets: &jwks_secrets },
+        &sidecar::SidecarPlan {
+            proxy_port,
+            upstream_port,
+            jwks_secrets: &jwks_secrets,
+            grace_period_seconds: pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds),
+        },
         settings,
     );
     let mut injected = pod.clone();

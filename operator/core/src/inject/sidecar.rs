@@ -47,6 +47,8 @@ pub(super) struct SidecarPlan<'a> {
     pub upstream_port: Option<u16>,
     /// JWKS Secrets to mount, sorted.
     pub jwks_secrets: &'a [String],
+    /// The pod's `terminationGracePeriodSeconds`, when it sets one.
+    pub grace_period_seconds: Option<i64>,
 }
 
 /// Volume name of the `index`-th JWKS Secret. Secret names can be 253 characters long and
@@ -158,13 +160,22 @@ fn http_probe(path: &str, period_seconds: i32) -> Probe {
 /// with eager commit, 24 MB without, throughput unchanged. The image sets the same (Dockerfile).
 pub const ALLOCATOR_ENV: [(&str, &str); 1] = [("MIMALLOC_ARENA_EAGER_COMMIT", "0")];
 
-/// Shutdown delay of a sidecar injected as a regular container (`CUSTOS_SHUTDOWN_DELAY`). It
-/// gets SIGTERM together with the app while the cluster still routes new connections to the
-/// pod for a few seconds (until the endpoints are updated everywhere), so it keeps serving,
-/// unready, this long before it stops accepting. A native sidecar is stopped after the app and
-/// gets none. `--shutdown-delay` among the extra arguments overrides it (a flag beats its
-/// environment variable), which is why it is not in [`MANAGED_ENV`].
-pub const SHUTDOWN_DELAY: &str = "5s";
+/// Shutdown delay, in seconds, of a sidecar injected as a regular container
+/// (`CUSTOS_SHUTDOWN_DELAY`). It gets SIGTERM together with the app while the cluster still
+/// routes new connections to the pod for a few seconds (until the endpoints are updated
+/// everywhere), so it keeps serving, unready, this long before it stops accepting. A native
+/// sidecar is stopped after the app and gets none. `--shutdown-delay` among the extra
+/// arguments overrides it (a flag beats its environment variable), which is why it is not in
+/// [`MANAGED_ENV`]. See [`shutdown_delay_seconds`] for pods with a short grace period.
+pub const SHUTDOWN_DELAY_SECONDS: i64 = 5;
+
+/// The shutdown delay for a pod whose `terminationGracePeriodSeconds` is `grace` (the
+/// Kubernetes default, 30, when unset): [`SHUTDOWN_DELAY_SECONDS`], but at most a quarter of
+/// the grace period, so that the drain and the flush of audit events that follow it still fit
+/// before the kubelet kills the sidecar. 0: none.
+pub fn shutdown_delay_seconds(grace: Option<i64>) -> i64 {
+    (grace.unwrap_or(30) / 4).clamp(0, SHUTDOWN_DELAY_SECONDS)
+}
 
 /// The `custos sidecar` settings the injection sets, as environment variables. The flag of
 /// the same name (`CUSTOS_HASH_KEY_FILE`: `--hash-key-file`) would override one, so extra
@@ -227,8 +238,9 @@ pub(super) fn container(plan: &SidecarPlan<'_>, settings: &InjectSettings) -> Co
     if settings.hash_key_secret.is_some() {
         env.push(env_value("CUSTOS_HASH_KEY_FILE", format!("{HASH_KEY_DIR}/{HASH_KEY_KEY}")));
     }
-    if !settings.native_sidecar {
-        env.push(env_value("CUSTOS_SHUTDOWN_DELAY", SHUTDOWN_DELAY.to_string()));
+    let delay = shutdown_delay_seconds(plan.grace_period_seconds);
+    if !settings.native_sidecar && delay > 0 {
+        env.push(env_value("CUSTOS_SHUTDOWN_DELAY", format!("{delay}s")));
     }
 
     let mut mounts = vec![

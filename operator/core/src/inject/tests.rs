@@ -191,7 +191,7 @@ fn a_selected_pod_gets_the_sidecar() {
     assert_eq!(env_value(c, "CUSTOS_SPOOL_DIR").as_deref(), Some(SPOOL_DIR));
     assert_eq!(env_value(c, "CUSTOS_JWKS_DIR").as_deref(), Some(JWKS_DIR));
     assert_eq!(env_value(c, "CUSTOS_PROXY_THREADS").as_deref(), Some("2"));
-    assert_eq!(env_value(c, "CUSTOS_SHUTDOWN_DELAY").as_deref(), Some(SHUTDOWN_DELAY));
+    assert_eq!(env_value(c, "CUSTOS_SHUTDOWN_DELAY").as_deref(), Some("5s"));
     assert_eq!(env_of(c, "CUSTOS_UPSTREAM"), None, "the policy names the app port");
     assert_eq!(env_of(c, "CUSTOS_COLLECTOR"), None);
     for (name, field) in [("CUSTOS_POD_NAME", "metadata.name"), ("CUSTOS_NAMESPACE", "metadata.namespace")] {
@@ -555,6 +555,28 @@ fn a_native_sidecar_is_an_always_restarting_init_container() {
     assert_eq!(init[0].name, SIDECAR_CONTAINER);
     assert_eq!(init[0].restart_policy.as_deref(), Some("Always"));
     assert_eq!(env_of(&init[0], "CUSTOS_SHUTDOWN_DELAY"), None, "stopped after the app: no delay");
+}
+
+#[test]
+fn the_shutdown_delay_fits_the_grace_period() {
+    // (terminationGracePeriodSeconds, CUSTOS_SHUTDOWN_DELAY)
+    for (grace, delay) in [
+        (None, Some("5s")),
+        (Some(30), Some("5s")),
+        (Some(120), Some("5s")),
+        (Some(12), Some("3s")),
+        (Some(4), Some("1s")),
+        (Some(3), None),
+        (Some(0), None),
+        (Some(-1), None),
+    ] {
+        let (mut pod, policies) = app_selected();
+        pod.spec.as_mut().unwrap().termination_grace_period_seconds = grace;
+        let (out, _) = injected(run(&pod, &policies));
+        assert_eq!(env_value(sidecar(&out), "CUSTOS_SHUTDOWN_DELAY").as_deref(), delay, "grace {grace:?}");
+    }
+    assert_eq!(shutdown_delay_seconds(Some(i64::MAX)), SHUTDOWN_DELAY_SECONDS);
+    assert_eq!(shutdown_delay_seconds(Some(i64::MIN)), 0);
 }
 
 #[test]
