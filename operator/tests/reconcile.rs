@@ -26,8 +26,9 @@ use custos_operator_core::desired::conditions::*;
 use custos_operator_core::desired::{CONFIG_HASH_ANNOTATION, Options};
 use custos_operator_core::names::FINALIZER;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
+use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
@@ -398,21 +399,12 @@ async fn pods_of_namespaces_the_operator_does_not_watch_are_not_read() {
 
 /// The ports of the ingress rules of NetworkPolicy `name` as stored.
 async fn ingress_ports(client: &kube::Client, name: &str) -> Vec<Vec<i32>> {
-    let np = Api::<NetworkPolicy>::namespaced(client.clone(), NS).get(name).await.unwrap();
-    let rules = np.spec.unwrap().ingress.unwrap_or_default();
-    rules
-        .iter()
-        .map(|r| {
-            let ports = r.ports.clone().unwrap_or_default();
-            ports
-                .iter()
-                .filter_map(|p| match p.port {
-                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => Some(n),
-                    _ => None,
-                })
-                .collect()
-        })
-        .collect()
+    let rules = network_policy(client, NS, name).await.spec.unwrap().ingress.unwrap_or_default();
+    let port = |p: &NetworkPolicyPort| match p.port {
+        Some(IntOrString::Int(n)) => Some(n),
+        _ => None,
+    };
+    rules.iter().map(|r| r.ports.iter().flatten().filter_map(port).collect()).collect()
 }
 
 #[tokio::test]
@@ -439,7 +431,7 @@ async fn metrics_sources_open_the_sidecars_admin_port_on_the_next_reconcile() {
     let outcome = reconcile_namespace(&ctx, NS).await.unwrap();
     assert_eq!(outcome.network_policies_applied, 1);
     assert_eq!(ingress_ports(&client, "custos-orders").await, [vec![15080], vec![15090]]);
-    let np = Api::<NetworkPolicy>::namespaced(client.clone(), NS).get("custos-orders").await.unwrap();
+    let np = network_policy(&client, NS, "custos-orders").await;
     assert_eq!(np.spec.unwrap().ingress.unwrap()[1].from, Some(vec![monitoring]));
 
     // And closed again without it.

@@ -183,6 +183,11 @@ pub async fn sidecar_config(client: &kube::Client, ns: &str) -> SidecarConfig {
 }
 
 /// Names of the NetworkPolicies of `ns`, sorted.
+/// NetworkPolicy `name` of `ns`, as stored.
+pub async fn network_policy(client: &kube::Client, ns: &str, name: &str) -> NetworkPolicy {
+    Api::<NetworkPolicy>::namespaced(client.clone(), ns).get(name).await.expect("get NetworkPolicy")
+}
+
 pub async fn network_policy_names(client: &kube::Client, ns: &str) -> Vec<String> {
     let list =
         Api::<NetworkPolicy>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap();
