@@ -34,40 +34,13 @@ impl Cgroups {
         let own = fs::read_to_string("/proc/self/cgroup").context("cannot read /proc/self/cgroup")?;
         let dir = format!("custos-sidecar-bench-{}", std::process::id());
         let v1 = Path::new(V1_CPU);
-        let mut cgroups = if let (true, Some(relative)) =
-            (v1.join("cpu.shares").exists(), v1_cpu_cgroup(&own))
-        {
-            let home = v1.join(relative.trim_start_matches('/'));
-            let base = home.join(&dir);
-            Cgroups { home, base, names: Vec::new(), v2: false, enabled_root_cpu: None }
-        } else {
-            let mountinfo =
-                fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
-            let (Some(root), Some(relative)) = (v2_mount(&mountinfo), v2_cgroup(&own)) else {
-                bail!(
-                    "--cgroups needs the cpu controller of cgroup v1 (at {V1_CPU}) or cgroup v2; this machine has neither mounted"
-                );
-            };
-            let controllers = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-            if !controllers.split_whitespace().any(|c| c == "cpu") {
-                bail!(
-                    "--cgroups: the cgroup v2 hierarchy at {} has no cpu controller (is it bound to cgroup v1?)",
-                    root.display()
-                );
+        let mut cgroups = match v1_cpu_cgroup(&own) {
+            Some(relative) if v1.join("cpu.shares").exists() => {
+                let home = v1.join(relative.trim_start_matches('/'));
+                let base = home.join(&dir);
+                Cgroups { home, base, names: Vec::new(), v2: false, enabled_root_cpu: None }
             }
-            let subtree = root.join("cgroup.subtree_control");
-            let enabled = fs::read_to_string(&subtree).unwrap_or_default();
-            let enabled_root_cpu = if enabled.split_whitespace().any(|c| c == "cpu") {
-                None
-            } else {
-                fs::write(&subtree, "+cpu").with_context(|| {
-                    format!("cannot enable cpu in {} (--cgroups needs root)", subtree.display())
-                })?;
-                Some(subtree)
-            };
-            let home = root.join(relative.trim_start_matches('/'));
-            let base = root.join(&dir);
-            Cgroups { home, base, names: Vec::new(), v2: true, enabled_root_cpu }
+            _ => Self::v2(&own, &dir)?,
         };
         fs::create_dir(&cgroups.base)
             .with_context(|| format!("cannot create {} (--cgroups needs root)", cgroups.base.display()))?;
@@ -83,6 +56,35 @@ impl Cgroups {
             cgroups.names.push(name);
         }
         Ok(cgroups)
+    }
+
+    /// The cgroup v2 layout: `dir` under the hierarchy's root, with `cpu` turned on there if it
+    /// was not.
+    fn v2(own: &str, dir: &str) -> Result<Self> {
+        let mountinfo =
+            fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
+        let (Some(root), Some(relative)) = (v2_mount(&mountinfo), v2_cgroup(own)) else {
+            bail!(
+                "--cgroups needs the cpu controller of cgroup v1 (at {V1_CPU}) or cgroup v2; this machine has neither mounted"
+            );
+        };
+        if !lists_cpu(&root.join("cgroup.controllers")) {
+            bail!(
+                "--cgroups: the cgroup v2 hierarchy at {} has no cpu controller (is it bound to cgroup v1?)",
+                root.display()
+            );
+        }
+        let subtree = root.join("cgroup.subtree_control");
+        let enabled_root_cpu = if lists_cpu(&subtree) {
+            None
+        } else {
+            fs::write(&subtree, "+cpu").with_context(|| {
+                format!("cannot enable cpu in {} (--cgroups needs root)", subtree.display())
+            })?;
+            Some(subtree)
+        };
+        let home = root.join(relative.trim_start_matches('/'));
+        Ok(Cgroups { home, base: root.join(dir), names: Vec::new(), v2: true, enabled_root_cpu })
     }
 
     /// How the CPU is shared among the cgroups, for the report.
@@ -118,6 +120,12 @@ impl Drop for Cgroups {
             let _ = fs::write(subtree, "-cpu");
         }
     }
+}
+
+/// Whether the controller list in the file `path` (`cgroup.controllers`,
+/// `cgroup.subtree_control`) names `cpu`.
+fn lists_cpu(path: &Path) -> bool {
+    fs::read_to_string(path).unwrap_or_default().split_whitespace().any(|c| c == "cpu")
 }
 
 /// The path of the v1 `cpu` controller's cgroup in `/proc/self/cgroup` text
