@@ -92,6 +92,21 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_MAX_REQUEST_BODY_BYTES", value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_request_body_bytes: u64,
 
+    /// A request body up to this size is read whole before the app is called, so that slow
+    /// clients hold none of its connections; a larger one is forwarded as it arrives after
+    /// that much (0: every body as it arrives).
+    #[arg(long, env = "CUSTOS_REQUEST_BUFFER_BYTES", value_name = "BYTES", default_value_t = 64 * 1024)]
+    pub request_buffer_bytes: u64,
+
+    /// What all buffered request bodies may hold together; past it, bodies are forwarded as
+    /// they arrive.
+    #[arg(long, env = "CUSTOS_REQUEST_BUFFER_TOTAL_BYTES", value_name = "BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub request_buffer_total_bytes: u64,
+
+    /// The longest a client may pause while sending a request body (408 above).
+    #[arg(long, env = "CUSTOS_REQUEST_BODY_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub request_body_timeout: Duration,
+
     /// Maximum response body the sidecar buffers to transform, in bytes (502 above unless
     /// failOpen).
     #[arg(long, env = "CUSTOS_MAX_RESPONSE_BODY_BYTES", value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
@@ -161,6 +176,9 @@ impl SidecarArgs {
             }
             None => None,
         };
+        if self.request_body_timeout.is_zero() {
+            return Err(Error::Invalid("--request-body-timeout must be longer than 0s".into()));
+        }
         let collector = self.collector.map(|url| CollectorSettings {
             token_file: self.collector_token_file.clone(),
             spool_max_bytes: self.spool_max_bytes,
@@ -180,6 +198,9 @@ impl SidecarArgs {
             limits: ProxyLimits {
                 max_header_bytes: self.max_header_bytes,
                 max_request_body_bytes: self.max_request_body_bytes,
+                request_buffer_bytes: self.request_buffer_bytes,
+                request_buffer_total_bytes: self.request_buffer_total_bytes,
+                request_body_timeout: self.request_body_timeout,
                 max_response_body_bytes: self.max_response_body_bytes,
                 upstream_connect_timeout: self.upstream_connect_timeout,
                 upstream_timeout: self.upstream_timeout,
@@ -285,6 +306,43 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sidecar: SidecarArgs,
+    }
+
+    fn settings(flags: &[&str]) -> Result<SidecarSettings, String> {
+        use clap::Parser;
+        let argv = ["custos-sidecar", "--config", "/dev/null"].iter().chain(flags);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        cli.sidecar.into_settings().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn request_buffer_flags_and_their_defaults() {
+        let limits = settings(&[]).unwrap().limits;
+        assert_eq!(limits.request_buffer_bytes, 64 * 1024);
+        assert_eq!(limits.request_buffer_total_bytes, 32 * 1024 * 1024);
+        assert_eq!(limits.request_body_timeout, Duration::from_secs(30));
+        assert_eq!(limits, ProxyLimits { max_connections: 10_000, ..ProxyLimits::default() });
+        let limits = settings(&[
+            "--request-buffer-bytes=0",
+            "--request-buffer-total-bytes",
+            "1048576",
+            "--request-body-timeout=1500ms",
+        ])
+        .unwrap()
+        .limits;
+        assert_eq!(limits.request_buffer_bytes, 0);
+        assert_eq!(limits.request_buffer_total_bytes, 1 << 20);
+        assert_eq!(limits.request_body_timeout, Duration::from_millis(1500));
+        let err = settings(&["--request-body-timeout=0s"]).unwrap_err();
+        assert!(err.contains("--request-body-timeout must be longer than 0s"), "{err}");
+        let err = settings(&["--request-buffer-bytes=64KiB"]).unwrap_err();
+        assert!(err.contains("--request-buffer-bytes"), "{err}");
+    }
 
     #[test]
     fn durations() {

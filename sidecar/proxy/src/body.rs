@@ -1,19 +1,18 @@
 //! Body types of the proxy: the response body (which emits the request's audit event once it
-//! has been sent or dropped), the size-limited request body, and buffering and decoding of
-//! responses that must be transformed.
+//! has been sent or dropped), and buffering and decoding of responses that must be
+//! transformed. The request body is [`crate::request_body`]'s.
 
 use std::collections::VecDeque;
 use std::io::Read;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
 use crate::audit::PendingEvent;
+use crate::request_body::RequestBody;
 use crate::upstream::UpstreamBody;
 
 /// The app's response body (its connection goes back to the idle list when it ends).
@@ -124,18 +123,7 @@ impl Body for ProxyBody {
             Inner::Stream(body) => body.size_hint(),
             Inner::Chain { prefix, rest } => {
                 let buffered: u64 = prefix.iter().map(|b| b.len() as u64).sum();
-                match rest {
-                    None => SizeHint::with_exact(buffered),
-                    Some(body) => {
-                        let h = body.size_hint();
-                        let mut hint = SizeHint::new();
-                        hint.set_lower(h.lower().saturating_add(buffered));
-                        if let Some(upper) = h.upper() {
-                            hint.set_upper(upper.saturating_add(buffered));
-                        }
-                        hint
-                    }
-                }
+                buffered_then(buffered, rest.as_ref().map(Body::size_hint))
             }
         }
     }
@@ -152,70 +140,17 @@ impl Drop for ProxyBody {
     }
 }
 
-/// The request body forwarded to the app, cut off at the request body limit.
-pub(crate) struct RequestBody {
-    inner: Option<Incoming>,
-    remaining: u64,
-    exceeded: Arc<AtomicBool>,
-}
-
-/// The request body was larger than the limit.
-#[derive(Debug, thiserror::Error)]
-#[error("request body is larger than the limit")]
-pub(crate) struct RequestBodyTooLarge;
-
-impl RequestBody {
-    /// Wraps `body`; `exceeded` is set when more than `limit` bytes arrive.
-    pub(crate) fn new(body: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
-        RequestBody { inner: Some(body), remaining: limit, exceeded }
+/// The size of `buffered` bytes followed by a body of size `rest` (none: nothing follows).
+pub(crate) fn buffered_then(buffered: u64, rest: Option<SizeHint>) -> SizeHint {
+    let Some(rest) = rest else {
+        return SizeHint::with_exact(buffered);
+    };
+    let mut hint = SizeHint::new();
+    hint.set_lower(rest.lower().saturating_add(buffered));
+    if let Some(upper) = rest.upper() {
+        hint.set_upper(upper.saturating_add(buffered));
     }
-}
-
-/// No body (what a request the app may be sent again carries, see [`crate::upstream`]).
-impl Default for RequestBody {
-    fn default() -> Self {
-        RequestBody { inner: None, remaining: 0, exceeded: Arc::default() }
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let Some(body) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(body).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > this.remaining {
-                        this.exceeded.store(true, Ordering::Relaxed);
-                        this.inner = None;
-                        return Poll::Ready(Some(Err(Box::new(RequestBodyTooLarge))));
-                    }
-                    this.remaining -= len;
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
-    }
+    hint
 }
 
 /// A response body read into memory, or the part read before it went over the limit.
@@ -246,7 +181,8 @@ pub(crate) async fn collect_limited(mut body: AppBody, limit: u64) -> Result<Col
     Ok(Collected::Complete(concat(chunks, total)))
 }
 
-fn concat(mut chunks: VecDeque<Bytes>, total: u64) -> Bytes {
+/// The chunks as one buffer of `total` bytes (no copy for a single chunk).
+pub(crate) fn concat(mut chunks: VecDeque<Bytes>, total: u64) -> Bytes {
     if chunks.len() <= 1 {
         return chunks.pop_front().unwrap_or_default();
     }
@@ -329,6 +265,15 @@ mod tests {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         e.write_all(data).unwrap();
         Bytes::from(e.finish().unwrap())
+    }
+
+    #[test]
+    fn sizes_of_a_buffered_part_and_what_follows() {
+        assert_eq!(buffered_then(5, None).exact(), Some(5));
+        assert_eq!(buffered_then(5, Some(SizeHint::with_exact(10))).exact(), Some(15));
+        let open = buffered_then(5, Some(SizeHint::new()));
+        assert_eq!((open.lower(), open.upper()), (5, None));
+        assert_eq!(buffered_then(u64::MAX, Some(SizeHint::with_exact(1))).exact(), Some(u64::MAX));
     }
 
     #[test]

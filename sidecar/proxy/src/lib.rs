@@ -26,8 +26,10 @@
 //!    `WWW-Authenticate: Bearer` (an explicit Deny rule stays 403).
 //! 5. Quotas of the allowing rule per principal (`user:<id>`, else `workload:<ns>/<sa>`,
 //!    else `peer:<ip>`): 429 with `Retry-After`.
-//! 6. Forward with the normalised path (re-encoded) and the original query, method and
-//!    end-to-end headers, plus `x-forwarded-for`.
+//! 6. A request body up to the request buffer size is read before the app is called (408
+//!    when the client pauses too long; see `request_body`). Forward with the normalised path
+//!    (re-encoded) and the original query, method and end-to-end headers, plus
+//!    `x-forwarded-for`.
 //! 7. Responses of plans that need the body are read (up to the limit), gzip/deflate
 //!    decoded, transformed, and sent identity-encoded with a new `content-length`. Bodies that
 //!    cannot be transformed (not JSON, too large, unknown encoding) are a 502 in Enforce mode
@@ -47,6 +49,7 @@ mod error;
 mod latency;
 mod metrics;
 mod proxy;
+mod request_body;
 mod server;
 mod settings;
 mod state;
@@ -211,6 +214,10 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         pod_name: settings.pod_name.clone(),
         cluster: settings.cluster.clone(),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(settings.limits.max_connections)),
+        request_buffers: request_body::BufferBudget::new(
+            settings.limits.request_buffer_total_bytes,
+            metrics.request_buffer_bytes.clone(),
+        ),
     });
 
     let listen = settings

@@ -76,6 +76,9 @@ pub(crate) struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     pub transform_failures: Family<ReasonLabels, Counter>,
     pub connections: Gauge,
+    /// Bytes of request bodies held in memory (see [`crate::request_body::BufferBudget`]).
+    pub request_buffer_bytes: Gauge,
+    pub request_buffer_exhausted: Counter,
     pub usage_sync_failures: Counter,
     /// Counted by every proxy thread's [`crate::upstream::Upstream`].
     pub upstream: UpstreamCounters,
@@ -96,6 +99,8 @@ impl Metrics {
             config_reloads: Family::default(),
             transform_failures: Family::default(),
             connections: Gauge::default(),
+            request_buffer_bytes: Gauge::default(),
+            request_buffer_exhausted: Counter::default(),
             usage_sync_failures: Counter::default(),
             upstream: UpstreamCounters::default(),
         };
@@ -121,7 +126,7 @@ impl Metrics {
         r.register("quota_rejections", "Requests refused with 429, by limit", m.quota_rejections.clone());
         r.register(
             "limit_rejections",
-            "Requests refused by a proxy limit (header_bytes, request_body_bytes, response_body_bytes, upstream_connect, upstream_connections, upstream_timeout, connections)",
+            "Requests refused by a proxy limit (header_bytes, request_body_bytes, request_body_timeout, response_body_bytes, upstream_connect, upstream_connections, upstream_timeout, connections)",
             m.limit_rejections.clone(),
         );
         r.register("config_reloads", "Config reloads by result", m.config_reloads.clone());
@@ -131,6 +136,16 @@ impl Metrics {
             m.transform_failures.clone(),
         );
         r.register("connections", "Open client connections", m.connections.clone());
+        r.register(
+            "request_buffer_bytes",
+            "Bytes of request bodies read into memory before the app is called",
+            m.request_buffer_bytes.clone(),
+        );
+        r.register(
+            "request_buffer_exhausted",
+            "Request bodies forwarded as they arrived because the request buffers were full",
+            m.request_buffer_exhausted.clone(),
+        );
         r.register(
             "usage_sync_failures",
             "Failed fetches of cluster-wide usage from the collector",

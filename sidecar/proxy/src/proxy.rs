@@ -12,7 +12,6 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
@@ -27,14 +26,13 @@ use custos_transform::expr::{RequestVars, UserVars, Vars, WorkloadVars};
 use custos_transform::{HashKey, Outcome, Plan, TransformError, TransformStats};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use serde_json::json;
 
 use crate::audit::PendingEvent;
-use crate::body::{
-    AppBody, Collected, DecodeError, Encoding, ProxyBody, RequestBody, collect_limited, decode,
-};
+use crate::body::{AppBody, Collected, DecodeError, Encoding, ProxyBody, collect_limited, decode};
 use crate::metrics::{LimitLabels, Metrics, ReasonLabels, RuleLabels, ThreadCounters};
+use crate::request_body::{BufferBudget, BufferError, RequestBody, read_request_body};
 use crate::settings::ProxyLimits;
 use crate::state::{ConfigCell, PolicyState};
 use crate::upstream::{Upstream, UpstreamSettings};
@@ -83,6 +81,8 @@ pub(crate) struct Shared {
     pub cluster: Option<String>,
     /// Open client connections allowed, across all proxy threads.
     pub connection_slots: Arc<tokio::sync::Semaphore>,
+    /// Memory for request bodies read before the app is called, across all proxy threads.
+    pub request_buffers: Arc<BufferBudget>,
 }
 
 impl Shared {
@@ -467,16 +467,37 @@ async fn process(
     };
     drop(verdict);
     let is_head = req.method() == Method::HEAD;
-    let exceeded = Arc::new(AtomicBool::new(false));
-    let upstream_req = match upstream_request(
-        &state,
-        req,
-        &path,
-        &ctx.peer_ip,
-        exceeded.clone(),
+    let (parts, body) = req.into_parts();
+    let declared_length = if body.is_end_stream() { None } else { content_length(&parts.headers) };
+    let body = match read_request_body(
+        body,
+        declared_length,
         limits,
-        transform.as_ref(),
-    ) {
+        &shared.request_buffers,
+        &shared.metrics.request_buffer_exhausted,
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(BufferError::TooLarge) => {
+            shared.metrics.limit("request_body_bytes");
+            ctx.deny("request_body_too_large");
+            return body_too_large(limits.max_request_body_bytes);
+        }
+        Err(BufferError::TimedOut) => {
+            ctx.deny("request_body_timeout");
+            return body_timed_out(shared, limits.request_body_timeout);
+        }
+        Err(BufferError::Client(e)) => {
+            // The client closed its connection or sent a malformed chunk: the answer is
+            // likely never read, but the event says what happened.
+            tracing::debug!(error = %e, "the client's request body could not be read");
+            ctx.deny("request_body_incomplete");
+            return bad_request("the request body could not be read", "request_body_incomplete");
+        }
+    };
+    let progress = body.progress();
+    let upstream_req = match upstream_request(&state, parts, body, &path, &ctx.peer_ip, transform.as_ref()) {
         Ok(r) => r,
         Err(()) => {
             ctx.deny("bad_request");
@@ -490,7 +511,7 @@ async fn process(
     let response = match tokio::time::timeout_at(deadline, sent).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            if exceeded.load(Ordering::Relaxed) {
+            if progress.exceeded() {
                 shared.metrics.limit("request_body_bytes");
                 ctx.deny("request_body_too_large");
                 return body_too_large(limits.max_request_body_bytes);
@@ -515,6 +536,10 @@ async fn process(
                 StatusCode::BAD_GATEWAY,
                 json!({"error": "upstream unavailable", "reason": code}),
             );
+        }
+        Err(_) if progress.waiting_for_client() => {
+            ctx.deny("request_body_timeout");
+            return body_timed_out(shared, limits.upstream_timeout);
         }
         Err(_) => {
             shared.metrics.limit("upstream_timeout");
@@ -780,14 +805,12 @@ fn untransformable(
 /// `x-forwarded-for` appended.
 fn upstream_request(
     state: &PolicyState,
-    req: Request<Incoming>,
+    parts: http::request::Parts,
+    body: RequestBody,
     path: &NormalizedPath,
     ip: &str,
-    exceeded: Arc<AtomicBool>,
-    limits: &ProxyLimits,
     transform: Option<&TransformJob>,
 ) -> Result<Request<RequestBody>, ()> {
-    let (parts, body) = req.into_parts();
     let mut target = encode_path(path.as_str());
     if let Some(q) = path.query() {
         target.push('?');
@@ -812,7 +835,11 @@ fn upstream_request(
         // The body will be rewritten: ask for it uncompressed (gzip/deflate are decoded anyway).
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
-    let mut out = Request::new(RequestBody::new(body, limits.max_request_body_bytes, exceeded));
+    if !body.is_end_stream() && body.is_complete() {
+        // The whole body was read: the sidecar has answered any `100-continue` itself.
+        headers.remove(header::EXPECT);
+    }
+    let mut out = Request::new(body);
     *out.method_mut() = parts.method;
     *out.uri_mut() = uri;
     *out.version_mut() = Version::HTTP_11;
@@ -988,6 +1015,22 @@ fn forbidden(verdict: &Verdict<'_>) -> Response<ProxyBody> {
 
 fn bad_request(message: &str, code: &str) -> Response<ProxyBody> {
     error_response(StatusCode::BAD_REQUEST, json!({"error": message, "reason": code}))
+}
+
+/// 408: the client did not send its body within `timeout`. The connection is closed, as the
+/// rest of the body may still arrive.
+fn body_timed_out(shared: &Shared, timeout: std::time::Duration) -> Response<ProxyBody> {
+    shared.metrics.limit("request_body_timeout");
+    let mut resp = error_response(
+        StatusCode::REQUEST_TIMEOUT,
+        json!({
+            "error": "request body not received in time",
+            "reason": "request_body_timeout",
+            "timeoutSeconds": timeout.as_secs_f64(),
+        }),
+    );
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 fn body_too_large(limit: u64) -> Response<ProxyBody> {

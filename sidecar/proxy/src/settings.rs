@@ -17,6 +17,15 @@ pub struct ProxyLimits {
     pub max_header_bytes: usize,
     /// Maximum request body forwarded to the app, in bytes (413 above).
     pub max_request_body_bytes: u64,
+    /// A request body up to this size is read whole before the app is called, so that a
+    /// slow client holds none of the app's connections; a larger one is forwarded as it
+    /// arrives after that much (0: every body as it arrives). See [`crate::request_body`].
+    pub request_buffer_bytes: u64,
+    /// What all buffered request bodies may hold together; past it, bodies are forwarded as
+    /// they arrive.
+    pub request_buffer_total_bytes: u64,
+    /// The longest a client may pause while sending a request body (408 above).
+    pub request_body_timeout: Duration,
     /// Maximum response body the sidecar buffers to transform, in bytes, both as received and
     /// after gzip/deflate decoding (502 above, unless failOpen or Audit mode).
     pub max_response_body_bytes: u64,
@@ -40,6 +49,9 @@ impl Default for ProxyLimits {
         ProxyLimits {
             max_header_bytes: 16 * 1024,
             max_request_body_bytes: 16 * 1024 * 1024,
+            request_buffer_bytes: 64 * 1024,
+            request_buffer_total_bytes: 32 * 1024 * 1024,
+            request_body_timeout: Duration::from_secs(30),
             max_response_body_bytes: 16 * 1024 * 1024,
             upstream_connect_timeout: Duration::from_secs(2),
             upstream_timeout: Duration::from_secs(30),

@@ -461,7 +461,7 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
-    use crate::body::RequestBody;
+    use crate::request_body::RequestBody;
 
     /// An app speaking raw HTTP/1.1: answers each request on a connection with `200 OK` and
     /// the body `#<n>`, `n` the connection's request count, then closes the connection after

@@ -55,7 +55,7 @@ fn main_rules() -> Value {
          "records": "$.items[*]", "limits": {"maxRecordsPerResponse": 2, "onExceed": "Deny"}},
         {"name": "truncated", "action": "Allow", "to": {"paths": ["/truncated/customers"]},
          "records": "$.items[*]", "limits": {"maxRecordsPerResponse": 3}},
-        {"name": "open", "action": "Allow", "to": {"paths": ["/open/**", "/echo/**", "/slow/**", "/delay/**"]}}
+        {"name": "open", "action": "Allow", "to": {"paths": ["/open/**", "/echo/**", "/mirror/**", "/slow/**", "/delay/**"]}}
     ])
 }
 
@@ -529,6 +529,240 @@ async fn header_body_time_and_connection_limits() {
             "{limit} missing in\n{metrics}"
         );
     }
+    f.stop().await;
+}
+
+/// A connection on which `head` (and the first bytes of a body) have been written.
+async fn opened(addr: std::net::SocketAddr, head: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(head.as_bytes()).await.unwrap();
+    c
+}
+
+async fn write(c: &mut tokio::net::TcpStream, bytes: &str) {
+    use tokio::io::AsyncWriteExt;
+    c.write_all(bytes.as_bytes()).await.unwrap();
+}
+
+#[tokio::test]
+async fn request_bodies_are_read_before_the_app_is_called() {
+    let mut f = start(policy(main_rules()), |s| {
+        s.limits.request_buffer_bytes = 64;
+        s.limits.max_request_body_bytes = 150;
+        s.limits.request_body_timeout = Duration::from_millis(400);
+        s.limits.upstream_timeout = Duration::from_millis(800);
+    })
+    .await;
+    let post = |len: &str| format!("POST /echo/x HTTP/1.1\r\nHost: a\r\n{len}\r\nConnection: close\r\n\r\n");
+
+    // A body sent in two parts: the app sees the request once the body is whole.
+    let mut c = opened(f.proxy(), &(post("Content-Length: 10") + "abcd")).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(f.upstream.count(), 0, "the app was called before the body was there");
+    write(&mut c, "efghij").await;
+    let (status, text) = answer(c).await;
+    assert_eq!(status, Some(200), "{text}");
+    assert!(text.ends_with(r#"{"received":10}"#), "{text}");
+
+    // A chunked body that fits goes to the app whole, with its length.
+    let (status, text) = raw(
+        f.proxy(),
+        (post("Transfer-Encoding: chunked") + "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, Some(200), "{text}");
+    assert!(text.ends_with(r#"{"received":11}"#), "{text}");
+    let seen = f.upstream.seen().pop().unwrap();
+    assert_eq!(seen.headers["content-length"], "11");
+    assert!(!seen.headers.contains_key("transfer-encoding"));
+
+    // `Expect: 100-continue` is answered by the sidecar; the app gets the whole body.
+    let mut c = opened(f.proxy(), &post("Content-Length: 5\r\nExpect: 100-continue")).await;
+    let mut interim = [0u8; 25];
+    tokio::io::AsyncReadExt::read_exact(&mut c, &mut interim).await.unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    assert_eq!(f.upstream.count(), 2);
+    write(&mut c, "hello").await;
+    let (status, text) = answer(c).await;
+    assert_eq!(status, Some(200), "{text}");
+    let seen = f.upstream.seen().pop().unwrap();
+    assert!(!seen.headers.contains_key("expect"), "{:?}", seen.headers);
+
+    // A client that stops sending gets 408, and the app never sees its request.
+    let c = opened(f.proxy(), &(post("Content-Length: 10") + "abc")).await;
+    let (status, text) = answer(c).await;
+    assert_eq!(status, Some(408), "{text}");
+    assert!(text.contains(r#""reason":"request_body_timeout""#), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(text.contains(r#""timeoutSeconds":0.4"#), "{text}");
+    assert_eq!(f.upstream.count(), 3);
+
+    // A client that closes its side with the body unfinished: 400, the app is not called.
+    let mut c = opened(f.proxy(), &(post("Content-Length: 10") + "abc")).await;
+    tokio::io::AsyncWriteExt::shutdown(&mut c).await.unwrap();
+    let (status, text) = answer(c).await;
+    assert_eq!(status, Some(400), "{text}");
+    assert!(text.contains(r#""reason":"request_body_incomplete""#), "{text}");
+    assert_eq!(f.upstream.count(), 3);
+
+    // A chunked body outgrowing the buffer: the app is called with the buffered part, and
+    // the rest follows as it arrives.
+    let first = format!("50\r\n{}\r\n", "a".repeat(80));
+    let mut c = opened(f.proxy(), &(post("Transfer-Encoding: chunked") + &first)).await;
+    wait_until("the app sees the request", || f.upstream.count() == 4).await;
+    // Once the buffered part is written to the app, its memory is given back, before the
+    // body ends.
+    let mut held = f64::NAN;
+    for _ in 0..200 {
+        held = metric_value(
+            &admin_get(f.admin(), "/metrics").await.text(),
+            "custos_sidecar_request_buffer_bytes",
+        );
+        if held == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(held, 0.0, "bytes still held for a body the app is reading");
+    write(&mut c, &format!("14\r\n{}\r\n0\r\n\r\n", "b".repeat(20))).await;
+    let (status, text) = answer(c).await;
+    assert_eq!(status, Some(200), "{text}");
+    assert!(text.ends_with(r#"{"received":100}"#), "{text}");
+
+    // A body declared larger than the buffer is forwarded as it arrives from the start; when
+    // it stalls and the upstream time-out expires while the sidecar waits for the client,
+    // the answer is the client's 408, not the app's 504.
+    let c = opened(f.proxy(), &(post("Content-Length: 100") + &"a".repeat(80))).await;
+    wait_until("the app sees the request", || f.upstream.count() == 5).await;
+    let (status, text) = answer(c).await;
+    assert_eq!(status, Some(408), "{text}");
+    assert!(text.contains(r#""reason":"request_body_timeout""#), "{text}");
+    assert!(text.contains(r#""timeoutSeconds":0.8"#), "{text}");
+
+    // Chunked and over the limit after the buffered part: 413.
+    let (status, text) = raw(
+        f.proxy(),
+        format!(
+            "{}64\r\n{}\r\n64\r\n{}\r\n",
+            post("Transfer-Encoding: chunked"),
+            "a".repeat(100),
+            "b".repeat(100)
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(status, Some(413), "{text}");
+
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(
+        metric_value(&metrics, "custos_sidecar_limit_rejections_total{limit=\"request_body_timeout\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric_value(&metrics, "custos_sidecar_limit_rejections_total{limit=\"request_body_bytes\"}"),
+        1.0
+    );
+    assert_eq!(metric_value(&metrics, "custos_sidecar_request_buffer_bytes"), 0.0);
+    assert_eq!(metric_value(&metrics, "custos_sidecar_request_buffer_exhausted_total"), 0.0);
+    f.stop().await;
+}
+
+/// Any body, in any pieces, declared or chunked, with the buffer off, smaller than the body
+/// or larger: the app receives exactly the bytes sent, and a body read whole carries its
+/// length.
+#[test]
+fn request_bodies_reach_the_app_byte_for_byte_however_they_are_sent() {
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let buffers = [0u64, 16, 64 * 1024];
+    let fixtures: Vec<Fixture> = buffers
+        .iter()
+        .map(|&b| rt.block_on(start(policy(main_rules()), |s| s.limits.request_buffer_bytes = b)))
+        .collect();
+    let strategy = (
+        0..buffers.len(),
+        proptest::collection::vec(any::<u8>(), 1..300),
+        proptest::collection::vec(1usize..80, 1..6),
+        any::<bool>(),
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(48));
+    runner
+        .run(&strategy, |(which, body, cuts, chunked)| {
+            let f = &fixtures[which];
+            let reply = rt.block_on(async {
+                let framing = if chunked {
+                    "Transfer-Encoding: chunked".to_string()
+                } else {
+                    format!("Content-Length: {}", body.len())
+                };
+                let mut c = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
+                let head =
+                    format!("POST /mirror/x HTTP/1.1\r\nHost: a\r\n{framing}\r\nConnection: close\r\n\r\n");
+                c.write_all(head.as_bytes()).await.unwrap();
+                let mut rest = &body[..];
+                for cut in cuts.iter().cycle() {
+                    if rest.is_empty() {
+                        break;
+                    }
+                    let (piece, after) = rest.split_at((*cut).min(rest.len()));
+                    rest = after;
+                    if chunked {
+                        c.write_all(format!("{:x}\r\n", piece.len()).as_bytes()).await.unwrap();
+                        c.write_all(piece).await.unwrap();
+                        c.write_all(b"\r\n").await.unwrap();
+                    } else {
+                        c.write_all(piece).await.unwrap();
+                    }
+                    c.flush().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                if chunked {
+                    c.write_all(b"0\r\n\r\n").await.unwrap();
+                }
+                let mut out = Vec::new();
+                tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out)).await.unwrap().unwrap();
+                out
+            });
+            let split = reply.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+            let head = String::from_utf8_lossy(&reply[..split]);
+            prop_assert!(head.starts_with("HTTP/1.1 200"), "{}", head);
+            prop_assert_eq!(&reply[split + 4..], &body[..]);
+            let seen = f.upstream.seen().pop().unwrap();
+            if body.len() as u64 <= buffers[which] {
+                prop_assert_eq!(seen.headers["content-length"].to_str().unwrap(), body.len().to_string());
+                prop_assert!(!seen.headers.contains_key("transfer-encoding"));
+            }
+            Ok(())
+        })
+        .unwrap();
+    for mut f in fixtures {
+        rt.block_on(f.stop());
+    }
+}
+
+#[tokio::test]
+async fn bodies_past_the_buffer_budget_are_forwarded_as_they_arrive() {
+    let mut f = start(policy(main_rules()), |s| s.limits.request_buffer_total_bytes = 8).await;
+    let head = "POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\nConnection: close\r\n\r\n";
+    let mut c = opened(f.proxy(), &format!("{head}{}", "a".repeat(12))).await;
+    wait_until("the app sees the request", || f.upstream.count() == 1).await;
+    write(&mut c, &"b".repeat(8)).await;
+    let (status, text) = answer(c).await;
+    assert_eq!(status, Some(200), "{text}");
+    assert!(text.ends_with(r#"{"received":20}"#), "{text}");
+    // Small enough for what is left of the budget: buffered.
+    let reply = send(
+        f.proxy(),
+        Request::post("/echo/x").header("host", "a").body(Full::new(Bytes::from_static(b"tiny"))).unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(metric_value(&metrics, "custos_sidecar_request_buffer_exhausted_total"), 1.0);
+    assert_eq!(metric_value(&metrics, "custos_sidecar_request_buffer_bytes"), 0.0);
     f.stop().await;
 }
 

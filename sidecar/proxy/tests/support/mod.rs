@@ -148,6 +148,9 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
         let items: Vec<Value> = (0..2000).map(|i| json!({"id": i, "phone": "+8613800001111"})).collect();
         return full(200, "application/json", serde_json::to_vec(&json!({"items": items})).unwrap());
     }
+    if path.starts_with("/mirror/") {
+        return full(200, "application/octet-stream", body.to_vec());
+    }
     if path.starts_with("/echo/") {
         return full(200, "application/json", serde_json::to_vec(&json!({"received": body.len()})).unwrap());
     }
@@ -509,11 +512,28 @@ pub async fn get(addr: SocketAddr, path: &str) -> Reply {
 pub async fn raw(addr: SocketAddr, raw: &[u8]) -> (Option<u16>, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(raw).await.unwrap();
+    answer(stream).await
+}
+
+/// Reads what is left on `stream` until the server closes it: the status code of the answer
+/// (`None` when there was none) and the whole text.
+pub async fn answer(mut stream: TcpStream) -> (Option<u16>, String) {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await.expect("answer");
     let text = String::from_utf8_lossy(&out).into_owned();
     let status = text.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|s| s.parse().ok());
     (status, text)
+}
+
+/// Waits (bounded: 5 s) until `done` holds.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("gave up waiting until {what}");
 }
 
 /// Polls `url` on the admin server.

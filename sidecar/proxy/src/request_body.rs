@@ -1,0 +1,358 @@
+//! The request body on its way to the app: read into memory first when it is small, so that
+//! a client sending it slowly holds none of the app's connections, then forwarded within the
+//! request body limit.
+//!
+//! A request with a body is read into a buffer of at most
+//! [`ProxyLimits::request_buffer_bytes`] before a connection to the app is taken. A body that
+//! fits is sent whole with a `Content-Length` (a chunked one too), without `Expect` (the
+//! sidecar has answered `100-continue` itself). A body declared larger is forwarded as it
+//! arrives from the start; one of unknown length (chunked, HTTP/2) that outgrows the buffer
+//! is sent as the buffered part followed by the rest as it arrives.
+//!
+//! What all requests hold in such buffers is bounded by
+//! [`ProxyLimits::request_buffer_total_bytes`]: past it, bodies are forwarded as they arrive
+//! (counted in `custos_sidecar_request_buffer_exhausted_total`), as if the buffer were off;
+//! never a refusal. The buffered part's memory is given back once hyper has written it to
+//! the app.
+//!
+//! A client that pauses longer than [`ProxyLimits::request_body_timeout`] while its body is
+//! buffered gets 408 and the app never sees the request. Once the body is forwarded as it
+//! arrives, the upstream time-out bounds the exchange; when it expires while the sidecar
+//! waits for the client's next bytes, the answer is 408 too, rather than the app's 504.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::body::{buffered_then, concat};
+use crate::settings::ProxyLimits;
+
+/// How the forwarding of one request body went, read after the exchange with the app.
+#[derive(Debug, Default)]
+pub(crate) struct BodyProgress {
+    /// More than the request body limit arrived.
+    exceeded: AtomicBool,
+    /// The app's side waits for the client's next bytes.
+    waiting: AtomicBool,
+}
+
+impl BodyProgress {
+    /// The body went over the request body limit (413).
+    pub(crate) fn exceeded(&self) -> bool {
+        self.exceeded.load(Ordering::Relaxed)
+    }
+
+    /// The sidecar was waiting for the client's next bytes (a time-out now is the client's).
+    pub(crate) fn waiting_for_client(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// The memory all buffered request bodies may hold together, shared by the proxy threads.
+/// Its use is the gauge `custos_sidecar_request_buffer_bytes`.
+pub(crate) struct BufferBudget {
+    total: u64,
+    in_use: Gauge,
+}
+
+impl BufferBudget {
+    /// A budget of `total` bytes whose use is reported by `in_use`.
+    pub(crate) fn new(total: u64, in_use: Gauge) -> Arc<Self> {
+        Arc::new(BufferBudget { total, in_use })
+    }
+
+    /// Bytes held now.
+    #[cfg(test)]
+    fn in_use(&self) -> u64 {
+        u64::try_from(self.in_use.get()).unwrap_or(0)
+    }
+
+    /// Takes `bytes` from the budget, or nothing when that would go over it.
+    fn take(&self, bytes: u64) -> bool {
+        let Ok(bytes) = i64::try_from(bytes) else { return false };
+        let total = i64::try_from(self.total).unwrap_or(i64::MAX);
+        self.in_use
+            .inner()
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&after| after <= total)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: u64) {
+        self.in_use.dec_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+}
+
+/// Bytes taken from a [`BufferBudget`], given back when dropped.
+pub(crate) struct Reservation {
+    budget: Arc<BufferBudget>,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// An empty reservation on `budget`.
+    pub(crate) fn on(budget: &Arc<BufferBudget>) -> Self {
+        Reservation { budget: budget.clone(), bytes: 0 }
+    }
+
+    /// Takes `bytes` more, or nothing (`false`) when the budget has not that much left.
+    pub(crate) fn grow(&mut self, bytes: u64) -> bool {
+        let taken = self.budget.take(bytes);
+        if taken {
+            self.bytes += bytes;
+        }
+        taken
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget.give_back(self.bytes);
+        }
+    }
+}
+
+/// The request body forwarded to the app: what was buffered, then the rest of the client's
+/// body (cut off at the request body limit).
+pub(crate) struct RequestBody {
+    /// Read before the app was called; sent first.
+    buffered: Option<Bytes>,
+    /// The rest, as the client sends it.
+    rest: Option<Incoming>,
+    /// Bytes `rest` may still bring within the limit.
+    remaining: u64,
+    progress: Arc<BodyProgress>,
+    /// The budget `buffered` holds: given back when the app's side asks for the next frame
+    /// (hyper has then written `buffered` out) or when the body is dropped.
+    reservation: Option<Reservation>,
+}
+
+/// The request body was larger than the limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body is larger than the limit")]
+pub(crate) struct RequestBodyTooLarge;
+
+/// No body (what a request the app may be sent again carries, see [`crate::upstream`]).
+impl Default for RequestBody {
+    fn default() -> Self {
+        RequestBody { buffered: None, rest: None, remaining: 0, reservation: None, progress: Arc::default() }
+    }
+}
+
+impl RequestBody {
+    /// The client's body, streamed as it arrives, cut off past `limit` bytes.
+    pub(crate) fn stream(body: Incoming, limit: u64, progress: Arc<BodyProgress>) -> Self {
+        RequestBody { buffered: None, rest: Some(body), remaining: limit, reservation: None, progress }
+    }
+
+    /// How this body's forwarding goes (read after the exchange).
+    pub(crate) fn progress(&self) -> Arc<BodyProgress> {
+        self.progress.clone()
+    }
+
+    /// True when the whole body is in memory (or there is none): nothing is left to wait
+    /// for from the client.
+    pub(crate) fn is_complete(&self) -> bool {
+        self.rest.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(bytes) = this.buffered.take() {
+            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        }
+        this.reservation = None;
+        let Some(body) = this.rest.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        this.progress.waiting.store(polled.is_pending(), Ordering::Relaxed);
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        this.progress.exceeded.store(true, Ordering::Relaxed);
+                        this.rest = None;
+                        return Poll::Ready(Some(Err(Box::new(RequestBodyTooLarge))));
+                    }
+                    this.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.buffered.is_none() && self.is_complete()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let buffered = self.buffered.as_ref().map_or(0, |b| b.len() as u64);
+        buffered_then(buffered, self.rest.as_ref().map(Body::size_hint))
+    }
+}
+
+/// Why a request body could not be read before forwarding.
+#[derive(Debug)]
+pub(crate) enum BufferError {
+    /// More than the request body limit (413).
+    TooLarge,
+    /// The client paused longer than the request body time-out (408).
+    TimedOut,
+    /// The client's connection failed or sent a malformed body (400).
+    Client(hyper::Error),
+}
+
+/// Reads `body` into memory up to the request buffer size (see the module docs) and returns
+/// what to forward; a request without a body is returned at once.
+pub(crate) async fn read_request_body(
+    mut body: Incoming,
+    declared_length: Option<u64>,
+    limits: &ProxyLimits,
+    budget: &Arc<BufferBudget>,
+    exhausted: &prometheus_client::metrics::counter::Counter,
+) -> Result<RequestBody, BufferError> {
+    let progress = Arc::<BodyProgress>::default();
+    let capacity = limits.request_buffer_bytes;
+    if body.is_end_stream() || capacity == 0 || declared_length.is_some_and(|len| len > capacity) {
+        return Ok(RequestBody::stream(body, limits.max_request_body_bytes, progress));
+    }
+    let mut reservation = Reservation::on(budget);
+    let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    let mut total: u64 = 0;
+    let mut spilled = false;
+    while !body.is_end_stream() {
+        let frame = match tokio::time::timeout(
+            limits.request_body_timeout,
+            http_body_util::BodyExt::frame(&mut body),
+        )
+        .await
+        {
+            Err(_) => return Err(BufferError::TimedOut),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(BufferError::Client(e)),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        // Trailers of a body sent whole are dropped, as nginx does.
+        let Ok(data) = frame.into_data() else { continue };
+        let len = data.len() as u64;
+        total = total.saturating_add(len);
+        if total > limits.max_request_body_bytes {
+            return Err(BufferError::TooLarge);
+        }
+        let fits = reservation.grow(len);
+        chunks.push_back(data);
+        if !fits {
+            exhausted.inc();
+            spilled = true;
+            break;
+        }
+        if total > capacity {
+            spilled = true;
+            break;
+        }
+    }
+    let buffered = Some(concat(chunks, total)).filter(|b| !b.is_empty());
+    let rest = (spilled && !body.is_end_stream()).then_some(body);
+    Ok(RequestBody {
+        buffered,
+        rest,
+        remaining: limits.max_request_body_bytes - total,
+        progress,
+        reservation: Some(reservation),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn budget(total: u64) -> Arc<BufferBudget> {
+        BufferBudget::new(total, Gauge::default())
+    }
+
+    #[test]
+    fn reservations_stay_within_the_budget_and_give_back_on_drop() {
+        let b = budget(100);
+        let mut r1 = Reservation::on(&b);
+        assert!(r1.grow(60));
+        let mut r2 = Reservation::on(&b);
+        assert!(!r2.grow(41), "60 + 41 is over 100");
+        assert!(r2.grow(40));
+        assert_eq!(b.in_use(), 100);
+        assert!(!r2.grow(1));
+        drop(r1);
+        assert_eq!(b.in_use(), 40);
+        assert!(r2.grow(60));
+        drop(r2);
+        assert_eq!(b.in_use(), 0);
+    }
+
+    #[test]
+    fn a_zero_budget_takes_nothing_and_huge_requests_are_refused() {
+        let b = budget(0);
+        let mut r = Reservation::on(&b);
+        assert!(r.grow(0));
+        assert!(!r.grow(1));
+        let b = budget(u64::MAX);
+        let mut r = Reservation::on(&b);
+        assert!(!r.grow(u64::MAX), "more than the gauge can count");
+        assert!(r.grow(1 << 40));
+        assert_eq!(b.in_use(), 1 << 40);
+    }
+
+    #[test]
+    fn threads_taking_and_giving_back_never_overdraw() {
+        let b = budget(1000);
+        let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let b = b.clone();
+                let peak = peak.clone();
+                std::thread::spawn(move || {
+                    for n in 0..20_000u64 {
+                        let mut r = Reservation::on(&b);
+                        if r.grow(1 + (n * 7 + i) % 300) {
+                            peak.fetch_max(b.in_use(), Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(peak.load(Ordering::Relaxed) <= 1000);
+        assert_eq!(b.in_use(), 0);
+    }
+
+    #[test]
+    fn a_default_body_is_empty_and_complete() {
+        let body = RequestBody::default();
+        assert!(body.is_end_stream());
+        assert!(body.is_complete());
+        assert_eq!(body.size_hint().exact(), Some(0));
+    }
+}
