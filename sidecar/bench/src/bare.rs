@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{Context, Result};
-use custos_sidecar::upstream::{Upstream, UpstreamCounters, UpstreamSettings};
+use custos_sidecar::upstream::{Replay, Upstream, UpstreamCounters, UpstreamSettings};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, StatusCode, Uri};
@@ -84,10 +84,15 @@ async fn forward(
     }
 }
 
-/// The client's request body as forwarded; `Default` is no body, what a request sent again
-/// carries (the connections replay only requests without one).
-#[derive(Default)]
+/// The client's request body as forwarded (streamed: only a request without one is sent
+/// again when the app closes the connection under it).
 struct Forwarded(Option<Incoming>);
+
+impl Replay for Forwarded {
+    fn replay(&self) -> Option<Self> {
+        self.0.as_ref().is_none_or(hyper::body::Body::is_end_stream).then_some(Forwarded(None))
+    }
+}
 
 impl hyper::body::Body for Forwarded {
     type Data = Bytes;

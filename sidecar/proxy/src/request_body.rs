@@ -32,6 +32,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::body::{buffered_then, concat};
 use crate::settings::ProxyLimits;
+use crate::upstream::Replay;
 
 /// How the forwarding of one request body went, read after the exchange with the app.
 #[derive(Debug, Default)]
@@ -212,6 +213,16 @@ impl Body for RequestBody {
     }
 }
 
+/// A body held whole in memory (or none) goes again as it is; one still arriving cannot.
+impl Replay for RequestBody {
+    fn replay(&self) -> Option<Self> {
+        if self.rest.is_some() {
+            return None;
+        }
+        Some(RequestBody { buffered: self.buffered.clone(), ..RequestBody::default() })
+    }
+}
+
 /// Why a request body could not be read before forwarding.
 #[derive(Debug)]
 pub(crate) enum BufferError {
@@ -354,5 +365,25 @@ mod tests {
         assert!(body.is_end_stream());
         assert!(body.is_complete());
         assert_eq!(body.size_hint().exact(), Some(0));
+        assert!(body.replay().unwrap().is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_body_in_memory_goes_again_whole_and_holds_no_budget_twice() {
+        use http_body_util::BodyExt;
+        let b = budget(100);
+        let mut reservation = Reservation::on(&b);
+        assert!(reservation.grow(5));
+        let body = RequestBody {
+            buffered: Some(Bytes::from_static(b"hello")),
+            reservation: Some(reservation),
+            ..RequestBody::default()
+        };
+        let copy = body.replay().unwrap();
+        assert_eq!(copy.size_hint().exact(), Some(5));
+        assert_eq!(b.in_use(), 5, "the copy takes nothing more");
+        drop(body);
+        assert_eq!(b.in_use(), 0);
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), "hello");
     }
 }

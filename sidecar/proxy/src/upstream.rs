@@ -28,10 +28,12 @@
 //! - a request hyper hands back unsent (the close arrived first), whatever its method;
 //! - a request written in the instant the app closed (the connection ends, or is reset,
 //!   before any byte of a response), if its method is idempotent (`GET`, `HEAD`, `OPTIONS`,
-//!   `TRACE`, `PUT`, `DELETE`; RFC 9110 section 9.2.2), it has no body, and the connection
-//!   had been idle for at least [`UpstreamSettings::replay_after_idle`]. The app may have
-//!   received it, so it may see it twice, which an idempotent request allows; nginx retries
-//!   the same requests on its cached connections. Others fail with 502.
+//!   `TRACE`, `PUT`, `DELETE`; RFC 9110 section 9.2.2), its body, if it has one, is whole in
+//!   memory ([`Replay`]: the sidecar reads bodies up to `--request-buffer-bytes` before it
+//!   calls the app), and the connection had been idle for at least
+//!   [`UpstreamSettings::replay_after_idle`]. The app may have received it, so it may see it
+//!   twice, which an idempotent request allows; nginx retries the same requests on its cached
+//!   connections (it buffers request bodies too). Others fail with 502.
 //!
 //!   The idle condition keeps the copy such a retry needs (the request head) off the busy
 //!   path: an app's keep-alive time-out closes only a connection that has been idle for that
@@ -161,9 +163,15 @@ pub struct Upstream<B> {
     counters: UpstreamCounters,
 }
 
+/// A request body that can be sent again when the app closes the connection under it.
+pub trait Replay: Body + Sized {
+    /// A copy to send again: only of a body held whole in memory (or of no body).
+    fn replay(&self) -> Option<Self>;
+}
+
 impl<B> Upstream<B>
 where
-    B: Body + Default + Send + 'static,
+    B: Replay + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -413,16 +421,16 @@ impl<B> Drop for UpstreamBody<B> {
 }
 
 /// A copy of `req` to send again if the app closes the connection under it: only for an
-/// idempotent method without a body.
-fn replayable<B: Body + Default>(req: &Request<B>) -> Option<Request<B>> {
+/// idempotent method whose body, if any, is whole in memory.
+fn replayable<B: Replay>(req: &Request<B>) -> Option<Request<B>> {
     let idempotent = matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
-    if !idempotent || !req.body().is_end_stream() {
+    if !idempotent {
         return None;
     }
-    let mut copy = Request::new(B::default());
+    let mut copy = Request::new(req.body().replay()?);
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
@@ -516,6 +524,42 @@ mod tests {
         // The app's connections hold the receiver; the sender may go.
         drop(open);
         mk_gated_app(per_connection, gate).await
+    }
+
+    /// How a test request's body is held: whole in memory, or (as far as [`Replay`] is
+    /// concerned) still arriving from the client.
+    #[derive(Clone, Copy, Debug)]
+    enum Held {
+        Whole,
+        Arriving,
+    }
+
+    struct TestBody(Full<Bytes>, Held);
+
+    impl Body for TestBody {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            Pin::new(&mut self.get_mut().0).poll_frame(cx)
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_end_stream()
+        }
+
+        fn size_hint(&self) -> hyper::body::SizeHint {
+            self.0.size_hint()
+        }
+    }
+
+    impl Replay for TestBody {
+        fn replay(&self) -> Option<Self> {
+            matches!(self.1, Held::Whole).then(|| TestBody(self.0.clone(), self.1))
+        }
     }
 
     fn mk_request() -> Request<RequestBody> {
@@ -888,32 +932,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_sent_as_the_app_closed_goes_again_only_if_idempotent_and_without_body() {
-        // (method, body, close, sent again)
+    async fn a_request_sent_as_the_app_closed_goes_again_only_if_idempotent_with_its_body_in_memory() {
+        use Held::{Arriving, Whole};
+        // (method, body, how it is held, close, sent again)
         let cases = [
-            (Method::GET, "", Close::Fin, true),
-            (Method::GET, "", Close::Reset, true),
-            (Method::HEAD, "", Close::Fin, true),
-            (Method::OPTIONS, "", Close::Reset, true),
-            (Method::TRACE, "", Close::Fin, true),
-            (Method::PUT, "", Close::Fin, true),
-            (Method::DELETE, "", Close::Reset, true),
-            (Method::POST, "", Close::Fin, false),
-            (Method::POST, "", Close::Reset, false),
-            (Method::PATCH, "", Close::Fin, false),
-            (Method::GET, "{}", Close::Fin, false),
-            (Method::PUT, "{\"a\":1}", Close::Reset, false),
-            (Method::DELETE, "x", Close::Fin, false),
+            (Method::GET, "", Whole, Close::Fin, true),
+            (Method::GET, "", Whole, Close::Reset, true),
+            (Method::HEAD, "", Whole, Close::Fin, true),
+            (Method::OPTIONS, "", Whole, Close::Reset, true),
+            (Method::TRACE, "", Whole, Close::Fin, true),
+            (Method::PUT, "", Whole, Close::Fin, true),
+            (Method::DELETE, "", Whole, Close::Reset, true),
+            (Method::POST, "", Whole, Close::Fin, false),
+            (Method::POST, "", Whole, Close::Reset, false),
+            (Method::PATCH, "", Whole, Close::Fin, false),
+            (Method::GET, "{}", Whole, Close::Fin, true),
+            (Method::PUT, "{\"a\":1}", Whole, Close::Reset, true),
+            (Method::DELETE, "x", Whole, Close::Fin, true),
+            (Method::POST, "{\"a\":1}", Whole, Close::Fin, false),
+            (Method::GET, "{}", Arriving, Close::Fin, false),
+            (Method::PUT, "{\"a\":1}", Arriving, Close::Reset, false),
+            (Method::DELETE, "x", Arriving, Close::Fin, false),
         ];
-        for (method, body, close, again) in cases {
-            let case = format!("{method} with {} body, {close:?}", body.len());
+        for (method, body, held, close, again) in cases {
+            let case = format!("{method} with {} body {held:?}, {close:?}", body.len());
             let (addr, requests) = mk_closing_app(1, close).await;
             let counters = UpstreamCounters::default();
             let settings =
                 UpstreamSettings { replay_after_idle: Duration::ZERO, ..UpstreamSettings::default() };
-            let upstream = Arc::new(Upstream::<Full<Bytes>>::new(settings, counters.clone()));
+            let upstream = Arc::new(Upstream::<TestBody>::new(settings, counters.clone()));
             let mk = |method: &Method, body: &'static str| {
-                let mut req = Request::new(Full::new(Bytes::from_static(body.as_bytes())));
+                let mut req = Request::new(TestBody(Full::new(Bytes::from_static(body.as_bytes())), held));
                 *req.method_mut() = method.clone();
                 *req.uri_mut() = http::Uri::from_static("/x");
                 req.headers_mut().insert(http::header::HOST, http::HeaderValue::from_static("app"));
