@@ -23,11 +23,17 @@
 //! concurrent streams each (8,192 requests in flight) against (b) and against nginx (an h2c
 //! listener of (c)), and the app counts the connections each opens to it: a proxy that opens
 //! one per request in flight exhausts an app's connection limit and the host's ports.
+//!
+//! (h) Slow uploads ([`slow`]): wrk's GETs through a sidecar as deployed and through one that
+//! forwards request bodies as they arrive (`--request-buffer-bytes 0`), each alone and then
+//! while 64 clients trickle POST bodies at one byte a second, both allowed 32 connections to
+//! the app. Skipped with `--peak-only` or `--slow-clients 0`.
 #![forbid(unsafe_code)]
 
 mod bare;
 mod cgroups;
 mod loadgen;
+mod slow;
 mod upstream;
 
 use std::fmt::Write as _;
@@ -69,6 +75,10 @@ struct Args {
     /// Requests of each h2c burst measurement (g); 0 skips it.
     #[arg(long, default_value_t = 200_000)]
     burst_requests: u64,
+    /// Slow clients of the slow-upload measurement (h), each trickling a POST body one byte a
+    /// second; 0 skips it.
+    #[arg(long, default_value_t = 64)]
+    slow_clients: usize,
     /// Run as in a pod: the load generator (wrk, h2load), the app (this process), the proxies
     /// and the collector each in a cgroup of its own with equal CPU weight, so that a
     /// proxy's thread count does not decide its share of the CPUs (needs root and the cgroup
@@ -166,8 +176,17 @@ struct WrkResult {
     p50_ms: f64,
     p99_ms: f64,
     errors: String,
+    /// Responses that were not 2xx or 3xx.
+    non_2xx: u64,
     /// Proxy CPU time per request (µs), for the proxied targets.
     cpu_us: Option<f64>,
+}
+
+impl WrkResult {
+    /// Requests per second answered with 2xx or 3xx over `duration` seconds.
+    fn ok_rps(&self, duration: u64) -> f64 {
+        (self.rps - self.non_2xx as f64 / duration.max(1) as f64).max(0.0)
+    }
 }
 
 /// Runs `command` to its end, in the cgroup `load` of `cgroups` when there are.
@@ -197,7 +216,11 @@ fn wrk(url: &str, duration: u64, connections: u32, cgroups: Option<&Cgroups>) ->
         cgroups,
     )
     .context("cannot run wrk (apt-get install wrk)")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The figures of wrk's `--latency` report.
+fn parse_wrk(text: &str) -> Result<WrkResult> {
     let rps = text
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
@@ -217,7 +240,12 @@ fn wrk(url: &str, duration: u64, connections: u32, cgroups: Option<&Cgroups>) ->
         .map(str::trim)
         .collect::<Vec<_>>()
         .join("; ");
-    Ok(WrkResult { rps, p50_ms: pct("50%")?, p99_ms: pct("99%")?, errors, cpu_us: None })
+    let non_2xx = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    Ok(WrkResult { rps, p50_ms: pct("50%")?, p99_ms: pct("99%")?, errors, non_2xx, cpu_us: None })
 }
 
 fn parse_wrk_duration(s: &str) -> Option<f64> {
@@ -366,22 +394,38 @@ struct Sidecar {
     pid: u32,
 }
 
-/// Compiles the benchmark policy (`masking` or not) into `dir/<name>` and starts a sidecar on
-/// it in front of `upstream`, hashing ids with `hash_key`, shipping its audit events to
-/// `collector` if given.
+/// What sets one of the harness's sidecars apart.
+struct SidecarSpec<'a> {
+    /// Its directory under the run's.
+    name: &'a str,
+    /// The policy it enforces (YAML).
+    policy: String,
+    /// Flags added to the common ones.
+    args: &'a [&'a str],
+    /// Where it ships its audit events (none: they are built and dropped).
+    collector: Option<&'a Collector>,
+}
+
+impl<'a> SidecarSpec<'a> {
+    fn new(name: &'a str, policy: String) -> Self {
+        SidecarSpec { name, policy, args: &[], collector: None }
+    }
+}
+
+/// Compiles the spec's policy into `dir/<name>` and starts a sidecar on it in front of
+/// `upstream`, hashing ids with `hash_key`.
 fn start_sidecar(
     custos: &Path,
     dir: &Path,
     hash_key: &Path,
-    (name, masking): (&str, bool),
+    spec: SidecarSpec<'_>,
     upstream: SocketAddr,
-    collector: Option<&Collector>,
     guard: &mut Guard,
 ) -> Result<Sidecar> {
-    let dir = dir.join(name);
+    let dir = dir.join(spec.name);
     std::fs::create_dir_all(&dir)?;
     let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, policy_yaml(masking))?;
+    std::fs::write(&policy, &spec.policy)?;
     let config = dir.join("config.json");
     let status =
         Command::new(custos).args(["compile", "-n", "bench"]).arg(&policy).arg("-o").arg(&config).status()?;
@@ -407,9 +451,10 @@ fn start_sidecar(
         .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::from(std::fs::File::create(dir.join("sidecar.log"))?));
-    if let Some(collector) = collector {
+    if let Some(collector) = spec.collector {
         command.args(["--collector", &collector.url]).arg("--collector-token-file").arg(&collector.token);
     }
+    command.args(spec.args);
     let (pid, addr) = guard.start(&mut command, "custos sidecar", port)?;
     Ok(Sidecar { addr, admin: ([127, 0, 0, 1], admin_port).into(), pid })
 }
@@ -510,11 +555,26 @@ fn main() -> Result<()> {
     let key = dir.join("hash.key");
     std::fs::write(&key, b"benchmark-hash-key-0123456789abcdef")?;
     let custos = &args.custos;
-    let sidecar = start_sidecar(custos, &dir, &key, ("masking", true), upstream, None, &mut guard)?;
-    let plain = start_sidecar(custos, &dir, &key, ("plain", false), upstream, None, &mut guard)?;
+    let sidecar = start_sidecar(
+        custos,
+        &dir,
+        &key,
+        SidecarSpec::new("masking", policy_yaml(true)),
+        upstream,
+        &mut guard,
+    )?;
+    let plain = start_sidecar(
+        custos,
+        &dir,
+        &key,
+        SidecarSpec::new("plain", policy_yaml(false)),
+        upstream,
+        &mut guard,
+    )?;
     let collector = start_collector(custos, &dir, &mut guard)?;
     let shipping =
-        start_sidecar(custos, &dir, &key, ("shipping", true), upstream, Some(&collector), &mut guard)?;
+        SidecarSpec { collector: Some(&collector), ..SidecarSpec::new("shipping", policy_yaml(true)) };
+    let shipping = start_sidecar(custos, &dir, &key, shipping, upstream, &mut guard)?;
     let (sidecar_addr, sidecar_pid, plain_addr) = (sidecar.addr, sidecar.pid, plain.addr);
 
     // (c) nginx as a plain reverse proxy.
@@ -723,6 +783,11 @@ fn main() -> Result<()> {
         }
     }
 
+    if args.slow_clients > 0 {
+        let rows = slow_uploads(&args, &dir, &key, upstream, cgroups.as_ref(), &mut guard)?;
+        table.push_str(&rows);
+    }
+
     println!("\n{table}");
     if let Some(out) = &args.out {
         std::fs::write(out, &table)?;
@@ -732,6 +797,69 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Connections to the app each slow-upload sidecar may open (an app server's worker pool).
+const SLOW_UPLOAD_APP_CONNECTIONS: &str = "32";
+
+/// (h) wrk's GETs through a sidecar as deployed (request bodies up to 64 KiB read before the
+/// app is called) and through one forwarding bodies as they arrive (`--request-buffer-bytes
+/// 0`), each first alone, then while `--slow-clients` trickle POST bodies; both may open
+/// [`SLOW_UPLOAD_APP_CONNECTIONS`] connections to the app. Returns the table's rows.
+fn slow_uploads(
+    args: &Args,
+    dir: &Path,
+    key: &Path,
+    upstream: SocketAddr,
+    cgroups: Option<&Cgroups>,
+    guard: &mut Guard,
+) -> Result<String> {
+    let common = ["--upstream-max-connections", SLOW_UPLOAD_APP_CONNECTIONS];
+    let unbuffered = [&common[..], &["--request-buffer-bytes", "0"]].concat();
+    let variants = [
+        ("sidecar (bodies ≤ 64 KiB read first)", "uploads-buffered", &common[..]),
+        ("sidecar, --request-buffer-bytes 0", "uploads-streamed", &unbuffered[..]),
+    ];
+    let path = "/customers/42";
+    let (n, connections) = (args.slow_clients, 8);
+    let mut out = format!(
+        "\n| slow uploads: wrk -c{connections} GETs; {n} clients trickle {}-byte POST bodies at 1 byte/s; {SLOW_UPLOAD_APP_CONNECTIONS} connections to the app | 2xx req/s alone | 2xx req/s with the slow clients | ratio | p99 with them | errors with them |\n|---|---|---|---|---|---|\n",
+        slow::BODY_BYTES
+    );
+    let mut served = Vec::new();
+    for (label, name, extra) in variants {
+        let spec = SidecarSpec { args: extra, ..SidecarSpec::new(name, slow::policy_yaml()) };
+        let sc = start_sidecar(&args.custos, dir, key, spec, upstream, guard)?;
+        if let Some(cgroups) = cgroups {
+            cgroups.join("proxies", &[sc.pid])?;
+        }
+        let url = format!("http://{}{path}", sc.addr);
+        let alone = wrk(&url, args.duration, connections, cgroups)?.ok_rps(args.duration);
+        let slow = slow::SlowUploads::start(sc.addr, n)?;
+        // Until every slow client's request has reached the sidecar.
+        std::thread::sleep(Duration::from_secs(2));
+        let with = wrk(&url, args.duration, connections, cgroups)?;
+        drop(slow);
+        let ok = with.ok_rps(args.duration);
+        let p99 = if ok > 0.0 { format!("{:.3} ms", with.p99_ms) } else { "—".to_owned() };
+        println!(
+            "slow uploads {label:<38} alone {alone:>8.0} req/s, with {n} slow clients {ok:>8.0} req/s (2xx)  p99 {p99} {}",
+            with.errors
+        );
+        let errors = if with.errors.is_empty() { "none" } else { &with.errors };
+        let _ = writeln!(
+            out,
+            "| {label} | {alone:.0} | {ok:.0} | {:.2}x | {p99} | {errors} |",
+            ok / alone.max(1.0)
+        );
+        served.push(ok);
+    }
+    let _ = writeln!(
+        out,
+        "\nwith the slow clients, 2xx req/s reading bodies first: {:.0}; forwarding them as they arrive: {:.0}",
+        served[0], served[1]
+    );
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -739,7 +867,7 @@ mod tests {
     use super::*;
 
     fn result(rps: f64, cpu_us: Option<f64>) -> WrkResult {
-        WrkResult { rps, p50_ms: 1.0, p99_ms: 2.0, errors: String::new(), cpu_us }
+        WrkResult { rps, p50_ms: 1.0, p99_ms: 2.0, errors: String::new(), non_2xx: 0, cpu_us }
     }
 
     #[test]
@@ -764,6 +892,26 @@ mod tests {
         let r = parse_h2load(text).unwrap();
         assert_eq!((r.rps, r.succeeded, r.failed, r.non_2xx), (30738.51, 194242, 5758, 242));
         assert!(parse_h2load("finished in 1s, 10 req/s\n").is_none());
+    }
+
+    #[test]
+    fn wrk_reports() {
+        let text = "Running 10s test @ http://127.0.0.1:1/customers/42\n  2 threads and 8 connections\n\
+            \x20 Latency Distribution\n     50%  312.00us\n     75%  400.00us\n     90%  1.20ms\n     99%    2.00s \n\
+            \x20 250 requests in 10.01s, 1.00MB read\n\
+            \x20 Socket errors: connect 0, read 0, write 0, timeout 8\n\
+            \x20 Non-2xx or 3xx responses: 50\n\
+            Requests/sec:     24.98\nTransfer/sec:    102.30KB\n";
+        let r = parse_wrk(text).unwrap();
+        assert_eq!((r.rps, r.p50_ms, r.p99_ms, r.non_2xx), (24.98, 0.312, 2000.0, 50));
+        assert_eq!(
+            r.errors,
+            "Socket errors: connect 0, read 0, write 0, timeout 8; Non-2xx or 3xx responses: 50"
+        );
+        assert!((r.ok_rps(10) - 19.98).abs() < 1e-9);
+        let clean = parse_wrk(&text.replace("  Non-2xx or 3xx responses: 50\n", "")).unwrap();
+        assert_eq!((clean.non_2xx, clean.ok_rps(10)), (0, 24.98));
+        assert!(parse_wrk("no figures").is_err());
     }
 
     #[test]

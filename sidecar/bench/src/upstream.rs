@@ -1,5 +1,6 @@
 //! The benchmark's upstream app: answers every request with the same ~2 KB JSON page of
-//! synthetic customers, over HTTP/1.1 keep-alive, on its own single-threaded runtime.
+//! synthetic customers (a POST once it has read the body), over HTTP/1.1 keep-alive, on its
+//! own single-threaded runtime.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -67,7 +68,11 @@ pub(crate) fn start() -> Result<SocketAddr> {
                 PEAK.fetch_max(open, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
-                    let svc = service_fn(|_req: Request<hyper::body::Incoming>| async {
+                    let svc = service_fn(|req: Request<hyper::body::Incoming>| async {
+                        if req.method() == hyper::Method::POST {
+                            // Read the body before answering, as API frameworks do.
+                            let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                        }
                         Ok::<_, Infallible>(
                             Response::builder()
                                 .header("content-type", "application/json")
