@@ -177,7 +177,40 @@ async fn h2c_clients_are_served() {
     assert_eq!(f.upstream.targets(), ["/customers"]);
     // h2 has no `Host`: the app gets the `:authority` the client asked for.
     assert_eq!(f.upstream.seen()[0].headers["host"], f.proxy().to_string());
+
+    // A body in several DATA frames and no declared length: read whole, sent with its length.
+    let frames = Chunked(
+        ["{\"order\":", "[1,2,", "3]}"]
+            .into_iter()
+            .map(|s: &'static str| Bytes::from_static(s.as_bytes()))
+            .collect(),
+    );
+    let stream = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::post(format!("http://{}/mirror/x", f.proxy())).body(frames).unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "{\"order\":[1,2,3]}");
+    let seen = f.upstream.seen().pop().unwrap();
+    assert_eq!(seen.headers["content-length"], "17");
     f.stop().await;
+}
+
+/// A request body sent as separate frames, with no length.
+struct Chunked(std::collections::VecDeque<Bytes>);
+
+impl hyper::body::Body for Chunked {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(hyper::body::Frame::data(b))))
+    }
 }
 
 #[tokio::test]
