@@ -141,14 +141,19 @@ pub(crate) struct RequestBody {
 #[error("request body is larger than the limit")]
 pub(crate) struct RequestBodyTooLarge;
 
-/// No body (what a request the app may be sent again carries, see [`crate::upstream`]).
+/// No body.
 impl Default for RequestBody {
     fn default() -> Self {
-        RequestBody { buffered: None, rest: None, remaining: 0, reservation: None, progress: Arc::default() }
+        RequestBody::none(Arc::default())
     }
 }
 
 impl RequestBody {
+    /// No body.
+    fn none(progress: Arc<BodyProgress>) -> Self {
+        RequestBody { buffered: None, rest: None, remaining: 0, reservation: None, progress }
+    }
+
     /// The client's body, streamed as it arrives, cut off past `limit` bytes.
     pub(crate) fn stream(body: Incoming, limit: u64, progress: Arc<BodyProgress>) -> Self {
         RequestBody { buffered: None, rest: Some(body), remaining: limit, reservation: None, progress }
@@ -216,7 +221,7 @@ impl Body for RequestBody {
 /// A body held whole in memory (or none) goes again as it is; one still arriving cannot.
 impl Replay for RequestBody {
     fn replay(&self) -> Option<Self> {
-        if self.rest.is_some() {
+        if !self.is_complete() {
             return None;
         }
         Some(RequestBody { buffered: self.buffered.clone(), ..RequestBody::default() })
@@ -244,8 +249,12 @@ pub(crate) async fn read_request_body(
     exhausted: &prometheus_client::metrics::counter::Counter,
 ) -> Result<RequestBody, BufferError> {
     let progress = Arc::<BodyProgress>::default();
+    if body.is_end_stream() {
+        // No body (a GET): nothing to forward or wait for.
+        return Ok(RequestBody::none(progress));
+    }
     let capacity = limits.request_buffer_bytes;
-    if body.is_end_stream() || capacity == 0 || declared_length.is_some_and(|len| len > capacity) {
+    if capacity == 0 || declared_length.is_some_and(|len| len > capacity) {
         return Ok(RequestBody::stream(body, limits.max_request_body_bytes, progress));
     }
     let mut reservation = Reservation::on(budget);

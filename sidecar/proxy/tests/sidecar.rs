@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -774,6 +776,65 @@ fn request_bodies_reach_the_app_byte_for_byte_however_they_are_sent() {
     for mut f in fixtures {
         rt.block_on(f.stop());
     }
+}
+
+/// An app that answers the first request on each connection and closes the connection when
+/// the next one arrives, without answering: a keep-alive time-out met by a request in flight.
+/// Returns its address and the requests it has read.
+async fn one_answer_per_connection_app() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                for answered in [false, true] {
+                    head.clear();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    if answered {
+                        return;
+                    }
+                    let reply =
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                    c.write_all(reply.as_bytes()).await.unwrap();
+                }
+            });
+        }
+    });
+    (addr, requests)
+}
+
+#[tokio::test]
+async fn a_get_goes_again_when_the_app_closes_the_connection_under_it() {
+    let (app, requests) = one_answer_per_connection_app().await;
+    let mut f = start(policy(main_rules()), |s| s.upstream = Some(app)).await;
+    let client =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let get = |path: &str| {
+        let uri: http::Uri = format!("http://{}{path}", f.proxy()).parse().unwrap();
+        client.get(uri)
+    };
+    assert_eq!(get("/open/a").await.unwrap().status(), 200);
+    // Idle past the threshold after which a request is copied for a second attempt.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let resp = get("/open/b").await.unwrap();
+    assert_eq!(resp.status(), 200, "{:?}", resp.into_body().collect().await.unwrap().to_bytes());
+    // /open/a, /open/b met by the close, /open/b again on a new connection.
+    assert_eq!(requests.load(Ordering::SeqCst), 3);
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(metric_value(&metrics, "custos_sidecar_upstream_retries_total"), 1.0);
+    f.stop().await;
 }
 
 #[tokio::test]
