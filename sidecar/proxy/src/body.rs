@@ -141,6 +141,7 @@ impl Drop for ProxyBody {
 }
 
 /// The size of `buffered` bytes followed by a body of size `rest` (none: nothing follows).
+#[inline]
 pub(crate) fn buffered_then(buffered: u64, rest: Option<SizeHint>) -> SizeHint {
     let Some(rest) = rest else {
         return SizeHint::with_exact(buffered);
@@ -182,6 +183,7 @@ pub(crate) async fn collect_limited(mut body: AppBody, limit: u64) -> Result<Col
 }
 
 /// The chunks as one buffer of `total` bytes (no copy for a single chunk).
+#[inline]
 pub(crate) fn concat(mut chunks: VecDeque<Bytes>, total: u64) -> Bytes {
     if chunks.len() <= 1 {
         return chunks.pop_front().unwrap_or_default();

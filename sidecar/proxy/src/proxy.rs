@@ -511,7 +511,7 @@ async fn process(
     let response = match tokio::time::timeout_at(deadline, sent).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            if progress.exceeded() {
+            if progress.as_ref().is_some_and(|p| p.exceeded()) {
                 shared.metrics.limit("request_body_bytes");
                 ctx.deny("request_body_too_large");
                 return body_too_large(limits.max_request_body_bytes);
@@ -537,7 +537,7 @@ async fn process(
                 json!({"error": "upstream unavailable", "reason": code}),
             );
         }
-        Err(_) if progress.waiting_for_client() => {
+        Err(_) if progress.as_ref().is_some_and(|p| p.waiting_for_client()) => {
             ctx.deny("request_body_timeout");
             return body_timed_out(shared, limits.upstream_timeout);
         }

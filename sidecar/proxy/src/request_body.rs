@@ -124,16 +124,25 @@ impl Drop for Reservation {
 /// The request body forwarded to the app: what was buffered, then the rest of the client's
 /// body (cut off at the request body limit).
 pub(crate) struct RequestBody {
-    /// Read before the app was called; sent first.
-    buffered: Option<Bytes>,
+    /// Read before the app was called; sent first. Boxed: most requests have no body, and
+    /// this type is moved with each request.
+    held: Option<Box<Held>>,
     /// The rest, as the client sends it.
     rest: Option<Incoming>,
     /// Bytes `rest` may still bring within the limit.
     remaining: u64,
-    progress: Arc<BodyProgress>,
-    /// The budget `buffered` holds: given back when the app's side asks for the next frame
-    /// (hyper has then written `buffered` out) or when the body is dropped.
-    reservation: Option<Reservation>,
+    /// Shared with the request path; none without a body, which can neither exceed the
+    /// limit nor keep anyone waiting (and saves a request without one the allocation).
+    progress: Option<Arc<BodyProgress>>,
+}
+
+/// What was read before the app was called.
+struct Held {
+    /// Not yet handed to hyper.
+    bytes: Option<Bytes>,
+    /// The budget `bytes` hold: given back when the app's side asks for the next frame
+    /// (hyper has then written them out) or when the body is dropped.
+    _reservation: Option<Reservation>,
 }
 
 /// The request body was larger than the limit.
@@ -144,23 +153,29 @@ pub(crate) struct RequestBodyTooLarge;
 /// No body.
 impl Default for RequestBody {
     fn default() -> Self {
-        RequestBody::none(Arc::default())
+        RequestBody::none()
     }
 }
 
 impl RequestBody {
     /// No body.
-    fn none(progress: Arc<BodyProgress>) -> Self {
-        RequestBody { buffered: None, rest: None, remaining: 0, reservation: None, progress }
+    fn none() -> Self {
+        RequestBody { held: None, rest: None, remaining: 0, progress: None }
     }
 
     /// The client's body, streamed as it arrives, cut off past `limit` bytes.
-    pub(crate) fn stream(body: Incoming, limit: u64, progress: Arc<BodyProgress>) -> Self {
-        RequestBody { buffered: None, rest: Some(body), remaining: limit, reservation: None, progress }
+    pub(crate) fn stream(body: Incoming, limit: u64) -> Self {
+        let progress = Some(Arc::default());
+        RequestBody { held: None, rest: Some(body), remaining: limit, progress }
     }
 
-    /// How this body's forwarding goes (read after the exchange).
-    pub(crate) fn progress(&self) -> Arc<BodyProgress> {
+    /// The bytes read before the app was called and not yet handed to hyper.
+    fn buffered(&self) -> Option<&Bytes> {
+        self.held.as_ref().and_then(|h| h.bytes.as_ref())
+    }
+
+    /// How this body's forwarding goes (read after the exchange); none without a body.
+    pub(crate) fn progress(&self) -> Option<Arc<BodyProgress>> {
         self.progress.clone()
     }
 
@@ -180,21 +195,27 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        if let Some(bytes) = this.buffered.take() {
-            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        if let Some(held) = &mut this.held {
+            if let Some(bytes) = held.bytes.take() {
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            this.held = None;
         }
-        this.reservation = None;
         let Some(body) = this.rest.as_mut() else {
             return Poll::Ready(None);
         };
         let polled = Pin::new(body).poll_frame(cx);
-        this.progress.waiting.store(polled.is_pending(), Ordering::Relaxed);
+        if let Some(progress) = &this.progress {
+            progress.waiting.store(polled.is_pending(), Ordering::Relaxed);
+        }
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > this.remaining {
-                        this.progress.exceeded.store(true, Ordering::Relaxed);
+                        if let Some(progress) = &this.progress {
+                            progress.exceeded.store(true, Ordering::Relaxed);
+                        }
                         this.rest = None;
                         return Poll::Ready(Some(Err(Box::new(RequestBodyTooLarge))));
                     }
@@ -209,11 +230,11 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.buffered.is_none() && self.is_complete()
+        self.buffered().is_none() && self.is_complete()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let buffered = self.buffered.as_ref().map_or(0, |b| b.len() as u64);
+        let buffered = self.buffered().map_or(0, |b| b.len() as u64);
         buffered_then(buffered, self.rest.as_ref().map(Body::size_hint))
     }
 }
@@ -224,7 +245,8 @@ impl Replay for RequestBody {
         if !self.is_complete() {
             return None;
         }
-        Some(RequestBody { buffered: self.buffered.clone(), ..RequestBody::default() })
+        let held = self.buffered().map(|b| Box::new(Held { bytes: Some(b.clone()), _reservation: None }));
+        Some(RequestBody { held, ..RequestBody::default() })
     }
 }
 
@@ -248,14 +270,13 @@ pub(crate) async fn read_request_body(
     budget: &Arc<BufferBudget>,
     exhausted: &prometheus_client::metrics::counter::Counter,
 ) -> Result<RequestBody, BufferError> {
-    let progress = Arc::<BodyProgress>::default();
     if body.is_end_stream() {
         // No body (a GET): nothing to forward or wait for.
-        return Ok(RequestBody::none(progress));
+        return Ok(RequestBody::none());
     }
     let capacity = limits.request_buffer_bytes;
     if capacity == 0 || declared_length.is_some_and(|len| len > capacity) {
-        return Ok(RequestBody::stream(body, limits.max_request_body_bytes, progress));
+        return Ok(RequestBody::stream(body, limits.max_request_body_bytes));
     }
     let mut reservation = Reservation::on(budget);
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
@@ -292,14 +313,13 @@ pub(crate) async fn read_request_body(
             break;
         }
     }
-    let buffered = Some(concat(chunks, total)).filter(|b| !b.is_empty());
+    let bytes = Some(concat(chunks, total)).filter(|b| !b.is_empty());
     let rest = (spilled && !body.is_end_stream()).then_some(body);
     Ok(RequestBody {
-        buffered,
+        held: Some(Box::new(Held { bytes, _reservation: Some(reservation) })),
         rest,
         remaining: limits.max_request_body_bytes - total,
-        progress,
-        reservation: Some(reservation),
+        progress: Some(Arc::default()),
     })
 }
 
@@ -383,11 +403,8 @@ mod tests {
         let b = budget(100);
         let mut reservation = Reservation::on(&b);
         assert!(reservation.grow(5));
-        let body = RequestBody {
-            buffered: Some(Bytes::from_static(b"hello")),
-            reservation: Some(reservation),
-            ..RequestBody::default()
-        };
+        let held = Held { bytes: Some(Bytes::from_static(b"hello")), _reservation: Some(reservation) };
+        let body = RequestBody { held: Some(Box::new(held)), ..RequestBody::default() };
         let copy = body.replay().unwrap();
         assert_eq!(copy.size_hint().exact(), Some(5));
         assert_eq!(b.in_use(), 5, "the copy takes nothing more");
