@@ -363,6 +363,35 @@ mod tests {
         assert_eq!(b.in_use(), 1 << 40);
     }
 
+    proptest::proptest! {
+        /// Against a model (the sum of what live reservations hold): a reservation grows
+        /// exactly when the budget has room, and dropping one gives back all it held.
+        #[test]
+        fn the_budget_matches_a_model(
+            total in 0u64..2_000,
+            ops in proptest::collection::vec((0usize..4, 0u64..700, proptest::bool::ANY), 0..60),
+        ) {
+            let b = budget(total);
+            let mut live: Vec<(Reservation, u64)> = Vec::new();
+            for (slot, bytes, drop_one) in ops {
+                if drop_one && !live.is_empty() {
+                    live.remove(slot % live.len());
+                } else {
+                    let held: u64 = live.iter().map(|(_, n)| n).sum();
+                    let mut r = Reservation::on(&b);
+                    let grew = r.grow(bytes);
+                    proptest::prop_assert_eq!(grew, held + bytes <= total);
+                    live.push((r, if grew { bytes } else { 0 }));
+                }
+                let held: u64 = live.iter().map(|(_, n)| n).sum();
+                proptest::prop_assert_eq!(b.in_use(), held);
+                proptest::prop_assert!(held <= total);
+            }
+            drop(live);
+            proptest::prop_assert_eq!(b.in_use(), 0);
+        }
+    }
+
     #[test]
     fn threads_taking_and_giving_back_never_overdraw() {
         let b = budget(1000);
