@@ -555,22 +555,10 @@ fn main() -> Result<()> {
     let key = dir.join("hash.key");
     std::fs::write(&key, b"benchmark-hash-key-0123456789abcdef")?;
     let custos = &args.custos;
-    let sidecar = start_sidecar(
-        custos,
-        &dir,
-        &key,
-        SidecarSpec::new("masking", policy_yaml(true)),
-        upstream,
-        &mut guard,
-    )?;
-    let plain = start_sidecar(
-        custos,
-        &dir,
-        &key,
-        SidecarSpec::new("plain", policy_yaml(false)),
-        upstream,
-        &mut guard,
-    )?;
+    let masking = SidecarSpec::new("masking", policy_yaml(true));
+    let sidecar = start_sidecar(custos, &dir, &key, masking, upstream, &mut guard)?;
+    let plain = SidecarSpec::new("plain", policy_yaml(false));
+    let plain = start_sidecar(custos, &dir, &key, plain, upstream, &mut guard)?;
     let collector = start_collector(custos, &dir, &mut guard)?;
     let shipping =
         SidecarSpec { collector: Some(&collector), ..SidecarSpec::new("shipping", policy_yaml(true)) };
