@@ -93,8 +93,9 @@ pub struct SidecarArgs {
     pub max_request_body_bytes: u64,
 
     /// A request body up to this size is read whole before the app is called, so that slow
-    /// clients hold none of its connections; a larger one is forwarded as it arrives after
-    /// that much (0: every body as it arrives).
+    /// clients hold none of its connections. One declared larger is forwarded as it arrives;
+    /// one of unknown length (chunked, HTTP/2) that outgrows it, after the buffered part (0:
+    /// every body as it arrives).
     #[arg(long, env = "CUSTOS_REQUEST_BUFFER_BYTES", value_name = "BYTES", default_value_t = 64 * 1024)]
     pub request_buffer_bytes: u64,
 
@@ -103,7 +104,9 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_REQUEST_BUFFER_TOTAL_BYTES", value_name = "BYTES", default_value_t = 32 * 1024 * 1024)]
     pub request_buffer_total_bytes: u64,
 
-    /// The longest a client may pause while sending a request body (408 above).
+    /// The longest a client may pause while its request body is read before the app is
+    /// called (408 above). A body forwarded as it arrives is bounded by `--upstream-timeout`
+    /// (408 too when the sidecar is then waiting for the client).
     #[arg(long, env = "CUSTOS_REQUEST_BODY_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub request_body_timeout: Duration,
 

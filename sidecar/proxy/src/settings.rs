@@ -18,13 +18,16 @@ pub struct ProxyLimits {
     /// Maximum request body forwarded to the app, in bytes (413 above).
     pub max_request_body_bytes: u64,
     /// A request body up to this size is read whole before the app is called, so that a
-    /// slow client holds none of the app's connections; a larger one is forwarded as it
-    /// arrives after that much (0: every body as it arrives). See [`crate::request_body`].
+    /// slow client holds none of the app's connections. One declared larger is forwarded as
+    /// it arrives; one of unknown length that outgrows it, after the buffered part (0: every
+    /// body as it arrives). See [`crate::request_body`].
     pub request_buffer_bytes: u64,
     /// What all buffered request bodies may hold together; past it, bodies are forwarded as
     /// they arrive.
     pub request_buffer_total_bytes: u64,
-    /// The longest a client may pause while sending a request body (408 above).
+    /// The longest a client may pause while its request body is read before the app is
+    /// called (408 above). A body forwarded as it arrives is bounded by
+    /// [`Self::upstream_timeout`] (408 too when the sidecar is then waiting for the client).
     pub request_body_timeout: Duration,
     /// Maximum response body the sidecar buffers to transform, in bytes, both as received and
     /// after gzip/deflate decoding (502 above, unless failOpen or Audit mode).
