@@ -18,12 +18,12 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_CONFIG", value_name = "FILE")]
     pub config: PathBuf,
 
-    /// Proxy listen address [default: 0.0.0.0:<proxyPort of the selected policy>, or
-    /// 0.0.0.0:15080].
+    /// Proxy listen address (default: `0.0.0.0:<proxyPort of the selected policy>`, or
+    /// `0.0.0.0:15080`).
     #[arg(long, env = "CUSTOS_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
-    /// The app [default: 127.0.0.1:<appPort of the selected policy>].
+    /// The app (default: `127.0.0.1:<appPort of the selected policy>`).
     #[arg(long, env = "CUSTOS_UPSTREAM", value_name = "ADDR")]
     pub upstream: Option<SocketAddr>,
 

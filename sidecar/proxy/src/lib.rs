@@ -11,7 +11,7 @@
 //!    method the policy never decided); CONNECT and absolute-form targets get 400; request
 //!    line plus headers over the limit get 431; a declared body over the limit gets 413 (a
 //!    chunked one is cut off and gets 413 too).
-//! 2. The target is normalised ([`custos_policy::normalize`]); a rejected one gets 400 with
+//! 2. The target is normalised ([`custos_policy::normalize()`]); a rejected one gets 400 with
 //!    the rejection code, never the path. (Fragments never reach the proxy: the HTTP parser
 //!    drops them; the forwarded target is rebuilt from the normalised path, so the app sees
 //!    exactly the path that was decided.)

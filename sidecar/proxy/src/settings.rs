@@ -20,7 +20,7 @@ pub struct ProxyLimits {
     /// A request body up to this size is read whole before the app is called, so that a
     /// slow client holds none of the app's connections. One declared larger is forwarded as
     /// it arrives; one of unknown length that outgrows it, after the buffered part (0: every
-    /// body as it arrives). See [`crate::request_body`].
+    /// body as it arrives). See the sidecar README's "Request bodies".
     pub request_buffer_bytes: u64,
     /// What all buffered request bodies may hold together; past it, bodies are forwarded as
     /// they arrive.
