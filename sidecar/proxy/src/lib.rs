@@ -217,6 +217,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         request_buffers: request_body::BufferBudget::new(
             settings.limits.request_buffer_total_bytes,
             metrics.request_buffer_bytes.clone(),
+            metrics.request_buffer_exhausted.clone(),
         ),
     });
 

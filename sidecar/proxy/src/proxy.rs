@@ -307,7 +307,9 @@ async fn process(
         ctx.deny("method_override");
         return bad_request("method override headers are refused", "method_override");
     }
-    if let Some(len) = content_length(req.headers())
+    // Read once: the limit here, the request buffer below.
+    let declared_length = content_length(req.headers());
+    if let Some(len) = declared_length
         && len > limits.max_request_body_bytes
     {
         shared.metrics.limit("request_body_bytes");
@@ -468,16 +470,7 @@ async fn process(
     drop(verdict);
     let is_head = req.method() == Method::HEAD;
     let (parts, body) = req.into_parts();
-    let declared_length = if body.is_end_stream() { None } else { content_length(&parts.headers) };
-    let body = match read_request_body(
-        body,
-        declared_length,
-        limits,
-        &shared.request_buffers,
-        &shared.metrics.request_buffer_exhausted,
-    )
-    .await
-    {
+    let body = match read_request_body(body, declared_length, limits, &shared.request_buffers).await {
         Ok(body) => body,
         Err(BufferError::TooLarge) => {
             shared.metrics.limit("request_body_bytes");

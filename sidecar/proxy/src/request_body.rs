@@ -28,6 +28,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::body::{buffered_then, concat};
@@ -56,16 +57,19 @@ impl BodyProgress {
 }
 
 /// The memory all buffered request bodies may hold together, shared by the proxy threads.
-/// Its use is the gauge `custos_sidecar_request_buffer_bytes`.
+/// Its use is the gauge `custos_sidecar_request_buffer_bytes`; the bodies it had no room for
+/// are counted in `custos_sidecar_request_buffer_exhausted_total`.
 pub(crate) struct BufferBudget {
     total: u64,
     in_use: Gauge,
+    exhausted: Counter,
 }
 
 impl BufferBudget {
-    /// A budget of `total` bytes whose use is reported by `in_use`.
-    pub(crate) fn new(total: u64, in_use: Gauge) -> Arc<Self> {
-        Arc::new(BufferBudget { total, in_use })
+    /// A budget of `total` bytes whose use is reported by `in_use` and whose refusals are
+    /// counted in `exhausted`.
+    pub(crate) fn new(total: u64, in_use: Gauge, exhausted: Counter) -> Arc<Self> {
+        Arc::new(BufferBudget { total, in_use, exhausted })
     }
 
     /// Bytes held now.
@@ -268,7 +272,6 @@ pub(crate) async fn read_request_body(
     declared_length: Option<u64>,
     limits: &ProxyLimits,
     budget: &Arc<BufferBudget>,
-    exhausted: &prometheus_client::metrics::counter::Counter,
 ) -> Result<RequestBody, BufferError> {
     if body.is_end_stream() {
         // No body (a GET): nothing to forward or wait for.
@@ -304,7 +307,7 @@ pub(crate) async fn read_request_body(
         let fits = reservation.grow(len);
         chunks.push_back(data);
         if !fits {
-            exhausted.inc();
+            budget.exhausted.inc();
             spilled = true;
             break;
         }
@@ -330,7 +333,7 @@ mod tests {
     use super::*;
 
     fn budget(total: u64) -> Arc<BufferBudget> {
-        BufferBudget::new(total, Gauge::default())
+        BufferBudget::new(total, Gauge::default(), Counter::default())
     }
 
     #[test]
