@@ -16,6 +16,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use custos_serve::{RequestStarted, first_request_within};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -23,6 +24,9 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::metrics::OperatorMetrics;
+
+/// Time a client has to start a request, from connecting and between requests.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `/readyz` waits for.
 #[derive(Debug, Default)]
@@ -92,7 +96,8 @@ pub async fn serve_plain(
     drain: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
@@ -107,14 +112,20 @@ pub async fn serve_plain(
             () = &mut shutdown => break,
         };
         let app = router.clone();
+        let started = RequestStarted::new();
+        let marker = started.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            marker.mark();
             app.clone().oneshot(request.map(axum::body::Body::new))
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
+        // hyper-util's protocol detection has no timer of its own.
+        let connection = first_request_within(graceful.watch(connection), started, HEADER_READ_TIMEOUT);
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, %peer, "admin connection ended with an error");
+            match connection.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%error, %peer, "admin connection ended with an error"),
+                Err(error) => tracing::debug!(%error, %peer, "admin connection closed"),
             }
         });
     }
@@ -155,6 +166,41 @@ mod tests {
         assert!(body.contains("webhook"), "{body}");
         readiness.set_webhooks_serving();
         assert_eq!(get_path(&router, "/readyz").await.0, StatusCode::OK);
+    }
+
+    /// A client that connects and sends nothing, or a few bytes of the h2c preface, is closed
+    /// after the header read time-out (hyper-util's protocol detection has no timer of its
+    /// own); the clock is paused, so the 30 s pass at once.
+    #[tokio::test(start_paused = true)]
+    async fn silent_connections_are_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = router(OperatorMetrics::new(), Arc::new(Readiness::default()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_plain(
+            listener,
+            router,
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(1),
+        ));
+        for head in ["", "PRI * HTTP/2.0\r\n"] {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(head.as_bytes()).await.unwrap();
+            let begun = tokio::time::Instant::now();
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(600), c.read_to_end(&mut rest)).await.unwrap();
+            assert_eq!(begun.elapsed().as_secs(), HEADER_READ_TIMEOUT.as_secs(), "{head:?}");
+        }
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let _ = stop.send(());
+        server.await.unwrap();
     }
 
     #[tokio::test]

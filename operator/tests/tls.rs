@@ -207,6 +207,29 @@ async fn http2_is_negotiated_by_alpn_and_tls12_is_accepted() {
     server.stop().await;
 }
 
+/// A client that completes the TLS handshake and then sends nothing, or a few bytes of the h2
+/// preface, is closed after the webhook's 10 s header read time-out (hyper-util's protocol
+/// detection has no timer of its own). The clock is paused, so the seconds pass at once.
+#[tokio::test(start_paused = true)]
+async fn silent_connections_are_closed_after_the_handshake() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    install_provider();
+    let generated = generate_self_signed(SERVICE, NAMESPACE).unwrap();
+    let server = Running::start(fixed_resolver(&generated.cert_pem, &generated.key_pem).unwrap()).await;
+    let client = connector(&[&generated.ca_pem], &[b"h2", b"http/1.1"], rustls::ALL_VERSIONS);
+    for head in ["", "PRI * HTTP/2.0\r\n"] {
+        let mut tls = handshake(&client, server.addr, HOST).await.unwrap();
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        let begun = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(600), tls.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a connection that sent {head:?} is still open");
+        assert_eq!(begun.elapsed().as_secs(), 10, "{head:?}");
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn rotated_certificate_files_are_served_by_the_next_handshake() {
     install_provider();

@@ -70,6 +70,11 @@ pub struct CollectorArgs {
     #[arg(long, env = "CUSTOS_COLLECTOR_SHUTDOWN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// The longest a client connection may go without starting a request: from connecting,
+    /// and between requests when kept alive over HTTP/1.1; it is then closed.
+    #[arg(long, env = "CUSTOS_COLLECTOR_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
     /// Turn the leak detectors off (they run by default; see the --detect-* flags).
     #[arg(long, env = "CUSTOS_COLLECTOR_NO_DETECT")]
     pub no_detect: bool,
@@ -174,6 +179,10 @@ impl CollectorArgs {
         config.retention = self.retention.0;
         config.prune_interval = self.prune_interval;
         config.shutdown_timeout = self.shutdown_timeout;
+        if self.header_read_timeout.is_zero() {
+            return Err("--header-read-timeout must be longer than 0s".into());
+        }
+        config.header_read_timeout = self.header_read_timeout;
         if !self.no_detect {
             config.detect = Some(self.detect.into_config().map_err(|e| e.to_string())?);
         }
@@ -233,6 +242,8 @@ mod tests {
             "512KiB",
             "--shutdown-timeout",
             "5s",
+            "--header-read-timeout",
+            "10s",
         ])
         .unwrap();
         let config = cli.args.into_config().unwrap();
@@ -240,6 +251,10 @@ mod tests {
         assert_eq!(config.retention, Some(Duration::from_secs(30 * 86_400)));
         assert_eq!(config.limits.max_batch_bytes, 512 << 10);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+        let cli = Cli::try_parse_from(["c", "--token-file", "/t", "--header-read-timeout", "0s"]).unwrap();
+        let err = cli.args.into_config().unwrap_err();
+        assert!(err.contains("--header-read-timeout"), "{err}");
 
         for (value, mode) in [("auto", KubeEvents::Auto), ("on", KubeEvents::On), ("off", KubeEvents::Off)] {
             let cli = Cli::try_parse_from(["c", "--token-file", "/t", "--kube-events", value]).unwrap();

@@ -45,6 +45,9 @@ pub struct CollectorConfig {
     pub prune_interval: Duration,
     /// How long shutdown waits for in-flight requests before closing their connections.
     pub shutdown_timeout: Duration,
+    /// The longest a client connection may go without starting a request (from connecting,
+    /// and between requests when kept alive over HTTP/1.1); it is then closed.
+    pub header_read_timeout: Duration,
     /// Post-commit hook: every committed batch with at least one new event is offered here with
     /// `try_send` (see [`observer`](crate::observer)).
     pub observer: Option<mpsc::Sender<StoredBatch>>,
@@ -77,6 +80,7 @@ impl std::fmt::Debug for CollectorConfig {
             .field("retention", &self.retention)
             .field("prune_interval", &self.prune_interval)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("header_read_timeout", &self.header_read_timeout)
             .field("observer", &self.observer.is_some())
             .field("extra_routes", &self.extra_routes.is_some())
             .field("detect", &self.detect.is_some())
@@ -88,7 +92,7 @@ impl std::fmt::Debug for CollectorConfig {
 
 impl CollectorConfig {
     /// The defaults (listen on 0.0.0.0:8080, 16 MiB / 10 000 events per batch, no retention,
-    /// prune every hour, 30 s shutdown, no detectors, no webhook, no OTLP export, no Kubernetes
+    /// prune every hour, 30 s shutdown, 30 s to start a request, no detectors, no webhook, no OTLP export, no Kubernetes
     /// Events) for `store_url` and `auth`. `custos collector` turns the detectors on by default
     /// and Kubernetes Events to `auto`.
     pub fn new(store_url: impl Into<String>, auth: Auth) -> Self {
@@ -101,6 +105,7 @@ impl CollectorConfig {
             retention: None,
             prune_interval: Duration::from_secs(3_600),
             shutdown_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(30),
             observer: None,
             metrics: None,
             extra_routes: None,

@@ -10,6 +10,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use custos_api::collector::{EVENTS_PATH, USAGE_PATH};
+use custos_serve::{RequestStarted, first_request_within};
 use http::{StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -29,8 +30,6 @@ use crate::pipeline;
 use crate::state::CollectorState;
 use crate::{ingest, query, retention};
 
-/// Time a client has to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time `/ready` gives the store to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -334,9 +333,17 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, StartErr
     );
 
     let shutdown_timeout = config.shutdown_timeout;
+    let header_read_timeout = config.header_read_timeout;
     let serve_state = state.clone();
     let task = tokio::spawn(async move {
-        serve(listener, app, stop_rx, shutdown_timeout, serve_state).await;
+        serve(
+            listener,
+            app,
+            stop_rx,
+            Timeouts { drain: shutdown_timeout, header_read: header_read_timeout },
+            serve_state,
+        )
+        .await;
         if let Some(task) = retention_task {
             let _ = task.await;
         }
@@ -354,17 +361,26 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// The server's connection time-outs.
+struct Timeouts {
+    /// How long in-flight requests may take once shutdown begins.
+    drain: Duration,
+    /// How long a connection may go without starting a request.
+    header_read: Duration,
+}
+
 /// Accepts connections until `stop` turns true, then drains in-flight requests for at most
-/// `drain_timeout` and closes what remains.
+/// `timeouts.drain` and closes what remains.
 async fn serve(
     listener: TcpListener,
     app: Router,
     mut stop: watch::Receiver<bool>,
-    drain_timeout: Duration,
+    timeouts: Timeouts,
     state: CollectorState,
 ) {
+    let drain_timeout = timeouts.drain;
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.header_read);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(64);
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -383,14 +399,22 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let started = RequestStarted::new();
+        let marker = started.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            marker.mark();
             app.clone().oneshot(request.map(axum::body::Body::new))
         });
         let conn = graceful
             .watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned());
+        // hyper-util's protocol detection has no timer: without this, a client that connects
+        // and sends nothing holds its connection until it hangs up.
+        let conn = first_request_within(conn, started, timeouts.header_read);
         connections.spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%error, "client connection ended with an error");
+            match conn.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%error, "client connection ended with an error"),
+                Err(error) => tracing::debug!(%error, "client connection closed"),
             }
         });
         // Reap finished connection tasks.

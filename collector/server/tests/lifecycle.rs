@@ -203,3 +203,30 @@ async fn retention_stops_instead_of_pruning_over_a_broken_chain() {
     let (_, report) = h.get("/v1/verify").await;
     assert_eq!(report["firstBroken"]["seq"], 4, "{report}");
 }
+
+/// A connection that starts no request within `--header-read-timeout` is closed, whether it
+/// sent nothing, part of the h2c preface (hyper-util's protocol detection has no timer of its
+/// own) or part of an HTTP/1.1 head; one that sends its request in time is answered.
+#[tokio::test]
+async fn connections_without_a_request_are_closed_at_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::sqlite_with(|c| c.header_read_timeout = Duration::from_millis(300)).await;
+    let addr = h.running().addr();
+    let mut stalled = Vec::new();
+    for head in ["", "PRI * HTTP/2.0\r\n", "GET /healthz HTTP/1.1\r\nHost: a\r\n"] {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(head.as_bytes()).await.unwrap();
+        stalled.push((head, c));
+    }
+    let mut prompt = tokio::net::TcpStream::connect(addr).await.unwrap();
+    prompt.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), prompt.read_to_string(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    for (head, mut c) in stalled {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a connection that sent {head:?} is still open");
+        assert!(rest.is_empty() || !rest.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    }
+}

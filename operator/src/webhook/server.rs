@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
+use custos_serve::{RequestStarted, first_request_within};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -76,12 +77,18 @@ pub async fn serve(
                     return;
                 }
             };
+            let started = RequestStarted::new();
+            let marker = started.clone();
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                marker.mark();
                 router.clone().oneshot(request.map(axum::body::Body::new))
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-            if let Err(error) = watcher.watch(conn).await {
-                tracing::debug!(%peer, %error, "webhook connection ended with an error");
+            // hyper-util's protocol detection has no timer of its own.
+            match first_request_within(watcher.watch(conn), started, HEADER_READ_TIMEOUT).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%peer, %error, "webhook connection ended with an error"),
+                Err(error) => tracing::debug!(%peer, %error, "webhook connection closed"),
             }
         });
         // Reap finished connection tasks.

@@ -88,6 +88,12 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_MAX_HEADER_BYTES", value_name = "BYTES", default_value_t = 16 * 1024)]
     pub max_header_bytes: usize,
 
+    /// The longest a client connection may go without starting a request: from connecting
+    /// to its first request head, and between requests when kept alive; the connection is
+    /// then closed. The admin port's too.
+    #[arg(long, env = "CUSTOS_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
     /// Maximum request body, in bytes (413 above).
     #[arg(long, env = "CUSTOS_MAX_REQUEST_BODY_BYTES", value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_request_body_bytes: u64,
@@ -182,6 +188,9 @@ impl SidecarArgs {
         if self.request_body_timeout.is_zero() {
             return Err(Error::Invalid("--request-body-timeout must be longer than 0s".into()));
         }
+        if self.header_read_timeout.is_zero() {
+            return Err(Error::Invalid("--header-read-timeout must be longer than 0s".into()));
+        }
         let collector = self.collector.map(|url| CollectorSettings {
             token_file: self.collector_token_file.clone(),
             spool_max_bytes: self.spool_max_bytes,
@@ -200,6 +209,7 @@ impl SidecarArgs {
             jwks_dir: self.jwks_dir,
             limits: ProxyLimits {
                 max_header_bytes: self.max_header_bytes,
+                header_read_timeout: self.header_read_timeout,
                 max_request_body_bytes: self.max_request_body_bytes,
                 request_buffer_bytes: self.request_buffer_bytes,
                 request_buffer_total_bytes: self.request_buffer_total_bytes,
@@ -329,6 +339,7 @@ mod tests {
         assert_eq!(limits.request_buffer_bytes, 64 * 1024);
         assert_eq!(limits.request_buffer_total_bytes, 32 * 1024 * 1024);
         assert_eq!(limits.request_body_timeout, Duration::from_secs(30));
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(30));
         assert_eq!(limits, ProxyLimits { max_connections: 10_000, ..ProxyLimits::default() });
         let limits = settings(&[
             "--request-buffer-bytes=0",
@@ -343,6 +354,10 @@ mod tests {
         assert_eq!(limits.request_body_timeout, Duration::from_millis(1500));
         let err = settings(&["--request-body-timeout=0s"]).unwrap_err();
         assert!(err.contains("--request-body-timeout must be longer than 0s"), "{err}");
+        let err = settings(&["--header-read-timeout=0"]).unwrap_err();
+        assert!(err.contains("--header-read-timeout must be longer than 0s"), "{err}");
+        let limits = settings(&["--header-read-timeout", "45s"]).unwrap().limits;
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(45));
         let err = settings(&["--request-buffer-bytes=64KiB"]).unwrap_err();
         assert!(err.contains("--request-buffer-bytes"), "{err}");
     }

@@ -272,7 +272,12 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         stop_rx,
     ));
     let (admin_stop, admin_stop_rx) = watch::channel(false);
-    let admin = Arc::new(server::Admin { registry, config: config.clone() });
+    let admin = Arc::new(server::Admin {
+        registry,
+        config: config.clone(),
+        metrics: metrics.clone(),
+        header_read_timeout: settings.limits.header_read_timeout,
+    });
     let admin_task = tokio::spawn(server::serve_admin(admin_listener, admin, admin_stop_rx));
     tracing::info!(%proxy_addr, %admin_addr, "custos sidecar started");
 

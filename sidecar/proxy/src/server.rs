@@ -18,11 +18,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower::Service;
 
+use custos_serve::{NoRequestInTime, RequestStarted, first_request_within};
+
 use crate::proxy::{Enforcer, Shared};
 use crate::state::ConfigCell;
 
-/// Time a client has to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often an h2c connection that has been quiet is pinged, and how long the answer may
+/// take: a client gone without closing (its node lost) frees its connection slot within
+/// their sum. (HTTP/1.1 connections are closed when idle past `--header-read-timeout`.)
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most admin connections open at once (kubelet probes and a Prometheus or two need a
+/// handful); more are closed at once and counted as `limit="admin_connections"`.
+pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Accepts proxy connections until `shutdown` turns true, then drains in-flight requests for
 /// at most `drain_timeout`.
@@ -37,17 +46,20 @@ pub(crate) async fn serve_proxy(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(16 * 1024));
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     let graceful = GracefulShutdown::new();
     let idle_sweep = tokio::spawn(close_idle_upstreams(shared.clone()));
     let slots = shared.connection_slots.clone();
     let metrics = shared.metrics.clone();
+    let header_read_timeout = limits.header_read_timeout;
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => break,
@@ -68,7 +80,10 @@ pub(crate) async fn serve_proxy(
             continue;
         };
         let enforcer = Enforcer::new(shared.clone(), peer);
+        let started = RequestStarted::new();
+        let marker = started.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            marker.mark();
             let mut enforcer = enforcer.clone();
             enforcer.call(req)
         });
@@ -77,8 +92,9 @@ pub(crate) async fn serve_proxy(
         let metrics = metrics.clone();
         metrics.connections.inc();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "client connection ended with an error");
+            let ended = first_request_within(conn, started.clone(), header_read_timeout).await;
+            if let Some(reason) = connection_end(&ended, &started) {
+                metrics.limit(reason);
             }
             metrics.connections.dec();
             drop(permit);
@@ -90,6 +106,28 @@ pub(crate) async fn serve_proxy(
         _ = tokio::time::sleep(drain_timeout) => tracing::warn!("drain time-out: closing the remaining connections"),
     }
     idle_sweep.abort();
+}
+
+/// Logs how a client connection ended, and names the limit that ended it, if any: no request
+/// started within the header read time-out (hyper-util's protocol detection has no timer, so
+/// [`first_request_within`] closes the connection; or hyper's own HTTP/1.1 timer fired
+/// first). Idle kept-alive connections closed later are not counted.
+fn connection_end(
+    ended: &Result<Result<(), Box<dyn std::error::Error + Send + Sync>>, NoRequestInTime>,
+    started: &RequestStarted,
+) -> Option<&'static str> {
+    match ended {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "client connection ended with an error");
+            let timed_out = e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
+            (timed_out && !started.is_marked()).then_some("header_read_timeout")
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "client connection closed");
+            Some("header_read_timeout")
+        }
+    }
 }
 
 /// How often a proxy thread closes its app connections idle for longer than the idle
@@ -123,6 +161,10 @@ async fn refuse_connection(mut stream: TcpStream) {
 pub(crate) struct Admin {
     pub registry: Registry,
     pub config: Arc<ConfigCell>,
+    /// Counts admin connections refused over [`ADMIN_MAX_CONNECTIONS`].
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The proxy's `--header-read-timeout`, applied to admin connections too.
+    pub header_read_timeout: Duration,
 }
 
 /// Serves the admin endpoints until `shutdown` turns true.
@@ -131,7 +173,9 @@ pub(crate) async fn serve_admin(
     admin: Arc<Admin>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let builder = hyper::server::conn::http1::Builder::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(admin.header_read_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = shutdown.changed() => return,
@@ -144,6 +188,11 @@ pub(crate) async fn serve_admin(
                 }
             },
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            admin.metrics.limit("admin_connections");
+            tokio::spawn(refuse_connection(stream));
+            continue;
+        };
         let admin = admin.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let admin = admin.clone();
@@ -152,6 +201,7 @@ pub(crate) async fn serve_admin(
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(permit);
         });
     }
 }

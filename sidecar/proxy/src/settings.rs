@@ -15,6 +15,10 @@ pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15090";
 pub struct ProxyLimits {
     /// Maximum size of the request line plus headers, in bytes (431 above).
     pub max_header_bytes: usize,
+    /// The longest a client connection may go without starting a request: from its accept
+    /// to its first request head, and between requests when kept alive (the connection is
+    /// closed). Also the admin port's.
+    pub header_read_timeout: Duration,
     /// Maximum request body forwarded to the app, in bytes (413 above).
     pub max_request_body_bytes: u64,
     /// A request body up to this size is read whole before the app is called, so that a
@@ -51,6 +55,7 @@ impl Default for ProxyLimits {
     fn default() -> Self {
         ProxyLimits {
             max_header_bytes: 16 * 1024,
+            header_read_timeout: Duration::from_secs(30),
             max_request_body_bytes: 16 * 1024 * 1024,
             request_buffer_bytes: 64 * 1024,
             request_buffer_total_bytes: 32 * 1024 * 1024,

@@ -567,6 +567,61 @@ async fn header_body_time_and_connection_limits() {
     f.stop().await;
 }
 
+/// Connections that never start a request are closed at `--header-read-timeout`, whatever
+/// stage they stall in: before the first byte, inside the h2c preface (where hyper-util's
+/// protocol detection has no timer of its own), inside an HTTP/1.1 head, and idle after a
+/// request. A request that takes longer than the time-out keeps its connection.
+#[tokio::test]
+async fn connections_that_send_no_request_are_closed_at_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut f = start(policy(main_rules()), |s| {
+        s.limits.header_read_timeout = Duration::from_millis(400);
+        s.limits.max_connections = 3;
+    })
+    .await;
+    wait_for_connections(&f, 0).await;
+    let silent = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
+    let preface = opened(f.proxy(), "PRI * HTTP/2.0\r\n").await;
+    let head = opened(f.proxy(), "GET /open/x HTTP/1.1\r\nHost: a\r\nX-Slow").await;
+    wait_for_connections(&f, 3).await;
+    // Every slot is taken.
+    let (status, _) = raw(f.proxy(), b"GET /open/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status, Some(503));
+    for (what, c) in [("silent", silent), ("h2c preface", preface), ("HTTP/1.1 head", head)] {
+        let (status, text) = answer(c).await;
+        assert_eq!(status, None, "{what}: {text}");
+    }
+    wait_for_connections(&f, 0).await;
+
+    // A kept-alive connection idle after its request is closed too.
+    let mut idle = opened(f.proxy(), "GET /open/x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let mut got = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut got)).await.unwrap().unwrap();
+    assert!(got[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got[..n]));
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut got)).await.expect("closed").unwrap();
+    assert_eq!(n, 0, "an idle kept-alive connection stayed open");
+
+    // A connection whose first request is still being answered at the time-out is kept,
+    // and the next request on it is served.
+    let mut slow = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write(&mut slow, "GET /delay/x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut got)).await.unwrap().unwrap();
+    assert!(got[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got[..n]));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    slow.write_all(b"GET /open/y HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.unwrap();
+    let (status, text) = answer(slow).await;
+    assert_eq!(status, Some(200), "{text}");
+
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(
+        metric_value(&metrics, "custos_sidecar_limit_rejections_total{limit=\"header_read_timeout\"}"),
+        3.0,
+        "{metrics}"
+    );
+    f.stop().await;
+}
+
 /// A connection on which `head` (and the first bytes of a body) have been written.
 async fn opened(addr: std::net::SocketAddr, head: &str) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
@@ -1150,6 +1205,36 @@ async fn admin_endpoints_and_metrics() {
     assert!((1.0..=threads).contains(&opened), "{opened} upstream connections for 2 requests");
     assert!(!metrics.contains("/customers"), "paths must not be metric labels");
     assert!(!metrics.contains("127.0.0.1"), "principals must not be metric labels");
+    f.stop().await;
+}
+
+/// The admin port holds at most 64 connections, and closes those that send no request within
+/// `--header-read-timeout`: a client holding connections open cannot take the file
+/// descriptors the proxy needs, nor keep the kubelet's probes out for long.
+#[tokio::test]
+async fn the_admin_port_caps_and_times_out_its_connections() {
+    let mut f =
+        start(policy(main_rules()), |s| s.limits.header_read_timeout = Duration::from_millis(500)).await;
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(tokio::net::TcpStream::connect(f.admin()).await.unwrap());
+    }
+    let (status, text) =
+        raw(f.admin(), b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status, Some(503), "{text}");
+    for c in held {
+        let (status, text) = answer(c).await;
+        assert_eq!(status, None, "{text}");
+    }
+    let (status, text) =
+        raw(f.admin(), b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status, Some(200), "{text}");
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(
+        metric_value(&metrics, "custos_sidecar_limit_rejections_total{limit=\"admin_connections\"}"),
+        1.0,
+        "{metrics}"
+    );
     f.stop().await;
 }
 
