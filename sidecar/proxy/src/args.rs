@@ -111,8 +111,8 @@ pub struct SidecarArgs {
     pub request_buffer_total_bytes: u64,
 
     /// The longest a client may pause while its request body is read before the app is
-    /// called (408 above). A body forwarded as it arrives is bounded by `--upstream-timeout`
-    /// (408 too when the sidecar is then waiting for the client).
+    /// called (408 above). For a body forwarded as it arrives, `--upstream-timeout` counts
+    /// from its last bytes (408 too when the sidecar is then waiting for the client).
     #[arg(long, env = "CUSTOS_REQUEST_BODY_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub request_body_timeout: Duration,
 
@@ -126,7 +126,8 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_UPSTREAM_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     pub upstream_connect_timeout: Duration,
 
-    /// Time-out for the app's response (504).
+    /// Time-out for the app's response (504), counted from the request, or from the last
+    /// bytes of a request body forwarded as it arrives.
     #[arg(long, env = "CUSTOS_UPSTREAM_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
 

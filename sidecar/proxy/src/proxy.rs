@@ -497,11 +497,23 @@ async fn process(
             return bad_request("request cannot be forwarded", "bad_request");
         }
     };
-    let deadline = tokio::time::Instant::now() + limits.upstream_timeout;
+    let mut deadline = tokio::time::Instant::now() + limits.upstream_timeout;
     // Pinned where it is made: the time-out then wraps a pointer instead of moving the
     // exchange's state (over a kilobyte) into itself.
-    let sent = std::pin::pin!(shared.upstream.send(state.upstream, upstream_req));
-    let response = match tokio::time::timeout_at(deadline, sent).await {
+    let mut sent = std::pin::pin!(shared.upstream.send(state.upstream, upstream_req));
+    let exchanged = loop {
+        match tokio::time::timeout_at(deadline, sent.as_mut()).await {
+            Ok(exchanged) => break Ok(exchanged),
+            // A body still arriving: the time-out counts from its last bytes.
+            Err(elapsed) => {
+                match progress.as_ref().and_then(|p| p.later_deadline(deadline, limits.upstream_timeout)) {
+                    Some(later) => deadline = later,
+                    None => break Err(elapsed),
+                }
+            }
+        }
+    };
+    let response = match exchanged {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             if progress.as_ref().is_some_and(|p| p.exceeded()) {

@@ -17,8 +17,10 @@
 //!
 //! A client that pauses longer than [`ProxyLimits::request_body_timeout`] while its body is
 //! buffered gets 408 and the app never sees the request. Once the body is forwarded as it
-//! arrives, the upstream time-out bounds the exchange; when it expires while the sidecar
-//! waits for the client's next bytes, the answer is 408 too, rather than the app's 504.
+//! arrives, the upstream time-out counts from its last bytes (see
+//! [`BodyProgress::later_deadline`]), so an upload that keeps moving is never cut off however
+//! long it takes; when it expires while the sidecar waits for the client's next bytes, the
+//! answer is 408 too, rather than the app's 504.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -26,25 +28,60 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::time::Instant;
 
 use crate::body::{buffered_then, concat};
 use crate::settings::ProxyLimits;
 use crate::upstream::Replay;
 
-/// How the forwarding of one request body went, read after the exchange with the app.
-#[derive(Debug, Default)]
+/// How the forwarding of one request body went, read during and after the exchange with the
+/// app.
+#[derive(Debug)]
 pub(crate) struct BodyProgress {
     /// More than the request body limit arrived.
     exceeded: AtomicBool,
     /// The app's side waits for the client's next bytes.
     waiting: AtomicBool,
+    /// When the body was read or created.
+    since: Instant,
+    /// When bytes of the body last went on to the app, or it ended, in microseconds after
+    /// `since`.
+    moved_micros: AtomicU64,
 }
 
 impl BodyProgress {
+    fn new() -> Arc<Self> {
+        Arc::new(BodyProgress {
+            exceeded: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
+            since: Instant::now(),
+            moved_micros: AtomicU64::new(0),
+        })
+    }
+
+    /// Records that bytes of the body went on to the app, or that it ended.
+    fn moved(&self) {
+        let micros = u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.moved_micros.store(micros, Ordering::Relaxed);
+    }
+
+    /// The upstream time-out `timeout` counts from the body's last bytes, not from the
+    /// request: when it has expired at `deadline`, returns the later deadline the body's
+    /// progress has earned since (its last bytes plus `timeout`), or `None` when the
+    /// exchange has really timed out. A body in memory moved when it was read, before the
+    /// first deadline was set, so it never earns one.
+    pub(crate) fn later_deadline(&self, deadline: Instant, timeout: Duration) -> Option<Instant> {
+        let moved = self.since + Duration::from_micros(self.moved_micros.load(Ordering::Relaxed));
+        Some(moved + timeout).filter(|&later| later > deadline)
+    }
+
     /// The body went over the request body limit (413).
     pub(crate) fn exceeded(&self) -> bool {
         self.exceeded.load(Ordering::Relaxed)
@@ -169,7 +206,7 @@ impl RequestBody {
 
     /// The client's body, streamed as it arrives, cut off past `limit` bytes.
     pub(crate) fn stream(body: Incoming, limit: u64) -> Self {
-        let progress = Some(Arc::default());
+        let progress = Some(BodyProgress::new());
         RequestBody { held: None, rest: Some(body), remaining: limit, progress }
     }
 
@@ -225,10 +262,18 @@ impl Body for RequestBody {
                     }
                     this.remaining -= len;
                 }
+                if let Some(progress) = &this.progress {
+                    progress.moved();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                if let Some(progress) = &this.progress {
+                    progress.moved();
+                }
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -322,7 +367,7 @@ pub(crate) async fn read_request_body(
         held: Some(Box::new(Held { bytes, _reservation: Some(reservation) })),
         rest,
         remaining: limits.max_request_body_bytes - total,
-        progress: Some(Arc::default()),
+        progress: Some(BodyProgress::new()),
     })
 }
 
@@ -334,6 +379,25 @@ mod tests {
 
     fn budget(total: u64) -> Arc<BufferBudget> {
         BufferBudget::new(total, Gauge::default(), Counter::default())
+    }
+
+    /// The upstream time-out counts from the body's last bytes: each move earns a deadline
+    /// one time-out after it, and a body that stops moving (the client stalls, or the app
+    /// stops reading) earns none.
+    #[tokio::test(start_paused = true)]
+    async fn the_upstream_time_out_counts_from_the_last_bytes() {
+        let timeout = Duration::from_secs(30);
+        let progress = BodyProgress::new();
+        let start = Instant::now();
+        assert_eq!(progress.later_deadline(start + timeout, timeout), None, "nothing moved");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        progress.moved();
+        assert_eq!(progress.later_deadline(start + timeout, timeout), Some(start + Duration::from_secs(40)));
+        tokio::time::advance(Duration::from_secs(35)).await;
+        progress.moved();
+        let later = start + Duration::from_secs(75);
+        assert_eq!(progress.later_deadline(start + Duration::from_secs(40), timeout), Some(later));
+        assert_eq!(progress.later_deadline(later, timeout), None, "stopped moving");
     }
 
     #[test]

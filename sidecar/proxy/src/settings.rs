@@ -30,8 +30,8 @@ pub struct ProxyLimits {
     /// they arrive.
     pub request_buffer_total_bytes: u64,
     /// The longest a client may pause while its request body is read before the app is
-    /// called (408 above). A body forwarded as it arrives is bounded by
-    /// [`Self::upstream_timeout`] (408 too when the sidecar is then waiting for the client).
+    /// called (408 above). For a body forwarded as it arrives, [`Self::upstream_timeout`]
+    /// counts from its last bytes (408 too when the sidecar is then waiting for the client).
     pub request_body_timeout: Duration,
     /// Maximum response body the sidecar buffers to transform, in bytes, both as received and
     /// after gzip/deflate decoding (502 above, unless failOpen or Audit mode).
@@ -41,7 +41,8 @@ pub struct ProxyLimits {
     /// when exceeded).
     pub upstream_connect_timeout: Duration,
     /// Time-out for the app's response head, and for its body when it must be transformed
-    /// (504 when exceeded).
+    /// (504 when exceeded); counted from the request, or from the last bytes of a request
+    /// body forwarded as it arrives.
     pub upstream_timeout: Duration,
     /// Maximum concurrent client connections (503 and close above).
     pub max_connections: usize,

@@ -730,6 +730,17 @@ async fn request_bodies_are_read_before_the_app_is_called() {
     assert!(text.contains(r#""reason":"request_body_timeout""#), "{text}");
     assert!(text.contains(r#""timeoutSeconds":0.8"#), "{text}");
 
+    // A body forwarded as it arrives that keeps moving is not cut off by the upstream
+    // time-out, which counts from its last bytes: 140 bytes over about 2 s, against 0.8 s.
+    let mut c = opened(f.proxy(), &post("Content-Length: 140")).await;
+    for _ in 0..14 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        write(&mut c, &"c".repeat(10)).await;
+    }
+    let (status, text) = answer(c).await;
+    assert_eq!(status, Some(200), "{text}");
+    assert!(text.ends_with(r#"{"received":140}"#), "{text}");
+
     // Chunked and over the limit after the buffered part: 413.
     let (status, text) = raw(
         f.proxy(),
