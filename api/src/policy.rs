@@ -46,7 +46,8 @@ pub struct DataAccessPolicySpec {
     pub default_action: Action,
 
     /// When true, a response that cannot be transformed (not JSON, too large) is passed
-    /// through unmasked instead of failing closed with 502. Default false.
+    /// through unmasked instead of failing closed with 502. A partial response (206) fails
+    /// closed regardless. Default false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub fail_open: bool,
 

@@ -54,6 +54,33 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authenticate",
 ];
 
+/// Request headers dropped when the response will be transformed (Enforce): each could make
+/// the app answer with something other than the whole representation, which the plan could
+/// not be applied to. A `Range` would return a slice (a bare `"+4917..."` is valid JSON that
+/// no mask path matches, so masks and row filters would be bypassed a few bytes at a time);
+/// a validator would return a 304 whose `ETag` describes the unmasked body, or confirm that
+/// a record outside the caller's scope exists.
+const UNTRANSFORMABLE_REQUEST_HEADERS: [HeaderName; 4] =
+    [header::RANGE, header::IF_RANGE, header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE];
+
+/// Response headers that describe the app's bytes, dropped when the body is rewritten (and
+/// from HEAD, 204 and 304 answers to a request whose response would be): a hash or length of
+/// the unmasked body tells a caller whether a guess of a masked value is right.
+const BODY_METADATA_HEADERS: [HeaderName; 8] = [
+    header::CONTENT_ENCODING,
+    header::CONTENT_LENGTH,
+    header::ETAG,
+    header::ACCEPT_RANGES,
+    HeaderName::from_static("content-md5"),
+    HeaderName::from_static("digest"),
+    HeaderName::from_static("content-digest"),
+    HeaderName::from_static("repr-digest"),
+];
+
+/// The transform's failure code for a partial response (206 or `Content-Range`): a slice is
+/// never a document the plan applies to, so it fails closed even under `failOpen`.
+const PARTIAL_CONTENT: &str = "partial_content";
+
 /// [`METHOD_OVERRIDE_HEADERS`] as header names.
 const METHOD_OVERRIDE_NAMES: [HeaderName; 3] = [
     HeaderName::from_static("x-http-method-override"),
@@ -563,10 +590,20 @@ async fn process(
         || parts.status.is_informational()
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED);
-    let Some(job) = transform.filter(|_| has_body) else {
-        return Response::from_parts(parts, ProxyBody::stream(body));
-    };
-    transform_response(shared, ctx, job, parts, body, deadline, quota_key.as_ref(), quota_now).await
+    match transform {
+        Some(job) if has_body => {
+            transform_response(shared, ctx, job, parts, body, deadline, quota_key.as_ref(), quota_now).await
+        }
+        Some(job) => {
+            if job.mode == Mode::Enforce {
+                // HEAD, 204, 304: no body to rewrite, but the headers may still describe the
+                // app's.
+                remove_body_metadata(&mut parts.headers);
+            }
+            Response::from_parts(parts, ProxyBody::stream(body))
+        }
+        None => Response::from_parts(parts, ProxyBody::stream(body)),
+    }
 }
 
 /// What the response transform needs, taken from the verdict before the request is sent.
@@ -594,6 +631,11 @@ async fn transform_response(
     quota_key: Option<&QuotaKey>,
     quota_now: Timestamp,
 ) -> Response<ProxyBody> {
+    if parts.status == StatusCode::PARTIAL_CONTENT || parts.headers.contains_key(header::CONTENT_RANGE) {
+        // The request's `Range` was dropped (Enforce), so only an app that answers with
+        // slices unasked gets here; in Audit mode, one that honoured the caller's.
+        return untransformable(shared, ctx, &job, parts, PARTIAL_CONTENT, ProxyBody::stream(body));
+    }
     let limit = shared.limits.max_response_body_bytes;
     let collecting = std::pin::pin!(collect_limited(body, limit));
     let collected = match tokio::time::timeout_at(deadline, collecting).await {
@@ -711,14 +753,7 @@ async fn transform_response(
         // Audit: the caller gets the app's bytes; the event holds what would have been done.
         return Response::from_parts(parts, ProxyBody::full(raw));
     }
-    for h in [
-        header::CONTENT_ENCODING,
-        header::CONTENT_LENGTH,
-        header::ETAG,
-        HeaderName::from_static("content-md5"),
-    ] {
-        parts.headers.remove(h);
-    }
+    remove_body_metadata(&mut parts.headers);
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     if !parts.headers.contains_key(header::CONTENT_TYPE) {
         parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -785,7 +820,7 @@ fn untransformable(
     original: ProxyBody,
 ) -> Response<ProxyBody> {
     shared.metrics.transform_failures.get_or_create(&ReasonLabels { reason: code }).inc();
-    match (job.mode, job.fail_open) {
+    match (job.mode, job.fail_open && code != PARTIAL_CONTENT) {
         (Mode::Enforce, false) => {
             ctx.deny(code);
             error_response(
@@ -802,6 +837,13 @@ fn untransformable(
             ctx.would_deny(code);
             Response::from_parts(parts, original)
         }
+    }
+}
+
+/// Drops the headers that describe the app's body ([`BODY_METADATA_HEADERS`]).
+fn remove_body_metadata(headers: &mut HeaderMap) {
+    for h in BODY_METADATA_HEADERS {
+        headers.remove(h);
     }
 }
 
@@ -837,8 +879,12 @@ fn upstream_request(
         headers.insert(X_FORWARDED_FOR, v);
     }
     if transform.is_some_and(|t| t.mode == Mode::Enforce) {
-        // The body will be rewritten: ask for it uncompressed (gzip/deflate are decoded anyway).
+        // The body will be rewritten: ask for it uncompressed (gzip/deflate are decoded anyway),
+        // whole and unconditionally.
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        for h in UNTRANSFORMABLE_REQUEST_HEADERS {
+            headers.remove(h);
+        }
     }
     if !body.is_end_stream() && body.is_complete() {
         // The whole body was read: the sidecar has answered any `100-continue` itself.

@@ -50,6 +50,8 @@ fn main_rules() -> Value {
         {"name": "single", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
          "to": {"methods": ["GET"], "paths": ["/single/*"]},
          "records": "$", "rowFilter": "record.branch == user.branch"},
+        {"name": "ranged", "action": "Allow", "to": {"methods": ["GET", "HEAD"], "paths": ["/ranged/customers", "/partial/customers"]},
+         "records": "$.items[*]", "mask": {"phone": "ShowLast4", "name": "Redact"}},
         {"name": "limited", "action": "Allow", "to": {"paths": ["/limited/**"]}, "limits": {"requestsPerMinute": 3}},
         {"name": "quota", "action": "Allow", "to": {"paths": ["/quota/customers"]},
          "records": "$.items[*]", "limits": {"recordsPerHour": 6}},
@@ -328,6 +330,83 @@ async fn non_json_with_a_masking_plan_fails_closed_unless_fail_open() {
     let reply = get(f.proxy(), "/html/customers").await;
     assert_eq!(reply.status, 200);
     assert!(reply.text().contains("<html>"));
+    f.stop().await;
+}
+
+/// A masked response is always the whole representation, unconditionally: the app never
+/// sees `Range` or a validator, HEAD and 304 answers keep no header describing the unmasked
+/// body, and a slice an app sends unasked fails closed even under failOpen. In Audit mode
+/// everything passes untouched and the slice is recorded as what would have been refused.
+#[tokio::test]
+async fn masked_responses_are_whole_and_carry_nothing_of_the_unmasked_body() {
+    let mut f = start(policy(main_rules()), |_| {}).await;
+    // The offsets of the first phone number in the app's body.
+    let body = serde_json::to_string(&customers()).unwrap();
+    let at = body.find("\"+86").unwrap();
+    let range = format!("bytes={at}-{}", at + 15);
+    let reply = get_with(
+        f.proxy(),
+        "/ranged/customers",
+        &[
+            ("range", &range),
+            ("if-range", "\"v1-5f3c\""),
+            ("if-modified-since", "Sun, 06 Dec 2026 00:00:00 GMT"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_masked_list(&reply, 4);
+    let seen = f.upstream.seen().pop().unwrap();
+    for h in ["range", "if-range", "if-modified-since"] {
+        assert!(!seen.headers.contains_key(h), "{h} reached the app");
+    }
+    for h in ["etag", "accept-ranges", "content-digest", "content-range"] {
+        assert!(!reply.headers.contains_key(h), "{h} in a masked response");
+    }
+
+    // A validator would give a 304 carrying the unmasked body's ETag: the app never sees it.
+    let reply = get_with(f.proxy(), "/ranged/customers", &[("if-none-match", "\"v1-5f3c\"")]).await;
+    assert_eq!(reply.status, 200);
+    assert_masked_list(&reply, 4);
+    assert!(!f.upstream.seen().pop().unwrap().headers.contains_key("if-none-match"));
+
+    // HEAD: no body to mask, and none of the headers that describe the app's.
+    let head = Request::head("/ranged/customers").header("host", "a").body(Full::new(Bytes::new())).unwrap();
+    let reply = send(f.proxy(), head).await;
+    assert_eq!(reply.status, 200);
+    for h in ["etag", "accept-ranges", "content-digest"] {
+        assert!(!reply.headers.contains_key(h), "{h} in a HEAD answer");
+    }
+
+    // A slice sent unasked: 502, with or without failOpen.
+    for fail_open in [false, true] {
+        let mut spec = policy(main_rules());
+        spec["failOpen"] = json!(fail_open);
+        let mut g = start(spec, |_| {}).await;
+        let reply = get(g.proxy(), "/partial/customers").await;
+        assert_eq!(reply.status, 502, "failOpen {fail_open}: {}", reply.text());
+        assert_eq!(reply.json()["reason"], "partial_content");
+        assert_no_personal_data(&reply.text());
+        let metrics = admin_get(g.admin(), "/metrics").await.text();
+        assert!(
+            metrics.contains("custos_sidecar_transform_failures_total{reason=\"partial_content\"} 1"),
+            "{metrics}"
+        );
+        g.stop().await;
+    }
+    f.stop().await;
+
+    // Audit mode forwards the caller's headers and returns the app's answer untouched.
+    let mut spec = policy(main_rules());
+    spec["mode"] = json!("Audit");
+    let mut f = start(spec, |_| {}).await;
+    let reply = get_with(f.proxy(), "/ranged/customers", &[("range", &range)]).await;
+    assert_eq!(reply.status, 206);
+    assert_eq!(reply.text(), "\"+8613800001111\"");
+    assert!(f.upstream.seen().pop().unwrap().headers.contains_key("range"));
+    let reply = get_with(f.proxy(), "/ranged/customers", &[("if-none-match", "\"v1-5f3c\"")]).await;
+    assert_eq!(reply.status, 304);
+    assert_eq!(reply.headers["etag"], "\"v1-5f3c\"");
     f.stop().await;
 }
 

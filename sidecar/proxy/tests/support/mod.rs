@@ -107,6 +107,8 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
         headers: req.headers().clone(),
     });
     let path = req.uri().path().to_string();
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (if_none_match, range) = (header("if-none-match"), header("range"));
     let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let json_body = serde_json::to_vec(&customers()).unwrap();
     let full = |status: u16, ct: &str, bytes: Vec<u8>| {
@@ -129,6 +131,41 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
         e.write_all(&json_body).unwrap();
         let mut r = full(200, "application/json", e.finish().unwrap());
         r.headers_mut().insert("content-encoding", "gzip".parse().unwrap());
+        return r;
+    }
+    if path.starts_with("/ranged/") {
+        // A file server: validators, and byte ranges when asked.
+        let etag = "\"v1-5f3c\"";
+        if if_none_match.as_deref() == Some(etag) {
+            return Response::builder()
+                .status(304)
+                .header("etag", etag)
+                .body(Full::new(Bytes::new()).boxed())
+                .unwrap();
+        }
+        let mut r = match range.and_then(|r| parse_range(&r, json_body.len())) {
+            Some((start, end)) => {
+                let mut r = full(206, "application/json", json_body[start..=end].to_vec());
+                let range = format!("bytes {start}-{end}/{}", json_body.len());
+                r.headers_mut().insert("content-range", range.parse().unwrap());
+                r
+            }
+            None => full(200, "application/json", json_body.clone()),
+        };
+        for (name, value) in
+            [("etag", etag), ("accept-ranges", "bytes"), ("content-digest", "sha-256=:AAAA:")]
+        {
+            r.headers_mut().insert(name, value.parse().unwrap());
+        }
+        return r;
+    }
+    if path.starts_with("/partial/") {
+        // An app that answers with a slice unasked: the first phone number, as a JSON string.
+        let text = String::from_utf8(json_body.clone()).unwrap();
+        let start = text.find("\"+86").unwrap();
+        let mut r = full(206, "application/json", json_body[start..start + 16].to_vec());
+        let range = format!("bytes {start}-{}/{}", start + 15, json_body.len());
+        r.headers_mut().insert("content-range", range.parse().unwrap());
         return r;
     }
     if path.starts_with("/html/") {
@@ -155,6 +192,13 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
         return full(200, "application/json", serde_json::to_vec(&json!({"received": body.len()})).unwrap());
     }
     full(200, "application/json", json_body)
+}
+
+/// `bytes=a-b` within `len`, as (a, b).
+fn parse_range(range: &str, len: usize) -> Option<(usize, usize)> {
+    let (a, b) = range.strip_prefix("bytes=")?.split_once('-')?;
+    let (a, b) = (a.parse().ok()?, b.parse::<usize>().ok()?.min(len - 1));
+    (a <= b).then_some((a, b))
 }
 
 /// A body sent in several chunks with no length: hyper uses chunked encoding.
