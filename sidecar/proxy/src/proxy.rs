@@ -205,7 +205,7 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -
     let wall = SystemTime::now();
     let now = chrono::DateTime::<chrono::Utc>::from(wall);
     let peer_ip = ip_text(peer.ip());
-    let mut ctx = Ctx {
+    let ctx = Ctx {
         event: AuditEvent {
             schema_version: AUDIT_SCHEMA_VERSION,
             id: ulid::Ulid::from_datetime(wall).to_string(),
@@ -240,8 +240,39 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -
         started,
         peer_ip,
     };
-    let response = process(&shared, &mut ctx, peer, req, wall).await;
+    let mut in_flight = InFlight { shared: &shared, ctx: Some(ctx) };
+    let ctx = in_flight.ctx.as_mut().expect("set above");
+    let response = process(&shared, ctx, peer, req, wall).await;
+    let ctx = in_flight.ctx.take().expect("taken once");
     finish(&shared, ctx, response)
+}
+
+/// Status and reason code of the event of a request whose client gave up before the
+/// response head (nginx's 499).
+const CLIENT_CANCELLED: (u16, &str) = (499, "client_cancelled");
+
+/// A request's [`Ctx`] while it is processed. hyper drops the request's future when the
+/// client goes away before the response head (an h2 RST_STREAM, a closed connection) and at
+/// the drain time-out; by then the request may have reached the app, so dropping this emits
+/// the event with [`CLIENT_CANCELLED`].
+struct InFlight<'a> {
+    shared: &'a Shared,
+    ctx: Option<Ctx>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let Some(mut ctx) = self.ctx.take() else { return };
+        let (status, code) = CLIENT_CANCELLED;
+        ctx.reason = code;
+        let mut event = close_event(self.shared, ctx, status);
+        if event.reason.is_empty() {
+            event.reason = code.to_string();
+        } else {
+            event.reason = format!("{},{code}", event.reason);
+        }
+        PendingEvent::new(event, self.shared.shipper.clone()).emit();
+    }
 }
 
 /// The text of a peer's address, IPv4-mapped IPv6 as IPv4: what `Display` writes, without
@@ -269,7 +300,15 @@ fn ip_text(ip: IpAddr) -> String {
 }
 
 /// Completes the audit event and metrics, and attaches the event to the body.
-fn finish(shared: &Shared, mut ctx: Ctx, response: Response<ProxyBody>) -> Response<ProxyBody> {
+fn finish(shared: &Shared, ctx: Ctx, response: Response<ProxyBody>) -> Response<ProxyBody> {
+    let event = close_event(shared, ctx, response.status().as_u16());
+    let pending = PendingEvent::new(event, shared.shipper.clone());
+    response.map(|b| b.with_event(pending))
+}
+
+/// Completes the audit event of a request answered with `status`, and counts the request.
+#[inline]
+fn close_event(shared: &Shared, mut ctx: Ctx, status: u16) -> AuditEvent {
     let elapsed = ctx.started.elapsed();
     // Audit mode: what Enforce would have refused first. A refusal recorded before the
     // decision (a bad token) takes precedence over the engine's own WouldDeny, as Enforce
@@ -281,7 +320,7 @@ fn finish(shared: &Shared, mut ctx: Ctx, response: Response<ProxyBody>) -> Respo
         ctx.reason = code;
         ctx.event.reason = format!("{code} (audit mode: not enforced)");
     }
-    ctx.event.status = response.status().as_u16();
+    ctx.event.status = status;
     ctx.event.latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
     shared.counters.request(
         &shared.metrics,
@@ -291,8 +330,7 @@ fn finish(shared: &Shared, mut ctx: Ctx, response: Response<ProxyBody>) -> Respo
         ctx.reason,
     );
     shared.counters.latency.observe(elapsed);
-    let pending = PendingEvent::new(ctx.event, shared.shipper.clone());
-    response.map(|b| b.with_event(pending))
+    ctx.event
 }
 
 async fn process(

@@ -1134,6 +1134,39 @@ async fn a_config_of_another_namespace_is_refused() {
     f.stop().await;
 }
 
+/// A client that gives up before the response head (an h2 RST_STREAM, an HTTP/1.1
+/// connection closed) makes hyper drop the request's future, after the request may have
+/// reached the app: the event is still emitted, with status 499 and `client_cancelled`.
+#[tokio::test]
+async fn a_request_the_client_cancels_still_has_its_event() {
+    let collector = Collector::start().await;
+    let url = collector.url();
+    let mut f = start(policy(main_rules()), move |s| {
+        let mut c = custos_sidecar::CollectorSettings::new(url, s.jwks_dir.with_file_name("spool"));
+        c.flush_interval = Duration::from_millis(20);
+        s.collector = Some(c);
+    })
+    .await;
+    let stream = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/delay/x", f.proxy())).body(Full::new(Bytes::new())).unwrap();
+    let sent = tokio::time::timeout(Duration::from_millis(100), sender.send_request(req)).await;
+    assert!(sent.is_err(), "the app answered before the client gave up");
+    wait_until("the app sees the request", || f.upstream.count() == 1).await;
+    f.stop().await;
+
+    let events = collector.wait_for(1).await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let event = &events[0];
+    assert_eq!(event["path"], "/delay/x");
+    assert_eq!(event["status"], 499);
+    assert_eq!(event["decision"], "Allow");
+    assert_eq!(event["rule"], "open");
+    assert_eq!(event["reason"], "allow_rule,client_cancelled");
+}
+
 #[tokio::test]
 async fn audit_events_reach_the_collector_without_personal_data() {
     let collector = Collector::start().await;
