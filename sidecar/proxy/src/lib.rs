@@ -45,6 +45,7 @@
 mod args;
 mod audit;
 mod body;
+mod budget;
 mod error;
 mod latency;
 mod metrics;
@@ -214,7 +215,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         pod_name: settings.pod_name.clone(),
         cluster: settings.cluster.clone(),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(settings.limits.max_connections)),
-        request_buffers: request_body::BufferBudget::new(
+        request_buffers: budget::BufferBudget::new(
             settings.limits.request_buffer_total_bytes,
             metrics.request_buffer_bytes.clone(),
             metrics.request_buffer_exhausted.clone(),

@@ -76,7 +76,7 @@ pub(crate) struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     pub transform_failures: Family<ReasonLabels, Counter>,
     pub connections: Gauge,
-    /// Bytes of request bodies held in memory (see [`crate::request_body::BufferBudget`]).
+    /// Bytes of request bodies held in memory (see [`crate::budget::BufferBudget`]).
     pub request_buffer_bytes: Gauge,
     pub request_buffer_exhausted: Counter,
     pub usage_sync_failures: Counter,

@@ -31,8 +31,9 @@ use serde_json::json;
 
 use crate::audit::PendingEvent;
 use crate::body::{AppBody, Collected, DecodeError, Encoding, ProxyBody, collect_limited, decode};
+use crate::budget::BufferBudget;
 use crate::metrics::{LimitLabels, Metrics, ReasonLabels, RuleLabels, ThreadCounters};
-use crate::request_body::{BufferBudget, BufferError, RequestBody, read_request_body};
+use crate::request_body::{BufferError, RequestBody, read_request_body};
 use crate::settings::ProxyLimits;
 use crate::state::{ConfigCell, PolicyState};
 use crate::upstream::{Upstream, UpstreamSettings};
