@@ -121,6 +121,12 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_MAX_RESPONSE_BODY_BYTES", value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_response_body_bytes: u64,
 
+    /// What all responses read to be transformed may hold together, in bytes, as received and
+    /// decoded; past it, 503 with Retry-After (unless failOpen or Audit mode). At least
+    /// --max-response-body-bytes.
+    #[arg(long, env = "CUSTOS_RESPONSE_BUFFER_TOTAL_BYTES", value_name = "BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub response_buffer_total_bytes: u64,
+
     /// Time-out for obtaining a connection to the app: waiting for a free one when all
     /// `--upstream-max-connections` are busy (503), then connecting (502).
     #[arg(long, env = "CUSTOS_UPSTREAM_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
@@ -189,6 +195,12 @@ impl SidecarArgs {
         if self.request_body_timeout.is_zero() {
             return Err(Error::Invalid("--request-body-timeout must be longer than 0s".into()));
         }
+        if self.response_buffer_total_bytes < self.max_response_body_bytes {
+            return Err(Error::Invalid(format!(
+                "--response-buffer-total-bytes ({}) must be at least --max-response-body-bytes ({}): a response that large could never be transformed",
+                self.response_buffer_total_bytes, self.max_response_body_bytes
+            )));
+        }
         if self.header_read_timeout.is_zero() {
             return Err(Error::Invalid("--header-read-timeout must be longer than 0s".into()));
         }
@@ -216,6 +228,7 @@ impl SidecarArgs {
                 request_buffer_total_bytes: self.request_buffer_total_bytes,
                 request_body_timeout: self.request_body_timeout,
                 max_response_body_bytes: self.max_response_body_bytes,
+                response_buffer_total_bytes: self.response_buffer_total_bytes,
                 upstream_connect_timeout: self.upstream_connect_timeout,
                 upstream_timeout: self.upstream_timeout,
                 max_connections: self.max_connections.max(1),
@@ -355,6 +368,19 @@ mod tests {
         assert_eq!(limits.request_body_timeout, Duration::from_millis(1500));
         let err = settings(&["--request-body-timeout=0s"]).unwrap_err();
         assert!(err.contains("--request-body-timeout must be longer than 0s"), "{err}");
+        let limits = settings(&["--response-buffer-total-bytes", "33554432"]).unwrap().limits;
+        assert_eq!(limits.response_buffer_total_bytes, 32 << 20);
+        let err = settings(&["--response-buffer-total-bytes=1000"]).unwrap_err();
+        assert!(
+            err.contains(
+                "--response-buffer-total-bytes (1000) must be at least --max-response-body-bytes (16777216)"
+            ),
+            "{err}"
+        );
+        let limits = settings(&["--response-buffer-total-bytes=1000", "--max-response-body-bytes=1000"])
+            .unwrap()
+            .limits;
+        assert_eq!(limits.response_buffer_total_bytes, 1000);
         let err = settings(&["--header-read-timeout=0"]).unwrap_err();
         assert!(err.contains("--header-read-timeout must be longer than 0s"), "{err}");
         let limits = settings(&["--header-read-timeout", "45s"]).unwrap().limits;

@@ -12,6 +12,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
 use crate::audit::PendingEvent;
+use crate::budget::Reservation;
 use crate::request_body::RequestBody;
 use crate::upstream::UpstreamBody;
 
@@ -160,10 +161,16 @@ pub(crate) enum Collected {
     Complete(Bytes),
     /// More than the limit: what was read, and the rest of the body (for pass-through).
     TooLarge { prefix: VecDeque<Bytes>, rest: Option<AppBody> },
+    /// The memory budget had no room: what was read, and the rest (counted as exhausted).
+    NoRoom { prefix: VecDeque<Bytes>, rest: Option<AppBody> },
 }
 
-/// Reads `body` up to `limit` bytes.
-pub(crate) async fn collect_limited(mut body: AppBody, limit: u64) -> Result<Collected, hyper::Error> {
+/// Reads `body` up to `limit` bytes, taking them from `reservation` as they arrive.
+pub(crate) async fn collect_limited(
+    mut body: AppBody,
+    limit: u64,
+    reservation: &mut Reservation,
+) -> Result<Collected, hyper::Error> {
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
     let mut total: u64 = 0;
     while let Some(frame) = body.frame().await {
@@ -172,11 +179,17 @@ pub(crate) async fn collect_limited(mut body: AppBody, limit: u64) -> Result<Col
             // Trailers of a body that is rewritten are dropped.
             continue;
         };
-        total = total.saturating_add(data.len() as u64);
+        let len = data.len() as u64;
+        total = total.saturating_add(len);
         chunks.push_back(data);
         if total > limit {
             let rest = if body.is_end_stream() { None } else { Some(body) };
             return Ok(Collected::TooLarge { prefix: chunks, rest });
+        }
+        if !reservation.grow(len) {
+            reservation.count_exhausted();
+            let rest = if body.is_end_stream() { None } else { Some(body) };
+            return Ok(Collected::NoRoom { prefix: chunks, rest });
         }
     }
     Ok(Collected::Complete(concat(chunks, total)))

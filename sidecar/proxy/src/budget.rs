@@ -64,6 +64,11 @@ impl Reservation {
         Reservation { budget: budget.clone(), bytes: 0 }
     }
 
+    /// Counts, on its budget, a body this reservation could not hold.
+    pub(crate) fn count_exhausted(&self) {
+        self.budget.count_exhausted();
+    }
+
     /// Takes `bytes` more, or nothing (`false`) when the budget has not that much left.
     pub(crate) fn grow(&mut self, bytes: u64) -> bool {
         let taken = self.budget.take(bytes);

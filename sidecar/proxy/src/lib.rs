@@ -215,6 +215,11 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         pod_name: settings.pod_name.clone(),
         cluster: settings.cluster.clone(),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(settings.limits.max_connections)),
+        response_buffers: budget::BufferBudget::new(
+            settings.limits.response_buffer_total_bytes,
+            metrics.response_buffer_bytes.clone(),
+            metrics.response_buffer_exhausted.clone(),
+        ),
         request_buffers: budget::BufferBudget::new(
             settings.limits.request_buffer_total_bytes,
             metrics.request_buffer_bytes.clone(),

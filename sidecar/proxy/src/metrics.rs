@@ -79,6 +79,9 @@ pub(crate) struct Metrics {
     /// Bytes of request bodies held in memory (see [`crate::budget::BufferBudget`]).
     pub request_buffer_bytes: Gauge,
     pub request_buffer_exhausted: Counter,
+    /// Bytes of responses held in memory to be transformed.
+    pub response_buffer_bytes: Gauge,
+    pub response_buffer_exhausted: Counter,
     pub usage_sync_failures: Counter,
     /// Counted by every proxy thread's [`crate::upstream::Upstream`].
     pub upstream: UpstreamCounters,
@@ -101,6 +104,8 @@ impl Metrics {
             connections: Gauge::default(),
             request_buffer_bytes: Gauge::default(),
             request_buffer_exhausted: Counter::default(),
+            response_buffer_bytes: Gauge::default(),
+            response_buffer_exhausted: Counter::default(),
             usage_sync_failures: Counter::default(),
             upstream: UpstreamCounters::default(),
         };
@@ -145,6 +150,16 @@ impl Metrics {
             "request_buffer_exhausted",
             "Request bodies forwarded as they arrived because the request buffers were full",
             m.request_buffer_exhausted.clone(),
+        );
+        r.register(
+            "response_buffer_bytes",
+            "Bytes of responses read into memory to be transformed, as received and decoded",
+            m.response_buffer_bytes.clone(),
+        );
+        r.register(
+            "response_buffer_exhausted",
+            "Responses that could not be transformed because the response buffers were full",
+            m.response_buffer_exhausted.clone(),
         );
         r.register(
             "usage_sync_failures",

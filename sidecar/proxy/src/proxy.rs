@@ -31,7 +31,7 @@ use serde_json::json;
 
 use crate::audit::PendingEvent;
 use crate::body::{AppBody, Collected, DecodeError, Encoding, ProxyBody, collect_limited, decode};
-use crate::budget::BufferBudget;
+use crate::budget::{BufferBudget, Reservation};
 use crate::metrics::{LimitLabels, Metrics, ReasonLabels, RuleLabels, ThreadCounters};
 use crate::request_body::{BufferError, RequestBody, read_request_body};
 use crate::settings::ProxyLimits;
@@ -82,6 +82,10 @@ const BODY_METADATA_HEADERS: [HeaderName; 8] = [
 /// never a document the plan applies to, so it fails closed even under `failOpen`.
 const PARTIAL_CONTENT: &str = "partial_content";
 
+/// The transform's failure code when the response buffers are full: 503 with `Retry-After`
+/// (a matter of load, not of the response).
+const RESPONSE_BUFFER_EXHAUSTED: &str = "response_buffer_exhausted";
+
 /// [`METHOD_OVERRIDE_HEADERS`] as header names.
 const METHOD_OVERRIDE_NAMES: [HeaderName; 3] = [
     HeaderName::from_static("x-http-method-override"),
@@ -111,6 +115,8 @@ pub(crate) struct Shared {
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// Memory for request bodies read before the app is called, across all proxy threads.
     pub request_buffers: Arc<BufferBudget>,
+    /// What responses read to be transformed hold together.
+    pub response_buffers: Arc<BufferBudget>,
 }
 
 impl Shared {
@@ -676,8 +682,13 @@ async fn transform_response(
         return untransformable(shared, ctx, &job, parts, PARTIAL_CONTENT, ProxyBody::stream(body));
     }
     let limit = shared.limits.max_response_body_bytes;
-    let collecting = std::pin::pin!(collect_limited(body, limit));
-    let collected = match tokio::time::timeout_at(deadline, collecting).await {
+    // Held until the transformed body is built: the app's bytes, and their decoding.
+    let mut reservation = Reservation::on(&shared.response_buffers);
+    let timed = {
+        let collecting = std::pin::pin!(collect_limited(body, limit, &mut reservation));
+        tokio::time::timeout_at(deadline, collecting).await
+    };
+    let collected = match timed {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "upstream response body failed");
@@ -709,6 +720,10 @@ async fn transform_response(
                 ProxyBody::chain(prefix, rest),
             );
         }
+        Collected::NoRoom { prefix, rest } => {
+            let original = ProxyBody::chain(prefix, rest);
+            return untransformable(shared, ctx, &job, parts, RESPONSE_BUFFER_EXHAUSTED, original);
+        }
     };
     if raw.is_empty() {
         // Nothing to leak, nothing to count.
@@ -727,6 +742,17 @@ async fn transform_response(
         );
     };
     let decoded = match decode(raw.clone(), encoding, limit) {
+        Ok(d) if encoding != Encoding::Identity && !reservation.grow(d.len() as u64) => {
+            shared.response_buffers.count_exhausted();
+            return untransformable(
+                shared,
+                ctx,
+                &job,
+                parts,
+                RESPONSE_BUFFER_EXHAUSTED,
+                ProxyBody::full(raw),
+            );
+        }
         Ok(d) => d,
         Err(DecodeError::TooLarge) => {
             shared.metrics.limit("response_body_bytes");
@@ -860,6 +886,14 @@ fn untransformable(
 ) -> Response<ProxyBody> {
     shared.metrics.transform_failures.get_or_create(&ReasonLabels { reason: code }).inc();
     match (job.mode, job.fail_open && code != PARTIAL_CONTENT) {
+        (Mode::Enforce, false) if code == RESPONSE_BUFFER_EXHAUSTED => {
+            ctx.deny(code);
+            retry_later(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "too many responses being checked", "policy": job.policy, "rule": job.rule, "reason": code}),
+                1,
+            )
+        }
         (Mode::Enforce, false) => {
             ctx.deny(code);
             error_response(

@@ -36,6 +36,10 @@ pub struct ProxyLimits {
     /// Maximum response body the sidecar buffers to transform, in bytes, both as received and
     /// after gzip/deflate decoding (502 above, unless failOpen or Audit mode).
     pub max_response_body_bytes: u64,
+    /// What all responses read to be transformed may hold together, as received and decoded
+    /// (503 with `Retry-After` past it, unless failOpen or Audit mode), so that concurrent
+    /// large responses cannot take the sidecar past its memory limit.
+    pub response_buffer_total_bytes: u64,
     /// Time-out for obtaining a connection to the app: waiting for a free one when all
     /// [`Self::upstream_max_connections`] are busy (503 when exceeded), then opening one (502
     /// when exceeded).
@@ -62,6 +66,7 @@ impl Default for ProxyLimits {
             request_buffer_total_bytes: 32 * 1024 * 1024,
             request_body_timeout: Duration::from_secs(30),
             max_response_body_bytes: 16 * 1024 * 1024,
+            response_buffer_total_bytes: 32 * 1024 * 1024,
             upstream_connect_timeout: Duration::from_secs(2),
             upstream_timeout: Duration::from_secs(30),
             max_connections: 10_000,

@@ -410,6 +410,48 @@ async fn masked_responses_are_whole_and_carry_nothing_of_the_unmasked_body() {
     f.stop().await;
 }
 
+/// Responses read to be transformed share one memory budget, as received and decoded: past
+/// it, 503 with `Retry-After` (nothing unmasked leaves), unless failOpen or Audit mode pass
+/// the app's bytes through; the budget's gauge is back to 0 after each response.
+#[tokio::test]
+async fn responses_past_the_response_buffer_budget_are_refused_with_503() {
+    let plain = serde_json::to_vec(&customers()).unwrap().len() as u64;
+    // Room for the plain body, and for the gzip one as received, but not also decoded.
+    let budget = plain + 10;
+    let mut f = start(policy(main_rules()), |s| s.limits.response_buffer_total_bytes = budget).await;
+    let reply = get(f.proxy(), "/customers").await;
+    assert_eq!(reply.status, 200);
+    assert_masked_list(&reply, 4);
+    let reply = get(f.proxy(), "/gzip/customers").await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["reason"], "response_buffer_exhausted");
+    assert_eq!(reply.headers["retry-after"], "1");
+    assert_no_personal_data(&reply.text());
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(metric_value(&metrics, "custos_sidecar_response_buffer_exhausted_total"), 1.0, "{metrics}");
+    assert_eq!(metric_value(&metrics, "custos_sidecar_response_buffer_bytes"), 0.0);
+    f.stop().await;
+
+    for (mode, fail_open) in [("Enforce", false), ("Enforce", true), ("Audit", false)] {
+        let mut spec = policy(main_rules());
+        spec["mode"] = json!(mode);
+        spec["failOpen"] = json!(fail_open);
+        let mut f = start(spec, |s| s.limits.response_buffer_total_bytes = plain / 2).await;
+        let reply = get(f.proxy(), "/chunked/customers").await;
+        if fail_open || mode == "Audit" {
+            assert_eq!(reply.status, 200, "{mode} {fail_open}");
+            assert_eq!(reply.json(), customers(), "{mode}: the app's bytes, whole");
+        } else {
+            assert_eq!(reply.status, 503);
+            assert_no_personal_data(&reply.text());
+        }
+        let metrics = admin_get(f.admin(), "/metrics").await.text();
+        assert_eq!(metric_value(&metrics, "custos_sidecar_response_buffer_exhausted_total"), 1.0);
+        assert_eq!(metric_value(&metrics, "custos_sidecar_response_buffer_bytes"), 0.0);
+        f.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn jwt_row_filter_single_record_and_bad_tokens() {
     let mut f = start(policy(main_rules()), |_| {}).await;
