@@ -48,6 +48,7 @@ mod body;
 mod budget;
 mod error;
 mod latency;
+mod method_override;
 mod metrics;
 mod proxy;
 mod request_body;

@@ -32,6 +32,7 @@ use serde_json::json;
 use crate::audit::PendingEvent;
 use crate::body::{AppBody, Collected, DecodeError, Encoding, ProxyBody, collect_limited, decode};
 use crate::budget::{BufferBudget, Reservation};
+use crate::method_override;
 use crate::metrics::{LimitLabels, Metrics, ReasonLabels, RuleLabels, ThreadCounters};
 use crate::request_body::{BufferError, RequestBody, read_request_body};
 use crate::settings::ProxyLimits;
@@ -379,6 +380,10 @@ async fn process(
         ctx.deny("method_override");
         return bad_request("method override headers are refused", "method_override");
     }
+    if req.method() == Method::POST && req.uri().query().is_some_and(method_override::query_names_a_method) {
+        ctx.deny("method_override");
+        return bad_request("method override parameters are refused", "method_override");
+    }
     // Read once: the limit here, the request buffer below.
     let declared_length = content_length(req.headers());
     if let Some(len) = declared_length
@@ -561,6 +566,14 @@ async fn process(
             return bad_request("the request body could not be read", "request_body_incomplete");
         }
     };
+    if parts.method == Method::POST
+        && body
+            .whole()
+            .is_some_and(|b| method_override::body_names_a_method(parts.headers.get(header::CONTENT_TYPE), b))
+    {
+        ctx.deny("method_override");
+        return bad_request("method override parameters are refused", "method_override");
+    }
     let progress = body.progress();
     let upstream_req = match upstream_request(&state, parts, body, &path, &ctx.peer_ip, transform.as_ref()) {
         Ok(r) => r,

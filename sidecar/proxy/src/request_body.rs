@@ -145,6 +145,11 @@ impl RequestBody {
         self.held.as_ref().and_then(|h| h.bytes.as_ref())
     }
 
+    /// The whole body, when it was read into memory before the app is called.
+    pub(crate) fn whole(&self) -> Option<&Bytes> {
+        if self.is_complete() { self.buffered() } else { None }
+    }
+
     /// How this body's forwarding goes (read after the exchange); none without a body.
     pub(crate) fn progress(&self) -> Option<Arc<BodyProgress>> {
         self.progress.clone()
