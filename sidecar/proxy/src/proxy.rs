@@ -926,6 +926,22 @@ fn untransformable(
     }
 }
 
+/// An h2 client may send its cookies as several `cookie` fields (RFC 9113 §8.2.3 lets it
+/// split them for compression); before they go on over HTTP/1.1 they are joined into one
+/// with `; `, as that section requires: an app reads only one `Cookie` header (RFC 6265).
+fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (crumbs.next(), crumbs.next()) else { return };
+    let mut joined = first.as_bytes().to_vec();
+    for crumb in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// Drops the headers that describe the app's body ([`BODY_METADATA_HEADERS`]).
 fn remove_body_metadata(headers: &mut HeaderMap) {
     for h in BODY_METADATA_HEADERS {
@@ -952,6 +968,9 @@ fn upstream_request(
     let uri = Uri::try_from(target).map_err(|_| ())?;
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
+    if parts.version == Version::HTTP_2 {
+        join_cookie_crumbs(&mut headers);
+    }
     if !headers.contains_key(header::HOST) {
         // h2's `:authority`, else (HTTP/1.0 without `Host`) the app's own address.
         let authority = parts.uri.authority().unwrap_or(&state.upstream_authority);
@@ -1210,6 +1229,20 @@ mod tests {
             assert_eq!(normalize(&encoded).unwrap().as_str(), n.as_str(), "{p}");
             assert!(encoded.parse::<Uri>().is_ok(), "{encoded}");
         }
+    }
+
+    #[test]
+    fn cookie_crumbs_are_joined() {
+        let mut h = HeaderMap::new();
+        join_cookie_crumbs(&mut h);
+        assert!(h.is_empty());
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookie_crumbs(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["a=1"]);
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("session=x; c=3"));
+        join_cookie_crumbs(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["a=1; b=2; session=x; c=3"]);
     }
 
     #[test]

@@ -182,6 +182,16 @@ async fn h2c_clients_are_served() {
     // h2 has no `Host`: the app gets the `:authority` the client asked for.
     assert_eq!(f.upstream.seen()[0].headers["host"], f.proxy().to_string());
 
+    // Cookies sent as several h2 fields reach the app as one `Cookie` header.
+    let req = Request::get(format!("http://{}/open/cookies", f.proxy()))
+        .header("cookie", "session=s1")
+        .header("cookie", "theme=dark")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    let seen = f.upstream.seen().pop().unwrap();
+    assert_eq!(seen.headers.get_all("cookie").iter().collect::<Vec<_>>(), ["session=s1; theme=dark"]);
+
     // A body in several DATA frames and no declared length: read whole, sent with its length.
     let frames = Chunked(
         ["{\"order\":", "[1,2,", "3]}"]
