@@ -944,8 +944,23 @@ fn join_cookie_crumbs(headers: &mut HeaderMap) {
 
 /// Drops the headers that describe the app's body ([`BODY_METADATA_HEADERS`]).
 fn remove_body_metadata(headers: &mut HeaderMap) {
-    for h in BODY_METADATA_HEADERS {
-        headers.remove(h);
+    remove_present(headers, &BODY_METADATA_HEADERS);
+}
+
+/// Removes `names` (at most 32) from `headers`. One pass over the few headers a message has
+/// finds those present, and only they are looked up: a lookup per name, absent or not,
+/// cost about 80 instructions each on every request.
+fn remove_present(headers: &mut HeaderMap, names: &[HeaderName]) {
+    let mut present = 0u32;
+    for name in headers.keys() {
+        if let Some(i) = names.iter().position(|n| n == name) {
+            present |= 1 << i;
+        }
+    }
+    for (i, name) in names.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -987,9 +1002,7 @@ fn upstream_request(
         // The body will be rewritten: ask for it uncompressed (gzip/deflate are decoded anyway),
         // whole and unconditionally.
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-        for h in UNTRANSFORMABLE_REQUEST_HEADERS {
-            headers.remove(h);
-        }
+        remove_present(&mut headers, &UNTRANSFORMABLE_REQUEST_HEADERS);
     }
     if !body.is_end_stream() && body.is_complete() {
         // The whole body was read: the sidecar has answered any `100-continue` itself.
@@ -1229,6 +1242,25 @@ mod tests {
             assert_eq!(normalize(&encoded).unwrap().as_str(), n.as_str(), "{p}");
             assert!(encoded.parse::<Uri>().is_ok(), "{encoded}");
         }
+    }
+
+    #[test]
+    fn only_the_named_headers_are_removed_every_value_of_them() {
+        let mut h = HeaderMap::new();
+        remove_present(&mut h, &BODY_METADATA_HEADERS);
+        for (name, value) in [
+            ("etag", "\"a\""),
+            ("content-type", "application/json"),
+            ("digest", "x"),
+            ("digest", "y"),
+            ("x-etag", "z"),
+        ] {
+            h.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        remove_present(&mut h, &BODY_METADATA_HEADERS);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-etag"]);
     }
 
     #[test]
