@@ -58,8 +58,9 @@ impl std::error::Error for NoRequestInTime {}
 /// on it (see [`RequestStarted`]) within `deadline` of this call: then `connection` is
 /// dropped, which closes the socket, and [`NoRequestInTime`] is returned.
 ///
-/// Once the deadline has passed with a request started, the timer is dropped, so a
-/// long-lived connection pays for it only during its first `deadline`.
+/// The timer is dropped as soon as a request has started, so a connection pays for it only
+/// until its first request (an idle kept-alive connection is hyper's `header_read_timeout`'s
+/// to close).
 pub fn first_request_within<F: Future>(
     connection: F,
     started: RequestStarted,
@@ -88,13 +89,12 @@ impl<F: Future> Future for FirstRequestWithin<F> {
         if let Poll::Ready(output) = this.connection.poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        if let Some(deadline) = this.deadline.as_mut().as_pin_mut()
-            && deadline.poll(cx).is_ready()
-        {
-            if !this.started.is_marked() {
+        if let Some(deadline) = this.deadline.as_mut().as_pin_mut() {
+            if this.started.is_marked() {
+                this.deadline.set(None);
+            } else if deadline.poll(cx).is_ready() {
                 return Poll::Ready(Err(NoRequestInTime));
             }
-            this.deadline.set(None);
         }
         Poll::Pending
     }
