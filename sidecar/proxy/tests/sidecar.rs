@@ -1248,11 +1248,19 @@ async fn a_request_the_client_cancels_still_has_its_event() {
     let sent = tokio::time::timeout(Duration::from_millis(100), sender.send_request(req)).await;
     assert!(sent.is_err(), "the app answered before the client gave up");
     wait_until("the app sees the request", || f.upstream.count() == 1).await;
+    // An HTTP/1.1 client that closes its connection while the app works on its request.
+    let c = opened(f.proxy(), "GET /delay/h1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    wait_until("the app sees the request", || f.upstream.count() == 2).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(400)).await;
     f.stop().await;
 
-    let events = collector.wait_for(1).await;
-    assert_eq!(events.len(), 1, "{events:#?}");
-    let event = &events[0];
+    let events = collector.wait_for(2).await;
+    assert_eq!(events.len(), 2, "{events:#?}");
+    let h1 = events.iter().find(|e| e["path"] == "/delay/h1").expect("the HTTP/1.1 request's event");
+    assert_eq!(h1["status"], 499, "{h1:#?}");
+    assert_eq!(h1["reason"], "allow_rule,client_cancelled");
+    let event = events.iter().find(|e| e["path"] == "/delay/x").expect("the h2 request's event");
     assert_eq!(event["path"], "/delay/x");
     assert_eq!(event["status"], 499);
     assert_eq!(event["decision"], "Allow");
