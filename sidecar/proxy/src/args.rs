@@ -122,7 +122,7 @@ pub struct SidecarArgs {
     pub max_response_body_bytes: u64,
 
     /// What all responses read to be transformed may hold together, in bytes, as received and
-    /// decoded; past it, 503 with Retry-After (unless failOpen or Audit mode). At least
+    /// decoded; past it, 503 with Retry-After (unless failOpen or Audit mode). At least twice
     /// --max-response-body-bytes.
     #[arg(long, env = "CUSTOS_RESPONSE_BUFFER_TOTAL_BYTES", value_name = "BYTES", default_value_t = 32 * 1024 * 1024)]
     pub response_buffer_total_bytes: u64,
@@ -195,9 +195,9 @@ impl SidecarArgs {
         if self.request_body_timeout.is_zero() {
             return Err(Error::Invalid("--request-body-timeout must be longer than 0s".into()));
         }
-        if self.response_buffer_total_bytes < self.max_response_body_bytes {
+        if self.response_buffer_total_bytes < self.max_response_body_bytes.saturating_mul(2) {
             return Err(Error::Invalid(format!(
-                "--response-buffer-total-bytes ({}) must be at least --max-response-body-bytes ({}): a response that large could never be transformed",
+                "--response-buffer-total-bytes ({}) must be at least twice --max-response-body-bytes ({}): a compressed response is held as received and decoded, and one that large could never be transformed",
                 self.response_buffer_total_bytes, self.max_response_body_bytes
             )));
         }
@@ -373,14 +373,17 @@ mod tests {
         let err = settings(&["--response-buffer-total-bytes=1000"]).unwrap_err();
         assert!(
             err.contains(
-                "--response-buffer-total-bytes (1000) must be at least --max-response-body-bytes (16777216)"
+                "--response-buffer-total-bytes (1000) must be at least twice --max-response-body-bytes (16777216)"
             ),
             "{err}"
         );
-        let limits = settings(&["--response-buffer-total-bytes=1000", "--max-response-body-bytes=1000"])
+        let err =
+            settings(&["--response-buffer-total-bytes=1999", "--max-response-body-bytes=1000"]).unwrap_err();
+        assert!(err.contains("at least twice"), "{err}");
+        let limits = settings(&["--response-buffer-total-bytes=2000", "--max-response-body-bytes=1000"])
             .unwrap()
             .limits;
-        assert_eq!(limits.response_buffer_total_bytes, 1000);
+        assert_eq!(limits.response_buffer_total_bytes, 2000);
         let err = settings(&["--header-read-timeout=0"]).unwrap_err();
         assert!(err.contains("--header-read-timeout must be longer than 0s"), "{err}");
         let limits = settings(&["--header-read-timeout", "45s"]).unwrap().limits;

@@ -1,7 +1,9 @@
 //! Method overrides by parameter: `_method=DELETE` in the query or in a form body makes
 //! Rack (Rails), Laravel, Symfony and Express's `method-override` run a POST as the method it
-//! names, which the policy never decided. Like the override headers, such a POST is refused.
-//! Only POSTs are checked: the frameworks honour the parameter on nothing else.
+//! names, which the policy never decided; Laravel reads it from a JSON body too. Like the
+//! override headers, such a POST is refused. Only POSTs are checked: the frameworks honour
+//! the parameter on nothing else. PHP turns a leading `.`, space or `[` of a parameter name
+//! into `_`, so `.method` is `_method` to Laravel and Symfony and is refused as well.
 
 use http::HeaderValue;
 
@@ -15,8 +17,9 @@ pub(crate) fn query_names_a_method(query: &str) -> bool {
 }
 
 /// Whether a POST body of `content_type` carries a `_method` field: a form
-/// (`application/x-www-form-urlencoded`) parameter, or a `multipart/form-data` part named
-/// `_method`. Other bodies are not forms and are never read as such.
+/// (`application/x-www-form-urlencoded`) parameter, a `multipart/form-data` part named
+/// `_method`, or a top-level `"_method"` key of a JSON object (Laravel). Other bodies are
+/// never read.
 pub(crate) fn body_names_a_method(content_type: Option<&HeaderValue>, body: &[u8]) -> bool {
     let Some(media) = content_type.and_then(|v| v.to_str().ok()) else { return false };
     let media = media.split(';').next().unwrap_or("").trim();
@@ -24,17 +27,40 @@ pub(crate) fn body_names_a_method(content_type: Option<&HeaderValue>, body: &[u8
         form_names_a_method(body)
     } else if media.eq_ignore_ascii_case("multipart/form-data") {
         multipart_names_a_method(body)
+    } else if media.eq_ignore_ascii_case("application/json") || media.to_ascii_lowercase().ends_with("+json")
+    {
+        json_names_a_method(body)
     } else {
         false
     }
 }
 
-/// `a=1&_method=DELETE`: any parameter whose decoded name is `_method`.
+/// A top-level `"_method"` key of a JSON object, not null (invalid JSON names nothing).
+fn json_names_a_method(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "_method")]
+        method: Option<serde::de::IgnoredAny>,
+    }
+    // An object only: serde would also read a struct from an array, field by position.
+    body.trim_ascii_start().starts_with(b"{")
+        && serde_json::from_slice::<Probe>(body).is_ok_and(|p| p.method.is_some())
+}
+
+/// `a=1&_method=DELETE`: any parameter whose decoded name is `_method` as PHP reads it.
 fn form_names_a_method(form: &[u8]) -> bool {
     form.split(|&b| b == b'&' || b == b';').any(|pair| {
         let name = pair.split(|&b| b == b'=').next().unwrap_or_default();
-        name.len() >= PARAMETER.len() && decoded_eq_ignore_case(name, PARAMETER)
+        name.len() >= PARAMETER.len() && decodes_to_method_name(name)
     })
+}
+
+/// Whether `name` is `_method` as PHP reads parameter names: a leading `.`, space or `[`
+/// becomes `_` (ASCII case ignored).
+fn is_method_name(name: &[u8]) -> bool {
+    name.len() == PARAMETER.len()
+        && matches!(name[0], b'_' | b'.' | b' ' | b'[')
+        && name[1..].eq_ignore_ascii_case(&PARAMETER[1..])
 }
 
 /// A part whose `Content-Disposition` names it `_method` (`name="_method"` or `name=_method`).
@@ -48,13 +74,14 @@ fn multipart_names_a_method(body: &[u8]) -> bool {
         let value = &body[at + w.len()..];
         let value = value.strip_prefix(b"\"").unwrap_or(value);
         value.len() >= PARAMETER.len()
-            && value[..PARAMETER.len()].eq_ignore_ascii_case(PARAMETER)
+            && is_method_name(&value[..PARAMETER.len()])
             && value.get(PARAMETER.len()).is_none_or(|b| matches!(b, b'"' | b';' | b'\r' | b'\n' | b' '))
     })
 }
 
-/// Whether percent-decoding `encoded` (`+` left as is) gives `plain`, ASCII case ignored.
-fn decoded_eq_ignore_case(encoded: &[u8], plain: &[u8]) -> bool {
+/// Whether percent-decoding `encoded` (`+` as a space) gives `_method` as PHP reads it
+/// ([`is_method_name`]).
+fn decodes_to_method_name(encoded: &[u8]) -> bool {
     let mut decoded = Vec::with_capacity(encoded.len());
     let mut i = 0;
     while i < encoded.len() {
@@ -69,10 +96,10 @@ fn decoded_eq_ignore_case(encoded: &[u8], plain: &[u8]) -> bool {
             i += 3;
             continue;
         }
-        decoded.push(b);
+        decoded.push(if b == b'+' { b' ' } else { b });
         i += 1;
     }
-    decoded.eq_ignore_ascii_case(plain)
+    is_method_name(&decoded)
 }
 
 #[cfg(test)]
@@ -96,6 +123,13 @@ mod tests {
             ("_methods=DELETE", false),
             ("q=_method", false),
             ("a=_method%3DDELETE", false),
+            (".method=DELETE", true),
+            ("%2Emethod=DELETE", true),
+            ("+method=DELETE", true),
+            ("%20method=DELETE", true),
+            ("[method=DELETE", true),
+            ("-method=DELETE", false),
+            ("__method=DELETE", false),
             ("", false),
             ("%", false),
             ("%5", false),
@@ -112,7 +146,17 @@ mod tests {
         for (content_type, body, names) in [
             (Some(&form), &b"title=x&_method=delete"[..], true),
             (Some(&form), b"title=_method", false),
-            (Some(&json), br#"{"_method":"DELETE"}"#, false),
+            (Some(&json), br#"{"_method":"DELETE"}"#, true),
+            (Some(&json), br#"{"title":"x","_method":"put"}"#, true),
+            (Some(&json), br#"{"_method":null}"#, false),
+            (Some(&json), br#"{"title":{"_method":"DELETE"}}"#, false),
+            (Some(&json), br#"["_method"]"#, false),
+            (Some(&json), b"{not json", false),
+            (
+                Some(&multipart),
+                b"--X\r\nContent-Disposition: form-data; name=\".method\"\r\n\r\nDELETE\r\n--X--",
+                true,
+            ),
             (None, b"_method=DELETE", false),
             (
                 Some(&multipart),

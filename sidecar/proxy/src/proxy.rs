@@ -952,6 +952,14 @@ fn is_untransformable_request_header(name: &str) -> bool {
     matches!(name, "range" | "if-range" | "if-none-match" | "if-modified-since")
 }
 
+/// [`is_untransformable_request_header`], and for a read (GET, HEAD) the write
+/// preconditions too: `If-Match` and `If-Unmodified-Since` on a read only tell, by a 412 or a
+/// 200, whether a guessed `ETag` is the unmasked body's. On a write they guard against lost
+/// updates, and stay.
+fn is_untransformable_read_header(name: &str) -> bool {
+    is_untransformable_request_header(name) || matches!(name, "if-match" | "if-unmodified-since")
+}
+
 /// Removes from `headers` every header whose name `named` picks (at most 8 names). One pass
 /// over the few headers a message has finds them, and only they are looked up: a lookup per
 /// name, absent or not, cost about 80 instructions each on every masked request.
@@ -1008,7 +1016,12 @@ fn upstream_request(
         // The body will be rewritten: ask for it uncompressed (gzip/deflate are decoded anyway),
         // whole and unconditionally.
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-        remove_present(&mut headers, is_untransformable_request_header);
+        let untransformable = if parts.method == Method::GET || parts.method == Method::HEAD {
+            is_untransformable_read_header
+        } else {
+            is_untransformable_request_header
+        };
+        remove_present(&mut headers, untransformable);
     }
     if !body.is_end_stream() && body.is_complete() {
         // The whole body was read: the sidecar has answered any `100-continue` itself.
@@ -1275,6 +1288,10 @@ mod tests {
         for name in ["content-type", "etags", "x-etag", "", "Content-Length", "ranges", "if-match"] {
             assert!(!is_body_metadata(name) && !is_untransformable_request_header(name), "{name}");
         }
+        for name in UNTRANSFORMABLE_REQUEST_HEADERS.into_iter().chain(["if-match", "if-unmodified-since"]) {
+            assert!(is_untransformable_read_header(name), "{name}");
+        }
+        assert!(!is_untransformable_read_header("if-matches"));
     }
 
     #[test]

@@ -361,13 +361,15 @@ async fn masked_responses_are_whole_and_carry_nothing_of_the_unmasked_body() {
             ("range", &range),
             ("if-range", "\"v1-5f3c\""),
             ("if-modified-since", "Sun, 06 Dec 2026 00:00:00 GMT"),
+            ("if-match", "\"v1-5f3c\""),
+            ("if-unmodified-since", "Sun, 06 Dec 2026 00:00:00 GMT"),
         ],
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_masked_list(&reply, 4);
     let seen = f.upstream.seen().pop().unwrap();
-    for h in ["range", "if-range", "if-modified-since"] {
+    for h in ["range", "if-range", "if-modified-since", "if-match", "if-unmodified-since"] {
         assert!(!seen.headers.contains_key(h), "{h} reached the app");
     }
     for h in ["etag", "accept-ranges", "content-digest", "content-range"] {
@@ -559,8 +561,9 @@ async fn custos_headers_are_stripped_and_method_override_refused() {
         assert_eq!(reply.json()["reason"], "method_override");
     }
     // The parameter form (Rails, Laravel, Symfony, Express's method-override) on a POST: in
-    // the query, in a form body and in a multipart part. A GET with such a parameter, and a
-    // JSON body holding the name, are not overrides.
+    // the query (also as PHP reads `.method`), in a form body, in a multipart part and as a
+    // top-level JSON key (Laravel). A GET with such a parameter, and the name as a value, are
+    // not overrides.
     let post = |target: &str, content_type: &str, body: &'static str| {
         Request::post(target)
             .header("host", "a")
@@ -580,7 +583,9 @@ async fn custos_headers_are_stripped_and_method_override_refused() {
             ),
             true,
         ),
-        (post("/open/x", "application/json", r#"{"_method":"DELETE"}"#), false),
+        (post("/open/x", "application/json", r#"{"_method":"DELETE"}"#), true),
+        (post("/open/x?.method=DELETE", "text/plain", ""), true),
+        (post("/open/x", "application/json", r#"{"title":"_method"}"#), false),
         (post("/open/x", "application/x-www-form-urlencoded", "title=_method"), false),
         (
             Request::get("/open/x?_method=DELETE").header("host", "a").body(Full::new(Bytes::new())).unwrap(),
