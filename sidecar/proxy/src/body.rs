@@ -187,7 +187,6 @@ pub(crate) async fn collect_limited(
             return Ok(Collected::TooLarge { prefix: chunks, rest });
         }
         if !reservation.grow(len) {
-            reservation.count_exhausted();
             let rest = if body.is_end_stream() { None } else { Some(body) };
             return Ok(Collected::NoRoom { prefix: chunks, rest });
         }

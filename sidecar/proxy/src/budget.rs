@@ -42,11 +42,6 @@ impl BufferBudget {
             .is_ok()
     }
 
-    /// Counts a body this budget had no room for.
-    pub(crate) fn count_exhausted(&self) {
-        self.exhausted.inc();
-    }
-
     fn give_back(&self, bytes: u64) {
         self.in_use.dec_by(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
@@ -64,16 +59,15 @@ impl Reservation {
         Reservation { budget: budget.clone(), bytes: 0 }
     }
 
-    /// Counts, on its budget, a body this reservation could not hold.
-    pub(crate) fn count_exhausted(&self) {
-        self.budget.count_exhausted();
-    }
-
-    /// Takes `bytes` more, or nothing (`false`) when the budget has not that much left.
+    /// Takes `bytes` more, or nothing (`false`) when the budget has not that much left; a
+    /// refusal is counted as a body the budget had no room for (every caller then stops
+    /// growing that body's reservation, so each body counts once).
     pub(crate) fn grow(&mut self, bytes: u64) -> bool {
         let taken = self.budget.take(bytes);
         if taken {
             self.bytes += bytes;
+        } else {
+            self.budget.exhausted.inc();
         }
         taken
     }

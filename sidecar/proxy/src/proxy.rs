@@ -733,7 +733,6 @@ async fn transform_response(
     };
     let decoded = match decode(raw.clone(), encoding, limit) {
         Ok(d) if encoding != Encoding::Identity && !reservation.grow(d.len() as u64) => {
-            shared.response_buffers.count_exhausted();
             return untransformable(
                 shared,
                 ctx,

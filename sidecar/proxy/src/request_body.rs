@@ -287,7 +287,6 @@ pub(crate) async fn read_request_body(
         let fits = reservation.grow(len);
         chunks.push_back(data);
         if !fits {
-            budget.count_exhausted();
             spilled = true;
             break;
         }

@@ -791,11 +791,7 @@ async fn connections_that_send_no_request_are_closed_at_the_header_read_timeout(
     assert_eq!(status, Some(200), "{text}");
 
     let metrics = admin_get(f.admin(), "/metrics").await.text();
-    assert_eq!(
-        metric_value(&metrics, "custos_sidecar_limit_rejections_total{limit=\"header_read_timeout\"}"),
-        3.0,
-        "{metrics}"
-    );
+    assert_eq!(limit_rejections(&metrics, "header_read_timeout"), 3.0, "{metrics}");
     f.stop().await;
 }
 
@@ -933,14 +929,8 @@ async fn request_bodies_are_read_before_the_app_is_called() {
     assert_eq!(status, Some(413), "{text}");
 
     let metrics = admin_get(f.admin(), "/metrics").await.text();
-    assert_eq!(
-        metric_value(&metrics, "custos_sidecar_limit_rejections_total{limit=\"request_body_timeout\"}"),
-        2.0
-    );
-    assert_eq!(
-        metric_value(&metrics, "custos_sidecar_limit_rejections_total{limit=\"request_body_bytes\"}"),
-        1.0
-    );
+    assert_eq!(limit_rejections(&metrics, "request_body_timeout"), 2.0);
+    assert_eq!(limit_rejections(&metrics, "request_body_bytes"), 1.0);
     assert_eq!(metric_value(&metrics, "custos_sidecar_request_buffer_bytes"), 0.0);
     assert_eq!(metric_value(&metrics, "custos_sidecar_request_buffer_exhausted_total"), 0.0);
     f.stop().await;
@@ -1459,11 +1449,7 @@ async fn the_admin_port_caps_and_times_out_its_connections() {
         raw(f.admin(), b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
     assert_eq!(status, Some(200), "{text}");
     let metrics = admin_get(f.admin(), "/metrics").await.text();
-    assert_eq!(
-        metric_value(&metrics, "custos_sidecar_limit_rejections_total{limit=\"admin_connections\"}"),
-        1.0,
-        "{metrics}"
-    );
+    assert_eq!(limit_rejections(&metrics, "admin_connections"), 1.0, "{metrics}");
     f.stop().await;
 }
 
@@ -1546,6 +1532,11 @@ async fn hostile_paths_replayed_through_the_proxy() {
 }
 
 /// The value of the unlabelled sample `name` in a metrics text.
+/// `custos_sidecar_limit_rejections_total{limit="<limit>"}` in `metrics`.
+fn limit_rejections(metrics: &str, limit: &str) -> f64 {
+    metric_value(metrics, &format!("custos_sidecar_limit_rejections_total{{limit=\"{limit}\"}}"))
+}
+
 fn metric_value(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
