@@ -281,8 +281,7 @@ async fn audit_mode_passes_everything_untouched_and_records_would_deny() {
     spec["mode"] = json!("Audit");
     let url = collector.url();
     let mut f = start(spec, move |s| {
-        let mut c = custos_sidecar::CollectorSettings::new(url, s.jwks_dir.with_file_name("spool"));
-        c.flush_interval = Duration::from_millis(20);
+        let mut c = shipping_to(url, s);
         c.usage_sync_interval = None;
         s.collector = Some(c);
     })
@@ -1230,9 +1229,7 @@ async fn a_request_the_client_cancels_still_has_its_event() {
     let collector = Collector::start().await;
     let url = collector.url();
     let mut f = start(policy(main_rules()), move |s| {
-        let mut c = custos_sidecar::CollectorSettings::new(url, s.jwks_dir.with_file_name("spool"));
-        c.flush_interval = Duration::from_millis(20);
-        s.collector = Some(c);
+        s.collector = Some(shipping_to(url, s));
     })
     .await;
     let stream = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
@@ -1268,8 +1265,7 @@ async fn audit_events_reach_the_collector_without_personal_data() {
     let collector = Collector::start().await;
     let url = collector.url();
     let mut f = start(policy(main_rules()), move |s| {
-        let mut c = custos_sidecar::CollectorSettings::new(url, s.jwks_dir.with_file_name("spool"));
-        c.flush_interval = Duration::from_millis(20);
+        let mut c = shipping_to(url, s);
         c.usage_sync_interval = Some(Duration::from_millis(100));
         s.collector = Some(c);
         s.cluster = Some("test-cluster".into());
@@ -1339,7 +1335,7 @@ async fn shutdown_drains_in_flight_requests_and_flushes_events() {
     let collector = Collector::start().await;
     let url = collector.url();
     let mut f = start(policy(main_rules()), move |s| {
-        let mut c = custos_sidecar::CollectorSettings::new(url, s.jwks_dir.with_file_name("spool"));
+        let mut c = shipping_to(url, s);
         // Long enough that only the shutdown flush can deliver the event in time.
         c.flush_interval = Duration::from_secs(30);
         c.usage_sync_interval = None;
@@ -1532,6 +1528,14 @@ async fn hostile_paths_replayed_through_the_proxy() {
 }
 
 /// The value of the unlabelled sample `name` in a metrics text.
+/// Delivery of the sidecar's events to the test collector at `url`, spooling beside the
+/// test's files and flushing every 20 ms.
+fn shipping_to(url: String, s: &custos_sidecar::SidecarSettings) -> custos_sidecar::CollectorSettings {
+    let mut c = custos_sidecar::CollectorSettings::new(url, s.jwks_dir.with_file_name("spool"));
+    c.flush_interval = Duration::from_millis(20);
+    c
+}
+
 /// `custos_sidecar_limit_rejections_total{limit="<limit>"}` in `metrics`.
 fn limit_rejections(metrics: &str, limit: &str) -> f64 {
     metric_value(metrics, &format!("custos_sidecar_limit_rejections_total{{limit=\"{limit}\"}}"))
