@@ -116,6 +116,17 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_REQUEST_BODY_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub request_body_timeout: Duration,
 
+    /// Once --request-body-timeout has passed since a request body started, the average
+    /// rate in bytes per second it must keep arriving at; each byte earns 1/rate seconds
+    /// more, and a client that falls behind gets 408 (0: no minimum).
+    #[arg(
+        long,
+        env = "CUSTOS_REQUEST_BODY_MIN_RATE",
+        value_name = "BYTES_PER_SECOND",
+        default_value_t = 500
+    )]
+    pub request_body_min_rate: u64,
+
     /// Maximum response body the sidecar buffers to transform, in bytes (502 above unless
     /// failOpen).
     #[arg(long, env = "CUSTOS_MAX_RESPONSE_BODY_BYTES", value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
@@ -227,6 +238,7 @@ impl SidecarArgs {
                 request_buffer_bytes: self.request_buffer_bytes,
                 request_buffer_total_bytes: self.request_buffer_total_bytes,
                 request_body_timeout: self.request_body_timeout,
+                request_body_min_rate: self.request_body_min_rate,
                 max_response_body_bytes: self.max_response_body_bytes,
                 response_buffer_total_bytes: self.response_buffer_total_bytes,
                 upstream_connect_timeout: self.upstream_connect_timeout,
@@ -353,6 +365,7 @@ mod tests {
         assert_eq!(limits.request_buffer_bytes, 64 * 1024);
         assert_eq!(limits.request_buffer_total_bytes, 32 * 1024 * 1024);
         assert_eq!(limits.request_body_timeout, Duration::from_secs(30));
+        assert_eq!(limits.request_body_min_rate, 500);
         assert_eq!(limits.header_read_timeout, Duration::from_secs(30));
         assert_eq!(limits, ProxyLimits { max_connections: 10_000, ..ProxyLimits::default() });
         let limits = settings(&[
@@ -360,12 +373,14 @@ mod tests {
             "--request-buffer-total-bytes",
             "1048576",
             "--request-body-timeout=1500ms",
+            "--request-body-min-rate=0",
         ])
         .unwrap()
         .limits;
         assert_eq!(limits.request_buffer_bytes, 0);
         assert_eq!(limits.request_buffer_total_bytes, 1 << 20);
         assert_eq!(limits.request_body_timeout, Duration::from_millis(1500));
+        assert_eq!(limits.request_body_min_rate, 0, "0 turns the minimum off");
         let err = settings(&["--request-body-timeout=0s"]).unwrap_err();
         assert!(err.contains("--request-body-timeout must be longer than 0s"), "{err}");
         let limits = settings(&["--response-buffer-total-bytes", "33554432"]).unwrap().limits;

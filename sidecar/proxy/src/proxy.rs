@@ -535,6 +535,10 @@ async fn process(
             ctx.deny("request_body_timeout");
             return body_timed_out(shared, limits.request_body_timeout);
         }
+        Err(BufferError::TooSlow) => {
+            ctx.deny("request_body_too_slow");
+            return body_too_slow(shared, limits.request_body_min_rate);
+        }
         Err(BufferError::Client(e)) => {
             // The client closed its connection or sent a malformed chunk: the answer is
             // likely never read, but the event says what happened.
@@ -603,6 +607,10 @@ async fn process(
                 StatusCode::BAD_GATEWAY,
                 json!({"error": "upstream unavailable", "reason": code}),
             );
+        }
+        Err(_) if progress.as_ref().is_some_and(|p| p.too_slow()) => {
+            ctx.deny("request_body_too_slow");
+            return body_too_slow(shared, limits.request_body_min_rate);
         }
         Err(_) if progress.as_ref().is_some_and(|p| p.waiting_for_client()) => {
             ctx.deny("request_body_timeout");
@@ -1214,6 +1222,21 @@ fn body_timed_out(shared: &Shared, timeout: std::time::Duration) -> Response<Pro
             "error": "request body not received in time",
             "reason": "request_body_timeout",
             "timeoutSeconds": timeout.as_secs_f64(),
+        }),
+    );
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// 408 for a client whose request body fell behind the minimum rate.
+fn body_too_slow(shared: &Shared, bytes_per_second: u64) -> Response<ProxyBody> {
+    shared.metrics.limit("request_body_rate");
+    let mut resp = error_response(
+        StatusCode::REQUEST_TIMEOUT,
+        json!({
+            "error": "request body arriving too slowly",
+            "reason": "request_body_too_slow",
+            "minBytesPerSecond": bytes_per_second,
         }),
     );
     resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -21,6 +21,13 @@
 //! [`BodyProgress::later_deadline`]), so an upload that keeps moving is never cut off however
 //! long it takes; when it expires while the sidecar waits for the client's next bytes, the
 //! answer is 408 too, rather than the app's 504.
+//!
+//! A pause limit alone lets a client keep a request going for ever by sending a byte just
+//! before each time-out. So a body must also keep arriving at an average rate,
+//! [`ProxyLimits::request_body_min_rate`] (see [`MinRate`]): once the body time-out has passed
+//! since the body started, each byte earns its sender `1 / rate` seconds more, and a client
+//! that falls behind gets 408 `request_body_too_slow`, as Apache's `mod_reqtimeout` does
+//! with `MinRate`.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -53,16 +60,62 @@ pub(crate) struct BodyProgress {
     /// When bytes of the body last went on to the app, or it ended, in microseconds after
     /// `since`.
     moved_micros: AtomicU64,
+    /// Bytes of the body received from the client so far.
+    received: AtomicU64,
+    /// The average rate the body must keep up; none when the limit is off.
+    min_rate: Option<MinRate>,
+}
+
+/// The average rate at which a request body must arrive once `grace` has passed since it
+/// started: each byte received earns `1 / bytes_per_second` seconds more (the
+/// [`ProxyLimits::request_body_min_rate`] limit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MinRate {
+    /// Time every body has before the rate counts (the request body time-out).
+    grace: Duration,
+    /// Bytes per second, never 0.
+    bytes_per_second: u64,
+}
+
+impl MinRate {
+    /// The limits' minimum rate; none when it is off (0).
+    pub(crate) fn of(limits: &ProxyLimits) -> Option<MinRate> {
+        (limits.request_body_min_rate > 0).then_some(MinRate {
+            grace: limits.request_body_timeout,
+            bytes_per_second: limits.request_body_min_rate,
+        })
+    }
+
+    /// The time by which a body that started at `since` and has brought `received` bytes
+    /// must bring more; none when that is beyond any clock (no limit in practice).
+    fn allowance(&self, since: Instant, received: u64) -> Option<Instant> {
+        let nanos = u128::from(received) * 1_000_000_000 / u128::from(self.bytes_per_second);
+        let earned = Duration::from_nanos(u64::try_from(nanos).ok()?);
+        since.checked_add(self.grace)?.checked_add(earned)
+    }
 }
 
 impl BodyProgress {
-    fn new() -> Arc<Self> {
+    fn new(min_rate: Option<MinRate>) -> Arc<Self> {
         Arc::new(BodyProgress {
             exceeded: AtomicBool::new(false),
             waiting: AtomicBool::new(false),
             since: Instant::now(),
             moved_micros: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            min_rate,
         })
+    }
+
+    /// Records `len` more bytes received from the client.
+    fn arrived(&self, len: u64) {
+        self.received.fetch_add(len, Ordering::Relaxed);
+    }
+
+    /// The time by which the client must send more to keep up the minimum rate; none when
+    /// the limit is off.
+    fn allowance(&self) -> Option<Instant> {
+        self.min_rate?.allowance(self.since, self.received.load(Ordering::Relaxed))
     }
 
     /// Records that bytes of the body went on to the app, or that it ended.
@@ -75,10 +128,22 @@ impl BodyProgress {
     /// request: when it has expired at `deadline`, returns the later deadline the body's
     /// progress has earned since (its last bytes plus `timeout`), or `None` when the
     /// exchange has really timed out. A body in memory moved when it was read, before the
-    /// first deadline was set, so it never earns one.
+    /// first deadline was set, so it never earns one. While the sidecar waits for the
+    /// client, the deadline is also no later than the minimum rate allows (see
+    /// [`Self::too_slow`]); a slow app is not the client's fault.
     pub(crate) fn later_deadline(&self, deadline: Instant, timeout: Duration) -> Option<Instant> {
         let moved = self.since + Duration::from_micros(self.moved_micros.load(Ordering::Relaxed));
-        Some(moved + timeout).filter(|&later| later > deadline)
+        let mut later = moved + timeout;
+        if let Some(allowance) = self.allowance().filter(|_| self.waiting_for_client()) {
+            later = later.min(allowance);
+        }
+        Some(later).filter(|&later| later > deadline)
+    }
+
+    /// The sidecar is waiting for a client that has fallen behind the minimum rate (408
+    /// `request_body_too_slow` rather than `request_body_timeout`).
+    pub(crate) fn too_slow(&self) -> bool {
+        self.waiting_for_client() && self.allowance().is_some_and(|a| a <= Instant::now())
     }
 
     /// The body went over the request body limit (413).
@@ -135,9 +200,8 @@ impl RequestBody {
     }
 
     /// The client's body, streamed as it arrives, cut off past `limit` bytes.
-    pub(crate) fn stream(body: Incoming, limit: u64) -> Self {
-        let progress = Some(BodyProgress::new());
-        RequestBody { held: None, rest: Some(body), remaining: limit, progress }
+    fn stream(body: Incoming, limit: u64, progress: Arc<BodyProgress>) -> Self {
+        RequestBody { held: None, rest: Some(body), remaining: limit, progress: Some(progress) }
     }
 
     /// The bytes read before the app was called and not yet handed to hyper.
@@ -188,6 +252,9 @@ impl Body for RequestBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
+                    if let Some(progress) = &this.progress {
+                        progress.arrived(len);
+                    }
                     if len > this.remaining {
                         if let Some(progress) = &this.progress {
                             progress.exceeded.store(true, Ordering::Relaxed);
@@ -241,6 +308,8 @@ pub(crate) enum BufferError {
     TooLarge,
     /// The client paused longer than the request body time-out (408).
     TimedOut,
+    /// The client fell behind the minimum rate (408).
+    TooSlow,
     /// The client's connection failed or sent a malformed body (400).
     Client(hyper::Error),
 }
@@ -257,21 +326,27 @@ pub(crate) async fn read_request_body(
         // No body (a GET): nothing to forward or wait for.
         return Ok(RequestBody::none());
     }
+    let progress = BodyProgress::new(MinRate::of(limits));
     let capacity = limits.request_buffer_bytes;
     if capacity == 0 || declared_length.is_some_and(|len| len > capacity) {
-        return Ok(RequestBody::stream(body, limits.max_request_body_bytes));
+        return Ok(RequestBody::stream(body, limits.max_request_body_bytes, progress));
     }
     let mut reservation = Reservation::on(budget);
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
     let mut total: u64 = 0;
     let mut spilled = false;
     while !body.is_end_stream() {
-        let frame = match tokio::time::timeout(
-            limits.request_body_timeout,
+        // Wait for the next bytes no longer than a pause may last, nor past what the
+        // minimum rate allows.
+        let pause_ends = Instant::now() + limits.request_body_timeout;
+        let falls_behind = progress.allowance().filter(|&a| a < pause_ends);
+        let frame = match tokio::time::timeout_at(
+            falls_behind.unwrap_or(pause_ends),
             http_body_util::BodyExt::frame(&mut body),
         )
         .await
         {
+            Err(_) if falls_behind.is_some() => return Err(BufferError::TooSlow),
             Err(_) => return Err(BufferError::TimedOut),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(BufferError::Client(e)),
@@ -280,6 +355,7 @@ pub(crate) async fn read_request_body(
         // Trailers of a body sent whole are dropped, as nginx does.
         let Ok(data) = frame.into_data() else { continue };
         let len = data.len() as u64;
+        progress.arrived(len);
         total = total.saturating_add(len);
         if total > limits.max_request_body_bytes {
             return Err(BufferError::TooLarge);
@@ -301,7 +377,7 @@ pub(crate) async fn read_request_body(
         held: Some(Box::new(Held { bytes, _reservation: Some(reservation) })),
         rest,
         remaining: limits.max_request_body_bytes - total,
-        progress: Some(BodyProgress::new()),
+        progress: Some(progress),
     })
 }
 
@@ -322,7 +398,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_upstream_time_out_counts_from_the_last_bytes() {
         let timeout = Duration::from_secs(30);
-        let progress = BodyProgress::new();
+        let progress = BodyProgress::new(None);
         let start = Instant::now();
         assert_eq!(progress.later_deadline(start + timeout, timeout), None, "nothing moved");
         tokio::time::advance(Duration::from_secs(10)).await;
@@ -333,6 +409,47 @@ mod tests {
         let later = start + Duration::from_secs(75);
         assert_eq!(progress.later_deadline(start + Duration::from_secs(40), timeout), Some(later));
         assert_eq!(progress.later_deadline(later, timeout), None, "stopped moving");
+    }
+
+    /// Each byte earns `1 / rate` seconds after the grace; the cap applies only while the
+    /// sidecar waits for the client, and a client behind it is too slow.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_must_keep_up_the_minimum_rate_after_its_grace() {
+        let rate = MinRate { grace: Duration::from_secs(30), bytes_per_second: 500 };
+        let start = Instant::now();
+        assert_eq!(rate.allowance(start, 0), Some(start + Duration::from_secs(30)));
+        assert_eq!(rate.allowance(start, 250), Some(start + Duration::from_millis(30_500)));
+        assert_eq!(rate.allowance(start, 1_000_000), Some(start + Duration::from_secs(2_030)));
+        assert_eq!(rate.allowance(start, u64::MAX), None, "beyond any clock: no limit");
+        let limits = ProxyLimits { request_body_min_rate: 0, ..ProxyLimits::default() };
+        assert_eq!(MinRate::of(&limits), None, "0 turns it off");
+
+        // A trickler: one byte every 20 s keeps each pause under the 30 s time-out.
+        let timeout = Duration::from_secs(30);
+        let progress = BodyProgress::new(Some(rate));
+        progress.waiting.store(true, Ordering::Relaxed);
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(20)).await;
+            progress.arrived(1);
+            progress.moved();
+        }
+        // At 60 s the pause allows 90 s, but 3 bytes earned only 30.006 s.
+        assert!(progress.too_slow());
+        let earned = start + Duration::from_millis(30_006);
+        assert_eq!(progress.later_deadline(start + timeout, timeout), Some(earned));
+        assert_eq!(progress.later_deadline(earned, timeout), None, "nothing more earned: cut off");
+        // The same body while the app is the one not reading: the pause rule alone.
+        progress.waiting.store(false, Ordering::Relaxed);
+        assert!(!progress.too_slow());
+        assert_eq!(progress.later_deadline(start + timeout, timeout), Some(start + Duration::from_secs(90)));
+        // A client keeping up: 20 kB in 60 s earns 30 + 40 s.
+        progress.waiting.store(true, Ordering::Relaxed);
+        progress.arrived(20_000);
+        assert!(!progress.too_slow());
+        assert_eq!(
+            progress.later_deadline(start + timeout, timeout),
+            Some(start + Duration::from_millis(70_006))
+        );
     }
 
     #[test]

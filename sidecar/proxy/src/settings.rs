@@ -33,6 +33,11 @@ pub struct ProxyLimits {
     /// called (408 above). For a body forwarded as it arrives, [`Self::upstream_timeout`]
     /// counts from its last bytes (408 too when the sidecar is then waiting for the client).
     pub request_body_timeout: Duration,
+    /// Once [`Self::request_body_timeout`] has passed since a request body started, the
+    /// average rate in bytes per second it must keep arriving at: each byte earns its sender
+    /// `1 / rate` seconds more, and a client that falls behind gets 408 (0: no minimum).
+    /// Without it a client sending a byte before each time-out holds its request for ever.
+    pub request_body_min_rate: u64,
     /// Maximum response body the sidecar buffers to transform, in bytes, both as received and
     /// after gzip/deflate decoding (502 above, unless failOpen or Audit mode).
     pub max_response_body_bytes: u64,
@@ -65,6 +70,7 @@ impl Default for ProxyLimits {
             request_buffer_bytes: 64 * 1024,
             request_buffer_total_bytes: 32 * 1024 * 1024,
             request_body_timeout: Duration::from_secs(30),
+            request_body_min_rate: 500,
             max_response_body_bytes: 16 * 1024 * 1024,
             response_buffer_total_bytes: 32 * 1024 * 1024,
             upstream_connect_timeout: Duration::from_secs(2),

@@ -813,6 +813,8 @@ async fn request_bodies_are_read_before_the_app_is_called() {
         s.limits.request_buffer_bytes = 64;
         s.limits.max_request_body_bytes = 150;
         s.limits.request_body_timeout = Duration::from_millis(400);
+        // The slowest body below brings 66 bytes a second.
+        s.limits.request_body_min_rate = 20;
         s.limits.upstream_timeout = Duration::from_millis(800);
     })
     .await;
@@ -932,6 +934,79 @@ async fn request_bodies_are_read_before_the_app_is_called() {
     assert_eq!(limit_rejections(&metrics, "request_body_bytes"), 1.0);
     assert_eq!(metric_value(&metrics, "custos_sidecar_request_buffer_bytes"), 0.0);
     assert_eq!(metric_value(&metrics, "custos_sidecar_request_buffer_exhausted_total"), 0.0);
+    f.stop().await;
+}
+
+/// A client that sends a byte just before each pause would time out is cut off once it falls
+/// behind the minimum rate, whether its body is read before the app is called or forwarded
+/// as it arrives; a client above the rate is not, however long its body takes.
+#[tokio::test]
+async fn request_bodies_slower_than_the_minimum_rate_get_408() {
+    let mut f = start(policy(main_rules()), |s| {
+        s.limits.request_buffer_bytes = 64;
+        s.limits.request_body_timeout = Duration::from_millis(400);
+        s.limits.request_body_min_rate = 50;
+        s.limits.upstream_timeout = Duration::from_millis(800);
+    })
+    .await;
+    let post = |len: usize| {
+        format!("POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+    };
+    // Sends `len` bytes in pieces of `piece` every `every`, reading the answer meanwhile:
+    // it may come before the body is all sent, and the sending then stops.
+    async fn send(
+        addr: std::net::SocketAddr,
+        head: String,
+        len: usize,
+        piece: usize,
+        every: Duration,
+    ) -> (Option<u16>, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut from, mut to) = opened(addr, &head).await.into_split();
+        let reader = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), from.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).into_owned()
+        });
+        let mut sent = 0;
+        while sent < len && !reader.is_finished() {
+            tokio::time::sleep(every).await;
+            let n = piece.min(len - sent);
+            if to.write_all("x".repeat(n).as_bytes()).await.is_err() {
+                break;
+            }
+            sent += n;
+        }
+        let text = reader.await.unwrap();
+        let status = text.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|s| s.parse().ok());
+        (status, text)
+    }
+
+    // Read before the app is called: 20 bytes a second, every pause far under 0.4 s.
+    let (status, text) = send(f.proxy(), post(60), 60, 1, Duration::from_millis(50)).await;
+    assert_eq!(status, Some(408), "{text}");
+    assert!(text.contains(r#""reason":"request_body_too_slow""#), "{text}");
+    assert!(text.contains(r#""minBytesPerSecond":50"#), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert_eq!(f.upstream.count(), 0, "the app saw a body that was too slow");
+    // 100 bytes a second, for longer than the grace: read and forwarded.
+    let (status, text) = send(f.proxy(), post(60), 60, 10, Duration::from_millis(100)).await;
+    assert_eq!(status, Some(200), "{text}");
+    assert!(text.ends_with(r#"{"received":60}"#), "{text}");
+
+    // Forwarded as it arrives (declared larger than the buffer): cut off at the upstream
+    // time-out, rather than kept alive by each byte.
+    let (status, text) = send(f.proxy(), post(100), 100, 1, Duration::from_millis(50)).await;
+    assert_eq!(status, Some(408), "{text}");
+    assert!(text.contains(r#""reason":"request_body_too_slow""#), "{text}");
+    // 100 bytes a second over a second: longer than the upstream time-out, not cut off.
+    let (status, text) = send(f.proxy(), post(100), 100, 10, Duration::from_millis(100)).await;
+    assert_eq!(status, Some(200), "{text}");
+    assert!(text.ends_with(r#"{"received":100}"#), "{text}");
+
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(limit_rejections(&metrics, "request_body_rate"), 2.0);
+    assert!(!metrics.contains(r#"limit="request_body_timeout""#), "no pause was too long:\n{metrics}");
     f.stop().await;
 }
 
