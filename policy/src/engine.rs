@@ -164,10 +164,29 @@ impl Engine {
     /// policies that select the same pod, an enforced Deny wins, then an enforced Allow,
     /// then Audit-mode verdicts.
     pub fn decide<'e>(&'e self, req: &Request<'_>) -> Verdict<'e> {
+        self.decide_as(req, |_| req.user)
+    }
+
+    /// [`Engine::decide`], where each policy sees the user its own identity settings
+    /// verified: `user_of(i)` is the user of the `i`-th of [`Engine::policies`] (`req.user`
+    /// is not read). A token one policy's issuer signed must not satisfy the rules of a
+    /// policy that trusts another issuer or audience (RFC 8725 §2.8).
+    pub fn decide_as<'e, 'u>(
+        &'e self,
+        req: &Request<'u>,
+        user_of: impl Fn(usize) -> Option<&'u User>,
+    ) -> Verdict<'e> {
         let mut vars: Option<CachedVars> = None;
         let mut best: Option<Verdict<'e>> = None;
-        for policy in &self.policies {
-            let v = decide_policy(policy, req, &mut vars);
+        let mut last_user: Option<&User> = None;
+        for (i, policy) in self.policies.iter().enumerate() {
+            let user = user_of(i);
+            if !same_user(user, last_user) {
+                // The CEL variables hold the user.
+                vars = None;
+                last_user = user;
+            }
+            let v = decide_policy(policy, &Request { user, ..*req }, &mut vars);
             let rank = |v: &Verdict<'_>| match (v.mode, v.decision) {
                 (Mode::Enforce, Decision::Deny) => 0,
                 (Mode::Enforce, _) => 1,
@@ -192,6 +211,14 @@ impl Engine {
             limits: None,
             params: Vec::new(),
         })
+    }
+}
+
+/// The same user, or both none.
+fn same_user(a: Option<&User>, b: Option<&User>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        (a, b) => a.is_none() && b.is_none(),
     }
 }
 

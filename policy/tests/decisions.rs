@@ -296,3 +296,58 @@ fn the_first_segment_shortcut_keeps_every_match() {
     assert_eq!(firsts[0], Some(vec!["parcels".into(), "waybills".into()]));
     assert!(firsts[1..].iter().all(Option::is_none), "{firsts:?}");
 }
+
+/// Each policy sees the user its own identity settings verified: a token another policy's
+/// issuer accepted satisfies none of this policy's user rules, and each policy's `when`
+/// reads its own user (the CEL variables are rebuilt when the user changes).
+#[test]
+fn each_policy_decides_with_the_user_its_own_identity_verified() {
+    let admin = mk_spec(vec![
+        AccessRule {
+            from: Some(Source {
+                users: [("role".to_string(), vec!["admin".to_string()])].into(),
+                ..Default::default()
+            }),
+            ..mk_allow("admins", &["GET"], &["/admin/**"])
+        },
+        mk_allow("public", &["GET"], &["/public/**"]),
+    ]);
+    let mut public = mk_spec(vec![mk_allow("pages", &["GET"], &["/public/**"])]);
+    public.default_action = Action::Allow;
+    // Index 0: "a-admin", 1: "b-public" (enforced policies in name order).
+    let e = Engine::new(vec![mk_policy("b-public", &public), mk_policy("a-admin", &admin)]);
+    assert_eq!(e.policies()[0].name, "a-admin");
+    let claims = User { id: "u".into(), attributes: mk_labels(&[("role", "admin")]) };
+    let path = normalize("/admin/users").expect("valid");
+    let req = Request { method: "GET", path: &path, caller: None, user: None, time: 0 };
+
+    // The public issuer's token says role=admin; the admin policy's issuer verified nobody.
+    let v = e.decide_as(&req, |i| (i == 1).then_some(&claims));
+    assert_eq!((v.decision, v.reason), (Decision::Deny, Reason::DefaultDeny));
+    assert_eq!(v.policy.map(|p| p.name.as_str()), Some("a-admin"));
+    // The admin policy's own issuer verified the same claims: allowed.
+    let v = e.decide_as(&req, |i| (i == 0).then_some(&claims));
+    assert_eq!((v.decision, v.rule.map(|r| r.name.as_str())), (Decision::Allow, Some("admins")));
+    // One user for every policy (`decide`) would let the public token in.
+    let v = e.decide(&Request { user: Some(&claims), ..req });
+    assert_eq!(v.decision, Decision::Allow);
+
+    let readers = mk_spec(vec![AccessRule {
+        when: Some("user.role == 'reader'".into()),
+        ..mk_allow("readers", &["GET"], &["/public/**"])
+    }]);
+    let mut no_admins = mk_spec(vec![AccessRule {
+        when: Some("user.role == 'admin'".into()),
+        ..mk_deny("no-admins-here", &["GET"], &["/public/**"])
+    }]);
+    no_admins.default_action = Action::Allow;
+    let e = Engine::new(vec![mk_policy("a-readers", &readers), mk_policy("b-no-admins", &no_admins)]);
+    let reader = User { id: "r".into(), attributes: mk_labels(&[("role", "reader")]) };
+    let path = normalize("/public/page").expect("valid");
+    let req = Request { method: "GET", path: &path, caller: None, user: None, time: 0 };
+    let users = [&reader, &claims];
+    let v = e.decide_as(&req, |i| Some(users[i]));
+    assert_eq!((v.decision, v.rule.map(|r| r.name.as_str())), (Decision::Deny, Some("no-admins-here")));
+    let v = e.decide_as(&req, |_| Some(&reader));
+    assert_eq!((v.decision, v.rule.map(|r| r.name.as_str())), (Decision::Allow, Some("readers")));
+}

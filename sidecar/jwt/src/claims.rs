@@ -53,6 +53,17 @@ pub(crate) fn validate(payload: &[u8], settings: &VerifierSettings, now: f64) ->
     Ok(User { id, attributes })
 }
 
+/// Whether the `iss` claim of a payload (not yet verified) is the verifier's issuer: only
+/// to skip a key fetch for a token of another issuer, never to accept one.
+pub(crate) fn issued_by(payload: &[u8], settings: &VerifierSettings) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Issuer<'a> {
+        #[serde(borrow)]
+        iss: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Issuer<'_>>(payload).is_ok_and(|c| c.iss.as_deref() == Some(&*settings.issuer))
+}
+
 /// A claim as an attribute value: strings as they are, numbers and booleans as their JSON
 /// text; anything else (null, arrays, objects) leaves the attribute absent.
 fn attribute_value(claim: &Value) -> Option<String> {

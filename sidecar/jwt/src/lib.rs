@@ -272,7 +272,8 @@ impl Verifier {
     ) -> Result<User, JwtError> {
         let token = bearer_token(authorization_header_value)?;
         let parsed = token::parse(token)?;
-        let keys = self.keys_for(parsed.kid.as_deref(), parsed.alg).await?;
+        let issued_here = || claims::issued_by(&parsed.payload, &self.inner.settings);
+        let keys = self.keys_for(parsed.kid.as_deref(), parsed.alg, issued_here).await?;
         let key = keys.select(parsed.kid.as_deref(), parsed.alg)?;
         match jsonwebtoken::crypto::verify(
             parsed.signature,
@@ -292,14 +293,26 @@ impl Verifier {
     }
 
     /// The key set to verify a token with this `kid`/`alg` against: reloads a changed file,
-    /// fetches a never-loaded URL, and refetches (rate-limited) on an unknown `kid`.
-    async fn keys_for(&self, kid: Option<&str>, alg: token::Alg) -> Result<Arc<jwks::KeySet>, JwtError> {
+    /// fetches a never-loaded URL, and refetches (rate-limited) on an unknown `kid`. Before
+    /// waiting for a fetch, `issued_here` is asked whether the token (not yet verified)
+    /// names this verifier's issuer: a token of another issuer is refused at once, rather
+    /// than after a fetch its keys could never be in (a pod whose policies trust several
+    /// issuers tries each).
+    async fn keys_for(
+        &self,
+        kid: Option<&str>,
+        alg: token::Alg,
+        issued_here: impl Fn() -> bool,
+    ) -> Result<Arc<jwks::KeySet>, JwtError> {
         let inner = &self.inner;
         match &inner.source {
             Source::Static => {}
             Source::File(watch) => watch.maybe_reload(&inner.keys),
             Source::Url(remote) => {
                 if source::current(&inner.keys).is_none() {
+                    if !issued_here() {
+                        return Err(JwtError::InvalidIssuer);
+                    }
                     remote.fetch_limited(&inner.keys).await;
                 } else if remote.stale() {
                     self.refresh_in_background();
@@ -308,6 +321,9 @@ impl Verifier {
         }
         let keys = source::current(&inner.keys).ok_or(JwtError::JwksUnavailable)?;
         if let (Source::Url(remote), Err(JwtError::UnknownKid)) = (&inner.source, keys.select(kid, alg)) {
+            if !issued_here() {
+                return Err(JwtError::InvalidIssuer);
+            }
             remote.fetch_limited(&inner.keys).await;
             return source::current(&inner.keys).ok_or(JwtError::JwksUnavailable);
         }

@@ -270,3 +270,26 @@ async fn a_server_that_never_answers_times_out() {
     assert_eq!(v.refresh().await.unwrap_err().code(), "jwks_fetch_failed");
     holder.abort();
 }
+
+/// A token naming another issuer is refused without a fetch: neither the first one nor
+/// one for an unknown `kid` (a pod whose policies trust several issuers tries each
+/// verifier, and must not wait for this one's identity provider on another's tokens).
+#[tokio::test]
+async fn a_token_of_another_issuer_fetches_nothing() {
+    let server = JwksServer::start(jwks(&[TestKey::rsa_a().jwk("key-1")])).await;
+    let v = Verifier::new(settings(), JwksSource::url(&server.url)).unwrap();
+    let mut other = claims();
+    other["iss"] = serde_json::json!("https://another-issuer.example");
+    let token = bearer(&TestKey::rsa_a().sign(Some("key-1"), &other));
+    assert_eq!(v.verify_at(&token, now()).await, Err(JwtError::InvalidIssuer));
+    assert_eq!(server.hits(), 0, "fetched keys for another issuer's token");
+    // Keys loaded: an unknown kid of another issuer does not refetch either.
+    assert_eq!(v.refresh().await.unwrap(), 1);
+    let unknown = bearer(&TestKey::rsa_b().sign(Some("key-9"), &other));
+    assert_eq!(v.verify_at(&unknown, now()).await, Err(JwtError::InvalidIssuer));
+    assert_eq!(server.hits(), 1);
+    // This issuer's token with an unknown kid still fetches (once).
+    let ours = bearer(&TestKey::rsa_b().sign(Some("key-9"), &claims()));
+    assert_eq!(v.verify_at(&ours, now()).await, Err(JwtError::UnknownKid));
+    assert_eq!(server.hits(), 2);
+}

@@ -36,7 +36,7 @@ use crate::method_override;
 use crate::metrics::{LimitLabels, Metrics, ReasonLabels, RuleLabels, ThreadCounters};
 use crate::request_body::{BufferError, RequestBody, read_request_body};
 use crate::settings::ProxyLimits;
-use crate::state::{ConfigCell, PolicyState};
+use crate::state::{ConfigCell, PolicyState, Users};
 use crate::upstream::{Upstream, UpstreamSettings};
 
 /// Headers that ask a server to treat a request as another method. Refused with 400: a
@@ -361,6 +361,12 @@ async fn process(
         ctx.deny("method_override");
         return bad_request("method override parameters are refused", "method_override");
     }
+    if req.headers().get_all(header::AUTHORIZATION).iter().nth(1).is_some() {
+        // A single-value field (RFC 9110 §11.6.2): the sidecar would verify one token and
+        // the app might read another.
+        ctx.deny("multiple_authorization");
+        return bad_request("more than one Authorization header", "multiple_authorization");
+    }
     // Read once: the limit here, the request buffer below.
     let declared_length = content_length(req.headers());
     if let Some(len) = declared_length
@@ -396,12 +402,12 @@ async fn process(
         });
     }
     let has_bearer = bearer(req.headers()).is_some();
-    let user = match bearer(req.headers()) {
+    let users = match bearer(req.headers()) {
         Some(value) if !state.verifiers.is_empty() => match state.verify(value).await {
-            Ok(user) => user,
+            Ok(users) => users,
             Err(e) if !state.enforcing => {
                 ctx.would_deny(if e.is_client_error() { "invalid_token" } else { "identity_unavailable" });
-                None
+                Users::default()
             }
             Err(e) if e.is_client_error() => {
                 ctx.deny("invalid_token");
@@ -426,25 +432,23 @@ async fn process(
                 );
             }
         },
-        _ => None,
+        _ => Users::default(),
     };
-    if let Some(known) = principal(user.as_ref(), caller) {
-        ctx.event.principal = known;
-    }
-    if let Some(u) = &user {
-        ctx.event.user = Some(AuditUser { id: u.id.clone(), attributes: u.attributes.clone() });
-    }
 
-    // 4. Decide.
+    // 4. Decide: each policy with the user its own identity settings verified.
     let time =
         i64::try_from(wall.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())).unwrap_or(0);
-    let verdict = state.engine.decide(&EngineRequest {
-        method: req.method().as_str(),
-        path: &path,
-        caller,
-        user: user.as_ref(),
-        time,
-    });
+    let verdict = state.engine.decide_as(
+        &EngineRequest { method: req.method().as_str(), path: &path, caller, user: None, time },
+        |i| state.user_of(&users, i),
+    );
+    let user = state.user_for(&users, verdict.policy);
+    if let Some(known) = principal(user, caller) {
+        ctx.event.principal = known;
+    }
+    if let Some(u) = user {
+        ctx.event.user = Some(AuditUser { id: u.id.clone(), attributes: u.attributes.clone() });
+    }
     ctx.event.policy = verdict.policy.map(|p| p.name.clone());
     ctx.event.rule = verdict.rule.map(|r| r.name.clone());
     ctx.event.mode = verdict.mode;
@@ -510,7 +514,7 @@ async fn process(
                 params: verdict.params.iter().cloned().collect(),
                 time,
             },
-            user: user.as_ref().map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
+            user: user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
             workload: caller.map(|w| WorkloadVars {
                 namespace: w.namespace.clone(),
                 service_account: w.service_account.clone(),
@@ -1143,7 +1147,10 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
     let v = headers.get(header::AUTHORIZATION)?.as_bytes();
     let scheme = v.get(..6)?;
-    (scheme.eq_ignore_ascii_case(b"bearer") && v.get(6).is_none_or(|b| *b == b' ')).then_some(v)
+    // Any whitespace after the scheme, as the token parser and most apps read it: a token
+    // after a tab is still verified, not passed on unread.
+    (scheme.eq_ignore_ascii_case(b"bearer") && v.get(6).is_none_or(|b| *b == b' ' || *b == b'\t'))
+        .then_some(v)
 }
 
 /// The principal of a known user or workload; `None`: an anonymous peer, whose principal
@@ -1384,6 +1391,8 @@ mod tests {
         assert!(bearer(&h).is_some());
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearerx"));
         assert!(bearer(&h).is_none());
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer\tabc"));
+        assert!(bearer(&h).is_some(), "a tab separates the token too");
     }
 
     #[test]

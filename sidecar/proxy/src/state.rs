@@ -13,7 +13,7 @@ use arc_swap::ArcSwapOption;
 use custos_api::config::WorkloadIdentity;
 use custos_api::policy::{Mode, UserIdentity};
 use custos_jwt::{JwksSource, JwtError, Verifier, VerifierSettings};
-use custos_policy::{Engine, User, load_config};
+use custos_policy::{CompiledPolicy, Engine, User, load_config};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -31,6 +31,9 @@ pub(crate) struct PolicyState {
     pub workloads: HashMap<IpAddr, WorkloadIdentity>,
     /// Token verifiers of the selected policies, in decision order, without duplicates.
     pub verifiers: Vec<Arc<Verifier>>,
+    /// For each of the engine's policies, in its order, the index of its verifier in
+    /// `verifiers` (none for a policy without `spec.identity.users`).
+    pub policy_verifiers: Vec<Option<usize>>,
     /// The app.
     pub upstream: SocketAddr,
     /// `http://<upstream>` authority, for request URIs.
@@ -41,23 +44,52 @@ pub(crate) struct PolicyState {
 }
 
 impl PolicyState {
-    /// Verifies the `Authorization` header value with the policies' identity settings.
-    /// `Ok(None)` when no selected policy verifies users.
-    pub(crate) async fn verify(&self, authorization: &[u8]) -> Result<Option<User>, JwtError> {
+    /// Verifies the `Authorization` header value with each of the policies' identity
+    /// settings: the user each verifier found, in the order of `verifiers`. An error when
+    /// none accepted the token (the first verifier's); empty when no selected policy
+    /// verifies users.
+    pub(crate) async fn verify(&self, authorization: &[u8]) -> Result<Users, JwtError> {
         let mut first_error = None;
+        let mut users = Vec::with_capacity(self.verifiers.len());
         for v in &self.verifiers {
             match v.verify(authorization).await {
-                Ok(user) => return Ok(Some(user)),
+                Ok(user) => users.push(Some(user)),
                 Err(e) => {
+                    users.push(None);
                     first_error.get_or_insert(e);
                 }
             }
         }
         match first_error {
-            Some(e) => Err(e),
-            None => Ok(None),
+            Some(e) if users.iter().all(Option::is_none) => Err(e),
+            _ => Ok(Users { by_verifier: users }),
         }
     }
+
+    /// The user the `i`-th of the engine's policies sees: the one its own verifier found.
+    pub(crate) fn user_of<'u>(&self, users: &'u Users, i: usize) -> Option<&'u User> {
+        let v = (*self.policy_verifiers.get(i)?)?;
+        users.by_verifier.get(v)?.as_ref()
+    }
+
+    /// The user to record for a request `policy` decided: the one that policy's verifier
+    /// found, or, for a policy that verifies no users (or no policy), the first any verifier
+    /// found.
+    pub(crate) fn user_for<'u>(&self, users: &'u Users, policy: Option<&CompiledPolicy>) -> Option<&'u User> {
+        let index = policy.and_then(|p| self.engine.policies().iter().position(|q| std::ptr::eq(p, q)));
+        match index.and_then(|i| self.policy_verifiers.get(i).copied().flatten()) {
+            Some(v) => users.by_verifier.get(v)?.as_ref(),
+            None => users.by_verifier.iter().flatten().next(),
+        }
+    }
+}
+
+/// The users a request's token verified as, one per verifier of [`PolicyState`] (none where
+/// that verifier refused it). Each policy sees only its own verifier's: a token one issuer
+/// signed for one audience must not pass for a policy that trusts another.
+#[derive(Debug, Default)]
+pub(crate) struct Users {
+    by_verifier: Vec<Option<User>>,
 }
 
 /// What the config needs from the settings.
@@ -161,13 +193,21 @@ pub(crate) fn build_state(
     }
 
     let mut verifiers: Vec<Arc<Verifier>> = Vec::new();
+    let mut policy_verifiers = Vec::with_capacity(engine.policies().len());
     for policy in engine.policies() {
-        if let Some(identity) = &policy.identity {
-            let v = cache.get(identity, inputs).map_err(|e| format!("policy {}: {e}", policy.name))?;
-            if !verifiers.iter().any(|u| Arc::ptr_eq(u, &v)) {
+        let Some(identity) = &policy.identity else {
+            policy_verifiers.push(None);
+            continue;
+        };
+        let v = cache.get(identity, inputs).map_err(|e| format!("policy {}: {e}", policy.name))?;
+        let index = match verifiers.iter().position(|u| Arc::ptr_eq(u, &v)) {
+            Some(i) => i,
+            None => {
                 verifiers.push(v);
+                verifiers.len() - 1
             }
-        }
+        };
+        policy_verifiers.push(Some(index));
     }
     let enforcing = engine.policies().iter().any(|p| p.mode == Mode::Enforce);
     let state = PolicyState {
@@ -176,6 +216,7 @@ pub(crate) fn build_state(
         namespace: config.namespace,
         workloads,
         verifiers,
+        policy_verifiers,
         upstream,
         upstream_authority,
         enforcing,

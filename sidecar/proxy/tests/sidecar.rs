@@ -463,6 +463,48 @@ async fn responses_past_the_response_buffer_budget_are_refused_with_503() {
     }
 }
 
+/// Two policies on the pod trust different issuers (here with the same keys, the worst
+/// case): a token the partner policy accepts must not satisfy the customer policy's user
+/// rules, and each policy's own token still works.
+#[tokio::test]
+async fn a_token_for_one_policys_issuer_does_not_pass_for_another_policy() {
+    const PARTNER: &str = "https://partner.example.test";
+    let partner = json!({
+        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
+        "mode": "Enforce",
+        "defaultAction": "Allow",
+        "identity": {"users": {
+            "jwt": {"issuer": PARTNER, "audiences": ["partner-api"], "jwksSecretRef": {"name": "sso-jwks"}},
+            "attributes": {"branch": "branch", "role": "role"}
+        }},
+        "rules": [{"name": "partners", "action": "Allow", "from": {"authenticated": true},
+                   "to": {"paths": ["/partner/**"]}}],
+    });
+    let mut f = fixture(&[("customer-api", policy(main_rules())), ("partner", partner)], Vec::new(), |s| {
+        let dir = s.jwks_dir.join("sso-jwks");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
+    })
+    .await;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let partner_token = token(json!({"iss": PARTNER, "aud": "partner-api", "sub": "p-7", "exp": now + 600,
+                                     "branch": "north", "role": "clerk"}));
+    let partner_bearer = format!("Bearer {partner_token}");
+
+    // The partner token claims role=clerk, but only the partner policy verified it: the
+    // customer policy's clerk rule does not match, and its default denies.
+    let reply = get_with(f.proxy(), "/branch/customers", &[("authorization", &partner_bearer)]).await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    assert_eq!(reply.json()["reason"], "default_deny");
+    assert_eq!(f.upstream.count(), 0, "the app saw a request the customer policy denies");
+    // The customer policy's own token.
+    let bearer = format!("Bearer {}", clerk_token("north"));
+    let reply = get_with(f.proxy(), "/branch/customers", &[("authorization", &bearer)]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["items"].as_array().unwrap().len(), 3);
+    f.stop().await;
+}
+
 #[tokio::test]
 async fn jwt_row_filter_single_record_and_bad_tokens() {
     let mut f = start(policy(main_rules()), |_| {}).await;
@@ -489,6 +531,8 @@ async fn jwt_row_filter_single_record_and_bad_tokens() {
     for (value, code) in [
         ("Bearer not-a-jwt", "malformed_token"),
         ("Bearer ", "empty_token"),
+        // A tab after the scheme: still a token to verify, not one passed on unread.
+        ("Bearer\tnot-a-jwt", "malformed_token"),
         (
             &*format!(
                 "Bearer {}",
@@ -504,6 +548,14 @@ async fn jwt_row_filter_single_record_and_bad_tokens() {
         assert_eq!(reply.json()["reason"], code);
         assert!(reply.headers.contains_key("www-authenticate"));
     }
+    // Two Authorization fields: the sidecar would verify one and the app might read the
+    // other.
+    let forged = format!("Bearer {}", clerk_token("south"));
+    let reply =
+        get_with(f.proxy(), "/branch/customers", &[("authorization", &bearer), ("authorization", &forged)])
+            .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert_eq!(reply.json()["reason"], "multiple_authorization");
     assert_eq!(f.upstream.count(), before);
     f.stop().await;
 }
