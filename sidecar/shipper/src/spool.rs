@@ -382,23 +382,35 @@ impl Spool {
 
     /// Starts a new active segment.
     fn roll(&mut self) -> io::Result<()> {
+        // The id is used up whatever happens next: a failure (out of file descriptors, say)
+        // must not leave a file behind that every later roll would collide with.
         let id = self.next_segment;
+        self.next_segment += 1;
         let path = self.dir.join(segment_name(id));
         let file = OpenOptions::new().create_new(true).append(true).open(&path)?;
         // Make the new directory entry durable, or a crash could lose a synced record's file.
-        File::open(&self.dir)?.sync_all()?;
-        self.next_segment += 1;
+        if let Err(error) = File::open(&self.dir).and_then(|d| d.sync_all()) {
+            let _ = fs::remove_file(&path);
+            return Err(error);
+        }
         self.segments.insert(id, 0);
         self.active = Some(Active { id, file, len: 0 });
         Ok(())
     }
 
-    /// The oldest record and its payload. Records that can no longer be read or fail their
-    /// checksum are removed and counted as dropped (`corrupt`).
-    pub(crate) fn head(&mut self) -> Option<(RecordRef, Vec<u8>)> {
+    /// The oldest record and its payload. Records that are damaged (cut short, gone, or
+    /// failing their checksum) are removed and counted as dropped (`corrupt`). Any other
+    /// error (out of file descriptors, an I/O error of the volume) may pass: it is returned
+    /// and the records stay, to be read again later.
+    pub(crate) fn head(&mut self) -> io::Result<Option<(RecordRef, Vec<u8>)>> {
         while let Some(record) = self.records.front().copied() {
             match self.read(record) {
-                Ok(payload) => return Some((record, payload)),
+                Ok(payload) => return Ok(Some((record, payload))),
+                Err(error) if !is_damage(&error) => {
+                    // Reopen the file next time.
+                    self.reader = None;
+                    return Err(error);
+                }
                 Err(error) => {
                     tracing::error!(
                         segment = record.segment,
@@ -412,7 +424,7 @@ impl Spool {
                 }
             }
         }
-        None
+        Ok(None)
     }
 
     fn read(&mut self, record: RecordRef) -> io::Result<Vec<u8>> {
@@ -426,14 +438,14 @@ impl Spool {
         reader.seek(SeekFrom::Start(record.offset))?;
         let mut header = [0u8; HEADER_LEN as usize];
         reader.read_exact(&mut header)?;
-        let parsed = parse_header(&header).ok_or_else(|| io::Error::other("bad record header"))?;
+        let parsed = parse_header(&header).ok_or_else(|| damaged("bad record header"))?;
         if parsed.len != record.len || parsed.count != record.count {
-            return Err(io::Error::other("record header changed on disk"));
+            return Err(damaged("record header changed on disk"));
         }
         let mut payload = vec![0u8; record.len as usize];
         reader.read_exact(&mut payload)?;
         if checksum(parsed.len, parsed.count, &payload) != parsed.crc {
-            return Err(io::Error::other("checksum mismatch"));
+            return Err(damaged("checksum mismatch"));
         }
         Ok(payload)
     }
@@ -524,8 +536,26 @@ fn parse_ack(text: &str) -> Option<(u64, u64)> {
 
 fn write_ack(dir: &Path, segment: u64, offset: u64) -> io::Result<()> {
     let tmp = dir.join(ACK_TMP_FILE);
-    fs::write(&tmp, format!("{segment} {offset}\n"))?;
+    let mut file = File::create(&tmp)?;
+    file.write_all(format!("{segment} {offset}\n").as_bytes())?;
+    // Synced before the rename: on some filesystems a crash could otherwise leave an empty
+    // ack file under the new name, and everything would be resent.
+    file.sync_data()?;
     fs::rename(tmp, dir.join(ACK_FILE))
+}
+
+/// A record found damaged on disk.
+fn damaged(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// Whether a read error means the record is damaged for good (cut short, its file gone, or
+/// failing its checks), rather than a failure that may pass.
+fn is_damage(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound
+    )
 }
 
 #[cfg(test)]
@@ -547,7 +577,7 @@ mod tests {
 
     fn drain(spool: &mut Spool) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        while let Some((record, bytes)) = spool.head() {
+        while let Some((record, bytes)) = spool.head().unwrap() {
             spool.ack(record);
             out.push(bytes);
         }
@@ -564,6 +594,50 @@ mod tests {
         files
     }
 
+    /// A read that fails for a reason that may pass (here: the segment's path is briefly a
+    /// directory) keeps every record; a later read delivers them.
+    #[test]
+    fn a_read_error_that_may_pass_keeps_the_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _, _) = open(dir.path(), 1 << 20, 1 << 20);
+        for i in 0..3 {
+            spool.append(&payload(i), 2).unwrap();
+        }
+        drop(spool);
+        let (mut spool, _, metrics) = open(dir.path(), 1 << 20, 1 << 20);
+        let file = segment_files(dir.path()).remove(0);
+        let aside = dir.path().join("aside");
+        fs::rename(&file, &aside).unwrap();
+        fs::create_dir(&file).unwrap();
+        assert!(spool.head().is_err());
+        assert!(spool.head().is_err(), "tried again, still failing");
+        assert_eq!(metrics.spool_records(), 3, "records dropped for an error that may pass");
+        assert_eq!(metrics.events_dropped(DropReason::Corrupt), 0);
+        fs::remove_dir(&file).unwrap();
+        fs::rename(&aside, &file).unwrap();
+        assert_eq!(drain(&mut spool), vec![payload(0), payload(1), payload(2)]);
+        // A segment that is gone is damage: its records are dropped and counted.
+        spool.append(&payload(3), 2).unwrap();
+        for f in segment_files(dir.path()) {
+            fs::remove_file(f).unwrap();
+        }
+        assert!(spool.head().unwrap().is_none());
+        assert_eq!(metrics.events_dropped(DropReason::Corrupt), 2);
+    }
+
+    /// A roll that fails (here: a file already holds the next segment's name) costs that
+    /// append only; the next one starts a segment under a new name.
+    #[test]
+    fn a_failed_roll_does_not_stop_later_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _, _) = open(dir.path(), 1 << 20, 1 << 20);
+        fs::write(dir.path().join(segment_name(spool.next_segment)), b"").unwrap();
+        assert!(matches!(spool.append(&payload(0), 2), Err(AppendError::Io(_))));
+        spool.append(&payload(1), 2).unwrap();
+        spool.append(&payload(2), 2).unwrap();
+        assert_eq!(drain(&mut spool), vec![payload(1), payload(2)]);
+    }
+
     #[test]
     fn records_survive_reopen_in_order_and_acks_persist() {
         let dir = tempfile::tempdir().unwrap();
@@ -574,10 +648,10 @@ mod tests {
         assert_eq!(metrics.spool_records(), 5);
         assert_eq!(metrics.spool_events(), 10);
         assert!(segment_files(dir.path()).len() > 1, "small segments roll");
-        let (first, bytes) = spool.head().unwrap();
+        let (first, bytes) = spool.head().unwrap().unwrap();
         assert_eq!(bytes, payload(0));
         spool.ack(first);
-        let (second, _) = spool.head().unwrap();
+        let (second, _) = spool.head().unwrap().unwrap();
         spool.ack(second);
         drop(spool);
 
@@ -691,11 +765,11 @@ mod tests {
         spool.append(&payload(1), 2).unwrap();
         assert!(matches!(spool.append(&payload(2), 2), Err(AppendError::Full)));
         assert_eq!(metrics.spool_bytes(), 2 * size);
-        let (record, _) = spool.head().unwrap();
+        let (record, _) = spool.head().unwrap().unwrap();
         spool.ack(record);
         // The acknowledged record shares its segment with a pending one: not reclaimed yet.
         assert!(matches!(spool.append(&payload(2), 2), Err(AppendError::Full)));
-        let (record, _) = spool.head().unwrap();
+        let (record, _) = spool.head().unwrap().unwrap();
         spool.ack(record);
         spool.append(&payload(2), 2).unwrap();
     }

@@ -312,12 +312,16 @@ impl Worker {
             return;
         }
         match self.with_spool(Spool::head).await {
-            Some(Some((record, payload))) => {
+            Some(Ok(Some((record, payload)))) => {
                 let payload = Arc::new(payload);
                 let send = self.send(Arc::clone(&payload));
                 self.inflight = Some(InFlight { source: Source::Spooled(record, payload), send });
             }
-            Some(None) => {}
+            Some(Ok(None)) => {}
+            Some(Err(error)) => {
+                tracing::warn!(error = %error, "audit spool: cannot read the oldest record now; trying again later");
+                self.retry_at = Some(Instant::now() + self.backoff.next_delay());
+            }
             None => self.retry_at = Some(Instant::now() + self.backoff.next_delay()),
         }
     }
@@ -513,7 +517,7 @@ impl Worker {
         }
 
         while self.retry_at.is_none() && Instant::now() < hard && !self.spool_is_empty() {
-            let Some(Some((record, payload))) = self.with_spool(Spool::head).await else { break };
+            let Some(Ok(Some((record, payload)))) = self.with_spool(Spool::head).await else { break };
             let payload = Arc::new(payload);
             match tokio::time::timeout_at(hard, self.send(Arc::clone(&payload))).await {
                 Ok(outcome) => self.settle(Source::Spooled(record, payload), outcome).await,
