@@ -52,10 +52,14 @@
 //!   write takes.
 //! - `spool_full`: a batch could not be delivered and the spool had reached
 //!   [`ShipperConfig::spool_max_bytes`]; `spool_error`: writing it failed.
-//! - `rejected`: the collector answered 4xx (other than 401, 408, 413, 429): the batch is
-//!   malformed for it and resending cannot help. 401 is retried: the token file may be rotated.
-//!   413 splits the batch in two and queues both halves (a single event refused as too large is
-//!   `rejected`).
+//! - `rejected`: the collector answered 400 (`empty_batch`, `bad_encoding`, or an unknown
+//!   reason), 410, 422 or another 4xx about the batch: it is malformed for it and resending
+//!   cannot help. 401 is retried: the token file may be rotated. 413 and 400 `bad_event` split
+//!   the batch in two and queue both halves, so that only the event refused is dropped (a single
+//!   event refused is `rejected`). 403, 404, 405, 415, 421 and 400 `unsupported_schema_version`
+//!   say nothing against the batch (a wrong URL, an authorisation layer in front, a collector
+//!   older than the sidecar during a rollout): the events stay spooled and are retried
+//!   (`custos_audit_batches_sent_total{result="refused"}`), as while the collector is down.
 //! - `corrupt`: damaged spool records. `shutdown`: emitted after [`Shipper::shutdown`].
 //!
 //! # Without a collector

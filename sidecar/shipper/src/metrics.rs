@@ -83,11 +83,19 @@ pub enum BatchResult {
     /// 413: the batch was split in two and both halves queued (a single event is dropped as
     /// `rejected`).
     TooLarge = 10,
+    /// 400 `bad_event`: one event of the batch was refused; the batch was split in two and
+    /// both halves queued, so that only the bad event is dropped (as `rejected`).
+    BadEvent = 11,
+    /// 403, 404, 405, 415, or 400 `unsupported_schema_version`: the endpoint, a proxy in
+    /// front of it or an older collector refused the request for a reason that is not the
+    /// batch's own (a wrong URL, an authorisation layer, a rollout's version skew); kept for
+    /// retry.
+    Refused = 12,
 }
 
 impl BatchResult {
     /// Every result, in label order.
-    pub const ALL: [BatchResult; 11] = [
+    pub const ALL: [BatchResult; 13] = [
         BatchResult::Ok,
         BatchResult::Timeout,
         BatchResult::TransportError,
@@ -99,6 +107,8 @@ impl BatchResult {
         BatchResult::UnexpectedStatus,
         BatchResult::TokenError,
         BatchResult::TooLarge,
+        BatchResult::BadEvent,
+        BatchResult::Refused,
     ];
 
     /// The label value.
@@ -115,6 +125,8 @@ impl BatchResult {
             BatchResult::UnexpectedStatus => "unexpected_status",
             BatchResult::TokenError => "token_error",
             BatchResult::TooLarge => "too_large",
+            BatchResult::BadEvent => "bad_event",
+            BatchResult::Refused => "refused",
         }
     }
 }

@@ -127,6 +127,8 @@ pub(crate) enum Outcome {
     Retry { result: BatchResult, detail: String },
     /// 413: the batch is too large for the collector; smaller ones may pass.
     TooLarge,
+    /// 400 `bad_event`: one of the batch's events is refused; the others may pass without it.
+    BadEvent,
     /// The collector refused the batch (another 4xx): retrying cannot help.
     Rejected { status: u16 },
 }
@@ -218,6 +220,26 @@ impl Transport {
                 Outcome::Retry { result: BatchResult::ServerError, detail: format!("HTTP {}", s.as_u16()) }
             }
             StatusCode::PAYLOAD_TOO_LARGE => Outcome::TooLarge,
+            // Not about the batch: a wrong path, a proxy or authorisation layer in front, a
+            // content encoding an older collector lacks. Dropping would lose every event until
+            // the setup is fixed; kept instead (the spool is bounded).
+            StatusCode::FORBIDDEN
+            | StatusCode::NOT_FOUND
+            | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::UNSUPPORTED_MEDIA_TYPE
+            | StatusCode::MISDIRECTED_REQUEST => {
+                Outcome::Retry { result: BatchResult::Refused, detail: format!("HTTP {}", status.as_u16()) }
+            }
+            StatusCode::BAD_REQUEST => match error_reason(response).await.as_deref() {
+                // A collector older than this sidecar (during a rollout): kept until it is
+                // upgraded.
+                Some("unsupported_schema_version") => Outcome::Retry {
+                    result: BatchResult::Refused,
+                    detail: "HTTP 400 unsupported_schema_version".to_string(),
+                },
+                Some("bad_event") => Outcome::BadEvent,
+                _ => Outcome::Rejected { status: 400 },
+            },
             s if s.is_client_error() => Outcome::Rejected { status: s.as_u16() },
             s => Outcome::Retry {
                 result: BatchResult::UnexpectedStatus,
@@ -225,6 +247,23 @@ impl Transport {
             },
         }
     }
+}
+
+/// The `reason` code of a collector's error answer, read from at most 64 KiB of its body.
+async fn error_reason(mut response: reqwest::Response) -> Option<String> {
+    const MAX: usize = 64 * 1024;
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX {
+            return None;
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorBody {
+        reason: Option<String>,
+    }
+    serde_json::from_slice::<ErrorBody>(&body).ok()?.reason
 }
 
 fn transport_failure(error: reqwest::Error) -> Outcome {

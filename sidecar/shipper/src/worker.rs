@@ -421,16 +421,25 @@ impl Worker {
                     self.spool_batch(batch).await;
                 }
             }
-            Outcome::TooLarge if events > 1 => {
-                self.metrics.batch(BatchResult::TooLarge);
+            Outcome::TooLarge | Outcome::BadEvent if events > 1 => {
+                let too_large = matches!(outcome, Outcome::TooLarge);
+                self.metrics.batch(if too_large { BatchResult::TooLarge } else { BatchResult::BadEvent });
                 let (payload, record) = match source {
                     Source::Direct(batch) => (batch.payload, None),
                     Source::Spooled(record, payload) => (payload, Some(record)),
                 };
-                tracing::warn!(
-                    events,
-                    "the collector refused an audit batch as too large (413): split in two"
-                );
+                if too_large {
+                    tracing::warn!(
+                        events,
+                        "the collector refused an audit batch as too large (413): split in two"
+                    );
+                } else {
+                    tracing::warn!(
+                        events,
+                        "the collector refused an event of an audit batch (400 bad_event): split in two, so that \
+                         only that event is dropped"
+                    );
+                }
                 let (first, second) = split(&payload);
                 // The halves go behind the backlog, and what waits in memory behind them; the
                 // original is forgotten only then.
@@ -444,6 +453,7 @@ impl Worker {
                 }
             }
             Outcome::TooLarge => self.reject(source, 413, BatchResult::TooLarge).await,
+            Outcome::BadEvent => self.reject(source, 400, BatchResult::Rejected).await,
             Outcome::Rejected { status } => self.reject(source, status, BatchResult::Rejected).await,
         }
     }

@@ -36,6 +36,11 @@ enum Behaviour {
     Normal,
     /// Answer this status without storing.
     Status(u16),
+    /// Answer this status with a contract error body of this `reason`, without storing.
+    Reason(u16, &'static str),
+    /// As `Normal`, but a batch holding the event of this index is refused whole with 400
+    /// `bad_event`, as the collector does.
+    BadEvent(usize),
     /// Never answer.
     Hang,
     /// Wait this long, then as `Normal`.
@@ -153,9 +158,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
             return Ok(answer(500, ""));
         }
         Behaviour::Status(status) => return Ok(answer(status, "no")),
+        Behaviour::Reason(status, reason) => {
+            let body = serde_json::json!({"error": "refused", "reason": reason}).to_string();
+            return Ok(answer(status, body));
+        }
         Behaviour::Slow(delay) => tokio::time::sleep(delay).await,
         Behaviour::Malformed => return Ok(answer(200, "{\"accepted\": \"many\"")),
-        Behaviour::Normal | Behaviour::CommitThenDrop => {}
+        Behaviour::Normal | Behaviour::CommitThenDrop | Behaviour::BadEvent(_) => {}
     }
     match req.uri().path() {
         EVENTS_PATH => {
@@ -167,6 +176,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
             } else {
                 String::from_utf8(body.to_vec()).unwrap()
             };
+            if let Behaviour::BadEvent(i) = behaviour {
+                let bad = event(i).id;
+                if text.lines().any(|l| serde_json::from_str::<AuditEvent>(l).unwrap().id == bad) {
+                    let body = serde_json::json!({"error": "bad event", "reason": "bad_event"}).to_string();
+                    return Ok(answer(400, body));
+                }
+            }
             let mut response = IngestResponse::default();
             {
                 let mut s = state.lock().unwrap();
@@ -786,4 +802,53 @@ async fn too_large_batches_are_split_until_they_pass() {
     assert_eq!(metrics.batches_sent(BatchResult::TooLarge), 2);
     assert_eq!(metrics.events_dropped_total(), 0);
     shipper.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn an_event_the_collector_refuses_is_dropped_alone() {
+    let collector = Collector::start().await;
+    collector.set(Behaviour::BadEvent(37));
+    let spool = tempfile::tempdir().unwrap();
+    let (shipper, metrics) = start(config(&collector.url(), spool.path()));
+    emit(&shipper, 0..100);
+    until("all but one delivered", || {
+        metrics.events_delivered() == 99 && metrics.events_dropped(DropReason::Rejected) == 1
+    })
+    .await;
+    until("spool empty", || metrics.spool_records() == 0).await;
+    collector.assert_stored_once(&[ids(0..37), ids(38..100)].concat());
+    // The halves holding event 37: 100 → 50 (0..50) → 25 (25..50) → 13 (37..50) → 6 (37..43)
+    // → 3 (37..40) → 1: six splits, then the event alone is rejected.
+    assert_eq!(metrics.batches_sent(BatchResult::BadEvent), 6);
+    assert_eq!(metrics.batches_sent(BatchResult::Rejected), 1);
+    assert_eq!(metrics.events_dropped_total(), 1);
+    shipper.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Refusals that say nothing against the batch (a wrong path, a proxy or authorisation layer
+/// in front, a collector older than the sidecar) keep the events until they pass.
+#[tokio::test]
+async fn refusals_that_are_not_the_batchs_keep_the_events() {
+    for refusal in [
+        Behaviour::Status(403),
+        Behaviour::Status(404),
+        Behaviour::Status(405),
+        Behaviour::Status(415),
+        Behaviour::Reason(400, "unsupported_schema_version"),
+    ] {
+        let collector = Collector::start().await;
+        collector.set(refusal);
+        let spool = tempfile::tempdir().unwrap();
+        let (shipper, metrics) = start(config(&collector.url(), spool.path()));
+        emit(&shipper, 0..10);
+        until("refused and spooled", || {
+            metrics.batches_sent(BatchResult::Refused) >= 2 && metrics.spool_events() == 10
+        })
+        .await;
+        collector.set(Behaviour::Normal);
+        until("delivered", || metrics.events_delivered() == 10).await;
+        collector.assert_stored_once(&ids(0..10));
+        assert_eq!(metrics.events_dropped_total(), 0, "{refusal:?}");
+        shipper.shutdown(Duration::from_secs(1)).await;
+    }
 }
