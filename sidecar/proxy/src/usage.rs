@@ -30,6 +30,8 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
+    // Where the last round stopped, when there were more active pairs than one round fetches.
+    let mut resume_after: Option<(String, String)> = None;
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
@@ -43,15 +45,23 @@ pub(crate) async fn run(
         quotas.evict_idle(now);
         let Some(client) = &client else { continue };
         let Some(namespace) = config.current.load().as_ref().map(|s| s.namespace.clone()) else { continue };
-        let mut pairs = quotas.active_principals(now, ACTIVE_WITHIN);
+        let pairs = quotas.active_principals(now, ACTIVE_WITHIN);
         if pairs.len() > MAX_FETCHES_PER_ROUND {
             tracing::warn!(
                 active = pairs.len(),
-                "too many active principals: cluster usage fetched for the first ones only"
+                per_round = MAX_FETCHES_PER_ROUND,
+                "more active principals than one round fetches: cluster usage fetched in turns"
             );
-            pairs.truncate(MAX_FETCHES_PER_ROUND);
         }
-        let failures = sync_round(&quotas, client, &namespace, pairs, &mut shutdown).await;
+        let pairs = this_round(pairs, resume_after.as_ref(), MAX_FETCHES_PER_ROUND);
+        // A round never runs into the next: a collector that hangs costs one interval.
+        let deadline = tokio::time::Instant::now() + interval;
+        let round = sync_round(&quotas, client, &namespace, pairs, deadline, &mut shutdown).await;
+        resume_after = round.last_started;
+        let failures = round.failures;
+        if round.cut {
+            tracing::warn!("cluster usage round cut at the sync interval: the collector answers slowly");
+        }
         if failures > 0 {
             metrics.usage_sync_failures.inc_by(failures);
             tracing::warn!(
@@ -62,20 +72,49 @@ pub(crate) async fn run(
     }
 }
 
-/// Fetches and applies the usage of `pairs`; returns the number of failed fetches.
+/// The (policy, principal) pairs of one round, from the sorted active `pairs`: all of them
+/// when they fit in `max`; otherwise `max` of them starting after `resume_after` (the last
+/// pair the previous round started) and wrapping around, so that every active principal has
+/// its turn however many there are: a flood of principals must not leave the same ones
+/// without cluster figures round after round.
+fn this_round(
+    pairs: Vec<(String, String)>,
+    resume_after: Option<&(String, String)>,
+    max: usize,
+) -> Vec<(String, String)> {
+    if pairs.len() <= max {
+        return pairs;
+    }
+    let start = resume_after.map_or(0, |last| pairs.partition_point(|p| p <= last));
+    pairs.iter().cycle().skip(start).take(max).cloned().collect()
+}
+
+/// How a round went.
+struct Round {
+    /// Fetches that failed.
+    failures: u64,
+    /// The last pair whose fetch was started.
+    last_started: Option<(String, String)>,
+    /// The deadline ended the round before every fetch was done.
+    cut: bool,
+}
+
+/// Fetches and applies the usage of `pairs`, until `deadline`.
 async fn sync_round(
     quotas: &Arc<Quotas>,
     client: &Arc<UsageClient>,
     namespace: &str,
     pairs: Vec<(String, String)>,
+    deadline: tokio::time::Instant,
     shutdown: &mut watch::Receiver<bool>,
-) -> u64 {
-    let mut failures = 0;
+) -> Round {
+    let mut round = Round { failures: 0, last_started: None, cut: false };
     let mut tasks = JoinSet::new();
     let mut pending = pairs.into_iter();
     loop {
         while tasks.len() < CONCURRENCY {
             let Some((policy, principal)) = pending.next() else { break };
+            round.last_started = Some((policy.clone(), principal.clone()));
             let (client, quotas, namespace) = (client.clone(), quotas.clone(), namespace.to_string());
             tasks.spawn(async move {
                 let usage = client.fetch(&namespace, &policy, &principal).await.map_err(|e| e.to_string())?;
@@ -95,18 +134,60 @@ async fn sync_round(
         let joined = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => {
                 tasks.abort_all();
-                return failures;
+                return round;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                tasks.abort_all();
+                round.cut = true;
+                return round;
             }
             joined = tasks.join_next() => joined,
         };
         match joined {
-            None => return failures,
+            None => return round,
             Some(Ok(Ok(()))) => {}
             Some(Ok(Err(e))) => {
                 tracing::debug!(error = %e, "cluster usage fetch failed");
-                failures += 1;
+                round.failures += 1;
             }
-            Some(Err(_)) => failures += 1,
+            Some(Err(_)) => round.failures += 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(n: usize) -> Vec<(String, String)> {
+        (0..n).map(|i| ("p".to_string(), format!("user:{i:03}"))).collect()
+    }
+
+    /// Past the per-round cap, rounds take turns through every active pair, and a pair set
+    /// that changed between rounds resumes after the last pair started.
+    #[test]
+    fn rounds_take_turns_through_every_active_principal() {
+        assert_eq!(this_round(pairs(3), None, 5), pairs(3), "all fit");
+        let all = pairs(10);
+        let first = this_round(all.clone(), None, 4);
+        assert_eq!(first, all[0..4]);
+        let second = this_round(all.clone(), first.last(), 4);
+        assert_eq!(second, all[4..8]);
+        let third = this_round(all.clone(), second.last(), 4);
+        assert_eq!(third, [&all[8..10], &all[0..2]].concat(), "wraps around");
+        // The pair the last round ended on is gone: resume after where it sorted.
+        let mut fewer = all.clone();
+        fewer.remove(5);
+        let gone = ("p".to_string(), "user:005".to_string());
+        assert_eq!(this_round(fewer.clone(), Some(&gone), 4), fewer[5..9]);
+        // Every pair is visited within ceil(n / max) rounds.
+        let mut seen = std::collections::BTreeSet::new();
+        let mut last = None;
+        for _ in 0..3 {
+            let round = this_round(all.clone(), last.as_ref(), 4);
+            last = round.last().cloned();
+            seen.extend(round);
+        }
+        assert_eq!(seen.len(), 10);
     }
 }

@@ -197,8 +197,14 @@ impl Transport {
         let status = response.status();
         match status {
             StatusCode::OK => {
-                let bytes = match response.bytes().await {
-                    Ok(bytes) => bytes,
+                let bytes = match capped_body(response).await {
+                    Ok(Some(bytes)) => bytes,
+                    Ok(None) => {
+                        return Outcome::Retry {
+                            result: BatchResult::MalformedResponse,
+                            detail: format!("answer larger than {MAX_ANSWER_BYTES} bytes"),
+                        };
+                    }
                     Err(error) => return transport_failure(error),
                 };
                 match serde_json::from_slice::<IngestResponse>(&bytes) {
@@ -249,20 +255,29 @@ impl Transport {
     }
 }
 
-/// The `reason` code of a collector's error answer, read from at most 64 KiB of its body.
-async fn error_reason(mut response: reqwest::Response) -> Option<String> {
-    const MAX: usize = 64 * 1024;
+/// The most of a collector's answer read (after decompression): its answers are small, and a
+/// spoofed or broken one must not take the sidecar's memory.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// The body of an answer, or `None` when it is larger than [`MAX_ANSWER_BYTES`].
+async fn capped_body(mut response: reqwest::Response) -> Result<Option<Vec<u8>>, reqwest::Error> {
     let mut body = Vec::new();
-    while let Ok(Some(chunk)) = response.chunk().await {
-        body.extend_from_slice(&chunk);
-        if body.len() > MAX {
-            return None;
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Ok(None);
         }
+        body.extend_from_slice(&chunk);
     }
+    Ok(Some(body))
+}
+
+/// The `reason` code of a collector's error answer.
+async fn error_reason(response: reqwest::Response) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct ErrorBody {
         reason: Option<String>,
     }
+    let body = capped_body(response).await.ok()??;
     serde_json::from_slice::<ErrorBody>(&body).ok()?.reason
 }
 
@@ -353,7 +368,9 @@ impl UsageClient {
         let response = request.send().await.map_err(usage_failure)?;
         match response.status() {
             StatusCode::OK => {
-                let bytes = response.bytes().await.map_err(usage_failure)?;
+                let bytes = capped_body(response).await.map_err(usage_failure)?.ok_or_else(|| {
+                    ShipperError::MalformedResponse(format!("answer larger than {MAX_ANSWER_BYTES} bytes"))
+                })?;
                 serde_json::from_slice(&bytes)
                     .map_err(|e| ShipperError::MalformedResponse(describe_json_error(&e)))
             }

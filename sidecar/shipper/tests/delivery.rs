@@ -49,6 +49,8 @@ enum Behaviour {
     CommitThenDrop,
     /// Answer 200 with a body that is not the contract's.
     Malformed,
+    /// Answer 200 with a 2 MiB body (whitespace around the contract's answer).
+    Huge,
 }
 
 #[derive(Default)]
@@ -164,6 +166,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
         }
         Behaviour::Slow(delay) => tokio::time::sleep(delay).await,
         Behaviour::Malformed => return Ok(answer(200, "{\"accepted\": \"many\"")),
+        Behaviour::Huge => {
+            let mut body = vec![b' '; 2 << 20];
+            body.extend_from_slice(br#"{"accepted": 0, "duplicates": 0}"#);
+            return Ok(answer(200, body));
+        }
         Behaviour::Normal | Behaviour::CommitThenDrop | Behaviour::BadEvent(_) => {}
     }
     match req.uri().path() {
@@ -762,6 +769,13 @@ async fn usage_client_fetches_with_the_token_and_maps_errors() {
 
     collector.then(Behaviour::Status(503));
     assert!(matches!(client.fetch("shop", "customers", "user:42").await, Err(ShipperError::Status(503))));
+
+    // An answer larger than any the collector gives is not read whole.
+    collector.then(Behaviour::Huge);
+    match client.fetch("shop", "customers", "user:42").await {
+        Err(ShipperError::MalformedResponse(detail)) => assert!(detail.contains("larger than"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
 
     collector.then(Behaviour::Hang);
     assert!(matches!(client.fetch("shop", "customers", "user:42").await, Err(ShipperError::Timeout)));
