@@ -314,7 +314,8 @@ impl Verifier {
                         return Err(JwtError::InvalidIssuer);
                     }
                     remote.fetch_limited(&inner.keys).await;
-                } else if remote.stale() {
+                } else if !inner.started.load(Ordering::Relaxed) && remote.claim_background_refresh() {
+                    // With the periodic task running, it refreshes; otherwise one task does.
                     self.refresh_in_background();
                 }
             }
@@ -330,13 +331,18 @@ impl Verifier {
         Ok(keys)
     }
 
-    /// Starts a rate-limited fetch without waiting for it (stale keys keep serving).
+    /// Runs the claimed background refresh without waiting for it (stale keys keep serving).
     fn refresh_in_background(&self) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Source::Url(remote) = &self.inner.source else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Nothing will run it: free the claim.
+            remote.release_background_refresh();
+            return;
+        };
         let inner = Arc::clone(&self.inner);
         runtime.spawn(async move {
             if let Source::Url(remote) = &inner.source {
-                remote.fetch_limited(&inner.keys).await;
+                remote.refresh_stale(&inner.keys).await;
             }
         });
     }

@@ -159,6 +159,8 @@ struct RemoteState {
     last_success: Option<Instant>,
     /// Fetches started so far (any kind).
     attempts: u64,
+    /// A background refresh of stale keys is queued or running (at most one at a time).
+    background: bool,
 }
 
 /// Whether a rate-limited fetch may start at `now`.
@@ -205,13 +207,55 @@ impl Remote {
         self.url.as_str()
     }
 
-    /// Whether the keys are older than `refresh` (or were never fetched) and a rate-limited
-    /// fetch may start now.
-    pub(crate) fn stale(&self) -> bool {
-        let state = lock(&self.state);
+    /// Whether the keys are older than `refresh` (or were never fetched).
+    fn old(&self, state: &RemoteState, now: Instant) -> bool {
+        state.last_success.is_none_or(|t| now.saturating_duration_since(t) >= self.refresh)
+    }
+
+    /// When the keys are old, a rate-limited fetch may start now and no background refresh
+    /// is queued or running: claims the one background refresh and returns true (the caller
+    /// then runs [`Remote::refresh_stale`]). However many requests see stale keys, one task.
+    pub(crate) fn claim_background_refresh(&self) -> bool {
+        let mut state = lock(&self.state);
         let now = Instant::now();
-        let old = state.last_success.is_none_or(|t| now.saturating_duration_since(t) >= self.refresh);
-        old && may_fetch(state.last_on_demand, now, ON_DEMAND_FETCH_INTERVAL)
+        let due = self.old(&state, now) && may_fetch(state.last_on_demand, now, ON_DEMAND_FETCH_INTERVAL);
+        if !due || state.background {
+            return false;
+        }
+        state.background = true;
+        true
+    }
+
+    /// Frees the claim of [`Remote::claim_background_refresh`].
+    pub(crate) fn release_background_refresh(&self) {
+        lock(&self.state).background = false;
+    }
+
+    /// The background refresh claimed by [`Remote::claim_background_refresh`]: fetches unless
+    /// another fetch has made the keys fresh meanwhile (a periodic or forced one it queued
+    /// behind), then frees the claim.
+    pub(crate) async fn refresh_stale(&self, keys: &Keys) {
+        /// Frees the claim however the refresh ends (also when its task is cancelled).
+        struct Release<'a>(&'a Remote);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.release_background_refresh();
+            }
+        }
+        let _release = Release(self);
+        let _one = self.fetching.lock().await;
+        {
+            let mut state = lock(&self.state);
+            let now = Instant::now();
+            if !self.old(&state, now) || !may_fetch(state.last_on_demand, now, ON_DEMAND_FETCH_INTERVAL) {
+                return;
+            }
+            state.last_on_demand = Some(now);
+            state.attempts += 1;
+        }
+        if let Err(error) = self.fetch_and_store(keys).await {
+            tracing::warn!(url = %self.url, %error, "JWKS fetch failed; keeping the previous keys");
+        }
     }
 
     /// An on-demand fetch (unknown `kid`, never-loaded or stale keys): starts one unless
@@ -297,7 +341,8 @@ fn build_client(timeout: Duration) -> Result<reqwest::Client, String> {
     // Err means "a provider is already installed": fine either way.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let redirects = reqwest::redirect::Policy::custom(|attempt| {
-        if attempt.previous().len() >= 3 {
+        // `previous` holds the URL first asked for too: 3 redirects make 4.
+        if attempt.previous().len() > 3 {
             attempt.error("too many redirects")
         } else if attempt.url().scheme() != "https" {
             attempt.error("redirect to a non-https URL")

@@ -293,3 +293,37 @@ async fn a_token_of_another_issuer_fetches_nothing() {
     assert_eq!(v.verify_at(&ours, now()).await, Err(JwtError::UnknownKid));
     assert_eq!(server.hits(), 2);
 }
+
+/// Stale keys seen by many requests while a forced fetch is running: they queue one
+/// background refresh at most, and it fetches nothing once the running fetch has made the
+/// keys fresh.
+#[tokio::test]
+async fn stale_keys_during_a_running_fetch_fetch_nothing_more() {
+    let server = JwksServer::start(jwks(&[TestKey::ed25519().jwk("key-2")])).await;
+    let source = JwksSource::Url {
+        url: server.url.clone(),
+        refresh: Duration::from_secs(60),
+        timeout: Duration::from_secs(5),
+    };
+    let v = Verifier::new(settings(), source).unwrap();
+    let token = bearer(&TestKey::ed25519().sign(Some("key-2"), &claims()));
+    assert!(v.verify_at(&token, now()).await.is_ok());
+    skip_time(Duration::from_secs(61)).await;
+    server.set_delay(Duration::from_millis(300));
+    let forced = {
+        let v = v.clone();
+        tokio::spawn(async move { v.refresh().await })
+    };
+    while server.hits() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The forced fetch is held by the server: every verification sees stale keys.
+    for _ in 0..50 {
+        assert!(v.verify_at(&token, now()).await.is_ok());
+    }
+    assert_eq!(forced.await.unwrap().unwrap(), 1);
+    server.set_delay(Duration::ZERO);
+    // Room for a queued refresh to show itself (it would be counted on arrival).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.hits(), 2, "a refresh fetched keys the forced fetch had just made fresh");
+}

@@ -154,6 +154,7 @@ pub struct JwksServer {
     pub url: String,
     hits: Arc<AtomicUsize>,
     body: Arc<Mutex<(u16, String)>>,
+    delay: Arc<Mutex<Duration>>,
 }
 
 impl JwksServer {
@@ -162,11 +163,12 @@ impl JwksServer {
         let url = format!("http://{}/.well-known/jwks.json", listener.local_addr().unwrap());
         let hits = Arc::new(AtomicUsize::new(0));
         let body = Arc::new(Mutex::new((200, body)));
-        let (h, b) = (hits.clone(), body.clone());
+        let delay = Arc::new(Mutex::new(Duration::ZERO));
+        let (h, b, d) = (hits.clone(), body.clone(), delay.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut conn, _)) = listener.accept().await else { return };
-                let (h, b) = (h.clone(), b.clone());
+                let (h, b, d) = (h.clone(), b.clone(), d.clone());
                 tokio::spawn(async move {
                     let mut request = Vec::new();
                     let mut buf = [0u8; 1024];
@@ -177,6 +179,8 @@ impl JwksServer {
                         }
                     }
                     h.fetch_add(1, Ordering::SeqCst);
+                    let pause = *d.lock().unwrap();
+                    tokio::time::sleep(pause).await;
                     let (status, body) = b.lock().unwrap().clone();
                     let response = format!(
                         "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -187,7 +191,12 @@ impl JwksServer {
                 });
             }
         });
-        JwksServer { url, hits, body }
+        JwksServer { url, hits, body, delay }
+    }
+
+    /// Answers each request this long after it arrived (counted on arrival).
+    pub fn set_delay(&self, delay: Duration) {
+        *self.delay.lock().unwrap() = delay;
     }
 
     pub fn hits(&self) -> usize {
