@@ -178,7 +178,7 @@ pub struct JwtSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_uri: Option<String>,
 
-    /// Allowed clock skew for `exp` and `nbf`, in seconds (default 30).
+    /// Allowed clock skew for `exp` and `nbf`, in seconds (default 30, at most 300).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leeway_seconds: Option<u32>,
 }

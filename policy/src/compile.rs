@@ -428,6 +428,9 @@ fn compile_rule(
     }
 }
 
+/// The largest clock skew `jwt.leewaySeconds` may allow.
+const MAX_LEEWAY_SECONDS: u32 = 300;
+
 fn check_identity(users: &UserIdentity, up: &Path, errors: &mut FieldErrors) {
     let jp = up.field("jwt");
     if users.jwt.issuer.trim().is_empty() {
@@ -449,6 +452,14 @@ fn check_identity(users: &UserIdentity, up: &Path, errors: &mut FieldErrors) {
         (None, Some(uri)) if !(uri.starts_with("https://") || is_loopback_http(uri)) => errors
             .push(jp.field("jwksUri").as_str(), "must be an https:// URL (plain http only for localhost)"),
         _ => {}
+    }
+    if users.jwt.leeway_seconds.is_some_and(|l| l > MAX_LEEWAY_SECONDS) {
+        errors.push(
+            jp.field("leewaySeconds").as_str(),
+            format!(
+                "at most {MAX_LEEWAY_SECONDS} seconds: a larger skew would accept tokens long expired or not yet valid"
+            ),
+        );
     }
     for (attr, claim) in &users.attributes {
         let ap = up.field("attributes").key(attr);

@@ -167,6 +167,14 @@ fn each_error_kind_names_its_field_path() {
             "spec.identity.users.jwt.jwksUri: must be an https:// URL",
         ),
         (
+            "leeway of days",
+            |s| {
+                s.identity.as_mut().and_then(|i| i.users.as_mut()).expect("identity").jwt.leeway_seconds =
+                    Some(86_400_000)
+            },
+            "spec.identity.users.jwt.leewaySeconds: at most 300 seconds",
+        ),
+        (
             "built-in attribute mapped",
             |s| {
                 s.identity
