@@ -62,6 +62,17 @@
 //!   (`custos_audit_batches_sent_total{result="refused"}`), as while the collector is down.
 //! - `corrupt`: damaged spool records. `shutdown`: emitted after [`Shipper::shutdown`].
 //!
+//! # A process killed outright
+//!
+//! A stop with SIGTERM (a rollout, a scale-down, a pod eviction) flushes or spools everything
+//! ([`Shipper::shutdown`]). A process killed without it (SIGKILL, the OOM killer, a failed
+//! liveness probe past its grace period) loses what was only in memory, uncounted: the events
+//! queued and not yet batched (at most [`ShipperConfig::queue_capacity`], in practice about
+//! one [`ShipperConfig::flush_interval`] of traffic), the batch being built, the batch in
+//! flight and up to [`ShipperConfig::max_waiting_batches`] waiting behind it. Spooled records
+//! survive (each is synced before it counts as spooled). Such kills are visible as container
+//! restarts with a `Error`/`OOMKilled` reason; the operations guide has the alert.
+//!
 //! # Without a collector
 //!
 //! When [`ShipperConfig::collector`] is `None` (log-only mode), events are counted in

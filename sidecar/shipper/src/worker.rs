@@ -125,6 +125,10 @@ enum Wake {
     RetryDue,
 }
 
+/// The most full batches one flush tick takes from the queue; what is left is taken at the
+/// next wake (the queue's wake-up threshold is re-armed).
+const MAX_BATCHES_PER_WAKE: usize = 8;
+
 pub(crate) struct Worker {
     rx: QueueReceiver<AuditEvent>,
     shutdown_rx: oneshot::Receiver<ShutdownRequest>,
@@ -203,9 +207,11 @@ impl Worker {
                     Err(_) => Wake::ShutdownHandleGone,
                 },
                 outcome = wait_inflight(&mut self.inflight) => Wake::Sent(outcome),
-                () = self.rx.ready() => Wake::Events,
-                _ = tick.tick() => Wake::Tick,
+                // Timers before events: under a steady stream of events, a retry that is due
+                // and the flush tick must still get their turn.
                 () = wait_until(self.retry_at) => Wake::RetryDue,
+                _ = tick.tick() => Wake::Tick,
+                () = self.rx.ready() => Wake::Events,
             };
             match wake {
                 Wake::Shutdown(request) => {
@@ -238,16 +244,20 @@ impl Worker {
     }
 
     /// Moves queued events into the batch being built, flushing every full batch: until the
-    /// queue is empty when `everything`, else until one batch was flushed or the queue is empty.
+    /// queue is empty when `everything` (at most [`MAX_BATCHES_PER_WAKE`] batches, so that
+    /// producers as fast as the drain cannot keep the loop here while a delivery waits to be
+    /// settled), else until one batch was flushed or the queue is empty.
     async fn take_queued(&mut self, everything: bool) -> Drained {
+        let mut batches = 0;
         loop {
             let (taken, room, drained) = self.fill_current();
             if self.current.count as usize >= self.batch_max {
                 self.flush().await;
+                batches += 1;
             }
             // Fewer than `room` means the queue is empty; a threshold's worth left over after one
             // batch has already re-armed `ready`.
-            if drained == Drained::Closed || taken < room || !everything {
+            if drained == Drained::Closed || taken < room || !everything || batches >= MAX_BATCHES_PER_WAKE {
                 return drained;
             }
         }
