@@ -180,7 +180,9 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         Some(c) => ShipperConfig {
             token_file: c.token_file.clone(),
             spool_max_bytes: c.spool_max_bytes,
-            spool_segment_bytes: (c.spool_max_bytes / 8).clamp(64 * 1024, 8 << 20),
+            // At most an eighth of the spool, so that acknowledged segments are reclaimed
+            // long before it is full.
+            spool_segment_bytes: (c.spool_max_bytes / 8).clamp(4 * 1024, 8 << 20),
             batch_max_events: c.batch_max_events,
             flush_interval: c.flush_interval,
             queue_capacity: c.queue_capacity,
