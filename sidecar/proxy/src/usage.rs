@@ -157,10 +157,39 @@ async fn sync_round(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn pairs(n: usize) -> Vec<(String, String)> {
         (0..n).map(|i| ("p".to_string(), format!("user:{i:03}"))).collect()
+    }
+
+    /// A collector that accepts and never answers costs a round no more than its deadline
+    /// (the client's own time-out here is far longer).
+    #[tokio::test]
+    async fn a_round_ends_at_its_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let client = Arc::new(UsageClient::new(url, None, Duration::from_secs(60)).unwrap());
+        let quotas = Arc::new(Quotas::new(custos_quota::QuotaSettings::default()));
+        let (_stop, mut shutdown) = watch::channel(false);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        let round = tokio::time::timeout(
+            Duration::from_secs(30),
+            sync_round(&quotas, &client, "shop", pairs(20), deadline, &mut shutdown),
+        )
+        .await
+        .expect("the round ended at its deadline, not at the client's time-out");
+        assert!(round.cut);
+        assert_eq!(round.last_started, Some(("p".to_string(), "user:007".to_string())), "8 at a time");
+        holder.abort();
     }
 
     /// Past the per-round cap, rounds take turns through every active pair, and a pair set
