@@ -44,17 +44,21 @@ use crate::upstream::{Upstream, UpstreamSettings};
 pub const METHOD_OVERRIDE_HEADERS: [&str; 3] =
     ["x-http-method-override", "x-http-method", "x-method-override"];
 
-/// Hop-by-hop headers, never forwarded in either direction.
-const HOP_BY_HOP: [&str; 8] = [
+/// Hop-by-hop headers, never forwarded in either direction (`TE: trailers` is asked of the
+/// app again when the client sent it; see [`strip_hop_by_hop`]). `Trailer` is not one of
+/// them (RFC 9110 §6.6.2): it announces the trailer fields of a body passed through.
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
     "proxy-authenticate",
 ];
+
+/// Bit of `TE` in [`strip_hop_by_hop`]'s set of present names.
+const TE_BIT: u16 = 1 << 3;
 
 /// The transform's failure code for a partial response (206 or `Content-Range`): a slice is
 /// never a document the plan applies to, so it fails closed even under `failOpen`.
@@ -944,6 +948,7 @@ fn is_body_metadata(name: &str) -> bool {
         name,
         "content-encoding"
             | "content-length"
+            | "trailer"
             | "etag"
             | "accept-ranges"
             | "content-md5"
@@ -1007,7 +1012,7 @@ fn upstream_request(
     }
     let uri = Uri::try_from(target).map_err(|_| ())?;
     let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
+    let accepts_trailers = strip_hop_by_hop(&mut headers);
     if parts.version == Version::HTTP_2 {
         join_cookie_crumbs(&mut headers);
     }
@@ -1034,9 +1039,16 @@ fn upstream_request(
         };
         remove_present(&mut headers, untransformable);
     }
+    if accepts_trailers && transform.is_none() {
+        // The response passes through as it comes, with the trailer fields the client
+        // accepts (a response read to be transformed or audited is read without them).
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if !body.is_end_stream() && body.is_complete() {
-        // The whole body was read: the sidecar has answered any `100-continue` itself.
+        // The whole body was read: the sidecar has answered any `100-continue` itself, and
+        // goes with its length, without the trailer fields it may have had.
         headers.remove(header::EXPECT);
+        headers.remove(header::TRAILER);
     }
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
@@ -1085,12 +1097,13 @@ pub(crate) fn encode_path(path: &str) -> String {
     out
 }
 
-/// Removes hop-by-hop headers, those named by `Connection`, and `x-custos-*`.
+/// Removes hop-by-hop headers, those named by `Connection`, and `x-custos-*`; returns whether
+/// a `TE` header removed accepted trailers (`TE: trailers`).
 ///
 /// One pass over the names present finds what goes (most messages carry none of them, or
 /// only `Connection: keep-alive`), and only that is removed, by name, with no allocation
 /// unless an `x-custos-*` header or several `Connection` headers are present.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // bit i: HOP_BY_HOP[i] is present
     let mut present = 0u16;
     let mut custos = Vec::new();
@@ -1118,6 +1131,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
+    let trailers = present & TE_BIT != 0
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
+            })
+        });
     for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
         if present & (1 << i) != 0 {
             headers.remove(*name);
@@ -1126,6 +1146,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in custos {
         headers.remove(name);
     }
+    trailers
 }
 
 fn is_custos(name: &HeaderName) -> bool {
@@ -1461,7 +1482,24 @@ mod tests {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
         let before = h.clone();
-        strip_hop_by_hop(&mut h);
+        assert!(!strip_hop_by_hop(&mut h));
         assert_eq!(h, before);
+
+        // `TE` goes, and says whether the sender accepts trailer fields; `Trailer` stays
+        for (te, accepts) in [
+            (&["trailers"][..], true),
+            (&["gzip, Trailers;q=1"], true),
+            (&["gzip", " trailers "], true),
+            (&["gzip, deflate"], false),
+            (&["trailersx", "x-trailers"], false),
+        ] {
+            let mut h = HeaderMap::new();
+            for value in te {
+                h.append(header::TE, HeaderValue::from_static(value));
+            }
+            h.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
+            assert_eq!(strip_hop_by_hop(&mut h), accepts, "{te:?}");
+            assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["trailer"]);
+        }
     }
 }

@@ -42,7 +42,7 @@ fn main_rules() -> Value {
     json!([
         {"name": "no-export", "action": "Deny", "to": {"paths": ["/customers/export"]}},
         {"name": "list", "action": "Allow",
-         "to": {"methods": ["GET"], "paths": ["/customers", "/chunked/customers", "/gzip/customers", "/html/customers", "/big/customers"]},
+         "to": {"methods": ["GET"], "paths": ["/customers", "/chunked/customers", "/gzip/customers", "/html/customers", "/big/customers", "/trailers/customers"]},
          "records": "$.items[*]", "mask": {"phone": "ShowLast4", "name": "Redact"}},
         {"name": "branch", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
          "to": {"methods": ["GET"], "paths": ["/branch/customers"]},
@@ -59,7 +59,7 @@ fn main_rules() -> Value {
          "records": "$.items[*]", "limits": {"maxRecordsPerResponse": 2, "onExceed": "Deny"}},
         {"name": "truncated", "action": "Allow", "to": {"paths": ["/truncated/customers"]},
          "records": "$.items[*]", "limits": {"maxRecordsPerResponse": 3}},
-        {"name": "open", "action": "Allow", "to": {"paths": ["/open/**", "/echo/**", "/mirror/**", "/slow/**", "/delay/**"]}}
+        {"name": "open", "action": "Allow", "to": {"paths": ["/open/**", "/echo/**", "/mirror/**", "/slow/**", "/delay/**", "/trailers/open"]}}
     ])
 }
 
@@ -986,6 +986,58 @@ async fn request_bodies_are_read_before_the_app_is_called() {
     assert_eq!(limit_rejections(&metrics, "request_body_bytes"), 1.0);
     assert_eq!(metric_value(&metrics, "custos_sidecar_request_buffer_bytes"), 0.0);
     assert_eq!(metric_value(&metrics, "custos_sidecar_request_buffer_exhausted_total"), 0.0);
+    f.stop().await;
+}
+
+/// Trailer fields pass with a body passed through, both ways, when the client accepts them;
+/// a body read whole (a masked response, a small request body) goes without them, and
+/// without the `Trailer` header that announced them.
+#[tokio::test]
+async fn trailer_fields_pass_with_bodies_passed_through() {
+    let mut f = start(policy(main_rules()), |s| s.limits.request_buffer_bytes = 16).await;
+    let get =
+        |path: &str, te: &str| format!("GET {path} HTTP/1.1\r\nHost: a\r\n{te}Connection: close\r\n\r\n");
+
+    // Passed through to a client that accepts trailers: announced, and sent after the body.
+    let (status, text) = raw(f.proxy(), get("/trailers/open", "TE: trailers\r\n").as_bytes()).await;
+    assert_eq!(status, Some(200), "{text}");
+    assert!(text.contains("trailer: x-checksum\r\n"), "{text}");
+    assert!(text.ends_with("0\r\nx-checksum: abc\r\n\r\n"), "{text}");
+    assert_eq!(f.upstream.seen().pop().unwrap().headers["te"], "trailers");
+    // A client that did not say so gets none (and the app is not asked for them).
+    let (status, text) = raw(f.proxy(), get("/trailers/open", "").as_bytes()).await;
+    assert_eq!(status, Some(200), "{text}");
+    assert!(!text.contains("x-checksum: abc"), "{text}");
+    assert!(!f.upstream.seen().pop().unwrap().headers.contains_key("te"));
+    // A masked response is read whole and rewritten: no trailer fields, none announced.
+    let (status, text) = raw(f.proxy(), get("/trailers/customers", "TE: trailers\r\n").as_bytes()).await;
+    assert_eq!(status, Some(200), "{text}");
+    assert!(!text.contains("x-checksum"), "{text}");
+    assert_no_personal_data(&text);
+    assert!(!f.upstream.seen().pop().unwrap().headers.contains_key("te"));
+
+    // Request trailers: a body forwarded as it arrives (over the 16-byte buffer) keeps them.
+    let post = |len: usize| {
+        format!(
+            "POST /trailers/open HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTrailer: x-sig\r\n\
+             Connection: close\r\n\r\n{len:x}\r\n{}\r\n0\r\nx-sig: s1\r\n\r\n",
+            "b".repeat(len)
+        )
+    };
+    let (status, text) = raw(f.proxy(), post(40).as_bytes()).await;
+    assert_eq!(status, Some(200), "{text}");
+    // Chunked, in one chunk: its size line, then the JSON, then the last chunk.
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let data = body.split_once("\r\n").unwrap().1;
+    let doc: Value = serde_json::from_str(&data[..data.find("\r\n0\r\n").unwrap()]).unwrap();
+    assert_eq!((doc["received"].clone(), doc["trailers"].clone()), (json!(40), json!(["x-sig"])), "{text}");
+    // A body read whole goes with its length: its trailer fields, and their announcement, are
+    // dropped.
+    let (status, text) = raw(f.proxy(), post(8).as_bytes()).await;
+    assert_eq!(status, Some(200), "{text}");
+    let seen = f.upstream.seen().pop().unwrap();
+    assert_eq!(seen.headers["content-length"], "8");
+    assert!(!seen.headers.contains_key("trailer"), "{:?}", seen.headers);
     f.stop().await;
 }
 

@@ -109,7 +109,13 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
     let path = req.uri().path().to_string();
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let (if_none_match, range) = (header("if-none-match"), header("range"));
-    let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let announced_trailer = header("trailer");
+    let collected = req.into_body().collect().await.ok();
+    let trailer_names: Vec<String> = collected
+        .as_ref()
+        .and_then(|c| c.trailers())
+        .map_or(Vec::new(), |t| t.keys().map(|k| k.to_string()).collect());
+    let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
     let json_body = serde_json::to_vec(&customers()).unwrap();
     let full = |status: u16, ct: &str, bytes: Vec<u8>| {
         Response::builder()
@@ -188,6 +194,22 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
     if path.starts_with("/mirror/") {
         return full(200, "application/octet-stream", body.to_vec());
     }
+    if path.starts_with("/trailers/") {
+        // The customers, what arrived of the request (its trailer fields too), and a trailer
+        // field of its own: hyper sends it only to a request that said `TE: trailers`.
+        let mut doc = customers();
+        doc["received"] = json!(body.len());
+        doc["trailers"] = json!(trailer_names);
+        doc["announced"] = json!(announced_trailer);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", "abc".parse().unwrap());
+        let frames = [Frame::data(Bytes::from(serde_json::to_vec(&doc).unwrap())), Frame::trailers(trailers)];
+        return Response::builder()
+            .header("content-type", "application/json")
+            .header("trailer", "x-checksum")
+            .body(Frames(frames.into_iter().collect()).boxed())
+            .unwrap();
+    }
     if path.starts_with("/echo/") {
         return full(200, "application/json", serde_json::to_vec(&json!({"received": body.len()})).unwrap());
     }
@@ -199,6 +221,21 @@ fn parse_range(range: &str, len: usize) -> Option<(usize, usize)> {
     let (a, b) = range.strip_prefix("bytes=")?.split_once('-')?;
     let (a, b) = (a.parse().ok()?, b.parse::<usize>().ok()?.min(len - 1));
     (a <= b).then_some((a, b))
+}
+
+/// A body of these frames (data and trailers), with no length.
+struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+
+impl hyper::body::Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.get_mut().0.pop_front().map(Ok))
+    }
 }
 
 /// A body sent in several chunks with no length: hyper uses chunked encoding.
