@@ -1485,3 +1485,24 @@ fn notes_say_how_to_check_and_warn_about_failing_open() {
     let notes = render_notes(&Variant::defaults().with("collector.enabled=false"));
     assert!(notes.contains("WARNING: no collector"), "{notes}");
 }
+
+/// A policy's `egress: DenyAll` keeps the collector the chart runs reachable: the labels its
+/// NetworkPolicy selects the collector by are those of the chart's collector pods.
+#[test]
+fn egress_lockdown_selects_the_charts_collector_pods() {
+    let selector: BTreeMap<String, String> = custos_policy::netpol::COLLECTOR_POD_LABELS
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect();
+    for variant in [Variant::defaults(), Variant::production()] {
+        let m = variant.render();
+        let selected: Vec<String> = m
+            .pod_templates()
+            .into_iter()
+            .filter(|(_, t)| selects(&selector, &labels_of(t)))
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(selected.len(), 1, "{}: {selected:?}", variant.name);
+        assert!(selected[0].ends_with("collector"), "{}: {selected:?}", variant.name);
+    }
+}

@@ -22,8 +22,11 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "custos";
 /// Label naming the DataAccessPolicy an object was derived from.
 pub const POLICY_LABEL: &str = "custos.dev/policy";
-/// Label of the Custos collector pods, which sidecars must reach even under egress lockdown.
-pub const COLLECTOR_SELECTOR: (&str, &str) = ("app.kubernetes.io/component", "custos-collector");
+/// Labels of the Custos collector pods, which sidecars must reach even under egress lockdown:
+/// those the Helm chart gives them (`app.kubernetes.io/name` is the chart's name, `custos`
+/// unless `nameOverride` changes it). The chart test checks that they select its collector.
+pub const COLLECTOR_POD_LABELS: [(&str, &str); 2] =
+    [("app.kubernetes.io/name", "custos"), ("app.kubernetes.io/component", "collector")];
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// The NetworkPolicy name for a DataAccessPolicy.
@@ -163,7 +166,7 @@ fn egress_rules(allow: &[EgressPeer]) -> Vec<NetworkPolicyEgressRule> {
             to: Some(vec![NetworkPolicyPeer {
                 namespace_selector: Some(LabelSelector::default()),
                 pod_selector: Some(labels_selector(
-                    [(COLLECTOR_SELECTOR.0.to_string(), COLLECTOR_SELECTOR.1.to_string())].into(),
+                    COLLECTOR_POD_LABELS.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect(),
                 )),
                 ..Default::default()
             }]),
