@@ -337,15 +337,15 @@ async fn selected_pod_gets_the_sidecar() {
         pods.create(&PostParams::default(), &pod("selected", "customer-api", json!({}))).await.unwrap();
     let names: Vec<_> = created.spec.unwrap().containers.into_iter().map(|c| c.name).collect();
     assert!(names.contains(&"custos-sidecar".to_string()), "{names:?}");
-    let opted_out = pods
+    // Opting out of a policy that enforces: refused, not admitted unprotected.
+    let refused = pods
         .create(
             &PostParams::default(),
             &pod("opted-out", "customer-api", json!({"custos.dev/inject": "false"})),
         )
         .await
-        .unwrap();
-    let names: Vec<_> = opted_out.spec.unwrap().containers.into_iter().map(|c| c.name).collect();
-    assert_eq!(names, ["app"]);
+        .expect_err("a pod an enforced policy selects cannot opt out");
+    assert!(refused.to_string().contains("custos.dev/inject=false"), "{refused}");
     let other = pods.create(&PostParams::default(), &pod("other", "billing", json!({}))).await.unwrap();
     assert_eq!(other.spec.unwrap().containers.len(), 1);
     s.finish().await;

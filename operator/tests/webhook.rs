@@ -141,24 +141,40 @@ async fn injection_patches_give_the_expected_pods_and_are_idempotent() {
     assert_eq!(metrics.admissions("mutate-pods", "skipped"), 3);
 }
 
+/// A pod an enforced policy selects that opts out, or carries a container named like the
+/// sidecar that is not it, is refused (fail closed); an injected pod admitted again is left
+/// alone.
 #[tokio::test]
-async fn opted_out_and_injected_pods_get_no_patch() {
+async fn unprotected_pods_an_enforced_policy_selects_are_refused_and_injected_pods_left_alone() {
     let (app, metrics) = app();
     let response = admit(&app, MUTATE, &fixture("pod-opted-out.json")).await;
-    assert!(response.allowed);
+    assert!(!response.allowed);
     assert_eq!(response.patch, None);
-    let warnings = response.warnings.unwrap_or_default();
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let status = response.status.unwrap();
+    assert_eq!(status.code, Some(403));
+    let message = status.message.unwrap();
     assert!(
-        warnings[0].contains("custos.dev/inject=false") && warnings[0].contains("customer-api"),
-        "{warnings:?}"
+        message.contains("custos.dev/inject=false") && message.contains("customer-api (mode Enforce)"),
+        "{message}"
     );
 
     let response = admit(&app, MUTATE, &fixture("pod-already-injected.json")).await;
     assert!(response.allowed);
     assert_eq!(response.patch, None);
     assert_eq!(response.warnings, None);
-    assert_eq!(metrics.admissions("mutate-pods", "skipped"), 2);
+
+    // The same pod with its sidecar container's image replaced.
+    let mut forged = fixture("pod-already-injected.json");
+    let containers = forged["request"]["object"]["spec"]["containers"].as_array_mut().unwrap();
+    let sidecar = containers.iter_mut().find(|c| c["name"] == "custos-sidecar").unwrap();
+    sidecar["image"] = json!("alpine/socat");
+    let response = admit(&app, MUTATE, &forged).await;
+    assert!(!response.allowed);
+    let message = response.status.unwrap().message.unwrap();
+    assert!(message.contains("image alpine/socat") && message.contains("not the Custos sidecar"), "{message}");
+
+    assert_eq!(metrics.admissions("mutate-pods", "refused"), 2);
+    assert_eq!(metrics.admissions("mutate-pods", "skipped"), 1);
 }
 
 #[tokio::test]

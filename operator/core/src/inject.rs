@@ -18,7 +18,12 @@
 //!    [`SkipReason::NotSelected`].
 //! 4. Pods the sidecar cannot serve are skipped with the reason: host network (the sidecar's
 //!    ports would be the node's), Windows pods, policies that disagree on the ports, a port or
-//!    volume name of ours the pod already uses.
+//!    volume name of ours the pod already uses, a container named `custos-sidecar` that is
+//!    not the sidecar.
+//! 5. A skipped pod that a policy in `Enforce` mode selects is refused instead
+//!    ([`Refusal::Unprotected`]): it would hold the policy's data with nothing enforcing it. A
+//!    pod whose containers mount one of the sidecar's volumes is refused
+//!    ([`Refusal::SidecarVolumeMounted`]).
 //!
 //! # Namespace-label injection without a selecting policy
 //!
@@ -211,13 +216,73 @@ pub enum Injection {
     },
     /// The pod is left unchanged.
     Skip(SkipReason),
+    /// The pod must not be admitted (see [`Refusal`]).
+    Refuse(Refusal),
+}
+
+/// Why a pod is refused admission (fail closed, as Custos is in Enforce).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A policy in `Enforce` mode selects the pod, but it would run without a working
+    /// sidecar: opted out, a foreign `custos-sidecar` container, host network, Windows,
+    /// conflicting policies, a port or volume name of ours in use. Admitting it would leave
+    /// its data unprotected (a process of the app's own could listen on the proxy port that
+    /// the policy's NetworkPolicy opens).
+    Unprotected {
+        /// Why the sidecar cannot be injected.
+        reason: SkipReason,
+        /// The enforced policies selecting the pod.
+        enforced_by: Vec<String>,
+    },
+    /// A container other than the sidecar mounts one of the sidecar's volumes (the audit
+    /// spool, the collector token, the hash key, the config): it could erase audit events
+    /// before they are shipped or act with the sidecar's credentials.
+    SidecarVolumeMounted {
+        /// The container.
+        container: String,
+        /// The volume.
+        volume: String,
+    },
+}
+
+impl Refusal {
+    /// Short, stable name for logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::Unprotected { reason, .. } => reason.label(),
+            Refusal::SidecarVolumeMounted { .. } => "sidecar-volume-mounted",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Unprotected { reason, enforced_by } => write!(
+                f,
+                "DataAccessPolicy {} (mode Enforce) selects the pod, but the sidecar cannot be injected: {reason}",
+                enforced_by.join(", ")
+            ),
+            Refusal::SidecarVolumeMounted { container, volume } => write!(
+                f,
+                "container {container} mounts {volume}, a volume only the {SIDECAR_CONTAINER} container may mount"
+            ),
+        }
+    }
 }
 
 /// Why a pod is not injected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SkipReason {
-    /// The pod already has a `custos-sidecar` container.
+    /// The pod already has the `custos-sidecar` container (the configured image running
+    /// `sidecar`): it was injected before.
     AlreadyInjected,
+    /// The pod has a container named `custos-sidecar` that is not the Custos sidecar (another
+    /// image, or not running `sidecar`).
+    ForeignSidecar {
+        /// Its image.
+        image: String,
+    },
     /// The pod is annotated `custos.dev/inject: "false"`.
     OptedOut {
         /// Policies that select the pod nevertheless (their NetworkPolicies still apply).
@@ -276,6 +341,7 @@ impl SkipReason {
     pub fn label(&self) -> &'static str {
         match self {
             SkipReason::AlreadyInjected => "already-injected",
+            SkipReason::ForeignSidecar { .. } => "foreign-sidecar",
             SkipReason::OptedOut { .. } => "opted-out",
             SkipReason::NamespaceDisabled { .. } => "namespace-disabled",
             SkipReason::NotSelected => "not-selected",
@@ -287,6 +353,18 @@ impl SkipReason {
             SkipReason::NoAppPort => "no-app-port",
             SkipReason::NoConfigInNamespace => "no-config-in-namespace",
         }
+    }
+
+    /// Whether a pod skipped for this reason would run without a working sidecar although a
+    /// policy selects it (refused when one of them is enforced).
+    pub fn unprotects(&self) -> bool {
+        !matches!(
+            self,
+            SkipReason::AlreadyInjected
+                | SkipReason::NotSelected
+                | SkipReason::NoAppPort
+                | SkipReason::NoConfigInNamespace
+        )
     }
 
     /// A warning for whoever creates the pod, when skipping leaves a pod that should be
@@ -309,6 +387,11 @@ impl fmt::Display for SkipReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SkipReason::AlreadyInjected => write!(f, "the pod already has a {SIDECAR_CONTAINER} container"),
+            SkipReason::ForeignSidecar { image } => write!(
+                f,
+                "the pod has a container named {SIDECAR_CONTAINER} (image {image}) that is not the Custos sidecar; \
+                 remove it from the pod template, the webhook injects the sidecar"
+            ),
             SkipReason::OptedOut { selected_by } if selected_by.is_empty() => {
                 write!(f, "the pod opts out with {INJECT_ANNOTATION}=false")
             }
@@ -379,16 +462,48 @@ pub fn inject<P: Borrow<DataAccessPolicy>>(
     policies: &[P],
     settings: &InjectSettings,
 ) -> Injection {
-    let spec = pod.spec.as_ref();
-    let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
-    let init_containers = spec.and_then(|s| s.init_containers.as_deref()).unwrap_or_default();
-    if containers.iter().chain(init_containers).any(|c| c.name == SIDECAR_CONTAINER) {
-        return Injection::Skip(SkipReason::AlreadyInjected);
-    }
-
     let empty = BTreeMap::new();
     let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
     let selecting = selection::selecting_policies(policies, namespace, labels);
+    match decide(pod, namespace_labels, policies, &selecting, settings) {
+        Injection::Skip(reason) if reason.unprotects() => {
+            let enforced_by: Vec<String> = selecting
+                .iter()
+                .filter(|p| p.spec.mode == custos_api::policy::Mode::Enforce)
+                .map(|p| p.metadata.name.clone().unwrap_or_default())
+                .collect();
+            if enforced_by.is_empty() {
+                Injection::Skip(reason)
+            } else {
+                Injection::Refuse(Refusal::Unprotected { reason, enforced_by })
+            }
+        }
+        other => other,
+    }
+}
+
+/// [`inject`] without the refusal of unprotected pods an enforced policy selects.
+fn decide<P: Borrow<DataAccessPolicy>>(
+    pod: &Pod,
+    namespace_labels: &BTreeMap<String, String>,
+    policies: &[P],
+    selecting: &[&DataAccessPolicy],
+    settings: &InjectSettings,
+) -> Injection {
+    let spec = pod.spec.as_ref();
+    let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
+    let init_containers = spec.and_then(|s| s.init_containers.as_deref()).unwrap_or_default();
+    if let Some(c) = containers.iter().chain(init_containers).find(|c| c.name == SIDECAR_CONTAINER) {
+        let genuine = c.image.as_deref() == Some(settings.image.as_str())
+            && c.command.is_none()
+            && c.args.as_ref().and_then(|a| a.first()).is_some_and(|a| a == "sidecar");
+        return Injection::Skip(if genuine {
+            SkipReason::AlreadyInjected
+        } else {
+            SkipReason::ForeignSidecar { image: c.image.clone().unwrap_or_default() }
+        });
+    }
+
     let names: Vec<String> = selecting.iter().map(|p| p.metadata.name.clone().unwrap_or_default()).collect();
 
     let annotation = pod.metadata.annotations.as_ref().and_then(|a| a.get(INJECT_ANNOTATION));
@@ -414,11 +529,11 @@ pub fn inject<P: Borrow<DataAccessPolicy>>(
         return Injection::Skip(SkipReason::WindowsPod { selected_by: names });
     }
 
-    let proxy_port = match single_port(&selecting, |p| p.spec.workload.proxy_port()) {
+    let proxy_port = match single_port(selecting, |p| p.spec.workload.proxy_port()) {
         Ok(port) => port.unwrap_or(custos_api::policy::DEFAULT_PROXY_PORT),
         Err(ports) => return conflict(names, "proxyPort", ports),
     };
-    let upstream_port = match single_port(&selecting, |p| p.spec.workload.app_port) {
+    let upstream_port = match single_port(selecting, |p| p.spec.workload.app_port) {
         Ok(Some(_)) => None,
         Ok(None) => match selection::first_app_port(containers) {
             Some(port) => Some(port),
@@ -436,7 +551,7 @@ pub fn inject<P: Borrow<DataAccessPolicy>>(
             return Injection::Skip(SkipReason::PortInUse { port, container: c.name.clone() });
         }
     }
-    let jwks_secrets = selection::jwks_secrets(&selecting);
+    let jwks_secrets = selection::jwks_secrets(selecting);
     let wanted = sidecar::volumes(&jwks_secrets, settings);
     if let Some(v) = spec
         .and_then(|s| s.volumes.as_ref())
@@ -445,6 +560,24 @@ pub fn inject<P: Borrow<DataAccessPolicy>>(
         .find(|v| wanted.iter().any(|w| w.name == v.name))
     {
         return Injection::Skip(SkipReason::VolumeNameInUse { name: v.name.clone() });
+    }
+    // Admission validates volume mounts after this webhook has added the volumes: a mount of
+    // one of ours by the app would be accepted.
+    let ephemeral = spec.and_then(|s| s.ephemeral_containers.as_deref()).unwrap_or_default();
+    let mounts = containers
+        .iter()
+        .chain(init_containers)
+        .flat_map(|c| c.volume_mounts.iter().flatten().map(move |m| (&c.name, &m.name)))
+        .chain(
+            ephemeral.iter().flat_map(|c| c.volume_mounts.iter().flatten().map(move |m| (&c.name, &m.name))),
+        );
+    for (container, volume) in mounts {
+        if wanted.iter().any(|w| w.name == *volume) {
+            return Injection::Refuse(Refusal::SidecarVolumeMounted {
+                container: container.clone(),
+                volume: volume.clone(),
+            });
+        }
     }
 
     let container = sidecar::container(

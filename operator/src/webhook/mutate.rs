@@ -6,7 +6,9 @@
 //! data-holding pod without its sidecar, and the controller that creates it retries. Whether
 //! the pod is admitted when the webhook is unreachable is the webhook configuration's
 //! `failurePolicy`. A pod that is skipped for a reason its owner should know (opted out while a
-//! policy selects it, host network, conflicting policies...) is admitted with a warning.
+//! policy selects it, host network, conflicting policies...) is admitted with a warning, unless
+//! a policy in `Enforce` mode selects it: then it is refused with that reason, as is a pod
+//! whose containers mount the sidecar's volumes ([`Refusal`](custos_operator_core::inject::Refusal)).
 
 use custos_operator_core::inject::{Injection, inject};
 use k8s_openapi::api::core::v1::Pod;
@@ -16,7 +18,8 @@ use serde_json::Value;
 use super::WebhookState;
 use super::review::{AdmissionRequest, AdmissionResponse};
 
-/// The answer and the outcome label of the metrics (`injected`, `skipped`, `ignored`, `error`).
+/// The answer and the outcome label of the metrics (`injected`, `skipped`, `refused`,
+/// `ignored`, `error`).
 pub(super) fn review(state: &WebhookState, request: &AdmissionRequest) -> (&'static str, AdmissionResponse) {
     if !request.is_for("", "Pod") || request.operation != Operation::Create {
         return ("ignored", AdmissionResponse::allow(request));
@@ -48,6 +51,14 @@ pub(super) fn review(state: &WebhookState, request: &AdmissionRequest) -> (&'sta
             );
             let warnings = reason.warning().into_iter().collect();
             ("skipped", AdmissionResponse::allow(request).with_warnings(warnings))
+        }
+        Injection::Refuse(refusal) => {
+            tracing::warn!(
+                uid = %request.uid, %namespace, pod = %pod_name, reason = refusal.label(),
+                "pod refused: it would run unprotected"
+            );
+            let message = format!("custos: pod refused: {refusal}");
+            ("refused", AdmissionResponse::deny(request, 403, "Forbidden", message))
         }
         Injection::Inject { pod: injected, policies } => match patched(request, object, &pod, &injected) {
             Ok(response) => {

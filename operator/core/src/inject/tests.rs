@@ -102,6 +102,7 @@ fn injected(outcome: Injection) -> (Pod, Vec<String>) {
     match outcome {
         Injection::Inject { pod, policies } => (*pod, policies),
         Injection::Skip(reason) => panic!("expected an injection, got Skip({reason:?})"),
+        Injection::Refuse(refusal) => panic!("expected an injection, got Refuse({refusal:?})"),
     }
 }
 
@@ -109,6 +110,18 @@ fn skipped(outcome: Injection) -> SkipReason {
     match outcome {
         Injection::Skip(reason) => reason,
         Injection::Inject { policies, .. } => panic!("expected a skip, got an injection for {policies:?}"),
+        Injection::Refuse(refusal) => panic!("expected a skip, got Refuse({refusal:?})"),
+    }
+}
+
+/// The reason a pod an enforced policy selects is refused for (it would run unprotected).
+fn unprotected(outcome: Injection) -> SkipReason {
+    match outcome {
+        Injection::Refuse(Refusal::Unprotected { reason, enforced_by }) => {
+            assert!(!enforced_by.is_empty());
+            reason
+        }
+        other => panic!("expected a refusal of an unprotected pod, got {other:?}"),
     }
 }
 
@@ -233,7 +246,7 @@ fn injecting_twice_changes_nothing() {
 fn the_annotation_opts_a_pod_out() {
     let (mut pod, policies) = app_selected();
     pod.metadata.annotations = Some(labels(&[(INJECT_ANNOTATION, "False")]));
-    let reason = skipped(run(&pod, &policies));
+    let reason = unprotected(run(&pod, &policies));
     assert_eq!(reason, SkipReason::OptedOut { selected_by: vec!["customer-api".to_string()] });
     let warning = reason.warning().unwrap();
     assert!(warning.contains("customer-api") && warning.contains("custos.dev/inject=false"), "{warning}");
@@ -261,7 +274,7 @@ fn a_pod_no_policy_selects_is_left_alone() {
 fn a_namespace_labelled_disabled_opts_all_its_pods_out() {
     let (pod, policies) = app_selected();
     let disabled = labels(&[(NAMESPACE_INJECTION_LABEL, NAMESPACE_INJECTION_DISABLED)]);
-    let reason = skipped(inject(&pod, NS, &disabled, &policies, &InjectSettings::default()));
+    let reason = unprotected(inject(&pod, NS, &disabled, &policies, &InjectSettings::default()));
     assert_eq!(reason, SkipReason::NamespaceDisabled { selected_by: vec!["customer-api".to_string()] });
     let warning = reason.warning().unwrap();
     assert!(
@@ -351,16 +364,16 @@ fn the_first_tcp_port_is_the_upstream() {
 }
 
 #[test]
-fn host_network_and_windows_pods_are_skipped() {
+fn host_network_and_windows_pods_an_enforced_policy_selects_are_refused() {
     let (mut pod, policies) = app_selected();
     pod.spec.as_mut().unwrap().host_network = Some(true);
-    let reason = skipped(run(&pod, &policies));
+    let reason = unprotected(run(&pod, &policies));
     assert_eq!(reason, SkipReason::HostNetwork { selected_by: vec!["customer-api".to_string()] });
     assert!(reason.warning().unwrap().contains("hostNetwork"));
 
     let (mut pod, policies) = app_selected();
     pod.spec.as_mut().unwrap().os = Some(PodOS { name: "windows".to_string() });
-    assert_eq!(skipped(run(&pod, &policies)).label(), "windows");
+    assert_eq!(unprotected(run(&pod, &policies)).label(), "windows");
 }
 
 #[test]
@@ -370,7 +383,7 @@ fn policies_that_disagree_on_ports_are_reported() {
     let a = mk_policy("a", selector.clone());
     let mut b = mk_policy("b", selector.clone());
     b.spec.workload.proxy_port = Some(15081);
-    let reason = skipped(run(&pod, &[b.clone(), a.clone()]));
+    let reason = unprotected(run(&pod, &[b.clone(), a.clone()]));
     assert_eq!(
         reason,
         SkipReason::ConflictingPolicies {
@@ -383,7 +396,7 @@ fn policies_that_disagree_on_ports_are_reported() {
 
     let mut c = mk_policy("c", selector);
     c.spec.workload.app_port = 9090;
-    let reason = skipped(run(&pod, &[a, c]));
+    let reason = unprotected(run(&pod, &[a, c]));
     assert!(matches!(reason, SkipReason::ConflictingPolicies { field: "appPort", .. }), "{reason:?}");
 }
 
@@ -392,7 +405,7 @@ fn ports_and_volumes_the_sidecar_needs_must_be_free() {
     let (mut pod, policies) = app_selected();
     pod.spec.as_mut().unwrap().containers.push(mk_container("metrics", &[15090]));
     assert_eq!(
-        skipped(run(&pod, &policies)),
+        unprotected(run(&pod, &policies)),
         SkipReason::PortInUse { port: 15090, container: "metrics".to_string() }
     );
 
@@ -400,7 +413,7 @@ fn ports_and_volumes_the_sidecar_needs_must_be_free() {
     policies[0].spec.workload.proxy_port = Some(8443);
     pod.spec.as_mut().unwrap().containers[0].ports.as_mut().unwrap()[0].container_port = 8443;
     assert_eq!(
-        skipped(run(&pod, &policies)),
+        unprotected(run(&pod, &policies)),
         SkipReason::PortInUse { port: 8443, container: "app".to_string() }
     );
 
@@ -408,7 +421,7 @@ fn ports_and_volumes_the_sidecar_needs_must_be_free() {
     pod.spec.as_mut().unwrap().volumes =
         Some(vec![Volume { name: "custos-spool".to_string(), ..Volume::default() }]);
     assert_eq!(
-        skipped(run(&pod, &policies)),
+        unprotected(run(&pod, &policies)),
         SkipReason::VolumeNameInUse { name: "custos-spool".to_string() }
     );
 }
@@ -648,6 +661,104 @@ proptest! {
                     prop_assert_eq!(reason, SkipReason::NotSelected);
                 }
             }
+            Injection::Refuse(refusal) => prop_assert!(false, "refused: {refusal}"),
         }
     }
+}
+
+/// A pod an Audit-mode policy selects, that cannot get the sidecar, is admitted with a
+/// warning; one an enforced policy selects is refused, with the enforced policies named.
+#[test]
+fn unprotected_pods_are_refused_only_under_enforce() {
+    let (mut pod, mut policies) = app_selected();
+    pod.spec.as_mut().unwrap().host_network = Some(true);
+    policies[0].spec.mode = Mode::Audit;
+    let reason = skipped(run(&pod, &policies));
+    assert!(reason.warning().unwrap().contains("hostNetwork"));
+    let mut enforced = mk_policy("enforced", mk_selector(&[("app", "customer-api")]));
+    enforced.spec.mode = Mode::Enforce;
+    policies.push(enforced);
+    let Injection::Refuse(refusal) = run(&pod, &policies) else { panic!("expected a refusal") };
+    assert_eq!(
+        refusal,
+        Refusal::Unprotected {
+            reason: SkipReason::HostNetwork {
+                selected_by: vec!["customer-api".to_string(), "enforced".to_string()]
+            },
+            enforced_by: vec!["enforced".to_string()],
+        }
+    );
+    let message = refusal.to_string();
+    assert!(
+        message.contains("DataAccessPolicy enforced (mode Enforce)") && message.contains("hostNetwork"),
+        "{message}"
+    );
+}
+
+/// A container named like the sidecar that is not it (another image, or not running
+/// `sidecar`) does not count as injected: refused under Enforce.
+#[test]
+fn a_foreign_container_named_like_the_sidecar_is_refused() {
+    let (pod, policies) = app_selected();
+    let (genuine, _) = injected(run(&pod, &policies));
+    assert_eq!(skipped(run(&genuine, &policies)), SkipReason::AlreadyInjected);
+    for forge in [
+        |c: &mut Container| c.image = Some("alpine/socat".to_string()),
+        |c: &mut Container| c.args = Some(vec!["collector".to_string()]),
+        |c: &mut Container| c.command = Some(vec!["/bin/sh".to_string()]),
+    ] {
+        let mut fake = genuine.clone();
+        let spec = fake.spec.as_mut().unwrap();
+        forge(spec.containers.iter_mut().find(|c| c.name == SIDECAR_CONTAINER).unwrap());
+        let reason = unprotected(run(&fake, &policies));
+        assert_eq!(reason.label(), "foreign-sidecar");
+        assert!(reason.to_string().contains("not the Custos sidecar"), "{reason}");
+    }
+    // No policy enforces: skipped, with a warning.
+    let mut fake = pod.clone();
+    fake.spec.as_mut().unwrap().containers.push(Container {
+        name: SIDECAR_CONTAINER.to_string(),
+        image: Some("alpine/socat".to_string()),
+        ..Container::default()
+    });
+    let reason = skipped(run(&fake, &[]));
+    assert!(reason.warning().is_some());
+}
+
+/// No container but the sidecar may mount its volumes: the audit spool, the collector token.
+#[test]
+fn containers_mounting_the_sidecars_volumes_are_refused() {
+    use k8s_openapi::api::core::v1::{EphemeralContainer, VolumeMount};
+    let mount = |volume: &str| {
+        Some(vec![VolumeMount {
+            name: volume.to_string(),
+            mount_path: "/x".to_string(),
+            ..VolumeMount::default()
+        }])
+    };
+    let (mut pod, policies) = app_selected();
+    pod.spec.as_mut().unwrap().containers[0].volume_mounts = mount("custos-spool");
+    assert_eq!(
+        run(&pod, &policies),
+        Injection::Refuse(Refusal::SidecarVolumeMounted {
+            container: "app".to_string(),
+            volume: "custos-spool".to_string()
+        })
+    );
+    let (mut pod, policies) = app_selected();
+    let mut init = mk_container("setup", &[]);
+    init.volume_mounts = mount("custos-config");
+    pod.spec.as_mut().unwrap().init_containers = Some(vec![init]);
+    assert!(matches!(run(&pod, &policies), Injection::Refuse(Refusal::SidecarVolumeMounted { .. })));
+    let (mut pod, policies) = app_selected();
+    pod.spec.as_mut().unwrap().ephemeral_containers = Some(vec![EphemeralContainer {
+        name: "debug".to_string(),
+        volume_mounts: mount("custos-spool"),
+        ..EphemeralContainer::default()
+    }]);
+    assert!(matches!(run(&pod, &policies), Injection::Refuse(Refusal::SidecarVolumeMounted { .. })));
+    // A volume of the pod's own is no concern.
+    let (mut pod, policies) = app_selected();
+    pod.spec.as_mut().unwrap().containers[0].volume_mounts = mount("data");
+    injected(run(&pod, &policies));
 }
