@@ -171,7 +171,10 @@ async fn unprotected_pods_an_enforced_policy_selects_are_refused_and_injected_po
     let response = admit(&app, MUTATE, &forged).await;
     assert!(!response.allowed);
     let message = response.status.unwrap().message.unwrap();
-    assert!(message.contains("image alpine/socat") && message.contains("not the Custos sidecar"), "{message}");
+    assert!(
+        message.contains("image alpine/socat") && message.contains("not the Custos sidecar"),
+        "{message}"
+    );
 
     assert_eq!(metrics.admissions("mutate-pods", "refused"), 2);
     assert_eq!(metrics.admissions("mutate-pods", "skipped"), 1);

@@ -28,8 +28,11 @@
 //! On the parsed-document path, the body is written back compactly:
 //!
 //! - Strings are kept exactly (escapes are written in serde_json's canonical form, e.g.
-//!   `"\u00e9"` comes back as `"é"`). Strings with invalid UTF-8 or lone surrogate escapes
-//!   make the body [not JSON](TransformError::NotJson) (on both paths).
+//!   `"\u00e9"` comes back as `"é"`). Strings with invalid UTF-8 make the body
+//!   [not JSON](TransformError::NotJson) (on both paths). An escaped lone surrogate (valid in
+//!   the JSON grammar, and what JavaScript and Python serialisers write for a string that
+//!   arrived with one) is read as U+FFFD, the replacement character: a user who stored one in
+//!   a field cannot make every response holding their record untransformable.
 //! - Numbers keep their value; those that `f64`/`i64`/`u64` cannot hold exactly (big
 //!   integers, decimals with more than 15 significant digits, exponents beyond `f64`) are
 //!   kept as written, byte for byte. serde_json's `arbitrary_precision` is not used: features

@@ -83,8 +83,17 @@ impl Prepared<'_> {
 }
 
 /// Scans `body` and wraps the number tokens that `serde_json::Value` cannot hold exactly.
+///
+/// Escaped lone surrogates (`"\ud800"` not followed by a trailing surrogate escape, or a
+/// trailing one alone) are rewritten to `\ufffd`, the replacement character, in place (the
+/// same six bytes, so positions do not move). The JSON grammar allows them, and common
+/// serialisers write them for a string that came in with one (JavaScript's
+/// `JSON.stringify`, Python's `json.dumps`), but `serde_json` refuses them: one user who
+/// stored such a string in a field would otherwise make every response holding that record
+/// "not JSON" (a 502 for everyone, or, under `failOpen`, the others' data unmasked).
 pub(crate) fn prepare(body: &[u8]) -> Prepared<'_> {
     let mut inexact: Vec<(usize, usize)> = Vec::new();
+    let mut lone_surrogates: Vec<usize> = Vec::new();
     let mut collision = false;
     let n = body.len();
     let mut i = 0;
@@ -103,10 +112,20 @@ pub(crate) fn prepare(body: &[u8]) -> Prepared<'_> {
                             break;
                         }
                         b'\\' => {
-                            if body.get(i + 1) == Some(&b'u')
-                                && body.get(i + 2..i + 6).is_some_and(|hex| hex.eq_ignore_ascii_case(b"fdd0"))
-                            {
-                                collision = true;
+                            match (body.get(i + 1), hex4(body, i + 2)) {
+                                (Some(b'u'), Some(0xFDD0)) => collision = true,
+                                (Some(b'u'), Some(0xD800..=0xDBFF)) => {
+                                    if body.get(i + 6..i + 8) == Some(&b"\\u"[..])
+                                        && matches!(hex4(body, i + 8), Some(0xDC00..=0xDFFF))
+                                    {
+                                        // a pair: both escapes
+                                        i += 12;
+                                        continue;
+                                    }
+                                    lone_surrogates.push(i);
+                                }
+                                (Some(b'u'), Some(0xDC00..=0xDFFF)) => lone_surrogates.push(i),
+                                _ => {}
                             }
                             i += 2;
                         }
@@ -135,11 +154,20 @@ pub(crate) fn prepare(body: &[u8]) -> Prepared<'_> {
             _ => i += 1,
         }
     }
+    let body: Cow<'_, [u8]> = if lone_surrogates.is_empty() {
+        Cow::Borrowed(body)
+    } else {
+        let mut owned = body.to_vec();
+        for at in lone_surrogates {
+            owned[at..at + 6].copy_from_slice(b"\\ufffd");
+        }
+        Cow::Owned(owned)
+    };
     if collision {
-        return Prepared { body: Cow::Borrowed(body), sentinels: false, wrapped: 0, inexact: Vec::new() };
+        return Prepared { body, sentinels: false, wrapped: 0, inexact: Vec::new() };
     }
     if inexact.is_empty() {
-        return Prepared { body: Cow::Borrowed(body), sentinels: true, wrapped: 0, inexact };
+        return Prepared { body, sentinels: true, wrapped: 0, inexact };
     }
     let mut out = Vec::with_capacity(body.len() + inexact.len() * 5);
     let mut last = 0;
@@ -153,6 +181,16 @@ pub(crate) fn prepare(body: &[u8]) -> Prepared<'_> {
     }
     out.extend_from_slice(&body[last..]);
     Prepared { body: Cow::Owned(out), sentinels: true, wrapped: inexact.len(), inexact }
+}
+
+/// The value of the four hex digits at `at`, if there are four.
+fn hex4(body: &[u8], at: usize) -> Option<u16> {
+    let digits = body.get(at..at + 4)?;
+    let text = std::str::from_utf8(digits).ok()?;
+    if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u16::from_str_radix(text, 16).ok()
 }
 
 /// The position of the first `"`, `\\` or 0xEF byte (the first byte of U+FDD0) at or after
