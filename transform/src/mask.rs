@@ -60,6 +60,11 @@ impl Masker<'_> {
                 push_hash(&mut out, &mac);
                 Value::String(out)
             }
+            // The end (or start) of an object's or array's JSON text would be the value of one
+            // of its members, which may be another field altogether: redacted whole.
+            MaskStrategy::ShowLast4 | MaskStrategy::ShowFirst1 if value.is_object() || value.is_array() => {
+                Value::String(REDACTED.to_owned())
+            }
             MaskStrategy::ShowLast4 | MaskStrategy::ShowFirst1 => {
                 let mut text = self.text(value).into_owned();
                 show_part(&mut text, self.strategy);
@@ -251,7 +256,10 @@ mod tests {
         assert_eq!(m(MaskStrategy::Null).masked(&json!("x")), Value::Null);
         assert_eq!(m(MaskStrategy::ShowLast4).masked(&json!(1234567)), json!("***4567"));
         assert_eq!(m(MaskStrategy::ShowFirst1).masked(&json!(true)), json!("t***"));
-        assert_eq!(m(MaskStrategy::ShowLast4).masked(&json!({"a": 1})), json!("***\":1}"));
+        // An object's or array's text would show a member's value: redacted whole.
+        let nested = json!({"n": "+4917612345678", "pin": "9876"});
+        assert_eq!(m(MaskStrategy::ShowLast4).masked(&nested), json!("[REDACTED]"));
+        assert_eq!(m(MaskStrategy::ShowFirst1).masked(&json!(["+49176"])), json!("[REDACTED]"));
         let h = m(MaskStrategy::Hash).masked(&json!("x"));
         let hs = h.as_str().unwrap_or_default();
         assert_eq!(hs.len(), 34);

@@ -149,7 +149,8 @@ fn non_string_values_are_masked_by_their_json_text() {
     let body = r#"{"n":13812345678,"t":true,"o":{"k":"v"},"l":[1,2]}"#;
     let plan = masks(vec![mask("x", &["$.n", "$.t", "$.o", "$.l"], MaskStrategy::ShowLast4)]);
     let (doc, stats) = run(body, &plan);
-    assert_eq!(doc, json!({"n": "*******5678", "t": "****", "o": "*****\"v\"}", "l": "*1,2]"}));
+    // objects and arrays are redacted whole: their text's end would be a member's value
+    assert_eq!(doc, json!({"n": "*******5678", "t": "****", "o": "[REDACTED]", "l": "[REDACTED]"}));
     assert_eq!(stats.masked["x"], 4);
     let plan = masks(vec![mask("x", &["$.n"], MaskStrategy::Hash)]);
     let (doc, _) = run(body, &plan);
@@ -567,9 +568,12 @@ fn huge_and_precise_numbers_are_kept_as_written() {
         key().hash_hex(b"12345678901234567890123")[..32]
     );
     // a masked object holding a big number: its JSON text has the number as written
-    let plan = masks(vec![mask("item", &["$.items[0]"], MaskStrategy::ShowLast4)]);
+    let plan = masks(vec![mask("item", &["$.items[0]"], MaskStrategy::Hash)]);
     let (doc, _) = run(r#"{"items":[{"n":100000000000000000000001}]}"#, &plan);
-    assert_eq!(doc["items"][0], format!("{}001}}", "*".repeat(26)));
+    assert_eq!(
+        doc["items"][0].as_str().unwrap()[2..],
+        key().hash_hex(br#"{"n":100000000000000000000001}"#)[..32]
+    );
 }
 
 #[test]
