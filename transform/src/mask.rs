@@ -31,7 +31,7 @@ impl Masker<'_> {
                     s.push_str(REDACTED);
                 }
                 MaskStrategy::Hash => {
-                    let mac = self.key.mac(s.as_bytes());
+                    let mac = self.key.mask_mac(s.as_bytes());
                     s.clear();
                     push_hash(s, &mac);
                 }
@@ -52,9 +52,9 @@ impl Masker<'_> {
                 let mac = match value {
                     Value::String(s) => {
                         let text = numbers::number_text(s, self.sentinels).unwrap_or(s);
-                        self.key.mac(text.as_bytes())
+                        self.key.mask_mac(text.as_bytes())
                     }
-                    other => self.key.mac(&json_text(other, self.sentinels)),
+                    other => self.key.mask_mac(&json_text(other, self.sentinels)),
                 };
                 let mut out = String::with_capacity(34);
                 push_hash(&mut out, &mac);
@@ -264,7 +264,7 @@ mod tests {
         let hs = h.as_str().unwrap_or_default();
         assert_eq!(hs.len(), 34);
         assert!(hs.starts_with("h:"));
-        assert_eq!(&hs[2..], &key.hash_hex(b"x")[..32]);
+        assert_eq!(&hs[2..], &key.mask_hash_hex(b"x")[..32]);
         // numbers hash by their JSON text, a number sentinel by the number it stands for
         assert_eq!(m(MaskStrategy::Hash).masked(&json!(12)), m(MaskStrategy::Hash).masked(&json!("12")));
         assert_eq!(
