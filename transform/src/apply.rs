@@ -86,6 +86,11 @@ pub enum TransformError {
         /// The cap.
         max: u64,
     },
+    /// The plan has a row filter, and its records path leads to no array or object to take
+    /// records from (the response is not shaped as the policy says: another version of the
+    /// app, an envelope, an error document). Refused rather than passed unfiltered.
+    #[error("the records path finds no array or object in the response: the row filter cannot apply")]
+    RecordsNotFound,
     /// Serialising the transformed document failed.
     #[error("failed to serialise the transformed body")]
     Serialize,
@@ -196,10 +201,19 @@ fn dom<V: Borrow<Vars>>(
             sentinels,
             id_path: plan.record_id.as_ref().map(|p| IdPath::of(p, compiled.record_id.as_deref())),
             passed: 0,
+            container_found: false,
             stats: &mut stats,
         };
         let root_kept = match records {
-            Records::Simple(steps) => pass.simple(&mut doc, steps),
+            Records::Simple(steps) => {
+                let kept = pass.simple(&mut doc, steps);
+                if plan.row_filter.is_some() && !pass.container_found {
+                    // `{"items": []}` has the container; `{"results": [...]}` or a top-level
+                    // array for `$.items[*]` has not: the filter would silently not apply.
+                    return Err(TransformError::RecordsNotFound);
+                }
+                kept
+            }
             Records::General(path) => pass.general(&mut doc, path),
         };
         if plan.on_exceed == ExceedAction::Deny
@@ -317,6 +331,8 @@ struct RecordPass<'a> {
     id_path: Option<IdPath<'a>>,
     /// Records the row filter accepted so far.
     passed: u64,
+    /// A simple records path reached a container to take records from.
+    container_found: bool,
     stats: &'a mut TransformStats,
 }
 
@@ -360,12 +376,20 @@ impl RecordPass<'_> {
     /// whether the root is still there.
     fn simple(&mut self, doc: &mut Value, steps: &[Step]) -> bool {
         let Some((last, parent)) = steps.split_last() else {
+            self.container_found = true;
             return self.keep(doc);
         };
         path::for_each_mut(doc, parent, &mut |container| match (last, container) {
-            (Step::Wildcard, Value::Array(items)) => items.retain(|r| self.keep(r)),
-            (Step::Wildcard, Value::Object(map)) => map.retain(|_, r| self.keep(r)),
+            (Step::Wildcard, Value::Array(items)) => {
+                self.container_found = true;
+                items.retain(|r| self.keep(r));
+            }
+            (Step::Wildcard, Value::Object(map)) => {
+                self.container_found = true;
+                map.retain(|_, r| self.keep(r));
+            }
             (Step::Name(name), Value::Object(map)) => {
+                self.container_found = true;
                 if let Some(record) = map.get(name.as_str())
                     && !self.keep(record)
                 {
@@ -373,6 +397,7 @@ impl RecordPass<'_> {
                 }
             }
             (Step::Index(index), Value::Array(items)) => {
+                self.container_found = true;
                 if let Some(i) = path::resolve_index(*index, items.len())
                     && !self.keep(&items[i])
                 {

@@ -350,6 +350,13 @@ fn empty_arrays_and_missing_records() {
         stats,
         TransformStats { masked: BTreeMap::from([("phone".to_owned(), 0)]), ..TransformStats::default() }
     );
+    // No container where the records path looks, under a row filter: refused, not passed
+    // unfiltered (another shape of response than the policy's).
+    for body in [r#"{"other":true}"#, "[]", r#"{"items":null}"#, r#"{"items":"x"}"#, r#"[{"items":[]}]"#] {
+        assert!(matches!(transform(body, &plan), Err(TransformError::RecordsNotFound)), "{body}");
+    }
+    // Without a row filter there is nothing to apply: passed as it is.
+    let plan = Plan { row_filter: None, ..plan };
     let (text, stats) = run_text(r#"{"other":true}"#, &plan);
     assert_eq!(text, r#"{"other":true}"#);
     assert_eq!(stats.records_returned, 0);

@@ -788,6 +788,10 @@ async fn transform_response(
         Err(TransformError::RecordCapExceeded { .. }) => {
             return cap_denied(ctx, &job, parts, raw);
         }
+        Err(TransformError::RecordsNotFound) => {
+            tracing::debug!("the records path finds nothing to filter in the response");
+            return untransformable(shared, ctx, &job, parts, "records_not_found", ProxyBody::full(raw));
+        }
         Err(e) => {
             tracing::debug!(error = %e, "response could not be transformed");
             return untransformable(shared, ctx, &job, parts, "response_not_json", ProxyBody::full(raw));

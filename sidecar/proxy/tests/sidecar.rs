@@ -45,7 +45,7 @@ fn main_rules() -> Value {
          "to": {"methods": ["GET"], "paths": ["/customers", "/chunked/customers", "/gzip/customers", "/html/customers", "/big/customers", "/trailers/customers"]},
          "records": "$.items[*]", "mask": {"phone": "ShowLast4", "name": "Redact"}},
         {"name": "branch", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
-         "to": {"methods": ["GET"], "paths": ["/branch/customers"]},
+         "to": {"methods": ["GET"], "paths": ["/branch/customers", "/shape/customers"]},
          "records": "$.items[*]", "rowFilter": "record.branch == user.branch"},
         {"name": "single", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
          "to": {"methods": ["GET"], "paths": ["/single/*"]},
@@ -514,6 +514,13 @@ async fn jwt_row_filter_single_record_and_bad_tokens() {
     let items = reply.json()["items"].as_array().unwrap().clone();
     assert_eq!(items.len(), 3);
     assert!(items.iter().all(|i| i["branch"] == "north"));
+
+    // A response not shaped as the records path says: the row filter cannot apply, so it is
+    // refused rather than passed unfiltered.
+    let reply = get_with(f.proxy(), "/shape/customers", &[("authorization", &bearer)]).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(reply.json()["reason"], "records_not_found");
+    assert_no_personal_data(&reply.text());
 
     // Bob is in the south branch: the single-record response is out of scope.
     let reply = get_with(f.proxy(), "/single/2", &[("authorization", &bearer)]).await;

@@ -177,6 +177,11 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
     if path.starts_with("/html/") {
         return full(200, "text/html", b"<html>Alice Example +8613800001111</html>".to_vec());
     }
+    if path.starts_with("/shape/") {
+        // The customers under another key than the policy's records path says.
+        let items = customers()["items"].clone();
+        return full(200, "application/json", serde_json::to_vec(&json!({"results": items})).unwrap());
+    }
     if path.starts_with("/single/") {
         let record = customers()["items"][1].clone();
         return full(200, "application/json", serde_json::to_vec(&record).unwrap());
