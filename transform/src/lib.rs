@@ -64,7 +64,10 @@ mod path;
 mod plan;
 mod stream;
 
-pub use apply::{Outcome, TransformError, TransformStats, Transformed, apply, apply_lazy};
+pub use apply::{
+    DOCUMENT_BYTES_PER_BODY_BYTE, Outcome, TransformError, TransformStats, Transformed, apply, apply_lazy,
+    apply_within,
+};
 #[doc(hidden)]
 pub use apply::{apply_dom, apply_streaming, streaming_eligible};
 pub use hash::HashKey;

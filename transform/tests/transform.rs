@@ -633,3 +633,28 @@ fn removing_a_member_keeps_the_order_of_the_others() {
     let (text, _) = run_text(r#"{"z":1,"phone":"+86 138 0013 8000","a":2,"m":3}"#, &plan);
     assert_eq!(text, r#"{"z":1,"a":2,"m":3}"#);
 }
+
+/// The parsed document asks for room first; the streaming pass does not.
+#[test]
+fn the_parsed_document_asks_for_room_and_the_streaming_pass_does_not() {
+    use custos_transform::{DOCUMENT_BYTES_PER_BODY_BYTE, apply_within};
+    let body = r#"{"items":[{"branch":"a","phone":"1"},{"branch":"b","phone":"2"}]}"#;
+    let filtered = Plan {
+        records: Some(path("$.items[*]")),
+        row_filter: filter("record.branch == 'a'"),
+        ..Plan::default()
+    };
+    let asked = std::cell::Cell::new(0);
+    let refuse = |needed| {
+        asked.set(needed);
+        false
+    };
+    let result = apply_within(body.as_bytes(), &filtered, vars, &key(), refuse);
+    let needed = body.len() as u64 * DOCUMENT_BYTES_PER_BODY_BYTE;
+    assert!(matches!(result, Err(TransformError::NoRoomForDocument { needed: n }) if n == needed));
+    assert_eq!(asked.get(), needed);
+    assert!(apply_within(body.as_bytes(), &filtered, vars, &key(), |_| true).is_ok());
+    let masking = masks(vec![mask("phone", &["$.items[*].phone"], MaskStrategy::Redact)]);
+    let never = |_| panic!("the streaming pass asked for room");
+    assert!(apply_within(body.as_bytes(), &masking, vars, &key(), never).is_ok());
+}

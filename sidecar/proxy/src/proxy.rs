@@ -782,11 +782,22 @@ async fn transform_response(
         None => plan,
     };
     let vars = || Vars::new(&job.request, job.user.as_ref(), job.workload.as_ref());
-    let result = custos_transform::apply_lazy(&decoded, effective, vars, &shared.hash_key);
+    // The parsed document, when the body needs one, takes its share of the budget too.
+    let room = |needed| reservation.grow(needed);
+    let result = custos_transform::apply_within(&decoded, effective, vars, &shared.hash_key, room);
     let mut transformed = match result {
         Ok(t) => t,
         Err(TransformError::RecordCapExceeded { .. }) => {
             return cap_denied(ctx, &job, parts, raw);
+        }
+        Err(TransformError::NoRoomForDocument { needed }) => {
+            // More than the whole budget: no retry can help.
+            let permanent = needed > shared.limits.response_buffer_total_bytes;
+            if permanent {
+                shared.metrics.limit("response_body_bytes");
+            }
+            let code = if permanent { "response_too_large" } else { RESPONSE_BUFFER_EXHAUSTED };
+            return untransformable(shared, ctx, &job, parts, code, ProxyBody::full(raw));
         }
         Err(TransformError::RecordsNotFound) => {
             tracing::debug!("the records path finds nothing to filter in the response");

@@ -463,6 +463,32 @@ async fn responses_past_the_response_buffer_budget_are_refused_with_503() {
     }
 }
 
+/// A body that must be parsed into a document (here: a row filter) takes 16 times its size
+/// of the budget; more than the whole budget is 502 `response_too_large` (no retry could
+/// help), while the streaming pass of a masking plan needs no more than the body.
+#[tokio::test]
+async fn a_parsed_document_takes_its_share_of_the_response_budget() {
+    let plain = serde_json::to_vec(&customers()).unwrap().len() as u64;
+    let bearer = format!("Bearer {}", clerk_token("north"));
+    let mut f = start(policy(main_rules()), |s| s.limits.response_buffer_total_bytes = plain * 10).await;
+    let reply = get(f.proxy(), "/customers").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_masked_list(&reply, 4);
+    let reply = get_with(f.proxy(), "/branch/customers", &[("authorization", &bearer)]).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(reply.json()["reason"], "response_too_large");
+    assert_no_personal_data(&reply.text());
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(metric_value(&metrics, "custos_sidecar_response_buffer_bytes"), 0.0);
+    f.stop().await;
+
+    let mut f = start(policy(main_rules()), |s| s.limits.response_buffer_total_bytes = plain * 20).await;
+    let reply = get_with(f.proxy(), "/branch/customers", &[("authorization", &bearer)]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["items"].as_array().unwrap().len(), 3);
+    f.stop().await;
+}
+
 /// Two policies on the pod trust different issuers (here with the same keys, the worst
 /// case): a token the partner policy accepts must not satisfy the customer policy's user
 /// rules, and each policy's own token still works.
