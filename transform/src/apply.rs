@@ -456,9 +456,7 @@ impl RecordPass<'_> {
                 removed.push(location);
             }
         }
-        for location in removed.iter().rev() {
-            path::remove_at(doc, location);
-        }
+        path::remove_all(doc, &removed);
         true
     }
 }
@@ -482,16 +480,22 @@ fn mask_path(doc: &mut Value, path: &JsonPath, steps: Option<&[Step]>, masker: &
     if let Some(steps) = steps {
         return mask_steps(doc, steps, masker);
     }
-    let remove = masker.strategy == MaskStrategy::Remove;
+    let locations = path::locations(path, doc);
+    if masker.strategy == MaskStrategy::Remove {
+        // All at once (each container filtered once); the root, if selected, last.
+        let mut count = path::remove_all(doc, &locations);
+        if locations.iter().any(Vec::is_empty) {
+            mask_root(doc, masker);
+            count += 1;
+        }
+        return count;
+    }
     let mut count = 0;
-    // Last to first: removals do not shift what is still to come, and a subtree is masked
-    // after what it contains.
-    for location in path::locations(path, doc).iter().rev() {
+    // Last to first: a subtree is masked after what it contains.
+    for location in locations.iter().rev() {
         if location.is_empty() {
             mask_root(doc, masker);
             count += 1;
-        } else if remove {
-            count += u64::from(path::remove_at(doc, location));
         } else if let Some(value) = path::get_mut(doc, location) {
             masker.apply(value);
             count += 1;

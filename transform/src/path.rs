@@ -174,7 +174,7 @@ pub(crate) fn first<'a>(value: &'a Value, steps: &[Step]) -> Option<&'a Value> {
 }
 
 /// An owned element of a normalized path.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Elem {
     Name(String),
     Index(usize),
@@ -216,18 +216,90 @@ pub(crate) fn remove_member(map: &mut Map<String, Value>, name: &str) -> bool {
     true
 }
 
-/// Removes the node at a non-empty owned path from its parent; whether it was there.
-pub(crate) fn remove_at(doc: &mut Value, path: &[Elem]) -> bool {
-    let Some((last, parent)) = path.split_last() else {
-        return false;
-    };
-    match (last, get_mut(doc, parent)) {
-        (Elem::Name(n), Some(Value::Object(map))) => remove_member(map, n),
-        (Elem::Index(i), Some(Value::Array(items))) if *i < items.len() => {
-            items.remove(*i);
-            true
+/// Removes the nodes at `locations` (non-empty owned paths into `doc`, as [`locations`]
+/// gives them), each container filtered once, by the set of its indexes or names to drop,
+/// however many go: one removal at a time shifts the rest of an array (and rebuilds an
+/// ordered object) each time, quadratic in the records of a large response. Returns how many
+/// of the locations were there, those inside a removed node included.
+pub(crate) fn remove_all(doc: &mut Value, locations: &[Vec<Elem>]) -> u64 {
+    let mut root = Removal::default();
+    for location in locations.iter().filter(|l| !l.is_empty()) {
+        let node =
+            location.iter().fold(&mut root, |node, elem| node.children.entry(elem.clone()).or_default());
+        node.remove = true;
+    }
+    root.sweep(doc)
+}
+
+/// What to remove under one node: a trie of the locations.
+#[derive(Default)]
+struct Removal {
+    /// This node goes.
+    remove: bool,
+    children: std::collections::HashMap<Elem, Removal>,
+}
+
+impl Removal {
+    /// Removes what is marked under `value`; how many marked locations were there.
+    fn sweep(&self, value: &mut Value) -> u64 {
+        let mut count = 0;
+        match value {
+            Value::Array(items) => {
+                // Below the nodes that stay first, while the indexes are still the query's.
+                let mut drop = std::collections::HashSet::new();
+                for (elem, child) in &self.children {
+                    let Elem::Index(i) = elem else { continue };
+                    let Some(item) = items.get_mut(*i) else { continue };
+                    if child.remove {
+                        count += 1 + child.marked_within(item);
+                        drop.insert(*i);
+                    } else {
+                        count += child.sweep(item);
+                    }
+                }
+                if !drop.is_empty() {
+                    let mut i = 0;
+                    items.retain(|_| {
+                        let keep = !drop.contains(&i);
+                        i += 1;
+                        keep
+                    });
+                }
+            }
+            Value::Object(map) => {
+                let mut drop = std::collections::HashSet::new();
+                for (elem, child) in &self.children {
+                    let Elem::Name(name) = elem else { continue };
+                    let Some(member) = map.get_mut(name.as_str()) else { continue };
+                    if child.remove {
+                        count += 1 + child.marked_within(member);
+                        drop.insert(name.as_str());
+                    } else {
+                        count += child.sweep(member);
+                    }
+                }
+                if !drop.is_empty() {
+                    map.retain(|k, _| !drop.contains(k.as_str()));
+                }
+            }
+            _ => {}
         }
-        _ => false,
+        count
+    }
+
+    /// Marked locations below this node that are there in `value` (removed with it).
+    fn marked_within(&self, value: &Value) -> u64 {
+        self.children
+            .iter()
+            .map(|(elem, child)| {
+                let inner = match (elem, value) {
+                    (Elem::Index(i), Value::Array(items)) => items.get(*i),
+                    (Elem::Name(n), Value::Object(map)) => map.get(n.as_str()),
+                    _ => None,
+                };
+                inner.map_or(0, |v| u64::from(child.remove) + child.marked_within(v))
+            })
+            .sum()
     }
 }
 
@@ -237,6 +309,61 @@ mod tests {
 
     use super::*;
     use serde_json::json;
+
+    /// The removal one location at a time, last to first (what `remove_all` replaced).
+    fn remove_one_by_one(doc: &mut Value, locations: &[Vec<Elem>]) -> u64 {
+        let mut count = 0;
+        for path in locations.iter().rev().filter(|l| !l.is_empty()) {
+            let (last, parent) = path.split_last().unwrap();
+            count += u64::from(match (last, get_mut(doc, parent)) {
+                (Elem::Name(n), Some(Value::Object(map))) => remove_member(map, n),
+                (Elem::Index(i), Some(Value::Array(items))) if *i < items.len() => {
+                    items.remove(*i);
+                    true
+                }
+                _ => false,
+            });
+        }
+        count
+    }
+
+    fn value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![Just(json!(1)), Just(json!("a")), Just(json!(null))];
+        leaf.prop_recursive(4, 48, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("c".to_string())],
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Removing every location at once gives the document and the count that removing them
+    /// one by one, last to first, gives: nested locations, locations inside removed ones,
+    /// arrays and objects.
+    #[test]
+    fn removing_all_at_once_is_removing_one_by_one() {
+        use proptest::prelude::*;
+        let paths = ["$..a", "$..[0]", "$.*", "$..*", "$..[?@.a]", "$..[?@ == 1]", "$..b[1]", "$[1:]"];
+        let strategy = (value(), 0..paths.len());
+        proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(2_000))
+            .run(&strategy, |(doc, which)| {
+                let path = JsonPath::parse(paths[which]).unwrap();
+                let found = locations(&path, &doc);
+                let (mut expected, mut actual) = (doc.clone(), doc.clone());
+                let want = remove_one_by_one(&mut expected, &found);
+                let got = remove_all(&mut actual, &found);
+                prop_assert_eq!(&actual, &expected, "{} on {}", paths[which], doc);
+                prop_assert_eq!(got, want);
+                Ok(())
+            })
+            .unwrap();
+    }
 
     fn steps(p: &str) -> Option<Vec<Step>> {
         simple(&JsonPath::parse(p).unwrap())
