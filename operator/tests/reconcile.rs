@@ -240,6 +240,34 @@ async fn an_invalid_policy_is_reported_with_its_field_path_and_the_other_stays()
     assert!(warnings[0].note.as_deref().unwrap_or_default().contains("spec.rules[0].mask.phone"));
 }
 
+/// A policy edited past the validating webhook into a spec that does not compile stays in
+/// the ConfigMap as it last compiled: its sidecars go on enforcing it.
+#[tokio::test]
+async fn a_policy_that_stops_compiling_stays_in_the_config_as_it_last_compiled() {
+    let client = fake_api(
+        Objects { policies: vec![mk_policy(NS, "orders")], pods: shop_pods(), ..Objects::default() },
+        None,
+    )
+    .await;
+    let ctx = context(&client);
+    reconcile_namespace(&ctx, NS).await.unwrap();
+    let before = sidecar_config(&client, NS).await;
+
+    let api = Api::<DataAccessPolicy>::namespaced(client.clone(), NS);
+    let broken = mk_invalid_policy(NS, "orders");
+    let patch = json!({ "spec": { "rules": broken.spec.rules } });
+    api.patch("orders", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    reconcile_namespace(&ctx, NS).await.unwrap();
+
+    let after = sidecar_config(&client, NS).await;
+    assert_eq!(after.policies, before.policies, "the last good form is kept");
+    let stored = policy(&client, NS, "orders").await;
+    let s = status(&stored);
+    let compiled = condition(s, COMPILED);
+    assert_eq!((compiled.status.as_str(), compiled.reason.as_str()), ("False", REASON_COMPILE_ERROR));
+    assert!(compiled.message.contains("the last that compiled, is still enforced"), "{}", compiled.message);
+}
+
 #[tokio::test]
 async fn a_policy_deleted_through_the_api_leaves_the_config_and_its_network_policy_goes() {
     let objects = Objects {

@@ -27,6 +27,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use custos_api::config::SidecarConfig;
 use custos_api::policy::Mode;
 use custos_api::{DataAccessPolicy, DataAccessPolicyStatus};
 use custos_policy::namespace::config_hash;
@@ -65,6 +66,11 @@ pub struct NamespaceSnapshot {
     pub pods: Vec<Pod>,
     /// The NetworkPolicies of the namespace, Custos's own and the others.
     pub network_policies: Vec<NetworkPolicy>,
+    /// The sidecar config the namespace's `custos-config` holds now, when it exists and
+    /// parses: a policy whose spec no longer compiles keeps its last good compiled form from
+    /// it, rather than dropping out of the config (which would leave its pods' sidecars
+    /// passing every request).
+    pub current_config: Option<SidecarConfig>,
 }
 
 /// The operator's cluster-wide choices that shape every namespace's objects.
@@ -199,6 +205,22 @@ pub fn compute_with(
         })
         .collect();
     let mut compilation = compile_namespace(namespace, &inputs, Vec::new());
+    // A policy that stopped compiling (the validating webhook bypassed, or a stricter
+    // compiler after an upgrade) stays enforced as it last compiled.
+    let mut carried: BTreeMap<String, Option<i64>> = BTreeMap::new();
+    if let Some(current) = &snapshot.current_config {
+        for policy in &live {
+            let policy_name = name(policy);
+            if !compilation.errors.contains_key(policy_name) || policy.spec.mode == Mode::Disabled {
+                continue;
+            }
+            if let Some(last_good) = current.policies.iter().find(|p| p.name == policy_name) {
+                carried.insert(policy_name.to_string(), last_good.generation);
+                compilation.config.policies.push(last_good.clone());
+            }
+        }
+        compilation.config.policies.sort_by(|a, b| a.name.cmp(&b.name));
+    }
     compilation.config.workloads = pods::identities(namespace, &compilation.config.policies, &snapshot.pods);
     compilation.config.hash = config_hash(&compilation.config);
     let hash = compilation.config.hash.clone();
@@ -262,7 +284,16 @@ pub fn compute_with(
             rule_count: policy.spec.rules.len(),
             selected_pods: selected.len(),
             config_hash: errors.is_none().then_some(hash.as_str()),
-            compile_errors: errors.map(|e| e.iter().map(ToString::to_string).collect()),
+            compile_errors: errors.map(|e| {
+                let mut messages: Vec<String> = e.iter().map(ToString::to_string).collect();
+                if let Some(generation) = carried.get(policy_name) {
+                    let which = generation
+                        .map_or_else(|| "the last".to_string(), |g| format!("generation {g}, the last"));
+                    messages
+                        .push(format!("{which} that compiled, is still enforced until the spec is fixed"));
+                }
+                messages
+            }),
             network_policy,
             bypass,
         };

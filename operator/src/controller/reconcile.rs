@@ -102,7 +102,20 @@ pub async fn reconcile_namespace(ctx: &Context, namespace: &str) -> Result<Recon
         }
     }
 
-    let snapshot = NamespaceSnapshot { namespace: namespace.to_string(), policies, pods, network_policies };
+    let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let current = cm_api.get_opt(CONFIG_MAP_NAME).await.map_err(|source| Error::List {
+        kind: "ConfigMap",
+        namespace: namespace.to_string(),
+        source,
+    })?;
+    let current_config = current.as_ref().and_then(current_sidecar_config);
+    let snapshot = NamespaceSnapshot {
+        namespace: namespace.to_string(),
+        policies,
+        pods,
+        network_policies,
+        current_config,
+    };
     let now = Timestamp::now();
     let mut desired = desired::compute_with(&snapshot, now, &ctx.settings.options)?;
     outcome.policies = desired.statuses.len();
@@ -192,6 +205,13 @@ fn reason(error: &kube::Error) -> String {
 
 fn apply_params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
+}
+
+/// The sidecar config a `custos-config` ConfigMap holds, if it parses (the operator wrote it;
+/// anything else is ignored: no policy is then carried forward).
+fn current_sidecar_config(cm: &ConfigMap) -> Option<custos_api::config::SidecarConfig> {
+    let text = cm.data.as_ref()?.get(custos_operator_core::names::CONFIG_KEY)?;
+    serde_json::from_str(text).ok()
 }
 
 async fn apply_config_map(

@@ -129,7 +129,7 @@ fn snapshot(
     pods: Vec<Pod>,
     network_policies: Vec<NetworkPolicy>,
 ) -> NamespaceSnapshot {
-    NamespaceSnapshot { namespace: NS.into(), policies, pods, network_policies }
+    NamespaceSnapshot { namespace: NS.into(), policies, pods, network_policies, current_config: None }
 }
 
 fn status_of<'a>(d: &'a Desired, policy: &str) -> &'a DataAccessPolicyStatus {
@@ -369,6 +369,54 @@ fn an_invalid_policy_is_left_out_while_the_other_stays() {
     assert_eq!(warnings.len(), 1, "{:#?}", d.events);
     assert_eq!((warnings[0].policy.as_str(), warnings[0].reason.as_str()), ("broken", REASON_COMPILE_ERROR));
     assert!(warnings[0].note.contains("spec.rules[0].rowFilter"));
+}
+
+/// A policy whose spec stops compiling (the validating webhook bypassed, a stricter compiler
+/// after an upgrade) keeps its last good compiled form in the config, so its pods' sidecars
+/// go on enforcing it; its status says so. Without a config to carry it from, it is left out.
+#[test]
+fn a_policy_that_stops_compiling_stays_enforced_as_it_last_compiled() {
+    let mut good = mk_policy("orders");
+    good.metadata.generation = Some(3);
+    let before = compute(&snapshot(vec![good.clone(), mk_policy("billing")], vec![], vec![]), t(0)).unwrap();
+    let previous = config(&before);
+
+    let mut broken = mk_invalid_policy("orders");
+    broken.metadata.generation = Some(4);
+    broken.metadata.uid = good.metadata.uid.clone();
+    let snap = NamespaceSnapshot {
+        current_config: Some(previous.clone()),
+        ..snapshot(vec![broken.clone(), mk_policy("billing")], vec![], vec![])
+    };
+    let d = compute(&snap, t(1)).unwrap();
+    let now = config(&d);
+    let names: Vec<&str> = now.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["billing", "orders"], "sorted by name, as compiled");
+    let carried = now.policies.iter().find(|p| p.name == "orders").unwrap();
+    assert_eq!(carried, previous.policies.iter().find(|p| p.name == "orders").unwrap());
+    assert_eq!(carried.generation, Some(3));
+    let compiled = cond(status_of(&d, "orders"), COMPILED);
+    assert_eq!((compiled.status.as_str(), compiled.reason.as_str()), ("False", REASON_COMPILE_ERROR));
+    assert!(compiled.message.contains("spec.rules[0].rowFilter"), "{}", compiled.message);
+    assert!(
+        compiled.message.contains("generation 3, the last that compiled, is still enforced"),
+        "{}",
+        compiled.message
+    );
+
+    // Set to Disabled while broken: not carried.
+    broken.spec.mode = Mode::Disabled;
+    let snap = NamespaceSnapshot {
+        current_config: Some(previous),
+        ..snapshot(vec![broken.clone(), mk_policy("billing")], vec![], vec![])
+    };
+    let names: Vec<String> =
+        config(&compute(&snap, t(2)).unwrap()).policies.into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["billing"]);
+    // Nothing to carry from: left out.
+    broken.spec.mode = Mode::Enforce;
+    let d = compute(&snapshot(vec![broken, mk_policy("billing")], vec![], vec![]), t(3)).unwrap();
+    assert_eq!(config(&d).policies.len(), 1);
 }
 
 #[test]
