@@ -51,14 +51,20 @@ fn shop_pods() -> Vec<Pod> {
     ]
 }
 
-#[tokio::test]
-async fn a_new_policy_gets_its_config_network_policy_finalizer_status_and_event() {
+/// The fake API holding the `orders` policy and the shop's pods, and a context over it.
+async fn orders_api() -> (kube::Client, Context) {
     let client = fake_api(
         Objects { policies: vec![mk_policy(NS, "orders")], pods: shop_pods(), ..Objects::default() },
         None,
     )
     .await;
     let ctx = context(&client);
+    (client, ctx)
+}
+
+#[tokio::test]
+async fn a_new_policy_gets_its_config_network_policy_finalizer_status_and_event() {
+    let (client, ctx) = orders_api().await;
     let outcome = reconcile_namespace(&ctx, NS).await.unwrap();
     assert_eq!(outcome.policies, 1);
     assert_eq!(outcome.finalizers_added, 1);
@@ -158,12 +164,7 @@ async fn a_second_reconcile_with_nothing_changed_writes_no_status_and_records_no
 
 #[tokio::test]
 async fn a_spec_change_gives_a_new_config_hash_and_observed_generation() {
-    let client = fake_api(
-        Objects { policies: vec![mk_policy(NS, "orders")], pods: shop_pods(), ..Objects::default() },
-        None,
-    )
-    .await;
-    let ctx = context(&client);
+    let (client, ctx) = orders_api().await;
     let first = reconcile_namespace(&ctx, NS).await.unwrap().config_hash.unwrap();
 
     let api = Api::<DataAccessPolicy>::namespaced(client.clone(), NS);
@@ -244,12 +245,7 @@ async fn an_invalid_policy_is_reported_with_its_field_path_and_the_other_stays()
 /// the ConfigMap as it last compiled: its sidecars go on enforcing it.
 #[tokio::test]
 async fn a_policy_that_stops_compiling_stays_in_the_config_as_it_last_compiled() {
-    let client = fake_api(
-        Objects { policies: vec![mk_policy(NS, "orders")], pods: shop_pods(), ..Objects::default() },
-        None,
-    )
-    .await;
-    let ctx = context(&client);
+    let (client, ctx) = orders_api().await;
     reconcile_namespace(&ctx, NS).await.unwrap();
     let before = sidecar_config(&client, NS).await;
 
@@ -368,12 +364,7 @@ async fn the_last_policy_deleted_through_the_finalizer_takes_the_config_map() {
 
 #[tokio::test]
 async fn pods_coming_and_going_change_the_identity_table_and_hash() {
-    let client = fake_api(
-        Objects { policies: vec![mk_policy(NS, "orders")], pods: shop_pods(), ..Objects::default() },
-        None,
-    )
-    .await;
-    let ctx = context(&client);
+    let (client, ctx) = orders_api().await;
     let before = reconcile_namespace(&ctx, NS).await.unwrap().config_hash.unwrap();
 
     let pods = Api::<Pod>::namespaced(client.clone(), NS);
@@ -469,12 +460,7 @@ async fn metrics_sources_open_the_sidecars_admin_port_on_the_next_reconcile() {
 
 #[tokio::test]
 async fn a_network_policy_opening_the_app_port_raises_sidecar_bypass_once() {
-    let client = fake_api(
-        Objects { policies: vec![mk_policy(NS, "orders")], pods: shop_pods(), ..Objects::default() },
-        None,
-    )
-    .await;
-    let ctx = context(&client);
+    let (client, ctx) = orders_api().await;
     reconcile_namespace(&ctx, NS).await.unwrap();
     assert!(events_with(&client, NS, "orders", REASON_SIDECAR_BYPASS_EVENT).await.is_empty());
 

@@ -38,31 +38,37 @@ impl HashKey {
     /// The HMAC-SHA256 of `data` under the key of `Hash` masks, as 64 lower-case hex digits
     /// (a masked value shows the first 32, after `h:`).
     pub fn mask_hash_hex(&self, data: &[u8]) -> String {
-        let mut out = String::with_capacity(64);
-        push_hex(&mut out, &self.mask_mac(data));
-        out
+        hex32(&self.mask_mac(data))
     }
 
     /// The raw HMAC-SHA256 of `data` under the key of `Hash` masks.
     pub(crate) fn mask_mac(&self, data: &[u8]) -> [u8; 32] {
-        let mut mac = self.mask.clone();
-        mac.update(data);
-        mac.finalize().into_bytes().into()
+        finish(&self.mask, data)
     }
 
     /// The HMAC-SHA256 of `data`, as 64 lower-case hex digits.
     pub fn hash_hex(&self, data: &[u8]) -> String {
-        let mut out = String::with_capacity(64);
-        push_hex(&mut out, &self.mac(data));
-        out
+        hex32(&self.mac(data))
     }
 
     /// The raw HMAC-SHA256 of `data`.
     pub(crate) fn mac(&self, data: &[u8]) -> [u8; 32] {
-        let mut mac = self.mac.clone();
-        mac.update(data);
-        mac.finalize().into_bytes().into()
+        finish(&self.mac, data)
     }
+}
+
+/// The MAC of `data` with `keyed`'s key.
+fn finish(keyed: &Hmac<Sha256>, data: &[u8]) -> [u8; 32] {
+    let mut mac = keyed.clone();
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// A MAC as 64 lower-case hex digits.
+fn hex32(mac: &[u8; 32]) -> String {
+    let mut out = String::with_capacity(64);
+    push_hex(&mut out, mac);
+    out
 }
 
 /// An HMAC-SHA256 with `key` absorbed.

@@ -136,8 +136,9 @@ async fn skip_time(by: Duration) {
     tokio::time::resume();
 }
 
-#[tokio::test]
-async fn stale_keys_are_refreshed_in_the_background() {
+/// A URL verifier (refreshed every 60 s) whose keys were fetched once and are now stale, its
+/// server and a token it verifies.
+async fn stale_verifier() -> (JwksServer, Verifier, Vec<u8>) {
     let server = JwksServer::start(jwks(&[TestKey::ed25519().jwk("key-2")])).await;
     let source = JwksSource::Url {
         url: server.url.clone(),
@@ -149,6 +150,12 @@ async fn stale_keys_are_refreshed_in_the_background() {
     assert!(v.verify_at(&token, now()).await.is_ok());
     assert_eq!(server.hits(), 1);
     skip_time(Duration::from_secs(61)).await;
+    (server, v, token)
+}
+
+#[tokio::test]
+async fn stale_keys_are_refreshed_in_the_background() {
+    let (server, v, token) = stale_verifier().await;
     // Stale keys still verify at once; a fetch starts in the background.
     assert!(v.verify_at(&token, now()).await.is_ok());
     while server.hits() < 2 {
@@ -299,16 +306,7 @@ async fn a_token_of_another_issuer_fetches_nothing() {
 /// keys fresh.
 #[tokio::test]
 async fn stale_keys_during_a_running_fetch_fetch_nothing_more() {
-    let server = JwksServer::start(jwks(&[TestKey::ed25519().jwk("key-2")])).await;
-    let source = JwksSource::Url {
-        url: server.url.clone(),
-        refresh: Duration::from_secs(60),
-        timeout: Duration::from_secs(5),
-    };
-    let v = Verifier::new(settings(), source).unwrap();
-    let token = bearer(&TestKey::ed25519().sign(Some("key-2"), &claims()));
-    assert!(v.verify_at(&token, now()).await.is_ok());
-    skip_time(Duration::from_secs(61)).await;
+    let (server, v, token) = stale_verifier().await;
     server.set_delay(Duration::from_millis(300));
     let forced = {
         let v = v.clone();

@@ -1259,29 +1259,26 @@ fn bad_request(message: &str, code: &str) -> Response<ProxyBody> {
 /// rest of the body may still arrive.
 fn body_timed_out(shared: &Shared, timeout: std::time::Duration) -> Response<ProxyBody> {
     shared.metrics.limit("request_body_timeout");
-    let mut resp = error_response(
-        StatusCode::REQUEST_TIMEOUT,
-        json!({
-            "error": "request body not received in time",
-            "reason": "request_body_timeout",
-            "timeoutSeconds": timeout.as_secs_f64(),
-        }),
-    );
-    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
+    request_timeout(json!({
+        "error": "request body not received in time",
+        "reason": "request_body_timeout",
+        "timeoutSeconds": timeout.as_secs_f64(),
+    }))
 }
 
 /// 408 for a client whose request body fell behind the minimum rate.
 fn body_too_slow(shared: &Shared, bytes_per_second: u64) -> Response<ProxyBody> {
     shared.metrics.limit("request_body_rate");
-    let mut resp = error_response(
-        StatusCode::REQUEST_TIMEOUT,
-        json!({
-            "error": "request body arriving too slowly",
-            "reason": "request_body_too_slow",
-            "minBytesPerSecond": bytes_per_second,
-        }),
-    );
+    request_timeout(json!({
+        "error": "request body arriving too slowly",
+        "reason": "request_body_too_slow",
+        "minBytesPerSecond": bytes_per_second,
+    }))
+}
+
+/// 408 with `body`, closing the connection: the rest of the request body may still arrive.
+fn request_timeout(body: serde_json::Value) -> Response<ProxyBody> {
+    let mut resp = error_response(StatusCode::REQUEST_TIMEOUT, body);
     resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }

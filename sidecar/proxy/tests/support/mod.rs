@@ -126,10 +126,10 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
             .unwrap()
     };
     if path.starts_with("/chunked/") {
-        let chunks = json_body.chunks(17).map(Bytes::copy_from_slice).collect();
+        let chunks = json_body.chunks(17).map(|c| Frame::data(Bytes::copy_from_slice(c))).collect();
         return Response::builder()
             .header("content-type", "application/json")
-            .body(Chunks(chunks).boxed())
+            .body(Frames(chunks).boxed())
             .unwrap();
     }
     if path.starts_with("/gzip/") {
@@ -228,7 +228,7 @@ fn parse_range(range: &str, len: usize) -> Option<(usize, usize)> {
     (a <= b).then_some((a, b))
 }
 
-/// A body of these frames (data and trailers), with no length.
+/// A body of these frames (data and trailers), with no length: hyper uses chunked encoding.
 struct Frames(std::collections::VecDeque<Frame<Bytes>>);
 
 impl hyper::body::Body for Frames {
@@ -240,21 +240,6 @@ impl hyper::body::Body for Frames {
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         std::task::Poll::Ready(self.get_mut().0.pop_front().map(Ok))
-    }
-}
-
-/// A body sent in several chunks with no length: hyper uses chunked encoding.
-struct Chunks(std::collections::VecDeque<Bytes>);
-
-impl hyper::body::Body for Chunks {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        std::task::Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(Frame::data(b))))
     }
 }
 
