@@ -382,18 +382,29 @@ fn not_requested_reason(policy: &DataAccessPolicy) -> &'static str {
     }
 }
 
-/// Custos's NetworkPolicies of the namespace (labelled managed-by=custos and with a policy
-/// label) that are neither `wanted` nor `kept`, sorted.
+/// Whether `np` is one of Custos's own NetworkPolicies: it names a DataAccessPolicy as its
+/// controlling owner and is named after it (`custos-<policy>`). Labels prove nothing (anyone
+/// who may create a NetworkPolicy may set them): a labelled one of somebody else's would pass
+/// unchecked for a bypass, or be deleted as ours. One that claims the owner falsely is
+/// overwritten (its name is ours) or deleted with the stale ones.
+pub(crate) fn is_ours(np: &NetworkPolicy) -> bool {
+    let Some(np_name) = np.metadata.name.as_deref() else { return false };
+    np.metadata.owner_references.iter().flatten().any(|o| {
+        o.controller == Some(true)
+            && o.kind == POLICY_KIND
+            && o.api_version == POLICY_API_VERSION
+            && network_policy_name(&o.name) == np_name
+    })
+}
+
+/// Custos's NetworkPolicies of the namespace ([`is_ours`]) that are neither `wanted` nor
+/// `kept`, sorted.
 fn stale(snapshot: &NamespaceSnapshot, wanted: &BTreeSet<String>, kept: &BTreeSet<String>) -> Vec<String> {
     let mut names: Vec<String> = snapshot
         .network_policies
         .iter()
         .filter(|np| np.metadata.namespace.as_deref().is_none_or(|ns| ns == snapshot.namespace))
-        .filter(|np| {
-            let labels = np.metadata.labels.as_ref();
-            labels.and_then(|l| l.get(MANAGED_BY_LABEL)).is_some_and(|v| v == MANAGED_BY)
-                && labels.is_some_and(|l| l.contains_key(POLICY_LABEL))
-        })
+        .filter(|np| is_ours(np))
         .filter_map(|np| np.metadata.name.clone())
         .filter(|n| !wanted.contains(n) && !kept.contains(n))
         .collect();

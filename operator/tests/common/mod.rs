@@ -119,10 +119,20 @@ pub fn mk_netpol(
     }
 }
 
-/// A NetworkPolicy labelled as Custos's own for `policy`.
+/// One of Custos's own NetworkPolicies for `policy`, as the operator writes it.
 pub fn mk_our_netpol(ns: &str, policy: &str) -> NetworkPolicy {
     let mut np = mk_netpol(ns, &format!("custos-{policy}"), &[("app", policy)], None);
     np.metadata.labels = Some(map(&[(MANAGED_BY_LABEL, MANAGED_BY), (POLICY_LABEL, policy)]));
+    // What makes it Custos's own: the policy as its controlling owner.
+    np.metadata.owner_references =
+        Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: "custos.dev/v1alpha1".into(),
+            kind: "DataAccessPolicy".into(),
+            name: policy.into(),
+            uid: format!("uid-{policy}"),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }]);
     np
 }
 

@@ -8,7 +8,6 @@ use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::pods;
-use crate::names::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::selector::selector_matches;
 
 /// The names (sorted) of the NetworkPolicies of `namespace`, other than Custos's own, that
@@ -30,7 +29,7 @@ pub(crate) fn bypassing(
     let mut names: Vec<String> = network_policies
         .iter()
         .filter(|np| np.metadata.namespace.as_deref().is_none_or(|ns| ns == namespace))
-        .filter(|np| !is_managed(np))
+        .filter(|np| !super::is_ours(np))
         .filter(|np| {
             let Some(np_spec) = np.spec.as_ref() else { return false };
             if np_spec.policy_types.as_ref().is_some_and(|t| !t.iter().any(|t| t == "Ingress")) {
@@ -59,11 +58,6 @@ pub(crate) fn bypassing(
     names.sort();
     names.dedup();
     names
-}
-
-/// True for Custos's own NetworkPolicies.
-fn is_managed(np: &NetworkPolicy) -> bool {
-    np.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL)).is_some_and(|v| v == MANAGED_BY)
 }
 
 fn admits(port: &NetworkPolicyPort, app_port: i32, targets: &[&Pod]) -> bool {

@@ -124,6 +124,22 @@ fn mk_netpol(
     }
 }
 
+/// One of Custos's own NetworkPolicies, as the operator writes it for `policy`: labelled, and
+/// owned by the policy as its controller.
+fn mk_ours(name: &str, policy: &str) -> NetworkPolicy {
+    let mut np = mk_netpol(NS, name, &[("app", policy)], None);
+    np.metadata.labels = Some(map(&[(MANAGED_BY_LABEL, MANAGED_BY), (POLICY_LABEL, policy)]));
+    np.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "custos.dev/v1alpha1".into(),
+        kind: "DataAccessPolicy".into(),
+        name: policy.into(),
+        uid: format!("uid-{policy}"),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }]);
+    np
+}
+
 fn snapshot(
     policies: Vec<DataAccessPolicy>,
     pods: Vec<Pod>,
@@ -421,11 +437,7 @@ fn a_policy_that_stops_compiling_stays_enforced_as_it_last_compiled() {
 
 #[test]
 fn a_network_policy_is_deleted_when_no_longer_wanted_but_kept_for_a_policy_that_stopped_compiling() {
-    let ours = |name: &str, policy: &str| {
-        let mut np = mk_netpol(NS, name, &[("app", policy)], None);
-        np.metadata.labels = Some(map(&[(MANAGED_BY_LABEL, MANAGED_BY), (POLICY_LABEL, policy)]));
-        np
-    };
+    let ours = mk_ours;
     let mut audit = mk_policy("audited");
     audit.spec.mode = custos_api::policy::Mode::Audit;
     let netpols = vec![
@@ -449,8 +461,7 @@ fn a_network_policy_is_deleted_when_no_longer_wanted_but_kept_for_a_policy_that_
 fn without_live_policies_the_config_map_goes_and_finalizers_are_released() {
     let mut gone = mk_policy("orders");
     gone.metadata.deletion_timestamp = Some(Time(t(0)));
-    let mut ours = mk_netpol(NS, "custos-orders", &[("app", "orders")], None);
-    ours.metadata.labels = Some(map(&[(MANAGED_BY_LABEL, MANAGED_BY), (POLICY_LABEL, "orders")]));
+    let ours = mk_ours("custos-orders", "orders");
     let d = compute(&snapshot(vec![gone], pods_fixture(), vec![ours]), t(0)).unwrap();
     assert!(d.config_map.is_none());
     assert!(d.config_hash.is_none());
@@ -556,8 +567,7 @@ fn a_network_policy_must_select_a_protected_pod_to_bypass() {
 #[test]
 fn other_namespaces_our_own_and_egress_only_network_policies_do_not_bypass() {
     let elsewhere = mk_netpol("other", "allow-all", &[], None);
-    let mut ours = mk_netpol(NS, "custos-orders", &[("app", "orders")], None);
-    ours.metadata.labels = Some(map(&[(MANAGED_BY_LABEL, MANAGED_BY), (POLICY_LABEL, "orders")]));
+    let ours = mk_ours("custos-orders", "orders");
     let mut egress_only = mk_netpol(NS, "egress", &[], None);
     egress_only.spec.as_mut().unwrap().policy_types = Some(vec!["Egress".into()]);
     let mut deny_all = mk_netpol(NS, "deny-all", &[], None);
@@ -690,4 +700,20 @@ fn finalizer_helpers() {
     p.metadata.finalizers = None;
     p.metadata.deletion_timestamp = Some(Time(t(0)));
     assert!(!has_finalizer(&p) && is_deleting(&p));
+}
+
+/// Labels make no NetworkPolicy Custos's own: one labelled managed-by=custos (and with a
+/// policy label) without the policy as its controlling owner is checked for a bypass like any
+/// other, and never deleted as stale; one owned but not named after its owner neither.
+#[test]
+fn labels_alone_do_not_make_a_network_policy_ours() {
+    let mut spoofed = mk_netpol(NS, "open-app-port", &[("app", "orders")], None);
+    spoofed.metadata.labels = Some(map(&[(MANAGED_BY_LABEL, MANAGED_BY), (POLICY_LABEL, "orders")]));
+    let mut misnamed = mk_ours("custos-orders", "orders");
+    misnamed.metadata.name = Some("custos-other".into());
+    let (status, message) = bypass_of(vec![spoofed.clone(), misnamed.clone()], pods_fixture());
+    assert_eq!(status, "True", "{message}");
+    assert!(message.contains("custos-other, open-app-port"), "{message}");
+    let d = compute(&snapshot(vec![mk_policy("orders")], vec![], vec![spoofed, misnamed]), t(0)).unwrap();
+    assert!(d.stale_network_policies.is_empty(), "{:?}", d.stale_network_policies);
 }
