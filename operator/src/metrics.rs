@@ -135,7 +135,7 @@ impl OperatorMetrics {
     }
 
     /// Records one admission request: `webhook` is `mutate-pods` or `validate-policies`,
-    /// `outcome` e.g. `injected`, `skipped`, `allowed`, `denied`, `error`.
+    /// `outcome` e.g. `injected`, `skipped`, `refused`, `allowed`, `denied`, `error`.
     pub fn observe_admission(&self, webhook: &'static str, outcome: &'static str, duration: Duration) {
         self.inner.admissions.get_or_create(&AdmissionLabels { webhook, outcome }).inc();
         self.inner.admission_seconds.get_or_create(&WebhookLabel { webhook }).observe(duration.as_secs_f64());
