@@ -185,17 +185,22 @@ fn resync(data: &[u8], pos: usize) -> Option<usize> {
 }
 
 /// Estimated events lost in the damaged region `data[pos..end]`: the header's count when the
-/// header is intact and consistent with the region, otherwise the number of complete lines.
+/// header is intact and consistent with the region (for a whole record, no more than its
+/// lines: the damage may be in the count itself), otherwise the number of complete lines.
 fn damaged_events(data: &[u8], pos: usize, end: usize) -> u64 {
     let region = &data[pos..end];
+    let lines = region.iter().filter(|&&b| b == b'\n').count() as u64;
     if let Some(header) = parse_header(region) {
         let claimed_end = HEADER_LEN as usize + header.len as usize;
         // Consistent: the region is exactly this record, or its torn beginning.
-        if claimed_end == region.len() || (end == data.len() && claimed_end > region.len()) {
+        if claimed_end == region.len() {
+            // One event per NDJSON line; one more in case the last has no newline.
+            return u64::from(header.count).min(lines + 1);
+        }
+        if end == data.len() && claimed_end > region.len() {
             return u64::from(header.count);
         }
     }
-    let lines = region.iter().filter(|&&b| b == b'\n').count() as u64;
     lines.max(1)
 }
 
@@ -718,6 +723,28 @@ mod tests {
         assert_eq!(recovery.records, 2);
         assert_eq!(recovery.corrupt_events, 2);
         assert_eq!(metrics.spool_corrupt_records(), 1);
+        assert_eq!(drain(&mut spool), vec![payload(0), payload(2)]);
+    }
+
+    /// A bit flipped in a record's event count does not count millions of events dropped.
+    #[test]
+    fn a_damaged_count_is_bounded_by_the_records_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _, _) = open(dir.path(), 1 << 20, 1 << 20);
+        for i in 0..3 {
+            spool.append(&payload(i), 2).unwrap();
+        }
+        drop(spool);
+        let file = segment_files(dir.path()).pop().unwrap();
+        let mut bytes = fs::read(&file).unwrap();
+        let second = HEADER_LEN as usize + payload(0).len();
+        bytes[second + 11] ^= 0x40; // the high byte of record 2's count
+        fs::write(&file, &bytes).unwrap();
+
+        let (mut spool, recovery, _) = open(dir.path(), 1 << 20, 1 << 20);
+        assert_eq!(recovery.records, 2);
+        // Its 2 lines, and one more in case the last had no newline (not 2^30 + 2).
+        assert_eq!(recovery.corrupt_events, 3, "{recovery:?}");
         assert_eq!(drain(&mut spool), vec![payload(0), payload(2)]);
     }
 
