@@ -440,11 +440,12 @@ impl RecordPass<'_> {
         true
     }
 
-    /// Records of any other path: decided in document order, then removed from the last to
-    /// the first so that removals do not shift the positions of those still to remove.
+    /// Records of any other path: decided in the order the path selects them (the body's,
+    /// for wildcards and filters), then those dropped removed all at once
+    /// ([`path::remove_all`]).
     fn general(&mut self, doc: &mut Value, records: &JsonPath) -> bool {
         let mut removed: Vec<Vec<Elem>> = Vec::new();
-        for location in path::locations(records, doc) {
+        for location in path::locations_in_query_order(records, doc) {
             let keep = match path::get_mut(doc, &location) {
                 Some(record) => self.keep(record),
                 None => true,

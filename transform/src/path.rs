@@ -180,19 +180,30 @@ pub(crate) enum Elem {
     Index(usize),
 }
 
-/// The distinct locations `path` selects, in document order, as owned paths.
+/// The distinct locations `path` selects, sorted by location (an ancestor before what it
+/// contains; object members by name), as owned paths.
 pub(crate) fn locations(path: &JsonPath, doc: &Value) -> Vec<Vec<Elem>> {
+    path.query_located(doc).dedup().iter().map(|node| owned(node.location())).collect()
+}
+
+/// The distinct locations `path` selects, in the order it selects them: document order for
+/// wildcards, filters and descendants (an object's members in the body's order), as owned
+/// paths. Records are decided in this order, so that a cap keeps the first ones of the body.
+pub(crate) fn locations_in_query_order(path: &JsonPath, doc: &Value) -> Vec<Vec<Elem>> {
+    let mut seen = std::collections::HashSet::new();
     path.query_located(doc)
-        .dedup()
         .iter()
-        .map(|node| {
-            node.location()
-                .iter()
-                .map(|e| match e {
-                    PathElement::Name(n) => Elem::Name((*n).to_owned()),
-                    PathElement::Index(i) => Elem::Index(*i),
-                })
-                .collect()
+        .map(|node| owned(node.location()))
+        .filter(|location| seen.insert(location.clone()))
+        .collect()
+}
+
+fn owned(location: &serde_json_path::NormalizedPath<'_>) -> Vec<Elem> {
+    location
+        .iter()
+        .map(|e| match e {
+            PathElement::Name(n) => Elem::Name((*n).to_owned()),
+            PathElement::Index(i) => Elem::Index(*i),
         })
         .collect()
 }

@@ -658,3 +658,22 @@ fn the_parsed_document_asks_for_room_and_the_streaming_pass_does_not() {
     let never = |_| panic!("the streaming pass asked for room");
     assert!(apply_within(body.as_bytes(), &masking, vars, &key(), never).is_ok());
 }
+
+/// A general records path decides records in the body's order, so that a cap keeps the first
+/// ones of the body and the record-id hashes follow it (an object's members are not sorted
+/// by name).
+#[test]
+fn general_records_paths_decide_records_in_the_bodys_order() {
+    let plan = Plan {
+        records: Some(path("$.items[?@.id]")),
+        record_id: Some(path("$.id")),
+        max_records: Some(2),
+        on_exceed: ExceedAction::Truncate,
+        ..Plan::default()
+    };
+    let body = r#"{"items":{"c":{"id":"1"},"a":{"id":"2"},"b":{"id":"3"}}}"#;
+    let (doc, stats) = run(body, &plan);
+    assert_eq!(doc, json!({"items": {"c": {"id": "1"}, "a": {"id": "2"}}}));
+    assert_eq!(stats.record_hashes, vec![key().hash_hex(b"1"), key().hash_hex(b"2")]);
+    assert_eq!(stats.records_truncated, 1);
+}
