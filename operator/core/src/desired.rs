@@ -364,14 +364,21 @@ fn name(policy: &DataAccessPolicy) -> &str {
 
 /// An owner reference to `policy` (none without a uid, which only a stored object has).
 fn owner_reference(policy: &DataAccessPolicy, controller: bool) -> Option<OwnerReference> {
-    Some(OwnerReference {
+    let uid = policy.metadata.uid.as_deref().filter(|u| !u.is_empty())?;
+    Some(policy_owner_reference(name(policy), uid, controller))
+}
+
+/// An owner reference to the DataAccessPolicy `name` (uid `uid`), as the operator puts on the
+/// objects it derives from it; `controller` for a NetworkPolicy (see [`is_ours`]).
+pub fn policy_owner_reference(name: &str, uid: &str, controller: bool) -> OwnerReference {
+    OwnerReference {
         api_version: POLICY_API_VERSION.to_string(),
         kind: POLICY_KIND.to_string(),
-        name: name(policy).to_string(),
-        uid: policy.metadata.uid.clone().filter(|u| !u.is_empty())?,
+        name: name.to_string(),
+        uid: uid.to_string(),
         controller: Some(controller),
         block_owner_deletion: controller.then_some(true),
-    })
+    }
 }
 
 fn not_requested_reason(policy: &DataAccessPolicy) -> &'static str {

@@ -121,7 +121,7 @@ pub async fn reconcile_namespace(ctx: &Context, namespace: &str) -> Result<Recon
     outcome.policies = desired.statuses.len();
     outcome.config_hash.clone_from(&desired.config_hash);
 
-    apply_config_map(ctx, namespace, &desired, &mut outcome).await?;
+    apply_config_map(ctx, namespace, &desired, current.as_ref(), &mut outcome).await?;
     let mut failures = sync_secrets(ctx, namespace, &desired, &mut outcome).await;
     failures.extend(apply_network_policies(ctx, &snapshot, &mut desired, now, &mut outcome).await);
     failures.extend(delete_stale(&np_api, namespace, &desired, &mut outcome).await);
@@ -214,10 +214,13 @@ fn current_sidecar_config(cm: &ConfigMap) -> Option<custos_api::config::SidecarC
     serde_json::from_str(text).ok()
 }
 
+/// Applies the desired ConfigMap (or deletes it), unless `existing` (read at the start of the
+/// reconcile) is already as desired.
 async fn apply_config_map(
     ctx: &Context,
     namespace: &str,
     desired: &Desired,
+    existing: Option<&ConfigMap>,
     outcome: &mut ReconcileOutcome,
 ) -> Result<(), Error> {
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
@@ -229,12 +232,7 @@ async fn apply_config_map(
     };
     match &desired.config_map {
         Some(cm) => {
-            let existing = api.get_opt(CONFIG_MAP_NAME).await.map_err(|source| Error::List {
-                kind: "ConfigMap",
-                namespace: namespace.to_string(),
-                source,
-            })?;
-            if existing.as_ref().is_some_and(|e| config_map_current(e, cm)) {
+            if existing.is_some_and(|e| config_map_current(e, cm)) {
                 outcome.applies_skipped += 1;
             } else {
                 api.patch(CONFIG_MAP_NAME, &apply_params(), &Patch::Apply(cm)).await.map_err(err)?;

@@ -124,15 +124,11 @@ pub fn mk_our_netpol(ns: &str, policy: &str) -> NetworkPolicy {
     let mut np = mk_netpol(ns, &format!("custos-{policy}"), &[("app", policy)], None);
     np.metadata.labels = Some(map(&[(MANAGED_BY_LABEL, MANAGED_BY), (POLICY_LABEL, policy)]));
     // What makes it Custos's own: the policy as its controlling owner.
-    np.metadata.owner_references =
-        Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-            api_version: "custos.dev/v1alpha1".into(),
-            kind: "DataAccessPolicy".into(),
-            name: policy.into(),
-            uid: format!("uid-{policy}"),
-            controller: Some(true),
-            block_owner_deletion: Some(true),
-        }]);
+    np.metadata.owner_references = Some(vec![custos_operator_core::desired::policy_owner_reference(
+        policy,
+        &format!("uid-{policy}"),
+        true,
+    )]);
     np
 }
 

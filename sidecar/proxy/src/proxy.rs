@@ -405,8 +405,9 @@ async fn process(
             service_account: w.service_account.clone(),
         });
     }
-    let has_bearer = bearer(req.headers()).is_some();
-    let users = match bearer(req.headers()) {
+    let token = bearer(req.headers());
+    let has_bearer = token.is_some();
+    let users = match token {
         Some(value) if !state.verifiers.is_empty() => match state.verify(value).await {
             Ok(users) => users,
             Err(e) if !state.enforcing => {

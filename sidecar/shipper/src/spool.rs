@@ -589,6 +589,24 @@ mod tests {
         out
     }
 
+    /// A spool in `dir` holding three records of two events each (`payload(0..3)`), closed;
+    /// returns its one segment file.
+    fn three_spooled(dir: &Path) -> PathBuf {
+        let (mut spool, _, _) = open(dir, 1 << 20, 1 << 20);
+        for i in 0..3 {
+            spool.append(&payload(i), 2).unwrap();
+        }
+        drop(spool);
+        segment_files(dir).pop().unwrap()
+    }
+
+    /// Changes the byte `at` bytes into the second record of `file` (its header first).
+    fn edit_second_record(file: &Path, at: usize, change: impl FnOnce(&mut u8)) {
+        let mut bytes = fs::read(file).unwrap();
+        change(&mut bytes[HEADER_LEN as usize + payload(0).len() + at]);
+        fs::write(file, &bytes).unwrap();
+    }
+
     fn segment_files(dir: &Path) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = fs::read_dir(dir)
             .unwrap()
@@ -604,13 +622,8 @@ mod tests {
     #[test]
     fn a_read_error_that_may_pass_keeps_the_records() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut spool, _, _) = open(dir.path(), 1 << 20, 1 << 20);
-        for i in 0..3 {
-            spool.append(&payload(i), 2).unwrap();
-        }
-        drop(spool);
+        let file = three_spooled(dir.path());
         let (mut spool, _, metrics) = open(dir.path(), 1 << 20, 1 << 20);
-        let file = segment_files(dir.path()).remove(0);
         let aside = dir.path().join("aside");
         fs::rename(&file, &aside).unwrap();
         fs::create_dir(&file).unwrap();
@@ -671,12 +684,7 @@ mod tests {
     #[test]
     fn torn_tail_is_truncated_and_counted_earlier_records_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut spool, _, _) = open(dir.path(), 1 << 20, 1 << 20);
-        for i in 0..3 {
-            spool.append(&payload(i), 2).unwrap();
-        }
-        drop(spool);
-        let file = segment_files(dir.path()).pop().unwrap();
+        let file = three_spooled(dir.path());
         let len = fs::metadata(&file).unwrap().len();
         OpenOptions::new().write(true).open(&file).unwrap().set_len(len - 3).unwrap();
 
@@ -708,16 +716,9 @@ mod tests {
     #[test]
     fn corrupt_middle_record_is_skipped_and_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut spool, _, _) = open(dir.path(), 1 << 20, 1 << 20);
-        for i in 0..3 {
-            spool.append(&payload(i), 2).unwrap();
-        }
-        drop(spool);
-        let file = segment_files(dir.path()).pop().unwrap();
-        let mut bytes = fs::read(&file).unwrap();
-        let second = HEADER_LEN as usize + payload(0).len();
-        bytes[second + HEADER_LEN as usize + 3] ^= 0x55; // payload byte of record 2
-        fs::write(&file, &bytes).unwrap();
+        let file = three_spooled(dir.path());
+        // payload byte of record 2
+        edit_second_record(&file, HEADER_LEN as usize + 3, |b| *b ^= 0x55);
 
         let (mut spool, recovery, metrics) = open(dir.path(), 1 << 20, 1 << 20);
         assert_eq!(recovery.records, 2);
@@ -730,16 +731,9 @@ mod tests {
     #[test]
     fn a_damaged_count_is_bounded_by_the_records_lines() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut spool, _, _) = open(dir.path(), 1 << 20, 1 << 20);
-        for i in 0..3 {
-            spool.append(&payload(i), 2).unwrap();
-        }
-        drop(spool);
-        let file = segment_files(dir.path()).pop().unwrap();
-        let mut bytes = fs::read(&file).unwrap();
-        let second = HEADER_LEN as usize + payload(0).len();
-        bytes[second + 11] ^= 0x40; // the high byte of record 2's count
-        fs::write(&file, &bytes).unwrap();
+        let file = three_spooled(dir.path());
+        // the high byte of record 2's count
+        edit_second_record(&file, 11, |b| *b ^= 0x40);
 
         let (mut spool, recovery, _) = open(dir.path(), 1 << 20, 1 << 20);
         assert_eq!(recovery.records, 2);
@@ -751,16 +745,9 @@ mod tests {
     #[test]
     fn damaged_header_resynchronises_on_the_next_record() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut spool, _, _) = open(dir.path(), 1 << 20, 1 << 20);
-        for i in 0..3 {
-            spool.append(&payload(i), 2).unwrap();
-        }
-        drop(spool);
-        let file = segment_files(dir.path()).pop().unwrap();
-        let mut bytes = fs::read(&file).unwrap();
-        let second = HEADER_LEN as usize + payload(0).len();
-        bytes[second + 5] = 0xFF; // length of record 2: now points past the end
-        fs::write(&file, &bytes).unwrap();
+        let file = three_spooled(dir.path());
+        // length of record 2: now points past the end
+        edit_second_record(&file, 5, |b| *b = 0xFF);
 
         let (mut spool, recovery, _) = open(dir.path(), 1 << 20, 1 << 20);
         assert_eq!(recovery.records, 2);

@@ -129,14 +129,7 @@ fn mk_netpol(
 fn mk_ours(name: &str, policy: &str) -> NetworkPolicy {
     let mut np = mk_netpol(NS, name, &[("app", policy)], None);
     np.metadata.labels = Some(map(&[(MANAGED_BY_LABEL, MANAGED_BY), (POLICY_LABEL, policy)]));
-    np.metadata.owner_references = Some(vec![OwnerReference {
-        api_version: "custos.dev/v1alpha1".into(),
-        kind: "DataAccessPolicy".into(),
-        name: policy.into(),
-        uid: format!("uid-{policy}"),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    }]);
+    np.metadata.owner_references = Some(vec![policy_owner_reference(policy, &format!("uid-{policy}"), true)]);
     np
 }
 
