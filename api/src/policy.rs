@@ -96,7 +96,9 @@ pub struct WorkloadSpec {
     #[schemars(range(min = 1))]
     pub app_port: u16,
 
-    /// The port the Custos sidecar listens on (default 15080).
+    /// The port the Custos sidecar listens on (default 15080). It must differ from the
+    /// sidecars' admin port (the operator's `--sidecar-admin-port`, default 15081): a pod
+    /// selected by a policy using that port gets no sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub proxy_port: Option<u16>,

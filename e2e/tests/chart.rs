@@ -1297,6 +1297,14 @@ fn sidecar_proxy_threads_follow_the_value_or_the_cpu_limit() {
 }
 
 #[test]
+fn sidecar_admin_port_follows_the_value() {
+    let port =
+        |variant: Variant| check_operator(&variant.render(), 2, WebhookCert::HelmGenerated).inject.admin_port;
+    assert_eq!(port(Variant::defaults()), custos_operator_core::names::DEFAULT_SIDECAR_ADMIN_PORT);
+    assert_eq!(port(Variant::defaults().with("operator.sidecar.adminPort=9464")), 9464);
+}
+
+#[test]
 fn minimal_variant_renders_the_operator_alone() {
     let m = Variant::minimal().render();
     check_objects(&m);
@@ -1386,6 +1394,11 @@ fn schema_refuses_typos_bad_enums_and_inconsistent_stores() {
             "operator.sidecar.extraArgs={upstream-max-connections=256}",
             "operator.sidecar.extraArgs.0: Does not match",
         ),
+        (
+            "operator.sidecar.adminPort=15080",
+            "operator.sidecar.adminPort: Must not validate the schema (not)",
+        ),
+        ("operator.sidecar.adminPort=0", "operator.sidecar.adminPort: Must be greater than or equal to 1"),
         (
             "operator.sidecar.proxyThreads=65",
             "operator.sidecar.proxyThreads: Must be less than or equal to 64",

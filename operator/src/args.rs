@@ -154,6 +154,18 @@ pub struct OperatorArgs {
     )]
     pub sidecar_proxy_threads: Option<u16>,
 
+    /// Port of the injected sidecars' admin server (/healthz, /ready, /metrics; container port
+    /// `custos-admin`). The default stays clear of the ports Istio's and Linkerd's proxies
+    /// take in the same pod; it must differ from the policies' proxyPort (default 15080).
+    #[arg(
+        long,
+        env = "CUSTOS_OPERATOR_SIDECAR_ADMIN_PORT",
+        value_name = "PORT",
+        default_value_t = names::DEFAULT_SIDECAR_ADMIN_PORT,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub sidecar_admin_port: u16,
+
     /// Inject the sidecar as a native sidecar (an init container with `restartPolicy: Always`,
     /// Kubernetes 1.29+): it starts before the app and stops after it, and Jobs complete.
     #[arg(long, env = "CUSTOS_OPERATOR_SIDECAR_NATIVE")]
@@ -166,7 +178,7 @@ pub struct OperatorArgs {
     #[arg(long = "sidecar-arg", value_name = "FLAG", allow_hyphen_values = true)]
     pub sidecar_args: Vec<String>,
 
-    /// Who may reach the injected sidecars' admin port 15090 (/metrics, /ready, /healthz)
+    /// Who may reach the injected sidecars' admin port (--sidecar-admin-port: /metrics, /ready, /healthz)
     /// through the NetworkPolicies derived from the policies: a JSON array of
     /// NetworkPolicyPeers, e.g.
     /// `[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]`
@@ -183,8 +195,9 @@ pub struct OperatorArgs {
 }
 
 /// The operator flags behind the sidecar flags the injection sets that users choose.
-const OPERATOR_FLAG_OF: [(&str, &str); 4] = [
+const OPERATOR_FLAG_OF: [(&str, &str); 5] = [
     ("--proxy-threads", "--sidecar-proxy-threads"),
+    ("--admin", "--sidecar-admin-port"),
     ("--collector", "--sidecar-collector"),
     ("--collector-token-file", "--sidecar-collector-token-secret"),
     ("--hash-key-file", "--sidecar-hash-key-secret"),
@@ -322,6 +335,15 @@ impl OperatorArgs {
                 ),
             });
         }
+        if self.sidecar_admin_port == custos_api::policy::DEFAULT_PROXY_PORT {
+            return Err(ArgsError {
+                flag: "sidecar-admin-port",
+                message: format!(
+                    "must differ from the policies' default proxyPort {}",
+                    custos_api::policy::DEFAULT_PROXY_PORT
+                ),
+            });
+        }
         let instance = match self.instance.filter(|i| !i.is_empty()) {
             Some(instance) => instance,
             None => hostname(),
@@ -383,6 +405,7 @@ impl OperatorArgs {
             hash_key_secret: self.sidecar_hash_key_secret,
             native_sidecar: self.sidecar_native,
             proxy_threads,
+            admin_port: self.sidecar_admin_port,
             extra_args: self.sidecar_args,
             ..InjectSettings::default()
         };
@@ -580,6 +603,24 @@ mod tests {
             let error = peers(&["--sidecar-metrics-from", value]).expect_err(value);
             assert!(error.contains(needle), "{value}: {error}");
         }
+    }
+
+    #[test]
+    fn sidecar_admin_port_defaults_clear_of_istio_and_refuses_the_proxy_port() {
+        let port = |argv: &[&str]| parse(argv).map(|c| c.inject.admin_port);
+        assert_eq!(port(&[]), Ok(15081));
+        assert_eq!(port(&["--sidecar-admin-port", "9464"]), Ok(9464));
+        for (value, needle) in [
+            ("15080", "--sidecar-admin-port: must differ from the policies' default proxyPort 15080"),
+            ("0", "--sidecar-admin-port"),
+            ("65536", "--sidecar-admin-port"),
+            ("admin", "--sidecar-admin-port"),
+        ] {
+            let error = port(&["--sidecar-admin-port", value]).expect_err(value);
+            assert!(error.contains(needle), "{value}: {error}");
+        }
+        let error = parse(&["--sidecar-arg=--admin=0.0.0.0:9000"]).expect_err("managed");
+        assert!(error.contains("--sidecar-admin-port"), "{error}");
     }
 
     #[test]

@@ -417,11 +417,12 @@ async fn pods_of_namespaces_the_operator_does_not_watch_are_not_read() {
 }
 
 /// The ports of the ingress rules of NetworkPolicy `name` as stored.
-async fn ingress_ports(client: &kube::Client, name: &str) -> Vec<Vec<i32>> {
+async fn ingress_ports(client: &kube::Client, name: &str) -> Vec<Vec<String>> {
     let rules = network_policy(client, NS, name).await.spec.unwrap().ingress.unwrap_or_default();
-    let port = |p: &NetworkPolicyPort| match p.port {
-        Some(IntOrString::Int(n)) => Some(n),
-        _ => None,
+    let port = |p: &NetworkPolicyPort| match &p.port {
+        Some(IntOrString::Int(n)) => Some(n.to_string()),
+        Some(IntOrString::String(name)) => Some(name.clone()),
+        None => None,
     };
     rules.iter().map(|r| r.ports.iter().flatten().filter_map(port).collect()).collect()
 }
@@ -434,7 +435,7 @@ async fn metrics_sources_open_the_sidecars_admin_port_on_the_next_reconcile() {
     )
     .await;
     reconcile_namespace(&context(&client), NS).await.unwrap();
-    assert_eq!(ingress_ports(&client, "custos-orders").await, [vec![15080]]);
+    assert_eq!(ingress_ports(&client, "custos-orders").await, [vec!["15080"]]);
 
     // The operator restarted with --sidecar-metrics-from: the stored NetworkPolicy is updated.
     let monitoring: NetworkPolicyPeer = serde_json::from_value(
@@ -449,13 +450,13 @@ async fn metrics_sources_open_the_sidecars_admin_port_on_the_next_reconcile() {
     let ctx = Context::new(client.clone(), OperatorMetrics::new(), settings);
     let outcome = reconcile_namespace(&ctx, NS).await.unwrap();
     assert_eq!(outcome.network_policies_applied, 1);
-    assert_eq!(ingress_ports(&client, "custos-orders").await, [vec![15080], vec![15090]]);
+    assert_eq!(ingress_ports(&client, "custos-orders").await, [vec!["15080"], vec!["custos-admin"]]);
     let np = network_policy(&client, NS, "custos-orders").await;
     assert_eq!(np.spec.unwrap().ingress.unwrap()[1].from, Some(vec![monitoring]));
 
     // And closed again without it.
     reconcile_namespace(&context(&client), NS).await.unwrap();
-    assert_eq!(ingress_ports(&client, "custos-orders").await, [vec![15080]]);
+    assert_eq!(ingress_ports(&client, "custos-orders").await, [vec!["15080"]]);
 }
 
 #[tokio::test]

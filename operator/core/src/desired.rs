@@ -41,9 +41,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
 use self::conditions::{BypassState, NetworkPolicyState, PolicyFacts};
+use crate::inject::ADMIN_PORT_NAME;
 use crate::names::{
-    CONFIG_KEY, CONFIG_MAP_NAME, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL, SIDECAR_ADMIN_PORT,
-    network_policy_name,
+    CONFIG_KEY, CONFIG_MAP_NAME, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL, network_policy_name,
 };
 
 /// apiVersion of the DataAccessPolicy owner references.
@@ -76,8 +76,8 @@ pub struct NamespaceSnapshot {
 /// The operator's cluster-wide choices that shape every namespace's objects.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Options {
-    /// Who may reach the sidecars' admin port ([`SIDECAR_ADMIN_PORT`]: `/metrics`, `/ready`,
-    /// `/healthz`) through the NetworkPolicies derived from the policies, e.g. the monitoring
+    /// Who may reach the sidecars' admin port (the container port named
+    /// [`ADMIN_PORT_NAME`]: `/metrics`, `/ready`, `/healthz`) through the NetworkPolicies derived from the policies, e.g. the monitoring
     /// namespace's Prometheus. Empty: nobody; a policy's NetworkPolicy opens its proxy port
     /// only, and where the cluster enforces it a Prometheus in another pod cannot scrape the
     /// sidecars (the kubelet's probes come from the node, which NetworkPolicies let through).
@@ -314,7 +314,9 @@ pub fn compute_with(
 }
 
 /// Adds to `np` an ingress rule that opens the sidecars' admin port to `from` (none when
-/// `from` is empty). NetworkPolicies only ever allow: the proxy port's rule is unchanged.
+/// `from` is empty). NetworkPolicies only ever allow: the proxy port's rule is unchanged. The
+/// port is named ([`ADMIN_PORT_NAME`]), not numbered, so sidecars injected before a change of
+/// the operator's `--sidecar-admin-port` stay reachable until their pods are replaced.
 fn open_admin_port(np: &mut NetworkPolicy, from: &[NetworkPolicyPeer]) {
     if from.is_empty() {
         return;
@@ -323,7 +325,7 @@ fn open_admin_port(np: &mut NetworkPolicy, from: &[NetworkPolicyPeer]) {
     spec.ingress.get_or_insert_with(Vec::new).push(NetworkPolicyIngressRule {
         from: Some(from.to_vec()),
         ports: Some(vec![NetworkPolicyPort {
-            port: Some(IntOrString::Int(i32::from(SIDECAR_ADMIN_PORT))),
+            port: Some(IntOrString::String(ADMIN_PORT_NAME.to_string())),
             protocol: Some("TCP".into()),
             ..NetworkPolicyPort::default()
         }]),

@@ -51,7 +51,8 @@
 //!   `/etc/custos/jwks/<secret>`; the collector token and the hash key at fixed paths when
 //!   their Secrets are configured;
 //! - listens on the selecting policies' `proxyPort` (port `custos-proxy`, default 15080) and
-//!   on the admin port 15090 (`custos-admin`): readiness `GET /ready`, liveness `GET /healthz`;
+//!   on [`InjectSettings::admin_port`] (`custos-admin`, default 15081): readiness `GET /ready`,
+//!   liveness `GET /healthz`;
 //! - runs as a non-root user with a read-only root filesystem, no privilege escalation, all
 //!   capabilities dropped and the runtime's default seccomp profile.
 //!
@@ -71,8 +72,8 @@ use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::names::{
-    INJECT_ANNOTATION, INJECTED_ANNOTATION, NAMESPACE_INJECTION_LABEL, SIDECAR_CONTAINER, SIDECAR_LABEL,
-    SIDECAR_LABEL_VALUE,
+    DEFAULT_SIDECAR_ADMIN_PORT, INJECT_ANNOTATION, INJECTED_ANNOTATION, NAMESPACE_INJECTION_LABEL,
+    SIDECAR_CONTAINER, SIDECAR_LABEL, SIDECAR_LABEL_VALUE,
 };
 
 pub use crate::selector::selector_matches;
@@ -169,6 +170,11 @@ pub struct InjectSettings {
     /// little CPU the container requests (64 on a 64-CPU node, each with its own share of the
     /// connections to the app).
     pub proxy_threads: u16,
+    /// Port of the sidecar's admin server (`/healthz`, `/ready`, `/metrics`; container port
+    /// `custos-admin`). Default [`DEFAULT_SIDECAR_ADMIN_PORT`] (15081), clear of the ports
+    /// Istio's and Linkerd's proxies take in the same pod. A policy whose `proxyPort` is this
+    /// port cannot be served ([`SkipReason::ProxyPortIsAdminPort`]).
+    pub admin_port: u16,
     /// Extra arguments after `sidecar` (e.g. `--max-connections=2000`). Default none.
     pub extra_args: Vec<String>,
     /// Inject as a native sidecar (an init container with `restartPolicy: Always`, Kubernetes
@@ -197,6 +203,7 @@ impl Default for InjectSettings {
             hash_key_secret: None,
             run_as_user: 65532,
             proxy_threads: DEFAULT_PROXY_THREADS,
+            admin_port: DEFAULT_SIDECAR_ADMIN_PORT,
             extra_args: Vec::new(),
             native_sidecar: false,
         }
@@ -315,10 +322,26 @@ pub enum SkipReason {
         /// The distinct values.
         ports: Vec<u16>,
     },
+    /// The selecting policies' `spec.workload.proxyPort` is the sidecar's admin port
+    /// ([`InjectSettings::admin_port`]): the sidecar could not listen on both.
+    ProxyPortIsAdminPort {
+        /// The port.
+        port: u16,
+        /// The selecting policies.
+        policies: Vec<String>,
+    },
     /// A container of the pod already declares a port the sidecar needs.
     PortInUse {
         /// The port.
         port: u16,
+        /// The container declaring it.
+        container: String,
+    },
+    /// A container of the pod already names a port as the sidecar names its own
+    /// (`custos-proxy`, `custos-admin`); the NetworkPolicies refer to them by name.
+    PortNameInUse {
+        /// The port name.
+        name: String,
         /// The container declaring it.
         container: String,
     },
@@ -348,7 +371,9 @@ impl SkipReason {
             SkipReason::HostNetwork { .. } => "host-network",
             SkipReason::WindowsPod { .. } => "windows",
             SkipReason::ConflictingPolicies { .. } => "conflicting-policies",
+            SkipReason::ProxyPortIsAdminPort { .. } => "proxy-port-is-admin-port",
             SkipReason::PortInUse { .. } => "port-in-use",
+            SkipReason::PortNameInUse { .. } => "port-name-in-use",
             SkipReason::VolumeNameInUse { .. } => "volume-name-in-use",
             SkipReason::NoAppPort => "no-app-port",
             SkipReason::NoConfigInNamespace => "no-config-in-namespace",
@@ -422,8 +447,20 @@ impl fmt::Display for SkipReason {
                 "DataAccessPolicies {} select the pod with different spec.workload.{field} values {ports:?}",
                 policies.join(", ")
             ),
+            SkipReason::ProxyPortIsAdminPort { port, policies } => write!(
+                f,
+                "DataAccessPolicy {} sets spec.workload.proxyPort {port}, which is the sidecars' admin port \
+                 (operator flag --sidecar-admin-port); choose another proxyPort",
+                policies.join(", ")
+            ),
             SkipReason::PortInUse { port, container } => {
                 write!(f, "container {container} already declares port {port}, which the sidecar needs")
+            }
+            SkipReason::PortNameInUse { name, container } => {
+                write!(
+                    f,
+                    "container {container} already declares a port named {name}, which the sidecar's port is named"
+                )
             }
             SkipReason::VolumeNameInUse { name } => {
                 write!(f, "the pod already has a volume named {name}, which the sidecar needs")
@@ -542,13 +579,30 @@ fn decide<P: Borrow<DataAccessPolicy>>(
         Err(ports) => return conflict(names, "appPort", ports),
     };
 
-    for port in [proxy_port, crate::names::SIDECAR_ADMIN_PORT] {
+    if proxy_port == settings.admin_port {
+        return Injection::Skip(SkipReason::ProxyPortIsAdminPort { port: proxy_port, policies: names });
+    }
+    for port in [proxy_port, settings.admin_port] {
         if let Some(c) = containers
             .iter()
             .chain(init_containers)
             .find(|c| c.ports.iter().flatten().any(|p| p.container_port == i32::from(port)))
         {
             return Injection::Skip(SkipReason::PortInUse { port, container: c.name.clone() });
+        }
+    }
+    // The NetworkPolicies open the admin port to the metrics sources by its name: an app port
+    // of that name would be opened with it.
+    let sidecar_port_names = [PROXY_PORT_NAME, ADMIN_PORT_NAME];
+    for c in containers.iter().chain(init_containers) {
+        if let Some(p) = c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().is_some_and(|n| sidecar_port_names.contains(&n)))
+        {
+            let name = p.name.clone().unwrap_or_default();
+            return Injection::Skip(SkipReason::PortNameInUse { name, container: c.name.clone() });
         }
     }
     let jwks_secrets = selection::jwks_secrets(selecting);

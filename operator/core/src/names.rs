@@ -26,8 +26,11 @@ pub const SIDECAR_LABEL: &str = "custos.dev/sidecar";
 pub const SIDECAR_LABEL_VALUE: &str = "injected";
 /// Name of the injected sidecar container.
 pub const SIDECAR_CONTAINER: &str = "custos-sidecar";
-/// Port of the sidecar's admin server (/healthz, /ready, /metrics).
-pub const SIDECAR_ADMIN_PORT: u16 = 15090;
+/// Default port of the sidecar's admin server (/healthz, /ready, /metrics); the operator's
+/// `--sidecar-admin-port` chooses another. Next to the default proxy port 15080 and outside
+/// the ports Istio's and Linkerd's proxies take in the same pod (Istio's Envoy serves its
+/// Prometheus telemetry on 15090, where this port was until 2026-12-06).
+pub const DEFAULT_SIDECAR_ADMIN_PORT: u16 = 15081;
 /// Reporting controller name of the Events the operator records.
 pub const REPORTING_CONTROLLER: &str = "custos-operator";
 /// Name of the Lease the operator replicas elect a leader on.

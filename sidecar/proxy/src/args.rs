@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::settings::{CollectorSettings, ProxyLimits, SidecarSettings};
+use crate::settings::{self, CollectorSettings, ProxyLimits, SidecarSettings};
 
 /// Flags of `custos sidecar`. Every flag can also be set through the environment variable
 /// named in its help.
@@ -51,7 +51,7 @@ pub struct SidecarArgs {
     pub proxy_threads: Option<usize>,
 
     /// Admin address: /healthz, /ready, /metrics.
-    #[arg(long, env = "CUSTOS_ADMIN", value_name = "ADDR", default_value = "0.0.0.0:15090")]
+    #[arg(long, env = "CUSTOS_ADMIN", value_name = "ADDR", default_value = settings::DEFAULT_ADMIN_ADDR)]
     pub admin: SocketAddr,
 
     /// Collector base URL for audit events and cluster-wide usage; without it audit events

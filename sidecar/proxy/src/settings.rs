@@ -6,8 +6,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Default admin address (`/healthz`, `/ready`, `/metrics`).
-pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15090";
+/// Default admin address (`/healthz`, `/ready`, `/metrics`): next to the default proxy port
+/// 15080, clear of the ports Istio's Envoy (15000-15021, 15053, 15090) and Linkerd's proxy take in
+/// the same pod.
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15081";
 
 /// Size, time and connection limits of the proxy. Each limit, when hit, gives its own status
 /// code and increments `custos_sidecar_limit_rejections_total{limit=...}`.
@@ -196,7 +198,7 @@ impl SidecarSettings {
             pod_labels: BTreeMap::new(),
             pod_name: None,
             namespace: None,
-            admin: SocketAddr::from(([0, 0, 0, 0], 15090)),
+            admin: SocketAddr::from(([0, 0, 0, 0], 15081)),
             collector: None,
             hash_key: None,
             jwks_dir: PathBuf::from("/etc/custos/jwks"),

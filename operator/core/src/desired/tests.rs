@@ -257,7 +257,8 @@ fn the_admin_port_opens_to_the_metrics_sources_and_only_then() {
     .unwrap();
     let options = Options { sidecar_metrics_from: vec![monitoring.clone()] };
     let d = compute_with(&snap, t(0), &options).unwrap();
-    let admin_rule = (json!([{ "port": 15090, "protocol": "TCP" }]), json!([monitoring]));
+    // by name: sidecars injected with another --sidecar-admin-port stay reachable
+    let admin_rule = (json!([{ "port": "custos-admin", "protocol": "TCP" }]), json!([monitoring]));
     assert_eq!(ingress_of(&d.network_policies[0]), [proxy_rule, admin_rule.clone()]);
     assert_eq!(ingress_of(&d.network_policies[1]), [admin_rule]);
     // The rest of the desired state does not depend on it.

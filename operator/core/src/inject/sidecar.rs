@@ -8,11 +8,13 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::InjectSettings;
-use crate::names::{CONFIG_KEY, CONFIG_MAP_NAME, SIDECAR_ADMIN_PORT, SIDECAR_CONTAINER};
+use crate::names::{CONFIG_KEY, CONFIG_MAP_NAME, SIDECAR_CONTAINER};
 
 /// Name of the sidecar's proxy port.
 pub const PROXY_PORT_NAME: &str = "custos-proxy";
-/// Name of the sidecar's admin port ([`SIDECAR_ADMIN_PORT`]).
+/// Name of the sidecar's admin port ([`InjectSettings::admin_port`]), which the NetworkPolicies
+/// and the chart's PodMonitor refer to by name, so pods injected with another port number
+/// stay reachable.
 pub const ADMIN_PORT_NAME: &str = "custos-admin";
 /// Where the `custos-config` ConfigMap is mounted (the config is `<dir>/config.json`).
 pub const CONFIG_DIR: &str = "/etc/custos/config";
@@ -141,11 +143,11 @@ fn mount(name: impl Into<String>, path: impl Into<String>) -> VolumeMount {
     }
 }
 
-fn http_probe(path: &str, period_seconds: i32) -> Probe {
+fn http_probe(path: &str, admin_port: u16, period_seconds: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_string()),
-            port: IntOrString::Int(i32::from(SIDECAR_ADMIN_PORT)),
+            port: IntOrString::Int(i32::from(admin_port)),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period_seconds),
@@ -217,7 +219,7 @@ pub(super) fn container(plan: &SidecarPlan<'_>, settings: &InjectSettings) -> Co
         env_field("CUSTOS_POD_NAME", "metadata.name"),
         env_field("CUSTOS_NAMESPACE", "metadata.namespace"),
         env_value("CUSTOS_LISTEN", format!("0.0.0.0:{}", plan.proxy_port)),
-        env_value("CUSTOS_ADMIN", format!("0.0.0.0:{SIDECAR_ADMIN_PORT}")),
+        env_value("CUSTOS_ADMIN", format!("0.0.0.0:{}", settings.admin_port)),
         env_value("CUSTOS_SPOOL_DIR", SPOOL_DIR.to_string()),
         env_value("CUSTOS_JWKS_DIR", JWKS_DIR.to_string()),
         env_value("CUSTOS_PROXY_THREADS", settings.proxy_threads.to_string()),
@@ -272,9 +274,9 @@ pub(super) fn container(plan: &SidecarPlan<'_>, settings: &InjectSettings) -> Co
         image_pull_policy: Some(settings.image_pull_policy.clone()),
         args: Some(args),
         env: Some(env),
-        ports: Some(vec![port(PROXY_PORT_NAME, plan.proxy_port), port(ADMIN_PORT_NAME, SIDECAR_ADMIN_PORT)]),
-        readiness_probe: Some(http_probe("/ready", 5)),
-        liveness_probe: Some(http_probe("/healthz", 10)),
+        ports: Some(vec![port(PROXY_PORT_NAME, plan.proxy_port), port(ADMIN_PORT_NAME, settings.admin_port)]),
+        readiness_probe: Some(http_probe("/ready", settings.admin_port, 5)),
+        liveness_probe: Some(http_probe("/healthz", settings.admin_port, 10)),
         resources: Some(settings.resources.clone()),
         volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {

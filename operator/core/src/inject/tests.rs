@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proptest::prelude::*;
 
 use super::*;
-use crate::names::{INJECTED_ANNOTATION, SIDECAR_ADMIN_PORT, SIDECAR_LABEL, SIDECAR_LABEL_VALUE};
+use crate::names::{INJECTED_ANNOTATION, SIDECAR_LABEL, SIDECAR_LABEL_VALUE};
 
 const NS: &str = "logistics";
 const NO_POLICIES: &[DataAccessPolicy] = &[];
@@ -179,14 +179,14 @@ fn a_selected_pod_gets_the_sidecar() {
 
     let ports: Vec<(Option<&str>, i32)> =
         c.ports.iter().flatten().map(|p| (p.name.as_deref(), p.container_port)).collect();
-    assert_eq!(ports, vec![(Some(PROXY_PORT_NAME), 15080), (Some(ADMIN_PORT_NAME), 15090)]);
+    assert_eq!(ports, vec![(Some(PROXY_PORT_NAME), 15080), (Some(ADMIN_PORT_NAME), 15081)]);
 
     let ready = c.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap();
     assert_eq!(ready.path.as_deref(), Some("/ready"));
-    assert_eq!(ready.port, IntOrString::Int(i32::from(SIDECAR_ADMIN_PORT)));
+    assert_eq!(ready.port, IntOrString::Int(15081));
     let live = c.liveness_probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap();
     assert_eq!(live.path.as_deref(), Some("/healthz"));
-    assert_eq!(live.port, IntOrString::Int(i32::from(SIDECAR_ADMIN_PORT)));
+    assert_eq!(live.port, IntOrString::Int(15081));
 
     let sc = c.security_context.as_ref().unwrap();
     assert_eq!(sc.run_as_non_root, Some(true));
@@ -199,7 +199,7 @@ fn a_selected_pod_gets_the_sidecar() {
     assert_eq!(env_value(c, "CUSTOS_CONFIG").as_deref(), Some("/etc/custos/config/config.json"));
     assert_eq!(env_value(c, "CUSTOS_POD_LABELS_FILE").as_deref(), Some("/etc/custos/pod/labels"));
     assert_eq!(env_value(c, "CUSTOS_LISTEN").as_deref(), Some("0.0.0.0:15080"));
-    assert_eq!(env_value(c, "CUSTOS_ADMIN").as_deref(), Some("0.0.0.0:15090"));
+    assert_eq!(env_value(c, "CUSTOS_ADMIN").as_deref(), Some("0.0.0.0:15081"));
     assert_eq!(env_value(c, "MIMALLOC_ARENA_EAGER_COMMIT").as_deref(), Some("0"));
     assert_eq!(env_value(c, "CUSTOS_SPOOL_DIR").as_deref(), Some(SPOOL_DIR));
     assert_eq!(env_value(c, "CUSTOS_JWKS_DIR").as_deref(), Some(JWKS_DIR));
@@ -403,11 +403,54 @@ fn policies_that_disagree_on_ports_are_reported() {
 #[test]
 fn ports_and_volumes_the_sidecar_needs_must_be_free() {
     let (mut pod, policies) = app_selected();
-    pod.spec.as_mut().unwrap().containers.push(mk_container("metrics", &[15090]));
+    pod.spec.as_mut().unwrap().containers.push(mk_container("metrics", &[15081]));
     assert_eq!(
         unprotected(run(&pod, &policies)),
-        SkipReason::PortInUse { port: 15090, container: "metrics".to_string() }
+        SkipReason::PortInUse { port: 15081, container: "metrics".to_string() }
     );
+    // Istio's Envoy serves its telemetry on 15090, where the admin port was until 2026-12-06:
+    // a pod Istio injected first gets the sidecar.
+    let (mut pod, policies) = app_selected();
+    pod.spec.as_mut().unwrap().containers.push(mk_container("istio-proxy", &[15090, 15021, 15020]));
+    injected(run(&pod, &policies));
+
+    // Another admin port: the container, its probes and the check follow it.
+    let settings = InjectSettings { admin_port: 9464, ..InjectSettings::default() };
+    let (pod, policies) = app_selected();
+    let (out, _) = injected(inject(&pod, NS, &BTreeMap::new(), &policies, &settings));
+    let c = sidecar(&out);
+    let ports: Vec<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
+    assert_eq!(ports, [15080, 9464]);
+    assert_eq!(env_value(c, "CUSTOS_ADMIN").as_deref(), Some("0.0.0.0:9464"));
+    for probe in [&c.readiness_probe, &c.liveness_probe] {
+        assert_eq!(probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap().port, IntOrString::Int(9464));
+    }
+    let (mut pod, policies) = app_selected();
+    pod.spec.as_mut().unwrap().containers.push(mk_container("metrics", &[9464]));
+    assert_eq!(
+        unprotected(inject(&pod, NS, &BTreeMap::new(), &policies, &settings)),
+        SkipReason::PortInUse { port: 9464, container: "metrics".to_string() }
+    );
+
+    // A policy whose proxyPort is the admin port cannot be served.
+    let (pod, mut policies) = app_selected();
+    policies[0].spec.workload.proxy_port = Some(15081);
+    let reason = unprotected(run(&pod, &policies));
+    assert_eq!(
+        reason,
+        SkipReason::ProxyPortIsAdminPort { port: 15081, policies: vec!["customer-api".into()] }
+    );
+    assert!(reason.to_string().contains("--sidecar-admin-port"), "{reason}");
+
+    // The NetworkPolicies name the admin port: an app port of that name would be opened too.
+    for name in [ADMIN_PORT_NAME, PROXY_PORT_NAME] {
+        let (mut pod, policies) = app_selected();
+        pod.spec.as_mut().unwrap().containers[0].ports.as_mut().unwrap()[0].name = Some(name.into());
+        assert_eq!(
+            unprotected(run(&pod, &policies)),
+            SkipReason::PortNameInUse { name: name.into(), container: "app".to_string() }
+        );
+    }
 
     let (mut pod, mut policies) = app_selected();
     policies[0].spec.workload.proxy_port = Some(8443);
