@@ -810,8 +810,8 @@ fn check_operator(m: &Manifests, replicas: i32, cert: WebhookCert) -> OperatorCo
         port: Some(443),
     };
     let [inject] = mutating.webhooks.as_deref().expect("webhooks") else { panic!("one mutating webhook") };
-    let [validate] = validating.webhooks.as_deref().expect("webhooks") else {
-        panic!("one validating webhook")
+    let [validate, validate_pods] = validating.webhooks.as_deref().expect("webhooks") else {
+        panic!("two validating webhooks: policies and pod updates")
     };
     assert_eq!(inject.client_config.service, Some(expected_service("/mutate-pods")));
     assert_eq!(validate.client_config.service, Some(expected_service("/validate-policies")));
@@ -834,7 +834,31 @@ fn check_operator(m: &Manifests, replicas: i32, cert: WebhookCert) -> OperatorCo
     assert_eq!(policies_rule.api_groups, Some(strings(&["custos.dev"])));
     assert_eq!(policies_rule.resources, Some(strings(&["dataaccesspolicies"])));
     assert_eq!(policies_rule.operations, Some(strings(&["CREATE", "UPDATE"])));
-    for webhook_side_effects in [&inject.side_effects, &validate.side_effects] {
+    // Updates of injected pods: the pod and `kubectl debug`'s subresource, only pods with the
+    // label the injection sets.
+    assert_eq!(validate_pods.client_config.service, Some(expected_service("/validate-pods")));
+    let [update_rule] = validate_pods.rules.as_deref().unwrap() else { panic!("one rule") };
+    assert_eq!(update_rule.api_groups, Some(strings(&[""])));
+    assert_eq!(update_rule.resources, Some(strings(&["pods", "pods/ephemeralcontainers"])));
+    assert_eq!(update_rule.operations, Some(strings(&["UPDATE"])));
+    let labels =
+        validate_pods.object_selector.as_ref().and_then(|s| s.match_labels.clone()).unwrap_or_default();
+    assert_eq!(
+        labels,
+        BTreeMap::from([(
+            custos_operator_core::names::SIDECAR_LABEL.to_string(),
+            custos_operator_core::names::SIDECAR_LABEL_VALUE.to_string()
+        )])
+    );
+    assert_eq!(
+        validate_pods.namespace_selector,
+        inject.namespace_selector.clone().map(|mut s| {
+            s.match_expressions.iter_mut().for_each(|e| e.retain(|e| e.key != "custos.dev/injection"));
+            s
+        })
+    );
+    assert_eq!(validate_pods.failure_policy, validate.failure_policy);
+    for webhook_side_effects in [&inject.side_effects, &validate.side_effects, &validate_pods.side_effects] {
         assert_eq!(webhook_side_effects, "None");
     }
     // Pods of kube-system and of Custos's own namespace never wait for the injector.
@@ -856,7 +880,11 @@ fn check_operator(m: &Manifests, replicas: i32, cert: WebhookCert) -> OperatorCo
         WebhookCert::HelmGenerated => check_generated_certificate(
             m,
             &cert_secret,
-            &[inject.client_config.ca_bundle.as_ref(), validate.client_config.ca_bundle.as_ref()],
+            &[
+                inject.client_config.ca_bundle.as_ref(),
+                validate.client_config.ca_bundle.as_ref(),
+                validate_pods.client_config.ca_bundle.as_ref(),
+            ],
         ),
         WebhookCert::CertManager => {
             assert!(m.secret(&cert_secret).is_none(), "cert-manager writes {cert_secret}, not Helm");
@@ -876,6 +904,7 @@ fn check_operator(m: &Manifests, replicas: i32, cert: WebhookCert) -> OperatorCo
             for (name, meta, ca_bundle) in [
                 (name_of(mutating), mutating.metadata(), &inject.client_config.ca_bundle),
                 (name_of(validating), validating.metadata(), &validate.client_config.ca_bundle),
+                (name_of(validating), validating.metadata(), &validate_pods.client_config.ca_bundle),
             ] {
                 let annotation =
                     meta.annotations.as_ref().and_then(|a| a.get("cert-manager.io/inject-ca-from"));

@@ -27,7 +27,7 @@ pub struct OperatorArgs {
     #[arg(long, env = "CUSTOS_OPERATOR_ADMIN", value_name = "ADDR", default_value = "0.0.0.0:8080")]
     pub admin: SocketAddr,
 
-    /// Webhook address (HTTPS): /mutate-pods and /validate-policies.
+    /// Webhook address (HTTPS): /mutate-pods, /validate-policies and /validate-pods.
     #[arg(long, env = "CUSTOS_OPERATOR_WEBHOOK_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:9443")]
     pub webhook_listen: SocketAddr,
 

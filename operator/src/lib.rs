@@ -5,7 +5,7 @@
 //! - [`controller`]: a kube-runtime controller, compute-then-apply: the pure step is
 //!   [`custos_operator_core::desired`]; the thin I/O step server-side applies its output, only
 //!   while this replica is the leader.
-//! - [`webhook`]: `/mutate-pods` and `/validate-policies` over TLS ([`tls`]).
+//! - [`webhook`]: `/mutate-pods`, `/validate-policies` and `/validate-pods` over TLS ([`tls`]).
 //! - [`leader`]: leader election on a coordination.k8s.io Lease.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` ([`metrics`]).
 //! - [`start`] wires them: every replica serves the webhooks from its caches ([`view`]); the

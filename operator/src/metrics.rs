@@ -5,7 +5,7 @@
 //! | `custos_operator_reconciles_total` | `result` (`ok`, `error`) | namespace reconciles |
 //! | `custos_operator_reconcile_errors_total` | `reason` | failed reconciles, by [`crate::Error::metric_label`] |
 //! | `custos_operator_reconcile_duration_seconds` | | reconcile time (compute + apply) |
-//! | `custos_operator_admissions_total` | `webhook` (`mutate-pods`, `validate-policies`), `outcome` | admission requests answered |
+//! | `custos_operator_admissions_total` | `webhook` (`mutate-pods`, `validate-policies`, `validate-pods`), `outcome` | admission requests answered |
 //! | `custos_operator_admission_duration_seconds` | `webhook` | admission handling time |
 //! | `custos_operator_leader` | | 1 while this replica holds the Lease |
 //! | `custos_operator_policies` | | DataAccessPolicies in the watched namespaces |
@@ -134,7 +134,7 @@ impl OperatorMetrics {
         }
     }
 
-    /// Records one admission request: `webhook` is `mutate-pods` or `validate-policies`,
+    /// Records one admission request: `webhook` is `mutate-pods`, `validate-policies` or `validate-pods`,
     /// `outcome` e.g. `injected`, `skipped`, `refused`, `allowed`, `denied`, `error`.
     pub fn observe_admission(&self, webhook: &'static str, outcome: &'static str, duration: Duration) {
         self.inner.admissions.get_or_create(&AdmissionLabels { webhook, outcome }).inc();

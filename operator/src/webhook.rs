@@ -7,18 +7,22 @@
 //! - `POST /validate-policies` ([`VALIDATE_POLICIES_PATH`]): compiles DataAccessPolicies and
 //!   refuses invalid ones with their field paths, admits valid ones with warnings for risky
 //!   settings. See [`custos_operator_core::validate`].
+//! - `POST /validate-pods` ([`VALIDATE_PODS_PATH`]): refuses updates of injected pods that
+//!   would take the sidecar's enforcement away (its image swapped, a debug container in its
+//!   volumes or process namespace). See [`custos_operator_core::inject::check_update`].
 //!
-//! Both take an `admission.k8s.io/v1` AdmissionReview and answer one with the request's uid.
+//! All take an `admission.k8s.io/v1` AdmissionReview and answer one with the request's uid.
 //! A body that is not an AdmissionReview gets 400 with the reason; a request for another kind
 //! is admitted unchanged. The webhooks read the cluster through a [`ClusterView`] (the
 //! operator's reflector stores; [`StaticView`] in tests) and never call the apiserver, so they
 //! answer in microseconds and keep answering while the apiserver is slow.
 //!
 //! Metrics: `custos_operator_admissions_total{webhook,outcome}` with outcome `injected`,
-//! `skipped`, `allowed`, `denied`, `ignored` (not for this webhook), `error` (refused because
+//! `skipped`, `allowed`, `denied`, `refused`, `ignored` (not for this webhook), `error` (refused because
 //! the request could not be handled) or `malformed` (400).
 
 mod mutate;
+mod pod_updates;
 mod policies;
 pub mod review;
 mod server;
@@ -45,12 +49,15 @@ use review::{AdmissionRequest, AdmissionResponse};
 pub const MUTATE_PODS_PATH: &str = "/mutate-pods";
 /// Path of the policy validation webhook.
 pub const VALIDATE_POLICIES_PATH: &str = "/validate-policies";
+/// Path of the webhook that validates updates of injected pods.
+pub const VALIDATE_PODS_PATH: &str = "/validate-pods";
 /// Largest AdmissionReview accepted (413 above). An object is at most ~1.5 MiB in etcd and a
 /// review of an UPDATE carries two.
 pub const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
 
 const MUTATE_PODS: &str = "mutate-pods";
 const VALIDATE_POLICIES: &str = "validate-policies";
+const VALIDATE_PODS: &str = "validate-pods";
 
 /// What the webhooks know of the cluster: the DataAccessPolicies and the namespace labels,
 /// from a cache kept current by watches.
@@ -135,11 +142,13 @@ impl WebhookState {
     }
 }
 
-/// The webhook router: `POST /mutate-pods` and `POST /validate-policies`.
+/// The webhook router: `POST /mutate-pods`, `POST /validate-policies` and
+/// `POST /validate-pods`.
 pub fn router(state: WebhookState) -> Router {
     Router::new()
         .route(MUTATE_PODS_PATH, post(mutate_pods))
         .route(VALIDATE_POLICIES_PATH, post(validate_policies))
+        .route(VALIDATE_PODS_PATH, post(validate_pods))
         .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
         .with_state(state)
 }
@@ -150,6 +159,10 @@ async fn mutate_pods(State(state): State<WebhookState>, body: Bytes) -> Response
 
 async fn validate_policies(State(state): State<WebhookState>, body: Bytes) -> Response {
     answer(&state, VALIDATE_POLICIES, &body, policies::review)
+}
+
+async fn validate_pods(State(state): State<WebhookState>, body: Bytes) -> Response {
+    answer(&state, VALIDATE_PODS, &body, pod_updates::review)
 }
 
 /// Parses the review, answers it with `handle` and records the outcome.

@@ -2,7 +2,8 @@
 //! `operator/testdata/` (as the apiserver sends them): injection patches applied to the
 //! fixture's pod give the expected pod, re-admission changes nothing, opt-outs and injected
 //! pods get no patch, invalid policies are denied with their field paths, risky ones admitted
-//! with warnings, malformed bodies get 400.
+//! with warnings, malformed bodies get 400, updates that would take an injected pod's sidecar
+//! away (image swapped, `kubectl debug` into its volumes or process) are refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -23,6 +24,7 @@ use tower::ServiceExt;
 
 const MUTATE: &str = "/mutate-pods";
 const VALIDATE: &str = "/validate-policies";
+const VALIDATE_PODS: &str = "/validate-pods";
 
 fn fixture(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name);
@@ -347,4 +349,65 @@ async fn malformed_bodies_get_400_with_the_reason() {
 
     let request = Request::builder().method(Method::GET).uri(MUTATE).body(Body::empty()).unwrap();
     assert_eq!(app.clone().oneshot(request).await.unwrap().status(), StatusCode::METHOD_NOT_ALLOWED);
+}
+
+/// The fixtures are UPDATEs of an injected pod as `kubectl set image pod/customer-api-0
+/// custos-sidecar=alpine/socat:1.8.0.0` and `kubectl debug -it customer-api-0
+/// --image=busybox:1.36 --target=custos-sidecar` send them.
+#[tokio::test]
+async fn updates_that_would_take_an_injected_pods_sidecar_away_are_refused() {
+    let (app, metrics) = app();
+    let swap = fixture("pod-update-sidecar-image.json");
+    let response = admit(&app, VALIDATE_PODS, &swap).await;
+    assert!(!response.allowed);
+    let status = response.status.unwrap();
+    assert_eq!(status.code, Some(403));
+    let message = status.message.unwrap();
+    assert!(message.contains("changes the image of the custos-sidecar container"), "{message}");
+
+    let debug = fixture("pod-update-debug-sidecar.json");
+    assert_eq!(debug["request"]["subResource"], "ephemeralcontainers");
+    let response = admit(&app, VALIDATE_PODS, &debug).await;
+    assert!(!response.allowed);
+    let message = response.status.unwrap().message.unwrap();
+    assert!(message.contains("debugger-x7k2p targets the custos-sidecar container"), "{message}");
+
+    // The same debug container aimed at the app is admitted; mounting the spool is not.
+    let mut at_app = debug.clone();
+    at_app["request"]["object"]["spec"]["ephemeralContainers"][0]["targetContainerName"] =
+        json!("customer-api");
+    assert!(admit(&app, VALIDATE_PODS, &at_app).await.allowed);
+    let mut spool = at_app.clone();
+    spool["request"]["object"]["spec"]["ephemeralContainers"][0]["volumeMounts"] =
+        json!([{"name": "custos-spool", "mountPath": "/spool"}]);
+    let message = admit(&app, VALIDATE_PODS, &spool).await.status.unwrap().message.unwrap();
+    assert!(message.contains("mounts custos-spool"), "{message}");
+
+    // Label edits and the app's own image: admitted.
+    let mut relabel = swap.clone();
+    relabel["request"]["object"] = relabel["request"]["oldObject"].clone();
+    relabel["request"]["object"]["metadata"]["labels"]["release"] = json!("canary");
+    relabel["request"]["object"]["spec"]["containers"][0]["image"] =
+        json!("registry.example/customer-api:1.5");
+    assert!(admit(&app, VALIDATE_PODS, &relabel).await.allowed);
+
+    // Not for this webhook: status updates, CREATE, other kinds.
+    let mut status_update = swap.clone();
+    status_update["request"]["subResource"] = json!("status");
+    assert!(admit(&app, VALIDATE_PODS, &status_update).await.allowed);
+    assert!(admit(&app, VALIDATE_PODS, &fixture("pod-selected.json")).await.allowed);
+    assert!(admit(&app, VALIDATE_PODS, &fixture("policy-valid.json")).await.allowed);
+
+    // Unreadable: refused, without quoting the object.
+    let mut broken = swap.clone();
+    broken["request"]["oldObject"]["spec"]["containers"] = json!("555-0100");
+    let response = admit(&app, VALIDATE_PODS, &broken).await;
+    assert!(!response.allowed);
+    let message = response.status.unwrap().message.unwrap();
+    assert!(message.contains("oldObject is not a valid Pod") && !message.contains("555-0100"), "{message}");
+
+    assert_eq!(metrics.admissions("validate-pods", "refused"), 3);
+    assert_eq!(metrics.admissions("validate-pods", "allowed"), 2);
+    assert_eq!(metrics.admissions("validate-pods", "ignored"), 3);
+    assert_eq!(metrics.admissions("validate-pods", "error"), 1);
 }

@@ -25,6 +25,9 @@
 //!    pod whose containers mount one of the sidecar's volumes is refused
 //!    ([`Refusal::SidecarVolumeMounted`]).
 //!
+//! Once the pod runs, [`check_update`] keeps its sidecar as injected: no image swap, no
+//! debug container in its volumes or its process namespace (see `inject/update.rs`).
+//!
 //! # Namespace-label injection without a selecting policy
 //!
 //! The sidecar is injected with no policy to enforce: it forwards every request to the app
@@ -62,6 +65,7 @@
 
 mod selection;
 mod sidecar;
+mod update;
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -82,6 +86,7 @@ pub use sidecar::{
     JWKS_DIR, MANAGED_ENV, POD_INFO_DIR, PROXY_PORT_NAME, SHUTDOWN_DELAY_SECONDS, SPOOL_DIR, is_managed_flag,
     shutdown_delay_seconds,
 };
+pub use update::{UpdateRefusal, check_update};
 
 /// Value of the namespace label [`NAMESPACE_INJECTION_LABEL`] that turns injection on for
 /// every pod of the namespace.

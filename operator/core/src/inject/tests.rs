@@ -805,3 +805,132 @@ fn containers_mounting_the_sidecars_volumes_are_refused() {
     pod.spec.as_mut().unwrap().containers[0].volume_mounts = mount("data");
     injected(run(&pod, &policies));
 }
+
+// ---- updates of an injected pod ------------------------------------------------------------
+
+fn mk_ephemeral(
+    name: &str,
+    target: Option<&str>,
+    mounts: &[&str],
+) -> k8s_openapi::api::core::v1::EphemeralContainer {
+    k8s_openapi::api::core::v1::EphemeralContainer {
+        name: name.to_string(),
+        image: Some("busybox:1.36".to_string()),
+        target_container_name: target.map(str::to_string),
+        volume_mounts: (!mounts.is_empty()).then(|| {
+            mounts
+                .iter()
+                .map(|v| k8s_openapi::api::core::v1::VolumeMount {
+                    name: v.to_string(),
+                    mount_path: format!("/mnt/{v}"),
+                    ..Default::default()
+                })
+                .collect()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An injected pod, regular or native sidecar.
+fn mk_injected(native: bool) -> Pod {
+    let (pod, policies) = app_selected();
+    let settings = InjectSettings {
+        native_sidecar: native,
+        collector_token_secret: Some("custos-collector-token".into()),
+        hash_key_secret: Some("custos-hash-key".into()),
+        ..InjectSettings::default()
+    };
+    injected(inject(&pod, NS, &BTreeMap::new(), &policies, &settings)).0
+}
+
+fn sidecar_mut(pod: &mut Pod) -> &mut Container {
+    let spec = pod.spec.as_mut().unwrap();
+    spec.containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten())
+        .find(|c| c.name == SIDECAR_CONTAINER)
+        .unwrap()
+}
+
+fn with_ephemeral(pod: &Pod, containers: Vec<k8s_openapi::api::core::v1::EphemeralContainer>) -> Pod {
+    let mut new = pod.clone();
+    new.spec.as_mut().unwrap().ephemeral_containers = Some(containers);
+    new
+}
+
+#[test]
+fn updates_that_keep_the_sidecar_as_injected_are_admitted() {
+    for native in [false, true] {
+        let old = mk_injected(native);
+        assert_eq!(check_update(&old, &old), None);
+        // The app's own image may change (kubectl set image app=...), labels too.
+        let mut new = old.clone();
+        new.spec.as_mut().unwrap().containers[0].image = Some("registry.example/customer-api:1.5".into());
+        new.metadata.labels.as_mut().unwrap().insert("release".into(), "canary".into());
+        assert_eq!(check_update(&old, &new), None);
+        // A debug container of its own, or targeting the app, with the app's volumes.
+        let debug = with_ephemeral(&old, vec![mk_ephemeral("debugger", Some("app"), &["data"])]);
+        assert_eq!(check_update(&old, &debug), None);
+        // Ephemeral containers already there are not judged again.
+        let old_with_bad = with_ephemeral(&old, vec![mk_ephemeral("old", Some(SIDECAR_CONTAINER), &[])]);
+        assert_eq!(check_update(&old_with_bad, &old_with_bad.clone()), None);
+    }
+    // A pod without the sidecar is not looked at.
+    let (plain, _) = app_selected();
+    let mut swapped = plain.clone();
+    swapped.spec.as_mut().unwrap().containers[0].image = Some("alpine/socat".into());
+    assert_eq!(check_update(&plain, &swapped), None);
+}
+
+#[test]
+fn updates_that_take_the_sidecar_away_are_refused() {
+    for native in [false, true] {
+        let old = mk_injected(native);
+
+        let mut new = old.clone();
+        sidecar_mut(&mut new).image = Some("alpine/socat:latest".into());
+        let refusal = check_update(&old, &new).expect("image swap");
+        assert_eq!(refusal, UpdateRefusal::SidecarChanged { field: "image" });
+        assert!(refusal.to_string().contains("image of the custos-sidecar container"), "{refusal}");
+
+        let mut new = old.clone();
+        sidecar_mut(&mut new).args = Some(vec!["sidecar".into(), "--config=/dev/null".into()]);
+        assert_eq!(check_update(&old, &new), Some(UpdateRefusal::SidecarChanged { field: "args" }));
+        let mut new = old.clone();
+        sidecar_mut(&mut new).command = Some(vec!["/bin/socat".into()]);
+        assert_eq!(check_update(&old, &new), Some(UpdateRefusal::SidecarChanged { field: "command" }));
+
+        let mut new = old.clone();
+        sidecar_mut(&mut new).name = "renamed".into();
+        assert_eq!(check_update(&old, &new), Some(UpdateRefusal::SidecarRemoved));
+
+        let sidecar = sidecar(&old).clone();
+        let volumes: Vec<String> = sidecar.volume_mounts.iter().flatten().map(|m| m.name.clone()).collect();
+        assert!(volumes.len() >= 4, "{volumes:?}");
+        for volume in &volumes {
+            let new = with_ephemeral(&old, vec![mk_ephemeral("debugger", Some("app"), &["data", volume])]);
+            assert_eq!(
+                check_update(&old, &new),
+                Some(UpdateRefusal::SidecarVolumeMounted {
+                    container: "debugger".into(),
+                    volume: volume.clone()
+                }),
+                "{volume}"
+            );
+        }
+        let new = with_ephemeral(&old, vec![mk_ephemeral("peek", Some(SIDECAR_CONTAINER), &[])]);
+        let refusal = check_update(&old, &new).expect("targets the sidecar");
+        assert_eq!(refusal, UpdateRefusal::SidecarTargeted { container: "peek".into() });
+        assert_eq!(refusal.label(), "sidecar-targeted");
+        // Added after an existing one: still judged.
+        let first = with_ephemeral(&old, vec![mk_ephemeral("a", None, &[])]);
+        let second = with_ephemeral(
+            &old,
+            vec![mk_ephemeral("a", None, &[]), mk_ephemeral("b", Some(SIDECAR_CONTAINER), &[])],
+        );
+        assert_eq!(
+            check_update(&first, &second),
+            Some(UpdateRefusal::SidecarTargeted { container: "b".into() })
+        );
+    }
+}
