@@ -106,6 +106,7 @@ async fn a_new_policy_gets_its_config_network_policy_finalizer_status_and_event(
         assert_eq!(condition(s, type_).status, "True", "{type_}: {s:#?}");
     }
     assert_eq!(condition(s, SIDECAR_BYPASS).status, "False");
+    assert_eq!(condition(s, SIDECAR_MISSING).status, "False");
 
     let compiled = events_with(&client, NS, "orders", REASON_COMPILED).await;
     assert_eq!(compiled.len(), 1);
@@ -519,4 +520,36 @@ async fn a_refused_network_policy_turns_its_condition_false_and_fails_the_reconc
     assert_eq!(events_with(&client, NS, "orders", REASON_NETWORK_POLICY_FAILED).await.len(), 1);
     // The config still went out.
     assert_eq!(sidecar_config(&client, NS).await.policies.len(), 2);
+}
+
+/// A pod created before its policy has no sidecar: the policy's status says so, with a Warning
+/// Event, until the pod is replaced.
+#[tokio::test]
+async fn selected_pods_without_the_sidecar_are_reported_until_replaced() {
+    let mut pods = shop_pods();
+    let mut old = mk_pod(NS, "orders-0", &[("app", "orders")], "orders", "10.0.0.9");
+    old.spec.as_mut().unwrap().containers.retain(|c| c.name != "custos-sidecar");
+    pods.push(old);
+    let client =
+        fake_api(Objects { policies: vec![mk_policy(NS, "orders")], pods, ..Objects::default() }, None).await;
+    let ctx = context(&client);
+    reconcile_namespace(&ctx, NS).await.unwrap();
+    let stored = policy(&client, NS, "orders").await;
+    let missing = condition(status(&stored), SIDECAR_MISSING);
+    assert_eq!((missing.status.as_str(), missing.reason.as_str()), ("True", REASON_PODS_WITHOUT_SIDECAR));
+    assert!(
+        missing.message.starts_with("1 of 3 selected running pods have no sidecar (orders-0)"),
+        "{}",
+        missing.message
+    );
+    assert_eq!(condition(status(&stored), READY).status, "True");
+    assert_eq!(events_with(&client, NS, "orders", REASON_SIDECAR_MISSING_EVENT).await.len(), 1);
+
+    // Replaced (the old pod gone): False again, no further Event.
+    Api::<Pod>::namespaced(client.clone(), NS).delete("orders-0", &Default::default()).await.unwrap();
+    reconcile_namespace(&ctx, NS).await.unwrap();
+    let stored = policy(&client, NS, "orders").await;
+    let missing = condition(status(&stored), SIDECAR_MISSING);
+    assert_eq!((missing.status.as_str(), missing.reason.as_str()), ("False", REASON_ALL_PODS_INJECTED));
+    assert_eq!(events_with(&client, NS, "orders", REASON_SIDECAR_MISSING_EVENT).await.len(), 1);
 }

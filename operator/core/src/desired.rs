@@ -40,7 +40,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference,
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
-use self::conditions::{BypassState, NetworkPolicyState, PolicyFacts};
+use self::conditions::{BypassState, NetworkPolicyState, PolicyFacts, SidecarState};
 use crate::inject::ADMIN_PORT_NAME;
 use crate::names::{
     CONFIG_KEY, CONFIG_MAP_NAME, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL, network_policy_name,
@@ -76,9 +76,9 @@ pub struct NamespaceSnapshot {
 /// The operator's cluster-wide choices that shape every namespace's objects.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Options {
-    /// Who may reach the sidecars' admin port (the container port named
-    /// [`ADMIN_PORT_NAME`]: `/metrics`, `/ready`, `/healthz`) through the NetworkPolicies derived from the policies, e.g. the monitoring
-    /// namespace's Prometheus. Empty: nobody; a policy's NetworkPolicy opens its proxy port
+    /// Who may reach the sidecars' admin port (the container port named [`ADMIN_PORT_NAME`]:
+    /// `/metrics`, `/ready`, `/healthz`) through the NetworkPolicies derived from the policies,
+    /// e.g. the monitoring namespace's Prometheus. Empty: nobody; a policy's NetworkPolicy opens its proxy port
     /// only, and where the cluster enforces it a Prometheus in another pod cannot scrape the
     /// sidecars (the kubelet's probes come from the node, which NetworkPolicies let through).
     pub sidecar_metrics_from: Vec<NetworkPolicyPeer>,
@@ -279,6 +279,11 @@ pub fn compute_with(
                 bypassing: bypass::bypassing(namespace, &policy.spec, &selected, &snapshot.network_policies),
             }
         };
+        let sidecar = if policy.spec.mode == Mode::Disabled {
+            SidecarState::Disabled
+        } else {
+            SidecarState::Checked { missing: pods::without_sidecar(&selected) }
+        };
         let facts = PolicyFacts {
             generation: policy.metadata.generation,
             rule_count: policy.spec.rules.len(),
@@ -296,6 +301,7 @@ pub fn compute_with(
             }),
             network_policy,
             bypass,
+            sidecar,
         };
         let status = conditions::status(policy.status.as_ref(), &facts, &now);
         events.extend(conditions::events(policy_name, policy.status.as_ref(), &status));

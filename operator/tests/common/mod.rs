@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use custos_api::{DataAccessPolicy, DataAccessPolicyStatus, SidecarConfig};
 use custos_operator::OperatorMetrics;
 use custos_operator::context::{Context, Settings};
-use custos_operator_core::names::{CONFIG_KEY, CONFIG_MAP_NAME, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL};
+use custos_operator_core::names::{
+    CONFIG_KEY, CONFIG_MAP_NAME, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL, SIDECAR_CONTAINER,
+};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::{
@@ -65,7 +67,8 @@ pub fn mk_invalid_policy(ns: &str, name: &str) -> DataAccessPolicy {
     )
 }
 
-/// A Running pod with one IP and an app container declaring port 8080 as `http`.
+/// A Running, injected pod with one IP: an app container declaring port 8080 as `http`, and the
+/// `custos-sidecar` container.
 pub fn mk_pod(ns: &str, name: &str, labels: &[(&str, &str)], service_account: &str, ip: &str) -> Pod {
     Pod {
         metadata: ObjectMeta {
@@ -76,16 +79,19 @@ pub fn mk_pod(ns: &str, name: &str, labels: &[(&str, &str)], service_account: &s
         },
         spec: Some(PodSpec {
             service_account_name: Some(service_account.into()),
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some("registry.example/app:1".into()),
-                ports: Some(vec![ContainerPort {
-                    container_port: 8080,
-                    name: Some("http".into()),
-                    ..ContainerPort::default()
-                }]),
-                ..Container::default()
-            }],
+            containers: vec![
+                Container {
+                    name: "app".into(),
+                    image: Some("registry.example/app:1".into()),
+                    ports: Some(vec![ContainerPort {
+                        container_port: 8080,
+                        name: Some("http".into()),
+                        ..ContainerPort::default()
+                    }]),
+                    ..Container::default()
+                },
+                Container { name: SIDECAR_CONTAINER.into(), ..Container::default() },
+            ],
             ..PodSpec::default()
         }),
         status: Some(PodStatus {

@@ -11,9 +11,12 @@
 //! | | False | the failing reason: `CompileError` or `ApplyFailed` |
 //! | `SidecarBypass` | True | `NetworkPolicyAdmitsAppPort` (message: the NetworkPolicies) |
 //! | | False | `NoBypass`, or `PolicyDisabled` (mode Disabled: not checked) |
+//! | `SidecarMissing` | True | `PodsWithoutSidecar` (message: how many, and the first pods' names) |
+//! | | False | `AllPodsInjected`, or `PolicyDisabled` (mode Disabled: not checked) |
 //!
-//! `SidecarBypass` is always present (False when nothing bypasses), so `kubectl get -o yaml`
-//! shows that the check ran; it is a warning and does not make `Ready` False.
+//! `SidecarBypass` and `SidecarMissing` are always present (False when all is well), so
+//! `kubectl get -o yaml` shows that the checks ran; they are warnings and do not make `Ready`
+//! False.
 //! `lastTransitionTime` changes only when a condition's status changes.
 
 use custos_api::DataAccessPolicyStatus;
@@ -30,6 +33,10 @@ pub const COMPILED: &str = "Compiled";
 pub const NETWORK_POLICY_APPLIED: &str = "NetworkPolicyApplied";
 /// Condition type: another NetworkPolicy admits traffic to the app port, around the sidecar.
 pub const SIDECAR_BYPASS: &str = "SidecarBypass";
+
+/// Condition type: some running pods the policy selects have no sidecar (created before the
+/// policy selected them, or admitted while injection was off).
+pub const SIDECAR_MISSING: &str = "SidecarMissing";
 
 /// Reason of `Ready` True.
 pub const REASON_READY: &str = "Ready";
@@ -54,6 +61,15 @@ pub const REASON_NO_BYPASS: &str = "NoBypass";
 pub const REASON_POLICY_DISABLED: &str = "PolicyDisabled";
 /// Reason of the Warning Event when `SidecarBypass` turns True (or names other policies).
 pub const REASON_SIDECAR_BYPASS_EVENT: &str = "SidecarBypass";
+/// Reason of `SidecarMissing` True.
+pub const REASON_PODS_WITHOUT_SIDECAR: &str = "PodsWithoutSidecar";
+/// Reason of `SidecarMissing` False.
+pub const REASON_ALL_PODS_INJECTED: &str = "AllPodsInjected";
+/// Reason of the Warning Event when `SidecarMissing` turns True.
+pub const REASON_SIDECAR_MISSING_EVENT: &str = "SidecarMissing";
+
+/// Pods named in the `SidecarMissing` message; the rest are counted.
+const MISSING_PODS_NAMED: usize = 5;
 
 /// Event notes are limited to 1 kB by the Events API.
 const MAX_NOTE_BYTES: usize = 1024;
@@ -76,6 +92,14 @@ pub(crate) enum BypassState {
     Checked { app_port: u16, bypassing: Vec<String> },
 }
 
+/// Whether the selected pods have the sidecar.
+pub(crate) enum SidecarState {
+    /// The policy is Disabled: not checked.
+    Disabled,
+    /// The names of the selected running pods without the sidecar, sorted.
+    Checked { missing: Vec<String> },
+}
+
 /// What the status of one policy is derived from.
 pub(crate) struct PolicyFacts<'a> {
     pub(crate) generation: Option<i64>,
@@ -86,6 +110,7 @@ pub(crate) struct PolicyFacts<'a> {
     pub(crate) compile_errors: Option<Vec<String>>,
     pub(crate) network_policy: NetworkPolicyState,
     pub(crate) bypass: BypassState,
+    pub(crate) sidecar: SidecarState,
 }
 
 /// The new status of a policy; conditions whose status does not change keep their
@@ -140,9 +165,39 @@ pub(crate) fn status(
             )
         }
     };
+    let sidecar = match &facts.sidecar {
+        SidecarState::Disabled => {
+            cond(SIDECAR_MISSING, false, REASON_POLICY_DISABLED, "mode is Disabled: not checked".into())
+        }
+        SidecarState::Checked { missing } if missing.is_empty() => cond(
+            SIDECAR_MISSING,
+            false,
+            REASON_ALL_PODS_INJECTED,
+            format!("all {} selected running pods have the sidecar", facts.selected_pods),
+        ),
+        SidecarState::Checked { missing } => {
+            let mut names = missing.iter().take(MISSING_PODS_NAMED).cloned().collect::<Vec<_>>().join(", ");
+            if missing.len() > MISSING_PODS_NAMED {
+                names.push_str(&format!(" and {} more", missing.len() - MISSING_PODS_NAMED));
+            }
+            cond(
+                SIDECAR_MISSING,
+                true,
+                REASON_PODS_WITHOUT_SIDECAR,
+                format!(
+                    "{} of {} selected running pods have no sidecar ({names}): they were created before the \
+                     policy selected them or while injection was off, and nothing enforces the policy in them \
+                     (the NetworkPolicy, where enforced, cuts them off instead); replace them, e.g. \
+                     kubectl rollout restart, to inject it",
+                    missing.len(),
+                    facts.selected_pods
+                ),
+            )
+        }
+    };
     let mut status = DataAccessPolicyStatus {
         observed_generation: facts.generation,
-        conditions: vec![compiled, network_policy, bypass],
+        conditions: vec![compiled, network_policy, bypass, sidecar],
         rule_count: Some(i32::try_from(facts.rule_count).unwrap_or(i32::MAX)),
         selected_pods: Some(i32::try_from(facts.selected_pods).unwrap_or(i32::MAX)),
         config_hash: facts.config_hash.map(str::to_string),
@@ -236,7 +291,9 @@ fn find<'a>(status: Option<&'a DataAccessPolicyStatus>, type_: &str) -> Option<&
 /// `Compiled` turns False or its message changes; Normal `Compiled` when the policy compiles
 /// into a config hash it was not part of before; Warning `NetworkPolicyApplyFailed` when the
 /// apply is refused (anew or for another reason); Warning `SidecarBypass` when `SidecarBypass`
-/// turns True or names other NetworkPolicies. Nothing when nothing changed.
+/// turns True or names other NetworkPolicies; Warning `SidecarMissing` when `SidecarMissing`
+/// turns True (not as its count moves, which it does through every rollout). Nothing when
+/// nothing changed.
 pub(crate) fn events(
     policy: &str,
     old: Option<&DataAccessPolicyStatus>,
@@ -282,6 +339,12 @@ pub(crate) fn events(
         && !same(find(old, SIDECAR_BYPASS), c)
     {
         push(EventType::Warning, REASON_SIDECAR_BYPASS_EVENT, &c.message);
+    }
+    if let Some(c) = find(Some(new), SIDECAR_MISSING)
+        && c.status == "True"
+        && find(old, SIDECAR_MISSING).is_none_or(|o| o.status != "True")
+    {
+        push(EventType::Warning, REASON_SIDECAR_MISSING_EVENT, &c.message);
     }
     events
 }

@@ -7,6 +7,7 @@ use custos_api::config::{PolicyConfig, WorkloadIdentity};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+use crate::names::SIDECAR_CONTAINER;
 use crate::selector::selector_matches;
 
 /// The labels of a pod (empty when it has none).
@@ -70,6 +71,22 @@ pub(crate) fn selected<'a>(pods: &'a [Pod], in_namespace: &str, selector: &Label
     pods.iter()
         .filter(|p| namespace(p) == in_namespace && is_running(p) && selector_matches(selector, labels(p)))
         .collect()
+}
+
+/// The names of `pods` that have no `custos-sidecar` container (regular or native), sorted.
+pub(crate) fn without_sidecar(pods: &[&Pod]) -> Vec<String> {
+    let has_sidecar = |pod: &Pod| {
+        pod.spec.as_ref().is_some_and(|s| {
+            s.containers.iter().chain(s.init_containers.iter().flatten()).any(|c| c.name == SIDECAR_CONTAINER)
+        })
+    };
+    let mut names: Vec<String> = pods
+        .iter()
+        .filter(|p| !has_sidecar(p))
+        .map(|p| p.metadata.name.clone().unwrap_or_default())
+        .collect();
+    names.sort();
+    names
 }
 
 /// The workload identity table of a namespace's config: one entry per IP of every running pod

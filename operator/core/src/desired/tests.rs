@@ -68,7 +68,7 @@ fn mk_invalid_policy(name: &str) -> DataAccessPolicy {
     )
 }
 
-/// A Running pod with an IP.
+/// A Running pod with an IP, injected (it has the `custos-sidecar` container).
 fn mk_pod(ns: &str, name: &str, labels: &[(&str, &str)], service_account: &str, ip: &str) -> Pod {
     Pod {
         metadata: ObjectMeta {
@@ -79,15 +79,18 @@ fn mk_pod(ns: &str, name: &str, labels: &[(&str, &str)], service_account: &str, 
         },
         spec: Some(PodSpec {
             service_account_name: Some(service_account.into()),
-            containers: vec![Container {
-                name: "app".into(),
-                ports: Some(vec![ContainerPort {
-                    container_port: 8080,
-                    name: Some("http".into()),
-                    ..ContainerPort::default()
-                }]),
-                ..Container::default()
-            }],
+            containers: vec![
+                Container {
+                    name: "app".into(),
+                    ports: Some(vec![ContainerPort {
+                        container_port: 8080,
+                        name: Some("http".into()),
+                        ..ContainerPort::default()
+                    }]),
+                    ..Container::default()
+                },
+                Container { name: crate::names::SIDECAR_CONTAINER.into(), ..Container::default() },
+            ],
             ..PodSpec::default()
         }),
         status: Some(PodStatus {
@@ -509,7 +512,7 @@ fn status_reports_generation_rules_and_ready() {
     assert_eq!(s.rule_count, Some(1));
     assert_eq!(s.selected_pods, Some(2));
     let types: Vec<_> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
-    assert_eq!(types, [READY, COMPILED, NETWORK_POLICY_APPLIED, SIDECAR_BYPASS]);
+    assert_eq!(types, [READY, COMPILED, NETWORK_POLICY_APPLIED, SIDECAR_BYPASS, SIDECAR_MISSING]);
     assert!(s.conditions.iter().all(|c| c.observed_generation == Some(7)));
     assert_eq!(cond(s, NETWORK_POLICY_APPLIED).reason, REASON_APPLIED);
     let bypass = cond(s, SIDECAR_BYPASS);
@@ -710,4 +713,63 @@ fn labels_alone_do_not_make_a_network_policy_ours() {
     assert!(message.contains("custos-other, open-app-port"), "{message}");
     let d = compute(&snapshot(vec![mk_policy("orders")], vec![], vec![spoofed, misnamed]), t(0)).unwrap();
     assert!(d.stale_network_policies.is_empty(), "{:?}", d.stale_network_policies);
+}
+
+/// A Running pod like [`mk_pod`] but without the sidecar (created before the policy).
+fn mk_uninjected_pod(name: &str, labels: &[(&str, &str)]) -> Pod {
+    let mut pod = mk_pod(NS, name, labels, "default", "10.0.9.9");
+    pod.spec.as_mut().unwrap().containers.retain(|c| c.name != crate::names::SIDECAR_CONTAINER);
+    pod
+}
+
+#[test]
+fn selected_pods_without_the_sidecar_are_reported_once() {
+    let orders = [("app", "orders")];
+    let injected = mk_pod(NS, "orders-a", &orders, "default", "10.0.0.1");
+    let mut native = mk_pod(NS, "orders-n", &orders, "default", "10.0.0.2");
+    let spec = native.spec.as_mut().unwrap();
+    let sidecar = spec.containers.pop().unwrap();
+    spec.init_containers = Some(vec![sidecar]);
+    let snap = snapshot(vec![mk_policy("orders")], vec![injected.clone(), native.clone()], vec![]);
+    let d = compute(&snap, t(0)).unwrap();
+    let c = cond(status_of(&d, "orders"), SIDECAR_MISSING);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_ALL_PODS_INJECTED));
+    assert_eq!(c.message, "all 2 selected running pods have the sidecar");
+
+    // Seven pods created before the policy: counted, the first five named.
+    let mut pods = vec![injected, native];
+    pods.extend((1..=7).map(|i| mk_uninjected_pod(&format!("orders-old-{i}"), &orders)));
+    let mut snap = snapshot(vec![mk_policy("orders")], pods, vec![]);
+    snap.policies[0].status = Some(status_of(&d, "orders").clone());
+    let d2 = compute(&snap, t(1)).unwrap();
+    let c = cond(status_of(&d2, "orders"), SIDECAR_MISSING);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", REASON_PODS_WITHOUT_SIDECAR));
+    assert!(
+        c.message.starts_with(
+            "7 of 9 selected running pods have no sidecar (orders-old-1, orders-old-2, orders-old-3, \
+             orders-old-4, orders-old-5 and 2 more)"
+        ),
+        "{}",
+        c.message
+    );
+    assert!(c.message.contains("kubectl rollout restart"), "{}", c.message);
+    assert_eq!(cond(status_of(&d2, "orders"), READY).status, "True", "a warning, not a failure");
+    let missing_events: Vec<_> =
+        d2.events.iter().filter(|e| e.reason == REASON_SIDECAR_MISSING_EVENT).collect();
+    assert_eq!(missing_events.len(), 1);
+    assert_eq!(missing_events[0].type_, EventType::Warning);
+
+    // The rollout goes on: fewer pods without it, no second Event.
+    snap.policies[0].status = Some(status_of(&d2, "orders").clone());
+    snap.pods.retain(|p| p.metadata.name.as_deref() != Some("orders-old-7"));
+    let d3 = compute(&snap, t(2)).unwrap();
+    assert!(cond(status_of(&d3, "orders"), SIDECAR_MISSING).message.starts_with("6 of 8"));
+    assert!(d3.events.iter().all(|e| e.reason != REASON_SIDECAR_MISSING_EVENT), "{:?}", d3.events);
+
+    // A Disabled policy is not checked.
+    let mut disabled = mk_policy("orders");
+    disabled.spec.mode = custos_api::policy::Mode::Disabled;
+    let d = compute(&snapshot(vec![disabled], snap.pods.clone(), vec![]), t(0)).unwrap();
+    let c = cond(status_of(&d, "orders"), SIDECAR_MISSING);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_POLICY_DISABLED));
 }
