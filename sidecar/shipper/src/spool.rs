@@ -24,6 +24,11 @@
 //! so one bad record never hides the ones behind it; a torn record at the end of a segment (crash
 //! mid-write) is truncated away and counted. Fully written records are never lost.
 //!
+//! - `lock`: held (an exclusive `flock`) while a spool is open, so that a second process given
+//!   the same directory refuses to start instead of interleaving its records with the first's
+//!   and deleting what the other has not shipped. The lock goes with the process, even on a
+//!   crash.
+//!
 //! `max_bytes` bounds the disk used by the segment files. Acknowledged records are reclaimed a
 //! segment at a time, and all at once when the spool becomes empty.
 
@@ -40,6 +45,7 @@ const VERSION: u8 = 1;
 pub(crate) const HEADER_LEN: u64 = 16;
 const ACK_FILE: &str = "ack";
 const ACK_TMP_FILE: &str = "ack.tmp";
+const LOCK_FILE: &str = "lock";
 const SEGMENT_PREFIX: &str = "segment-";
 const SEGMENT_SUFFIX: &str = ".log";
 
@@ -100,6 +106,8 @@ pub(crate) struct Spool {
     next_segment: u64,
     pending_events: u64,
     metrics: ShipperMetrics,
+    /// The locked `lock` file: held while the spool is open.
+    _lock: File,
 }
 
 impl std::fmt::Debug for Spool {
@@ -204,8 +212,27 @@ fn damaged_events(data: &[u8], pos: usize, end: usize) -> u64 {
     lines.max(1)
 }
 
+/// Takes the spool directory's lock, or fails when another open spool (in this process or
+/// another) holds it.
+fn lock(dir: &Path) -> io::Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!(
+                "another process uses this spool ({} is locked); give each sidecar a --spool-dir of its own",
+                path.display()
+            ),
+        )),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 impl Spool {
-    /// Opens (creating it if needed) and recovers the spool in `dir`.
+    /// Opens (creating it if needed) and recovers the spool in `dir`. Fails when another open
+    /// spool holds the directory's lock.
     pub(crate) fn open(
         dir: &Path,
         max_bytes: u64,
@@ -213,6 +240,7 @@ impl Spool {
         metrics: ShipperMetrics,
     ) -> io::Result<(Spool, Recovery)> {
         fs::create_dir_all(dir)?;
+        let lock = lock(dir)?;
         let mut ids = Vec::new();
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
@@ -237,6 +265,7 @@ impl Spool {
             next_segment: ids.last().map_or(1, |last| last + 1),
             pending_events: 0,
             metrics,
+            _lock: lock,
         };
         let mut recovery = Recovery::default();
         for id in ids {
@@ -641,6 +670,25 @@ mod tests {
         }
         assert!(spool.head().unwrap().is_none());
         assert_eq!(metrics.events_dropped(DropReason::Corrupt), 2);
+    }
+
+    /// A second spool on the same directory (another sidecar given the same --spool-dir) is
+    /// refused while the first is open, and the first's records are untouched; once it is
+    /// closed the directory opens again with them.
+    #[test]
+    fn a_spool_directory_serves_one_spool_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut first, _, _) = open(dir.path(), 1 << 20, 1 << 20);
+        first.append(&payload(0), 2).unwrap();
+        let error = Spool::open(dir.path(), 1 << 20, 1 << 20, ShipperMetrics::new()).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::WouldBlock);
+        assert!(error.to_string().contains("another process uses this spool"), "{error}");
+        assert!(error.to_string().contains("--spool-dir"), "{error}");
+        first.append(&payload(1), 2).unwrap();
+        drop(first);
+        let (mut again, recovery, _) = open(dir.path(), 1 << 20, 1 << 20);
+        assert_eq!((recovery.records, recovery.corrupt_records), (2, 0));
+        assert_eq!(drain(&mut again), vec![payload(0), payload(1)]);
     }
 
     /// A roll that fails (here: a file already holds the next segment's name) costs that
