@@ -213,7 +213,8 @@ fn damaged_events(data: &[u8], pos: usize, end: usize) -> u64 {
 }
 
 /// Takes the spool directory's lock, or fails when another open spool (in this process or
-/// another) holds it.
+/// another) holds it. A file system that cannot lock (some network file systems) gets a
+/// warning, not a refusal: the lock guards against a misconfiguration, the spool works without.
 fn lock(dir: &Path) -> io::Result<File> {
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
@@ -226,7 +227,13 @@ fn lock(dir: &Path) -> io::Result<File> {
                 path.display()
             ),
         )),
-        Err(fs::TryLockError::Error(e)) => Err(e),
+        Err(fs::TryLockError::Error(error)) => {
+            tracing::warn!(
+                file = %path.display(), error = %error,
+                "audit spool: cannot lock the spool directory; make sure no other sidecar uses it"
+            );
+            Ok(file)
+        }
     }
 }
 
