@@ -1,7 +1,8 @@
 //! The operator's scenarios against a real cluster with Custos installed (`make e2e`): the
 //! reconcile and webhook scenarios of `operator/tests/` (create, update, two policies in a
 //! namespace, pods coming and going, delete, injection and re-admission, namespace-label
-//! injection, admission denial, bypass warning) on a real API server. Each
+//! injection, admission denial, bypass warning, updates of injected pods refused, pods without
+//! their sidecar reported) on a real API server. Each
 //! test creates its own namespace and deletes it at the end. They wait for the cluster to
 //! converge (bounded polling, 60 s) rather than for fixed times.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -370,6 +371,74 @@ async fn bypassing_networkpolicy_is_flagged() {
         let p = s.api::<DataAccessPolicy>().get("customers").await.ok()?;
         let (status, message) = condition(&p, "SidecarBypass")?;
         (status == "True" && message.contains("allow-app-port")).then_some(())
+    })
+    .await;
+    s.finish().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster with Custos installed: make e2e"]
+async fn an_injected_pods_sidecar_cannot_be_swapped_or_debugged() {
+    let s = Scenario::new("update").await;
+    s.apply_policy("customers", spec("customer-api")).await.unwrap();
+    ready_policy(&s, "customers").await;
+    let pods = s.api::<Pod>();
+    let injected =
+        pods.create(&PostParams::default(), &pod("guarded", "customer-api", json!({}))).await.unwrap();
+    assert!(container_names(&injected).contains(&"custos-sidecar".to_string()));
+
+    // kubectl set image pod/guarded custos-sidecar=alpine/socat
+    let swap = json!({"spec": {"containers": [{"name": "custos-sidecar", "image": "alpine/socat:1.8.0.0"}]}});
+    let refused = pods
+        .patch("guarded", &PatchParams::default(), &Patch::Strategic(&swap))
+        .await
+        .expect_err("the sidecar's image cannot be swapped");
+    assert!(refused.to_string().contains("changes the image of the custos-sidecar container"), "{refused}");
+
+    // kubectl debug -it guarded --image=busybox --target=custos-sidecar
+    let debug = json!({"spec": {"ephemeralContainers": [{
+        "name": "debugger", "image": "busybox:1.36", "targetContainerName": "custos-sidecar"
+    }]}});
+    let refused = pods
+        .patch_ephemeral_containers("guarded", &PatchParams::default(), &Patch::Strategic(&debug))
+        .await
+        .expect_err("a debug container cannot target the sidecar");
+    assert!(refused.to_string().contains("targets the custos-sidecar container"), "{refused}");
+
+    // Into the app's container, and a label edit: admitted.
+    let debug_app = json!({"spec": {"ephemeralContainers": [{
+        "name": "debugger", "image": "busybox:1.36", "targetContainerName": "app"
+    }]}});
+    pods.patch_ephemeral_containers("guarded", &PatchParams::default(), &Patch::Strategic(&debug_app))
+        .await
+        .unwrap();
+    let label = json!({"metadata": {"labels": {"release": "canary"}}});
+    pods.patch("guarded", &PatchParams::default(), &Patch::Merge(&label)).await.unwrap();
+    s.finish().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster with Custos installed: make e2e"]
+async fn pods_running_before_their_policy_are_reported_without_a_sidecar() {
+    let s = Scenario::new("missing").await;
+    // Created before any policy selects it: no sidecar.
+    let early = s.api::<Pod>().create(&PostParams::default(), &pod("early", "customer-api", json!({}))).await;
+    assert_eq!(container_names(&early.unwrap()), ["app"]);
+    s.apply_policy("customers", spec("customer-api")).await.unwrap();
+    eventually("SidecarMissing=True naming the early pod", || async {
+        let p = s.api::<DataAccessPolicy>().get("customers").await.ok()?;
+        let (status, message) = condition(&p, "SidecarMissing")?;
+        (status == "True" && message.contains("(early)")).then_some(())
+    })
+    .await;
+    s.api::<Pod>()
+        .delete("early", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+        .await
+        .unwrap();
+    eventually("SidecarMissing=False once it is gone", || async {
+        let p = s.api::<DataAccessPolicy>().get("customers").await.ok()?;
+        let (status, _) = condition(&p, "SidecarMissing")?;
+        (status == "False").then_some(())
     })
     .await;
     s.finish().await;
