@@ -194,16 +194,103 @@ pub(crate) struct Prepared {
     pub records: Vec<RecordKey>,
 }
 
+/// Longest event id accepted (ULIDs have 26 characters): ids are kept, indexed and deduplicated.
+pub const MAX_ID_BYTES: usize = 128;
+/// Longest principal accepted: indexed (PostgreSQL refuses btree entries over 2,704 bytes).
+pub const MAX_PRINCIPAL_BYTES: usize = 1024;
+/// Longest namespace, policy or rule name accepted (Kubernetes names are at most 253).
+pub const MAX_NAME_BYTES: usize = 253;
+/// How far in the future an event's time may be (clock skew between nodes): a later time
+/// would hold back retention and blind the detectors' windows.
+pub const MAX_FUTURE_SKEW_US: i64 = 10 * 60 * 1_000_000;
+/// Records one response may claim (per counter): sums over many events must fit in 64 bits.
+pub const MAX_RECORDS_PER_EVENT: u64 = u32::MAX as u64;
+/// Distinct days one batch may span: PostgreSQL creates a day's partitions in the ingest
+/// transaction. A sender splits a refused batch, so its events still arrive.
+pub const MAX_DAYS_PER_BATCH: usize = 32;
+
 /// Validates a batch up front (so that a bad event rejects the batch before anything is
-/// written) and returns the columns of each event.
+/// written) and returns the columns of each event. Beyond what makes an event storable
+/// ([`Columns::of`], which verification also applies to stored rows), an event ingested now
+/// must be admissible ([`admissible`]).
 pub(crate) fn validate(events: &[AuditEvent]) -> Result<Vec<Columns>, Error> {
+    let now_us = chrono::Utc::now().timestamp_micros();
+    let mut days = std::collections::BTreeSet::new();
     events
         .iter()
         .enumerate()
         .map(|(index, e)| {
-            Columns::of(e).map_err(|reason| Error::InvalidEvent { index, reason: reason.to_owned() })
+            let invalid = |reason: &str| Error::InvalidEvent { index, reason: reason.to_owned() };
+            let columns = Columns::of(e).map_err(invalid)?;
+            admissible(e, &columns, now_us).map_err(invalid)?;
+            days.insert(columns.time_us.div_euclid(86_400_000_000));
+            if days.len() > MAX_DAYS_PER_BATCH {
+                return Err(invalid("the batch spans more than 32 days; send it in smaller batches"));
+            }
+            Ok(columns)
         })
         .collect()
+}
+
+/// Whether an event may be ingested now (`now_us`): bounded fields (the stores index some,
+/// and PostgreSQL refuses NUL characters, which SQLite would take, so a batch must not be
+/// refused by one and stored by the other), record hashes that are hashes, and a time not
+/// ahead of the clock. The reason names the field, never its value.
+pub(crate) fn admissible(e: &AuditEvent, columns: &Columns, now_us: i64) -> Result<(), &'static str> {
+    if e.id.len() > MAX_ID_BYTES {
+        return Err("id is longer than 128 bytes");
+    }
+    if e.principal.len() > MAX_PRINCIPAL_BYTES {
+        return Err("principal is longer than 1024 bytes");
+    }
+    for (value, reason) in [
+        (Some(&e.namespace), "namespace is longer than 253 bytes"),
+        (e.policy.as_ref(), "policy is longer than 253 bytes"),
+        (e.rule.as_ref(), "rule is longer than 253 bytes"),
+        (e.pod.as_ref(), "pod is longer than 253 bytes"),
+        (e.cluster.as_ref(), "cluster is longer than 253 bytes"),
+    ] {
+        if value.is_some_and(|v| v.len() > MAX_NAME_BYTES) {
+            return Err(reason);
+        }
+    }
+    if has_nul(e) {
+        return Err("a string field holds a NUL character (U+0000)");
+    }
+    if !e
+        .record_hashes
+        .iter()
+        .all(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    {
+        return Err("recordHashes must be 64 lowercase hex digits each (keyed hashes, never raw ids)");
+    }
+    if [e.records_returned, e.records_filtered, e.records_truncated]
+        .iter()
+        .any(|&n| n > MAX_RECORDS_PER_EVENT)
+    {
+        return Err("a records count is above 4294967295");
+    }
+    if columns.time_us > now_us.saturating_add(MAX_FUTURE_SKEW_US) {
+        return Err("time is more than 10 minutes ahead of the collector's clock");
+    }
+    Ok(())
+}
+
+/// Whether any string of the event holds U+0000.
+fn has_nul(e: &AuditEvent) -> bool {
+    let nul = |s: &str| s.contains('\0');
+    let user = e
+        .user
+        .iter()
+        .flat_map(|u| std::iter::once(&u.id).chain(u.attributes.iter().flat_map(|(k, v)| [k, v])));
+    let caller = e.caller.iter().flat_map(|c| [&c.namespace, &c.service_account]);
+    [&e.id, &e.time, &e.namespace, &e.principal, &e.method, &e.path, &e.reason]
+        .into_iter()
+        .chain([&e.cluster, &e.policy, &e.rule, &e.pod, &e.trace_id].into_iter().flatten())
+        .chain(user)
+        .chain(caller)
+        .chain(e.masked.keys())
+        .any(|s| nul(s))
 }
 
 /// An event serialised for storage, everything but its place in the chain: prepared before

@@ -353,6 +353,26 @@ impl AnyStore {
         }
     }
 
+    /// Stores a batch as versions before 2026-12-06 did, without [`chain::admissible`]'s
+    /// checks (bounded fields, hex record hashes, times not ahead of the clock): only for tests
+    /// of the conversion of stores those versions wrote, which may hold such events.
+    #[doc(hidden)]
+    pub async fn ingest_as_before_admission_checks(&self, events: &[AuditEvent]) -> Result<IngestOutcome> {
+        let columns = events
+            .iter()
+            .enumerate()
+            .map(|(index, e)| {
+                chain::Columns::of(e)
+                    .map_err(|reason| Error::InvalidEvent { index, reason: reason.to_owned() })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let batch = chain::unlinked(events, columns)?;
+        match self {
+            AnyStore::Sqlite(s) => s.ingest(batch).await,
+            AnyStore::Postgres(s) => s.ingest(events, batch).await,
+        }
+    }
+
     /// The chain head: the seq and hash of the last ingested event.
     pub async fn head(&self) -> Result<ChainHead> {
         let (head, _) = dispatch!(self, s => s.head_and_anchor().await)?;

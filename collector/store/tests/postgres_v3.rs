@@ -14,7 +14,14 @@ async fn a_v2_store_with_events_converts_verifies_and_answers_subject_queries() 
     let Some(env) = Env::postgres().await else { return };
     {
         let store = env.open().await;
-        assert_eq!(store.ingest(&conversion_events(Duration::hours(2))).await.unwrap().accepted, 30);
+        assert_eq!(
+            store
+                .ingest_as_before_admission_checks(&conversion_events(Duration::hours(2)))
+                .await
+                .unwrap()
+                .accepted,
+            30
+        );
     }
     env.raw(common::POSTGRES_RECORDS_BACK_TO_V2).await;
     assert_eq!(env.count("SELECT COUNT(*) FROM event_records WHERE record_hash = 'h'").await, 1);

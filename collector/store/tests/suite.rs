@@ -40,6 +40,7 @@ suite!(
     ingest_is_idempotent,
     partial_overlap_and_in_batch_duplicates,
     invalid_event_rejects_the_batch,
+    inadmissible_events_are_refused_alike_by_both_stores,
     durable_across_reopen,
     verify_clean_chain,
     verify_catches_edited_rows,
@@ -120,6 +121,62 @@ async fn invalid_event_rejects_the_batch(env: &Env) {
     assert!(matches!(store.ingest(&batch).await, Err(Error::InvalidEvent { index: 2, .. })));
     assert!(all_ids(&store).await.is_empty());
     assert!(matches!(custos_store::open("mysql://x").await, Err(Error::BadUrl)));
+}
+
+/// What PostgreSQL would refuse (NUL, index entries over its btree limit) and what would harm
+/// the store (times ahead of the clock, sums past 64 bits, raw ids as record hashes, a batch
+/// over many days) is refused by both stores alike, as a bad event naming the field, never
+/// its value; nothing of the batch is stored.
+async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
+    let store = env.open().await;
+    type Edit = fn(&mut custos_api::AuditEvent);
+    let cases: [(Edit, &str); 11] = [
+        (|e| e.id = "x".repeat(129), "id is longer than 128 bytes"),
+        (|e| e.principal = format!("user:{}", "u".repeat(3000)), "principal is longer than 1024 bytes"),
+        (|e| e.policy = Some("p".repeat(254)), "policy is longer than 253 bytes"),
+        (|e| e.namespace = "n".repeat(254), "namespace is longer than 253 bytes"),
+        (|e| e.path = "/customers/\0/export".into(), "NUL character"),
+        (
+            |e| {
+                e.user
+                    .as_mut()
+                    .unwrap()
+                    .attributes
+                    .insert("branch".into(), "no\0rth".into())
+                    .map(drop)
+                    .unwrap_or(())
+            },
+            "NUL character",
+        ),
+        (|e| e.record_hashes = vec!["13800138000".into()], "recordHashes must be 64 lowercase hex digits"),
+        (|e| e.record_hashes = vec!["A".repeat(64)], "recordHashes must be 64 lowercase hex digits"),
+        (|e| e.records_returned = 1 << 62, "a records count is above"),
+        (|e| e.time = rfc3339(chrono::Utc::now() + Duration::minutes(11)), "more than 10 minutes ahead"),
+        (|e| e.time = "2100-01-01T00:00:00Z".into(), "more than 10 minutes ahead"),
+    ];
+    for (edit, needle) in cases {
+        let mut batch = events("bad", 3);
+        edit(&mut batch[1]);
+        match store.ingest(&batch).await {
+            Err(Error::InvalidEvent { index: 1, reason }) => {
+                assert!(reason.contains(needle), "{needle}: {reason}");
+                assert!(!reason.contains("13800138000") && !reason.contains("no\0rth"), "{reason}");
+            }
+            other => panic!("{needle}: expected InvalidEvent at 1, got {other:?}"),
+        }
+    }
+    // Within the bounds: stored.
+    let mut fine = events("ok", 3);
+    fine[0].id = "x".repeat(128);
+    fine[1].time = rfc3339(chrono::Utc::now() + Duration::minutes(9));
+    fine[2].records_returned = u64::from(u32::MAX);
+    fine[2].record_hashes = vec![common::subject_hash(7)];
+    assert_eq!(store.ingest(&fine).await.unwrap().accepted, 3);
+    // One batch over 33 days: refused (a sender splits it); 32 days pass.
+    let spread: Vec<_> = (0..33).map(|d| event(&format!("d{d:02}"), t0() + Duration::days(d))).collect();
+    assert!(matches!(store.ingest(&spread).await, Err(Error::InvalidEvent { index: 32, .. })));
+    assert_eq!(store.ingest(&spread[..32]).await.unwrap().accepted, 32);
+    assert_eq!(all_ids(&store).await.len(), 35);
 }
 
 async fn durable_across_reopen(env: &Env) {
