@@ -45,11 +45,17 @@ pub(crate) fn validate(payload: &[u8], settings: &VerifierSettings, now: f64) ->
         Some(Value::String(id)) if !id.is_empty() => id.clone(),
         _ => return Err(JwtError::MissingIdClaim { claim: settings.id_claim.clone() }),
     };
-    let attributes: BTreeMap<String, String> = settings
-        .attributes
-        .iter()
-        .filter_map(|(attribute, claim)| Some((attribute.clone(), attribute_value(claims.get(claim)?)?)))
-        .collect();
+    if id.len() > crate::MAX_ID_BYTES || id.chars().any(char::is_control) {
+        return Err(JwtError::UnusableClaim { claim: settings.id_claim.clone() });
+    }
+    let mut attributes = BTreeMap::new();
+    for (attribute, claim) in &settings.attributes {
+        let Some(value) = claims.get(claim).and_then(attribute_value) else { continue };
+        if value.len() > crate::MAX_ATTRIBUTE_BYTES || value.contains('\0') {
+            return Err(JwtError::UnusableClaim { claim: claim.clone() });
+        }
+        attributes.insert(attribute.clone(), value);
+    }
     Ok(User { id, attributes })
 }
 
@@ -165,5 +171,26 @@ mod tests {
             assert_eq!(user.attributes.get("role").map(String::as_str), expected);
         }
         assert_eq!(validate(b"[1]", &settings(), 0.0).unwrap_err().code(), "malformed_token");
+    }
+
+    /// A user whose id or attributes the audit trail could not hold (the collector refuses
+    /// NUL characters and principals over 1 KiB) is refused, not let through unaudited.
+    #[test]
+    fn ids_and_attributes_the_audit_trail_cannot_hold_are_refused() {
+        let unusable = |claim: &str| JwtError::UnusableClaim { claim: claim.into() };
+        assert_eq!(check(with("sub", json!("u".repeat(256))), 0.0).unwrap().id.len(), 256);
+        for sub in [json!("u".repeat(257)), json!("u\u{0}x"), json!("u\nx"), json!("u\u{85}x")] {
+            assert_eq!(check(with("sub", sub.clone()), 0.0).unwrap_err(), unusable("sub"), "{sub}");
+        }
+        let long = "b".repeat(crate::MAX_ATTRIBUTE_BYTES);
+        assert_eq!(check(with("branch_id", json!(long)), 0.0).unwrap().attributes["branch"].len(), 1024);
+        for value in [json!("b".repeat(1025)), json!("no\u{0}rth")] {
+            assert_eq!(
+                check(with("branch_id", value.clone()), 0.0).unwrap_err(),
+                unusable("branch_id"),
+                "{value}"
+            );
+        }
+        assert_eq!(unusable("sub").code(), "invalid_claim");
     }
 }

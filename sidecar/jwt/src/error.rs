@@ -68,6 +68,15 @@ pub enum JwtError {
         /// The configured id claim name (not its value).
         claim: String,
     },
+    /// The id claim or a mapped attribute claim cannot be recorded: the id is longer than
+    /// [`MAX_ID_BYTES`](crate::MAX_ID_BYTES) or holds control characters, an attribute is longer
+    /// than [`MAX_ATTRIBUTE_BYTES`](crate::MAX_ATTRIBUTE_BYTES) or holds NUL. Such a user would
+    /// make their own audit events ones the collector refuses.
+    #[error("token claim `{claim}` is too long or holds control characters")]
+    UnusableClaim {
+        /// The claim name (not its value).
+        claim: String,
+    },
     /// The JWKS has never been loaded (the URL was never fetched successfully).
     #[error("the JWKS is not available yet")]
     JwksUnavailable,
@@ -107,7 +116,7 @@ impl JwtError {
             JwtError::Expired => "expired",
             JwtError::NotYetValid => "not_yet_valid",
             JwtError::MissingExpiry => "missing_exp",
-            JwtError::InvalidClaim(_) => "invalid_claim",
+            JwtError::InvalidClaim(_) | JwtError::UnusableClaim { .. } => "invalid_claim",
             JwtError::InvalidIssuer => "invalid_issuer",
             JwtError::InvalidAudience => "invalid_audience",
             JwtError::MissingIdClaim { .. } => "missing_id_claim",

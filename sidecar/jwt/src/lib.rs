@@ -76,6 +76,11 @@ use source::{FileWatch, Keys, Remote};
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 /// Default claim holding the user id.
 pub const DEFAULT_ID_CLAIM: &str = "sub";
+/// Longest user id accepted (bytes): the audit event's principal is `user:<id>`, which the
+/// collector indexes and bounds at 1 KiB.
+pub const MAX_ID_BYTES: usize = 256;
+/// Longest attribute value accepted (bytes).
+pub const MAX_ATTRIBUTE_BYTES: usize = 1024;
 /// Default interval between JWKS URL fetches.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
 /// Default time-out of one JWKS URL fetch (connect, headers and body).
