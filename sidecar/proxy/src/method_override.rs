@@ -1,9 +1,18 @@
 //! Method overrides by parameter: `_method=DELETE` in the query or in a form body makes
 //! Rack (Rails), Laravel, Symfony and Express's `method-override` run a POST as the method it
 //! names, which the policy never decided; Laravel reads it from a JSON body too. Like the
-//! override headers, such a POST is refused. Only POSTs are checked: the frameworks honour
-//! the parameter on nothing else. PHP turns a leading `.`, space or `[` of a parameter name
-//! into `_`, so `.method` is `_method` to Laravel and Symfony and is refused as well.
+//! override headers, such a POST is refused. Only POSTs are checked (in any letter case:
+//! Symfony upper-cases the method first): the frameworks honour the parameter on nothing else.
+//!
+//! Names are read as PHP reads them, which is the most lenient: percent-decoded (`+` a space),
+//! leading spaces dropped, cut at a NUL or at `[` (an array), spaces and dots turned into `_`;
+//! so ` _method`, `.method`, `_method%00x` and `_method[]` are `_method` to Laravel and Symfony
+//! and are refused as well (so are a few names PHP would not read so, such as `[method`: on
+//! the safe side). Bodies are read by what the frameworks accept, not only by the declared
+//! type: a type with any `json` in it is JSON (Laravel), `multipart/*` is multipart (Rack), and
+//! anything else, a missing type included, is read as a form (Rack parses a form without a
+//! type; PHP and Rack cut a type at `,`). A declared form the sidecar did not read whole (over
+//! the request buffer) is refused by the proxy ([`is_declared_form`]).
 
 use http::HeaderValue;
 
@@ -16,35 +25,63 @@ pub(crate) fn query_names_a_method(query: &str) -> bool {
     form_names_a_method(query.as_bytes())
 }
 
-/// Whether a POST body of `content_type` carries a `_method` field: a form
-/// (`application/x-www-form-urlencoded`) parameter, a `multipart/form-data` part named
-/// `_method`, or a top-level `"_method"` key of a JSON object (Laravel). Other bodies are
-/// never read.
-pub(crate) fn body_names_a_method(content_type: Option<&HeaderValue>, body: &[u8]) -> bool {
-    let Some(media) = content_type.and_then(|v| v.to_str().ok()) else { return false };
-    let media = media.split(';').next().unwrap_or("").trim();
-    if media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
-        form_names_a_method(body)
-    } else if media.eq_ignore_ascii_case("multipart/form-data") {
-        multipart_names_a_method(body)
-    } else if media.eq_ignore_ascii_case("application/json") || media.to_ascii_lowercase().ends_with("+json")
-    {
-        json_names_a_method(body)
+/// Whether `method` is POST, in any letter case.
+pub(crate) fn is_post(method: &http::Method) -> bool {
+    method.as_str().eq_ignore_ascii_case("POST")
+}
+
+/// How a framework could read a POST body of some declared type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BodyKind {
+    /// A type with `json` in it.
+    Json,
+    /// `multipart/*`.
+    Multipart,
+    /// Anything else, a missing or unreadable type included.
+    Form,
+}
+
+/// The media type of `content_type`, lower case, cut at `;` and `,`.
+fn media_type(content_type: Option<&HeaderValue>) -> String {
+    let media =
+        content_type.map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase()).unwrap_or_default();
+    media.split([';', ',']).next().unwrap_or("").trim().to_string()
+}
+
+/// Whether `content_type` declares a URL-encoded form.
+pub(crate) fn is_declared_form(content_type: Option<&HeaderValue>) -> bool {
+    media_type(content_type) == "application/x-www-form-urlencoded"
+}
+
+/// The kind of a body of `content_type` (see the [module documentation](self)).
+pub(crate) fn body_kind(content_type: Option<&HeaderValue>) -> BodyKind {
+    let media = media_type(content_type);
+    if media.contains("json") {
+        BodyKind::Json
+    } else if media.starts_with("multipart/") {
+        BodyKind::Multipart
     } else {
-        false
+        BodyKind::Form
     }
 }
 
-/// A top-level `"_method"` key of a JSON object, not null (invalid JSON names nothing).
-fn json_names_a_method(body: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        #[serde(rename = "_method")]
-        method: Option<serde::de::IgnoredAny>,
+/// Whether a POST body of `content_type` carries a `_method` field: a form parameter, a
+/// multipart part named `_method`, or a top-level `"_method"` key of a JSON object (Laravel),
+/// by [`body_kind`].
+pub(crate) fn body_names_a_method(content_type: Option<&HeaderValue>, body: &[u8]) -> bool {
+    match body_kind(content_type) {
+        BodyKind::Json => json_names_a_method(body),
+        BodyKind::Multipart => multipart_names_a_method(body),
+        BodyKind::Form => form_names_a_method(body),
     }
-    // An object only: serde would also read a struct from an array, field by position.
+}
+
+/// A top-level `"_method"` key of a JSON object, not null, the last one when it repeats (as
+/// PHP keeps it). Invalid JSON names nothing (the frameworks read no parameters from it).
+fn json_names_a_method(body: &[u8]) -> bool {
     body.trim_ascii_start().starts_with(b"{")
-        && serde_json::from_slice::<Probe>(body).is_ok_and(|p| p.method.is_some())
+        && serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
+            .is_ok_and(|object| object.get("_method").is_some_and(|v| !v.is_null()))
 }
 
 /// `a=1&_method=DELETE`: any parameter whose decoded name is `_method` as PHP reads it.
@@ -55,12 +92,26 @@ fn form_names_a_method(form: &[u8]) -> bool {
     })
 }
 
-/// Whether `name` is `_method` as PHP reads parameter names: a leading `.`, space or `[`
-/// becomes `_` (ASCII case ignored).
+/// Whether the decoded `name` is `_method` as PHP reads parameter names (ASCII case ignored):
+/// leading spaces dropped, cut at NUL and at a `[` after the first byte, spaces and dots
+/// (and a leading `[`) turned into `_`. The name is also tried without dropping the leading
+/// spaces (` method`), on the safe side.
 fn is_method_name(name: &[u8]) -> bool {
-    name.len() == PARAMETER.len()
-        && matches!(name[0], b'_' | b'.' | b' ' | b'[')
-        && name[1..].eq_ignore_ascii_case(&PARAMETER[1..])
+    let php = |name: &[u8]| {
+        let name = name.split(|&b| b == 0).next().unwrap_or_default();
+        let end = name.iter().skip(1).position(|&b| b == b'[').map_or(name.len(), |i| i + 1);
+        let name = &name[..end];
+        name.len() == PARAMETER.len()
+            && name.iter().zip(PARAMETER).enumerate().all(|(i, (&b, &p))| {
+                let b = match b {
+                    b' ' | b'.' => b'_',
+                    b'[' if i == 0 => b'_',
+                    b => b,
+                };
+                b.eq_ignore_ascii_case(&p)
+            })
+    };
+    php(name) || php(name.trim_ascii_start())
 }
 
 /// A part whose `Content-Disposition` names it `_method` (`name="_method"` or `name=_method`).
@@ -73,9 +124,12 @@ fn multipart_names_a_method(body: &[u8]) -> bool {
         }
         let value = &body[at + w.len()..];
         let value = value.strip_prefix(b"\"").unwrap_or(value);
-        value.len() >= PARAMETER.len()
-            && is_method_name(&value[..PARAMETER.len()])
-            && value.get(PARAMETER.len()).is_none_or(|b| matches!(b, b'"' | b';' | b'\r' | b'\n' | b' '))
+        let end = value
+            .iter()
+            .position(|b| matches!(b, b'"' | b';' | b'\r' | b'\n'))
+            .unwrap_or(value.len())
+            .min(PARAMETER.len() + 64);
+        value.len() >= PARAMETER.len() && is_method_name(value[..end].trim_ascii_end())
     })
 }
 
@@ -130,12 +184,35 @@ mod tests {
             ("[method=DELETE", true),
             ("-method=DELETE", false),
             ("__method=DELETE", false),
+            // As PHP reads names: leading spaces dropped, cut at NUL and at an array's `[`.
+            ("+_method=DELETE", true),
+            ("%20%20_method=DELETE", true),
+            ("_method%00x=DELETE", true),
+            ("_method[]=DELETE", true),
+            ("_method[a]=DELETE", true),
+            ("_method.=DELETE", false),
+            ("_me.hod=DELETE", false),
             ("", false),
             ("%", false),
             ("%5", false),
         ] {
             assert_eq!(query_names_a_method(query), names, "{query:?}");
         }
+    }
+
+    #[test]
+    fn declared_forms() {
+        for (value, form) in [
+            ("application/x-www-form-urlencoded", true),
+            ("Application/X-WWW-Form-Urlencoded; charset=utf-8", true),
+            ("application/x-www-form-urlencoded,x", true),
+            ("multipart/form-data; boundary=x", false),
+            ("application/octet-stream", false),
+        ] {
+            assert_eq!(is_declared_form(Some(&HeaderValue::from_static(value))), form, "{value}");
+        }
+        assert!(!is_declared_form(None));
+        assert!(is_post(&http::Method::from_bytes(b"pOsT").unwrap()) && !is_post(&http::Method::PUT));
     }
 
     #[test]
@@ -157,7 +234,7 @@ mod tests {
                 b"--X\r\nContent-Disposition: form-data; name=\".method\"\r\n\r\nDELETE\r\n--X--",
                 true,
             ),
-            (None, b"_method=DELETE", false),
+            (None, b"_method=DELETE", true),
             (
                 Some(&multipart),
                 b"--X\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--X--",
@@ -179,6 +256,21 @@ mod tests {
                 false,
             ),
             (Some(&multipart), b"name=", false),
+            // Read by what the frameworks accept, not only by the declared type.
+            (None, b"a=1&_method=PUT", true),
+            (Some(&HeaderValue::from_static("application/x-www-form-urlencoded,x")), b"_method=DELETE", true),
+            (Some(&HeaderValue::from_static("text/plain")), b"_method=DELETE", true),
+            (Some(&HeaderValue::from_static("text/plain")), b"title=x", false),
+            (
+                Some(&HeaderValue::from_static("multipart/mixed; boundary=X")),
+                b"--X\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--X--",
+                true,
+            ),
+            (Some(&HeaderValue::from_static("text/json")), br#"{"_method":"DELETE"}"#, true),
+            (Some(&HeaderValue::from_static("application/vnd.api+JSON")), br#"{"_method":"DELETE"}"#, true),
+            (Some(&json), br#"{"_method":"DELETE","_method":"DELETE"}"#, true),
+            (Some(&json), br#"{"\u005fmethod":"DELETE"}"#, true),
+            (Some(&json), br#"{"title":"a&_method=x"}"#, false),
         ] {
             assert_eq!(body_names_a_method(content_type, body), names, "{:?}", String::from_utf8_lossy(body));
         }

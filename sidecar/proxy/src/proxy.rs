@@ -361,7 +361,9 @@ async fn process(
         ctx.deny("method_override");
         return bad_request("method override headers are refused", "method_override");
     }
-    if req.method() == Method::POST && req.uri().query().is_some_and(method_override::query_names_a_method) {
+    if method_override::is_post(req.method())
+        && req.uri().query().is_some_and(method_override::query_names_a_method)
+    {
         ctx.deny("method_override");
         return bad_request("method override parameters are refused", "method_override");
     }
@@ -556,13 +558,26 @@ async fn process(
             return bad_request("the request body could not be read", "request_body_incomplete");
         }
     };
-    if parts.method == Method::POST
-        && body
-            .whole()
-            .is_some_and(|b| method_override::body_names_a_method(parts.headers.get(header::CONTENT_TYPE), b))
-    {
-        ctx.deny("method_override");
-        return bad_request("method override parameters are refused", "method_override");
+    if method_override::is_post(&parts.method) {
+        let content_type = parts.headers.get(header::CONTENT_TYPE);
+        if body.whole().is_some_and(|b| method_override::body_names_a_method(content_type, b)) {
+            ctx.deny("method_override");
+            return bad_request("method override parameters are refused", "method_override");
+        }
+        // A form the sidecar did not read whole (over the request buffer, or no buffer free)
+        // could name a method past what it saw; forms are small, uploads are multipart.
+        if !body.is_complete() && method_override::is_declared_form(content_type) {
+            shared.metrics.limit("request_buffer");
+            ctx.deny("form_body_unchecked");
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({
+                    "error": "a form body larger than the request buffer cannot be checked for method override parameters",
+                    "reason": "form_body_unchecked",
+                    "limit": limits.request_buffer_bytes,
+                }),
+            );
+        }
     }
     let progress = body.progress();
     let upstream_req = match upstream_request(&state, parts, body, &path, &ctx.peer_ip, transform.as_ref()) {
