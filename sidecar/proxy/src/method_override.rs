@@ -212,7 +212,9 @@ mod tests {
             assert_eq!(is_declared_form(Some(&HeaderValue::from_static(value))), form, "{value}");
         }
         assert!(!is_declared_form(None));
-        assert!(is_post(&http::Method::from_bytes(b"pOsT").unwrap()) && !is_post(&http::Method::PUT));
+        assert!(
+            is_post(&http::Method::from_bytes(b"pOsT").expect("a method")) && !is_post(&http::Method::PUT)
+        );
     }
 
     #[test]
