@@ -161,8 +161,12 @@ impl Engine {
 
     /// Decides one request. Within a policy, Deny rules beat Allow rules and the first
     /// matching Allow rule gives the plan; no Allow means the default action. Across
-    /// policies that select the same pod, an enforced Deny wins, then an enforced Allow,
-    /// then Audit-mode verdicts.
+    /// policies that select the same pod, an enforced Deny wins, then an enforced Allow that
+    /// constrains the response (a plan that reads the body: records, row filter, masks; or
+    /// quotas), then any other enforced Allow, then Audit-mode verdicts. So a broad policy
+    /// that allows everything (health checks, say) does not take the masks and row filter of
+    /// another that selects the same pods; of two constraining Allows the first by name
+    /// applies, and its plan alone (plans are not merged).
     pub fn decide<'e>(&'e self, req: &Request<'_>) -> Verdict<'e> {
         self.decide_as(req, |_| req.user)
     }
@@ -189,9 +193,10 @@ impl Engine {
             let v = decide_policy(policy, &Request { user, ..*req }, &mut vars);
             let rank = |v: &Verdict<'_>| match (v.mode, v.decision) {
                 (Mode::Enforce, Decision::Deny) => 0,
-                (Mode::Enforce, _) => 1,
-                (_, Decision::WouldDeny) => 2,
-                _ => 3,
+                (Mode::Enforce, _) if v.plan.is_some_and(|p| p.needs_body()) || v.limits.is_some() => 1,
+                (Mode::Enforce, _) => 2,
+                (_, Decision::WouldDeny) => 3,
+                _ => 4,
             };
             if best.as_ref().is_none_or(|b| rank(&v) < rank(b)) {
                 let stop = rank(&v) == 0;

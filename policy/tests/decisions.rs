@@ -187,6 +187,35 @@ fn enforced_deny_wins_over_an_audit_policy_and_enforced_allow_over_audit_deny() 
     assert_eq!((d, rule.as_deref()), (Decision::Allow, Some("all-get")));
 }
 
+/// A broad enforcing policy that allows everything (health checks, say) does not take the
+/// response plan or the quotas of another that selects the same pods: an Allow that constrains
+/// the response ranks first, whatever the names' order.
+#[test]
+fn an_allow_that_constrains_the_response_wins_over_a_plain_allow() {
+    let mut open = mk_spec(vec![]);
+    open.default_action = Action::Allow;
+    let scoped = mk_spec(vec![AccessRule {
+        records: Some("$.items[*]".into()),
+        ..mk_allow("list", &["GET"], &["/customers"])
+    }]);
+    let limited = mk_spec(vec![AccessRule {
+        limits: Some(custos_api::policy::Limits { requests_per_minute: Some(10), ..Default::default() }),
+        ..mk_allow("limited", &["GET"], &["/customers"])
+    }]);
+    for (name, constraining) in [("z-scoped", &scoped), ("z-limited", &limited)] {
+        let e = Engine::new(vec![mk_policy("a-api-health", &open), mk_policy(name, constraining)]);
+        let path = normalize("/customers").expect("valid");
+        let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+        assert_eq!(v.decision, Decision::Allow);
+        assert_eq!(v.policy.map(|p| p.name.as_str()), Some(name));
+    }
+    // Two plain Allows: the first by name, as before.
+    let e = Engine::new(vec![mk_policy("b-open", &open), mk_policy("a-open", &open)]);
+    let path = normalize("/customers").expect("valid");
+    let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+    assert_eq!(v.policy.map(|p| p.name.as_str()), Some("a-open"));
+}
+
 #[test]
 fn captured_params_reach_when_and_the_verdict() {
     let spec = mk_spec(vec![AccessRule {

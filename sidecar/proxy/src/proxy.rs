@@ -450,6 +450,7 @@ async fn process(
         |i| state.user_of(&users, i),
     );
     let user = state.user_for(&users, verdict.policy);
+    let policy_user = state.policy_user(&users, verdict.policy);
     if let Some(known) = principal(user, caller) {
         ctx.event.principal = known;
     }
@@ -521,7 +522,7 @@ async fn process(
                 params: verdict.params.iter().cloned().collect(),
                 time,
             },
-            user: user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
+            user: policy_user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
             workload: caller.map(|w| WorkloadVars {
                 namespace: w.namespace.clone(),
                 service_account: w.service_account.clone(),

@@ -72,6 +72,18 @@ impl PolicyState {
         users.by_verifier.get(v)?.as_ref()
     }
 
+    /// The user `policy`'s own verifier found: what its row filter and masks see as `user`.
+    /// None for a policy that verifies no users, even when another policy's verifier found
+    /// one (its `user.*` is absent, as documented).
+    pub(crate) fn policy_user<'u>(
+        &self,
+        users: &'u Users,
+        policy: Option<&CompiledPolicy>,
+    ) -> Option<&'u User> {
+        let index = policy.and_then(|p| self.engine.policies().iter().position(|q| std::ptr::eq(p, q)))?;
+        self.user_of(users, index)
+    }
+
     /// The user to record for a request `policy` decided: the one that policy's verifier
     /// found, or, for a policy that verifies no users (or no policy), the first any verifier
     /// found.

@@ -531,6 +531,41 @@ async fn a_token_for_one_policys_issuer_does_not_pass_for_another_policy() {
     f.stop().await;
 }
 
+/// A policy that verifies no users sees no `user` in its row filter, even when another
+/// policy on the pod verified the request's token (a review's probe: the other policy's user
+/// passed `user.id == 'u-42'` and every record came back).
+#[tokio::test]
+async fn a_policy_without_identity_sees_no_user_in_its_row_filter() {
+    const IDP: &str = "https://idp.example.test";
+    let scoped = json!({
+        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
+        "mode": "Enforce",
+        "defaultAction": "Deny",
+        "rules": [{"name": "mine", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                   "records": "$.items[*]", "rowFilter": "has(user.id) && user.id == 'u-42'"}],
+    });
+    let verifying = json!({
+        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
+        "mode": "Enforce",
+        "defaultAction": "Allow",
+        "identity": {"users": {"jwt": {"issuer": IDP, "audiences": ["api"], "jwksSecretRef": {"name": "sso-jwks"}}}},
+        "rules": [],
+    });
+    let mut f = fixture(&[("a-scoped", scoped), ("b-verifying", verifying)], Vec::new(), |s| {
+        let dir = s.jwks_dir.join("sso-jwks");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
+    })
+    .await;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let bearer =
+        format!("Bearer {}", token(json!({"iss": IDP, "aud": "api", "sub": "u-42", "exp": now + 600})));
+    let reply = get_with(f.proxy(), "/customers", &[("authorization", &bearer)]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["items"].as_array().unwrap().len(), 0, "{}", reply.text());
+    f.stop().await;
+}
+
 #[tokio::test]
 async fn jwt_row_filter_single_record_and_bad_tokens() {
     let mut f = start(policy(main_rules()), |_| {}).await;
