@@ -535,7 +535,15 @@ async fn process(
     };
     drop(verdict);
     let is_head = req.method() == Method::HEAD;
-    let (parts, body) = req.into_parts();
+    // A HEAD under an enforced row filter is asked of the app as a GET, filtered, and answered
+    // without the body: the app's answer to a HEAD would tell whether a record out of the
+    // caller's scope exists (200 where a GET gets 403, 404 for none).
+    let head_as_get =
+        is_head && transform.as_ref().is_some_and(|j| j.mode == Mode::Enforce && j.plan.row_filter.is_some());
+    let (mut parts, body) = req.into_parts();
+    if head_as_get {
+        parts.method = Method::GET;
+    }
     let body = match read_request_body(body, declared_length, limits, &shared.request_buffers).await {
         Ok(body) => body,
         Err(BufferError::TooLarge) => {
@@ -654,13 +662,21 @@ async fn process(
     // 7. Response.
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let has_body = !(is_head
+    let has_body = !((is_head && !head_as_get)
         || parts.status.is_informational()
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED);
     match transform {
         Some(job) if has_body => {
-            transform_response(shared, ctx, job, parts, body, deadline, quota_key.as_ref(), quota_now).await
+            let response =
+                transform_response(shared, ctx, job, parts, body, deadline, quota_key.as_ref(), quota_now)
+                    .await;
+            if head_as_get {
+                // The GET's headers (its length included), no body.
+                let (parts, _) = response.into_parts();
+                return Response::from_parts(parts, ProxyBody::empty());
+            }
+            response
         }
         Some(job) => {
             if job.mode == Mode::Enforce {

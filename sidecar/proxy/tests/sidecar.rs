@@ -45,10 +45,10 @@ fn main_rules() -> Value {
          "to": {"methods": ["GET"], "paths": ["/customers", "/chunked/customers", "/gzip/customers", "/html/customers", "/big/customers", "/trailers/customers"]},
          "records": "$.items[*]", "mask": {"phone": "ShowLast4", "name": "Redact"}},
         {"name": "branch", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
-         "to": {"methods": ["GET"], "paths": ["/branch/customers", "/shape/customers"]},
+         "to": {"methods": ["GET", "HEAD"], "paths": ["/branch/customers", "/shape/customers"]},
          "records": "$.items[*]", "rowFilter": "record.branch == user.branch"},
         {"name": "single", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
-         "to": {"methods": ["GET"], "paths": ["/single/*"]},
+         "to": {"methods": ["GET", "HEAD"], "paths": ["/single/*"]},
          "records": "$", "rowFilter": "record.branch == user.branch"},
         {"name": "ranged", "action": "Allow", "to": {"methods": ["GET", "HEAD"], "paths": ["/ranged/customers", "/partial/customers"]},
          "records": "$.items[*]", "mask": {"phone": "ShowLast4", "name": "Redact"}},
@@ -588,6 +588,27 @@ async fn jwt_row_filter_single_record_and_bad_tokens() {
     assert_eq!(reply.status, 403);
     assert_eq!(reply.json()["reason"], "out_of_scope");
     assert_no_personal_data(&reply.text());
+    // A HEAD tells no more than the GET (a review's probe: it was the app's 200, an oracle of
+    // which out-of-scope ids exist): asked of the app as a GET, filtered, answered bare.
+    let head = |target: &str| {
+        Request::head(target)
+            .header("host", "a")
+            .header("authorization", bearer.as_str())
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let before = f.upstream.count();
+    let reply = send(f.proxy(), head("/single/2")).await;
+    assert_eq!(reply.status, 403);
+    let reply = send(f.proxy(), head("/branch/customers")).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.is_empty(), "a HEAD answer has no body");
+    let seen = f.upstream.seen();
+    assert!(
+        seen[before..].iter().all(|s| s.method == "GET"),
+        "{:?}",
+        seen[before..].iter().map(|s| &s.method).collect::<Vec<_>>()
+    );
 
     // No token: the clerk rules do not match, and the caller is told to authenticate.
     let reply = get(f.proxy(), "/branch/customers").await;
