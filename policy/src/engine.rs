@@ -274,7 +274,10 @@ fn decide_policy<'e>(
 /// [`CompiledRule::first_segments`]).
 #[inline]
 fn may_match_first(rule: &CompiledRule, first: Option<&str>) -> bool {
-    rule.first_segments.as_ref().is_none_or(|firsts| firsts.iter().any(|f| Some(&**f) == first))
+    // ASCII case ignored: a superset, and Deny rules match so (`PathGlob::folding_case`).
+    rule.first_segments
+        .as_ref()
+        .is_none_or(|firsts| first.is_some_and(|first| firsts.iter().any(|f| f.eq_ignore_ascii_case(first))))
 }
 
 /// Returns the captured path parameters when `rule` matches `req` (whose first path segment

@@ -109,10 +109,13 @@ enum Token {
 }
 
 impl Token {
-    /// Whether this single-segment token matches `seg`. Never called on `Deep`.
-    fn matches_segment(&self, seg: &str) -> bool {
+    /// Whether this single-segment token matches `seg` (ASCII case ignored with `fold_case`,
+    /// the token's text then being lower case). Never called on `Deep`.
+    fn matches_segment(&self, seg: &str, fold_case: bool) -> bool {
         match self {
+            Token::Literal(lit) if fold_case => lit.eq_ignore_ascii_case(seg),
             Token::Literal(lit) => **lit == *seg,
+            Token::Wildcard(parts) if fold_case => wildcard_matches(parts, &seg.to_ascii_lowercase()),
             Token::Wildcard(parts) => wildcard_matches(parts, seg),
             Token::One | Token::Capture(_) => true,
             Token::Deep => false,
@@ -187,6 +190,8 @@ pub struct PathGlob {
     /// Number of single-segment tokens: the minimum path length.
     min_segments: usize,
     has_deep: bool,
+    /// Literal text matches without regard to ASCII case ([`PathGlob::folding_case`]).
+    fold_case: bool,
 }
 
 fn is_name_start(c: char) -> bool {
@@ -301,7 +306,28 @@ impl PathGlob {
             names: names.into_boxed_slice(),
             min_segments,
             has_deep,
+            fold_case: false,
         })
+    }
+
+    /// This glob matching literal text without regard to ASCII case: `/customers/export`
+    /// then also matches `/Customers/EXPORT`. For Deny rules, since apps that route without
+    /// regard to case (Express, ASP.NET Core by default) would serve such a path from the
+    /// handler the rule denies; matching more can only refuse more.
+    pub fn folding_case(mut self) -> Self {
+        for token in self.tokens.iter_mut() {
+            match token {
+                Token::Literal(lit) => *lit = lit.to_ascii_lowercase().into_boxed_str(),
+                Token::Wildcard(parts) => {
+                    for part in parts.iter_mut() {
+                        *part = part.to_ascii_lowercase().into_boxed_str();
+                    }
+                }
+                Token::One | Token::Capture(_) | Token::Deep => {}
+            }
+        }
+        self.fold_case = true;
+        self
     }
 
     /// The canonical pattern text (empty segments and trailing slash removed).
@@ -314,7 +340,9 @@ impl PathGlob {
         // Most globs of a policy part from a request at its first segment: a leading literal
         // is compared before the general matcher is set up (it can only ever match segment 0).
         if let Some(first) = self.first_literal()
-            && path.segment(0) != Some(first)
+            && !path
+                .segment(0)
+                .is_some_and(|s| if self.fold_case { first.eq_ignore_ascii_case(s) } else { first == s })
         {
             return false;
         }
@@ -381,7 +409,7 @@ impl PathGlob {
                 }
                 Some(token) => {
                     if let Some(seg) = path.segment(s)
-                        && token.matches_segment(seg)
+                        && token.matches_segment(seg, self.fold_case)
                     {
                         if let Token::Capture(c) = token {
                             bind(*c, s);

@@ -187,6 +187,33 @@ fn enforced_deny_wins_over_an_audit_policy_and_enforced_allow_over_audit_deny() 
     assert_eq!((d, rule.as_deref()), (Decision::Allow, Some("all-get")));
 }
 
+/// Deny rules match literal text without regard to case: an app that routes so (Express,
+/// ASP.NET Core) would serve `/Customers/EXPORT` from the denied handler. Allow rules stay
+/// exact (matching more there would allow more).
+#[test]
+fn deny_rules_ignore_letter_case_and_allow_rules_do_not() {
+    let mut spec = mk_spec(vec![
+        mk_deny("no-export", &[], &["/customers/export", "/reports/*.CSV"]),
+        mk_allow("read", &["GET"], &["/customers/*", "/reports/*", "/Exact"]),
+    ]);
+    spec.default_action = Action::Deny;
+    let e = mk_engine(&spec);
+    let decide = |p: &str| {
+        let path = normalize(p).expect("valid");
+        let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+        (v.decision, v.rule.map(|r| r.name.clone()))
+    };
+    for denied in
+        ["/customers/export", "/Customers/EXPORT", "/CUSTOMERS/Export", "/reports/q1.csv", "/REPORTS/Q1.Csv"]
+    {
+        assert_eq!(decide(denied), (Decision::Deny, Some("no-export".into())), "{denied}");
+    }
+    assert_eq!(decide("/customers/42"), (Decision::Allow, Some("read".into())));
+    assert_eq!(decide("/Exact"), (Decision::Allow, Some("read".into())));
+    assert_eq!(decide("/exact").0, Decision::Deny, "allow rules stay case-sensitive");
+    assert_eq!(decide("/reports/q1.txt"), (Decision::Allow, Some("read".into())));
+}
+
 /// A broad enforcing policy that allows everything (health checks, say) does not take the
 /// response plan or the quotas of another that selects the same pods: an Allow that constrains
 /// the response ranks first, whatever the names' order.
