@@ -418,7 +418,7 @@ impl Walker {
         &mut self,
         r: &ChainRow,
         next: Option<&ChainRow>,
-        indexed_records: &[RecordKey],
+        indexed: &Indexed,
     ) -> Option<BrokenLink> {
         let p = &self.prev;
         let id = Some(r.cols.id.as_str());
@@ -526,8 +526,11 @@ impl Walker {
                 "the row does not link to the chain's anchor".into(),
             ));
         }
-        // 5. The record-hash index.
-        if record_keys(&event.record_hashes).as_slice() != indexed_records {
+        // 5. The record-hash index: the event's keys, each at the event's time (subject
+        // lookups select by the index's time: one moved there would hide the access).
+        if record_keys(&event.record_hashes) != indexed.keys
+            || indexed.times.iter().any(|&t| t != r.cols.time_us)
+        {
             return Some(broken(
                 r.seq,
                 id,
@@ -543,17 +546,29 @@ impl Walker {
 }
 
 /// Record-hash index rows grouped by seq: the sorted, distinct keys of each.
-pub(crate) type RecordsBySeq = BTreeMap<i64, Vec<RecordKey>>;
+pub(crate) type RecordsBySeq = BTreeMap<i64, Indexed>;
+
+/// The record-hash index rows of one event: its distinct keys, sorted, and the distinct times
+/// the rows give.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Indexed {
+    pub keys: Vec<RecordKey>,
+    pub times: Vec<i64>,
+}
 
 /// Groups `(seq, record_key)` rows into sorted, distinct lists per seq.
-pub(crate) fn group_records(rows: Vec<(i64, RecordKey)>) -> RecordsBySeq {
-    let mut map: BTreeMap<i64, Vec<RecordKey>> = BTreeMap::new();
-    for (seq, h) in rows {
-        map.entry(seq).or_default().push(h);
+pub(crate) fn group_records(rows: Vec<(i64, RecordKey, i64)>) -> RecordsBySeq {
+    let mut map: RecordsBySeq = BTreeMap::new();
+    for (seq, h, time_us) in rows {
+        let indexed = map.entry(seq).or_default();
+        indexed.keys.push(h);
+        if !indexed.times.contains(&time_us) {
+            indexed.times.push(time_us);
+        }
     }
     for v in map.values_mut() {
-        v.sort();
-        v.dedup();
+        v.keys.sort();
+        v.keys.dedup();
     }
     map
 }
@@ -612,7 +627,7 @@ mod tests {
 
     fn walk(rows: &[ChainRow]) -> Option<BrokenLink> {
         let mut w = Walker::new(Link { seq: 0, hash: GENESIS_HASH.into() }, rows.len() as i64);
-        (0..rows.len()).find_map(|i| w.step(&rows[i], rows.get(i + 1), &[]))
+        (0..rows.len()).find_map(|i| w.step(&rows[i], rows.get(i + 1), &Indexed::default()))
     }
 
     /// Re-serialises row `i` with `f` applied and a recomputed (valid) hash.

@@ -469,7 +469,7 @@ impl AnyStore {
                 records.extend(recs);
             }
             let Some(r) = buf.get(i) else { break };
-            let empty = Vec::new();
+            let empty = chain::Indexed::default();
             let indexed = records.get(&r.seq).unwrap_or(&empty);
             if let Some(b) = walker.step(r, buf.get(i + 1), indexed) {
                 return Ok((walker.checked, Some(b), walker.last().clone()));

@@ -511,7 +511,7 @@ impl PostgresStore {
             (Some(first), Some(last)) if last.seq > records_after => {
                 let st = tx
                     .prepare_cached(
-                        "SELECT seq, record_key FROM event_records \
+                        "SELECT seq, record_key, time_us FROM event_records \
                          WHERE bucket BETWEEN $1 AND $2 AND seq BETWEEN $3 AND $4",
                     )
                     .await?;
@@ -521,7 +521,7 @@ impl PostgresStore {
                     .query(&st, &[&bucket(from), &bucket(to), &from, &to])
                     .await?
                     .iter()
-                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
                     .collect::<Result<Vec<_>>>()?;
                 (records, to)
             }

@@ -479,12 +479,12 @@ impl SqliteStore {
                     let from = first.seq.max(records_after + 1);
                     let to = bucket_end(last.seq);
                     let mut st = tx.prepare_cached(
-                        "SELECT seq, record_key FROM event_records \
+                        "SELECT seq, record_key, time_us FROM event_records \
                          WHERE bucket BETWEEN ?1 AND ?2 AND seq BETWEEN ?3 AND ?4",
                     )?;
                     let records = st
                         .query_map(params![bucket(from), bucket(to), from, to], |r| {
-                            Ok((r.get(0)?, key_bytes(r.get_ref(1)?)))
+                            Ok((r.get(0)?, key_bytes(r.get_ref(1)?), r.get(2)?))
                         })?
                         .collect::<rusqlite::Result<Vec<_>>>()?;
                     (records, to)

@@ -50,6 +50,7 @@ suite!(
     verify_catches_appended_row,
     verify_catches_swapped_rows,
     verify_catches_record_index_tamper,
+    verify_catches_a_moved_record_index_time,
     query_filters_and_pagination,
     subject_lookup,
     top_by_records_and_denials,
@@ -312,6 +313,13 @@ async fn verify_catches_swapped_rows(env: &Env) {
 async fn verify_catches_record_index_tamper(env: &Env) {
     // Hiding an access to a data subject: the index row goes, the event stays.
     let b = tampered(env, "DELETE FROM event_records WHERE seq = 3;").await;
+    assert_eq!((b.kind, b.seq), (BreakKind::Edited, 3), "{b:?}");
+}
+
+async fn verify_catches_a_moved_record_index_time(env: &Env) {
+    // Hiding it by moving the index row's time (a review's probe: subject lookups select by
+    // the index's time, so the access vanished from them while the chain still verified).
+    let b = tampered(env, "UPDATE event_records SET time_us = time_us + 1 WHERE seq = 3;").await;
     assert_eq!((b.kind, b.seq), (BreakKind::Edited, 3), "{b:?}");
 }
 
