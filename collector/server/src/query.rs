@@ -244,6 +244,17 @@ pub(crate) async fn verify(
                 ApiError::bad_query("from", "parameter `from` must be a sequence number >= 1")
             })?),
         };
+    if let Some(from) = from {
+        // Past the head there is nothing to walk, and the walk would report the rows before
+        // `from` as deleted.
+        let head = state.timed("head", state.store().head()).await?;
+        if from > head.seq + 1 {
+            return Err(ApiError::bad_query(
+                "from",
+                format!("parameter `from` is past the chain head (seq {})", head.seq),
+            ));
+        }
+    }
     let report = state.timed("verify", state.store().verify(from)).await?;
     if let Some(broken) = &report.first_broken {
         tracing::warn!(seq = broken.seq, kind = ?broken.kind, "verify: the audit chain is broken");

@@ -223,6 +223,18 @@ async fn subjects_top_alerts_and_verify() {
     let (_, report) = h.get("/v1/verify?from=11").await;
     assert_eq!(report["checked"], 20);
     assert!(report["firstBroken"].is_null());
+    // From just past the head: nothing to check; further: a bad query, not a broken chain
+    // (a review's probe got "Deleted at 49" on an intact chain).
+    let (status, report) = h.get("/v1/verify?from=31").await;
+    assert_eq!((status, report["checked"].as_u64()), (200, Some(0)), "{report}");
+    assert!(report["firstBroken"].is_null(), "{report}");
+    let (status, body) = h.get("/v1/verify?from=50").await;
+    assert_eq!(
+        (status, &body["reason"], &body["parameter"]),
+        (400, &json!("bad_query"), &json!("from")),
+        "{body}"
+    );
+    assert!(body["error"].as_str().unwrap().contains("past the chain head (seq 30)"), "{body}");
 }
 
 #[tokio::test]

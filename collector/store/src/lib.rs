@@ -429,12 +429,20 @@ impl AnyStore {
                     kind: BreakKind::Edited,
                     detail: "the last row's hash differs from the recorded chain head".into(),
                 });
-            } else if let Some((seq, id)) = dispatch!(self, s => s.first_above_head().await)? {
+            } else if let Some((seq, id)) = dispatch!(self, s => s.first_outside_chain().await)? {
+                let detail = if seq > head.seq {
+                    "row above the chain head".to_string()
+                } else {
+                    format!(
+                        "row at or below the retention anchor (seq {}), which retention deleted",
+                        anchor.seq
+                    )
+                };
                 first_broken = Some(BrokenLink {
                     seq: u64::try_from(seq).unwrap_or(0),
                     event_id: Some(id),
                     kind: BreakKind::Inserted,
-                    detail: "row above the chain head".into(),
+                    detail,
                 });
             }
         }

@@ -457,12 +457,15 @@ impl PostgresStore {
         Ok((link_at(&row, 0)?, link_at(&row, 2)?))
     }
 
-    pub(crate) async fn first_above_head(&self) -> Result<Option<(i64, String)>> {
+    /// The first event row outside the chain: above the head, or at or below the retention
+    /// anchor (retention deletes every row up to it, so one there was put there).
+    pub(crate) async fn first_outside_chain(&self) -> Result<Option<(i64, String)>> {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT e.seq, e.id FROM events e, chain_head h \
-                 WHERE h.id = 1 AND e.seq > h.seq ORDER BY e.seq LIMIT 1",
+                "SELECT e.seq, e.id FROM events e, chain_head h, chain_anchor a \
+                 WHERE h.id = 1 AND a.id = 1 AND (e.seq > h.seq OR e.seq <= a.seq) \
+                 ORDER BY e.seq LIMIT 1",
                 &[],
             )
             .await?;

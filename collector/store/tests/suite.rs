@@ -48,6 +48,7 @@ suite!(
     verify_catches_deleted_tail,
     verify_catches_inserted_row,
     verify_catches_appended_row,
+    verify_catches_a_row_planted_below_the_anchor,
     verify_catches_swapped_rows,
     verify_catches_record_index_tamper,
     verify_catches_a_moved_record_index_time,
@@ -297,6 +298,21 @@ async fn verify_catches_appended_row(env: &Env) {
     )
     .await;
     assert_eq!((b.kind, b.seq), (BreakKind::Inserted, 11), "{b:?}");
+}
+
+async fn verify_catches_a_row_planted_below_the_anchor(env: &Env) {
+    // A review's probe: a row at seq 0 (the genesis anchor) was never walked, yet every query
+    // served it.
+    let b = tampered(
+        env,
+        "INSERT INTO events (seq, id, time_us, namespace, policy, rule, principal, user_id,
+             decision, path, records_returned, prev_hash, hash, body)
+         SELECT 0, 'planted', time_us, namespace, policy, rule, 'user:mallory', user_id,
+             decision, path, records_returned, prev_hash, hash, body FROM events WHERE seq = 1;",
+    )
+    .await;
+    assert_eq!((b.kind, b.seq, b.event_id.as_deref()), (BreakKind::Inserted, 0, Some("planted")), "{b:?}");
+    assert!(b.detail.contains("retention anchor"), "{b:?}");
 }
 
 async fn verify_catches_swapped_rows(env: &Env) {
