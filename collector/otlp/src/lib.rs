@@ -113,9 +113,23 @@ pub enum OtlpError {
     Json(String),
 }
 
-/// Replaces every double-quoted part of a (serde) error message by `"…"`: serde quotes the
-/// offending string value (`invalid type: string "…", expected u16`), which must not be echoed.
+/// Replaces the quoted parts of a (serde) error message that may be input values: every
+/// double-quoted part (`invalid type: string "…", expected u16`), and the backquoted parts
+/// before `, expected ` (`invalid type: integer `13800138000``, `unknown variant `a@b.c``),
+/// whose expected side comes from the type and stays. Field names elsewhere (`missing field
+/// `id``) stay.
 pub(crate) fn redact(message: &str) -> String {
+    let (head, tail) = match message.rfind(", expected ") {
+        Some(i) => message.split_at(i),
+        None => (message, ""),
+    };
+    let mut out = redact_quoted(head, !tail.is_empty());
+    out.push_str(&redact_quoted(tail, false));
+    out
+}
+
+/// [`redact`] of one part: double quotes always, backquotes when `backquotes`.
+fn redact_quoted(message: &str, backquotes: bool) -> String {
     let mut out = String::with_capacity(message.len());
     let mut chars = message.chars();
     while let Some(c) = chars.next() {
@@ -132,6 +146,13 @@ pub(crate) fn redact(message: &str) -> String {
                 }
             }
             out.push_str("…\"");
+        } else if c == '`' && backquotes {
+            for q in chars.by_ref() {
+                if q == '`' {
+                    break;
+                }
+            }
+            out.push_str("…`");
         }
     }
     out
@@ -157,6 +178,16 @@ mod tests {
             r#"invalid type: string "…", expected u16"#
         );
         assert_eq!(redact("missing field `id`"), "missing field `id`");
+        // Backquoted input values (a review's probe: a phone number and an e-mail address
+        // were echoed); what was expected stays.
+        assert_eq!(
+            redact("invalid type: integer `13800138000`, expected a string"),
+            "invalid type: integer `…`, expected a string"
+        );
+        assert_eq!(
+            redact("unknown variant `alice@example.com`, expected one of `Allow`, `Deny`, `WouldDeny`"),
+            "unknown variant `…`, expected one of `Allow`, `Deny`, `WouldDeny`"
+        );
         assert_eq!(redact(r#"unterminated "abc"#), r#"unterminated "…""#);
     }
 }
