@@ -389,6 +389,27 @@ impl AnyStore {
     /// before it) to the head, recomputing every hash, and reports the first broken link.
     /// See [`chain`] for the exact rules.
     pub async fn verify(&self, from: Option<u64>) -> Result<VerifyReport> {
+        // A prune by another process while walking deletes rows the walk had still to read:
+        // when the anchor moved meanwhile, the walk is done again from the new one.
+        let mut attempts = 0;
+        loop {
+            let report = self.verify_once(from).await?;
+            attempts += 1;
+            let anchor = Link {
+                seq: i64::try_from(report.start.seq).unwrap_or(i64::MAX),
+                hash: report.start.hash.clone(),
+            };
+            if report.first_broken.is_none()
+                || from.is_some()
+                || attempts == 3
+                || self.moved_anchor(&anchor).await?.is_none()
+            {
+                return Ok(report);
+            }
+        }
+    }
+
+    async fn verify_once(&self, from: Option<u64>) -> Result<VerifyReport> {
         let (head, anchor) = dispatch!(self, s => s.head_and_anchor().await)?;
         let start = match from.map(|f| i64::try_from(f).unwrap_or(i64::MAX)) {
             Some(f) if f - 1 > anchor.seq => {
@@ -573,19 +594,35 @@ impl AnyStore {
             return Ok(PruneReport { deleted: 0, anchor: to_head(&anchor) });
         }
         let (_, broken, last) = self.walk(anchor.clone(), target).await?;
-        if let Some(b) = broken {
-            return Err(Error::ChainBroken(b));
-        }
-        if last.seq != target {
-            return Err(Error::ChainBroken(BrokenLink {
+        let broken = broken.or_else(|| {
+            (last.seq != target).then(|| BrokenLink {
                 seq: u64::try_from(last.seq + 1).unwrap_or(0),
                 event_id: None,
                 kind: BreakKind::Deleted,
                 detail: format!("rows {}..={} are missing", last.seq + 1, target),
-            }));
+            })
+        });
+        if let Some(b) = broken {
+            // Another process pruned while this one walked (two collector replicas on one
+            // PostgreSQL store): the rows it deleted are not a break.
+            if let Some(moved) = self.moved_anchor(&anchor).await? {
+                return Ok(PruneReport { deleted: 0, anchor: to_head(&moved) });
+            }
+            return Err(Error::ChainBroken(b));
         }
-        let deleted = dispatch!(self, s => s.prune_to(&anchor, &last, cutoff).await)?;
-        Ok(PruneReport { deleted, anchor: to_head(&last) })
+        match dispatch!(self, s => s.prune_to(&anchor, &last, cutoff).await) {
+            Ok(deleted) => Ok(PruneReport { deleted, anchor: to_head(&last) }),
+            Err(e) => match self.moved_anchor(&anchor).await? {
+                Some(moved) => Ok(PruneReport { deleted: 0, anchor: to_head(&moved) }),
+                None => Err(e),
+            },
+        }
+    }
+
+    /// The retention anchor now, when it is no longer `anchor`: another process pruned.
+    async fn moved_anchor(&self, anchor: &Link) -> Result<Option<Link>> {
+        let (_, now) = dispatch!(self, s => s.head_and_anchor().await)?;
+        Ok((now != *anchor).then_some(now))
     }
 
     /// Stores alerts, idempotently by id; returns how many were new.
