@@ -1809,7 +1809,8 @@ async fn hostile_paths_replayed_through_the_proxy() {
                     ));
                 }
             }
-            Path(p) if p == "/customers/export" || p == "/admin" => {
+            // Deny rules match without regard to case (`/CUSTOMERS/export` too).
+            Path(p) if p.eq_ignore_ascii_case("/customers/export") || p.eq_ignore_ascii_case("/admin") => {
                 if status != Some(403) || !seen.is_empty() {
                     failures
                         .push(format!("{target:?}: denied path {p} but got {status:?}, app saw {seen:?}"));
