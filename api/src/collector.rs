@@ -7,10 +7,52 @@
 //!   event id, so a sender that did not see the answer resends the whole batch.
 //! - `GET /v1/usage?policy=NAME&principal=KEY[&namespace=NS]`: a principal's cluster-wide
 //!   usage, as a [`UsageResponse`], so that replicas of one workload share their quotas.
+//!
+//! # Tokens
+//!
+//! The collector token (`--token-file`) may do everything. A *namespace token*
+//! ([`namespace_token`]), derived from it for one namespace, may only send that namespace's
+//! events (`POST /v1/events`, `POST /v1/logs`) and read its usage: the operator gives each
+//! namespace's sidecars one, so a token read from one namespace neither writes events in the
+//! name of another nor reads anybody's audit trail.
 
 use std::collections::BTreeMap;
 
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// Prefix of a [`namespace_token`].
+pub const NAMESPACE_TOKEN_PREFIX: &str = "custos-ns.";
+
+/// The namespace token of `namespace` for the collector token `token`:
+/// `custos-ns.<namespace>.<hex HMAC-SHA256(token, "custos/collector/namespace-token/v1\n" + namespace)>`.
+/// Namespaces are DNS labels (no `.`), so the token reads back unambiguously
+/// ([`parse_namespace_token`]).
+pub fn namespace_token(token: &str, namespace: &str) -> String {
+    format!("{NAMESPACE_TOKEN_PREFIX}{namespace}.{}", hex::encode(namespace_mac(token, namespace)))
+}
+
+/// The HMAC of a namespace token.
+pub fn namespace_mac(token: &str, namespace: &str) -> [u8; 32] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(token.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(b"custos/collector/namespace-token/v1\n");
+    mac.update(namespace.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// The namespace and the HMAC a presented namespace token claims, unchecked; `None` when it
+/// is not shaped as one.
+pub fn parse_namespace_token(presented: &str) -> Option<(&str, [u8; 32])> {
+    let rest = presented.strip_prefix(NAMESPACE_TOKEN_PREFIX)?;
+    let (namespace, mac) = rest.rsplit_once('.')?;
+    if namespace.is_empty() || namespace.len() > 63 || mac.len() != 64 {
+        return None;
+    }
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(mac, &mut bytes).ok()?;
+    Some((namespace, bytes))
+}
 
 /// Path of the batch ingest endpoint.
 pub const EVENTS_PATH: &str = "/v1/events";
@@ -52,4 +94,29 @@ pub struct RuleUsage {
     pub records_last_hour: u64,
     /// Records returned in the last 24 hours.
     pub records_last_day: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_tokens_read_back_and_differ_by_namespace_and_token() {
+        let t = namespace_token("s3cret", "shop");
+        assert!(t.starts_with("custos-ns.shop.") && t.len() == "custos-ns.shop.".len() + 64, "{t}");
+        let (ns, mac) = parse_namespace_token(&t).expect("parses");
+        assert_eq!((ns, mac), ("shop", namespace_mac("s3cret", "shop")));
+        assert_ne!(namespace_token("s3cret", "shop"), namespace_token("s3cret", "logistics"));
+        assert_ne!(namespace_token("s3cret", "shop"), namespace_token("other", "shop"));
+        for bad in [
+            "s3cret",
+            "custos-ns.",
+            "custos-ns.shop",
+            "custos-ns..abc",
+            "custos-ns.shop.zz",
+            &t[..t.len() - 1],
+        ] {
+            assert!(parse_namespace_token(bad).is_none(), "{bad}");
+        }
+    }
 }

@@ -385,6 +385,7 @@ impl OperatorArgs {
                 .flatten()
                 .cloned()
                 .collect(),
+            collector_token: self.sidecar_collector_token_secret.clone(),
         });
         if secret_sync.as_ref().is_some_and(|s| s.names.is_empty()) {
             return Err(ArgsError {
@@ -560,6 +561,7 @@ mod tests {
         let sync = c.secret_sync.unwrap();
         assert!(!c.inject.native_sidecar);
         assert!(parse(&["--sidecar-native"]).unwrap().inject.native_sidecar);
+        assert_eq!(sync.collector_token.as_deref(), Some("tok"));
         assert_eq!((sync.source_namespace.as_str(), sync.names), ("custos", vec!["tok".into(), "hk".into()]));
     }
 

@@ -19,6 +19,11 @@ pub struct SecretSync {
     pub source_namespace: String,
     /// Their names (the same in every namespace).
     pub names: Vec<String>,
+    /// Which of them is the collector token: each namespace gets, under its key `token`, the
+    /// namespace token derived from the original
+    /// ([`custos_api::collector::namespace_token`]), which may only send that namespace's
+    /// events and read its usage, instead of the collector token itself.
+    pub collector_token: Option<String>,
 }
 
 /// What the controller is told to do.

@@ -42,6 +42,7 @@ fn syncing(client: &kube::Client) -> Context {
             secret_sync: Some(SecretSync {
                 source_namespace: OPERATOR_NS.into(),
                 names: vec![TOKEN.into(), HASH_KEY.into()],
+                collector_token: Some(TOKEN.into()),
             }),
             ..Settings::default()
         },
@@ -67,7 +68,9 @@ async fn sidecar_secrets_follow_the_policies_of_a_namespace() {
     let outcome = reconcile_namespace(&ctx, NS).await.unwrap();
     assert_eq!((outcome.secrets_copied, outcome.secrets_deleted), (1, 0));
     let copy = secrets(NS).get(TOKEN).await.unwrap();
-    assert_eq!(value(&copy, "token"), "t0k3n-1");
+    // Not the collector token: the namespace's own, which sends its events and reads its
+    // usage only.
+    assert_eq!(value(&copy, "token"), custos_api::collector::namespace_token("t0k3n-1", NS));
     assert_eq!(copy.type_.as_deref(), Some("Opaque"));
     assert_eq!(copy.labels().get(MANAGED_BY_LABEL).map(String::as_str), Some(MANAGED_BY));
     let owners: Vec<_> = copy.owner_references().iter().map(|o| (o.kind.clone(), o.name.clone())).collect();
@@ -86,7 +89,10 @@ async fn sidecar_secrets_follow_the_policies_of_a_namespace() {
     secrets(OPERATOR_NS).delete(TOKEN, &DeleteParams::default()).await.unwrap();
     secrets(OPERATOR_NS).create(&post, &mk_secret(OPERATOR_NS, TOKEN, "token", "t0k3n-2")).await.unwrap();
     reconcile_namespace(&ctx, NS).await.unwrap();
-    assert_eq!(value(&secrets(NS).get(TOKEN).await.unwrap(), "token"), "t0k3n-2");
+    assert_eq!(
+        value(&secrets(NS).get(TOKEN).await.unwrap(), "token"),
+        custos_api::collector::namespace_token("t0k3n-2", NS)
+    );
 
     // The last policy goes: so does the copy, not the shop's own Secret nor the original.
     Api::<custos_api::DataAccessPolicy>::namespaced(client.clone(), NS)

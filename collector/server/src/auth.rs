@@ -1,5 +1,8 @@
 //! Bearer token authentication of `/v1/*`: the token lives in a file (a Kubernetes Secret),
-//! is re-read whenever the file changes, and is compared in constant time.
+//! is re-read whenever the file changes, and is compared in constant time. It authorises
+//! everything ([`Scope::All`]); a namespace token derived from it
+//! ([`custos_api::collector::namespace_token`]) authorises one namespace's ingest and usage
+//! ([`Scope::Namespace`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
@@ -54,6 +57,17 @@ impl Version {
 struct Cached {
     version: Version,
     digest: [u8; 32],
+    /// The token itself: the key of the namespace tokens.
+    token: std::sync::Arc<str>,
+}
+
+/// What a request's token may do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The collector token: everything.
+    All,
+    /// A namespace token: send this namespace's events and read its usage.
+    Namespace(String),
 }
 
 /// The expected bearer token, kept as its SHA-256 digest.
@@ -68,7 +82,7 @@ impl std::fmt::Debug for TokenAuth {
     }
 }
 
-fn read_token(path: &Path) -> Result<(Version, [u8; 32]), TokenError> {
+fn read_token(path: &Path) -> Result<(Version, [u8; 32], std::sync::Arc<str>), TokenError> {
     let read_error = |source| TokenError::Read { path: path.to_path_buf(), source };
     let meta = std::fs::metadata(path).map_err(read_error)?;
     let raw = std::fs::read(path).map_err(read_error)?;
@@ -81,7 +95,7 @@ fn read_token(path: &Path) -> Result<(Version, [u8; 32]), TokenError> {
     if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid("holds whitespace or control characters inside the token"));
     }
-    Ok((Version::of(&meta), digest(token.as_bytes())))
+    Ok((Version::of(&meta), digest(token.as_bytes()), token.into()))
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -119,26 +133,32 @@ fn presented(headers: &HeaderMap) -> Result<&[u8], ApiError> {
 impl TokenAuth {
     /// Reads the token file; fails when it cannot be read or is empty.
     pub(crate) fn load(path: PathBuf) -> Result<Self, TokenError> {
-        let (version, digest) = read_token(&path)?;
-        Ok(TokenAuth { path, cache: Mutex::new(Cached { version, digest }) })
+        let (version, digest, token) = read_token(&path)?;
+        Ok(TokenAuth { path, cache: Mutex::new(Cached { version, digest, token }) })
     }
 
-    /// Checks the request's bearer token against the file's current token.
+    /// Checks the request's bearer token against the file's current token, or against the
+    /// namespace token it claims to be.
     ///
     /// When the file can no longer be read (or holds no token), nothing is authenticated
     /// (503 `token_unavailable`): fail closed rather than keep a token that may be revoked.
-    pub(crate) async fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub(crate) async fn check(&self, headers: &HeaderMap) -> Result<Scope, ApiError> {
         let token = presented(headers)?;
-        let expected = self.current().await?;
+        let (expected, key) = self.current().await?;
         if constant_time_eq(&digest(token), &expected) {
-            Ok(())
-        } else {
-            Err(ApiError::new(StatusCode::UNAUTHORIZED, reason::INVALID_TOKEN, "unauthorized"))
+            return Ok(Scope::All);
         }
+        if let Some((namespace, mac)) =
+            std::str::from_utf8(token).ok().and_then(custos_api::collector::parse_namespace_token)
+            && constant_time_eq(&mac, &custos_api::collector::namespace_mac(&key, namespace))
+        {
+            return Ok(Scope::Namespace(namespace.to_owned()));
+        }
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, reason::INVALID_TOKEN, "unauthorized"))
     }
 
-    /// The digest of the file's token, re-read when the file changed.
-    async fn current(&self) -> Result<[u8; 32], ApiError> {
+    /// The digest of the file's token and the token, re-read when the file changed.
+    async fn current(&self) -> Result<([u8; 32], std::sync::Arc<str>), ApiError> {
         let unavailable = |error: &TokenError| {
             tracing::error!(%error, "the collector token file cannot be used: refusing every request");
             ApiError::new(
@@ -154,11 +174,11 @@ impl TokenAuth {
         {
             let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
             if cache.version == version && version.modified.is_some() {
-                return Ok(cache.digest);
+                return Ok((cache.digest, cache.token.clone()));
             }
         }
         let path = self.path.clone();
-        let (version, digest) = tokio::task::spawn_blocking(move || read_token(&path))
+        let (version, digest, token) = tokio::task::spawn_blocking(move || read_token(&path))
             .await
             .map_err(|e| ApiError::internal(format!("token task failed: {e}")))?
             .map_err(|e| unavailable(&e))?;
@@ -166,8 +186,8 @@ impl TokenAuth {
         if cache.digest != digest {
             tracing::info!(path = %self.path.display(), "collector token file changed: new token in use");
         }
-        *cache = Cached { version, digest };
-        Ok(digest)
+        *cache = Cached { version, digest, token: token.clone() };
+        Ok((digest, token))
     }
 }
 

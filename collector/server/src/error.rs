@@ -24,6 +24,10 @@ pub mod reason {
     pub const INVALID_TOKEN: &str = "invalid_token";
     /// The configured token file cannot be read: no request can be authenticated.
     pub const TOKEN_UNAVAILABLE: &str = "token_unavailable";
+    /// A namespace token asked for more than its namespace's ingest and usage.
+    pub const NAMESPACE_TOKEN_SCOPE: &str = "namespace_token_scope";
+    /// A namespace token sent an event of another namespace.
+    pub const WRONG_NAMESPACE: &str = "wrong_namespace";
     /// An event of the batch is malformed (with `line` or `index`).
     pub const BAD_EVENT: &str = "bad_event";
     /// A batch without any event.

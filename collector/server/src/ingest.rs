@@ -586,10 +586,11 @@ fn sanitize_data_message(message: &str) -> String {
 /// `POST /v1/events`.
 pub(crate) async fn post_events(
     State(state): State<CollectorState>,
+    axum::Extension(scope): axum::Extension<crate::auth::Scope>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match ingest(&state, &headers, body).await {
+    match ingest(&state, &scope, &headers, body).await {
         Ok(outcome) => Json(IngestResponse { accepted: outcome.accepted, duplicates: outcome.duplicates })
             .into_response(),
         Err(error) => {
@@ -610,6 +611,7 @@ pub(crate) async fn post_events(
 )]
 async fn ingest(
     state: &CollectorState,
+    scope: &crate::auth::Scope,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<custos_store::IngestOutcome, ApiError> {
@@ -626,7 +628,7 @@ async fn ingest(
     .map_err(|e| ApiError::internal(format!("batch decoding task failed: {e}")))??;
     let span = tracing::Span::current();
     span.record("events", batch.len());
-    let outcome = state.commit(batch).await?;
+    let outcome = state.commit(batch, scope).await?;
     span.record("accepted", outcome.accepted);
     span.record("duplicates", outcome.duplicates);
     Ok(outcome)

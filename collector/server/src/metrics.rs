@@ -202,10 +202,12 @@ impl CollectorMetrics {
 /// Maps a reason code (a `&str` from an [`ApiError`](crate::ApiError)) to its static label.
 pub(crate) fn static_reason(reason: &str) -> &'static str {
     use crate::error::reason::*;
-    const ALL: [&str; 20] = [
+    const ALL: [&str; 22] = [
         MISSING_TOKEN,
         INVALID_TOKEN,
         TOKEN_UNAVAILABLE,
+        NAMESPACE_TOKEN_SCOPE,
+        WRONG_NAMESPACE,
         BAD_EVENT,
         EMPTY_BATCH,
         UNSUPPORTED_SCHEMA_VERSION,

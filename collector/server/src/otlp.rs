@@ -23,10 +23,11 @@ pub const LOGS_PATH: &str = "/v1/logs";
 /// `POST /v1/logs`.
 pub(crate) async fn post_logs(
     State(state): State<CollectorState>,
+    axum::Extension(scope): axum::Extension<crate::auth::Scope>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match ingest(&state, &headers, body).await {
+    match ingest(&state, &scope, &headers, body).await {
         Ok((bytes, content_type)) => {
             let mut response = (StatusCode::OK, bytes).into_response();
             response
@@ -43,6 +44,7 @@ pub(crate) async fn post_logs(
 
 async fn ingest(
     state: &CollectorState,
+    scope: &crate::auth::Scope,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Vec<u8>, ContentType), ApiError> {
@@ -86,7 +88,7 @@ async fn ingest(
     }
     let response = decoded.response();
     if !decoded.events.is_empty() {
-        state.commit(Batch::new(decoded.events)).await?;
+        state.commit(Batch::new(decoded.events), scope).await?;
     }
     Ok((encode_response(&response, content_type), content_type))
 }

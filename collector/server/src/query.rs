@@ -221,12 +221,24 @@ pub(crate) async fn alerts(
 /// `GET /v1/usage`.
 pub(crate) async fn usage(
     State(state): State<CollectorState>,
+    axum::Extension(scope): axum::Extension<crate::auth::Scope>,
     uri: Uri,
 ) -> Result<Json<UsageResponse>, ApiError> {
     let p = Params::parse(uri.query(), &["policy", "principal", "namespace"])?;
     let policy = p.required("policy")?;
     let principal = p.required("principal")?;
-    let namespace = p.get("namespace");
+    let mut namespace = p.get("namespace");
+    // A namespace token reads its own namespace's usage only.
+    if let crate::auth::Scope::Namespace(own) = &scope {
+        if namespace.is_some_and(|n| n != own) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                crate::error::reason::WRONG_NAMESPACE,
+                format!("a namespace token of {own} reads the usage of {own} only"),
+            ));
+        }
+        namespace = Some(own.as_str());
+    }
     let answer = state.timed("usage", state.store().usage(namespace, policy, principal, Utc::now())).await?;
     Ok(Json(answer))
 }

@@ -91,10 +91,31 @@ pub fn router(state: CollectorState, extra: Option<Router<CollectorState>>) -> R
         .with_state(state)
 }
 
-/// Bearer check of `/v1/*`.
-async fn authenticate(State(state): State<CollectorState>, request: Request, next: Next) -> Response {
+/// Bearer check of `/v1/*`. A namespace token reaches ingest and usage only, and carries its
+/// [`Scope`](crate::auth::Scope) to them in the request's extensions.
+async fn authenticate(State(state): State<CollectorState>, mut request: Request, next: Next) -> Response {
     match state.authorize(request.headers()).await {
-        Ok(()) => next.run(request).await,
+        Ok(scope) => {
+            if let crate::auth::Scope::Namespace(namespace) = &scope {
+                let path = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+                let allowed = matches!(
+                    (request.method().clone(), path.as_deref()),
+                    (http::Method::POST, Some(EVENTS_PATH | crate::otlp::LOGS_PATH))
+                        | (http::Method::GET, Some(USAGE_PATH))
+                );
+                if !allowed {
+                    tracing::debug!(%namespace, path = ?path, "a namespace token asked for more than ingest and usage");
+                    return ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        reason::NAMESPACE_TOKEN_SCOPE,
+                        "a namespace token may only send its namespace's events and read its usage",
+                    )
+                    .into_response();
+                }
+            }
+            request.extensions_mut().insert(scope);
+            next.run(request).await
+        }
         Err(error) => {
             let is_ingest =
                 request.extensions().get::<MatchedPath>().is_some_and(|p| p.as_str() == EVENTS_PATH)

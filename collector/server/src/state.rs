@@ -85,10 +85,10 @@ impl CollectorState {
     /// Checks the bearer token of a request (always Ok when the collector runs
     /// unauthenticated). The `/v1/*` routes, extra routes included, are checked before their
     /// handler runs.
-    pub async fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub async fn authorize(&self, headers: &HeaderMap) -> Result<crate::auth::Scope, ApiError> {
         match &self.inner.auth {
             Some(auth) => auth.check(headers).await,
-            None => Ok(()),
+            None => Ok(crate::auth::Scope::All),
         }
     }
 
@@ -102,7 +102,24 @@ impl CollectorState {
     /// and offers it to the post-commit observer without waiting. A store refusal of one event
     /// is a 400 `bad_event` pointing at that event; any other store failure is a 503
     /// `store_unavailable` (the sender retries).
-    pub async fn commit(&self, batch: Batch) -> Result<IngestOutcome, ApiError> {
+    ///
+    /// A namespace token (`scope`) may only send events of its namespace: another one is 403
+    /// `wrong_namespace` pointing at it, and nothing of the batch is stored.
+    pub async fn commit(&self, batch: Batch, scope: &crate::auth::Scope) -> Result<IngestOutcome, ApiError> {
+        if let crate::auth::Scope::Namespace(namespace) = scope
+            && let Some(index) = batch.events().iter().position(|e| e.namespace != *namespace)
+        {
+            let position = batch.position(index);
+            let message = format!(
+                "the event at {} belongs to another namespace than the token's ({namespace})",
+                position.describe()
+            );
+            return Err(position.annotate(ApiError::new(
+                StatusCode::FORBIDDEN,
+                reason::WRONG_NAMESPACE,
+                message,
+            )));
+        }
         let started = Instant::now();
         let result = self.inner.store.ingest(batch.events()).await;
         self.metrics().store_op("ingest", started.elapsed());

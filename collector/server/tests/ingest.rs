@@ -338,6 +338,70 @@ async fn rotated_token_file_takes_effect_without_restart() {
     assert_eq!((status, body), (200, json!({"accepted": 1, "duplicates": 1})));
 }
 
+/// A namespace token (what the operator gives a namespace's sidecars) sends its namespace's
+/// events and reads its usage, nothing else (a review's probe: the one shared token let a
+/// namespace's sidecars write events claiming another namespace and read everyone's audit
+/// trail). The collector token still does everything.
+#[tokio::test]
+async fn a_namespace_token_sends_its_namespace_events_and_reads_its_usage_only() {
+    let h = Harness::sqlite().await;
+    let shop = custos_api::collector::namespace_token(TOKEN, "shop");
+    let (status, body) = h.post_with(Some(NDJSON), None, Some(&shop), ndjson(&events("ns", 3))).await;
+    assert_eq!((status, body), (200, json!({"accepted": 3, "duplicates": 0})));
+
+    // Another namespace's event in the batch: refused whole, pointing at it.
+    let mut mixed = events("mx", 3);
+    mixed[1].namespace = "billing".into();
+    let (status, body) = h.post_with(Some(NDJSON), None, Some(&shop), ndjson(&mixed)).await;
+    assert_eq!(
+        (status, &body["reason"], &body["line"]),
+        (403, &json!("wrong_namespace"), &json!(2)),
+        "{body}"
+    );
+    assert_eq!(h.stored_ids().await.len(), 3, "nothing of the refused batch stored");
+
+    let get = |path: &str, token: &str| {
+        h.client.get(format!("{}{path}", h.base)).bearer_auth(token.to_owned()).send()
+    };
+    let usage = "/v1/usage?policy=customers&principal=user%3Aalice";
+    let (status, body) = answer(get(usage, &shop).await.unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = answer(get(&format!("{usage}&namespace=billing"), &shop).await.unwrap()).await;
+    assert_eq!((status, &body["reason"]), (403, &json!("wrong_namespace")), "{body}");
+    for path in [
+        "/v1/events",
+        "/v1/subjects/00000000000000000000000000000000000000000000000000000000000000aa",
+        "/v1/top",
+        "/v1/alerts",
+        "/v1/verify",
+    ] {
+        let (status, body) = answer(get(path, &shop).await.unwrap()).await;
+        assert_eq!((status, &body["reason"]), (403, &json!("namespace_token_scope")), "{path}: {body}");
+    }
+    // Forged or of another collector token: 401.
+    let forged = format!("{}0", &shop[..shop.len() - 1]);
+    for bad in [
+        forged.as_str(),
+        &custos_api::collector::namespace_token("another-token", "shop"),
+        "custos-ns.shop.xyz",
+    ] {
+        let (status, body) = h.post_with(Some(NDJSON), None, Some(bad), ndjson(&events("f", 1))).await;
+        assert_eq!((status, &body["reason"]), (401, &json!("invalid_token")), "{bad}");
+    }
+    // The collector token: everything.
+    assert_eq!(h.get("/v1/events").await.0, 200);
+    let (status, _) = h.post(NDJSON, ndjson(&mixed)).await;
+    assert_eq!(status, 200);
+    // A rotated collector token rotates the namespace tokens with it.
+    let next = h.dir.path().join("token.next");
+    std::fs::write(&next, "rotated-token-42\n").unwrap();
+    std::fs::rename(&next, &h.token_file).unwrap();
+    let (status, _) = h.post_with(Some(NDJSON), None, Some(&shop), ndjson(&events("ns", 3))).await;
+    assert_eq!(status, 401);
+    let rotated = custos_api::collector::namespace_token("rotated-token-42", "shop");
+    assert_eq!(h.post_with(Some(NDJSON), None, Some(&rotated), ndjson(&events("ns", 3))).await.0, 200);
+}
+
 #[tokio::test]
 async fn unauthenticated_mode_accepts_requests_without_a_token() {
     let dir = tempfile::tempdir().unwrap();

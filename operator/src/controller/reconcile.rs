@@ -30,6 +30,7 @@ use custos_api::{DataAccessPolicy, DataAccessPolicyStatus};
 use custos_operator_core::desired::{
     self, Desired, DesiredEvent, EventType, NamespaceSnapshot, has_finalizer, is_deleting, pod_namespaces,
 };
+use custos_operator_core::inject::COLLECTOR_TOKEN_KEY;
 use custos_operator_core::names::{
     CONFIG_MAP_NAME, FIELD_MANAGER, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL,
 };
@@ -345,6 +346,10 @@ async fn sync_secrets(
                 continue;
             }
         };
+        let mut data = original.data;
+        if sync.collector_token.as_ref() == Some(name) {
+            data = data.map(|data| namespace_token_data(data, namespace));
+        }
         let copy = Secret {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -354,7 +359,7 @@ async fn sync_secrets(
                 ..ObjectMeta::default()
             },
             type_: original.type_,
-            data: original.data,
+            data,
             ..Secret::default()
         };
         if existing.as_ref().is_some_and(|e| secret_current(e, &copy)) {
@@ -372,6 +377,23 @@ async fn sync_secrets(
         }
     }
     failures
+}
+
+/// The collector token Secret's data for `namespace`: its `token` replaced by the namespace
+/// token derived from it (the rest as it is; a `token` that is not UTF-8 text is copied as is,
+/// and the collector refuses it as it would the original).
+fn namespace_token_data(
+    mut data: BTreeMap<String, k8s_openapi::ByteString>,
+    namespace: &str,
+) -> BTreeMap<String, k8s_openapi::ByteString> {
+    if let Some(token) =
+        data.get(COLLECTOR_TOKEN_KEY).and_then(|t| std::str::from_utf8(&t.0).ok()).map(str::trim)
+        && !token.is_empty()
+    {
+        let derived = custos_api::collector::namespace_token(token, namespace);
+        data.insert(COLLECTOR_TOKEN_KEY.to_string(), k8s_openapi::ByteString(derived.into_bytes()));
+    }
+    data
 }
 
 /// Applies every desired NetworkPolicy; a refused one marks its policy's status and is
