@@ -77,11 +77,17 @@ pub(crate) fn body_names_a_method(content_type: Option<&HeaderValue>, body: &[u8
 }
 
 /// A top-level `"_method"` key of a JSON object, not null, the last one when it repeats (as
-/// PHP keeps it). Invalid JSON names nothing (the frameworks read no parameters from it).
+/// PHP keeps it). An object serde cannot read (nested deeper than its limit of 128, which PHP
+/// reads up to 512) names a method when the word `method` appears in it at all, on the safe
+/// side; other invalid JSON names nothing (the frameworks read no parameters from it).
 fn json_names_a_method(body: &[u8]) -> bool {
-    body.trim_ascii_start().starts_with(b"{")
-        && serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
-            .is_ok_and(|object| object.get("_method").is_some_and(|v| !v.is_null()))
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return false;
+    }
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) {
+        Ok(object) => object.get("_method").is_some_and(|v| !v.is_null()),
+        Err(_) => body.windows(b"method".len()).any(|w| w.eq_ignore_ascii_case(b"method")),
+    }
 }
 
 /// `a=1&_method=DELETE`: any parameter whose decoded name is `_method` as PHP reads it.
@@ -200,6 +206,17 @@ mod tests {
         }
     }
 
+    /// Nested deeper than serde reads (PHP reads up to 512 levels): refused when `method`
+    /// appears, forwarded otherwise.
+    #[test]
+    fn json_too_deep_for_serde() {
+        let json = HeaderValue::from_static("application/json");
+        let deep =
+            |key: &str| format!("{{\"{key}\":\"DELETE\",\"x\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        assert!(body_names_a_method(Some(&json), deep("_method").as_bytes()));
+        assert!(!body_names_a_method(Some(&json), deep("title").as_bytes()));
+    }
+
     #[test]
     fn declared_forms() {
         for (value, form) in [
@@ -273,6 +290,7 @@ mod tests {
             (Some(&json), br#"{"_method":"DELETE","_method":"DELETE"}"#, true),
             (Some(&json), br#"{"\u005fmethod":"DELETE"}"#, true),
             (Some(&json), br#"{"title":"a&_method=x"}"#, false),
+            (Some(&json), br#"{"_method":"DELETE","_method":null}"#, false),
         ] {
             assert_eq!(body_names_a_method(content_type, body), names, "{:?}", String::from_utf8_lossy(body));
         }
