@@ -51,8 +51,9 @@ pub struct CollectorArgs {
     #[arg(long, env = "CUSTOS_COLLECTOR_MAX_BATCH_EVENTS", value_name = "N", default_value_t = 10_000)]
     pub max_batch_events: usize,
 
-    /// Batches read, decoded and stored at the same time (bounds memory: each may take a few
-    /// times --max-batch-bytes); further ones wait.
+    /// Batches decoded and stored at the same time (bounds memory: each may take a few times
+    /// --max-batch-bytes); further ones wait. Bodies still arriving share a budget of this many
+    /// times --max-batch-bytes and hold no slot.
     #[arg(long, env = "CUSTOS_COLLECTOR_MAX_CONCURRENT_BATCHES", value_name = "N", default_value_t = 4)]
     pub max_concurrent_batches: usize,
 

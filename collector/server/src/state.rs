@@ -22,6 +22,9 @@ struct Inner {
     auth: Option<TokenAuth>,
     limits: IngestLimits,
     batch_slots: Semaphore,
+    /// KiB of request bodies being received, across requests: taken as bytes arrive, so a
+    /// slow sender holds only what it sent (see [`crate::ingest::read_body_budgeted`]).
+    body_budget: Arc<Semaphore>,
     observer: Option<mpsc::Sender<StoredBatch>>,
     shutting_down: AtomicBool,
 }
@@ -61,6 +64,10 @@ impl CollectorState {
                 auth,
                 limits,
                 batch_slots: Semaphore::new(max_concurrent_batches.max(1)),
+                body_budget: Arc::new(Semaphore::new(
+                    (max_concurrent_batches.max(1) * limits.max_batch_bytes.div_ceil(1024))
+                        .min(Semaphore::MAX_PERMITS),
+                )),
                 observer,
                 shutting_down: AtomicBool::new(false),
             }),
@@ -92,8 +99,15 @@ impl CollectorState {
         }
     }
 
+    /// The budget of request body bytes being received (KiB permits).
+    pub(crate) fn body_budget(&self) -> &Arc<Semaphore> {
+        &self.inner.body_budget
+    }
+
     /// Waits for one of the `--max-concurrent-batches` slots: hold it while a batch body is
-    /// read, decoded and committed, which bounds the memory batches take.
+    /// decoded and committed, which bounds the memory and CPU batches take. It is taken once
+    /// the body has arrived (the body's bytes count against [`Self::body_budget`] as they
+    /// do), so senders that trickle their bodies cannot hold every slot.
     pub async fn batch_slot(&self) -> Result<SemaphorePermit<'_>, ApiError> {
         self.inner.batch_slots.acquire().await.map_err(|_| ApiError::internal("batch slots closed"))
     }

@@ -402,6 +402,32 @@ async fn a_namespace_token_sends_its_namespace_events_and_reads_its_usage_only()
     assert_eq!(h.post_with(Some(NDJSON), None, Some(&rotated), ndjson(&events("ns", 3))).await.0, 200);
 }
 
+/// Senders trickling their bodies do not hold the batch slots (a review's finding: four slow
+/// uploads, one per slot, stalled every other sender for up to a minute each).
+#[tokio::test]
+async fn slow_uploads_do_not_hold_the_batch_slots() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::sqlite().await;
+    let addr = h.base.trim_start_matches("http://").to_owned();
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Type: application/x-ndjson\r\nContent-Length: 100000\r\n\r\n{{\"id\""
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        slow.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Well within the 60 s the slow bodies may take: a guard against the stall, not a timing.
+    let sent = tokio::time::timeout(Duration::from_secs(30), h.post(NDJSON, ndjson(&events("fast", 2))))
+        .await
+        .expect("a batch waited behind slow uploads");
+    assert_eq!(sent, (200, json!({"accepted": 2, "duplicates": 0})));
+    drop(slow);
+}
+
 #[tokio::test]
 async fn unauthenticated_mode_accepts_requests_without_a_token() {
     let dir = tempfile::tempdir().unwrap();
