@@ -22,6 +22,17 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+/// Parses `SEQ:HASH`, a chain position recorded earlier (`custos audit verify --expect`,
+/// `GET /v1/verify?expect=`): a sequence number and a 64-digit lowercase hex hash.
+pub fn parse_expected_link(text: &str) -> Result<(u64, String), &'static str> {
+    let (seq, hash) = text.split_once(':').ok_or("expected SEQ:HASH")?;
+    let seq = seq.parse::<u64>().map_err(|_| "SEQ must be a sequence number")?;
+    if hash.len() != 64 || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err("HASH must be 64 lowercase hex digits");
+    }
+    Ok((seq, hash.to_owned()))
+}
+
 /// Prefix of a [`namespace_token`].
 pub const NAMESPACE_TOKEN_PREFIX: &str = "custos-ns.";
 

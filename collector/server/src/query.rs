@@ -248,7 +248,14 @@ pub(crate) async fn verify(
     State(state): State<CollectorState>,
     uri: Uri,
 ) -> Result<Json<VerifyReport>, ApiError> {
-    let p = Params::parse(uri.query(), &["from"])?;
+    let p = Params::parse(uri.query(), &["from", "expect"])?;
+    let expect = match p.get("expect") {
+        None => None,
+        Some(v) => Some(
+            custos_api::collector::parse_expected_link(v)
+                .map_err(|why| ApiError::bad_query("expect", format!("parameter `expect`: {why}")))?,
+        ),
+    };
     let from =
         match p.get("from") {
             None => None,
@@ -267,7 +274,7 @@ pub(crate) async fn verify(
             ));
         }
     }
-    let report = state.timed("verify", state.store().verify(from)).await?;
+    let report = state.timed("verify", state.store().verify_expecting(from, expect)).await?;
     if let Some(broken) = &report.first_broken {
         tracing::warn!(seq = broken.seq, kind = ?broken.kind, "verify: the audit chain is broken");
     }

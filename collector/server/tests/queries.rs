@@ -228,6 +228,17 @@ async fn subjects_top_alerts_and_verify() {
     let (status, report) = h.get("/v1/verify?from=31").await;
     assert_eq!((status, report["checked"].as_u64()), (200, Some(0)), "{report}");
     assert!(report["firstBroken"].is_null(), "{report}");
+    // Against a head recorded earlier (`custos audit verify --expect SEQ:HASH`).
+    let head = report["head"]["hash"].as_str().unwrap().to_owned();
+    let (status, report) = h.get(&format!("/v1/verify?expect=30:{head}")).await;
+    assert_eq!(status, 200, "{report}");
+    assert!(report["firstBroken"].is_null(), "{report}");
+    let (_, report) = h.get(&format!("/v1/verify?expect=40:{head}")).await;
+    assert_eq!(report["firstBroken"]["kind"], "Deleted", "{report}");
+    for bad in ["30", "x:abc", &format!("30:{}", head.to_uppercase())] {
+        let (status, body) = h.get(&format!("/v1/verify?expect={bad}")).await;
+        assert_eq!((status, &body["parameter"]), (400, &json!("expect")), "{bad}: {body}");
+    }
     let (status, body) = h.get("/v1/verify?from=50").await;
     assert_eq!(
         (status, &body["reason"], &body["parameter"]),

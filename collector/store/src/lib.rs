@@ -389,6 +389,70 @@ impl AnyStore {
     /// before it) to the head, recomputing every hash, and reports the first broken link.
     /// See [`chain`] for the exact rules.
     pub async fn verify(&self, from: Option<u64>) -> Result<VerifyReport> {
+        self.verify_expecting(from, None).await
+    }
+
+    /// [`AnyStore::verify`], and then, when the chain is intact, that the row at `expect.0`
+    /// still has the hash `expect.1`: a head recorded outside the store earlier (a log, a
+    /// ticket, another system). A chain cut back and re-grown, or rewritten from some row on
+    /// with every hash recomputed and `chain_head` updated, verifies on its own; it does not
+    /// match a hash published before. A seq below the retention anchor cannot be checked (its
+    /// row is gone) and passes.
+    pub async fn verify_expecting(
+        &self,
+        from: Option<u64>,
+        expect: Option<(u64, String)>,
+    ) -> Result<VerifyReport> {
+        let mut report = self.verify_walk(from).await?;
+        if let (None, Some((seq, hash))) = (&report.first_broken, expect) {
+            report.first_broken = self.check_expected(seq, &hash).await?;
+        }
+        Ok(report)
+    }
+
+    /// Whether the row at `seq` has `hash` (see [`AnyStore::verify_expecting`]).
+    async fn check_expected(&self, seq: u64, hash: &str) -> Result<Option<BrokenLink>> {
+        let (head, anchor) = dispatch!(self, s => s.head_and_anchor().await)?;
+        let at = i64::try_from(seq).unwrap_or(i64::MAX);
+        let found = if at > head.seq {
+            return Ok(Some(BrokenLink {
+                seq,
+                event_id: None,
+                kind: BreakKind::Deleted,
+                detail: format!(
+                    "the chain ends at seq {} before the expected seq {seq}: its tail was cut",
+                    head.seq
+                ),
+            }));
+        } else if at < anchor.seq {
+            return Ok(None);
+        } else if at == anchor.seq {
+            Some(anchor.hash.clone())
+        } else {
+            let rows = self.chain_page((at - 1, None), at, 1, at - 1).await?.0;
+            rows.into_iter().find(|r| r.seq == at).map(|r| r.hash)
+        };
+        Ok(match found {
+            Some(h) if h == hash => None,
+            Some(_) => Some(BrokenLink {
+                seq,
+                event_id: None,
+                kind: BreakKind::Edited,
+                detail:
+                    "the row's hash differs from the expected one: the chain was rewritten from here, or cut \
+                         and grown again"
+                        .into(),
+            }),
+            None => Some(BrokenLink {
+                seq,
+                event_id: None,
+                kind: BreakKind::Deleted,
+                detail: "the expected row is missing".into(),
+            }),
+        })
+    }
+
+    async fn verify_walk(&self, from: Option<u64>) -> Result<VerifyReport> {
         // A prune by another process while walking deletes rows the walk had still to read:
         // when the anchor moved meanwhile, the walk is done again from the new one.
         let mut attempts = 0;

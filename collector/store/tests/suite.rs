@@ -46,6 +46,7 @@ suite!(
     verify_catches_edited_rows,
     verify_catches_deleted_row,
     verify_catches_deleted_tail,
+    a_cut_tail_fails_against_a_head_recorded_earlier,
     verify_catches_inserted_row,
     verify_catches_appended_row,
     verify_catches_a_row_planted_below_the_anchor,
@@ -260,6 +261,41 @@ async fn verify_catches_deleted_row(env: &Env) {
 async fn verify_catches_deleted_tail(env: &Env) {
     let b = tampered(env, "DELETE FROM events WHERE seq >= 9;").await;
     assert_eq!((b.kind, b.seq), (BreakKind::Deleted, 9), "{b:?}");
+}
+
+/// The tail cut and `chain_head` moved back with it (a review's probe) verifies on its own;
+/// checked against a head recorded earlier, it does not.
+async fn a_cut_tail_fails_against_a_head_recorded_earlier(env: &Env) {
+    let store = env.open().await;
+    store.ingest(&events("e", 10)).await.unwrap();
+    let recorded = store.head().await.unwrap();
+    let (seq, hash) = (recorded.seq, recorded.hash.clone());
+    assert_eq!(store.verify_expecting(None, Some((seq, hash.clone()))).await.unwrap().first_broken, None);
+    let earlier = store.verify(Some(1)).await.unwrap();
+    assert!(earlier.is_ok());
+    // An earlier row, and the anchor (genesis, seq 0), check too.
+    let page = store.query(&EventQuery { limit: 10, ..EventQuery::default() }).await.unwrap();
+    let e5 = page.events.iter().find(|e| e.id == "e005").unwrap();
+    let row5 =
+        custos_store::chain_hash(e5.prev_hash.as_deref().unwrap(), &serde_json::to_string(e5).unwrap());
+    assert_eq!(store.verify_expecting(None, Some((6, row5))).await.unwrap().first_broken, None);
+    assert_eq!(
+        store.verify_expecting(None, Some((0, GENESIS_HASH.into()))).await.unwrap().first_broken,
+        None
+    );
+    let wrong = "f".repeat(64);
+    let b = store.verify_expecting(None, Some((6, wrong))).await.unwrap().first_broken.unwrap();
+    assert_eq!((b.kind, b.seq), (BreakKind::Edited, 6), "{b:?}");
+
+    env.raw(
+        "DELETE FROM events WHERE seq >= 9;
+         UPDATE chain_head SET seq = 8, hash = (SELECT hash FROM events WHERE seq = 8) WHERE id = 1;",
+    )
+    .await;
+    assert_eq!(store.verify(None).await.unwrap().first_broken, None, "on its own it verifies");
+    let b = store.verify_expecting(None, Some((seq, hash))).await.unwrap().first_broken.unwrap();
+    assert_eq!((b.kind, b.seq), (BreakKind::Deleted, 10), "{b:?}");
+    assert!(b.detail.contains("tail was cut"), "{b:?}");
 }
 
 async fn verify_catches_inserted_row(env: &Env) {

@@ -146,14 +146,19 @@ impl Source {
     }
 
     /// Verifies the chain.
-    pub(crate) async fn verify(&self, from: Option<u64>) -> anyhow::Result<VerifyReport> {
+    pub(crate) async fn verify(
+        &self,
+        from: Option<u64>,
+        expect: Option<(u64, String)>,
+    ) -> anyhow::Result<VerifyReport> {
         match self {
             Source::Collector(c) => {
                 let mut params = vec![];
                 push(&mut params, "from", from.map(|f| f.to_string()));
+                push(&mut params, "expect", expect.map(|(seq, hash)| format!("{seq}:{hash}")));
                 c.get("/v1/verify", &params).await
             }
-            Source::Store(s) => s.verify(from).await.map_err(store_error),
+            Source::Store(s) => s.verify_expecting(from, expect).await.map_err(store_error),
         }
     }
 }
