@@ -191,7 +191,7 @@ mod tests {
                 "time": format!("2026-12-06T10:{:02}:{:02}Z", i / 60 % 60, i % 60),
                 "namespace": "shop", "policy": "customers", "rule": "read", "mode": "Enforce",
                 "pod": "customers-0", "user": {"id": "mallory", "attributes": {"branch": "north"}},
-                "principal": if i % 3 == 0 { "user:alice" } else { "user:mallory" },
+                "principal": if i.is_multiple_of(3) { "user:alice" } else { "user:mallory" },
                 "method": "GET", "path": format!("/customers/{i}"), "decision": decision,
                 "reason": if decision == "Deny" { "deny_rule" } else { "allow_rule" },
                 "status": if decision == "Deny" { 403 } else { 200 },
