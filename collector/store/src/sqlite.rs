@@ -143,6 +143,9 @@ struct Inner {
     writer: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
+    /// A reader kept for the chain head and anchor (two one-row reads): `/ready` and the
+    /// start of every verify and prune never wait behind an investigator's long scan.
+    quick: Option<Mutex<Connection>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -318,19 +321,29 @@ impl SqliteStore {
         writer.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_BYTES / page_size.max(512))?;
         migrate(&mut writer)?;
         let mut readers = Vec::new();
+        let mut quick = None;
         if !memory {
-            for _ in 0..READERS {
+            let open_reader = || -> Result<Connection> {
                 let r = Connection::open_with_flags(
                     Path::new(path),
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
                 r.busy_timeout(Duration::from_secs(10))?;
                 r.pragma_update(None, "cache_size", READER_CACHE_KIB)?;
-                readers.push(Mutex::new(r));
+                Ok(r)
+            };
+            for _ in 0..READERS {
+                readers.push(Mutex::new(open_reader()?));
             }
+            quick = Some(Mutex::new(open_reader()?));
         }
         Ok(SqliteStore {
-            inner: Arc::new(Inner { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0) }),
+            inner: Arc::new(Inner {
+                writer: Mutex::new(writer),
+                readers,
+                next_reader: AtomicUsize::new(0),
+                quick,
+            }),
         })
     }
 
@@ -353,8 +366,30 @@ impl SqliteStore {
             if inner.readers.is_empty() {
                 return f(&mut lock(&inner.writer));
             }
-            let i = inner.next_reader.fetch_add(1, Ordering::Relaxed) % inner.readers.len();
-            f(&mut lock(&inner.readers[i]))
+            // A free reader if there is one (a long scan holds its reader), else in turn.
+            let start = inner.next_reader.fetch_add(1, Ordering::Relaxed);
+            let n = inner.readers.len();
+            for k in 0..n {
+                if let Ok(mut conn) = inner.readers[(start + k) % n].try_lock() {
+                    return f(&mut conn);
+                }
+            }
+            f(&mut lock(&inner.readers[start % n]))
+        })
+        .await
+        .map_err(task_error)?
+    }
+
+    /// [`Self::read`] on the reader kept for short reads ([`Inner::quick`]).
+    async fn read_quick<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || match &inner.quick {
+            Some(quick) => f(&mut lock(quick)),
+            None => f(&mut lock(&inner.writer)),
         })
         .await
         .map_err(task_error)?
@@ -421,7 +456,7 @@ impl SqliteStore {
     }
 
     pub(crate) async fn head_and_anchor(&self) -> Result<(Link, Link)> {
-        self.read(|conn| {
+        self.read_quick(|conn| {
             let tx = conn.transaction()?;
             let head = tx.query_row("SELECT seq, hash FROM chain_head WHERE id = 1", [], link_row)?;
             let anchor = tx.query_row("SELECT seq, hash FROM chain_anchor WHERE id = 1", [], link_row)?;
@@ -725,5 +760,48 @@ impl SqliteStore {
             Ok(st.query_map(params![since, limit], |r| r.get(0))?.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use super::*;
+
+    /// With every reader held by a long scan (here: their locks taken), the chain head, which
+    /// `/ready` reads, still answers (a review measured it waiting behind two scans), and a
+    /// read finds a reader as soon as one is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_chain_head_does_not_wait_behind_busy_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+        let inner = Arc::clone(&store.inner);
+        let held: Vec<_> = inner.readers.iter().map(lock).collect();
+        // A guard against a hang, not a timing: without the kept reader this waits for ever.
+        let (head, _) = tokio::time::timeout(Duration::from_secs(30), store.head_and_anchor())
+            .await
+            .expect("the head waited behind the busy readers")
+            .unwrap();
+        assert_eq!(head.seq, 0);
+        // One reader freed: a read takes it, whichever the turn says.
+        let mut held = held;
+        drop(held.remove(0));
+        for _ in 0..4 {
+            let seq = tokio::time::timeout(
+                Duration::from_secs(30),
+                store.read(|conn| {
+                    Ok(conn.query_row("SELECT seq FROM chain_head", [], |r| r.get::<_, i64>(0))?)
+                }),
+            )
+            .await
+            .expect("a read waited for the busy reader while another was free")
+            .unwrap();
+            assert_eq!(seq, 0);
+        }
+        drop(held);
     }
 }
