@@ -13,6 +13,12 @@ use crate::policy::Mode;
 /// Version of the audit event format.
 pub const AUDIT_SCHEMA_VERSION: u32 = 1;
 
+/// Whether `text` is a SHA-256 digest as the audit trail writes them (record hashes, chain
+/// hashes): 64 lowercase hex digits.
+pub fn is_hex_digest(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The outcome of a decision.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Decision {

@@ -27,7 +27,7 @@ use sha2::Sha256;
 pub fn parse_expected_link(text: &str) -> Result<(u64, String), &'static str> {
     let (seq, hash) = text.split_once(':').ok_or("expected SEQ:HASH")?;
     let seq = seq.parse::<u64>().map_err(|_| "SEQ must be a sequence number")?;
-    if hash.len() != 64 || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if !crate::audit::is_hex_digest(hash) {
         return Err("HASH must be 64 lowercase hex digits");
     }
     Ok((seq, hash.to_owned()))

@@ -274,10 +274,13 @@ fn decide_policy<'e>(
 /// [`CompiledRule::first_segments`]).
 #[inline]
 fn may_match_first(rule: &CompiledRule, first: Option<&str>) -> bool {
-    // ASCII case ignored: a superset, and Deny rules match so (`PathGlob::folding_case`).
-    rule.first_segments
-        .as_ref()
-        .is_none_or(|firsts| first.is_some_and(|first| firsts.iter().any(|f| f.eq_ignore_ascii_case(first))))
+    // Deny rules match without regard to ASCII case (`PathGlob::folding_case`).
+    let fold = rule.action == Action::Deny;
+    rule.first_segments.as_ref().is_none_or(|firsts| {
+        first.is_some_and(|first| {
+            firsts.iter().any(|f| if fold { f.eq_ignore_ascii_case(first) } else { **f == *first })
+        })
+    })
 }
 
 /// Returns the captured path parameters when `rule` matches `req` (whose first path segment

@@ -199,19 +199,14 @@ pub fn content_encoding(headers: &HeaderMap) -> Result<ContentEncoding, ApiError
 }
 
 /// Reads a request body of at most `limit` bytes (413 beyond, checked against `Content-Length`
-/// first), within a time-out (408).
-pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
-    read_body_budgeted(body, headers, limit, None).await.map(|(bytes, _)| bytes)
-}
-
-/// [`read_body`], each chunk taking its KiB from `budget` as it arrives (waiting while the
-/// budget is spent, within the body's time-out); the permits come back with the body and are
-/// released when dropped.
-pub(crate) async fn read_body_budgeted(
+/// first), within a time-out (408). Each chunk takes its KiB from `budget` as it arrives
+/// (waiting while the budget is spent, within the time-out); the permits come back with the
+/// body and are released when dropped.
+pub(crate) async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
-    budget: Option<&std::sync::Arc<tokio::sync::Semaphore>>,
+    budget: &std::sync::Arc<tokio::sync::Semaphore>,
 ) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -239,17 +234,15 @@ pub(crate) async fn read_body_budgeted(
                             drain(body).await;
                             return Err(too_many_bytes(limit));
                         }
-                        if let Some(budget) = budget {
-                            let kib = u32::try_from(data.len().div_ceil(1024)).unwrap_or(u32::MAX);
-                            let permit = budget
-                                .clone()
-                                .acquire_many_owned(kib)
-                                .await
-                                .map_err(|_| ApiError::internal("body budget closed"))?;
-                            match &mut held {
-                                Some(h) => h.merge(permit),
-                                None => held = Some(permit),
-                            }
+                        let kib = u32::try_from(data.len().div_ceil(1024)).unwrap_or(u32::MAX);
+                        let permit = budget
+                            .clone()
+                            .acquire_many_owned(kib)
+                            .await
+                            .map_err(|_| ApiError::internal("body budget closed"))?;
+                        match &mut held {
+                            Some(h) => h.merge(permit),
+                            None => held = Some(permit),
                         }
                         if buf.is_empty() {
                             buf.reserve(declared.map_or(64 << 10, |l| l as usize).min(limit));
@@ -646,8 +639,7 @@ async fn ingest(
     let format = body_format(headers)?;
     let encoding = content_encoding(headers)?;
     let limits = state.limits();
-    let (raw, _received) =
-        read_body_budgeted(body, headers, limits.max_batch_bytes, Some(state.body_budget())).await?;
+    let (raw, _received) = read_body(body, headers, limits.max_batch_bytes, state.body_budget()).await?;
     let _slot = state.batch_slot().await?;
     let batch = tokio::task::spawn_blocking(move || {
         let decoded = decode(encoding, raw, limits.max_batch_bytes)?;

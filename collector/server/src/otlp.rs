@@ -14,7 +14,7 @@ use custos_otlp::{ContentType, decode_logs, encode_response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use crate::error::{ApiError, reason};
-use crate::ingest::{Batch, content_encoding, decode, read_body_budgeted};
+use crate::ingest::{Batch, content_encoding, decode, read_body};
 use crate::state::CollectorState;
 
 /// Path of the OTLP/HTTP logs endpoint.
@@ -61,8 +61,7 @@ async fn ingest(
         })?;
     let encoding = content_encoding(headers)?;
     let limits = state.limits();
-    let (raw, _received) =
-        read_body_budgeted(body, headers, limits.max_batch_bytes, Some(state.body_budget())).await?;
+    let (raw, _received) = read_body(body, headers, limits.max_batch_bytes, state.body_budget()).await?;
     let _slot = state.batch_slot().await?;
     let decoded = tokio::task::spawn_blocking(move || {
         let bytes = decode(encoding, raw, limits.max_batch_bytes)?;

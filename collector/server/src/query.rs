@@ -148,11 +148,6 @@ pub(crate) struct SubjectAnswer {
     accesses: Vec<SubjectAccess>,
 }
 
-/// Whether `hash` is a keyed record hash: 64 lowercase hex characters.
-fn is_record_hash(hash: &str) -> bool {
-    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 /// `GET /v1/subjects/{hash}`.
 pub(crate) async fn subject(
     State(state): State<CollectorState>,
@@ -167,7 +162,7 @@ pub(crate) async fn subject(
         )
     };
     let Path(hash) = hash.map_err(|_| bad_hash())?;
-    if !is_record_hash(&hash) {
+    if !custos_api::audit::is_hex_digest(&hash) {
         return Err(bad_hash());
     }
     let p = Params::parse(uri.query(), &["since", "until", "limit"])?;
@@ -326,9 +321,9 @@ mod tests {
 
     #[test]
     fn record_hashes_are_64_lowercase_hex() {
-        assert!(is_record_hash(&"a1".repeat(32)));
-        assert!(!is_record_hash(&"A1".repeat(32)));
-        assert!(!is_record_hash(&"a1".repeat(31)));
-        assert!(!is_record_hash(&"g1".repeat(32)));
+        assert!(custos_api::audit::is_hex_digest(&"a1".repeat(32)));
+        assert!(!custos_api::audit::is_hex_digest(&"A1".repeat(32)));
+        assert!(!custos_api::audit::is_hex_digest(&"a1".repeat(31)));
+        assert!(!custos_api::audit::is_hex_digest(&"g1".repeat(32)));
     }
 }

@@ -99,9 +99,9 @@ async fn authenticate(State(state): State<CollectorState>, mut request: Request,
             if let crate::auth::Scope::Namespace(namespace) = &scope {
                 let path = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
                 let allowed = matches!(
-                    (request.method().clone(), path.as_deref()),
-                    (http::Method::POST, Some(EVENTS_PATH | crate::otlp::LOGS_PATH))
-                        | (http::Method::GET, Some(USAGE_PATH))
+                    (request.method(), path.as_deref()),
+                    (&http::Method::POST, Some(EVENTS_PATH | crate::otlp::LOGS_PATH))
+                        | (&http::Method::GET, Some(USAGE_PATH))
                 );
                 if !allowed {
                     tracing::debug!(%namespace, path = ?path, "a namespace token asked for more than ingest and usage");

@@ -23,7 +23,7 @@ struct Inner {
     limits: IngestLimits,
     batch_slots: Semaphore,
     /// KiB of request bodies being received, across requests: taken as bytes arrive, so a
-    /// slow sender holds only what it sent (see [`crate::ingest::read_body_budgeted`]).
+    /// slow sender holds only what it sent (see [`crate::ingest::read_body`]).
     body_budget: Arc<Semaphore>,
     observer: Option<mpsc::Sender<StoredBatch>>,
     shutting_down: AtomicBool,

@@ -257,11 +257,7 @@ pub(crate) fn admissible(e: &AuditEvent, columns: &Columns, now_us: i64) -> Resu
     if has_nul(e) {
         return Err("a string field holds a NUL character (U+0000)");
     }
-    if !e
-        .record_hashes
-        .iter()
-        .all(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-    {
+    if !e.record_hashes.iter().all(|h| custos_api::audit::is_hex_digest(h)) {
         return Err("recordHashes must be 64 lowercase hex digits each (keyed hashes, never raw ids)");
     }
     if [e.records_returned, e.records_filtered, e.records_truncated]

@@ -80,16 +80,22 @@ impl PolicyState {
         users: &'u Users,
         policy: Option<&CompiledPolicy>,
     ) -> Option<&'u User> {
-        let index = policy.and_then(|p| self.engine.policies().iter().position(|q| std::ptr::eq(p, q)))?;
-        self.user_of(users, index)
+        self.user_of(users, self.index_of(policy?)?)
+    }
+
+    /// The position of `policy` (one of this state's) among the engine's policies.
+    fn index_of(&self, policy: &CompiledPolicy) -> Option<usize> {
+        self.engine.policies().iter().position(|q| std::ptr::eq(policy, q))
     }
 
     /// The user to record for a request `policy` decided: the one that policy's verifier
     /// found, or, for a policy that verifies no users (or no policy), the first any verifier
     /// found.
     pub(crate) fn user_for<'u>(&self, users: &'u Users, policy: Option<&CompiledPolicy>) -> Option<&'u User> {
-        let index = policy.and_then(|p| self.engine.policies().iter().position(|q| std::ptr::eq(p, q)));
-        match index.and_then(|i| self.policy_verifiers.get(i).copied().flatten()) {
+        match policy
+            .and_then(|p| self.index_of(p))
+            .and_then(|i| self.policy_verifiers.get(i).copied().flatten())
+        {
             Some(v) => users.by_verifier.get(v)?.as_ref(),
             None => users.by_verifier.iter().flatten().next(),
         }
