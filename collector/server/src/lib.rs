@@ -42,6 +42,6 @@ pub use duration::parse_duration;
 pub use error::{ApiError, reason};
 pub use kube_events::{KubeEventRecorder, KubeEvents};
 pub use metrics::CollectorMetrics;
-pub use observer::{RecentIds, StoredBatch};
+pub use observer::StoredBatch;
 pub use server::{RunningCollector, ShutdownHandle, StartError, router, start};
 pub use state::CollectorState;

@@ -5,8 +5,8 @@
 //!
 //! It consumes the [`observer`](crate::observer) channel, so it never delays an
 //! acknowledgement: when it falls behind, batches are dropped from the channel and counted in
-//! `custos_collector_observer_dropped_events_total`. A resent batch is deduplicated by event id
-//! ([`RecentIds`]) before detection and export.
+//! `custos_collector_observer_dropped_events_total`. It is given each stored event once: the
+//! store tells which events of a resent batch were new.
 //!
 //! At start the detectors are warmed up with the last [`WARM_UP`] of stored events (at most
 //! [`WARM_UP_MAX_EVENTS`]) so that a restart does not reset every principal's baseline; the
@@ -15,21 +15,18 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use custos_api::AuditEvent;
 use custos_detect::{AlertDispatcher, DetectConfig, Detectors};
 use custos_otlp::OtlpExporter;
 use custos_store::{AnyStore, EventQuery};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::observer::{RecentIds, StoredBatch};
+use crate::observer::StoredBatch;
 
 /// How far back the detectors are warmed up at start.
 pub const WARM_UP: Duration = Duration::from_secs(3_600);
 /// At most this many events are replayed at start.
 pub const WARM_UP_MAX_EVENTS: usize = 200_000;
-/// Event ids remembered to skip resent batches.
-const RECENT_IDS: usize = 65_536;
 /// Batches waiting for the pipeline.
 pub(crate) const CHANNEL_CAPACITY: usize = 256;
 
@@ -82,18 +79,17 @@ async fn run(
     if let Some(detectors) = sinks.detectors.as_mut() {
         warm_up(&store, detectors).await;
     }
-    let mut recent = RecentIds::new(RECENT_IDS);
     loop {
         let batch = tokio::select! {
             b = batches.recv() => b,
             () = crate::server::stopped(&mut stop) => None,
         };
         let Some(batch) = batch else { break };
-        handle(&store, &mut sinks, &mut recent, batch).await;
+        handle(&store, &mut sinks, batch).await;
     }
     // Stopping: what was committed before the stop is still processed.
     while let Ok(batch) = batches.try_recv() {
-        handle(&store, &mut sinks, &mut recent, batch).await;
+        handle(&store, &mut sinks, batch).await;
     }
     if !sinks.dispatcher.shutdown(grace).await {
         tracing::warn!("alert delivery did not finish within the shutdown grace period");
@@ -104,13 +100,8 @@ async fn run(
     }
 }
 
-async fn handle(store: &AnyStore, sinks: &mut Sinks, recent: &mut RecentIds, batch: StoredBatch) {
-    let all_new = batch.all_new();
-    let events: Vec<AuditEvent> =
-        batch.events.into_iter().filter(|e| recent.first_seen(&e.id) || all_new).collect();
-    if events.is_empty() {
-        return;
-    }
+async fn handle(store: &AnyStore, sinks: &mut Sinks, batch: StoredBatch) {
+    let events = batch.events;
     if let Some(exporter) = &sinks.exporter {
         // Full queue: dropped and counted by the exporter's metrics.
         let _ = exporter.try_send(&events);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use custos_store::{AnyStore, IngestOutcome};
+use custos_store::{AnyStore, IngestOutcome, Ingested};
 use http::{HeaderMap, StatusCode};
 use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
 
@@ -135,13 +135,14 @@ impl CollectorState {
             )));
         }
         let started = Instant::now();
-        let result = self.inner.store.ingest(batch.events()).await;
+        let result = self.inner.store.ingest_listing_new(batch.events()).await;
         self.metrics().store_op("ingest", started.elapsed());
         match result {
-            Ok(outcome) => {
+            Ok(ingested) => {
+                let outcome = ingested.outcome;
                 self.metrics().ingested(outcome.accepted, outcome.duplicates);
                 if outcome.accepted > 0 {
-                    self.notify(batch, outcome);
+                    self.notify(batch, ingested);
                 }
                 Ok(outcome)
             }
@@ -157,13 +158,19 @@ impl CollectorState {
         }
     }
 
-    fn notify(&self, batch: Batch, outcome: IngestOutcome) {
+    /// Offers the events `ingested` says were newly stored (never a duplicate's copy from this
+    /// request: the stored event of that id may differ) to the observer.
+    fn notify(&self, batch: Batch, ingested: Ingested) {
         let Some(observer) = &self.inner.observer else { return };
-        let stored = StoredBatch {
-            events: batch.into_events(),
-            accepted: outcome.accepted,
-            duplicates: outcome.duplicates,
-        };
+        let mut new = ingested.new.iter().copied().peekable();
+        let events = batch
+            .into_events()
+            .into_iter()
+            .enumerate()
+            .filter(|(index, _)| new.next_if_eq(index).is_some())
+            .map(|(_, event)| event)
+            .collect();
+        let stored = StoredBatch { events, duplicates: ingested.outcome.duplicates };
         let lost = match observer.try_send(stored) {
             Ok(()) => return,
             Err(mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b)) => b.events.len(),

@@ -99,6 +99,24 @@ pub struct IngestOutcome {
     pub duplicates: u64,
 }
 
+/// The outcome of [`AnyStore::ingest_listing_new`]: the counts, and which events of the batch
+/// were newly stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ingested {
+    /// The counts, as [`AnyStore::ingest`] returns them.
+    pub outcome: IngestOutcome,
+    /// The positions in the batch of the events this call stored, ascending (`outcome.accepted`
+    /// of them); the other events were duplicates.
+    pub new: Vec<usize>,
+}
+
+impl Ingested {
+    fn stored(&mut self, index: usize) {
+        self.outcome.accepted += 1;
+        self.new.push(index);
+    }
+}
+
 /// A point of the chain: the seq of an event and its hash (seq 0 and [`GENESIS_HASH`] before
 /// the first event).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -343,8 +361,15 @@ impl AnyStore {
     /// An invalid event rejects the whole batch ([`Error::InvalidEvent`]) before anything is
     /// written. The events' own `prev_hash` is ignored and replaced.
     pub async fn ingest(&self, events: &[AuditEvent]) -> Result<IngestOutcome> {
+        Ok(self.ingest_listing_new(events).await?.outcome)
+    }
+
+    /// [`Self::ingest`], also telling which events of the batch were newly stored (the others
+    /// were already stored, or repeated earlier in the batch): what a consumer of stored events
+    /// should see once, however often a sender resends.
+    pub async fn ingest_listing_new(&self, events: &[AuditEvent]) -> Result<Ingested> {
         if events.is_empty() {
-            return Ok(IngestOutcome::default());
+            return Ok(Ingested::default());
         }
         let batch = chain::unlinked(events, chain::validate(events)?)?;
         match self {
@@ -367,10 +392,11 @@ impl AnyStore {
             })
             .collect::<Result<Vec<_>>>()?;
         let batch = chain::unlinked(events, columns)?;
-        match self {
+        let ingested = match self {
             AnyStore::Sqlite(s) => s.ingest(batch).await,
             AnyStore::Postgres(s) => s.ingest(events, batch).await,
-        }
+        };
+        Ok(ingested?.outcome)
     }
 
     /// The chain head: the seq and hash of the last ingested event.

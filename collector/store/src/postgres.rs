@@ -26,7 +26,7 @@ use crate::chain::{
     Unlinked,
 };
 use crate::query::{self, Param, TimeRange};
-use crate::{Error, EventQuery, IngestOutcome, Result, SubjectAccess, TopBy, TopEntry};
+use crate::{Error, EventQuery, Ingested, Result, SubjectAccess, TopBy, TopEntry};
 
 /// Connections in the pool.
 const POOL_SIZE: usize = 8;
@@ -353,7 +353,7 @@ impl PostgresStore {
         Ok(())
     }
 
-    pub(crate) async fn ingest(&self, events: &[AuditEvent], batch: Vec<Unlinked>) -> Result<IngestOutcome> {
+    pub(crate) async fn ingest(&self, events: &[AuditEvent], batch: Vec<Unlinked>) -> Result<Ingested> {
         let days: BTreeSet<i64> = batch.iter().map(|u| u.cols.time_us.div_euclid(DAY_US)).collect();
         self.ensure_partitions(&days).await?;
         match self.ingest_tx(events, batch.clone()).await {
@@ -367,7 +367,7 @@ impl PostgresStore {
         }
     }
 
-    async fn ingest_tx(&self, events: &[AuditEvent], batch: Vec<Unlinked>) -> Result<IngestOutcome> {
+    async fn ingest_tx(&self, events: &[AuditEvent], batch: Vec<Unlinked>) -> Result<Ingested> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let head_st = tx.prepare_cached("SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE").await?;
@@ -376,21 +376,21 @@ impl PostgresStore {
         let dup_st = tx.prepare_cached("SELECT id FROM event_ids WHERE id = ANY($1)").await?;
         let mut seen: HashSet<String> =
             tx.query(&dup_st, &[&ids]).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
-        let mut out = IngestOutcome::default();
+        let mut out = Ingested::default();
         let mut linked = Vec::with_capacity(events.len());
         let (mut seq, mut hash) = (head.seq, head.hash);
-        for (e, u) in events.iter().zip(batch) {
+        for (index, (e, u)) in events.iter().zip(batch).enumerate() {
             if !seen.insert(e.id.clone()) {
-                out.duplicates += 1;
+                out.outcome.duplicates += 1;
                 continue;
             }
             let p = u.link(seq + 1, &hash)?;
             seq = p.seq;
             hash.clone_from(&p.hash);
             linked.push(p);
-            out.accepted += 1;
+            out.stored(index);
         }
-        if out.accepted > 0 {
+        if out.outcome.accepted > 0 {
             // COPY ... BINARY: the rows stream in the binary wire format, no SQL to parse.
             let st = tx.prepare_cached("COPY event_ids (id, seq) FROM STDIN BINARY").await?;
             let mut w = pin!(BinaryCopyInWriter::new(tx.copy_in(&st).await?, &[Type::TEXT, Type::INT8]));

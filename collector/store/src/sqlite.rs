@@ -23,7 +23,7 @@ use crate::chain::{
     Unlinked,
 };
 use crate::query::{self, Param, TimeRange};
-use crate::{Error, EventQuery, IngestOutcome, Result, SubjectAccess, TopBy, TopEntry};
+use crate::{Error, EventQuery, Ingested, Result, SubjectAccess, TopBy, TopEntry};
 
 /// Reader connections of a file store (WAL lets them read while the writer writes).
 const READERS: usize = 2;
@@ -395,12 +395,12 @@ impl SqliteStore {
         .map_err(task_error)?
     }
 
-    pub(crate) async fn ingest(&self, batch: Vec<Unlinked>) -> Result<IngestOutcome> {
+    pub(crate) async fn ingest(&self, batch: Vec<Unlinked>) -> Result<Ingested> {
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let Link { seq: mut head_seq, hash: mut head_hash } =
                 tx.query_row("SELECT seq, hash FROM chain_head WHERE id = 1", [], link_row)?;
-            let mut out = IngestOutcome::default();
+            let mut out = Ingested::default();
             {
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO events (seq, id, time_us, namespace, policy, rule, principal, \
@@ -412,7 +412,7 @@ impl SqliteStore {
                     "INSERT OR IGNORE INTO event_records (bucket, record_key, seq, time_us) \
                      VALUES (?1, ?2, ?3, ?4)",
                 )?;
-                for u in batch {
+                for (index, u) in batch.into_iter().enumerate() {
                     let p = u.link(head_seq + 1, &head_hash)?;
                     let c = &p.cols;
                     let n = insert.execute(params![
@@ -432,7 +432,7 @@ impl SqliteStore {
                         p.body
                     ])?;
                     if n == 0 {
-                        out.duplicates += 1;
+                        out.outcome.duplicates += 1;
                         continue;
                     }
                     for key in &p.records {
@@ -440,10 +440,10 @@ impl SqliteStore {
                     }
                     head_seq = p.seq;
                     head_hash = p.hash;
-                    out.accepted += 1;
+                    out.stored(index);
                 }
             }
-            if out.accepted > 0 {
+            if out.outcome.accepted > 0 {
                 tx.execute(
                     "UPDATE chain_head SET seq = ?1, hash = ?2 WHERE id = 1",
                     params![head_seq, head_hash],

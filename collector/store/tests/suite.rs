@@ -110,6 +110,26 @@ async fn partial_overlap_and_in_batch_duplicates(env: &Env) {
     assert_eq!(ids.len(), 16);
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 16);
     assert_verifies(&store, 16).await;
+
+    // Which events were new, for consumers of stored events (the detectors): an old id, a new
+    // one, the same old id again, a new id twice, another old one.
+    let mixed = vec![
+        all[2].clone(),
+        event("y", t0()),
+        all[2].clone(),
+        event("z", t0()),
+        event("z", t0()),
+        all[14].clone(),
+    ];
+    let ingested = store.ingest_listing_new(&mixed).await.unwrap();
+    assert_eq!(ingested.new, vec![1, 3]);
+    assert_eq!((ingested.outcome.accepted, ingested.outcome.duplicates), (2, 4));
+    // Reopened (a restarted collector knows nothing in memory): still only the new ones.
+    drop(store);
+    let reopened = env.open().await;
+    let again = vec![event("y", t0()), event("w", t0()), all[0].clone()];
+    assert_eq!(reopened.ingest_listing_new(&again).await.unwrap().new, vec![1]);
+    assert_verifies(&reopened, 19).await;
 }
 
 async fn invalid_event_rejects_the_batch(env: &Env) {
