@@ -57,6 +57,17 @@ pub struct CollectorArgs {
     #[arg(long, env = "CUSTOS_COLLECTOR_MAX_CONCURRENT_BATCHES", value_name = "N", default_value_t = 4)]
     pub max_concurrent_batches: usize,
 
+    /// Report queries (/v1/events, /v1/subjects, /v1/top, /v1/alerts, /v1/verify) run at the
+    /// same time; further ones wait up to --query-timeout, then get 503 `queries_busy`. Ingest
+    /// and /v1/usage never wait for them.
+    #[arg(long, env = "CUSTOS_COLLECTOR_MAX_CONCURRENT_QUERIES", value_name = "N", default_value_t = 2)]
+    pub max_concurrent_queries: usize,
+
+    /// How long a report query (/v1/events, /v1/subjects, /v1/top, /v1/alerts) may run before
+    /// the database stops it: 504 `query_timeout`, asking for a narrower query.
+    #[arg(long, env = "CUSTOS_COLLECTOR_QUERY_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub query_timeout: Duration,
+
     /// Delete events older than this (e.g. 30d, 12w); `none` keeps them forever. The chain
     /// stays verifiable from an anchor.
     #[arg(long, env = "CUSTOS_COLLECTOR_RETENTION", value_name = "DURATION", default_value = "none", value_parser = parse_retention)]
@@ -177,6 +188,8 @@ impl CollectorArgs {
         config.limits =
             IngestLimits { max_batch_bytes: self.max_batch_bytes, max_batch_events: self.max_batch_events };
         config.max_concurrent_batches = self.max_concurrent_batches;
+        config.max_concurrent_queries = self.max_concurrent_queries;
+        config.query_timeout = self.query_timeout;
         config.retention = self.retention.0;
         config.prune_interval = self.prune_interval;
         config.shutdown_timeout = self.shutdown_timeout;

@@ -39,6 +39,12 @@ pub struct CollectorConfig {
     pub limits: IngestLimits,
     /// Batches read, decoded and committed at the same time; further ones wait.
     pub max_concurrent_batches: usize,
+    /// Report queries (`/v1/events`, `/v1/subjects`, `/v1/top`, `/v1/alerts`, `/v1/verify`)
+    /// run at the same time; further ones wait up to [`Self::query_timeout`], then get 503
+    /// `queries_busy`. Ingest and `/v1/usage` never wait for them.
+    pub max_concurrent_queries: usize,
+    /// How long a report query may run before the database stops it (504 `query_timeout`).
+    pub query_timeout: Duration,
     /// Events older than this are pruned; `None` keeps them forever.
     pub retention: Option<Duration>,
     /// How often retention runs.
@@ -102,6 +108,8 @@ impl CollectorConfig {
             auth,
             limits: IngestLimits::default(),
             max_concurrent_batches: 4,
+            max_concurrent_queries: 2,
+            query_timeout: custos_store::DEFAULT_QUERY_TIMEOUT,
             retention: None,
             prune_interval: Duration::from_secs(3_600),
             shutdown_timeout: Duration::from_secs(30),
@@ -123,6 +131,12 @@ impl CollectorConfig {
         }
         if self.max_concurrent_batches == 0 {
             return Err("--max-concurrent-batches must be positive".into());
+        }
+        if self.max_concurrent_queries == 0 {
+            return Err("--max-concurrent-queries must be positive".into());
+        }
+        if self.query_timeout.is_zero() {
+            return Err("--query-timeout must be longer than 0s".into());
         }
         if self.retention.is_some_and(|r| r.is_zero()) {
             return Err("--retention must be positive (or `none`)".into());

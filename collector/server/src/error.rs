@@ -56,6 +56,11 @@ pub mod reason {
     pub const NOT_FOUND: &str = "not_found";
     /// The endpoint exists but not with this method.
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// A report query ran longer than `--query-timeout` and was stopped (504).
+    pub const QUERY_TIMEOUT: &str = "query_timeout";
+    /// `--max-concurrent-queries` report queries were running for all of `--query-timeout`
+    /// (503, retry later).
+    pub const QUERIES_BUSY: &str = "queries_busy";
     /// The collector is shutting down.
     pub const SHUTTING_DOWN: &str = "shutting_down";
     /// An unexpected failure inside the collector.
@@ -123,6 +128,21 @@ impl ApiError {
         match error {
             custos_store::Error::BadCursor => {
                 ApiError::bad_query("cursor", "the cursor was not issued by this collector")
+            }
+            custos_store::Error::QueryTimeout(limit) => {
+                tracing::warn!(
+                    op,
+                    limit_secs = limit.as_secs_f64(),
+                    "a report query ran past --query-timeout and was stopped"
+                );
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    reason::QUERY_TIMEOUT,
+                    format!(
+                        "the query ran longer than {limit:?} (--query-timeout) and was stopped: \
+                         narrow it (since, until, namespace, policy, principal)"
+                    ),
+                )
             }
             custos_store::Error::Corrupt(_) => {
                 tracing::error!(op, %error, "the audit store holds data it did not write");

@@ -202,7 +202,7 @@ impl CollectorMetrics {
 /// Maps a reason code (a `&str` from an [`ApiError`](crate::ApiError)) to its static label.
 pub(crate) fn static_reason(reason: &str) -> &'static str {
     use crate::error::reason::*;
-    const ALL: [&str; 22] = [
+    const ALL: [&str; 24] = [
         MISSING_TOKEN,
         INVALID_TOKEN,
         TOKEN_UNAVAILABLE,
@@ -222,6 +222,8 @@ pub(crate) fn static_reason(reason: &str) -> &'static str {
         BAD_SUBJECT_HASH,
         NOT_FOUND,
         METHOD_NOT_ALLOWED,
+        QUERY_TIMEOUT,
+        QUERIES_BUSY,
         SHUTTING_DOWN,
         INTERNAL,
         "other",

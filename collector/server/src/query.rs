@@ -138,7 +138,7 @@ pub(crate) async fn events(State(state): State<CollectorState>, uri: Uri) -> Res
         cursor: p.get("cursor").map(str::to_owned),
     };
     check_range(q.since, q.until)?;
-    Ok(Json(state.timed("query", state.store().query(&q)).await?))
+    Ok(Json(state.report("query", state.store().query(&q)).await?))
 }
 
 /// The answer of `GET /v1/subjects/{hash}`.
@@ -170,7 +170,7 @@ pub(crate) async fn subject(
     let (since, until) = (p.time("since", now)?, p.time("until", now)?);
     check_range(since, until)?;
     let limit = p.limit()?;
-    let accesses = state.timed("subject", state.store().subject(&hash, since, until, limit)).await?;
+    let accesses = state.report("subject", state.store().subject(&hash, since, until, limit)).await?;
     Ok(Json(SubjectAnswer { subject: hash, accesses }))
 }
 
@@ -191,7 +191,7 @@ pub(crate) async fn top(State(state): State<CollectorState>, uri: Uri) -> Result
     };
     let since = p.time("since", Utc::now())?;
     let limit = p.limit()?;
-    let entries = state.timed("top", state.store().top(by, since, limit)).await?;
+    let entries = state.report("top", state.store().top(by, since, limit)).await?;
     Ok(Json(TopAnswer { by, entries }))
 }
 
@@ -209,7 +209,7 @@ pub(crate) async fn alerts(
     let p = Params::parse(uri.query(), &["since", "limit"])?;
     let since = p.time("since", Utc::now())?;
     let limit = p.limit()?;
-    let alerts = state.timed("alerts", state.store().alerts(since, limit)).await?;
+    let alerts = state.report("alerts", state.store().alerts(since, limit)).await?;
     Ok(Json(AlertsAnswer { alerts }))
 }
 
@@ -269,7 +269,7 @@ pub(crate) async fn verify(
             ));
         }
     }
-    let report = state.timed("verify", state.store().verify_expecting(from, expect)).await?;
+    let report = state.report("verify", state.store().verify_expecting(from, expect)).await?;
     if let Some(broken) = &report.first_broken {
         tracing::warn!(seq = broken.seq, kind = ?broken.kind, "verify: the audit chain is broken");
     }

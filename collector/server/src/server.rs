@@ -281,7 +281,8 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, StartErr
     };
     let store = custos_store::open(&config.store_url)
         .await
-        .map_err(|source| StartError::Store { url: redact_url(&config.store_url), source })?;
+        .map_err(|source| StartError::Store { url: redact_url(&config.store_url), source })?
+        .with_query_timeout(config.query_timeout);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -336,6 +337,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, StartErr
         auth,
         config.limits,
         config.max_concurrent_batches,
+        (config.max_concurrent_queries, config.query_timeout),
         observer,
     );
     let app = router(state.clone(), config.extra_routes.clone());

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use custos_store::{AnyStore, IngestOutcome, Ingested};
 use http::{HeaderMap, StatusCode};
@@ -22,6 +22,9 @@ struct Inner {
     auth: Option<TokenAuth>,
     limits: IngestLimits,
     batch_slots: Semaphore,
+    /// `--max-concurrent-queries`, and how long a report query waits for one of them.
+    query_slots: Semaphore,
+    query_wait: Duration,
     /// KiB of request bodies being received, across requests: taken as bytes arrive, so a
     /// slow sender holds only what it sent (see [`crate::ingest::read_body`]).
     body_budget: Arc<Semaphore>,
@@ -55,6 +58,7 @@ impl CollectorState {
         auth: Option<TokenAuth>,
         limits: IngestLimits,
         max_concurrent_batches: usize,
+        (max_concurrent_queries, query_wait): (usize, Duration),
         observer: Option<mpsc::Sender<StoredBatch>>,
     ) -> Self {
         CollectorState {
@@ -64,6 +68,8 @@ impl CollectorState {
                 auth,
                 limits,
                 batch_slots: Semaphore::new(max_concurrent_batches.max(1)),
+                query_slots: Semaphore::new(max_concurrent_queries.max(1)),
+                query_wait,
                 body_budget: Arc::new(Semaphore::new(
                     (max_concurrent_batches.max(1) * limits.max_batch_bytes.div_ceil(1024))
                         .min(Semaphore::MAX_PERMITS),
@@ -184,6 +190,31 @@ impl CollectorState {
                 "the stored-events observer is not keeping up: batch not handed over"
             );
         }
+    }
+
+    /// Runs a report query ([`Self::timed`]) in one of the `--max-concurrent-queries` slots:
+    /// an investigator's long scans cannot take every database connection from ingest and
+    /// `/v1/usage`. A query that finds no free slot within `--query-timeout` is 503
+    /// `queries_busy`.
+    pub(crate) async fn report<T>(
+        &self,
+        op: &'static str,
+        future: impl Future<Output = custos_store::Result<T>>,
+    ) -> Result<T, ApiError> {
+        let slot = tokio::time::timeout(self.inner.query_wait, self.inner.query_slots.acquire()).await;
+        let _slot = match slot {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(ApiError::internal("query slots closed")),
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    reason::QUERIES_BUSY,
+                    "other report queries have held every --max-concurrent-queries slot for \
+                     --query-timeout; try again later",
+                ));
+            }
+        };
+        self.timed(op, future).await
     }
 
     /// Runs a store operation, timing it in `custos_collector_store_seconds{op}`.

@@ -307,3 +307,68 @@ async fn usage_answers_the_sidecars_usage_client() {
         Err(custos_shipper::ShipperError::Unauthorized)
     ));
 }
+
+/// A second connection holding an exclusive lock on `events` until dropped: every query of the
+/// table waits behind it, as behind an investigator's scan of months of events.
+async fn lock_events(store: &Store) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&store.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    // Should the test fail while the lock is held, the server ends the session after 20 s
+    // rather than leave the schema's teardown waiting for ever.
+    client
+        .batch_execute(
+            "SET idle_in_transaction_session_timeout = '20s'; \
+             BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE",
+        )
+        .await
+        .unwrap();
+    client
+}
+
+#[tokio::test]
+async fn report_queries_are_bounded_in_time_and_in_number_postgres() {
+    let Some(store) = Store::postgres().await else { return };
+    let h = Harness::on(store, |c| {
+        c.query_timeout = Duration::from_millis(300);
+        c.max_concurrent_queries = 1;
+    })
+    .await;
+    assert_eq!(h.post(NDJSON, ndjson(&corpus())).await.0, 200);
+    let (_, before) = h.get("/v1/top?by=records").await;
+
+    // A query that runs past --query-timeout is stopped by the database: 504, and the
+    // connection serves the next query.
+    let lock = lock_events(&h.store_env).await;
+    let (status, body) = h.get("/v1/top?by=records").await;
+    assert_eq!((status, body["reason"].as_str()), (504, Some("query_timeout")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("--query-timeout"), "{body}");
+    assert_eq!(h.get("/v1/events?limit=5").await.0, 504);
+
+    // A verification (not time-limited: it walks the whole chain) holds the only slot while
+    // it waits; the next report query waits --query-timeout for the slot, then 503.
+    let verify = {
+        let (client, url) = (h.client.clone(), format!("{}/v1/verify", h.base));
+        tokio::spawn(async move { answer(client.get(url).bearer_auth(TOKEN).send().await.unwrap()).await })
+    };
+    until("the verification holds the query slot", || async {
+        let (status, body) = h.get("/v1/alerts").await;
+        status == 503 && body["reason"] == "queries_busy"
+    })
+    .await;
+    assert_eq!(h.get_text("/ready").await.0, 200, "/ready does not wait for report queries");
+    drop(lock);
+    let (status, report) = verify.await.unwrap();
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["firstBroken"], Value::Null, "{report}");
+    assert_eq!(h.get("/v1/top?by=records").await, (200, before));
+
+    let (_, metrics) = h.get_text("/metrics").await;
+    for line in [
+        "custos_collector_requests_total{endpoint=\"/v1/top\",status=\"504\"} 1",
+        "custos_collector_requests_total{endpoint=\"/v1/alerts\",status=\"503\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+}

@@ -80,6 +80,10 @@ pub enum Error {
     /// No PostgreSQL connection could be had from the pool.
     #[error("PostgreSQL pool: {0}")]
     Pool(String),
+    /// A report query (events, subject lookup, top, alerts) ran longer than the store's time
+    /// limit ([`AnyStore::with_query_timeout`]) and was stopped by the database.
+    #[error("the query ran longer than {0:?} and was stopped")]
+    QueryTimeout(std::time::Duration),
     /// A blocking database task failed.
     #[error("store task failed: {0}")]
     Task(String),
@@ -319,6 +323,10 @@ pub enum AnyStore {
     Postgres(PostgresStore),
 }
 
+/// How long a report query (events, subject lookup, top, alerts) may run before the database
+/// stops it, unless [`AnyStore::with_query_timeout`] says otherwise.
+pub const DEFAULT_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Opens a store and migrates its schema: `sqlite:PATH` (a file, created if missing),
 /// `sqlite::memory:` (tests) or `postgres://USER@HOST:PORT/DB[?options=-csearch_path%3DSCHEMA]`.
 pub async fn open(url: &str) -> Result<AnyStore> {
@@ -348,6 +356,21 @@ macro_rules! dispatch {
 }
 
 impl AnyStore {
+    /// Stops report queries ([`Self::query`], [`Self::subject`], [`Self::top`],
+    /// [`Self::alerts`]) that run longer than `limit` ([`Error::QueryTimeout`]), so that an
+    /// investigation over months of events cannot hold a database connection indefinitely
+    /// (default [`DEFAULT_QUERY_TIMEOUT`]). On SQLite every read is limited so (each page of a
+    /// verification is one read); on PostgreSQL it is the statement time-out of those
+    /// queries.
+    #[must_use]
+    pub fn with_query_timeout(self, limit: std::time::Duration) -> AnyStore {
+        let limit = limit.max(std::time::Duration::from_millis(1));
+        match self {
+            AnyStore::Sqlite(s) => AnyStore::Sqlite(s.with_query_timeout(limit)),
+            AnyStore::Postgres(s) => AnyStore::Postgres(s.with_query_timeout(limit)),
+        }
+    }
+
     /// `"sqlite"` or `"postgres"`.
     pub fn backend(&self) -> &'static str {
         match self {

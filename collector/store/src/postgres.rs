@@ -183,6 +183,8 @@ pub struct PostgresStore {
     pool: Pool,
     /// Days (since the epoch) whose partitions are known to exist.
     partitions: Arc<Mutex<HashSet<i64>>>,
+    /// The statement time-out of report queries ([`crate::AnyStore::with_query_timeout`]).
+    query_limit: std::time::Duration,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -265,7 +267,11 @@ impl PostgresStore {
             Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool =
             Pool::builder(manager).max_size(POOL_SIZE).build().map_err(|e| Error::Pool(e.to_string()))?;
-        let store = PostgresStore { pool, partitions: Arc::new(Mutex::new(HashSet::new())) };
+        let store = PostgresStore {
+            pool,
+            partitions: Arc::new(Mutex::new(HashSet::new())),
+            query_limit: crate::DEFAULT_QUERY_TIMEOUT,
+        };
         store.migrate().await?;
         let today = chrono::Utc::now().timestamp_micros().div_euclid(DAY_US);
         store.ensure_partitions(&BTreeSet::from([today, today + 1])).await?;
@@ -274,6 +280,32 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Client> {
         self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))
+    }
+
+    pub(crate) fn with_query_timeout(self, limit: std::time::Duration) -> PostgresStore {
+        PostgresStore { query_limit: limit, ..self }
+    }
+
+    /// Begins a read-only transaction whose statements the server cancels after the query time
+    /// limit.
+    async fn limited<'c>(
+        &self,
+        client: &'c mut deadpool_postgres::Client,
+    ) -> Result<deadpool_postgres::Transaction<'c>> {
+        let tx = client.build_transaction().read_only(true).start().await?;
+        let millis = self.query_limit.as_millis().max(1);
+        tx.batch_execute(&format!("SET LOCAL statement_timeout = {millis}")).await?;
+        Ok(tx)
+    }
+
+    /// [`Error::QueryTimeout`] for a statement the server cancelled at the time limit.
+    fn stopped(&self, error: Error) -> Error {
+        match &error {
+            Error::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+                Error::QueryTimeout(self.query_limit)
+            }
+            _ => error,
+        }
     }
 
     fn known_partitions(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
@@ -552,14 +584,17 @@ impl PostgresStore {
             .collect();
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-        let client = self.client().await?;
-        let st = client.prepare_cached(&sql).await?;
-        client
-            .query(&st, &refs)
-            .await?
-            .iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-            .collect()
+        let mut client = self.client().await?;
+        let rows = async {
+            let tx = self.limited(&mut client).await?;
+            let st = tx.prepare_cached(&sql).await?;
+            let rows = tx.query(&st, &refs).await?;
+            tx.commit().await?;
+            Ok(rows)
+        }
+        .await
+        .map_err(|e| self.stopped(e))?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect()
     }
 
     pub(crate) async fn subject(
@@ -568,7 +603,45 @@ impl PostgresStore {
         range: TimeRange,
         limit: i64,
     ) -> Result<Vec<SubjectAccess>> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
+        let rows = async {
+            let tx = self.limited(&mut client).await?;
+            let rows = self.subject_rows(&tx, record_hash, range, limit).await?;
+            tx.commit().await?;
+            Ok(rows)
+        }
+        .await
+        .map_err(|e| self.stopped(e))?;
+        let mut out = Vec::new();
+        for r in rows {
+            // The 16-byte key could be shared with another record hash (a 2^-128 chance): keep
+            // the events whose body names this one.
+            let body: String = r.try_get(9)?;
+            if !chain::names_record(&body, record_hash)? {
+                continue;
+            }
+            out.push(crate::sqlite::subject_access((
+                r.try_get(0)?,
+                r.try_get(1)?,
+                r.try_get(2)?,
+                r.try_get(3)?,
+                r.try_get(4)?,
+                r.try_get(5)?,
+                r.try_get(6)?,
+                r.try_get(7)?,
+                r.try_get(8)?,
+            ))?);
+        }
+        Ok(out)
+    }
+
+    async fn subject_rows(
+        &self,
+        client: &deadpool_postgres::Transaction<'_>,
+        record_hash: &str,
+        range: TimeRange,
+        limit: i64,
+    ) -> Result<Vec<tokio_postgres::Row>> {
         // The buckets of the chain (after the anchor, up to the head); `bucket = ANY(...)` makes
         // one index descent per bucket (a range on the leading column would read every key of
         // every bucket). Partitions outside the time range are pruned.
@@ -597,27 +670,7 @@ impl PostgresStore {
                  ORDER BY r.time_us DESC, r.seq DESC",
             )
             .await?;
-        let mut out = Vec::new();
-        for r in client.query(&st, &[&buckets, &key, &range.since, &range.until, &limit]).await? {
-            // The 16-byte key could be shared with another record hash (a 2^-128 chance): keep
-            // the events whose body names this one.
-            let body: String = r.try_get(9)?;
-            if !chain::names_record(&body, record_hash)? {
-                continue;
-            }
-            out.push(crate::sqlite::subject_access((
-                r.try_get(0)?,
-                r.try_get(1)?,
-                r.try_get(2)?,
-                r.try_get(3)?,
-                r.try_get(4)?,
-                r.try_get(5)?,
-                r.try_get(6)?,
-                r.try_get(7)?,
-                r.try_get(8)?,
-            ))?);
-        }
-        Ok(out)
+        Ok(client.query(&st, &[&buckets, &key, &range.since, &range.until, &limit]).await?)
     }
 
     pub(crate) async fn top(&self, by: TopBy, since: i64, limit: i64) -> Result<Vec<TopEntry>> {
@@ -633,14 +686,17 @@ impl PostgresStore {
                  ORDER BY c DESC, principal LIMIT $2"
             }
         };
-        let client = self.client().await?;
-        let st = client.prepare_cached(sql).await?;
-        client
-            .query(&st, &[&since, &limit])
-            .await?
-            .iter()
-            .map(|r| Ok(TopEntry { principal: r.try_get(0)?, count: count(r.try_get(1)?) }))
-            .collect()
+        let mut client = self.client().await?;
+        let rows = async {
+            let tx = self.limited(&mut client).await?;
+            let st = tx.prepare_cached(sql).await?;
+            let rows = tx.query(&st, &[&since, &limit]).await?;
+            tx.commit().await?;
+            Ok(rows)
+        }
+        .await
+        .map_err(|e| self.stopped(e))?;
+        rows.iter().map(|r| Ok(TopEntry { principal: r.try_get(0)?, count: count(r.try_get(1)?) })).collect()
     }
 
     pub(crate) async fn usage(
@@ -782,13 +838,21 @@ impl PostgresStore {
     }
 
     pub(crate) async fn alerts(&self, since: i64, limit: i64) -> Result<Vec<String>> {
-        let client = self.client().await?;
-        let st = client
-            .prepare_cached(
-                "SELECT body FROM alerts WHERE time_us >= $1 \
-                 ORDER BY time_us DESC, id DESC LIMIT $2",
-            )
-            .await?;
-        client.query(&st, &[&since, &limit]).await?.iter().map(|r| Ok(r.try_get(0)?)).collect()
+        let mut client = self.client().await?;
+        let rows = async {
+            let tx = self.limited(&mut client).await?;
+            let st = tx
+                .prepare_cached(
+                    "SELECT body FROM alerts WHERE time_us >= $1 \
+                     ORDER BY time_us DESC, id DESC LIMIT $2",
+                )
+                .await?;
+            let rows = tx.query(&st, &[&since, &limit]).await?;
+            tx.commit().await?;
+            Ok(rows)
+        }
+        .await
+        .map_err(|e| self.stopped(e))?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
 }

@@ -137,6 +137,32 @@ fn convert_records_v2(tx: &rusqlite::Transaction<'_>) -> Result<()> {
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
+    /// How long one read may run ([`crate::AnyStore::with_query_timeout`]).
+    read_limit: Duration,
+}
+
+/// SQLite calls the progress handler every this many virtual machine instructions (well under
+/// a millisecond).
+const PROGRESS_STEPS: std::ffi::c_int = 1_000;
+
+/// Runs `f` on `conn`, interrupted by SQLite once `limit` has passed.
+fn limited<T>(
+    conn: &mut Connection,
+    limit: Duration,
+    f: impl FnOnce(&mut Connection) -> Result<T>,
+) -> Result<T> {
+    let deadline = std::time::Instant::now() + limit;
+    conn.progress_handler(PROGRESS_STEPS, Some(move || std::time::Instant::now() >= deadline))?;
+    let result = f(conn);
+    conn.progress_handler(0, None::<fn() -> bool>)?;
+    match result {
+        Err(Error::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
+            if e.code == rusqlite::ErrorCode::OperationInterrupted =>
+        {
+            Err(Error::QueryTimeout(limit))
+        }
+        other => other,
+    }
 }
 
 struct Inner {
@@ -344,7 +370,12 @@ impl SqliteStore {
                 next_reader: AtomicUsize::new(0),
                 quick,
             }),
+            read_limit: crate::DEFAULT_QUERY_TIMEOUT,
         })
+    }
+
+    pub(crate) fn with_query_timeout(self, limit: Duration) -> SqliteStore {
+        SqliteStore { read_limit: limit, ..self }
     }
 
     async fn write<T, F>(&self, f: F) -> Result<T>
@@ -362,19 +393,20 @@ impl SqliteStore {
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
+        let limit = self.read_limit;
         tokio::task::spawn_blocking(move || {
             if inner.readers.is_empty() {
-                return f(&mut lock(&inner.writer));
+                return limited(&mut lock(&inner.writer), limit, f);
             }
             // A free reader if there is one (a long scan holds its reader), else in turn.
             let start = inner.next_reader.fetch_add(1, Ordering::Relaxed);
             let n = inner.readers.len();
             for k in 0..n {
                 if let Ok(mut conn) = inner.readers[(start + k) % n].try_lock() {
-                    return f(&mut conn);
+                    return limited(&mut conn, limit, f);
                 }
             }
-            f(&mut lock(&inner.readers[start % n]))
+            limited(&mut lock(&inner.readers[start % n]), limit, f)
         })
         .await
         .map_err(task_error)?

@@ -62,6 +62,7 @@ suite!(
     prune_refuses_a_broken_chain,
     alerts_are_idempotent,
     concurrent_ingest_keeps_chain_valid,
+    long_report_queries_are_stopped,
 );
 
 async fn all_ids(store: &AnyStore) -> Vec<String> {
@@ -725,4 +726,31 @@ async fn concurrent_ingest_keeps_chain_valid(env: &Env) {
     assert_eq!(all_ids(&a).await.len(), 400);
     assert_eq!(a.head().await.unwrap().seq, 400);
     assert_verifies(&b, 400).await;
+}
+
+async fn long_report_queries_are_stopped(env: &Env) {
+    let store = env.open().await;
+    store.ingest(&events("e", 2_000)).await.unwrap();
+    let top = store.top(TopBy::Records, None, 10).await.unwrap();
+    let page = EventQuery { limit: 1_000, ..EventQuery::default() };
+    // SQLite: a limit of zero stops a query at its first progress check (after 1,000 steps,
+    // which these take). PostgreSQL: the table is locked by another connection, so the
+    // queries wait until the statement time-out cancels them.
+    let (limited, lock) = match env {
+        Env::Sqlite { .. } => (store.clone().with_query_timeout(std::time::Duration::ZERO), None),
+        Env::Postgres { .. } => {
+            (store.clone().with_query_timeout(std::time::Duration::from_millis(200)), env.lock_events().await)
+        }
+    };
+    let stopped = limited.top(TopBy::Records, None, 10).await;
+    assert!(matches!(stopped, Err(Error::QueryTimeout(_))), "top was not stopped: {stopped:?}");
+    assert!(stopped.unwrap_err().to_string().contains("ran longer than"));
+    assert!(matches!(limited.query(&page).await, Err(Error::QueryTimeout(_))), "query was not stopped");
+    drop(lock);
+    // The connections that were interrupted serve the next queries, unlimited or not.
+    assert_eq!(store.top(TopBy::Records, None, 10).await.unwrap(), top);
+    assert_eq!(store.query(&page).await.unwrap().events.len(), 1_000);
+    if matches!(env, Env::Postgres { .. }) {
+        assert_eq!(limited.top(TopBy::Records, None, 10).await.unwrap(), top);
+    }
 }

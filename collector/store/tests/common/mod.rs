@@ -124,6 +124,26 @@ END $$;
 ";
 
 impl Env {
+    /// PostgreSQL: a second connection holding an exclusive lock on `events` until dropped, so
+    /// that every query of the table waits (`None` on SQLite, whose readers never wait).
+    pub async fn lock_events(&self) -> Option<tokio_postgres::Client> {
+        match self {
+            Env::Sqlite { .. } => None,
+            Env::Postgres { .. } => {
+                let client = pg_connect(&self.url()).await;
+                // A failing test holding it: the server ends the session after 20 s.
+                client
+                    .batch_execute(
+                        "SET idle_in_transaction_session_timeout = '20s'; \
+                         BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE",
+                    )
+                    .await
+                    .unwrap();
+                Some(client)
+            }
+        }
+    }
+
     /// The first column of the first row of `sql` (a count), read through a second connection.
     pub async fn count(&self, sql: &str) -> i64 {
         match self {
