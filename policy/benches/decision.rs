@@ -165,6 +165,7 @@ fn fixture() -> Fixture {
             namespace: "logistics".into(),
             service_account: "ops-portal".into(),
             labels: BTreeMap::new(),
+            labels_unknown: false,
         },
     }
 }

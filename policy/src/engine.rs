@@ -50,11 +50,7 @@ impl Request<'_> {
             time: self.time,
         };
         let user = self.user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() });
-        let workload = self.caller.map(|w| WorkloadVars {
-            namespace: w.namespace.clone(),
-            service_account: w.service_account.clone(),
-            labels: w.labels.clone(),
-        });
+        let workload = self.caller.map(WorkloadVars::of);
         Vars::new(&request, user.as_ref(), workload.as_ref())
     }
 }

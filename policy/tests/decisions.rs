@@ -3,8 +3,8 @@
 
 mod support;
 
-use custos_api::Decision;
 use custos_api::policy::{AccessRule, Action, Mode, Source, WorkloadRef};
+use custos_api::{Decision, WorkloadIdentity};
 use custos_policy::{Engine, Reason, Request, User, normalize};
 use support::*;
 
@@ -312,6 +312,44 @@ fn workload_labels_must_match() {
         |c| e.decide(&Request { method: "GET", path: &path, caller: Some(c), user: None, time: 0 }).decision;
     assert_eq!(d(&portal), Decision::Allow);
     assert_eq!(d(&other), Decision::Deny);
+}
+
+/// A caller known only by its certificate (behind a mesh's proxy): its namespace and service
+/// account count, its labels are unknown, so an entry naming labels never matches it.
+#[test]
+fn a_caller_whose_labels_are_unknown_matches_only_entries_without_labels() {
+    let entry = |sa: Option<&str>, labels: &[(&str, &str)]| WorkloadRef {
+        namespace: Some("logistics".into()),
+        service_account: sa.map(str::to_owned),
+        labels: mk_labels(labels),
+    };
+    let rule = |name: &str, workloads| AccessRule {
+        from: Some(Source { workloads, ..Default::default() }),
+        ..mk_allow(name, &[], &[&format!("/{name}/**")])
+    };
+    let spec = mk_spec(vec![
+        rule("by-account", vec![entry(Some("ops-portal"), &[])]),
+        rule("by-namespace", vec![entry(None, &[])]),
+        rule("by-label", vec![entry(None, &[("app", "ops-portal")])]),
+        rule("by-account-and-label", vec![entry(Some("ops-portal"), &[("app", "ops-portal")])]),
+    ]);
+    let e = mk_engine(&spec);
+    let by_certificate =
+        WorkloadIdentity { labels_unknown: true, ..mk_caller("logistics", "ops-portal", &[]) };
+    let from_table = mk_caller("logistics", "ops-portal", &[("app", "ops-portal")]);
+    for (path, certificate, table) in [
+        ("/by-account/1", Decision::Allow, Decision::Allow),
+        ("/by-namespace/1", Decision::Allow, Decision::Allow),
+        ("/by-label/1", Decision::Deny, Decision::Allow),
+        ("/by-account-and-label/1", Decision::Deny, Decision::Allow),
+    ] {
+        let path = normalize(path).expect("valid");
+        let d = |c| {
+            e.decide(&Request { method: "GET", path: &path, caller: Some(c), user: None, time: 0 }).decision
+        };
+        assert_eq!(d(&by_certificate), certificate, "{path:?} by certificate");
+        assert_eq!(d(&from_table), table, "{path:?} from the identity table");
+    }
 }
 
 /// Rules whose globs all start with a literal are passed over when the request's first

@@ -687,8 +687,21 @@ pub struct WorkloadVars {
     pub namespace: String,
     /// Service account of the calling pod (`workload.serviceAccount`).
     pub service_account: String,
-    /// Labels of the calling pod (`workload.labels`).
-    pub labels: BTreeMap<String, String>,
+    /// Labels of the calling pod (`workload.labels`); `None` when they are not known (a
+    /// caller known by its certificate only): CEL then has no `workload.labels`, and an
+    /// expression reading it fails to evaluate.
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+impl WorkloadVars {
+    /// The variables of a calling workload.
+    pub fn of(w: &custos_api::WorkloadIdentity) -> WorkloadVars {
+        WorkloadVars {
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+            labels: (!w.labels_unknown).then(|| w.labels.clone()),
+        }
+    }
 }
 
 /// The request-scoped CEL variables, built once per request and shared by every expression
@@ -732,7 +745,9 @@ impl Vars {
         if let Some(workload) = workload {
             w.string("namespace", &workload.namespace);
             w.string("serviceAccount", &workload.service_account);
-            w.insert("labels", string_map(&workload.labels));
+            if let Some(labels) = &workload.labels {
+                w.insert("labels", string_map(labels));
+            }
         }
 
         Vars { request: r.into_val(), user: u.into_val(), workload: w.into_val() }
@@ -785,9 +800,33 @@ mod tests {
         let workload = WorkloadVars {
             namespace: "logistics".into(),
             service_account: "ops-portal".into(),
-            labels: BTreeMap::from([("app".to_owned(), "portal".to_owned())]),
+            labels: Some(BTreeMap::from([("app".to_owned(), "portal".to_owned())])),
         };
         Vars::new(&request, Some(&user), Some(&workload))
+    }
+
+    #[test]
+    fn a_workload_whose_labels_are_unknown_has_no_labels_variable() {
+        let request = RequestVars { method: "GET".into(), ..RequestVars::default() };
+        let caller = custos_api::WorkloadIdentity {
+            ip: "127.0.0.6".into(),
+            namespace: "logistics".into(),
+            service_account: "ops-portal".into(),
+            labels: BTreeMap::new(),
+            labels_unknown: true,
+        };
+        let vars = Vars::new(&request, None, Some(&WorkloadVars::of(&caller)));
+        let eval = |src: &str| Expr::compile(src, Scope::When).unwrap().eval_bool(&vars);
+        assert_eq!(eval("workload.serviceAccount == 'ops-portal'"), Ok(true));
+        assert_eq!(eval("has(workload.labels)"), Ok(false));
+        // Reading a label fails (a Deny rule's condition then counts as matched), where an
+        // empty label map would have said "not a crawler".
+        for src in ["workload.labels.tier != 'crawler'", "!('tier' in workload.labels)"] {
+            assert!(eval(src).is_err(), "{src}");
+        }
+        let known = WorkloadVars::of(&custos_api::WorkloadIdentity { labels_unknown: false, ..caller });
+        let vars = Vars::new(&request, None, Some(&known));
+        assert_eq!(Expr::compile("has(workload.labels)", Scope::When).unwrap().eval_bool(&vars), Ok(true));
     }
 
     fn eval(src: &str) -> Result<bool, ExprError> {

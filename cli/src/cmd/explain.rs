@@ -105,6 +105,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
                 namespace: ns.into(),
                 service_account: sa.into(),
                 labels: parse_map(args.caller_labels.as_deref())?,
+                labels_unknown: false,
             })
         }
         None => None,

@@ -83,6 +83,7 @@ pub fn mk_caller(ns: &str, sa: &str, labels: &[(&str, &str)]) -> WorkloadIdentit
         namespace: ns.into(),
         service_account: sa.into(),
         labels: mk_labels(labels),
+        labels_unknown: false,
     }
 }
 

@@ -50,6 +50,20 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_PROXY_THREADS", value_name = "N")]
     pub proxy_threads: Option<usize>,
 
+    /// How calling workloads are told apart: `peer-ip` (the peer address, looked up in the
+    /// config's identity table) or `istio` (behind Istio's sidecar, which connects from
+    /// 127.0.0.6: the SPIFFE id of the client certificate Envoy verified, from the last
+    /// element of `x-forwarded-client-cert`, for connections from a loopback address; the
+    /// peer address for the others, whose `x-forwarded-client-cert` is removed). Needs
+    /// mutual TLS to the pod (PeerAuthentication STRICT): plain-text callers are anonymous.
+    #[arg(long, env = "CUSTOS_CALLER_IDENTITY", value_name = "HOW", value_enum, default_value_t = crate::CallerIdentity::PeerIp)]
+    pub caller_identity: crate::CallerIdentity,
+
+    /// The mesh's trust domain (`--caller-identity istio`): SPIFFE ids of another trust domain
+    /// are anonymous.
+    #[arg(long, env = "CUSTOS_TRUST_DOMAIN", value_name = "DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
     /// Admin address: /healthz, /ready, /metrics.
     #[arg(long, env = "CUSTOS_ADMIN", value_name = "ADDR", default_value = settings::DEFAULT_ADMIN_ADDR)]
     pub admin: SocketAddr,
@@ -215,6 +229,15 @@ impl SidecarArgs {
         if self.header_read_timeout.is_zero() {
             return Err(Error::Invalid("--header-read-timeout must be longer than 0s".into()));
         }
+        let domain = &self.trust_domain;
+        if domain.is_empty()
+            || !domain.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        {
+            return Err(Error::Invalid(
+                "--trust-domain must be a SPIFFE trust domain name (letters, digits, '.', '-', '_'), e.g. cluster.local"
+                    .into(),
+            ));
+        }
         let collector = self.collector.map(|url| CollectorSettings {
             token_file: self.collector_token_file.clone(),
             spool_max_bytes: self.spool_max_bytes,
@@ -250,6 +273,10 @@ impl SidecarArgs {
             shutdown_delay: self.shutdown_delay,
             drain_timeout: self.drain_timeout,
             proxy_threads: self.proxy_threads.unwrap_or_else(crate::settings::default_proxy_threads),
+            mesh: match self.caller_identity {
+                crate::CallerIdentity::PeerIp => None,
+                crate::CallerIdentity::Istio => Some(crate::MeshIdentity { trust_domain: self.trust_domain }),
+            },
             ..SidecarSettings::new(self.config)
         })
     }
@@ -405,6 +432,22 @@ mod tests {
         assert_eq!(limits.header_read_timeout, Duration::from_secs(45));
         let err = settings(&["--request-buffer-bytes=64KiB"]).unwrap_err();
         assert!(err.contains("--request-buffer-bytes"), "{err}");
+    }
+
+    #[test]
+    fn caller_identity_flags() {
+        assert_eq!(settings(&[]).unwrap().mesh, None, "the peer address by default");
+        let mesh = settings(&["--caller-identity", "istio"]).unwrap().mesh;
+        assert_eq!(mesh, Some(crate::MeshIdentity { trust_domain: "cluster.local".into() }));
+        let mesh = settings(&["--caller-identity=istio", "--trust-domain=prod.example"]).unwrap().mesh;
+        assert_eq!(mesh.unwrap().trust_domain, "prod.example");
+        assert_eq!(settings(&["--caller-identity=peer-ip"]).unwrap().mesh, None);
+        let err = settings(&["--caller-identity=linkerd"]).unwrap_err();
+        assert!(err.contains("--caller-identity") && err.contains("istio"), "{err}");
+        for bad in ["", "spiffe://cluster.local", "cluster.local/ns"] {
+            let err = settings(&["--caller-identity=istio", "--trust-domain", bad]).unwrap_err();
+            assert!(err.contains("--trust-domain must be a SPIFFE trust domain name"), "{bad}: {err}");
+        }
     }
 
     #[test]

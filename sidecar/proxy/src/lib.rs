@@ -48,6 +48,7 @@ mod body;
 mod budget;
 mod error;
 mod latency;
+mod mesh;
 mod method_override;
 mod metrics;
 mod proxy;
@@ -73,6 +74,7 @@ use tokio::task::JoinHandle;
 
 pub use args::{SidecarArgs, parse_downward_labels, parse_duration, parse_label_list};
 pub use error::Error;
+pub use mesh::{CallerIdentity, MeshIdentity};
 pub use proxy::METHOD_OVERRIDE_HEADERS;
 pub use settings::{
     CollectorSettings, DEFAULT_ADMIN_ADDR, ProxyLimits, SidecarSettings, default_proxy_threads,
@@ -217,6 +219,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         limits: settings.limits.clone(),
         pod_name: settings.pod_name.clone(),
         cluster: settings.cluster.clone(),
+        mesh: settings.mesh.clone(),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(settings.limits.max_connections)),
         response_buffers: budget::BufferBudget::new(
             settings.limits.response_buffer_total_bytes,

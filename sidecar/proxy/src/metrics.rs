@@ -58,7 +58,7 @@ pub(crate) struct ReasonLabels {
 /// Labels with a single `result`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ResultLabels {
-    /// `success` or `failure`.
+    /// `success` or `failure`; for mesh callers, a `MeshCaller` label.
     pub result: &'static str,
 }
 
@@ -83,6 +83,9 @@ pub(crate) struct Metrics {
     pub response_buffer_bytes: Gauge,
     pub response_buffer_exhausted: Counter,
     pub usage_sync_failures: Counter,
+    /// `--caller-identity istio`: callers through the mesh's proxy, by what its
+    /// `x-forwarded-client-cert` said.
+    pub mesh_callers: Family<ResultLabels, Counter>,
     /// Counted by every proxy thread's [`crate::upstream::Upstream`].
     pub upstream: UpstreamCounters,
 }
@@ -107,6 +110,7 @@ impl Metrics {
             response_buffer_bytes: Gauge::default(),
             response_buffer_exhausted: Counter::default(),
             usage_sync_failures: Counter::default(),
+            mesh_callers: Family::default(),
             upstream: UpstreamCounters::default(),
         };
         let r = registry.sub_registry_with_prefix("custos_sidecar");
@@ -165,6 +169,11 @@ impl Metrics {
             "usage_sync_failures",
             "Failed fetches of cluster-wide usage from the collector",
             m.usage_sync_failures.clone(),
+        );
+        r.register(
+            "mesh_callers",
+            "With --caller-identity istio, requests through the mesh's proxy by what its client certificate said (workload, no_certificate, foreign_trust_domain, malformed)",
+            m.mesh_callers.clone(),
         );
         r.register("upstream_connections", "Connections opened to the app", m.upstream.connections.clone());
         r.register(

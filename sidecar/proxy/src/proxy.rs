@@ -33,7 +33,7 @@ use crate::audit::PendingEvent;
 use crate::body::{AppBody, Collected, DecodeError, Encoding, ProxyBody, collect_limited, decode};
 use crate::budget::{BufferBudget, Reservation};
 use crate::method_override;
-use crate::metrics::{LimitLabels, Metrics, ReasonLabels, RuleLabels, ThreadCounters};
+use crate::metrics::{LimitLabels, Metrics, ReasonLabels, ResultLabels, RuleLabels, ThreadCounters};
 use crate::request_body::{BufferError, RequestBody, read_request_body};
 use crate::settings::ProxyLimits;
 use crate::state::{ConfigCell, PolicyState, Users};
@@ -93,6 +93,8 @@ pub(crate) struct Shared {
     pub limits: ProxyLimits,
     pub pod_name: Option<String>,
     pub cluster: Option<String>,
+    /// `--caller-identity istio`: callers through the mesh's proxy.
+    pub mesh: Option<crate::MeshIdentity>,
     /// Open client connections allowed, across all proxy threads.
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// Memory for request bodies read before the app is called, across all proxy threads.
@@ -326,7 +328,7 @@ async fn process(
     shared: &Shared,
     ctx: &mut Ctx,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     wall: SystemTime,
 ) -> Response<ProxyBody> {
     let Some(state) = shared.config.current.load_full() else {
@@ -400,7 +402,22 @@ async fn process(
 
     // 3. Identity.
     let ip = peer.ip().to_canonical();
-    let caller = state.workloads.get(&ip);
+    let mesh_caller;
+    let caller = match &shared.mesh {
+        Some(mesh) if crate::MeshIdentity::trusts(ip) => {
+            let found = mesh.caller(req.headers());
+            shared.metrics.mesh_callers.get_or_create(&ResultLabels { result: found.label() }).inc();
+            mesh_caller = found.identity(&ctx.peer_ip);
+            mesh_caller.as_ref()
+        }
+        Some(_) => {
+            // Not through the mesh's proxy: whatever certificate details it claims are the
+            // caller's own words, for the app as for the sidecar.
+            req.headers_mut().remove(&crate::mesh::XFCC);
+            state.workloads.get(&ip)
+        }
+        None => state.workloads.get(&ip),
+    };
     if let Some(w) = caller {
         ctx.event.caller = Some(CallerWorkload {
             namespace: w.namespace.clone(),
@@ -523,11 +540,7 @@ async fn process(
                 time,
             },
             user: policy_user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
-            workload: caller.map(|w| WorkloadVars {
-                namespace: w.namespace.clone(),
-                service_account: w.service_account.clone(),
-                labels: w.labels.clone(),
-            }),
+            workload: caller.map(WorkloadVars::of),
             records_remaining,
             limits: verdict.limits.cloned().unwrap_or_default(),
         }),

@@ -181,6 +181,9 @@ pub struct SidecarSettings {
     /// (`SO_REUSEPORT`, the kernel spreads connections) and its own upstream connection pool,
     /// so that a request never crosses threads. `0`: serve on the caller's runtime instead.
     pub proxy_threads: usize,
+    /// Callers behind a service mesh's proxy, known by its client certificate (see
+    /// [`crate::MeshIdentity`]); `None`: by the peer address only.
+    pub mesh: Option<crate::MeshIdentity>,
 }
 
 /// One proxy thread per CPU the process may use (at least 1).
@@ -211,6 +214,7 @@ impl SidecarSettings {
             drain_timeout: Duration::from_secs(20),
             shipper_shutdown_timeout: Duration::from_secs(5),
             proxy_threads: default_proxy_threads(),
+            mesh: None,
         }
     }
 }

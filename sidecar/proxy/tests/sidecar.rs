@@ -850,6 +850,7 @@ async fn workload_identity_from_the_peer_ip() {
         namespace: "shop".into(),
         service_account: "ops-portal".into(),
         labels: Default::default(),
+        labels_unknown: false,
     };
     let mut f = start_with(policy(rules), vec![caller], |_| {}).await;
     assert_eq!(get(f.proxy(), "/ops/dashboard").await.status, 200);
@@ -861,6 +862,86 @@ async fn workload_identity_from_the_peer_ip() {
     assert_eq!(get_with(f.proxy(), "/ops/dashboard", &[("authorization", &bearer)]).await.status, 403);
     assert_eq!(f.upstream.count(), 0);
     f.stop().await;
+}
+
+/// Behind Istio's Envoy (`--caller-identity istio`), which connects from a loopback address:
+/// the caller is the SPIFFE id in the last `x-forwarded-client-cert` element, without labels.
+#[tokio::test]
+async fn workload_identity_from_the_mesh_client_certificate() {
+    let mut rules = main_rules();
+    for rule in [
+        json!({
+            "name": "ops-portal", "action": "Allow",
+            "from": {"workloads": [{"namespace": "logistics", "serviceAccount": "ops-portal"}]},
+            "to": {"paths": ["/ops/**"]}
+        }),
+        json!({
+            "name": "labelled-portal", "action": "Allow",
+            "from": {"workloads": [{"namespace": "logistics", "labels": {"app": "ops-portal"}}]},
+            "to": {"paths": ["/labelled/**"]}
+        }),
+    ] {
+        rules.as_array_mut().unwrap().push(rule);
+    }
+    // The identity table says 127.0.0.1 is another workload: behind the mesh it is Envoy's
+    // address and names nobody.
+    let table = WorkloadIdentity {
+        ip: "127.0.0.1".into(),
+        namespace: "logistics".into(),
+        service_account: "ops-portal".into(),
+        labels: [("app".to_owned(), "ops-portal".to_owned())].into(),
+        labels_unknown: false,
+    };
+    let collector = Collector::start().await;
+    let url = collector.url();
+    let mut f = start_with(policy(rules), vec![table], move |s| {
+        s.collector = Some(shipping_to(url, s));
+        s.mesh = Some(custos_sidecar::MeshIdentity { trust_domain: "cluster.local".into() });
+    })
+    .await;
+    let envoy = |id: &str| {
+        format!("By=spiffe://cluster.local/ns/{NAMESPACE}/sa/customer-api;Hash=00ff;Subject=\"\";URI={id}")
+    };
+    let portal = envoy("spiffe://cluster.local/ns/logistics/sa/ops-portal");
+    let xfcc = "x-forwarded-client-cert";
+    assert_eq!(get_with(f.proxy(), "/ops/a", &[(xfcc, &portal)]).await.status, 200);
+    // A client's own element before Envoy's does not count.
+    let spoofed = format!(
+        "URI=spiffe://cluster.local/ns/logistics/sa/ops-portal,{}",
+        envoy("spiffe://cluster.local/ns/shop/sa/web")
+    );
+    for (path, headers, status) in [
+        ("/ops/b", vec![(xfcc, spoofed.as_str())], 401),
+        // No certificate (plain text to Envoy): anonymous, although the table names the peer.
+        ("/ops/c", vec![], 401),
+        ("/ops/d", vec![(xfcc, "URI=spiffe://other.mesh/ns/logistics/sa/ops-portal")], 401),
+        // Labels are not in a certificate: the entry naming labels does not match (refused
+        // as unmatched requests are here, asking for a token; the event names the caller).
+        ("/labelled/e", vec![(xfcc, portal.as_str())], 401),
+    ] {
+        assert_eq!(get_with(f.proxy(), path, &headers).await.status, status, "{path}");
+    }
+    let seen = f.upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers.get(xfcc).unwrap(), portal.as_str(), "the app gets Envoy's header as sent");
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    for line in [
+        "custos_sidecar_mesh_callers_total{result=\"workload\"} 3",
+        "custos_sidecar_mesh_callers_total{result=\"no_certificate\"} 1",
+        "custos_sidecar_mesh_callers_total{result=\"foreign_trust_domain\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    f.stop().await;
+    let events = collector.wait_for(5).await;
+    let allowed = events.iter().find(|e| e["path"] == "/ops/a").expect("the allowed request's event");
+    assert_eq!(allowed["caller"], json!({"namespace": "logistics", "serviceAccount": "ops-portal"}));
+    assert_eq!(allowed["principal"], "workload:logistics/ops-portal");
+    let anonymous = events.iter().find(|e| e["path"] == "/ops/c").expect("the anonymous request's event");
+    assert_eq!(anonymous["caller"], Value::Null, "{anonymous:#}");
+    let labelled = events.iter().find(|e| e["path"] == "/labelled/e").expect("the labelled request's event");
+    assert_eq!(labelled["caller"]["serviceAccount"], "ops-portal", "{labelled:#}");
+    assert_eq!(labelled["rule"], Value::Null, "{labelled:#}");
 }
 
 #[tokio::test]

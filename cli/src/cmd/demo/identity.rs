@@ -61,6 +61,7 @@ pub(crate) fn workload_table() -> Vec<WorkloadIdentity> {
             namespace: w.namespace.to_owned(),
             service_account: w.service_account.to_owned(),
             labels: BTreeMap::from([("app".to_owned(), w.service_account.to_owned())]),
+            labels_unknown: false,
         })
         .collect()
 }

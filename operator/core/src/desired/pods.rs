@@ -128,6 +128,7 @@ pub(crate) fn identities(
                 namespace: ns.to_string(),
                 service_account: sa.to_string(),
                 labels: pod_labels.clone(),
+                labels_unknown: false,
             };
             let entries = by_ip.entry(ip).or_default();
             if !entries.contains(&identity) {

@@ -1,0 +1,326 @@
+//! Calling workloads behind a service mesh's proxy.
+//!
+//! Where Istio intercepts a pod's inbound traffic, its Envoy terminates the caller's mutual
+//! TLS and opens its own connection to the Custos sidecar, from 127.0.0.6: the peer address
+//! names no workload. What Envoy knows of the caller it adds to the request instead, as the
+//! last element of `x-forwarded-client-cert` (XFCC): Istio's sidecars run with
+//! `forward_client_cert_details: APPEND_FORWARD`, which appends the element of the verified
+//! client certificate when the connection is mutual TLS and removes the header otherwise, so
+//! the last element is Envoy's own and a client cannot forge it through Envoy.
+//!
+//! With `--caller-identity istio` the sidecar reads the caller's SPIFFE id there
+//! (`spiffe://<trust domain>/ns/<namespace>/sa/<service account>`) for connections from a
+//! loopback address (Envoy, in the same network namespace); a connection from anywhere else
+//! did not come through Envoy, so its XFCC is removed and the identity table applies as
+//! without a mesh. A certificate carries no pod labels: such a caller matches the
+//! `from.workloads` entries that name no labels.
+
+use std::net::IpAddr;
+
+use custos_api::WorkloadIdentity;
+use http::HeaderMap;
+use http::header::HeaderName;
+
+/// The header Envoy adds the verified client certificate's details to.
+pub(crate) static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// How the sidecar tells which workload is calling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CallerIdentity {
+    /// The peer address, looked up in the config's identity table.
+    #[default]
+    PeerIp,
+    /// Behind Istio's sidecar: the SPIFFE id of the client certificate Envoy verified (the last
+    /// element of `x-forwarded-client-cert`) for connections from a loopback address; the peer
+    /// address for the others.
+    Istio,
+}
+
+/// The mesh settings of the sidecar.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshIdentity {
+    /// The mesh's trust domain: SPIFFE ids of other trust domains name no workload here.
+    pub trust_domain: String,
+}
+
+/// What the XFCC header said of a caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum MeshCaller {
+    /// A workload of the trust domain.
+    Workload {
+        /// Namespace of the calling workload.
+        namespace: String,
+        /// Its service account.
+        service_account: String,
+    },
+    /// No XFCC (the connection to Envoy was not mutual TLS): anonymous.
+    NoCertificate,
+    /// A SPIFFE id of another trust domain: anonymous.
+    ForeignTrustDomain,
+    /// An XFCC element without exactly one Kubernetes SPIFFE id: anonymous.
+    Malformed,
+}
+
+impl MeshCaller {
+    /// Metric label.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            MeshCaller::Workload { .. } => "workload",
+            MeshCaller::NoCertificate => "no_certificate",
+            MeshCaller::ForeignTrustDomain => "foreign_trust_domain",
+            MeshCaller::Malformed => "malformed",
+        }
+    }
+
+    /// The caller as the decision engine sees it (labels unknown), when it is a workload.
+    pub(crate) fn identity(self, peer: &str) -> Option<WorkloadIdentity> {
+        match self {
+            MeshCaller::Workload { namespace, service_account } => Some(WorkloadIdentity {
+                ip: peer.to_owned(),
+                namespace,
+                service_account,
+                labels: Default::default(),
+                labels_unknown: true,
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl MeshIdentity {
+    /// Whether the XFCC of a connection from `peer` is Envoy's: a loopback address (Istio's
+    /// inbound passthrough connects from 127.0.0.6, older versions from 127.0.0.1).
+    pub(crate) fn trusts(peer: IpAddr) -> bool {
+        peer.to_canonical().is_loopback()
+    }
+
+    /// The caller named by the last XFCC element of `headers`.
+    pub(crate) fn caller(&self, headers: &HeaderMap) -> MeshCaller {
+        let Some(last) = headers.get_all(&XFCC).iter().next_back() else {
+            return MeshCaller::NoCertificate;
+        };
+        let Ok(text) = last.to_str() else { return MeshCaller::Malformed };
+        match last_element_uris(text) {
+            Some(uris) => self.caller_of(&uris),
+            None => MeshCaller::Malformed,
+        }
+    }
+
+    fn caller_of(&self, uris: &[String]) -> MeshCaller {
+        let mut spiffe =
+            uris.iter().filter(|u| u.get(..9).is_some_and(|s| s.eq_ignore_ascii_case("spiffe://")));
+        let (Some(id), None) = (spiffe.next(), spiffe.next()) else { return MeshCaller::Malformed };
+        let rest = &id[9..];
+        let Some((domain, path)) = rest.split_once('/') else { return MeshCaller::Malformed };
+        if !domain.eq_ignore_ascii_case(&self.trust_domain) {
+            return MeshCaller::ForeignTrustDomain;
+        }
+        let mut segments = path.split('/');
+        match (segments.next(), segments.next(), segments.next(), segments.next(), segments.next()) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None)
+                if is_dns_label(ns) && is_dns_subdomain(sa) =>
+            {
+                MeshCaller::Workload { namespace: ns.to_owned(), service_account: sa.to_owned() }
+            }
+            _ => MeshCaller::Malformed,
+        }
+    }
+}
+
+/// The `URI` values of the last element of an XFCC header value (elements separated by
+/// commas, key=value pairs by semicolons, values with those characters double-quoted, `\"`
+/// within quotes); `None` when it does not parse.
+fn last_element_uris(text: &str) -> Option<Vec<String>> {
+    let elements = split_unquoted(text, b',')?;
+    let last = elements.last()?;
+    let mut uris = Vec::new();
+    for pair in split_unquoted(last, b';')? {
+        let pair = pair.trim();
+        if pair.is_empty() {
+            continue;
+        }
+        let (key, value) = pair.split_once('=')?;
+        if key.trim().eq_ignore_ascii_case("uri") {
+            uris.push(unquote(value.trim())?);
+        }
+    }
+    Some(uris)
+}
+
+/// Splits at `separator` outside double quotes; `None` for an unterminated quote.
+fn split_unquoted(text: &str, separator: u8) -> Option<Vec<&str>> {
+    let bytes = text.as_bytes();
+    let (mut parts, mut start, mut quoted, mut i) = (Vec::new(), 0, false, 0);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' if quoted => i += 1,
+            b'"' => quoted = !quoted,
+            b if b == separator && !quoted => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    if quoted {
+        return None;
+    }
+    parts.push(&text[start..]);
+    Some(parts)
+}
+
+/// A value without its double quotes and with `\"` (and `\\`) unescaped; a bare value as is.
+fn unquote(value: &str) -> Option<String> {
+    let Some(inner) = value.strip_prefix('"') else {
+        return (!value.contains('"')).then(|| value.to_owned());
+    };
+    let inner = inner.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.push(chars.next()?),
+            '"' => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// A Kubernetes namespace name: an RFC 1123 label.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A service account name: an RFC 1123 subdomain.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn mesh() -> MeshIdentity {
+        MeshIdentity { trust_domain: "cluster.local".into() }
+    }
+
+    fn caller(values: &[&str]) -> MeshCaller {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(&XFCC, HeaderValue::from_str(v).unwrap());
+        }
+        mesh().caller(&headers)
+    }
+
+    fn workload(ns: &str, sa: &str) -> MeshCaller {
+        MeshCaller::Workload { namespace: ns.into(), service_account: sa.into() }
+    }
+
+    const ENVOY: &str = "By=spiffe://cluster.local/ns/shop/sa/customer-api;\
+                         Hash=0f7b1c64e7bc5e6b1d2a9c8c6f0b8a4e3d2c1b0a99887766554433221100ffee;\
+                         Subject=\"\";URI=spiffe://cluster.local/ns/logistics/sa/ops-portal";
+
+    #[test]
+    fn xfcc_table() {
+        let forged = "By=x;URI=spiffe://cluster.local/ns/logistics/sa/ops-portal";
+        let cases: Vec<(Vec<String>, MeshCaller)> = vec![
+            (vec![ENVOY.into()], workload("logistics", "ops-portal")),
+            (vec![], MeshCaller::NoCertificate),
+            // The last element is Envoy's: what a client put before it does not count.
+            (
+                vec![format!(
+                    "{forged},By=spiffe://cluster.local/ns/shop/sa/customer-api;URI=spiffe://cluster.local/ns/storefront/sa/web"
+                )],
+                workload("storefront", "web"),
+            ),
+            // ...also across header fields (the last field's last element).
+            (vec![forged.replace("ops-portal", "admin"), ENVOY.into()], workload("logistics", "ops-portal")),
+            // Quoted values with separators and escaped quotes, keys in any case.
+            (
+                vec![
+                    r#"By=a;Subject="CN=x, O=\"y;z\"";uri="spiffe://cluster.local/ns/a-b/sa/svc.acct-1""#
+                        .into(),
+                ],
+                workload("a-b", "svc.acct-1"),
+            ),
+            (vec!["URI=spiffe://CLUSTER.LOCAL/ns/shop/sa/web".into()], workload("shop", "web")),
+            // Refused: another trust domain, two SPIFFE ids, none, not a workload id.
+            (vec!["URI=spiffe://other.mesh/ns/shop/sa/web".into()], MeshCaller::ForeignTrustDomain),
+            (
+                vec!["URI=spiffe://cluster.local/ns/a/sa/b;URI=spiffe://cluster.local/ns/c/sa/d".into()],
+                MeshCaller::Malformed,
+            ),
+            (vec!["By=spiffe://cluster.local/ns/a/sa/b;Hash=00".into()], MeshCaller::Malformed),
+            (vec!["URI=https://cluster.local/ns/a/sa/b".into()], MeshCaller::Malformed),
+            (vec!["URI=spiffe://cluster.local/ns/a/sa/b/extra".into()], MeshCaller::Malformed),
+            (vec!["URI=spiffe://cluster.local/ns/a/sa".into()], MeshCaller::Malformed),
+            (vec!["URI=spiffe://cluster.local/ns//sa/b".into()], MeshCaller::Malformed),
+            (vec!["URI=spiffe://cluster.local/ns/A/sa/b".into()], MeshCaller::Malformed),
+            (vec!["URI=spiffe://cluster.local/ns/a/sa/b%2F..".into()], MeshCaller::Malformed),
+            (vec!["URI=spiffe://cluster.local".into()], MeshCaller::Malformed),
+            (vec![r#"URI="spiffe://cluster.local/ns/a/sa/b"#.into()], MeshCaller::Malformed),
+            (vec!["URI".into()], MeshCaller::Malformed),
+            // A trailing comma: the last element is empty, so names nobody.
+            (vec![format!("{ENVOY},")], MeshCaller::Malformed),
+        ];
+        for (values, want) in cases {
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
+            assert_eq!(caller(&values), want, "{values:?}");
+        }
+    }
+
+    #[test]
+    fn only_loopback_peers_are_trusted() {
+        for (ip, trusted) in [
+            ("127.0.0.6", true),
+            ("127.0.0.1", true),
+            ("::1", true),
+            ("::ffff:127.0.0.6", true),
+            ("10.0.0.7", false),
+            ("::ffff:10.0.0.7", false),
+            ("fd00::1", false),
+        ] {
+            assert_eq!(MeshIdentity::trusts(ip.parse().unwrap()), trusted, "{ip}");
+        }
+    }
+
+    #[test]
+    fn a_workload_caller_has_unknown_labels() {
+        let id = workload("logistics", "ops-portal").identity("127.0.0.6").unwrap();
+        assert!(id.labels_unknown && id.labels.is_empty());
+        assert_eq!((id.namespace.as_str(), id.service_account.as_str()), ("logistics", "ops-portal"));
+        assert_eq!(MeshCaller::Malformed.identity("127.0.0.6"), None);
+    }
+
+    proptest! {
+        /// Any header text: an answer, never a panic; a workload only with a well-formed id.
+        #[test]
+        fn any_xfcc_is_answered(text in "[ -~]{0,200}") {
+            if let Ok(value) = HeaderValue::from_str(&text) {
+                let mut headers = HeaderMap::new();
+                headers.insert(&XFCC, value);
+                if let MeshCaller::Workload { namespace, service_account } = mesh().caller(&headers) {
+                    prop_assert!(is_dns_label(&namespace) && is_dns_subdomain(&service_account));
+                }
+            }
+        }
+
+        /// A client's elements before Envoy's never change the answer.
+        #[test]
+        fn elements_before_the_last_do_not_count(prefix in "[ -~&&[^\"]]{0,100}") {
+            let mut headers = HeaderMap::new();
+            headers.insert(&XFCC, HeaderValue::from_str(&format!("{prefix},{ENVOY}")).unwrap());
+            prop_assert_eq!(mesh().caller(&headers), workload("logistics", "ops-portal"));
+        }
+    }
+}
