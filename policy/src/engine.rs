@@ -242,8 +242,10 @@ fn decide_policy<'e>(
     // Rules whose paths all start with other literal segments are passed over here, without
     // the call: most rules of a policy are about other paths.
     let first = req.path.segment(0);
+    // A one-segment path's format suffix, which Deny rules look past (`PathGlob::ignoring_format_suffix`).
+    let first_stem = first.filter(|_| req.path.segment_count() == 1).and_then(crate::glob::format_stem);
     for rule in &policy.deny_rules {
-        if may_match_first(rule, first)
+        if (may_match_first(rule, first) || first_stem.is_some_and(|stem| may_match_first(rule, Some(stem))))
             && let Some(params) = rule_matches(rule, req, vars)
         {
             return verdict(denied, Some(rule), Reason::DenyRule, params);

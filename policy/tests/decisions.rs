@@ -214,6 +214,31 @@ fn deny_rules_ignore_letter_case_and_allow_rules_do_not() {
     assert_eq!(decide("/reports/q1.txt"), (Decision::Allow, Some("read".into())));
 }
 
+/// Deny rules look past a format suffix on the last segment: Rails routes
+/// `/customers/export.json` (and Spring, with suffix matching, `/export.csv`) to the denied
+/// handler. Allow rules do not.
+#[test]
+fn deny_rules_look_past_a_format_suffix_and_allow_rules_do_not() {
+    let mut spec = mk_spec(vec![
+        mk_deny("no-export", &[], &["/customers/export", "/export"]),
+        mk_allow("read", &["GET"], &["/customers/*", "/export.json", "/status"]),
+    ]);
+    spec.default_action = Action::Deny;
+    let e = mk_engine(&spec);
+    let decide = |p: &str| {
+        let path = normalize(p).expect("valid");
+        let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+        (v.decision, v.rule.map(|r| r.name.clone()))
+    };
+    for denied in ["/customers/export.json", "/customers/EXPORT.csv", "/export.json", "/Export.xml"] {
+        assert_eq!(decide(denied), (Decision::Deny, Some("no-export".into())), "{denied}");
+    }
+    assert_eq!(decide("/customers/42.json"), (Decision::Allow, Some("read".into())));
+    assert_eq!(decide("/customers/exports.json"), (Decision::Allow, Some("read".into())));
+    assert_eq!(decide("/status.json").0, Decision::Deny, "allow rules name their suffixes");
+    assert_eq!(decide("/status"), (Decision::Allow, Some("read".into())));
+}
+
 /// A broad enforcing policy that allows everything (health checks, say) does not take the
 /// response plan or the quotas of another that selects the same pods: an Allow that constrains
 /// the response ranks first, whatever the names' order.

@@ -33,6 +33,9 @@ const HOSTILE: &[(&str, Expect)] = &[
     ("/customers/...", Path("/customers/...")),
     ("/customers/export.", Path("/customers/export.")),
     ("/customers/export%2e", Path("/customers/export.")),
+    // A format suffix (Rails' `(.:format)`): Deny rules look past it.
+    ("/customers/export.json", Path("/customers/export.json")),
+    ("/customers/export%2eCSV", Path("/customers/export.CSV")),
     // Climbing above the root.
     ("/..", Reject(AboveRoot)),
     ("/../customers", Reject(AboveRoot)),
