@@ -52,6 +52,7 @@ mod mesh;
 mod method_override;
 mod metrics;
 mod proxy;
+mod quota_clock;
 mod request_body;
 mod server;
 mod settings;

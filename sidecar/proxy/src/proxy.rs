@@ -488,7 +488,7 @@ async fn process(
     }
 
     // 5. Quotas.
-    let quota_now = Timestamp::from(wall);
+    let quota_now = crate::quota_clock::quota_time(wall);
     let mut records_remaining = None;
     let mut quota_key = None;
     if verdict.decision == Decision::Allow

@@ -41,7 +41,7 @@ pub(crate) async fn run(
             _ = shutdown.wait_for(|stop| *stop) => return,
             _ = ticker.tick() => {}
         }
-        let now = Timestamp::from(SystemTime::now());
+        let now = crate::quota_clock::quota_time(SystemTime::now());
         quotas.evict_idle(now);
         let Some(client) = &client else { continue };
         let Some(namespace) = config.current.load().as_ref().map(|s| s.namespace.clone()) else { continue };
@@ -126,7 +126,7 @@ async fn sync_round(
                     &principal,
                     &usage,
                     as_of,
-                    Timestamp::from(SystemTime::now()),
+                    crate::quota_clock::quota_time(SystemTime::now()),
                 );
                 Ok::<(), String>(())
             });

@@ -115,7 +115,7 @@ use custos_api::collector::UsageResponse;
 use custos_api::policy::Limits;
 
 use crate::entry::{Configured, Entry};
-pub use crate::time::Timestamp;
+pub use crate::time::{SteadyClock, Timestamp};
 
 /// What quotas are counted by: a rule of a policy, and a principal.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -660,3 +660,33 @@ fn concurrent_admits_lose_no_update() {
         ok(Some(1_000_000 - 500))
     );
 }
+
+/// A wall clock stepped back an hour: read raw, a principal that had used its bucket is
+/// refused until the clock is back where it was; through `SteadyClock` it refills, at half
+/// rate while the clock slews.
+#[test]
+fn a_wall_clock_stepped_back_locks_nobody_out_through_the_steady_clock() {
+    use std::time::{Duration, UNIX_EPOCH};
+    let wall = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+    let l = limits(Some(60), None, None);
+    let k = key("user:alice");
+    let t0 = 1_700_000_000;
+    let drain = |q: &Quotas, now: Timestamp| {
+        while q.admit(&k, &l, now).is_ok() {}
+    };
+
+    let raw = quotas();
+    drain(&raw, Timestamp::from(wall(t0)));
+    // An hour back, then ten seconds later: nothing refilled.
+    assert!(raw.admit(&k, &l, Timestamp::from(wall(t0 - 3_600 + 10))).is_err());
+
+    let steady = quotas();
+    let mut clock = custos_quota::SteadyClock::default();
+    drain(&steady, clock.time(wall(t0), Duration::ZERO));
+    let admitted = (1..=10)
+        .filter(|&s| steady.admit(&k, &l, clock.time(wall(t0 - 3_600 + s), Duration::from_secs(s))).is_ok())
+        .count();
+    // The clock holds at the first reading after the step, then runs at half speed: 4.5 s
+    // of quota time in the next 9 s refill 4 whole tokens of the 60 per minute.
+    assert_eq!(admitted, 4);
+}
