@@ -885,6 +885,7 @@ async fn transform_response(
         return Response::from_parts(parts, ProxyBody::full(raw));
     }
     remove_body_metadata(&mut parts.headers);
+    keep_out_of_shared_caches(&mut parts.headers);
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     if !parts.headers.contains_key(header::CONTENT_TYPE) {
         parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -996,6 +997,31 @@ fn join_cookie_crumbs(headers: &mut HeaderMap) {
 }
 
 /// Drops the headers that describe the app's body ([`is_body_metadata`]).
+/// Makes a response transformed for its caller `Cache-Control: private`: its records and
+/// masks are this caller's, and an app that marked the page `public` (or gave it an
+/// `s-maxage`) would have a CDN or gateway cache serve one caller's rows to the next. The
+/// app's other directives stay (`max-age` still holds for the caller's own cache,
+/// `no-store` stays `no-store`).
+fn keep_out_of_shared_caches(headers: &mut HeaderMap) {
+    let mut directives = vec!["private"];
+    let values: Vec<HeaderValue> = headers.get_all(header::CACHE_CONTROL).iter().cloned().collect();
+    for value in &values {
+        // An unreadable value is dropped: `private` says what matters.
+        let Ok(text) = value.to_str() else { continue };
+        for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+            let name = directive.split('=').next().unwrap_or("").trim();
+            // `private="field"` names fields only; `private` itself comes first.
+            let shared = ["public", "s-maxage", "proxy-revalidate", "private"];
+            if !shared.iter().any(|s| name.eq_ignore_ascii_case(s)) && !directives.contains(&directive) {
+                directives.push(directive);
+            }
+        }
+    }
+    let value =
+        HeaderValue::from_str(&directives.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("private"));
+    headers.insert(header::CACHE_CONTROL, value);
+}
+
 fn remove_body_metadata(headers: &mut HeaderMap) {
     remove_present(headers, is_body_metadata);
 }
@@ -1359,6 +1385,34 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn transformed_responses_stay_out_of_shared_caches() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "private"),
+            (&["public, max-age=600"], "private, max-age=600"),
+            (&["Public, S-MaxAge=3600, max-age=60, proxy-revalidate"], "private, max-age=60"),
+            (&["no-store"], "private, no-store"),
+            (&["private"], "private"),
+            (&["private=\"set-cookie\", max-age=5"], "private, max-age=5"),
+            (&["public", "max-age=10, must-revalidate"], "private, max-age=10, must-revalidate"),
+            (&["max-age=10", "max-age=10"], "private, max-age=10"),
+            (&[" , ,"], "private"),
+        ];
+        for (values, want) in cases {
+            let mut headers = HeaderMap::new();
+            for v in *values {
+                headers.append(header::CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+            }
+            keep_out_of_shared_caches(&mut headers);
+            let got: Vec<_> = headers.get_all(header::CACHE_CONTROL).iter().collect();
+            assert_eq!(got, [*want], "{values:?}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_bytes(b"public, max-age=\xff").unwrap());
+        keep_out_of_shared_caches(&mut headers);
+        assert_eq!(headers[header::CACHE_CONTROL], "private", "an unreadable value goes");
+    }
 
     #[test]
     fn encoded_paths_normalise_to_themselves() {

@@ -374,6 +374,8 @@ async fn masked_responses_are_whole_and_carry_nothing_of_the_unmasked_body() {
     for h in ["etag", "accept-ranges", "content-digest", "content-range"] {
         assert!(!reply.headers.contains_key(h), "{h} in a masked response");
     }
+    // The app said `public`: a shared cache would serve this caller's page to the next.
+    assert_eq!(reply.headers["cache-control"], "private, max-age=300");
 
     // A validator would give a 304 carrying the unmasked body's ETag: the app never sees it.
     let reply = get_with(f.proxy(), "/ranged/customers", &[("if-none-match", "\"v1-5f3c\"")]).await;
@@ -962,12 +964,15 @@ async fn header_body_time_and_connection_limits() {
         Request::post("/echo/x").header("host", "a").body(Full::new(Bytes::from(body))).unwrap()
     };
     assert_eq!(send(f.proxy(), post(vec![b'a'; 50])).await.status, 200);
+    wait_for_connections(&f, 0).await;
     let reply = send(f.proxy(), post(vec![b'a'; 200])).await;
     assert_eq!(reply.status, 413);
     assert_eq!(reply.json()["reason"], "request_body_too_large");
     // Chunked, no declared length: cut off at the limit. (The body stops right after the
     // chunk that crosses the limit: bytes the proxy never reads would make the kernel answer
-    // its close with a RST, which can discard the 413 at the client.)
+    // its close with a RST, which can discard the 413 at the client.) The connections of the
+    // requests above may still hold the two slots for a moment on a busy machine.
+    wait_for_connections(&f, 0).await;
     let (status, _) = raw(
         f.proxy(),
         format!(
@@ -980,10 +985,12 @@ async fn header_body_time_and_connection_limits() {
     .await;
     assert_eq!(status, Some(413));
 
+    wait_for_connections(&f, 0).await;
     let reply = get(f.proxy(), "/big/customers").await;
     assert_eq!(reply.status, 502);
     assert_eq!(reply.json()["reason"], "response_too_large");
 
+    wait_for_connections(&f, 0).await;
     let reply = get(f.proxy(), "/slow/x").await;
     assert_eq!(reply.status, 504);
 

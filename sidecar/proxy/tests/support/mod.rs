@@ -158,9 +158,12 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
             }
             None => full(200, "application/json", json_body.clone()),
         };
-        for (name, value) in
-            [("etag", etag), ("accept-ranges", "bytes"), ("content-digest", "sha-256=:AAAA:")]
-        {
+        for (name, value) in [
+            ("etag", etag),
+            ("accept-ranges", "bytes"),
+            ("content-digest", "sha-256=:AAAA:"),
+            ("cache-control", "public, max-age=300"),
+        ] {
             r.headers_mut().insert(name, value.parse().unwrap());
         }
         return r;
