@@ -701,13 +701,14 @@ fn check_operator_rbac(m: &Manifests) {
     if config.secret_sync.is_some() {
         expected.extend_from_slice(SECRET_SYNC_CLUSTER_RULES);
     }
-    assert_eq!(cluster_role.rules.clone().unwrap_or_default(), policy_rules(&expected));
+    let sidecar_secrets = config.secret_sync.as_ref().map(|s| s.names.clone()).unwrap_or_default();
+    assert_eq!(cluster_role.rules.clone().unwrap_or_default(), policy_rules(&expected, &sidecar_secrets));
     let role = m.roles.iter().find(|r| name_of(*r) == "custos-operator").expect("Role custos-operator");
     let mut expected: Vec<_> = NAMESPACE_RULES.to_vec();
     if config.secret_sync.is_some() {
         expected.extend_from_slice(SECRET_SYNC_NAMESPACE_RULES);
     }
-    assert_eq!(role.rules.clone().unwrap_or_default(), policy_rules(&expected));
+    assert_eq!(role.rules.clone().unwrap_or_default(), policy_rules(&expected, &sidecar_secrets));
     let bound = |role_kind: &str, role_name: &str| -> Vec<String> {
         m.cluster_role_bindings
             .iter()
@@ -1263,6 +1264,34 @@ fn secret_sync_off_leaves_secrets_to_the_user_and_grants_no_secret_access() {
     assert!(notes.contains("create it in every namespace whose pods get the sidecar"), "{notes}");
     let notes = render_notes(&Variant::production());
     assert!(notes.contains("the operator copies them from"), "{notes}");
+}
+
+/// The operator reads and writes no Secret outside its namespace but the sidecar Secrets:
+/// `get`, `patch` and `delete` name them (`create` cannot).
+#[test]
+fn secret_sync_names_the_secrets_it_may_read() {
+    let m = Variant::defaults().with("operator.sidecar.hashKeySecret=custos-hash-key").render();
+    check_operator_rbac(&m);
+    let sync = check_operator(&m, 2, WebhookCert::HelmGenerated).secret_sync.unwrap();
+    assert_eq!(sync.names, ["custos-collector-token", "custos-hash-key"]);
+    let cluster_role = m.cluster_roles.iter().find(|r| name_of(*r) == "custos-operator").unwrap();
+    let secret_rules: Vec<_> = cluster_role
+        .rules
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.resources.as_ref().is_some_and(|res| res.iter().any(|x| x == "secrets")))
+        .collect();
+    assert_eq!(secret_rules.len(), 2, "{secret_rules:#?}");
+    for rule in &secret_rules {
+        match rule.resource_names.as_deref() {
+            None => assert_eq!(rule.verbs, ["create"], "only create is unnamed"),
+            Some(names) => {
+                assert_eq!(names, ["custos-collector-token", "custos-hash-key"]);
+                assert!(rule.verbs.iter().any(|v| v == "get"));
+            }
+        }
+    }
 }
 
 #[test]
