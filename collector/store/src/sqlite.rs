@@ -151,10 +151,19 @@ fn limited<T>(
     limit: Duration,
     f: impl FnOnce(&mut Connection) -> Result<T>,
 ) -> Result<T> {
+    /// Removes the handler however `f` ends (a panic too): the writer, which in-memory stores
+    /// read on, must not keep an expired deadline for its writes.
+    struct Unlimit<'c>(&'c mut Connection);
+    impl Drop for Unlimit<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.progress_handler(0, None::<fn() -> bool>);
+        }
+    }
     let deadline = std::time::Instant::now() + limit;
     conn.progress_handler(PROGRESS_STEPS, Some(move || std::time::Instant::now() >= deadline))?;
-    let result = f(conn);
-    conn.progress_handler(0, None::<fn() -> bool>)?;
+    let guard = Unlimit(conn);
+    let result = f(&mut *guard.0);
+    drop(guard);
     match result {
         Err(Error::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
             if e.code == rusqlite::ErrorCode::OperationInterrupted =>
@@ -802,6 +811,28 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// A query of ~100,000 steps.
+    fn count(conn: &Connection) -> rusqlite::Result<i64> {
+        conn.query_row(
+            "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 20000) SELECT count(*) FROM n",
+            [],
+            |r| r.get(0),
+        )
+    }
+
+    #[test]
+    fn a_limited_read_leaves_no_limit_behind_even_when_it_panics() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let stopped = limited(&mut conn, Duration::ZERO, |c| Ok(count(c)?));
+        assert!(matches!(stopped, Err(Error::QueryTimeout(_))), "{stopped:?}");
+        assert_eq!(count(&conn).unwrap(), 20_000, "no limit after it");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = limited(&mut conn, Duration::ZERO, |_| -> Result<()> { panic!("a bug in a read") });
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(count(&conn).unwrap(), 20_000, "no limit after a panic either");
+    }
 
     /// With every reader held by a long scan (here: their locks taken), the chain head, which
     /// `/ready` reads, still answers (a review measured it waiting behind two scans), and a
