@@ -694,8 +694,9 @@ async fn process(
         Some(job) => {
             if job.mode == Mode::Enforce {
                 // HEAD, 204, 304: no body to rewrite, but the headers may still describe the
-                // app's.
+                // app's, and a shared cache must not take them as the page's.
                 remove_body_metadata(&mut parts.headers);
+                keep_out_of_shared_caches(&mut parts.headers);
             }
             Response::from_parts(parts, ProxyBody::stream(body))
         }

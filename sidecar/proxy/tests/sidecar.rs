@@ -390,6 +390,7 @@ async fn masked_responses_are_whole_and_carry_nothing_of_the_unmasked_body() {
     for h in ["etag", "accept-ranges", "content-digest"] {
         assert!(!reply.headers.contains_key(h), "{h} in a HEAD answer");
     }
+    assert_eq!(reply.headers["cache-control"], "private, max-age=300");
 
     // A slice sent unasked: 502, with or without failOpen.
     for fail_open in [false, true] {
