@@ -190,19 +190,23 @@ fn enforced_deny_wins_over_an_audit_policy_and_enforced_allow_over_audit_deny() 
 /// Deny rules match literal text without regard to case: an app that routes so (Express,
 /// ASP.NET Core) would serve `/Customers/EXPORT` from the denied handler. Allow rules stay
 /// exact (matching more there would allow more).
-#[test]
-fn deny_rules_ignore_letter_case_and_allow_rules_do_not() {
-    let mut spec = mk_spec(vec![
-        mk_deny("no-export", &[], &["/customers/export", "/reports/*.CSV"]),
-        mk_allow("read", &["GET"], &["/customers/*", "/reports/*", "/Exact"]),
-    ]);
+/// A default-deny engine over `no-export` (Deny, `denied` globs) and `read` (Allow GET,
+/// `allowed` globs), answering a GET of a path with its decision and rule.
+fn export_rules(denied: &[&str], allowed: &[&str]) -> impl Fn(&str) -> (Decision, Option<String>) {
+    let mut spec = mk_spec(vec![mk_deny("no-export", &[], denied), mk_allow("read", &["GET"], allowed)]);
     spec.default_action = Action::Deny;
     let e = mk_engine(&spec);
-    let decide = |p: &str| {
+    move |p: &str| {
         let path = normalize(p).expect("valid");
         let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
         (v.decision, v.rule.map(|r| r.name.clone()))
-    };
+    }
+}
+
+#[test]
+fn deny_rules_ignore_letter_case_and_allow_rules_do_not() {
+    let decide =
+        export_rules(&["/customers/export", "/reports/*.CSV"], &["/customers/*", "/reports/*", "/Exact"]);
     for denied in
         ["/customers/export", "/Customers/EXPORT", "/CUSTOMERS/Export", "/reports/q1.csv", "/REPORTS/Q1.Csv"]
     {
@@ -219,17 +223,8 @@ fn deny_rules_ignore_letter_case_and_allow_rules_do_not() {
 /// handler. Allow rules do not.
 #[test]
 fn deny_rules_look_past_a_format_suffix_and_allow_rules_do_not() {
-    let mut spec = mk_spec(vec![
-        mk_deny("no-export", &[], &["/customers/export", "/export"]),
-        mk_allow("read", &["GET"], &["/customers/*", "/export.json", "/status"]),
-    ]);
-    spec.default_action = Action::Deny;
-    let e = mk_engine(&spec);
-    let decide = |p: &str| {
-        let path = normalize(p).expect("valid");
-        let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
-        (v.decision, v.rule.map(|r| r.name.clone()))
-    };
+    let decide =
+        export_rules(&["/customers/export", "/export"], &["/customers/*", "/export.json", "/status"]);
     for denied in ["/customers/export.json", "/customers/EXPORT.csv", "/export.json", "/Export.xml"] {
         assert_eq!(decide(denied), (Decision::Deny, Some("no-export".into())), "{denied}");
     }
