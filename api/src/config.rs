@@ -57,8 +57,9 @@ pub struct WorkloadIdentity {
     pub labels: BTreeMap<String, String>,
     /// Set for a caller the sidecar knows only by the identity in its certificate (behind a
     /// service mesh's proxy, `custos sidecar --caller-identity istio`), never in a config:
-    /// its labels are not known (`labels` is empty), so a `from.workloads` entry that names
-    /// labels never matches it, and CEL sees no `workload.labels`.
+    /// its labels are not known (`labels` is empty), so an Allow rule's `from.workloads` entry
+    /// that names labels never admits it, a Deny rule's always refuses it, and CEL sees no
+    /// `workload.labels`.
     #[serde(skip)]
     pub labels_unknown: bool,
 }

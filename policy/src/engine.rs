@@ -312,7 +312,9 @@ fn rule_matches(
         let ok = rule.workloads.iter().any(|w| {
             w.namespace == caller.namespace
                 && w.service_account.as_ref().is_none_or(|sa| *sa == caller.service_account)
-                && w.labels.matches(&caller.labels)
+                // A caller known by its certificate has no known labels: an Allow entry that
+                // names some does not admit it, a Deny entry refuses it (fail closed).
+                && (w.labels.matches(&caller.labels) || (caller.labels_unknown && rule.action == Action::Deny))
         });
         if !ok {
             return None;

@@ -335,7 +335,8 @@ fn workload_labels_must_match() {
 }
 
 /// A caller known only by its certificate (behind a mesh's proxy): its namespace and service
-/// account count, its labels are unknown, so an entry naming labels never matches it.
+/// account count, its labels are unknown, so an Allow entry naming labels never admits it and
+/// a Deny entry naming labels always refuses it.
 #[test]
 fn a_caller_whose_labels_are_unknown_matches_only_entries_without_labels() {
     let entry = |sa: Option<&str>, labels: &[(&str, &str)]| WorkloadRef {
@@ -348,6 +349,10 @@ fn a_caller_whose_labels_are_unknown_matches_only_entries_without_labels() {
         ..mk_allow(name, &[], &[&format!("/{name}/**")])
     };
     let spec = mk_spec(vec![
+        AccessRule {
+            from: Some(Source { workloads: vec![entry(None, &[("tier", "crawler")])], ..Default::default() }),
+            ..mk_deny("no-crawlers", &[], &["/by-namespace/**"])
+        },
         rule("by-account", vec![entry(Some("ops-portal"), &[])]),
         rule("by-namespace", vec![entry(None, &[])]),
         rule("by-label", vec![entry(None, &[("app", "ops-portal")])]),
@@ -359,7 +364,7 @@ fn a_caller_whose_labels_are_unknown_matches_only_entries_without_labels() {
     let from_table = mk_caller("logistics", "ops-portal", &[("app", "ops-portal")]);
     for (path, certificate, table) in [
         ("/by-account/1", Decision::Allow, Decision::Allow),
-        ("/by-namespace/1", Decision::Allow, Decision::Allow),
+        ("/by-namespace/1", Decision::Deny, Decision::Allow),
         ("/by-label/1", Decision::Deny, Decision::Allow),
         ("/by-account-and-label/1", Decision::Deny, Decision::Allow),
     ] {

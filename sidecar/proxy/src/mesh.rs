@@ -9,11 +9,15 @@
 //! the last element is Envoy's own and a client cannot forge it through Envoy.
 //!
 //! With `--caller-identity istio` the sidecar reads the caller's SPIFFE id there
-//! (`spiffe://<trust domain>/ns/<namespace>/sa/<service account>`) for connections from a
-//! loopback address (Envoy, in the same network namespace); a connection from anywhere else
-//! did not come through Envoy, so its XFCC is removed and the identity table applies as
-//! without a mesh. A certificate carries no pod labels: such a caller matches the
-//! `from.workloads` entries that name no labels.
+//! (`spiffe://<trust domain>/ns/<namespace>/sa/<service account>`) for connections from
+//! 127.0.0.6 or ::6, the addresses Istio's inbound passthrough connects from; a connection
+//! from anywhere else did not come through Envoy's HTTP handling (another process of the pod
+//! on 127.0.0.1, say, which the app could be made to call), so its XFCC is removed and the
+//! identity table applies as without a mesh. Envoy handles XFCC only where it reads the port
+//! as HTTP: a port Istio treats as TCP (a Service port named `tcp-*`, `appProtocol: tcp`)
+//! passes the client's own header through, so the proxy port must be HTTP to Istio. A
+//! certificate carries no pod labels: such a caller matches the `from.workloads` entries of
+//! Allow rules that name no labels, and those of Deny rules whatever their labels.
 
 use std::net::IpAddr;
 
@@ -88,10 +92,13 @@ impl MeshCaller {
 }
 
 impl MeshIdentity {
-    /// Whether the XFCC of a connection from `peer` is Envoy's: a loopback address (Istio's
-    /// inbound passthrough connects from 127.0.0.6, older versions from 127.0.0.1).
+    /// Whether the XFCC of a connection from `peer` is Envoy's: Istio's inbound passthrough
+    /// connects from 127.0.0.6 (IPv6: ::6).
     pub(crate) fn trusts(peer: IpAddr) -> bool {
-        peer.to_canonical().is_loopback()
+        match peer.to_canonical() {
+            IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::new(127, 0, 0, 6),
+            IpAddr::V6(v6) => v6 == std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6),
+        }
     }
 
     /// The caller named by the last XFCC element of `headers`.
@@ -280,12 +287,15 @@ mod tests {
     }
 
     #[test]
-    fn only_loopback_peers_are_trusted() {
+    fn only_istios_passthrough_address_is_trusted() {
         for (ip, trusted) in [
             ("127.0.0.6", true),
-            ("127.0.0.1", true),
-            ("::1", true),
+            ("::6", true),
             ("::ffff:127.0.0.6", true),
+            // Other processes of the pod (an app made to call its own sidecar).
+            ("127.0.0.1", false),
+            ("::1", false),
+            ("127.0.0.7", false),
             ("10.0.0.7", false),
             ("::ffff:10.0.0.7", false),
             ("fd00::1", false),

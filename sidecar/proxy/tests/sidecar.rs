@@ -867,8 +867,30 @@ async fn workload_identity_from_the_peer_ip() {
     f.stop().await;
 }
 
-/// Behind Istio's Envoy (`--caller-identity istio`), which connects from a loopback address:
-/// the caller is the SPIFFE id in the last `x-forwarded-client-cert` element, without labels.
+/// A GET of `path` from the source address `from` (bound before connecting, as Istio's inbound
+/// passthrough binds 127.0.0.6), with `headers`: the status code of the answer.
+async fn get_from(
+    from: &str,
+    proxy: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<u16> {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(proxy).await.unwrap();
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: customer-api\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    answer(stream).await.0
+}
+
+/// Behind Istio's Envoy (`--caller-identity istio`), which connects from 127.0.0.6: the caller
+/// is the SPIFFE id in the last `x-forwarded-client-cert` element, without labels. From any
+/// other address the header is not Envoy's: removed, and the identity table applies.
 #[tokio::test]
 async fn workload_identity_from_the_mesh_client_certificate() {
     let mut rules = main_rules();
@@ -886,8 +908,7 @@ async fn workload_identity_from_the_mesh_client_certificate() {
     ] {
         rules.as_array_mut().unwrap().push(rule);
     }
-    // The identity table says 127.0.0.1 is another workload: behind the mesh it is Envoy's
-    // address and names nobody.
+    // The identity table knows 127.0.0.1 (a caller that does not come through Envoy).
     let table = WorkloadIdentity {
         ip: "127.0.0.1".into(),
         namespace: "logistics".into(),
@@ -906,27 +927,31 @@ async fn workload_identity_from_the_mesh_client_certificate() {
         format!("By=spiffe://cluster.local/ns/{NAMESPACE}/sa/customer-api;Hash=00ff;Subject=\"\";URI={id}")
     };
     let portal = envoy("spiffe://cluster.local/ns/logistics/sa/ops-portal");
+    let web = envoy("spiffe://cluster.local/ns/storefront/sa/web");
     let xfcc = "x-forwarded-client-cert";
-    assert_eq!(get_with(f.proxy(), "/ops/a", &[(xfcc, &portal)]).await.status, 200);
+    const ENVOY: &str = "127.0.0.6";
+    assert_eq!(get_from(ENVOY, f.proxy(), "/ops/a", &[(xfcc, &portal)]).await, Some(200));
     // A client's own element before Envoy's does not count.
-    let spoofed = format!(
-        "URI=spiffe://cluster.local/ns/logistics/sa/ops-portal,{}",
-        envoy("spiffe://cluster.local/ns/shop/sa/web")
-    );
+    let spoofed = format!("URI=spiffe://cluster.local/ns/logistics/sa/ops-portal,{web}");
     for (path, headers, status) in [
         ("/ops/b", vec![(xfcc, spoofed.as_str())], 401),
-        // No certificate (plain text to Envoy): anonymous, although the table names the peer.
+        // No certificate (plain text to Envoy): anonymous.
         ("/ops/c", vec![], 401),
         ("/ops/d", vec![(xfcc, "URI=spiffe://other.mesh/ns/logistics/sa/ops-portal")], 401),
-        // Labels are not in a certificate: the entry naming labels does not match (refused
-        // as unmatched requests are here, asking for a token; the event names the caller).
+        // Labels are not in a certificate: the Allow entry naming labels does not match
+        // (refused as unmatched requests are here, asking for a token; the event names the
+        // caller).
         ("/labelled/e", vec![(xfcc, portal.as_str())], 401),
     ] {
-        assert_eq!(get_with(f.proxy(), path, &headers).await.status, status, "{path}");
+        assert_eq!(get_from(ENVOY, f.proxy(), path, &headers).await, Some(status), "{path}");
     }
+    // Not from Envoy's address (another process of the pod): the header claiming storefront/web
+    // is removed, and the identity table's entry for 127.0.0.1, labels and all, decides.
+    assert_eq!(get_from("127.0.0.1", f.proxy(), "/labelled/f", &[(xfcc, &web)]).await, Some(200));
     let seen = f.upstream.seen();
-    assert_eq!(seen.len(), 1);
+    assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].headers.get(xfcc).unwrap(), portal.as_str(), "the app gets Envoy's header as sent");
+    assert_eq!(seen[1].headers.get(xfcc), None, "a header not from Envoy does not reach the app");
     let metrics = admin_get(f.admin(), "/metrics").await.text();
     for line in [
         "custos_sidecar_mesh_callers_total{result=\"workload\"} 3",
@@ -936,15 +961,15 @@ async fn workload_identity_from_the_mesh_client_certificate() {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
     f.stop().await;
-    let events = collector.wait_for(5).await;
-    let allowed = events.iter().find(|e| e["path"] == "/ops/a").expect("the allowed request's event");
-    assert_eq!(allowed["caller"], json!({"namespace": "logistics", "serviceAccount": "ops-portal"}));
-    assert_eq!(allowed["principal"], "workload:logistics/ops-portal");
-    let anonymous = events.iter().find(|e| e["path"] == "/ops/c").expect("the anonymous request's event");
-    assert_eq!(anonymous["caller"], Value::Null, "{anonymous:#}");
-    let labelled = events.iter().find(|e| e["path"] == "/labelled/e").expect("the labelled request's event");
-    assert_eq!(labelled["caller"]["serviceAccount"], "ops-portal", "{labelled:#}");
-    assert_eq!(labelled["rule"], Value::Null, "{labelled:#}");
+    let events = collector.wait_for(6).await;
+    let event =
+        |path: &str| events.iter().find(|e| e["path"] == path).unwrap_or_else(|| panic!("{path}'s event"));
+    assert_eq!(event("/ops/a")["caller"], json!({"namespace": "logistics", "serviceAccount": "ops-portal"}));
+    assert_eq!(event("/ops/a")["principal"], "workload:logistics/ops-portal");
+    assert_eq!(event("/ops/c")["caller"], Value::Null);
+    assert_eq!(event("/labelled/e")["caller"]["serviceAccount"], "ops-portal");
+    assert_eq!(event("/labelled/e")["rule"], Value::Null);
+    assert_eq!(event("/labelled/f")["rule"], "labelled-portal");
 }
 
 #[tokio::test]
