@@ -53,9 +53,10 @@ pub struct SidecarArgs {
     /// How calling workloads are told apart: `peer-ip` (the peer address, looked up in the
     /// config's identity table) or `istio` (behind Istio's sidecar, which connects from
     /// 127.0.0.6: the SPIFFE id of the client certificate Envoy verified, from the last
-    /// element of `x-forwarded-client-cert`, for connections from a loopback address; the
-    /// peer address for the others, whose `x-forwarded-client-cert` is removed). Needs
-    /// mutual TLS to the pod (PeerAuthentication STRICT): plain-text callers are anonymous.
+    /// element of `x-forwarded-client-cert`, for connections from 127.0.0.6 or ::6; the peer
+    /// address for the others, whose `x-forwarded-client-cert` is removed). Needs mutual TLS
+    /// to the pod (PeerAuthentication STRICT; plain-text callers are anonymous) and the proxy
+    /// port read as HTTP by Istio.
     #[arg(long, env = "CUSTOS_CALLER_IDENTITY", value_name = "HOW", value_enum, default_value_t = crate::CallerIdentity::PeerIp)]
     pub caller_identity: crate::CallerIdentity,
 

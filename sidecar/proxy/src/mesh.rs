@@ -35,7 +35,7 @@ pub enum CallerIdentity {
     #[default]
     PeerIp,
     /// Behind Istio's sidecar: the SPIFFE id of the client certificate Envoy verified (the last
-    /// element of `x-forwarded-client-cert`) for connections from a loopback address; the peer
+    /// element of `x-forwarded-client-cert`) for connections from 127.0.0.6 or ::6; the peer
     /// address for the others.
     Istio,
 }
