@@ -1,24 +1,23 @@
 //! The quotas' clock: the wall clock, made step-free by [`SteadyClock`].
 
-use std::cell::RefCell;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use custos_quota::{SteadyClock, Timestamp};
 
-/// The monotonic origin of every thread's [`SteadyClock`].
+/// The monotonic origin of the clock's readings.
 static ORIGIN: OnceLock<Instant> = OnceLock::new();
 
-thread_local! {
-    /// One per thread: no lock on the request path. Each thread's quota time is step-free;
-    /// between threads they agree with the wall clock to the millisecond, except while one
-    /// slews after a backward step.
-    static CLOCK: RefCell<SteadyClock> = RefCell::new(SteadyClock::default());
-}
+/// One clock for the process: every proxy thread and the usage sync give [`Quotas`]
+/// (`custos_quota::Quotas`) the same time, so that after a backward step no thread sees
+/// another's updates in its future. Held for a few instructions per request.
+static CLOCK: Mutex<SteadyClock> = Mutex::new(SteadyClock::new());
 
 /// Quota time for a request whose wall-clock time is `wall` (see [`SteadyClock`]: a wall
 /// clock stepped back does not lock principals out).
 pub(crate) fn quota_time(wall: SystemTime) -> Timestamp {
-    let mono = ORIGIN.get_or_init(Instant::now).elapsed();
-    CLOCK.with(|clock| clock.borrow_mut().time(wall, mono))
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    let mut clock = CLOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    // Read under the lock: readings given to the clock never decrease.
+    clock.time(wall, origin.elapsed())
 }

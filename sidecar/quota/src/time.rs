@@ -103,6 +103,11 @@ pub struct SteadyClock {
 }
 
 impl SteadyClock {
+    /// A clock that has given no time yet.
+    pub const fn new() -> SteadyClock {
+        SteadyClock { last: None, ahead: Duration::ZERO }
+    }
+
     /// The quota time for the wall-clock reading `wall`, taken at `mono` on a monotonic clock
     /// (any origin, e.g. the elapsed time of a process-wide `Instant`; readings given to one
     /// `SteadyClock` must not decrease). Never earlier than the time it gave before.
