@@ -135,8 +135,9 @@ impl CollectorConfig {
         if self.max_concurrent_queries == 0 {
             return Err("--max-concurrent-queries must be positive".into());
         }
-        if self.query_timeout.is_zero() {
-            return Err("--query-timeout must be longer than 0s".into());
+        if self.query_timeout.is_zero() || self.query_timeout > Duration::from_secs(86_400) {
+            // PostgreSQL's statement_timeout takes at most 2^31 - 1 ms (24.8 days).
+            return Err("--query-timeout must be longer than 0s and at most 24h".into());
         }
         if self.retention.is_some_and(|r| r.is_zero()) {
             return Err("--retention must be positive (or `none`)".into());
@@ -167,7 +168,26 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+
+    #[test]
+    fn report_query_bounds_are_checked() {
+        let config = |f: &dyn Fn(&mut CollectorConfig)| {
+            let mut c = CollectorConfig::new("sqlite::memory:", Auth::Unauthenticated);
+            f(&mut c);
+            c.validate()
+        };
+        assert_eq!(config(&|_| {}), Ok(()));
+        assert_eq!(config(&|c| c.query_timeout = Duration::from_secs(86_400)), Ok(()));
+        for timeout in [Duration::ZERO, Duration::from_secs(86_401), Duration::from_secs(30 * 86_400)] {
+            let err = config(&|c| c.query_timeout = timeout).unwrap_err();
+            assert!(err.contains("--query-timeout must be longer than 0s and at most 24h"), "{err}");
+        }
+        let err = config(&|c| c.max_concurrent_queries = 0).unwrap_err();
+        assert!(err.contains("--max-concurrent-queries must be positive"), "{err}");
+    }
 
     #[test]
     fn passwords_are_redacted() {

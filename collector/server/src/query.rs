@@ -138,7 +138,7 @@ pub(crate) async fn events(State(state): State<CollectorState>, uri: Uri) -> Res
         cursor: p.get("cursor").map(str::to_owned),
     };
     check_range(q.since, q.until)?;
-    Ok(Json(state.report("query", state.store().query(&q)).await?))
+    Ok(Json(state.report("query", move |store| async move { store.query(&q).await }).await?))
 }
 
 /// The answer of `GET /v1/subjects/{hash}`.
@@ -170,7 +170,10 @@ pub(crate) async fn subject(
     let (since, until) = (p.time("since", now)?, p.time("until", now)?);
     check_range(since, until)?;
     let limit = p.limit()?;
-    let accesses = state.report("subject", state.store().subject(&hash, since, until, limit)).await?;
+    let key = hash.clone();
+    let accesses = state
+        .report("subject", move |store| async move { store.subject(&key, since, until, limit).await })
+        .await?;
     Ok(Json(SubjectAnswer { subject: hash, accesses }))
 }
 
@@ -191,7 +194,7 @@ pub(crate) async fn top(State(state): State<CollectorState>, uri: Uri) -> Result
     };
     let since = p.time("since", Utc::now())?;
     let limit = p.limit()?;
-    let entries = state.report("top", state.store().top(by, since, limit)).await?;
+    let entries = state.report("top", move |store| async move { store.top(by, since, limit).await }).await?;
     Ok(Json(TopAnswer { by, entries }))
 }
 
@@ -209,7 +212,7 @@ pub(crate) async fn alerts(
     let p = Params::parse(uri.query(), &["since", "limit"])?;
     let since = p.time("since", Utc::now())?;
     let limit = p.limit()?;
-    let alerts = state.report("alerts", state.store().alerts(since, limit)).await?;
+    let alerts = state.report("alerts", move |store| async move { store.alerts(since, limit).await }).await?;
     Ok(Json(AlertsAnswer { alerts }))
 }
 
@@ -269,7 +272,9 @@ pub(crate) async fn verify(
             ));
         }
     }
-    let report = state.report("verify", state.store().verify_expecting(from, expect)).await?;
+    let report = state
+        .report("verify", move |store| async move { store.verify_expecting(from, expect).await })
+        .await?;
     if let Some(broken) = &report.first_broken {
         tracing::warn!(seq = broken.seq, kind = ?broken.kind, "verify: the audit chain is broken");
     }

@@ -23,7 +23,7 @@ struct Inner {
     limits: IngestLimits,
     batch_slots: Semaphore,
     /// `--max-concurrent-queries`, and how long a report query waits for one of them.
-    query_slots: Semaphore,
+    query_slots: Arc<Semaphore>,
     query_wait: Duration,
     /// KiB of request bodies being received, across requests: taken as bytes arrive, so a
     /// slow sender holds only what it sent (see [`crate::ingest::read_body`]).
@@ -68,7 +68,7 @@ impl CollectorState {
                 auth,
                 limits,
                 batch_slots: Semaphore::new(max_concurrent_batches.max(1)),
-                query_slots: Semaphore::new(max_concurrent_queries.max(1)),
+                query_slots: Arc::new(Semaphore::new(max_concurrent_queries.max(1))),
                 query_wait,
                 body_budget: Arc::new(Semaphore::new(
                     (max_concurrent_batches.max(1) * limits.max_batch_bytes.div_ceil(1024))
@@ -192,17 +192,22 @@ impl CollectorState {
         }
     }
 
-    /// Runs a report query ([`Self::timed`]) in one of the `--max-concurrent-queries` slots:
-    /// an investigator's long scans cannot take every database connection from ingest and
-    /// `/v1/usage`. A query that finds no free slot within `--query-timeout` is 503
-    /// `queries_busy`.
-    pub(crate) async fn report<T>(
-        &self,
-        op: &'static str,
-        future: impl Future<Output = custos_store::Result<T>>,
-    ) -> Result<T, ApiError> {
-        let slot = tokio::time::timeout(self.inner.query_wait, self.inner.query_slots.acquire()).await;
-        let _slot = match slot {
+    /// Runs a report query (`work` over the store, timed like [`Self::timed`]) in one of the
+    /// `--max-concurrent-queries` slots: an investigator's long scans cannot take every
+    /// database connection from ingest and `/v1/usage`. A query that finds no free slot within
+    /// `--query-timeout` is 503 `queries_busy`. The query runs in a task of its own that holds
+    /// the slot until the database is done with it: a client that goes away does not free the
+    /// slot while its scan goes on, so clients that disconnect in a loop cannot pile scans up.
+    pub(crate) async fn report<T, F, Fut>(&self, op: &'static str, work: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(AnyStore) -> Fut,
+        Fut: Future<Output = custos_store::Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let slot =
+            tokio::time::timeout(self.inner.query_wait, Arc::clone(&self.inner.query_slots).acquire_owned())
+                .await;
+        let slot = match slot {
             Ok(Ok(permit)) => permit,
             Ok(Err(_)) => return Err(ApiError::internal("query slots closed")),
             Err(_) => {
@@ -214,7 +219,12 @@ impl CollectorState {
                 ));
             }
         };
-        self.timed(op, future).await
+        let query = work(self.inner.store.clone());
+        let task = tokio::spawn(async move {
+            let _slot = slot;
+            query.await
+        });
+        self.timed(op, async { task.await.map_err(|e| custos_store::Error::Task(e.to_string()))? }).await
     }
 
     /// Runs a store operation, timing it in `custos_collector_store_seconds{op}`.
