@@ -319,7 +319,7 @@ fn compile_rule(
         }
         for (j, p) in to.paths.iter().enumerate() {
             match PathGlob::parse(p) {
-                Ok(g) if rule.action == Action::Deny => paths.push(g.folding_case().ignoring_format_suffix()),
+                Ok(g) if rule.action == Action::Deny => paths.push(g.folding_case()),
                 Ok(g) => paths.push(g),
                 Err(e) => errors.push(tp.field("paths").index(j).as_str(), e.to_string()),
             }

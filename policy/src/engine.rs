@@ -242,13 +242,26 @@ fn decide_policy<'e>(
     // Rules whose paths all start with other literal segments are passed over here, without
     // the call: most rules of a policy are about other paths.
     let first = req.path.segment(0);
-    // A one-segment path's format suffix, which Deny rules look past (`PathGlob::ignoring_format_suffix`).
-    let first_stem = first.filter(|_| req.path.segment_count() == 1).and_then(crate::glob::format_stem);
     for rule in &policy.deny_rules {
-        if (may_match_first(rule, first) || first_stem.is_some_and(|stem| may_match_first(rule, Some(stem))))
+        if may_match_first(rule, first)
             && let Some(params) = rule_matches(rule, req, vars)
         {
             return verdict(denied, Some(rule), Reason::DenyRule, params);
+        }
+    }
+    // Deny rules also see the path without a format suffix on its last segment (see
+    // [`suffix_stems`]), with their captures and conditions.
+    if !policy.deny_rules.is_empty() {
+        for stem in suffix_stems(req.path) {
+            let stem_req = Request { path: &stem, ..*req };
+            let mut stem_vars = None;
+            for rule in &policy.deny_rules {
+                if may_match_first(rule, stem.segment(0))
+                    && let Some(params) = rule_matches(rule, &stem_req, &mut stem_vars)
+                {
+                    return verdict(denied, Some(rule), Reason::DenyRule, params);
+                }
+            }
         }
     }
     for rule in &policy.allow_rules {
@@ -266,6 +279,42 @@ fn decide_policy<'e>(
             v
         }
     }
+}
+
+/// The path without a format suffix on its last segment, as frameworks route it to the
+/// handler of the path without: Rails (`(.:format)` on every route: `/customers/export.json`
+/// is `/customers/export`), Spring's suffix pattern matching (`export.*`: also `export.` and
+/// `export.tar.gz`). Up to two paths: without the last `.` and what follows, and without the
+/// first; none when the last segment has no `.` with something before it. A Deny rule refuses
+/// the request when it matches one of them: matching more can only refuse more.
+fn suffix_stems(path: &NormalizedPath) -> Vec<NormalizedPath> {
+    let Some(last) = path.segment_count().checked_sub(1).and_then(|i| path.segment(i)) else {
+        return Vec::new();
+    };
+    if !last.contains('.') {
+        return Vec::new();
+    }
+    let full = path.as_str();
+    let prefix = &full[..full.len() - last.len()];
+    let mut stems: Vec<NormalizedPath> = Vec::with_capacity(2);
+    let mut seen: Vec<&str> = Vec::with_capacity(2);
+    for cut in [last.rfind('.'), last.find('.')].into_iter().flatten() {
+        let stem = &last[..cut];
+        if stem.is_empty() || seen.contains(&stem) {
+            continue;
+        }
+        seen.push(stem);
+        let mut target = format!("{prefix}{stem}");
+        if let Some(query) = path.query() {
+            target.push('?');
+            target.push_str(query);
+        }
+        // A stem such as `.` is resolved or refused by the normaliser like any path.
+        if let Ok(p) = crate::normalize::normalize(&target) {
+            stems.push(p);
+        }
+    }
+    stems
 }
 
 /// Whether a request whose path starts with the segment `first` may match `rule` (see
@@ -345,5 +394,43 @@ type CachedVars = (Vec<(String, String)>, Vars);
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.code())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::normalize::normalize;
+
+    fn stems(target: &str) -> Vec<String> {
+        let path = normalize(target).expect("valid");
+        suffix_stems(&path)
+            .iter()
+            .map(|p| match p.query() {
+                Some(q) => format!("{}?{q}", p.as_str()),
+                None => p.as_str().to_owned(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn suffix_stems_of_the_last_segment() {
+        let none: [&str; 0] = [];
+        for (target, want) in [
+            ("/customers/export.json", vec!["/customers/export"]),
+            ("/customers/export.tar.gz", vec!["/customers/export.tar", "/customers/export"]),
+            ("/customers/export.", vec!["/customers/export"]),
+            ("/customers/export.json?x=1", vec!["/customers/export?x=1"]),
+            ("/export.csv", vec!["/export"]),
+            ("/caf%C3%A9/r%C3%A9sum%C3%A9.pdf", vec!["/café/résumé"]),
+            ("/a%20b/c%20d.json", vec!["/a b/c d"]),
+            ("/discount/50%25.json", vec!["/discount/50%25"]),
+            ("/a/..json", vec!["/a"]),
+        ] {
+            assert_eq!(stems(target), want, "{target}");
+        }
+        for target in ["/customers/export", "/customers/.json", "/", "/a.b/c", "/..."] {
+            assert_eq!(stems(target), none, "{target}");
+        }
     }
 }

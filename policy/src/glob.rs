@@ -192,16 +192,6 @@ pub struct PathGlob {
     has_deep: bool,
     /// Literal text matches without regard to ASCII case ([`PathGlob::folding_case`]).
     fold_case: bool,
-    /// The path's last segment also matches without a format suffix
-    /// ([`PathGlob::ignoring_format_suffix`]).
-    format_suffix: bool,
-}
-
-/// A path segment without its format suffix (`export.json` → `export`): the text before its
-/// last `.`, when both sides are non-empty.
-pub(crate) fn format_stem(segment: &str) -> Option<&str> {
-    let (stem, suffix) = segment.rsplit_once('.')?;
-    (!stem.is_empty() && !suffix.is_empty()).then_some(stem)
 }
 
 fn is_name_start(c: char) -> bool {
@@ -317,18 +307,7 @@ impl PathGlob {
             min_segments,
             has_deep,
             fold_case: false,
-            format_suffix: false,
         })
-    }
-
-    /// This glob also matching a path whose last segment carries a format suffix the pattern
-    /// does not name: `/customers/export` then also matches `/customers/export.json`. For Deny
-    /// rules, since frameworks route such a path to the handler of the path without it (Rails'
-    /// `(.:format)` on every route, Spring's suffix pattern matching); matching more can only
-    /// refuse more.
-    pub fn ignoring_format_suffix(mut self) -> Self {
-        self.format_suffix = true;
-        self
     }
 
     /// This glob matching literal text without regard to ASCII case: `/customers/export`
@@ -360,12 +339,12 @@ impl PathGlob {
     pub fn matches(&self, path: &NormalizedPath) -> bool {
         // Most globs of a policy part from a request at its first segment: a leading literal
         // is compared before the general matcher is set up (it can only ever match segment 0).
-        if let Some(first) = self.first_literal() {
-            let same = |s: &str| if self.fold_case { first.eq_ignore_ascii_case(s) } else { first == s };
-            let alone = self.format_suffix && path.segment_count() == 1;
-            if !path.segment(0).is_some_and(|s| same(s) || (alone && format_stem(s).is_some_and(same))) {
-                return false;
-            }
+        if let Some(first) = self.first_literal()
+            && !path
+                .segment(0)
+                .is_some_and(|s| if self.fold_case { first.eq_ignore_ascii_case(s) } else { first == s })
+        {
+            return false;
         }
         self.match_with(path, |_, _| {})
     }
@@ -430,11 +409,7 @@ impl PathGlob {
                 }
                 Some(token) => {
                     if let Some(seg) = path.segment(s)
-                        && (token.matches_segment(seg, self.fold_case)
-                            || (self.format_suffix
-                                && s + 1 == n
-                                && format_stem(seg)
-                                    .is_some_and(|stem| token.matches_segment(stem, self.fold_case))))
+                        && token.matches_segment(seg, self.fold_case)
                     {
                         if let Token::Capture(c) = token {
                             bind(*c, s);

@@ -192,7 +192,7 @@ fn enforced_deny_wins_over_an_audit_policy_and_enforced_allow_over_audit_deny() 
 /// exact (matching more there would allow more).
 /// A default-deny engine over `no-export` (Deny, `denied` globs) and `read` (Allow GET,
 /// `allowed` globs), answering a GET of a path with its decision and rule.
-fn export_rules(denied: &[&str], allowed: &[&str]) -> impl Fn(&str) -> (Decision, Option<String>) {
+fn export_rules(denied: &[&str], allowed: &[&str]) -> impl Fn(&str) -> (Decision, Option<String>) + use<> {
     let mut spec = mk_spec(vec![mk_deny("no-export", &[], denied), mk_allow("read", &["GET"], allowed)]);
     spec.default_action = Action::Deny;
     let e = mk_engine(&spec);
@@ -232,6 +232,65 @@ fn deny_rules_look_past_a_format_suffix_and_allow_rules_do_not() {
     assert_eq!(decide("/customers/exports.json"), (Decision::Allow, Some("read".into())));
     assert_eq!(decide("/status.json").0, Decision::Deny, "allow rules name their suffixes");
     assert_eq!(decide("/status"), (Decision::Allow, Some("read".into())));
+    // Spring's `export.*` also takes these.
+    for denied in ["/customers/export.tar.gz", "/customers/export."] {
+        assert_eq!(decide(denied), (Decision::Deny, Some("no-export".into())), "{denied}");
+    }
+}
+
+/// Where Deny rules look past a format suffix: the last segment only, the last or the first
+/// `.` of it.
+#[test]
+fn format_suffix_table_for_deny_rules() {
+    let cases: &[(&str, &str, bool)] = &[
+        // (Deny rule's glob, request path, denied)
+        ("/customers/export", "/customers/export.json", true),
+        ("/customers/export", "/Customers/EXPORT.CSV", true),
+        ("/customers/export", "/customers/export.tar.gz", true),
+        ("/customers/export", "/customers/export.", true),
+        ("/customers/export", "/customers/.json", false),
+        ("/customers/export", "/customers/exports.json", false),
+        ("/customers/export", "/customers/export.json/x", false),
+        ("/customers/export", "/customers.json/export", false),
+        ("/customers.json/export", "/customers/export", false),
+        ("/export", "/export.json", true),
+        ("/export", "/EXPORT.xml", true),
+        ("/**/export", "/a/b/export.csv", true),
+        ("/reports/*.csv", "/reports/q1.csv.gz", true),
+        ("/reports/*.csv", "/reports/q1.txt", false),
+        ("/customers/*/export", "/customers/7.json/export", true),
+    ];
+    for &(glob, target, denied) in cases {
+        let decide = export_rules(&[glob], &["/**"]);
+        let want = if denied { Decision::Deny } else { Decision::Allow };
+        assert_eq!(decide(target).0, want, "Deny {glob} vs {target}");
+    }
+}
+
+/// Past a format suffix, a Deny rule's captures are the stem's, and so are its conditions':
+/// `/customers/42.json` is customer 42 to Rails.
+#[test]
+fn a_deny_rules_captures_and_condition_see_the_path_without_its_suffix() {
+    let mut spec = mk_spec(vec![
+        AccessRule {
+            when: Some("request.params.id == '42'".into()),
+            ..mk_deny("vip", &[], &["/customers/{id}"])
+        },
+        mk_allow("read", &["GET"], &["/customers/*"]),
+    ]);
+    spec.default_action = Action::Deny;
+    let e = mk_engine(&spec);
+    let decide = |p: &str| {
+        let path = normalize(p).expect("valid");
+        let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+        (v.decision, v.rule.map(|r| r.name.clone()), v.params)
+    };
+    for target in ["/customers/42", "/customers/42.json", "/customers/42.xml.gz", "/customers/42."] {
+        let (decision, rule, params) = decide(target);
+        assert_eq!((decision, rule.as_deref()), (Decision::Deny, Some("vip")), "{target}");
+        assert_eq!(params, vec![("id".to_owned(), "42".to_owned())], "{target}");
+    }
+    assert_eq!(decide("/customers/7.json").1.as_deref(), Some("read"));
 }
 
 /// A broad enforcing policy that allows everything (health checks, say) does not take the

@@ -1894,13 +1894,14 @@ async fn hostile_paths_replayed_through_the_proxy() {
         ]
     });
     let mut f = start(spec, |_| {}).await;
+    // Deny rules also see the path up to the last or the first `.` of its last segment.
     let denied = |p: &str| {
-        let stem = p
-            .rsplit_once('.')
-            .filter(|(stem, suffix)| !suffix.is_empty() && !suffix.contains('/') && !stem.ends_with('/'))
-            .map_or(p, |(stem, _)| stem);
-        [p, stem]
-            .iter()
+        let (dir, last) = p.rsplit_once('/').unwrap_or(("", p));
+        let stems = [last.rfind('.'), last.find('.')].into_iter().flatten().map(|cut| &last[..cut]);
+        let paths = std::iter::once(p.to_owned())
+            .chain(stems.filter(|s| !s.is_empty()).map(|s| format!("{dir}/{s}")));
+        paths
+            .into_iter()
             .any(|p| p.eq_ignore_ascii_case("/customers/export") || p.eq_ignore_ascii_case("/admin"))
     };
     let mut failures = Vec::new();
