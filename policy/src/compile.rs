@@ -55,6 +55,11 @@ pub struct CompiledPolicy {
     /// The response plan of the default action when it is Allow (no transform, but record
     /// ids still hashed).
     pub default_plan: Arc<Plan>,
+    /// Whether some Allow rule rewrites responses (records, row filter, masks): then what the
+    /// app answers under this policy depends on the caller, and no response of it may be kept
+    /// by a shared cache, not even an untransformed one (a CDN would serve an unrestricted
+    /// caller's page to a restricted one).
+    pub transforms_responses: bool,
 }
 
 /// One rule, with its matchers compiled.
@@ -219,6 +224,7 @@ pub fn compile_policy(
         app_port: spec.workload.app_port,
         proxy_port,
         identity,
+        transforms_responses: allow_rules.iter().any(|r| r.plan.needs_body()),
         deny_rules,
         allow_rules,
         data_classes: spec.data_classes.iter().map(|c| (c.name.clone(), c.paths.clone())).collect(),

@@ -546,6 +546,8 @@ async fn process(
         }),
         _ => None,
     };
+    // Responses of an enforcing policy that rewrites some are the caller's, rewritten or not.
+    let private = verdict.mode == Mode::Enforce && verdict.policy.is_some_and(|p| p.transforms_responses);
     drop(verdict);
     let is_head = req.method() == Method::HEAD;
     // A HEAD under an enforced row filter is asked of the app as a GET, filtered, and answered
@@ -700,7 +702,12 @@ async fn process(
             }
             Response::from_parts(parts, ProxyBody::stream(body))
         }
-        None => Response::from_parts(parts, ProxyBody::stream(body)),
+        None => {
+            if private {
+                keep_out_of_shared_caches(&mut parts.headers);
+            }
+            Response::from_parts(parts, ProxyBody::stream(body))
+        }
     }
 }
 
@@ -998,12 +1005,15 @@ fn join_cookie_crumbs(headers: &mut HeaderMap) {
 }
 
 /// Drops the headers that describe the app's body ([`is_body_metadata`]).
-/// Makes a response transformed for its caller `Cache-Control: private`: its records and
-/// masks are this caller's, and an app that marked the page `public` (or gave it an
-/// `s-maxage`) would have a CDN or gateway cache serve one caller's rows to the next. The
-/// app's other directives stay (`max-age` still holds for the caller's own cache,
-/// `no-store` stays `no-store`).
+/// Makes a response transformed for its caller (or of a policy that transforms some)
+/// `Cache-Control: private`: its records and masks are this caller's, and an app that marked
+/// the page `public` (or gave it an `s-maxage`) would have a CDN or gateway cache serve one
+/// caller's rows to the next. The app's other directives stay (`max-age` still holds for the
+/// caller's own cache, `no-store` stays `no-store`); the headers that only shared caches read
+/// (`CDN-Cache-Control`, RFC 9213, and `Surrogate-Control`) go.
 fn keep_out_of_shared_caches(headers: &mut HeaderMap) {
+    headers.remove("cdn-cache-control");
+    headers.remove("surrogate-control");
     let mut directives = vec!["private"];
     let values: Vec<HeaderValue> = headers.get_all(header::CACHE_CONTROL).iter().cloned().collect();
     for value in &values {

@@ -867,6 +867,27 @@ async fn workload_identity_from_the_peer_ip() {
     f.stop().await;
 }
 
+/// Under a policy that rewrites some responses, every response of the app is the caller's:
+/// `Cache-Control: private`, and the headers only shared caches read go. A policy that
+/// rewrites none leaves the app's caching alone.
+#[tokio::test]
+async fn responses_of_a_transforming_policy_stay_out_of_shared_caches() {
+    let mut f = start(policy(main_rules()), |_| {}).await;
+    let reply = get(f.proxy(), "/open/cached").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["cache-control"], "private, max-age=60");
+    for h in ["cdn-cache-control", "surrogate-control"] {
+        assert!(!reply.headers.contains_key(h), "{h} reached the client");
+    }
+    f.stop().await;
+    let open_only = json!([{"name": "open", "action": "Allow", "to": {"paths": ["/open/**"]}}]);
+    let mut f = start(policy(open_only), |_| {}).await;
+    let reply = get(f.proxy(), "/open/cached").await;
+    assert_eq!(reply.headers["cache-control"], "public, max-age=60");
+    assert_eq!(reply.headers["cdn-cache-control"], "max-age=600");
+    f.stop().await;
+}
+
 /// A GET of `path` from the source address `from` (bound before connecting, as Istio's inbound
 /// passthrough binds 127.0.0.6), with `headers`: the status code of the answer.
 async fn get_from(

@@ -125,6 +125,18 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
             .body(Full::new(Bytes::from(bytes)).boxed())
             .unwrap()
     };
+    if path == "/open/cached" {
+        // A page the app lets every cache keep.
+        let mut r = full(200, "application/json", json_body.clone());
+        for (name, value) in [
+            ("cache-control", "public, max-age=60"),
+            ("cdn-cache-control", "max-age=600"),
+            ("surrogate-control", "max-age=600"),
+        ] {
+            r.headers_mut().insert(name, value.parse().unwrap());
+        }
+        return r;
+    }
     if path.starts_with("/chunked/") {
         let chunks = json_body.chunks(17).map(|c| Frame::data(Bytes::copy_from_slice(c))).collect();
         return Response::builder()
