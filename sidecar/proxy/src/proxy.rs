@@ -697,8 +697,7 @@ async fn process(
             if job.mode == Mode::Enforce {
                 // HEAD, 204, 304: no body to rewrite, but the headers may still describe the
                 // app's, and a shared cache must not take them as the page's.
-                remove_body_metadata(&mut parts.headers);
-                keep_out_of_shared_caches(&mut parts.headers);
+                rewritten_for_the_caller(&mut parts.headers);
             }
             Response::from_parts(parts, ProxyBody::stream(body))
         }
@@ -892,8 +891,7 @@ async fn transform_response(
         // Audit: the caller gets the app's bytes; the event holds what would have been done.
         return Response::from_parts(parts, ProxyBody::full(raw));
     }
-    remove_body_metadata(&mut parts.headers);
-    keep_out_of_shared_caches(&mut parts.headers);
+    rewritten_for_the_caller(&mut parts.headers);
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     if !parts.headers.contains_key(header::CONTENT_TYPE) {
         parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -1004,16 +1002,39 @@ fn join_cookie_crumbs(headers: &mut HeaderMap) {
     }
 }
 
-/// Drops the headers that describe the app's body ([`is_body_metadata`]).
-/// Makes a response transformed for its caller (or of a policy that transforms some)
-/// `Cache-Control: private`: its records and masks are this caller's, and an app that marked
-/// the page `public` (or gave it an `s-maxage`) would have a CDN or gateway cache serve one
-/// caller's rows to the next. The app's other directives stay (`max-age` still holds for the
-/// caller's own cache, `no-store` stays `no-store`); the headers that only shared caches read
-/// (`CDN-Cache-Control`, RFC 9213, and `Surrogate-Control`) go.
+/// The headers of a response rewritten for its caller (or of a HEAD, 204 or 304 answer of such
+/// a rule): without those that describe the app's body ([`is_body_metadata`]), kept out of
+/// shared caches ([`keep_out_of_shared_caches`]). One pass over the names.
+fn rewritten_for_the_caller(headers: &mut HeaderMap) {
+    remove_present(headers, |name| is_body_metadata(name) || is_for_shared_caches(name));
+    set_private(headers);
+}
+
+/// Keeps a response of a policy that rewrites responses out of shared caches: what the app
+/// answers there depends on the caller, and an app that marked the page `public` (or gave it
+/// an `s-maxage`) would have a CDN or gateway cache serve one caller's rows to the next, or an
+/// unrestricted caller's page to a restricted one. The headers only shared caches read go
+/// ([`is_for_shared_caches`]) and the response is `Cache-Control: private` ([`set_private`]).
 fn keep_out_of_shared_caches(headers: &mut HeaderMap) {
-    headers.remove("cdn-cache-control");
-    headers.remove("surrogate-control");
+    remove_present(headers, is_for_shared_caches);
+    set_private(headers);
+}
+
+/// `CDN-Cache-Control` (RFC 9213) and `Surrogate-Control`: caching instructions that only
+/// shared caches read, and prefer over `Cache-Control`.
+fn is_for_shared_caches(name: &str) -> bool {
+    matches!(name, "cdn-cache-control" | "surrogate-control")
+}
+
+/// `Cache-Control: private`, with the app's other directives (`max-age` still holds for the
+/// caller's own cache, `no-store` stays `no-store`), without `public`, `s-maxage` and
+/// `proxy-revalidate`.
+fn set_private(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        // The common case: nothing to keep, nothing to allocate.
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+        return;
+    }
     let mut directives = vec!["private"];
     let values: Vec<HeaderValue> = headers.get_all(header::CACHE_CONTROL).iter().cloned().collect();
     for value in &values {
@@ -1031,10 +1052,6 @@ fn keep_out_of_shared_caches(headers: &mut HeaderMap) {
     let value =
         HeaderValue::from_str(&directives.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("private"));
     headers.insert(header::CACHE_CONTROL, value);
-}
-
-fn remove_body_metadata(headers: &mut HeaderMap) {
-    remove_present(headers, is_body_metadata);
 }
 
 /// Whether `name` is one of the response headers that describe the app's bytes, dropped
