@@ -298,6 +298,24 @@ impl PostgresStore {
         Ok(tx)
     }
 
+    /// One report statement in a [`Self::limited`] transaction.
+    async fn limited_query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let mut client = self.client().await?;
+        let rows = async {
+            let tx = self.limited(&mut client).await?;
+            let st = tx.prepare_cached(sql).await?;
+            let rows = tx.query(&st, params).await?;
+            tx.commit().await?;
+            Ok(rows)
+        }
+        .await;
+        rows.map_err(|e| self.stopped(e))
+    }
+
     /// [`Error::QueryTimeout`] for a statement the server cancelled at the time limit.
     fn stopped(&self, error: Error) -> Error {
         match &error {
@@ -584,16 +602,7 @@ impl PostgresStore {
             .collect();
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-        let mut client = self.client().await?;
-        let rows = async {
-            let tx = self.limited(&mut client).await?;
-            let st = tx.prepare_cached(&sql).await?;
-            let rows = tx.query(&st, &refs).await?;
-            tx.commit().await?;
-            Ok(rows)
-        }
-        .await
-        .map_err(|e| self.stopped(e))?;
+        let rows = self.limited_query(&sql, &refs).await?;
         rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect()
     }
 
@@ -686,16 +695,7 @@ impl PostgresStore {
                  ORDER BY c DESC, principal LIMIT $2"
             }
         };
-        let mut client = self.client().await?;
-        let rows = async {
-            let tx = self.limited(&mut client).await?;
-            let st = tx.prepare_cached(sql).await?;
-            let rows = tx.query(&st, &[&since, &limit]).await?;
-            tx.commit().await?;
-            Ok(rows)
-        }
-        .await
-        .map_err(|e| self.stopped(e))?;
+        let rows = self.limited_query(sql, &[&since, &limit]).await?;
         rows.iter().map(|r| Ok(TopEntry { principal: r.try_get(0)?, count: count(r.try_get(1)?) })).collect()
     }
 
@@ -838,21 +838,12 @@ impl PostgresStore {
     }
 
     pub(crate) async fn alerts(&self, since: i64, limit: i64) -> Result<Vec<String>> {
-        let mut client = self.client().await?;
-        let rows = async {
-            let tx = self.limited(&mut client).await?;
-            let st = tx
-                .prepare_cached(
-                    "SELECT body FROM alerts WHERE time_us >= $1 \
-                     ORDER BY time_us DESC, id DESC LIMIT $2",
-                )
-                .await?;
-            let rows = tx.query(&st, &[&since, &limit]).await?;
-            tx.commit().await?;
-            Ok(rows)
-        }
-        .await
-        .map_err(|e| self.stopped(e))?;
+        let rows = self
+            .limited_query(
+                "SELECT body FROM alerts WHERE time_us >= $1 ORDER BY time_us DESC, id DESC LIMIT $2",
+                &[&since, &limit],
+            )
+            .await?;
         rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
 }
