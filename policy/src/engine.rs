@@ -103,9 +103,15 @@ pub struct Verdict<'e> {
     pub limits: Option<&'e Limits>,
     /// Path segments captured by the rule's `{name}` globs.
     pub params: Vec<(String, String)>,
+    /// The other enforced Allows that constrain the response (records, row filter, masks, or
+    /// limits), when this verdict is one too: their plans and limits apply as well as this
+    /// one's, so that a second policy selecting the same pods cannot lift the first one's
+    /// masks or row filter. In policy name order; empty otherwise (and always empty in the
+    /// verdicts it holds).
+    pub also: Vec<Verdict<'e>>,
 }
 
-impl Verdict<'_> {
+impl<'e> Verdict<'e> {
     /// The reason as a sentence with no personal data: names of rules and policies only.
     pub fn explanation(&self) -> String {
         let policy = self.policy.map(|p| p.name.as_str()).unwrap_or("-");
@@ -127,6 +133,17 @@ impl Verdict<'_> {
     /// True when the request must not reach the app.
     pub fn blocks(&self) -> bool {
         self.decision == Decision::Deny
+    }
+
+    /// This verdict and those in [`Verdict::also`], in the order their plans apply to the
+    /// response: the others first (in policy name order), this one last; but plans that hash
+    /// record ids after those that do not, since an audit event's record hashes are the last
+    /// plan's, which sees only what the others let through.
+    pub fn in_application_order(&self) -> Vec<&Verdict<'e>> {
+        let mut order: Vec<&Verdict<'e>> = self.also.iter().chain(std::iter::once(self)).collect();
+        // Stable: the order above holds within each group.
+        order.sort_by_key(|v| v.plan.is_some_and(|p| p.record_id.is_some()));
+        order
     }
 }
 
@@ -161,8 +178,9 @@ impl Engine {
     /// constrains the response (a plan that reads the body: records, row filter, masks; or
     /// quotas), then any other enforced Allow, then Audit-mode verdicts. So a broad policy
     /// that allows everything (health checks, say) does not take the masks and row filter of
-    /// another that selects the same pods; of two constraining Allows the first by name
-    /// applies, and its plan alone (plans are not merged).
+    /// another that selects the same pods. Of several constraining Allows the first by name
+    /// decides (it names the policy and rule) and the others are in [`Verdict::also`]: every
+    /// one of them applies.
     pub fn decide<'e>(&'e self, req: &Request<'_>) -> Verdict<'e> {
         self.decide_as(req, |_| req.user)
     }
@@ -178,6 +196,7 @@ impl Engine {
     ) -> Verdict<'e> {
         let mut vars: Option<CachedVars> = None;
         let mut best: Option<Verdict<'e>> = None;
+        let mut also: Vec<Verdict<'e>> = Vec::new();
         let mut last_user: Option<&User> = None;
         for (i, policy) in self.policies.iter().enumerate() {
             let user = user_of(i);
@@ -189,18 +208,34 @@ impl Engine {
             let v = decide_policy(policy, &Request { user, ..*req }, &mut vars);
             let rank = |v: &Verdict<'_>| match (v.mode, v.decision) {
                 (Mode::Enforce, Decision::Deny) => 0,
-                (Mode::Enforce, _) if v.plan.is_some_and(|p| p.needs_body()) || v.limits.is_some() => 1,
+                (Mode::Enforce, _) if v.plan.is_some_and(|p| p.needs_body()) || v.limits.is_some() => {
+                    CONSTRAINING
+                }
                 (Mode::Enforce, _) => 2,
                 (_, Decision::WouldDeny) => 3,
                 _ => 4,
             };
-            if best.as_ref().is_none_or(|b| rank(&v) < rank(b)) {
-                let stop = rank(&v) == 0;
-                best = Some(v);
-                if stop {
-                    break;
+            match &best {
+                Some(b) if rank(&v) >= rank(b) => {
+                    if rank(&v) == CONSTRAINING && rank(b) == CONSTRAINING {
+                        also.push(v);
+                    }
+                }
+                _ => {
+                    let stop = rank(&v) == 0;
+                    if rank(&v) != CONSTRAINING {
+                        // Constraining Allows outranked (by a Deny) or not yet seen.
+                        also.clear();
+                    }
+                    best = Some(v);
+                    if stop {
+                        break;
+                    }
                 }
             }
+        }
+        if let Some(b) = &mut best {
+            b.also = also;
         }
         best.unwrap_or(Verdict {
             decision: Decision::Allow,
@@ -211,9 +246,14 @@ impl Engine {
             plan: None,
             limits: None,
             params: Vec::new(),
+            also: Vec::new(),
         })
     }
 }
+
+/// The rank, among the verdicts of several policies, of an enforced Allow that constrains the
+/// response.
+const CONSTRAINING: u8 = 1;
 
 /// The same user, or both none.
 fn same_user(a: Option<&User>, b: Option<&User>) -> bool {
@@ -238,6 +278,7 @@ fn decide_policy<'e>(
         plan: rule.filter(|r| r.action == Action::Allow).map(|r| &r.plan),
         limits: rule.and_then(|r| r.limits.as_ref()),
         params,
+        also: Vec::new(),
     };
     // Rules whose paths all start with other literal segments are passed over here, without
     // the call: most rules of a policy are about other paths.

@@ -322,6 +322,91 @@ fn an_allow_that_constrains_the_response_wins_over_a_plain_allow() {
     assert_eq!(v.policy.map(|p| p.name.as_str()), Some("a-open"));
 }
 
+/// Several constraining Allows of policies that select the same pods all apply: the first by
+/// name decides and the others come in `also`, each with its own rule, plan, limits and
+/// captures. A plain Allow or an Audit-mode verdict is not among them, and an enforced Deny
+/// in any policy still wins alone.
+#[test]
+fn every_constraining_allow_applies_not_only_the_first() {
+    let mut masking = mk_spec(vec![AccessRule {
+        records: Some("$.items[*]".into()),
+        ..mk_allow("masked-list", &["GET"], &["/customers"])
+    }]);
+    let scoping = mk_spec(vec![AccessRule {
+        records: Some("$".into()),
+        row_filter: Some("record.branch == 'north'".into()),
+        ..mk_allow("scoped", &["GET"], &["/{area}"])
+    }]);
+    let mut limited = mk_spec(vec![AccessRule {
+        limits: Some(custos_api::policy::Limits { requests_per_minute: Some(10), ..Default::default() }),
+        ..mk_allow("limited", &["GET"], &["/customers"])
+    }]);
+    // Elsewhere these two allow without constraints.
+    masking.default_action = Action::Allow;
+    limited.default_action = Action::Allow;
+    let mut open = mk_spec(vec![]);
+    open.default_action = Action::Allow;
+    let mut audited = masking.clone();
+    audited.mode = Mode::Audit;
+    let e = Engine::new(vec![
+        mk_policy("c-limited", &limited),
+        mk_policy("a-open", &open),
+        mk_policy("b-scoping", &scoping),
+        mk_policy("d-masking", &masking),
+        mk_policy("e-audited", &audited),
+    ]);
+    let path = normalize("/customers").expect("valid");
+    let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+    assert_eq!((v.decision, v.policy.map(|p| p.name.as_str())), (Decision::Allow, Some("b-scoping")));
+    assert_eq!(v.params, vec![("area".to_owned(), "customers".to_owned())]);
+    let also: Vec<_> = v
+        .also
+        .iter()
+        .map(|a| (a.policy.map_or("-", |p| p.name.as_str()), a.rule.map_or("-", |r| r.name.as_str())))
+        .collect();
+    assert_eq!(also, [("c-limited", "limited"), ("d-masking", "masked-list")]);
+    assert!(v.also[0].limits.is_some() && v.also[1].plan.is_some_and(|p| p.records.is_some()));
+    assert!(v.also.iter().all(|a| a.mode == Mode::Enforce && a.also.is_empty()));
+    // The plans apply the others' first, the deciding one's last...
+    let order = |v: &custos_policy::Verdict<'_>| {
+        v.in_application_order()
+            .iter()
+            .map(|a| a.policy.map_or("-", |p| p.name.as_str()))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    assert_eq!(order(&v), "c-limited,d-masking,b-scoping");
+    // ... but those that hash record ids after those that do not.
+    masking.audit = Some(custos_api::policy::AuditSpec { record_id: Some("$.id".into()) });
+    let e = Engine::new(vec![
+        mk_policy("b-scoping", &scoping),
+        mk_policy("d-masking", &masking),
+        mk_policy("c-limited", &limited),
+    ]);
+    let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+    assert_eq!(order(&v), "c-limited,b-scoping,d-masking");
+
+    // One constraining Allow: nothing else applies.
+    let path = normalize("/parcels").expect("valid");
+    let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+    assert_eq!(v.policy.map(|p| p.name.as_str()), Some("b-scoping"));
+    assert!(v.also.is_empty(), "{:?}", v.also.len());
+
+    // An enforced Deny anywhere wins alone, after constraining Allows or before them.
+    let deny = mk_spec(vec![mk_deny("no-lists", &["GET"], &["/customers"])]);
+    for name in ["0-deny", "z-deny"] {
+        let e = Engine::new(vec![
+            mk_policy("b-scoping", &scoping),
+            mk_policy("d-masking", &masking),
+            mk_policy(name, &deny),
+        ]);
+        let path = normalize("/customers").expect("valid");
+        let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+        assert_eq!((v.decision, v.policy.map(|p| p.name.as_str())), (Decision::Deny, Some(name)));
+        assert!(v.also.is_empty());
+    }
+}
+
 #[test]
 fn captured_params_reach_when_and_the_verdict() {
     let spec = mk_spec(vec![AccessRule {

@@ -487,74 +487,105 @@ async fn process(
         return forbidden(&verdict);
     }
 
-    // 5. Quotas.
+    // 5. Quotas: the deciding rule's, and those of the other constraining rules that apply
+    // with it (`Verdict::also`), each under the principal its own policy identified.
     let quota_now = crate::quota_clock::quota_time(wall);
-    let mut records_remaining = None;
-    let mut quota_key = None;
-    if verdict.decision == Decision::Allow
-        && let (Some(limits), Some(policy), Some(rule)) = (verdict.limits, verdict.policy, verdict.rule)
-    {
-        let key = QuotaKey {
-            policy: policy.name.clone(),
-            rule: rule.name.clone(),
-            principal: ctx.event.principal.clone(),
-        };
-        match shared.quotas.admit(&key, limits, quota_now) {
-            Ok(admission) => records_remaining = admission.records_remaining,
-            Err(exceeded) if verdict.mode == Mode::Enforce => {
-                let limit = exceeded.limit.as_str();
-                let retry = exceeded.retry_after_secs().max(1);
-                shared.metrics.quota_rejections.get_or_create(&LimitLabels { limit }).inc();
-                ctx.deny("quota_exceeded");
-                ctx.event.reason = format!("quota_exceeded:{limit}");
-                return retry_later(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    json!({
-                        "error": "quota exceeded",
-                        "policy": policy.name,
-                        "rule": rule.name,
-                        "reason": "quota_exceeded",
-                        "limit": limit,
-                        "retryAfterSeconds": retry,
-                    }),
-                    retry,
-                );
+    // Admits the request under a rule's quotas; its response transform, if it has a plan.
+    let mut prepare = |applying: &Verdict<'_>, deciding: bool| -> Prepared {
+        let mut records_remaining = None;
+        let mut quota_key = None;
+        if applying.decision == Decision::Allow
+            && let (Some(limits), Some(policy), Some(rule)) =
+                (applying.limits, applying.policy, applying.rule)
+        {
+            let principal = match deciding {
+                true => ctx.event.principal.clone(),
+                false => principal(state.user_for(&users, applying.policy), caller)
+                    .unwrap_or_else(|| ctx.event.principal.clone()),
+            };
+            let key = QuotaKey { policy: policy.name.clone(), rule: rule.name.clone(), principal };
+            match shared.quotas.admit(&key, limits, quota_now) {
+                Ok(admission) => records_remaining = admission.records_remaining,
+                Err(exceeded) if applying.mode == Mode::Enforce => {
+                    let limit = exceeded.limit.as_str();
+                    let retry = exceeded.retry_after_secs().max(1);
+                    shared.metrics.quota_rejections.get_or_create(&LimitLabels { limit }).inc();
+                    ctx.deny("quota_exceeded");
+                    ctx.event.reason = format!("quota_exceeded:{limit}");
+                    return Err(Box::new(retry_later(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        json!({
+                            "error": "quota exceeded",
+                            "policy": policy.name,
+                            "rule": rule.name,
+                            "reason": "quota_exceeded",
+                            "limit": limit,
+                            "retryAfterSeconds": retry,
+                        }),
+                        retry,
+                    )));
+                }
+                Err(_) => ctx.would_deny("quota_exceeded"),
             }
-            Err(_) => ctx.would_deny("quota_exceeded"),
+            quota_key = Some(key);
         }
-        quota_key = Some(key);
-    }
+        if let Some(plan) = applying.plan
+            && applying.decision == Decision::Allow
+            && plan.needs_body()
+        {
+            let policy_user = if deciding { policy_user } else { state.policy_user(&users, applying.policy) };
+            return Ok(Some(TransformJob {
+                plan: plan.clone(),
+                mode: applying.mode,
+                fail_open: applying.policy.is_some_and(|p| p.fail_open),
+                policy: applying.policy.map(|p| p.name.clone()).unwrap_or_default(),
+                rule: applying.rule.map(|r| r.name.clone()).unwrap_or_default(),
+                request: RequestVars {
+                    method: req.method().as_str().to_ascii_uppercase(),
+                    path: path.as_str().to_string(),
+                    params: applying.params.iter().cloned().collect(),
+                    time,
+                },
+                user: policy_user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
+                workload: caller.map(WorkloadVars::of),
+                records_remaining,
+                limits: applying.limits.cloned().unwrap_or_default(),
+                quota_key,
+                before: Vec::new(),
+            }));
+        }
+        Ok(None)
+    };
+
+    let prepared = if verdict.also.is_empty() {
+        prepare(&verdict, true)
+    } else {
+        verdict
+            .in_application_order()
+            .into_iter()
+            .filter_map(|applying| prepare(applying, std::ptr::eq(applying, &verdict)).transpose())
+            .collect::<Result<Vec<_>, _>>()
+            .map(TransformJob::in_order)
+    };
+    let transform = match prepared {
+        Ok(transform) => transform,
+        Err(refused) => return *refused,
+    };
 
     // 6. Forward.
-    let transform = match verdict.plan {
-        Some(plan) if verdict.decision == Decision::Allow && plan.needs_body() => Some(TransformJob {
-            plan: plan.clone(),
-            mode: verdict.mode,
-            fail_open: verdict.policy.is_some_and(|p| p.fail_open),
-            policy: verdict.policy.map(|p| p.name.clone()).unwrap_or_default(),
-            rule: verdict.rule.map(|r| r.name.clone()).unwrap_or_default(),
-            request: RequestVars {
-                method: req.method().as_str().to_ascii_uppercase(),
-                path: path.as_str().to_string(),
-                params: verdict.params.iter().cloned().collect(),
-                time,
-            },
-            user: policy_user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
-            workload: caller.map(WorkloadVars::of),
-            records_remaining,
-            limits: verdict.limits.cloned().unwrap_or_default(),
-        }),
-        _ => None,
-    };
     // Responses of an enforcing policy that rewrites some are the caller's, rewritten or not.
-    let private = verdict.mode == Mode::Enforce && verdict.policy.is_some_and(|p| p.transforms_responses);
+    let private = std::iter::once(&verdict)
+        .chain(&verdict.also)
+        .any(|v| v.mode == Mode::Enforce && v.policy.is_some_and(|p| p.transforms_responses));
     drop(verdict);
     let is_head = req.method() == Method::HEAD;
     // A HEAD under an enforced row filter is asked of the app as a GET, filtered, and answered
     // without the body: the app's answer to a HEAD would tell whether a record out of the
     // caller's scope exists (200 where a GET gets 403, 404 for none).
-    let head_as_get =
-        is_head && transform.as_ref().is_some_and(|j| j.mode == Mode::Enforce && j.plan.row_filter.is_some());
+    let head_as_get = is_head
+        && transform
+            .as_ref()
+            .is_some_and(|j| j.mode == Mode::Enforce && j.steps().any(|step| step.plan.row_filter.is_some()));
     let (mut parts, body) = req.into_parts();
     if head_as_get {
         parts.method = Method::GET;
@@ -683,9 +714,7 @@ async fn process(
         || parts.status == StatusCode::NOT_MODIFIED);
     match transform {
         Some(job) if has_body => {
-            let response =
-                transform_response(shared, ctx, job, parts, body, deadline, quota_key.as_ref(), quota_now)
-                    .await;
+            let response = transform_response(shared, ctx, job, parts, body, deadline, quota_now).await;
             if head_as_get {
                 // The GET's headers (its length included), no body.
                 let (parts, _) = response.into_parts();
@@ -710,6 +739,9 @@ async fn process(
     }
 }
 
+/// A rule's response transform, if it has a plan; or the answer that refuses the request.
+type Prepared = Result<Option<TransformJob>, Box<Response<ProxyBody>>>;
+
 /// What the response transform needs, taken from the verdict before the request is sent.
 struct TransformJob {
     plan: Arc<Plan>,
@@ -722,6 +754,33 @@ struct TransformJob {
     workload: Option<WorkloadVars>,
     records_remaining: Option<u64>,
     limits: custos_api::policy::Limits,
+    /// The rule's quotas, which count the records this plan returns.
+    quota_key: Option<QuotaKey>,
+    /// The plans of other policies' rules that apply with this one (`Verdict::also`),
+    /// applied to the body first, in order; each of them with an empty `before`.
+    before: Vec<TransformJob>,
+}
+
+impl TransformJob {
+    /// The jobs of the rules that apply to one request, in the order their plans apply
+    /// ([`Verdict::in_application_order`](custos_policy::Verdict::in_application_order)), as
+    /// one job. A response passes unchanged on failure only if every rule's policy says
+    /// `failOpen`.
+    fn in_order(mut jobs: Vec<TransformJob>) -> Option<TransformJob> {
+        let fail_open = jobs.iter().all(|j| j.fail_open);
+        let mut last = jobs.pop()?;
+        for job in &mut jobs {
+            job.fail_open = fail_open;
+        }
+        last.fail_open = fail_open;
+        last.before = jobs;
+        Some(last)
+    }
+
+    /// This job's plans in the order they apply: those in `before`, then its own.
+    fn steps(&self) -> impl Iterator<Item = &TransformJob> {
+        self.before.iter().chain(std::iter::once(self))
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -732,7 +791,6 @@ async fn transform_response(
     mut parts: http::response::Parts,
     body: AppBody,
     deadline: tokio::time::Instant,
-    quota_key: Option<&QuotaKey>,
     quota_now: Timestamp,
 ) -> Response<ProxyBody> {
     if parts.status == StatusCode::PARTIAL_CONTENT || parts.headers.contains_key(header::CONTENT_RANGE) {
@@ -821,6 +879,62 @@ async fn transform_response(
         }
     };
 
+    // Each plan in turn over what the one before let through (one plan but when several
+    // policies' constraining rules apply).
+    let mut job = job;
+    let before = std::mem::take(&mut job.before);
+    let mut input = decoded;
+    for step in before.iter().chain(std::iter::once(&job)) {
+        let applied = apply_plan(shared, ctx, step, &input, &mut reservation, quota_now);
+        input = match applied {
+            Ok(Outcome::Body(body)) => Bytes::from(body),
+            Ok(Outcome::RootFiltered) => {
+                if step.mode == Mode::Enforce {
+                    ctx.deny("out_of_scope");
+                    return error_response(
+                        StatusCode::FORBIDDEN,
+                        json!({"error": "forbidden", "policy": step.policy, "rule": step.rule, "reason": "out_of_scope"}),
+                    );
+                }
+                ctx.would_deny("out_of_scope");
+                return Response::from_parts(parts, ProxyBody::full(raw));
+            }
+            Err(PlanFailure::CapExceeded) => return cap_denied(ctx, step, parts, raw),
+            Err(PlanFailure::Untransformable(code)) => {
+                return untransformable(shared, ctx, step, parts, code, ProxyBody::full(raw));
+            }
+        };
+    }
+    if job.mode != Mode::Enforce {
+        // Audit: the caller gets the app's bytes; the event holds what would have been done.
+        return Response::from_parts(parts, ProxyBody::full(raw));
+    }
+    rewritten_for_the_caller(&mut parts.headers);
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(input.len()));
+    if !parts.headers.contains_key(header::CONTENT_TYPE) {
+        parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    Response::from_parts(parts, ProxyBody::full(input))
+}
+
+/// Why a plan could not be applied to a response.
+enum PlanFailure {
+    /// More records than the rule's `maxRecordsPerResponse` with `onExceed: Deny`.
+    CapExceeded,
+    /// The body cannot be transformed: the failure's code.
+    Untransformable(&'static str),
+}
+
+/// Applies `job`'s plan to `body`, counts what it did into the event and the metrics, and the
+/// records it returned into the rule's quotas.
+fn apply_plan(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    job: &TransformJob,
+    body: &[u8],
+    reservation: &mut Reservation,
+    quota_now: Timestamp,
+) -> Result<Outcome, PlanFailure> {
     // The per-response cap, lowered to what the principal has left of its record quotas.
     // The cut is always a truncation; `onExceed: Deny` is judged on the records that passed
     // the row filter, against the policy's own cap.
@@ -837,12 +951,10 @@ async fn transform_response(
     let vars = || Vars::new(&job.request, job.user.as_ref(), job.workload.as_ref());
     // The parsed document, when the body needs one, takes its share of the budget too.
     let room = |needed| reservation.grow(needed);
-    let result = custos_transform::apply_within(&decoded, effective, vars, &shared.hash_key, room);
+    let result = custos_transform::apply_within(body, effective, vars, &shared.hash_key, room);
     let mut transformed = match result {
         Ok(t) => t,
-        Err(TransformError::RecordCapExceeded { .. }) => {
-            return cap_denied(ctx, &job, parts, raw);
-        }
+        Err(TransformError::RecordCapExceeded { .. }) => return Err(PlanFailure::CapExceeded),
         Err(TransformError::NoRoomForDocument { needed }) => {
             // More than the whole budget: no retry can help.
             let permanent = needed > shared.limits.response_buffer_total_bytes;
@@ -850,15 +962,15 @@ async fn transform_response(
                 shared.metrics.limit("response_body_bytes");
             }
             let code = if permanent { "response_too_large" } else { RESPONSE_BUFFER_EXHAUSTED };
-            return untransformable(shared, ctx, &job, parts, code, ProxyBody::full(raw));
+            return Err(PlanFailure::Untransformable(code));
         }
         Err(TransformError::RecordsNotFound) => {
             tracing::debug!("the records path finds nothing to filter in the response");
-            return untransformable(shared, ctx, &job, parts, "records_not_found", ProxyBody::full(raw));
+            return Err(PlanFailure::Untransformable("records_not_found"));
         }
         Err(e) => {
             tracing::debug!(error = %e, "response could not be transformed");
-            return untransformable(shared, ctx, &job, parts, "response_not_json", ProxyBody::full(raw));
+            return Err(PlanFailure::Untransformable("response_not_json"));
         }
     };
     let passed = transformed.stats.records_returned + transformed.stats.records_truncated;
@@ -866,45 +978,24 @@ async fn transform_response(
         && plan.on_exceed == ExceedAction::Deny
         && plan.max_records.is_some_and(|m| passed > m)
     {
-        return cap_denied(ctx, &job, parts, raw);
+        return Err(PlanFailure::CapExceeded);
     }
     let records_returned = transformed.stats.records_returned;
-    record_stats(shared, ctx, &job, std::mem::take(&mut transformed.stats));
-    if let Some(key) = quota_key {
+    record_stats(shared, ctx, job, std::mem::take(&mut transformed.stats));
+    if let Some(key) = &job.quota_key {
         shared.quotas.record(key, &job.limits, records_returned, quota_now);
     }
-    let body = match transformed.outcome {
-        Outcome::RootFiltered => {
-            if job.mode == Mode::Enforce {
-                ctx.deny("out_of_scope");
-                return error_response(
-                    StatusCode::FORBIDDEN,
-                    json!({"error": "forbidden", "policy": job.policy, "rule": job.rule, "reason": "out_of_scope"}),
-                );
-            }
-            ctx.would_deny("out_of_scope");
-            return Response::from_parts(parts, ProxyBody::full(raw));
-        }
-        Outcome::Body(body) => body,
-    };
-    if job.mode != Mode::Enforce {
-        // Audit: the caller gets the app's bytes; the event holds what would have been done.
-        return Response::from_parts(parts, ProxyBody::full(raw));
-    }
-    rewritten_for_the_caller(&mut parts.headers);
-    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    if !parts.headers.contains_key(header::CONTENT_TYPE) {
-        parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    }
-    Response::from_parts(parts, ProxyBody::full(Bytes::from(body)))
+    Ok(transformed.outcome)
 }
 
 /// Counts what a transform did into the event and the metrics (Enforce only for metrics:
-/// Audit-mode numbers are would-be values and live in the events).
+/// Audit-mode numbers are would-be values and live in the events). Of several plans applied
+/// in turn, the event holds the records the last one returned and their hashes, and the
+/// records removed and fields masked by all of them.
 fn record_stats(shared: &Shared, ctx: &mut Ctx, job: &TransformJob, stats: TransformStats) {
     ctx.event.records_returned = stats.records_returned;
-    ctx.event.records_filtered = stats.records_filtered;
-    ctx.event.records_truncated = stats.records_truncated;
+    ctx.event.records_filtered += stats.records_filtered;
+    ctx.event.records_truncated += stats.records_truncated;
     ctx.event.record_hashes = stats.record_hashes;
     if job.mode == Mode::Enforce {
         let (m, counters) = (&shared.metrics, &shared.counters);
@@ -925,7 +1016,13 @@ fn record_stats(shared: &Shared, ctx: &mut Ctx, job: &TransformJob, stats: Trans
             }
         }
     }
-    ctx.event.masked = stats.masked;
+    if ctx.event.masked.is_empty() {
+        ctx.event.masked = stats.masked;
+    } else {
+        for (class, n) in stats.masked {
+            *ctx.event.masked.entry(class).or_default() += n;
+        }
+    }
 }
 
 /// More records than `maxRecordsPerResponse` with `onExceed: Deny`: 403 in Enforce mode,
@@ -1413,6 +1510,49 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    fn mk_job(policy: &str, fail_open: bool) -> TransformJob {
+        TransformJob {
+            plan: Arc::new(Plan::default()),
+            mode: Mode::Enforce,
+            fail_open,
+            policy: policy.into(),
+            rule: "r".into(),
+            request: RequestVars {
+                method: "GET".into(),
+                path: "/".into(),
+                params: Default::default(),
+                time: 0,
+            },
+            user: None,
+            workload: None,
+            records_remaining: None,
+            limits: Default::default(),
+            quota_key: None,
+            before: Vec::new(),
+        }
+    }
+
+    /// Several rules' plans make one job in the order given; a failure passes the app's
+    /// response only when every policy says failOpen.
+    #[test]
+    fn plans_of_several_rules_make_one_job() {
+        let job = |jobs: Vec<TransformJob>| {
+            let job = TransformJob::in_order(jobs).unwrap();
+            let names: Vec<_> = job.steps().map(|j| j.policy.clone()).collect();
+            (names.join(","), job.steps().map(|j| j.fail_open).collect::<Vec<_>>())
+        };
+        assert!(TransformJob::in_order(Vec::new()).is_none());
+        assert_eq!(job(vec![mk_job("a", true)]), ("a".into(), vec![true]));
+        assert_eq!(job(vec![mk_job("a", false)]), ("a".into(), vec![false]));
+        let all_open = vec![mk_job("c", true), mk_job("d", true), mk_job("b", true)];
+        assert_eq!(job(all_open), ("c,d,b".into(), vec![true; 3]));
+        for closed in 0..3 {
+            let mut jobs = vec![mk_job("c", true), mk_job("d", true), mk_job("b", true)];
+            jobs[closed].fail_open = false;
+            assert_eq!(job(jobs), ("c,d,b".into(), vec![false; 3]), "{closed}");
+        }
+    }
 
     #[test]
     fn transformed_responses_stay_out_of_shared_caches() {

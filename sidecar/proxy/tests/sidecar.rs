@@ -569,6 +569,90 @@ async fn a_policy_without_identity_sees_no_user_in_its_row_filter() {
     f.stop().await;
 }
 
+/// Two policies selecting the same pods, one masking phones and one scoping rows to the
+/// caller's branch with a record quota: both apply to each response, in turn, and each
+/// rule's quota counts what it let through (a review's probe: only the first policy by name
+/// applied, so every branch's rows came back, masked).
+#[tokio::test]
+async fn constraining_rules_of_several_policies_all_apply() {
+    let masking = json!({
+        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
+        "mode": "Enforce",
+        "defaultAction": "Allow",
+        "dataClasses": [{"name": "phone", "paths": ["$.items[*].phone", "$.phone"]}],
+        "rules": [
+            {"name": "masked-list", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+             "records": "$.items[*]", "mask": {"phone": "ShowLast4"}},
+            {"name": "masked-one", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/single/*"]},
+             "records": "$", "mask": {"phone": "ShowLast4"}},
+        ],
+    });
+    let scoping = policy(json!([
+        {"name": "branch-list", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
+         "to": {"methods": ["GET"], "paths": ["/customers"]},
+         "records": "$.items[*]", "rowFilter": "record.branch == user.branch", "limits": {"recordsPerHour": 5}},
+        {"name": "branch-one", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
+         "to": {"methods": ["GET"], "paths": ["/single/*"]},
+         "records": "$", "rowFilter": "record.branch == user.branch"},
+    ]));
+    let collector = Collector::start().await;
+    let url = collector.url();
+    let mut f = fixture(&[("a-masking", masking), ("b-scoping", scoping)], Vec::new(), |s| {
+        let dir = s.jwks_dir.join("sso-jwks");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
+        s.collector = Some(shipping_to(url, s));
+    })
+    .await;
+    let north = format!("Bearer {}", clerk_token("north"));
+    let south = format!("Bearer {}", clerk_token("south"));
+
+    // The north clerk's branch only, and masked.
+    let reply = get_with(f.proxy(), "/customers", &[("authorization", &north)]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let items = reply.json()["items"].as_array().unwrap().clone();
+    assert_eq!(items.iter().map(|r| r["id"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3, 4]);
+    assert!(items.iter().all(|r| r["phone"].as_str().unwrap().starts_with("*")), "{items:?}");
+    assert_no_personal_phone(&reply.text());
+    // The scoping rule's record quota (5 an hour) counted those 3: 2 more, then 429 naming it.
+    let reply = get_with(f.proxy(), "/customers", &[("authorization", &north)]).await;
+    assert_eq!(reply.json()["items"].as_array().unwrap().len(), 2, "{}", reply.text());
+    let reply = get_with(f.proxy(), "/customers", &[("authorization", &north)]).await;
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    assert_eq!(
+        (reply.json()["policy"].as_str(), reply.json()["rule"].as_str()),
+        (Some("b-scoping"), Some("branch-list"))
+    );
+    // A single record out of the caller's branch: 403 from the scoping policy.
+    let reply = get_with(f.proxy(), "/single/2", &[("authorization", &north)]).await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    assert_eq!(reply.json()["reason"], "out_of_scope");
+    assert_eq!(reply.json()["rule"], "branch-one");
+    let reply = get_with(f.proxy(), "/single/2", &[("authorization", &south)]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["phone"], "**********2222");
+    // Without a token the scoping policy refuses, whatever the masking one allows.
+    assert_eq!(get(f.proxy(), "/customers").await.status, 401);
+    f.stop().await;
+
+    // The event names the deciding rule and holds what all the plans did.
+    let events = collector.wait_for(6).await;
+    let first = events
+        .iter()
+        .find(|e| e["path"] == "/customers" && e["status"] == 200 && e["recordsReturned"] == 3)
+        .unwrap_or_else(|| panic!("{events:#?}"));
+    assert_eq!((first["policy"].as_str(), first["rule"].as_str()), (Some("a-masking"), Some("masked-list")));
+    assert_eq!(first["recordsFiltered"], 1);
+    assert_eq!(first["masked"], json!({"phone": 4}));
+    assert_eq!(first["recordHashes"].as_array().unwrap().len(), 3, "the hashes of the records returned");
+}
+
+fn assert_no_personal_phone(text: &str) {
+    for value in PERSONAL.iter().filter(|v| v.starts_with('+')) {
+        assert!(!text.contains(value), "{value} in {text}");
+    }
+}
+
 #[tokio::test]
 async fn jwt_row_filter_single_record_and_bad_tokens() {
     let mut f = start(policy(main_rules()), |_| {}).await;
