@@ -8,7 +8,7 @@ use anyhow::Context;
 use custos_api::WorkloadIdentity;
 use custos_api::policy::Mode;
 use custos_policy::{Engine, Request, User, Verdict, compile_policy, normalize};
-use custos_transform::{HashKey, Outcome, Plan, apply};
+use custos_transform::{HashKey, Outcome, Plan, TransformStats, apply};
 use serde_json::{Value, json};
 
 use crate::input::{document_problems, parse_map, problems, read_files};
@@ -133,27 +133,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     let req = Request { method, path: &path, caller: caller.as_ref(), user: user.as_ref(), time };
     let verdict = engine.decide(&req);
 
-    let body_result = match (&args.body, verdict.plan) {
-        (Some(b), Some(plan)) if !verdict.blocks() => {
+    let body_result = match &args.body {
+        Some(b) if !verdict.blocks() && verdict.plan.is_some() => {
             let body = std::fs::read(b).with_context(|| format!("cannot read {}", b.display()))?;
-            let vars = req.vars(&verdict.params);
             let key = HashKey::new(format!("custos-explain-{}", std::process::id()).into_bytes());
-            Some(match apply(&body, plan, &vars, &key) {
-                Ok(t) => {
-                    let body = match t.outcome {
-                        Outcome::Body(b) => serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
-                        Outcome::RootFiltered => json!("(the record is out of scope: 403)"),
-                    };
-                    json!({"stats": {
-                        "recordsReturned": t.stats.records_returned,
-                        "recordsFiltered": t.stats.records_filtered,
-                        "recordsTruncated": t.stats.records_truncated,
-                        "filterErrors": t.stats.filter_errors,
-                        "masked": t.stats.masked,
-                    }, "body": body})
-                }
-                Err(e) => json!({"error": e.to_string()}),
-            })
+            Some(transformed(&verdict, &req, body, &key))
         }
         _ => None,
     };
@@ -164,6 +148,42 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
         OutputFormat::Text => print_text(&verdict, path.as_str(), &report),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The body as the sidecar would return it: every applying plan in turn (one, unless several
+/// policies' constraining rules apply), with what they did together.
+fn transformed(verdict: &Verdict<'_>, req: &Request<'_>, mut body: Vec<u8>, key: &HashKey) -> Value {
+    let mut total = TransformStats::default();
+    for applying in verdict.in_application_order() {
+        let Some(plan) = applying.plan else { continue };
+        let vars = req.vars(&applying.params);
+        let t = match apply(&body, plan, &vars, key) {
+            Ok(t) => t,
+            Err(e) => return json!({"error": e.to_string()}),
+        };
+        total.records_returned = t.stats.records_returned;
+        total.records_filtered += t.stats.records_filtered;
+        total.records_truncated += t.stats.records_truncated;
+        total.filter_errors += t.stats.filter_errors;
+        for (class, n) in t.stats.masked {
+            *total.masked.entry(class).or_default() += n;
+        }
+        body = match t.outcome {
+            Outcome::Body(b) => b,
+            Outcome::RootFiltered => {
+                total.records_returned = 0;
+                body = b"\"(the record is out of scope: 403)\"".to_vec();
+                break;
+            }
+        };
+    }
+    json!({"stats": {
+        "recordsReturned": total.records_returned,
+        "recordsFiltered": total.records_filtered,
+        "recordsTruncated": total.records_truncated,
+        "filterErrors": total.filter_errors,
+        "masked": total.masked,
+    }, "body": serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null)})
 }
 
 fn parse_time(s: Option<&str>) -> anyhow::Result<i64> {
@@ -218,6 +238,13 @@ fn report_json(v: &Verdict<'_>, path: &str, body: Option<Value>) -> Value {
         "params": v.params.iter().cloned().collect::<BTreeMap<_, _>>(),
         "plan": v.plan.filter(|_| !v.blocks()).map(|p| plan_json(v, p)),
         "limits": limits,
+        "alsoApplies": v.also.iter().map(|a| json!({
+            "policy": a.policy.map(|p| format!("{}/{}", p.namespace, p.name)),
+            "rule": a.rule.map(|r| r.name.clone()),
+            "params": a.params.iter().cloned().collect::<BTreeMap<_, _>>(),
+            "plan": a.plan.map(|p| plan_json(a, p)),
+            "limits": a.limits.map(|l| serde_json::to_value(l).unwrap_or(Value::Null)),
+        })).collect::<Vec<_>>(),
         "response": body,
     })
 }
@@ -241,7 +268,23 @@ fn print_text(v: &Verdict<'_>, path: &str, report: &Value) {
         let params: Vec<String> = v.params.iter().map(|(k, x)| format!("{k}={x}")).collect();
         println!("params:    {}", params.join(", "));
     }
-    if let Some(plan) = v.plan.filter(|_| !v.blocks()) {
+    if !v.blocks() {
+        print_plan(v);
+    }
+    for also in &v.also {
+        let policy = also.policy.map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default();
+        let rule = also.rule.map(|r| r.name.as_str()).unwrap_or("(none: default action)");
+        println!("also applies: rule '{rule}' of policy {policy} (its plan and limits too)");
+        print_plan(also);
+    }
+    if let Some(resp) = report.get("response").filter(|r| !r.is_null()) {
+        print_response(resp);
+    }
+}
+
+/// The response plan and the limits of an allowing verdict.
+fn print_plan(v: &Verdict<'_>) {
+    if let Some(plan) = v.plan {
         println!("response plan:");
         if !plan.needs_body() {
             println!("  (none: the response passes unchanged)");
@@ -273,9 +316,6 @@ fn print_text(v: &Verdict<'_>, path: &str, report: &Value) {
         if !parts.is_empty() {
             println!("limits:    {} per principal", parts.join(", "));
         }
-    }
-    if let Some(resp) = report.get("response").filter(|r| !r.is_null()) {
-        print_response(resp);
     }
 }
 
