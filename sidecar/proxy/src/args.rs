@@ -51,7 +51,10 @@ pub struct SidecarArgs {
     pub proxy_threads: Option<usize>,
 
     /// How calling workloads are told apart: `peer-ip` (the peer address, looked up in the
-    /// config's identity table) or `istio` (behind Istio's sidecar, which connects from
+    /// config's identity table), `linkerd` (behind Linkerd's proxy: the client identity it
+    /// verified, `l5d-client-id`, on connections from a socket of the pod owned by
+    /// `--linkerd-proxy-uid`; the peer address for the others, whose `l5d-client-id` is
+    /// removed) or `istio` (behind Istio's sidecar, which connects from
     /// 127.0.0.6: the SPIFFE id of the client certificate Envoy verified, from the last
     /// element of `x-forwarded-client-cert`, for connections from 127.0.0.6 or ::6; the peer
     /// address for the others, whose `x-forwarded-client-cert` is removed). Needs mutual TLS
@@ -60,10 +63,15 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_CALLER_IDENTITY", value_name = "HOW", value_enum, default_value_t = crate::CallerIdentity::PeerIp)]
     pub caller_identity: crate::CallerIdentity,
 
-    /// The mesh's trust domain (`--caller-identity istio`): SPIFFE ids of another trust domain
-    /// are anonymous.
+    /// The mesh's trust domain (`--caller-identity istio|linkerd`): identities of another
+    /// trust domain are anonymous.
     #[arg(long, env = "CUSTOS_TRUST_DOMAIN", value_name = "DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+
+    /// The user id Linkerd's proxy runs as (`--caller-identity linkerd`): `l5d-client-id` is
+    /// believed only on connections from a socket of the pod this user owns.
+    #[arg(long, env = "CUSTOS_LINKERD_PROXY_UID", value_name = "UID", default_value_t = crate::mesh::LINKERD_PROXY_UID)]
+    pub linkerd_proxy_uid: u32,
 
     /// Admin address: /healthz, /ready, /metrics.
     #[arg(long, env = "CUSTOS_ADMIN", value_name = "ADDR", default_value = settings::DEFAULT_ADMIN_ADDR)]
@@ -276,7 +284,13 @@ impl SidecarArgs {
             proxy_threads: self.proxy_threads.unwrap_or_else(crate::settings::default_proxy_threads),
             mesh: match self.caller_identity {
                 crate::CallerIdentity::PeerIp => None,
-                crate::CallerIdentity::Istio => Some(crate::MeshIdentity { trust_domain: self.trust_domain }),
+                crate::CallerIdentity::Istio => {
+                    Some(crate::MeshIdentity { mesh: crate::Mesh::Istio, trust_domain: self.trust_domain })
+                }
+                crate::CallerIdentity::Linkerd => Some(crate::MeshIdentity {
+                    mesh: crate::Mesh::Linkerd { proxy_uid: self.linkerd_proxy_uid },
+                    trust_domain: self.trust_domain,
+                }),
             },
             ..SidecarSettings::new(self.config)
         })
@@ -439,12 +453,25 @@ mod tests {
     fn caller_identity_flags() {
         assert_eq!(settings(&[]).unwrap().mesh, None, "the peer address by default");
         let mesh = settings(&["--caller-identity", "istio"]).unwrap().mesh;
-        assert_eq!(mesh, Some(crate::MeshIdentity { trust_domain: "cluster.local".into() }));
+        assert_eq!(
+            mesh,
+            Some(crate::MeshIdentity { mesh: crate::Mesh::Istio, trust_domain: "cluster.local".into() })
+        );
         let mesh = settings(&["--caller-identity=istio", "--trust-domain=prod.example"]).unwrap().mesh;
         assert_eq!(mesh.unwrap().trust_domain, "prod.example");
         assert_eq!(settings(&["--caller-identity=peer-ip"]).unwrap().mesh, None);
-        let err = settings(&["--caller-identity=linkerd"]).unwrap_err();
-        assert!(err.contains("--caller-identity") && err.contains("istio"), "{err}");
+        let mesh = settings(&["--caller-identity=linkerd"]).unwrap().mesh.unwrap();
+        assert_eq!(mesh.mesh, crate::Mesh::Linkerd { proxy_uid: 2102 });
+        let mesh =
+            settings(&["--caller-identity=linkerd", "--linkerd-proxy-uid=2200"]).unwrap().mesh.unwrap();
+        assert_eq!(mesh.mesh, crate::Mesh::Linkerd { proxy_uid: 2200 });
+        let err = settings(&["--caller-identity=linkerd", "--linkerd-proxy-uid=-1"]).unwrap_err();
+        assert!(err.contains("--linkerd-proxy-uid"), "{err}");
+        let err = settings(&["--caller-identity=consul"]).unwrap_err();
+        assert!(
+            err.contains("--caller-identity") && err.contains("istio") && err.contains("linkerd"),
+            "{err}"
+        );
         for bad in ["", "spiffe://cluster.local", "cluster.local/ns"] {
             let err = settings(&["--caller-identity=istio", "--trust-domain", bad]).unwrap_err();
             assert!(err.contains("--trust-domain must be a SPIFFE trust domain name"), "{bad}: {err}");

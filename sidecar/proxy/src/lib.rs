@@ -56,6 +56,7 @@ mod quota_clock;
 mod request_body;
 mod server;
 mod settings;
+mod socket_owner;
 mod state;
 mod threads;
 pub mod upstream;
@@ -75,7 +76,7 @@ use tokio::task::JoinHandle;
 
 pub use args::{SidecarArgs, parse_downward_labels, parse_duration, parse_label_list};
 pub use error::Error;
-pub use mesh::{CallerIdentity, MeshIdentity};
+pub use mesh::{CallerIdentity, Mesh, MeshIdentity};
 pub use proxy::METHOD_OVERRIDE_HEADERS;
 pub use settings::{
     CollectorSettings, DEFAULT_ADMIN_ADDR, ProxyLimits, SidecarSettings, default_proxy_threads,

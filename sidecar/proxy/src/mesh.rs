@@ -18,8 +18,19 @@
 //! passes the client's own header through, so the proxy port must be HTTP to Istio. A
 //! certificate carries no pod labels: such a caller matches the `from.workloads` entries of
 //! Allow rules that name no labels, and those of Deny rules whatever their labels.
+//!
+//! Linkerd's proxy does the same with `l5d-client-id`: its inbound side sets the header to the
+//! verified client identity (`<service account>.<namespace>.serviceaccount.identity.<control
+//! plane namespace>.<trust domain>`) on requests of mutual TLS connections, and removes it
+//! from all others. Since Linkerd 2.11 it connects to the pod's own address (before, to
+//! 127.0.0.1), where the app, or any other process of the pod, could connect from too; so with
+//! `--caller-identity linkerd` the header is believed only on connections whose other end is
+//! a socket of the pod owned by the Linkerd proxy's user id (2102 unless the mesh says
+//! otherwise), as the kernel's socket tables show ([`crate::socket_owner`]). The same holds
+//! for the ports Linkerd treats as opaque (TCP): there it passes the client's own header,
+//! so the proxy port must not be opaque.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use custos_api::WorkloadIdentity;
 use http::HeaderMap;
@@ -27,6 +38,12 @@ use http::header::HeaderName;
 
 /// The header Envoy adds the verified client certificate's details to.
 pub(crate) static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// The header Linkerd's inbound proxy sets to the verified client identity.
+pub(crate) static L5D_CLIENT_ID: HeaderName = HeaderName::from_static("l5d-client-id");
+
+/// The user id Linkerd's proxy runs as unless its `proxy.uid` is changed.
+pub const LINKERD_PROXY_UID: u32 = 2102;
 
 /// How the sidecar tells which workload is calling.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -38,13 +55,31 @@ pub enum CallerIdentity {
     /// element of `x-forwarded-client-cert`) for connections from 127.0.0.6 or ::6; the peer
     /// address for the others.
     Istio,
+    /// Behind Linkerd's proxy: the client identity it verified (`l5d-client-id`), for
+    /// connections from a socket of the pod owned by the proxy's user id; the peer address for
+    /// the others.
+    Linkerd,
 }
 
 /// The mesh settings of the sidecar.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshIdentity {
-    /// The mesh's trust domain: SPIFFE ids of other trust domains name no workload here.
+    /// Which mesh's proxy sits in front of the sidecar.
+    pub mesh: Mesh,
+    /// The mesh's trust domain: identities of other trust domains name no workload here.
     pub trust_domain: String,
+}
+
+/// A service mesh whose proxy forwards callers to the sidecar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mesh {
+    /// Istio: `x-forwarded-client-cert` from 127.0.0.6 or ::6.
+    Istio,
+    /// Linkerd: `l5d-client-id` from a socket of the pod owned by `proxy_uid`.
+    Linkerd {
+        /// The user id Linkerd's proxy runs as.
+        proxy_uid: u32,
+    },
 }
 
 /// What the XFCC header said of a caller.
@@ -57,11 +92,13 @@ pub(crate) enum MeshCaller {
         /// Its service account.
         service_account: String,
     },
-    /// No XFCC (the connection to Envoy was not mutual TLS): anonymous.
+    /// No XFCC or `l5d-client-id` (the connection to the mesh's proxy was not mutual TLS):
+    /// anonymous.
     NoCertificate,
     /// A SPIFFE id of another trust domain: anonymous.
     ForeignTrustDomain,
-    /// An XFCC element without exactly one Kubernetes SPIFFE id: anonymous.
+    /// An XFCC element without exactly one Kubernetes SPIFFE id, or an `l5d-client-id` that is
+    /// not one workload's identity: anonymous.
     Malformed,
 }
 
@@ -92,6 +129,24 @@ impl MeshCaller {
 }
 
 impl MeshIdentity {
+    /// Whether the connection from `peer` to `local` comes from the mesh's proxy, so that its
+    /// identity header is the proxy's.
+    pub(crate) fn trusts_connection(&self, peer: SocketAddr, local: SocketAddr) -> bool {
+        match self.mesh {
+            Mesh::Istio => Self::trusts(peer.ip()),
+            Mesh::Linkerd { proxy_uid } => crate::socket_owner::peer_uid(peer, local) == Some(proxy_uid),
+        }
+    }
+
+    /// The header the mesh's proxy names the caller in: removed from requests of other
+    /// connections (the caller's own words, for the app as for the sidecar).
+    pub(crate) fn header(&self) -> &'static HeaderName {
+        match self.mesh {
+            Mesh::Istio => &XFCC,
+            Mesh::Linkerd { .. } => &L5D_CLIENT_ID,
+        }
+    }
+
     /// Whether the XFCC of a connection from `peer` is Envoy's: Istio's inbound passthrough
     /// connects from 127.0.0.6 (IPv6: ::6).
     pub(crate) fn trusts(peer: IpAddr) -> bool {
@@ -101,8 +156,40 @@ impl MeshIdentity {
         }
     }
 
-    /// The caller named by the last XFCC element of `headers`.
+    /// The caller the mesh's proxy named in `headers`.
     pub(crate) fn caller(&self, headers: &HeaderMap) -> MeshCaller {
+        match self.mesh {
+            Mesh::Istio => self.xfcc_caller(headers),
+            Mesh::Linkerd { .. } => self.linkerd_caller(headers),
+        }
+    }
+
+    /// The caller of an `l5d-client-id`: Linkerd sets one value (replacing any the client
+    /// sent), `<sa>.<ns>.serviceaccount.identity.<control plane namespace>.<trust domain>`.
+    fn linkerd_caller(&self, headers: &HeaderMap) -> MeshCaller {
+        let mut values = headers.get_all(&L5D_CLIENT_ID).iter();
+        let (value, None) = (values.next(), values.next()) else { return MeshCaller::Malformed };
+        let Some(value) = value else { return MeshCaller::NoCertificate };
+        let Ok(id) = value.to_str() else { return MeshCaller::Malformed };
+        let Some((workload, issuer)) = id.split_once(".serviceaccount.identity.") else {
+            return MeshCaller::Malformed;
+        };
+        let (Some((sa, ns)), Some((control_plane, domain))) =
+            (workload.rsplit_once('.'), issuer.split_once('.'))
+        else {
+            return MeshCaller::Malformed;
+        };
+        if !(is_dns_subdomain(sa) && is_dns_label(ns) && is_dns_label(control_plane)) {
+            return MeshCaller::Malformed;
+        }
+        if !domain.eq_ignore_ascii_case(&self.trust_domain) {
+            return MeshCaller::ForeignTrustDomain;
+        }
+        MeshCaller::Workload { namespace: ns.to_owned(), service_account: sa.to_owned() }
+    }
+
+    /// The caller named by the last XFCC element of `headers`.
+    fn xfcc_caller(&self, headers: &HeaderMap) -> MeshCaller {
         let Some(last) = headers.get_all(&XFCC).iter().next_back() else {
             return MeshCaller::NoCertificate;
         };
@@ -218,7 +305,81 @@ mod tests {
     use super::*;
 
     fn mesh() -> MeshIdentity {
-        MeshIdentity { trust_domain: "cluster.local".into() }
+        MeshIdentity { mesh: Mesh::Istio, trust_domain: "cluster.local".into() }
+    }
+
+    fn linkerd() -> MeshIdentity {
+        MeshIdentity {
+            mesh: Mesh::Linkerd { proxy_uid: LINKERD_PROXY_UID },
+            trust_domain: "cluster.local".into(),
+        }
+    }
+
+    fn linkerd_caller(values: &[&str]) -> MeshCaller {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(&L5D_CLIENT_ID, HeaderValue::from_str(v).unwrap());
+        }
+        // XFCC means nothing behind Linkerd.
+        headers.append(&XFCC, HeaderValue::from_static("URI=spiffe://cluster.local/ns/x/sa/y"));
+        linkerd().caller(&headers)
+    }
+
+    #[test]
+    fn l5d_client_id_table() {
+        let cases: &[(&[&str], MeshCaller)] = &[
+            (
+                &["ops-portal.logistics.serviceaccount.identity.linkerd.cluster.local"],
+                workload("logistics", "ops-portal"),
+            ),
+            (
+                &["svc.acct-1.a-b.serviceaccount.identity.linkerd-cp.cluster.local"],
+                workload("a-b", "svc.acct-1"),
+            ),
+            (&["web.shop.serviceaccount.identity.linkerd.CLUSTER.LOCAL"], workload("shop", "web")),
+            (&[], MeshCaller::NoCertificate),
+            (&["web.shop.serviceaccount.identity.linkerd.other.mesh"], MeshCaller::ForeignTrustDomain),
+            // Linkerd sets one value: more are not its own.
+            (
+                &[
+                    "web.shop.serviceaccount.identity.linkerd.cluster.local",
+                    "web.shop.serviceaccount.identity.linkerd.cluster.local",
+                ],
+                MeshCaller::Malformed,
+            ),
+            (&["shop.serviceaccount.identity.linkerd.cluster.local"], MeshCaller::Malformed),
+            (&["web.shop.serviceaccount.identity.linkerd"], MeshCaller::Malformed),
+            (&["web.Shop.serviceaccount.identity.linkerd.cluster.local"], MeshCaller::Malformed),
+            (&["web..serviceaccount.identity.linkerd.cluster.local"], MeshCaller::Malformed),
+            (&["web.shop.serviceaccount.identity..cluster.local"], MeshCaller::Malformed),
+            (&["web/x.shop.serviceaccount.identity.linkerd.cluster.local"], MeshCaller::Malformed),
+            (&["spiffe://cluster.local/ns/shop/sa/web"], MeshCaller::Malformed),
+            (&[""], MeshCaller::Malformed),
+        ];
+        for (values, want) in cases {
+            assert_eq!(&linkerd_caller(values), want, "{values:?}");
+        }
+        assert_eq!(linkerd().header(), &L5D_CLIENT_ID);
+        assert_eq!(mesh().header(), &XFCC);
+    }
+
+    /// Behind Linkerd, only a socket of the proxy's user id is believed: this process's
+    /// connection is believed when the proxy's user id is this process's, and not otherwise.
+    #[test]
+    fn only_the_linkerd_proxys_sockets_are_trusted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        let local = server.local_addr().unwrap();
+        let own = crate::socket_owner::peer_uid(peer, local).unwrap();
+        let with_uid = |proxy_uid| MeshIdentity {
+            mesh: Mesh::Linkerd { proxy_uid },
+            trust_domain: "cluster.local".into(),
+        };
+        assert!(with_uid(own).trusts_connection(peer, local));
+        assert!(!with_uid(own.wrapping_add(1)).trusts_connection(peer, local));
+        // Istio trusts by address alone.
+        assert!(!mesh().trusts_connection(peer, local));
     }
 
     fn caller(values: &[&str]) -> MeshCaller {
@@ -318,9 +479,15 @@ mod tests {
         fn any_xfcc_is_answered(text in "[ -~]{0,200}") {
             if let Ok(value) = HeaderValue::from_str(&text) {
                 let mut headers = HeaderMap::new();
-                headers.insert(&XFCC, value);
+                headers.insert(&XFCC, value.clone());
                 if let MeshCaller::Workload { namespace, service_account } = mesh().caller(&headers) {
                     prop_assert!(is_dns_label(&namespace) && is_dns_subdomain(&service_account));
+                }
+                let mut headers = HeaderMap::new();
+                headers.insert(&L5D_CLIENT_ID, value);
+                if let MeshCaller::Workload { namespace, service_account } = linkerd().caller(&headers) {
+                    prop_assert!(is_dns_label(&namespace) && is_dns_subdomain(&service_account));
+                    prop_assert!(text.contains(".serviceaccount.identity."));
                 }
             }
         }

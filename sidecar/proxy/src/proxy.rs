@@ -93,7 +93,7 @@ pub(crate) struct Shared {
     pub limits: ProxyLimits,
     pub pod_name: Option<String>,
     pub cluster: Option<String>,
-    /// `--caller-identity istio`: callers through the mesh's proxy.
+    /// `--caller-identity istio|linkerd`: callers through the mesh's proxy.
     pub mesh: Option<crate::MeshIdentity>,
     /// Open client connections allowed, across all proxy threads.
     pub connection_slots: Arc<tokio::sync::Semaphore>,
@@ -135,11 +135,14 @@ pub(crate) fn upstream(
 pub(crate) struct Enforcer {
     shared: Arc<Shared>,
     peer: SocketAddr,
+    /// The connection comes from the mesh's proxy (`Shared::mesh`): its identity header is
+    /// the proxy's.
+    through_mesh: bool,
 }
 
 impl Enforcer {
-    pub(crate) fn new(shared: Arc<Shared>, peer: SocketAddr) -> Self {
-        Enforcer { shared, peer }
+    pub(crate) fn new(shared: Arc<Shared>, peer: SocketAddr, through_mesh: bool) -> Self {
+        Enforcer { shared, peer, through_mesh }
     }
 }
 
@@ -154,8 +157,8 @@ impl tower::Service<Request<Incoming>> for Enforcer {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let shared = self.shared.clone();
-        let peer = self.peer;
-        Box::pin(async move { Ok(handle(shared, peer, req).await) })
+        let (peer, through_mesh) = (self.peer, self.through_mesh);
+        Box::pin(async move { Ok(handle(shared, peer, through_mesh, req).await) })
     }
 }
 
@@ -191,7 +194,12 @@ impl Ctx {
     }
 }
 
-async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    through_mesh: bool,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let started = Instant::now();
     let wall = SystemTime::now();
     let now = chrono::DateTime::<chrono::Utc>::from(wall);
@@ -233,7 +241,7 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -
     };
     let mut in_flight = InFlight { shared: &shared, ctx: Some(ctx) };
     let ctx = in_flight.ctx.as_mut().expect("set above");
-    let response = process(&shared, ctx, peer, req, wall).await;
+    let response = process(&shared, ctx, peer, through_mesh, req, wall).await;
     let ctx = in_flight.ctx.take().expect("taken once");
     finish(&shared, ctx, response)
 }
@@ -328,6 +336,7 @@ async fn process(
     shared: &Shared,
     ctx: &mut Ctx,
     peer: SocketAddr,
+    through_mesh: bool,
     mut req: Request<Incoming>,
     wall: SystemTime,
 ) -> Response<ProxyBody> {
@@ -404,16 +413,16 @@ async fn process(
     let ip = peer.ip().to_canonical();
     let mesh_caller;
     let caller = match &shared.mesh {
-        Some(mesh) if crate::MeshIdentity::trusts(ip) => {
+        Some(mesh) if through_mesh => {
             let found = mesh.caller(req.headers());
             shared.metrics.mesh_callers.get_or_create(&ResultLabels { result: found.label() }).inc();
             mesh_caller = found.identity(&ctx.peer_ip);
             mesh_caller.as_ref()
         }
-        Some(_) => {
+        Some(mesh) => {
             // Not through the mesh's proxy: whatever certificate details it claims are the
             // caller's own words, for the app as for the sidecar.
-            req.headers_mut().remove(&crate::mesh::XFCC);
+            req.headers_mut().remove(mesh.header());
             state.workloads.get(&ip)
         }
         None => state.workloads.get(&ip),

@@ -79,7 +79,12 @@ pub(crate) async fn serve_proxy(
             tokio::spawn(refuse_connection(stream));
             continue;
         };
-        let enforcer = Enforcer::new(shared.clone(), peer);
+        // Whether the connection is the mesh's proxy's, decided once for its requests.
+        let through_mesh = shared
+            .mesh
+            .as_ref()
+            .is_some_and(|mesh| stream.local_addr().is_ok_and(|local| mesh.trusts_connection(peer, local)));
+        let enforcer = Enforcer::new(shared.clone(), peer, through_mesh);
         let started = RequestStarted::new();
         let marker = started.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {

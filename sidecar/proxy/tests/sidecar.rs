@@ -1025,7 +1025,10 @@ async fn workload_identity_from_the_mesh_client_certificate() {
     let url = collector.url();
     let mut f = start_with(policy(rules), vec![table], move |s| {
         s.collector = Some(shipping_to(url, s));
-        s.mesh = Some(custos_sidecar::MeshIdentity { trust_domain: "cluster.local".into() });
+        s.mesh = Some(custos_sidecar::MeshIdentity {
+            mesh: custos_sidecar::Mesh::Istio,
+            trust_domain: "cluster.local".into(),
+        });
     })
     .await;
     let envoy = |id: &str| {
@@ -1075,6 +1078,89 @@ async fn workload_identity_from_the_mesh_client_certificate() {
     assert_eq!(event("/labelled/e")["caller"]["serviceAccount"], "ops-portal");
     assert_eq!(event("/labelled/e")["rule"], Value::Null);
     assert_eq!(event("/labelled/f")["rule"], "labelled-portal");
+}
+
+/// The user id of this test process, from `/proc/self/status`.
+fn own_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Behind Linkerd's proxy (`--caller-identity linkerd`): `l5d-client-id` names the caller on
+/// connections from a socket the proxy's user id owns (here this test's own user id stands
+/// for Linkerd's), without labels; on other connections the header is removed and the
+/// identity table applies.
+#[tokio::test]
+async fn workload_identity_from_linkerds_client_id() {
+    let mut rules = main_rules();
+    for rule in [
+        json!({
+            "name": "ops-portal", "action": "Allow",
+            "from": {"workloads": [{"namespace": "logistics", "serviceAccount": "ops-portal"}]},
+            "to": {"paths": ["/ops/**"]}
+        }),
+        json!({
+            "name": "labelled-portal", "action": "Allow",
+            "from": {"workloads": [{"namespace": "logistics", "labels": {"app": "ops-portal"}}]},
+            "to": {"paths": ["/labelled/**"]}
+        }),
+    ] {
+        rules.as_array_mut().unwrap().push(rule);
+    }
+    let table = WorkloadIdentity {
+        ip: "127.0.0.1".into(),
+        namespace: "logistics".into(),
+        service_account: "ops-portal".into(),
+        labels: [("app".to_owned(), "ops-portal".to_owned())].into(),
+        labels_unknown: false,
+    };
+    let header = "l5d-client-id";
+    let portal = "ops-portal.logistics.serviceaccount.identity.linkerd.cluster.local";
+    let web = "web.storefront.serviceaccount.identity.linkerd.cluster.local";
+    let linkerd = |proxy_uid| {
+        Some(custos_sidecar::MeshIdentity {
+            mesh: custos_sidecar::Mesh::Linkerd { proxy_uid },
+            trust_domain: "cluster.local".into(),
+        })
+    };
+
+    // Connections of the proxy's user id: the header decides, and reaches the app.
+    let mut f = start_with(policy(rules.clone()), vec![table.clone()], |s| s.mesh = linkerd(own_uid())).await;
+    assert_eq!(get_with(f.proxy(), "/ops/a", &[(header, portal)]).await.status, 200);
+    for (path, value, status) in [
+        // No identity (plain text to Linkerd's proxy): anonymous, not the table's entry.
+        ("/ops/b", None, 401),
+        ("/ops/c", Some(web), 401),
+        ("/ops/d", Some("ops-portal.logistics.serviceaccount.identity.linkerd.other.mesh"), 401),
+        // Labels are not in an identity.
+        ("/labelled/e", Some(portal), 401),
+    ] {
+        let headers: Vec<(&str, &str)> = value.map(|v| (header, v)).into_iter().collect();
+        assert_eq!(get_with(f.proxy(), path, &headers).await.status, status, "{path}");
+    }
+    assert_eq!(f.upstream.seen()[0].headers.get(header).unwrap(), portal);
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    for line in [
+        "custos_sidecar_mesh_callers_total{result=\"workload\"} 3",
+        "custos_sidecar_mesh_callers_total{result=\"no_certificate\"} 1",
+        "custos_sidecar_mesh_callers_total{result=\"foreign_trust_domain\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    f.stop().await;
+
+    // The same connections, when the proxy runs as another user: the header is the client's
+    // own (removed before the app), and the identity table decides.
+    let mut f = start_with(policy(rules), vec![table], |s| s.mesh = linkerd(own_uid().wrapping_add(1))).await;
+    assert_eq!(get_with(f.proxy(), "/labelled/f", &[(header, web)]).await.status, 200);
+    assert_eq!(get_with(f.proxy(), "/ops/g", &[]).await.status, 200);
+    let seen = f.upstream.seen();
+    assert!(
+        seen.iter().all(|s| s.headers.get(header).is_none()),
+        "a header not from Linkerd reached the app"
+    );
+    f.stop().await;
 }
 
 #[tokio::test]
