@@ -8,7 +8,7 @@ use custos_api::policy::{
     AccessRule, Action, DataAccessPolicySpec, ExceedAction, Limits, Mode, UserIdentity,
 };
 use custos_transform::expr::{Expr, Scope};
-use custos_transform::{ClassMask, Plan};
+use custos_transform::{ClassMask, PhasedPlan, Plan};
 use serde_json_path::JsonPath;
 
 use crate::error::{FieldErrors, Path};
@@ -89,6 +89,8 @@ pub struct CompiledRule {
     pub when: Option<Expr>,
     /// What an allowed response goes through.
     pub plan: Arc<Plan>,
+    /// `plan` in the parts it applies in when other policies' plans apply with it.
+    pub phased: PhasedPlan,
     /// `records` as written (for display).
     pub records_source: Option<String>,
     /// Per-principal limits.
@@ -429,6 +431,7 @@ fn compile_rule(
         users,
         authenticated,
         when,
+        phased: PhasedPlan::of(&plan),
         plan: Arc::new(plan),
         records_source: rule.records.clone(),
         limits,

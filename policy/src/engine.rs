@@ -9,8 +9,8 @@ use std::sync::Arc;
 use custos_api::Decision;
 use custos_api::config::WorkloadIdentity;
 use custos_api::policy::{Action, Limits, Mode};
-use custos_transform::Plan;
 use custos_transform::expr::{RequestVars, UserVars, Vars, WorkloadVars};
+use custos_transform::{Phase, Plan};
 
 use crate::compile::{CompiledPolicy, CompiledRule};
 use crate::normalize::NormalizedPath;
@@ -136,14 +136,38 @@ impl<'e> Verdict<'e> {
     }
 
     /// This verdict and those in [`Verdict::also`], in the order their plans apply to the
-    /// response: the others first (in policy name order), this one last; but plans that hash
-    /// record ids after those that do not, since an audit event's record hashes are the last
-    /// plan's, which sees only what the others let through.
+    /// response within each phase: the others first (in policy name order), this one last; but
+    /// plans that hash record ids after those that do not, since an audit event's record
+    /// hashes are the last hashing plan's, which sees only what the others let through.
     pub fn in_application_order(&self) -> Vec<&Verdict<'e>> {
         let mut order: Vec<&Verdict<'e>> = self.also.iter().chain(std::iter::once(self)).collect();
         // Stable: the order above holds within each group.
         order.sort_by_key(|v| v.plan.is_some_and(|p| p.record_id.is_some()));
         order
+    }
+
+    /// The plans to apply to an allowed response, in order, each with the verdict it is
+    /// part of: this verdict's own plan when it applies alone (no [`Verdict::also`]); with
+    /// others, every rule's row filter, then every rule's record cap and id hashing, then
+    /// every rule's masks ([`custos_transform::PhasedPlan`]), in
+    /// [`Verdict::in_application_order`] within each phase. So no row filter reads a value
+    /// another policy masked, caps count what every filter kept, and masks are counted on the
+    /// records returned.
+    /// The phase is `None` for a whole plan.
+    pub fn plan_steps(&self) -> Vec<(&Verdict<'e>, &'e Arc<Plan>, Option<Phase>)> {
+        if self.also.is_empty() {
+            return self.plan.map(|p| (self, p, None)).into_iter().collect();
+        }
+        let order = self.in_application_order();
+        let mut steps = Vec::new();
+        for phase in Phase::ALL {
+            for v in &order {
+                if let Some(part) = v.rule.and_then(|r| r.phased.part(phase)) {
+                    steps.push((*v, part, Some(phase)));
+                }
+            }
+        }
+        steps
     }
 }
 

@@ -72,4 +72,4 @@ pub use apply::{
 pub use apply::{apply_dom, apply_streaming, streaming_eligible};
 pub use hash::HashKey;
 pub use mask::REDACTED;
-pub use plan::{ClassMask, Plan, PlanCache};
+pub use plan::{ClassMask, Phase, PhasedPlan, Plan, PlanCache};

@@ -134,6 +134,69 @@ impl Plan {
     }
 }
 
+/// A plan cut in the parts that apply one phase at a time when several policies' plans apply
+/// to one response: every plan's row filter first (each over the app's own values, none over
+/// another's masks), then every plan's record cap and record id hashing (over the records all
+/// the filters kept), then every plan's masks (over those records only). Each part selects the
+/// plan's `records`, so each counts them.
+#[derive(Clone, Debug, Default)]
+pub struct PhasedPlan {
+    /// `records` and `row_filter`; none without a row filter.
+    pub filter: Option<Arc<Plan>>,
+    /// `records`, `max_records`, `on_exceed` and `record_id`; none without `records` (a cap
+    /// counts nothing without them).
+    pub cap: Option<Arc<Plan>>,
+    /// `records` and `masks`; none without a mask path.
+    pub mask: Option<Arc<Plan>>,
+}
+
+impl PhasedPlan {
+    /// The parts of `plan`.
+    pub fn of(plan: &Plan) -> PhasedPlan {
+        let records = || plan.records.clone();
+        let part = |p: Plan| Some(Arc::new(p)).filter(|p| p.needs_body());
+        PhasedPlan {
+            filter: plan.row_filter.as_ref().and_then(|f| {
+                part(Plan { records: records(), row_filter: Some(f.clone()), ..Plan::default() })
+            }),
+            cap: part(Plan {
+                records: records(),
+                max_records: plan.max_records,
+                on_exceed: plan.on_exceed,
+                record_id: plan.record_id.clone(),
+                ..Plan::default()
+            }),
+            mask: part(Plan { records: records(), masks: plan.masks.clone(), ..Plan::default() })
+                .filter(|_| plan.masks.iter().any(|m| !m.paths.is_empty())),
+        }
+    }
+
+    /// The part of `phase`.
+    pub fn part(&self, phase: Phase) -> Option<&Arc<Plan>> {
+        match phase {
+            Phase::Filter => self.filter.as_ref(),
+            Phase::Cap => self.cap.as_ref(),
+            Phase::Mask => self.mask.as_ref(),
+        }
+    }
+}
+
+/// The phases of [`PhasedPlan`], in the order they apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Row filters.
+    Filter,
+    /// Record caps and record id hashing.
+    Cap,
+    /// Masks.
+    Mask,
+}
+
+impl Phase {
+    /// Every phase, in order.
+    pub const ALL: [Phase; 3] = [Phase::Filter, Phase::Cap, Phase::Mask];
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -153,6 +216,45 @@ mod tests {
         assert!(Plan { masks: vec![mask(vec![path])], ..Plan::default() }.needs_body());
         // a cap or a record id alone counts nothing without records
         assert!(!Plan { max_records: Some(1), ..Plan::default() }.needs_body());
+    }
+
+    #[test]
+    fn phased_parts() {
+        let items = JsonPath::parse("$.items[*]").unwrap();
+        let phone = ClassMask {
+            class: "phone".into(),
+            paths: vec![JsonPath::parse("$.items[*].phone").unwrap()],
+            strategy: MaskStrategy::ShowLast4,
+        };
+        let full = Plan {
+            records: Some(items.clone()),
+            row_filter: Some(Expr::compile("record.branch == 'north'", Scope::RowFilter).unwrap()),
+            masks: vec![phone.clone()],
+            max_records: Some(5),
+            on_exceed: ExceedAction::Deny,
+            record_id: Some(JsonPath::parse("$.id").unwrap()),
+            cache: PlanCache::default(),
+        };
+        let parts = PhasedPlan::of(&full);
+        let filter = parts.part(Phase::Filter).unwrap();
+        assert!(filter.row_filter.is_some() && filter.masks.is_empty() && filter.max_records.is_none());
+        assert!(filter.record_id.is_none());
+        let cap = parts.part(Phase::Cap).unwrap();
+        assert_eq!((cap.max_records, cap.on_exceed), (Some(5), ExceedAction::Deny));
+        assert!(cap.record_id.is_some() && cap.row_filter.is_none() && cap.masks.is_empty());
+        let mask = parts.part(Phase::Mask).unwrap();
+        assert_eq!(mask.masks, vec![phone.clone()]);
+        assert!(mask.row_filter.is_none() && mask.max_records.is_none() && mask.record_id.is_none());
+        assert!([filter, cap, mask].iter().all(|p| p.records == Some(items.clone())));
+
+        // Masks alone (no records): one part.
+        let masks_only = PhasedPlan::of(&Plan { masks: vec![phone], ..Plan::default() });
+        assert!(masks_only.filter.is_none() && masks_only.cap.is_none());
+        assert!(masks_only.mask.as_ref().is_some_and(|m| m.records.is_none()));
+        // Records alone: counted in the cap phase.
+        let counted = PhasedPlan::of(&Plan { records: Some(items), ..Plan::default() });
+        assert!(counted.filter.is_none() && counted.cap.is_some() && counted.mask.is_none());
+        assert!(Phase::ALL.iter().all(|p| PhasedPlan::of(&Plan::default()).part(*p).is_none()));
     }
 
     #[test]

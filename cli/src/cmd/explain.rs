@@ -150,18 +150,21 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The body as the sidecar would return it: every applying plan in turn (one, unless several
+/// The body as the sidecar would return it: every plan step in turn (one plan, unless several
 /// policies' constraining rules apply), with what they did together.
 fn transformed(verdict: &Verdict<'_>, req: &Request<'_>, mut body: Vec<u8>, key: &HashKey) -> Value {
     let mut total = TransformStats::default();
-    for applying in verdict.in_application_order() {
-        let Some(plan) = applying.plan else { continue };
+    let mut counted = false;
+    for (applying, plan, _) in verdict.plan_steps() {
         let vars = req.vars(&applying.params);
         let t = match apply(&body, plan, &vars, key) {
             Ok(t) => t,
             Err(e) => return json!({"error": e.to_string()}),
         };
-        total.records_returned = t.stats.records_returned;
+        if plan.records.is_some() || plan.row_filter.is_some() || !counted {
+            total.records_returned = t.stats.records_returned;
+            counted = true;
+        }
         total.records_filtered += t.stats.records_filtered;
         total.records_truncated += t.stats.records_truncated;
         total.filter_errors += t.stats.filter_errors;

@@ -73,6 +73,21 @@ impl Reservation {
     }
 }
 
+impl Reservation {
+    /// The bytes this reservation holds.
+    pub(crate) fn held(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Gives back what this reservation holds above `bytes`.
+    pub(crate) fn shrink_to(&mut self, bytes: u64) {
+        if self.bytes > bytes {
+            self.budget.give_back(self.bytes - bytes);
+            self.bytes = bytes;
+        }
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.bytes > 0 {
@@ -104,6 +119,13 @@ mod tests {
         drop(r1);
         assert_eq!(b.in_use(), 40);
         assert!(r2.grow(60));
+        // What a step no longer needs goes back before the next one takes its share.
+        let held = r2.held();
+        assert!(r2.grow(0) && held == 100);
+        r2.shrink_to(40);
+        assert_eq!((b.in_use(), r2.held()), (40, 40));
+        r2.shrink_to(70);
+        assert_eq!(b.in_use(), 40, "shrinking never takes more");
         drop(r2);
         assert_eq!(b.in_use(), 0);
     }

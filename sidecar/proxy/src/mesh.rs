@@ -26,11 +26,14 @@
 //! 127.0.0.1), where the app, or any other process of the pod, could connect from too; so with
 //! `--caller-identity linkerd` the header is believed only on connections whose other end is
 //! a socket of the pod owned by the Linkerd proxy's user id (2102 unless the mesh says
-//! otherwise), as the kernel's socket tables show ([`crate::socket_owner`]). The same holds
-//! for the ports Linkerd treats as opaque (TCP): there it passes the client's own header,
-//! so the proxy port must not be opaque.
+//! otherwise), as the kernel's socket tables show ([`crate::socket_owner`]); other
+//! connections from the pod's own address are anonymous. Linkerd handles the header only on
+//! connections it reads as HTTP: an opaque port, or a connection its protocol detection gives
+//! up on (no request within 10 s), is forwarded as TCP with the client's own header, so the
+//! proxy port needs a Linkerd `Server` with `proxyProtocol: HTTP/1` (or `HTTP/2`).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use custos_api::WorkloadIdentity;
 use http::HeaderMap;
@@ -128,13 +131,77 @@ impl MeshCaller {
     }
 }
 
+/// Where a connection comes from, as far as the mesh's identity header goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The mesh's proxy: its identity header names the caller.
+    MeshProxy,
+    /// Behind Linkerd, another process of the pod on the pod's own address: anonymous (the
+    /// identity table would name the pod itself, as it would every caller if the proxy's user
+    /// id were set wrong).
+    Pod,
+    /// Anywhere else: the identity table applies.
+    Peer,
+}
+
+/// How a connection's [`Origin`] is found: at once, or (Linkerd) from the pod's socket table,
+/// read once per connection on its first request, off the proxy thread (the table of a busy
+/// pod is long, and the accept loop must not wait for it).
+#[derive(Clone, Debug)]
+pub(crate) enum OriginCheck {
+    /// Known when the connection was accepted.
+    Known(Origin),
+    /// The owner of the peer's socket decides.
+    SocketTable {
+        /// The connection's local address.
+        local: SocketAddr,
+        /// The user id of the mesh's proxy.
+        proxy_uid: u32,
+        /// The answer, once read.
+        answer: Arc<tokio::sync::OnceCell<Origin>>,
+    },
+}
+
+impl OriginCheck {
+    /// The origin of the connection from `peer`.
+    pub(crate) async fn origin(&self, peer: SocketAddr) -> Origin {
+        match self {
+            OriginCheck::Known(origin) => *origin,
+            OriginCheck::SocketTable { local, proxy_uid, answer } => {
+                let (local, proxy_uid) = (*local, *proxy_uid);
+                *answer
+                    .get_or_init(|| async move {
+                        let owner =
+                            tokio::task::spawn_blocking(move || crate::socket_owner::peer_uid(peer, local))
+                                .await
+                                .ok()
+                                .flatten();
+                        if owner == Some(proxy_uid) {
+                            Origin::MeshProxy
+                        } else if peer.ip().to_canonical() == local.ip().to_canonical() {
+                            Origin::Pod
+                        } else {
+                            Origin::Peer
+                        }
+                    })
+                    .await
+            }
+        }
+    }
+}
+
 impl MeshIdentity {
-    /// Whether the connection from `peer` to `local` comes from the mesh's proxy, so that its
-    /// identity header is the proxy's.
-    pub(crate) fn trusts_connection(&self, peer: SocketAddr, local: SocketAddr) -> bool {
-        match self.mesh {
-            Mesh::Istio => Self::trusts(peer.ip()),
-            Mesh::Linkerd { proxy_uid } => crate::socket_owner::peer_uid(peer, local) == Some(proxy_uid),
+    /// How to find the origin of a connection from `peer` accepted on `local` (`None` when
+    /// the address cannot be read: then it is not the mesh's proxy).
+    pub(crate) fn origin_check(&self, peer: SocketAddr, local: Option<SocketAddr>) -> OriginCheck {
+        match (self.mesh, local) {
+            (Mesh::Istio, _) => {
+                OriginCheck::Known(if Self::trusts(peer.ip()) { Origin::MeshProxy } else { Origin::Peer })
+            }
+            (Mesh::Linkerd { proxy_uid }, Some(local)) => {
+                OriginCheck::SocketTable { local, proxy_uid, answer: Arc::default() }
+            }
+            (Mesh::Linkerd { .. }, None) => OriginCheck::Known(Origin::Pod),
         }
     }
 
@@ -364,22 +431,42 @@ mod tests {
     }
 
     /// Behind Linkerd, only a socket of the proxy's user id is believed: this process's
-    /// connection is believed when the proxy's user id is this process's, and not otherwise.
-    #[test]
-    fn only_the_linkerd_proxys_sockets_are_trusted() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, peer) = listener.accept().unwrap();
-        let local = server.local_addr().unwrap();
-        let own = crate::socket_owner::peer_uid(peer, local).unwrap();
-        let with_uid = |proxy_uid| MeshIdentity {
-            mesh: Mesh::Linkerd { proxy_uid },
-            trust_domain: "cluster.local".into(),
-        };
-        assert!(with_uid(own).trusts_connection(peer, local));
-        assert!(!with_uid(own.wrapping_add(1)).trusts_connection(peer, local));
-        // Istio trusts by address alone.
-        assert!(!mesh().trusts_connection(peer, local));
+    /// connection is believed when the proxy's user id is this process's; otherwise, from the
+    /// pod's own address, it is anonymous, and from another address the table applies.
+    #[tokio::test]
+    async fn only_the_linkerd_proxys_sockets_are_trusted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        let own = own_uid();
+        for (from, proxy_uid, want) in [
+            ("127.0.0.1", own, Origin::MeshProxy),
+            ("127.0.0.1", own.wrapping_add(1), Origin::Pod),
+            ("127.0.0.2", own.wrapping_add(1), Origin::Peer),
+        ] {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+            let _client = socket.connect(to).await.unwrap();
+            let (server, peer) = listener.accept().await.unwrap();
+            let mesh =
+                MeshIdentity { mesh: Mesh::Linkerd { proxy_uid }, trust_domain: "cluster.local".into() };
+            let check = mesh.origin_check(peer, server.local_addr().ok());
+            assert_eq!(check.origin(peer).await, want, "{from}, proxy uid {proxy_uid}");
+            assert_eq!(check.origin(peer).await, want, "read once, kept");
+        }
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        // No local address: never the proxy.
+        assert!(matches!(linkerd().origin_check(peer, None), OriginCheck::Known(Origin::Pod)));
+        // Istio decides by address alone.
+        assert!(matches!(mesh().origin_check(peer, None), OriginCheck::Known(Origin::Peer)));
+        let envoy: SocketAddr = "127.0.0.6:40000".parse().unwrap();
+        assert!(matches!(mesh().origin_check(envoy, None), OriginCheck::Known(Origin::MeshProxy)));
+    }
+
+    /// The user of this process, from `/proc/self/status`.
+    fn own_uid() -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
     fn caller(values: &[&str]) -> MeshCaller {

@@ -7,6 +7,7 @@
 //! identity (peer workload, JWT user), decision, quotas, forwarding with the normalised path,
 //! response transform, record accounting, and one audit event.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -23,7 +24,7 @@ use custos_api::{AuditEvent, Decision};
 use custos_policy::{NormalizedPath, Reason, Request as EngineRequest, User, Verdict, normalize};
 use custos_quota::{QuotaKey, Quotas, Timestamp};
 use custos_transform::expr::{RequestVars, UserVars, Vars, WorkloadVars};
-use custos_transform::{HashKey, Outcome, Plan, TransformError, TransformStats};
+use custos_transform::{HashKey, Outcome, Phase, Plan, TransformError, TransformStats};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Incoming};
@@ -135,14 +136,14 @@ pub(crate) fn upstream(
 pub(crate) struct Enforcer {
     shared: Arc<Shared>,
     peer: SocketAddr,
-    /// The connection comes from the mesh's proxy (`Shared::mesh`): its identity header is
-    /// the proxy's.
-    through_mesh: bool,
+    /// Whether the connection comes from the mesh's proxy (`Shared::mesh`), whose identity
+    /// header is then the proxy's.
+    origin: crate::mesh::OriginCheck,
 }
 
 impl Enforcer {
-    pub(crate) fn new(shared: Arc<Shared>, peer: SocketAddr, through_mesh: bool) -> Self {
-        Enforcer { shared, peer, through_mesh }
+    pub(crate) fn new(shared: Arc<Shared>, peer: SocketAddr, origin: crate::mesh::OriginCheck) -> Self {
+        Enforcer { shared, peer, origin }
     }
 }
 
@@ -157,8 +158,14 @@ impl tower::Service<Request<Incoming>> for Enforcer {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let shared = self.shared.clone();
-        let (peer, through_mesh) = (self.peer, self.through_mesh);
-        Box::pin(async move { Ok(handle(shared, peer, through_mesh, req).await) })
+        let (peer, origin) = (self.peer, self.origin.clone());
+        Box::pin(async move {
+            let origin = match origin {
+                crate::mesh::OriginCheck::Known(origin) => origin,
+                check => check.origin(peer).await,
+            };
+            Ok(handle(shared, peer, origin, req).await)
+        })
     }
 }
 
@@ -175,6 +182,17 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// The event names the rule of `job`, which refused the response (another policy's than
+    /// the deciding one's, when several apply).
+    fn name_rule(&mut self, job: &TransformJob) {
+        if self.event.rule.as_deref() != Some(job.rule.as_str())
+            || self.event.policy.as_deref() != Some(job.policy.as_str())
+        {
+            self.event.policy = Some(job.policy.clone());
+            self.event.rule = Some(job.rule.clone());
+        }
+    }
+
     fn set_reason(&mut self, code: &'static str) {
         self.reason = code;
         self.event.reason = code.to_string();
@@ -197,7 +215,7 @@ impl Ctx {
 async fn handle(
     shared: Arc<Shared>,
     peer: SocketAddr,
-    through_mesh: bool,
+    origin: crate::mesh::Origin,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
@@ -241,7 +259,7 @@ async fn handle(
     };
     let mut in_flight = InFlight { shared: &shared, ctx: Some(ctx) };
     let ctx = in_flight.ctx.as_mut().expect("set above");
-    let response = process(&shared, ctx, peer, through_mesh, req, wall).await;
+    let response = process(&shared, ctx, peer, origin, req, wall).await;
     let ctx = in_flight.ctx.take().expect("taken once");
     finish(&shared, ctx, response)
 }
@@ -336,7 +354,7 @@ async fn process(
     shared: &Shared,
     ctx: &mut Ctx,
     peer: SocketAddr,
-    through_mesh: bool,
+    origin: crate::mesh::Origin,
     mut req: Request<Incoming>,
     wall: SystemTime,
 ) -> Response<ProxyBody> {
@@ -413,7 +431,7 @@ async fn process(
     let ip = peer.ip().to_canonical();
     let mesh_caller;
     let caller = match &shared.mesh {
-        Some(mesh) if through_mesh => {
+        Some(mesh) if origin == crate::mesh::Origin::MeshProxy => {
             let found = mesh.caller(req.headers());
             shared.metrics.mesh_callers.get_or_create(&ResultLabels { result: found.label() }).inc();
             mesh_caller = found.identity(&ctx.peer_ip);
@@ -423,7 +441,9 @@ async fn process(
             // Not through the mesh's proxy: whatever certificate details it claims are the
             // caller's own words, for the app as for the sidecar.
             req.headers_mut().remove(mesh.header());
-            state.workloads.get(&ip)
+            // Behind Linkerd, the pod's own address is every caller's: without the proxy's
+            // word, anonymous.
+            (origin == crate::mesh::Origin::Peer).then(|| state.workloads.get(&ip)).flatten()
         }
         None => state.workloads.get(&ip),
     };
@@ -499,82 +519,18 @@ async fn process(
     // 5. Quotas: the deciding rule's, and those of the other constraining rules that apply
     // with it (`Verdict::also`), each under the principal its own policy identified.
     let quota_now = crate::quota_clock::quota_time(wall);
-    // Admits the request under a rule's quotas; its response transform, if it has a plan.
-    let mut prepare = |applying: &Verdict<'_>, deciding: bool| -> Prepared {
-        let mut records_remaining = None;
-        let mut quota_key = None;
-        if applying.decision == Decision::Allow
-            && let (Some(limits), Some(policy), Some(rule)) =
-                (applying.limits, applying.policy, applying.rule)
-        {
-            let principal = match deciding {
-                true => ctx.event.principal.clone(),
-                false => principal(state.user_for(&users, applying.policy), caller)
-                    .unwrap_or_else(|| ctx.event.principal.clone()),
-            };
-            let key = QuotaKey { policy: policy.name.clone(), rule: rule.name.clone(), principal };
-            match shared.quotas.admit(&key, limits, quota_now) {
-                Ok(admission) => records_remaining = admission.records_remaining,
-                Err(exceeded) if applying.mode == Mode::Enforce => {
-                    let limit = exceeded.limit.as_str();
-                    let retry = exceeded.retry_after_secs().max(1);
-                    shared.metrics.quota_rejections.get_or_create(&LimitLabels { limit }).inc();
-                    ctx.deny("quota_exceeded");
-                    ctx.event.reason = format!("quota_exceeded:{limit}");
-                    return Err(Box::new(retry_later(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        json!({
-                            "error": "quota exceeded",
-                            "policy": policy.name,
-                            "rule": rule.name,
-                            "reason": "quota_exceeded",
-                            "limit": limit,
-                            "retryAfterSeconds": retry,
-                        }),
-                        retry,
-                    )));
-                }
-                Err(_) => ctx.would_deny("quota_exceeded"),
-            }
-            quota_key = Some(key);
-        }
-        if let Some(plan) = applying.plan
-            && applying.decision == Decision::Allow
-            && plan.needs_body()
-        {
-            let policy_user = if deciding { policy_user } else { state.policy_user(&users, applying.policy) };
-            return Ok(Some(TransformJob {
-                plan: plan.clone(),
-                mode: applying.mode,
-                fail_open: applying.policy.is_some_and(|p| p.fail_open),
-                policy: applying.policy.map(|p| p.name.clone()).unwrap_or_default(),
-                rule: applying.rule.map(|r| r.name.clone()).unwrap_or_default(),
-                request: RequestVars {
-                    method: req.method().as_str().to_ascii_uppercase(),
-                    path: path.as_str().to_string(),
-                    params: applying.params.iter().cloned().collect(),
-                    time,
-                },
-                user: policy_user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
-                workload: caller.map(WorkloadVars::of),
-                records_remaining,
-                limits: applying.limits.cloned().unwrap_or_default(),
-                quota_key,
-                before: Vec::new(),
-            }));
-        }
-        Ok(None)
+    // Built only for a request whose response is transformed.
+    let request_vars = || RequestVars {
+        method: req.method().as_str().to_ascii_uppercase(),
+        path: path.as_str().to_string(),
+        params: Default::default(),
+        time,
     };
-
     let prepared = if verdict.also.is_empty() {
-        prepare(&verdict, true)
+        prepare_one(shared, ctx, &verdict, policy_user, caller, request_vars, quota_now)
     } else {
-        verdict
-            .in_application_order()
-            .into_iter()
-            .filter_map(|applying| prepare(applying, std::ptr::eq(applying, &verdict)).transpose())
-            .collect::<Result<Vec<_>, _>>()
-            .map(TransformJob::in_order)
+        let several = Several { state: &state, users: &users, caller, request: request_vars() };
+        prepare_several(shared, ctx, &verdict, &several, quota_now)
     };
     let transform = match prepared {
         Ok(transform) => transform,
@@ -748,8 +704,165 @@ async fn process(
     }
 }
 
-/// A rule's response transform, if it has a plan; or the answer that refuses the request.
+/// The response transform of the rules that apply, if any has a plan; or the answer that
+/// refuses the request.
 type Prepared = Result<Option<TransformJob>, Box<Response<ProxyBody>>>;
+
+/// One rule applies (no `Verdict::also`): its quotas admit the request, and its plan, if it
+/// reads the body, is the transform.
+fn prepare_one(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    verdict: &Verdict<'_>,
+    user: Option<&User>,
+    caller: Option<&WorkloadIdentity>,
+    request: impl FnOnce() -> RequestVars,
+    quota_now: Timestamp,
+) -> Prepared {
+    if verdict.decision != Decision::Allow {
+        return Ok(None);
+    }
+    let mut records_remaining = None;
+    let mut quota_key = None;
+    if let (Some(limits), Some(policy), Some(rule)) = (verdict.limits, verdict.policy, verdict.rule) {
+        let key = QuotaKey {
+            policy: policy.name.clone(),
+            rule: rule.name.clone(),
+            principal: ctx.event.principal.clone(),
+        };
+        match shared.quotas.admit(&key, limits, quota_now) {
+            Ok(admission) => records_remaining = admission.records_remaining,
+            Err(exceeded) if verdict.mode == Mode::Enforce => {
+                return Err(Box::new(quota_refused(shared, ctx, policy, rule, &exceeded)));
+            }
+            Err(_) => ctx.would_deny("quota_exceeded"),
+        }
+        quota_key = Some(key);
+    }
+    let Some(plan) = verdict.plan.filter(|p| p.needs_body()) else { return Ok(None) };
+    Ok(Some(TransformJob {
+        plan: plan.clone(),
+        mode: verdict.mode,
+        fail_open: verdict.policy.is_some_and(|p| p.fail_open),
+        policy: verdict.policy.map(|p| p.name.clone()).unwrap_or_default(),
+        rule: verdict.rule.map(|r| r.name.clone()).unwrap_or_default(),
+        request: RequestVars { params: verdict.params.iter().cloned().collect(), ..request() },
+        user: user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
+        workload: caller.map(WorkloadVars::of),
+        records_remaining,
+        limits: verdict.limits.cloned().unwrap_or_default(),
+        quota_key,
+        deciding: true,
+        before: Vec::new(),
+    }))
+}
+
+/// What [`prepare_several`] reads of the request besides the verdict.
+struct Several<'a> {
+    state: &'a PolicyState,
+    users: &'a Users,
+    caller: Option<&'a WorkloadIdentity>,
+    request: RequestVars,
+}
+
+/// Several policies' constraining rules apply (`Verdict::also`, all enforced Allows): every
+/// rule's quotas, under the principal its own policy identifies, are checked before any is
+/// charged (a refusal names its rule); then one transform job per plan step
+/// (`Verdict::plan_steps`), the rule's quotas charged by its cap step.
+fn prepare_several(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    verdict: &Verdict<'_>,
+    several: &Several<'_>,
+    quota_now: Timestamp,
+) -> Prepared {
+    let order = verdict.in_application_order();
+    let mut keys: Vec<Option<QuotaKey>> = Vec::with_capacity(order.len());
+    for applying in &order {
+        let (Some(limits), Some(policy), Some(rule)) = (applying.limits, applying.policy, applying.rule)
+        else {
+            keys.push(None);
+            continue;
+        };
+        // A policy that identifies nobody counts by the peer, as it would alone.
+        let principal = principal(several.state.user_for(several.users, applying.policy), several.caller)
+            .unwrap_or_else(|| ["peer:", ctx.peer_ip.as_str()].concat());
+        let key = QuotaKey { policy: policy.name.clone(), rule: rule.name.clone(), principal };
+        if let Err(exceeded) = shared.quotas.check(&key, limits, quota_now) {
+            return Err(Box::new(quota_refused(shared, ctx, policy, rule, &exceeded)));
+        }
+        keys.push(Some(key));
+    }
+    let mut remaining: Vec<Option<u64>> = vec![None; order.len()];
+    for (i, applying) in order.iter().enumerate() {
+        if let (Some(key), Some(limits), Some(policy), Some(rule)) =
+            (&keys[i], applying.limits, applying.policy, applying.rule)
+        {
+            match shared.quotas.admit(key, limits, quota_now) {
+                Ok(admission) => remaining[i] = admission.records_remaining,
+                // Another request took what the check saw left.
+                Err(exceeded) => return Err(Box::new(quota_refused(shared, ctx, policy, rule, &exceeded))),
+            }
+        }
+    }
+    let jobs = verdict
+        .plan_steps()
+        .into_iter()
+        .map(|(applying, plan, phase)| {
+            let i = order.iter().position(|v| std::ptr::eq(*v, applying)).unwrap_or_default();
+            let charges = phase == Some(Phase::Cap);
+            let user = several.state.policy_user(several.users, applying.policy);
+            TransformJob {
+                plan: plan.clone(),
+                mode: applying.mode,
+                fail_open: applying.policy.is_some_and(|p| p.fail_open),
+                policy: applying.policy.map(|p| p.name.clone()).unwrap_or_default(),
+                rule: applying.rule.map(|r| r.name.clone()).unwrap_or_default(),
+                request: RequestVars {
+                    params: applying.params.iter().cloned().collect(),
+                    ..several.request.clone()
+                },
+                user: user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
+                workload: several.caller.map(WorkloadVars::of),
+                records_remaining: remaining[i].filter(|_| charges),
+                limits: applying.limits.cloned().unwrap_or_default(),
+                quota_key: keys[i].clone().filter(|_| charges),
+                deciding: std::ptr::eq(applying, verdict),
+                before: Vec::new(),
+            }
+        })
+        .collect();
+    Ok(TransformJob::in_order(jobs))
+}
+
+/// 429 for a request over one of `rule`'s quotas; the event names the rule.
+fn quota_refused(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    policy: &custos_policy::CompiledPolicy,
+    rule: &custos_policy::CompiledRule,
+    exceeded: &custos_quota::Exceeded,
+) -> Response<ProxyBody> {
+    let limit = exceeded.limit.as_str();
+    let retry = exceeded.retry_after_secs().max(1);
+    shared.metrics.quota_rejections.get_or_create(&LimitLabels { limit }).inc();
+    ctx.deny("quota_exceeded");
+    ctx.event.reason = format!("quota_exceeded:{limit}");
+    ctx.event.policy = Some(policy.name.clone());
+    ctx.event.rule = Some(rule.name.clone());
+    retry_later(
+        StatusCode::TOO_MANY_REQUESTS,
+        json!({
+            "error": "quota exceeded",
+            "policy": policy.name,
+            "rule": rule.name,
+            "reason": "quota_exceeded",
+            "limit": limit,
+            "retryAfterSeconds": retry,
+        }),
+        retry,
+    )
+}
 
 /// What the response transform needs, taken from the verdict before the request is sent.
 struct TransformJob {
@@ -763,18 +876,20 @@ struct TransformJob {
     workload: Option<WorkloadVars>,
     records_remaining: Option<u64>,
     limits: custos_api::policy::Limits,
-    /// The rule's quotas, which count the records this plan returns.
+    /// The rule's quotas, charged the records the response returns.
     quota_key: Option<QuotaKey>,
+    /// The rule of the deciding verdict (the one the event names), whose records served are
+    /// counted.
+    deciding: bool,
     /// The plans of other policies' rules that apply with this one (`Verdict::also`),
     /// applied to the body first, in order; each of them with an empty `before`.
     before: Vec<TransformJob>,
 }
 
 impl TransformJob {
-    /// The jobs of the rules that apply to one request, in the order their plans apply
-    /// ([`Verdict::in_application_order`](custos_policy::Verdict::in_application_order)), as
-    /// one job. A response passes unchanged on failure only if every rule's policy says
-    /// `failOpen`.
+    /// The jobs of the plan steps of one request, in the order they apply
+    /// ([`Verdict::plan_steps`](custos_policy::Verdict::plan_steps)), as one job. A response
+    /// passes on failure only if every rule's policy says `failOpen`.
     fn in_order(mut jobs: Vec<TransformJob>) -> Option<TransformJob> {
         let fail_open = jobs.iter().all(|j| j.fail_open);
         let mut last = jobs.pop()?;
@@ -889,15 +1004,23 @@ async fn transform_response(
     };
 
     // Each plan in turn over what the one before let through (one plan but when several
-    // policies' constraining rules apply).
+    // policies' constraining rules apply). What they did reaches the event, the records
+    // served and the quotas once the response is certain: a step that refuses it leaves
+    // no count behind of records the caller did not get.
     let mut job = job;
     let before = std::mem::take(&mut job.before);
     let mut input = decoded;
-    for step in before.iter().chain(std::iter::once(&job)) {
-        let applied = apply_plan(shared, ctx, step, &input, &mut reservation, quota_now);
-        input = match applied {
+    let mut applied = Applied::default();
+    for (i, step) in before.iter().chain(std::iter::once(&job)).enumerate() {
+        // A parsed document is gone once its step is done; the next takes its own share.
+        let held = reservation.held();
+        let result = apply_plan(shared, step, &input, &mut reservation, &mut applied);
+        reservation.shrink_to(held);
+        input = match result {
             Ok(Outcome::Body(body)) => Bytes::from(body),
             Ok(Outcome::RootFiltered) => {
+                applied.commit(shared, ctx, before.iter().chain(std::iter::once(&job)), quota_now);
+                ctx.name_rule(step);
                 if step.mode == Mode::Enforce {
                     ctx.deny("out_of_scope");
                     return error_response(
@@ -908,12 +1031,26 @@ async fn transform_response(
                 ctx.would_deny("out_of_scope");
                 return Response::from_parts(parts, ProxyBody::full(raw));
             }
-            Err(PlanFailure::CapExceeded) => return cap_denied(ctx, step, parts, raw),
+            Err(PlanFailure::CapExceeded) => {
+                ctx.name_rule(step);
+                return cap_denied(ctx, step, parts, raw);
+            }
+            Err(PlanFailure::Untransformable(code))
+                if i > 0 && step.mode == Mode::Enforce && step.fail_open =>
+            {
+                // Every policy fails open (`TransformJob::in_order`): the caller gets what the
+                // plans before this one made of the body, not the app's bytes.
+                applied.commit(shared, ctx, before.iter().take(i), quota_now);
+                rewritten_for_the_caller(&mut parts.headers);
+                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(input.len()));
+                return untransformable(shared, ctx, step, parts, code, ProxyBody::full(input));
+            }
             Err(PlanFailure::Untransformable(code)) => {
                 return untransformable(shared, ctx, step, parts, code, ProxyBody::full(raw));
             }
         };
     }
+    applied.commit(shared, ctx, before.iter().chain(std::iter::once(&job)), quota_now);
     if job.mode != Mode::Enforce {
         // Audit: the caller gets the app's bytes; the event holds what would have been done.
         return Response::from_parts(parts, ProxyBody::full(raw));
@@ -934,15 +1071,14 @@ enum PlanFailure {
     Untransformable(&'static str),
 }
 
-/// Applies `job`'s plan to `body`, counts what it did into the event and the metrics, and the
-/// records it returned into the rule's quotas.
+/// Applies `job`'s plan to `body` and adds what it did to `applied` (and, in Enforce mode, the
+/// records it removed and the fields it masked to the metrics).
 fn apply_plan(
     shared: &Shared,
-    ctx: &mut Ctx,
     job: &TransformJob,
     body: &[u8],
     reservation: &mut Reservation,
-    quota_now: Timestamp,
+    applied: &mut Applied,
 ) -> Result<Outcome, PlanFailure> {
     // The per-response cap, lowered to what the principal has left of its record quotas.
     // The cut is always a truncation; `onExceed: Deny` is judged on the records that passed
@@ -961,7 +1097,7 @@ fn apply_plan(
     // The parsed document, when the body needs one, takes its share of the budget too.
     let room = |needed| reservation.grow(needed);
     let result = custos_transform::apply_within(body, effective, vars, &shared.hash_key, room);
-    let mut transformed = match result {
+    let transformed = match result {
         Ok(t) => t,
         Err(TransformError::RecordCapExceeded { .. }) => return Err(PlanFailure::CapExceeded),
         Err(TransformError::NoRoomForDocument { needed }) => {
@@ -989,48 +1125,85 @@ fn apply_plan(
     {
         return Err(PlanFailure::CapExceeded);
     }
-    let records_returned = transformed.stats.records_returned;
-    record_stats(shared, ctx, job, std::mem::take(&mut transformed.stats));
-    if let Some(key) = &job.quota_key {
-        shared.quotas.record(key, &job.limits, records_returned, quota_now);
-    }
+    applied.add(shared, job, transformed.stats);
     Ok(transformed.outcome)
 }
 
-/// Counts what a transform did into the event and the metrics (Enforce only for metrics:
-/// Audit-mode numbers are would-be values and live in the events). Of several plans applied
-/// in turn, the event holds the records the last one returned and their hashes, and the
-/// records removed and fields masked by all of them.
-fn record_stats(shared: &Shared, ctx: &mut Ctx, job: &TransformJob, stats: TransformStats) {
-    ctx.event.records_returned = stats.records_returned;
-    ctx.event.records_filtered += stats.records_filtered;
-    ctx.event.records_truncated += stats.records_truncated;
-    ctx.event.record_hashes = stats.record_hashes;
-    if job.mode == Mode::Enforce {
-        let (m, counters) = (&shared.metrics, &shared.counters);
-        if stats.records_returned > 0 {
-            counters.records_served(m, &job.policy, &job.rule, stats.records_returned);
+/// What the plans applied to a response did, held until the response is certain.
+#[derive(Default)]
+struct Applied {
+    /// Records returned, as the last plan that selects or filters records counted them.
+    returned: Option<u64>,
+    filtered: u64,
+    truncated: u64,
+    masked: BTreeMap<String, u64>,
+    /// Keyed hashes of the ids of the records returned, from the last plan that hashes them.
+    hashes: Vec<String>,
+}
+
+impl Applied {
+    /// Adds one plan's numbers; the records it removed and the fields it masked go to the
+    /// metrics at once (Enforce only: Audit-mode numbers are would-be values and live in the
+    /// events).
+    fn add(&mut self, shared: &Shared, job: &TransformJob, stats: TransformStats) {
+        if job.plan.records.is_some() || job.plan.row_filter.is_some() || self.returned.is_none() {
+            self.returned = Some(stats.records_returned);
         }
-        // Rarer: straight to the families.
-        let labels = || RuleLabels { policy: job.policy.clone(), rule: job.rule.clone() };
-        if stats.records_filtered > 0 {
-            m.records_filtered.get_or_create(&labels()).inc_by(stats.records_filtered);
+        if job.plan.record_id.is_some() {
+            self.hashes = stats.record_hashes;
         }
-        if stats.records_truncated > 0 {
-            m.records_truncated.get_or_create(&labels()).inc_by(stats.records_truncated);
+        self.filtered += stats.records_filtered;
+        self.truncated += stats.records_truncated;
+        if job.mode == Mode::Enforce {
+            let (m, counters) = (&shared.metrics, &shared.counters);
+            // Rarer: straight to the families.
+            let labels = || RuleLabels { policy: job.policy.clone(), rule: job.rule.clone() };
+            if stats.records_filtered > 0 {
+                m.records_filtered.get_or_create(&labels()).inc_by(stats.records_filtered);
+            }
+            if stats.records_truncated > 0 {
+                m.records_truncated.get_or_create(&labels()).inc_by(stats.records_truncated);
+            }
+            for (class, n) in &stats.masked {
+                if *n > 0 {
+                    counters.masked_fields(m, class, *n);
+                }
+            }
         }
-        for (class, n) in &stats.masked {
-            if *n > 0 {
-                counters.masked_fields(m, class, *n);
+        if self.masked.is_empty() {
+            self.masked = stats.masked;
+        } else {
+            for (class, n) in stats.masked {
+                *self.masked.entry(class).or_default() += n;
             }
         }
     }
-    if ctx.event.masked.is_empty() {
-        ctx.event.masked = stats.masked;
-    } else {
-        for (class, n) in stats.masked {
-            *ctx.event.masked.entry(class).or_default() += n;
+
+    /// Into the event, the records served (under the deciding rule) and the quotas of the
+    /// rules of `jobs`, each charged the records returned.
+    fn commit<'j>(
+        self,
+        shared: &Shared,
+        ctx: &mut Ctx,
+        jobs: impl Iterator<Item = &'j TransformJob>,
+        now: Timestamp,
+    ) {
+        let returned = self.returned.unwrap_or(0);
+        let mut served = false;
+        for job in jobs {
+            if job.deciding && !served && job.mode == Mode::Enforce && returned > 0 {
+                shared.counters.records_served(&shared.metrics, &job.policy, &job.rule, returned);
+                served = true;
+            }
+            if let Some(key) = &job.quota_key {
+                shared.quotas.record(key, &job.limits, returned, now);
+            }
         }
+        ctx.event.records_returned = returned;
+        ctx.event.records_filtered = self.filtered;
+        ctx.event.records_truncated = self.truncated;
+        ctx.event.record_hashes = self.hashes;
+        ctx.event.masked = self.masked;
     }
 }
 
@@ -1538,6 +1711,7 @@ mod tests {
             records_remaining: None,
             limits: Default::default(),
             quota_key: None,
+            deciding: true,
             before: Vec::new(),
         }
     }

@@ -79,12 +79,12 @@ pub(crate) async fn serve_proxy(
             tokio::spawn(refuse_connection(stream));
             continue;
         };
-        // Whether the connection is the mesh's proxy's, decided once for its requests.
-        let through_mesh = shared
-            .mesh
-            .as_ref()
-            .is_some_and(|mesh| stream.local_addr().is_ok_and(|local| mesh.trusts_connection(peer, local)));
-        let enforcer = Enforcer::new(shared.clone(), peer, through_mesh);
+        // Whether the connection is the mesh's proxy's, found once for its requests.
+        let origin = match &shared.mesh {
+            Some(mesh) => mesh.origin_check(peer, stream.local_addr().ok()),
+            None => crate::mesh::OriginCheck::Known(crate::mesh::Origin::Peer),
+        };
+        let enforcer = Enforcer::new(shared.clone(), peer, origin);
         let started = RequestStarted::new();
         let marker = started.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {

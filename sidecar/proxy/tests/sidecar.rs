@@ -643,8 +643,90 @@ async fn constraining_rules_of_several_policies_all_apply() {
         .unwrap_or_else(|| panic!("{events:#?}"));
     assert_eq!((first["policy"].as_str(), first["rule"].as_str()), (Some("a-masking"), Some("masked-list")));
     assert_eq!(first["recordsFiltered"], 1);
-    assert_eq!(first["masked"], json!({"phone": 4}));
+    // Masks apply after every row filter: the phones of the records returned.
+    assert_eq!(first["masked"], json!({"phone": 3}));
     assert_eq!(first["recordHashes"].as_array().unwrap().len(), 3, "the hashes of the records returned");
+}
+
+/// With several policies, every row filter reads the app's own values (not another policy's
+/// masks), and the rules' quotas are all checked before any is charged: a request one rule
+/// refuses takes nothing from the others.
+#[tokio::test]
+async fn several_policies_filter_before_masking_and_charge_all_or_nothing() {
+    let masking = json!({
+        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
+        "mode": "Enforce",
+        "defaultAction": "Allow",
+        "dataClasses": [{"name": "branch", "paths": ["$.items[*].branch"]}],
+        "rules": [{"name": "hide-branches", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                   "records": "$.items[*]", "mask": {"branch": "Redact"}, "limits": {"requestsPerMinute": 2}}],
+    });
+    let mut scoping = policy(json!([
+        {"name": "branch-list", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
+         "to": {"methods": ["GET"], "paths": ["/customers"]},
+         "records": "$.items[*]", "rowFilter": "record.branch == user.branch", "limits": {"requestsPerMinute": 1}},
+    ]));
+    scoping["defaultAction"] = json!("Allow");
+    let mut f = fixture(&[("a-masking", masking), ("b-scoping", scoping)], Vec::new(), |s| {
+        let dir = s.jwks_dir.join("sso-jwks");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
+    })
+    .await;
+    let clerk = format!("Bearer {}", clerk_token("north"));
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let courier = format!(
+        "Bearer {}",
+        token(
+            json!({"iss": ISSUER, "aud": "customer-api", "sub": "u-42", "exp": now + 600, "branch": "north", "role": "courier"})
+        )
+    );
+
+    // The scoping filter saw the branches the masking policy redacts.
+    let reply = get_with(f.proxy(), "/customers", &[("authorization", &clerk)]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let items = reply.json()["items"].as_array().unwrap().clone();
+    assert_eq!(items.iter().map(|r| r["id"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3, 4]);
+    assert!(items.iter().all(|r| r["branch"] == custos_transform::REDACTED), "{items:?}");
+    // The scoping rule's one request a minute is used: 429 naming it, and nothing taken from
+    // the masking rule's two.
+    let reply = get_with(f.proxy(), "/customers", &[("authorization", &clerk)]).await;
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    assert_eq!(reply.json()["policy"], "b-scoping");
+    // A courier is not scoped (the scoping policy allows by default): the masking rule alone
+    // applies, and still has its second request.
+    let reply = get_with(f.proxy(), "/customers", &[("authorization", &courier)]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["items"].as_array().unwrap().len(), 4);
+    let reply = get_with(f.proxy(), "/customers", &[("authorization", &courier)]).await;
+    assert_eq!((reply.status.as_u16(), reply.json()["policy"].as_str()), (429, Some("a-masking")));
+    f.stop().await;
+}
+
+/// When every policy fails open and one plan cannot be applied, the caller gets what the
+/// others made of the body, not the app's bytes.
+#[tokio::test]
+async fn several_fail_open_policies_keep_what_the_others_did() {
+    let spec = |class: &str, records: &str, paths: &str| {
+        json!({
+            "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
+            "mode": "Enforce",
+            "defaultAction": "Allow",
+            "failOpen": true,
+            "dataClasses": [{"name": class, "paths": [paths]}],
+            "rules": [{"name": format!("mask-{class}"), "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                       "records": records, "mask": {class: "ShowLast4"}}],
+        })
+    };
+    // The second policy expects another response shape: its records are not found.
+    let phones = spec("phone", "$.items[*]", "$.items[*].phone");
+    let other_shape = spec("name", "$.results[*]", "$.results[*].name");
+    let mut f = fixture(&[("a-phones", phones), ("b-other-shape", other_shape)], Vec::new(), |_| {}).await;
+    let reply = get(f.proxy(), "/customers").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_no_personal_phone(&reply.text());
+    assert_eq!(reply.json()["items"][0]["name"], "Alice Example", "the failing plan's masks are not applied");
+    f.stop().await;
 }
 
 fn assert_no_personal_phone(text: &str) {
@@ -1151,11 +1233,17 @@ async fn workload_identity_from_linkerds_client_id() {
     f.stop().await;
 
     // The same connections, when the proxy runs as another user: the header is the client's
-    // own (removed before the app), and the identity table decides.
-    let mut f = start_with(policy(rules), vec![table], |s| s.mesh = linkerd(own_uid().wrapping_add(1))).await;
-    assert_eq!(get_with(f.proxy(), "/labelled/f", &[(header, web)]).await.status, 200);
-    assert_eq!(get_with(f.proxy(), "/ops/g", &[]).await.status, 200);
+    // own (removed before the app). From the pod's own address (here 127.0.0.1, the sidecar's)
+    // the caller is anonymous, not the table's entry for that address; from another address
+    // the identity table decides.
+    let other = WorkloadIdentity { ip: "127.0.0.2".into(), ..table.clone() };
+    let mut f =
+        start_with(policy(rules), vec![table, other], |s| s.mesh = linkerd(own_uid().wrapping_add(1))).await;
+    assert_eq!(get_with(f.proxy(), "/labelled/f", &[(header, portal)]).await.status, 401);
+    assert_eq!(get_from("127.0.0.2", f.proxy(), "/labelled/g", &[(header, web)]).await, Some(200));
+    assert_eq!(get_from("127.0.0.2", f.proxy(), "/ops/h", &[]).await, Some(200));
     let seen = f.upstream.seen();
+    assert_eq!(seen.len(), 2);
     assert!(
         seen.iter().all(|s| s.headers.get(header).is_none()),
         "a header not from Linkerd reached the app"

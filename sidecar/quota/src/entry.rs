@@ -217,8 +217,14 @@ impl Entry {
         }
     }
 
-    /// Counts one request if every limit allows it; see the crate docs.
-    pub(crate) fn admit(&mut self, limits: Configured, now: u64) -> Result<Option<u64>, Exceeded> {
+    /// Counts one request (unless `count` is false) if every limit allows it; see the crate
+    /// docs.
+    pub(crate) fn admit(
+        &mut self,
+        limits: Configured,
+        now: u64,
+        count: bool,
+    ) -> Result<Option<u64>, Exceeded> {
         self.touch(limits, now);
         let mut refusal = None;
         if let Some(rpm) = limits.rpm {
@@ -255,6 +261,9 @@ impl Entry {
         }
         if let Some(refusal) = refusal {
             return Err(refusal);
+        }
+        if !count {
+            return Ok(remaining);
         }
         if let Some(bucket) = self.bucket.as_mut().filter(|_| limits.rpm.is_some()) {
             bucket.level = bucket.level.saturating_sub(TOKEN);

@@ -305,12 +305,28 @@ impl Quotas {
     /// Before forwarding a request under `key`'s rule: counts it and says how many records
     /// the response may carry, or refuses it (nothing counted).
     pub fn admit(&self, key: &QuotaKey, limits: &Limits, now: Timestamp) -> Result<Admission, Exceeded> {
+        self.admission(key, limits, now, true)
+    }
+
+    /// What [`Quotas::admit`] would answer, without counting the request: for a request under
+    /// several rules, each checked before any is charged.
+    pub fn check(&self, key: &QuotaKey, limits: &Limits, now: Timestamp) -> Result<Admission, Exceeded> {
+        self.admission(key, limits, now, false)
+    }
+
+    fn admission(
+        &self,
+        key: &QuotaKey,
+        limits: &Limits,
+        now: Timestamp,
+        count: bool,
+    ) -> Result<Admission, Exceeded> {
         let limits = Configured::from_limits(limits);
         if limits.is_empty() {
             return Ok(Admission { records_remaining: None });
         }
         let now = now.as_millis();
-        let result = self.with_entry(key, now, Some(now), |entry| entry.admit(limits, now));
+        let result = self.with_entry(key, now, Some(now), |entry| entry.admit(limits, now, count));
         match result {
             Some(Ok(records_remaining)) => Ok(Admission { records_remaining }),
             Some(Err(exceeded)) => Err(exceeded),

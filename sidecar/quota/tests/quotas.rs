@@ -205,6 +205,27 @@ fn clock_going_back_is_harmless() {
     assert_eq!(q.admit(&k, &l, at(100 + HOUR)), refused(LimitKind::RecordsPerHour, 20));
 }
 
+/// `check` answers as `admit` would, and counts nothing: a request under several rules is
+/// checked against all of them before any is charged.
+#[test]
+fn check_counts_nothing() {
+    let q = quotas();
+    let k = key("user:alice");
+    let l = limits(Some(2), Some(5), None);
+    for _ in 0..5 {
+        assert_eq!(q.check(&k, &l, at(0)), ok(Some(5)));
+    }
+    assert_eq!(q.admit(&k, &l, at(0)), ok(Some(5)));
+    q.record(&k, &l, 5, at(0));
+    assert_eq!(q.check(&k, &l, at(0)).unwrap_err().limit, LimitKind::RecordsPerHour);
+    let other = key("user:bob");
+    assert_eq!(q.admit(&other, &l, at(0)), ok(Some(5)));
+    assert_eq!(q.check(&other, &l, at(0)), ok(Some(5)));
+    assert_eq!(q.admit(&other, &l, at(0)), ok(Some(5)));
+    assert_eq!(q.check(&other, &l, at(0)).unwrap_err().limit, LimitKind::RequestsPerMinute);
+    assert_eq!(q.check(&k, &limits(None, None, None), at(0)), ok(None));
+}
+
 #[test]
 fn keys_are_independent() {
     let q = quotas();
