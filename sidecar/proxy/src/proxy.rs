@@ -805,7 +805,7 @@ fn prepare_several(
             }
         }
     }
-    let jobs = verdict
+    let mut jobs: Vec<TransformJob> = verdict
         .plan_steps()
         .into_iter()
         .map(|(applying, plan, phase)| {
@@ -832,6 +832,25 @@ fn prepare_several(
             }
         })
         .collect();
+    // A cap step with no cap, no id to hash and no record quota to cut to only counts the
+    // records, which any other step that selects them does too: one pass over the body less.
+    let counts = |j: &TransformJob| j.plan.records.is_some();
+    let idle = |j: &TransformJob| {
+        counts(j)
+            && j.plan.max_records.is_none()
+            && j.plan.record_id.is_none()
+            && j.records_remaining.is_none()
+            && j.plan.row_filter.is_none()
+            && j.plan.masks.is_empty()
+    };
+    let mut i = 0;
+    while i < jobs.len() {
+        if idle(&jobs[i]) && jobs.iter().enumerate().any(|(k, j)| k != i && counts(j)) {
+            jobs.remove(i);
+        } else {
+            i += 1;
+        }
+    }
     Ok(TransformJob::in_order(jobs))
 }
 
