@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use custos_api::Decision;
 use custos_api::config::WorkloadIdentity;
-use custos_api::policy::{Action, Limits, Mode};
+use custos_api::policy::{Action, ExceedAction, Limits, Mode};
 use custos_transform::expr::{RequestVars, UserVars, Vars, WorkloadVars};
 use custos_transform::{Phase, Plan};
 
@@ -136,23 +136,19 @@ impl<'e> Verdict<'e> {
     }
 
     /// This verdict and those in [`Verdict::also`], in the order their plans apply to the
-    /// response within each phase: the others first (in policy name order), this one last; but
-    /// plans that hash record ids after those that do not, since an audit event's record
-    /// hashes are the last hashing plan's, which sees only what the others let through.
+    /// response within each phase: the others first (in policy name order), this one last.
     pub fn in_application_order(&self) -> Vec<&Verdict<'e>> {
-        let mut order: Vec<&Verdict<'e>> = self.also.iter().chain(std::iter::once(self)).collect();
-        // Stable: the order above holds within each group.
-        order.sort_by_key(|v| v.plan.is_some_and(|p| p.record_id.is_some()));
-        order
+        self.also.iter().chain(std::iter::once(self)).collect()
     }
 
     /// The plans to apply to an allowed response, in order, each with the verdict it is
     /// part of: this verdict's own plan when it applies alone (no [`Verdict::also`]); with
-    /// others, every rule's row filter, then every rule's record cap and id hashing, then
-    /// every rule's masks ([`custos_transform::PhasedPlan`]), in
-    /// [`Verdict::in_application_order`] within each phase. So no row filter reads a value
-    /// another policy masked, caps count what every filter kept, and masks are counted on the
-    /// records returned.
+    /// others, every rule's row filter, then every rule's record cap (those that refuse a
+    /// response over their cap first, so that each judges the records the filters kept), then
+    /// every rule's record id hashing, then every rule's masks
+    /// ([`custos_transform::PhasedPlan`]), in [`Verdict::in_application_order`] within each
+    /// phase. So no row filter reads a value another policy masked, ids are hashed as the app
+    /// sent them for the records returned, and masks are counted on those records.
     /// The phase is `None` for a whole plan.
     pub fn plan_steps(&self) -> Vec<(&Verdict<'e>, &'e Arc<Plan>, Option<Phase>)> {
         if self.also.is_empty() {
@@ -161,10 +157,17 @@ impl<'e> Verdict<'e> {
         let order = self.in_application_order();
         let mut steps = Vec::new();
         for phase in Phase::ALL {
+            let first = steps.len();
             for v in &order {
                 if let Some(part) = v.rule.and_then(|r| r.phased.part(phase)) {
                     steps.push((*v, part, Some(phase)));
                 }
+            }
+            if phase == Phase::Cap {
+                // Stable: the order above holds among the refusing caps and among the others.
+                steps[first..].sort_by_key(|(_, part, _)| {
+                    !(part.on_exceed == ExceedAction::Deny && part.max_records.is_some())
+                });
             }
         }
         steps

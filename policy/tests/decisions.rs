@@ -332,7 +332,7 @@ fn every_constraining_allow_applies_not_only_the_first() {
         records: Some("$.items[*]".into()),
         ..mk_allow("masked-list", &["GET"], &["/customers"])
     }]);
-    let scoping = mk_spec(vec![AccessRule {
+    let mut scoping = mk_spec(vec![AccessRule {
         records: Some("$".into()),
         row_filter: Some("record.branch == 'north'".into()),
         ..mk_allow("scoped", &["GET"], &["/{area}"])
@@ -367,7 +367,8 @@ fn every_constraining_allow_applies_not_only_the_first() {
     assert_eq!(also, [("c-limited", "limited"), ("d-masking", "masked-list")]);
     assert!(v.also[0].limits.is_some() && v.also[1].plan.is_some_and(|p| p.records.is_some()));
     assert!(v.also.iter().all(|a| a.mode == Mode::Enforce && a.also.is_empty()));
-    // The plans apply the others' first, the deciding one's last...
+    // The plans apply the others' first, the deciding one's last, phase by phase: filters,
+    // caps (refusing caps first), id hashing, masks.
     let order = |v: &custos_policy::Verdict<'_>| {
         v.in_application_order()
             .iter()
@@ -376,15 +377,37 @@ fn every_constraining_allow_applies_not_only_the_first() {
             .join(",")
     };
     assert_eq!(order(&v), "c-limited,d-masking,b-scoping");
-    // ... but those that hash record ids after those that do not.
+    let steps = |v: &custos_policy::Verdict<'_>| {
+        v.plan_steps()
+            .iter()
+            .map(|(a, _, phase)| {
+                format!(
+                    "{}:{:?}",
+                    a.policy.map_or("-", |p| p.name.as_str()),
+                    phase.expect("several plans go in phases")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    assert_eq!(steps(&v), "b-scoping:Filter,d-masking:Cap,b-scoping:Cap");
     masking.audit = Some(custos_api::policy::AuditSpec { record_id: Some("$.id".into()) });
+    scoping.rules[0].limits = Some(custos_api::policy::Limits {
+        max_records_per_response: Some(5),
+        on_exceed: Some(custos_api::policy::ExceedAction::Deny),
+        ..Default::default()
+    });
     let e = Engine::new(vec![
         mk_policy("b-scoping", &scoping),
         mk_policy("d-masking", &masking),
         mk_policy("c-limited", &limited),
     ]);
     let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
-    assert_eq!(order(&v), "c-limited,b-scoping,d-masking");
+    assert_eq!(steps(&v), "b-scoping:Filter,b-scoping:Cap,d-masking:Cap,d-masking:Hash");
+    // One policy: its whole plan, in one step.
+    let alone = Engine::new(vec![mk_policy("d-masking", &masking)]);
+    let v = alone.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+    assert!(matches!(v.plan_steps().as_slice(), [(_, _, None)]));
 
     // One constraining Allow: nothing else applies.
     let path = normalize("/parcels").expect("valid");

@@ -136,16 +136,19 @@ impl Plan {
 
 /// A plan cut in the parts that apply one phase at a time when several policies' plans apply
 /// to one response: every plan's row filter first (each over the app's own values, none over
-/// another's masks), then every plan's record cap and record id hashing (over the records all
-/// the filters kept), then every plan's masks (over those records only). Each part selects the
-/// plan's `records`, so each counts them.
+/// another's masks), then every plan's record cap (over the records all the filters kept),
+/// then every plan's record id hashing (over the records returned, before any mask), then
+/// every plan's masks (over those records only). Each part selects the plan's `records`, so
+/// each counts them.
 #[derive(Clone, Debug, Default)]
 pub struct PhasedPlan {
     /// `records` and `row_filter`; none without a row filter.
     pub filter: Option<Arc<Plan>>,
-    /// `records`, `max_records`, `on_exceed` and `record_id`; none without `records` (a cap
-    /// counts nothing without them).
+    /// `records`, `max_records` and `on_exceed`; none without `records` (a cap counts nothing
+    /// without them).
     pub cap: Option<Arc<Plan>>,
+    /// `records` and `record_id`; none without a record id.
+    pub hash: Option<Arc<Plan>>,
     /// `records` and `masks`; none without a mask path.
     pub mask: Option<Arc<Plan>>,
 }
@@ -163,8 +166,10 @@ impl PhasedPlan {
                 records: records(),
                 max_records: plan.max_records,
                 on_exceed: plan.on_exceed,
-                record_id: plan.record_id.clone(),
                 ..Plan::default()
+            }),
+            hash: plan.record_id.as_ref().and_then(|id| {
+                part(Plan { records: records(), record_id: Some(id.clone()), ..Plan::default() })
             }),
             mask: part(Plan { records: records(), masks: plan.masks.clone(), ..Plan::default() })
                 .filter(|_| plan.masks.iter().any(|m| !m.paths.is_empty())),
@@ -176,6 +181,7 @@ impl PhasedPlan {
         match phase {
             Phase::Filter => self.filter.as_ref(),
             Phase::Cap => self.cap.as_ref(),
+            Phase::Hash => self.hash.as_ref(),
             Phase::Mask => self.mask.as_ref(),
         }
     }
@@ -186,15 +192,17 @@ impl PhasedPlan {
 pub enum Phase {
     /// Row filters.
     Filter,
-    /// Record caps and record id hashing.
+    /// Record caps (and the quota cut of the records a principal has left).
     Cap,
+    /// Record id hashing.
+    Hash,
     /// Masks.
     Mask,
 }
 
 impl Phase {
     /// Every phase, in order.
-    pub const ALL: [Phase; 3] = [Phase::Filter, Phase::Cap, Phase::Mask];
+    pub const ALL: [Phase; 4] = [Phase::Filter, Phase::Cap, Phase::Hash, Phase::Mask];
 }
 
 #[cfg(test)]
@@ -241,15 +249,17 @@ mod tests {
         assert!(filter.record_id.is_none());
         let cap = parts.part(Phase::Cap).unwrap();
         assert_eq!((cap.max_records, cap.on_exceed), (Some(5), ExceedAction::Deny));
-        assert!(cap.record_id.is_some() && cap.row_filter.is_none() && cap.masks.is_empty());
+        assert!(cap.record_id.is_none() && cap.row_filter.is_none() && cap.masks.is_empty());
+        let hash = parts.part(Phase::Hash).unwrap();
+        assert!(hash.record_id.is_some() && hash.max_records.is_none() && hash.masks.is_empty());
         let mask = parts.part(Phase::Mask).unwrap();
         assert_eq!(mask.masks, vec![phone.clone()]);
         assert!(mask.row_filter.is_none() && mask.max_records.is_none() && mask.record_id.is_none());
-        assert!([filter, cap, mask].iter().all(|p| p.records == Some(items.clone())));
+        assert!([filter, cap, hash, mask].iter().all(|p| p.records == Some(items.clone())));
 
         // Masks alone (no records): one part.
         let masks_only = PhasedPlan::of(&Plan { masks: vec![phone], ..Plan::default() });
-        assert!(masks_only.filter.is_none() && masks_only.cap.is_none());
+        assert!(masks_only.filter.is_none() && masks_only.cap.is_none() && masks_only.hash.is_none());
         assert!(masks_only.mask.as_ref().is_some_and(|m| m.records.is_none()));
         // Records alone: counted in the cap phase.
         let counted = PhasedPlan::of(&Plan { records: Some(items), ..Plan::default() });

@@ -752,7 +752,6 @@ fn prepare_one(
         records_remaining,
         limits: verdict.limits.cloned().unwrap_or_default(),
         quota_key,
-        deciding: true,
         before: Vec::new(),
     }))
 }
@@ -827,7 +826,6 @@ fn prepare_several(
                 records_remaining: remaining[i].filter(|_| charges),
                 limits: applying.limits.cloned().unwrap_or_default(),
                 quota_key: keys[i].clone().filter(|_| charges),
-                deciding: std::ptr::eq(applying, verdict),
                 before: Vec::new(),
             }
         })
@@ -897,9 +895,6 @@ struct TransformJob {
     limits: custos_api::policy::Limits,
     /// The rule's quotas, charged the records the response returns.
     quota_key: Option<QuotaKey>,
-    /// The rule of the deciding verdict (the one the event names), whose records served are
-    /// counted.
-    deciding: bool,
     /// The plans of other policies' rules that apply with this one (`Verdict::also`),
     /// applied to the body first, in order; each of them with an empty `before`.
     before: Vec<TransformJob>,
@@ -1033,7 +1028,7 @@ async fn transform_response(
     for (i, step) in before.iter().chain(std::iter::once(&job)).enumerate() {
         // A parsed document is gone once its step is done; the next takes its own share.
         let held = reservation.held();
-        let result = apply_plan(shared, step, &input, &mut reservation, &mut applied);
+        let result = apply_plan(shared, i, step, &input, &mut reservation, &mut applied);
         reservation.shrink_to(held);
         input = match result {
             Ok(Outcome::Body(body)) => Bytes::from(body),
@@ -1059,12 +1054,17 @@ async fn transform_response(
             {
                 // Every policy fails open (`TransformJob::in_order`): the caller gets what the
                 // plans before this one made of the body, not the app's bytes.
-                applied.commit(shared, ctx, before.iter().take(i), quota_now);
+                // Every rule's quotas are charged what the caller gets.
+                applied.commit(shared, ctx, before.iter().chain(std::iter::once(&job)), quota_now);
                 rewritten_for_the_caller(&mut parts.headers);
                 parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(input.len()));
+                if !parts.headers.contains_key(header::CONTENT_TYPE) {
+                    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                }
                 return untransformable(shared, ctx, step, parts, code, ProxyBody::full(input));
             }
             Err(PlanFailure::Untransformable(code)) => {
+                ctx.name_rule(step);
                 return untransformable(shared, ctx, step, parts, code, ProxyBody::full(raw));
             }
         };
@@ -1090,10 +1090,10 @@ enum PlanFailure {
     Untransformable(&'static str),
 }
 
-/// Applies `job`'s plan to `body` and adds what it did to `applied` (and, in Enforce mode, the
-/// records it removed and the fields it masked to the metrics).
+/// Applies `job`'s plan, the `step`-th applied, to `body` and adds what it did to `applied`.
 fn apply_plan(
     shared: &Shared,
+    step: usize,
     job: &TransformJob,
     body: &[u8],
     reservation: &mut Reservation,
@@ -1144,28 +1144,31 @@ fn apply_plan(
     {
         return Err(PlanFailure::CapExceeded);
     }
-    applied.add(shared, job, transformed.stats);
+    applied.add(step, job, transformed.stats);
     Ok(transformed.outcome)
 }
 
-/// What the plans applied to a response did, held until the response is certain.
+/// What the plans applied to a response did, held until the response is certain: then it goes
+/// into the event, the metrics (Enforce only: Audit-mode numbers are would-be values and live
+/// in the events) and the quotas, at once.
 #[derive(Default)]
 struct Applied {
-    /// Records returned, as the last plan that selects or filters records counted them.
+    /// Records returned, as the last plan that selects records counted them (or the first plan,
+    /// when none selects them: a row filter over the whole document).
     returned: Option<u64>,
     filtered: u64,
     truncated: u64,
     masked: BTreeMap<String, u64>,
     /// Keyed hashes of the ids of the records returned, from the last plan that hashes them.
     hashes: Vec<String>,
+    /// The records each step removed, by the step's position: (step, filtered, truncated).
+    removed_by: Vec<(usize, u64, u64)>,
 }
 
 impl Applied {
-    /// Adds one plan's numbers; the records it removed and the fields it masked go to the
-    /// metrics at once (Enforce only: Audit-mode numbers are would-be values and live in the
-    /// events).
-    fn add(&mut self, shared: &Shared, job: &TransformJob, stats: TransformStats) {
-        if job.plan.records.is_some() || job.plan.row_filter.is_some() || self.returned.is_none() {
+    /// Adds the numbers of the `step`-th plan applied, `job`'s.
+    fn add(&mut self, step: usize, job: &TransformJob, stats: TransformStats) {
+        if job.plan.records.is_some() || self.returned.is_none() {
             self.returned = Some(stats.records_returned);
         }
         if job.plan.record_id.is_some() {
@@ -1173,21 +1176,8 @@ impl Applied {
         }
         self.filtered += stats.records_filtered;
         self.truncated += stats.records_truncated;
-        if job.mode == Mode::Enforce {
-            let (m, counters) = (&shared.metrics, &shared.counters);
-            // Rarer: straight to the families.
-            let labels = || RuleLabels { policy: job.policy.clone(), rule: job.rule.clone() };
-            if stats.records_filtered > 0 {
-                m.records_filtered.get_or_create(&labels()).inc_by(stats.records_filtered);
-            }
-            if stats.records_truncated > 0 {
-                m.records_truncated.get_or_create(&labels()).inc_by(stats.records_truncated);
-            }
-            for (class, n) in &stats.masked {
-                if *n > 0 {
-                    counters.masked_fields(m, class, *n);
-                }
-            }
+        if stats.records_filtered > 0 || stats.records_truncated > 0 {
+            self.removed_by.push((step, stats.records_filtered, stats.records_truncated));
         }
         if self.masked.is_empty() {
             self.masked = stats.masked;
@@ -1198,8 +1188,9 @@ impl Applied {
         }
     }
 
-    /// Into the event, the records served (under the deciding rule) and the quotas of the
-    /// rules of `jobs`, each charged the records returned.
+    /// Into the event, the metrics (records served under the rule the event names) and the
+    /// quotas of the rules of `jobs` (the plans applied, in order), each charged the records
+    /// returned.
     fn commit<'j>(
         self,
         shared: &Shared,
@@ -1208,14 +1199,34 @@ impl Applied {
         now: Timestamp,
     ) {
         let returned = self.returned.unwrap_or(0);
-        let mut served = false;
-        for job in jobs {
-            if job.deciding && !served && job.mode == Mode::Enforce && returned > 0 {
-                shared.counters.records_served(&shared.metrics, &job.policy, &job.rule, returned);
-                served = true;
-            }
+        let (m, counters) = (&shared.metrics, &shared.counters);
+        let mut enforced = false;
+        for (step, job) in jobs.enumerate() {
+            enforced = job.mode == Mode::Enforce;
             if let Some(key) = &job.quota_key {
                 shared.quotas.record(key, &job.limits, returned, now);
+            }
+            for &(_, filtered, truncated) in self.removed_by.iter().filter(|r| r.0 == step && enforced) {
+                // Rarer: straight to the families.
+                let labels = || RuleLabels { policy: job.policy.clone(), rule: job.rule.clone() };
+                if filtered > 0 {
+                    m.records_filtered.get_or_create(&labels()).inc_by(filtered);
+                }
+                if truncated > 0 {
+                    m.records_truncated.get_or_create(&labels()).inc_by(truncated);
+                }
+            }
+        }
+        if enforced {
+            if returned > 0 {
+                let policy = ctx.event.policy.as_deref().unwrap_or_default();
+                let rule = ctx.event.rule.as_deref().unwrap_or_default();
+                counters.records_served(m, policy, rule, returned);
+            }
+            for (class, n) in &self.masked {
+                if *n > 0 {
+                    counters.masked_fields(m, class, *n);
+                }
             }
         }
         ctx.event.records_returned = returned;
@@ -1730,7 +1741,6 @@ mod tests {
             records_remaining: None,
             limits: Default::default(),
             quota_key: None,
-            deciding: true,
             before: Vec::new(),
         }
     }

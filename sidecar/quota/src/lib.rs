@@ -308,8 +308,9 @@ impl Quotas {
         self.admission(key, limits, now, true)
     }
 
-    /// What [`Quotas::admit`] would answer, without counting the request: for a request under
-    /// several rules, each checked before any is charged.
+    /// Whether [`Quotas::admit`] would admit the request, without counting it: for a request
+    /// under several rules, each checked before any is charged. (`records_remaining` is
+    /// `None` for a key not tracked yet.)
     pub fn check(&self, key: &QuotaKey, limits: &Limits, now: Timestamp) -> Result<Admission, Exceeded> {
         self.admission(key, limits, now, false)
     }
@@ -326,7 +327,9 @@ impl Quotas {
             return Ok(Admission { records_remaining: None });
         }
         let now = now.as_millis();
-        let result = self.with_entry(key, now, Some(now), |entry| entry.admit(limits, now, count));
+        // A check makes no entry (nor room for one): a key not tracked has all its quota.
+        let create = count.then_some(now);
+        let result = self.with_entry(key, now, create, |entry| entry.admit(limits, now, count));
         match result {
             Some(Ok(records_remaining)) => Ok(Admission { records_remaining }),
             Some(Err(exceeded)) => Err(exceeded),

@@ -213,14 +213,17 @@ fn check_counts_nothing() {
     let k = key("user:alice");
     let l = limits(Some(2), Some(5), None);
     for _ in 0..5 {
-        assert_eq!(q.check(&k, &l, at(0)), ok(Some(5)));
+        assert_eq!(q.check(&k, &l, at(0)), ok(None), "not tracked: everything left");
     }
+    assert_eq!(q.tracked(), 0, "a check makes no entry");
     assert_eq!(q.admit(&k, &l, at(0)), ok(Some(5)));
+    assert_eq!(q.check(&k, &l, at(0)), ok(Some(5)));
     q.record(&k, &l, 5, at(0));
     assert_eq!(q.check(&k, &l, at(0)).unwrap_err().limit, LimitKind::RecordsPerHour);
     let other = key("user:bob");
     assert_eq!(q.admit(&other, &l, at(0)), ok(Some(5)));
     assert_eq!(q.check(&other, &l, at(0)), ok(Some(5)));
+    assert_eq!(q.check(&other, &l, at(0)), ok(Some(5)), "checks take no token");
     assert_eq!(q.admit(&other, &l, at(0)), ok(Some(5)));
     assert_eq!(q.check(&other, &l, at(0)).unwrap_err().limit, LimitKind::RequestsPerMinute);
     assert_eq!(q.check(&k, &limits(None, None, None), at(0)), ok(None));
