@@ -437,7 +437,7 @@ mod tests {
     async fn only_the_linkerd_proxys_sockets_are_trusted() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let to = listener.local_addr().unwrap();
-        let own = own_uid();
+        let own = crate::socket_owner::tests::own_uid();
         for (from, proxy_uid, want) in [
             ("127.0.0.1", own, Origin::MeshProxy),
             ("127.0.0.1", own.wrapping_add(1), Origin::Pod),
@@ -460,13 +460,6 @@ mod tests {
         assert!(matches!(mesh().origin_check(peer, None), OriginCheck::Known(Origin::Peer)));
         let envoy: SocketAddr = "127.0.0.6:40000".parse().unwrap();
         assert!(matches!(mesh().origin_check(envoy, None), OriginCheck::Known(Origin::MeshProxy)));
-    }
-
-    /// The user of this process, from `/proc/self/status`.
-    fn own_uid() -> u32 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
     fn caller(values: &[&str]) -> MeshCaller {

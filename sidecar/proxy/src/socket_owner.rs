@@ -58,7 +58,7 @@ fn parse_address(text: &str) -> Option<SocketAddr> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
@@ -137,7 +137,7 @@ mod tests {
     }
 
     /// The user of this process, from `/proc/self/status`.
-    fn own_uid() -> u32 {
+    pub(crate) fn own_uid() -> u32 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()

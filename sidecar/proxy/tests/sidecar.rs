@@ -1075,11 +1075,9 @@ async fn get_from(
     answer(stream).await.0
 }
 
-/// Behind Istio's Envoy (`--caller-identity istio`), which connects from 127.0.0.6: the caller
-/// is the SPIFFE id in the last `x-forwarded-client-cert` element, without labels. From any
-/// other address the header is not Envoy's: removed, and the identity table applies.
-#[tokio::test]
-async fn workload_identity_from_the_mesh_client_certificate() {
+/// The main rules, and two that admit `logistics/ops-portal`: by service account
+/// (`/ops/**`) and by labels (`/labelled/**`).
+fn mesh_rules() -> Value {
     let mut rules = main_rules();
     for rule in [
         json!({
@@ -1095,14 +1093,38 @@ async fn workload_identity_from_the_mesh_client_certificate() {
     ] {
         rules.as_array_mut().unwrap().push(rule);
     }
-    // The identity table knows 127.0.0.1 (a caller that does not come through Envoy).
-    let table = WorkloadIdentity {
-        ip: "127.0.0.1".into(),
+    rules
+}
+
+/// The identity table's entry of `logistics/ops-portal` (labels and all) at `ip`.
+fn ops_portal_at(ip: &str) -> WorkloadIdentity {
+    WorkloadIdentity {
+        ip: ip.into(),
         namespace: "logistics".into(),
         service_account: "ops-portal".into(),
         labels: [("app".to_owned(), "ops-portal".to_owned())].into(),
         labels_unknown: false,
-    };
+    }
+}
+
+/// The sidecar's count of requests through the mesh's proxy whose caller was a workload, had
+/// no identity, or one of another trust domain.
+async fn assert_mesh_callers(admin: std::net::SocketAddr, workload: u64, none: u64, foreign: u64) {
+    let metrics = admin_get(admin, "/metrics").await.text();
+    for (result, n) in [("workload", workload), ("no_certificate", none), ("foreign_trust_domain", foreign)] {
+        let line = format!("custos_sidecar_mesh_callers_total{{result=\"{result}\"}} {n}");
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
+}
+
+/// Behind Istio's Envoy (`--caller-identity istio`), which connects from 127.0.0.6: the caller
+/// is the SPIFFE id in the last `x-forwarded-client-cert` element, without labels. From any
+/// other address the header is not Envoy's: removed, and the identity table applies.
+#[tokio::test]
+async fn workload_identity_from_the_mesh_client_certificate() {
+    let rules = mesh_rules();
+    // The identity table knows 127.0.0.1 (a caller that does not come through Envoy).
+    let table = ops_portal_at("127.0.0.1");
     let collector = Collector::start().await;
     let url = collector.url();
     let mut f = start_with(policy(rules), vec![table], move |s| {
@@ -1142,14 +1164,7 @@ async fn workload_identity_from_the_mesh_client_certificate() {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].headers.get(xfcc).unwrap(), portal.as_str(), "the app gets Envoy's header as sent");
     assert_eq!(seen[1].headers.get(xfcc), None, "a header not from Envoy does not reach the app");
-    let metrics = admin_get(f.admin(), "/metrics").await.text();
-    for line in [
-        "custos_sidecar_mesh_callers_total{result=\"workload\"} 3",
-        "custos_sidecar_mesh_callers_total{result=\"no_certificate\"} 1",
-        "custos_sidecar_mesh_callers_total{result=\"foreign_trust_domain\"} 1",
-    ] {
-        assert!(metrics.contains(line), "{line} not in\n{metrics}");
-    }
+    assert_mesh_callers(f.admin(), 3, 1, 1).await;
     f.stop().await;
     let events = collector.wait_for(6).await;
     let event =
@@ -1175,28 +1190,8 @@ fn own_uid() -> u32 {
 /// identity table applies.
 #[tokio::test]
 async fn workload_identity_from_linkerds_client_id() {
-    let mut rules = main_rules();
-    for rule in [
-        json!({
-            "name": "ops-portal", "action": "Allow",
-            "from": {"workloads": [{"namespace": "logistics", "serviceAccount": "ops-portal"}]},
-            "to": {"paths": ["/ops/**"]}
-        }),
-        json!({
-            "name": "labelled-portal", "action": "Allow",
-            "from": {"workloads": [{"namespace": "logistics", "labels": {"app": "ops-portal"}}]},
-            "to": {"paths": ["/labelled/**"]}
-        }),
-    ] {
-        rules.as_array_mut().unwrap().push(rule);
-    }
-    let table = WorkloadIdentity {
-        ip: "127.0.0.1".into(),
-        namespace: "logistics".into(),
-        service_account: "ops-portal".into(),
-        labels: [("app".to_owned(), "ops-portal".to_owned())].into(),
-        labels_unknown: false,
-    };
+    let rules = mesh_rules();
+    let table = ops_portal_at("127.0.0.1");
     let header = "l5d-client-id";
     let portal = "ops-portal.logistics.serviceaccount.identity.linkerd.cluster.local";
     let web = "web.storefront.serviceaccount.identity.linkerd.cluster.local";
@@ -1222,21 +1217,14 @@ async fn workload_identity_from_linkerds_client_id() {
         assert_eq!(get_with(f.proxy(), path, &headers).await.status, status, "{path}");
     }
     assert_eq!(f.upstream.seen()[0].headers.get(header).unwrap(), portal);
-    let metrics = admin_get(f.admin(), "/metrics").await.text();
-    for line in [
-        "custos_sidecar_mesh_callers_total{result=\"workload\"} 3",
-        "custos_sidecar_mesh_callers_total{result=\"no_certificate\"} 1",
-        "custos_sidecar_mesh_callers_total{result=\"foreign_trust_domain\"} 1",
-    ] {
-        assert!(metrics.contains(line), "{line} not in\n{metrics}");
-    }
+    assert_mesh_callers(f.admin(), 3, 1, 1).await;
     f.stop().await;
 
     // The same connections, when the proxy runs as another user: the header is the client's
     // own (removed before the app). From the pod's own address (here 127.0.0.1, the sidecar's)
     // the caller is anonymous, not the table's entry for that address; from another address
     // the identity table decides.
-    let other = WorkloadIdentity { ip: "127.0.0.2".into(), ..table.clone() };
+    let other = ops_portal_at("127.0.0.2");
     let mut f =
         start_with(policy(rules), vec![table, other], |s| s.mesh = linkerd(own_uid().wrapping_add(1))).await;
     assert_eq!(get_with(f.proxy(), "/labelled/f", &[(header, portal)]).await.status, 401);
