@@ -185,39 +185,16 @@ fn explain_shows_decision_rule_reason_and_plan() {
     assert_eq!(v["decision"], "WouldDeny");
 }
 
-/// A second policy on the same pods, masking the recipient's city: the branch scoping
-/// policy still decides, the other's rule is listed as applying too, and the body goes
-/// through both plans.
+/// The address baseline on the same pods as the branch scoping policy: the scoping policy
+/// still decides, the baseline's rule is listed as applying too, and the body goes through
+/// both plans (filters first, then every mask).
 #[test]
 fn explain_applies_every_constraining_policy() {
-    let dir = std::env::temp_dir().join(format!("custos-cli-layered-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let cities = dir.join("parcel-city-masking.yaml");
-    std::fs::write(
-        &cities,
-        r#"apiVersion: custos.dev/v1alpha1
-kind: DataAccessPolicy
-metadata: {name: parcel-city-masking, namespace: logistics}
-spec:
-  workload: {selector: {matchLabels: {app: customer-api}}, appPort: 8080}
-  defaultAction: Allow
-  dataClasses:
-    - {name: city, paths: ["$.items[*].recipient.city"]}
-  rules:
-    - name: mask-cities
-      action: Allow
-      to: {methods: [GET], paths: ["/parcels/**", "/parcels"]}
-      records: "$.items[*]"
-      mask: {city: Redact}
-"#,
-    )
-    .expect("policy written");
-    let cities = cities.display().to_string();
     let args = [
         "-p",
         "examples/courier-branch-scoping.yaml",
         "-p",
-        &cities,
+        "examples/logistics-address-baseline.yaml",
         "--request",
         "GET /parcels/search",
         "--user",
@@ -229,13 +206,13 @@ spec:
     ];
     let v = explain(&args);
     assert_eq!((v["decision"].as_str(), v["rule"].as_str()), (Some("Allow"), Some("clerks-list-own-branch")));
-    assert_eq!(v["alsoApplies"][0]["policy"], "logistics/parcel-city-masking");
-    assert_eq!(v["alsoApplies"][0]["rule"], "mask-cities");
-    assert_eq!(v["alsoApplies"][0]["plan"]["mask"]["city"]["strategy"], "Redact");
+    assert_eq!(v["alsoApplies"][0]["policy"], "logistics/logistics-address-baseline");
+    assert_eq!(v["alsoApplies"][0]["rule"], "mask-addresses");
+    assert_eq!(v["alsoApplies"][0]["plan"]["mask"]["address"]["strategy"], "Redact");
     let stats = &v["response"]["stats"];
     assert_eq!((stats["recordsReturned"].as_u64(), stats["recordsFiltered"].as_u64()), (Some(2), Some(1)));
     // Masks apply after every row filter: the two records returned.
-    assert_eq!(stats["masked"], serde_json::json!({"city": 2, "name": 4, "phone": 4}));
+    assert_eq!(stats["masked"], serde_json::json!({"address": 2, "name": 4, "phone": 4}));
     let body = v["response"]["body"].to_string();
     assert!(!body.contains("Wuhan") && !body.contains("SH-02") && !body.contains("138 0013"), "{body}");
 
@@ -245,11 +222,11 @@ spec:
     assert!(out.status.success(), "{}", text(&out.stderr));
     let printed = text(&out.stdout);
     assert!(
-        printed.contains("also applies: rule 'mask-cities' of policy logistics/parcel-city-masking"),
+        printed
+            .contains("also applies: rule 'mask-addresses' of policy logistics/logistics-address-baseline"),
         "{printed}"
     );
-    assert!(printed.contains("mask:      city -> Redact"), "{printed}");
-    std::fs::remove_dir_all(&dir).ok();
+    assert!(printed.contains("mask:      address -> Redact"), "{printed}");
 }
 
 #[test]
