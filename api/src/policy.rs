@@ -88,7 +88,10 @@ fn is_false(b: &bool) -> bool {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSpec {
-    /// Label selector of the protected pods in the policy's namespace.
+    /// Label selector of the protected pods in the policy's namespace. Several policies may
+    /// select the same pods (they must then agree on appPort and proxyPort): a Deny of any of
+    /// them refuses, and every one whose Allow rule constrains the response (records, row
+    /// filter, masks, limits) applies to it.
     pub selector: LabelSelector,
 
     /// The port the application listens on. The sidecar forwards to 127.0.0.1:appPort and
