@@ -40,7 +40,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference,
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
-use self::conditions::{BypassState, NetworkPolicyState, PolicyFacts, SidecarState};
+use self::conditions::{BypassState, NetworkPolicyState, PolicyFacts, ShadowState, SidecarState};
 use crate::inject::ADMIN_PORT_NAME;
 use crate::names::{
     CONFIG_KEY, CONFIG_MAP_NAME, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL, network_policy_name,
@@ -257,12 +257,21 @@ pub fn compute_with(
         .map(|p| network_policy_name(name(p)))
         .collect();
 
+    // The pods each policy selects; and the enforcing policies (as the sidecars have them:
+    // compiled, or carried as they last compiled), whose verdicts outrank any Audit policy's.
+    let selected_by: Vec<Vec<&Pod>> =
+        live.iter().map(|p| pods::selected(&snapshot.pods, namespace, &p.spec.workload.selector)).collect();
+    let enforcing: Vec<usize> = (0..live.len())
+        .filter(|&i| live[i].spec.mode == Mode::Enforce)
+        .filter(|&i| compilation.config.policies.iter().any(|c| c.name == name(live[i])))
+        .collect();
+
     let mut statuses = Vec::with_capacity(live.len());
     let mut events = Vec::new();
-    for policy in &live {
+    for (index, policy) in live.iter().enumerate() {
         let policy_name = name(policy);
         let errors = compilation.errors.get(policy_name);
-        let selected = pods::selected(&snapshot.pods, namespace, &policy.spec.workload.selector);
+        let selected = selected_by[index].clone();
         let np_name = network_policy_name(policy_name);
         let network_policy = if errors.is_some() {
             NetworkPolicyState::CompileError
@@ -284,6 +293,11 @@ pub fn compute_with(
         } else {
             SidecarState::Checked { missing: pods::without_sidecar(&selected) }
         };
+        let shadow = if policy.spec.mode == Mode::Audit {
+            shadow_of(&selected, enforcing.iter().map(|&i| (name(live[i]), &selected_by[i])))
+        } else {
+            ShadowState::NotAudit
+        };
         let facts = PolicyFacts {
             generation: policy.metadata.generation,
             rule_count: policy.spec.rules.len(),
@@ -302,6 +316,7 @@ pub fn compute_with(
             network_policy,
             bypass,
             sidecar,
+            shadow,
         };
         let status = conditions::status(policy.status.as_ref(), &facts, &now);
         events.extend(conditions::events(policy_name, policy.status.as_ref(), &status));
@@ -317,6 +332,30 @@ pub fn compute_with(
         events,
         release_finalizers,
     })
+}
+
+/// Which of `selected` (an Audit policy's pods) the `enforcing` policies (name, their pods) also
+/// select: those pods' count and the policies' names.
+fn shadow_of<'a>(
+    selected: &[&Pod],
+    enforcing: impl Iterator<Item = (&'a str, &'a Vec<&'a Pod>)>,
+) -> ShadowState {
+    let mut shadowed = vec![false; selected.len()];
+    let mut by = Vec::new();
+    for (policy, theirs) in enforcing {
+        let mut overlaps = false;
+        for (i, pod) in selected.iter().enumerate() {
+            if theirs.iter().any(|p| std::ptr::eq(*p, *pod)) {
+                shadowed[i] = true;
+                overlaps = true;
+            }
+        }
+        if overlaps {
+            by.push(policy.to_string());
+        }
+    }
+    by.sort();
+    ShadowState::Checked { pods: shadowed.iter().filter(|s| **s).count(), by }
 }
 
 /// Adds to `np` an ingress rule that opens the sidecars' admin port to `from` (none when

@@ -13,10 +13,12 @@
 //! | | False | `NoBypass`, or `PolicyDisabled` (mode Disabled: not checked) |
 //! | `SidecarMissing` | True | `PodsWithoutSidecar` (message: how many, and the first pods' names) |
 //! | | False | `AllPodsInjected`, or `PolicyDisabled` (mode Disabled: not checked) |
+//! | `AuditShadowed` (mode Audit only) | True | `EnforcedPoliciesSelectPods` (message: how many pods, and the enforcing policies) |
+//! | | False | `NoEnforcedPolicy` |
 //!
 //! `SidecarBypass` and `SidecarMissing` are always present (False when all is well), so
 //! `kubectl get -o yaml` shows that the checks ran; they are warnings and do not make `Ready`
-//! False.
+//! False, nor does `AuditShadowed`.
 //! `lastTransitionTime` changes only when a condition's status changes.
 
 use custos_api::DataAccessPolicyStatus;
@@ -37,6 +39,10 @@ pub const SIDECAR_BYPASS: &str = "SidecarBypass";
 /// Condition type: some running pods the policy selects have no sidecar (created before the
 /// policy selected them, or admitted while injection was off).
 pub const SIDECAR_MISSING: &str = "SidecarMissing";
+
+/// Condition type (Audit-mode policies): enforcing policies select some of the same pods, where
+/// they decide every request and this policy's would-be verdicts are not recorded.
+pub const AUDIT_SHADOWED: &str = "AuditShadowed";
 
 /// Reason of `Ready` True.
 pub const REASON_READY: &str = "Ready";
@@ -67,6 +73,11 @@ pub const REASON_PODS_WITHOUT_SIDECAR: &str = "PodsWithoutSidecar";
 pub const REASON_ALL_PODS_INJECTED: &str = "AllPodsInjected";
 /// Reason of the Warning Event when `SidecarMissing` turns True.
 pub const REASON_SIDECAR_MISSING_EVENT: &str = "SidecarMissing";
+
+/// Reason of `AuditShadowed` True, and of the Warning Event when it turns True.
+pub const REASON_ENFORCED_POLICIES_SELECT_PODS: &str = "EnforcedPoliciesSelectPods";
+/// Reason of `AuditShadowed` False.
+pub const REASON_NO_ENFORCED_POLICY: &str = "NoEnforcedPolicy";
 
 /// Pods named in the `SidecarMissing` message; the rest are counted.
 const MISSING_PODS_NAMED: usize = 5;
@@ -100,6 +111,15 @@ pub(crate) enum SidecarState {
     Checked { missing: Vec<String> },
 }
 
+/// Whether enforcing policies select the pods of an Audit-mode policy.
+pub(crate) enum ShadowState {
+    /// Not an Audit-mode policy: no `AuditShadowed` condition.
+    NotAudit,
+    /// How many of the selected running pods enforcing policies also select, and those
+    /// policies' names, sorted (none: not shadowed).
+    Checked { pods: usize, by: Vec<String> },
+}
+
 /// What the status of one policy is derived from.
 pub(crate) struct PolicyFacts<'a> {
     pub(crate) generation: Option<i64>,
@@ -111,6 +131,7 @@ pub(crate) struct PolicyFacts<'a> {
     pub(crate) network_policy: NetworkPolicyState,
     pub(crate) bypass: BypassState,
     pub(crate) sidecar: SidecarState,
+    pub(crate) shadow: ShadowState,
 }
 
 /// The new status of a policy; conditions whose status does not change keep their
@@ -195,9 +216,36 @@ pub(crate) fn status(
             )
         }
     };
+    let mut conditions = vec![compiled, network_policy, bypass, sidecar];
+    match &facts.shadow {
+        ShadowState::NotAudit => {}
+        ShadowState::Checked { by, .. } if by.is_empty() => conditions.push(cond(
+            AUDIT_SHADOWED,
+            false,
+            REASON_NO_ENFORCED_POLICY,
+            "no enforcing policy selects the pods this policy selects".into(),
+        )),
+        ShadowState::Checked { pods, by } => {
+            let noun = if by.len() == 1 { "policy" } else { "policies" };
+            conditions.push(cond(
+                AUDIT_SHADOWED,
+                true,
+                REASON_ENFORCED_POLICIES_SELECT_PODS,
+                format!(
+                    "{pods} of {} selected running pods are also selected by the enforcing {noun} {}: there the \
+                     enforcing policies decide every request and this policy's would-be verdicts are not \
+                     recorded; to dry-run a change on those pods, put it in a copy of the enforcing policy with \
+                     mode Audit on pods no enforcing policy selects (a canary), or set the enforcing policy \
+                     itself to Audit for the trial",
+                    facts.selected_pods,
+                    by.join(", ")
+                ),
+            ));
+        }
+    }
     let mut status = DataAccessPolicyStatus {
         observed_generation: facts.generation,
-        conditions: vec![compiled, network_policy, bypass, sidecar],
+        conditions,
         rule_count: Some(i32::try_from(facts.rule_count).unwrap_or(i32::MAX)),
         selected_pods: Some(i32::try_from(facts.selected_pods).unwrap_or(i32::MAX)),
         config_hash: facts.config_hash.map(str::to_string),
@@ -292,8 +340,9 @@ fn find<'a>(status: Option<&'a DataAccessPolicyStatus>, type_: &str) -> Option<&
 /// into a config hash it was not part of before; Warning `NetworkPolicyApplyFailed` when the
 /// apply is refused (anew or for another reason); Warning `SidecarBypass` when `SidecarBypass`
 /// turns True or names other NetworkPolicies; Warning `SidecarMissing` when `SidecarMissing`
-/// turns True (not as its count moves, which it does through every rollout). Nothing when
-/// nothing changed.
+/// turns True (not as its count moves, which it does through every rollout); Warning
+/// `EnforcedPoliciesSelectPods` when `AuditShadowed` turns True.
+/// Nothing when nothing changed.
 pub(crate) fn events(
     policy: &str,
     old: Option<&DataAccessPolicyStatus>,
@@ -345,6 +394,12 @@ pub(crate) fn events(
         && find(old, SIDECAR_MISSING).is_none_or(|o| o.status != "True")
     {
         push(EventType::Warning, REASON_SIDECAR_MISSING_EVENT, &c.message);
+    }
+    if let Some(c) = find(Some(new), AUDIT_SHADOWED)
+        && c.status == "True"
+        && find(old, AUDIT_SHADOWED).is_none_or(|o| o.status != "True")
+    {
+        push(EventType::Warning, REASON_ENFORCED_POLICIES_SELECT_PODS, &c.message);
     }
     events
 }

@@ -773,3 +773,65 @@ fn selected_pods_without_the_sidecar_are_reported_once() {
     let c = cond(status_of(&d, "orders"), SIDECAR_MISSING);
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_POLICY_DISABLED));
 }
+
+/// An Audit-mode policy on pods an enforcing policy also selects is never the deciding one
+/// there (enforced verdicts outrank dry runs): `AuditShadowed` says so, with a Warning Event
+/// once; a policy of another mode has no such condition.
+#[test]
+fn an_audit_policy_on_pods_an_enforcing_policy_selects_is_reported_shadowed() {
+    let audit = |name: &str, app: &str| {
+        mk_policy_spec(
+            name,
+            json!({
+                "workload": { "selector": { "matchLabels": { "app": app } }, "appPort": 8080 },
+                "mode": "Audit",
+                "rules": [ { "name": "stricter", "action": "Allow", "from": { "workloads": [ { "serviceAccount": "portal" } ] } } ]
+            }),
+        )
+    };
+    let policies =
+        vec![mk_policy("orders"), audit("orders-trial", "orders"), audit("portal-trial", "portal")];
+    let d = compute(&snapshot(policies.clone(), pods_fixture(), vec![]), t(0)).unwrap();
+
+    let c = cond(status_of(&d, "orders-trial"), AUDIT_SHADOWED);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", REASON_ENFORCED_POLICIES_SELECT_PODS));
+    assert!(
+        c.message
+            .starts_with("2 of 2 selected running pods are also selected by the enforcing policy orders:"),
+        "{}",
+        c.message
+    );
+    let c = cond(status_of(&d, "portal-trial"), AUDIT_SHADOWED);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_NO_ENFORCED_POLICY));
+    assert!(status_of(&d, "orders").conditions.iter().all(|c| c.type_ != AUDIT_SHADOWED));
+    // Not a readiness matter.
+    assert_eq!(cond(status_of(&d, "orders-trial"), READY).status, "True");
+    let warned: Vec<_> = d
+        .events
+        .iter()
+        .filter(|e| e.reason == REASON_ENFORCED_POLICIES_SELECT_PODS)
+        .map(|e| (e.policy.as_str(), e.type_))
+        .collect();
+    assert_eq!(warned, [("orders-trial", EventType::Warning)]);
+
+    // Resync: no Event again; with one more pod, the count moves and still no Event.
+    let policies = with_statuses(policies, &d);
+    let again = compute(&snapshot(policies.clone(), pods_fixture(), vec![]), t(30)).unwrap();
+    assert!(
+        again.events.iter().all(|e| e.reason != REASON_ENFORCED_POLICIES_SELECT_PODS),
+        "{:#?}",
+        again.events
+    );
+    let mut pods = pods_fixture();
+    pods.push(mk_pod(NS, "orders-3", &[("app", "orders")], "orders", "10.0.0.3"));
+    let grown = compute(&snapshot(policies, pods, vec![]), t(60)).unwrap();
+    assert!(cond(status_of(&grown, "orders-trial"), AUDIT_SHADOWED).message.starts_with("3 of 3 "));
+    assert!(grown.events.iter().all(|e| e.reason != REASON_ENFORCED_POLICIES_SELECT_PODS));
+
+    // The enforcing policy switched to Audit for the trial: nothing shadows the copy any more.
+    let mut trial = mk_policy("orders");
+    trial.spec.mode = custos_api::policy::Mode::Audit;
+    let d = compute(&snapshot(vec![trial, audit("orders-trial", "orders")], pods_fixture(), vec![]), t(0))
+        .unwrap();
+    assert_eq!(cond(status_of(&d, "orders-trial"), AUDIT_SHADOWED).status, "False");
+}
