@@ -261,10 +261,16 @@ pub fn compute_with(
     // compiled, or carried as they last compiled), whose verdicts outrank any Audit policy's.
     let selected_by: Vec<Vec<&Pod>> =
         live.iter().map(|p| pods::selected(&snapshot.pods, namespace, &p.spec.workload.selector)).collect();
-    let enforcing: Vec<usize> = (0..live.len())
-        .filter(|&i| live[i].spec.mode == Mode::Enforce)
-        .filter(|&i| compilation.config.policies.iter().any(|c| c.name == name(live[i])))
-        .collect();
+    let mut enforced_by: BTreeMap<*const Pod, Vec<&str>> = BTreeMap::new();
+    for (i, policy) in live.iter().enumerate() {
+        let enforced = policy.spec.mode == Mode::Enforce
+            && compilation.config.policies.iter().any(|c| c.name == name(policy));
+        if enforced {
+            for pod in &selected_by[i] {
+                enforced_by.entry(std::ptr::from_ref(*pod)).or_default().push(name(policy));
+            }
+        }
+    }
 
     let mut statuses = Vec::with_capacity(live.len());
     let mut events = Vec::new();
@@ -294,7 +300,7 @@ pub fn compute_with(
             SidecarState::Checked { missing: pods::without_sidecar(&selected) }
         };
         let shadow = if policy.spec.mode == Mode::Audit {
-            shadow_of(&selected, enforcing.iter().map(|&i| (name(live[i]), &selected_by[i])))
+            shadow_of(&selected, &enforced_by)
         } else {
             ShadowState::NotAudit
         };
@@ -334,28 +340,19 @@ pub fn compute_with(
     })
 }
 
-/// Which of `selected` (an Audit policy's pods) the `enforcing` policies (name, their pods) also
-/// select: those pods' count and the policies' names.
-fn shadow_of<'a>(
-    selected: &[&Pod],
-    enforcing: impl Iterator<Item = (&'a str, &'a Vec<&'a Pod>)>,
-) -> ShadowState {
-    let mut shadowed = vec![false; selected.len()];
-    let mut by = Vec::new();
-    for (policy, theirs) in enforcing {
-        let mut overlaps = false;
-        for (i, pod) in selected.iter().enumerate() {
-            if theirs.iter().any(|p| std::ptr::eq(*p, *pod)) {
-                shadowed[i] = true;
-                overlaps = true;
-            }
-        }
-        if overlaps {
-            by.push(policy.to_string());
+/// Which of `selected` (an Audit policy's pods) enforcing policies also select
+/// (`enforced_by`: each pod of the snapshot an enforcing policy selects, and those policies):
+/// those pods' count and the policies' names.
+fn shadow_of(selected: &[&Pod], enforced_by: &BTreeMap<*const Pod, Vec<&str>>) -> ShadowState {
+    let mut pods = 0;
+    let mut by = BTreeSet::new();
+    for pod in selected {
+        if let Some(names) = enforced_by.get(&std::ptr::from_ref(*pod)) {
+            pods += 1;
+            by.extend(names.iter().map(|n| (*n).to_string()));
         }
     }
-    by.sort();
-    ShadowState::Checked { pods: shadowed.iter().filter(|s| **s).count(), by }
+    ShadowState::Checked { pods, by: by.into_iter().collect() }
 }
 
 /// Adds to `np` an ingress rule that opens the sidecars' admin port to `from` (none when
