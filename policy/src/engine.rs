@@ -222,7 +222,8 @@ impl Engine {
         user_of: impl Fn(usize) -> Option<&'u User>,
     ) -> Verdict<'e> {
         let mut vars: Option<CachedVars> = None;
-        let mut best: Option<Verdict<'e>> = None;
+        // The best verdict so far, with its rank (lower wins).
+        let mut best: Option<(u8, Verdict<'e>)> = None;
         let mut also: Vec<Verdict<'e>> = Vec::new();
         let mut last_user: Option<&User> = None;
         for (i, policy) in self.policies.iter().enumerate() {
@@ -233,7 +234,7 @@ impl Engine {
                 last_user = user;
             }
             let v = decide_policy(policy, &Request { user, ..*req }, &mut vars);
-            let rank = |v: &Verdict<'_>| match (v.mode, v.decision) {
+            let rank = match (v.mode, v.decision) {
                 (Mode::Enforce, Decision::Deny) => 0,
                 (Mode::Enforce, _) if v.plan.is_some_and(|p| p.needs_body()) || v.limits.is_some() => {
                     CONSTRAINING
@@ -243,24 +244,24 @@ impl Engine {
                 _ => 4,
             };
             match &best {
-                Some(b) if rank(&v) >= rank(b) => {
-                    if rank(&v) == CONSTRAINING && rank(b) == CONSTRAINING {
+                Some((best_rank, _)) if rank >= *best_rank => {
+                    if rank == CONSTRAINING && *best_rank == CONSTRAINING {
                         also.push(v);
                     }
                 }
                 _ => {
-                    let stop = rank(&v) == 0;
-                    if rank(&v) != CONSTRAINING {
+                    if rank != CONSTRAINING {
                         // Constraining Allows outranked (by a Deny) or not yet seen.
                         also.clear();
                     }
-                    best = Some(v);
-                    if stop {
+                    best = Some((rank, v));
+                    if rank == 0 {
                         break;
                     }
                 }
             }
         }
+        let mut best = best.map(|(_, v)| v);
         if let Some(b) = &mut best {
             b.also = also;
         }

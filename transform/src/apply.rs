@@ -36,6 +36,32 @@ pub struct TransformStats {
     pub record_hashes: Vec<String>,
 }
 
+impl TransformStats {
+    /// Adds `step`, what `plan` did to a body the plans before it had already transformed
+    /// (several policies' plans applied in turn; `first`: none before it): the records
+    /// returned as the last plan that selects records counted them (the first plan's, when
+    /// none does), the record hashes of the last plan that hashes ids, and every plan's
+    /// removed records, filter errors and masked fields summed.
+    pub fn then(&mut self, plan: &Plan, step: TransformStats, first: bool) {
+        if first || plan.records.is_some() {
+            self.records_returned = step.records_returned;
+        }
+        if first || plan.record_id.is_some() {
+            self.record_hashes = step.record_hashes;
+        }
+        self.records_filtered += step.records_filtered;
+        self.records_truncated += step.records_truncated;
+        self.filter_errors += step.filter_errors;
+        if self.masked.is_empty() {
+            self.masked = step.masked;
+        } else {
+            for (class, n) in step.masked {
+                *self.masked.entry(class).or_default() += n;
+            }
+        }
+    }
+}
+
 /// The transformed response.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {

@@ -154,23 +154,13 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// policies' constraining rules apply), with what they did together.
 fn transformed(verdict: &Verdict<'_>, req: &Request<'_>, mut body: Vec<u8>, key: &HashKey) -> Value {
     let mut total = TransformStats::default();
-    let mut counted = false;
-    for (applying, plan, _) in verdict.plan_steps() {
+    for (i, (applying, plan, _)) in verdict.plan_steps().into_iter().enumerate() {
         let vars = req.vars(&applying.params);
         let t = match apply(&body, plan, &vars, key) {
             Ok(t) => t,
             Err(e) => return json!({"error": e.to_string()}),
         };
-        if plan.records.is_some() || plan.row_filter.is_some() || !counted {
-            total.records_returned = t.stats.records_returned;
-            counted = true;
-        }
-        total.records_filtered += t.stats.records_filtered;
-        total.records_truncated += t.stats.records_truncated;
-        total.filter_errors += t.stats.filter_errors;
-        for (class, n) in t.stats.masked {
-            *total.masked.entry(class).or_default() += n;
-        }
+        total.then(plan, t.stats, i == 0);
         body = match t.outcome {
             Outcome::Body(b) => b,
             Outcome::RootFiltered => {

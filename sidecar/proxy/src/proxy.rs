@@ -7,7 +7,6 @@
 //! identity (peer workload, JWT user), decision, quotas, forwarding with the normalised path,
 //! response transform, record accounting, and one audit event.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -185,12 +184,8 @@ impl Ctx {
     /// The event names the rule of `job`, which refused the response (another policy's than
     /// the deciding one's, when several apply).
     fn name_rule(&mut self, job: &TransformJob) {
-        if self.event.rule.as_deref() != Some(job.rule.as_str())
-            || self.event.policy.as_deref() != Some(job.policy.as_str())
-        {
-            self.event.policy = Some(job.policy.clone());
-            self.event.rule = Some(job.rule.clone());
-        }
+        self.event.policy = Some(job.policy.clone());
+        self.event.rule = Some(job.rule.clone());
     }
 
     fn set_reason(&mut self, code: &'static str) {
@@ -1153,14 +1148,8 @@ fn apply_plan(
 /// in the events) and the quotas, at once.
 #[derive(Default)]
 struct Applied {
-    /// Records returned, as the last plan that selects records counted them (or the first plan,
-    /// when none selects them: a row filter over the whole document).
-    returned: Option<u64>,
-    filtered: u64,
-    truncated: u64,
-    masked: BTreeMap<String, u64>,
-    /// Keyed hashes of the ids of the records returned, from the last plan that hashes them.
-    hashes: Vec<String>,
+    /// The plans' numbers together (`TransformStats::then`).
+    stats: TransformStats,
     /// The records each step removed, by the step's position: (step, filtered, truncated).
     removed_by: Vec<(usize, u64, u64)>,
 }
@@ -1168,24 +1157,10 @@ struct Applied {
 impl Applied {
     /// Adds the numbers of the `step`-th plan applied, `job`'s.
     fn add(&mut self, step: usize, job: &TransformJob, stats: TransformStats) {
-        if job.plan.records.is_some() || self.returned.is_none() {
-            self.returned = Some(stats.records_returned);
-        }
-        if job.plan.record_id.is_some() {
-            self.hashes = stats.record_hashes;
-        }
-        self.filtered += stats.records_filtered;
-        self.truncated += stats.records_truncated;
         if stats.records_filtered > 0 || stats.records_truncated > 0 {
             self.removed_by.push((step, stats.records_filtered, stats.records_truncated));
         }
-        if self.masked.is_empty() {
-            self.masked = stats.masked;
-        } else {
-            for (class, n) in stats.masked {
-                *self.masked.entry(class).or_default() += n;
-            }
-        }
+        self.stats.then(&job.plan, stats, step == 0);
     }
 
     /// Into the event, the metrics (records served under the rule the event names) and the
@@ -1198,7 +1173,8 @@ impl Applied {
         jobs: impl Iterator<Item = &'j TransformJob>,
         now: Timestamp,
     ) {
-        let returned = self.returned.unwrap_or(0);
+        let stats = self.stats;
+        let returned = stats.records_returned;
         let (m, counters) = (&shared.metrics, &shared.counters);
         let mut enforced = false;
         for (step, job) in jobs.enumerate() {
@@ -1223,17 +1199,17 @@ impl Applied {
                 let rule = ctx.event.rule.as_deref().unwrap_or_default();
                 counters.records_served(m, policy, rule, returned);
             }
-            for (class, n) in &self.masked {
+            for (class, n) in &stats.masked {
                 if *n > 0 {
                     counters.masked_fields(m, class, *n);
                 }
             }
         }
         ctx.event.records_returned = returned;
-        ctx.event.records_filtered = self.filtered;
-        ctx.event.records_truncated = self.truncated;
-        ctx.event.record_hashes = self.hashes;
-        ctx.event.masked = self.masked;
+        ctx.event.records_filtered = stats.records_filtered;
+        ctx.event.records_truncated = stats.records_truncated;
+        ctx.event.record_hashes = stats.record_hashes;
+        ctx.event.masked = stats.masked;
     }
 }
 

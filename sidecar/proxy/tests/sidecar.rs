@@ -77,6 +77,13 @@ fn jwks() -> String {
     json!({"keys": [jwk]}).to_string()
 }
 
+/// The `sso-jwks` Secret as the sidecar finds it mounted: the test signing key's JWKS.
+fn mount_sso_jwks(s: &custos_sidecar::SidecarSettings) {
+    let dir = s.jwks_dir.join("sso-jwks");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
+}
+
 fn token(claims: Value) -> String {
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some("k1".into());
@@ -101,9 +108,7 @@ async fn start_with(
     tweak: impl FnOnce(&mut custos_sidecar::SidecarSettings),
 ) -> Fixture {
     fixture(&[("customer-api", spec)], workloads, |s| {
-        let dir = s.jwks_dir.join("sso-jwks");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
+        mount_sso_jwks(s);
         tweak(s);
     })
     .await
@@ -510,9 +515,7 @@ async fn a_token_for_one_policys_issuer_does_not_pass_for_another_policy() {
                    "to": {"paths": ["/partner/**"]}}],
     });
     let mut f = fixture(&[("customer-api", policy(main_rules())), ("partner", partner)], Vec::new(), |s| {
-        let dir = s.jwks_dir.join("sso-jwks");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
+        mount_sso_jwks(s);
     })
     .await;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
@@ -555,9 +558,7 @@ async fn a_policy_without_identity_sees_no_user_in_its_row_filter() {
         "rules": [],
     });
     let mut f = fixture(&[("a-scoped", scoped), ("b-verifying", verifying)], Vec::new(), |s| {
-        let dir = s.jwks_dir.join("sso-jwks");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
+        mount_sso_jwks(s);
     })
     .await;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
@@ -575,18 +576,15 @@ async fn a_policy_without_identity_sees_no_user_in_its_row_filter() {
 /// applied, so every branch's rows came back, masked).
 #[tokio::test]
 async fn constraining_rules_of_several_policies_all_apply() {
-    let masking = json!({
-        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
-        "mode": "Enforce",
-        "defaultAction": "Allow",
-        "dataClasses": [{"name": "phone", "paths": ["$.items[*].phone", "$.phone"]}],
-        "rules": [
+    let masking = allowing_policy(
+        json!([{"name": "phone", "paths": ["$.items[*].phone", "$.phone"]}]),
+        json!([
             {"name": "masked-list", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
              "records": "$.items[*]", "mask": {"phone": "ShowLast4"}},
             {"name": "masked-one", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/single/*"]},
              "records": "$", "mask": {"phone": "ShowLast4"}},
-        ],
-    });
+        ]),
+    );
     let scoping = policy(json!([
         {"name": "branch-list", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
          "to": {"methods": ["GET"], "paths": ["/customers"]},
@@ -598,9 +596,7 @@ async fn constraining_rules_of_several_policies_all_apply() {
     let collector = Collector::start().await;
     let url = collector.url();
     let mut f = fixture(&[("a-masking", masking), ("b-scoping", scoping)], Vec::new(), |s| {
-        let dir = s.jwks_dir.join("sso-jwks");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
+        mount_sso_jwks(s);
         s.collector = Some(shipping_to(url, s));
     })
     .await;
@@ -653,14 +649,11 @@ async fn constraining_rules_of_several_policies_all_apply() {
 /// refuses takes nothing from the others.
 #[tokio::test]
 async fn several_policies_filter_before_masking_and_charge_all_or_nothing() {
-    let masking = json!({
-        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
-        "mode": "Enforce",
-        "defaultAction": "Allow",
-        "dataClasses": [{"name": "branch", "paths": ["$.items[*].branch"]}],
-        "rules": [{"name": "hide-branches", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
-                   "records": "$.items[*]", "mask": {"branch": "Redact"}, "limits": {"requestsPerMinute": 2}}],
-    });
+    let masking = allowing_policy(
+        json!([{"name": "branch", "paths": ["$.items[*].branch"]}]),
+        json!([{"name": "hide-branches", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                "records": "$.items[*]", "mask": {"branch": "Redact"}, "limits": {"requestsPerMinute": 2}}]),
+    );
     let mut scoping = policy(json!([
         {"name": "branch-list", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
          "to": {"methods": ["GET"], "paths": ["/customers"]},
@@ -668,9 +661,7 @@ async fn several_policies_filter_before_masking_and_charge_all_or_nothing() {
     ]));
     scoping["defaultAction"] = json!("Allow");
     let mut f = fixture(&[("a-masking", masking), ("b-scoping", scoping)], Vec::new(), |s| {
-        let dir = s.jwks_dir.join("sso-jwks");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
+        mount_sso_jwks(s);
     })
     .await;
     let clerk = format!("Bearer {}", clerk_token("north"));
@@ -708,15 +699,13 @@ async fn several_policies_filter_before_masking_and_charge_all_or_nothing() {
 #[tokio::test]
 async fn several_fail_open_policies_keep_what_the_others_did() {
     let spec = |class: &str, records: &str, paths: &str| {
-        json!({
-            "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
-            "mode": "Enforce",
-            "defaultAction": "Allow",
-            "failOpen": true,
-            "dataClasses": [{"name": class, "paths": [paths]}],
-            "rules": [{"name": format!("mask-{class}"), "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
-                       "records": records, "mask": {class: "ShowLast4"}}],
-        })
+        let mut spec = allowing_policy(
+            json!([{"name": class, "paths": [paths]}]),
+            json!([{"name": format!("mask-{class}"), "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                    "records": records, "mask": {class: "ShowLast4"}}]),
+        );
+        spec["failOpen"] = json!(true);
+        spec
     };
     // The second policy expects another response shape: its records are not found.
     let phones = spec("phone", "$.items[*]", "$.items[*].phone");
@@ -727,6 +716,18 @@ async fn several_fail_open_policies_keep_what_the_others_did() {
     assert_no_personal_phone(&reply.text());
     assert_eq!(reply.json()["items"][0]["name"], "Alice Example", "the failing plan's masks are not applied");
     f.stop().await;
+}
+
+/// An enforcing policy on customer-api that verifies no users and allows by default, with
+/// `data_classes` and `rules`: another policy beside the test's main one.
+fn allowing_policy(data_classes: Value, rules: Value) -> Value {
+    json!({
+        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
+        "mode": "Enforce",
+        "defaultAction": "Allow",
+        "dataClasses": data_classes,
+        "rules": rules,
+    })
 }
 
 fn assert_no_personal_phone(text: &str) {
