@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use custos_api::audit::{AUDIT_SCHEMA_VERSION, AuditUser, CallerWorkload};
 use custos_api::config::WorkloadIdentity;
-use custos_api::policy::{ExceedAction, Mode};
+use custos_api::policy::{ExceedAction, Limits, Mode};
 use custos_api::{AuditEvent, Decision};
 use custos_policy::{NormalizedPath, Reason, Request as EngineRequest, User, Verdict, normalize};
 use custos_quota::{QuotaKey, Quotas, Timestamp};
@@ -760,8 +760,8 @@ struct Several<'a> {
 }
 
 /// Several policies' constraining rules apply (`Verdict::also`, all enforced Allows): every
-/// rule's quotas, under the principal its own policy identifies, are checked before any is
-/// charged (a refusal names its rule); then one transform job per plan step
+/// rule's quotas, under the principal its own policy identifies, admit the request all or
+/// nothing (`Quotas::admit_all`; a refusal names its rule); then one transform job per plan step
 /// (`Verdict::plan_steps`), the rule's quotas charged by its cap step.
 fn prepare_several(
     shared: &Shared,
@@ -771,31 +771,38 @@ fn prepare_several(
     quota_now: Timestamp,
 ) -> Prepared {
     let order = verdict.in_application_order();
-    let mut keys: Vec<Option<QuotaKey>> = Vec::with_capacity(order.len());
-    for applying in &order {
-        let (Some(limits), Some(policy), Some(rule)) = (applying.limits, applying.policy, applying.rule)
-        else {
-            keys.push(None);
-            continue;
-        };
-        // A policy that identifies nobody counts by the peer, as it would alone.
-        let principal = principal(several.state.user_for(several.users, applying.policy), several.caller)
-            .unwrap_or_else(|| ["peer:", ctx.peer_ip.as_str()].concat());
-        let key = QuotaKey { policy: policy.name.clone(), rule: rule.name.clone(), principal };
-        if let Err(exceeded) = shared.quotas.check(&key, limits, quota_now) {
-            return Err(Box::new(quota_refused(shared, ctx, policy, rule, &exceeded)));
-        }
-        keys.push(Some(key));
-    }
+    let keys: Vec<Option<QuotaKey>> = order
+        .iter()
+        .map(|applying| {
+            let (Some(_), Some(policy), Some(rule)) = (applying.limits, applying.policy, applying.rule)
+            else {
+                return None;
+            };
+            // A policy that identifies nobody counts by the peer, as it would alone.
+            let principal = principal(several.state.user_for(several.users, applying.policy), several.caller)
+                .unwrap_or_else(|| ["peer:", ctx.peer_ip.as_str()].concat());
+            Some(QuotaKey { policy: policy.name.clone(), rule: rule.name.clone(), principal })
+        })
+        .collect();
+    // Every rule with quotas (its position in `order`, key, limits), admitted all or nothing.
+    let charged: Vec<(usize, &QuotaKey, &Limits)> = keys
+        .iter()
+        .zip(&order)
+        .enumerate()
+        .filter_map(|(i, (key, applying))| Some((i, key.as_ref()?, applying.limits?)))
+        .collect();
+    let requests: Vec<(&QuotaKey, &Limits)> = charged.iter().map(|&(_, key, limits)| (key, limits)).collect();
     let mut remaining: Vec<Option<u64>> = vec![None; order.len()];
-    for (i, applying) in order.iter().enumerate() {
-        if let (Some(key), Some(limits), Some(policy), Some(rule)) =
-            (&keys[i], applying.limits, applying.policy, applying.rule)
-        {
-            match shared.quotas.admit(key, limits, quota_now) {
-                Ok(admission) => remaining[i] = admission.records_remaining,
-                // Another request took what the check saw left.
-                Err(exceeded) => return Err(Box::new(quota_refused(shared, ctx, policy, rule, &exceeded))),
+    match shared.quotas.admit_all(&requests, quota_now) {
+        Ok(admissions) => {
+            for (&(i, _, _), admission) in charged.iter().zip(admissions) {
+                remaining[i] = admission.records_remaining;
+            }
+        }
+        Err((at, exceeded)) => {
+            let refusing = order[charged[at].0];
+            if let (Some(policy), Some(rule)) = (refusing.policy, refusing.rule) {
+                return Err(Box::new(quota_refused(shared, ctx, policy, rule, &exceeded)));
             }
         }
     }
@@ -887,7 +894,7 @@ struct TransformJob {
     user: Option<UserVars>,
     workload: Option<WorkloadVars>,
     records_remaining: Option<u64>,
-    limits: custos_api::policy::Limits,
+    limits: Limits,
     /// The rule's quotas, charged the records the response returns.
     quota_key: Option<QuotaKey>,
     /// The plans of other policies' rules that apply with this one (`Verdict::also`),

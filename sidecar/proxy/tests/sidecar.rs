@@ -645,8 +645,8 @@ async fn constraining_rules_of_several_policies_all_apply() {
 }
 
 /// With several policies, every row filter reads the app's own values (not another policy's
-/// masks), and the rules' quotas are all checked before any is charged: a request one rule
-/// refuses takes nothing from the others.
+/// masks), and the rules' quotas admit a request all or nothing: a request one rule refuses
+/// takes nothing from the others.
 #[tokio::test]
 async fn several_policies_filter_before_masking_and_charge_all_or_nothing() {
     let masking = allowing_policy(

@@ -87,7 +87,10 @@
 //! requests of different principals rarely contend. Requests of one principal in flight at
 //! the same time are each told the same `records_remaining`; they may together overshoot the
 //! record limit by what they return concurrently (likewise replicas between two usage
-//! reports). A poisoned shard lock is recovered (the counters are always consistent).
+//! reports). A request under several rules is admitted by [`Quotas::admit_all`] with the
+//! shards of all its keys locked at once (always in the same order), so it is counted under
+//! every rule or under none, whatever runs concurrently. A poisoned shard lock is recovered
+//! (the counters are always consistent).
 //!
 //! At most [`QuotaSettings::max_tracked`] keys are kept. [`Quotas::evict_idle`] drops keys idle
 //! for [`QuotaSettings::idle_after`] whose state is *lossless* to forget (bucket full, nothing
@@ -247,10 +250,14 @@ impl Quotas {
         }
     }
 
-    fn shard(&self, key: &QuotaKey) -> &Shard {
+    fn shard_index(&self, key: &QuotaKey) -> usize {
         let n = self.shards.len();
         let i = usize::try_from(self.hasher.hash_one(key) % n as u64).unwrap_or(0);
-        &self.shards[i.min(n - 1)]
+        i.min(n - 1)
+    }
+
+    fn shard(&self, key: &QuotaKey) -> &Shard {
+        &self.shards[self.shard_index(key)]
     }
 
     /// Runs `f` on the key's entry, creating it (with `last_seen`) if `create` and it is
@@ -305,31 +312,72 @@ impl Quotas {
     /// Before forwarding a request under `key`'s rule: counts it and says how many records
     /// the response may carry, or refuses it (nothing counted).
     pub fn admit(&self, key: &QuotaKey, limits: &Limits, now: Timestamp) -> Result<Admission, Exceeded> {
-        self.admission(key, limits, now, true)
+        self.admission(key, limits, now)
     }
 
-    /// Whether [`Quotas::admit`] would admit the request, without counting it: for a request
-    /// under several rules, each checked before any is charged. (`records_remaining` is
-    /// `None` for a key not tracked yet.)
-    pub fn check(&self, key: &QuotaKey, limits: &Limits, now: Timestamp) -> Result<Admission, Exceeded> {
-        self.admission(key, limits, now, false)
-    }
-
-    fn admission(
+    /// Admits one request under several rules at once, all or nothing: with the shards of
+    /// every key locked (in a fixed order, so concurrent calls cannot deadlock), each key is
+    /// checked as [`Quotas::admit`] would, and only if every one allows the request is it
+    /// counted under each. Returns the admissions in the order of `requests`, or the position
+    /// of the first key that refuses with its refusal (nothing counted under any key).
+    ///
+    /// Checking every key first and then admitting each in turn is not the same: a
+    /// concurrent request can take the last token of a later key in between, after an
+    /// earlier key has already counted a request that is then refused.
+    pub fn admit_all(
         &self,
-        key: &QuotaKey,
-        limits: &Limits,
+        requests: &[(&QuotaKey, &Limits)],
         now: Timestamp,
-        count: bool,
-    ) -> Result<Admission, Exceeded> {
+    ) -> Result<Vec<Admission>, (usize, Exceeded)> {
+        let now = now.as_millis();
+        let configured: Vec<Configured> = requests.iter().map(|(_, l)| Configured::from_limits(l)).collect();
+        let shard_of: Vec<usize> = requests.iter().map(|(key, _)| self.shard_index(key)).collect();
+        let mut locked: Vec<usize> =
+            shard_of.iter().zip(&configured).filter(|(_, c)| !c.is_empty()).map(|(&s, _)| s).collect();
+        locked.sort_unstable();
+        locked.dedup();
+        let mut guards: Vec<MutexGuard<'_, HashMap<QuotaKey, Entry>>> =
+            locked.iter().map(|&i| lock(&self.shards[i])).collect();
+        let map_of = |i: usize| locked.binary_search(&shard_of[i]).unwrap_or_default();
+        for (i, ((key, _), limits)) in requests.iter().zip(&configured).enumerate() {
+            if limits.is_empty() {
+                continue;
+            }
+            let map = &mut guards[map_of(i)];
+            // A key not tracked yet is checked as the fresh entry admitting it would make.
+            let checked = match map.get_mut(*key) {
+                Some(entry) => entry.admit(*limits, now, false),
+                None => Entry::new(now).admit(*limits, now, false),
+            };
+            if let Err(exceeded) = checked {
+                return Err((i, exceeded));
+            }
+        }
+        let mut admissions = Vec::with_capacity(requests.len());
+        for (i, ((key, _), limits)) in requests.iter().zip(&configured).enumerate() {
+            if limits.is_empty() {
+                admissions.push(Admission { records_remaining: None });
+                continue;
+            }
+            let map = &mut guards[map_of(i)];
+            if !map.contains_key(*key) {
+                self.make_room(map, now);
+            }
+            let entry = map.entry((*key).clone()).or_insert_with(|| Entry::new(now));
+            // Under the same locks and the same `now` as the check, this admits.
+            let records_remaining = entry.admit(*limits, now, true).map_err(|exceeded| (i, exceeded))?;
+            admissions.push(Admission { records_remaining });
+        }
+        Ok(admissions)
+    }
+
+    fn admission(&self, key: &QuotaKey, limits: &Limits, now: Timestamp) -> Result<Admission, Exceeded> {
         let limits = Configured::from_limits(limits);
         if limits.is_empty() {
             return Ok(Admission { records_remaining: None });
         }
         let now = now.as_millis();
-        // A check makes no entry (nor room for one): a key not tracked has all its quota.
-        let create = count.then_some(now);
-        let result = self.with_entry(key, now, create, |entry| entry.admit(limits, now, count));
+        let result = self.with_entry(key, now, Some(now), |entry| entry.admit(limits, now, true));
         match result {
             Some(Ok(records_remaining)) => Ok(Admission { records_remaining }),
             Some(Err(exceeded)) => Err(exceeded),

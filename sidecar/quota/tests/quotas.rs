@@ -205,28 +205,85 @@ fn clock_going_back_is_harmless() {
     assert_eq!(q.admit(&k, &l, at(100 + HOUR)), refused(LimitKind::RecordsPerHour, 20));
 }
 
-/// `check` answers as `admit` would, and counts nothing: a request under several rules is
-/// checked against all of them before any is charged.
+/// A request under several rules is counted under every one or under none: a refusal by
+/// any key leaves the others' counts as they were.
 #[test]
-fn check_counts_nothing() {
+fn admit_all_counts_all_or_nothing() {
     let q = quotas();
-    let k = key("user:alice");
-    let l = limits(Some(2), Some(5), None);
-    for _ in 0..5 {
-        assert_eq!(q.check(&k, &l, at(0)), ok(None), "not tracked: everything left");
+    let alice = key("user:alice");
+    let bob = QuotaKey::new("customer-api", "export", "user:alice");
+    let loose = limits(Some(3), Some(5), None);
+    let tight = limits(Some(1), None, None);
+    assert_eq!(q.admit_all(&[], at(0)), Ok(Vec::new()));
+    assert_eq!(
+        q.admit_all(&[(&alice, &loose), (&bob, &tight)], at(0)),
+        Ok(vec![Admission { records_remaining: Some(5) }, Admission { records_remaining: None }])
+    );
+    assert_eq!(q.tracked(), 2, "each key counted");
+    for _ in 0..3 {
+        let (at_key, exceeded) = q.admit_all(&[(&alice, &loose), (&bob, &tight)], at(0)).unwrap_err();
+        assert_eq!((at_key, exceeded.limit), (1, LimitKind::RequestsPerMinute), "the second key refuses");
     }
-    assert_eq!(q.tracked(), 0, "a check makes no entry");
-    assert_eq!(q.admit(&k, &l, at(0)), ok(Some(5)));
-    assert_eq!(q.check(&k, &l, at(0)), ok(Some(5)));
-    q.record(&k, &l, 5, at(0));
-    assert_eq!(q.check(&k, &l, at(0)).unwrap_err().limit, LimitKind::RecordsPerHour);
-    let other = key("user:bob");
-    assert_eq!(q.admit(&other, &l, at(0)), ok(Some(5)));
-    assert_eq!(q.check(&other, &l, at(0)), ok(Some(5)));
-    assert_eq!(q.check(&other, &l, at(0)), ok(Some(5)), "checks take no token");
-    assert_eq!(q.admit(&other, &l, at(0)), ok(Some(5)));
-    assert_eq!(q.check(&other, &l, at(0)).unwrap_err().limit, LimitKind::RequestsPerMinute);
-    assert_eq!(q.check(&k, &limits(None, None, None), at(0)), ok(None));
+    // Refused three times, alice's key still has the two tokens the first request left.
+    assert_eq!(q.admit(&alice, &loose, at(0)), ok(Some(5)));
+    assert_eq!(q.admit(&alice, &loose, at(0)), ok(Some(5)));
+    assert_eq!(q.admit(&alice, &loose, at(0)), refused(LimitKind::RequestsPerMinute, 20));
+    // A key not tracked yet that refuses (a zero limit) counts nothing either, and makes no entry.
+    let carol = key("user:carol");
+    let (at_key, _) = q
+        .admit_all(&[(&carol, &loose), (&key("user:dave"), &limits(Some(0), None, None))], at(0))
+        .unwrap_err();
+    assert_eq!(at_key, 1);
+    assert_eq!(q.tracked(), 2, "nothing made for carol or dave");
+    // Rules without limits cost nothing and stay untracked.
+    assert_eq!(
+        q.admit_all(&[(&carol, &limits(None, None, None))], at(0)),
+        Ok(vec![Admission { records_remaining: None }])
+    );
+    assert_eq!(q.tracked(), 2);
+}
+
+/// Under concurrent requests, a key counts exactly the joint admissions that succeeded: no
+/// request refused by one key is left counted under another (checking every key and then
+/// admitting each in turn leaks a token whenever another request takes the last one between).
+#[test]
+fn admit_all_is_atomic_under_contention() {
+    let q = Arc::new(Quotas::new(QuotaSettings { shards: 4, ..QuotaSettings::default() }));
+    let wide = key("user:alice");
+    let narrow = QuotaKey::new("customer-api", "export", "user:alice");
+    let (wide_limit, narrow_limit) = (limits(Some(100_000), None, None), limits(Some(400), None, None));
+    let start = std::sync::Barrier::new(6);
+    let joint: u64 = std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for _ in 0..4 {
+            handles.push(scope.spawn(|| {
+                start.wait();
+                let mut admitted = 0u64;
+                for _ in 0..1_000 {
+                    admitted += u64::from(
+                        q.admit_all(&[(&wide, &wide_limit), (&narrow, &narrow_limit)], at(0)).is_ok(),
+                    );
+                }
+                admitted
+            }));
+        }
+        // Requests under the narrow rule alone compete for the same tokens.
+        for _ in 0..2 {
+            scope.spawn(|| {
+                start.wait();
+                for _ in 0..1_000 {
+                    let _ = q.admit(&narrow, &narrow_limit, at(0));
+                }
+            });
+        }
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert!(joint <= 400, "never more than the narrow rule allows: {joint}");
+    let mut wide_left = 0u64;
+    while q.admit(&wide, &wide_limit, at(0)).is_ok() {
+        wide_left += 1;
+    }
+    assert_eq!(wide_left, 100_000 - joint, "the wide rule counted exactly the joint admissions");
 }
 
 #[test]
