@@ -7,7 +7,7 @@
 //! | `custos_operator_reconcile_duration_seconds` | | reconcile time (compute + apply) |
 //! | `custos_operator_admissions_total` | `webhook` (`mutate-pods`, `validate-policies`, `validate-pods`), `outcome` | admission requests answered |
 //! | `custos_operator_admission_duration_seconds` | `webhook` | admission handling time |
-//! | `custos_operator_leader` | | 1 while this replica holds the Lease |
+//! | `custos_operator_leader` | | 1 while this replica holds the Lease (as last read, renewed in time) |
 //! | `custos_operator_policies` | | DataAccessPolicies in the watched namespaces |
 
 use std::sync::Arc;

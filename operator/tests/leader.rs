@@ -1,13 +1,19 @@
 //! Leader election on a coordination.k8s.io Lease, against an in-memory Kubernetes API
-//! (kube-fake-client): one of two replicas leads, the Lease names it, the other waits, and
-//! the leader releases the Lease on shutdown.
+//! (kube-fake-client): one of two replicas leads, the Lease names it, the other waits, the
+//! leader releases the Lease on shutdown, and a leader cut off from its Lease stops leading
+//! before the Lease can expire.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
-use custos_operator::leader::{LeaderError, LeaderSettings, Leadership};
-use k8s_openapi::api::coordination::v1::Lease;
+use custos_operator::leader::{LeaderError, LeaderSettings, Leadership, valid_until};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff;
 use kube::api::Api;
+use kube_fake_client::interceptor;
 
 fn settings(identity: &str) -> LeaderSettings {
     LeaderSettings {
@@ -37,9 +43,14 @@ async fn one_replica_leads_the_other_waits_and_release_frees_the_lease() {
     let mut second = Leadership::elect(client.clone(), &settings("op-1")).await.unwrap();
     assert!(!second.is_leader(), "the Lease is held by op-0");
 
-    // Not leading for a whole Lease duration while op-0 renews.
-    let waited = tokio::time::timeout(Duration::from_secs(4), second.acquired()).await;
+    // Not leading for a whole Lease duration while op-0 renews, and op-0 leading throughout
+    // (its fence sees every renewal in time).
+    let (waited, lost) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(4), second.acquired()),
+        tokio::time::timeout(Duration::from_secs(4), first.lost()),
+    );
     assert!(waited.is_err(), "op-1 must not lead while op-0 holds the Lease");
+    assert!(lost.is_err(), "op-0 must lead throughout while it renews");
     assert_eq!(holder(&client).await.as_deref(), Some("op-0"));
 
     // On shutdown op-0 releases the Lease, so that the next replica need not wait for it to
@@ -48,6 +59,78 @@ async fn one_replica_leads_the_other_waits_and_release_frees_the_lease() {
     first.release().await;
     assert_eq!(holder(&client).await, None);
     second.release().await;
+}
+
+/// A leader that cannot reach its Lease stops leading before the Lease can expire (another
+/// replica could take it then), although the election library, retrying its renewals, still
+/// says leader; it leads again once a read shows the Lease renewed.
+#[tokio::test]
+async fn a_leader_cut_off_from_its_lease_stops_before_the_lease_expires() {
+    let partitioned = Arc::new(AtomicBool::new(false));
+    let (on_patch, on_get) = (partitioned.clone(), partitioned.clone());
+    let unreachable = || kube_fake_client::Error::InvalidRequest("the API server cannot be reached".into());
+    let funcs = interceptor::Funcs::new()
+        .patch(move |ctx| {
+            if ctx.name == "custos-operator" && on_patch.load(Ordering::SeqCst) {
+                return Err(unreachable());
+            }
+            Ok(None)
+        })
+        .get(move |ctx| {
+            if ctx.name == "custos-operator" && on_get.load(Ordering::SeqCst) {
+                return Err(unreachable());
+            }
+            Ok(None)
+        });
+    let client = kube_fake_client::ClientBuilder::new().with_interceptor_funcs(funcs).build().await.unwrap();
+    let timing = LeaderSettings {
+        duration: Duration::from_secs(4),
+        grace: Duration::from_secs(2),
+        ..settings("op-0")
+    };
+    let mut leader = Leadership::elect(client.clone(), &timing).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), leader.acquired()).await.expect("op-0 leads");
+
+    partitioned.store(true, Ordering::SeqCst);
+    // The Lease was renewed at most when the partition began, so another replica may take it
+    // 4 s after that at the earliest; op-0 stops half a grace (1 s) before, i.e. within 3 s.
+    tokio::time::timeout(Duration::from_millis(3_900), leader.lost())
+        .await
+        .expect("op-0 stops leading in time");
+    assert!(!leader.is_leader());
+
+    partitioned.store(false, Ordering::SeqCst);
+    let again = tokio::time::timeout(Duration::from_secs(20), leader.acquired()).await;
+    assert_eq!(again.ok(), Some(true), "op-0 leads again once its renewal goes through");
+    assert_eq!(holder(&client).await.as_deref(), Some("op-0"));
+    leader.release().await;
+}
+
+#[test]
+fn a_lease_confirms_only_its_holder_until_its_renewal_runs_out() {
+    let renewed = jiff::Timestamp::from_second(1_700_000_000).unwrap();
+    let lease = |holder: Option<&str>, renew: Option<jiff::Timestamp>, seconds: Option<i32>| Lease {
+        spec: Some(LeaseSpec {
+            holder_identity: holder.map(str::to_owned),
+            renew_time: renew.map(MicroTime),
+            lease_duration_seconds: seconds,
+            ..LeaseSpec::default()
+        }),
+        ..Lease::default()
+    };
+    let margin = Duration::from_millis(2_500);
+    let expected = SystemTime::from(renewed) + Duration::from_secs(15) - margin;
+    assert_eq!(valid_until(&lease(Some("op-0"), Some(renewed), Some(15)), "op-0", margin), Some(expected));
+    for (case, other) in [
+        ("held by another replica", lease(Some("op-1"), Some(renewed), Some(15))),
+        ("released", lease(None, Some(renewed), Some(15))),
+        ("never renewed", lease(Some("op-0"), None, Some(15))),
+        ("no duration", lease(Some("op-0"), Some(renewed), None)),
+        ("negative duration", lease(Some("op-0"), Some(renewed), Some(-1))),
+        ("no spec", Lease::default()),
+    ] {
+        assert_eq!(valid_until(&other, "op-0", margin), None, "{case}");
+    }
 }
 
 #[tokio::test]
