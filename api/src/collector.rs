@@ -78,6 +78,14 @@ pub struct IngestResponse {
     pub accepted: u64,
     /// Events already stored before (same id), not stored again.
     pub duplicates: u64,
+    /// Events older than what the collector's retention has already deleted: acknowledged,
+    /// not stored (left out when 0, and absent from older collectors' answers).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expired: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Usage of one principal under one policy, cluster-wide, per rule.

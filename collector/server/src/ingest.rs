@@ -612,8 +612,12 @@ pub(crate) async fn post_events(
     body: Body,
 ) -> Response {
     match ingest(&state, &scope, &headers, body).await {
-        Ok(outcome) => Json(IngestResponse { accepted: outcome.accepted, duplicates: outcome.duplicates })
-            .into_response(),
+        Ok(outcome) => Json(IngestResponse {
+            accepted: outcome.accepted,
+            duplicates: outcome.duplicates,
+            expired: outcome.expired,
+        })
+        .into_response(),
         Err(error) => {
             state.metrics().batch_rejected(crate::metrics::static_reason(error.reason()));
             if error.status().is_client_error() {
@@ -628,7 +632,12 @@ pub(crate) async fn post_events(
 #[tracing::instrument(
     name = "ingest_batch",
     skip_all,
-    fields(events = tracing::field::Empty, accepted = tracing::field::Empty, duplicates = tracing::field::Empty)
+    fields(
+        events = tracing::field::Empty,
+        accepted = tracing::field::Empty,
+        duplicates = tracing::field::Empty,
+        expired = tracing::field::Empty
+    )
 )]
 async fn ingest(
     state: &CollectorState,
@@ -652,6 +661,7 @@ async fn ingest(
     let outcome = state.commit(batch, scope).await?;
     span.record("accepted", outcome.accepted);
     span.record("duplicates", outcome.duplicates);
+    span.record("expired", outcome.expired);
     Ok(outcome)
 }
 

@@ -43,6 +43,7 @@ struct Inner {
     registry: Registry,
     events_ingested: Counter,
     events_duplicate: Counter,
+    events_expired: Counter,
     batches_rejected: Family<ReasonLabel, Counter>,
     store_seconds: Family<OpLabel, Histogram, fn() -> Histogram>,
     requests: Family<RequestLabels, Counter>,
@@ -90,6 +91,12 @@ impl CollectorMetrics {
             "custos_collector_events_duplicate",
             "Audit events received again (same id) and not stored twice",
             events_duplicate.clone(),
+        );
+        let events_expired = Counter::default();
+        registry.register(
+            "custos_collector_events_expired",
+            "Audit events received older than what retention already deleted: acknowledged, not stored",
+            events_expired.clone(),
         );
         let batches_rejected = Family::<ReasonLabel, Counter>::default();
         registry.register(
@@ -139,6 +146,7 @@ impl CollectorMetrics {
                 registry,
                 events_ingested,
                 events_duplicate,
+                events_expired,
                 batches_rejected,
                 store_seconds,
                 requests,
@@ -164,9 +172,10 @@ impl CollectorMetrics {
         text
     }
 
-    pub(crate) fn ingested(&self, accepted: u64, duplicates: u64) {
-        self.inner.events_ingested.inc_by(accepted);
-        self.inner.events_duplicate.inc_by(duplicates);
+    pub(crate) fn ingested(&self, outcome: custos_store::IngestOutcome) {
+        self.inner.events_ingested.inc_by(outcome.accepted);
+        self.inner.events_duplicate.inc_by(outcome.duplicates);
+        self.inner.events_expired.inc_by(outcome.expired);
     }
 
     pub(crate) fn batch_rejected(&self, reason: &'static str) {
@@ -238,7 +247,7 @@ mod tests {
     #[test]
     fn series_are_exposed_under_the_documented_names() {
         let m = CollectorMetrics::new();
-        m.ingested(3, 1);
+        m.ingested(custos_store::IngestOutcome { accepted: 3, duplicates: 1, expired: 2 });
         m.batch_rejected("bad_event");
         m.store_op("ingest", Duration::from_millis(2));
         m.request("/v1/events", 200);
@@ -247,6 +256,7 @@ mod tests {
         for needle in [
             "custos_collector_events_ingested_total 3",
             "custos_collector_events_duplicate_total 1",
+            "custos_collector_events_expired_total 2",
             "custos_collector_batches_rejected_total{reason=\"bad_event\"} 1",
             "custos_collector_store_seconds_count{op=\"ingest\"} 1",
             "custos_collector_requests_total{endpoint=\"/v1/events\",status=\"200\"} 1",

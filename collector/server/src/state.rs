@@ -146,7 +146,7 @@ impl CollectorState {
         match result {
             Ok(ingested) => {
                 let outcome = ingested.outcome;
-                self.metrics().ingested(outcome.accepted, outcome.duplicates);
+                self.metrics().ingested(outcome);
                 if outcome.accepted > 0 {
                     self.notify(batch, ingested);
                 }

@@ -1,5 +1,6 @@
 //! Probes and metrics, graceful shutdown (in-flight requests finish, bounded by the timeout),
-//! extra routes, and retention (pruning keeps the chain verifiable; a broken chain stops it).
+//! extra routes, and retention (pruning keeps the chain verifiable; a broken chain stops it;
+//! events older than the pruned part are not stored again).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -158,6 +159,14 @@ async fn retention_prunes_old_events_and_the_chain_still_verifies() {
     assert_eq!(report["checked"], 5);
     let (_, metrics) = h.get_text("/metrics").await;
     assert!(metric_value(&metrics, "custos_collector_prune_runs_total{result=\"ok\"}").unwrap() >= 1.0);
+
+    // A sender resending the pruned events (a spool delivered late) is acknowledged, and
+    // nothing is stored again: the ids are gone, the events would only be pruned again.
+    let (status, body) = h.post(NDJSON, ndjson(&old)).await;
+    assert_eq!((status, body), (200, serde_json::json!({"accepted": 0, "duplicates": 0, "expired": 10})));
+    assert_exactly(&h.stored_ids().await, &ids(&recent));
+    let (_, metrics) = h.get_text("/metrics").await;
+    assert_eq!(metric_value(&metrics, "custos_collector_events_expired_total"), Some(10.0));
 }
 
 #[tokio::test]

@@ -101,6 +101,11 @@ pub struct IngestOutcome {
     /// Events not stored because an event with the same id is already stored (or appears
     /// earlier in the same batch).
     pub duplicates: u64,
+    /// Events not stored because they are older than what retention has already pruned
+    /// ([`AnyStore::prune`]'s cutoff): their ids are forgotten, so they cannot be told from
+    /// pruned events sent again, and retention would prune them anyway.
+    #[serde(default)]
+    pub expired: u64,
 }
 
 /// The outcome of [`AnyStore::ingest_listing_new`]: the counts, and which events of the batch
@@ -110,7 +115,7 @@ pub struct Ingested {
     /// The counts, as [`AnyStore::ingest`] returns them.
     pub outcome: IngestOutcome,
     /// The positions in the batch of the events this call stored, ascending (`outcome.accepted`
-    /// of them); the other events were duplicates.
+    /// of them); the other events were duplicates or expired.
     pub new: Vec<usize>,
 }
 

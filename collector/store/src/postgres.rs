@@ -422,6 +422,8 @@ impl PostgresStore {
         let tx = client.transaction().await?;
         let head_st = tx.prepare_cached("SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE").await?;
         let head = link_at(&tx.query_one(&head_st, &[]).await?, 0)?;
+        let anchor_st = tx.prepare_cached("SELECT pruned_before_us FROM chain_anchor WHERE id = 1").await?;
+        let pruned_before: Option<i64> = tx.query_one(&anchor_st, &[]).await?.try_get(0)?;
         let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
         let dup_st = tx.prepare_cached("SELECT id FROM event_ids WHERE id = ANY($1)").await?;
         let mut seen: HashSet<String> =
@@ -430,6 +432,10 @@ impl PostgresStore {
         let mut linked = Vec::with_capacity(events.len());
         let (mut seq, mut hash) = (head.seq, head.hash);
         for (index, (e, u)) in events.iter().zip(batch).enumerate() {
+            if pruned_before.is_some_and(|before| u.cols.time_us < before) {
+                out.outcome.expired += 1;
+                continue;
+            }
             if !seen.insert(e.id.clone()) {
                 out.outcome.duplicates += 1;
                 continue;

@@ -441,6 +441,8 @@ impl SqliteStore {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let Link { seq: mut head_seq, hash: mut head_hash } =
                 tx.query_row("SELECT seq, hash FROM chain_head WHERE id = 1", [], link_row)?;
+            let pruned_before: Option<i64> =
+                tx.query_row("SELECT pruned_before_us FROM chain_anchor WHERE id = 1", [], |r| r.get(0))?;
             let mut out = Ingested::default();
             {
                 let mut insert = tx.prepare_cached(
@@ -454,6 +456,10 @@ impl SqliteStore {
                      VALUES (?1, ?2, ?3, ?4)",
                 )?;
                 for (index, u) in batch.into_iter().enumerate() {
+                    if pruned_before.is_some_and(|before| u.cols.time_us < before) {
+                        out.outcome.expired += 1;
+                        continue;
+                    }
                     let p = u.link(head_seq + 1, &head_hash)?;
                     let c = &p.cols;
                     let n = insert.execute(params![

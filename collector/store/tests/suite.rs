@@ -60,6 +60,7 @@ suite!(
     prune_keeps_chain_verifiable,
     concurrent_prunes_and_verify_report_no_false_break,
     prune_refuses_a_broken_chain,
+    events_older_than_the_pruned_part_are_not_stored_again,
     alerts_are_idempotent,
     concurrent_ingest_keeps_chain_valid,
     long_report_queries_are_stopped,
@@ -653,13 +654,41 @@ async fn prune_keeps_chain_verifiable(env: &Env) {
     assert_eq!(store.subject(&format!("{:064x}", 1), None, None, 0).await.unwrap().len(), 5);
     // Nothing more to prune; ingest continues the chain from the head.
     assert_eq!(store.prune(start_of(2)).await.unwrap().deleted, 0);
-    let out = store.ingest(&[mk("d0", day(3, 0)), mk("old", day(0, 7))]).await.unwrap();
-    assert_eq!(out.accepted, 2);
+    // (An event older than the pruned part is not stored: see the next test.)
+    let out = store.ingest(&[mk("d0", day(3, 0)), mk("old", day(0, 7)), mk("d1", day(3, 1))]).await.unwrap();
+    assert_eq!((out.accepted, out.expired), (2, 1));
     assert_verifies(&store, 7).await;
     // Tampering after a prune is still caught.
     env.raw("DELETE FROM events WHERE seq = 13;").await;
     let b = store.verify(None).await.unwrap().first_broken.unwrap();
     assert_eq!((b.kind, b.seq), (BreakKind::Deleted, 13));
+}
+
+/// Retention forgets the ids of the events it deletes, so a sender's late resend of one would
+/// be stored again (and its chain position reused for a copy): every event older than the
+/// pruned part is acknowledged as expired instead, never stored; from the cutoff on, events
+/// are stored as before.
+async fn events_older_than_the_pruned_part_are_not_stored_again(env: &Env) {
+    let store = env.open().await;
+    let old: Vec<_> = (0..5).map(|i| event(&format!("a{i}"), t0() + Duration::seconds(i))).collect();
+    let cutoff = t0() + Duration::hours(1);
+    store.ingest(&old).await.unwrap();
+    store.ingest(&[event("b0", cutoff + Duration::seconds(1))]).await.unwrap();
+    assert_eq!(store.prune(cutoff).await.unwrap().deleted, 5);
+
+    let again = store.ingest(&old).await.unwrap();
+    assert_eq!((again.accepted, again.duplicates, again.expired), (0, 0, 5), "resent after the prune");
+    let boundary = [
+        event("just-before", cutoff - Duration::microseconds(1)),
+        event("at-cutoff", cutoff),
+        event("b0", cutoff + Duration::seconds(1)),
+    ];
+    let out = store.ingest(&boundary).await.unwrap();
+    assert_eq!((out.accepted, out.duplicates, out.expired), (1, 1, 1));
+    let mut ids = all_ids(&store).await;
+    ids.sort();
+    assert_eq!(ids, ["at-cutoff", "b0"]);
+    assert_verifies(&store, 2).await;
 }
 
 async fn prune_refuses_a_broken_chain(env: &Env) {

@@ -7,6 +7,7 @@
 //! the spool at start (written by a previous process) are counted as delivered or dropped when
 //! their fate is known, but were emitted by the previous process.
 
+use custos_api::collector::IngestResponse;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -140,6 +141,7 @@ impl BatchResult {
 /// | `custos_audit_events_emitted_total` | counter | events handed to the shipper |
 /// | `custos_audit_events_delivered_total` | counter | events in batches the collector acknowledged |
 /// | `custos_audit_events_duplicate_total` | counter | of those, events the collector already had (resends) |
+/// | `custos_audit_events_expired_total` | counter | of those, events older than what the collector's retention already deleted (not stored) |
 /// | `custos_audit_events_dropped_total{reason}` | counter | events lost, by [`DropReason`] |
 /// | `custos_audit_spool_bytes` | gauge | disk used by the spool's segment files |
 /// | `custos_audit_spool_records` | gauge | batches waiting in the spool |
@@ -152,6 +154,7 @@ pub struct ShipperMetrics {
     events_emitted: Counter,
     events_delivered: Counter,
     events_duplicate: Counter,
+    events_expired: Counter,
     events_dropped: Family<Label, Counter>,
     spool_bytes: Gauge,
     spool_records: Gauge,
@@ -185,6 +188,7 @@ impl ShipperMetrics {
             events_emitted: Counter::default(),
             events_delivered: Counter::default(),
             events_duplicate: Counter::default(),
+            events_expired: Counter::default(),
             events_dropped,
             spool_bytes: Gauge::default(),
             spool_records: Gauge::default(),
@@ -213,6 +217,11 @@ impl ShipperMetrics {
             "custos_audit_events_duplicate",
             "Audit events the collector reported as already stored (resent batches)",
             self.events_duplicate.clone(),
+        );
+        registry.register(
+            "custos_audit_events_expired",
+            "Audit events the collector acknowledged without storing: older than what its retention already deleted",
+            self.events_expired.clone(),
         );
         registry.register(
             "custos_audit_events_dropped",
@@ -266,6 +275,11 @@ impl ShipperMetrics {
         self.events_duplicate.get()
     }
 
+    /// Events the collector reported as expired (older than its retention).
+    pub fn events_expired(&self) -> u64 {
+        self.events_expired.get()
+    }
+
     /// Events dropped for `reason`.
     pub fn events_dropped(&self, reason: DropReason) -> u64 {
         self.dropped_by_reason[reason as usize].get()
@@ -310,9 +324,10 @@ impl ShipperMetrics {
         self.dropped_by_reason[reason as usize].inc_by(n) + n
     }
 
-    pub(crate) fn delivered(&self, events: u64, duplicates: u64, latency_seconds: f64) {
+    pub(crate) fn delivered(&self, events: u64, response: &IngestResponse, latency_seconds: f64) {
         self.events_delivered.inc_by(events);
-        self.events_duplicate.inc_by(duplicates);
+        self.events_duplicate.inc_by(response.duplicates);
+        self.events_expired.inc_by(response.expired);
         self.delivery_latency.observe(latency_seconds);
     }
 

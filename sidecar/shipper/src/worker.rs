@@ -392,12 +392,19 @@ impl Worker {
                     self.with_spool(move |spool| spool.ack(record)).await;
                 }
                 self.metrics.batch(BatchResult::Ok);
-                self.metrics.delivered(events, response.duplicates, elapsed.as_secs_f64());
-                if response.accepted + response.duplicates != events {
+                self.metrics.delivered(events, &response, elapsed.as_secs_f64());
+                if response.expired > 0 {
+                    tracing::warn!(
+                        expired = response.expired,
+                        "the collector did not store events older than its retention (delivered too late)"
+                    );
+                }
+                if response.accepted + response.duplicates + response.expired != events {
                     tracing::warn!(
                         events,
                         accepted = response.accepted,
                         duplicates = response.duplicates,
+                        expired = response.expired,
                         "the collector acknowledged a batch with other counts than were sent"
                     );
                 }

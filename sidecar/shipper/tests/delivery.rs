@@ -51,6 +51,9 @@ enum Behaviour {
     Malformed,
     /// Answer 200 with a 2 MiB body (whitespace around the contract's answer).
     Huge,
+    /// Acknowledge the batch without storing it, every event `expired` (older than what the
+    /// collector's retention already deleted).
+    Expired,
 }
 
 #[derive(Default)]
@@ -171,7 +174,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
             body.extend_from_slice(br#"{"accepted": 0, "duplicates": 0}"#);
             return Ok(answer(200, body));
         }
-        Behaviour::Normal | Behaviour::CommitThenDrop | Behaviour::BadEvent(_) => {}
+        Behaviour::Normal | Behaviour::CommitThenDrop | Behaviour::BadEvent(_) | Behaviour::Expired => {}
     }
     match req.uri().path() {
         EVENTS_PATH => {
@@ -189,6 +192,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
                     let body = serde_json::json!({"error": "bad event", "reason": "bad_event"}).to_string();
                     return Ok(answer(400, body));
                 }
+            }
+            if behaviour == Behaviour::Expired {
+                let response =
+                    IngestResponse { expired: text.lines().count() as u64, ..IngestResponse::default() };
+                return Ok(answer(200, serde_json::to_vec(&response).unwrap()));
             }
             let mut response = IngestResponse::default();
             {
@@ -418,6 +426,23 @@ async fn answer_lost_after_commit_is_resent_and_stored_once() {
     collector.assert_stored_once(&ids(0..100));
     assert_eq!(metrics.events_duplicate(), 100, "the resent batch was all duplicates");
     assert_eq!(collector.state.lock().unwrap().event_requests, 2);
+    shipper.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Events the collector acknowledges as expired (older than its retention) are settled like
+/// delivered ones, not resent, and counted apart.
+#[tokio::test]
+async fn events_the_collector_reports_expired_are_settled_and_counted() {
+    let collector = Collector::start().await;
+    collector.then(Behaviour::Expired);
+    let spool = tempfile::tempdir().unwrap();
+    let (shipper, metrics) = start(config(&collector.url(), spool.path()));
+    emit(&shipper, 0..100); // exactly one batch
+    until("acknowledged", || metrics.events_delivered() == 100).await;
+    assert_eq!(metrics.events_expired(), 100);
+    assert_eq!(metrics.events_duplicate(), 0);
+    until("spool empty", || metrics.spool_records() == 0).await;
+    assert!(collector.state.lock().unwrap().stored.is_empty(), "nothing stored");
     shipper.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -449,7 +449,7 @@ async fn collector(req: Request<Incoming>, state: &CollectorState) -> Response<F
         }
         events.push(event);
     }
-    let body = IngestResponse { accepted, duplicates };
+    let body = IngestResponse { accepted, duplicates, expired: 0 };
     Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap())))
 }
 
