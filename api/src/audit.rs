@@ -136,7 +136,27 @@ pub struct AuditEvent {
     /// Keyed hashes (HMAC-SHA256, hex) of the ids of the records returned.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub record_hashes: Vec<String>,
+    /// What the Audit-mode policies selecting the pod that did not decide the request would
+    /// have decided (their dry runs beside the deciding policy), in policy name order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dry_runs: Vec<DryRun>,
     /// Hash of the previous event in the store's chain; set by the collector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_hash: Option<String>,
+}
+
+/// The verdict of an Audit-mode policy that did not decide the request: what it would have
+/// decided had it been the only policy (its rule's masks and quotas are not dry-run).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DryRun {
+    /// The Audit-mode policy.
+    pub policy: String,
+    /// Its matching rule; none when its default action would have decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// `Allow`, or `WouldDeny` for a request it would have refused.
+    pub decision: Decision,
+    /// Why, as a reason code (`allow_rule`, `deny_rule`, `default_allow`, `default_deny`).
+    pub reason: String,
 }

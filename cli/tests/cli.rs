@@ -229,6 +229,42 @@ fn explain_applies_every_constraining_policy() {
     assert!(printed.contains("mask:      address -> Redact"), "{printed}");
 }
 
+/// An Audit-mode policy beside the enforcing one does not decide: its verdict is listed as a
+/// dry run, in JSON and in text.
+#[test]
+fn explain_lists_the_dry_runs_of_audit_policies_beside_the_deciding_one() {
+    let args = [
+        "-p",
+        "examples/courier-branch-scoping.yaml",
+        "-p",
+        "examples/audit-mode-rollout.yaml",
+        "--request",
+        "GET /parcels/search",
+        "--user",
+        "branch=HB-07,role=clerk",
+        "--from",
+        "logistics/ops-portal",
+    ];
+    let v = explain(&args);
+    assert_eq!((v["policy"].as_str(), v["mode"].as_str()), (Some("logistics/customer-api"), Some("Enforce")));
+    assert_eq!(
+        v["dryRuns"],
+        serde_json::json!([{"policy": "logistics/waybill-api", "rule": "clerks-list-own-branch", "decision": "Allow", "reasonCode": "allow_rule"}])
+    );
+    let mut text_args = vec!["explain"];
+    text_args.extend_from_slice(&args);
+    let out = custos(&text_args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("dry run:   policy logistics/waybill-api (Audit) would decide Allow"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Alone, the Audit policy decides, and there is no dry run.
+    let v = explain(&["-p", "examples/audit-mode-rollout.yaml", "--request", "GET /parcels/search"]);
+    assert_eq!((v["decision"].as_str(), v["dryRuns"].as_array().map(Vec::len)), (Some("WouldDeny"), Some(0)));
+}
+
 #[test]
 fn explain_rejects_hostile_paths_without_echoing_them() {
     let v =

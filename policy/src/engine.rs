@@ -109,6 +109,13 @@ pub struct Verdict<'e> {
     /// masks or row filter. In policy name order; empty otherwise (and always empty in the
     /// verdicts it holds).
     pub also: Vec<Verdict<'e>>,
+    /// The verdicts of the Audit-mode policies that did not decide (outranked by this one):
+    /// what each would have decided, recorded beside this verdict so that a dry run of a
+    /// policy stays visible on pods another policy enforces on. In policy name order; empty
+    /// in the verdicts it holds. Audit-mode policies are evaluated after the enforcing ones,
+    /// and not at all after an enforced Deny: a request an enforcing policy refuses has no
+    /// dry runs.
+    pub dry_runs: Vec<Verdict<'e>>,
 }
 
 impl<'e> Verdict<'e> {
@@ -225,6 +232,7 @@ impl Engine {
         // The best verdict so far, with its rank (lower wins).
         let mut best: Option<(u8, Verdict<'e>)> = None;
         let mut also: Vec<Verdict<'e>> = Vec::new();
+        let mut dry_runs: Vec<Verdict<'e>> = Vec::new();
         let mut last_user: Option<&User> = None;
         for (i, policy) in self.policies.iter().enumerate() {
             let user = user_of(i);
@@ -247,6 +255,8 @@ impl Engine {
                 Some((best_rank, _)) if rank >= *best_rank => {
                     if rank == CONSTRAINING && *best_rank == CONSTRAINING {
                         also.push(v);
+                    } else if v.mode == Mode::Audit {
+                        dry_runs.push(v);
                     }
                 }
                 _ => {
@@ -254,7 +264,11 @@ impl Engine {
                         // Constraining Allows outranked (by a Deny) or not yet seen.
                         also.clear();
                     }
-                    best = Some((rank, v));
+                    if let Some((_, outranked)) = best.replace((rank, v))
+                        && outranked.mode == Mode::Audit
+                    {
+                        dry_runs.push(outranked);
+                    }
                     if rank == 0 {
                         break;
                     }
@@ -264,6 +278,11 @@ impl Engine {
         let mut best = best.map(|(_, v)| v);
         if let Some(b) = &mut best {
             b.also = also;
+            if dry_runs.len() > 1 {
+                // An outranked verdict was pushed after those seen later than it.
+                dry_runs.sort_by(|a, b| a.policy.map(|p| &p.name).cmp(&b.policy.map(|p| &p.name)));
+            }
+            b.dry_runs = dry_runs;
         }
         best.unwrap_or(Verdict {
             decision: Decision::Allow,
@@ -275,6 +294,7 @@ impl Engine {
             limits: None,
             params: Vec::new(),
             also: Vec::new(),
+            dry_runs: Vec::new(),
         })
     }
 }
@@ -307,6 +327,7 @@ fn decide_policy<'e>(
         limits: rule.and_then(|r| r.limits.as_ref()),
         params,
         also: Vec::new(),
+        dry_runs: Vec::new(),
     };
     // Rules whose paths all start with other literal segments are passed over here, without
     // the call: most rules of a policy are about other paths.

@@ -637,3 +637,60 @@ fn each_policy_decides_with_the_user_its_own_identity_verified() {
     let v = e.decide_as(&req, |_| Some(&reader));
     assert_eq!((v.decision, v.rule.map(|r| r.name.as_str())), (Decision::Allow, Some("readers")));
 }
+
+/// The verdicts of Audit-mode policies that do not decide come with the deciding one as dry
+/// runs, in policy name order, whether an enforced verdict or another Audit verdict decides;
+/// an enforced Deny stops the evaluation before any Audit policy.
+#[test]
+fn audit_policies_that_do_not_decide_are_recorded_as_dry_runs() {
+    let mut enforcing = mk_spec(vec![mk_allow("read", &["GET"], &["/customers/**"])]);
+    enforcing.default_action = Action::Deny;
+    let mut stricter = mk_spec(vec![mk_deny("no-export", &["GET"], &["/customers/export"])]);
+    stricter.default_action = Action::Allow;
+    stricter.mode = Mode::Audit;
+    let mut narrow = mk_spec(vec![mk_allow("one", &["GET"], &["/customers/{id}"])]);
+    narrow.default_action = Action::Deny;
+    narrow.mode = Mode::Audit;
+    let decide = |e: &Engine, p: &str| {
+        let path = normalize(p).expect("valid");
+        let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+        let name = |v: &custos_policy::Verdict<'_>| {
+            format!(
+                "{}/{}:{}",
+                v.policy.map_or("-", |p| p.name.as_str()),
+                v.rule.map_or("-", |r| r.name.as_str()),
+                v.decision
+            )
+        };
+        assert!(v.dry_runs.iter().all(|d| d.mode == Mode::Audit && d.dry_runs.is_empty()));
+        (name(&v), v.dry_runs.iter().map(name).collect::<Vec<_>>())
+    };
+    // Names chosen so that the enforcing policy comes between the two Audit ones.
+    let e = Engine::new(vec![
+        mk_policy("c-narrow", &narrow),
+        mk_policy("b-enforcing", &enforcing),
+        mk_policy("a-stricter", &stricter),
+    ]);
+    assert_eq!(
+        decide(&e, "/customers/export"),
+        (
+            "b-enforcing/read:Allow".into(),
+            vec!["a-stricter/no-export:WouldDeny".into(), "c-narrow/one:Allow".into()]
+        )
+    );
+    assert_eq!(
+        decide(&e, "/customers/42/orders"),
+        ("b-enforcing/read:Allow".into(), vec!["a-stricter/-:Allow".into(), "c-narrow/-:WouldDeny".into()])
+    );
+    // An enforced Deny (the enforcing policy's default) is the whole answer.
+    assert_eq!(decide(&e, "/parcels"), ("b-enforcing/-:Deny".into(), vec![]));
+    // Audit policies alone: one decides (WouldDeny outranks Allow), the other is a dry run.
+    let e = Engine::new(vec![mk_policy("a-stricter", &stricter), mk_policy("c-narrow", &narrow)]);
+    assert_eq!(
+        decide(&e, "/customers/export"),
+        ("a-stricter/no-export:WouldDeny".into(), vec!["c-narrow/one:Allow".into()])
+    );
+    // One policy: no dry run.
+    let e = Engine::new(vec![mk_policy("b-enforcing", &enforcing)]);
+    assert_eq!(decide(&e, "/customers/export").1, Vec::<String>::new());
+}

@@ -109,6 +109,26 @@ pub fn write_event_open(out: &mut Vec<u8>, e: &AuditEvent) {
         }
         out.push(b']');
     }
+    if !e.dry_runs.is_empty() {
+        out.extend_from_slice(b",\"dryRuns\":[");
+        for (i, run) in e.dry_runs.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"policy\":");
+            write_str(out, &run.policy);
+            if let Some(rule) = &run.rule {
+                out.extend_from_slice(b",\"rule\":");
+                write_str(out, rule);
+            }
+            out.extend_from_slice(b",\"decision\":");
+            write_str(out, run.decision.as_str());
+            out.extend_from_slice(b",\"reason\":");
+            write_str(out, &run.reason);
+            out.push(b'}');
+        }
+        out.push(b']');
+    }
 }
 
 /// The serde name of a mode (its variant name).
@@ -214,7 +234,7 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use crate::audit::{AuditUser, CallerWorkload, Decision};
+    use crate::audit::{AuditUser, CallerWorkload, Decision, DryRun};
     use proptest::prelude::*;
 
     use super::*;
@@ -261,6 +281,20 @@ mod tests {
             latency_us: 12,
             trace_id: Some(format!("t{text}")),
             record_hashes: vec![text.into(), "ab".into()],
+            dry_runs: vec![
+                DryRun {
+                    policy: text.into(),
+                    rule: Some(format!("r{text}")),
+                    decision: Decision::WouldDeny,
+                    reason: format!("deny_rule{text}"),
+                },
+                DryRun {
+                    policy: format!("p{text}"),
+                    rule: None,
+                    decision: Decision::Allow,
+                    reason: "default_allow".into(),
+                },
+            ],
             prev_hash: Some(format!("h{text}")),
         }
     }
@@ -280,6 +314,7 @@ mod tests {
             masked: BTreeMap::new(),
             trace_id: None,
             record_hashes: Vec::new(),
+            dry_runs: Vec::new(),
             prev_hash: None,
             ..mk_full("")
         }

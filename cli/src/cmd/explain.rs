@@ -238,6 +238,12 @@ fn report_json(v: &Verdict<'_>, path: &str, body: Option<Value>) -> Value {
             "plan": a.plan.map(|p| plan_json(a, p)),
             "limits": a.limits.map(|l| serde_json::to_value(l).unwrap_or(Value::Null)),
         })).collect::<Vec<_>>(),
+        "dryRuns": v.dry_runs.iter().map(|d| json!({
+            "policy": d.policy.map(|p| format!("{}/{}", p.namespace, p.name)),
+            "rule": d.rule.map(|r| r.name.clone()),
+            "decision": d.decision.as_str(),
+            "reasonCode": d.reason.code(),
+        })).collect::<Vec<_>>(),
         "response": body,
     })
 }
@@ -269,6 +275,10 @@ fn print_text(v: &Verdict<'_>, path: &str, report: &Value) {
         let rule = also.rule.map(|r| r.name.as_str()).unwrap_or("(none: default action)");
         println!("also applies: rule '{rule}' of policy {policy} (its plan and limits too)");
         print_plan(also);
+    }
+    for run in &v.dry_runs {
+        let policy = run.policy.map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default();
+        println!("dry run:   policy {policy} (Audit) would decide {}: {}", run.decision, run.explanation());
     }
     if let Some(resp) = report.get("response").filter(|r| !r.is_null()) {
         print_response(resp);

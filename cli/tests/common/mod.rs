@@ -116,6 +116,7 @@ pub fn sample_event(id: String, time: String, principal: String) -> AuditEvent {
         latency_us: 100,
         trace_id: None,
         record_hashes: vec![],
+        dry_runs: Vec::new(),
         prev_hash: None,
     }
 }

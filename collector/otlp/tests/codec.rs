@@ -1,7 +1,7 @@
 //! The OTLP logs codec: protobuf and OTLP/JSON in, protobuf out.
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use custos_api::audit::{AUDIT_SCHEMA_VERSION, AuditUser, CallerWorkload};
+use custos_api::audit::{AUDIT_SCHEMA_VERSION, AuditUser, CallerWorkload, DryRun};
 use custos_api::policy::Mode;
 use custos_api::{AuditEvent, Decision};
 use custos_otlp::proto::common::v1::any_value::Value as Any;
@@ -39,6 +39,12 @@ fn event(id: &str, decision: Decision) -> AuditEvent {
         latency_us: 1200,
         trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
         record_hashes: vec!["ab".repeat(32), "cd".repeat(32)],
+        dry_runs: vec![DryRun {
+            policy: "stricter-customers".into(),
+            rule: Some("own-branch".into()),
+            decision: Decision::WouldDeny,
+            reason: "deny_rule".into(),
+        }],
         prev_hash: None,
     }
 }

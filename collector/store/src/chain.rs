@@ -200,6 +200,8 @@ pub const MAX_ID_BYTES: usize = 128;
 pub const MAX_PRINCIPAL_BYTES: usize = 1024;
 /// Longest namespace, policy or rule name accepted (Kubernetes names are at most 253).
 pub const MAX_NAME_BYTES: usize = 253;
+/// Most dry runs one event may carry (one per Audit-mode policy selecting the pod).
+pub const MAX_DRY_RUNS: usize = 64;
 /// How far in the future an event's time may be (clock skew between nodes): a later time
 /// would hold back retention and blind the detectors' windows.
 pub const MAX_FUTURE_SKEW_US: i64 = 10 * 60 * 1_000_000;
@@ -254,6 +256,15 @@ pub(crate) fn admissible(e: &AuditEvent, columns: &Columns, now_us: i64) -> Resu
             return Err(reason);
         }
     }
+    if e.dry_runs.len() > MAX_DRY_RUNS {
+        return Err("dryRuns has more than 64 entries");
+    }
+    if e.dry_runs
+        .iter()
+        .any(|d| d.policy.len() > MAX_NAME_BYTES || d.rule.as_ref().is_some_and(|r| r.len() > MAX_NAME_BYTES))
+    {
+        return Err("a dryRuns policy or rule is longer than 253 bytes");
+    }
     if has_nul(e) {
         return Err("a string field holds a NUL character (U+0000)");
     }
@@ -280,11 +291,14 @@ fn has_nul(e: &AuditEvent) -> bool {
         .iter()
         .flat_map(|u| std::iter::once(&u.id).chain(u.attributes.iter().flat_map(|(k, v)| [k, v])));
     let caller = e.caller.iter().flat_map(|c| [&c.namespace, &c.service_account]);
+    let dry_runs =
+        e.dry_runs.iter().flat_map(|d| std::iter::once(&d.policy).chain(&d.rule).chain([&d.reason]));
     [&e.id, &e.time, &e.namespace, &e.principal, &e.method, &e.path, &e.reason]
         .into_iter()
         .chain([&e.cluster, &e.policy, &e.rule, &e.pod, &e.trace_id].into_iter().flatten())
         .chain(user)
         .chain(caller)
+        .chain(dry_runs)
         .chain(e.masked.keys())
         .any(|s| nul(s))
 }
@@ -605,6 +619,7 @@ mod tests {
             latency_us: 0,
             trace_id: None,
             record_hashes: vec![],
+            dry_runs: Vec::new(),
             prev_hash: None,
         }
     }

@@ -156,7 +156,7 @@ async fn invalid_event_rejects_the_batch(env: &Env) {
 async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
     let store = env.open().await;
     type Edit = fn(&mut custos_api::AuditEvent);
-    let cases: [(Edit, &str); 11] = [
+    let cases: [(Edit, &str); 14] = [
         (|e| e.id = "x".repeat(129), "id is longer than 128 bytes"),
         (|e| e.principal = format!("user:{}", "u".repeat(3000)), "principal is longer than 1024 bytes"),
         (|e| e.policy = Some("p".repeat(254)), "policy is longer than 253 bytes"),
@@ -177,6 +177,12 @@ async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
         (|e| e.record_hashes = vec!["13800138000".into()], "recordHashes must be 64 lowercase hex digits"),
         (|e| e.record_hashes = vec!["A".repeat(64)], "recordHashes must be 64 lowercase hex digits"),
         (|e| e.records_returned = 1 << 62, "a records count is above"),
+        (|e| e.dry_runs = vec![dry_run("audit-only"); 65], "dryRuns has more than 64 entries"),
+        (
+            |e| e.dry_runs = vec![dry_run(&"p".repeat(254))],
+            "a dryRuns policy or rule is longer than 253 bytes",
+        ),
+        (|e| e.dry_runs = vec![dry_run("no\0rth")], "NUL character"),
         (|e| e.time = rfc3339(chrono::Utc::now() + Duration::minutes(11)), "more than 10 minutes ahead"),
         (|e| e.time = "2100-01-01T00:00:00Z".into(), "more than 10 minutes ahead"),
     ];
@@ -197,12 +203,25 @@ async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
     fine[1].time = rfc3339(chrono::Utc::now() + Duration::minutes(9));
     fine[2].records_returned = u64::from(u32::MAX);
     fine[2].record_hashes = vec![common::subject_hash(7)];
+    fine[2].dry_runs = vec![dry_run(&"p".repeat(253)); 64];
     assert_eq!(store.ingest(&fine).await.unwrap().accepted, 3);
+    let stored = store.query(&EventQuery { limit: 10, ..EventQuery::default() }).await.unwrap().events;
+    let with_dry_runs = stored.iter().find(|e| e.id == fine[2].id).expect("stored");
+    assert_eq!(with_dry_runs.dry_runs, fine[2].dry_runs, "dry runs are stored and read back");
     // One batch over 33 days: refused (a sender splits it); 32 days pass.
     let spread: Vec<_> = (0..33).map(|d| event(&format!("d{d:02}"), t0() + Duration::days(d))).collect();
     assert!(matches!(store.ingest(&spread).await, Err(Error::InvalidEvent { index: 32, .. })));
     assert_eq!(store.ingest(&spread[..32]).await.unwrap().accepted, 32);
     assert_eq!(all_ids(&store).await.len(), 35);
+}
+
+fn dry_run(policy: &str) -> custos_api::audit::DryRun {
+    custos_api::audit::DryRun {
+        policy: policy.into(),
+        rule: Some("own-branch".into()),
+        decision: custos_api::Decision::WouldDeny,
+        reason: "deny_rule".into(),
+    }
 }
 
 async fn durable_across_reopen(env: &Env) {

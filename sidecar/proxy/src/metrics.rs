@@ -25,6 +25,19 @@ pub(crate) struct RequestLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `custos_sidecar_dry_runs_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DryRunLabels {
+    /// Allow or WouldDeny: what the Audit-mode policy would have decided.
+    pub decision: &'static str,
+    /// The Audit-mode policy.
+    pub policy: String,
+    /// Its matching rule ("" for its default action).
+    pub rule: String,
+    /// Its reason code (`allow_rule`, `deny_rule`, `default_allow`, `default_deny`).
+    pub reason: String,
+}
+
 /// Labels naming a policy and rule.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RuleLabels {
@@ -65,6 +78,7 @@ pub(crate) struct ResultLabels {
 /// Every metric the proxy updates.
 pub(crate) struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
+    pub dry_runs: Family<DryRunLabels, Counter>,
     /// Observed through each proxy thread's shard ([`ThreadCounters::latency`]).
     pub request_duration: LatencyHistogram,
     pub records_served: Family<RuleLabels, Counter>,
@@ -95,6 +109,7 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Metrics {
         let m = Metrics {
             requests: Family::default(),
+            dry_runs: Family::default(),
             request_duration: LatencyHistogram::default(),
             records_served: Family::default(),
             records_filtered: Family::default(),
@@ -115,6 +130,11 @@ impl Metrics {
         };
         let r = registry.sub_registry_with_prefix("custos_sidecar");
         r.register("requests", "Requests by decision, policy, rule and reason code", m.requests.clone());
+        r.register(
+            "dry_runs",
+            "Verdicts of Audit-mode policies that did not decide a request (another policy did), by the decision each would have made, policy, rule and reason code",
+            m.dry_runs.clone(),
+        );
         r.register(
             "request_duration_seconds",
             "Time from the request to the response head, sidecar and app",

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use custos_api::audit::{AUDIT_SCHEMA_VERSION, AuditUser, CallerWorkload};
+use custos_api::audit::{AUDIT_SCHEMA_VERSION, AuditUser, CallerWorkload, DryRun};
 use custos_api::config::WorkloadIdentity;
 use custos_api::policy::{ExceedAction, Limits, Mode};
 use custos_api::{AuditEvent, Decision};
@@ -33,7 +33,9 @@ use crate::audit::PendingEvent;
 use crate::body::{AppBody, Collected, DecodeError, Encoding, ProxyBody, collect_limited, decode};
 use crate::budget::{BufferBudget, Reservation};
 use crate::method_override;
-use crate::metrics::{LimitLabels, Metrics, ReasonLabels, ResultLabels, RuleLabels, ThreadCounters};
+use crate::metrics::{
+    DryRunLabels, LimitLabels, Metrics, ReasonLabels, ResultLabels, RuleLabels, ThreadCounters,
+};
 use crate::request_body::{BufferError, RequestBody, read_request_body};
 use crate::settings::ProxyLimits;
 use crate::state::{ConfigCell, PolicyState, Users};
@@ -245,6 +247,7 @@ async fn handle(
             latency_us: 0,
             trace_id: trace_id(req.headers()),
             record_hashes: Vec::new(),
+            dry_runs: Vec::new(),
             prev_hash: None,
         },
         reason: "",
@@ -342,6 +345,15 @@ fn close_event(shared: &Shared, mut ctx: Ctx, status: u16) -> AuditEvent {
         ctx.reason,
     );
     shared.counters.latency.observe(elapsed);
+    for run in &ctx.event.dry_runs {
+        let labels = DryRunLabels {
+            decision: run.decision.as_str(),
+            policy: run.policy.clone(),
+            rule: run.rule.clone().unwrap_or_default(),
+            reason: run.reason.clone(),
+        };
+        shared.metrics.dry_runs.get_or_create(&labels).inc();
+    }
     ctx.event
 }
 
@@ -503,6 +515,18 @@ async fn process(
     ctx.event.mode = verdict.mode;
     ctx.event.decision = verdict.decision;
     ctx.set_reason(verdict.reason.code());
+    ctx.event.dry_runs = verdict
+        .dry_runs
+        .iter()
+        .filter_map(|run| {
+            Some(DryRun {
+                policy: run.policy?.name.clone(),
+                rule: run.rule.map(|r| r.name.clone()),
+                decision: run.decision,
+                reason: run.reason.code().to_owned(),
+            })
+        })
+        .collect();
     if verdict.blocks() {
         if missing_token(&verdict, has_bearer) {
             ctx.deny("missing_token");

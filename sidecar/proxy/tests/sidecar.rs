@@ -718,6 +718,55 @@ async fn several_fail_open_policies_keep_what_the_others_did() {
     f.stop().await;
 }
 
+/// An Audit-mode policy on the pods an enforcing policy selects does not decide, but its
+/// dry run is recorded with every request the enforcing policy allows: in the audit event
+/// (`dryRuns`) and in `custos_sidecar_dry_runs_total`; traffic follows the enforcing policy.
+#[tokio::test]
+async fn a_dry_run_beside_an_enforcing_policy_is_recorded() {
+    let collector = Collector::start().await;
+    let enforcing = allowing_policy(json!([]), json!([]));
+    let mut stricter = allowing_policy(
+        json!([]),
+        json!([{"name": "no-export", "action": "Deny", "to": {"methods": ["GET"], "paths": ["/customers/export"]}}]),
+    );
+    stricter["mode"] = json!("Audit");
+    let url = collector.url();
+    let mut f = fixture(&[("a-enforcing", enforcing), ("b-stricter", stricter)], Vec::new(), move |s| {
+        let mut c = shipping_to(url, s);
+        c.usage_sync_interval = None;
+        s.collector = Some(c);
+    })
+    .await;
+    let export = get(f.proxy(), "/customers/export").await;
+    assert_eq!(export.status, 200, "the enforcing policy allows: {}", export.text());
+    assert_eq!(get(f.proxy(), "/customers").await.status, 200);
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    for series in [
+        r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="b-stricter",rule="no-export",reason="deny_rule"} 1"#,
+        r#"custos_sidecar_dry_runs_total{decision="Allow",policy="b-stricter",rule="",reason="default_allow"} 1"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing from:\n{metrics}");
+    }
+    f.stop().await;
+
+    let events = collector.wait_for(2).await;
+    let by_path =
+        |p: &str| events.iter().find(|e| e["path"] == p).unwrap_or_else(|| panic!("{events:#?}")).clone();
+    let export = by_path("/customers/export");
+    assert_eq!(
+        (export["policy"].as_str(), export["decision"].as_str()),
+        (Some("a-enforcing"), Some("Allow"))
+    );
+    assert_eq!(
+        export["dryRuns"],
+        json!([{"policy": "b-stricter", "rule": "no-export", "decision": "WouldDeny", "reason": "deny_rule"}])
+    );
+    assert_eq!(
+        by_path("/customers")["dryRuns"],
+        json!([{"policy": "b-stricter", "decision": "Allow", "reason": "default_allow"}])
+    );
+}
+
 /// An enforcing policy on customer-api that verifies no users and allows by default, with
 /// `data_classes` and `rules`: another policy beside the test's main one.
 fn allowing_policy(data_classes: Value, rules: Value) -> Value {
