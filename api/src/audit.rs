@@ -137,13 +137,18 @@ pub struct AuditEvent {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub record_hashes: Vec<String>,
     /// What the Audit-mode policies selecting the pod that did not decide the request would
-    /// have decided (their dry runs beside the deciding policy), in policy name order.
+    /// have decided (their dry runs beside the deciding policy), in policy name order; at most
+    /// [`MAX_DRY_RUNS`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dry_runs: Vec<DryRun>,
     /// Hash of the previous event in the store's chain; set by the collector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_hash: Option<String>,
 }
+
+/// Most dry runs one event carries: the sidecar records the first this many (by policy name),
+/// and the collector refuses an event with more.
+pub const MAX_DRY_RUNS: usize = 64;
 
 /// The verdict of an Audit-mode policy that did not decide the request: what it would have
 /// decided had it been the only policy (its rule's masks and quotas are not dry-run).

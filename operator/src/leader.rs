@@ -9,11 +9,13 @@
 //! **Fencing.** The election library keeps saying "leader" while its renewals fail (it retries
 //! them, with back-off, for as long as the API server does not answer), but after `duration`
 //! another replica may take the Lease. So this replica leads only while the Lease *as last
-//! read* names it and has not expired: a fence task reads the Lease every `grace / 4` while
-//! the library says leader, and leadership ends `grace / 2` before `renewTime +
+//! read* names it and has not expired: a fence task reads the Lease every `grace / 8` while
+//! the library says leader, and leadership ends `grace / 4` before `renewTime +
 //! leaseDurationSeconds` unless a later read shows a renewal. The controller therefore stops
-//! writing before another replica can take over (given clocks within `grace / 2` of each
-//! other), and starts again once a read shows the Lease renewed.
+//! writing before another replica can take over (given clocks within `grace / 4` of each
+//! other), and starts again once a read shows the Lease renewed. The library renews `grace`
+//! before expiry, so a renewal has three quarters of a grace to be written and read back:
+//! about a second per API call with the default 5 s grace.
 
 use std::time::{Duration, SystemTime};
 
@@ -115,8 +117,9 @@ impl Leadership {
             leases: Api::namespaced(client, &settings.lease_namespace),
             lease_name: settings.lease_name.clone(),
             identity: settings.identity.clone(),
-            margin: settings.grace / 2,
-            interval: (settings.grace / 4).max(MIN_FENCE_INTERVAL),
+            margin: settings.grace / 4,
+            interval: (settings.grace / 8).max(MIN_FENCE_INTERVAL),
+            read_timeout: settings.grace,
         };
         let fence = tokio::spawn(fence.run(elected, sender));
         Ok(Self { receiver, _always: None, task: Some(task), fence: Some(fence) })
@@ -165,7 +168,7 @@ impl Leadership {
 }
 
 /// The shortest time between two reads of the Lease by the fence.
-const MIN_FENCE_INTERVAL: Duration = Duration::from_millis(250);
+const MIN_FENCE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Until when the replica `identity` may act as leader by `lease` as read: `margin` before
 /// `renewTime + leaseDurationSeconds`, if it holds the Lease (`None` otherwise, or when the
@@ -188,6 +191,9 @@ struct Fence {
     identity: String,
     margin: Duration,
     interval: Duration,
+    /// A read slower than this is abandoned and started again (a read in flight is also
+    /// abandoned when leadership lapses meanwhile, and then started again).
+    read_timeout: Duration,
 }
 
 impl Fence {
@@ -226,7 +232,7 @@ impl Fence {
                     std::future::pending::<()>().await;
                 }
                 tokio::time::sleep_until(next_read).await;
-                tokio::time::timeout(self.interval, self.leases.get_opt(&self.lease_name)).await
+                tokio::time::timeout(self.read_timeout, self.leases.get_opt(&self.lease_name)).await
             };
             tokio::select! {
                 biased;

@@ -93,7 +93,8 @@ async fn a_leader_cut_off_from_its_lease_stops_before_the_lease_expires() {
 
     partitioned.store(true, Ordering::SeqCst);
     // The Lease was renewed at most when the partition began, so another replica may take it
-    // 4 s after that at the earliest; op-0 stops half a grace (1 s) before, i.e. within 3 s.
+    // 4 s after that at the earliest; op-0 stops a quarter of a grace (0.5 s) before, i.e.
+    // within 3.5 s.
     tokio::time::timeout(Duration::from_millis(3_900), leader.lost())
         .await
         .expect("op-0 stops leading in time");
@@ -103,6 +104,39 @@ async fn a_leader_cut_off_from_its_lease_stops_before_the_lease_expires() {
     let again = tokio::time::timeout(Duration::from_secs(20), leader.acquired()).await;
     assert_eq!(again.ok(), Some(true), "op-0 leads again once its renewal goes through");
     assert_eq!(holder(&client).await.as_deref(), Some("op-0"));
+    leader.release().await;
+}
+
+/// With a slow API server (every Lease read and write taking 600 ms), the leader's renewals
+/// are still confirmed in time: it leads throughout, without stopping and restarting its
+/// controller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_api_server_does_not_interrupt_the_leader() {
+    let slow = || std::thread::sleep(Duration::from_millis(600));
+    let funcs = interceptor::Funcs::new()
+        .patch(move |ctx| {
+            if ctx.name == "custos-operator" {
+                slow();
+            }
+            Ok(None)
+        })
+        .get(move |ctx| {
+            if ctx.name == "custos-operator" {
+                slow();
+            }
+            Ok(None)
+        });
+    let client = kube_fake_client::ClientBuilder::new().with_interceptor_funcs(funcs).build().await.unwrap();
+    let timing = LeaderSettings {
+        duration: Duration::from_secs(4),
+        grace: Duration::from_secs(2),
+        ..settings("op-0")
+    };
+    let mut leader = Leadership::elect(client, &timing).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), leader.acquired()).await.expect("op-0 leads");
+    // Four renewals (every 2 s of a 4 s Lease) go through meanwhile.
+    let lost = tokio::time::timeout(Duration::from_secs(8), leader.lost()).await;
+    assert!(lost.is_err(), "op-0 must lead throughout");
     leader.release().await;
 }
 

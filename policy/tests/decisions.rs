@@ -690,6 +690,20 @@ fn audit_policies_that_do_not_decide_are_recorded_as_dry_runs() {
         decide(&e, "/customers/export"),
         ("a-stricter/no-export:WouldDeny".into(), vec!["c-narrow/one:Allow".into()])
     );
+    // The deciding Audit verdict comes after two others by name: the one it replaced is
+    // listed in name order all the same.
+    let mut open = mk_spec(vec![]);
+    open.default_action = Action::Allow;
+    open.mode = Mode::Audit;
+    let e = Engine::new(vec![
+        mk_policy("a-open", &open),
+        mk_policy("b-open", &open),
+        mk_policy("c-narrow", &narrow),
+    ]);
+    assert_eq!(
+        decide(&e, "/parcels"),
+        ("c-narrow/-:WouldDeny".into(), vec!["a-open/-:Allow".into(), "b-open/-:Allow".into()])
+    );
     // One policy: no dry run.
     let e = Engine::new(vec![mk_policy("b-enforcing", &enforcing)]);
     assert_eq!(decide(&e, "/customers/export").1, Vec::<String>::new());

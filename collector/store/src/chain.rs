@@ -201,7 +201,7 @@ pub const MAX_PRINCIPAL_BYTES: usize = 1024;
 /// Longest namespace, policy or rule name accepted (Kubernetes names are at most 253).
 pub const MAX_NAME_BYTES: usize = 253;
 /// Most dry runs one event may carry (one per Audit-mode policy selecting the pod).
-pub const MAX_DRY_RUNS: usize = 64;
+pub use custos_api::audit::MAX_DRY_RUNS;
 /// How far in the future an event's time may be (clock skew between nodes): a later time
 /// would hold back retention and blind the detectors' windows.
 pub const MAX_FUTURE_SKEW_US: i64 = 10 * 60 * 1_000_000;

@@ -103,7 +103,7 @@ pub struct IngestOutcome {
     pub duplicates: u64,
     /// Events not stored because they are older than what retention has already pruned
     /// ([`AnyStore::prune`]'s cutoff): their ids are forgotten, so they cannot be told from
-    /// pruned events sent again, and retention would prune them anyway.
+    /// pruned events sent again (which would be stored twice, and kept past their retention).
     #[serde(default)]
     pub expired: u64,
 }

@@ -422,12 +422,15 @@ impl PostgresStore {
         let tx = client.transaction().await?;
         let head_st = tx.prepare_cached("SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE").await?;
         let head = link_at(&tx.query_one(&head_st, &[]).await?, 0)?;
-        let anchor_st = tx.prepare_cached("SELECT pruned_before_us FROM chain_anchor WHERE id = 1").await?;
-        let pruned_before: Option<i64> = tx.query_one(&anchor_st, &[]).await?.try_get(0)?;
         let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
         let dup_st = tx.prepare_cached("SELECT id FROM event_ids WHERE id = ANY($1)").await?;
         let mut seen: HashSet<String> =
             tx.query(&dup_st, &[&ids]).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+        // Read after the ids (each statement sees what has committed before it): a prune that
+        // commits between the two made its cutoff visible here, so an id it deleted is found
+        // expired; one that commits later deleted none of the ids found above.
+        let anchor_st = tx.prepare_cached("SELECT pruned_before_us FROM chain_anchor WHERE id = 1").await?;
+        let pruned_before: Option<i64> = tx.query_one(&anchor_st, &[]).await?.try_get(0)?;
         let mut out = Ingested::default();
         let mut linked = Vec::with_capacity(events.len());
         let (mut seq, mut hash) = (head.seq, head.hash);
@@ -811,7 +814,8 @@ impl PostgresStore {
             tx.execute("DELETE FROM events WHERE seq <= $1 AND time_us < $2", &[&last.seq, &cutoff]).await?;
         tx.execute("DELETE FROM event_ids WHERE seq <= $1", &[&last.seq]).await?;
         tx.execute(
-            "UPDATE chain_anchor SET seq = $1, hash = $2, pruned_before_us = $3 WHERE id = 1",
+            "UPDATE chain_anchor SET seq = $1, hash = $2, \
+             pruned_before_us = GREATEST(COALESCE(pruned_before_us, $3), $3) WHERE id = 1",
             &[&last.seq, &last.hash, &cutoff],
         )
         .await?;

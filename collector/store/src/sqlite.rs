@@ -770,7 +770,8 @@ impl SqliteStore {
             )?;
             let deleted = tx.execute("DELETE FROM events WHERE seq <= ?1", [last.seq])?;
             tx.execute(
-                "UPDATE chain_anchor SET seq = ?1, hash = ?2, pruned_before_us = ?3 WHERE id = 1",
+                "UPDATE chain_anchor SET seq = ?1, hash = ?2, \
+                 pruned_before_us = MAX(COALESCE(pruned_before_us, ?3), ?3) WHERE id = 1",
                 params![last.seq, last.hash, cutoff],
             )?;
             tx.commit()?;

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use custos_api::audit::{AUDIT_SCHEMA_VERSION, AuditUser, CallerWorkload, DryRun};
+use custos_api::audit::{AUDIT_SCHEMA_VERSION, AuditUser, CallerWorkload, DryRun, MAX_DRY_RUNS};
 use custos_api::config::WorkloadIdentity;
 use custos_api::policy::{ExceedAction, Limits, Mode};
 use custos_api::{AuditEvent, Decision};
@@ -518,6 +518,7 @@ async fn process(
     ctx.event.dry_runs = verdict
         .dry_runs
         .iter()
+        .take(MAX_DRY_RUNS)
         .filter_map(|run| {
             Some(DryRun {
                 policy: run.policy?.name.clone(),
@@ -808,26 +809,28 @@ fn prepare_several(
             Some(QuotaKey { policy: policy.name.clone(), rule: rule.name.clone(), principal })
         })
         .collect();
-    // Every rule with quotas (its position in `order`, key, limits), admitted all or nothing.
-    let charged: Vec<(usize, &QuotaKey, &Limits)> = keys
+    // Every rule with quotas (its position in `order`, key, limits, policy, rule), admitted
+    // all or nothing.
+    let charged: Vec<_> = keys
         .iter()
         .zip(&order)
         .enumerate()
-        .filter_map(|(i, (key, applying))| Some((i, key.as_ref()?, applying.limits?)))
+        .filter_map(|(i, (key, applying))| {
+            Some((i, key.as_ref()?, applying.limits?, applying.policy?, applying.rule?))
+        })
         .collect();
-    let requests: Vec<(&QuotaKey, &Limits)> = charged.iter().map(|&(_, key, limits)| (key, limits)).collect();
+    let requests: Vec<(&QuotaKey, &Limits)> =
+        charged.iter().map(|&(_, key, limits, ..)| (key, limits)).collect();
     let mut remaining: Vec<Option<u64>> = vec![None; order.len()];
     match shared.quotas.admit_all(&requests, quota_now) {
         Ok(admissions) => {
-            for (&(i, _, _), admission) in charged.iter().zip(admissions) {
+            for (&(i, ..), admission) in charged.iter().zip(admissions) {
                 remaining[i] = admission.records_remaining;
             }
         }
         Err((at, exceeded)) => {
-            let refusing = order[charged[at].0];
-            if let (Some(policy), Some(rule)) = (refusing.policy, refusing.rule) {
-                return Err(Box::new(quota_refused(shared, ctx, policy, rule, &exceeded)));
-            }
+            let (_, _, _, policy, rule) = charged[at];
+            return Err(Box::new(quota_refused(shared, ctx, policy, rule, &exceeded)));
         }
     }
     let mut jobs: Vec<TransformJob> = verdict

@@ -767,6 +767,35 @@ async fn a_dry_run_beside_an_enforcing_policy_is_recorded() {
     );
 }
 
+/// An event carries at most `MAX_DRY_RUNS` dry runs (the collector refuses more): the first by
+/// policy name.
+#[tokio::test]
+async fn an_event_carries_at_most_the_dry_runs_the_collector_takes() {
+    let collector = Collector::start().await;
+    let mut audit = allowing_policy(json!([]), json!([]));
+    audit["mode"] = json!("Audit");
+    let names: Vec<String> =
+        (0..custos_api::audit::MAX_DRY_RUNS + 2).map(|i| format!("dry-{i:03}")).collect();
+    let mut policies = vec![("a-enforcing", allowing_policy(json!([]), json!([])))];
+    policies.extend(names.iter().map(|n| (n.as_str(), audit.clone())));
+    let url = collector.url();
+    let mut f = fixture(&policies, Vec::new(), move |s| {
+        let mut c = shipping_to(url, s);
+        c.usage_sync_interval = None;
+        s.collector = Some(c);
+    })
+    .await;
+    assert_eq!(get(f.proxy(), "/customers").await.status, 200);
+    f.stop().await;
+    let events = collector.wait_for(1).await;
+    let recorded: Vec<&str> =
+        events[0]["dryRuns"].as_array().unwrap().iter().map(|d| d["policy"].as_str().unwrap()).collect();
+    assert_eq!(
+        recorded,
+        names[..custos_api::audit::MAX_DRY_RUNS].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+}
+
 /// An enforcing policy on customer-api that verifies no users and allows by default, with
 /// `data_classes` and `rules`: another policy beside the test's main one.
 fn allowing_policy(data_classes: Value, rules: Value) -> Value {

@@ -319,7 +319,8 @@ impl Quotas {
     /// every key locked (in a fixed order, so concurrent calls cannot deadlock), each key is
     /// checked as [`Quotas::admit`] would, and only if every one allows the request is it
     /// counted under each. Returns the admissions in the order of `requests`, or the position
-    /// of the first key that refuses with its refusal (nothing counted under any key).
+    /// of the first key that refuses with its refusal (nothing counted under any key). The keys
+    /// must be distinct (a key given twice would be checked once for two requests).
     ///
     /// Checking every key first and then admitting each in turn is not the same: a
     /// concurrent request can take the last token of a later key in between, after an
@@ -329,6 +330,10 @@ impl Quotas {
         requests: &[(&QuotaKey, &Limits)],
         now: Timestamp,
     ) -> Result<Vec<Admission>, (usize, Exceeded)> {
+        debug_assert!(
+            requests.iter().enumerate().all(|(i, (key, _))| requests[..i].iter().all(|(k, _)| k != key)),
+            "admit_all takes distinct keys"
+        );
         let now = now.as_millis();
         let configured: Vec<Configured> = requests.iter().map(|(_, l)| Configured::from_limits(l)).collect();
         let shard_of: Vec<usize> = requests.iter().map(|(key, _)| self.shard_index(key)).collect();
