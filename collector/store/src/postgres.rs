@@ -404,7 +404,21 @@ impl PostgresStore {
     }
 
     pub(crate) async fn ingest(&self, events: &[AuditEvent], batch: Vec<Unlinked>) -> Result<Ingested> {
-        let days: BTreeSet<i64> = batch.iter().map(|u| u.cols.time_us.div_euclid(DAY_US)).collect();
+        // No partition for the days of events older than the retention cutoff: they will not
+        // be stored (the cutoff only rises, so the transaction's own reading drops at least
+        // these).
+        let pruned_before: Option<i64> = self
+            .client()
+            .await?
+            .query_one("SELECT pruned_before_us FROM chain_anchor WHERE id = 1", &[])
+            .await?
+            .try_get(0)?;
+        let days: BTreeSet<i64> = batch
+            .iter()
+            .map(|u| u.cols.time_us)
+            .filter(|&t| pruned_before.is_none_or(|before| t >= before))
+            .map(|t| t.div_euclid(DAY_US))
+            .collect();
         self.ensure_partitions(&days).await?;
         match self.ingest_tx(events, batch.clone()).await {
             // A partition this process believed in was dropped (by a prune elsewhere).

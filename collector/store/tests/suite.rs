@@ -708,6 +708,14 @@ async fn events_older_than_the_pruned_part_are_not_stored_again(env: &Env) {
     ids.sort();
     assert_eq!(ids, ["at-cutoff", "b0"]);
     assert_verifies(&store, 2).await;
+    // An event days older is not stored either, and PostgreSQL makes no partition for its day.
+    let older = store.ingest(&[event("days-older", t0() - Duration::days(2))]).await.unwrap();
+    assert_eq!(older.expired, 1);
+    if matches!(env, Env::Postgres { .. }) {
+        let partitions = "SELECT COUNT(*) FROM pg_tables WHERE schemaname = current_schema() \
+                          AND tablename = 'events_d20250530'";
+        assert_eq!(env.count(partitions).await, 0);
+    }
 }
 
 async fn prune_refuses_a_broken_chain(env: &Env) {
