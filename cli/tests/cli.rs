@@ -216,17 +216,22 @@ fn explain_applies_every_constraining_policy() {
     let body = v["response"]["body"].to_string();
     assert!(!body.contains("Wuhan") && !body.contains("SH-02") && !body.contains("138 0013"), "{body}");
 
-    let mut text_args = vec!["explain"];
-    text_args.extend_from_slice(&args);
-    let out = custos(&text_args);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let printed = text(&out.stdout);
+    let printed = explain_text(&args);
     assert!(
         printed
             .contains("also applies: rule 'mask-addresses' of policy logistics/logistics-address-baseline"),
         "{printed}"
     );
     assert!(printed.contains("mask:      address -> Redact"), "{printed}");
+}
+
+/// `custos explain ARGS` as text (it must succeed).
+fn explain_text(args: &[&str]) -> String {
+    let mut text_args = vec!["explain"];
+    text_args.extend_from_slice(args);
+    let out = custos(&text_args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
 }
 
 /// An Audit-mode policy beside the enforcing one does not decide: its verdict is listed as a
@@ -251,14 +256,10 @@ fn explain_lists_the_dry_runs_of_audit_policies_beside_the_deciding_one() {
         v["dryRuns"],
         serde_json::json!([{"policy": "logistics/waybill-api", "rule": "clerks-list-own-branch", "decision": "Allow", "reasonCode": "allow_rule"}])
     );
-    let mut text_args = vec!["explain"];
-    text_args.extend_from_slice(&args);
-    let out = custos(&text_args);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = explain_text(&args);
     assert!(
-        text(&out.stdout).contains("dry run:   policy logistics/waybill-api (Audit) would decide Allow"),
-        "{}",
-        text(&out.stdout)
+        printed.contains("dry run:   policy logistics/waybill-api (Audit) would decide Allow"),
+        "{printed}"
     );
     // Alone, the Audit policy decides, and there is no dry run.
     let v = explain(&["-p", "examples/audit-mode-rollout.yaml", "--request", "GET /parcels/search"]);

@@ -32,6 +32,33 @@ async fn holder(client: &kube::Client) -> Option<String> {
     lease.spec?.holder_identity
 }
 
+/// A 4 s Lease renewed 2 s before expiry (the fence stops 0.5 s before it).
+fn fast_lease(identity: &str) -> LeaderSettings {
+    LeaderSettings { duration: Duration::from_secs(4), grace: Duration::from_secs(2), ..settings(identity) }
+}
+
+/// An in-memory API where every read and write of the Lease first goes through `call` (an
+/// error fails the request).
+async fn lease_api(
+    call: impl Fn() -> Result<(), kube_fake_client::Error> + Clone + Send + Sync + 'static,
+) -> kube::Client {
+    let on_get = call.clone();
+    let funcs = interceptor::Funcs::new()
+        .patch(move |ctx| {
+            if ctx.name == "custos-operator" {
+                call()?;
+            }
+            Ok(None)
+        })
+        .get(move |ctx| {
+            if ctx.name == "custos-operator" {
+                on_get()?;
+            }
+            Ok(None)
+        });
+    kube_fake_client::ClientBuilder::new().with_interceptor_funcs(funcs).build().await.unwrap()
+}
+
 #[tokio::test]
 async fn one_replica_leads_the_other_waits_and_release_frees_the_lease() {
     let client = kube_fake_client::ClientBuilder::new().build().await.unwrap();
@@ -67,27 +94,15 @@ async fn one_replica_leads_the_other_waits_and_release_frees_the_lease() {
 #[tokio::test]
 async fn a_leader_cut_off_from_its_lease_stops_before_the_lease_expires() {
     let partitioned = Arc::new(AtomicBool::new(false));
-    let (on_patch, on_get) = (partitioned.clone(), partitioned.clone());
-    let unreachable = || kube_fake_client::Error::InvalidRequest("the API server cannot be reached".into());
-    let funcs = interceptor::Funcs::new()
-        .patch(move |ctx| {
-            if ctx.name == "custos-operator" && on_patch.load(Ordering::SeqCst) {
-                return Err(unreachable());
-            }
-            Ok(None)
-        })
-        .get(move |ctx| {
-            if ctx.name == "custos-operator" && on_get.load(Ordering::SeqCst) {
-                return Err(unreachable());
-            }
-            Ok(None)
-        });
-    let client = kube_fake_client::ClientBuilder::new().with_interceptor_funcs(funcs).build().await.unwrap();
-    let timing = LeaderSettings {
-        duration: Duration::from_secs(4),
-        grace: Duration::from_secs(2),
-        ..settings("op-0")
-    };
+    let cut = partitioned.clone();
+    let client = lease_api(move || {
+        if cut.load(Ordering::SeqCst) {
+            return Err(kube_fake_client::Error::InvalidRequest("the API server cannot be reached".into()));
+        }
+        Ok(())
+    })
+    .await;
+    let timing = fast_lease("op-0");
     let mut leader = Leadership::elect(client.clone(), &timing).await.unwrap();
     tokio::time::timeout(Duration::from_secs(20), leader.acquired()).await.expect("op-0 leads");
 
@@ -112,26 +127,12 @@ async fn a_leader_cut_off_from_its_lease_stops_before_the_lease_expires() {
 /// controller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_api_server_does_not_interrupt_the_leader() {
-    let slow = || std::thread::sleep(Duration::from_millis(600));
-    let funcs = interceptor::Funcs::new()
-        .patch(move |ctx| {
-            if ctx.name == "custos-operator" {
-                slow();
-            }
-            Ok(None)
-        })
-        .get(move |ctx| {
-            if ctx.name == "custos-operator" {
-                slow();
-            }
-            Ok(None)
-        });
-    let client = kube_fake_client::ClientBuilder::new().with_interceptor_funcs(funcs).build().await.unwrap();
-    let timing = LeaderSettings {
-        duration: Duration::from_secs(4),
-        grace: Duration::from_secs(2),
-        ..settings("op-0")
-    };
+    let client = lease_api(|| {
+        std::thread::sleep(Duration::from_millis(600));
+        Ok(())
+    })
+    .await;
+    let timing = fast_lease("op-0");
     let mut leader = Leadership::elect(client, &timing).await.unwrap();
     tokio::time::timeout(Duration::from_secs(20), leader.acquired()).await.expect("op-0 leads");
     // Four renewals (every 2 s of a 4 s Lease) go through meanwhile.
