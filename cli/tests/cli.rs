@@ -190,20 +190,8 @@ fn explain_shows_decision_rule_reason_and_plan() {
 /// both plans (filters first, then every mask).
 #[test]
 fn explain_applies_every_constraining_policy() {
-    let args = [
-        "-p",
-        "examples/courier-branch-scoping.yaml",
-        "-p",
-        "examples/logistics-address-baseline.yaml",
-        "--request",
-        "GET /parcels/search",
-        "--user",
-        "branch=HB-07,role=clerk",
-        "--from",
-        "logistics/ops-portal",
-        "--body",
-        "examples/data/parcel-page.json",
-    ];
+    let mut args = clerk_search_beside("examples/logistics-address-baseline.yaml");
+    args.extend(["--body", "examples/data/parcel-page.json"]);
     let v = explain(&args);
     assert_eq!((v["decision"].as_str(), v["rule"].as_str()), (Some("Allow"), Some("clerks-list-own-branch")));
     assert_eq!(v["alsoApplies"][0]["policy"], "logistics/logistics-address-baseline");
@@ -225,6 +213,23 @@ fn explain_applies_every_constraining_policy() {
     assert!(printed.contains("mask:      address -> Redact"), "{printed}");
 }
 
+/// `custos explain` arguments: the branch scoping example and `other`, asked about a clerk of
+/// branch HB-07 searching parcels from the ops portal.
+fn clerk_search_beside(other: &str) -> Vec<&str> {
+    vec![
+        "-p",
+        "examples/courier-branch-scoping.yaml",
+        "-p",
+        other,
+        "--request",
+        "GET /parcels/search",
+        "--user",
+        "branch=HB-07,role=clerk",
+        "--from",
+        "logistics/ops-portal",
+    ]
+}
+
 /// `custos explain ARGS` as text (it must succeed).
 fn explain_text(args: &[&str]) -> String {
     let mut text_args = vec!["explain"];
@@ -238,18 +243,7 @@ fn explain_text(args: &[&str]) -> String {
 /// dry run, in JSON and in text.
 #[test]
 fn explain_lists_the_dry_runs_of_audit_policies_beside_the_deciding_one() {
-    let args = [
-        "-p",
-        "examples/courier-branch-scoping.yaml",
-        "-p",
-        "examples/audit-mode-rollout.yaml",
-        "--request",
-        "GET /parcels/search",
-        "--user",
-        "branch=HB-07,role=clerk",
-        "--from",
-        "logistics/ops-portal",
-    ];
+    let args = clerk_search_beside("examples/audit-mode-rollout.yaml");
     let v = explain(&args);
     assert_eq!((v["policy"].as_str(), v["mode"].as_str()), (Some("logistics/customer-api"), Some("Enforce")));
     assert_eq!(
