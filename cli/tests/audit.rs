@@ -81,8 +81,22 @@ fn event(
     }
 }
 
-/// The events of the fixture store, in ingest order (seq 1..=5).
+/// The events of the fixture store, in ingest order (seq 1..=5). E1 and E3 carry a dry run of
+/// the Audit-mode policy `stricter` (which would deny E1).
 fn events() -> Vec<AuditEvent> {
+    let mut events = fixture_events();
+    for (i, decision) in [(0, Decision::WouldDeny), (2, Decision::Allow)] {
+        events[i].dry_runs = vec![custos_api::audit::DryRun {
+            policy: "stricter".into(),
+            rule: None,
+            decision,
+            reason: "default_deny".into(),
+        }];
+    }
+    events
+}
+
+fn fixture_events() -> Vec<AuditEvent> {
     vec![
         event(
             "E1-alice",
@@ -262,6 +276,15 @@ fn query_filters_select_the_right_events() {
     let since = rfc3339(ago(15));
     assert_eq!(ids(&["--since", &since]), set(&["E3-alice"]));
     assert_eq!(ids(&["--principal", "user:nobody"]), BTreeSet::new());
+    assert_eq!(ids(&["--dry-run-policy", "stricter"]), set(&["E1-alice", "E3-alice"]));
+    assert_eq!(ids(&["--dry-run-policy", "stricter", "--dry-run-decision", "wouldDeny"]), set(&["E1-alice"]));
+    let refused = f.audit(&["query", "--dry-run-decision", "Deny"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("not a dry-run decision: Allow or WouldDeny"),
+        "{}",
+        text(&refused.stderr)
+    );
 
     // Newest first, events as stored (with their chain link).
     let lines = json_lines(&f.audit(&["query", "-o", "json", "--principal", "user:alice"]));
@@ -665,6 +688,8 @@ fn collector_mode_answers_like_the_store() {
     assert_eq!(field_set(&json_lines(&out), "id"), set(&["E2-bob", "E5-peer"]));
     let out = via_collector(&c, &token, &["query", "--limit", "2", "--all", "-o", "json"]);
     assert_eq!(json_lines(&out).len(), 5);
+    let dry = ["query", "--dry-run-policy", "stricter", "--dry-run-decision", "WouldDeny", "-o", "json"];
+    assert_eq!(field_set(&json_lines(&via_collector(&c, &token, &dry)), "id"), set(&["E1-alice"]));
 
     let key_file = f.path("hash.key");
     let out = via_collector(&c, &token, &["subject", "C1001", "--key-file", &key_file, "-o", "json"]);

@@ -118,7 +118,18 @@ fn check_range(since: Option<DateTime<Utc>>, until: Option<DateTime<Utc>>) -> Re
 pub(crate) async fn events(State(state): State<CollectorState>, uri: Uri) -> Result<Json<Page>, ApiError> {
     let p = Params::parse(
         uri.query(),
-        &["namespace", "policy", "principal", "decision", "since", "until", "limit", "cursor"],
+        &[
+            "namespace",
+            "policy",
+            "principal",
+            "decision",
+            "dryRunPolicy",
+            "dryRunDecision",
+            "since",
+            "until",
+            "limit",
+            "cursor",
+        ],
     )?;
     let now = Utc::now();
     let decision = match p.get("decision") {
@@ -127,11 +138,19 @@ pub(crate) async fn events(State(state): State<CollectorState>, uri: Uri) -> Res
             ApiError::bad_query("decision", "parameter `decision` must be Allow, Deny or WouldDeny")
         })?),
     };
+    let dry_run_decision = match p.get("dryRunDecision") {
+        None => None,
+        Some(d) => Some(parse_decision(d).filter(|d| *d != Decision::Deny).ok_or_else(|| {
+            ApiError::bad_query("dryRunDecision", "parameter `dryRunDecision` must be Allow or WouldDeny")
+        })?),
+    };
     let q = EventQuery {
         namespace: p.get("namespace").map(str::to_owned),
         policy: p.get("policy").map(str::to_owned),
         principal: p.get("principal").map(str::to_owned),
         decision,
+        dry_run_policy: p.get("dryRunPolicy").map(str::to_owned),
+        dry_run_decision,
         since: p.time("since", now)?,
         until: p.time("until", now)?,
         limit: p.limit()?,

@@ -33,6 +33,16 @@ fn corpus() -> Vec<AuditEvent> {
             if i % 4 == 0 {
                 e.record_hashes = vec![hash(7)];
             }
+            if i % 5 == 0 {
+                // A stricter policy dry-run beside the deciding one: it would deny every tenth.
+                let decision = if i % 10 == 0 { Decision::WouldDeny } else { Decision::Allow };
+                e.dry_runs = vec![custos_api::audit::DryRun {
+                    policy: "stricter".into(),
+                    rule: None,
+                    decision,
+                    reason: "default_deny".into(),
+                }];
+            }
             e
         })
         .collect()
@@ -66,6 +76,13 @@ async fn events_filters_and_cursor_paging() {
     assert_eq!(event_ids(&page), want, "filtered, newest first");
     assert!(page["nextCursor"].is_null());
     assert!(page["events"][0]["prevHash"].is_string(), "events come back as stored, chained");
+
+    // What the stricter policy's dry runs would deny.
+    let (status, page) = h.get("/v1/events?dryRunPolicy=stricter&dryRunDecision=wouldDeny").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(event_ids(&page), ["q020", "q010", "q000"]);
+    let (_, page) = h.get("/v1/events?dryRunPolicy=stricter&namespace=bank").await;
+    assert_eq!(event_ids(&page), ["q025", "q015", "q005"]);
 
     let (_, page) = h.get("/v1/events?principal=user%3Abob&decision=wouldDeny").await;
     let want: Vec<String> = all
@@ -124,6 +141,7 @@ async fn bad_query_parameters_are_named() {
     let h = loaded().await;
     for (query, parameter) in [
         ("/v1/events?decision=Maybe", "decision"),
+        ("/v1/events?dryRunDecision=Deny", "dryRunDecision"),
         ("/v1/events?limit=0", "limit"),
         ("/v1/events?limit=abc", "limit"),
         ("/v1/events?since=yesterday", "since"),

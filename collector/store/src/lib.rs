@@ -197,6 +197,11 @@ pub struct EventQuery {
     pub principal: Option<String>,
     /// Decision.
     pub decision: Option<Decision>,
+    /// Events carrying a dry run of this Audit-mode policy (`dryRuns`: it did not decide).
+    pub dry_run_policy: Option<String>,
+    /// Events carrying a dry run with this decision (`Allow` or `WouldDeny`); with
+    /// [`Self::dry_run_policy`], that policy's dry run.
+    pub dry_run_decision: Option<Decision>,
     /// Events at or after this time.
     pub since: Option<DateTime<Utc>>,
     /// Events strictly before this time.

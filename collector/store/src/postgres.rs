@@ -613,7 +613,13 @@ impl PostgresStore {
         cursor: Option<(i64, i64)>,
         limit: i64,
     ) -> Result<Vec<(i64, i64, String)>> {
-        let (sql, params) = query::events_sql(q, cursor, limit, |i| format!("${i}"));
+        let (sql, params) = query::events_sql(
+            q,
+            cursor,
+            limit,
+            |i| format!("${i}"),
+            |entry| format!("(body::jsonb -> 'dryRuns') @> jsonb_build_array({entry}::text::jsonb)"),
+        );
         let params: Vec<Box<dyn ToSql + Sync + Send>> = params
             .into_iter()
             .map(|p| -> Box<dyn ToSql + Sync + Send> {

@@ -41,12 +41,15 @@ pub(crate) fn parse_cursor(c: &str) -> Result<(i64, i64)> {
 }
 
 /// Builds `SELECT time_us, seq, body FROM events WHERE ... ORDER BY time_us DESC, seq DESC
-/// LIMIT n`, with placeholders written by `ph` (1-based).
+/// LIMIT n`, with placeholders written by `ph` (1-based). `has_dry_run` writes the backend's
+/// condition that the event's `dryRuns` hold an entry with every member of the JSON object
+/// bound to the placeholder it is given.
 pub(crate) fn events_sql(
     q: &EventQuery,
     cursor: Option<(i64, i64)>,
     limit: i64,
     ph: fn(usize) -> String,
+    has_dry_run: fn(&str) -> String,
 ) -> (String, Vec<Param>) {
     let mut params = Vec::new();
     let mut conds: Vec<String> = Vec::new();
@@ -86,6 +89,18 @@ pub(crate) fn events_sql(
         params.push(Param::Int(seq));
         let ps = ph(params.len());
         conds.push(format!("(time_us < {pt} OR seq < {ps})"));
+    }
+    if q.dry_run_policy.is_some() || q.dry_run_decision.is_some() {
+        let mut entry = serde_json::Map::new();
+        if let Some(policy) = &q.dry_run_policy {
+            entry.insert("policy".into(), policy.clone().into());
+        }
+        if let Some(decision) = q.dry_run_decision {
+            entry.insert("decision".into(), decision.as_str().into());
+        }
+        params.push(Param::Text(serde_json::Value::Object(entry).to_string()));
+        // The text test first: most events have no dry run, and need not be parsed.
+        conds.push(format!("body LIKE '%\"dryRuns\":%' AND {}", has_dry_run(&ph(params.len()))));
     }
     params.push(Param::Int(limit));
     let pl = ph(params.len());

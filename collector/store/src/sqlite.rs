@@ -587,7 +587,19 @@ impl SqliteStore {
         cursor: Option<(i64, i64)>,
         limit: i64,
     ) -> Result<Vec<(i64, i64, String)>> {
-        let (sql, params) = query::events_sql(q, cursor, limit, |i| format!("?{i}"));
+        let (sql, params) = query::events_sql(
+            q,
+            cursor,
+            limit,
+            |i| format!("?{i}"),
+            |entry| {
+                format!(
+                    "EXISTS (SELECT 1 FROM json_each(body, '$.dryRuns') AS d, json_each({entry}) AS want \
+                 WHERE json_extract(d.value, '$.' || want.key) = want.value \
+                 GROUP BY d.key HAVING COUNT(*) = (SELECT COUNT(*) FROM json_each({entry})))"
+                )
+            },
+        );
         self.read(move |conn| {
             let mut st = conn.prepare_cached(&sql)?;
             Ok(st

@@ -61,6 +61,7 @@ suite!(
     concurrent_prunes_and_verify_report_no_false_break,
     prune_refuses_a_broken_chain,
     events_older_than_the_pruned_part_are_not_stored_again,
+    events_by_dry_run,
     alerts_are_idempotent,
     concurrent_ingest_keeps_chain_valid,
     long_report_queries_are_stopped,
@@ -213,6 +214,56 @@ async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
     assert!(matches!(store.ingest(&spread).await, Err(Error::InvalidEvent { index: 32, .. })));
     assert_eq!(store.ingest(&spread[..32]).await.unwrap().accepted, 32);
     assert_eq!(all_ids(&store).await.len(), 35);
+}
+
+/// Events carrying a dry run of a policy, with a decision, or both in the same entry; pages
+/// as the other filters do.
+async fn events_by_dry_run(env: &Env) {
+    let store = env.open().await;
+    let with = |id: &str, i: i64, runs: &[(&str, Decision)]| {
+        let mut e = event(id, t0() + Duration::seconds(i));
+        e.dry_runs = runs
+            .iter()
+            .map(|&(policy, decision)| custos_api::audit::DryRun { decision, ..dry_run(policy) })
+            .collect();
+        e
+    };
+    let mut decoy = with("decoy", 0, &[]);
+    // The text of a dry run elsewhere in the event, and the policy as the deciding one.
+    decoy.reason = r#"x "dryRuns":[{"policy":"stricter","decision":"WouldDeny"}]"#.into();
+    decoy.policy = Some("stricter".into());
+    store
+        .ingest(&[
+            decoy,
+            with("a", 1, &[("stricter", Decision::WouldDeny)]),
+            with("b", 2, &[("stricter", Decision::Allow), ("narrow", Decision::WouldDeny)]),
+            with("c", 3, &[("narrow", Decision::Allow)]),
+            with("d", 4, &[("stricter", Decision::WouldDeny), ("narrow", Decision::WouldDeny)]),
+        ])
+        .await
+        .unwrap();
+    let ids = |q: EventQuery| {
+        let store = &store;
+        async move { store.query(&q).await.unwrap().events.into_iter().map(|e| e.id).collect::<Vec<_>>() }
+    };
+    let q = |policy: Option<&str>, decision: Option<Decision>| EventQuery {
+        dry_run_policy: policy.map(str::to_owned),
+        dry_run_decision: decision,
+        ..EventQuery::default()
+    };
+    assert_eq!(ids(q(Some("stricter"), None)).await, ["d", "b", "a"]);
+    assert_eq!(ids(q(Some("stricter"), Some(Decision::WouldDeny))).await, ["d", "a"]);
+    assert_eq!(ids(q(None, Some(Decision::WouldDeny))).await, ["d", "b", "a"]);
+    // The same entry: b's stricter dry run allowed, its narrow one would deny.
+    assert_eq!(ids(q(Some("narrow"), Some(Decision::Allow))).await, ["c"]);
+    assert_eq!(ids(q(Some("absent"), None)).await, Vec::<String>::new());
+    // Pages, and with the other filters.
+    let first = store.query(&EventQuery { limit: 1, ..q(Some("stricter"), None) }).await.unwrap();
+    assert_eq!(first.events[0].id, "d");
+    let rest = EventQuery { cursor: first.next_cursor, ..q(Some("stricter"), None) };
+    assert_eq!(ids(rest).await, ["b", "a"]);
+    let before_d = EventQuery { until: Some(t0() + Duration::seconds(4)), ..q(Some("narrow"), None) };
+    assert_eq!(ids(before_d).await, ["c", "b"]);
 }
 
 fn dry_run(policy: &str) -> custos_api::audit::DryRun {

@@ -61,6 +61,8 @@ impl Source {
                 push(&mut params, "policy", q.policy.clone());
                 push(&mut params, "principal", q.principal.clone());
                 push(&mut params, "decision", q.decision.map(|d| d.as_str().to_owned()));
+                push(&mut params, "dryRunPolicy", q.dry_run_policy.clone());
+                push(&mut params, "dryRunDecision", q.dry_run_decision.map(|d| d.as_str().to_owned()));
                 push(&mut params, "since", q.since.map(rfc3339));
                 push(&mut params, "until", q.until.map(rfc3339));
                 push(&mut params, "limit", (q.limit > 0).then(|| q.limit.to_string()));

@@ -86,6 +86,13 @@ pub(crate) struct Filters {
     /// Decision: Allow, Deny or WouldDeny.
     #[arg(long, value_parser = parse_decision)]
     decision: Option<Decision>,
+    /// Events carrying a dry run of this Audit-mode policy (it ran beside the deciding one).
+    #[arg(long, value_name = "POLICY")]
+    dry_run_policy: Option<String>,
+    /// Events carrying a dry run with this decision: Allow or WouldDeny (with
+    /// --dry-run-policy, that policy's).
+    #[arg(long, value_parser = parse_dry_run_decision, value_name = "DECISION")]
+    dry_run_decision: Option<Decision>,
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -143,6 +150,13 @@ pub(crate) fn parse_duration(value: &str) -> Result<Duration, String> {
         None => parse_relative(value),
     };
     d.filter(|d| !d.is_zero()).ok_or_else(|| format!("'{value}' is not a duration like 500ms, 2s, 1m"))
+}
+
+fn parse_dry_run_decision(value: &str) -> Result<Decision, String> {
+    parse_decision(value)
+        .ok()
+        .filter(|d| *d != Decision::Deny)
+        .ok_or_else(|| format!("'{value}' is not a dry-run decision: Allow or WouldDeny"))
 }
 
 fn parse_decision(value: &str) -> Result<Decision, String> {

@@ -44,6 +44,8 @@ pub(crate) async fn run(source: &Source, args: Args, output: OutputFormat) -> an
         policy: args.filters.policy,
         principal: args.filters.principal,
         decision: args.filters.decision,
+        dry_run_policy: args.filters.dry_run_policy,
+        dry_run_decision: args.filters.dry_run_decision,
         since: args.since,
         until: args.until,
         limit: args.limit.unwrap_or(0),

@@ -102,6 +102,8 @@ async fn poll(source: &Source, filters: &Filters, from: DateTime<Utc>) -> anyhow
         policy: filters.policy.clone(),
         principal: filters.principal.clone(),
         decision: filters.decision,
+        dry_run_policy: filters.dry_run_policy.clone(),
+        dry_run_decision: filters.dry_run_decision,
         since: Some(from),
         until: None,
         limit: PAGE,
