@@ -33,9 +33,10 @@ fn corpus() -> Vec<AuditEvent> {
             if i % 4 == 0 {
                 e.record_hashes = vec![hash(7)];
             }
-            if i % 5 == 0 {
-                // A stricter policy dry-run beside the deciding one: it would deny every tenth.
-                let decision = if i % 10 == 0 { Decision::WouldDeny } else { Decision::Allow };
+            if i % 3 == 0 {
+                // Allowed, with a stricter policy dry-run beside the deciding one: it would deny
+                // every other one.
+                let decision = if i % 6 == 0 { Decision::WouldDeny } else { Decision::Allow };
                 e.dry_runs = vec![custos_api::audit::DryRun {
                     policy: "stricter".into(),
                     rule: None,
@@ -80,9 +81,9 @@ async fn events_filters_and_cursor_paging() {
     // What the stricter policy's dry runs would deny.
     let (status, page) = h.get("/v1/events?dryRunPolicy=stricter&dryRunDecision=wouldDeny").await;
     assert_eq!(status, 200, "{page}");
-    assert_eq!(event_ids(&page), ["q020", "q010", "q000"]);
+    assert_eq!(event_ids(&page), ["q024", "q018", "q012", "q006", "q000"]);
     let (_, page) = h.get("/v1/events?dryRunPolicy=stricter&namespace=bank").await;
-    assert_eq!(event_ids(&page), ["q025", "q015", "q005"]);
+    assert_eq!(event_ids(&page), ["q027", "q021", "q015", "q009", "q003"]);
 
     let (_, page) = h.get("/v1/events?principal=user%3Abob&decision=wouldDeny").await;
     let want: Vec<String> = all

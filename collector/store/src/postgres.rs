@@ -387,7 +387,12 @@ impl PostgresStore {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.custos_partitions'))", &[])
             .await?;
-        for &day in &missing {
+        // No partition for a day wholly before the retention cutoff: none of its events will be
+        // stored (the cutoff only rises, so the ingest transaction's own reading expires them).
+        let pruned_before: Option<i64> =
+            tx.query_one("SELECT pruned_before_us FROM chain_anchor WHERE id = 1", &[]).await?.try_get(0)?;
+        for &day in missing.iter().filter(|&&d| pruned_before.is_none_or(|before| (d + 1) * DAY_US > before))
+        {
             let suffix = day_suffix(day);
             let (lo, hi) = (day * DAY_US, (day + 1) * DAY_US);
             tx.batch_execute(&format!(
@@ -404,21 +409,7 @@ impl PostgresStore {
     }
 
     pub(crate) async fn ingest(&self, events: &[AuditEvent], batch: Vec<Unlinked>) -> Result<Ingested> {
-        // No partition for the days of events older than the retention cutoff: they will not
-        // be stored (the cutoff only rises, so the transaction's own reading drops at least
-        // these).
-        let pruned_before: Option<i64> = self
-            .client()
-            .await?
-            .query_one("SELECT pruned_before_us FROM chain_anchor WHERE id = 1", &[])
-            .await?
-            .try_get(0)?;
-        let days: BTreeSet<i64> = batch
-            .iter()
-            .map(|u| u.cols.time_us)
-            .filter(|&t| pruned_before.is_none_or(|before| t >= before))
-            .map(|t| t.div_euclid(DAY_US))
-            .collect();
+        let days: BTreeSet<i64> = batch.iter().map(|u| u.cols.time_us.div_euclid(DAY_US)).collect();
         self.ensure_partitions(&days).await?;
         match self.ingest_tx(events, batch.clone()).await {
             // A partition this process believed in was dropped (by a prune elsewhere).

@@ -228,10 +228,11 @@ async fn events_by_dry_run(env: &Env) {
             .collect();
         e
     };
-    let mut decoy = with("decoy", 0, &[]);
-    // The text of a dry run elsewhere in the event, and the policy as the deciding one.
-    decoy.reason = r#"x "dryRuns":[{"policy":"stricter","decision":"WouldDeny"}]"#.into();
+    // Decided by `stricter` itself, would-deny, with another policy's dry run: a match on the
+    // event's own columns, or on any entry for one field and another for the other, takes it.
+    let mut decoy = with("decoy", 0, &[("narrow", Decision::Allow)]);
     decoy.policy = Some("stricter".into());
+    decoy.decision = Decision::WouldDeny;
     store
         .ingest(&[
             decoy,
@@ -255,7 +256,7 @@ async fn events_by_dry_run(env: &Env) {
     assert_eq!(ids(q(Some("stricter"), Some(Decision::WouldDeny))).await, ["d", "a"]);
     assert_eq!(ids(q(None, Some(Decision::WouldDeny))).await, ["d", "b", "a"]);
     // The same entry: b's stricter dry run allowed, its narrow one would deny.
-    assert_eq!(ids(q(Some("narrow"), Some(Decision::Allow))).await, ["c"]);
+    assert_eq!(ids(q(Some("narrow"), Some(Decision::Allow))).await, ["c", "decoy"]);
     assert_eq!(ids(q(Some("absent"), None)).await, Vec::<String>::new());
     // Pages, and with the other filters.
     let first = store.query(&EventQuery { limit: 1, ..q(Some("stricter"), None) }).await.unwrap();
@@ -263,7 +264,7 @@ async fn events_by_dry_run(env: &Env) {
     let rest = EventQuery { cursor: first.next_cursor, ..q(Some("stricter"), None) };
     assert_eq!(ids(rest).await, ["b", "a"]);
     let before_d = EventQuery { until: Some(t0() + Duration::seconds(4)), ..q(Some("narrow"), None) };
-    assert_eq!(ids(before_d).await, ["c", "b"]);
+    assert_eq!(ids(before_d).await, ["c", "b", "decoy"]);
 }
 
 fn dry_run(policy: &str) -> custos_api::audit::DryRun {
