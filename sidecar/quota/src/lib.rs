@@ -274,7 +274,7 @@ impl Quotas {
             return Some(f(entry));
         }
         let last_seen = create?;
-        self.make_room(&mut map, now);
+        self.make_room(&mut map, now, &[]);
         let mut entry = Entry::new(last_seen);
         let result = f(&mut entry);
         map.insert(key.clone(), entry);
@@ -283,14 +283,18 @@ impl Quotas {
 
     /// Before a new key goes into a full shard: evicts about 1/16 of it, lowest rank first
     /// (lossless, then not refused, then refused), least recently seen first within a rank.
-    fn make_room(&self, map: &mut HashMap<QuotaKey, Entry>, now: u64) {
+    /// Keys in `keep` are not evicted (a joint admission's keys, counted or about to be).
+    fn make_room(&self, map: &mut HashMap<QuotaKey, Entry>, now: u64, keep: &[(&QuotaKey, &Limits)]) {
         if map.len() < self.per_shard {
             return;
         }
         let target = self.per_shard.saturating_sub((self.per_shard / 16).max(1));
         let excess = map.len() - target;
-        let mut ranked: Vec<(u8, u64, &QuotaKey)> =
-            map.iter().map(|(key, entry)| (entry.rank(now), entry.last_seen, key)).collect();
+        let mut ranked: Vec<(u8, u64, &QuotaKey)> = map
+            .iter()
+            .filter(|(key, _)| !keep.iter().any(|(kept, _)| kept == key))
+            .map(|(key, entry)| (entry.rank(now), entry.last_seen, key))
+            .collect();
         if excess < ranked.len() {
             ranked.select_nth_unstable_by_key(excess, |&(rank, seen, _)| (rank, seen));
         }
@@ -366,7 +370,7 @@ impl Quotas {
             }
             let map = &mut guards[map_of(i)];
             if !map.contains_key(*key) {
-                self.make_room(map, now);
+                self.make_room(map, now, requests);
             }
             let entry = map.entry((*key).clone()).or_insert_with(|| Entry::new(now));
             // Under the same locks and the same `now` as the check, this admits.

@@ -243,6 +243,26 @@ fn admit_all_counts_all_or_nothing() {
     assert_eq!(q.tracked(), 2);
 }
 
+/// In a full table, making room for a joint admission's second key does not evict its first
+/// (just counted, so not refused: it would be ranked before the refused keys).
+#[test]
+fn admit_all_does_not_evict_its_own_keys() {
+    let q = Quotas::new(QuotaSettings { max_tracked: 4, shards: 1, ..QuotaSettings::default() });
+    let one = limits(Some(1), None, None);
+    for who in ["user:a", "user:b", "user:c"] {
+        assert!(q.admit(&key(who), &one, at(0)).is_ok());
+        assert!(q.admit(&key(who), &one, at(0)).is_err(), "{who} is now refused");
+    }
+    let (first, second) = (key("user:first"), key("user:second"));
+    assert!(q.admit_all(&[(&first, &one), (&second, &one)], at(0)).is_ok());
+    assert_eq!(
+        q.admit(&first, &one, at(0)),
+        refused(LimitKind::RequestsPerMinute, 60),
+        "first keeps its count"
+    );
+    assert_eq!(q.admit(&second, &one, at(0)), refused(LimitKind::RequestsPerMinute, 60));
+}
+
 /// Under concurrent requests, a key counts exactly the joint admissions that succeeded: no
 /// request refused by one key is left counted under another (checking every key and then
 /// admitting each in turn leaks a token whenever another request takes the last one between).
