@@ -416,14 +416,21 @@ async fn server_errors_and_throttling_are_retried_from_the_spool() {
     shipper.shutdown(Duration::from_secs(1)).await;
 }
 
-#[tokio::test]
-async fn answer_lost_after_commit_is_resent_and_stored_once() {
+/// A shipper whose one batch of 100 events the collector first answers with `behaviour`,
+/// once the batch is acknowledged (with the spool directory, kept for the test's life).
+async fn one_batch_answered(behaviour: Behaviour) -> (Collector, Shipper, ShipperMetrics, tempfile::TempDir) {
     let collector = Collector::start().await;
-    collector.then(Behaviour::CommitThenDrop);
+    collector.then(behaviour);
     let spool = tempfile::tempdir().unwrap();
     let (shipper, metrics) = start(config(&collector.url(), spool.path()));
     emit(&shipper, 0..100); // exactly one batch
     until("acknowledged", || metrics.events_delivered() == 100).await;
+    (collector, shipper, metrics, spool)
+}
+
+#[tokio::test]
+async fn answer_lost_after_commit_is_resent_and_stored_once() {
+    let (collector, shipper, metrics, _spool) = one_batch_answered(Behaviour::CommitThenDrop).await;
     collector.assert_stored_once(&ids(0..100));
     assert_eq!(metrics.events_duplicate(), 100, "the resent batch was all duplicates");
     assert_eq!(collector.state.lock().unwrap().event_requests, 2);
@@ -434,12 +441,7 @@ async fn answer_lost_after_commit_is_resent_and_stored_once() {
 /// delivered ones, not resent, and counted apart.
 #[tokio::test]
 async fn events_the_collector_reports_expired_are_settled_and_counted() {
-    let collector = Collector::start().await;
-    collector.then(Behaviour::Expired);
-    let spool = tempfile::tempdir().unwrap();
-    let (shipper, metrics) = start(config(&collector.url(), spool.path()));
-    emit(&shipper, 0..100); // exactly one batch
-    until("acknowledged", || metrics.events_delivered() == 100).await;
+    let (collector, shipper, metrics, _spool) = one_batch_answered(Behaviour::Expired).await;
     assert_eq!(metrics.events_expired(), 100);
     assert_eq!(metrics.events_duplicate(), 0);
     until("spool empty", || metrics.spool_records() == 0).await;
