@@ -151,7 +151,10 @@ pub struct AuditEvent {
 pub const MAX_DRY_RUNS: usize = 64;
 
 /// The verdict of an Audit-mode policy that did not decide the request: what it would have
-/// decided had it been the only policy (its rule's masks and quotas are not dry-run).
+/// done had it been the only policy. Its rule's quotas count the request under the principal
+/// its own policy identifies (a request they would refuse is `WouldDeny` with reason
+/// `quota_exceeded`), and its response plan (row filter, record cap, masks) is dry-run on the
+/// app's response ([`DryRun::transform`]) whenever the caller gets that response.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct DryRun {
@@ -162,6 +165,30 @@ pub struct DryRun {
     pub rule: Option<String>,
     /// `Allow`, or `WouldDeny` for a request it would have refused.
     pub decision: Decision,
-    /// Why, as a reason code (`allow_rule`, `deny_rule`, `default_allow`, `default_deny`).
+    /// Why, as a reason code: the decision's (`allow_rule`, `deny_rule`, `default_allow`,
+    /// `default_deny`), or what would have refused an allowed request (`quota_exceeded`,
+    /// `record_cap_exceeded`, `out_of_scope`, or why the response could not be checked, e.g.
+    /// `response_not_json`; `fail_open:<code>` when the policy would have passed it on).
     pub reason: String,
+    /// What the rule's response plan would have done to the app's response; absent when the
+    /// rule has none, or the plan was not dry-run (the request was refused, the response had
+    /// no body, or could not be checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<DryRunTransform>,
+}
+
+/// What an Audit-mode policy's response plan would have done to a response it did not decide
+/// (would-be values: the caller got the deciding policy's response).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DryRunTransform {
+    /// Records it would have returned.
+    pub records_returned: u64,
+    /// Records its row filter would have removed.
+    pub records_filtered: u64,
+    /// Records its per-response cap (or record quota) would have cut.
+    pub records_truncated: u64,
+    /// Fields it would have masked, by data class.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub masked: BTreeMap<String, u64>,
 }

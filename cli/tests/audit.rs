@@ -91,6 +91,7 @@ fn events() -> Vec<AuditEvent> {
             rule: None,
             decision,
             reason: "default_deny".into(),
+            transform: None,
         }];
     }
     events

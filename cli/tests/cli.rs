@@ -240,19 +240,39 @@ fn explain_text(args: &[&str]) -> String {
 }
 
 /// An Audit-mode policy beside the enforcing one does not decide: its verdict is listed as a
-/// dry run, in JSON and in text.
+/// dry run, in JSON and in text, with its plan and limits, and with `--body` what its plan
+/// would do to the app's body (not to what the deciding plan made of it).
 #[test]
 fn explain_lists_the_dry_runs_of_audit_policies_beside_the_deciding_one() {
-    let args = clerk_search_beside("examples/audit-mode-rollout.yaml");
+    let mut args = clerk_search_beside("examples/audit-mode-rollout.yaml");
     let v = explain(&args);
     assert_eq!((v["policy"].as_str(), v["mode"].as_str()), (Some("logistics/customer-api"), Some("Enforce")));
+    let dry_run = &v["dryRuns"][0];
+    assert_eq!(v["dryRuns"].as_array().map(Vec::len), Some(1));
     assert_eq!(
-        v["dryRuns"],
-        serde_json::json!([{"policy": "logistics/waybill-api", "rule": "clerks-list-own-branch", "decision": "Allow", "reasonCode": "allow_rule"}])
+        [&dry_run["policy"], &dry_run["rule"], &dry_run["decision"], &dry_run["reasonCode"]],
+        ["logistics/waybill-api", "clerks-list-own-branch", "Allow", "allow_rule"]
     );
+    assert_eq!(dry_run["plan"]["rowFilter"], "record.branch == user.branch");
+    assert!(dry_run["response"].is_null(), "no --body, no response: {dry_run}");
     let printed = explain_text(&args);
     assert!(
         printed.contains("dry run:   policy logistics/waybill-api (Audit) would decide Allow"),
+        "{printed}"
+    );
+    assert!(printed.contains("           rowFilter: record.branch == user.branch"), "{printed}");
+
+    args.extend(["--body", "examples/data/parcel-page.json"]);
+    let v = explain(&args);
+    let stats = &v["dryRuns"][0]["response"]["stats"];
+    // The app's body: the record of another branch, which the deciding plan removes too, is
+    // there for the dry run's filter to remove.
+    assert_eq!((stats["recordsReturned"].as_u64(), stats["recordsFiltered"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(stats["masked"]["name"], 4);
+    let printed = explain_text(&args);
+    assert!(
+        printed
+            .contains("           would return 2 records, 1 filtered out of scope, 0 cut by the cap; mask "),
         "{printed}"
     );
     // Alone, the Audit policy decides, and there is no dry run.

@@ -125,6 +125,19 @@ pub fn write_event_open(out: &mut Vec<u8>, e: &AuditEvent) {
             write_str(out, run.decision.as_str());
             out.extend_from_slice(b",\"reason\":");
             write_str(out, &run.reason);
+            if let Some(t) = &run.transform {
+                out.extend_from_slice(b",\"transform\":{\"recordsReturned\":");
+                write_u64(out, t.records_returned);
+                out.extend_from_slice(b",\"recordsFiltered\":");
+                write_u64(out, t.records_filtered);
+                out.extend_from_slice(b",\"recordsTruncated\":");
+                write_u64(out, t.records_truncated);
+                if !t.masked.is_empty() {
+                    out.extend_from_slice(b",\"masked\":");
+                    write_map(out, &t.masked, |out, n| write_u64(out, *n));
+                }
+                out.push(b'}');
+            }
             out.push(b'}');
         }
         out.push(b']');
@@ -234,7 +247,7 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use crate::audit::{AuditUser, CallerWorkload, Decision, DryRun};
+    use crate::audit::{AuditUser, CallerWorkload, Decision, DryRun, DryRunTransform};
     use proptest::prelude::*;
 
     use super::*;
@@ -287,12 +300,26 @@ mod tests {
                     rule: Some(format!("r{text}")),
                     decision: Decision::WouldDeny,
                     reason: format!("deny_rule{text}"),
+                    transform: None,
                 },
                 DryRun {
                     policy: format!("p{text}"),
                     rule: None,
                     decision: Decision::Allow,
                     reason: "default_allow".into(),
+                    transform: Some(DryRunTransform {
+                        records_returned: 2,
+                        records_filtered: u64::MAX,
+                        records_truncated: 0,
+                        masked: [(text.to_string(), 1), ("name".to_string(), 4)].into(),
+                    }),
+                },
+                DryRun {
+                    policy: format!("q{text}"),
+                    rule: Some("r".into()),
+                    decision: Decision::Allow,
+                    reason: "allow_rule".into(),
+                    transform: Some(DryRunTransform::default()),
                 },
             ],
             prev_hash: Some(format!("h{text}")),

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use custos_api::WorkloadIdentity;
 use custos_api::policy::Mode;
+use custos_api::{Decision, WorkloadIdentity};
 use custos_policy::{Engine, Request, User, Verdict, compile_policy, normalize};
 use custos_transform::{HashKey, Outcome, Plan, TransformStats, apply};
 use serde_json::{Value, json};
@@ -133,16 +133,32 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     let req = Request { method, path: &path, caller: caller.as_ref(), user: user.as_ref(), time };
     let verdict = engine.decide(&req);
 
-    let body_result = match &args.body {
-        Some(b) if !verdict.blocks() && verdict.plan.is_some() => {
-            let body = std::fs::read(b).with_context(|| format!("cannot read {}", b.display()))?;
-            let key = HashKey::new(format!("custos-explain-{}", std::process::id()).into_bytes());
-            Some(transformed(&verdict, &req, body, &key))
+    // The dry runs that would allow the request run their plans on the body too, as the
+    // sidecar runs them beside the deciding policy (on the app's body, not on what the
+    // deciding plans made of it).
+    let allowing_dry_runs =
+        || verdict.dry_runs.iter().filter(|d| d.decision == Decision::Allow && d.plan.is_some());
+    let body = match &args.body {
+        Some(b) if !verdict.blocks() && (verdict.plan.is_some() || allowing_dry_runs().next().is_some()) => {
+            Some(std::fs::read(b).with_context(|| format!("cannot read {}", b.display()))?)
         }
         _ => None,
     };
+    let key = HashKey::new(format!("custos-explain-{}", std::process::id()).into_bytes());
+    let body_result = body
+        .as_ref()
+        .filter(|_| verdict.plan.is_some())
+        .map(|b| transformed(&verdict, &req, b.clone(), &key));
+    let dry_run_results: Vec<Option<Value>> = verdict
+        .dry_runs
+        .iter()
+        .map(|d| {
+            let allows = d.decision == Decision::Allow && d.plan.is_some();
+            body.as_ref().filter(|_| allows).map(|b| transformed(d, &req, b.clone(), &key))
+        })
+        .collect();
 
-    let report = report_json(&verdict, path.as_str(), body_result);
+    let report = report_json(&verdict, path.as_str(), body_result, &dry_run_results);
     match args.output {
         OutputFormat::Json => print_json(&report)?,
         OutputFormat::Text => print_text(&verdict, path.as_str(), &report),
@@ -217,7 +233,8 @@ fn plan_json(v: &Verdict<'_>, plan: &Plan) -> Value {
     })
 }
 
-fn report_json(v: &Verdict<'_>, path: &str, body: Option<Value>) -> Value {
+/// The report of `v`; `dry_run_results`: what each of its dry runs' plans did to the body.
+fn report_json(v: &Verdict<'_>, path: &str, body: Option<Value>, dry_run_results: &[Option<Value>]) -> Value {
     let limits = v.limits.map(|l| serde_json::to_value(l).unwrap_or(Value::Null));
     json!({
         "decision": v.decision.as_str(),
@@ -238,12 +255,18 @@ fn report_json(v: &Verdict<'_>, path: &str, body: Option<Value>) -> Value {
             "plan": a.plan.map(|p| plan_json(a, p)),
             "limits": a.limits.map(|l| serde_json::to_value(l).unwrap_or(Value::Null)),
         })).collect::<Vec<_>>(),
-        "dryRuns": v.dry_runs.iter().map(|d| json!({
-            "policy": d.policy.map(|p| format!("{}/{}", p.namespace, p.name)),
-            "rule": d.rule.map(|r| r.name.clone()),
-            "decision": d.decision.as_str(),
-            "reasonCode": d.reason.code(),
-        })).collect::<Vec<_>>(),
+        "dryRuns": v.dry_runs.iter().zip(dry_run_results).map(|(d, result)| {
+            let allows = d.decision == Decision::Allow;
+            json!({
+                "policy": d.policy.map(|p| format!("{}/{}", p.namespace, p.name)),
+                "rule": d.rule.map(|r| r.name.clone()),
+                "decision": d.decision.as_str(),
+                "reasonCode": d.reason.code(),
+                "plan": d.plan.filter(|_| allows).map(|p| plan_json(d, p)),
+                "limits": d.limits.filter(|_| allows).map(|l| serde_json::to_value(l).unwrap_or(Value::Null)),
+                "response": result,
+            })
+        }).collect::<Vec<_>>(),
         "response": body,
     })
 }
@@ -268,41 +291,49 @@ fn print_text(v: &Verdict<'_>, path: &str, report: &Value) {
         println!("params:    {}", params.join(", "));
     }
     if !v.blocks() {
-        print_plan(v);
+        print_plan(v, "");
     }
     for also in &v.also {
         let policy = also.policy.map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default();
         let rule = also.rule.map(|r| r.name.as_str()).unwrap_or("(none: default action)");
         println!("also applies: rule '{rule}' of policy {policy} (its plan and limits too)");
-        print_plan(also);
+        print_plan(also, "");
     }
-    for run in &v.dry_runs {
+    let dry_run_reports = report.get("dryRuns").and_then(Value::as_array);
+    for (i, run) in v.dry_runs.iter().enumerate() {
         let policy = run.policy.map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default();
         println!("dry run:   policy {policy} (Audit) would decide {}: {}", run.decision, run.explanation());
+        if run.decision == Decision::Allow {
+            print_plan(run, "           ");
+            let response = dry_run_reports.and_then(|r| r.get(i)?.get("response")).filter(|r| !r.is_null());
+            if let Some(response) = response {
+                print_dry_run_response(response);
+            }
+        }
     }
     if let Some(resp) = report.get("response").filter(|r| !r.is_null()) {
         print_response(resp);
     }
 }
 
-/// The response plan and the limits of an allowing verdict.
-fn print_plan(v: &Verdict<'_>) {
+/// The response plan and the limits of an allowing verdict, each line after `indent`.
+fn print_plan(v: &Verdict<'_>, indent: &str) {
     if let Some(plan) = v.plan {
-        println!("response plan:");
+        println!("{indent}response plan:");
         if !plan.needs_body() {
-            println!("  (none: the response passes unchanged)");
+            println!("{indent}  (none: the response passes unchanged)");
         }
         if let Some(r) = v.rule.and_then(|r| r.records_source.as_deref()) {
-            println!("  records:   {r}");
+            println!("{indent}  records:   {r}");
         }
         if let Some(f) = &plan.row_filter {
-            println!("  rowFilter: {} (records where it is not true are removed)", f.source());
+            println!("{indent}  rowFilter: {} (records where it is not true are removed)", f.source());
         }
         for m in &plan.masks {
-            println!("  mask:      {} -> {:?}", m.class, m.strategy);
+            println!("{indent}  mask:      {} -> {:?}", m.class, m.strategy);
         }
         if let Some(n) = plan.max_records {
-            println!("  cap:       {n} records per response ({:?} beyond)", plan.on_exceed);
+            println!("{indent}  cap:       {n} records per response ({:?} beyond)", plan.on_exceed);
         }
     }
     if let Some(l) = v.limits {
@@ -317,9 +348,28 @@ fn print_plan(v: &Verdict<'_>) {
             parts.push(format!("{n} records/day"));
         }
         if !parts.is_empty() {
-            println!("limits:    {} per principal", parts.join(", "));
+            println!("{indent}limits:    {} per principal", parts.join(", "));
         }
     }
+}
+
+/// What a dry run's plan would have done to the body, on one line under its `dry run:` line.
+fn print_dry_run_response(resp: &Value) {
+    let indent = "           ";
+    if let Some(err) = resp.get("error").and_then(Value::as_str) {
+        println!("{indent}would refuse the response (502 in Enforce mode): {err}");
+        return;
+    }
+    let stats = &resp["stats"];
+    let mut line = format!(
+        "{indent}would return {} records, {} filtered out of scope, {} cut by the cap",
+        stats["recordsReturned"], stats["recordsFiltered"], stats["recordsTruncated"]
+    );
+    if let Some(masked) = stats["masked"].as_object().filter(|m| !m.is_empty()) {
+        let parts: Vec<String> = masked.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+        line.push_str(&format!("; mask {}", parts.join(", ")));
+    }
+    println!("{line}");
 }
 
 /// Lines of the transformed body shown in text output; `-o json` shows all of it.

@@ -42,8 +42,14 @@ fn event(id: &str, decision: Decision) -> AuditEvent {
         dry_runs: vec![DryRun {
             policy: "stricter-customers".into(),
             rule: Some("own-branch".into()),
-            decision: Decision::WouldDeny,
-            reason: "deny_rule".into(),
+            decision: Decision::Allow,
+            reason: "allow_rule".into(),
+            transform: Some(custos_api::audit::DryRunTransform {
+                records_returned: 3,
+                records_filtered: 1,
+                records_truncated: 0,
+                masked: [("phone".to_string(), 3)].into(),
+            }),
         }],
         prev_hash: None,
     }

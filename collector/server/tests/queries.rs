@@ -42,6 +42,7 @@ fn corpus() -> Vec<AuditEvent> {
                     rule: None,
                     decision,
                     reason: "default_deny".into(),
+                    transform: None,
                 }];
             }
             e

@@ -271,9 +271,15 @@ pub(crate) fn admissible(e: &AuditEvent, columns: &Columns, now_us: i64) -> Resu
     if !e.record_hashes.iter().all(|h| custos_api::audit::is_hex_digest(h)) {
         return Err("recordHashes must be 64 lowercase hex digits each (keyed hashes, never raw ids)");
     }
-    if [e.records_returned, e.records_filtered, e.records_truncated]
+    let dry_run_counts = e
+        .dry_runs
         .iter()
-        .any(|&n| n > MAX_RECORDS_PER_EVENT)
+        .filter_map(|d| d.transform.as_ref())
+        .flat_map(|t| [t.records_returned, t.records_filtered, t.records_truncated]);
+    if [e.records_returned, e.records_filtered, e.records_truncated]
+        .into_iter()
+        .chain(dry_run_counts)
+        .any(|n| n > MAX_RECORDS_PER_EVENT)
     {
         return Err("a records count is above 4294967295");
     }
@@ -300,6 +306,7 @@ fn has_nul(e: &AuditEvent) -> bool {
         .chain(caller)
         .chain(dry_runs)
         .chain(e.masked.keys())
+        .chain(e.dry_runs.iter().filter_map(|d| d.transform.as_ref()).flat_map(|t| t.masked.keys()))
         .any(|s| nul(s))
 }
 

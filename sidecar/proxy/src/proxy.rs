@@ -16,7 +16,9 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use custos_api::audit::{AUDIT_SCHEMA_VERSION, AuditUser, CallerWorkload, DryRun, MAX_DRY_RUNS};
+use custos_api::audit::{
+    AUDIT_SCHEMA_VERSION, AuditUser, CallerWorkload, DryRun, DryRunTransform, MAX_DRY_RUNS,
+};
 use custos_api::config::WorkloadIdentity;
 use custos_api::policy::{ExceedAction, Limits, Mode};
 use custos_api::{AuditEvent, Decision};
@@ -515,17 +517,17 @@ async fn process(
     ctx.event.mode = verdict.mode;
     ctx.event.decision = verdict.decision;
     ctx.set_reason(verdict.reason.code());
+    // One entry per dry run, in order (`dry_run_jobs` finds them by position).
     ctx.event.dry_runs = verdict
         .dry_runs
         .iter()
         .take(MAX_DRY_RUNS)
-        .filter_map(|run| {
-            Some(DryRun {
-                policy: run.policy?.name.clone(),
-                rule: run.rule.map(|r| r.name.clone()),
-                decision: run.decision,
-                reason: run.reason.code().to_owned(),
-            })
+        .map(|run| DryRun {
+            policy: run.policy.map(|p| p.name.clone()).unwrap_or_default(),
+            rule: run.rule.map(|r| r.name.clone()),
+            decision: run.decision,
+            reason: run.reason.code().to_owned(),
+            transform: None,
         })
         .collect();
     if verdict.blocks() {
@@ -555,6 +557,13 @@ async fn process(
     let transform = match prepared {
         Ok(transform) => transform,
         Err(refused) => return *refused,
+    };
+    // The dry runs' own quotas, and their response plans to run beside.
+    let dry = if ctx.event.dry_runs.is_empty() {
+        Vec::new()
+    } else {
+        let several = Several { state: &state, users: &users, caller, request: request_vars() };
+        dry_run_jobs(shared, ctx, &verdict, &several, quota_now)
     };
 
     // 6. Forward.
@@ -620,7 +629,16 @@ async fn process(
         }
     }
     let progress = body.progress();
-    let upstream_req = match upstream_request(&state, parts, body, &path, &ctx.peer_ip, transform.as_ref()) {
+    let reads_response = transform.is_some() || !dry.is_empty();
+    let upstream_req = match upstream_request(
+        &state,
+        parts,
+        body,
+        &path,
+        &ctx.peer_ip,
+        transform.as_ref(),
+        reads_response,
+    ) {
         Ok(r) => r,
         Err(()) => {
             ctx.deny("bad_request");
@@ -699,7 +717,7 @@ async fn process(
         || parts.status == StatusCode::NOT_MODIFIED);
     match transform {
         Some(job) if has_body => {
-            let response = transform_response(shared, ctx, job, parts, body, deadline, quota_now).await;
+            let response = transform_response(shared, ctx, job, &dry, parts, body, deadline, quota_now).await;
             if head_as_get {
                 // The GET's headers (its length included), no body.
                 let (parts, _) = response.into_parts();
@@ -718,6 +736,9 @@ async fn process(
         None => {
             if private {
                 keep_out_of_shared_caches(&mut parts.headers);
+            }
+            if has_body && !dry.is_empty() {
+                return dry_run_response(shared, ctx, &dry, parts, body, deadline, quota_now).await;
             }
             Response::from_parts(parts, ProxyBody::stream(body))
         }
@@ -881,6 +902,167 @@ fn prepare_several(
     Ok(TransformJob::in_order(jobs))
 }
 
+/// A dry run's response plan, run on the app's response beside the plans that apply.
+struct DryRunJob {
+    /// Its entry in the event's `dryRuns`.
+    entry: usize,
+    job: TransformJob,
+}
+
+/// The dry runs of an allowed request (`Verdict::dry_runs`, one entry each in the event): each
+/// Audit-mode policy that would have allowed it counts it in its rule's quotas, under the
+/// principal its own policy identifies, as it would alone (over them: `WouldDeny`,
+/// `quota_exceeded`); the response plans of those still allowing, to run on the response.
+fn dry_run_jobs(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    verdict: &Verdict<'_>,
+    several: &Several<'_>,
+    quota_now: Timestamp,
+) -> Vec<DryRunJob> {
+    let mut jobs = Vec::new();
+    for (entry, run) in verdict.dry_runs.iter().take(MAX_DRY_RUNS).enumerate() {
+        if run.decision != Decision::Allow {
+            continue;
+        }
+        // A policy that identifies nobody counts by the peer, as it would alone.
+        let principal = principal(several.state.user_for(several.users, run.policy), several.caller)
+            .unwrap_or_else(|| ["peer:", ctx.peer_ip.as_str()].concat());
+        let mut records_remaining = None;
+        let mut quota_key = None;
+        if let (Some(limits), Some(policy), Some(rule)) = (run.limits, run.policy, run.rule) {
+            let key = QuotaKey { policy: policy.name.clone(), rule: rule.name.clone(), principal };
+            match shared.quotas.admit(&key, limits, quota_now) {
+                Ok(admission) => records_remaining = admission.records_remaining,
+                Err(_) => {
+                    if let Some(dry_run) = ctx.event.dry_runs.get_mut(entry) {
+                        dry_run.decision = Decision::WouldDeny;
+                        dry_run.reason = "quota_exceeded".to_owned();
+                    }
+                    continue;
+                }
+            }
+            quota_key = Some(key);
+        }
+        let Some(plan) = run.plan.filter(|p| p.needs_body()) else { continue };
+        let user = several.state.policy_user(several.users, run.policy);
+        jobs.push(DryRunJob {
+            entry,
+            job: TransformJob {
+                plan: plan.clone(),
+                mode: run.mode,
+                fail_open: run.policy.is_some_and(|p| p.fail_open),
+                policy: run.policy.map(|p| p.name.clone()).unwrap_or_default(),
+                rule: run.rule.map(|r| r.name.clone()).unwrap_or_default(),
+                request: RequestVars {
+                    params: run.params.iter().cloned().collect(),
+                    ..several.request.clone()
+                },
+                user: user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
+                workload: several.caller.map(WorkloadVars::of),
+                records_remaining,
+                limits: run.limits.cloned().unwrap_or_default(),
+                quota_key,
+                before: Vec::new(),
+            },
+        });
+    }
+    jobs
+}
+
+/// Runs each dry run's plan on `body` (the app's, decoded) and records in its `dryRuns` entry
+/// what the plan would have done, or what would have refused the response; its record quotas
+/// are charged the records it would have returned, as they would be were it alone.
+fn dry_run_plans(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    dry: &[DryRunJob],
+    body: &[u8],
+    reservation: &mut Reservation,
+    quota_now: Timestamp,
+) {
+    for DryRunJob { entry, job } in dry {
+        let held = reservation.held();
+        let mut applied = Applied::default();
+        let result = apply_plan(shared, 0, job, body, reservation, &mut applied);
+        reservation.shrink_to(held);
+        let Some(dry_run) = ctx.event.dry_runs.get_mut(*entry) else { continue };
+        match result {
+            Ok(Outcome::Body(_)) => {
+                let stats = applied.stats;
+                if let Some(key) = &job.quota_key {
+                    shared.quotas.record(key, &job.limits, stats.records_returned, quota_now);
+                }
+                dry_run.transform = Some(DryRunTransform {
+                    records_returned: stats.records_returned,
+                    records_filtered: stats.records_filtered,
+                    records_truncated: stats.records_truncated,
+                    masked: stats.masked,
+                });
+            }
+            Ok(Outcome::RootFiltered) => would_refuse(dry_run, "out_of_scope"),
+            Err(PlanFailure::CapExceeded) => would_refuse(dry_run, "record_cap_exceeded"),
+            Err(PlanFailure::Untransformable(code)) => unchecked(dry_run, job, code),
+        }
+    }
+}
+
+/// A dry run that would have refused what its policy's rule allowed.
+fn would_refuse(dry_run: &mut DryRun, code: &str) {
+    dry_run.decision = Decision::WouldDeny;
+    dry_run.reason = code.to_owned();
+}
+
+/// A dry run whose plan could not be applied to the response, for the reason `code`: its
+/// policy would have refused it (502, or 503 for [`RESPONSE_BUFFER_EXHAUSTED`]), or passed it
+/// on if it fails open, as [`untransformable`] does.
+fn unchecked(dry_run: &mut DryRun, job: &TransformJob, code: &str) {
+    if job.fail_open && code != PARTIAL_CONTENT {
+        dry_run.reason = ["fail_open:", code].concat();
+    } else {
+        would_refuse(dry_run, code);
+    }
+}
+
+/// A response no applying plan reads, read whole for the dry runs' plans (as an Audit-mode
+/// policy deciding alone reads it) and passed on as the app sent it.
+#[allow(clippy::too_many_arguments)]
+async fn dry_run_response(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    dry: &[DryRunJob],
+    parts: http::response::Parts,
+    body: AppBody,
+    deadline: tokio::time::Instant,
+    quota_now: Timestamp,
+) -> Response<ProxyBody> {
+    if is_partial(&parts) {
+        for d in dry {
+            if let Some(dry_run) = ctx.event.dry_runs.get_mut(d.entry) {
+                unchecked(dry_run, &d.job, PARTIAL_CONTENT);
+            }
+        }
+        return Response::from_parts(parts, ProxyBody::stream(body));
+    }
+    let mut reservation = Reservation::on(&shared.response_buffers);
+    match gather(shared, ctx, &parts.headers, body, deadline, &mut reservation).await {
+        Ok(Gathered { raw, decoded }) => {
+            dry_run_plans(shared, ctx, dry, &decoded, &mut reservation, quota_now);
+            Response::from_parts(parts, ProxyBody::full(raw))
+        }
+        Err(Ungathered::Answered(answer)) => answer,
+        Err(Ungathered::Unreadable(code, original)) => {
+            for d in dry {
+                if let Some(dry_run) = ctx.event.dry_runs.get_mut(d.entry) {
+                    unchecked(dry_run, &d.job, code);
+                }
+            }
+            Response::from_parts(parts, original)
+        }
+        Err(Ungathered::Empty) => Response::from_parts(parts, ProxyBody::empty()),
+    }
+}
+
 /// 429 for a request over one of `rule`'s quotas; the event names the rule.
 fn quota_refused(
     shared: &Shared,
@@ -955,96 +1137,29 @@ async fn transform_response(
     shared: &Shared,
     ctx: &mut Ctx,
     job: TransformJob,
+    dry: &[DryRunJob],
     mut parts: http::response::Parts,
     body: AppBody,
     deadline: tokio::time::Instant,
     quota_now: Timestamp,
 ) -> Response<ProxyBody> {
-    if parts.status == StatusCode::PARTIAL_CONTENT || parts.headers.contains_key(header::CONTENT_RANGE) {
+    if is_partial(&parts) {
         // The request's `Range` was dropped (Enforce), so only an app that answers with
         // slices unasked gets here; in Audit mode, one that honoured the caller's.
         return untransformable(shared, ctx, &job, parts, PARTIAL_CONTENT, ProxyBody::stream(body));
     }
-    let limit = shared.limits.max_response_body_bytes;
     // Held until the transformed body is built: the app's bytes, and their decoding.
     let mut reservation = Reservation::on(&shared.response_buffers);
-    let timed = {
-        let collecting = std::pin::pin!(collect_limited(body, limit, &mut reservation));
-        tokio::time::timeout_at(deadline, collecting).await
+    let (raw, decoded) = match gather(shared, ctx, &parts.headers, body, deadline, &mut reservation).await {
+        Ok(Gathered { raw, decoded }) => (raw, decoded),
+        Err(Ungathered::Answered(answer)) => return answer,
+        Err(Ungathered::Unreadable(code, original)) => {
+            return untransformable(shared, ctx, &job, parts, code, original);
+        }
+        Err(Ungathered::Empty) => return Response::from_parts(parts, ProxyBody::empty()),
     };
-    let collected = match timed {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "upstream response body failed");
-            ctx.set_reason("upstream_error");
-            return error_response(
-                StatusCode::BAD_GATEWAY,
-                json!({"error": "upstream response failed", "reason": "upstream_error"}),
-            );
-        }
-        Err(_) => {
-            shared.metrics.limit("upstream_timeout");
-            ctx.set_reason("upstream_timeout");
-            return error_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                json!({"error": "upstream timed out", "reason": "upstream_timeout"}),
-            );
-        }
-    };
-    let raw = match collected {
-        Collected::Complete(raw) => raw,
-        Collected::TooLarge { prefix, rest } => {
-            shared.metrics.limit("response_body_bytes");
-            return untransformable(
-                shared,
-                ctx,
-                &job,
-                parts,
-                "response_too_large",
-                ProxyBody::chain(prefix, rest),
-            );
-        }
-        Collected::NoRoom { prefix, rest } => {
-            let original = ProxyBody::chain(prefix, rest);
-            return untransformable(shared, ctx, &job, parts, RESPONSE_BUFFER_EXHAUSTED, original);
-        }
-    };
-    if raw.is_empty() {
-        // Nothing to leak, nothing to count.
-        return Response::from_parts(parts, ProxyBody::empty());
-    }
-    let Some(encoding) =
-        Encoding::parse(parts.headers.get(header::CONTENT_ENCODING).map(HeaderValue::as_bytes))
-    else {
-        return untransformable(
-            shared,
-            ctx,
-            &job,
-            parts,
-            "unsupported_content_encoding",
-            ProxyBody::full(raw),
-        );
-    };
-    let decoded = match decode(raw.clone(), encoding, limit) {
-        Ok(d) if encoding != Encoding::Identity && !reservation.grow(d.len() as u64) => {
-            return untransformable(
-                shared,
-                ctx,
-                &job,
-                parts,
-                RESPONSE_BUFFER_EXHAUSTED,
-                ProxyBody::full(raw),
-            );
-        }
-        Ok(d) => d,
-        Err(DecodeError::TooLarge) => {
-            shared.metrics.limit("response_body_bytes");
-            return untransformable(shared, ctx, &job, parts, "response_too_large", ProxyBody::full(raw));
-        }
-        Err(DecodeError::Corrupt) => {
-            return untransformable(shared, ctx, &job, parts, "bad_content_encoding", ProxyBody::full(raw));
-        }
-    };
+    // The dry runs read the app's body, not what the plans make of it.
+    let original = (!dry.is_empty()).then(|| decoded.clone());
 
     // Each plan in turn over what the one before let through (one plan but when several
     // policies' constraining rules apply). What they did reaches the event, the records
@@ -1099,6 +1214,9 @@ async fn transform_response(
         };
     }
     applied.commit(shared, ctx, before.iter().chain(std::iter::once(&job)), quota_now);
+    if let Some(original) = original {
+        dry_run_plans(shared, ctx, dry, &original, &mut reservation, quota_now);
+    }
     if job.mode != Mode::Enforce {
         // Audit: the caller gets the app's bytes; the event holds what would have been done.
         return Response::from_parts(parts, ProxyBody::full(raw));
@@ -1109,6 +1227,93 @@ async fn transform_response(
         parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     Response::from_parts(parts, ProxyBody::full(input))
+}
+
+/// Whether the app answered with a slice of the representation, which no plan can read.
+fn is_partial(parts: &http::response::Parts) -> bool {
+    parts.status == StatusCode::PARTIAL_CONTENT || parts.headers.contains_key(header::CONTENT_RANGE)
+}
+
+/// A response body read whole for plans to read: the app's bytes, and their decoding.
+struct Gathered {
+    raw: Bytes,
+    decoded: Bytes,
+}
+
+/// Why a response body was not gathered.
+enum Ungathered {
+    /// The app's body failed or timed out: the answer to send (the event says why).
+    Answered(Response<ProxyBody>),
+    /// No plan can read it: why (a reason code), and the app's bytes to pass on as they are.
+    Unreadable(&'static str, ProxyBody),
+    /// An empty body: nothing to leak, nothing to count.
+    Empty,
+}
+
+/// Reads the app's response body whole, within the response limit, the buffer budget
+/// (`reservation` holds the share taken) and `deadline`, and decodes it (gzip, deflate).
+async fn gather(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    headers: &HeaderMap,
+    body: AppBody,
+    deadline: tokio::time::Instant,
+    reservation: &mut Reservation,
+) -> Result<Gathered, Ungathered> {
+    let limit = shared.limits.max_response_body_bytes;
+    let timed = {
+        let collecting = std::pin::pin!(collect_limited(body, limit, reservation));
+        tokio::time::timeout_at(deadline, collecting).await
+    };
+    let collected = match timed {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "upstream response body failed");
+            ctx.set_reason("upstream_error");
+            return Err(Ungathered::Answered(error_response(
+                StatusCode::BAD_GATEWAY,
+                json!({"error": "upstream response failed", "reason": "upstream_error"}),
+            )));
+        }
+        Err(_) => {
+            shared.metrics.limit("upstream_timeout");
+            ctx.set_reason("upstream_timeout");
+            return Err(Ungathered::Answered(error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                json!({"error": "upstream timed out", "reason": "upstream_timeout"}),
+            )));
+        }
+    };
+    let raw = match collected {
+        Collected::Complete(raw) => raw,
+        Collected::TooLarge { prefix, rest } => {
+            shared.metrics.limit("response_body_bytes");
+            return Err(Ungathered::Unreadable("response_too_large", ProxyBody::chain(prefix, rest)));
+        }
+        Collected::NoRoom { prefix, rest } => {
+            return Err(Ungathered::Unreadable(RESPONSE_BUFFER_EXHAUSTED, ProxyBody::chain(prefix, rest)));
+        }
+    };
+    if raw.is_empty() {
+        return Err(Ungathered::Empty);
+    }
+    let Some(encoding) = Encoding::parse(headers.get(header::CONTENT_ENCODING).map(HeaderValue::as_bytes))
+    else {
+        return Err(Ungathered::Unreadable("unsupported_content_encoding", ProxyBody::full(raw)));
+    };
+    match decode(raw.clone(), encoding, limit) {
+        Ok(d) if encoding != Encoding::Identity && !reservation.grow(d.len() as u64) => {
+            Err(Ungathered::Unreadable(RESPONSE_BUFFER_EXHAUSTED, ProxyBody::full(raw)))
+        }
+        Ok(decoded) => Ok(Gathered { raw, decoded }),
+        Err(DecodeError::TooLarge) => {
+            shared.metrics.limit("response_body_bytes");
+            Err(Ungathered::Unreadable("response_too_large", ProxyBody::full(raw)))
+        }
+        Err(DecodeError::Corrupt) => {
+            Err(Ungathered::Unreadable("bad_content_encoding", ProxyBody::full(raw)))
+        }
+    }
 }
 
 /// Why a plan could not be applied to a response.
@@ -1438,6 +1643,7 @@ fn upstream_request(
     path: &NormalizedPath,
     ip: &str,
     transform: Option<&TransformJob>,
+    reads_response: bool,
 ) -> Result<Request<RequestBody>, ()> {
     let mut target = encode_path(path.as_str());
     if let Some(q) = path.query() {
@@ -1473,7 +1679,7 @@ fn upstream_request(
         };
         remove_present(&mut headers, untransformable);
     }
-    if accepts_trailers && transform.is_none() {
+    if accepts_trailers && !reads_response {
         // The response passes through as it comes, with the trailer fields the client
         // accepts (a response read to be transformed or audited is read without them).
         headers.insert(header::TE, HeaderValue::from_static("trailers"));

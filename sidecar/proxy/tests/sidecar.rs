@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -765,6 +766,99 @@ async fn a_dry_run_beside_an_enforcing_policy_is_recorded() {
         by_path("/customers")["dryRuns"],
         json!([{"policy": "b-stricter", "decision": "Allow", "reason": "default_allow"}])
     );
+}
+
+/// Beside an enforcing policy, an Audit-mode policy's rule is dry-run whole, as it would run
+/// alone: its quotas count the requests under its own principal (over them: `WouldDeny`,
+/// `quota_exceeded`), and its response plan runs on the app's response, on both paths (beside
+/// the enforcing policy's masks, and alone on a response nothing else reads: plain, gzip, not
+/// JSON). The caller gets only what the enforcing policy makes of the response.
+#[tokio::test]
+async fn dry_runs_count_their_quotas_and_dry_run_their_response_plans() {
+    let collector = Collector::start().await;
+    // It redacts the branches the dry run's row filter reads: the dry run reads the app's.
+    let enforcing = allowing_policy(
+        json!([{"name": "phone", "paths": ["$.items[*].phone"]}, {"name": "branch", "paths": ["$.items[*].branch"]}]),
+        json!([{"name": "masked-list", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                "records": "$.items[*]", "mask": {"phone": "ShowLast4", "branch": "Redact"}}]),
+    );
+    let scoped = |name: &str, paths: Value| {
+        json!({"name": name, "action": "Allow", "from": {"users": {"role": ["clerk"]}},
+               "to": {"methods": ["GET"], "paths": paths},
+               "records": "$.items[*]", "rowFilter": "record.branch == user.branch", "mask": {"name": "ShowFirst1"}})
+    };
+    let mut list = scoped("branch-list", json!(["/customers"]));
+    list["limits"] = json!({"requestsPerMinute": 2});
+    let mut stricter = policy(json!([list, scoped("pages", json!(["/gzip/*", "/html/*"]))]));
+    stricter["mode"] = json!("Audit");
+    stricter["defaultAction"] = json!("Allow");
+    let url = collector.url();
+    let mut f = fixture(&[("a-enforcing", enforcing), ("b-stricter", stricter)], Vec::new(), move |s| {
+        mount_sso_jwks(s);
+        let mut c = shipping_to(url, s);
+        c.usage_sync_interval = None;
+        s.collector = Some(c);
+    })
+    .await;
+    let clerk = format!("Bearer {}", clerk_token("north"));
+    for _ in 0..3 {
+        let reply = get_with(f.proxy(), "/customers", &[("authorization", &clerk)]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_no_personal_phone(&reply.text());
+        let items = reply.json()["items"].as_array().unwrap().clone();
+        assert_eq!(items.len(), 4, "the dry run filters nothing for the caller");
+        assert_eq!(items[1]["name"], "Bob Example", "nor masks anything");
+        assert_eq!(items[1]["branch"], custos_transform::REDACTED);
+    }
+    let gzip = get_with(f.proxy(), "/gzip/customers", &[("authorization", &clerk)]).await;
+    assert_eq!(gzip.status, 200);
+    assert_eq!(gzip.headers["content-encoding"], "gzip", "passed on as the app sent it");
+    let mut unzipped = Vec::new();
+    flate2::read::GzDecoder::new(&gzip.body[..]).read_to_end(&mut unzipped).unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&unzipped).unwrap(), support::customers());
+    let html = get_with(f.proxy(), "/html/customers", &[("authorization", &clerk)]).await;
+    assert_eq!((html.status.as_u16(), html.text().contains("Alice Example")), (200, true));
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    for series in [
+        r#"custos_sidecar_dry_runs_total{decision="Allow",policy="b-stricter",rule="branch-list",reason="allow_rule"} 2"#,
+        r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="b-stricter",rule="branch-list",reason="quota_exceeded"} 1"#,
+        r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="b-stricter",rule="pages",reason="response_not_json"} 1"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing from:\n{metrics}");
+    }
+    f.stop().await;
+
+    let events = collector.wait_for(5).await;
+    // By path, then the dry run's text (the three events of `/customers` may arrive in any
+    // order).
+    let mut dry_runs: Vec<(String, Value)> =
+        events.iter().map(|e| (e["path"].as_str().unwrap().to_owned(), e["dryRuns"][0].clone())).collect();
+    dry_runs.sort_by_key(|(path, d)| (path.clone(), d.to_string()));
+    let would =
+        json!({"recordsReturned": 3, "recordsFiltered": 1, "recordsTruncated": 0, "masked": {"name": 3}});
+    let dry_run = |rule: &str, decision: &str, reason: &str, transform: Option<&Value>| {
+        let mut d = json!({"policy": "b-stricter", "rule": rule, "decision": decision, "reason": reason});
+        if let Some(t) = transform {
+            d["transform"] = t.clone();
+        }
+        d
+    };
+    let list = "/customers".to_owned();
+    assert_eq!(
+        dry_runs,
+        [
+            (list.clone(), dry_run("branch-list", "Allow", "allow_rule", Some(&would))),
+            (list.clone(), dry_run("branch-list", "Allow", "allow_rule", Some(&would))),
+            (list.clone(), dry_run("branch-list", "WouldDeny", "quota_exceeded", None)),
+            ("/gzip/customers".to_owned(), dry_run("pages", "Allow", "allow_rule", Some(&would))),
+            ("/html/customers".to_owned(), dry_run("pages", "WouldDeny", "response_not_json", None)),
+        ]
+    );
+    // The enforcing policy's own numbers are the event's.
+    for e in events.iter().filter(|e| e["path"] == "/customers") {
+        assert_eq!((e["recordsReturned"].as_u64(), e["recordsFiltered"].as_u64()), (Some(4), Some(0)));
+        assert_eq!(e["masked"], json!({"branch": 4, "phone": 4}));
+    }
 }
 
 /// An event carries at most `MAX_DRY_RUNS` dry runs (the collector refuses more): the first by

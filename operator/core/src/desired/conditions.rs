@@ -41,8 +41,9 @@ pub const SIDECAR_BYPASS: &str = "SidecarBypass";
 pub const SIDECAR_MISSING: &str = "SidecarMissing";
 
 /// Condition type (Audit-mode policies): enforcing policies select some of the same pods, where
-/// they decide every request; this policy's would-be decisions are recorded beside theirs as
-/// dry runs (`dryRuns` in audit events), not its masks or quotas, and not for requests they deny.
+/// they decide every request; this policy's rules are dry-run beside theirs (`dryRuns` in audit
+/// events: its decision, its quotas, what its response plan would do), but not for requests they
+/// deny.
 pub const AUDIT_SHADOWED: &str = "AuditShadowed";
 
 /// Reason of `Ready` True.
@@ -234,10 +235,10 @@ pub(crate) fn status(
                 REASON_ENFORCED_POLICIES_SELECT_PODS,
                 format!(
                     "{pods} of {} selected running pods are also selected by the enforcing {noun} {}: there the \
-                     enforcing policies decide every request; this policy's would-be decisions are recorded as \
-                     dry runs in their audit events (dryRuns, custos_sidecar_dry_runs_total), but not what it \
-                     would mask, filter or count, and not for requests they deny; for a full dry run on those \
-                     pods, set the enforcing policy itself to Audit for the trial",
+                     enforcing policies decide every request; this policy is dry-run beside them (its decisions, \
+                     quotas and what it would mask, filter or cap: dryRuns in their audit events, \
+                     custos_sidecar_dry_runs_total), but not for requests they deny; to see those too, set the \
+                     enforcing policy itself to Audit for the trial",
                     facts.selected_pods,
                     by.join(", ")
                 ),
