@@ -152,9 +152,10 @@ pub const MAX_DRY_RUNS: usize = 64;
 
 /// The verdict of an Audit-mode policy that did not decide the request: what it would have
 /// done had it been the only policy. Its rule's quotas count the request under the principal
-/// its own policy identifies (a request they would refuse is `WouldDeny` with reason
-/// `quota_exceeded`), and its response plan (row filter, record cap, masks) is dry-run on the
-/// app's response ([`DryRun::transform`]) whenever the caller gets that response.
+/// its own policy identifies, in the sidecar's own buckets (a request they would refuse is
+/// `WouldDeny` with reason `quota_exceeded`), and its response plan (row filter, record cap,
+/// masks) is dry-run on the app's response ([`DryRun::transform`]) whenever the caller gets
+/// that response whole.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct DryRun {
@@ -168,11 +169,12 @@ pub struct DryRun {
     /// Why, as a reason code: the decision's (`allow_rule`, `deny_rule`, `default_allow`,
     /// `default_deny`), or what would have refused an allowed request (`quota_exceeded`,
     /// `record_cap_exceeded`, `out_of_scope`, or why the response could not be checked, e.g.
-    /// `response_not_json`; `fail_open:<code>` when the policy would have passed it on).
+    /// `response_not_json`; `fail_open:<code>` when the policy would have passed it on;
+    /// `not_checked:<code>` when only the dry run could not read it).
     pub reason: String,
     /// What the rule's response plan would have done to the app's response; absent when the
-    /// rule has none, or the plan was not dry-run (the request was refused, the response had
-    /// no body, or could not be checked).
+    /// rule has none, or the plan was not dry-run (the request or response was refused, the
+    /// response had no body, did not arrive whole, or could not be checked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transform: Option<DryRunTransform>,
 }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use custos_api::policy::Mode;
 use custos_api::{Decision, WorkloadIdentity};
 use custos_policy::{Engine, Request, User, Verdict, compile_policy, normalize};
-use custos_transform::{HashKey, Outcome, Plan, TransformStats, apply};
+use custos_transform::{HashKey, Outcome, Plan, TransformError, TransformStats, apply};
 use serde_json::{Value, json};
 
 use crate::input::{document_problems, parse_map, problems, read_files};
@@ -136,8 +136,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The dry runs that would allow the request run their plans on the body too, as the
     // sidecar runs them beside the deciding policy (on the app's body, not on what the
     // deciding plans made of it).
+    let reads_body = |v: &Verdict<'_>| v.plan.is_some_and(|p| p.needs_body());
     let allowing_dry_runs =
-        || verdict.dry_runs.iter().filter(|d| d.decision == Decision::Allow && d.plan.is_some());
+        || verdict.dry_runs.iter().filter(|d| d.decision == Decision::Allow && reads_body(d));
     let body = match &args.body {
         Some(b) if !verdict.blocks() && (verdict.plan.is_some() || allowing_dry_runs().next().is_some()) => {
             Some(std::fs::read(b).with_context(|| format!("cannot read {}", b.display()))?)
@@ -153,7 +154,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
         .dry_runs
         .iter()
         .map(|d| {
-            let allows = d.decision == Decision::Allow && d.plan.is_some();
+            let allows = d.decision == Decision::Allow && reads_body(d);
             body.as_ref().filter(|_| allows).map(|b| transformed(d, &req, b.clone(), &key))
         })
         .collect();
@@ -174,25 +175,40 @@ fn transformed(verdict: &Verdict<'_>, req: &Request<'_>, mut body: Vec<u8>, key:
         let vars = req.vars(&applying.params);
         let t = match apply(&body, plan, &vars, key) {
             Ok(t) => t,
-            Err(e) => return json!({"error": e.to_string()}),
+            Err(e) => {
+                // As the sidecar answers: 403 past a refusing cap, 502 for a body it cannot
+                // check (passed on under failOpen).
+                let (status, reason) = match e {
+                    TransformError::RecordCapExceeded { .. } => (403, "record_cap_exceeded"),
+                    TransformError::RecordsNotFound => (502, "records_not_found"),
+                    _ => (502, "response_not_json"),
+                };
+                let fail_open = status == 502 && applying.policy.is_some_and(|p| p.fail_open);
+                return json!({"error": e.to_string(), "status": status, "reason": reason, "failOpen": fail_open});
+            }
         };
         total.then(plan, t.stats, i == 0);
         body = match t.outcome {
             Outcome::Body(b) => b,
             Outcome::RootFiltered => {
                 total.records_returned = 0;
-                body = b"\"(the record is out of scope: 403)\"".to_vec();
-                break;
+                return json!({"error": "the single record is out of the caller's scope", "status": 403,
+                              "reason": "out_of_scope", "failOpen": false, "stats": stats_json(&total)});
             }
         };
     }
-    json!({"stats": {
+    json!({"stats": stats_json(&total), "body": serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null)})
+}
+
+/// What plans did, as JSON.
+fn stats_json(total: &TransformStats) -> Value {
+    json!({
         "recordsReturned": total.records_returned,
         "recordsFiltered": total.records_filtered,
         "recordsTruncated": total.records_truncated,
         "filterErrors": total.filter_errors,
         "masked": total.masked,
-    }, "body": serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null)})
+    })
 }
 
 fn parse_time(s: Option<&str>) -> anyhow::Result<i64> {
@@ -357,7 +373,12 @@ fn print_plan(v: &Verdict<'_>, indent: &str) {
 fn print_dry_run_response(resp: &Value) {
     let indent = "           ";
     if let Some(err) = resp.get("error").and_then(Value::as_str) {
-        println!("{indent}would refuse the response (502 in Enforce mode): {err}");
+        let reason = resp["reason"].as_str().unwrap_or("");
+        if resp["failOpen"] == true {
+            println!("{indent}would pass the response on unchecked (fail_open:{reason}): {err}");
+        } else {
+            println!("{indent}would refuse the response ({} {reason}: WouldDeny): {err}", resp["status"]);
+        }
         return;
     }
     let stats = &resp["stats"];
@@ -377,7 +398,12 @@ const BODY_PREVIEW_LINES: usize = 24;
 
 fn print_response(resp: &Value) {
     if let Some(err) = resp.get("error").and_then(Value::as_str) {
-        println!("response:  refused (502 in Enforce mode): {err}");
+        let reason = resp["reason"].as_str().unwrap_or("");
+        if resp["failOpen"] == true {
+            println!("response:  passed on unchecked (failOpen; {reason}): {err}");
+        } else {
+            println!("response:  refused ({} {reason} in Enforce mode): {err}", resp["status"]);
+        }
         return;
     }
     let stats = &resp["stats"];

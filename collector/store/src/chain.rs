@@ -265,6 +265,13 @@ pub(crate) fn admissible(e: &AuditEvent, columns: &Columns, now_us: i64) -> Resu
     {
         return Err("a dryRuns policy or rule is longer than 253 bytes");
     }
+    let dry_run_words = e
+        .dry_runs
+        .iter()
+        .flat_map(|d| std::iter::once(&d.reason).chain(d.transform.iter().flat_map(|t| t.masked.keys())));
+    if dry_run_words.into_iter().any(|w| w.len() > MAX_NAME_BYTES) {
+        return Err("a dryRuns reason or masked class is longer than 253 bytes");
+    }
     if has_nul(e) {
         return Err("a string field holds a NUL character (U+0000)");
     }

@@ -157,7 +157,7 @@ async fn invalid_event_rejects_the_batch(env: &Env) {
 async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
     let store = env.open().await;
     type Edit = fn(&mut custos_api::AuditEvent);
-    let cases: [(Edit, &str); 16] = [
+    let cases: [(Edit, &str); 18] = [
         (|e| e.id = "x".repeat(129), "id is longer than 128 bytes"),
         (|e| e.principal = format!("user:{}", "u".repeat(3000)), "principal is longer than 1024 bytes"),
         (|e| e.policy = Some("p".repeat(254)), "policy is longer than 253 bytes"),
@@ -199,6 +199,21 @@ async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
                 e.dry_runs = vec![run];
             },
             "a records count is above",
+        ),
+        (
+            |e| {
+                let mut run = dry_run("audit-only");
+                run.transform.as_mut().unwrap().masked.insert("c".repeat(254), 1);
+                e.dry_runs = vec![run];
+            },
+            "a dryRuns reason or masked class is longer than 253 bytes",
+        ),
+        (
+            |e| {
+                e.dry_runs =
+                    vec![custos_api::audit::DryRun { reason: "r".repeat(254), ..dry_run("audit-only") }]
+            },
+            "a dryRuns reason or masked class is longer than 253 bytes",
         ),
         (|e| e.time = rfc3339(chrono::Utc::now() + Duration::minutes(11)), "more than 10 minutes ahead"),
         (|e| e.time = "2100-01-01T00:00:00Z".into(), "more than 10 minutes ahead"),
@@ -283,12 +298,13 @@ async fn events_by_dry_run(env: &Env) {
     assert_eq!(ids(before_d).await, ["c", "b", "decoy"]);
 }
 
+/// A dry run of `policy` that would allow, with what its plan would have done.
 fn dry_run(policy: &str) -> custos_api::audit::DryRun {
     custos_api::audit::DryRun {
         policy: policy.into(),
         rule: Some("own-branch".into()),
-        decision: custos_api::Decision::WouldDeny,
-        reason: "deny_rule".into(),
+        decision: custos_api::Decision::Allow,
+        reason: "allow_rule".into(),
         transform: Some(custos_api::audit::DryRunTransform {
             records_returned: 2,
             records_filtered: 1,

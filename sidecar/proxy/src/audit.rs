@@ -58,6 +58,16 @@ impl PendingEvent {
         self.incomplete = true;
     }
 
+    /// Whether the body did not reach its end ([`Self::mark_incomplete`]).
+    pub(crate) fn is_incomplete(&self) -> bool {
+        self.incomplete
+    }
+
+    /// The event, to complete before it is emitted.
+    pub(crate) fn event_mut(&mut self) -> &mut AuditEvent {
+        &mut self.event
+    }
+
     /// Hands the event to the shipper (never blocks).
     pub(crate) fn emit(self) {
         let mut event = *self.event;

@@ -11,6 +11,8 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
+use custos_api::AuditEvent;
+
 use crate::audit::PendingEvent;
 use crate::budget::Reservation;
 use crate::request_body::RequestBody;
@@ -33,6 +35,84 @@ enum Inner {
     Stream(AppBody),
     /// Bytes already read from the app, then the rest of its body.
     Chain { prefix: VecDeque<Bytes>, rest: Option<AppBody> },
+    /// The app's body, streamed through while a copy is kept for when it ends.
+    Tee(Box<Tee>),
+}
+
+/// What a tee kept of the app's body when the body ended.
+pub(crate) enum Teed {
+    /// The whole body as the app sent it, and the reservation that holds it.
+    Whole(Bytes, Reservation),
+    /// The copy was given up on the way: why (a reason code).
+    Dropped(&'static str),
+    /// The body did not reach its end (the client went away, the app failed mid-body).
+    Incomplete,
+}
+
+/// Called once when a teed body ends (or is dropped), with what the tee kept and the
+/// request's audit event, before the event is emitted.
+pub(crate) type TeeEnd = Box<dyn FnOnce(Teed, &mut AuditEvent) + Send>;
+
+/// [`Inner::Tee`]'s state.
+pub(crate) struct Tee {
+    body: AppBody,
+    copy: Vec<Bytes>,
+    copied: u64,
+    /// Most bytes copied: past it, the copy is given up as `response_too_large`.
+    limit: u64,
+    /// Holds the copy; when it has no room, the copy is given up as `no_room`.
+    reservation: Reservation,
+    no_room: &'static str,
+    dropped: Option<&'static str>,
+    end: Option<TeeEnd>,
+}
+
+impl Tee {
+    /// Keeps a copy of `data`, unless the copy was given up.
+    fn keep(&mut self, data: &Bytes) {
+        if self.dropped.is_some() {
+            return;
+        }
+        let n = data.len() as u64;
+        let give_up = if self.copied.saturating_add(n) > self.limit {
+            Some("response_too_large")
+        } else if !self.reservation.grow(n) {
+            Some(self.no_room)
+        } else {
+            None
+        };
+        if give_up.is_some() {
+            self.dropped = give_up;
+            self.copy = Vec::new();
+            self.reservation.shrink_to(0);
+            return;
+        }
+        self.copied += n;
+        self.copy.push(data.clone());
+    }
+
+    /// What the tee kept: `complete` when the body reached its end.
+    fn teed(&mut self, complete: bool) -> Teed {
+        if !complete {
+            return Teed::Incomplete;
+        }
+        if let Some(code) = self.dropped {
+            return Teed::Dropped(code);
+        }
+        let whole = match self.copy.len() {
+            0 => Bytes::new(),
+            1 => self.copy.pop().unwrap_or_default(),
+            _ => {
+                let mut whole = BytesMut::with_capacity(usize::try_from(self.copied).unwrap_or(0));
+                for chunk in self.copy.drain(..) {
+                    whole.extend_from_slice(&chunk);
+                }
+                whole.freeze()
+            }
+        };
+        let reservation = std::mem::replace(&mut self.reservation, Reservation::detached());
+        Teed::Whole(whole, reservation)
+    }
 }
 
 impl ProxyBody {
@@ -57,6 +137,29 @@ impl ProxyBody {
         ProxyBody { inner: Inner::Chain { prefix, rest }, pending: None }
     }
 
+    /// The app's body, untouched, while a copy of up to `limit` bytes is held on
+    /// `reservation` (given up as `response_too_large` past the limit, as `no_room` when the
+    /// reservation cannot grow); `end` gets the copy when the body ends.
+    pub(crate) fn tee(
+        body: AppBody,
+        limit: u64,
+        reservation: Reservation,
+        no_room: &'static str,
+        end: TeeEnd,
+    ) -> Self {
+        let tee = Tee {
+            body,
+            copy: Vec::new(),
+            copied: 0,
+            limit,
+            reservation,
+            no_room,
+            dropped: None,
+            end: Some(end),
+        };
+        ProxyBody { inner: Inner::Tee(Box::new(tee)), pending: None }
+    }
+
     /// Attaches the audit event, emitted (with the bytes sent) when the body ends.
     pub(crate) fn with_event(mut self, pending: PendingEvent) -> Self {
         self.pending = Some(pending);
@@ -64,7 +167,13 @@ impl ProxyBody {
     }
 
     fn finish(&mut self) {
-        if let Some(p) = self.pending.take() {
+        if let Some(mut p) = self.pending.take() {
+            if let Inner::Tee(tee) = &mut self.inner
+                && let Some(end) = tee.end.take()
+            {
+                let teed = tee.teed(!p.is_incomplete());
+                end(teed, p.event_mut());
+            }
             p.emit();
         }
     }
@@ -82,6 +191,15 @@ impl Body for ProxyBody {
         let polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Stream(body) => Pin::new(body).poll_frame(cx),
+            Inner::Tee(tee) => {
+                let polled = Pin::new(&mut tee.body).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled
+                    && let Some(data) = frame.data_ref()
+                {
+                    tee.keep(data);
+                }
+                polled
+            }
             Inner::Chain { prefix, rest } => match prefix.pop_front() {
                 Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
                 None => match rest {
@@ -112,6 +230,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Full(b) => b.is_none(),
             Inner::Stream(body) => body.is_end_stream(),
+            Inner::Tee(tee) => tee.body.is_end_stream(),
             Inner::Chain { prefix, rest } => {
                 prefix.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
             }
@@ -122,6 +241,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Stream(body) => body.size_hint(),
+            Inner::Tee(tee) => tee.body.size_hint(),
             Inner::Chain { prefix, rest } => {
                 let buffered: u64 = prefix.iter().map(|b| b.len() as u64).sum();
                 buffered_then(buffered, rest.as_ref().map(Body::size_hint))

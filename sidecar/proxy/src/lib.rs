@@ -210,10 +210,12 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         settings.collector.as_ref().and_then(|c| c.usage_sync_interval).unwrap_or(Duration::from_secs(60));
 
     let quotas = Arc::new(Quotas::new(QuotaSettings::default()));
+    let dry_run_quotas = Arc::new(Quotas::new(QuotaSettings::default()));
     let shared = Arc::new(Shared {
         config: config.clone(),
         metrics: metrics.clone(),
         quotas: quotas.clone(),
+        dry_run_quotas: dry_run_quotas.clone(),
         shipper: shipper.clone(),
         upstream: proxy::upstream(&settings.limits, 1, &metrics),
         counters: Arc::new(metrics::ThreadCounters::new(&metrics)),
@@ -278,7 +280,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         stop_rx.clone(),
     ));
     let usage_task = tokio::spawn(usage::run(
-        quotas,
+        [quotas, dry_run_quotas],
         usage_client,
         config.clone(),
         metrics.clone(),

@@ -32,7 +32,9 @@ use hyper::body::{Body as _, Incoming};
 use serde_json::json;
 
 use crate::audit::PendingEvent;
-use crate::body::{AppBody, Collected, DecodeError, Encoding, ProxyBody, collect_limited, decode};
+use crate::body::{
+    AppBody, Collected, DecodeError, Encoding, ProxyBody, TeeEnd, Teed, collect_limited, decode,
+};
 use crate::budget::{BufferBudget, Reservation};
 use crate::method_override;
 use crate::metrics::{
@@ -72,6 +74,9 @@ const PARTIAL_CONTENT: &str = "partial_content";
 /// (a matter of load, not of the response).
 const RESPONSE_BUFFER_EXHAUSTED: &str = "response_buffer_exhausted";
 
+/// Reason code of a response whose `Content-Encoding` the sidecar cannot decode.
+const UNSUPPORTED_CONTENT_ENCODING: &str = "unsupported_content_encoding";
+
 /// [`METHOD_OVERRIDE_HEADERS`] as header names.
 const METHOD_OVERRIDE_NAMES: [HeaderName; 3] = [
     HeaderName::from_static("x-http-method-override"),
@@ -89,6 +94,9 @@ pub(crate) struct Shared {
     pub config: Arc<ConfigCell>,
     pub metrics: Arc<Metrics>,
     pub quotas: Arc<Quotas>,
+    /// The quotas of dry runs (Audit-mode policies beside the deciding one): their own table,
+    /// so that they cannot crowd out the enforced counts; kept in this replica only.
+    pub dry_run_quotas: Arc<Quotas>,
     pub shipper: custos_shipper::Shipper,
     pub upstream: Arc<Upstream<RequestBody>>,
     /// This thread's handles on the per-request counters.
@@ -179,6 +187,8 @@ struct Ctx {
     reason: &'static str,
     /// Set when Audit mode lets through what Enforce would refuse.
     would_deny: Option<&'static str>,
+    /// The dry runs are completed and counted when the response body ends (a tee).
+    dry_runs_at_body_end: bool,
     started: Instant,
     /// The peer's address as text (formatted once: principal and `x-forwarded-for`).
     peer_ip: String,
@@ -254,6 +264,7 @@ async fn handle(
         },
         reason: "",
         would_deny: None,
+        dry_runs_at_body_end: false,
         started,
         peer_ip,
     };
@@ -347,20 +358,27 @@ fn close_event(shared: &Shared, mut ctx: Ctx, status: u16) -> AuditEvent {
         ctx.reason,
     );
     shared.counters.latency.observe(elapsed);
-    for run in &ctx.event.dry_runs {
+    if !ctx.dry_runs_at_body_end {
+        count_dry_runs(&shared.metrics, &ctx.event.dry_runs);
+    }
+    ctx.event
+}
+
+/// Counts `dry_runs` in `custos_sidecar_dry_runs_total`.
+fn count_dry_runs(metrics: &Metrics, dry_runs: &[DryRun]) {
+    for run in dry_runs {
         let labels = DryRunLabels {
             decision: run.decision.as_str(),
             policy: run.policy.clone(),
             rule: run.rule.clone().unwrap_or_default(),
             reason: run.reason.clone(),
         };
-        shared.metrics.dry_runs.get_or_create(&labels).inc();
+        metrics.dry_runs.get_or_create(&labels).inc();
     }
-    ctx.event
 }
 
 async fn process(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     ctx: &mut Ctx,
     peer: SocketAddr,
     origin: crate::mesh::Origin,
@@ -629,7 +647,8 @@ async fn process(
         }
     }
     let progress = body.progress();
-    let reads_response = transform.is_some() || !dry.is_empty();
+    // Only a transform reads the response before it goes on (the dry runs read a copy).
+    let reads_response = transform.is_some();
     let upstream_req = match upstream_request(
         &state,
         parts,
@@ -717,7 +736,19 @@ async fn process(
         || parts.status == StatusCode::NOT_MODIFIED);
     match transform {
         Some(job) if has_body => {
-            let response = transform_response(shared, ctx, job, &dry, parts, body, deadline, quota_now).await;
+            let mut for_dry_runs = DryRunInput::None;
+            let keep = (!dry.is_empty()).then_some(&mut for_dry_runs);
+            let response = transform_response(shared, ctx, job, parts, body, deadline, quota_now, keep).await;
+            // The dry runs read the app's body, where the caller gets a response from the app.
+            if !dry.is_empty() && ctx.event.decision != Decision::Deny {
+                match for_dry_runs {
+                    DryRunInput::Body(original) => {
+                        dry_run_plans(shared, &mut ctx.event.dry_runs, &dry, &original, quota_now);
+                    }
+                    DryRunInput::Unreadable(code) => mark_unchecked(&mut ctx.event.dry_runs, &dry, code),
+                    DryRunInput::None => {}
+                }
+            }
             if head_as_get {
                 // The GET's headers (its length included), no body.
                 let (parts, _) = response.into_parts();
@@ -738,7 +769,7 @@ async fn process(
                 keep_out_of_shared_caches(&mut parts.headers);
             }
             if has_body && !dry.is_empty() {
-                return dry_run_response(shared, ctx, &dry, parts, body, deadline, quota_now).await;
+                return tee_for_dry_runs(shared, ctx, dry, parts, body, quota_now);
             }
             Response::from_parts(parts, ProxyBody::stream(body))
         }
@@ -932,7 +963,7 @@ fn dry_run_jobs(
         let mut quota_key = None;
         if let (Some(limits), Some(policy), Some(rule)) = (run.limits, run.policy, run.rule) {
             let key = QuotaKey { policy: policy.name.clone(), rule: rule.name.clone(), principal };
-            match shared.quotas.admit(&key, limits, quota_now) {
+            match shared.dry_run_quotas.admit(&key, limits, quota_now) {
                 Ok(admission) => records_remaining = admission.records_remaining,
                 Err(_) => {
                     if let Some(dry_run) = ctx.event.dry_runs.get_mut(entry) {
@@ -970,28 +1001,29 @@ fn dry_run_jobs(
     jobs
 }
 
-/// Runs each dry run's plan on `body` (the app's, decoded) and records in its `dryRuns` entry
-/// what the plan would have done, or what would have refused the response; its record quotas
-/// are charged the records it would have returned, as they would be were it alone.
+/// Runs each dry run's plan on `body` (the app's, decoded) and records in its entry of
+/// `dry_runs` what the plan would have done, or what would have refused the response; its
+/// record quotas are charged the records it would have returned, as they would be were it
+/// alone. Parsed documents take their share of the response budget, leaving half of it to the
+/// enforced responses.
 fn dry_run_plans(
     shared: &Shared,
-    ctx: &mut Ctx,
-    dry: &[DryRunJob],
+    dry_runs: &mut [DryRun],
+    jobs: &[DryRunJob],
     body: &[u8],
-    reservation: &mut Reservation,
     quota_now: Timestamp,
 ) {
-    for DryRunJob { entry, job } in dry {
-        let held = reservation.held();
+    let mut reservation = Reservation::sparing(&shared.response_buffers, shared.response_buffers.total() / 2);
+    for DryRunJob { entry, job } in jobs {
         let mut applied = Applied::default();
-        let result = apply_plan(shared, 0, job, body, reservation, &mut applied);
-        reservation.shrink_to(held);
-        let Some(dry_run) = ctx.event.dry_runs.get_mut(*entry) else { continue };
+        let result = apply_plan(shared, 0, job, body, &mut reservation, &mut applied);
+        reservation.shrink_to(0);
+        let Some(dry_run) = dry_runs.get_mut(*entry) else { continue };
         match result {
             Ok(Outcome::Body(_)) => {
                 let stats = applied.stats;
                 if let Some(key) = &job.quota_key {
-                    shared.quotas.record(key, &job.limits, stats.records_returned, quota_now);
+                    shared.dry_run_quotas.record(key, &job.limits, stats.records_returned, quota_now);
                 }
                 dry_run.transform = Some(DryRunTransform {
                     records_returned: stats.records_returned,
@@ -1013,54 +1045,89 @@ fn would_refuse(dry_run: &mut DryRun, code: &str) {
     dry_run.reason = code.to_owned();
 }
 
-/// A dry run whose plan could not be applied to the response, for the reason `code`: its
-/// policy would have refused it (502, or 503 for [`RESPONSE_BUFFER_EXHAUSTED`]), or passed it
-/// on if it fails open, as [`untransformable`] does.
+/// Marks every dry run of `jobs` as unable to read the response, for the reason `code`.
+fn mark_unchecked(dry_runs: &mut [DryRun], jobs: &[DryRunJob], code: &str) {
+    for DryRunJob { entry, job } in jobs {
+        if let Some(dry_run) = dry_runs.get_mut(*entry) {
+            unchecked(dry_run, job, code);
+        }
+    }
+}
+
+/// A dry run whose plan could not be applied to the response, for the reason `code`. Where
+/// only the dry run meets it (a slice the client asked for, an encoding an enforcing
+/// sidecar would not have accepted, no room in the share of the buffers dry runs may take),
+/// it stays `Allow` with reason `not_checked:<code>`; otherwise its policy would have refused
+/// the response (`WouldDeny` with the code: 502, or 503 for [`RESPONSE_BUFFER_EXHAUSTED`]), or
+/// passed it on if it fails open (`fail_open:<code>`), as [`untransformable`] does.
 fn unchecked(dry_run: &mut DryRun, job: &TransformJob, code: &str) {
-    if job.fail_open && code != PARTIAL_CONTENT {
+    if matches!(code, PARTIAL_CONTENT | UNSUPPORTED_CONTENT_ENCODING | RESPONSE_BUFFER_EXHAUSTED) {
+        dry_run.reason = ["not_checked:", code].concat();
+    } else if job.fail_open {
         dry_run.reason = ["fail_open:", code].concat();
     } else {
         would_refuse(dry_run, code);
     }
 }
 
-/// A response no applying plan reads, read whole for the dry runs' plans (as an Audit-mode
-/// policy deciding alone reads it) and passed on as the app sent it.
-#[allow(clippy::too_many_arguments)]
-async fn dry_run_response(
-    shared: &Shared,
+/// What the dry runs of a transformed response read.
+enum DryRunInput {
+    /// Nothing: the app's response did not come whole (the answer is the sidecar's own).
+    None,
+    /// The app's body, decoded.
+    Body(Bytes),
+    /// The app's body cannot be read: why.
+    Unreadable(&'static str),
+}
+
+/// A response no applying plan reads, streamed to the caller as the app sends it (no
+/// deadline, trailers and all) while a copy of up to `--max-response-body-bytes` is kept
+/// within half the response budget; when the body ends, the dry runs' plans run on the copy
+/// and complete their entries of the event (then counted), before it is emitted.
+fn tee_for_dry_runs(
+    shared: &Arc<Shared>,
     ctx: &mut Ctx,
-    dry: &[DryRunJob],
+    dry: Vec<DryRunJob>,
     parts: http::response::Parts,
     body: AppBody,
-    deadline: tokio::time::Instant,
     quota_now: Timestamp,
 ) -> Response<ProxyBody> {
     if is_partial(&parts) {
-        for d in dry {
-            if let Some(dry_run) = ctx.event.dry_runs.get_mut(d.entry) {
-                unchecked(dry_run, &d.job, PARTIAL_CONTENT);
-            }
-        }
+        mark_unchecked(&mut ctx.event.dry_runs, &dry, PARTIAL_CONTENT);
         return Response::from_parts(parts, ProxyBody::stream(body));
     }
-    let mut reservation = Reservation::on(&shared.response_buffers);
-    match gather(shared, ctx, &parts.headers, body, deadline, &mut reservation).await {
-        Ok(Gathered { raw, decoded }) => {
-            dry_run_plans(shared, ctx, dry, &decoded, &mut reservation, quota_now);
-            Response::from_parts(parts, ProxyBody::full(raw))
+    ctx.dry_runs_at_body_end = true;
+    let encoding = Encoding::parse(parts.headers.get(header::CONTENT_ENCODING).map(HeaderValue::as_bytes));
+    let limit = shared.limits.max_response_body_bytes;
+    let budget = &shared.response_buffers;
+    let copy = Reservation::sparing(budget, budget.total() / 2);
+    let shared = Arc::clone(shared);
+    let end: TeeEnd = Box::new(move |teed, event| {
+        match teed {
+            Teed::Whole(raw, mut reservation) if !raw.is_empty() => match encoding {
+                None => mark_unchecked(&mut event.dry_runs, &dry, UNSUPPORTED_CONTENT_ENCODING),
+                Some(encoding) => match decode(raw, encoding, limit) {
+                    Ok(d) if encoding != Encoding::Identity && !reservation.grow(d.len() as u64) => {
+                        mark_unchecked(&mut event.dry_runs, &dry, RESPONSE_BUFFER_EXHAUSTED);
+                    }
+                    Ok(decoded) => dry_run_plans(&shared, &mut event.dry_runs, &dry, &decoded, quota_now),
+                    Err(DecodeError::TooLarge) => {
+                        mark_unchecked(&mut event.dry_runs, &dry, "response_too_large")
+                    }
+                    Err(DecodeError::Corrupt) => {
+                        mark_unchecked(&mut event.dry_runs, &dry, "bad_content_encoding")
+                    }
+                },
+            },
+            // Nothing to leak, nothing to count.
+            Teed::Whole(..) => {}
+            Teed::Dropped(code) => mark_unchecked(&mut event.dry_runs, &dry, code),
+            // The caller did not get the whole response: the entries stay decisions only.
+            Teed::Incomplete => {}
         }
-        Err(Ungathered::Answered(answer)) => answer,
-        Err(Ungathered::Unreadable(code, original)) => {
-            for d in dry {
-                if let Some(dry_run) = ctx.event.dry_runs.get_mut(d.entry) {
-                    unchecked(dry_run, &d.job, code);
-                }
-            }
-            Response::from_parts(parts, original)
-        }
-        Err(Ungathered::Empty) => Response::from_parts(parts, ProxyBody::empty()),
-    }
+        count_dry_runs(&shared.metrics, &event.dry_runs);
+    });
+    Response::from_parts(parts, ProxyBody::tee(body, limit, copy, RESPONSE_BUFFER_EXHAUSTED, end))
 }
 
 /// 429 for a request over one of `rule`'s quotas; the event names the rule.
@@ -1137,13 +1204,16 @@ async fn transform_response(
     shared: &Shared,
     ctx: &mut Ctx,
     job: TransformJob,
-    dry: &[DryRunJob],
     mut parts: http::response::Parts,
     body: AppBody,
     deadline: tokio::time::Instant,
     quota_now: Timestamp,
+    mut for_dry_runs: Option<&mut DryRunInput>,
 ) -> Response<ProxyBody> {
     if is_partial(&parts) {
+        if let Some(input) = for_dry_runs {
+            *input = DryRunInput::Unreadable(PARTIAL_CONTENT);
+        }
         // The request's `Range` was dropped (Enforce), so only an app that answers with
         // slices unasked gets here; in Audit mode, one that honoured the caller's.
         return untransformable(shared, ctx, &job, parts, PARTIAL_CONTENT, ProxyBody::stream(body));
@@ -1154,12 +1224,17 @@ async fn transform_response(
         Ok(Gathered { raw, decoded }) => (raw, decoded),
         Err(Ungathered::Answered(answer)) => return answer,
         Err(Ungathered::Unreadable(code, original)) => {
+            if let Some(input) = for_dry_runs {
+                *input = DryRunInput::Unreadable(code);
+            }
             return untransformable(shared, ctx, &job, parts, code, original);
         }
         Err(Ungathered::Empty) => return Response::from_parts(parts, ProxyBody::empty()),
     };
     // The dry runs read the app's body, not what the plans make of it.
-    let original = (!dry.is_empty()).then(|| decoded.clone());
+    if let Some(input) = for_dry_runs.take() {
+        *input = DryRunInput::Body(decoded.clone());
+    }
 
     // Each plan in turn over what the one before let through (one plan but when several
     // policies' constraining rules apply). What they did reaches the event, the records
@@ -1214,9 +1289,6 @@ async fn transform_response(
         };
     }
     applied.commit(shared, ctx, before.iter().chain(std::iter::once(&job)), quota_now);
-    if let Some(original) = original {
-        dry_run_plans(shared, ctx, dry, &original, &mut reservation, quota_now);
-    }
     if job.mode != Mode::Enforce {
         // Audit: the caller gets the app's bytes; the event holds what would have been done.
         return Response::from_parts(parts, ProxyBody::full(raw));
@@ -1299,7 +1371,7 @@ async fn gather(
     }
     let Some(encoding) = Encoding::parse(headers.get(header::CONTENT_ENCODING).map(HeaderValue::as_bytes))
     else {
-        return Err(Ungathered::Unreadable("unsupported_content_encoding", ProxyBody::full(raw)));
+        return Err(Ungathered::Unreadable(UNSUPPORTED_CONTENT_ENCODING, ProxyBody::full(raw)));
     };
     match decode(raw.clone(), encoding, limit) {
         Ok(d) if encoding != Encoding::Identity && !reservation.grow(d.len() as u64) => {
@@ -1498,7 +1570,8 @@ fn untransformable(
                 json!({"error": "response cannot be checked", "policy": job.policy, "rule": job.rule, "reason": code}),
             )
         }
-        (Mode::Enforce, true) => {
+        // Audit mode records what Enforce would do: pass it on.
+        (_, true) => {
             ctx.event.reason = format!("{},fail_open:{code}", ctx.event.reason);
             ctx.reason = "fail_open";
             Response::from_parts(parts, original)

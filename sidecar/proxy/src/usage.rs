@@ -21,8 +21,10 @@ const MAX_FETCHES_PER_ROUND: usize = 2_000;
 const CONCURRENCY: usize = 8;
 
 /// Runs until `shutdown` turns true.
+/// `quotas`: the enforced ones, whose cluster-wide usage is fetched, and the dry runs', only
+/// kept tidy (their usage is this replica's).
 pub(crate) async fn run(
-    quotas: Arc<Quotas>,
+    [quotas, dry_run_quotas]: [Arc<Quotas>; 2],
     client: Option<Arc<UsageClient>>,
     config: Arc<ConfigCell>,
     metrics: Arc<Metrics>,
@@ -43,6 +45,7 @@ pub(crate) async fn run(
         }
         let now = crate::quota_clock::quota_time(SystemTime::now());
         quotas.evict_idle(now);
+        dry_run_quotas.evict_idle(now);
         let Some(client) = &client else { continue };
         let Some(namespace) = config.current.load().as_ref().map(|s| s.namespace.clone()) else { continue };
         let pairs = quotas.active_principals(now, ACTIVE_WITHIN);

@@ -341,11 +341,27 @@ async fn non_json_with_a_masking_plan_fails_closed_unless_fail_open() {
 
     let mut spec = policy(main_rules());
     spec["failOpen"] = json!(true);
-    let mut f = start(spec, |_| {}).await;
+    let mut f = start(spec.clone(), |_| {}).await;
     let reply = get(f.proxy(), "/html/customers").await;
     assert_eq!(reply.status, 200);
     assert!(reply.text().contains("<html>"));
     f.stop().await;
+
+    // In Audit mode, the event says what Enforce would have done: with failOpen, passed on.
+    let collector = Collector::start().await;
+    spec["mode"] = json!("Audit");
+    let url = collector.url();
+    let mut f = start(spec, move |s| {
+        let mut c = shipping_to(url, s);
+        c.usage_sync_interval = None;
+        s.collector = Some(c);
+    })
+    .await;
+    assert_eq!(get(f.proxy(), "/html/customers").await.status, 200);
+    f.stop().await;
+    let events = collector.wait_for(1).await;
+    assert_eq!(events[0]["decision"], "Allow", "{events:?}");
+    assert!(events[0]["reason"].as_str().unwrap().ends_with(",fail_open:response_not_json"), "{events:?}");
 }
 
 /// A masked response is always the whole representation, unconditionally: the app never
@@ -770,39 +786,54 @@ async fn a_dry_run_beside_an_enforcing_policy_is_recorded() {
 
 /// Beside an enforcing policy, an Audit-mode policy's rule is dry-run whole, as it would run
 /// alone: its quotas count the requests under its own principal (over them: `WouldDeny`,
-/// `quota_exceeded`), and its response plan runs on the app's response, on both paths (beside
-/// the enforcing policy's masks, and alone on a response nothing else reads: plain, gzip, not
-/// JSON). The caller gets only what the enforcing policy makes of the response.
+/// `quota_exceeded`; its record quota charged what it would have returned), and its response
+/// plan runs on the app's response (not on what the enforcing plan made of it), both beside
+/// the enforcing policy's plan (also when that plan fails open) and on responses no enforcing
+/// plan reads, which stream to the caller as they come (no deadline) while a copy is kept.
+/// Each dry run's numbers go to its own entry. The caller gets only what the enforcing policy
+/// makes of the response.
 #[tokio::test]
 async fn dry_runs_count_their_quotas_and_dry_run_their_response_plans() {
     let collector = Collector::start().await;
-    // It redacts the branches the dry run's row filter reads: the dry run reads the app's.
-    let enforcing = allowing_policy(
+    // It redacts the branches the dry run's row filter reads, and fails open.
+    let mut enforcing = allowing_policy(
         json!([{"name": "phone", "paths": ["$.items[*].phone"]}, {"name": "branch", "paths": ["$.items[*].branch"]}]),
-        json!([{"name": "masked-list", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+        json!([{"name": "masked-list", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers", "/shape/*"]},
                 "records": "$.items[*]", "mask": {"phone": "ShowLast4", "branch": "Redact"}}]),
     );
+    enforcing["failOpen"] = json!(true);
+    let mut denying = allowing_policy(
+        json!([]),
+        json!([{"name": "no-lists", "action": "Deny", "to": {"methods": ["GET"], "paths": ["/customers"]}}]),
+    );
+    denying["mode"] = json!("Audit");
     let scoped = |name: &str, paths: Value| {
         json!({"name": name, "action": "Allow", "from": {"users": {"role": ["clerk"]}},
                "to": {"methods": ["GET"], "paths": paths},
                "records": "$.items[*]", "rowFilter": "record.branch == user.branch", "mask": {"name": "ShowFirst1"}})
     };
     let mut list = scoped("branch-list", json!(["/customers"]));
-    list["limits"] = json!({"requestsPerMinute": 2});
-    let mut stricter = policy(json!([list, scoped("pages", json!(["/gzip/*", "/html/*"]))]));
+    list["limits"] = json!({"requestsPerMinute": 2, "recordsPerHour": 5});
+    let pages = scoped("pages", json!(["/gzip/*", "/html/*", "/shape/*", "/dribble/*"]));
+    let capped = json!({"name": "capped", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/chunked/*"]},
+                        "records": "$.items[*]", "limits": {"maxRecordsPerResponse": 2, "onExceed": "Deny"}});
+    let mut stricter = policy(json!([list, pages, capped]));
     stricter["mode"] = json!("Audit");
     stricter["defaultAction"] = json!("Allow");
     let url = collector.url();
-    let mut f = fixture(&[("a-enforcing", enforcing), ("b-stricter", stricter)], Vec::new(), move |s| {
+    let policies = [("a-enforcing", enforcing), ("b-denying", denying), ("c-stricter", stricter)];
+    let mut f = fixture(&policies, Vec::new(), move |s| {
         mount_sso_jwks(s);
+        s.limits.upstream_timeout = Duration::from_millis(300);
         let mut c = shipping_to(url, s);
         c.usage_sync_interval = None;
         s.collector = Some(c);
     })
     .await;
     let clerk = format!("Bearer {}", clerk_token("north"));
+    let as_clerk = [("authorization", clerk.as_str())];
     for _ in 0..3 {
-        let reply = get_with(f.proxy(), "/customers", &[("authorization", &clerk)]).await;
+        let reply = get_with(f.proxy(), "/customers", &as_clerk).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
         assert_no_personal_phone(&reply.text());
         let items = reply.json()["items"].as_array().unwrap().clone();
@@ -810,50 +841,69 @@ async fn dry_runs_count_their_quotas_and_dry_run_their_response_plans() {
         assert_eq!(items[1]["name"], "Bob Example", "nor masks anything");
         assert_eq!(items[1]["branch"], custos_transform::REDACTED);
     }
-    let gzip = get_with(f.proxy(), "/gzip/customers", &[("authorization", &clerk)]).await;
+    let gzip = get_with(f.proxy(), "/gzip/customers", &as_clerk).await;
     assert_eq!(gzip.status, 200);
     assert_eq!(gzip.headers["content-encoding"], "gzip", "passed on as the app sent it");
     let mut unzipped = Vec::new();
     flate2::read::GzDecoder::new(&gzip.body[..]).read_to_end(&mut unzipped).unwrap();
     assert_eq!(serde_json::from_slice::<Value>(&unzipped).unwrap(), support::customers());
-    let html = get_with(f.proxy(), "/html/customers", &[("authorization", &clerk)]).await;
-    assert_eq!((html.status.as_u16(), html.text().contains("Alice Example")), (200, true));
+    for path in ["/html/customers", "/shape/customers", "/chunked/customers"] {
+        let reply = get_with(f.proxy(), path, &as_clerk).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+        assert!(reply.text().contains("Alice Example"), "{path}: the app's body");
+    }
+    // Four parts over 600 ms, more than the upstream time-out: streamed, not read first.
+    let dribble = get_with(f.proxy(), "/dribble/customers", &as_clerk).await;
+    assert_eq!(dribble.status, 200, "{}", dribble.text());
+    assert_eq!(dribble.json(), support::customers());
     let metrics = admin_get(f.admin(), "/metrics").await.text();
     for series in [
-        r#"custos_sidecar_dry_runs_total{decision="Allow",policy="b-stricter",rule="branch-list",reason="allow_rule"} 2"#,
-        r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="b-stricter",rule="branch-list",reason="quota_exceeded"} 1"#,
-        r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="b-stricter",rule="pages",reason="response_not_json"} 1"#,
+        r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="b-denying",rule="no-lists",reason="deny_rule"} 3"#,
+        r#"custos_sidecar_dry_runs_total{decision="Allow",policy="c-stricter",rule="branch-list",reason="allow_rule"} 2"#,
+        r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="c-stricter",rule="branch-list",reason="quota_exceeded"} 1"#,
+        r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="c-stricter",rule="pages",reason="response_not_json"} 1"#,
+        r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="c-stricter",rule="capped",reason="record_cap_exceeded"} 1"#,
+        r#"custos_sidecar_dry_runs_total{decision="Allow",policy="c-stricter",rule="pages",reason="allow_rule"} 2"#,
     ] {
         assert!(metrics.contains(series), "{series} missing from:\n{metrics}");
     }
     f.stop().await;
 
-    let events = collector.wait_for(5).await;
-    // By path, then the dry run's text (the three events of `/customers` may arrive in any
+    let events = collector.wait_for(8).await;
+    // By path, then the dry runs' text (the three events of `/customers` may arrive in any
     // order).
     let mut dry_runs: Vec<(String, Value)> =
-        events.iter().map(|e| (e["path"].as_str().unwrap().to_owned(), e["dryRuns"][0].clone())).collect();
+        events.iter().map(|e| (e["path"].as_str().unwrap().to_owned(), e["dryRuns"].clone())).collect();
     dry_runs.sort_by_key(|(path, d)| (path.clone(), d.to_string()));
-    let would =
-        json!({"recordsReturned": 3, "recordsFiltered": 1, "recordsTruncated": 0, "masked": {"name": 3}});
-    let dry_run = |rule: &str, decision: &str, reason: &str, transform: Option<&Value>| {
-        let mut d = json!({"policy": "b-stricter", "rule": rule, "decision": decision, "reason": reason});
+    let transform = |returned: u64, filtered: u64, truncated: u64| json!({"recordsReturned": returned, "recordsFiltered": filtered, "recordsTruncated": truncated, "masked": {"name": returned}});
+    let stricter = |rule: &str, decision: &str, reason: &str, transform: Option<Value>| {
+        let mut d = json!({"policy": "c-stricter", "rule": rule, "decision": decision, "reason": reason});
         if let Some(t) = transform {
-            d["transform"] = t.clone();
+            d["transform"] = t;
         }
         d
     };
-    let list = "/customers".to_owned();
-    assert_eq!(
-        dry_runs,
-        [
-            (list.clone(), dry_run("branch-list", "Allow", "allow_rule", Some(&would))),
-            (list.clone(), dry_run("branch-list", "Allow", "allow_rule", Some(&would))),
-            (list.clone(), dry_run("branch-list", "WouldDeny", "quota_exceeded", None)),
-            ("/gzip/customers".to_owned(), dry_run("pages", "Allow", "allow_rule", Some(&would))),
-            ("/html/customers".to_owned(), dry_run("pages", "WouldDeny", "response_not_json", None)),
-        ]
-    );
+    let denies =
+        json!({"policy": "b-denying", "rule": "no-lists", "decision": "WouldDeny", "reason": "deny_rule"});
+    let allows = json!({"policy": "b-denying", "decision": "Allow", "reason": "default_allow"});
+    let at = |path: &str, second: Value| {
+        let first = if path == "/customers" { denies.clone() } else { allows.clone() };
+        (path.to_owned(), json!([first, second]))
+    };
+    let mut expected = vec![
+        at("/chunked/customers", stricter("capped", "WouldDeny", "record_cap_exceeded", None)),
+        // The record quota's 5 an hour: 3, then the 2 left.
+        at("/customers", stricter("branch-list", "Allow", "allow_rule", Some(transform(2, 1, 1)))),
+        at("/customers", stricter("branch-list", "Allow", "allow_rule", Some(transform(3, 1, 0)))),
+        at("/customers", stricter("branch-list", "WouldDeny", "quota_exceeded", None)),
+        at("/dribble/customers", stricter("pages", "Allow", "allow_rule", Some(transform(3, 1, 0)))),
+        at("/gzip/customers", stricter("pages", "Allow", "allow_rule", Some(transform(3, 1, 0)))),
+        at("/html/customers", stricter("pages", "WouldDeny", "response_not_json", None)),
+        // The enforcing plan finds no records and fails open: the dry run reads the body too.
+        at("/shape/customers", stricter("pages", "WouldDeny", "records_not_found", None)),
+    ];
+    expected.sort_by_key(|(path, d)| (path.clone(), d.to_string()));
+    assert_eq!(dry_runs, expected);
     // The enforcing policy's own numbers are the event's.
     for e in events.iter().filter(|e| e["path"] == "/customers") {
         assert_eq!((e["recordsReturned"].as_u64(), e["recordsFiltered"].as_u64()), (Some(4), Some(0)));

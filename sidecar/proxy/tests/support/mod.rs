@@ -201,6 +201,15 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
         let record = customers()["items"][1].clone();
         return full(200, "application/json", serde_json::to_vec(&record).unwrap());
     }
+    if path.starts_with("/dribble/") {
+        // The customers in four parts, 150 ms apart.
+        let parts: Vec<Bytes> =
+            json_body.chunks(json_body.len().div_ceil(4)).map(Bytes::copy_from_slice).collect();
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(Dribble { parts: parts.into(), wait: None }.boxed())
+            .unwrap();
+    }
     if path.starts_with("/delay/") {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -255,6 +264,31 @@ impl hyper::body::Body for Frames {
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         std::task::Poll::Ready(self.get_mut().0.pop_front().map(Ok))
+    }
+}
+
+/// A body sent in parts, 150 ms before each.
+struct Dribble {
+    parts: std::collections::VecDeque<Bytes>,
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl hyper::body::Body for Dribble {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.parts.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let wait = this.wait.get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(150))));
+        std::task::ready!(std::future::Future::poll(wait.as_mut(), cx));
+        this.wait = None;
+        std::task::Poll::Ready(this.parts.pop_front().map(|p| Ok(Frame::data(p))))
     }
 }
 
