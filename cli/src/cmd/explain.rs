@@ -175,6 +175,10 @@ fn transformed(verdict: &Verdict<'_>, req: &Request<'_>, mut body: Vec<u8>, key:
         let vars = req.vars(&applying.params);
         let t = match apply(&body, plan, &vars, key) {
             Ok(t) => t,
+            // The sidecar passes an empty body on: nothing to leak, nothing to count.
+            Err(TransformError::EmptyBody) => {
+                return json!({"stats": stats_json(&total), "body": Value::Null});
+            }
             Err(e) => {
                 // As the sidecar answers: 403 past a refusing cap, 502 for a body it cannot
                 // check (passed on under failOpen).

@@ -11,8 +11,6 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
-use custos_api::AuditEvent;
-
 use crate::audit::PendingEvent;
 use crate::budget::Reservation;
 use crate::request_body::RequestBody;
@@ -50,45 +48,79 @@ pub(crate) enum Teed {
 }
 
 /// Called once when a teed body ends (or is dropped), with what the tee kept and the
-/// request's audit event, before the event is emitted.
-pub(crate) type TeeEnd = Box<dyn FnOnce(Teed, &mut AuditEvent) + Send>;
+/// request's audit event, which it must complete and emit.
+pub(crate) type TeeEnd = Box<dyn FnOnce(Teed, PendingEvent) + Send>;
+
+/// How much of the app's body a tee keeps, and for how long.
+pub(crate) struct TeeLimits {
+    /// Most bytes kept: past it, the copy is given up as `response_too_large`.
+    pub bytes: u64,
+    /// A copy still growing after this is given up as `upstream_timeout`.
+    pub until: std::time::Instant,
+    /// Give up as `response_not_json` at once when the body's first byte (past whitespace)
+    /// cannot start JSON (an identity-encoded body).
+    pub sniff_json: bool,
+    /// Why the copy was given up when `reservation` had no room.
+    pub no_room: &'static str,
+}
 
 /// [`Inner::Tee`]'s state.
 pub(crate) struct Tee {
     body: AppBody,
-    copy: Vec<Bytes>,
-    copied: u64,
-    /// Most bytes copied: past it, the copy is given up as `response_too_large`.
-    limit: u64,
-    /// Holds the copy; when it has no room, the copy is given up as `no_room`.
+    /// The copy, one buffer (its capacity is what `reservation` holds).
+    copy: BytesMut,
+    limits: TeeLimits,
     reservation: Reservation,
-    no_room: &'static str,
+    /// Whether the first byte past whitespace was seen (`TeeLimits::sniff_json`).
+    started: bool,
     dropped: Option<&'static str>,
     end: Option<TeeEnd>,
 }
 
 impl Tee {
     /// Keeps a copy of `data`, unless the copy was given up.
-    fn keep(&mut self, data: &Bytes) {
-        if self.dropped.is_some() {
+    fn keep(&mut self, data: &[u8]) {
+        if self.dropped.is_some() || data.is_empty() {
             return;
         }
-        let n = data.len() as u64;
-        let give_up = if self.copied.saturating_add(n) > self.limit {
-            Some("response_too_large")
-        } else if !self.reservation.grow(n) {
-            Some(self.no_room)
-        } else {
-            None
-        };
-        if give_up.is_some() {
-            self.dropped = give_up;
-            self.copy = Vec::new();
-            self.reservation.shrink_to(0);
-            return;
+        if self.limits.sniff_json
+            && !self.started
+            && let Some(&first) = data.iter().find(|b| !b.is_ascii_whitespace())
+        {
+            self.started = true;
+            if !matches!(first, b'{' | b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') {
+                return self.give_up("response_not_json");
+            }
         }
-        self.copied += n;
-        self.copy.push(data.clone());
+        if std::time::Instant::now() > self.limits.until {
+            return self.give_up("upstream_timeout");
+        }
+        let needed = self.copy.len() + data.len();
+        if needed as u64 > self.limits.bytes {
+            return self.give_up("response_too_large");
+        }
+        if needed > self.copy.capacity() {
+            // Double, within the limit: the reservation holds the capacity, not the length.
+            let limit = usize::try_from(self.limits.bytes).unwrap_or(usize::MAX);
+            let capacity = needed.max(self.copy.capacity() * 2).min(limit).max(needed);
+            if !self.reservation.grow((capacity - self.copy.capacity()) as u64) {
+                return self.give_up(self.limits.no_room);
+            }
+            let before = self.copy.capacity();
+            self.copy.reserve(capacity - self.copy.len());
+            // Whatever more the allocator gave is held too.
+            let extra = self.copy.capacity().saturating_sub(capacity.max(before));
+            if extra > 0 && !self.reservation.grow(extra as u64) {
+                return self.give_up(self.limits.no_room);
+            }
+        }
+        self.copy.extend_from_slice(data);
+    }
+
+    fn give_up(&mut self, code: &'static str) {
+        self.dropped = Some(code);
+        self.copy = BytesMut::new();
+        self.reservation.shrink_to(0);
     }
 
     /// What the tee kept: `complete` when the body reached its end.
@@ -99,17 +131,7 @@ impl Tee {
         if let Some(code) = self.dropped {
             return Teed::Dropped(code);
         }
-        let whole = match self.copy.len() {
-            0 => Bytes::new(),
-            1 => self.copy.pop().unwrap_or_default(),
-            _ => {
-                let mut whole = BytesMut::with_capacity(usize::try_from(self.copied).unwrap_or(0));
-                for chunk in self.copy.drain(..) {
-                    whole.extend_from_slice(&chunk);
-                }
-                whole.freeze()
-            }
-        };
+        let whole = std::mem::take(&mut self.copy).freeze();
         let reservation = std::mem::replace(&mut self.reservation, Reservation::detached());
         Teed::Whole(whole, reservation)
     }
@@ -137,26 +159,23 @@ impl ProxyBody {
         ProxyBody { inner: Inner::Chain { prefix, rest }, pending: None }
     }
 
-    /// The app's body, untouched, while a copy of up to `limit` bytes is held on
-    /// `reservation` (given up as `response_too_large` past the limit, as `no_room` when the
-    /// reservation cannot grow); `end` gets the copy when the body ends.
-    pub(crate) fn tee(
-        body: AppBody,
-        limit: u64,
-        reservation: Reservation,
-        no_room: &'static str,
-        end: TeeEnd,
-    ) -> Self {
-        let tee = Tee {
+    /// The app's body, untouched, while a copy is held on `reservation` within `limits`;
+    /// `end` gets the copy (or why it was given up) when the body ends. A body that says it
+    /// is longer than the limit is not copied at all.
+    pub(crate) fn tee(body: AppBody, limits: TeeLimits, reservation: Reservation, end: TeeEnd) -> Self {
+        let too_long = body.size_hint().lower() > limits.bytes;
+        let mut tee = Tee {
             body,
-            copy: Vec::new(),
-            copied: 0,
-            limit,
+            copy: BytesMut::new(),
+            limits,
             reservation,
-            no_room,
+            started: false,
             dropped: None,
             end: Some(end),
         };
+        if too_long {
+            tee.give_up("response_too_large");
+        }
         ProxyBody { inner: Inner::Tee(Box::new(tee)), pending: None }
     }
 
@@ -167,15 +186,14 @@ impl ProxyBody {
     }
 
     fn finish(&mut self) {
-        if let Some(mut p) = self.pending.take() {
-            if let Inner::Tee(tee) = &mut self.inner
-                && let Some(end) = tee.end.take()
-            {
-                let teed = tee.teed(!p.is_incomplete());
-                end(teed, p.event_mut());
-            }
-            p.emit();
+        let Some(p) = self.pending.take() else { return };
+        if let Inner::Tee(tee) = &mut self.inner
+            && let Some(end) = tee.end.take()
+        {
+            let teed = tee.teed(!p.is_incomplete());
+            return end(teed, p);
         }
+        p.emit();
     }
 }
 

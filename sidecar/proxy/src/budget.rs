@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 /// The memory that bodies held in memory may take together, shared by the proxy threads: one
 /// for request bodies read before the app is called, one for responses read to be
-/// transformed. Its use is a gauge (`custos_sidecar_{request,response}_buffer_bytes`); the
+/// transformed, one for what dry runs read. Its use is a gauge (`custos_sidecar_{request,response}_buffer_bytes`); the
 /// bodies it had no room for are counted (`..._buffer_exhausted_total`).
 pub(crate) struct BufferBudget {
     total: u64,
@@ -30,16 +30,10 @@ impl BufferBudget {
         u64::try_from(self.in_use.get()).unwrap_or(0)
     }
 
-    /// The budget's size.
-    pub(crate) fn total(&self) -> u64 {
-        self.total
-    }
-
-    /// Takes `bytes` from the budget, or nothing when that would leave less than `spare` of it
-    /// free.
-    fn take(&self, bytes: u64, spare: u64) -> bool {
+    /// Takes `bytes` from the budget, or nothing when that would go over it.
+    fn take(&self, bytes: u64) -> bool {
         let Ok(bytes) = i64::try_from(bytes) else { return false };
-        let total = i64::try_from(self.total.saturating_sub(spare)).unwrap_or(i64::MAX);
+        let total = i64::try_from(self.total).unwrap_or(i64::MAX);
         self.in_use
             .inner()
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
@@ -57,37 +51,28 @@ impl BufferBudget {
 pub(crate) struct Reservation {
     budget: Arc<BufferBudget>,
     bytes: u64,
-    /// What this reservation leaves free of the budget (0: it may take all).
-    spare: u64,
 }
 
 impl Reservation {
     /// An empty reservation on `budget`.
     pub(crate) fn on(budget: &Arc<BufferBudget>) -> Self {
-        Reservation { budget: budget.clone(), bytes: 0, spare: 0 }
+        Reservation { budget: budget.clone(), bytes: 0 }
     }
 
     /// A reservation on no budget, holding nothing, that cannot grow: what is left in place
     /// of one handed on.
     pub(crate) fn detached() -> Self {
-        Reservation { budget: BufferBudget::new(0, Gauge::default(), Counter::default()), bytes: 0, spare: 0 }
-    }
-
-    /// An empty reservation on `budget` that grows only while `spare` bytes of it stay free
-    /// for the others: what dry runs read, which must never leave an enforced response
-    /// without room. Its refusals are not counted as bodies the budget had no room for.
-    pub(crate) fn sparing(budget: &Arc<BufferBudget>, spare: u64) -> Self {
-        Reservation { budget: budget.clone(), bytes: 0, spare }
+        Reservation { budget: BufferBudget::new(0, Gauge::default(), Counter::default()), bytes: 0 }
     }
 
     /// Takes `bytes` more, or nothing (`false`) when the budget has not that much left; a
     /// refusal is counted as a body the budget had no room for (every caller then stops
     /// growing that body's reservation, so each body counts once).
     pub(crate) fn grow(&mut self, bytes: u64) -> bool {
-        let taken = self.budget.take(bytes, self.spare);
+        let taken = self.budget.take(bytes);
         if taken {
             self.bytes += bytes;
-        } else if self.spare == 0 {
+        } else {
             self.budget.exhausted.inc();
         }
         taken
@@ -125,24 +110,6 @@ mod tests {
 
     fn budget(total: u64) -> Arc<BufferBudget> {
         BufferBudget::new(total, Gauge::default(), Counter::default())
-    }
-
-    #[test]
-    fn a_sparing_reservation_leaves_its_spare_free_for_the_others() {
-        let b = budget(100);
-        let mut dry = Reservation::sparing(&b, 50);
-        assert!(dry.grow(30));
-        assert!(!dry.grow(21), "30 + 21 would leave less than 50 free");
-        assert!(dry.grow(20));
-        assert_eq!(b.exhausted.get(), 0, "a dry run's refusal is not a body left unread");
-        let mut enforced = Reservation::on(&b);
-        assert!(enforced.grow(50), "the spare is there");
-        drop(enforced);
-        let mut other = Reservation::on(&b);
-        assert!(other.grow(40));
-        assert!(!dry.grow(1), "less than 50 free now");
-        assert!(!other.grow(11));
-        assert_eq!(b.exhausted.get(), 1);
     }
 
     #[test]

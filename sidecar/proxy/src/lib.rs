@@ -230,6 +230,11 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
             metrics.response_buffer_bytes.clone(),
             metrics.response_buffer_exhausted.clone(),
         ),
+        dry_run_buffers: budget::BufferBudget::new(
+            settings.limits.response_buffer_total_bytes / 4,
+            metrics.dry_run_buffer_bytes.clone(),
+            metrics.dry_run_buffer_exhausted.clone(),
+        ),
         request_buffers: budget::BufferBudget::new(
             settings.limits.request_buffer_total_bytes,
             metrics.request_buffer_bytes.clone(),

@@ -96,6 +96,9 @@ pub(crate) struct Metrics {
     /// Bytes of responses held in memory to be transformed.
     pub response_buffer_bytes: Gauge,
     pub response_buffer_exhausted: Counter,
+    /// Bytes held in memory for the dry runs of Audit-mode policies beside the deciding one.
+    pub dry_run_buffer_bytes: Gauge,
+    pub dry_run_buffer_exhausted: Counter,
     pub usage_sync_failures: Counter,
     /// `--caller-identity istio`: callers through the mesh's proxy, by what its
     /// `x-forwarded-client-cert` said.
@@ -124,6 +127,8 @@ impl Metrics {
             request_buffer_exhausted: Counter::default(),
             response_buffer_bytes: Gauge::default(),
             response_buffer_exhausted: Counter::default(),
+            dry_run_buffer_bytes: Gauge::default(),
+            dry_run_buffer_exhausted: Counter::default(),
             usage_sync_failures: Counter::default(),
             mesh_callers: Family::default(),
             upstream: UpstreamCounters::default(),
@@ -184,6 +189,16 @@ impl Metrics {
             "response_buffer_exhausted",
             "Responses that could not be transformed because the response buffers were full",
             m.response_buffer_exhausted.clone(),
+        );
+        r.register(
+            "dry_run_buffer_bytes",
+            "Bytes held in memory for the dry runs of Audit-mode policies beside the deciding one (copies of responses, decoded bodies, parsed documents)",
+            m.dry_run_buffer_bytes.clone(),
+        );
+        r.register(
+            "dry_run_buffer_exhausted",
+            "Dry runs not checked because the dry-run buffers were full (not_checked:dry_run_buffer_exhausted)",
+            m.dry_run_buffer_exhausted.clone(),
         );
         r.register(
             "usage_sync_failures",

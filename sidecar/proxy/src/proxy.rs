@@ -33,7 +33,7 @@ use serde_json::json;
 
 use crate::audit::PendingEvent;
 use crate::body::{
-    AppBody, Collected, DecodeError, Encoding, ProxyBody, TeeEnd, Teed, collect_limited, decode,
+    AppBody, Collected, DecodeError, Encoding, ProxyBody, TeeEnd, TeeLimits, Teed, collect_limited, decode,
 };
 use crate::budget::{BufferBudget, Reservation};
 use crate::method_override;
@@ -77,6 +77,12 @@ const RESPONSE_BUFFER_EXHAUSTED: &str = "response_buffer_exhausted";
 /// Reason code of a response whose `Content-Encoding` the sidecar cannot decode.
 const UNSUPPORTED_CONTENT_ENCODING: &str = "unsupported_content_encoding";
 
+/// Reason code of a dry run that found no room in the dry-run buffers.
+const DRY_RUN_BUFFER_EXHAUSTED: &str = "dry_run_buffer_exhausted";
+
+/// A response that grew in the dry runs' copy for longer than the upstream time-out.
+const UPSTREAM_TIMEOUT: &str = "upstream_timeout";
+
 /// [`METHOD_OVERRIDE_HEADERS`] as header names.
 const METHOD_OVERRIDE_NAMES: [HeaderName; 3] = [
     HeaderName::from_static("x-http-method-override"),
@@ -113,6 +119,10 @@ pub(crate) struct Shared {
     pub request_buffers: Arc<BufferBudget>,
     /// What responses read to be transformed hold together.
     pub response_buffers: Arc<BufferBudget>,
+    /// What the dry runs hold together (copies of responses, decoded bodies, documents): a
+    /// quarter of the response budget's size, apart from it, so that a trial policy never
+    /// takes room an enforced response needs.
+    pub dry_run_buffers: Arc<BufferBudget>,
 }
 
 impl Shared {
@@ -741,13 +751,7 @@ async fn process(
             let response = transform_response(shared, ctx, job, parts, body, deadline, quota_now, keep).await;
             // The dry runs read the app's body, where the caller gets a response from the app.
             if !dry.is_empty() && ctx.event.decision != Decision::Deny {
-                match for_dry_runs {
-                    DryRunInput::Body(original) => {
-                        dry_run_plans(shared, &mut ctx.event.dry_runs, &dry, &original, quota_now);
-                    }
-                    DryRunInput::Unreadable(code) => mark_unchecked(&mut ctx.event.dry_runs, &dry, code),
-                    DryRunInput::None => {}
-                }
+                dry_runs_beside(shared, ctx, &dry, for_dry_runs, quota_now);
             }
             if head_as_get {
                 // The GET's headers (its length included), no body.
@@ -769,7 +773,7 @@ async fn process(
                 keep_out_of_shared_caches(&mut parts.headers);
             }
             if has_body && !dry.is_empty() {
-                return tee_for_dry_runs(shared, ctx, dry, parts, body, quota_now);
+                return tee_for_dry_runs(shared, ctx, dry, parts, body);
             }
             Response::from_parts(parts, ProxyBody::stream(body))
         }
@@ -1001,23 +1005,23 @@ fn dry_run_jobs(
     jobs
 }
 
-/// Runs each dry run's plan on `body` (the app's, decoded) and records in its entry of
-/// `dry_runs` what the plan would have done, or what would have refused the response; its
-/// record quotas are charged the records it would have returned, as they would be were it
-/// alone. Parsed documents take their share of the response budget, leaving half of it to the
-/// enforced responses.
+/// Runs each dry run's plan on `body` (the app's, decoded, held by `reservation` on the
+/// dry-run budget) and records in its entry of `dry_runs` what the plan would have done, or
+/// what would have refused the response; its record quotas are charged the records it would
+/// have returned (at `quota_now`), as they would be were it alone.
 fn dry_run_plans(
     shared: &Shared,
     dry_runs: &mut [DryRun],
     jobs: &[DryRunJob],
     body: &[u8],
+    reservation: &mut Reservation,
     quota_now: Timestamp,
 ) {
-    let mut reservation = Reservation::sparing(&shared.response_buffers, shared.response_buffers.total() / 2);
     for DryRunJob { entry, job } in jobs {
         let mut applied = Applied::default();
-        let result = apply_plan(shared, 0, job, body, &mut reservation, &mut applied);
-        reservation.shrink_to(0);
+        let held = reservation.held();
+        let result = apply_plan(shared, 0, job, body, reservation, &mut applied, true);
+        reservation.shrink_to(held);
         let Some(dry_run) = dry_runs.get_mut(*entry) else { continue };
         match result {
             Ok(Outcome::Body(_)) => {
@@ -1034,7 +1038,7 @@ fn dry_run_plans(
             }
             Ok(Outcome::RootFiltered) => would_refuse(dry_run, "out_of_scope"),
             Err(PlanFailure::CapExceeded) => would_refuse(dry_run, "record_cap_exceeded"),
-            Err(PlanFailure::Untransformable(code)) => unchecked(dry_run, job, code),
+            Err(PlanFailure::Untransformable(code)) => unchecked(dry_run, job, code, Read::Transformed),
         }
     }
 }
@@ -1045,25 +1049,39 @@ fn would_refuse(dry_run: &mut DryRun, code: &str) {
     dry_run.reason = code.to_owned();
 }
 
+/// How the response a dry run could not read was asked of the app.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// As an enforcing sidecar asks for a response it transforms (whole, uncompressed).
+    Transformed,
+    /// As the client asked for it (a response no enforcing plan reads).
+    AsAsked,
+}
+
 /// Marks every dry run of `jobs` as unable to read the response, for the reason `code`.
-fn mark_unchecked(dry_runs: &mut [DryRun], jobs: &[DryRunJob], code: &str) {
+fn mark_unchecked(dry_runs: &mut [DryRun], jobs: &[DryRunJob], code: &str, read: Read) {
     for DryRunJob { entry, job } in jobs {
         if let Some(dry_run) = dry_runs.get_mut(*entry) {
-            unchecked(dry_run, job, code);
+            unchecked(dry_run, job, code, read);
         }
     }
 }
 
 /// A dry run whose plan could not be applied to the response, for the reason `code`. Where
-/// only the dry run meets it (a slice the client asked for, an encoding an enforcing
-/// sidecar would not have accepted, no room in the share of the buffers dry runs may take),
-/// it stays `Allow` with reason `not_checked:<code>`; otherwise its policy would have refused
-/// the response (`WouldDeny` with the code: 502, or 503 for [`RESPONSE_BUFFER_EXHAUSTED`]), or
-/// passed it on if it fails open (`fail_open:<code>`), as [`untransformable`] does.
-fn unchecked(dry_run: &mut DryRun, job: &TransformJob, code: &str) {
-    if matches!(code, PARTIAL_CONTENT | UNSUPPORTED_CONTENT_ENCODING | RESPONSE_BUFFER_EXHAUSTED) {
+/// only the dry run meets it, it stays `Allow` with reason `not_checked:<code>`: no room in
+/// the buffers, a copy held longer than the upstream time-out, and on a response asked as
+/// the client asked (`Read::AsAsked`) a slice or an encoding an enforcing sidecar would not
+/// have asked for. Otherwise its policy would have refused the response (`WouldDeny` with the
+/// code), or passed it on if it fails open (`fail_open:<code>`; never a slice), as
+/// [`untransformable`] does.
+fn unchecked(dry_run: &mut DryRun, job: &TransformJob, code: &str, read: Read) {
+    let only_the_dry_run =
+        matches!(code, DRY_RUN_BUFFER_EXHAUSTED | RESPONSE_BUFFER_EXHAUSTED | UPSTREAM_TIMEOUT)
+            || (read == Read::AsAsked
+                && matches!(code, PARTIAL_CONTENT | UNSUPPORTED_CONTENT_ENCODING | "bad_content_encoding"));
+    if only_the_dry_run {
         dry_run.reason = ["not_checked:", code].concat();
-    } else if job.fail_open {
+    } else if job.fail_open && code != PARTIAL_CONTENT {
         dry_run.reason = ["fail_open:", code].concat();
     } else {
         would_refuse(dry_run, code);
@@ -1080,54 +1098,117 @@ enum DryRunInput {
     Unreadable(&'static str),
 }
 
+/// The dry runs of a response the enforcing plans read (`input`), once the caller's response
+/// is certain: the app's body, held on the dry-run budget while the plans run.
+fn dry_runs_beside(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    dry: &[DryRunJob],
+    input: DryRunInput,
+    quota_now: Timestamp,
+) {
+    match input {
+        DryRunInput::Body(original) => {
+            let mut reservation = Reservation::on(&shared.dry_run_buffers);
+            if reservation.grow(original.len() as u64) {
+                dry_run_plans(shared, &mut ctx.event.dry_runs, dry, &original, &mut reservation, quota_now);
+            } else {
+                mark_unchecked(&mut ctx.event.dry_runs, dry, DRY_RUN_BUFFER_EXHAUSTED, Read::Transformed);
+            }
+        }
+        DryRunInput::Unreadable(code) => {
+            mark_unchecked(&mut ctx.event.dry_runs, dry, code, Read::Transformed)
+        }
+        DryRunInput::None => {}
+    }
+}
+
+/// Copies above this size are read by the dry runs on the blocking pool, off the proxy thread.
+const DRY_RUN_INLINE_BYTES: usize = 256 * 1024;
+
 /// A response no applying plan reads, streamed to the caller as the app sends it (no
-/// deadline, trailers and all) while a copy of up to `--max-response-body-bytes` is kept
-/// within half the response budget; when the body ends, the dry runs' plans run on the copy
-/// and complete their entries of the event (then counted), before it is emitted.
+/// deadline, trailers and all) while a copy of up to `--max-response-body-bytes` is kept on
+/// the dry-run budget (given up at once for a body that cannot be JSON, and when it is still
+/// growing past the upstream time-out); when the body ends, the dry runs' plans run on the
+/// copy, in a task of their own, and complete their entries of the event, which is then
+/// counted and emitted.
 fn tee_for_dry_runs(
     shared: &Arc<Shared>,
     ctx: &mut Ctx,
     dry: Vec<DryRunJob>,
     parts: http::response::Parts,
     body: AppBody,
-    quota_now: Timestamp,
 ) -> Response<ProxyBody> {
     if is_partial(&parts) {
-        mark_unchecked(&mut ctx.event.dry_runs, &dry, PARTIAL_CONTENT);
+        mark_unchecked(&mut ctx.event.dry_runs, &dry, PARTIAL_CONTENT, Read::AsAsked);
         return Response::from_parts(parts, ProxyBody::stream(body));
     }
     ctx.dry_runs_at_body_end = true;
     let encoding = Encoding::parse(parts.headers.get(header::CONTENT_ENCODING).map(HeaderValue::as_bytes));
     let limit = shared.limits.max_response_body_bytes;
-    let budget = &shared.response_buffers;
-    let copy = Reservation::sparing(budget, budget.total() / 2);
+    let limits = TeeLimits {
+        bytes: limit,
+        until: std::time::Instant::now() + shared.limits.upstream_timeout,
+        sniff_json: encoding == Some(Encoding::Identity),
+        no_room: DRY_RUN_BUFFER_EXHAUSTED,
+    };
+    let copy = Reservation::on(&shared.dry_run_buffers);
     let shared = Arc::clone(shared);
-    let end: TeeEnd = Box::new(move |teed, event| {
-        match teed {
-            Teed::Whole(raw, mut reservation) if !raw.is_empty() => match encoding {
-                None => mark_unchecked(&mut event.dry_runs, &dry, UNSUPPORTED_CONTENT_ENCODING),
-                Some(encoding) => match decode(raw, encoding, limit) {
-                    Ok(d) if encoding != Encoding::Identity && !reservation.grow(d.len() as u64) => {
-                        mark_unchecked(&mut event.dry_runs, &dry, RESPONSE_BUFFER_EXHAUSTED);
-                    }
-                    Ok(decoded) => dry_run_plans(&shared, &mut event.dry_runs, &dry, &decoded, quota_now),
-                    Err(DecodeError::TooLarge) => {
-                        mark_unchecked(&mut event.dry_runs, &dry, "response_too_large")
-                    }
-                    Err(DecodeError::Corrupt) => {
-                        mark_unchecked(&mut event.dry_runs, &dry, "bad_content_encoding")
-                    }
+    let end: TeeEnd = Box::new(move |teed, pending| {
+        let large = matches!(&teed, Teed::Whole(raw, _) if raw.len() > DRY_RUN_INLINE_BYTES);
+        let mut pending = EmitOnDrop(Some(pending));
+        let work = move || {
+            let Some(mut event) = pending.0.take() else { return };
+            let dry_runs = &mut event.event_mut().dry_runs;
+            match teed {
+                Teed::Whole(raw, mut reservation) if !raw.is_empty() => match encoding {
+                    None => mark_unchecked(dry_runs, &dry, UNSUPPORTED_CONTENT_ENCODING, Read::AsAsked),
+                    Some(encoding) => match decode(raw, encoding, limit) {
+                        Ok(d) if encoding != Encoding::Identity && !reservation.grow(d.len() as u64) => {
+                            mark_unchecked(dry_runs, &dry, DRY_RUN_BUFFER_EXHAUSTED, Read::AsAsked);
+                        }
+                        Ok(decoded) => {
+                            // The records it would have returned count now, when they would have.
+                            let now = crate::quota_clock::quota_time(SystemTime::now());
+                            dry_run_plans(&shared, dry_runs, &dry, &decoded, &mut reservation, now);
+                        }
+                        Err(DecodeError::TooLarge) => {
+                            mark_unchecked(dry_runs, &dry, "response_too_large", Read::AsAsked);
+                        }
+                        Err(DecodeError::Corrupt) => {
+                            mark_unchecked(dry_runs, &dry, "bad_content_encoding", Read::AsAsked);
+                        }
+                    },
                 },
-            },
-            // Nothing to leak, nothing to count.
-            Teed::Whole(..) => {}
-            Teed::Dropped(code) => mark_unchecked(&mut event.dry_runs, &dry, code),
-            // The caller did not get the whole response: the entries stay decisions only.
-            Teed::Incomplete => {}
+                // Nothing to leak, nothing to count.
+                Teed::Whole(..) => {}
+                Teed::Dropped(code) => mark_unchecked(dry_runs, &dry, code, Read::AsAsked),
+                // The caller did not get the whole response: the entries stay decisions only.
+                Teed::Incomplete => {}
+            }
+            count_dry_runs(&shared.metrics, dry_runs);
+            event.emit();
+        };
+        // Not in the body's last poll: the caller's last bytes do not wait for the dry runs.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if large => drop(runtime.spawn_blocking(work)),
+            Ok(runtime) => drop(runtime.spawn(async move { work() })),
+            Err(_) => work(),
         }
-        count_dry_runs(&shared.metrics, &event.dry_runs);
     });
-    Response::from_parts(parts, ProxyBody::tee(body, limit, copy, RESPONSE_BUFFER_EXHAUSTED, end))
+    Response::from_parts(parts, ProxyBody::tee(body, limits, copy, end))
+}
+
+/// A pending event emitted when dropped unless taken: a dry-run task that never runs (the
+/// runtime shutting down) still delivers the event, with its dry runs' decisions only.
+struct EmitOnDrop(Option<PendingEvent>);
+
+impl Drop for EmitOnDrop {
+    fn drop(&mut self) {
+        if let Some(pending) = self.0.take() {
+            pending.emit();
+        }
+    }
 }
 
 /// 429 for a request over one of `rule`'s quotas; the event names the rule.
@@ -1247,7 +1328,7 @@ async fn transform_response(
     for (i, step) in before.iter().chain(std::iter::once(&job)).enumerate() {
         // A parsed document is gone once its step is done; the next takes its own share.
         let held = reservation.held();
-        let result = apply_plan(shared, i, step, &input, &mut reservation, &mut applied);
+        let result = apply_plan(shared, i, step, &input, &mut reservation, &mut applied, false);
         reservation.shrink_to(held);
         input = match result {
             Ok(Outcome::Body(body)) => Bytes::from(body),
@@ -1396,7 +1477,8 @@ enum PlanFailure {
     Untransformable(&'static str),
 }
 
-/// Applies `job`'s plan, the `step`-th applied, to `body` and adds what it did to `applied`.
+/// Applies `job`'s plan, the `step`-th applied, to `body` and adds what it did to `applied`;
+/// `dry_run`: a dry run's plan (`reservation` is on the dry-run budget).
 fn apply_plan(
     shared: &Shared,
     step: usize,
@@ -1404,6 +1486,7 @@ fn apply_plan(
     body: &[u8],
     reservation: &mut Reservation,
     applied: &mut Applied,
+    dry_run: bool,
 ) -> Result<Outcome, PlanFailure> {
     // The per-response cap, lowered to what the principal has left of its record quotas.
     // The cut is always a truncation; `onExceed: Deny` is judged on the records that passed
@@ -1426,12 +1509,17 @@ fn apply_plan(
         Ok(t) => t,
         Err(TransformError::RecordCapExceeded { .. }) => return Err(PlanFailure::CapExceeded),
         Err(TransformError::NoRoomForDocument { needed }) => {
-            // More than the whole budget: no retry can help.
+            // More than the whole (enforced) budget: no retry can help, and Enforce would
+            // refuse it too.
             let permanent = needed > shared.limits.response_buffer_total_bytes;
-            if permanent {
+            if permanent && !dry_run {
                 shared.metrics.limit("response_body_bytes");
             }
-            let code = if permanent { "response_too_large" } else { RESPONSE_BUFFER_EXHAUSTED };
+            let code = match (permanent, dry_run) {
+                (true, _) => "response_too_large",
+                (false, true) => DRY_RUN_BUFFER_EXHAUSTED,
+                (false, false) => RESPONSE_BUFFER_EXHAUSTED,
+            };
             return Err(PlanFailure::Untransformable(code));
         }
         Err(TransformError::RecordsNotFound) => {

@@ -18,6 +18,7 @@ use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ISSUER: &str = "https://sso.example.test";
 
@@ -852,10 +853,13 @@ async fn dry_runs_count_their_quotas_and_dry_run_their_response_plans() {
         assert_eq!(reply.status, 200, "{path}: {}", reply.text());
         assert!(reply.text().contains("Alice Example"), "{path}: the app's body");
     }
-    // Four parts over 600 ms, more than the upstream time-out: streamed, not read first.
+    // Four parts over 600 ms, more than the upstream time-out: streamed, not read first (and
+    // not copied for the dry run past the time-out).
     let dribble = get_with(f.proxy(), "/dribble/customers", &as_clerk).await;
     assert_eq!(dribble.status, 200, "{}", dribble.text());
     assert_eq!(dribble.json(), support::customers());
+    // Dry runs read a teed body after it ended: their events (and counts) come after it.
+    let events = collector.wait_for(8).await;
     let metrics = admin_get(f.admin(), "/metrics").await.text();
     for series in [
         r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="b-denying",rule="no-lists",reason="deny_rule"} 3"#,
@@ -863,13 +867,13 @@ async fn dry_runs_count_their_quotas_and_dry_run_their_response_plans() {
         r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="c-stricter",rule="branch-list",reason="quota_exceeded"} 1"#,
         r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="c-stricter",rule="pages",reason="response_not_json"} 1"#,
         r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="c-stricter",rule="capped",reason="record_cap_exceeded"} 1"#,
-        r#"custos_sidecar_dry_runs_total{decision="Allow",policy="c-stricter",rule="pages",reason="allow_rule"} 2"#,
+        r#"custos_sidecar_dry_runs_total{decision="Allow",policy="c-stricter",rule="pages",reason="allow_rule"} 1"#,
+        r#"custos_sidecar_dry_runs_total{decision="Allow",policy="c-stricter",rule="pages",reason="not_checked:upstream_timeout"} 1"#,
     ] {
         assert!(metrics.contains(series), "{series} missing from:\n{metrics}");
     }
     f.stop().await;
 
-    let events = collector.wait_for(8).await;
     // By path, then the dry runs' text (the three events of `/customers` may arrive in any
     // order).
     let mut dry_runs: Vec<(String, Value)> =
@@ -896,7 +900,8 @@ async fn dry_runs_count_their_quotas_and_dry_run_their_response_plans() {
         at("/customers", stricter("branch-list", "Allow", "allow_rule", Some(transform(2, 1, 1)))),
         at("/customers", stricter("branch-list", "Allow", "allow_rule", Some(transform(3, 1, 0)))),
         at("/customers", stricter("branch-list", "WouldDeny", "quota_exceeded", None)),
-        at("/dribble/customers", stricter("pages", "Allow", "allow_rule", Some(transform(3, 1, 0)))),
+        // Streamed on past the upstream time-out; the dry run's copy is not held that long.
+        at("/dribble/customers", stricter("pages", "Allow", "not_checked:upstream_timeout", None)),
         at("/gzip/customers", stricter("pages", "Allow", "allow_rule", Some(transform(3, 1, 0)))),
         at("/html/customers", stricter("pages", "WouldDeny", "response_not_json", None)),
         // The enforcing plan finds no records and fails open: the dry run reads the body too.
@@ -909,6 +914,81 @@ async fn dry_runs_count_their_quotas_and_dry_run_their_response_plans() {
         assert_eq!((e["recordsReturned"].as_u64(), e["recordsFiltered"].as_u64()), (Some(4), Some(0)));
         assert_eq!(e["masked"], json!({"branch": 4, "phone": 4}));
     }
+}
+
+/// Dry runs have buffers of their own (a quarter of the response budget's size): one too
+/// small for them leaves the enforced response untouched and the dry run `not_checked`. What
+/// a dry run could not read is said, and the caller gets the app's response whatever it is: a
+/// slice the client asked for, a body over the response limit (not copied at all), a body
+/// the client stopped reading (the dry run keeps its decision, counted once).
+#[tokio::test]
+async fn dry_runs_keep_to_their_own_buffers_and_say_what_they_could_not_read() {
+    let collector = Collector::start().await;
+    let enforcing = allowing_policy(
+        json!([{"name": "phone", "paths": ["$.items[*].phone"]}]),
+        json!([{"name": "masked-list", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                "records": "$.items[*]", "mask": {"phone": "ShowLast4"}}]),
+    );
+    let mut trial = allowing_policy(
+        json!([{"name": "name", "paths": ["$.items[*].name"]}]),
+        json!([{"name": "names", "action": "Allow",
+                "to": {"methods": ["GET"], "paths": ["/customers", "/ranged/*", "/big/*", "/dribble/*"]},
+                "records": "$.items[*]", "mask": {"name": "ShowFirst1"}}]),
+    );
+    trial["mode"] = json!("Audit");
+    let plain = serde_json::to_vec(&customers()).unwrap().len() as u64;
+    let url = collector.url();
+    let mut f = fixture(&[("a-enforcing", enforcing), ("b-trial", trial)], Vec::new(), move |s| {
+        // Room for the enforced response; the dry runs' quarter is one byte short of the body.
+        s.limits.response_buffer_total_bytes = 4 * plain - 4;
+        s.limits.max_response_body_bytes = 10_000;
+        let mut c = shipping_to(url, s);
+        c.usage_sync_interval = None;
+        s.collector = Some(c);
+    })
+    .await;
+    let list = get(f.proxy(), "/customers").await;
+    assert_eq!(list.status, 200, "{}", list.text());
+    assert_no_personal_phone(&list.text());
+    let ranged = get_with(f.proxy(), "/ranged/customers", &[("range", "bytes=0-9")]).await;
+    assert_eq!((ranged.status.as_u16(), ranged.body.len()), (206, 10));
+    let big = get(f.proxy(), "/big/customers").await;
+    assert_eq!(big.status, 200);
+    assert_eq!(big.json()["items"].as_array().unwrap().len(), 2000, "passed on whole");
+    // The client goes away after the first part.
+    let mut stream = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
+    stream.write_all(b"GET /dribble/customers HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let mut first = [0u8; 64];
+    assert!(stream.read(&mut first).await.unwrap() > 0);
+    drop(stream);
+    let events = collector.wait_for(4).await;
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    f.stop().await;
+
+    let dry_run = |path: &str| {
+        let e = events.iter().find(|e| e["path"] == path).unwrap_or_else(|| panic!("{path}: {events:#?}"));
+        (
+            e["dryRuns"][0]["decision"].as_str().unwrap().to_owned(),
+            e["dryRuns"][0]["reason"].as_str().unwrap().to_owned(),
+            e["dryRuns"][0].get("transform").cloned(),
+        )
+    };
+    let not_checked = |code: &str| ("Allow".to_owned(), format!("not_checked:{code}"), None);
+    assert_eq!(dry_run("/customers"), not_checked("dry_run_buffer_exhausted"));
+    assert_eq!(dry_run("/ranged/customers"), not_checked("partial_content"));
+    assert_eq!(dry_run("/big/customers"), ("WouldDeny".to_owned(), "response_too_large".to_owned(), None));
+    assert_eq!(dry_run("/dribble/customers"), ("Allow".to_owned(), "allow_rule".to_owned(), None));
+    for series in [
+        r#"custos_sidecar_dry_runs_total{decision="Allow",policy="b-trial",rule="names",reason="not_checked:dry_run_buffer_exhausted"} 1"#,
+        r#"custos_sidecar_dry_runs_total{decision="Allow",policy="b-trial",rule="names",reason="not_checked:partial_content"} 1"#,
+        r#"custos_sidecar_dry_runs_total{decision="WouldDeny",policy="b-trial",rule="names",reason="response_too_large"} 1"#,
+        r#"custos_sidecar_dry_runs_total{decision="Allow",policy="b-trial",rule="names",reason="allow_rule"} 1"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing from:\n{metrics}");
+    }
+    assert_eq!(metric_value(&metrics, "custos_sidecar_dry_run_buffer_bytes"), 0.0);
+    assert!(metric_value(&metrics, "custos_sidecar_dry_run_buffer_exhausted_total") >= 1.0, "{metrics}");
+    assert_eq!(metric_value(&metrics, "custos_sidecar_response_buffer_exhausted_total"), 0.0, "{metrics}");
 }
 
 /// An event carries at most `MAX_DRY_RUNS` dry runs (the collector refuses more): the first by
