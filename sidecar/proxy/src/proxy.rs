@@ -816,20 +816,7 @@ fn prepare_one(
         quota_key = Some(key);
     }
     let Some(plan) = verdict.plan.filter(|p| p.needs_body()) else { return Ok(None) };
-    Ok(Some(TransformJob {
-        plan: plan.clone(),
-        mode: verdict.mode,
-        fail_open: verdict.policy.is_some_and(|p| p.fail_open),
-        policy: verdict.policy.map(|p| p.name.clone()).unwrap_or_default(),
-        rule: verdict.rule.map(|r| r.name.clone()).unwrap_or_default(),
-        request: RequestVars { params: verdict.params.iter().cloned().collect(), ..request() },
-        user: user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
-        workload: caller.map(WorkloadVars::of),
-        records_remaining,
-        limits: verdict.limits.cloned().unwrap_or_default(),
-        quota_key,
-        before: Vec::new(),
-    }))
+    Ok(Some(TransformJob::of(verdict, plan, user, caller, request(), (records_remaining, quota_key))))
 }
 
 /// What [`prepare_several`] reads of the request besides the verdict.
@@ -896,23 +883,8 @@ fn prepare_several(
             let i = order.iter().position(|v| std::ptr::eq(*v, applying)).unwrap_or_default();
             let charges = phase == Some(Phase::Cap);
             let user = several.state.policy_user(several.users, applying.policy);
-            TransformJob {
-                plan: plan.clone(),
-                mode: applying.mode,
-                fail_open: applying.policy.is_some_and(|p| p.fail_open),
-                policy: applying.policy.map(|p| p.name.clone()).unwrap_or_default(),
-                rule: applying.rule.map(|r| r.name.clone()).unwrap_or_default(),
-                request: RequestVars {
-                    params: applying.params.iter().cloned().collect(),
-                    ..several.request.clone()
-                },
-                user: user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
-                workload: several.caller.map(WorkloadVars::of),
-                records_remaining: remaining[i].filter(|_| charges),
-                limits: applying.limits.cloned().unwrap_or_default(),
-                quota_key: keys[i].clone().filter(|_| charges),
-                before: Vec::new(),
-            }
+            let charged = (remaining[i].filter(|_| charges), keys[i].clone().filter(|_| charges));
+            TransformJob::of(applying, plan, user, several.caller, several.request.clone(), charged)
         })
         .collect();
     // A cap step with no cap, no id to hash and no record quota to cut to only counts the
@@ -981,26 +953,9 @@ fn dry_run_jobs(
         }
         let Some(plan) = run.plan.filter(|p| p.needs_body()) else { continue };
         let user = several.state.policy_user(several.users, run.policy);
-        jobs.push(DryRunJob {
-            entry,
-            job: TransformJob {
-                plan: plan.clone(),
-                mode: run.mode,
-                fail_open: run.policy.is_some_and(|p| p.fail_open),
-                policy: run.policy.map(|p| p.name.clone()).unwrap_or_default(),
-                rule: run.rule.map(|r| r.name.clone()).unwrap_or_default(),
-                request: RequestVars {
-                    params: run.params.iter().cloned().collect(),
-                    ..several.request.clone()
-                },
-                user: user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
-                workload: several.caller.map(WorkloadVars::of),
-                records_remaining,
-                limits: run.limits.cloned().unwrap_or_default(),
-                quota_key,
-                before: Vec::new(),
-            },
-        });
+        let charged = (records_remaining, quota_key);
+        let job = TransformJob::of(run, plan, user, several.caller, several.request.clone(), charged);
+        jobs.push(DryRunJob { entry, job });
     }
     jobs
 }
@@ -1260,6 +1215,34 @@ struct TransformJob {
 }
 
 impl TransformJob {
+    /// The job of `plan`, a part or the whole of `v`'s rule's, for `user` (as `v`'s policy
+    /// verified it) and `caller`; `request` without the rule's path parameters, which `v`
+    /// adds; `charged`: what the rule's record quotas leave and their key, when this job
+    /// charges them.
+    fn of(
+        v: &Verdict<'_>,
+        plan: &Arc<Plan>,
+        user: Option<&User>,
+        caller: Option<&WorkloadIdentity>,
+        request: RequestVars,
+        (records_remaining, quota_key): (Option<u64>, Option<QuotaKey>),
+    ) -> TransformJob {
+        TransformJob {
+            plan: plan.clone(),
+            mode: v.mode,
+            fail_open: v.policy.is_some_and(|p| p.fail_open),
+            policy: v.policy.map(|p| p.name.clone()).unwrap_or_default(),
+            rule: v.rule.map(|r| r.name.clone()).unwrap_or_default(),
+            request: RequestVars { params: v.params.iter().cloned().collect(), ..request },
+            user: user.map(|u| UserVars { id: u.id.clone(), attributes: u.attributes.clone() }),
+            workload: caller.map(WorkloadVars::of),
+            records_remaining,
+            limits: v.limits.cloned().unwrap_or_default(),
+            quota_key,
+            before: Vec::new(),
+        }
+    }
+
     /// The jobs of the plan steps of one request, in the order they apply
     /// ([`Verdict::plan_steps`](custos_policy::Verdict::plan_steps)), as one job. A response
     /// passes on failure only if every rule's policy says `failOpen`.

@@ -287,12 +287,7 @@ async fn audit_mode_passes_everything_untouched_and_records_would_deny() {
     let mut spec = policy(main_rules());
     spec["mode"] = json!("Audit");
     let url = collector.url();
-    let mut f = start(spec, move |s| {
-        let mut c = shipping_to(url, s);
-        c.usage_sync_interval = None;
-        s.collector = Some(c);
-    })
-    .await;
+    let mut f = start(spec, shipping_events_to(url)).await;
     let export = get(f.proxy(), "/customers/export").await;
     assert_eq!(export.status, 200);
     assert_eq!(export.json(), customers());
@@ -352,12 +347,7 @@ async fn non_json_with_a_masking_plan_fails_closed_unless_fail_open() {
     let collector = Collector::start().await;
     spec["mode"] = json!("Audit");
     let url = collector.url();
-    let mut f = start(spec, move |s| {
-        let mut c = shipping_to(url, s);
-        c.usage_sync_interval = None;
-        s.collector = Some(c);
-    })
-    .await;
+    let mut f = start(spec, shipping_events_to(url)).await;
     assert_eq!(get(f.proxy(), "/html/customers").await.status, 200);
     f.stop().await;
     let events = collector.wait_for(1).await;
@@ -749,12 +739,9 @@ async fn a_dry_run_beside_an_enforcing_policy_is_recorded() {
     );
     stricter["mode"] = json!("Audit");
     let url = collector.url();
-    let mut f = fixture(&[("a-enforcing", enforcing), ("b-stricter", stricter)], Vec::new(), move |s| {
-        let mut c = shipping_to(url, s);
-        c.usage_sync_interval = None;
-        s.collector = Some(c);
-    })
-    .await;
+    let mut f =
+        fixture(&[("a-enforcing", enforcing), ("b-stricter", stricter)], Vec::new(), shipping_events_to(url))
+            .await;
     let export = get(f.proxy(), "/customers/export").await;
     assert_eq!(export.status, 200, "the enforcing policy allows: {}", export.text());
     assert_eq!(get(f.proxy(), "/customers").await.status, 200);
@@ -1003,12 +990,7 @@ async fn an_event_carries_at_most_the_dry_runs_the_collector_takes() {
     let mut policies = vec![("a-enforcing", allowing_policy(json!([]), json!([])))];
     policies.extend(names.iter().map(|n| (n.as_str(), audit.clone())));
     let url = collector.url();
-    let mut f = fixture(&policies, Vec::new(), move |s| {
-        let mut c = shipping_to(url, s);
-        c.usage_sync_interval = None;
-        s.collector = Some(c);
-    })
-    .await;
+    let mut f = fixture(&policies, Vec::new(), shipping_events_to(url)).await;
     assert_eq!(get(f.proxy(), "/customers").await.status, 200);
     f.stop().await;
     let events = collector.wait_for(1).await;
@@ -2537,6 +2519,15 @@ async fn hostile_paths_replayed_through_the_proxy() {
 /// The value of the unlabelled sample `name` in a metrics text.
 /// Delivery of the sidecar's events to the test collector at `url`, spooling beside the
 /// test's files and flushing every 20 ms.
+/// The settings tweak of a sidecar that ships every event to `url` (no usage sync).
+fn shipping_events_to(url: String) -> impl FnOnce(&mut custos_sidecar::SidecarSettings) {
+    move |s| {
+        let mut c = shipping_to(url, s);
+        c.usage_sync_interval = None;
+        s.collector = Some(c);
+    }
+}
+
 fn shipping_to(url: String, s: &custos_sidecar::SidecarSettings) -> custos_sidecar::CollectorSettings {
     let mut c = custos_sidecar::CollectorSettings::new(url, s.jwks_dir.with_file_name("spool"));
     c.flush_interval = Duration::from_millis(20);
