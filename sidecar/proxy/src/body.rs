@@ -117,6 +117,33 @@ impl Tee {
         self.copy.extend_from_slice(data);
     }
 
+    /// The next frame of the app's body, kept. Out of line, as [`Self::finish`]: the common
+    /// bodies' polling stays as small as it was without tees (hyper's dispatcher inlines it).
+    #[inline(never)]
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.keep(data);
+        }
+        polled
+    }
+
+    /// Hands what the tee kept and the request's event `pending` to the end callback (once),
+    /// which emits the event; emits it itself when the callback already ran.
+    #[cold]
+    #[inline(never)]
+    fn finish(&mut self, pending: PendingEvent) {
+        match self.end.take() {
+            Some(end) => {
+                let teed = self.teed(!pending.is_incomplete());
+                end(teed, pending);
+            }
+            None => pending.emit(),
+        }
+    }
+
     fn give_up(&mut self, code: &'static str) {
         self.dropped = Some(code);
         self.copy = BytesMut::new();
@@ -187,13 +214,10 @@ impl ProxyBody {
 
     fn finish(&mut self) {
         let Some(p) = self.pending.take() else { return };
-        if let Inner::Tee(tee) = &mut self.inner
-            && let Some(end) = tee.end.take()
-        {
-            let teed = tee.teed(!p.is_incomplete());
-            return end(teed, p);
+        match &mut self.inner {
+            Inner::Tee(tee) => tee.finish(p),
+            _ => p.emit(),
         }
-        p.emit();
     }
 }
 
@@ -209,15 +233,7 @@ impl Body for ProxyBody {
         let polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Stream(body) => Pin::new(body).poll_frame(cx),
-            Inner::Tee(tee) => {
-                let polled = Pin::new(&mut tee.body).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &polled
-                    && let Some(data) = frame.data_ref()
-                {
-                    tee.keep(data);
-                }
-                polled
-            }
+            Inner::Tee(tee) => tee.poll_frame(cx),
             Inner::Chain { prefix, rest } => match prefix.pop_front() {
                 Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
                 None => match rest {
