@@ -3,6 +3,7 @@
 //! transformed. The request body is [`crate::request_body`]'s.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::Read;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -51,17 +52,26 @@ pub(crate) enum Teed {
 /// request's audit event, which it must complete and emit.
 pub(crate) type TeeEnd = Box<dyn FnOnce(Teed, PendingEvent) + Send>;
 
+/// Why a tee gave up its copy: it would not fit the dry-run buffers even alone.
+pub(crate) const DRY_RUN_BUFFER_TOO_SMALL: &str = "dry_run_buffer_too_small";
+/// Why a tee gave up its copy: the dry-run buffers had no room left.
+pub(crate) const DRY_RUN_BUFFER_EXHAUSTED: &str = "dry_run_buffer_exhausted";
+/// Why a tee gave up its copy: the body was still arriving at the request's deadline.
+pub(crate) const UPSTREAM_TIMEOUT: &str = "upstream_timeout";
+
 /// How much of the app's body a tee keeps, and for how long.
 pub(crate) struct TeeLimits {
     /// Most bytes kept: past it, the copy is given up as `response_too_large`.
     pub bytes: u64,
-    /// A copy still growing after this is given up as `upstream_timeout`.
-    pub until: std::time::Instant,
+    /// The size of the buffers the copy is held in: past it (and within `bytes`), the copy is
+    /// given up as [`DRY_RUN_BUFFER_TOO_SMALL`].
+    pub room: u64,
+    /// A copy held past this is given up as [`UPSTREAM_TIMEOUT`] (also while the body
+    /// stalls).
+    pub until: tokio::time::Instant,
     /// Give up as `response_not_json` at once when the body's first byte (past whitespace)
     /// cannot start JSON (an identity-encoded body).
     pub sniff_json: bool,
-    /// Why the copy was given up when `reservation` had no room.
-    pub no_room: &'static str,
 }
 
 /// [`Inner::Tee`]'s state.
@@ -69,8 +79,12 @@ pub(crate) struct Tee {
     body: AppBody,
     /// The copy, one buffer (its capacity is what `reservation` holds).
     copy: BytesMut,
+    /// The body's length, when it said.
+    exact: Option<u64>,
     limits: TeeLimits,
     reservation: Reservation,
+    /// Fires at `limits.until` while a copy is held.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Whether the first byte past whitespace was seen (`TeeLimits::sniff_json`).
     started: bool,
     dropped: Option<&'static str>,
@@ -92,26 +106,30 @@ impl Tee {
                 return self.give_up("response_not_json");
             }
         }
-        if std::time::Instant::now() > self.limits.until {
-            return self.give_up("upstream_timeout");
+        if tokio::time::Instant::now() > self.limits.until {
+            return self.give_up(UPSTREAM_TIMEOUT);
         }
-        let needed = self.copy.len() + data.len();
-        if needed as u64 > self.limits.bytes {
+        let needed = (self.copy.len() + data.len()) as u64;
+        if needed > self.limits.bytes {
             return self.give_up("response_too_large");
         }
-        if needed > self.copy.capacity() {
-            // Double, within the limit: the reservation holds the capacity, not the length.
-            let limit = usize::try_from(self.limits.bytes).unwrap_or(usize::MAX);
-            let capacity = needed.max(self.copy.capacity() * 2).min(limit).max(needed);
-            if !self.reservation.grow((capacity - self.copy.capacity()) as u64) {
-                return self.give_up(self.limits.no_room);
+        if needed > self.limits.room {
+            return self.give_up(DRY_RUN_BUFFER_TOO_SMALL);
+        }
+        if needed > self.copy.capacity() as u64 {
+            // The body's length when it said so, else double: the reservation holds the
+            // capacity, allocated exactly.
+            let ceiling = self.limits.bytes.min(self.limits.room);
+            let doubled = (self.copy.capacity() as u64).saturating_mul(2).max(4096);
+            let capacity = self.exact.filter(|&n| n >= needed).unwrap_or(doubled).min(ceiling).max(needed);
+            if !self.reservation.grow(capacity - self.copy.capacity() as u64) {
+                return self.give_up(DRY_RUN_BUFFER_EXHAUSTED);
             }
-            let before = self.copy.capacity();
-            self.copy.reserve(capacity - self.copy.len());
-            // Whatever more the allocator gave is held too.
-            let extra = self.copy.capacity().saturating_sub(capacity.max(before));
-            if extra > 0 && !self.reservation.grow(extra as u64) {
-                return self.give_up(self.limits.no_room);
+            let mut grown = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(usize::MAX));
+            grown.extend_from_slice(&self.copy);
+            self.copy = grown;
+            if self.deadline.is_none() {
+                self.deadline = Some(Box::pin(tokio::time::sleep_until(self.limits.until)));
             }
         }
         self.copy.extend_from_slice(data);
@@ -122,10 +140,21 @@ impl Tee {
     #[inline(never)]
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.keep(data);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.keep(data);
+                }
+            }
+            // A body that stalls gives its copy up at the deadline, not at its next bytes.
+            Poll::Pending if self.dropped.is_none() => {
+                if let Some(deadline) = &mut self.deadline
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    self.give_up(UPSTREAM_TIMEOUT);
+                }
+            }
+            _ => {}
         }
         polled
     }
@@ -148,6 +177,7 @@ impl Tee {
         self.dropped = Some(code);
         self.copy = BytesMut::new();
         self.reservation.shrink_to(0);
+        self.deadline = None;
     }
 
     /// What the tee kept: `complete` when the body reached its end.
@@ -159,8 +189,7 @@ impl Tee {
             return Teed::Dropped(code);
         }
         let whole = std::mem::take(&mut self.copy).freeze();
-        let reservation = std::mem::replace(&mut self.reservation, Reservation::detached());
-        Teed::Whole(whole, reservation)
+        Teed::Whole(whole, self.reservation.take())
     }
 }
 
@@ -190,18 +219,22 @@ impl ProxyBody {
     /// `end` gets the copy (or why it was given up) when the body ends. A body that says it
     /// is longer than the limit is not copied at all.
     pub(crate) fn tee(body: AppBody, limits: TeeLimits, reservation: Reservation, end: TeeEnd) -> Self {
-        let too_long = body.size_hint().lower() > limits.bytes;
+        let hint = body.size_hint();
         let mut tee = Tee {
             body,
             copy: BytesMut::new(),
+            exact: hint.exact(),
             limits,
             reservation,
+            deadline: None,
             started: false,
             dropped: None,
             end: Some(end),
         };
-        if too_long {
+        if hint.lower() > tee.limits.bytes {
             tee.give_up("response_too_large");
+        } else if hint.lower() > tee.limits.room {
+            tee.give_up(DRY_RUN_BUFFER_TOO_SMALL);
         }
         ProxyBody { inner: Inner::Tee(Box::new(tee)), pending: None }
     }

@@ -9,8 +9,9 @@ use prometheus_client::metrics::gauge::Gauge;
 
 /// The memory that bodies held in memory may take together, shared by the proxy threads: one
 /// for request bodies read before the app is called, one for responses read to be
-/// transformed, one for what dry runs read. Its use is a gauge (`custos_sidecar_{request,response}_buffer_bytes`); the
-/// bodies it had no room for are counted (`..._buffer_exhausted_total`).
+/// transformed, one for what dry runs read. Its use is a gauge
+/// (`custos_sidecar_{request,response,dry_run}_buffer_bytes`); its refusals are counted
+/// (`..._buffer_exhausted_total`).
 pub(crate) struct BufferBudget {
     total: u64,
     in_use: Gauge,
@@ -28,6 +29,11 @@ impl BufferBudget {
     #[cfg(test)]
     pub(crate) fn in_use(&self) -> u64 {
         u64::try_from(self.in_use.get()).unwrap_or(0)
+    }
+
+    /// The budget's size.
+    pub(crate) fn total(&self) -> u64 {
+        self.total
     }
 
     /// Takes `bytes` from the budget, or nothing when that would go over it.
@@ -59,10 +65,9 @@ impl Reservation {
         Reservation { budget: budget.clone(), bytes: 0 }
     }
 
-    /// A reservation on no budget, holding nothing, that cannot grow: what is left in place
-    /// of one handed on.
-    pub(crate) fn detached() -> Self {
-        Reservation { budget: BufferBudget::new(0, Gauge::default(), Counter::default()), bytes: 0 }
+    /// What this reservation holds, as a reservation of its own; this one is left empty.
+    pub(crate) fn take(&mut self) -> Reservation {
+        Reservation { budget: self.budget.clone(), bytes: std::mem::take(&mut self.bytes) }
     }
 
     /// Takes `bytes` more, or nothing (`false`) when the budget has not that much left; a

@@ -33,7 +33,8 @@ use serde_json::json;
 
 use crate::audit::PendingEvent;
 use crate::body::{
-    AppBody, Collected, DecodeError, Encoding, ProxyBody, TeeEnd, TeeLimits, Teed, collect_limited, decode,
+    AppBody, Collected, DRY_RUN_BUFFER_EXHAUSTED, DRY_RUN_BUFFER_TOO_SMALL, DecodeError, Encoding, ProxyBody,
+    TeeEnd, TeeLimits, Teed, UPSTREAM_TIMEOUT, collect_limited, decode,
 };
 use crate::budget::{BufferBudget, Reservation};
 use crate::method_override;
@@ -76,12 +77,6 @@ const RESPONSE_BUFFER_EXHAUSTED: &str = "response_buffer_exhausted";
 
 /// Reason code of a response whose `Content-Encoding` the sidecar cannot decode.
 const UNSUPPORTED_CONTENT_ENCODING: &str = "unsupported_content_encoding";
-
-/// Reason code of a dry run that found no room in the dry-run buffers.
-const DRY_RUN_BUFFER_EXHAUSTED: &str = "dry_run_buffer_exhausted";
-
-/// A response that grew in the dry runs' copy for longer than the upstream time-out.
-const UPSTREAM_TIMEOUT: &str = "upstream_timeout";
 
 /// [`METHOD_OVERRIDE_HEADERS`] as header names.
 const METHOD_OVERRIDE_NAMES: [HeaderName; 3] = [
@@ -746,12 +741,14 @@ async fn process(
         || parts.status == StatusCode::NOT_MODIFIED);
     match transform {
         Some(job) if has_body => {
+            // Only an enforcing plan asks the app for the whole body, uncompressed.
+            let read = if job.mode == Mode::Enforce { Read::Transformed } else { Read::AsAsked };
             let mut for_dry_runs = DryRunInput::None;
             let keep = (!dry.is_empty()).then_some(&mut for_dry_runs);
             let response = transform_response(shared, ctx, job, parts, body, deadline, quota_now, keep).await;
             // The dry runs read the app's body, where the caller gets a response from the app.
             if !dry.is_empty() && ctx.event.decision != Decision::Deny {
-                dry_runs_beside(shared, ctx, &dry, for_dry_runs, quota_now);
+                dry_runs_beside(shared, ctx, &dry, for_dry_runs, read, quota_now);
             }
             if head_as_get {
                 // The GET's headers (its length included), no body.
@@ -773,7 +770,7 @@ async fn process(
                 keep_out_of_shared_caches(&mut parts.headers);
             }
             if has_body && !dry.is_empty() {
-                return tee_for_dry_runs(shared, ctx, dry, parts, body);
+                return tee_for_dry_runs(shared, ctx, dry, parts, body, deadline);
             }
             Response::from_parts(parts, ProxyBody::stream(body))
         }
@@ -1030,10 +1027,11 @@ fn mark_unchecked(dry_runs: &mut [DryRun], jobs: &[DryRunJob], code: &str, read:
 /// code), or passed it on if it fails open (`fail_open:<code>`; never a slice), as
 /// [`untransformable`] does.
 fn unchecked(dry_run: &mut DryRun, job: &TransformJob, code: &str, read: Read) {
-    let only_the_dry_run =
-        matches!(code, DRY_RUN_BUFFER_EXHAUSTED | RESPONSE_BUFFER_EXHAUSTED | UPSTREAM_TIMEOUT)
-            || (read == Read::AsAsked
-                && matches!(code, PARTIAL_CONTENT | UNSUPPORTED_CONTENT_ENCODING | "bad_content_encoding"));
+    let only_the_dry_run = matches!(
+        code,
+        DRY_RUN_BUFFER_EXHAUSTED | DRY_RUN_BUFFER_TOO_SMALL | RESPONSE_BUFFER_EXHAUSTED | UPSTREAM_TIMEOUT
+    ) || (read == Read::AsAsked
+        && matches!(code, PARTIAL_CONTENT | UNSUPPORTED_CONTENT_ENCODING | "bad_content_encoding"));
     if only_the_dry_run {
         dry_run.reason = ["not_checked:", code].concat();
     } else if job.fail_open && code != PARTIAL_CONTENT {
@@ -1060,72 +1058,89 @@ fn dry_runs_beside(
     ctx: &mut Ctx,
     dry: &[DryRunJob],
     input: DryRunInput,
+    read: Read,
     quota_now: Timestamp,
 ) {
     match input {
         DryRunInput::Body(original) => {
             let mut reservation = Reservation::on(&shared.dry_run_buffers);
-            if reservation.grow(original.len() as u64) {
+            let size = original.len() as u64;
+            if size > shared.dry_run_buffers.total() {
+                mark_unchecked(&mut ctx.event.dry_runs, dry, DRY_RUN_BUFFER_TOO_SMALL, read);
+            } else if reservation.grow(size) {
                 dry_run_plans(shared, &mut ctx.event.dry_runs, dry, &original, &mut reservation, quota_now);
             } else {
-                mark_unchecked(&mut ctx.event.dry_runs, dry, DRY_RUN_BUFFER_EXHAUSTED, Read::Transformed);
+                mark_unchecked(&mut ctx.event.dry_runs, dry, DRY_RUN_BUFFER_EXHAUSTED, read);
             }
         }
-        DryRunInput::Unreadable(code) => {
-            mark_unchecked(&mut ctx.event.dry_runs, dry, code, Read::Transformed)
-        }
+        DryRunInput::Unreadable(code) => mark_unchecked(&mut ctx.event.dry_runs, dry, code, read),
         DryRunInput::None => {}
     }
 }
 
-/// Copies above this size are read by the dry runs on the blocking pool, off the proxy thread.
+/// Copies above this size, and compressed ones, are read by the dry runs on the blocking pool,
+/// off the proxy thread.
 const DRY_RUN_INLINE_BYTES: usize = 256 * 1024;
 
 /// A response no applying plan reads, streamed to the caller as the app sends it (no
-/// deadline, trailers and all) while a copy of up to `--max-response-body-bytes` is kept on
-/// the dry-run budget (given up at once for a body that cannot be JSON, and when it is still
-/// growing past the upstream time-out); when the body ends, the dry runs' plans run on the
-/// copy, in a task of their own, and complete their entries of the event, which is then
-/// counted and emitted.
+/// deadline, trailers and all) while a copy of up to `--max-response-body-bytes` is kept in
+/// the dry-run buffers until `deadline` (the request's, as an enforcing plan's response
+/// would have; none for a body that cannot be JSON or is in an encoding the sidecar cannot
+/// read); when the body ends, the dry runs' plans run on the copy, in a task of their own,
+/// and complete their entries of the event, which is then counted and emitted.
 fn tee_for_dry_runs(
     shared: &Arc<Shared>,
     ctx: &mut Ctx,
     dry: Vec<DryRunJob>,
     parts: http::response::Parts,
     body: AppBody,
+    deadline: tokio::time::Instant,
 ) -> Response<ProxyBody> {
-    if is_partial(&parts) {
-        mark_unchecked(&mut ctx.event.dry_runs, &dry, PARTIAL_CONTENT, Read::AsAsked);
-        return Response::from_parts(parts, ProxyBody::stream(body));
-    }
-    ctx.dry_runs_at_body_end = true;
     let encoding = Encoding::parse(parts.headers.get(header::CONTENT_ENCODING).map(HeaderValue::as_bytes));
-    let limit = shared.limits.max_response_body_bytes;
-    let limits = TeeLimits {
-        bytes: limit,
-        until: std::time::Instant::now() + shared.limits.upstream_timeout,
-        sniff_json: encoding == Some(Encoding::Identity),
-        no_room: DRY_RUN_BUFFER_EXHAUSTED,
+    let unreadable = match encoding {
+        _ if is_partial(&parts) => Some(PARTIAL_CONTENT),
+        None => Some(UNSUPPORTED_CONTENT_ENCODING),
+        Some(_) => None,
     };
+    let (None, Some(encoding)) = (unreadable, encoding) else {
+        let code = unreadable.unwrap_or(UNSUPPORTED_CONTENT_ENCODING);
+        mark_unchecked(&mut ctx.event.dry_runs, &dry, code, Read::AsAsked);
+        return Response::from_parts(parts, ProxyBody::stream(body));
+    };
+    ctx.dry_runs_at_body_end = true;
+    let limit = shared.limits.max_response_body_bytes;
+    let room = shared.dry_run_buffers.total();
+    let limits =
+        TeeLimits { bytes: limit, room, until: deadline, sniff_json: encoding == Encoding::Identity };
     let copy = Reservation::on(&shared.dry_run_buffers);
     let shared = Arc::clone(shared);
     let end: TeeEnd = Box::new(move |teed, pending| {
-        let large = matches!(&teed, Teed::Whole(raw, _) if raw.len() > DRY_RUN_INLINE_BYTES);
-        let mut pending = EmitOnDrop(Some(pending));
+        let compressed = encoding != Encoding::Identity;
+        let off_thread =
+            matches!(&teed, Teed::Whole(raw, _) if compressed || raw.len() > DRY_RUN_INLINE_BYTES);
+        let mut event = DryRunEvent { pending: Some(pending), metrics: Arc::clone(&shared.metrics) };
         let work = move || {
-            let Some(mut event) = pending.0.take() else { return };
-            let dry_runs = &mut event.event_mut().dry_runs;
+            let Some(pending) = event.pending.as_mut() else { return };
+            let dry_runs = &mut pending.event_mut().dry_runs;
             match teed {
-                Teed::Whole(raw, mut reservation) if !raw.is_empty() => match encoding {
-                    None => mark_unchecked(dry_runs, &dry, UNSUPPORTED_CONTENT_ENCODING, Read::AsAsked),
-                    Some(encoding) => match decode(raw, encoding, limit) {
-                        Ok(d) if encoding != Encoding::Identity && !reservation.grow(d.len() as u64) => {
-                            mark_unchecked(dry_runs, &dry, DRY_RUN_BUFFER_EXHAUSTED, Read::AsAsked);
-                        }
+                Teed::Whole(raw, mut reservation) if !raw.is_empty() => {
+                    // Decoding takes at most half the dry-run buffers, held while it runs.
+                    let decode_limit = if compressed { limit.min(room / 2) } else { limit };
+                    let held = reservation.held();
+                    if compressed && !reservation.grow(decode_limit) {
+                        return mark_unchecked(dry_runs, &dry, DRY_RUN_BUFFER_EXHAUSTED, Read::AsAsked);
+                    }
+                    match decode(raw, encoding, decode_limit) {
                         Ok(decoded) => {
+                            if compressed {
+                                reservation.shrink_to(held + decoded.len() as u64);
+                            }
                             // The records it would have returned count now, when they would have.
                             let now = crate::quota_clock::quota_time(SystemTime::now());
                             dry_run_plans(&shared, dry_runs, &dry, &decoded, &mut reservation, now);
+                        }
+                        Err(DecodeError::TooLarge) if decode_limit < limit => {
+                            mark_unchecked(dry_runs, &dry, DRY_RUN_BUFFER_TOO_SMALL, Read::AsAsked);
                         }
                         Err(DecodeError::TooLarge) => {
                             mark_unchecked(dry_runs, &dry, "response_too_large", Read::AsAsked);
@@ -1133,20 +1148,19 @@ fn tee_for_dry_runs(
                         Err(DecodeError::Corrupt) => {
                             mark_unchecked(dry_runs, &dry, "bad_content_encoding", Read::AsAsked);
                         }
-                    },
-                },
+                    }
+                }
                 // Nothing to leak, nothing to count.
                 Teed::Whole(..) => {}
                 Teed::Dropped(code) => mark_unchecked(dry_runs, &dry, code, Read::AsAsked),
                 // The caller did not get the whole response: the entries stay decisions only.
                 Teed::Incomplete => {}
             }
-            count_dry_runs(&shared.metrics, dry_runs);
-            event.emit();
+            // `event` is dropped with the closure: counted and emitted.
         };
         // Not in the body's last poll: the caller's last bytes do not wait for the dry runs.
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if large => drop(runtime.spawn_blocking(work)),
+            Ok(runtime) if off_thread => drop(runtime.spawn_blocking(work)),
             Ok(runtime) => drop(runtime.spawn(async move { work() })),
             Err(_) => work(),
         }
@@ -1154,13 +1168,18 @@ fn tee_for_dry_runs(
     Response::from_parts(parts, ProxyBody::tee(body, limits, copy, end))
 }
 
-/// A pending event emitted when dropped unless taken: a dry-run task that never runs (the
-/// runtime shutting down) still delivers the event, with its dry runs' decisions only.
-struct EmitOnDrop(Option<PendingEvent>);
+/// The event of a teed response while its dry runs run: counted and emitted when dropped,
+/// whether the dry runs completed it, panicked, or never ran (the runtime shutting down:
+/// then with its dry runs' decisions only).
+struct DryRunEvent {
+    pending: Option<PendingEvent>,
+    metrics: Arc<Metrics>,
+}
 
-impl Drop for EmitOnDrop {
+impl Drop for DryRunEvent {
     fn drop(&mut self) {
-        if let Some(pending) = self.0.take() {
+        if let Some(mut pending) = self.pending.take() {
+            count_dry_runs(&self.metrics, &pending.event_mut().dry_runs);
             pending.emit();
         }
     }
@@ -1486,7 +1505,9 @@ fn apply_plan(
     };
     let vars = || Vars::new(&job.request, job.user.as_ref(), job.workload.as_ref());
     // The parsed document, when the body needs one, takes its share of the budget too.
-    let room = |needed| reservation.grow(needed);
+    // A dry run's document never fits in more than the dry-run buffers hold.
+    let ceiling = if dry_run { shared.dry_run_buffers.total() } else { u64::MAX };
+    let room = |needed| needed <= ceiling && reservation.grow(needed);
     let result = custos_transform::apply_within(body, effective, vars, &shared.hash_key, room);
     let transformed = match result {
         Ok(t) => t,
@@ -1500,6 +1521,7 @@ fn apply_plan(
             }
             let code = match (permanent, dry_run) {
                 (true, _) => "response_too_large",
+                (false, true) if needed > ceiling => DRY_RUN_BUFFER_TOO_SMALL,
                 (false, true) => DRY_RUN_BUFFER_EXHAUSTED,
                 (false, false) => RESPONSE_BUFFER_EXHAUSTED,
             };
