@@ -978,6 +978,41 @@ async fn dry_runs_keep_to_their_own_buffers_and_say_what_they_could_not_read() {
     assert_eq!(metric_value(&metrics, "custos_sidecar_response_buffer_exhausted_total"), 0.0, "{metrics}");
 }
 
+/// A dry run's copy of a body that stalls is given up at the request's deadline, not held
+/// until the body's next bytes: the dry-run buffers are free again while the caller still
+/// waits for the rest.
+#[tokio::test]
+async fn a_stalled_body_gives_its_dry_run_copy_up_at_the_deadline() {
+    let mut trial = allowing_policy(
+        json!([{"name": "name", "paths": ["$.items[*].name"]}]),
+        json!([{"name": "names", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/stall/*"]},
+                "records": "$.items[*]", "mask": {"name": "ShowFirst1"}}]),
+    );
+    trial["mode"] = json!("Audit");
+    let policies = [("a-enforcing", allowing_policy(json!([]), json!([]))), ("b-trial", trial)];
+    let mut f =
+        fixture(&policies, Vec::new(), |s| s.limits.upstream_timeout = Duration::from_millis(300)).await;
+    let mut stream = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
+    stream.write_all(b"GET /stall/customers HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let mut first = vec![0u8; 4096];
+    assert!(stream.read(&mut first).await.unwrap() > 0);
+    let held = |metrics: &str| metric_value(metrics, "custos_sidecar_dry_run_buffer_bytes");
+    // The first half is copied at once (the gauge may lag the bytes by a poll).
+    let mut copied = 0.0;
+    for _ in 0..20 {
+        copied = held(&admin_get(f.admin(), "/metrics").await.text());
+        if copied > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(copied > 0.0, "the copy is held before the deadline");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(held(&admin_get(f.admin(), "/metrics").await.text()), 0.0, "given up at the deadline");
+    drop(stream);
+    f.stop().await;
+}
+
 /// An event carries at most `MAX_DRY_RUNS` dry runs (the collector refuses more): the first by
 /// policy name.
 #[tokio::test]

@@ -207,7 +207,16 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
             json_body.chunks(json_body.len().div_ceil(4)).map(Bytes::copy_from_slice).collect();
         return Response::builder()
             .header("content-type", "application/json")
-            .body(Dribble { parts: parts.into(), wait: None }.boxed())
+            .body(Dribble { parts: parts.into(), wait: None, gaps: vec![150; 4].into() }.boxed())
+            .unwrap();
+    }
+    if path.starts_with("/stall/") {
+        // The customers' first half at once, the rest 2 s later.
+        let half = json_body.len() / 2;
+        let parts = [Bytes::copy_from_slice(&json_body[..half]), Bytes::copy_from_slice(&json_body[half..])];
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(Dribble { parts: parts.into(), wait: None, gaps: vec![0, 2000].into() }.boxed())
             .unwrap();
     }
     if path.starts_with("/delay/") {
@@ -267,10 +276,11 @@ impl hyper::body::Body for Frames {
     }
 }
 
-/// A body sent in parts, 150 ms before each.
+/// A body sent in parts, each after its gap (milliseconds).
 struct Dribble {
     parts: std::collections::VecDeque<Bytes>,
     wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    gaps: std::collections::VecDeque<u64>,
 }
 
 impl hyper::body::Body for Dribble {
@@ -285,9 +295,11 @@ impl hyper::body::Body for Dribble {
         if this.parts.is_empty() {
             return std::task::Poll::Ready(None);
         }
-        let wait = this.wait.get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(150))));
+        let gap = this.gaps.front().copied().unwrap_or(0);
+        let wait = this.wait.get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(gap))));
         std::task::ready!(std::future::Future::poll(wait.as_mut(), cx));
         this.wait = None;
+        this.gaps.pop_front();
         std::task::Poll::Ready(this.parts.pop_front().map(|p| Ok(Frame::data(p))))
     }
 }
