@@ -741,14 +741,12 @@ async fn process(
         || parts.status == StatusCode::NOT_MODIFIED);
     match transform {
         Some(job) if has_body => {
-            // Only an enforcing plan asks the app for the whole body, uncompressed.
-            let read = if job.mode == Mode::Enforce { Read::Transformed } else { Read::AsAsked };
             let mut for_dry_runs = DryRunInput::None;
             let keep = (!dry.is_empty()).then_some(&mut for_dry_runs);
             let response = transform_response(shared, ctx, job, parts, body, deadline, quota_now, keep).await;
             // The dry runs read the app's body, where the caller gets a response from the app.
             if !dry.is_empty() && ctx.event.decision != Decision::Deny {
-                dry_runs_beside(shared, ctx, &dry, for_dry_runs, read, quota_now);
+                dry_runs_beside(shared, ctx, &dry, for_dry_runs, quota_now);
             }
             if head_as_get {
                 // The GET's headers (its length included), no body.
@@ -1010,6 +1008,14 @@ enum Read {
     AsAsked,
 }
 
+impl Read {
+    /// How the response of `job` was asked for: only an enforcing plan asks the app for the
+    /// whole body, uncompressed.
+    fn of(job: &TransformJob) -> Read {
+        if job.mode == Mode::Enforce { Read::Transformed } else { Read::AsAsked }
+    }
+}
+
 /// Marks every dry run of `jobs` as unable to read the response, for the reason `code`.
 fn mark_unchecked(dry_runs: &mut [DryRun], jobs: &[DryRunJob], code: &str, read: Read) {
     for DryRunJob { entry, job } in jobs {
@@ -1045,24 +1051,24 @@ fn unchecked(dry_run: &mut DryRun, job: &TransformJob, code: &str, read: Read) {
 enum DryRunInput {
     /// Nothing: the app's response did not come whole (the answer is the sidecar's own).
     None,
-    /// The app's body, decoded.
-    Body(Bytes),
-    /// The app's body cannot be read: why.
-    Unreadable(&'static str),
+    /// The app's body, decoded, and how it was asked for.
+    Body(Bytes, Read),
+    /// The app's body cannot be read: why, and how it was asked for.
+    Unreadable(&'static str, Read),
 }
 
 /// The dry runs of a response the enforcing plans read (`input`), once the caller's response
 /// is certain: the app's body, held on the dry-run budget while the plans run.
+#[inline(never)]
 fn dry_runs_beside(
     shared: &Shared,
     ctx: &mut Ctx,
     dry: &[DryRunJob],
     input: DryRunInput,
-    read: Read,
     quota_now: Timestamp,
 ) {
     match input {
-        DryRunInput::Body(original) => {
+        DryRunInput::Body(original, read) => {
             let mut reservation = Reservation::on(&shared.dry_run_buffers);
             let size = original.len() as u64;
             if size > shared.dry_run_buffers.total() {
@@ -1073,7 +1079,7 @@ fn dry_runs_beside(
                 mark_unchecked(&mut ctx.event.dry_runs, dry, DRY_RUN_BUFFER_EXHAUSTED, read);
             }
         }
-        DryRunInput::Unreadable(code) => mark_unchecked(&mut ctx.event.dry_runs, dry, code, read),
+        DryRunInput::Unreadable(code, read) => mark_unchecked(&mut ctx.event.dry_runs, dry, code, read),
         DryRunInput::None => {}
     }
 }
@@ -1088,6 +1094,7 @@ const DRY_RUN_INLINE_BYTES: usize = 256 * 1024;
 /// would have; none for a body that cannot be JSON or is in an encoding the sidecar cannot
 /// read); when the body ends, the dry runs' plans run on the copy, in a task of their own,
 /// and complete their entries of the event, which is then counted and emitted.
+#[inline(never)]
 fn tee_for_dry_runs(
     shared: &Arc<Shared>,
     ctx: &mut Ctx,
@@ -1295,7 +1302,7 @@ async fn transform_response(
 ) -> Response<ProxyBody> {
     if is_partial(&parts) {
         if let Some(input) = for_dry_runs {
-            *input = DryRunInput::Unreadable(PARTIAL_CONTENT);
+            *input = DryRunInput::Unreadable(PARTIAL_CONTENT, Read::of(&job));
         }
         // The request's `Range` was dropped (Enforce), so only an app that answers with
         // slices unasked gets here; in Audit mode, one that honoured the caller's.
@@ -1308,7 +1315,7 @@ async fn transform_response(
         Err(Ungathered::Answered(answer)) => return answer,
         Err(Ungathered::Unreadable(code, original)) => {
             if let Some(input) = for_dry_runs {
-                *input = DryRunInput::Unreadable(code);
+                *input = DryRunInput::Unreadable(code, Read::of(&job));
             }
             return untransformable(shared, ctx, &job, parts, code, original);
         }
@@ -1316,7 +1323,7 @@ async fn transform_response(
     };
     // The dry runs read the app's body, not what the plans make of it.
     if let Some(input) = for_dry_runs.take() {
-        *input = DryRunInput::Body(decoded.clone());
+        *input = DryRunInput::Body(decoded.clone(), Read::of(&job));
     }
 
     // Each plan in turn over what the one before let through (one plan but when several
