@@ -24,6 +24,21 @@ pub fn write_event(out: &mut Vec<u8>, e: &AuditEvent) {
     out.push(b'}');
 }
 
+/// Appends `"recordsReturned":..,"recordsFiltered":..,"recordsTruncated":..` (`counts`, in
+/// that order) and `"masked":{..}` unless empty: the numbers of an event and of a dry run's
+/// transform, written alike.
+fn write_record_counts(out: &mut Vec<u8>, counts: [u64; 3], masked: &BTreeMap<String, u64>) {
+    let names: [&[u8]; 3] = [b"\"recordsReturned\":", b",\"recordsFiltered\":", b",\"recordsTruncated\":"];
+    for (name, n) in names.into_iter().zip(counts) {
+        out.extend_from_slice(name);
+        write_u64(out, n);
+    }
+    if !masked.is_empty() {
+        out.extend_from_slice(b",\"masked\":");
+        write_map(out, masked, |out, n| write_u64(out, *n));
+    }
+}
+
 /// Appends `e` without its `prevHash` (the last field) and without the closing brace: what
 /// the collector links into its hash chain by appending `prevHash` and the brace.
 pub fn write_event_open(out: &mut Vec<u8>, e: &AuditEvent) {
@@ -81,16 +96,8 @@ pub fn write_event_open(out: &mut Vec<u8>, e: &AuditEvent) {
     write_str(out, &e.reason);
     out.extend_from_slice(b",\"status\":");
     write_u64(out, u64::from(e.status));
-    out.extend_from_slice(b",\"recordsReturned\":");
-    write_u64(out, e.records_returned);
-    out.extend_from_slice(b",\"recordsFiltered\":");
-    write_u64(out, e.records_filtered);
-    out.extend_from_slice(b",\"recordsTruncated\":");
-    write_u64(out, e.records_truncated);
-    if !e.masked.is_empty() {
-        out.extend_from_slice(b",\"masked\":");
-        write_map(out, &e.masked, |out, n| write_u64(out, *n));
-    }
+    out.push(b',');
+    write_record_counts(out, [e.records_returned, e.records_filtered, e.records_truncated], &e.masked);
     out.extend_from_slice(b",\"bytes\":");
     write_u64(out, e.bytes);
     out.extend_from_slice(b",\"latencyUs\":");
@@ -126,16 +133,12 @@ pub fn write_event_open(out: &mut Vec<u8>, e: &AuditEvent) {
             out.extend_from_slice(b",\"reason\":");
             write_str(out, &run.reason);
             if let Some(t) = &run.transform {
-                out.extend_from_slice(b",\"transform\":{\"recordsReturned\":");
-                write_u64(out, t.records_returned);
-                out.extend_from_slice(b",\"recordsFiltered\":");
-                write_u64(out, t.records_filtered);
-                out.extend_from_slice(b",\"recordsTruncated\":");
-                write_u64(out, t.records_truncated);
-                if !t.masked.is_empty() {
-                    out.extend_from_slice(b",\"masked\":");
-                    write_map(out, &t.masked, |out, n| write_u64(out, *n));
-                }
+                out.extend_from_slice(b",\"transform\":{");
+                write_record_counts(
+                    out,
+                    [t.records_returned, t.records_filtered, t.records_truncated],
+                    &t.masked,
+                );
                 out.push(b'}');
             }
             out.push(b'}');

@@ -373,15 +373,35 @@ fn print_plan(v: &Verdict<'_>, indent: &str) {
     }
 }
 
+/// A plan that could not be applied to the body, as [`transformed`] reports it.
+struct Refusal<'a> {
+    /// The status Enforce would answer with.
+    status: &'a Value,
+    reason: &'a str,
+    error: &'a str,
+    /// Passed on unchecked instead (the policy's failOpen).
+    fail_open: bool,
+}
+
+impl<'a> Refusal<'a> {
+    fn of(resp: &'a Value) -> Option<Refusal<'a>> {
+        Some(Refusal {
+            error: resp.get("error")?.as_str()?,
+            status: &resp["status"],
+            reason: resp["reason"].as_str().unwrap_or(""),
+            fail_open: resp["failOpen"] == true,
+        })
+    }
+}
+
 /// What a dry run's plan would have done to the body, on one line under its `dry run:` line.
 fn print_dry_run_response(resp: &Value) {
     let indent = "           ";
-    if let Some(err) = resp.get("error").and_then(Value::as_str) {
-        let reason = resp["reason"].as_str().unwrap_or("");
-        if resp["failOpen"] == true {
-            println!("{indent}would pass the response on unchecked (fail_open:{reason}): {err}");
-        } else {
-            println!("{indent}would refuse the response ({} {reason}: WouldDeny): {err}", resp["status"]);
+    if let Some(r) = Refusal::of(resp) {
+        let (status, reason, err) = (r.status, r.reason, r.error);
+        match r.fail_open {
+            true => println!("{indent}would pass the response on unchecked (fail_open:{reason}): {err}"),
+            false => println!("{indent}would refuse the response ({status} {reason}: WouldDeny): {err}"),
         }
         return;
     }
@@ -401,12 +421,11 @@ fn print_dry_run_response(resp: &Value) {
 const BODY_PREVIEW_LINES: usize = 24;
 
 fn print_response(resp: &Value) {
-    if let Some(err) = resp.get("error").and_then(Value::as_str) {
-        let reason = resp["reason"].as_str().unwrap_or("");
-        if resp["failOpen"] == true {
-            println!("response:  passed on unchecked (failOpen; {reason}): {err}");
-        } else {
-            println!("response:  refused ({} {reason} in Enforce mode): {err}", resp["status"]);
+    if let Some(r) = Refusal::of(resp) {
+        let (status, reason, err) = (r.status, r.reason, r.error);
+        match r.fail_open {
+            true => println!("response:  passed on unchecked (failOpen; {reason}): {err}"),
+            false => println!("response:  refused ({status} {reason} in Enforce mode): {err}"),
         }
         return;
     }

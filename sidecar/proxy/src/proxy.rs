@@ -1104,15 +1104,13 @@ fn tee_for_dry_runs(
     deadline: tokio::time::Instant,
 ) -> Response<ProxyBody> {
     let encoding = Encoding::parse(parts.headers.get(header::CONTENT_ENCODING).map(HeaderValue::as_bytes));
-    let unreadable = match encoding {
-        _ if is_partial(&parts) => Some(PARTIAL_CONTENT),
-        None => Some(UNSUPPORTED_CONTENT_ENCODING),
-        Some(_) => None,
-    };
-    let (None, Some(encoding)) = (unreadable, encoding) else {
-        let code = unreadable.unwrap_or(UNSUPPORTED_CONTENT_ENCODING);
-        mark_unchecked(&mut ctx.event.dry_runs, &dry, code, Read::AsAsked);
-        return Response::from_parts(parts, ProxyBody::stream(body));
+    let encoding = match encoding {
+        Some(encoding) if !is_partial(&parts) => encoding,
+        _ => {
+            let code = if is_partial(&parts) { PARTIAL_CONTENT } else { UNSUPPORTED_CONTENT_ENCODING };
+            mark_unchecked(&mut ctx.event.dry_runs, &dry, code, Read::AsAsked);
+            return Response::from_parts(parts, ProxyBody::stream(body));
+        }
     };
     ctx.dry_runs_at_body_end = true;
     let limit = shared.limits.max_response_body_bytes;
