@@ -32,8 +32,9 @@ pub(crate) struct SlowUploads {
 impl SlowUploads {
     /// Opens the connections to `addr` and starts trickling.
     pub(crate) fn start(addr: SocketAddr, n: usize) -> Result<SlowUploads> {
-        let head =
-            format!("POST /orders HTTP/1.1\r\nHost: customer-api\r\nContent-Length: {BODY_BYTES}\r\n\r\n");
+        let head = format!(
+            "POST /orders HTTP/1.1\r\nHost: customer-api\r\nContent-Type: application/json\r\nContent-Length: {BODY_BYTES}\r\n\r\n"
+        );
         let mut clients = Vec::with_capacity(n);
         for _ in 0..n {
             let mut c = TcpStream::connect(addr).context("a slow client cannot connect")?;

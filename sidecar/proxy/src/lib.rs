@@ -6,7 +6,8 @@
 //! `docs/policy-guide.md` for the behaviour callers see.
 //!
 //! # Per request
-//! 1. Hygiene: inbound `x-custos-*` headers are stripped; method-override headers
+//! 1. Hygiene: hop-by-hop headers, those `Connection` names and inbound `x-custos-*` headers
+//!    are stripped before anything reads the request; method-override headers
 //!    ([`METHOD_OVERRIDE_HEADERS`]) are refused with 400 (a backend honouring them would run a
 //!    method the policy never decided); CONNECT and absolute-form targets get 400; request
 //!    line plus headers over the limit get 431; a declared body over the limit gets 413 (a

@@ -11,10 +11,13 @@
 //! the safe side). Bodies are read by what the frameworks accept, not only by the declared
 //! type: a type with any `json` in it is JSON (Laravel), `multipart/*` is multipart (Rack), and
 //! anything else, a missing type included, is read as a form (Rack parses a form without a
-//! type; PHP and Rack cut a type at `,`). A declared form the sidecar did not read whole (over
-//! the request buffer) is refused by the proxy ([`is_declared_form`]).
+//! type; PHP and Rack cut a type at `,`). [`check_post_body`] decodes `gzip` and `deflate`
+//! bodies first, and tells the proxy to refuse a form (declared, or a body without a type) it
+//! did not read whole and a body in an encoding it cannot decode.
 
 use http::HeaderValue;
+
+use crate::body::{DecodeError, Encoding, decode};
 
 /// The parameter name the frameworks read.
 const PARAMETER: &[u8] = b"_method";
@@ -63,6 +66,74 @@ pub(crate) fn body_kind(content_type: Option<&HeaderValue>) -> BodyKind {
     } else {
         BodyKind::Form
     }
+}
+
+/// What the check of a POST body found ([`check_post_body`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PostBody {
+    /// No `_method` field, or a body no framework reads parameters from.
+    Clean,
+    /// A `_method` field: refused.
+    NamesAMethod,
+    /// A form (declared, or a body without a type, which Rack reads as one) that the sidecar
+    /// did not read whole, or that decodes to more than the request buffer: refused (413).
+    FormUnchecked,
+    /// A body the frameworks could read parameters from whose `Content-Encoding` the sidecar
+    /// cannot decode (the reason code): refused (415).
+    Unreadable(&'static str),
+}
+
+/// Reason code of a POST body in a `Content-Encoding` the sidecar cannot decode.
+pub(crate) const UNSUPPORTED_REQUEST_ENCODING: &str = "unsupported_request_encoding";
+
+/// Reason code of a POST body that is not valid for its `Content-Encoding`.
+pub(crate) const BAD_REQUEST_ENCODING: &str = "bad_request_encoding";
+
+/// Checks a POST body for a `_method` field ([`body_names_a_method`]): `complete` when the
+/// sidecar has it all (`whole` is then its bytes, none for no body), and a `gzip` or `deflate` body is decoded first, to at most
+/// `decode_limit` bytes (Express's body parsers inflate request bodies). A body without a type
+/// is a form here as a whole body is (Rack reads it so), so it too is refused unread.
+pub(crate) fn check_post_body(
+    headers: &http::HeaderMap,
+    complete: bool,
+    whole: Option<&bytes::Bytes>,
+    decode_limit: u64,
+) -> PostBody {
+    let content_type = headers.get(http::header::CONTENT_TYPE);
+    let kind = body_kind(content_type);
+    let unread_form = || {
+        if content_type.is_none() || is_declared_form(content_type) {
+            PostBody::FormUnchecked
+        } else {
+            PostBody::Clean
+        }
+    };
+    let mut encodings = headers.get_all(http::header::CONTENT_ENCODING).iter();
+    let first = encodings.next();
+    let encoding =
+        if encodings.next().is_some() { None } else { Encoding::parse(first.map(HeaderValue::as_bytes)) };
+    let readable = kind != BodyKind::Form || content_type.is_none() || is_declared_form(content_type);
+    if !complete {
+        return match encoding {
+            None if readable => PostBody::Unreadable(UNSUPPORTED_REQUEST_ENCODING),
+            _ => unread_form(),
+        };
+    }
+    let Some(body) = whole.filter(|b| !b.is_empty()) else {
+        return PostBody::Clean;
+    };
+    let decoded = match encoding {
+        Some(Encoding::Identity) => body.clone(),
+        None if readable => return PostBody::Unreadable(UNSUPPORTED_REQUEST_ENCODING),
+        None => return PostBody::Clean,
+        Some(encoding) => match decode(body.clone(), encoding, decode_limit) {
+            Ok(decoded) => decoded,
+            Err(DecodeError::TooLarge) => return unread_form(),
+            Err(DecodeError::Corrupt) if readable => return PostBody::Unreadable(BAD_REQUEST_ENCODING),
+            Err(DecodeError::Corrupt) => return PostBody::Clean,
+        },
+    };
+    if body_names_a_method(content_type, &decoded) { PostBody::NamesAMethod } else { PostBody::Clean }
 }
 
 /// Whether a POST body of `content_type` carries a `_method` field: a form parameter, a
@@ -215,6 +286,76 @@ mod tests {
             |key: &str| format!("{{\"{key}\":\"DELETE\",\"x\":{}{}}}", "[".repeat(200), "]".repeat(200));
         assert!(body_names_a_method(Some(&json), deep("_method").as_bytes()));
         assert!(!body_names_a_method(Some(&json), deep("title").as_bytes()));
+    }
+
+    fn gzip(body: &[u8]) -> bytes::Bytes {
+        use std::io::Write as _;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(body).expect("in memory");
+        encoder.finish().expect("in memory").into()
+    }
+
+    /// Whole and partly read bodies, their types and encodings: what a POST's check finds.
+    #[test]
+    fn post_bodies_by_type_encoding_and_completeness() {
+        use PostBody::*;
+        let form = "application/x-www-form-urlencoded";
+        let json = "application/json";
+        let octets = "application/octet-stream";
+        let named = bytes::Bytes::from_static(b"a=1&_method=DELETE");
+        let plain = bytes::Bytes::from_static(b"a=1&b=2");
+        let zipped = gzip(&named);
+        let big = gzip(format!("a={}&_method=DELETE", "x".repeat(100)).as_bytes());
+        let corrupt = bytes::Bytes::from_static(b"\x1f\x8b not gzip");
+        let json_named = gzip(br#"{"_method":"PUT"}"#);
+        /// Type, encodings, complete, body, what is found (a decode limit of 64 bytes).
+        type Case<'a> =
+            (Option<&'static str>, &'static [&'static str], bool, Option<&'a bytes::Bytes>, PostBody);
+        let cases: [Case; 22] = [
+            (Some(form), &[], true, Some(&named), NamesAMethod),
+            (Some(form), &[], true, Some(&plain), Clean),
+            (None, &[], true, Some(&named), NamesAMethod),
+            (None, &[], true, None, Clean),
+            (Some(form), &["gzip"], true, None, Clean),
+            (Some(form), &["gzip"], true, Some(&zipped), NamesAMethod),
+            (None, &["x-gzip"], true, Some(&zipped), NamesAMethod),
+            (Some(json), &["gzip"], true, Some(&json_named), NamesAMethod),
+            // As a whole body of any type but JSON and multipart is read: as a form.
+            (Some(octets), &["gzip"], true, Some(&zipped), NamesAMethod),
+            (Some(form), &["gzip"], true, Some(&big), FormUnchecked),
+            (Some(json), &["gzip"], true, Some(&big), Clean),
+            (Some(form), &["gzip"], true, Some(&corrupt), Unreadable(BAD_REQUEST_ENCODING)),
+            (Some(octets), &["gzip"], true, Some(&corrupt), Clean),
+            (Some(form), &["br"], true, Some(&named), Unreadable(UNSUPPORTED_REQUEST_ENCODING)),
+            (Some(json), &["gzip", "gzip"], true, Some(&named), Unreadable(UNSUPPORTED_REQUEST_ENCODING)),
+            (Some(octets), &["br"], true, Some(&named), Clean),
+            (Some(form), &[], false, None, FormUnchecked),
+            (None, &[], false, None, FormUnchecked),
+            (Some(json), &[], false, None, Clean),
+            (Some(octets), &[], false, None, Clean),
+            (
+                Some("multipart/form-data; boundary=x"),
+                &["zstd"],
+                false,
+                None,
+                Unreadable(UNSUPPORTED_REQUEST_ENCODING),
+            ),
+            (None, &["identity"], true, Some(&named), NamesAMethod),
+        ];
+        for (k, (content_type, encodings, complete, body, found)) in cases.into_iter().enumerate() {
+            let mut headers = http::HeaderMap::new();
+            if let Some(t) = content_type {
+                headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(t));
+            }
+            for e in encodings {
+                headers.append(http::header::CONTENT_ENCODING, HeaderValue::from_static(e));
+            }
+            assert_eq!(
+                check_post_body(&headers, complete, body, 64),
+                found,
+                "case {k}: {content_type:?} {encodings:?}"
+            );
+        }
     }
 
     #[test]

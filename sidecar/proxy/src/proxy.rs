@@ -37,7 +37,7 @@ use crate::body::{
     TeeEnd, TeeLimits, Teed, UPSTREAM_TIMEOUT, collect_limited, decode,
 };
 use crate::budget::{BufferBudget, Reservation};
-use crate::method_override;
+use crate::method_override::{self, PostBody};
 use crate::metrics::{
     DryRunLabels, LimitLabels, Metrics, ReasonLabels, ResultLabels, RuleLabels, ThreadCounters,
 };
@@ -77,13 +77,6 @@ const RESPONSE_BUFFER_EXHAUSTED: &str = "response_buffer_exhausted";
 
 /// Reason code of a response whose `Content-Encoding` the sidecar cannot decode.
 const UNSUPPORTED_CONTENT_ENCODING: &str = "unsupported_content_encoding";
-
-/// [`METHOD_OVERRIDE_HEADERS`] as header names.
-const METHOD_OVERRIDE_NAMES: [HeaderName; 3] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -418,7 +411,11 @@ async fn process(
         ctx.deny("absolute_form");
         return bad_request("absolute-form request targets are not accepted", "absolute_form");
     }
-    if METHOD_OVERRIDE_NAMES.iter().any(|h| req.headers().contains_key(h)) {
+    // Hop-by-hop headers, those `Connection` names and inbound `x-custos-*` go first: what is
+    // decided on is what the app is sent (`Connection: content-type` would otherwise take
+    // away, after the method-override check read it, the type that check judged the body by).
+    let accepts_trailers = strip_hop_by_hop(req.headers_mut());
+    if req.headers().keys().any(is_method_override_header) {
         ctx.deny("method_override");
         return bad_request("method override headers are refused", "method_override");
     }
@@ -631,24 +628,41 @@ async fn process(
         }
     };
     if method_override::is_post(&parts.method) {
-        let content_type = parts.headers.get(header::CONTENT_TYPE);
-        if body.whole().is_some_and(|b| method_override::body_names_a_method(content_type, b)) {
-            ctx.deny("method_override");
-            return bad_request("method override parameters are refused", "method_override");
-        }
-        // A form the sidecar did not read whole (over the request buffer, or no buffer free)
-        // could name a method past what it saw; forms are small, uploads are multipart.
-        if !body.is_complete() && method_override::is_declared_form(content_type) {
-            shared.metrics.limit("request_buffer");
-            ctx.deny("form_body_unchecked");
-            return error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                json!({
-                    "error": "a form body larger than the request buffer cannot be checked for method override parameters",
-                    "reason": "form_body_unchecked",
-                    "limit": limits.request_buffer_bytes,
-                }),
-            );
+        match method_override::check_post_body(
+            &parts.headers,
+            body.is_complete(),
+            body.whole(),
+            limits.request_buffer_bytes,
+        ) {
+            PostBody::Clean => {}
+            PostBody::NamesAMethod => {
+                ctx.deny("method_override");
+                return bad_request("method override parameters are refused", "method_override");
+            }
+            // A form the sidecar did not read whole (over the request buffer, or no buffer
+            // free) could name a method past what it saw; forms are small, uploads multipart.
+            PostBody::FormUnchecked => {
+                shared.metrics.limit("request_buffer");
+                ctx.deny("form_body_unchecked");
+                return error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    json!({
+                        "error": "a form body larger than the request buffer cannot be checked for method override parameters",
+                        "reason": "form_body_unchecked",
+                        "limit": limits.request_buffer_bytes,
+                    }),
+                );
+            }
+            PostBody::Unreadable(reason) => {
+                ctx.deny(reason);
+                return error_response(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    json!({
+                        "error": "a POST body whose content encoding the sidecar cannot read cannot be checked for method override parameters",
+                        "reason": reason,
+                    }),
+                );
+            }
         }
     }
     let progress = body.progress();
@@ -661,7 +675,7 @@ async fn process(
         &path,
         &ctx.peer_ip,
         transform.as_ref(),
-        reads_response,
+        accepts_trailers && !reads_response,
     ) {
         Ok(r) => r,
         Err(()) => {
@@ -1805,8 +1819,9 @@ fn remove_present(headers: &mut HeaderMap, named: fn(&str) -> bool) {
 }
 
 /// Builds the request to the app: normalised path and original query (origin-form), original
-/// method and headers minus hop-by-hop ones, `Host` (the client's, else the app's address),
-/// `x-forwarded-for` appended.
+/// method and headers (hop-by-hop ones already gone, see [`strip_hop_by_hop`]), `Host` (the
+/// client's, else the app's address), `x-forwarded-for` appended; `TE: trailers` asked again
+/// when `ask_trailers` (the client accepts them and the response passes through).
 fn upstream_request(
     state: &PolicyState,
     parts: http::request::Parts,
@@ -1814,7 +1829,7 @@ fn upstream_request(
     path: &NormalizedPath,
     ip: &str,
     transform: Option<&TransformJob>,
-    reads_response: bool,
+    ask_trailers: bool,
 ) -> Result<Request<RequestBody>, ()> {
     let mut target = encode_path(path.as_str());
     if let Some(q) = path.query() {
@@ -1823,7 +1838,6 @@ fn upstream_request(
     }
     let uri = Uri::try_from(target).map_err(|_| ())?;
     let mut headers = parts.headers;
-    let accepts_trailers = strip_hop_by_hop(&mut headers);
     if parts.version == Version::HTTP_2 {
         join_cookie_crumbs(&mut headers);
     }
@@ -1850,7 +1864,7 @@ fn upstream_request(
         };
         remove_present(&mut headers, untransformable);
     }
-    if accepts_trailers && !reads_response {
+    if ask_trailers {
         // The response passes through as it comes, with the trailer fields the client
         // accepts (a response read to be transformed or audited is read without them).
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -1961,7 +1975,24 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
 }
 
 fn is_custos(name: &HeaderName) -> bool {
-    name.as_str().starts_with("x-custos-")
+    let name = name.as_str().as_bytes();
+    name.len() > CUSTOS_PREFIX.len() && same_folding_underscores(&name[..CUSTOS_PREFIX.len()], CUSTOS_PREFIX)
+}
+
+/// The prefix of the sidecar's own headers, never taken from a client.
+const CUSTOS_PREFIX: &[u8] = b"x-custos-";
+
+/// Whether `name` is one of [`METHOD_OVERRIDE_HEADERS`], also spelled with `_` for `-`
+/// (`X_HTTP_Method_Override`): servers that hand headers to the app as CGI variables (Puma,
+/// PHP) map both spellings to `HTTP_X_HTTP_METHOD_OVERRIDE`.
+fn is_method_override_header(name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    METHOD_OVERRIDE_HEADERS.iter().any(|h| same_folding_underscores(name, h.as_bytes()))
+}
+
+/// Whether `name` (a lower-case header name) is `lower`, an `_` in `name` standing for `-`.
+fn same_folding_underscores(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len() && name.iter().zip(lower).all(|(&n, &l)| n == l || (n == b'_' && l == b'-'))
 }
 
 /// Size of the request line and headers, as received (approximately: names, values and
@@ -2257,9 +2288,25 @@ mod tests {
     }
 
     #[test]
-    fn method_override_names_are_the_documented_headers() {
-        let names: Vec<String> = METHOD_OVERRIDE_NAMES.iter().map(|h| h.as_str().to_owned()).collect();
-        assert_eq!(names, METHOD_OVERRIDE_HEADERS);
+    fn override_and_custos_headers_are_known_in_either_spelling() {
+        for name in METHOD_OVERRIDE_HEADERS.into_iter().chain([
+            "x_http_method_override",
+            "x-http_method",
+            "x_method-override",
+        ]) {
+            assert!(is_method_override_header(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in
+            ["x-http-method-overrides", "x-http-methods", "x-method", "x_http_method_overrid", "http-method"]
+        {
+            assert!(!is_method_override_header(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in ["x-custos-user", "x_custos_user", "x-custos_attrs", "x_custos-a"] {
+            assert!(is_custos(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in ["x-custos-", "x-custos", "x-custo-user", "xx-custos-user", "custos-user"] {
+            assert!(!is_custos(&HeaderName::from_static(name)), "{name}");
+        }
     }
 
     #[test]

@@ -1176,15 +1176,26 @@ async fn record_quota_truncates_then_refuses_and_caps_apply() {
 #[tokio::test]
 async fn custos_headers_are_stripped_and_method_override_refused() {
     let mut f = start(policy(main_rules()), |_| {}).await;
-    let reply =
-        get_with(f.proxy(), "/open/x", &[("x-custos-user", "admin"), ("X-Custos-Decision", "Allow")]).await;
+    // Also spelled with `_`, which CGI-style servers (Puma, PHP) hand the app as the same variable.
+    let reply = get_with(
+        f.proxy(),
+        "/open/x",
+        &[("x-custos-user", "admin"), ("X-Custos-Decision", "Allow"), ("X_Custos_User", "admin")],
+    )
+    .await;
     assert_eq!(reply.status, 200);
     assert!(reply.headers.get("x-custos-internal").is_none());
     let seen = f.upstream.seen();
-    assert!(seen[0].headers.keys().all(|k| !k.as_str().starts_with("x-custos-")));
+    assert!(seen[0].headers.keys().all(|k| !k.as_str().replace('_', "-").starts_with("x-custos-")));
     assert_eq!(seen[0].headers["x-forwarded-for"], "127.0.0.1");
 
-    for h in ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"] {
+    for h in [
+        "X-HTTP-Method-Override",
+        "X-HTTP-Method",
+        "X-Method-Override",
+        "X_HTTP_Method_Override",
+        "x_method-override",
+    ] {
         let reply = get_with(f.proxy(), "/open/x", &[(h, "DELETE")]).await;
         assert_eq!(reply.status, 400, "{h}");
         assert_eq!(reply.json()["reason"], "method_override");
@@ -1275,6 +1286,42 @@ async fn custos_headers_are_stripped_and_method_override_refused() {
         .body(Full::new(Bytes::from(vec![b'_'; 70 * 1024])))
         .unwrap();
     assert_eq!(send(f.proxy(), req).await.status, 200);
+    // A review's probes: a large body without a type (Rack reads it as a form), a form in gzip
+    // (Express inflates it) or in an encoding the sidecar cannot read, and `Connection` naming
+    // the type, so that the app would get no type (and read a form) where the check read JSON.
+    let before = f.upstream.count();
+    let untyped = Request::post("/open/x")
+        .header("host", "a")
+        .body(Full::new(Bytes::from(format!("_method=DELETE&pad={}", "x".repeat(70 * 1024)))))
+        .unwrap();
+    let reply = send(f.proxy(), untyped).await;
+    assert_eq!((reply.status.as_u16(), reply.json()["reason"].clone()), (413, json!("form_body_unchecked")));
+    let encoded = |encoding: &str, body: Vec<u8>| {
+        Request::post("/open/x")
+            .header("host", "a")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("content-encoding", encoding)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let mut zipped = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut zipped, b"title=x&_method=DELETE").unwrap();
+    let reply = send(f.proxy(), encoded("gzip", zipped.finish().unwrap())).await;
+    assert_eq!((reply.status.as_u16(), reply.json()["reason"].clone()), (400, json!("method_override")));
+    let reply = send(f.proxy(), encoded("br", b"title=x&_method=DELETE".to_vec())).await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.json()["reason"].clone()),
+        (415, json!("unsupported_request_encoding"))
+    );
+    let (status, answer) = raw(
+        f.proxy(),
+        b"POST /open/x HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n\
+          Connection: content-type, close\r\nContent-Length: 14\r\n\r\n_method=DELETE",
+    )
+    .await;
+    assert_eq!(status, Some(400), "{answer}");
+    assert!(answer.contains("method_override"), "{answer}");
+    assert_eq!(f.upstream.count(), before, "a probe reached the app");
     let forwarded = f.upstream.count();
     // Absolute-form and CONNECT.
     let (status, _) = raw(
@@ -1589,7 +1636,7 @@ async fn header_body_time_and_connection_limits() {
     let (status, _) = raw(
         f.proxy(),
         format!(
-            "POST /echo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n64\r\n{}\r\n64\r\n{}\r\n",
+            "POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n64\r\n{}\r\n64\r\n{}\r\n",
             "a".repeat(100),
             "b".repeat(100)
         )
@@ -1703,7 +1750,11 @@ async fn request_bodies_are_read_before_the_app_is_called() {
         s.limits.upstream_timeout = Duration::from_millis(800);
     })
     .await;
-    let post = |len: &str| format!("POST /echo/x HTTP/1.1\r\nHost: a\r\n{len}\r\nConnection: close\r\n\r\n");
+    let post = |len: &str| {
+        format!(
+            "POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\n{len}\r\nConnection: close\r\n\r\n"
+        )
+    };
 
     // A body sent in two parts: the app sees the request once the body is whole.
     let mut c = opened(f.proxy(), &(post("Content-Length: 10") + "abcd")).await;
@@ -1852,7 +1903,7 @@ async fn trailer_fields_pass_with_bodies_passed_through() {
     // Request trailers: a body forwarded as it arrives (over the 16-byte buffer) keeps them.
     let post = |len: usize| {
         format!(
-            "POST /trailers/open HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTrailer: x-sig\r\n\
+            "POST /trailers/open HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\nTrailer: x-sig\r\n\
              Connection: close\r\n\r\n{len:x}\r\n{}\r\n0\r\nx-sig: s1\r\n\r\n",
             "b".repeat(len)
         )
@@ -1887,7 +1938,9 @@ async fn request_bodies_slower_than_the_minimum_rate_get_408() {
     })
     .await;
     let post = |len: usize| {
-        format!("POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+        format!(
+            "POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        )
     };
     // Sends `len` bytes in pieces of `piece` every `every`, reading the answer meanwhile:
     // it may come before the body is all sent, and the sending then stops.
@@ -1979,7 +2032,7 @@ fn request_bodies_reach_the_app_byte_for_byte_however_they_are_sent() {
                 };
                 let mut c = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
                 let head =
-                    format!("POST /mirror/x HTTP/1.1\r\nHost: a\r\n{framing}\r\nConnection: close\r\n\r\n");
+                    format!("POST /mirror/x HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\n{framing}\r\nConnection: close\r\n\r\n");
                 c.write_all(head.as_bytes()).await.unwrap();
                 let mut rest = &body[..];
                 for cut in cuts.iter().cycle() {
@@ -2084,7 +2137,7 @@ async fn a_get_goes_again_when_the_app_closes_the_connection_under_it() {
 #[tokio::test]
 async fn bodies_past_the_buffer_budget_are_forwarded_as_they_arrive() {
     let mut f = start(policy(main_rules()), |s| s.limits.request_buffer_total_bytes = 8).await;
-    let head = "POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\nConnection: close\r\n\r\n";
+    let head = "POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\nContent-Length: 20\r\nConnection: close\r\n\r\n";
     let mut c = opened(f.proxy(), &format!("{head}{}", "a".repeat(12))).await;
     wait_until("the app sees the request", || f.upstream.count() == 1).await;
     write(&mut c, &"b".repeat(8)).await;
