@@ -167,9 +167,11 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         }
         Err(message) => {
             tracing::error!(error = %message, "initial config rejected: not ready until a valid config appears");
+            metrics.config_reloads.get_or_create(&metrics::ResultLabels { result: "failure" }).inc();
             config.reject(message);
         }
     }
+    let initially_rejected = config.current.load().is_none();
 
     let hash_key = match &settings.hash_key {
         Some(key) => HashKey::new(key.clone()),
@@ -281,7 +283,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         metrics.clone(),
         inputs,
         cache,
-        content_hash(&bytes),
+        state::LastRead { hash: content_hash(&bytes), rejected: initially_rejected },
         settings.reload_interval,
         stop_rx.clone(),
     ));

@@ -294,6 +294,13 @@ impl ConfigCell {
         }
     }
 
+    /// Clears the last reload error: the file reads again, as the config in force.
+    fn clear_reload_error(&self) {
+        if let Ok(mut r) = self.report.lock() {
+            r.last_reload_error = None;
+        }
+    }
+
     /// Marks the proxy as shutting down (not ready).
     pub(crate) fn shutting_down(&self) {
         if let Ok(mut r) = self.report.lock() {
@@ -318,22 +325,32 @@ pub(crate) fn content_hash(bytes: &[u8]) -> u64 {
 /// Ticks after which an unchanged rejected config is tried again.
 const RETRY_FAILED_AFTER_TICKS: u32 = 20;
 
-/// Polls the config file and applies changes until `shutdown` turns true.
+/// The config file as the sidecar last read it.
+pub(crate) struct LastRead {
+    /// Its [`content_hash`].
+    pub hash: u64,
+    /// It was rejected (and is tried again now and then).
+    pub rejected: bool,
+}
+
+/// Polls the config file and applies changes until `shutdown` turns true. A file that cannot
+/// be read is a failed reload too (logged, counted and shown in `/ready` once per error).
 pub(crate) async fn watch_config(
     cell: Arc<ConfigCell>,
     metrics: Arc<Metrics>,
     inputs: StateInputs,
     mut cache: VerifierCache,
-    mut last_hash: u64,
+    last: LastRead,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_hash = last.hash;
     let mut last_read_error: Option<String> = None;
     // A rejected config is retried now and then even if unchanged: what it refers to (a JWKS
-    // Secret) may appear later.
-    let mut failed_ticks: Option<u32> = None;
+    // Secret) may appear later. The first one too.
+    let mut failed_ticks: Option<u32> = last.rejected.then_some(0);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -341,20 +358,24 @@ pub(crate) async fn watch_config(
         }
         // A ConfigMap volume swaps a symlink: read the path itself each time.
         let bytes = match tokio::fs::read(&inputs.config_path).await {
-            Ok(b) => {
-                last_read_error = None;
-                b
-            }
+            Ok(b) => b,
             Err(e) => {
                 let msg = format!("cannot read config file {}: {e}", inputs.config_path.display());
                 if last_read_error.as_ref() != Some(&msg) {
                     tracing::warn!(error = %msg, "config file unreadable; keeping the config in force");
+                    metrics.config_reloads.get_or_create(&ResultLabels { result: "failure" }).inc();
+                    cell.reject(msg.clone());
                     last_read_error = Some(msg);
                 }
                 continue;
             }
         };
         let hash = content_hash(&bytes);
+        if last_read_error.take().is_some() && hash == last_hash && failed_ticks.is_none() {
+            // Back as it was: the config in force is the file's again.
+            tracing::info!("config file readable again, unchanged");
+            cell.clear_reload_error();
+        }
         if hash == last_hash {
             match &mut failed_ticks {
                 Some(n) if *n >= RETRY_FAILED_AFTER_TICKS => *n = 0,

@@ -2286,6 +2286,57 @@ async fn a_config_of_another_namespace_is_refused() {
     f.stop().await;
 }
 
+/// Polls `/ready` until `done` holds of it (at most 5 s), and returns it.
+async fn ready_when(f: &Fixture, done: impl Fn(&Reply) -> bool) -> Reply {
+    for _ in 0..250 {
+        let ready = admin_get(f.admin(), "/ready").await;
+        if done(&ready) {
+            return ready;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin_get(f.admin(), "/ready").await
+}
+
+/// A config rejected at start (its JWKS Secret not mounted yet) is tried again unchanged, as
+/// a rejected reload is; a config file that cannot be read is a failed reload, shown and
+/// counted, until it reads again.
+#[tokio::test]
+async fn a_config_rejected_at_start_is_retried_and_an_unreadable_file_is_reported() {
+    let mut f = fixture(&[("customer-api", policy(main_rules()))], Vec::new(), |_| {}).await;
+    let ready = admin_get(f.admin(), "/ready").await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.json()["lastReloadError"].as_str().unwrap().contains("sso-jwks"), "{}", ready.text());
+    let dir = f.dir.path().join("jwks").join("sso-jwks");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
+    let ready = ready_when(&f, |r| r.status == 200).await;
+    assert_eq!(ready.status, 200, "the JWKS appeared but the config was not tried again: {}", ready.text());
+    assert!(ready.json()["lastReloadError"].is_null());
+    assert_eq!(get(f.proxy(), "/open/x").await.status, 200);
+
+    let good = std::fs::read(&f.config).unwrap();
+    std::fs::remove_file(&f.config).unwrap();
+    let ready = ready_when(&f, |r| !r.json()["lastReloadError"].is_null()).await;
+    assert!(
+        ready.json()["lastReloadError"].as_str().unwrap().contains("cannot read config file"),
+        "{}",
+        ready.text()
+    );
+    assert_eq!(ready.status, 200, "the config in force stays");
+    assert_eq!(get(f.proxy(), "/open/x").await.status, 200);
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    // The rejection at start, then the unreadable file (once, however many ticks it lasts).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics_later = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(metric_value(&metrics, "custos_sidecar_config_reloads_total{result=\"failure\"}"), 2.0);
+    assert_eq!(metric_value(&metrics_later, "custos_sidecar_config_reloads_total{result=\"failure\"}"), 2.0);
+    std::fs::write(&f.config, good).unwrap();
+    let ready = ready_when(&f, |r| r.json()["lastReloadError"].is_null()).await;
+    assert!(ready.json()["lastReloadError"].is_null(), "{}", ready.text());
+    f.stop().await;
+}
+
 /// A client that gives up before the response head (an h2 RST_STREAM, an HTTP/1.1
 /// connection closed) makes hyper drop the request's future, after the request may have
 /// reached the app: the event is still emitted, with status 499 and `client_cancelled`.
