@@ -356,11 +356,19 @@ impl Shipper {
         let metrics = &self.inner.metrics;
         metrics.emitted();
         let Some(tx) = &self.inner.tx else {
-            if tracing::enabled!(target: "custos_audit", tracing::Level::DEBUG)
-                && let Ok(line) = serde_json::to_string(&event)
-            {
-                tracing::debug!(target: "custos_audit", event = %line, "audit event (no collector configured)");
-            }
+            // Codes and counts only: the event's path, principal and user attributes stay out of
+            // the logs, as they do everywhere else.
+            tracing::debug!(
+                target: "custos_audit",
+                id = %event.id,
+                policy = event.policy.as_deref().unwrap_or(""),
+                rule = event.rule.as_deref().unwrap_or(""),
+                decision = event.decision.as_str(),
+                reason = %event.reason,
+                status = event.status,
+                records_returned = event.records_returned,
+                "audit event (no collector configured)"
+            );
             return;
         };
         match tx.try_send(event) {
