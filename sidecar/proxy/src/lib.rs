@@ -191,6 +191,10 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
             // long before it is full.
             spool_segment_bytes: (c.spool_max_bytes / 8).clamp(4 * 1024, 8 << 20),
             batch_max_events: c.batch_max_events,
+            // Batches that a spool segment holds, and at most 4 MiB (the collector takes 16).
+            batch_max_bytes: usize::try_from(c.spool_max_bytes / 8)
+                .unwrap_or(usize::MAX)
+                .clamp(64 * 1024, 4 << 20),
             flush_interval: c.flush_interval,
             queue_capacity: c.queue_capacity,
             request_timeout: c.request_timeout,

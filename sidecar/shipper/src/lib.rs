@@ -3,7 +3,7 @@
 //!
 //! The request path calls [`Shipper::emit`], which never blocks: it puts the event in a bounded
 //! in-memory queue (`try_send`). A background task batches events (up to
-//! [`ShipperConfig::batch_max_events`], or whatever arrived within
+//! [`ShipperConfig::batch_max_events`] or [`ShipperConfig::batch_max_bytes`], or whatever arrived within
 //! [`ShipperConfig::flush_interval`]) and posts each batch as NDJSON to the collector's
 //! `POST /v1/events` with `Authorization: Bearer <token>`. The task is woken every few dozen
 //! queued events and on its flush tick, never per event: the request path pays no
@@ -186,6 +186,10 @@ pub struct ShipperConfig {
     pub spool_segment_bytes: u64,
     /// Most events in one batch (default 1000).
     pub batch_max_events: usize,
+    /// A batch is closed once its NDJSON payload reaches this many bytes (default 4 MiB; the
+    /// event that crosses it is in it), so that events carrying many record hashes do not make
+    /// batches larger than the collector takes (16 MiB).
+    pub batch_max_bytes: usize,
     /// A batch that is not full is sent this long after the previous flush (default 1 s).
     pub flush_interval: Duration,
     /// Capacity of the in-memory queue between [`Shipper::emit`] and the shipper (default 10 000).
@@ -218,6 +222,7 @@ impl Default for ShipperConfig {
             spool_max_bytes: 64 << 20,
             spool_segment_bytes: 8 << 20,
             batch_max_events: 1000,
+            batch_max_bytes: 4 << 20,
             flush_interval: Duration::from_secs(1),
             queue_capacity: 10_000,
             request_timeout: Duration::from_secs(5),
@@ -241,6 +246,9 @@ impl ShipperConfig {
         let fail = |what: &str| Err(ShipperError::Config(what.to_string()));
         if self.batch_max_events == 0 || self.batch_max_events > u32::MAX as usize {
             return fail("batch_max_events must be between 1 and 2^32-1");
+        }
+        if self.batch_max_bytes == 0 {
+            return fail("batch_max_bytes must be at least 1");
         }
         if self.queue_capacity == 0 {
             return fail("queue_capacity must be at least 1");

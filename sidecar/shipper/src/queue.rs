@@ -113,17 +113,19 @@ impl<T> QueueReceiver<T> {
         self.signal.notify.notified().await;
     }
 
-    /// Hands up to `limit` queued events to `take`, oldest first: how many, and whether the
-    /// queue is closed. When a threshold's worth is still queued afterwards, the next
-    /// [`ready`](Self::ready) completes at once.
-    pub(crate) fn drain(&mut self, limit: usize, mut take: impl FnMut(T)) -> (usize, Drained) {
+    /// Hands up to `limit` queued events to `take`, oldest first, until `take` returns false:
+    /// how many, and whether the queue is closed. When a threshold's worth is still queued
+    /// afterwards, the next [`ready`](Self::ready) completes at once.
+    pub(crate) fn drain(&mut self, limit: usize, mut take: impl FnMut(T) -> bool) -> (usize, Drained) {
         let mut taken = 0;
         let mut state = Drained::Open;
         while taken < limit {
             match self.rx.try_recv() {
                 Ok(event) => {
-                    take(event);
                     taken += 1;
+                    if !take(event) {
+                        break;
+                    }
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
@@ -186,7 +188,14 @@ mod tests {
         tx.try_send(event(9)).unwrap();
         assert!(woken(&rx), "not woken at the threshold");
         let mut got = Vec::new();
-        assert_eq!(rx.drain(usize::MAX, |e| got.push(e)).1, Drained::Open);
+        assert_eq!(
+            rx.drain(usize::MAX, |e| {
+                got.push(e);
+                true
+            })
+            .1,
+            Drained::Open
+        );
         assert_eq!(got.len(), 10);
         assert_eq!(got, (0..10).collect::<Vec<u32>>());
         // the count starts again from zero
@@ -214,11 +223,20 @@ mod tests {
         }
         assert!(woken(&rx));
         let mut got = Vec::new();
-        rx.drain(4, |e| got.push(e));
+        rx.drain(4, |e| {
+            got.push(e);
+            true
+        });
         assert!(woken(&rx), "6 left, threshold 4: woken again");
-        rx.drain(4, |e| got.push(e));
+        rx.drain(4, |e| {
+            got.push(e);
+            true
+        });
         assert!(!woken(&rx), "2 left: wait for more or the tick");
-        rx.drain(4, |e| got.push(e));
+        rx.drain(4, |e| {
+            got.push(e);
+            true
+        });
         assert_eq!(got.len(), 10);
     }
 
@@ -229,7 +247,10 @@ mod tests {
         tx.try_send(event(1)).unwrap();
         assert!(matches!(tx.try_send(event(2)), Err(Refused::Full)));
         let mut got = Vec::new();
-        rx.drain(usize::MAX, |e| got.push(e));
+        rx.drain(usize::MAX, |e| {
+            got.push(e);
+            true
+        });
         assert_eq!(rx.signal.pending.load(Ordering::Relaxed), 0);
         rx.close();
         assert!(matches!(tx.try_send(event(3)), Err(Refused::Closed)));
@@ -244,7 +265,14 @@ mod tests {
         drop(tx);
         assert!(woken(&rx), "not woken by the close");
         let mut got = Vec::new();
-        assert_eq!(rx.drain(usize::MAX, |e| got.push(e)).1, Drained::Closed);
+        assert_eq!(
+            rx.drain(usize::MAX, |e| {
+                got.push(e);
+                true
+            })
+            .1,
+            Drained::Closed
+        );
         assert_eq!(got.len(), 1, "the queued event is still delivered");
     }
 
@@ -278,7 +306,10 @@ mod tests {
         runtime.block_on(async {
             while got.len() < 20_000 {
                 let _ = tokio::time::timeout(Duration::from_millis(1), rx.ready()).await;
-                rx.drain(16, |e| got.push(e));
+                rx.drain(16, |e| {
+                    got.push(e);
+                    true
+                });
             }
         });
         let sent: u32 = senders.into_iter().map(|s| s.join().unwrap()).sum();

@@ -47,6 +47,12 @@ impl BatchBuilder {
         self.count += 1;
     }
 
+    /// Whether the batch has `max_events` events or `max_bytes` bytes (or more: the event that
+    /// crossed the byte limit is in it).
+    fn is_full(&self, max_events: usize, max_bytes: usize) -> bool {
+        self.count as usize >= max_events || self.buf.len() >= max_bytes
+    }
+
     fn take(&mut self) -> Option<Batch> {
         if self.count == 0 {
             return None;
@@ -136,6 +142,8 @@ pub(crate) struct Worker {
     spool: Arc<Mutex<Spool>>,
     metrics: ShipperMetrics,
     batch_max: usize,
+    /// A batch is closed once its payload reaches this many bytes.
+    batch_max_bytes: usize,
     flush_interval: Duration,
     default_deadline: Duration,
     current: BatchBuilder,
@@ -179,6 +187,7 @@ impl Worker {
             spool: Arc::new(Mutex::new(spool)),
             metrics,
             batch_max: config.batch_max_events,
+            batch_max_bytes: config.batch_max_bytes,
             flush_interval: config.flush_interval,
             default_deadline: config.request_timeout,
             current: BatchBuilder::default(),
@@ -250,26 +259,31 @@ impl Worker {
     async fn take_queued(&mut self, everything: bool) -> Drained {
         let mut batches = 0;
         loop {
-            let (taken, room, drained) = self.fill_current();
-            if self.current.count as usize >= self.batch_max {
+            let (emptied, drained) = self.fill_current();
+            if self.current.is_full(self.batch_max, self.batch_max_bytes) {
                 self.flush().await;
                 batches += 1;
             }
-            // Fewer than `room` means the queue is empty; a threshold's worth left over after one
-            // batch has already re-armed `ready`.
-            if drained == Drained::Closed || taken < room || !everything || batches >= MAX_BATCHES_PER_WAKE {
+            // A threshold's worth left over after one batch has already re-armed `ready`.
+            if drained == Drained::Closed || emptied || !everything || batches >= MAX_BATCHES_PER_WAKE {
                 return drained;
             }
         }
     }
 
-    /// Moves queued events into the batch being built, as many as it has room for: how many
-    /// it took, that room, and whether the queue is closed.
-    fn fill_current(&mut self) -> (usize, usize, Drained) {
+    /// Moves queued events into the batch being built until it is full (by events or bytes):
+    /// whether that emptied the queue (it took fewer than it had room for), and whether the
+    /// queue is closed.
+    fn fill_current(&mut self) -> (bool, Drained) {
         let room = self.batch_max.saturating_sub(self.current.count as usize).max(1);
+        let max_bytes = self.batch_max_bytes;
         let current = &mut self.current;
-        let (taken, drained) = self.rx.drain(room, |event| current.push(&event));
-        (taken, room, drained)
+        let (taken, drained) = self.rx.drain(room, |event| {
+            current.push(&event);
+            current.buf.len() < max_bytes
+        });
+        let emptied = taken < room && !self.current.is_full(self.batch_max, max_bytes);
+        (emptied, drained)
     }
 
     fn spool_guard(&self) -> std::sync::MutexGuard<'_, Spool> {
@@ -505,9 +519,13 @@ impl Worker {
         self.rx.close();
         // The batches waiting in memory first: they are older than what is still queued.
         let mut batches = std::mem::take(&mut self.waiting);
-        while self.fill_current().0 > 0 {
-            if self.current.count as usize >= self.batch_max {
+        loop {
+            let (emptied, _) = self.fill_current();
+            if self.current.is_full(self.batch_max, self.batch_max_bytes) {
                 batches.extend(self.current.take());
+            }
+            if emptied {
+                break;
             }
         }
         batches.extend(self.current.take());

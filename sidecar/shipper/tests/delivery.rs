@@ -69,6 +69,8 @@ struct State {
     event_requests: usize,
     /// The first event id of every batch stored, in the order the batches arrived.
     batch_heads: Vec<String>,
+    /// The (decoded) payload size of every batch stored, in the same order.
+    batch_bytes: Vec<usize>,
     usage_queries: Vec<String>,
     usage: Option<UsageResponse>,
 }
@@ -205,6 +207,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
                 if let Some(first) = text.lines().next() {
                     let event: AuditEvent = serde_json::from_str(first).expect("each line is an AuditEvent");
                     s.batch_heads.push(event.id);
+                    s.batch_bytes.push(text.len());
                 }
                 for line in text.lines() {
                     let event: AuditEvent = serde_json::from_str(line).expect("each line is an AuditEvent");
@@ -285,6 +288,7 @@ fn config(collector: &str, spool: &Path) -> ShipperConfig {
         spool_max_bytes: 1 << 20,
         spool_segment_bytes: 64 << 10,
         batch_max_events: 100,
+        batch_max_bytes: 4 << 20,
         flush_interval: Duration::from_millis(20),
         queue_capacity: 10_000,
         request_timeout: Duration::from_millis(500),
@@ -426,6 +430,40 @@ async fn one_batch_answered(behaviour: Behaviour) -> (Collector, Shipper, Shippe
     emit(&shipper, 0..100); // exactly one batch
     until("acknowledged", || metrics.events_delivered() == 100).await;
     (collector, shipper, metrics, spool)
+}
+
+/// Events with many record hashes (a large page with `audit.recordId`) close batches by size:
+/// each batch stays under the limit but for its last event, and every event arrives once.
+#[tokio::test]
+async fn batches_are_closed_by_size_as_well_as_by_count() {
+    let collector = Collector::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let limit = 256 << 10;
+    // A spool that holds what waits while a batch is in flight (40 events of ~67 KB).
+    let (shipper, metrics) = start(ShipperConfig {
+        batch_max_bytes: limit,
+        spool_max_bytes: 16 << 20,
+        spool_segment_bytes: 1 << 20,
+        ..config(&collector.url(), spool.path())
+    });
+    let event_of = |i: usize| {
+        let mut e = event(i);
+        e.record_hashes = (0..1_000).map(|k| format!("{:064x}", i * 10_000 + k)).collect();
+        e
+    };
+    let size = serde_json::to_string(&event_of(0)).unwrap().len() + 1;
+    for i in 0..40 {
+        shipper.emit(event_of(i));
+    }
+    until("acknowledged", || metrics.events_delivered() == 40 || metrics.events_dropped_total() > 0).await;
+    assert_eq!(metrics.events_dropped_total(), 0);
+    collector.assert_stored_once(&ids(0..40));
+    let sizes = collector.state.lock().unwrap().batch_bytes.clone();
+    assert!(sizes.len() >= 40 * size / (limit + size), "{} batches of {sizes:?}", sizes.len());
+    for bytes in &sizes {
+        assert!(*bytes < limit + size, "a batch of {bytes} bytes, the limit {limit}, an event {size}");
+    }
+    shipper.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
