@@ -32,8 +32,29 @@ pub struct TransformStats {
     pub masked: BTreeMap<String, u64>,
     /// Keyed hashes ([`HashKey::hash_hex`]) of the ids of the records returned, in document
     /// order. A record whose id path selects nothing, or something other than a string or a
-    /// number, contributes none.
+    /// number, contributes none. At most [`MAX_RECORD_HASHES`]; the others are counted in
+    /// `record_hashes_omitted`.
     pub record_hashes: Vec<String>,
+    /// Ids of records returned that were not hashed: past [`MAX_RECORD_HASHES`].
+    pub record_hashes_omitted: u64,
+}
+
+/// Most record hashes one response's stats (and so its audit event) keep: 10,000 are about
+/// 650 KB of event. Past them ids are counted, not hashed: an export of millions of records
+/// would otherwise make an event of tens of megabytes, held in memory and larger than the
+/// collector takes. The event's `recordsReturned` still counts every record.
+pub const MAX_RECORD_HASHES: usize = 10_000;
+
+/// Appends `hash` (if any) to `hashes` while they hold fewer than [`MAX_RECORD_HASHES`], else
+/// counts it in `omitted`.
+pub(crate) fn keep_hash(hashes: &mut Vec<String>, omitted: &mut u64, hash: Option<String>) {
+    if let Some(hash) = hash {
+        if hashes.len() < MAX_RECORD_HASHES {
+            hashes.push(hash);
+        } else {
+            *omitted += 1;
+        }
+    }
 }
 
 impl TransformStats {
@@ -48,6 +69,7 @@ impl TransformStats {
         }
         if first || plan.record_id.is_some() {
             self.record_hashes = step.record_hashes;
+            self.record_hashes_omitted = step.record_hashes_omitted;
         }
         self.records_filtered += step.records_filtered;
         self.records_truncated += step.records_truncated;
@@ -424,7 +446,8 @@ impl RecordPass<'_> {
         if let Some(id_path) = &self.id_path
             && let Some(id) = id_path.find(record)
         {
-            self.stats.record_hashes.extend(id_hash(id, self.key, self.sentinels));
+            let hash = id_hash(id, self.key, self.sentinels);
+            keep_hash(&mut self.stats.record_hashes, &mut self.stats.record_hashes_omitted, hash);
         }
         true
     }

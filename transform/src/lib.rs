@@ -65,8 +65,8 @@ mod plan;
 mod stream;
 
 pub use apply::{
-    DOCUMENT_BYTES_PER_BODY_BYTE, Outcome, TransformError, TransformStats, Transformed, apply, apply_lazy,
-    apply_within,
+    DOCUMENT_BYTES_PER_BODY_BYTE, MAX_RECORD_HASHES, Outcome, TransformError, TransformStats, Transformed,
+    apply, apply_lazy, apply_within,
 };
 #[doc(hidden)]
 pub use apply::{apply_dom, apply_streaming, streaming_eligible};

@@ -44,7 +44,7 @@ use std::collections::{BTreeMap, HashSet};
 use custos_api::policy::MaskStrategy;
 use serde_json::Value;
 
-use crate::apply::{Outcome, TransformError, TransformStats, Transformed, id_hash, mask_steps};
+use crate::apply::{Outcome, TransformError, TransformStats, Transformed, id_hash, keep_hash, mask_steps};
 use crate::hash::HashKey;
 use crate::mask::{self, Masker};
 use crate::numbers;
@@ -183,6 +183,7 @@ pub(crate) fn run(
         records: 0,
         masked: vec![0; plan.masks.len()],
         hashes: Vec::new(),
+        hashes_omitted: 0,
         record_depth: 0,
         id_pending: false,
         string_start: 0,
@@ -202,6 +203,7 @@ pub(crate) fn run(
         records_returned: walker.records,
         masked,
         record_hashes: walker.hashes,
+        record_hashes_omitted: walker.hashes_omitted,
         ..TransformStats::default()
     };
     Some(Ok(Transformed { outcome: Outcome::Body(walker.out), stats }))
@@ -265,6 +267,8 @@ struct Walker<'a> {
     /// Masked locations by class index.
     masked: Vec<u64>,
     hashes: Vec<String>,
+    /// Ids not hashed: past [`crate::MAX_RECORD_HASHES`].
+    hashes_omitted: u64,
     /// Depth of the record being walked.
     record_depth: u32,
     /// Inside a record whose id has not been found yet.
@@ -479,7 +483,8 @@ impl<'a> Walker<'a> {
             Some(b'"') => {
                 // as a `Value::String` holds it (no sentinel: U+FDD0 hands over)
                 let text = self.string_text()?;
-                self.hashes.push(self.key.hash_hex(text.as_bytes()));
+                let hash = self.key.hash_hex(text.as_bytes());
+                keep_hash(&mut self.hashes, &mut self.hashes_omitted, Some(hash));
                 Ok(())
             }
             Some(b'-' | b'0'..=b'9') => {
@@ -491,7 +496,7 @@ impl<'a> Walker<'a> {
                 } else {
                     id_hash(&number_value(token)?, self.key, true)
                 };
-                self.hashes.extend(hash);
+                keep_hash(&mut self.hashes, &mut self.hashes_omitted, hash);
                 Ok(())
             }
             _ => self.descend(rest, depth),
@@ -778,23 +783,25 @@ impl<'a> Walker<'a> {
         let id_steps = plan.entries.iter().find(|e| e.role == Role::Id).map(|e| e.steps.as_slice());
         if alive & plan.records != 0 {
             let entry = &plan.entries[plan.records.trailing_zeros() as usize];
-            let (mut count, mut hashes) = (0, Vec::new());
+            let (mut count, mut hashes, mut omitted) = (0, std::mem::take(&mut self.hashes), 0);
             let key = self.key;
             path::for_each_mut(&mut value, &entry.steps[depth..], &mut |record| {
                 count += 1;
                 if let Some(id) = id_steps.and_then(|steps| path::first(record, steps)) {
-                    hashes.extend(id_hash(id, key, true));
+                    keep_hash(&mut hashes, &mut omitted, id_hash(id, key, true));
                 }
             });
+            self.hashes = hashes;
+            self.hashes_omitted += omitted;
             self.count_records(count)?;
-            self.hashes.extend(hashes);
         }
         if self.id_pending
             && alive & plan.id != 0
             && let Some(steps) = id_steps
             && let Some(id) = path::first(&value, &steps[depth - self.record_depth as usize..])
         {
-            self.hashes.extend(id_hash(id, self.key, true));
+            let hash = id_hash(id, self.key, true);
+            keep_hash(&mut self.hashes, &mut self.hashes_omitted, hash);
             self.id_pending = false;
         }
 

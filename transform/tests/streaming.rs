@@ -285,6 +285,33 @@ fn records_and_ids_are_taken_before_masks() {
     assert_eq!(t.stats.record_hashes[1], key().hash_hex(b"2.0"));
 }
 
+/// Past `MAX_RECORD_HASHES` ids are counted, not hashed, on every path (a record's ids read
+/// from the body, from a masked subtree, and through the parsed document).
+#[test]
+fn record_hashes_stop_at_their_limit_and_the_rest_are_counted() {
+    let n = custos_transform::MAX_RECORD_HASHES + 50;
+    let items: Vec<String> = (0..n).map(|i| format!(r#"{{"id":{i},"p":"x"}}"#)).collect();
+    let body = format!(r#"{{"items":[{}]}}"#, items.join(","));
+    for masks in [
+        vec![],
+        vec![mask("all", &["$.items"], MaskStrategy::Redact)],
+        vec![mask("p", &["$.items[*].p"], MaskStrategy::Null)],
+    ] {
+        let plan = Plan {
+            records: Some(path("$.items[*]")),
+            record_id: Some(path("$.id")),
+            masks: masks.clone(),
+            ..Plan::default()
+        };
+        let (_, t) = streamed(&body, &plan);
+        assert_eq!(t.stats.records_returned, n as u64);
+        assert_eq!(t.stats.record_hashes.len(), custos_transform::MAX_RECORD_HASHES, "{masks:?}");
+        assert_eq!(t.stats.record_hashes_omitted, 50, "{masks:?}");
+        assert_eq!(t.stats.record_hashes[0], key().hash_hex(b"0"));
+        assert_eq!(t.stats.record_hashes.last(), Some(&key().hash_hex(b"9999")));
+    }
+}
+
 #[test]
 fn caps_are_counted_and_exceeded_caps_handed_over() {
     let body = sidecar_body();

@@ -99,6 +99,9 @@ pub(crate) struct Metrics {
     /// Bytes held in memory for the dry runs of Audit-mode policies beside the deciding one.
     pub dry_run_buffer_bytes: Gauge,
     pub dry_run_buffer_exhausted: Counter,
+    /// Ids of records returned that no event carries a hash of (past
+    /// [`custos_transform::MAX_RECORD_HASHES`] in one response).
+    pub record_hashes_omitted: Counter,
     pub usage_sync_failures: Counter,
     /// `--caller-identity istio`: callers through the mesh's proxy, by what its
     /// `x-forwarded-client-cert` said.
@@ -129,6 +132,7 @@ impl Metrics {
             response_buffer_exhausted: Counter::default(),
             dry_run_buffer_bytes: Gauge::default(),
             dry_run_buffer_exhausted: Counter::default(),
+            record_hashes_omitted: Counter::default(),
             usage_sync_failures: Counter::default(),
             mesh_callers: Family::default(),
             upstream: UpstreamCounters::default(),
@@ -157,6 +161,11 @@ impl Metrics {
             m.records_truncated.clone(),
         );
         r.register("masked_fields", "Masked fields by data class", m.masked_fields.clone());
+        r.register(
+            "record_hashes_omitted",
+            "Record ids not hashed into audit events: past the 10,000 hashes one event keeps (subject lookups miss them)",
+            m.record_hashes_omitted.clone(),
+        );
         r.register("quota_rejections", "Requests refused with 429, by limit", m.quota_rejections.clone());
         r.register(
             "limit_rejections",

@@ -1632,6 +1632,9 @@ impl Applied {
         ctx.event.records_filtered = stats.records_filtered;
         ctx.event.records_truncated = stats.records_truncated;
         ctx.event.record_hashes = stats.record_hashes;
+        if stats.record_hashes_omitted > 0 {
+            m.record_hashes_omitted.inc_by(stats.record_hashes_omitted);
+        }
         ctx.event.masked = stats.masked;
     }
 }

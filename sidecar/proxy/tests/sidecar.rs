@@ -44,7 +44,7 @@ fn main_rules() -> Value {
     json!([
         {"name": "no-export", "action": "Deny", "to": {"paths": ["/customers/export"]}},
         {"name": "list", "action": "Allow",
-         "to": {"methods": ["GET"], "paths": ["/customers", "/chunked/customers", "/gzip/customers", "/html/customers", "/big/customers", "/trailers/customers"]},
+         "to": {"methods": ["GET"], "paths": ["/customers", "/chunked/customers", "/gzip/customers", "/html/customers", "/big/customers", "/trailers/customers", "/many/customers"]},
          "records": "$.items[*]", "mask": {"phone": "ShowLast4", "name": "Redact"}},
         {"name": "branch", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
          "to": {"methods": ["GET", "HEAD"], "paths": ["/branch/customers", "/shape/customers"]},
@@ -323,6 +323,24 @@ async fn audit_mode_passes_everything_untouched_and_records_would_deny() {
     assert_eq!(e["decision"], "WouldDeny");
     assert!(e["reason"].as_str().unwrap().contains("record_cap_exceeded"));
     assert_no_personal_data(&serde_json::to_string(&events).unwrap());
+    f.stop().await;
+}
+
+/// A page of 10,050 records: its event carries the hashes of the first 10,000 ids (about
+/// 650 KB), counts every record, and the rest are counted in a metric.
+#[tokio::test]
+async fn an_event_keeps_at_most_ten_thousand_record_hashes() {
+    let collector = Collector::start().await;
+    let mut f = start(policy(main_rules()), shipping_events_to(collector.url())).await;
+    let page = get(f.proxy(), "/many/customers").await;
+    assert_eq!(page.status, 200);
+    assert_eq!(page.json()["items"].as_array().unwrap().len(), 10_050);
+    let events = collector.wait_for(1).await;
+    assert_eq!(events[0]["recordsReturned"], 10_050);
+    let hashes = events[0]["recordHashes"].as_array().unwrap();
+    assert_eq!(hashes.len(), 10_000);
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(metric_value(&metrics, "custos_sidecar_record_hashes_omitted_total"), 50.0);
     f.stop().await;
 }
 

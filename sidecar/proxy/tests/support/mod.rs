@@ -225,6 +225,11 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
     if path.starts_with("/slow/") {
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
+    if path.starts_with("/many/") {
+        // More records than one event keeps hashes of: 10,050 small ones.
+        let items: Vec<Value> = (0..10_050).map(|i| json!({"id": i})).collect();
+        return full(200, "application/json", serde_json::to_vec(&json!({"items": items})).unwrap());
+    }
     if path.starts_with("/big/") {
         let items: Vec<Value> = (0..2000).map(|i| json!({"id": i, "phone": "+8613800001111"})).collect();
         return full(200, "application/json", serde_json::to_vec(&json!({"items": items})).unwrap());
