@@ -484,11 +484,18 @@ async fn process(
     }
     let token = bearer(req.headers());
     let has_bearer = token.is_some();
+    // What a verifier's refusal of the token is called in the dry runs of the Audit-mode
+    // policies it belongs to.
+    let mut refused_token = "invalid_token";
     let users = match token {
         Some(value) if !state.verifiers.is_empty() => match state.verify(value).await {
             Ok(users) => users,
-            Err(e) if !state.enforcing => {
-                ctx.would_deny(if e.is_client_error() { "invalid_token" } else { "identity_unavailable" });
+            // No enforced policy verifies users: refused only by Audit-mode ones, recorded.
+            Err(e) if !state.enforcing_identity => {
+                refused_token = if e.is_client_error() { "invalid_token" } else { "identity_unavailable" };
+                if !state.enforcing {
+                    ctx.would_deny(refused_token);
+                }
                 Users::default()
             }
             Err(e) if e.is_client_error() => {
@@ -542,12 +549,17 @@ async fn process(
         .dry_runs
         .iter()
         .take(MAX_DRY_RUNS)
-        .map(|run| DryRun {
-            policy: run.policy.map(|p| p.name.clone()).unwrap_or_default(),
-            rule: run.rule.map(|r| r.name.clone()),
-            decision: run.decision,
-            reason: run.reason.code().to_owned(),
-            transform: None,
+        .map(|run| {
+            // Alone, a policy whose verifier refused the token would have answered 401.
+            let refused = has_bearer && state.refused_by(&users, run.policy);
+            DryRun {
+                policy: run.policy.map(|p| p.name.clone()).unwrap_or_default(),
+                // (refused before any rule is matched)
+                rule: run.rule.filter(|_| !refused).map(|r| r.name.clone()),
+                decision: if refused { Decision::WouldDeny } else { run.decision },
+                reason: if refused { refused_token.to_owned() } else { run.reason.code().to_owned() },
+                transform: None,
+            }
         })
         .collect();
     if verdict.blocks() {
@@ -938,7 +950,8 @@ fn dry_run_jobs(
 ) -> Vec<DryRunJob> {
     let mut jobs = Vec::new();
     for (entry, run) in verdict.dry_runs.iter().take(MAX_DRY_RUNS).enumerate() {
-        if run.decision != Decision::Allow {
+        // The entry's decision: the verdict's, unless the policy's verifier refused the token.
+        if ctx.event.dry_runs.get(entry).is_none_or(|d| d.decision != Decision::Allow) {
             continue;
         }
         // A policy that identifies nobody counts by the peer, as it would alone.

@@ -41,6 +41,9 @@ pub(crate) struct PolicyState {
     /// Whether any selected policy is enforced (otherwise request-side refusals of identity
     /// are only recorded).
     pub enforcing: bool,
+    /// Whether any enforced policy verifies users: only then does a token no verifier accepts
+    /// get 401 (an Audit-mode policy's verifier refusing it is recorded in its dry run).
+    pub enforcing_identity: bool,
 }
 
 impl PolicyState {
@@ -64,6 +67,15 @@ impl PolicyState {
             Some(e) if users.iter().all(Option::is_none) => Err(e),
             _ => Ok(Users { by_verifier: users }),
         }
+    }
+
+    /// Whether `policy` verifies users and its verifier refused the request's token (`users`
+    /// of a request that sent one).
+    pub(crate) fn refused_by(&self, users: &Users, policy: Option<&CompiledPolicy>) -> bool {
+        policy
+            .and_then(|p| self.index_of(p))
+            .and_then(|i| self.policy_verifiers.get(i).copied().flatten())
+            .is_some_and(|v| users.by_verifier.get(v).is_none_or(Option::is_none))
     }
 
     /// The user the `i`-th of the engine's policies sees: the one its own verifier found.
@@ -228,6 +240,8 @@ pub(crate) fn build_state(
         policy_verifiers.push(Some(index));
     }
     let enforcing = engine.policies().iter().any(|p| p.mode == Mode::Enforce);
+    let enforcing_identity =
+        engine.policies().iter().any(|p| p.mode == Mode::Enforce && p.identity.is_some());
     let state = PolicyState {
         engine,
         hash: config.hash,
@@ -238,6 +252,7 @@ pub(crate) fn build_state(
         upstream,
         upstream_authority,
         enforcing,
+        enforcing_identity,
     };
     cache.retain_used(&state);
     Ok(state)

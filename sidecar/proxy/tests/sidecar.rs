@@ -790,6 +790,40 @@ async fn a_dry_run_beside_an_enforcing_policy_is_recorded() {
     );
 }
 
+/// A token that only an Audit-mode policy's verifier reads (the enforcing policy verifies no
+/// users) is not refused with 401 when that verifier refuses it: the request goes as the
+/// enforcing policy decides, and the Audit policy's dry run says what it would have done alone.
+#[tokio::test]
+async fn a_token_only_an_audit_policy_refuses_is_a_dry_run_not_a_401() {
+    let collector = Collector::start().await;
+    let enforcing = allowing_policy(json!([]), json!([]));
+    let mut audit = policy(main_rules());
+    audit["mode"] = json!("Audit");
+    let url = collector.url();
+    let mut f = fixture(&[("a-enforcing", enforcing), ("b-audit", audit)], Vec::new(), move |s| {
+        mount_sso_jwks(s);
+        shipping_events_to(url)(s);
+    })
+    .await;
+    let clerk = format!("Bearer {}", clerk_token("north"));
+    assert_eq!(get_with(f.proxy(), "/open/good", &[("authorization", &clerk)]).await.status, 200);
+    let reply = get_with(f.proxy(), "/open/bad", &[("authorization", "Bearer not.a.token")]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(f.upstream.count(), 2);
+    let events = collector.wait_for(2).await;
+    let by_path =
+        |p: &str| events.iter().find(|e| e["path"] == p).unwrap_or_else(|| panic!("{events:#?}")).clone();
+    let bad = by_path("/open/bad");
+    assert_eq!((bad["policy"].as_str(), bad["decision"].as_str()), (Some("a-enforcing"), Some("Allow")));
+    assert_eq!(
+        bad["dryRuns"],
+        json!([{"policy": "b-audit", "decision": "WouldDeny", "reason": "invalid_token"}])
+    );
+    let good = by_path("/open/good");
+    assert_eq!(good["dryRuns"][0]["decision"], "Allow", "{good:#}");
+    f.stop().await;
+}
+
 /// Beside an enforcing policy, an Audit-mode policy's rule is dry-run whole, as it would run
 /// alone: its quotas count the requests under its own principal (over them: `WouldDeny`,
 /// `quota_exceeded`; its record quota charged what it would have returned), and its response
