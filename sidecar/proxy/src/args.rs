@@ -171,6 +171,12 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_UPSTREAM_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
 
+    /// The longest a write to a client may wait while it reads nothing; the connection is then
+    /// closed (as nginx's `send_timeout`), so that a client that stops reading a streamed
+    /// response does not hold the app connection it comes from.
+    #[arg(long, env = "CUSTOS_RESPONSE_SEND_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub response_send_timeout: Duration,
+
     /// Maximum concurrent client connections (503 above).
     #[arg(long, env = "CUSTOS_MAX_CONNECTIONS", value_name = "N", default_value_t = 10_000)]
     pub max_connections: usize,
@@ -238,6 +244,9 @@ impl SidecarArgs {
         if self.header_read_timeout.is_zero() {
             return Err(Error::Invalid("--header-read-timeout must be longer than 0s".into()));
         }
+        if self.response_send_timeout.is_zero() {
+            return Err(Error::Invalid("--response-send-timeout must be longer than 0s".into()));
+        }
         let domain = &self.trust_domain;
         if domain.is_empty()
             || !domain.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
@@ -275,6 +284,7 @@ impl SidecarArgs {
                 response_buffer_total_bytes: self.response_buffer_total_bytes,
                 upstream_connect_timeout: self.upstream_connect_timeout,
                 upstream_timeout: self.upstream_timeout,
+                response_send_timeout: self.response_send_timeout,
                 max_connections: self.max_connections.max(1),
                 upstream_max_connections: self.upstream_max_connections as usize,
             },

@@ -55,6 +55,7 @@ mod metrics;
 mod proxy;
 mod quota_clock;
 mod request_body;
+mod send_timeout;
 mod server;
 mod settings;
 mod socket_owner;

@@ -20,7 +20,9 @@ use tower::Service;
 
 use custos_serve::{NoRequestInTime, RequestStarted, first_request_within};
 
+use crate::metrics::LimitLabels;
 use crate::proxy::{Enforcer, Shared};
+use crate::send_timeout::SendTimeout;
 use crate::state::ConfigCell;
 
 /// How often an h2c connection that has been quiet is pinged, and how long the answer may
@@ -60,6 +62,8 @@ pub(crate) async fn serve_proxy(
     let slots = shared.connection_slots.clone();
     let metrics = shared.metrics.clone();
     let header_read_timeout = limits.header_read_timeout;
+    let send_timed_out =
+        metrics.limit_rejections.get_or_create(&LimitLabels { limit: "response_send_timeout" }).clone();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => break,
@@ -92,7 +96,8 @@ pub(crate) async fn serve_proxy(
             let mut enforcer = enforcer.clone();
             enforcer.call(req)
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let io = SendTimeout::new(stream, limits.response_send_timeout, send_timed_out.clone());
+        let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
         let conn = graceful.watch(conn);
         let metrics = metrics.clone();
         metrics.connections.inc();

@@ -55,6 +55,10 @@ pub struct ProxyLimits {
     /// (504 when exceeded); counted from the request, or from the last bytes of a request
     /// body forwarded as it arrives.
     pub upstream_timeout: Duration,
+    /// The longest a write to a client may wait (the client reading nothing): the connection
+    /// is then closed, so that a client that stops reading a streamed response does not hold
+    /// the app connection it comes from (`limit="response_send_timeout"`).
+    pub response_send_timeout: Duration,
     /// Maximum concurrent client connections (503 and close above).
     pub max_connections: usize,
     /// Maximum connections to the app, shared out among the proxy threads; each carries one
@@ -77,6 +81,7 @@ impl Default for ProxyLimits {
             response_buffer_total_bytes: 32 * 1024 * 1024,
             upstream_connect_timeout: Duration::from_secs(2),
             upstream_timeout: Duration::from_secs(30),
+            response_send_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             upstream_max_connections: 1024,
         }

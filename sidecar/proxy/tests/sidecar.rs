@@ -2263,6 +2263,43 @@ async fn the_app_gets_no_more_connections_than_the_maximum() {
     f.stop().await;
 }
 
+/// A client that stops reading a streamed response holds the app connection it comes from
+/// until `--response-send-timeout`: then its connection is closed and the app connection is
+/// free for the next request.
+#[tokio::test]
+async fn a_client_that_stops_reading_gives_its_app_connection_back() {
+    let mut f = fixture(&[("open", allowing_policy(json!([]), json!([])))], Vec::new(), |s| {
+        s.proxy_threads = 1;
+        s.limits.upstream_max_connections = 1;
+        s.limits.upstream_connect_timeout = Duration::from_millis(200);
+        s.limits.response_send_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(f.proxy()).await.unwrap();
+    stalled.write_all(b"GET /huge/x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    while f.upstream.count() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = get(f.proxy(), "/open/x").await;
+    assert_eq!(reply.status, 503, "the stalled response holds the one app connection");
+    let mut status = 503;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = get(f.proxy(), "/open/x").await.status.as_u16();
+        if status == 200 {
+            break;
+        }
+    }
+    assert_eq!(status, 200, "the app connection was not given back");
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(limit_rejections(&metrics, "response_send_timeout"), 1.0);
+    drop(stalled);
+    f.stop().await;
+}
+
 /// Waits (bounded) until the sidecar reports `n` open client connections.
 async fn wait_for_connections(f: &Fixture, n: usize) {
     let needle = format!("custos_sidecar_connections {n}\n");

@@ -225,6 +225,10 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
     if path.starts_with("/slow/") {
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
+    if path.starts_with("/huge/") {
+        // 32 MiB passed through: more than the sockets between a client and the app hold.
+        return full(200, "application/octet-stream", vec![b'x'; 32 << 20]);
+    }
     if path.starts_with("/many/") {
         // More records than one event keeps hashes of: 10,050 small ones.
         let items: Vec<Value> = (0..10_050).map(|i| json!({"id": i})).collect();
