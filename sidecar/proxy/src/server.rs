@@ -130,7 +130,12 @@ fn connection_end(
         Ok(Ok(())) => None,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "client connection ended with an error");
-            let timed_out = e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
+            let error = e.downcast_ref::<hyper::Error>();
+            if error.is_some_and(hyper::Error::is_parse_too_large) {
+                // A head past hyper's read buffer (twice --max-header-bytes): its own 431.
+                return Some("header_bytes");
+            }
+            let timed_out = error.is_some_and(hyper::Error::is_timeout);
             (timed_out && !started.is_marked()).then_some("header_read_timeout")
         }
         Err(e) => {

@@ -1671,6 +1671,15 @@ async fn header_body_time_and_connection_limits() {
     let big = "x".repeat(3000);
     let reply = get_with(f.proxy(), "/open/x", &[("x-big", &big)]).await;
     assert_eq!(reply.status, 431);
+    // Past what hyper reads of a head (16 KiB here): its own 431, counted alike.
+    let (status, _) = raw(
+        f.proxy(),
+        format!("GET /open/x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "x".repeat(20_000)).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, Some(431));
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(limit_rejections(&metrics, "header_bytes"), 2.0);
 
     let post = |body: Vec<u8>| {
         Request::post("/echo/x").header("host", "a").body(Full::new(Bytes::from(body))).unwrap()
