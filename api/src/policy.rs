@@ -47,7 +47,8 @@ pub struct DataAccessPolicySpec {
 
     /// When true, a response that cannot be transformed (not JSON, too large) is passed
     /// through unmasked instead of failing closed with 502. A partial response (206) fails
-    /// closed regardless. Default false.
+    /// closed regardless, and a response the sidecar's buffers have no room for gets 503
+    /// regardless (load, which a client can cause). Default false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub fail_open: bool,
 

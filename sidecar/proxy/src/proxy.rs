@@ -1682,7 +1682,9 @@ fn untransformable(
     original: ProxyBody,
 ) -> Response<ProxyBody> {
     shared.metrics.transform_failures.get_or_create(&ReasonLabels { reason: code }).inc();
-    match (job.mode, job.fail_open && code != PARTIAL_CONTENT) {
+    // A slice is never a document; full buffers are a matter of load, which a client can
+    // make: neither passes under failOpen (or a flood would carry responses out unmasked).
+    match (job.mode, job.fail_open && code != PARTIAL_CONTENT && code != RESPONSE_BUFFER_EXHAUSTED) {
         (Mode::Enforce, false) if code == RESPONSE_BUFFER_EXHAUSTED => {
             ctx.deny(code);
             retry_later(
