@@ -83,8 +83,8 @@ use crate::names::{
 pub use crate::selector::selector_matches;
 pub use sidecar::{
     ADMIN_PORT_NAME, COLLECTOR_TOKEN_DIR, COLLECTOR_TOKEN_KEY, CONFIG_DIR, HASH_KEY_DIR, HASH_KEY_KEY,
-    JWKS_DIR, MANAGED_ENV, POD_INFO_DIR, PROXY_PORT_NAME, SHUTDOWN_DELAY_SECONDS, SPOOL_DIR, is_managed_flag,
-    shutdown_delay_seconds,
+    JWKS_DIR, MANAGED_ENV, POD_INFO_DIR, PROXY_PORT_NAME, SHUTDOWN_DELAY_SECONDS, SPOOL_DIR,
+    drain_timeout_seconds, is_managed_flag, shutdown_delay_seconds,
 };
 pub use update::{UpdateRefusal, check_update};
 

@@ -179,6 +179,21 @@ pub fn shutdown_delay_seconds(grace: Option<i64>) -> i64 {
     (grace.unwrap_or(30) / 4).clamp(0, SHUTDOWN_DELAY_SECONDS)
 }
 
+/// How long the sidecar flushes its audit events after the drain (its shipper's time-out).
+const EVENT_FLUSH_SECONDS: i64 = 5;
+
+/// The sidecar's own drain time-out when nothing constrains it (`--drain-timeout`'s default).
+const DRAIN_SECONDS: i64 = 20;
+
+/// The drain time-out (`CUSTOS_DRAIN_TIMEOUT`) for a pod whose `terminationGracePeriodSeconds`
+/// is `grace` (30 when unset) and whose shutdown delay is `delay`: what the grace period leaves
+/// after the delay, the event flush and a second of margin, between 1 s and the sidecar's
+/// default 20 s, so that the kubelet does not kill the sidecar mid-drain and lose the events
+/// of the requests still in flight. `--drain-timeout` among the extra arguments overrides it.
+pub fn drain_timeout_seconds(grace: Option<i64>, delay: i64) -> i64 {
+    grace.unwrap_or(30).saturating_sub(delay).saturating_sub(EVENT_FLUSH_SECONDS + 1).clamp(1, DRAIN_SECONDS)
+}
+
 /// The `custos sidecar` settings the injection sets, as environment variables. The flag of
 /// the same name (`CUSTOS_HASH_KEY_FILE`: `--hash-key-file`) would override one, so extra
 /// arguments may not name them ([`is_managed_flag`]).
@@ -240,10 +255,12 @@ pub(super) fn container(plan: &SidecarPlan<'_>, settings: &InjectSettings) -> Co
     if settings.hash_key_secret.is_some() {
         env.push(env_value("CUSTOS_HASH_KEY_FILE", format!("{HASH_KEY_DIR}/{HASH_KEY_KEY}")));
     }
-    let delay = shutdown_delay_seconds(plan.grace_period_seconds);
-    if !settings.native_sidecar && delay > 0 {
+    let delay = if settings.native_sidecar { 0 } else { shutdown_delay_seconds(plan.grace_period_seconds) };
+    if delay > 0 {
         env.push(env_value("CUSTOS_SHUTDOWN_DELAY", format!("{delay}s")));
     }
+    let drain = drain_timeout_seconds(plan.grace_period_seconds, delay);
+    env.push(env_value("CUSTOS_DRAIN_TIMEOUT", format!("{drain}s")));
 
     let mut mounts = vec![
         mount(CONFIG_VOLUME, CONFIG_DIR),

@@ -527,12 +527,15 @@ fn collector_and_hash_key_settings_reach_the_sidecar() {
     assert_eq!(mount_path(c, "custos-collector-token").as_deref(), Some(COLLECTOR_TOKEN_DIR));
     assert_eq!(mount_path(c, "custos-hash-key").as_deref(), Some(HASH_KEY_DIR));
     // Every `custos sidecar` setting the injection makes is one extra arguments may not name,
-    // but the shutdown delay: a default they may override.
+    // but the shutdown delay and the drain time-out: defaults they may override.
     let set: Vec<&str> =
         c.env.iter().flatten().map(|e| e.name.as_str()).filter(|n| n.starts_with("CUSTOS_")).collect();
     let managed: Vec<&str> = MANAGED_ENV.to_vec();
-    assert_eq!(set.iter().filter(|n| !managed.contains(n)).collect::<Vec<_>>(), [&"CUSTOS_SHUTDOWN_DELAY"]);
-    assert!(!is_managed_flag("--shutdown-delay"));
+    assert_eq!(
+        set.iter().filter(|n| !managed.contains(n)).collect::<Vec<_>>(),
+        [&"CUSTOS_SHUTDOWN_DELAY", &"CUSTOS_DRAIN_TIMEOUT"]
+    );
+    assert!(!is_managed_flag("--shutdown-delay") && !is_managed_flag("--drain-timeout"));
     assert!(
         is_managed_flag("--hash-key-file")
             && is_managed_flag("--proxy-threads")
@@ -615,22 +618,31 @@ fn a_native_sidecar_is_an_always_restarting_init_container() {
 
 #[test]
 fn the_shutdown_delay_fits_the_grace_period() {
-    // (terminationGracePeriodSeconds, CUSTOS_SHUTDOWN_DELAY)
-    for (grace, delay) in [
-        (None, Some("5s")),
-        (Some(30), Some("5s")),
-        (Some(120), Some("5s")),
-        (Some(12), Some("3s")),
-        (Some(4), Some("1s")),
-        (Some(3), None),
-        (Some(0), None),
-        (Some(-1), None),
+    // (terminationGracePeriodSeconds, CUSTOS_SHUTDOWN_DELAY, CUSTOS_DRAIN_TIMEOUT): delay,
+    // drain, the 5 s event flush and a second of margin fit the grace period where it allows.
+    for (grace, delay, drain) in [
+        (None, Some("5s"), "19s"),
+        (Some(30), Some("5s"), "19s"),
+        (Some(120), Some("5s"), "20s"),
+        (Some(12), Some("3s"), "3s"),
+        (Some(10), Some("2s"), "2s"),
+        (Some(4), Some("1s"), "1s"),
+        (Some(3), None, "1s"),
+        (Some(0), None, "1s"),
+        (Some(-1), None, "1s"),
     ] {
         let (mut pod, policies) = app_selected();
         pod.spec.as_mut().unwrap().termination_grace_period_seconds = grace;
         let (out, _) = injected(run(&pod, &policies));
         assert_eq!(env_value(sidecar(&out), "CUSTOS_SHUTDOWN_DELAY").as_deref(), delay, "grace {grace:?}");
+        assert_eq!(
+            env_value(sidecar(&out), "CUSTOS_DRAIN_TIMEOUT").as_deref(),
+            Some(drain),
+            "grace {grace:?}"
+        );
     }
+    assert_eq!(drain_timeout_seconds(Some(i64::MIN), 0), 1);
+    assert_eq!(drain_timeout_seconds(Some(i64::MAX), 5), 20);
     assert_eq!(shutdown_delay_seconds(Some(i64::MAX)), SHUTDOWN_DELAY_SECONDS);
     assert_eq!(shutdown_delay_seconds(Some(i64::MIN)), 0);
 }
