@@ -342,24 +342,43 @@ pub(crate) fn buffered_then(buffered: u64, rest: Option<SizeHint>) -> SizeHint {
     hint
 }
 
-/// A response body read into memory, or the part read before it went over the limit.
+/// How reading a response body into memory ended ([`collect_limited`]).
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Collected {
-    /// The whole body.
-    Complete(Bytes),
-    /// More than the limit: what was read, and the rest of the body (for pass-through).
-    TooLarge { prefix: VecDeque<Bytes>, rest: Option<AppBody> },
-    /// The memory budget had no room: what was read, and the rest (counted as exhausted).
-    NoRoom { prefix: VecDeque<Bytes>, rest: Option<AppBody> },
+    /// The whole body is in the chunks.
+    Complete,
+    /// More than the limit: the chunks hold what was read, the body the rest (for
+    /// pass-through).
+    TooLarge,
+    /// The memory budget had no room (counted as exhausted): the chunks and the rest, as for
+    /// [`Collected::TooLarge`].
+    NoRoom,
 }
 
-/// Reads `body` up to `limit` bytes, taking them from `reservation` as they arrive.
+/// What [`collect_limited`] has read: the caller's, so that a read stopped from outside (a
+/// time-out dropping the future) leaves them with the rest of the body.
+#[derive(Default)]
+pub(crate) struct Chunks {
+    pub chunks: VecDeque<Bytes>,
+    pub total: u64,
+}
+
+impl Chunks {
+    /// The chunks, followed by what is left of `body`, as a body to pass on.
+    pub(crate) fn then(self, body: AppBody) -> ProxyBody {
+        let rest = if body.is_end_stream() { None } else { Some(body) };
+        ProxyBody::chain(self.chunks, rest)
+    }
+}
+
+/// Reads `body` into `read` up to `limit` bytes, taking them from `reservation` as they
+/// arrive.
 pub(crate) async fn collect_limited(
-    mut body: AppBody,
+    body: &mut AppBody,
+    read: &mut Chunks,
     limit: u64,
     reservation: &mut Reservation,
 ) -> Result<Collected, hyper::Error> {
-    let mut chunks: VecDeque<Bytes> = VecDeque::new();
-    let mut total: u64 = 0;
     while let Some(frame) = body.frame().await {
         let frame = frame?;
         let Ok(data) = frame.into_data() else {
@@ -367,18 +386,16 @@ pub(crate) async fn collect_limited(
             continue;
         };
         let len = data.len() as u64;
-        total = total.saturating_add(len);
-        chunks.push_back(data);
-        if total > limit {
-            let rest = if body.is_end_stream() { None } else { Some(body) };
-            return Ok(Collected::TooLarge { prefix: chunks, rest });
+        read.total = read.total.saturating_add(len);
+        read.chunks.push_back(data);
+        if read.total > limit {
+            return Ok(Collected::TooLarge);
         }
         if !reservation.grow(len) {
-            let rest = if body.is_end_stream() { None } else { Some(body) };
-            return Ok(Collected::NoRoom { prefix: chunks, rest });
+            return Ok(Collected::NoRoom);
         }
     }
-    Ok(Collected::Complete(concat(chunks, total)))
+    Ok(Collected::Complete)
 }
 
 /// The chunks as one buffer of `total` bytes (no copy for a single chunk).

@@ -33,8 +33,8 @@ use serde_json::json;
 
 use crate::audit::PendingEvent;
 use crate::body::{
-    AppBody, Collected, DRY_RUN_BUFFER_EXHAUSTED, DRY_RUN_BUFFER_TOO_SMALL, DecodeError, Encoding, ProxyBody,
-    TeeEnd, TeeLimits, Teed, UPSTREAM_TIMEOUT, collect_limited, decode,
+    AppBody, Chunks, Collected, DRY_RUN_BUFFER_EXHAUSTED, DRY_RUN_BUFFER_TOO_SMALL, DecodeError, Encoding,
+    ProxyBody, TeeEnd, TeeLimits, Teed, UPSTREAM_TIMEOUT, collect_limited, concat, decode,
 };
 use crate::budget::{BufferBudget, Reservation};
 use crate::method_override::{self, PostBody};
@@ -1335,17 +1335,19 @@ async fn transform_response(
     }
     // Held until the transformed body is built: the app's bytes, and their decoding.
     let mut reservation = Reservation::on(&shared.response_buffers);
-    let (raw, decoded) = match gather(shared, ctx, &parts.headers, body, deadline, &mut reservation).await {
-        Ok(Gathered { raw, decoded }) => (raw, decoded),
-        Err(Ungathered::Answered(answer)) => return answer,
-        Err(Ungathered::Unreadable(code, original)) => {
-            if let Some(input) = for_dry_runs {
-                *input = DryRunInput::Unreadable(code, Read::of(&job));
+    let audit = job.mode == Mode::Audit;
+    let (raw, decoded) =
+        match gather(shared, ctx, &parts.headers, body, deadline, audit, &mut reservation).await {
+            Ok(Gathered { raw, decoded }) => (raw, decoded),
+            Err(Ungathered::Answered(answer)) => return answer,
+            Err(Ungathered::Unreadable(code, original)) => {
+                if let Some(input) = for_dry_runs {
+                    *input = DryRunInput::Unreadable(code, Read::of(&job));
+                }
+                return untransformable(shared, ctx, &job, parts, code, original);
             }
-            return untransformable(shared, ctx, &job, parts, code, original);
-        }
-        Err(Ungathered::Empty) => return Response::from_parts(parts, ProxyBody::empty()),
-    };
+            Err(Ungathered::Empty) => return Response::from_parts(parts, ProxyBody::empty()),
+        };
     // The dry runs read the app's body, not what the plans make of it.
     if let Some(input) = for_dry_runs.take() {
         *input = DryRunInput::Body(decoded.clone(), Read::of(&job));
@@ -1438,18 +1440,22 @@ enum Ungathered {
 }
 
 /// Reads the app's response body whole, within the response limit, the buffer budget
-/// (`reservation` holds the share taken) and `deadline`, and decodes it (gzip, deflate).
+/// (`reservation` holds the share taken) and `deadline`, and decodes it (gzip, deflate). In
+/// Audit mode (`audit`) a body not whole by the deadline is passed on as it continues, with
+/// the code Enforce would have answered 504 for, rather than cut.
 async fn gather(
     shared: &Shared,
     ctx: &mut Ctx,
     headers: &HeaderMap,
-    body: AppBody,
+    mut body: AppBody,
     deadline: tokio::time::Instant,
+    audit: bool,
     reservation: &mut Reservation,
 ) -> Result<Gathered, Ungathered> {
     let limit = shared.limits.max_response_body_bytes;
+    let mut read = Chunks::default();
     let timed = {
-        let collecting = std::pin::pin!(collect_limited(body, limit, reservation));
+        let collecting = std::pin::pin!(collect_limited(&mut body, &mut read, limit, reservation));
         tokio::time::timeout_at(deadline, collecting).await
     };
     let collected = match timed {
@@ -1462,6 +1468,10 @@ async fn gather(
                 json!({"error": "upstream response failed", "reason": "upstream_error"}),
             )));
         }
+        Err(_) if audit => {
+            shared.metrics.limit("upstream_timeout");
+            return Err(Ungathered::Unreadable(UPSTREAM_TIMEOUT, read.then(body)));
+        }
         Err(_) => {
             shared.metrics.limit("upstream_timeout");
             ctx.set_reason("upstream_timeout");
@@ -1472,14 +1482,12 @@ async fn gather(
         }
     };
     let raw = match collected {
-        Collected::Complete(raw) => raw,
-        Collected::TooLarge { prefix, rest } => {
+        Collected::Complete => concat(read.chunks, read.total),
+        Collected::TooLarge => {
             shared.metrics.limit("response_body_bytes");
-            return Err(Ungathered::Unreadable("response_too_large", ProxyBody::chain(prefix, rest)));
+            return Err(Ungathered::Unreadable("response_too_large", read.then(body)));
         }
-        Collected::NoRoom { prefix, rest } => {
-            return Err(Ungathered::Unreadable(RESPONSE_BUFFER_EXHAUSTED, ProxyBody::chain(prefix, rest)));
-        }
+        Collected::NoRoom => return Err(Ungathered::Unreadable(RESPONSE_BUFFER_EXHAUSTED, read.then(body))),
     };
     if raw.is_empty() {
         return Err(Ungathered::Empty);

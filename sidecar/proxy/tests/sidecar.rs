@@ -44,7 +44,7 @@ fn main_rules() -> Value {
     json!([
         {"name": "no-export", "action": "Deny", "to": {"paths": ["/customers/export"]}},
         {"name": "list", "action": "Allow",
-         "to": {"methods": ["GET"], "paths": ["/customers", "/chunked/customers", "/gzip/customers", "/html/customers", "/big/customers", "/trailers/customers", "/many/customers"]},
+         "to": {"methods": ["GET"], "paths": ["/customers", "/chunked/customers", "/gzip/customers", "/html/customers", "/big/customers", "/trailers/customers", "/many/customers", "/stall/customers"]},
          "records": "$.items[*]", "mask": {"phone": "ShowLast4", "name": "Redact"}},
         {"name": "branch", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
          "to": {"methods": ["GET", "HEAD"], "paths": ["/branch/customers", "/shape/customers"]},
@@ -324,6 +324,35 @@ async fn audit_mode_passes_everything_untouched_and_records_would_deny() {
     assert!(e["reason"].as_str().unwrap().contains("record_cap_exceeded"));
     assert_no_personal_data(&serde_json::to_string(&events).unwrap());
     f.stop().await;
+}
+
+/// A response to mask that is not whole by `--upstream-timeout`: Enforce answers 504; Audit
+/// mode passes it on as it continues, and records that Enforce would not have.
+#[tokio::test]
+async fn audit_mode_passes_a_body_slower_than_the_time_out_on() {
+    for mode in ["Enforce", "Audit"] {
+        let collector = Collector::start().await;
+        let mut spec = policy(main_rules());
+        spec["mode"] = json!(mode);
+        let url = collector.url();
+        let mut f = start(spec, move |s| {
+            shipping_events_to(url)(s);
+            s.limits.upstream_timeout = Duration::from_millis(500);
+        })
+        .await;
+        let reply = get(f.proxy(), "/stall/customers").await;
+        let event = collector.wait_for(1).await.remove(0);
+        if mode == "Enforce" {
+            assert_eq!(reply.status, 504);
+            assert_eq!(event["reason"], "upstream_timeout");
+        } else {
+            assert_eq!(reply.status, 200);
+            assert_eq!(reply.json(), customers(), "the app's bytes, whole");
+            assert_eq!(event["decision"], "WouldDeny");
+            assert!(event["reason"].as_str().unwrap().starts_with("upstream_timeout"), "{event}");
+        }
+        f.stop().await;
+    }
 }
 
 /// A page of 10,050 records: its event carries the hashes of the first 10,000 ids (about
@@ -1679,8 +1708,16 @@ async fn header_body_time_and_connection_limits() {
     )
     .await;
     assert_eq!(status, Some(431));
-    let metrics = admin_get(f.admin(), "/metrics").await.text();
-    assert_eq!(limit_rejections(&metrics, "header_bytes"), 2.0);
+    // Counted when the connection's task ends, which may be just after the client has read.
+    let mut counted = 0.0;
+    for _ in 0..100 {
+        counted = limit_rejections(&admin_get(f.admin(), "/metrics").await.text(), "header_bytes");
+        if counted == 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, 2.0);
 
     let post = |body: Vec<u8>| {
         Request::post("/echo/x").header("host", "a").body(Full::new(Bytes::from(body))).unwrap()
