@@ -492,7 +492,7 @@ async fn process(
             Ok(users) => users,
             // No enforced policy verifies users: refused only by Audit-mode ones, recorded.
             Err(e) if !state.enforcing_identity => {
-                refused_token = if e.is_client_error() { "invalid_token" } else { "identity_unavailable" };
+                refused_token = crate::state::refusal_code(&e);
                 if !state.enforcing {
                     ctx.would_deny(refused_token);
                 }
@@ -550,14 +550,14 @@ async fn process(
         .iter()
         .take(MAX_DRY_RUNS)
         .map(|run| {
-            // Alone, a policy whose verifier refused the token would have answered 401.
-            let refused = has_bearer && state.refused_by(&users, run.policy);
+            // Alone, a policy whose verifier refused the token would have answered 401 (503
+            // for an identity provider it cannot reach) before matching any rule.
+            let refused = if has_bearer { state.refused_by(&users, run.policy, refused_token) } else { None };
             DryRun {
                 policy: run.policy.map(|p| p.name.clone()).unwrap_or_default(),
-                // (refused before any rule is matched)
-                rule: run.rule.filter(|_| !refused).map(|r| r.name.clone()),
-                decision: if refused { Decision::WouldDeny } else { run.decision },
-                reason: if refused { refused_token.to_owned() } else { run.reason.code().to_owned() },
+                rule: run.rule.filter(|_| refused.is_none()).map(|r| r.name.clone()),
+                decision: if refused.is_some() { Decision::WouldDeny } else { run.decision },
+                reason: refused.map_or_else(|| run.reason.code().to_owned(), str::to_owned),
                 transform: None,
             }
         })
@@ -1386,7 +1386,7 @@ async fn transform_response(
                 return cap_denied(ctx, step, parts, raw);
             }
             Err(PlanFailure::Untransformable(code))
-                if i > 0 && step.mode == Mode::Enforce && step.fail_open =>
+                if i > 0 && step.mode == Mode::Enforce && passes_under_fail_open(step, code) =>
             {
                 // Every policy fails open (`TransformJob::in_order`): the caller gets what the
                 // plans before this one made of the body, not the app's bytes.
@@ -1690,9 +1690,7 @@ fn untransformable(
     original: ProxyBody,
 ) -> Response<ProxyBody> {
     shared.metrics.transform_failures.get_or_create(&ReasonLabels { reason: code }).inc();
-    // A slice is never a document; full buffers are a matter of load, which a client can
-    // make: neither passes under failOpen (or a flood would carry responses out unmasked).
-    match (job.mode, job.fail_open && code != PARTIAL_CONTENT && code != RESPONSE_BUFFER_EXHAUSTED) {
+    match (job.mode, passes_under_fail_open(job, code)) {
         (Mode::Enforce, false) if code == RESPONSE_BUFFER_EXHAUSTED => {
             ctx.deny(code);
             retry_later(
@@ -1719,6 +1717,14 @@ fn untransformable(
             Response::from_parts(parts, original)
         }
     }
+}
+
+/// Whether `job`'s failOpen passes a response its plan cannot read for `code`: not a slice
+/// (never a document), not one the buffers had no room for (load, which a client can make: a
+/// flood would carry responses out unmasked), not one the app did not finish in time (Enforce
+/// answers 504 whatever failOpen says).
+fn passes_under_fail_open(job: &TransformJob, code: &str) -> bool {
+    job.fail_open && !matches!(code, PARTIAL_CONTENT | RESPONSE_BUFFER_EXHAUSTED | UPSTREAM_TIMEOUT)
 }
 
 /// An h2 client may send its cookies as several `cookie` fields (RFC 9113 §8.2.3 lets it
@@ -1965,6 +1971,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
             custos.push(name.clone());
         }
     }
+    // Read before `Connection` names are removed: a client sending `TE` must name it there too
+    // (RFC 9110 §10.1.4).
+    let trailers = present & TE_BIT != 0
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
+            })
+        });
     if present & 1 != 0 {
         // HOP_BY_HOP[0], Connection: its values name more headers to remove.
         let mut values = headers.get_all(header::CONNECTION).iter();
@@ -1982,13 +1997,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
             }
         }
     }
-    let trailers = present & TE_BIT != 0
-        && headers.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
-            })
-        });
     for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
         if present & (1 << i) != 0 {
             headers.remove(*name);

@@ -56,32 +56,42 @@ impl PolicyState {
         let mut users = Vec::with_capacity(self.verifiers.len());
         for v in &self.verifiers {
             match v.verify(authorization).await {
-                Ok(user) => users.push(Some(user)),
+                Ok(user) => users.push(Ok(user)),
                 Err(e) => {
-                    users.push(None);
+                    users.push(Err(refusal_code(&e)));
                     first_error.get_or_insert(e);
                 }
             }
         }
         match first_error {
-            Some(e) if users.iter().all(Option::is_none) => Err(e),
+            Some(e) if users.iter().all(Result::is_err) => Err(e),
             _ => Ok(Users { by_verifier: users }),
         }
     }
 
-    /// Whether `policy` verifies users and its verifier refused the request's token (`users`
-    /// of a request that sent one).
-    pub(crate) fn refused_by(&self, users: &Users, policy: Option<&CompiledPolicy>) -> bool {
-        policy
+    /// When `policy` verifies users and its verifier refused the request's token (`users` of a
+    /// request that sent one), why: `invalid_token` or `identity_unavailable` (`all_refused`,
+    /// the code of a token every verifier refused, when `users` holds none).
+    pub(crate) fn refused_by(
+        &self,
+        users: &Users,
+        policy: Option<&CompiledPolicy>,
+        all_refused: &'static str,
+    ) -> Option<&'static str> {
+        let v = policy
             .and_then(|p| self.index_of(p))
-            .and_then(|i| self.policy_verifiers.get(i).copied().flatten())
-            .is_some_and(|v| users.by_verifier.get(v).is_none_or(Option::is_none))
+            .and_then(|i| self.policy_verifiers.get(i).copied().flatten())?;
+        match users.by_verifier.get(v) {
+            None => Some(all_refused),
+            Some(Err(code)) => Some(code),
+            Some(Ok(_)) => None,
+        }
     }
 
     /// The user the `i`-th of the engine's policies sees: the one its own verifier found.
     pub(crate) fn user_of<'u>(&self, users: &'u Users, i: usize) -> Option<&'u User> {
         let v = (*self.policy_verifiers.get(i)?)?;
-        users.by_verifier.get(v)?.as_ref()
+        users.by_verifier.get(v)?.as_ref().ok()
     }
 
     /// The user `policy`'s own verifier found: what its row filter and masks see as `user`.
@@ -108,8 +118,8 @@ impl PolicyState {
             .and_then(|p| self.index_of(p))
             .and_then(|i| self.policy_verifiers.get(i).copied().flatten())
         {
-            Some(v) => users.by_verifier.get(v)?.as_ref(),
-            None => users.by_verifier.iter().flatten().next(),
+            Some(v) => users.by_verifier.get(v)?.as_ref().ok(),
+            None => users.by_verifier.iter().find_map(|u| u.as_ref().ok()),
         }
     }
 }
@@ -119,7 +129,13 @@ impl PolicyState {
 /// signed for one audience must not pass for a policy that trusts another.
 #[derive(Debug, Default)]
 pub(crate) struct Users {
-    by_verifier: Vec<Option<User>>,
+    /// Each verifier's user, or why it refused the token.
+    by_verifier: Vec<Result<User, &'static str>>,
+}
+
+/// The reason code of a token refusal: the token's fault, or the identity provider's.
+pub(crate) fn refusal_code(e: &JwtError) -> &'static str {
+    if e.is_client_error() { "invalid_token" } else { "identity_unavailable" }
 }
 
 /// What the config needs from the settings.
@@ -386,10 +402,16 @@ pub(crate) async fn watch_config(
             }
         };
         let hash = content_hash(&bytes);
-        if last_read_error.take().is_some() && hash == last_hash && failed_ticks.is_none() {
-            // Back as it was: the config in force is the file's again.
-            tracing::info!("config file readable again, unchanged");
-            cell.clear_reload_error();
+        if last_read_error.take().is_some() && hash == last_hash {
+            match &mut failed_ticks {
+                // Back as it was: the config in force is the file's again.
+                None => {
+                    tracing::info!("config file readable again, unchanged");
+                    cell.clear_reload_error();
+                }
+                // A rejected one: tried again now, so that /ready says why again.
+                Some(n) => *n = RETRY_FAILED_AFTER_TICKS,
+            }
         }
         if hash == last_hash {
             match &mut failed_ticks {

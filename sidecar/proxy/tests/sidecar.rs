@@ -330,10 +330,12 @@ async fn audit_mode_passes_everything_untouched_and_records_would_deny() {
 /// mode passes it on as it continues, and records that Enforce would not have.
 #[tokio::test]
 async fn audit_mode_passes_a_body_slower_than_the_time_out_on() {
-    for mode in ["Enforce", "Audit"] {
+    // failOpen changes nothing: Enforce answers 504 whatever it says.
+    for (mode, fail_open) in [("Enforce", false), ("Audit", false), ("Audit", true)] {
         let collector = Collector::start().await;
         let mut spec = policy(main_rules());
         spec["mode"] = json!(mode);
+        spec["failOpen"] = json!(fail_open);
         let url = collector.url();
         let mut f = start(spec, move |s| {
             shipping_events_to(url)(s);
@@ -348,7 +350,7 @@ async fn audit_mode_passes_a_body_slower_than_the_time_out_on() {
         } else {
             assert_eq!(reply.status, 200);
             assert_eq!(reply.json(), customers(), "the app's bytes, whole");
-            assert_eq!(event["decision"], "WouldDeny");
+            assert_eq!(event["decision"], "WouldDeny", "failOpen {fail_open}");
             assert!(event["reason"].as_str().unwrap().starts_with("upstream_timeout"), "{event}");
         }
         f.stop().await;
@@ -750,6 +752,46 @@ async fn several_policies_filter_before_masking_and_charge_all_or_nothing() {
     f.stop().await;
 }
 
+/// When the buffers have no room for a later plan's document, failOpen does not pass what
+/// the plans before it made: 503, and no policy's record quota is charged for it.
+#[tokio::test]
+async fn several_fail_open_policies_still_refuse_when_the_buffers_are_full() {
+    let plain = serde_json::to_vec(&customers()).unwrap().len() as u64;
+    let masking = {
+        let mut spec = allowing_policy(
+            json!([{"name": "phone", "paths": ["$.items[*].phone"]}]),
+            json!([{"name": "mask-phone", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                    "records": "$.items[*]", "mask": {"phone": "ShowLast4"}, "limits": {"recordsPerHour": 100}}]),
+        );
+        spec["failOpen"] = json!(true);
+        spec
+    };
+    let scoping = {
+        let mut spec = allowing_policy(
+            json!([]),
+            json!([{"name": "scope", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                    "records": "$.items[*]", "rowFilter": "record.branch != 'nowhere'"}]),
+        );
+        spec["failOpen"] = json!(true);
+        spec
+    };
+    // Room for the body and its document alone, not for both beside what the first plan made.
+    let total = plain * custos_transform::DOCUMENT_BYTES_PER_BODY_BYTE + plain / 2;
+    let collector = Collector::start().await;
+    let url = collector.url();
+    let mut f = fixture(&[("a-masking", masking), ("b-scoping", scoping)], Vec::new(), move |s| {
+        shipping_events_to(url)(s);
+        s.limits.response_buffer_total_bytes = total;
+    })
+    .await;
+    let reply = get(f.proxy(), "/customers").await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["reason"], "response_buffer_exhausted");
+    let event = collector.wait_for(1).await.remove(0);
+    assert_eq!(event["recordsReturned"], 0, "records charged for a refused response: {event:#}");
+    f.stop().await;
+}
+
 /// When every policy fails open and one plan cannot be applied, the caller gets what the
 /// others made of the body, not the app's bytes.
 #[tokio::test]
@@ -851,6 +893,31 @@ async fn a_token_only_an_audit_policy_refuses_is_a_dry_run_not_a_401() {
     );
     let good = by_path("/open/good");
     assert_eq!(good["dryRuns"][0]["decision"], "Allow", "{good:#}");
+    f.stop().await;
+
+    // An Audit policy whose JWKS cannot be had, while the enforcing policy's verifier accepts
+    // the token: its own reason, not the token's.
+    let collector = Collector::start().await;
+    let mut unreachable = allowing_policy(json!([]), json!([]));
+    unreachable["mode"] = json!("Audit");
+    unreachable["identity"] = json!({"users": {"jwt": {
+        "issuer": ISSUER, "audiences": ["customer-api"], "jwksUri": "http://127.0.0.1:1/jwks.json"}}});
+    let url = collector.url();
+    let mut f = fixture(
+        &[("a-enforcing", policy(main_rules())), ("b-unreachable", unreachable)],
+        Vec::new(),
+        move |s| {
+            mount_sso_jwks(s);
+            shipping_events_to(url)(s);
+        },
+    )
+    .await;
+    assert_eq!(get_with(f.proxy(), "/open/x", &[("authorization", &clerk)]).await.status, 200);
+    let event = collector.wait_for(1).await.remove(0);
+    assert_eq!(
+        event["dryRuns"],
+        json!([{"policy": "b-unreachable", "decision": "WouldDeny", "reason": "identity_unavailable"}])
+    );
     f.stop().await;
 }
 
@@ -1987,6 +2054,11 @@ async fn trailer_fields_pass_with_bodies_passed_through() {
     assert!(text.contains("trailer: x-checksum\r\n"), "{text}");
     assert!(text.ends_with("0\r\nx-checksum: abc\r\n\r\n"), "{text}");
     assert_eq!(f.upstream.seen().pop().unwrap().headers["te"], "trailers");
+    // Also when it names `TE` in `Connection`, as RFC 9110 §10.1.4 asks of it.
+    let (status, text) =
+        raw(f.proxy(), get("/trailers/open", "TE: trailers\r\nConnection: TE\r\n").as_bytes()).await;
+    assert_eq!(status, Some(200), "{text}");
+    assert!(text.ends_with("0\r\nx-checksum: abc\r\n\r\n"), "{text}");
     // A client that did not say so gets none (and the app is not asked for them).
     let (status, text) = raw(f.proxy(), get("/trailers/open", "").as_bytes()).await;
     assert_eq!(status, Some(200), "{text}");
