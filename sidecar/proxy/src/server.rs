@@ -64,6 +64,11 @@ pub(crate) async fn serve_proxy(
     let header_read_timeout = limits.header_read_timeout;
     let send_timed_out =
         metrics.limit_rejections.get_or_create(&LimitLabels { limit: "response_send_timeout" }).clone();
+    // At the drain time-out, the connections still open are ended (their requests' events are
+    // emitted as their futures drop), whatever runtime they run on; `open` counts them.
+    let (abort, aborted) = watch::channel(false);
+    let (open, mut still_open) = watch::channel(0usize);
+    let open = Arc::new(open);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => break,
@@ -101,19 +106,30 @@ pub(crate) async fn serve_proxy(
         let conn = graceful.watch(conn);
         let metrics = metrics.clone();
         metrics.connections.inc();
+        open.send_modify(|n| *n += 1);
+        let (open, mut aborted) = (open.clone(), aborted.clone());
         tokio::spawn(async move {
-            let ended = first_request_within(conn, started.clone(), header_read_timeout).await;
-            if let Some(reason) = connection_end(&ended, &started) {
-                metrics.limit(reason);
+            tokio::select! {
+                ended = first_request_within(conn, started.clone(), header_read_timeout) => {
+                    if let Some(reason) = connection_end(&ended, &started) {
+                        metrics.limit(reason);
+                    }
+                }
+                _ = aborted.wait_for(|a| *a) => {}
             }
             metrics.connections.dec();
+            open.send_modify(|n| *n -= 1);
             drop(permit);
         });
     }
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("in-flight requests drained"),
-        _ = tokio::time::sleep(drain_timeout) => tracing::warn!("drain time-out: closing the remaining connections"),
+        _ = tokio::time::sleep(drain_timeout) => {
+            tracing::warn!(connections = *still_open.borrow(), "drain time-out: closing the remaining connections");
+            abort.send_replace(true);
+            let _ = tokio::time::timeout(Duration::from_secs(1), still_open.wait_for(|n| *n == 0)).await;
+        }
     }
     idle_sweep.abort();
 }

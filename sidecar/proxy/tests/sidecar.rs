@@ -2683,6 +2683,36 @@ async fn shutdown_drains_in_flight_requests_and_flushes_events() {
     assert_eq!(events[0]["path"], "/delay/x");
 }
 
+/// A request still running at the drain time-out is ended, and its event is shipped with the
+/// others before the shipper stops, on the caller's runtime (`--proxy-threads 0`) as on
+/// proxy threads.
+#[tokio::test]
+async fn requests_still_running_at_the_drain_time_out_have_their_events() {
+    for threads in [0, 1] {
+        let collector = Collector::start().await;
+        let url = collector.url();
+        let mut f = start(policy(main_rules()), move |s| {
+            s.proxy_threads = threads;
+            s.drain_timeout = Duration::from_millis(300);
+            shipping_events_to(url)(s);
+        })
+        .await;
+        // A client that waits as long as it takes (it neither reads a time-out nor closes).
+        let held = opened(f.proxy(), "GET /slow/x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        for _ in 0..200 {
+            if f.upstream.count() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(f.upstream.count(), 1, "the request did not reach the app");
+        f.stop().await;
+        let events = collector.events();
+        assert!(events.iter().any(|e| e["path"] == "/slow/x"), "threads {threads}: {events:?}");
+        drop(held);
+    }
+}
+
 /// With a shutdown delay the sidecar turns unready at once but keeps accepting and serving new
 /// connections until the delay is over (the cluster is still routing to the pod), then stops.
 #[tokio::test]
