@@ -59,6 +59,7 @@ mod send_timeout;
 mod server;
 mod settings;
 mod socket_owner;
+mod stall;
 mod state;
 mod threads;
 pub mod upstream;

@@ -23,6 +23,7 @@ use custos_serve::{NoRequestInTime, RequestStarted, first_request_within};
 use crate::metrics::LimitLabels;
 use crate::proxy::{Enforcer, Shared};
 use crate::send_timeout::SendTimeout;
+use crate::stall::{StallWatch, Watched};
 use crate::state::ConfigCell;
 
 /// How often an h2c connection that has been quiet is pinged, and how long the answer may
@@ -96,10 +97,21 @@ pub(crate) async fn serve_proxy(
         let enforcer = Enforcer::new(shared.clone(), peer, origin);
         let started = RequestStarted::new();
         let marker = started.clone();
+        // h2c streams the client grants no window end the connection after the send time-out.
+        let stalls = StallWatch::new(limits.response_send_timeout);
+        let watch = stalls.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             marker.mark();
+            let watch = (req.version() == http::Version::HTTP_2).then(|| watch.clone());
             let mut enforcer = enforcer.clone();
-            enforcer.call(req)
+            let response = enforcer.call(req);
+            async move {
+                let response = response.await?;
+                Ok::<_, std::convert::Infallible>(match watch {
+                    Some(watch) => response.map(|body| watch.watch(body)),
+                    None => response.map(Watched::plain),
+                })
+            }
         });
         let io = SendTimeout::new(stream, limits.response_send_timeout, send_timed_out.clone());
         let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
@@ -116,6 +128,7 @@ pub(crate) async fn serve_proxy(
                     }
                 }
                 _ = aborted.wait_for(|a| *a) => {}
+                () = stalls.stalled() => metrics.limit("response_send_timeout"),
             }
             metrics.connections.dec();
             open.send_modify(|n| *n -= 1);

@@ -2419,6 +2419,42 @@ async fn a_client_that_stops_reading_gives_its_app_connection_back() {
     f.stop().await;
 }
 
+/// An h2c client can stall one stream without stopping its writes: it grants it no more
+/// window (here: reads none of its body) and keeps answering PINGs. The stream's app connection
+/// is given back after `--response-send-timeout`, its client connection ended.
+#[tokio::test]
+async fn an_h2c_stream_the_client_grants_no_window_gives_its_app_connection_back() {
+    let mut f = fixture(&[("open", allowing_policy(json!([]), json!([])))], Vec::new(), |s| {
+        s.proxy_threads = 1;
+        s.limits.upstream_max_connections = 1;
+        s.limits.upstream_connect_timeout = Duration::from_millis(200);
+        s.limits.response_send_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let stream = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/huge/x", f.proxy())).body(Full::new(Bytes::new())).unwrap();
+    let stalled = sender.send_request(req).await.unwrap();
+    assert_eq!(stalled.status(), 200);
+    let reply = get(f.proxy(), "/open/x").await;
+    assert_eq!(reply.status, 503, "the stalled stream holds the one app connection");
+    let mut status = 503;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = get(f.proxy(), "/open/x").await.status.as_u16();
+        if status == 200 {
+            break;
+        }
+    }
+    assert_eq!(status, 200, "the app connection was not given back");
+    let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(limit_rejections(&metrics, "response_send_timeout"), 1.0);
+    drop(stalled);
+    f.stop().await;
+}
+
 /// Waits (bounded) until the sidecar reports `n` open client connections.
 async fn wait_for_connections(f: &Fixture, n: usize) {
     let needle = format!("custos_sidecar_connections {n}\n");
