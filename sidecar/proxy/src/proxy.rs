@@ -1346,7 +1346,12 @@ async fn transform_response(
                 }
                 return untransformable(shared, ctx, &job, parts, code, original);
             }
-            Err(Ungathered::Empty) => return Response::from_parts(parts, ProxyBody::empty()),
+            Err(Ungathered::Empty) => {
+                if job.mode == Mode::Enforce {
+                    keep_out_of_shared_caches(&mut parts.headers);
+                }
+                return Response::from_parts(parts, ProxyBody::empty());
+            }
         };
     // The dry runs read the app's body, not what the plans make of it.
     if let Some(input) = for_dry_runs.take() {
@@ -1707,9 +1712,14 @@ fn untransformable(
             )
         }
         // Audit mode records what Enforce would do: pass it on.
-        (_, true) => {
+        (mode, true) => {
             ctx.event.reason = format!("{},fail_open:{code}", ctx.event.reason);
             ctx.reason = "fail_open";
+            let mut parts = parts;
+            if mode == Mode::Enforce {
+                // The app's bytes, but a page of a policy that rewrites: the caller's.
+                keep_out_of_shared_caches(&mut parts.headers);
+            }
             Response::from_parts(parts, original)
         }
         _ => {

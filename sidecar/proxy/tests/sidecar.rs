@@ -44,7 +44,7 @@ fn main_rules() -> Value {
     json!([
         {"name": "no-export", "action": "Deny", "to": {"paths": ["/customers/export"]}},
         {"name": "list", "action": "Allow",
-         "to": {"methods": ["GET"], "paths": ["/customers", "/chunked/customers", "/gzip/customers", "/html/customers", "/big/customers", "/trailers/customers", "/many/customers", "/stall/customers"]},
+         "to": {"methods": ["GET"], "paths": ["/customers", "/chunked/customers", "/gzip/customers", "/html/customers", "/big/customers", "/trailers/customers", "/many/customers", "/stall/customers", "/html/cached"]},
          "records": "$.items[*]", "mask": {"phone": "ShowLast4", "name": "Redact"}},
         {"name": "branch", "action": "Allow", "from": {"users": {"role": ["clerk"]}},
          "to": {"methods": ["GET", "HEAD"], "paths": ["/branch/customers", "/shape/customers"]},
@@ -1561,6 +1561,15 @@ async fn responses_of_a_transforming_policy_stay_out_of_shared_caches() {
     for h in ["cdn-cache-control", "surrogate-control"] {
         assert!(!reply.headers.contains_key(h), "{h} reached the client");
     }
+    f.stop().await;
+    // The app's own bytes passed under failOpen (not JSON) are the caller's page all the same.
+    let mut fail_open = policy(main_rules());
+    fail_open["failOpen"] = json!(true);
+    let mut f = start(fail_open, |_| {}).await;
+    let reply = get(f.proxy(), "/html/cached").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["cache-control"], "private, max-age=60");
+    assert!(!reply.headers.contains_key("cdn-cache-control"));
     f.stop().await;
     let open_only = json!([{"name": "open", "action": "Allow", "to": {"paths": ["/open/**"]}}]);
     let mut f = start(policy(open_only), |_| {}).await;

@@ -190,7 +190,12 @@ async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<App
         return r;
     }
     if path.starts_with("/html/") {
-        return full(200, "text/html", b"<html>Alice Example +8613800001111</html>".to_vec());
+        let mut r = full(200, "text/html", b"<html>Alice Example +8613800001111</html>".to_vec());
+        if path == "/html/cached" {
+            r.headers_mut().insert("cache-control", "public, max-age=60".parse().unwrap());
+            r.headers_mut().insert("cdn-cache-control", "max-age=600".parse().unwrap());
+        }
+        return r;
     }
     if path.starts_with("/shape/") {
         // The customers under another key than the policy's records path says.
