@@ -65,11 +65,9 @@ pub(crate) async fn serve_proxy(
     let header_read_timeout = limits.header_read_timeout;
     let send_timed_out =
         metrics.limit_rejections.get_or_create(&LimitLabels { limit: "response_send_timeout" }).clone();
-    // At the drain time-out, the connections still open are ended (their requests' events are
-    // emitted as their futures drop), whatever runtime they run on; `open` counts them.
-    let (abort, aborted) = watch::channel(false);
-    let (open, mut still_open) = watch::channel(0usize);
-    let open = Arc::new(open);
+    // The connections' tasks: at the drain time-out, those still running are ended (their
+    // requests' events are emitted as their futures drop), whatever runtime they run on.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => break,
@@ -83,6 +81,7 @@ pub(crate) async fn serve_proxy(
                 }
             },
         };
+        while connections.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             metrics.limit("connections");
@@ -98,7 +97,7 @@ pub(crate) async fn serve_proxy(
         let started = RequestStarted::new();
         let marker = started.clone();
         // h2c streams the client grants no window end the connection after the send time-out.
-        let stalls = StallWatch::new(limits.response_send_timeout);
+        let stalls = StallWatch::new(limits.response_send_timeout, send_timed_out.clone());
         let watch = stalls.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             marker.mark();
@@ -116,35 +115,45 @@ pub(crate) async fn serve_proxy(
         let io = SendTimeout::new(stream, limits.response_send_timeout, send_timed_out.clone());
         let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
         let conn = graceful.watch(conn);
-        let metrics = metrics.clone();
-        metrics.connections.inc();
-        open.send_modify(|n| *n += 1);
-        let (open, mut aborted) = (open.clone(), aborted.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                ended = first_request_within(conn, started.clone(), header_read_timeout) => {
-                    if let Some(reason) = connection_end(&ended, &started) {
-                        metrics.limit(reason);
-                    }
-                }
-                _ = aborted.wait_for(|a| *a) => {}
-                () = stalls.stalled() => metrics.limit("response_send_timeout"),
+        let open = OpenConnection::new(metrics.clone(), permit);
+        let task = connections.spawn(async move {
+            let ended = first_request_within(conn, started.clone(), header_read_timeout).await;
+            if let Some(reason) = connection_end(&ended, &started) {
+                open.metrics.limit(reason);
             }
-            metrics.connections.dec();
-            open.send_modify(|n| *n -= 1);
-            drop(permit);
         });
+        stalls.ends(task);
     }
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("in-flight requests drained"),
         _ = tokio::time::sleep(drain_timeout) => {
-            tracing::warn!(connections = *still_open.borrow(), "drain time-out: closing the remaining connections");
-            abort.send_replace(true);
-            let _ = tokio::time::timeout(Duration::from_secs(1), still_open.wait_for(|n| *n == 0)).await;
+            tracing::warn!(connections = connections.len(), "drain time-out: closing the remaining connections");
+            connections.abort_all();
+            let _ = tokio::time::timeout(Duration::from_secs(1), async { while connections.join_next().await.is_some() {} }).await;
         }
     }
     idle_sweep.abort();
+}
+
+/// A client connection while its task holds it, however the task ends (aborted too): counted
+/// in `custos_sidecar_connections`, and one of `--max-connections`.
+struct OpenConnection {
+    metrics: Arc<crate::metrics::Metrics>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    fn new(metrics: Arc<crate::metrics::Metrics>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        metrics.connections.inc();
+        OpenConnection { metrics, _slot: slot }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.metrics.connections.dec();
+    }
 }
 
 /// Logs how a client connection ended, and names the limit that ended it, if any: no request

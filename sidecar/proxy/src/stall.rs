@@ -12,24 +12,27 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::sync::Notify;
+use prometheus_client::metrics::counter::Counter;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 
-/// The h2c response bodies of one client connection.
+/// The h2c response bodies of one client connection, and what ends it.
 pub(crate) struct StallWatch {
     bodies: Mutex<Vec<Weak<BodyClock>>>,
-    /// Wakes the watch when the first body is registered (HTTP/1.1 connections have none).
-    first: Notify,
+    /// The connection's task ([`Self::ends`]).
+    connection: OnceLock<AbortHandle>,
     limit: Duration,
     epoch: Instant,
+    /// Counts the connections ended so.
+    timed_out: Counter,
 }
 
 /// When a body last handed out a frame that no poll for the next has followed, in
@@ -39,25 +42,33 @@ struct BodyClock {
 }
 
 impl StallWatch {
-    pub(crate) fn new(limit: Duration) -> Arc<StallWatch> {
+    pub(crate) fn new(limit: Duration, timed_out: Counter) -> Arc<StallWatch> {
         Arc::new(StallWatch {
             bodies: Mutex::new(Vec::new()),
-            first: Notify::new(),
+            connection: OnceLock::new(),
             limit,
             epoch: Instant::now(),
+            timed_out,
         })
+    }
+
+    /// The task of the connection whose bodies these are: aborted when one stalls.
+    pub(crate) fn ends(&self, connection: AbortHandle) {
+        let _ = self.connection.set(connection);
     }
 
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
     }
 
-    /// Watches `body`, whose head hyper is about to send (counted as its first frame).
+    /// Watches `body`, whose head hyper is about to send (counted as its first frame). The
+    /// first body of a connection starts its watchdog, a task of its own, so that the
+    /// connection's own task (and every HTTP/1.1 connection) pays nothing for the watch.
     pub(crate) fn watch(self: &Arc<Self>, body: ProxyBody) -> Watched {
         let clock = Arc::new(BodyClock { handed_out: AtomicU64::new(self.now()) });
         let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
         if bodies.is_empty() {
-            self.first.notify_one();
+            tokio::spawn(watchdog(Arc::downgrade(self)));
         }
         bodies.retain(|b| b.strong_count() > 0);
         bodies.push(Arc::downgrade(&clock));
@@ -65,27 +76,33 @@ impl StallWatch {
         Watched { inner: body, clock: Some((clock, self.clone())) }
     }
 
-    /// Completes once a body has been left for longer than the limit; never on a connection
-    /// without h2c bodies.
-    pub(crate) async fn stalled(&self) {
-        // (`notify_one` keeps its wake-up for a waiter still to come: none is lost.)
-        while self.bodies.lock().unwrap_or_else(PoisonError::into_inner).is_empty() {
-            self.first.notified().await;
-        }
-        let mut tick = tokio::time::interval((self.limit / 4).max(Duration::from_millis(50)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Whether a body has been left for longer than the limit.
+    fn any_stalled(&self) -> bool {
         let limit = u64::try_from(self.limit.as_millis()).unwrap_or(u64::MAX);
-        loop {
-            tick.tick().await;
-            let now = self.now();
-            let bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
-            let stalled = bodies.iter().filter_map(Weak::upgrade).any(|c| {
-                let at = c.handed_out.load(Ordering::Relaxed);
-                at != 0 && now.saturating_sub(at) > limit
-            });
-            if stalled {
-                return;
+        let now = self.now();
+        let bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
+        bodies.iter().filter_map(Weak::upgrade).any(|c| {
+            let at = c.handed_out.load(Ordering::Relaxed);
+            at != 0 && now.saturating_sub(at) > limit
+        })
+    }
+}
+
+/// Checks a connection's bodies every quarter of the limit until the connection is gone or a
+/// body has stalled, which ends the connection.
+async fn watchdog(watch: Weak<StallWatch>) {
+    let Some(limit) = watch.upgrade().map(|w| w.limit) else { return };
+    let mut tick = tokio::time::interval((limit / 4).max(Duration::from_millis(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(watch) = watch.upgrade() else { return };
+        if watch.any_stalled() {
+            watch.timed_out.inc();
+            if let Some(connection) = watch.connection.get() {
+                connection.abort();
             }
+            return;
         }
     }
 }
@@ -139,27 +156,32 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
-    /// A body handed out and not asked for more is stalled after the limit; one asked again
-    /// (or waiting for the app) is not; a connection without watched bodies never is.
+    /// A body read to its end is not stalled; one handed out and not asked for more ends its
+    /// connection once the limit has passed; a connection without watched bodies has no
+    /// watchdog at all.
     #[tokio::test(start_paused = true)]
-    async fn a_body_not_asked_for_more_is_stalled_after_the_limit() {
-        let watch = StallWatch::new(Duration::from_secs(60));
-        let idle = tokio::time::timeout(Duration::from_secs(600), watch.stalled()).await;
-        assert!(idle.is_err(), "no body, no stall");
+    async fn a_body_not_asked_for_more_ends_its_connection_after_the_limit() {
+        let counter = Counter::default();
+        let watch = StallWatch::new(Duration::from_secs(60), counter.clone());
+        let connection = tokio::spawn(std::future::pending::<()>());
+        watch.ends(connection.abort_handle());
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!connection.is_finished(), "no body, no stall");
 
         let mut body = watch.watch(ProxyBody::full(Bytes::from_static(b"{}")));
-        // Read to its end within the limit: done, not stalled.
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "{}");
         assert!(body.frame().await.is_none());
-        let done = tokio::time::timeout(Duration::from_secs(600), watch.stalled()).await;
-        assert!(done.is_err(), "a body read to its end is not stalled");
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!connection.is_finished(), "a body read to its end is not stalled");
 
-        // Never asked for its first frame: stalled once the limit has passed.
+        // Never asked for its first frame: the connection ends once the limit has passed.
         let _left = watch.watch(ProxyBody::full(Bytes::from_static(b"{}")));
         let started = Instant::now();
-        watch.stalled().await;
+        let ended = connection.await;
+        assert!(ended.unwrap_err().is_cancelled());
         let waited = started.elapsed();
         assert!(waited > Duration::from_secs(60) && waited <= Duration::from_secs(76), "{waited:?}");
+        assert_eq!(counter.get(), 1);
     }
 }
