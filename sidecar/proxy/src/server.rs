@@ -116,13 +116,12 @@ pub(crate) async fn serve_proxy(
         let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
         let conn = graceful.watch(conn);
         let open = OpenConnection::new(metrics.clone(), permit);
-        let task = connections.spawn(async move {
+        connections.spawn(async move {
             let ended = first_request_within(conn, started.clone(), header_read_timeout).await;
             if let Some(reason) = connection_end(&ended, &started) {
                 open.metrics.limit(reason);
             }
         });
-        stalls.ends(task);
     }
     drop(listener);
     tokio::select! {

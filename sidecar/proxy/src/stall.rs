@@ -5,67 +5,64 @@
 //! it grants the stream no window and keeps the connection busy otherwise (PINGs, other
 //! streams). hyper then neither sends the stream's data nor asks its body for more, and the
 //! response body holds the app connection it comes from (see [`crate::upstream`]) as long as
-//! the client's connection lives. Each h2c response body here tells its connection's
-//! [`StallWatch`] when it last handed hyper a frame without being asked for the next; a
-//! stream left so for `--response-send-timeout` ends its connection, as a write waiting that
-//! long would. A body waiting for the app is not stalled.
+//! the client's connection lives. Each h2c response body here is handed to hyper in slices of
+//! at most [`SLICE`] bytes, and tells its connection's [`StallWatch`] when it last handed one
+//! out without being asked for the next. A stream left so for `--response-send-timeout`
+//! (less than a slice of window in that time) loses its body: the app connection is given
+//! back, and hyper resets the stream when it next asks for data. The connection and its other
+//! streams go on (a gateway multiplexing many callers over one connection loses only the
+//! stalled caller's). A body waiting for the app is not stalled.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 
-/// The h2c response bodies of one client connection, and what ends it.
+/// The largest piece of an h2c body handed to hyper at once: the window a stream must be
+/// granted within the time-out to count as progressing.
+const SLICE: usize = 16 * 1024;
+
+/// The h2c response bodies of one client connection.
 pub(crate) struct StallWatch {
     bodies: Mutex<Vec<Weak<BodyClock>>>,
-    /// The connection's task ([`Self::ends`]).
-    connection: OnceLock<AbortHandle>,
     limit: Duration,
     epoch: Instant,
-    /// Counts the connections ended so.
+    /// Counts the streams whose bodies were taken.
     timed_out: Counter,
 }
 
-/// When a body last handed out a frame that no poll for the next has followed, in
-/// milliseconds since the watch's epoch plus one; 0 while it waits for the app.
+/// One h2c body, shared by its stream and its connection's watchdog.
 struct BodyClock {
+    /// When the body last handed out a slice that no poll for the next has followed, in
+    /// milliseconds since the watch's epoch plus one; 0 while it waits for the app or is done.
     handed_out: AtomicU64,
+    /// The body, taken by the watchdog when the stream stalls (its app connection given back).
+    body: Mutex<Option<ProxyBody>>,
 }
 
 impl StallWatch {
     pub(crate) fn new(limit: Duration, timed_out: Counter) -> Arc<StallWatch> {
-        Arc::new(StallWatch {
-            bodies: Mutex::new(Vec::new()),
-            connection: OnceLock::new(),
-            limit,
-            epoch: Instant::now(),
-            timed_out,
-        })
-    }
-
-    /// The task of the connection whose bodies these are: aborted when one stalls.
-    pub(crate) fn ends(&self, connection: AbortHandle) {
-        let _ = self.connection.set(connection);
+        Arc::new(StallWatch { bodies: Mutex::new(Vec::new()), limit, epoch: Instant::now(), timed_out })
     }
 
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
     }
 
-    /// Watches `body`, whose head hyper is about to send (counted as its first frame). The
+    /// Watches `body`, whose head hyper is about to send (counted as its first slice). The
     /// first body of a connection starts its watchdog, a task of its own, so that the
     /// connection's own task (and every HTTP/1.1 connection) pays nothing for the watch.
     pub(crate) fn watch(self: &Arc<Self>, body: ProxyBody) -> Watched {
-        let clock = Arc::new(BodyClock { handed_out: AtomicU64::new(self.now()) });
+        let clock =
+            Arc::new(BodyClock { handed_out: AtomicU64::new(self.now()), body: Mutex::new(Some(body)) });
         let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
         if bodies.is_empty() {
             tokio::spawn(watchdog(Arc::downgrade(self)));
@@ -73,23 +70,39 @@ impl StallWatch {
         bodies.retain(|b| b.strong_count() > 0);
         bodies.push(Arc::downgrade(&clock));
         drop(bodies);
-        Watched { inner: body, clock: Some((clock, self.clone())) }
+        Watched { plain: None, rest: Bytes::new(), watched: Some((clock, self.clone())) }
     }
 
-    /// Whether a body has been left for longer than the limit.
-    fn any_stalled(&self) -> bool {
+    /// Takes the bodies left for longer than the limit; how many.
+    fn release_stalled(&self) -> u64 {
         let limit = u64::try_from(self.limit.as_millis()).unwrap_or(u64::MAX);
         let now = self.now();
-        let bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
-        bodies.iter().filter_map(Weak::upgrade).any(|c| {
-            let at = c.handed_out.load(Ordering::Relaxed);
-            at != 0 && now.saturating_sub(at) > limit
-        })
+        let stalled: Vec<Arc<BodyClock>> = {
+            let bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
+            bodies
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter(|c| {
+                    let at = c.handed_out.load(Ordering::Relaxed);
+                    at != 0 && now.saturating_sub(at) > limit
+                })
+                .collect()
+        };
+        let mut released = 0;
+        for clock in stalled {
+            clock.handed_out.store(0, Ordering::Relaxed);
+            // Dropped outside the lock: the app connection goes back or closes.
+            let body = clock.body.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if body.is_some() {
+                released += 1;
+            }
+        }
+        released
     }
 }
 
-/// Checks a connection's bodies every quarter of the limit until the connection is gone or a
-/// body has stalled, which ends the connection.
+/// Checks a connection's bodies every quarter of the limit until the connection is gone,
+/// taking those that have stalled.
 async fn watchdog(watch: Weak<StallWatch>) {
     let Some(limit) = watch.upgrade().map(|w| w.limit) else { return };
     let mut tick = tokio::time::interval((limit / 4).max(Duration::from_millis(50)));
@@ -97,56 +110,114 @@ async fn watchdog(watch: Weak<StallWatch>) {
     loop {
         tick.tick().await;
         let Some(watch) = watch.upgrade() else { return };
-        if watch.any_stalled() {
-            watch.timed_out.inc();
-            if let Some(connection) = watch.connection.get() {
-                connection.abort();
-            }
-            return;
+        let released = watch.release_stalled();
+        if released > 0 {
+            watch.timed_out.inc_by(released);
+            tracing::debug!(
+                streams = released,
+                "h2c streams stalled past the send time-out: their bodies released"
+            );
         }
     }
 }
 
-/// A response body as the client's connection sends it: h2c ones watched.
+/// Why a watched body ended early.
+#[derive(Debug, thiserror::Error)]
+#[error("the client granted the stream no window for the send time-out: response body released")]
+pub(crate) struct Stalled;
+
+/// A response body as the client's connection sends it: HTTP/1.1 ones as they are, h2c ones
+/// in slices and watched.
 pub(crate) struct Watched {
-    inner: ProxyBody,
-    clock: Option<(Arc<BodyClock>, Arc<StallWatch>)>,
+    /// An HTTP/1.1 body (its writes have their own time-out).
+    plain: Option<ProxyBody>,
+    /// What is left of the last frame of a watched body, handed out a slice at a time.
+    rest: Bytes,
+    watched: Option<(Arc<BodyClock>, Arc<StallWatch>)>,
 }
 
 impl Watched {
-    /// A body not watched (HTTP/1.1: its writes have their own time-out).
+    /// A body not watched (HTTP/1.1).
     pub(crate) fn plain(inner: ProxyBody) -> Watched {
-        Watched { inner, clock: None }
+        Watched { plain: Some(inner), rest: Bytes::new(), watched: None }
+    }
+
+    /// The next slice of `rest`.
+    fn slice(&mut self) -> Bytes {
+        let n = self.rest.len().min(SLICE);
+        self.rest.split_to(n)
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for Watched {
     type Data = Bytes;
-    type Error = <ProxyBody as Body>::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Some((clock, watch)) = &this.clock {
-            let handed_out = match &polled {
-                Poll::Ready(Some(Ok(_))) => watch.now(),
-                // waiting for the app, or done
-                _ => 0,
-            };
-            clock.handed_out.store(handed_out, Ordering::Relaxed);
+        if let Some(plain) = &mut this.plain {
+            return Pin::new(plain).poll_frame(cx).map_err(Into::into);
         }
-        polled
+        let Some((clock, watch)) = &this.watched else { return Poll::Ready(None) };
+        let (clock, watch) = (clock.clone(), watch.clone());
+        if !this.rest.is_empty() {
+            clock.handed_out.store(watch.now(), Ordering::Relaxed);
+            return Poll::Ready(Some(Ok(Frame::data(this.slice()))));
+        }
+        let polled = {
+            let mut body = clock.body.lock().unwrap_or_else(PoisonError::into_inner);
+            match body.as_mut() {
+                Some(body) => Pin::new(body).poll_frame(cx),
+                None => return Poll::Ready(Some(Err(Stalled.into()))),
+            }
+        };
+        let out = match polled {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if data.len() > SLICE => {
+                    this.rest = data;
+                    Poll::Ready(Some(Ok(Frame::data(this.slice()))))
+                }
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            other => other.map(|_| None),
+        };
+        let handed_out = if matches!(out, Poll::Ready(Some(Ok(_)))) { watch.now() } else { 0 };
+        clock.handed_out.store(handed_out, Ordering::Relaxed);
+        out
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match (&self.plain, &self.watched) {
+            (Some(plain), _) => plain.is_end_stream(),
+            (None, Some((clock, _))) => {
+                self.rest.is_empty()
+                    && clock
+                        .body
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .as_ref()
+                        .is_none_or(Body::is_end_stream)
+            }
+            (None, None) => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = match (&self.plain, &self.watched) {
+            (Some(plain), _) => return plain.size_hint(),
+            (None, Some((clock, _))) => {
+                clock.body.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(Body::size_hint)
+            }
+            (None, None) => None,
+        };
+        crate::body::buffered_then(self.rest.len() as u64, inner)
     }
 }
 
@@ -156,32 +227,34 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
-    /// A body read to its end is not stalled; one handed out and not asked for more ends its
-    /// connection once the limit has passed; a connection without watched bodies has no
-    /// watchdog at all.
+    /// A body read to its end is not stalled; one handed out and not asked for more loses its
+    /// body once the limit has passed, and says so when asked again; large frames go in slices.
     #[tokio::test(start_paused = true)]
-    async fn a_body_not_asked_for_more_ends_its_connection_after_the_limit() {
+    async fn a_body_not_asked_for_more_is_released_after_the_limit() {
         let counter = Counter::default();
         let watch = StallWatch::new(Duration::from_secs(60), counter.clone());
-        let connection = tokio::spawn(std::future::pending::<()>());
-        watch.ends(connection.abort_handle());
-        tokio::time::sleep(Duration::from_secs(600)).await;
-        assert!(!connection.is_finished(), "no body, no stall");
 
-        let mut body = watch.watch(ProxyBody::full(Bytes::from_static(b"{}")));
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "{}");
-        assert!(body.frame().await.is_none());
+        let mut body = watch.watch(ProxyBody::full(Bytes::from(vec![b'x'; 40 * 1024])));
+        assert_eq!(body.size_hint().exact(), Some(40 * 1024));
+        let mut sizes = Vec::new();
+        while let Some(frame) = body.frame().await {
+            sizes.push(frame.unwrap().into_data().unwrap().len());
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        assert_eq!(sizes, [SLICE, SLICE, 8 * 1024]);
+        assert!(body.is_end_stream());
         tokio::time::sleep(Duration::from_secs(600)).await;
-        assert!(!connection.is_finished(), "a body read to its end is not stalled");
+        assert_eq!(counter.get(), 0, "a body read to its end, a slice every 30 s, is not stalled");
 
-        // Never asked for its first frame: the connection ends once the limit has passed.
-        let _left = watch.watch(ProxyBody::full(Bytes::from_static(b"{}")));
-        let started = Instant::now();
-        let ended = connection.await;
-        assert!(ended.unwrap_err().is_cancelled());
-        let waited = started.elapsed();
-        assert!(waited > Duration::from_secs(60) && waited <= Duration::from_secs(76), "{waited:?}");
+        // Handed out a slice, then never asked for more: released after the limit.
+        let mut left = watch.watch(ProxyBody::full(Bytes::from(vec![b'y'; 20 * 1024])));
+        assert_eq!(left.frame().await.unwrap().unwrap().into_data().unwrap().len(), SLICE);
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert_eq!(counter.get(), 0);
+        tokio::time::sleep(Duration::from_secs(17)).await;
         assert_eq!(counter.get(), 1);
+        // (the slice already taken out of the body is still handed out, then the error)
+        assert!(left.frame().await.unwrap().is_ok());
+        assert!(left.frame().await.unwrap().is_err());
     }
 }

@@ -2429,8 +2429,9 @@ async fn a_client_that_stops_reading_gives_its_app_connection_back() {
 }
 
 /// An h2c client can stall one stream without stopping its writes: it grants it no more
-/// window (here: reads none of its body) and keeps answering PINGs. The stream's app connection
-/// is given back after `--response-send-timeout`, its client connection ended.
+/// window (here: reads none of its body) and keeps answering PINGs. After
+/// `--response-send-timeout` the stream's body is released and its app connection given back;
+/// the client's connection and its other streams go on.
 #[tokio::test]
 async fn an_h2c_stream_the_client_grants_no_window_gives_its_app_connection_back() {
     let mut f = fixture(&[("open", allowing_policy(json!([]), json!([])))], Vec::new(), |s| {
@@ -2460,6 +2461,8 @@ async fn an_h2c_stream_the_client_grants_no_window_gives_its_app_connection_back
     assert_eq!(status, 200, "the app connection was not given back");
     let metrics = admin_get(f.admin(), "/metrics").await.text();
     assert_eq!(limit_rejections(&metrics, "response_send_timeout"), 1.0);
+    let again = Request::get(format!("http://{}/open/y", f.proxy())).body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(sender.send_request(again).await.unwrap().status(), 200, "the connection went on");
     drop(stalled);
     f.stop().await;
 }
