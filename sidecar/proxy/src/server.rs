@@ -96,7 +96,7 @@ pub(crate) async fn serve_proxy(
         let enforcer = Enforcer::new(shared.clone(), peer, origin);
         let started = RequestStarted::new();
         let marker = started.clone();
-        // h2c streams the client grants no window end the connection after the send time-out.
+        // h2c streams the client grants no window lose their bodies after the send time-out.
         let stalls = StallWatch::new(limits.response_send_timeout, send_timed_out.clone());
         let watch = stalls.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {

@@ -43,9 +43,26 @@ pub(crate) struct StallWatch {
 struct BodyClock {
     /// When the body last handed out a slice that no poll for the next has followed, in
     /// milliseconds since the watch's epoch plus one; 0 while it waits for the app or is done.
+    /// Written under the `stream` lock.
     handed_out: AtomicU64,
-    /// The body, taken by the watchdog when the stream stalls (its app connection given back).
-    body: Mutex<Option<ProxyBody>>,
+    /// The body and what is left of its last frame, taken (dropped) by the watchdog when the
+    /// stream stalls: the app connection goes back, and the stream's next poll is an error.
+    stream: Mutex<Option<Stream>>,
+}
+
+/// What an h2c body still has to send.
+struct Stream {
+    body: ProxyBody,
+    /// What is left of the body's last frame, handed out a slice at a time.
+    rest: Bytes,
+}
+
+impl Stream {
+    /// The next slice of `rest`.
+    fn slice(&mut self) -> Bytes {
+        let n = self.rest.len().min(SLICE);
+        self.rest.split_to(n)
+    }
 }
 
 impl StallWatch {
@@ -61,8 +78,9 @@ impl StallWatch {
     /// first body of a connection starts its watchdog, a task of its own, so that the
     /// connection's own task (and every HTTP/1.1 connection) pays nothing for the watch.
     pub(crate) fn watch(self: &Arc<Self>, body: ProxyBody) -> Watched {
+        let stream = Stream { body, rest: Bytes::new() };
         let clock =
-            Arc::new(BodyClock { handed_out: AtomicU64::new(self.now()), body: Mutex::new(Some(body)) });
+            Arc::new(BodyClock { handed_out: AtomicU64::new(self.now()), stream: Mutex::new(Some(stream)) });
         let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
         if bodies.is_empty() {
             tokio::spawn(watchdog(Arc::downgrade(self)));
@@ -70,30 +88,35 @@ impl StallWatch {
         bodies.retain(|b| b.strong_count() > 0);
         bodies.push(Arc::downgrade(&clock));
         drop(bodies);
-        Watched { plain: None, rest: Bytes::new(), watched: Some((clock, self.clone())) }
+        Watched { plain: None, watched: Some((clock, self.clone())) }
     }
 
     /// Takes the bodies left for longer than the limit; how many.
     fn release_stalled(&self) -> u64 {
         let limit = u64::try_from(self.limit.as_millis()).unwrap_or(u64::MAX);
         let now = self.now();
-        let stalled: Vec<Arc<BodyClock>> = {
+        let stalled: Vec<(Arc<BodyClock>, u64)> = {
             let bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
             bodies
                 .iter()
                 .filter_map(Weak::upgrade)
-                .filter(|c| {
+                .filter_map(|c| {
                     let at = c.handed_out.load(Ordering::Relaxed);
-                    at != 0 && now.saturating_sub(at) > limit
+                    (at != 0 && now.saturating_sub(at) > limit).then_some((c, at))
                 })
                 .collect()
         };
         let mut released = 0;
-        for clock in stalled {
-            clock.handed_out.store(0, Ordering::Relaxed);
+        for (clock, at) in stalled {
+            let taken = {
+                let mut stream = clock.stream.lock().unwrap_or_else(PoisonError::into_inner);
+                // Only if no slice went out since it was judged (the stream writes under this lock).
+                let still =
+                    clock.handed_out.compare_exchange(at, 0, Ordering::Relaxed, Ordering::Relaxed).is_ok();
+                if still { stream.take() } else { None }
+            };
             // Dropped outside the lock: the app connection goes back or closes.
-            let body = clock.body.lock().unwrap_or_else(PoisonError::into_inner).take();
-            if body.is_some() {
+            if taken.is_some() {
                 released += 1;
             }
         }
@@ -131,21 +154,13 @@ pub(crate) struct Stalled;
 pub(crate) struct Watched {
     /// An HTTP/1.1 body (its writes have their own time-out).
     plain: Option<ProxyBody>,
-    /// What is left of the last frame of a watched body, handed out a slice at a time.
-    rest: Bytes,
     watched: Option<(Arc<BodyClock>, Arc<StallWatch>)>,
 }
 
 impl Watched {
     /// A body not watched (HTTP/1.1).
     pub(crate) fn plain(inner: ProxyBody) -> Watched {
-        Watched { plain: Some(inner), rest: Bytes::new(), watched: None }
-    }
-
-    /// The next slice of `rest`.
-    fn slice(&mut self) -> Bytes {
-        let n = self.rest.len().min(SLICE);
-        self.rest.split_to(n)
+        Watched { plain: Some(inner), watched: None }
     }
 }
 
@@ -164,60 +179,59 @@ impl Body for Watched {
             return Pin::new(plain).poll_frame(cx).map_err(Into::into);
         }
         let Some((clock, watch)) = &this.watched else { return Poll::Ready(None) };
-        let (clock, watch) = (clock.clone(), watch.clone());
-        if !this.rest.is_empty() {
-            clock.handed_out.store(watch.now(), Ordering::Relaxed);
-            return Poll::Ready(Some(Ok(Frame::data(this.slice()))));
-        }
-        let polled = {
-            let mut body = clock.body.lock().unwrap_or_else(PoisonError::into_inner);
-            match body.as_mut() {
-                Some(body) => Pin::new(body).poll_frame(cx),
-                None => return Poll::Ready(Some(Err(Stalled.into()))),
-            }
+        let mut guard = clock.stream.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(stream) = guard.as_mut() else {
+            // Taken by the watchdog: hyper resets the stream.
+            return Poll::Ready(Some(Err(Stalled.into())));
         };
-        let out = match polled {
-            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) if data.len() > SLICE => {
-                    this.rest = data;
-                    Poll::Ready(Some(Ok(Frame::data(this.slice()))))
-                }
-                Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
-                Err(frame) => Poll::Ready(Some(Ok(frame))),
-            },
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            other => other.map(|_| None),
+        let out = if stream.rest.is_empty() {
+            match Pin::new(&mut stream.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.len() > SLICE => {
+                        stream.rest = data;
+                        Poll::Ready(Some(Ok(Frame::data(stream.slice()))))
+                    }
+                    Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                other => other.map(|_| None),
+            }
+        } else {
+            Poll::Ready(Some(Ok(Frame::data(stream.slice()))))
         };
         let handed_out = if matches!(out, Poll::Ready(Some(Ok(_)))) { watch.now() } else { 0 };
         clock.handed_out.store(handed_out, Ordering::Relaxed);
+        drop(guard);
         out
     }
 
     fn is_end_stream(&self) -> bool {
         match (&self.plain, &self.watched) {
             (Some(plain), _) => plain.is_end_stream(),
-            (None, Some((clock, _))) => {
-                self.rest.is_empty()
-                    && clock
-                        .body
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .as_ref()
-                        .is_none_or(Body::is_end_stream)
-            }
+            // A taken body has not ended: its next poll is the error that resets the stream
+            // (never a clean end of a cut-off response).
+            (None, Some((clock, _))) => clock
+                .stream
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .is_some_and(|s| s.rest.is_empty() && s.body.is_end_stream()),
             (None, None) => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        let inner = match (&self.plain, &self.watched) {
-            (Some(plain), _) => return plain.size_hint(),
+        match (&self.plain, &self.watched) {
+            (Some(plain), _) => plain.size_hint(),
             (None, Some((clock, _))) => {
-                clock.body.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(Body::size_hint)
+                match clock.stream.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+                    Some(s) => crate::body::buffered_then(s.rest.len() as u64, Some(s.body.size_hint())),
+                    None => SizeHint::default(),
+                }
             }
-            (None, None) => None,
-        };
-        crate::body::buffered_then(self.rest.len() as u64, inner)
+            (None, None) => SizeHint::with_exact(0),
+        }
     }
 }
 
@@ -253,8 +267,9 @@ mod tests {
         assert_eq!(counter.get(), 0);
         tokio::time::sleep(Duration::from_secs(17)).await;
         assert_eq!(counter.get(), 1);
-        // (the slice already taken out of the body is still handed out, then the error)
-        assert!(left.frame().await.unwrap().is_ok());
+        // The rest is gone with the body: not an end (which would be a clean end of a cut-off
+        // response) but the error that resets the stream.
+        assert!(!left.is_end_stream());
         assert!(left.frame().await.unwrap().is_err());
     }
 }
