@@ -2396,13 +2396,7 @@ async fn the_app_gets_no_more_connections_than_the_maximum() {
 /// free for the next request.
 #[tokio::test]
 async fn a_client_that_stops_reading_gives_its_app_connection_back() {
-    let mut f = fixture(&[("open", allowing_policy(json!([]), json!([])))], Vec::new(), |s| {
-        s.proxy_threads = 1;
-        s.limits.upstream_max_connections = 1;
-        s.limits.upstream_connect_timeout = Duration::from_millis(200);
-        s.limits.response_send_timeout = Duration::from_secs(1);
-    })
-    .await;
+    let mut f = one_app_connection_sending_for_a_second().await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stalled = socket.connect(f.proxy()).await.unwrap();
@@ -2413,17 +2407,7 @@ async fn a_client_that_stops_reading_gives_its_app_connection_back() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let reply = get(f.proxy(), "/open/x").await;
     assert_eq!(reply.status, 503, "the stalled response holds the one app connection");
-    let mut status = 503;
-    for _ in 0..60 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        status = get(f.proxy(), "/open/x").await.status.as_u16();
-        if status == 200 {
-            break;
-        }
-    }
-    assert_eq!(status, 200, "the app connection was not given back");
-    let metrics = admin_get(f.admin(), "/metrics").await.text();
-    assert_eq!(limit_rejections(&metrics, "response_send_timeout"), 1.0);
+    assert_app_connection_given_back(&f).await;
     drop(stalled);
     f.stop().await;
 }
@@ -2434,13 +2418,7 @@ async fn a_client_that_stops_reading_gives_its_app_connection_back() {
 /// the client's connection and its other streams go on.
 #[tokio::test]
 async fn an_h2c_stream_the_client_grants_no_window_gives_its_app_connection_back() {
-    let mut f = fixture(&[("open", allowing_policy(json!([]), json!([])))], Vec::new(), |s| {
-        s.proxy_threads = 1;
-        s.limits.upstream_max_connections = 1;
-        s.limits.upstream_connect_timeout = Duration::from_millis(200);
-        s.limits.response_send_timeout = Duration::from_secs(1);
-    })
-    .await;
+    let mut f = one_app_connection_sending_for_a_second().await;
     let stream = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
@@ -2450,6 +2428,30 @@ async fn an_h2c_stream_the_client_grants_no_window_gives_its_app_connection_back
     assert_eq!(stalled.status(), 200);
     let reply = get(f.proxy(), "/open/x").await;
     assert_eq!(reply.status, 503, "the stalled stream holds the one app connection");
+    assert_app_connection_given_back(&f).await;
+    let again = Request::get(format!("http://{}/open/y", f.proxy())).body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(sender.send_request(again).await.unwrap().status(), 200, "the connection went on");
+    // Read now, the stalled response ends in a reset, never in a clean end of a cut-off body.
+    let read = tokio::time::timeout(Duration::from_secs(10), stalled.into_body().collect()).await.unwrap();
+    assert!(read.is_err(), "the released stream ended cleanly");
+    f.stop().await;
+}
+
+/// A sidecar allowing everything with one connection to the app (waited for 200 ms) and a
+/// send time-out of a second.
+async fn one_app_connection_sending_for_a_second() -> Fixture {
+    fixture(&[("open", allowing_policy(json!([]), json!([])))], Vec::new(), |s| {
+        s.proxy_threads = 1;
+        s.limits.upstream_max_connections = 1;
+        s.limits.upstream_connect_timeout = Duration::from_millis(200);
+        s.limits.response_send_timeout = Duration::from_secs(1);
+    })
+    .await
+}
+
+/// Waits (at most 3 s) until a request gets the app connection a stalled response held, and
+/// checks that the send time-out was counted once.
+async fn assert_app_connection_given_back(f: &Fixture) {
     let mut status = 503;
     for _ in 0..60 {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -2461,12 +2463,6 @@ async fn an_h2c_stream_the_client_grants_no_window_gives_its_app_connection_back
     assert_eq!(status, 200, "the app connection was not given back");
     let metrics = admin_get(f.admin(), "/metrics").await.text();
     assert_eq!(limit_rejections(&metrics, "response_send_timeout"), 1.0);
-    let again = Request::get(format!("http://{}/open/y", f.proxy())).body(Full::new(Bytes::new())).unwrap();
-    assert_eq!(sender.send_request(again).await.unwrap().status(), 200, "the connection went on");
-    // Read now, the stalled response ends in a reset, never in a clean end of a cut-off body.
-    let read = tokio::time::timeout(Duration::from_secs(10), stalled.into_body().collect()).await.unwrap();
-    assert!(read.is_err(), "the released stream ended cleanly");
-    f.stop().await;
 }
 
 /// Waits (bounded) until the sidecar reports `n` open client connections.
