@@ -423,6 +423,18 @@ pub(crate) enum Encoding {
 }
 
 impl Encoding {
+    /// The encoding `headers` declare (request or response): their one `Content-Encoding`
+    /// field parsed; `None` for one the sidecar cannot decode, and for several fields (codings
+    /// layered one on another).
+    pub(crate) fn of(headers: &http::HeaderMap) -> Option<Encoding> {
+        let mut fields = headers.get_all(http::header::CONTENT_ENCODING).iter();
+        let first = fields.next();
+        if fields.next().is_some() {
+            return None;
+        }
+        Encoding::parse(first.map(http::HeaderValue::as_bytes))
+    }
+
     /// Parses a `Content-Encoding` value; `None` for codings the sidecar cannot decode
     /// (br, zstd, several layered codings).
     pub(crate) fn parse(value: Option<&[u8]>) -> Option<Encoding> {
@@ -502,6 +514,12 @@ mod tests {
         assert_eq!(Encoding::parse(Some(b"deflate")), Some(Encoding::Deflate));
         assert_eq!(Encoding::parse(Some(b"br")), None);
         assert_eq!(Encoding::parse(Some(b"gzip, br")), None);
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(Encoding::of(&headers), Some(Encoding::Identity));
+        headers.append(http::header::CONTENT_ENCODING, http::HeaderValue::from_static("gzip"));
+        assert_eq!(Encoding::of(&headers), Some(Encoding::Gzip));
+        headers.append(http::header::CONTENT_ENCODING, http::HeaderValue::from_static("identity"));
+        assert_eq!(Encoding::of(&headers), None, "two fields: layered codings");
     }
 
     #[test]

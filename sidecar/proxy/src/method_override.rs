@@ -90,9 +90,10 @@ pub(crate) const UNSUPPORTED_REQUEST_ENCODING: &str = "unsupported_request_encod
 pub(crate) const BAD_REQUEST_ENCODING: &str = "bad_request_encoding";
 
 /// Checks a POST body for a `_method` field ([`body_names_a_method`]): `complete` when the
-/// sidecar has it all (`whole` is then its bytes, none for no body), and a `gzip` or `deflate` body is decoded first, to at most
-/// `decode_limit` bytes (Express's body parsers inflate request bodies). A body without a type
-/// is a form here as a whole body is (Rack reads it so), so it too is refused unread.
+/// sidecar has it all (`whole` is then its bytes, none for no body), and a `gzip` or `deflate`
+/// body is decoded first, to at most `decode_limit` bytes (Express's body parsers inflate
+/// request bodies). A body without a type is a form here as a whole body is (Rack reads it
+/// so), so it too is refused unread.
 pub(crate) fn check_post_body(
     headers: &http::HeaderMap,
     complete: bool,
@@ -100,19 +101,13 @@ pub(crate) fn check_post_body(
     decode_limit: u64,
 ) -> PostBody {
     let content_type = headers.get(http::header::CONTENT_TYPE);
-    let kind = body_kind(content_type);
-    let unread_form = || {
-        if content_type.is_none() || is_declared_form(content_type) {
-            PostBody::FormUnchecked
-        } else {
-            PostBody::Clean
-        }
-    };
-    let mut encodings = headers.get_all(http::header::CONTENT_ENCODING).iter();
-    let first = encodings.next();
-    let encoding =
-        if encodings.next().is_some() { None } else { Encoding::parse(first.map(HeaderValue::as_bytes)) };
-    let readable = kind != BodyKind::Form || content_type.is_none() || is_declared_form(content_type);
+    // A form to Rack (declared, or no type at all); refused when it cannot be read.
+    let form = content_type.is_none() || is_declared_form(content_type);
+    let unread_form = || if form { PostBody::FormUnchecked } else { PostBody::Clean };
+    let encoding = Encoding::of(headers);
+    // A body some framework reads parameters from (anything else is read as a form only
+    // when whole, on the safe side).
+    let readable = form || body_kind(content_type) != BodyKind::Form;
     if !complete {
         // Not read whole: only a form is refused (JSON and multipart that large go on
         // unchecked in any encoding).

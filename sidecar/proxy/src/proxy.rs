@@ -1130,7 +1130,7 @@ fn tee_for_dry_runs(
     body: AppBody,
     deadline: tokio::time::Instant,
 ) -> Response<ProxyBody> {
-    let encoding = Encoding::parse(parts.headers.get(header::CONTENT_ENCODING).map(HeaderValue::as_bytes));
+    let encoding = Encoding::of(&parts.headers);
     let encoding = match encoding {
         Some(encoding) if !is_partial(&parts) => encoding,
         _ => {
@@ -1497,8 +1497,7 @@ async fn gather(
     if raw.is_empty() {
         return Err(Ungathered::Empty);
     }
-    let Some(encoding) = Encoding::parse(headers.get(header::CONTENT_ENCODING).map(HeaderValue::as_bytes))
-    else {
+    let Some(encoding) = Encoding::of(headers) else {
         return Err(Ungathered::Unreadable(UNSUPPORTED_CONTENT_ENCODING, ProxyBody::full(raw)));
     };
     match decode(raw.clone(), encoding, limit) {
@@ -1694,6 +1693,7 @@ fn untransformable(
     code: &'static str,
     original: ProxyBody,
 ) -> Response<ProxyBody> {
+    let mut parts = parts;
     shared.metrics.transform_failures.get_or_create(&ReasonLabels { reason: code }).inc();
     match (job.mode, passes_under_fail_open(job, code)) {
         (Mode::Enforce, false) if code == RESPONSE_BUFFER_EXHAUSTED => {
@@ -1715,7 +1715,6 @@ fn untransformable(
         (mode, true) => {
             ctx.event.reason = format!("{},fail_open:{code}", ctx.event.reason);
             ctx.reason = "fail_open";
-            let mut parts = parts;
             if mode == Mode::Enforce {
                 // The app's bytes, but a page of a policy that rewrites: the caller's.
                 keep_out_of_shared_caches(&mut parts.headers);

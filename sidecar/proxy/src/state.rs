@@ -78,10 +78,7 @@ impl PolicyState {
         policy: Option<&CompiledPolicy>,
         all_refused: &'static str,
     ) -> Option<&'static str> {
-        let v = policy
-            .and_then(|p| self.index_of(p))
-            .and_then(|i| self.policy_verifiers.get(i).copied().flatten())?;
-        match users.by_verifier.get(v) {
+        match users.by_verifier.get(self.verifier_of(policy)?) {
             None => Some(all_refused),
             Some(Err(code)) => Some(code),
             Some(Ok(_)) => None,
@@ -105,6 +102,12 @@ impl PolicyState {
         self.user_of(users, self.index_of(policy?)?)
     }
 
+    /// The index in `verifiers` of `policy`'s verifier; none for no policy or one that
+    /// verifies no users.
+    fn verifier_of(&self, policy: Option<&CompiledPolicy>) -> Option<usize> {
+        self.policy_verifiers.get(self.index_of(policy?)?).copied().flatten()
+    }
+
     /// The position of `policy` (one of this state's) among the engine's policies.
     fn index_of(&self, policy: &CompiledPolicy) -> Option<usize> {
         self.engine.policies().iter().position(|q| std::ptr::eq(policy, q))
@@ -114,10 +117,7 @@ impl PolicyState {
     /// found, or, for a policy that verifies no users (or no policy), the first any verifier
     /// found.
     pub(crate) fn user_for<'u>(&self, users: &'u Users, policy: Option<&CompiledPolicy>) -> Option<&'u User> {
-        match policy
-            .and_then(|p| self.index_of(p))
-            .and_then(|i| self.policy_verifiers.get(i).copied().flatten())
-        {
+        match self.verifier_of(policy) {
             Some(v) => users.by_verifier.get(v)?.as_ref().ok(),
             None => users.by_verifier.iter().find_map(|u| u.as_ref().ok()),
         }
