@@ -136,6 +136,14 @@ pub struct AuditEvent {
     /// Keyed hashes (HMAC-SHA256, hex) of the ids of the records returned.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub record_hashes: Vec<String>,
+    /// The rules of the other enforcing policies that applied with the deciding one: when
+    /// several policies constrain a request (row filters, record caps, masks, quotas), every
+    /// one applies, and the event names the first by name in `policy`/`rule` and the others
+    /// here, in policy name order; at most [`MAX_ALSO_APPLIED`]. Each rule's quotas were
+    /// charged this request and [`AuditEvent::records_returned`], which the collector counts
+    /// as their cluster-wide usage as it does the deciding rule's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_applied: Vec<AppliedRule>,
     /// What the Audit-mode policies selecting the pod that did not decide the request would
     /// have decided (their dry runs beside the deciding policy), in policy name order; at most
     /// [`MAX_DRY_RUNS`].
@@ -145,6 +153,26 @@ pub struct AuditEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_hash: Option<String>,
 }
+
+/// A rule of another enforcing policy that applied to the request beside the deciding one
+/// ([`AuditEvent::also_applied`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedRule {
+    /// The policy.
+    pub policy: String,
+    /// Its rule that applied.
+    pub rule: String,
+    /// The principal this policy counts the request by, when it is not the event's own
+    /// [`AuditEvent::principal`] (a policy that verifies other tokens, or none, counts by
+    /// another key: `user:<id>`, `workload:<ns>/<sa>` or `peer:<ip>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+}
+
+/// Most other rules one event names in [`AuditEvent::also_applied`]: the sidecar names the
+/// first this many (by policy name), and the collector refuses an event with more.
+pub const MAX_ALSO_APPLIED: usize = 64;
 
 /// Most dry runs one event carries: the sidecar records the first this many (by policy name),
 /// and the collector refuses an event with more.

@@ -76,6 +76,7 @@ fn event(
         latency_us: 1000,
         trace_id: None,
         record_hashes: record_ids.iter().map(|r| h(r)).collect(),
+        also_applied: Vec::new(),
         dry_runs: Vec::new(),
         prev_hash: None,
     }

@@ -116,6 +116,24 @@ pub fn write_event_open(out: &mut Vec<u8>, e: &AuditEvent) {
         }
         out.push(b']');
     }
+    if !e.also_applied.is_empty() {
+        out.extend_from_slice(b",\"alsoApplied\":[");
+        for (i, applied) in e.also_applied.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"policy\":");
+            write_str(out, &applied.policy);
+            out.extend_from_slice(b",\"rule\":");
+            write_str(out, &applied.rule);
+            if let Some(principal) = &applied.principal {
+                out.extend_from_slice(b",\"principal\":");
+                write_str(out, principal);
+            }
+            out.push(b'}');
+        }
+        out.push(b']');
+    }
     if !e.dry_runs.is_empty() {
         out.extend_from_slice(b",\"dryRuns\":[");
         for (i, run) in e.dry_runs.iter().enumerate() {
@@ -250,7 +268,7 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use crate::audit::{AuditUser, CallerWorkload, Decision, DryRun, DryRunTransform};
+    use crate::audit::{AppliedRule, AuditUser, CallerWorkload, Decision, DryRun, DryRunTransform};
     use proptest::prelude::*;
 
     use super::*;
@@ -297,6 +315,14 @@ mod tests {
             latency_us: 12,
             trace_id: Some(format!("t{text}")),
             record_hashes: vec![text.into(), "ab".into()],
+            also_applied: vec![
+                AppliedRule { policy: text.into(), rule: format!("r{text}"), principal: None },
+                AppliedRule {
+                    policy: format!("p{text}"),
+                    rule: text.into(),
+                    principal: Some(format!("peer:{text}")),
+                },
+            ],
             dry_runs: vec![
                 DryRun {
                     policy: text.into(),
@@ -344,6 +370,7 @@ mod tests {
             masked: BTreeMap::new(),
             trace_id: None,
             record_hashes: Vec::new(),
+            also_applied: Vec::new(),
             dry_runs: Vec::new(),
             prev_hash: None,
             ..mk_full("")

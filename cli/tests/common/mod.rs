@@ -116,6 +116,7 @@ pub fn sample_event(id: String, time: String, principal: String) -> AuditEvent {
         latency_us: 100,
         trace_id: None,
         record_hashes: vec![],
+        also_applied: Vec::new(),
         dry_runs: Vec::new(),
         prev_hash: None,
     }

@@ -39,6 +39,7 @@ fn event(id: &str, decision: Decision) -> AuditEvent {
         latency_us: 1200,
         trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
         record_hashes: vec!["ab".repeat(32), "cd".repeat(32)],
+        also_applied: Vec::new(),
         dry_runs: vec![DryRun {
             policy: "stricter-customers".into(),
             rule: Some("own-branch".into()),

@@ -178,6 +178,7 @@ fn event(i: usize) -> AuditEvent {
         latency_us: 100,
         trace_id: None,
         record_hashes: vec![],
+        also_applied: Vec::new(),
         dry_runs: Vec::new(),
         prev_hash: None,
     }

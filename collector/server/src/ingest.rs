@@ -702,6 +702,7 @@ mod tests {
             latency_us: 1,
             trace_id: Some("t".into()),
             record_hashes: vec!["h".into()],
+            also_applied: Vec::new(),
             dry_runs: Vec::new(),
             prev_hash: Some("p".into()),
         }

@@ -92,6 +92,7 @@ fn event(run: &str, i: u64) -> AuditEvent {
         latency_us: 900 + r % 700,
         trace_id: None,
         record_hashes: (0..records).map(|k| subject_hash(mix(i * 8 + k) % SUBJECTS)).collect(),
+        also_applied: Vec::new(),
         dry_runs: Vec::new(),
         prev_hash: None,
     }

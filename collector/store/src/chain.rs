@@ -192,6 +192,35 @@ pub(crate) struct Prepared {
     pub body: String,
     /// Distinct [`record_key`]s of the event's record hashes, sorted.
     pub records: Vec<RecordKey>,
+    /// The rows of the event's other applied rules ([`AppliedRow::of`]).
+    pub applied: Vec<AppliedRow>,
+}
+
+/// A rule of another policy that applied to an event's request beside the deciding one
+/// (`alsoApplied`), as the usage index keeps it: the rule's quotas were charged the request
+/// (`admitted`: unless the event is a `Deny`) and the records returned, as the deciding
+/// rule's are. The index is derived from the stored bodies (like the record-hash index) and
+/// read only by usage queries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct AppliedRow {
+    pub policy: String,
+    pub rule: String,
+    /// The entry's principal, else the event's.
+    pub principal: String,
+}
+
+impl AppliedRow {
+    /// The rows of `e`'s `alsoApplied`.
+    pub(crate) fn of(e: &AuditEvent) -> Vec<AppliedRow> {
+        e.also_applied
+            .iter()
+            .map(|a| AppliedRow {
+                policy: a.policy.clone(),
+                rule: a.rule.clone(),
+                principal: a.principal.clone().unwrap_or_else(|| e.principal.clone()),
+            })
+            .collect()
+    }
 }
 
 /// Longest event id accepted (ULIDs have 26 characters): ids are kept, indexed and deduplicated.
@@ -200,6 +229,8 @@ pub const MAX_ID_BYTES: usize = 128;
 pub const MAX_PRINCIPAL_BYTES: usize = 1024;
 /// Longest namespace, policy or rule name accepted (Kubernetes names are at most 253).
 pub const MAX_NAME_BYTES: usize = 253;
+/// Most other applied rules one event may name (one per enforcing policy selecting the pod).
+pub use custos_api::audit::MAX_ALSO_APPLIED;
 /// Most dry runs one event may carry (one per Audit-mode policy selecting the pod).
 pub use custos_api::audit::MAX_DRY_RUNS;
 /// How far in the future an event's time may be (clock skew between nodes): a later time
@@ -256,6 +287,23 @@ pub(crate) fn admissible(e: &AuditEvent, columns: &Columns, now_us: i64) -> Resu
             return Err(reason);
         }
     }
+    if e.also_applied.len() > MAX_ALSO_APPLIED {
+        return Err("alsoApplied has more than 64 entries");
+    }
+    if e.also_applied.iter().any(|a| a.policy.len() > MAX_NAME_BYTES || a.rule.len() > MAX_NAME_BYTES) {
+        return Err("an alsoApplied policy or rule is longer than 253 bytes");
+    }
+    if e.also_applied.iter().any(|a| a.principal.as_ref().is_some_and(|p| p.len() > MAX_PRINCIPAL_BYTES)) {
+        return Err("an alsoApplied principal is longer than 1024 bytes");
+    }
+    let mut applied_policies: Vec<&str> = e.also_applied.iter().map(|a| a.policy.as_str()).collect();
+    applied_policies.sort_unstable();
+    if applied_policies.windows(2).any(|w| w[0] == w[1])
+        || e.policy.as_deref().is_some_and(|p| applied_policies.binary_search(&p).is_ok())
+    {
+        // Each policy's rule is charged once: usage must not count a request twice.
+        return Err("alsoApplied names a policy twice, or the deciding policy");
+    }
     if e.dry_runs.len() > MAX_DRY_RUNS {
         return Err("dryRuns has more than 64 entries");
     }
@@ -306,12 +354,15 @@ fn has_nul(e: &AuditEvent) -> bool {
     let caller = e.caller.iter().flat_map(|c| [&c.namespace, &c.service_account]);
     let dry_runs =
         e.dry_runs.iter().flat_map(|d| std::iter::once(&d.policy).chain(&d.rule).chain([&d.reason]));
+    let also_applied =
+        e.also_applied.iter().flat_map(|a| [&a.policy, &a.rule].into_iter().chain(&a.principal));
     [&e.id, &e.time, &e.namespace, &e.principal, &e.method, &e.path, &e.reason]
         .into_iter()
         .chain([&e.cluster, &e.policy, &e.rule, &e.pod, &e.trace_id].into_iter().flatten())
         .chain(user)
         .chain(caller)
         .chain(dry_runs)
+        .chain(also_applied)
         .chain(e.masked.keys())
         .chain(e.dry_runs.iter().filter_map(|d| d.transform.as_ref()).flat_map(|t| t.masked.keys()))
         .any(|s| nul(s))
@@ -326,6 +377,8 @@ pub(crate) struct Unlinked {
     open_body: String,
     /// Distinct [`record_key`]s of the event's record hashes, sorted.
     pub records: Vec<RecordKey>,
+    /// The rows of the event's other applied rules.
+    pub applied: Vec<AppliedRow>,
 }
 
 impl Unlinked {
@@ -336,7 +389,12 @@ impl Unlinked {
         custos_api::audit::json::write_event_open(&mut json, event);
         let open_body =
             String::from_utf8(json).map_err(|_| Error::Corrupt("an event could not be serialised".into()))?;
-        Ok(Unlinked { cols, open_body, records: record_keys(&event.record_hashes) })
+        Ok(Unlinked {
+            cols,
+            open_body,
+            records: record_keys(&event.record_hashes),
+            applied: AppliedRow::of(event),
+        })
     }
 
     /// Links the event after `prev_hash`. `prevHash` is the last field of [`AuditEvent`], so
@@ -358,6 +416,7 @@ impl Unlinked {
             hash,
             body,
             records: self.records,
+            applied: self.applied,
         })
     }
 }
@@ -633,6 +692,7 @@ mod tests {
             latency_us: 0,
             trace_id: None,
             record_hashes: vec![],
+            also_applied: Vec::new(),
             dry_runs: Vec::new(),
             prev_hash: None,
         }

@@ -1,6 +1,8 @@
-//! The PostgreSQL backend: `events` and `event_records` partitioned by day on the event time
-//! (declarative range partitions, created on demand for the days of each batch and for today
-//! and tomorrow at open; `event_records` keyed by seq bucket and 16-byte record key, schema V3),
+//! The PostgreSQL backend: `events`, `event_records` and `event_applied_rules` partitioned by
+//! day on the event time (declarative range partitions, created on demand for the days of each
+//! batch and for today and tomorrow at open; `event_records` keyed by seq bucket and 16-byte
+//! record key, schema V3; `event_applied_rules`, the usage index of rules that applied beside
+//! the deciding one, schema V4),
 //! a non-partitioned `event_ids` table for idempotency by id, pooled
 //! connections (deadpool); a batch is written with one `COPY ... FROM STDIN BINARY` per table,
 //! never a statement per row.
@@ -112,6 +114,26 @@ CREATE TABLE event_records (
 ) PARTITION BY RANGE (time_us);
 ";
 
+/// V4: the usage index of the rules of other policies that applied beside the deciding one
+/// (an event's `alsoApplied`, [`chain::AppliedRow`]), partitioned by day like `events`
+/// ([`applied_partitions_v4`] gives it a partition per existing day of `events`): usage
+/// queries count them per (policy, rule, principal) as they count the deciding rule from
+/// `events`. Events stored before V4 carry no such rules.
+const V4: &str = "
+CREATE TABLE event_applied_rules (
+    principal text NOT NULL,
+    policy text NOT NULL,
+    time_us bigint NOT NULL,
+    seq bigint NOT NULL,
+    rule text NOT NULL,
+    namespace text NOT NULL,
+    admitted boolean NOT NULL,
+    records bigint NOT NULL,
+    PRIMARY KEY (principal, policy, time_us, seq, rule)
+) PARTITION BY RANGE (time_us);
+CREATE INDEX event_applied_rules_seq ON event_applied_rules (seq);
+";
+
 /// Events per bucket of the record-hash index: `2^BUCKET_SHIFT`.
 const BUCKET_SHIFT: u32 = POSTGRES_BUCKET_SHIFT;
 
@@ -126,7 +148,7 @@ fn bucket_end(seq: i64) -> i64 {
 }
 
 /// Schema migrations, in order. Never edit a released one: add the next.
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
 
 /// The day partitions of a partitioned table: (suffix after `{parent}_`, bound expression).
 async fn partitions_of(tx: &tokio_postgres::Transaction<'_>, parent: &str) -> Result<Vec<(String, String)>> {
@@ -174,6 +196,17 @@ async fn convert_records_v3(tx: &tokio_postgres::Transaction<'_>) -> Result<()> 
         .await?;
     tx.batch_execute("DROP TABLE event_records_v2").await?;
     tracing::info!(converted, "record-hash index converted to the bucketed V3 layout");
+    Ok(())
+}
+
+/// After V4: a partition of the usage index per day partition of `events` (same bounds).
+async fn applied_partitions_v4(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
+    for (suffix, bound) in partitions_of(tx, "events").await? {
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS event_applied_rules_{suffix} PARTITION OF event_applied_rules {bound}"
+        ))
+        .await?;
+    }
     Ok(())
 }
 
@@ -258,6 +291,10 @@ const EVENT_TYPES: [Type; 14] = [
     Type::TEXT,
     Type::TEXT,
 ];
+
+/// The column types of `event_applied_rules`, in the order ingest copies them.
+const APPLIED_TYPES: [Type; 8] =
+    [Type::TEXT, Type::TEXT, Type::INT8, Type::INT8, Type::TEXT, Type::TEXT, Type::BOOL, Type::INT8];
 
 impl PostgresStore {
     /// Connects (pooled), migrates the schema and creates today's and tomorrow's partitions.
@@ -357,6 +394,9 @@ impl PostgresStore {
             if *version == 3 {
                 convert_records_v3(&tx).await?;
             }
+            if *version == 4 {
+                applied_partitions_v4(&tx).await?;
+            }
             if *version == 1 {
                 tx.execute("INSERT INTO chain_head (id, seq, hash) VALUES (1, 0, $1)", &[&GENESIS_HASH])
                     .await?;
@@ -399,6 +439,8 @@ impl PostgresStore {
                 "CREATE TABLE IF NOT EXISTS events_{suffix} PARTITION OF events \
                      FOR VALUES FROM ({lo}) TO ({hi});
                  CREATE TABLE IF NOT EXISTS event_records_{suffix} PARTITION OF event_records \
+                     FOR VALUES FROM ({lo}) TO ({hi});
+                 CREATE TABLE IF NOT EXISTS event_applied_rules_{suffix} PARTITION OF event_applied_rules \
                      FOR VALUES FROM ({lo}) TO ({hi});"
             ))
             .await?;
@@ -498,6 +540,34 @@ impl PostgresStore {
                     let b = bucket(p.seq);
                     for key in &p.records {
                         w.as_mut().write(&[&b, key, &p.seq, &p.cols.time_us]).await?;
+                    }
+                }
+                w.as_mut().finish().await?;
+            }
+            if linked.iter().any(|p| !p.applied.is_empty()) {
+                let st = tx
+                    .prepare_cached(
+                        "COPY event_applied_rules (principal, policy, time_us, seq, rule, namespace, \
+                         admitted, records) FROM STDIN BINARY",
+                    )
+                    .await?;
+                let mut w = pin!(BinaryCopyInWriter::new(tx.copy_in(&st).await?, &APPLIED_TYPES));
+                for p in &linked {
+                    let c = &p.cols;
+                    let admitted = c.decision != custos_api::Decision::Deny.as_str();
+                    for a in &p.applied {
+                        w.as_mut()
+                            .write(&[
+                                &a.principal,
+                                &a.policy,
+                                &c.time_us,
+                                &p.seq,
+                                &a.rule,
+                                &c.namespace,
+                                &admitted,
+                                &c.records_returned,
+                            ])
+                            .await?;
                     }
                 }
                 w.as_mut().finish().await?;
@@ -728,15 +798,22 @@ impl PostgresStore {
     ) -> Result<Vec<(String, RuleUsage)>> {
         let client = self.client().await?;
         let st = client
+            // The deciding rules from `events`, the others that applied from their index.
             .prepare_cached(
                 "SELECT rule, \
-                 SUM(CASE WHEN time_us > $4 AND decision <> 'Deny' THEN 1 ELSE 0 END)::bigint, \
-                 SUM(CASE WHEN time_us > $5 THEN records_returned ELSE 0 END)::bigint, \
-                 SUM(records_returned)::bigint \
-                 FROM events \
-                 WHERE principal = $1 AND policy = $2 AND time_us > $6 AND time_us <= $3 \
-                 AND rule IS NOT NULL AND ($7::text IS NULL OR namespace = $7) \
-                 GROUP BY rule",
+                 SUM(CASE WHEN time_us > $4 AND admitted THEN 1 ELSE 0 END)::bigint, \
+                 SUM(CASE WHEN time_us > $5 THEN records ELSE 0 END)::bigint, \
+                 SUM(records)::bigint \
+                 FROM (\
+                   SELECT rule, time_us, decision <> 'Deny' AS admitted, records_returned AS records \
+                   FROM events \
+                   WHERE principal = $1 AND policy = $2 AND time_us > $6 AND time_us <= $3 \
+                   AND rule IS NOT NULL AND ($7::text IS NULL OR namespace = $7) \
+                   UNION ALL \
+                   SELECT rule, time_us, admitted, records FROM event_applied_rules \
+                   WHERE principal = $1 AND policy = $2 AND time_us > $6 AND time_us <= $3 \
+                   AND ($7::text IS NULL OR namespace = $7)\
+                 ) AS charged GROUP BY rule",
             )
             .await?;
         client
@@ -809,7 +886,8 @@ impl PostgresStore {
             if max.is_none_or(|m| m <= last.seq) {
                 let suffix = day_suffix(day);
                 tx.batch_execute(&format!(
-                    "DROP TABLE events_{suffix}; DROP TABLE IF EXISTS event_records_{suffix};"
+                    "DROP TABLE events_{suffix}; DROP TABLE IF EXISTS event_records_{suffix}; \
+                     DROP TABLE IF EXISTS event_applied_rules_{suffix};"
                 ))
                 .await?;
                 deleted += count(n);
@@ -821,6 +899,8 @@ impl PostgresStore {
             &[&last.seq, &cutoff, &bucket(last.seq)],
         )
         .await?;
+        tx.execute("DELETE FROM event_applied_rules WHERE seq <= $1 AND time_us < $2", &[&last.seq, &cutoff])
+            .await?;
         deleted +=
             tx.execute("DELETE FROM events WHERE seq <= $1 AND time_us < $2", &[&last.seq, &cutoff]).await?;
         tx.execute("DELETE FROM event_ids WHERE seq <= $1", &[&last.seq]).await?;

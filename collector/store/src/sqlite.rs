@@ -103,6 +103,25 @@ DROP INDEX events_decision_time;
 CREATE INDEX events_flagged_time ON events (decision, time_us) WHERE decision <> 'Allow';
 ";
 
+/// V3: the usage index of the rules of other policies that applied beside the deciding one
+/// (an event's `alsoApplied`, [`chain::AppliedRow`]): usage queries count them per (policy,
+/// rule, principal) as they count the deciding rule from `events`. Keyed for those queries;
+/// retention deletes by seq. Events stored before V3 carry no such rules.
+const V3: &str = "
+CREATE TABLE event_applied_rules (
+    principal TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    time_us INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    rule TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    admitted INTEGER NOT NULL,
+    records INTEGER NOT NULL,
+    PRIMARY KEY (principal, policy, time_us, seq, rule)
+) WITHOUT ROWID;
+CREATE INDEX event_applied_rules_seq ON event_applied_rules (seq);
+";
+
 /// Events per bucket of the record-hash index: `2^BUCKET_SHIFT`.
 const BUCKET_SHIFT: u32 = SQLITE_BUCKET_SHIFT;
 
@@ -117,7 +136,7 @@ fn bucket_end(seq: i64) -> i64 {
 }
 
 /// Schema migrations, in order. Never edit a released one: add the next.
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3)];
 
 /// Copies the V1 record-hash rows into the V2 index.
 fn convert_records_v2(tx: &rusqlite::Transaction<'_>) -> Result<()> {
@@ -459,6 +478,11 @@ impl SqliteStore {
                     "INSERT OR IGNORE INTO event_records (bucket, record_key, seq, time_us) \
                      VALUES (?1, ?2, ?3, ?4)",
                 )?;
+                let mut applied = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO event_applied_rules \
+                     (principal, policy, time_us, seq, rule, namespace, admitted, records) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
                 for (index, u) in batch.into_iter().enumerate() {
                     if pruned_before.is_some_and(|before| u.cols.time_us < before) {
                         out.outcome.expired += 1;
@@ -488,6 +512,19 @@ impl SqliteStore {
                     }
                     for key in &p.records {
                         record.execute(params![bucket(p.seq), key, p.seq, c.time_us])?;
+                    }
+                    let admitted = c.decision != custos_api::Decision::Deny.as_str();
+                    for a in &p.applied {
+                        applied.execute(params![
+                            a.principal,
+                            a.policy,
+                            c.time_us,
+                            p.seq,
+                            a.rule,
+                            c.namespace,
+                            admitted,
+                            c.records_returned
+                        ])?;
                     }
                     head_seq = p.seq;
                     head_hash = p.hash;
@@ -726,15 +763,22 @@ impl SqliteStore {
         let (namespace, policy, principal) =
             (namespace.map(str::to_owned), policy.to_owned(), principal.to_owned());
         self.read(move |conn| {
+            // The deciding rules from `events`, the others that applied from their index.
             let mut st = conn.prepare_cached(
                 "SELECT rule, \
-                 SUM(CASE WHEN time_us > ?4 AND decision <> 'Deny' THEN 1 ELSE 0 END), \
-                 SUM(CASE WHEN time_us > ?5 THEN records_returned ELSE 0 END), \
-                 SUM(records_returned) \
-                 FROM events \
-                 WHERE principal = ?1 AND policy = ?2 AND time_us > ?6 AND time_us <= ?3 \
-                 AND rule IS NOT NULL AND (?7 IS NULL OR namespace = ?7) \
-                 GROUP BY rule",
+                 SUM(CASE WHEN time_us > ?4 AND admitted THEN 1 ELSE 0 END), \
+                 SUM(CASE WHEN time_us > ?5 THEN records ELSE 0 END), \
+                 SUM(records) \
+                 FROM (\
+                   SELECT rule, time_us, decision <> 'Deny' AS admitted, records_returned AS records \
+                   FROM events \
+                   WHERE principal = ?1 AND policy = ?2 AND time_us > ?6 AND time_us <= ?3 \
+                   AND rule IS NOT NULL AND (?7 IS NULL OR namespace = ?7) \
+                   UNION ALL \
+                   SELECT rule, time_us, admitted, records FROM event_applied_rules \
+                   WHERE principal = ?1 AND policy = ?2 AND time_us > ?6 AND time_us <= ?3 \
+                   AND (?7 IS NULL OR namespace = ?7)\
+                 ) GROUP BY rule",
             )?;
             Ok(st
                 .query_map(
@@ -784,6 +828,7 @@ impl SqliteStore {
                 "DELETE FROM event_records WHERE bucket <= ?1 AND seq <= ?2",
                 params![bucket(last.seq), last.seq],
             )?;
+            tx.execute("DELETE FROM event_applied_rules WHERE seq <= ?1", [last.seq])?;
             let deleted = tx.execute("DELETE FROM events WHERE seq <= ?1", [last.seq])?;
             tx.execute(
                 "UPDATE chain_anchor SET seq = ?1, hash = ?2, \

@@ -30,7 +30,13 @@ async fn a_v2_store_with_events_converts_verifies_and_answers_subject_queries() 
     assert!(partitions >= 3, "{partitions} partitions");
 
     let store = env.open().await;
-    assert_eq!(env.count("SELECT MAX(version) FROM custos_schema").await, 3);
+    assert_eq!(env.count("SELECT MAX(version) FROM custos_schema").await, 4);
+    // V4: a partition of the applied rules' usage index for every day of events.
+    let events_partitions =
+        env.count("SELECT COUNT(*) FROM pg_inherits WHERE inhparent = 'events'::regclass").await;
+    let applied_partitions =
+        env.count("SELECT COUNT(*) FROM pg_inherits WHERE inhparent = 'event_applied_rules'::regclass").await;
+    assert_eq!(applied_partitions, events_partitions);
     assert_eq!(env.count("SELECT COUNT(*) FROM pg_class WHERE relname LIKE 'event_records_v2%'").await, 0);
     assert_eq!(env.count(v2_partitions).await, partitions);
     assert_eq!(env.count("SELECT COUNT(*) FROM event_records").await, 30 + 10 + 1);
@@ -48,4 +54,5 @@ async fn a_v2_store_with_events_converts_verifies_and_answers_subject_queries() 
     // Subject lookups through the converted index (t0 is noon: the events span three days);
     // the chain continues; tampering with the converted index is caught.
     common::assert_converted_index(&env, &store, Duration::hours(2), Duration::hours(60)).await;
+    common::assert_applied_rules_counted(&store, common::t0() + Duration::hours(1)).await;
 }

@@ -118,10 +118,10 @@ async fn a_v1_store_with_events_migrates_verifies_and_answers_queries() {
     assert_eq!((head.seq, head.hash.as_str()), (30, head_hash.as_str()));
     let report = store.verify(None).await.unwrap();
     assert_eq!((report.first_broken, report.checked), (None, 30));
-    // The schema is V2 and the V1 table is gone.
+    // The schema is V3 (V2, then the applied rules' usage index) and the V1 table is gone.
     let conn = rusqlite::Connection::open(path).unwrap();
     let version: i64 = conn.query_row("SELECT MAX(version) FROM custos_schema", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let old: i64 = conn
         .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'event_records_v1'", [], |r| r.get(0))
         .unwrap();
@@ -138,4 +138,5 @@ async fn a_v1_store_with_events_migrates_verifies_and_answers_queries() {
     // Subject lookups through the converted index; the chain continues; tampering with the
     // converted index is caught.
     common::assert_converted_index(&env, &store, Duration::minutes(1), Duration::hours(1)).await;
+    common::assert_applied_rules_counted(&store, common::t0() + Duration::seconds(90)).await;
 }

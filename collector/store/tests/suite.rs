@@ -57,6 +57,7 @@ suite!(
     subject_lookup,
     top_by_records_and_denials,
     usage_windows,
+    usage_counts_the_rules_that_applied_beside_the_deciding_one,
     prune_keeps_chain_verifiable,
     concurrent_prunes_and_verify_report_no_false_break,
     prune_refuses_a_broken_chain,
@@ -157,8 +158,27 @@ async fn invalid_event_rejects_the_batch(env: &Env) {
 async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
     let store = env.open().await;
     type Edit = fn(&mut custos_api::AuditEvent);
-    let cases: [(Edit, &str); 18] = [
+    let cases: [(Edit, &str); 25] = [
+        (
+            |e| e.also_applied = vec![applied("baseline", None), applied("baseline", None)],
+            "alsoApplied names a policy twice, or the deciding policy",
+        ),
+        (
+            |e| e.also_applied = vec![applied(e.policy.as_deref().unwrap(), None)],
+            "alsoApplied names a policy twice, or the deciding policy",
+        ),
         (|e| e.id = "x".repeat(129), "id is longer than 128 bytes"),
+        (|e| e.also_applied = vec![applied("baseline", None); 65], "alsoApplied has more than 64 entries"),
+        (
+            |e| e.also_applied = vec![applied(&"p".repeat(254), None)],
+            "an alsoApplied policy or rule is longer than 253 bytes",
+        ),
+        (
+            |e| e.also_applied = vec![applied("baseline", Some(&format!("user:{}", "u".repeat(1100))))],
+            "an alsoApplied principal is longer than 1024 bytes",
+        ),
+        (|e| e.also_applied = vec![applied("base\0line", None)], "NUL character"),
+        (|e| e.also_applied = vec![applied("baseline", Some("peer:10.0.\0.7"))], "NUL character"),
         (|e| e.principal = format!("user:{}", "u".repeat(3000)), "principal is longer than 1024 bytes"),
         (|e| e.policy = Some("p".repeat(254)), "policy is longer than 253 bytes"),
         (|e| e.namespace = "n".repeat(254), "namespace is longer than 253 bytes"),
@@ -296,6 +316,16 @@ async fn events_by_dry_run(env: &Env) {
     assert_eq!(ids(rest).await, ["b", "a"]);
     let before_d = EventQuery { until: Some(t0() + Duration::seconds(4)), ..q(Some("narrow"), None) };
     assert_eq!(ids(before_d).await, ["c", "b", "decoy"]);
+}
+
+/// A rule of `policy` that applied beside the deciding one, counted by `principal` (the
+/// event's when `None`).
+fn applied(policy: &str, principal: Option<&str>) -> custos_api::audit::AppliedRule {
+    custos_api::audit::AppliedRule {
+        policy: policy.into(),
+        rule: "mask-addresses".into(),
+        principal: principal.map(str::to_owned),
+    }
 }
 
 /// A dry run of `policy` that would allow, with what its plan would have done.
@@ -693,6 +723,70 @@ async fn usage_windows(env: &Env) {
     assert_eq!(all.rules["read"].requests_last_minute, 3);
     let none = store.usage(None, "customers", "user:nobody", now).await.unwrap();
     assert!(none.rules.is_empty());
+}
+
+/// Where several policies constrain a request, the event names the others' rules in
+/// `alsoApplied`; each is charged the request and the records returned under its own
+/// principal (the entry's, else the event's), in its own windows, and survives reopening and
+/// retention as the events do.
+async fn usage_counts_the_rules_that_applied_beside_the_deciding_one(env: &Env) {
+    let store = env.open().await;
+    let now = t0();
+    let mk = |id: &str, dt: i64, d: Decision, records: u64, principal: Option<&str>| {
+        let mut e = event(id, now + Duration::seconds(dt));
+        e.decision = d;
+        e.records_returned = records;
+        e.also_applied = vec![applied("baseline", principal)];
+        e
+    };
+    let mut by_bob = mk("a3", -20, Decision::Allow, 3, Some("user:alice"));
+    by_bob.principal = "user:bob".into();
+    let mut other_ns = mk("a6", -5, Decision::Allow, 100, None);
+    other_ns.namespace = "bank".into();
+    let batch = vec![
+        mk("a1", -10, Decision::Allow, 6, None),
+        mk("a2", -15, Decision::Deny, 0, None),
+        by_bob,
+        mk("a4", -30, Decision::Allow, 50, Some("peer:10.0.0.7")),
+        mk("a5", -1800, Decision::WouldDeny, 9, None),
+        other_ns,
+        mk("a7", -25 * 3600, Decision::Allow, 1000, None), // outside the day
+        mk("a8", 10, Decision::Allow, 1000, None),         // after `now`
+    ];
+    store.ingest(&batch).await.unwrap();
+    let rules = |u: custos_api::collector::UsageResponse| {
+        u.rules
+            .into_iter()
+            .map(|(rule, n)| (rule, [n.requests_last_minute, n.records_last_hour, n.records_last_day]))
+            .collect::<Vec<_>>()
+    };
+    // a1 and a3 in the minute (a2 was denied); a5 in the hour too.
+    let expected = vec![("mask-addresses".to_owned(), [2, 6 + 3 + 9, 6 + 3 + 9])];
+    assert_eq!(rules(store.usage(Some("shop"), "baseline", "user:alice", now).await.unwrap()), expected);
+    assert_eq!(
+        rules(store.usage(Some("shop"), "baseline", "peer:10.0.0.7", now).await.unwrap()),
+        [("mask-addresses".to_owned(), [1, 50, 50])]
+    );
+    assert_eq!(rules(store.usage(None, "baseline", "user:alice", now).await.unwrap())[0].1, [3, 118, 118]);
+    // The deciding rule is counted as before, each request once.
+    let decided = rules(store.usage(Some("shop"), "customers", "user:alice", now).await.unwrap());
+    assert_eq!(decided, [("read".to_owned(), [2, 6 + 50 + 9, 6 + 50 + 9])]);
+    assert_eq!(
+        rules(store.usage(Some("shop"), "customers", "user:bob", now).await.unwrap()),
+        [("read".to_owned(), [1, 3, 3])]
+    );
+
+    // Reopened: the same. Retention of every event takes their rows with them (a8 would
+    // still be in the day two hours later).
+    drop(store);
+    let store = env.open().await;
+    assert_eq!(rules(store.usage(Some("shop"), "baseline", "user:alice", now).await.unwrap()), expected);
+    let later = now + Duration::hours(2);
+    store.prune(later - Duration::seconds(5)).await.unwrap();
+    let after = rules(
+        store.usage(Some("shop"), "baseline", "user:alice", later + Duration::seconds(1)).await.unwrap(),
+    );
+    assert!(after.is_empty(), "{after:?}");
 }
 
 /// Two collector replicas pruning at once, and a verify meanwhile (a review's probes: rows the

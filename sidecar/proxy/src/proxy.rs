@@ -17,7 +17,8 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use custos_api::audit::{
-    AUDIT_SCHEMA_VERSION, AuditUser, CallerWorkload, DryRun, DryRunTransform, MAX_DRY_RUNS,
+    AUDIT_SCHEMA_VERSION, AppliedRule, AuditUser, CallerWorkload, DryRun, DryRunTransform, MAX_ALSO_APPLIED,
+    MAX_DRY_RUNS,
 };
 use custos_api::config::WorkloadIdentity;
 use custos_api::policy::{ExceedAction, Limits, Mode};
@@ -257,6 +258,7 @@ async fn handle(
             latency_us: 0,
             trace_id: trace_id(req.headers()),
             record_hashes: Vec::new(),
+            also_applied: Vec::new(),
             dry_runs: Vec::new(),
             prev_hash: None,
         },
@@ -897,6 +899,28 @@ fn prepare_several(
             return Err(Box::new(quota_refused(shared, ctx, policy, rule, &exceeded)));
         }
     }
+    // The event names the other rules, each with its principal where it is not the event's:
+    // the collector charges them as this replica did.
+    let also_applied = order
+        .iter()
+        .zip(&keys)
+        .filter(|(applying, _)| !std::ptr::eq(**applying, verdict))
+        .filter_map(|(applying, key)| {
+            let (policy, rule) = (applying.policy?, applying.rule?);
+            let principal = match key {
+                Some(key) => key.principal.clone(),
+                None => principal(several.state.user_for(several.users, applying.policy), several.caller)
+                    .unwrap_or_else(|| ["peer:", ctx.peer_ip.as_str()].concat()),
+            };
+            Some(AppliedRule {
+                policy: policy.name.clone(),
+                rule: rule.name.clone(),
+                principal: Some(principal).filter(|p| *p != ctx.event.principal),
+            })
+        })
+        .take(MAX_ALSO_APPLIED)
+        .collect();
+    ctx.event.also_applied = also_applied;
     let mut jobs: Vec<TransformJob> = verdict
         .plan_steps()
         .into_iter()

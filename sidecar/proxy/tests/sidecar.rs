@@ -700,6 +700,69 @@ async fn constraining_rules_of_several_policies_all_apply() {
     // Masks apply after every row filter: the phones of the records returned.
     assert_eq!(first["masked"], json!({"phone": 3}));
     assert_eq!(first["recordHashes"].as_array().unwrap().len(), 3, "the hashes of the records returned");
+    // The other policy's rule that applied, so that the collector charges its record quota
+    // cluster-wide as this replica did (under the event's principal: no `principal` of its
+    // own).
+    assert_eq!(first["principal"], "user:u-42");
+    assert_eq!(first["alsoApplied"], json!([{"policy": "b-scoping", "rule": "branch-list"}]));
+    let single = events.iter().find(|e| e["path"] == "/single/2" && e["status"] == 200);
+    assert_eq!(
+        single.map(|e| &e["alsoApplied"]),
+        Some(&json!([{"policy": "b-scoping", "rule": "branch-one"}])),
+        "{events:#?}"
+    );
+    // A request refused before any rule applied names none.
+    let refused = events.iter().find(|e| e["status"] == 401).unwrap_or_else(|| panic!("{events:#?}"));
+    assert!(refused.get("alsoApplied").is_none(), "{refused}");
+}
+
+/// A rule that applied beside the deciding one is named in the event with the principal its
+/// own policy counts by when that is not the event's: here the other policy trusts another
+/// issuer, refuses the partner's token, and counts the request by the peer, as its quota
+/// key in this replica does; the collector charges that key.
+#[tokio::test]
+async fn an_applied_rule_is_named_with_the_principal_its_policy_counts_by() {
+    const PARTNER: &str = "https://partner.example.test";
+    let partner = json!({
+        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
+        "mode": "Enforce",
+        "defaultAction": "Deny",
+        "identity": {"users": {
+            "jwt": {"issuer": PARTNER, "audiences": ["partner-api"], "jwksSecretRef": {"name": "sso-jwks"}}
+        }},
+        "dataClasses": [{"name": "phone", "paths": ["$.items[*].phone"]}],
+        "rules": [{"name": "partner-list", "action": "Allow", "from": {"authenticated": true},
+                   "to": {"methods": ["GET"], "paths": ["/customers"]},
+                   "records": "$.items[*]", "mask": {"phone": "ShowLast4"}, "limits": {"requestsPerMinute": 10}}],
+    });
+    let mut customer = policy(json!([
+        {"name": "everyone-list", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+         "records": "$.items[*]", "limits": {"recordsPerHour": 100}},
+    ]));
+    customer["defaultAction"] = json!("Allow");
+    let collector = Collector::start().await;
+    let url = collector.url();
+    let mut f = fixture(&[("a-partner", partner), ("b-customer", customer)], Vec::new(), |s| {
+        mount_sso_jwks(s);
+        shipping_events_to(url)(s);
+    })
+    .await;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let partner_token = token(json!({"iss": PARTNER, "aud": "partner-api", "sub": "p-7", "exp": now + 600}));
+    let reply =
+        get_with(f.proxy(), "/customers", &[("authorization", &format!("Bearer {partner_token}"))]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_no_personal_phone(&reply.text());
+    f.stop().await;
+    let event = collector.wait_for(1).await.remove(0);
+    assert_eq!(
+        (event["policy"].as_str(), event["principal"].as_str()),
+        (Some("a-partner"), Some("user:p-7"))
+    );
+    assert_eq!(
+        event["alsoApplied"],
+        json!([{"policy": "b-customer", "rule": "everyone-list", "principal": "peer:127.0.0.1"}])
+    );
 }
 
 /// With several policies, every row filter reads the app's own values (not another policy's

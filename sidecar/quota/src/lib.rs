@@ -79,7 +79,9 @@
 //! count. Figures reported more than 15 s (requests), 15 min (hour), 1 h (day) late, or
 //! computed on a clock far off this one, can make `others` too large (stricter). The collector
 //! is expected to count, as requests, the requests admitted under the rule (not the ones
-//! refused), and records as the sidecar reports them.
+//! refused), and records as the sidecar reports them: for the deciding rule and for every
+//! other rule the event names as applied beside it (`alsoApplied`, each charged the same
+//! request and records under its own principal).
 //!
 //! # Concurrency and memory
 //!

@@ -271,6 +271,7 @@ fn event(i: usize) -> AuditEvent {
         latency_us: 10,
         trace_id: None,
         record_hashes: Vec::new(),
+        also_applied: Vec::new(),
         dry_runs: Vec::new(),
         prev_hash: None,
     }

@@ -66,6 +66,7 @@ pub fn mk_event(principal: &str, t_ms: i64, records: u64) -> AuditEvent {
         latency_us: 1_500,
         trace_id: None,
         record_hashes: Vec::new(),
+        also_applied: Vec::new(),
         dry_runs: Vec::new(),
         prev_hash: None,
     }

@@ -260,6 +260,7 @@ pub fn event(id: &str, time: DateTime<Utc>) -> AuditEvent {
         latency_us: 900,
         trace_id: None,
         record_hashes: vec![],
+        also_applied: Vec::new(),
         dry_runs: Vec::new(),
         prev_hash: None,
     }

@@ -94,11 +94,14 @@ impl Env {
 
 /// Turns a PostgreSQL store's record-hash index back into the V2 layout (64-character hex
 /// `record_hash` keys, a `seq` index, the same day partitions), rebuilt from the event
-/// bodies, and forgets V3: the next open migrates it again.
+/// bodies, drops the V4 usage index of applied rules, and forgets V3 and V4: the next open
+/// migrates it again.
 pub const POSTGRES_RECORDS_BACK_TO_V2: &str = "
 DO $$
 DECLARE r record;
 BEGIN
+  DROP TABLE event_applied_rules;
+  DELETE FROM custos_schema WHERE version = 4;
   FOR r IN SELECT c.relname::text AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
            WHERE i.inhparent = 'event_records'::regclass LOOP
     EXECUTE format('ALTER TABLE %I RENAME TO %I', r.name, 'old_' || r.name);
@@ -223,6 +226,7 @@ pub fn event(id: &str, time: DateTime<Utc>) -> AuditEvent {
         latency_us: 900,
         trace_id: None,
         record_hashes: vec![],
+        also_applied: Vec::new(),
         dry_runs: Vec::new(),
         prev_hash: None,
     }
@@ -241,6 +245,26 @@ pub fn subject_hash(n: u64) -> String {
 /// The events of the record-hash index conversion tests: 30 events `spacing` apart (ids
 /// `v000`..`v029`, principals `user:u0..2` in turn); every third touches subject 42 (listed
 /// twice), all touch subject 7, event 5 also carries a record hash that is not hex.
+/// After a migration: an event at `at` naming a rule applied beside the deciding one is
+/// counted in that rule's usage.
+pub async fn assert_applied_rules_counted(store: &AnyStore, at: DateTime<Utc>) {
+    let mut e = event("applied-after-migration", at);
+    e.records_returned = 4;
+    e.also_applied = vec![custos_api::audit::AppliedRule {
+        policy: "baseline".into(),
+        rule: "mask-addresses".into(),
+        principal: None,
+    }];
+    store.ingest(&[e]).await.unwrap();
+    let u = store.usage(Some("shop"), "baseline", "user:alice", at).await.unwrap();
+    let expected = custos_api::collector::RuleUsage {
+        requests_last_minute: 1,
+        records_last_hour: 4,
+        records_last_day: 4,
+    };
+    assert_eq!(u.rules.get("mask-addresses"), Some(&expected), "{u:?}");
+}
+
 pub fn conversion_events(spacing: chrono::Duration) -> Vec<AuditEvent> {
     (0..30)
         .map(|i| {
