@@ -816,7 +816,9 @@ async fn several_policies_filter_before_masking_and_charge_all_or_nothing() {
 }
 
 /// When the buffers have no room for a later plan's document, failOpen does not pass what
-/// the plans before it made: 503, and no policy's record quota is charged for it.
+/// the plans before it made: 503, and no policy's record quota is charged for it. The first
+/// policy's steps stream (no document); the second's mask path has a negative index, which
+/// only the parsed document resolves, so the refusal comes at a later step.
 #[tokio::test]
 async fn several_fail_open_policies_still_refuse_when_the_buffers_are_full() {
     let plain = serde_json::to_vec(&customers()).unwrap().len() as u64;
@@ -829,11 +831,11 @@ async fn several_fail_open_policies_still_refuse_when_the_buffers_are_full() {
         spec["failOpen"] = json!(true);
         spec
     };
-    let scoping = {
+    let last_name = {
         let mut spec = allowing_policy(
-            json!([]),
-            json!([{"name": "scope", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
-                    "records": "$.items[*]", "rowFilter": "record.branch != 'nowhere'"}]),
+            json!([{"name": "name", "paths": ["$.items[-1].name"]}]),
+            json!([{"name": "mask-last-name", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                    "mask": {"name": "Redact"}}]),
         );
         spec["failOpen"] = json!(true);
         spec
@@ -842,7 +844,7 @@ async fn several_fail_open_policies_still_refuse_when_the_buffers_are_full() {
     let total = plain * custos_transform::DOCUMENT_BYTES_PER_BODY_BYTE + plain / 2;
     let collector = Collector::start().await;
     let url = collector.url();
-    let mut f = fixture(&[("a-masking", masking), ("b-scoping", scoping)], Vec::new(), move |s| {
+    let mut f = fixture(&[("a-masking", masking), ("b-last-name", last_name)], Vec::new(), move |s| {
         shipping_events_to(url)(s);
         s.limits.response_buffer_total_bytes = total;
     })
