@@ -2824,6 +2824,42 @@ async fn requests_still_running_at_the_drain_time_out_have_their_events() {
     }
 }
 
+/// The same for an h2c stream, which hyper runs in a task of its own, outside the
+/// connection's task that the drain time-out ends: the connection's end resets the stream,
+/// hyper drops the request's future (its event is emitted), and the event is shipped before
+/// the shipper stops, on the caller's runtime as on proxy threads.
+#[tokio::test]
+async fn h2c_streams_still_running_at_the_drain_time_out_have_their_events() {
+    for threads in [0, 1] {
+        let collector = Collector::start().await;
+        let url = collector.url();
+        let mut f = start(policy(main_rules()), move |s| {
+            s.proxy_threads = threads;
+            s.drain_timeout = Duration::from_millis(300);
+            shipping_events_to(url)(s);
+        })
+        .await;
+        let stream = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let req =
+            Request::get(format!("http://{}/slow/h2c", f.proxy())).body(Full::new(Bytes::new())).unwrap();
+        let pending = tokio::spawn(sender.send_request(req));
+        for _ in 0..200 {
+            if f.upstream.count() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(f.upstream.count(), 1, "the request did not reach the app");
+        f.stop().await;
+        let events = collector.events();
+        assert!(events.iter().any(|e| e["path"] == "/slow/h2c"), "threads {threads}: {events:?}");
+        pending.abort();
+    }
+}
+
 /// With a shutdown delay the sidecar turns unready at once but keeps accepting and serving new
 /// connections until the delay is over (the cluster is still routing to the pod), then stops.
 #[tokio::test]
