@@ -894,6 +894,20 @@ impl PostgresStore {
                 dropped.push(day);
             }
         }
+        // Day partitions of the applied rules' index whose day of events is gone, here or by a
+        // replica of a version before V4 (which drops only the events' and records' tables).
+        let events_days: HashSet<i64> = parts
+            .iter()
+            .filter_map(|r| r.try_get::<_, String>(0).ok())
+            .filter_map(|name| day_of_partition(&name))
+            .filter(|day| !dropped.contains(day))
+            .collect();
+        for (suffix, _) in partitions_of(&tx, "event_applied_rules").await? {
+            let day = day_of_partition(&format!("events_{suffix}"));
+            if day.is_some_and(|d| (d + 1) * DAY_US <= cutoff && !events_days.contains(&d)) {
+                tx.batch_execute(&format!("DROP TABLE event_applied_rules_{suffix}")).await?;
+            }
+        }
         tx.execute(
             "DELETE FROM event_records WHERE bucket <= $3 AND seq <= $1 AND time_us < $2",
             &[&last.seq, &cutoff, &bucket(last.seq)],

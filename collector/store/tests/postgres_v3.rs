@@ -56,3 +56,51 @@ async fn a_v2_store_with_events_converts_verifies_and_answers_subject_queries() 
     common::assert_converted_index(&env, &store, Duration::hours(2), Duration::hours(60)).await;
     common::assert_applied_rules_counted(&store, common::t0() + Duration::hours(1)).await;
 }
+
+/// A replica of a version before V4 prunes a day by dropping its `events` and
+/// `event_records` partitions only: the day's partition of the applied rules' index is left
+/// behind, empty or not, and the next prune (by this version) drops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applied_rules_partition_left_by_an_older_replica_goes_with_the_next_prune() {
+    let Some(env) = Env::postgres().await else { return };
+    let store = env.open().await;
+    let t0 = common::t0();
+    let batch: Vec<_> = [t0, t0 + Duration::days(1)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, at)| {
+            let mut e = common::event(&format!("o{i}"), at);
+            e.also_applied = vec![custos_api::audit::AppliedRule {
+                policy: "baseline".into(),
+                rule: "mask-addresses".into(),
+                principal: None,
+            }];
+            e
+        })
+        .collect();
+    store.ingest(&batch).await.unwrap();
+    let day = |at: chrono::DateTime<chrono::Utc>| at.format("d%Y%m%d").to_string();
+    let exists = |suffix: String| {
+        format!(
+            "SELECT COUNT(*) FROM (SELECT to_regclass('event_applied_rules_{suffix}') AS t) p WHERE t IS NOT NULL"
+        )
+    };
+    assert_eq!(env.count(&exists(day(t0))).await, 1);
+    // The first day pruned; then its applied partition put back, as an older replica's prune
+    // would have left it.
+    let midnight =
+        |at: chrono::DateTime<chrono::Utc>| at.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    store.prune(midnight(t0 + Duration::days(1))).await.unwrap();
+    assert_eq!(env.count(&exists(day(t0))).await, 0);
+    let (lo, hi) = (midnight(t0).timestamp_micros(), midnight(t0 + Duration::days(1)).timestamp_micros());
+    env.raw(&format!(
+        "CREATE TABLE event_applied_rules_{} PARTITION OF event_applied_rules FOR VALUES FROM ({lo}) TO ({hi})",
+        day(t0)
+    ))
+    .await;
+    assert_eq!(env.count(&exists(day(t0))).await, 1);
+    store.prune(midnight(t0 + Duration::days(2))).await.unwrap();
+    assert_eq!(env.count(&exists(day(t0))).await, 0, "the orphan partition was left");
+    assert_eq!(env.count(&exists(day(t0 + Duration::days(1)))).await, 0);
+    assert_eq!(store.verify(None).await.unwrap().first_broken, None);
+}

@@ -196,9 +196,38 @@ struct Ctx {
 impl Ctx {
     /// The event names the rule of `job`, which refused the response (another policy's than
     /// the deciding one's, when several apply).
+    /// When that rule was one of `alsoApplied`, it and the deciding rule trade places, each
+    /// with the principal it counts by (the event's principal becomes the named rule's), so
+    /// that the collector still charges every rule once, under its own key.
     fn name_rule(&mut self, job: &TransformJob) {
-        self.event.policy = Some(job.policy.clone());
-        self.event.rule = Some(job.rule.clone());
+        let e = &mut self.event;
+        if e.policy.as_deref() == Some(job.policy.as_str()) {
+            e.rule = Some(job.rule.clone());
+            return;
+        }
+        let named = e.also_applied.iter().position(|a| a.policy == job.policy);
+        let former_principal = e.principal.clone();
+        if let Some(named) = named.map(|i| e.also_applied.remove(i)) {
+            // Each entry's own principal, before the event's changes.
+            for a in &mut e.also_applied {
+                a.principal.get_or_insert_with(|| former_principal.clone());
+            }
+            if let Some(principal) = named.principal {
+                e.principal = principal;
+            }
+            if let (Some(policy), Some(rule)) = (e.policy.take(), e.rule.take()) {
+                let at = e.also_applied.partition_point(|a| a.policy < policy);
+                let principal = Some(former_principal);
+                e.also_applied.insert(at, AppliedRule { policy, rule, principal });
+            }
+            for a in &mut e.also_applied {
+                if a.principal.as_ref() == Some(&e.principal) {
+                    a.principal = None;
+                }
+            }
+        }
+        e.policy = Some(job.policy.clone());
+        e.rule = Some(job.rule.clone());
     }
 
     fn set_reason(&mut self, code: &'static str) {

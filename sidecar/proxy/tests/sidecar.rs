@@ -711,6 +711,15 @@ async fn constraining_rules_of_several_policies_all_apply() {
         Some(&json!([{"policy": "b-scoping", "rule": "branch-one"}])),
         "{events:#?}"
     );
+    // Refused by the other policy's rule: the event names it, and the deciding rule moves to
+    // `alsoApplied` (each policy once: the collector charges every rule once).
+    let out_of_scope =
+        events.iter().find(|e| e["reason"] == "out_of_scope").unwrap_or_else(|| panic!("{events:#?}"));
+    assert_eq!(
+        (out_of_scope["policy"].as_str(), out_of_scope["rule"].as_str()),
+        (Some("b-scoping"), Some("branch-one"))
+    );
+    assert_eq!(out_of_scope["alsoApplied"], json!([{"policy": "a-masking", "rule": "masked-one"}]));
     // A request refused before any rule applied names none.
     let refused = events.iter().find(|e| e["status"] == 401).unwrap_or_else(|| panic!("{events:#?}"));
     assert!(refused.get("alsoApplied").is_none(), "{refused}");
@@ -732,12 +741,14 @@ async fn an_applied_rule_is_named_with_the_principal_its_policy_counts_by() {
         }},
         "dataClasses": [{"name": "phone", "paths": ["$.items[*].phone"]}],
         "rules": [{"name": "partner-list", "action": "Allow", "from": {"authenticated": true},
-                   "to": {"methods": ["GET"], "paths": ["/customers"]},
+                   "to": {"methods": ["GET"], "paths": ["/customers", "/chunked/customers"]},
                    "records": "$.items[*]", "mask": {"phone": "ShowLast4"}, "limits": {"requestsPerMinute": 10}}],
     });
     let mut customer = policy(json!([
         {"name": "everyone-list", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
          "records": "$.items[*]", "limits": {"recordsPerHour": 100}},
+        {"name": "capped-list", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/chunked/customers"]},
+         "records": "$.items[*]", "limits": {"recordsPerHour": 100, "maxRecordsPerResponse": 2, "onExceed": "Deny"}},
     ]));
     customer["defaultAction"] = json!("Allow");
     let collector = Collector::start().await;
@@ -749,12 +760,27 @@ async fn an_applied_rule_is_named_with_the_principal_its_policy_counts_by() {
     .await;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let partner_token = token(json!({"iss": PARTNER, "aud": "partner-api", "sub": "p-7", "exp": now + 600}));
-    let reply =
-        get_with(f.proxy(), "/customers", &[("authorization", &format!("Bearer {partner_token}"))]).await;
+    let partner_bearer = format!("Bearer {partner_token}");
+    let reply = get_with(f.proxy(), "/customers", &[("authorization", &partner_bearer)]).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_no_personal_phone(&reply.text());
+    // Refused by the other policy's record cap: the event names that rule, under the
+    // principal its policy counts by, and the partner rule moves to `alsoApplied` with its own.
+    let reply = get_with(f.proxy(), "/chunked/customers", &[("authorization", &partner_bearer)]).await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
     f.stop().await;
-    let event = collector.wait_for(1).await.remove(0);
+    let events = collector.wait_for(2).await;
+    let refused = events.iter().find(|e| e["status"] == 403).unwrap();
+    assert_eq!(
+        (refused["policy"].as_str(), refused["rule"].as_str(), refused["principal"].as_str()),
+        (Some("b-customer"), Some("capped-list"), Some("peer:127.0.0.1"))
+    );
+    assert_eq!(refused["reason"], "record_cap_exceeded");
+    assert_eq!(
+        refused["alsoApplied"],
+        json!([{"policy": "a-partner", "rule": "partner-list", "principal": "user:p-7"}])
+    );
+    let event = events.iter().find(|e| e["status"] == 200).unwrap();
     assert_eq!(
         (event["policy"].as_str(), event["principal"].as_str()),
         (Some("a-partner"), Some("user:p-7"))

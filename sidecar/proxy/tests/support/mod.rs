@@ -333,6 +333,8 @@ struct CollectorState {
     usage_hits: Mutex<BTreeMap<(String, String), usize>>,
     /// How long `GET /v1/usage` takes to answer.
     usage_delay: Mutex<Duration>,
+    /// Why the audit store refused events received (the real collector's rules).
+    refused: Mutex<Vec<String>>,
 }
 
 /// The audit collector: stores every NDJSON line it receives and answers `/v1/usage`.
@@ -374,8 +376,11 @@ impl Collector {
         format!("http://{}", self.addr)
     }
 
-    /// Every event line received so far, resends included.
+    /// Every event line received so far, resends included. Panics if the audit store
+    /// refused any of them: a real collector would have answered 400 and lost it.
     pub fn events(&self) -> Vec<Value> {
+        let refused = self.state.refused.lock().unwrap().clone();
+        assert!(refused.is_empty(), "the audit store refused events a sidecar sent: {refused:?}");
         self.state.events.lock().unwrap().clone()
     }
 
@@ -498,6 +503,17 @@ async fn collector(req: Request<Incoming>, state: &CollectorState) -> Response<F
     } else {
         String::from_utf8(raw.to_vec()).unwrap()
     };
+    // The store's own ingest rules, one event at a time (a batch is refused whole).
+    let store = custos_store::open("sqlite::memory:").await.unwrap();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let refused = match serde_json::from_str::<custos_api::AuditEvent>(line) {
+            Ok(event) => store.ingest(&[event]).await.err().map(|e| e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = refused {
+            state.refused.lock().unwrap().push(why);
+        }
+    }
     let mut events = state.events.lock().unwrap();
     let (mut accepted, mut duplicates) = (0, 0);
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
