@@ -192,6 +192,10 @@ pub struct DryRun {
     /// Its matching rule; none when its default action would have decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// The principal its policy counts the request by, when it is not the event's own
+    /// [`AuditEvent::principal`] (set on the entries that are [`DryRun::charged`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
     /// `Allow`, or `WouldDeny` for a request it would have refused.
     pub decision: Decision,
     /// Why, as a reason code: the decision's (`allow_rule`, `deny_rule`, `default_allow`,
@@ -200,6 +204,13 @@ pub struct DryRun {
     /// `response_not_json`; `fail_open:<code>` when the policy would have passed it on;
     /// `not_checked:<code>` when only the dry run could not read it).
     pub reason: String,
+    /// Whether its rule's quotas counted this request (they would have admitted it), and the
+    /// records its plan would have returned (`transform.recordsReturned`, none without a
+    /// `transform`): the collector charges them to the rule's cluster-wide usage, as the
+    /// sidecar charged its own dry-run counts, so that a dry-run quota holds across replicas
+    /// as the enforced one will.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub charged: bool,
     /// What the rule's response plan would have done to the app's response; absent when the
     /// rule has none, or the plan was not dry-run (the request or response was refused, the
     /// response had no body, did not arrive whole, or could not be checked).

@@ -90,8 +90,10 @@ fn events() -> Vec<AuditEvent> {
         events[i].dry_runs = vec![custos_api::audit::DryRun {
             policy: "stricter".into(),
             rule: None,
+            principal: None,
             decision,
             reason: "default_deny".into(),
+            charged: false,
             transform: None,
         }];
     }

@@ -146,10 +146,17 @@ pub fn write_event_open(out: &mut Vec<u8>, e: &AuditEvent) {
                 out.extend_from_slice(b",\"rule\":");
                 write_str(out, rule);
             }
+            if let Some(principal) = &run.principal {
+                out.extend_from_slice(b",\"principal\":");
+                write_str(out, principal);
+            }
             out.extend_from_slice(b",\"decision\":");
             write_str(out, run.decision.as_str());
             out.extend_from_slice(b",\"reason\":");
             write_str(out, &run.reason);
+            if run.charged {
+                out.extend_from_slice(b",\"charged\":true");
+            }
             if let Some(t) = &run.transform {
                 out.extend_from_slice(b",\"transform\":{");
                 write_record_counts(
@@ -327,15 +334,19 @@ mod tests {
                 DryRun {
                     policy: text.into(),
                     rule: Some(format!("r{text}")),
+                    principal: None,
                     decision: Decision::WouldDeny,
                     reason: format!("deny_rule{text}"),
+                    charged: false,
                     transform: None,
                 },
                 DryRun {
                     policy: format!("p{text}"),
                     rule: None,
+                    principal: Some(format!("peer:{text}")),
                     decision: Decision::Allow,
                     reason: "default_allow".into(),
+                    charged: true,
                     transform: Some(DryRunTransform {
                         records_returned: 2,
                         records_filtered: u64::MAX,
@@ -346,8 +357,10 @@ mod tests {
                 DryRun {
                     policy: format!("q{text}"),
                     rule: Some("r".into()),
+                    principal: None,
                     decision: Decision::Allow,
                     reason: "allow_rule".into(),
+                    charged: false,
                     transform: Some(DryRunTransform::default()),
                 },
             ],

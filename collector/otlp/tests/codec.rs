@@ -43,8 +43,10 @@ fn event(id: &str, decision: Decision) -> AuditEvent {
         dry_runs: vec![DryRun {
             policy: "stricter-customers".into(),
             rule: Some("own-branch".into()),
+            principal: None,
             decision: Decision::Allow,
             reason: "allow_rule".into(),
+            charged: false,
             transform: Some(custos_api::audit::DryRunTransform {
                 records_returned: 3,
                 records_filtered: 1,

@@ -40,8 +40,10 @@ fn corpus() -> Vec<AuditEvent> {
                 e.dry_runs = vec![custos_api::audit::DryRun {
                     policy: "stricter".into(),
                     rule: None,
+                    principal: None,
                     decision,
                     reason: "default_deny".into(),
+                    charged: false,
                     transform: None,
                 }];
             }

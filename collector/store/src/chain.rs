@@ -196,30 +196,47 @@ pub(crate) struct Prepared {
     pub applied: Vec<AppliedRow>,
 }
 
-/// A rule of another policy that applied to an event's request beside the deciding one
-/// (`alsoApplied`), as the usage index keeps it: the rule's quotas were charged the request
-/// (`admitted`: unless the event is a `Deny`) and the records returned, as the deciding
-/// rule's are. The index is derived from the stored bodies (like the record-hash index) and
-/// read only by usage queries.
+/// A rule besides the deciding one whose quotas an event's request was charged to, as the
+/// usage index keeps it: a rule of another enforcing policy that applied (`alsoApplied`:
+/// admitted unless the event is a `Deny`, charged the records returned, as the deciding rule
+/// is) or an Audit-mode policy's dry run its quotas counted (`dryRuns` entries with
+/// `charged`: admitted, charged the records its plan would have returned). The index is
+/// derived from the stored bodies (like the record-hash index) and read only by usage
+/// queries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct AppliedRow {
     pub policy: String,
     pub rule: String,
     /// The entry's principal, else the event's.
     pub principal: String,
+    /// Whether the request counts under the rule's requests per minute.
+    pub admitted: bool,
+    /// Records charged to the rule's record quotas.
+    pub records: i64,
 }
 
 impl AppliedRow {
-    /// The rows of `e`'s `alsoApplied`.
+    /// The rows of `e`'s `alsoApplied` and charged `dryRuns` (after [`admissible`]: counts fit).
     pub(crate) fn of(e: &AuditEvent) -> Vec<AppliedRow> {
-        e.also_applied
-            .iter()
-            .map(|a| AppliedRow {
-                policy: a.policy.clone(),
-                rule: a.rule.clone(),
-                principal: a.principal.clone().unwrap_or_else(|| e.principal.clone()),
+        let principal = |p: &Option<String>| p.clone().unwrap_or_else(|| e.principal.clone());
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let also = e.also_applied.iter().map(|a| AppliedRow {
+            policy: a.policy.clone(),
+            rule: a.rule.clone(),
+            principal: principal(&a.principal),
+            admitted: e.decision != custos_api::Decision::Deny,
+            records: count(e.records_returned),
+        });
+        let dry_runs = e.dry_runs.iter().filter(|d| d.charged).filter_map(|d| {
+            Some(AppliedRow {
+                policy: d.policy.clone(),
+                rule: d.rule.clone()?,
+                principal: principal(&d.principal),
+                admitted: true,
+                records: count(d.transform.as_ref().map_or(0, |t| t.records_returned)),
             })
-            .collect()
+        });
+        also.chain(dry_runs).collect()
     }
 }
 
@@ -296,13 +313,24 @@ pub(crate) fn admissible(e: &AuditEvent, columns: &Columns, now_us: i64) -> Resu
     if e.also_applied.iter().any(|a| a.principal.as_ref().is_some_and(|p| p.len() > MAX_PRINCIPAL_BYTES)) {
         return Err("an alsoApplied principal is longer than 1024 bytes");
     }
-    let mut applied_policies: Vec<&str> = e.also_applied.iter().map(|a| a.policy.as_str()).collect();
-    applied_policies.sort_unstable();
-    if applied_policies.windows(2).any(|w| w[0] == w[1])
-        || e.policy.as_deref().is_some_and(|p| applied_policies.binary_search(&p).is_ok())
+    if e.dry_runs.iter().any(|d| d.principal.as_ref().is_some_and(|p| p.len() > MAX_PRINCIPAL_BYTES)) {
+        return Err("a dryRuns principal is longer than 1024 bytes");
+    }
+    if e.dry_runs.iter().any(|d| d.charged && d.rule.is_none()) {
+        return Err("a charged dryRuns entry must name its rule");
+    }
+    let mut charged_policies: Vec<&str> = e
+        .also_applied
+        .iter()
+        .map(|a| a.policy.as_str())
+        .chain(e.dry_runs.iter().filter(|d| d.charged).map(|d| d.policy.as_str()))
+        .collect();
+    charged_policies.sort_unstable();
+    if charged_policies.windows(2).any(|w| w[0] == w[1])
+        || e.policy.as_deref().is_some_and(|p| charged_policies.binary_search(&p).is_ok())
     {
         // Each policy's rule is charged once: usage must not count a request twice.
-        return Err("alsoApplied names a policy twice, or the deciding policy");
+        return Err("alsoApplied and charged dryRuns must name each policy once, and not the deciding one");
     }
     if e.dry_runs.len() > MAX_DRY_RUNS {
         return Err("dryRuns has more than 64 entries");
@@ -352,8 +380,10 @@ fn has_nul(e: &AuditEvent) -> bool {
         .iter()
         .flat_map(|u| std::iter::once(&u.id).chain(u.attributes.iter().flat_map(|(k, v)| [k, v])));
     let caller = e.caller.iter().flat_map(|c| [&c.namespace, &c.service_account]);
-    let dry_runs =
-        e.dry_runs.iter().flat_map(|d| std::iter::once(&d.policy).chain(&d.rule).chain([&d.reason]));
+    let dry_runs = e
+        .dry_runs
+        .iter()
+        .flat_map(|d| std::iter::once(&d.policy).chain(&d.rule).chain(&d.principal).chain([&d.reason]));
     let also_applied =
         e.also_applied.iter().flat_map(|a| [&a.policy, &a.rule].into_iter().chain(&a.principal));
     [&e.id, &e.time, &e.namespace, &e.principal, &e.method, &e.path, &e.reason]

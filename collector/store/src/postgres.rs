@@ -114,8 +114,8 @@ CREATE TABLE event_records (
 ) PARTITION BY RANGE (time_us);
 ";
 
-/// V4: the usage index of the rules of other policies that applied beside the deciding one
-/// (an event's `alsoApplied`, [`chain::AppliedRow`]), partitioned by day like `events`
+/// V4: the usage index of the rules besides the deciding one that an event's request was
+/// charged to (its `alsoApplied` and charged `dryRuns`, [`chain::AppliedRow`]), partitioned by day like `events`
 /// ([`applied_partitions_v4`] gives it a partition per existing day of `events`): usage
 /// queries count them per (policy, rule, principal) as they count the deciding rule from
 /// `events`. Events stored before V4 carry no such rules.
@@ -554,7 +554,6 @@ impl PostgresStore {
                 let mut w = pin!(BinaryCopyInWriter::new(tx.copy_in(&st).await?, &APPLIED_TYPES));
                 for p in &linked {
                     let c = &p.cols;
-                    let admitted = c.decision != custos_api::Decision::Deny.as_str();
                     for a in &p.applied {
                         w.as_mut()
                             .write(&[
@@ -564,8 +563,8 @@ impl PostgresStore {
                                 &p.seq,
                                 &a.rule,
                                 &c.namespace,
-                                &admitted,
-                                &c.records_returned,
+                                &a.admitted,
+                                &a.records,
                             ])
                             .await?;
                     }

@@ -103,9 +103,9 @@ DROP INDEX events_decision_time;
 CREATE INDEX events_flagged_time ON events (decision, time_us) WHERE decision <> 'Allow';
 ";
 
-/// V3: the usage index of the rules of other policies that applied beside the deciding one
-/// (an event's `alsoApplied`, [`chain::AppliedRow`]): usage queries count them per (policy,
-/// rule, principal) as they count the deciding rule from `events`. Keyed for those queries;
+/// V3: the usage index of the rules besides the deciding one that an event's request was
+/// charged to (its `alsoApplied` and charged `dryRuns`, [`chain::AppliedRow`]): usage queries
+/// count them per (policy, rule, principal) as they count the deciding rule from `events`. Keyed for those queries;
 /// retention deletes by seq. Events stored before V3 carry no such rules.
 const V3: &str = "
 CREATE TABLE event_applied_rules (
@@ -513,7 +513,6 @@ impl SqliteStore {
                     for key in &p.records {
                         record.execute(params![bucket(p.seq), key, p.seq, c.time_us])?;
                     }
-                    let admitted = c.decision != custos_api::Decision::Deny.as_str();
                     for a in &p.applied {
                         applied.execute(params![
                             a.principal,
@@ -522,8 +521,8 @@ impl SqliteStore {
                             p.seq,
                             a.rule,
                             c.namespace,
-                            admitted,
-                            c.records_returned
+                            a.admitted,
+                            a.records
                         ])?;
                     }
                     head_seq = p.seq;

@@ -58,6 +58,7 @@ suite!(
     top_by_records_and_denials,
     usage_windows,
     usage_counts_the_rules_that_applied_beside_the_deciding_one,
+    usage_counts_the_dry_runs_charged_to_their_rules,
     prune_keeps_chain_verifiable,
     concurrent_prunes_and_verify_report_no_false_break,
     prune_refuses_a_broken_chain,
@@ -158,14 +159,32 @@ async fn invalid_event_rejects_the_batch(env: &Env) {
 async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
     let store = env.open().await;
     type Edit = fn(&mut custos_api::AuditEvent);
-    let cases: [(Edit, &str); 25] = [
+    let cases: [(Edit, &str); 29] = [
+        (
+            |e| {
+                e.also_applied = vec![applied("baseline", None)];
+                e.dry_runs = vec![charged(dry_run("baseline"), None)];
+            },
+            "alsoApplied and charged dryRuns must name each policy once",
+        ),
+        (
+            |e| {
+                e.dry_runs = vec![custos_api::audit::DryRun { rule: None, ..charged(dry_run("trial"), None) }]
+            },
+            "a charged dryRuns entry must name its rule",
+        ),
+        (
+            |e| e.dry_runs = vec![charged(dry_run("trial"), Some(&format!("user:{}", "u".repeat(1100))))],
+            "a dryRuns principal is longer than 1024 bytes",
+        ),
+        (|e| e.dry_runs = vec![charged(dry_run("trial"), Some("peer:\0"))], "NUL character"),
         (
             |e| e.also_applied = vec![applied("baseline", None), applied("baseline", None)],
-            "alsoApplied names a policy twice, or the deciding policy",
+            "alsoApplied and charged dryRuns must name each policy once",
         ),
         (
             |e| e.also_applied = vec![applied(e.policy.as_deref().unwrap(), None)],
-            "alsoApplied names a policy twice, or the deciding policy",
+            "alsoApplied and charged dryRuns must name each policy once",
         ),
         (|e| e.id = "x".repeat(129), "id is longer than 128 bytes"),
         (|e| e.also_applied = vec![applied("baseline", None); 65], "alsoApplied has more than 64 entries"),
@@ -328,13 +347,20 @@ fn applied(policy: &str, principal: Option<&str>) -> custos_api::audit::AppliedR
     }
 }
 
+/// `run` as charged to its rule's quotas, under `principal` (the event's when `None`).
+fn charged(run: custos_api::audit::DryRun, principal: Option<&str>) -> custos_api::audit::DryRun {
+    custos_api::audit::DryRun { charged: true, principal: principal.map(str::to_owned), ..run }
+}
+
 /// A dry run of `policy` that would allow, with what its plan would have done.
 fn dry_run(policy: &str) -> custos_api::audit::DryRun {
     custos_api::audit::DryRun {
         policy: policy.into(),
         rule: Some("own-branch".into()),
+        principal: None,
         decision: custos_api::Decision::Allow,
         reason: "allow_rule".into(),
+        charged: false,
         transform: Some(custos_api::audit::DryRunTransform {
             records_returned: 2,
             records_filtered: 1,
@@ -787,6 +813,52 @@ async fn usage_counts_the_rules_that_applied_beside_the_deciding_one(env: &Env) 
         store.usage(Some("shop"), "baseline", "user:alice", later + Duration::seconds(1)).await.unwrap(),
     );
     assert!(after.is_empty(), "{after:?}");
+}
+
+/// An Audit-mode policy's dry run beside an enforcing one that its quotas counted
+/// (`charged`) is charged to its rule's usage: the request (whatever the enforcing policy
+/// then made of the response) and the records its plan would have returned, under its own
+/// principal; dry runs not charged (refused by a quota or a rule) count nothing.
+async fn usage_counts_the_dry_runs_charged_to_their_rules(env: &Env) {
+    let store = env.open().await;
+    let now = t0();
+    let mk = |id: &str, d: Decision, run: custos_api::audit::DryRun| {
+        let mut e = event(id, now - Duration::seconds(10));
+        e.decision = d;
+        e.records_returned = 5;
+        e.dry_runs = vec![run];
+        e
+    };
+    let without_transform = custos_api::audit::DryRun { transform: None, ..charged(dry_run("trial"), None) };
+    let refused = custos_api::audit::DryRun {
+        decision: Decision::WouldDeny,
+        reason: "quota_exceeded".into(),
+        transform: None,
+        ..dry_run("trial")
+    };
+    store
+        .ingest(&[
+            mk("d1", Decision::Allow, charged(dry_run("trial"), None)),
+            mk("d2", Decision::Allow, refused),
+            mk("d3", Decision::Deny, without_transform),
+            mk("d4", Decision::Allow, charged(dry_run("trial"), Some("peer:10.0.0.9"))),
+        ])
+        .await
+        .unwrap();
+    let counts = |u: custos_api::collector::UsageResponse| {
+        u.rules
+            .into_iter()
+            .map(|(rule, n)| (rule, [n.requests_last_minute, n.records_last_hour]))
+            .collect::<Vec<_>>()
+    };
+    // d1 and d3 (its response refused after the dry run's quotas counted it); 2 records of d1.
+    let alice = counts(store.usage(Some("shop"), "trial", "user:alice", now).await.unwrap());
+    assert_eq!(alice, [("own-branch".to_owned(), [2, 2])]);
+    let peer = counts(store.usage(Some("shop"), "trial", "peer:10.0.0.9", now).await.unwrap());
+    assert_eq!(peer, [("own-branch".to_owned(), [1, 2])]);
+    // The deciding policy's own usage is unchanged by its dry runs.
+    let decided = counts(store.usage(Some("shop"), "customers", "user:alice", now).await.unwrap());
+    assert_eq!(decided, [("read".to_owned(), [3, 20])]);
 }
 
 /// Two collector replicas pruning at once, and a verify meanwhile (a review's probes: rows the

@@ -587,8 +587,10 @@ async fn process(
             DryRun {
                 policy: run.policy.map(|p| p.name.clone()).unwrap_or_default(),
                 rule: run.rule.filter(|_| refused.is_none()).map(|r| r.name.clone()),
+                principal: None,
                 decision: if refused.is_some() { Decision::WouldDeny } else { run.decision },
                 reason: refused.map_or_else(|| run.reason.code().to_owned(), str::to_owned),
+                charged: false,
                 transform: None,
             }
         })
@@ -1015,7 +1017,18 @@ fn dry_run_jobs(
         if let (Some(limits), Some(policy), Some(rule)) = (run.limits, run.policy, run.rule) {
             let key = QuotaKey { policy: policy.name.clone(), rule: rule.name.clone(), principal };
             match shared.dry_run_quotas.admit(&key, limits, quota_now) {
-                Ok(admission) => records_remaining = admission.records_remaining,
+                Ok(admission) => {
+                    records_remaining = admission.records_remaining;
+                    // The collector charges the rule's cluster-wide usage as this replica did
+                    // (a rule with only a per-response cap has no usage to share).
+                    let quotas = limits.requests_per_minute.is_some()
+                        || limits.records_per_hour.is_some()
+                        || limits.records_per_day.is_some();
+                    if let Some(dry_run) = ctx.event.dry_runs.get_mut(entry).filter(|_| quotas) {
+                        dry_run.charged = true;
+                        dry_run.principal = Some(key.principal.clone()).filter(|p| *p != ctx.event.principal);
+                    }
+                }
                 Err(_) => {
                     if let Some(dry_run) = ctx.event.dry_runs.get_mut(entry) {
                         dry_run.decision = Decision::WouldDeny;

@@ -21,8 +21,9 @@ const MAX_FETCHES_PER_ROUND: usize = 2_000;
 const CONCURRENCY: usize = 8;
 
 /// Runs until `shutdown` turns true.
-/// `quotas`: the enforced ones, whose cluster-wide usage is fetched, and the dry runs', only
-/// kept tidy (their usage is this replica's).
+/// `quotas`: the enforced ones and the dry runs' (Audit-mode policies beside enforcing ones),
+/// each merged with the cluster-wide usage of its own active principals (the collector
+/// counts a dry run its quotas counted, `charged` in the event, under its rule).
 pub(crate) async fn run(
     [quotas, dry_run_quotas]: [Arc<Quotas>; 2],
     client: Option<Arc<UsageClient>>,
@@ -32,8 +33,9 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
-    // Where the last round stopped, when there were more active pairs than one round fetches.
-    let mut resume_after: Option<(String, String)> = None;
+    // Where the last round stopped, when there were more active pairs than one round fetches:
+    // for the enforced quotas and for the dry runs'.
+    let mut resume_after: [Option<(String, String)>; 2] = [None, None];
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
@@ -48,22 +50,27 @@ pub(crate) async fn run(
         dry_run_quotas.evict_idle(now);
         let Some(client) = &client else { continue };
         let Some(namespace) = config.current.load().as_ref().map(|s| s.namespace.clone()) else { continue };
-        let pairs = quotas.active_principals(now, ACTIVE_WITHIN);
-        if pairs.len() > MAX_FETCHES_PER_ROUND {
-            tracing::warn!(
-                active = pairs.len(),
-                per_round = MAX_FETCHES_PER_ROUND,
-                "more active principals than one round fetches: cluster usage fetched in turns"
-            );
-        }
-        let pairs = this_round(pairs, resume_after.as_ref(), MAX_FETCHES_PER_ROUND);
-        // A round never runs into the next: a collector that hangs costs one interval.
+        // A round never runs into the next: a collector that hangs costs one interval. The
+        // enforced quotas first; the dry runs' with what is left of it.
         let deadline = tokio::time::Instant::now() + interval;
-        let round = sync_round(&quotas, client, &namespace, pairs, deadline, &mut shutdown).await;
-        resume_after = round.last_started;
-        let failures = round.failures;
-        if round.cut {
-            tracing::warn!("cluster usage round cut at the sync interval: the collector answers slowly");
+        let mut failures = 0;
+        for (table, resume_after) in [&quotas, &dry_run_quotas].into_iter().zip(&mut resume_after) {
+            let pairs = table.active_principals(now, ACTIVE_WITHIN);
+            if pairs.len() > MAX_FETCHES_PER_ROUND {
+                tracing::warn!(
+                    active = pairs.len(),
+                    per_round = MAX_FETCHES_PER_ROUND,
+                    "more active principals than one round fetches: cluster usage fetched in turns"
+                );
+            }
+            let pairs = this_round(pairs, resume_after.as_ref(), MAX_FETCHES_PER_ROUND);
+            let round = sync_round(table, client, &namespace, pairs, deadline, &mut shutdown).await;
+            *resume_after = round.last_started;
+            failures += round.failures;
+            if round.cut {
+                tracing::warn!("cluster usage round cut at the sync interval: the collector answers slowly");
+                break;
+            }
         }
         if failures > 0 {
             metrics.usage_sync_failures.inc_by(failures);

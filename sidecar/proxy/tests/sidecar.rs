@@ -791,6 +791,56 @@ async fn an_applied_rule_is_named_with_the_principal_its_policy_counts_by() {
     );
 }
 
+/// A dry run's quotas hold across replicas as the enforced ones do: the collector counts the
+/// dry runs the sidecars' quotas counted (`charged`), and each sidecar fetches that usage for
+/// the principals of its dry runs too.
+#[tokio::test]
+async fn dry_run_quotas_count_the_other_replicas_dry_runs() {
+    let enforcing = allowing_policy(json!([]), json!([]));
+    let mut trial = allowing_policy(
+        json!([]),
+        json!([{"name": "trial-crawl", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/open/**"]},
+                "limits": {"requestsPerMinute": 3}}]),
+    );
+    trial["mode"] = json!("Audit");
+    let collector = Collector::start().await;
+    // Other replicas' dry runs counted 2 requests of the peer under the trial rule.
+    let others = custos_api::collector::RuleUsage { requests_last_minute: 2, ..Default::default() };
+    collector.set_other_replicas_usage("b-trial", "peer:127.0.0.1", "trial-crawl", others);
+    let url = collector.url();
+    let mut f = fixture(&[("a-enforcing", enforcing), ("b-trial", trial)], Vec::new(), move |s| {
+        let mut c = shipping_to(url, s);
+        c.usage_sync_interval = Some(Duration::from_millis(20));
+        s.collector = Some(c);
+    })
+    .await;
+    assert_eq!(get(f.proxy(), "/open/1").await.status, 200);
+    // The first request's event, then a usage report computed after it, applied.
+    collector.wait_for(1).await;
+    let seen = collector.usage_hits("b-trial", "peer:127.0.0.1");
+    for _ in 0..400 {
+        if collector.usage_hits("b-trial", "peer:127.0.0.1") >= seen + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(collector.usage_hits("b-trial", "peer:127.0.0.1") >= seen + 2, "no usage sync for the dry run");
+    // 3 a minute: 2 elsewhere and 1 here, so the next one would be refused (alone here: 2 more).
+    assert_eq!(get(f.proxy(), "/open/2").await.status, 200, "a dry run never refuses");
+    f.stop().await;
+    let events = collector.wait_for(2).await;
+    let second = events.iter().find(|e| e["path"] == "/open/2").unwrap();
+    assert_eq!(
+        second["dryRuns"],
+        json!([{"policy": "b-trial", "rule": "trial-crawl", "decision": "WouldDeny", "reason": "quota_exceeded"}])
+    );
+    let first = events.iter().find(|e| e["path"] == "/open/1").unwrap();
+    assert_eq!(
+        first["dryRuns"],
+        json!([{"policy": "b-trial", "rule": "trial-crawl", "decision": "Allow", "reason": "allow_rule", "charged": true}])
+    );
+}
+
 /// With several policies, every row filter reads the app's own values (not another policy's
 /// masks), and the rules' quotas admit a request all or nothing: a request one rule refuses
 /// takes nothing from the others.
@@ -1109,6 +1159,11 @@ async fn dry_runs_count_their_quotas_and_dry_run_their_response_plans() {
     let transform = |returned: u64, filtered: u64, truncated: u64| json!({"recordsReturned": returned, "recordsFiltered": filtered, "recordsTruncated": truncated, "masked": {"name": returned}});
     let stricter = |rule: &str, decision: &str, reason: &str, transform: Option<Value>| {
         let mut d = json!({"policy": "c-stricter", "rule": rule, "decision": decision, "reason": reason});
+        // Its quotas counted the request: the collector charges them (no `principal`: the
+        // event's, the clerk's).
+        if rule == "branch-list" && reason != "quota_exceeded" {
+            d["charged"] = json!(true);
+        }
         if let Some(t) = transform {
             d["transform"] = t;
         }

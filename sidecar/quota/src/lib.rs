@@ -81,7 +81,9 @@
 //! is expected to count, as requests, the requests admitted under the rule (not the ones
 //! refused), and records as the sidecar reports them: for the deciding rule and for every
 //! other rule the event names as applied beside it (`alsoApplied`, each charged the same
-//! request and records under its own principal).
+//! request and records under its own principal); an Audit-mode policy's dry run beside an
+//! enforcing one is counted in a table of its own, which the sidecar merges with the usage the
+//! collector counts from the dry runs marked `charged`.
 //!
 //! # Concurrency and memory
 //!

@@ -468,25 +468,45 @@ async fn collector(req: Request<Incoming>, state: &CollectorState) -> Response<F
         }
         let base = state.usage.lock().unwrap().get(&pair).cloned().unwrap_or_default();
         // The cluster figures: the other replicas' plus what this sidecar reported, counted
-        // once per event id (admitted requests, records returned), as of now.
+        // once per event id, as the collector counts them (admitted requests, records
+        // returned) under the deciding rule, the rules in `alsoApplied` and the charged dry
+        // runs, each under its own principal (the event's unless it names one), as of now.
         let as_of = chrono::Utc::now();
         let mut rules = base;
         let mut seen = std::collections::BTreeSet::new();
         for e in state.events.lock().unwrap().iter() {
-            let Some(rule) = e["rule"].as_str() else { continue };
-            if e["policy"] != policy.as_str()
-                || e["principal"] != principal.as_str()
-                || e["decision"] == "Deny"
-                || !rules.contains_key(rule)
-                || !seen.insert(e["id"].as_str().unwrap_or("").to_string())
-            {
+            if !seen.insert(e["id"].as_str().unwrap_or("").to_string()) {
                 continue;
             }
-            let u = rules.get_mut(rule).unwrap();
+            let admitted = e["decision"] != "Deny";
             let records = e["recordsReturned"].as_u64().unwrap_or(0);
-            u.requests_last_minute += 1;
-            u.records_last_hour += records;
-            u.records_last_day += records;
+            let event_principal = e["principal"].as_str().unwrap_or("");
+            let own = |entry: &'_ Value| -> String {
+                entry["principal"].as_str().unwrap_or(event_principal).to_owned()
+            };
+            // (policy, rule, principal, admitted, records)
+            let mut charges: Vec<(&str, &str, String, bool, u64)> = Vec::new();
+            if let (Some(p), Some(rule)) = (e["policy"].as_str(), e["rule"].as_str()) {
+                charges.push((p, rule, own(&Value::Null), admitted, records));
+            }
+            for a in e["alsoApplied"].as_array().into_iter().flatten() {
+                let (Some(p), Some(rule)) = (a["policy"].as_str(), a["rule"].as_str()) else { continue };
+                charges.push((p, rule, own(a), admitted, records));
+            }
+            for d in e["dryRuns"].as_array().into_iter().flatten().filter(|d| d["charged"] == true) {
+                let (Some(p), Some(rule)) = (d["policy"].as_str(), d["rule"].as_str()) else { continue };
+                let would = d["transform"]["recordsReturned"].as_u64().unwrap_or(0);
+                charges.push((p, rule, own(d), true, would));
+            }
+            for (p, rule, who, admitted, records) in charges {
+                if p != policy || who != principal.as_str() {
+                    continue;
+                }
+                let Some(u) = rules.get_mut(rule) else { continue };
+                u.requests_last_minute += u64::from(admitted);
+                u.records_last_hour += records;
+                u.records_last_day += records;
+            }
         }
         let body = UsageResponse {
             policy,
