@@ -651,6 +651,16 @@ impl Walker {
                 "the record-hash index differs from the event's record hashes".into(),
             ));
         }
+        // 6. The usage index of the rules besides the deciding one (quotas count from it: a
+        // row removed lifts a principal's quota, one added locks it out).
+        if IndexedApplied::of(&event, &r.cols) != indexed.applied {
+            return Some(broken(
+                r.seq,
+                id,
+                BreakKind::Edited,
+                "the usage index differs from the event's alsoApplied and charged dryRuns".into(),
+            ));
+        }
         self.prev_prev = Some(std::mem::replace(&mut self.prev, Link { seq: r.seq, hash: r.hash.clone() }));
         self.prev_id = Some(r.cols.id.clone());
         self.checked += 1;
@@ -661,12 +671,76 @@ impl Walker {
 /// Record-hash index rows grouped by seq: the sorted, distinct keys of each.
 pub(crate) type RecordsBySeq = BTreeMap<i64, Indexed>;
 
-/// The record-hash index rows of one event: its distinct keys, sorted, and the distinct times
-/// the rows give.
+/// The index rows of one event: the record-hash index's distinct keys, sorted, and the
+/// distinct times its rows give; the usage index's rows of its other charged rules.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Indexed {
     pub keys: Vec<RecordKey>,
     pub times: Vec<i64>,
+    pub applied: Vec<IndexedApplied>,
+}
+
+/// A row of the usage index of rules besides the deciding one (`event_applied_rules`), its
+/// seq aside.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct IndexedApplied {
+    pub principal: String,
+    pub policy: String,
+    pub rule: String,
+    pub time_us: i64,
+    pub namespace: String,
+    pub admitted: bool,
+    pub records: i64,
+}
+
+impl IndexedApplied {
+    /// The rows `event` (stored with `cols`) must have in the usage index, sorted, one per
+    /// (principal, policy, rule) as the index keeps them.
+    pub(crate) fn of(event: &AuditEvent, cols: &Columns) -> Vec<IndexedApplied> {
+        let mut rows: Vec<IndexedApplied> = AppliedRow::of(event)
+            .into_iter()
+            .map(|a| IndexedApplied {
+                principal: a.principal,
+                policy: a.policy,
+                rule: a.rule,
+                time_us: cols.time_us,
+                namespace: cols.namespace.clone(),
+                admitted: a.admitted,
+                records: a.records,
+            })
+            .collect();
+        rows.sort();
+        rows.dedup_by(|a, b| (&a.principal, &a.policy, &a.rule) == (&b.principal, &b.policy, &b.rule));
+        rows
+    }
+}
+
+/// Adds usage index rows `(seq, row)` to `map`.
+pub(crate) fn group_applied(map: &mut RecordsBySeq, rows: Vec<(i64, IndexedApplied)>) {
+    for (seq, row) in rows {
+        map.entry(seq).or_default().applied.push(row);
+    }
+    for v in map.values_mut() {
+        v.applied.sort();
+    }
+}
+
+/// Merges the index rows of a later page into `into` (a seq's rows may come in two pages:
+/// record keys by bucket, usage rows by the page's seqs).
+pub(crate) fn merge_indexed(into: &mut RecordsBySeq, page: RecordsBySeq) {
+    for (seq, ix) in page {
+        let e = into.entry(seq).or_default();
+        e.keys.extend(ix.keys);
+        e.keys.sort();
+        e.keys.dedup();
+        for t in ix.times {
+            if !e.times.contains(&t) {
+                e.times.push(t);
+            }
+        }
+        e.applied.extend(ix.applied);
+        e.applied.sort();
+    }
 }
 
 /// Groups `(seq, record_key)` rows into sorted, distinct lists per seq.

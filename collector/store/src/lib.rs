@@ -588,6 +588,13 @@ impl AnyStore {
                     kind: BreakKind::Inserted,
                     detail,
                 });
+            } else if let Some(seq) = dispatch!(self, s => s.first_applied_outside_chain().await)? {
+                first_broken = Some(BrokenLink {
+                    seq: u64::try_from(seq).unwrap_or(0),
+                    event_id: None,
+                    kind: BreakKind::Inserted,
+                    detail: "a usage index row of no event of the chain".into(),
+                });
             }
         }
         Ok(VerifyReport { checked, start: to_head(&start), head: to_head(&head), first_broken })
@@ -618,7 +625,7 @@ impl AnyStore {
                 buf.drain(..i);
                 i = 0;
                 buf.extend(rows);
-                records.extend(recs);
+                chain::merge_indexed(&mut records, recs);
             }
             let Some(r) = buf.get(i) else { break };
             let empty = chain::Indexed::default();

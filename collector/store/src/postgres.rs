@@ -605,6 +605,20 @@ impl PostgresStore {
         row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
     }
 
+    /// The first usage index row outside the chain (above the head, or at or below the
+    /// retention anchor): usage counts it though no stored event gives it.
+    pub(crate) async fn first_applied_outside_chain(&self) -> Result<Option<i64>> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT MIN(x.seq) FROM event_applied_rules x, chain_head h, chain_anchor a \
+                 WHERE h.id = 1 AND a.id = 1 AND (x.seq > h.seq OR x.seq <= a.seq)",
+                &[],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
     pub(crate) async fn chain_page(
         &self,
         after: (i64, Option<String>),
@@ -663,8 +677,37 @@ impl PostgresStore {
             }
             _ => (Vec::new(), records_after),
         };
+        let mut indexed = chain::group_records(records);
+        if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+            let st = tx
+                .prepare_cached(
+                    "SELECT seq, principal, policy, rule, time_us, namespace, admitted, records \
+                     FROM event_applied_rules WHERE seq BETWEEN $1 AND $2",
+                )
+                .await?;
+            let applied = tx
+                .query(&st, &[&first.seq, &last.seq])
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get(0)?,
+                        chain::IndexedApplied {
+                            principal: r.try_get(1)?,
+                            policy: r.try_get(2)?,
+                            rule: r.try_get(3)?,
+                            time_us: r.try_get(4)?,
+                            namespace: r.try_get(5)?,
+                            admitted: r.try_get(6)?,
+                            records: r.try_get(7)?,
+                        },
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            chain::group_applied(&mut indexed, applied);
+        }
         tx.commit().await?;
-        Ok((rows, chain::group_records(records), records_to))
+        Ok((rows, indexed, records_to))
     }
 
     pub(crate) async fn query(

@@ -569,6 +569,23 @@ impl SqliteStore {
         .await
     }
 
+    /// The first usage index row outside the chain (above the head, or at or below the
+    /// retention anchor): usage counts it though no stored event gives it.
+    pub(crate) async fn first_applied_outside_chain(&self) -> Result<Option<i64>> {
+        self.read(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT MIN(x.seq) FROM event_applied_rules x, chain_head h, chain_anchor a \
+                     WHERE h.id = 1 AND a.id = 1 AND (x.seq > h.seq OR x.seq <= a.seq)",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten())
+        })
+        .await
+    }
+
     pub(crate) async fn chain_page(
         &self,
         after: (i64, Option<String>),
@@ -616,7 +633,31 @@ impl SqliteStore {
                 }
                 _ => (Vec::new(), records_after),
             };
-            Ok((rows, chain::group_records(records), records_to))
+            let mut indexed = chain::group_records(records);
+            if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+                let mut st = tx.prepare_cached(
+                    "SELECT seq, principal, policy, rule, time_us, namespace, admitted, records \
+                     FROM event_applied_rules WHERE seq BETWEEN ?1 AND ?2",
+                )?;
+                let applied = st
+                    .query_map(params![first.seq, last.seq], |r| {
+                        Ok((
+                            r.get(0)?,
+                            chain::IndexedApplied {
+                                principal: r.get(1)?,
+                                policy: r.get(2)?,
+                                rule: r.get(3)?,
+                                time_us: r.get(4)?,
+                                namespace: r.get(5)?,
+                                admitted: r.get(6)?,
+                                records: r.get(7)?,
+                            },
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                chain::group_applied(&mut indexed, applied);
+            }
+            Ok((rows, indexed, records_to))
         })
         .await
     }

@@ -53,6 +53,9 @@ suite!(
     verify_catches_swapped_rows,
     verify_catches_record_index_tamper,
     verify_catches_a_moved_record_index_time,
+    verify_catches_a_deleted_usage_index_row,
+    verify_catches_an_edited_usage_index_row,
+    verify_catches_a_usage_index_row_of_no_event,
     query_filters_and_pagination,
     subject_lookup,
     top_by_records_and_denials,
@@ -420,6 +423,9 @@ async fn tampered(env: &Env, sql: &str) -> custos_store::BrokenLink {
     let mut batch = events("e", 10);
     for (i, e) in batch.iter_mut().enumerate() {
         e.record_hashes = vec![format!("{i:064x}")];
+        // Rows in the usage index too: a rule applied beside, and a charged dry run.
+        e.also_applied = vec![applied("baseline", None)];
+        e.dry_runs = vec![charged(dry_run("trial"), Some("peer:10.0.0.7"))];
     }
     store.ingest(&batch).await.unwrap();
     assert_verifies(&store, 10).await;
@@ -561,6 +567,32 @@ async fn verify_catches_a_moved_record_index_time(env: &Env) {
     // the index's time, so the access vanished from them while the chain still verified).
     let b = tampered(env, "UPDATE event_records SET time_us = time_us + 1 WHERE seq = 3;").await;
     assert_eq!((b.kind, b.seq), (BreakKind::Edited, 3), "{b:?}");
+}
+
+async fn verify_catches_a_deleted_usage_index_row(env: &Env) {
+    // Lifting a principal's quota under a rule that applied beside the deciding one.
+    let b = tampered(env, "DELETE FROM event_applied_rules WHERE seq = 3 AND policy = 'baseline';").await;
+    assert_eq!((b.kind, b.seq), (BreakKind::Edited, 3), "{b:?}");
+}
+
+async fn verify_catches_an_edited_usage_index_row(env: &Env) {
+    let b = tampered(
+        env,
+        "UPDATE event_applied_rules SET principal = 'peer:10.0.0.8' WHERE seq = 4 AND policy = 'trial';",
+    )
+    .await;
+    assert_eq!((b.kind, b.seq), (BreakKind::Edited, 4), "{b:?}");
+}
+
+async fn verify_catches_a_usage_index_row_of_no_event(env: &Env) {
+    // Locking a principal out: a row above the chain head counts in its usage.
+    let b = tampered(
+        env,
+        "INSERT INTO event_applied_rules (principal, policy, time_us, seq, rule, namespace, admitted, records) \
+         SELECT 'user:bob', policy, time_us, 99, rule, namespace, admitted, 1000000 FROM event_applied_rules WHERE seq = 10 AND policy = 'baseline';",
+    )
+    .await;
+    assert_eq!((b.kind, b.seq), (BreakKind::Inserted, 99), "{b:?}");
 }
 
 async fn query_filters_and_pagination(env: &Env) {
