@@ -138,8 +138,9 @@ pub struct AuditEvent {
     pub record_hashes: Vec<String>,
     /// The rules of the other enforcing policies that applied with the deciding one: when
     /// several policies constrain a request (row filters, record caps, masks, quotas), every
-    /// one applies, and the event names the first by name in `policy`/`rule` and the others
-    /// here, in policy name order; at most [`MAX_ALSO_APPLIED`]. Each rule's quotas were
+    /// one applies, and the event names the first by name in `policy`/`rule` (or the one whose
+    /// plan refused the response) and the others here, in policy name order; at most
+    /// [`MAX_ALSO_APPLIED`]. Each rule's quotas were
     /// charged this request and [`AuditEvent::records_returned`], which the collector counts
     /// as their cluster-wide usage as it does the deciding rule's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -685,6 +685,8 @@ impl PostgresStore {
                      FROM event_applied_rules WHERE seq BETWEEN $1 AND $2",
                 )
                 .await?;
+            // By seq alone (every day's partition is probed by its seq index): a row moved to
+            // another time must still be found, and reported.
             let applied = tx
                 .query(&st, &[&first.seq, &last.seq])
                 .await?
@@ -905,6 +907,9 @@ impl PostgresStore {
         if &current != anchor {
             return Err(Error::Corrupt("the anchor moved during prune (concurrent prune?)".into()));
         }
+        // No partition is made meanwhile: the lists of days read below stay true until commit.
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.custos_partitions'))", &[])
+            .await?;
         let mut deleted = 0u64;
         // Whole days before the cutoff whose events are all pruned: drop the partitions.
         let parts = tx

@@ -90,7 +90,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub quotas: Arc<Quotas>,
     /// The quotas of dry runs (Audit-mode policies beside the deciding one): their own table,
-    /// so that they cannot crowd out the enforced counts; kept in this replica only.
+    /// so that they cannot crowd out the enforced counts; merged with the cluster-wide usage
+    /// of its principals like the enforced one.
     pub dry_run_quotas: Arc<Quotas>,
     pub shipper: custos_shipper::Shipper,
     pub upstream: Arc<Upstream<RequestBody>>,
@@ -208,9 +209,13 @@ impl Ctx {
         let named = e.also_applied.iter().position(|a| a.policy == job.policy);
         let former_principal = e.principal.clone();
         if let Some(named) = named.map(|i| e.also_applied.remove(i)) {
-            // Each entry's own principal, before the event's changes.
+            // Each entry's own principal, before the event's changes (the charged dry runs'
+            // too: the collector charges them under it).
             for a in &mut e.also_applied {
                 a.principal.get_or_insert_with(|| former_principal.clone());
+            }
+            for d in e.dry_runs.iter_mut().filter(|d| d.charged) {
+                d.principal.get_or_insert_with(|| former_principal.clone());
             }
             if let Some(principal) = named.principal {
                 e.principal = principal;
@@ -220,9 +225,10 @@ impl Ctx {
                 let principal = Some(former_principal);
                 e.also_applied.insert(at, AppliedRule { policy, rule, principal });
             }
-            for a in &mut e.also_applied {
-                if a.principal.as_ref() == Some(&e.principal) {
-                    a.principal = None;
+            let principals = e.also_applied.iter_mut().map(|a| &mut a.principal);
+            for principal in principals.chain(e.dry_runs.iter_mut().map(|d| &mut d.principal)) {
+                if principal.as_ref() == Some(&e.principal) {
+                    *principal = None;
                 }
             }
         }

@@ -15,7 +15,7 @@ use crate::state::ConfigCell;
 
 /// Principals active within this window get their cluster usage fetched.
 const ACTIVE_WITHIN: Duration = Duration::from_secs(600);
-/// At most this many usage fetches per round.
+/// At most this many usage fetches per round, for each of the two quota tables.
 const MAX_FETCHES_PER_ROUND: usize = 2_000;
 /// Concurrent usage fetches.
 const CONCURRENCY: usize = 8;
@@ -51,11 +51,14 @@ pub(crate) async fn run(
         let Some(client) = &client else { continue };
         let Some(namespace) = config.current.load().as_ref().map(|s| s.namespace.clone()) else { continue };
         // A round never runs into the next: a collector that hangs costs one interval. The
-        // enforced quotas first; the dry runs' with what is left of it.
-        let deadline = tokio::time::Instant::now() + interval;
+        // enforced quotas first, within three quarters of it while dry runs wait their turn
+        // (so that a slow collector leaves them a share); the dry runs' with what is left.
+        let start = tokio::time::Instant::now();
+        let pairs = [&quotas, &dry_run_quotas].map(|table| table.active_principals(now, ACTIVE_WITHIN));
+        let enforced_share = if pairs[1].is_empty() { interval } else { interval.mul_f64(0.75) };
+        let deadlines = [start + enforced_share, start + interval];
         let mut failures = 0;
-        for (table, resume_after) in [&quotas, &dry_run_quotas].into_iter().zip(&mut resume_after) {
-            let pairs = table.active_principals(now, ACTIVE_WITHIN);
+        for (i, (table, pairs)) in [&quotas, &dry_run_quotas].into_iter().zip(pairs).enumerate() {
             if pairs.len() > MAX_FETCHES_PER_ROUND {
                 tracing::warn!(
                     active = pairs.len(),
@@ -63,13 +66,15 @@ pub(crate) async fn run(
                     "more active principals than one round fetches: cluster usage fetched in turns"
                 );
             }
-            let pairs = this_round(pairs, resume_after.as_ref(), MAX_FETCHES_PER_ROUND);
-            let round = sync_round(table, client, &namespace, pairs, deadline, &mut shutdown).await;
-            *resume_after = round.last_started;
+            let pairs = this_round(pairs, resume_after[i].as_ref(), MAX_FETCHES_PER_ROUND);
+            let round = sync_round(table, client, &namespace, pairs, deadlines[i], &mut shutdown).await;
+            resume_after[i] = round.last_started;
             failures += round.failures;
             if round.cut {
                 tracing::warn!("cluster usage round cut at the sync interval: the collector answers slowly");
-                break;
+            }
+            if *shutdown.borrow() {
+                return;
             }
         }
         if failures > 0 {

@@ -751,9 +751,16 @@ async fn an_applied_rule_is_named_with_the_principal_its_policy_counts_by() {
          "records": "$.items[*]", "limits": {"recordsPerHour": 100, "maxRecordsPerResponse": 2, "onExceed": "Deny"}},
     ]));
     customer["defaultAction"] = json!("Allow");
+    // A trial policy dry-run beside them, counting by the partner's user.
+    let mut trial = partner.clone();
+    trial["mode"] = json!("Audit");
+    trial["rules"] = json!([{"name": "trial-list", "action": "Allow", "from": {"authenticated": true},
+                             "to": {"methods": ["GET"], "paths": ["/customers", "/chunked/customers"]},
+                             "limits": {"requestsPerMinute": 100}}]);
     let collector = Collector::start().await;
     let url = collector.url();
-    let mut f = fixture(&[("a-partner", partner), ("b-customer", customer)], Vec::new(), |s| {
+    let policies = [("a-partner", partner), ("b-customer", customer), ("c-trial", trial)];
+    let mut f = fixture(&policies, Vec::new(), |s| {
         mount_sso_jwks(s);
         shipping_events_to(url)(s);
     })
@@ -776,6 +783,12 @@ async fn an_applied_rule_is_named_with_the_principal_its_policy_counts_by() {
         (Some("b-customer"), Some("capped-list"), Some("peer:127.0.0.1"))
     );
     assert_eq!(refused["reason"], "record_cap_exceeded");
+    // The dry run keeps the principal its quotas were charged under.
+    assert_eq!(
+        refused["dryRuns"],
+        json!([{"policy": "c-trial", "rule": "trial-list", "principal": "user:p-7", "decision": "Allow",
+                "reason": "allow_rule", "charged": true}])
+    );
     assert_eq!(
         refused["alsoApplied"],
         json!([{"policy": "a-partner", "rule": "partner-list", "principal": "user:p-7"}])

@@ -83,7 +83,9 @@
 //! other rule the event names as applied beside it (`alsoApplied`, each charged the same
 //! request and records under its own principal); an Audit-mode policy's dry run beside an
 //! enforcing one is counted in a table of its own, which the sidecar merges with the usage the
-//! collector counts from the dry runs marked `charged`.
+//! collector reports for its (policy, principal) pairs: the dry runs marked `charged`, and the
+//! requests that policy decided on pods where no enforcing policy selects it (its usage as a
+//! whole, as it will count once enforced).
 //!
 //! # Concurrency and memory
 //!
