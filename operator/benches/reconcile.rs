@@ -180,7 +180,14 @@ fn snapshot(shape: &Shape, i: usize) -> NamespaceSnapshot {
     let wanted = pod_namespaces(&namespace, &policies);
     let (_, next_pods) = namespace_objects(shape, (i + 1) % shape.namespaces);
     pods.extend(next_pods.into_iter().filter(|p| p.namespace().is_some_and(|n| wanted.contains(&n))));
-    NamespaceSnapshot { namespace, policies, pods, network_policies: vec![], current_config: None }
+    NamespaceSnapshot {
+        namespace,
+        policies,
+        pods,
+        network_policies: vec![],
+        services: vec![],
+        current_config: None,
+    }
 }
 
 /// The baseline: the same writes as the first reconcile, of precomputed objects, no reads.

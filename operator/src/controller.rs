@@ -11,7 +11,8 @@
 //! - triggers: the policies themselves (deletion goes through the `custos.dev/cleanup`
 //!   finalizer, so a deleted policy is recompiled out before it disappears); every
 //!   NetworkPolicy of the namespace (Custos's own — repaired when edited or deleted — and the
-//!   others, for the bypass check); the `custos-config` ConfigMaps; pods, mapped to their
+//!   others, for the bypass check); the Services of the namespace (how a mesh reads the
+//!   proxy port, `ProxyPortNotHttp`); the `custos-config` ConfigMaps; pods, mapped to their
 //!   namespace and to the namespaces whose rule sources name theirs (module `triggers`; in the
 //!   per-namespace mode a pod concerning another scope wakes that scope's controller);
 //! - with `--sync-sidecar-secrets`, a metadata watch on the operator's namespace's Secrets:
@@ -34,7 +35,7 @@ use std::time::Duration;
 use custos_api::DataAccessPolicy;
 use custos_operator_core::names::{CONFIG_MAP_NAME, MANAGED_BY, MANAGED_BY_LABEL};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -154,8 +155,8 @@ pub async fn run(ctx: Arc<Context>) {
     let runs = controllers.into_iter().zip(wakes).zip(scope_namespaces).enumerate().map(
         |(i, ((controller, woken), namespace))| {
             let ns = namespace.as_deref();
-            let (for_netpols, for_config_maps, for_pods) =
-                (Arc::clone(&shared), Arc::clone(&shared), Arc::clone(&shared));
+            let (for_netpols, for_config_maps, for_pods, for_services) =
+                (Arc::clone(&shared), Arc::clone(&shared), Arc::clone(&shared), Arc::clone(&shared));
             let ours = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
             let config_maps =
                 watcher::Config::default().labels(&ours).fields(&format!("metadata.name={CONFIG_MAP_NAME}"));
@@ -170,6 +171,9 @@ pub async fn run(ctx: Arc<Context>) {
                 })
                 .watches(scoped::<Pod>(&client, ns), watcher::Config::default().any_semantic(), move |pod| {
                     for_pods.pod_refs(i, &pod)
+                })
+                .watches(scoped::<Service>(&client, ns), watcher::Config::default(), move |service| {
+                    for_services.namespace_ref(i, service.namespace())
                 })
                 .reconcile_all_on(woken)
                 .with_config(controller::Config::default().concurrency(CONCURRENCY))

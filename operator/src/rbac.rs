@@ -77,6 +77,13 @@ pub const CLUSTER_RULES: &[Rule] = &[
     },
     Rule {
         api_group: "",
+        resources: &["services"],
+        verbs: &["get", "list", "watch"],
+        why: "how a mesh reads the sidecars' proxy port (Service port protocols, Linkerd's opaque-ports)",
+        names: Names::Any,
+    },
+    Rule {
+        api_group: "",
         resources: &["namespaces"],
         verbs: &["get", "list", "watch"],
         why: "namespaces labelled custos.dev/injection=enabled (injection webhook)",

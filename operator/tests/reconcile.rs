@@ -8,7 +8,8 @@
 //! coming and going change the identity table and hash; a foreign NetworkPolicy opening the
 //! app port raises SidecarBypass and a Warning; a refused NetworkPolicy turns its condition
 //! False; a reconcile with nothing changed writes no status and records no Event; the
-//! operator's metrics sources open the sidecars' admin port in the applied NetworkPolicies.
+//! operator's metrics sources open the sidecars' admin port in the applied NetworkPolicies; a
+//! Service declaring the proxy port TCP to a mesh raises ProxyPortNotHttp.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -484,6 +485,40 @@ async fn a_network_policy_opening_the_app_port_raises_sidecar_bypass_once() {
     let outcome = reconcile_namespace(&ctx, NS).await.unwrap();
     assert_eq!(outcome.events_recorded, 0);
     assert!(network_policy_names(&client, NS).await.contains(&"allow-all".to_string()), "not ours to delete");
+}
+
+/// A Service that declares the proxy port TCP to a mesh raises `ProxyPortNotHttp` and a
+/// Warning once; renamed to `http-*`, the condition turns False.
+#[tokio::test]
+async fn a_service_declaring_the_proxy_port_tcp_raises_proxy_port_not_http() {
+    let (client, ctx) = orders_api().await;
+    reconcile_namespace(&ctx, NS).await.unwrap();
+    let s = status(&policy(&client, NS, "orders").await).clone();
+    assert_eq!(condition(&s, PROXY_PORT_NOT_HTTP).reason, REASON_PROXY_PORT_HTTP);
+
+    let services = Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), NS);
+    let service = |port_name: &str| -> k8s_openapi::api::core::v1::Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "orders", "namespace": NS},
+            "spec": {"selector": {"app": "orders"},
+                     "ports": [{"name": port_name, "port": 80, "targetPort": "custos-proxy"}]},
+        }))
+        .unwrap()
+    };
+    services.create(&PostParams::default(), &service("tcp-orders")).await.unwrap();
+    reconcile_namespace(&ctx, NS).await.unwrap();
+    let s = status(&policy(&client, NS, "orders").await).clone();
+    let c = condition(&s, PROXY_PORT_NOT_HTTP);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", REASON_MESH_FORWARDS_OPAQUE));
+    assert!(c.message.contains("Service orders port tcp-orders"), "{}", c.message);
+    assert_eq!(condition(&s, READY).status, "True", "a warning, not a failure");
+    assert_eq!(events_with(&client, NS, "orders", REASON_MESH_FORWARDS_OPAQUE).await.len(), 1);
+    assert_eq!(reconcile_namespace(&ctx, NS).await.unwrap().events_recorded, 0);
+
+    services.replace("orders", &PostParams::default(), &service("http-orders")).await.unwrap();
+    reconcile_namespace(&ctx, NS).await.unwrap();
+    let s = status(&policy(&client, NS, "orders").await).clone();
+    assert_eq!(condition(&s, PROXY_PORT_NOT_HTTP).status, "False");
 }
 
 #[tokio::test]

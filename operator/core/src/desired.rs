@@ -21,6 +21,7 @@
 
 mod bypass;
 pub mod conditions;
+mod mesh_ports;
 mod pods;
 #[cfg(test)]
 mod tests;
@@ -32,7 +33,7 @@ use custos_api::policy::Mode;
 use custos_api::{DataAccessPolicy, DataAccessPolicyStatus};
 use custos_policy::namespace::config_hash;
 use custos_policy::{PolicyInput, compile_namespace};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
 };
@@ -40,7 +41,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference,
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
-use self::conditions::{BypassState, NetworkPolicyState, PolicyFacts, ShadowState, SidecarState};
+use self::conditions::{
+    BypassState, MeshPortState, NetworkPolicyState, PolicyFacts, ShadowState, SidecarState,
+};
 use crate::inject::ADMIN_PORT_NAME;
 use crate::names::{
     CONFIG_KEY, CONFIG_MAP_NAME, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL, network_policy_name,
@@ -66,6 +69,8 @@ pub struct NamespaceSnapshot {
     pub pods: Vec<Pod>,
     /// The NetworkPolicies of the namespace, Custos's own and the others.
     pub network_policies: Vec<NetworkPolicy>,
+    /// The Services of the namespace (how a mesh reads the protected pods' proxy port).
+    pub services: Vec<Service>,
     /// The sidecar config the namespace's `custos-config` holds now, when it exists and
     /// parses: a policy whose spec no longer compiles keeps its last good compiled form from
     /// it, rather than dropping out of the config (which would leave its pods' sidecars
@@ -299,6 +304,19 @@ pub fn compute_with(
         } else {
             SidecarState::Checked { missing: pods::without_sidecar(&selected) }
         };
+        let mesh_port = if policy.spec.mode == Mode::Disabled {
+            MeshPortState::Disabled
+        } else {
+            MeshPortState::Checked {
+                proxy_port: policy.spec.workload.proxy_port(),
+                declarations: mesh_ports::non_http_declarations(
+                    namespace,
+                    &policy.spec,
+                    &selected,
+                    &snapshot.services,
+                ),
+            }
+        };
         let shadow = if policy.spec.mode == Mode::Audit {
             shadow_of(&selected, &enforced_by)
         } else {
@@ -322,6 +340,7 @@ pub fn compute_with(
             network_policy,
             bypass,
             sidecar,
+            mesh_port,
             shadow,
         };
         let status = conditions::status(policy.status.as_ref(), &facts, &now);

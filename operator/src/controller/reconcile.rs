@@ -34,7 +34,7 @@ use custos_operator_core::inject::COLLECTOR_TOKEN_KEY;
 use custos_operator_core::names::{
     CONFIG_MAP_NAME, FIELD_MANAGER, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
@@ -94,6 +94,8 @@ pub async fn reconcile_namespace(ctx: &Context, namespace: &str) -> Result<Recon
     }
     let np_api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
     let network_policies = list(&np_api, ListParams::default(), "NetworkPolicy", namespace).await?;
+    let services_api: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
+    let services = list(&services_api, ListParams::default(), "Service", namespace).await?;
     let mut pods = Vec::new();
     for pods_namespace in pod_namespaces(namespace, &policies) {
         if ctx.settings.watches(&pods_namespace) {
@@ -115,6 +117,7 @@ pub async fn reconcile_namespace(ctx: &Context, namespace: &str) -> Result<Recon
         policies,
         pods,
         network_policies,
+        services,
         current_config,
     };
     let now = Timestamp::now();

@@ -13,10 +13,12 @@
 //! | | False | `NoBypass`, or `PolicyDisabled` (mode Disabled: not checked) |
 //! | `SidecarMissing` | True | `PodsWithoutSidecar` (message: how many, and the first pods' names) |
 //! | | False | `AllPodsInjected`, or `PolicyDisabled` (mode Disabled: not checked) |
+//! | `ProxyPortNotHttp` | True | `MeshForwardsProxyPortOpaque` (message: the Services or pod annotations that declare it) |
+//! | | False | `ProxyPortHttp`, or `PolicyDisabled` (mode Disabled: not checked) |
 //! | `AuditShadowed` (mode Audit only) | True | `EnforcedPoliciesSelectPods` (message: how many pods, and the enforcing policies) |
 //! | | False | `NoEnforcedPolicy` |
 //!
-//! `SidecarBypass` and `SidecarMissing` are always present (False when all is well), so
+//! `SidecarBypass`, `SidecarMissing` and `ProxyPortNotHttp` are always present (False when all is well), so
 //! `kubectl get -o yaml` shows that the checks ran; they are warnings and do not make `Ready`
 //! False, nor does `AuditShadowed`.
 //! `lastTransitionTime` changes only when a condition's status changes.
@@ -39,6 +41,11 @@ pub const SIDECAR_BYPASS: &str = "SidecarBypass";
 /// Condition type: some running pods the policy selects have no sidecar (created before the
 /// policy selected them, or admitted while injection was off).
 pub const SIDECAR_MISSING: &str = "SidecarMissing";
+
+/// Condition type: a Service or a pod annotation makes a mesh (Istio, Linkerd) forward the
+/// sidecar's proxy port as opaque bytes rather than read it as HTTP; a mesh identity header
+/// the caller sends then passes through (see `mesh_ports`).
+pub const PROXY_PORT_NOT_HTTP: &str = "ProxyPortNotHttp";
 
 /// Condition type (Audit-mode policies): enforcing policies select some of the same pods, where
 /// they decide every request; this policy's rules are dry-run beside theirs (`dryRuns` in audit
@@ -75,6 +82,12 @@ pub const REASON_PODS_WITHOUT_SIDECAR: &str = "PodsWithoutSidecar";
 pub const REASON_ALL_PODS_INJECTED: &str = "AllPodsInjected";
 /// Reason of the Warning Event when `SidecarMissing` turns True.
 pub const REASON_SIDECAR_MISSING_EVENT: &str = "SidecarMissing";
+
+/// Reason of `ProxyPortNotHttp` True, and of the Warning Event when it turns True or names
+/// other declarations.
+pub const REASON_MESH_FORWARDS_OPAQUE: &str = "MeshForwardsProxyPortOpaque";
+/// Reason of `ProxyPortNotHttp` False.
+pub const REASON_PROXY_PORT_HTTP: &str = "ProxyPortHttp";
 
 /// Reason of `AuditShadowed` True, and of the Warning Event when it turns True.
 pub const REASON_ENFORCED_POLICIES_SELECT_PODS: &str = "EnforcedPoliciesSelectPods";
@@ -113,6 +126,14 @@ pub(crate) enum SidecarState {
     Checked { missing: Vec<String> },
 }
 
+/// Whether a mesh would read the proxy port as something other than HTTP.
+pub(crate) enum MeshPortState {
+    /// The policy is Disabled: not checked.
+    Disabled,
+    /// What declares the proxy port as not HTTP, one sentence each (none: nothing).
+    Checked { proxy_port: u16, declarations: Vec<String> },
+}
+
 /// Whether enforcing policies select the pods of an Audit-mode policy.
 pub(crate) enum ShadowState {
     /// Not an Audit-mode policy: no `AuditShadowed` condition.
@@ -133,6 +154,7 @@ pub(crate) struct PolicyFacts<'a> {
     pub(crate) network_policy: NetworkPolicyState,
     pub(crate) bypass: BypassState,
     pub(crate) sidecar: SidecarState,
+    pub(crate) mesh_port: MeshPortState,
     pub(crate) shadow: ShadowState,
 }
 
@@ -218,7 +240,29 @@ pub(crate) fn status(
             )
         }
     };
-    let mut conditions = vec![compiled, network_policy, bypass, sidecar];
+    let mesh_port = match &facts.mesh_port {
+        MeshPortState::Disabled => {
+            cond(PROXY_PORT_NOT_HTTP, false, REASON_POLICY_DISABLED, "mode is Disabled: not checked".into())
+        }
+        MeshPortState::Checked { proxy_port, declarations } if declarations.is_empty() => cond(
+            PROXY_PORT_NOT_HTTP,
+            false,
+            REASON_PROXY_PORT_HTTP,
+            format!(
+                "no Service or pod annotation makes a mesh forward proxy port {proxy_port} as opaque bytes"
+            ),
+        ),
+        MeshPortState::Checked { declarations, .. } => cond(
+            PROXY_PORT_NOT_HTTP,
+            true,
+            REASON_MESH_FORWARDS_OPAQUE,
+            format!(
+                "{}. A mesh proxy (Istio, Linkerd) then passes the caller's own identity header through:                  with --caller-identity istio or linkerd any caller could name itself any workload, and                  without it every caller is anonymous",
+                declarations.join("; ")
+            ),
+        ),
+    };
+    let mut conditions = vec![compiled, network_policy, bypass, sidecar, mesh_port];
     match &facts.shadow {
         ShadowState::NotAudit => {}
         ShadowState::Checked { by, .. } if by.is_empty() => conditions.push(cond(
@@ -343,7 +387,8 @@ fn find<'a>(status: Option<&'a DataAccessPolicyStatus>, type_: &str) -> Option<&
 /// apply is refused (anew or for another reason); Warning `SidecarBypass` when `SidecarBypass`
 /// turns True or names other NetworkPolicies; Warning `SidecarMissing` when `SidecarMissing`
 /// turns True (not as its count moves, which it does through every rollout); Warning
-/// `EnforcedPoliciesSelectPods` when `AuditShadowed` turns True.
+/// `MeshForwardsProxyPortOpaque` when `ProxyPortNotHttp` turns True or names other
+/// declarations; Warning `EnforcedPoliciesSelectPods` when `AuditShadowed` turns True.
 /// Nothing when nothing changed.
 pub(crate) fn events(
     policy: &str,
@@ -396,6 +441,12 @@ pub(crate) fn events(
         && find(old, SIDECAR_MISSING).is_none_or(|o| o.status != "True")
     {
         push(EventType::Warning, REASON_SIDECAR_MISSING_EVENT, &c.message);
+    }
+    if let Some(c) = find(Some(new), PROXY_PORT_NOT_HTTP)
+        && c.status == "True"
+        && !same(find(old, PROXY_PORT_NOT_HTTP), c)
+    {
+        push(EventType::Warning, REASON_MESH_FORWARDS_OPAQUE, &c.message);
     }
     if let Some(c) = find(Some(new), AUDIT_SHADOWED)
         && c.status == "True"

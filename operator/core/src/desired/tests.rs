@@ -141,7 +141,14 @@ fn snapshot(
     pods: Vec<Pod>,
     network_policies: Vec<NetworkPolicy>,
 ) -> NamespaceSnapshot {
-    NamespaceSnapshot { namespace: NS.into(), policies, pods, network_policies, current_config: None }
+    NamespaceSnapshot {
+        namespace: NS.into(),
+        policies,
+        pods,
+        network_policies,
+        services: Vec::new(),
+        current_config: None,
+    }
 }
 
 fn status_of<'a>(d: &'a Desired, policy: &str) -> &'a DataAccessPolicyStatus {
@@ -512,7 +519,10 @@ fn status_reports_generation_rules_and_ready() {
     assert_eq!(s.rule_count, Some(1));
     assert_eq!(s.selected_pods, Some(2));
     let types: Vec<_> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
-    assert_eq!(types, [READY, COMPILED, NETWORK_POLICY_APPLIED, SIDECAR_BYPASS, SIDECAR_MISSING]);
+    assert_eq!(
+        types,
+        [READY, COMPILED, NETWORK_POLICY_APPLIED, SIDECAR_BYPASS, SIDECAR_MISSING, PROXY_PORT_NOT_HTTP]
+    );
     assert!(s.conditions.iter().all(|c| c.observed_generation == Some(7)));
     assert_eq!(cond(s, NETWORK_POLICY_APPLIED).reason, REASON_APPLIED);
     let bypass = cond(s, SIDECAR_BYPASS);
@@ -771,6 +781,69 @@ fn selected_pods_without_the_sidecar_are_reported_once() {
     disabled.spec.mode = custos_api::policy::Mode::Disabled;
     let d = compute(&snapshot(vec![disabled], snap.pods.clone(), vec![]), t(0)).unwrap();
     let c = cond(status_of(&d, "orders"), SIDECAR_MISSING);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_POLICY_DISABLED));
+}
+
+/// A Service that makes a mesh forward the proxy port as opaque TCP is reported on every
+/// policy of those pods (`ProxyPortNotHttp`, a warning: `Ready` stays True), with a Warning
+/// Event when it appears; fixed, the condition turns False; a Disabled policy is not checked.
+#[test]
+fn a_service_a_mesh_reads_as_tcp_on_the_proxy_port_is_reported() {
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    let orders = [("app", "orders")];
+    let pods = vec![mk_pod(NS, "orders-a", &orders, "default", "10.0.0.1")];
+    let service = |port_name: &str| Service {
+        metadata: ObjectMeta {
+            name: Some("orders".into()),
+            namespace: Some(NS.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(map(&orders)),
+            ports: Some(vec![ServicePort {
+                name: Some(port_name.into()),
+                port: 80,
+                target_port: Some(IntOrString::String("custos-proxy".into())),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let mut snap = snapshot(vec![mk_policy("orders")], pods, vec![]);
+    snap.services = vec![service("tcp-orders")];
+    let d = compute(&snap, t(0)).unwrap();
+    let c = cond(status_of(&d, "orders"), PROXY_PORT_NOT_HTTP);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", REASON_MESH_FORWARDS_OPAQUE));
+    assert!(
+        c.message.starts_with("Service orders port tcp-orders targets the proxy port as tcp"),
+        "{}",
+        c.message
+    );
+    assert!(c.message.contains("any caller could name itself any workload"), "{}", c.message);
+    assert_eq!(cond(status_of(&d, "orders"), READY).status, "True", "a warning, not a failure");
+    let warned: Vec<_> = d.events.iter().filter(|e| e.reason == REASON_MESH_FORWARDS_OPAQUE).collect();
+    assert_eq!(warned.len(), 1, "{:?}", d.events);
+    assert_eq!(warned[0].type_, EventType::Warning);
+
+    // Unchanged: no second Event. Renamed to http-*: False.
+    snap.policies[0].status = Some(status_of(&d, "orders").clone());
+    let d2 = compute(&snap, t(1)).unwrap();
+    assert!(d2.events.iter().all(|e| e.reason != REASON_MESH_FORWARDS_OPAQUE), "{:?}", d2.events);
+    snap.services = vec![service("http-orders")];
+    let d3 = compute(&snap, t(2)).unwrap();
+    let c = cond(status_of(&d3, "orders"), PROXY_PORT_NOT_HTTP);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_PROXY_PORT_HTTP));
+    assert_eq!(
+        c.message,
+        "no Service or pod annotation makes a mesh forward proxy port 15080 as opaque bytes"
+    );
+
+    let mut disabled = mk_policy("orders");
+    disabled.spec.mode = custos_api::policy::Mode::Disabled;
+    snap.policies = vec![disabled];
+    snap.services = vec![service("tcp-orders")];
+    let c = cond(status_of(&compute(&snap, t(3)).unwrap(), "orders"), PROXY_PORT_NOT_HTTP).clone();
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_POLICY_DISABLED));
 }
 
