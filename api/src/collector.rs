@@ -5,8 +5,10 @@
 //!   JSON array, with `Authorization: Bearer <token>`. The collector answers 200 with an
 //!   [`IngestResponse`] only after the batch is durably committed; ingest is idempotent by
 //!   event id, so a sender that did not see the answer resends the whole batch.
-//! - `GET /v1/usage?policy=NAME&principal=KEY[&namespace=NS]`: a principal's cluster-wide
-//!   usage, as a [`UsageResponse`], so that replicas of one workload share their quotas.
+//! - `GET /v1/usage?policy=NAME&principal=KEY[&namespace=NS][&instance=TAG]`: a principal's
+//!   cluster-wide usage, as a [`UsageResponse`], so that replicas of one workload share their
+//!   quotas; with `instance`, the events of that sidecar process (their ids carry its tag,
+//!   [`instance_of_event_id`]) are left out.
 //!
 //! # Tokens
 //!
@@ -100,6 +102,26 @@ pub struct UsageResponse {
     pub as_of: String,
     /// Counts by rule name.
     pub rules: BTreeMap<String, RuleUsage>,
+    /// The instance tag whose events the counts leave out, when the request named one (absent
+    /// from older collectors' answers: their counts include the asking sidecar's events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excluded_instance: Option<String>,
+}
+
+/// Characters of an instance tag.
+pub const INSTANCE_TAG_LEN: usize = 8;
+
+/// Whether `text` is an instance tag: 8 characters of Crockford's base32 as ULIDs write them
+/// (digits and uppercase letters but I, L, O, U).
+pub fn is_instance_tag(text: &str) -> bool {
+    text.len() == INSTANCE_TAG_LEN
+        && text.bytes().all(|b| b.is_ascii_digit() || (b.is_ascii_uppercase() && !b"ILOU".contains(&b)))
+}
+
+/// The instance tag an event id carries (its characters 11 to 18), when it is shaped as a
+/// ULID: a sidecar's events carry its process's tag there.
+pub fn instance_of_event_id(id: &str) -> Option<&str> {
+    (id.len() == 26).then(|| id.get(10..18)).flatten().filter(|t| is_instance_tag(t))
 }
 
 /// Request and record counts of one principal under one rule, over trailing windows ending

@@ -241,9 +241,16 @@ pub(crate) async fn usage(
     axum::Extension(scope): axum::Extension<crate::auth::Scope>,
     uri: Uri,
 ) -> Result<Json<UsageResponse>, ApiError> {
-    let p = Params::parse(uri.query(), &["policy", "principal", "namespace"])?;
+    let p = Params::parse(uri.query(), &["policy", "principal", "namespace", "instance"])?;
     let policy = p.required("policy")?;
     let principal = p.required("principal")?;
+    let instance = p.get("instance");
+    if instance.is_some_and(|i| !custos_api::collector::is_instance_tag(i)) {
+        return Err(ApiError::bad_query(
+            "instance",
+            "parameter `instance` must be an instance tag: 8 characters of Crockford's base32 (0-9, A-Z but I, L, O, U)",
+        ));
+    }
     let mut namespace = p.get("namespace");
     // A namespace token reads its own namespace's usage only.
     if let crate::auth::Scope::Namespace(own) = &scope {
@@ -256,7 +263,8 @@ pub(crate) async fn usage(
         }
         namespace = Some(own.as_str());
     }
-    let answer = state.timed("usage", state.store().usage(namespace, policy, principal, Utc::now())).await?;
+    let answer =
+        state.timed("usage", state.store().usage(namespace, policy, principal, Utc::now(), instance)).await?;
     Ok(Json(answer))
 }
 

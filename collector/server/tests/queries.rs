@@ -306,7 +306,7 @@ async fn usage_answers_the_sidecars_usage_client() {
 
     let client =
         UsageClient::new(h.base.clone(), Some(h.token_file.clone()), Duration::from_secs(10)).unwrap();
-    let usage = client.fetch("shop", "customers", "user:alice").await.unwrap();
+    let usage = client.fetch("shop", "customers", "user:alice", None).await.unwrap();
     assert_eq!(usage.policy, "customers");
     assert_eq!(usage.principal, "user:alice");
     let read = usage.rules.get("read").expect("rule read counted");
@@ -315,17 +315,38 @@ async fn usage_answers_the_sidecars_usage_client() {
     assert_eq!(read.records_last_day, 115);
 
     // Without a namespace: every namespace counts.
-    let usage = client.fetch("", "customers", "user:alice").await.unwrap();
+    let usage = client.fetch("", "customers", "user:alice", None).await.unwrap();
     assert_eq!(usage.rules["read"].requests_last_minute, 6);
-    let usage = client.fetch("shop", "customers", "user:nobody").await.unwrap();
+    let usage = client.fetch("shop", "customers", "user:nobody", None).await.unwrap();
     assert!(usage.rules.is_empty());
+
+    // With `instance`: the events of that sidecar process (their ids carry its tag) are left
+    // out, and the answer says so; another process's are counted.
+    let tag = "0123ABCD";
+    let mut own = event(&format!("01J0000000{tag}EFGHJKMN"), now - chrono::Duration::seconds(3));
+    own.records_returned = 7;
+    let mut others = event("01J00000009876WXYZEFGHJKMN", now - chrono::Duration::seconds(3));
+    others.records_returned = 11;
+    assert_eq!(h.post(NDJSON, ndjson(&[own, others])).await.0, 200);
+    let usage = client.fetch("shop", "customers", "user:alice", Some(tag)).await.unwrap();
+    assert_eq!(usage.excluded_instance.as_deref(), Some(tag));
+    assert_eq!((usage.rules["read"].requests_last_minute, usage.rules["read"].records_last_hour), (6, 126));
+    let usage = client.fetch("shop", "customers", "user:alice", None).await.unwrap();
+    assert_eq!(usage.excluded_instance, None);
+    assert_eq!((usage.rules["read"].requests_last_minute, usage.rules["read"].records_last_hour), (7, 133));
+    for bad in ["0123abcd", "0123ABC", "0123ABCDE", "0123ABCI", "%00"] {
+        let (status, body) =
+            h.get(&format!("/v1/usage?policy=customers&principal=user:alice&instance={bad}")).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.to_string().contains("instance"), "{bad}: {body}");
+    }
 
     let wrong = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(wrong.path(), "not-the-token").unwrap();
     let client =
         UsageClient::new(h.base.clone(), Some(wrong.path().to_path_buf()), Duration::from_secs(10)).unwrap();
     assert!(matches!(
-        client.fetch("shop", "customers", "user:alice").await,
+        client.fetch("shop", "customers", "user:alice", None).await,
         Err(custos_shipper::ShipperError::Unauthorized)
     ));
 }

@@ -693,20 +693,25 @@ impl AnyStore {
     /// A principal's usage under a policy, per rule, over windows ending at `now`: admitted
     /// requests (Allow or WouldDeny) in `(now - 60 s, now]`, records returned in the last hour
     /// and the last 24 hours. Events without a rule (the default action) are not counted.
+    /// With `exclude_instance`, the events whose ids carry that instance tag (one sidecar
+    /// process's, [`custos_api::collector::instance_of_event_id`]) are left out.
     pub async fn usage(
         &self,
         namespace: Option<&str>,
         policy: &str,
         principal: &str,
         now: DateTime<Utc>,
+        exclude_instance: Option<&str>,
     ) -> Result<UsageResponse> {
         let now_us = now.timestamp_micros();
-        let rows = dispatch!(self, s => s.usage(namespace, policy, principal, now_us).await)?;
+        let rows =
+            dispatch!(self, s => s.usage(namespace, policy, principal, now_us, exclude_instance).await)?;
         Ok(UsageResponse {
             policy: policy.to_owned(),
             principal: principal.to_owned(),
             as_of: chain::format_time_us(now_us),
             rules: rows.into_iter().collect(),
+            excluded_instance: exclude_instance.map(str::to_owned),
         })
     }
 

@@ -839,6 +839,7 @@ impl PostgresStore {
         policy: &str,
         principal: &str,
         now_us: i64,
+        exclude_instance: Option<&str>,
     ) -> Result<Vec<(String, RuleUsage)>> {
         let client = self.client().await?;
         let st = client
@@ -853,10 +854,13 @@ impl PostgresStore {
                    FROM events \
                    WHERE principal = $1 AND policy = $2 AND time_us > $6 AND time_us <= $3 \
                    AND rule IS NOT NULL AND ($7::text IS NULL OR namespace = $7) \
+                   AND ($8::text IS NULL OR substr(id, 11, 8) <> $8) \
                    UNION ALL \
-                   SELECT rule, time_us, admitted, records FROM event_applied_rules \
+                   SELECT rule, time_us, admitted, records FROM event_applied_rules x \
                    WHERE principal = $1 AND policy = $2 AND time_us > $6 AND time_us <= $3 \
-                   AND ($7::text IS NULL OR namespace = $7)\
+                   AND ($7::text IS NULL OR namespace = $7) \
+                   AND ($8::text IS NULL OR (SELECT substr(e.id, 11, 8) FROM events e \
+                        WHERE e.seq = x.seq AND e.time_us = x.time_us) <> $8)\
                  ) AS charged GROUP BY rule",
             )
             .await?;
@@ -871,6 +875,7 @@ impl PostgresStore {
                     &(now_us - 3_600_000_000),
                     &(now_us - DAY_US),
                     &namespace,
+                    &exclude_instance,
                 ],
             )
             .await?

@@ -799,9 +799,11 @@ impl SqliteStore {
         policy: &str,
         principal: &str,
         now_us: i64,
+        exclude_instance: Option<&str>,
     ) -> Result<Vec<(String, RuleUsage)>> {
         let (namespace, policy, principal) =
             (namespace.map(str::to_owned), policy.to_owned(), principal.to_owned());
+        let exclude = exclude_instance.map(str::to_owned);
         self.read(move |conn| {
             // The deciding rules from `events`, the others that applied from their index.
             let mut st = conn.prepare_cached(
@@ -814,10 +816,12 @@ impl SqliteStore {
                    FROM events \
                    WHERE principal = ?1 AND policy = ?2 AND time_us > ?6 AND time_us <= ?3 \
                    AND rule IS NOT NULL AND (?7 IS NULL OR namespace = ?7) \
+                   AND (?8 IS NULL OR substr(id, 11, 8) <> ?8) \
                    UNION ALL \
-                   SELECT rule, time_us, admitted, records FROM event_applied_rules \
+                   SELECT rule, time_us, admitted, records FROM event_applied_rules x \
                    WHERE principal = ?1 AND policy = ?2 AND time_us > ?6 AND time_us <= ?3 \
-                   AND (?7 IS NULL OR namespace = ?7)\
+                   AND (?7 IS NULL OR namespace = ?7) \
+                   AND (?8 IS NULL OR (SELECT substr(e.id, 11, 8) FROM events e WHERE e.seq = x.seq) <> ?8)\
                  ) GROUP BY rule",
             )?;
             Ok(st
@@ -829,7 +833,8 @@ impl SqliteStore {
                         now_us - 60_000_000,
                         now_us - 3_600_000_000,
                         now_us - chain::DAY_US,
-                        namespace
+                        namespace,
+                        exclude
                     ],
                     |r| {
                         Ok((

@@ -62,6 +62,7 @@ suite!(
     usage_windows,
     usage_counts_the_rules_that_applied_beside_the_deciding_one,
     usage_counts_the_dry_runs_charged_to_their_rules,
+    usage_leaves_out_the_events_of_one_instance,
     prune_keeps_chain_verifiable,
     concurrent_prunes_and_verify_report_no_false_break,
     prune_refuses_a_broken_chain,
@@ -766,7 +767,7 @@ async fn usage_windows(env: &Env) {
     batch.extend([other_rule, no_rule, other_principal, other_policy, other_ns]);
     store.ingest(&batch).await.unwrap();
 
-    let u = store.usage(Some("shop"), "customers", "user:alice", now).await.unwrap();
+    let u = store.usage(Some("shop"), "customers", "user:alice", now, None).await.unwrap();
     assert_eq!(u.policy, "customers");
     assert_eq!(u.principal, "user:alice");
     assert_eq!(u.as_of, rfc3339(now));
@@ -777,9 +778,9 @@ async fn usage_windows(env: &Env) {
     assert_eq!(read.records_last_day, 5 + 2 + 7 + 3 + 11);
     assert_eq!(u.rules["export"].requests_last_minute, 1);
     // Without a namespace: every namespace counts.
-    let all = store.usage(None, "customers", "user:alice", now).await.unwrap();
+    let all = store.usage(None, "customers", "user:alice", now, None).await.unwrap();
     assert_eq!(all.rules["read"].requests_last_minute, 3);
-    let none = store.usage(None, "customers", "user:nobody", now).await.unwrap();
+    let none = store.usage(None, "customers", "user:nobody", now, None).await.unwrap();
     assert!(none.rules.is_empty());
 }
 
@@ -820,17 +821,23 @@ async fn usage_counts_the_rules_that_applied_beside_the_deciding_one(env: &Env) 
     };
     // a1 and a3 in the minute (a2 was denied); a5 in the hour too.
     let expected = vec![("mask-addresses".to_owned(), [2, 6 + 3 + 9, 6 + 3 + 9])];
-    assert_eq!(rules(store.usage(Some("shop"), "baseline", "user:alice", now).await.unwrap()), expected);
     assert_eq!(
-        rules(store.usage(Some("shop"), "baseline", "peer:10.0.0.7", now).await.unwrap()),
+        rules(store.usage(Some("shop"), "baseline", "user:alice", now, None).await.unwrap()),
+        expected
+    );
+    assert_eq!(
+        rules(store.usage(Some("shop"), "baseline", "peer:10.0.0.7", now, None).await.unwrap()),
         [("mask-addresses".to_owned(), [1, 50, 50])]
     );
-    assert_eq!(rules(store.usage(None, "baseline", "user:alice", now).await.unwrap())[0].1, [3, 118, 118]);
+    assert_eq!(
+        rules(store.usage(None, "baseline", "user:alice", now, None).await.unwrap())[0].1,
+        [3, 118, 118]
+    );
     // The deciding rule is counted as before, each request once.
-    let decided = rules(store.usage(Some("shop"), "customers", "user:alice", now).await.unwrap());
+    let decided = rules(store.usage(Some("shop"), "customers", "user:alice", now, None).await.unwrap());
     assert_eq!(decided, [("read".to_owned(), [2, 6 + 50 + 9, 6 + 50 + 9])]);
     assert_eq!(
-        rules(store.usage(Some("shop"), "customers", "user:bob", now).await.unwrap()),
+        rules(store.usage(Some("shop"), "customers", "user:bob", now, None).await.unwrap()),
         [("read".to_owned(), [1, 3, 3])]
     );
 
@@ -838,11 +845,17 @@ async fn usage_counts_the_rules_that_applied_beside_the_deciding_one(env: &Env) 
     // still be in the day two hours later).
     drop(store);
     let store = env.open().await;
-    assert_eq!(rules(store.usage(Some("shop"), "baseline", "user:alice", now).await.unwrap()), expected);
+    assert_eq!(
+        rules(store.usage(Some("shop"), "baseline", "user:alice", now, None).await.unwrap()),
+        expected
+    );
     let later = now + Duration::hours(2);
     store.prune(later - Duration::seconds(5)).await.unwrap();
     let after = rules(
-        store.usage(Some("shop"), "baseline", "user:alice", later + Duration::seconds(1)).await.unwrap(),
+        store
+            .usage(Some("shop"), "baseline", "user:alice", later + Duration::seconds(1), None)
+            .await
+            .unwrap(),
     );
     assert!(after.is_empty(), "{after:?}");
 }
@@ -884,13 +897,49 @@ async fn usage_counts_the_dry_runs_charged_to_their_rules(env: &Env) {
             .collect::<Vec<_>>()
     };
     // d1 and d3 (its response refused after the dry run's quotas counted it); 2 records of d1.
-    let alice = counts(store.usage(Some("shop"), "trial", "user:alice", now).await.unwrap());
+    let alice = counts(store.usage(Some("shop"), "trial", "user:alice", now, None).await.unwrap());
     assert_eq!(alice, [("own-branch".to_owned(), [2, 2])]);
-    let peer = counts(store.usage(Some("shop"), "trial", "peer:10.0.0.9", now).await.unwrap());
+    let peer = counts(store.usage(Some("shop"), "trial", "peer:10.0.0.9", now, None).await.unwrap());
     assert_eq!(peer, [("own-branch".to_owned(), [1, 2])]);
     // The deciding policy's own usage is unchanged by its dry runs.
-    let decided = counts(store.usage(Some("shop"), "customers", "user:alice", now).await.unwrap());
+    let decided = counts(store.usage(Some("shop"), "customers", "user:alice", now, None).await.unwrap());
     assert_eq!(decided, [("read".to_owned(), [3, 20])]);
+}
+
+/// With an instance tag, the events whose ids carry it (one sidecar process's) are left out
+/// of the usage, from the deciding rule's counts and from the rules applied beside it alike.
+async fn usage_leaves_out_the_events_of_one_instance(env: &Env) {
+    let store = env.open().await;
+    let now = t0();
+    let mk = |id: String, records: u64| {
+        let mut e = event(&id, now - Duration::seconds(10));
+        e.records_returned = records;
+        e.also_applied = vec![applied("baseline", None)];
+        e
+    };
+    let (mine, theirs) = ("MINE0000", "THEM0000");
+    store
+        .ingest(&[
+            mk(format!("01J0000000{mine}00000001"), 1),
+            mk(format!("01J0000000{mine}00000002"), 2),
+            mk(format!("01J0000000{theirs}00000001"), 4),
+            mk("not-a-ulid".to_owned(), 8),
+        ])
+        .await
+        .unwrap();
+    let counts = |u: custos_api::collector::UsageResponse| {
+        (
+            u.excluded_instance.clone(),
+            u.rules.values().map(|n| [n.requests_last_minute, n.records_last_hour]).collect::<Vec<_>>(),
+        )
+    };
+    for policy in ["customers", "baseline"] {
+        let all = counts(store.usage(Some("shop"), policy, "user:alice", now, None).await.unwrap());
+        assert_eq!(all, (None, vec![[4, 15]]), "{policy}");
+        let without_mine =
+            counts(store.usage(Some("shop"), policy, "user:alice", now, Some(mine)).await.unwrap());
+        assert_eq!(without_mine, (Some(mine.to_owned()), vec![[2, 12]]), "{policy}");
+    }
 }
 
 /// Two collector replicas pruning at once, and a verify meanwhile (a review's probes: rows the

@@ -48,6 +48,7 @@ mod audit;
 mod body;
 mod budget;
 mod error;
+mod event_ids;
 mod latency;
 mod mesh;
 mod method_override;
@@ -220,11 +221,13 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
 
     let quotas = Arc::new(Quotas::new(QuotaSettings::default()));
     let dry_run_quotas = Arc::new(Quotas::new(QuotaSettings::default()));
+    let event_ids = Arc::new(event_ids::EventIds::new());
     let shared = Arc::new(Shared {
         config: config.clone(),
         metrics: metrics.clone(),
         quotas: quotas.clone(),
         dry_run_quotas: dry_run_quotas.clone(),
+        event_ids: event_ids.clone(),
         shipper: shipper.clone(),
         upstream: proxy::upstream(&settings.limits, 1, &metrics),
         counters: Arc::new(metrics::ThreadCounters::new(&metrics)),
@@ -295,7 +298,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
     ));
     let usage_task = tokio::spawn(usage::run(
         [quotas, dry_run_quotas],
-        usage_client,
+        usage_client.map(|client| (client, event_ids.instance().to_owned())),
         config.clone(),
         metrics.clone(),
         usage_interval,

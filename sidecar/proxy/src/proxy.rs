@@ -93,6 +93,8 @@ pub(crate) struct Shared {
     /// so that they cannot crowd out the enforced counts; merged with the cluster-wide usage
     /// of its principals like the enforced one.
     pub dry_run_quotas: Arc<Quotas>,
+    /// The ids of this process's audit events (they carry its instance tag).
+    pub event_ids: Arc<crate::event_ids::EventIds>,
     pub shipper: custos_shipper::Shipper,
     pub upstream: Arc<Upstream<RequestBody>>,
     /// This thread's handles on the per-request counters.
@@ -268,7 +270,7 @@ async fn handle(
     let ctx = Ctx {
         event: AuditEvent {
             schema_version: AUDIT_SCHEMA_VERSION,
-            id: ulid::Ulid::from_datetime(wall).to_string(),
+            id: shared.event_ids.next(wall),
             time: crate::audit::event_time(&now),
             cluster: shared.cluster.clone(),
             namespace: String::new(),

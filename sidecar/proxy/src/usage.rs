@@ -26,7 +26,7 @@ const CONCURRENCY: usize = 8;
 /// counts a dry run its quotas counted, `charged` in the event, under its rule).
 pub(crate) async fn run(
     [quotas, dry_run_quotas]: [Arc<Quotas>; 2],
-    client: Option<Arc<UsageClient>>,
+    client: Option<(Arc<UsageClient>, String)>,
     config: Arc<ConfigCell>,
     metrics: Arc<Metrics>,
     interval: Duration,
@@ -48,7 +48,7 @@ pub(crate) async fn run(
         let now = crate::quota_clock::quota_time(SystemTime::now());
         quotas.evict_idle(now);
         dry_run_quotas.evict_idle(now);
-        let Some(client) = &client else { continue };
+        let Some((client, instance)) = &client else { continue };
         let Some(namespace) = config.current.load().as_ref().map(|s| s.namespace.clone()) else { continue };
         // A round never runs into the next: a collector that hangs costs one interval. The
         // enforced quotas first, within three quarters of it while dry runs wait their turn
@@ -67,7 +67,8 @@ pub(crate) async fn run(
                 );
             }
             let pairs = this_round(pairs, resume_after[i].as_ref(), MAX_FETCHES_PER_ROUND);
-            let round = sync_round(table, client, &namespace, pairs, deadlines[i], &mut shutdown).await;
+            let round =
+                sync_round(table, client, &namespace, instance, pairs, deadlines[i], &mut shutdown).await;
             resume_after[i] = round.last_started;
             failures += round.failures;
             if round.cut {
@@ -119,6 +120,7 @@ async fn sync_round(
     quotas: &Arc<Quotas>,
     client: &Arc<UsageClient>,
     namespace: &str,
+    instance: &str,
     pairs: Vec<(String, String)>,
     deadline: tokio::time::Instant,
     shutdown: &mut watch::Receiver<bool>,
@@ -131,8 +133,16 @@ async fn sync_round(
             let Some((policy, principal)) = pending.next() else { break };
             round.last_started = Some((policy.clone(), principal.clone()));
             let (client, quotas, namespace) = (client.clone(), quotas.clone(), namespace.to_string());
+            let instance = instance.to_owned();
             tasks.spawn(async move {
-                let usage = client.fetch(&namespace, &policy, &principal).await.map_err(|e| e.to_string())?;
+                let mut usage = client
+                    .fetch(&namespace, &policy, &principal, Some(&instance))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // Figures without this process's events only when they say so, for its tag.
+                if usage.excluded_instance.as_deref() != Some(instance.as_str()) {
+                    usage.excluded_instance = None;
+                }
                 let as_of = chrono::DateTime::parse_from_rfc3339(&usage.as_of)
                     .map_err(|_| "usage asOf is not RFC 3339".to_string())?;
                 let as_of = Timestamp::from_millis(u64::try_from(as_of.timestamp_millis()).unwrap_or(0));
@@ -198,7 +208,7 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
         let round = tokio::time::timeout(
             Duration::from_secs(30),
-            sync_round(&quotas, &client, "shop", pairs(20), deadline, &mut shutdown),
+            sync_round(&quotas, &client, "shop", "01ABCDEF", pairs(20), deadline, &mut shutdown),
         )
         .await
         .expect("the round ended at its deadline, not at the client's time-out");

@@ -294,7 +294,7 @@ impl Entry {
 
     /// Replaces the others' figures with those derived from `usage` (cluster-wide, as of
     /// `as_of`), unless the usage held is as recent or this one is stale in every window.
-    pub(crate) fn apply(&mut self, usage: &RuleUsage, as_of: u64, now: u64) -> bool {
+    pub(crate) fn apply(&mut self, usage: &RuleUsage, as_of: u64, now: u64, without_own: bool) -> bool {
         let as_of = as_of.min(now);
         if self.others.is_some_and(|o| o.as_of >= as_of) {
             return false;
@@ -306,8 +306,12 @@ impl Entry {
         // The bucket refilled at the old rate until now; the new figures apply from now on.
         self.settle(now);
         self.prune(now);
-        let others = |spec: Spec, cluster: u64, local: &Window| {
-            if fresh(spec) { cluster.saturating_sub(local.used_at(spec, as_of)) } else { 0 }
+        // Figures without this replica's own events are the others' usage as they stand;
+        // figures with them, less what this replica counted by `as_of`.
+        let others = |spec: Spec, cluster: u64, local: &Window| match (fresh(spec), without_own) {
+            (false, _) => 0,
+            (true, true) => cluster,
+            (true, false) => cluster.saturating_sub(local.used_at(spec, as_of)),
         };
         self.others = Some(Others {
             as_of,

@@ -34,6 +34,7 @@ fn usage(rule: &str, requests: u64, hour: u64, day: u64) -> UsageResponse {
         principal: "user:alice".into(),
         as_of: String::new(),
         rules,
+        excluded_instance: None,
     }
 }
 
@@ -519,6 +520,34 @@ fn local_count_wins_over_a_lagging_cluster_figure() {
     assert_eq!(q.admit(&k, &l, at(63 * MIN)), ok(Some(100)));
 }
 
+/// Figures without this replica's own events (`excludedInstance`) are the others' usage as
+/// they stand: nothing is subtracted, so the replica's events the collector does not have yet
+/// (queued, spooled) do not lower the others' usage, as they do with figures that include
+/// them.
+#[test]
+fn figures_without_this_replicas_events_are_the_others_usage() {
+    let (k, l) = (key("user:alice"), limits(Some(10), Some(100), None));
+    let run = |excluded: Option<&str>| {
+        let q = quotas();
+        q.admit(&k, &l, at(0)).unwrap();
+        q.record(&k, &l, 50, at(0));
+        // The others used 30 records and 4 requests; the collector has none of this replica's.
+        let mut u = usage("read", 4, 30, 30);
+        u.excluded_instance = excluded.map(str::to_owned);
+        assert_eq!(q.apply_cluster_usage("customer-api", "user:alice", &u, at(10), at(10)), 1);
+        q
+    };
+    // Without its own events: 50 here + 30 elsewhere.
+    assert_eq!(run(Some("MINE0000")).admit(&k, &l, at(10)), ok(Some(20)));
+    // Read as the cluster's: 30 - 50 < 0, so nothing elsewhere (the under-count this avoids).
+    assert_eq!(run(None).admit(&k, &l, at(10)), ok(Some(50)));
+    // Requests, 10 a minute (the bucket full again at 10 s): the others' 4 hold 4 tokens, so 6
+    // pass; read as the cluster's, 4 - 1 (this replica's) = 3 held, and 7 pass.
+    let passed = |q: Quotas| (0..20).take_while(|_| q.admit(&k, &l, at(10)).is_ok()).count();
+    assert_eq!(passed(run(Some("MINE0000"))), 6);
+    assert_eq!(passed(run(None)), 7);
+}
+
 #[test]
 fn older_or_foreign_reports_are_ignored() {
     let q = quotas();
@@ -599,6 +628,7 @@ fn usage_for_untracked_rules_is_kept_but_not_active() {
         principal: "user:alice".into(),
         as_of: String::new(),
         rules,
+        excluded_instance: None,
     };
     assert_eq!(q.apply_cluster_usage("customer-api", "user:alice", &u, at(0), at(0)), 1);
     assert_eq!(q.tracked(), 1);

@@ -352,6 +352,7 @@ impl UsageClient {
         namespace: &str,
         policy: &str,
         principal: &str,
+        instance: Option<&str>,
     ) -> Result<UsageResponse, ShipperError> {
         let mut url = self.usage_url.clone();
         {
@@ -359,6 +360,9 @@ impl UsageClient {
             query.append_pair("policy", policy).append_pair("principal", principal);
             if !namespace.is_empty() {
                 query.append_pair("namespace", namespace);
+            }
+            if let Some(instance) = instance {
+                query.append_pair("instance", instance);
             }
         }
         let mut request = self.client.get(url).header(reqwest::header::ACCEPT, "application/json");

@@ -807,6 +807,7 @@ async fn usage_client_fetches_with_the_token_and_maps_errors() {
             "per-user".to_string(),
             RuleUsage { requests_last_minute: 3, records_last_hour: 40, records_last_day: 500 },
         )]),
+        excluded_instance: None,
     };
     {
         let mut s = collector.state.lock().unwrap();
@@ -818,43 +819,52 @@ async fn usage_client_fetches_with_the_token_and_maps_errors() {
     std::fs::write(&token, "secret").unwrap();
     let client = UsageClient::new(collector.url(), Some(token.clone()), Duration::from_millis(300)).unwrap();
 
-    assert_eq!(client.fetch("shop", "customers", "user:42").await.unwrap(), usage);
+    assert_eq!(client.fetch("shop", "customers", "user:42", None).await.unwrap(), usage);
     assert_eq!(
         collector.state.lock().unwrap().usage_queries.last().unwrap(),
         "policy=customers&principal=user%3A42&namespace=shop"
     );
 
     std::fs::write(&token, "stale-token").unwrap();
-    assert!(matches!(client.fetch("shop", "customers", "user:42").await, Err(ShipperError::Unauthorized)));
+    assert!(matches!(
+        client.fetch("shop", "customers", "user:42", None).await,
+        Err(ShipperError::Unauthorized)
+    ));
     std::fs::write(&token, "secret").unwrap();
 
     collector.then(Behaviour::Malformed);
     assert!(matches!(
-        client.fetch("shop", "customers", "user:42").await,
+        client.fetch("shop", "customers", "user:42", None).await,
         Err(ShipperError::MalformedResponse(_))
     ));
 
     collector.then(Behaviour::Status(503));
-    assert!(matches!(client.fetch("shop", "customers", "user:42").await, Err(ShipperError::Status(503))));
+    assert!(matches!(
+        client.fetch("shop", "customers", "user:42", None).await,
+        Err(ShipperError::Status(503))
+    ));
 
     // An answer larger than any the collector gives is not read whole.
     collector.then(Behaviour::Huge);
-    match client.fetch("shop", "customers", "user:42").await {
+    match client.fetch("shop", "customers", "user:42", None).await {
         Err(ShipperError::MalformedResponse(detail)) => assert!(detail.contains("larger than"), "{detail}"),
         other => panic!("{other:?}"),
     }
 
     collector.then(Behaviour::Hang);
-    assert!(matches!(client.fetch("shop", "customers", "user:42").await, Err(ShipperError::Timeout)));
+    assert!(matches!(client.fetch("shop", "customers", "user:42", None).await, Err(ShipperError::Timeout)));
 
-    assert_eq!(client.fetch("", "customers", "user:42").await.unwrap(), usage);
+    assert_eq!(client.fetch("", "customers", "user:42", None).await.unwrap(), usage);
     assert_eq!(
         collector.state.lock().unwrap().usage_queries.last().unwrap(),
         "policy=customers&principal=user%3A42"
     );
 
     collector.stop();
-    assert!(matches!(client.fetch("shop", "customers", "user:42").await, Err(ShipperError::Transport(_))));
+    assert!(matches!(
+        client.fetch("shop", "customers", "user:42", None).await,
+        Err(ShipperError::Transport(_))
+    ));
 }
 
 #[tokio::test]
@@ -865,7 +875,7 @@ async fn usage_client_reports_an_unreadable_token_file() {
         Duration::from_secs(1),
     )
     .unwrap();
-    let error = client.fetch("ns", "p", "user:1").await.unwrap_err();
+    let error = client.fetch("ns", "p", "user:1", None).await.unwrap_err();
     assert!(matches!(error, ShipperError::TokenFile { .. }));
 }
 

@@ -256,7 +256,7 @@ pub async fn assert_applied_rules_counted(store: &AnyStore, at: DateTime<Utc>) {
         principal: None,
     }];
     store.ingest(&[e]).await.unwrap();
-    let u = store.usage(Some("shop"), "baseline", "user:alice", at).await.unwrap();
+    let u = store.usage(Some("shop"), "baseline", "user:alice", at, None).await.unwrap();
     let expected = custos_api::collector::RuleUsage {
         requests_last_minute: 1,
         records_last_hour: 4,

@@ -474,8 +474,14 @@ async fn collector(req: Request<Incoming>, state: &CollectorState) -> Response<F
         let as_of = chrono::Utc::now();
         let mut rules = base;
         let mut seen = std::collections::BTreeSet::new();
+        // With `instance`, the asking sidecar process's own events are left out.
+        let instance = params.get("instance").cloned();
         for e in state.events.lock().unwrap().iter() {
             if !seen.insert(e["id"].as_str().unwrap_or("").to_string()) {
+                continue;
+            }
+            let id = e["id"].as_str().unwrap_or("");
+            if instance.is_some() && custos_api::collector::instance_of_event_id(id) == instance.as_deref() {
                 continue;
             }
             let admitted = e["decision"] != "Deny";
@@ -513,6 +519,7 @@ async fn collector(req: Request<Incoming>, state: &CollectorState) -> Response<F
             principal,
             as_of: as_of.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             rules,
+            excluded_instance: instance,
         };
         return Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap())));
     }

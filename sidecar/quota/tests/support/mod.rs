@@ -82,6 +82,7 @@ impl Collector {
             principal: principal.to_owned(),
             as_of: String::new(),
             rules,
+            excluded_instance: None,
         }
     }
 }

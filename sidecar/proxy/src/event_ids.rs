@@ -1,0 +1,83 @@
+//! Audit event ids: ULIDs whose 80 random bits are this process's *instance tag* (the first
+//! 40, drawn once at start) and a counter (the last 40, from a random start). Ids stay unique
+//! (within the process by the counter, across processes by the tag and the millisecond), and
+//! the collector can tell this process's events from the others': the usage a sidecar fetches
+//! names its tag (`instance=`) and leaves its own events out, so that what it has counted
+//! itself but not yet delivered is not subtracted from the other replicas' usage.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Bits of the counter (and of the tag) in an id's random part.
+const HALF: u32 = 40;
+const MASK: u64 = (1 << HALF) - 1;
+
+/// The ids of one process's events.
+#[derive(Debug)]
+pub(crate) struct EventIds {
+    tag: u64,
+    counter: AtomicU64,
+    /// The tag as the ids spell it (their characters 11 to 18).
+    tag_text: String,
+}
+
+impl EventIds {
+    /// A new tag and counter, from the `ulid` crate's random source.
+    pub(crate) fn new() -> EventIds {
+        let random = ulid::Ulid::new().random();
+        // Truncations keep the low bits on purpose: 40 of the 80 random bits each.
+        let tag = ((random >> HALF) as u64) & MASK;
+        let counter = (random as u64) & MASK;
+        let tag_text = ulid::Ulid::from_parts(0, u128::from(tag) << HALF).to_string()[10..18].to_string();
+        EventIds { tag, counter: AtomicU64::new(counter), tag_text }
+    }
+
+    /// The id of an event of a request that arrived at `wall`.
+    pub(crate) fn next(&self, wall: SystemTime) -> String {
+        let ms =
+            wall.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let low = self.counter.fetch_add(1, Ordering::Relaxed) & MASK;
+        ulid::Ulid::from_parts(ms, (u128::from(self.tag) << HALF) | u128::from(low)).to_string()
+    }
+
+    /// This process's instance tag, as the ids spell it.
+    pub(crate) fn instance(&self) -> &str {
+        &self.tag_text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn ids_are_ulids_of_the_time_carrying_the_tag_and_never_repeat() {
+        let ids = EventIds::new();
+        let wall = UNIX_EPOCH + Duration::from_millis(1_765_000_000_123);
+        let mut seen = HashSet::new();
+        for _ in 0..10_000 {
+            let id = ids.next(wall);
+            let parsed = ulid::Ulid::from_string(&id).unwrap();
+            assert_eq!(parsed.timestamp_ms(), 1_765_000_000_123);
+            assert_eq!(&id[10..18], ids.instance(), "{id}");
+            assert!(seen.insert(id));
+        }
+        assert!(custos_api::collector::is_instance_tag(ids.instance()), "{}", ids.instance());
+        // Another process: another tag (2^-40 to collide).
+        assert_ne!(EventIds::new().instance(), ids.instance());
+    }
+
+    #[test]
+    fn the_counter_wraps_within_its_bits_without_touching_the_tag() {
+        let ids = EventIds { counter: AtomicU64::new(MASK), ..EventIds::new() };
+        let wall = UNIX_EPOCH + Duration::from_millis(5);
+        let (a, b) = (ids.next(wall), ids.next(wall));
+        assert_eq!((&a[10..18], &b[10..18]), (ids.instance(), ids.instance()));
+        assert_ne!(a, b);
+    }
+}
