@@ -185,7 +185,7 @@ fn snapshot(shape: &Shape, i: usize) -> NamespaceSnapshot {
         policies,
         pods,
         network_policies: vec![],
-        services: vec![],
+        services: Some(vec![]),
         current_config: None,
     }
 }

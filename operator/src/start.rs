@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use custos_operator_core::desired::Options;
+use custos_operator_core::desired::{MeshIdentity, Options};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -186,7 +186,10 @@ pub async fn start_with_client(
             instance: config.instance.clone(),
             namespaces: config.namespaces.clone(),
             secret_sync: config.secret_sync.clone(),
-            options: Options { sidecar_metrics_from: config.sidecar_metrics_from.clone() },
+            options: Options {
+                sidecar_metrics_from: config.sidecar_metrics_from.clone(),
+                mesh_identity: MeshIdentity::from_sidecar_args(&config.inject.extra_args),
+            },
         },
     ));
     let controller = move || crate::controller::run(ctx.clone());

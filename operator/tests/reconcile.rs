@@ -446,7 +446,7 @@ async fn metrics_sources_open_the_sidecars_admin_port_on_the_next_reconcile() {
     .unwrap();
     let settings = Settings {
         instance: "op-0".into(),
-        options: Options { sidecar_metrics_from: vec![monitoring.clone()] },
+        options: Options { sidecar_metrics_from: vec![monitoring.clone()], ..Options::default() },
         ..Settings::default()
     };
     let ctx = Context::new(client.clone(), OperatorMetrics::new(), settings);
@@ -491,7 +491,9 @@ async fn a_network_policy_opening_the_app_port_raises_sidecar_bypass_once() {
 /// Warning once; renamed to `http-*`, the condition turns False.
 #[tokio::test]
 async fn a_service_declaring_the_proxy_port_tcp_raises_proxy_port_not_http() {
-    let (client, ctx) = orders_api().await;
+    let (client, mut ctx) = orders_api().await;
+    // Sidecars injected with --caller-identity=istio.
+    ctx.settings.options.mesh_identity = Some(custos_operator_core::desired::MeshIdentity::Istio);
     reconcile_namespace(&ctx, NS).await.unwrap();
     let s = status(&policy(&client, NS, "orders").await).clone();
     assert_eq!(condition(&s, PROXY_PORT_NOT_HTTP).reason, REASON_PROXY_PORT_HTTP);

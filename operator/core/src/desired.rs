@@ -22,6 +22,8 @@
 mod bypass;
 pub mod conditions;
 mod mesh_ports;
+
+pub use mesh_ports::{LINKERD_OPAQUE_PORTS, MeshIdentity};
 mod pods;
 #[cfg(test)]
 mod tests;
@@ -69,8 +71,9 @@ pub struct NamespaceSnapshot {
     pub pods: Vec<Pod>,
     /// The NetworkPolicies of the namespace, Custos's own and the others.
     pub network_policies: Vec<NetworkPolicy>,
-    /// The Services of the namespace (how a mesh reads the protected pods' proxy port).
-    pub services: Vec<Service>,
+    /// The Services of the namespace (how a mesh reads the protected pods' proxy port); `None`
+    /// when they could not be listed (the check is then skipped, not the reconcile).
+    pub services: Option<Vec<Service>>,
     /// The sidecar config the namespace's `custos-config` holds now, when it exists and
     /// parses: a policy whose spec no longer compiles keeps its last good compiled form from
     /// it, rather than dropping out of the config (which would leave its pods' sidecars
@@ -87,6 +90,10 @@ pub struct Options {
     /// only, and where the cluster enforces it a Prometheus in another pod cannot scrape the
     /// sidecars (the kubelet's probes come from the node, which NetworkPolicies let through).
     pub sidecar_metrics_from: Vec<NetworkPolicyPeer>,
+    /// The mesh the injected sidecars take caller identities from (`--caller-identity`
+    /// among the sidecar arguments): whether, and for which mesh, `ProxyPortNotHttp` is
+    /// checked.
+    pub mesh_identity: Option<MeshIdentity>,
 }
 
 /// The state the namespace should be brought to.
@@ -304,18 +311,21 @@ pub fn compute_with(
         } else {
             SidecarState::Checked { missing: pods::without_sidecar(&selected) }
         };
-        let mesh_port = if policy.spec.mode == Mode::Disabled {
-            MeshPortState::Disabled
-        } else {
-            MeshPortState::Checked {
+        let mesh_port = match (policy.spec.mode, options.mesh_identity, &snapshot.services) {
+            (Mode::Disabled, _, _) => MeshPortState::Disabled,
+            (_, None, _) => MeshPortState::NoMeshIdentity,
+            (_, Some(_), None) => MeshPortState::ServicesUnlisted,
+            (_, Some(mesh), Some(services)) => MeshPortState::Checked {
+                mesh,
                 proxy_port: policy.spec.workload.proxy_port(),
                 declarations: mesh_ports::non_http_declarations(
+                    mesh,
                     namespace,
                     &policy.spec,
                     &selected,
-                    &snapshot.services,
+                    services,
                 ),
-            }
+            },
         };
         let shadow = if policy.spec.mode == Mode::Audit {
             shadow_of(&selected, &enforced_by)

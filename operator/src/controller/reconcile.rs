@@ -94,8 +94,16 @@ pub async fn reconcile_namespace(ctx: &Context, namespace: &str) -> Result<Recon
     }
     let np_api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
     let network_policies = list(&np_api, ListParams::default(), "NetworkPolicy", namespace).await?;
+    // Read for a warning only: a Service list refused (a ClusterRole older than the
+    // operator) skips that check, not the reconcile.
     let services_api: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
-    let services = list(&services_api, ListParams::default(), "Service", namespace).await?;
+    let services = match list(&services_api, ListParams::default(), "Service", namespace).await {
+        Ok(services) => Some(services),
+        Err(error) => {
+            tracing::warn!(namespace, %error, "cannot list Services: the ProxyPortNotHttp check is skipped");
+            None
+        }
+    };
     let mut pods = Vec::new();
     for pods_namespace in pod_namespaces(namespace, &policies) {
         if ctx.settings.watches(&pods_namespace) {

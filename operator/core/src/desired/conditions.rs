@@ -14,7 +14,7 @@
 //! | `SidecarMissing` | True | `PodsWithoutSidecar` (message: how many, and the first pods' names) |
 //! | | False | `AllPodsInjected`, or `PolicyDisabled` (mode Disabled: not checked) |
 //! | `ProxyPortNotHttp` | True | `MeshForwardsProxyPortOpaque` (message: the Services or pod annotations that declare it) |
-//! | | False | `ProxyPortHttp`, or `PolicyDisabled` (mode Disabled: not checked) |
+//! | | False | `ProxyPortHttp`; not checked: `NoMeshIdentity` (the sidecars take no caller identity from a mesh), `ServicesUnlisted`, `PolicyDisabled` |
 //! | `AuditShadowed` (mode Audit only) | True | `EnforcedPoliciesSelectPods` (message: how many pods, and the enforcing policies) |
 //! | | False | `NoEnforcedPolicy` |
 //!
@@ -88,6 +88,11 @@ pub const REASON_SIDECAR_MISSING_EVENT: &str = "SidecarMissing";
 pub const REASON_MESH_FORWARDS_OPAQUE: &str = "MeshForwardsProxyPortOpaque";
 /// Reason of `ProxyPortNotHttp` False.
 pub const REASON_PROXY_PORT_HTTP: &str = "ProxyPortHttp";
+/// Reason of `ProxyPortNotHttp` False when the sidecars take no caller identity from a mesh
+/// (not checked: the port's protocol changes nothing they believe).
+pub const REASON_NO_MESH_IDENTITY: &str = "NoMeshIdentity";
+/// Reason of `ProxyPortNotHttp` False when the namespace's Services could not be listed.
+pub const REASON_SERVICES_UNLISTED: &str = "ServicesUnlisted";
 
 /// Reason of `AuditShadowed` True, and of the Warning Event when it turns True.
 pub const REASON_ENFORCED_POLICIES_SELECT_PODS: &str = "EnforcedPoliciesSelectPods";
@@ -126,12 +131,17 @@ pub(crate) enum SidecarState {
     Checked { missing: Vec<String> },
 }
 
-/// Whether a mesh would read the proxy port as something other than HTTP.
+/// Whether the mesh the sidecars take identities from would read the proxy port as something
+/// other than HTTP.
 pub(crate) enum MeshPortState {
     /// The policy is Disabled: not checked.
     Disabled,
-    /// What declares the proxy port as not HTTP, one sentence each (none: nothing).
-    Checked { proxy_port: u16, declarations: Vec<String> },
+    /// The sidecars take no caller identity from a mesh: not checked.
+    NoMeshIdentity,
+    /// The Services could not be listed: not checked.
+    ServicesUnlisted,
+    /// What declares the proxy port as not HTTP to `mesh`, one sentence each (none: nothing).
+    Checked { mesh: super::MeshIdentity, proxy_port: u16, declarations: Vec<String> },
 }
 
 /// Whether enforcing policies select the pods of an Audit-mode policy.
@@ -244,21 +254,41 @@ pub(crate) fn status(
         MeshPortState::Disabled => {
             cond(PROXY_PORT_NOT_HTTP, false, REASON_POLICY_DISABLED, "mode is Disabled: not checked".into())
         }
-        MeshPortState::Checked { proxy_port, declarations } if declarations.is_empty() => cond(
+        MeshPortState::NoMeshIdentity => cond(
+            PROXY_PORT_NOT_HTTP,
+            false,
+            REASON_NO_MESH_IDENTITY,
+            "the sidecars take no caller identity from a mesh (no --caller-identity among the operator's \
+             sidecar arguments): not checked"
+                .into(),
+        ),
+        MeshPortState::ServicesUnlisted => cond(
+            PROXY_PORT_NOT_HTTP,
+            false,
+            REASON_SERVICES_UNLISTED,
+            "the operator could not list the namespace's Services: not checked".into(),
+        ),
+        MeshPortState::Checked { mesh, proxy_port, declarations } if declarations.is_empty() => cond(
             PROXY_PORT_NOT_HTTP,
             false,
             REASON_PROXY_PORT_HTTP,
             format!(
-                "no Service or pod annotation makes a mesh forward proxy port {proxy_port} as opaque bytes"
+                "no Service port or opaque-ports annotation the operator reads makes {} forward proxy port \
+                 {proxy_port} as opaque bytes",
+                mesh.name()
             ),
         ),
-        MeshPortState::Checked { declarations, .. } => cond(
+        MeshPortState::Checked { mesh, declarations, .. } => cond(
             PROXY_PORT_NOT_HTTP,
             true,
             REASON_MESH_FORWARDS_OPAQUE,
             format!(
-                "{}. A mesh proxy (Istio, Linkerd) then passes the caller's own identity header through:                  with --caller-identity istio or linkerd any caller could name itself any workload, and                  without it every caller is anonymous",
-                declarations.join("; ")
+                "{}. The mesh's proxy then passes the caller's own {} header through, and the sidecars \
+                 (--caller-identity {}) believe it: any caller could name itself any workload. Make the port \
+                 HTTP to the mesh (a Service port named http-* or appProtocol: http; not in opaque-ports)",
+                declarations.join("; "),
+                mesh.header(),
+                mesh.name()
             ),
         ),
     };
@@ -387,8 +417,8 @@ fn find<'a>(status: Option<&'a DataAccessPolicyStatus>, type_: &str) -> Option<&
 /// apply is refused (anew or for another reason); Warning `SidecarBypass` when `SidecarBypass`
 /// turns True or names other NetworkPolicies; Warning `SidecarMissing` when `SidecarMissing`
 /// turns True (not as its count moves, which it does through every rollout); Warning
-/// `MeshForwardsProxyPortOpaque` when `ProxyPortNotHttp` turns True or names other
-/// declarations; Warning `EnforcedPoliciesSelectPods` when `AuditShadowed` turns True.
+/// `MeshForwardsProxyPortOpaque` when `ProxyPortNotHttp` turns True (not as the pods it names
+/// change through a rollout); Warning `EnforcedPoliciesSelectPods` when `AuditShadowed` turns True.
 /// Nothing when nothing changed.
 pub(crate) fn events(
     policy: &str,
@@ -444,7 +474,7 @@ pub(crate) fn events(
     }
     if let Some(c) = find(Some(new), PROXY_PORT_NOT_HTTP)
         && c.status == "True"
-        && !same(find(old, PROXY_PORT_NOT_HTTP), c)
+        && find(old, PROXY_PORT_NOT_HTTP).is_none_or(|o| o.status != "True")
     {
         push(EventType::Warning, REASON_MESH_FORWARDS_OPAQUE, &c.message);
     }

@@ -146,7 +146,7 @@ fn snapshot(
         policies,
         pods,
         network_policies,
-        services: Vec::new(),
+        services: Some(Vec::new()),
         current_config: None,
     }
 }
@@ -265,7 +265,7 @@ fn the_admin_port_opens_to_the_metrics_sources_and_only_then() {
         "podSelector": { "matchLabels": { "app.kubernetes.io/name": "prometheus" } }
     }))
     .unwrap();
-    let options = Options { sidecar_metrics_from: vec![monitoring.clone()] };
+    let options = Options { sidecar_metrics_from: vec![monitoring.clone()], ..Options::default() };
     let d = compute_with(&snap, t(0), &options).unwrap();
     // by name: sidecars injected with another --sidecar-admin-port stay reachable
     let admin_rule = (json!([{ "port": "custos-admin", "protocol": "TCP" }]), json!([monitoring]));
@@ -811,39 +811,52 @@ fn a_service_a_mesh_reads_as_tcp_on_the_proxy_port_is_reported() {
         ..Service::default()
     };
     let mut snap = snapshot(vec![mk_policy("orders")], pods, vec![]);
-    snap.services = vec![service("tcp-orders")];
+    snap.services = Some(vec![service("tcp-orders")]);
+    let istio = Options { mesh_identity: Some(MeshIdentity::Istio), ..Options::default() };
+    let compute = |snap: &NamespaceSnapshot, at| compute_with(snap, at, &istio);
+    // Sidecars that take no identity from a mesh: not checked.
+    let c = cond(status_of(&super::compute(&snap, t(0)).unwrap(), "orders"), PROXY_PORT_NOT_HTTP).clone();
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_NO_MESH_IDENTITY));
     let d = compute(&snap, t(0)).unwrap();
     let c = cond(status_of(&d, "orders"), PROXY_PORT_NOT_HTTP);
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", REASON_MESH_FORWARDS_OPAQUE));
-    assert!(
-        c.message.starts_with("Service orders port tcp-orders targets the proxy port as tcp"),
-        "{}",
-        c.message
-    );
+    let expected_start = "Service orders port tcp-orders targets the proxy port: its name says tcp";
+    assert!(c.message.starts_with(expected_start), "{}", c.message);
+    assert!(c.message.contains("x-forwarded-client-cert header through"), "{}", c.message);
     assert!(c.message.contains("any caller could name itself any workload"), "{}", c.message);
+    assert!(!c.message.contains("  "), "{}", c.message);
     assert_eq!(cond(status_of(&d, "orders"), READY).status, "True", "a warning, not a failure");
     let warned: Vec<_> = d.events.iter().filter(|e| e.reason == REASON_MESH_FORWARDS_OPAQUE).collect();
     assert_eq!(warned.len(), 1, "{:?}", d.events);
     assert_eq!(warned[0].type_, EventType::Warning);
 
-    // Unchanged: no second Event. Renamed to http-*: False.
+    // Still True, even with another finding: no second Event. Renamed to http-*: False.
     snap.policies[0].status = Some(status_of(&d, "orders").clone());
+    snap.services.as_mut().unwrap().push(Service {
+        metadata: ObjectMeta { name: Some("orders-2".into()), ..service("x").metadata },
+        ..service("tls-orders")
+    });
     let d2 = compute(&snap, t(1)).unwrap();
     assert!(d2.events.iter().all(|e| e.reason != REASON_MESH_FORWARDS_OPAQUE), "{:?}", d2.events);
-    snap.services = vec![service("http-orders")];
+    snap.services = Some(vec![service("http-orders")]);
     let d3 = compute(&snap, t(2)).unwrap();
     let c = cond(status_of(&d3, "orders"), PROXY_PORT_NOT_HTTP);
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_PROXY_PORT_HTTP));
     assert_eq!(
         c.message,
-        "no Service or pod annotation makes a mesh forward proxy port 15080 as opaque bytes"
+        "no Service port or opaque-ports annotation the operator reads makes istio forward proxy port 15080 as \
+         opaque bytes"
     );
+    // Services that could not be listed: not checked.
+    snap.services = None;
+    let c = cond(status_of(&compute(&snap, t(3)).unwrap(), "orders"), PROXY_PORT_NOT_HTTP).clone();
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_SERVICES_UNLISTED));
 
     let mut disabled = mk_policy("orders");
     disabled.spec.mode = custos_api::policy::Mode::Disabled;
     snap.policies = vec![disabled];
-    snap.services = vec![service("tcp-orders")];
-    let c = cond(status_of(&compute(&snap, t(3)).unwrap(), "orders"), PROXY_PORT_NOT_HTTP).clone();
+    snap.services = Some(vec![service("tcp-orders")]);
+    let c = cond(status_of(&compute(&snap, t(4)).unwrap(), "orders"), PROXY_PORT_NOT_HTTP).clone();
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_POLICY_DISABLED));
 }
 
