@@ -7,8 +7,8 @@
 //!   event id, so a sender that did not see the answer resends the whole batch.
 //! - `GET /v1/usage?policy=NAME&principal=KEY[&namespace=NS][&instance=TAG]`: a principal's
 //!   cluster-wide usage, as a [`UsageResponse`], so that replicas of one workload share their
-//!   quotas; with `instance`, the events of that sidecar process (their ids carry its tag,
-//!   [`instance_of_event_id`]) are left out.
+//!   quotas; with `instance`, the counts are also given without the events of that sidecar
+//!   process (their ids carry its tag, [`instance_of_event_id`]).
 //!
 //! # Tokens
 //!
@@ -102,10 +102,14 @@ pub struct UsageResponse {
     pub as_of: String,
     /// Counts by rule name.
     pub rules: BTreeMap<String, RuleUsage>,
-    /// The instance tag whose events the counts leave out, when the request named one (absent
-    /// from older collectors' answers: their counts include the asking sidecar's events).
+    /// The instance tag the request named, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub excluded_instance: Option<String>,
+    pub instance: Option<String>,
+    /// With an `instance`: the counts by rule without the events that instance (one sidecar
+    /// process) sent, i.e. the other replicas' usage as the collector has it, including its
+    /// earlier processes' (a restarted container's). Absent from older collectors' answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules_without_instance: Option<BTreeMap<String, RuleUsage>>,
 }
 
 /// Characters of an instance tag.

@@ -320,8 +320,8 @@ async fn usage_answers_the_sidecars_usage_client() {
     let usage = client.fetch("shop", "customers", "user:nobody", None).await.unwrap();
     assert!(usage.rules.is_empty());
 
-    // With `instance`: the events of that sidecar process (their ids carry its tag) are left
-    // out, and the answer says so; another process's are counted.
+    // With `instance`: the counts are also given without the events of that sidecar process
+    // (their ids carry its tag); another process's are counted in both.
     let tag = "0123ABCD";
     let mut own = event(&format!("01J0000000{tag}EFGHJKMN"), now - chrono::Duration::seconds(3));
     own.records_returned = 7;
@@ -329,10 +329,12 @@ async fn usage_answers_the_sidecars_usage_client() {
     others.records_returned = 11;
     assert_eq!(h.post(NDJSON, ndjson(&[own, others])).await.0, 200);
     let usage = client.fetch("shop", "customers", "user:alice", Some(tag)).await.unwrap();
-    assert_eq!(usage.excluded_instance.as_deref(), Some(tag));
-    assert_eq!((usage.rules["read"].requests_last_minute, usage.rules["read"].records_last_hour), (6, 126));
+    assert_eq!(usage.instance.as_deref(), Some(tag));
+    assert_eq!((usage.rules["read"].requests_last_minute, usage.rules["read"].records_last_hour), (7, 133));
+    let without = &usage.rules_without_instance.as_ref().unwrap()["read"];
+    assert_eq!((without.requests_last_minute, without.records_last_hour), (6, 126));
     let usage = client.fetch("shop", "customers", "user:alice", None).await.unwrap();
-    assert_eq!(usage.excluded_instance, None);
+    assert_eq!((usage.instance, usage.rules_without_instance), (None, None));
     assert_eq!((usage.rules["read"].requests_last_minute, usage.rules["read"].records_last_hour), (7, 133));
     for bad in ["0123abcd", "0123ABC", "0123ABCDE", "0123ABCI", "%00"] {
         let (status, body) =

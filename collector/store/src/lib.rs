@@ -693,25 +693,28 @@ impl AnyStore {
     /// A principal's usage under a policy, per rule, over windows ending at `now`: admitted
     /// requests (Allow or WouldDeny) in `(now - 60 s, now]`, records returned in the last hour
     /// and the last 24 hours. Events without a rule (the default action) are not counted.
-    /// With `exclude_instance`, the events whose ids carry that instance tag (one sidecar
-    /// process's, [`custos_api::collector::instance_of_event_id`]) are left out.
+    /// With `instance`, the counts are also given without the events whose ids carry that
+    /// instance tag (one sidecar process's, [`custos_api::collector::instance_of_event_id`]):
+    /// [`UsageResponse::rules_without_instance`].
     pub async fn usage(
         &self,
         namespace: Option<&str>,
         policy: &str,
         principal: &str,
         now: DateTime<Utc>,
-        exclude_instance: Option<&str>,
+        instance: Option<&str>,
     ) -> Result<UsageResponse> {
         let now_us = now.timestamp_micros();
-        let rows =
-            dispatch!(self, s => s.usage(namespace, policy, principal, now_us, exclude_instance).await)?;
+        let rows = dispatch!(self, s => s.usage(namespace, policy, principal, now_us, instance).await)?;
+        let without =
+            instance.map(|_| rows.iter().map(|(rule, _, without)| (rule.clone(), *without)).collect());
         Ok(UsageResponse {
             policy: policy.to_owned(),
             principal: principal.to_owned(),
             as_of: chain::format_time_us(now_us),
-            rules: rows.into_iter().collect(),
-            excluded_instance: exclude_instance.map(str::to_owned),
+            rules: rows.into_iter().map(|(rule, all, _)| (rule, all)).collect(),
+            instance: instance.map(str::to_owned),
+            rules_without_instance: without,
         })
     }
 

@@ -840,27 +840,32 @@ impl PostgresStore {
         principal: &str,
         now_us: i64,
         exclude_instance: Option<&str>,
-    ) -> Result<Vec<(String, RuleUsage)>> {
+    ) -> Result<Vec<(String, RuleUsage, RuleUsage)>> {
         let client = self.client().await?;
         let st = client
-            // The deciding rules from `events`, the others that applied from their index.
+            // The deciding rules from `events`, the others that applied from their index; each
+            // count also without the events of instance $8 (`own`: their ids carry its tag).
             .prepare_cached(
                 "SELECT rule, \
                  SUM(CASE WHEN time_us > $4 AND admitted THEN 1 ELSE 0 END)::bigint, \
                  SUM(CASE WHEN time_us > $5 THEN records ELSE 0 END)::bigint, \
-                 SUM(records)::bigint \
+                 SUM(records)::bigint, \
+                 SUM(CASE WHEN time_us > $4 AND admitted AND NOT own THEN 1 ELSE 0 END)::bigint, \
+                 SUM(CASE WHEN time_us > $5 AND NOT own THEN records ELSE 0 END)::bigint, \
+                 SUM(CASE WHEN NOT own THEN records ELSE 0 END)::bigint \
                  FROM (\
-                   SELECT rule, time_us, decision <> 'Deny' AS admitted, records_returned AS records \
+                   SELECT rule, time_us, decision <> 'Deny' AS admitted, records_returned AS records, \
+                   ($8::text IS NOT NULL AND substr(id, 11, 8) = $8) AS own \
                    FROM events \
                    WHERE principal = $1 AND policy = $2 AND time_us > $6 AND time_us <= $3 \
                    AND rule IS NOT NULL AND ($7::text IS NULL OR namespace = $7) \
-                   AND ($8::text IS NULL OR substr(id, 11, 8) <> $8) \
                    UNION ALL \
-                   SELECT rule, time_us, admitted, records FROM event_applied_rules x \
+                   SELECT rule, time_us, admitted, records, \
+                   ($8::text IS NOT NULL AND EXISTS (SELECT 1 FROM events e WHERE e.seq = x.seq \
+                    AND e.time_us = x.time_us AND substr(e.id, 11, 8) = $8)) AS own \
+                   FROM event_applied_rules x \
                    WHERE principal = $1 AND policy = $2 AND time_us > $6 AND time_us <= $3 \
-                   AND ($7::text IS NULL OR namespace = $7) \
-                   AND ($8::text IS NULL OR (SELECT substr(e.id, 11, 8) FROM events e \
-                        WHERE e.seq = x.seq AND e.time_us = x.time_us) <> $8)\
+                   AND ($7::text IS NULL OR namespace = $7)\
                  ) AS charged GROUP BY rule",
             )
             .await?;
@@ -881,14 +886,14 @@ impl PostgresStore {
             .await?
             .iter()
             .map(|r| {
-                Ok((
-                    r.try_get(0)?,
-                    RuleUsage {
-                        requests_last_minute: count(r.try_get(1)?),
-                        records_last_hour: count(r.try_get(2)?),
-                        records_last_day: count(r.try_get(3)?),
-                    },
-                ))
+                let usage = |at: usize| -> Result<RuleUsage> {
+                    Ok(RuleUsage {
+                        requests_last_minute: count(r.try_get(at)?),
+                        records_last_hour: count(r.try_get(at + 1)?),
+                        records_last_day: count(r.try_get(at + 2)?),
+                    })
+                };
+                Ok((r.try_get(0)?, usage(1)?, usage(4)?))
             })
             .collect()
     }

@@ -800,28 +800,34 @@ impl SqliteStore {
         principal: &str,
         now_us: i64,
         exclude_instance: Option<&str>,
-    ) -> Result<Vec<(String, RuleUsage)>> {
+    ) -> Result<Vec<(String, RuleUsage, RuleUsage)>> {
         let (namespace, policy, principal) =
             (namespace.map(str::to_owned), policy.to_owned(), principal.to_owned());
         let exclude = exclude_instance.map(str::to_owned);
         self.read(move |conn| {
-            // The deciding rules from `events`, the others that applied from their index.
+            // The deciding rules from `events`, the others that applied from their index; each
+            // count also without the events of instance ?8 (`own`: their ids carry its tag).
             let mut st = conn.prepare_cached(
                 "SELECT rule, \
                  SUM(CASE WHEN time_us > ?4 AND admitted THEN 1 ELSE 0 END), \
                  SUM(CASE WHEN time_us > ?5 THEN records ELSE 0 END), \
-                 SUM(records) \
+                 SUM(records), \
+                 SUM(CASE WHEN time_us > ?4 AND admitted AND NOT own THEN 1 ELSE 0 END), \
+                 SUM(CASE WHEN time_us > ?5 AND NOT own THEN records ELSE 0 END), \
+                 SUM(CASE WHEN NOT own THEN records ELSE 0 END) \
                  FROM (\
-                   SELECT rule, time_us, decision <> 'Deny' AS admitted, records_returned AS records \
+                   SELECT rule, time_us, decision <> 'Deny' AS admitted, records_returned AS records, \
+                   (?8 IS NOT NULL AND substr(id, 11, 8) = ?8) AS own \
                    FROM events \
                    WHERE principal = ?1 AND policy = ?2 AND time_us > ?6 AND time_us <= ?3 \
                    AND rule IS NOT NULL AND (?7 IS NULL OR namespace = ?7) \
-                   AND (?8 IS NULL OR substr(id, 11, 8) <> ?8) \
                    UNION ALL \
-                   SELECT rule, time_us, admitted, records FROM event_applied_rules x \
+                   SELECT rule, time_us, admitted, records, \
+                   (?8 IS NOT NULL AND EXISTS (SELECT 1 FROM events e WHERE e.seq = x.seq \
+                    AND substr(e.id, 11, 8) = ?8)) AS own \
+                   FROM event_applied_rules x \
                    WHERE principal = ?1 AND policy = ?2 AND time_us > ?6 AND time_us <= ?3 \
-                   AND (?7 IS NULL OR namespace = ?7) \
-                   AND (?8 IS NULL OR (SELECT substr(e.id, 11, 8) FROM events e WHERE e.seq = x.seq) <> ?8)\
+                   AND (?7 IS NULL OR namespace = ?7)\
                  ) GROUP BY rule",
             )?;
             Ok(st
@@ -837,14 +843,14 @@ impl SqliteStore {
                         exclude
                     ],
                     |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            RuleUsage {
-                                requests_last_minute: count(r.get(1)?),
-                                records_last_hour: count(r.get(2)?),
-                                records_last_day: count(r.get(3)?),
-                            },
-                        ))
+                        let usage = |at: usize| -> rusqlite::Result<RuleUsage> {
+                            Ok(RuleUsage {
+                                requests_last_minute: count(r.get(at)?),
+                                records_last_hour: count(r.get(at + 1)?),
+                                records_last_day: count(r.get(at + 2)?),
+                            })
+                        };
+                        Ok((r.get::<_, String>(0)?, usage(1)?, usage(4)?))
                     },
                 )?
                 .collect::<rusqlite::Result<Vec<_>>>()?)

@@ -927,18 +927,19 @@ async fn usage_leaves_out_the_events_of_one_instance(env: &Env) {
         ])
         .await
         .unwrap();
-    let counts = |u: custos_api::collector::UsageResponse| {
-        (
-            u.excluded_instance.clone(),
-            u.rules.values().map(|n| [n.requests_last_minute, n.records_last_hour]).collect::<Vec<_>>(),
-        )
+    let counts = |rules: &std::collections::BTreeMap<String, custos_api::collector::RuleUsage>| {
+        rules.values().map(|n| [n.requests_last_minute, n.records_last_hour]).collect::<Vec<_>>()
     };
     for policy in ["customers", "baseline"] {
-        let all = counts(store.usage(Some("shop"), policy, "user:alice", now, None).await.unwrap());
-        assert_eq!(all, (None, vec![[4, 15]]), "{policy}");
-        let without_mine =
-            counts(store.usage(Some("shop"), policy, "user:alice", now, Some(mine)).await.unwrap());
-        assert_eq!(without_mine, (Some(mine.to_owned()), vec![[2, 12]]), "{policy}");
+        let all = store.usage(Some("shop"), policy, "user:alice", now, None).await.unwrap();
+        assert_eq!(
+            (counts(&all.rules), all.instance, all.rules_without_instance),
+            (vec![[4, 15]], None, None)
+        );
+        let asked = store.usage(Some("shop"), policy, "user:alice", now, Some(mine)).await.unwrap();
+        assert_eq!(counts(&asked.rules), vec![[4, 15]], "{policy}: the totals as without it");
+        assert_eq!(asked.instance.as_deref(), Some(mine));
+        assert_eq!(counts(asked.rules_without_instance.as_ref().unwrap()), vec![[2, 12]], "{policy}");
     }
 }
 

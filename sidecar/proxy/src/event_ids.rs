@@ -1,16 +1,23 @@
 //! Audit event ids: ULIDs whose 80 random bits are this process's *instance tag* (the first
-//! 40, drawn once at start) and a counter (the last 40, from a random start). Ids stay unique
-//! (within the process by the counter, across processes by the tag and the millisecond), and
-//! the collector can tell this process's events from the others': the usage a sidecar fetches
-//! names its tag (`instance=`) and leaves its own events out, so that what it has counted
-//! itself but not yet delivered is not subtracted from the other replicas' usage.
+//! 40, drawn once at start), a 12-bit counter and 28 random bits drawn per event. Ids stay
+//! unique (within the process and millisecond by the counter, up to 4,096 events a
+//! millisecond; across processes by the tag) and unguessable (28 random bits: the collector
+//! takes each id once, so an id guessed ahead would let a sender with any namespace's token
+//! suppress another's event), and the collector can tell this process's events from the
+//! others': the usage a sidecar fetches names its tag (`instance=`) and gets the figures
+//! without its own events too, so that what it has counted but not yet delivered does not
+//! lower the other replicas' usage.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Bits of the counter (and of the tag) in an id's random part.
+/// Bits of the tag, and of the rest, in an id's random part.
 const HALF: u32 = 40;
 const MASK: u64 = (1 << HALF) - 1;
+/// Random bits per event, below the counter.
+const RANDOM_BITS: u32 = 28;
+/// The counter's bits, above them.
+const COUNTER_MASK: u64 = (1 << (HALF - RANDOM_BITS)) - 1;
 
 /// The ids of one process's events.
 #[derive(Debug)]
@@ -36,7 +43,10 @@ impl EventIds {
     pub(crate) fn next(&self, wall: SystemTime) -> String {
         let ms =
             wall.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let low = self.counter.fetch_add(1, Ordering::Relaxed) & MASK;
+        let counter = self.counter.fetch_add(1, Ordering::Relaxed) & COUNTER_MASK;
+        // Truncation keeps the low bits on purpose.
+        let random = (ulid::Ulid::new().random() as u64) & ((1 << RANDOM_BITS) - 1);
+        let low = ((counter << RANDOM_BITS) | random) & MASK;
         ulid::Ulid::from_parts(ms, (u128::from(self.tag) << HALF) | u128::from(low)).to_string()
     }
 
@@ -60,7 +70,8 @@ mod tests {
         let ids = EventIds::new();
         let wall = UNIX_EPOCH + Duration::from_millis(1_765_000_000_123);
         let mut seen = HashSet::new();
-        for _ in 0..10_000 {
+        // A whole turn of the counter in one millisecond: unique by the counter alone.
+        for _ in 0..=COUNTER_MASK {
             let id = ids.next(wall);
             let parsed = ulid::Ulid::from_string(&id).unwrap();
             assert_eq!(parsed.timestamp_ms(), 1_765_000_000_123);
@@ -74,7 +85,7 @@ mod tests {
 
     #[test]
     fn the_counter_wraps_within_its_bits_without_touching_the_tag() {
-        let ids = EventIds { counter: AtomicU64::new(MASK), ..EventIds::new() };
+        let ids = EventIds { counter: AtomicU64::new(COUNTER_MASK), ..EventIds::new() };
         let wall = UNIX_EPOCH + Duration::from_millis(5);
         let (a, b) = (ids.next(wall), ids.next(wall));
         assert_eq!((&a[10..18], &b[10..18]), (ids.instance(), ids.instance()));

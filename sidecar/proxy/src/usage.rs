@@ -139,9 +139,9 @@ async fn sync_round(
                     .fetch(&namespace, &policy, &principal, Some(&instance))
                     .await
                     .map_err(|e| e.to_string())?;
-                // Figures without this process's events only when they say so, for its tag.
-                if usage.excluded_instance.as_deref() != Some(instance.as_str()) {
-                    usage.excluded_instance = None;
+                // Figures without this process's events only for its own tag.
+                if usage.instance.as_deref() != Some(instance.as_str()) {
+                    usage.rules_without_instance = None;
                 }
                 let as_of = chrono::DateTime::parse_from_rfc3339(&usage.as_of)
                     .map_err(|_| "usage asOf is not RFC 3339".to_string())?;

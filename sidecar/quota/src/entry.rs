@@ -46,7 +46,8 @@ struct Bucket {
 }
 
 /// The other replicas' usage, derived from the collector's cluster-wide figures as of `as_of`
-/// (ms): cluster figure minus this replica's own count of the same window, floored at zero.
+/// (ms): cluster figure minus this replica's own count of the same window, floored at zero, or
+/// the figure without this replica's events where that is larger (see the crate docs).
 #[derive(Clone, Copy, Debug)]
 struct Others {
     as_of: u64,
@@ -294,7 +295,13 @@ impl Entry {
 
     /// Replaces the others' figures with those derived from `usage` (cluster-wide, as of
     /// `as_of`), unless the usage held is as recent or this one is stale in every window.
-    pub(crate) fn apply(&mut self, usage: &RuleUsage, as_of: u64, now: u64, without_own: bool) -> bool {
+    pub(crate) fn apply(
+        &mut self,
+        usage: &RuleUsage,
+        without_own: Option<&RuleUsage>,
+        as_of: u64,
+        now: u64,
+    ) -> bool {
         let as_of = as_of.min(now);
         if self.others.is_some_and(|o| o.as_of >= as_of) {
             return false;
@@ -306,18 +313,27 @@ impl Entry {
         // The bucket refilled at the old rate until now; the new figures apply from now on.
         self.settle(now);
         self.prune(now);
-        // Figures without this replica's own events are the others' usage as they stand;
-        // figures with them, less what this replica counted by `as_of`.
-        let others = |spec: Spec, cluster: u64, local: &Window| match (fresh(spec), without_own) {
-            (false, _) => 0,
-            (true, true) => cluster,
-            (true, false) => cluster.saturating_sub(local.used_at(spec, as_of)),
+        // The cluster's figure less what this replica counted by `as_of`; or, where the
+        // collector also gave the figure without this replica's own events, the larger of the
+        // two: the latter is not lowered by this replica's events it does not have yet, the
+        // former still holds its own events that this replica no longer counts (an entry
+        // evicted, a limit added since, a table it was not counted in).
+        let others = |spec: Spec, cluster: u64, without_own: Option<u64>, local: &Window| {
+            if !fresh(spec) {
+                return 0;
+            }
+            cluster.saturating_sub(local.used_at(spec, as_of)).max(without_own.unwrap_or(0))
         };
         self.others = Some(Others {
             as_of,
-            requests: others(REQUESTS, usage.requests_last_minute, &self.requests),
-            hour: others(HOUR, usage.records_last_hour, &self.hour),
-            day: others(DAY, usage.records_last_day, &self.day),
+            requests: others(
+                REQUESTS,
+                usage.requests_last_minute,
+                without_own.map(|w| w.requests_last_minute),
+                &self.requests,
+            ),
+            hour: others(HOUR, usage.records_last_hour, without_own.map(|w| w.records_last_hour), &self.hour),
+            day: others(DAY, usage.records_last_day, without_own.map(|w| w.records_last_day), &self.day),
         });
         true
     }

@@ -54,10 +54,17 @@
 //!
 //! where `local(asOf)` is this replica's own count of the same window ending at `asOf` (from
 //! its buckets, which are kept a little past the window for that purpose). A collector that
-//! can leave this replica's own events out (the sidecar names its instance tag, which its
-//! event ids carry, and the answer's `excludedInstance` says it did) reports `others`
-//! directly: then this replica's events the collector does not have yet (queued, spooled)
-//! are not subtracted from the others' usage, and no bucket boundary blurs it. `others` is held
+//! can also count without this replica's own events (the sidecar names its instance tag,
+//! which its event ids carry; the answer's `rulesWithoutInstance`) gives `without_own`, and
+//!
+//! ```text
+//! others = max(cluster(asOf) - local(asOf), without_own(asOf))
+//! ```
+//!
+//! `without_own` is not lowered by this replica's events the collector does not have yet
+//! (queued, spooled), which `cluster - local` is; `cluster - local` still holds this replica's
+//! delivered events that its own counts no longer do (a key evicted, a limit added by a
+//! reload, a request counted in the other of the two tables), which `without_own` does not. `others` is held
 //! until `asOf + window length` or until a more recent report replaces it. Then:
 //!
 //! - **records**: `used(now) = local(now) + others`, i.e. the cluster figure plus what this
@@ -417,9 +424,9 @@ impl Quotas {
     }
 
     /// Merges the collector's cluster-wide usage of `principal` under `policy`, computed as
-    /// of `as_of`, into every rule it names (see the crate docs): as the others' usage when it
-    /// names an `excluded_instance` (the caller passes that only for its own, so the figures
-    /// leave out this replica's events), else as the cluster's. Rules not tracked here are
+    /// of `as_of`, into every rule it names (see the crate docs), with its figures without this
+    /// replica's own events when it holds them (`rules_without_instance`: the caller passes
+    /// those only for its own instance tag). Rules not tracked here are
     /// added if their usage still counts. Returns how many rules took the figures: usage
     /// about another policy or principal than asked, stale usage and usage older than the
     /// figures already held are ignored.
@@ -442,9 +449,15 @@ impl Quotas {
                 let key = QuotaKey::new(policy, rule.as_str(), principal);
                 // Known only from the collector: never "seen" here, first to go under pressure.
                 let create = Entry::usage_counts(rule_usage, as_of, now).then_some(0);
-                let without_own = usage.excluded_instance.is_some();
-                self.with_entry(&key, now, create, |entry| entry.apply(rule_usage, as_of, now, without_own))
-                    == Some(true)
+                // A rule absent from the figures without this replica's events: all of it is
+                // this replica's.
+                let without_own = usage
+                    .rules_without_instance
+                    .as_ref()
+                    .map(|m| m.get(rule.as_str()).copied().unwrap_or_default());
+                self.with_entry(&key, now, create, |entry| {
+                    entry.apply(rule_usage, without_own.as_ref(), as_of, now)
+                }) == Some(true)
             })
             .count()
     }

@@ -34,7 +34,8 @@ fn usage(rule: &str, requests: u64, hour: u64, day: u64) -> UsageResponse {
         principal: "user:alice".into(),
         as_of: String::new(),
         rules,
-        excluded_instance: None,
+        instance: None,
+        rules_without_instance: None,
     }
 }
 
@@ -520,32 +521,62 @@ fn local_count_wins_over_a_lagging_cluster_figure() {
     assert_eq!(q.admit(&k, &l, at(63 * MIN)), ok(Some(100)));
 }
 
-/// Figures without this replica's own events (`excludedInstance`) are the others' usage as
-/// they stand: nothing is subtracted, so the replica's events the collector does not have yet
-/// (queued, spooled) do not lower the others' usage, as they do with figures that include
-/// them.
+/// With the figures without this replica's own events (`rulesWithoutInstance`), the others'
+/// usage is the larger of those and `cluster - local`: this replica's events the collector
+/// does not have yet (queued, spooled) no longer lower it, and its delivered events that its
+/// own counts lost (an evicted key) still count.
 #[test]
-fn figures_without_this_replicas_events_are_the_others_usage() {
+fn figures_without_this_replicas_events_bound_the_others_usage_from_below() {
     let (k, l) = (key("user:alice"), limits(Some(10), Some(100), None));
-    let run = |excluded: Option<&str>| {
+    // The collector has none of this replica's events: the others used 4 requests and 30
+    // records.
+    let run = |without: Option<(u64, u64)>| {
         let q = quotas();
         q.admit(&k, &l, at(0)).unwrap();
         q.record(&k, &l, 50, at(0));
-        // The others used 30 records and 4 requests; the collector has none of this replica's.
         let mut u = usage("read", 4, 30, 30);
-        u.excluded_instance = excluded.map(str::to_owned);
+        u.rules_without_instance = without.map(|(requests, records)| {
+            BTreeMap::from([(
+                "read".to_owned(),
+                RuleUsage {
+                    requests_last_minute: requests,
+                    records_last_hour: records,
+                    records_last_day: records,
+                },
+            )])
+        });
         assert_eq!(q.apply_cluster_usage("customer-api", "user:alice", &u, at(10), at(10)), 1);
         q
     };
-    // Without its own events: 50 here + 30 elsewhere.
-    assert_eq!(run(Some("MINE0000")).admit(&k, &l, at(10)), ok(Some(20)));
-    // Read as the cluster's: 30 - 50 < 0, so nothing elsewhere (the under-count this avoids).
+    // With them: 50 here + 30 elsewhere.
+    assert_eq!(run(Some((4, 30))).admit(&k, &l, at(10)), ok(Some(20)));
+    // From an older collector: 30 - 50 < 0, nothing elsewhere (the under-count this avoids).
     assert_eq!(run(None).admit(&k, &l, at(10)), ok(Some(50)));
     // Requests, 10 a minute (the bucket full again at 10 s): the others' 4 hold 4 tokens, so 6
-    // pass; read as the cluster's, 4 - 1 (this replica's) = 3 held, and 7 pass.
+    // pass; from an older collector, 4 - 1 (this replica's) = 3 held, and 7 pass.
     let passed = |q: Quotas| (0..20).take_while(|_| q.admit(&k, &l, at(10)).is_ok()).count();
-    assert_eq!(passed(run(Some("MINE0000"))), 6);
+    assert_eq!(passed(run(Some((4, 30)))), 6);
     assert_eq!(passed(run(None)), 7);
+
+    // A replica whose own count is gone (an evicted key: here a fresh table) while the
+    // collector holds its 50 delivered records: cluster - local keeps them; the figure
+    // without its events alone would not.
+    let q = quotas();
+    let mut u = usage("read", 0, 80, 80);
+    u.rules_without_instance = Some(BTreeMap::from([(
+        "read".to_owned(),
+        RuleUsage { records_last_hour: 30, records_last_day: 30, ..RuleUsage::default() },
+    )]));
+    assert_eq!(q.apply_cluster_usage("customer-api", "user:alice", &u, at(10), at(10)), 1);
+    assert_eq!(q.admit(&k, &l, at(10)), ok(Some(20)));
+    // A rule the figures without its events lack: all of its usage is this replica's.
+    let q = quotas();
+    q.admit(&k, &l, at(0)).unwrap();
+    q.record(&k, &l, 50, at(0));
+    let mut u = usage("read", 1, 50, 50);
+    u.rules_without_instance = Some(BTreeMap::new());
+    assert_eq!(q.apply_cluster_usage("customer-api", "user:alice", &u, at(10), at(10)), 1);
+    assert_eq!(q.admit(&k, &l, at(10)), ok(Some(50)));
 }
 
 #[test]
@@ -628,7 +659,8 @@ fn usage_for_untracked_rules_is_kept_but_not_active() {
         principal: "user:alice".into(),
         as_of: String::new(),
         rules,
-        excluded_instance: None,
+        instance: None,
+        rules_without_instance: None,
     };
     assert_eq!(q.apply_cluster_usage("customer-api", "user:alice", &u, at(0), at(0)), 1);
     assert_eq!(q.tracked(), 1);

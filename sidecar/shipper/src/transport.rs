@@ -322,6 +322,8 @@ pub struct UsageClient {
     client: reqwest::Client,
     usage_url: Url,
     token: TokenSource,
+    /// The collector answered 400 to `instance` (a version before it): not sent again.
+    instance_refused: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for UsageClient {
@@ -342,12 +344,34 @@ impl UsageClient {
             client: build_client(timeout)?,
             usage_url: endpoint(&base, USAGE_PATH)?,
             token: TokenSource::new(token_file),
+            instance_refused: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// The cluster-wide usage of `principal` under `policy` in `namespace` (omitted from the query
-    /// when empty).
+    /// when empty); with `instance`, also without that sidecar process's events
+    /// ([`UsageResponse::rules_without_instance`]). A collector of a version before that
+    /// parameter refuses it (400): the fetch is made again without it, and it is not sent again.
     pub async fn fetch(
+        &self,
+        namespace: &str,
+        policy: &str,
+        principal: &str,
+        instance: Option<&str>,
+    ) -> Result<UsageResponse, ShipperError> {
+        use std::sync::atomic::Ordering;
+        let instance = instance.filter(|_| !self.instance_refused.load(Ordering::Relaxed));
+        match self.fetch_once(namespace, policy, principal, instance).await {
+            Err(ShipperError::Status(400)) if instance.is_some() => {
+                tracing::info!("the collector does not know the usage `instance` parameter: not sent again");
+                self.instance_refused.store(true, Ordering::Relaxed);
+                self.fetch_once(namespace, policy, principal, None).await
+            }
+            other => other,
+        }
+    }
+
+    async fn fetch_once(
         &self,
         namespace: &str,
         policy: &str,

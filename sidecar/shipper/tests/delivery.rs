@@ -73,6 +73,8 @@ struct State {
     batch_bytes: Vec<usize>,
     usage_queries: Vec<String>,
     usage: Option<UsageResponse>,
+    /// Answer 400 to `instance`, as collectors before that parameter do.
+    refuse_instance: bool,
 }
 
 struct Collector {
@@ -228,7 +230,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
         }
         USAGE_PATH => {
             let mut s = state.lock().unwrap();
-            s.usage_queries.push(req.uri().query().unwrap_or_default().to_string());
+            let query = req.uri().query().unwrap_or_default().to_string();
+            s.usage_queries.push(query.clone());
+            if s.refuse_instance && query.contains("instance=") {
+                return Ok(answer(400, r#"{"error":"bad query","reason":"unknown_parameter"}"#));
+            }
             Ok(answer(200, serde_json::to_vec(&s.usage.clone().unwrap_or_default()).unwrap()))
         }
         _ => Ok(answer(404, "")),
@@ -807,7 +813,8 @@ async fn usage_client_fetches_with_the_token_and_maps_errors() {
             "per-user".to_string(),
             RuleUsage { requests_last_minute: 3, records_last_hour: 40, records_last_day: 500 },
         )]),
-        excluded_instance: None,
+        instance: None,
+        rules_without_instance: None,
     };
     {
         let mut s = collector.state.lock().unwrap();
@@ -858,6 +865,22 @@ async fn usage_client_fetches_with_the_token_and_maps_errors() {
     assert_eq!(
         collector.state.lock().unwrap().usage_queries.last().unwrap(),
         "policy=customers&principal=user%3A42"
+    );
+
+    // `instance` is sent; a collector from before that parameter refuses it (400): asked again
+    // without it, and never sent again.
+    assert_eq!(client.fetch("shop", "customers", "user:42", Some("0123ABCD")).await.unwrap(), usage);
+    assert!(collector.state.lock().unwrap().usage_queries.last().unwrap().ends_with("&instance=0123ABCD"));
+    collector.state.lock().unwrap().refuse_instance = true;
+    let asked = collector.state.lock().unwrap().usage_queries.len();
+    assert_eq!(client.fetch("shop", "customers", "user:42", Some("0123ABCD")).await.unwrap(), usage);
+    assert_eq!(client.fetch("shop", "customers", "user:42", Some("0123ABCD")).await.unwrap(), usage);
+    let queries = collector.state.lock().unwrap().usage_queries[asked..].to_vec();
+    assert_eq!(queries.len(), 3, "one refused, then once without it each: {queries:?}");
+    assert!(
+        queries[0].contains("instance=")
+            && !queries[1].contains("instance=")
+            && !queries[2].contains("instance=")
     );
 
     collector.stop();

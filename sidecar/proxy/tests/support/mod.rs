@@ -472,18 +472,18 @@ async fn collector(req: Request<Incoming>, state: &CollectorState) -> Response<F
         // returned) under the deciding rule, the rules in `alsoApplied` and the charged dry
         // runs, each under its own principal (the event's unless it names one), as of now.
         let as_of = chrono::Utc::now();
-        let mut rules = base;
+        let mut rules = base.clone();
+        // With `instance`: also without the asking sidecar process's own events.
+        let mut without = base;
         let mut seen = std::collections::BTreeSet::new();
-        // With `instance`, the asking sidecar process's own events are left out.
         let instance = params.get("instance").cloned();
         for e in state.events.lock().unwrap().iter() {
             if !seen.insert(e["id"].as_str().unwrap_or("").to_string()) {
                 continue;
             }
             let id = e["id"].as_str().unwrap_or("");
-            if instance.is_some() && custos_api::collector::instance_of_event_id(id) == instance.as_deref() {
-                continue;
-            }
+            let mine =
+                instance.is_some() && custos_api::collector::instance_of_event_id(id) == instance.as_deref();
             let admitted = e["decision"] != "Deny";
             let records = e["recordsReturned"].as_u64().unwrap_or(0);
             let event_principal = e["principal"].as_str().unwrap_or("");
@@ -508,10 +508,12 @@ async fn collector(req: Request<Incoming>, state: &CollectorState) -> Response<F
                 if p != policy || who != principal.as_str() {
                     continue;
                 }
-                let Some(u) = rules.get_mut(rule) else { continue };
-                u.requests_last_minute += u64::from(admitted);
-                u.records_last_hour += records;
-                u.records_last_day += records;
+                for (table, counts) in [(&mut rules, true), (&mut without, !mine)] {
+                    let Some(u) = table.get_mut(rule).filter(|_| counts) else { continue };
+                    u.requests_last_minute += u64::from(admitted);
+                    u.records_last_hour += records;
+                    u.records_last_day += records;
+                }
             }
         }
         let body = UsageResponse {
@@ -519,7 +521,8 @@ async fn collector(req: Request<Incoming>, state: &CollectorState) -> Response<F
             principal,
             as_of: as_of.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             rules,
-            excluded_instance: instance,
+            rules_without_instance: instance.as_ref().map(|_| without),
+            instance,
         };
         return Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap())));
     }

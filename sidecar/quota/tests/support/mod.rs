@@ -82,7 +82,8 @@ impl Collector {
             principal: principal.to_owned(),
             as_of: String::new(),
             rules,
-            excluded_instance: None,
+            instance: None,
+            rules_without_instance: None,
         }
     }
 }
