@@ -917,7 +917,7 @@ async fn usage_leaves_out_the_events_of_one_instance(env: &Env) {
         e.also_applied = vec![applied("baseline", None)];
         e
     };
-    let (mine, theirs) = ("MINE0000", "THEM0000");
+    let (mine, theirs) = ("M1NE0000", "THEM0000");
     store
         .ingest(&[
             mk(format!("01J0000000{mine}00000001"), 1),

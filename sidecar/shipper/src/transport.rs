@@ -322,8 +322,9 @@ pub struct UsageClient {
     client: reqwest::Client,
     usage_url: Url,
     token: TokenSource,
-    /// The collector answered 400 to `instance` (a version before it): not sent again.
-    instance_refused: std::sync::atomic::AtomicBool,
+    /// When the collector last answered 400 to `instance` (a version before it): not sent
+    /// again for [`INSTANCE_RETRY_AFTER`] (a collector upgraded meanwhile takes it again).
+    instance_refused: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for UsageClient {
@@ -344,14 +345,15 @@ impl UsageClient {
             client: build_client(timeout)?,
             usage_url: endpoint(&base, USAGE_PATH)?,
             token: TokenSource::new(token_file),
-            instance_refused: std::sync::atomic::AtomicBool::new(false),
+            instance_refused: std::sync::Mutex::new(None),
         })
     }
 
     /// The cluster-wide usage of `principal` under `policy` in `namespace` (omitted from the query
     /// when empty); with `instance`, also without that sidecar process's events
     /// ([`UsageResponse::rules_without_instance`]). A collector of a version before that
-    /// parameter refuses it (400): the fetch is made again without it, and it is not sent again.
+    /// parameter refuses it (400): the fetch is made again without it, and it is left out for
+    /// [`INSTANCE_RETRY_AFTER`].
     pub async fn fetch(
         &self,
         namespace: &str,
@@ -359,12 +361,14 @@ impl UsageClient {
         principal: &str,
         instance: Option<&str>,
     ) -> Result<UsageResponse, ShipperError> {
-        use std::sync::atomic::Ordering;
-        let instance = instance.filter(|_| !self.instance_refused.load(Ordering::Relaxed));
+        let refused = || self.instance_refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let instance = instance.filter(|_| refused().is_none_or(|at| at.elapsed() >= INSTANCE_RETRY_AFTER));
         match self.fetch_once(namespace, policy, principal, instance).await {
             Err(ShipperError::Status(400)) if instance.is_some() => {
-                tracing::info!("the collector does not know the usage `instance` parameter: not sent again");
-                self.instance_refused.store(true, Ordering::Relaxed);
+                tracing::info!(
+                    "the collector does not know the usage `instance` parameter: not sent for a while"
+                );
+                *refused() = Some(std::time::Instant::now());
                 self.fetch_once(namespace, policy, principal, None).await
             }
             other => other,
@@ -410,6 +414,9 @@ impl UsageClient {
         }
     }
 }
+
+/// How long the usage client leaves out `instance` after a collector refused it.
+pub const INSTANCE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 fn usage_failure(error: reqwest::Error) -> ShipperError {
     if error.is_timeout() { ShipperError::Timeout } else { ShipperError::Transport(error.without_url()) }

@@ -868,7 +868,7 @@ async fn usage_client_fetches_with_the_token_and_maps_errors() {
     );
 
     // `instance` is sent; a collector from before that parameter refuses it (400): asked again
-    // without it, and never sent again.
+    // without it, and not sent again for a while (ten minutes).
     assert_eq!(client.fetch("shop", "customers", "user:42", Some("0123ABCD")).await.unwrap(), usage);
     assert!(collector.state.lock().unwrap().usage_queries.last().unwrap().ends_with("&instance=0123ABCD"));
     collector.state.lock().unwrap().refuse_instance = true;
