@@ -2890,10 +2890,12 @@ async fn shutdown_drains_in_flight_requests_and_flushes_events() {
 
 /// A request still running at the drain time-out is ended, and its event is shipped with the
 /// others before the shipper stops, on the caller's runtime (`--proxy-threads 0`) as on
-/// proxy threads.
+/// proxy threads; over HTTP/1.1 (its connection's task is aborted) and h2c (hyper runs the
+/// stream in a task of its own: the connection's end resets it and hyper drops the request's
+/// future, which emits its event).
 #[tokio::test]
 async fn requests_still_running_at_the_drain_time_out_have_their_events() {
-    for threads in [0, 1] {
+    for (threads, h2c) in [(0, false), (1, false), (0, true), (1, true)] {
         let collector = Collector::start().await;
         let url = collector.url();
         let mut f = start(policy(main_rules()), move |s| {
@@ -2902,8 +2904,21 @@ async fn requests_still_running_at_the_drain_time_out_have_their_events() {
             shipping_events_to(url)(s);
         })
         .await;
-        // A client that waits as long as it takes (it neither reads a time-out nor closes).
-        let held = opened(f.proxy(), "GET /slow/x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        // Clients that wait as long as it takes (they neither time out nor close).
+        let path = if h2c { "/slow/h2c" } else { "/slow/x" };
+        let (held, pending) = if h2c {
+            let stream = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let req =
+                Request::get(format!("http://{}{path}", f.proxy())).body(Full::new(Bytes::new())).unwrap();
+            (None, Some(tokio::spawn(sender.send_request(req))))
+        } else {
+            (Some(opened(f.proxy(), &format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n")).await), None)
+        };
         for _ in 0..200 {
             if f.upstream.count() == 1 {
                 break;
@@ -2913,44 +2928,11 @@ async fn requests_still_running_at_the_drain_time_out_have_their_events() {
         assert_eq!(f.upstream.count(), 1, "the request did not reach the app");
         f.stop().await;
         let events = collector.events();
-        assert!(events.iter().any(|e| e["path"] == "/slow/x"), "threads {threads}: {events:?}");
+        assert!(events.iter().any(|e| e["path"] == path), "threads {threads}, h2c {h2c}: {events:?}");
         drop(held);
-    }
-}
-
-/// The same for an h2c stream, which hyper runs in a task of its own, outside the
-/// connection's task that the drain time-out ends: the connection's end resets the stream,
-/// hyper drops the request's future (its event is emitted), and the event is shipped before
-/// the shipper stops, on the caller's runtime as on proxy threads.
-#[tokio::test]
-async fn h2c_streams_still_running_at_the_drain_time_out_have_their_events() {
-    for threads in [0, 1] {
-        let collector = Collector::start().await;
-        let url = collector.url();
-        let mut f = start(policy(main_rules()), move |s| {
-            s.proxy_threads = threads;
-            s.drain_timeout = Duration::from_millis(300);
-            shipping_events_to(url)(s);
-        })
-        .await;
-        let stream = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
-        tokio::spawn(conn);
-        let req =
-            Request::get(format!("http://{}/slow/h2c", f.proxy())).body(Full::new(Bytes::new())).unwrap();
-        let pending = tokio::spawn(sender.send_request(req));
-        for _ in 0..200 {
-            if f.upstream.count() == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if let Some(pending) = pending {
+            pending.abort();
         }
-        assert_eq!(f.upstream.count(), 1, "the request did not reach the app");
-        f.stop().await;
-        let events = collector.events();
-        assert!(events.iter().any(|e| e["path"] == "/slow/h2c"), "threads {threads}: {events:?}");
-        pending.abort();
     }
 }
 
