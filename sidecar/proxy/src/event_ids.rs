@@ -44,8 +44,9 @@ impl EventIds {
         let ms =
             wall.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let counter = self.counter.fetch_add(1, Ordering::Relaxed) & COUNTER_MASK;
-        // Truncation keeps the low bits on purpose.
-        let random = (ulid::Ulid::new().random() as u64) & ((1 << RANDOM_BITS) - 1);
+        // Truncation keeps the low bits on purpose. (`from_datetime` draws the random part
+        // without reading the clock again, as the ids before the tag were made.)
+        let random = (ulid::Ulid::from_datetime(wall).random() as u64) & ((1 << RANDOM_BITS) - 1);
         let low = ((counter << RANDOM_BITS) | random) & MASK;
         ulid::Ulid::from_parts(ms, (u128::from(self.tag) << HALF) | u128::from(low)).to_string()
     }
