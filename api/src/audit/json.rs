@@ -106,69 +106,62 @@ pub fn write_event_open(out: &mut Vec<u8>, e: &AuditEvent) {
         out.extend_from_slice(b",\"traceId\":");
         write_str(out, trace_id);
     }
-    if !e.record_hashes.is_empty() {
-        out.extend_from_slice(b",\"recordHashes\":[");
-        for (i, hash) in e.record_hashes.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_str(out, hash);
+    write_list(out, b",\"recordHashes\":[", &e.record_hashes, |out, hash| write_str(out, hash));
+    write_list(out, b",\"alsoApplied\":[", &e.also_applied, |out, applied| {
+        out.extend_from_slice(b"{\"policy\":");
+        write_str(out, &applied.policy);
+        out.extend_from_slice(b",\"rule\":");
+        write_str(out, &applied.rule);
+        write_opt_str(out, b",\"principal\":", applied.principal.as_deref());
+        out.push(b'}');
+    });
+    write_list(out, b",\"dryRuns\":[", &e.dry_runs, |out, run| {
+        out.extend_from_slice(b"{\"policy\":");
+        write_str(out, &run.policy);
+        write_opt_str(out, b",\"rule\":", run.rule.as_deref());
+        write_opt_str(out, b",\"principal\":", run.principal.as_deref());
+        out.extend_from_slice(b",\"decision\":");
+        write_str(out, run.decision.as_str());
+        out.extend_from_slice(b",\"reason\":");
+        write_str(out, &run.reason);
+        if run.charged {
+            out.extend_from_slice(b",\"charged\":true");
         }
-        out.push(b']');
-    }
-    if !e.also_applied.is_empty() {
-        out.extend_from_slice(b",\"alsoApplied\":[");
-        for (i, applied) in e.also_applied.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(b"{\"policy\":");
-            write_str(out, &applied.policy);
-            out.extend_from_slice(b",\"rule\":");
-            write_str(out, &applied.rule);
-            if let Some(principal) = &applied.principal {
-                out.extend_from_slice(b",\"principal\":");
-                write_str(out, principal);
-            }
+        if let Some(t) = &run.transform {
+            out.extend_from_slice(b",\"transform\":{");
+            write_record_counts(
+                out,
+                [t.records_returned, t.records_filtered, t.records_truncated],
+                &t.masked,
+            );
             out.push(b'}');
         }
-        out.push(b']');
+        out.push(b'}');
+    });
+}
+
+/// Appends `open` (`,"name":[`), the items written by `each` and `]`; nothing when `items`
+/// is empty (the fields serde skips when empty).
+fn write_list<T>(out: &mut Vec<u8>, open: &[u8], items: &[T], each: impl Fn(&mut Vec<u8>, &T)) {
+    if items.is_empty() {
+        return;
     }
-    if !e.dry_runs.is_empty() {
-        out.extend_from_slice(b",\"dryRuns\":[");
-        for (i, run) in e.dry_runs.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(b"{\"policy\":");
-            write_str(out, &run.policy);
-            if let Some(rule) = &run.rule {
-                out.extend_from_slice(b",\"rule\":");
-                write_str(out, rule);
-            }
-            if let Some(principal) = &run.principal {
-                out.extend_from_slice(b",\"principal\":");
-                write_str(out, principal);
-            }
-            out.extend_from_slice(b",\"decision\":");
-            write_str(out, run.decision.as_str());
-            out.extend_from_slice(b",\"reason\":");
-            write_str(out, &run.reason);
-            if run.charged {
-                out.extend_from_slice(b",\"charged\":true");
-            }
-            if let Some(t) = &run.transform {
-                out.extend_from_slice(b",\"transform\":{");
-                write_record_counts(
-                    out,
-                    [t.records_returned, t.records_filtered, t.records_truncated],
-                    &t.masked,
-                );
-                out.push(b'}');
-            }
-            out.push(b'}');
+    out.extend_from_slice(open);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        out.push(b']');
+        each(out, item);
+    }
+    out.push(b']');
+}
+
+/// Appends `name` (`,"name":`) and `value` when there is one (the fields serde skips when
+/// `None`).
+fn write_opt_str(out: &mut Vec<u8>, name: &[u8], value: Option<&str>) {
+    if let Some(value) = value {
+        out.extend_from_slice(name);
+        write_str(out, value);
     }
 }
 

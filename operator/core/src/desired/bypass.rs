@@ -36,18 +36,10 @@ pub(crate) fn bypassing(
                 return false;
             }
             let pod_selector = np_spec.pod_selector.clone().unwrap_or_default();
-            let targets: Vec<&Pod> = selected
-                .iter()
-                .copied()
-                .filter(|p| selector_matches(&pod_selector, pods::labels(p)))
-                .collect();
-            if selected.is_empty() {
-                if !selector_matches(&pod_selector, &stand_in) {
-                    return false;
-                }
-            } else if targets.is_empty() {
+            let Some(targets) = pods::targeted(selected, &stand_in, |l| selector_matches(&pod_selector, l))
+            else {
                 return false;
-            }
+            };
             np_spec.ingress.iter().flatten().any(|rule| match rule.ports.as_deref() {
                 None | Some([]) => true,
                 Some(ports) => ports.iter().any(|p| admits(p, app_port, &targets)),

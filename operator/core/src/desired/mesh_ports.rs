@@ -123,10 +123,7 @@ pub(crate) fn non_http_declarations(
         let Some(selector) = service_spec.selector.as_ref().filter(|s| !s.is_empty()) else { continue };
         let selects =
             |labels: &BTreeMap<String, String>| selector.iter().all(|(k, v)| labels.get(k) == Some(v));
-        let targets: Vec<&Pod> = selected.iter().copied().filter(|p| selects(pods::labels(p))).collect();
-        if targets.is_empty() && !(selected.is_empty() && selects(&stand_in)) {
-            continue;
-        }
+        let Some(targets) = pods::targeted(selected, &stand_in, selects) else { continue };
         let name = service.metadata.name.as_deref().unwrap_or_default();
         let ports = service_spec.ports.as_deref().unwrap_or_default();
         let opaque_list = service.metadata.annotations.as_ref().and_then(|a| a.get(LINKERD_OPAQUE_PORTS));

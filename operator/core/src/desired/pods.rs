@@ -66,6 +66,19 @@ pub(crate) fn named_port(pod: &Pod, name: &str) -> Option<i32> {
         .map(|p| p.container_port)
 }
 
+/// Of the protected pods `selected`, those an object selecting by `selects` targets; `None`
+/// when it targets none of them. While there are no protected pods, `stand_in` (the workload
+/// selector's `matchLabels`) stands for them: an object selecting it targets them (an empty
+/// list).
+pub(crate) fn targeted<'a>(
+    selected: &[&'a Pod],
+    stand_in: &BTreeMap<String, String>,
+    selects: impl Fn(&BTreeMap<String, String>) -> bool,
+) -> Option<Vec<&'a Pod>> {
+    let targets: Vec<&Pod> = selected.iter().copied().filter(|p| selects(labels(p))).collect();
+    (!targets.is_empty() || (selected.is_empty() && selects(stand_in))).then_some(targets)
+}
+
 /// The running pods of `in_namespace` that `selector` selects.
 pub(crate) fn selected<'a>(pods: &'a [Pod], in_namespace: &str, selector: &LabelSelector) -> Vec<&'a Pod> {
     pods.iter()
