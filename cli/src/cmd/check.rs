@@ -56,11 +56,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             match compile_policy(&ns, &p.input.name, &p.input.spec) {
                 Ok(c) => {
                     report.valid += 1;
+                    let rules = c.deny_rules.len() + c.allow_rules.len();
                     ok_lines.push(format!(
-                        "{}: {ns}/{}: ok ({} rules, mode {:?})",
+                        "{}: {ns}/{}: ok ({rules} rule{}, mode {:?})",
                         f.path.display(),
                         p.input.name,
-                        c.deny_rules.len() + c.allow_rules.len(),
+                        if rules == 1 { "" } else { "s" },
                         c.mode
                     ));
                 }

@@ -159,10 +159,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
         })
         .collect();
 
-    let report = report_json(&verdict, path.as_str(), body_result, &dry_run_results);
+    // A user given on the command line stands for a verified Bearer token.
+    let wants_token = verdict.wants_token(user.is_some());
+    let report = report_json(&verdict, path.as_str(), body_result, &dry_run_results, wants_token);
     match args.output {
         OutputFormat::Json => print_json(&report)?,
-        OutputFormat::Text => print_text(&verdict, path.as_str(), &report),
+        OutputFormat::Text => print_text(&verdict, path.as_str(), &report, wants_token),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -253,17 +255,29 @@ fn plan_json(v: &Verdict<'_>, plan: &Plan) -> Value {
     })
 }
 
-/// The report of `v`; `dry_run_results`: what each of its dry runs' plans did to the body.
-fn report_json(v: &Verdict<'_>, path: &str, body: Option<Value>, dry_run_results: &[Option<Value>]) -> Value {
+/// The report of `v`; `dry_run_results`: what each of its dry runs' plans did to the body;
+/// `wants_token`: the refusal is the sidecar's 401 `missing_token` ([`Verdict::wants_token`]).
+fn report_json(
+    v: &Verdict<'_>,
+    path: &str,
+    body: Option<Value>,
+    dry_run_results: &[Option<Value>],
+    wants_token: bool,
+) -> Value {
     let limits = v.limits.map(|l| serde_json::to_value(l).unwrap_or(Value::Null));
+    let (status, reason_code) = match (wants_token, v.blocks()) {
+        (true, _) => (401, "missing_token"),
+        (false, true) => (403, v.reason.code()),
+        (false, false) => (200, v.reason.code()),
+    };
     json!({
         "decision": v.decision.as_str(),
-        "status": if v.blocks() { 403 } else { 200 },
+        "status": status,
         "mode": format!("{:?}", v.mode),
         "policy": v.policy.map(|p| format!("{}/{}", p.namespace, p.name)),
         "rule": v.rule.map(|r| r.name.clone()),
         "reason": v.explanation(),
-        "reasonCode": v.reason.code(),
+        "reasonCode": reason_code,
         "path": path,
         "params": v.params.iter().cloned().collect::<BTreeMap<_, _>>(),
         "plan": v.plan.filter(|_| !v.blocks()).map(|p| plan_json(v, p)),
@@ -291,8 +305,10 @@ fn report_json(v: &Verdict<'_>, path: &str, body: Option<Value>, dry_run_results
     })
 }
 
-fn print_text(v: &Verdict<'_>, path: &str, report: &Value) {
-    let status = if v.blocks() {
+fn print_text(v: &Verdict<'_>, path: &str, report: &Value, wants_token: bool) {
+    let status = if wants_token {
+        " (401 missing_token: no allow rule matched and the request has no bearer token; the app is not called)"
+    } else if v.blocks() {
         " (403; the app is not called)"
     } else if v.mode == Mode::Audit {
         " (Audit mode: traffic untouched)"

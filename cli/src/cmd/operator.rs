@@ -17,15 +17,19 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     let telemetry = crate::serve::init_telemetry("custos-operator");
     let result = runtime.block_on(async {
         let running = custos_operator::start(config).await?;
-        tokio::select! {
-            () = crate::serve::wait_for_signal() => {}
-            failed = running.failed() => tracing::error!(error = %failed, "operator stopped"),
-        }
+        let failed = tokio::select! {
+            () = crate::serve::wait_for_signal() => false,
+            failed = running.failed() => {
+                tracing::error!(error = %failed, "operator stopped");
+                true
+            }
+        };
         running.shutdown().await;
-        anyhow::Ok(())
+        anyhow::Ok(failed)
     });
     drop(runtime);
     telemetry.shutdown();
-    result?;
-    Ok(ExitCode::SUCCESS)
+    // A part that failed (the webhook server, say) ends the process non-zero, so that the
+    // pod shows Error and restarts count, not Completed.
+    Ok(if result? { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

@@ -23,7 +23,7 @@ use custos_api::audit::{
 use custos_api::config::WorkloadIdentity;
 use custos_api::policy::{ExceedAction, Limits, Mode};
 use custos_api::{AuditEvent, Decision};
-use custos_policy::{NormalizedPath, Reason, Request as EngineRequest, User, Verdict, normalize};
+use custos_policy::{NormalizedPath, Request as EngineRequest, User, Verdict, normalize};
 use custos_quota::{QuotaKey, Quotas, Timestamp};
 use custos_transform::expr::{RequestVars, UserVars, Vars, WorkloadVars};
 use custos_transform::{HashKey, Outcome, Phase, Plan, TransformError, TransformStats};
@@ -604,7 +604,7 @@ async fn process(
         })
         .collect();
     if verdict.blocks() {
-        if missing_token(&verdict, has_bearer) {
+        if verdict.wants_token(has_bearer) {
             ctx.deny("missing_token");
             return unauthenticated(&verdict);
         }
@@ -2153,18 +2153,6 @@ fn trace_id(headers: &HeaderMap) -> Option<String> {
         && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         && id.bytes().any(|b| b != b'0'))
     .then(|| id.to_string())
-}
-
-/// Whether an enforced refusal is really "who are you?": no allow rule matched
-/// (`DefaultDeny`, not an explicit Deny rule), the deciding policy verifies users, and the
-/// request carried no Bearer token. Such a request gets 401 instead of 403, so that a client
-/// that forgot its token is told so.
-fn missing_token(verdict: &Verdict<'_>, has_bearer: bool) -> bool {
-    verdict.blocks()
-        && verdict.mode == Mode::Enforce
-        && verdict.reason == Reason::DefaultDeny
-        && !has_bearer
-        && verdict.policy.is_some_and(|p| p.identity.is_some())
 }
 
 /// 401 `missing_token`, with `WWW-Authenticate: Bearer`.

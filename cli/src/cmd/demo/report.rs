@@ -215,10 +215,8 @@ impl Report {
     /// The report as text.
     pub(crate) fn text(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "Custos demo: the four incidents of DESIGN.md against the example policies (synthetic data)"
-        );
+        let _ =
+            writeln!(out, "Custos demo: four leak incidents against the example policies (synthetic data)");
         let _ = writeln!(out);
         let mut rows = vec![
             [
