@@ -559,6 +559,31 @@ async fn a_refused_network_policy_turns_its_condition_false_and_fails_the_reconc
     assert_eq!(sidecar_config(&client, NS).await.policies.len(), 2);
 }
 
+/// Another policy's refused NetworkPolicy does not hold a deleted policy: its clean-up (the
+/// ConfigMap without it, its NetworkPolicy deleted) is done, so its finalizer goes.
+#[tokio::test]
+async fn a_refused_network_policy_does_not_hold_another_policys_deletion() {
+    let funcs = interceptor::Funcs::new().patch(|ctx| {
+        if ctx.name == "custos-orders" && ctx.patch_type == PatchType::ApplyPatch {
+            return Err(kube_fake_client::Error::InvalidRequest("metadata.labels: invalid value".into()));
+        }
+        Ok(None)
+    });
+    let objects = Objects {
+        policies: vec![mk_policy(NS, "orders"), deleting(mk_policy(NS, "billing"))],
+        pods: shop_pods(),
+        network_policies: vec![mk_our_netpol(NS, "billing")],
+        ..Objects::default()
+    };
+    let client = fake_api(objects, Some(funcs)).await;
+    let error = reconcile_namespace(&context(&client), NS).await.unwrap_err();
+    assert!(matches!(&error, Error::Apply { kind: "NetworkPolicy", .. }), "{error}");
+    assert!(network_policy_names(&client, NS).await.is_empty(), "billing's NetworkPolicy deleted");
+    let gone = Api::<DataAccessPolicy>::namespaced(client.clone(), NS).get_opt("billing").await.unwrap();
+    assert!(gone.is_none(), "the deleted policy's finalizer was released: {gone:#?}");
+    assert_eq!(sidecar_config(&client, NS).await.policies.len(), 1);
+}
+
 /// A pod created before its policy has no sidecar: the policy's status says so, with a Warning
 /// Event, until the pod is replaced.
 #[tokio::test]

@@ -108,6 +108,10 @@ pub struct WorkloadMatcher {
     pub labels: Selector,
 }
 
+/// The longest policy name: a Kubernetes label value (the policy's NetworkPolicy carries the
+/// name in `custos.dev/policy`), shorter than the 253 characters of object names.
+pub const MAX_POLICY_NAME_LEN: usize = 63;
+
 /// Compiles one policy of `namespace`. Every problem is reported, each with its field path.
 pub fn compile_policy(
     namespace: &str,
@@ -119,6 +123,15 @@ pub fn compile_policy(
 
     if name.is_empty() {
         errors.push("metadata.name", "must not be empty");
+    } else if name.len() > MAX_POLICY_NAME_LEN {
+        errors.push(
+            "metadata.name",
+            format!(
+                "must be at most {MAX_POLICY_NAME_LEN} characters, got {}: the name is the value of the \
+                 label `custos.dev/policy` on the policy's NetworkPolicy",
+                name.len()
+            ),
+        );
     }
 
     // Workload and ports.

@@ -53,7 +53,12 @@ pub fn validate_object(namespace: &str, object: &serde_json::Value) -> Validatio
     let text = |key: &str| metadata.and_then(|m| m.get(key)).and_then(serde_json::Value::as_str);
     let name = match (text("name"), text("generateName")) {
         (Some(name), _) if !name.is_empty() => name.to_string(),
-        (_, Some(prefix)) if !prefix.is_empty() => format!("{prefix}<generated>"),
+        // The apiserver cuts a prefix to 58 characters and adds 5: generated names always fit
+        // the 63 of `metadata.name`; the placeholder is kept within them too.
+        (_, Some(prefix)) if !prefix.is_empty() => {
+            let keep = prefix.char_indices().nth(63 - "<generated>".len()).map_or(prefix.len(), |(i, _)| i);
+            format!("{}<generated>", &prefix[..keep])
+        }
         _ => String::new(),
     };
     let mut document = object.clone();

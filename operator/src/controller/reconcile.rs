@@ -136,11 +136,17 @@ pub async fn reconcile_namespace(ctx: &Context, namespace: &str) -> Result<Recon
     apply_config_map(ctx, namespace, &desired, current.as_ref(), &mut outcome).await?;
     let mut failures = sync_secrets(ctx, namespace, &desired, &mut outcome).await;
     failures.extend(apply_network_policies(ctx, &snapshot, &mut desired, now, &mut outcome).await);
-    failures.extend(delete_stale(&np_api, namespace, &desired, &mut outcome).await);
+    let stale_failures = delete_stale(&np_api, namespace, &desired, &mut outcome).await;
+    // A deleting policy's clean-up is the ConfigMap without it (applied above, or the `?`
+    // returned) and its NetworkPolicy deleted (a stale one): its finalizer goes once both are
+    // done, whatever else failed (another policy's NetworkPolicy refused, a Secret missing),
+    // so that one broken policy does not hold every deletion of its namespace.
+    let cleaned_up = stale_failures.is_empty();
+    failures.extend(stale_failures);
     failures.extend(write_statuses(&policies_api, &snapshot, &desired, &mut outcome).await);
     record_events(ctx, &snapshot, &desired.events, &mut outcome).await;
 
-    if failures.is_empty() {
+    if cleaned_up {
         for name in &desired.release_finalizers {
             let Some(policy) = snapshot.policies.iter().find(|p| p.metadata.name.as_ref() == Some(name))
             else {

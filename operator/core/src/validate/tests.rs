@@ -201,6 +201,20 @@ fn generate_name_objects_get_a_placeholder_name() {
     );
 }
 
+/// A policy name is a label value on its NetworkPolicy: 63 characters at most. A generateName
+/// prefix of any length is admitted (the apiserver cuts it to fit).
+#[test]
+fn names_longer_than_a_label_value_are_denied() {
+    assert!(validate(NS, &"a".repeat(63), &mk_spec(|_| {})).is_allowed());
+    let (errors, message) = denial_of(validate(NS, &"a".repeat(64), &mk_spec(|_| {})));
+    assert_eq!(paths(&errors), vec!["metadata.name"]);
+    assert!(message.contains("at most 63 characters, got 64"), "{message}");
+
+    let mut object = mk_object(mk_spec_json());
+    object["metadata"] = json!({"generateName": "p".repeat(100), "namespace": NS});
+    assert!(validate_object(NS, &object).is_allowed());
+}
+
 #[test]
 fn other_kinds_are_denied() {
     let mut object = mk_object(mk_spec_json());
