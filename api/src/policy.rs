@@ -186,6 +186,7 @@ pub struct JwtSpec {
 
     /// Allowed clock skew for `exp` and `nbf`, in seconds (default 30, at most 300).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 300))]
     pub leeway_seconds: Option<u32>,
 }
 
@@ -319,6 +320,11 @@ pub enum MaskStrategy {
     Remove,
 }
 
+/// The largest record count a limit may name: 2^53 - 1, the largest integer every JSON reader
+/// keeps exactly. A bound in the CRD, so that the API server refuses a larger one instead of
+/// storing an object the operator could not read.
+pub const MAX_COUNT: u64 = 9_007_199_254_740_991;
+
 /// Per-principal limits of a rule. A principal is the user id, else the calling workload,
 /// else the peer address.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
@@ -326,19 +332,19 @@ pub enum MaskStrategy {
 pub struct Limits {
     /// Requests per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub requests_per_minute: Option<u32>,
     /// Records returned per rolling hour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_COUNT))]
     pub records_per_hour: Option<u64>,
     /// Records returned per rolling day.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_COUNT))]
     pub records_per_day: Option<u64>,
     /// Maximum records in one response.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_COUNT))]
     pub max_records_per_response: Option<u64>,
     /// What happens when a response holds more than maxRecordsPerResponse records:
     /// Truncate (default) or Deny.

@@ -308,6 +308,40 @@ spec:
     }
 }
 
+/// Integers too large for the API types are schema errors at their field (the CRD bounds
+/// them, so the API server refuses them too), not serde's text at `spec`.
+#[test]
+fn integers_beyond_the_types_name_their_field_paths() {
+    let yaml = r#"
+apiVersion: custos.dev/v1alpha1
+kind: DataAccessPolicy
+metadata: {name: big}
+spec:
+  workload: {selector: {matchLabels: {app: x}}, appPort: 70000}
+  identity:
+    users:
+      jwt: {issuer: "https://sso.example", jwksUri: "https://sso.example/jwks", leewaySeconds: 4294967296}
+  rules:
+    - name: r
+      action: Allow
+      to: {methods: [GET], paths: [/x]}
+      limits: {requestsPerMinute: 4294967296, recordsPerHour: 18446744073709551616, recordsPerDay: 9007199254740992}
+"#;
+    let loaded = load_policies(yaml);
+    assert!(loaded.policies.is_empty());
+    let errors: Vec<String> = loaded.errors[0].errors.iter().map(|e| e.to_string()).collect();
+    for want in [
+        "spec.workload.appPort: ",
+        "spec.identity.users.jwt.leewaySeconds: ",
+        "spec.rules[0].limits.requestsPerMinute: ",
+        "spec.rules[0].limits.recordsPerHour: ",
+        "spec.rules[0].limits.recordsPerDay: ",
+    ] {
+        assert!(errors.iter().any(|e| e.starts_with(want)), "want {want:?} in {errors:#?}");
+    }
+    assert!(!errors.iter().any(|e| e.starts_with("spec: ")), "{errors:#?}");
+}
+
 #[test]
 fn yaml_that_is_not_yaml_is_an_error_not_a_panic() {
     for text in [
