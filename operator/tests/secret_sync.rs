@@ -59,7 +59,14 @@ async fn sidecar_secrets_follow_the_policies_of_a_namespace() {
         fake_api(Objects { policies: vec![mk_policy(NS, "orders")], ..Objects::default() }, None).await;
     let secrets = |ns: &str| Api::<Secret>::namespaced(client.clone(), ns);
     let post = PostParams::default();
-    secrets(OPERATOR_NS).create(&post, &mk_secret(OPERATOR_NS, TOKEN, "token", "t0k3n-1")).await.unwrap();
+    // The original also holds a key sidecars do not use: it is not copied.
+    let mut original = mk_secret(OPERATOR_NS, TOKEN, "token", "t0k3n-1");
+    original
+        .data
+        .as_mut()
+        .unwrap()
+        .insert("database-url".into(), k8s_openapi::ByteString(b"postgres://x".to_vec()));
+    secrets(OPERATOR_NS).create(&post, &original).await.unwrap();
     secrets(OPERATOR_NS).create(&post, &mk_secret(OPERATOR_NS, HASH_KEY, "key", "k3y")).await.unwrap();
     // The shop made its own hash key Secret: it stays the shop's.
     secrets(NS).create(&post, &mk_secret(NS, HASH_KEY, "key", "shop-own")).await.unwrap();
@@ -71,6 +78,7 @@ async fn sidecar_secrets_follow_the_policies_of_a_namespace() {
     // Not the collector token: the namespace's own, which sends its events and reads its
     // usage only.
     assert_eq!(value(&copy, "token"), custos_api::collector::namespace_token("t0k3n-1", NS));
+    assert_eq!(copy.data.as_ref().unwrap().keys().collect::<Vec<_>>(), ["token"]);
     assert_eq!(copy.type_.as_deref(), Some("Opaque"));
     assert_eq!(copy.labels().get(MANAGED_BY_LABEL).map(String::as_str), Some(MANAGED_BY));
     let owners: Vec<_> = copy.owner_references().iter().map(|o| (o.kind.clone(), o.name.clone())).collect();

@@ -30,7 +30,7 @@ use custos_api::{DataAccessPolicy, DataAccessPolicyStatus};
 use custos_operator_core::desired::{
     self, Desired, DesiredEvent, EventType, NamespaceSnapshot, has_finalizer, is_deleting, pod_namespaces,
 };
-use custos_operator_core::inject::COLLECTOR_TOKEN_KEY;
+use custos_operator_core::inject::{COLLECTOR_TOKEN_KEY, HASH_KEY_KEY};
 use custos_operator_core::names::{
     CONFIG_MAP_NAME, FIELD_MANAGER, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, POLICY_LABEL,
 };
@@ -363,7 +363,12 @@ async fn sync_secrets(
                 continue;
             }
         };
-        let mut data = original.data;
+        // Only what a sidecar mounts: an original shared with other uses (a database URL
+        // beside the token, say) does not spread them into every namespace with policies.
+        let mut data = original.data.map(|mut data| {
+            data.retain(|key, _| key == COLLECTOR_TOKEN_KEY || key == HASH_KEY_KEY);
+            data
+        });
         if sync.collector_token.as_ref() == Some(name) {
             data = data.map(|data| namespace_token_data(data, namespace));
         }

@@ -894,6 +894,27 @@ fn updates_that_keep_the_sidecar_as_injected_are_admitted() {
     assert_eq!(check_update(&plain, &swapped), None);
 }
 
+/// In a pod whose containers share one process namespace, no debug container is added: it
+/// would see the sidecar's processes (and their files, with SYS_PTRACE) whatever it targets.
+#[test]
+fn debug_containers_are_refused_where_processes_are_shared() {
+    for native in [false, true] {
+        let mut old = mk_injected(native);
+        old.spec.as_mut().unwrap().share_process_namespace = Some(true);
+        for debug in [mk_ephemeral("debugger", Some("app"), &[]), mk_ephemeral("debugger", None, &[])] {
+            let new = with_ephemeral(&old, vec![debug]);
+            let refusal = check_update(&old, &new).expect("refused");
+            assert_eq!(refusal, UpdateRefusal::SharedProcessNamespace { container: "debugger".into() });
+            assert!(refusal.to_string().contains("kubectl debug --copy-to"), "{refusal}");
+        }
+        // Other updates of such a pod are judged as before.
+        assert_eq!(check_update(&old, &old), None);
+        let mut relabelled = old.clone();
+        relabelled.metadata.labels.as_mut().unwrap().insert("release".into(), "canary".into());
+        assert_eq!(check_update(&old, &relabelled), None);
+    }
+}
+
 #[test]
 fn updates_that_take_the_sidecar_away_are_refused() {
     for native in [false, true] {

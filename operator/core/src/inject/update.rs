@@ -11,7 +11,11 @@
 //!
 //! - a change of the sidecar container's image, command or arguments, or its removal;
 //! - a new ephemeral container that mounts a volume the sidecar mounts, or that targets the
-//!   sidecar's process namespace.
+//!   sidecar's process namespace;
+//! - any new ephemeral container in a pod that shares one process namespace among its
+//!   containers (`shareProcessNamespace: true`): it sees the sidecar's processes without a
+//!   target, and with `SYS_PTRACE` (`kubectl debug --profile=general`) reads their files
+//!   through `/proc/<pid>/root`.
 //!
 //! Whatever the policies' modes: the sidecar also writes the audit trail of `Audit` policies.
 //! Pods without the sidecar are not looked at (the webhook is only called for pods labelled
@@ -46,6 +50,12 @@ pub enum UpdateRefusal {
         /// The ephemeral container.
         container: String,
     },
+    /// A new ephemeral container in a pod whose containers share one process namespace, the
+    /// sidecar's included.
+    SharedProcessNamespace {
+        /// The ephemeral container.
+        container: String,
+    },
 }
 
 impl UpdateRefusal {
@@ -56,6 +66,7 @@ impl UpdateRefusal {
             UpdateRefusal::SidecarRemoved => "sidecar-removed",
             UpdateRefusal::SidecarVolumeMounted { .. } => "sidecar-volume-mounted",
             UpdateRefusal::SidecarTargeted { .. } => "sidecar-targeted",
+            UpdateRefusal::SharedProcessNamespace { .. } => "shared-process-namespace",
         }
     }
 }
@@ -81,6 +92,12 @@ impl fmt::Display for UpdateRefusal {
                 "ephemeral container {container} targets the {SIDECAR_CONTAINER} container's process \
                  namespace; target the app's container instead"
             ),
+            UpdateRefusal::SharedProcessNamespace { container } => write!(
+                f,
+                "ephemeral container {container} would join the pod's shared process namespace \
+                 (shareProcessNamespace: true), where it sees the {SIDECAR_CONTAINER} container's \
+                 processes and files; debug a copy of the pod instead (kubectl debug --copy-to)"
+            ),
         }
     }
 }
@@ -105,7 +122,11 @@ pub fn check_update(old: &Pod, new: &Pod) -> Option<UpdateRefusal> {
         .iter()
         .flat_map(|s| s.ephemeral_containers.iter().flatten())
         .filter(|c| !existing.contains(&c.name.as_str()));
+    let shared = new.spec.as_ref().and_then(|s| s.share_process_namespace) == Some(true);
     for c in added {
+        if shared {
+            return Some(UpdateRefusal::SharedProcessNamespace { container: c.name.clone() });
+        }
         if c.target_container_name.as_deref() == Some(SIDECAR_CONTAINER) {
             return Some(UpdateRefusal::SidecarTargeted { container: c.name.clone() });
         }
