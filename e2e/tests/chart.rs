@@ -31,7 +31,8 @@ use custos_operator::rbac::{
     CLUSTER_RULES, NAMESPACE_RULES, SECRET_SYNC_CLUSTER_RULES, SECRET_SYNC_NAMESPACE_RULES, policy_rules,
 };
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ServiceReference, ValidatingWebhookConfiguration,
+    MutatingWebhookConfiguration, ServiceReference, ValidatingAdmissionPolicy,
+    ValidatingAdmissionPolicyBinding, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodTemplateSpec, Secret, Service, ServiceAccount};
@@ -104,11 +105,18 @@ struct Variant {
     name: &'static str,
     values_files: Vec<PathBuf>,
     set: Vec<&'static str>,
+    /// `--api-versions`: what the cluster is taken to serve beyond helm's defaults.
+    api_versions: Vec<&'static str>,
 }
 
 impl Variant {
     fn defaults() -> Self {
-        Variant { name: "default values", values_files: Vec::new(), set: Vec::new() }
+        Variant {
+            name: "default values",
+            values_files: Vec::new(),
+            set: Vec::new(),
+            api_versions: Vec::new(),
+        }
     }
 
     fn production() -> Self {
@@ -116,6 +124,7 @@ impl Variant {
             name: "ci/production-values.yaml",
             values_files: vec![chart_dir().join("ci/production-values.yaml")],
             set: Vec::new(),
+            api_versions: Vec::new(),
         }
     }
 
@@ -135,11 +144,18 @@ impl Variant {
                 "operator.sidecar.collectorTokenSecret=audit-token",
                 "networkPolicy.enabled=false",
             ],
+            api_versions: Vec::new(),
         }
     }
 
     fn with(mut self, set: &'static str) -> Self {
         self.set.push(set);
+        self
+    }
+
+    /// The cluster is taken to serve `api_version` (`group/version/Kind`).
+    fn serving(mut self, api_version: &'static str) -> Self {
+        self.api_versions.push(api_version);
         self
     }
 
@@ -152,6 +168,10 @@ impl Variant {
         for set in &self.set {
             args.push("--set".to_string());
             args.push((*set).to_string());
+        }
+        for api_version in &self.api_versions {
+            args.push("--api-versions".to_string());
+            args.push((*api_version).to_string());
         }
         args
     }
@@ -351,6 +371,8 @@ struct Manifests {
     role_bindings: Vec<RoleBinding>,
     mutating: Vec<MutatingWebhookConfiguration>,
     validating: Vec<ValidatingWebhookConfiguration>,
+    admission_policies: Vec<ValidatingAdmissionPolicy>,
+    admission_policy_bindings: Vec<ValidatingAdmissionPolicyBinding>,
     network_policies: Vec<NetworkPolicy>,
     pdbs: Vec<PodDisruptionBudget>,
     issuers: Vec<custom::Issuer>,
@@ -403,6 +425,8 @@ impl Manifests {
             RoleBinding => role_bindings,
             MutatingWebhookConfiguration => mutating,
             ValidatingWebhookConfiguration => validating,
+            ValidatingAdmissionPolicy => admission_policies,
+            ValidatingAdmissionPolicyBinding => admission_policy_bindings,
             NetworkPolicy => network_policies,
             PodDisruptionBudget => pdbs,
         );
@@ -1425,6 +1449,111 @@ fn collector_variants_match_the_collector_flags() {
     assert!(!detect.off_hours.enabled && !detect.first_seen.enabled && detect.volume.enabled);
     let export = config.otlp_export.expect("OTLP export");
     assert!(export.gzip);
+}
+
+/// What a cluster serving ValidatingAdmissionPolicy (Kubernetes 1.30+) answers to helm.
+const VAP: &str = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy";
+
+/// Evaluates the CEL `expression` with `vars` bound, as the API server evaluates a
+/// ValidatingAdmissionPolicy's (the same standard library: `has`, `in`, `exists`,
+/// `startsWith`).
+fn cel_allows(expression: &str, vars: &[(&str, Value)]) -> bool {
+    let program = cel::Program::compile(expression).unwrap_or_else(|e| panic!("{expression}: {e}"));
+    let mut context = cel::Context::default();
+    for (name, value) in vars {
+        context.add_variable(*name, value.clone()).unwrap();
+    }
+    match program.execute(&context) {
+        Ok(cel::Value::Bool(b)) => b,
+        other => panic!("{expression}: {other:?}"),
+    }
+}
+
+/// The operator may create Secrets anywhere (RBAC cannot narrow `create` by name): with the
+/// cluster serving ValidatingAdmissionPolicy, the chart narrows it to Opaque Secrets of the
+/// copied names, without `kubernetes.io/` annotations (no ServiceAccount token minted through
+/// a copy). Its CEL is evaluated here on the objects the operator writes and on those it must
+/// not.
+#[test]
+fn the_operators_secret_writes_are_narrowed_to_the_copies() {
+    // Not served (helm's defaults): nothing rendered under `auto`; `on` renders anyway.
+    assert!(Variant::defaults().render().admission_policies.is_empty());
+    assert_eq!(
+        Variant::defaults().with("operator.sidecar.secretCopyGuard=on").render().admission_policies.len(),
+        1
+    );
+    for off in ["operator.sidecar.secretCopyGuard=off", "operator.sidecar.syncSecrets=false"] {
+        assert!(Variant::defaults().serving(VAP).with(off).render().admission_policies.is_empty(), "{off}");
+    }
+
+    let m = Variant::defaults().serving(VAP).with("operator.sidecar.hashKeySecret=custos-hash-key").render();
+    let [policy] = m.admission_policies.as_slice() else { panic!("one policy") };
+    let [binding] = m.admission_policy_bindings.as_slice() else { panic!("one binding") };
+    let spec = policy.spec.as_ref().unwrap();
+    let binding_spec = binding.spec.as_ref().unwrap();
+    assert_eq!(binding_spec.policy_name.as_deref(), policy.metadata.name.as_deref());
+    assert_eq!(binding_spec.validation_actions, Some(strings(&["Deny"])));
+    assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
+    let rules = spec.match_constraints.as_ref().and_then(|c| c.resource_rules.clone()).unwrap_or_default();
+    let [rule] = rules.as_slice() else { panic!("one resource rule") };
+    assert_eq!(rule.resources, Some(strings(&["secrets"])));
+    assert_eq!(rule.operations, Some(strings(&["CREATE", "UPDATE"])));
+
+    // Only the operator's own requests are judged.
+    let operator_binding = m
+        .cluster_role_bindings
+        .iter()
+        .find(|b| name_of(*b) == "custos-operator")
+        .expect("the operator's binding");
+    let subject = &operator_binding.subjects.as_ref().unwrap()[0];
+    let operator = format!("system:serviceaccount:{}:{}", NAMESPACE, subject.name);
+    let [condition] = spec.match_conditions.as_deref().unwrap() else { panic!("one match condition") };
+    let user = |name: &str| serde_json::json!({"userInfo": {"username": name}});
+    assert!(cel_allows(&condition.expression, &[("request", user(&operator))]));
+    assert!(!cel_allows(
+        &condition.expression,
+        &[("request", user("system:serviceaccount:custos-system:default"))]
+    ));
+
+    // The names are the copied Secrets', as the RBAC's resourceNames.
+    let copied: Vec<String> = m
+        .cluster_roles
+        .iter()
+        .find(|r| name_of(*r) == "custos-operator")
+        .expect("the operator's ClusterRole")
+        .rules
+        .iter()
+        .flatten()
+        .filter(|r| r.resources.as_deref() == Some(&strings(&["secrets"])[..]))
+        .find_map(|r| r.resource_names.clone())
+        .expect("secret resourceNames");
+    assert_eq!(copied, ["custos-collector-token", "custos-hash-key"]);
+    let admitted = |object: Value| {
+        spec.validations.iter().flatten().all(|v| cel_allows(&v.expression, &[("object", object.clone())]))
+    };
+    for name in &copied {
+        let copy = serde_json::json!({"metadata": {"name": name, "namespace": "shop",
+            "labels": {"app.kubernetes.io/managed-by": "custos"}}, "type": "Opaque", "data": {"token": "eA=="}});
+        assert!(admitted(copy.clone()), "the copy {name}");
+        let mut untyped = copy.clone();
+        untyped.as_object_mut().unwrap().remove("type");
+        assert!(admitted(untyped), "the copy {name} without a type (Opaque)");
+        let mut minted = copy.clone();
+        minted["type"] = "kubernetes.io/service-account-token".into();
+        minted["metadata"]["annotations"] =
+            serde_json::json!({"kubernetes.io/service-account.name": "admin"});
+        assert!(!admitted(minted), "a ServiceAccount token named {name}");
+        let mut annotated = copy.clone();
+        annotated["metadata"]["annotations"] =
+            serde_json::json!({"kubernetes.io/service-account.name": "admin"});
+        assert!(!admitted(annotated), "an Opaque {name} annotated for a ServiceAccount");
+        let mut docker = copy;
+        docker["type"] = "kubernetes.io/dockerconfigjson".into();
+        assert!(!admitted(docker));
+    }
+    let other =
+        serde_json::json!({"metadata": {"name": "db-password", "namespace": "shop"}, "type": "Opaque"});
+    assert!(!admitted(other), "another name");
 }
 
 /// Working hours that end at midnight: the schema takes `24:00` as the collector does.
