@@ -309,7 +309,10 @@ pub fn compute_with(
         let sidecar = if policy.spec.mode == Mode::Disabled {
             SidecarState::Disabled
         } else {
-            SidecarState::Checked { missing: pods::without_sidecar(&selected) }
+            SidecarState::Checked {
+                missing: pods::without_sidecar(&selected),
+                outdated: pods::outdated_sidecars(&selected, &policy.spec),
+            }
         };
         let mesh_port = match (policy.spec.mode, options.mesh_identity, &snapshot.services) {
             (Mode::Disabled, _, _) => MeshPortState::Disabled,

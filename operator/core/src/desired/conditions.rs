@@ -13,12 +13,14 @@
 //! | | False | `NoBypass`, or `PolicyDisabled` (mode Disabled: not checked) |
 //! | `SidecarMissing` | True | `PodsWithoutSidecar` (message: how many, and the first pods' names) |
 //! | | False | `AllPodsInjected`, or `PolicyDisabled` (mode Disabled: not checked) |
+//! | `SidecarOutdated` | True | `PodsWithOutdatedSidecar` (message: the first pods and what differs) |
+//! | | False | `SidecarsCurrent`, or `PolicyDisabled` (mode Disabled: not checked) |
 //! | `ProxyPortNotHttp` | True | `MeshForwardsProxyPortOpaque` (message: the Services or pod annotations that declare it) |
 //! | | False | `ProxyPortHttp`; not checked: `NoMeshIdentity` (the sidecars take no caller identity from a mesh), `ServicesUnlisted`, `PolicyDisabled` |
 //! | `AuditShadowed` (mode Audit only) | True | `EnforcedPoliciesSelectPods` (message: how many pods, and the enforcing policies) |
 //! | | False | `NoEnforcedPolicy` |
 //!
-//! `SidecarBypass`, `SidecarMissing` and `ProxyPortNotHttp` are always present (False when all is well), so
+//! `SidecarBypass`, `SidecarMissing`, `SidecarOutdated` and `ProxyPortNotHttp` are always present (False when all is well), so
 //! `kubectl get -o yaml` shows that the checks ran; they are warnings and do not make `Ready`
 //! False, nor does `AuditShadowed`.
 //! `lastTransitionTime` changes only when a condition's status changes.
@@ -41,6 +43,11 @@ pub const SIDECAR_BYPASS: &str = "SidecarBypass";
 /// Condition type: some running pods the policy selects have no sidecar (created before the
 /// policy selected them, or admitted while injection was off).
 pub const SIDECAR_MISSING: &str = "SidecarMissing";
+
+/// Condition type: some running pods the policy selects have a sidecar injected for other
+/// settings than the policy has now (proxy port, app port, JWKS Secret): the injection fixes
+/// them at pod creation, so they change only when the pods are replaced.
+pub const SIDECAR_OUTDATED: &str = "SidecarOutdated";
 
 /// Condition type: a Service or a pod annotation makes a mesh (Istio, Linkerd) forward the
 /// sidecar's proxy port as opaque bytes rather than read it as HTTP; a mesh identity header
@@ -82,6 +89,10 @@ pub const REASON_PODS_WITHOUT_SIDECAR: &str = "PodsWithoutSidecar";
 pub const REASON_ALL_PODS_INJECTED: &str = "AllPodsInjected";
 /// Reason of the Warning Event when `SidecarMissing` turns True.
 pub const REASON_SIDECAR_MISSING_EVENT: &str = "SidecarMissing";
+/// Reason of `SidecarOutdated` True, and of the Warning Event when it turns True.
+pub const REASON_PODS_WITH_OUTDATED_SIDECAR: &str = "PodsWithOutdatedSidecar";
+/// Reason of `SidecarOutdated` False.
+pub const REASON_SIDECARS_CURRENT: &str = "SidecarsCurrent";
 
 /// Reason of `ProxyPortNotHttp` True, and of the Warning Event when it turns True or names
 /// other declarations.
@@ -127,8 +138,9 @@ pub(crate) enum BypassState {
 pub(crate) enum SidecarState {
     /// The policy is Disabled: not checked.
     Disabled,
-    /// The names of the selected running pods without the sidecar, sorted.
-    Checked { missing: Vec<String> },
+    /// The names of the selected running pods without the sidecar, sorted; and those whose
+    /// sidecar was injected for other settings, each with what differs, sorted.
+    Checked { missing: Vec<String>, outdated: Vec<String> },
 }
 
 /// Whether the mesh the sidecars take identities from would read the proxy port as something
@@ -224,13 +236,13 @@ pub(crate) fn status(
         SidecarState::Disabled => {
             cond(SIDECAR_MISSING, false, REASON_POLICY_DISABLED, "mode is Disabled: not checked".into())
         }
-        SidecarState::Checked { missing } if missing.is_empty() => cond(
+        SidecarState::Checked { missing, .. } if missing.is_empty() => cond(
             SIDECAR_MISSING,
             false,
             REASON_ALL_PODS_INJECTED,
             format!("all {} selected running pods have the sidecar", facts.selected_pods),
         ),
-        SidecarState::Checked { missing } => {
+        SidecarState::Checked { missing, .. } => {
             let mut names = missing.iter().take(MISSING_PODS_NAMED).cloned().collect::<Vec<_>>().join(", ");
             if missing.len() > MISSING_PODS_NAMED {
                 names.push_str(&format!(" and {} more", missing.len() - MISSING_PODS_NAMED));
@@ -245,6 +257,36 @@ pub(crate) fn status(
                      (the NetworkPolicy, where enforced, cuts them off instead); replace them, e.g. \
                      kubectl rollout restart, to inject it",
                     missing.len(),
+                    facts.selected_pods
+                ),
+            )
+        }
+    };
+    let outdated = match &facts.sidecar {
+        SidecarState::Disabled => {
+            cond(SIDECAR_OUTDATED, false, REASON_POLICY_DISABLED, "mode is Disabled: not checked".into())
+        }
+        SidecarState::Checked { outdated, .. } if outdated.is_empty() => cond(
+            SIDECAR_OUTDATED,
+            false,
+            REASON_SIDECARS_CURRENT,
+            "every selected running pod's sidecar has the policy's proxy port, app port and JWKS Secret"
+                .into(),
+        ),
+        SidecarState::Checked { outdated, .. } => {
+            let mut pods = outdated.iter().take(MISSING_PODS_NAMED).cloned().collect::<Vec<_>>().join("; ");
+            if outdated.len() > MISSING_PODS_NAMED {
+                pods.push_str(&format!("; and {} more", outdated.len() - MISSING_PODS_NAMED));
+            }
+            cond(
+                SIDECAR_OUTDATED,
+                true,
+                REASON_PODS_WITH_OUTDATED_SIDECAR,
+                format!(
+                    "{} of {} selected running pods have a sidecar injected for other settings than the policy's: \
+                     {pods}. The injection sets them when a pod is created; replace the pods (kubectl rollout \
+                     restart) for the policy's to apply",
+                    outdated.len(),
                     facts.selected_pods
                 ),
             )
@@ -292,7 +334,7 @@ pub(crate) fn status(
             ),
         ),
     };
-    let mut conditions = vec![compiled, network_policy, bypass, sidecar, mesh_port];
+    let mut conditions = vec![compiled, network_policy, bypass, sidecar, outdated, mesh_port];
     match &facts.shadow {
         ShadowState::NotAudit => {}
         ShadowState::Checked { by, .. } if by.is_empty() => conditions.push(cond(
@@ -471,6 +513,12 @@ pub(crate) fn events(
         && find(old, SIDECAR_MISSING).is_none_or(|o| o.status != "True")
     {
         push(EventType::Warning, REASON_SIDECAR_MISSING_EVENT, &c.message);
+    }
+    if let Some(c) = find(Some(new), SIDECAR_OUTDATED)
+        && c.status == "True"
+        && find(old, SIDECAR_OUTDATED).is_none_or(|o| o.status != "True")
+    {
+        push(EventType::Warning, REASON_PODS_WITH_OUTDATED_SIDECAR, &c.message);
     }
     if let Some(c) = find(Some(new), PROXY_PORT_NOT_HTTP)
         && c.status == "True"

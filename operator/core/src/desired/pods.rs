@@ -3,10 +3,12 @@
 
 use std::collections::BTreeMap;
 
+use custos_api::DataAccessPolicySpec;
 use custos_api::config::{PolicyConfig, WorkloadIdentity};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+use crate::inject::{JWKS_DIR, PROXY_PORT_NAME};
 use crate::names::SIDECAR_CONTAINER;
 use crate::selector::selector_matches;
 
@@ -86,20 +88,74 @@ pub(crate) fn selected<'a>(pods: &'a [Pod], in_namespace: &str, selector: &Label
         .collect()
 }
 
+/// The `custos-sidecar` container of `pod` (regular or native).
+fn sidecar_of(pod: &Pod) -> Option<&Container> {
+    let s = pod.spec.as_ref()?;
+    s.containers.iter().chain(s.init_containers.iter().flatten()).find(|c| c.name == SIDECAR_CONTAINER)
+}
+
 /// The names of `pods` that have no `custos-sidecar` container (regular or native), sorted.
 pub(crate) fn without_sidecar(pods: &[&Pod]) -> Vec<String> {
-    let has_sidecar = |pod: &Pod| {
-        pod.spec.as_ref().is_some_and(|s| {
-            s.containers.iter().chain(s.init_containers.iter().flatten()).any(|c| c.name == SIDECAR_CONTAINER)
-        })
-    };
     let mut names: Vec<String> = pods
         .iter()
-        .filter(|p| !has_sidecar(p))
+        .filter(|p| sidecar_of(p).is_none())
         .map(|p| p.metadata.name.clone().unwrap_or_default())
         .collect();
     names.sort();
     names
+}
+
+/// Of `pods`, those whose sidecar was injected for other settings than `spec` has now, each
+/// as its name and what differs, sorted by name. The injection fixes them when a pod is
+/// created (a pod spec cannot change them later), so after an edit of the policy the running
+/// pods keep the old ones until they are replaced:
+///
+/// - the sidecar listens on another port than `proxyPort` (its `custos-proxy` port): callers
+///   and Services of the new port reach nothing;
+/// - it forwards to another port than `appPort` (`CUSTOS_UPSTREAM`, set when the pod was
+///   injected before a policy selected it: the pod's first port);
+/// - the `jwksSecretRef` Secret is not mounted: every user token is refused.
+pub(crate) fn outdated_sidecars(pods: &[&Pod], spec: &DataAccessPolicySpec) -> Vec<String> {
+    let proxy_port = i32::from(spec.workload.proxy_port());
+    let app_port = spec.workload.app_port;
+    let jwks = spec
+        .identity
+        .as_ref()
+        .and_then(|i| i.users.as_ref())
+        .and_then(|u| u.jwt.jwks_secret_ref.as_ref())
+        .map(|r| (r.name.as_str(), format!("{JWKS_DIR}/{}", r.name)));
+    let mut outdated: Vec<String> = pods
+        .iter()
+        .filter_map(|pod| {
+            let sidecar = sidecar_of(pod)?;
+            let mut differs = Vec::new();
+            let listens = sidecar.ports.iter().flatten().find(|p| p.name.as_deref() == Some(PROXY_PORT_NAME));
+            if let Some(port) = listens.map(|p| p.container_port).filter(|p| *p != proxy_port) {
+                differs.push(format!("listens on {port}, proxyPort is {proxy_port}"));
+            }
+            let upstream = sidecar
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == "CUSTOS_UPSTREAM")
+                .and_then(|e| e.value.as_deref())
+                .and_then(|v| v.rsplit_once(':'))
+                .and_then(|(_, port)| port.parse::<u16>().ok());
+            if let Some(port) = upstream.filter(|p| *p != app_port) {
+                differs.push(format!("forwards to port {port}, appPort is {app_port}"));
+            }
+            if let Some((secret, path)) = &jwks
+                && !sidecar.volume_mounts.iter().flatten().any(|m| &m.mount_path == path)
+            {
+                differs.push(format!("JWKS Secret {secret} not mounted"));
+            }
+            (!differs.is_empty()).then(|| {
+                format!("{} ({})", pod.metadata.name.as_deref().unwrap_or_default(), differs.join(", "))
+            })
+        })
+        .collect();
+    outdated.sort();
+    outdated
 }
 
 /// The workload identity table of a namespace's config: one entry per IP of every running pod

@@ -521,7 +521,15 @@ fn status_reports_generation_rules_and_ready() {
     let types: Vec<_> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
     assert_eq!(
         types,
-        [READY, COMPILED, NETWORK_POLICY_APPLIED, SIDECAR_BYPASS, SIDECAR_MISSING, PROXY_PORT_NOT_HTTP]
+        [
+            READY,
+            COMPILED,
+            NETWORK_POLICY_APPLIED,
+            SIDECAR_BYPASS,
+            SIDECAR_MISSING,
+            SIDECAR_OUTDATED,
+            PROXY_PORT_NOT_HTTP
+        ]
     );
     assert!(s.conditions.iter().all(|c| c.observed_generation == Some(7)));
     assert_eq!(cond(s, NETWORK_POLICY_APPLIED).reason, REASON_APPLIED);
@@ -781,6 +789,89 @@ fn selected_pods_without_the_sidecar_are_reported_once() {
     disabled.spec.mode = custos_api::policy::Mode::Disabled;
     let d = compute(&snapshot(vec![disabled], snap.pods.clone(), vec![]), t(0)).unwrap();
     let c = cond(status_of(&d, "orders"), SIDECAR_MISSING);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_POLICY_DISABLED));
+}
+
+/// A pod `app=orders` whose app listens on `app_port`, injected by the real injection with
+/// the namespace's policy as it was (`spec`; one selecting `app=other` leaves the pod to the
+/// namespace label alone).
+fn mk_injected_pod(name: &str, spec: serde_json::Value, app_port: i32) -> Pod {
+    let mut pod = mk_pod(NS, name, &[("app", "orders")], "default", "10.0.0.1");
+    let containers = &mut pod.spec.as_mut().unwrap().containers;
+    containers.retain(|c| c.name != crate::names::SIDECAR_CONTAINER);
+    containers[0].ports.as_mut().unwrap()[0].container_port = app_port;
+    let policies = [mk_policy_spec("orders", spec)];
+    let labels = map(&[(crate::names::NAMESPACE_INJECTION_LABEL, "enabled")]);
+    let settings = crate::inject::InjectSettings::default();
+    match crate::inject::inject(&pod, NS, &labels, &policies, &settings) {
+        crate::inject::Injection::Inject { pod: injected, .. } => Pod { status: pod.status, ..*injected },
+        other => panic!("expected an injection, got {other:?}"),
+    }
+}
+
+/// Pods whose sidecar the injection made for other settings than the policy has now (its
+/// proxy port, app port or JWKS Secret changed since, or it was injected before a policy
+/// selected it) are reported, with what differs, and one Warning Event; a warning, not a
+/// failure; a Disabled policy is not checked.
+#[test]
+fn sidecars_injected_for_other_settings_are_reported() {
+    let spec_of = |app: &str, proxy_port: u16, jwks: bool| {
+        let mut spec = json!({
+            "workload": { "selector": { "matchLabels": { "app": app } }, "appPort": 8080, "proxyPort": proxy_port },
+            "rules": [ { "name": "read", "action": "Allow" } ]
+        });
+        if jwks {
+            spec["identity"] = json!({"users": {"jwt": {"issuer": "https://sso.example", "audiences": ["orders"], "jwksSecretRef": {"name": "sso-jwks"}}}});
+        }
+        spec
+    };
+    let spec = |proxy_port: u16, jwks: bool| spec_of("orders", proxy_port, jwks);
+    let current = mk_injected_pod("orders-a", spec(15080, true), 8080);
+    let d = compute(
+        &snapshot(vec![mk_policy_spec("orders", spec(15080, true))], vec![current.clone()], vec![]),
+        t(0),
+    )
+    .unwrap();
+    let c = cond(status_of(&d, "orders"), SIDECAR_OUTDATED);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_SIDECARS_CURRENT), "{}", c.message);
+
+    // The policy now listens on 16000 and verifies users with a JWKS Secret the old pod lacks;
+    // a pod injected by the namespace label forwards to its first port.
+    let old = mk_injected_pod("orders-b", spec(15080, false), 8080);
+    let by_label = mk_injected_pod("orders-c", spec_of("other", 15080, false), 9090);
+    let mut snap =
+        snapshot(vec![mk_policy_spec("orders", spec(16000, true))], vec![current, old, by_label], vec![]);
+    snap.policies[0].status = Some(status_of(&d, "orders").clone());
+    let d2 = compute(&snap, t(1)).unwrap();
+    let c = cond(status_of(&d2, "orders"), SIDECAR_OUTDATED);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", REASON_PODS_WITH_OUTDATED_SIDECAR));
+    assert!(
+        c.message.starts_with(
+            "3 of 3 selected running pods have a sidecar injected for other settings than the policy's: \
+             orders-a (listens on 15080, proxyPort is 16000); \
+             orders-b (listens on 15080, proxyPort is 16000, JWKS Secret sso-jwks not mounted); \
+             orders-c (listens on 15080, proxyPort is 16000, forwards to port 9090, appPort is 8080, \
+             JWKS Secret sso-jwks not mounted)"
+        ),
+        "{}",
+        c.message
+    );
+    let ready = cond(status_of(&d2, "orders"), READY);
+    assert_eq!(ready.status, "True", "a warning, not a failure: {}", ready.message);
+    let events: Vec<_> = d2.events.iter().filter(|e| e.reason == REASON_PODS_WITH_OUTDATED_SIDECAR).collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].type_, EventType::Warning);
+
+    // Still outdated: no second Event.
+    snap.policies[0].status = Some(status_of(&d2, "orders").clone());
+    let d3 = compute(&snap, t(2)).unwrap();
+    assert!(d3.events.iter().all(|e| e.reason != REASON_PODS_WITH_OUTDATED_SIDECAR), "{:?}", d3.events);
+
+    // A Disabled policy is not checked.
+    let mut disabled = mk_policy_spec("orders", spec(16000, true));
+    disabled.spec.mode = custos_api::policy::Mode::Disabled;
+    let d = compute(&snapshot(vec![disabled], snap.pods.clone(), vec![]), t(0)).unwrap();
+    let c = cond(status_of(&d, "orders"), SIDECAR_OUTDATED);
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_POLICY_DISABLED));
 }
 
