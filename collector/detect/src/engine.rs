@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use chrono::{DateTime, SecondsFormat};
+use chrono::{DateTime, SecondsFormat, Utc};
 use custos_api::AuditEvent;
 use custos_store::{Alert, Severity};
 use serde::Serialize;
@@ -122,9 +122,12 @@ impl Dedupe {
 /// The detectors over a stream of audit events.
 ///
 /// Synchronous and deterministic: no I/O and no wall clock. Time comes from each event's
-/// `time`: the same events in the same order give the same alerts with the same ids. Feed it
-/// events roughly in time order (modest disorder across sidecars is tolerated, see
-/// [`DetectConfig::late_tolerance`]); call [`Detectors::observe`] once per event stored.
+/// `time`, bounded by the receipt time the collector gives
+/// ([`Detectors::observe_received`]): the same events in the same order (and receipt times)
+/// give the same alerts with the same ids. Feed it events roughly in time order (modest
+/// disorder across sidecars is tolerated, see [`DetectConfig::late_tolerance`]); call
+/// [`Detectors::observe_received`] (or [`Detectors::observe`] for a replay) once per event
+/// stored.
 #[derive(Debug)]
 pub struct Detectors {
     config: DetectConfig,
@@ -137,7 +140,8 @@ pub struct Detectors {
     dedupe: Dedupe,
     /// The newest event time seen (ms).
     watermark: Option<i64>,
-    /// The first event time seen (ms): the start of first_seen's learning period.
+    /// The start of first_seen's learning period (ms): the first receipt time given
+    /// ([`Detectors::observe_received`]), else the first event time seen.
     origin: Option<i64>,
     next_sweep: i64,
     cooldown_ms: i64,
@@ -221,8 +225,39 @@ impl Detectors {
         alerts
     }
 
-    /// Observes one event; the alerts it raises (usually none).
+    /// Observes every event of a batch the collector received at `received` (its own clock),
+    /// in order; the alerts of all of them. See [`Self::observe_received`].
+    pub fn observe_all_received<'a>(
+        &mut self,
+        events: impl IntoIterator<Item = &'a AuditEvent>,
+        received: DateTime<Utc>,
+    ) -> Vec<Alert> {
+        let cap = received.timestamp_millis();
+        let mut alerts = Vec::new();
+        for e in events {
+            alerts.extend(self.observe_capped(e, cap));
+        }
+        alerts
+    }
+
+    /// Observes one event the collector received at `received` (its own clock); the alerts it
+    /// raises. An event dated after `received` (a sender's clock ahead, or a forged time: the
+    /// store takes up to 10 minutes of skew) counts as if dated `received`: it moves its
+    /// principal's clock and the watermark no further, so it cannot make the principal's
+    /// next events late and keep them out of the windowed detectors. `off_hours` still judges
+    /// the event's own time.
+    pub fn observe_received(&mut self, event: &AuditEvent, received: DateTime<Utc>) -> Vec<Alert> {
+        self.observe_capped(event, received.timestamp_millis())
+    }
+
+    /// Observes one event; the alerts it raises (usually none). Its time is taken as it is:
+    /// for events received now, prefer [`Self::observe_received`].
     pub fn observe(&mut self, event: &AuditEvent) -> Vec<Alert> {
+        self.observe_capped(event, i64::MAX)
+    }
+
+    /// [`Self::observe`], the event's time taken as at most `cap_ms` for the clocks.
+    fn observe_capped(&mut self, event: &AuditEvent, cap_ms: i64) -> Vec<Alert> {
         self.stats.events += 1;
         if self.dedupe.seen_before(&event.id) {
             self.stats.duplicates += 1;
@@ -236,7 +271,12 @@ impl Detectors {
             self.stats.invalid += 1;
             return Vec::new();
         }
-        let now = self.advance(t);
+        // The time that moves the clocks: never ahead of the receipt.
+        let t_clock = t.min(cap_ms);
+        // first_seen learns from the first receipt (the collector's start), not from an
+        // event's own time: an old event must not end the learning period at once.
+        self.origin.get_or_insert(if cap_ms == i64::MAX { t } else { cap_ms });
+        let now = self.advance(t_clock);
         let learning_over = match (&self.first_seen, self.origin) {
             (Some(f), Some(origin)) => now >= origin.saturating_add(f.learning_ms),
             _ => false,
@@ -244,13 +284,13 @@ impl Detectors {
         if !self.principals.contains_key(event.principal.as_str()) {
             self.make_room();
             self.principals
-                .insert(event.principal.clone(), PrincipalState { clock: t, ..Default::default() });
+                .insert(event.principal.clone(), PrincipalState { clock: t_clock, ..Default::default() });
         }
         let Some(st) = self.principals.get_mut(event.principal.as_str()) else {
             return Vec::new();
         };
-        let late = t < st.clock.saturating_sub(self.late_ms);
-        let t_eff = t.max(st.clock);
+        let late = t_clock < st.clock.saturating_sub(self.late_ms);
+        let t_eff = t_clock.max(st.clock);
         st.clock = t_eff;
 
         let cooled = st.cooled_until;
@@ -313,7 +353,6 @@ impl Detectors {
     /// Moves the watermark to `t` (never backwards), sweeping idle principals now and then;
     /// the watermark.
     fn advance(&mut self, t: i64) -> i64 {
-        self.origin.get_or_insert(t);
         let now = self.watermark.map_or(t, |w| w.max(t));
         self.watermark = Some(now);
         if now >= self.next_sweep {

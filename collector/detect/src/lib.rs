@@ -3,9 +3,10 @@
 //! # Detection
 //!
 //! [`Detectors`] is a plain synchronous engine: the collector calls
-//! [`Detectors::observe`] for every event it committed and gets back the [`Alert`]s it
-//! raises. No I/O and no wall clock: time is each event's `time`, so replaying the same events
-//! gives the same alerts with the same ids. Five detectors, each can be disabled
+//! [`Detectors::observe_received`] for every event it committed (with the time it received
+//! it) and gets back the [`Alert`]s it raises. No I/O and no wall clock: time is each event's
+//! `time`, never later than its receipt, so replaying the same events gives the same alerts
+//! with the same ids. Five detectors, each can be disabled
 //! ([`DetectConfig`], or the `--detect-*` flags of [`DetectArgs`]):
 //!
 //! | detector | fires when | incident |
@@ -28,7 +29,9 @@
 //! active evicted first; evictions counted in [`DetectStats`]). Events from many sidecars may
 //! arrive a little out of order: each principal has its own clock that never goes backwards;
 //! an event up to [`DetectConfig::late_tolerance`] older counts in the current bucket/window,
-//! an older one is left out of the windowed detectors (counted as late).
+//! an older one is left out of the windowed detectors (counted as late). An event dated after
+//! its receipt moves the clock only to the receipt time, so a future date cannot make the
+//! principal's next events late. `first_seen` learns from the first receipt time.
 //!
 //! After a restart the engine is empty; to restore baselines, feed it recent history from the
 //! store and discard the alerts (their ids are those already stored).
@@ -63,7 +66,7 @@
 //! let outcome = store.ingest(&batch).await?;
 //! let (alerts, stats) = {
 //!     let mut d = detectors.lock().expect("detector lock poisoned");
-//!     (d.observe_all(&batch), d.stats())
+//!     (d.observe_all_received(&batch, chrono::Utc::now()), d.stats())
 //! };
 //! metrics.update_detect_stats(&stats);
 //! if !alerts.is_empty() {

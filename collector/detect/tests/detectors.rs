@@ -393,6 +393,53 @@ fn out_of_order_events_are_tolerated_and_late_ones_skipped_by_windows() {
     }
 }
 
+/// An event dated ahead of the collector's clock (the store takes up to 10 minutes of skew,
+/// and a namespace token may send events of any principal) moves a principal's clock only up
+/// to when it was received: the events that follow, dated now, still count in the windows.
+/// Before, one event dated now + 9 minutes made every later event of that principal late for
+/// minutes, skipped by volume, denial_burst and row_filter_burst.
+#[test]
+fn a_future_dated_event_does_not_blind_the_windowed_detectors() {
+    let t0 = at("2026-03-03T10:00:00Z");
+    let received = chrono::DateTime::from_timestamp_millis(t0).unwrap();
+    let mut d = engine(config());
+    let mut alerts = d.observe_received(&mk_event("user:mallory", t0 + 9 * MIN, 0), received);
+    alerts.extend(d.observe_received(&mk_deny("user:prober", t0 + 9 * MIN, "default_deny"), received));
+    for i in 0..50 {
+        alerts.extend(d.observe_received(&mk_event("user:mallory", t0 + i * 100, 10_000), received));
+        alerts.extend(d.observe_received(&mk_deny("user:prober", t0 + i * 100, "default_deny"), received));
+    }
+    assert_eq!(d.stats().late, 0, "{:?}", d.stats());
+    assert_eq!(of(&alerts, "volume", "user:mallory").len(), 1, "{}", describe(&alerts));
+    assert_eq!(of(&alerts, "denial_burst", "user:prober").len(), 1, "{}", describe(&alerts));
+    // The future-dated event itself counts at its receipt: its alert is dated then.
+    assert!(alerts.iter().all(|a| at(&a.time) <= t0 + 50 * 100), "{}", describe(&alerts));
+
+    // Without a receipt time (a replay) the event's own time is taken, as before.
+    let mut replay = engine(config());
+    replay.observe(&mk_event("user:mallory", t0 + 9 * MIN, 0));
+    for i in 0..50 {
+        replay.observe(&mk_event("user:mallory", t0 + i * 100, 10_000));
+    }
+    assert_eq!(replay.stats().late, 50);
+}
+
+/// first_seen's learning period starts at the first receipt (the collector's start), not at
+/// the first event's own time: an old event delivered first (a sender's spool, a forged time)
+/// no longer ends the learning period at once, which made every principal "new".
+#[test]
+fn first_seen_learns_from_the_first_receipt_not_from_an_old_event() {
+    let now = at("2026-03-03T10:00:00Z");
+    let received = |t: i64| chrono::DateTime::from_timestamp_millis(t).unwrap();
+    let mut d = engine(config());
+    d.observe_received(&mk_event("user:old", now - 6 * DAY, 1), received(now));
+    let alerts = d.observe_received(&mk_event("user:newcomer", now + HOUR, 1), received(now + HOUR));
+    assert!(of(&alerts, "first_seen", "user:newcomer").is_empty(), "{}", describe(&alerts));
+    let later = now + DAY + HOUR;
+    let alerts = d.observe_received(&mk_event("user:later", later, 1), received(later));
+    assert_eq!(of(&alerts, "first_seen", "user:later").len(), 1, "{}", describe(&alerts));
+}
+
 #[test]
 fn invalid_events_are_counted_not_used() {
     let mut d = engine(config());

@@ -73,6 +73,13 @@ pub struct CollectorArgs {
     #[arg(long, env = "CUSTOS_COLLECTOR_RETENTION", value_name = "DURATION", default_value = "none", value_parser = parse_retention)]
     pub retention: Retention,
 
+    /// Events dated more than this before they arrive (e.g. 7d, 30d) are acknowledged as
+    /// `expired` and not stored, as events older than what retention deleted are; `none`
+    /// stores events of any age. A sidecar's spool delivers events late after an outage:
+    /// keep this longer than the outages its events must survive.
+    #[arg(long, env = "CUSTOS_COLLECTOR_MAX_EVENT_AGE", value_name = "DURATION", default_value = "7d", value_parser = parse_retention)]
+    pub max_event_age: Retention,
+
     /// How often retention runs (the first run is at start).
     #[arg(long, env = "CUSTOS_COLLECTOR_PRUNE_INTERVAL", value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     pub prune_interval: Duration,
@@ -134,18 +141,19 @@ pub struct CollectorArgs {
     pub otlp_gzip: bool,
 }
 
-/// The `--retention` value: a duration, or `none` (keep forever).
+/// The `--retention` and `--max-event-age` values: a duration, or `none` (no bound).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retention(pub Option<Duration>);
 
-/// Parses `--retention`: `none` (also `off`, `forever`) or a positive duration.
+/// Parses `--retention` or `--max-event-age`: `none` (also `off`, `forever`) or a positive
+/// duration.
 pub fn parse_retention(text: &str) -> Result<Retention, String> {
     if matches!(text.trim().to_ascii_lowercase().as_str(), "none" | "off" | "forever") {
         return Ok(Retention(None));
     }
     let d = parse_duration(text)?;
     if d.is_zero() {
-        return Err("retention must be positive, or `none`".into());
+        return Err("the duration must be positive, or `none`".into());
     }
     Ok(Retention(Some(d)))
 }
@@ -191,6 +199,7 @@ impl CollectorArgs {
         config.max_concurrent_queries = self.max_concurrent_queries;
         config.query_timeout = self.query_timeout;
         config.retention = self.retention.0;
+        config.max_event_age = self.max_event_age.0;
         config.prune_interval = self.prune_interval;
         config.shutdown_timeout = self.shutdown_timeout;
         if self.header_read_timeout.is_zero() {
@@ -242,6 +251,7 @@ mod tests {
         assert_eq!(config.auth, Auth::TokenFile("/t".into()));
         assert_eq!(config.limits, IngestLimits { max_batch_bytes: 16 << 20, max_batch_events: 10_000 });
         assert_eq!(config.retention, None);
+        assert_eq!(config.max_event_age, Some(Duration::from_secs(7 * 86_400)));
         assert_eq!(config.prune_interval, Duration::from_secs(3600));
         assert_eq!(config.kube_events, KubeEvents::Auto);
 
@@ -258,10 +268,13 @@ mod tests {
             "5s",
             "--header-read-timeout",
             "10s",
+            "--max-event-age",
+            "none",
         ])
         .unwrap();
         let config = cli.args.into_config().unwrap();
         assert_eq!(config.auth, Auth::Unauthenticated);
+        assert_eq!(config.max_event_age, None);
         assert_eq!(config.retention, Some(Duration::from_secs(30 * 86_400)));
         assert_eq!(config.limits.max_batch_bytes, 512 << 10);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(5));
@@ -282,6 +295,7 @@ mod tests {
         assert!(Cli::try_parse_from(["c"]).is_err());
         assert!(Cli::try_parse_from(["c", "--token-file", "/t", "--allow-unauthenticated"]).is_err());
         assert!(Cli::try_parse_from(["c", "--token-file", "/t", "--retention", "0d"]).is_err());
+        assert!(Cli::try_parse_from(["c", "--token-file", "/t", "--max-event-age", "0s"]).is_err());
         assert!(Cli::try_parse_from(["c", "--token-file", "/t", "--max-batch-bytes", "0"]).is_err());
     }
 

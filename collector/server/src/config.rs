@@ -47,6 +47,10 @@ pub struct CollectorConfig {
     pub query_timeout: Duration,
     /// Events older than this are pruned; `None` keeps them forever.
     pub retention: Option<Duration>,
+    /// Events dated more than this before their receipt are acknowledged as `expired` and not
+    /// stored (`--max-event-age`); `None`: no bound. The store already refuses times more than
+    /// 10 minutes ahead.
+    pub max_event_age: Option<Duration>,
     /// How often retention runs.
     pub prune_interval: Duration,
     /// How long shutdown waits for in-flight requests before closing their connections.
@@ -84,6 +88,7 @@ impl std::fmt::Debug for CollectorConfig {
             .field("limits", &self.limits)
             .field("max_concurrent_batches", &self.max_concurrent_batches)
             .field("retention", &self.retention)
+            .field("max_event_age", &self.max_event_age)
             .field("prune_interval", &self.prune_interval)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("header_read_timeout", &self.header_read_timeout)
@@ -98,9 +103,10 @@ impl std::fmt::Debug for CollectorConfig {
 
 impl CollectorConfig {
     /// The defaults (listen on 0.0.0.0:8080, 16 MiB / 10 000 events per batch, no retention,
-    /// prune every hour, 30 s shutdown, 30 s to start a request, no detectors, no webhook, no OTLP export, no Kubernetes
-    /// Events) for `store_url` and `auth`. `custos collector` turns the detectors on by default
-    /// and Kubernetes Events to `auto`.
+    /// no maximum event age, prune every hour, 30 s shutdown, 30 s to start a request, no
+    /// detectors, no webhook, no OTLP export, no Kubernetes Events) for `store_url` and
+    /// `auth`. `custos collector` turns the detectors on by default, Kubernetes Events to
+    /// `auto` and the maximum event age to 7 days.
     pub fn new(store_url: impl Into<String>, auth: Auth) -> Self {
         CollectorConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
@@ -111,6 +117,7 @@ impl CollectorConfig {
             max_concurrent_queries: 2,
             query_timeout: custos_store::DEFAULT_QUERY_TIMEOUT,
             retention: None,
+            max_event_age: None,
             prune_interval: Duration::from_secs(3_600),
             shutdown_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(30),
@@ -144,6 +151,12 @@ impl CollectorConfig {
         }
         if self.retention.is_some_and(|r| chrono::TimeDelta::from_std(r).is_err()) {
             return Err("--retention is out of range".into());
+        }
+        if self.max_event_age.is_some_and(|a| a.is_zero()) {
+            return Err("--max-event-age must be positive (or `none`)".into());
+        }
+        if self.max_event_age.is_some_and(|a| chrono::TimeDelta::from_std(a).is_err()) {
+            return Err("--max-event-age is out of range".into());
         }
         if self.prune_interval.is_zero() {
             return Err("--prune-interval must be positive".into());

@@ -199,9 +199,9 @@ pub fn content_encoding(headers: &HeaderMap) -> Result<ContentEncoding, ApiError
 }
 
 /// Reads a request body of at most `limit` bytes (413 beyond, checked against `Content-Length`
-/// first), within a time-out (408). Each chunk takes its KiB from `budget` as it arrives
-/// (waiting while the budget is spent, within the time-out); the permits come back with the
-/// body and are released when dropped.
+/// first), within a time-out (408). The body holds one permit of `budget` per KiB received
+/// (rounded up), taken as its chunks arrive (waiting while the budget is spent, within the
+/// time-out); the permits come back with the body and are released when dropped.
 pub(crate) async fn read_body(
     body: Body,
     headers: &HeaderMap,
@@ -234,15 +234,20 @@ pub(crate) async fn read_body(
                             drain(body).await;
                             return Err(too_many_bytes(limit));
                         }
-                        let kib = u32::try_from(data.len().div_ceil(1024)).unwrap_or(u32::MAX);
-                        let permit = budget
-                            .clone()
-                            .acquire_many_owned(kib)
-                            .await
-                            .map_err(|_| ApiError::internal("body budget closed"))?;
-                        match &mut held {
-                            Some(h) => h.merge(permit),
-                            None => held = Some(permit),
+                        // The KiB the body has reached, less those already held: a body of
+                        // tiny frames takes what it sent, not a KiB per frame.
+                        let needed = (buf.len() + data.len()).div_ceil(1024);
+                        let missing = needed.saturating_sub(held.as_ref().map_or(0, |h| h.num_permits()));
+                        if missing > 0 {
+                            let permit = budget
+                                .clone()
+                                .acquire_many_owned(u32::try_from(missing).unwrap_or(u32::MAX))
+                                .await
+                                .map_err(|_| ApiError::internal("body budget closed"))?;
+                            match &mut held {
+                                Some(h) => h.merge(permit),
+                                None => held = Some(permit),
+                            }
                         }
                         if buf.is_empty() {
                             buf.reserve(declared.map_or(64 << 10, |l| l as usize).min(limit));
@@ -843,6 +848,44 @@ mod tests {
         assert!(content_encoding(&h).is_err());
         h.insert(header::CONTENT_ENCODING, "gzip, gzip".parse().unwrap());
         assert!(content_encoding(&h).is_err());
+    }
+
+    /// A body of `n` one-byte DATA frames.
+    struct OneByteFrames(usize);
+
+    impl hyper::body::Body for OneByteFrames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            if self.0 == 0 {
+                return std::task::Poll::Ready(None);
+            }
+            self.0 -= 1;
+            std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    /// The body budget is charged by the KiB of bytes received, not by the frame: 5,000
+    /// one-byte frames take 5 KiB of it, and finish within a budget of 8 KiB (charged a KiB a
+    /// frame, they held the whole budget after 8 bytes and waited for the time-out).
+    #[tokio::test]
+    async fn tiny_frames_take_the_budget_by_their_bytes() {
+        let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+        let headers = HeaderMap::new();
+        let read = read_body(Body::new(OneByteFrames(5_000)), &headers, 1 << 20, &budget);
+        let (bytes, held) = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the body is read without waiting for the budget")
+            .unwrap();
+        assert_eq!(bytes.len(), 5_000);
+        assert_eq!(held.as_ref().map(|p| p.num_permits()), Some(5));
+        assert_eq!(budget.available_permits(), 3);
+        drop(held);
+        assert_eq!(budget.available_permits(), 8);
     }
 
     #[test]

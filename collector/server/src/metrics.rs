@@ -95,7 +95,7 @@ impl CollectorMetrics {
         let events_expired = Counter::default();
         registry.register(
             "custos_collector_events_expired",
-            "Audit events received older than what retention already deleted: acknowledged, not stored",
+            "Audit events received older than what retention already deleted or than --max-event-age: acknowledged, not stored",
             events_expired.clone(),
         );
         let batches_rejected = Family::<ReasonLabel, Counter>::default();

@@ -9,8 +9,14 @@
 //! store tells which events of a resent batch were new.
 //!
 //! At start the detectors are warmed up with the last [`WARM_UP`] of stored events (at most
-//! [`WARM_UP_MAX_EVENTS`]) so that a restart does not reset every principal's baseline; the
-//! alerts of the warm-up are discarded (those that were raised before are already stored).
+//! [`WARM_UP_MAX_EVENTS`], read in pages of at most [`WARM_UP_PAGE_BYTES`] of stored events and
+//! kept slimmed to at most [`WARM_UP_MAX_BYTES`]) so that a restart does not reset every
+//! principal's baseline; the alerts of the warm-up are discarded (those that were raised
+//! before are already stored).
+//!
+//! The detectors are told when each batch was received (now): an event dated ahead of that
+//! counts as of now ([`Detectors::observe_all_received`]), and first_seen learns from the
+//! collector's start.
 
 use std::time::Duration;
 
@@ -27,6 +33,13 @@ use crate::observer::StoredBatch;
 pub const WARM_UP: Duration = Duration::from_secs(3_600);
 /// At most this many events are replayed at start.
 pub const WARM_UP_MAX_EVENTS: usize = 200_000;
+/// The stored events of one warm-up page take at most about this much (plus one event, at most
+/// [`custos_store::chain::MAX_EVENT_BYTES`]): a page of 5,000 crawler events with 10,000
+/// record hashes each would otherwise be 3.5 GB of bodies, parsed at once.
+pub const WARM_UP_PAGE_BYTES: usize = 16 << 20;
+/// The slimmed events kept for the replay take at most about this much (estimated from their
+/// strings): once reached, the older events are left out.
+pub const WARM_UP_MAX_BYTES: usize = 128 << 20;
 /// Batches waiting for the pipeline.
 pub(crate) const CHANNEL_CAPACITY: usize = 256;
 
@@ -107,7 +120,7 @@ async fn handle(store: &AnyStore, sinks: &mut Sinks, batch: StoredBatch) {
         let _ = exporter.try_send(&events);
     }
     let Some(detectors) = sinks.detectors.as_mut() else { return };
-    let alerts = detectors.observe_all(&events);
+    let alerts = detectors.observe_all_received(&events, Utc::now());
     sinks.dispatcher.metrics().update_detect_stats(&detectors.stats());
     if alerts.is_empty() {
         return;
@@ -119,58 +132,149 @@ async fn handle(store: &AnyStore, sinks: &mut Sinks, batch: StoredBatch) {
 }
 
 /// An event as the detectors read it: the fields they never look at (record hashes, the user's
-/// attributes, the path, masks, trace and chain fields) dropped, so that holding up to
-/// [`WARM_UP_MAX_EVENTS`] of them at start does not take hundreds of MiB (a review measured
-/// 660 MiB for 200,000 events with ten record hashes each, past the chart's memory limit: a
-/// restart under crawler load would be killed, and again).
+/// attributes, the method and path, masks, other rules and dry runs, trace and chain fields)
+/// dropped, so that holding up to [`WARM_UP_MAX_EVENTS`] of them at start does not take
+/// hundreds of MiB (a review measured 660 MiB for 200,000 events with ten record hashes each,
+/// past the chart's memory limit: a restart under crawler load would be killed, and again).
 fn slim(mut event: custos_api::AuditEvent) -> custos_api::AuditEvent {
     event.record_hashes = Vec::new();
     event.user = None;
     event.caller = None;
     event.masked = Default::default();
+    event.method = String::new();
     event.path = String::new();
     event.trace_id = None;
     event.prev_hash = None;
     event.pod = None;
     event.cluster = None;
+    event.also_applied = Vec::new();
+    event.dry_runs = Vec::new();
     event
+}
+
+/// About the memory a [`slim`] event takes: the struct and the strings it keeps.
+fn slim_bytes(e: &custos_api::AuditEvent) -> usize {
+    let strings = [&e.id, &e.time, &e.namespace, &e.principal, &e.reason]
+        .into_iter()
+        .chain([&e.policy, &e.rule].into_iter().flatten())
+        .map(|s| s.len())
+        .sum::<usize>();
+    std::mem::size_of::<custos_api::AuditEvent>() + strings
+}
+
+/// What a warm-up did.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct WarmUp {
+    /// Events replayed.
+    replayed: usize,
+    /// Pages read.
+    pages: usize,
+    /// Older events were left out ([`WARM_UP_MAX_EVENTS`] or [`WARM_UP_MAX_BYTES`]).
+    truncated: bool,
 }
 
 /// Replays the last [`WARM_UP`] of stored events through the detectors, oldest first,
 /// discarding their alerts.
 async fn warm_up(store: &AnyStore, detectors: &mut Detectors) {
-    let since = Utc::now() - chrono::Duration::from_std(WARM_UP).unwrap_or_default();
+    let warm = warm_up_within(store, detectors, WARM_UP_PAGE_BYTES, WARM_UP_MAX_BYTES).await;
+    if let Some(WarmUp { replayed, pages, truncated }) = warm {
+        tracing::info!(replayed, pages, truncated, "detectors warmed up with recent events");
+    }
+}
+
+/// [`warm_up`] with pages of at most about `page_bytes` of stored events and at most about
+/// `max_bytes` of slimmed events kept; `None` when the store could not be read.
+async fn warm_up_within(
+    store: &AnyStore,
+    detectors: &mut Detectors,
+    page_bytes: usize,
+    max_bytes: usize,
+) -> Option<WarmUp> {
+    let now = Utc::now();
+    let since = now - chrono::Duration::from_std(WARM_UP).unwrap_or_default();
     let mut events = Vec::new();
+    let mut warm = WarmUp::default();
+    let mut kept_bytes = 0usize;
     let mut query = EventQuery { since: Some(since), limit: 5_000, ..EventQuery::default() };
-    loop {
-        match store.query(&query).await {
+    'pages: loop {
+        match store.query_within(&query, page_bytes).await {
             Ok(page) => {
-                events.extend(page.events.into_iter().map(slim));
+                warm.pages += 1;
+                for event in page.events {
+                    let event = slim(event);
+                    kept_bytes = kept_bytes.saturating_add(slim_bytes(&event));
+                    if kept_bytes > max_bytes || events.len() >= WARM_UP_MAX_EVENTS {
+                        warm.truncated = true;
+                        break 'pages;
+                    }
+                    events.push(event);
+                }
                 match page.next_cursor {
-                    Some(c) if events.len() < WARM_UP_MAX_EVENTS => query.cursor = Some(c),
-                    _ => break,
+                    Some(c) => query.cursor = Some(c),
+                    None => break,
                 }
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot read recent events to warm up the detectors; starting cold");
-                return;
+                return None;
             }
         }
     }
     events.reverse();
-    let replayed = events.len();
-    let _ = detectors.observe_all(&events);
-    tracing::info!(replayed, "detectors warmed up with recent events");
+    warm.replayed = events.len();
+    // Their receipt is unknown: now bounds them (an event stored dated ahead counts as now).
+    let _ = detectors.observe_all_received(&events, now);
+    Some(warm)
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use chrono::{SecondsFormat, Utc};
     use custos_detect::{DetectConfig, Detectors};
     use serde_json::json;
 
-    use super::slim;
+    use super::{WARM_UP_PAGE_BYTES, WarmUp, slim, slim_bytes, warm_up_within};
+
+    /// The warm-up reads pages bounded in bytes, not only in events: events of 1,000 record
+    /// hashes (about 67 KB stored) come a few to a page of 200 KB, and every one is replayed.
+    /// Past the bound on what is kept, the oldest events are left out.
+    #[tokio::test]
+    async fn warm_up_pages_are_bounded_in_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("audit.db").display());
+        let store = custos_store::open(&url).await.unwrap();
+        let now = Utc::now();
+        let events: Vec<custos_api::AuditEvent> = (0..40i64)
+            .map(|i| {
+                let time = now - chrono::Duration::seconds(100 - i);
+                serde_json::from_value(json!({
+                    "schemaVersion": 1, "id": format!("e{i:05}"),
+                    "time": time.to_rfc3339_opts(SecondsFormat::Secs, true),
+                    "namespace": "shop", "policy": "customers", "rule": "read", "mode": "Enforce",
+                    "principal": "user:crawler", "method": "GET", "path": "/customers",
+                    "decision": "Allow", "reason": "allow_rule", "status": 200, "recordsReturned": 1_000,
+                    "recordHashes": (0..1_000).map(|n| format!("{:064x}", i * 1_000 + n)).collect::<Vec<_>>(),
+                }))
+                .unwrap()
+            })
+            .collect();
+        store.ingest(&events).await.unwrap();
+
+        let mut d = Detectors::new(DetectConfig::default()).unwrap();
+        let warm = warm_up_within(&store, &mut d, 200_000, usize::MAX).await.unwrap();
+        assert_eq!((warm.replayed, warm.truncated), (40, false), "{warm:?}");
+        assert!(warm.pages >= 10, "about three events a page: {warm:?}");
+        assert_eq!(d.stats().events, 40);
+
+        // Room for ten slimmed events: the newest ten are replayed.
+        let ten = 10 * slim_bytes(&slim(events[0].clone()));
+        let mut d = Detectors::new(DetectConfig::default()).unwrap();
+        let warm = warm_up_within(&store, &mut d, WARM_UP_PAGE_BYTES, ten).await.unwrap();
+        assert_eq!(warm, WarmUp { replayed: 10, pages: 1, truncated: true });
+        assert_eq!(d.stats().events, 10);
+    }
 
     /// What the detectors make of slimmed events is what they make of whole ones: a denial
     /// burst and a bulk export by one user, among ordinary reads.

@@ -1,8 +1,9 @@
 //! The query endpoints: `GET /v1/events`, `/v1/subjects/{hash}`, `/v1/top`, `/v1/alerts`,
 //! `/v1/usage` and `/v1/verify`.
 //!
-//! Parameters are checked strictly: an unknown or repeated parameter, or a malformed value, is
-//! a 400 `bad_query` naming the parameter (values are never echoed).
+//! Parameters are checked strictly: an unknown or repeated parameter, or a malformed value
+//! (one holding a NUL character included), is a 400 `bad_query` naming the parameter (values
+//! are never echoed).
 
 use std::collections::BTreeMap;
 
@@ -42,6 +43,14 @@ impl Params {
                 return Err(ApiError::bad_query(
                     &shown,
                     format!("unknown parameter `{shown}` (accepted: {})", allowed.join(", ")),
+                ));
+            }
+            if value.contains('\0') {
+                // PostgreSQL refuses such text (SQLSTATE 22021): the client's error, not the
+                // store's.
+                return Err(ApiError::bad_query(
+                    &name,
+                    format!("parameter `{name}` must not contain a NUL character (%00)"),
                 ));
             }
             if values.insert(name.to_string(), value.into_owned()).is_some() {
@@ -349,6 +358,24 @@ mod tests {
         }
         assert!(parse_decision("wouldDeny").is_some());
         assert!(parse_decision("Maybe").is_none());
+    }
+
+    /// A NUL character (`%00`) in a value is the client's error, named by its parameter:
+    /// PostgreSQL refuses such text (SQLSTATE 22021), which answered 503 `store_unavailable`.
+    #[test]
+    fn nul_characters_in_values_are_a_bad_query() {
+        for query in ["principal=%00", "policy=p&principal=user:a%00b", "since=1h%00"] {
+            let e = Params::parse(Some(query), &["policy", "principal", "since"]).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{query}");
+            assert_eq!(e.reason(), reason::BAD_QUERY, "{query}");
+            let name = if query.starts_with("since") { "since" } else { "principal" };
+            assert_eq!(e.field("parameter").unwrap(), name, "{query}");
+            assert!(e.message().contains("NUL"), "{}", e.message());
+            assert!(!e.message().contains("user:a"), "{}", e.message());
+        }
+        // A NUL in a name is an unknown parameter, not shown.
+        let e = Params::parse(Some("princ%00ipal=x"), &["principal"]).unwrap_err();
+        assert_eq!(e.field("parameter").unwrap(), "?");
     }
 
     #[test]

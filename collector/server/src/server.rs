@@ -335,7 +335,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, StartErr
         store.clone(),
         metrics.clone(),
         auth,
-        config.limits,
+        (config.limits, config.max_event_age),
         config.max_concurrent_batches,
         (config.max_concurrent_queries, config.query_timeout),
         observer,
@@ -350,6 +350,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, StartErr
         store = %redact_url(&config.store_url),
         authenticated = matches!(config.auth, Auth::TokenFile(_)),
         retention = ?config.retention,
+        max_event_age = ?config.max_event_age,
         max_batch_bytes = config.limits.max_batch_bytes,
         max_batch_events = config.limits.max_batch_events,
         "custos collector listening"

@@ -21,6 +21,8 @@ struct Inner {
     metrics: CollectorMetrics,
     auth: Option<TokenAuth>,
     limits: IngestLimits,
+    /// `--max-event-age`: older events are acknowledged as expired, not stored.
+    max_event_age: Option<chrono::TimeDelta>,
     batch_slots: Semaphore,
     /// `--max-concurrent-queries`, and how long a report query waits for one of them.
     query_slots: Arc<Semaphore>,
@@ -56,7 +58,7 @@ impl CollectorState {
         store: AnyStore,
         metrics: CollectorMetrics,
         auth: Option<TokenAuth>,
-        limits: IngestLimits,
+        (limits, max_event_age): (IngestLimits, Option<Duration>),
         max_concurrent_batches: usize,
         (max_concurrent_queries, query_wait): (usize, Duration),
         observer: Option<mpsc::Sender<StoredBatch>>,
@@ -67,6 +69,7 @@ impl CollectorState {
                 metrics,
                 auth,
                 limits,
+                max_event_age: max_event_age.and_then(|a| chrono::TimeDelta::from_std(a).ok()),
                 batch_slots: Semaphore::new(max_concurrent_batches.max(1)),
                 query_slots: Arc::new(Semaphore::new(max_concurrent_queries.max(1))),
                 query_wait,
@@ -121,7 +124,8 @@ impl CollectorState {
     /// Stores a parsed batch (idempotent by event id, durable when this returns Ok), counts it
     /// and offers it to the post-commit observer without waiting. A store refusal of one event
     /// is a 400 `bad_event` pointing at that event; any other store failure is a 503
-    /// `store_unavailable` (the sender retries).
+    /// `store_unavailable` (the sender retries). Events dated more than `--max-event-age` ago
+    /// (or before what retention pruned) are acknowledged as `expired` and not stored.
     ///
     /// A namespace token (`scope`) may only send events of its namespace: another one is 403
     /// `wrong_namespace` pointing at it, and nothing of the batch is stored.
@@ -141,12 +145,20 @@ impl CollectorState {
             )));
         }
         let started = Instant::now();
-        let result = self.inner.store.ingest_listing_new(batch.events()).await;
+        let oldest = self.inner.max_event_age.and_then(|age| chrono::Utc::now().checked_sub_signed(age));
+        let result = self.inner.store.ingest_listing_new_since(batch.events(), oldest).await;
         self.metrics().store_op("ingest", started.elapsed());
         match result {
             Ok(ingested) => {
                 let outcome = ingested.outcome;
                 self.metrics().ingested(outcome);
+                if outcome.expired > 0 {
+                    tracing::debug!(
+                        expired = outcome.expired,
+                        "events older than --max-event-age or than what retention pruned: \
+                         acknowledged as expired, not stored"
+                    );
+                }
                 if outcome.accepted > 0 {
                     self.notify(batch, ingested);
                 }

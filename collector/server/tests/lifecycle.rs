@@ -169,6 +169,25 @@ async fn retention_prunes_old_events_and_the_chain_still_verifies() {
     assert_eq!(metric_value(&metrics, "custos_collector_events_expired_total"), Some(10.0));
 }
 
+/// `--max-event-age`: events dated longer ago than it are acknowledged as expired and not
+/// stored, event by event (the rest of the batch is stored), whether retention is set or not.
+#[tokio::test]
+async fn events_older_than_the_max_event_age_are_expired_not_stored() {
+    let h = Harness::sqlite_with(|c| c.max_event_age = Some(Duration::from_secs(7 * 86_400))).await;
+    let now = Utc::now();
+    let batch = vec![
+        event("fresh", now - chrono::Duration::minutes(5)),
+        event("epoch", chrono::DateTime::from_timestamp(0, 0).unwrap()),
+        event("spooled", now - chrono::Duration::days(6)),
+        event("stale", now - chrono::Duration::days(8)),
+    ];
+    let (status, body) = h.post(NDJSON, ndjson(&batch)).await;
+    assert_eq!((status, body), (200, serde_json::json!({"accepted": 2, "duplicates": 0, "expired": 2})));
+    assert_exactly(&h.stored_ids().await, &["fresh".to_owned(), "spooled".to_owned()]);
+    let (_, metrics) = h.get_text("/metrics").await;
+    assert_eq!(metric_value(&metrics, "custos_collector_events_expired_total"), Some(2.0));
+}
+
 #[tokio::test]
 async fn retention_stops_instead_of_pruning_over_a_broken_chain() {
     let dir = tempfile::tempdir().unwrap();

@@ -124,6 +124,38 @@ async fn a_denial_burst_is_alerted_stored_counted_and_posted_once() {
     assert_eq!(webhook.bodies().len(), 1, "one alert, one delivery");
 }
 
+/// An event dated ahead of the collector's clock (accepted within the store's 10 minutes of
+/// skew) counts as received: the principal's later events, dated now, still reach the
+/// windowed detectors. Before, it made them late for minutes: a bulk export behind it raised
+/// no volume alert.
+#[tokio::test]
+async fn a_future_dated_event_does_not_blind_the_detectors() {
+    let mut h = Harness::sqlite_with(|c| c.detect = Some(custos_detect::DetectConfig::default())).await;
+    let now = chrono::Utc::now();
+    let mut ahead = event("ahead", now + chrono::Duration::minutes(9));
+    ahead.principal = "user:mallory".into();
+    ahead.records_returned = 0;
+    assert_eq!(h.post("application/x-ndjson", ndjson(&[ahead])).await.0, 200);
+    let export: Vec<_> = (0..50)
+        .map(|i| {
+            let mut e = event(&format!("x{i:02}"), now + chrono::Duration::milliseconds(i * 10));
+            e.principal = "user:mallory".into();
+            e.records_returned = 10_000;
+            e
+        })
+        .collect();
+    assert_eq!(h.post("application/x-ndjson", ndjson(&export)).await.0, 200);
+    until("the volume alert to be stored", || async {
+        h.get("/v1/alerts").await.1["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["detector"] == "volume" && a["principal"] == "user:mallory")
+    })
+    .await;
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn without_detectors_nothing_is_alerted() {
     let mut h = Harness::sqlite().await;

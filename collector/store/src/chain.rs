@@ -250,6 +250,31 @@ pub const MAX_NAME_BYTES: usize = 253;
 pub use custos_api::audit::MAX_ALSO_APPLIED;
 /// Most dry runs one event may carry (one per Audit-mode policy selecting the pod).
 pub use custos_api::audit::MAX_DRY_RUNS;
+/// Most record hashes one event may carry: what the sidecar's transform keeps of one response
+/// (past them it counts ids without hashing them), about 650 KB of event.
+pub use custos_transform::MAX_RECORD_HASHES;
+/// Longest `method` or `path` accepted. The sidecar's path is normalised to at most 8 KiB
+/// (`custos_policy::normalize::MAX_PATH_LEN`); its method is the request's, bounded by its
+/// request-head buffer (twice `--max-header-bytes`: 32 KiB by default, a hostile method of a
+/// request it refuses).
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+/// Longest `reason` accepted (the sidecar's are reason codes with a short note, under 100
+/// bytes).
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Longest `time` accepted (RFC 3339 with nanoseconds and an offset is 35 bytes; chrono
+/// would take any number of fraction digits).
+pub const MAX_TIME_BYTES: usize = 64;
+/// Longest `traceId` accepted (W3C trace ids are 32 hex digits).
+pub const MAX_TRACE_ID_BYTES: usize = 256;
+/// Longest user attribute value accepted (the sidecar refuses a token whose mapped claim is
+/// longer than 1 KiB).
+pub const MAX_ATTRIBUTE_BYTES: usize = 4096;
+/// Most entries of `user.attributes`, of `masked` and of each dry run's `masked` (one per
+/// attribute mapped, one per data class of a policy).
+pub const MAX_MAP_ENTRIES: usize = 256;
+/// Largest event accepted, as stored (its canonical JSON): the fields' own bounds allow more
+/// in combination. The sidecar's largest events, with [`MAX_RECORD_HASHES`], are about 700 KB.
+pub const MAX_EVENT_BYTES: usize = 2 << 20;
 /// How far in the future an event's time may be (clock skew between nodes): a later time
 /// would hold back retention and blind the detectors' windows.
 pub const MAX_FUTURE_SKEW_US: i64 = 10 * 60 * 1_000_000;
@@ -262,8 +287,9 @@ pub const MAX_DAYS_PER_BATCH: usize = 32;
 /// Validates a batch up front (so that a bad event rejects the batch before anything is
 /// written) and returns the columns of each event. Beyond what makes an event storable
 /// ([`Columns::of`], which verification also applies to stored rows), an event ingested now
-/// must be admissible ([`admissible`]).
-pub(crate) fn validate(events: &[AuditEvent]) -> Result<Vec<Columns>, Error> {
+/// must be admissible ([`admissible`]). The days spanned are counted over the events at or
+/// after `oldest_us` (the others will not be stored).
+pub(crate) fn validate(events: &[AuditEvent], oldest_us: Option<i64>) -> Result<Vec<Columns>, Error> {
     let now_us = chrono::Utc::now().timestamp_micros();
     let mut days = std::collections::BTreeSet::new();
     events
@@ -273,7 +299,9 @@ pub(crate) fn validate(events: &[AuditEvent]) -> Result<Vec<Columns>, Error> {
             let invalid = |reason: &str| Error::InvalidEvent { index, reason: reason.to_owned() };
             let columns = Columns::of(e).map_err(invalid)?;
             admissible(e, &columns, now_us).map_err(invalid)?;
-            days.insert(columns.time_us.div_euclid(86_400_000_000));
+            if oldest_us.is_none_or(|o| columns.time_us >= o) {
+                days.insert(columns.time_us.div_euclid(86_400_000_000));
+            }
             if days.len() > MAX_DAYS_PER_BATCH {
                 return Err(invalid("the batch spans more than 32 days; send it in smaller batches"));
             }
@@ -290,9 +318,13 @@ pub(crate) fn admissible(e: &AuditEvent, columns: &Columns, now_us: i64) -> Resu
     if e.id.len() > MAX_ID_BYTES {
         return Err("id is longer than 128 bytes");
     }
+    if e.time.len() > MAX_TIME_BYTES {
+        return Err("time is longer than 64 bytes");
+    }
     if e.principal.len() > MAX_PRINCIPAL_BYTES {
         return Err("principal is longer than 1024 bytes");
     }
+    admissible_sizes(e)?;
     for (value, reason) in [
         (Some(&e.namespace), "namespace is longer than 253 bytes"),
         (e.policy.as_ref(), "policy is longer than 253 bytes"),
@@ -368,6 +400,56 @@ pub(crate) fn admissible(e: &AuditEvent, columns: &Columns, now_us: i64) -> Resu
     }
     if columns.time_us > now_us.saturating_add(MAX_FUTURE_SKEW_US) {
         return Err("time is more than 10 minutes ahead of the collector's clock");
+    }
+    Ok(())
+}
+
+/// The bounds of the event's free-form strings and lists (beyond the names and counts
+/// [`admissible`] checks itself): an event as large as a batch would be held whole in every
+/// reader's memory (the detectors' warm-up reads pages of thousands).
+fn admissible_sizes(e: &AuditEvent) -> Result<(), &'static str> {
+    if e.record_hashes.len() > MAX_RECORD_HASHES {
+        return Err("recordHashes has more than 10000 entries");
+    }
+    if e.path.len() > MAX_TEXT_BYTES {
+        return Err("path is longer than 65536 bytes");
+    }
+    if e.method.len() > MAX_TEXT_BYTES {
+        return Err("method is longer than 65536 bytes");
+    }
+    if e.reason.len() > MAX_REASON_BYTES {
+        return Err("reason is longer than 1024 bytes");
+    }
+    if e.trace_id.as_ref().is_some_and(|t| t.len() > MAX_TRACE_ID_BYTES) {
+        return Err("traceId is longer than 256 bytes");
+    }
+    if let Some(c) = &e.caller
+        && (c.namespace.len() > MAX_NAME_BYTES || c.service_account.len() > MAX_NAME_BYTES)
+    {
+        return Err("caller namespace or serviceAccount is longer than 253 bytes");
+    }
+    if let Some(u) = &e.user {
+        if u.id.len() > MAX_PRINCIPAL_BYTES {
+            return Err("user.id is longer than 1024 bytes");
+        }
+        if u.attributes.len() > MAX_MAP_ENTRIES {
+            return Err("user.attributes has more than 256 entries");
+        }
+        if u.attributes.keys().any(|k| k.len() > MAX_NAME_BYTES) {
+            return Err("a user.attributes name is longer than 253 bytes");
+        }
+        if u.attributes.values().any(|v| v.len() > MAX_ATTRIBUTE_BYTES) {
+            return Err("a user.attributes value is longer than 4096 bytes");
+        }
+    }
+    if e.masked.len() > MAX_MAP_ENTRIES {
+        return Err("masked has more than 256 entries");
+    }
+    if e.masked.keys().any(|k| k.len() > MAX_NAME_BYTES) {
+        return Err("a masked class is longer than 253 bytes");
+    }
+    if e.dry_runs.iter().filter_map(|d| d.transform.as_ref()).any(|t| t.masked.len() > MAX_MAP_ENTRIES) {
+        return Err("a dryRuns masked has more than 256 entries");
     }
     Ok(())
 }
@@ -454,6 +536,19 @@ impl Unlinked {
 /// Serialises every event of a validated batch.
 pub(crate) fn unlinked(events: &[AuditEvent], cols: Vec<Columns>) -> Result<Vec<Unlinked>, Error> {
     events.iter().zip(cols).map(|(e, c)| Unlinked::of(e, c)).collect()
+}
+
+/// Refuses a serialised event larger than [`MAX_EVENT_BYTES`] as stored
+/// ([`Error::InvalidEvent`] with its index in the batch).
+pub(crate) fn check_sizes(batch: &[Unlinked]) -> Result<(), Error> {
+    // The body as stored adds `,"prevHash":"<64 hex>"}` (79 bytes) to what is serialised.
+    match batch.iter().position(|u| u.open_body.len() + 79 > MAX_EVENT_BYTES) {
+        Some(index) => Err(Error::InvalidEvent {
+            index,
+            reason: "the event is larger than 2 MiB (2097152 bytes) as stored".into(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Serialises `event` as stored after `prev_hash` and links it.

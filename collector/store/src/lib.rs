@@ -102,8 +102,10 @@ pub struct IngestOutcome {
     /// earlier in the same batch).
     pub duplicates: u64,
     /// Events not stored because they are older than what retention has already pruned
-    /// ([`AnyStore::prune`]'s cutoff): their ids are forgotten, so they cannot be told from
-    /// pruned events sent again (which would be stored twice, and kept past their retention).
+    /// ([`AnyStore::prune`]'s cutoff, never past the newest event it deleted): their ids are
+    /// forgotten, so they cannot be told from pruned events sent again (which would be stored
+    /// twice, and kept past their retention).
+    /// Also the events older than the bound given to [`AnyStore::ingest_listing_new_since`].
     #[serde(default)]
     pub expired: u64,
 }
@@ -401,14 +403,56 @@ impl AnyStore {
     /// were already stored, or repeated earlier in the batch): what a consumer of stored events
     /// should see once, however often a sender resends.
     pub async fn ingest_listing_new(&self, events: &[AuditEvent]) -> Result<Ingested> {
+        self.ingest_listing_new_since(events, None).await
+    }
+
+    /// [`Self::ingest_listing_new`], also acknowledging without storing the events dated
+    /// before `oldest` (the collector's `--max-event-age`): counted in
+    /// [`IngestOutcome::expired`], as events older than what retention has pruned are. Such
+    /// events are still validated (an invalid one rejects the batch), but they do not count
+    /// towards [`chain::MAX_DAYS_PER_BATCH`] and no PostgreSQL partition is made for them.
+    pub async fn ingest_listing_new_since(
+        &self,
+        events: &[AuditEvent],
+        oldest: Option<DateTime<Utc>>,
+    ) -> Result<Ingested> {
         if events.is_empty() {
             return Ok(Ingested::default());
         }
-        let batch = chain::unlinked(events, chain::validate(events)?)?;
-        match self {
-            AnyStore::Sqlite(s) => s.ingest(batch).await,
-            AnyStore::Postgres(s) => s.ingest(events, batch).await,
+        let oldest_us = oldest.map(|t| t.timestamp_micros());
+        let batch = chain::unlinked(events, chain::validate(events, oldest_us)?)?;
+        chain::check_sizes(&batch)?;
+        let too_old = |u: &chain::Unlinked| oldest_us.is_some_and(|o| u.cols.time_us < o);
+        if !batch.iter().any(too_old) {
+            return match self {
+                AnyStore::Sqlite(s) => s.ingest(batch).await,
+                AnyStore::Postgres(s) => s.ingest(events, batch).await,
+            };
         }
+        // The rest goes through as a batch of its own; positions are mapped back.
+        let mut kept = Vec::with_capacity(batch.len());
+        let mut kept_events = Vec::with_capacity(batch.len());
+        let mut rest = Vec::with_capacity(batch.len());
+        for (index, (event, u)) in events.iter().zip(batch).enumerate() {
+            if !too_old(&u) {
+                kept.push(index);
+                kept_events.push(event.clone());
+                rest.push(u);
+            }
+        }
+        let mut ingested = if rest.is_empty() {
+            Ingested::default()
+        } else {
+            match self {
+                AnyStore::Sqlite(s) => s.ingest(rest).await?,
+                AnyStore::Postgres(s) => s.ingest(&kept_events, rest).await?,
+            }
+        };
+        for position in &mut ingested.new {
+            *position = kept[*position];
+        }
+        ingested.outcome.expired += (events.len() - kept.len()) as u64;
+        Ok(ingested)
     }
 
     /// Stores a batch as versions before 2026-12-06 did, without [`chain::admissible`]'s
@@ -556,7 +600,7 @@ impl AnyStore {
             }
             _ => anchor.clone(),
         };
-        let (checked, first_broken, last) = self.walk(start.clone(), head.seq).await?;
+        let (checked, first_broken, last, _) = self.walk(start.clone(), head.seq).await?;
         let mut first_broken = first_broken;
         if first_broken.is_none() {
             if last.seq < head.seq {
@@ -600,9 +644,9 @@ impl AnyStore {
         Ok(VerifyReport { checked, start: to_head(&start), head: to_head(&head), first_broken })
     }
 
-    /// Walks from `start` up to seq `bound`; returns rows checked, the first break and the
-    /// last good link.
-    async fn walk(&self, start: Link, bound: i64) -> Result<(u64, Option<BrokenLink>, Link)> {
+    /// Walks from `start` up to seq `bound`; returns rows checked, the first break, the last
+    /// good link and the latest event time of the rows checked (none if none).
+    async fn walk(&self, start: Link, bound: i64) -> Result<(u64, Option<BrokenLink>, Link, Option<i64>)> {
         let mut walker = Walker::new(start.clone(), bound);
         let mut after: (i64, Option<String>) = (start.seq, None);
         let mut buf: Vec<ChainRow> = Vec::new();
@@ -610,6 +654,7 @@ impl AnyStore {
         // The record-hash index rows of every seq up to here are in `records`.
         let mut records_to = start.seq;
         let mut exhausted = false;
+        let mut newest: Option<i64> = None;
         let mut i = 0;
         loop {
             // Keep at least one row of look-ahead in the buffer.
@@ -631,12 +676,13 @@ impl AnyStore {
             let empty = chain::Indexed::default();
             let indexed = records.get(&r.seq).unwrap_or(&empty);
             if let Some(b) = walker.step(r, buf.get(i + 1), indexed) {
-                return Ok((walker.checked, Some(b), walker.last().clone()));
+                return Ok((walker.checked, Some(b), walker.last().clone(), newest));
             }
+            newest = newest.max(Some(r.cols.time_us));
             records.remove(&r.seq);
             i += 1;
         }
-        Ok((walker.checked, None, walker.last().clone()))
+        Ok((walker.checked, None, walker.last().clone(), newest))
     }
 
     /// Rows after `after` in `(seq, id)` order (a `None` id: after every row of that seq) and
@@ -654,11 +700,23 @@ impl AnyStore {
 
     /// One page of events matching the filters, newest first.
     pub async fn query(&self, q: &EventQuery) -> Result<Page> {
+        self.query_within(q, usize::MAX).await
+    }
+
+    /// [`Self::query`], the page also ending at the event whose stored body (canonical JSON)
+    /// brings the page's bodies to `max_bytes` or more: a page holds at least one event, and
+    /// its bodies at most `max_bytes` plus one event's ([`chain::MAX_EVENT_BYTES`]). Its
+    /// `next_cursor` is then set (the next page may be empty). What a reader that must keep its
+    /// memory bounded asks, whatever the events' sizes.
+    pub async fn query_within(&self, q: &EventQuery, max_bytes: usize) -> Result<Page> {
         let limit = effective_limit(q.limit);
         let cursor = q.cursor.as_deref().map(query::parse_cursor).transpose()?;
-        let mut rows: Vec<(i64, i64, String)> = dispatch!(self, s => s.query(q, cursor, limit + 1).await)?;
+        let (mut rows, cut): (Vec<(i64, i64, String)>, bool) =
+            dispatch!(self, s => s.query(q, cursor, limit + 1, max_bytes.max(1)).await)?;
         let next_cursor = if rows.len() as i64 > limit {
             rows.truncate(usize::try_from(limit).unwrap_or(0));
+            rows.last().map(|(t, seq, _)| query::make_cursor(*t, *seq))
+        } else if cut {
             rows.last().map(|(t, seq, _)| query::make_cursor(*t, *seq))
         } else {
             None
@@ -718,20 +776,38 @@ impl AnyStore {
         })
     }
 
-    /// Retention: deletes the events older than `older_than` while keeping the rest
-    /// verifiable. Only a prefix of the chain is deleted: the events up to the last seq
-    /// before the first event at or after `older_than` (an old event ingested late stays
-    /// until everything chained before it is old too). The pruned part is verified first
-    /// ([`Error::ChainBroken`] if it does not verify: pruning would destroy the evidence);
-    /// then its last link becomes the anchor that [`AnyStore::verify`] starts from.
+    /// Retention: deletes the events older than `older_than` (the clock now minus the
+    /// retention) while keeping the rest verifiable; [`AnyStore::prune_as_of`] with this
+    /// machine's clock, which says how far the clock is trusted.
     pub async fn prune(&self, older_than: DateTime<Utc>) -> Result<PruneReport> {
-        let cutoff = older_than.timestamp_micros();
+        self.prune_as_of(older_than, Utc::now()).await
+    }
+
+    /// Retention with the clock reading `now` (`older_than` is `now` minus the retention).
+    ///
+    /// The age of an event is measured from the newest stored event when that is older than
+    /// `now`: the cutoff is `older_than` moved back by as much as the newest event is behind
+    /// `now` (`min(now, newest) - retention`). A clock that jumped ahead by more than the
+    /// retention would otherwise delete the whole trail; the price is that a store receiving
+    /// no events keeps the retention's worth before its newest event until events come again.
+    ///
+    /// Only a prefix of the chain is deleted: the events up to the last seq before the first
+    /// event at or after the cutoff (an old event ingested late stays until everything
+    /// chained before it is old too). The pruned part is verified first
+    /// ([`Error::ChainBroken`] if it does not verify: pruning would destroy the evidence);
+    /// then its last link becomes the anchor that [`AnyStore::verify`] starts from. Ingest
+    /// then refuses as expired ([`IngestOutcome::expired`]) the events older than the cutoff,
+    /// but never one after the newest event deleted: nothing after it was deleted, and a
+    /// cutoff ahead of the real time would drop every new event.
+    pub async fn prune_as_of(&self, older_than: DateTime<Utc>, now: DateTime<Utc>) -> Result<PruneReport> {
+        let newest = dispatch!(self, s => s.newest_time().await)?;
+        let cutoff = retention_cutoff(older_than.timestamp_micros(), now.timestamp_micros(), newest);
         let (head, anchor) = dispatch!(self, s => s.head_and_anchor().await)?;
         let target = dispatch!(self, s => s.prune_target(cutoff).await)?.unwrap_or(head.seq);
         if target <= anchor.seq {
             return Ok(PruneReport { deleted: 0, anchor: to_head(&anchor) });
         }
-        let (_, broken, last) = self.walk(anchor.clone(), target).await?;
+        let (_, broken, last, pruned_newest) = self.walk(anchor.clone(), target).await?;
         let broken = broken.or_else(|| {
             (last.seq != target).then(|| BrokenLink {
                 seq: u64::try_from(last.seq + 1).unwrap_or(0),
@@ -748,7 +824,10 @@ impl AnyStore {
             }
             return Err(Error::ChainBroken(b));
         }
-        match dispatch!(self, s => s.prune_to(&anchor, &last, cutoff).await) {
+        // Every deleted event is older than `pruned_newest`'s successor: from there on, nothing
+        // was deleted, so nothing needs to be refused.
+        let pruned_before = pruned_newest.map_or(cutoff, |t| cutoff.min(t.saturating_add(1)));
+        match dispatch!(self, s => s.prune_to(&anchor, &last, cutoff, pruned_before).await) {
             Ok(deleted) => Ok(PruneReport { deleted, anchor: to_head(&last) }),
             Err(e) => match self.moved_anchor(&anchor).await? {
                 Some(moved) => Ok(PruneReport { deleted: 0, anchor: to_head(&moved) }),
@@ -794,6 +873,14 @@ impl AnyStore {
             })
             .collect()
     }
+}
+
+/// The cutoff of a retention run, in µs: `older_than` as of the clock reading `now`, moved
+/// back by as much as the newest stored event (`newest`, none in an empty store) is behind
+/// `now`, so that the age of events is never measured from a time the events do not reach.
+fn retention_cutoff(older_than: i64, now: i64, newest: Option<i64>) -> i64 {
+    let lag = newest.map_or(0, |n| now.saturating_sub(n).max(0));
+    older_than.saturating_sub(lag)
 }
 
 fn to_head(l: &Link) -> ChainHead {

@@ -10,6 +10,9 @@
 //! Writers serialise on the `chain_head` row (`SELECT ... FOR UPDATE` inside the ingest
 //! transaction), so any number of collector processes share one consistent chain; the
 //! duplicate check runs under that lock too, so it is race-free. Durable on commit.
+//! Retention drops a day's partitions only under an exclusive lock on `events`, once every
+//! ingest that wrote to the table has committed and its events are seen: ingest itself takes
+//! no lock for retention.
 
 use std::collections::{BTreeSet, HashSet};
 use std::pin::pin;
@@ -712,19 +715,37 @@ impl PostgresStore {
         Ok((rows, indexed, records_to))
     }
 
+    /// The rows of a page (see [`crate::AnyStore::query_within`]) and whether rows were left
+    /// out for `max_bytes`.
     pub(crate) async fn query(
         &self,
         q: &EventQuery,
         cursor: Option<(i64, i64)>,
         limit: i64,
-    ) -> Result<Vec<(i64, i64, String)>> {
-        let (sql, params) = query::events_sql(
+        max_bytes: usize,
+    ) -> Result<(Vec<(i64, i64, String)>, bool)> {
+        let (mut sql, mut params) = query::events_sql(
             q,
             cursor,
             limit,
             |i| format!("${i}"),
             |entry| format!("(body::jsonb -> 'dryRuns') @> jsonb_build_array({entry}::text::jsonb)"),
         );
+        let bounded = max_bytes != usize::MAX;
+        if bounded {
+            // The rows up to the one whose body reaches `max_bytes` (sizes from the stored
+            // values' headers, without reading them), and how many the page had.
+            params.push(Param::Int(i64::try_from(max_bytes).unwrap_or(i64::MAX)));
+            sql = format!(
+                "SELECT time_us, seq, body, total FROM (\
+                     SELECT time_us, seq, body, COUNT(*) OVER () AS total, \
+                     COALESCE(SUM(octet_length(body)) OVER (ORDER BY time_us DESC, seq DESC \
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before \
+                     FROM ({sql}) AS page) AS sized \
+                 WHERE before < ${} ORDER BY time_us DESC, seq DESC",
+                params.len()
+            );
+        }
         let params: Vec<Box<dyn ToSql + Sync + Send>> = params
             .into_iter()
             .map(|p| -> Box<dyn ToSql + Sync + Send> {
@@ -737,7 +758,14 @@ impl PostgresStore {
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
         let rows = self.limited_query(&sql, &refs).await?;
-        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect()
+        let total = match rows.first() {
+            Some(r) if bounded => r.try_get::<_, i64>(3)?,
+            _ => 0,
+        };
+        let cut = total > rows.len() as i64;
+        let rows =
+            rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect::<Result<_>>()?;
+        Ok((rows, cut))
     }
 
     pub(crate) async fn subject(
@@ -907,7 +935,24 @@ impl PostgresStore {
         Ok(min.map(|m| m - 1))
     }
 
-    pub(crate) async fn prune_to(&self, anchor: &Link, last: &Link, cutoff: i64) -> Result<u64> {
+    /// The latest event time stored, in µs (none in an empty store): one backward step of each
+    /// day's time index.
+    pub(crate) async fn newest_time(&self) -> Result<Option<i64>> {
+        let client = self.client().await?;
+        let st = client.prepare_cached("SELECT MAX(time_us) FROM events").await?;
+        Ok(client.query_one(&st, &[]).await?.try_get(0)?)
+    }
+
+    /// Deletes the events up to `last` (the anchor still `anchor`): the day partitions wholly
+    /// before `cutoff` that hold no later event are dropped, the other rows deleted. Records
+    /// `pruned_before` as the time before which ingest refuses events (and makes no partition).
+    pub(crate) async fn prune_to(
+        &self,
+        anchor: &Link,
+        last: &Link,
+        cutoff: i64,
+        pruned_before: i64,
+    ) -> Result<u64> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let current = link_at(
@@ -930,6 +975,7 @@ impl PostgresStore {
             )
             .await?;
         let mut dropped = Vec::new();
+        let mut writers_done = false;
         for row in &parts {
             let name: String = row.try_get(0)?;
             let Some(day) = day_of_partition(&name) else {
@@ -938,18 +984,39 @@ impl PostgresStore {
             if (day + 1) * DAY_US > cutoff {
                 continue;
             }
+            let later = |max: Option<i64>| max.is_some_and(|m| m > last.seq);
             let stats = tx.query_one(&format!("SELECT COUNT(*), MAX(seq) FROM {name}"), &[]).await?;
             let (n, max): (i64, Option<i64>) = (stats.try_get(0)?, stats.try_get(1)?);
-            if max.is_none_or(|m| m <= last.seq) {
-                let suffix = day_suffix(day);
-                tx.batch_execute(&format!(
-                    "DROP TABLE events_{suffix}; DROP TABLE IF EXISTS event_records_{suffix}; \
-                     DROP TABLE IF EXISTS event_applied_rules_{suffix};"
-                ))
-                .await?;
-                deleted += count(n);
-                dropped.push(day);
+            if later(max) {
+                continue;
             }
+            if !writers_done {
+                // An ingest in flight may have written an event of this day that the count
+                // cannot see (uncommitted, chained after `last`; its batch read the cutoff
+                // before this prune commits, so did not find it expired): the drop would wait
+                // for it to commit, then take the acknowledged event along. Ingest writes
+                // through `events`, so this lock (the one the drop takes first anyway) waits
+                // for every ingest that has written and holds off the others until commit;
+                // then the partition is read again. No ingest pays for it (ingest takes no
+                // extra lock), and it is taken only when a partition is to be dropped.
+                tx.batch_execute("LOCK TABLE ONLY events IN ACCESS EXCLUSIVE MODE").await?;
+                writers_done = true;
+                let max: Option<i64> =
+                    tx.query_one(&format!("SELECT MAX(seq) FROM {name}"), &[]).await?.try_get(0)?;
+                // Rows up to `last` can be neither added nor deleted meanwhile (the chain's
+                // seqs only grow; other prunes wait on the anchor): the count still holds.
+                if later(max) {
+                    continue;
+                }
+            }
+            let suffix = day_suffix(day);
+            tx.batch_execute(&format!(
+                "DROP TABLE events_{suffix}; DROP TABLE IF EXISTS event_records_{suffix}; \
+                 DROP TABLE IF EXISTS event_applied_rules_{suffix};"
+            ))
+            .await?;
+            deleted += count(n);
+            dropped.push(day);
         }
         // Day partitions of the applied rules' index whose day of events is gone, here or by a
         // replica of a version before V4 (which drops only the events' and records' tables).
@@ -978,7 +1045,7 @@ impl PostgresStore {
         tx.execute(
             "UPDATE chain_anchor SET seq = $1, hash = $2, \
              pruned_before_us = GREATEST(COALESCE(pruned_before_us, $3), $3) WHERE id = 1",
-            &[&last.seq, &last.hash, &cutoff],
+            &[&last.seq, &last.hash, &pruned_before],
         )
         .await?;
         tx.commit().await?;

@@ -662,12 +662,15 @@ impl SqliteStore {
         .await
     }
 
+    /// The rows of a page (see [`crate::AnyStore::query_within`]) and whether rows were left
+    /// out for `max_bytes`.
     pub(crate) async fn query(
         &self,
         q: &EventQuery,
         cursor: Option<(i64, i64)>,
         limit: i64,
-    ) -> Result<Vec<(i64, i64, String)>> {
+        max_bytes: usize,
+    ) -> Result<(Vec<(i64, i64, String)>, bool)> {
         let (sql, params) = query::events_sql(
             q,
             cursor,
@@ -683,11 +686,19 @@ impl SqliteStore {
         );
         self.read(move |conn| {
             let mut st = conn.prepare_cached(&sql)?;
-            Ok(st
-                .query_map(rusqlite::params_from_iter(values(params)), |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?)
+            let mut rows = st.query(rusqlite::params_from_iter(values(params)))?;
+            let (mut out, mut bytes) = (Vec::new(), 0usize);
+            // Rows are read one at a time: once the bodies reach `max_bytes`, the next row's
+            // body is not read.
+            while let Some(r) = rows.next()? {
+                if bytes >= max_bytes {
+                    return Ok((out, true));
+                }
+                let body: String = r.get(2)?;
+                bytes = bytes.saturating_add(body.len());
+                out.push((r.get(0)?, r.get(1)?, body));
+            }
+            Ok((out, false))
         })
         .await
     }
@@ -867,7 +878,21 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn prune_to(&self, anchor: &Link, last: &Link, cutoff: i64) -> Result<u64> {
+    /// The latest event time stored, in µs (none in an empty store).
+    pub(crate) async fn newest_time(&self) -> Result<Option<i64>> {
+        self.read_quick(|conn| Ok(conn.query_row("SELECT MAX(time_us) FROM events", [], |r| r.get(0))?)).await
+    }
+
+    /// Deletes the events up to `last` (the anchor still `anchor`) and records `pruned_before`
+    /// as the time before which ingest refuses events. The cutoff matters to PostgreSQL's
+    /// partitions only.
+    pub(crate) async fn prune_to(
+        &self,
+        anchor: &Link,
+        last: &Link,
+        _cutoff: i64,
+        pruned_before: i64,
+    ) -> Result<u64> {
         let (anchor, last) = (anchor.clone(), last.clone());
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -884,7 +909,7 @@ impl SqliteStore {
             tx.execute(
                 "UPDATE chain_anchor SET seq = ?1, hash = ?2, \
                  pruned_before_us = MAX(COALESCE(pruned_before_us, ?3), ?3) WHERE id = 1",
-                params![last.seq, last.hash, cutoff],
+                params![last.seq, last.hash, pruned_before],
             )?;
             tx.commit()?;
             Ok(deleted as u64)

@@ -65,7 +65,9 @@ async fn an_applied_rules_partition_left_by_an_older_replica_goes_with_the_next_
     let Some(env) = Env::postgres().await else { return };
     let store = env.open().await;
     let t0 = common::t0();
-    let batch: Vec<_> = [t0, t0 + Duration::days(1)]
+    // The clock at the newest event, on the third day.
+    let now = t0 + Duration::days(2);
+    let batch: Vec<_> = [t0, t0 + Duration::days(1), now]
         .into_iter()
         .enumerate()
         .map(|(i, at)| {
@@ -90,7 +92,7 @@ async fn an_applied_rules_partition_left_by_an_older_replica_goes_with_the_next_
     // would have left it.
     let midnight =
         |at: chrono::DateTime<chrono::Utc>| at.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
-    store.prune(midnight(t0 + Duration::days(1))).await.unwrap();
+    store.prune_as_of(midnight(t0 + Duration::days(1)), now).await.unwrap();
     assert_eq!(env.count(&exists(day(t0))).await, 0);
     let (lo, hi) = (midnight(t0).timestamp_micros(), midnight(t0 + Duration::days(1)).timestamp_micros());
     env.raw(&format!(
@@ -99,7 +101,7 @@ async fn an_applied_rules_partition_left_by_an_older_replica_goes_with_the_next_
     ))
     .await;
     assert_eq!(env.count(&exists(day(t0))).await, 1);
-    store.prune(midnight(t0 + Duration::days(2))).await.unwrap();
+    store.prune_as_of(midnight(t0 + Duration::days(2)), now).await.unwrap();
     assert_eq!(env.count(&exists(day(t0))).await, 0, "the orphan partition was left");
     assert_eq!(env.count(&exists(day(t0 + Duration::days(1)))).await, 0);
     assert_eq!(store.verify(None).await.unwrap().first_broken, None);

@@ -67,6 +67,9 @@ suite!(
     concurrent_prunes_and_verify_report_no_false_break,
     prune_refuses_a_broken_chain,
     events_older_than_the_pruned_part_are_not_stored_again,
+    events_before_the_oldest_bound_are_expired,
+    query_pages_are_bounded_in_bytes,
+    a_clock_ahead_prunes_only_what_the_retention_allows,
     events_by_dry_run,
     alerts_are_idempotent,
     concurrent_ingest_keeps_chain_valid,
@@ -163,7 +166,7 @@ async fn invalid_event_rejects_the_batch(env: &Env) {
 async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
     let store = env.open().await;
     type Edit = fn(&mut custos_api::AuditEvent);
-    let cases: [(Edit, &str); 29] = [
+    let cases: [(Edit, &str); 44] = [
         (
             |e| {
                 e.also_applied = vec![applied("baseline", None)];
@@ -260,6 +263,70 @@ async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
         ),
         (|e| e.time = rfc3339(chrono::Utc::now() + Duration::minutes(11)), "more than 10 minutes ahead"),
         (|e| e.time = "2100-01-01T00:00:00Z".into(), "more than 10 minutes ahead"),
+        // Sizes: an event is at most about what the sidecar can emit, never a batch's worth.
+        (
+            |e| e.record_hashes = (0..10_001).map(common::subject_hash).collect(),
+            "recordHashes has more than 10000 entries",
+        ),
+        (|e| e.path = format!("/{}", "p".repeat(65_536)), "path is longer than 65536 bytes"),
+        (|e| e.method = "M".repeat(65_537), "method is longer than 65536 bytes"),
+        (|e| e.reason = "r".repeat(1025), "reason is longer than 1024 bytes"),
+        (|e| e.trace_id = Some("0".repeat(257)), "traceId is longer than 256 bytes"),
+        (|e| e.time = format!("2025-06-01T12:00:00.{}Z", "0".repeat(60)), "time is longer than 64 bytes"),
+        (
+            |e| {
+                e.caller = Some(custos_api::audit::CallerWorkload {
+                    namespace: "shop".into(),
+                    service_account: "s".repeat(254),
+                })
+            },
+            "caller namespace or serviceAccount is longer than 253 bytes",
+        ),
+        (|e| e.user.as_mut().unwrap().id = "u".repeat(1025), "user.id is longer than 1024 bytes"),
+        (
+            |e| {
+                e.user.as_mut().unwrap().attributes =
+                    (0..257).map(|i| (format!("a{i}"), "v".into())).collect()
+            },
+            "user.attributes has more than 256 entries",
+        ),
+        (
+            |e| drop(e.user.as_mut().unwrap().attributes.insert("a".repeat(254), "v".into())),
+            "a user.attributes name is longer than 253 bytes",
+        ),
+        (
+            |e| drop(e.user.as_mut().unwrap().attributes.insert("branch".into(), "n".repeat(4097))),
+            "a user.attributes value is longer than 4096 bytes",
+        ),
+        (|e| e.masked = (0..257).map(|i| (format!("c{i}"), 1)).collect(), "masked has more than 256 entries"),
+        (
+            |e| {
+                e.masked.insert("c".repeat(254), 1);
+            },
+            "a masked class is longer than 253 bytes",
+        ),
+        (
+            |e| {
+                let mut run = dry_run("audit-only");
+                run.transform.as_mut().unwrap().masked = (0..257).map(|i| (format!("c{i}"), 1)).collect();
+                e.dry_runs = vec![run];
+            },
+            "a dryRuns masked has more than 256 entries",
+        ),
+        (
+            // Every field within its bounds, the whole over 2 MiB.
+            |e| {
+                e.dry_runs = (0..64)
+                    .map(|p| {
+                        let mut run = dry_run(&format!("audit-{p}"));
+                        run.transform.as_mut().unwrap().masked =
+                            (0..256).map(|c| (format!("{c:0>253}"), 1)).collect();
+                        run
+                    })
+                    .collect();
+            },
+            "the event is larger than 2 MiB",
+        ),
     ];
     for (edit, needle) in cases {
         let mut batch = events("bad", 3);
@@ -279,6 +346,13 @@ async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
     fine[2].records_returned = u64::from(u32::MAX);
     fine[2].record_hashes = vec![common::subject_hash(7)];
     fine[2].dry_runs = vec![dry_run(&"p".repeat(253)); 64];
+    // The size bounds themselves: the sidecar's largest events pass.
+    fine[0].record_hashes = (0..10_000).map(common::subject_hash).collect();
+    fine[0].path = format!("/{}", "p".repeat(65_535));
+    fine[0].reason = "r".repeat(1024);
+    fine[0].user.as_mut().unwrap().attributes =
+        (0..256).map(|i| (format!("{i:0>253}"), "v".repeat(if i == 0 { 4096 } else { 1 }))).collect();
+    fine[0].masked = (0..256).map(|i| (format!("{i:0>253}"), 1)).collect();
     assert_eq!(store.ingest(&fine).await.unwrap().accepted, 3);
     let stored = store.query(&EventQuery { limit: 10, ..EventQuery::default() }).await.unwrap().events;
     let with_dry_runs = stored.iter().find(|e| e.id == fine[2].id).expect("stored");
@@ -288,6 +362,99 @@ async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
     assert!(matches!(store.ingest(&spread).await, Err(Error::InvalidEvent { index: 32, .. })));
     assert_eq!(store.ingest(&spread[..32]).await.unwrap().accepted, 32);
     assert_eq!(all_ids(&store).await.len(), 35);
+}
+
+/// Events dated before the `oldest` bound (the collector's `--max-event-age`) are
+/// acknowledged as expired and not stored, without refusing the batch: the others are stored
+/// and listed at their positions, old events spread over many days do not make the batch span
+/// too many, and PostgreSQL makes no partition for their days. They are still validated.
+async fn events_before_the_oldest_bound_are_expired(env: &Env) {
+    let store = env.open().await;
+    let now = chrono::Utc::now();
+    let oldest = Some(now - Duration::days(7));
+    let batch = vec![
+        event("recent-0", now - Duration::hours(1)),
+        event("ancient", chrono::DateTime::from_timestamp(86_400, 0).unwrap()),
+        event("recent-1", now - Duration::days(6)),
+        event("old", now - Duration::days(8)),
+    ];
+    let ingested = store.ingest_listing_new_since(&batch, oldest).await.unwrap();
+    assert_eq!((ingested.outcome.accepted, ingested.outcome.duplicates, ingested.outcome.expired), (2, 0, 2));
+    assert_eq!(ingested.new, vec![0, 2]);
+    let mut ids = all_ids(&store).await;
+    ids.sort();
+    assert_eq!(ids, ["recent-0", "recent-1"]);
+    // Resent: the stored ones are duplicates, the old ones expired again.
+    let again = store.ingest_listing_new_since(&batch, oldest).await.unwrap();
+    assert_eq!((again.outcome.accepted, again.outcome.duplicates, again.outcome.expired), (0, 2, 2));
+    // Forty old days and a fresh event: not "more than 32 days".
+    let mut spread: Vec<_> =
+        (0..40).map(|d| event(&format!("s{d:02}"), now - Duration::days(8 + d))).collect();
+    spread.push(event("fresh", now));
+    let out = store.ingest_listing_new_since(&spread, oldest).await.unwrap();
+    assert_eq!((out.outcome.accepted, out.outcome.expired), (1, 40));
+    assert_eq!(out.new, vec![40]);
+    // Only old events: nothing stored, no error.
+    let out = store.ingest_listing_new_since(&spread[..3], oldest).await.unwrap();
+    assert_eq!((out.outcome.accepted, out.outcome.expired, out.new.len()), (0, 3, 0));
+    // An old event is still validated.
+    let mut bad = event("bad-old", now - Duration::days(9));
+    bad.principal = format!("user:{}", "u".repeat(2000));
+    let refused = store.ingest_listing_new_since(&[event("ok", now), bad], oldest).await;
+    assert!(matches!(refused, Err(Error::InvalidEvent { index: 1, .. })), "{refused:?}");
+    assert_eq!(all_ids(&store).await.len(), 3);
+    assert_verifies(&store, 3).await;
+    if let Env::Postgres { .. } = env {
+        // Those of the stored events' days, and today's and tomorrow's (made at open).
+        let today = now.timestamp().div_euclid(86_400);
+        let days: HashSet<i64> = [now - Duration::hours(1), now - Duration::days(6), now]
+            .iter()
+            .map(|t| t.timestamp().div_euclid(86_400))
+            .chain([today, today + 1])
+            .collect();
+        let partitions =
+            env.count("SELECT COUNT(*) FROM pg_inherits WHERE inhparent = 'events'::regclass").await;
+        assert_eq!(partitions, days.len() as i64, "a partition per day of the stored events only");
+    }
+}
+
+/// Pages bounded in bytes ([`AnyStore::query_within`]): each ends at the event whose body
+/// reaches the bound (one event at least), every page but the last carries a cursor, and the
+/// pages list every event once, newest first, whatever the bound.
+async fn query_pages_are_bounded_in_bytes(env: &Env) {
+    let store = env.open().await;
+    let mut batch = events("b", 30);
+    for (i, e) in batch.iter_mut().enumerate() {
+        if i % 3 == 0 {
+            e.record_hashes = (0..1_000).map(|n| common::subject_hash(i as u64 * 1_000 + n)).collect();
+        }
+    }
+    store.ingest(&batch).await.unwrap();
+    let newest_first: Vec<String> = batch.iter().rev().map(|e| e.id.clone()).collect();
+    let big = 67_000;
+    for max_bytes in [1, big, 3 * big, 10 << 20] {
+        let mut q = EventQuery { limit: 1_000, ..EventQuery::default() };
+        let (mut ids, mut pages) = (Vec::new(), 0);
+        loop {
+            let page = store.query_within(&q, max_bytes).await.unwrap();
+            pages += 1;
+            let sizes: Vec<usize> =
+                page.events.iter().map(|e| serde_json::to_string(e).unwrap().len()).collect();
+            let before_last: usize = sizes.iter().rev().skip(1).sum();
+            assert!(before_last < max_bytes, "{max_bytes}: {sizes:?}");
+            ids.extend(page.events.into_iter().map(|e| e.id));
+            match page.next_cursor {
+                Some(c) => q.cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(ids, newest_first, "{max_bytes}");
+        match max_bytes {
+            1 => assert!(pages >= 30, "one event per page: {pages}"),
+            m if m == 10 << 20 => assert_eq!(pages, 1),
+            _ => assert!((2..30).contains(&pages), "{max_bytes}: {pages}"),
+        }
+    }
 }
 
 /// Events carrying a dry run of a policy, with a decision, or both in the same entry; pages
@@ -842,7 +1009,7 @@ async fn usage_counts_the_rules_that_applied_beside_the_deciding_one(env: &Env) 
     );
 
     // Reopened: the same. Retention of every event takes their rows with them (a8 would
-    // still be in the day two hours later).
+    // still be in the day two hours later; an event then, of no other rule, ages them).
     drop(store);
     let store = env.open().await;
     assert_eq!(
@@ -850,7 +1017,8 @@ async fn usage_counts_the_rules_that_applied_beside_the_deciding_one(env: &Env) 
         expected
     );
     let later = now + Duration::hours(2);
-    store.prune(later - Duration::seconds(5)).await.unwrap();
+    store.ingest(&[event("later", later)]).await.unwrap();
+    store.prune_as_of(later - Duration::seconds(5), later).await.unwrap();
     let after = rules(
         store
             .usage(Some("shop"), "baseline", "user:alice", later + Duration::seconds(1), None)
@@ -952,17 +1120,18 @@ async fn concurrent_prunes_and_verify_report_no_false_break(env: &Env) {
     for chunk in all.chunks(1000) {
         store.ingest(chunk).await.unwrap();
     }
-    let cutoff = t0() + Duration::seconds(3_000);
+    // The clock at the newest event.
+    let (cutoff, now) = (t0() + Duration::seconds(3_000), t0() + Duration::seconds(5_999));
     let other = env.open().await;
     let first = tokio::spawn({
         let s = store.clone();
-        async move { s.prune(cutoff).await }
+        async move { s.prune_as_of(cutoff, now).await }
     });
     let verifying = tokio::spawn({
         let s = store.clone();
         async move { s.verify(None).await }
     });
-    let second = other.prune(cutoff + Duration::seconds(1_000)).await;
+    let second = other.prune_as_of(cutoff + Duration::seconds(1_000), now).await;
     let first = first.await.unwrap();
     let report = verifying.await.unwrap().unwrap();
     assert!(first.is_ok() && second.is_ok(), "{first:?} / {second:?}");
@@ -971,7 +1140,7 @@ async fn concurrent_prunes_and_verify_report_no_false_break(env: &Env) {
     assert_eq!(after.first_broken, None, "{after:?}");
     // A replica that lost the race pruned nothing this round; the next round catches up.
     assert!([3_000, 4_000].contains(&after.start.seq), "{after:?}");
-    other.prune(cutoff + Duration::seconds(1_000)).await.unwrap();
+    other.prune_as_of(cutoff + Duration::seconds(1_000), now).await.unwrap();
     assert_eq!(store.verify(None).await.unwrap().start.seq, 4_000);
 }
 
@@ -996,8 +1165,10 @@ async fn prune_keeps_chain_verifiable(env: &Env) {
         t.with_hour(0).unwrap()
     };
 
-    // Everything before day 1 is old, but `late` (seq 9) is chained after day-1 events.
-    let report = store.prune(start_of(1)).await.unwrap();
+    // The clock at the newest event (c4). Everything before day 1 is old, but `late` (seq 9)
+    // is chained after day-1 events.
+    let now = day(2, 4);
+    let report = store.prune_as_of(start_of(1), now).await.unwrap();
     assert_eq!((report.deleted, report.anchor.seq), (5, 5));
     assert_eq!(store.anchor().await.unwrap(), report.anchor);
     let v = store.verify(None).await.unwrap();
@@ -1005,12 +1176,12 @@ async fn prune_keeps_chain_verifiable(env: &Env) {
     assert_eq!((v.checked, v.start.seq), (11, 5));
     assert!(all_ids(&store).await.contains(&"late".to_owned()));
 
-    let report = store.prune(start_of(2)).await.unwrap();
+    let report = store.prune_as_of(start_of(2), now).await.unwrap();
     assert_eq!((report.deleted, report.anchor.seq), (6, 11));
     assert_verifies(&store, 5).await;
     assert_eq!(store.subject(&format!("{:064x}", 1), None, None, 0).await.unwrap().len(), 5);
     // Nothing more to prune; ingest continues the chain from the head.
-    assert_eq!(store.prune(start_of(2)).await.unwrap().deleted, 0);
+    assert_eq!(store.prune_as_of(start_of(2), now).await.unwrap().deleted, 0);
     // (An event older than the pruned part is not stored: see the next test.)
     let out = store.ingest(&[mk("d0", day(3, 0)), mk("old", day(0, 7)), mk("d1", day(3, 1))]).await.unwrap();
     assert_eq!((out.accepted, out.expired), (2, 1));
@@ -1023,29 +1194,32 @@ async fn prune_keeps_chain_verifiable(env: &Env) {
 
 /// Retention forgets the ids of the events it deletes, so a sender's late resend of one would
 /// be stored again (and its chain position reused for a copy): every event older than the
-/// pruned part is acknowledged as expired instead, never stored; from the cutoff on, events
-/// are stored as before.
+/// cutoff, up to the newest pruned one, is acknowledged as expired instead, never stored;
+/// after it, events are stored as before (nothing after it was deleted: an event older than
+/// the cutoff goes with a later run).
 async fn events_older_than_the_pruned_part_are_not_stored_again(env: &Env) {
     let store = env.open().await;
     let old: Vec<_> = (0..5).map(|i| event(&format!("a{i}"), t0() + Duration::seconds(i))).collect();
     let cutoff = t0() + Duration::hours(1);
     store.ingest(&old).await.unwrap();
     store.ingest(&[event("b0", cutoff + Duration::seconds(1))]).await.unwrap();
-    assert_eq!(store.prune(cutoff).await.unwrap().deleted, 5);
+    assert_eq!(store.prune_as_of(cutoff, cutoff + Duration::seconds(1)).await.unwrap().deleted, 5);
 
     let again = store.ingest(&old).await.unwrap();
     assert_eq!((again.accepted, again.duplicates, again.expired), (0, 0, 5), "resent after the prune");
+    let newest_pruned = t0() + Duration::seconds(4);
     let boundary = [
-        event("just-before", cutoff - Duration::microseconds(1)),
+        event("at-newest-pruned", newest_pruned),
+        event("just-after", newest_pruned + Duration::microseconds(1)),
         event("at-cutoff", cutoff),
         event("b0", cutoff + Duration::seconds(1)),
     ];
     let out = store.ingest(&boundary).await.unwrap();
-    assert_eq!((out.accepted, out.duplicates, out.expired), (1, 1, 1));
+    assert_eq!((out.accepted, out.duplicates, out.expired), (2, 1, 1));
     let mut ids = all_ids(&store).await;
     ids.sort();
-    assert_eq!(ids, ["at-cutoff", "b0"]);
-    assert_verifies(&store, 2).await;
+    assert_eq!(ids, ["at-cutoff", "b0", "just-after"]);
+    assert_verifies(&store, 3).await;
     // An event days older is not stored either, and PostgreSQL makes no partition for its day.
     let older = store.ingest(&[event("days-older", t0() - Duration::days(2))]).await.unwrap();
     assert_eq!(older.expired, 1);
@@ -1056,11 +1230,51 @@ async fn events_older_than_the_pruned_part_are_not_stored_again(env: &Env) {
     }
 }
 
+/// A collector whose clock jumped ahead by more than the retention (a year here): retention
+/// measures the age of the events from the newest stored one, not from the clock, so it
+/// prunes only the events older than the retention relative to it (before: every event, the
+/// whole trail); and it remembers as pruned no more than it deleted, so once the clock is
+/// right again an event timed now is stored (before: acknowledged as expired and dropped,
+/// as was every event until the clock caught up with the saved cutoff).
+async fn a_clock_ahead_prunes_only_what_the_retention_allows(env: &Env) {
+    let store = env.open().await;
+    let now = chrono::Utc::now();
+    let at = |t: chrono::DateTime<chrono::Utc>, prefix: &str| -> Vec<_> {
+        (0..5).map(|i| event(&format!("{prefix}{i}"), t + Duration::seconds(i))).collect()
+    };
+    let (old, young) = (at(now - Duration::days(40), "o"), at(now - Duration::hours(1), "y"));
+    store.ingest(&old).await.unwrap();
+    store.ingest(&young).await.unwrap();
+    let ahead = now + Duration::days(365);
+
+    // 50 days: nothing is that much older than the newest event.
+    let report = store.prune_as_of(ahead - Duration::days(50), ahead).await.unwrap();
+    assert_eq!((report.deleted, report.anchor.seq), (0, 0));
+    // 30 days: the old events only.
+    let report = store.prune_as_of(ahead - Duration::days(30), ahead).await.unwrap();
+    assert_eq!((report.deleted, report.anchor.seq), (5, 5));
+
+    // The clock is right again.
+    let fresh = store.ingest(&[event("fresh", now)]).await.unwrap();
+    assert_eq!((fresh.accepted, fresh.expired), (1, 0), "an event timed now");
+    // A pruned event resent is still expired; an event after the newest pruned one is stored
+    // (though older than the retention: the next runs prune it).
+    let resent = store.ingest(&old[4..]).await.unwrap();
+    assert_eq!((resent.accepted, resent.expired), (0, 1));
+    let between = store.ingest(&[event("between", now - Duration::days(35))]).await.unwrap();
+    assert_eq!((between.accepted, between.expired), (1, 0));
+    let mut ids = all_ids(&store).await;
+    ids.sort();
+    assert_eq!(ids, ["between", "fresh", "y0", "y1", "y2", "y3", "y4"]);
+    assert_verifies(&store, 7).await;
+}
+
 async fn prune_refuses_a_broken_chain(env: &Env) {
     let store = env.open().await;
     store.ingest(&events("e", 10)).await.unwrap();
     env.raw("UPDATE events SET principal = 'user:mallory' WHERE seq = 2;").await;
-    match store.prune(t0() + Duration::days(1)).await {
+    // The clock at the newest event.
+    match store.prune_as_of(t0() + Duration::seconds(5), t0() + Duration::seconds(9)).await {
         Err(Error::ChainBroken(b)) => assert_eq!((b.kind, b.seq), (BreakKind::Edited, 2)),
         other => panic!("expected ChainBroken, got {other:?}"),
     }

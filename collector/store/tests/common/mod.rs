@@ -147,6 +147,22 @@ impl Env {
         }
     }
 
+    /// PostgreSQL: a second connection holding a lock on `event_records` (the parent table)
+    /// that makes writers wait, until rolled back or dropped; readers go on. An ingest of an
+    /// event with record hashes then waits after writing its `events` rows, uncommitted.
+    pub async fn lock_records(&self) -> tokio_postgres::Client {
+        let client = pg_connect(&self.url()).await;
+        // A failing test holding it: the server ends the session after 20 s.
+        client
+            .batch_execute(
+                "SET idle_in_transaction_session_timeout = '20s'; \
+                 BEGIN; LOCK TABLE ONLY event_records IN SHARE MODE",
+            )
+            .await
+            .unwrap();
+        client
+    }
+
     /// The first column of the first row of `sql` (a count), read through a second connection.
     pub async fn count(&self, sql: &str) -> i64 {
         match self {
