@@ -282,7 +282,7 @@ async fn handle(
             user: None,
             // Replaced once the caller is known (`principal`); the peer's address until then.
             principal: ["peer:", &peer_ip].concat(),
-            method: req.method().as_str().to_string(),
+            method: event_method(req.method()),
             path: "-".to_string(),
             decision: Decision::Allow,
             reason: String::new(),
@@ -2143,6 +2143,19 @@ fn principal(user: Option<&User>, caller: Option<&WorkloadIdentity>) -> Option<S
     }
 }
 
+/// The longest method an audit event records: the methods of HTTP are a few letters, and a
+/// longer one (hyper takes any token up to the request head's size) is cut to this, so that
+/// one hostile request cannot make an event, and the batch it ships in, one the collector
+/// refuses.
+const MAX_EVENT_METHOD_BYTES: usize = 64;
+
+/// `method` as an audit event records it: at most [`MAX_EVENT_METHOD_BYTES`] (a method is
+/// an ASCII token, so any cut is at a character boundary).
+fn event_method(method: &hyper::Method) -> String {
+    let m = method.as_str();
+    m.get(..MAX_EVENT_METHOD_BYTES).unwrap_or(m).to_string()
+}
+
 /// The trace id of a W3C `traceparent` header.
 fn trace_id(headers: &HeaderMap) -> Option<String> {
     let v = headers.get(&TRACEPARENT)?.to_str().ok()?;
@@ -2245,6 +2258,16 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn events_record_methods_of_at_most_64_bytes() {
+        assert_eq!(event_method(&hyper::Method::GET), "GET");
+        let long = "X".repeat(20_000);
+        let method = hyper::Method::from_bytes(long.as_bytes()).unwrap();
+        assert_eq!(event_method(&method), "X".repeat(MAX_EVENT_METHOD_BYTES));
+        let exact = hyper::Method::from_bytes("Y".repeat(MAX_EVENT_METHOD_BYTES).as_bytes()).unwrap();
+        assert_eq!(event_method(&exact).len(), MAX_EVENT_METHOD_BYTES);
+    }
 
     fn mk_job(policy: &str, fail_open: bool) -> TransformJob {
         TransformJob {

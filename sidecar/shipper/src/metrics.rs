@@ -141,7 +141,7 @@ impl BatchResult {
 /// | `custos_audit_events_emitted_total` | counter | events handed to the shipper |
 /// | `custos_audit_events_delivered_total` | counter | events in batches the collector acknowledged |
 /// | `custos_audit_events_duplicate_total` | counter | of those, events the collector already had (resends) |
-/// | `custos_audit_events_expired_total` | counter | of those, events older than what the collector's retention already deleted (not stored) |
+/// | `custos_audit_events_expired_total` | counter | of those, events older than what the collector's retention already deleted, or than its `--max-event-age` (not stored) |
 /// | `custos_audit_events_dropped_total{reason}` | counter | events lost, by [`DropReason`] |
 /// | `custos_audit_spool_bytes` | gauge | disk used by the spool's segment files |
 /// | `custos_audit_spool_records` | gauge | batches waiting in the spool |
@@ -220,7 +220,7 @@ impl ShipperMetrics {
         );
         registry.register(
             "custos_audit_events_expired",
-            "Audit events the collector acknowledged without storing: older than what its retention already deleted",
+            "Audit events the collector acknowledged without storing: older than what its retention already deleted, or than its --max-event-age",
             self.events_expired.clone(),
         );
         registry.register(
@@ -275,7 +275,8 @@ impl ShipperMetrics {
         self.events_duplicate.get()
     }
 
-    /// Events the collector reported as expired (older than its retention).
+    /// Events the collector reported as expired (older than its retention or its maximum
+    /// event age).
     pub fn events_expired(&self) -> u64 {
         self.events_expired.get()
     }

@@ -410,7 +410,7 @@ impl Worker {
                 if response.expired > 0 {
                     tracing::warn!(
                         expired = response.expired,
-                        "the collector did not store events older than its retention (delivered too late)"
+                        "the collector did not store events older than its retention or its --max-event-age (delivered too late)"
                     );
                 }
                 if response.accepted + response.duplicates + response.expired != events {
