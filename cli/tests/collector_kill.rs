@@ -79,12 +79,18 @@ fn event_id(batch: usize, i: usize) -> String {
     format!("b{batch:05}-e{i:02}")
 }
 
+/// The hour the events are dated in: the last full hour, the same for every batch of the run
+/// (a resent batch is the same batch), recent enough for the collector's `--max-event-age`.
+static HOUR: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    (chrono::Utc::now() - chrono::Duration::hours(1)).format("%Y-%m-%dT%H").to_string()
+});
+
 fn batch_body(batch: usize) -> Vec<u8> {
     let mut out = Vec::new();
     for i in 0..EVENTS_PER_BATCH {
         let event = sample_event(
             event_id(batch, i),
-            format!("2025-06-01T12:{:02}:{:02}Z", (batch / 60) % 60, batch % 60),
+            format!("{}:{:02}:{:02}Z", *HOUR, (batch / 60) % 60, batch % 60),
             format!("workload:shop/client-{}", batch % CLIENTS),
         );
         serde_json::to_writer(&mut out, &event).unwrap();

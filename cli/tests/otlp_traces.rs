@@ -87,7 +87,8 @@ fn run_collector(otel_endpoint: String) {
 
     let event = common::sample_event(
         "01JOTLPTRACE0000000000000A".into(),
-        "2026-01-01T00:00:00Z".into(),
+        // Recent: an event older than the collector's --max-event-age is not stored.
+        (chrono::Utc::now() - chrono::Duration::minutes(5)).format("%Y-%m-%dT%H:%M:%SZ").to_string(),
         "workload:shop/client".into(),
     );
     let body = serde_json::to_string(&event).unwrap();

@@ -1581,6 +1581,8 @@ fn schema_refuses_typos_bad_enums_and_inconsistent_stores() {
         ("collector.store.type=mysql", "collector.store.type must be one of"),
         ("collector.kubeEvents=sometimes", "collector.kubeEvents must be one of"),
         ("collector.retention=forever-ish", "collector.retention: Does not match pattern"),
+        ("collector.retention=0d", "collector.retention: Does not match pattern"),
+        ("collector.maxEventAge=0d", "collector.maxEventAge: Does not match pattern"),
         (
             "operator.sidecar.resources.requests.cpu=lots",
             "operator.sidecar.resources.requests.cpu: Does not match",

@@ -75,9 +75,10 @@ pub struct CollectorArgs {
 
     /// Events dated more than this before they arrive (e.g. 7d, 30d) are acknowledged as
     /// `expired` and not stored, as events older than what retention deleted are; `none`
-    /// stores events of any age. A sidecar's spool delivers events late after an outage:
-    /// keep this longer than the outages its events must survive.
-    #[arg(long, env = "CUSTOS_COLLECTOR_MAX_EVENT_AGE", value_name = "DURATION", default_value = "7d", value_parser = parse_retention)]
+    /// stores events of any age. Measured from the newest stored event when the clock is
+    /// later. A sidecar's spool delivers events late after an outage: keep this longer than
+    /// the outages its events must survive.
+    #[arg(long, env = "CUSTOS_COLLECTOR_MAX_EVENT_AGE", value_name = "DURATION", default_value = "30d", value_parser = parse_retention)]
     pub max_event_age: Retention,
 
     /// How often retention runs (the first run is at start).
@@ -251,7 +252,7 @@ mod tests {
         assert_eq!(config.auth, Auth::TokenFile("/t".into()));
         assert_eq!(config.limits, IngestLimits { max_batch_bytes: 16 << 20, max_batch_events: 10_000 });
         assert_eq!(config.retention, None);
-        assert_eq!(config.max_event_age, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(config.max_event_age, Some(Duration::from_secs(30 * 86_400)));
         assert_eq!(config.prune_interval, Duration::from_secs(3600));
         assert_eq!(config.kube_events, KubeEvents::Auto);
 

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use custos_store::{AnyStore, IngestOutcome, Ingested};
@@ -23,6 +23,11 @@ struct Inner {
     limits: IngestLimits,
     /// `--max-event-age`: older events are acknowledged as expired, not stored.
     max_event_age: Option<chrono::TimeDelta>,
+    /// The newest event time this replica knows stored (µs; [`NEWEST_UNKNOWN`] until read from
+    /// the store, [`NEWEST_NONE`] for an empty store): the maximum event age is measured from
+    /// it when the clock is later, so that a clock that jumped ahead cannot make every new
+    /// event "too old".
+    newest_us: AtomicI64,
     batch_slots: Semaphore,
     /// `--max-concurrent-queries`, and how long a report query waits for one of them.
     query_slots: Arc<Semaphore>,
@@ -53,7 +58,67 @@ impl std::fmt::Debug for CollectorState {
     }
 }
 
+/// The newest time (µs) among `events`, not before `oldest` and not past the store's allowed
+/// skew ahead of `now` (a later one is refused anyway).
+fn newest_time(
+    events: &[custos_api::AuditEvent],
+    oldest: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<i64> {
+    let latest = now.timestamp_micros().saturating_add(custos_store::chain::MAX_FUTURE_SKEW_US);
+    events
+        .iter()
+        .filter_map(|e| chrono::DateTime::parse_from_rfc3339(&e.time).ok())
+        .map(|t| t.timestamp_micros())
+        .filter(|t| oldest.is_none_or(|o| *t >= o.timestamp_micros()) && *t <= latest)
+        .max()
+}
+
+/// [`Inner::newest_us`] before the store was asked.
+const NEWEST_UNKNOWN: i64 = i64::MIN;
+/// [`Inner::newest_us`] of a store without events.
+const NEWEST_NONE: i64 = i64::MIN + 1;
+
 impl CollectorState {
+    /// What `--max-event-age` is measured from: the earlier of `now` and the newest event known,
+    /// this replica's newest stored (read from the store the first time) or the batch's own
+    /// newest (`batch_newest`), whichever is later. A clock that jumped ahead then cannot make
+    /// every new event "too old" (acknowledged unstored, lost): the events themselves say
+    /// what time it is. `None` when nothing is known (an empty store, a batch without a
+    /// readable time).
+    async fn age_base(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        batch_newest: Option<i64>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        let mut newest = self.inner.newest_us.load(Ordering::Relaxed);
+        if newest == NEWEST_UNKNOWN {
+            match self.inner.store.newest_event_time().await {
+                Ok(time) => {
+                    let read = time.map_or(NEWEST_NONE, |t| t.timestamp_micros());
+                    newest = self.inner.newest_us.fetch_max(read, Ordering::Relaxed).max(read);
+                }
+                // The ingest that follows meets the same store: no bound for this batch.
+                Err(_) => return None,
+            }
+        }
+        let stored = (newest != NEWEST_NONE).then_some(newest);
+        let known = stored.max(batch_newest)?;
+        chrono::DateTime::from_timestamp_micros(known).map(|t| t.min(now))
+    }
+
+    /// Notes the newest time among `events` stored (see [`newest_time`]).
+    fn saw_events(
+        &self,
+        events: &[custos_api::AuditEvent],
+        oldest: Option<chrono::DateTime<chrono::Utc>>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) {
+        if let Some(newest) = newest_time(events, oldest, now) {
+            self.inner.newest_us.fetch_max(newest, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn new(
         store: AnyStore,
         metrics: CollectorMetrics,
@@ -70,6 +135,7 @@ impl CollectorState {
                 auth,
                 limits,
                 max_event_age: max_event_age.and_then(|a| chrono::TimeDelta::from_std(a).ok()),
+                newest_us: AtomicI64::new(NEWEST_UNKNOWN),
                 batch_slots: Semaphore::new(max_concurrent_batches.max(1)),
                 query_slots: Arc::new(Semaphore::new(max_concurrent_queries.max(1))),
                 query_wait,
@@ -145,8 +211,20 @@ impl CollectorState {
             )));
         }
         let started = Instant::now();
-        let oldest = self.inner.max_event_age.and_then(|age| chrono::Utc::now().checked_sub_signed(age));
+        let now = chrono::Utc::now();
+        let oldest = match self.inner.max_event_age {
+            Some(age) => {
+                let batch_newest = newest_time(batch.events(), None, now);
+                self.age_base(now, batch_newest).await.and_then(|base| base.checked_sub_signed(age))
+            }
+            None => None,
+        };
         let result = self.inner.store.ingest_listing_new_since(batch.events(), oldest).await;
+        if let (Ok(ingested), Some(_)) = (&result, self.inner.max_event_age)
+            && ingested.outcome.accepted > 0
+        {
+            self.saw_events(batch.events(), oldest, now);
+        }
         self.metrics().store_op("ingest", started.elapsed());
         match result {
             Ok(ingested) => {

@@ -188,6 +188,38 @@ async fn events_older_than_the_max_event_age_are_expired_not_stored() {
     assert_eq!(metric_value(&metrics, "custos_collector_events_expired_total"), Some(2.0));
 }
 
+/// The maximum age is measured from the newest event known when the clock is later: a
+/// collector whose clock ran 60 days ahead of its senders (here: a store whose newest event is
+/// 60 days old, as such a collector sees it) still stores what they send now; only what is
+/// older than the maximum age before that is expired.
+#[tokio::test]
+async fn the_max_event_age_follows_the_events_not_a_clock_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let url = format!("sqlite:{}", path.display());
+    let now = Utc::now();
+    {
+        let store = custos_store::open(&url).await.unwrap();
+        store.ingest(&[event("before", now - chrono::Duration::days(60))]).await.unwrap();
+    }
+    let h = Harness::start(dir, Store::Sqlite { path }, |c| {
+        c.max_event_age = Some(Duration::from_secs(30 * 86_400))
+    })
+    .await;
+    // The senders' "now" is 45 days before the collector's.
+    let batch = vec![
+        event("current", now - chrono::Duration::days(45)),
+        event("spooled", now - chrono::Duration::days(70)),
+        event("too-old", now - chrono::Duration::days(80)),
+    ];
+    let (status, body) = h.post(NDJSON, ndjson(&batch)).await;
+    assert_eq!((status, body), (200, serde_json::json!({"accepted": 2, "duplicates": 0, "expired": 1})));
+    assert_exactly(&h.stored_ids().await, &["before".to_owned(), "current".to_owned(), "spooled".to_owned()]);
+    // A later batch of spooled events alone is measured from the newest stored ("current").
+    let (status, body) = h.post(NDJSON, ndjson(&[event("late", now - chrono::Duration::days(72))])).await;
+    assert_eq!((status, body), (200, serde_json::json!({"accepted": 1, "duplicates": 0})));
+}
+
 #[tokio::test]
 async fn retention_stops_instead_of_pruning_over_a_broken_chain() {
     let dir = tempfile::tempdir().unwrap();

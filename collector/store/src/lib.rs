@@ -776,6 +776,12 @@ impl AnyStore {
         })
     }
 
+    /// The time of the newest stored event (`None`: no events).
+    pub async fn newest_event_time(&self) -> Result<Option<DateTime<Utc>>> {
+        let newest = dispatch!(self, s => s.newest_time().await)?;
+        Ok(newest.and_then(DateTime::from_timestamp_micros))
+    }
+
     /// Retention: deletes the events older than `older_than` (the clock now minus the
     /// retention) while keeping the rest verifiable; [`AnyStore::prune_as_of`] with this
     /// machine's clock, which says how far the clock is trusted.
