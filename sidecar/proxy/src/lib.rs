@@ -234,6 +234,7 @@ pub async fn start(settings: SidecarSettings) -> Result<RunningSidecar, Error> {
         hash_key,
         limits: settings.limits.clone(),
         pod_name: settings.pod_name.clone(),
+        namespace: settings.namespace.clone(),
         cluster: settings.cluster.clone(),
         mesh: settings.mesh.clone(),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(settings.limits.max_connections)),

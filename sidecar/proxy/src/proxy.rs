@@ -102,6 +102,9 @@ pub(crate) struct Shared {
     pub hash_key: HashKey,
     pub limits: ProxyLimits,
     pub pod_name: Option<String>,
+    /// `--namespace`: the pod's namespace, which events carry before a config is loaded (a
+    /// namespace token's collector refuses events of any other, `""` included).
+    pub namespace: Option<String>,
     pub cluster: Option<String>,
     /// `--caller-identity istio|linkerd`: callers through the mesh's proxy.
     pub mesh: Option<crate::MeshIdentity>,
@@ -273,7 +276,9 @@ async fn handle(
             id: shared.event_ids.next(wall),
             time: crate::audit::event_time(&now),
             cluster: shared.cluster.clone(),
-            namespace: String::new(),
+            // The config's once it is loaded (the same: a config of another namespace is
+            // refused).
+            namespace: shared.namespace.clone().unwrap_or_default(),
             policy: None,
             rule: None,
             mode: Mode::Disabled,

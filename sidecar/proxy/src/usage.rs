@@ -33,8 +33,8 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
-    // Where the last round stopped, when there were more active pairs than one round fetches:
-    // for the enforced quotas and for the dry runs'.
+    // Where the last round stopped (all its pairs done, or the deadline cut it): for the
+    // enforced quotas and for the dry runs'.
     let mut resume_after: [Option<(String, String)>; 2] = [None, None];
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -69,7 +69,9 @@ pub(crate) async fn run(
             let pairs = this_round(pairs, resume_after[i].as_ref(), MAX_FETCHES_PER_ROUND);
             let round =
                 sync_round(table, client, &namespace, instance, pairs, deadlines[i], &mut shutdown).await;
-            resume_after[i] = round.last_started;
+            if round.resume_after.is_some() {
+                resume_after[i] = round.resume_after;
+            }
             failures += round.failures;
             if round.cut {
                 tracing::warn!("cluster usage round cut at the sync interval: the collector answers slowly");
@@ -88,29 +90,30 @@ pub(crate) async fn run(
     }
 }
 
-/// The (policy, principal) pairs of one round, from the sorted active `pairs`: all of them
-/// when they fit in `max`; otherwise `max` of them starting after `resume_after` (the last
-/// pair the previous round started) and wrapping around, so that every active principal has
-/// its turn however many there are: a flood of principals must not leave the same ones
+/// The (policy, principal) pairs of one round, from the sorted active `pairs`: at most `max`
+/// of them, starting after `resume_after` (where the previous round stopped: its last pair, or
+/// the last one done in order when its deadline cut it) and wrapping around, so that every
+/// active principal has its turn however many there are and however slowly the collector
+/// answers: neither a flood of principals nor a slow collector may leave the same ones
 /// without cluster figures round after round.
 fn this_round(
     pairs: Vec<(String, String)>,
     resume_after: Option<&(String, String)>,
     max: usize,
 ) -> Vec<(String, String)> {
-    if pairs.len() <= max {
-        return pairs;
-    }
     let start = resume_after.map_or(0, |last| pairs.partition_point(|p| p <= last));
-    pairs.iter().cycle().skip(start).take(max).cloned().collect()
+    let take = max.min(pairs.len());
+    pairs.iter().cycle().skip(start).take(take).cloned().collect()
 }
 
 /// How a round went.
 struct Round {
     /// Fetches that failed.
     failures: u64,
-    /// The last pair whose fetch was started.
-    last_started: Option<(String, String)>,
+    /// Where the next round starts after: the round's last pair when all were done, else the
+    /// pair before the first one not done (`None`: not one done in order, start at the same
+    /// place again).
+    resume_after: Option<(String, String)>,
     /// The deadline ended the round before every fetch was done.
     cut: bool,
 }
@@ -125,57 +128,82 @@ async fn sync_round(
     deadline: tokio::time::Instant,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Round {
-    let mut round = Round { failures: 0, last_started: None, cut: false };
+    let mut round = Round { failures: 0, resume_after: None, cut: false };
     let mut tasks = JoinSet::new();
-    let mut pending = pairs.into_iter();
+    // Done in order: the pairs up to `done_until` all finished (applied or failed).
+    let mut done = vec![false; pairs.len()];
+    let mut done_until = 0;
+    let mut next = 0;
+    let stop_at =
+        |done_until: usize, pairs: &[(String, String)]| done_until.checked_sub(1).map(|i| pairs[i].clone());
     loop {
-        while tasks.len() < CONCURRENCY {
-            let Some((policy, principal)) = pending.next() else { break };
-            round.last_started = Some((policy.clone(), principal.clone()));
+        while tasks.len() < CONCURRENCY && next < pairs.len() {
+            let index = next;
+            next += 1;
+            let (policy, principal) = pairs[index].clone();
             let (client, quotas, namespace) = (client.clone(), quotas.clone(), namespace.to_string());
             let instance = instance.to_owned();
             tasks.spawn(async move {
-                let mut usage = client
-                    .fetch(&namespace, &policy, &principal, Some(&instance))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                // Figures without this process's events only for its own tag.
-                if usage.instance.as_deref() != Some(instance.as_str()) {
-                    usage.rules_without_instance = None;
+                let result = async {
+                    let mut usage = client
+                        .fetch(&namespace, &policy, &principal, Some(&instance))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    // Figures without this process's events only for its own tag.
+                    if usage.instance.as_deref() != Some(instance.as_str()) {
+                        usage.rules_without_instance = None;
+                    }
+                    let as_of = chrono::DateTime::parse_from_rfc3339(&usage.as_of)
+                        .map_err(|_| "usage asOf is not RFC 3339".to_string())?;
+                    let as_of = Timestamp::from_millis(u64::try_from(as_of.timestamp_millis()).unwrap_or(0));
+                    quotas.apply_cluster_usage(
+                        &policy,
+                        &principal,
+                        &usage,
+                        as_of,
+                        crate::quota_clock::quota_time(SystemTime::now()),
+                    );
+                    Ok::<(), String>(())
                 }
-                let as_of = chrono::DateTime::parse_from_rfc3339(&usage.as_of)
-                    .map_err(|_| "usage asOf is not RFC 3339".to_string())?;
-                let as_of = Timestamp::from_millis(u64::try_from(as_of.timestamp_millis()).unwrap_or(0));
-                quotas.apply_cluster_usage(
-                    &policy,
-                    &principal,
-                    &usage,
-                    as_of,
-                    crate::quota_clock::quota_time(SystemTime::now()),
-                );
-                Ok::<(), String>(())
+                .await;
+                (index, result)
             });
         }
         let joined = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => {
                 tasks.abort_all();
+                round.resume_after = stop_at(done_until, &pairs);
                 return round;
             }
             () = tokio::time::sleep_until(deadline) => {
                 tasks.abort_all();
                 round.cut = true;
+                round.resume_after = stop_at(done_until, &pairs);
                 return round;
             }
             joined = tasks.join_next() => joined,
         };
-        match joined {
-            None => return round,
-            Some(Ok(Ok(()))) => {}
-            Some(Ok(Err(e))) => {
+        let index = match joined {
+            None => {
+                round.resume_after = pairs.last().cloned();
+                return round;
+            }
+            Some(Ok((index, Ok(())))) => index,
+            Some(Ok((index, Err(e)))) => {
                 tracing::debug!(error = %e, "cluster usage fetch failed");
                 round.failures += 1;
+                index
             }
-            Some(Err(_)) => round.failures += 1,
+            Some(Err(_)) => {
+                // A fetch task that panicked: its pair is not known here; counted, and the
+                // round's order resumes before it at worst.
+                round.failures += 1;
+                continue;
+            }
+        };
+        done[index] = true;
+        while done_until < done.len() && done[done_until] {
+            done_until += 1;
         }
     }
 }
@@ -213,8 +241,84 @@ mod tests {
         .await
         .expect("the round ended at its deadline, not at the client's time-out");
         assert!(round.cut);
-        assert_eq!(round.last_started, Some(("p".to_string(), "user:007".to_string())), "8 at a time");
+        assert_eq!(round.resume_after, None, "not one fetch done: the next round starts at the same place");
         holder.abort();
+    }
+
+    /// A collector that answers each `/v1/usage` after `delay`, echoing the pair asked about
+    /// with no usage; returns its address and the principals it answered, in order.
+    async fn slow_collector(delay: Duration) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let answered = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = answered.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = conn.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let Some(target) = line.strip_prefix("GET ") else { continue };
+                        let principal = target
+                            .split(['?', '&', ' '])
+                            .find_map(|kv| kv.strip_prefix("principal="))
+                            .unwrap()
+                            .replace("%3A", ":");
+                        while let Ok(Some(header)) = lines.next_line().await {
+                            if header.is_empty() {
+                                break;
+                            }
+                        }
+                        tokio::time::sleep(delay).await;
+                        let body = serde_json::json!({
+                            "policy": "p", "principal": principal,
+                            "asOf": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                            "rules": {}
+                        })
+                        .to_string();
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        log.lock().unwrap().push(principal);
+                        if write.write_all((head + &body).as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, answered)
+    }
+
+    /// A collector too slow for one round to fetch every active pair: the next round starts
+    /// after the last pair done in order, so that rounds take turns through all of them
+    /// (before, each round started at the first pair again and the same ones were never
+    /// fetched).
+    #[tokio::test]
+    async fn rounds_cut_by_a_slow_collector_take_turns() {
+        let (url, answered) = slow_collector(Duration::from_millis(150)).await;
+        let client = Arc::new(UsageClient::new(url, None, Duration::from_secs(60)).unwrap());
+        let quotas = Arc::new(Quotas::new(custos_quota::QuotaSettings::default()));
+        let (_stop, mut shutdown) = watch::channel(false);
+        let all = pairs(40);
+        let mut resume_after = None;
+        for _ in 0..8 {
+            let round_pairs = this_round(all.clone(), resume_after.as_ref(), MAX_FETCHES_PER_ROUND);
+            // Room for one wave of 8 fetches, not two.
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
+            let round =
+                sync_round(&quotas, &client, "shop", "01ABCDEF", round_pairs, deadline, &mut shutdown).await;
+            assert!(round.cut);
+            if round.resume_after.is_some() {
+                resume_after = round.resume_after;
+            }
+        }
+        let answered: std::collections::BTreeSet<String> = answered.lock().unwrap().iter().cloned().collect();
+        let missing: Vec<_> = all.iter().filter(|(_, principal)| !answered.contains(principal)).collect();
+        assert!(missing.is_empty(), "never fetched: {missing:?}");
     }
 
     /// Past the per-round cap, rounds take turns through every active pair, and a pair set
@@ -222,6 +326,12 @@ mod tests {
     #[test]
     fn rounds_take_turns_through_every_active_principal() {
         assert_eq!(this_round(pairs(3), None, 5), pairs(3), "all fit");
+        let three = pairs(3);
+        assert_eq!(
+            this_round(three.clone(), Some(&three[0]), 5),
+            [&three[1..], &three[..1]].concat(),
+            "all fit, resumed after the first"
+        );
         let all = pairs(10);
         let first = this_round(all.clone(), None, 4);
         assert_eq!(first, all[0..4]);

@@ -2750,6 +2750,29 @@ async fn a_config_rejected_at_start_is_retried_and_an_unreadable_file_is_reporte
     f.stop().await;
 }
 
+/// A request answered before any config is loaded (503 `no_config`) still has its event, in
+/// the pod's namespace (`--namespace`): a collector that takes the sidecar's namespace token
+/// refuses events of any other namespace, and one of namespace `""` would hold back every
+/// later event of the pod.
+#[tokio::test]
+async fn events_before_a_config_carry_the_pods_namespace() {
+    let collector = Collector::start().await;
+    let url = collector.url();
+    let mut f = fixture(&[("customer-api", policy(main_rules()))], Vec::new(), move |s| {
+        s.collector = Some(shipping_to(url, s));
+    })
+    .await;
+    assert_eq!(admin_get(f.admin(), "/ready").await.status, 503, "the JWKS is not there: no config");
+    let r = get(f.proxy(), "/open/x").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["reason"], "no_config");
+    f.stop().await;
+    let events = collector.wait_for(1).await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["reason"], "no_config");
+    assert_eq!(events[0]["namespace"], NAMESPACE, "{:#?}", events[0]);
+}
+
 /// A client that gives up before the response head (an h2 RST_STREAM, an HTTP/1.1
 /// connection closed) makes hyper drop the request's future, after the request may have
 /// reached the app: the event is still emitted, with status 499 and `client_cancelled`.

@@ -379,10 +379,32 @@ impl Spool {
     }
 
     /// Appends one record holding `count` events and syncs it to disk.
+    #[cfg(test)]
     pub(crate) fn append(&mut self, payload: &[u8], count: u32) -> Result<(), AppendError> {
+        self.append_within(payload, count, 0)
+    }
+
+    /// [`Self::append`], allowed `replacing` bytes past the size limit: the halves of a spooled
+    /// record being split take the room of the record they replace. Its bytes, and those of
+    /// the records acknowledged before it in its segment, are given back only with the whole
+    /// segment, so those count as free too: while a backlog is split the spool exceeds its
+    /// limit by at most one segment and one record.
+    pub(crate) fn append_within(
+        &mut self,
+        payload: &[u8],
+        count: u32,
+        replacing: u64,
+    ) -> Result<(), AppendError> {
         let len = u32::try_from(payload.len()).map_err(|_| AppendError::Full)?;
         let size = HEADER_LEN + u64::from(len);
-        if self.disk_bytes().saturating_add(size) > self.max_bytes {
+        let allowance = if replacing == 0 {
+            0
+        } else {
+            // Acknowledged records ahead of the head, in its segment: their bytes are not
+            // given back until the segment is.
+            replacing.saturating_add(self.records.front().map_or(0, |head| head.offset))
+        };
+        if self.disk_bytes().saturating_add(size) > self.max_bytes.saturating_add(allowance) {
             return Err(AppendError::Full);
         }
         let roll = match &self.active {

@@ -229,8 +229,14 @@ impl Transport {
             // Not about the batch: a wrong path, a proxy or authorisation layer in front, a
             // content encoding an older collector lacks. Dropping would lose every event until
             // the setup is fixed; kept instead (the spool is bounded).
-            StatusCode::FORBIDDEN
-            | StatusCode::NOT_FOUND
+            StatusCode::FORBIDDEN => match error_reason(response).await.as_deref() {
+                // An event of another namespace than a namespace token's: that event can never
+                // pass with this token, and kept it would hold back every later one. Split
+                // like a bad event, so that only the events refused alone are dropped.
+                Some("wrong_namespace") => Outcome::BadEvent,
+                _ => Outcome::Retry { result: BatchResult::Refused, detail: "HTTP 403".to_string() },
+            },
+            StatusCode::NOT_FOUND
             | StatusCode::METHOD_NOT_ALLOWED
             | StatusCode::UNSUPPORTED_MEDIA_TYPE
             | StatusCode::MISDIRECTED_REQUEST => {

@@ -369,8 +369,14 @@ impl Worker {
 
     /// Writes `batch` to the spool, or counts it as dropped.
     async fn spool_batch(&mut self, batch: Batch) -> bool {
+        self.spool_batch_within(batch, 0).await
+    }
+
+    /// [`Self::spool_batch`], allowed `replacing` bytes past the spool's limit
+    /// ([`Spool::append_within`]).
+    async fn spool_batch_within(&mut self, batch: Batch, replacing: u64) -> bool {
         let Batch { payload, count } = batch;
-        let result = self.with_spool(move |spool| spool.append(&payload, count)).await;
+        let result = self.with_spool(move |spool| spool.append_within(&payload, count, replacing)).await;
         let events = u64::from(count);
         match result {
             Some(Ok(())) => true,
@@ -471,11 +477,15 @@ impl Worker {
                          only that event is dropped"
                     );
                 }
+                // A spooled original's halves take its room (a full spool must not lose the
+                // whole batch for the split); the original is forgotten only once they are in.
+                let replacing =
+                    if record.is_some() { crate::spool::HEADER_LEN * 2 + payload.len() as u64 } else { 0 };
                 let (first, second) = split(&payload);
                 // The halves go behind the backlog, and what waits in memory behind them; the
                 // original is forgotten only then.
-                self.spool_batch(first).await;
-                self.spool_batch(second).await;
+                self.spool_batch_within(first, replacing).await;
+                self.spool_batch_within(second, replacing).await;
                 while let Some(batch) = self.waiting.pop_front() {
                     self.spool_batch(batch).await;
                 }

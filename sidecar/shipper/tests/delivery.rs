@@ -41,6 +41,12 @@ enum Behaviour {
     /// As `Normal`, but a batch holding the event of this index is refused whole with 400
     /// `bad_event`, as the collector does.
     BadEvent(usize),
+    /// As `Normal`, but a batch holding the event of this index is refused whole with 403
+    /// `wrong_namespace`, as the collector does for an event of another namespace than a
+    /// namespace token's.
+    WrongNamespace(usize),
+    /// As `Normal`, but a batch of more than this many events is refused with 413.
+    TooLargeAbove(usize),
     /// Never answer.
     Hang,
     /// Wait this long, then as `Normal`.
@@ -178,7 +184,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
             body.extend_from_slice(br#"{"accepted": 0, "duplicates": 0}"#);
             return Ok(answer(200, body));
         }
-        Behaviour::Normal | Behaviour::CommitThenDrop | Behaviour::BadEvent(_) | Behaviour::Expired => {}
+        Behaviour::Normal
+        | Behaviour::CommitThenDrop
+        | Behaviour::BadEvent(_)
+        | Behaviour::WrongNamespace(_)
+        | Behaviour::TooLargeAbove(_)
+        | Behaviour::Expired => {}
     }
     match req.uri().path() {
         EVENTS_PATH => {
@@ -190,11 +201,21 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
             } else {
                 String::from_utf8(body.to_vec()).unwrap()
             };
-            if let Behaviour::BadEvent(i) = behaviour {
+            if let Behaviour::TooLargeAbove(n) = behaviour
+                && text.lines().count() > n
+            {
+                return Ok(answer(413, String::new()));
+            }
+            let refused = match behaviour {
+                Behaviour::BadEvent(i) => Some((i, 400, "bad_event")),
+                Behaviour::WrongNamespace(i) => Some((i, 403, "wrong_namespace")),
+                _ => None,
+            };
+            if let Some((i, status, reason)) = refused {
                 let bad = event(i).id;
                 if text.lines().any(|l| serde_json::from_str::<AuditEvent>(l).unwrap().id == bad) {
-                    let body = serde_json::json!({"error": "bad event", "reason": "bad_event"}).to_string();
-                    return Ok(answer(400, body));
+                    let body = serde_json::json!({"error": "refused", "reason": reason}).to_string();
+                    return Ok(answer(status, body));
                 }
             }
             if behaviour == Behaviour::Expired {
@@ -573,6 +594,41 @@ async fn full_spool_drops_and_counts_without_blocking() {
     shipper.shutdown(Duration::from_secs(1)).await;
 }
 
+/// Splitting a spooled batch the collector refuses as too large does not need free room: the
+/// halves take the original's, so a full spool loses nothing to the split.
+#[tokio::test]
+async fn a_full_spool_still_splits_what_the_collector_refuses_as_too_large() {
+    let addr = free_addr().await;
+    let spool = tempfile::tempdir().unwrap();
+    let cfg = ShipperConfig {
+        batch_max_events: 10,
+        spool_max_bytes: 8 << 10,
+        spool_segment_bytes: 2 << 10,
+        ..config(&format!("http://{addr}"), spool.path())
+    };
+    let (shipper, metrics) = start(cfg);
+    for batch in 0..20 {
+        emit(&shipper, batch * 10..batch * 10 + 10);
+        until("batch settled", || {
+            metrics.spool_events() + metrics.events_dropped_total() == (batch as u64 + 1) * 10
+        })
+        .await;
+    }
+    let dropped = metrics.events_dropped(DropReason::SpoolFull);
+    let spooled = metrics.spool_events();
+    assert!(dropped > 0 && spooled > 0, "the spool is full");
+
+    // A collector that takes at most two events a batch: every spooled record is split, down
+    // to pairs, while the spool is full.
+    let collector = Collector::start_on(addr).await;
+    collector.set(Behaviour::TooLargeAbove(2));
+    until("spool delivered", || metrics.events_delivered() == spooled).await;
+    assert_eq!(collector.stored() as u64, spooled);
+    assert_eq!(metrics.events_dropped(DropReason::SpoolFull), dropped, "no event lost to a split");
+    assert!(metrics.batches_sent(BatchResult::TooLarge) > 0);
+    shipper.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn full_queue_drops_and_counts_and_emit_never_waits() {
     let collector = Collector::start().await;
@@ -918,25 +974,30 @@ async fn too_large_batches_are_split_until_they_pass() {
     shipper.shutdown(Duration::from_secs(1)).await;
 }
 
+/// An event the collector refuses (400 `bad_event`; or 403 `wrong_namespace`, an event of
+/// another namespace than the sidecar's namespace token, which no retry can deliver) is
+/// dropped alone: the batch is split until it stands alone, the rest is delivered.
 #[tokio::test]
 async fn an_event_the_collector_refuses_is_dropped_alone() {
-    let collector = Collector::start().await;
-    collector.set(Behaviour::BadEvent(37));
-    let spool = tempfile::tempdir().unwrap();
-    let (shipper, metrics) = start(config(&collector.url(), spool.path()));
-    emit(&shipper, 0..100);
-    until("all but one delivered", || {
-        metrics.events_delivered() == 99 && metrics.events_dropped(DropReason::Rejected) == 1
-    })
-    .await;
-    until("spool empty", || metrics.spool_records() == 0).await;
-    collector.assert_stored_once(&[ids(0..37), ids(38..100)].concat());
-    // The halves holding event 37: 100 → 50 (0..50) → 25 (25..50) → 13 (37..50) → 6 (37..43)
-    // → 3 (37..40) → 1: six splits, then the event alone is rejected.
-    assert_eq!(metrics.batches_sent(BatchResult::BadEvent), 6);
-    assert_eq!(metrics.batches_sent(BatchResult::Rejected), 1);
-    assert_eq!(metrics.events_dropped_total(), 1);
-    shipper.shutdown(Duration::from_secs(1)).await;
+    for refusal in [Behaviour::BadEvent(37), Behaviour::WrongNamespace(37)] {
+        let collector = Collector::start().await;
+        collector.set(refusal);
+        let spool = tempfile::tempdir().unwrap();
+        let (shipper, metrics) = start(config(&collector.url(), spool.path()));
+        emit(&shipper, 0..100);
+        until("all but one delivered", || {
+            metrics.events_delivered() == 99 && metrics.events_dropped(DropReason::Rejected) == 1
+        })
+        .await;
+        until("spool empty", || metrics.spool_records() == 0).await;
+        collector.assert_stored_once(&[ids(0..37), ids(38..100)].concat());
+        // The halves holding event 37: 100 → 50 (0..50) → 25 (25..50) → 13 (37..50) → 6 (37..43)
+        // → 3 (37..40) → 1: six splits, then the event alone is rejected.
+        assert_eq!(metrics.batches_sent(BatchResult::BadEvent), 6, "{refusal:?}");
+        assert_eq!(metrics.batches_sent(BatchResult::Rejected), 1);
+        assert_eq!(metrics.events_dropped_total(), 1);
+        shipper.shutdown(Duration::from_secs(1)).await;
+    }
 }
 
 /// Refusals that say nothing against the batch (a wrong path, a proxy or authorisation layer
