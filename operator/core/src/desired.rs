@@ -284,6 +284,20 @@ pub fn compute_with(
         }
     }
 
+    // The policies that are not Disabled selecting each pod: those whose ports the injection
+    // must reconcile (it refuses, or skips, a pod they disagree on).
+    let mut injecting: BTreeMap<*const Pod, Vec<&DataAccessPolicy>> = BTreeMap::new();
+    for (i, policy) in live.iter().enumerate() {
+        if policy.spec.mode != Mode::Disabled {
+            for pod in &selected_by[i] {
+                injecting.entry(std::ptr::from_ref(*pod)).or_default().push(policy);
+            }
+        }
+    }
+    let disagreement = |pod: &Pod| {
+        injecting.get(&std::ptr::from_ref(pod)).and_then(|policies| pods::port_disagreement(policies))
+    };
+
     let mut statuses = Vec::with_capacity(live.len());
     let mut events = Vec::new();
     for (index, policy) in live.iter().enumerate() {
@@ -309,9 +323,20 @@ pub fn compute_with(
         let sidecar = if policy.spec.mode == Mode::Disabled {
             SidecarState::Disabled
         } else {
+            let (disagreeing, agreeing): (Vec<&Pod>, Vec<&Pod>) =
+                selected.iter().partition(|pod| disagreement(pod).is_some());
+            let mut disagreeing: Vec<String> = disagreeing
+                .iter()
+                .map(|pod| {
+                    let what = disagreement(pod).unwrap_or_default();
+                    format!("{} ({what})", pod.metadata.name.as_deref().unwrap_or_default())
+                })
+                .collect();
+            disagreeing.sort();
             SidecarState::Checked {
                 missing: pods::without_sidecar(&selected),
-                outdated: pods::outdated_sidecars(&selected, &policy.spec),
+                outdated: pods::outdated_sidecars(&agreeing, &policy.spec),
+                disagreeing,
             }
         };
         let mesh_port = match (policy.spec.mode, options.mesh_identity, &snapshot.services) {

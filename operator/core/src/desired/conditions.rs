@@ -13,7 +13,7 @@
 //! | | False | `NoBypass`, or `PolicyDisabled` (mode Disabled: not checked) |
 //! | `SidecarMissing` | True | `PodsWithoutSidecar` (message: how many, and the first pods' names) |
 //! | | False | `AllPodsInjected`, or `PolicyDisabled` (mode Disabled: not checked) |
-//! | `SidecarOutdated` | True | `PodsWithOutdatedSidecar` (message: the first pods and what differs) |
+//! | `SidecarOutdated` | True | `PodsWithOutdatedSidecar` (message: the first pods and what differs), or first `PoliciesDisagreeOnPorts` (the policies selecting some pods disagree on `proxyPort` or `appPort`: no restart advice, the injection would refuse their new pods) |
 //! | | False | `SidecarsCurrent`, or `PolicyDisabled` (mode Disabled: not checked) |
 //! | `ProxyPortNotHttp` | True | `MeshForwardsProxyPortOpaque` (message: the Services or pod annotations that declare it) |
 //! | | False | `ProxyPortHttp`; not checked: `NoMeshIdentity` (the sidecars take no caller identity from a mesh), `ServicesUnlisted`, `PolicyDisabled` |
@@ -93,6 +93,9 @@ pub const REASON_SIDECAR_MISSING_EVENT: &str = "SidecarMissing";
 pub const REASON_PODS_WITH_OUTDATED_SIDECAR: &str = "PodsWithOutdatedSidecar";
 /// Reason of `SidecarOutdated` False.
 pub const REASON_SIDECARS_CURRENT: &str = "SidecarsCurrent";
+/// Reason of `SidecarOutdated` True when the policies selecting some pods disagree on the
+/// sidecar's ports (before any outdated sidecar), and of the Warning Event when it turns so.
+pub const REASON_POLICIES_DISAGREE: &str = "PoliciesDisagreeOnPorts";
 
 /// Reason of `ProxyPortNotHttp` True, and of the Warning Event when it turns True or names
 /// other declarations.
@@ -138,9 +141,10 @@ pub(crate) enum BypassState {
 pub(crate) enum SidecarState {
     /// The policy is Disabled: not checked.
     Disabled,
-    /// The names of the selected running pods without the sidecar, sorted; and those whose
-    /// sidecar was injected for other settings, each with what differs, sorted.
-    Checked { missing: Vec<String>, outdated: Vec<String> },
+    /// The names of the selected running pods without the sidecar, sorted; those whose
+    /// sidecar was injected for other settings, each with what differs, sorted; and those
+    /// whose selecting policies disagree on the sidecar's ports, each with how, sorted.
+    Checked { missing: Vec<String>, outdated: Vec<String>, disagreeing: Vec<String> },
 }
 
 /// Whether the mesh the sidecars take identities from would read the proxy port as something
@@ -265,6 +269,25 @@ pub(crate) fn status(
     let outdated = match &facts.sidecar {
         SidecarState::Disabled => {
             cond(SIDECAR_OUTDATED, false, REASON_POLICY_DISABLED, "mode is Disabled: not checked".into())
+        }
+        SidecarState::Checked { disagreeing, .. } if !disagreeing.is_empty() => {
+            let mut pods =
+                disagreeing.iter().take(MISSING_PODS_NAMED).cloned().collect::<Vec<_>>().join("; ");
+            if disagreeing.len() > MISSING_PODS_NAMED {
+                pods.push_str(&format!("; and {} more", disagreeing.len() - MISSING_PODS_NAMED));
+            }
+            cond(
+                SIDECAR_OUTDATED,
+                true,
+                REASON_POLICIES_DISAGREE,
+                format!(
+                    "{} of {} selected running pods are selected by policies that disagree on the sidecar's \
+                     ports: {pods}. The injection refuses their new pods while an Enforce policy selects them \
+                     (else leaves them without a sidecar): make the policies agree before replacing any pod",
+                    disagreeing.len(),
+                    facts.selected_pods
+                ),
+            )
         }
         SidecarState::Checked { outdated, .. } if outdated.is_empty() => cond(
             SIDECAR_OUTDATED,
@@ -516,9 +539,9 @@ pub(crate) fn events(
     }
     if let Some(c) = find(Some(new), SIDECAR_OUTDATED)
         && c.status == "True"
-        && find(old, SIDECAR_OUTDATED).is_none_or(|o| o.status != "True")
+        && find(old, SIDECAR_OUTDATED).is_none_or(|o| o.status != "True" || o.reason != c.reason)
     {
-        push(EventType::Warning, REASON_PODS_WITH_OUTDATED_SIDECAR, &c.message);
+        push(EventType::Warning, &c.reason, &c.message);
     }
     if let Some(c) = find(Some(new), PROXY_PORT_NOT_HTTP)
         && c.status == "True"

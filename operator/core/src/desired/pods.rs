@@ -105,6 +105,34 @@ pub(crate) fn without_sidecar(pods: &[&Pod]) -> Vec<String> {
     names
 }
 
+/// Where the policies selecting one pod (not Disabled) disagree on the sidecar's ports, as the
+/// injection would refuse them: `policies a, b disagree on proxyPort (15080, 16000)`; `None`
+/// when they agree.
+pub(crate) fn port_disagreement(policies: &[&custos_api::DataAccessPolicy]) -> Option<String> {
+    let disagree = |field: &str, port: &dyn Fn(&DataAccessPolicySpec) -> u16| {
+        let mut ports: Vec<u16> = policies.iter().map(|p| port(&p.spec)).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        (ports.len() > 1).then(|| {
+            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+            format!("{field} {}", ports.join(", "))
+        })
+    };
+    let fields: Vec<String> = [
+        disagree("proxyPort", &|s: &DataAccessPolicySpec| s.workload.proxy_port()),
+        disagree("appPort", &|s: &DataAccessPolicySpec| s.workload.app_port),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if fields.is_empty() {
+        return None;
+    }
+    let mut names: Vec<&str> = policies.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+    names.sort_unstable();
+    Some(format!("policies {} disagree on {}", names.join(", "), fields.join(" and ")))
+}
+
 /// Of `pods`, those whose sidecar was injected for other settings than `spec` has now, each
 /// as its name and what differs, sorted by name. The injection fixes them when a pod is
 /// created (a pod spec cannot change them later), so after an edit of the policy the running

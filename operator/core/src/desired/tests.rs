@@ -875,6 +875,47 @@ fn sidecars_injected_for_other_settings_are_reported() {
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_POLICY_DISABLED));
 }
 
+/// Two policies selecting the same pods disagree on the proxy port: the injection would refuse
+/// (or skip) their new pods, so the condition says so, with its own reason and Event, and
+/// does not advise a restart; once they agree, outdated sidecars are reported as before.
+#[test]
+fn policies_disagreeing_on_ports_are_reported_without_restart_advice() {
+    let spec = |proxy_port: u16| {
+        json!({
+            "workload": { "selector": { "matchLabels": { "app": "orders" } }, "appPort": 8080, "proxyPort": proxy_port },
+            "rules": [ { "name": "read", "action": "Allow" } ]
+        })
+    };
+    let pod = mk_injected_pod("orders-a", spec(15080), 8080);
+    let snap = snapshot(
+        vec![mk_policy_spec("orders", spec(15080)), mk_policy_spec("orders-baseline", spec(16000))],
+        vec![pod.clone()],
+        vec![],
+    );
+    let d = compute(&snap, t(0)).unwrap();
+    for name in ["orders", "orders-baseline"] {
+        let c = cond(status_of(&d, name), SIDECAR_OUTDATED);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", REASON_POLICIES_DISAGREE), "{name}");
+        assert!(
+            c.message
+                .contains("orders-a (policies orders, orders-baseline disagree on proxyPort 15080, 16000)"),
+            "{}",
+            c.message
+        );
+        assert!(!c.message.contains("rollout restart"), "{}", c.message);
+    }
+    assert!(d.events.iter().any(|e| e.reason == REASON_POLICIES_DISAGREE), "{:?}", d.events);
+
+    // A Disabled policy does not take part.
+    let mut disabled = mk_policy_spec("orders-baseline", spec(16000));
+    disabled.spec.mode = custos_api::policy::Mode::Disabled;
+    let d =
+        compute(&snapshot(vec![mk_policy_spec("orders", spec(15080)), disabled], vec![pod], vec![]), t(0))
+            .unwrap();
+    let c = cond(status_of(&d, "orders"), SIDECAR_OUTDATED);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_SIDECARS_CURRENT), "{}", c.message);
+}
+
 /// A Service that makes a mesh forward the proxy port as opaque TCP is reported on every
 /// policy of those pods (`ProxyPortNotHttp`, a warning: `Ready` stays True), with a Warning
 /// Event when it appears; fixed, the condition turns False; a Disabled policy is not checked.
