@@ -881,6 +881,16 @@ fn check_operator(m: &Manifests, replicas: i32, cert: WebhookCert) -> OperatorCo
     let exprs =
         inject.namespace_selector.as_ref().and_then(|s| s.match_expressions.clone()).unwrap_or_default();
     assert!(exprs.iter().all(|e| e.key != "custos.dev/injection"), "{exprs:?}");
+    // Unless told to keep them away from it (no dependency on the webhook there).
+    let kept_away = Variant::defaults().with("operator.webhook.checkOptedOutNamespaces=false").render();
+    let injector = &kept_away.mutating[0].webhooks.as_ref().unwrap()[0];
+    let exprs =
+        injector.namespace_selector.as_ref().and_then(|s| s.match_expressions.clone()).unwrap_or_default();
+    let opted_out = exprs.iter().find(|e| e.key == "custos.dev/injection").expect("the opt-out term");
+    assert_eq!(
+        (opted_out.operator.as_str(), opted_out.values.clone()),
+        ("NotIn", Some(strings(&["disabled"])))
+    );
     assert_eq!(validate_pods.failure_policy, validate.failure_policy);
     for webhook_side_effects in [&inject.side_effects, &validate.side_effects, &validate_pods.side_effects] {
         assert_eq!(webhook_side_effects, "None");
