@@ -29,6 +29,9 @@ pub(crate) fn spawn(
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The time the last run measured ages from, and when (monotonic): what this process
+        // vouches for at the next run without trusting the wall clock.
+        let mut measured: Option<(chrono::DateTime<Utc>, Instant)> = None;
         loop {
             tokio::select! {
                 () = crate::server::stopped(&mut stop) => return,
@@ -36,7 +39,7 @@ pub(crate) fn spawn(
             }
             let keep_running = tokio::select! {
                 () = crate::server::stopped(&mut stop) => return,
-                keep = prune_once(&store, &metrics, retention) => keep,
+                keep = prune_once(&store, &metrics, retention, &mut measured) => keep,
             };
             if !keep_running {
                 return;
@@ -45,17 +48,35 @@ pub(crate) fn spawn(
     })
 }
 
-/// One retention run; returns whether retention may continue.
-async fn prune_once(store: &AnyStore, metrics: &CollectorMetrics, retention: Duration) -> bool {
-    let Some(cutoff) =
-        chrono::TimeDelta::from_std(retention).ok().and_then(|r| Utc::now().checked_sub_signed(r))
+/// One retention run; returns whether retention may continue. `measured`: when the last run
+/// measured ages from, and when it ran (updated).
+///
+/// Ages are measured from the wall clock, but not beyond the later of the newest stored event
+/// and what this process can vouch for: the time its first run measured from (at most the
+/// newest event) plus what the monotonic clock counted since. A clock that jumps ahead cannot
+/// delete the trail, and retention still deletes what ages while no events arrive.
+async fn prune_once(
+    store: &AnyStore,
+    metrics: &CollectorMetrics,
+    retention: Duration,
+    measured: &mut Option<(chrono::DateTime<Utc>, Instant)>,
+) -> bool {
+    let now = Utc::now();
+    let Some(cutoff) = chrono::TimeDelta::from_std(retention).ok().and_then(|r| now.checked_sub_signed(r))
     else {
         // Validated at start; nothing can be older than the beginning of time.
         return true;
     };
+    let vouched = measured.and_then(|(base, at)| {
+        chrono::TimeDelta::from_std(at.elapsed()).ok().and_then(|d| base.checked_add_signed(d))
+    });
     let started = Instant::now();
-    let result = store.prune(cutoff).await;
+    let result = store.prune_measured(cutoff, now, vouched).await;
     metrics.store_op("prune", started.elapsed());
+    let result = result.map(|(report, base)| {
+        *measured = Some((base, started));
+        report
+    });
     match result {
         Ok(report) => {
             metrics.prune_run("ok");

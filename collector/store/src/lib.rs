@@ -806,8 +806,34 @@ impl AnyStore {
     /// but never one after the newest event deleted: nothing after it was deleted, and a
     /// cutoff ahead of the real time would drop every new event.
     pub async fn prune_as_of(&self, older_than: DateTime<Utc>, now: DateTime<Utc>) -> Result<PruneReport> {
+        self.prune_measured(older_than, now, None).await.map(|(report, _)| report)
+    }
+
+    /// [`Self::prune_as_of`], the age measured from the later of the newest stored event and
+    /// `vouched` (a time the caller vouches for without the wall clock: the time this returned
+    /// at an earlier run plus what its monotonic clock counted since), never later than
+    /// `now`. So retention stays a maximum while no events arrive, as long as the caller runs,
+    /// and a clock that jumps ahead meanwhile still cannot delete the trail. Returns the time
+    /// the age was measured from.
+    pub async fn prune_measured(
+        &self,
+        older_than: DateTime<Utc>,
+        now: DateTime<Utc>,
+        vouched: Option<DateTime<Utc>>,
+    ) -> Result<(PruneReport, DateTime<Utc>)> {
         let newest = dispatch!(self, s => s.newest_time().await)?;
-        let cutoff = retention_cutoff(older_than.timestamp_micros(), now.timestamp_micros(), newest);
+        let trusted = newest.max(vouched.map(|v| v.timestamp_micros()));
+        let now_us = now.timestamp_micros();
+        let base = trusted.map_or(now_us, |t| t.min(now_us));
+        let measured_from = DateTime::from_timestamp_micros(base).unwrap_or(now);
+        let report = self.prune_from(older_than, now_us, base).await?;
+        Ok((report, measured_from))
+    }
+
+    /// Prunes with the age measured from `base` (µs; `older_than` is `now_us` minus the
+    /// retention).
+    async fn prune_from(&self, older_than: DateTime<Utc>, now_us: i64, base: i64) -> Result<PruneReport> {
+        let cutoff = retention_cutoff(older_than.timestamp_micros(), now_us, Some(base));
         let (head, anchor) = dispatch!(self, s => s.head_and_anchor().await)?;
         let target = dispatch!(self, s => s.prune_target(cutoff).await)?.unwrap_or(head.seq);
         if target <= anchor.seq {

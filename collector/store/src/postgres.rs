@@ -255,6 +255,10 @@ fn chain_row(r: &Row) -> Result<ChainRow> {
 }
 
 /// Partition suffix of a day: `dYYYYMMDD` (`n<days>` before 1970).
+/// How long a prune waits for the events table's exclusive lock before dropping a day
+/// partition (a report query may hold the table for up to `--query-timeout`).
+const PRUNE_LOCK_WAIT_MS: u64 = 2_000;
+
 fn day_suffix(day: i64) -> String {
     match chrono::DateTime::from_timestamp(day * 86_400, 0) {
         Some(t) if day >= 0 => format!("d{}", t.format("%Y%m%d")),
@@ -999,7 +1003,28 @@ impl PostgresStore {
                 // for every ingest that has written and holds off the others until commit;
                 // then the partition is read again. No ingest pays for it (ingest takes no
                 // extra lock), and it is taken only when a partition is to be dropped.
-                tx.batch_execute("LOCK TABLE ONLY events IN ACCESS EXCLUSIVE MODE").await?;
+                //
+                // A long report query holds the table too: the lock waits at most
+                // PRUNE_LOCK_WAIT for it (every ingest and query queues behind a waiting lock),
+                // then this run drops no partition (its rows are deleted below all the same).
+                tx.batch_execute(&format!(
+                    "SAVEPOINT lock_events; SET LOCAL lock_timeout = '{PRUNE_LOCK_WAIT_MS}ms'"
+                ))
+                .await?;
+                match tx.batch_execute("LOCK TABLE ONLY events IN ACCESS EXCLUSIVE MODE").await {
+                    Ok(()) => {
+                        tx.batch_execute("SET LOCAL lock_timeout TO DEFAULT; RELEASE SAVEPOINT lock_events")
+                            .await?
+                    }
+                    Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT lock_events").await?;
+                        tracing::info!(
+                            "retention: the events table stayed busy; day partitions are dropped at a later run"
+                        );
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 writers_done = true;
                 let max: Option<i64> =
                     tx.query_one(&format!("SELECT MAX(seq) FROM {name}"), &[]).await?.try_get(0)?;

@@ -80,3 +80,42 @@ async fn prune_keeps_a_day_an_ingest_in_flight_writes_to() {
     assert_eq!(store.ingest(&[event("b1", t0() + Duration::days(3))]).await.unwrap().accepted, 1);
     assert_eq!(store.verify(None).await.unwrap().first_broken, None);
 }
+
+/// A report query holding the events table (up to `--query-timeout`) does not hold retention
+/// and, behind it, every ingest: the prune waits a short while for the lock a partition drop
+/// needs, then deletes the day's rows instead and leaves the partition to a later run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_does_not_wait_long_behind_a_reader() {
+    let Some(env) = Env::postgres().await else { return };
+    let store = env.open().await;
+    let start_of = |d: i64| (t0() + Duration::days(d)).date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    let events =
+        [event("a0", t0()), event("a1", t0() + Duration::days(1)), event("b0", t0() + Duration::days(3))];
+    assert_eq!(store.ingest(&events).await.unwrap().accepted, 3);
+    let partitions = "SELECT COUNT(*) FROM pg_class WHERE relname LIKE 'events\\_%' AND relkind = 'r' \
+                      AND relnamespace = current_schema()::regnamespace";
+    let before = env.count(partitions).await;
+
+    let reader = env.read_events_open().await;
+    let pruned = tokio::time::timeout(
+        StdDuration::from_secs(15),
+        store.prune_as_of(start_of(2), t0() + Duration::days(3)),
+    )
+    .await
+    .expect("the prune did not wait for the reader to finish")
+    .unwrap();
+    assert_eq!((pruned.deleted, pruned.anchor.seq), (2, 2));
+    assert_eq!(env.count(partitions).await, before, "no partition dropped while the table was busy");
+    // Ingest went on meanwhile, and the store verifies.
+    assert_eq!(store.ingest(&[event("b1", t0() + Duration::days(3))]).await.unwrap().accepted, 1);
+    assert_eq!(store.verify(None).await.unwrap().first_broken, None);
+
+    // The reader gone, the next run that deletes anything drops the emptied days' partitions
+    // too.
+    reader.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(store.ingest(&[event("c0", t0() + Duration::days(5))]).await.unwrap().accepted, 1);
+    let pruned = store.prune_as_of(start_of(4), t0() + Duration::days(5)).await.unwrap();
+    assert_eq!(pruned.deleted, 2, "b0 and b1");
+    assert!(env.count(partitions).await < before, "the empty days' partitions dropped");
+    assert_eq!(store.verify(None).await.unwrap().first_broken, None);
+}

@@ -70,6 +70,7 @@ suite!(
     events_before_the_oldest_bound_are_expired,
     query_pages_are_bounded_in_bytes,
     a_clock_ahead_prunes_only_what_the_retention_allows,
+    a_vouched_time_keeps_retention_a_maximum_without_new_events,
     events_by_dry_run,
     alerts_are_idempotent,
     concurrent_ingest_keeps_chain_valid,
@@ -1267,6 +1268,33 @@ async fn a_clock_ahead_prunes_only_what_the_retention_allows(env: &Env) {
     ids.sort();
     assert_eq!(ids, ["between", "fresh", "y0", "y1", "y2", "y3", "y4"]);
     assert_verifies(&store, 7).await;
+}
+
+/// No event arrived for 40 days: measured from the newest event alone, nothing would be
+/// pruned however long that lasts; a time the caller vouches for (its monotonic clock since an
+/// earlier run) measures the age instead, so retention stays a maximum. A vouched time ahead
+/// of the clock is not believed.
+async fn a_vouched_time_keeps_retention_a_maximum_without_new_events(env: &Env) {
+    let store = env.open().await;
+    // Microseconds, as the store keeps times.
+    let now = chrono::DateTime::from_timestamp_micros(chrono::Utc::now().timestamp_micros()).unwrap();
+    let at = |t: chrono::DateTime<chrono::Utc>, prefix: &str| -> Vec<_> {
+        (0..5).map(|i| event(&format!("{prefix}{i}"), t + Duration::seconds(i))).collect()
+    };
+    store.ingest(&at(now - Duration::days(60), "o")).await.unwrap();
+    store.ingest(&at(now - Duration::days(40), "n")).await.unwrap();
+    let retention = Duration::days(30);
+
+    let (report, from) = store.prune_measured(now - retention, now, None).await.unwrap();
+    assert_eq!(report.deleted, 0, "measured from the newest event (40 days ago): nothing 30 days older");
+    assert_eq!(from, now - Duration::days(40) + Duration::seconds(4));
+    let (report, from) =
+        store.prune_measured(now - retention, now, Some(now - Duration::days(15))).await.unwrap();
+    assert_eq!((report.deleted, from), (5, now - Duration::days(15)), "the 60-day-old events");
+    let (report, from) =
+        store.prune_measured(now - retention, now, Some(now + Duration::days(365))).await.unwrap();
+    assert_eq!((report.deleted, from), (5, now), "never past the clock");
+    assert!(all_ids(&store).await.is_empty());
 }
 
 async fn prune_refuses_a_broken_chain(env: &Env) {

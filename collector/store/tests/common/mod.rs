@@ -163,6 +163,20 @@ impl Env {
         client
     }
 
+    /// PostgreSQL: a second connection in a transaction that has read `events` (a report
+    /// query still running, as a prune sees it), until rolled back or dropped.
+    pub async fn read_events_open(&self) -> tokio_postgres::Client {
+        let client = pg_connect(&self.url()).await;
+        client
+            .batch_execute(
+                "SET idle_in_transaction_session_timeout = '20s'; \
+                 BEGIN; SELECT COUNT(*) FROM events",
+            )
+            .await
+            .unwrap();
+        client
+    }
+
     /// The first column of the first row of `sql` (a count), read through a second connection.
     pub async fn count(&self, sql: &str) -> i64 {
         match self {
