@@ -60,6 +60,7 @@ pub struct DataAccessPolicySpec {
     /// fields by class name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = 64))]
     pub data_classes: Vec<DataClass>,
 
     /// Ordered access rules. Deny rules win over Allow rules; the first matching Allow rule
@@ -156,6 +157,7 @@ pub struct UserIdentity {
     /// User attributes taken from token claims: attribute name -> claim name. Rules match on
     /// attributes (`from.users`) and CEL sees them as `user.<attribute>`.
     #[serde(default)]
+    #[schemars(extend("maxProperties" = 64))]
     pub attributes: BTreeMap<String, String>,
 
     /// The claim that holds the user id (default `sub`). Recorded in audit events.

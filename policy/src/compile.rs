@@ -108,6 +108,13 @@ pub struct WorkloadMatcher {
     pub labels: Selector,
 }
 
+/// Most user attributes a policy maps (an audit event carries them; the collector takes at
+/// most 256).
+pub const MAX_ATTRIBUTES: usize = 64;
+/// Most data classes a policy declares (an audit event counts masks by class, for every policy
+/// that applies: the collector takes at most this many for each of 65 policies).
+pub const MAX_DATA_CLASSES: usize = 64;
+
 /// The longest policy name: a Kubernetes label value (the policy's NetworkPolicy carries the
 /// name in `custos.dev/policy`), shorter than the 253 characters of object names.
 pub const MAX_POLICY_NAME_LEN: usize = 63;
@@ -163,6 +170,12 @@ pub fn compile_policy(
     }
 
     // Data classes.
+    if spec.data_classes.len() > MAX_DATA_CLASSES {
+        errors.push(
+            spec_path.field("dataClasses").as_str(),
+            format!("at most {MAX_DATA_CLASSES} data classes, got {}", spec.data_classes.len()),
+        );
+    }
     let mut classes: BTreeMap<&str, Vec<JsonPath>> = BTreeMap::new();
     for (i, class) in spec.data_classes.iter().enumerate() {
         let cp = spec_path.field("dataClasses").index(i);
@@ -482,6 +495,12 @@ fn check_identity(users: &UserIdentity, up: &Path, errors: &mut FieldErrors) {
             format!(
                 "at most {MAX_LEEWAY_SECONDS} seconds: a larger skew would accept tokens long expired or not yet valid"
             ),
+        );
+    }
+    if users.attributes.len() > MAX_ATTRIBUTES {
+        errors.push(
+            up.field("attributes").as_str(),
+            format!("at most {MAX_ATTRIBUTES} attributes, got {}", users.attributes.len()),
         );
     }
     for (attr, claim) in &users.attributes {

@@ -244,6 +244,24 @@ fn each_error_kind_names_its_field_path() {
             },
             "spec.rules[0].from.authenticated: needs spec.identity.users",
         ),
+        (
+            "too many data classes",
+            |s| {
+                s.data_classes.extend(
+                    (0..63).map(|i| DataClass { name: format!("c{i}"), paths: vec![format!("$.c{i}")] }),
+                )
+            },
+            "spec.dataClasses: at most 64 data classes, got 65",
+        ),
+        (
+            "too many attributes",
+            |s| {
+                if let Some(users) = s.identity.as_mut().and_then(|i| i.users.as_mut()) {
+                    users.attributes.extend((0..63).map(|i| (format!("a{i}"), format!("claim_{i}"))));
+                }
+            },
+            "spec.identity.users.attributes: at most 64 attributes, got 65",
+        ),
     ];
     for (name, mutate, want) in cases {
         let mut spec = base();

@@ -269,9 +269,12 @@ pub const MAX_TRACE_ID_BYTES: usize = 256;
 /// Longest user attribute value accepted (the sidecar refuses a token whose mapped claim is
 /// longer than 1 KiB).
 pub const MAX_ATTRIBUTE_BYTES: usize = 4096;
-/// Most entries of `user.attributes`, of `masked` and of each dry run's `masked` (one per
-/// attribute mapped, one per data class of a policy).
+/// Most entries of `user.attributes` (one per attribute a policy maps, at most 64).
 pub const MAX_MAP_ENTRIES: usize = 256;
+/// Most entries of `masked` and of each dry run's `masked`: one per data class (at most 64 a
+/// policy) of every policy that applies to a response (the deciding one and at most
+/// [`MAX_ALSO_APPLIED`] others).
+pub const MAX_MASKED_CLASSES: usize = 64 * (MAX_ALSO_APPLIED + 1);
 /// Largest event accepted, as stored (its canonical JSON): the fields' own bounds allow more
 /// in combination. The sidecar's largest events, with [`MAX_RECORD_HASHES`], are about 700 KB.
 pub const MAX_EVENT_BYTES: usize = 2 << 20;
@@ -442,14 +445,14 @@ fn admissible_sizes(e: &AuditEvent) -> Result<(), &'static str> {
             return Err("a user.attributes value is longer than 4096 bytes");
         }
     }
-    if e.masked.len() > MAX_MAP_ENTRIES {
-        return Err("masked has more than 256 entries");
+    if e.masked.len() > MAX_MASKED_CLASSES {
+        return Err("masked has more than 4160 entries");
     }
     if e.masked.keys().any(|k| k.len() > MAX_NAME_BYTES) {
         return Err("a masked class is longer than 253 bytes");
     }
-    if e.dry_runs.iter().filter_map(|d| d.transform.as_ref()).any(|t| t.masked.len() > MAX_MAP_ENTRIES) {
-        return Err("a dryRuns masked has more than 256 entries");
+    if e.dry_runs.iter().filter_map(|d| d.transform.as_ref()).any(|t| t.masked.len() > MAX_MASKED_CLASSES) {
+        return Err("a dryRuns masked has more than 4160 entries");
     }
     Ok(())
 }

@@ -299,7 +299,10 @@ async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
             |e| drop(e.user.as_mut().unwrap().attributes.insert("branch".into(), "n".repeat(4097))),
             "a user.attributes value is longer than 4096 bytes",
         ),
-        (|e| e.masked = (0..257).map(|i| (format!("c{i}"), 1)).collect(), "masked has more than 256 entries"),
+        (
+            |e| e.masked = (0..4161).map(|i| (format!("c{i}"), 1)).collect(),
+            "masked has more than 4160 entries",
+        ),
         (
             |e| {
                 e.masked.insert("c".repeat(254), 1);
@@ -309,10 +312,10 @@ async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
         (
             |e| {
                 let mut run = dry_run("audit-only");
-                run.transform.as_mut().unwrap().masked = (0..257).map(|i| (format!("c{i}"), 1)).collect();
+                run.transform.as_mut().unwrap().masked = (0..4161).map(|i| (format!("c{i}"), 1)).collect();
                 e.dry_runs = vec![run];
             },
-            "a dryRuns masked has more than 256 entries",
+            "a dryRuns masked has more than 4160 entries",
         ),
         (
             // Every field within its bounds, the whole over 2 MiB.
