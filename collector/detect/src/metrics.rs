@@ -135,6 +135,7 @@ pub struct AlertMetrics {
     evictions: Family<Labels1, Counter>,
     skipped: Family<Labels1, Counter>,
     suppressed: Counter,
+    detecting: Gauge,
     last_stats: Arc<Mutex<DetectStats>>,
 }
 
@@ -180,6 +181,7 @@ impl AlertMetrics {
             evictions,
             skipped,
             suppressed: Counter::default(),
+            detecting: Gauge::default(),
             last_stats: Arc::new(Mutex::new(DetectStats::default())),
         }
     }
@@ -236,6 +238,16 @@ impl AlertMetrics {
             "Detector findings silenced by the per-principal cool-down",
             self.suppressed.clone(),
         );
+        registry.register(
+            "custos_collector_detecting",
+            "1 while this replica runs the detectors (on PostgreSQL: over every replica's events, one replica at a time), else 0",
+            self.detecting.clone(),
+        );
+    }
+
+    /// Whether this replica runs the detectors now.
+    pub fn set_detecting(&self, detecting: bool) {
+        self.detecting.set(i64::from(detecting));
     }
 
     /// Mirrors the engine's counters (call after observing a batch); counters move by the

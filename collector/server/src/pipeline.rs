@@ -17,13 +17,20 @@
 //! The detectors are told when each batch was received (now): an event dated ahead of that
 //! counts as of now ([`Detectors::observe_all_received`]), and first_seen learns from the
 //! collector's start.
+//!
+//! On PostgreSQL, where several replicas share the store and each receives only some of the
+//! sidecars' batches, detection does not read the replica's own batches: one replica, the one
+//! holding the store's detection lease ([`AnyStore::try_lease`]), follows the store itself in
+//! chain order ([`AnyStore::events_after`]) every [`FOLLOW_INTERVAL`] and detects over every
+//! replica's events; the others stand by and take over, warmed up from the store, when its
+//! lease is lost (its process or connection gone).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use custos_detect::{AlertDispatcher, DetectConfig, Detectors};
 use custos_otlp::OtlpExporter;
-use custos_store::{AnyStore, EventQuery};
+use custos_store::{AnyStore, EventQuery, Lease, StorePosition};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -42,6 +49,16 @@ pub const WARM_UP_PAGE_BYTES: usize = 16 << 20;
 pub const WARM_UP_MAX_BYTES: usize = 128 << 20;
 /// Batches waiting for the pipeline.
 pub(crate) const CHANNEL_CAPACITY: usize = 256;
+/// How often the replica following the store (PostgreSQL) reads what every replica stored,
+/// and the others try to take the detection lease.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the follower checks that it still holds the lease.
+const LEASE_CHECK: Duration = Duration::from_secs(5);
+/// Events read per page while following the store; at most [`FOLLOW_PAGES`] pages a step.
+const FOLLOW_PAGE: u32 = 1_000;
+const FOLLOW_PAGES: usize = 50;
+/// The lease of the replica that detects for all (PostgreSQL).
+const DETECTION_LEASE: &str = "custos_detection";
 
 /// What the pipeline feeds.
 pub(crate) struct Sinks {
@@ -89,21 +106,38 @@ async fn run(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    if let Some(detectors) = sinks.detectors.as_mut() {
+    // Several replicas may share a PostgreSQL store: detection follows the store.
+    let mut follower = (store.backend() == "postgres" && sinks.detectors.is_some()).then(Follower::default);
+    if follower.is_none()
+        && let Some(detectors) = sinks.detectors.as_mut()
+    {
         warm_up(&store, detectors).await;
+        sinks.dispatcher.metrics().set_detecting(true);
     }
+    let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let batch = tokio::select! {
             b = batches.recv() => b,
+            _ = tick.tick(), if follower.is_some() => {
+                if let Some(f) = follower.as_mut() {
+                    f.step(&store, &mut sinks).await;
+                }
+                continue;
+            }
             () = crate::server::stopped(&mut stop) => None,
         };
         let Some(batch) = batch else { break };
-        handle(&store, &mut sinks, batch).await;
+        handle(&store, &mut sinks, batch, follower.is_none()).await;
     }
     // Stopping: what was committed before the stop is still processed.
     while let Ok(batch) = batches.try_recv() {
-        handle(&store, &mut sinks, batch).await;
+        handle(&store, &mut sinks, batch, follower.is_none()).await;
     }
+    if let Some(f) = follower.as_mut() {
+        f.step(&store, &mut sinks).await;
+    }
+    sinks.dispatcher.metrics().set_detecting(false);
     if !sinks.dispatcher.shutdown(grace).await {
         tracing::warn!("alert delivery did not finish within the shutdown grace period");
     }
@@ -113,14 +147,22 @@ async fn run(
     }
 }
 
-async fn handle(store: &AnyStore, sinks: &mut Sinks, batch: StoredBatch) {
+/// Exports a stored batch and, with `detect` (its own batches feed detection), detects over it.
+async fn handle(store: &AnyStore, sinks: &mut Sinks, batch: StoredBatch, detect: bool) {
     let events = batch.events;
     if let Some(exporter) = &sinks.exporter {
         // Full queue: dropped and counted by the exporter's metrics.
         let _ = exporter.try_send(&events);
     }
+    if detect {
+        detect_over(store, sinks, &events).await;
+    }
+}
+
+/// Runs the detectors over `events` (received now); stores and dispatches their alerts.
+async fn detect_over(store: &AnyStore, sinks: &mut Sinks, events: &[custos_api::AuditEvent]) {
     let Some(detectors) = sinks.detectors.as_mut() else { return };
-    let alerts = detectors.observe_all_received(&events, Utc::now());
+    let alerts = detectors.observe_all_received(events, Utc::now());
     sinks.dispatcher.metrics().update_detect_stats(&detectors.stats());
     if alerts.is_empty() {
         return;
@@ -129,6 +171,85 @@ async fn handle(store: &AnyStore, sinks: &mut Sinks, batch: StoredBatch) {
         tracing::error!(%error, alerts = alerts.len(), "storing alerts failed; they are still delivered");
     }
     sinks.dispatcher.dispatch(alerts);
+}
+
+/// Detection over a store several replicas share: the lease, and where in the chain this
+/// replica has read to.
+#[derive(Default)]
+struct Follower {
+    /// Held while this replica detects for all.
+    lease: Option<Lease>,
+    /// The last event read.
+    position: StorePosition,
+    last_check: Option<Instant>,
+}
+
+impl Follower {
+    /// One step: take the lease if free (then warm the detectors up from the store and start
+    /// at its last event: the events of the last hour count in their windows, those of the
+    /// moments between the former holder's last step and this one raise no alert), check it
+    /// now and then, and read what every replica stored since. Detectors that held the lease
+    /// before keep their state: the warm-up's events they saw already are not counted twice.
+    async fn step(&mut self, store: &AnyStore, sinks: &mut Sinks) {
+        if self.lease.is_none() {
+            match store.try_lease(DETECTION_LEASE).await {
+                Ok(Some(lease)) => {
+                    let position = match store.last_position().await {
+                        Ok(p) => p,
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot read the store's last event; detection starts at the next try");
+                            return;
+                        }
+                    };
+                    if let Some(detectors) = sinks.detectors.as_mut() {
+                        warm_up(store, detectors).await;
+                    }
+                    sinks.dispatcher.metrics().set_detecting(true);
+                    tracing::info!(
+                        "this replica detects leak patterns over every replica's events (detection lease taken)"
+                    );
+                    self.lease = Some(lease);
+                    self.position = position;
+                    self.last_check = Some(Instant::now());
+                }
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot take the detection lease; trying again");
+                    return;
+                }
+            }
+        }
+        if self.last_check.is_none_or(|at| at.elapsed() >= LEASE_CHECK) {
+            let held = match &self.lease {
+                Some(lease) => lease.held().await,
+                None => false,
+            };
+            if !held {
+                tracing::warn!("detection lease lost (connection gone): another replica takes over");
+                self.lease = None;
+                sinks.dispatcher.metrics().set_detecting(false);
+                return;
+            }
+            self.last_check = Some(Instant::now());
+        }
+        for _ in 0..FOLLOW_PAGES {
+            let page = match store.events_after(&self.position, FOLLOW_PAGE).await {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read new events for detection; trying again");
+                    return;
+                }
+            };
+            let Some((last, _)) = page.last() else { return };
+            self.position = last.clone();
+            let full = page.len() == FOLLOW_PAGE as usize;
+            let events: Vec<custos_api::AuditEvent> = page.into_iter().map(|(_, e)| e).collect();
+            detect_over(store, sinks, &events).await;
+            if !full {
+                return;
+            }
+        }
+    }
 }
 
 /// An event as the detectors read it: the fields they never look at (record hashes, the user's

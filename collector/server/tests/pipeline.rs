@@ -124,6 +124,62 @@ async fn a_denial_burst_is_alerted_stored_counted_and_posted_once() {
     assert_eq!(webhook.bodies().len(), 1, "one alert, one delivery");
 }
 
+/// Two replicas on one PostgreSQL store, each receiving half of a principal's denials (12 +
+/// 12, under the threshold of 20 each): one of them, the holder of the detection lease,
+/// follows the store and sees all 24, raising one alert, stored and posted once. Before, each
+/// replica saw only its own batches and none raised it. When it stops, the other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_postgres_store_detect_over_every_replicas_events() {
+    let Some(store) = Store::postgres().await else { return };
+    let Store::Postgres { base, schema } = &store else { unreachable!() };
+    let second_store = Store::Postgres { base: base.clone(), schema: schema.clone() };
+    let (webhook, addr) = Recorder::start("ok").await;
+    let configure = |c: &mut custos_collector::CollectorConfig| {
+        c.detect = Some(custos_detect::DetectConfig::default());
+        c.alerts.webhook = Some(format!("http://{addr}/hooks/custos"));
+    };
+    let detecting = |h: &Harness| {
+        let h = h.base.clone();
+        async move {
+            let text = client().get(format!("{h}/metrics")).send().await.unwrap().text().await.unwrap();
+            text.lines().any(|l| l == "custos_collector_detecting 1")
+        }
+    };
+    let mut first = Harness::on(store, configure).await;
+    until("the first replica to take the detection lease", || detecting(&first)).await;
+    let mut second = Harness::on(second_store, configure).await;
+    let burst: Vec<_> = (0..24).map(|i| denial(&format!("d{i:02}"), i)).collect();
+    assert_eq!(first.post("application/x-ndjson", ndjson(&burst[..12])).await.0, 200);
+    assert_eq!(second.post("application/x-ndjson", ndjson(&burst[12..])).await.0, 200);
+    until("the alert to be stored", || async {
+        first.get("/v1/alerts").await.1["alerts"].as_array().unwrap().len() == 1
+    })
+    .await;
+    until("the webhook delivery", || async { webhook.bodies().len() == 1 }).await;
+    let (_, answer) = second.get("/v1/alerts").await;
+    assert_eq!(answer["alerts"][0]["detector"], "denial_burst");
+    assert!(answer["alerts"][0]["message"].as_str().unwrap().contains("denied 2"), "{answer}");
+
+    // The first replica (the lease holder, started first) stops: the second takes over and
+    // detects what comes next.
+    assert!(!detecting(&second).await, "one replica detects");
+    first.stop().await;
+    until("the second replica to take over", || detecting(&second)).await;
+    let other = |id: &str, second: i64| {
+        let mut e = denial(id, second);
+        e.principal = "user:trudy".into();
+        e
+    };
+    let burst: Vec<_> = (0..24).map(|i| other(&format!("t{i:02}"), 100 + i)).collect();
+    assert_eq!(second.post("application/x-ndjson", ndjson(&burst)).await.0, 200);
+    until("the second replica's alert", || async {
+        second.get("/v1/alerts").await.1["alerts"].as_array().unwrap().len() == 2
+    })
+    .await;
+    second.stop().await;
+    assert_eq!(webhook.bodies().len(), 2, "each alert posted once");
+}
+
 /// An event dated ahead of the collector's clock (accepted within the store's 10 minutes of
 /// skew) counts as received: the principal's later events, dated now, still reach the
 /// windowed detectors. Before, it made them late for minutes: a bulk export behind it raised

@@ -277,6 +277,38 @@ pub struct TopEntry {
     pub count: u64,
 }
 
+/// A place in the chain: after the event `id` of `seq` (the default: before every event).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StorePosition {
+    /// The seq of the event.
+    pub seq: i64,
+    /// Its id.
+    pub id: String,
+}
+
+/// A lease from [`AnyStore::try_lease`], held until dropped.
+pub struct Lease {
+    /// PostgreSQL: the connection whose session holds the advisory lock.
+    connection: Option<deadpool_postgres::ClientWrapper>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("session", &self.connection.is_some()).finish()
+    }
+}
+
+impl Lease {
+    /// Whether the lease is still held: its connection still answers (a lost connection has
+    /// lost the lock to whoever takes it next).
+    pub async fn held(&self) -> bool {
+        match &self.connection {
+            None => true,
+            Some(c) => c.simple_query("SELECT 1").await.is_ok(),
+        }
+    }
+}
+
 /// The result of [`AnyStore::prune`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -774,6 +806,39 @@ impl AnyStore {
             instance: instance.map(str::to_owned),
             rules_without_instance: without,
         })
+    }
+
+    /// The stored events after `after` in chain order (seq, then id), at most `limit`, each
+    /// with its position: every replica's events, as a reader following the store reads them
+    /// (a batch's events become visible together, in seq order, when it commits).
+    pub async fn events_after(
+        &self,
+        after: &StorePosition,
+        limit: u32,
+    ) -> Result<Vec<(StorePosition, AuditEvent)>> {
+        let limit = i64::from(limit.max(1));
+        let (seq, id) = (after.seq, after.id.clone());
+        let rows = dispatch!(self, s => s.events_after(seq, id, limit).await)?;
+        rows.into_iter()
+            .map(|(seq, id, body)| Ok((StorePosition { seq, id }, chain::parse_body(&body)?)))
+            .collect()
+    }
+
+    /// The position of the last stored event (the start of the store when it holds none).
+    pub async fn last_position(&self) -> Result<StorePosition> {
+        let last = dispatch!(self, s => s.last_position().await)?;
+        Ok(last.map_or_else(StorePosition::default, |(seq, id)| StorePosition { seq, id }))
+    }
+
+    /// Takes the lease `name` if no other process holds it: on PostgreSQL a session advisory
+    /// lock on a connection of its own, released when the [`Lease`] is dropped or its
+    /// connection is lost ([`Lease::held`] tells); on SQLite (one process per file) always
+    /// granted. So that of several collector replicas on one store, one does a job for all.
+    pub async fn try_lease(&self, name: &str) -> Result<Option<Lease>> {
+        match self {
+            AnyStore::Sqlite(_) => Ok(Some(Lease { connection: None })),
+            AnyStore::Postgres(s) => Ok(s.try_lease(name).await?.map(|c| Lease { connection: Some(c) })),
+        }
     }
 
     /// The time of the newest stored event (`None`: no events).

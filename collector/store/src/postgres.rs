@@ -941,6 +941,46 @@ impl PostgresStore {
 
     /// The latest event time stored, in µs (none in an empty store): one backward step of each
     /// day's time index.
+    pub(crate) async fn events_after(
+        &self,
+        seq: i64,
+        id: String,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, String)>> {
+        let client = self.client().await?;
+        let st = client
+            .prepare_cached(
+                "SELECT seq, id, body FROM events WHERE (seq, id) > ($1, $2) ORDER BY seq, id LIMIT $3",
+            )
+            .await?;
+        let rows = client.query(&st, &[&seq, &id, &limit]).await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect()
+    }
+
+    pub(crate) async fn last_position(&self) -> Result<Option<(i64, String)>> {
+        let client = self.client().await?;
+        let st =
+            client.prepare_cached("SELECT seq, id FROM events ORDER BY seq DESC, id DESC LIMIT 1").await?;
+        let row = client.query_opt(&st, &[]).await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    }
+
+    /// Takes the session-level advisory lock `name` (of this schema) on a connection of its
+    /// own, kept out of the pool: held until that connection closes. `None`: another session
+    /// holds it.
+    pub(crate) async fn try_lease(&self, name: &str) -> Result<Option<deadpool_postgres::ClientWrapper>> {
+        let client = self.client().await?;
+        let taken: bool = client
+            .query_one("SELECT pg_try_advisory_lock(hashtext(current_schema() || '.' || $1))", &[&name])
+            .await?
+            .try_get(0)?;
+        if !taken {
+            return Ok(None);
+        }
+        // Out of the pool: dropping it closes the connection, which releases the lock.
+        Ok(Some(deadpool_postgres::Object::take(client)))
+    }
+
     pub(crate) async fn newest_time(&self) -> Result<Option<i64>> {
         let client = self.client().await?;
         let st = client.prepare_cached("SELECT MAX(time_us) FROM events").await?;

@@ -879,6 +879,34 @@ impl SqliteStore {
     }
 
     /// The latest event time stored, in µs (none in an empty store).
+    pub(crate) async fn events_after(
+        &self,
+        seq: i64,
+        id: String,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, String)>> {
+        self.read(move |conn| {
+            let mut st = conn.prepare_cached(
+                "SELECT seq, id, body FROM events WHERE (seq, id) > (?1, ?2) ORDER BY seq, id LIMIT ?3",
+            )?;
+            Ok(st
+                .query_map(params![seq, id, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    pub(crate) async fn last_position(&self) -> Result<Option<(i64, String)>> {
+        self.read_quick(|conn| {
+            Ok(conn
+                .query_row("SELECT seq, id FROM events ORDER BY seq DESC, id DESC LIMIT 1", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?)
+        })
+        .await
+    }
+
     pub(crate) async fn newest_time(&self) -> Result<Option<i64>> {
         self.read_quick(|conn| Ok(conn.query_row("SELECT MAX(time_us) FROM events", [], |r| r.get(0))?)).await
     }
