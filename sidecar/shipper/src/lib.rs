@@ -61,6 +61,11 @@
 //!   older than the sidecar during a rollout): the events stay spooled and are retried
 //!   (`custos_audit_batches_sent_total{result="refused"}`), as while the collector is down.
 //! - `corrupt`: damaged spool records. `shutdown`: emitted after [`Shipper::shutdown`].
+//! - `unacknowledged`: a collector (or something in front of it) answered 200 with counts
+//!   that cover fewer events than the batch held. The batch is sent again (the collector stores
+//!   each event id once, so what it had stored comes back as duplicates and what it lacked is
+//!   stored), up to [`MAX_SHORT_ACKS`] times in a row (`custos_audit_batches_sent_total{result="short_ack"}`);
+//!   then the shortfall is counted here and the batch forgotten.
 //!
 //! # A process killed outright
 //!
@@ -99,6 +104,10 @@ use std::time::Duration;
 
 use custos_api::AuditEvent;
 use tokio::sync::oneshot;
+
+/// How many times in a row a batch is sent again when the collector acknowledges fewer of its
+/// events than it held, before the shortfall is counted as dropped (`unacknowledged`).
+pub const MAX_SHORT_ACKS: u32 = 3;
 
 pub use metrics::{BatchResult, DropReason, ShipperMetrics};
 pub use transport::UsageClient;

@@ -32,17 +32,21 @@ pub enum DropReason {
     Corrupt = 4,
     /// The event was emitted after the shipper had shut down.
     Shutdown = 5,
+    /// The collector acknowledged fewer events of a batch than were sent, at every one of
+    /// [`crate::MAX_SHORT_ACKS`] sends in a row: the events it did not count.
+    Unacknowledged = 6,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::QueueFull,
         DropReason::SpoolFull,
         DropReason::SpoolError,
         DropReason::Rejected,
         DropReason::Corrupt,
         DropReason::Shutdown,
+        DropReason::Unacknowledged,
     ];
 
     /// The label value.
@@ -54,6 +58,7 @@ impl DropReason {
             DropReason::Rejected => "rejected",
             DropReason::Corrupt => "corrupt",
             DropReason::Shutdown => "shutdown",
+            DropReason::Unacknowledged => "unacknowledged",
         }
     }
 }
@@ -92,11 +97,14 @@ pub enum BatchResult {
     /// batch's own (a wrong URL, an authorisation layer, a rollout's version skew); kept for
     /// retry.
     Refused = 12,
+    /// 200 whose counts cover fewer events than were sent: the batch is sent again (ingest is
+    /// idempotent by event id), at most [`crate::MAX_SHORT_ACKS`] times in a row.
+    ShortAck = 13,
 }
 
 impl BatchResult {
     /// Every result, in label order.
-    pub const ALL: [BatchResult; 13] = [
+    pub const ALL: [BatchResult; 14] = [
         BatchResult::Ok,
         BatchResult::Timeout,
         BatchResult::TransportError,
@@ -110,6 +118,7 @@ impl BatchResult {
         BatchResult::TooLarge,
         BatchResult::BadEvent,
         BatchResult::Refused,
+        BatchResult::ShortAck,
     ];
 
     /// The label value.
@@ -128,6 +137,7 @@ impl BatchResult {
             BatchResult::TooLarge => "too_large",
             BatchResult::BadEvent => "bad_event",
             BatchResult::Refused => "refused",
+            BatchResult::ShortAck => "short_ack",
         }
     }
 }

@@ -155,6 +155,8 @@ pub(crate) struct Worker {
     /// While set, the collector is considered unreachable until then.
     retry_at: Option<Instant>,
     backoff: Backoff,
+    /// Sends in a row whose acknowledgement covered fewer events than were sent.
+    short_acks: u32,
 }
 
 async fn wait_inflight(inflight: &mut Option<InFlight>) -> Outcome {
@@ -200,6 +202,7 @@ impl Worker {
                 config.retry_max_backoff,
                 config.retry_jitter,
             ),
+            short_acks: 0,
         }
     }
 
@@ -405,6 +408,30 @@ impl Worker {
     async fn settle(&mut self, source: Source, outcome: Outcome) {
         let events = u64::from(source.count());
         match outcome {
+            Outcome::Delivered { response, .. }
+                if response.accepted + response.duplicates + response.expired < events
+                    && self.short_acks + 1 < crate::MAX_SHORT_ACKS =>
+            {
+                // Fewer events acknowledged than sent: send the batch again (each event id is
+                // stored once), behind a back-off, as if it had failed.
+                self.short_acks += 1;
+                self.metrics.batch(BatchResult::ShortAck);
+                let delay = self.backoff.next_delay();
+                self.retry_at = Some(Instant::now() + delay);
+                tracing::warn!(
+                    events,
+                    accepted = response.accepted,
+                    duplicates = response.duplicates,
+                    expired = response.expired,
+                    "the collector acknowledged fewer events than were sent: the batch is sent again"
+                );
+                if let Source::Direct(batch) = source {
+                    self.spool_batch(batch).await;
+                }
+                while let Some(batch) = self.waiting.pop_front() {
+                    self.spool_batch(batch).await;
+                }
+            }
             Outcome::Delivered { response, elapsed } => {
                 // Forget the record before counting it delivered, so that the metrics never show
                 // an event both delivered and still spooled.
@@ -412,14 +439,24 @@ impl Worker {
                     self.with_spool(move |spool| spool.ack(record)).await;
                 }
                 self.metrics.batch(BatchResult::Ok);
-                self.metrics.delivered(events, &response, elapsed.as_secs_f64());
+                // What the collector did not count is counted as dropped below, not delivered.
+                let counted = response.accepted + response.duplicates + response.expired;
+                self.metrics.delivered(events.min(counted), &response, elapsed.as_secs_f64());
                 if response.expired > 0 {
                     tracing::warn!(
                         expired = response.expired,
                         "the collector did not store events older than its retention or its --max-event-age (delivered too late)"
                     );
                 }
-                if response.accepted + response.duplicates + response.expired != events {
+                if counted < events {
+                    let total = self.metrics.dropped(DropReason::Unacknowledged, events - counted);
+                    tracing::error!(
+                        events,
+                        counted,
+                        dropped_total = total,
+                        "the collector acknowledged fewer events than were sent, again: the rest counted as dropped"
+                    );
+                } else if counted > events {
                     tracing::warn!(
                         events,
                         accepted = response.accepted,
@@ -428,6 +465,7 @@ impl Worker {
                         "the collector acknowledged a batch with other counts than were sent"
                     );
                 }
+                self.short_acks = 0;
                 self.backoff.reset();
             }
             Outcome::Retry { result, detail } => {

@@ -47,6 +47,9 @@ enum Behaviour {
     WrongNamespace(usize),
     /// As `Normal`, but a batch of more than this many events is refused with 413.
     TooLargeAbove(usize),
+    /// Store nothing and answer 200 with every count 0 (an acknowledgement that covers none of
+    /// the batch's events).
+    ShortAck,
     /// Never answer.
     Hang,
     /// Wait this long, then as `Normal`.
@@ -189,6 +192,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
         | Behaviour::BadEvent(_)
         | Behaviour::WrongNamespace(_)
         | Behaviour::TooLargeAbove(_)
+        | Behaviour::ShortAck
         | Behaviour::Expired => {}
     }
     match req.uri().path() {
@@ -217,6 +221,9 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
                     let body = serde_json::json!({"error": "refused", "reason": reason}).to_string();
                     return Ok(answer(status, body));
                 }
+            }
+            if behaviour == Behaviour::ShortAck {
+                return Ok(answer(200, serde_json::to_vec(&IngestResponse::default()).unwrap()));
             }
             if behaviour == Behaviour::Expired {
                 let response =
@@ -590,6 +597,35 @@ async fn full_spool_drops_and_counts_without_blocking() {
     let collector = Collector::start_on(addr).await;
     until("spool delivered", || metrics.events_delivered() == spooled).await;
     assert_eq!(collector.stored() as u64, spooled);
+    assert_eq!(metrics.events_emitted(), metrics.events_delivered() + metrics.events_dropped_total());
+    shipper.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A 200 whose counts cover fewer events than were sent is not a delivery: the batch is sent
+/// again and stored once (twice short, then normal); past MAX_SHORT_ACKS short answers in a
+/// row, the shortfall is counted as dropped, never as delivered.
+#[tokio::test]
+async fn short_acknowledgements_are_sent_again_then_counted() {
+    let collector = Collector::start().await;
+    collector.then(Behaviour::ShortAck);
+    collector.then(Behaviour::ShortAck);
+    let spool = tempfile::tempdir().unwrap();
+    let (shipper, metrics) = start(config(&collector.url(), spool.path()));
+    emit(&shipper, 0..10);
+    until("delivered", || metrics.events_delivered() == 10).await;
+    collector.assert_stored_once(&ids(0..10));
+    assert_eq!(metrics.batches_sent(BatchResult::ShortAck), 2);
+    assert_eq!(metrics.events_dropped_total(), 0);
+    shipper.shutdown(Duration::from_secs(1)).await;
+
+    let collector = Collector::start().await;
+    collector.set(Behaviour::ShortAck);
+    let spool = tempfile::tempdir().unwrap();
+    let (shipper, metrics) = start(config(&collector.url(), spool.path()));
+    emit(&shipper, 0..10);
+    until("counted as dropped", || metrics.events_dropped(DropReason::Unacknowledged) == 10).await;
+    assert_eq!(metrics.batches_sent(BatchResult::ShortAck), u64::from(custos_shipper::MAX_SHORT_ACKS - 1));
+    assert_eq!(metrics.events_delivered(), 0);
     assert_eq!(metrics.events_emitted(), metrics.events_delivered() + metrics.events_dropped_total());
     shipper.shutdown(Duration::from_secs(1)).await;
 }
