@@ -539,6 +539,12 @@ fn decide<P: Borrow<DataAccessPolicy>>(
         let genuine = c.image.as_deref() == Some(settings.image.as_str())
             && c.command.is_none()
             && c.args.as_ref().and_then(|a| a.first()).is_some_and(|a| a == "sidecar");
+        // A pod that arrives with the sidecar (re-submitted, or written so) is left as it is,
+        // but no other container of it may mount the sidecar's volumes (the audit spool, the
+        // collector token, the hash key), as for a pod this webhook injects.
+        if genuine && let Some(refusal) = mounts_of_sidecar_volumes(spec, c) {
+            return Injection::Refuse(refusal);
+        }
         return Injection::Skip(if genuine {
             SkipReason::AlreadyInjected
         } else {
@@ -671,6 +677,32 @@ fn decide<P: Borrow<DataAccessPolicy>>(
 
 fn conflict(policies: Vec<String>, field: &'static str, ports: Vec<u16>) -> Injection {
     Injection::Skip(SkipReason::ConflictingPolicies { policies, field, ports })
+}
+
+/// A container of `spec` other than `sidecar` that mounts a volume `sidecar` mounts.
+fn mounts_of_sidecar_volumes(
+    spec: Option<&k8s_openapi::api::core::v1::PodSpec>,
+    sidecar: &k8s_openapi::api::core::v1::Container,
+) -> Option<Refusal> {
+    let spec = spec?;
+    let theirs: Vec<&str> = sidecar.volume_mounts.iter().flatten().map(|m| m.name.as_str()).collect();
+    let regular = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .filter(|c| !std::ptr::eq(*c, sidecar))
+        .flat_map(|c| c.volume_mounts.iter().flatten().map(move |m| (&c.name, &m.name)));
+    let ephemeral = spec
+        .ephemeral_containers
+        .iter()
+        .flatten()
+        .flat_map(|c| c.volume_mounts.iter().flatten().map(move |m| (&c.name, &m.name)));
+    regular.chain(ephemeral).find(|(_, volume)| theirs.contains(&volume.as_str())).map(
+        |(container, volume)| Refusal::SidecarVolumeMounted {
+            container: container.clone(),
+            volume: volume.clone(),
+        },
+    )
 }
 
 /// The one value of `port` over `policies`: `Ok(None)` for no policy, `Err(distinct values)`

@@ -816,6 +816,27 @@ fn containers_mounting_the_sidecars_volumes_are_refused() {
     let (mut pod, policies) = app_selected();
     pod.spec.as_mut().unwrap().containers[0].volume_mounts = mount("data");
     injected(run(&pod, &policies));
+    // A pod that arrives with the sidecar already (re-submitted, or written so) is held to the
+    // same: its app may not mount the sidecar's volumes either.
+    for native in [false, true] {
+        let settings = InjectSettings { native_sidecar: native, ..InjectSettings::default() };
+        let (pod, policies) = app_selected();
+        let Injection::Inject { pod: injected_pod, .. } =
+            inject(&pod, NS, &BTreeMap::new(), &policies, &settings)
+        else {
+            panic!("expected an injection")
+        };
+        let mut sneaky = *injected_pod;
+        sneaky.spec.as_mut().unwrap().containers[0].volume_mounts = mount("custos-spool");
+        assert_eq!(
+            inject(&sneaky, NS, &BTreeMap::new(), &policies, &settings),
+            Injection::Refuse(Refusal::SidecarVolumeMounted {
+                container: "app".to_string(),
+                volume: "custos-spool".to_string()
+            }),
+            "native: {native}"
+        );
+    }
 }
 
 // ---- updates of an injected pod ------------------------------------------------------------
