@@ -54,9 +54,13 @@ pub(crate) const CHANNEL_CAPACITY: usize = 256;
 pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the follower checks that it still holds the lease.
 const LEASE_CHECK: Duration = Duration::from_secs(5);
-/// Events read per page while following the store; at most [`FOLLOW_PAGES`] pages a step.
+/// Events read per page while following the store (and at most [`FOLLOW_PAGE_BYTES`] of
+/// them); at most [`FOLLOW_PAGES`] pages a step.
 const FOLLOW_PAGE: u32 = 1_000;
+const FOLLOW_PAGE_BYTES: usize = 16 << 20;
 const FOLLOW_PAGES: usize = 50;
+/// How long the lease's check may take before the lease counts as lost.
+const LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// The lease of the replica that detects for all (PostgreSQL).
 const DETECTION_LEASE: &str = "custos_detection";
 
@@ -106,71 +110,129 @@ async fn run(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    // Several replicas may share a PostgreSQL store: detection follows the store.
-    let mut follower = (store.backend() == "postgres" && sinks.detectors.is_some()).then(Follower::default);
-    if follower.is_none()
-        && let Some(detectors) = sinks.detectors.as_mut()
-    {
+    // Several replicas may share a PostgreSQL store: detection follows the store, in a task
+    // of its own (its reads never hold up the export of this replica's batches).
+    if store.backend() == "postgres" {
+        let Sinks { detectors, dispatcher, exporter } = sinks;
+        let follower = match detectors {
+            Some(d) => Some(tokio::spawn(follow(store.clone(), d, dispatcher, stop.clone(), grace))),
+            None => {
+                shut_down_dispatcher(&dispatcher, grace).await;
+                None
+            }
+        };
+        loop {
+            let batch = tokio::select! {
+                b = batches.recv() => b,
+                () = crate::server::stopped(&mut stop) => None,
+            };
+            let Some(batch) = batch else { break };
+            export(exporter.as_ref(), &batch.events);
+        }
+        while let Ok(batch) = batches.try_recv() {
+            export(exporter.as_ref(), &batch.events);
+        }
+        shut_down_exporter(exporter.as_ref(), grace).await;
+        if let Some(f) = follower {
+            let _ = f.await;
+        }
+        return;
+    }
+    if let Some(detectors) = sinks.detectors.as_mut() {
         warm_up(&store, detectors).await;
         sinks.dispatcher.metrics().set_detecting(true);
     }
-    let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let batch = tokio::select! {
             b = batches.recv() => b,
-            _ = tick.tick(), if follower.is_some() => {
-                if let Some(f) = follower.as_mut() {
-                    f.step(&store, &mut sinks).await;
-                }
-                continue;
-            }
             () = crate::server::stopped(&mut stop) => None,
         };
         let Some(batch) = batch else { break };
-        handle(&store, &mut sinks, batch, follower.is_none()).await;
+        handle(&store, &mut sinks, batch).await;
     }
     // Stopping: what was committed before the stop is still processed.
     while let Ok(batch) = batches.try_recv() {
-        handle(&store, &mut sinks, batch, follower.is_none()).await;
-    }
-    if let Some(f) = follower.as_mut() {
-        f.step(&store, &mut sinks).await;
+        handle(&store, &mut sinks, batch).await;
     }
     sinks.dispatcher.metrics().set_detecting(false);
-    if !sinks.dispatcher.shutdown(grace).await {
+    shut_down_dispatcher(&sinks.dispatcher, grace).await;
+    shut_down_exporter(sinks.exporter.as_ref(), grace).await;
+}
+
+async fn shut_down_dispatcher(dispatcher: &AlertDispatcher, grace: Duration) {
+    if !dispatcher.shutdown(grace).await {
         tracing::warn!("alert delivery did not finish within the shutdown grace period");
     }
-    if let Some(e) = &sinks.exporter {
+}
+
+async fn shut_down_exporter(exporter: Option<&OtlpExporter>, grace: Duration) {
+    if let Some(e) = exporter {
         let summary = e.shutdown(grace).await;
         tracing::info!(?summary, "OTLP exporter stopped");
     }
 }
 
-/// Exports a stored batch and, with `detect` (its own batches feed detection), detects over it.
-async fn handle(store: &AnyStore, sinks: &mut Sinks, batch: StoredBatch, detect: bool) {
-    let events = batch.events;
-    if let Some(exporter) = &sinks.exporter {
-        // Full queue: dropped and counted by the exporter's metrics.
-        let _ = exporter.try_send(&events);
+/// Offers `events` to the OTLP exporter, if any (a full queue drops and counts them).
+fn export(exporter: Option<&OtlpExporter>, events: &[custos_api::AuditEvent]) {
+    if let Some(exporter) = exporter {
+        let _ = exporter.try_send(events);
     }
-    if detect {
-        detect_over(store, sinks, &events).await;
+}
+
+/// Detection over a store several replicas share, until `stop`: every [`FOLLOW_INTERVAL`] a
+/// [`Follower`] step. Stopping, it reads what was stored before the stop (without taking the
+/// lease now), lets the lease go, then finishes delivering its alerts.
+async fn follow(
+    store: AnyStore,
+    mut detectors: Detectors,
+    dispatcher: AlertDispatcher,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let mut follower = Follower::default();
+    let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = crate::server::stopped(&mut stop) => break,
+        }
+        // A step cut by the stop loses nothing: the position moves after each page.
+        tokio::select! {
+            () = follower.step(&store, &mut detectors, &dispatcher, true) => {}
+            () = crate::server::stopped(&mut stop) => break,
+        }
+    }
+    follower.step(&store, &mut detectors, &dispatcher, false).await;
+    follower.lease = None;
+    dispatcher.metrics().set_detecting(false);
+    shut_down_dispatcher(&dispatcher, grace).await;
+}
+
+/// Exports a stored batch and detects over it.
+async fn handle(store: &AnyStore, sinks: &mut Sinks, batch: StoredBatch) {
+    export(sinks.exporter.as_ref(), &batch.events);
+    if let Some(detectors) = sinks.detectors.as_mut() {
+        detect_over(store, detectors, &sinks.dispatcher, &batch.events).await;
     }
 }
 
 /// Runs the detectors over `events` (received now); stores and dispatches their alerts.
-async fn detect_over(store: &AnyStore, sinks: &mut Sinks, events: &[custos_api::AuditEvent]) {
-    let Some(detectors) = sinks.detectors.as_mut() else { return };
+async fn detect_over(
+    store: &AnyStore,
+    detectors: &mut Detectors,
+    dispatcher: &AlertDispatcher,
+    events: &[custos_api::AuditEvent],
+) {
     let alerts = detectors.observe_all_received(events, Utc::now());
-    sinks.dispatcher.metrics().update_detect_stats(&detectors.stats());
+    dispatcher.metrics().update_detect_stats(&detectors.stats());
     if alerts.is_empty() {
         return;
     }
     if let Err(error) = store.insert_alerts(&alerts).await {
         tracing::error!(%error, alerts = alerts.len(), "storing alerts failed; they are still delivered");
     }
-    sinks.dispatcher.dispatch(alerts);
+    dispatcher.dispatch(alerts);
 }
 
 /// Detection over a store several replicas share: the lease, and where in the chain this
@@ -185,13 +247,23 @@ struct Follower {
 }
 
 impl Follower {
-    /// One step: take the lease if free (then warm the detectors up from the store and start
-    /// at its last event: the events of the last hour count in their windows, those of the
-    /// moments between the former holder's last step and this one raise no alert), check it
-    /// now and then, and read what every replica stored since. Detectors that held the lease
-    /// before keep their state: the warm-up's events they saw already are not counted twice.
-    async fn step(&mut self, store: &AnyStore, sinks: &mut Sinks) {
+    /// One step: with `may_take`, take the lease if free (then warm the detectors up from the
+    /// store and start at its last event: the events of the last hour count in their windows,
+    /// those of the moments between the former holder's last step and this one raise no
+    /// alert), check it, and read what every replica stored since. Detectors that held the
+    /// lease before keep their state: the warm-up's events they saw already are not counted
+    /// twice.
+    async fn step(
+        &mut self,
+        store: &AnyStore,
+        detectors: &mut Detectors,
+        dispatcher: &AlertDispatcher,
+        may_take: bool,
+    ) {
         if self.lease.is_none() {
+            if !may_take {
+                return;
+            }
             match store.try_lease(DETECTION_LEASE).await {
                 Ok(Some(lease)) => {
                     let position = match store.last_position().await {
@@ -201,10 +273,8 @@ impl Follower {
                             return;
                         }
                     };
-                    if let Some(detectors) = sinks.detectors.as_mut() {
-                        warm_up(store, detectors).await;
-                    }
-                    sinks.dispatcher.metrics().set_detecting(true);
+                    warm_up(store, detectors).await;
+                    dispatcher.metrics().set_detecting(true);
                     tracing::info!(
                         "this replica detects leak patterns over every replica's events (detection lease taken)"
                     );
@@ -219,21 +289,26 @@ impl Follower {
                 }
             }
         }
-        if self.last_check.is_none_or(|at| at.elapsed() >= LEASE_CHECK) {
-            let held = match &self.lease {
-                Some(lease) => lease.held().await,
-                None => false,
-            };
-            if !held {
-                tracing::warn!("detection lease lost (connection gone): another replica takes over");
-                self.lease = None;
-                sinks.dispatcher.metrics().set_detecting(false);
-                return;
-            }
+        // Its connection known closed: at once (another replica may hold the lock already);
+        // else a round trip now and then.
+        let check = self.last_check.is_none_or(|at| at.elapsed() >= LEASE_CHECK);
+        let held = match &self.lease {
+            Some(lease) if lease.lost() => false,
+            Some(lease) if check => lease.held(LEASE_CHECK_TIMEOUT).await,
+            Some(_) => true,
+            None => false,
+        };
+        if !held {
+            tracing::warn!("detection lease lost (connection gone): another replica takes over");
+            self.lease = None;
+            dispatcher.metrics().set_detecting(false);
+            return;
+        }
+        if check {
             self.last_check = Some(Instant::now());
         }
         for _ in 0..FOLLOW_PAGES {
-            let page = match store.events_after(&self.position, FOLLOW_PAGE).await {
+            let page = match store.events_after(&self.position, FOLLOW_PAGE, FOLLOW_PAGE_BYTES).await {
                 Ok(page) => page,
                 Err(error) => {
                     tracing::warn!(%error, "cannot read new events for detection; trying again");
@@ -242,12 +317,8 @@ impl Follower {
             };
             let Some((last, _)) = page.last() else { return };
             self.position = last.clone();
-            let full = page.len() == FOLLOW_PAGE as usize;
-            let events: Vec<custos_api::AuditEvent> = page.into_iter().map(|(_, e)| e).collect();
-            detect_over(store, sinks, &events).await;
-            if !full {
-                return;
-            }
+            let events: Vec<custos_api::AuditEvent> = page.into_iter().map(|(_, e)| slim(e)).collect();
+            detect_over(store, detectors, dispatcher, &events).await;
         }
     }
 }

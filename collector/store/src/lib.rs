@@ -299,13 +299,23 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    /// Whether the lease is still held: its connection still answers (a lost connection has
-    /// lost the lock to whoever takes it next).
-    pub async fn held(&self) -> bool {
+    /// Whether the lease is still held: its connection is open and answers within `timeout`
+    /// (a lost connection has lost the lock to whoever takes it next).
+    pub async fn held(&self, timeout: std::time::Duration) -> bool {
         match &self.connection {
             None => true,
-            Some(c) => c.simple_query("SELECT 1").await.is_ok(),
+            Some(c) => {
+                !c.is_closed()
+                    && tokio::time::timeout(timeout, c.simple_query("SELECT 1"))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+            }
         }
+    }
+
+    /// Whether the lease's connection is known closed (no round trip).
+    pub fn lost(&self) -> bool {
+        self.connection.as_ref().is_some_and(|c| c.is_closed())
     }
 }
 
@@ -808,17 +818,21 @@ impl AnyStore {
         })
     }
 
-    /// The stored events after `after` in chain order (seq, then id), at most `limit`, each
-    /// with its position: every replica's events, as a reader following the store reads them
-    /// (a batch's events become visible together, in seq order, when it commits).
+    /// The stored events after `after` in chain order (seq, then id), at most `limit`, the page
+    /// ending at the event whose stored body brings its bodies to `max_bytes` (at least one
+    /// event), each with its position: every replica's events, as a reader following the
+    /// store reads them (a batch's events become visible together, in seq order, when it
+    /// commits).
     pub async fn events_after(
         &self,
         after: &StorePosition,
         limit: u32,
+        max_bytes: usize,
     ) -> Result<Vec<(StorePosition, AuditEvent)>> {
         let limit = i64::from(limit.max(1));
+        let max_bytes = i64::try_from(max_bytes.max(1)).unwrap_or(i64::MAX);
         let (seq, id) = (after.seq, after.id.clone());
-        let rows = dispatch!(self, s => s.events_after(seq, id, limit).await)?;
+        let rows = dispatch!(self, s => s.events_after(seq, id, limit, max_bytes).await)?;
         rows.into_iter()
             .map(|(seq, id, body)| Ok((StorePosition { seq, id }, chain::parse_body(&body)?)))
             .collect()

@@ -946,14 +946,22 @@ impl PostgresStore {
         seq: i64,
         id: String,
         limit: i64,
+        max_bytes: i64,
     ) -> Result<Vec<(i64, String, String)>> {
         let client = self.client().await?;
+        // The rows up to the one whose body reaches `max_bytes` (sizes from the stored values'
+        // headers, without reading them).
         let st = client
             .prepare_cached(
-                "SELECT seq, id, body FROM events WHERE (seq, id) > ($1, $2) ORDER BY seq, id LIMIT $3",
+                "SELECT seq, id, body FROM (\
+                   SELECT seq, id, body, COALESCE(SUM(octet_length(body)) OVER (ORDER BY seq, id \
+                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before \
+                   FROM (SELECT seq, id, body FROM events WHERE (seq, id) > ($1, $2) \
+                         ORDER BY seq, id LIMIT $3) AS page) AS sized \
+                 WHERE before < $4 ORDER BY seq, id",
             )
             .await?;
-        let rows = client.query(&st, &[&seq, &id, &limit]).await?;
+        let rows = client.query(&st, &[&seq, &id, &limit, &max_bytes]).await?;
         rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect()
     }
 
@@ -977,6 +985,14 @@ impl PostgresStore {
         if !taken {
             return Ok(None);
         }
+        // The server must notice a lost holder (a node gone, a network cut) within seconds,
+        // not at TCP's defaults (hours), or no other replica can take the lock meanwhile.
+        client
+            .batch_execute(
+                "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
+                 SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000",
+            )
+            .await?;
         // Out of the pool: dropping it closes the connection, which releases the lock.
         Ok(Some(deadpool_postgres::Object::take(client)))
     }

@@ -884,14 +884,23 @@ impl SqliteStore {
         seq: i64,
         id: String,
         limit: i64,
+        max_bytes: i64,
     ) -> Result<Vec<(i64, String, String)>> {
         self.read(move |conn| {
             let mut st = conn.prepare_cached(
                 "SELECT seq, id, body FROM events WHERE (seq, id) > (?1, ?2) ORDER BY seq, id LIMIT ?3",
             )?;
-            Ok(st
-                .query_map(params![seq, id, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?)
+            let mut rows = st.query(params![seq, id, limit])?;
+            let (mut out, mut bytes) = (Vec::new(), 0i64);
+            // Once the bodies reach `max_bytes`, the next row's body is not read.
+            while bytes < max_bytes
+                && let Some(r) = rows.next()?
+            {
+                let body: String = r.get(2)?;
+                bytes = bytes.saturating_add(i64::try_from(body.len()).unwrap_or(i64::MAX));
+                out.push((r.get(0)?, r.get(1)?, body));
+            }
+            Ok(out)
         })
         .await
     }
