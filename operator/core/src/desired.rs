@@ -334,7 +334,7 @@ pub fn compute_with(
                 .collect();
             disagreeing.sort();
             SidecarState::Checked {
-                missing: pods::without_sidecar(&selected),
+                missing: pods::without_sidecar(&agreeing),
                 outdated: pods::outdated_sidecars(&agreeing, &policy.spec),
                 disagreeing,
             }

@@ -887,9 +887,11 @@ fn policies_disagreeing_on_ports_are_reported_without_restart_advice() {
         })
     };
     let pod = mk_injected_pod("orders-a", spec(15080), 8080);
+    // A pod without the sidecar as well: restarting it would not inject it either.
+    let old = mk_uninjected_pod("orders-old", &[("app", "orders")]);
     let snap = snapshot(
         vec![mk_policy_spec("orders", spec(15080)), mk_policy_spec("orders-baseline", spec(16000))],
-        vec![pod.clone()],
+        vec![pod.clone(), old],
         vec![],
     );
     let d = compute(&snap, t(0)).unwrap();
@@ -898,11 +900,14 @@ fn policies_disagreeing_on_ports_are_reported_without_restart_advice() {
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", REASON_POLICIES_DISAGREE), "{name}");
         assert!(
             c.message
-                .contains("orders-a (policies orders, orders-baseline disagree on proxyPort 15080, 16000)"),
+                .contains("orders-a (policies orders, orders-baseline disagree on proxyPort 15080, 16000)")
+                && c.message.contains("orders-old (policies orders, orders-baseline disagree"),
             "{}",
             c.message
         );
         assert!(!c.message.contains("rollout restart"), "{}", c.message);
+        let missing = cond(status_of(&d, name), SIDECAR_MISSING);
+        assert_eq!(missing.status, "False", "no restart advice there either: {}", missing.message);
     }
     assert!(d.events.iter().any(|e| e.reason == REASON_POLICIES_DISAGREE), "{:?}", d.events);
 
