@@ -91,8 +91,8 @@ pub(crate) async fn run(
 }
 
 /// The (policy, principal) pairs of one round, from the sorted active `pairs`: at most `max`
-/// of them, starting after `resume_after` (where the previous round stopped: its last pair, or
-/// the last one done in order when its deadline cut it) and wrapping around, so that every
+/// of them, starting after `resume_after` (the last pair the previous round started: its last
+/// pair, or the last it reached when its deadline cut it) and wrapping around, so that every
 /// active principal has its turn however many there are and however slowly the collector
 /// answers: neither a flood of principals nor a slow collector may leave the same ones
 /// without cluster figures round after round.
@@ -110,9 +110,9 @@ fn this_round(
 struct Round {
     /// Fetches that failed.
     failures: u64,
-    /// Where the next round starts after: the round's last pair when all were done, else the
-    /// pair before the first one not done (`None`: not one done in order, start at the same
-    /// place again).
+    /// Where the next round starts after: the last pair whose fetch was started (`None`: none
+    /// was). A cut round's fetches still in flight have their turn in the next cycle through
+    /// the pairs; resuming before them instead would let one slow pair hold every round.
     resume_after: Option<(String, String)>,
     /// The deadline ended the round before every fetch was done.
     cut: bool,
@@ -130,80 +130,55 @@ async fn sync_round(
 ) -> Round {
     let mut round = Round { failures: 0, resume_after: None, cut: false };
     let mut tasks = JoinSet::new();
-    // Done in order: the pairs up to `done_until` all finished (applied or failed).
-    let mut done = vec![false; pairs.len()];
-    let mut done_until = 0;
-    let mut next = 0;
-    let stop_at =
-        |done_until: usize, pairs: &[(String, String)]| done_until.checked_sub(1).map(|i| pairs[i].clone());
+    let mut pending = pairs.into_iter();
     loop {
-        while tasks.len() < CONCURRENCY && next < pairs.len() {
-            let index = next;
-            next += 1;
-            let (policy, principal) = pairs[index].clone();
+        while tasks.len() < CONCURRENCY {
+            let Some((policy, principal)) = pending.next() else { break };
+            round.resume_after = Some((policy.clone(), principal.clone()));
             let (client, quotas, namespace) = (client.clone(), quotas.clone(), namespace.to_string());
             let instance = instance.to_owned();
             tasks.spawn(async move {
-                let result = async {
-                    let mut usage = client
-                        .fetch(&namespace, &policy, &principal, Some(&instance))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    // Figures without this process's events only for its own tag.
-                    if usage.instance.as_deref() != Some(instance.as_str()) {
-                        usage.rules_without_instance = None;
-                    }
-                    let as_of = chrono::DateTime::parse_from_rfc3339(&usage.as_of)
-                        .map_err(|_| "usage asOf is not RFC 3339".to_string())?;
-                    let as_of = Timestamp::from_millis(u64::try_from(as_of.timestamp_millis()).unwrap_or(0));
-                    quotas.apply_cluster_usage(
-                        &policy,
-                        &principal,
-                        &usage,
-                        as_of,
-                        crate::quota_clock::quota_time(SystemTime::now()),
-                    );
-                    Ok::<(), String>(())
+                let mut usage = client
+                    .fetch(&namespace, &policy, &principal, Some(&instance))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // Figures without this process's events only for its own tag.
+                if usage.instance.as_deref() != Some(instance.as_str()) {
+                    usage.rules_without_instance = None;
                 }
-                .await;
-                (index, result)
+                let as_of = chrono::DateTime::parse_from_rfc3339(&usage.as_of)
+                    .map_err(|_| "usage asOf is not RFC 3339".to_string())?;
+                let as_of = Timestamp::from_millis(u64::try_from(as_of.timestamp_millis()).unwrap_or(0));
+                quotas.apply_cluster_usage(
+                    &policy,
+                    &principal,
+                    &usage,
+                    as_of,
+                    crate::quota_clock::quota_time(SystemTime::now()),
+                );
+                Ok::<(), String>(())
             });
         }
         let joined = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => {
                 tasks.abort_all();
-                round.resume_after = stop_at(done_until, &pairs);
                 return round;
             }
             () = tokio::time::sleep_until(deadline) => {
                 tasks.abort_all();
                 round.cut = true;
-                round.resume_after = stop_at(done_until, &pairs);
                 return round;
             }
             joined = tasks.join_next() => joined,
         };
-        let index = match joined {
-            None => {
-                round.resume_after = pairs.last().cloned();
-                return round;
-            }
-            Some(Ok((index, Ok(())))) => index,
-            Some(Ok((index, Err(e)))) => {
+        match joined {
+            None => return round,
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => {
                 tracing::debug!(error = %e, "cluster usage fetch failed");
                 round.failures += 1;
-                index
             }
-            Some(Err(_)) => {
-                // A fetch task that panicked: its pair is not known here; counted, and the
-                // round's order resumes before it at worst.
-                round.failures += 1;
-                continue;
-            }
-        };
-        done[index] = true;
-        while done_until < done.len() && done[done_until] {
-            done_until += 1;
+            Some(Err(_)) => round.failures += 1,
         }
     }
 }
@@ -241,7 +216,7 @@ mod tests {
         .await
         .expect("the round ended at its deadline, not at the client's time-out");
         assert!(round.cut);
-        assert_eq!(round.resume_after, None, "not one fetch done: the next round starts at the same place");
+        assert_eq!(round.resume_after, Some(("p".to_string(), "user:007".to_string())), "8 at a time");
         holder.abort();
     }
 
@@ -294,9 +269,8 @@ mod tests {
     }
 
     /// A collector too slow for one round to fetch every active pair: the next round starts
-    /// after the last pair done in order, so that rounds take turns through all of them
-    /// (before, each round started at the first pair again and the same ones were never
-    /// fetched).
+    /// after the last pair it started, so that rounds take turns through all of them (before,
+    /// each round started at the first pair again and the same ones were never fetched).
     #[tokio::test]
     async fn rounds_cut_by_a_slow_collector_take_turns() {
         let (url, answered) = slow_collector(Duration::from_millis(150)).await;
