@@ -10,7 +10,8 @@ use chrono::Duration;
 use common::{Env, event, events, rfc3339, t0};
 use custos_api::Decision;
 use custos_store::{
-    Alert, AnyStore, BreakKind, Error, EventQuery, GENESIS_HASH, Severity, TopBy, TopEntry, chain_hash,
+    Alert, AnyStore, BreakKind, Error, EventQuery, GENESIS_HASH, Severity, StorePosition, TopBy, TopEntry,
+    chain_hash,
 };
 
 macro_rules! suite {
@@ -71,6 +72,7 @@ suite!(
     query_pages_are_bounded_in_bytes,
     a_clock_ahead_prunes_only_what_the_retention_allows,
     a_vouched_time_keeps_retention_a_maximum_without_new_events,
+    following_the_store_reads_every_event_once_in_chain_order,
     events_by_dry_run,
     alerts_are_idempotent,
     concurrent_ingest_keeps_chain_valid,
@@ -1298,6 +1300,56 @@ async fn a_vouched_time_keeps_retention_a_maximum_without_new_events(env: &Env) 
         store.prune_measured(now - retention, now, Some(now + Duration::days(365))).await.unwrap();
     assert_eq!((report.deleted, from), (5, now), "never past the clock");
     assert!(all_ids(&store).await.is_empty());
+}
+
+/// A reader following the store (the detection lease holder) reads every event once, in
+/// chain order, in pages bounded by count and by bytes, from a position; the lease is one
+/// holder's at a time on PostgreSQL, and comes free when its holder drops it.
+async fn following_the_store_reads_every_event_once_in_chain_order(env: &Env) {
+    let store = env.open().await;
+    assert_eq!(store.last_position().await.unwrap(), StorePosition::default());
+    assert!(store.events_after(&StorePosition::default(), 10, usize::MAX).await.unwrap().is_empty());
+    // Times out of order across batches: chain order is the order of storing.
+    store.ingest(&events("a", 25)).await.unwrap();
+    store.ingest(&[event("late", t0() - Duration::days(1))]).await.unwrap();
+    store.ingest(&events("b", 5)).await.unwrap();
+    let mut position = StorePosition::default();
+    let mut read = Vec::new();
+    loop {
+        let page = store.events_after(&position, 7, usize::MAX).await.unwrap();
+        let Some((last, _)) = page.last() else { break };
+        assert!(page.len() <= 7);
+        position = last.clone();
+        read.extend(page.into_iter().map(|(_, e)| e.id));
+    }
+    let mut expected: Vec<String> = events("a", 25).into_iter().map(|e| e.id).collect();
+    expected.push("late".into());
+    expected.extend(events("b", 5).into_iter().map(|e| e.id));
+    assert_eq!(read, expected);
+    assert_eq!(store.last_position().await.unwrap(), position);
+    // A byte bound stops a page at the event that reaches it (at least one event).
+    let one = store.events_after(&StorePosition::default(), 100, 1).await.unwrap();
+    assert_eq!(one.len(), 1);
+    let some = store.events_after(&StorePosition::default(), 100, 3_000).await.unwrap();
+    assert!(some.len() > 1 && some.len() < 31, "{}", some.len());
+
+    let lease = store.try_lease("test").await.unwrap().expect("free");
+    assert!(lease.held(std::time::Duration::from_secs(2)).await);
+    if matches!(env, Env::Postgres { .. }) {
+        let other = env.open().await;
+        assert!(other.try_lease("test").await.unwrap().is_none(), "one holder at a time");
+        assert!(other.try_lease("another").await.unwrap().is_some(), "leases of other names are apart");
+        drop(lease);
+        let mut taken = None;
+        for _ in 0..100 {
+            taken = other.try_lease("test").await.unwrap();
+            if taken.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(taken.is_some(), "free once its holder dropped it");
+    }
 }
 
 async fn prune_refuses_a_broken_chain(env: &Env) {
