@@ -570,6 +570,18 @@ async fn torn_last_record_is_counted_and_earlier_records_delivered() {
     shipper.shutdown(Duration::from_secs(1)).await;
 }
 
+/// Emits 200 events in batches of 10 while the collector is down, each batch spooled or
+/// dropped before the next.
+async fn fill_spool(shipper: &Shipper, metrics: &ShipperMetrics) {
+    for batch in 0..20 {
+        emit(shipper, batch * 10..batch * 10 + 10);
+        until("batch settled", || {
+            metrics.spool_events() + metrics.events_dropped_total() == (batch as u64 + 1) * 10
+        })
+        .await;
+    }
+}
+
 #[tokio::test]
 async fn full_spool_drops_and_counts_without_blocking() {
     let addr = free_addr().await;
@@ -580,13 +592,7 @@ async fn full_spool_drops_and_counts_without_blocking() {
         ..config(&format!("http://{addr}"), spool.path())
     };
     let (shipper, metrics) = start(cfg);
-    for batch in 0..20 {
-        emit(&shipper, batch * 10..batch * 10 + 10);
-        until("batch settled", || {
-            metrics.spool_events() + metrics.events_dropped_total() == (batch as u64 + 1) * 10
-        })
-        .await;
-    }
+    fill_spool(&shipper, &metrics).await;
     let dropped = metrics.events_dropped(DropReason::SpoolFull);
     let spooled = metrics.spool_events();
     assert!(dropped > 0, "some batches did not fit");
@@ -643,13 +649,7 @@ async fn a_full_spool_still_splits_what_the_collector_refuses_as_too_large() {
         ..config(&format!("http://{addr}"), spool.path())
     };
     let (shipper, metrics) = start(cfg);
-    for batch in 0..20 {
-        emit(&shipper, batch * 10..batch * 10 + 10);
-        until("batch settled", || {
-            metrics.spool_events() + metrics.events_dropped_total() == (batch as u64 + 1) * 10
-        })
-        .await;
-    }
+    fill_spool(&shipper, &metrics).await;
     let dropped = metrics.events_dropped(DropReason::SpoolFull);
     let spooled = metrics.spool_events();
     assert!(dropped > 0 && spooled > 0, "the spool is full");

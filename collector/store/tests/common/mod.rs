@@ -133,16 +133,7 @@ impl Env {
         match self {
             Env::Sqlite { .. } => None,
             Env::Postgres { .. } => {
-                let client = pg_connect(&self.url()).await;
-                // A failing test holding it: the server ends the session after 20 s.
-                client
-                    .batch_execute(
-                        "SET idle_in_transaction_session_timeout = '20s'; \
-                         BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE",
-                    )
-                    .await
-                    .unwrap();
-                Some(client)
+                Some(self.in_transaction("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").await)
             }
         }
     }
@@ -151,27 +142,22 @@ impl Env {
     /// that makes writers wait, until rolled back or dropped; readers go on. An ingest of an
     /// event with record hashes then waits after writing its `events` rows, uncommitted.
     pub async fn lock_records(&self) -> tokio_postgres::Client {
-        let client = pg_connect(&self.url()).await;
-        // A failing test holding it: the server ends the session after 20 s.
-        client
-            .batch_execute(
-                "SET idle_in_transaction_session_timeout = '20s'; \
-                 BEGIN; LOCK TABLE ONLY event_records IN SHARE MODE",
-            )
-            .await
-            .unwrap();
-        client
+        self.in_transaction("LOCK TABLE ONLY event_records IN SHARE MODE").await
     }
 
     /// PostgreSQL: a second connection in a transaction that has read `events` (a report
     /// query still running, as a prune sees it), until rolled back or dropped.
     pub async fn read_events_open(&self) -> tokio_postgres::Client {
+        self.in_transaction("SELECT COUNT(*) FROM events").await
+    }
+
+    /// PostgreSQL: a second connection that ran `statement` in a transaction it keeps open
+    /// (what it locks stays locked) until rolled back or dropped; a failing test holding it:
+    /// the server ends the session after 20 s.
+    async fn in_transaction(&self, statement: &str) -> tokio_postgres::Client {
         let client = pg_connect(&self.url()).await;
         client
-            .batch_execute(
-                "SET idle_in_transaction_session_timeout = '20s'; \
-                 BEGIN; SELECT COUNT(*) FROM events",
-            )
+            .batch_execute(&format!("SET idle_in_transaction_session_timeout = '20s'; BEGIN; {statement}"))
             .await
             .unwrap();
         client

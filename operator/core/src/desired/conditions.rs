@@ -116,6 +116,16 @@ pub const REASON_NO_ENFORCED_POLICY: &str = "NoEnforcedPolicy";
 /// Pods named in the `SidecarMissing` message; the rest are counted.
 const MISSING_PODS_NAMED: usize = 5;
 
+/// The first [`MISSING_PODS_NAMED`] of `items` joined with `separator`, then `{and} N more`
+/// for the rest.
+fn first_named(items: &[String], separator: &str, and: &str) -> String {
+    let mut named = items.iter().take(MISSING_PODS_NAMED).cloned().collect::<Vec<_>>().join(separator);
+    if items.len() > MISSING_PODS_NAMED {
+        named.push_str(&format!("{and} {} more", items.len() - MISSING_PODS_NAMED));
+    }
+    named
+}
+
 /// Event notes are limited to 1 kB by the Events API.
 const MAX_NOTE_BYTES: usize = 1024;
 
@@ -247,10 +257,7 @@ pub(crate) fn status(
             format!("all {} selected running pods have the sidecar", facts.selected_pods),
         ),
         SidecarState::Checked { missing, .. } => {
-            let mut names = missing.iter().take(MISSING_PODS_NAMED).cloned().collect::<Vec<_>>().join(", ");
-            if missing.len() > MISSING_PODS_NAMED {
-                names.push_str(&format!(" and {} more", missing.len() - MISSING_PODS_NAMED));
-            }
+            let names = first_named(missing, ", ", " and");
             cond(
                 SIDECAR_MISSING,
                 true,
@@ -271,11 +278,7 @@ pub(crate) fn status(
             cond(SIDECAR_OUTDATED, false, REASON_POLICY_DISABLED, "mode is Disabled: not checked".into())
         }
         SidecarState::Checked { disagreeing, .. } if !disagreeing.is_empty() => {
-            let mut pods =
-                disagreeing.iter().take(MISSING_PODS_NAMED).cloned().collect::<Vec<_>>().join("; ");
-            if disagreeing.len() > MISSING_PODS_NAMED {
-                pods.push_str(&format!("; and {} more", disagreeing.len() - MISSING_PODS_NAMED));
-            }
+            let pods = first_named(disagreeing, "; ", "; and");
             cond(
                 SIDECAR_OUTDATED,
                 true,
@@ -297,10 +300,7 @@ pub(crate) fn status(
                 .into(),
         ),
         SidecarState::Checked { outdated, .. } => {
-            let mut pods = outdated.iter().take(MISSING_PODS_NAMED).cloned().collect::<Vec<_>>().join("; ");
-            if outdated.len() > MISSING_PODS_NAMED {
-                pods.push_str(&format!("; and {} more", outdated.len() - MISSING_PODS_NAMED));
-            }
+            let pods = first_named(outdated, "; ", "; and");
             cond(
                 SIDECAR_OUTDATED,
                 true,
