@@ -59,6 +59,8 @@ const LEASE_CHECK: Duration = Duration::from_secs(5);
 const FOLLOW_PAGE: u32 = 1_000;
 const FOLLOW_PAGE_BYTES: usize = 16 << 20;
 const FOLLOW_PAGES: usize = 50;
+/// How long one page of new events may take to read.
+const FOLLOW_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the lease's check may take before the lease counts as lost.
 const LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// The lease of the replica that detects for all (PostgreSQL).
@@ -197,13 +199,14 @@ async fn follow(
             _ = tick.tick() => {}
             () = crate::server::stopped(&mut stop) => break,
         }
-        // A step cut by the stop loses nothing: the position moves after each page.
-        tokio::select! {
-            () = follower.step(&store, &mut detectors, &dispatcher, true) => {}
-            () = crate::server::stopped(&mut stop) => break,
-        }
+        // Not cancelled mid-way (alerts raised and not yet dispatched would be lost): the step
+        // looks at the stop between pages.
+        follower.step(&store, &mut detectors, &dispatcher, Some(&stop)).await;
     }
-    follower.step(&store, &mut detectors, &dispatcher, false).await;
+    // What was stored before the stop, within the grace period.
+    if tokio::time::timeout(grace, follower.step(&store, &mut detectors, &dispatcher, None)).await.is_err() {
+        tracing::warn!("detection did not read every event stored before the stop within the grace period");
+    }
     follower.lease = None;
     dispatcher.metrics().set_detecting(false);
     shut_down_dispatcher(&dispatcher, grace).await;
@@ -247,21 +250,23 @@ struct Follower {
 }
 
 impl Follower {
-    /// One step: with `may_take`, take the lease if free (then warm the detectors up from the
-    /// store and start at its last event: the events of the last hour count in their windows,
-    /// those of the moments between the former holder's last step and this one raise no
-    /// alert), check it, and read what every replica stored since. Detectors that held the
-    /// lease before keep their state: the warm-up's events they saw already are not counted
-    /// twice.
+    /// One step: while running (`stop` given; the step ends between pages once it turns true),
+    /// take the lease if free (then warm the detectors up from the store and start at its
+    /// last event: the events of the last hour count in their windows, those of the moments
+    /// between the former holder's last step and this one raise no alert); check it, and read
+    /// what every replica stored since. Stopping (`stop` none), only the reading. Detectors
+    /// that held the lease before keep their state: the warm-up's events they saw already are
+    /// not counted twice.
     async fn step(
         &mut self,
         store: &AnyStore,
         detectors: &mut Detectors,
         dispatcher: &AlertDispatcher,
-        may_take: bool,
+        stop: Option<&watch::Receiver<bool>>,
     ) {
+        let stopping = || stop.is_some_and(|s| *s.borrow());
         if self.lease.is_none() {
-            if !may_take {
+            if stop.is_none() || stopping() {
                 return;
             }
             match store.try_lease(DETECTION_LEASE).await {
@@ -308,10 +313,18 @@ impl Follower {
             self.last_check = Some(Instant::now());
         }
         for _ in 0..FOLLOW_PAGES {
-            let page = match store.events_after(&self.position, FOLLOW_PAGE, FOLLOW_PAGE_BYTES).await {
-                Ok(page) => page,
-                Err(error) => {
+            if stopping() || self.lease.as_ref().is_some_and(Lease::lost) {
+                return;
+            }
+            let read = store.events_after(&self.position, FOLLOW_PAGE, FOLLOW_PAGE_BYTES);
+            let page = match tokio::time::timeout(FOLLOW_READ_TIMEOUT, read).await {
+                Ok(Ok(page)) => page,
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "cannot read new events for detection; trying again");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!("reading new events for detection timed out; trying again");
                     return;
                 }
             };

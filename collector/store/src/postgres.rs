@@ -977,7 +977,10 @@ impl PostgresStore {
     /// own, kept out of the pool: held until that connection closes. `None`: another session
     /// holds it.
     pub(crate) async fn try_lease(&self, name: &str) -> Result<Option<deadpool_postgres::ClientWrapper>> {
-        let client = self.client().await?;
+        // Out of the pool first: whatever happens next (an error, this future dropped), the
+        // connection closes with it, and a lock taken on it with the session; it never goes
+        // back to the pool holding the lock.
+        let client = deadpool_postgres::Object::take(self.client().await?);
         let taken: bool = client
             .query_one("SELECT pg_try_advisory_lock(hashtext(current_schema() || '.' || $1))", &[&name])
             .await?
@@ -986,15 +989,18 @@ impl PostgresStore {
             return Ok(None);
         }
         // The server must notice a lost holder (a node gone, a network cut) within seconds,
-        // not at TCP's defaults (hours), or no other replica can take the lock meanwhile.
-        client
+        // not at TCP's defaults (hours), or no other replica can take the lock meanwhile. Best
+        // effort: a pooler in front may refuse them (and applies its own).
+        if let Err(error) = client
             .batch_execute(
                 "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
                  SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000",
             )
-            .await?;
-        // Out of the pool: dropping it closes the connection, which releases the lock.
-        Ok(Some(deadpool_postgres::Object::take(client)))
+            .await
+        {
+            tracing::warn!(%error, "cannot shorten the detection lease connection's keep-alives");
+        }
+        Ok(Some(client))
     }
 
     pub(crate) async fn newest_time(&self) -> Result<Option<i64>> {

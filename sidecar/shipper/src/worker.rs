@@ -407,6 +407,13 @@ impl Worker {
     /// Applies the outcome of a delivery attempt.
     async fn settle(&mut self, source: Source, outcome: Outcome) {
         let events = u64::from(source.count());
+        // The count of short acknowledgements is the batch's in a row: any other outcome ends
+        // the run (the next batch, or this one's halves, start afresh).
+        let short = matches!(&outcome, Outcome::Delivered { response, .. }
+            if response.accepted + response.duplicates + response.expired < events);
+        if !short {
+            self.short_acks = 0;
+        }
         match outcome {
             Outcome::Delivered { response, .. }
                 if response.accepted + response.duplicates + response.expired < events

@@ -250,11 +250,20 @@ pub(crate) fn status(
         SidecarState::Disabled => {
             cond(SIDECAR_MISSING, false, REASON_POLICY_DISABLED, "mode is Disabled: not checked".into())
         }
-        SidecarState::Checked { missing, .. } if missing.is_empty() => cond(
+        SidecarState::Checked { missing, disagreeing, .. } if missing.is_empty() => cond(
             SIDECAR_MISSING,
             false,
             REASON_ALL_PODS_INJECTED,
-            format!("all {} selected running pods have the sidecar", facts.selected_pods),
+            if disagreeing.is_empty() {
+                format!("all {} selected running pods have the sidecar", facts.selected_pods)
+            } else {
+                format!(
+                    "all {} selected running pods whose policies agree on the sidecar's ports have the sidecar \
+                     ({} whose policies disagree: see SidecarOutdated)",
+                    facts.selected_pods.saturating_sub(disagreeing.len()),
+                    disagreeing.len()
+                )
+            },
         ),
         SidecarState::Checked { missing, .. } => {
             let names = first_named(missing, ", ", " and");

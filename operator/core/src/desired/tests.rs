@@ -908,6 +908,11 @@ fn policies_disagreeing_on_ports_are_reported_without_restart_advice() {
         assert!(!c.message.contains("rollout restart"), "{}", c.message);
         let missing = cond(status_of(&d, name), SIDECAR_MISSING);
         assert_eq!(missing.status, "False", "no restart advice there either: {}", missing.message);
+        assert!(
+            missing.message.contains("(2 whose policies disagree: see SidecarOutdated)"),
+            "{}",
+            missing.message
+        );
     }
     assert!(d.events.iter().any(|e| e.reason == REASON_POLICIES_DISAGREE), "{:?}", d.events);
 
