@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use custos_api::AuditEvent;
+use custos_api::collector::IngestResponse;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -157,6 +158,11 @@ pub(crate) struct Worker {
     backoff: Backoff,
     /// Sends in a row whose acknowledgement covered fewer events than were sent.
     short_acks: u32,
+}
+
+/// The events an acknowledgement accounts for: stored, already stored, or expired.
+fn counted(response: &IngestResponse) -> u64 {
+    response.accepted + response.duplicates + response.expired
 }
 
 async fn wait_inflight(inflight: &mut Option<InFlight>) -> Outcome {
@@ -404,21 +410,28 @@ impl Worker {
         }
     }
 
+    /// Keeps a batch the collector did not take for a later send: in the spool (a spooled one
+    /// stays where it is), and what waits in memory goes there too, behind it.
+    async fn keep_for_retry(&mut self, source: Source) {
+        if let Source::Direct(batch) = source {
+            self.spool_batch(batch).await;
+        }
+        while let Some(batch) = self.waiting.pop_front() {
+            self.spool_batch(batch).await;
+        }
+    }
+
     /// Applies the outcome of a delivery attempt.
     async fn settle(&mut self, source: Source, outcome: Outcome) {
         let events = u64::from(source.count());
         // The count of short acknowledgements is the batch's in a row: any other outcome ends
         // the run (the next batch, or this one's halves, start afresh).
-        let short = matches!(&outcome, Outcome::Delivered { response, .. }
-            if response.accepted + response.duplicates + response.expired < events);
+        let short = matches!(&outcome, Outcome::Delivered { response, .. } if counted(response) < events);
         if !short {
             self.short_acks = 0;
         }
         match outcome {
-            Outcome::Delivered { response, .. }
-                if response.accepted + response.duplicates + response.expired < events
-                    && self.short_acks + 1 < crate::MAX_SHORT_ACKS =>
-            {
+            Outcome::Delivered { response, .. } if short && self.short_acks + 1 < crate::MAX_SHORT_ACKS => {
                 // Fewer events acknowledged than sent: send the batch again (each event id is
                 // stored once), behind a back-off, as if it had failed.
                 self.short_acks += 1;
@@ -432,12 +445,7 @@ impl Worker {
                     expired = response.expired,
                     "the collector acknowledged fewer events than were sent: the batch is sent again"
                 );
-                if let Source::Direct(batch) = source {
-                    self.spool_batch(batch).await;
-                }
-                while let Some(batch) = self.waiting.pop_front() {
-                    self.spool_batch(batch).await;
-                }
+                self.keep_for_retry(source).await;
             }
             Outcome::Delivered { response, elapsed } => {
                 // Forget the record before counting it delivered, so that the metrics never show
@@ -447,7 +455,7 @@ impl Worker {
                 }
                 self.metrics.batch(BatchResult::Ok);
                 // What the collector did not count is counted as dropped below, not delivered.
-                let counted = response.accepted + response.duplicates + response.expired;
+                let counted = counted(&response);
                 self.metrics.delivered(events.min(counted), &response, elapsed.as_secs_f64());
                 if response.expired > 0 {
                     tracing::warn!(
@@ -495,13 +503,7 @@ impl Worker {
                         "audit batch not delivered, kept for retry"
                     );
                 }
-                if let Source::Direct(batch) = source {
-                    self.spool_batch(batch).await;
-                }
-                // The collector is failing: what waits in memory goes to the spool, behind it.
-                while let Some(batch) = self.waiting.pop_front() {
-                    self.spool_batch(batch).await;
-                }
+                self.keep_for_retry(source).await;
             }
             Outcome::TooLarge | Outcome::BadEvent if events > 1 => {
                 let too_large = matches!(outcome, Outcome::TooLarge);
