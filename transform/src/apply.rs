@@ -186,8 +186,8 @@ pub fn apply_lazy<V: Borrow<Vars>>(
 /// [`apply_lazy`], asking `room` for [`DOCUMENT_BYTES_PER_BODY_BYTE`] times the body's size
 /// before parsing it into a document (the streaming pass needs no more than the body and
 /// its output): when `room` refuses, [`TransformError::NoRoomForDocument`]. A body may need
-/// the document for reasons its content decides (a row filter, a duplicate key, U+FDD0, a
-/// lone surrogate), so a caller bounding its memory cannot tell in advance.
+/// the document for reasons its content decides (a duplicate key where a path looks, U+FDD0,
+/// more records than the cap), so a caller bounding its memory cannot tell in advance.
 pub fn apply_within<V: Borrow<Vars>>(
     body: &[u8],
     plan: &Plan,
@@ -306,14 +306,20 @@ fn dom<V: Borrow<Vars>>(
         }
     }
 
+    // Every mask path is resolved against the positions before any removal: removals are
+    // marked as the masks go and made once all are applied.
+    let mut pass = MaskPass::default();
+    let mut left: usize = plan.masks.iter().map(|class| class.paths.len()).sum();
     for (class, steps) in plan.masks.iter().zip(&compiled.masks) {
         let masker = Masker { strategy: class.strategy, key, sentinels };
         let mut count = 0;
         for (path, steps) in class.paths.iter().zip(steps) {
-            count += mask_path(&mut doc, path, steps.as_deref(), &masker);
+            left -= 1;
+            count += mask_path(&mut doc, path, steps.as_deref(), &masker, &mut pass, left > 0);
         }
         *stats.masked.entry(class.class.clone()).or_default() += count;
     }
+    pass.finish(&mut doc);
 
     let mut out = Vec::with_capacity(body.len());
     serde_json::to_writer(&mut out, &doc).map_err(|_| TransformError::Serialize)?;
@@ -524,13 +530,25 @@ pub(crate) fn id_hash(id: &Value, key: &HashKey, sentinels: bool) -> Option<Stri
     }
 }
 
-/// Masks what `path` selects (`steps`: its steps, if it is simple); returns how many
-/// locations were masked.
-fn mask_path(doc: &mut Value, path: &JsonPath, steps: Option<&[Step]>, masker: &Masker<'_>) -> u64 {
+/// Masks what `path` selects (`steps`: its steps, if it is simple) with `pass`, as one of
+/// the plan's mask paths in turn (`later`: others follow it); returns how many locations
+/// were masked.
+fn mask_path(
+    doc: &mut Value,
+    path: &JsonPath,
+    steps: Option<&[Step]>,
+    masker: &Masker<'_>,
+    pass: &mut MaskPass,
+    later: bool,
+) -> u64 {
     if let Some(steps) = steps {
-        return mask_steps(doc, steps, masker);
+        return pass.steps(doc, steps, masker, later);
     }
-    let locations = path::locations(path, doc);
+    let mut locations = path::locations(path, doc);
+    if !pass.direct(masker, later) {
+        locations.retain(|location| !pass.removed.covers(location));
+        return pass.at(doc, &locations, masker);
+    }
     if masker.strategy == MaskStrategy::Remove {
         // All at once (each container filtered once); the root, if selected, last.
         let mut count = path::remove_all(doc, &locations);
@@ -552,6 +570,75 @@ fn mask_path(doc: &mut Value, path: &JsonPath, steps: Option<&[Step]>, masker: &
         }
     }
     count
+}
+
+/// A plan's mask paths applied in turn to one document (or one value of it), each resolved
+/// against the positions the document had before any of them removed something: a `Remove`
+/// marks what it selects, which later paths then neither select nor count, and the marked
+/// nodes are removed all at once by [`MaskPass::finish`]. So `Remove $.a[0]` followed by
+/// `Redact $.a[1]` redacts the element that was second, not the one that moved into its
+/// place. A mask over a node with marks inside it first makes those removals (it reads the
+/// node as they leave it: `Hash`), then replaces the node whole. General paths are queried
+/// over the document with the marked nodes still in it (so also their filters see them), and
+/// what they select in a marked node is dropped.
+#[derive(Default)]
+pub(crate) struct MaskPass {
+    removed: path::Removal,
+}
+
+impl MaskPass {
+    /// Whether a mask path can be applied to the document directly, as if alone: nothing is
+    /// marked, and it removes nothing or no path follows it (`later`).
+    fn direct(&self, masker: &Masker<'_>, later: bool) -> bool {
+        self.removed.is_empty() && (masker.strategy != MaskStrategy::Remove || !later)
+    }
+
+    /// Masks what the simple `steps` select (`later`: other mask paths follow); returns how
+    /// many locations were masked.
+    pub(crate) fn steps(&mut self, doc: &mut Value, steps: &[Step], masker: &Masker<'_>, later: bool) -> u64 {
+        if self.direct(masker, later) {
+            return mask_steps(doc, steps, masker);
+        }
+        let mut locations = Vec::new();
+        self.removed.for_each_kept(doc, steps, &mut Vec::new(), &mut |at| locations.push(at.to_vec()));
+        self.at(doc, &locations, masker)
+    }
+
+    /// Masks the nodes at `locations` (none of them marked or in a marked node; sorted, an
+    /// ancestor before what it contains); returns how many were there.
+    fn at(&mut self, doc: &mut Value, locations: &[Vec<Elem>], masker: &Masker<'_>) -> u64 {
+        if masker.strategy == MaskStrategy::Remove {
+            for location in locations.iter().filter(|l| !l.is_empty()) {
+                self.removed.mark(location);
+            }
+            if locations.iter().any(Vec::is_empty) {
+                // the whole document: `null`, nothing left to remove in it
+                self.removed = path::Removal::default();
+                mask_root(doc, masker);
+            }
+            return locations.len() as u64;
+        }
+        let mut count = 0;
+        // Last to first: a subtree is masked after what it contains.
+        for location in locations.iter().rev() {
+            let pending = self.removed.take_below(location);
+            if let Some(value) = path::get_mut(doc, location) {
+                if let Some(pending) = pending {
+                    pending.sweep(value);
+                }
+                masker.apply(value);
+                count += 1;
+            }
+        }
+        count
+    }
+
+    /// Makes the marked removals.
+    pub(crate) fn finish(self, doc: &mut Value) {
+        if !self.removed.is_empty() {
+            self.removed.sweep(doc);
+        }
+    }
 }
 
 /// Masks what a simple path selects; returns how many locations were masked.

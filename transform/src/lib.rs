@@ -18,7 +18,8 @@
 //!   as the upstream wrote them. Only the values a mask selects are decoded and rewritten,
 //!   with the same masking code as the parsed document. It hands over to the parsed document
 //!   when a body needs what only that can do exactly: more records than the cap, a duplicate
-//!   key where a path looks, the U+FDD0 character, an escaped lone surrogate. Nesting deeper
+//!   key where a path looks, the U+FDD0 character. An escaped lone surrogate is copied as it
+//!   is where no path looks, and read as U+FFFD where one does. Nesting deeper
 //!   than serde_json's recursion limit (127 containers) is refused on both paths.
 //! - **Parsed document** (everything else). The body is parsed into a `serde_json::Value`,
 //!   transformed and written back compactly, as described below.

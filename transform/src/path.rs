@@ -235,24 +235,114 @@ pub(crate) fn remove_member(map: &mut Map<String, Value>, name: &str) -> bool {
 pub(crate) fn remove_all(doc: &mut Value, locations: &[Vec<Elem>]) -> u64 {
     let mut root = Removal::default();
     for location in locations.iter().filter(|l| !l.is_empty()) {
-        let node =
-            location.iter().fold(&mut root, |node, elem| node.children.entry(elem.clone()).or_default());
-        node.remove = true;
+        root.mark(location);
     }
     root.sweep(doc)
 }
 
-/// What to remove under one node: a trie of the locations.
+/// The nodes of a document to remove, by their locations in it before any removal: a trie of
+/// the locations. Marking removes nothing; [`Removal::sweep`] removes them all at once, so
+/// that locations marked or resolved later still designate the positions they had.
 #[derive(Default)]
-struct Removal {
+pub(crate) struct Removal {
     /// This node goes.
     remove: bool,
     children: std::collections::HashMap<Elem, Removal>,
 }
 
 impl Removal {
+    /// Nothing is marked.
+    pub(crate) fn is_empty(&self) -> bool {
+        !self.remove && self.children.is_empty()
+    }
+
+    /// Marks the node at `location` (relative to this node).
+    pub(crate) fn mark(&mut self, location: &[Elem]) {
+        let node = location.iter().fold(self, |node, elem| node.children.entry(elem.clone()).or_default());
+        node.remove = true;
+    }
+
+    /// Whether the node at `location`, or one that contains it, is marked.
+    pub(crate) fn covers(&self, location: &[Elem]) -> bool {
+        let mut node = self;
+        for elem in location {
+            if node.remove {
+                return true;
+            }
+            match node.children.get(elem) {
+                Some(child) => node = child,
+                None => return false,
+            }
+        }
+        node.remove
+    }
+
+    /// The marks strictly below the node at `location`, taken out of this trie (as a trie
+    /// rooted at that node), if there are any.
+    pub(crate) fn take_below(&mut self, location: &[Elem]) -> Option<Removal> {
+        let mut node = self;
+        for elem in location {
+            node = node.children.get_mut(elem)?;
+        }
+        if node.children.is_empty() {
+            return None;
+        }
+        Some(Removal { remove: false, children: std::mem::take(&mut node.children) })
+    }
+
+    /// Calls `f` with the location of every node of `value` (at `at`, this trie's node for
+    /// it, itself not marked) that `steps` select and that neither is marked nor lies in a
+    /// marked node, in document order.
+    pub(crate) fn for_each_kept(
+        &self,
+        value: &Value,
+        steps: &[Step],
+        at: &mut Vec<Elem>,
+        f: &mut dyn FnMut(&[Elem]),
+    ) {
+        let Some((step, rest)) = steps.split_first() else {
+            f(at);
+            return;
+        };
+        let mut visit = |elem: Elem, child: &Value, at: &mut Vec<Elem>| {
+            let node = self.children.get(&elem);
+            if node.is_some_and(|n| n.remove) {
+                return;
+            }
+            at.push(elem);
+            match node {
+                Some(node) => node.for_each_kept(child, rest, at, f),
+                None => Removal::default().for_each_kept(child, rest, at, f),
+            }
+            at.pop();
+        };
+        match (step, value) {
+            (Step::Name(name), Value::Object(map)) => {
+                if let Some(child) = map.get(name.as_str()) {
+                    visit(Elem::Name(name.clone()), child, at);
+                }
+            }
+            (Step::Index(index), Value::Array(items)) => {
+                if let Some(i) = resolve_index(*index, items.len()) {
+                    visit(Elem::Index(i), &items[i], at);
+                }
+            }
+            (Step::Wildcard, Value::Array(items)) => {
+                for (i, child) in items.iter().enumerate() {
+                    visit(Elem::Index(i), child, at);
+                }
+            }
+            (Step::Wildcard, Value::Object(map)) => {
+                for (name, child) in map {
+                    visit(Elem::Name(name.clone()), child, at);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Removes what is marked under `value`; how many marked locations were there.
-    fn sweep(&self, value: &mut Value) -> u64 {
+    pub(crate) fn sweep(&self, value: &mut Value) -> u64 {
         let mut count = 0;
         match value {
             Value::Array(items) => {

@@ -6,10 +6,9 @@
 //!
 //! A plan is streamed when it has no row filter, every path (records, record id, masks) is
 //! simple (names, non-negative indices and wildcards, see [`path`](crate::path)), it has at
-//! most [`MAX_ENTRIES`] paths, and no `Remove` mask ending in an index is followed by a mask
-//! with an index at the same depth (removing an array element shifts the ones after it, which
-//! the parsed document sees and a single pass cannot). Anything else goes through the parsed
-//! document.
+//! most [`MAX_ENTRIES`] paths. Anything else goes through the parsed document. Both resolve
+//! every mask path against the positions the body has (a `Remove` of an array element does
+//! not shift the indices a later mask uses, see [`MaskPass`]).
 //!
 //! # How
 //!
@@ -33,7 +32,9 @@
 //! meets what it would not handle exactly like it: more records than `max_records` (the cap
 //! truncates or refuses), a duplicate key where a path looks (the parsed document keeps the
 //! last value at the first position), the U+FDD0 character (it turns off number
-//! preservation), an escaped lone surrogate. Invalid JSON is reported with the same error
+//! preservation). An escaped lone surrogate is copied as it is where the pass only skips the
+//! string, and read as U+FFFD where it decodes it (keys, ids, masked values), as the parsed
+//! document reads it. Invalid JSON is reported with the same error
 //! kind as the parsed document reports ([`TransformError::NotJson`] or
 //! [`TransformError::Truncated`]), at the offending byte; nesting deeper than serde_json's
 //! recursion limit is refused as it refuses it.
@@ -44,7 +45,7 @@ use std::collections::{BTreeMap, HashSet};
 use custos_api::policy::MaskStrategy;
 use serde_json::Value;
 
-use crate::apply::{Outcome, TransformError, TransformStats, Transformed, id_hash, keep_hash, mask_steps};
+use crate::apply::{MaskPass, Outcome, TransformError, TransformStats, Transformed, id_hash, keep_hash};
 use crate::hash::HashKey;
 use crate::mask::{self, Masker};
 use crate::numbers;
@@ -109,16 +110,6 @@ impl StreamPlan {
             for steps in steps {
                 let steps = streamable(steps.as_ref()?)?;
                 entries.push(Entry { steps, role: Role::Mask { class, strategy: mask.strategy } });
-            }
-        }
-        for (i, entry) in entries.iter().enumerate() {
-            if let Role::Mask { strategy: MaskStrategy::Remove, .. } = entry.role
-                && let Some(Step::Index(_)) = entry.steps.last()
-            {
-                let at = entry.steps.len() - 1;
-                if entries[i + 1..].iter().any(|later| matches!(later.steps.get(at), Some(Step::Index(_)))) {
-                    return None;
-                }
             }
         }
         if plan.records.is_some() {
@@ -565,8 +556,7 @@ impl<'a> Walker<'a> {
             let start = self.pos;
             let escaped = self.string()?;
             let key: Cow<'a, [u8]> = if escaped {
-                let key: String =
-                    serde_json::from_slice(&buf[start..self.pos]).map_err(|_| Stop::Fallback)?;
+                let key = decode_escaped(&buf[start..self.pos]).ok_or(Stop::Fallback)?;
                 Cow::Owned(key.into_bytes())
             } else {
                 Cow::Borrowed(&buf[start + 1..self.pos - 1])
@@ -805,28 +795,25 @@ impl<'a> Walker<'a> {
             self.id_pending = false;
         }
 
-        // masks, in plan order
-        let mut removed = false;
+        // masks, in plan order, each against the positions before any removal (as the
+        // parsed document applies them)
+        let mut pass = MaskPass::default();
         let mut bits = alive & plan.masks;
-        while bits != 0 && !removed {
+        while bits != 0 {
             let bit = bits & bits.wrapping_neg();
             bits &= bits - 1;
             let entry = &plan.entries[bit.trailing_zeros() as usize];
             let Role::Mask { class, strategy } = entry.role else { continue };
-            let masker = Masker { strategy, key: self.key, sentinels: true };
             let rest = &entry.steps[depth..];
-            self.masked[class] += if rest.is_empty() {
-                if strategy == MaskStrategy::Remove && !root {
-                    removed = true;
-                } else {
-                    masker.apply(&mut value);
-                }
-                1
-            } else {
-                mask_steps(&mut value, rest, &masker)
-            };
+            if rest.is_empty() && strategy == MaskStrategy::Remove && !root {
+                self.masked[class] += 1;
+                return Ok(None);
+            }
+            let masker = Masker { strategy, key: self.key, sentinels: true };
+            self.masked[class] += pass.steps(&mut value, rest, &masker, bits & plan.masks != 0);
         }
-        Ok((!removed).then_some(value))
+        pass.finish(&mut value);
+        Ok(Some(value))
     }
 
     // ---- validation ------------------------------------------------------------------------
@@ -1016,10 +1003,10 @@ impl<'a> Walker<'a> {
         let (start, end) = (self.string_start, self.pos - 1);
         if escaped {
             // serde_json decodes escapes (and checks UTF-8) as the parsed document does
-            return match serde_json::from_slice::<String>(&buf[start - 1..=end]) {
-                Ok(text) => Ok(Cow::Owned(text)),
-                Err(_) if !ascii && std::str::from_utf8(&buf[start..end]).is_err() => Err(Stop::Invalid(end)),
-                Err(_) => Err(Stop::Fallback),
+            return match decode_escaped(&buf[start - 1..=end]) {
+                Some(text) => Ok(Cow::Owned(text)),
+                None if !ascii && std::str::from_utf8(&buf[start..end]).is_err() => Err(Stop::Invalid(end)),
+                None => Err(Stop::Fallback),
             };
         }
         match std::str::from_utf8(&buf[start..end]) {
@@ -1103,19 +1090,17 @@ impl<'a> Walker<'a> {
         match self.buf.get(i) {
             Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(i + 1),
             Some(b'u') => match self.hex4(i + 1)? {
-                // the sentinel turns off number preservation; lone trailing surrogate
-                0xFDD0 | 0xDC00..=0xDFFF => Err(Stop::Fallback),
-                0xD800..=0xDBFF => {
-                    // only a trailing surrogate escape may follow; anything else is the parsed
-                    // document's to report
+                // the sentinel turns off number preservation
+                0xFDD0 => Err(Stop::Fallback),
+                // a pair: both escapes
+                0xD800..=0xDBFF
                     if self.buf.get(i + 5..i + 7) == Some(&b"\\u"[..])
-                        && matches!(self.hex4(i + 7), Ok(0xDC00..=0xDFFF))
-                    {
-                        Ok(i + 11)
-                    } else {
-                        Err(Stop::Fallback)
-                    }
+                        && matches!(self.hex4(i + 7), Ok(0xDC00..=0xDFFF)) =>
+                {
+                    Ok(i + 11)
                 }
+                // anything else, lone surrogates included (read as U+FFFD where the string is
+                // decoded, see `decode_escaped`; copied as they are where it is skipped)
                 _ => Ok(i + 5),
             },
             None => {
@@ -1233,6 +1218,13 @@ fn number_value(token: &[u8]) -> Res<Value> {
         let text = std::str::from_utf8(token).map_err(|_| Stop::Fallback)?;
         Ok(Value::String(format!("{}{text}", numbers::SENTINEL)))
     }
+}
+
+/// A string literal with escapes (quotes included), decoded as the parsed document decodes
+/// it: an escaped lone surrogate is read as U+FFFD ([`numbers::prepare`]). `None` if it is
+/// not a valid JSON string.
+fn decode_escaped(raw: &[u8]) -> Option<String> {
+    serde_json::from_slice(&numbers::prepare(raw).body).ok()
 }
 
 /// A validated value as the parsed document holds it (numbers wrapped where needed).
