@@ -50,7 +50,11 @@ pub(crate) fn validate(payload: &[u8], settings: &VerifierSettings, now: f64) ->
     }
     let mut attributes = BTreeMap::new();
     for (attribute, claim) in &settings.attributes {
-        let Some(value) = claims.get(claim).and_then(attribute_value) else { continue };
+        let value = match claims.get(claim).map(attribute_value) {
+            None | Some(Ok(None)) => continue,
+            Some(Ok(Some(value))) => value,
+            Some(Err(Unusable)) => return Err(JwtError::UnusableClaim { claim: claim.clone() }),
+        };
         if value.len() > crate::MAX_ATTRIBUTE_BYTES || value.contains('\0') {
             return Err(JwtError::UnusableClaim { claim: claim.clone() });
         }
@@ -70,14 +74,34 @@ pub(crate) fn issued_by(payload: &[u8], settings: &VerifierSettings) -> bool {
     serde_json::from_slice::<Issuer<'_>>(payload).is_ok_and(|c| c.iss.as_deref() == Some(&*settings.issuer))
 }
 
+/// A claim that cannot be an attribute value: it holds several values or an object.
+#[derive(Debug, PartialEq, Eq)]
+struct Unusable;
+
 /// A claim as an attribute value: strings as they are, numbers and booleans as their JSON
-/// text; anything else (null, arrays, objects) leaves the attribute absent.
-fn attribute_value(claim: &Value) -> Option<String> {
+/// text; an array holding exactly one of those as that one. Null and an empty array leave the
+/// attribute absent (as a missing claim does). An array of several elements, an array whose
+/// element is null, an array or an object, and an object are [`Unusable`]: an attribute
+/// holds one value, and leaving it absent would make a `Deny` rule on it fail open (a
+/// Keycloak or Azure token sends `"role": ["contractor"]`).
+fn attribute_value(claim: &Value) -> Result<Option<String>, Unusable> {
+    fn scalar(value: &Value) -> Option<String> {
+        match value {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Null | Value::Array(_) | Value::Object(_) => None,
+        }
+    }
     match claim {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        Value::Null | Value::Array(_) | Value::Object(_) => None,
+        Value::Null => Ok(None),
+        Value::Array(items) => match items.as_slice() {
+            [] => Ok(None),
+            [only] => scalar(only).map(Some).ok_or(Unusable),
+            _ => Err(Unusable),
+        },
+        Value::Object(_) => Err(Unusable),
+        Value::String(_) | Value::Number(_) | Value::Bool(_) => Ok(scalar(claim)),
     }
 }
 
@@ -163,8 +187,6 @@ mod tests {
             (json!("clerk"), Some("clerk")),
             (json!(true), Some("true")),
             (json!(1.5), Some("1.5")),
-            (json!(["clerk"]), None),
-            (json!({"a": 1}), None),
             (json!(null), None),
         ] {
             let user = check(with("role", value), 0.0).unwrap();
@@ -192,5 +214,48 @@ mod tests {
             );
         }
         assert_eq!(unusable("sub").code(), "invalid_claim");
+    }
+
+    /// A single-valued array (Keycloak, Azure AD: `"role": ["contractor"]`) is that value;
+    /// an empty one is absent, like null; several values or an object refuse the token, so
+    /// that a `Deny` rule on the attribute cannot fail open.
+    #[test]
+    fn array_and_object_claims() {
+        for (value, expected) in [
+            (json!(["contractor"]), "contractor"),
+            (json!([7]), "7"),
+            (json!([2.5]), "2.5"),
+            (json!([false]), "false"),
+        ] {
+            let user = check(with("role", value.clone()), 0.0).unwrap();
+            assert_eq!(user.attributes.get("role").map(String::as_str), Some(expected), "{value}");
+        }
+        for value in [json!([]), json!(null)] {
+            let user = check(with("role", value.clone()), 0.0).unwrap();
+            assert!(!user.attributes.contains_key("role"), "{value}");
+        }
+        let unusable = JwtError::UnusableClaim { claim: "role".into() };
+        for value in [
+            json!(["clerk", "contractor"]),
+            json!(["contractor", "contractor"]),
+            json!([["contractor"]]),
+            json!([{"name": "contractor"}]),
+            json!([null]),
+            json!({"name": "contractor"}),
+            json!({}),
+        ] {
+            let error = check(with("role", value.clone()), 0.0).unwrap_err();
+            assert_eq!(error, unusable, "{value}");
+            assert_eq!(error.code(), "invalid_claim");
+            assert!(!error.to_string().contains("contractor"), "{error}");
+        }
+        // A too-long single value is refused like a too-long string.
+        let long = json!(["b".repeat(crate::MAX_ATTRIBUTE_BYTES + 1)]);
+        assert_eq!(
+            check(with("branch_id", long), 0.0).unwrap_err(),
+            JwtError::UnusableClaim { claim: "branch_id".into() }
+        );
+        // Unmapped claims are not looked at.
+        assert!(check(with("groups", json!(["a", "b"])), 0.0).is_ok());
     }
 }

@@ -68,11 +68,14 @@ pub enum JwtError {
         /// The configured id claim name (not its value).
         claim: String,
     },
-    /// The id claim or a mapped attribute claim cannot be recorded: the id is longer than
+    /// The id claim or a mapped attribute claim cannot be used: the id is longer than
     /// [`MAX_ID_BYTES`](crate::MAX_ID_BYTES) or holds control characters, an attribute is longer
-    /// than [`MAX_ATTRIBUTE_BYTES`](crate::MAX_ATTRIBUTE_BYTES) or holds NUL. Such a user would
-    /// make their own audit events ones the collector refuses.
-    #[error("token claim `{claim}` is too long or holds control characters")]
+    /// than [`MAX_ATTRIBUTE_BYTES`](crate::MAX_ATTRIBUTE_BYTES) or holds NUL (such a user would
+    /// make their own audit events ones the collector refuses), or an attribute claim holds
+    /// several values or an object: an array of more than one element, an array whose element
+    /// is null, an array or an object, or an object (leaving the attribute absent would let
+    /// the token slip past a `Deny` rule on it).
+    #[error("token claim `{claim}` is too long, holds control characters, several values or an object")]
     UnusableClaim {
         /// The claim name (not its value).
         claim: String,

@@ -120,13 +120,56 @@ struct RawJwk {
     y: Option<String>,
 }
 
-/// Parses a JWKS document and keeps its usable signature keys.
+/// How many skipped keys the warning of a document describes one by one.
+const SKIPPED_SHOWN: usize = 5;
+/// Longest `kid` the warning shows, in characters (a longer one is cut).
+const SHOWN_KID_CHARS: usize = 64;
+
+/// The keys [`parse`] skipped in one document, for its one warning.
+#[derive(Debug, Default)]
+struct Skipped {
+    /// Entries skipped as unusable.
+    unusable: usize,
+    /// Entries after the [`crate::MAX_JWKS_KEYS`]-th usable key, not looked at.
+    beyond_limit: usize,
+    /// The first [`SKIPPED_SHOWN`] skipped entries: index, `kid` (cut), reason.
+    first: Vec<(usize, Option<String>, &'static str)>,
+}
+
+impl Skipped {
+    fn add(&mut self, index: usize, kid: Option<&str>, reason: &'static str) {
+        if self.first.len() < SKIPPED_SHOWN {
+            self.first.push((index, kid.map(|k| k.chars().take(SHOWN_KID_CHARS).collect()), reason));
+        }
+    }
+
+    /// Logs one warning for the whole document, if anything was skipped.
+    fn log(&self, total: usize, kept: usize) {
+        if self.unusable + self.beyond_limit > 0 {
+            tracing::warn!(
+                keys_in_document = total,
+                usable_kept = kept,
+                skipped = self.unusable + self.beyond_limit,
+                unusable = self.unusable,
+                beyond_limit = self.beyond_limit,
+                first_skipped = ?self.first,
+                "JWKS keys skipped (first ones as (index, kid, reason))"
+            );
+        }
+    }
+}
+
+/// Parses a JWKS document and keeps its usable signature keys, at most
+/// [`crate::MAX_JWKS_KEYS`] of them.
 ///
-/// A key is skipped (and logged at `warn` with its `kid` and the reason, never its material)
-/// when it is not for signatures (`use` other than `sig`, `key_ops` without `verify`), is a
-/// symmetric (`oct`) key, names an algorithm outside the accepted list or inconsistent with
-/// its type or curve, has an RSA modulus outside 2048..=4096 bits, or has malformed
-/// components. A document with no usable key at all is an error.
+/// A key is skipped when it is not for signatures (`use` other than `sig`, `key_ops` without
+/// `verify`), is a symmetric (`oct`) key, names an algorithm outside the accepted list or
+/// inconsistent with its type or curve, has an RSA modulus outside 2048..=4096 bits, or has
+/// malformed components; entries after the [`crate::MAX_JWKS_KEYS`]-th usable key are skipped
+/// without being looked at. Whatever the number of skipped keys, one warning per document says
+/// how many and gives the first [`SKIPPED_SHOWN`] (index, `kid` cut to [`SHOWN_KID_CHARS`]
+/// characters, reason; never key material): a hostile document of half a million entries makes
+/// one log line, not half a million. A document with no usable key at all is an error.
 pub(crate) fn parse(bytes: &[u8]) -> Result<KeySet, JwtError> {
     if bytes.len() > MAX_JWKS_BYTES {
         return Err(JwtError::InvalidJwks(format!("larger than {MAX_JWKS_BYTES} bytes")));
@@ -139,21 +182,33 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<KeySet, JwtError> {
         })
     })?;
     let total = doc.keys.len();
-    let mut keys = Vec::with_capacity(total);
+    let mut keys = Vec::with_capacity(total.min(crate::MAX_JWKS_KEYS));
+    let mut skipped = Skipped::default();
     for (index, raw) in doc.keys.into_iter().enumerate() {
+        if keys.len() >= crate::MAX_JWKS_KEYS {
+            skipped.beyond_limit += 1;
+            let kid = raw.get("kid").and_then(serde_json::Value::as_str);
+            skipped.add(index, kid, "beyond the limit of usable keys (MAX_JWKS_KEYS)");
+            continue;
+        }
         let raw: RawJwk = match serde_json::from_value(raw) {
             Ok(raw) => raw,
             Err(_) => {
-                tracing::warn!(index, "JWKS key skipped: not a JWK object with a string kty");
+                skipped.unusable += 1;
+                skipped.add(index, None, "not a JWK object with a string kty");
                 continue;
             }
         };
         let kid = raw.kid.clone();
         match key_from(raw) {
             Ok(key) => keys.push(key),
-            Err(reason) => tracing::warn!(index, kid = kid.as_deref(), reason, "JWKS key skipped"),
+            Err(reason) => {
+                skipped.unusable += 1;
+                skipped.add(index, kid.as_deref(), reason);
+            }
         }
     }
+    skipped.log(total, keys.len());
     if keys.is_empty() {
         return Err(JwtError::InvalidJwks(format!("no usable signature key ({total} keys in the document)")));
     }
@@ -279,6 +334,100 @@ mod tests {
         let doc = format!(r#"{{"keys":[{},{}]}}"#, ed("a"), ed("b"));
         let set = parse(doc.as_bytes()).unwrap();
         assert_eq!(set.select(None, Alg::EdDsa).unwrap_err(), JwtError::MissingKid);
+    }
+
+    /// Counts the `warn` events of the thread it is the default of, and keeps their fields.
+    #[derive(Clone, Default)]
+    struct Warnings(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Warnings {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Fields(String);
+            impl tracing::field::Visit for Fields {
+                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                    self.0.push_str(&format!("{}={value:?} ", field.name()));
+                }
+            }
+            if *event.metadata().level() == tracing::Level::WARN {
+                let mut fields = Fields(String::new());
+                event.record(&mut fields);
+                self.0.lock().unwrap().push(fields.0);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    fn parse_logged(doc: &str) -> (Result<KeySet, JwtError>, Vec<String>) {
+        let warnings = Warnings::default();
+        let result = tracing::subscriber::with_default(warnings.clone(), || parse(doc.as_bytes()));
+        let logged = warnings.0.lock().unwrap().clone();
+        (result, logged)
+    }
+
+    /// A hostile document (many bad entries, many keys) makes one warning and at most
+    /// `MAX_JWKS_KEYS` keys.
+    #[test]
+    fn many_keys_make_one_warning_and_at_most_max_jwks_keys() {
+        let mut entries: Vec<String> = (0..300).map(|i| format!("{}", i % 3)).collect();
+        entries.extend((0..150).map(|i| ed(&format!("k{i}"))));
+        let doc = format!(r#"{{"keys":[{}]}}"#, entries.join(","));
+        let (set, logged) = parse_logged(&doc);
+        let set = set.unwrap();
+        assert_eq!(set.len(), crate::MAX_JWKS_KEYS);
+        assert!(set.select(Some("k99"), Alg::EdDsa).is_ok());
+        assert_eq!(set.select(Some("k100"), Alg::EdDsa).unwrap_err(), JwtError::UnknownKid);
+        assert_eq!(logged.len(), 1, "{logged:?}");
+        let summary = &logged[0];
+        for field in
+            ["keys_in_document=450", "usable_kept=100", "skipped=350", "unusable=300", "beyond_limit=50"]
+        {
+            assert!(summary.contains(field), "{field} in {summary}");
+        }
+        assert!(summary.contains("(4, None, \"not a JWK object with a string kty\")"), "{summary}");
+        assert!(!summary.contains("(5, "), "only the first five skipped keys: {summary}");
+
+        // Keys past the limit are named (by index and kid) when they are among the first five.
+        let doc = format!(
+            r#"{{"keys":[{}]}}"#,
+            (0..=crate::MAX_JWKS_KEYS).map(|i| ed(&format!("k{i}"))).collect::<Vec<_>>().join(",")
+        );
+        let (set, logged) = parse_logged(&doc);
+        assert_eq!(set.unwrap().len(), crate::MAX_JWKS_KEYS);
+        assert_eq!(logged.len(), 1, "{logged:?}");
+        assert!(logged[0].contains("(100, Some(\"k100\"), \"beyond the limit"), "{}", logged[0]);
+
+        // A document with nothing usable: one warning too, then the error.
+        let doc = format!(r#"{{"keys":[{}]}}"#, vec![r#"{"kty":"oct","k":"AA"}"#; 1000].join(","));
+        let (set, logged) = parse_logged(&doc);
+        assert_eq!(set.unwrap_err().code(), "invalid_jwks");
+        assert_eq!(logged.len(), 1, "{logged:?}");
+
+        // Nothing skipped, nothing logged.
+        let (set, logged) = parse_logged(&format!(r#"{{"keys":[{}]}}"#, ed("a")));
+        assert_eq!(set.unwrap().len(), 1);
+        assert!(logged.is_empty(), "{logged:?}");
+    }
+
+    /// A long `kid` is cut in the warning.
+    #[test]
+    fn long_kids_are_cut_in_the_warning() {
+        let kid = "x".repeat(10_000);
+        let doc = format!(r#"{{"keys":[{{"kty":"oct","k":"AA","kid":"{kid}"}},{}]}}"#, ed("a"));
+        let (set, logged) = parse_logged(&doc);
+        assert_eq!(set.unwrap().len(), 1);
+        assert_eq!(logged.len(), 1);
+        let shown = format!("Some(\"{}\")", "x".repeat(SHOWN_KID_CHARS));
+        assert!(logged[0].contains(&shown), "warning of {} bytes", logged[0].len());
+        assert!(logged[0].len() < 1000, "warning of {} bytes", logged[0].len());
     }
 
     #[test]

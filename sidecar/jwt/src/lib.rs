@@ -24,7 +24,11 @@
 //! # Claims → user
 //! The id is the `id_claim` (default `sub`) and must be a non-empty string. Each attribute
 //! maps from one top-level claim: a string as it is, a number or boolean as its JSON text
-//! (`42`, `true`); a missing, null, array or object claim leaves the attribute absent.
+//! (`42`, `true`), an array of exactly one of those as that one (`["clerk"]` → `clerk`, as
+//! Keycloak and Azure AD send roles); a missing or null claim or an empty array leaves the
+//! attribute absent. An array of several elements (or of a null, an array or an object) and
+//! an object refuse the token ([`JwtError::UnusableClaim`]): an attribute holds one value, and
+//! leaving it absent would make a `Deny` rule on it fail open.
 //!
 //! # Keys
 //! - [`JwksSource::File`] (the operator mounts the Secret): read at construction; afterwards
@@ -48,8 +52,10 @@
 //! - [`JwksSource::Static`]: a JWKS document given inline.
 //!
 //! Keys that cannot be used for these algorithms (HMAC `oct` keys, encryption keys, RSA keys
-//! below 2048 bits, other curves) are skipped with a warning; a document with no usable key
-//! is rejected.
+//! below 2048 bits, other curves), and usable keys beyond the first [`MAX_JWKS_KEYS`], are
+//! skipped, with one warning per document (how many, and the first few by index, `kid` and
+//! reason); a document with no usable key is rejected. URLs are logged without their user
+//! info, query and fragment (they may carry credentials).
 #![forbid(unsafe_code)]
 
 mod claims;
@@ -81,6 +87,10 @@ pub const DEFAULT_ID_CLAIM: &str = "sub";
 pub const MAX_ID_BYTES: usize = 256;
 /// Longest attribute value accepted (bytes).
 pub const MAX_ATTRIBUTE_BYTES: usize = 1024;
+/// Most usable keys kept from one JWKS document: keys beyond are skipped (and counted in the
+/// document's one warning). Identity providers publish a handful (current, next, previous);
+/// the bound keeps a hostile or broken document from filling memory and the key search.
+pub const MAX_JWKS_KEYS: usize = 100;
 /// Default interval between JWKS URL fetches.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
 /// Default time-out of one JWKS URL fetch (connect, headers and body).
@@ -170,7 +180,7 @@ impl std::fmt::Debug for Verifier {
         match &self.inner.source {
             Source::Static => d.field("jwks", &"static"),
             Source::File(w) => d.field("jwks_file", &w.path()),
-            Source::Url(r) => d.field("jwks_uri", &r.url()),
+            Source::Url(r) => d.field("jwks_uri", &r.shown_url()),
         };
         d.field("keys", &self.key_count()).finish()
     }
@@ -235,7 +245,7 @@ impl Verifier {
                     let Source::Url(remote) = &inner.source else { return };
                     let result = remote.fetch_now(&inner.keys).await;
                     if let Err(error) = &result {
-                        tracing::warn!(url = %remote.url(), %error, "JWKS refresh failed; keeping the previous keys");
+                        tracing::warn!(url = %remote.shown_url(), %error, "JWKS refresh failed; keeping the previous keys");
                     }
                     remote.next_delay(result.is_ok())
                 };
@@ -297,6 +307,17 @@ impl Verifier {
         claims::validate(&parsed.payload, &self.inner.settings, now)
     }
 
+    /// Whether an `Authorization` header value (`Bearer <JWT>`) holds a token whose `iss`
+    /// claim names this verifier's issuer. Nothing is verified (no signature, no time): this
+    /// only tells which of several verifiers' refusals to report (the one of the issuer the
+    /// token names), never whether to accept it. `false` when the value or the token cannot
+    /// be parsed.
+    pub fn names_issuer(&self, authorization_header_value: &[u8]) -> bool {
+        bearer_token(authorization_header_value)
+            .and_then(token::parse)
+            .is_ok_and(|parsed| claims::issued_by(&parsed.payload, &self.inner.settings))
+    }
+
     /// The key set to verify a token with this `kid`/`alg` against: reloads a changed file,
     /// fetches a never-loaded URL, and refetches (rate-limited) on an unknown `kid`. Before
     /// waiting for a fetch, `issued_here` is asked whether the token (not yet verified)
@@ -355,13 +376,76 @@ impl Verifier {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
     use super::*;
+
+    fn static_verifier(issuer: &str) -> Verifier {
+        let jwks = format!(
+            r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"k","x":"{}"}}]}}"#,
+            URL_SAFE_NO_PAD.encode([7u8; 32])
+        );
+        let settings = VerifierSettings {
+            issuer: issuer.into(),
+            audiences: vec!["api".into()],
+            leeway: DEFAULT_LEEWAY,
+            id_claim: DEFAULT_ID_CLAIM.into(),
+            attributes: BTreeMap::new(),
+        };
+        Verifier::new(settings, JwksSource::Static(jwks)).unwrap()
+    }
+
+    /// `names_issuer` reads the `iss` of a token that is not verified (the signature here is
+    /// garbage) and says `false` for anything it cannot parse.
+    #[test]
+    fn names_issuer_reads_the_unverified_iss() {
+        let v = static_verifier("https://a.example");
+        let b64 = |s: &str| URL_SAFE_NO_PAD.encode(s);
+        let header = b64(r#"{"alg":"EdDSA","kid":"k"}"#);
+        let bearer = |payload: &str| format!("Bearer {header}.{}.c2ln", b64(payload)).into_bytes();
+        assert!(v.names_issuer(&bearer(r#"{"iss":"https://a.example","exp":1}"#)));
+        assert!(v.names_issuer(&bearer(r#"{"iss":"https://a.example"}"#)));
+        for payload in [r#"{"iss":"https://b.example"}"#, "{}", r#"{"iss":7}"#, r#"{"iss":null}"#, "[]", "x"]
+        {
+            assert!(!v.names_issuer(&bearer(payload)), "{payload}");
+        }
+        let payload = b64(r#"{"iss":"https://a.example"}"#);
+        for value in [
+            format!("Basic {header}.{payload}.c2ln"),
+            format!("Bearer {header}.{payload}"),
+            format!("Bearer {}.{payload}.c2ln", b64(r#"{"alg":"HS256"}"#)),
+            format!("Bearer {header}.{payload}."),
+            "Bearer".to_owned(),
+            String::new(),
+        ] {
+            assert!(!v.names_issuer(value.as_bytes()), "{value}");
+        }
+        assert!(
+            !static_verifier("https://b.example").names_issuer(&bearer(r#"{"iss":"https://a.example"}"#))
+        );
+    }
 
     fn assert_send_sync<T: Send + Sync + Clone>() {}
 
     #[test]
     fn verifier_is_send_sync_clone() {
         assert_send_sync::<Verifier>();
+    }
+
+    /// `Debug` shows a JWKS URL without the credentials it may carry.
+    #[test]
+    fn debug_hides_url_credentials() {
+        let settings = static_verifier("https://a.example").settings().clone();
+        let url = "https://svc:pa55@idp.example:8443/realms/r/jwks?api_key=s3cret#frag";
+        let v = Verifier::new(settings, JwksSource::url(url)).unwrap();
+        let debug = format!("{v:?}");
+        assert!(debug.contains(r#"jwks_uri: "https://idp.example:8443/realms/r/jwks""#), "{debug}");
+        for secret in ["svc", "pa55", "api_key", "s3cret", "frag"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
     }
 
     #[test]

@@ -168,9 +168,26 @@ pub(crate) fn may_fetch(last_attempt: Option<Instant>, now: Instant, min_interva
     last_attempt.is_none_or(|last| now.saturating_duration_since(last) >= min_interval)
 }
 
+/// A URL as logs and `Debug` show it: scheme, host, port and path only. The user info
+/// (`https://user:pass@idp/...`), the query (`?api_key=...`) and the fragment may carry
+/// credentials and are left out.
+pub(crate) fn redacted(url: &reqwest::Url) -> String {
+    let mut shown = format!("{}://", url.scheme());
+    if let Some(host) = url.host_str() {
+        shown.push_str(host);
+    }
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    shown.push_str(url.path());
+    shown
+}
+
 /// A JWKS URL, fetched with a time-out and cached.
 pub(crate) struct Remote {
     url: reqwest::Url,
+    /// [`redacted`] `url`: what logs show.
+    shown: String,
     pub(crate) refresh: Duration,
     timeout: Duration,
     /// Built on first use; a failed build is retried on the next fetch.
@@ -193,6 +210,7 @@ impl Remote {
             return Err(JwtError::InvalidSettings("JWKS refresh and timeout must be positive".into()));
         }
         Ok(Remote {
+            shown: redacted(&parsed),
             url: parsed,
             refresh,
             timeout,
@@ -202,9 +220,9 @@ impl Remote {
         })
     }
 
-    /// The URL.
-    pub(crate) fn url(&self) -> &str {
-        self.url.as_str()
+    /// The URL as logs show it: without user info, query and fragment ([`redacted`]).
+    pub(crate) fn shown_url(&self) -> &str {
+        &self.shown
     }
 
     /// Whether the keys are older than `refresh` (or were never fetched).
@@ -254,7 +272,7 @@ impl Remote {
             state.attempts += 1;
         }
         if let Err(error) = self.fetch_and_store(keys).await {
-            tracing::warn!(url = %self.url, %error, "JWKS fetch failed; keeping the previous keys");
+            tracing::warn!(url = %self.shown, %error, "JWKS fetch failed; keeping the previous keys");
         }
     }
 
@@ -280,7 +298,7 @@ impl Remote {
             state.attempts += 1;
         }
         if let Err(error) = self.fetch_and_store(keys).await {
-            tracing::warn!(url = %self.url, %error, "JWKS fetch failed; keeping the previous keys");
+            tracing::warn!(url = %self.shown, %error, "JWKS fetch failed; keeping the previous keys");
         }
         drop(one);
     }
@@ -312,7 +330,7 @@ impl Remote {
         let set = jwks::parse(&bytes)?;
         let len = store(keys, set);
         lock(&self.state).last_success = Some(Instant::now());
-        tracing::info!(url = %self.url, keys = len, "JWKS fetched");
+        tracing::info!(url = %self.shown, keys = len, "JWKS fetched");
         Ok(len)
     }
 }
@@ -384,6 +402,8 @@ async fn fetch(client: &reqwest::Client, url: &reqwest::Url) -> Result<Vec<u8>, 
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -393,6 +413,28 @@ mod tests {
         assert!(!may_fetch(Some(t0), t0, ON_DEMAND_FETCH_INTERVAL));
         assert!(!may_fetch(Some(t0), t0 + Duration::from_millis(9_999), ON_DEMAND_FETCH_INTERVAL));
         assert!(may_fetch(Some(t0), t0 + ON_DEMAND_FETCH_INTERVAL, ON_DEMAND_FETCH_INTERVAL));
+    }
+
+    #[test]
+    fn redacted_urls_keep_scheme_host_port_and_path_only() {
+        let shown = |u: &str| redacted(&reqwest::Url::parse(u).unwrap());
+        assert_eq!(shown("https://user:pa55@idp.example/realms/x/jwks"), "https://idp.example/realms/x/jwks");
+        assert_eq!(shown("https://user@idp.example:8443/jwks"), "https://idp.example:8443/jwks");
+        assert_eq!(shown("https://idp.example/jwks?api_key=s3cret&x=1"), "https://idp.example/jwks");
+        assert_eq!(shown("https://idp.example/jwks#s3cret"), "https://idp.example/jwks");
+        assert_eq!(
+            shown("https://u:p@idp.example:443/a/jwks.json?token=s3cret#frag"),
+            "https://idp.example/a/jwks.json"
+        );
+        assert_eq!(shown("http://[::1]:8080/jwks?k=v"), "http://[::1]:8080/jwks");
+        assert_eq!(shown("https://idp.example"), "https://idp.example/");
+        let remote = Remote::new(
+            "https://user:pa55@idp.example/jwks?api_key=s3cret#f",
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(remote.shown_url(), "https://idp.example/jwks");
     }
 
     #[test]

@@ -51,8 +51,12 @@ async fn valid_tokens_of_each_algorithm_map_claims_to_a_user() {
         assert_eq!(user.id, "user-17");
         let attrs: Vec<(&str, &str)> =
             user.attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        // Strings as they are, numbers and booleans as JSON text; arrays and missing claims absent.
-        assert_eq!(attrs, [("admin", "false"), ("branch", "B-042"), ("level", "3"), ("role", "clerk")]);
+        // Strings as they are, numbers and booleans as JSON text, a one-element array as its
+        // element; missing claims absent.
+        assert_eq!(
+            attrs,
+            [("admin", "false"), ("branch", "B-042"), ("groups", "a"), ("level", "3"), ("role", "clerk")]
+        );
     }
 }
 

@@ -49,24 +49,10 @@ pub(crate) struct PolicyState {
 impl PolicyState {
     /// Verifies the `Authorization` header value with each of the policies' identity
     /// settings: the user each verifier found, in the order of `verifiers`. An error when
-    /// none accepted the token (the first verifier's); empty when no selected policy
-    /// verifies users.
+    /// none accepted the token: see [`verify_with`]. Empty when no selected policy verifies
+    /// users.
     pub(crate) async fn verify(&self, authorization: &[u8]) -> Result<Users, JwtError> {
-        let mut first_error = None;
-        let mut users = Vec::with_capacity(self.verifiers.len());
-        for v in &self.verifiers {
-            match v.verify(authorization).await {
-                Ok(user) => users.push(Ok(user)),
-                Err(e) => {
-                    users.push(Err(refusal_code(&e)));
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) if users.iter().all(Result::is_err) => Err(e),
-            _ => Ok(Users { by_verifier: users }),
-        }
+        verify_with(&self.verifiers, authorization).await
     }
 
     /// When `policy` verifies users and its verifier refused the request's token (`users` of a
@@ -131,6 +117,31 @@ impl PolicyState {
 pub(crate) struct Users {
     /// Each verifier's user, or why it refused the token.
     by_verifier: Vec<Result<User, &'static str>>,
+}
+
+/// [`PolicyState::verify`] with these verifiers. When every verifier refuses the token, the
+/// error is that of the first verifier whose issuer the token's (unverified) `iss` names, or,
+/// when it names none of theirs, the first verifier's. A token of issuer B is then refused
+/// for B's reason (`expired`, or B's JWKS unavailable: 503), not for verifier A's
+/// `invalid_issuer` or `unknown_kid`. The `iss` is read only on this failure path.
+async fn verify_with(verifiers: &[Arc<Verifier>], authorization: &[u8]) -> Result<Users, JwtError> {
+    let mut errors = Vec::new();
+    let mut users = Vec::with_capacity(verifiers.len());
+    for v in verifiers {
+        match v.verify(authorization).await {
+            Ok(user) => users.push(Ok(user)),
+            Err(e) => {
+                users.push(Err(refusal_code(&e)));
+                errors.push(e);
+            }
+        }
+    }
+    if errors.is_empty() || errors.len() < verifiers.len() {
+        return Ok(Users { by_verifier: users });
+    }
+    // Every verifier refused: `errors` is in the order of `verifiers`.
+    let reported = verifiers.iter().position(|v| v.names_issuer(authorization)).unwrap_or(0);
+    Err(errors.swap_remove(reported))
 }
 
 /// The reason code of a token refusal: the token's fault, or the identity provider's.
@@ -439,5 +450,112 @@ pub(crate) async fn watch_config(
                 failed_ticks = Some(0);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use jsonwebtoken::jwk::Jwk;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    const A: &str = "https://a.example";
+    const B: &str = "https://b.example";
+
+    /// The test-only Ed25519 key of sidecar/jwt/testdata.
+    fn key() -> EncodingKey {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../jwt/testdata/test-only-ed25519.pkcs8.der");
+        EncodingKey::from_ed_der(&std::fs::read(path).unwrap())
+    }
+
+    fn settings(issuer: &str) -> VerifierSettings {
+        VerifierSettings {
+            issuer: issuer.into(),
+            audiences: vec!["api".into()],
+            leeway: Duration::from_secs(30),
+            id_claim: "sub".into(),
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    /// A verifier of `issuer` whose static JWKS holds the test key as `kid`.
+    fn verifier(issuer: &str, kid: &str) -> Arc<Verifier> {
+        let mut jwk =
+            serde_json::to_value(Jwk::from_encoding_key(&key(), Algorithm::EdDSA).unwrap()).unwrap();
+        jwk["kid"] = json!(kid);
+        let jwks = json!({"keys": [jwk]}).to_string();
+        Arc::new(Verifier::new(settings(issuer), JwksSource::Static(jwks)).unwrap())
+    }
+
+    fn bearer(kid: &str, claims: &Value) -> Vec<u8> {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(kid.into());
+        format!("Bearer {}", jsonwebtoken::encode(&header, claims, &key()).unwrap()).into_bytes()
+    }
+
+    fn claims(issuer: &str, exp: u64) -> Value {
+        json!({"iss": issuer, "aud": "api", "sub": "u1", "exp": exp})
+    }
+
+    fn now() -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    }
+
+    /// When every verifier refuses a token, the refusal reported is that of the verifier of
+    /// the issuer the token names, not the first verifier's.
+    #[tokio::test]
+    async fn the_refusal_of_the_tokens_own_issuer_is_reported() {
+        let (a, b) = (verifier(A, "a-key"), verifier(B, "b-key"));
+        let both = [a.clone(), b.clone()];
+
+        // Expired at B: A refuses it for its unknown kid, B because it expired.
+        let expired = bearer("b-key", &claims(B, 1_000));
+        assert_eq!(a.verify(&expired).await.unwrap_err(), JwtError::UnknownKid);
+        assert_eq!(verify_with(&both, &expired).await.unwrap_err(), JwtError::Expired);
+        // Either order.
+        assert_eq!(verify_with(&[b.clone(), a.clone()], &expired).await.unwrap_err(), JwtError::Expired);
+
+        // A token naming no verifier's issuer: the first verifier's refusal, as before.
+        let stranger = bearer("b-key", &claims("https://c.example", now() + 600));
+        assert_eq!(verify_with(&both, &stranger).await.unwrap_err(), JwtError::UnknownKid);
+        assert_eq!(
+            verify_with(&[b.clone(), a.clone()], &stranger).await.unwrap_err(),
+            JwtError::InvalidIssuer
+        );
+        // Unparsable: the first refusal.
+        assert_eq!(verify_with(&both, b"Basic x").await.unwrap_err(), JwtError::InvalidScheme);
+
+        // A good token of B: accepted by B, refused by A; not an error.
+        let good = bearer("b-key", &claims(B, now() + 600));
+        let users = verify_with(&both, &good).await.unwrap();
+        assert_eq!(users.by_verifier[0], Err("invalid_token"));
+        assert_eq!(users.by_verifier[1].as_ref().unwrap().id, "u1");
+        // No verifiers: no users, no error.
+        assert!(verify_with(&[], &good).await.unwrap().by_verifier.is_empty());
+    }
+
+    /// A token of issuer B whose JWKS cannot be fetched gets B's 503 refusal, not verifier A's
+    /// 401.
+    #[tokio::test]
+    async fn an_unavailable_jwks_of_the_tokens_issuer_is_reported() {
+        let a = verifier(A, "a-key");
+        // Nothing listens on port 1: the fetch fails at once.
+        let source = JwksSource::Url {
+            url: "http://127.0.0.1:1/jwks".into(),
+            refresh: Duration::from_secs(300),
+            timeout: Duration::from_secs(2),
+        };
+        let b = Arc::new(Verifier::new(settings(B), source).unwrap());
+        let token = bearer("b-key", &claims(B, now() + 600));
+        let error = verify_with(&[a, b], &token).await.unwrap_err();
+        assert_eq!(error, JwtError::JwksUnavailable);
+        assert!(!error.is_client_error());
     }
 }

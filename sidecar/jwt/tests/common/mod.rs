@@ -113,7 +113,7 @@ pub fn claims() -> Value {
         "role": "clerk",
         "level": 3,
         "admin": false,
-        "groups": ["a", "b"],
+        "groups": ["a"],
     })
 }
 
