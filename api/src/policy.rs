@@ -155,7 +155,9 @@ pub struct UserIdentity {
     pub jwt: JwtSpec,
 
     /// User attributes taken from token claims: attribute name -> claim name. Rules match on
-    /// attributes (`from.users`) and CEL sees them as `user.<attribute>`.
+    /// attributes (`from.users`) and CEL sees them as `user.<attribute>`. A string, number or
+    /// boolean claim (or an array of one) maps to its text; a claim with several values or an
+    /// object refuses the token (401 invalid_claim); a missing one leaves the attribute absent.
     #[serde(default)]
     #[schemars(extend("maxProperties" = 64))]
     pub attributes: BTreeMap<String, String>,
@@ -198,8 +200,11 @@ pub struct JwtSpec {
 pub struct SecretKeyRef {
     /// Secret name.
     pub name: String,
-    /// Key within the Secret (default `jwks.json`).
+    /// Key within the Secret (default `jwks.json`): a Secret data key (letters, digits, `-`,
+    /// `_` and `.`; not `.` or `..`), the name of the file the sidecar reads in the Secret's
+    /// mounted volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: Option<String>,
 }
 

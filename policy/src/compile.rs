@@ -75,6 +75,11 @@ pub struct CompiledRule {
     pub methods: Vec<String>,
     /// Path globs; empty means any.
     pub paths: Vec<PathGlob>,
+    /// Allow rules: `paths` comparing literals without regard to ASCII case, which the
+    /// variants of a request's path are matched with (an app may route `/Customers/42` or
+    /// `/customers/42.json` to the handler of `/customers/{id}`: the rule's constraints are
+    /// not escaped by spelling the path so). Empty for Deny rules, whose `paths` fold already.
+    pub variant_paths: Vec<PathGlob>,
     /// When every glob of `paths` starts with a literal segment: those literals. A request
     /// whose first segment is none of them cannot match the rule, which is then passed over
     /// before anything else is compared.
@@ -351,6 +356,11 @@ fn compile_rule(
                 methods.push(up);
             }
         }
+        // A rule about GET is about HEAD too: every framework runs the GET handler for a HEAD
+        // (and the response's headers describe the GET's body).
+        if methods.iter().any(|m| m == "GET") && !methods.iter().any(|m| m == "HEAD") {
+            methods.push("HEAD".to_owned());
+        }
         for (j, p) in to.paths.iter().enumerate() {
             match PathGlob::parse(p) {
                 Ok(g) if rule.action == Action::Deny => paths.push(g.folding_case()),
@@ -441,6 +451,13 @@ fn compile_rule(
         cache: Default::default(),
     };
 
+    // Allow rules also match the variants of a path (engine `allow_variant`) with their
+    // literals folded; Deny rules' own globs fold already.
+    let variant_paths = if rule.action == Action::Allow {
+        paths.iter().map(|g| g.clone().folding_case()).collect()
+    } else {
+        Vec::new()
+    };
     let first_segments = if paths.is_empty() {
         None
     } else {
@@ -453,6 +470,7 @@ fn compile_rule(
         methods,
         first_segments,
         paths,
+        variant_paths,
         workloads,
         users,
         authenticated,
@@ -462,6 +480,16 @@ fn compile_rule(
         records_source: rule.records.clone(),
         limits,
     }
+}
+
+/// Whether `key` is a Secret data key as Kubernetes accepts them, and so a plain file name in
+/// the Secret's mounted volume (never a path leading out of it).
+fn is_secret_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 253
+        && key != "."
+        && key != ".."
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// The largest clock skew `jwt.leewaySeconds` may allow.
@@ -485,6 +513,10 @@ fn check_identity(users: &UserIdentity, up: &Path, errors: &mut FieldErrors) {
         (Some(r), None) if !r.name.split('.').all(is_dns_label) => {
             errors.push(jp.field("jwksSecretRef").field("name").as_str(), "must be a valid Secret name")
         }
+        (Some(r), None) if r.key.as_deref().is_some_and(|k| !is_secret_key(k)) => errors.push(
+            jp.field("jwksSecretRef").field("key").as_str(),
+            "must be a Secret data key (letters, digits, '-', '_' and '.', not '.' or '..', at most 253 characters)",
+        ),
         (None, Some(uri)) if !(uri.starts_with("https://") || is_loopback_http(uri)) => errors
             .push(jp.field("jwksUri").as_str(), "must be an https:// URL (plain http only for localhost)"),
         _ => {}

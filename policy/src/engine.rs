@@ -68,6 +68,11 @@ pub enum Reason {
     DefaultDeny,
     /// No Allow rule matched and the default action is Allow.
     DefaultAllow,
+    /// The path as an app routing without regard to ASCII case or format suffixes would read
+    /// it (`/Customers/search`, `/customers/search.json`) matches an earlier Allow rule than
+    /// the path as sent does: which handler the app runs, and so which rule's constraints
+    /// belong to the response, cannot be told; refused (see [`allow_variant`]).
+    AmbiguousRoute,
 }
 
 impl Reason {
@@ -79,6 +84,7 @@ impl Reason {
             Reason::AllowRule => "allow_rule",
             Reason::DefaultDeny => "default_deny",
             Reason::DefaultAllow => "default_allow",
+            Reason::AmbiguousRoute => "ambiguous_route",
         }
     }
 }
@@ -134,6 +140,9 @@ impl<'e> Verdict<'e> {
             Reason::DefaultAllow => {
                 format!("no allow rule of policy '{policy}' matched; default action Allow")
             }
+            Reason::AmbiguousRoute => format!(
+                "the path, read without regard to case or without its format suffix, matches rule '{rule}' of policy '{policy}' before the rule the path itself matches: ambiguous{audit}"
+            ),
         }
     }
 
@@ -346,7 +355,7 @@ fn decide_policy<'e>(
     // the call: most rules of a policy are about other paths.
     let first = req.path.segment(0);
     for rule in &policy.deny_rules {
-        if may_match_first(rule, first)
+        if may_match_first(rule, first, true)
             && let Some(params) = rule_matches(rule, req, vars)
         {
             return verdict(denied, Some(rule), Reason::DenyRule, params);
@@ -359,7 +368,7 @@ fn decide_policy<'e>(
             let stem_req = Request { path: &stem, ..*req };
             let mut stem_vars = None;
             for rule in &policy.deny_rules {
-                if may_match_first(rule, stem.segment(0))
+                if may_match_first(rule, stem.segment(0), true)
                     && let Some(params) = rule_matches(rule, &stem_req, &mut stem_vars)
                 {
                     return verdict(denied, Some(rule), Reason::DenyRule, params);
@@ -367,12 +376,30 @@ fn decide_policy<'e>(
             }
         }
     }
-    for rule in &policy.allow_rules {
-        if may_match_first(rule, first)
-            && let Some(params) = rule_matches(rule, req, vars)
-        {
+    let exact = policy.allow_rules.iter().enumerate().find_map(|(i, rule)| {
+        if !may_match_first(rule, first, false) {
+            return None;
+        }
+        rule_matches(rule, req, vars).map(|params| (i, params))
+    });
+    // What the path's variants match among the Allow rules before the one the path matched
+    // (all of them when none did and the default action lets the request through).
+    let before = match &exact {
+        Some((i, _)) => *i,
+        None if policy.default_action == Action::Allow => policy.allow_rules.len(),
+        None => 0,
+    };
+    if let Some((rule, params)) = allow_variant(&policy.allow_rules[..before], req, vars) {
+        if exact.is_none() {
+            // The default would have passed it unconstrained: the rule's constraints apply.
             return verdict(Decision::Allow, Some(rule), Reason::AllowRule, params);
         }
+        let mut v = verdict(denied, Some(rule), Reason::AmbiguousRoute, params);
+        (v.plan, v.limits) = (None, None);
+        return v;
+    }
+    if let Some((i, params)) = exact {
+        return verdict(Decision::Allow, policy.allow_rules.get(i), Reason::AllowRule, params);
     }
     match policy.default_action {
         Action::Deny => verdict(denied, None, Reason::DefaultDeny, Vec::new()),
@@ -420,12 +447,47 @@ fn suffix_stems(path: &NormalizedPath) -> Vec<NormalizedPath> {
     stems
 }
 
+/// The first of `rules` (Allow rules, in order) that a variant of the request's path
+/// matches, as an app that routes without regard to ASCII case (Express, ASP.NET Core) or
+/// that drops a format suffix (Rails, Spring) would read the path: the path with every
+/// rule's literals compared without regard to case, then its [`suffix_stems`] likewise; with
+/// its captures. Rules of any path are passed over (a variant changes nothing for them).
+///
+/// A variant can only add constraints: the engine asks only of the rules before the one the
+/// path itself matched, or of all when none did and the default action would let the request
+/// through unconstrained ([`Reason::AmbiguousRoute`] when one rule was matched already).
+fn allow_variant<'e>(
+    rules: &'e [CompiledRule],
+    req: &Request<'_>,
+    vars: &mut Option<CachedVars>,
+) -> Option<(&'e CompiledRule, Vec<(String, String)>)> {
+    if rules.iter().all(|r| r.paths.is_empty()) {
+        return None;
+    }
+    let folded = |rule: &'e CompiledRule, req: &Request<'_>, vars: &mut Option<CachedVars>| {
+        if rule.paths.is_empty() || !may_match_first(rule, req.path.segment(0), true) {
+            return None;
+        }
+        rule_matches_in(rule, &rule.variant_paths, req, vars).map(|params| (rule, params))
+    };
+    if let Some(found) = rules.iter().find_map(|rule| folded(rule, req, vars)) {
+        return Some(found);
+    }
+    for stem in suffix_stems(req.path) {
+        let stem_req = Request { path: &stem, ..*req };
+        let mut stem_vars = None;
+        if let Some(found) = rules.iter().find_map(|rule| folded(rule, &stem_req, &mut stem_vars)) {
+            return Some(found);
+        }
+    }
+    None
+}
+
 /// Whether a request whose path starts with the segment `first` may match `rule` (see
-/// [`CompiledRule::first_segments`]).
+/// [`CompiledRule::first_segments`]), its literals compared without regard to ASCII case when
+/// `fold` (Deny rules, and the variants of [`allow_variant`]).
 #[inline]
-fn may_match_first(rule: &CompiledRule, first: Option<&str>) -> bool {
-    // Deny rules match without regard to ASCII case (`PathGlob::folding_case`).
-    let fold = rule.action == Action::Deny;
+fn may_match_first(rule: &CompiledRule, first: Option<&str>, fold: bool) -> bool {
     rule.first_segments.as_ref().is_none_or(|firsts| {
         first.is_some_and(|first| {
             firsts.iter().any(|f| if fold { f.eq_ignore_ascii_case(first) } else { **f == *first })
@@ -440,11 +502,21 @@ fn rule_matches(
     req: &Request<'_>,
     vars: &mut Option<CachedVars>,
 ) -> Option<Vec<(String, String)>> {
+    rule_matches_in(rule, &rule.paths, req, vars)
+}
+
+/// [`rule_matches`] with `paths` in place of the rule's own (its
+/// [`CompiledRule::variant_paths`]).
+fn rule_matches_in(
+    rule: &CompiledRule,
+    paths: &[crate::glob::PathGlob],
+    req: &Request<'_>,
+    vars: &mut Option<CachedVars>,
+) -> Option<Vec<(String, String)>> {
     if !rule.methods.is_empty() && !rule.methods.iter().any(|m| m.eq_ignore_ascii_case(req.method)) {
         return None;
     }
-    let glob =
-        if rule.paths.is_empty() { None } else { Some(rule.paths.iter().find(|g| g.matches(req.path))?) };
+    let glob = if paths.is_empty() { None } else { Some(paths.iter().find(|g| g.matches(req.path))?) };
     match rule.authenticated {
         Some(true) if req.user.is_none() => return None,
         Some(false) if req.user.is_some() => return None,

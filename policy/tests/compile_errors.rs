@@ -158,6 +158,14 @@ fn each_error_kind_names_its_field_path() {
             "spec.identity.users.jwt: set exactly one of jwksSecretRef or jwksUri",
         ),
         (
+            "jwks key leading out of the Secret's volume",
+            |s| {
+                let j = &mut s.identity.as_mut().and_then(|i| i.users.as_mut()).expect("identity").jwt;
+                j.jwks_secret_ref.as_mut().expect("secret ref").key = Some("../../run/secrets/token".into());
+            },
+            "spec.identity.users.jwt.jwksSecretRef.key: must be a Secret data key",
+        ),
+        (
             "plain http jwks",
             |s| {
                 let j = &mut s.identity.as_mut().and_then(|i| i.users.as_mut()).expect("identity").jwt;

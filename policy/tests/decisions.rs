@@ -708,3 +708,60 @@ fn audit_policies_that_do_not_decide_are_recorded_as_dry_runs() {
     let e = Engine::new(vec![mk_policy("b-enforcing", &enforcing)]);
     assert_eq!(decide(&e, "/customers/export").1, Vec::<String>::new());
 }
+
+/// Allow rules also see the variants of a path an app may route to their handlers (case
+/// folded, format suffix dropped), but only to constrain: under a default Allow the rule a
+/// variant matches applies instead of the unconstrained default; where the path matched a
+/// later rule than a variant does, the request is refused as ambiguous; a default Deny stays.
+#[test]
+fn path_variants_cannot_escape_an_allow_rules_constraints() {
+    let decide = |mode: Mode, default_action: Action, method: &str, p: &str| {
+        let mut spec = mk_spec(vec![
+            mk_deny("no-export", &["GET"], &["/customers/export"]),
+            mk_allow("search", &["GET"], &["/customers/search"]),
+            mk_allow("one", &["GET"], &["/customers/{id}"]),
+        ]);
+        (spec.mode, spec.default_action) = (mode, default_action);
+        let e = mk_engine(&spec);
+        let path = normalize(p).expect("valid");
+        let v = e.decide(&Request { method, path: &path, caller: None, user: None, time: 0 });
+        (v.decision, v.rule.map(|r| r.name.clone()), v.reason, v.plan.is_some())
+    };
+    let allow = |rule: &str| (Decision::Allow, Some(rule.to_owned()), Reason::AllowRule, true);
+    let ambiguous = |d: Decision| (d, Some("search".to_owned()), Reason::AmbiguousRoute, false);
+    let (enforce, audit, open, closed) = (Mode::Enforce, Mode::Audit, Action::Allow, Action::Deny);
+    let cases = [
+        (enforce, open, "GET", "/customers/search", allow("search")),
+        (enforce, open, "GET", "/customers/42", allow("one")),
+        (enforce, open, "GET", "/customers/42.json", allow("one")),
+        // The default would have let these through unconstrained: the variant's rule applies.
+        (enforce, open, "GET", "/Customers/42", allow("one")),
+        (enforce, open, "GET", "/CUSTOMERS/Search", allow("search")),
+        // `{id}` matches as sent, an earlier rule as the app may route it.
+        (enforce, open, "GET", "/customers/search.json", ambiguous(Decision::Deny)),
+        (enforce, open, "GET", "/customers/SEARCH", ambiguous(Decision::Deny)),
+        (audit, open, "GET", "/customers/search.json", ambiguous(Decision::WouldDeny)),
+        (enforce, closed, "GET", "/customers/search.json", ambiguous(Decision::Deny)),
+        // A default Deny is not turned into an Allow by a variant.
+        (enforce, closed, "GET", "/Customers/42", (Decision::Deny, None, Reason::DefaultDeny, false)),
+        (enforce, open, "GET", "/orders/1", (Decision::Allow, None, Reason::DefaultAllow, true)),
+        // A rule about GET is about HEAD too, Deny and Allow.
+        (enforce, open, "HEAD", "/customers/42", allow("one")),
+        (enforce, closed, "HEAD", "/customers/42", allow("one")),
+        (
+            enforce,
+            open,
+            "HEAD",
+            "/customers/export",
+            (Decision::Deny, Some("no-export".into()), Reason::DenyRule, false),
+        ),
+        (enforce, open, "POST", "/Customers/42", (Decision::Allow, None, Reason::DefaultAllow, true)),
+    ];
+    for (mode, default_action, method, path, want) in cases {
+        assert_eq!(
+            decide(mode, default_action, method, path),
+            want,
+            "{mode:?} {default_action:?} {method} {path}"
+        );
+    }
+}
