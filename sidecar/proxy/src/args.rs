@@ -73,6 +73,12 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_LINKERD_PROXY_UID", value_name = "UID", default_value_t = crate::mesh::LINKERD_PROXY_UID)]
     pub linkerd_proxy_uid: u32,
 
+    /// The user id Istio's sidecar runs as (`--caller-identity istio`): the
+    /// `x-forwarded-client-cert` of a connection from 127.0.0.6 is believed only when a socket
+    /// of the pod this user owns made it (another process of the pod could bind that address).
+    #[arg(long, env = "CUSTOS_ISTIO_PROXY_UID", value_name = "UID", default_value_t = crate::mesh::ISTIO_PROXY_UID)]
+    pub istio_proxy_uid: u32,
+
     /// Admin address: /healthz, /ready, /metrics.
     #[arg(long, env = "CUSTOS_ADMIN", value_name = "ADDR", default_value = settings::DEFAULT_ADMIN_ADDR)]
     pub admin: SocketAddr,
@@ -294,9 +300,10 @@ impl SidecarArgs {
             proxy_threads: self.proxy_threads.unwrap_or_else(crate::settings::default_proxy_threads),
             mesh: match self.caller_identity {
                 crate::CallerIdentity::PeerIp => None,
-                crate::CallerIdentity::Istio => {
-                    Some(crate::MeshIdentity { mesh: crate::Mesh::Istio, trust_domain: self.trust_domain })
-                }
+                crate::CallerIdentity::Istio => Some(crate::MeshIdentity {
+                    mesh: crate::Mesh::Istio { proxy_uid: self.istio_proxy_uid },
+                    trust_domain: self.trust_domain,
+                }),
                 crate::CallerIdentity::Linkerd => Some(crate::MeshIdentity {
                     mesh: crate::Mesh::Linkerd { proxy_uid: self.linkerd_proxy_uid },
                     trust_domain: self.trust_domain,
@@ -465,10 +472,15 @@ mod tests {
         let mesh = settings(&["--caller-identity", "istio"]).unwrap().mesh;
         assert_eq!(
             mesh,
-            Some(crate::MeshIdentity { mesh: crate::Mesh::Istio, trust_domain: "cluster.local".into() })
+            Some(crate::MeshIdentity {
+                mesh: crate::Mesh::Istio { proxy_uid: crate::mesh::ISTIO_PROXY_UID },
+                trust_domain: "cluster.local".into()
+            })
         );
         let mesh = settings(&["--caller-identity=istio", "--trust-domain=prod.example"]).unwrap().mesh;
         assert_eq!(mesh.unwrap().trust_domain, "prod.example");
+        let mesh = settings(&["--caller-identity=istio", "--istio-proxy-uid=1000650000"]).unwrap().mesh;
+        assert_eq!(mesh.unwrap().mesh, crate::Mesh::Istio { proxy_uid: 1_000_650_000 });
         assert_eq!(settings(&["--caller-identity=peer-ip"]).unwrap().mesh, None);
         let mesh = settings(&["--caller-identity=linkerd"]).unwrap().mesh.unwrap();
         assert_eq!(mesh.mesh, crate::Mesh::Linkerd { proxy_uid: 2102 });

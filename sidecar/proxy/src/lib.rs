@@ -63,6 +63,7 @@ mod socket_owner;
 mod stall;
 mod state;
 mod threads;
+mod throttle;
 pub mod upstream;
 mod usage;
 

@@ -48,6 +48,10 @@ pub(crate) static L5D_CLIENT_ID: HeaderName = HeaderName::from_static("l5d-clien
 /// The user id Linkerd's proxy runs as unless its `proxy.uid` is changed.
 pub const LINKERD_PROXY_UID: u32 = 2102;
 
+/// The user id Istio's sidecar (`istio-proxy`) runs as unless the mesh sets another
+/// (`values.global.proxy.runAsUser`, or a platform that picks user ids per namespace).
+pub const ISTIO_PROXY_UID: u32 = 1337;
+
 /// How the sidecar tells which workload is calling.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum CallerIdentity {
@@ -76,8 +80,12 @@ pub struct MeshIdentity {
 /// A service mesh whose proxy forwards callers to the sidecar.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mesh {
-    /// Istio: `x-forwarded-client-cert` from 127.0.0.6 or ::6.
-    Istio,
+    /// Istio: `x-forwarded-client-cert` from 127.0.0.6 or ::6, on connections from a socket
+    /// of the pod owned by `proxy_uid`.
+    Istio {
+        /// The user id Envoy runs as.
+        proxy_uid: u32,
+    },
     /// Linkerd: `l5d-client-id` from a socket of the pod owned by `proxy_uid`.
     Linkerd {
         /// The user id Linkerd's proxy runs as.
@@ -195,9 +203,12 @@ impl MeshIdentity {
     /// the address cannot be read: then it is not the mesh's proxy).
     pub(crate) fn origin_check(&self, peer: SocketAddr, local: Option<SocketAddr>) -> OriginCheck {
         match (self.mesh, local) {
-            (Mesh::Istio, _) => {
-                OriginCheck::Known(if Self::trusts(peer.ip()) { Origin::MeshProxy } else { Origin::Peer })
+            // Any process of the pod may bind 127.0.0.6 and connect to 127.0.0.1, which Istio's
+            // redirection leaves alone: the address alone would believe its XFCC.
+            (Mesh::Istio { proxy_uid }, Some(local)) if Self::trusts(peer.ip()) => {
+                OriginCheck::SocketTable { local, proxy_uid, answer: Arc::default() }
             }
+            (Mesh::Istio { .. }, _) => OriginCheck::Known(Origin::Peer),
             (Mesh::Linkerd { proxy_uid }, Some(local)) => {
                 OriginCheck::SocketTable { local, proxy_uid, answer: Arc::default() }
             }
@@ -209,7 +220,7 @@ impl MeshIdentity {
     /// connections (the caller's own words, for the app as for the sidecar).
     pub(crate) fn header(&self) -> &'static HeaderName {
         match self.mesh {
-            Mesh::Istio => &XFCC,
+            Mesh::Istio { .. } => &XFCC,
             Mesh::Linkerd { .. } => &L5D_CLIENT_ID,
         }
     }
@@ -226,7 +237,7 @@ impl MeshIdentity {
     /// The caller the mesh's proxy named in `headers`.
     pub(crate) fn caller(&self, headers: &HeaderMap) -> MeshCaller {
         match self.mesh {
-            Mesh::Istio => self.xfcc_caller(headers),
+            Mesh::Istio { .. } => self.xfcc_caller(headers),
             Mesh::Linkerd { .. } => self.linkerd_caller(headers),
         }
     }
@@ -372,7 +383,10 @@ mod tests {
     use super::*;
 
     fn mesh() -> MeshIdentity {
-        MeshIdentity { mesh: Mesh::Istio, trust_domain: "cluster.local".into() }
+        MeshIdentity {
+            mesh: Mesh::Istio { proxy_uid: ISTIO_PROXY_UID },
+            trust_domain: "cluster.local".into(),
+        }
     }
 
     fn linkerd() -> MeshIdentity {
@@ -430,25 +444,34 @@ mod tests {
         assert_eq!(mesh().header(), &XFCC);
     }
 
-    /// Behind Linkerd, only a socket of the proxy's user id is believed: this process's
-    /// connection is believed when the proxy's user id is this process's; otherwise, from the
-    /// pod's own address, it is anonymous, and from another address the table applies.
+    /// Only a socket of the mesh proxy's user id is believed: this process's connection is
+    /// believed when the proxy's user id is this process's; otherwise, behind Linkerd from the
+    /// pod's own address, it is anonymous, and from another address the table applies. Behind
+    /// Istio, only connections from 127.0.0.6 are looked up at all.
     #[tokio::test]
-    async fn only_the_linkerd_proxys_sockets_are_trusted() {
+    async fn only_the_mesh_proxys_sockets_are_trusted() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let to = listener.local_addr().unwrap();
         let own = crate::socket_owner::tests::own_uid();
-        for (from, proxy_uid, want) in [
-            ("127.0.0.1", own, Origin::MeshProxy),
-            ("127.0.0.1", own.wrapping_add(1), Origin::Pod),
-            ("127.0.0.2", own.wrapping_add(1), Origin::Peer),
+        let (behind_linkerd, behind_istio) =
+            (|proxy_uid| Mesh::Linkerd { proxy_uid }, |proxy_uid| Mesh::Istio { proxy_uid });
+        for (from, mesh, want) in [
+            ("127.0.0.1", behind_linkerd(own), Origin::MeshProxy),
+            ("127.0.0.1", behind_linkerd(own.wrapping_add(1)), Origin::Pod),
+            ("127.0.0.2", behind_linkerd(own.wrapping_add(1)), Origin::Peer),
+            ("127.0.0.6", behind_istio(own), Origin::MeshProxy),
+            // Another process of the pod bound Envoy's address.
+            ("127.0.0.6", behind_istio(own.wrapping_add(1)), Origin::Peer),
+            ("127.0.0.2", behind_istio(own), Origin::Peer),
         ] {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
             socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
             let _client = socket.connect(to).await.unwrap();
             let (server, peer) = listener.accept().await.unwrap();
-            let mesh =
-                MeshIdentity { mesh: Mesh::Linkerd { proxy_uid }, trust_domain: "cluster.local".into() };
+            let proxy_uid = match mesh {
+                Mesh::Linkerd { proxy_uid } | Mesh::Istio { proxy_uid } => proxy_uid,
+            };
+            let mesh = MeshIdentity { mesh, trust_domain: "cluster.local".into() };
             let check = mesh.origin_check(peer, server.local_addr().ok());
             assert_eq!(check.origin(peer).await, want, "{from}, proxy uid {proxy_uid}");
             assert_eq!(check.origin(peer).await, want, "read once, kept");
@@ -456,10 +479,9 @@ mod tests {
         let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         // No local address: never the proxy.
         assert!(matches!(linkerd().origin_check(peer, None), OriginCheck::Known(Origin::Pod)));
-        // Istio decides by address alone.
         assert!(matches!(mesh().origin_check(peer, None), OriginCheck::Known(Origin::Peer)));
         let envoy: SocketAddr = "127.0.0.6:40000".parse().unwrap();
-        assert!(matches!(mesh().origin_check(envoy, None), OriginCheck::Known(Origin::MeshProxy)));
+        assert!(matches!(mesh().origin_check(envoy, None), OriginCheck::Known(Origin::Peer)));
     }
 
     fn caller(values: &[&str]) -> MeshCaller {

@@ -38,7 +38,7 @@ use crate::body::{
     ProxyBody, TeeEnd, TeeLimits, Teed, UPSTREAM_TIMEOUT, collect_limited, concat, decode,
 };
 use crate::budget::{BufferBudget, Reservation};
-use crate::method_override::{self, PostBody};
+use crate::method_override::{self, BodyKind, PostBody};
 use crate::metrics::{
     DryRunLabels, LimitLabels, Metrics, ReasonLabels, ResultLabels, RuleLabels, ThreadCounters,
 };
@@ -54,7 +54,8 @@ pub const METHOD_OVERRIDE_HEADERS: [&str; 3] =
 
 /// Hop-by-hop headers, never forwarded in either direction (`TE: trailers` is asked of the
 /// app again when the client sent it; see [`strip_hop_by_hop`]). `Trailer` is not one of
-/// them (RFC 9110 §6.6.2): it announces the trailer fields of a body passed through.
+/// them (RFC 9110 §6.6.2): it announces the trailer fields of a response passed through (a
+/// request's go nowhere: [`upstream_request`] removes it, and the request body its fields).
 const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
@@ -450,6 +451,13 @@ async fn process(
         ctx.deny("connect_refused");
         return bad_request("CONNECT is not supported", "connect_refused");
     }
+    if req.method().as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        // Methods are case-sensitive (RFC 9110 §9.1) and rules name them in capitals: `get`
+        // would be decided as GET while an app comparing `r.Method == "GET"` runs another
+        // branch for it.
+        ctx.deny("method_case");
+        return bad_request("methods are accepted in capital letters only", "method_case");
+    }
     if req.version() <= Version::HTTP_11 && (req.uri().scheme().is_some() || req.uri().authority().is_some())
     {
         ctx.deny("absolute_form");
@@ -556,7 +564,9 @@ async fn process(
                 return resp;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot verify tokens: identity provider unavailable");
+                if IDENTITY_WARNINGS.due() {
+                    tracing::warn!(error = %e, "cannot verify tokens: identity provider unavailable (said at most every 10 s; the events count each request)");
+                }
                 ctx.deny("identity_unavailable");
                 ctx.event.reason = format!("identity_unavailable:{}", e.code());
                 return error_response(
@@ -697,20 +707,30 @@ async fn process(
                 ctx.deny("method_override");
                 return bad_request("method override parameters are refused", "method_override");
             }
-            // A form the sidecar did not read whole (over the request buffer, or no buffer
-            // free) could name a method past what it saw; forms are small, uploads multipart.
-            PostBody::FormUnchecked => {
+            // A body the sidecar did not read whole (over the request buffer, or no buffer
+            // free) could name a method past what it saw: a form is refused (forms are small),
+            // JSON and multipart (uploads) where that method could be decided otherwise than
+            // the POST (uploads to a path whose rules treat every method alike go on).
+            PostBody::Unchecked(kind)
+                if kind == BodyKind::Form || override_matters(&state, &path, caller, &users, time) =>
+            {
                 shared.metrics.limit("request_buffer");
-                ctx.deny("form_body_unchecked");
+                let (what, reason) = match kind {
+                    BodyKind::Form => ("a form body", "form_body_unchecked"),
+                    BodyKind::Json => ("a JSON body", "json_body_unchecked"),
+                    BodyKind::Multipart => ("a multipart body", "multipart_body_unchecked"),
+                };
+                ctx.deny(reason);
                 return error_response(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     json!({
-                        "error": "a form body larger than the request buffer cannot be checked for method override parameters",
-                        "reason": "form_body_unchecked",
+                        "error": format!("{what} larger than the request buffer cannot be checked for method override parameters, and another method would be decided otherwise on this path"),
+                        "reason": reason,
                         "limit": limits.request_buffer_bytes,
                     }),
                 );
             }
+            PostBody::Unchecked(_) => {}
             PostBody::Unreadable(reason) => {
                 ctx.deny(reason);
                 return error_response(
@@ -1952,6 +1972,11 @@ fn upstream_request(
     ask_trailers: bool,
 ) -> Result<Request<RequestBody>, ()> {
     let mut target = encode_path(path.as_str());
+    if target.len() > 1 && parts.uri.path().ends_with('/') {
+        // The same resource, as the client named it: an app that wants the slash (Django's
+        // APPEND_SLASH, DRF's routers) would otherwise redirect to it, for ever.
+        target.push('/');
+    }
     if let Some(q) = path.query() {
         target.push('?');
         target.push_str(q);
@@ -1989,11 +2014,12 @@ fn upstream_request(
         // accepts (a response read to be transformed or audited is read without them).
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+    // Request trailer fields never reach the app (`RequestBody` drops them).
+    headers.remove(header::TRAILER);
     if !body.is_end_stream() && body.is_complete() {
         // The whole body was read: the sidecar has answered any `100-continue` itself, and
-        // goes with its length, without the trailer fields it may have had.
+        // goes with its length.
         headers.remove(header::EXPECT);
-        headers.remove(header::TRAILER);
     }
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
@@ -2055,7 +2081,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name.as_str()) {
             present |= 1 << i;
-        } else if is_custos(name) {
+        } else if is_custos(name) || is_url_rewrite_header(name) {
             custos.push(name.clone());
         }
     }
@@ -2096,6 +2122,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     trailers
 }
 
+/// Headers some frameworks route by instead of the request target (Symfony before 3.4.14 and
+/// Zend read `X-Original-URL` and `X-Rewrite-URL`, as set by IIS): the app would serve
+/// another path than the one decided on. Also spelled with `_` for `-`.
+const URL_REWRITE_HEADERS: [&[u8]; 2] = [b"x-original-url", b"x-rewrite-url"];
+
+fn is_url_rewrite_header(name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    URL_REWRITE_HEADERS.iter().any(|h| same_folding_underscores(name, h))
+}
+
 fn is_custos(name: &HeaderName) -> bool {
     let name = name.as_str().as_bytes();
     name.len() > CUSTOS_PREFIX.len() && same_folding_underscores(&name[..CUSTOS_PREFIX.len()], CUSTOS_PREFIX)
@@ -2103,6 +2139,43 @@ fn is_custos(name: &HeaderName) -> bool {
 
 /// The prefix of the sidecar's own headers, never taken from a client.
 const CUSTOS_PREFIX: &[u8] = b"x-custos-";
+
+/// The warning that tokens cannot be verified, at most every 10 s (not one a request).
+static IDENTITY_WARNINGS: crate::throttle::Throttle = crate::throttle::Throttle::every_secs(10);
+
+/// Whether a `_method` parameter in a POST's body could make the policies decide otherwise:
+/// some method a rule names, a common one, or one no rule names, gets another verdict (or
+/// another rule, of any policy that applies) than the POST for the same path, caller and
+/// users. Asked only of bodies the sidecar could not read whole.
+fn override_matters(
+    state: &PolicyState,
+    path: &NormalizedPath,
+    caller: Option<&WorkloadIdentity>,
+    users: &Users,
+    time: i64,
+) -> bool {
+    /// Methods the frameworks' `_method` commonly names, and one no rule names.
+    const COMMON: [&str; 8] =
+        ["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "X-CUSTOS-UNNAMED"];
+    let verdict_of = |method: &str| {
+        let request = EngineRequest { method, path, caller, user: None, time };
+        let v = state.engine.decide_as(&request, |i| state.user_of(users, i));
+        std::iter::once(&v)
+            .chain(&v.also)
+            .map(|v| {
+                let policy = v.policy.map_or(std::ptr::null(), std::ptr::from_ref);
+                let rule = v.rule.map_or(std::ptr::null(), std::ptr::from_ref);
+                (v.decision, policy, rule)
+            })
+            .collect::<Vec<_>>()
+    };
+    let post = verdict_of("POST");
+    let named = state.engine.policies().iter().flat_map(|p| p.deny_rules.iter().chain(&p.allow_rules));
+    COMMON
+        .into_iter()
+        .chain(named.flat_map(|r| r.methods.iter().map(String::as_str)))
+        .any(|method| verdict_of(method) != post)
+}
 
 /// Whether `name` is one of [`METHOD_OVERRIDE_HEADERS`], also spelled with `_` for `-`
 /// (`X_HTTP_Method_Override`): servers that hand headers to the app as CGI variables (Puma,
@@ -2128,14 +2201,26 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
-/// The `Authorization` value when it uses the Bearer scheme (other schemes are the app's).
+/// The `Authorization` value when it uses the Bearer scheme, or names it anywhere as a word
+/// (other schemes are the app's). `Basic eA==, Bearer <jwt>` or `Bearer` followed by a
+/// non-breaking space is a token to an app that splits credentials at commas or at any
+/// white space: the verifiers see it too (and refuse its form), rather than the app alone.
 fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
     let v = headers.get(header::AUTHORIZATION)?.as_bytes();
-    let scheme = v.get(..6)?;
-    // Any whitespace after the scheme, as the token parser and most apps read it: a token
-    // after a tab is still verified, not passed on unread.
-    (scheme.eq_ignore_ascii_case(b"bearer") && v.get(6).is_none_or(|b| *b == b' ' || *b == b'\t'))
-        .then_some(v)
+    names_bearer(v).then_some(v)
+}
+
+/// Whether `value` holds `bearer` (any case) at its start or after white space or a comma,
+/// and not followed by another token character: the scheme as any reader could take it
+/// (`realm=bearer` or base64 text holding the letters is not).
+fn names_bearer(value: &[u8]) -> bool {
+    const SCHEME: &[u8] = b"bearer";
+    let token_char = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    (0..value.len().saturating_sub(SCHEME.len() - 1)).any(|at| {
+        value[at..at + SCHEME.len()].eq_ignore_ascii_case(SCHEME)
+            && (at == 0 || matches!(value[at - 1], b' ' | b'\t' | b','))
+            && value.get(at + SCHEME.len()).is_none_or(|&b| !token_char(b))
+    })
 }
 
 /// The principal of a known user or workload; `None`: an anonymous peer, whose principal
@@ -2473,6 +2558,22 @@ mod tests {
         assert!(bearer(&h).is_none());
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer\tabc"));
         assert!(bearer(&h).is_some(), "a tab separates the token too");
+        // Another reader's token: verified (and refused for its form), not passed on unread.
+        for disguised in
+            [&b"Basic eA==, Bearer abc"[..], b"Bearer\xa0abc", b"Digest a=1,bearer abc", b"BEARER=abc"]
+        {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_bytes(disguised).unwrap());
+            assert!(bearer(&h).is_some(), "{disguised:?}");
+        }
+        for other in [
+            &b"Basic YmVhcmVyOmJlYXJlcg=="[..],
+            b"Digest realm=\"bearer\"",
+            b"Basic bearerx",
+            b"Negotiate abc",
+        ] {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_bytes(other).unwrap());
+            assert!(bearer(&h).is_none(), "{other:?}");
+        }
     }
 
     #[test]

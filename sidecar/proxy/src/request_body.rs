@@ -159,6 +159,14 @@ impl BodyProgress {
 
 /// The request body forwarded to the app: what was buffered, then the rest of the client's
 /// body (cut off at the request body limit).
+///
+/// The client's trailer fields are never forwarded, whether the body goes whole (they are
+/// dropped as it is read, see [`read_request_body`]) or as it arrives (dropped here, in
+/// [`Body::poll_frame`]): a server that merges trailer fields into the headers (Tomcat with
+/// `allowedTrailerHeaders`) would read an `X-HTTP-Method-Override` sent as a trailer, after
+/// the sidecar checked the headers, and run e.g. a DELETE the policy decided as a POST. A
+/// streamed upload's trailer fields (checksums, rarely sent) are lost, as those of a body
+/// read whole always were.
 pub(crate) struct RequestBody {
     /// Read before the app was called; sent first. Boxed: most requests have no body, and
     /// this type is moved with each request.
@@ -244,7 +252,12 @@ impl Body for RequestBody {
         let Some(body) = this.rest.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(body).poll_frame(cx);
+        let mut polled = Pin::new(&mut *body).poll_frame(cx);
+        // The client's trailer fields are dropped (see the type's documentation); the body
+        // ends after them.
+        while matches!(&polled, Poll::Ready(Some(Ok(frame))) if !frame.is_data()) {
+            polled = Pin::new(&mut *body).poll_frame(cx);
+        }
         if let Some(progress) = &this.progress {
             progress.waiting.store(polled.is_pending(), Ordering::Relaxed);
         }
@@ -475,5 +488,53 @@ mod tests {
         drop(body);
         assert_eq!(b.in_use(), 0);
         assert_eq!(copy.collect().await.unwrap().to_bytes(), "hello");
+    }
+
+    /// Fix: the client's trailer fields never reach the app, whether its body is read whole,
+    /// forwarded as it arrives from the start, or forwarded after a buffered part (a trailer
+    /// `X-HTTP-Method-Override` would be one more header to an app that merges them).
+    #[tokio::test]
+    async fn request_trailer_fields_are_never_forwarded() {
+        use http_body_util::BodyExt;
+        // Buffer size, declared length: read whole; streamed from the start (no buffer, or a
+        // length declared over it); buffered, then streamed.
+        for (buffer, declared) in [(1024, None), (0, None), (4, Some(11)), (4, None)] {
+            let limits = ProxyLimits { request_buffer_bytes: buffer, ..ProxyLimits::default() };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let tx = std::sync::Mutex::new(Some(tx));
+            let (client, server) = tokio::io::duplex(4096);
+            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let tx = tx.lock().unwrap().take();
+                let limits = limits.clone();
+                async move {
+                    let body = read_request_body(req.into_body(), declared, &limits, &budget(1 << 20))
+                        .await
+                        .unwrap();
+                    let whole = body.is_complete();
+                    let collected = body.collect().await.unwrap();
+                    let trailers = collected.trailers().cloned();
+                    tx.unwrap().send((whole, collected.to_bytes(), trailers)).unwrap();
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Empty::<Bytes>::new(),
+                    ))
+                }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(server), service);
+            let connection = tokio::spawn(connection);
+            let mut client = client;
+            tokio::io::AsyncWriteExt::write_all(
+                &mut client,
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTrailer: X-HTTP-Method-Override\r\n\r\n\
+                  5\r\nhello\r\n6\r\n world\r\n0\r\nX-HTTP-Method-Override: DELETE\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            let (whole, bytes, trailers) = rx.await.unwrap();
+            assert_eq!(whole, buffer == 1024, "buffer {buffer}");
+            assert_eq!((bytes, trailers), (Bytes::from_static(b"hello world"), None), "buffer {buffer}");
+            drop(client);
+            let _ = connection.await;
+        }
     }
 }
