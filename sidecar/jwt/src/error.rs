@@ -32,6 +32,11 @@ pub enum JwtError {
     /// The header lists critical extensions (`crit`), none of which are supported.
     #[error("token header has critical extensions (crit), which are not supported")]
     UnsupportedCritical,
+    /// The header's `typ` says the token is an event, not an access token: an OpenID
+    /// back-channel logout token (`logout+jwt`) or a security event token (`secevent+jwt`),
+    /// which an issuer signs with the same keys and may address to the same audience.
+    #[error("token type (typ) is not an access token")]
+    WrongTokenType,
     /// The token has no `kid` and the key set does not hold exactly one key of its type.
     #[error("token has no key id (kid) and the key set has no single key of its type")]
     MissingKid,
@@ -112,6 +117,7 @@ impl JwtError {
             JwtError::Malformed(_) => "malformed_token",
             JwtError::UnsupportedAlgorithm => "unsupported_alg",
             JwtError::UnsupportedCritical => "unsupported_crit",
+            JwtError::WrongTokenType => "wrong_token_type",
             JwtError::MissingKid => "missing_kid",
             JwtError::UnknownKid => "unknown_kid",
             JwtError::AlgorithmMismatch => "alg_mismatch",

@@ -137,9 +137,9 @@ pub(crate) struct Parsed<'a> {
     pub(crate) signature: &'a str,
 }
 
-/// The header fields this crate reads. Unknown fields (`typ`, `cty`, `jku`, `x5u`, `jwk`,
-/// ...) are ignored: keys come only from the configured JWKS. Duplicate fields are refused by
-/// the derive.
+/// The header fields this crate reads. Unknown fields (`cty`, `jku`, `x5u`, `jwk`, ...) are
+/// ignored: keys come only from the configured JWKS. Duplicate fields are refused by the
+/// derive.
 #[derive(Deserialize)]
 struct RawHeader {
     #[serde(default)]
@@ -148,7 +148,13 @@ struct RawHeader {
     kid: Option<serde_json::Value>,
     #[serde(default)]
     crit: Option<serde_json::Value>,
+    #[serde(default)]
+    typ: Option<serde_json::Value>,
 }
+
+/// Token types (`typ`, RFC 7515 §4.1.9, compared without regard to case and without an
+/// `application/` prefix) of signed events that are never access tokens.
+const EVENT_TYPES: [&str; 2] = ["logout+jwt", "secevent+jwt"];
 
 /// Splits and decodes a compact JWS (`header.payload.signature`) and checks its header.
 pub(crate) fn parse(token: &str) -> Result<Parsed<'_>, JwtError> {
@@ -186,6 +192,17 @@ pub(crate) fn parse(token: &str) -> Result<Parsed<'_>, JwtError> {
     let alg = Alg::parse(&alg).ok_or(JwtError::UnsupportedAlgorithm)?;
     if header.crit.is_some() {
         return Err(JwtError::UnsupportedCritical);
+    }
+    match header.typ {
+        None => {}
+        Some(serde_json::Value::String(typ)) => {
+            let lower = typ.to_ascii_lowercase();
+            let typ = lower.strip_prefix("application/").unwrap_or(&lower);
+            if EVENT_TYPES.contains(&typ) {
+                return Err(JwtError::WrongTokenType);
+            }
+        }
+        Some(_) => return Err(JwtError::Malformed("header typ is not a string")),
     }
     let kid = match header.kid {
         None => None,
@@ -248,6 +265,9 @@ mod tests {
             (r#"{"alg":"HS256"}"#, "unsupported_alg"),
             (r#"{"alg":"PS512"}"#, "unsupported_alg"),
             (r#"{"alg":"RS256","crit":["exp"]}"#, "unsupported_crit"),
+            (r#"{"alg":"RS256","typ":"logout+jwt"}"#, "wrong_token_type"),
+            (r#"{"alg":"RS256","typ":"application/SECEVENT+JWT"}"#, "wrong_token_type"),
+            (r#"{"alg":"RS256","typ":7}"#, "malformed_token"),
             (r#"{"alg":"RS256","alg":"HS256"}"#, "malformed_token"),
             (r#"{"alg":7}"#, "malformed_token"),
             (r#"{"kid":"k"}"#, "malformed_token"),
@@ -257,6 +277,10 @@ mod tests {
         ] {
             let token = format!("{}.{p}.c2ln", b64(header));
             assert_eq!(parse(&token).unwrap_err().code(), code, "{header}");
+        }
+        // Access tokens' types pass.
+        for header in [r#"{"alg":"RS256","typ":"JWT"}"#, r#"{"alg":"RS256","typ":"at+jwt"}"#] {
+            assert!(parse(&format!("{}.{p}.c2ln", b64(header))).is_ok(), "{header}");
         }
         let unsigned = format!("{}.{p}.", b64(r#"{"alg":"RS256"}"#));
         assert_eq!(parse(&unsigned).unwrap_err(), JwtError::InvalidSignature);
