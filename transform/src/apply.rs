@@ -186,8 +186,8 @@ pub fn apply_lazy<V: Borrow<Vars>>(
 /// [`apply_lazy`], asking `room` for [`DOCUMENT_BYTES_PER_BODY_BYTE`] times the body's size
 /// before parsing it into a document (the streaming pass needs no more than the body and
 /// its output): when `room` refuses, [`TransformError::NoRoomForDocument`]. A body may need
-/// the document for reasons its content decides (a duplicate key where a path looks, U+FDD0,
-/// more records than the cap), so a caller bounding its memory cannot tell in advance.
+/// the document for reasons its content decides (a duplicate key where a path looks, all 32
+/// noncharacters U+FDD0..=U+FDEF, more records than the cap), so a caller bounding its memory cannot tell in advance.
 pub fn apply_within<V: Borrow<Vars>>(
     body: &[u8],
     plan: &Plan,
@@ -258,7 +258,7 @@ fn dom<V: Borrow<Vars>>(
     key: &HashKey,
 ) -> Result<Transformed, TransformError> {
     let prepared = numbers::prepare(body);
-    let sentinels = prepared.sentinels;
+    let marker = prepared.marker;
     let mut doc = parse(body, &prepared)?;
     let mut stats = TransformStats::default();
 
@@ -275,9 +275,9 @@ fn dom<V: Borrow<Vars>>(
                 .row_filter
                 .as_ref()
                 .zip(vars.as_ref())
-                .map(|(f, v)| RecordFilter::new(f, v.borrow(), sentinels)),
+                .map(|(f, v)| RecordFilter::new(f, v.borrow(), marker)),
             key,
-            sentinels,
+            marker,
             id_path: plan.record_id.as_ref().map(|p| IdPath::of(p, compiled.record_id.as_deref())),
             passed: 0,
             container_found: false,
@@ -311,7 +311,7 @@ fn dom<V: Borrow<Vars>>(
     let mut pass = MaskPass::default();
     let mut left: usize = plan.masks.iter().map(|class| class.paths.len()).sum();
     for (class, steps) in plan.masks.iter().zip(&compiled.masks) {
-        let masker = Masker { strategy: class.strategy, key, sentinels };
+        let masker = Masker { strategy: class.strategy, key, marker };
         let mut count = 0;
         for (path, steps) in class.paths.iter().zip(steps) {
             left -= 1;
@@ -324,7 +324,7 @@ fn dom<V: Borrow<Vars>>(
     let mut out = Vec::with_capacity(body.len());
     serde_json::to_writer(&mut out, &doc).map_err(|_| TransformError::Serialize)?;
     if prepared.wrapped > 0 {
-        out = numbers::unwrap(out);
+        out = numbers::unwrap(out, marker);
     }
     Ok(Transformed { outcome: Outcome::Body(out), stats })
 }
@@ -334,7 +334,7 @@ fn parse(body: &[u8], prepared: &numbers::Prepared<'_>) -> Result<Value, Transfo
         return Err(TransformError::EmptyBody);
     }
     match serde_json::from_slice::<Value>(&prepared.body) {
-        Ok(doc) if prepared.wrapped == 0 || !has_sentinel_key(&doc) => Ok(doc),
+        Ok(doc) if prepared.wrapped == 0 || !has_marked_key(&doc, prepared.marker) => Ok(doc),
         // A number rewritten where only a string is valid (an object key) made an invalid
         // body parse: the original tells what is wrong with it.
         Ok(_) => serde_json::from_slice::<Value>(body).map_err(not_json),
@@ -358,12 +358,16 @@ fn not_json_at(e: &serde_json::Error, line: usize, column: usize) -> TransformEr
     }
 }
 
-fn has_sentinel_key(v: &Value) -> bool {
+/// Whether a key of `v` starts with `marker`: a wrapped number where only a string is valid.
+fn has_marked_key(v: &Value, marker: Option<char>) -> bool {
+    let Some(marker) = marker else {
+        return false;
+    };
     match v {
         Value::Object(map) => {
-            map.iter().any(|(k, v)| k.starts_with(numbers::SENTINEL) || has_sentinel_key(v))
+            map.iter().any(|(k, v)| k.starts_with(marker) || has_marked_key(v, Some(marker)))
         }
-        Value::Array(items) => items.iter().any(has_sentinel_key),
+        Value::Array(items) => items.iter().any(|v| has_marked_key(v, Some(marker))),
         _ => false,
     }
 }
@@ -412,7 +416,8 @@ struct RecordPass<'a> {
     plan: &'a Plan,
     filter: Option<RecordFilter<'a>>,
     key: &'a HashKey,
-    sentinels: bool,
+    /// The body's [`numbers::Prepared::marker`].
+    marker: Option<char>,
     id_path: Option<IdPath<'a>>,
     /// Records the row filter accepted so far.
     passed: u64,
@@ -452,7 +457,7 @@ impl RecordPass<'_> {
         if let Some(id_path) = &self.id_path
             && let Some(id) = id_path.find(record)
         {
-            let hash = id_hash(id, self.key, self.sentinels);
+            let hash = id_hash(id, self.key, self.marker);
             keep_hash(&mut self.stats.record_hashes, &mut self.stats.record_hashes_omitted, hash);
         }
         true
@@ -518,14 +523,14 @@ impl RecordPass<'_> {
 }
 
 /// The keyed hash of a record id: strings by their text, numbers by their JSON text (as
-/// written); anything else has none.
-pub(crate) fn id_hash(id: &Value, key: &HashKey, sentinels: bool) -> Option<String> {
+/// written; strings starting with `marker` stand for numbers); anything else has none.
+pub(crate) fn id_hash(id: &Value, key: &HashKey, marker: Option<char>) -> Option<String> {
     match id {
         Value::String(s) => {
-            let text = numbers::number_text(s, sentinels).unwrap_or(s);
+            let text = numbers::number_text(s, marker).unwrap_or(s);
             Some(key.hash_hex(text.as_bytes()))
         }
-        Value::Number(_) => Some(key.hash_hex(&json_text(id, sentinels))),
+        Value::Number(_) => Some(key.hash_hex(&json_text(id, marker))),
         _ => None,
     }
 }

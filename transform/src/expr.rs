@@ -205,16 +205,16 @@ impl Expr {
 
     /// Evaluates a row filter for one JSON record.
     pub fn eval_record(&self, vars: &Vars, record: &serde_json::Value) -> Result<bool, ExprError> {
-        self.eval_json_record(vars, record, false).map_err(|e| self.describe(e))
+        self.eval_json_record(vars, record, None).map_err(|e| self.describe(e))
     }
 
-    /// Evaluates a row filter for one record of a parsed body; `sentinels` tells whether
-    /// strings carrying the number sentinel stand for numbers (see [`crate::numbers`]).
+    /// Evaluates a row filter for one record of a parsed body; strings starting with `marker`
+    /// stand for numbers (see [`crate::numbers`]).
     pub(crate) fn eval_json_record(
         &self,
         vars: &Vars,
         record: &serde_json::Value,
-        sentinels: bool,
+        marker: Option<char>,
     ) -> Result<bool, EvalError> {
         match (&self.inner.record_fields, record) {
             (Some(fields), serde_json::Value::Object(object)) => {
@@ -222,14 +222,14 @@ impl Expr {
                     HashMap::with_capacity(fields.len());
                 for field in fields {
                     if let Some(value) = object.get(field) {
-                        entries.insert(CelMapKey::from(field.as_str()), json_to_val(value, sentinels));
+                        entries.insert(CelMapKey::from(field.as_str()), json_to_val(value, marker));
                     }
                 }
                 let map = CelMap::from(entries);
                 self.eval_val(vars, Some(&map))
             }
             _ => {
-                let value = json_to_val(record, sentinels);
+                let value = json_to_val(record, marker);
                 self.eval_val(vars, Some(value.as_ref()))
             }
         }
@@ -314,7 +314,8 @@ impl Expr {
 pub(crate) struct RecordFilter<'a> {
     expr: &'a Expr,
     vars: &'a Vars,
-    sentinels: bool,
+    /// Strings starting with it stand for numbers ([`crate::numbers`]).
+    marker: Option<char>,
     memo: HashMap<u64, Vec<(Vec<MemoPart>, Verdict)>>,
     memo_len: usize,
     hasher: std::hash::RandomState,
@@ -379,11 +380,11 @@ impl<'a> RecordFilter<'a> {
     /// Distinct field-value combinations remembered per response.
     pub(crate) const MEMO_LIMIT: usize = 4096;
 
-    pub(crate) fn new(expr: &'a Expr, vars: &'a Vars, sentinels: bool) -> Self {
+    pub(crate) fn new(expr: &'a Expr, vars: &'a Vars, marker: Option<char>) -> Self {
         RecordFilter {
             expr,
             vars,
-            sentinels,
+            marker,
             memo: HashMap::new(),
             memo_len: 0,
             hasher: std::hash::RandomState::new(),
@@ -440,7 +441,7 @@ impl<'a> RecordFilter<'a> {
     }
 
     fn evaluate(&self, record: &serde_json::Value) -> Verdict {
-        match self.expr.eval_json_record(self.vars, record, self.sentinels) {
+        match self.expr.eval_json_record(self.vars, record, self.marker) {
             Ok(true) => Verdict::Keep,
             Ok(false) => Verdict::Drop,
             Err(_) => Verdict::Error,
@@ -625,7 +626,7 @@ impl VariableResolver for Resolver<'_> {
 }
 
 /// Converts a JSON value into a CEL value that borrows its strings.
-pub(crate) fn json_to_val(value: &serde_json::Value, sentinels: bool) -> Box<dyn Val + '_> {
+pub(crate) fn json_to_val(value: &serde_json::Value, marker: Option<char>) -> Box<dyn Val + '_> {
     use serde_json::Value as J;
     match value {
         J::Null => Box::new(CelNull),
@@ -639,18 +640,18 @@ pub(crate) fn json_to_val(value: &serde_json::Value, sentinels: bool) -> Box<dyn
                 Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN)))
             }
         }
-        J::String(s) => match numbers::number_text(s, sentinels) {
+        J::String(s) => match numbers::number_text(s, marker) {
             // A number kept verbatim (see `numbers`): CEL compares it as a double.
             Some(text) => Box::new(CelDouble::from(text.parse::<f64>().unwrap_or(f64::NAN))),
             None => Box::new(CelString::from(s.as_str())),
         },
         J::Array(items) => {
-            Box::new(CelList::from(items.iter().map(|v| json_to_val(v, sentinels)).collect::<Vec<_>>()))
+            Box::new(CelList::from(items.iter().map(|v| json_to_val(v, marker)).collect::<Vec<_>>()))
         }
         J::Object(object) => Box::new(CelMap::from(
             object
                 .iter()
-                .map(|(k, v)| (CelMapKey::from(k.as_str()), json_to_val(v, sentinels)))
+                .map(|(k, v)| (CelMapKey::from(k.as_str()), json_to_val(v, marker)))
                 .collect::<HashMap<_, _>>(),
         )),
     }

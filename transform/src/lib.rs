@@ -18,9 +18,11 @@
 //!   as the upstream wrote them. Only the values a mask selects are decoded and rewritten,
 //!   with the same masking code as the parsed document. It hands over to the parsed document
 //!   when a body needs what only that can do exactly: more records than the cap, a duplicate
-//!   key where a path looks, the U+FDD0 character. An escaped lone surrogate is copied as it
-//!   is where no path looks, and read as U+FFFD where one does. Nesting deeper
-//!   than serde_json's recursion limit (127 containers) is refused on both paths.
+//!   key where a path looks, all 32 noncharacters U+FDD0..=U+FDEF (see
+//!   [below](crate#numbers); fewer of them are read and copied as any other character). An
+//!   escaped lone surrogate is copied as it is where no path looks, and read as U+FFFD where
+//!   one does. Nesting deeper than serde_json's recursion limit (127 containers) is refused
+//!   on both paths.
 //! - **Parsed document** (everything else). The body is parsed into a `serde_json::Value`,
 //!   transformed and written back compactly, as described below.
 //!
@@ -49,10 +51,12 @@
 //! # Numbers
 //!
 //! Before parsing, one pass over the body finds number tokens that would not survive a round
-//! trip through `serde_json::Value` and wraps each into a string starting with the Unicode
-//! noncharacter U+FDD0; after serialising they are unwrapped back into the original tokens.
-//! Masks treat them as numbers (by their text) and row filters see them as `double`. A body
-//! that itself contains U+FDD0 is parsed as is, and such numbers then lose precision.
+//! trip through `serde_json::Value` and wraps each into a string starting with a marker, a
+//! Unicode noncharacter of U+FDD0..=U+FDEF that the body does not contain (raw or escaped):
+//! the first free one, so a user's U+FDD0 in a field costs no one their numbers. After
+//! serialising they are unwrapped back into the original tokens. Masks treat them as numbers
+//! (by their text) and row filters see them as `double`. Only a body that contains all 32 of
+//! these noncharacters is parsed as is, and such numbers then lose precision.
 
 #![forbid(unsafe_code)]
 

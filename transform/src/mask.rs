@@ -15,7 +15,8 @@ pub const REDACTED: &str = "[REDACTED]";
 pub(crate) struct Masker<'a> {
     pub strategy: MaskStrategy,
     pub key: &'a HashKey,
-    pub sentinels: bool,
+    /// The character that starts strings standing for numbers ([`numbers::Prepared::marker`]).
+    pub marker: Option<char>,
 }
 
 impl Masker<'_> {
@@ -23,7 +24,7 @@ impl Masker<'_> {
     /// `Remove`, which deletes instead.
     pub fn apply(&self, value: &mut Value) {
         if let Value::String(s) = value
-            && numbers::number_text(s, self.sentinels).is_none()
+            && numbers::number_text(s, self.marker).is_none()
         {
             match self.strategy {
                 MaskStrategy::Redact => {
@@ -51,10 +52,10 @@ impl Masker<'_> {
             MaskStrategy::Hash => {
                 let mac = match value {
                     Value::String(s) => {
-                        let text = numbers::number_text(s, self.sentinels).unwrap_or(s);
+                        let text = numbers::number_text(s, self.marker).unwrap_or(s);
                         self.key.mask_mac(text.as_bytes())
                     }
-                    other => self.key.mask_mac(&json_text(other, self.sentinels)),
+                    other => self.key.mask_mac(&json_text(other, self.marker)),
                 };
                 let mut out = String::with_capacity(34);
                 push_hash(&mut out, &mac);
@@ -76,8 +77,8 @@ impl Masker<'_> {
     /// A value as text: strings as they are, everything else as its JSON.
     fn text<'v>(&self, value: &'v Value) -> Cow<'v, str> {
         match value {
-            Value::String(s) => Cow::Borrowed(numbers::number_text(s, self.sentinels).unwrap_or(s)),
-            other => Cow::Owned(String::from_utf8_lossy(&json_text(other, self.sentinels)).into_owned()),
+            Value::String(s) => Cow::Borrowed(numbers::number_text(s, self.marker).unwrap_or(s)),
+            other => Cow::Owned(String::from_utf8_lossy(&json_text(other, self.marker)).into_owned()),
         }
     }
 }
@@ -88,10 +89,9 @@ fn push_hash(out: &mut String, mac: &[u8; 32]) {
     push_hex(out, &mac[..16]);
 }
 
-/// Compact JSON of a value, numbers kept as written.
-pub(crate) fn json_text(value: &Value, sentinels: bool) -> Vec<u8> {
-    let json = serde_json::to_vec(value).unwrap_or_default();
-    if sentinels { numbers::unwrap(json) } else { json }
+/// Compact JSON of a value, numbers kept as written (`marker`: see [`Masker::marker`]).
+pub(crate) fn json_text(value: &Value, marker: Option<char>) -> Vec<u8> {
+    numbers::unwrap(serde_json::to_vec(value).unwrap_or_default(), marker)
 }
 
 const STARS: &str = "****************************************************************";
@@ -181,7 +181,7 @@ mod tests {
     fn partial_masks_written_directly_equal_the_serialised_masks() {
         let key = HashKey::new("k");
         for strategy in [MaskStrategy::ShowLast4, MaskStrategy::ShowFirst1] {
-            let masker = Masker { strategy, key: &key, sentinels: true };
+            let masker = Masker { strategy, key: &key, marker: Some(numbers::SENTINEL) };
             let long: Vec<String> = (60..=64).map(|n| "x".repeat(n)).collect();
             let short =
                 ["", "a", "ab", "1234", "12345", "13812345678", "张三丰", "😀", "a😀b😀c", "e\u{301}cole"];
@@ -232,7 +232,7 @@ mod tests {
             MaskStrategy::ShowFirst1,
             MaskStrategy::Null,
         ] {
-            let m = Masker { strategy, key: &key, sentinels: true };
+            let m = Masker { strategy, key: &key, marker: Some(numbers::SENTINEL) };
             for v in [
                 json!("13812345678"),
                 json!("张三"),
@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn strategies() {
         let key = HashKey::new("k");
-        let m = |strategy| Masker { strategy, key: &key, sentinels: true };
+        let m = |strategy| Masker { strategy, key: &key, marker: Some(numbers::SENTINEL) };
         assert_eq!(m(MaskStrategy::Redact).masked(&json!({"a": 1})), json!("[REDACTED]"));
         assert_eq!(m(MaskStrategy::Null).masked(&json!("x")), Value::Null);
         assert_eq!(m(MaskStrategy::ShowLast4).masked(&json!(1234567)), json!("***4567"));

@@ -7,40 +7,75 @@
 //! integer such as `123456789012345678901234` would come out as `1.2345678901234568e23`.
 //!
 //! So before parsing, one pass over the body finds the number tokens that would not survive
-//! the round trip (see [`is_exact`]) and rewrites each into a string: the sentinel
-//! [`SENTINEL`] (U+FDD0, a Unicode noncharacter) followed by the token's text. After
-//! serialising, the sentinel strings are turned back into the original tokens, byte for byte.
-//! Masks and row filters treat such a string as the number it stands for (masks by its text,
-//! CEL as a `double`).
+//! the round trip (see [`is_exact`]) and rewrites each into a string: a marker character
+//! followed by the token's text. After serialising, the marked strings are turned back into
+//! the original tokens, byte for byte. Masks and row filters treat such a string as the
+//! number it stands for (masks by its text, CEL as a `double`).
 //!
-//! If the body already contains U+FDD0 anywhere (raw or escaped), the sentinel would be
-//! ambiguous: the body is then parsed as is, and such numbers go through `f64` (integers
-//! beyond 64 bits and decimals with more than 15 significant digits lose precision; numbers
-//! beyond the `f64` range make the body fail to parse).
+//! The marker is a Unicode noncharacter of U+FDD0..=U+FDEF that the body does not contain,
+//! raw or escaped (in any letter case), picked per body: the first free one, U+FDD0 unless
+//! the body holds it (a user may well put one in a profile field; that must not cost the
+//! other records their numbers). Only a body holding all 32 of them is parsed as is: such
+//! numbers then go through `f64` (integers beyond 64 bits and decimals with more than 15
+//! significant digits lose precision; numbers beyond the `f64` range make the body fail to
+//! parse).
 //!
 //! Numbers that do survive can still change spelling but never value: `1.50` becomes `1.5`,
 //! `1e2` becomes `100.0`, `-0` becomes `0`.
 
 use std::borrow::Cow;
 
-/// The character that starts a string standing for a number token.
+/// The first marker candidate, U+FDD0: the marker of a body that holds none of them, and
+/// the one a lone number token is wrapped with (`stream`).
 pub(crate) const SENTINEL: char = '\u{FDD0}';
-const SENTINEL_BYTES: [u8; 3] = [0xEF, 0xB7, 0x90];
+/// The marker candidates: U+FDD0..=U+FDEF, 32 noncharacters, one bit each in a `u32`.
+const FIRST_MARKER: u32 = 0xFDD0;
+const LAST_MARKER: u32 = 0xFDEF;
+
+/// The candidate (its index, 0..32) whose UTF-8 (`EF B7 90`..`EF B7 AF`) starts at `at`.
+#[inline]
+pub(crate) fn raw_marker(body: &[u8], at: usize) -> Option<u32> {
+    match body.get(at..at + 3)? {
+        &[0xEF, 0xB7, third @ 0x90..=0xAF] => Some(u32::from(third - 0x90)),
+        _ => None,
+    }
+}
+
+/// The candidate (its index, 0..32) that the code unit of a `\uXXXX` escape stands for.
+#[inline]
+pub(crate) fn escaped_marker(code: u32) -> Option<u32> {
+    (FIRST_MARKER..=LAST_MARKER).contains(&code).then(|| code - FIRST_MARKER)
+}
+
+/// The first candidate not in `present` (bit `k`: candidate `k` occurs), if any.
+pub(crate) fn pick_marker(present: u32) -> Option<char> {
+    let free = (!present).trailing_zeros();
+    if free >= 32 { None } else { char::from_u32(FIRST_MARKER + free) }
+}
+
+/// The UTF-8 of a marker.
+fn marker_bytes(marker: char) -> [u8; 3] {
+    let mut bytes = [0; 3];
+    marker.encode_utf8(&mut bytes);
+    bytes
+}
 
 /// A body ready for `serde_json`.
 pub(crate) struct Prepared<'a> {
-    /// The body, with inexact number tokens wrapped in sentinel strings.
+    /// The body, with inexact number tokens wrapped in marked strings.
     pub body: Cow<'a, [u8]>,
-    /// Whether sentinel strings in the parsed document stand for numbers.
-    pub sentinels: bool,
+    /// The character that starts the strings of the parsed document standing for numbers:
+    /// one the body does not contain, `None` if it contains all the candidates (numbers are
+    /// then not wrapped).
+    pub marker: Option<char>,
     /// How many number tokens were wrapped.
     pub wrapped: usize,
     /// Where the wrapped tokens are in the original body (start, end).
     inexact: Vec<(usize, usize)>,
 }
 
-/// Bytes a wrapped token gains: two quotes and the sentinel.
-const WRAPPING: usize = 2 + SENTINEL_BYTES.len();
+/// Bytes a wrapped token gains: two quotes and the marker.
+const WRAPPING: usize = 2 + 3;
 
 impl Prepared<'_> {
     /// The column in the original body of a parse error at `line`:`column` of the prepared
@@ -82,7 +117,8 @@ impl Prepared<'_> {
     }
 }
 
-/// Scans `body` and wraps the number tokens that `serde_json::Value` cannot hold exactly.
+/// Scans `body` and wraps the number tokens that `serde_json::Value` cannot hold exactly, in
+/// strings starting with a marker the body does not contain ([`Prepared::marker`]).
 ///
 /// Escaped lone surrogates (`"\ud800"` not followed by a trailing surrogate escape, or a
 /// trailing one alone) are rewritten to `\ufffd`, the replacement character, in place (the
@@ -94,7 +130,8 @@ impl Prepared<'_> {
 pub(crate) fn prepare(body: &[u8]) -> Prepared<'_> {
     let mut inexact: Vec<(usize, usize)> = Vec::new();
     let mut lone_surrogates: Vec<usize> = Vec::new();
-    let mut collision = false;
+    // the marker candidates the body holds, raw or escaped
+    let mut present: u32 = 0;
     let n = body.len();
     let mut i = 0;
     'scan: while i < n {
@@ -113,7 +150,9 @@ pub(crate) fn prepare(body: &[u8]) -> Prepared<'_> {
                         }
                         b'\\' => {
                             match (body.get(i + 1), hex4(body, i + 2)) {
-                                (Some(b'u'), Some(0xFDD0)) => collision = true,
+                                (Some(b'u'), Some(code @ 0xFDD0..=0xFDEF)) => {
+                                    present |= 1 << (u32::from(code) - FIRST_MARKER);
+                                }
                                 (Some(b'u'), Some(0xD800..=0xDBFF)) => {
                                     if body.get(i + 6..i + 8) == Some(&b"\\u"[..])
                                         && matches!(hex4(body, i + 8), Some(0xDC00..=0xDFFF))
@@ -130,8 +169,8 @@ pub(crate) fn prepare(body: &[u8]) -> Prepared<'_> {
                             i += 2;
                         }
                         _ => {
-                            if body[i..].starts_with(&SENTINEL_BYTES) {
-                                collision = true;
+                            if let Some(k) = raw_marker(body, i) {
+                                present |= 1 << k;
                             }
                             i += 1;
                         }
@@ -147,8 +186,10 @@ pub(crate) fn prepare(body: &[u8]) -> Prepared<'_> {
                     inexact.push((start, i));
                 }
             }
-            0xEF if body[i..].starts_with(&SENTINEL_BYTES) => {
-                collision = true;
+            0xEF => {
+                if let Some(k) = raw_marker(body, i) {
+                    present |= 1 << k;
+                }
                 i += 1;
             }
             _ => i += 1,
@@ -163,24 +204,25 @@ pub(crate) fn prepare(body: &[u8]) -> Prepared<'_> {
         }
         Cow::Owned(owned)
     };
-    if collision {
-        return Prepared { body, sentinels: false, wrapped: 0, inexact: Vec::new() };
-    }
+    let Some(marker) = pick_marker(present) else {
+        return Prepared { body, marker: None, wrapped: 0, inexact: Vec::new() };
+    };
     if inexact.is_empty() {
-        return Prepared { body, sentinels: true, wrapped: 0, inexact };
+        return Prepared { body, marker: Some(marker), wrapped: 0, inexact };
     }
+    let marker_bytes = marker_bytes(marker);
     let mut out = Vec::with_capacity(body.len() + inexact.len() * 5);
     let mut last = 0;
     for &(start, end) in &inexact {
         out.extend_from_slice(&body[last..start]);
         out.push(b'"');
-        out.extend_from_slice(&SENTINEL_BYTES);
+        out.extend_from_slice(&marker_bytes);
         out.extend_from_slice(&body[start..end]);
         out.push(b'"');
         last = end;
     }
     out.extend_from_slice(&body[last..]);
-    Prepared { body: Cow::Owned(out), sentinels: true, wrapped: inexact.len(), inexact }
+    Prepared { body: Cow::Owned(out), marker: Some(marker), wrapped: inexact.len(), inexact }
 }
 
 /// The value of the four hex digits at `at`, if there are four.
@@ -193,7 +235,7 @@ fn hex4(body: &[u8], at: usize) -> Option<u16> {
     u16::from_str_radix(text, 16).ok()
 }
 
-/// The position of the first `"`, `\\` or 0xEF byte (the first byte of U+FDD0) at or after
+/// The position of the first `"`, `\\` or 0xEF byte (the first byte of every marker) at or after
 /// `i`, or the length of `body`: eight bytes at a time, then byte by byte.
 fn skip_plain(body: &[u8], mut i: usize) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
@@ -312,18 +354,24 @@ fn split_number(token: &[u8]) -> Option<NumberParts<'_>> {
     rest.is_empty().then_some(NumberParts { integer, fraction, exponent })
 }
 
-/// The number text a string stands for, if it is a sentinel string.
-pub(crate) fn number_text(s: &str, sentinels: bool) -> Option<&str> {
-    if sentinels { s.strip_prefix(SENTINEL) } else { None }
+/// The number text a string stands for, if it starts with `marker` (the body's
+/// [`Prepared::marker`]; `None`: no string stands for a number).
+pub(crate) fn number_text(s: &str, marker: Option<char>) -> Option<&str> {
+    s.strip_prefix(marker?)
 }
 
-/// Turns the sentinel strings of serialised JSON back into the number tokens they hold.
-pub(crate) fn unwrap(json: Vec<u8>) -> Vec<u8> {
+/// Turns the strings of serialised JSON that start with `marker` back into the number tokens
+/// they hold (`None`: nothing to turn back).
+pub(crate) fn unwrap(json: Vec<u8>, marker: Option<char>) -> Vec<u8> {
+    let Some(marker) = marker else {
+        return json;
+    };
+    let marker = marker_bytes(marker);
     let mut out: Option<Vec<u8>> = None;
     let mut last = 0;
     let mut i = 0;
     while i + 4 <= json.len() {
-        if json[i] == b'"' && json[i + 1..i + 4] == SENTINEL_BYTES {
+        if json[i] == b'"' && json[i + 1..i + 4] == marker {
             let start = i + 4;
             let len = json[start..]
                 .iter()
@@ -417,12 +465,12 @@ mod tests {
     fn prepare_and_unwrap() {
         let body = br#"{"a":123456789012345678901234,"b":[1e400,2],"s":"123456789012345678901234"}"#;
         let p = prepare(body);
-        assert!(p.sentinels);
+        assert_eq!(p.marker, Some(SENTINEL));
         assert_eq!(p.wrapped, 2);
         let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
-        assert_eq!(number_text(v["a"].as_str().unwrap(), true), Some("123456789012345678901234"));
+        assert_eq!(number_text(v["a"].as_str().unwrap(), p.marker), Some("123456789012345678901234"));
         assert_eq!(v["s"], "123456789012345678901234");
-        let out = unwrap(serde_json::to_vec(&v).unwrap());
+        let out = unwrap(serde_json::to_vec(&v).unwrap(), p.marker);
         assert_eq!(out, body.to_vec());
     }
 
@@ -442,18 +490,52 @@ mod tests {
         assert_eq!(p.original_column(err.line(), err.column()), original.column());
     }
 
+    /// The marker is the first candidate the body does not hold, raw or escaped in any
+    /// letter case; the body's own noncharacters stay strings.
     #[test]
-    fn collision_disables_sentinels() {
-        for body in [
-            "{\"a\":\"\u{FDD0}1\",\"b\":123456789012345678901234}".as_bytes(),
-            br#"{"a":"\ufdd01","b":123456789012345678901234}"#,
-            br#"{"a":"\uFDD0","b":1}"#,
+    fn the_marker_is_one_the_body_does_not_hold() {
+        let big = "123456789012345678901234";
+        for (body, marker) in [
+            (format!("{{\"a\":\"\u{FDD0}1\",\"b\":{big}}}"), '\u{FDD1}'),
+            (format!(r#"{{"a":"\ufdd01","b":{big}}}"#), '\u{FDD1}'),
+            (format!(r#"{{"a":"\uFDD0","b":{big}}}"#), '\u{FDD1}'),
+            (format!("{{\"a\":\"\\uFdD0\u{FDD1}x\",\"b\":{big}}}"), '\u{FDD2}'),
+            (format!("{{\"\u{FDD0}\u{FDD2}\":\"\\ufdd1\",\"b\":{big}}}"), '\u{FDD3}'),
+            // an escaped backslash before `ufdd0` is no escape of U+FDD0
+            (format!(r#"{{"a":"\\ufdd0","b":{big}}}"#), '\u{FDD0}'),
         ] {
-            let p = prepare(body);
-            assert!(!p.sentinels);
+            let p = prepare(body.as_bytes());
+            assert_eq!(p.marker, Some(marker), "{body}");
+            assert_eq!(p.wrapped, 1, "{body}");
+            let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+            assert_eq!(number_text(v["b"].as_str().unwrap(), p.marker), Some(big), "{body}");
+            let original: serde_json::Value = serde_json::from_str(&body.replace(big, "1")).unwrap();
+            for (k, s) in original.as_object().unwrap().iter().filter(|(_, s)| s.is_string()) {
+                assert_eq!(&v[k], s, "{body}");
+                assert_eq!(number_text(s.as_str().unwrap(), p.marker), None, "{body}");
+            }
+            let out = String::from_utf8(unwrap(serde_json::to_vec(&v).unwrap(), p.marker)).unwrap();
+            assert!(out.ends_with(&format!(r#""b":{big}}}"#)), "{body} -> {out}");
+        }
+        // all 32 held: nothing is wrapped
+        let all: String = (0xFDD0..=0xFDEF).filter_map(char::from_u32).collect();
+        for body in [
+            format!(r#"{{"a":"{all}","b":{big}}}"#),
+            format!(r#"{{"a":"{}{}","b":{big}}}"#, &all[..3 * 31], r"\uFDEF"),
+        ] {
+            let p = prepare(body.as_bytes());
+            assert_eq!(p.marker, None);
             assert_eq!(p.wrapped, 0);
             assert!(matches!(p.body, Cow::Borrowed(_)));
         }
+        // all but one: that one
+        let body = format!(r#"{{"a":"{}","b":{big}}}"#, all.replace('\u{FDE7}', ""));
+        let p = prepare(body.as_bytes());
+        assert_eq!(p.marker, Some('\u{FDE7}'));
+        assert_eq!(p.wrapped, 1);
+        // neighbours of the range are no candidates
+        let p = prepare("{\"a\":\"\u{FDCF}\u{FDF0}\\uFDCF\\uFDF0\"}".as_bytes());
+        assert_eq!(p.marker, Some(SENTINEL));
     }
 
     #[test]

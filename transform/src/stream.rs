@@ -31,8 +31,12 @@
 //! The pass stops and lets the parsed document do the work ([`Stop::Fallback`]) when it
 //! meets what it would not handle exactly like it: more records than `max_records` (the cap
 //! truncates or refuses), a duplicate key where a path looks (the parsed document keeps the
-//! last value at the first position), the U+FDD0 character (it turns off number
-//! preservation). An escaped lone surrogate is copied as it is where the pass only skips the
+//! last value at the first position), the last of all 32 noncharacters U+FDD0..=U+FDEF (the
+//! parsed document then has no marker for numbers and turns off number preservation, see
+//! [`numbers`](crate::numbers)). Fewer of them are noted as they are met and otherwise
+//! treated as any other character: copied where the pass skips a string, decoded where it
+//! reads one (a decoded value's numbers are wrapped with a marker it does not hold, which
+//! masks alike). An escaped lone surrogate is copied as it is where the pass only skips the
 //! string, and read as U+FFFD where it decodes it (keys, ids, masked values), as the parsed
 //! document reads it. Invalid JSON is reported with the same error
 //! kind as the parsed document reports ([`TransformError::NotJson`] or
@@ -178,6 +182,7 @@ pub(crate) fn run(
         record_depth: 0,
         id_pending: false,
         string_start: 0,
+        markers: 0,
         name_steps: Vec::new(),
         key_sets: Vec::new(),
     };
@@ -266,6 +271,9 @@ struct Walker<'a> {
     id_pending: bool,
     /// Where the content of the string last scanned starts.
     string_start: usize,
+    /// The marker candidates U+FDD0..=U+FDEF met so far, raw or escaped (bit `k`: U+FDD0 +
+    /// `k`): the pass hands over when all are.
+    markers: u32,
     /// The name steps of the objects being walked, innermost last (see [`Walker::object`]).
     name_steps: Vec<NameStep<'a>>,
     /// The keys seen so far in each object being walked that a wildcard reaches, innermost
@@ -472,7 +480,8 @@ impl<'a> Walker<'a> {
         let start = self.pos;
         match self.peek() {
             Some(b'"') => {
-                // as a `Value::String` holds it (no sentinel: U+FDD0 hands over)
+                // as a `Value::String` holds it (the parsed document's marker is one the body
+                // does not hold: no string of the body stands for a number)
                 let text = self.string_text()?;
                 let hash = self.key.hash_hex(text.as_bytes());
                 keep_hash(&mut self.hashes, &mut self.hashes_omitted, Some(hash));
@@ -485,7 +494,7 @@ impl<'a> Walker<'a> {
                     // serde_json writes such an integer back exactly as written
                     Some(self.key.hash_hex(token))
                 } else {
-                    id_hash(&number_value(token)?, self.key, true)
+                    id_hash(&number_value(token)?, self.key, Some(numbers::SENTINEL))
                 };
                 keep_hash(&mut self.hashes, &mut self.hashes_omitted, hash);
                 Ok(())
@@ -760,8 +769,9 @@ impl<'a> Walker<'a> {
     #[inline(never)]
     fn masked_value(&mut self, alive: Bits, depth: u32, root: bool) -> Res<Option<Value>> {
         let plan = self.plan;
-        let mut value = if self.peek() == Some(b'"') {
-            Value::String(self.string_text()?.into_owned())
+        // `marker`: what strings standing for numbers start with, in this value
+        let (mut value, marker) = if self.peek() == Some(b'"') {
+            (Value::String(self.string_text()?.into_owned()), None)
         } else {
             let start = self.pos;
             self.skip_value(depth)?;
@@ -778,7 +788,7 @@ impl<'a> Walker<'a> {
             path::for_each_mut(&mut value, &entry.steps[depth..], &mut |record| {
                 count += 1;
                 if let Some(id) = id_steps.and_then(|steps| path::first(record, steps)) {
-                    keep_hash(&mut hashes, &mut omitted, id_hash(id, key, true));
+                    keep_hash(&mut hashes, &mut omitted, id_hash(id, key, marker));
                 }
             });
             self.hashes = hashes;
@@ -790,7 +800,7 @@ impl<'a> Walker<'a> {
             && let Some(steps) = id_steps
             && let Some(id) = path::first(&value, &steps[depth - self.record_depth as usize..])
         {
-            let hash = id_hash(id, self.key, true);
+            let hash = id_hash(id, self.key, marker);
             keep_hash(&mut self.hashes, &mut self.hashes_omitted, hash);
             self.id_pending = false;
         }
@@ -809,7 +819,7 @@ impl<'a> Walker<'a> {
                 self.masked[class] += 1;
                 return Ok(None);
             }
-            let masker = Masker { strategy, key: self.key, sentinels: true };
+            let masker = Masker { strategy, key: self.key, marker };
             self.masked[class] += pass.steps(&mut value, rest, &masker, bits & plan.masks != 0);
         }
         pass.finish(&mut value);
@@ -1074,8 +1084,8 @@ impl<'a> Walker<'a> {
                     i = self.escape(i + 1)?;
                 }
                 Some(0xEF) => {
-                    if self.buf.get(i + 1..i + 3) == Some(&SENTINEL_TAIL[..]) {
-                        return Err(Stop::Fallback);
+                    if let Some(k) = numbers::raw_marker(self.buf, i) {
+                        self.marker_met(k)?;
                     }
                     ascii = false;
                     i += 1;
@@ -1090,8 +1100,13 @@ impl<'a> Walker<'a> {
         match self.buf.get(i) {
             Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(i + 1),
             Some(b'u') => match self.hex4(i + 1)? {
-                // the sentinel turns off number preservation
-                0xFDD0 => Err(Stop::Fallback),
+                // a marker candidate: noted
+                code @ 0xFDD0..=0xFDEF => {
+                    if let Some(k) = numbers::escaped_marker(code) {
+                        self.marker_met(k)?;
+                    }
+                    Ok(i + 5)
+                }
                 // a pair: both escapes
                 0xD800..=0xDBFF
                     if self.buf.get(i + 5..i + 7) == Some(&b"\\u"[..])
@@ -1111,6 +1126,13 @@ impl<'a> Walker<'a> {
         }
     }
 
+    /// Marker candidate `k` (U+FDD0 + `k`) is in the body: once all are, the parsed document
+    /// has no marker for numbers and turns off number preservation (handed over).
+    fn marker_met(&mut self, k: u32) -> Res<()> {
+        self.markers |= 1 << k;
+        if self.markers == u32::MAX { Err(Stop::Fallback) } else { Ok(()) }
+    }
+
     /// Four hex digits at `at`.
     fn hex4(&self, at: usize) -> Res<u32> {
         let Some(digits) = self.buf.get(at..at + 4) else {
@@ -1122,9 +1144,6 @@ impl<'a> Walker<'a> {
         })
     }
 }
-
-/// U+FDD0 in UTF-8 is `EF B7 90`.
-const SENTINEL_TAIL: [u8; 2] = [0xB7, 0x90];
 
 /// The bytes a JSON string holds as they are and [`skip_plain`] passes over that are ASCII:
 /// `0x20..=0x7F` but `"` and `\`.
@@ -1177,7 +1196,7 @@ fn error_at(buf: &[u8], at: usize) -> TransformError {
 }
 
 /// The position of the first `"`, `\`, control character or `0xEF` byte (the first byte of
-/// U+FDD0) at or after `i`, or the length of `buf`, and whether the bytes before it are all
+/// U+FDD0..=U+FDEF) at or after `i`, or the length of `buf`, and whether the bytes before it are all
 /// ASCII: eight bytes at a time, then byte by byte.
 fn skip_plain(buf: &[u8], mut i: usize) -> (usize, bool) {
     let mut high = 0;
@@ -1209,8 +1228,8 @@ fn is_plain_integer(token: &[u8]) -> bool {
     token.iter().all(|b| b.is_ascii_digit() || *b == b'-') && token != b"-0" && numbers::is_exact(token)
 }
 
-/// A number token as the parsed document holds it: a `Value` number, or a sentinel string
-/// where `Value` cannot hold it exactly.
+/// A number token as the parsed document holds it: a `Value` number, or a string of
+/// [`numbers::SENTINEL`] and the token where `Value` cannot hold it exactly.
 fn number_value(token: &[u8]) -> Res<Value> {
     if numbers::is_exact(token) {
         serde_json::from_slice(token).map_err(|_| Stop::Fallback)
@@ -1227,18 +1246,19 @@ fn decode_escaped(raw: &[u8]) -> Option<String> {
     serde_json::from_slice(&numbers::prepare(raw).body).ok()
 }
 
-/// A validated value as the parsed document holds it (numbers wrapped where needed).
-fn decode(raw: &[u8]) -> Option<Value> {
+/// A validated value as the parsed document holds it (numbers wrapped where needed), and the
+/// marker its strings standing for numbers start with: one the value does not hold, which
+/// masks and hashes as the body's marker does in the parsed document. `None` if it holds
+/// all the candidates (the pass hands over then anyway).
+fn decode(raw: &[u8]) -> Option<(Value, Option<char>)> {
     match raw.first()? {
-        b'-' | b'0'..=b'9' => number_value(raw).ok(),
+        b'-' | b'0'..=b'9' => Some((number_value(raw).ok()?, Some(numbers::SENTINEL))),
         b'{' | b'[' => {
             let prepared = numbers::prepare(raw);
-            if !prepared.sentinels {
-                return None;
-            }
-            serde_json::from_slice(&prepared.body).ok()
+            let marker = prepared.marker?;
+            Some((serde_json::from_slice(&prepared.body).ok()?, Some(marker)))
         }
-        _ => serde_json::from_slice(raw).ok(),
+        _ => Some((serde_json::from_slice(raw).ok()?, None)),
     }
 }
 

@@ -365,10 +365,17 @@ fn what_the_streaming_path_hands_over() {
     streamed(r#"{"items":[{"a":{"id":1},"b":{"id":2}},{"a":{"id":3}}]}"#, &ids("$.items[*]", "$.*.id"));
     let wildcard = Plan { masks: vec![mask("all", &["$.*"], MaskStrategy::Redact)], ..Plan::default() };
     handed_over(r#"{"a":1,"b":2,"a":3}"#, &wildcard);
-    // U+FDD0 anywhere (it turns number preservation off in the parsed document)
-    handed_over("{\"phone\":\"1\",\"s\":\"\u{FDD0}\",\"big\":123456789012345678901234}", &plan);
-    handed_over(r#"{"phone":"1","s":"\uFDD0","big":123456789012345678901234}"#, &plan);
-    handed_over(r#"{"s":"\ufdd0"}"#, &plan);
+    // U+FDD0..=U+FDEF: streamed (the parsed document marks numbers with one the body does
+    // not hold), but for all 32 in one body (it has none left and loses precision)
+    streamed("{\"phone\":\"1\",\"s\":\"\u{FDD0}\",\"big\":123456789012345678901234}", &plan);
+    streamed(r#"{"phone":"1","s":"\uFDD0","big":123456789012345678901234}"#, &plan);
+    streamed(r#"{"s":"\ufdd0"}"#, &plan);
+    let all: Vec<String> = (0xFDD0..=0xFDEFu32).map(|c| format!("\\u{c:04x}")).collect();
+    let body = |all: &[String]| format!(r#"{{"phone":"1","s":"{}","big":1e400}}"#, all.concat());
+    streamed(&body(&all[1..]), &plan);
+    streamed(&body(&all[..31]), &plan);
+    handed_over(&body(&all), &plan);
+    handed_over(&body(&all).replace("\\ufdd5", "\u{FDD5}"), &plan);
     // escaped lone surrogates: streamed (copied as they are where no path looks), and both
     // paths read each as U+FFFD (a user's string must not make the whole response "not
     // JSON", nor need the parsed document)
@@ -460,6 +467,83 @@ fn lone_surrogates_are_streamed() {
         assert!(
             String::from_utf8(out).unwrap().contains(&format!(r#""name":"{name}","phone":"**********5678""#))
         );
+    }
+}
+
+/// U+FDD0..=U+FDEF in strings the streaming pass skips, compares or masks need no parsed
+/// document either (it marks numbers with one the body does not hold): a large body with a
+/// user's U+FDD0 is transformed within the memory of the streaming pass, its numbers kept.
+#[test]
+fn noncharacters_are_streamed() {
+    let plan = Plan {
+        records: Some(path("$.items[*]")),
+        record_id: Some(path("$.id")),
+        masks: vec![
+            mask("phone", &["$.items[*].phone"], MaskStrategy::ShowLast4),
+            mask("name", &["$.items[*].name"], MaskStrategy::Hash),
+            mask("extra", &["$.items[*].extra"], MaskStrategy::Hash),
+            mask("total", &["$.total"], MaskStrategy::ShowFirst1),
+        ],
+        ..Plan::default()
+    };
+    // decoded where masked (strings, objects holding them and big numbers), as ids, as keys
+    for (body, records) in [
+        (
+            "{\"items\":[{\"id\":\"a\u{FDD0}\",\"name\":\"Bob\u{FDD0}\",\"phone\":\"+49\u{FDD1}176\"},{\"id\":12345678901234567890123,\"extra\":{\"n\":1e400,\"s\":\"\u{FDD0}\u{FDD1}1\"}}],\"total\":1e400}",
+            2,
+        ),
+        (
+            r#"{"items":[{"id":"\ufdd0","name":"\uFDD0123","extra":["\uFDD2",123456789012345678901234]}],"total":123456789012345678901234}"#,
+            1,
+        ),
+        (
+            r#"{"items":[{"id":12345678901234567890123,"\ufdd0":1,"name":"\ufdd1","extra":{"\ufdd0":1e400}}],"total":"\ufdd0"}"#,
+            1,
+        ),
+    ] {
+        let (text, t) = streamed(body, &plan);
+        assert_eq!(t.stats.records_returned, records, "{text}");
+        let big_id = key().hash_hex(b"12345678901234567890123");
+        assert_eq!(
+            t.stats.record_hashes.contains(&big_id),
+            body.contains("12345678901234567890123,"),
+            "{text}"
+        );
+    }
+}
+
+/// A body over 2 MiB with a user's U+FDD0 (raw or escaped) in a name, 32 MiB of room: the
+/// parsed document would need more (`NoRoomForDocument`, a 502); the streaming pass takes it
+/// and keeps its big numbers and record-id hashes.
+#[test]
+fn a_large_body_with_a_noncharacter_is_streamed_within_its_room() {
+    let plan = Plan {
+        records: Some(path("$.items[*]")),
+        record_id: Some(path("$.id")),
+        masks: vec![mask("phone", &["$.items[*].phone"], MaskStrategy::ShowLast4)],
+        ..Plan::default()
+    };
+    let list = |name: &str| {
+        let item = format!(
+            r#"{{"id":12345678901234567890123,"name":"{name}","phone":"+4917612345678","note":"{}"}}"#,
+            "x".repeat(40)
+        );
+        format!(r#"{{"items":[{}],"total":1e400}}"#, vec![item; 24_000].join(","))
+    };
+    let within = |body: &str| {
+        assert!(body.len() > 2 << 20);
+        custos_transform::apply_within(body.as_bytes(), &plan, vars, &key(), |needed| needed <= 32 << 20)
+    };
+    let plain = within(&list("Bob")).unwrap();
+    for name in ["Bob\u{FDD0}", r"Bob\ufdd0", r"Bob\uFDD0", "\u{FDD0}\u{FDD1}", r"Bob\uFDEF"] {
+        let t = within(&list(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(t.stats, plain.stats, "{name}");
+        let Outcome::Body(out) = t.outcome else { panic!("root filtered") };
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains(&format!(
+            r#"{{"id":12345678901234567890123,"name":"{name}","phone":"**********5678","#
+        )));
+        assert!(out.ends_with(r#""total":1e400}"#));
     }
 }
 
@@ -754,7 +838,7 @@ fn strings_are_judged_alike_at_every_offset() {
         ],
         ..Plan::default()
     };
-    let specials: [(&[u8], bool); 7] = [
+    let specials: [(&[u8], bool); 9] = [
         // (bytes, streamed: false where the parsed document must decide)
         (b"\\n", true),
         (b"\\u00e9", true),
@@ -762,7 +846,9 @@ fn strings_are_judged_alike_at_every_offset() {
         (b"\x01", true),
         ("é".as_bytes(), true),
         (b"\xff", true),
-        ("\u{fdd0}".as_bytes(), false),
+        ("\u{fdd0}".as_bytes(), true),
+        ("\u{fdef}".as_bytes(), true),
+        (b"\\uFDD0", true),
     ];
     for len in 0..=40 {
         for at in 0..=len {
@@ -834,6 +920,13 @@ fn scalar() -> impl Strategy<Value = String> {
         "，",
         "\u{FDCF}",
         "\u{FFFD}",
+        // the noncharacters that mark numbers the parsed document cannot hold
+        "\u{FDD0}",
+        "\\ufdd0",
+        "\\uFDD1",
+        "\u{FDD1}",
+        "\\uFdE0",
+        "\u{FDEF}",
         "+86 138",
         "\\u0000",
     ]);

@@ -596,12 +596,96 @@ fn big_numbers_in_row_filters_compare_as_doubles() {
     assert_eq!(stats.records_returned, 1);
 }
 
+fn phone_plan() -> Plan {
+    masks(vec![mask("phone", &["$.items[*].phone"], MaskStrategy::ShowLast4)])
+}
+
+/// U+FDD0 in a user's field (raw or escaped) no longer turns number preservation off for
+/// the whole response (numbers are wrapped with a noncharacter the body does not hold): a
+/// number beyond `f64` elsewhere does not make the body "not JSON" (a 502 for every caller).
 #[test]
-fn bodies_holding_the_sentinel_character_lose_precision_only() {
-    // U+FDD0 in the body turns number preservation off: big numbers then go through f64
-    let body = "{\"s\":\"\u{FDD0}x\",\"big\":123456789012345678901234}";
-    let (doc, _) = run(body, &Plan::default());
-    assert_eq!(doc["s"], "\u{FDD0}x");
+fn a_noncharacter_in_a_name_does_not_make_the_body_not_json() {
+    for name in ["Bob\u{FDD0}", r"Bob\ufdd0", r"Bob\uFDD0", "Bob"] {
+        let body = format!(r#"{{"items":[{{"name":"{name}","phone":"+4917612345678"}}],"total":1e400}}"#);
+        let (text, stats) = run_text(&body, &phone_plan());
+        assert_eq!(stats.masked["phone"], 1, "{body}");
+        assert!(text.contains(r#""phone":"**********5678""#), "{body} -> {text}");
+        assert!(text.ends_with(r#""total":1e400}"#), "{body} -> {text}");
+        // the parsed document alone (the path a row filter takes) too
+        let filtered = Plan {
+            records: Some(path("$.items[*]")),
+            row_filter: filter("record.name != 'x'"),
+            ..phone_plan()
+        };
+        let (text, stats) = run_text(&body, &filtered);
+        assert_eq!(stats.records_returned, 1, "{body}");
+        assert!(text.contains("\"name\":\"Bob"), "{body} -> {text}");
+        assert!(text.ends_with(r#""total":1e400}"#), "{body} -> {text}");
+    }
+}
+
+/// U+FDD0 in one record's name: another record's big integer id keeps its value and the
+/// hash it has without the U+FDD0.
+#[test]
+fn a_noncharacter_in_a_name_keeps_another_records_big_id_and_its_hash() {
+    let plan = Plan { records: Some(path("$.items[*]")), record_id: Some(path("$.id")), ..phone_plan() };
+    let list = |name: &str| {
+        format!(
+            r#"{{"items":[{{"id":"u1","name":"{name}","phone":"+4917612345678"}},{{"id":12345678901234567890123,"name":"Ann","phone":"+4917600000000"}}]}}"#
+        )
+    };
+    let (_, plain) = run_text(&list("Bob"), &plan);
+    assert_eq!(plain.record_hashes[1], key().hash_hex(b"12345678901234567890123"));
+    for name in ["Bob\u{FDD0}", r"Bob\ufdd0", "\u{FDD0}\u{FDD1}", r"\uFDD0\ufdd1\uFdD2"] {
+        let body = list(name);
+        let (text, stats) = run_text(&body, &plan);
+        assert!(text.contains(r#""id":12345678901234567890123,"#), "{body} -> {text}");
+        assert_eq!(stats.record_hashes, plain.record_hashes, "{body}");
+        let filtered = Plan { row_filter: filter("record.name != 'x'"), ..plan.clone() };
+        let (text, stats) = run_text(&body, &filtered);
+        assert!(text.contains(r#""id":12345678901234567890123,"#), "{body} -> {text}");
+        assert_eq!(stats.record_hashes, plain.record_hashes, "{body}");
+    }
+}
+
+/// U+FDD0 and U+FDD1 held: the next free noncharacter marks numbers; the body's own stay
+/// strings, even one that reads like a marked number, and mask, hash and filter as the
+/// strings they are.
+#[test]
+fn the_next_free_noncharacter_marks_numbers() {
+    let body = "{\"a\":\"\u{FDD0}123\",\"b\":\"\\ufdd1456\",\"c\":\"\u{FDD2}\",\"big\":123456789012345678901234,\"x\":1.5e400}";
+    assert_eq!(
+        dom_text(body, &Plan::default()),
+        "{\"a\":\"\u{FDD0}123\",\"b\":\"\u{FDD1}456\",\"c\":\"\u{FDD2}\",\"big\":123456789012345678901234,\"x\":1.5e400}"
+    );
+    let hashed = masks(vec![mask("h", &["$.a", "$.b", "$.big"], MaskStrategy::Hash)]);
+    let (doc, stats) = run(&body.replace(",\"x\":1.5e400", ""), &hashed);
+    assert_eq!(stats.masked["h"], 3);
+    let h = |text: &str| format!("h:{}", &key().mask_hash_hex(text.as_bytes())[..32]);
+    assert_eq!(doc["a"], h("\u{FDD0}123"));
+    assert_eq!(doc["b"], h("\u{FDD1}456"));
+    assert_eq!(doc["big"], h("123456789012345678901234"));
+    // a row filter sees the body's string as a string and the number as a number
+    let plan = Plan {
+        records: Some(path("$.items[*]")),
+        row_filter: filter("record.s == '\u{FDD1}7' && record.n > 1.0"),
+        ..Plan::default()
+    };
+    let body =
+        "{\"items\":[{\"s\":\"\\ufdd17\",\"n\":123456789012345678901234},{\"s\":\"\u{FDD0}7\",\"n\":2}]}";
+    let (text, stats) = run_text(body, &plan);
+    assert_eq!(stats.records_returned, 1);
+    assert_eq!(text, "{\"items\":[{\"s\":\"\u{FDD1}7\",\"n\":123456789012345678901234}]}");
+}
+
+/// Only a body holding all 32 noncharacters U+FDD0..=U+FDEF loses precision: it has no
+/// marker left.
+#[test]
+fn a_body_holding_all_32_noncharacters_loses_precision_only() {
+    let all: String = (0xFDD0..=0xFDEF).filter_map(char::from_u32).collect();
+    let body = format!(r#"{{"s":"{all}","big":123456789012345678901234}}"#);
+    let (doc, _) = run(&body, &Plan::default());
+    assert_eq!(doc["s"], all);
     assert_eq!(doc["big"].as_f64(), Some(1.2345678901234568e23));
 }
 
