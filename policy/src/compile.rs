@@ -80,6 +80,9 @@ pub struct CompiledRule {
     /// `/customers/42.json` to the handler of `/customers/{id}`: the rule's constraints are
     /// not escaped by spelling the path so). Empty for Deny rules, whose `paths` fold already.
     pub variant_paths: Vec<PathGlob>,
+    /// Whether a literal of `paths` has an ASCII capital (folding case can change its matches
+    /// of a path without capitals too).
+    pub upper_literals: bool,
     /// When every glob of `paths` starts with a literal segment: those literals. A request
     /// whose first segment is none of them cannot match the rule, which is then passed over
     /// before anything else is compared.
@@ -469,6 +472,7 @@ fn compile_rule(
         action: rule.action,
         methods,
         first_segments,
+        upper_literals: paths.iter().any(|g| has_upper_literal(g.as_str())),
         paths,
         variant_paths,
         workloads,
@@ -480,6 +484,15 @@ fn compile_rule(
         records_source: rule.records.clone(),
         limits,
     }
+}
+
+/// Whether the glob text `pattern` has an ASCII capital outside its `{name}` captures.
+fn has_upper_literal(pattern: &str) -> bool {
+    let mut in_capture = false;
+    pattern.bytes().any(|b| {
+        in_capture = (in_capture || b == b'{') && b != b'}';
+        !in_capture && b.is_ascii_uppercase()
+    })
 }
 
 /// Whether `key` is a Secret data key as Kubernetes accepts them, and so a plain file name in

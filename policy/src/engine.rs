@@ -461,22 +461,33 @@ fn allow_variant<'e>(
     req: &Request<'_>,
     vars: &mut Option<CachedVars>,
 ) -> Option<(&'e CompiledRule, Vec<(String, String)>)> {
-    if rules.iter().all(|r| r.paths.is_empty()) {
-        return None;
-    }
-    let folded = |rule: &'e CompiledRule, req: &Request<'_>, vars: &mut Option<CachedVars>| {
-        if rule.paths.is_empty() || !may_match_first(rule, req.path.segment(0), true) {
+    // Folding case changes a match only where the path or the rule's literals have capitals
+    // (the rules before the matching one failed as sent); only a last segment with a `.` has
+    // stems. Most requests have neither: nothing more is compared.
+    let upper_path = req.path.as_str().bytes().any(|b| b.is_ascii_uppercase());
+    let first = req.path.segment(0);
+    fn folded<'e>(
+        rule: &'e CompiledRule,
+        req: &Request<'_>,
+        first: Option<&str>,
+        vars: &mut Option<CachedVars>,
+    ) -> Option<(&'e CompiledRule, Vec<(String, String)>)> {
+        if rule.paths.is_empty() || !may_match_first(rule, first, true) {
             return None;
         }
         rule_matches_in(rule, &rule.variant_paths, req, vars).map(|params| (rule, params))
-    };
-    if let Some(found) = rules.iter().find_map(|rule| folded(rule, req, vars)) {
+    }
+    if let Some(found) = rules
+        .iter()
+        .filter(|rule| upper_path || rule.upper_literals)
+        .find_map(|rule| folded(rule, req, first, vars))
+    {
         return Some(found);
     }
     for stem in suffix_stems(req.path) {
         let stem_req = Request { path: &stem, ..*req };
-        let mut stem_vars = None;
-        if let Some(found) = rules.iter().find_map(|rule| folded(rule, &stem_req, &mut stem_vars)) {
+        let (first, mut stem_vars) = (stem.segment(0), None);
+        if let Some(found) = rules.iter().find_map(|rule| folded(rule, &stem_req, first, &mut stem_vars)) {
             return Some(found);
         }
     }

@@ -764,4 +764,13 @@ fn path_variants_cannot_escape_an_allow_rules_constraints() {
             "{mode:?} {default_action:?} {method} {path}"
         );
     }
+    // A rule's own capitals fold too, with a path that has none (capture names aside).
+    let mut spec = mk_spec(vec![mk_allow("reports", &["GET"], &["/Reports/{reportId}"])]);
+    spec.default_action = Action::Allow;
+    let e = mk_engine(&spec);
+    for p in ["/reports/q1", "/REPORTS/q1", "/Reports/q1"] {
+        let path = normalize(p).expect("valid");
+        let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+        assert_eq!((v.reason, v.rule.map(|r| r.name.as_str())), (Reason::AllowRule, Some("reports")), "{p}");
+    }
 }

@@ -2014,8 +2014,11 @@ fn upstream_request(
         // accepts (a response read to be transformed or audited is read without them).
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    // Request trailer fields never reach the app (`RequestBody` drops them).
-    headers.remove(header::TRAILER);
+    if !body.is_end_stream() {
+        // Request trailer fields never reach the app (`RequestBody` drops them); a request
+        // without a body has none to announce.
+        headers.remove(header::TRAILER);
+    }
     if !body.is_end_stream() && body.is_complete() {
         // The whole body was read: the sidecar has answered any `100-continue` itself, and
         // goes with its length.
@@ -2081,7 +2084,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name.as_str()) {
             present |= 1 << i;
-        } else if is_custos(name) || is_url_rewrite_header(name) {
+        } else if is_custos_or_url_rewrite(name) {
             custos.push(name.clone());
         }
     }
@@ -2127,14 +2130,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
 /// another path than the one decided on. Also spelled with `_` for `-`.
 const URL_REWRITE_HEADERS: [&[u8]; 2] = [b"x-original-url", b"x-rewrite-url"];
 
-fn is_url_rewrite_header(name: &HeaderName) -> bool {
+/// Whether `name` is an `x-custos-*` header or one of [`URL_REWRITE_HEADERS`] (each also
+/// spelled with `_` for `-`). Its text is read once: most names are neither.
+fn is_custos_or_url_rewrite(name: &HeaderName) -> bool {
     let name = name.as_str().as_bytes();
-    URL_REWRITE_HEADERS.iter().any(|h| same_folding_underscores(name, h))
-}
-
-fn is_custos(name: &HeaderName) -> bool {
-    let name = name.as_str().as_bytes();
-    name.len() > CUSTOS_PREFIX.len() && same_folding_underscores(&name[..CUSTOS_PREFIX.len()], CUSTOS_PREFIX)
+    (name.len() > CUSTOS_PREFIX.len()
+        && same_folding_underscores(&name[..CUSTOS_PREFIX.len()], CUSTOS_PREFIX))
+        || (matches!(name.len(), 13 | 14)
+            && URL_REWRITE_HEADERS.iter().any(|h| same_folding_underscores(name, h)))
 }
 
 /// The prefix of the sidecar's own headers, never taken from a client.
@@ -2519,11 +2522,27 @@ mod tests {
         {
             assert!(!is_method_override_header(&HeaderName::from_static(name)), "{name}");
         }
-        for name in ["x-custos-user", "x_custos_user", "x-custos_attrs", "x_custos-a"] {
-            assert!(is_custos(&HeaderName::from_static(name)), "{name}");
+        for name in [
+            "x-custos-user",
+            "x_custos_user",
+            "x-custos_attrs",
+            "x_custos-a",
+            "x-original-url",
+            "x_rewrite_url",
+            "x-rewrite_url",
+        ] {
+            assert!(is_custos_or_url_rewrite(&HeaderName::from_static(name)), "{name}");
         }
-        for name in ["x-custos-", "x-custos", "x-custo-user", "xx-custos-user", "custos-user"] {
-            assert!(!is_custos(&HeaderName::from_static(name)), "{name}");
+        for name in [
+            "x-custos-",
+            "x-custos",
+            "x-custo-user",
+            "xx-custos-user",
+            "custos-user",
+            "x-original-urls",
+            "x-rewrite",
+        ] {
+            assert!(!is_custos_or_url_rewrite(&HeaderName::from_static(name)), "{name}");
         }
     }
 
