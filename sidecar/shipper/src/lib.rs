@@ -47,9 +47,10 @@
 //!
 //! # Losses, all counted
 //!
-//! - `queue_full`: the in-memory queue was full. The request path never waits and never writes to
-//!   disk itself; size [`ShipperConfig::queue_capacity`] for the burst rate times the time a spool
-//!   write takes.
+//! - `queue_full`: the in-memory queue was full, by count ([`ShipperConfig::queue_capacity`]) or by
+//!   the estimated memory of its events ([`ShipperConfig::queue_max_bytes`], reached by events
+//!   carrying many record hashes). The request path never waits and never writes to disk itself;
+//!   size [`ShipperConfig::queue_capacity`] for the burst rate times the time a spool write takes.
 //! - `spool_full`: a batch could not be delivered and the spool had reached
 //!   [`ShipperConfig::spool_max_bytes`]; `spool_error`: writing it failed.
 //! - `rejected`: the collector answered 400 (`empty_batch`, `bad_encoding`, or an unknown
@@ -72,9 +73,10 @@
 //! A stop with SIGTERM (a rollout, a scale-down, a pod eviction) flushes or spools everything
 //! ([`Shipper::shutdown`]). A process killed without it (SIGKILL, the OOM killer, a failed
 //! liveness probe past its grace period) loses what was only in memory, uncounted: the events
-//! queued and not yet batched (at most [`ShipperConfig::queue_capacity`], in practice about
-//! one [`ShipperConfig::flush_interval`] of traffic), the batch being built, the batch in
-//! flight and up to [`ShipperConfig::max_waiting_batches`] waiting behind it. Spooled records
+//! queued and not yet batched (at most [`ShipperConfig::queue_capacity`] and
+//! [`ShipperConfig::queue_max_bytes`], in practice about one [`ShipperConfig::flush_interval`]
+//! of traffic), the batch being built, the batch in flight and up to
+//! [`ShipperConfig::max_waiting_batches`] waiting behind it. Spooled records
 //! survive (each is synced before it counts as spooled). Such kills are visible as container
 //! restarts with a `Error`/`OOMKilled` reason; the operations guide has the alert.
 //!
@@ -203,6 +205,14 @@ pub struct ShipperConfig {
     pub flush_interval: Duration,
     /// Capacity of the in-memory queue between [`Shipper::emit`] and the shipper (default 10 000).
     pub queue_capacity: usize,
+    /// Bound on the memory the queued events hold, as estimated when each is emitted (about
+    /// 1 KiB plus its variable strings, and 88 bytes per record hash); default 32 MiB. The
+    /// count alone does not bound memory: an event may carry up to 10 000 record hashes
+    /// (about 880 KB), and 10 000 of them queued while the spool or the collector lags would
+    /// take gigabytes, far beyond the sidecar container's memory limit. 10 000 events without
+    /// record hashes take about 10 MiB, so in ordinary traffic the count binds first. An event
+    /// that would take the queue past it is dropped and counted as `queue_full`.
+    pub queue_max_bytes: usize,
     /// Time-out of one request to the collector, connection included (default 5 s).
     pub request_timeout: Duration,
     /// First wait before retrying after a failed delivery (default 500 ms); doubled after each
@@ -234,6 +244,7 @@ impl Default for ShipperConfig {
             batch_max_bytes: 4 << 20,
             flush_interval: Duration::from_secs(1),
             queue_capacity: 10_000,
+            queue_max_bytes: 32 << 20,
             request_timeout: Duration::from_secs(5),
             retry_initial_backoff: Duration::from_millis(500),
             retry_max_backoff: Duration::from_secs(30),
@@ -262,6 +273,9 @@ impl ShipperConfig {
         if self.queue_capacity == 0 {
             return fail("queue_capacity must be at least 1");
         }
+        if self.queue_max_bytes < QUEUED_EVENT_BASE_BYTES {
+            return fail("queue_max_bytes must be at least 1024 (one event without record hashes)");
+        }
         if self.flush_interval.is_zero() || self.request_timeout.is_zero() {
             return fail("flush_interval and request_timeout must be positive");
         }
@@ -276,6 +290,55 @@ impl ShipperConfig {
         }
         Ok(())
     }
+}
+
+/// The fixed part of [`queued_bytes`]: the `AuditEvent` itself (about 500 bytes) and the heap
+/// blocks of its short strings (id, time, namespace, method...), with the allocator's rounding.
+const QUEUED_EVENT_BASE_BYTES: usize = 1024;
+
+/// [`queued_bytes`] per record hash: a `String` (24 bytes) and its 64 hex digits.
+const QUEUED_RECORD_HASH_BYTES: usize = 88;
+
+/// [`queued_bytes`] per `also_applied`, `dry_runs` or `masked` entry or user attribute, besides
+/// the lengths of its strings: the entry itself and its heap blocks.
+const QUEUED_ENTRY_BYTES: usize = 128;
+
+/// An estimate of the memory `event` holds while queued, charged against
+/// [`ShipperConfig::queue_max_bytes`]. Cheap, as it runs on the request path: no serialisation,
+/// record hashes counted at a fixed size, and the lengths of the strings that can be long (the
+/// short fixed ones are in the base). `also_applied` and `dry_runs` have at most 64 entries each.
+fn queued_bytes(event: &AuditEvent) -> usize {
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let mut bytes = QUEUED_EVENT_BASE_BYTES
+        .saturating_add(event.record_hashes.len().saturating_mul(QUEUED_RECORD_HASH_BYTES))
+        .saturating_add(event.path.len())
+        .saturating_add(event.reason.len())
+        .saturating_add(event.principal.len())
+        .saturating_add(opt(&event.policy))
+        .saturating_add(opt(&event.rule))
+        .saturating_add(opt(&event.pod));
+    if let Some(user) = &event.user {
+        bytes = bytes.saturating_add(user.id.len());
+        for (name, value) in &user.attributes {
+            bytes = bytes.saturating_add(QUEUED_ENTRY_BYTES + name.len() + value.len());
+        }
+    }
+    bytes = bytes.saturating_add(event.masked.len().saturating_mul(QUEUED_ENTRY_BYTES));
+    for applied in &event.also_applied {
+        bytes = bytes.saturating_add(
+            QUEUED_ENTRY_BYTES + applied.policy.len() + applied.rule.len() + opt(&applied.principal),
+        );
+    }
+    for dry_run in &event.dry_runs {
+        bytes = bytes.saturating_add(
+            QUEUED_ENTRY_BYTES
+                + dry_run.policy.len()
+                + opt(&dry_run.rule)
+                + opt(&dry_run.principal)
+                + dry_run.reason.len(),
+        );
+    }
+    bytes
 }
 
 /// What [`Shipper::shutdown`] achieved.
@@ -357,7 +420,7 @@ impl Shipper {
             );
         }
         let wake_at = queue::wake_threshold(config.batch_max_events, config.queue_capacity);
-        let (tx, rx) = queue::channel(config.queue_capacity, wake_at);
+        let (tx, rx) = queue::channel(config.queue_capacity, config.queue_max_bytes, wake_at);
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let worker = worker::Worker::new(&config, rx, shutdown_rx, transport, spool, metrics.clone());
         let handle = runtime.spawn(worker.run());
@@ -365,10 +428,11 @@ impl Shipper {
         Ok((Shipper { inner: Arc::new(inner) }, handle))
     }
 
-    /// Hands one event to the shipper. Never blocks and never awaits: O(1), counter increments
-    /// and a `try_send` (waking the background task only every few dozen events). When the
-    /// queue is full the event is dropped and counted (`queue_full`); after shutdown it is
-    /// counted as `shutdown`.
+    /// Hands one event to the shipper. Never blocks and never awaits: counter increments, an
+    /// estimate of the event's memory (a few lengths, no serialisation) and a `try_send` (an
+    /// atomic add against the byte bound; waking the background task only every few dozen
+    /// events). When the queue is full (by count, or by [`ShipperConfig::queue_max_bytes`]) the
+    /// event is dropped and counted (`queue_full`); after shutdown it is counted as `shutdown`.
     pub fn emit(&self, event: AuditEvent) {
         let metrics = &self.inner.metrics;
         metrics.emitted();
@@ -388,7 +452,8 @@ impl Shipper {
             );
             return;
         };
-        match tx.try_send(event) {
+        let bytes = queued_bytes(&event);
+        match tx.try_send(event, bytes) {
             Ok(()) => {}
             Err(queue::Refused::Full) => {
                 let total = metrics.dropped(DropReason::QueueFull, 1);
@@ -427,5 +492,138 @@ impl Shipper {
     /// The metrics this shipper updates.
     pub fn metrics(&self) -> &ShipperMetrics {
         &self.inner.metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::BTreeMap;
+
+    use custos_api::audit::{AppliedRule, AuditUser, DryRun};
+    use custos_api::policy::Mode;
+    use custos_api::{AuditEvent, Decision};
+
+    use super::*;
+
+    /// An event as the proxy emits for most requests: no record hashes.
+    fn small_event(i: usize) -> AuditEvent {
+        AuditEvent {
+            schema_version: custos_api::audit::AUDIT_SCHEMA_VERSION,
+            id: format!("01TESTEVENT{i:015}"),
+            time: "2025-01-01T00:00:00.000000Z".to_string(),
+            cluster: Some("prod-eu-1".to_string()),
+            namespace: "shop".to_string(),
+            policy: Some("customers".to_string()),
+            rule: Some("branch-staff-read".to_string()),
+            mode: Mode::Enforce,
+            pod: Some("api-7d9f8c6b5-x2x4q".to_string()),
+            caller: None,
+            user: Some(AuditUser {
+                id: "alice".to_string(),
+                attributes: BTreeMap::from([("branch".to_string(), "north".to_string())]),
+            }),
+            principal: "user:alice".to_string(),
+            method: "GET".to_string(),
+            path: "/customers/{id}".to_string(),
+            decision: Decision::Allow,
+            reason: "rule branch-staff-read allows".to_string(),
+            status: 200,
+            records_returned: 1,
+            records_filtered: 0,
+            records_truncated: 0,
+            masked: BTreeMap::from([("pii".to_string(), 2)]),
+            bytes: 100,
+            latency_us: 10,
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".to_string()),
+            record_hashes: Vec::new(),
+            also_applied: Vec::new(),
+            dry_runs: Vec::new(),
+            prev_hash: None,
+        }
+    }
+
+    /// An event for a bulk read: 10 000 record hashes (64 hex digits each).
+    fn large_event(i: usize) -> AuditEvent {
+        AuditEvent { record_hashes: vec!["ab".repeat(32); 10_000], ..small_event(i) }
+    }
+
+    #[test]
+    fn the_estimate_counts_record_hashes_and_variable_parts() {
+        let small = queued_bytes(&small_event(0));
+        assert!((QUEUED_EVENT_BASE_BYTES..2 * QUEUED_EVENT_BASE_BYTES).contains(&small), "{small}");
+        let large = queued_bytes(&large_event(0));
+        assert_eq!(large, small + 10_000 * QUEUED_RECORD_HASH_BYTES);
+        // The in-memory size of a record hash, which the estimate takes as fixed.
+        assert!(QUEUED_RECORD_HASH_BYTES >= size_of::<String>() + 64);
+        let long_path = AuditEvent { path: "/x".repeat(4000), ..small_event(0) };
+        assert_eq!(queued_bytes(&long_path), small + 8000 - "/customers/{id}".len());
+        let applied = AppliedRule { policy: "p".repeat(10), rule: "r".repeat(10), principal: None };
+        let dry_run = DryRun {
+            policy: "q".repeat(10),
+            rule: None,
+            principal: Some("user:bob".to_string()),
+            decision: Decision::WouldDeny,
+            reason: "quota_exceeded".to_string(),
+            charged: false,
+            transform: None,
+        };
+        let both = AuditEvent { also_applied: vec![applied], dry_runs: vec![dry_run], ..small_event(0) };
+        assert_eq!(queued_bytes(&both), small + 2 * QUEUED_ENTRY_BYTES + 20 + 10 + 8 + 14);
+    }
+
+    #[test]
+    fn queue_max_bytes_below_one_event_is_refused() {
+        let config = ShipperConfig { queue_max_bytes: 1023, ..ShipperConfig::default() };
+        assert!(matches!(config.validate(), Err(ShipperError::Config(_))));
+        let config = ShipperConfig { queue_max_bytes: 1024, ..ShipperConfig::default() };
+        config.validate().unwrap();
+    }
+
+    /// A shipper whose worker cannot run until the test awaits (current-thread runtime), so
+    /// that nothing is taken out of the queue during a synchronous burst of `emit`s.
+    fn start(config: ShipperConfig) -> (Shipper, tokio::task::JoinHandle<()>) {
+        Shipper::start(config, ShipperMetrics::new()).unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn emit_drops_large_events_past_the_byte_bound_as_queue_full_but_not_small_ones() {
+        let spool = tempfile::tempdir().unwrap();
+        // Nothing listens on port 1: whatever is queued ends in the spool at shutdown.
+        let config = ShipperConfig {
+            // Small, so that shutting down does not write tens of megabytes.
+            spool_max_bytes: 1 << 20,
+            spool_segment_bytes: 64 << 10,
+            ..ShipperConfig::new(Some("http://127.0.0.1:1".to_string()), spool.path().join("a"))
+        };
+        assert_eq!(config.queue_max_bytes, 32 << 20);
+
+        // 40 events of 10 000 record hashes (about 35 MB) against the default 32 MiB.
+        let (shipper, _task) = start(config.clone());
+        let large = large_event(0);
+        let fit = (32 << 20) / queued_bytes(&large);
+        assert_eq!(fit, 38);
+        for _ in 0..40 {
+            shipper.emit(large.clone());
+        }
+        let metrics = shipper.metrics().clone();
+        assert_eq!(metrics.events_emitted(), 40);
+        assert_eq!(metrics.events_dropped(DropReason::QueueFull), 40 - fit as u64);
+        drop(large);
+        shipper.shutdown(Duration::from_millis(200)).await;
+
+        // A queue's worth of events without record hashes is not refused by the byte bound.
+        let config = ShipperConfig { spool_dir: spool.path().join("b"), ..config };
+        let (shipper, _task) = start(config);
+        for i in 0..10_000 {
+            shipper.emit(small_event(i));
+        }
+        let metrics = shipper.metrics().clone();
+        assert_eq!(metrics.events_dropped(DropReason::QueueFull), 0);
+        // The count binds first.
+        shipper.emit(small_event(10_000));
+        assert_eq!(metrics.events_dropped(DropReason::QueueFull), 1);
+        shipper.shutdown(Duration::from_millis(200)).await;
     }
 }

@@ -326,6 +326,7 @@ fn config(collector: &str, spool: &Path) -> ShipperConfig {
         batch_max_bytes: 4 << 20,
         flush_interval: Duration::from_millis(20),
         queue_capacity: 10_000,
+        queue_max_bytes: 32 << 20,
         request_timeout: Duration::from_millis(500),
         retry_initial_backoff: Duration::from_millis(10),
         retry_max_backoff: Duration::from_millis(50),
