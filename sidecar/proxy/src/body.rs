@@ -28,12 +28,17 @@ pub(crate) struct ProxyBody {
 }
 
 enum Inner {
-    /// A body held in memory (generated or transformed).
+    /// A body held in memory (generated).
     Full(Option<Bytes>),
+    /// A body read into memory under a buffer budget (the app's bytes, or what the plans made
+    /// of them), which keeps its share of the budget until it is sent or dropped.
+    Held(Box<Held>),
     /// The app's body, streamed through.
     Stream(AppBody),
-    /// Bytes already read from the app, then the rest of its body.
-    Chain { prefix: VecDeque<Bytes>, rest: Option<AppBody> },
+    /// Bytes already read from the app, then the rest of its body; `held` is their share of
+    /// the buffer budget they were read under, given back as they are handed out (`buffered`:
+    /// the bytes still in `prefix`).
+    Chain { prefix: VecDeque<Bytes>, rest: Option<AppBody>, held: Reservation, buffered: u64 },
     /// The app's body, streamed through while a copy is kept for when it ends.
     Tee(Box<Tee>),
 }
@@ -58,6 +63,49 @@ pub(crate) const DRY_RUN_BUFFER_TOO_SMALL: &str = "dry_run_buffer_too_small";
 pub(crate) const DRY_RUN_BUFFER_EXHAUSTED: &str = "dry_run_buffer_exhausted";
 /// Why a tee gave up its copy: the body was still arriving at the request's deadline.
 pub(crate) const UPSTREAM_TIMEOUT: &str = "upstream_timeout";
+
+/// The largest piece of a [`Inner::Held`] body handed to hyper at once, as a copy: hyper (and
+/// a client that stops reading) then holds at most its own write buffer of copies, never the
+/// whole buffer, which lives (and stays counted) until the body is sent or dropped.
+const HELD_CHUNK: usize = 64 * 1024;
+
+/// [`Inner::Held`]'s state.
+pub(crate) struct Held {
+    /// What is left to send from `sent` on; empty once all was handed out.
+    bytes: Bytes,
+    sent: usize,
+    /// The share of the budget `bytes` are counted in: their length.
+    reservation: Reservation,
+}
+
+impl Held {
+    /// The next piece to hand out: the whole body when it is small (no copy), else a copy of
+    /// the next [`HELD_CHUNK`] bytes. The buffer and its reservation go with the last piece.
+    fn next(&mut self) -> Option<Bytes> {
+        let left = self.bytes.len() - self.sent;
+        if left == 0 {
+            return None;
+        }
+        let piece = if self.sent == 0 && left <= HELD_CHUNK {
+            std::mem::take(&mut self.bytes)
+        } else {
+            let n = left.min(HELD_CHUNK);
+            let piece = Bytes::copy_from_slice(&self.bytes[self.sent..self.sent + n]);
+            self.sent += n;
+            piece
+        };
+        if self.sent >= self.bytes.len() {
+            self.bytes = Bytes::new();
+            self.sent = 0;
+            self.reservation.shrink_to(0);
+        }
+        Some(piece)
+    }
+
+    fn left(&self) -> u64 {
+        (self.bytes.len() - self.sent) as u64
+    }
+}
 
 /// How much of the app's body a tee keeps, and for how long.
 pub(crate) struct TeeLimits {
@@ -200,6 +248,15 @@ impl ProxyBody {
         ProxyBody { inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())), pending: None }
     }
 
+    /// A body read into memory under `reservation` (a share of a buffer budget), which it
+    /// keeps, shrunk to the body's length, until the body is sent or dropped: bytes a client
+    /// is slow to take stay counted while they wait.
+    pub(crate) fn held(bytes: Bytes, mut reservation: Reservation) -> Self {
+        reservation.shrink_to(if bytes.is_empty() { 0 } else { bytes.len() as u64 });
+        let held = Held { bytes, sent: 0, reservation };
+        ProxyBody { inner: Inner::Held(Box::new(held)), pending: None }
+    }
+
     /// An empty body.
     pub(crate) fn empty() -> Self {
         ProxyBody { inner: Inner::Full(None), pending: None }
@@ -210,9 +267,12 @@ impl ProxyBody {
         ProxyBody { inner: Inner::Stream(body), pending: None }
     }
 
-    /// Buffered chunks of the app's body followed by the rest of it.
-    pub(crate) fn chain(prefix: VecDeque<Bytes>, rest: Option<AppBody>) -> Self {
-        ProxyBody { inner: Inner::Chain { prefix, rest }, pending: None }
+    /// Buffered chunks of the app's body followed by the rest of it; `held` (their share of
+    /// a buffer budget) is kept, shrunk to what is left of them, until they are handed out.
+    pub(crate) fn chain(prefix: VecDeque<Bytes>, rest: Option<AppBody>, mut held: Reservation) -> Self {
+        let buffered: u64 = prefix.iter().map(|b| b.len() as u64).sum();
+        held.shrink_to(buffered);
+        ProxyBody { inner: Inner::Chain { prefix, rest, held, buffered }, pending: None }
     }
 
     /// The app's body, untouched, while a copy is held on `reservation` within `limits`;
@@ -265,10 +325,15 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         let polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Held(held) => Poll::Ready(held.next().map(|b| Ok(Frame::data(b)))),
             Inner::Stream(body) => Pin::new(body).poll_frame(cx),
             Inner::Tee(tee) => tee.poll_frame(cx),
-            Inner::Chain { prefix, rest } => match prefix.pop_front() {
-                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            Inner::Chain { prefix, rest, held, buffered } => match prefix.pop_front() {
+                Some(b) => {
+                    *buffered = buffered.saturating_sub(b.len() as u64);
+                    held.shrink_to(*buffered);
+                    Poll::Ready(Some(Ok(Frame::data(b))))
+                }
                 None => match rest {
                     Some(body) => Pin::new(body).poll_frame(cx),
                     None => Poll::Ready(None),
@@ -296,9 +361,10 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(b) => b.is_none(),
+            Inner::Held(held) => held.left() == 0,
             Inner::Stream(body) => body.is_end_stream(),
             Inner::Tee(tee) => tee.body.is_end_stream(),
-            Inner::Chain { prefix, rest } => {
+            Inner::Chain { prefix, rest, .. } => {
                 prefix.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
             }
         }
@@ -307,11 +373,11 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Held(held) => SizeHint::with_exact(held.left()),
             Inner::Stream(body) => body.size_hint(),
             Inner::Tee(tee) => tee.body.size_hint(),
-            Inner::Chain { prefix, rest } => {
-                let buffered: u64 = prefix.iter().map(|b| b.len() as u64).sum();
-                buffered_then(buffered, rest.as_ref().map(Body::size_hint))
+            Inner::Chain { prefix: _, rest, held: _, buffered } => {
+                buffered_then(*buffered, rest.as_ref().map(Body::size_hint))
             }
         }
     }
@@ -364,10 +430,11 @@ pub(crate) struct Chunks {
 }
 
 impl Chunks {
-    /// The chunks, followed by what is left of `body`, as a body to pass on.
-    pub(crate) fn then(self, body: AppBody) -> ProxyBody {
+    /// The chunks, followed by what is left of `body`, as a body to pass on; `held` (the
+    /// share of the budget the chunks were read under) goes with them until handed out.
+    pub(crate) fn then(self, body: AppBody, held: Reservation) -> ProxyBody {
         let rest = if body.is_end_stream() { None } else { Some(body) };
-        ProxyBody::chain(self.chunks, rest)
+        ProxyBody::chain(self.chunks, rest, held)
     }
 }
 

@@ -1432,7 +1432,8 @@ async fn transform_response(
         // slices unasked gets here; in Audit mode, one that honoured the caller's.
         return untransformable(shared, ctx, &job, parts, PARTIAL_CONTENT, ProxyBody::stream(body));
     }
-    // Held until the transformed body is built: the app's bytes, and their decoding.
+    // Held until the transformed body is built (the app's bytes, and their decoding), then by
+    // the body sent (shrunk to its length) until it is sent or dropped.
     let mut reservation = Reservation::on(&shared.response_buffers);
     let audit = job.mode == Mode::Audit;
     let (raw, decoded) =
@@ -1467,9 +1468,12 @@ async fn transform_response(
     let mut applied = Applied::default();
     for (i, step) in before.iter().chain(std::iter::once(&job)).enumerate() {
         // A parsed document is gone once its step is done; the next takes its own share.
+        // A step's output keeps what `apply_plan` charged for it (the reservation covers it).
         let held = reservation.held();
         let result = apply_plan(shared, i, step, &input, &mut reservation, &mut applied, false);
-        reservation.shrink_to(held);
+        if !matches!(result, Ok(Outcome::Body(_))) {
+            reservation.shrink_to(held);
+        }
         input = match result {
             Ok(Outcome::Body(body)) => Bytes::from(body),
             Ok(Outcome::RootFiltered) => {
@@ -1483,11 +1487,11 @@ async fn transform_response(
                     );
                 }
                 ctx.would_deny("out_of_scope");
-                return Response::from_parts(parts, ProxyBody::full(raw));
+                return Response::from_parts(parts, ProxyBody::held(raw, reservation));
             }
             Err(PlanFailure::CapExceeded) => {
                 ctx.name_rule(step);
-                return cap_denied(ctx, step, parts, raw);
+                return cap_denied(ctx, step, parts, ProxyBody::held(raw, reservation));
             }
             Err(PlanFailure::Untransformable(code))
                 if i > 0 && step.mode == Mode::Enforce && passes_under_fail_open(step, code) =>
@@ -1501,25 +1505,44 @@ async fn transform_response(
                 if !parts.headers.contains_key(header::CONTENT_TYPE) {
                     parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 }
-                return untransformable(shared, ctx, step, parts, code, ProxyBody::full(input));
+                return untransformable(shared, ctx, step, parts, code, ProxyBody::held(input, reservation));
             }
             Err(PlanFailure::Untransformable(code)) => {
                 ctx.name_rule(step);
-                return untransformable(shared, ctx, step, parts, code, ProxyBody::full(raw));
+                return untransformable(shared, ctx, step, parts, code, ProxyBody::held(raw, reservation));
             }
         };
     }
     applied.commit(shared, ctx, before.iter().chain(std::iter::once(&job)), quota_now);
     if job.mode != Mode::Enforce {
         // Audit: the caller gets the app's bytes; the event holds what would have been done.
-        return Response::from_parts(parts, ProxyBody::full(raw));
+        return Response::from_parts(parts, ProxyBody::held(raw, reservation));
     }
     rewritten_for_the_caller(&mut parts.headers);
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(input.len()));
     if !parts.headers.contains_key(header::CONTENT_TYPE) {
         parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
-    Response::from_parts(parts, ProxyBody::full(input))
+    Response::from_parts(parts, ProxyBody::held(input, reservation))
+}
+
+/// Grows `reservation` (on the response buffers) to cover a plan's output of `len` bytes, the
+/// body that outlives the transform until it is sent, or says why not: `response_too_large`
+/// when not even the whole budget could (no retry can help), else
+/// [`RESPONSE_BUFFER_EXHAUSTED`] (a 503 to retry, as for a body the buffers had no room to
+/// read). An output no longer than what the reservation holds (the app's bytes, the step's
+/// input) takes nothing more: input and output are both alive only while the plan runs, one
+/// response per proxy thread at a time.
+fn charge_output(shared: &Shared, reservation: &mut Reservation, len: usize) -> Result<(), &'static str> {
+    let more = (len as u64).saturating_sub(reservation.held());
+    if reservation.grow(more) {
+        return Ok(());
+    }
+    if reservation.held().saturating_add(more) > shared.limits.response_buffer_total_bytes {
+        shared.metrics.limit("response_body_bytes");
+        return Err("response_too_large");
+    }
+    Err(RESPONSE_BUFFER_EXHAUSTED)
 }
 
 /// Whether the app answered with a slice of the representation, which no plan can read.
@@ -1574,7 +1597,7 @@ async fn gather(
         }
         Err(_) if audit => {
             shared.metrics.limit("upstream_timeout");
-            return Err(Ungathered::Unreadable(UPSTREAM_TIMEOUT, read.then(body)));
+            return Err(Ungathered::Unreadable(UPSTREAM_TIMEOUT, read.then(body, reservation.take())));
         }
         Err(_) => {
             shared.metrics.limit("upstream_timeout");
@@ -1589,27 +1612,35 @@ async fn gather(
         Collected::Complete => concat(read.chunks, read.total),
         Collected::TooLarge => {
             shared.metrics.limit("response_body_bytes");
-            return Err(Ungathered::Unreadable("response_too_large", read.then(body)));
+            return Err(Ungathered::Unreadable("response_too_large", read.then(body, reservation.take())));
         }
-        Collected::NoRoom => return Err(Ungathered::Unreadable(RESPONSE_BUFFER_EXHAUSTED, read.then(body))),
+        Collected::NoRoom => {
+            return Err(Ungathered::Unreadable(
+                RESPONSE_BUFFER_EXHAUSTED,
+                read.then(body, reservation.take()),
+            ));
+        }
     };
     if raw.is_empty() {
         return Err(Ungathered::Empty);
     }
     let Some(encoding) = Encoding::of(headers) else {
-        return Err(Ungathered::Unreadable(UNSUPPORTED_CONTENT_ENCODING, ProxyBody::full(raw)));
+        return Err(Ungathered::Unreadable(
+            UNSUPPORTED_CONTENT_ENCODING,
+            ProxyBody::held(raw, reservation.take()),
+        ));
     };
     match decode(raw.clone(), encoding, limit) {
         Ok(d) if encoding != Encoding::Identity && !reservation.grow(d.len() as u64) => {
-            Err(Ungathered::Unreadable(RESPONSE_BUFFER_EXHAUSTED, ProxyBody::full(raw)))
+            Err(Ungathered::Unreadable(RESPONSE_BUFFER_EXHAUSTED, ProxyBody::held(raw, reservation.take())))
         }
         Ok(decoded) => Ok(Gathered { raw, decoded }),
         Err(DecodeError::TooLarge) => {
             shared.metrics.limit("response_body_bytes");
-            Err(Ungathered::Unreadable("response_too_large", ProxyBody::full(raw)))
+            Err(Ungathered::Unreadable("response_too_large", ProxyBody::held(raw, reservation.take())))
         }
         Err(DecodeError::Corrupt) => {
-            Err(Ungathered::Unreadable("bad_content_encoding", ProxyBody::full(raw)))
+            Err(Ungathered::Unreadable("bad_content_encoding", ProxyBody::held(raw, reservation.take())))
         }
     }
 }
@@ -1647,6 +1678,7 @@ fn apply_plan(
         None => plan,
     };
     let vars = || Vars::new(&job.request, job.user.as_ref(), job.workload.as_ref());
+    let entry = reservation.held();
     // The parsed document, when the body needs one, takes its share of the budget too.
     // A dry run's document never fits in more than the dry-run buffers hold.
     let ceiling = if dry_run { shared.dry_run_buffers.total() } else { u64::MAX };
@@ -1685,6 +1717,12 @@ fn apply_plan(
         && plan.max_records.is_some_and(|m| passed > m)
     {
         return Err(PlanFailure::CapExceeded);
+    }
+    if !dry_run && let Outcome::Body(out) = &transformed.outcome {
+        // The output is held until it is sent, and may be longer than its input (a hash mask
+        // makes `1` 35 bytes): it takes its share once the document has given back its own.
+        reservation.shrink_to(entry);
+        charge_output(shared, reservation, out.len()).map_err(PlanFailure::Untransformable)?;
     }
     applied.add(step, job, transformed.stats);
     Ok(transformed.outcome)
@@ -1769,11 +1807,11 @@ fn cap_denied(
     ctx: &mut Ctx,
     job: &TransformJob,
     parts: http::response::Parts,
-    raw: Bytes,
+    raw: ProxyBody,
 ) -> Response<ProxyBody> {
     if job.mode != Mode::Enforce {
         ctx.would_deny("record_cap_exceeded");
-        return Response::from_parts(parts, ProxyBody::full(raw));
+        return Response::from_parts(parts, raw);
     }
     ctx.deny("record_cap_exceeded");
     error_response(
@@ -2194,9 +2232,15 @@ fn same_folding_underscores(name: &[u8], lower: &[u8]) -> bool {
 }
 
 /// Size of the request line and headers, as received (approximately: names, values and
-/// separators).
+/// separators). The URI's authority counts too: h2's `:authority` becomes the app's `Host`,
+/// so it is held to the same limit as a `Host` header (an HTTP/1.1 absolute-form target's
+/// authority is part of its request line).
 fn header_bytes<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    let uri = req.uri();
+    let line = req.method().as_str().len()
+        + uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + 12;
     req.headers().iter().fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
@@ -2351,6 +2395,16 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// h2's `:authority` becomes the app's `Host`: it counts as a `Host` header would.
+    #[test]
+    fn the_authority_counts_as_header_bytes() {
+        let host = "a".repeat(3000);
+        let h2 = Request::get(format!("http://{host}/x")).version(Version::HTTP_2).body(()).unwrap();
+        let h1 = Request::get("/x").header(header::HOST, host.as_str()).body(()).unwrap();
+        assert!(header_bytes(&h2) > 3000, "{}", header_bytes(&h2));
+        assert!(header_bytes(&h2).abs_diff(header_bytes(&h1)) < 16);
+    }
 
     #[test]
     fn events_record_methods_of_at_most_64_bytes() {

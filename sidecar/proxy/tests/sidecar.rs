@@ -3273,3 +3273,137 @@ fn metric_value(metrics: &str, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("{name} missing in\n{metrics}"))
 }
+
+/// The body of `/big/customers` as the upstream sends it.
+fn big_customers_len() -> u64 {
+    let items: Vec<Value> = (0..2000).map(|i| json!({"id": i, "phone": "+8613800001111"})).collect();
+    serde_json::to_vec(&json!({"items": items})).unwrap().len() as u64
+}
+
+/// `custos_sidecar_response_buffer_bytes` now.
+async fn response_buffer_bytes(f: &Fixture) -> f64 {
+    metric_value(&admin_get(f.admin(), "/metrics").await.text(), "custos_sidecar_response_buffer_bytes")
+}
+
+/// A masked response stays counted in the response buffers until it is sent: an h2c client
+/// that grants its stream no window holds it, and meanwhile the budget admits no more than
+/// it has room for (503); once the client lets the stream go, the bytes go back.
+#[tokio::test]
+async fn a_masked_response_the_client_does_not_take_stays_in_the_response_budget() {
+    let raw = big_customers_len();
+    let mut f = start(policy(main_rules()), |s| s.limits.response_buffer_total_bytes = raw * 3 / 2).await;
+    let stream = tokio::net::TcpStream::connect(f.proxy()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let req =
+        Request::get(format!("http://{}/big/customers", f.proxy())).body(Full::new(Bytes::new())).unwrap();
+    let held = sender.send_request(req).await.unwrap();
+    assert_eq!(held.status(), 200);
+    let length: u64 = held.headers()["content-length"].to_str().unwrap().parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(response_buffer_bytes(&f).await, length as f64, "the unsent masked body is counted");
+
+    // No room for a second body beside it.
+    let reply = get(f.proxy(), "/big/customers").await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["reason"], "response_buffer_exhausted");
+    assert_eq!(response_buffer_bytes(&f).await, length as f64);
+
+    // The client lets the stream go (RST_STREAM) and the connection: the bytes go back.
+    drop(held);
+    drop(sender);
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    for _ in 0..200 {
+        if response_buffer_bytes(&f).await == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(response_buffer_bytes(&f).await, 0.0);
+    let reply = get(f.proxy(), "/big/customers").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(response_buffer_bytes(&f).await, 0.0);
+    f.stop().await;
+}
+
+/// The app's bytes passed untouched after being read (here: not JSON, under failOpen) stay
+/// counted too until sent: an HTTP/1.1 client that does not read holds them, and a second
+/// response finds no room (503, which failOpen does not pass); when the client goes, they go
+/// back.
+#[tokio::test]
+async fn app_bytes_passed_on_after_reading_stay_in_the_response_budget_until_sent() {
+    let mut rules = main_rules();
+    rules.as_array_mut().unwrap().insert(
+        0,
+        json!({"name": "huge", "action": "Allow", "to": {"paths": ["/huge/**"]},
+               "records": "$.items[*]", "mask": {"phone": "ShowLast4"}}),
+    );
+    let mut spec = policy(rules);
+    spec["failOpen"] = json!(true);
+    let mut f = start(spec, |s| {
+        s.limits.max_response_body_bytes = 40 << 20;
+        s.limits.response_buffer_total_bytes = 40 << 20;
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(f.proxy()).await.unwrap();
+    stalled.write_all(b"GET /huge/x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let mut gauge = 0.0;
+    for _ in 0..500 {
+        gauge = response_buffer_bytes(&f).await;
+        if gauge > 0.0 && f.upstream.count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(response_buffer_bytes(&f).await, (32 << 20) as f64, "the unsent body is counted ({gauge})");
+
+    let reply = get(f.proxy(), "/huge/y").await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["reason"], "response_buffer_exhausted");
+
+    drop(stalled);
+    for _ in 0..300 {
+        if response_buffer_bytes(&f).await == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(response_buffer_bytes(&f).await, 0.0);
+    f.stop().await;
+}
+
+/// A plan's output is charged to the response buffers as well as its input: hashes make
+/// `/big/customers` longer than the budget holds once masked (the app's body alone fits).
+#[tokio::test]
+async fn a_masked_output_longer_than_the_budget_is_refused() {
+    let raw = big_customers_len();
+    let mut rules = main_rules();
+    rules.as_array_mut().unwrap().insert(
+        0,
+        json!({"name": "hashed", "action": "Allow", "to": {"paths": ["/big/hashed"]},
+               "records": "$.items[*]", "mask": {"phone": "Hash"}}),
+    );
+    let mut f = start(policy(rules), |s| s.limits.response_buffer_total_bytes = raw + raw / 4).await;
+    // Masked to the same length: fits.
+    let reply = get(f.proxy(), "/big/customers").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // Hashed: longer than the whole budget, which no retry helps.
+    let reply = get(f.proxy(), "/big/hashed").await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(reply.json()["reason"], "response_too_large");
+    assert_no_personal_phone(&reply.text());
+    assert_eq!(response_buffer_bytes(&f).await, 0.0);
+    f.stop().await;
+
+    let mut f = start(policy(main_rules()), |s| s.limits.response_buffer_total_bytes = raw * 3).await;
+    let reply = get(f.proxy(), "/big/customers").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    f.stop().await;
+}
