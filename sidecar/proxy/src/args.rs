@@ -119,7 +119,8 @@ pub struct SidecarArgs {
 
     /// The longest a client connection may go without starting a request: from connecting
     /// to its first request head, and between requests when kept alive; the connection is
-    /// then closed. The admin port's too.
+    /// then closed (h2c: once no stream has been open for this long, GOAWAY). The admin
+    /// port's too, there at most 5s.
     #[arg(long, env = "CUSTOS_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 
@@ -183,8 +184,10 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_RESPONSE_SEND_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub response_send_timeout: Duration,
 
-    /// Maximum concurrent client connections (503 above).
-    #[arg(long, env = "CUSTOS_MAX_CONNECTIONS", value_name = "N", default_value_t = 10_000)]
+    /// Maximum concurrent client connections (503 above). Each costs about 30 KiB while idle,
+    /// more with requests in flight: the default holds about 60 MiB of the injected sidecar's
+    /// 128 MiB memory limit; raise it with the limit.
+    #[arg(long, env = "CUSTOS_MAX_CONNECTIONS", value_name = "N", default_value_t = 2048)]
     pub max_connections: usize,
 
     /// Maximum connections to the app (requests in flight to it), shared out among the proxy
@@ -426,7 +429,7 @@ mod tests {
         assert_eq!(limits.request_body_timeout, Duration::from_secs(30));
         assert_eq!(limits.request_body_min_rate, 500);
         assert_eq!(limits.header_read_timeout, Duration::from_secs(30));
-        assert_eq!(limits, ProxyLimits { max_connections: 10_000, ..ProxyLimits::default() });
+        assert_eq!(limits, ProxyLimits { max_connections: 2048, ..ProxyLimits::default() });
         let limits = settings(&[
             "--request-buffer-bytes=0",
             "--request-buffer-total-bytes",

@@ -90,6 +90,8 @@ pub(crate) struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     pub transform_failures: Family<ReasonLabels, Counter>,
     pub connections: Gauge,
+    /// Failed accepts on the proxy and admin ports (EMFILE and the like).
+    pub accept_errors: Counter,
     /// Bytes of request bodies held in memory (see [`crate::budget::BufferBudget`]).
     pub request_buffer_bytes: Gauge,
     pub request_buffer_exhausted: Counter,
@@ -126,6 +128,7 @@ impl Metrics {
             config_reloads: Family::default(),
             transform_failures: Family::default(),
             connections: Gauge::default(),
+            accept_errors: Counter::default(),
             request_buffer_bytes: Gauge::default(),
             request_buffer_exhausted: Counter::default(),
             response_buffer_bytes: Gauge::default(),
@@ -179,6 +182,11 @@ impl Metrics {
             m.transform_failures.clone(),
         );
         r.register("connections", "Open client connections", m.connections.clone());
+        r.register(
+            "accept_errors",
+            "Failed accepts of connections on the proxy and admin ports (such as EMFILE: out of file descriptors)",
+            m.accept_errors.clone(),
+        );
         r.register(
             "request_buffer_bytes",
             "Bytes of request bodies read into memory before the app is called",

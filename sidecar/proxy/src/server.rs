@@ -2,7 +2,10 @@
 //! server (`/healthz`, `/ready`, `/metrics`).
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +14,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -25,16 +27,36 @@ use crate::proxy::{Enforcer, Shared};
 use crate::send_timeout::SendTimeout;
 use crate::stall::{StallWatch, Watched};
 use crate::state::ConfigCell;
+use crate::throttle::Throttle;
 
 /// How often an h2c connection that has been quiet is pinged, and how long the answer may
 /// take: a client gone without closing (its node lost) frees its connection slot within
-/// their sum. (HTTP/1.1 connections are closed when idle past `--header-read-timeout`.)
+/// their sum. (Connections with no request open are closed past `--header-read-timeout`:
+/// HTTP/1.1 ones by hyper, h2c ones by their [`StallWatch`].)
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What an h2c client may send before the proxy reads it, on the whole connection and on one
+/// stream (hyper's defaults are 5 MiB and 2 MiB: with `--max-concurrent-streams` 256 streams a
+/// client could make a connection hold megabytes). A request body is read as it arrives (up to
+/// `--request-buffer-bytes` before the app is called), so a smaller window only paces it.
+const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+/// Response bytes queued per h2c stream for a client that has not granted the window yet
+/// (hyper's default 400 KiB).
+const H2_MAX_SEND_BUF: usize = 64 * 1024;
+/// Concurrent streams an h2c client may open on one connection.
+const H2_MAX_STREAMS: u32 = 256;
 
 /// Most admin connections open at once (kubelet probes and a Prometheus or two need a
 /// handful); more are closed at once and counted as `limit="admin_connections"`.
 pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// The longest an admin connection may go without starting a request (from connecting, and
+/// between requests), when `--header-read-timeout` is longer: kubelet probes and Prometheus
+/// send theirs at once, and connections held open without a request free their
+/// [`ADMIN_MAX_CONNECTIONS`] slots quickly, so that the probes keep finding one.
+pub(crate) const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Accepts proxy connections until `shutdown` turns true, then drains in-flight requests for
 /// at most `drain_timeout`.
@@ -54,11 +76,17 @@ pub(crate) async fn serve_proxy(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
+        // h2 counts each field's name, value and 32 bytes: --max-header-bytes as documented.
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .max_send_buf_size(H2_MAX_SEND_BUF)
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
-    let graceful = GracefulShutdown::new();
+    // Turned to on shutdown: every connection shuts down gracefully; the drain is over when
+    // all have ended (dropped their receivers).
+    let (drain, _) = watch::channel(());
     let idle_sweep = tokio::spawn(close_idle_upstreams(shared.clone()));
     let slots = shared.connection_slots.clone();
     let metrics = shared.metrics.clone();
@@ -75,7 +103,11 @@ pub(crate) async fn serve_proxy(
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    metrics.accept_errors.inc();
+                    static LOG: Throttle = Throttle::every_secs(10);
+                    if LOG.due() {
+                        tracing::warn!(error = %e, "accept failed (counted in custos_sidecar_accept_errors_total; logged at most every 10 s)");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -96,27 +128,31 @@ pub(crate) async fn serve_proxy(
         let enforcer = Enforcer::new(shared.clone(), peer, origin);
         let started = RequestStarted::new();
         let marker = started.clone();
-        // h2c streams the client grants no window lose their bodies after the send time-out.
-        let stalls = StallWatch::new(limits.response_send_timeout, send_timed_out.clone());
+        // h2c streams the client grants no window lose their bodies after the send time-out;
+        // h2c connections with no stream open for the header read time-out are shut down.
+        let stalls =
+            StallWatch::new(limits.response_send_timeout, send_timed_out.clone(), header_read_timeout);
         let watch = stalls.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             marker.mark();
-            let watch = (req.version() == http::Version::HTTP_2).then(|| watch.clone());
+            // Counted open until its response body is done or dropped.
+            let stream = (req.version() == http::Version::HTTP_2).then(|| watch.stream_started());
             let mut enforcer = enforcer.clone();
             let response = enforcer.call(req);
             async move {
                 let response = response.await?;
-                Ok::<_, std::convert::Infallible>(match watch {
-                    Some(watch) => response.map(|body| watch.watch(body)),
+                Ok::<_, std::convert::Infallible>(match stream {
+                    Some(stream) => response.map(|body| stream.watch(body)),
                     None => response.map(Watched::plain),
                 })
             }
         });
         let io = SendTimeout::new(stream, limits.response_send_timeout, send_timed_out.clone());
         let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
-        let conn = graceful.watch(conn);
+        let drained = drain.subscribe();
         let open = OpenConnection::new(metrics.clone(), permit);
         connections.spawn(async move {
+            let conn = until_shut_down(conn, |c| c.graceful_shutdown(), drained, stalls);
             let ended = first_request_within(conn, started.clone(), header_read_timeout).await;
             if let Some(reason) = connection_end(&ended, &started) {
                 open.metrics.limit(reason);
@@ -124,8 +160,9 @@ pub(crate) async fn serve_proxy(
         });
     }
     drop(listener);
+    let _ = drain.send(());
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("in-flight requests drained"),
+        () = drain.closed() => tracing::info!("in-flight requests drained"),
         _ = tokio::time::sleep(drain_timeout) => {
             tracing::warn!(connections = connections.len(), "drain time-out: closing the remaining connections");
             connections.abort_all();
@@ -155,17 +192,84 @@ impl Drop for OpenConnection {
     }
 }
 
+/// How a connection served by [`until_shut_down`] ended: its own result, and whether it was
+/// shut down for having had no h2c stream open for the header read time-out.
+type Ended = (Result<(), Box<dyn std::error::Error + Send + Sync>>, bool);
+
+/// Drives `conn` (a client connection) to its end, shutting it down gracefully (`shutdown`:
+/// GOAWAY for h2c, close after the response in flight for HTTP/1.1) when `drain` changes or
+/// when its h2c streams have been idle for the header read time-out (`idle`, whose watchdog
+/// wakes this task); and dropping it (closing the socket) if, idle so, it is still there
+/// another time-out later. Each poll costs the drain check (as hyper-util's
+/// `GracefulShutdown`'s) and an atomic load; the task's waker is handed to the watchdog
+/// once, when it starts.
+async fn until_shut_down<C, E>(
+    conn: C,
+    shutdown: impl Fn(Pin<&mut C>),
+    mut drain: watch::Receiver<()>,
+    idle: Arc<StallWatch>,
+) -> (Result<(), E>, bool)
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut conn = pin!(conn);
+    // Held until the connection ends (the drain waits for every receiver to go).
+    let mut drained = pin!(async move {
+        let _ = drain.changed().await;
+        drain
+    });
+    let mut drain_guard = None;
+    let mut shut = false;
+    let mut idle_closed = false;
+    let mut registered: Option<Waker> = None;
+    std::future::poll_fn(|cx| {
+        if drain_guard.is_none()
+            && let Poll::Ready(guard) = drained.as_mut().poll(cx)
+        {
+            drain_guard = Some(guard);
+            if !shut {
+                shut = true;
+                shutdown(conn.as_mut());
+            }
+        }
+        if !shut && idle.idle_shutdown() {
+            shut = true;
+            idle_closed = true;
+            // The watchdog took the waker to wake this task: handed again for the close.
+            registered = None;
+            shutdown(conn.as_mut());
+        } else if idle_closed && idle.idle_abandon() {
+            return Poll::Ready((Ok(()), true));
+        }
+        let polled = conn.as_mut().poll(cx);
+        if polled.is_pending()
+            && (!shut || idle_closed)
+            && idle.watching()
+            && registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker()))
+        {
+            registered = Some(cx.waker().clone());
+            idle.register(cx.waker().clone());
+            // Signalled before the waker was there: come back at once.
+            let signalled = if idle_closed { idle.idle_abandon() } else { idle.idle_shutdown() };
+            if signalled {
+                cx.waker().wake_by_ref();
+            }
+        }
+        polled.map(|ended| (ended, idle_closed))
+    })
+    .await
+}
+
 /// Logs how a client connection ended, and names the limit that ended it, if any: no request
 /// started within the header read time-out (hyper-util's protocol detection has no timer, so
 /// [`first_request_within`] closes the connection; or hyper's own HTTP/1.1 timer fired
-/// first). Idle kept-alive connections closed later are not counted.
-fn connection_end(
-    ended: &Result<Result<(), Box<dyn std::error::Error + Send + Sync>>, NoRequestInTime>,
-    started: &RequestStarted,
-) -> Option<&'static str> {
+/// first), or an h2c connection had no stream open for that time ([`until_shut_down`]).
+/// Idle kept-alive HTTP/1.1 connections closed later are not counted.
+fn connection_end(ended: &Result<Ended, NoRequestInTime>, started: &RequestStarted) -> Option<&'static str> {
     match ended {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => {
+        Ok((_, true)) => Some("header_read_timeout"),
+        Ok((Ok(()), false)) => None,
+        Ok((Err(e), false)) => {
             tracing::debug!(error = %e, "client connection ended with an error");
             let error = e.downcast_ref::<hyper::Error>();
             if error.is_some_and(hyper::Error::is_parse_too_large) {
@@ -215,7 +319,8 @@ pub(crate) struct Admin {
     pub config: Arc<ConfigCell>,
     /// Counts admin connections refused over [`ADMIN_MAX_CONNECTIONS`].
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// The proxy's `--header-read-timeout`, applied to admin connections too.
+    /// The proxy's `--header-read-timeout`, applied to admin connections too, but at most
+    /// [`ADMIN_HEADER_READ_TIMEOUT`].
     pub header_read_timeout: Duration,
 }
 
@@ -226,7 +331,9 @@ pub(crate) async fn serve_admin(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(admin.header_read_timeout);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(admin.header_read_timeout.min(ADMIN_HEADER_READ_TIMEOUT));
     let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
@@ -234,7 +341,11 @@ pub(crate) async fn serve_admin(
             accepted = listener.accept() => match accepted {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
+                    admin.metrics.accept_errors.inc();
+                    static LOG: Throttle = Throttle::every_secs(10);
+                    if LOG.due() {
+                        tracing::warn!(error = %e, "admin accept failed (counted in custos_sidecar_accept_errors_total; logged at most every 10 s)");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -12,11 +12,19 @@
 //! back, and hyper resets the stream when it next asks for data. The connection and its other
 //! streams go on (a gateway multiplexing many callers over one connection loses only the
 //! stalled caller's). A body waiting for the app is not stalled.
+//!
+//! The same watchdog closes h2c connections left idle. hyper's HTTP/1.1 header read timer
+//! closes a kept-alive connection that starts no request, but h2 has none: a client that sends
+//! one request and then only answers PINGs would hold its connection slot for ever. Each h2c
+//! stream is counted open from the call of the service until its response (body included) is
+//! done or dropped ([`OpenStream`]); once no stream has been open for `--header-read-timeout`
+//! the watchdog asks the connection to shut down gracefully (GOAWAY: streams the client has
+//! already sent are still served), through [`StallWatch::idle_shutdown`].
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,13 +38,51 @@ use crate::body::ProxyBody;
 /// granted within the time-out to count as progressing.
 const SLICE: usize = 16 * 1024;
 
-/// The h2c response bodies of one client connection.
+/// In [`StallWatch::streams`]: one stream open (the low 32 bits), and one more started (the
+/// high 32 bits, wrapping), added together with one atomic operation.
+const STREAM_STARTED: u64 = (1 << 32) | 1;
+const OPEN_STREAMS: u64 = u32::MAX as u64;
+
+/// The h2c streams and response bodies of one client connection.
 pub(crate) struct StallWatch {
     bodies: Mutex<Vec<Weak<BodyClock>>>,
     limit: Duration,
     epoch: Instant,
     /// Counts the streams whose bodies were taken.
     timed_out: Counter,
+    /// How long the connection may go with no stream open (`--header-read-timeout`).
+    idle_limit: Duration,
+    /// Streams open (low 32 bits) and started (high 32 bits, wrapping): see
+    /// [`STREAM_STARTED`].
+    streams: AtomicU64,
+    /// Whether the watchdog runs (started by the connection's first h2c stream).
+    watching: AtomicBool,
+    /// Set by the watchdog when the connection has had no stream open for the idle limit.
+    idle: AtomicBool,
+    /// Set by the watchdog when the connection, shut down gracefully, is still there with no
+    /// stream open after another idle limit (a client that never acknowledges the GOAWAY's
+    /// PING): it is then closed.
+    abandon: AtomicBool,
+    /// Wakes the connection's task to shut it down ([`Self::register`]).
+    waker: Mutex<Option<Waker>>,
+}
+
+/// An h2c stream counted open in its connection's [`StallWatch`] until this is dropped: from
+/// the call of the service until its response body is done (or the response is dropped).
+pub(crate) struct OpenStream(Arc<StallWatch>);
+
+impl OpenStream {
+    /// Watches `body`, the stream's response body, which keeps the stream open.
+    pub(crate) fn watch(self, body: ProxyBody) -> Watched {
+        let watch = self.0.clone();
+        watch.watch_body(body, Some(self))
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One h2c body, shared by its stream and its connection's watchdog.
@@ -66,29 +112,90 @@ impl Stream {
 }
 
 impl StallWatch {
-    pub(crate) fn new(limit: Duration, timed_out: Counter) -> Arc<StallWatch> {
-        Arc::new(StallWatch { bodies: Mutex::new(Vec::new()), limit, epoch: Instant::now(), timed_out })
+    /// The watch of a new connection: `limit` is `--response-send-timeout` (streams stalled
+    /// longer lose their bodies, counted in `timed_out`), `idle_limit` `--header-read-timeout`.
+    pub(crate) fn new(limit: Duration, timed_out: Counter, idle_limit: Duration) -> Arc<StallWatch> {
+        Arc::new(StallWatch {
+            bodies: Mutex::new(Vec::new()),
+            limit,
+            epoch: Instant::now(),
+            timed_out,
+            idle_limit,
+            streams: AtomicU64::new(0),
+            watching: AtomicBool::new(false),
+            idle: AtomicBool::new(false),
+            abandon: AtomicBool::new(false),
+            waker: Mutex::new(None),
+        })
+    }
+
+    /// An h2c stream starts (the service is called): counted open until the returned guard
+    /// drops. The connection's first stream starts its watchdog.
+    pub(crate) fn stream_started(self: &Arc<Self>) -> OpenStream {
+        self.streams.fetch_add(STREAM_STARTED, Ordering::Relaxed);
+        self.start_watchdog();
+        OpenStream(self.clone())
+    }
+
+    /// Starts the watchdog, a task of its own, unless it runs: the connection's own task (and
+    /// every HTTP/1.1 connection) pays nothing for it.
+    fn start_watchdog(self: &Arc<Self>) {
+        if !self.watching.load(Ordering::Relaxed) && !self.watching.swap(true, Ordering::Relaxed) {
+            tokio::spawn(watchdog(Arc::downgrade(self)));
+        }
+    }
+
+    /// Whether the watchdog runs, i.e. whether the connection is h2c and has had a stream:
+    /// only then can [`Self::idle_shutdown`] turn true.
+    pub(crate) fn watching(&self) -> bool {
+        self.watching.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection should shut down gracefully: no stream open on it for the idle
+    /// limit.
+    pub(crate) fn idle_shutdown(&self) -> bool {
+        self.idle.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection, shut down gracefully for being idle, is to be closed at once: it
+    /// has stayed with no stream open for another idle limit.
+    pub(crate) fn idle_abandon(&self) -> bool {
+        self.abandon.load(Ordering::Relaxed)
+    }
+
+    /// Records the connection task's waker, woken when [`Self::idle_shutdown`] turns true.
+    pub(crate) fn register(&self, waker: Waker) {
+        *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker);
+    }
+
+    /// The connection has been idle for the idle limit (`abandon`: twice): tells its task.
+    fn shut_down_idle(&self, abandon: bool) {
+        self.idle.store(true, Ordering::Relaxed);
+        if abandon {
+            self.abandon.store(true, Ordering::Relaxed);
+        }
+        let waker = self.waker.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
     }
 
-    /// Watches `body`, whose head hyper is about to send (counted as its first slice). The
-    /// first body of a connection starts its watchdog, a task of its own, so that the
-    /// connection's own task (and every HTTP/1.1 connection) pays nothing for the watch.
-    pub(crate) fn watch(self: &Arc<Self>, body: ProxyBody) -> Watched {
+    /// Watches `body`, whose head hyper is about to send (counted as its first slice), and
+    /// keeps `open` (its stream counted open) until the body is dropped.
+    fn watch_body(self: &Arc<Self>, body: ProxyBody, open: Option<OpenStream>) -> Watched {
+        self.start_watchdog();
         let stream = Stream { body, rest: Bytes::new() };
         let clock =
             Arc::new(BodyClock { handed_out: AtomicU64::new(self.now()), stream: Mutex::new(Some(stream)) });
         let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
-        if bodies.is_empty() {
-            tokio::spawn(watchdog(Arc::downgrade(self)));
-        }
         bodies.retain(|b| b.strong_count() > 0);
         bodies.push(Arc::downgrade(&clock));
         drop(bodies);
-        Watched { plain: None, watched: Some((clock, self.clone())) }
+        Watched { plain: None, watched: Some((clock, self.clone())), _open: open }
     }
 
     /// Takes the bodies left for longer than the limit; how many.
@@ -124,12 +231,17 @@ impl StallWatch {
     }
 }
 
-/// Checks a connection's bodies every quarter of the limit until the connection is gone,
-/// taking those that have stalled.
+/// Until the connection is gone, checks its bodies, taking those that have stalled, and
+/// whether it has been idle for the idle limit (then has it shut down), every quarter of the
+/// shorter limit (7.5 s with the defaults; at most every 50 ms).
 async fn watchdog(watch: Weak<StallWatch>) {
-    let Some(limit) = watch.upgrade().map(|w| w.limit) else { return };
-    let mut tick = tokio::time::interval((limit / 4).max(Duration::from_millis(50)));
+    let Some(period) = watch.upgrade().map(|w| tick_period(w.limit, w.idle_limit)) else { return };
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The streams as last seen, and for how many checks since they have stayed so with none
+    // open (a stream started or ended in between changes them).
+    let mut seen = u64::MAX;
+    let mut idle_checks: u32 = 0;
     loop {
         tick.tick().await;
         let Some(watch) = watch.upgrade() else { return };
@@ -141,7 +253,26 @@ async fn watchdog(watch: Weak<StallWatch>) {
                 "h2c streams stalled past the send time-out: their bodies released"
             );
         }
+        let streams = watch.streams.load(Ordering::Relaxed);
+        if streams & OPEN_STREAMS == 0 && streams == seen {
+            idle_checks = idle_checks.saturating_add(1);
+        } else {
+            (seen, idle_checks) = (streams, 0);
+        }
+        // Idle at least since the check that saw `seen` first: `idle_checks` periods.
+        let idle_for = period.saturating_mul(idle_checks);
+        if idle_for >= watch.idle_limit && !watch.idle_shutdown() {
+            tracing::debug!("h2c connection idle past the header read time-out: shutting it down");
+            watch.shut_down_idle(false);
+        } else if idle_for >= watch.idle_limit.saturating_mul(2) && !watch.idle_abandon() {
+            tracing::debug!("h2c connection still open after its graceful shutdown: closing it");
+            watch.shut_down_idle(true);
+        }
     }
+}
+
+fn tick_period(limit: Duration, idle_limit: Duration) -> Duration {
+    (limit.min(idle_limit) / 4).max(Duration::from_millis(50))
 }
 
 /// Why a watched body ended early.
@@ -155,12 +286,14 @@ pub(crate) struct Watched {
     /// An HTTP/1.1 body (its writes have their own time-out).
     plain: Option<ProxyBody>,
     watched: Option<(Arc<BodyClock>, Arc<StallWatch>)>,
+    /// The h2c stream, counted open until the body is dropped.
+    _open: Option<OpenStream>,
 }
 
 impl Watched {
     /// A body not watched (HTTP/1.1).
     pub(crate) fn plain(inner: ProxyBody) -> Watched {
-        Watched { plain: Some(inner), watched: None }
+        Watched { plain: Some(inner), watched: None, _open: None }
     }
 }
 
@@ -241,14 +374,62 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
+    /// Counts its wakes.
+    #[derive(Default)]
+    struct Wakes(AtomicU64);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An h2c connection with a stream open is not idle however long the stream lasts (here
+    /// ten minutes, past the body's end until hyper drops it); once its last stream is done
+    /// it is shut down after the idle limit, within a check period, and its task woken. A
+    /// stream started meanwhile starts the wait again.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_no_stream_open_for_the_idle_limit_is_shut_down() {
+        let watch = StallWatch::new(Duration::from_secs(60), Counter::default(), Duration::from_secs(30));
+        let wakes = Arc::new(Wakes::default());
+        watch.register(Waker::from(wakes.clone()));
+        assert!(!watch.watching());
+
+        let stream = watch.stream_started();
+        assert!(watch.watching());
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        let mut body = stream.watch(ProxyBody::full(Bytes::from_static(b"ok")));
+        while body.frame().await.is_some() {}
+        tokio::time::sleep(Duration::from_secs(301)).await;
+        assert!(!watch.idle_shutdown(), "a stream open (its body not dropped) keeps the connection");
+
+        drop(body);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        // Another stream, started and ended, starts the wait again.
+        drop(watch.stream_started());
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert!(!watch.idle_shutdown(), "idle for less than the limit");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert!(watch.idle_shutdown(), "idle for the limit plus a check period");
+        assert!(!watch.idle_abandon());
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+
+        // Still there, no stream open, another limit later: to be closed at once.
+        watch.register(Waker::from(wakes.clone()));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(watch.idle_abandon());
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+    }
+
     /// A body read to its end is not stalled; one handed out and not asked for more loses its
     /// body once the limit has passed, and says so when asked again; large frames go in slices.
     #[tokio::test(start_paused = true)]
     async fn a_body_not_asked_for_more_is_released_after_the_limit() {
         let counter = Counter::default();
-        let watch = StallWatch::new(Duration::from_secs(60), counter.clone());
+        let watch = StallWatch::new(Duration::from_secs(60), counter.clone(), Duration::from_secs(3600));
 
-        let mut body = watch.watch(ProxyBody::full(Bytes::from(vec![b'x'; 40 * 1024])));
+        let mut body = watch.watch_body(ProxyBody::full(Bytes::from(vec![b'x'; 40 * 1024])), None);
         assert_eq!(body.size_hint().exact(), Some(40 * 1024));
         let mut sizes = Vec::new();
         while let Some(frame) = body.frame().await {
@@ -261,7 +442,7 @@ mod tests {
         assert_eq!(counter.get(), 0, "a body read to its end, a slice every 30 s, is not stalled");
 
         // Handed out a slice, then never asked for more: released after the limit.
-        let mut left = watch.watch(ProxyBody::full(Bytes::from(vec![b'y'; 20 * 1024])));
+        let mut left = watch.watch_body(ProxyBody::full(Bytes::from(vec![b'y'; 20 * 1024])), None);
         assert_eq!(left.frame().await.unwrap().unwrap().into_data().unwrap().len(), SLICE);
         tokio::time::sleep(Duration::from_secs(59)).await;
         assert_eq!(counter.get(), 0);
