@@ -135,6 +135,14 @@ pub struct SidecarArgs {
     #[arg(long, env = "CUSTOS_REQUEST_BUFFER_BYTES", value_name = "BYTES", default_value_t = 64 * 1024)]
     pub request_buffer_bytes: u64,
 
+    /// Forward JSON and multipart POST bodies larger than the request buffer without checking
+    /// them for a `_method` parameter: for apps whose framework reads none from a body
+    /// (Django, Go, Spring Boot, Express without method-override's body getter). By default
+    /// such a body is refused (413) where another method would be decided otherwise on its
+    /// path, since Rails (Rack) and Laravel run a POST as the method it names.
+    #[arg(long, env = "CUSTOS_FORWARD_UNCHECKED_BODIES")]
+    pub forward_unchecked_bodies: bool,
+
     /// What all buffered request bodies may hold together; past it, bodies are forwarded as
     /// they arrive.
     #[arg(long, env = "CUSTOS_REQUEST_BUFFER_TOTAL_BYTES", value_name = "BYTES", default_value_t = 32 * 1024 * 1024)]
@@ -286,6 +294,7 @@ impl SidecarArgs {
                 header_read_timeout: self.header_read_timeout,
                 max_request_body_bytes: self.max_request_body_bytes,
                 request_buffer_bytes: self.request_buffer_bytes,
+                forward_unchecked_bodies: self.forward_unchecked_bodies,
                 request_buffer_total_bytes: self.request_buffer_total_bytes,
                 request_body_timeout: self.request_body_timeout,
                 request_body_min_rate: self.request_body_min_rate,

@@ -152,6 +152,9 @@ pub(crate) enum Origin {
     Peer,
 }
 
+/// The warning that a connection from Istio's address belongs to another user than its proxy's.
+static FOREIGN_OWNER_WARNINGS: crate::throttle::Throttle = crate::throttle::Throttle::every_secs(10);
+
 /// How a connection's [`Origin`] is found: at once, or (Linkerd) from the pod's socket table,
 /// read once per connection on its first request, off the proxy thread (the table of a busy
 /// pod is long, and the accept loop must not wait for it).
@@ -186,6 +189,19 @@ impl OriginCheck {
                                 .flatten();
                         if owner == Some(proxy_uid) {
                             Origin::MeshProxy
+                        } else if let Some(owner) = owner.filter(|_| MeshIdentity::trusts(peer.ip())) {
+                            // Istio's address, another user: a process of the pod, or Envoy
+                            // running as another user than --istio-proxy-uid says.
+                            if FOREIGN_OWNER_WARNINGS.due() {
+                                tracing::warn!(
+                                    owner,
+                                    proxy_uid,
+                                    "a connection from Istio's address 127.0.0.6 is not the proxy user's: its \
+                                     x-forwarded-client-cert is ignored (if Envoy runs as this user, set \
+                                     --istio-proxy-uid; said at most every 10 s)"
+                                );
+                            }
+                            Origin::Peer
                         } else if peer.ip().to_canonical() == local.ip().to_canonical() {
                             Origin::Pod
                         } else {

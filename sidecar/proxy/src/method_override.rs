@@ -147,11 +147,15 @@ pub(crate) fn check_post_body(
     let charsets = declared_charsets(content_type);
     if !complete {
         // Not read whole: one that could not be read whole either says so.
+        // JSON and multipart (uploads) are unchecked whatever their encoding or charset: the
+        // proxy refuses them only where the override could change the decision.
         return match (kind, encoding) {
             (None, _) => PostBody::Clean,
-            (Some(_), None) => PostBody::Unreadable(UNSUPPORTED_REQUEST_ENCODING),
-            (Some(_), Some(_)) if charsets.unsupported => PostBody::Unreadable(UNSUPPORTED_REQUEST_CHARSET),
-            (Some(kind), Some(_)) => PostBody::Unchecked(kind),
+            (Some(BodyKind::Form), None) => PostBody::Unreadable(UNSUPPORTED_REQUEST_ENCODING),
+            (Some(BodyKind::Form), Some(_)) if charsets.unsupported => {
+                PostBody::Unreadable(UNSUPPORTED_REQUEST_CHARSET)
+            }
+            (Some(kind), _) => PostBody::Unchecked(kind),
         };
     }
     let Some(body) = whole.filter(|b| !b.is_empty()) else {
@@ -466,7 +470,8 @@ mod tests {
                 &["zstd"],
                 false,
                 None,
-                Unreadable(UNSUPPORTED_REQUEST_ENCODING),
+                // Unread uploads are unchecked in any encoding (the proxy decides by path).
+                Unchecked(BodyKind::Multipart),
             ),
             (None, &["zstd"], false, None, Unreadable(UNSUPPORTED_REQUEST_ENCODING)),
             (None, &["identity"], true, Some(&named), NamesAMethod),
@@ -677,8 +682,16 @@ mod tests {
         // Gzipped UTF-16 is decoded, then read as UTF-16.
         let zipped = gzip(&utf16(b"\xFF\xFE", r#"{"_method":"PUT"}"#, true));
         assert_eq!(check(Some(json), &["gzip"], true, Some(&zipped)), NamesAMethod);
-        // Unread, a declared charset the sidecar cannot read says so.
-        assert_eq!(check(Some("application/json; charset=utf-32"), &[], false, None), charset);
+        // Unread, a form in a charset the sidecar cannot read says so; JSON is unchecked (the
+        // proxy decides by path).
+        assert_eq!(
+            check(Some("application/x-www-form-urlencoded; charset=utf-32"), &[], false, None),
+            charset
+        );
+        assert_eq!(
+            check(Some("application/json; charset=utf-32"), &[], false, None),
+            PostBody::Unchecked(BodyKind::Json)
+        );
         assert_eq!(check(Some("image/png; charset=utf-32"), &[], false, None), Clean);
     }
 
@@ -697,7 +710,7 @@ mod tests {
         );
         type Case<'a> =
             (Option<&'static str>, &'static [&'static str], bool, Option<&'a bytes::Bytes>, PostBody);
-        let cases: [Case; 14] = [
+        let cases: [Case; 15] = [
             (Some("application/x-www-form-urlencoded"), &[], false, None, Unchecked(Form)),
             (None, &[], false, None, Unchecked(Form)),
             (Some(""), &[], false, None, Unchecked(Form)),
@@ -707,7 +720,14 @@ mod tests {
             (Some(multipart), &[], false, None, Unchecked(Multipart)),
             (Some("application/octet-stream"), &[], false, None, Clean),
             (Some("image/png"), &[], false, None, Clean),
-            (Some(multipart), &["zstd"], false, None, Unreadable(UNSUPPORTED_REQUEST_ENCODING)),
+            (Some(multipart), &["zstd"], false, None, Unchecked(Multipart)),
+            (
+                Some("application/x-www-form-urlencoded"),
+                &["zstd"],
+                false,
+                None,
+                Unreadable(UNSUPPORTED_REQUEST_ENCODING),
+            ),
             (Some("image/png"), &["zstd"], false, None, Clean),
             (Some("application/json"), &["gzip"], true, Some(&big_json), Unchecked(Json)),
             (Some(multipart), &["gzip"], true, Some(&big_multipart), Unchecked(Multipart)),

@@ -712,9 +712,20 @@ async fn process(
             // JSON and multipart (uploads) where that method could be decided otherwise than
             // the POST (uploads to a path whose rules treat every method alike go on).
             PostBody::Unchecked(kind)
-                if kind == BodyKind::Form || override_matters(&state, &path, caller, &users, time) =>
+                if kind == BodyKind::Form
+                    || (!limits.forward_unchecked_bodies
+                        && override_matters(&state, &path, caller, &users, time)) =>
             {
                 shared.metrics.limit("request_buffer");
+                if body.spilled_for_room() {
+                    // It would have been read whole with room in the budget: a retry may find it.
+                    ctx.deny("request_buffer_exhausted");
+                    return retry_later(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"error": "too many request bodies being read", "reason": "request_buffer_exhausted"}),
+                        1,
+                    );
+                }
                 let (what, reason) = match kind {
                     BodyKind::Form => ("a form body", "form_body_unchecked"),
                     BodyKind::Json => ("a JSON body", "json_body_unchecked"),
@@ -2211,11 +2222,15 @@ fn override_matters(
             .collect::<Vec<_>>()
     };
     let post = verdict_of("POST");
-    let named = state.engine.policies().iter().flat_map(|p| p.deny_rules.iter().chain(&p.allow_rules));
-    COMMON
-        .into_iter()
-        .chain(named.flat_map(|r| r.methods.iter().map(String::as_str)))
-        .any(|method| verdict_of(method) != post)
+    let mut methods: Vec<&str> = COMMON.to_vec();
+    let rules = state.engine.policies().iter().flat_map(|p| p.deny_rules.iter().chain(&p.allow_rules));
+    for method in rules.flat_map(|r| r.methods.iter().map(String::as_str)) {
+        // Each method once: a policy of many rules names the same few.
+        if !methods.contains(&method) {
+            methods.push(method);
+        }
+    }
+    methods.into_iter().any(|method| verdict_of(method) != post)
 }
 
 /// Whether `name` is one of [`METHOD_OVERRIDE_HEADERS`], also spelled with `_` for `-`

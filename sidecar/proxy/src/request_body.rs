@@ -187,6 +187,9 @@ struct Held {
     /// The budget `bytes` hold: given back when the app's side asks for the next frame
     /// (hyper has then written them out) or when the body is dropped.
     _reservation: Option<Reservation>,
+    /// Whether reading stopped short because the buffer budget had no room (not because the
+    /// body outgrew the request buffer).
+    no_room: bool,
 }
 
 /// The request body was larger than the limit.
@@ -202,6 +205,12 @@ impl Default for RequestBody {
 }
 
 impl RequestBody {
+    /// Whether the body was not read whole only because the buffer budget had no room then
+    /// (it would have fitted the request buffer): a retry may find room.
+    pub(crate) fn spilled_for_room(&self) -> bool {
+        self.held.as_ref().is_some_and(|h| h.no_room)
+    }
+
     /// No body.
     fn none() -> Self {
         RequestBody { held: None, rest: None, remaining: 0, progress: None }
@@ -309,7 +318,9 @@ impl Replay for RequestBody {
         if !self.is_complete() {
             return None;
         }
-        let held = self.buffered().map(|b| Box::new(Held { bytes: Some(b.clone()), _reservation: None }));
+        let held = self
+            .buffered()
+            .map(|b| Box::new(Held { bytes: Some(b.clone()), _reservation: None, no_room: false }));
         Some(RequestBody { held, ..RequestBody::default() })
     }
 }
@@ -347,7 +358,7 @@ pub(crate) async fn read_request_body(
     let mut reservation = Reservation::on(budget);
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
     let mut total: u64 = 0;
-    let mut spilled = false;
+    let (mut spilled, mut no_room) = (false, false);
     while !body.is_end_stream() {
         // Wait for the next bytes no longer than a pause may last, nor past what the
         // minimum rate allows.
@@ -376,7 +387,7 @@ pub(crate) async fn read_request_body(
         let fits = reservation.grow(len);
         chunks.push_back(data);
         if !fits {
-            spilled = true;
+            (spilled, no_room) = (true, true);
             break;
         }
         if total > capacity {
@@ -387,7 +398,7 @@ pub(crate) async fn read_request_body(
     let bytes = Some(concat(chunks, total)).filter(|b| !b.is_empty());
     let rest = (spilled && !body.is_end_stream()).then_some(body);
     Ok(RequestBody {
-        held: Some(Box::new(Held { bytes, _reservation: Some(reservation) })),
+        held: Some(Box::new(Held { bytes, _reservation: Some(reservation), no_room })),
         rest,
         remaining: limits.max_request_body_bytes - total,
         progress: Some(progress),
@@ -480,7 +491,11 @@ mod tests {
         let b = budget(100);
         let mut reservation = Reservation::on(&b);
         assert!(reservation.grow(5));
-        let held = Held { bytes: Some(Bytes::from_static(b"hello")), _reservation: Some(reservation) };
+        let held = Held {
+            bytes: Some(Bytes::from_static(b"hello")),
+            _reservation: Some(reservation),
+            no_room: false,
+        };
         let body = RequestBody { held: Some(Box::new(held)), ..RequestBody::default() };
         let copy = body.replay().unwrap();
         assert_eq!(copy.size_hint().exact(), Some(5));

@@ -29,6 +29,10 @@ pub struct ProxyLimits {
     /// it arrives; one of unknown length that outgrows it, after the buffered part (0: every
     /// body as it arrives). See the sidecar README's "Request bodies".
     pub request_buffer_bytes: u64,
+    /// Forward JSON and multipart POST bodies not read whole without refusing them (the app's
+    /// framework reads no `_method` from a body); by default such a body is refused (413)
+    /// where another method would be decided otherwise on its path.
+    pub forward_unchecked_bodies: bool,
     /// What all buffered request bodies may hold together; past it, bodies are forwarded as
     /// they arrive.
     pub request_buffer_total_bytes: u64,
@@ -77,6 +81,7 @@ impl Default for ProxyLimits {
             header_read_timeout: Duration::from_secs(30),
             max_request_body_bytes: 16 * 1024 * 1024,
             request_buffer_bytes: 64 * 1024,
+            forward_unchecked_bodies: false,
             request_buffer_total_bytes: 32 * 1024 * 1024,
             request_body_timeout: Duration::from_secs(30),
             request_body_min_rate: 500,

@@ -160,7 +160,9 @@ impl StallWatch {
     /// Whether the connection, shut down gracefully for being idle, is to be closed at once: it
     /// has stayed with no stream open for another idle limit.
     pub(crate) fn idle_abandon(&self) -> bool {
-        self.abandon.load(Ordering::Relaxed)
+        // A stream started since the watchdog looked (the client may open streams until it
+        // acknowledges the GOAWAY) keeps the connection: it ends when that stream is done.
+        self.abandon.load(Ordering::Relaxed) && self.streams.load(Ordering::Relaxed) & OPEN_STREAMS == 0
     }
 
     /// Records the connection task's waker, woken when [`Self::idle_shutdown`] turns true.

@@ -1462,7 +1462,7 @@ async fn requests_the_app_would_read_otherwise_are_refused() {
         {"name": "uploads", "action": "Allow", "to": {"methods": ["POST"], "paths": ["/uploads/**"]}},
         {"name": "open", "action": "Allow", "to": {"paths": ["/open/**"]}}
     ]);
-    let mut f = start(policy(rules), |_| {}).await;
+    let mut f = start(policy(rules.clone()), |_| {}).await;
     let refused = |reply: &Reply, status: u16, reason: &str| {
         assert_eq!(
             (reply.status.as_u16(), reply.json()["reason"].clone()),
@@ -1540,6 +1540,30 @@ async fn requests_the_app_would_read_otherwise_are_refused() {
     let upload = format!(r#"{{"title":"x","pad":"{pad}"}}"#);
     assert_eq!(send(f.proxy(), big("/uploads/a", "application/octet-stream", upload)).await.status, 200);
     assert_eq!(f.upstream.count(), before + 3);
+    // An upload in an encoding the sidecar cannot read goes on where every method is alike.
+    let zstd = Request::post("/open/a")
+        .header("host", "a")
+        .header("content-type", "multipart/form-data; boundary=B")
+        .header("content-encoding", "zstd")
+        .body(Full::new(Bytes::from(pad.clone())))
+        .unwrap();
+    assert_eq!(send(f.proxy(), zstd).await.status, 200);
+    f.stop().await;
+
+    // A JSON body within the request buffer that finds no room in the buffer budget: 503, a
+    // retry may find some (not the 413 of a body too large to check).
+    let mut f = start(policy(rules.clone()), |s| s.limits.request_buffer_total_bytes = 8).await;
+    let small = format!(r#"{{"title":"{}"}}"#, "x".repeat(40 * 1024));
+    let reply = send(f.proxy(), big("/uploads/a", "application/json", small)).await;
+    refused(&reply, 503, "request_buffer_exhausted");
+    assert_eq!(reply.headers["retry-after"], "1");
+    assert_eq!(f.upstream.count(), 0);
+    f.stop().await;
+
+    // --forward-unchecked-bodies: the app reads no `_method` from bodies.
+    let mut f = start(policy(rules), |s| s.limits.forward_unchecked_bodies = true).await;
+    let json_body = format!(r#"{{"_method":"DELETE","pad":"{pad}"}}"#);
+    assert_eq!(send(f.proxy(), big("/uploads/a", "application/json", json_body)).await.status, 200);
     f.stop().await;
 }
 
