@@ -107,6 +107,32 @@ pub struct WorkloadSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub proxy_port: Option<u16>,
+
+    /// How the app routes request paths to its handlers. An app may route another spelling
+    /// of a path to an Allow rule's handler (Express without regard to case, Rails past a
+    /// format suffix); the rule's constraints then apply to it too, and a spelling that an
+    /// earlier Allow rule matches is refused (403 ambiguous_route). Turn off what the app
+    /// does not do. Deny rules match every spelling whatever is set here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingSpec>,
+}
+
+/// How the protected app routes paths (`spec.workload.routing`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoutingSpec {
+    /// Whether the app may route a path without regard to ASCII case (Express, ASP.NET Core
+    /// by default). Default true; false for an app that routes case-sensitively (Go,
+    /// Django, Rails, Spring): Allow rules then see only the path as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub case_insensitive: Option<bool>,
+
+    /// Whether the app may route a path past a format suffix on its last segment
+    /// (`/customers/search.json` to the handler of `/customers/search`: Rails, Spring with
+    /// suffix matching). Default true; false for an app that does not (Go, Django, Express),
+    /// where `/reports/summary.pdf` is its own resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format_suffixes: Option<bool>,
 }
 
 impl WorkloadSpec {

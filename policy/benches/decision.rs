@@ -89,7 +89,12 @@ fn policy_50() -> DataAccessPolicySpec {
         });
     }
     DataAccessPolicySpec {
-        workload: WorkloadSpec { selector: LabelSelector::default(), app_port: 8080, proxy_port: None },
+        workload: WorkloadSpec {
+            selector: LabelSelector::default(),
+            app_port: 8080,
+            proxy_port: None,
+            routing: None,
+        },
         mode: Mode::Enforce,
         default_action: Action::Deny,
         fail_open: false,

@@ -60,6 +60,12 @@ pub struct CompiledPolicy {
     /// by a shared cache, not even an untransformed one (a CDN would serve an unrestricted
     /// caller's page to a restricted one).
     pub transforms_responses: bool,
+    /// Whether Allow rules also see the path as an app routing without regard to ASCII case
+    /// reads it (`spec.workload.routing.caseInsensitive`, default true).
+    pub routes_case_insensitively: bool,
+    /// Whether Allow rules also see the path without a format suffix
+    /// (`spec.workload.routing.formatSuffixes`, default true).
+    pub routes_format_suffixes: bool,
 }
 
 /// One rule, with its matchers compiled.
@@ -261,6 +267,18 @@ pub fn compile_policy(
         proxy_port,
         identity,
         transforms_responses: allow_rules.iter().any(|r| r.plan.needs_body()),
+        routes_case_insensitively: spec
+            .workload
+            .routing
+            .as_ref()
+            .and_then(|r| r.case_insensitive)
+            .unwrap_or(true),
+        routes_format_suffixes: spec
+            .workload
+            .routing
+            .as_ref()
+            .and_then(|r| r.format_suffixes)
+            .unwrap_or(true),
         deny_rules,
         allow_rules,
         data_classes: spec.data_classes.iter().map(|c| (c.name.clone(), c.paths.clone())).collect(),

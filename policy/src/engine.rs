@@ -389,7 +389,8 @@ fn decide_policy<'e>(
         None if policy.default_action == Action::Allow => policy.allow_rules.len(),
         None => 0,
     };
-    if let Some((rule, params)) = allow_variant(&policy.allow_rules[..before], req, vars) {
+    let variants = (policy.routes_case_insensitively, policy.routes_format_suffixes);
+    if let Some((rule, params)) = allow_variant(&policy.allow_rules[..before], variants, req, vars) {
         if exact.is_none() {
             // The default would have passed it unconstrained: the rule's constraints apply.
             return verdict(Decision::Allow, Some(rule), Reason::AllowRule, params);
@@ -456,38 +457,49 @@ fn suffix_stems(path: &NormalizedPath) -> Vec<NormalizedPath> {
 /// A variant can only add constraints: the engine asks only of the rules before the one the
 /// path itself matched, or of all when none did and the default action would let the request
 /// through unconstrained ([`Reason::AmbiguousRoute`] when one rule was matched already).
+///
+/// `(fold, stems)`: which variants the app's routing makes (`spec.workload.routing`).
 fn allow_variant<'e>(
     rules: &'e [CompiledRule],
+    (fold, stems): (bool, bool),
     req: &Request<'_>,
     vars: &mut Option<CachedVars>,
 ) -> Option<(&'e CompiledRule, Vec<(String, String)>)> {
+    if rules.is_empty() || !(fold || stems) {
+        return None;
+    }
     // Folding case changes a match only where the path or the rule's literals have capitals
     // (the rules before the matching one failed as sent); only a last segment with a `.` has
     // stems. Most requests have neither: nothing more is compared.
-    let upper_path = req.path.as_str().bytes().any(|b| b.is_ascii_uppercase());
+    let upper_path = fold && req.path.as_str().bytes().any(|b| b.is_ascii_uppercase());
     let first = req.path.segment(0);
-    fn folded<'e>(
+    // `rule` matched against `req`, its literals without regard to case when `fold`.
+    fn variant<'e>(
         rule: &'e CompiledRule,
         req: &Request<'_>,
         first: Option<&str>,
+        fold: bool,
         vars: &mut Option<CachedVars>,
     ) -> Option<(&'e CompiledRule, Vec<(String, String)>)> {
-        if rule.paths.is_empty() || !may_match_first(rule, first, true) {
+        if rule.paths.is_empty() || !may_match_first(rule, first, fold) {
             return None;
         }
-        rule_matches_in(rule, &rule.variant_paths, req, vars).map(|params| (rule, params))
+        let globs = if fold { &rule.variant_paths } else { &rule.paths };
+        rule_matches_in(rule, globs, req, vars).map(|params| (rule, params))
     }
     if let Some(found) = rules
         .iter()
-        .filter(|rule| upper_path || rule.upper_literals)
-        .find_map(|rule| folded(rule, req, first, vars))
+        .filter(|rule| upper_path || (fold && rule.upper_literals))
+        .find_map(|rule| variant(rule, req, first, true, vars))
     {
         return Some(found);
     }
-    for stem in suffix_stems(req.path) {
+    for stem in if stems { suffix_stems(req.path) } else { Vec::new() } {
         let stem_req = Request { path: &stem, ..*req };
         let (first, mut stem_vars) = (stem.segment(0), None);
-        if let Some(found) = rules.iter().find_map(|rule| folded(rule, &stem_req, first, &mut stem_vars)) {
+        if let Some(found) =
+            rules.iter().find_map(|rule| variant(rule, &stem_req, first, fold, &mut stem_vars))
+        {
             return Some(found);
         }
     }

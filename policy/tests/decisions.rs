@@ -764,6 +764,32 @@ fn path_variants_cannot_escape_an_allow_rules_constraints() {
             "{mode:?} {default_action:?} {method} {path}"
         );
     }
+    // An app routing case-sensitively, or without format suffixes: those variants are the
+    // app's other resources, not this rule's.
+    let decide_routed = |case_insensitive: bool, format_suffixes: bool, p: &str| {
+        let mut spec = mk_spec(vec![
+            mk_allow("search", &["GET"], &["/customers/search"]),
+            mk_allow("one", &["GET"], &["/customers/{id}"]),
+        ]);
+        spec.default_action = Action::Allow;
+        spec.workload.routing = Some(custos_api::policy::RoutingSpec {
+            case_insensitive: Some(case_insensitive),
+            format_suffixes: Some(format_suffixes),
+        });
+        let e = mk_engine(&spec);
+        let path = normalize(p).expect("valid");
+        let v = e.decide(&Request { method: "GET", path: &path, caller: None, user: None, time: 0 });
+        (v.reason, v.rule.map(|r| r.name.clone()))
+    };
+    let one = (Reason::AllowRule, Some("one".to_owned()));
+    let ambiguous = (Reason::AmbiguousRoute, Some("search".to_owned()));
+    assert_eq!(decide_routed(false, true, "/customers/SEARCH"), one);
+    assert_eq!(decide_routed(false, true, "/customers/search.json"), ambiguous);
+    assert_eq!(decide_routed(false, true, "/customers/Search.json"), one, "stems match as sent too");
+    assert_eq!(decide_routed(true, false, "/customers/search.json"), one);
+    assert_eq!(decide_routed(true, false, "/customers/SEARCH"), ambiguous);
+    assert_eq!(decide_routed(false, false, "/customers/SEARCH.json"), one);
+    assert_eq!(decide_routed(false, false, "/Customers/42").0, Reason::DefaultAllow);
     // A rule's own capitals fold too, with a path that has none (capture names aside).
     let mut spec = mk_spec(vec![mk_allow("reports", &["GET"], &["/Reports/{reportId}"])]);
     spec.default_action = Action::Allow;

@@ -21,6 +21,7 @@ pub fn mk_spec(rules: Vec<AccessRule>) -> DataAccessPolicySpec {
             },
             app_port: 8080,
             proxy_port: None,
+            routing: None,
         },
         mode: Mode::Enforce,
         default_action: Action::Deny,

@@ -54,7 +54,7 @@ fn mk_selector(pairs: &[(&str, &str)]) -> LabelSelector {
 
 fn mk_policy(name: &str, selector: LabelSelector) -> DataAccessPolicy {
     let spec = DataAccessPolicySpec {
-        workload: WorkloadSpec { selector, app_port: 8080, proxy_port: None },
+        workload: WorkloadSpec { selector, app_port: 8080, proxy_port: None, routing: None },
         mode: Mode::Enforce,
         default_action: custos_api::policy::Action::Deny,
         fail_open: false,
