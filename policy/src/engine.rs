@@ -472,6 +472,11 @@ fn allow_variant<'e>(
     // (the rules before the matching one failed as sent); only a last segment with a `.` has
     // stems. Most requests have neither: nothing more is compared.
     let upper_path = fold && req.path.as_str().bytes().any(|b| b.is_ascii_uppercase());
+    let folds = fold && (upper_path || rules.iter().any(|r| r.upper_literals));
+    let suffixed = stems && req.path.as_str().rsplit('/').next().is_some_and(|last| last.contains('.'));
+    if !folds && !suffixed {
+        return None;
+    }
     let first = req.path.segment(0);
     // `rule` matched against `req`, its literals without regard to case when `fold`.
     fn variant<'e>(
@@ -487,14 +492,15 @@ fn allow_variant<'e>(
         let globs = if fold { &rule.variant_paths } else { &rule.paths };
         rule_matches_in(rule, globs, req, vars).map(|params| (rule, params))
     }
-    if let Some(found) = rules
-        .iter()
-        .filter(|rule| upper_path || (fold && rule.upper_literals))
-        .find_map(|rule| variant(rule, req, first, true, vars))
+    if folds
+        && let Some(found) = rules
+            .iter()
+            .filter(|rule| upper_path || rule.upper_literals)
+            .find_map(|rule| variant(rule, req, first, true, vars))
     {
         return Some(found);
     }
-    for stem in if stems { suffix_stems(req.path) } else { Vec::new() } {
+    for stem in if suffixed { suffix_stems(req.path) } else { Vec::new() } {
         let stem_req = Request { path: &stem, ..*req };
         let (first, mut stem_vars) = (stem.segment(0), None);
         if let Some(found) =
