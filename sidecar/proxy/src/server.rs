@@ -192,23 +192,26 @@ impl Drop for OpenConnection {
     }
 }
 
-/// How a connection served by [`until_shut_down`] ended: its own result, and whether it was
-/// shut down for having had no h2c stream open for the header read time-out.
-type Ended = (Result<(), Box<dyn std::error::Error + Send + Sync>>, bool);
+/// How a connection served by [`until_shut_down`] ended: its own result, and the limit that
+/// shut it down, if one did.
+type Ended = (Result<(), Box<dyn std::error::Error + Send + Sync>>, Option<&'static str>);
 
 /// Drives `conn` (a client connection) to its end, shutting it down gracefully (`shutdown`:
 /// GOAWAY for h2c, close after the response in flight for HTTP/1.1) when `drain` changes or
 /// when its h2c streams have been idle for the header read time-out (`idle`, whose watchdog
 /// wakes this task); and dropping it (closing the socket) if, idle so, it is still there
-/// another time-out later. Each poll costs the drain check (as hyper-util's
-/// `GracefulShutdown`'s) and an atomic load; the task's waker is handed to the watchdog
-/// once, when it starts.
+/// another time-out later (ended by `header_read_timeout`). An h2c connection whose client
+/// reset more than [`crate::stall::MAX_RESETS`] streams within a second
+/// ([`StallWatch::reset_flood`]) is shut down and dropped at once (ended by `h2_reset_flood`):
+/// the GOAWAY goes out if the socket takes it, the connection is not waited for. Each poll
+/// costs the drain check (as hyper-util's `GracefulShutdown`'s) and two atomic loads; the
+/// task's waker is handed to the watchdog once, when it starts.
 async fn until_shut_down<C, E>(
     conn: C,
     shutdown: impl Fn(Pin<&mut C>),
     mut drain: watch::Receiver<()>,
     idle: Arc<StallWatch>,
-) -> (Result<(), E>, bool)
+) -> (Result<(), E>, Option<&'static str>)
 where
     C: Future<Output = Result<(), E>>,
 {
@@ -232,6 +235,14 @@ where
                 shutdown(conn.as_mut());
             }
         }
+        if idle.reset_flood() {
+            if !shut {
+                shutdown(conn.as_mut());
+            }
+            // Once more, for the GOAWAY to be written; then closed, whatever its streams.
+            let _ = conn.as_mut().poll(cx);
+            return Poll::Ready((Ok(()), Some("h2_reset_flood")));
+        }
         if !shut && idle.idle_shutdown() {
             shut = true;
             idle_closed = true;
@@ -239,7 +250,7 @@ where
             registered = None;
             shutdown(conn.as_mut());
         } else if idle_closed && idle.idle_abandon() {
-            return Poll::Ready((Ok(()), true));
+            return Poll::Ready((Ok(()), Some("header_read_timeout")));
         }
         let polled = conn.as_mut().poll(cx);
         if polled.is_pending()
@@ -251,11 +262,11 @@ where
             idle.register(cx.waker().clone());
             // Signalled before the waker was there: come back at once.
             let signalled = if idle_closed { idle.idle_abandon() } else { idle.idle_shutdown() };
-            if signalled {
+            if signalled || idle.reset_flood() {
                 cx.waker().wake_by_ref();
             }
         }
-        polled.map(|ended| (ended, idle_closed))
+        polled.map(|ended| (ended, idle_closed.then_some("header_read_timeout")))
     })
     .await
 }
@@ -263,13 +274,14 @@ where
 /// Logs how a client connection ended, and names the limit that ended it, if any: no request
 /// started within the header read time-out (hyper-util's protocol detection has no timer, so
 /// [`first_request_within`] closes the connection; or hyper's own HTTP/1.1 timer fired
-/// first), or an h2c connection had no stream open for that time ([`until_shut_down`]).
+/// first), or an h2c connection had no stream open for that time, or its client reset too
+/// many streams ([`until_shut_down`]).
 /// Idle kept-alive HTTP/1.1 connections closed later are not counted.
 fn connection_end(ended: &Result<Ended, NoRequestInTime>, started: &RequestStarted) -> Option<&'static str> {
     match ended {
-        Ok((_, true)) => Some("header_read_timeout"),
-        Ok((Ok(()), false)) => None,
-        Ok((Err(e), false)) => {
+        Ok((_, Some(limit))) => Some(limit),
+        Ok((Ok(()), None)) => None,
+        Ok((Err(e), None)) => {
             tracing::debug!(error = %e, "client connection ended with an error");
             let error = e.downcast_ref::<hyper::Error>();
             if error.is_some_and(hyper::Error::is_parse_too_large) {

@@ -20,6 +20,14 @@
 //! done or dropped ([`OpenStream`]); once no stream has been open for `--header-read-timeout`
 //! the watchdog asks the connection to shut down gracefully (GOAWAY: streams the client has
 //! already sent are still served), through [`StallWatch::idle_shutdown`].
+//!
+//! It also bounds the streams a client resets. h2's own limit counts only streams reset
+//! before hyper accepts them; a client that sends a request's HEADERS and its RST_STREAM in
+//! separate segments has each stream accepted, the app called, and the call cancelled (an app
+//! connection lost, an audit event emitted) for some 40 bytes. An [`OpenStream`] dropped before
+//! its response was done (its response future or body dropped, not ended) counts one reset;
+//! past [`MAX_RESETS`] within [`RESET_WINDOW_MS`] the connection is shut down (GOAWAY) and
+//! closed, through [`StallWatch::reset_flood`].
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,6 +51,17 @@ const SLICE: usize = 16 * 1024;
 const STREAM_STARTED: u64 = (1 << 32) | 1;
 const OPEN_STREAMS: u64 = u32::MAX as u64;
 
+/// Streams one h2c client connection may reset (cancel after the service was called, before
+/// their response was done) within [`RESET_WINDOW_MS`]: past it the connection is shut down
+/// and closed. A client cancelling requests now and then (time-outs, a user navigating away)
+/// stays far below, and so does a gateway cancelling every stream it has open at once (twice
+/// the 256 streams a connection may have); one cancelling every request it sends, to make the
+/// app do work for free, does not.
+pub(crate) const MAX_RESETS: u32 = 512;
+
+/// The window, in milliseconds, over which [`MAX_RESETS`] is counted.
+pub(crate) const RESET_WINDOW_MS: u32 = 1000;
+
 /// The h2c streams and response bodies of one client connection.
 pub(crate) struct StallWatch {
     bodies: Mutex<Vec<Weak<BodyClock>>>,
@@ -63,25 +82,47 @@ pub(crate) struct StallWatch {
     /// stream open after another idle limit (a client that never acknowledges the GOAWAY's
     /// PING): it is then closed.
     abandon: AtomicBool,
+    /// Streams reset within the current window (low 32 bits) and when that window started
+    /// (high 32 bits: milliseconds since the epoch plus one, wrapping): see
+    /// [`Self::stream_reset`].
+    resets: AtomicU64,
+    /// Set when more than [`MAX_RESETS`] streams were reset within [`RESET_WINDOW_MS`]: the
+    /// connection is to be shut down and closed at once.
+    reset_flood: AtomicBool,
     /// Wakes the connection's task to shut it down ([`Self::register`]).
     waker: Mutex<Option<Waker>>,
 }
 
 /// An h2c stream counted open in its connection's [`StallWatch`] until this is dropped: from
 /// the call of the service until its response body is done (or the response is dropped).
-pub(crate) struct OpenStream(Arc<StallWatch>);
+/// Dropped before its response ended (not [`Self::done`]), it counts a reset stream.
+pub(crate) struct OpenStream {
+    watch: Arc<StallWatch>,
+    /// Whether the response ended (its body's end handed out, or an error that resets the
+    /// stream from this side): set through a shared reference, from
+    /// [`Body::is_end_stream`].
+    done: AtomicBool,
+}
 
 impl OpenStream {
     /// Watches `body`, the stream's response body, which keeps the stream open.
     pub(crate) fn watch(self, body: ProxyBody) -> Watched {
-        let watch = self.0.clone();
+        let watch = self.watch.clone();
         watch.watch_body(body, Some(self))
+    }
+
+    /// The response ended: dropping this no longer counts a reset.
+    fn done(&self) {
+        self.done.store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        self.watch.streams.fetch_sub(1, Ordering::Relaxed);
+        if !*self.done.get_mut() {
+            self.watch.stream_reset();
+        }
     }
 }
 
@@ -125,6 +166,8 @@ impl StallWatch {
             watching: AtomicBool::new(false),
             idle: AtomicBool::new(false),
             abandon: AtomicBool::new(false),
+            resets: AtomicU64::new(0),
+            reset_flood: AtomicBool::new(false),
             waker: Mutex::new(None),
         })
     }
@@ -134,7 +177,43 @@ impl StallWatch {
     pub(crate) fn stream_started(self: &Arc<Self>) -> OpenStream {
         self.streams.fetch_add(STREAM_STARTED, Ordering::Relaxed);
         self.start_watchdog();
-        OpenStream(self.clone())
+        OpenStream { watch: self.clone(), done: AtomicBool::new(false) }
+    }
+
+    /// A stream was dropped before its response ended (the client reset it, or its connection
+    /// is gone): counted in the current window (one clock read); past [`MAX_RESETS`] within
+    /// it, [`Self::reset_flood`] turns true and the connection's task is woken.
+    fn stream_reset(&self) {
+        // Milliseconds since the epoch plus one, wrapping (the window start only needs
+        // comparing with times less than 49 days later).
+        let now = self.now() as u32;
+        let mut flooded = false;
+        let _ = self.resets.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |resets| {
+            let (start, n) = ((resets >> 32) as u32, resets as u32);
+            let (start, n) = if now.wrapping_sub(start) >= RESET_WINDOW_MS {
+                (now, 1)
+            } else {
+                (start, n.saturating_add(1))
+            };
+            flooded = n > MAX_RESETS;
+            Some((u64::from(start) << 32) | u64::from(n))
+        });
+        if flooded
+            && !self.reset_flood.load(Ordering::Relaxed)
+            && !self.reset_flood.swap(true, Ordering::Relaxed)
+        {
+            tracing::debug!(
+                limit = MAX_RESETS,
+                "h2c client reset too many streams within a second: closing its connection"
+            );
+            self.wake();
+        }
+    }
+
+    /// Whether the connection is to be shut down and closed at once: its client reset more
+    /// than [`MAX_RESETS`] streams within [`RESET_WINDOW_MS`].
+    pub(crate) fn reset_flood(&self) -> bool {
+        self.reset_flood.load(Ordering::Relaxed)
     }
 
     /// Starts the watchdog, a task of its own, unless it runs: the connection's own task (and
@@ -176,6 +255,11 @@ impl StallWatch {
         if abandon {
             self.abandon.store(true, Ordering::Relaxed);
         }
+        self.wake();
+    }
+
+    /// Wakes the connection's task, if it has handed its waker.
+    fn wake(&self) {
         let waker = self.waker.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(waker) = waker {
             waker.wake();
@@ -197,7 +281,7 @@ impl StallWatch {
         bodies.retain(|b| b.strong_count() > 0);
         bodies.push(Arc::downgrade(&clock));
         drop(bodies);
-        Watched { plain: None, watched: Some((clock, self.clone())), _open: open }
+        Watched { plain: None, watched: Some((clock, self.clone())), open }
     }
 
     /// Takes the bodies left for longer than the limit; how many.
@@ -289,13 +373,13 @@ pub(crate) struct Watched {
     plain: Option<ProxyBody>,
     watched: Option<(Arc<BodyClock>, Arc<StallWatch>)>,
     /// The h2c stream, counted open until the body is dropped.
-    _open: Option<OpenStream>,
+    open: Option<OpenStream>,
 }
 
 impl Watched {
     /// A body not watched (HTTP/1.1).
     pub(crate) fn plain(inner: ProxyBody) -> Watched {
-        Watched { plain: Some(inner), watched: None, _open: None }
+        Watched { plain: Some(inner), watched: None, open: None }
     }
 }
 
@@ -316,7 +400,10 @@ impl Body for Watched {
         let Some((clock, watch)) = &this.watched else { return Poll::Ready(None) };
         let mut guard = clock.stream.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(stream) = guard.as_mut() else {
-            // Taken by the watchdog: hyper resets the stream.
+            // Taken by the watchdog: hyper resets the stream (counted as stalled, not reset).
+            if let Some(open) = &this.open {
+                open.done();
+            }
             return Poll::Ready(Some(Err(Stalled.into())));
         };
         let out = if stream.rest.is_empty() {
@@ -336,6 +423,12 @@ impl Body for Watched {
             Poll::Ready(Some(Ok(Frame::data(stream.slice()))))
         };
         let handed_out = if matches!(out, Poll::Ready(Some(Ok(_)))) { watch.now() } else { 0 };
+        if matches!(out, Poll::Ready(None | Some(Err(_))))
+            && let Some(open) = &this.open
+        {
+            // Ended (or reset from this side, not by the client).
+            open.done();
+        }
         clock.handed_out.store(handed_out, Ordering::Relaxed);
         drop(guard);
         out
@@ -346,12 +439,19 @@ impl Body for Watched {
             (Some(plain), _) => plain.is_end_stream(),
             // A taken body has not ended: its next poll is the error that resets the stream
             // (never a clean end of a cut-off response).
-            (None, Some((clock, _))) => clock
-                .stream
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_ref()
-                .is_some_and(|s| s.rest.is_empty() && s.body.is_end_stream()),
+            (None, Some((clock, _))) => {
+                let end = clock
+                    .stream
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_ref()
+                    .is_some_and(|s| s.rest.is_empty() && s.body.is_end_stream());
+                // hyper sends the end with the head or last data frame and polls no more.
+                if end && let Some(open) = &self.open {
+                    open.done();
+                }
+                end
+            }
             (None, None) => true,
         }
     }
@@ -422,6 +522,34 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert!(watch.idle_abandon());
         assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+    }
+
+    /// Streams dropped before their response ended count as resets: more than [`MAX_RESETS`]
+    /// within [`RESET_WINDOW_MS`] set the flood flag and wake the connection's task. Streams
+    /// whose bodies ended do not count, nor do resets spread over windows.
+    #[tokio::test(start_paused = true)]
+    async fn streams_reset_in_a_flood_shut_the_connection_down() {
+        let watch = StallWatch::new(Duration::from_secs(60), Counter::default(), Duration::from_secs(3600));
+        let wakes = Arc::new(Wakes::default());
+        watch.register(Waker::from(wakes.clone()));
+        for _ in 0..1000 {
+            let mut body = watch.stream_started().watch(ProxyBody::full(Bytes::from_static(b"ok")));
+            while body.frame().await.is_some() {}
+        }
+        assert!(!watch.reset_flood(), "streams whose responses ended are not resets");
+
+        for _ in 0..MAX_RESETS {
+            drop(watch.stream_started());
+        }
+        tokio::time::sleep(Duration::from_millis(u64::from(RESET_WINDOW_MS) + 1)).await;
+        for _ in 0..MAX_RESETS {
+            drop(watch.stream_started());
+        }
+        assert!(!watch.reset_flood(), "the bound, in each of two windows");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+        drop(watch.stream_started());
+        assert!(watch.reset_flood());
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
     }
 
     /// A body read to its end is not stalled; one handed out and not asked for more loses its

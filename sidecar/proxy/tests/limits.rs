@@ -160,3 +160,89 @@ async fn an_idle_admin_connection_is_closed_after_five_seconds() {
     assert_eq!(support::get(f.admin(), "/healthz").await.status, 200);
     f.stop().await;
 }
+
+/// `custos_sidecar_limit_rejections_total{limit="<limit>"}` once it is at least `at_least`
+/// (counted when the server's connection task ends), or what it is after 2 s.
+async fn limit_count_reaching(admin: SocketAddr, limit: &str, at_least: f64) -> f64 {
+    let mut counted = 0.0;
+    for _ in 0..100 {
+        counted = limit_count(admin, limit).await;
+        if counted >= at_least {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    counted
+}
+
+/// Sends `n` requests for `path` on `sender`, 50 at a time, and drops each once it has been
+/// sent and not answered within 30 ms: hyper's client then resets its stream (RST_STREAM in a
+/// segment of its own, after the HEADERS the proxy has accepted and forwarded to the app).
+async fn send_and_cancel(sender: &SendRequest<Full<Bytes>>, addr: SocketAddr, path: &str, n: usize) {
+    for _ in 0..n.div_ceil(50) {
+        let batch: Vec<_> = (0..50)
+            .map(|_| {
+                let mut sender = sender.clone();
+                let req = get(addr, path);
+                tokio::spawn(async move {
+                    if sender.ready().await.is_ok() {
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(30), sender.send_request(req)).await;
+                    }
+                })
+            })
+            .collect();
+        for task in batch {
+            task.await.unwrap();
+        }
+    }
+}
+
+/// An h2c client that resets every stream it opens once the proxy has called the app (which
+/// h2's own limit on resets, counting only streams reset before they are accepted, does not
+/// see) has its connection closed past 512 resets within a second, counted as
+/// `h2_reset_flood`; a client whose 300 requests complete keeps its connection.
+#[tokio::test]
+async fn an_h2c_client_resetting_streams_in_a_flood_is_closed() {
+    let mut f = fixture(&[("customer-api", allow_all())], Vec::new(), |_| {}).await;
+
+    // 300 requests answered: the connection stays.
+    let (sender, conn) = h2c(f.proxy()).await;
+    for _ in 0..6 {
+        let batch: Vec<_> = (0..50)
+            .map(|_| {
+                let mut sender = sender.clone();
+                let req = get(f.proxy(), "/open/x");
+                tokio::spawn(async move {
+                    let resp = sender.send_request(req).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    resp.into_body().collect().await.unwrap();
+                })
+            })
+            .collect();
+        for task in batch {
+            task.await.unwrap();
+        }
+    }
+    let mut sender_ok = sender.clone();
+    let resp = sender_ok.send_request(get(f.proxy(), "/open/x")).await.expect("the connection was closed");
+    assert_eq!(resp.status(), 200);
+    assert!(!conn.is_finished());
+
+    // 1,200 requests sent to an app that answers after 10 s, each reset 30 ms later.
+    let (mut sender, conn) = h2c(f.proxy()).await;
+    send_and_cancel(&sender, f.proxy(), "/slow/x", 1200).await;
+    tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("the connection resetting its streams is still open")
+        .unwrap()
+        .ok();
+    assert!(sender.send_request(get(f.proxy(), "/open/x")).await.is_err());
+    assert_eq!(limit_count_reaching(f.admin(), "h2_reset_flood", 1.0).await, 1.0);
+
+    // The well-behaved connection is still there.
+    let resp = sender_ok.send_request(get(f.proxy(), "/open/x")).await.expect("the connection was closed");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(limit_count(f.admin(), "h2_reset_flood").await, 1.0);
+    f.stop().await;
+}
