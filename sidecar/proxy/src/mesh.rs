@@ -225,9 +225,16 @@ impl MeshIdentity {
                 OriginCheck::SocketTable { local, proxy_uid, answer: Arc::default() }
             }
             (Mesh::Istio { .. }, _) => OriginCheck::Known(Origin::Peer),
-            (Mesh::Linkerd { proxy_uid }, Some(local)) => {
+            // Linkerd's proxy connects from the pod's own address (before 2.11, loopback):
+            // another peer cannot be it, and its connection needs no read of the socket table
+            // (a pod's table is long, and a flood of connections would read it for each).
+            (Mesh::Linkerd { proxy_uid }, Some(local))
+                if peer.ip().to_canonical() == local.ip().to_canonical()
+                    || peer.ip().to_canonical().is_loopback() =>
+            {
                 OriginCheck::SocketTable { local, proxy_uid, answer: Arc::default() }
             }
+            (Mesh::Linkerd { .. }, Some(_)) => OriginCheck::Known(Origin::Peer),
             (Mesh::Linkerd { .. }, None) => OriginCheck::Known(Origin::Pod),
         }
     }
@@ -496,6 +503,14 @@ mod tests {
         // No local address: never the proxy.
         assert!(matches!(linkerd().origin_check(peer, None), OriginCheck::Known(Origin::Pod)));
         assert!(matches!(mesh().origin_check(peer, None), OriginCheck::Known(Origin::Peer)));
+        // Linkerd: a peer neither loopback nor the pod's own address is never its proxy, and
+        // the socket table is not read for it.
+        let local: SocketAddr = "10.0.0.5:15080".parse().unwrap();
+        for (from, table) in [("10.0.0.9:40000", false), ("10.0.0.5:40000", true), ("127.0.0.1:40000", true)]
+        {
+            let check = linkerd().origin_check(from.parse().unwrap(), Some(local));
+            assert_eq!(matches!(check, OriginCheck::SocketTable { .. }), table, "{from}");
+        }
         let envoy: SocketAddr = "127.0.0.6:40000".parse().unwrap();
         assert!(matches!(mesh().origin_check(envoy, None), OriginCheck::Known(Origin::Peer)));
     }
