@@ -45,7 +45,7 @@ pub(crate) fn is_post(method: &http::Method) -> bool {
     method.as_str().eq_ignore_ascii_case("POST")
 }
 
-/// How a framework reads parameters from a POST body of some declared type ([`body_kind`]).
+/// How a framework reads parameters from a POST body of some declared type ([`kind_of`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum BodyKind {
     /// JSON: a media type with `json` in it, or a type with `/json` or `+json` anywhere in it
@@ -71,14 +71,13 @@ fn media_type(lower: &str) -> &str {
 /// The media type of a URL-encoded form.
 const FORM_TYPE: &str = "application/x-www-form-urlencoded";
 
-/// The kind of a body of `content_type` that some framework reads parameters from, or none
-/// for a body of another declared type (`application/octet-stream`, `image/png`): a form
-/// when declared or without a type (an empty one too: Rack reads both as forms), JSON when
-/// the media type has `json` in it or the type `/json` or `+json` anywhere (Laravel), and
-/// multipart for `multipart/*`.
-pub(crate) fn body_kind(content_type: Option<&HeaderValue>) -> Option<BodyKind> {
-    let lower = lower_type(content_type);
-    let media = media_type(&lower);
+/// The kind of a body of a (lower-case, [`lower_type`]) Content-Type that some framework reads
+/// parameters from, or none for a body of another declared type (`application/octet-stream`,
+/// `image/png`): a form when declared or without a type (an empty one too: Rack reads both as
+/// forms), JSON when the media type has `json` in it or the type `/json` or `+json` anywhere
+/// (Laravel), and multipart for `multipart/*`.
+fn kind_of(lower: &str) -> Option<BodyKind> {
+    let media = media_type(lower);
     if media.is_empty() || media == FORM_TYPE {
         Some(BodyKind::Form)
     } else if media.contains("json") {
@@ -95,9 +94,8 @@ pub(crate) fn body_kind(content_type: Option<&HeaderValue>) -> Option<BodyKind> 
 /// Whether a multipart reader could read a body of `content_type`: the type is `multipart/*`
 /// or declares a boundary at all (PHP looks for `boundary` anywhere in the type, and then for
 /// an `=`), whatever its media type.
-fn reads_multipart(content_type: Option<&HeaderValue>) -> bool {
-    let lower = lower_type(content_type);
-    media_type(&lower).starts_with("multipart/") || lower.contains("boundary")
+fn reads_multipart(lower: &str) -> bool {
+    media_type(lower).starts_with("multipart/") || lower.contains("boundary")
 }
 
 /// What the check of a POST body found ([`check_post_body`]).
@@ -126,10 +124,10 @@ pub(crate) const BAD_REQUEST_ENCODING: &str = "bad_request_encoding";
 /// by its byte order mark), UTF-7 and other Unicode charsets but UTF-8 and UTF-16.
 pub(crate) const UNSUPPORTED_REQUEST_CHARSET: &str = "unsupported_request_charset";
 
-/// Checks a POST body for a `_method` field ([`body_names_a_method`]): `complete` when the
+/// Checks a POST body for a `_method` field ([`names_a_method`]): `complete` when the
 /// sidecar has it all (`whole` is then its bytes, none for no body), and a `gzip` or `deflate`
 /// body is decoded first, to at most `decode_limit` bytes (Express's body parsers inflate
-/// request bodies). A body of a kind some framework reads parameters from ([`body_kind`])
+/// request bodies). A body of a kind some framework reads parameters from ([`kind_of`])
 /// that is not read whole, or decodes to more than the limit, is
 /// [`Unchecked`](PostBody::Unchecked); one of any other type is then
 /// [`Clean`](PostBody::Clean). A whole body is read whatever its type (see the
@@ -140,11 +138,12 @@ pub(crate) fn check_post_body(
     whole: Option<&bytes::Bytes>,
     decode_limit: u64,
 ) -> PostBody {
-    let content_type = headers.get(http::header::CONTENT_TYPE);
-    let kind = body_kind(content_type);
+    // The type in lower case, read once for every question asked of it.
+    let lower = lower_type(headers.get(http::header::CONTENT_TYPE));
+    let kind = kind_of(&lower);
     let unread = || kind.map_or(PostBody::Clean, PostBody::Unchecked);
     let encoding = Encoding::of(headers);
-    let charsets = declared_charsets(content_type);
+    let charsets = declared_charsets(&lower);
     if !complete {
         // Not read whole: one that could not be read whole either says so.
         // JSON and multipart (uploads) are unchecked whatever their encoding or charset: the
@@ -177,7 +176,7 @@ pub(crate) fn check_post_body(
     if readable && (charsets.unsupported || utf32) {
         return PostBody::Unreadable(UNSUPPORTED_REQUEST_CHARSET);
     }
-    if body_names_a_method(content_type, &decoded) {
+    if names_a_method(&lower, &decoded) {
         return PostBody::NamesAMethod;
     }
     // UTF-16 text, by its byte order mark or its declared charset, read again as UTF-8 in
@@ -187,9 +186,7 @@ pub(crate) fn check_post_body(
         Some(b"\xFE\xFF") => (&decoded[2..], charsets.utf16_little, true),
         _ => (&decoded[..], charsets.utf16_little, charsets.utf16_big),
     };
-    let names = |little_endian: bool| {
-        body_names_a_method(content_type, utf16_to_utf8(text, little_endian).as_bytes())
-    };
+    let names = |little_endian: bool| names_a_method(&lower, utf16_to_utf8(text, little_endian).as_bytes());
     if (little && names(true)) || (big && names(false)) { PostBody::NamesAMethod } else { PostBody::Clean }
 }
 
@@ -206,12 +203,11 @@ struct Charsets {
     unsupported: bool,
 }
 
-/// Every `charset` parameter of `content_type` (any text `charset` followed by `=`, the value
+/// Every `charset` parameter of a lower-case Content-Type `text` (any text `charset` followed by `=`, the value
 /// unquoted), its name compared as iconv-lite compares them (lower case, letters and digits
 /// only, so `UTF_16LE` is `utf16le`). Charsets that are not Unicode are not read here: PHP and
 /// Rack read parameter names byte for byte, and Express's JSON parser refuses them.
-fn declared_charsets(content_type: Option<&HeaderValue>) -> Charsets {
-    let text = lower_type(content_type);
+fn declared_charsets(text: &str) -> Charsets {
     let mut found = Charsets::default();
     for (at, _) in text.match_indices("charset") {
         let Some(value) = text[at + "charset".len()..].trim_start().strip_prefix('=') else {
@@ -244,16 +240,16 @@ fn utf16_to_utf8(bytes: &[u8], little_endian: bool) -> String {
     char::decode_utf16(units).map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER)).collect()
 }
 
-/// Whether a POST body of `content_type` carries a `_method` field as any framework may read
-/// it, whatever its declared type (a leading UTF-8 byte order mark skipped): a form
-/// parameter; a top-level `"_method"` key of a JSON object (Laravel) when the body starts with
-/// `{`; a multipart part named `_method` when a multipart reader could read it
-/// ([`reads_multipart`]).
-pub(crate) fn body_names_a_method(content_type: Option<&HeaderValue>, body: &[u8]) -> bool {
+/// Whether a POST body of a (lower-case, [`lower_type`]) Content-Type carries a `_method`
+/// field as any framework may read it, whatever its declared type (a leading UTF-8 byte order
+/// mark skipped): a form parameter; a top-level `"_method"` key of a JSON object (Laravel)
+/// when the body starts with `{`; a multipart part named `_method` when a multipart reader
+/// could read it ([`reads_multipart`]).
+fn names_a_method(lower: &str, body: &[u8]) -> bool {
     let body = body.strip_prefix(UTF8_BOM).unwrap_or(body);
     form_names_a_method(body)
         || json_names_a_method(body)
-        || (reads_multipart(content_type) && multipart_names_a_method(body))
+        || (reads_multipart(lower) && multipart_names_a_method(body))
 }
 
 /// A top-level `"_method"` key of a JSON object, not null, the last one when it repeats (as
@@ -345,6 +341,16 @@ fn decodes_to_method_name(encoded: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`kind_of`] of a Content-Type header.
+    fn body_kind(content_type: Option<&HeaderValue>) -> Option<BodyKind> {
+        kind_of(&lower_type(content_type))
+    }
+
+    /// [`names_a_method`] of a body under a Content-Type header.
+    fn body_names_a_method(content_type: Option<&HeaderValue>, body: &[u8]) -> bool {
+        names_a_method(&lower_type(content_type), body)
+    }
 
     /// Whether `content_type` declares a URL-encoded form.
     fn is_declared_form(content_type: Option<&HeaderValue>) -> bool {
