@@ -338,15 +338,8 @@ fn parse(body: &[u8], prepared: &numbers::Prepared<'_>) -> Result<Value, Transfo
         // A number rewritten where only a string is valid (an object key) made an invalid
         // body parse: the original tells what is wrong with it.
         Ok(_) => serde_json::from_slice::<Value>(body).map_err(not_json),
+        // Wrapping moves columns: report them as in the original body.
         Err(e) => {
-            // A wrapped number can turn what is wrong with a body into another error (`{1e23`,
-            // a key that is not a string, reads as a string key cut off): the original tells.
-            if prepared.wrapped > 0
-                && let Err(original) = serde_json::from_slice::<serde::de::IgnoredAny>(body)
-            {
-                return Err(not_json(original));
-            }
-            // Wrapping moves columns: report them as in the original body.
             let column = prepared.original_column(e.line(), e.column());
             Err(not_json_at(&e, e.line(), column))
         }
