@@ -415,10 +415,11 @@ impl AnyStore {
     /// investigation over months of events cannot hold a database connection indefinitely
     /// (default [`DEFAULT_QUERY_TIMEOUT`]). On SQLite every read is limited so (each page of a
     /// verification is one read); on PostgreSQL it is the statement time-out of those
-    /// queries.
+    /// queries. A limit of zero stops every SQLite read at its first progress check (after
+    /// 1,000 virtual machine steps) and every PostgreSQL query after a millisecond, the
+    /// shortest statement time-out it takes (zero there means none).
     #[must_use]
     pub fn with_query_timeout(self, limit: std::time::Duration) -> AnyStore {
-        let limit = limit.max(std::time::Duration::from_millis(1));
         match self {
             AnyStore::Sqlite(s) => AnyStore::Sqlite(s.with_query_timeout(limit)),
             AnyStore::Postgres(s) => AnyStore::Postgres(s.with_query_timeout(limit)),
