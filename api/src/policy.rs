@@ -121,8 +121,8 @@ pub struct WorkloadSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RoutingSpec {
-    /// Whether the app may route a path without regard to ASCII case (Express, ASP.NET Core
-    /// by default). Default true; false for an app that routes case-sensitively (Go,
+    /// Whether the app may route a path without regard to case (Express, ASP.NET Core by
+    /// default). Default true; false for an app that routes case-sensitively (Go,
     /// Django, Rails, Spring): Allow rules then see only the path as sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub case_insensitive: Option<bool>,

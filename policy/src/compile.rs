@@ -86,8 +86,8 @@ pub struct CompiledRule {
     /// `/customers/42.json` to the handler of `/customers/{id}`: the rule's constraints are
     /// not escaped by spelling the path so). Empty for Deny rules, whose `paths` fold already.
     pub variant_paths: Vec<PathGlob>,
-    /// Whether a literal of `paths` has an ASCII capital (folding case can change its matches
-    /// of a path without capitals too).
+    /// Whether a literal of `paths` has a character that folding case changes (a capital, or
+    /// `ſ`: folding can change its matches of a path without capitals too).
     pub upper_literals: bool,
     /// When every glob of `paths` starts with a literal segment: those literals. A request
     /// whose first segment is none of them cannot match the rule, which is then passed over
@@ -504,12 +504,13 @@ fn compile_rule(
     }
 }
 
-/// Whether the glob text `pattern` has an ASCII capital outside its `{name}` captures.
+/// Whether the glob text `pattern` has, outside its `{name}` captures, a character that
+/// folding case changes ([`crate::glob::fold_char`]).
 fn has_upper_literal(pattern: &str) -> bool {
     let mut in_capture = false;
-    pattern.bytes().any(|b| {
-        in_capture = (in_capture || b == b'{') && b != b'}';
-        !in_capture && b.is_ascii_uppercase()
+    pattern.chars().any(|c| {
+        in_capture = (in_capture || c == '{') && c != '}';
+        !in_capture && crate::glob::fold_char(c) != c
     })
 }
 

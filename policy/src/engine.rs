@@ -355,7 +355,7 @@ fn decide_policy<'e>(
     // the call: most rules of a policy are about other paths.
     let first = req.path.segment(0);
     for rule in &policy.deny_rules {
-        if may_match_first(rule, first, true)
+        if may_match_first(rule, first, Some(req.path.is_ascii()))
             && let Some(params) = rule_matches(rule, req, vars)
         {
             return verdict(denied, Some(rule), Reason::DenyRule, params);
@@ -368,7 +368,7 @@ fn decide_policy<'e>(
             let stem_req = Request { path: &stem, ..*req };
             let mut stem_vars = None;
             for rule in &policy.deny_rules {
-                if may_match_first(rule, stem.segment(0), true)
+                if may_match_first(rule, stem.segment(0), Some(stem.is_ascii()))
                     && let Some(params) = rule_matches(rule, &stem_req, &mut stem_vars)
                 {
                     return verdict(denied, Some(rule), Reason::DenyRule, params);
@@ -377,7 +377,7 @@ fn decide_policy<'e>(
         }
     }
     let exact = policy.allow_rules.iter().enumerate().find_map(|(i, rule)| {
-        if !may_match_first(rule, first, false) {
+        if !may_match_first(rule, first, None) {
             return None;
         }
         rule_matches(rule, req, vars).map(|params| (i, params))
@@ -471,7 +471,8 @@ fn allow_variant<'e>(
     // Folding case changes a match only where the path or the rule's literals have capitals
     // (the rules before the matching one failed as sent); only a last segment with a `.` has
     // stems. Most requests have neither: nothing more is compared.
-    let upper_path = fold && req.path.as_str().bytes().any(|b| b.is_ascii_uppercase());
+    // (A path with any character beyond ASCII is taken as having capitals: `ſ`, `É`.)
+    let upper_path = fold && req.path.as_str().bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii());
     let folds = fold && (upper_path || rules.iter().any(|r| r.upper_literals));
     let suffixed = stems && req.path.as_str().rsplit('/').next().is_some_and(|last| last.contains('.'));
     if !folds && !suffixed {
@@ -486,7 +487,9 @@ fn allow_variant<'e>(
         fold: bool,
         vars: &mut Option<CachedVars>,
     ) -> Option<(&'e CompiledRule, Vec<(String, String)>)> {
-        if rule.paths.is_empty() || !may_match_first(rule, first, fold) {
+        // Folded, the rule's first literals are not compared here: its variant globs compare
+        // them folded first thing.
+        if rule.paths.is_empty() || (!fold && !may_match_first(rule, first, None)) {
             return None;
         }
         let globs = if fold { &rule.variant_paths } else { &rule.paths };
@@ -513,13 +516,16 @@ fn allow_variant<'e>(
 }
 
 /// Whether a request whose path starts with the segment `first` may match `rule` (see
-/// [`CompiledRule::first_segments`]), its literals compared without regard to ASCII case when
-/// `fold` (Deny rules, and the variants of [`allow_variant`]).
+/// [`CompiledRule::first_segments`]). `folded`: the rule's literals are folded (Deny rules)
+/// and compared without regard to case, with whether the path is ASCII.
 #[inline]
-fn may_match_first(rule: &CompiledRule, first: Option<&str>, fold: bool) -> bool {
+fn may_match_first(rule: &CompiledRule, first: Option<&str>, folded: Option<bool>) -> bool {
     rule.first_segments.as_ref().is_none_or(|firsts| {
         first.is_some_and(|first| {
-            firsts.iter().any(|f| if fold { f.eq_ignore_ascii_case(first) } else { **f == *first })
+            firsts.iter().any(|f| match folded {
+                Some(ascii) => crate::glob::folded_eq(f, first, ascii),
+                None => **f == *first,
+            })
         })
     })
 }

@@ -108,14 +108,65 @@ enum Token {
     Deep,
 }
 
+/// The character an app that routes without regard to case takes `c` for: ASCII letters in
+/// lower case; the four characters whose simple case mapping is an ASCII letter as that
+/// letter (`ſ` U+017F and `ı` U+0131 upper-case to `S` and `I`, `İ` U+0130 and the Kelvin sign
+/// U+212A lower-case to `i` and `k`: Java's `equalsIgnoreCase` and Spring's case-insensitive
+/// `PathPattern` take `/adminiſtrators` or `/\u{212A}eys` for the ASCII word); any other
+/// character as the lower case of its upper case where both are single characters (`É` and `é`
+/// alike, `ς` as `σ`, as ASP.NET Core's `OrdinalIgnoreCase` routing compares them), else as
+/// itself.
+pub fn fold_char(c: char) -> char {
+    match c {
+        _ if c.is_ascii() => c.to_ascii_lowercase(),
+        '\u{17F}' => 's',
+        '\u{130}' | '\u{131}' => 'i',
+        '\u{212A}' => 'k',
+        _ => {
+            let mut upper = c.to_uppercase();
+            let (Some(u), None) = (upper.next(), upper.next()) else { return c };
+            let mut lower = u.to_lowercase();
+            match (lower.next(), lower.next()) {
+                (Some(l), None) => l,
+                _ => c,
+            }
+        }
+    }
+}
+
+/// `text` with each character folded ([`fold_char`]).
+pub fn fold_text(text: &str) -> String {
+    if text.is_ascii() { text.to_ascii_lowercase() } else { text.chars().map(fold_char).collect() }
+}
+
+/// Whether `a` and `b` are the same text once folded ([`fold_char`]); ASCII text is compared
+/// without allocating or decoding.
+pub fn fold_eq(a: &str, b: &str) -> bool {
+    if a.is_ascii() && b.is_ascii() {
+        return a.eq_ignore_ascii_case(b);
+    }
+    a.chars().map(fold_char).eq(b.chars().map(fold_char))
+}
+
+/// Whether `folded` (text [`fold_text`] folded) and `seg`, a segment of a path that is ASCII
+/// when `ascii`, are the same text once folded. What Deny rules compare their literals with.
+#[inline]
+pub fn folded_eq(folded: &str, seg: &str, ascii: bool) -> bool {
+    folded.eq_ignore_ascii_case(seg) || (!ascii && fold_eq(folded, seg))
+}
+
 impl Token {
-    /// Whether this single-segment token matches `seg` (ASCII case ignored with `fold_case`,
-    /// the token's text then being lower case). Never called on `Deep`.
-    fn matches_segment(&self, seg: &str, fold_case: bool) -> bool {
+    /// Whether this single-segment token matches `seg` (case ignored with `fold_case`, as
+    /// [`fold_char`] folds it, the token's text then being folded; `ascii` when the path is
+    /// ASCII, which a folded literal beyond ASCII can never match). Never called on `Deep`.
+    fn matches_segment(&self, seg: &str, fold_case: bool, ascii: bool) -> bool {
         match self {
-            Token::Literal(lit) if fold_case => lit.eq_ignore_ascii_case(seg),
+            Token::Literal(lit) if fold_case => folded_eq(lit, seg, ascii),
             Token::Literal(lit) => **lit == *seg,
-            Token::Wildcard(parts) if fold_case => wildcard_matches(parts, &seg.to_ascii_lowercase()),
+            Token::Wildcard(parts) if fold_case && ascii => {
+                wildcard_matches(parts, &seg.to_ascii_lowercase())
+            }
+            Token::Wildcard(parts) if fold_case => wildcard_matches(parts, &fold_text(seg)),
             Token::Wildcard(parts) => wildcard_matches(parts, seg),
             Token::One | Token::Capture(_) => true,
             Token::Deep => false,
@@ -310,17 +361,18 @@ impl PathGlob {
         })
     }
 
-    /// This glob matching literal text without regard to ASCII case: `/customers/export`
-    /// then also matches `/Customers/EXPORT`. For Deny rules, since apps that route without
-    /// regard to case (Express, ASP.NET Core by default) would serve such a path from the
-    /// handler the rule denies; matching more can only refuse more.
+    /// This glob matching literal text without regard to case: `/customers/export` then also
+    /// matches `/Customers/EXPORT`, and `/cu\u{17F}tomers/export` ([`fold_char`]). For Deny
+    /// rules, since apps that route without regard to case (Express, ASP.NET Core by default)
+    /// would serve such a path from the handler the rule denies; matching more can only refuse
+    /// more.
     pub fn folding_case(mut self) -> Self {
         for token in self.tokens.iter_mut() {
             match token {
-                Token::Literal(lit) => *lit = lit.to_ascii_lowercase().into_boxed_str(),
+                Token::Literal(lit) => *lit = fold_text(lit).into_boxed_str(),
                 Token::Wildcard(parts) => {
                     for part in parts.iter_mut() {
-                        *part = part.to_ascii_lowercase().into_boxed_str();
+                        *part = fold_text(part).into_boxed_str();
                     }
                 }
                 Token::One | Token::Capture(_) | Token::Deep => {}
@@ -340,9 +392,9 @@ impl PathGlob {
         // Most globs of a policy part from a request at its first segment: a leading literal
         // is compared before the general matcher is set up (it can only ever match segment 0).
         if let Some(first) = self.first_literal()
-            && !path
-                .segment(0)
-                .is_some_and(|s| if self.fold_case { first.eq_ignore_ascii_case(s) } else { first == s })
+            && !path.segment(0).is_some_and(|s| {
+                if self.fold_case { folded_eq(first, s, path.is_ascii()) } else { first == s }
+            })
         {
             return false;
         }
@@ -409,7 +461,7 @@ impl PathGlob {
                 }
                 Some(token) => {
                     if let Some(seg) = path.segment(s)
-                        && token.matches_segment(seg, self.fold_case)
+                        && token.matches_segment(seg, self.fold_case, path.is_ascii())
                     {
                         if let Token::Capture(c) = token {
                             bind(*c, s);

@@ -209,9 +209,17 @@ pub struct NormalizedPath {
     /// Length of the path part of `buf`.
     path_len: usize,
     ends: SegmentEnds,
+    /// Whether the path is ASCII (a function of the path).
+    ascii: bool,
 }
 
 impl NormalizedPath {
+    /// Whether the path (not the query) is ASCII: case folding then needs no more than ASCII's.
+    #[inline]
+    pub fn is_ascii(&self) -> bool {
+        self.ascii
+    }
+
     /// The normalised path, e.g. `"/customers/42"`: always starts with `/`, no trailing
     /// slash except for the root `"/"`, no query.
     pub fn as_str(&self) -> &str {
@@ -543,5 +551,6 @@ pub fn normalize(target: &str) -> Result<NormalizedPath, PathRejection> {
             (buf, path_len)
         }
     };
-    Ok(NormalizedPath { buf, path_len, ends })
+    let ascii = buf.as_bytes()[..path_len].is_ascii();
+    Ok(NormalizedPath { buf, path_len, ends, ascii })
 }

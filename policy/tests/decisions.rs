@@ -218,6 +218,41 @@ fn deny_rules_ignore_letter_case_and_allow_rules_do_not() {
     assert_eq!(decide("/reports/q1.txt"), (Decision::Allow, Some("read".into())));
 }
 
+/// Deny rules fold case as the apps that route without regard to it do, beyond ASCII too:
+/// Java's `equalsIgnoreCase` and Spring's case-insensitive `PathPattern` take `ſ` (U+017F) for
+/// `s`, `ı`/`İ` for `i` and the Kelvin sign for `k`; ASP.NET Core's `OrdinalIgnoreCase`
+/// routing takes `CAFÉ` for `café`. Clients send these percent-encoded.
+#[test]
+fn deny_rules_fold_case_beyond_ascii() {
+    let decide =
+        export_rules(&["/customers/export", "/keys/*.csv", "/café/menu", "/\u{17F}ecrets"], &["/**"]);
+    let cases: &[(&str, bool)] = &[
+        // (request path, denied)
+        ("/cu%C5%BFtomers/export", true),  // ſ
+        ("/CU%C5%BFTOMERS/EXPORT", true),  // ſ among capitals
+        ("/customers/%C4%B0xport", false), // İ is i, not e
+        ("/customers/exporT", true),
+        ("/%E2%84%AAeys/q1.csv", true), // Kelvin sign
+        ("/keys/Q1.C%C5%BFV", true),    // ſ in a wildcard's literal part
+        ("/caf%C3%A9/menu", true),
+        ("/CAF%C3%89/MENU", true), // É
+        ("/cafe/menu", false),     // no accent folding
+        ("/secrets", true),        // the rule's own ſ folds
+        ("/SECRETS", true),
+        ("/customers/expor%C5%A7", false), // ŧ is not t
+        ("/customers/exp%C3%B6rt", false),
+    ];
+    for &(target, denied) in cases {
+        let want = if denied { Decision::Deny } else { Decision::Allow };
+        assert_eq!(decide(target).0, want, "{target}");
+    }
+    // `İ` and `ı` both fold to `i`, and so to a literal's `I`.
+    let decide = export_rules(&["/admin/IMPORT"], &["/**"]);
+    for target in ["/adm%C4%B1n/import", "/ADM%C4%B0N/%C4%B0mport", "/admin/%C4%B1mport"] {
+        assert_eq!(decide(target).0, Decision::Deny, "{target}");
+    }
+}
+
 /// Deny rules look past a format suffix on the last segment: Rails routes
 /// `/customers/export.json` (and Spring, with suffix matching, `/export.csv`) to the denied
 /// handler. Allow rules do not.
@@ -790,6 +825,9 @@ fn path_variants_cannot_escape_an_allow_rules_constraints() {
     assert_eq!(decide_routed(true, false, "/customers/SEARCH"), ambiguous);
     assert_eq!(decide_routed(false, false, "/customers/SEARCH.json"), one);
     assert_eq!(decide_routed(false, false, "/Customers/42").0, Reason::DefaultAllow);
+    // Beyond ASCII: `ſ` (U+017F) is `s` to an app folding case as Java does.
+    assert_eq!(decide_routed(true, false, "/customers/%C5%BFearch"), ambiguous);
+    assert_eq!(decide_routed(false, false, "/customers/%C5%BFearch"), one);
     // A rule's own capitals fold too, with a path that has none (capture names aside).
     let mut spec = mk_spec(vec![mk_allow("reports", &["GET"], &["/Reports/{reportId}"])]);
     spec.default_action = Action::Allow;

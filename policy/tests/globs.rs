@@ -336,3 +336,74 @@ fn naive_wildcard(pattern: &[u8], s: &[u8]) -> bool {
         Some((c, rest)) => s.split_first().is_some_and(|(d, more)| c == d && naive_wildcard(rest, more)),
     }
 }
+
+/// `text` percent-encoded where it is not ASCII, as a client sends it.
+fn encode_non_ascii(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    out
+}
+
+/// The spellings of `c` an app folding case takes for it: itself, its single-character upper
+/// and lower cases, and the non-ASCII letters whose case mapping is this ASCII letter.
+fn spellings(c: char) -> Vec<char> {
+    let mut out = vec![c];
+    for mapped in [c.to_uppercase().collect::<Vec<_>>(), c.to_lowercase().collect::<Vec<_>>()] {
+        if let [one] = mapped[..] {
+            out.push(one);
+        }
+    }
+    out.extend(match c.to_ascii_lowercase() {
+        's' => &['\u{17F}'][..],
+        'i' => &['\u{130}', '\u{131}'][..],
+        'k' => &['\u{212A}'][..],
+        _ => &[][..],
+    });
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// A folded glob (Deny rules) matches every spelling of its literal an app routing
+    /// without regard to case would take for it, sent percent-encoded.
+    #[test]
+    fn folded_literals_match_every_spelling(
+        word in "[a-zA-Z0-9éÉſıİKσςΣßæ_-]{1,12}",
+        picks in prop::collection::vec(any::<prop::sample::Index>(), 12),
+    ) {
+        let glob = PathGlob::parse(&format!("/{word}/x")).expect("valid").folding_case();
+        let spelled: String = word
+            .chars()
+            .zip(&picks)
+            .map(|(c, pick)| {
+                let options = spellings(c);
+                options[pick.index(options.len())]
+            })
+            .collect();
+        let target = format!("/{}/X", encode_non_ascii(&spelled));
+        let path = normalize(&target).expect("valid");
+        prop_assert!(glob.matches(&path), "/{} vs {}", word, target);
+        prop_assert!(custos_policy::glob::fold_eq(&word, &spelled));
+    }
+
+    /// Folding only widens a glob: what it matched as written, it matches folded.
+    #[test]
+    fn folding_never_loses_a_match(word in "\\PC{1,10}", seg_is_word in any::<bool>(), other in "\\PC{1,10}") {
+        let Ok(glob) = PathGlob::parse(&format!("/{word}")) else { return Ok(()) };
+        let seg = if seg_is_word { word.clone() } else { other };
+        let Ok(path) = normalize(&format!("/{}", encode_non_ascii(&seg))) else { return Ok(()) };
+        if glob.matches(&path) {
+            prop_assert!(glob.clone().folding_case().matches(&path), "/{} vs /{}", word, seg);
+        }
+    }
+}

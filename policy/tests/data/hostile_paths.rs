@@ -103,6 +103,12 @@ const HOSTILE: &[(&str, Expect)] = &[
     ("/%c3%a9/../x", Path("/x")),
     ("/café/%F0%9F%98%80", Path("/café/😀")),
     ("/customers/%EF%BC%8Fexport", Path("/customers/\u{FF0F}export")),
+    // Letters beyond ASCII that apps folding case take for ASCII ones (Deny rules fold so):
+    // long s, dotless and dotted I, the Kelvin sign.
+    ("/cu%C5%BFtomers/export", Path("/cu\u{17F}tomers/export")),
+    ("/%C4%B1dm%C4%B1n", Path("/\u{131}dm\u{131}n")),
+    ("/%C4%B0DM%C4%B0N/users", Path("/\u{130}DM\u{130}N/users")),
+    ("/customers/%E2%84%AAeys", Path("/customers/\u{212A}eys")),
     // Invalid escapes.
     ("/customers/%zz", Reject(InvalidPercentEncoding)),
     ("/customers/%4", Reject(InvalidPercentEncoding)),

@@ -3198,8 +3198,11 @@ async fn hostile_paths_replayed_through_the_proxy() {
         ]
     });
     let mut f = start(spec, |_| {}).await;
-    // Deny rules also see the path up to the last or the first `.` of its last segment.
+    // Deny rules also see the path up to the last or the first `.` of its last segment, and
+    // fold case as apps routing without regard to it do (`ſ` is `s` to Java, and so on).
     let denied = |p: &str| {
+        let folded = p.replace('\u{17F}', "s").replace(['\u{130}', '\u{131}'], "i").replace('\u{212A}', "k");
+        let p = folded.as_str();
         let (dir, last) = p.rsplit_once('/').unwrap_or(("", p));
         let stems = [last.rfind('.'), last.find('.')].into_iter().flatten().map(|cut| &last[..cut]);
         let paths = std::iter::once(p.to_owned())
