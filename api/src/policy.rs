@@ -48,7 +48,8 @@ pub struct DataAccessPolicySpec {
     /// When true, a response that cannot be transformed (not JSON, too large) is passed
     /// through unmasked instead of failing closed with 502. A partial response (206) fails
     /// closed regardless, and a response the sidecar's buffers have no room for gets 503
-    /// regardless (load, which a client can cause). Default false.
+    /// regardless (load, which a client can cause), and so does a response under a rule with
+    /// record limits (its records could not be counted or capped). Default false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub fail_open: bool,
 

@@ -587,6 +587,9 @@ async fn process(
     );
     let user = state.user_for(&users, verdict.policy);
     let policy_user = state.policy_user(&users, verdict.policy);
+    // The event's principal is whom the token names, whichever policy verified it (for the
+    // audit trail and detection); each rule's quotas count under its own policy's
+    // (`quota_principal`).
     if let Some(known) = principal(user, caller) {
         ctx.event.principal = known;
     }
@@ -902,7 +905,7 @@ fn prepare_one(
         let key = QuotaKey {
             policy: policy.name.clone(),
             rule: rule.name.clone(),
-            principal: ctx.event.principal.clone(),
+            principal: quota_principal(user, caller, &ctx.peer_ip),
         };
         match shared.quotas.admit(&key, limits, quota_now) {
             Ok(admission) => records_remaining = admission.records_remaining,
@@ -944,9 +947,9 @@ fn prepare_several(
             else {
                 return None;
             };
-            // A policy that identifies nobody counts by the peer, as it would alone.
-            let principal = principal(several.state.user_for(several.users, applying.policy), several.caller)
-                .unwrap_or_else(|| ["peer:", ctx.peer_ip.as_str()].concat());
+            // A policy that identifies nobody counts by the workload or peer, as it would alone.
+            let user = several.state.policy_user(several.users, applying.policy);
+            let principal = quota_principal(user, several.caller, &ctx.peer_ip);
             Some(QuotaKey { policy: policy.name.clone(), rule: rule.name.clone(), principal })
         })
         .collect();
@@ -984,8 +987,10 @@ fn prepare_several(
             let (policy, rule) = (applying.policy?, applying.rule?);
             let principal = match key {
                 Some(key) => key.principal.clone(),
-                None => principal(several.state.user_for(several.users, applying.policy), several.caller)
-                    .unwrap_or_else(|| ["peer:", ctx.peer_ip.as_str()].concat()),
+                None => {
+                    let user = several.state.policy_user(several.users, applying.policy);
+                    quota_principal(user, several.caller, &ctx.peer_ip)
+                }
             };
             Some(AppliedRule {
                 policy: policy.name.clone(),
@@ -1053,9 +1058,9 @@ fn dry_run_jobs(
         if ctx.event.dry_runs.get(entry).is_none_or(|d| d.decision != Decision::Allow) {
             continue;
         }
-        // A policy that identifies nobody counts by the peer, as it would alone.
-        let principal = principal(several.state.user_for(several.users, run.policy), several.caller)
-            .unwrap_or_else(|| ["peer:", ctx.peer_ip.as_str()].concat());
+        // A policy that identifies nobody counts by the workload or peer, as it would alone.
+        let user = several.state.policy_user(several.users, run.policy);
+        let principal = quota_principal(user, several.caller, &ctx.peer_ip);
         let mut records_remaining = None;
         let mut quota_key = None;
         if let (Some(limits), Some(policy), Some(rule)) = (run.limits, run.policy, run.rule) {
@@ -1391,7 +1396,9 @@ impl TransformJob {
         TransformJob {
             plan: plan.clone(),
             mode: v.mode,
-            fail_open: v.policy.is_some_and(|p| p.fail_open),
+            // A rule with record limits never fails open: the records of a response it cannot
+            // read cannot be counted or capped, and a client can choose such a response.
+            fail_open: v.policy.is_some_and(|p| p.fail_open) && !v.limits.is_some_and(counts_records),
             policy: v.policy.map(|p| p.name.clone()).unwrap_or_default(),
             rule: v.rule.map(|r| r.name.clone()).unwrap_or_default(),
             request: RequestVars { params: v.params.iter().cloned().collect(), ..request },
@@ -1876,6 +1883,14 @@ fn untransformable(
     }
 }
 
+/// Whether `limits` count or cap the records of a response (`recordsPerHour`,
+/// `recordsPerDay`, `maxRecordsPerResponse`).
+fn counts_records(limits: &Limits) -> bool {
+    limits.records_per_hour.is_some()
+        || limits.records_per_day.is_some()
+        || limits.max_records_per_response.is_some()
+}
+
 /// Whether `job`'s failOpen passes a response its plan cannot read for `code`: not a slice
 /// (never a document), not one the buffers had no room for (load, which a client can make: a
 /// flood would carry responses out unmasked), not one the app did not finish in time (Enforce
@@ -2287,6 +2302,14 @@ fn names_bearer(value: &[u8]) -> bool {
 
 /// The principal of a known user or workload; `None`: an anonymous peer, whose principal
 /// (`peer:<ip>`) the event holds from the start.
+/// The principal a rule's quotas count under: `user` as the rule's own policy verified it
+/// (none for a policy that verifies no users, whatever another policy's verifier found: a
+/// caller holding many tokens of that issuer would be as many principals), else the calling
+/// workload, else the peer (`peer_ip`).
+fn quota_principal(user: Option<&User>, caller: Option<&WorkloadIdentity>, peer_ip: &str) -> String {
+    principal(user, caller).unwrap_or_else(|| ["peer:", peer_ip].concat())
+}
+
 fn principal(user: Option<&User>, caller: Option<&WorkloadIdentity>) -> Option<String> {
     match (user, caller) {
         (Some(u), _) => Some(format!("user:{}", u.id)),

@@ -405,6 +405,35 @@ async fn non_json_with_a_masking_plan_fails_closed_unless_fail_open() {
     assert!(events[0]["reason"].as_str().unwrap().ends_with(",fail_open:response_not_json"), "{events:?}");
 }
 
+/// failOpen never passes a response a rule with record limits cannot count: a crawler could
+/// otherwise ask for a representation the sidecar cannot read (`Accept: text/csv`, a page too
+/// large) and take every record, uncounted and uncapped (a review's HIGH).
+#[tokio::test]
+async fn fail_open_does_not_pass_what_record_limits_cannot_count() {
+    for limits in [
+        json!({"recordsPerHour": 5}),
+        json!({"recordsPerDay": 5}),
+        json!({"maxRecordsPerResponse": 5}),
+        json!({"requestsPerMinute": 60}),
+    ] {
+        let mut spec = policy(json!([
+            {"name": "capped", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/html/**"]},
+             "records": "$.items[*]", "limits": limits.clone()},
+        ]));
+        spec["failOpen"] = json!(true);
+        let mut f = start(spec, |_| {}).await;
+        let reply = get(f.proxy(), "/html/customers").await;
+        if limits.get("requestsPerMinute").is_some() {
+            // A request quota is charged before the app is called: failOpen passes as before.
+            assert_eq!(reply.status, 200, "{limits}: {}", reply.text());
+        } else {
+            assert_eq!(reply.status, 502, "{limits}: {}", reply.text());
+            assert_eq!(reply.json()["reason"], "response_not_json", "{limits}");
+        }
+        f.stop().await;
+    }
+}
+
 /// A masked response is always the whole representation, unconditionally: the app never
 /// sees `Range` or a validator, HEAD and 304 answers keep no header describing the unmasked
 /// body, and a slice an app sends unasked fails closed even under failOpen. In Audit mode
@@ -626,6 +655,46 @@ async fn a_policy_without_identity_sees_no_user_in_its_row_filter() {
     let reply = get_with(f.proxy(), "/customers", &[("authorization", &bearer)]).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["items"].as_array().unwrap().len(), 0, "{}", reply.text());
+    f.stop().await;
+}
+
+/// A policy that verifies no users counts its quotas by the caller's workload or peer, as it
+/// would alone, even when another policy's verifier knows the token: a caller holding many
+/// tokens of that other issuer (self-registered accounts) must not be as many principals to
+/// this policy's quotas (a review's HIGH: each token got a fresh bucket).
+#[tokio::test]
+async fn a_policy_without_identity_counts_quotas_by_the_peer_whatever_the_token() {
+    const IDP: &str = "https://idp.example.test";
+    let counted = json!({
+        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
+        "mode": "Enforce",
+        "defaultAction": "Deny",
+        "rules": [{"name": "listing", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                   "limits": {"requestsPerMinute": 2}}],
+    });
+    let verifying = json!({
+        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
+        "mode": "Enforce",
+        "defaultAction": "Allow",
+        "identity": {"users": {"jwt": {"issuer": IDP, "audiences": ["api"], "jwksSecretRef": {"name": "sso-jwks"}}}},
+        "rules": [],
+    });
+    let mut f = fixture(&[("a-counted", counted), ("b-verifying", verifying)], Vec::new(), |s| {
+        mount_sso_jwks(s);
+    })
+    .await;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let mut statuses = Vec::new();
+    for sub in ["u-1", "u-2", "u-3"] {
+        let bearer =
+            format!("Bearer {}", token(json!({"iss": IDP, "aud": "api", "sub": sub, "exp": now + 600})));
+        let reply = get_with(f.proxy(), "/customers", &[("authorization", &bearer)]).await;
+        statuses.push(reply.status);
+        if reply.status == 429 {
+            assert_eq!(reply.json()["rule"], "listing", "{}", reply.text());
+        }
+    }
+    assert_eq!(statuses, [200, 200, 429]);
     f.stop().await;
 }
 
