@@ -245,7 +245,15 @@ impl CollectorState {
             Err(custos_store::Error::InvalidEvent { index, reason: what }) => {
                 let position = batch.position(index);
                 let message = format!("the event at {} is invalid: {what}", position.describe());
-                Err(position.annotate(ApiError::new(StatusCode::BAD_REQUEST, reason::BAD_EVENT, message)))
+                let error = ApiError::new(StatusCode::BAD_REQUEST, reason::BAD_EVENT, message);
+                // A sender's clock ahead of this one's: the event may pass later, and a sender
+                // that knows `clockAhead` keeps it (an older one drops it, as before).
+                let error = if what == custos_store::chain::TIME_AHEAD {
+                    error.with("clockAhead", true)
+                } else {
+                    error
+                };
+                Err(position.annotate(error))
             }
             Err(error) => {
                 tracing::error!(%error, events = batch.len(), "storing a batch failed; the sender will retry");

@@ -180,6 +180,30 @@ async fn replicas_on_one_postgres_store_detect_over_every_replicas_events() {
     assert_eq!(webhook.bodies().len(), 2, "each alert posted once");
 }
 
+/// An event dated more than 10 minutes ahead is refused with a pointer at it and
+/// `clockAhead`, which tells a sender to keep it for later rather than drop it (a node clock
+/// ahead made every event of it dropped); other refusals say nothing of the kind.
+#[tokio::test]
+async fn an_event_from_a_clock_ahead_is_refused_as_such() {
+    let mut h = Harness::sqlite_with(|_| {}).await;
+    let now = chrono::Utc::now();
+    let fine = event("fine", now);
+    let ahead = event("ahead", now + chrono::Duration::minutes(20));
+    let (status, body) = h.post("application/x-ndjson", ndjson(&[fine.clone(), ahead])).await;
+    assert_eq!((status, body["reason"].as_str()), (400, Some("bad_event")), "{body}");
+    assert_eq!((body["line"].as_u64(), body["clockAhead"].as_bool()), (Some(2), Some(true)), "{body}");
+    let mut long = event("long", now);
+    long.principal = "x".repeat(2_000);
+    let (status, body) = h.post("application/x-ndjson", ndjson(&[fine, long])).await;
+    assert_eq!(
+        (status, body["reason"].as_str(), body["line"].as_u64()),
+        (400, Some("bad_event"), Some(2)),
+        "{body}"
+    );
+    assert!(body.get("clockAhead").is_none(), "{body}");
+    h.stop().await;
+}
+
 /// An event dated ahead of the collector's clock (accepted within the store's 10 minutes of
 /// skew) counts as received: the principal's later events, dated now, still reach the
 /// windowed detectors. Before, it made them late for minutes: a bulk export behind it raised

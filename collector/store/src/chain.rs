@@ -281,6 +281,9 @@ pub const MAX_EVENT_BYTES: usize = 2 << 20;
 /// How far in the future an event's time may be (clock skew between nodes): a later time
 /// would hold back retention and blind the detectors' windows.
 pub const MAX_FUTURE_SKEW_US: i64 = 10 * 60 * 1_000_000;
+/// The [`Error::InvalidEvent`] reason of an event dated more than [`MAX_FUTURE_SKEW_US`] ahead
+/// of the store's clock: a matter of clocks, not of the event, which may pass later.
+pub const TIME_AHEAD: &str = "time is more than 10 minutes ahead of the collector's clock";
 /// Records one response may claim (per counter): sums over many events must fit in 64 bits.
 pub const MAX_RECORDS_PER_EVENT: u64 = u32::MAX as u64;
 /// Distinct days one batch may span: PostgreSQL creates a day's partitions in the ingest
@@ -402,7 +405,7 @@ pub(crate) fn admissible(e: &AuditEvent, columns: &Columns, now_us: i64) -> Resu
         return Err("a records count is above 4294967295");
     }
     if columns.time_us > now_us.saturating_add(MAX_FUTURE_SKEW_US) {
-        return Err("time is more than 10 minutes ahead of the collector's clock");
+        return Err(TIME_AHEAD);
     }
     Ok(())
 }

@@ -55,11 +55,16 @@
 //!   [`ShipperConfig::spool_max_bytes`]; `spool_error`: writing it failed.
 //! - `rejected`: the collector answered 400 (`empty_batch`, `bad_encoding`, or an unknown
 //!   reason), 410, 422 or another 4xx about the batch: it is malformed for it and resending
-//!   cannot help. 401 is retried: the token file may be rotated. 413 and 400 `bad_event` split
-//!   the batch in two and queue both halves, so that only the event refused is dropped (a single
-//!   event refused is `rejected`). 403, 404, 405, 415, 421 and 400 `unsupported_schema_version`
-//!   say nothing against the batch (a wrong URL, an authorisation layer in front, a collector
-//!   older than the sidecar during a rollout): the events stay spooled and are retried
+//!   cannot help. 401 is retried: the token file may be rotated. A 400 `bad_event` naming the
+//!   event (`line` or `index`, as the collector answers) drops that event and queues the rest of
+//!   the batch as one; one that does not say, and 413, split the batch in two and queue both
+//!   halves, so that only the event refused is dropped (a single event refused is `rejected`).
+//!   403 (`wrong_namespace` too: every event of a sidecar has its one namespace, so the token is
+//!   for another), 404, 405, 415, 421, 400 `unsupported_schema_version` and a 400 `bad_event`
+//!   with `clockAhead` (an event dated more than 10 minutes ahead of the collector's clock:
+//!   this node's clock runs ahead) say nothing against the batch (a wrong URL, an authorisation
+//!   layer in front, a collector older than the sidecar during a rollout, clocks that
+//!   disagree): the events stay spooled and are retried
 //!   (`custos_audit_batches_sent_total{result="refused"}`), as while the collector is down.
 //! - `corrupt`: damaged spool records. `shutdown`: emitted after [`Shipper::shutdown`].
 //! - `unacknowledged`: a collector (or something in front of it) answered 200 with counts

@@ -89,8 +89,9 @@ pub enum BatchResult {
     /// 413: the batch was split in two and both halves queued (a single event is dropped as
     /// `rejected`).
     TooLarge = 10,
-    /// 400 `bad_event`: one event of the batch was refused; the batch was split in two and
-    /// both halves queued, so that only the bad event is dropped (as `rejected`).
+    /// 400 `bad_event`: one event of the batch was refused; that event was dropped (as
+    /// `rejected`) and the rest queued, or, when the answer did not say which, the batch was
+    /// split in two and both halves queued, so that only the bad event is dropped.
     BadEvent = 11,
     /// 403, 404, 405, 415, or 400 `unsupported_schema_version`: the endpoint, a proxy in
     /// front of it or an older collector refused the request for a reason that is not the

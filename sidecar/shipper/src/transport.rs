@@ -128,7 +128,8 @@ pub(crate) enum Outcome {
     /// 413: the batch is too large for the collector; smaller ones may pass.
     TooLarge,
     /// 400 `bad_event`: one of the batch's events is refused; the others may pass without it.
-    BadEvent,
+    /// `at`: its index in the batch, when the collector said (`line` or `index`).
+    BadEvent { at: Option<usize> },
     /// The collector refused the batch (another 4xx): retrying cannot help.
     Rejected { status: u16 },
 }
@@ -229,11 +230,15 @@ impl Transport {
             // Not about the batch: a wrong path, a proxy or authorisation layer in front, a
             // content encoding an older collector lacks. Dropping would lose every event until
             // the setup is fixed; kept instead (the spool is bounded).
-            StatusCode::FORBIDDEN => match error_reason(response).await.as_deref() {
-                // An event of another namespace than a namespace token's: that event can never
-                // pass with this token, and kept it would hold back every later one. Split
-                // like a bad event, so that only the events refused alone are dropped.
-                Some("wrong_namespace") => Outcome::BadEvent,
+            StatusCode::FORBIDDEN => match error_answer(response).await.and_then(|a| a.reason).as_deref() {
+                // An event of another namespace than a namespace token's: every event of this
+                // sidecar has its one namespace, so the token is for another (a setup error):
+                // kept until the token is fixed, as for any refusal not of the batch's own.
+                Some("wrong_namespace") => Outcome::Retry {
+                    result: BatchResult::Refused,
+                    detail: "HTTP 403 wrong_namespace: the collector token is for another namespace"
+                        .to_string(),
+                },
                 _ => Outcome::Retry { result: BatchResult::Refused, detail: "HTTP 403".to_string() },
             },
             StatusCode::NOT_FOUND
@@ -242,16 +247,27 @@ impl Transport {
             | StatusCode::MISDIRECTED_REQUEST => {
                 Outcome::Retry { result: BatchResult::Refused, detail: format!("HTTP {}", status.as_u16()) }
             }
-            StatusCode::BAD_REQUEST => match error_reason(response).await.as_deref() {
-                // A collector older than this sidecar (during a rollout): kept until it is
-                // upgraded.
-                Some("unsupported_schema_version") => Outcome::Retry {
-                    result: BatchResult::Refused,
-                    detail: "HTTP 400 unsupported_schema_version".to_string(),
-                },
-                Some("bad_event") => Outcome::BadEvent,
-                _ => Outcome::Rejected { status: 400 },
-            },
+            StatusCode::BAD_REQUEST => {
+                let answer = error_answer(response).await.unwrap_or_default();
+                match answer.reason.as_deref() {
+                    // A collector older than this sidecar (during a rollout): kept until it is
+                    // upgraded.
+                    Some("unsupported_schema_version") => Outcome::Retry {
+                        result: BatchResult::Refused,
+                        detail: "HTTP 400 unsupported_schema_version".to_string(),
+                    },
+                    // An event dated ahead of the collector's clock: this node's clock runs
+                    // ahead (or the collector's behind). Kept: it passes once the clocks agree.
+                    Some("bad_event") if answer.clock_ahead => Outcome::Retry {
+                        result: BatchResult::Refused,
+                        detail: "HTTP 400 bad_event: an event's time is more than 10 minutes ahead of the \
+                                 collector's clock (check this node's clock)"
+                            .to_string(),
+                    },
+                    Some("bad_event") => Outcome::BadEvent { at: answer.at() },
+                    _ => Outcome::Rejected { status: 400 },
+                }
+            }
             s if s.is_client_error() => Outcome::Rejected { status: s.as_u16() },
             s => Outcome::Retry {
                 result: BatchResult::UnexpectedStatus,
@@ -278,13 +294,36 @@ async fn capped_body(mut response: reqwest::Response) -> Result<Option<Vec<u8>>,
 }
 
 /// The `reason` code of a collector's error answer.
-async fn error_reason(response: reqwest::Response) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct ErrorBody {
-        reason: Option<String>,
+/// What a collector's error answer says: its reason code and, for a refused event, where it
+/// was in the batch and whether only the clocks are to blame.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorAnswer {
+    reason: Option<String>,
+    /// 1-based line of the refused event (NDJSON, as the shipper sends).
+    line: Option<u64>,
+    /// 0-based index of the refused event.
+    index: Option<u64>,
+    /// The refused event's time is ahead of the collector's clock.
+    #[serde(default)]
+    clock_ahead: bool,
+}
+
+impl ErrorAnswer {
+    /// The refused event's 0-based index in the batch, when the answer says.
+    fn at(&self) -> Option<usize> {
+        let index = match (self.line, self.index) {
+            (Some(line), _) => line.checked_sub(1)?,
+            (None, Some(index)) => index,
+            (None, None) => return None,
+        };
+        usize::try_from(index).ok()
     }
+}
+
+async fn error_answer(response: reqwest::Response) -> Option<ErrorAnswer> {
     let body = capped_body(response).await.ok()??;
-    serde_json::from_slice::<ErrorBody>(&body).ok()?.reason
+    serde_json::from_slice::<ErrorAnswer>(&body).ok()
 }
 
 fn transport_failure(error: reqwest::Error) -> Outcome {

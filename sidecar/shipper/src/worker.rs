@@ -505,7 +505,34 @@ impl Worker {
                 }
                 self.keep_for_retry(source).await;
             }
-            Outcome::TooLarge | Outcome::BadEvent if events > 1 => {
+            // The collector said which event it refused: that one is dropped and the rest go
+            // behind the backlog as one batch (one spool write, not a split per halving).
+            Outcome::BadEvent { at: Some(at) } if events > 1 && (at as u64) < events => {
+                self.metrics.batch(BatchResult::BadEvent);
+                let (payload, record) = match source {
+                    Source::Direct(batch) => (batch.payload, None),
+                    Source::Spooled(record, payload) => (payload, Some(record)),
+                };
+                let replacing =
+                    if record.is_some() { crate::spool::HEADER_LEN + payload.len() as u64 } else { 0 };
+                let rest = without_line(&payload, at);
+                self.spool_batch_within(rest, replacing).await;
+                while let Some(batch) = self.waiting.pop_front() {
+                    self.spool_batch(batch).await;
+                }
+                if let Some(record) = record {
+                    self.with_spool(move |spool| spool.ack(record)).await;
+                }
+                let total = self.metrics.dropped(DropReason::Rejected, 1);
+                tracing::error!(
+                    events,
+                    line = at + 1,
+                    dropped_total = total,
+                    "the collector refused an event of an audit batch (400 bad_event): that event dropped, \
+                     the rest kept to send again"
+                );
+            }
+            Outcome::TooLarge | Outcome::BadEvent { .. } if events > 1 => {
                 let too_large = matches!(outcome, Outcome::TooLarge);
                 self.metrics.batch(if too_large { BatchResult::TooLarge } else { BatchResult::BadEvent });
                 let (payload, record) = match source {
@@ -541,7 +568,7 @@ impl Worker {
                 }
             }
             Outcome::TooLarge => self.reject(source, 413, BatchResult::TooLarge).await,
-            Outcome::BadEvent => self.reject(source, 400, BatchResult::Rejected).await,
+            Outcome::BadEvent { .. } => self.reject(source, 400, BatchResult::Rejected).await,
             Outcome::Rejected { status } => self.reject(source, status, BatchResult::Rejected).await,
         }
     }
@@ -653,6 +680,19 @@ impl Worker {
 }
 
 /// Splits an NDJSON payload into two batches of about half the lines each.
+/// `payload` (NDJSON, one event a line) without its `at`-th line (0-based).
+fn without_line(payload: &[u8], at: usize) -> Batch {
+    let mut rest = Vec::with_capacity(payload.len());
+    let mut count = 0u32;
+    for (i, line) in payload.split_inclusive(|&b| b == b'\n').enumerate() {
+        if i != at {
+            rest.extend_from_slice(line);
+            count += u32::from(line.ends_with(b"\n"));
+        }
+    }
+    Batch { payload: Arc::new(rest), count }
+}
+
 fn split(payload: &[u8]) -> (Batch, Batch) {
     let lines = payload.iter().filter(|&&b| b == b'\n').count();
     let half = lines / 2;
@@ -673,6 +713,16 @@ fn split(payload: &[u8]) -> (Batch, Batch) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_line_drops_that_line_only() {
+        let rest = without_line(b"1\n2\n3\n", 1);
+        assert_eq!((rest.payload.as_slice(), rest.count), (&b"1\n3\n"[..], 2));
+        let rest = without_line(b"1\n2\n3\n", 2);
+        assert_eq!((rest.payload.as_slice(), rest.count), (&b"1\n2\n"[..], 2));
+        let rest = without_line(b"1\n2\n3\n", 0);
+        assert_eq!((rest.payload.as_slice(), rest.count), (&b"2\n3\n"[..], 2));
+    }
 
     #[test]
     fn split_cuts_on_a_line_boundary() {

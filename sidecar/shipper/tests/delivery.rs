@@ -39,8 +39,12 @@ enum Behaviour {
     /// Answer this status with a contract error body of this `reason`, without storing.
     Reason(u16, &'static str),
     /// As `Normal`, but a batch holding the event of this index is refused whole with 400
-    /// `bad_event`, as the collector does.
+    /// `bad_event`, saying not which (a collector before the pointer).
     BadEvent(usize),
+    /// As `BadEvent`, with the refused event's `line`, as the collector answers.
+    BadEventAt(usize),
+    /// As `BadEventAt`, the event dated ahead of the collector's clock (`clockAhead`).
+    ClockAhead(usize),
     /// As `Normal`, but a batch holding the event of this index is refused whole with 403
     /// `wrong_namespace`, as the collector does for an event of another namespace than a
     /// namespace token's.
@@ -190,6 +194,8 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
         Behaviour::Normal
         | Behaviour::CommitThenDrop
         | Behaviour::BadEvent(_)
+        | Behaviour::BadEventAt(_)
+        | Behaviour::ClockAhead(_)
         | Behaviour::WrongNamespace(_)
         | Behaviour::TooLargeAbove(_)
         | Behaviour::ShortAck
@@ -212,14 +218,23 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
             }
             let refused = match behaviour {
                 Behaviour::BadEvent(i) => Some((i, 400, "bad_event")),
+                Behaviour::BadEventAt(i) | Behaviour::ClockAhead(i) => Some((i, 400, "bad_event")),
                 Behaviour::WrongNamespace(i) => Some((i, 403, "wrong_namespace")),
                 _ => None,
             };
             if let Some((i, status, reason)) = refused {
                 let bad = event(i).id;
-                if text.lines().any(|l| serde_json::from_str::<AuditEvent>(l).unwrap().id == bad) {
-                    let body = serde_json::json!({"error": "refused", "reason": reason}).to_string();
-                    return Ok(answer(status, body));
+                if let Some(at) =
+                    text.lines().position(|l| serde_json::from_str::<AuditEvent>(l).unwrap().id == bad)
+                {
+                    let mut body = serde_json::json!({"error": "refused", "reason": reason});
+                    if matches!(behaviour, Behaviour::BadEventAt(_) | Behaviour::ClockAhead(_)) {
+                        body["line"] = serde_json::json!(at + 1);
+                    }
+                    if matches!(behaviour, Behaviour::ClockAhead(_)) {
+                        body["clockAhead"] = serde_json::json!(true);
+                    }
+                    return Ok(answer(status, body.to_string()));
                 }
             }
             if behaviour == Behaviour::ShortAck {
@@ -1011,12 +1026,11 @@ async fn too_large_batches_are_split_until_they_pass() {
     shipper.shutdown(Duration::from_secs(1)).await;
 }
 
-/// An event the collector refuses (400 `bad_event`; or 403 `wrong_namespace`, an event of
-/// another namespace than the sidecar's namespace token, which no retry can deliver) is
-/// dropped alone: the batch is split until it stands alone, the rest is delivered.
+/// An event the collector refuses (400 `bad_event`) without saying which is dropped alone:
+/// the batch is split until it stands alone, the rest is delivered.
 #[tokio::test]
 async fn an_event_the_collector_refuses_is_dropped_alone() {
-    for refusal in [Behaviour::BadEvent(37), Behaviour::WrongNamespace(37)] {
+    for refusal in [Behaviour::BadEvent(37)] {
         let collector = Collector::start().await;
         collector.set(refusal);
         let spool = tempfile::tempdir().unwrap();
@@ -1037,8 +1051,31 @@ async fn an_event_the_collector_refuses_is_dropped_alone() {
     }
 }
 
+/// An event the collector refuses, saying which (`line`), is dropped and the rest of its
+/// batch sent again at once: one refusal, one spool write, not a split per halving (a
+/// systematic refusal cost about two requests and two fsyncs per event of a batch).
+#[tokio::test]
+async fn an_event_the_collector_points_at_is_dropped_and_the_rest_sent_again() {
+    let collector = Collector::start().await;
+    collector.set(Behaviour::BadEventAt(37));
+    let spool = tempfile::tempdir().unwrap();
+    let (shipper, metrics) = start(config(&collector.url(), spool.path()));
+    emit(&shipper, 0..100);
+    until("all but one delivered", || {
+        metrics.events_delivered() == 99 && metrics.events_dropped(DropReason::Rejected) == 1
+    })
+    .await;
+    until("spool empty", || metrics.spool_records() == 0).await;
+    collector.assert_stored_once(&[ids(0..37), ids(38..100)].concat());
+    assert_eq!(metrics.batches_sent(BatchResult::BadEvent), 1);
+    assert_eq!(metrics.batches_sent(BatchResult::Rejected), 0);
+    assert_eq!(metrics.events_dropped_total(), 1);
+    shipper.shutdown(Duration::from_secs(1)).await;
+}
+
 /// Refusals that say nothing against the batch (a wrong path, a proxy or authorisation layer
-/// in front, a collector older than the sidecar) keep the events until they pass.
+/// in front, a collector older than the sidecar, a namespace token for another namespace, an
+/// event from a clock ahead of the collector's) keep the events until they pass.
 #[tokio::test]
 async fn refusals_that_are_not_the_batchs_keep_the_events() {
     for refusal in [
@@ -1047,6 +1084,8 @@ async fn refusals_that_are_not_the_batchs_keep_the_events() {
         Behaviour::Status(405),
         Behaviour::Status(415),
         Behaviour::Reason(400, "unsupported_schema_version"),
+        Behaviour::WrongNamespace(3),
+        Behaviour::ClockAhead(3),
     ] {
         let collector = Collector::start().await;
         collector.set(refusal);
