@@ -631,7 +631,9 @@ async fn process(
 
     // 5. Quotas: the deciding rule's, and those of the other constraining rules that apply
     // with it (`Verdict::also`), each under the principal its own policy identified.
-    let quota_now = crate::quota_clock::quota_time(wall);
+    // Read now, not at the request's start: the token check may have waited on an identity
+    // provider, and a reading from before it would look like the clock stepping back.
+    let quota_now = crate::quota_clock::quota_time(SystemTime::now());
     // Built only for a request whose response is transformed.
     let request_vars = || RequestVars {
         method: req.method().as_str().to_ascii_uppercase(),

@@ -70,8 +70,9 @@
 //! - `unacknowledged`: a collector (or something in front of it) answered 200 with counts
 //!   that cover fewer events than the batch held. The batch is sent again (the collector stores
 //!   each event id once, so what it had stored comes back as duplicates and what it lacked is
-//!   stored), up to [`MAX_SHORT_ACKS`] times in a row (`custos_audit_batches_sent_total{result="short_ack"}`);
-//!   then the shortfall is counted here and the batch forgotten.
+//!   stored), so that it is sent at most [`MAX_SHORT_ACKS`] times in all
+//!   (`custos_audit_batches_sent_total{result="short_ack"}` for each resend); after the last
+//!   short acknowledgement the shortfall is counted here and the batch forgotten.
 //!
 //! # A process killed outright
 //!
@@ -112,8 +113,9 @@ use std::time::Duration;
 use custos_api::AuditEvent;
 use tokio::sync::oneshot;
 
-/// How many times in a row a batch is sent again when the collector acknowledges fewer of its
-/// events than it held, before the shortfall is counted as dropped (`unacknowledged`).
+/// How many times in all a batch is sent while the collector acknowledges fewer of its events
+/// than it held (so `MAX_SHORT_ACKS - 1` resends), before the shortfall is counted as dropped
+/// (`unacknowledged`).
 pub const MAX_SHORT_ACKS: u32 = 3;
 
 pub use metrics::{BatchResult, DropReason, ShipperMetrics};

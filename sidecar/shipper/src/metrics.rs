@@ -221,7 +221,7 @@ impl ShipperMetrics {
         );
         registry.register(
             "custos_audit_events_delivered",
-            "Audit events in batches the collector acknowledged as stored",
+            "Audit events in batches the collector acknowledged (stored, already stored, or expired)",
             self.events_delivered.clone(),
         );
         registry.register(
