@@ -172,7 +172,7 @@ impl Metrics {
         r.register("quota_rejections", "Requests refused with 429, by limit", m.quota_rejections.clone());
         r.register(
             "limit_rejections",
-            "Requests refused by a proxy limit (header_bytes, request_body_bytes, request_body_timeout, request_body_rate, request_buffer, response_body_bytes, upstream_connect, upstream_connections, upstream_timeout, connections, header_read_timeout, h2_reset_flood, admin_connections)",
+            "Requests refused by a proxy limit (header_bytes, request_body_bytes, request_body_timeout, request_body_rate, request_buffer, response_body_bytes, upstream_connect, upstream_connections, upstream_timeout, connections, header_read_timeout, h2_reset_flood, admin_connections, admin_connections_per_peer)",
             m.limit_rejections.clone(),
         );
         r.register("config_reloads", "Config reloads by result", m.config_reloads.clone());

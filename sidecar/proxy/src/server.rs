@@ -52,6 +52,47 @@ const H2_MAX_STREAMS: u32 = 256;
 /// handful); more are closed at once and counted as `limit="admin_connections"`.
 pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
 
+/// Most admin connections one peer address may hold at once; more are closed at once and
+/// counted as `limit="admin_connections_per_peer"`. A pod that reaches the admin port (no
+/// NetworkPolicy, or Audit mode) could otherwise hold all [`ADMIN_MAX_CONNECTIONS`] slots,
+/// fail the kubelet's probes and have the sidecar restarted, its local quotas with it.
+pub(crate) const ADMIN_MAX_PER_PEER: usize = 8;
+
+/// The admin connections each peer address holds ([`ADMIN_MAX_PER_PEER`]).
+#[derive(Default)]
+struct PeerSlots(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PeerSlots {
+    /// One more connection of `peer`, unless it holds [`ADMIN_MAX_PER_PEER`] already.
+    fn take(self: &Arc<Self>, peer: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut held = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = held.entry(peer).or_default();
+        if *count >= ADMIN_MAX_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot { slots: Arc::clone(self), peer })
+    }
+}
+
+/// A connection's share of its peer's [`PeerSlots`], given back when dropped.
+struct PeerSlot {
+    slots: Arc<PeerSlots>,
+    peer: std::net::IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = held.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.peer);
+            }
+        }
+    }
+}
+
 /// The longest an admin connection may go without starting a request (from connecting, and
 /// between requests), when `--header-read-timeout` is longer: kubelet probes and Prometheus
 /// send theirs at once, and connections held open without a request free their
@@ -347,11 +388,12 @@ pub(crate) async fn serve_admin(
         .timer(TokioTimer::new())
         .header_read_timeout(admin.header_read_timeout.min(ADMIN_HEADER_READ_TIMEOUT));
     let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let peer_slots = Arc::new(PeerSlots::default());
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
+                Ok((s, peer)) => (s, peer),
                 Err(e) => {
                     admin.metrics.accept_errors.inc();
                     static LOG: Throttle = Throttle::every_secs(10);
@@ -362,6 +404,11 @@ pub(crate) async fn serve_admin(
                     continue;
                 }
             },
+        };
+        let Some(peer_slot) = peer_slots.take(peer.ip().to_canonical()) else {
+            admin.metrics.limit("admin_connections_per_peer");
+            tokio::spawn(refuse_connection(stream));
+            continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             admin.metrics.limit("admin_connections");
@@ -376,7 +423,7 @@ pub(crate) async fn serve_admin(
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
             let _ = conn.await;
-            drop(permit);
+            drop((permit, peer_slot));
         });
     }
 }

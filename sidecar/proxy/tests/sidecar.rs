@@ -3221,28 +3221,53 @@ async fn admin_endpoints_and_metrics() {
     f.stop().await;
 }
 
-/// The admin port holds at most 64 connections, and closes those that send no request within
-/// `--header-read-timeout`: a client holding connections open cannot take the file
-/// descriptors the proxy needs, nor keep the kubelet's probes out for long.
+/// A connection to `to` from the loopback address `from` (Linux routes all of 127/8 to lo).
+async fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// A probe of `/healthz` from `from`: its status, if any.
+async fn probe_from(from: [u8; 4], admin: std::net::SocketAddr) -> (Option<u16>, String) {
+    let mut stream = connect_from(from, admin).await;
+    let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    answer(stream).await
+}
+
+/// The admin port holds at most 64 connections, 8 per peer address, and closes those that
+/// send no request within `--header-read-timeout`: a client holding connections open cannot
+/// take the file descriptors the proxy needs, nor keep the kubelet's probes out (one pod
+/// could hold all 64 before, and have the sidecar restarted by failing its probes).
 #[tokio::test]
 async fn the_admin_port_caps_and_times_out_its_connections() {
     let mut f =
         start(policy(main_rules()), |s| s.limits.header_read_timeout = Duration::from_millis(500)).await;
+    // One peer: its ninth connection is refused, another peer's probe passes.
     let mut held = Vec::new();
-    for _ in 0..64 {
-        held.push(tokio::net::TcpStream::connect(f.admin()).await.unwrap());
+    for _ in 0..8 {
+        held.push(connect_from([127, 0, 0, 2], f.admin()).await);
     }
-    let (status, text) =
-        raw(f.admin(), b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    let (status, text) = probe_from([127, 0, 0, 2], f.admin()).await;
+    assert_eq!(status, Some(503), "{text}");
+    let (status, text) = probe_from([127, 0, 0, 1], f.admin()).await;
+    assert_eq!(status, Some(200), "{text}");
+    // Eight peers of eight: the port is full for everyone.
+    for peer in 3..10 {
+        for _ in 0..8 {
+            held.push(connect_from([127, 0, 0, peer], f.admin()).await);
+        }
+    }
+    let (status, text) = probe_from([127, 0, 0, 1], f.admin()).await;
     assert_eq!(status, Some(503), "{text}");
     for c in held {
         let (status, text) = answer(c).await;
         assert_eq!(status, None, "{text}");
     }
-    let (status, text) =
-        raw(f.admin(), b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    let (status, text) = probe_from([127, 0, 0, 2], f.admin()).await;
     assert_eq!(status, Some(200), "{text}");
     let metrics = admin_get(f.admin(), "/metrics").await.text();
+    assert_eq!(limit_rejections(&metrics, "admin_connections_per_peer"), 1.0, "{metrics}");
     assert_eq!(limit_rejections(&metrics, "admin_connections"), 1.0, "{metrics}");
     f.stop().await;
 }
