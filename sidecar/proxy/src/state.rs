@@ -198,6 +198,24 @@ impl VerifierCache {
     fn retain_used(&mut self, state: &PolicyState) {
         self.verifiers.retain(|_, v| state.verifiers.iter().any(|u| Arc::ptr_eq(u, v)));
     }
+
+    /// Forgets the verifiers made since `known` was taken ([`Self::known`]): a config rejected
+    /// part way leaves none behind (their JWKS refresh loops end with the last reference; a
+    /// storm of rejected configs naming new `jwksUri`s kept them all fetching).
+    fn forget_all_but(&mut self, known: &std::collections::HashSet<String>) {
+        self.verifiers.retain(|key, _| known.contains(key));
+    }
+
+    /// The keys of the verifiers kept now.
+    fn known(&self) -> std::collections::HashSet<String> {
+        self.verifiers.keys().cloned().collect()
+    }
+
+    /// How many verifiers are kept.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.verifiers.len()
+    }
 }
 
 /// Builds the state from config bytes. The error is a message for logs and `/ready` (it
@@ -251,12 +269,19 @@ pub(crate) fn build_state(
 
     let mut verifiers: Vec<Arc<Verifier>> = Vec::new();
     let mut policy_verifiers = Vec::with_capacity(engine.policies().len());
+    let known = cache.known();
     for policy in engine.policies() {
         let Some(identity) = &policy.identity else {
             policy_verifiers.push(None);
             continue;
         };
-        let v = cache.get(identity, inputs).map_err(|e| format!("policy {}: {e}", policy.name))?;
+        let v = match cache.get(identity, inputs) {
+            Ok(v) => v,
+            Err(e) => {
+                cache.forget_all_but(&known);
+                return Err(format!("policy {}: {e}", policy.name));
+            }
+        };
         let index = match verifiers.iter().position(|u| Arc::ptr_eq(u, &v)) {
             Some(i) => i,
             None => {
@@ -492,6 +517,55 @@ mod tests {
         jwk["kid"] = json!(kid);
         let jwks = json!({"keys": [jwk]}).to_string();
         Arc::new(Verifier::new(settings(issuer), JwksSource::Static(jwks)).unwrap())
+    }
+
+    /// A config rejected part way (the second policy's JWKS file is missing) leaves no
+    /// verifier of the first policy behind: their refresh loops would keep fetching.
+    #[test]
+    fn a_rejected_config_leaves_no_verifier_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = |jwt: Value| {
+            let spec = json!({
+                "workload": {"selector": {"matchLabels": {"app": "api"}}, "appPort": 8080},
+                "identity": {"users": {"jwt": jwt}},
+                "rules": [{"name": "r", "action": "Allow", "to": {"paths": ["/**"]}}],
+            });
+            serde_json::from_value::<custos_api::policy::DataAccessPolicySpec>(spec).unwrap()
+        };
+        let input = |name: &str, jwt: Value| custos_policy::PolicyInput {
+            name: name.into(),
+            generation: Some(1),
+            spec: spec(jwt),
+        };
+        let inputs = [
+            input(
+                "a-remote",
+                json!({"issuer": A, "audiences": ["api"], "jwksUri": "https://idp.example/jwks"}),
+            ),
+            input("b-file", json!({"issuer": B, "audiences": ["api"], "jwksSecretRef": {"name": "absent"}})),
+        ];
+        let compiled = custos_policy::compile_namespace("shop", &inputs, Vec::new());
+        assert!(compiled.is_clean(), "{:?}", compiled.errors);
+        let bytes = serde_json::to_vec(&compiled.config).unwrap();
+        let state_inputs = StateInputs {
+            config_path: dir.path().join("config.json"),
+            namespace: Some("shop".into()),
+            pod_labels: BTreeMap::from([("app".to_owned(), "api".to_owned())]),
+            upstream: None,
+            jwks_dir: dir.path().to_path_buf(),
+            jwks_refresh: Duration::from_secs(300),
+            jwks_timeout: Duration::from_secs(5),
+        };
+        let mut cache = VerifierCache::default();
+        let error = build_state(&bytes, &state_inputs, &mut cache, None).map(|_| ()).unwrap_err();
+        assert!(error.contains("b-file"), "{error}");
+        assert_eq!(cache.len(), 0, "the first policy's verifier was kept");
+        // With the file there, the config applies and both verifiers are kept.
+        std::fs::create_dir_all(dir.path().join("absent")).unwrap();
+        let jwk = serde_json::to_value(Jwk::from_encoding_key(&key(), Algorithm::EdDSA).unwrap()).unwrap();
+        std::fs::write(dir.path().join("absent/jwks.json"), json!({"keys": [jwk]}).to_string()).unwrap();
+        build_state(&bytes, &state_inputs, &mut cache, None).unwrap();
+        assert_eq!(cache.len(), 2);
     }
 
     fn bearer(kid: &str, claims: &Value) -> Vec<u8> {
