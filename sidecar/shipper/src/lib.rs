@@ -220,7 +220,10 @@ pub struct ShipperConfig {
     /// record hashes take about 10 MiB, so in ordinary traffic the count binds first. An event
     /// that would take the queue past it is dropped and counted as `queue_full`.
     pub queue_max_bytes: usize,
-    /// Time-out of one request to the collector, connection included (default 5 s).
+    /// Time-out of one request to the collector, connection included (default 5 s). When the
+    /// collector accepted the connection but answered none of two sends in a row within it (a
+    /// database slow to commit), a batch of more than 64 events is split in two before the
+    /// next send, so that smaller batches pass instead of the same one being sent for ever.
     pub request_timeout: Duration,
     /// First wait before retrying after a failed delivery (default 500 ms); doubled after each
     /// further failure up to `retry_max_backoff`, reset by a success.

@@ -68,7 +68,8 @@ impl DropReason {
 pub enum BatchResult {
     /// 200 with a valid answer: the batch is committed.
     Ok = 0,
-    /// No answer within the request timeout.
+    /// No answer within the request timeout (the batch is kept; after two in a row on
+    /// connections the collector accepted, a batch of more than 64 events is split in two).
     Timeout = 1,
     /// Connection refused or reset, or another transport error.
     TransportError = 2,

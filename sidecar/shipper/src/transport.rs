@@ -125,6 +125,9 @@ pub(crate) enum Outcome {
     Delivered { response: IngestResponse, elapsed: Duration },
     /// Not delivered; keep the batch and try again later.
     Retry { result: BatchResult, detail: String },
+    /// No answer within the request time-out on a connection that was made: the collector is
+    /// slow with this batch (kept, as for [`Outcome::Retry`]; split after repeats).
+    SlowAnswer { detail: String },
     /// 413: the batch is too large for the collector; smaller ones may pass.
     TooLarge,
     /// 400 `bad_event`: one of the batch's events is refused; the others may pass without it.
@@ -327,6 +330,9 @@ async fn error_answer(response: reqwest::Response) -> Option<ErrorAnswer> {
 }
 
 fn transport_failure(error: reqwest::Error) -> Outcome {
+    if error.is_timeout() && !error.is_connect() {
+        return Outcome::SlowAnswer { detail: error_chain(&error.without_url()) };
+    }
     let result = if error.is_timeout() { BatchResult::Timeout } else { BatchResult::TransportError };
     Outcome::Retry { result, detail: error_chain(&error.without_url()) }
 }

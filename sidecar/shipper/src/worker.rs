@@ -158,7 +158,21 @@ pub(crate) struct Worker {
     backoff: Backoff,
     /// Sends in a row whose acknowledgement covered fewer events than were sent.
     short_acks: u32,
+    /// Sends in a row that the collector did not answer in time on a connection it accepted
+    /// ([`SLOW_ANSWERS_BEFORE_SPLIT`]).
+    slow_answers: u32,
 }
+
+/// A batch the collector has not answered in time this many sends in a row, on connections it
+/// accepted, is split in two (when it holds more than [`MIN_EVENTS_TO_SPLIT_WHEN_SLOW`]): a
+/// collector slow to commit (its database under load) would otherwise get the same large batch
+/// for ever, commit it each time as duplicates, and the spool behind it would fill.
+const SLOW_ANSWERS_BEFORE_SPLIT: u32 = 2;
+
+/// The fewest events a batch split for slow answers holds more than: the halves stay batches
+/// (a collector that accepts connections and never answers must not turn the spool into
+/// single events).
+const MIN_EVENTS_TO_SPLIT_WHEN_SLOW: u64 = 64;
 
 /// The events an acknowledgement accounts for: stored, already stored, or expired.
 fn counted(response: &IngestResponse) -> u64 {
@@ -209,6 +223,7 @@ impl Worker {
                 config.retry_jitter,
             ),
             short_acks: 0,
+            slow_answers: 0,
         }
     }
 
@@ -430,6 +445,11 @@ impl Worker {
         if !short {
             self.short_acks = 0;
         }
+        if matches!(outcome, Outcome::SlowAnswer { .. }) {
+            self.slow_answers += 1;
+        } else {
+            self.slow_answers = 0;
+        }
         match outcome {
             Outcome::Delivered { response, .. } if short && self.short_acks + 1 < crate::MAX_SHORT_ACKS => {
                 // Fewer events acknowledged than sent: send the batch again (each event id is
@@ -483,28 +503,23 @@ impl Worker {
                 self.short_acks = 0;
                 self.backoff.reset();
             }
-            Outcome::Retry { result, detail } => {
-                self.metrics.batch(result);
-                let delay = self.backoff.next_delay();
-                self.retry_at = Some(Instant::now() + delay);
-                if result == BatchResult::Unauthorized {
-                    tracing::error!(
-                        events,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "the collector refused the token (401): events stay spooled; check the token file \
-                         and the collector's authorisation"
-                    );
-                } else {
-                    tracing::warn!(
-                        events,
-                        result = result.as_str(),
-                        error = %detail,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "audit batch not delivered, kept for retry"
-                    );
-                }
-                self.keep_for_retry(source).await;
+            Outcome::SlowAnswer { .. }
+                if self.slow_answers >= SLOW_ANSWERS_BEFORE_SPLIT
+                    && events > MIN_EVENTS_TO_SPLIT_WHEN_SLOW =>
+            {
+                self.slow_answers = 0;
+                self.metrics.batch(BatchResult::Timeout);
+                tracing::warn!(
+                    events,
+                    sends = SLOW_ANSWERS_BEFORE_SPLIT,
+                    "the collector answered none of the last sends of an audit batch in time: split in two"
+                );
+                self.split_behind_backlog(source).await;
             }
+            Outcome::SlowAnswer { detail } => {
+                self.keep_for_retry_later(source, BatchResult::Timeout, &detail).await
+            }
+            Outcome::Retry { result, detail } => self.keep_for_retry_later(source, result, &detail).await,
             // The collector said which event it refused: that one is dropped and the rest go
             // behind the backlog as one batch (one spool write, not a split per halving).
             Outcome::BadEvent { at: Some(at) } if events > 1 && (at as u64) < events => {
@@ -535,10 +550,6 @@ impl Worker {
             Outcome::TooLarge | Outcome::BadEvent { .. } if events > 1 => {
                 let too_large = matches!(outcome, Outcome::TooLarge);
                 self.metrics.batch(if too_large { BatchResult::TooLarge } else { BatchResult::BadEvent });
-                let (payload, record) = match source {
-                    Source::Direct(batch) => (batch.payload, None),
-                    Source::Spooled(record, payload) => (payload, Some(record)),
-                };
                 if too_large {
                     tracing::warn!(
                         events,
@@ -551,25 +562,57 @@ impl Worker {
                          only that event is dropped"
                     );
                 }
-                // A spooled original's halves take its room (a full spool must not lose the
-                // whole batch for the split); the original is forgotten only once they are in.
-                let replacing =
-                    if record.is_some() { crate::spool::HEADER_LEN * 2 + payload.len() as u64 } else { 0 };
-                let (first, second) = split(&payload);
-                // The halves go behind the backlog, and what waits in memory behind them; the
-                // original is forgotten only then.
-                self.spool_batch_within(first, replacing).await;
-                self.spool_batch_within(second, replacing).await;
-                while let Some(batch) = self.waiting.pop_front() {
-                    self.spool_batch(batch).await;
-                }
-                if let Some(record) = record {
-                    self.with_spool(move |spool| spool.ack(record)).await;
-                }
+                self.split_behind_backlog(source).await;
             }
             Outcome::TooLarge => self.reject(source, 413, BatchResult::TooLarge).await,
             Outcome::BadEvent { .. } => self.reject(source, 400, BatchResult::Rejected).await,
             Outcome::Rejected { status } => self.reject(source, status, BatchResult::Rejected).await,
+        }
+    }
+
+    /// A batch not delivered (`result`, `detail`), kept to send again after a back-off.
+    async fn keep_for_retry_later(&mut self, source: Source, result: BatchResult, detail: &str) {
+        let events = u64::from(source.count());
+        self.metrics.batch(result);
+        let delay = self.backoff.next_delay();
+        self.retry_at = Some(Instant::now() + delay);
+        if result == BatchResult::Unauthorized {
+            tracing::error!(
+                events,
+                retry_in_ms = delay.as_millis() as u64,
+                "the collector refused the token (401): events stay spooled; check the token file \
+                 and the collector's authorisation"
+            );
+        } else {
+            tracing::warn!(
+                events,
+                result = result.as_str(),
+                error = %detail,
+                retry_in_ms = delay.as_millis() as u64,
+                "audit batch not delivered, kept for retry"
+            );
+        }
+        self.keep_for_retry(source).await;
+    }
+
+    /// Splits a batch in two and spools both halves behind the backlog (and what waits in
+    /// memory behind them); a spooled original is forgotten only then, its halves taking its
+    /// room (a full spool must not lose the whole batch for the split).
+    async fn split_behind_backlog(&mut self, source: Source) {
+        let (payload, record) = match source {
+            Source::Direct(batch) => (batch.payload, None),
+            Source::Spooled(record, payload) => (payload, Some(record)),
+        };
+        let replacing =
+            if record.is_some() { crate::spool::HEADER_LEN * 2 + payload.len() as u64 } else { 0 };
+        let (first, second) = split(&payload);
+        self.spool_batch_within(first, replacing).await;
+        self.spool_batch_within(second, replacing).await;
+        while let Some(batch) = self.waiting.pop_front() {
+            self.spool_batch(batch).await;
+        }
+        if let Some(record) = record {
+            self.with_spool(move |spool| spool.ack(record)).await;
         }
     }
 

@@ -51,6 +51,9 @@ enum Behaviour {
     WrongNamespace(usize),
     /// As `Normal`, but a batch of more than this many events is refused with 413.
     TooLargeAbove(usize),
+    /// As `Normal`, but a batch of more than this many events is answered (503) only after
+    /// this long: a collector slow to commit large batches.
+    SlowAbove(usize, Duration),
     /// Store nothing and answer 200 with every count 0 (an acknowledgement that covers none of
     /// the batch's events).
     ShortAck,
@@ -198,6 +201,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
         | Behaviour::ClockAhead(_)
         | Behaviour::WrongNamespace(_)
         | Behaviour::TooLargeAbove(_)
+        | Behaviour::SlowAbove(..)
         | Behaviour::ShortAck
         | Behaviour::Expired => {}
     }
@@ -215,6 +219,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Answ
                 && text.lines().count() > n
             {
                 return Ok(answer(413, String::new()));
+            }
+            if let Behaviour::SlowAbove(n, delay) = behaviour
+                && text.lines().count() > n
+            {
+                tokio::time::sleep(delay).await;
+                return Ok(answer(503, String::new()));
             }
             let refused = match behaviour {
                 Behaviour::BadEvent(i) => Some((i, 400, "bad_event")),
@@ -1070,6 +1080,23 @@ async fn an_event_the_collector_points_at_is_dropped_and_the_rest_sent_again() {
     assert_eq!(metrics.batches_sent(BatchResult::BadEvent), 1);
     assert_eq!(metrics.batches_sent(BatchResult::Rejected), 0);
     assert_eq!(metrics.events_dropped_total(), 1);
+    shipper.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A collector that takes longer than the request time-out with a large batch (its database
+/// slow to commit) gets it split after two such sends in a row, and the halves pass; before,
+/// the same batch was sent for ever and the spool behind it filled.
+#[tokio::test]
+async fn a_batch_the_collector_is_too_slow_with_is_split() {
+    let collector = Collector::start().await;
+    collector.set(Behaviour::SlowAbove(60, Duration::from_secs(2)));
+    let spool = tempfile::tempdir().unwrap();
+    let (shipper, metrics) = start(config(&collector.url(), spool.path()));
+    emit(&shipper, 0..100);
+    until("delivered", || metrics.events_delivered() == 100).await;
+    collector.assert_stored_once(&ids(0..100));
+    assert_eq!(metrics.batches_sent(BatchResult::Timeout), 2);
+    assert_eq!(metrics.events_dropped_total(), 0);
     shipper.shutdown(Duration::from_secs(1)).await;
 }
 
