@@ -242,6 +242,14 @@ impl CollectorState {
                 }
                 Ok(outcome)
             }
+            Err(custos_store::Error::InvalidEvent { reason: what, .. })
+                if what == custos_store::chain::TOO_MANY_DAYS =>
+            {
+                // The batch's fault, not an event's (the one that brought in a day too many is
+                // valid): no pointer, so that a sender splits the batch rather than drop it.
+                let message = format!("the batch is invalid: {what}");
+                Err(ApiError::new(StatusCode::BAD_REQUEST, reason::BAD_EVENT, message))
+            }
             Err(custos_store::Error::InvalidEvent { index, reason: what }) => {
                 let position = batch.position(index);
                 let message = format!("the event at {} is invalid: {what}", position.describe());

@@ -201,6 +201,15 @@ async fn an_event_from_a_clock_ahead_is_refused_as_such() {
         "{body}"
     );
     assert!(body.get("clockAhead").is_none(), "{body}");
+    // A batch over 33 days is the batch's fault: no pointer at the (valid) event that brought
+    // in the 33rd day, so that a sender splits it rather than drop that event.
+    let days: Vec<_> =
+        (0..33).map(|d| event(&format!("day{d:02}"), now - chrono::Duration::days(d))).collect();
+    let (status, body) = h.post("application/x-ndjson", ndjson(&days)).await;
+    assert_eq!((status, body["reason"].as_str()), (400, Some("bad_event")), "{body}");
+    assert!(body.get("line").is_none() && body.get("index").is_none(), "{body}");
+    let (status, body) = h.post("application/x-ndjson", ndjson(&days[..32])).await;
+    assert_eq!(status, 200, "{body}");
     h.stop().await;
 }
 

@@ -289,6 +289,9 @@ pub const MAX_RECORDS_PER_EVENT: u64 = u32::MAX as u64;
 /// Distinct days one batch may span: PostgreSQL creates a day's partitions in the ingest
 /// transaction. A sender splits a refused batch, so its events still arrive.
 pub const MAX_DAYS_PER_BATCH: usize = 32;
+/// The [`Error::InvalidEvent`] reason of a batch spanning more than [`MAX_DAYS_PER_BATCH`]
+/// days: the batch's, not its event's (the one that brought in a day too many is valid).
+pub const TOO_MANY_DAYS: &str = "the batch spans more than 32 days; send it in smaller batches";
 
 /// Validates a batch up front (so that a bad event rejects the batch before anything is
 /// written) and returns the columns of each event. Beyond what makes an event storable
@@ -309,7 +312,7 @@ pub(crate) fn validate(events: &[AuditEvent], oldest_us: Option<i64>) -> Result<
                 days.insert(columns.time_us.div_euclid(86_400_000_000));
             }
             if days.len() > MAX_DAYS_PER_BATCH {
-                return Err(invalid("the batch spans more than 32 days; send it in smaller batches"));
+                return Err(invalid(TOO_MANY_DAYS));
             }
             Ok(columns)
         })

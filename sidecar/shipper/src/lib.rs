@@ -60,11 +60,13 @@
 //!   the batch as one; one that does not say, and 413, split the batch in two and queue both
 //!   halves, so that only the event refused is dropped (a single event refused is `rejected`).
 //!   403 (`wrong_namespace` too: every event of a sidecar has its one namespace, so the token is
-//!   for another), 404, 405, 415, 421, 400 `unsupported_schema_version` and a 400 `bad_event`
+//!   for another; only an event recorded before the sidecar knew its namespace, with none, is
+//!   dropped alone), 404, 405, 415, 421, 400 `unsupported_schema_version` and a 400 `bad_event`
 //!   with `clockAhead` (an event dated more than 10 minutes ahead of the collector's clock:
-//!   this node's clock runs ahead) say nothing against the batch (a wrong URL, an authorisation
+//!   this node's clock ran ahead) say nothing against the batch (a wrong URL, an authorisation
 //!   layer in front, a collector older than the sidecar during a rollout, clocks that
-//!   disagree): the events stay spooled and are retried
+//!   disagree): the events stay spooled and are retried (batches refused for `wrong_namespace`
+//!   or `clockAhead` behind the others, which may pass meanwhile)
 //!   (`custos_audit_batches_sent_total{result="refused"}`), as while the collector is down.
 //! - `corrupt`: damaged spool records. `shutdown`: emitted after [`Shipper::shutdown`].
 //! - `unacknowledged`: a collector (or something in front of it) answered 200 with counts

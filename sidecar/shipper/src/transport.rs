@@ -30,7 +30,10 @@ pub(crate) fn build_client(timeout: Duration) -> Result<reqwest::Client, Shipper
     ensure_crypto_provider();
     reqwest::Client::builder()
         .timeout(timeout)
-        .connect_timeout(timeout)
+        // Shorter than the whole request's, so that a collector that cannot be reached ends as
+        // a connect error (the batch kept whole), not as an answer that never came (which
+        // splits batches after repeats: a slow collector).
+        .connect_timeout(timeout / 2)
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .pool_idle_timeout(Duration::from_secs(30))
@@ -128,6 +131,10 @@ pub(crate) enum Outcome {
     /// No answer within the request time-out on a connection that was made: the collector is
     /// slow with this batch (kept, as for [`Outcome::Retry`]; split after repeats).
     SlowAnswer { detail: String },
+    /// Refused for now for a reason other batches may not share (an event dated ahead of the
+    /// collector's clock; a namespace token for another namespace): kept, moved behind the
+    /// backlog so that what may pass is not held up behind it.
+    NotYet { detail: String },
     /// 413: the batch is too large for the collector; smaller ones may pass.
     TooLarge,
     /// 400 `bad_event`: one of the batch's events is refused; the others may pass without it.
@@ -162,6 +169,7 @@ impl Transport {
 
     /// `POST /v1/events` with `payload` (NDJSON).
     pub(crate) async fn post_events(&self, payload: Arc<Vec<u8>>) -> Outcome {
+        let sent = Arc::clone(&payload);
         let body = if self.gzip {
             match tokio::task::spawn_blocking(move || gzip(&payload)).await {
                 Ok(Ok(body)) => body,
@@ -233,17 +241,29 @@ impl Transport {
             // Not about the batch: a wrong path, a proxy or authorisation layer in front, a
             // content encoding an older collector lacks. Dropping would lose every event until
             // the setup is fixed; kept instead (the spool is bounded).
-            StatusCode::FORBIDDEN => match error_answer(response).await.and_then(|a| a.reason).as_deref() {
-                // An event of another namespace than a namespace token's: every event of this
-                // sidecar has its one namespace, so the token is for another (a setup error):
-                // kept until the token is fixed, as for any refusal not of the batch's own.
-                Some("wrong_namespace") => Outcome::Retry {
-                    result: BatchResult::Refused,
-                    detail: "HTTP 403 wrong_namespace: the collector token is for another namespace"
-                        .to_string(),
-                },
-                _ => Outcome::Retry { result: BatchResult::Refused, detail: "HTTP 403".to_string() },
-            },
+            StatusCode::FORBIDDEN => {
+                let answer = error_answer(response).await.unwrap_or_default();
+                match answer.reason.as_deref() {
+                    // An event recorded before this sidecar knew its namespace (started without
+                    // `--namespace`, before its config loaded) can pass with no token: dropped
+                    // alone.
+                    Some("wrong_namespace")
+                        if answer
+                            .at()
+                            .is_some_and(|at| namespace_of_line(&sent, at).as_deref() == Some("")) =>
+                    {
+                        Outcome::BadEvent { at: answer.at() }
+                    }
+                    // Any other event of another namespace than a namespace token's: every event
+                    // of this sidecar has its one namespace, so the token is for another (a setup
+                    // error). Kept until the token is fixed, behind the batches that may pass.
+                    Some("wrong_namespace") => Outcome::NotYet {
+                        detail: "HTTP 403 wrong_namespace: the collector token is for another namespace"
+                            .to_string(),
+                    },
+                    _ => Outcome::Retry { result: BatchResult::Refused, detail: "HTTP 403".to_string() },
+                }
+            }
             StatusCode::NOT_FOUND
             | StatusCode::METHOD_NOT_ALLOWED
             | StatusCode::UNSUPPORTED_MEDIA_TYPE
@@ -261,8 +281,9 @@ impl Transport {
                     },
                     // An event dated ahead of the collector's clock: this node's clock runs
                     // ahead (or the collector's behind). Kept: it passes once the clocks agree.
-                    Some("bad_event") if answer.clock_ahead => Outcome::Retry {
-                        result: BatchResult::Refused,
+                    // Kept behind the batches that may pass, so that events dated after the
+                    // clock was set right are not held up by those dated before.
+                    Some("bad_event") if answer.clock_ahead => Outcome::NotYet {
                         detail: "HTTP 400 bad_event: an event's time is more than 10 minutes ahead of the \
                                  collector's clock (check this node's clock)"
                             .to_string(),
@@ -322,6 +343,16 @@ impl ErrorAnswer {
         };
         usize::try_from(index).ok()
     }
+}
+
+/// The `namespace` of the event on line `at` (0-based) of an NDJSON `payload`, if it has one.
+fn namespace_of_line(payload: &[u8], at: usize) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Namespace {
+        namespace: String,
+    }
+    let line = payload.split(|&b| b == b'\n').nth(at)?;
+    serde_json::from_slice::<Namespace>(line).ok().map(|n| n.namespace)
 }
 
 async fn error_answer(response: reqwest::Response) -> Option<ErrorAnswer> {

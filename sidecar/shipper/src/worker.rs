@@ -519,6 +519,18 @@ impl Worker {
             Outcome::SlowAnswer { detail } => {
                 self.keep_for_retry_later(source, BatchResult::Timeout, &detail).await
             }
+            Outcome::NotYet { detail } => {
+                self.metrics.batch(BatchResult::Refused);
+                let delay = self.backoff.next_delay();
+                self.retry_at = Some(Instant::now() + delay);
+                tracing::warn!(
+                    events,
+                    error = %detail,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "audit batch refused for now: kept, behind the batches that may pass"
+                );
+                self.requeue_behind_backlog(source).await;
+            }
             Outcome::Retry { result, detail } => self.keep_for_retry_later(source, result, &detail).await,
             // The collector said which event it refused: that one is dropped and the rest go
             // behind the backlog as one batch (one spool write, not a split per halving).
@@ -593,6 +605,24 @@ impl Worker {
             );
         }
         self.keep_for_retry(source).await;
+    }
+
+    /// Spools a batch behind the backlog (and what waits in memory behind it); a spooled
+    /// original is forgotten only then, its copy taking its room.
+    async fn requeue_behind_backlog(&mut self, source: Source) {
+        let (batch, record) = match source {
+            Source::Direct(batch) => (batch, None),
+            Source::Spooled(record, payload) => (Batch { payload, count: record.count }, Some(record)),
+        };
+        let replacing =
+            if record.is_some() { crate::spool::HEADER_LEN + batch.payload.len() as u64 } else { 0 };
+        self.spool_batch_within(batch, replacing).await;
+        while let Some(batch) = self.waiting.pop_front() {
+            self.spool_batch(batch).await;
+        }
+        if let Some(record) = record {
+            self.with_spool(move |spool| spool.ack(record)).await;
+        }
     }
 
     /// Splits a batch in two and spools both halves behind the backlog (and what waits in
