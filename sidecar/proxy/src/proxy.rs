@@ -287,7 +287,7 @@ async fn handle(
             caller: None,
             user: None,
             // Replaced once the caller is known (`principal`); the peer's address until then.
-            principal: peer_principal(&peer_ip),
+            principal: ["peer:", &peer_ip].concat(),
             method: event_method(req.method()),
             path: "-".to_string(),
             decision: Decision::Allow,
@@ -2309,20 +2309,7 @@ fn names_bearer(value: &[u8]) -> bool {
 /// caller holding many tokens of that issuer would be as many principals), else the calling
 /// workload, else the peer (`peer_ip`).
 fn quota_principal(user: Option<&User>, caller: Option<&WorkloadIdentity>, peer_ip: &str) -> String {
-    principal(user, caller).unwrap_or_else(|| peer_principal(peer_ip))
-}
-
-/// The principal of an unknown peer at `peer_ip` ([`ip_text`]): `peer:` and its IPv4 address,
-/// or the /64 of its IPv6 address (`peer:2001:db8:1:2::/64`): one host holds a whole /64, and
-/// a caller rotating its addresses within it must not be a fresh principal for each.
-fn peer_principal(peer_ip: &str) -> String {
-    match peer_ip.parse::<std::net::Ipv6Addr>() {
-        Ok(v6) => {
-            let prefix = std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX));
-            format!("peer:{prefix}/64")
-        }
-        Err(_) => ["peer:", peer_ip].concat(),
-    }
+    principal(user, caller).unwrap_or_else(|| ["peer:", peer_ip].concat())
 }
 
 fn principal(user: Option<&User>, caller: Option<&WorkloadIdentity>) -> Option<String> {
@@ -2716,27 +2703,6 @@ mod tests {
         assert_eq!(ip_text(mapped), "10.0.200.7");
         let v6: IpAddr = "fd00::1:2".parse().unwrap();
         assert_eq!(ip_text(v6), "fd00::1:2");
-    }
-
-    /// Unknown IPv6 peers count per /64 (a host's prefix), IPv4 ones per address, mapped
-    /// IPv4 as IPv4 (a review's MEDIUM: a caller rotating addresses within its /64 was a fresh
-    /// principal, with fresh quotas, for each).
-    #[test]
-    fn unknown_peers_count_by_address_or_ipv6_prefix() {
-        let cases = [
-            ("10.0.200.7", "peer:10.0.200.7"),
-            ("::ffff:10.0.200.7", "peer:10.0.200.7"),
-            ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "peer:2001:db8:1:2::/64"),
-            ("2001:db8:1:2::1", "peer:2001:db8:1:2::/64"),
-            ("2001:db8:1:3::1", "peer:2001:db8:1:3::/64"),
-            ("::1", "peer:::/64"),
-            ("fd00::1:2", "peer:fd00::/64"),
-        ];
-        for (ip, want) in cases {
-            let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(peer_principal(&ip_text(ip)), want, "{ip}");
-            assert_eq!(quota_principal(None, None, &ip_text(ip)), want, "{ip}");
-        }
     }
 
     #[test]
