@@ -2302,8 +2302,6 @@ fn names_bearer(value: &[u8]) -> bool {
     })
 }
 
-/// The principal of a known user or workload; `None`: an anonymous peer, whose principal
-/// (`peer:<ip>`) the event holds from the start.
 /// The principal a rule's quotas count under: `user` as the rule's own policy verified it
 /// (none for a policy that verifies no users, whatever another policy's verifier found: a
 /// caller holding many tokens of that issuer would be as many principals), else the calling
@@ -2312,6 +2310,8 @@ fn quota_principal(user: Option<&User>, caller: Option<&WorkloadIdentity>, peer_
     principal(user, caller).unwrap_or_else(|| ["peer:", peer_ip].concat())
 }
 
+/// The principal of a known user or workload; `None`: an anonymous peer, whose principal
+/// (`peer:<ip>`) the event holds from the start.
 fn principal(user: Option<&User>, caller: Option<&WorkloadIdentity>) -> Option<String> {
     match (user, caller) {
         (Some(u), _) => Some(format!("user:{}", u.id)),

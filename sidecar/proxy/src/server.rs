@@ -56,7 +56,26 @@ pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// counted as `limit="admin_connections_per_peer"`. A pod that reaches the admin port (no
 /// NetworkPolicy, or Audit mode) could otherwise hold all [`ADMIN_MAX_CONNECTIONS`] slots,
 /// fail the kubelet's probes and have the sidecar restarted, its local quotas with it.
+/// Connections from the pod's own address and from the mesh proxies' loopback addresses are
+/// not capped so ([`capped_peer`]): a mesh that intercepts the admin port brings the kubelet's
+/// probes, the scrapes and everyone else from there.
 pub(crate) const ADMIN_MAX_PER_PEER: usize = 8;
+
+/// The address whose admin connections count against [`ADMIN_MAX_PER_PEER`]: none for the
+/// pod's own address (`local`, which Linkerd's proxy connects from) and for 127.0.0.1, ::1 and
+/// Istio's 127.0.0.6, whose connections a mesh proxy makes for every caller.
+fn capped_peer(peer: std::net::IpAddr, local: Option<std::net::IpAddr>) -> Option<std::net::IpAddr> {
+    let peer = peer.to_canonical();
+    let mesh_loopback = [std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::from([127, 0, 0, 6])];
+    if Some(peer) == local.map(|l| l.to_canonical())
+        || mesh_loopback.contains(&peer)
+        || peer == std::net::Ipv6Addr::LOCALHOST
+    {
+        None
+    } else {
+        Some(peer)
+    }
+}
 
 /// The admin connections each peer address holds ([`ADMIN_MAX_PER_PEER`]).
 #[derive(Default)]
@@ -405,10 +424,17 @@ pub(crate) async fn serve_admin(
                 }
             },
         };
-        let Some(peer_slot) = peer_slots.take(peer.ip().to_canonical()) else {
-            admin.metrics.limit("admin_connections_per_peer");
-            tokio::spawn(refuse_connection(stream));
-            continue;
+        let local = stream.local_addr().ok().map(|a| a.ip());
+        let peer_slot = match capped_peer(peer.ip(), local) {
+            Some(capped) => match peer_slots.take(capped) {
+                Some(slot) => Some(slot),
+                None => {
+                    admin.metrics.limit("admin_connections_per_peer");
+                    tokio::spawn(refuse_connection(stream));
+                    continue;
+                }
+            },
+            None => None,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             admin.metrics.limit("admin_connections");

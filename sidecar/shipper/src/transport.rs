@@ -317,7 +317,6 @@ async fn capped_body(mut response: reqwest::Response) -> Result<Option<Vec<u8>>,
     Ok(Some(body))
 }
 
-/// The `reason` code of a collector's error answer.
 /// What a collector's error answer says: its reason code and, for a refused event, where it
 /// was in the batch and whether only the clocks are to blame.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -355,6 +354,7 @@ fn namespace_of_line(payload: &[u8], at: usize) -> Option<String> {
     serde_json::from_slice::<Namespace>(line).ok().map(|n| n.namespace)
 }
 
+/// A collector's error answer, if it is one (within [`MAX_ANSWER_BYTES`]).
 async fn error_answer(response: reqwest::Response) -> Option<ErrorAnswer> {
     let body = capped_body(response).await.ok()??;
     serde_json::from_slice::<ErrorAnswer>(&body).ok()

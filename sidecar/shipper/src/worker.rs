@@ -752,7 +752,6 @@ impl Worker {
     }
 }
 
-/// Splits an NDJSON payload into two batches of about half the lines each.
 /// `payload` (NDJSON, one event a line) without its `at`-th line (0-based).
 fn without_line(payload: &[u8], at: usize) -> Batch {
     let mut rest = Vec::with_capacity(payload.len());
@@ -766,6 +765,7 @@ fn without_line(payload: &[u8], at: usize) -> Batch {
     Batch { payload: Arc::new(rest), count }
 }
 
+/// Splits an NDJSON payload into two batches of about half the lines each.
 fn split(payload: &[u8]) -> (Batch, Batch) {
     let lines = payload.iter().filter(|&&b| b == b'\n').count();
     let half = lines / 2;
