@@ -172,7 +172,7 @@ impl Metrics {
         r.register("quota_rejections", "Requests refused with 429, by limit", m.quota_rejections.clone());
         r.register(
             "limit_rejections",
-            "Requests refused by a proxy limit (header_bytes, request_body_bytes, request_body_timeout, request_body_rate, request_buffer, response_body_bytes, upstream_connect, upstream_connections, upstream_timeout, connections, header_read_timeout, h2_reset_flood, admin_connections, admin_connections_per_peer)",
+            "Requests refused by a proxy limit (header_bytes, request_body_bytes, request_body_timeout, request_body_rate, request_buffer, response_body_bytes, upstream_connect, upstream_connections, upstream_timeout, connections, header_read_timeout, h2_reset_flood, admin_connections, admin_connections_per_peer, response_send_timeout)",
             m.limit_rejections.clone(),
         );
         r.register("config_reloads", "Config reloads by result", m.config_reloads.clone());
@@ -224,7 +224,7 @@ impl Metrics {
         );
         r.register(
             "mesh_callers",
-            "With --caller-identity istio, requests through the mesh's proxy by what its client certificate said (workload, no_certificate, foreign_trust_domain, malformed)",
+            "With --caller-identity istio or linkerd, requests through the mesh's proxy by what its client certificate said (workload, no_certificate, foreign_trust_domain, malformed)",
             m.mesh_callers.clone(),
         );
         r.register("upstream_connections", "Connections opened to the app", m.upstream.connections.clone());
