@@ -1099,7 +1099,8 @@ async fn a_batch_from_a_clock_ahead_does_not_hold_up_the_later_ones() {
     emit(&shipper, 0..100);
     until("the first batch refused", || metrics.batches_sent(BatchResult::Refused) >= 1).await;
     emit(&shipper, 100..300);
-    until("the later batches delivered", || collector.stored() == 200).await;
+    // Delivered counts once the spool has forgotten the batch (stored alone may come first).
+    until("the later batches delivered", || metrics.events_delivered() == 200).await;
     collector.assert_stored_once(&ids(100..300));
     assert_eq!(metrics.spool_events(), 100, "the refused batch is kept");
     collector.set(Behaviour::Normal);
@@ -1145,7 +1146,9 @@ async fn a_batch_the_collector_is_too_slow_with_is_split() {
     emit(&shipper, 0..100);
     until("delivered", || metrics.events_delivered() == 100).await;
     collector.assert_stored_once(&ids(0..100));
-    assert_eq!(metrics.batches_sent(BatchResult::Timeout), 2);
+    // Two sends of the whole batch, then its halves (which pass; more only on a loaded machine
+    // where even they time out).
+    assert!(metrics.batches_sent(BatchResult::Timeout) >= 2);
     assert_eq!(metrics.events_dropped_total(), 0);
     shipper.shutdown(Duration::from_secs(1)).await;
 }
