@@ -1102,7 +1102,9 @@ async fn a_batch_from_a_clock_ahead_does_not_hold_up_the_later_ones() {
     // Delivered counts once the spool has forgotten the batch (stored alone may come first).
     until("the later batches delivered", || metrics.events_delivered() == 200).await;
     collector.assert_stored_once(&ids(100..300));
-    assert_eq!(metrics.spool_events(), 100, "the refused batch is kept");
+    // (Moved behind the backlog, it is briefly in the spool twice: its copy is written before
+    // the original is forgotten.)
+    until("the refused batch kept", || metrics.spool_events() == 100).await;
     collector.set(Behaviour::Normal);
     until("all delivered", || metrics.events_delivered() == 300).await;
     collector.assert_stored_once(&[ids(100..300), ids(0..100)].concat());
