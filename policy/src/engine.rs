@@ -518,16 +518,17 @@ fn allow_variant<'e>(
 /// Whether a request whose path starts with the segment `first` may match `rule` (see
 /// [`CompiledRule::first_segments`]). `folded`: the rule's literals are folded (Deny rules)
 /// and compared without regard to case, with whether the path is ASCII.
-#[inline]
+#[inline(always)]
 fn may_match_first(rule: &CompiledRule, first: Option<&str>, folded: Option<bool>) -> bool {
-    rule.first_segments.as_ref().is_none_or(|firsts| {
-        first.is_some_and(|first| {
-            firsts.iter().any(|f| match folded {
-                Some(ascii) => crate::glob::folded_eq(f, first, ascii),
-                None => **f == *first,
-            })
-        })
-    })
+    let (Some(firsts), Some(first)) = (rule.first_segments.as_ref(), first) else {
+        return rule.first_segments.is_none();
+    };
+    // The kind of comparison is chosen once, not per literal: most rules are passed over here.
+    match folded {
+        None => firsts.iter().any(|f| **f == *first),
+        Some(true) => firsts.iter().any(|f| f.eq_ignore_ascii_case(first)),
+        Some(false) => firsts.iter().any(|f| crate::glob::folded_eq(f, first, false)),
+    }
 }
 
 /// Returns the captured path parameters when `rule` matches `req` (whose first path segment
