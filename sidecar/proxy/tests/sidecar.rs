@@ -625,34 +625,44 @@ async fn a_token_for_one_policys_issuer_does_not_pass_for_another_policy() {
     f.stop().await;
 }
 
-/// A policy that verifies no users sees no `user` in its row filter, even when another
-/// policy on the pod verified the request's token (a review's probe: the other policy's user
-/// passed `user.id == 'u-42'` and every record came back).
-#[tokio::test]
-async fn a_policy_without_identity_sees_no_user_in_its_row_filter() {
-    const IDP: &str = "https://idp.example.test";
-    let scoped = json!({
+/// The issuer of [`beside_a_verifying_policy`]'s tokens.
+const OTHER_IDP: &str = "https://idp.example.test";
+
+/// A sidecar whose pod `policy` (named `a-<name>`, no `identity` of its own) selects beside
+/// `b-verifying`, a default-Allow policy that verifies [`OTHER_IDP`]'s tokens.
+async fn beside_a_verifying_policy(name: &str, rules: Value) -> Fixture {
+    let policy = json!({
         "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
         "mode": "Enforce",
         "defaultAction": "Deny",
-        "rules": [{"name": "mine", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
-                   "records": "$.items[*]", "rowFilter": "has(user.id) && user.id == 'u-42'"}],
+        "rules": rules,
     });
     let verifying = json!({
         "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
         "mode": "Enforce",
         "defaultAction": "Allow",
-        "identity": {"users": {"jwt": {"issuer": IDP, "audiences": ["api"], "jwksSecretRef": {"name": "sso-jwks"}}}},
+        "identity": {"users": {"jwt": {"issuer": OTHER_IDP, "audiences": ["api"], "jwksSecretRef": {"name": "sso-jwks"}}}},
         "rules": [],
     });
-    let mut f = fixture(&[("a-scoped", scoped), ("b-verifying", verifying)], Vec::new(), |s| {
-        mount_sso_jwks(s);
-    })
-    .await;
+    let name = format!("a-{name}");
+    fixture(&[(name.as_str(), policy), ("b-verifying", verifying)], Vec::new(), |s| mount_sso_jwks(s)).await
+}
+
+/// A bearer token of [`OTHER_IDP`] for `sub`, valid for ten minutes.
+fn other_idp_bearer(sub: &str) -> String {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-    let bearer =
-        format!("Bearer {}", token(json!({"iss": IDP, "aud": "api", "sub": "u-42", "exp": now + 600})));
-    let reply = get_with(f.proxy(), "/customers", &[("authorization", &bearer)]).await;
+    format!("Bearer {}", token(json!({"iss": OTHER_IDP, "aud": "api", "sub": sub, "exp": now + 600})))
+}
+
+/// A policy that verifies no users sees no `user` in its row filter, even when another
+/// policy on the pod verified the request's token (a review's probe: the other policy's user
+/// passed `user.id == 'u-42'` and every record came back).
+#[tokio::test]
+async fn a_policy_without_identity_sees_no_user_in_its_row_filter() {
+    let rules = json!([{"name": "mine", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                        "records": "$.items[*]", "rowFilter": "has(user.id) && user.id == 'u-42'"}]);
+    let mut f = beside_a_verifying_policy("scoped", rules).await;
+    let reply = get_with(f.proxy(), "/customers", &[("authorization", &other_idp_bearer("u-42"))]).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["items"].as_array().unwrap().len(), 0, "{}", reply.text());
     f.stop().await;
@@ -664,31 +674,12 @@ async fn a_policy_without_identity_sees_no_user_in_its_row_filter() {
 /// this policy's quotas (a review's HIGH: each token got a fresh bucket).
 #[tokio::test]
 async fn a_policy_without_identity_counts_quotas_by_the_peer_whatever_the_token() {
-    const IDP: &str = "https://idp.example.test";
-    let counted = json!({
-        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
-        "mode": "Enforce",
-        "defaultAction": "Deny",
-        "rules": [{"name": "listing", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
-                   "limits": {"requestsPerMinute": 2}}],
-    });
-    let verifying = json!({
-        "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
-        "mode": "Enforce",
-        "defaultAction": "Allow",
-        "identity": {"users": {"jwt": {"issuer": IDP, "audiences": ["api"], "jwksSecretRef": {"name": "sso-jwks"}}}},
-        "rules": [],
-    });
-    let mut f = fixture(&[("a-counted", counted), ("b-verifying", verifying)], Vec::new(), |s| {
-        mount_sso_jwks(s);
-    })
-    .await;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let rules = json!([{"name": "listing", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
+                        "limits": {"requestsPerMinute": 2}}]);
+    let mut f = beside_a_verifying_policy("counted", rules).await;
     let mut statuses = Vec::new();
     for sub in ["u-1", "u-2", "u-3"] {
-        let bearer =
-            format!("Bearer {}", token(json!({"iss": IDP, "aud": "api", "sub": sub, "exp": now + 600})));
-        let reply = get_with(f.proxy(), "/customers", &[("authorization", &bearer)]).await;
+        let reply = get_with(f.proxy(), "/customers", &[("authorization", &other_idp_bearer(sub))]).await;
         statuses.push(reply.status);
         if reply.status == 429 {
             assert_eq!(reply.json()["rule"], "listing", "{}", reply.text());

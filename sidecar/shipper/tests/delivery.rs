@@ -1039,11 +1039,18 @@ async fn too_large_batches_are_split_until_they_pass() {
     shipper.shutdown(Duration::from_secs(1)).await;
 }
 
-/// An event the collector refuses (400 `bad_event`) without saying which is dropped alone:
-/// the batch is split until it stands alone, the rest is delivered.
+/// An event the collector refuses (400 `bad_event`) is dropped alone, the rest delivered.
+/// Without a pointer (a collector before it), the batch is split until the event stands
+/// alone; with `line`, that event is dropped and the rest of its batch sent again at once: one
+/// refusal, one spool write, not a split per halving (a systematic refusal cost about two
+/// requests and two fsyncs per event of a batch).
 #[tokio::test]
 async fn an_event_the_collector_refuses_is_dropped_alone() {
-    for refusal in [Behaviour::BadEvent(37)] {
+    // The halves holding event 37: 100 → 50 (0..50) → 25 (25..50) → 13 (37..50) → 6 (37..43)
+    // → 3 (37..40) → 1: six splits, then the event alone is rejected.
+    for (refusal, bad_event_batches, rejected_batches) in
+        [(Behaviour::BadEvent(37), 6, 1), (Behaviour::BadEventAt(37), 1, 0)]
+    {
         let collector = Collector::start().await;
         collector.set(refusal);
         let spool = tempfile::tempdir().unwrap();
@@ -1055,35 +1062,11 @@ async fn an_event_the_collector_refuses_is_dropped_alone() {
         .await;
         until("spool empty", || metrics.spool_records() == 0).await;
         collector.assert_stored_once(&[ids(0..37), ids(38..100)].concat());
-        // The halves holding event 37: 100 → 50 (0..50) → 25 (25..50) → 13 (37..50) → 6 (37..43)
-        // → 3 (37..40) → 1: six splits, then the event alone is rejected.
-        assert_eq!(metrics.batches_sent(BatchResult::BadEvent), 6, "{refusal:?}");
-        assert_eq!(metrics.batches_sent(BatchResult::Rejected), 1);
+        assert_eq!(metrics.batches_sent(BatchResult::BadEvent), bad_event_batches, "{refusal:?}");
+        assert_eq!(metrics.batches_sent(BatchResult::Rejected), rejected_batches, "{refusal:?}");
         assert_eq!(metrics.events_dropped_total(), 1);
         shipper.shutdown(Duration::from_secs(1)).await;
     }
-}
-
-/// An event the collector refuses, saying which (`line`), is dropped and the rest of its
-/// batch sent again at once: one refusal, one spool write, not a split per halving (a
-/// systematic refusal cost about two requests and two fsyncs per event of a batch).
-#[tokio::test]
-async fn an_event_the_collector_points_at_is_dropped_and_the_rest_sent_again() {
-    let collector = Collector::start().await;
-    collector.set(Behaviour::BadEventAt(37));
-    let spool = tempfile::tempdir().unwrap();
-    let (shipper, metrics) = start(config(&collector.url(), spool.path()));
-    emit(&shipper, 0..100);
-    until("all but one delivered", || {
-        metrics.events_delivered() == 99 && metrics.events_dropped(DropReason::Rejected) == 1
-    })
-    .await;
-    until("spool empty", || metrics.spool_records() == 0).await;
-    collector.assert_stored_once(&[ids(0..37), ids(38..100)].concat());
-    assert_eq!(metrics.batches_sent(BatchResult::BadEvent), 1);
-    assert_eq!(metrics.batches_sent(BatchResult::Rejected), 0);
-    assert_eq!(metrics.events_dropped_total(), 1);
-    shipper.shutdown(Duration::from_secs(1)).await;
 }
 
 /// A batch refused for an event dated ahead of the collector's clock is kept behind the
