@@ -551,6 +551,6 @@ pub fn normalize(target: &str) -> Result<NormalizedPath, PathRejection> {
             (buf, path_len)
         }
     };
-    let ascii = buf.as_bytes()[..path_len].is_ascii();
+    let ascii = buf.get(..path_len).is_some_and(str::is_ascii);
     Ok(NormalizedPath { buf, path_len, ends, ascii })
 }
