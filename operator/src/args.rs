@@ -209,6 +209,12 @@ fn check_sidecar_arg(arg: &str) -> Result<(), String> {
     if !name.starts_with("--") || name.len() < 3 {
         return Err(format!("{arg:?} is not a `custos sidecar` flag (--name or --name=value)"));
     }
+    // The injection gives the sidecar its pod's own labels (a downward API file); a label list
+    // would take precedence over them and change which policies select the pod, behind the
+    // operator's back (its NetworkPolicies and status count the pod's real labels).
+    if name == "--pod-labels" {
+        return Err(format!("{arg:?}: the injection gives the sidecar its pod's own labels"));
+    }
     if inject::is_managed_flag(name) {
         let hint = OPERATOR_FLAG_OF
             .iter()
@@ -574,9 +580,15 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.inject.extra_args, ["--upstream-max-connections=256", "--max-connections=2000"]);
-        for bad in
-            ["--config=/tmp/x", "--upstream", "--collector=http://elsewhere", "--hash-key-file=/k", "-v", "x"]
-        {
+        for bad in [
+            "--config=/tmp/x",
+            "--upstream",
+            "--collector=http://elsewhere",
+            "--hash-key-file=/k",
+            "--pod-labels=app=x",
+            "-v",
+            "x",
+        ] {
             let error = parse(&["--sidecar-arg", bad]).expect_err(bad);
             assert!(error.contains("--sidecar-arg") && error.contains(bad), "{bad}: {error}");
         }
