@@ -536,26 +536,13 @@ impl Worker {
             // behind the backlog as one batch (one spool write, not a split per halving).
             Outcome::BadEvent { at: Some(at) } if events > 1 && (at as u64) < events => {
                 self.metrics.batch(BatchResult::BadEvent);
-                let (payload, record) = match source {
-                    Source::Direct(batch) => (batch.payload, None),
-                    Source::Spooled(record, payload) => (payload, Some(record)),
-                };
-                let replacing =
-                    if record.is_some() { crate::spool::HEADER_LEN + payload.len() as u64 } else { 0 };
-                let rest = without_line(&payload, at);
-                self.spool_batch_within(rest, replacing).await;
-                while let Some(batch) = self.waiting.pop_front() {
-                    self.spool_batch(batch).await;
-                }
-                if let Some(record) = record {
-                    self.with_spool(move |spool| spool.ack(record)).await;
-                }
+                self.replace_behind_backlog(source, |batch| vec![without_line(&batch.payload, at)]).await;
                 let total = self.metrics.dropped(DropReason::Rejected, 1);
                 tracing::error!(
                     events,
                     line = at + 1,
                     dropped_total = total,
-                    "the collector refused an event of an audit batch (400 bad_event): that event dropped, \
+                    "the collector refused an event of an audit batch, pointing at it: that event dropped, \
                      the rest kept to send again"
                 );
             }
@@ -610,34 +597,39 @@ impl Worker {
     /// Spools a batch behind the backlog (and what waits in memory behind it); a spooled
     /// original is forgotten only then, its copy taking its room.
     async fn requeue_behind_backlog(&mut self, source: Source) {
+        self.replace_behind_backlog(source, |batch| {
+            vec![Batch { payload: Arc::clone(&batch.payload), count: batch.count }]
+        })
+        .await;
+    }
+
+    /// Splits a batch in two and spools both halves behind the backlog.
+    async fn split_behind_backlog(&mut self, source: Source) {
+        self.replace_behind_backlog(source, |batch| {
+            let (first, second) = split(&batch.payload);
+            vec![first, second]
+        })
+        .await;
+    }
+
+    /// Spools what `replacement` makes of a batch behind the backlog, and what waits in memory
+    /// behind them; a spooled original is forgotten only then, the new records taking its room
+    /// (a full spool must not lose the whole batch for a split or a requeue).
+    async fn replace_behind_backlog(
+        &mut self,
+        source: Source,
+        replacement: impl FnOnce(&Batch) -> Vec<Batch>,
+    ) {
         let (batch, record) = match source {
             Source::Direct(batch) => (batch, None),
             Source::Spooled(record, payload) => (Batch { payload, count: record.count }, Some(record)),
         };
-        let replacing =
-            if record.is_some() { crate::spool::HEADER_LEN + batch.payload.len() as u64 } else { 0 };
-        self.spool_batch_within(batch, replacing).await;
-        while let Some(batch) = self.waiting.pop_front() {
-            self.spool_batch(batch).await;
+        let batches = replacement(&batch);
+        let headers = crate::spool::HEADER_LEN * batches.len() as u64;
+        let replacing = if record.is_some() { headers + batch.payload.len() as u64 } else { 0 };
+        for part in batches {
+            self.spool_batch_within(part, replacing).await;
         }
-        if let Some(record) = record {
-            self.with_spool(move |spool| spool.ack(record)).await;
-        }
-    }
-
-    /// Splits a batch in two and spools both halves behind the backlog (and what waits in
-    /// memory behind them); a spooled original is forgotten only then, its halves taking its
-    /// room (a full spool must not lose the whole batch for the split).
-    async fn split_behind_backlog(&mut self, source: Source) {
-        let (payload, record) = match source {
-            Source::Direct(batch) => (batch.payload, None),
-            Source::Spooled(record, payload) => (payload, Some(record)),
-        };
-        let replacing =
-            if record.is_some() { crate::spool::HEADER_LEN * 2 + payload.len() as u64 } else { 0 };
-        let (first, second) = split(&payload);
-        self.spool_batch_within(first, replacing).await;
-        self.spool_batch_within(second, replacing).await;
         while let Some(batch) = self.waiting.pop_front() {
             self.spool_batch(batch).await;
         }
