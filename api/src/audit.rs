@@ -102,6 +102,12 @@ pub struct AuditEvent {
     pub user: Option<AuditUser>,
     /// The key quotas and detectors count by: `user:<id>`, `workload:<ns>/<sa>` or `peer:<ip>`.
     pub principal: String,
+    /// The principal the deciding rule's quotas counted the request by, when it is not
+    /// [`AuditEvent::principal`]: a policy that verifies no users (or other tokens) counts by
+    /// the calling workload or peer even where another policy's verifier named the user. The
+    /// collector charges the rule's cluster-wide usage under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_principal: Option<String>,
     /// HTTP method.
     pub method: String,
     /// Normalised request path, without the query string.

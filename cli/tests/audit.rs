@@ -63,6 +63,7 @@ fn event(
             .strip_prefix("user:")
             .map(|id| AuditUser { id: id.into(), attributes: Default::default() }),
         principal: principal.into(),
+        rule_principal: None,
         method: "GET".into(),
         path: "/customers/{id}".into(),
         decision,

@@ -86,6 +86,7 @@ pub fn write_event_open(out: &mut Vec<u8>, e: &AuditEvent) {
     }
     out.extend_from_slice(b",\"principal\":");
     write_str(out, &e.principal);
+    write_opt_str(out, b",\"rulePrincipal\":", e.rule_principal.as_deref());
     out.extend_from_slice(b",\"method\":");
     write_str(out, &e.method);
     out.extend_from_slice(b",\"path\":");
@@ -302,6 +303,7 @@ mod tests {
                     .into(),
             }),
             principal: format!("user:{text}"),
+            rule_principal: Some(format!("peer:{text}")),
             method: "GET".into(),
             path: format!("/customers/{text}"),
             decision: Decision::WouldDeny,
@@ -375,6 +377,7 @@ mod tests {
             records_returned: 0,
             masked: BTreeMap::new(),
             trace_id: None,
+            rule_principal: None,
             record_hashes: Vec::new(),
             also_applied: Vec::new(),
             dry_runs: Vec::new(),

@@ -103,6 +103,7 @@ pub fn sample_event(id: String, time: String, principal: String) -> AuditEvent {
         caller: None,
         user: None,
         principal,
+        rule_principal: None,
         method: "GET".into(),
         path: "/customers/{id}".into(),
         decision: Decision::Allow,

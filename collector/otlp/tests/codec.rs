@@ -26,6 +26,7 @@ fn event(id: &str, decision: Decision) -> AuditEvent {
         caller: Some(CallerWorkload { namespace: "shop".into(), service_account: "portal".into() }),
         user: Some(AuditUser { id: "alice".into(), attributes: [("branch".into(), "north".into())].into() }),
         principal: "user:alice".into(),
+        rule_principal: None,
         method: "GET".into(),
         path: "/customers/{id}".into(),
         decision,

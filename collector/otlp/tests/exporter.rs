@@ -165,6 +165,7 @@ fn event(i: usize) -> AuditEvent {
         caller: None,
         user: None,
         principal: "workload:shop/portal".into(),
+        rule_principal: None,
         method: "GET".into(),
         path: "/customers/{id}".into(),
         decision: Decision::Allow,

@@ -694,6 +694,7 @@ mod tests {
             caller: Some(CallerWorkload { namespace: "n".into(), service_account: "sa".into() }),
             user: Some(AuditUser { id: "u".into(), attributes: BTreeMap::from([("k".into(), "v".into())]) }),
             principal: "user:u".into(),
+            rule_principal: None,
             method: "GET".into(),
             path: "/x".into(),
             decision: custos_api::Decision::Allow,

@@ -352,6 +352,7 @@ fn slim(mut event: custos_api::AuditEvent) -> custos_api::AuditEvent {
     event.prev_hash = None;
     event.pod = None;
     event.cluster = None;
+    event.rule_principal = None;
     event.also_applied = Vec::new();
     event.dry_runs = Vec::new();
     event

@@ -79,6 +79,7 @@ fn event(run: &str, i: u64) -> AuditEvent {
             attributes: [("branch".to_owned(), format!("HB-{:02}", user % 12))].into(),
         }),
         principal: format!("user:u{user:04}"),
+        rule_principal: None,
         method: "GET".into(),
         path: "/customers/{id}/orders".into(),
         decision: if denied { Decision::Deny } else { Decision::Allow },

@@ -196,8 +196,10 @@ pub(crate) struct Prepared {
     pub applied: Vec<AppliedRow>,
 }
 
-/// A rule besides the deciding one whose quotas an event's request was charged to, as the
-/// usage index keeps it: a rule of another enforcing policy that applied (`alsoApplied`:
+/// A rule whose quotas an event's request was charged to under another key than the
+/// event's own (policy, rule, principal), as the usage index keeps it: the deciding rule when
+/// its policy counts by another principal (`rulePrincipal`: charged as the deciding rule is
+/// from `events`), a rule of another enforcing policy that applied (`alsoApplied`:
 /// admitted unless the event is a `Deny`, charged the records returned, as the deciding rule
 /// is) or an Audit-mode policy's dry run its quotas counted (`dryRuns` entries with
 /// `charged`: admitted, charged the records its plan would have returned). The index is
@@ -216,10 +218,21 @@ pub(crate) struct AppliedRow {
 }
 
 impl AppliedRow {
-    /// The rows of `e`'s `alsoApplied` and charged `dryRuns` (after [`admissible`]: counts fit).
+    /// The rows of `e`'s `rulePrincipal`, `alsoApplied` and charged `dryRuns` (after
+    /// [`admissible`]: counts fit).
     pub(crate) fn of(e: &AuditEvent) -> Vec<AppliedRow> {
         let principal = |p: &Option<String>| p.clone().unwrap_or_else(|| e.principal.clone());
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let deciding = match (&e.rule_principal, &e.policy, &e.rule) {
+            (Some(principal), Some(policy), Some(rule)) => Some(AppliedRow {
+                policy: policy.clone(),
+                rule: rule.clone(),
+                principal: principal.clone(),
+                admitted: e.decision != custos_api::Decision::Deny,
+                records: count(e.records_returned),
+            }),
+            _ => None,
+        };
         let also = e.also_applied.iter().map(|a| AppliedRow {
             policy: a.policy.clone(),
             rule: a.rule.clone(),
@@ -236,7 +249,7 @@ impl AppliedRow {
                 records: count(d.transform.as_ref().map_or(0, |t| t.records_returned)),
             })
         });
-        also.chain(dry_runs).collect()
+        deciding.into_iter().chain(also).chain(dry_runs).collect()
     }
 }
 
@@ -332,6 +345,16 @@ pub(crate) fn admissible(e: &AuditEvent, columns: &Columns, now_us: i64) -> Resu
     }
     if e.principal.len() > MAX_PRINCIPAL_BYTES {
         return Err("principal is longer than 1024 bytes");
+    }
+    if e.rule_principal.as_ref().is_some_and(|p| p.len() > MAX_PRINCIPAL_BYTES) {
+        return Err("rulePrincipal is longer than 1024 bytes");
+    }
+    if e.rule_principal.is_some() && e.rule.is_none() {
+        return Err("rulePrincipal needs the rule it counts for (rule)");
+    }
+    if e.rule_principal.as_ref() == Some(&e.principal) {
+        // The events count the deciding rule under the event's principal already.
+        return Err("rulePrincipal must differ from principal (leave it out when they are the same)");
     }
     admissible_sizes(e)?;
     for (value, reason) in [
@@ -479,7 +502,7 @@ fn has_nul(e: &AuditEvent) -> bool {
         e.also_applied.iter().flat_map(|a| [&a.policy, &a.rule].into_iter().chain(&a.principal));
     [&e.id, &e.time, &e.namespace, &e.principal, &e.method, &e.path, &e.reason]
         .into_iter()
-        .chain([&e.cluster, &e.policy, &e.rule, &e.pod, &e.trace_id].into_iter().flatten())
+        .chain([&e.cluster, &e.policy, &e.rule, &e.rule_principal, &e.pod, &e.trace_id].into_iter().flatten())
         .chain(user)
         .chain(caller)
         .chain(dry_runs)
@@ -887,6 +910,7 @@ mod tests {
             caller: None,
             user: None,
             principal: "user:a".into(),
+            rule_principal: None,
             method: "GET".into(),
             path: "/x".into(),
             decision: Decision::Allow,

@@ -55,6 +55,7 @@ suite!(
     verify_catches_record_index_tamper,
     verify_catches_a_moved_record_index_time,
     verify_catches_a_deleted_usage_index_row,
+    verify_catches_a_deleted_rule_principal_row,
     verify_catches_an_edited_usage_index_row,
     verify_catches_a_usage_index_row_of_no_event,
     query_filters_and_pagination,
@@ -63,6 +64,7 @@ suite!(
     usage_windows,
     usage_counts_the_rules_that_applied_beside_the_deciding_one,
     usage_counts_the_dry_runs_charged_to_their_rules,
+    usage_counts_the_deciding_rule_under_its_rule_principal,
     usage_leaves_out_the_events_of_one_instance,
     prune_keeps_chain_verifiable,
     concurrent_prunes_and_verify_report_no_false_break,
@@ -169,7 +171,20 @@ async fn invalid_event_rejects_the_batch(env: &Env) {
 async fn inadmissible_events_are_refused_alike_by_both_stores(env: &Env) {
     let store = env.open().await;
     type Edit = fn(&mut custos_api::AuditEvent);
-    let cases: [(Edit, &str); 44] = [
+    let cases: [(Edit, &str); 48] = [
+        (
+            |e| e.rule_principal = Some(format!("peer:{}", "1".repeat(1100))),
+            "rulePrincipal is longer than 1024 bytes",
+        ),
+        (
+            |e| {
+                e.rule = None;
+                e.rule_principal = Some("peer:10.0.0.7".into());
+            },
+            "rulePrincipal needs the rule it counts for",
+        ),
+        (|e| e.rule_principal = Some(e.principal.clone()), "rulePrincipal must differ from principal"),
+        (|e| e.rule_principal = Some("peer:10.0.\0.7".into()), "NUL character"),
         (
             |e| {
                 e.also_applied = vec![applied("baseline", None)];
@@ -601,6 +616,8 @@ async fn tampered(env: &Env, sql: &str) -> custos_store::BrokenLink {
         e.also_applied = vec![applied("baseline", None)];
         e.dry_runs = vec![charged(dry_run("trial"), Some("peer:10.0.0.7"))];
     }
+    // And the deciding rule of the sixth (seq 6) counted by another principal.
+    batch[5].rule_principal = Some("peer:10.0.0.9".into());
     store.ingest(&batch).await.unwrap();
     assert_verifies(&store, 10).await;
     env.raw(sql).await;
@@ -747,6 +764,12 @@ async fn verify_catches_a_deleted_usage_index_row(env: &Env) {
     // Lifting a principal's quota under a rule that applied beside the deciding one.
     let b = tampered(env, "DELETE FROM event_applied_rules WHERE seq = 3 AND policy = 'baseline';").await;
     assert_eq!((b.kind, b.seq), (BreakKind::Edited, 3), "{b:?}");
+}
+
+async fn verify_catches_a_deleted_rule_principal_row(env: &Env) {
+    // Lifting the quota of the peer the deciding rule counted the request by.
+    let b = tampered(env, "DELETE FROM event_applied_rules WHERE seq = 6 AND policy = 'customers';").await;
+    assert_eq!((b.kind, b.seq), (BreakKind::Edited, 6), "{b:?}");
 }
 
 async fn verify_catches_an_edited_usage_index_row(env: &Env) {
@@ -1078,6 +1101,57 @@ async fn usage_counts_the_dry_runs_charged_to_their_rules(env: &Env) {
     // The deciding policy's own usage is unchanged by its dry runs.
     let decided = counts(store.usage(Some("shop"), "customers", "user:alice", now, None).await.unwrap());
     assert_eq!(decided, [("read".to_owned(), [3, 20])]);
+}
+
+/// The deciding rule of a policy that counts by another principal than the event's (one that
+/// verifies no users, beside one that named the user: `rulePrincipal`) is charged under that
+/// principal, as the sidecar's quotas counted it, so that its quotas hold across replicas: the
+/// request unless the event is a `Deny`, and the records returned. Reopened and verified, the
+/// same.
+async fn usage_counts_the_deciding_rule_under_its_rule_principal(env: &Env) {
+    let store = env.open().await;
+    let now = t0();
+    let mk = |id: &str, d: Decision, records: u64, rule_principal: Option<&str>| {
+        let mut e = event(id, now - Duration::seconds(10));
+        e.decision = d;
+        e.records_returned = records;
+        e.rule_principal = rule_principal.map(str::to_owned);
+        e
+    };
+    let peer = Some("peer:10.0.0.7");
+    let mut of_bob = mk("r3", Decision::Allow, 4, peer);
+    of_bob.principal = "user:bob".into();
+    let mut beside = mk("r5", Decision::Allow, 16, peer);
+    beside.also_applied = vec![applied("baseline", None)];
+    let batch = vec![
+        mk("r1", Decision::Allow, 1, peer),
+        mk("r2", Decision::Deny, 0, peer),
+        of_bob,
+        mk("r4", Decision::Allow, 2, None),
+        beside,
+    ];
+    store.ingest(&batch).await.unwrap();
+    let counts = |u: custos_api::collector::UsageResponse| {
+        u.rules
+            .into_iter()
+            .map(|(rule, n)| (rule, [n.requests_last_minute, n.records_last_hour]))
+            .collect::<Vec<_>>()
+    };
+    // r1, r3 and r5 under the peer, from alice's and bob's tokens alike (r2 was denied).
+    for store in [store, env.open().await] {
+        let by_peer =
+            counts(store.usage(Some("shop"), "customers", "peer:10.0.0.7", now, None).await.unwrap());
+        assert_eq!(by_peer, [("read".to_owned(), [3, 1 + 4 + 16])]);
+        // The rule beside it counts under the event's principal, as before.
+        let baseline = counts(store.usage(Some("shop"), "baseline", "user:alice", now, None).await.unwrap());
+        assert_eq!(baseline, [("mask-addresses".to_owned(), [1, 16])]);
+        assert!(
+            counts(store.usage(Some("shop"), "baseline", "peer:10.0.0.7", now, None).await.unwrap())
+                .is_empty()
+        );
+    }
+    let store = env.open().await;
+    assert_verifies(&store, 5).await;
 }
 
 /// With an instance tag, the events whose ids carry it (one sidecar process's) are left out

@@ -204,39 +204,21 @@ impl Ctx {
     /// The event names the rule of `job`, which refused the response (another policy's than
     /// the deciding one's, when several apply).
     /// When that rule was one of `alsoApplied`, it and the deciding rule trade places, each
-    /// with the principal it counts by (the event's principal becomes the named rule's), so
-    /// that the collector still charges every rule once, under its own key.
+    /// with the principal it counts by (`rulePrincipal` becomes the named rule's), so that the
+    /// collector still charges every rule once, under its own key; the event's `principal`
+    /// stays whom the request came from.
     fn name_rule(&mut self, job: &TransformJob) {
         let e = &mut self.event;
-        if e.policy.as_deref() == Some(job.policy.as_str()) {
-            e.rule = Some(job.rule.clone());
-            return;
-        }
-        let named = e.also_applied.iter().position(|a| a.policy == job.policy);
-        let former_principal = e.principal.clone();
-        if let Some(named) = named.map(|i| e.also_applied.remove(i)) {
-            // Each entry's own principal, before the event's changes (the charged dry runs'
-            // too: the collector charges them under it).
-            for a in &mut e.also_applied {
-                a.principal.get_or_insert_with(|| former_principal.clone());
-            }
-            for d in e.dry_runs.iter_mut().filter(|d| d.charged) {
-                d.principal.get_or_insert_with(|| former_principal.clone());
-            }
-            if let Some(principal) = named.principal {
-                e.principal = principal;
-            }
-            if let (Some(policy), Some(rule)) = (e.policy.take(), e.rule.take()) {
+        if e.policy.as_deref() != Some(job.policy.as_str()) {
+            let named = e.also_applied.iter().position(|a| a.policy == job.policy);
+            let named_principal = named.map(|i| e.also_applied.remove(i)).and_then(|named| named.principal);
+            if let (Some(_), Some(policy), Some(rule)) = (named, e.policy.take(), e.rule.take()) {
                 let at = e.also_applied.partition_point(|a| a.policy < policy);
-                let principal = Some(former_principal);
+                let principal = e.rule_principal.take();
                 e.also_applied.insert(at, AppliedRule { policy, rule, principal });
             }
-            let principals = e.also_applied.iter_mut().map(|a| &mut a.principal);
-            for principal in principals.chain(e.dry_runs.iter_mut().map(|d| &mut d.principal)) {
-                if principal.as_ref() == Some(&e.principal) {
-                    *principal = None;
-                }
-            }
+            // Beyond the first MAX_ALSO_APPLIED rules the named one's key is not in the event.
+            e.rule_principal = named_principal;
         }
         e.policy = Some(job.policy.clone());
         e.rule = Some(job.rule.clone());
@@ -288,6 +270,7 @@ async fn handle(
             user: None,
             // Replaced once the caller is known (`principal`); the peer's address until then.
             principal: ["peer:", &peer_ip].concat(),
+            rule_principal: None,
             method: event_method(req.method()),
             path: "-".to_string(),
             decision: Decision::Allow,
@@ -909,6 +892,7 @@ fn prepare_one(
             rule: rule.name.clone(),
             principal: quota_principal(user, caller, &ctx.peer_ip),
         };
+        ctx.event.rule_principal = other_principal(&key, &ctx.event);
         match shared.quotas.admit(&key, limits, quota_now) {
             Ok(admission) => records_remaining = admission.records_remaining,
             Err(exceeded) if verdict.mode == Mode::Enforce => {
@@ -975,18 +959,17 @@ fn prepare_several(
             }
         }
         Err((at, exceeded)) => {
-            let (_, _, _, policy, rule) = charged[at];
+            let (_, key, _, policy, rule) = charged[at];
+            ctx.event.rule_principal = other_principal(key, &ctx.event);
             return Err(Box::new(quota_refused(shared, ctx, policy, rule, &exceeded)));
         }
     }
-    // The event names the other rules, each with its principal where it is not the event's:
-    // the collector charges them as this replica did.
-    let also_applied = order
+    // The event names the deciding rule's principal and the other rules, each with its
+    // principal where it is not the event's: the collector charges them as this replica did.
+    let principals: Vec<Option<String>> = order
         .iter()
         .zip(&keys)
-        .filter(|(applying, _)| !std::ptr::eq(**applying, verdict))
-        .filter_map(|(applying, key)| {
-            let (policy, rule) = (applying.policy?, applying.rule?);
+        .map(|(applying, key)| {
             let principal = match key {
                 Some(key) => key.principal.clone(),
                 None => {
@@ -994,14 +977,23 @@ fn prepare_several(
                     quota_principal(user, several.caller, &ctx.peer_ip)
                 }
             };
-            Some(AppliedRule {
+            Some(principal).filter(|p| *p != ctx.event.principal)
+        })
+        .collect();
+    let mut also_applied = Vec::new();
+    for (applying, principal) in order.iter().zip(principals) {
+        if std::ptr::eq(*applying, verdict) {
+            ctx.event.rule_principal = principal;
+        } else if let (Some(policy), Some(rule)) = (applying.policy, applying.rule)
+            && also_applied.len() < MAX_ALSO_APPLIED
+        {
+            also_applied.push(AppliedRule {
                 policy: policy.name.clone(),
                 rule: rule.name.clone(),
-                principal: Some(principal).filter(|p| *p != ctx.event.principal),
-            })
-        })
-        .take(MAX_ALSO_APPLIED)
-        .collect();
+                principal,
+            });
+        }
+    }
     ctx.event.also_applied = also_applied;
     let mut jobs: Vec<TransformJob> = verdict
         .plan_steps()
@@ -2308,6 +2300,12 @@ fn names_bearer(value: &[u8]) -> bool {
 /// workload, else the peer (`peer_ip`).
 fn quota_principal(user: Option<&User>, caller: Option<&WorkloadIdentity>, peer_ip: &str) -> String {
     principal(user, caller).unwrap_or_else(|| ["peer:", peer_ip].concat())
+}
+
+/// `key`'s principal where it is not `event`'s own (the event's `rulePrincipal`, and the
+/// principal of its `alsoApplied` and charged `dryRuns` entries).
+fn other_principal(key: &QuotaKey, event: &AuditEvent) -> Option<String> {
+    (key.principal != event.principal).then(|| key.principal.clone())
 }
 
 /// The principal of a known user or workload; `None`: an anonymous peer, whose principal

@@ -629,8 +629,9 @@ async fn a_token_for_one_policys_issuer_does_not_pass_for_another_policy() {
 const OTHER_IDP: &str = "https://idp.example.test";
 
 /// A sidecar whose pod `policy` (named `a-<name>`, no `identity` of its own) selects beside
-/// `b-verifying`, a default-Allow policy that verifies [`OTHER_IDP`]'s tokens.
-async fn beside_a_verifying_policy(name: &str, rules: Value) -> Fixture {
+/// `b-verifying`, a default-Allow policy that verifies [`OTHER_IDP`]'s tokens; shipping its
+/// events to `collector` when given.
+async fn beside_a_verifying_policy(name: &str, rules: Value, collector: Option<String>) -> Fixture {
     let policy = json!({
         "workload": {"selector": {"matchLabels": {"app": "customer-api"}}, "appPort": 1},
         "mode": "Enforce",
@@ -645,7 +646,13 @@ async fn beside_a_verifying_policy(name: &str, rules: Value) -> Fixture {
         "rules": [],
     });
     let name = format!("a-{name}");
-    fixture(&[(name.as_str(), policy), ("b-verifying", verifying)], Vec::new(), |s| mount_sso_jwks(s)).await
+    fixture(&[(name.as_str(), policy), ("b-verifying", verifying)], Vec::new(), |s| {
+        mount_sso_jwks(s);
+        if let Some(url) = collector {
+            shipping_events_to(url)(s);
+        }
+    })
+    .await
 }
 
 /// A bearer token of [`OTHER_IDP`] for `sub`, valid for ten minutes.
@@ -661,7 +668,7 @@ fn other_idp_bearer(sub: &str) -> String {
 async fn a_policy_without_identity_sees_no_user_in_its_row_filter() {
     let rules = json!([{"name": "mine", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
                         "records": "$.items[*]", "rowFilter": "has(user.id) && user.id == 'u-42'"}]);
-    let mut f = beside_a_verifying_policy("scoped", rules).await;
+    let mut f = beside_a_verifying_policy("scoped", rules, None).await;
     let reply = get_with(f.proxy(), "/customers", &[("authorization", &other_idp_bearer("u-42"))]).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["items"].as_array().unwrap().len(), 0, "{}", reply.text());
@@ -671,12 +678,15 @@ async fn a_policy_without_identity_sees_no_user_in_its_row_filter() {
 /// A policy that verifies no users counts its quotas by the caller's workload or peer, as it
 /// would alone, even when another policy's verifier knows the token: a caller holding many
 /// tokens of that other issuer (self-registered accounts) must not be as many principals to
-/// this policy's quotas (a review's HIGH: each token got a fresh bucket).
+/// this policy's quotas (a review's HIGH: each token got a fresh bucket). The events keep the
+/// user as their principal and name the peer as the rule's (`rulePrincipal`), under which the
+/// collector counts the rule's cluster-wide usage.
 #[tokio::test]
 async fn a_policy_without_identity_counts_quotas_by_the_peer_whatever_the_token() {
     let rules = json!([{"name": "listing", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
                         "limits": {"requestsPerMinute": 2}}]);
-    let mut f = beside_a_verifying_policy("counted", rules).await;
+    let collector = Collector::start().await;
+    let mut f = beside_a_verifying_policy("counted", rules, Some(collector.url())).await;
     let mut statuses = Vec::new();
     for sub in ["u-1", "u-2", "u-3"] {
         let reply = get_with(f.proxy(), "/customers", &[("authorization", &other_idp_bearer(sub))]).await;
@@ -687,6 +697,22 @@ async fn a_policy_without_identity_counts_quotas_by_the_peer_whatever_the_token(
     }
     assert_eq!(statuses, [200, 200, 429]);
     f.stop().await;
+    let mut events: Vec<_> = collector
+        .wait_for(3)
+        .await
+        .iter()
+        .map(|e| (e["principal"].clone(), e["rulePrincipal"].clone(), e["status"].clone()))
+        .collect();
+    events.sort_by_key(|e| e.0.to_string());
+    let peer = json!("peer:127.0.0.1");
+    assert_eq!(
+        events,
+        [
+            (json!("user:u-1"), peer.clone(), json!(200)),
+            (json!("user:u-2"), peer.clone(), json!(200)),
+            (json!("user:u-3"), peer.clone(), json!(429)),
+        ]
+    );
 }
 
 /// Two policies selecting the same pods, one masking phones and one scoping rows to the
@@ -763,8 +789,9 @@ async fn constraining_rules_of_several_policies_all_apply() {
     assert_eq!(first["recordHashes"].as_array().unwrap().len(), 3, "the hashes of the records returned");
     // The other policy's rule that applied, so that the collector charges its record quota
     // cluster-wide as this replica did (under the event's principal: no `principal` of its
-    // own).
+    // own); the deciding rule's policy verifies no users and counts by the peer.
     assert_eq!(first["principal"], "user:u-42");
+    assert_eq!(first["rulePrincipal"], "peer:127.0.0.1");
     assert_eq!(first["alsoApplied"], json!([{"policy": "b-scoping", "rule": "branch-list"}]));
     let single = events.iter().find(|e| e["path"] == "/single/2" && e["status"] == 200);
     assert_eq!(
@@ -773,14 +800,22 @@ async fn constraining_rules_of_several_policies_all_apply() {
         "{events:#?}"
     );
     // Refused by the other policy's rule: the event names it, and the deciding rule moves to
-    // `alsoApplied` (each policy once: the collector charges every rule once).
+    // `alsoApplied` with the principal its policy counts by (each policy once: the collector
+    // charges every rule once, under its own key).
     let out_of_scope =
         events.iter().find(|e| e["reason"] == "out_of_scope").unwrap_or_else(|| panic!("{events:#?}"));
     assert_eq!(
         (out_of_scope["policy"].as_str(), out_of_scope["rule"].as_str()),
         (Some("b-scoping"), Some("branch-one"))
     );
-    assert_eq!(out_of_scope["alsoApplied"], json!([{"policy": "a-masking", "rule": "masked-one"}]));
+    assert_eq!(
+        out_of_scope["alsoApplied"],
+        json!([{"policy": "a-masking", "rule": "masked-one", "principal": "peer:127.0.0.1"}])
+    );
+    assert_eq!(
+        (out_of_scope["principal"].as_str(), out_of_scope.get("rulePrincipal")),
+        (Some("user:u-42"), None)
+    );
     // A request refused before any rule applied names none.
     let refused = events.iter().find(|e| e["status"] == 401).unwrap_or_else(|| panic!("{events:#?}"));
     assert!(refused.get("alsoApplied").is_none(), "{refused}");
@@ -832,8 +867,9 @@ async fn an_applied_rule_is_named_with_the_principal_its_policy_counts_by() {
     let reply = get_with(f.proxy(), "/customers", &[("authorization", &partner_bearer)]).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_no_personal_phone(&reply.text());
-    // Refused by the other policy's record cap: the event names that rule, under the
-    // principal its policy counts by, and the partner rule moves to `alsoApplied` with its own.
+    // Refused by the other policy's record cap: the event names that rule with the principal
+    // its policy counts by (`rulePrincipal`; the event's stays the partner's user), and the
+    // partner rule moves to `alsoApplied`.
     let reply = get_with(f.proxy(), "/chunked/customers", &[("authorization", &partner_bearer)]).await;
     assert_eq!(reply.status, 403, "{}", reply.text());
     f.stop().await;
@@ -841,19 +877,17 @@ async fn an_applied_rule_is_named_with_the_principal_its_policy_counts_by() {
     let refused = events.iter().find(|e| e["status"] == 403).unwrap();
     assert_eq!(
         (refused["policy"].as_str(), refused["rule"].as_str(), refused["principal"].as_str()),
-        (Some("b-customer"), Some("capped-list"), Some("peer:127.0.0.1"))
+        (Some("b-customer"), Some("capped-list"), Some("user:p-7"))
     );
+    assert_eq!(refused["rulePrincipal"], "peer:127.0.0.1");
     assert_eq!(refused["reason"], "record_cap_exceeded");
-    // The dry run keeps the principal its quotas were charged under.
+    // The dry run and the partner rule were charged under the event's principal.
     assert_eq!(
         refused["dryRuns"],
-        json!([{"policy": "c-trial", "rule": "trial-list", "principal": "user:p-7", "decision": "Allow",
+        json!([{"policy": "c-trial", "rule": "trial-list", "decision": "Allow",
                 "reason": "allow_rule", "charged": true}])
     );
-    assert_eq!(
-        refused["alsoApplied"],
-        json!([{"policy": "a-partner", "rule": "partner-list", "principal": "user:p-7"}])
-    );
+    assert_eq!(refused["alsoApplied"], json!([{"policy": "a-partner", "rule": "partner-list"}]));
     let event = events.iter().find(|e| e["status"] == 200).unwrap();
     assert_eq!(
         (event["policy"].as_str(), event["principal"].as_str()),

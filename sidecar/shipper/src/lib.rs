@@ -537,6 +537,7 @@ mod tests {
                 attributes: BTreeMap::from([("branch".to_string(), "north".to_string())]),
             }),
             principal: "user:alice".to_string(),
+            rule_principal: None,
             method: "GET".to_string(),
             path: "/customers/{id}".to_string(),
             decision: Decision::Allow,

@@ -320,6 +320,7 @@ fn event(i: usize) -> AuditEvent {
         caller: None,
         user: None,
         principal: "workload:shop/api".to_string(),
+        rule_principal: None,
         method: "GET".to_string(),
         path: "/customers/{id}".to_string(),
         decision: Decision::Allow,

@@ -53,6 +53,7 @@ pub fn mk_event(principal: &str, t_ms: i64, records: u64) -> AuditEvent {
         caller,
         user,
         principal: principal.to_owned(),
+        rule_principal: None,
         method: "GET".into(),
         path: "/parcels".into(),
         decision: Decision::Allow,

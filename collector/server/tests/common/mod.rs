@@ -247,6 +247,7 @@ pub fn event(id: &str, time: DateTime<Utc>) -> AuditEvent {
             attributes: BTreeMap::from([("branch".into(), "north".into())]),
         }),
         principal: "user:alice".into(),
+        rule_principal: None,
         method: "GET".into(),
         path: "/customers/{id}".into(),
         decision: Decision::Allow,

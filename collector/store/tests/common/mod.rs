@@ -229,6 +229,7 @@ pub fn event(id: &str, time: DateTime<Utc>) -> AuditEvent {
             attributes: [("branch".to_owned(), "north".to_owned())].into(),
         }),
         principal: "user:alice".into(),
+        rule_principal: None,
         method: "GET".into(),
         path: "/customers/{id}".into(),
         decision: Decision::Allow,
