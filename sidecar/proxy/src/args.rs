@@ -138,8 +138,9 @@ pub struct SidecarArgs {
     /// Forward JSON and multipart POST bodies larger than the request buffer without checking
     /// them for a `_method` parameter: for apps whose framework reads none from a body
     /// (Django, Go, Spring Boot, Express without method-override's body getter). By default
-    /// such a body is refused (413) where another method would be decided otherwise on its
-    /// path, since Rails (Rack) and Laravel run a POST as the method it names.
+    /// such a body is checked on its way to the app where another method would be decided
+    /// otherwise on its path, since Rails (Rack) and Laravel run a POST as the method it
+    /// names, and refused (413) when compressed or in a charset other than UTF-8.
     #[arg(long, env = "CUSTOS_FORWARD_UNCHECKED_BODIES")]
     pub forward_unchecked_bodies: bool,
 

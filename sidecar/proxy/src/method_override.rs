@@ -24,8 +24,11 @@
 //! multipart) that it did not read whole ([`PostBody::Unchecked`]), and about one in an
 //! encoding or charset it cannot read ([`PostBody::Unreadable`]).
 
+mod stream;
+
 use http::HeaderValue;
 
+pub(crate) use self::stream::{OverrideScan, Scanned};
 use crate::body::{DecodeError, Encoding, decode};
 
 /// The parameter name the frameworks read.
@@ -190,6 +193,19 @@ pub(crate) fn check_post_body(
     if (little && names(true)) || (big && names(false)) { PostBody::NamesAMethod } else { PostBody::Clean }
 }
 
+/// The check of an [`Unchecked`](PostBody::Unchecked) POST body as it goes on to the app
+/// ([`OverrideScan`]), for a JSON or multipart body sent as it is (no `Content-Encoding` but
+/// `identity`) in UTF-8 (no `charset` of UTF-16 or another Unicode charset declared); none
+/// for others (a form, a compressed body), which stay unchecked.
+pub(crate) fn scan_on_the_way(headers: &http::HeaderMap) -> Option<OverrideScan> {
+    let lower = lower_type(headers.get(http::header::CONTENT_TYPE));
+    let charsets = declared_charsets(&lower);
+    let plain = Encoding::of(headers) == Some(Encoding::Identity) && charsets == Charsets::default();
+    let kind = kind_of(&lower);
+    (plain && matches!(kind, Some(BodyKind::Json | BodyKind::Multipart)))
+        .then(|| OverrideScan::new(reads_multipart(&lower)))
+}
+
 /// What the `charset` parameters of a Content-Type declare.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Charsets {
@@ -300,19 +316,7 @@ fn is_method_name(name: &[u8]) -> bool {
 /// Read as bytes: a file part containing that text is refused too, which errs on the safe
 /// side.
 fn multipart_names_a_method(body: &[u8]) -> bool {
-    body.windows(b"name=".len()).enumerate().any(|(at, w)| {
-        if !w.eq_ignore_ascii_case(b"name=") {
-            return false;
-        }
-        let value = &body[at + w.len()..];
-        let value = value.strip_prefix(b"\"").unwrap_or(value);
-        let end = value
-            .iter()
-            .position(|b| matches!(b, b'"' | b';' | b'\r' | b'\n'))
-            .unwrap_or(value.len())
-            .min(PARAMETER.len() + 64);
-        value.len() >= PARAMETER.len() && is_method_name(value[..end].trim_ascii_end())
-    })
+    stream::scan_names(body, true).is_err()
 }
 
 /// Whether percent-decoding `encoded` (`+` as a space) gives `_method` as PHP reads it

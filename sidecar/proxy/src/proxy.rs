@@ -38,7 +38,7 @@ use crate::body::{
     ProxyBody, TeeEnd, TeeLimits, Teed, UPSTREAM_TIMEOUT, collect_limited, concat, decode,
 };
 use crate::budget::{BufferBudget, Reservation};
-use crate::method_override::{self, BodyKind, PostBody};
+use crate::method_override::{self, BodyKind, PostBody, Scanned};
 use crate::metrics::{
     DryRunLabels, LimitLabels, Metrics, ReasonLabels, ResultLabels, RuleLabels, ThreadCounters,
 };
@@ -660,7 +660,7 @@ async fn process(
     if head_as_get {
         parts.method = Method::GET;
     }
-    let body = match read_request_body(body, declared_length, limits, &shared.request_buffers).await {
+    let mut body = match read_request_body(body, declared_length, limits, &shared.request_buffers).await {
         Ok(body) => body,
         Err(BufferError::TooLarge) => {
             shared.metrics.limit("request_body_bytes");
@@ -698,36 +698,44 @@ async fn process(
             // A body the sidecar did not read whole (over the request buffer, or no buffer
             // free) could name a method past what it saw: a form is refused (forms are small),
             // JSON and multipart (uploads) where that method could be decided otherwise than
-            // the POST (uploads to a path whose rules treat every method alike go on).
+            // the POST (uploads to a path whose rules treat every method alike go on) are
+            // checked on their way to the app, piece by piece (refused before the app has
+            // them whole), unless compressed or in another charset than UTF-8.
             PostBody::Unchecked(kind)
                 if kind == BodyKind::Form
                     || (!limits.forward_unchecked_bodies
                         && override_matters(&state, &path, caller, &users, time)) =>
             {
-                shared.metrics.limit("request_buffer");
-                if body.spilled_for_room() {
-                    // It would have been read whole with room in the budget: a retry may find it.
-                    ctx.deny("request_buffer_exhausted");
-                    return retry_later(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        json!({"error": "too many request bodies being read", "reason": "request_buffer_exhausted"}),
-                        1,
+                if let Some(scan) =
+                    method_override::scan_on_the_way(&parts.headers).filter(|_| kind != BodyKind::Form)
+                {
+                    body.check_on_the_way(scan);
+                } else {
+                    shared.metrics.limit("request_buffer");
+                    if body.spilled_for_room() {
+                        // It would have been read whole with room in the budget: a retry may find it.
+                        ctx.deny("request_buffer_exhausted");
+                        return retry_later(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            json!({"error": "too many request bodies being read", "reason": "request_buffer_exhausted"}),
+                            1,
+                        );
+                    }
+                    let (what, reason) = match kind {
+                        BodyKind::Form => ("a form body", "form_body_unchecked"),
+                        BodyKind::Json => ("a JSON body", "json_body_unchecked"),
+                        BodyKind::Multipart => ("a multipart body", "multipart_body_unchecked"),
+                    };
+                    ctx.deny(reason);
+                    return error_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        json!({
+                            "error": format!("{what} larger than the request buffer cannot be checked for method override parameters, and another method would be decided otherwise on this path"),
+                            "reason": reason,
+                            "limit": limits.request_buffer_bytes,
+                        }),
                     );
                 }
-                let (what, reason) = match kind {
-                    BodyKind::Form => ("a form body", "form_body_unchecked"),
-                    BodyKind::Json => ("a JSON body", "json_body_unchecked"),
-                    BodyKind::Multipart => ("a multipart body", "multipart_body_unchecked"),
-                };
-                ctx.deny(reason);
-                return error_response(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    json!({
-                        "error": format!("{what} larger than the request buffer cannot be checked for method override parameters, and another method would be decided otherwise on this path"),
-                        "reason": reason,
-                        "limit": limits.request_buffer_bytes,
-                    }),
-                );
             }
             PostBody::Unchecked(_) => {}
             PostBody::Unreadable(reason) => {
@@ -779,6 +787,23 @@ async fn process(
     let response = match exchanged {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
+            match progress.as_ref().and_then(|p| p.stopped_by_scan()) {
+                Some(Scanned::NamesAMethod) => {
+                    ctx.deny("method_override");
+                    return bad_request("method override parameters are refused", "method_override");
+                }
+                Some(_) => {
+                    ctx.deny(method_override::UNSUPPORTED_REQUEST_CHARSET);
+                    return error_response(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        json!({
+                            "error": "a POST body in UTF-16 or UTF-32 larger than the request buffer cannot be checked for method override parameters",
+                            "reason": method_override::UNSUPPORTED_REQUEST_CHARSET,
+                        }),
+                    );
+                }
+                None => {}
+            }
             if progress.as_ref().is_some_and(|p| p.exceeded()) {
                 shared.metrics.limit("request_body_bytes");
                 ctx.deny("request_body_too_large");

@@ -44,6 +44,7 @@ use tokio::time::Instant;
 
 use crate::body::{buffered_then, concat};
 use crate::budget::{BufferBudget, Reservation};
+use crate::method_override::{OverrideScan, Scanned};
 use crate::settings::ProxyLimits;
 use crate::upstream::Replay;
 
@@ -64,6 +65,9 @@ pub(crate) struct BodyProgress {
     received: AtomicU64,
     /// The average rate the body must keep up; none when the limit is off.
     min_rate: Option<MinRate>,
+    /// What the check of the body on its way found when it stopped the body
+    /// ([`RequestBody::check_on_the_way`]): 0 nothing, else [`Scanned`] as a number.
+    stopped_by_scan: std::sync::atomic::AtomicU8,
 }
 
 /// The average rate at which a request body must arrive once `grace` has passed since it
@@ -104,7 +108,18 @@ impl BodyProgress {
             moved_micros: AtomicU64::new(0),
             received: AtomicU64::new(0),
             min_rate,
+            stopped_by_scan: std::sync::atomic::AtomicU8::new(0),
         })
+    }
+
+    /// Why the check of the body on its way stopped it: [`Scanned::NamesAMethod`] or
+    /// [`Scanned::Unreadable`]; none when it did not.
+    pub(crate) fn stopped_by_scan(&self) -> Option<Scanned> {
+        match self.stopped_by_scan.load(Ordering::Relaxed) {
+            1 => Some(Scanned::NamesAMethod),
+            2 => Some(Scanned::Unreadable),
+            _ => None,
+        }
     }
 
     /// Records `len` more bytes received from the client.
@@ -178,7 +193,15 @@ pub(crate) struct RequestBody {
     /// Shared with the request path; none without a body, which can neither exceed the
     /// limit nor keep anyone waiting (and saves a request without one the allocation).
     progress: Option<Arc<BodyProgress>>,
+    /// The `_method` check each piece passes before it goes on, when the body is too large
+    /// to be checked whole ([`RequestBody::check_on_the_way`]).
+    scan: Option<Box<OverrideScan>>,
 }
+
+/// The check of a body on its way stopped it ([`RequestBody::check_on_the_way`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body names another method, or cannot be read for one")]
+pub(crate) struct StoppedByScan;
 
 /// What was read before the app was called.
 struct Held {
@@ -213,12 +236,12 @@ impl RequestBody {
 
     /// No body.
     fn none() -> Self {
-        RequestBody { held: None, rest: None, remaining: 0, progress: None }
+        RequestBody { held: None, rest: None, remaining: 0, progress: None, scan: None }
     }
 
     /// The client's body, streamed as it arrives, cut off past `limit` bytes.
     fn stream(body: Incoming, limit: u64, progress: Arc<BodyProgress>) -> Self {
-        RequestBody { held: None, rest: Some(body), remaining: limit, progress: Some(progress) }
+        RequestBody { held: None, rest: Some(body), remaining: limit, progress: Some(progress), scan: None }
     }
 
     /// The bytes read before the app was called and not yet handed to hyper.
@@ -234,6 +257,31 @@ impl RequestBody {
     /// How this body's forwarding goes (read after the exchange); none without a body.
     pub(crate) fn progress(&self) -> Option<Arc<BodyProgress>> {
         self.progress.clone()
+    }
+
+    /// Checks the body for a `_method` field piece by piece as it goes on to the app, each
+    /// piece before it goes and the last before the app has it all: on one (or on a body the
+    /// scan cannot read) the body stops there, the exchange fails, and
+    /// [`BodyProgress::stopped_by_scan`] says why. For a body not read whole.
+    pub(crate) fn check_on_the_way(&mut self, scan: OverrideScan) {
+        self.scan = Some(Box::new(scan));
+    }
+
+    /// Passes `piece` (the last when `at_end`) through the check on the way, if any: false
+    /// when the body must stop (the reason recorded).
+    fn passes(&mut self, piece: &[u8], at_end: bool) -> bool {
+        let Some(scan) = self.scan.as_mut() else { return true };
+        let code = match scan.feed(piece, at_end) {
+            Scanned::Clean => return true,
+            Scanned::NamesAMethod => 1,
+            Scanned::Unreadable => 2,
+        };
+        if let Some(progress) = &self.progress {
+            progress.stopped_by_scan.store(code, Ordering::Relaxed);
+        }
+        self.rest = None;
+        self.held = None;
+        false
     }
 
     /// True when the whole body is in memory (or there is none): nothing is left to wait
@@ -254,6 +302,10 @@ impl Body for RequestBody {
         let this = self.get_mut();
         if let Some(held) = &mut this.held {
             if let Some(bytes) = held.bytes.take() {
+                let at_end = this.rest.as_ref().is_none_or(Body::is_end_stream);
+                if !this.passes(&bytes, at_end) {
+                    return Poll::Ready(Some(Err(Box::new(StoppedByScan))));
+                }
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
             this.held = None;
@@ -285,6 +337,12 @@ impl Body for RequestBody {
                         return Poll::Ready(Some(Err(Box::new(RequestBodyTooLarge))));
                     }
                     this.remaining -= len;
+                    // The last piece is checked before it goes: the app must not have the
+                    // whole of a body that names another method.
+                    let at_end = body.is_end_stream();
+                    if !this.passes(data, at_end) {
+                        return Poll::Ready(Some(Err(Box::new(StoppedByScan))));
+                    }
                 }
                 if let Some(progress) = &this.progress {
                     progress.moved();
@@ -293,6 +351,9 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
             Poll::Ready(None) => {
+                if !this.passes(&[], true) {
+                    return Poll::Ready(Some(Err(Box::new(StoppedByScan))));
+                }
                 if let Some(progress) = &this.progress {
                     progress.moved();
                 }
@@ -402,6 +463,7 @@ pub(crate) async fn read_request_body(
         rest,
         remaining: limits.max_request_body_bytes - total,
         progress: Some(progress),
+        scan: None,
     })
 }
 

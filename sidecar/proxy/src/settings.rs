@@ -29,9 +29,10 @@ pub struct ProxyLimits {
     /// it arrives; one of unknown length that outgrows it, after the buffered part (0: every
     /// body as it arrives). See the sidecar README's "Request bodies".
     pub request_buffer_bytes: u64,
-    /// Forward JSON and multipart POST bodies not read whole without refusing them (the app's
-    /// framework reads no `_method` from a body); by default such a body is refused (413)
-    /// where another method would be decided otherwise on its path.
+    /// Forward JSON and multipart POST bodies not read whole without checking them (the
+    /// app's framework reads no `_method` from a body); by default such a body is checked on
+    /// its way where another method would be decided otherwise on its path, and refused (413)
+    /// when it cannot be (compressed, or in a charset other than UTF-8).
     pub forward_unchecked_bodies: bool,
     /// What all buffered request bodies may hold together; past it, bodies are forwarded as
     /// they arrive.

@@ -1601,8 +1601,10 @@ async fn requests_the_app_would_read_otherwise_are_refused() {
     refused(&get_with(f.proxy(), "/open/x", &[("authorization", &forged)]).await, 401, "invalid_scheme");
     assert_eq!(f.upstream.count(), before);
 
-    // `_method` past the request buffer in JSON (Laravel) and multipart (Rack): refused where
-    // DELETE is decided otherwise than POST, forwarded where every method is alike.
+    // `_method` past the request buffer in JSON (Laravel) and multipart (Rack): checked on the
+    // way to the app where DELETE is decided otherwise than POST, the body stopped before the
+    // app has it whole (at its start or in its very last bytes, content-length or chunked),
+    // 400; forwarded unchecked where every method is alike.
     let pad = "x".repeat(70 * 1024);
     let big = |path: &str, content_type: &str, body: String| {
         Request::post(path)
@@ -1612,19 +1614,73 @@ async fn requests_the_app_would_read_otherwise_are_refused() {
             .unwrap()
     };
     let json_body = format!(r#"{{"_method":"DELETE","pad":"{pad}"}}"#);
-    let multipart = format!(
-        "--B\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--B\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a\"\r\n\r\n{pad}\r\n--B--\r\n"
+    let json_at_end = format!(r#"{{"pad":"{pad}","_method":"DELETE"}}"#);
+    let part = |name: &str, value: &str| {
+        format!("--B\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+    };
+    let multipart = format!("{}{}--B--\r\n", part("_method", "DELETE"), part("f", &pad));
+    let multipart_at_end =
+        format!("{}--B\r\nContent-Disposition: form-data; name=\"_method\"", part("f", &pad));
+    let chunked = |content_type: &str, body: &str| {
+        let chunks: String = body
+            .as_bytes()
+            .chunks(4096)
+            .map(|c| format!("{:x}\r\n{}\r\n", c.len(), String::from_utf8_lossy(c)))
+            .collect();
+        format!(
+            "POST /uploads/a HTTP/1.1\r\nHost: a\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{chunks}0\r\n\r\n"
+        )
+    };
+    let mut stopped = 0;
+    for (content_type, body) in [
+        ("application/json", &json_body),
+        ("application/json", &json_at_end),
+        ("multipart/form-data; boundary=B", &multipart),
+        ("multipart/form-data; boundary=B", &multipart_at_end),
+    ] {
+        refused(
+            &send(f.proxy(), big("/uploads/a", content_type, body.clone())).await,
+            400,
+            "method_override",
+        );
+        let (status, answer) = raw(f.proxy(), chunked(content_type, body).as_bytes()).await;
+        assert_eq!(status, Some(400), "{answer}");
+        assert!(answer.contains("method_override"), "{answer}");
+        stopped += 2;
+    }
+    // The app saw at most the heads of the stopped requests, never a whole body.
+    let seen: Vec<Seen> = f.upstream.seen().into_iter().skip(before).collect();
+    assert!(seen.len() <= stopped, "{seen:?}");
+    assert!(seen.iter().all(|s| s.body.is_none()), "a stopped body reached the app whole: {seen:?}");
+    let before = before + seen.len();
+    // Without `_method` (or with it in a nested object) the upload goes on whole; a large
+    // UTF-16 one cannot be read on the way (415).
+    let clean = format!("{}--B--\r\n", part("f", &pad));
+    assert_eq!(
+        send(f.proxy(), big("/uploads/a", "multipart/form-data; boundary=B", clean.clone())).await.status,
+        200
     );
-    refused(
-        &send(f.proxy(), big("/uploads/a", "application/json", json_body.clone())).await,
-        413,
-        "json_body_unchecked",
-    );
-    refused(
-        &send(f.proxy(), big("/uploads/a", "multipart/form-data; boundary=B", multipart.clone())).await,
-        413,
-        "multipart_body_unchecked",
-    );
+    let clean_json = format!(r#"{{"title":"_method","pad":"{pad}","x":{{"_method":"DELETE"}}}}"#);
+    assert_eq!(send(f.proxy(), big("/uploads/a", "application/json", clean_json.clone())).await.status, 200);
+    let (status, answer) = raw(f.proxy(), chunked("application/json", &clean_json).as_bytes()).await;
+    assert_eq!(status, Some(200), "{answer}");
+    let whole: Vec<Option<Bytes>> = f.upstream.seen().into_iter().skip(before).map(|s| s.body).collect();
+    assert_eq!(whole, [Some(clean), Some(clean_json.clone()), Some(clean_json)].map(|b| b.map(Bytes::from)));
+    let utf16 = Request::post("/uploads/a")
+        .header("host", "a")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from([&b"\xFF\xFE"[..], pad.as_bytes()].concat())))
+        .unwrap();
+    refused(&send(f.proxy(), utf16).await, 415, "unsupported_request_charset");
+    // Compressed, it cannot be read on the way either: 413, the app not called.
+    let gzip = Request::post("/uploads/a")
+        .header("host", "a")
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(Full::new(Bytes::from(pad.clone())))
+        .unwrap();
+    let before = f.upstream.count();
+    refused(&send(f.proxy(), gzip).await, 413, "json_body_unchecked");
     assert_eq!(f.upstream.count(), before, "an unchecked body reached the app");
     assert_eq!(send(f.proxy(), big("/open/a", "application/json", json_body)).await.status, 200);
     assert_eq!(
@@ -1644,14 +1700,20 @@ async fn requests_the_app_would_read_otherwise_are_refused() {
     assert_eq!(send(f.proxy(), zstd).await.status, 200);
     f.stop().await;
 
-    // A JSON body within the request buffer that finds no room in the buffer budget: 503, a
-    // retry may find some (not the 413 of a body too large to check).
+    // Bodies within the request buffer that find no room in the buffer budget: JSON is
+    // checked on its way; a form cannot be, 503 (a retry may find room, not the 413 of a body
+    // too large to check).
     let mut f = start(policy(rules.clone()), |s| s.limits.request_buffer_total_bytes = 8).await;
     let small = format!(r#"{{"title":"{}"}}"#, "x".repeat(40 * 1024));
-    let reply = send(f.proxy(), big("/uploads/a", "application/json", small)).await;
+    assert_eq!(send(f.proxy(), big("/uploads/a", "application/json", small.clone())).await.status, 200);
+    assert_eq!(f.upstream.seen().pop().unwrap().body, Some(Bytes::from(small)));
+    let small = format!(r#"{{"title":"{}","_method":"DELETE"}}"#, "x".repeat(40 * 1024));
+    refused(&send(f.proxy(), big("/uploads/a", "application/json", small)).await, 400, "method_override");
+    let form = format!("title={}", "x".repeat(40 * 1024));
+    let reply = send(f.proxy(), big("/uploads/a", "application/x-www-form-urlencoded", form)).await;
     refused(&reply, 503, "request_buffer_exhausted");
     assert_eq!(reply.headers["retry-after"], "1");
-    assert_eq!(f.upstream.count(), 0);
+    assert_eq!(f.upstream.seen().iter().filter(|s| s.body.is_some()).count(), 1);
     f.stop().await;
 
     // --forward-unchecked-bodies: the app reads no `_method` from bodies.

@@ -52,6 +52,9 @@ pub struct Seen {
     pub method: String,
     pub target: String,
     pub headers: HeaderMap,
+    /// The body's bytes once the app read it to its end; none while it reads, or when the
+    /// body stopped short (the connection closed mid-body: no framework runs a handler then).
+    pub body: Option<Bytes>,
 }
 
 /// The app behind the sidecar.
@@ -101,21 +104,30 @@ type AppBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 async fn app(req: Request<Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<AppBody> {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
-    log.lock().unwrap().push(Seen {
-        method: req.method().to_string(),
-        target: target.clone(),
-        headers: req.headers().clone(),
-    });
+    let at = {
+        let mut log = log.lock().unwrap();
+        log.push(Seen {
+            method: req.method().to_string(),
+            target: target.clone(),
+            headers: req.headers().clone(),
+            body: None,
+        });
+        log.len() - 1
+    };
     let path = req.uri().path().to_string();
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let (if_none_match, range) = (header("if-none-match"), header("range"));
     let announced_trailer = header("trailer");
     let collected = req.into_body().collect().await.ok();
+    let read_whole = collected.is_some();
     let trailer_names: Vec<String> = collected
         .as_ref()
         .and_then(|c| c.trailers())
         .map_or(Vec::new(), |t| t.keys().map(|k| k.to_string()).collect());
     let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
+    if read_whole {
+        log.lock().unwrap()[at].body = Some(body.clone());
+    }
     let json_body = serde_json::to_vec(&customers()).unwrap();
     let full = |status: u16, ct: &str, bytes: Vec<u8>| {
         Response::builder()

@@ -1,0 +1,469 @@
+//! The `_method` check of a JSON or multipart POST body too large to read whole, made on the
+//! body as it goes on to the app ([`OverrideScan`]): each piece is read before it is
+//! forwarded, and the last one is read before the app has the whole body. The frameworks
+//! that run a POST as the method its body names (Laravel, Symfony, Rack) read the body to its
+//! end before any handler runs, so a body cut off before its end never reaches one: on a
+//! `_method` field the sidecar stops the body and the exchange (the app sees a connection
+//! closed mid-body) and answers 400 itself.
+//!
+//! What is read as the whole-body check reads it ([`super::names_a_method`]), with two
+//! differences on the safe side: a top-level `"_method"` key of a JSON object names a method
+//! when any of its values is not `null` (PHP keeps the last one), and the JSON of a body that
+//! later turns out not to be valid JSON is read as far as it goes. A multipart part named
+//! `_method` is found exactly as in a whole body, wherever the pieces are cut. A body that
+//! starts with a UTF-16 or UTF-32 byte order mark is not read ([`Scanned::Unreadable`]).
+
+use super::{PARAMETER, UTF8_BOM, is_method_name};
+
+/// What the scan of a body found so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scanned {
+    /// Nothing yet: the body may go on.
+    Clean,
+    /// A `_method` field: the body must not reach its end.
+    NamesAMethod,
+    /// UTF-16 or UTF-32 by its byte order mark: not read.
+    Unreadable,
+}
+
+/// The `_method` check of one body read piece by piece: [`OverrideScan::feed`] each piece
+/// before it is forwarded, saying which is the last.
+#[derive(Debug)]
+pub(crate) struct OverrideScan {
+    /// The first bytes, held until there are four (the byte order marks) or the body ends.
+    head: Vec<u8>,
+    /// Whether the first bytes were judged.
+    headed: bool,
+    json: JsonScan,
+    /// Read as multipart when a multipart reader could read the body's type.
+    multipart: Option<MultipartScan>,
+}
+
+impl OverrideScan {
+    /// A scan of a body of a type some multipart reader reads (`multipart`) or not.
+    pub(crate) fn new(multipart: bool) -> Self {
+        OverrideScan {
+            head: Vec::new(),
+            headed: false,
+            json: JsonScan::default(),
+            multipart: multipart.then(MultipartScan::default),
+        }
+    }
+
+    /// Reads the next piece of the body; `at_end` when no more will follow. Once it says
+    /// other than [`Scanned::Clean`], the body must stop.
+    pub(crate) fn feed(&mut self, piece: &[u8], at_end: bool) -> Scanned {
+        if self.headed {
+            return self.read(piece, at_end);
+        }
+        self.head.extend_from_slice(piece);
+        if self.head.len() < 4 && !at_end {
+            return Scanned::Clean;
+        }
+        self.headed = true;
+        let head = std::mem::take(&mut self.head);
+        if [&b"\xFF\xFE"[..], b"\xFE\xFF", b"\0\0\xFE\xFF"].iter().any(|bom| head.starts_with(bom)) {
+            return Scanned::Unreadable;
+        }
+        self.read(head.strip_prefix(UTF8_BOM).unwrap_or(&head), at_end)
+    }
+
+    fn read(&mut self, piece: &[u8], at_end: bool) -> Scanned {
+        let in_json = self.json.feed(piece);
+        let in_parts = self.multipart.as_mut().is_some_and(|m| m.feed(piece, at_end));
+        if in_json || in_parts { Scanned::NamesAMethod } else { Scanned::Clean }
+    }
+}
+
+/// Where the JSON reader is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum JsonPhase {
+    /// Before the first byte that is not white space.
+    #[default]
+    Start,
+    /// Inside the top-level object.
+    Object,
+    /// Not an object, or past its end: nothing more to read.
+    Done,
+}
+
+/// After a top-level key `_method`: what comes next.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum AfterKey {
+    #[default]
+    Nothing,
+    /// The `:`.
+    Colon,
+    /// The value's first byte (`n` for `null`).
+    Value,
+}
+
+/// A top-level `"_method"` key with a value other than `null` in a JSON object, read byte by
+/// byte: depth, strings and their escapes, and the keys of the top-level object decoded (up
+/// to eight bytes: longer is not `_method`).
+#[derive(Debug, Default)]
+struct JsonScan {
+    phase: JsonPhase,
+    /// Nesting: 1 in the top-level object.
+    depth: u32,
+    in_string: bool,
+    /// 0 outside an escape; 1 after `\`; 2 to 5 reading the hex digits of `\u`.
+    escape: u8,
+    hex: u32,
+    /// The top-level key being read: its decoded bytes, how many, none outside a key.
+    key: Option<([u8; 8], usize)>,
+    /// At depth 1, the next string is a key (after `{` or `,`).
+    expect_key: bool,
+    after: AfterKey,
+}
+
+impl JsonScan {
+    /// Reads `piece`; true once a `_method` key with a value other than `null` was read.
+    fn feed(&mut self, piece: &[u8]) -> bool {
+        for &b in piece {
+            match self.phase {
+                JsonPhase::Done => return false,
+                JsonPhase::Start => {
+                    if !b.is_ascii_whitespace() {
+                        self.phase = if b == b'{' { JsonPhase::Object } else { JsonPhase::Done };
+                        (self.depth, self.expect_key) = (1, true);
+                    }
+                }
+                JsonPhase::Object => {
+                    if self.byte(b) {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// One byte inside the top-level object; true on a `_method` value other than `null`.
+    fn byte(&mut self, b: u8) -> bool {
+        if self.in_string {
+            self.string_byte(b);
+            return false;
+        }
+        if b.is_ascii_whitespace() {
+            return false;
+        }
+        if self.depth == 1 && self.after == AfterKey::Value {
+            if b != b'n' {
+                return true;
+            }
+            self.after = AfterKey::Nothing;
+        }
+        if self.depth == 1 && self.after == AfterKey::Colon {
+            self.after = if b == b':' { AfterKey::Value } else { AfterKey::Nothing };
+        }
+        match b {
+            b'"' => {
+                self.in_string = true;
+                if self.depth == 1 && self.expect_key {
+                    self.key = Some(([0; 8], 0));
+                }
+            }
+            b'{' | b'[' => self.depth = self.depth.saturating_add(1),
+            b'}' | b']' => {
+                self.depth -= 1;
+                if self.depth == 0 {
+                    self.phase = JsonPhase::Done;
+                }
+            }
+            b',' if self.depth == 1 => self.expect_key = true,
+            _ => {}
+        }
+        false
+    }
+
+    /// One byte inside a string (a key of the top-level object decoded as it goes).
+    fn string_byte(&mut self, b: u8) {
+        match self.escape {
+            0 if b == b'\\' => self.escape = 1,
+            0 if b == b'"' => {
+                self.in_string = false;
+                if let Some((key, len)) = self.key.take() {
+                    self.expect_key = false;
+                    if len == PARAMETER.len() && key[..len] == *PARAMETER {
+                        self.after = AfterKey::Colon;
+                    }
+                }
+            }
+            0 => self.push(b),
+            1 if b == b'u' => (self.escape, self.hex) = (2, 0),
+            1 => {
+                self.escape = 0;
+                let decoded = match b {
+                    b'b' => 0x08,
+                    b'f' => 0x0C,
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    other => other,
+                };
+                self.push(decoded);
+            }
+            _ => {
+                // A digit of `\uXXXX`; what is not one makes the key no name (`0xFF`).
+                let digit = char::from(b).to_digit(16).unwrap_or(0x1_0000);
+                self.hex = self.hex.saturating_mul(16).saturating_add(digit);
+                self.escape += 1;
+                if self.escape == 6 {
+                    self.escape = 0;
+                    let ascii = u8::try_from(self.hex).ok().filter(u8::is_ascii);
+                    self.push(ascii.unwrap_or(0xFF));
+                }
+            }
+        }
+    }
+
+    /// One decoded byte of a top-level key (past eight, only counted).
+    fn push(&mut self, b: u8) {
+        if let Some((key, len)) = &mut self.key {
+            if let Some(slot) = key.get_mut(*len) {
+                *slot = b;
+            }
+            *len = len.saturating_add(1);
+        }
+    }
+}
+
+/// The most bytes of a part's name read after `name=` (and its quote), as the whole-body
+/// check reads it.
+const NAME_WINDOW: usize = PARAMETER.len() + 64;
+
+/// A part whose `Content-Disposition` names it `_method`, found across pieces: the bytes from
+/// an occurrence of `name=` whose name is not complete yet (or the last four, which may begin
+/// one) are carried over to the next piece.
+#[derive(Debug, Default)]
+struct MultipartScan {
+    carry: Vec<u8>,
+}
+
+impl MultipartScan {
+    /// Reads `piece`; true once a part named `_method` was found.
+    fn feed(&mut self, piece: &[u8], at_end: bool) -> bool {
+        let mut window = std::mem::take(&mut self.carry);
+        window.extend_from_slice(piece);
+        match scan_names(&window, at_end) {
+            Err(Found) => true,
+            Ok(keep_from) => {
+                window.drain(..keep_from);
+                self.carry = window;
+                false
+            }
+        }
+    }
+}
+
+/// A part named `_method` was found.
+#[derive(Debug)]
+pub(super) struct Found;
+
+/// Looks for a part named `_method` in `window` (`name=`, in any letter case, an optional
+/// quote, then the name up to a quote, `;` or a line end, at most [`NAME_WINDOW`] bytes, read
+/// as PHP reads names). Unless `at_end`, a name that could still grow stops the scan: the
+/// position of its `name=`, from which the window must be kept, is returned; else the
+/// position of the last bytes that could begin one.
+pub(super) fn scan_names(window: &[u8], at_end: bool) -> Result<usize, Found> {
+    const KEY: &[u8] = b"name=";
+    for (at, w) in window.windows(KEY.len()).enumerate() {
+        if !w.eq_ignore_ascii_case(KEY) {
+            continue;
+        }
+        let value = &window[at + KEY.len()..];
+        let value = value.strip_prefix(b"\"").unwrap_or(value);
+        let end = value.iter().take(NAME_WINDOW).position(|b| matches!(b, b'"' | b';' | b'\r' | b'\n'));
+        let end = match end {
+            Some(end) => end,
+            None if value.len() >= NAME_WINDOW || at_end => value.len().min(NAME_WINDOW),
+            // The name may go on in the next piece.
+            None => return Ok(at),
+        };
+        if is_method_name(value[..end].trim_ascii_end()) {
+            return Err(Found);
+        }
+    }
+    Ok(window.len().saturating_sub(KEY.len() - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `body` fed in pieces cut at `cuts` (positions, any order), the last piece marked.
+    fn scanned(multipart: bool, body: &[u8], cuts: &[usize]) -> Scanned {
+        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(body.len())).collect();
+        cuts.sort_unstable();
+        cuts.push(body.len());
+        let mut scan = OverrideScan::new(multipart);
+        let mut from = 0;
+        for (i, &to) in cuts.iter().enumerate() {
+            let result = scan.feed(&body[from..to], i + 1 == cuts.len());
+            if result != Scanned::Clean {
+                return result;
+            }
+            from = to;
+        }
+        Scanned::Clean
+    }
+
+    /// Every cut of `body` into two and three pieces (and one piece) gives `expected`.
+    fn assert_every_cut(multipart: bool, body: &[u8], expected: Scanned) {
+        assert_eq!(scanned(multipart, body, &[]), expected, "{}", String::from_utf8_lossy(body));
+        for a in 0..=body.len() {
+            assert_eq!(
+                scanned(multipart, body, &[a]),
+                expected,
+                "cut at {a}: {}",
+                String::from_utf8_lossy(body)
+            );
+            for b in (a..=body.len()).step_by(3) {
+                assert_eq!(scanned(multipart, body, &[a, b]), expected, "cuts {a}, {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_top_level_method_keys_wherever_the_pieces_are_cut() {
+        use Scanned::{Clean, NamesAMethod};
+        for (body, expected) in [
+            (r#"{"_method":"DELETE"}"#, NamesAMethod),
+            (r#" {"a":1, "_method" : "PUT", "b":[1,2]}"#, NamesAMethod),
+            (r#"{"_method":["DELETE"]}"#, NamesAMethod),
+            (r#"{"_method":{"x":1}}"#, NamesAMethod),
+            (r#"{"_method":0}"#, NamesAMethod),
+            (r#"{"\u005fmethod":"DELETE"}"#, NamesAMethod),
+            (r#"{"_m\u0065thod":"DELETE"}"#, NamesAMethod),
+            (r#"{"_method":null}"#, Clean),
+            (r#"{"_method":null,"x":"_method"}"#, Clean),
+            (r#"{"x":{"_method":"DELETE"}}"#, Clean),
+            (r#"{"x":["_method","DELETE"]}"#, Clean),
+            (r#"{"x":"\"_method\":1"}"#, Clean),
+            (r#"{"_methodx":"DELETE"}"#, Clean),
+            (r#"{"_METHOD":"DELETE"}"#, Clean),
+            (r#"{"_metho":"DELETE"}"#, Clean),
+            (r#"{"\u00dfmethod":"DELETE"}"#, Clean),
+            (r#"{"x":"_method"}"#, Clean),
+            (r#"[{"_method":"DELETE"}]"#, Clean),
+            (r#"{"a":1}{"_method":"DELETE"}"#, Clean),
+            ("\u{feff}{\"_method\":\"DELETE\"}", NamesAMethod),
+        ] {
+            assert_every_cut(false, body.as_bytes(), expected);
+        }
+    }
+
+    #[test]
+    fn multipart_names_wherever_the_pieces_are_cut() {
+        use Scanned::{Clean, NamesAMethod};
+        let part = |disposition: &str| {
+            format!("--b\r\nContent-Disposition: form-data; {disposition}\r\n\r\nDELETE\r\n--b--\r\n")
+        };
+        for (body, expected) in [
+            (part("name=\"_method\""), NamesAMethod),
+            (part("NAME=_method"), NamesAMethod),
+            (part("name=\"_method[]\""), NamesAMethod),
+            (part("name=\" _method\""), NamesAMethod),
+            (part("name=\"title\"; filename=\"_method\""), NamesAMethod),
+            (part("name=\"title\""), Clean),
+            (part("name=\"_methods\""), Clean),
+            (part("name=\"x_method\""), Clean),
+            (
+                format!("--b\r\nContent-Disposition: form-data; name=\"_method{}\"\r\n", "[".repeat(80)),
+                NamesAMethod,
+            ),
+            ("name=_method".to_string(), NamesAMethod),
+            ("name=_metho".to_string(), Clean),
+            ("name=".to_string(), Clean),
+        ] {
+            assert_every_cut(true, body.as_bytes(), expected);
+            assert_eq!(
+                super::super::multipart_names_a_method(body.as_bytes()),
+                expected == NamesAMethod,
+                "{body}"
+            );
+        }
+        // Not read as multipart unless a multipart reader could read the type.
+        assert_eq!(scanned(false, part("name=\"_method\"").as_bytes(), &[]), Clean);
+    }
+
+    #[test]
+    fn utf16_and_utf32_are_not_read() {
+        for bom in [&b"\xFF\xFE"[..], b"\xFE\xFF", b"\0\0\xFE\xFF", b"\xFF\xFE\0\0"] {
+            let body = [bom, b"{\0}\0"].concat();
+            assert_every_cut(false, &body, Scanned::Unreadable);
+        }
+        // Too short to hold a mark: read as it is.
+        assert_eq!(scanned(false, b"{}", &[1]), Scanned::Clean);
+    }
+
+    /// A JSON object of `members` (key, value) with a top-level `_method` somewhere when
+    /// `method` holds its value.
+    fn json_body(
+        members: &[(String, serde_json::Value)],
+        method: Option<(usize, serde_json::Value)>,
+    ) -> Vec<u8> {
+        let mut object = serde_json::Map::new();
+        for (k, v) in members {
+            object.insert(k.clone(), v.clone());
+        }
+        let mut members: Vec<(String, serde_json::Value)> = object.into_iter().collect();
+        members.retain(|(k, _)| k != "_method");
+        if let Some((at, value)) = method {
+            members.insert(at.min(members.len()), ("_method".into(), value));
+        }
+        let text: Vec<String> = members
+            .iter()
+            .map(|(k, v)| {
+                format!("{}:{}", serde_json::to_string(k).unwrap(), serde_json::to_string(v).unwrap())
+            })
+            .collect();
+        format!("{{{}}}", text.join(",")).into_bytes()
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            "[a-z_\"\\\\/\u{1}\u{e9}\u{1F600}]{0,12}".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                prop::collection::vec(("[_a-z\"]{0,9}", inner), 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// On valid JSON objects with at most one top-level `_method`, the scan of the body in
+        /// any pieces agrees with the whole-body check.
+        #[test]
+        fn json_pieces_agree_with_the_whole_body_check(
+            members in prop::collection::vec(("[_a-z\"\\\\]{0,9}", json_value()), 0..6),
+            method in prop::option::of((0usize..6, json_value())),
+            cuts in prop::collection::vec(0usize..400, 0..6),
+        ) {
+            let body = json_body(&members, method);
+            let whole = super::super::json_names_a_method(&body);
+            prop_assert_eq!(scanned(false, &body, &cuts) == Scanned::NamesAMethod, whole);
+        }
+
+        /// Multipart text of names, quotes and line ends: the scan in any pieces finds what the
+        /// whole-body check finds.
+        #[test]
+        fn multipart_pieces_agree_with_the_whole_body_check(
+            body in "(name=|NAME=\"|\"|;|\r\n|_method|_METHOD| |\\[|\\.|x|_|method|[a-z]{1,3}){0,40}",
+            cuts in prop::collection::vec(0usize..400, 0..8),
+        ) {
+            let whole = super::super::multipart_names_a_method(body.as_bytes());
+            prop_assert_eq!(scanned(true, body.as_bytes(), &cuts) == Scanned::NamesAMethod, whole);
+        }
+    }
+}
