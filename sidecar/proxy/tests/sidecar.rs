@@ -842,7 +842,7 @@ async fn an_applied_rule_is_named_with_the_principal_its_policy_counts_by() {
     });
     let mut customer = policy(json!([
         {"name": "everyone-list", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/customers"]},
-         "records": "$.items[*]", "limits": {"recordsPerHour": 100}},
+         "records": "$.items[*]", "limits": {"recordsPerHour": 100, "requestsPerMinute": 2}},
         {"name": "capped-list", "action": "Allow", "to": {"methods": ["GET"], "paths": ["/chunked/customers"]},
          "records": "$.items[*]", "limits": {"recordsPerHour": 100, "maxRecordsPerResponse": 2, "onExceed": "Deny"}},
     ]));
@@ -872,8 +872,17 @@ async fn an_applied_rule_is_named_with_the_principal_its_policy_counts_by() {
     // partner rule moves to `alsoApplied`.
     let reply = get_with(f.proxy(), "/chunked/customers", &[("authorization", &partner_bearer)]).await;
     assert_eq!(reply.status, 403, "{}", reply.text());
+    // The other policy's request quota (2 a minute, by the peer) refuses the third listing.
+    assert_eq!(get_with(f.proxy(), "/customers", &[("authorization", &partner_bearer)]).await.status, 200);
+    let reply = get_with(f.proxy(), "/customers", &[("authorization", &partner_bearer)]).await;
+    assert_eq!(reply.status, 429, "{}", reply.text());
     f.stop().await;
-    let events = collector.wait_for(2).await;
+    let events = collector.wait_for(4).await;
+    let over = events.iter().find(|e| e["status"] == 429).unwrap();
+    assert_eq!(
+        [&over["policy"], &over["rule"], &over["principal"], &over["rulePrincipal"]],
+        ["b-customer", "everyone-list", "user:p-7", "peer:127.0.0.1"]
+    );
     let refused = events.iter().find(|e| e["status"] == 403).unwrap();
     assert_eq!(
         (refused["policy"].as_str(), refused["rule"].as_str(), refused["principal"].as_str()),
@@ -889,6 +898,7 @@ async fn an_applied_rule_is_named_with_the_principal_its_policy_counts_by() {
     );
     assert_eq!(refused["alsoApplied"], json!([{"policy": "a-partner", "rule": "partner-list"}]));
     let event = events.iter().find(|e| e["status"] == 200).unwrap();
+    assert!(event.get("rulePrincipal").is_none(), "{event}");
     assert_eq!(
         (event["policy"].as_str(), event["principal"].as_str()),
         (Some("a-partner"), Some("user:p-7"))
