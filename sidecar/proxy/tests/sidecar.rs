@@ -1662,7 +1662,7 @@ async fn requests_the_app_would_read_otherwise_are_refused() {
     let seen: Vec<Seen> = f.upstream.seen().into_iter().skip(before).collect();
     assert!(seen.len() <= stopped, "{seen:?}");
     assert!(seen.iter().all(|s| s.body.is_none()), "a stopped body reached the app whole: {seen:?}");
-    let before = before + seen.len();
+    let before = f.upstream.count();
     // Without `_method` (or with it in a nested object) the upload goes on whole; a large
     // UTF-16 one cannot be read on the way (415).
     let clean = format!("{}--B--\r\n", part("f", &pad));
@@ -1674,8 +1674,9 @@ async fn requests_the_app_would_read_otherwise_are_refused() {
     assert_eq!(send(f.proxy(), big("/uploads/a", "application/json", clean_json.clone())).await.status, 200);
     let (status, answer) = raw(f.proxy(), chunked("application/json", &clean_json).as_bytes()).await;
     assert_eq!(status, Some(200), "{answer}");
-    let whole: Vec<Option<Bytes>> = f.upstream.seen().into_iter().skip(before).map(|s| s.body).collect();
-    assert_eq!(whole, [Some(clean), Some(clean_json.clone()), Some(clean_json)].map(|b| b.map(Bytes::from)));
+    // (The heads of the stopped requests may reach the app later still, without a body.)
+    let whole: Vec<Bytes> = f.upstream.seen().into_iter().skip(before).filter_map(|s| s.body).collect();
+    assert_eq!(whole, [clean, clean_json.clone(), clean_json].map(Bytes::from));
     let utf16 = Request::post("/uploads/a")
         .header("host", "a")
         .header("content-type", "application/json")
@@ -1683,23 +1684,24 @@ async fn requests_the_app_would_read_otherwise_are_refused() {
         .unwrap();
     refused(&send(f.proxy(), utf16).await, 415, "unsupported_request_charset");
     // Compressed, it cannot be read on the way either: 413, the app not called.
-    let gzip = Request::post("/uploads/a")
+    // (Paths of their own from here: a stopped request's head may still reach the app.)
+    let gzip = Request::post("/uploads/gz")
         .header("host", "a")
         .header("content-type", "application/json")
         .header("content-encoding", "gzip")
         .body(Full::new(Bytes::from(pad.clone())))
         .unwrap();
-    let before = f.upstream.count();
     refused(&send(f.proxy(), gzip).await, 413, "json_body_unchecked");
-    assert_eq!(f.upstream.count(), before, "an unchecked body reached the app");
     assert_eq!(send(f.proxy(), big("/open/a", "application/json", json_body)).await.status, 200);
     assert_eq!(
         send(f.proxy(), big("/open/a", "multipart/form-data; boundary=B", multipart)).await.status,
         200
     );
     let upload = format!(r#"{{"title":"x","pad":"{pad}"}}"#);
-    assert_eq!(send(f.proxy(), big("/uploads/a", "application/octet-stream", upload)).await.status, 200);
-    assert_eq!(f.upstream.count(), before + 3);
+    assert_eq!(send(f.proxy(), big("/uploads/b", "application/octet-stream", upload)).await.status, 200);
+    let targets = f.upstream.targets();
+    let count = |path: &str| targets.iter().filter(|t| *t == path).count();
+    assert_eq!((count("/uploads/gz"), count("/open/a"), count("/uploads/b")), (0, 2, 1), "{targets:?}");
     // An upload in an encoding the sidecar cannot read goes on where every method is alike.
     let zstd = Request::post("/open/a")
         .header("host", "a")

@@ -229,13 +229,23 @@ impl JsonScan {
     }
 }
 
-/// The most bytes of a part's name read after `name=` (and its quote), as the whole-body
-/// check reads it.
+/// The most bytes of a part's name read after `name=` (and its quote) in the first reading
+/// of [`names_method`].
 const NAME_WINDOW: usize = PARAMETER.len() + 64;
 
-/// A part whose `Content-Disposition` names it `_method`, found across pieces: the bytes from
-/// an occurrence of `name=` whose name is not complete yet (or the last four, which may begin
-/// one) are carried over to the next piece.
+/// The most bytes of a header line read after a key ([`KEYS`]): past them the name is read
+/// as far as that.
+const LINE_WINDOW: usize = 8 * 1024;
+
+/// Where a multipart reader finds a part's name: `name=` of its `Content-Disposition` (PHP,
+/// Rack, busboy), `name*=` (RFC 5987, busboy) and `Content-ID:` (Rack names a part without
+/// a disposition name by it). Found in any letter case, anywhere: a file's content naming a
+/// part so is refused too, on the safe side.
+const KEYS: [&[u8]; 3] = [b"name=", b"name*=", b"content-id:"];
+
+/// A part whose header names it `_method`, found across pieces: the bytes from a key whose
+/// line is not complete yet (or the last few, which may begin one) are carried over to the
+/// next piece.
 #[derive(Debug, Default)]
 struct MultipartScan {
     carry: Vec<u8>,
@@ -249,8 +259,8 @@ impl MultipartScan {
         match scan_names(&window, at_end) {
             Err(Found) => true,
             Ok(keep_from) => {
-                window.drain(..keep_from);
-                self.carry = window;
+                // A copy: the window has the capacity of the largest piece.
+                self.carry = window[keep_from..].to_vec();
                 false
             }
         }
@@ -261,31 +271,127 @@ impl MultipartScan {
 #[derive(Debug)]
 pub(super) struct Found;
 
-/// Looks for a part named `_method` in `window` (`name=`, in any letter case, an optional
-/// quote, then the name up to a quote, `;` or a line end, at most [`NAME_WINDOW`] bytes, read
-/// as PHP reads names). Unless `at_end`, a name that could still grow stops the scan: the
-/// position of its `name=`, from which the window must be kept, is returned; else the
-/// position of the last bytes that could begin one.
+/// Looks for a part named `_method` in `window`: a key of [`KEYS`] whose value, read as each
+/// reader reads it ([`names_method`]), is `_method` as PHP reads names. Unless `at_end`, a key
+/// whose header line is not complete yet stops the scan: the position of the key, from which
+/// the window must be kept, is returned; else the position of the last bytes that could
+/// begin a key.
 pub(super) fn scan_names(window: &[u8], at_end: bool) -> Result<usize, Found> {
-    const KEY: &[u8] = b"name=";
-    for (at, w) in window.windows(KEY.len()).enumerate() {
-        if !w.eq_ignore_ascii_case(KEY) {
+    for at in 0..window.len() {
+        if !matches!(window[at], b'n' | b'N' | b'c' | b'C') {
             continue;
         }
-        let value = &window[at + KEY.len()..];
-        let value = value.strip_prefix(b"\"").unwrap_or(value);
-        let end = value.iter().take(NAME_WINDOW).position(|b| matches!(b, b'"' | b';' | b'\r' | b'\n'));
-        let end = match end {
-            Some(end) => end,
-            None if value.len() >= NAME_WINDOW || at_end => value.len().min(NAME_WINDOW),
-            // The name may go on in the next piece.
-            None => return Ok(at),
+        let rest = &window[at..];
+        let Some(key) = KEYS.iter().find(|k| rest.get(..k.len()).is_some_and(|w| w.eq_ignore_ascii_case(k)))
+        else {
+            continue;
         };
-        if is_method_name(value[..end].trim_ascii_end()) {
+        let value = &rest[key.len()..];
+        let Some(line) = logical_line(value, at_end) else {
+            return Ok(at);
+        };
+        if names_method(key, value, &line) {
             return Err(Found);
         }
     }
-    Ok(window.len().saturating_sub(KEY.len() - 1))
+    let longest = KEYS.iter().map(|k| k.len()).max().unwrap_or(0);
+    Ok(window.len().saturating_sub(longest - 1))
+}
+
+/// The header line that starts with `rest` (after a key), its folded continuations joined
+/// as PHP joins them (a line break followed by a space or a tab is dropped), at most
+/// [`LINE_WINDOW`] bytes; `None` when `rest` ends before the line does and more may come.
+fn logical_line(rest: &[u8], at_end: bool) -> Option<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut i = 0;
+    while line.len() < LINE_WINDOW {
+        let Some(&b) = rest.get(i) else {
+            return at_end.then_some(line);
+        };
+        if b == b'\n' {
+            match rest.get(i + 1) {
+                Some(b' ' | b'\t') => {
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    i += 1;
+                    continue;
+                }
+                Some(_) => break,
+                None if at_end => break,
+                None => return None,
+            }
+        }
+        line.push(b);
+        i += 1;
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Some(line)
+}
+
+/// Whether the value of `key` (`raw`, the bytes after it; `line`, its header line as
+/// [`logical_line`] reads it) names the part `_method` as some reader reads it: after
+/// `name=`, as the whole-body check always read the raw bytes (one `"` stripped, cut at `"`,
+/// `;` or a line end, at most [`NAME_WINDOW`] bytes), as PHP reads the line (white space
+/// skipped, then a value quoted with `"` or `'`, `\` before the quote escaping it, or one cut
+/// at white space or `;`) and as Rack unquotes it (every `\` escaping the next byte); after
+/// `name*=`, percent-decoded past its `charset'language'` prefix; after `Content-ID:`, the
+/// value trimmed.
+fn names_method(key: &[u8], raw: &[u8], line: &[u8]) -> bool {
+    let is = |name: &[u8]| is_method_name(name.trim_ascii_end());
+    match key {
+        b"name=" => {
+            let first = raw.strip_prefix(b"\"").unwrap_or(raw);
+            let end = first.iter().take(NAME_WINDOW).position(|b| matches!(b, b'"' | b';' | b'\r' | b'\n'));
+            let end = end.unwrap_or(first.len().min(NAME_WINDOW));
+            if is(&first[..end]) {
+                return true;
+            }
+            let value = line.trim_ascii_start();
+            match value.first() {
+                Some(&quote @ (b'"' | b'\'')) => {
+                    is(&unquoted(&value[1..], quote, false))
+                        || (quote == b'"' && is(&unquoted(&value[1..], quote, true)))
+                }
+                _ => is(value.split(|b| b.is_ascii_whitespace() || *b == b';').next().unwrap_or_default()),
+            }
+        }
+        b"name*=" => {
+            let value = line.trim_ascii_start();
+            let value = value.strip_prefix(b"\"").unwrap_or(value);
+            let value = value
+                .split(|b| b.is_ascii_whitespace() || matches!(b, b';' | b'"'))
+                .next()
+                .unwrap_or_default();
+            // `charset'language'value`: the value past the second quote.
+            let encoded = value.splitn(3, |&b| b == b'\'').nth(2).unwrap_or(value);
+            super::decodes_to_method_name(encoded)
+        }
+        _ => is(line.trim_ascii_start()),
+    }
+}
+
+/// A quoted value (after its opening `quote`) up to its closing one: with `any_escape`, a `\`
+/// escapes any byte (Rack), else only the quote (PHP).
+fn unquoted(value: &[u8], quote: u8, any_escape: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(&b) = value.get(i) {
+        match (b, value.get(i + 1)) {
+            (b'\\', Some(&next)) if any_escape || next == quote => {
+                out.push(next);
+                i += 2;
+            }
+            _ if b == quote => break,
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -369,6 +475,22 @@ mod tests {
             (part("name=\"_method[]\""), NamesAMethod),
             (part("name=\" _method\""), NamesAMethod),
             (part("name=\"title\"; filename=\"_method\""), NamesAMethod),
+            // As PHP reads a name: white space skipped, single quotes, a bare name cut at
+            // white space, a folded header line joined; as Rack unquotes one; `name*=`
+            // (busboy) percent-decoded; a part Rack names by its `Content-ID`.
+            (part("name='_method'"), NamesAMethod),
+            (part("name= \"_method\""), NamesAMethod),
+            (part("name=_method x"), NamesAMethod),
+            (part("name=\r\n \"_method\""), NamesAMethod),
+            (part("name=\"_\\method\""), NamesAMethod),
+            (part("name*=UTF-8''%5Fmethod"), NamesAMethod),
+            (part("name*=utf-8'en'_method; x=1"), NamesAMethod),
+            ("--b\r\nContent-ID: _method\r\n\r\nDELETE\r\n--b--\r\n".to_string(), NamesAMethod),
+            ("--b\r\nCONTENT-id:  _method \r\n\r\nDELETE\r\n--b--\r\n".to_string(), NamesAMethod),
+            (part("name='title'"), Clean),
+            (part("name=\"_met\\\"hod\""), Clean),
+            (part("name*=UTF-8''title"), Clean),
+            ("--b\r\nContent-ID: <part1@example.test>\r\n\r\n_method\r\n--b--\r\n".to_string(), Clean),
             (part("name=\"title\""), Clean),
             (part("name=\"_methods\""), Clean),
             (part("name=\"x_method\""), Clean),
@@ -459,7 +581,7 @@ mod tests {
         /// whole-body check finds.
         #[test]
         fn multipart_pieces_agree_with_the_whole_body_check(
-            body in "(name=|NAME=\"|\"|;|\r\n|_method|_METHOD| |\\[|\\.|x|_|method|[a-z]{1,3}){0,40}",
+            body in "(name=|NAME=\"|name\\*=|Content-ID:|'|\"|;|\r\n|\r\n |\n|\\\\|%5F|_method|_METHOD| |\\[|\\.|x|_|method|[a-z]{1,3}){0,40}",
             cuts in prop::collection::vec(0usize..400, 0..8),
         ) {
             let whole = super::super::multipart_names_a_method(body.as_bytes());
