@@ -113,7 +113,7 @@ pub(crate) fn record_keys(record_hashes: &[String]) -> Vec<RecordKey> {
 pub(crate) const DAY_US: i64 = 86_400_000_000;
 
 /// The columns of `events` that `verify` reads, in the order both backends select them.
-pub(crate) const CHAIN_COLUMNS: &str = "seq, id, time_us, namespace, policy, rule, principal, user_id, decision, path, records_returned, prev_hash, hash, body";
+pub(crate) const CHAIN_COLUMNS: &str = "seq, id, time_us, namespace, policy, rule, principal, user_id, decision, path, records_returned, prev_hash, hash, body, rule_principal";
 
 /// `hex(SHA-256(prev_hash || body))`.
 pub fn chain_hash(prev_hash: &str, body: &str) -> String {
@@ -156,6 +156,9 @@ pub(crate) struct Columns {
     pub decision: String,
     pub path: String,
     pub records_returned: i64,
+    /// The principal the deciding rule counted by where it is not `principal`
+    /// (`rulePrincipal`): usage counts that rule under it instead (SQLite V4, PostgreSQL V5).
+    pub rule_principal: Option<String>,
 }
 
 impl Columns {
@@ -178,6 +181,7 @@ impl Columns {
             decision: e.decision.as_str().to_owned(),
             path: e.path.clone(),
             records_returned,
+            rule_principal: e.rule_principal.clone(),
         })
     }
 }
@@ -353,7 +357,7 @@ pub(crate) fn admissible(e: &AuditEvent, columns: &Columns, now_us: i64) -> Resu
         return Err("rulePrincipal needs the rule it counts for (rule)");
     }
     if e.rule_principal.as_ref() == Some(&e.principal) {
-        // The events count the deciding rule under the event's principal already.
+        // One form for one meaning (the sidecar leaves it out then).
         return Err("rulePrincipal must differ from principal (leave it out when they are the same)");
     }
     admissible_sizes(e)?;

@@ -151,7 +151,15 @@ fn bucket_end(seq: i64) -> i64 {
 }
 
 /// Schema migrations, in order. Never edit a released one: add the next.
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
+/// V5: the principal the deciding rule of an event counted by where it is not the event's
+/// (`rulePrincipal`, [`chain::Columns::rule_principal`]), as SQLite's V4: usage queries count
+/// the deciding rule from `events` only for the events without one. A column without a
+/// default: no table is rewritten.
+const V5: &str = "
+ALTER TABLE events ADD COLUMN rule_principal text;
+";
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5)];
 
 /// The day partitions of a partitioned table: (suffix after `{parent}_`, bound expression).
 async fn partitions_of(tx: &tokio_postgres::Transaction<'_>, parent: &str) -> Result<Vec<(String, String)>> {
@@ -247,6 +255,7 @@ fn chain_row(r: &Row) -> Result<ChainRow> {
             decision: r.try_get(8)?,
             path: r.try_get(9)?,
             records_returned: r.try_get(10)?,
+            rule_principal: r.try_get(14)?,
         },
         prev_hash: r.try_get(11)?,
         hash: r.try_get(12)?,
@@ -282,7 +291,7 @@ fn is_missing_partition(e: &Error) -> bool {
 }
 
 /// The column types of `events`, in [`CHAIN_COLUMNS`] order.
-const EVENT_TYPES: [Type; 14] = [
+const EVENT_TYPES: [Type; 15] = [
     Type::INT8,
     Type::TEXT,
     Type::INT8,
@@ -294,6 +303,7 @@ const EVENT_TYPES: [Type; 14] = [
     Type::TEXT,
     Type::TEXT,
     Type::INT8,
+    Type::TEXT,
     Type::TEXT,
     Type::TEXT,
     Type::TEXT,
@@ -531,6 +541,7 @@ impl PostgresStore {
                         &p.prev_hash,
                         &p.hash,
                         &p.body,
+                        &c.rule_principal,
                     ])
                     .await?;
             }
@@ -890,7 +901,7 @@ impl PostgresStore {
                    ($8::text IS NOT NULL AND substr(id, 11, 8) = $8) AS own \
                    FROM events \
                    WHERE principal = $1 AND policy = $2 AND time_us > $6 AND time_us <= $3 \
-                   AND rule IS NOT NULL AND ($7::text IS NULL OR namespace = $7) \
+                   AND rule IS NOT NULL AND rule_principal IS NULL AND ($7::text IS NULL OR namespace = $7) \
                    UNION ALL \
                    SELECT rule, time_us, admitted, records, \
                    ($8::text IS NOT NULL AND EXISTS (SELECT 1 FROM events e WHERE e.seq = x.seq \

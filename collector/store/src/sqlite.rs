@@ -122,6 +122,14 @@ CREATE TABLE event_applied_rules (
 CREATE INDEX event_applied_rules_seq ON event_applied_rules (seq);
 ";
 
+/// V4: the principal the deciding rule of an event counted by where it is not the event's
+/// (`rulePrincipal`, [`chain::Columns::rule_principal`]): usage queries count the deciding
+/// rule from `events` only for the events without one, and from the usage index, where the
+/// rule's row is, for the others. Events stored before V4 carry none.
+const V4: &str = "
+ALTER TABLE events ADD COLUMN rule_principal TEXT;
+";
+
 /// Events per bucket of the record-hash index: `2^BUCKET_SHIFT`.
 const BUCKET_SHIFT: u32 = SQLITE_BUCKET_SHIFT;
 
@@ -136,7 +144,7 @@ fn bucket_end(seq: i64) -> i64 {
 }
 
 /// Schema migrations, in order. Never edit a released one: add the next.
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
 
 /// Copies the V1 record-hash rows into the V2 index.
 fn convert_records_v2(tx: &rusqlite::Transaction<'_>) -> Result<()> {
@@ -267,6 +275,7 @@ fn chain_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChainRow> {
             decision: r.get(8)?,
             path: r.get(9)?,
             records_returned: r.get(10)?,
+            rule_principal: r.get(14)?,
         },
         prev_hash: r.get(11)?,
         hash: r.get(12)?,
@@ -468,8 +477,8 @@ impl SqliteStore {
             {
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO events (seq, id, time_us, namespace, policy, rule, principal, \
-                     user_id, decision, path, records_returned, prev_hash, hash, body) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+                     user_id, decision, path, records_returned, prev_hash, hash, body, rule_principal) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
                      ON CONFLICT (id) DO NOTHING",
                 )?;
                 let mut record = tx.prepare_cached(
@@ -502,7 +511,8 @@ impl SqliteStore {
                         c.records_returned,
                         p.prev_hash,
                         p.hash,
-                        p.body
+                        p.body,
+                        c.rule_principal
                     ])?;
                     if n == 0 {
                         out.outcome.duplicates += 1;
@@ -829,7 +839,7 @@ impl SqliteStore {
                    (?8 IS NOT NULL AND substr(id, 11, 8) = ?8) AS own \
                    FROM events \
                    WHERE principal = ?1 AND policy = ?2 AND time_us > ?6 AND time_us <= ?3 \
-                   AND rule IS NOT NULL AND (?7 IS NULL OR namespace = ?7) \
+                   AND rule IS NOT NULL AND rule_principal IS NULL AND (?7 IS NULL OR namespace = ?7) \
                    UNION ALL \
                    SELECT rule, time_us, admitted, records, \
                    (?8 IS NOT NULL AND EXISTS (SELECT 1 FROM events e WHERE e.seq = x.seq \

@@ -39,7 +39,7 @@ async fn a_v1_store_with_events_migrates_verifies_and_answers_queries() {
     let (client, conn) = tokio_postgres::connect(&env.url(), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     let version: i64 = client.query_one("SELECT MAX(version) FROM custos_schema", &[]).await.unwrap().get(0);
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let indexes: Vec<String> = client
         .query("SELECT indexname::text FROM pg_indexes WHERE tablename = 'events' ORDER BY 1", &[])
         .await

@@ -30,7 +30,7 @@ async fn a_v2_store_with_events_converts_verifies_and_answers_subject_queries() 
     assert!(partitions >= 3, "{partitions} partitions");
 
     let store = env.open().await;
-    assert_eq!(env.count("SELECT MAX(version) FROM custos_schema").await, 4);
+    assert_eq!(env.count("SELECT MAX(version) FROM custos_schema").await, 5);
     // V4: a partition of the applied rules' usage index for every day of events.
     let events_partitions =
         env.count("SELECT COUNT(*) FROM pg_inherits WHERE inhparent = 'events'::regclass").await;

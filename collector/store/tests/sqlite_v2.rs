@@ -121,7 +121,7 @@ async fn a_v1_store_with_events_migrates_verifies_and_answers_queries() {
     // The schema is V3 (V2, then the applied rules' usage index) and the V1 table is gone.
     let conn = rusqlite::Connection::open(path).unwrap();
     let version: i64 = conn.query_row("SELECT MAX(version) FROM custos_schema", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let old: i64 = conn
         .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'event_records_v1'", [], |r| r.get(0))
         .unwrap();

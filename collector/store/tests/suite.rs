@@ -56,6 +56,7 @@ suite!(
     verify_catches_a_moved_record_index_time,
     verify_catches_a_deleted_usage_index_row,
     verify_catches_a_deleted_rule_principal_row,
+    verify_catches_a_cleared_rule_principal_column,
     verify_catches_an_edited_usage_index_row,
     verify_catches_a_usage_index_row_of_no_event,
     query_filters_and_pagination,
@@ -772,6 +773,12 @@ async fn verify_catches_a_deleted_rule_principal_row(env: &Env) {
     assert_eq!((b.kind, b.seq), (BreakKind::Edited, 6), "{b:?}");
 }
 
+async fn verify_catches_a_cleared_rule_principal_column(env: &Env) {
+    // Counting the deciding rule under the event's principal instead.
+    let b = tampered(env, "UPDATE events SET rule_principal = NULL WHERE seq = 6;").await;
+    assert_eq!((b.kind, b.seq), (BreakKind::Edited, 6), "{b:?}");
+}
+
 async fn verify_catches_an_edited_usage_index_row(env: &Env) {
     let b = tampered(
         env,
@@ -1106,8 +1113,8 @@ async fn usage_counts_the_dry_runs_charged_to_their_rules(env: &Env) {
 /// The deciding rule of a policy that counts by another principal than the event's (one that
 /// verifies no users, beside one that named the user: `rulePrincipal`) is charged under that
 /// principal, as the sidecar's quotas counted it, so that its quotas hold across replicas: the
-/// request unless the event is a `Deny`, and the records returned. Reopened and verified, the
-/// same.
+/// request unless the event is a `Deny`, and the records returned; and not under the event's
+/// principal. Reopened and verified, the same.
 async fn usage_counts_the_deciding_rule_under_its_rule_principal(env: &Env) {
     let store = env.open().await;
     let now = t0();
@@ -1149,6 +1156,9 @@ async fn usage_counts_the_deciding_rule_under_its_rule_principal(env: &Env) {
             counts(store.usage(Some("shop"), "baseline", "peer:10.0.0.7", now, None).await.unwrap())
                 .is_empty()
         );
+        // Under the event's principal, the rule counts only the requests it counted by it: r4.
+        let by_alice = counts(store.usage(Some("shop"), "customers", "user:alice", now, None).await.unwrap());
+        assert_eq!(by_alice, [("read".to_owned(), [1, 2])]);
     }
     let store = env.open().await;
     assert_verifies(&store, 5).await;

@@ -94,12 +94,15 @@ impl Env {
 
 /// Turns a PostgreSQL store's record-hash index back into the V2 layout (64-character hex
 /// `record_hash` keys, a `seq` index, the same day partitions), rebuilt from the event
-/// bodies, drops the V4 usage index of applied rules, and forgets V3 and V4: the next open
+/// bodies, drops the V5 rule_principal column and the V4 usage index of applied rules, and
+/// forgets V3, V4 and V5: the next open
 /// migrates it again.
 pub const POSTGRES_RECORDS_BACK_TO_V2: &str = "
 DO $$
 DECLARE r record;
 BEGIN
+  ALTER TABLE events DROP COLUMN rule_principal;
+  DELETE FROM custos_schema WHERE version = 5;
   DROP TABLE event_applied_rules;
   DELETE FROM custos_schema WHERE version = 4;
   FOR r IN SELECT c.relname::text AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
