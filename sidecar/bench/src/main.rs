@@ -28,12 +28,19 @@
 //! forwards request bodies as they arrive (`--request-buffer-bytes 0`), each alone and then
 //! while 64 clients trickle POST bodies at one byte a second, both allowed 32 connections to
 //! the app. Skipped with `--peak-only` or `--slow-clients 0`.
+//!
+//! (i) Large uploads ([`uploads`]): 1 MiB multipart and JSON POST bodies, as fast as they are
+//! answered, through a sidecar that checks each for a `_method` field on its way to the app
+//! (the path's DELETE is denied), against the same sidecar with `--forward-unchecked-bodies`
+//! (the bodies forwarded unread) and the app directly. Skipped with `--peak-only` or
+//! `--upload-clients 0`.
 #![forbid(unsafe_code)]
 
 mod bare;
 mod cgroups;
 mod loadgen;
 mod slow;
+mod uploads;
 mod upstream;
 
 use std::fmt::Write as _;
@@ -79,6 +86,10 @@ struct Args {
     /// second; 0 skips it.
     #[arg(long, default_value_t = 64)]
     slow_clients: usize,
+    /// Clients of the large-upload measurement (i), each POSTing 1 MiB bodies over one
+    /// keep-alive connection; 0 skips it.
+    #[arg(long, default_value_t = 4)]
+    upload_clients: usize,
     /// Run as in a pod: the load generator (wrk, h2load), the app (this process), the proxies
     /// and the collector each in a cgroup of its own with equal CPU weight, so that a
     /// proxy's thread count does not decide its share of the CPUs (needs root and the cgroup
@@ -775,6 +786,10 @@ fn main() -> Result<()> {
         let rows = slow_uploads(&args, &dir, &key, upstream, cgroups.as_ref(), &mut guard)?;
         table.push_str(&rows);
     }
+    if args.upload_clients > 0 {
+        let rows = large_uploads(&args, &dir, &key, upstream, cgroups.as_ref(), &mut guard)?;
+        table.push_str(&rows);
+    }
 
     println!("\n{table}");
     if let Some(out) = &args.out {
@@ -844,6 +859,80 @@ fn slow_uploads(
         out,
         "\nwith the slow clients, 2xx req/s reading bodies first: {:.0}; forwarding them as they arrive: {:.0}",
         served[0], served[1]
+    );
+    Ok(out)
+}
+
+/// (i) 1 MiB multipart and JSON uploads through a sidecar checking them for `_method` on
+/// their way, through the same with `--forward-unchecked-bodies`, and to the app directly:
+/// MiB/s of bodies answered 2xx and the sidecar's CPU per MiB. Returns the table's rows.
+fn large_uploads(
+    args: &Args,
+    dir: &Path,
+    key: &Path,
+    upstream: SocketAddr,
+    cgroups: Option<&Cgroups>,
+    guard: &mut Guard,
+) -> Result<String> {
+    let clients = args.upload_clients;
+    let duration = Duration::from_secs(args.duration);
+    let bodies = [uploads::body(true), uploads::body(false)];
+    let mut out = format!(
+        "\n| large uploads: {clients} clients POST {} KiB bodies | multipart MiB/s | sidecar CPU ms per MiB | JSON MiB/s | sidecar CPU ms per MiB | failed |\n|---|---|---|---|---|---|\n",
+        uploads::BODY_BYTES / 1024
+    );
+    let mut measured = Vec::new();
+    /// A sidecar's directory name and flags; none: the app directly.
+    type Target<'a> = Option<(&'a str, &'a [&'a str])>;
+    let variants: [(&str, Target<'_>); 3] = [
+        ("app directly", None),
+        ("sidecar, checked on the way", Some(("uploads-checked", &[]))),
+        ("sidecar, --forward-unchecked-bodies", Some(("uploads-unchecked", &["--forward-unchecked-bodies"]))),
+    ];
+    for (label, sidecar) in variants {
+        let (addr, pid) = match sidecar {
+            None => (upstream, None),
+            Some((name, extra)) => {
+                let spec = SidecarSpec { args: extra, ..SidecarSpec::new(name, slow::policy_yaml()) };
+                let sc = start_sidecar(&args.custos, dir, key, spec, upstream, guard)?;
+                if let Some(cgroups) = cgroups {
+                    cgroups.join("proxies", &[sc.pid])?;
+                }
+                (sc.addr, Some(sc.pid))
+            }
+        };
+        let mut row = Vec::new();
+        let mut failed = 0;
+        for (content_type, body) in &bodies {
+            let before = pid.map(|p| cpu_ns(&[p]));
+            let done = uploads::run(addr, clients, duration, content_type, body)?;
+            let cpu = pid.zip(before).map(|(p, b)| cpu_ns(&[p]).saturating_sub(b));
+            let mib = done.ok as f64 * uploads::BODY_BYTES as f64 / (1024.0 * 1024.0);
+            let per_mib = cpu.map(|ns| ns as f64 / 1e6 / mib.max(1e-9));
+            row.push((done.mib_per_second(), per_mib));
+            failed += done.failed;
+        }
+        let cpu = |c: Option<f64>| c.map_or("—".to_owned(), |ms| format!("{ms:.2}"));
+        println!(
+            "large uploads {label:<38} multipart {:>7.1} MiB/s, JSON {:>7.1} MiB/s, failed {failed}",
+            row[0].0, row[1].0
+        );
+        let _ = writeln!(
+            out,
+            "| {label} | {:.1} | {} | {:.1} | {} | {failed} |",
+            row[0].0,
+            cpu(row[0].1),
+            row[1].0,
+            cpu(row[1].1)
+        );
+        measured.push(row);
+    }
+    let ratio = |kind: usize| measured[1][kind].0 / measured[2][kind].0.max(1e-9);
+    let _ = writeln!(
+        out,
+        "\nchecked on the way vs. forwarded unchecked (same run): multipart {:.2}x, JSON {:.2}x",
+        ratio(0),
+        ratio(1)
     );
     Ok(out)
 }
