@@ -66,7 +66,8 @@ bench-store:
 ## bench-sidecar: direct vs. custos sidecar vs. nginx (and the sidecar without masks, a bare proxy on the
 ## sidecar's stack, and the sidecar shipping its audit events to a collector), wrk peak in rounds + fixed 2,000 req/s,
 ## then an h2c burst (h2load, 8,192 streams in flight) against the sidecar and nginx, then GETs while 64 clients
-## trickle POST bodies (request bodies read first, the default, vs --request-buffer-bytes 0).
+## trickle POST bodies (request bodies read first, the default, vs --request-buffer-bytes 0), then 1 MiB uploads
+## checked for _method on their way vs. forwarded unchecked.
 ## SIDECAR_BENCH_ARGS=--cgroups: each process in a cgroup of its own, as containers in a pod (root, the cpu controller of cgroup v1 or v2).
 bench-sidecar: bench-deps
 	$(CARGO) build --release --locked -p custos -p custos-sidecar-bench

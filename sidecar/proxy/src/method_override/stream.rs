@@ -120,7 +120,18 @@ struct JsonScan {
 impl JsonScan {
     /// Reads `piece`; true once a `_method` key with a value other than `null` was read.
     fn feed(&mut self, piece: &[u8]) -> bool {
-        for &b in piece {
+        let mut i = 0;
+        while let Some(&b) = piece.get(i) {
+            // Inside a string that is no top-level key, only `"` and `\` matter: skipped to
+            // (most of an upload's bytes are such strings).
+            if self.in_string && self.escape == 0 && self.key.is_none() && !matches!(b, b'"' | b'\\') {
+                match memchr::memchr2(b'"', b'\\', &piece[i..]) {
+                    Some(at) => i += at,
+                    None => return false,
+                }
+                continue;
+            }
+            i += 1;
             match self.phase {
                 JsonPhase::Done => return false,
                 JsonPhase::Start => {
@@ -277,21 +288,20 @@ pub(super) struct Found;
 /// the window must be kept, is returned; else the position of the last bytes that could
 /// begin a key.
 pub(super) fn scan_names(window: &[u8], at_end: bool) -> Result<usize, Found> {
-    for at in 0..window.len() {
-        if !matches!(window[at], b'n' | b'N' | b'c' | b'C') {
-            continue;
-        }
-        let rest = &window[at..];
-        let Some(key) = KEYS.iter().find(|k| rest.get(..k.len()).is_some_and(|w| w.eq_ignore_ascii_case(k)))
-        else {
-            continue;
-        };
-        let value = &rest[key.len()..];
-        let Some(line) = logical_line(value, at_end) else {
-            return Ok(at);
-        };
-        if names_method(key, value, &line) {
-            return Err(Found);
+    // Keys end in `=` or `:`, rarer in uploads than their first letters: found by those.
+    for end in memchr::memchr2_iter(b'=', b':', window) {
+        for key in KEYS.iter().filter(|k| k.last() == Some(&window[end])) {
+            let Some(at) = (end + 1).checked_sub(key.len()) else { continue };
+            if !window[at..=end].eq_ignore_ascii_case(key) {
+                continue;
+            }
+            let value = &window[end + 1..];
+            let Some(line) = logical_line(value, at_end) else {
+                return Ok(at);
+            };
+            if names_method(key, value, &line) {
+                return Err(Found);
+            }
         }
     }
     let longest = KEYS.iter().map(|k| k.len()).max().unwrap_or(0);
