@@ -14,17 +14,20 @@ use anyhow::{Context, Result, bail};
 pub(crate) const BODY_BYTES: usize = 1 << 20;
 
 /// A body of about [`BODY_BYTES`]: a multipart form with a title and a text file (lines of
-/// CSV, as exports and imports are), or a JSON document of the same rows.
+/// CSV with a time in each, as exports and imports are), or a JSON document of the same rows.
 pub(crate) fn body(multipart: bool) -> (&'static str, Vec<u8>) {
     let mut rows = String::with_capacity(BODY_BYTES);
     let mut i = 0;
     while rows.len() < BODY_BYTES - 512 {
+        // A time in each row: `:` is where the multipart reader stops to look for a key.
         rows.push_str(&format!(
-            "C{:07},Customer Name {i},+86 138 {:04} {:04},HB-{:02},Wuhan\n",
+            "C{:07},Customer Name {i},+86 138 {:04} {:04},HB-{:02},Wuhan,2026-12-08T{:02}:{:02}:00Z\n",
             i,
             i % 10_000,
             (i * 7) % 10_000,
-            i % 3
+            i % 3,
+            i % 24,
+            i % 60
         ));
         i += 1;
     }

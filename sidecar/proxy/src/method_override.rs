@@ -316,7 +316,7 @@ fn is_method_name(name: &[u8]) -> bool {
 /// Read as bytes: a file part containing that text is refused too, which errs on the safe
 /// side.
 fn multipart_names_a_method(body: &[u8]) -> bool {
-    stream::scan_names(body, true).is_err()
+    stream::MultipartScan::default().feed(body, true)
 }
 
 /// Whether percent-decoding `encoded` (`+` as a space) gives `_method` as PHP reads it

@@ -254,28 +254,139 @@ const LINE_WINDOW: usize = 8 * 1024;
 /// part so is refused too, on the safe side.
 const KEYS: [&[u8]; 3] = [b"name=", b"name*=", b"content-id:"];
 
-/// A part whose header names it `_method`, found across pieces: the bytes from a key whose
-/// line is not complete yet (or the last few, which may begin one) are carried over to the
-/// next piece.
+/// A part whose header names it `_method`, found across pieces, in the body as it is and
+/// in the body with its header lines joined as PHP joins them ([`JoinedLines`]: `na` CRLF
+/// `me=_method` is `name=_method` to PHP).
 #[derive(Debug, Default)]
-struct MultipartScan {
-    carry: Vec<u8>,
+pub(super) struct MultipartScan {
+    raw: KeyScan,
+    joined: KeyScan,
+    join: JoinedLines,
 }
 
 impl MultipartScan {
     /// Reads `piece`; true once a part named `_method` was found.
+    pub(super) fn feed(&mut self, piece: &[u8], at_end: bool) -> bool {
+        if self.raw.feed(piece, at_end) {
+            return true;
+        }
+        let joined = self.join.feed(piece, at_end);
+        self.joined.feed(&joined, at_end)
+    }
+}
+
+/// The keys of [`scan_names`] found across pieces: the bytes from a key whose line is not
+/// complete yet (or the last few, which may begin one) are carried over to the next piece.
+/// While a key waits for its line, the carried bytes are read again only once they have
+/// doubled (or the body ends): a client sending its body a byte at a time must not make
+/// every byte cost a line's reading.
+#[derive(Debug, Default)]
+struct KeyScan {
+    carry: Vec<u8>,
+    /// The carry's length at which it is read again.
+    read_at: usize,
+    /// How many times the carry was read.
+    #[cfg(test)]
+    reads: usize,
+}
+
+impl KeyScan {
     fn feed(&mut self, piece: &[u8], at_end: bool) -> bool {
-        let mut window = std::mem::take(&mut self.carry);
-        window.extend_from_slice(piece);
-        match scan_names(&window, at_end) {
+        self.carry.extend_from_slice(piece);
+        if !at_end && self.carry.len() < self.read_at {
+            return false;
+        }
+        #[cfg(test)]
+        {
+            self.reads += 1;
+        }
+        match scan_names(&self.carry, at_end) {
             Err(Found) => true,
             Ok(keep_from) => {
                 // A copy: the window has the capacity of the largest piece.
-                self.carry = window[keep_from..].to_vec();
+                self.carry = self.carry[keep_from..].to_vec();
+                // Longer than the tail: a key waits for its line.
+                let waiting = self.carry.len() > KEY_TAIL;
+                self.read_at = if waiting { self.carry.len().saturating_mul(2).max(64) } else { 0 };
                 false
             }
         }
     }
+}
+
+/// Bytes kept after a scan found no key waiting: the longest key but one byte.
+const KEY_TAIL: usize = 10;
+
+/// The body with every line break dropped that PHP's multipart header reader drops: before a
+/// line that starts with white space or holds no `:` (PHP appends such a line to the header
+/// before it, without a separator), never before an empty line (the end of a part's
+/// headers). Applied to the whole body (content lines too, on the safe side). A line is held
+/// until its end (at most [`LINE_WINDOW`] bytes: past them it goes on as one that joins).
+#[derive(Debug, Default)]
+struct JoinedLines {
+    /// The current line's bytes so far, held until it is known whether it joins.
+    held: Vec<u8>,
+    /// A line break came before the held line.
+    after_break: bool,
+    /// The current line outgrew the window: it went on as joined, and goes on to its end.
+    passing: bool,
+}
+
+impl JoinedLines {
+    /// The joined bytes that `piece` completes (the held line is given out at the end).
+    fn feed(&mut self, piece: &[u8], at_end: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(piece.len());
+        let mut rest = piece;
+        while !rest.is_empty() {
+            let (line, next) = match memchr::memchr(b'\n', rest) {
+                Some(at) => (&rest[..at], Some(&rest[at + 1..])),
+                None => (rest, None),
+            };
+            if self.passing {
+                out.extend_from_slice(line);
+            } else {
+                self.held.extend_from_slice(line);
+                if next.is_none() && self.held.len() > LINE_WINDOW {
+                    // Too long to hold: joined, whatever follows.
+                    out.extend_from_slice(&std::mem::take(&mut self.held));
+                    (self.after_break, self.passing) = (false, true);
+                }
+            }
+            let Some(next) = next else { break };
+            self.end_line(&mut out);
+            (self.after_break, self.passing) = (true, false);
+            rest = next;
+        }
+        if at_end {
+            self.end_line(&mut out);
+        }
+        out
+    }
+
+    /// Gives out the held line, after a line break unless it joins the line before.
+    fn end_line(&mut self, out: &mut Vec<u8>) {
+        let mut line = std::mem::take(&mut self.held);
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        let joins = line.first().is_some_and(|&b| is_c_space(b) || !line.contains(&b':'));
+        if self.after_break && !joins {
+            out.push(b'\n');
+        }
+        out.extend_from_slice(&line);
+    }
+}
+
+/// White space as C's `isspace` reads it (PHP's multipart reader): Rust's ASCII white space
+/// and the vertical tab.
+fn is_c_space(b: u8) -> bool {
+    b.is_ascii_whitespace() || b == 0x0B
+}
+
+/// `bytes` without leading [`is_c_space`] bytes.
+fn trim_c_space(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|&b| !is_c_space(b)).unwrap_or(bytes.len());
+    &bytes[start..]
 }
 
 /// A part named `_method` was found.
@@ -304,8 +415,7 @@ pub(super) fn scan_names(window: &[u8], at_end: bool) -> Result<usize, Found> {
             }
         }
     }
-    let longest = KEYS.iter().map(|k| k.len()).max().unwrap_or(0);
-    Ok(window.len().saturating_sub(longest - 1))
+    Ok(window.len().saturating_sub(KEY_TAIL))
 }
 
 /// The header line that starts with `rest` (after a key), its folded continuations joined
@@ -350,7 +460,10 @@ fn logical_line(rest: &[u8], at_end: bool) -> Option<Vec<u8>> {
 /// `name*=`, percent-decoded past its `charset'language'` prefix; after `Content-ID:`, the
 /// value trimmed.
 fn names_method(key: &[u8], raw: &[u8], line: &[u8]) -> bool {
-    let is = |name: &[u8]| is_method_name(name.trim_ascii_end());
+    let is = |name: &[u8]| {
+        let end = name.iter().rposition(|&b| !is_c_space(b)).map_or(0, |i| i + 1);
+        is_method_name(&name[..end]) || is_method_name(trim_c_space(&name[..end]))
+    };
     match key {
         b"name=" => {
             let first = raw.strip_prefix(b"\"").unwrap_or(raw);
@@ -359,27 +472,25 @@ fn names_method(key: &[u8], raw: &[u8], line: &[u8]) -> bool {
             if is(&first[..end]) {
                 return true;
             }
-            let value = line.trim_ascii_start();
+            let value = trim_c_space(line);
             match value.first() {
                 Some(&quote @ (b'"' | b'\'')) => {
                     is(&unquoted(&value[1..], quote, false))
                         || (quote == b'"' && is(&unquoted(&value[1..], quote, true)))
                 }
-                _ => is(value.split(|b| b.is_ascii_whitespace() || *b == b';').next().unwrap_or_default()),
+                _ => is(value.split(|&b| is_c_space(b) || b == b';').next().unwrap_or_default()),
             }
         }
         b"name*=" => {
-            let value = line.trim_ascii_start();
+            let value = trim_c_space(line);
             let value = value.strip_prefix(b"\"").unwrap_or(value);
-            let value = value
-                .split(|b| b.is_ascii_whitespace() || matches!(b, b';' | b'"'))
-                .next()
-                .unwrap_or_default();
+            let value =
+                value.split(|&b| is_c_space(b) || matches!(b, b';' | b'"')).next().unwrap_or_default();
             // `charset'language'value`: the value past the second quote.
             let encoded = value.splitn(3, |&b| b == b'\'').nth(2).unwrap_or(value);
             super::decodes_to_method_name(encoded)
         }
-        _ => is(line.trim_ascii_start()),
+        _ => is(trim_c_space(line)),
     }
 }
 
@@ -497,6 +608,25 @@ mod tests {
             (part("name*=utf-8'en'_method; x=1"), NamesAMethod),
             ("--b\r\nContent-ID: _method\r\n\r\nDELETE\r\n--b--\r\n".to_string(), NamesAMethod),
             ("--b\r\nCONTENT-id:  _method \r\n\r\nDELETE\r\n--b--\r\n".to_string(), NamesAMethod),
+            // PHP joins a line holding no `:` to the header before it, without a separator,
+            // and reads C's white space (the vertical tab too); Rack 2's Content-ID crosses
+            // a line break.
+            (part("name=\r\n_method"), NamesAMethod),
+            (
+                "--b\r\nContent-Disposition: form-data; na\r\nme=\"_method\"\r\n\r\nDELETE\r\n--b--\r\n"
+                    .to_string(),
+                NamesAMethod,
+            ),
+            (part("name=\"_me\r\nthod\""), NamesAMethod),
+            (part("name=\u{b}_method"), NamesAMethod),
+            (part("name=_method\u{b}x"), NamesAMethod),
+            ("--b\r\nContent-ID:\r\n_method\r\n\r\nDELETE\r\n--b--\r\n".to_string(), NamesAMethod),
+            (part("name=\r\nContent-Type: _method"), Clean),
+            (
+                "--b\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nna\r\n\r\nme=_method\r\n--b--\r\n"
+                    .to_string(),
+                Clean,
+            ),
             (part("name='title'"), Clean),
             (part("name=\"_met\\\"hod\""), Clean),
             (part("name*=UTF-8''title"), Clean),
@@ -521,6 +651,26 @@ mod tests {
         }
         // Not read as multipart unless a multipart reader could read the type.
         assert_eq!(scanned(false, part("name=\"_method\"").as_bytes(), &[]), Clean);
+    }
+
+    /// A key waiting for its line, its body sent a byte at a time: read again only as the
+    /// carried bytes double, yet found before the body ends.
+    #[test]
+    fn a_key_waiting_for_its_line_is_read_again_as_it_doubles() {
+        let mut body = b"--b\r\nContent-Disposition: form-data; name=".to_vec();
+        body.extend(std::iter::repeat_n(b' ', 6000));
+        body.extend_from_slice(b"_method\r\n\r\nDELETE\r\n--b--\r\n");
+        let mut scan = KeyScan::default();
+        let mut found = false;
+        for (i, b) in body.iter().enumerate() {
+            found = scan.feed(std::slice::from_ref(b), i + 1 == body.len());
+            if found {
+                break;
+            }
+        }
+        assert!(found);
+        assert!(scan.reads < 200, "{} readings of the carried bytes for {} bytes", scan.reads, body.len());
+        assert_eq!(KEYS.iter().map(|k| k.len()).max(), Some(KEY_TAIL + 1));
     }
 
     #[test]
