@@ -691,10 +691,7 @@ async fn process(
             limits.request_buffer_bytes,
         ) {
             PostBody::Clean => {}
-            PostBody::NamesAMethod => {
-                ctx.deny("method_override");
-                return bad_request("method override parameters are refused", "method_override");
-            }
+            PostBody::NamesAMethod => return method_override_refused(ctx, None),
             // A body the sidecar did not read whole (over the request buffer, or no buffer
             // free) could name a method past what it saw: a form is refused (forms are small),
             // JSON and multipart (uploads) where that method could be decided otherwise than
@@ -706,9 +703,8 @@ async fn process(
                     || (!limits.forward_unchecked_bodies
                         && override_matters(&state, &path, caller, &users, time)) =>
             {
-                if let Some(scan) =
-                    method_override::scan_on_the_way(&parts.headers).filter(|_| kind != BodyKind::Form)
-                {
+                // (Never for a form: only JSON and multipart are read on their way.)
+                if let Some(scan) = method_override::scan_on_the_way(&parts.headers) {
                     body.check_on_the_way(scan);
                 } else {
                     shared.metrics.limit("request_buffer");
@@ -738,16 +734,7 @@ async fn process(
                 }
             }
             PostBody::Unchecked(_) => {}
-            PostBody::Unreadable(reason) => {
-                ctx.deny(reason);
-                return error_response(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    json!({
-                        "error": "a POST body whose content encoding the sidecar cannot read cannot be checked for method override parameters",
-                        "reason": reason,
-                    }),
-                );
-            }
+            PostBody::Unreadable(reason) => return method_override_refused(ctx, Some(reason)),
         }
     }
     let progress = body.progress();
@@ -788,19 +775,9 @@ async fn process(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             match progress.as_ref().and_then(|p| p.stopped_by_scan()) {
-                Some(Scanned::NamesAMethod) => {
-                    ctx.deny("method_override");
-                    return bad_request("method override parameters are refused", "method_override");
-                }
+                Some(Scanned::NamesAMethod) => return method_override_refused(ctx, None),
                 Some(_) => {
-                    ctx.deny(method_override::UNSUPPORTED_REQUEST_CHARSET);
-                    return error_response(
-                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                        json!({
-                            "error": "a POST body in UTF-16 or UTF-32 larger than the request buffer cannot be checked for method override parameters",
-                            "reason": method_override::UNSUPPORTED_REQUEST_CHARSET,
-                        }),
-                    );
+                    return method_override_refused(ctx, Some(method_override::UNSUPPORTED_REQUEST_CHARSET));
                 }
                 None => {}
             }
@@ -1349,6 +1326,24 @@ impl Drop for DryRunEvent {
             pending.emit();
         }
     }
+}
+
+/// A POST refused by the `_method` check, whether it read the body whole or on its way:
+/// 400 `method_override` for a body naming another method; 415 with the reason for one whose
+/// encoding or charset it cannot read (`unreadable`).
+fn method_override_refused(ctx: &mut Ctx, unreadable: Option<&'static str>) -> Response<ProxyBody> {
+    let Some(reason) = unreadable else {
+        ctx.deny("method_override");
+        return bad_request("method override parameters are refused", "method_override");
+    };
+    ctx.deny(reason);
+    error_response(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        json!({
+            "error": "a POST body whose content encoding or charset the sidecar cannot read cannot be checked for method override parameters",
+            "reason": reason,
+        }),
+    )
 }
 
 /// 429 for a request over one of `rule`'s quotas; the event names the rule.

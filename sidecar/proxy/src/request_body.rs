@@ -66,8 +66,8 @@ pub(crate) struct BodyProgress {
     /// The average rate the body must keep up; none when the limit is off.
     min_rate: Option<MinRate>,
     /// What the check of the body on its way found when it stopped the body
-    /// ([`RequestBody::check_on_the_way`]): 0 nothing, else [`Scanned`] as a number.
-    stopped_by_scan: std::sync::atomic::AtomicU8,
+    /// ([`RequestBody::check_on_the_way`]).
+    stopped_by_scan: std::sync::OnceLock<Scanned>,
 }
 
 /// The average rate at which a request body must arrive once `grace` has passed since it
@@ -108,18 +108,14 @@ impl BodyProgress {
             moved_micros: AtomicU64::new(0),
             received: AtomicU64::new(0),
             min_rate,
-            stopped_by_scan: std::sync::atomic::AtomicU8::new(0),
+            stopped_by_scan: std::sync::OnceLock::new(),
         })
     }
 
     /// Why the check of the body on its way stopped it: [`Scanned::NamesAMethod`] or
     /// [`Scanned::Unreadable`]; none when it did not.
     pub(crate) fn stopped_by_scan(&self) -> Option<Scanned> {
-        match self.stopped_by_scan.load(Ordering::Relaxed) {
-            1 => Some(Scanned::NamesAMethod),
-            2 => Some(Scanned::Unreadable),
-            _ => None,
-        }
+        self.stopped_by_scan.get().copied()
     }
 
     /// Records `len` more bytes received from the client.
@@ -271,13 +267,12 @@ impl RequestBody {
     /// when the body must stop (the reason recorded).
     fn passes(&mut self, piece: &[u8], at_end: bool) -> bool {
         let Some(scan) = self.scan.as_mut() else { return true };
-        let code = match scan.feed(piece, at_end) {
-            Scanned::Clean => return true,
-            Scanned::NamesAMethod => 1,
-            Scanned::Unreadable => 2,
-        };
+        let found = scan.feed(piece, at_end);
+        if found == Scanned::Clean {
+            return true;
+        }
         if let Some(progress) = &self.progress {
-            progress.stopped_by_scan.store(code, Ordering::Relaxed);
+            let _ = progress.stopped_by_scan.set(found);
         }
         self.rest = None;
         self.held = None;

@@ -292,19 +292,24 @@ struct KeyScan {
 
 impl KeyScan {
     fn feed(&mut self, piece: &[u8], at_end: bool) -> bool {
-        self.carry.extend_from_slice(piece);
-        if !at_end && self.carry.len() < self.read_at {
+        // Nothing carried (a whole body, the first piece): the piece is read where it is.
+        let carried = !self.carry.is_empty();
+        if carried {
+            self.carry.extend_from_slice(piece);
+        }
+        let window = if carried { &self.carry[..] } else { piece };
+        if carried && !at_end && window.len() < self.read_at {
             return false;
         }
         #[cfg(test)]
         {
             self.reads += 1;
         }
-        match scan_names(&self.carry, at_end) {
+        match scan_names(window, at_end) {
             Err(Found) => true,
             Ok(keep_from) => {
                 // A copy: the window has the capacity of the largest piece.
-                self.carry = self.carry[keep_from..].to_vec();
+                self.carry = window[keep_from..].to_vec();
                 // Longer than the tail: a key waits for its line.
                 let waiting = self.carry.len() > KEY_TAIL;
                 self.read_at = if waiting { self.carry.len().saturating_mul(2).max(64) } else { 0 };
